@@ -1,0 +1,40 @@
+# CNEI developer entry points. `make run` and `make test` do all set-up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/*/*.proto)
+PB_STAMP := services/pb/.generated
+
+.PHONY: run test protos install clean bench perf-analyzer
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(PB_STAMP): $(PROTOS) $(STAMP)
+	rm -rf services/pb
+	mkdir -p services/pb
+	$(BIN)/python -m grpc_tools.protoc -Iservices/pb=protos \
+	  --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $(PB_STAMP)
+
+protos: $(PB_STAMP)
+
+run: $(PB_STAMP)
+	$(BIN)/cnei up
+
+test: $(PB_STAMP)
+	$(BIN)/python -m pytest -q tests
+
+perf-analyzer: $(STAMP)
+	bash ../shared/tools/perf-analyzer/install.sh $(abspath $(BIN))
+
+clean:
+	rm -rf services/pb $(VENV) .cnei

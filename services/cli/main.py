@@ -1,0 +1,167 @@
+"""The `cnei` command line: up, models push/list, infer, status."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import numpy as np
+
+from services.common.errors import CneiError
+
+
+def _progress(label: str):
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} bytes")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*map(str, r)) for r in rows])
+
+
+async def models_push(args) -> int:
+    from services.common.registry_client import RegistryClient
+
+    meta = dict(kv.split("=", 1) for kv in args.meta)
+    client = RegistryClient(args.registry)
+    try:
+        v = await client.push_file(args.file, args.name, args.version, args.precision.upper(), meta,
+                                   progress=_progress(f"push {args.name}"))
+    finally:
+        await client.close()
+    print(f"registered {v.name} v{v.version} {v.precision} sha256:{v.sha256} ({v.size_bytes} bytes)")
+    return 0
+
+
+async def models_list(args) -> int:
+    from services.common.registry_client import RegistryClient
+
+    client = RegistryClient(args.registry)
+    try:
+        variants = await client.list(args.name or "")
+    finally:
+        await client.close()
+    rows = [[v.name, v.version, v.precision, v.size_bytes, v.metadata.get("accuracy", "-"),
+             v.sha256[:12]] for v in variants]
+    print(table(rows, ["MODEL", "VERSION", "PRECISION", "BYTES", "ACCURACY", "SHA256"]))
+    return 0
+
+
+def _input_array(args, spec) -> np.ndarray:
+    if args.digits:
+        from services.models.digits import load_all
+
+        return load_all()[0][: args.digits]
+    if args.data:
+        from services.common import codec
+
+        return np.asarray(json.loads(args.data), dtype=codec.datatype(spec.datatype).dtype)
+    shape = [args.batch if d < 0 else d for d in spec.shape]
+    return np.random.default_rng(0).random(shape).astype(np.float32)
+
+
+async def infer(args) -> int:
+    from services.common import grpc_util, oip
+    from services.pb.inference import grpc_service_pb2 as pb
+    from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+    async with grpc_util.channel(args.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10)
+        spec = meta.inputs[0]
+        array = _input_array(args, spec)
+        params = {"precision": args.precision} if args.precision else {}
+        request = oip.InferRequest(model_name=args.model, inputs={spec.name: array}, parameters=params)
+        start = time.perf_counter()
+        reply = await stub.ModelInfer(oip.request_to_proto(request), timeout=30)
+        elapsed = (time.perf_counter() - start) * 1000
+    response = oip.response_from_proto(reply)
+    for name, out in response.outputs.items():
+        print(f"{name} {out.dtype} {list(out.shape)}")
+        if out.ndim == 2 and out.dtype.kind == "f":
+            print("  top-1:", out.argmax(axis=1).tolist())
+        else:
+            print(" ", out.tolist())
+    print(f"served by {response.parameters} v{response.model_version} in {elapsed:.2f} ms")
+    return 0
+
+
+async def status(args) -> int:
+    from redis.asyncio import Redis
+
+    from services.common.nodes import NodeDirectory
+    from services.common.registry_client import RegistryClient
+
+    redis = Redis.from_url(args.redis, socket_timeout=2)
+    try:
+        nodes = await NodeDirectory(redis).live_nodes()
+    finally:
+        await redis.aclose()
+    rows = [[n.node_id, n.tier, n.region, n.address, n.inflight, f"{time.time() - n.updated_at:.1f}s",
+             ",".join(n.models) or "-"] for n in nodes]
+    print("NODES")
+    print(table(rows, ["NODE", "TIER", "REGION", "ADDRESS", "INFLIGHT", "HEARTBEAT", "LOADED"]))
+    print()
+    print("MODELS")
+    return await models_list(argparse.Namespace(registry=args.registry, name=""))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cnei", description="Cloud-Native Edge Intelligence mesh")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the whole mesh locally (what `make run` calls)")
+    models = sub.add_parser("models", help="registry operations").add_subparsers(dest="verb", required=True)
+    push = models.add_parser("push", help="upload an ONNX model version")
+    push.add_argument("file")
+    push.add_argument("--name", required=True)
+    push.add_argument("--version", required=True)
+    push.add_argument("--precision", default="FP32")
+    push.add_argument("--meta", action="append", default=[], help="metadata key=value (repeatable)")
+    lst = models.add_parser("list", help="list registered variants")
+    lst.add_argument("--name", default="")
+    for sp in (push, lst):
+        sp.add_argument("--registry", default="127.0.0.1:50051")
+    inf = sub.add_parser("infer", help="run one inference through the coordinator (or a node)")
+    inf.add_argument("model")
+    inf.add_argument("--url", default="127.0.0.1:8001")
+    inf.add_argument("--data", help="input as a JSON (nested) list")
+    inf.add_argument("--digits", type=int, default=0, help="use the first N load_digits samples")
+    inf.add_argument("--batch", type=int, default=1, help="batch size of random input")
+    inf.add_argument("--precision", default="")
+    st = sub.add_parser("status", help="nodes and models of the mesh")
+    st.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    st.add_argument("--registry", default="127.0.0.1:50051")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "up":
+        from services.cli.up import run_up
+
+        return run_up()
+    handler = {"push": models_push, "list": models_list}.get(getattr(args, "verb", "")) or \
+        {"infer": infer, "status": status}[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except CneiError as exc:
+        print(f"error ({exc.code.value}): {exc.message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one readable line for CLI users
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

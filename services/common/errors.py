@@ -1,0 +1,105 @@
+"""One root error type with transport-neutral codes; adapters map codes to gRPC/HTTP status."""
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.Enum):
+    """Transport-neutral error codes (names match gRPC status codes)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+HTTP_STATUS = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.FAILED_PRECONDITION: 412,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class CneiError(Exception):
+    """Root of every error CNEI raises on purpose; carries a code and a readable message."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(CneiError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class TensorError(InvalidArgument):
+    """A tensor of a request is malformed; names the tensor and what was expected."""
+
+    def __init__(self, tensor: str, problem: str):
+        self.tensor = tensor
+        super().__init__(f"tensor '{tensor}': {problem}")
+
+
+class ModelNotFound(CneiError):
+    code = ErrorCode.NOT_FOUND
+
+    def __init__(self, name: str, version: str = "", precision: str = ""):
+        self.name, self.version, self.precision = name, version, precision
+        what = f"model '{name}'"
+        if version:
+            what += f" version {version}"
+        if precision:
+            what += f" precision {precision}"
+        super().__init__(f"{what} not found")
+
+
+class ArtifactNotFound(CneiError):
+    code = ErrorCode.NOT_FOUND
+
+    def __init__(self, sha256: str):
+        self.sha256 = sha256
+        super().__init__(f"artifact sha256:{sha256} not found")
+
+
+class AlreadyExists(CneiError):
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(CneiError):
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(CneiError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(CneiError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class NoLiveNode(Unavailable):
+    def __init__(self, model: str):
+        self.model = model
+        super().__init__(f"no live node can serve model '{model}'")
+
+
+class DeadlineExceeded(CneiError):
+    code = ErrorCode.DEADLINE_EXCEEDED

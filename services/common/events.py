@@ -1,0 +1,46 @@
+"""Event subjects and envelopes: pure encode/decode, no I/O."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STREAM = "CNEI_EVENTS"
+STREAM_SUBJECTS = ["cnei.>"]
+
+MODEL_PUBLISHED = "cnei.model.published"
+NODE_UP = "cnei.node.up"
+NODE_DOWN = "cnei.node.down"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One event: who sent what, when, under which trace."""
+
+    type: str
+    source: str
+    payload: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    time: float = field(default_factory=time.time)
+    trace: dict[str, str] = field(default_factory=dict)
+
+
+def encode(envelope: Envelope) -> bytes:
+    return json.dumps(asdict(envelope), separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(data: bytes) -> Envelope:
+    """Parse an envelope; raises ValueError naming what is missing."""
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"event is not JSON: {exc}") from exc
+    missing = {"type", "source", "payload", "id", "time"} - set(obj)
+    if missing:
+        raise ValueError(f"event lacks fields {sorted(missing)}")
+    return Envelope(
+        type=obj["type"], source=obj["source"], payload=obj["payload"],
+        id=obj["id"], time=float(obj["time"]), trace=dict(obj.get("trace") or {}),
+    )

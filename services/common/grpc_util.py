@@ -1,0 +1,155 @@
+"""gRPC plumbing for every service: error mapping, server spans and metrics, traced client channels."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter, Histogram
+
+from services.common import telemetry
+from services.common.errors import CneiError, ErrorCode
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+]
+
+GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
+CODE_FROM_GRPC = {status: code for code, status in GRPC_STATUS.items()}
+
+RPC_REQUESTS = Counter(
+    "cnei_grpc_server_requests_total", "gRPC requests handled", ["method", "code"]
+)
+RPC_LATENCY = Histogram(
+    "cnei_grpc_server_duration_seconds", "gRPC handling time", ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _parent_context(context: grpc.aio.ServicerContext) -> otel_context.Context:
+    metadata = context.invocation_metadata() or ()
+    return telemetry.extract({k: v for k, v in metadata if isinstance(v, str)})
+
+
+async def _abort(context, span, method: str, exc: BaseException) -> None:
+    if isinstance(exc, CneiError):
+        code, message = exc.code, exc.message
+    else:
+        log.exception("unhandled error in %s", method, exc_info=exc)
+        code, message = ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    span.set_status(Status(StatusCode.ERROR, message))
+    span.set_attribute("rpc.grpc.status_code", code.value)
+    RPC_REQUESTS.labels(method, code.value).inc()
+    await context.abort(GRPC_STATUS[code], message)
+
+
+def rpc(fn):
+    """Decorate a servicer method: server span from W3C metadata, metrics, errors -> status."""
+    method = fn.__qualname__.replace(".", "/")
+
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream_wrapper(self, request, context):
+            with _tracer.start_as_current_span(
+                method, context=_parent_context(context), kind=SpanKind.SERVER,
+                record_exception=False, set_status_on_exception=False,
+            ) as span:
+                try:
+                    async for item in fn(self, request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status
+                    await _abort(context, span, method, exc)
+                RPC_REQUESTS.labels(method, "OK").inc()
+        return stream_wrapper
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        start = time.perf_counter()
+        with _tracer.start_as_current_span(
+            method, context=_parent_context(context), kind=SpanKind.SERVER,
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            try:
+                result = await fn(self, request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                await _abort(context, span, method, exc)
+            finally:
+                RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
+            RPC_REQUESTS.labels(method, "OK").inc()
+            return result
+    return wrapper
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, where: str = "") -> CneiError:
+    """Turn a failed outbound call into a CneiError carrying the same code and message."""
+    code = CODE_FROM_GRPC.get(exc.code(), ErrorCode.UNAVAILABLE)
+    prefix = f"{where}: " if where and code in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL) else ""
+    return CneiError(f"{prefix}{exc.details()}", code)
+
+
+def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    for key, value in telemetry.inject().items():
+        metadata.add(key, value)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+def _method_name(details) -> str:
+    method = details.method
+    return method.decode() if isinstance(method, bytes) else method
+
+
+class TraceClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+):
+    """Client span per unary call and W3C `traceparent` in the outgoing metadata."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        with _tracer.start_as_current_span(_method_name(client_call_details), kind=SpanKind.CLIENT):
+            call = await continuation(_with_trace(client_call_details), request)
+            await call
+            return call
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with_trace(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        with _tracer.start_as_current_span(_method_name(client_call_details), kind=SpanKind.CLIENT):
+            call = await continuation(_with_trace(client_call_details), request_iterator)
+            await call
+            return call
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    """An insecure aio channel with trace propagation and generous message limits."""
+    return grpc.aio.insecure_channel(
+        target, options=CHANNEL_OPTIONS, interceptors=[TraceClientInterceptor()]
+    )

@@ -1,0 +1,48 @@
+"""Composition-root helpers: signal handling and a gRPC server with standard health checking."""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common import grpc_util
+
+
+def stop_event() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+class GrpcServer:
+    """A grpc.aio server bound to host:port with the standard health service."""
+
+    def __init__(self, host: str, port: int, max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES):
+        self.server = grpc.aio.server(options=grpc_util.server_options(max_message_bytes))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._names: list[str] = [""]
+
+    def add(self, add_fn, servicer, service_name: str) -> None:
+        add_fn(servicer, self.server)
+        self._names.append(service_name)
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in self._names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Health NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace`."""
+        for name in self._names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)

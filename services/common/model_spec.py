@@ -1,0 +1,94 @@
+"""Domain view of a registered model variant and the checks of a request against it."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.common import codec
+from services.common.errors import InvalidArgument, ModelNotFound, TensorError
+
+PRECISIONS = ("FP32", "FP16", "INT8")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, OIP datatype and shape of a model input or output (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ModelVariant:
+    """One registered (name, version, precision) artifact and what is known of it."""
+
+    name: str
+    version: str
+    precision: str
+    sha256: str
+    size_bytes: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    format: str = "onnx"
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}:{self.precision}"
+
+    @property
+    def max_batch_size(self) -> int:
+        """Dynamic first dimension on every input means the model batches (Triton semantics)."""
+        if self.inputs and all(s.shape and s.shape[0] == -1 for s in self.inputs):
+            return int(self.metadata.get("max_batch_size", "1024"))
+        return 0
+
+
+def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray]) -> None:
+    """Reject inputs whose names, datatypes or shapes do not match the model's inputs."""
+    expected = {s.name: s for s in variant.inputs}
+    for name in inputs:
+        if name not in expected:
+            raise TensorError(
+                name, f"is not an input of model '{variant.name}' (inputs: {sorted(expected)})"
+            )
+    for spec in variant.inputs:
+        if spec.name not in inputs:
+            raise InvalidArgument(f"model '{variant.name}' needs input '{spec.name}'")
+        array = inputs[spec.name]
+        got = codec.datatype_of(array, spec.name).name
+        if got != spec.datatype:
+            raise TensorError(spec.name, f"datatype {got} but model expects {spec.datatype}")
+        shape_ok = len(array.shape) == len(spec.shape) and all(
+            want < 0 or want == have for want, have in zip(spec.shape, array.shape)
+        )
+        if not shape_ok:
+            raise TensorError(
+                spec.name, f"shape {list(array.shape)} but model expects {list(spec.shape)}"
+            )
+        mbs = variant.max_batch_size
+        if mbs and array.shape and array.shape[0] > mbs:
+            raise TensorError(spec.name, f"batch {array.shape[0]} exceeds max_batch_size {mbs}")
+
+
+def version_key(version: str) -> tuple:
+    """Order versions numerically where they are numbers, else lexically."""
+    parts = re.split(r"[.\-]", version)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def pick_variant(variants: list[ModelVariant], name: str, version: str, precision: str) -> ModelVariant:
+    """Resolution rule: latest version unless given; FP32, then FP16, then INT8 unless given."""
+    if version:
+        variants = [v for v in variants if v.version == version]
+    if precision:
+        variants = [v for v in variants if v.precision == precision.upper()]
+    if not variants:
+        raise ModelNotFound(name, version, precision)
+    latest = max(version_key(v.version) for v in variants)
+    candidates = [v for v in variants if version_key(v.version) == latest]
+    return min(candidates, key=lambda v: PRECISIONS.index(v.precision))

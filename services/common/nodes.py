@@ -1,0 +1,74 @@
+"""Node records in Redis: each runtime keeps a TTL'd record alive by heartbeating."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from redis.asyncio import Redis
+
+NODE_KEY = "cnei:node:{}"
+NODE_INDEX = "cnei:nodes"
+
+
+@dataclass
+class NodeInfo:
+    """What a runtime says of itself in every heartbeat."""
+
+    node_id: str
+    tier: str  # "edge" | "cloud"
+    region: str
+    address: str  # OIP gRPC host:port
+    cpus: int = 1
+    memory_bytes: int = 0
+    models: list[str] = field(default_factory=list)  # loaded variant keys name:version:precision
+    inflight: int = 0
+    cache_bytes: int = 0
+    started_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> NodeInfo:
+        obj = json.loads(data)
+        known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class NodeDirectory:
+    """Register, refresh and list live nodes."""
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    async def heartbeat(self, info: NodeInfo, ttl_seconds: float) -> None:
+        info.updated_at = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(NODE_KEY.format(info.node_id), info.to_json(), px=int(ttl_seconds * 1000))
+            pipe.sadd(NODE_INDEX, info.node_id)
+            await pipe.execute()
+
+    async def remove(self, node_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(NODE_KEY.format(node_id))
+            pipe.srem(NODE_INDEX, node_id)
+            await pipe.execute()
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        """Every node whose heartbeat has not expired; expired ids are pruned from the index."""
+        ids = sorted(m.decode() if isinstance(m, bytes) else m
+                     for m in await self.redis.smembers(NODE_INDEX))
+        if not ids:
+            return []
+        records = await self.redis.mget([NODE_KEY.format(i) for i in ids])
+        live, dead = [], []
+        for node_id, record in zip(ids, records):
+            if record is None:
+                dead.append(node_id)
+            else:
+                live.append(NodeInfo.from_json(record))
+        if dead:
+            await self.redis.srem(NODE_INDEX, *dead)
+        return live

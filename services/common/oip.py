@@ -1,0 +1,154 @@
+"""OIP request/response <-> domain conversion shared by every service (built on the codec)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.common import codec
+from services.common.errors import InvalidArgument, TensorError
+from services.pb.inference import grpc_service_pb2 as pb
+
+Params = dict[str, Any]
+
+
+@dataclass
+class InferRequest:
+    """A transport-free inference request."""
+
+    model_name: str
+    inputs: dict[str, np.ndarray]
+    model_version: str = ""
+    id: str = ""
+    parameters: Params = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    raw: bool = True
+
+
+@dataclass
+class InferResponse:
+    """A transport-free inference response."""
+
+    model_name: str
+    outputs: dict[str, np.ndarray]
+    model_version: str = ""
+    id: str = ""
+    parameters: Params = field(default_factory=dict)
+
+
+def params_from_proto(params) -> Params:
+    """`map<string, InferParameter>` -> plain dict."""
+    out: Params = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, kind) if kind else None
+    return out
+
+
+def params_to_proto(values: Params, params) -> None:
+    """Plain dict -> `map<string, InferParameter>` (bool, int, float, str)."""
+    for key, value in values.items():
+        slot = params[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, (int, np.integer)):
+            slot.int64_param = int(value)
+        elif isinstance(value, (float, np.floating)):
+            slot.double_param = float(value)
+        else:
+            slot.string_param = str(value)
+
+
+def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
+    """Decode a ModelInferRequest, validating every tensor against its shape and datatype."""
+    if not request.model_name:
+        raise InvalidArgument("model_name is required")
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries but the request has "
+            f"{len(request.inputs)} inputs"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if not tensor.name:
+            raise InvalidArgument(f"input {i} has no name")
+        if tensor.name in inputs:
+            raise TensorError(tensor.name, "appears twice in the request")
+        shape = list(tensor.shape)
+        if raw:
+            inputs[tensor.name] = codec.from_raw(raw[i], tensor.datatype, shape, tensor.name)
+        else:
+            inputs[tensor.name] = codec.from_contents(
+                tensor.contents, tensor.datatype, shape, tensor.name
+            )
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        parameters=params_from_proto(request.parameters),
+        inputs=inputs,
+        outputs=[o.name for o in request.outputs],
+        raw=bool(raw) or not request.inputs,
+    )
+
+
+def request_to_proto(req: InferRequest) -> pb.ModelInferRequest:
+    """Encode an InferRequest; raw unless `req.raw` is False."""
+    msg = pb.ModelInferRequest(model_name=req.model_name, model_version=req.model_version, id=req.id)
+    params_to_proto(req.parameters, msg.parameters)
+    for name, array in req.inputs.items():
+        tensor = msg.inputs.add(
+            name=name, datatype=codec.datatype_of(array, name).name, shape=array.shape
+        )
+        if req.raw:
+            msg.raw_input_contents.append(codec.to_raw(array, name))
+        else:
+            codec.to_contents(array, tensor.contents, name)
+    for name in req.outputs:
+        msg.outputs.add(name=name)
+    return msg
+
+
+def _needs_raw(outputs: dict[str, np.ndarray]) -> bool:
+    return any(codec.datatype_of(a, n).contents_field is None for n, a in outputs.items())
+
+
+def response_to_proto(resp: InferResponse, raw: bool = True) -> pb.ModelInferResponse:
+    """Encode an InferResponse; raw when asked or when any output is raw-only (FP16/BF16)."""
+    raw = raw or _needs_raw(resp.outputs)
+    msg = pb.ModelInferResponse(
+        model_name=resp.model_name, model_version=resp.model_version, id=resp.id
+    )
+    params_to_proto(resp.parameters, msg.parameters)
+    for name, array in resp.outputs.items():
+        tensor = msg.outputs.add(
+            name=name, datatype=codec.datatype_of(array, name).name, shape=array.shape
+        )
+        if raw:
+            msg.raw_output_contents.append(codec.to_raw(array, name))
+        else:
+            codec.to_contents(array, tensor.contents, name)
+    return msg
+
+
+def response_from_proto(msg: pb.ModelInferResponse) -> InferResponse:
+    """Decode a ModelInferResponse (raw or typed outputs)."""
+    raw = list(msg.raw_output_contents)
+    outputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(msg.outputs):
+        shape = list(tensor.shape)
+        if raw:
+            outputs[tensor.name] = codec.from_raw(raw[i], tensor.datatype, shape, tensor.name)
+        else:
+            outputs[tensor.name] = codec.from_contents(
+                tensor.contents, tensor.datatype, shape, tensor.name
+            )
+    return InferResponse(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        parameters=params_from_proto(msg.parameters),
+        outputs=outputs,
+    )

@@ -1,0 +1,175 @@
+"""The OIP (KServe v2 / Triton) gRPC adapter, shared by the coordinator and every runtime."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from prometheus_client import Counter, Histogram
+
+from services.common import codec, oip
+from services.common.errors import CneiError
+from services.common.grpc_util import rpc
+from services.common.model_spec import ModelVariant
+from services.common.stats import ModelStats
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters"]
+
+INFER_REQUESTS = Counter(
+    "cnei_inference_requests_total", "Inference requests by model and outcome", ["model", "outcome"]
+)
+INFER_LATENCY = Histogram(
+    "cnei_inference_request_duration_seconds", "End-to-end ModelInfer latency", ["model", "outcome"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+
+
+class InferenceCore(Protocol):
+    """What an OIP server needs from its core (coordinator or runtime)."""
+
+    server_name: str
+    server_version: str
+
+    async def ready(self) -> bool: ...
+    async def model_ready(self, name: str, version: str) -> bool: ...
+    async def model_variant(self, name: str, version: str = "") -> ModelVariant: ...
+    async def model_versions(self, name: str) -> list[str]: ...
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse: ...
+    def statistics(self, name: str, version: str) -> list[ModelStats]: ...
+    async def repository_index(self) -> list[ModelVariant]: ...
+
+
+def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMetadataResponse:
+    def tensors(specs):
+        return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+                for s in specs]
+    return pb.ModelMetadataResponse(
+        name=variant.name, versions=versions, platform=PLATFORM,
+        inputs=tensors(variant.inputs), outputs=tensors(variant.outputs),
+    )
+
+
+def config_to_proto(variant: ModelVariant) -> pb.ModelConfigResponse:
+    """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0."""
+    batching = variant.max_batch_size
+    def dims(shape):
+        return list(shape[1:] if batching else shape)
+    config = pb.ModelConfig(
+        name=variant.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=batching,
+        input=[pb.ModelInput(name=s.name, data_type=codec.TRITON_TYPE[s.datatype], dims=dims(s.shape))
+               for s in variant.inputs],
+        output=[pb.ModelOutput(name=s.name, data_type=codec.TRITON_TYPE[s.datatype], dims=dims(s.shape))
+                for s in variant.outputs],
+        instance_group=[pb.ModelInstanceGroup(name=variant.name, count=1,
+                                              kind=pb.ModelInstanceGroup.KIND_CPU)],
+    )
+    if batching:
+        config.dynamic_batching.SetInParent()
+    for key, value in variant.metadata.items():
+        config.parameters[key].string_value = value
+    return pb.ModelConfigResponse(config=config)
+
+
+def _duration(d) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def stats_to_proto(s: ModelStats) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        name=s.name, version=s.version, last_inference=s.last_inference_ms,
+        inference_count=s.inference_count, execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
+            compute_input=pb.StatisticDuration(count=s.success.count),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=pb.StatisticDuration(count=s.success.count),
+        ),
+        batch_stats=[pb.InferBatchStatistics(batch_size=b, compute_infer=_duration(d))
+                     for b, d in sorted(s.batches.items())],
+    )
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Converts OIP messages, awaits the core, converts the answer."""
+
+    def __init__(self, core: InferenceCore):
+        self.core = core
+
+    @rpc
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=await self.core.ready())
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name=self.core.server_name, version=self.core.server_version, extensions=EXTENSIONS
+        )
+
+    @rpc
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=await self.core.model_ready(request.name, request.version))
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        variant = await self.core.model_variant(request.name, request.version)
+        return metadata_to_proto(variant, await self.core.model_versions(request.name))
+
+    @rpc
+    async def ModelConfig(self, request, context):
+        return config_to_proto(await self.core.model_variant(request.name, request.version))
+
+    @rpc
+    async def ModelStatistics(self, request, context):
+        stats = self.core.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[stats_to_proto(s) for s in stats])
+
+    @rpc
+    async def RepositoryIndex(self, request, context):
+        seen, models = set(), []
+        for v in await self.core.repository_index():
+            if (v.name, v.version) not in seen:
+                seen.add((v.name, v.version))
+                models.append(pb.RepositoryIndexResponse.ModelIndex(
+                    name=v.name, version=v.version, state="READY"))
+        return pb.RepositoryIndexResponse(models=models)
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, context.time_remaining())
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
+        start, outcome = time.perf_counter(), "ok"
+        try:
+            req = oip.request_from_proto(request)
+            resp = await self.core.infer(req, deadline_s)
+            return oip.response_to_proto(resp, raw=req.raw)
+        except CneiError as exc:
+            outcome = exc.code.value.lower()
+            raise
+        except Exception:
+            outcome = "internal"
+            raise
+        finally:
+            model = request.model_name if outcome != "not_found" else "_unknown"
+            INFER_REQUESTS.labels(model, outcome).inc()
+            INFER_LATENCY.labels(model, outcome).observe(time.perf_counter() - start)
+
+    @rpc
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request, context.time_remaining())
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            except CneiError as exc:
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{exc.code.value}: {exc.message}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                )

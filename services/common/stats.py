@@ -1,0 +1,58 @@
+"""Per-model inference statistics (Triton's statistics extension) kept in memory."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    name: str
+    version: str
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)
+
+    def record(self, ok: bool, total_ns: int, batch: int = 1, queue_ns: int = 0, compute_ns: int = 0) -> None:
+        self.last_inference_ms = int(time.time() * 1000)
+        if not ok:
+            self.fail.add(total_ns)
+            return
+        self.inference_count += batch
+        self.execution_count += 1
+        self.success.add(total_ns)
+        self.queue.add(queue_ns)
+        self.compute_infer.add(compute_ns)
+        self.batches.setdefault(batch, Duration()).add(compute_ns)
+
+
+class StatsBook:
+    """ModelStats per (model, version)."""
+
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], ModelStats] = {}
+
+    def get(self, name: str, version: str) -> ModelStats:
+        key = (name, version)
+        if key not in self._stats:
+            self._stats[key] = ModelStats(name, version)
+        return self._stats[key]
+
+    def select(self, name: str = "", version: str = "") -> list[ModelStats]:
+        return [s for (n, v), s in sorted(self._stats.items())
+                if (not name or n == name) and (not version or v == version)]

@@ -1,0 +1,67 @@
+"""Coordinator composition root: registry client + node view -> core -> gRPC/REST adapters."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from services.common import events, lifecycle, telemetry
+from services.common import settings as cfg
+from services.common.bus import EventBus
+from services.common.nodes import NodeDirectory
+from services.common.oip_servicer import OipServicer
+from services.common.registry_client import RegistryClient
+from services.coordinator.core import Coordinator
+from services.coordinator.nodes_view import NodesView
+from services.coordinator.rest import build_app
+from services.coordinator.settings import PREFIX, CoordinatorSettings
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("services.coordinator")
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    stop = lifecycle.stop_event()
+    registry = RegistryClient(settings.registry_target, timeout=5.0)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
+    await nodes.start()
+    core = Coordinator(settings, registry, nodes)
+    bus = EventBus(settings.nats_url, "coordinator")
+    await bus.connect()
+
+    async def on_published(envelope: events.Envelope) -> None:
+        core.forget_resolutions(envelope.payload.get("name", ""))
+
+    await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    server = lifecycle.GrpcServer(settings.host, settings.grpc_port)
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
+               "inference.GRPCInferenceService")
+    runner = web.AppRunner(build_app(core), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.http_port).start()
+    telemetry.start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+    log.info("coordinator serving gRPC on %s, REST on %s:%d", server.address, settings.host,
+             settings.http_port)
+    await stop.wait()
+    log.info("coordinator shutting down")
+    await server.stop()
+    await runner.cleanup()
+    await nodes.close()
+    await bus.close()
+    await redis.aclose()
+    await registry.close()
+    telemetry.shutdown()
+
+
+def main() -> None:
+    settings = cfg.load(CoordinatorSettings, PREFIX)
+    telemetry.setup("cnei-coordinator")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Coordinator settings (env prefix CNEI_COORDINATOR_)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import field
+
+PREFIX = "CNEI_COORDINATOR_"
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    host: str = field("127.0.0.1", "address every listener binds to")
+    grpc_port: int = field(8001, "OIP gRPC port (Triton's default)")
+    http_port: int = field(8000, "OIP REST v2 port")
+    metrics_port: int = field(8002, "Prometheus /metrics port (0 disables)")
+    registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
+    redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
+    nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
+    node_refresh_s: float = field(0.2, "how often the live-node view is re-read from Redis")
+    forward_timeout_s: float = field(30.0, "deadline of a forwarded ModelInfer when the client sets none")
+    resolve_ttl_s: float = field(2.0, "how long a registry resolution is reused")
+    max_attempts: int = field(3, "nodes tried for one request when a node is unavailable")

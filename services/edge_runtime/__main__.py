@@ -1,0 +1,84 @@
+"""Runtime composition root: caches, registry client, ORT core, OIP + control servers, heartbeat."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+
+from services.common import events, lifecycle, telemetry
+from services.common import settings as cfg
+from services.common.bus import EventBus
+from services.common.nodes import NodeDirectory
+from services.common.oip_servicer import OipServicer
+from services.common.registry_client import RegistryClient
+from services.edge_runtime.cache import DiskCache
+from services.edge_runtime.control import NodeControlServicer
+from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.heartbeat import Heartbeat
+from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from services.pb.cnei import node_pb2_grpc as npb_grpc
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("services.edge_runtime")
+
+
+async def _connect_bus(bus: EventBus) -> None:
+    try:
+        await bus.connect(timeout=2.0)
+    except Exception as exc:  # noqa: BLE001 - a runtime serves its cache without the cloud
+        log.warning("NATS unreachable at start (%s); continuing without events", exc)
+
+
+async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        version, _, precision = rest.partition(":")
+        try:
+            await runtime.load(await runtime.resolve(name, version, precision))
+        except Exception as exc:  # noqa: BLE001 - preload is an optimisation
+            log.warning("could not preload %s: %s", spec, exc)
+
+
+async def serve(settings: RuntimeSettings) -> None:
+    stop = lifecycle.stop_event()
+    registry = RegistryClient(settings.registry_target, timeout=3.0)
+    runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
+    redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}")
+    await _connect_bus(bus)
+    if bus.nc is not None and bus.nc.is_connected:
+        async def on_published(envelope: events.Envelope) -> None:
+            runtime.forget_resolutions(envelope.payload.get("name", ""))
+        await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    server = lifecycle.GrpcServer(settings.host, settings.port)
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),
+               "inference.GRPCInferenceService")
+    server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime),
+               "cnei.node.v1.NodeControl")
+    telemetry.start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+    await _preload(runtime, settings.preload)
+    heartbeat = Heartbeat(settings, runtime, NodeDirectory(redis), bus)
+    heartbeat.start()
+    log.info("runtime %s (%s, %s) serving on %s", settings.node_id, settings.tier,
+             settings.region, server.address)
+    await stop.wait()
+    log.info("runtime %s shutting down", settings.node_id)
+    await heartbeat.stop()
+    await server.stop()
+    runtime.close()
+    await bus.close()
+    await redis.aclose()
+    await registry.close()
+    telemetry.shutdown()
+
+
+def main() -> None:
+    settings = cfg.load(RuntimeSettings, PREFIX)
+    telemetry.setup(f"cnei-runtime-{settings.tier}")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Model caches of a runtime: verified artifacts on disk, loaded sessions in memory (L1, LRU)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from services.common.errors import FailedPrecondition
+from services.common.model_spec import ModelVariant, TensorSpec
+
+CACHE_EVENTS = Counter("cnei_model_cache_events_total", "L1 model cache events", ["event"])
+CACHE_BYTES = Gauge("cnei_model_cache_bytes", "Bytes of models loaded in the L1 cache")
+
+
+def variant_to_json(v: ModelVariant) -> str:
+    return json.dumps(asdict(v), sort_keys=True)
+
+
+def variant_from_json(text: str) -> ModelVariant:
+    obj = json.loads(text)
+    obj["inputs"] = [TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in obj["inputs"]]
+    obj["outputs"] = [TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in obj["outputs"]]
+    return ModelVariant(**obj)
+
+
+class DiskCache:
+    """Artifacts by sha256 plus the manifest of each cached variant (for offline resolution)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def artifact_path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.onnx"
+
+    def has(self, variant: ModelVariant) -> bool:
+        return self.artifact_path(variant.sha256).is_file()
+
+    def put(self, variant: ModelVariant, data: bytes) -> Path:
+        """Verify and store an artifact and its manifest atomically."""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != variant.sha256:
+            raise FailedPrecondition(f"artifact of {variant.key} hashes to {digest}, expected {variant.sha256}")
+        path = self.artifact_path(variant.sha256)
+        self._atomic_write(path, data)
+        manifest = self.root / f"{variant.name}--{variant.version}--{variant.precision}.json"
+        self._atomic_write(manifest, variant_to_json(variant).encode())
+        return path
+
+    def variants(self) -> list[ModelVariant]:
+        """Every cached variant whose artifact is present."""
+        found = []
+        for manifest in sorted(self.root.glob("*.json")):
+            try:
+                variant = variant_from_json(manifest.read_text())
+            except (ValueError, KeyError, TypeError):
+                continue
+            if self.has(variant):
+                found.append(variant)
+        return found
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        temp = path.with_suffix(path.suffix + ".tmp")
+        with temp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+
+
+class L1Cache:
+    """Loaded models keyed by variant key, evicting least-recently-used beyond a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def get(self, key: str) -> Any | None:
+        item = self._items.get(key)
+        if item is None:
+            CACHE_EVENTS.labels("miss").inc()
+            return None
+        self._items.move_to_end(key)
+        CACHE_EVENTS.labels("hit").inc()
+        return item[0]
+
+    def put(self, key: str, value: Any, size: int) -> list[str]:
+        """Insert and return the keys evicted to stay within the budget (never the new one)."""
+        self._items[key] = (value, size)
+        self._items.move_to_end(key)
+        evicted = []
+        while self.bytes_used > self.max_bytes and len(self._items) > 1:
+            old, _ = self._items.popitem(last=False)
+            evicted.append(old)
+            CACHE_EVENTS.labels("eviction").inc()
+        CACHE_BYTES.set(self.bytes_used)
+        return evicted
+
+    def remove(self, key: str) -> bool:
+        found = self._items.pop(key, None) is not None
+        CACHE_BYTES.set(self.bytes_used)
+        return found

@@ -1,0 +1,185 @@
+"""Runtime core: resolve a model, make sure it is loaded, run it with ONNX Runtime."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from services.common import oip
+from services.common.errors import CneiError, ErrorCode, InvalidArgument, TensorError
+from services.common.model_spec import ModelVariant, check_inputs, pick_variant, version_key
+from services.common.registry_client import RegistryClient
+from services.common.stats import ModelStats, StatsBook
+from services.edge_runtime.cache import DiskCache, L1Cache
+from services.edge_runtime.runner import OrtModel
+from services.edge_runtime.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+RESOLVE_TTL_S = 2.0
+
+
+@dataclass
+class LoadedModel:
+    variant: ModelVariant
+    model: OrtModel
+    load_seconds: float
+
+
+class EdgeRuntime:
+    server_name = "cnei-edge-runtime"
+    server_version = "0.1.0"
+
+    def __init__(self, settings: RuntimeSettings, registry: RegistryClient, disk: DiskCache):
+        self.settings = settings
+        self.registry = registry
+        self.disk = disk
+        self.l1 = L1Cache(settings.cache_max_bytes)
+        self.stats = StatsBook()
+        self.inflight = 0
+        self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
+        self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # --- resolution and loading -------------------------------------------------------------
+    def forget_resolutions(self, name: str = "") -> None:
+        """Drop cached resolutions (all, or one model's) so the next request asks the registry."""
+        self._resolved = {k: v for k, v in self._resolved.items() if name and k[0] != name}
+
+    async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
+        """Registry resolution, cached briefly; the disk cache answers when the registry is away."""
+        key = (name, version, precision.upper())
+        cached = self._resolved.get(key)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        try:
+            variant = await self.registry.resolve(name, version, precision)
+        except CneiError as exc:
+            if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                raise
+            log.warning("registry unreachable (%s); resolving %s from the local cache", exc, name)
+            variant = pick_variant([v for v in self.disk.variants() if v.name == name], name, version, precision)
+        self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
+        return variant
+
+    async def load(self, variant: ModelVariant) -> LoadedModel:
+        loaded = self.l1.get(variant.key)
+        if loaded is not None:
+            return loaded
+        lock = self._load_locks.setdefault(variant.key, asyncio.Lock())
+        async with lock:
+            loaded = self.l1.get(variant.key)
+            if loaded is None:
+                loaded = await self._load_uncached(variant)
+        return loaded
+
+    async def _load_uncached(self, variant: ModelVariant) -> LoadedModel:
+        with _tracer.start_as_current_span("model.load") as span:
+            span.set_attribute("cnei.model", variant.key)
+            start = time.perf_counter()
+            if not self.disk.has(variant):
+                data = await self.registry.fetch_artifact(variant.sha256)
+                await asyncio.to_thread(self.disk.put, variant, data)
+            path = self.disk.artifact_path(variant.sha256)
+            model = await asyncio.get_running_loop().run_in_executor(
+                self._executor, OrtModel, path, self.settings.use_cuda, self.settings.intra_op_threads
+            )
+            loaded = LoadedModel(variant, model, time.perf_counter() - start)
+            for old in self.l1.put(variant.key, loaded, variant.size_bytes):
+                log.info("evicted %s from the L1 cache", old)
+            log.info("loaded %s on %s in %.3fs", variant.key, model.provider, loaded.load_seconds)
+            return loaded
+
+    def unload(self, key: str) -> bool:
+        return self.l1.remove(key)
+
+    def loaded(self) -> list[LoadedModel]:
+        return [m for m in (self.l1.get(k) for k in self.l1.keys()) if m is not None]
+
+    # --- InferenceCore ----------------------------------------------------------------------
+    async def ready(self) -> bool:
+        return True
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        try:
+            await self.resolve(name, version)
+        except CneiError:
+            return False
+        return True
+
+    async def model_variant(self, name: str, version: str = "") -> ModelVariant:
+        return await self.resolve(name, version)
+
+    async def model_versions(self, name: str) -> list[str]:
+        try:
+            variants = await self.registry.list(name)
+        except CneiError:
+            variants = [v for v in self.disk.variants() if v.name == name]
+        return sorted({v.version for v in variants}, key=version_key)
+
+    async def repository_index(self) -> list[ModelVariant]:
+        try:
+            return await self.registry.list()
+        except CneiError:
+            return self.disk.variants()
+
+    def statistics(self, name: str, version: str) -> list[ModelStats]:
+        return self.stats.select(name, version)
+
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+        start = time.perf_counter_ns()
+        precision = str(request.parameters.get("precision", "") or "")
+        variant = await self.resolve(request.model_name, request.model_version, precision)
+        stats = self.stats.get(variant.name, variant.version)
+        self.inflight += 1
+        try:
+            loaded = await self.load(variant)
+            check_inputs(variant, request.inputs)
+            outputs = _requested_outputs(variant, request.outputs)
+            batch = _batch_size(variant, request)
+            compute_start = time.perf_counter_ns()
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, loaded.model.run, request.inputs, outputs
+            )
+            compute_ns = time.perf_counter_ns() - compute_start
+        except Exception:
+            stats.record(False, time.perf_counter_ns() - start)
+            raise
+        finally:
+            self.inflight -= 1
+        stats.record(True, time.perf_counter_ns() - start, batch, compute_ns=compute_ns)
+        trace.get_current_span().set_attributes({
+            "cnei.model": variant.name, "cnei.version": variant.version,
+            "cnei.precision": variant.precision, "cnei.node": self.settings.node_id,
+            "cnei.batch_size": batch,
+        })
+        return oip.InferResponse(
+            model_name=variant.name, model_version=variant.version, id=request.id,
+            outputs=result,
+            parameters={"cnei_node": self.settings.node_id, "cnei_precision": variant.precision,
+                        "cnei_tier": self.settings.tier},
+        )
+
+
+def _requested_outputs(variant: ModelVariant, names: list[str]) -> list[str] | None:
+    known = {s.name for s in variant.outputs}
+    for name in names:
+        if name not in known:
+            raise TensorError(name, f"is not an output of model '{variant.name}' (outputs: {sorted(known)})")
+    return names or None
+
+
+def _batch_size(variant: ModelVariant, request: oip.InferRequest) -> int:
+    if not variant.max_batch_size or not request.inputs:
+        return 1
+    first = next(iter(request.inputs.values()))
+    if not first.shape:
+        raise InvalidArgument("batched model needs a batch dimension")
+    return int(first.shape[0])

@@ -1,0 +1,81 @@
+"""Heartbeats: keep this node's TTL'd record in Redis current; announce up/down on NATS."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from services.common import events
+from services.common.bus import EventBus
+from services.common.nodes import NodeDirectory, NodeInfo
+from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def node_info(settings: RuntimeSettings, runtime: EdgeRuntime, started_at: float) -> NodeInfo:
+    return NodeInfo(
+        node_id=settings.node_id, tier=settings.tier, region=settings.region,
+        address=settings.address, cpus=os.cpu_count() or 1, memory_bytes=_memory_bytes(),
+        models=runtime.l1.keys(), inflight=runtime.inflight,
+        cache_bytes=runtime.l1.bytes_used, started_at=started_at,
+    )
+
+
+class Heartbeat:
+    """Background task writing the node record every interval; survives Redis outages."""
+
+    def __init__(self, settings: RuntimeSettings, runtime: EdgeRuntime,
+                 directory: NodeDirectory, bus: EventBus):
+        self.settings, self.runtime, self.directory, self.bus = settings, runtime, directory, bus
+        self.started_at = time.time()
+        self._task: asyncio.Task | None = None
+        self._registered = False
+
+    async def beat(self) -> None:
+        info = node_info(self.settings, self.runtime, self.started_at)
+        await asyncio.wait_for(self.directory.heartbeat(info, self.settings.heartbeat_ttl_s), 1.0)
+        if not self._registered:
+            self._registered = True
+            await self._announce(events.NODE_UP)
+
+    async def _announce(self, subject: str) -> None:
+        payload = {"node_id": self.settings.node_id, "tier": self.settings.tier,
+                   "region": self.settings.region, "address": self.settings.address}
+        try:
+            await asyncio.wait_for(self.bus.publish(subject, payload), 2.0)
+        except Exception as exc:  # noqa: BLE001 - liveness is in Redis; the event is advisory
+            log.warning("could not publish %s: %s", subject, exc)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except Exception as exc:  # noqa: BLE001 - keep beating through outages
+                if self._registered:
+                    log.warning("heartbeat failed: %s", exc)
+                self._registered = False
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="heartbeat")
+
+    async def stop(self) -> None:
+        """Stop beating and remove the record so routers drop this node at once."""
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.directory.remove(self.settings.node_id), 1.0)
+        except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
+            log.warning("could not deregister: %s", exc)
+        await self._announce(events.NODE_DOWN)

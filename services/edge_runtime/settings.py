@@ -1,0 +1,34 @@
+"""Edge/cloud runtime settings (env prefix CNEI_RUNTIME_)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import field
+
+PREFIX = "CNEI_RUNTIME_"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    node_id: str = field("edge-1", "unique node id in the mesh")
+    tier: str = field("edge", "edge | cloud")
+    region: str = field("site-a", "region / site the node belongs to")
+    host: str = field("127.0.0.1", "address the OIP gRPC server binds to")
+    advertise_host: str = field("", "host other services dial (default: host)")
+    port: int = field(50061, "OIP gRPC port of this node")
+    metrics_port: int = field(9111, "Prometheus /metrics port (0 disables)")
+    registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
+    redis_url: str = field("redis://127.0.0.1:6379/0", "Redis for node records")
+    nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
+    cache_dir: str = field(".cnei/cache/edge-1", "on-disk artifact cache")
+    cache_max_bytes: int = field(2 << 30, "byte budget of loaded models (L1); LRU eviction")
+    heartbeat_interval_s: float = field(0.3, "seconds between heartbeats")
+    heartbeat_ttl_s: float = field(1.0, "node record expiry in Redis")
+    intra_op_threads: int = field(1, "ONNX Runtime intra-op threads per session")
+    inference_workers: int = field(2, "threads running ONNX Runtime calls")
+    use_cuda: bool = field(True, "use the CUDA provider when onnxruntime offers it")
+    preload: tuple[str, ...] = field((), "models to load at start (name or name:version:precision)")
+
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host or self.host}:{self.port}"

@@ -1,0 +1,82 @@
+"""The `digits` demo model: an MLP trained on scikit-learn's bundled load_digits data."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from services.models.onnx_mlp import mlp_graph, quantize_int8
+
+log = logging.getLogger(__name__)
+NAME = "digits"
+VERSION = "1"
+SEED = 0
+
+
+@dataclass(frozen=True)
+class BuiltVariant:
+    path: Path
+    precision: str
+    metadata: dict[str, str]
+
+
+def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, x_test, y_train, y_test): raw pixels 0..16 as float32, 25% held out."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = data.data.astype(np.float32)
+    return train_test_split(x, data.target, test_size=0.25, random_state=SEED, stratify=data.target)
+
+
+def load_all() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.data.astype(np.float32), data.target
+
+
+def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of an ONNX classifier measured with ONNX Runtime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return float((probs.argmax(axis=1) == y).mean())
+
+
+def build(out_dir: Path, hidden: tuple[int, ...] = (64,)) -> list[BuiltVariant]:
+    """Train, export FP32/FP16/INT8 ONNX files and measure each one's held-out accuracy."""
+    from sklearn.neural_network import MLPClassifier
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x_train, x_test, y_train, y_test = load_split()
+    clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=600, random_state=SEED)
+    clf.fit(x_train / 16.0, y_train)
+    weights = [w.astype(np.float32) for w in clf.coefs_]
+    biases = [b.astype(np.float32) for b in clf.intercepts_]
+    paths = {}
+    for precision in ("FP32", "FP16"):
+        paths[precision] = out_dir / f"{NAME}-{precision.lower()}.onnx"
+        model = mlp_graph(weights, biases, name=NAME, input_scale=1 / 16, precision=precision)
+        onnx.save(model, paths[precision])
+    paths["INT8"] = out_dir / f"{NAME}-int8.onnx"
+    quantize_int8(paths["FP32"], paths["INT8"])
+    built = []
+    for precision, path in paths.items():
+        meta = {
+            "accuracy": f"{accuracy(path, x_test, y_test):.4f}",
+            "accuracy_dataset": "sklearn.load_digits held-out 25% (seed 0)",
+            "test_samples": str(len(y_test)),
+            "task": "classification",
+            "labels": json.dumps([str(i) for i in range(10)]),
+            "max_batch_size": "1024",
+        }
+        built.append(BuiltVariant(path, precision, meta))
+        log.info("built %s %s accuracy %s", NAME, precision, meta["accuracy"])
+    return built

@@ -1,0 +1,46 @@
+"""Registry composition root: store -> core -> gRPC adapter; clean shutdown on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common import lifecycle, telemetry
+from services.common import settings as cfg
+from services.common.bus import EventBus
+from services.pb.cnei import registry_pb2_grpc as rpb_grpc
+from services.registry.core import Registry
+from services.registry.servicer import RegistryServicer
+from services.registry.settings import PREFIX, RegistrySettings
+from services.registry.store import RegistryStore
+
+log = logging.getLogger("services.registry")
+
+
+async def serve(settings: RegistrySettings) -> None:
+    stop = lifecycle.stop_event()
+    store = RegistryStore(settings.data_dir)
+    bus = EventBus(settings.nats_url, "registry")
+    await bus.connect()
+    registry = Registry(store, bus.publish, settings.max_artifact_bytes)
+    server = lifecycle.GrpcServer(settings.host, settings.port)
+    server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry),
+               "cnei.registry.v1.ModelRegistry")
+    telemetry.start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+    log.info("registry serving on %s (data in %s)", server.address, settings.data_dir)
+    await stop.wait()
+    log.info("registry shutting down")
+    await server.stop()
+    await bus.close()
+    store.close()
+    telemetry.shutdown()
+
+
+def main() -> None:
+    settings = cfg.load(RegistrySettings, PREFIX)
+    telemetry.setup("cnei-registry")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

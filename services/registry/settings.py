@@ -1,0 +1,18 @@
+"""Registry settings (env prefix CNEI_REGISTRY_)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import field
+
+PREFIX = "CNEI_REGISTRY_"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    host: str = field("127.0.0.1", "address the gRPC API binds to")
+    port: int = field(50051, "gRPC port of the registry API")
+    metrics_port: int = field(9101, "Prometheus /metrics port (0 disables)")
+    data_dir: str = field(".cnei/registry", "SQLite catalogue and content-addressed artifacts")
+    nats_url: str = field("nats://127.0.0.1:4222", "NATS server for model events")
+    max_artifact_bytes: int = field(1 << 30, "largest artifact accepted by PushModel")

@@ -1,0 +1,100 @@
+"""Durable registry backend: SQLite catalogue plus a content-addressed artifact directory."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from services.common.errors import AlreadyExists
+from services.common.model_spec import ModelVariant, TensorSpec
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS variants (
+  name TEXT NOT NULL, version TEXT NOT NULL, precision TEXT NOT NULL,
+  format TEXT NOT NULL, sha256 TEXT NOT NULL, size_bytes INTEGER NOT NULL,
+  metadata TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  PRIMARY KEY (name, version, precision)
+)
+"""
+
+
+def _specs_to_json(specs: list[TensorSpec]) -> str:
+    return json.dumps([[s.name, s.datatype, list(s.shape)] for s in specs])
+
+
+def _specs_from_json(text: str) -> list[TensorSpec]:
+    return [TensorSpec(n, d, tuple(shape)) for n, d, shape in json.loads(text)]
+
+
+def _row_to_variant(row: tuple) -> ModelVariant:
+    name, version, precision, fmt, sha, size, meta, inputs, outputs, created = row
+    return ModelVariant(
+        name=name, version=version, precision=precision, format=fmt, sha256=sha,
+        size_bytes=size, metadata=json.loads(meta), inputs=_specs_from_json(inputs),
+        outputs=_specs_from_json(outputs), created_at=created,
+    )
+
+
+class RegistryStore:
+    """Blocking store; the core calls it from worker threads."""
+
+    def __init__(self, data_dir: str | Path):
+        self.root = Path(data_dir)
+        self.blobs = self.root / "artifacts" / "sha256"
+        self.incoming = self.root / "incoming"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "catalogue.sqlite3", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def has_blob(self, sha256: str) -> bool:
+        return self.blob_path(sha256).is_file()
+
+    def adopt_blob(self, temp_path: Path, sha256: str) -> Path:
+        """Move a verified upload into the content-addressed store (idempotent)."""
+        final = self.blob_path(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            temp_path.unlink(missing_ok=True)
+        else:
+            with temp_path.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(temp_path, final)
+        return final
+
+    def insert(self, v: ModelVariant) -> None:
+        row = (
+            v.name, v.version, v.precision, v.format, v.sha256, v.size_bytes,
+            json.dumps(v.metadata, sort_keys=True), _specs_to_json(v.inputs),
+            _specs_to_json(v.outputs), v.created_at,
+        )
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO variants VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+                self._db.commit()
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(
+                    f"model '{v.name}' version {v.version} precision {v.precision} already exists"
+                ) from None
+
+    def variants(self, name: str = "") -> list[ModelVariant]:
+        query, args = "SELECT * FROM variants", ()
+        if name:
+            query, args = query + " WHERE name = ?", (name,)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [_row_to_variant(r) for r in rows]
