@@ -74,6 +74,7 @@ class Mesh:
             print(f"started redis-server on {redis_host}:{redis_port}")
 
     def start(self) -> None:
+        self.check_ports_free()
         self.logs.mkdir(parents=True, exist_ok=True)
         self._infra()
         common = {"CNEI_REGISTRY_NATS_URL": self.s.nats_url}
@@ -108,8 +109,25 @@ class Mesh:
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
+    def check_ports_free(self) -> None:
+        """Refuse to start over another mesh: every service port must be free."""
+        ports = [self.s.registry_port, self.s.grpc_port, self.s.http_port, self.s.metrics_port,
+                 self.s.registry_metrics_port]
+        ports += [self.s.runtime_base_port + i for i in range(len(RUNTIMES))]
+        ports += [self.s.runtime_metrics_base_port + i for i in range(len(RUNTIMES))]
+        busy = [p for p in ports if infra.answers("127.0.0.1", p)]
+        if busy:
+            raise RuntimeError(f"ports {busy} are already in use (is another mesh running?)")
+
     def stop(self) -> None:
-        for child in reversed(self.children):
+        """SIGTERM every CNEI service at once, wait for them, then stop NATS and Redis."""
+        services = [c for c in self.children if c.name not in ("nats", "redis")]
+        for child in services:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in services:
+            infra.stop(child.proc)
+        for child in reversed([c for c in self.children if c not in services]):
             infra.stop(child.proc)
 
 

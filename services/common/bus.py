@@ -26,7 +26,7 @@ class EventBus:
     async def connect(self, timeout: float = 5.0) -> None:
         self.nc = await nats.connect(
             self.url, name=self.source, connect_timeout=timeout,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5, drain_timeout=2,
         )
         js = self.nc.jetstream(timeout=timeout)
         config = StreamConfig(name=events.STREAM, subjects=events.STREAM_SUBJECTS)
@@ -65,8 +65,12 @@ class EventBus:
         self._subs.append(await self.nc.subscribe(subject, cb=on_message))
 
     async def close(self) -> None:
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except Exception:  # noqa: BLE001 - closing anyway
-                await self.nc.close()
+        if self.nc is None or self.nc.is_closed:
+            return
+        if not self.nc.is_connected:
+            await self.nc.close()
+            return
+        try:
+            await self.nc.drain()
+        except Exception:  # noqa: BLE001 - closing anyway
+            await self.nc.close()

@@ -58,8 +58,11 @@ class TensorError(InvalidArgument):
         super().__init__(f"tensor '{tensor}': {problem}")
 
 
-class ModelNotFound(CneiError):
+class NotFound(CneiError):
     code = ErrorCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
 
     def __init__(self, name: str, version: str = "", precision: str = ""):
         self.name, self.version, self.precision = name, version, precision
@@ -71,8 +74,7 @@ class ModelNotFound(CneiError):
         super().__init__(f"{what} not found")
 
 
-class ArtifactNotFound(CneiError):
-    code = ErrorCode.NOT_FOUND
+class ArtifactNotFound(NotFound):
 
     def __init__(self, sha256: str):
         self.sha256 = sha256
@@ -103,3 +105,19 @@ class NoLiveNode(Unavailable):
 
 class DeadlineExceeded(CneiError):
     code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(CneiError):
+    code = ErrorCode.CANCELLED
+
+
+_BY_CODE = {cls.code: cls for cls in (
+    InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
+    Unavailable, DeadlineExceeded, Cancelled,
+)}
+
+
+def error_for(code: ErrorCode, message: str) -> CneiError:
+    """The error class that stands for `code` (e.g. a remote ALREADY_EXISTS -> AlreadyExists)."""
+    cls = _BY_CODE.get(code)
+    return cls(message) if cls else CneiError(message, code)

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from services.common import telemetry
-from services.common.errors import CneiError, ErrorCode
+from services.common.errors import CneiError, ErrorCode, error_for
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -108,7 +108,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, where: str = "") -> CneiError:
     """Turn a failed outbound call into a CneiError carrying the same code and message."""
     code = CODE_FROM_GRPC.get(exc.code(), ErrorCode.UNAVAILABLE)
     prefix = f"{where}: " if where and code in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL) else ""
-    return CneiError(f"{prefix}{exc.details()}", code)
+    return error_for(code, f"{prefix}{exc.details()}")
 
 
 def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:

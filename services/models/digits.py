@@ -51,10 +51,17 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def build(out_dir: Path, hidden: tuple[int, ...] = (64,)) -> list[BuiltVariant]:
-    """Train, export FP32/FP16/INT8 ONNX files and measure each one's held-out accuracy."""
+    """Train, export FP32/FP16/INT8 ONNX files and measure each one's held-out accuracy.
+
+    A previous build in `out_dir` (its manifest and files) is reused."""
     from sklearn.neural_network import MLPClassifier
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / f"{NAME}-manifest.json"
+    if manifest.exists():
+        rows = json.loads(manifest.read_text())
+        if all((out_dir / r["file"]).exists() for r in rows):
+            return [BuiltVariant(out_dir / r["file"], r["precision"], r["metadata"]) for r in rows]
     x_train, x_test, y_train, y_test = load_split()
     clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=600, random_state=SEED)
     clf.fit(x_train / 16.0, y_train)
@@ -79,4 +86,6 @@ def build(out_dir: Path, hidden: tuple[int, ...] = (64,)) -> list[BuiltVariant]:
         }
         built.append(BuiltVariant(path, precision, meta))
         log.info("built %s %s accuracy %s", NAME, precision, meta["accuracy"])
+    rows = [{"file": b.path.name, "precision": b.precision, "metadata": b.metadata} for b in built]
+    manifest.write_text(json.dumps(rows, indent=1))
     return built

@@ -1,0 +1,43 @@
+"""`python -m services.cli.healthcheck HOST:PORT`: exit 0 when the gRPC health service says SERVING.
+
+Made for container healthchecks: one standard grpc.health.v1 Health/Check call with a short
+deadline, nothing else imported from the services (no settings, no telemetry).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def check(target: str, service: str = "", timeout: float = 2.0) -> tuple[bool, str]:
+    """(serving, status name or error) for `service` ("" = the whole server) at `target`."""
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == SERVING, status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.cli.healthcheck",
+                                     description="gRPC health check: exit 0 when SERVING, 1 otherwise")
+    parser.add_argument("target", help="HOST:PORT of a gRPC server with the standard health service")
+    parser.add_argument("--service", default="", help="service name to check (default: the server)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
+    args = parser.parse_args(argv)
+    serving, status = check(args.target, args.service, args.timeout)
+    print(f"{args.target} {args.service or '(server)'}: {status}",
+          file=sys.stdout if serving else sys.stderr)
+    return 0 if serving else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
