@@ -18,12 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-$(PB_STAMP): $(PROTOS) $(STAMP)
-	rm -rf services/pb
-	mkdir -p services/pb
-	$(BIN)/python -m grpc_tools.protoc -Iservices/pb=protos \
-	  --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
-	touch $(PB_STAMP)
+$(PB_STAMP): $(PROTOS) $(STAMP) scripts/gen-protos.sh
+	PYTHON=$(BIN)/python scripts/gen-protos.sh
 
 protos: $(PB_STAMP)
 

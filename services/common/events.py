@@ -35,12 +35,17 @@ def decode(data: bytes) -> Envelope:
     """Parse an envelope; raises ValueError naming what is missing."""
     try:
         obj = json.loads(data)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8/16/32
         raise ValueError(f"event is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"event is not a JSON object but {type(obj).__name__}")
     missing = {"type", "source", "payload", "id", "time"} - set(obj)
     if missing:
         raise ValueError(f"event lacks fields {sorted(missing)}")
-    return Envelope(
-        type=obj["type"], source=obj["source"], payload=obj["payload"],
-        id=obj["id"], time=float(obj["time"]), trace=dict(obj.get("trace") or {}),
-    )
+    try:
+        return Envelope(
+            type=obj["type"], source=obj["source"], payload=obj["payload"],
+            id=obj["id"], time=float(obj["time"]), trace=dict(obj.get("trace") or {}),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"event has a malformed time or trace: {exc}") from exc

@@ -136,6 +136,11 @@ def response_to_proto(resp: InferResponse, raw: bool = True) -> pb.ModelInferRes
 def response_from_proto(msg: pb.ModelInferResponse) -> InferResponse:
     """Decode a ModelInferResponse (raw or typed outputs)."""
     raw = list(msg.raw_output_contents)
+    if raw and len(raw) != len(msg.outputs):
+        raise InvalidArgument(
+            f"raw_output_contents has {len(raw)} entries but the response has "
+            f"{len(msg.outputs)} outputs"
+        )
     outputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(msg.outputs):
         shape = list(tensor.shape)

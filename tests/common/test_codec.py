@@ -159,7 +159,7 @@ def test_a_unicode_numpy_array_travels_as_utf8_bytes():
     ids=["short-prefix", "missing-element", "overlong-length", "trailing-bytes"],
 )
 def test_malformed_raw_bytes_data_is_rejected_naming_the_tensor(raw, problem):
-    with pytest.raises(TensorError, match=f"tensor 'words': raw BYTES data.*{problem}") as info:
+    with pytest.raises(TensorError, match=f"tensor 'words': raw BYTES .*{problem}") as info:
         codec.from_raw(raw, "BYTES", [2], "words")
     assert info.value.tensor == "words"
 

@@ -54,7 +54,7 @@ _GOOD = {"type": "cnei.node.up", "source": "s", "payload": {}, "id": "i", "time"
     ("data", "message"),
     [
         (b"not json", "event is not JSON"),
-        (b"\xff\xfe\x00", ""),
+        (b"\xff\xfe\x00", "event is not JSON"),
         (b"", "event is not JSON"),
         (b"42", "not a JSON object"),
         (b"null", "not a JSON object"),

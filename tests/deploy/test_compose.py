@@ -1,0 +1,476 @@
+"""Container deployment: the compose file against the services' settings, the Dockerfile's
+hardening rules, and the gRPC health helper the compose health checks run."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from services.cli import infra
+from services.cli.up import RUNTIMES
+from services.common import settings as cfg
+from services.common.lifecycle import GrpcServer
+from services.common.telemetry import TelemetrySettings
+from services.coordinator import settings as coordinator_settings
+from services.edge_runtime import settings as runtime_settings
+from services.registry import settings as registry_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "deploy" / "compose" / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+REQUIREMENTS = ROOT / "deploy" / "docker" / "requirements.txt"
+IMAGE = "cnei:dev"
+
+# The module a CNEI container runs (its command) -> that service's settings class and prefix.
+SETTINGS = {
+    "services.registry": (registry_settings.RegistrySettings, registry_settings.PREFIX),
+    "services.coordinator": (coordinator_settings.CoordinatorSettings, coordinator_settings.PREFIX),
+    "services.edge_runtime": (runtime_settings.RuntimeSettings, runtime_settings.PREFIX),
+}
+ONE_SHOTS = {"demo-model"}
+# Tracing is best effort (spans are dropped while Jaeger is away), so waiting for it to start
+# is enough; everything else a CNEI service dials must be healthy first.
+START_ONLY = {"jaeger"}
+TELEMETRY_VARS = {f.name.upper() for f in dataclasses.fields(TelemetrySettings)}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict]:
+    return compose["services"]
+
+
+def _command(svc: dict) -> list[str]:
+    cmd = svc.get("command", [])
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def _env(svc: dict) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _cnei(services: dict) -> dict[str, dict]:
+    """Long-running CNEI services (built from our image), by compose name."""
+    return {name: svc for name, svc in services.items()
+            if svc.get("image") == IMAGE and name not in ONE_SHOTS}
+
+
+def _settings_of(name: str, svc: dict):
+    module = _command(svc)[0]
+    assert module in SETTINGS, f"{name}: command {module!r} is not a CNEI service module"
+    cls, prefix = SETTINGS[module]
+    return cls, prefix, cfg.load(cls, prefix, env=_env(svc))
+
+
+def _container_ports(svc: dict) -> set[int]:
+    ports = set()
+    for spec in svc.get("ports", []):
+        if isinstance(spec, dict):
+            ports.add(int(spec["target"]))
+        else:
+            ports.add(int(str(spec).split("/")[0].rsplit(":", 1)[-1]))
+    return ports
+
+
+def _depends(svc: dict) -> dict[str, str]:
+    deps = svc.get("depends_on") or {}
+    assert isinstance(deps, dict), "depends_on must be the long form, with conditions"
+    return {name: spec.get("condition", "service_started") for name, spec in deps.items()}
+
+
+def _mounts(svc: dict) -> dict[str, str]:
+    """container path -> source for each volume."""
+    mounts = {}
+    for spec in svc.get("volumes", []):
+        if isinstance(spec, dict):
+            mounts[spec["target"]] = spec["source"]
+        else:
+            source, target = str(spec).split(":")[:2]
+            mounts[target] = source
+    return mounts
+
+
+def _health_target(svc: dict) -> str:
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD", "CNEI health checks run the helper directly (exec form)"
+    assert test[1:4] == ["python", "-m", "services.cli.healthcheck"]
+    return test[4]
+
+
+# --- compose: every service ----------------------------------------------------------------
+
+
+def test_compose_has_the_mesh(services):
+    assert {"nats", "redis", "jaeger", "registry", "coordinator", "demo-model",
+            "cloud-1", "edge-a1", "edge-b1"} <= set(services)
+
+
+def test_every_service_has_an_image_or_build(services):
+    for name, svc in services.items():
+        assert svc.get("image") or svc.get("build"), f"{name} has neither image nor build"
+
+
+def test_third_party_images_are_pinned(services):
+    for name, svc in services.items():
+        if "build" in svc:
+            continue
+        image = svc["image"]
+        repo, _, tag = image.rpartition(":")
+        assert repo and "/" not in tag, f"{name}: image {image!r} has no tag"
+        assert tag != "latest" and re.match(r"\d+\.\d+\.\d+", tag), f"{name}: {image!r} not pinned"
+
+
+def test_cnei_services_build_the_shared_image(services):
+    for name, svc in services.items():
+        if svc.get("image") != IMAGE:
+            continue
+        build = svc["build"]
+        context = (COMPOSE_FILE.parent / build["context"]).resolve()
+        assert context == ROOT, f"{name}: build context {context}"
+        assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_every_long_running_service_has_a_healthcheck(services):
+    for name, svc in services.items():
+        if name in ONE_SHOTS:
+            assert svc.get("restart") == "no", f"one-shot {name} must not be restarted"
+            continue
+        check = svc.get("healthcheck") or {}
+        assert not check.get("disable") and check.get("test"), f"{name} has no healthcheck"
+        assert check["test"][0] in ("CMD", "CMD-SHELL")
+
+
+def test_every_long_running_service_publishes_ports(services):
+    for name, svc in services.items():
+        if name not in ONE_SHOTS:
+            assert _container_ports(svc), f"{name} publishes no ports"
+
+
+def test_infrastructure_matches_what_the_services_need(services):
+    nats = _command(services["nats"])
+    assert "-js" in nats and nats[nats.index("-sd") + 1] == "/data"
+    assert _mounts(services["nats"])["/data"] == "nats-data"
+    assert 4222 in _container_ports(services["nats"])
+    assert "8222/healthz" in " ".join(services["nats"]["healthcheck"]["test"])
+    assert " ".join(_command(services["redis"])).endswith("--appendonly yes")
+    assert _mounts(services["redis"])["/data"] == "redis-data"
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert _env(services["jaeger"])["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert {4317, 16686} <= _container_ports(services["jaeger"])
+
+
+def test_named_volumes_are_declared(compose, services):
+    declared = set(compose.get("volumes") or {})
+    for name, svc in services.items():
+        for source in _mounts(svc).values():
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name}: volume {source} not declared"
+
+
+# --- compose: CNEI services against their settings -------------------------------------------
+
+
+def test_cnei_env_vars_are_settings_fields(services):
+    """Every variable set is a field of that service's settings (or telemetry) and parses."""
+    assert set(_cnei(services)) == {"registry", "coordinator", "cloud-1", "edge-a1", "edge-b1"}
+    for name, svc in _cnei(services).items():
+        cls, prefix, _ = _settings_of(name, svc)
+        known = {prefix + f.name.upper() for f in dataclasses.fields(cls)} | TELEMETRY_VARS
+        env = _env(svc)
+        assert env, f"{name} sets no environment"
+        unknown = set(env) - known
+        assert not unknown, f"{name}: {sorted(unknown)} are not fields of {cls.__name__}"
+        cfg.load(TelemetrySettings, "", env=env)  # values parse as well as names match
+
+
+def test_cnei_services_bind_all_interfaces_and_trace_to_jaeger(services):
+    for name, svc in _cnei(services).items():
+        _, _, settings = _settings_of(name, svc)
+        assert settings.host == "0.0.0.0", f"{name} binds {settings.host}"
+        assert _env(svc)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+
+
+def test_cnei_ports_healthchecks_and_volumes_follow_settings(services):
+    for name, svc in _cnei(services).items():
+        _, _, s = _settings_of(name, svc)
+        published = _container_ports(svc)
+        if isinstance(s, coordinator_settings.CoordinatorSettings):
+            serving, grpc_port = {s.grpc_port, s.http_port, s.metrics_port}, s.grpc_port
+        else:
+            serving, grpc_port = {s.port, s.metrics_port}, s.port
+        assert serving <= published, f"{name}: serves {serving}, publishes {published}"
+        assert _health_target(svc) == f"127.0.0.1:{grpc_port}", name
+        if isinstance(s, registry_settings.RegistrySettings):
+            assert s.data_dir in _mounts(svc), "registry data must live on a volume"
+        if isinstance(s, runtime_settings.RuntimeSettings):
+            assert s.cache_dir in _mounts(svc), f"{name}: cache must live on a volume"
+
+
+def test_runtimes_are_the_local_mesh_nodes(services):
+    runtimes = {}
+    for name, svc in _cnei(services).items():
+        _, _, s = _settings_of(name, svc)
+        if isinstance(s, runtime_settings.RuntimeSettings):
+            assert s.advertise_host == name, f"{name} advertises {s.advertise_host!r}"
+            assert s.address == f"{name}:{s.port}"
+            runtimes[s.node_id] = (s.tier, s.region)
+    assert runtimes == {node: (tier, region) for node, tier, region in RUNTIMES}
+    volumes = [tuple(_mounts(services[n]).values()) for n in runtimes]
+    assert len(set(volumes)) == len(volumes), "each runtime needs its own cache volume"
+
+
+def test_cnei_services_wait_for_healthy_dependencies(services):
+    """Everything a service dials (registry, Redis, NATS) is a healthy dependency of it."""
+    by_port: dict[str, int] = {}
+    for name, svc in _cnei(services).items():
+        _, _, s = _settings_of(name, svc)
+        if isinstance(s, registry_settings.RegistrySettings):
+            by_port[name] = s.port
+    for name, svc in {**_cnei(services), **{n: services[n] for n in ONE_SHOTS}}.items():
+        deps = _depends(svc)
+        assert deps, f"{name} has no depends_on"
+        for dep, condition in deps.items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            if dep in ONE_SHOTS:
+                expected = {"service_completed_successfully"}
+            elif dep in START_ONLY:
+                expected = {"service_started", "service_healthy"}
+            else:
+                expected = {"service_healthy"}
+            assert condition in expected, f"{name} -> {dep}: {condition}"
+        if name in ONE_SHOTS:
+            continue
+        _, _, s = _settings_of(name, svc)
+        dialled = [urlparse(s.nats_url).hostname]
+        if hasattr(s, "redis_url"):
+            dialled.append(urlparse(s.redis_url).hostname)
+        if hasattr(s, "registry_target"):
+            host, port = s.registry_target.rsplit(":", 1)
+            assert by_port.get(host) == int(port), f"{name}: registry target {s.registry_target}"
+            dialled.append(host)
+        for host in dialled:
+            assert deps.get(host) == "service_healthy", f"{name} dials {host} but does not wait for it"
+
+
+def test_demo_model_one_shot_targets_the_registry(services):
+    svc = services["demo-model"]
+    cmd = _command(svc)
+    assert cmd[0] == "services.cli.register_demo"
+    target = cmd[cmd.index("--registry") + 1]
+    host, port = target.rsplit(":", 1)
+    _, _, registry = _settings_of(host, services[host])
+    assert int(port) == registry.port
+    assert _depends(svc) == {host: "service_healthy"}
+    assert "healthcheck" not in svc
+
+
+def test_docker_compose_config_accepts_the_file():
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("no docker CLI on this machine")
+    version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+    if version.returncode != 0:
+        pytest.skip(f"`docker compose` does not run here: {(version.stderr or version.stdout).strip()}")
+    result = subprocess.run([docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- Dockerfile --------------------------------------------------------------------------------
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) with continuation lines joined and comments dropped."""
+    out, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, args = line.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return _instructions(DOCKERFILE.read_text())
+
+
+def _stages(instructions) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, args))
+    return stages
+
+
+def test_dockerfile_base_is_pinned_and_multi_stage(dockerfile):
+    global_args = {}
+    for keyword, args in dockerfile:
+        if keyword == "FROM":
+            break
+        if keyword == "ARG" and "=" in args:
+            key, value = args.split("=", 1)
+            global_args[key] = value
+    stages = _stages(dockerfile)
+    assert len(stages) >= 2, "build and runtime stages expected"
+    names = set()
+    for stage in stages:
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args[m.group(1)], stage[0][1].split()[0])
+        if image in names:
+            continue
+        repo, _, tag = image.rpartition(":")
+        assert repo == "python", f"base {image}"
+        assert "latest" not in tag and re.match(r"3\.11\.\d+-slim", tag), f"base {image} not pinned"
+        parts = stage[0][1].split()
+        if len(parts) == 3 and parts[1].upper() == "AS":
+            names.add(parts[2])
+    final = stages[-1]
+    assert any(k == "COPY" and "--from=" in a and "/opt/venv" in a for k, a in final)
+
+
+def test_dockerfile_build_stage_generates_stubs_and_installs_the_project(dockerfile):
+    build = " ".join(a for k, a in _stages(dockerfile)[0] if k == "RUN")
+    assert "grpc_tools.protoc" in build and "-Iservices/pb=protos" in build
+    assert re.search(r"/opt/venv/bin/pip install [^&]*-c deploy/docker/requirements.txt \.", build)
+
+
+def test_dockerfile_final_stage_runs_as_non_root_with_exec_form(dockerfile):
+    final = _stages(dockerfile)[-1]
+    users = [a for k, a in final if k == "USER"]
+    assert users, "final stage has no USER"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    for keyword in ("ENTRYPOINT", "CMD"):
+        args = [a for k, a in final if k == keyword]
+        assert args, f"no {keyword}"
+        form = json.loads(args[-1])  # exec form is a JSON array
+        assert isinstance(form, list) and all(isinstance(x, str) for x in form)
+    entry = json.loads([a for k, a in final if k == "ENTRYPOINT"][-1])
+    cmd = json.loads([a for k, a in final if k == "CMD"][-1])
+    assert entry == ["python", "-m"] and cmd[0] in SETTINGS
+
+
+def test_requirements_pin_every_dependency_within_pyproject_ranges():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            spec = list(req.specifier)
+            assert len(spec) == 1 and spec[0].operator == "==", f"{line} is not pinned"
+            pins[canonicalize_name(req.name)] = spec[0].version
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in {REQUIREMENTS.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} vs {dep}"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    lines = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".cnei", "services/pb", ".git"} <= lines
+    assert any("__pycache__" in line for line in lines)
+
+
+# --- the health helper ---------------------------------------------------------------------
+
+
+def _python() -> str:
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+async def _healthcheck(*args: str) -> tuple[int, str]:
+    """Run the helper as the container would; asynchronously, so the server keeps serving."""
+    proc = await asyncio.create_subprocess_exec(
+        _python(), "-m", "services.cli.healthcheck", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    return proc.returncode, out.decode()
+
+
+async def test_healthcheck_exits_0_when_serving_and_1_when_not():
+    server = GrpcServer("127.0.0.1", 0)
+    await server.start()
+    try:
+        code, out = await _healthcheck(server.address)
+        assert code == 0, out
+        assert "SERVING" in out
+        code, out = await _healthcheck(server.address, "--service", "no.such.Service")
+        assert code == 1, out
+        await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        code, out = await _healthcheck(server.address)
+        assert code == 1 and "NOT_SERVING" in out, out
+    finally:
+        await server.stop(0)
+
+
+async def test_healthcheck_exits_1_on_a_closed_port():
+    port = infra.free_port()
+    code, out = await _healthcheck(f"127.0.0.1:{port}")
+    assert code == 1, out
+    assert "UNAVAILABLE" in out or "DEADLINE_EXCEEDED" in out
+
+
+# --- the demo-model one-shot ---------------------------------------------------------------
+
+
+def test_register_demo_pushes_the_digits_variants_once(nats_server, tmp_path):
+    port = infra.free_port()
+    env = {"CNEI_REGISTRY_PORT": str(port), "CNEI_REGISTRY_METRICS_PORT": "0",
+           "CNEI_REGISTRY_DATA_DIR": str(tmp_path / "registry"), "CNEI_REGISTRY_NATS_URL": nats_server}
+    registry = subprocess.Popen([_python(), "-m", "services.registry"], cwd=ROOT,
+                                env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+    try:
+        infra.wait_for_port("127.0.0.1", port, timeout=30, proc=registry)
+        cmd = [_python(), "-m", "services.cli.register_demo", "--registry", f"127.0.0.1:{port}",
+               "--models-dir", str(tmp_path / "models")]
+        first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert [line.split(" (")[0] for line in first.stdout.splitlines()] == [
+            "registered digits v1 FP32", "registered digits v1 FP16", "registered digits v1 INT8"]
+        again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert all(line.endswith("already registered") for line in again.stdout.splitlines())
+        assert len(again.stdout.splitlines()) == 3
+    finally:
+        infra.stop(registry)
+
+
+def test_register_demo_fails_cleanly_without_a_registry(tmp_path):
+    port = infra.free_port()
+    result = subprocess.run([_python(), "-m", "services.cli.register_demo", "--registry",
+                             f"127.0.0.1:{port}", "--models-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "failed" in result.stderr
