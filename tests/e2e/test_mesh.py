@@ -202,3 +202,25 @@ def test_prometheus_metrics_count_requests_by_model_and_outcome(mesh):
                 if line.startswith('cnei_inference_requests_total{model="digits",outcome="ok"}')]
     assert ok_lines and float(ok_lines[0].split()[-1]) >= 2
     assert "cnei_inference_request_duration_seconds_bucket" in text
+
+
+def _perf_analyzer() -> str | None:
+    path = os.path.join(os.path.dirname(sys.executable), "perf_analyzer")
+    try:
+        ok = subprocess.run([path, "--version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if ok else None
+
+
+def test_perf_analyzer_runs_to_completion_against_the_coordinator(mesh):
+    binary = _perf_analyzer()
+    if binary is None:
+        pytest.skip("Triton's perf_analyzer is not installed (make perf-analyzer)")
+    result = subprocess.run(
+        [binary, "-m", "digits", "-u", mesh.coordinator, "-i", "grpc",
+         "--measurement-interval", "500", "--concurrency-range", "2"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Concurrency: 2, throughput:" in result.stdout
