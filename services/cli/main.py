@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+import grpc
 import numpy as np
 
 from services.common.errors import CneiError
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(handler(args))
     except CneiError as exc:
         print(f"error ({exc.code.value}): {exc.message}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"error ({exc.code().name}): {exc.details()}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one readable line for CLI users
         print(f"error: {exc}", file=sys.stderr)

@@ -444,7 +444,7 @@ async def test_healthcheck_exits_1_on_a_closed_port():
 # --- the demo-model one-shot ---------------------------------------------------------------
 
 
-def test_register_demo_pushes_the_digits_variants_once(nats_server, tmp_path):
+def test_register_demo_pushes_the_digits_variants_once(nats_server, digits_models, tmp_path):
     port = infra.free_port()
     env = {"CNEI_REGISTRY_PORT": str(port), "CNEI_REGISTRY_METRICS_PORT": "0",
            "CNEI_REGISTRY_DATA_DIR": str(tmp_path / "registry"), "CNEI_REGISTRY_NATS_URL": nats_server}
@@ -454,7 +454,7 @@ def test_register_demo_pushes_the_digits_variants_once(nats_server, tmp_path):
     try:
         infra.wait_for_port("127.0.0.1", port, timeout=30, proc=registry)
         cmd = [_python(), "-m", "services.cli.register_demo", "--registry", f"127.0.0.1:{port}",
-               "--models-dir", str(tmp_path / "models")]
+               "--models-dir", str(digits_models[0].path.parent)]  # reuses the session's build
         first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert first.returncode == 0, first.stderr
         assert [line.split(" (")[0] for line in first.stdout.splitlines()] == [
@@ -470,7 +470,8 @@ def test_register_demo_pushes_the_digits_variants_once(nats_server, tmp_path):
 def test_register_demo_fails_cleanly_without_a_registry(tmp_path):
     port = infra.free_port()
     result = subprocess.run([_python(), "-m", "services.cli.register_demo", "--registry",
-                             f"127.0.0.1:{port}", "--models-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             f"127.0.0.1:{port}", "--models-dir", str(tmp_path), "--wait", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "failed" in result.stderr
+    assert "not serving (UNAVAILABLE" in result.stderr
+    assert not list(tmp_path.iterdir()), "nothing is built while the registry is away"

@@ -1,0 +1,131 @@
+"""The runtime's model caches: L1 (loaded models, LRU by bytes) and the verified disk cache."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import pytest
+
+from services.common.errors import FailedPrecondition
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.edge_runtime.cache import DiskCache, L1Cache, variant_from_json, variant_to_json
+
+ARTIFACT = b"pretend this is an ONNX model"
+
+
+def _variant(data: bytes = ARTIFACT, version: str = "1", precision: str = "FP32") -> ModelVariant:
+    return ModelVariant(
+        name="digits", version=version, precision=precision,
+        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
+        inputs=[TensorSpec("input", "FP32", (-1, 64))],
+        outputs=[TensorSpec("probabilities", "FP32", (-1, 10))],
+        metadata={"accuracy": "0.97"}, created_at=1700000000.5,
+    )
+
+
+def _filled(sizes: dict[str, int], budget: int) -> L1Cache:
+    cache = L1Cache(budget)
+    for key, size in sizes.items():
+        assert cache.put(key, f"model {key}", size) == []
+    return cache
+
+
+def test_l1_evicts_the_least_recently_inserted_item_when_over_budget():
+    cache = _filled({"a": 40, "b": 40}, budget=100)
+    assert cache.put("c", "model c", 40) == ["a"]
+    assert cache.keys() == ["b", "c"]
+    assert cache.bytes_used == 80
+
+
+def test_l1_reading_an_item_protects_it_from_the_next_eviction():
+    cache = _filled({"a": 40, "b": 40}, budget=100)
+    assert cache.get("a") == "model a"
+    assert cache.put("c", "model c", 40) == ["b"]
+    assert cache.keys() == ["a", "c"]
+
+
+def test_l1_evicts_as_many_old_items_as_the_new_one_needs_oldest_first():
+    cache = _filled({"a": 30, "b": 30, "c": 30}, budget=100)
+    assert cache.put("d", "model d", 75) == ["a", "b", "c"]
+    assert cache.keys() == ["d"]
+
+
+def test_l1_never_evicts_the_newly_inserted_item_even_if_it_alone_exceeds_the_budget():
+    cache = _filled({"a": 10}, budget=100)
+    assert cache.put("huge", "model huge", 500) == ["a"]
+    assert cache.keys() == ["huge"]
+    assert cache.get("huge") == "model huge"
+    assert cache.bytes_used == 500
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budget"),
+    [({"a": 50, "b": 50}, 100), ({"a": 1}, 1), ({"a": 0, "b": 0}, 0)],
+    ids=["two-halves", "single-byte", "zero-size"],
+)
+def test_l1_keeps_everything_that_fits_the_budget_exactly(sizes, budget):
+    cache = _filled(sizes, budget)
+    assert cache.keys() == list(sizes)
+    assert cache.bytes_used == sum(sizes.values())
+
+
+def test_l1_putting_an_existing_key_replaces_its_value_and_size_and_makes_it_recent():
+    cache = _filled({"a": 40, "b": 40}, budget=100)
+    assert cache.put("a", "model a v2", 10) == []
+    assert cache.keys() == ["b", "a"]
+    assert cache.get("a") == "model a v2"
+    assert cache.bytes_used == 50
+
+
+def test_l1_a_missing_key_reads_as_none_and_removal_reports_whether_it_was_there():
+    cache = _filled({"a": 10}, budget=100)
+    assert cache.get("missing") is None
+    assert cache.remove("a") is True
+    assert cache.remove("a") is False
+    assert (cache.keys(), cache.bytes_used) == ([], 0)
+
+
+def test_disk_put_stores_the_artifact_under_its_sha256(tmp_path):
+    disk = DiskCache(tmp_path / "cache")
+    variant = _variant()
+    path = disk.put(variant, ARTIFACT)
+    assert path == disk.artifact_path(variant.sha256)
+    assert path.read_bytes() == ARTIFACT
+    assert disk.has(variant)
+    assert not list(disk.root.glob("*.tmp"))
+
+
+def test_disk_put_refuses_data_whose_sha256_differs_and_stores_nothing(tmp_path):
+    disk = DiskCache(tmp_path)
+    variant = _variant()
+    with pytest.raises(FailedPrecondition, match=f"artifact of digits:1:FP32 hashes to .*, expected {variant.sha256}"):
+        disk.put(variant, ARTIFACT + b"tampered")
+    assert not disk.has(variant)
+    assert list(tmp_path.iterdir()) == []
+    assert disk.variants() == []
+
+
+def test_disk_variants_reads_every_stored_manifest_back(tmp_path):
+    disk = DiskCache(tmp_path)
+    stored = [_variant(), _variant(version="2"), _variant(b"int8 bytes", precision="INT8")]
+    for variant, data in zip(stored, [ARTIFACT, ARTIFACT, b"int8 bytes"]):
+        disk.put(variant, data)
+    got = DiskCache(tmp_path).variants()
+    assert sorted(got, key=lambda v: v.key) == sorted(stored, key=lambda v: v.key)
+    assert got[0].inputs[0].shape == (-1, 64)
+
+
+def test_disk_variants_skips_manifests_whose_artifact_is_gone_or_that_are_unreadable(tmp_path):
+    disk = DiskCache(tmp_path)
+    kept, lost = _variant(), _variant(b"other", version="2")
+    disk.put(kept, ARTIFACT)
+    disk.put(lost, b"other")
+    disk.artifact_path(lost.sha256).unlink()
+    (tmp_path / "broken--1--FP32.json").write_text("{not json")
+    (tmp_path / "partial--1--FP32.json").write_text('{"name": "partial"}')
+    assert disk.variants() == [kept]
+
+
+def test_a_variant_survives_its_json_manifest_form():
+    variant = replace(_variant(), metadata={"labels": '["0", "1"]'})
+    assert variant_from_json(variant_to_json(variant)) == variant

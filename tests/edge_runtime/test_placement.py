@@ -1,0 +1,175 @@
+"""Pure placement choices: execution provider, node, model variant, and input checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidArgument, ModelNotFound, TensorError
+from services.common.model_spec import ModelVariant, TensorSpec, check_inputs, pick_variant, version_key
+from services.common.nodes import NodeInfo
+from services.coordinator.placement import least_outstanding
+from services.edge_runtime.runner import choose_providers
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+KEY = "digits:1:FP32"
+
+
+@pytest.mark.parametrize(
+    ("use_cuda", "available", "expected"),
+    [
+        (True, [TRT, CUDA, CPU], [CUDA, CPU]),
+        (True, [CUDA, CPU], [CUDA, CPU]),
+        (True, [CPU], [CPU]),
+        (True, [], [CPU]),
+        (False, [CUDA, CPU], [CPU]),
+        (False, [CPU], [CPU]),
+    ],
+    ids=["cuda-among-others", "cuda-present", "cuda-absent", "nothing-reported",
+         "cuda-not-asked", "cpu-only"],
+)
+def test_cuda_is_chosen_only_when_asked_for_and_available_with_cpu_as_fallback(use_cuda, available, expected):
+    assert choose_providers(use_cuda, available) == expected
+
+
+def test_without_cuda_the_choice_is_cpu_whatever_onnxruntime_offers():
+    assert choose_providers(False) == [CPU]
+
+
+def _node(node_id: str, tier: str = "edge", models: tuple[str, ...] = ()) -> NodeInfo:
+    return NodeInfo(node_id=node_id, tier=tier, region="r", address=f"{node_id}:1", models=list(models))
+
+
+@pytest.mark.parametrize(
+    ("nodes", "outstanding", "exclude", "winner"),
+    [
+        ([_node("a"), _node("b"), _node("c")], {"a": 3, "b": 1, "c": 2}, (), "b"),
+        ([_node("a", models=(KEY,)), _node("b")], {"a": 2, "b": 1}, (), "b"),
+        ([_node("a"), _node("b", models=(KEY,))], {}, (), "b"),
+        ([_node("a", models=("digits:1:INT8",)), _node("b", models=(KEY,))], {}, (), "b"),
+        ([_node("a", "cloud"), _node("b", "edge")], {}, (), "b"),
+        ([_node("a", "edge"), _node("b", "cloud", models=(KEY,))], {}, (), "b"),
+        ([_node("b"), _node("a")], {}, (), "a"),
+        ([_node("a"), _node("b"), _node("c")], {"b": 5}, ("a",), "c"),
+        ([_node("a"), _node("b")], {}, ("a",), "b"),
+    ],
+    ids=["fewest-outstanding", "load-beats-warmth", "warm-wins-a-tie", "other-variant-is-cold",
+         "edge-before-cloud", "warm-beats-tier", "node-id-breaks-ties", "excluded-skipped",
+         "excluded-leaves-one"],
+)
+def test_least_outstanding_picks_fewest_in_flight_then_warm_then_edge(nodes, outstanding, exclude, winner):
+    assert least_outstanding(nodes, KEY, outstanding, exclude).node_id == winner
+
+
+@pytest.mark.parametrize(
+    ("nodes", "exclude"),
+    [([], ()), ([_node("a"), _node("b")], ("a", "b"))],
+    ids=["no-nodes", "all-excluded"],
+)
+def test_least_outstanding_gives_none_when_no_node_is_left(nodes, exclude):
+    assert least_outstanding(nodes, KEY, {}, exclude) is None
+
+
+def _variant(version: str, precision: str, inputs=None, metadata=None) -> ModelVariant:
+    return ModelVariant(
+        name="digits", version=version, precision=precision, sha256=f"{version}{precision}",
+        size_bytes=1, inputs=inputs or [TensorSpec("input", "FP32", (-1, 64))],
+        outputs=[TensorSpec("probabilities", "FP32", (-1, 10))], metadata=metadata or {},
+    )
+
+
+CATALOGUE = [_variant(v, p) for v, p in [
+    ("1", "FP32"), ("1", "FP16"), ("1", "INT8"), ("2", "INT8"), ("2", "FP16"), ("9", "FP32"), ("10", "INT8"),
+]]
+
+
+@pytest.mark.parametrize(
+    ("version", "precision", "expected"),
+    [
+        ("", "", ("10", "INT8")),
+        ("", "FP32", ("9", "FP32")),
+        ("", "fp16", ("2", "FP16")),
+        ("1", "", ("1", "FP32")),
+        ("2", "", ("2", "FP16")),
+        ("1", "int8", ("1", "INT8")),
+    ],
+    ids=["latest-version-first", "latest-with-precision", "lower-case-precision",
+         "fp32-default", "fp16-before-int8", "explicit-both"],
+)
+def test_pick_variant_takes_the_latest_version_then_fp32_fp16_int8(version, precision, expected):
+    got = pick_variant(CATALOGUE, "digits", version, precision)
+    assert (got.version, got.precision) == expected
+
+
+@pytest.mark.parametrize(
+    ("variants", "version", "precision", "message"),
+    [
+        ([], "", "", "model 'digits' not found"),
+        (CATALOGUE, "3", "", "model 'digits' version 3 not found"),
+        (CATALOGUE, "9", "INT8", "model 'digits' version 9 precision INT8 not found"),
+    ],
+)
+def test_pick_variant_raises_model_not_found_naming_what_is_missing(variants, version, precision, message):
+    with pytest.raises(ModelNotFound) as info:
+        pick_variant(variants, "digits", version, precision)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [("9", "10"), ("1.9", "1.10"), ("1", "1.1"), ("2", "v1"), ("1-rc", "1-rc2")],
+)
+def test_versions_order_numerically_where_they_are_numbers(older, newer):
+    assert version_key(older) < version_key(newer)
+
+
+BATCHING = _variant("1", "FP32", metadata={"max_batch_size": "4"})
+FIXED = _variant("1", "FP32", inputs=[TensorSpec("input", "FP32", (1, 64)), TensorSpec("mask", "BOOL", (1,))])
+
+
+@pytest.mark.parametrize(
+    ("variant", "inputs"),
+    [
+        (BATCHING, {"input": np.zeros((1, 64), np.float32)}),
+        (BATCHING, {"input": np.zeros((4, 64), np.float32)}),
+        (BATCHING, {"input": np.zeros((0, 64), np.float32)}),
+        (FIXED, {"input": np.zeros((1, 64), np.float32), "mask": np.array([True])}),
+    ],
+    ids=["batch-of-one", "batch-at-limit", "empty-batch", "fixed-shapes"],
+)
+def test_check_inputs_accepts_inputs_that_match_the_model(variant, inputs):
+    assert check_inputs(variant, inputs) is None
+
+
+@pytest.mark.parametrize(
+    ("variant", "inputs", "error", "message"),
+    [
+        (BATCHING, {"input": np.zeros((1, 64), np.float32), "extra": np.zeros(1)}, TensorError,
+         r"tensor 'extra': is not an input of model 'digits' \(inputs: \['input'\]\)"),
+        (FIXED, {"input": np.zeros((1, 64), np.float32)}, InvalidArgument,
+         "model 'digits' needs input 'mask'"),
+        (BATCHING, {"input": np.zeros((1, 64), np.float64)}, TensorError,
+         "tensor 'input': datatype FP64 but model expects FP32"),
+        (BATCHING, {"input": np.zeros(64, np.float32)}, TensorError,
+         r"tensor 'input': shape \[64\] but model expects \[-1, 64\]"),
+        (BATCHING, {"input": np.zeros((1, 63), np.float32)}, TensorError,
+         r"tensor 'input': shape \[1, 63\] but model expects \[-1, 64\]"),
+        (FIXED, {"input": np.zeros((2, 64), np.float32), "mask": np.array([True])}, TensorError,
+         r"tensor 'input': shape \[2, 64\] but model expects \[1, 64\]"),
+        (BATCHING, {"input": np.zeros((5, 64), np.float32)}, TensorError,
+         "tensor 'input': batch 5 exceeds max_batch_size 4"),
+    ],
+    ids=["unknown-input", "missing-input", "wrong-datatype", "wrong-rank", "wrong-dimension",
+         "fixed-batch", "batch-too-large"],
+)
+def test_check_inputs_rejects_inputs_that_do_not_match_the_model(variant, inputs, error, message):
+    with pytest.raises(error, match=message):
+        check_inputs(variant, inputs)
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [(BATCHING, 4), (_variant("1", "FP32"), 1024), (FIXED, 0)],
+    ids=["from-metadata", "default", "fixed-first-dimension"],
+)
+def test_a_model_batches_only_when_every_input_has_a_dynamic_first_dimension(variant, expected):
+    assert variant.max_batch_size == expected
