@@ -10,9 +10,21 @@ import asyncio
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from services.cli.healthcheck import check
 from services.cli.up import register_demo
+
+
+def wait_serving(target: str, timeout: float) -> str:
+    """'' once the registry's health service says SERVING, else the last status seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        serving, status = check(target, timeout=min(2.0, max(timeout, 0.1)))
+        if serving or time.monotonic() >= deadline:
+            return "" if serving else status
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", default="127.0.0.1:50051", help="registry gRPC address")
     parser.add_argument("--models-dir", default="",
                         help="where the ONNX files are built (default: a temporary directory)")
+    parser.add_argument("--wait", type=float, default=30.0,
+                        help="seconds to wait for the registry to be SERVING (default 30)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    status = wait_serving(args.registry, args.wait)
+    if status:
+        print(f"registry at {args.registry} is not serving ({status})", file=sys.stderr)
+        return 1
     try:
         if args.models_dir:
             lines = asyncio.run(register_demo(args.registry, Path(args.models_dir)))
