@@ -1,0 +1,155 @@
+{{/* Names, labels and the pieces every CNEI pod shares. */}}
+
+{{- define "cnei.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-wide prefix of every object name; components append "-<component>". */}}
+{{- define "cnei.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else if contains (include "cnei.name" .) .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "cnei.name" .) | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Name of a component's objects; call with (dict "ctx" $ "component" "registry"). */}}
+{{- define "cnei.componentName" -}}
+{{- printf "%s-%s" (include "cnei.fullname" .ctx) .component }}
+{{- end }}
+
+{{- define "cnei.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cnei.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "cnei.labels" -}}
+{{ include "cnei.selectorLabels" . }}
+app.kubernetes.io/part-of: cnei
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{- define "cnei.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cnei.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "cnei.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Addresses the services dial. */}}
+{{- define "cnei.registryTarget" -}}
+{{- printf "%s:%v" (include "cnei.componentName" (dict "ctx" . "component" "registry")) .Values.registry.port }}
+{{- end }}
+
+{{- define "cnei.natsUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- printf "nats://%s:4222" (include "cnei.componentName" (dict "ctx" . "component" "nats")) }}
+{{- else }}
+{{- required "nats.url is required when nats.enabled is false" .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{- define "cnei.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379/0" (include "cnei.componentName" (dict "ctx" . "component" "redis")) }}
+{{- else }}
+{{- required "redis.url is required when redis.enabled is false" .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level fields of every CNEI pod. */}}
+{{- define "cnei.podSpec" -}}
+serviceAccountName: {{ include "cnei.serviceAccountName" . }}
+automountServiceAccountToken: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* Container fields of every CNEI container (image, security, telemetry env first). */}}
+{{- define "cnei.container" -}}
+image: {{ include "cnei.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+{{- end }}
+
+{{- define "cnei.telemetryEnv" -}}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .Values.otel.endpoint | quote }}
+- name: OTEL_SERVICE_VERSION
+  value: {{ .Chart.AppVersion | quote }}
+- name: CNEI_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/* A component's `env` map as container env entries, in key order. */}}
+{{- define "cnei.extraEnv" -}}
+{{- range $name, $value := . }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Startup, liveness and readiness probes on the gRPC health service at `.port`. */}}
+{{- define "cnei.grpcProbes" -}}
+{{- $p := .ctx.Values.probes }}
+startupProbe:
+  grpc: {port: {{ .port }}}
+  {{- toYaml $p.startup | nindent 2 }}
+livenessProbe:
+  grpc: {port: {{ .port }}}
+  {{- toYaml $p.liveness | nindent 2 }}
+readinessProbe:
+  grpc: {port: {{ .port }}}
+  {{- toYaml $p.readiness | nindent 2 }}
+{{- end }}
+
+{{/* Scratch space: the root filesystem is read-only. */}}
+{{- define "cnei.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- end }}
+
+{{/* A component's affinity, or by default a required rule keeping it off edge nodes. */}}
+{{- define "cnei.cloudAffinity" -}}
+{{- if .affinity }}
+{{- toYaml .affinity }}
+{{- else if .ctx.Values.edgeNodes.cloudExpressions }}
+nodeAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    nodeSelectorTerms:
+      - matchExpressions:
+          {{- toYaml .ctx.Values.edgeNodes.cloudExpressions | nindent 10 }}
+{{- end }}
+{{- end }}
+
+{{/* Placement of a cloud-side pod: call with (dict "ctx" $ "values" .Values.<component>). */}}
+{{- define "cnei.cloudPlacement" -}}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (include "cnei.cloudAffinity" (dict "ctx" .ctx "affinity" .values.affinity)) }}
+affinity:
+  {{- . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
