@@ -11,6 +11,7 @@ STREAM = "CNEI_EVENTS"
 STREAM_SUBJECTS = ["cnei.>"]
 
 MODEL_PUBLISHED = "cnei.model.published"
+DEPLOYMENT_UPDATED = "cnei.deployment.updated"
 NODE_UP = "cnei.node.up"
 NODE_DOWN = "cnei.node.down"
 

@@ -48,6 +48,17 @@ class ModelVariant:
         return 0
 
 
+def sample_inputs(variant: ModelVariant, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero-filled inputs matching the variant's signature (dynamic dims set to `batch`/1)."""
+    out = {}
+    for i, spec in enumerate(variant.inputs):
+        shape = [batch if d < 0 and j == 0 else (1 if d < 0 else d) for j, d in enumerate(spec.shape)]
+        dt = codec.datatype(spec.datatype, spec.name)
+        out[spec.name] = (np.full(shape, b"", dtype=object) if dt.name == "BYTES"
+                          else np.zeros(shape, dtype=dt.dtype))
+    return out
+
+
 def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray]) -> None:
     """Reject inputs whose names, datatypes or shapes do not match the model's inputs."""
     expected = {s.name: s for s in variant.inputs}

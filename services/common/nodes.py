@@ -19,10 +19,13 @@ class NodeInfo:
     tier: str  # "edge" | "cloud"
     region: str
     address: str  # OIP gRPC host:port
+    node_class: str = ""  # hardware class for measured latencies (defaults to the tier)
     cpus: int = 1
     memory_bytes: int = 0
     models: list[str] = field(default_factory=list)  # loaded variant keys name:version:precision
     inflight: int = 0
+    cpu_load: float = 0.0  # 0..1 share of the node's CPU in use
+    mem_load: float = 0.0  # 0..1 share of the node's memory in use
     cache_bytes: int = 0
     started_at: float = 0.0
     updated_at: float = 0.0

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import grpc
 
-from services.common import grpc_util
+from services.common import deployment, grpc_util
+from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition
 from services.common.model_spec import ModelVariant
 from services.common.registry_convert import variant_from_proto
@@ -83,3 +84,22 @@ class RegistryClient:
                 f"artifact from registry hashes to {digest.hexdigest()}, expected {sha256}"
             )
         return b"".join(parts)
+
+    async def record_measurement(self, variant: ModelVariant, node_class: str, node_id: str,
+                                 latency_ms: float, memory_bytes: int) -> ModelVariant:
+        request = rpb.Measurement(
+            model=rpb.ModelRef(name=variant.name, version=variant.version, precision=variant.precision),
+            node_class=node_class, node_id=node_id, latency_ms=latency_ms, memory_bytes=memory_bytes)
+        return variant_from_proto(await self._call(self._stub.RecordMeasurement, request))
+
+    async def put_deployment(self, spec: DeploymentSpec) -> DeploymentSpec:
+        reply = await self._call(self._stub.PutDeployment, rpb.Deployment(spec_json=deployment.to_json(spec)))
+        return deployment.from_json(reply.spec_json)
+
+    async def get_deployment(self, model: str) -> DeploymentSpec:
+        reply = await self._call(self._stub.GetDeployment, rpb.GetDeploymentRequest(model=model))
+        return deployment.from_json(reply.spec_json)
+
+    async def list_deployments(self) -> list[DeploymentSpec]:
+        reply = await self._call(self._stub.ListDeployments, rpb.ListDeploymentsRequest())
+        return [deployment.from_json(d.spec_json) for d in reply.deployments]

@@ -13,6 +13,7 @@ from services.common.bus import EventBus
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.registry_client import RegistryClient
+from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.rest import build_app
@@ -28,14 +29,16 @@ async def serve(settings: CoordinatorSettings) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
     await nodes.start()
-    core = Coordinator(settings, registry, nodes)
+    catalog = Catalog(registry, settings.resolve_ttl_s)
+    core = Coordinator(settings, catalog, nodes)
     bus = EventBus(settings.nats_url, "coordinator")
     await bus.connect()
 
-    async def on_published(envelope: events.Envelope) -> None:
-        core.forget_resolutions(envelope.payload.get("name", ""))
+    async def on_model_event(envelope: events.Envelope) -> None:
+        catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
 
-    await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
+    await bus.subscribe(events.DEPLOYMENT_UPDATED, on_model_event)
     server = lifecycle.GrpcServer(settings.host, settings.grpc_port)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
                "inference.GRPCInferenceService")
@@ -49,6 +52,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     await stop.wait()
     log.info("coordinator shutting down")
     await server.stop()
+    await core.close()
     await runner.cleanup()
     await nodes.close()
     await bus.close()

@@ -1,49 +1,77 @@
-"""Coordinator core: resolve the model, place the request on a live node, forward, fail over."""
+"""Coordinator core: pick variant and node per request, batch per (variant, node), fail over."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 
 from services.common import grpc_util, oip
-from services.common.errors import CneiError, ErrorCode, NoLiveNode
+from services.common.deployment import DeploymentSpec
+from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, NoLiveNode
 from services.common.model_spec import ModelVariant, check_inputs, version_key
-from services.common.registry_client import RegistryClient
+from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
+from services.coordinator.batcher import BatchConfig, Batcher
+from services.coordinator.catalog import Catalog
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.placement import least_outstanding
+from services.coordinator.placement import RequestContext, Scheduler
+from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+RETRYABLE = {ErrorCode.UNAVAILABLE}
+DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: NodeInfo
+    variant: ModelVariant
+
+
+def request_deadline(params: dict, deadline_s: float | None, default_s: float) -> float:
+    """Absolute monotonic deadline: the earliest of the gRPC deadline, `timeout_us` and default."""
+    now = time.monotonic()
+    candidates = [now + (deadline_s if deadline_s is not None else default_s)]
+    timeout_us = params.get("timeout_us")
+    if timeout_us not in (None, "", 0):
+        candidates.append(now + float(timeout_us) / 1e6)
+    return min(candidates)
+
+
+def priority_level(params: dict) -> int:
+    level = int(params.get("priority", 0) or 0)
+    return level if level > 0 else DEFAULT_PRIORITY_LEVEL
+
+
+def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
+    b = spec.batching
+    limit = min(b.max_batch_size, variant.max_batch_size) if variant.max_batch_size else 1
+    return BatchConfig(max_batch_size=max(1, limit), max_queue_delay_us=b.max_queue_delay_us,
+                       preferred_batch_sizes=tuple(b.preferred_batch_sizes),
+                       max_queue_size=b.max_queue_size, max_inflight_batches=b.max_inflight_batches)
 
 
 class Coordinator:
     server_name = "cnei-coordinator"
     server_version = "0.1.0"
 
-    def __init__(self, settings: CoordinatorSettings, registry: RegistryClient, nodes: NodesView):
+    def __init__(self, settings: CoordinatorSettings, catalog: Catalog, nodes: NodesView,
+                 scheduler: Scheduler | None = None):
         self.settings = settings
-        self.registry = registry
+        self.catalog = catalog
         self.nodes = nodes
+        self.scheduler = scheduler or Scheduler()
         self.stats = StatsBook()
         self.outstanding: dict[str, int] = {}
-        self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
-
-    async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
-        key = (name, version, precision.upper())
-        cached = self._resolved.get(key)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
-        variant = await self.registry.resolve(name, version, precision)
-        self._resolved[key] = (variant, time.monotonic() + self.settings.resolve_ttl_s)
-        return variant
-
-    def forget_resolutions(self, name: str = "") -> None:
-        self._resolved = {k: v for k, v in self._resolved.items() if name and k[0] != name}
+        self.batchers: dict[tuple[str, str], Batcher] = {}
+        self._retiring: set[asyncio.Task] = set()
 
     # --- InferenceCore ----------------------------------------------------------------------
     async def ready(self) -> bool:
@@ -51,71 +79,152 @@ class Coordinator:
 
     async def model_ready(self, name: str, version: str) -> bool:
         try:
-            await self.resolve(name, version)
+            await self.catalog.variants(name, version)
         except CneiError:
             return False
         return bool(self.nodes.nodes)
 
     async def model_variant(self, name: str, version: str = "") -> ModelVariant:
-        return await self.resolve(name, version)
+        return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
 
     async def model_versions(self, name: str) -> list[str]:
-        return sorted({v.version for v in await self.registry.list(name)}, key=version_key)
+        variants = await self.catalog.all_variants(name)
+        if not variants:
+            raise CneiError(f"model '{name}' not found", ErrorCode.NOT_FOUND)
+        return sorted({v.version for v in variants}, key=version_key)
 
     async def repository_index(self) -> list[ModelVariant]:
-        return await self.registry.list()
+        return await self.catalog.registry.list()
 
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats.select(name, version)
 
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         start = time.perf_counter_ns()
-        precision = str(request.parameters.get("precision", "") or "")
-        variant = await self.resolve(request.model_name, request.model_version, precision)
-        stats = self.stats.get(variant.name, variant.version)
+        variants = await self.catalog.variants(request.model_name, request.model_version)
+        spec = await self.catalog.deployment(request.model_name)
+        stats = self.stats.get(variants[0].name, variants[0].version)
         try:
-            check_inputs(variant, request.inputs)
-            forwarded = oip.InferRequest(
-                model_name=variant.name, model_version=variant.version, id=request.id,
-                parameters={**request.parameters, "precision": variant.precision},
-                inputs=request.inputs, outputs=request.outputs, raw=True,
-            )
-            response = await self._forward(variant, forwarded, deadline_s)
+            response = await self._infer(request, variants, spec, deadline_s)
         except Exception:
             stats.record(False, time.perf_counter_ns() - start)
             raise
-        batch = next(iter(request.inputs.values())).shape[0] if variant.max_batch_size else 1
-        stats.record(True, time.perf_counter_ns() - start, int(batch))
-        response.id = request.id
+        batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
+        stats.record(True, time.perf_counter_ns() - start, int(batch or 1))
         return response
 
-    async def _forward(self, variant: ModelVariant, request: oip.InferRequest,
-                       deadline_s: float | None) -> oip.InferResponse:
-        timeout = deadline_s if deadline_s is not None else self.settings.forward_timeout_s
-        deadline = time.monotonic() + timeout
-        message = oip.request_to_proto(request)
+    # --- placement, batching, failover ------------------------------------------------------
+    def _policy(self, params: dict, spec: DeploymentSpec) -> PrecisionPolicy:
+        policy = policy_from_params(params)
+        if policy.empty:
+            p = spec.precision
+            policy = PrecisionPolicy(p.precision.upper(), p.accuracy_floor, p.latency_budget_ms)
+        return policy
+
+    def _eligible(self, spec: DeploymentSpec) -> list[NodeInfo]:
+        tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
+        return [n for n in self.nodes.nodes if n.tier in tiers]
+
+    def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
+               ctx_region: str, tried: list[str]) -> Placement | None:
+        default = choose_variant(variants, policy, "")
+        ctx = RequestContext(model=default.name, variant_key=default.key, region=ctx_region)
+        node = self.scheduler.choose(self._eligible(spec), ctx, spec.scheduler, self.outstanding,
+                                     self.nodes.rtt_ms, exclude=tried)
+        if node is None:
+            return None
+        return Placement(node, choose_variant(variants, policy, node.node_class or node.tier))
+
+    async def _infer(self, request: oip.InferRequest, variants: list[ModelVariant],
+                     spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
+        params = request.parameters
+        policy = self._policy(params, spec)
+        deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
+        check_inputs(choose_variant(variants, policy, ""), request.inputs)
         tried: list[str] = []
         last_error: CneiError | None = None
         for _ in range(max(1, self.settings.max_attempts)):
-            node = least_outstanding(self.nodes.nodes, variant.key, self.outstanding, tried)
-            remaining = deadline - time.monotonic()
-            if node is None or remaining <= 0:
+            if time.monotonic() >= deadline:
                 break
-            tried.append(node.node_id)
-            self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + 1
+            placement = self._place(variants, spec, policy, str(params.get("region", "") or ""), tried)
+            if placement is None:
+                break
+            tried.append(placement.node.node_id)
             try:
-                reply = await self.nodes.stub(node).ModelInfer(message, timeout=remaining)
-                return oip.response_from_proto(reply)
-            except grpc.aio.AioRpcError as exc:
-                last_error = grpc_util.error_from_rpc(exc, f"node {node.node_id}")
-                if exc.code() not in RETRYABLE:
-                    raise last_error from None
-                log.warning("node %s failed for %s: %s; trying another", node.node_id, variant.key, exc.details())
-            finally:
-                self.outstanding[node.node_id] -= 1
+                outputs = await self._batcher(placement, spec).submit(
+                    request.inputs, priority_level(params), deadline)
+            except CneiError as exc:
+                if exc.code not in RETRYABLE:
+                    raise
+                last_error = exc
+                log.warning("node %s failed for %s: %s; trying another", placement.node.node_id,
+                            placement.variant.key, exc.message)
+                continue
+            return self._response(request, placement, outputs)
         if last_error is not None:
             raise last_error
         if time.monotonic() >= deadline:
-            raise CneiError(f"deadline passed before model '{variant.name}' could be placed",
-                            ErrorCode.DEADLINE_EXCEEDED)
-        raise NoLiveNode(variant.name)
+            raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
+        raise NoLiveNode(request.model_name)
+
+    def _response(self, request: oip.InferRequest, placement: Placement,
+                  outputs: dict[str, np.ndarray]) -> oip.InferResponse:
+        if request.outputs:
+            outputs = {name: outputs[name] for name in request.outputs if name in outputs}
+        v, node = placement.variant, placement.node
+        return oip.InferResponse(
+            model_name=v.name, model_version=v.version, id=request.id, outputs=outputs,
+            parameters={"cnei_node": node.node_id, "cnei_tier": node.tier,
+                        "cnei_precision": v.precision, "cnei_version": v.version},
+        )
+
+    def _batcher(self, placement: Placement, spec: DeploymentSpec) -> Batcher:
+        key = (placement.variant.key, placement.node.node_id)
+        batcher = self.batchers.get(key)
+        config = batch_config(spec, placement.variant)
+        if batcher is None or batcher.config != config:
+            if batcher is not None:
+                self._retire(batcher)
+            batcher = self.batchers[key] = Batcher(placement.variant.name, config,
+                                                   self._sender(placement))
+        return batcher
+
+    def _retire(self, batcher: Batcher) -> None:
+        task = asyncio.create_task(batcher.drain_and_close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _sender(self, placement: Placement):
+        node, variant = placement.node, placement.variant
+        stub = self.nodes.stub(node)
+
+        async def send(inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
+            message = oip.request_to_proto(oip.InferRequest(
+                model_name=variant.name, model_version=variant.version, inputs=inputs,
+                parameters={"precision": variant.precision}))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"deadline passed before model '{variant.name}' was sent")
+            self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + size
+            start = time.perf_counter()
+            try:
+                with _tracer.start_as_current_span("coordinator.batch") as span:
+                    span.set_attributes({"cnei.model": variant.name, "cnei.version": variant.version,
+                                         "cnei.precision": variant.precision, "cnei.node": node.node_id,
+                                         "cnei.batch_size": size})
+                    reply = await stub.ModelInfer(message, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
+            finally:
+                self.outstanding[node.node_id] -= size
+            response = oip.response_from_proto(reply)
+            compute_us = float(response.parameters.get("cnei_compute_us", 0) or 0)
+            self.nodes.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3 - compute_us / 1e3)
+            return response.outputs
+
+        return send
+
+    async def close(self) -> None:
+        """Serve what is queued, then stop every batcher."""
+        await asyncio.gather(*(b.drain_and_close(5.0) for b in self.batchers.values()),
+                             *self._retiring, return_exceptions=True)

@@ -1,33 +1,43 @@
-"""The coordinator's periodically refreshed view of live nodes, and one channel per node."""
+"""The coordinator's view of live nodes: refreshed from Redis, one channel per node, and the
+measured network RTT to each node (EWMA of health probes and of request overheads)."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import grpc_util
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+EWMA_ALPHA = 0.3
+
+
+def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
+    return sample if previous is None else alpha * sample + (1 - alpha) * previous
 
 
 class NodesView:
     """Live nodes from Redis, re-read every `refresh_s`; stale view kept through Redis outages."""
 
-    def __init__(self, directory: NodeDirectory, refresh_s: float):
+    def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0):
         self.directory = directory
         self.refresh_s = refresh_s
+        self.probe_s = probe_s
         self.nodes: list[NodeInfo] = []
+        self.rtt_ms: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def refresh(self) -> None:
         self.nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
 
-    async def _loop(self) -> None:
+    async def _refresh_loop(self) -> None:
         while True:
             try:
                 await self.refresh()
@@ -35,24 +45,46 @@ class NodesView:
                 log.warning("node refresh failed: %s", exc)
             await asyncio.sleep(self.refresh_s)
 
+    async def _probe(self, node: NodeInfo) -> None:
+        stub = health_pb2_grpc.HealthStub(self._channel(node.address))
+        start = time.perf_counter()
+        try:
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return
+        self.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(n) for n in self.nodes), return_exceptions=True)
+            await asyncio.sleep(self.probe_s)
+
+    def observe_rtt(self, node_id: str, rtt_ms: float) -> None:
+        self.rtt_ms[node_id] = ewma(self.rtt_ms.get(node_id), max(0.0, rtt_ms))
+
     async def start(self) -> None:
         try:
             await self.refresh()
         except Exception as exc:  # noqa: BLE001
             log.warning("initial node refresh failed: %s", exc)
-        self._task = asyncio.create_task(self._loop(), name="nodes-view")
+        self._tasks = [asyncio.create_task(self._refresh_loop(), name="nodes-refresh"),
+                       asyncio.create_task(self._probe_loop(), name="nodes-probe")]
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc_util.channel(address)
+        return channel
 
     def stub(self, node: NodeInfo) -> pb_grpc.GRPCInferenceServiceStub:
         stub = self._stubs.get(node.address)
         if stub is None:
-            channel = grpc_util.channel(node.address)
-            self._channels[node.address] = channel
-            stub = self._stubs[node.address] = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub = self._stubs[node.address] = pb_grpc.GRPCInferenceServiceStub(self._channel(node.address))
         return stub
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()

@@ -1,28 +1,111 @@
-"""Node choice for a request: pure functions over node records and local load counts."""
+"""Node choice for a request: EdgeAIScheduler scores and the baseline policies (pure maths)."""
 from __future__ import annotations
 
+import random
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
+from services.common.deployment import SchedulerSpec
 from services.common.nodes import NodeInfo
 
-
-def candidates(nodes: list[NodeInfo], exclude: Collection[str] = ()) -> list[NodeInfo]:
-    """Live nodes not already tried for this request."""
-    return [n for n in nodes if n.node_id not in exclude]
+RTT_REFERENCE_MS = 10.0
 
 
-def least_outstanding(
-    nodes: list[NodeInfo], variant_key: str, outstanding: Mapping[str, int],
-    exclude: Collection[str] = (),
-) -> NodeInfo | None:
-    """Fewest requests in flight from this coordinator; warm nodes (model loaded) win ties,
-    then edge before cloud, then node id for determinism."""
-    pool = candidates(nodes, exclude)
-    if not pool:
-        return None
-    return min(pool, key=lambda n: (
-        outstanding.get(n.node_id, 0),
-        variant_key not in n.models,
-        n.tier != "edge",
-        n.node_id,
-    ))
+@dataclass(frozen=True)
+class RequestContext:
+    """What placement knows of a request."""
+
+    model: str
+    variant_key: str
+    region: str = ""
+    critical: bool = False
+
+
+@dataclass(frozen=True)
+class NodeScore:
+    node: NodeInfo
+    total: float
+    resource: float
+    locality: float
+    model: float
+    network: float
+
+
+def _clamp(x: float) -> float:
+    return max(0.0, min(1.0, x))
+
+
+def resource_score(node: NodeInfo, outstanding: int) -> float:
+    """Spare capacity from the heartbeat (CPU, memory) and queue depth including our own
+    requests in flight to the node."""
+    queue = (node.inflight + outstanding) / max(1, node.cpus * 4)
+    return _clamp(1.0 - (0.35 * node.cpu_load + 0.15 * node.mem_load + 0.5 * min(1.0, queue)))
+
+
+def locality_score(node: NodeInfo, region: str) -> float:
+    """Same region as the data: 1; cloud: 0.4; another edge site: 0.1. No region given: edge 0.6."""
+    if not region:
+        return 0.6 if node.tier == "edge" else 0.4
+    if node.region == region:
+        return 1.0
+    return 0.4 if node.tier == "cloud" else 0.1
+
+
+def model_score(node: NodeInfo, ctx: RequestContext) -> float:
+    """Warm variant: 1; another variant of the model loaded: 0.5; cold: 0."""
+    if ctx.variant_key in node.models:
+        return 1.0
+    if any(key.split(":", 1)[0] == ctx.model for key in node.models):
+        return 0.5
+    return 0.0
+
+
+def network_score(rtt_ms: float | None) -> float:
+    """1 at zero RTT, 0.5 at the 10 ms reference, unknown RTT: 0.5."""
+    if rtt_ms is None:
+        return 0.5
+    return 1.0 / (1.0 + max(0.0, rtt_ms) / RTT_REFERENCE_MS)
+
+
+def score(node: NodeInfo, ctx: RequestContext, spec: SchedulerSpec, outstanding: int,
+          rtt_ms: float | None) -> NodeScore:
+    parts = (resource_score(node, outstanding), locality_score(node, ctx.region),
+             model_score(node, ctx), network_score(rtt_ms))
+    weights = (spec.alpha, spec.beta, spec.gamma, spec.delta)
+    total = sum(w * p for w, p in zip(weights, parts)) / (sum(weights) or 1.0)
+    return NodeScore(node, total, *parts)
+
+
+def rank(nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
+         outstanding: Mapping[str, int], rtt_ms: Mapping[str, float]) -> list[NodeScore]:
+    """Scores of every node, best first; nodes below the threshold go after all others."""
+    scores = [score(n, ctx, spec, outstanding.get(n.node_id, 0), rtt_ms.get(n.node_id)) for n in nodes]
+    return sorted(scores, key=lambda s: (s.total < spec.threshold, -s.total, s.node.node_id))
+
+
+def least_loaded(nodes: list[NodeInfo], outstanding: Mapping[str, int]) -> NodeInfo:
+    return min(nodes, key=lambda n: ((n.inflight + outstanding.get(n.node_id, 0)) / max(1, n.cpus),
+                                     n.cpu_load, n.node_id))
+
+
+class Scheduler:
+    """Applies a deployment's policy; keeps the small state round-robin and random need."""
+
+    def __init__(self, seed: int | None = None):
+        self._rr = 0
+        self._rng = random.Random(seed)
+
+    def choose(self, nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
+               outstanding: Mapping[str, int], rtt_ms: Mapping[str, float],
+               exclude: Collection[str] = ()) -> NodeInfo | None:
+        pool = sorted((n for n in nodes if n.node_id not in exclude), key=lambda n: n.node_id)
+        if not pool:
+            return None
+        if spec.policy == "round_robin":
+            self._rr += 1
+            return pool[self._rr % len(pool)]
+        if spec.policy == "random":
+            return self._rng.choice(pool)
+        if spec.policy == "least_loaded":
+            return least_loaded(pool, outstanding)
+        return rank(pool, ctx, spec, outstanding, rtt_ms)[0].node

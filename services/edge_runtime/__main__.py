@@ -14,6 +14,7 @@ from services.common.oip_servicer import OipServicer
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.control import NodeControlServicer
+from services.edge_runtime.emulation import DelayInterceptor
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.heartbeat import Heartbeat
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
@@ -51,7 +52,8 @@ async def serve(settings: RuntimeSettings) -> None:
         async def on_published(envelope: events.Envelope) -> None:
             runtime.forget_resolutions(envelope.payload.get("name", ""))
         await bus.subscribe(events.MODEL_PUBLISHED, on_published)
-    server = lifecycle.GrpcServer(settings.host, settings.port)
+    delay = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else None
+    server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=delay)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),
                "inference.GRPCInferenceService")
     server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime),

@@ -11,11 +11,12 @@ from opentelemetry import trace
 
 from services.common import oip
 from services.common.errors import CneiError, ErrorCode, InvalidArgument, TensorError
-from services.common.model_spec import ModelVariant, check_inputs, pick_variant, version_key
+from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime.cache import DiskCache, L1Cache
-from services.edge_runtime.runner import OrtModel
+from services.edge_runtime.emulation import slowed
+from services.edge_runtime.runner import OrtModel, measure_latency_ms, rss_bytes
 from services.edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class EdgeRuntime:
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task] = set()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
@@ -88,14 +90,36 @@ class EdgeRuntime:
                 data = await self.registry.fetch_artifact(variant.sha256)
                 await asyncio.to_thread(self.disk.put, variant, data)
             path = self.disk.artifact_path(variant.sha256)
+            rss_before = rss_bytes()
             model = await asyncio.get_running_loop().run_in_executor(
                 self._executor, OrtModel, path, self.settings.use_cuda, self.settings.intra_op_threads
             )
+            model.run = slowed(model.run, self.settings.emulated_slowdown)
             loaded = LoadedModel(variant, model, time.perf_counter() - start)
+            if self.settings.measure_on_load:
+                latency = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, measure_latency_ms, model, sample_inputs(variant))
+                memory = max(rss_bytes() - rss_before, variant.size_bytes)
+                self._spawn(self._report(variant, latency, memory))
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
             log.info("loaded %s on %s in %.3fs", variant.key, model.provider, loaded.load_seconds)
             return loaded
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _report(self, variant: ModelVariant, latency_ms: float, memory_bytes: int) -> None:
+        try:
+            await self.registry.record_measurement(variant, self.settings.measured_class,
+                                                   self.settings.node_id, latency_ms, memory_bytes)
+            self.forget_resolutions(variant.name)
+            log.info("measured %s on %s: %.3f ms, %d bytes", variant.key,
+                     self.settings.measured_class, latency_ms, memory_bytes)
+        except Exception as exc:  # noqa: BLE001 - measurements are advisory
+            log.warning("could not record measurement of %s: %s", variant.key, exc)
 
     def unload(self, key: str) -> bool:
         return self.l1.remove(key)
@@ -164,7 +188,7 @@ class EdgeRuntime:
             model_name=variant.name, model_version=variant.version, id=request.id,
             outputs=result,
             parameters={"cnei_node": self.settings.node_id, "cnei_precision": variant.precision,
-                        "cnei_tier": self.settings.tier},
+                        "cnei_tier": self.settings.tier, "cnei_compute_us": compute_ns // 1000},
         )
 
 

@@ -10,6 +10,7 @@ from services.common import events
 from services.common.bus import EventBus
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.resources import CpuSampler, memory_load
 from services.edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,15 @@ def _memory_bytes() -> int:
         return 0
 
 
-def node_info(settings: RuntimeSettings, runtime: EdgeRuntime, started_at: float) -> NodeInfo:
+def node_info(settings: RuntimeSettings, runtime: EdgeRuntime, started_at: float,
+              cpu_load: float = 0.0) -> NodeInfo:
     return NodeInfo(
         node_id=settings.node_id, tier=settings.tier, region=settings.region,
+        node_class=settings.measured_class,
         address=settings.address, cpus=os.cpu_count() or 1, memory_bytes=_memory_bytes(),
         models=runtime.l1.keys(), inflight=runtime.inflight,
         cache_bytes=runtime.l1.bytes_used, started_at=started_at,
+        cpu_load=cpu_load, mem_load=memory_load(),
     )
 
 
@@ -40,9 +44,10 @@ class Heartbeat:
         self.started_at = time.time()
         self._task: asyncio.Task | None = None
         self._registered = False
+        self._cpu = CpuSampler()
 
     async def beat(self) -> None:
-        info = node_info(self.settings, self.runtime, self.started_at)
+        info = node_info(self.settings, self.runtime, self.started_at, self._cpu.sample())
         await asyncio.wait_for(self.directory.heartbeat(info, self.settings.heartbeat_ttl_s), 1.0)
         if not self._registered:
             self._registered = True

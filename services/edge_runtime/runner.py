@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +43,24 @@ class OrtModel:
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, inputs)))
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def measure_latency_ms(model: OrtModel, inputs: dict[str, np.ndarray], warmup: int = 3, runs: int = 15) -> float:
+    """Median wall time of one run on `inputs` after warm-up (blocking)."""
+    for _ in range(warmup):
+        model.run(inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model.run(inputs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)

@@ -27,7 +27,15 @@ class RuntimeSettings:
     intra_op_threads: int = field(1, "ONNX Runtime intra-op threads per session")
     inference_workers: int = field(2, "threads running ONNX Runtime calls")
     use_cuda: bool = field(True, "use the CUDA provider when onnxruntime offers it")
+    node_class: str = field("", "class of hardware for measured latency (default: the tier)")
+    measure_on_load: bool = field(True, "measure batch-1 latency and memory when a variant loads")
+    emulated_slowdown: float = field(1.0, "benchmarks only: make every ORT run this many times slower")
+    emulated_delay_ms: float = field(0.0, "benchmarks only: hold every incoming RPC this long")
     preload: tuple[str, ...] = field((), "models to load at start (name or name:version:precision)")
+
+    @property
+    def measured_class(self) -> str:
+        return self.node_class or self.tier
 
     @property
     def address(self) -> str:

@@ -10,8 +10,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from services.common import events
-from services.common.errors import ArtifactNotFound, InvalidArgument, ModelNotFound, ResourceExhausted
+from services.common import deployment, events
+from services.common.deployment import DeploymentSpec
+from services.common.errors import ArtifactNotFound, InvalidArgument, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.store import RegistryStore
@@ -107,6 +108,36 @@ class Registry:
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
         return pick_variant(await asyncio.to_thread(self.store.variants, name), name, version, precision)
+
+    async def record_measurement(self, name: str, version: str, precision: str, node_class: str,
+                                 node_id: str, latency_ms: float, memory_bytes: int) -> ModelVariant:
+        """Store what a runtime measured for a variant on its node class; returns the variant."""
+        await self.get(name, version, precision)
+        if not _NAME.match(node_class or ""):
+            raise InvalidArgument(f"node class {node_class!r} must match {_NAME.pattern}")
+        if not (latency_ms >= 0 and memory_bytes >= 0):
+            raise InvalidArgument("measured latency and memory must not be negative")
+        await asyncio.to_thread(self.store.record_measurement, name, version, precision.upper(),
+                                node_class, node_id, latency_ms, memory_bytes, time.time())
+        return await self.get(name, version, precision)
+
+    async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
+        spec = deployment.from_json(spec_json)
+        await self.resolve(spec.model)
+        when = time.time()
+        await asyncio.to_thread(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
+        if self.publish is not None:
+            try:
+                await self.publish(events.DEPLOYMENT_UPDATED, {"model": spec.model})
+            except Exception as exc:  # noqa: BLE001 - stored; consumers also poll
+                log.warning("could not publish deployment event for %s: %s", spec.model, exc)
+        return spec, when
+
+    async def deployments(self, model: str = "") -> list[tuple[DeploymentSpec, float]]:
+        rows = await asyncio.to_thread(self.store.deployments, model)
+        if model and not rows:
+            raise NotFound(f"no deployment for model '{model}'")
+        return [(deployment.from_json(text), when) for _, text, when in rows]
 
     def artifact_chunks(self, sha256: str) -> Iterator[bytes]:
         """Blocking iterator over an artifact's bytes."""

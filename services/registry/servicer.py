@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.common import deployment
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import rpc
 from services.common.registry_convert import variant_to_proto
@@ -53,3 +54,27 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
         chunks = self.registry.artifact_chunks(request.sha256)
         while (data := await asyncio.to_thread(next, chunks, None)) is not None:
             yield rpb.ArtifactChunk(data=data)
+
+    @rpc
+    async def RecordMeasurement(self, request, context):
+        m = request.model
+        variant = await self.registry.record_measurement(
+            m.name, m.version, m.precision, request.node_class, request.node_id,
+            request.latency_ms, request.memory_bytes)
+        return variant_to_proto(variant)
+
+    @rpc
+    async def PutDeployment(self, request, context):
+        spec, when = await self.registry.put_deployment(request.spec_json)
+        return rpb.Deployment(model=spec.model, spec_json=deployment.to_json(spec), updated_at=when)
+
+    @rpc
+    async def GetDeployment(self, request, context):
+        (spec, when), = await self.registry.deployments(request.model or "-")
+        return rpb.Deployment(model=spec.model, spec_json=deployment.to_json(spec), updated_at=when)
+
+    @rpc
+    async def ListDeployments(self, request, context):
+        return rpb.ListDeploymentsResponse(deployments=[
+            rpb.Deployment(model=s.model, spec_json=deployment.to_json(s), updated_at=w)
+            for s, w in await self.registry.deployments()])

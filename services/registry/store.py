@@ -17,7 +17,16 @@ CREATE TABLE IF NOT EXISTS variants (
   metadata TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL,
   created_at REAL NOT NULL,
   PRIMARY KEY (name, version, precision)
-)
+);
+CREATE TABLE IF NOT EXISTS measurements (
+  name TEXT NOT NULL, version TEXT NOT NULL, precision TEXT NOT NULL, node_class TEXT NOT NULL,
+  node_id TEXT NOT NULL, latency_ms REAL NOT NULL, memory_bytes INTEGER NOT NULL,
+  measured_at REAL NOT NULL,
+  PRIMARY KEY (name, version, precision, node_class)
+);
+CREATE TABLE IF NOT EXISTS deployments (
+  model TEXT PRIMARY KEY, spec_json TEXT NOT NULL, updated_at REAL NOT NULL
+);
 """
 
 
@@ -51,7 +60,7 @@ class RegistryStore:
         self._db = sqlite3.connect(self.root / "catalogue.sqlite3", check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self._db.commit()
 
     def close(self) -> None:
@@ -92,9 +101,37 @@ class RegistryStore:
                 ) from None
 
     def variants(self, name: str = "") -> list[ModelVariant]:
-        query, args = "SELECT * FROM variants", ()
-        if name:
-            query, args = query + " WHERE name = ?", (name,)
+        """Variants with their latest measurements merged into metadata."""
+        where, args = ("WHERE name = ?", (name,)) if name else ("", ())
         with self._lock:
-            rows = self._db.execute(query, args).fetchall()
-        return [_row_to_variant(r) for r in rows]
+            rows = self._db.execute(f"SELECT * FROM variants {where}", args).fetchall()
+            measured = self._db.execute(
+                "SELECT name, version, precision, node_class, latency_ms, memory_bytes "
+                f"FROM measurements {where}", args).fetchall()
+        variants = [_row_to_variant(r) for r in rows]
+        by_key = {(v.name, v.version, v.precision): v for v in variants}
+        for name_, version, precision, node_class, latency, memory in measured:
+            v = by_key.get((name_, version, precision))
+            if v is not None:
+                v.metadata[f"latency_ms.{node_class}"] = f"{latency:.4f}"
+                v.metadata[f"memory_bytes.{node_class}"] = str(memory)
+        return variants
+
+    def record_measurement(self, name: str, version: str, precision: str, node_class: str,
+                           node_id: str, latency_ms: float, memory_bytes: int, when: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO measurements VALUES (?,?,?,?,?,?,?,?)",
+                (name, version, precision, node_class, node_id, latency_ms, memory_bytes, when))
+            self._db.commit()
+
+    def put_deployment(self, model: str, spec_json: str, when: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO deployments VALUES (?,?,?)", (model, spec_json, when))
+            self._db.commit()
+
+    def deployments(self, model: str = "") -> list[tuple[str, str, float]]:
+        where, args = ("WHERE model = ?", (model,)) if model else ("", ())
+        with self._lock:
+            return self._db.execute(f"SELECT model, spec_json, updated_at FROM deployments {where}",
+                                    args).fetchall()

@@ -219,7 +219,8 @@ def test_perf_analyzer_runs_to_completion_against_the_coordinator(mesh):
         pytest.skip("Triton's perf_analyzer is not installed (make perf-analyzer)")
     result = subprocess.run(
         [binary, "-m", "digits", "-u", mesh.coordinator, "-i", "grpc",
-         "--measurement-interval", "500", "--concurrency-range", "2"],
+         "--measurement-interval", "500", "--concurrency-range", "2",
+         "--stability-percentage", "100", "--max-trials", "5"],
         capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -1,0 +1,107 @@
+"""ModelDeployment spec: how one model is served (batching, precision, placement, fallback)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import InvalidArgument
+
+SCHEDULER_POLICIES = ("edgeai", "least_loaded", "round_robin", "random")
+JOINT_MODES = ("off", "sync", "async")
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+    max_inflight_batches: int = 1
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """Default precision policy when a request says nothing."""
+
+    precision: str = ""
+    accuracy_floor: float | None = None
+    latency_budget_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """EdgeAIScheduler: total = alpha*resource + beta*locality + gamma*model + delta*network."""
+
+    policy: str = "edgeai"
+    alpha: float = 0.35
+    beta: float = 0.2
+    gamma: float = 0.2
+    delta: float = 0.25
+    threshold: float = 0.3
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    model: str
+    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    cloud_fallback: bool = True
+    tiers: tuple[str, ...] = ("edge", "cloud")
+
+
+_NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec}
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"deployment '{where}' must be an object")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InvalidArgument(f"deployment '{where}' has unknown fields {unknown} (known: {sorted(names)})")
+    values = {}
+    for key, value in data.items():
+        if key in _NESTED and cls is DeploymentSpec:
+            values[key] = _build(_NESTED[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            values[key] = tuple(value)
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise InvalidArgument(f"deployment '{where}': {exc}") from None
+
+
+def validate(spec: DeploymentSpec) -> DeploymentSpec:
+    b, s = spec.batching, spec.scheduler
+    if not spec.model:
+        raise InvalidArgument("deployment needs a 'model'")
+    if b.max_batch_size < 1 or b.max_queue_size < 1 or b.max_queue_delay_us < 0 or b.max_inflight_batches < 1:
+        raise InvalidArgument("deployment batching values must be positive")
+    if s.policy not in SCHEDULER_POLICIES:
+        raise InvalidArgument(f"scheduler policy {s.policy!r} must be one of {list(SCHEDULER_POLICIES)}")
+    if min(s.alpha, s.beta, s.gamma, s.delta) < 0:
+        raise InvalidArgument("scheduler weights must not be negative")
+    bad_tiers = set(spec.tiers) - {"edge", "cloud"}
+    if bad_tiers:
+        raise InvalidArgument(f"unknown tiers {sorted(bad_tiers)}")
+    return spec
+
+
+def from_dict(data: Any) -> DeploymentSpec:
+    return validate(_build(DeploymentSpec, data, data.get("model", "?") if isinstance(data, dict) else "?"))
+
+
+def from_json(text: str) -> DeploymentSpec:
+    try:
+        return from_dict(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"deployment spec is not JSON: {exc}") from None
+
+
+def to_json(spec: DeploymentSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True)

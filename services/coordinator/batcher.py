@@ -1,0 +1,226 @@
+"""Dynamic batching: queue requests per (variant, node), send one batched call, split the answer.
+
+Batch formation is a pure function (`form_batch`); `Batcher` adds the asyncio mechanics."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+
+log = logging.getLogger(__name__)
+Send = Callable[[dict[str, np.ndarray], int, float], Awaitable[dict[str, np.ndarray]]]
+_sequence = itertools.count()
+
+BATCH_SIZE = Histogram("cnei_batch_size", "Samples per batch sent to a node", ["model"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+QUEUE_TIME = Histogram("cnei_batch_queue_seconds", "Time a request waited in a batcher queue", ["model"],
+                       buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))
+DROPPED = Counter("cnei_batch_dropped_total", "Requests removed from a queue before sending",
+                  ["model", "reason"])
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Per-model batching settings (Triton's names)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+    max_inflight_batches: int = 1
+
+
+@dataclass
+class Pending:
+    """One queued request: its inputs, priority level (Triton: lower is served first), deadline
+    and the future its caller awaits."""
+
+    inputs: dict[str, np.ndarray]
+    size: int
+    signature: tuple
+    priority: int = 0
+    deadline: float = float("inf")
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future | None = None
+    seq: int = field(default_factory=lambda: next(_sequence))
+
+
+def signature(inputs: dict[str, np.ndarray]) -> tuple:
+    """What must match for requests to share a batch: names, datatypes and non-batch dims."""
+    return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
+
+
+def order(queue: list[Pending]) -> list[Pending]:
+    """Most urgent priority level first (lower number), then arrival order."""
+    return sorted(queue, key=lambda p: (p.priority, p.seq))
+
+
+def form_batch(queue: list[Pending], max_batch_size: int, now: float) -> tuple[list[Pending], list[Pending]]:
+    """Pick the next batch from the queue: (batch, expired).
+
+    Expired or cancelled requests are taken out and never sent. The batch starts with the most
+    urgent request and adds, in priority order, every request of the same signature that still
+    fits under `max_batch_size`."""
+    expired = [p for p in queue if p.deadline <= now or (p.future is not None and p.future.done())]
+    live = order([p for p in queue if p not in expired])
+    if not live:
+        return [], expired
+    head = live[0]
+    batch, total = [head], head.size
+    for p in live[1:]:
+        if p.signature == head.signature and total + p.size <= max_batch_size:
+            batch.append(p)
+            total += p.size
+    return batch, expired
+
+
+def batch_ready(queue: list[Pending], config: BatchConfig, now: float) -> bool:
+    """Send now? When the queue holds a full or preferred-size batch, or the oldest has waited
+    `max_queue_delay_us`."""
+    if not queue:
+        return False
+    head_sig = order(queue)[0].signature
+    size = sum(p.size for p in queue if p.signature == head_sig)
+    if size >= config.max_batch_size or size in config.preferred_batch_sizes:
+        return True
+    oldest = min(p.enqueued for p in queue)
+    return (now - oldest) * 1e6 >= config.max_queue_delay_us
+
+
+def split(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Split batched outputs back into per-request outputs along axis 0."""
+    bounds = np.cumsum(sizes)[:-1]
+    per_output = {name: np.split(array, bounds) for name, array in outputs.items()}
+    return [{name: parts[i] for name, parts in per_output.items()} for i in range(len(sizes))]
+
+
+class Batcher:
+    """Queue + worker for one (variant, node); `submit` resolves with that request's outputs."""
+
+    def __init__(self, model: str, config: BatchConfig, send: Send):
+        self.model = model
+        self.config = config
+        self.send = send
+        self.queue: list[Pending] = []
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_inflight_batches)
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{model}")
+        self._inflight: set[asyncio.Task] = set()
+        self.last_used = time.monotonic()
+
+    async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
+                     deadline: float = float("inf")) -> dict[str, np.ndarray]:
+        if len(self.queue) >= self.config.max_queue_size:
+            DROPPED.labels(self.model, "queue_full").inc()
+            raise ResourceExhausted(
+                f"queue of model '{self.model}' is full ({self.config.max_queue_size} requests)")
+        size = next(iter(inputs.values())).shape[0] if inputs else 1
+        item = Pending(inputs, int(size), signature(inputs), priority, deadline,
+                       future=asyncio.get_running_loop().create_future())
+        self.queue.append(item)
+        self.last_used = time.monotonic()
+        self._wake.set()
+        return await item.future  # cancellation of the caller cancels the future: never sent
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._dispatch(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _next_batch(self) -> list[Pending]:
+        while True:
+            now = time.monotonic()
+            if batch_ready(self.queue, self.config, now):
+                batch, expired = form_batch(self.queue, self.config.max_batch_size, now)
+                self._drop(expired)
+                if batch:
+                    taken = {id(p) for p in batch}
+                    self.queue = [p for p in self.queue if id(p) not in taken]
+                    return batch
+                continue
+            self._wake.clear()
+            timeout = self._wait_time(now)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _wait_time(self, now: float) -> float | None:
+        """Sleep until the head's delay passes or the nearest deadline, whichever first."""
+        if not self.queue:
+            return None
+        oldest = min(p.enqueued for p in self.queue)
+        wake = oldest + self.config.max_queue_delay_us / 1e6
+        wake = min(wake, min(p.deadline for p in self.queue))
+        return max(0.0, wake - now)
+
+    def _drop(self, expired: list[Pending]) -> None:
+        if not expired:
+            return
+        gone = {id(p) for p in expired}
+        self.queue = [p for p in self.queue if id(p) not in gone]
+        for p in expired:
+            if p.future is not None and not p.future.done():
+                DROPPED.labels(self.model, "deadline").inc()
+                p.future.set_exception(DeadlineExceeded(
+                    f"request for model '{self.model}' timed out after waiting "
+                    f"{(time.monotonic() - p.enqueued) * 1e3:.1f} ms in the queue"))
+            else:
+                DROPPED.labels(self.model, "cancelled").inc()
+
+    async def _dispatch(self, batch: list[Pending]) -> None:
+        try:
+            live = [p for p in batch if not p.future.done()]
+            if not live:
+                return
+            now = time.monotonic()
+            for p in live:
+                QUEUE_TIME.labels(self.model).observe(now - p.enqueued)
+            sizes = [p.size for p in live]
+            BATCH_SIZE.labels(self.model).observe(sum(sizes))
+            if len(live) == 1:
+                inputs = live[0].inputs
+            else:
+                inputs = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
+            try:
+                outputs = await self.send(inputs, sum(sizes), max(p.deadline for p in live))
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                return
+            parts = [outputs] if len(live) == 1 else split(outputs, sizes)
+            for p, part in zip(live, parts):
+                if not p.future.done():
+                    p.future.set_result(part)
+        finally:
+            self._slots.release()
+
+    async def drain_and_close(self, timeout_s: float = 60.0) -> None:
+        """Serve what is queued and in flight, then stop (used when a batcher is replaced)."""
+        deadline = time.monotonic() + timeout_s
+        while (self.queue or self._inflight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await self.close()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, *self._inflight, return_exceptions=True)
+        for p in self.queue:
+            if p.future is not None and not p.future.done():
+                p.future.set_exception(ResourceExhausted(f"batcher of model '{self.model}' closed"))

@@ -1,0 +1,94 @@
+"""Precision selection: choose a model variant from its measured accuracy and latency (pure)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
+from services.common.model_spec import ModelVariant
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """What a request (or a deployment's default) asks of the variant."""
+
+    precision: str = ""
+    accuracy_floor: float | None = None
+    latency_budget_ms: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.precision and self.accuracy_floor is None and self.latency_budget_ms is None
+
+
+def _number(params: dict, key: str) -> float | None:
+    if key not in params or params[key] in ("", None):
+        return None
+    try:
+        return float(params[key])
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
+
+
+def policy_from_params(params: dict) -> PrecisionPolicy:
+    """Read `precision`, `accuracy_floor`, `latency_budget_ms` from OIP request parameters."""
+    return PrecisionPolicy(
+        precision=str(params.get("precision", "") or "").upper(),
+        accuracy_floor=_number(params, "accuracy_floor"),
+        latency_budget_ms=_number(params, "latency_budget_ms"),
+    )
+
+
+def accuracy(v: ModelVariant) -> float | None:
+    try:
+        return float(v.metadata["accuracy"])
+    except (KeyError, ValueError):
+        return None
+
+
+def latency_ms(v: ModelVariant, node_class: str) -> float | None:
+    """Measured batch-1 latency of the variant on a node class (recorded by runtimes)."""
+    try:
+        return float(v.metadata[f"latency_ms.{node_class}"])
+    except (KeyError, ValueError):
+        return None
+
+
+_DEFAULT_ORDER = {"FP32": 0, "FP16": 1, "INT8": 2}
+
+
+def choose_variant(variants: list[ModelVariant], policy: PrecisionPolicy, node_class: str) -> ModelVariant:
+    """Explicit precision wins; else the fastest variant meeting `accuracy_floor`, or the most
+    accurate one within `latency_budget_ms` (both: the fastest meeting both); else FP32 first.
+
+    Unknown latency counts as slowest; unknown accuracy never meets a floor."""
+    if not variants:
+        raise ModelNotFound("?")
+    name = variants[0].name
+    if policy.precision:
+        for v in variants:
+            if v.precision == policy.precision:
+                return v
+        raise ModelNotFound(name, variants[0].version, policy.precision)
+    pool = list(variants)
+    if policy.accuracy_floor is not None:
+        pool = [v for v in pool if (accuracy(v) or -1.0) >= policy.accuracy_floor]
+        if not pool:
+            best = max((accuracy(v) or 0.0) for v in variants)
+            raise FailedPrecondition(
+                f"no variant of model '{name}' meets accuracy_floor {policy.accuracy_floor} "
+                f"(best measured accuracy {best:.4f})")
+    if policy.latency_budget_ms is not None:
+        fits = [v for v in pool if (latency_ms(v, node_class) or float("inf")) <= policy.latency_budget_ms]
+        if not fits:
+            known = [latency_ms(v, node_class) for v in pool if latency_ms(v, node_class) is not None]
+            detail = f"fastest measured {min(known):.3f} ms" if known else "no latency measured yet"
+            raise FailedPrecondition(
+                f"no variant of model '{name}' fits latency_budget_ms {policy.latency_budget_ms} "
+                f"on {node_class} nodes ({detail})")
+        if policy.accuracy_floor is None:
+            return max(fits, key=lambda v: (accuracy(v) or 0.0, -_DEFAULT_ORDER.get(v.precision, 9)))
+        pool = fits
+    if policy.accuracy_floor is not None:
+        return min(pool, key=lambda v: (latency_ms(v, node_class) or float("inf"),
+                                        _DEFAULT_ORDER.get(v.precision, 9)))
+    return min(pool, key=lambda v: _DEFAULT_ORDER.get(v.precision, 9))
