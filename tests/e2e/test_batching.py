@@ -1,0 +1,90 @@
+"""End to end: concurrent tritonclient calls are batched by the coordinator, each caller gets
+its own rows back; precision policies travel as request parameters."""
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.registry_client import RegistryClient
+from services.models.digits import load_all
+
+
+async def _apply(registry: str, spec: DeploymentSpec) -> None:
+    client = RegistryClient(registry)
+    try:
+        await client.put_deployment(spec)
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def batching_deployment(mesh):
+    spec = DeploymentSpec(model="digits", batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=20_000))
+    asyncio.run(_apply(mesh.registry, spec))
+    yield spec
+    asyncio.run(_apply(mesh.registry, DeploymentSpec(model="digits")))
+
+
+def _batch_histogram(mesh) -> tuple[float, float]:
+    """(number of batches, samples in them) sent for digits so far."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.settings.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    count = re.search(r'^cnei_batch_size_count\{model="digits"\} (\S+)$', text, re.M)
+    total = re.search(r'^cnei_batch_size_sum\{model="digits"\} (\S+)$', text, re.M)
+    return (float(count.group(1)) if count else 0.0, float(total.group(1)) if total else 0.0)
+
+
+def _one(address: str, sample: np.ndarray) -> np.ndarray:
+    client = triton.InferenceServerClient(address)
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(sample[None, :])
+    return client.infer("digits", [tensor], client_timeout=30).as_numpy("probabilities")[0]
+
+
+def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(mesh, batching_deployment):
+    x, y = load_all()
+    direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
+    tensor = triton.InferInput("input", [48, 64], "FP32")
+    tensor.set_data_from_numpy(x[:48])
+    expected = direct.infer("digits", [tensor]).as_numpy("probabilities")
+    batches_before, samples_before = _batch_histogram(mesh)
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        results = list(pool.map(lambda i: _one(mesh.coordinator, x[i]), range(48)))
+    batches_after, samples_after = _batch_histogram(mesh)
+    np.testing.assert_allclose(np.stack(results), expected, rtol=1e-4, atol=1e-5)
+    assert samples_after - samples_before == 48
+    assert batches_after - batches_before < 48, "no two requests shared a batch"
+
+
+@pytest.mark.parametrize("params,precision", [
+    ({"accuracy_floor": 0.9}, None),
+    ({"precision": "INT8"}, "INT8"),
+])
+def test_precision_policies_choose_a_variant_and_report_it(mesh, params, precision):
+    client = triton.InferenceServerClient(mesh.coordinator)
+    x, _ = load_all()
+    tensor = triton.InferInput("input", [2, 64], "FP32")
+    tensor.set_data_from_numpy(x[:2])
+    reply = client.infer("digits", [tensor], parameters=params).get_response().parameters
+    assert reply["cnei_precision"].string_param in ({precision} if precision else {"FP32", "FP16", "INT8"})
+    assert reply["cnei_version"].string_param == "1"
+    assert reply["cnei_node"].string_param
+
+
+def test_an_impossible_accuracy_floor_fails_with_failed_precondition(mesh):
+    client = triton.InferenceServerClient(mesh.coordinator)
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("digits", [tensor], parameters={"accuracy_floor": 0.9999})
+    assert info.value.status() == str(grpc.StatusCode.FAILED_PRECONDITION)
+    assert "accuracy_floor" in info.value.message()
