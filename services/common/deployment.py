@@ -50,6 +50,8 @@ class DeploymentSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     cloud_fallback: bool = True
     tiers: tuple[str, ...] = ("edge", "cloud")
+    attempt_timeout_ms: float = 2000.0  # one node's share of a request before failing over
+    hedge_after_ms: float = 0.0  # 0: no hedging; -1: after the model's observed p95; >0: fixed
 
 
 _NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec}
@@ -86,6 +88,10 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
         raise InvalidArgument(f"scheduler policy {s.policy!r} must be one of {list(SCHEDULER_POLICIES)}")
     if min(s.alpha, s.beta, s.gamma, s.delta) < 0:
         raise InvalidArgument("scheduler weights must not be negative")
+    if spec.attempt_timeout_ms <= 0:
+        raise InvalidArgument("attempt_timeout_ms must be positive")
+    if spec.hedge_after_ms < 0 and spec.hedge_after_ms != -1:
+        raise InvalidArgument("hedge_after_ms must be 0 (off), -1 (p95) or a positive delay")
     bad_tiers = set(spec.tiers) - {"edge", "cloud"}
     if bad_tiers:
         raise InvalidArgument(f"unknown tiers {sorted(bad_tiers)}")

@@ -13,6 +13,10 @@ STREAM_SUBJECTS = ["cnei.>"]
 MODEL_PUBLISHED = "cnei.model.published"
 DEPLOYMENT_UPDATED = "cnei.deployment.updated"
 NODE_UP = "cnei.node.up"
+REQUEST_FAILOVER = "cnei.request.failover"
+INFERENCE_ESCALATED = "cnei.inference.escalated"
+INFERENCE_DISAGREEMENT = "cnei.inference.disagreement"
+NODE_METRICS = "cnei.node.metrics"
 NODE_DOWN = "cnei.node.down"
 
 

@@ -30,9 +30,9 @@ async def serve(settings: CoordinatorSettings) -> None:
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
     await nodes.start()
     catalog = Catalog(registry, settings.resolve_ttl_s)
-    core = Coordinator(settings, catalog, nodes)
     bus = EventBus(settings.nats_url, "coordinator")
     await bus.connect()
+    core = Coordinator(settings, catalog, nodes, publish=bus.publish)
 
     async def on_model_event(envelope: events.Envelope) -> None:
         catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))

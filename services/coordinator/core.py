@@ -4,28 +4,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from opentelemetry import trace
+from prometheus_client import Counter
 
-from services.common import grpc_util, oip
+from services.common import events, grpc_util, oip
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, NoLiveNode
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator.batcher import BatchConfig, Batcher
+from services.coordinator.breaker import Breakers
 from services.coordinator.catalog import Catalog
+from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.placement import RequestContext, Scheduler
+from services.coordinator.placement import RequestContext, Scheduler, failover_stages
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-RETRYABLE = {ErrorCode.UNAVAILABLE}
+RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED}
+Publisher = Callable[[str, dict], Awaitable[object]]
+FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
+                    ["model", "from_tier", "to_tier", "reason"])
+HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to another node", ["model"])
 DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
 
 
@@ -63,7 +72,7 @@ class Coordinator:
     server_version = "0.1.0"
 
     def __init__(self, settings: CoordinatorSettings, catalog: Catalog, nodes: NodesView,
-                 scheduler: Scheduler | None = None):
+                 scheduler: Scheduler | None = None, publish: Publisher | None = None):
         self.settings = settings
         self.catalog = catalog
         self.nodes = nodes
@@ -72,6 +81,10 @@ class Coordinator:
         self.outstanding: dict[str, int] = {}
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self._retiring: set[asyncio.Task] = set()
+        self.publish = publish
+        self.breakers = Breakers(settings.breaker_failures, settings.breaker_open_s)
+        self.latency = LatencyBook()
+        self.recent: deque[dict] = deque(maxlen=100)
 
     # --- InferenceCore ----------------------------------------------------------------------
     async def ready(self) -> bool:
@@ -122,18 +135,26 @@ class Coordinator:
         return policy
 
     def _eligible(self, spec: DeploymentSpec) -> list[NodeInfo]:
+        """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
         tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
-        return [n for n in self.nodes.nodes if n.tier in tiers]
+        blocked = self.breakers.blocked()
+        return [n for n in self.nodes.nodes if n.tier in tiers and n.node_id not in blocked]
 
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
-               ctx_region: str, tried: list[str]) -> Placement | None:
+               region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
         default = choose_variant(variants, policy, "")
-        ctx = RequestContext(model=default.name, variant_key=default.key, region=ctx_region)
-        node = self.scheduler.choose(self._eligible(spec), ctx, spec.scheduler, self.outstanding,
+        ctx = RequestContext(model=default.name, variant_key=default.key, region=region)
+        node = self.scheduler.choose(pool, ctx, spec.scheduler, self.outstanding,
                                      self.nodes.rtt_ms, exclude=tried)
         if node is None:
             return None
         return Placement(node, choose_variant(variants, policy, node.node_class or node.tier))
+
+    def _pools(self, spec: DeploymentSpec, failed: NodeInfo | None) -> list[list[NodeInfo]]:
+        eligible = self._eligible(spec)
+        if failed is None:
+            return [eligible]
+        return failover_stages(eligible, failed, spec.cloud_fallback and "cloud" in spec.tiers)
 
     async def _infer(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
@@ -141,31 +162,121 @@ class Coordinator:
         policy = self._policy(params, spec)
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
         check_inputs(choose_variant(variants, policy, ""), request.inputs)
+        region = str(params.get("region", "") or "")
         tried: list[str] = []
+        failed: NodeInfo | None = None
         last_error: CneiError | None = None
         for _ in range(max(1, self.settings.max_attempts)):
             if time.monotonic() >= deadline:
                 break
-            placement = self._place(variants, spec, policy, str(params.get("region", "") or ""), tried)
+            placement = None
+            for pool in self._pools(spec, failed):
+                placement = self._place(variants, spec, policy, region, pool, tried)
+                if placement is not None:
+                    break
             if placement is None:
                 break
+            if failed is not None:
+                self._record_failover(request.model_name, failed, placement.node, last_error)
             tried.append(placement.node.node_id)
             try:
-                outputs = await self._batcher(placement, spec).submit(
-                    request.inputs, priority_level(params), deadline)
+                outputs, placement = await self._hedged(request, placement, spec, deadline,
+                                                        variants, policy, region, tried)
             except CneiError as exc:
                 if exc.code not in RETRYABLE:
                     raise
-                last_error = exc
-                log.warning("node %s failed for %s: %s; trying another", placement.node.node_id,
+                last_error, failed = exc, placement.node
+                log.warning("node %s failed for %s: %s", placement.node.node_id,
                             placement.variant.key, exc.message)
                 continue
             return self._response(request, placement, outputs)
-        if last_error is not None:
+        if last_error is not None and time.monotonic() < deadline:
             raise last_error
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
         raise NoLiveNode(request.model_name)
+
+    def _hedge_delay(self, spec: DeploymentSpec, placement: Placement) -> float | None:
+        if spec.hedge_after_ms > 0:
+            return spec.hedge_after_ms / 1e3
+        if spec.hedge_after_ms == -1:
+            return self.latency.quantile((placement.variant.name, placement.node.node_id), 0.95)
+        return None
+
+    async def _hedged(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
+                      deadline: float, variants: list[ModelVariant], policy: PrecisionPolicy,
+                      region: str, tried: list[str]) -> tuple[dict[str, np.ndarray], Placement]:
+        """Send a second copy to another node when the first has not answered after the hedge
+        delay; the first success wins and the other copy is cancelled."""
+        delay = self._hedge_delay(spec, placement)
+        first = asyncio.ensure_future(self._attempt(request, placement, spec, deadline))
+        if delay is None:
+            return await first, placement
+        done, _ = await asyncio.wait({first}, timeout=delay)
+        second_placement = None if done else self._place(
+            variants, spec, policy, region, self._eligible(spec), tried)
+        if second_placement is None:
+            return await first, placement
+        HEDGES.labels(request.model_name).inc()
+        tried.append(second_placement.node.node_id)
+        second = asyncio.ensure_future(self._attempt(request, second_placement, spec, deadline))
+        owners = {first: placement, second: second_placement}
+        pending = set(owners)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    for other in pending:
+                        other.cancel()
+                    return task.result(), owners[task]
+        raise first.exception()
+
+    async def _attempt(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
+                       deadline: float) -> dict[str, np.ndarray]:
+        """One node's try, bounded by the deployment's attempt timeout; feeds the breaker."""
+        node = placement.node
+        breaker = self.breakers.get(node.node_id)
+        breaker.allow()
+        attempt_deadline = min(deadline, time.monotonic() + spec.attempt_timeout_ms / 1e3)
+        start = time.perf_counter()
+        try:
+            outputs = await self._batcher(placement, spec).submit(
+                request.inputs, priority_level(request.parameters), attempt_deadline)
+        except CneiError as exc:
+            if exc.code is ErrorCode.UNAVAILABLE:
+                breaker.trip()  # connection-level trouble: stop sending there at once
+            elif exc.code in RETRYABLE:
+                breaker.failure()
+            raise
+        breaker.success()
+        self.latency.add((placement.variant.name, node.node_id), time.perf_counter() - start)
+        return outputs
+
+    def _record_failover(self, model: str, failed: NodeInfo, to: NodeInfo, error: CneiError | None) -> None:
+        reason = error.code.value if error else "unknown"
+        FAILOVERS.labels(model, failed.tier, to.tier, reason).inc()
+        with _tracer.start_as_current_span("coordinator.failover") as span:
+            span.set_attributes({"cnei.model": model, "cnei.failover.from": failed.node_id,
+                                 "cnei.failover.to": to.node_id, "cnei.failover.reason": reason})
+        self.recent.append({"kind": "failover", "time": time.time(), "model": model,
+                            "from": failed.node_id, "to": to.node_id, "reason": reason})
+        payload = {"model": model, "from_node": failed.node_id, "from_tier": failed.tier,
+                   "to_node": to.node_id, "to_tier": to.tier, "reason": reason,
+                   "detail": error.message if error else ""}
+        self._spawn(self._publish(events.REQUEST_FAILOVER, payload))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _publish(self, subject: str, payload: dict) -> None:
+        if self.publish is None:
+            return
+        try:
+            await self.publish(subject, payload)
+        except Exception as exc:  # noqa: BLE001 - the metric and span still record it
+            log.warning("could not publish %s: %s", subject, exc)
 
     def _response(self, request: oip.InferRequest, placement: Placement,
                   outputs: dict[str, np.ndarray]) -> oip.InferResponse:
@@ -190,9 +301,7 @@ class Coordinator:
         return batcher
 
     def _retire(self, batcher: Batcher) -> None:
-        task = asyncio.create_task(batcher.drain_and_close())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._spawn(batcher.drain_and_close())
 
     def _sender(self, placement: Placement):
         node, variant = placement.node, placement.variant

@@ -109,3 +109,13 @@ class Scheduler:
         if spec.policy == "least_loaded":
             return least_loaded(pool, outstanding)
         return rank(pool, ctx, spec, outstanding, rtt_ms)[0].node
+
+
+def failover_stages(nodes: list[NodeInfo], failed: NodeInfo, cloud_fallback: bool) -> list[list[NodeInfo]]:
+    """Where a request goes after `failed` fails, in order: edge neighbours in the same region,
+    then the cloud tier (when the deployment allows it), then edges of other regions."""
+    others = [n for n in nodes if n.node_id != failed.node_id]
+    same_region = [n for n in others if n.tier == "edge" and n.region == failed.region]
+    cloud = [n for n in others if n.tier == "cloud"] if cloud_fallback else []
+    elsewhere = [n for n in others if n.tier == "edge" and n.region != failed.region]
+    return [stage for stage in (same_region, cloud, elsewhere) if stage]

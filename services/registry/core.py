@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from services.common import deployment, events
 from services.common.deployment import DeploymentSpec
-from services.common.errors import ArtifactNotFound, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import (ArtifactNotFound, InvalidArgument, ModelNotFound, NotFound,
+                                    ResourceExhausted)
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.store import RegistryStore
