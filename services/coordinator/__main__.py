@@ -33,6 +33,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     bus = EventBus(settings.nats_url, "coordinator")
     await bus.connect()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
+    nodes.on_change = core.node_changed
 
     async def on_model_event(envelope: events.Envelope) -> None:
         catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))

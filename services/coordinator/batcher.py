@@ -128,7 +128,13 @@ class Batcher:
         self.queue.append(item)
         self.last_used = time.monotonic()
         self._wake.set()
-        return await item.future  # cancellation of the caller cancels the future: never sent
+        timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
+        try:  # cancellation of the caller, or its deadline, cancels the future: never sent
+            return await asyncio.wait_for(item.future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"request for model '{self.model}' passed its deadline after "
+                f"{(time.monotonic() - item.enqueued) * 1e3:.1f} ms in the batcher") from None
 
     async def _run(self) -> None:
         while True:
@@ -145,6 +151,7 @@ class Batcher:
     async def _next_batch(self) -> list[Pending]:
         while True:
             now = time.monotonic()
+            self._drop([p for p in self.queue if p.deadline <= now])  # expire while waiting for a batch
             if batch_ready(self.queue, self.config, now):
                 batch, expired = form_batch(self.queue, self.config.max_batch_size, now)
                 self._drop(expired)
@@ -174,14 +181,13 @@ class Batcher:
             return
         gone = {id(p) for p in expired}
         self.queue = [p for p in self.queue if id(p) not in gone]
+        now = time.monotonic()
         for p in expired:
+            DROPPED.labels(self.model, "deadline" if p.deadline <= now else "cancelled").inc()
             if p.future is not None and not p.future.done():
-                DROPPED.labels(self.model, "deadline").inc()
                 p.future.set_exception(DeadlineExceeded(
                     f"request for model '{self.model}' timed out after waiting "
-                    f"{(time.monotonic() - p.enqueued) * 1e3:.1f} ms in the queue"))
-            else:
-                DROPPED.labels(self.model, "cancelled").inc()
+                    f"{(now - p.enqueued) * 1e3:.1f} ms in the queue"))
 
     async def _dispatch(self, batch: list[Pending]) -> None:
         try:

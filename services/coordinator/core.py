@@ -137,7 +137,7 @@ class Coordinator:
     def _eligible(self, spec: DeploymentSpec) -> list[NodeInfo]:
         """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
         tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
-        blocked = self.breakers.blocked()
+        blocked = self.breakers.blocked() | self.nodes.unhealthy
         return [n for n in self.nodes.nodes if n.tier in tiers and n.node_id not in blocked]
 
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
@@ -264,6 +264,18 @@ class Coordinator:
                    "to_node": to.node_id, "to_tier": to.tier, "reason": reason,
                    "detail": error.message if error else ""}
         self._spawn(self._publish(events.REQUEST_FAILOVER, payload))
+
+    def node_changed(self, subject: str, node: NodeInfo, reason: str) -> None:
+        """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
+        if subject == events.NODE_DOWN:
+            self.breakers.get(node.node_id).trip()
+        else:
+            self.breakers.get(node.node_id).success()
+        self.recent.append({"kind": subject.rsplit(".", 1)[-1], "time": time.time(),
+                            "node": node.node_id, "reason": reason})
+        self._spawn(self._publish(subject, {"node_id": node.node_id, "tier": node.tier,
+                                            "region": node.region, "reason": reason,
+                                            "observer": "coordinator"}))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import grpc_util
+from services.common import events, grpc_util
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 EWMA_ALPHA = 0.3
+
+
+def diff_nodes(before: list[NodeInfo], after: list[NodeInfo]) -> tuple[list[NodeInfo], list[NodeInfo]]:
+    """(appeared, vanished) between two views, by node id."""
+    old, new = {n.node_id: n for n in before}, {n.node_id: n for n in after}
+    return ([n for i, n in new.items() if i not in old], [n for i, n in old.items() if i not in new])
 
 
 def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
@@ -24,7 +31,8 @@ def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> fl
 class NodesView:
     """Live nodes from Redis, re-read every `refresh_s`; stale view kept through Redis outages."""
 
-    def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0):
+    def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0,
+                 on_change: Callable[[str, NodeInfo, str], None] | None = None):
         self.directory = directory
         self.refresh_s = refresh_s
         self.probe_s = probe_s
@@ -33,9 +41,19 @@ class NodesView:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
         self._tasks: list[asyncio.Task] = []
+        self.on_change = on_change  # (NODE_UP | NODE_DOWN, node, reason)
+        self.unhealthy: set[str] = set()
 
     async def refresh(self) -> None:
-        self.nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
+        nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
+        appeared, vanished = diff_nodes(self.nodes, nodes)
+        self.nodes = nodes
+        if self.on_change is not None:
+            for node in appeared:
+                self.on_change(events.NODE_UP, node, "heartbeat")
+            for node in vanished:
+                self.rtt_ms.pop(node.node_id, None)
+                self.on_change(events.NODE_DOWN, node, "heartbeat expired")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -49,9 +67,16 @@ class NodesView:
         stub = health_pb2_grpc.HealthStub(self._channel(node.address))
         start = time.perf_counter()
         try:
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
+            healthy = False
+        if not healthy:
+            if node.node_id not in self.unhealthy and self.on_change is not None:
+                self.on_change(events.NODE_DOWN, node, "health check failed")
+            self.unhealthy.add(node.node_id)
             return
+        self.unhealthy.discard(node.node_id)
         self.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3)
 
     async def _probe_loop(self) -> None:
