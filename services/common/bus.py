@@ -1,55 +1,161 @@
-"""NATS/JetStream connection shared by services: traced publish, durable stream set-up."""
+"""NATS/JetStream for every service: background (re)connection, traced publish with an on-disk
+outbox while NATS is away, subscriptions that join the publisher's trace."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from services.common import events, telemetry
+from services.common.errors import Unavailable
+from services.common.outbox import Outbox
 
 log = logging.getLogger(__name__)
 Handler = Callable[[events.Envelope], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+RETRY_S = 1.0
 
 
 class EventBus:
-    """Publishes envelopes to JetStream with W3C trace headers; subscribes with trace extraction."""
+    """Events in and out. With an outbox, `publish` never fails: what cannot be sent now is kept
+    on disk and flushed in order once NATS answers again."""
 
-    def __init__(self, url: str, source: str):
+    def __init__(self, url: str, source: str, outbox: Outbox | Path | str | None = None,
+                 timeout: float = 2.0):
         self.url = url
         self.source = source
+        self.timeout = timeout
+        self.outbox = Outbox(outbox) if isinstance(outbox, (str, Path)) else outbox
         self.nc: Client | None = None
-        self._subs = []
+        self.on_connect: list[Hook] = []
+        self._handlers: list[tuple[str, Handler]] = []
+        self._tasks: list[asyncio.Task] = []
+        self._flush_lock = asyncio.Lock()
+        self._online = asyncio.Event()
 
-    async def connect(self, timeout: float = 5.0) -> None:
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self) -> None:
+        """Connect once (raises when NATS does not answer)."""
         self.nc = await nats.connect(
-            self.url, name=self.source, connect_timeout=timeout,
+            self.url, name=self.source, connect_timeout=self.timeout, allow_reconnect=True,
             max_reconnect_attempts=-1, reconnect_time_wait=0.5, drain_timeout=2,
+            reconnected_cb=self._reconnected, disconnected_cb=self._disconnected,
+            error_cb=self._error,
         )
-        js = self.nc.jetstream(timeout=timeout)
+        await self._ensure_stream()
+        for subject, handler in self._handlers:
+            await self._subscribe(subject, handler)
+        await self._came_online()
+
+    async def start(self) -> None:
+        """Connect now if NATS answers, else keep trying in the background; never raises."""
+        try:
+            await self.connect()
+        except Exception as exc:  # noqa: BLE001 - offline start is allowed
+            log.warning("NATS at %s unreachable (%s); retrying in the background", self.url, exc)
+            self._tasks.append(asyncio.create_task(self._connect_loop(), name="nats-connect"))
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="outbox-flush"))
+
+    async def _connect_loop(self) -> None:
+        while self.nc is None or self.nc.is_closed:
+            await asyncio.sleep(RETRY_S)
+            try:
+                await self.connect()
+                log.info("connected to NATS at %s", self.url)
+            except Exception:  # noqa: BLE001 - keep trying
+                self.nc = None
+
+    async def _ensure_stream(self) -> None:
+        js = self.nc.jetstream(timeout=self.timeout)
         config = StreamConfig(name=events.STREAM, subjects=events.STREAM_SUBJECTS)
         try:
             await js.add_stream(config)
         except Exception:  # noqa: BLE001 - exists with other settings: keep it
             await js.update_stream(config)
 
-    async def publish(self, subject: str, payload: dict, timeout: float = 5.0) -> events.Envelope:
-        if self.nc is None:
-            raise RuntimeError("event bus is not connected")
-        headers = telemetry.inject()
-        envelope = events.Envelope(type=subject, source=self.source, payload=payload, trace=headers)
-        await self.nc.jetstream(timeout=timeout).publish(
-            subject, events.encode(envelope), headers=headers
-        )
+    async def _reconnected(self) -> None:
+        log.info("reconnected to NATS")
+        await self._came_online()
+
+    async def _disconnected(self) -> None:
+        self._online.clear()
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("NATS error: %s", exc)
+
+    async def _came_online(self) -> None:
+        self._online.set()
+        for hook in self.on_connect:
+            asyncio.create_task(hook())
+
+    # --- publishing ---------------------------------------------------------------------------
+    async def publish(self, subject: str, payload: dict) -> events.Envelope:
+        envelope = events.Envelope(type=subject, source=self.source, payload=payload,
+                                   trace=telemetry.inject())
+        if self.outbox is not None and (len(self.outbox) or not self.connected):
+            self.outbox.put(subject, envelope)
+            return envelope
+        try:
+            await self._send(subject, envelope)
+        except Exception as exc:  # noqa: BLE001 - kept for later, or reported
+            if self.outbox is None:
+                raise Unavailable(f"could not publish {subject}: {exc}") from None
+            self.outbox.put(subject, envelope)
         return envelope
 
-    async def subscribe(self, subject: str, handler: Handler) -> None:
-        """Core-NATS subscription (live events) decoding envelopes and joining their trace."""
-        if self.nc is None:
-            raise RuntimeError("event bus is not connected")
+    async def _send(self, subject: str, envelope: events.Envelope) -> None:
+        if not self.connected:
+            raise Unavailable(f"NATS at {self.url} is not connected")
+        headers = {**envelope.trace, "Nats-Msg-Id": envelope.id}
+        await self.nc.jetstream(timeout=self.timeout).publish(
+            subject, events.encode(envelope), headers=headers)
 
+    async def flush(self) -> int:
+        """Send buffered events oldest first; stops at the first failure. Returns how many went."""
+        if self.outbox is None:
+            return 0
+        sent = 0
+        async with self._flush_lock:
+            while self.connected and (batch := self.outbox.peek(100)):
+                done = 0
+                try:
+                    for subject, envelope in batch:
+                        await self._send(subject, envelope)
+                        done += 1
+                finally:
+                    if done:
+                        self.outbox.pop(done)
+                        sent += done
+        if sent:
+            log.info("flushed %d buffered events", sent)
+        return sent
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._online.wait()
+            if self.outbox is not None and len(self.outbox):
+                try:
+                    await self.flush()
+                except Exception as exc:  # noqa: BLE001 - retried on the next round
+                    log.warning("outbox flush stopped: %s", exc)
+            await asyncio.sleep(0.2)
+
+    # --- subscribing --------------------------------------------------------------------------
+    async def subscribe(self, subject: str, handler: Handler) -> None:
+        """Live (core NATS) subscription; registered now or when the bus connects."""
+        self._handlers.append((subject, handler))
+        if self.connected:
+            await self._subscribe(subject, handler)
+
+    async def _subscribe(self, subject: str, handler: Handler) -> None:
         async def on_message(msg) -> None:
             try:
                 envelope = events.decode(msg.data)
@@ -59,18 +165,24 @@ class EventBus:
             token = telemetry.attach(telemetry.extract(msg.headers))
             try:
                 await handler(envelope)
+            except Exception:  # noqa: BLE001 - one bad handler run must not kill the subscription
+                log.exception("handler for %s failed", msg.subject)
             finally:
                 telemetry.detach(token)
 
-        self._subs.append(await self.nc.subscribe(subject, cb=on_message))
+        await self.nc.subscribe(subject, cb=on_message)
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.nc is None or self.nc.is_closed:
             return
         if not self.nc.is_connected:
             await self.nc.close()
             return
         try:
+            await self.flush()
             await self.nc.drain()
         except Exception:  # noqa: BLE001 - closing anyway
             await self.nc.close()

@@ -30,8 +30,8 @@ async def serve(settings: CoordinatorSettings) -> None:
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
     await nodes.start()
     catalog = Catalog(registry, settings.resolve_ttl_s)
-    bus = EventBus(settings.nats_url, "coordinator")
-    await bus.connect()
+    bus = EventBus(settings.nats_url, "coordinator", outbox=settings.outbox_path or None)
+    await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
     nodes.on_change = core.node_changed
 

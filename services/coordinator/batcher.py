@@ -38,7 +38,7 @@ class BatchConfig:
     max_inflight_batches: int = 1
 
 
-@dataclass
+@dataclass(eq=False)  # identity: fields hold arrays, which have no truth value to compare by
 class Pending:
     """One queued request: its inputs, priority level (Triton: lower is served first), deadline
     and the future its caller awaits."""

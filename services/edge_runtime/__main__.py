@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -24,13 +25,6 @@ from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 log = logging.getLogger("services.edge_runtime")
 
 
-async def _connect_bus(bus: EventBus) -> None:
-    try:
-        await bus.connect(timeout=2.0)
-    except Exception as exc:  # noqa: BLE001 - a runtime serves its cache without the cloud
-        log.warning("NATS unreachable at start (%s); continuing without events", exc)
-
-
 async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
     for spec in specs:
         name, _, rest = spec.partition(":")
@@ -46,12 +40,15 @@ async def serve(settings: RuntimeSettings) -> None:
     registry = RegistryClient(settings.registry_target, timeout=3.0)
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}")
-    await _connect_bus(bus)
-    if bus.nc is not None and bus.nc.is_connected:
-        async def on_published(envelope: events.Envelope) -> None:
-            runtime.forget_resolutions(envelope.payload.get("name", ""))
-        await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
+                   outbox=Path(settings.cache_dir) / "outbox.jsonl")
+
+    async def on_published(envelope: events.Envelope) -> None:
+        await runtime.model_published(envelope.payload.get("name", ""))
+
+    await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    bus.on_connect.append(runtime.resync)
+    await bus.start()
     delay = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else None
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=delay)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),

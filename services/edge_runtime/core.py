@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from opentelemetry import trace
+from prometheus_client import Counter
 
 from services.common import oip
 from services.common.errors import CneiError, ErrorCode, InvalidArgument, TensorError
@@ -22,6 +23,8 @@ from services.edge_runtime.settings import RuntimeSettings
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
+REGISTRY_RETRY_S = 2.0
+SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total", "Model artifact bytes pulled from the registry")
 
 
 @dataclass
@@ -46,6 +49,8 @@ class EdgeRuntime:
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
+        self._registry_down_until = 0.0
+        self._resync_lock = asyncio.Lock()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
@@ -61,15 +66,50 @@ class EdgeRuntime:
         cached = self._resolved.get(key)
         if cached and cached[1] > time.monotonic():
             return cached[0]
+        if time.monotonic() < self._registry_down_until:
+            return self._resolve_offline(name, version, precision)
         try:
             variant = await self.registry.resolve(name, version, precision)
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
                 raise
             log.warning("registry unreachable (%s); resolving %s from the local cache", exc, name)
-            variant = pick_variant([v for v in self.disk.variants() if v.name == name], name, version, precision)
+            self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
+            return self._resolve_offline(name, version, precision)
         self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
         return variant
+
+    def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
+        """Resolution from the disk cache alone (the registry is unreachable)."""
+        local = [v for v in self.disk.variants() if v.name == name]
+        return pick_variant(local, name, version, precision)
+
+    async def model_published(self, name: str) -> None:
+        """A new version exists: forget resolutions and pull it when this node caches the model."""
+        self.forget_resolutions(name)
+        if any(v.name == name for v in self.disk.variants()):
+            await self.resync()
+
+    async def resync(self) -> None:
+        """Back online (or told of a new version): pull the latest version of every cached model
+        in each cached precision, and load it where an older version is loaded."""
+        async with self._resync_lock:
+            self._registry_down_until = 0.0
+            self.forget_resolutions()
+            loaded = {key.split(":")[0] + ":" + key.split(":")[2] for key in self.l1.keys()}
+            wanted = {(v.name, v.precision) for v in self.disk.variants()}
+            for name, precision in sorted(wanted):
+                try:
+                    latest = await self.registry.resolve(name, "", precision)
+                    if not self.disk.has(latest):
+                        data = await self.registry.fetch_artifact(latest.sha256)
+                        await asyncio.to_thread(self.disk.put, latest, data)
+                        SYNCED_BYTES.inc(len(data))
+                        log.info("pulled missed version %s", latest.key)
+                    if f"{name}:{precision}" in loaded:
+                        await self.load(latest)
+                except CneiError as exc:
+                    log.warning("resync of %s %s failed: %s", name, precision, exc)
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
         loaded = self.l1.get(variant.key)
@@ -89,6 +129,7 @@ class EdgeRuntime:
             if not self.disk.has(variant):
                 data = await self.registry.fetch_artifact(variant.sha256)
                 await asyncio.to_thread(self.disk.put, variant, data)
+                SYNCED_BYTES.inc(len(data))
             path = self.disk.artifact_path(variant.sha256)
             rss_before = rss_bytes()
             model = await asyncio.get_running_loop().run_in_executor(

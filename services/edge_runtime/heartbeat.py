@@ -45,6 +45,8 @@ class Heartbeat:
         self._task: asyncio.Task | None = None
         self._registered = False
         self._cpu = CpuSampler()
+        self._lost_contact = False
+        self._metrics_seq = 0
 
     async def beat(self) -> None:
         info = node_info(self.settings, self.runtime, self.started_at, self._cpu.sample())
@@ -52,6 +54,22 @@ class Heartbeat:
         if not self._registered:
             self._registered = True
             await self._announce(events.NODE_UP)
+            if self._lost_contact:
+                self._lost_contact = False
+                log.info("re-registered after losing Redis; resyncing models")
+                asyncio.create_task(self.runtime.resync())
+
+    async def report_metrics(self) -> None:
+        """A metrics snapshot as an event; buffered on disk by the bus while NATS is away."""
+        self._metrics_seq += 1
+        stats = {f"{s.name}:{s.version}": {"inferences": s.inference_count, "executions": s.execution_count,
+                                            "failures": s.fail.count}
+                 for s in self.runtime.stats.select()}
+        await self.bus.publish(events.NODE_METRICS, {
+            "node_id": self.settings.node_id, "seq": self._metrics_seq, "time": time.time(),
+            "inflight": self.runtime.inflight, "cache_bytes": self.runtime.l1.bytes_used,
+            "models": self.runtime.l1.keys(), "stats": stats,
+        })
 
     async def _announce(self, subject: str) -> None:
         payload = {"node_id": self.settings.node_id, "tier": self.settings.tier,
@@ -62,13 +80,21 @@ class Heartbeat:
             log.warning("could not publish %s: %s", subject, exc)
 
     async def _loop(self) -> None:
+        next_metrics = time.monotonic()
         while True:
             try:
                 await self.beat()
             except Exception as exc:  # noqa: BLE001 - keep beating through outages
                 if self._registered:
                     log.warning("heartbeat failed: %s", exc)
+                    self._lost_contact = True
                 self._registered = False
+            if self.settings.metrics_interval_s > 0 and time.monotonic() >= next_metrics:
+                next_metrics = time.monotonic() + self.settings.metrics_interval_s
+                try:
+                    await self.report_metrics()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("metrics snapshot failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     def start(self) -> None:

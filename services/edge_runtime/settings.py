@@ -27,6 +27,7 @@ class RuntimeSettings:
     intra_op_threads: int = field(1, "ONNX Runtime intra-op threads per session")
     inference_workers: int = field(2, "threads running ONNX Runtime calls")
     use_cuda: bool = field(True, "use the CUDA provider when onnxruntime offers it")
+    metrics_interval_s: float = field(5.0, "seconds between metrics snapshot events (0: none)")
     node_class: str = field("", "class of hardware for measured latency (default: the tier)")
     measure_on_load: bool = field(True, "measure batch-1 latency and memory when a variant loads")
     emulated_slowdown: float = field(1.0, "benchmarks only: make every ORT run this many times slower")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from services.common import lifecycle, telemetry
 from services.common import settings as cfg
@@ -19,8 +20,8 @@ log = logging.getLogger("services.registry")
 async def serve(settings: RegistrySettings) -> None:
     stop = lifecycle.stop_event()
     store = RegistryStore(settings.data_dir)
-    bus = EventBus(settings.nats_url, "registry")
-    await bus.connect()
+    bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl")
+    await bus.start()
     registry = Registry(store, bus.publish, settings.max_artifact_bytes)
     server = lifecycle.GrpcServer(settings.host, settings.port)
     server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry),

@@ -96,12 +96,18 @@ securityContext:
   value: {{ .Values.logLevel | quote }}
 {{- end }}
 
-{{/* A component's `env` map as container env entries, in key order. */}}
+{{/* A component's `env` map as container env entries, in key order, values as strings. */}}
 {{- define "cnei.extraEnv" -}}
+{{- $entries := list }}
 {{- range $name, $value := . }}
-- name: {{ $name }}
-  value: {{ $value | toString | quote }}
+{{- $text := toString $value }}
+{{- /* Helm values hold numbers as float64: print whole ones without an exponent. */}}
+{{- if and (kindIs "float64" $value) (eq $value (floor $value)) }}
+{{- $text = $value | int64 | toString }}
 {{- end }}
+{{- $entries = append $entries (dict "name" $name "value" $text) }}
+{{- end }}
+{{- if $entries }}{{ toYaml $entries }}{{ end }}
 {{- end }}
 
 {{/* Startup, liveness and readiness probes on the gRPC health service at `.port`. */}}
@@ -144,7 +150,7 @@ nodeAffinity:
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with (include "cnei.cloudAffinity" (dict "ctx" .ctx "affinity" .values.affinity)) }}
+{{- with (include "cnei.cloudAffinity" (dict "ctx" .ctx "affinity" .values.affinity) | trim) }}
 affinity:
   {{- . | nindent 2 }}
 {{- end }}

@@ -1,0 +1,95 @@
+{{/* The edge/cloud runtime: one container, Service and env for both tiers. */}}
+
+{{/* Call with (dict "ctx" $ "tier" "edge"|"cloud" "values" .Values.edgeRuntime|cloudRuntime "nodeIdField" "spec.nodeName"|"metadata.name"). */}}
+{{- define "cnei.runtimeContainer" -}}
+{{- $r := .ctx.Values.runtime }}
+- name: runtime
+  {{- include "cnei.container" .ctx | trim | nindent 2 }}
+  args: ["services.edge_runtime"]
+  env:
+    {{- include "cnei.telemetryEnv" .ctx | trim | nindent 4 }}
+    - name: CNEI_RUNTIME_NODE_ID
+      valueFrom:
+        fieldRef:
+          fieldPath: {{ .nodeIdField }}
+    - name: CNEI_RUNTIME_TIER
+      value: {{ .tier | quote }}
+    - name: CNEI_RUNTIME_REGION
+      value: {{ .values.region | quote }}
+    - name: CNEI_RUNTIME_HOST
+      value: "0.0.0.0"
+    - name: CNEI_RUNTIME_ADVERTISE_HOST
+      valueFrom:
+        fieldRef:
+          fieldPath: status.podIP
+    - name: CNEI_RUNTIME_PORT
+      value: {{ $r.port | quote }}
+    - name: CNEI_RUNTIME_METRICS_PORT
+      value: {{ $r.metricsPort | quote }}
+    - name: CNEI_RUNTIME_REGISTRY_TARGET
+      value: {{ include "cnei.registryTarget" .ctx | quote }}
+    - name: CNEI_RUNTIME_REDIS_URL
+      value: {{ include "cnei.redisUrl" .ctx | quote }}
+    - name: CNEI_RUNTIME_NATS_URL
+      value: {{ include "cnei.natsUrl" .ctx | quote }}
+    - name: CNEI_RUNTIME_CACHE_DIR
+      value: {{ $r.cacheDir | quote }}
+    - name: CNEI_RUNTIME_CACHE_MAX_BYTES
+      value: {{ .values.cacheMaxBytes | int64 | quote }}
+    - name: CNEI_RUNTIME_USE_CUDA
+      value: {{ .values.useCuda | quote }}
+    - name: CNEI_RUNTIME_PRELOAD
+      value: {{ join "," $r.preload | quote }}
+    {{- with include "cnei.extraEnv" .values.env }}{{ . | nindent 4 }}{{ end }}
+  ports:
+    - name: grpc
+      containerPort: {{ $r.port }}
+    - name: metrics
+      containerPort: {{ $r.metricsPort }}
+  {{- include "cnei.grpcProbes" (dict "ctx" .ctx "port" $r.port) | trim | nindent 2 }}
+  resources:
+    {{- toYaml .values.resources | nindent 4 }}
+  volumeMounts:
+    - name: cache
+      mountPath: {{ $r.cacheDir }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+
+{{- define "cnei.runtimeVolumes" -}}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .values.cache.sizeLimit }}
+{{ include "cnei.tmpVolume" .ctx }}
+{{- end }}
+
+{{/* Call with (dict "ctx" $ "component" "edge-runtime" "values" .Values.edgeRuntime). */}}
+{{- define "cnei.runtimeService" -}}
+{{- $c := dict "ctx" .ctx "component" .component }}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "cnei.componentName" $c }}
+  labels:
+    {{- include "cnei.labels" $c | nindent 4 }}
+    cnei.io/metrics: "true"
+  {{- with .values.service.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  type: {{ .values.service.type }}
+  {{- with .values.service.internalTrafficPolicy }}
+  internalTrafficPolicy: {{ . }}
+  {{- end }}
+  selector:
+    {{- include "cnei.selectorLabels" $c | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ .ctx.Values.runtime.port }}
+      targetPort: grpc
+      appProtocol: kubernetes.io/h2c
+    - name: metrics
+      port: {{ .ctx.Values.runtime.metricsPort }}
+      targetPort: metrics
+{{- end }}
