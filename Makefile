@@ -33,6 +33,20 @@ test: $(PB_STAMP)
 	  echo "perf_analyzer could not be installed; its test will be skipped"
 	$(BIN)/python -m pytest -q tests
 
+# `make bench` (not part of the tests): CNEI vs in-process ONNX Runtime vs MLServer; see bench/README.md.
+# MLServer lives in its own virtualenv so it never touches the project's. BENCH_ARGS=--quick for a smoke run.
+MLSERVER_VENV := .bench/mlserver-venv
+
+$(MLSERVER_VENV)/.installed:
+	$(PY) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install -q --upgrade pip
+	$(MLSERVER_VENV)/bin/pip install -q mlserver==1.7.1 'uvloop<0.22' onnxruntime numpy
+	touch $@
+
+bench: $(PB_STAMP) $(MLSERVER_VENV)/.installed
+	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 perf-analyzer: $(STAMP)
 	bash $(PA_INSTALL) $(abspath $(BIN))
 

@@ -44,12 +44,13 @@ class EventBus:
 
     async def connect(self) -> None:
         """Connect once (raises when NATS does not answer)."""
-        self.nc = await nats.connect(
+        # nats-py retries a failed first connect forever when reconnects are unlimited: bound it.
+        self.nc = await asyncio.wait_for(nats.connect(
             self.url, name=self.source, connect_timeout=self.timeout, allow_reconnect=True,
             max_reconnect_attempts=-1, reconnect_time_wait=0.5, drain_timeout=2,
             reconnected_cb=self._reconnected, disconnected_cb=self._disconnected,
             error_cb=self._error,
-        )
+        ), timeout=self.timeout + 1.0)
         await self._ensure_stream()
         for subject, handler in self._handlers:
             await self._subscribe(subject, handler)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,23 @@ class DeploymentSpec:
 _NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec}
 
 
+def _conform(value: Any, hint: Any, where: str) -> Any:
+    """`value` as its field's annotated type (JSON lists -> tuples, ints -> floats), or
+    INVALID_ARGUMENT naming the field: a stored spec must not fail later, inside serving."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidArgument(f"deployment field '{where}' must be a list, got {value!r}")
+        return tuple(_conform(v, args[0], where) for v in value)
+    if type(None) in args:
+        return None if value is None else _conform(value, args[0], where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (isinstance(value, bool) and hint is not bool):
+        raise InvalidArgument(f"deployment field '{where}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise InvalidArgument(f"deployment '{where}' must be an object")
@@ -64,14 +82,13 @@ def _build(cls, data: Any, where: str):
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise InvalidArgument(f"deployment '{where}' has unknown fields {unknown} (known: {sorted(names)})")
+    hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
         if key in _NESTED and cls is DeploymentSpec:
             values[key] = _build(_NESTED[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            values[key] = tuple(value)
         else:
-            values[key] = value
+            values[key] = _conform(value, hints[key], f"{where}.{key}")
     try:
         return cls(**values)
     except TypeError as exc:

@@ -24,6 +24,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
+    # A peer that comes back (registry restart, end of a partition) is found within ~1 s,
+    # instead of after gRPC's default exponential backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}

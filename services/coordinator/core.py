@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from services.common import events, grpc_util, oip
 from services.common.deployment import DeploymentSpec
-from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, NoLiveNode
+from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
@@ -44,18 +44,26 @@ class Placement:
     variant: ModelVariant
 
 
+def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
+    """A numeric request parameter; one that is not a number is the client's error."""
+    try:
+        return kind(params.get(key, 0) or 0)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
+
+
 def request_deadline(params: dict, deadline_s: float | None, default_s: float) -> float:
     """Absolute monotonic deadline: the earliest of the gRPC deadline, `timeout_us` and default."""
     now = time.monotonic()
     candidates = [now + (deadline_s if deadline_s is not None else default_s)]
-    timeout_us = params.get("timeout_us")
-    if timeout_us not in (None, "", 0):
-        candidates.append(now + float(timeout_us) / 1e6)
+    timeout_us = _param(params, "timeout_us", float)
+    if timeout_us:
+        candidates.append(now + timeout_us / 1e6)
     return min(candidates)
 
 
 def priority_level(params: dict) -> int:
-    level = int(params.get("priority", 0) or 0)
+    level = _param(params, "priority", int)
     return level if level > 0 else DEFAULT_PRIORITY_LEVEL
 
 

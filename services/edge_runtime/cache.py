@@ -39,8 +39,19 @@ class DiskCache:
     def artifact_path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.onnx"
 
+    def manifest_path(self, variant: ModelVariant) -> Path:
+        return self.root / f"{variant.name}--{variant.version}--{variant.precision}.json"
+
     def has(self, variant: ModelVariant) -> bool:
-        return self.artifact_path(variant.sha256).is_file()
+        """The variant's bytes and its manifest are both here."""
+        return self.artifact_path(variant.sha256).is_file() and self.manifest_path(variant).is_file()
+
+    def adopt(self, variant: ModelVariant) -> bool:
+        """Record a variant whose bytes are already cached under the same sha256."""
+        if not self.artifact_path(variant.sha256).is_file():
+            return False
+        self._atomic_write(self.manifest_path(variant), variant_to_json(variant).encode())
+        return True
 
     def put(self, variant: ModelVariant, data: bytes) -> Path:
         """Verify and store an artifact and its manifest atomically."""
@@ -49,8 +60,7 @@ class DiskCache:
             raise FailedPrecondition(f"artifact of {variant.key} hashes to {digest}, expected {variant.sha256}")
         path = self.artifact_path(variant.sha256)
         self._atomic_write(path, data)
-        manifest = self.root / f"{variant.name}--{variant.version}--{variant.precision}.json"
-        self._atomic_write(manifest, variant_to_json(variant).encode())
+        self._atomic_write(self.manifest_path(variant), variant_to_json(variant).encode())
         return path
 
     def variants(self) -> list[ModelVariant]:
@@ -61,7 +71,7 @@ class DiskCache:
                 variant = variant_from_json(manifest.read_text())
             except (ValueError, KeyError, TypeError):
                 continue
-            if self.has(variant):
+            if self.artifact_path(variant.sha256).is_file():
                 found.append(variant)
         return found
 

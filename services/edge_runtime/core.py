@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
 REGISTRY_RETRY_S = 2.0
+RESYNC_RETRIES = 20
 SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total", "Model artifact bytes pulled from the registry")
 
 
@@ -90,7 +91,7 @@ class EdgeRuntime:
         if any(v.name == name for v in self.disk.variants()):
             await self.resync()
 
-    async def resync(self) -> None:
+    async def resync(self, attempt: int = 0) -> None:
         """Back online (or told of a new version): pull the latest version of every cached model
         in each cached precision, and load it where an older version is loaded."""
         async with self._resync_lock:
@@ -98,18 +99,29 @@ class EdgeRuntime:
             self.forget_resolutions()
             loaded = {key.split(":")[0] + ":" + key.split(":")[2] for key in self.l1.keys()}
             wanted = {(v.name, v.precision) for v in self.disk.variants()}
+            retry = False
             for name, precision in sorted(wanted):
                 try:
                     latest = await self.registry.resolve(name, "", precision)
-                    if not self.disk.has(latest):
-                        data = await self.registry.fetch_artifact(latest.sha256)
-                        await asyncio.to_thread(self.disk.put, latest, data)
-                        SYNCED_BYTES.inc(len(data))
+                    if await self._ensure_on_disk(latest):
                         log.info("pulled missed version %s", latest.key)
                     if f"{name}:{precision}" in loaded:
                         await self.load(latest)
                 except CneiError as exc:
                     log.warning("resync of %s %s failed: %s", name, precision, exc)
+                    retry = retry or exc.code is ErrorCode.UNAVAILABLE
+        if retry and attempt < RESYNC_RETRIES:
+            await asyncio.sleep(1.0)
+            self._spawn(self.resync(attempt + 1))
+
+    async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
+        """Make the variant's artifact and manifest local; True when bytes were downloaded."""
+        if self.disk.has(variant) or self.disk.adopt(variant):
+            return False
+        data = await self.registry.fetch_artifact(variant.sha256)
+        await asyncio.to_thread(self.disk.put, variant, data)
+        SYNCED_BYTES.inc(len(data))
+        return True
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
         loaded = self.l1.get(variant.key)
@@ -126,10 +138,7 @@ class EdgeRuntime:
         with _tracer.start_as_current_span("model.load") as span:
             span.set_attribute("cnei.model", variant.key)
             start = time.perf_counter()
-            if not self.disk.has(variant):
-                data = await self.registry.fetch_artifact(variant.sha256)
-                await asyncio.to_thread(self.disk.put, variant, data)
-                SYNCED_BYTES.inc(len(data))
+            await self._ensure_on_disk(variant)
             path = self.disk.artifact_path(variant.sha256)
             rss_before = rss_bytes()
             model = await asyncio.get_running_loop().run_in_executor(

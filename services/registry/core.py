@@ -113,14 +113,14 @@ class Registry:
     async def record_measurement(self, name: str, version: str, precision: str, node_class: str,
                                  node_id: str, latency_ms: float, memory_bytes: int) -> ModelVariant:
         """Store what a runtime measured for a variant on its node class; returns the variant."""
-        await self.get(name, version, precision)
+        variant = await self.get(name, version, precision)
         if not _NAME.match(node_class or ""):
             raise InvalidArgument(f"node class {node_class!r} must match {_NAME.pattern}")
         if not (latency_ms >= 0 and memory_bytes >= 0):
             raise InvalidArgument("measured latency and memory must not be negative")
-        await asyncio.to_thread(self.store.record_measurement, name, version, precision.upper(),
+        await asyncio.to_thread(self.store.record_measurement, name, version, variant.precision,
                                 node_class, node_id, latency_ms, memory_bytes, time.time())
-        return await self.get(name, version, precision)
+        return await self.get(name, version, variant.precision)
 
     async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
         spec = deployment.from_json(spec_json)

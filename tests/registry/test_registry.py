@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,87 +20,9 @@ from services.common.model_spec import TensorSpec
 from services.common.registry_client import RegistryClient
 from services.common.registry_convert import variant_from_proto
 from services.pb.cnei import registry_pb2 as rpb
-from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 
-SERVICE = "cnei.registry.v1.ModelRegistry"
-MAX_ARTIFACT_BYTES = 256 * 1024
 DIGITS_INPUTS = [TensorSpec("input", "FP32", (-1, 64))]
 DIGITS_OUTPUTS = [TensorSpec("probabilities", "FP32", (-1, 10))]
-
-
-@dataclass
-class RegistryProcess:
-    proc: subprocess.Popen
-    target: str
-    data_dir: Path
-    log: Path
-
-
-def _wait_until_serving(target: str, proc: subprocess.Popen, log: Path) -> None:
-    host, port = target.rsplit(":", 1)
-    try:
-        infra.wait_for_port(host, int(port), timeout=20.0, proc=proc)
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE), timeout=10.0, wait_for_ready=True
-            )
-    except Exception as exc:
-        infra.stop(proc)
-        raise RuntimeError(f"registry did not start: {exc}\n{log.read_text()[-3000:]}") from exc
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def start_registry(data_dir: Path, nats_url: str) -> RegistryProcess:
-    """`python -m services.registry` on a free port, with metrics off; returns once SERVING."""
-    port = infra.free_port()
-    env = {
-        **os.environ,
-        "CNEI_REGISTRY_HOST": "127.0.0.1",
-        "CNEI_REGISTRY_PORT": str(port),
-        "CNEI_REGISTRY_METRICS_PORT": "0",
-        "CNEI_REGISTRY_DATA_DIR": str(data_dir),
-        "CNEI_REGISTRY_NATS_URL": nats_url,
-        "CNEI_REGISTRY_MAX_ARTIFACT_BYTES": str(MAX_ARTIFACT_BYTES),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-    }
-    log = data_dir.parent / f"{data_dir.name}-{port}.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    running = RegistryProcess(proc, f"127.0.0.1:{port}", data_dir, log)
-    _wait_until_serving(running.target, proc, log)
-    return running
-
-
-@pytest.fixture(scope="module")
-def registry(nats_server, tmp_path_factory) -> RegistryProcess:
-    running = start_registry(tmp_path_factory.mktemp("registry") / "data", nats_server)
-    yield running
-    infra.stop(running.proc)
-
-
-@pytest.fixture
-async def client(registry) -> RegistryClient:
-    client = RegistryClient(registry.target, timeout=10.0)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def stub(registry) -> rpb_grpc.ModelRegistryStub:
-    async with grpc.aio.insecure_channel(registry.target) as channel:
-        yield rpb_grpc.ModelRegistryStub(channel)
-
-
-@pytest.fixture
-def name() -> str:
-    """A model name no other test uses (the module shares one registry)."""
-    return f"m-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(scope="session")
-def built(digits_models) -> dict:
-    return {b.precision: b for b in digits_models}
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +48,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _incoming(registry: RegistryProcess) -> list[Path]:
+def _incoming(registry) -> list[Path]:
     return list((registry.data_dir / "incoming").iterdir())
 
 
 async def test_the_registry_reports_serving_on_the_standard_health_service(registry):
     async with grpc.aio.insecure_channel(registry.target) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=SERVICE), timeout=5
+            health_pb2.HealthCheckRequest(service=registry.service), timeout=5
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -285,8 +203,8 @@ async def test_a_corrupt_artifact_is_invalid_argument_and_leaves_nothing_behind(
 
 async def test_an_artifact_over_the_size_limit_is_resource_exhausted(client, registry, name, tmp_path):
     big = tmp_path / "big.onnx"
-    big.write_bytes(b"\x00" * (MAX_ARTIFACT_BYTES + 1))
-    with pytest.raises(CneiError, match=f"exceeds the {MAX_ARTIFACT_BYTES}-byte limit") as info:
+    big.write_bytes(b"\x00" * (registry.max_artifact_bytes + 1))
+    with pytest.raises(CneiError, match=f"exceeds the {registry.max_artifact_bytes}-byte limit") as info:
         await client.push_file(big, name, "1", "FP32")
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert _incoming(registry) == []
@@ -354,9 +272,9 @@ async def test_pushing_a_version_publishes_a_model_published_event(nats_server, 
     assert events.decode(stored.data) == envelope
 
 
-async def test_a_restarted_registry_still_lists_and_serves_everything(nats_server, tmp_path, built):
+async def test_a_restarted_registry_still_lists_and_serves_everything(launch_registry, tmp_path, built):
     data_dir = tmp_path / "data"
-    first = await asyncio.to_thread(start_registry, data_dir, nats_server)
+    first = await asyncio.to_thread(launch_registry, data_dir)
     client = RegistryClient(first.target)
     try:
         for version, precision in [("1", "FP32"), ("1", "INT8"), ("2", "FP16")]:
@@ -368,7 +286,7 @@ async def test_a_restarted_registry_still_lists_and_serves_everything(nats_serve
         await asyncio.to_thread(infra.stop, first.proc)
     assert first.proc.returncode == 0, first.log.read_text()[-3000:]
 
-    second = await asyncio.to_thread(start_registry, data_dir, nats_server)
+    second = await asyncio.to_thread(launch_registry, data_dir)
     client = RegistryClient(second.target)
     try:
         assert await client.list() == before

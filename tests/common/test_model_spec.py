@@ -1,4 +1,4 @@
-"""Pure placement choices: execution provider, node, model variant, and input checks."""
+"""Model variants: resolution rule, version order, input checks and batching capability."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,67 +6,6 @@ import pytest
 
 from services.common.errors import InvalidArgument, ModelNotFound, TensorError
 from services.common.model_spec import ModelVariant, TensorSpec, check_inputs, pick_variant, version_key
-from services.common.nodes import NodeInfo
-from services.coordinator.placement import least_outstanding
-from services.edge_runtime.runner import choose_providers
-
-CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-KEY = "digits:1:FP32"
-
-
-@pytest.mark.parametrize(
-    ("use_cuda", "available", "expected"),
-    [
-        (True, [TRT, CUDA, CPU], [CUDA, CPU]),
-        (True, [CUDA, CPU], [CUDA, CPU]),
-        (True, [CPU], [CPU]),
-        (True, [], [CPU]),
-        (False, [CUDA, CPU], [CPU]),
-        (False, [CPU], [CPU]),
-    ],
-    ids=["cuda-among-others", "cuda-present", "cuda-absent", "nothing-reported",
-         "cuda-not-asked", "cpu-only"],
-)
-def test_cuda_is_chosen_only_when_asked_for_and_available_with_cpu_as_fallback(use_cuda, available, expected):
-    assert choose_providers(use_cuda, available) == expected
-
-
-def test_without_cuda_the_choice_is_cpu_whatever_onnxruntime_offers():
-    assert choose_providers(False) == [CPU]
-
-
-def _node(node_id: str, tier: str = "edge", models: tuple[str, ...] = ()) -> NodeInfo:
-    return NodeInfo(node_id=node_id, tier=tier, region="r", address=f"{node_id}:1", models=list(models))
-
-
-@pytest.mark.parametrize(
-    ("nodes", "outstanding", "exclude", "winner"),
-    [
-        ([_node("a"), _node("b"), _node("c")], {"a": 3, "b": 1, "c": 2}, (), "b"),
-        ([_node("a", models=(KEY,)), _node("b")], {"a": 2, "b": 1}, (), "b"),
-        ([_node("a"), _node("b", models=(KEY,))], {}, (), "b"),
-        ([_node("a", models=("digits:1:INT8",)), _node("b", models=(KEY,))], {}, (), "b"),
-        ([_node("a", "cloud"), _node("b", "edge")], {}, (), "b"),
-        ([_node("a", "edge"), _node("b", "cloud", models=(KEY,))], {}, (), "b"),
-        ([_node("b"), _node("a")], {}, (), "a"),
-        ([_node("a"), _node("b"), _node("c")], {"b": 5}, ("a",), "c"),
-        ([_node("a"), _node("b")], {}, ("a",), "b"),
-    ],
-    ids=["fewest-outstanding", "load-beats-warmth", "warm-wins-a-tie", "other-variant-is-cold",
-         "edge-before-cloud", "warm-beats-tier", "node-id-breaks-ties", "excluded-skipped",
-         "excluded-leaves-one"],
-)
-def test_least_outstanding_picks_fewest_in_flight_then_warm_then_edge(nodes, outstanding, exclude, winner):
-    assert least_outstanding(nodes, KEY, outstanding, exclude).node_id == winner
-
-
-@pytest.mark.parametrize(
-    ("nodes", "exclude"),
-    [([], ()), ([_node("a"), _node("b")], ("a", "b"))],
-    ids=["no-nodes", "all-excluded"],
-)
-def test_least_outstanding_gives_none_when_no_node_is_left(nodes, exclude):
-    assert least_outstanding(nodes, KEY, {}, exclude) is None
 
 
 def _variant(version: str, precision: str, inputs=None, metadata=None) -> ModelVariant:

@@ -1,0 +1,163 @@
+"""The CNEI side of the bench: NATS + Redis on free ports, the Mesh, both models registered."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from services.cli import infra
+from services.cli.up import RUNTIMES, Mesh, MeshSettings, wait_ready
+from services.common.errors import AlreadyExists
+from services.common.registry_client import RegistryClient
+from services.models.digits import BuiltVariant
+
+EDGE_NODE = "edge-a1"
+MODEL_VERSION = "1"  # digits.VERSION and wide_mlp.VERSION
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports (each socket stays bound until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def consecutive_free_ports(count: int, avoid: list[int]) -> int:
+    for _ in range(200):
+        base = infra.free_port()
+        run = range(base, base + count)
+        if (base + count < 65000 and not set(run) & set(avoid)
+                and not any(infra.answers("127.0.0.1", p) for p in run)):
+            return base
+    raise RuntimeError("no run of free ports")
+
+
+async def register(registry: str, models: dict[str, list[BuiltVariant]]) -> dict[str, dict[str, dict]]:
+    """Push every variant (already registered is fine); {model: {precision: registry metadata}}."""
+    client = RegistryClient(registry)
+    try:
+        for name, variants in models.items():
+            for v in variants:
+                try:
+                    await client.push_file(v.path, name, MODEL_VERSION, v.precision, v.metadata)
+                except AlreadyExists:
+                    pass
+        return {name: {v.precision: dict(v.metadata) for v in await client.list(name)} for name in models}
+    finally:
+        await client.close()
+
+
+async def live_node_ids(redis_url: str) -> list[str]:
+    from redis.asyncio import Redis
+
+    from services.common.nodes import NodeDirectory
+
+    redis = Redis.from_url(redis_url)
+    try:
+        return sorted(n.node_id for n in await NodeDirectory(redis).live_nodes())
+    finally:
+        await redis.aclose()
+
+
+def wait_nodes(redis_url: str, expected: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := asyncio.run(live_node_ids(redis_url))) != sorted(expected):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"live nodes {seen}, expected {sorted(expected)}")
+        time.sleep(0.2)
+
+
+def warm_up(target: str, model: str, precision: str, calls: int = 5) -> None:
+    """A few single-sample requests, so model loading never lands inside a measurement."""
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(target)
+    try:
+        x = np.zeros((1, 64), np.float32)
+        for _ in range(calls):
+            inp = triton.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            client.infer(model, [inp], parameters={"precision": precision}, client_timeout=120)
+    finally:
+        client.close()
+
+
+class CneiStack:
+    """NATS, Redis and the mesh; with `runtimes=1` only edge-a1 stays up behind the coordinator."""
+
+    def __init__(self, root: Path, runtimes: int = 1):
+        self.root = root
+        self.runtimes = runtimes
+        self.infra: list[subprocess.Popen] = []
+        self.mesh: Mesh | None = None
+        self.registry_metadata: dict[str, dict[str, dict]] = {}
+        ports = free_ports(7)
+        runtime_base = consecutive_free_ports(len(RUNTIMES), ports)
+        metrics_base = consecutive_free_ports(
+            len(RUNTIMES), ports + list(range(runtime_base, runtime_base + len(RUNTIMES))))
+        self.settings = MeshSettings(
+            data_dir=str(root / "mesh"), nats_url=f"nats://127.0.0.1:{ports[0]}",
+            redis_url=f"redis://127.0.0.1:{ports[1]}/0", registry_port=ports[2], grpc_port=ports[3],
+            http_port=ports[4], metrics_port=ports[5], registry_metrics_port=ports[6],
+            runtime_base_port=runtime_base, runtime_metrics_base_port=metrics_base,
+        )
+
+    @property
+    def coordinator(self) -> str:
+        return f"127.0.0.1:{self.settings.grpc_port}"
+
+    @property
+    def edge(self) -> str:
+        return self.runtime(EDGE_NODE)
+
+    def runtime(self, node_id: str) -> str:
+        index = [r[0] for r in RUNTIMES].index(node_id)
+        return f"127.0.0.1:{self.settings.runtime_base_port + index}"
+
+    @property
+    def kept_nodes(self) -> list[str]:
+        return [r[0] for r in RUNTIMES] if self.runtimes > 1 else [EDGE_NODE]
+
+    def warm(self, variants: list[tuple[str, str]]) -> None:
+        """Load every (model, precision) on every kept runtime, then go through the coordinator."""
+        for node_id in self.kept_nodes:
+            for model, precision in variants:
+                warm_up(self.runtime(node_id), model, precision)
+        for model, precision in variants:
+            warm_up(self.coordinator, model, precision)
+
+    def start(self, models: dict[str, list[BuiltVariant]]) -> None:
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        _, nats_port = infra.host_port(self.settings.nats_url, 4222)
+        _, redis_port = infra.host_port(self.settings.redis_url, 6379)
+        self.infra.append(infra.start_nats(nats_port, self.root / "nats", logs / "nats.log"))
+        self.infra.append(infra.start_redis(redis_port, self.root / "redis", logs / "redis.log"))
+        self.mesh = Mesh(self.settings)
+        self.mesh.start()
+        registry = f"127.0.0.1:{self.settings.registry_port}"
+        self.registry_metadata = asyncio.run(register(registry, models))
+        asyncio.run(wait_ready(self.coordinator, timeout=60))
+        keep = self.kept_nodes
+        for child in self.mesh.children:
+            if child.name in {r[0] for r in RUNTIMES} - set(keep):
+                infra.stop(child.proc)
+        wait_nodes(self.settings.redis_url, keep)
+        time.sleep(1.0)  # the coordinator re-reads live nodes every 0.2 s
+
+    def stop(self) -> None:
+        if self.mesh is not None:
+            self.mesh.stop()
+        for proc in reversed(self.infra):
+            infra.stop(proc)

@@ -1,0 +1,77 @@
+"""Run Triton's perf_analyzer once per (target, model, concurrency) and read its CSV report."""
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Every window counts as stable: the bench takes exactly three windows per point instead of
+# retrying until a noisy shared machine happens to be quiet (perf_analyzer reports nothing then).
+STABILITY_PERCENT = 1000
+MAX_TRIALS = 6
+WARMUP_REQUESTS = 100
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured (model, precision, config, concurrency) point; `error` is set when it failed."""
+
+    model: str
+    precision: str
+    config: str
+    concurrency: int
+    infer_per_s: float = 0.0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def binary() -> str:
+    """perf_analyzer next to this interpreter (the project virtualenv's bin/)."""
+    return str(Path(sys.executable).parent / "perf_analyzer")
+
+
+def command(target: str, model: str, concurrency: int, interval_ms: int, csv_path: Path,
+            parameters: dict[str, str] | None = None) -> list[str]:
+    args = [binary(), "-m", model, "-u", target, "-i", "grpc", "-b", "1",
+            "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
+            "-s", str(STABILITY_PERCENT), "-r", str(MAX_TRIALS),
+            "--warmup-request-count", str(WARMUP_REQUESTS), "-f", str(csv_path)]
+    for key, value in (parameters or {}).items():
+        args += ["--request-parameter", f"{key}:{value}:string"]
+    return args
+
+
+def parse_csv(text: str) -> tuple[float, float, float]:
+    """(infer/s, p50 µs, p99 µs) from the first data row of perf_analyzer's `-f` report."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows:
+        raise ValueError("perf_analyzer wrote no measurement")
+    row = rows[0]
+    return float(row["Inferences/Second"]), float(row["p50 latency"]), float(row["p99 latency"])
+
+
+def measure(target: str, model: str, precision: str, config: str, concurrency: int,
+            interval_ms: int, parameters: dict[str, str] | None = None) -> Point:
+    """One perf_analyzer run; a failure becomes a Point with `error` so the bench goes on."""
+    with tempfile.TemporaryDirectory(prefix="cnei-pa-") as tmp:
+        csv_path = Path(tmp) / "report.csv"
+        timeout = 30 + MAX_TRIALS * interval_ms / 1000 * 3
+        try:
+            done = subprocess.run(command(target, model, concurrency, interval_ms, csv_path, parameters),
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Point(model, precision, config, concurrency, error=f"timed out after {timeout:.0f}s")
+        if not csv_path.exists():
+            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            return Point(model, precision, config, concurrency,
+                         error=" / ".join(tail) or f"exit code {done.returncode}")
+        infer_per_s, p50, p99 = parse_csv(csv_path.read_text())
+    return Point(model, precision, config, concurrency, infer_per_s, p50, p99)

@@ -1,0 +1,109 @@
+"""Deployment specs: JSON in and out, defaults, and the checks that keep a bad spec out of the registry."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.common import deployment
+from services.common.deployment import BatchingSpec, DeploymentSpec, PrecisionSpec, SchedulerSpec
+from services.common.errors import InvalidArgument
+
+FULL = {
+    "model": "digits",
+    "batching": {"max_batch_size": 32, "max_queue_delay_us": 500, "preferred_batch_sizes": [8, 16],
+                 "max_queue_size": 100, "max_inflight_batches": 2},
+    "precision": {"precision": "FP16", "accuracy_floor": 0.95, "latency_budget_ms": 4.5},
+    "scheduler": {"policy": "least_loaded", "alpha": 1, "beta": 0.5, "gamma": 0, "delta": 0.25,
+                  "threshold": 0.1},
+    "cloud_fallback": False,
+    "tiers": ["edge"],
+}
+
+
+def test_a_spec_with_only_a_model_takes_every_default():
+    assert deployment.from_dict({"model": "digits"}) == DeploymentSpec(model="digits")
+
+
+def test_from_dict_reads_every_section_turning_lists_into_tuples_and_integers_into_floats():
+    spec = deployment.from_dict(FULL)
+    assert spec.batching == BatchingSpec(32, 500, (8, 16), 100, 2)
+    assert spec.precision == PrecisionSpec("FP16", 0.95, 4.5)
+    assert spec.scheduler == SchedulerSpec("least_loaded", 1.0, 0.5, 0.0, 0.25, 0.1)
+    assert isinstance(spec.scheduler.alpha, float)
+    assert (spec.cloud_fallback, spec.tiers) == (False, ("edge",))
+
+
+@pytest.mark.parametrize("data", [{"model": "digits"}, FULL], ids=["defaults", "every-field"])
+def test_to_json_and_from_json_round_trip(data):
+    spec = deployment.from_dict(data)
+    text = deployment.to_json(spec)
+    assert deployment.from_json(text) == spec
+    assert json.loads(text)["model"] == "digits"
+
+
+def test_to_json_is_stable_for_equal_specs():
+    assert deployment.to_json(deployment.from_dict(FULL)) == deployment.to_json(deployment.from_dict(dict(FULL)))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [({"model": "digits", "batchng": {}}, r"deployment 'digits' has unknown fields \['batchng'\]"),
+     ({"model": "digits", "scheduler": {"alpah": 1}},
+      r"deployment 'digits.scheduler' has unknown fields \['alpah'\]"),
+     ({"model": "digits", "precision": {"floor": 0.9, "budget": 3}},
+      r"deployment 'digits.precision' has unknown fields \['budget', 'floor'\]")],
+    ids=["top-level", "nested", "two-fields-sorted"],
+)
+def test_an_unknown_field_is_rejected_by_name(data, message):
+    with pytest.raises(InvalidArgument, match=message):
+        deployment.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "message"),
+    [({"policy": "fastest"}, r"scheduler policy 'fastest' must be one of \['edgeai', 'least_loaded', "
+                             r"'round_robin', 'random'\]"),
+     ({"policy": ""}, "scheduler policy '' must be one of"),
+     ({"alpha": -0.1}, "scheduler weights must not be negative"),
+     ({"delta": -1}, "scheduler weights must not be negative"),
+     ({"alpha": "high"}, "deployment field 'digits.scheduler.alpha' must be float, got 'high'"),
+     ({"threshold": None}, "deployment field 'digits.scheduler.threshold' must be float, got None"),
+     ({"gamma": True}, "deployment field 'digits.scheduler.gamma' must be float, got True")],
+    ids=["unknown-policy", "empty-policy", "negative-alpha", "negative-delta", "weight-not-a-number",
+         "threshold-missing", "weight-a-boolean"],
+)
+def test_a_bad_policy_or_weight_is_rejected(scheduler, message):
+    with pytest.raises(InvalidArgument, match=message):
+        deployment.from_dict({"model": "digits", "scheduler": scheduler})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [({"model": ""}, "deployment needs a 'model'"),
+     ({}, "missing 1 required positional argument: 'model'"),
+     ({"model": "digits", "batching": {"max_batch_size": 0}}, "batching values must be positive"),
+     ({"model": "digits", "batching": {"max_queue_delay_us": -1}}, "batching values must be positive"),
+     ({"model": "digits", "batching": {"max_batch_size": "8"}}, "'digits.batching.max_batch_size' must be int"),
+     ({"model": "digits", "batching": {"preferred_batch_sizes": 8}},
+      "'digits.batching.preferred_batch_sizes' must be a list, got 8"),
+     ({"model": "digits", "precision": {"accuracy_floor": "0.9"}},
+      "'digits.precision.accuracy_floor' must be float, got '0.9'"),
+     ({"model": "digits", "tiers": ["edge", "fog"]}, r"unknown tiers \['fog'\]"),
+     ({"model": "digits", "tiers": "edge"}, "'digits.tiers' must be a list"),
+     ({"model": "digits", "cloud_fallback": "no"}, "'digits.cloud_fallback' must be bool"),
+     ({"model": "digits", "batching": []}, "deployment 'digits.batching' must be an object"),
+     (["digits"], r"deployment '\?' must be an object")],
+    ids=["empty-model", "no-model", "zero-batch", "negative-delay", "string-number", "size-not-a-list",
+         "floor-as-string", "unknown-tier", "tiers-not-a-list", "bool-as-string", "section-not-an-object",
+         "not-an-object"],
+)
+def test_an_invalid_spec_is_invalid_argument_saying_what_is_wrong(data, message):
+    with pytest.raises(InvalidArgument, match=message):
+        deployment.from_dict(data)
+
+
+@pytest.mark.parametrize("text", ["{", "", "model: digits"], ids=["truncated", "empty", "yaml"])
+def test_text_that_is_not_json_is_invalid_argument(text):
+    with pytest.raises(InvalidArgument, match="deployment spec is not JSON"):
+        deployment.from_json(text)

@@ -1,0 +1,272 @@
+"""Dynamic batching: when a batch closes, what goes in it, in which order, and what callers get."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.coordinator.batcher import BatchConfig, Batcher, Pending, form_batch, signature, split
+from services.coordinator.core import DEFAULT_PRIORITY_LEVEL
+
+FOREVER_US = 60_000_000  # a queue delay no test waits for
+PATIENCE_S = 10.0  # generous bound on anything that should happen "at once"
+BLOCKER = -1.0
+
+
+class FakeNode:
+    """A `send` that records every batch it gets, answers y = 10·x, and can be held shut."""
+
+    def __init__(self):
+        self.batches: list[dict[str, np.ndarray]] = []
+        self.deadlines: list[float] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.called = asyncio.Event()
+        self.failures: dict[int, Exception] = {}  # batch number -> what its send raises
+
+    async def __call__(self, inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
+        assert size == len(inputs["x"])
+        number = len(self.batches)
+        self.batches.append(inputs)
+        self.deadlines.append(deadline)
+        self.called.set()
+        await self.gate.wait()
+        if number in self.failures:
+            raise self.failures[number]
+        return {"y": inputs["x"] * 10}
+
+    @property
+    def markers(self) -> list[list[float]]:
+        """The first element of every row, batch by batch: which requests were sent together."""
+        return [[float(row) for row in batch["x"].reshape(len(batch["x"]), -1)[:, 0]] for batch in self.batches]
+
+
+def x(marker: float, rows: int = 1, width: int = 2, dtype=np.float32) -> np.ndarray:
+    return np.full((rows, width), marker, dtype=dtype)
+
+
+@pytest.fixture
+def node() -> FakeNode:
+    return FakeNode()
+
+
+@pytest.fixture
+async def make_batcher(node):
+    made: list[Batcher] = []
+
+    def make(**config) -> Batcher:
+        batcher = Batcher("digits", BatchConfig(**config), node)
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        await batcher.close()
+
+
+async def hold(batcher: Batcher, node: FakeNode) -> asyncio.Task:
+    """Occupy the batcher's only in-flight slot with a request whose send waits on the gate."""
+    node.gate.clear()
+    blocker = asyncio.create_task(batcher.submit({"x": x(BLOCKER)}))
+    await asyncio.wait_for(node.called.wait(), PATIENCE_S)
+    return blocker
+
+
+async def enqueue(batcher: Batcher, *requests: dict) -> list[asyncio.Task]:
+    """Submit requests as separate callers and return once every one sits in the queue."""
+    before = len(batcher.queue)
+    tasks = [asyncio.create_task(batcher.submit(**r)) for r in requests]
+    await asyncio.sleep(0)
+    assert len(batcher.queue) == before + len(requests)
+    return tasks
+
+
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def release(node: FakeNode, blocker: asyncio.Task, tasks: list[asyncio.Task]) -> list:
+    node.gate.set()
+    await asyncio.wait_for(blocker, PATIENCE_S)
+    return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), PATIENCE_S)
+
+
+async def test_a_batch_is_sent_as_soon_as_it_reaches_max_batch_size(make_batcher, node):
+    batcher = make_batcher(max_batch_size=4, max_queue_delay_us=FOREVER_US)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit({"x": x(i)}) for i in range(4))), PATIENCE_S)
+    assert node.markers == [[0, 1, 2, 3]]
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], x(i) * 10)
+
+
+async def test_requests_beyond_max_batch_size_go_in_the_next_batch(make_batcher, node):
+    batcher = make_batcher(max_batch_size=4)
+    blocker = await hold(batcher, node)
+    tasks = await enqueue(batcher, *({"inputs": {"x": x(i)}} for i in range(6)))
+    await release(node, blocker, tasks)
+    assert node.markers == [[BLOCKER], [0, 1, 2, 3], [4, 5]]
+
+
+async def test_a_request_too_big_for_the_open_batch_waits_while_smaller_ones_fill_it(make_batcher, node):
+    batcher = make_batcher(max_batch_size=4)
+    blocker = await hold(batcher, node)
+    tasks = await enqueue(batcher, {"inputs": {"x": x(3, rows=3)}}, {"inputs": {"x": x(2, rows=2)}},
+                          {"inputs": {"x": x(1, rows=1)}})
+    results = await release(node, blocker, tasks)
+    assert node.markers == [[BLOCKER], [3, 3, 3, 1], [2, 2]]
+    assert [r["y"].shape for r in results] == [(3, 2), (2, 2), (1, 2)]
+
+
+async def test_a_partial_batch_is_sent_once_the_oldest_request_has_waited_max_queue_delay(make_batcher, node):
+    batcher = make_batcher(max_batch_size=64, max_queue_delay_us=50_000)
+    start = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*(batcher.submit({"x": x(i)}) for i in range(3))), PATIENCE_S)
+    assert time.monotonic() - start >= 0.045
+    assert node.markers == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize(("preferred", "count"), [((3,), 3), ((2, 4), 4)], ids=["one-size", "two-sizes"])
+async def test_a_preferred_batch_size_is_sent_without_waiting_for_the_delay(make_batcher, node, preferred, count):
+    batcher = make_batcher(max_batch_size=64, max_queue_delay_us=FOREVER_US, preferred_batch_sizes=preferred)
+    await asyncio.wait_for(asyncio.gather(*(batcher.submit({"x": x(i)}) for i in range(count))), PATIENCE_S)
+    assert all(len(batch) in preferred for batch in node.markers)
+    assert sorted(m for batch in node.markers for m in batch) == list(range(count))
+
+
+async def test_the_lowest_priority_level_is_served_first_and_the_default_level_last(make_batcher, node):
+    batcher = make_batcher(max_batch_size=2)
+    blocker = await hold(batcher, node)
+    levels = [DEFAULT_PRIORITY_LEVEL, 5, 1, 5, DEFAULT_PRIORITY_LEVEL]
+    tasks = await enqueue(batcher, *({"inputs": {"x": x(i)}, "priority": p} for i, p in enumerate(levels)))
+    await release(node, blocker, tasks)
+    assert node.markers == [[BLOCKER], [2, 1], [3, 0], [4]]
+
+
+async def test_a_request_already_past_its_deadline_fails_and_is_never_sent(make_batcher, node):
+    batcher = make_batcher()
+    with pytest.raises(DeadlineExceeded, match="model 'digits'"):
+        await asyncio.wait_for(batcher.submit({"x": x(1)}, deadline=time.monotonic() - 1), PATIENCE_S)
+    await asyncio.wait_for(batcher.submit({"x": x(2)}), PATIENCE_S)
+    assert node.markers == [[2]]
+
+
+async def test_a_deadline_passing_while_the_node_is_busy_fails_that_request_alone(make_batcher, node):
+    batcher = make_batcher()
+    blocker = await hold(batcher, node)
+    short, long = await enqueue(batcher, {"inputs": {"x": x(1)}, "deadline": time.monotonic() + 0.02},
+                                {"inputs": {"x": x(2)}})
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(short, PATIENCE_S)
+    await release(node, blocker, [long])
+    assert node.markers == [[BLOCKER], [2]]
+
+
+async def test_a_deadline_passing_during_the_queue_delay_fails_the_request_at_its_deadline(make_batcher, node):
+    batcher = make_batcher(max_queue_delay_us=FOREVER_US)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(batcher.submit({"x": x(1)}, deadline=time.monotonic() + 0.02), PATIENCE_S)
+    await asyncio.wait_for(until(lambda: not batcher.queue), PATIENCE_S)
+    assert node.batches == []
+
+
+async def test_a_full_queue_refuses_with_resource_exhausted(make_batcher, node):
+    batcher = make_batcher(max_queue_size=2)
+    blocker = await hold(batcher, node)
+    tasks = await enqueue(batcher, {"inputs": {"x": x(1)}}, {"inputs": {"x": x(2)}})
+    with pytest.raises(ResourceExhausted, match=r"queue of model 'digits' is full \(2 requests\)"):
+        await batcher.submit({"x": x(3)})
+    await release(node, blocker, tasks)
+    assert node.markers == [[BLOCKER], [1, 2]]
+
+
+async def test_requests_of_different_shapes_or_datatypes_are_never_batched_together(make_batcher, node):
+    batcher = make_batcher(max_batch_size=64)
+    blocker = await hold(batcher, node)
+    inputs = [x(1), x(2, width=3), x(3, dtype=np.float64), x(4, rows=2), x(5, width=3)]
+    tasks = await enqueue(batcher, *({"inputs": {"x": a}} for a in inputs))
+    results = await release(node, blocker, tasks)
+    assert node.markers == [[BLOCKER], [1, 4, 4], [2, 5], [3]]
+    for a, result in zip(inputs, results):
+        assert result["y"].dtype == a.dtype
+        np.testing.assert_array_equal(result["y"], a * 10)
+
+
+async def test_a_cancelled_caller_is_taken_out_and_its_inputs_are_never_sent(make_batcher, node):
+    batcher = make_batcher()
+    blocker = await hold(batcher, node)
+    gone, kept = await enqueue(batcher, {"inputs": {"x": x(1)}}, {"inputs": {"x": x(2)}})
+    gone.cancel()
+    results = await release(node, blocker, [gone, kept])
+    assert isinstance(results[0], asyncio.CancelledError)
+    np.testing.assert_array_equal(results[1]["y"], x(2) * 10)
+    assert node.markers == [[BLOCKER], [2]]
+
+
+async def test_a_failing_send_fails_every_caller_of_that_batch_and_no_other(make_batcher, node):
+    batcher = make_batcher(max_batch_size=2)
+    blocker = await hold(batcher, node)
+    tasks = await enqueue(batcher, *({"inputs": {"x": x(i)}} for i in range(3)))
+    node.failures[1] = Unavailable("node edge-1 is down")
+    first, second, third = await release(node, blocker, tasks)
+    assert node.markers == [[BLOCKER], [0, 1], [2]]
+    assert first is second is node.failures[1]
+    np.testing.assert_array_equal(third["y"], x(2) * 10)
+
+
+async def test_the_batch_is_sent_with_the_latest_deadline_of_its_requests(make_batcher, node):
+    batcher = make_batcher()
+    blocker = await hold(batcher, node)
+    soon, later = time.monotonic() + 30, time.monotonic() + 60
+    tasks = await enqueue(batcher, {"inputs": {"x": x(1)}, "deadline": soon},
+                          {"inputs": {"x": x(2)}, "deadline": later})
+    await release(node, blocker, tasks)
+    assert node.deadlines[1] == later
+
+
+async def test_drain_and_close_serves_every_queued_request_before_stopping(make_batcher, node):
+    batcher = make_batcher(max_batch_size=2, max_queue_delay_us=20_000)
+    blocker = await hold(batcher, node)
+    tasks = await enqueue(batcher, *({"inputs": {"x": x(i)}} for i in range(5)))
+    closing = asyncio.create_task(batcher.drain_and_close(timeout_s=PATIENCE_S))
+    results = await release(node, blocker, tasks)
+    await asyncio.wait_for(closing, PATIENCE_S)
+    assert [float(r["y"][0, 0]) for r in results] == [0, 10, 20, 30, 40]
+    assert batcher._task.done()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected_rows"),
+    [([1, 3, 2], [[0], [1, 2, 3], [4, 5]]), ([2, 0, 4], [[0, 1], [], [2, 3, 4, 5]]), ([6], [[0, 1, 2, 3, 4, 5]])],
+    ids=["three-callers", "an-empty-request", "one-caller"],
+)
+def test_split_gives_each_caller_its_own_rows_of_every_output(sizes, expected_rows):
+    outputs = {"probabilities": np.arange(12, dtype=np.float32).reshape(6, 2), "label": np.arange(6)}
+    parts = split(outputs, sizes)
+    assert len(parts) == len(sizes)
+    for part, rows in zip(parts, expected_rows):
+        assert set(part) == {"probabilities", "label"}
+        np.testing.assert_array_equal(part["label"], np.array(rows, dtype=int))
+        np.testing.assert_array_equal(part["probabilities"], outputs["probabilities"][rows])
+
+
+def test_form_batch_takes_out_expired_and_cancelled_requests_without_comparing_their_arrays():
+    loop = asyncio.new_event_loop()
+    try:
+        def pending(marker: float, deadline: float = float("inf"), cancelled: bool = False) -> Pending:
+            inputs = {"x": x(marker, rows=2)}
+            future = loop.create_future()
+            if cancelled:
+                future.cancel()
+            return Pending(inputs, 2, signature(inputs), deadline=deadline, future=future)
+
+        late, gone, live = pending(1, deadline=5.0), pending(2, cancelled=True), pending(3)
+        batch, expired = form_batch([late, gone, live], max_batch_size=8, now=10.0)
+    finally:
+        loop.close()
+    assert batch == [live]
+    assert expired == [late, gone]

@@ -1,0 +1,102 @@
+"""Coordinator core helpers: request deadline, Triton priority levels, per-variant batch settings."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.errors import InvalidArgument
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.coordinator import core
+from services.coordinator.batcher import BatchConfig
+from services.coordinator.core import DEFAULT_PRIORITY_LEVEL, batch_config, priority_level, request_deadline
+
+NOW = 1000.0
+DEFAULT_S = 30.0
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch):
+    monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: NOW))
+
+
+@pytest.mark.parametrize(
+    ("params", "grpc_deadline_s", "expected"),
+    [({}, None, NOW + DEFAULT_S),
+     ({}, 2.0, NOW + 2.0),
+     ({}, 60.0, NOW + 60.0),
+     ({"timeout_us": 500_000}, None, NOW + 0.5),
+     ({"timeout_us": 60_000_000}, None, NOW + DEFAULT_S),
+     ({"timeout_us": 500_000}, 2.0, NOW + 0.5),
+     ({"timeout_us": 5_000_000}, 2.0, NOW + 2.0),
+     ({"timeout_us": "250000"}, None, NOW + 0.25),
+     ({"timeout_us": 0}, 2.0, NOW + 2.0),
+     ({"timeout_us": "0"}, 2.0, NOW + 2.0),
+     ({"timeout_us": ""}, None, NOW + DEFAULT_S)],
+    ids=["default-when-nothing-set", "grpc-deadline", "longer-grpc-deadline-replaces-the-default",
+         "timeout-us-before-default", "default-before-timeout-us", "timeout-us-before-grpc",
+         "grpc-before-timeout-us", "timeout-us-as-string", "zero-timeout-us-is-none",
+         "zero-string-timeout-us-is-none", "empty-timeout-us-is-none"],
+)
+def test_the_request_deadline_is_the_earliest_of_timeout_us_and_the_grpc_deadline_or_default(
+        params, grpc_deadline_s, expected):
+    assert request_deadline(params, grpc_deadline_s, DEFAULT_S) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [({}, DEFAULT_PRIORITY_LEVEL), ({"priority": 0}, DEFAULT_PRIORITY_LEVEL),
+     ({"priority": None}, DEFAULT_PRIORITY_LEVEL), ({"priority": -3}, DEFAULT_PRIORITY_LEVEL),
+     ({"priority": 1}, 1), ({"priority": "7"}, 7)],
+    ids=["unset", "zero-means-default", "null", "negative", "explicit", "string"],
+)
+def test_priority_level_follows_triton_where_zero_means_the_default_level(params, expected):
+    assert priority_level(params) == expected
+
+
+def test_the_default_level_is_served_after_any_explicit_level():
+    assert priority_level({"priority": 1_000_000}) < priority_level({})
+
+
+def _deadline(params: dict) -> float:
+    return request_deadline(params, None, DEFAULT_S)
+
+
+@pytest.mark.parametrize(
+    ("read", "params", "message"),
+    [(priority_level, {"priority": "high"}, "parameter 'priority' must be a number, got 'high'"),
+     (priority_level, {"priority": "1.5"}, "parameter 'priority' must be a number, got '1.5'"),
+     (_deadline, {"timeout_us": "soon"}, "parameter 'timeout_us' must be a number, got 'soon'"),
+     (_deadline, {"timeout_us": [1]}, r"parameter 'timeout_us' must be a number, got \[1\]")],
+    ids=["priority-word", "priority-fraction", "timeout-word", "timeout-list"],
+)
+def test_a_priority_or_timeout_that_is_not_a_number_is_invalid_argument(read, params, message):
+    with pytest.raises(InvalidArgument, match=message):
+        read(params)
+
+
+def _variant(max_batch_size: str | None = None, first_dim: int = -1) -> ModelVariant:
+    metadata = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    return ModelVariant(name="digits", version="1", precision="FP32", sha256="0", size_bytes=1,
+                        inputs=[TensorSpec("input", "FP32", (first_dim, 64))],
+                        outputs=[TensorSpec("probabilities", "FP32", (first_dim, 10))], metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("spec_max", "variant", "expected"),
+    [(64, _variant("8"), 8), (16, _variant(), 16), (64, _variant("1024"), 64), (64, _variant(first_dim=1), 1)],
+    ids=["variant-caps-the-spec", "spec-below-the-default-1024", "spec-below-the-variant",
+         "fixed-batch-model-sends-one-request-at-a-time"],
+)
+def test_batch_config_caps_max_batch_size_by_the_variants(spec_max, variant, expected):
+    assert batch_config(DeploymentSpec("digits", BatchingSpec(max_batch_size=spec_max)), variant).max_batch_size \
+        == expected
+
+
+def test_batch_config_carries_the_rest_of_the_deployments_batching_settings():
+    batching = BatchingSpec(max_batch_size=32, max_queue_delay_us=750, preferred_batch_sizes=(8, 16),
+                            max_queue_size=10, max_inflight_batches=3)
+    assert batch_config(DeploymentSpec("digits", batching), _variant()) == BatchConfig(
+        max_batch_size=32, max_queue_delay_us=750, preferred_batch_sizes=(8, 16), max_queue_size=10,
+        max_inflight_batches=3)

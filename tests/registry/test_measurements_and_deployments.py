@@ -1,0 +1,207 @@
+"""The registry as a real process: runtime measurements in variant metadata, deployment specs and
+their events, and both surviving a restart."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import grpc
+import nats
+import numpy as np
+import onnx
+import pytest
+
+from services.cli import infra
+from services.common import deployment, events
+from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
+from services.common.errors import CneiError, ErrorCode
+from services.common.registry_client import RegistryClient
+from services.models.onnx_mlp import mlp_graph
+from services.pb.cnei import registry_pb2 as rpb
+
+ACCURACY = {"accuracy": "0.9700"}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A tiny valid ONNX model: these tests need an artifact, not a trained one."""
+    path = tmp_path_factory.mktemp("artifact") / "tiny.onnx"
+    weights = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    onnx.save(mlp_graph([weights], [np.zeros(3, np.float32)], name="tiny"), path)
+    return path
+
+
+@pytest.fixture
+async def fp32(client, name, artifact):
+    """Version 1 of a fresh model in FP32 (with its accuracy) and INT8."""
+    await client.push_file(artifact, name, "1", "INT8")
+    return await client.push_file(artifact, name, "1", "FP32", metadata=ACCURACY)
+
+
+def _measured(variant) -> dict[str, str]:
+    return {k: v for k, v in variant.metadata.items() if k.startswith(("latency_ms.", "memory_bytes."))}
+
+
+def _spec(model: str, **changes) -> DeploymentSpec:
+    base = DeploymentSpec(model=model, batching=BatchingSpec(max_batch_size=16, max_queue_delay_us=2000,
+                                                             preferred_batch_sizes=(4, 8)),
+                          scheduler=SchedulerSpec(policy="least_loaded"), tiers=("edge",))
+    return dataclasses.replace(base, **changes)
+
+
+async def test_a_recorded_measurement_appears_in_the_variants_metadata_under_its_node_class(client, stub, fp32):
+    recorded = await client.record_measurement(fp32, "edge-arm", "edge-1", 1.25, 5_000_000)
+    expected = {**ACCURACY, "latency_ms.edge-arm": "1.2500", "memory_bytes.edge-arm": "5000000"}
+    assert recorded.metadata == expected
+    assert (await client.resolve(fp32.name, "1", "FP32")).metadata == expected
+    listed = {v.precision: v for v in await client.list(fp32.name)}
+    assert listed["FP32"].metadata == expected
+    got = await stub.GetModel(rpb.ModelRef(name=fp32.name, version="1", precision="FP32"), timeout=5)
+    assert dict(got.metadata) == expected
+
+
+async def test_each_node_class_keeps_its_latest_measurement_and_other_variants_get_none(client, fp32):
+    await client.record_measurement(fp32, "edge-arm", "edge-1", 1.25, 5_000_000)
+    await client.record_measurement(fp32, "cloud-gpu", "cloud-1", 0.3, 9_000_000)
+    await client.record_measurement(fp32, "edge-arm", "edge-2", 0.875, 4_000_000)
+    listed = {v.precision: v for v in await client.list(fp32.name)}
+    assert _measured(listed["FP32"]) == {
+        "latency_ms.edge-arm": "0.8750", "memory_bytes.edge-arm": "4000000",
+        "latency_ms.cloud-gpu": "0.3000", "memory_bytes.cloud-gpu": "9000000",
+    }
+    assert _measured(listed["INT8"]) == {}
+
+
+@pytest.mark.parametrize("precision", ["", "fp32"], ids=["no-precision-means-fp32", "lower-case"])
+async def test_a_measurement_names_its_variant_as_get_model_does(client, stub, fp32, precision):
+    ref = rpb.ModelRef(name=fp32.name, version="1", precision=precision)
+    reply = await stub.RecordMeasurement(
+        rpb.Measurement(model=ref, node_class="edge-arm", node_id="edge-1", latency_ms=2.0, memory_bytes=1),
+        timeout=5)
+    assert reply.precision == "FP32"
+    assert dict(reply.metadata)["latency_ms.edge-arm"] == "2.0000"
+    assert _measured(await client.resolve(fp32.name, "1", "FP32"))["latency_ms.edge-arm"] == "2.0000"
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "precision", "message"),
+    [("{name}", "1", "FP16", "model '{name}' version 1 precision FP16 not found"),
+     ("{name}", "2", "FP32", "model '{name}' version 2 precision FP32 not found"),
+     ("{name}-other", "1", "FP32", "model '{name}-other' version 1 precision FP32 not found")],
+    ids=["unknown-precision", "unknown-version", "unknown-model"],
+)
+async def test_a_measurement_of_an_unknown_variant_is_not_found(stub, fp32, model, version, precision, message):
+    ref = rpb.ModelRef(name=model.format(name=fp32.name), version=version, precision=precision)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RecordMeasurement(rpb.Measurement(model=ref, node_class="edge-arm", node_id="e",
+                                                     latency_ms=1, memory_bytes=1), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert info.value.details() == message.format(name=fp32.name)
+
+
+@pytest.mark.parametrize(
+    ("node_class", "latency_ms", "memory_bytes", "message"),
+    [("", 1.0, 1, "node class '' must match"), ("edge arm", 1.0, 1, "node class 'edge arm' must match"),
+     ("edge-arm", -1.0, 1, "must not be negative"), ("edge-arm", 1.0, -1, "must not be negative"),
+     ("edge-arm", float("nan"), 1, "must not be negative")],
+    ids=["no-class", "space-in-class", "negative-latency", "negative-memory", "nan-latency"],
+)
+async def test_a_malformed_measurement_is_invalid_argument(client, fp32, node_class, latency_ms, memory_bytes,
+                                                           message):
+    with pytest.raises(CneiError, match=message) as info:
+        await client.record_measurement(fp32, node_class, "edge-1", latency_ms, memory_bytes)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert _measured(await client.resolve(fp32.name, "1", "FP32")) == {}
+
+
+async def test_a_deployment_put_comes_back_from_get_and_list(client, fp32):
+    spec = _spec(fp32.name)
+    assert await client.put_deployment(spec) == spec
+    assert await client.get_deployment(fp32.name) == spec
+    assert spec in await client.list_deployments()
+
+
+async def test_putting_a_deployment_again_replaces_it(client, fp32):
+    await client.put_deployment(_spec(fp32.name))
+    changed = _spec(fp32.name, cloud_fallback=False, scheduler=SchedulerSpec(policy="round_robin"))
+    await client.put_deployment(changed)
+    assert await client.get_deployment(fp32.name) == changed
+    assert [s for s in await client.list_deployments() if s.model == fp32.name] == [changed]
+
+
+async def test_put_deployment_answers_with_the_stored_spec_and_when_it_was_stored(stub, fp32):
+    text = json.dumps({"model": fp32.name, "scheduler": {"alpha": 1}})
+    reply = await stub.PutDeployment(rpb.Deployment(spec_json=text), timeout=5)
+    got = await stub.GetDeployment(rpb.GetDeploymentRequest(model=fp32.name), timeout=5)
+    assert (reply.model, reply.spec_json, reply.updated_at) == (got.model, got.spec_json, got.updated_at)
+    assert deployment.from_json(got.spec_json).scheduler.alpha == 1.0
+    assert reply.updated_at > 0
+
+
+async def test_a_deployment_for_an_unknown_model_is_not_found(client, name):
+    with pytest.raises(CneiError, match=f"model '{name}' not found") as info:
+        await client.put_deployment(DeploymentSpec(model=name))
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert all(s.model != name for s in await client.list_deployments())
+
+
+async def test_getting_the_deployment_of_a_model_without_one_is_not_found(client, fp32):
+    with pytest.raises(CneiError, match=f"no deployment for model '{fp32.name}'") as info:
+        await client.get_deployment(fp32.name)
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("{{not json", "deployment spec is not JSON"),
+     ('{{"model": "{name}", "batching": {{"max_batch_size": 0}}}}', "batching values must be positive"),
+     ('{{"model": "{name}", "sheduler": {{}}}}', "has unknown fields ['sheduler']"),
+     ('{{"model": "{name}", "scheduler": {{"policy": "fastest"}}}}', "scheduler policy 'fastest' must be one of"),
+     ('{{"model": "{name}", "scheduler": {{"threshold": "high"}}}}', "scheduler.threshold' must be float"),
+     ('{{"batching": {{}}}}', "missing 1 required positional argument: 'model'")],
+    ids=["not-json", "zero-batch", "unknown-field", "unknown-policy", "threshold-not-a-number", "no-model"],
+)
+async def test_an_invalid_deployment_spec_is_invalid_argument_and_not_stored(client, stub, fp32, spec, message):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.PutDeployment(rpb.Deployment(spec_json=spec.format(name=fp32.name)), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    assert all(s.model != fp32.name for s in await client.list_deployments())
+
+
+async def test_putting_a_deployment_publishes_a_deployment_updated_event(nats_server, client, fp32):
+    nc = await nats.connect(nats_server, connect_timeout=5)
+    try:
+        sub = await nc.subscribe(events.DEPLOYMENT_UPDATED)
+        await nc.flush(timeout=5)
+        await client.put_deployment(_spec(fp32.name))
+        envelope = events.decode((await sub.next_msg(timeout=5)).data)
+    finally:
+        await nc.close()
+    assert (envelope.type, envelope.source, envelope.payload) == (
+        events.DEPLOYMENT_UPDATED, "registry", {"model": fp32.name})
+
+
+async def test_measurements_and_deployments_survive_a_registry_restart(launch_registry, tmp_path, artifact):
+    data_dir = tmp_path / "data"
+    first = await asyncio.to_thread(launch_registry, data_dir)
+    client = RegistryClient(first.target)
+    try:
+        variant = await client.push_file(artifact, "durable", "1", "FP16")
+        measured = await client.record_measurement(variant, "edge-arm", "edge-1", 1.5, 123)
+        spec = await client.put_deployment(_spec("durable"))
+    finally:
+        await client.close()
+        await asyncio.to_thread(infra.stop, first.proc)
+    assert first.proc.returncode == 0, first.log.read_text()[-3000:]
+
+    second = await asyncio.to_thread(launch_registry, data_dir)
+    client = RegistryClient(second.target)
+    try:
+        assert (await client.resolve("durable")).metadata == measured.metadata
+        assert _measured(measured) == {"latency_ms.edge-arm": "1.5000", "memory_bytes.edge-arm": "123"}
+        assert await client.get_deployment("durable") == spec
+        assert await client.list_deployments() == [spec]
+    finally:
+        await client.close()
