@@ -18,6 +18,7 @@ import tritonclient.grpc as triton
 from redis import Redis
 
 from services.cli import infra
+from services.common import events
 from services.common.nodes import NODE_KEY
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
@@ -115,16 +116,20 @@ def _wait(predicate, timeout: float, what: str):
 
 
 async def _metrics_events(url: str) -> list[dict]:
+    """Every metrics event stored in JetStream up to now (the node keeps publishing)."""
     nc = await nats.connect(url)
     js = nc.jetstream()
+    last = (await js.stream_info(events.STREAM)).state.last_seq
     sub = await js.subscribe("cnei.node.metrics", ordered_consumer=True)
     out = []
     while True:
         try:
-            msg = await sub.next_msg(timeout=1.0)
+            msg = await sub.next_msg(timeout=2.0)
         except nats.errors.TimeoutError:
             break
         out.append(json.loads(msg.data))
+        if msg.metadata.sequence.stream >= last:
+            break
     await nc.close()
     return [e for e in out if e["payload"]["node_id"] == "edge-off"]
 
