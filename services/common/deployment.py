@@ -44,6 +44,20 @@ class SchedulerSpec:
 
 
 @dataclass(frozen=True)
+class JointSpec:
+    """Edge-cloud joint inference: answer at the edge, escalate or validate in the cloud."""
+
+    mode: str = "off"  # off | sync (escalate low confidence) | async (validate in background)
+    edge_precision: str = ""  # variant used at the edge, e.g. INT8 ("" = the usual choice)
+    cloud_model: str = ""  # the cloud model ("" = the same model)
+    cloud_version: str = ""
+    cloud_precision: str = "FP32"
+    threshold: float = 0.85  # top-1 confidence below this is escalated (sync)
+    latency_threshold_ms: float = 50.0  # edge->cloud RTT above this: keep the edge answer
+    output: str = ""  # the probabilities output ("" = the model's first output)
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     model: str
     batching: BatchingSpec = field(default_factory=BatchingSpec)
@@ -53,9 +67,11 @@ class DeploymentSpec:
     tiers: tuple[str, ...] = ("edge", "cloud")
     attempt_timeout_ms: float = 2000.0  # one node's share of a request before failing over
     hedge_after_ms: float = 0.0  # 0: no hedging; -1: after the model's observed p95; >0: fixed
+    joint: JointSpec = field(default_factory=JointSpec)
 
 
-_NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec}
+_NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec,
+           "joint": JointSpec}
 
 
 def _conform(value: Any, hint: Any, where: str) -> Any:
@@ -109,6 +125,10 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
         raise InvalidArgument("attempt_timeout_ms must be positive")
     if spec.hedge_after_ms < 0 and spec.hedge_after_ms != -1:
         raise InvalidArgument("hedge_after_ms must be 0 (off), -1 (p95) or a positive delay")
+    if spec.joint.mode not in JOINT_MODES:
+        raise InvalidArgument(f"joint mode {spec.joint.mode!r} must be one of {list(JOINT_MODES)}")
+    if not 0.0 <= spec.joint.threshold <= 1.0:
+        raise InvalidArgument("joint threshold must be between 0 and 1")
     bad_tiers = set(spec.tiers) - {"edge", "cloud"}
     if bad_tiers:
         raise InvalidArgument(f"unknown tiers {sorted(bad_tiers)}")

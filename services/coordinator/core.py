@@ -6,7 +6,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -14,7 +14,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import events, grpc_util, oip
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
@@ -22,6 +22,7 @@ from services.common.stats import ModelStats, StatsBook
 from services.coordinator.batcher import BatchConfig, Batcher
 from services.coordinator.breaker import Breakers
 from services.coordinator.catalog import Catalog
+from services.coordinator.joint import disagreements, merge_rows, prefer_edge, rows_below
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages
@@ -34,6 +35,10 @@ RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED}
 Publisher = Callable[[str, dict], Awaitable[object]]
 FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
                     ["model", "from_tier", "to_tier", "reason"])
+ESCALATIONS = Counter("cnei_escalations_total", "Rows sent to the cloud model by joint inference",
+                      ["model", "mode"])
+DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and cloud disagreed (async)",
+                        ["model"])
 HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to another node", ["model"])
 DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
 
@@ -60,6 +65,16 @@ def request_deadline(params: dict, deadline_s: float | None, default_s: float) -
     if timeout_us:
         candidates.append(now + timeout_us / 1e6)
     return min(candidates)
+
+
+def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
+    """A request's `tier` parameter (edge | cloud) narrows where it may run."""
+    tier = str(params.get("tier", "") or "")
+    if not tier:
+        return spec
+    if tier not in ("edge", "cloud"):
+        raise InvalidArgument(f"parameter 'tier' must be 'edge' or 'cloud', got {tier!r}")
+    return replace(spec, tiers=(tier,), cloud_fallback=tier == "cloud")
 
 
 def priority_level(params: dict) -> int:
@@ -123,16 +138,100 @@ class Coordinator:
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         start = time.perf_counter_ns()
         variants = await self.catalog.variants(request.model_name, request.model_version)
-        spec = await self.catalog.deployment(request.model_name)
+        spec = restrict_tier(await self.catalog.deployment(request.model_name), request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
+        mode = str(request.parameters.get("joint", "") or spec.joint.mode)
+        if mode not in JOINT_MODES:
+            raise InvalidArgument(f"parameter 'joint' must be one of {list(JOINT_MODES)}, got {mode!r}")
         try:
-            response = await self._infer(request, variants, spec, deadline_s)
+            if mode == "off":
+                response = await self._infer(request, variants, spec, deadline_s)
+            else:
+                response = await self._joint(request, variants, spec, mode, deadline_s)
         except Exception:
             stats.record(False, time.perf_counter_ns() - start)
             raise
         batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
         stats.record(True, time.perf_counter_ns() - start, int(batch or 1))
         return response
+
+    # --- joint inference --------------------------------------------------------------------
+    async def _joint(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
+                     mode: str, deadline_s: float | None) -> oip.InferResponse:
+        """Answer at the edge; `sync` escalates low-confidence rows to the cloud model, `async`
+        validates every row in the background and reports disagreements."""
+        j = spec.joint
+        edge_request = request
+        if j.edge_precision and not policy_from_params(request.parameters).precision:
+            edge_request = replace(request, parameters={**request.parameters, "precision": j.edge_precision})
+        edge_spec = replace(spec, tiers=("edge",))
+        if not any(n.tier == "edge" for n in self._eligible(edge_spec)):
+            if not spec.cloud_fallback:
+                raise NoLiveNode(request.model_name)
+            return await self._cloud(request, spec, deadline_s, reason="no edge node")
+        response = await self._infer(edge_request, variants, edge_spec, deadline_s)
+        output = j.output or next(iter(response.outputs))
+        probs = response.outputs[output]
+        critical = str(request.parameters.get("critical", "")).lower() in ("true", "1") or \
+            request.parameters.get("critical") is True
+        response.parameters["cnei_joint"] = mode
+        if mode == "async":
+            self._spawn(self._validate(request, spec, probs, output))
+            return response
+        rows = rows_below(probs, j.threshold)
+        if not len(rows) or prefer_edge(critical, self._cloud_rtt(), j.latency_threshold_ms):
+            response.parameters["cnei_escalated"] = 0
+            return response
+        cloud_request = replace(request, inputs={k: v[rows] for k, v in request.inputs.items()})
+        cloud = await self._cloud(cloud_request, spec, deadline_s, reason="low confidence")
+        ESCALATIONS.labels(request.model_name, mode).inc(len(rows))
+        self.recent.append({"kind": "escalation", "time": time.time(), "model": request.model_name,
+                            "rows": int(len(rows)), "to": cloud.parameters.get("cnei_node", "")})
+        response.outputs = merge_rows(response.outputs, cloud.outputs, rows)
+        response.parameters["cnei_escalated"] = int(len(rows))
+        response.parameters["cnei_cloud_node"] = cloud.parameters.get("cnei_node", "")
+        return response
+
+    def _cloud_rtt(self) -> float | None:
+        rtts = [self.nodes.rtt_ms[n.node_id] for n in self.nodes.nodes
+                if n.tier == "cloud" and n.node_id in self.nodes.rtt_ms]
+        return min(rtts) if rtts else None
+
+    async def _cloud(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
+                     reason: str) -> oip.InferResponse:
+        j = spec.joint
+        model = j.cloud_model or request.model_name
+        variants = await self.catalog.variants(model, j.cloud_version)
+        cloud_spec = replace(await self.catalog.deployment(model), tiers=("cloud",), cloud_fallback=True)
+        params = {k: v for k, v in request.parameters.items() if k not in ("precision", "joint", "tier")}
+        if j.cloud_precision:
+            params["precision"] = j.cloud_precision
+        cloud_request = replace(request, model_name=model, model_version=j.cloud_version, parameters=params)
+        with _tracer.start_as_current_span("coordinator.escalate") as span:
+            span.set_attributes({"cnei.model": model, "cnei.escalation.reason": reason,
+                                 "cnei.batch_size": len(next(iter(request.inputs.values())))})
+            return await self._infer(cloud_request, variants, cloud_spec, deadline_s)
+
+    async def _validate(self, request: oip.InferRequest, spec: DeploymentSpec, edge_probs: np.ndarray,
+                        output: str) -> None:
+        """Async mode: ask the cloud model too; disagreements become hard-example events."""
+        try:
+            cloud = await self._cloud(request, spec, None, reason="async validation")
+        except CneiError as exc:
+            log.warning("async validation of %s failed: %s", request.model_name, exc.message)
+            return
+        cloud_probs = cloud.outputs.get(output, next(iter(cloud.outputs.values())))
+        rows = disagreements(edge_probs, cloud_probs)
+        ESCALATIONS.labels(request.model_name, "async").inc(len(edge_probs))
+        if not len(rows):
+            return
+        DISAGREEMENTS.labels(request.model_name).inc(len(rows))
+        inputs = {name: array[rows].tolist() for name, array in request.inputs.items()}
+        await self._publish(events.INFERENCE_DISAGREEMENT, {
+            "model": request.model_name, "cloud_model": cloud.model_name, "rows": rows.tolist(),
+            "edge_labels": np.argmax(edge_probs[rows], axis=-1).tolist(),
+            "cloud_labels": np.argmax(cloud_probs[rows], axis=-1).tolist(), "inputs": inputs,
+        })
 
     # --- placement, batching, failover ------------------------------------------------------
     def _policy(self, params: dict, spec: DeploymentSpec) -> PrecisionPolicy:

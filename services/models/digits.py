@@ -50,14 +50,15 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == y).mean())
 
 
-def build(out_dir: Path, hidden: tuple[int, ...] = (64,)) -> list[BuiltVariant]:
+def build(out_dir: Path, hidden: tuple[int, ...] = (64,), name: str = NAME,
+          precisions: tuple[str, ...] = ("FP32", "FP16", "INT8")) -> list[BuiltVariant]:
     """Train, export FP32/FP16/INT8 ONNX files and measure each one's held-out accuracy.
 
     A previous build in `out_dir` (its manifest and files) is reused."""
     from sklearn.neural_network import MLPClassifier
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / f"{NAME}-manifest.json"
+    manifest = out_dir / f"{name}-manifest.json"
     if manifest.exists():
         rows = json.loads(manifest.read_text())
         if all((out_dir / r["file"]).exists() for r in rows):
@@ -69,11 +70,12 @@ def build(out_dir: Path, hidden: tuple[int, ...] = (64,)) -> list[BuiltVariant]:
     biases = [b.astype(np.float32) for b in clf.intercepts_]
     paths = {}
     for precision in ("FP32", "FP16"):
-        paths[precision] = out_dir / f"{NAME}-{precision.lower()}.onnx"
-        model = mlp_graph(weights, biases, name=NAME, input_scale=1 / 16, precision=precision)
+        paths[precision] = out_dir / f"{name}-{precision.lower()}.onnx"
+        model = mlp_graph(weights, biases, name=name, input_scale=1 / 16, precision=precision)
         onnx.save(model, paths[precision])
-    paths["INT8"] = out_dir / f"{NAME}-int8.onnx"
+    paths["INT8"] = out_dir / f"{name}-int8.onnx"
     quantize_int8(paths["FP32"], paths["INT8"])
+    paths = {p: path for p, path in paths.items() if p in precisions}
     built = []
     for precision, path in paths.items():
         meta = {
@@ -85,7 +87,21 @@ def build(out_dir: Path, hidden: tuple[int, ...] = (64,)) -> list[BuiltVariant]:
             "max_batch_size": "1024",
         }
         built.append(BuiltVariant(path, precision, meta))
-        log.info("built %s %s accuracy %s", NAME, precision, meta["accuracy"])
+        log.info("built %s %s accuracy %s", name, precision, meta["accuracy"])
     rows = [{"file": b.path.name, "precision": b.precision, "metadata": b.metadata} for b in built]
     manifest.write_text(json.dumps(rows, indent=1))
     return built
+
+
+LARGE_NAME = "digits-large"
+TINY_NAME = "digits-tiny"
+
+
+def build_large(out_dir: Path) -> list[BuiltVariant]:
+    """The cloud tier's model for joint inference: a wider MLP, FP32 only."""
+    return build(out_dir, hidden=(256, 256), name=LARGE_NAME, precisions=("FP32",))
+
+
+def build_tiny(out_dir: Path) -> list[BuiltVariant]:
+    """A deliberately small edge model (8 hidden units) in FP32 and INT8."""
+    return build(out_dir, hidden=(8,), name=TINY_NAME, precisions=("FP32", "INT8"))

@@ -1,0 +1,35 @@
+"""Edge-cloud joint inference maths: confidences, which rows to escalate, merging (pure)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def confidences(probs: np.ndarray) -> np.ndarray:
+    """Top-1 probability of each row of a [batch, classes] output."""
+    return np.asarray(probs, dtype=np.float64).reshape(len(probs), -1).max(axis=1)
+
+
+def rows_below(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of rows whose top-1 confidence is under `threshold`."""
+    return np.flatnonzero(confidences(probs) < threshold)
+
+
+def prefer_edge(critical: bool, cloud_rtt_ms: float | None, latency_threshold_ms: float) -> bool:
+    """Keep the edge answer: critical requests, or a cloud further away than the threshold."""
+    return critical or (cloud_rtt_ms is not None and cloud_rtt_ms > latency_threshold_ms)
+
+
+def merge_rows(edge: dict[str, np.ndarray], cloud: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Edge outputs with `rows` replaced by the cloud's answers (same output names)."""
+    merged = {}
+    for name, array in edge.items():
+        out = np.array(array, copy=True)
+        if name in cloud:
+            out[rows] = cloud[name].astype(out.dtype, copy=False)
+        merged[name] = out
+    return merged
+
+
+def disagreements(edge_probs: np.ndarray, cloud_probs: np.ndarray) -> np.ndarray:
+    """Rows where edge and cloud pick different classes."""
+    return np.flatnonzero(np.argmax(edge_probs, axis=-1) != np.argmax(cloud_probs, axis=-1))
