@@ -11,7 +11,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import oip
-from services.common.errors import CneiError, ErrorCode, InvalidArgument, TensorError
+from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
@@ -83,7 +83,10 @@ class EdgeRuntime:
     def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
         """Resolution from the disk cache alone (the registry is unreachable)."""
         local = [v for v in self.disk.variants() if v.name == name]
-        return pick_variant(local, name, version, precision)
+        try:
+            return pick_variant(local, name, version, precision)
+        except ModelNotFound:
+            raise Unavailable(f"registry unreachable and model '{name}' is not cached on this node") from None
 
     async def model_published(self, name: str) -> None:
         """A new version exists: forget resolutions and pull it when this node caches the model."""
