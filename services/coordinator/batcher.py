@@ -11,11 +11,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 Send = Callable[[dict[str, np.ndarray], int, float], Awaitable[dict[str, np.ndarray]]]
 _sequence = itertools.count()
 
@@ -51,6 +54,7 @@ class Pending:
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
     seq: int = field(default_factory=lambda: next(_sequence))
+    context: otel_context.Context | None = None  # the caller's trace context
 
 
 def signature(inputs: dict[str, np.ndarray]) -> tuple:
@@ -124,7 +128,8 @@ class Batcher:
                 f"queue of model '{self.model}' is full ({self.config.max_queue_size} requests)")
         size = next(iter(inputs.values())).shape[0] if inputs else 1
         item = Pending(inputs, int(size), signature(inputs), priority, deadline,
-                       future=asyncio.get_running_loop().create_future())
+                       future=asyncio.get_running_loop().create_future(),
+                       context=otel_context.get_current())
         self.queue.append(item)
         self.last_used = time.monotonic()
         self._wake.set()
@@ -204,7 +209,14 @@ class Batcher:
             else:
                 inputs = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
             try:
-                outputs = await self.send(inputs, sum(sizes), max(p.deadline for p in live))
+                with _tracer.start_as_current_span(
+                    "coordinator.batch", context=live[0].context,
+                    links=[trace.Link(trace.get_current_span(p.context).get_span_context())
+                           for p in live[1:] if p.context is not None],
+                ) as span:
+                    span.set_attributes({"cnei.model": self.model, "cnei.batch_size": sum(sizes),
+                                         "cnei.batch_requests": len(live)})
+                    outputs = await self.send(inputs, sum(sizes), max(p.deadline for p in live))
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 for p in live:
                     if not p.future.done():

@@ -436,11 +436,10 @@ class Coordinator:
             self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + size
             start = time.perf_counter()
             try:
-                with _tracer.start_as_current_span("coordinator.batch") as span:
-                    span.set_attributes({"cnei.model": variant.name, "cnei.version": variant.version,
-                                         "cnei.precision": variant.precision, "cnei.node": node.node_id,
-                                         "cnei.batch_size": size})
-                    reply = await stub.ModelInfer(message, timeout=remaining)
+                trace.get_current_span().set_attributes({
+                    "cnei.version": variant.version, "cnei.precision": variant.precision,
+                    "cnei.node": node.node_id, "cnei.tier": node.tier})
+                reply = await stub.ModelInfer(message, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
             finally:

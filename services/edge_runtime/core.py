@@ -68,7 +68,10 @@ class EdgeRuntime:
         if cached and cached[1] > time.monotonic():
             return cached[0]
         if time.monotonic() < self._registry_down_until:
-            return self._resolve_offline(name, version, precision)
+            try:
+                return self._resolve_offline(name, version, precision)
+            except Unavailable:
+                pass  # not cached here: ask the registry after all
         try:
             variant = await self.registry.resolve(name, version, precision)
         except CneiError as exc:
