@@ -98,11 +98,68 @@ async def infer(args) -> int:
     return 0
 
 
+def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
+    """The coordinator's /api/status, or None when it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    url = url.rstrip("/")
+    url = url if url.endswith("/api/status") else url + "/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return json.loads(reply.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}ms"
+
+
+def status_text(s: dict) -> str:
+    """The status page as terminal tables."""
+    nodes = [[n["id"], n["tier"], n["region"], n["address"], n["health"], n["inflight"],
+              f"{n['cpu_load']:.0%}", f"{n['mem_load']:.0%}", _ms(n["rtt_ms"]),
+              "-" if n["heartbeat_age_s"] is None else f"{n['heartbeat_age_s']}s", ",".join(n["models"]) or "-"]
+             for n in s["nodes"]]
+    out = ["NODES", table(nodes, ["NODE", "TIER", "REGION", "ADDRESS", "HEALTH", "INFLIGHT", "CPU", "MEM",
+                                  "RTT", "HEARTBEAT", "LOADED"]), "", "MODELS"]
+    if s.get("models_error"):
+        out.append(f"error: {s['models_error']}")
+    variants = [[m["name"], v["version"], v["precision"], "-" if v["accuracy"] is None else v["accuracy"],
+                 " ".join(f"{c}={ms}ms" for c, ms in v["latency_ms"].items()) or "-"]
+                for m in s["models"] for v in m["variants"]]
+    out.append(table(variants, ["MODEL", "VERSION", "PRECISION", "ACCURACY", "LATENCY"]))
+    deployments = [[m["name"], d["scheduler"], f"{d['batching']['max_batch_size']}/{d['batching']['max_queue_delay_us']}us",
+                    d["joint"], d["precision"], "+".join(d["tiers"]), "applied" if d["applied"] else "defaults"]
+                   for m in s["models"] for d in [m["deployment"]]]
+    out += ["", "DEPLOYMENTS", table(deployments, ["MODEL", "SCHEDULER", "BATCH/DELAY", "JOINT", "PRECISION",
+                                                   "TIERS", "SPEC"])]
+    latency = [[r["model"], r["node"], r["samples"], _ms(r["p50_ms"]), _ms(r["p99_ms"])] for r in s["latency"]]
+    out += ["", "LATENCY", table(latency, ["MODEL", "NODE", "SAMPLES", "P50", "P99"])]
+    events = [[f"{e['age_s']}s ago", e["kind"], " ".join(f"{k}={v}" for k, v in e.items()
+                                                       if k not in ("kind", "time", "age_s"))]
+              for e in s["events"][:15]]
+    out += ["", "RECENT EVENTS", table(events, ["WHEN", "KIND", "DETAIL"]), "", "FEDERATED JOBS"]
+    jobs = s["federated"]["jobs"]
+    out.append(table([[j.get("id", "?"), j.get("state", "?")] for j in jobs], ["JOB", "STATE"]) if jobs
+               else f"none running ({s['federated']['note']})")
+    return "\n".join(out)
+
+
 async def status(args) -> int:
+    snapshot = await asyncio.to_thread(fetch_status, args.url)
+    if snapshot is not None:
+        print(status_text(snapshot))
+        return 0
+    print(f"coordinator not reachable at {args.url}; reading Redis and the registry directly", file=sys.stderr)
+    return await status_direct(args)
+
+
+async def status_direct(args) -> int:
     from redis.asyncio import Redis
 
     from services.common.nodes import NodeDirectory
-    from services.common.registry_client import RegistryClient
 
     redis = Redis.from_url(args.redis, socket_timeout=2)
     try:
@@ -140,7 +197,8 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--digits", type=int, default=0, help="use the first N load_digits samples")
     inf.add_argument("--batch", type=int, default=1, help="batch size of random input")
     inf.add_argument("--precision", default="")
-    st = sub.add_parser("status", help="nodes and models of the mesh")
+    st = sub.add_parser("status", help="nodes, models, latency and events of the mesh")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="coordinator REST base URL")
     st.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     st.add_argument("--registry", default="127.0.0.1:50051")
     return p

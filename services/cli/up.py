@@ -35,6 +35,9 @@ class MeshSettings:
     demo: bool = cfg.field(True, "build and register the digits demo model")
 
 
+# The cloud tier pays more per CPU second and for egress (per MB), as in the cost model.
+CLOUD_PRICES = {"CNEI_RUNTIME_COST_PER_CPU_SECOND": "0.00005", "CNEI_RUNTIME_COST_PER_NETWORK_MB": "0.00009",
+                "CNEI_RUNTIME_WATTS_PER_CORE": "25"}
 RUNTIMES = [("cloud-1", "cloud", "cloud"), ("edge-a1", "edge", "site-a"), ("edge-b1", "edge", "site-b")]
 
 
@@ -94,6 +97,7 @@ class Mesh:
                 "CNEI_RUNTIME_NATS_URL": self.s.nats_url,
                 "CNEI_RUNTIME_CACHE_DIR": str(self.root / "cache" / node_id),
                 "CNEI_RUNTIME_PRELOAD": "digits" if self.s.demo else "",
+                **(CLOUD_PRICES if tier == "cloud" else {}),
             }, port)
         self._spawn("coordinator", "services.coordinator", {
             "CNEI_COORDINATOR_GRPC_PORT": str(self.s.grpc_port),

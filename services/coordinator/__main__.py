@@ -16,7 +16,7 @@ from services.common.registry_client import RegistryClient
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.rest import build_app
+from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import PREFIX, CoordinatorSettings
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -43,7 +43,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     server = lifecycle.GrpcServer(settings.host, settings.grpc_port)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
                "inference.GRPCInferenceService")
-    runner = web.AppRunner(build_app(core), access_log=None)
+    runner = web.AppRunner(build_app(core, status_routes(core)), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.http_port).start()
     telemetry.start_metrics_server(settings.host, settings.metrics_port)

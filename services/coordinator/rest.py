@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_servicer import EXTENSIONS, INFER_LATENCY, INFER_REQUESTS, PLATFORM, InferenceCore
+from services.coordinator.status import build_status
 
 log = logging.getLogger(__name__)
+STATUS_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def _error(exc: CneiError) -> web.Response:
@@ -93,3 +96,14 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     if extra_routes:
         app.add_routes(extra_routes)
     return app
+
+
+def status_routes(core) -> list[web.RouteDef]:
+    """The status page at `/` and the JSON it polls at `/api/status`."""
+    async def page(request):
+        return web.FileResponse(STATUS_PAGE, headers={"Cache-Control": "no-cache"})
+
+    async def status(request):
+        return web.json_response(await build_status(core), headers={"Cache-Control": "no-store"})
+
+    return [web.get("/", page), web.get("/api/status", status)]

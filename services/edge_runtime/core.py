@@ -15,6 +15,8 @@ from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelN
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
+from services.edge_runtime import accounting
+from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
 from services.edge_runtime.cache import DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
 from services.edge_runtime.runner import OrtModel, measure_latency_ms, rss_bytes
@@ -50,6 +52,8 @@ class EdgeRuntime:
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
+        self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb,
+                                    settings.watts_per_core)
         self._registry_down_until = 0.0
         self._resync_lock = asyncio.Lock()
 
@@ -224,17 +228,26 @@ class EdgeRuntime:
             check_inputs(variant, request.inputs)
             outputs = _requested_outputs(variant, request.outputs)
             batch = _batch_size(variant, request)
-            compute_start = time.perf_counter_ns()
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, loaded.model.run, request.inputs, outputs
-            )
-            compute_ns = time.perf_counter_ns() - compute_start
-        except Exception:
+            submitted = time.perf_counter_ns()
+            with _tracer.start_as_current_span("ort.run") as span:
+                result, cpu_s, started = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, timed_run, loaded.model.run, request.inputs, outputs)
+                span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
+            compute_ns = time.perf_counter_ns() - started
+        except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
+            REQUESTS.labels(variant.name, variant.version, variant.precision, self.settings.node_id,
+                            self.settings.tier, getattr(getattr(exc, "code", None), "value", "INTERNAL")).inc()
             raise
         finally:
             self.inflight -= 1
-        stats.record(True, time.perf_counter_ns() - start, batch, compute_ns=compute_ns)
+        stats.record(True, time.perf_counter_ns() - start, batch, queue_ns=started - submitted,
+                     compute_ns=compute_ns)
+        accounting.record(
+            {"model": variant.name, "version": variant.version, "precision": variant.precision,
+             "node": self.settings.node_id, "tier": self.settings.tier},
+            self.cost_model, batch, (started - submitted) / 1e9, compute_ns / 1e9, cpu_s,
+            tensor_bytes(request.inputs) + tensor_bytes(result))
         trace.get_current_span().set_attributes({
             "cnei.model": variant.name, "cnei.version": variant.version,
             "cnei.precision": variant.precision, "cnei.node": self.settings.node_id,

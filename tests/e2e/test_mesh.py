@@ -225,3 +225,25 @@ def test_perf_analyzer_runs_to_completion_against_the_coordinator(mesh):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Concurrency: 2, throughput:" in result.stdout
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_runtime_metrics_account_compute_time_energy_and_cost_per_inference(mesh):
+    client = triton.InferenceServerClient(mesh.runtime("edge-b1"))
+    _infer_all_digits(client, batch=256)
+    port = mesh.settings.runtime_metrics_base_port + 2  # edge-b1
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    labels = {"model": "digits", "node": "edge-b1", "tier": "edge"}
+    assert _metric(text, "cnei_runtime_inferences_total", **labels) >= 1797
+    assert _metric(text, "cnei_runtime_compute_seconds_count", **labels) >= 8
+    assert _metric(text, "cnei_inference_energy_joules_total", **labels) > 0
+    assert _metric(text, "cnei_inference_cost_total", **labels) > 0
+    assert _metric(text, "cnei_model_cache_events_total", event="hit") > 0

@@ -1,0 +1,63 @@
+"""What an inference costs: queue/compute time, CPU energy and money, by model and node."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+_LABELS = ["model", "version", "precision", "node", "tier"]
+_TIME_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2)
+
+REQUESTS = Counter("cnei_runtime_requests_total", "Inference requests run by this node",
+                   _LABELS + ["outcome"])
+INFERENCES = Counter("cnei_runtime_inferences_total", "Samples inferred (batch rows)", _LABELS)
+QUEUE_SECONDS = Histogram("cnei_runtime_queue_seconds", "Wait for an ONNX Runtime worker", _LABELS,
+                          buckets=_TIME_BUCKETS)
+COMPUTE_SECONDS = Histogram("cnei_runtime_compute_seconds", "ONNX Runtime run time", _LABELS,
+                            buckets=_TIME_BUCKETS)
+ENERGY = Counter("cnei_inference_energy_joules_total",
+                 "Estimated energy: CPU seconds x configured watts per core", _LABELS)
+COST = Counter("cnei_inference_cost_total",
+               "Estimated cost in the configured currency: compute plus network", _LABELS)
+NETWORK_BYTES = Counter("cnei_inference_network_bytes_total", "Tensor bytes received and sent", _LABELS)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-tier prices (as in the cost-optimisation design) and the CPU's power per busy core."""
+
+    cost_per_cpu_second: float
+    cost_per_network_mb: float
+    watts_per_core: float
+
+    def energy_joules(self, cpu_seconds: float) -> float:
+        return cpu_seconds * self.watts_per_core
+
+    def cost(self, cpu_seconds: float, network_bytes: int) -> float:
+        return cpu_seconds * self.cost_per_cpu_second + network_bytes / 1e6 * self.cost_per_network_mb
+
+
+def tensor_bytes(arrays: dict[str, np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in arrays.values()))
+
+
+def timed_run(run, *args):
+    """Run a blocking call on a worker thread, returning (result, cpu_seconds, start_ns)."""
+    start_ns = time.perf_counter_ns()
+    cpu = time.thread_time()
+    result = run(*args)
+    return result, time.thread_time() - cpu, start_ns
+
+
+def record(labels: dict[str, str], model: CostModel, batch: int, queue_s: float, compute_s: float,
+           cpu_seconds: float, network_bytes: int) -> None:
+    values = [labels[k] for k in _LABELS]
+    REQUESTS.labels(*values, "ok").inc()
+    INFERENCES.labels(*values).inc(batch)
+    QUEUE_SECONDS.labels(*values).observe(queue_s)
+    COMPUTE_SECONDS.labels(*values).observe(compute_s)
+    ENERGY.labels(*values).inc(model.energy_joules(cpu_seconds))
+    COST.labels(*values).inc(model.cost(cpu_seconds, network_bytes))
+    NETWORK_BYTES.labels(*values).inc(network_bytes)
