@@ -20,6 +20,7 @@ class NodeInfo:
     region: str
     address: str  # OIP gRPC host:port
     node_class: str = ""  # hardware class for measured latencies (defaults to the tier)
+    fast_address: str = ""  # internal data plane host:port (services/common/fastlane.py)
     cpus: int = 1
     memory_bytes: int = 0
     models: list[str] = field(default_factory=list)  # loaded variant keys name:version:precision

@@ -143,9 +143,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining())
+        return await self.infer_message(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
+    async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
+        """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
         start, outcome = time.perf_counter(), "ok"
         try:
             req = oip.request_from_proto(request)
@@ -166,7 +167,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:
             try:
-                response = await self._infer(request, context.time_remaining())
+                response = await self.infer_message(request, context.time_remaining())
                 yield pb.ModelStreamInferResponse(infer_response=response)
             except CneiError as exc:
                 yield pb.ModelStreamInferResponse(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import grpc
 import numpy as np
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter
 
 from services.common import events, grpc_util, oip
@@ -28,6 +29,7 @@ from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
+from services.pb.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -424,7 +426,7 @@ class Coordinator:
 
     def _sender(self, placement: Placement):
         node, variant = placement.node, placement.variant
-        stub = self.nodes.stub(node)
+        call = self._call_fast if node.fast_address and self.settings.fast_lane else self._call_grpc
 
         async def send(inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
             message = oip.request_to_proto(oip.InferRequest(
@@ -435,13 +437,11 @@ class Coordinator:
                 raise DeadlineExceeded(f"deadline passed before model '{variant.name}' was sent")
             self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + size
             start = time.perf_counter()
+            trace.get_current_span().set_attributes({
+                "cnei.version": variant.version, "cnei.precision": variant.precision,
+                "cnei.node": node.node_id, "cnei.tier": node.tier})
             try:
-                trace.get_current_span().set_attributes({
-                    "cnei.version": variant.version, "cnei.precision": variant.precision,
-                    "cnei.node": node.node_id, "cnei.tier": node.tier})
-                reply = await stub.ModelInfer(message, timeout=remaining)
-            except grpc.aio.AioRpcError as exc:
-                raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
+                reply = await call(node, message, remaining)
             finally:
                 self.outstanding[node.node_id] -= size
             response = oip.response_from_proto(reply)
@@ -450,6 +450,17 @@ class Coordinator:
             return response.outputs
 
         return send
+
+    async def _call_grpc(self, node: NodeInfo, message, timeout: float):
+        try:
+            return await self.nodes.stub(node).ModelInfer(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
+
+    async def _call_fast(self, node: NodeInfo, message, timeout: float):
+        with _tracer.start_as_current_span("fastlane/ModelInfer", kind=SpanKind.CLIENT):
+            payload = await self.nodes.fast_client(node).call(message.SerializeToString(), timeout)
+        return pb.ModelInferResponse.FromString(payload)
 
     async def close(self) -> None:
         """Serve what is queued, then stop every batcher."""

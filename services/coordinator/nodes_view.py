@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import events, grpc_util
+from services.common.fastlane import FastClient
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -40,6 +41,7 @@ class NodesView:
         self.rtt_ms: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
+        self._fast: dict[str, FastClient] = {}
         self._tasks: list[asyncio.Task] = []
         self.on_change = on_change  # (NODE_UP | NODE_DOWN, node, reason)
         self.unhealthy: set[str] = set()
@@ -101,6 +103,12 @@ class NodesView:
             channel = self._channels[address] = grpc_util.channel(address)
         return channel
 
+    def fast_client(self, node: NodeInfo) -> FastClient:
+        client = self._fast.get(node.fast_address)
+        if client is None:
+            client = self._fast[node.fast_address] = FastClient(node.fast_address)
+        return client
+
     def stub(self, node: NodeInfo) -> pb_grpc.GRPCInferenceServiceStub:
         stub = self._stubs.get(node.address)
         if stub is None:
@@ -113,3 +121,5 @@ class NodesView:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()
+        for client in self._fast.values():
+            await client.close()

@@ -5,11 +5,16 @@ import asyncio
 import logging
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
 from services.common import events, lifecycle, telemetry
 from services.common import settings as cfg
 from services.common.bus import EventBus
+from services.common.errors import InvalidArgument
+from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.registry_client import RegistryClient
@@ -20,9 +25,11 @@ from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.heartbeat import Heartbeat
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
+from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("services.edge_runtime")
+_tracer = trace.get_tracer(__name__)
 
 
 async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
@@ -33,6 +40,19 @@ async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
             await runtime.load(await runtime.resolve(name, version, precision))
         except Exception as exc:  # noqa: BLE001 - preload is an optimisation
             log.warning("could not preload %s: %s", spec, exc)
+
+
+def fast_handler(servicer: OipServicer):
+    """The fast lane's handler: the same ModelInfer path as gRPC, under a server span."""
+    async def handle(payload: bytes, timeout: float | None) -> bytes:
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError as exc:
+            raise InvalidArgument(f"fast-lane request is not a ModelInferRequest: {exc}") from None
+        with _tracer.start_as_current_span("fastlane/ModelInfer", kind=SpanKind.SERVER):
+            reply = await servicer.infer_message(request, timeout)
+        return reply.SerializeToString()
+    return handle
 
 
 async def serve(settings: RuntimeSettings) -> None:
@@ -51,20 +71,27 @@ async def serve(settings: RuntimeSettings) -> None:
     await bus.start()
     delay = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else None
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=delay)
-    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),
+    oip_servicer = OipServicer(runtime)
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
+    fast = FastServer(fast_handler(oip_servicer)) if settings.fast_lane else None
     server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime),
                "cnei.node.v1.NodeControl")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     await _preload(runtime, settings.preload)
     heartbeat = Heartbeat(settings, runtime, NodeDirectory(redis), bus)
+    if fast is not None:
+        fast_port = await fast.start(settings.host, settings.fast_port)
+        heartbeat.fast_address = f"{settings.advertise_host or settings.host}:{fast_port}"
     heartbeat.start()
     log.info("runtime %s (%s, %s) serving on %s", settings.node_id, settings.tier,
              settings.region, server.address)
     await stop.wait()
     log.info("runtime %s shutting down", settings.node_id)
     await heartbeat.stop()
+    if fast is not None:
+        await fast.stop()
     await server.stop()
     runtime.close()
     await bus.close()

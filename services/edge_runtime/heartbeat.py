@@ -24,10 +24,10 @@ def _memory_bytes() -> int:
 
 
 def node_info(settings: RuntimeSettings, runtime: EdgeRuntime, started_at: float,
-              cpu_load: float = 0.0) -> NodeInfo:
+              cpu_load: float = 0.0, fast_address: str = "") -> NodeInfo:
     return NodeInfo(
         node_id=settings.node_id, tier=settings.tier, region=settings.region,
-        node_class=settings.measured_class,
+        node_class=settings.measured_class, fast_address=fast_address,
         address=settings.address, cpus=os.cpu_count() or 1, memory_bytes=_memory_bytes(),
         models=runtime.l1.keys(), inflight=runtime.inflight,
         cache_bytes=runtime.l1.bytes_used, started_at=started_at,
@@ -46,10 +46,12 @@ class Heartbeat:
         self._registered = False
         self._cpu = CpuSampler()
         self._lost_contact = False
+        self.fast_address = ""
         self._metrics_seq = 0
 
     async def beat(self) -> None:
-        info = node_info(self.settings, self.runtime, self.started_at, self._cpu.sample())
+        info = node_info(self.settings, self.runtime, self.started_at, self._cpu.sample(),
+                         self.fast_address)
         await asyncio.wait_for(self.directory.heartbeat(info, self.settings.heartbeat_ttl_s), 1.0)
         if not self._registered:
             self._registered = True

@@ -16,6 +16,8 @@ class RuntimeSettings:
     host: str = field("127.0.0.1", "address the OIP gRPC server binds to")
     advertise_host: str = field("", "host other services dial (default: host)")
     port: int = field(50061, "OIP gRPC port of this node")
+    fast_lane: bool = field(True, "serve the coordinator's internal TCP data plane too")
+    fast_port: int = field(0, "port of the internal data plane (0: any free port, advertised)")
     metrics_port: int = field(9111, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis for node records")

@@ -1,0 +1,168 @@
+"""The internal data plane between coordinator and runtimes: ModelInfer over one multiplexed TCP
+connection per node, framed and length-prefixed (gRPC costs ~0.7 ms a call in Python here; this
+~0.15 ms). External clients keep speaking OIP gRPC; the messages are the same OIP protobufs.
+
+Frame: u32 length of the rest | u64 request id | u8 kind | u16 meta length | meta | payload
+kinds: 1 request (meta: JSON trace context and timeout), 2 reply (payload: ModelInferResponse),
+3 error (meta: error code name, payload: UTF-8 message)."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+
+from services.common import telemetry
+from services.common.errors import CneiError, ErrorCode, ResourceExhausted, Unavailable, error_for
+
+log = logging.getLogger(__name__)
+HEADER = struct.Struct("<IQBH")
+REQUEST, REPLY, ERROR = 1, 2, 3
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def encode(request_id: int, kind: int, meta: bytes, payload: bytes) -> bytes:
+    body = HEADER.size - 4 + len(meta) + len(payload)
+    if body > MAX_FRAME:
+        raise ResourceExhausted(f"message of {body} bytes exceeds the {MAX_FRAME}-byte limit")
+    return HEADER.pack(body, request_id, kind, len(meta)) + meta + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes, bytes]:
+    """(request id, kind, meta, payload); raises IncompleteReadError at end of stream."""
+    head = await reader.readexactly(HEADER.size)
+    body, request_id, kind, meta_len = HEADER.unpack(head)
+    if body > MAX_FRAME or meta_len > body:
+        raise ValueError(f"bad frame: length {body}, meta {meta_len}")
+    rest = await reader.readexactly(body - (HEADER.size - 4))
+    return request_id, kind, rest[:meta_len], rest[meta_len:]
+
+
+Handler = Callable[[bytes, float | None], Awaitable[bytes]]
+
+
+class FastServer:
+    """Serves framed requests with `handler(payload, timeout_s) -> reply payload`, concurrently."""
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self.server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._connection, host, port)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request_id, kind, meta, payload = await read_frame(reader)
+                if kind != REQUEST:
+                    raise ValueError(f"unexpected frame kind {kind}")
+                task = asyncio.create_task(self._serve(writer, request_id, meta, payload))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except ValueError as exc:
+            log.warning("closing fast-lane connection: %s", exc)
+        finally:
+            writer.close()
+
+    async def _serve(self, writer, request_id: int, meta: bytes, payload: bytes) -> None:
+        info = json.loads(meta) if meta else {}
+        token = telemetry.attach(telemetry.extract(info.get("trace")))
+        try:
+            reply = encode(request_id, REPLY, b"", await self.handler(payload, info.get("timeout")))
+        except CneiError as exc:
+            reply = encode(request_id, ERROR, exc.code.value.encode(), exc.message.encode())
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as INTERNAL
+            log.exception("fast-lane request failed")
+            reply = encode(request_id, ERROR, b"INTERNAL", f"internal error: {exc}".encode())
+        finally:
+            telemetry.detach(token)
+        if not writer.is_closing():
+            writer.write(reply)
+            await writer.drain()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace)
+
+
+class FastClient:
+    """One multiplexed connection to a node, opened on first use and after a failure."""
+
+    def __init__(self, address: str, connect_timeout: float = 1.0):
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.connect_timeout = connect_timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._reader_task: asyncio.Task | None = None
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._lock:
+            if self._writer is not None and not self._writer.is_closing():
+                return self._writer
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise Unavailable(f"fast lane {self.host}:{self.port} unreachable: {exc}") from None
+            self._writer = writer
+            self._reader_task = asyncio.create_task(self._read(reader, writer))
+            return writer
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        error: CneiError = Unavailable(f"fast lane {self.host}:{self.port} closed the connection")
+        try:
+            while True:
+                request_id, kind, meta, payload = await read_frame(reader)
+                future = self._pending.pop(request_id, None)
+                if future is None or future.done():
+                    continue
+                if kind == REPLY:
+                    future.set_result(payload)
+                else:
+                    code = ErrorCode.__members__.get(meta.decode(), ErrorCode.INTERNAL)
+                    future.set_exception(error_for(code, payload.decode("utf-8", "replace")))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            error = Unavailable(f"fast lane {self.host}:{self.port} connection lost: {exc or 'closed'}")
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._pending.clear()
+
+    async def call(self, payload: bytes, timeout: float) -> bytes:
+        """Send one request payload, wait for its reply payload (CneiError on failure)."""
+        writer = await self._connect()
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        meta = json.dumps({"trace": telemetry.inject(), "timeout": timeout}).encode()
+        writer.write(encode(request_id, REQUEST, meta, payload))
+        try:
+            await writer.drain()
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise error_for(ErrorCode.DEADLINE_EXCEEDED,
+                            f"no reply from {self.host}:{self.port} within {timeout:.3f}s") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)

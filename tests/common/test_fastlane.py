@@ -1,0 +1,87 @@
+"""The internal data plane over real TCP: round trips, concurrency, errors, lost connections."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common import fastlane
+from services.common.errors import ErrorCode, InvalidArgument, Unavailable
+
+
+async def _echo(payload: bytes, timeout: float | None) -> bytes:
+    if payload == b"bad":
+        raise InvalidArgument("tensor 'x': wrong")
+    if payload == b"boom":
+        raise RuntimeError("kaput")
+    if payload.startswith(b"sleep"):
+        await asyncio.sleep(float(payload[5:].split(b"-")[0]))
+    return payload[::-1]
+
+
+@pytest.fixture
+async def server():
+    srv = fastlane.FastServer(_echo)
+    port = await srv.start("127.0.0.1", 0)
+    yield srv, f"127.0.0.1:{port}"
+    await srv.stop()
+
+
+def test_frames_round_trip_through_encode_and_read():
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(fastlane.encode(7, fastlane.REPLY, b"meta", b"payload"))
+        return await fastlane.read_frame(reader)
+    assert asyncio.run(go()) == (7, fastlane.REPLY, b"meta", b"payload")
+
+
+async def test_concurrent_calls_on_one_connection_get_their_own_replies(server):
+    _, address = server
+    client = fastlane.FastClient(address)
+    payloads = [f"sleep0.0{i % 3}-{i}".encode() for i in range(30)]
+    replies = await asyncio.gather(*(client.call(p, 5.0) for p in payloads))
+    assert replies == [p[::-1] for p in payloads]
+    await client.close()
+
+
+@pytest.mark.parametrize("payload,code,text", [
+    (b"bad", ErrorCode.INVALID_ARGUMENT, "tensor 'x'"),
+    (b"boom", ErrorCode.INTERNAL, "kaput"),
+])
+async def test_errors_come_back_with_their_code_and_message(server, payload, code, text):
+    client = fastlane.FastClient(server[1])
+    with pytest.raises(Exception) as info:
+        await client.call(payload, 5.0)
+    assert info.value.code is code and text in info.value.message
+    assert await client.call(b"ok", 5.0) == b"ko"
+    await client.close()
+
+
+async def test_a_slow_reply_times_out_as_deadline_exceeded(server):
+    client = fastlane.FastClient(server[1])
+    with pytest.raises(Exception) as info:
+        await client.call(b"sleep1", 0.1)
+    assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
+    await client.close()
+
+
+async def test_a_closed_port_and_a_dropped_connection_are_unavailable(server):
+    srv, address = server
+    client = fastlane.FastClient(address)
+    pending = asyncio.ensure_future(client.call(b"sleep2", 5.0))
+    await asyncio.sleep(0.2)
+    srv.server.close()
+    for task in list(srv._tasks):
+        task.cancel()
+    client._writer.transport.abort()
+    with pytest.raises(Unavailable):
+        await pending
+    with pytest.raises(Unavailable):
+        await fastlane.FastClient("127.0.0.1:1").call(b"x", 1.0)
+    await client.close()
+
+
+def test_oversized_frames_are_refused():
+    with pytest.raises(Exception) as info:
+        fastlane.encode(1, fastlane.REQUEST, b"", b"\0" * (fastlane.MAX_FRAME + 1))
+    assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
