@@ -78,9 +78,16 @@ def score(node: NodeInfo, ctx: RequestContext, spec: SchedulerSpec, outstanding:
 
 def rank(nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
          outstanding: Mapping[str, int], rtt_ms: Mapping[str, float]) -> list[NodeScore]:
-    """Scores of every node, best first; nodes below the threshold go after all others."""
+    """Scores of every node, best first. Nodes at or above the threshold come first; when none
+    qualifies, the cloud tier is preferred (the edge pool is too loaded, far or cold), then the
+    rest by score."""
     scores = [score(n, ctx, spec, outstanding.get(n.node_id, 0), rtt_ms.get(n.node_id)) for n in nodes]
-    return sorted(scores, key=lambda s: (s.total < spec.threshold, -s.total, s.node.node_id))
+    any_above = any(s.total >= spec.threshold for s in scores)
+
+    def key(s: NodeScore):
+        fallback_rank = 0 if any_above or s.node.tier == "cloud" else 1
+        return (s.total < spec.threshold, fallback_rank, -s.total, s.node.node_id)
+    return sorted(scores, key=key)
 
 
 def least_loaded(nodes: list[NodeInfo], outstanding: Mapping[str, int]) -> NodeInfo:

@@ -181,3 +181,18 @@ def test_failover_goes_to_same_region_edges_then_the_cloud_then_other_regions():
     assert [[n.node_id for n in stage] for stage in stages] == [["n2"], ["c1"], ["s1"]]
     no_cloud = failover_stages(nodes, failed, cloud_fallback=False)
     assert [[n.node_id for n in stage] for stage in no_cloud] == [["n2"], ["s1"]]
+
+
+def test_when_no_node_reaches_the_threshold_the_cloud_tier_is_preferred():
+    from services.common.deployment import SchedulerSpec
+    from services.common.nodes import NodeInfo
+    from services.coordinator.placement import RequestContext, rank
+
+    edge = NodeInfo("edge-1", "edge", "site-a", "e:1", cpus=1, inflight=8, cpu_load=1.0)
+    cloud = NodeInfo("cloud-1", "cloud", "cloud", "c:1", cpus=1, inflight=8, cpu_load=1.0)
+    ctx = RequestContext(model="m", variant_key="m:1:FP32", region="site-a")
+    spec = SchedulerSpec(threshold=0.99)
+    ranked = rank([edge, cloud], ctx, spec, {}, {"edge-1": 1.0, "cloud-1": 50.0})
+    assert ranked[0].total < spec.threshold and ranked[1].total < spec.threshold
+    assert ranked[0].node.node_id == "cloud-1"
+    assert rank([edge, cloud], ctx, SchedulerSpec(threshold=0.0), {}, {"edge-1": 1.0, "cloud-1": 50.0})[0].node.node_id == "edge-1"
