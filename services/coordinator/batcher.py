@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from services.common.deployment import BatchingSpec
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,8 @@ DROPPED = Counter("cnei_batch_dropped_total", "Requests removed from a queue bef
                   ["model", "reason"])
 
 
-@dataclass(frozen=True)
-class BatchConfig:
-    """Per-model batching settings (Triton's names)."""
-
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_size: int = 1024
-    max_inflight_batches: int = 1
+# The deployment's batching section (Triton's names) is the batcher's configuration.
+BatchConfig = BatchingSpec
 
 
 @dataclass(eq=False)  # identity: fields hold arrays, which have no truth value to compare by

@@ -85,11 +85,10 @@ def priority_level(params: dict) -> int:
 
 
 def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
+    """The deployment's batching, capped by what the variant accepts (1 for unbatched models)."""
     b = spec.batching
     limit = min(b.max_batch_size, variant.max_batch_size) if variant.max_batch_size else 1
-    return BatchConfig(max_batch_size=max(1, limit), max_queue_delay_us=b.max_queue_delay_us,
-                       preferred_batch_sizes=tuple(b.preferred_batch_sizes),
-                       max_queue_size=b.max_queue_size, max_inflight_batches=b.max_inflight_batches)
+    return replace(b, max_batch_size=max(1, limit))
 
 
 class Coordinator:
