@@ -1,0 +1,54 @@
+"""Device check for a GPU host: the runtime's provider choice and its clean CPU fallback.
+
+Run on a machine with an NVIDIA GPU (the `device` tool): prints what ONNX Runtime offers,
+which providers the edge runtime picks with use_cuda=True, and runs the digits model through
+the runtime's OrtModel, writing a JSON report to $OUT (or the current directory)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    import onnxruntime as ort
+
+    from services.edge_runtime.runner import OrtModel, choose_providers
+    from services.models import digits
+
+    report: dict = {"onnxruntime": ort.__version__, "available": ort.get_available_providers()}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        report["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+    except OSError as exc:
+        report["gpu"] = f"nvidia-smi unavailable: {exc}"
+    report["chosen_with_cuda"] = choose_providers(True)
+    report["chosen_without_cuda"] = choose_providers(False)
+    built = digits.build(Path(tempfile.mkdtemp()))
+    x, y = digits.load_all()
+    for variant in built:
+        model = OrtModel(variant.path, use_cuda=True, intra_op_threads=4)
+        start = time.perf_counter()
+        probs = model.run({"input": x})["probabilities"]
+        report[variant.precision] = {
+            "provider": model.provider, "accuracy": float((probs.argmax(1) == y).mean()),
+            "batch_1797_ms": (time.perf_counter() - start) * 1e3,
+        }
+    ok = all(report[p]["accuracy"] >= 0.9 for p in ("FP32", "FP16", "INT8"))
+    ok = ok and report["chosen_with_cuda"][-1] == "CPUExecutionProvider"
+    report["ok"] = ok
+    text = json.dumps(report, indent=1)
+    print(text)
+    Path(os.environ.get("OUT", "."), "gpu_check.json").write_text(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
