@@ -31,6 +31,9 @@ test: $(PB_STAMP)
 	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || \
 	  { [ -n "$(PA_INSTALL)" ] && bash $(PA_INSTALL) $(abspath $(BIN)) >/dev/null 2>&1; } || \
 	  echo "perf_analyzer could not be installed; its test will be skipped"
+	@[ -x /usr/bin/chromium ] || { export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed; the status page browser test will be skipped"
 	$(BIN)/python -m pytest -q tests
 
 # `make bench` (not part of the tests): CNEI vs in-process ONNX Runtime vs MLServer; see bench/README.md.

@@ -116,6 +116,10 @@ def _ms(value) -> str:
     return "-" if value is None else f"{value:.2f}ms"
 
 
+def _batching(b: dict) -> str:
+    return f"{b['max_batch_size']}/{b['max_queue_delay_us']}us"
+
+
 def status_text(s: dict) -> str:
     """The status page as terminal tables."""
     nodes = [[n["id"], n["tier"], n["region"], n["address"], n["health"], n["inflight"],
@@ -130,7 +134,7 @@ def status_text(s: dict) -> str:
                  " ".join(f"{c}={ms}ms" for c, ms in v["latency_ms"].items()) or "-"]
                 for m in s["models"] for v in m["variants"]]
     out.append(table(variants, ["MODEL", "VERSION", "PRECISION", "ACCURACY", "LATENCY"]))
-    deployments = [[m["name"], d["scheduler"], f"{d['batching']['max_batch_size']}/{d['batching']['max_queue_delay_us']}us",
+    deployments = [[m["name"], d["scheduler"], _batching(d["batching"]),
                     d["joint"], d["precision"], "+".join(d["tiers"]), "applied" if d["applied"] else "defaults"]
                    for m in s["models"] for d in [m["deployment"]]]
     out += ["", "DEPLOYMENTS", table(deployments, ["MODEL", "SCHEDULER", "BATCH/DELAY", "JOINT", "PRECISION",

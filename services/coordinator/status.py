@@ -139,7 +139,7 @@ async def build_status(core) -> dict:
         "latency": latency_rows(core.latency),
         "events": event_rows(list(core.recent), now),
         "stats": stats_rows(core.stats),
-        "federated": {"jobs": [], "note": "no federated trainer is running"},
+        "federated": {"jobs": [], "note": "no trainer is connected to this coordinator"},
         "models": [],
         "models_error": None,
     }

@@ -1,0 +1,160 @@
+"""Status snapshot: node health from breakers and probes, variants, deployments, latency, events,
+and the page and JSON routes on a real Coordinator whose registry answers or fails."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from services.common.deployment import DeploymentSpec, JointSpec, SchedulerSpec
+from services.common.errors import CneiError, ErrorCode
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.common.nodes import NodeDirectory, NodeInfo
+from services.coordinator.breaker import Breaker, State
+from services.coordinator.catalog import Catalog
+from services.coordinator.core import Coordinator
+from services.coordinator.latency import LatencyBook
+from services.coordinator.nodes_view import NodesView
+from services.coordinator.rest import build_app, status_routes
+from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.status import (build_status, event_rows, latency_rows, model_rows, node_health,
+                                         node_row, variant_latencies)
+
+
+def variant(precision: str, version: str = "1", **metadata: str) -> ModelVariant:
+    return ModelVariant("digits", version, precision, "ab" * 32, 1000,
+                        [TensorSpec("input", "FP32", [-1, 64])], [TensorSpec("probabilities", "FP32", [-1, 10])],
+                        metadata=metadata)
+
+
+def breaker(state: State) -> Breaker:
+    return Breaker(clock=lambda: 0.0, state=state, opened_at=0.0)
+
+
+@pytest.mark.parametrize(
+    ("unhealthy", "state", "expected"),
+    [(set(), None, "live"), (set(), State.CLOSED, "live"), (set(), State.OPEN, "open"),
+     (set(), State.HALF_OPEN, "half-open"), ({"n1"}, State.CLOSED, "unhealthy"), ({"n1"}, State.OPEN, "unhealthy")],
+    ids=["no-breaker-yet", "closed", "open", "half-open", "failed-health-check", "unhealthy-wins-over-breaker"],
+)
+def test_node_health_comes_from_the_health_probe_then_the_breaker(unhealthy, state, expected):
+    assert node_health("n1", unhealthy, breaker(state) if state else None) == expected
+
+
+def test_a_node_row_carries_load_heartbeat_age_rtt_and_cached_models():
+    node = NodeInfo("edge-a1", "edge", "site-a", "127.0.0.1:1", models=["digits:1:INT8", "digits:1:FP16"],
+                    inflight=2, cpu_load=0.256, mem_load=0.5, updated_at=100.0)
+    row = node_row(node, 1.23456, set(), breaker(State.HALF_OPEN), 3, now=101.5)
+    assert row == {
+        "id": "edge-a1", "tier": "edge", "region": "site-a", "address": "127.0.0.1:1", "node_class": "edge",
+        "health": "half-open", "breaker": "half-open", "inflight": 2, "outstanding": 3, "cpu_load": 0.256,
+        "mem_load": 0.5, "cpus": 1, "cache_bytes": 0, "models": ["digits:1:FP16", "digits:1:INT8"],
+        "heartbeat_age_s": 1.5, "rtt_ms": 1.235,
+    }
+
+
+def test_variant_latencies_are_read_per_node_class_and_bad_numbers_are_skipped():
+    v = variant("FP32", accuracy="0.97", **{"latency_ms.edge": "0.51234", "latency_ms.cloud": "0.2",
+                                           "latency_ms.gpu": "fast"})
+    assert variant_latencies(v) == {"cloud": 0.2, "edge": 0.512}
+
+
+def test_models_list_newest_version_first_with_the_applied_deployment_or_the_defaults():
+    variants = [variant("FP32", "1", accuracy="0.9"), variant("INT8", "2", accuracy="0.95"),
+                variant("FP32", "2", accuracy="0.96"), variant("FP32", "10")]
+    other = ModelVariant("tiny", "1", "FP32", "cd" * 32, 10, [], [])
+    spec = DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy="least_loaded"),
+                          joint=JointSpec(mode="sync", threshold=0.8))
+    rows = model_rows(variants + [other], {"digits": spec})
+    digits, tiny = rows
+    assert [(v["version"], v["precision"]) for v in digits["variants"]] == [
+        ("10", "FP32"), ("2", "INT8"), ("2", "FP32"), ("1", "FP32")]
+    assert digits["latest_version"] == "10"
+    assert digits["variants"][1]["accuracy"] == 0.95
+    assert digits["deployment"]["applied"] and digits["deployment"]["scheduler"] == "least_loaded"
+    assert (digits["deployment"]["joint"], digits["deployment"]["joint_threshold"]) == ("sync", 0.8)
+    assert not tiny["deployment"]["applied"] and tiny["deployment"]["scheduler"] == "edgeai"
+    assert tiny["deployment"]["joint_threshold"] is None
+
+
+def test_latency_rows_give_p50_and_p99_in_milliseconds_per_model_and_node():
+    book = LatencyBook()
+    for ms in range(1, 101):
+        book.add(("digits", "edge-a1"), ms / 1e3)
+    book.add(("digits", "cloud-1"), 0.004)
+    rows = latency_rows(book)
+    assert [(r["model"], r["node"], r["samples"]) for r in rows] == [
+        ("digits", "cloud-1", 1), ("digits", "edge-a1", 100)]
+    assert rows[1]["p50_ms"] == pytest.approx(50.5)
+    assert rows[1]["p99_ms"] == pytest.approx(99.01)
+
+
+def test_events_come_newest_first_with_their_age_and_are_capped():
+    recent = [{"kind": "up", "time": 10.0, "node": "a"}, {"kind": "failover", "time": 30.0, "model": "m"},
+              {"kind": "down", "time": 20.0, "node": "a"}]
+    rows = event_rows(recent, now=40.0, limit=2)
+    assert [(e["kind"], e["age_s"]) for e in rows] == [("failover", 10.0), ("down", 20.0)]
+
+
+class FakeRegistry:
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    async def list(self, name: str = ""):
+        if self.fail:
+            raise CneiError("registry at 127.0.0.1:1 unavailable", ErrorCode.UNAVAILABLE)
+        return [variant("FP32", accuracy="0.97"), variant("INT8", accuracy="0.96")]
+
+    async def list_deployments(self):
+        return [DeploymentSpec(model="digits")]
+
+
+def coordinator(registry: FakeRegistry) -> Coordinator:
+    core = Coordinator(CoordinatorSettings(), Catalog(registry, 1.0), NodesView(NodeDirectory(None), 1.0))
+    now = time.time()
+    core.nodes.nodes = [NodeInfo("edge-a1", "edge", "site-a", "127.0.0.1:1", updated_at=now),
+                        NodeInfo("cloud-1", "cloud", "cloud", "127.0.0.1:2", updated_at=now)]
+    core.nodes.rtt_ms["edge-a1"] = 0.8
+    core.nodes.unhealthy.add("cloud-1")
+    core.breakers.get("edge-a1").trip()
+    core.latency.add(("digits", "edge-a1"), 0.002)
+    core.recent.append({"kind": "failover", "time": now, "model": "digits", "from": "edge-b1",
+                        "to": "edge-a1", "reason": "UNAVAILABLE"})
+    core.stats.get("digits", "1").record(True, 2_000_000)
+    return core
+
+
+async def test_the_snapshot_of_a_coordinator_shows_nodes_models_latency_events_and_no_federated_jobs():
+    status = await build_status(coordinator(FakeRegistry()))
+    assert [(n["id"], n["health"]) for n in status["nodes"]] == [("cloud-1", "unhealthy"), ("edge-a1", "open")]
+    assert status["models"][0]["name"] == "digits"
+    assert [v["precision"] for v in status["models"][0]["variants"]] == ["INT8", "FP32"]
+    assert status["models_error"] is None
+    assert status["latency"][0]["p50_ms"] == pytest.approx(2.0)
+    assert status["events"][0]["kind"] == "failover"
+    assert status["stats"][0]["success"] == 1
+    assert status["federated"]["jobs"] == []
+
+
+async def test_a_failing_registry_becomes_an_error_field_and_nodes_are_still_shown():
+    status = await build_status(coordinator(FakeRegistry(fail=True)))
+    assert status["models"] == []
+    assert "registry at 127.0.0.1:1 unavailable" in status["models_error"]
+    assert len(status["nodes"]) == 2
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["registry-up", "registry-down"])
+async def test_the_rest_app_serves_the_page_at_the_root_and_the_json_it_polls(fail):
+    core = coordinator(FakeRegistry(fail=fail))
+    async with TestClient(TestServer(build_app(core, status_routes(core)))) as client:
+        page = await client.get("/")
+        assert page.status == 200 and page.content_type == "text/html"
+        html = await page.text()
+        assert "/api/status" in html and "Federated jobs" in html
+        assert "http://" not in html and "https://" not in html  # nothing external to load
+        reply = await client.get("/api/status")
+        assert reply.status == 200
+        body = await reply.json()
+        assert {n["id"] for n in body["nodes"]} == {"edge-a1", "cloud-1"}
+        assert (body["models_error"] is not None) == fail
