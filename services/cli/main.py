@@ -179,6 +179,39 @@ async def status_direct(args) -> int:
     return await models_list(argparse.Namespace(registry=args.registry, name=""))
 
 
+async def deploy_apply(args) -> int:
+    """Apply a ModelDeployment spec from a YAML or JSON file."""
+    import yaml
+
+    from services.common import deployment
+    from services.common.registry_client import RegistryClient
+
+    with open(args.file) as fh:
+        spec = deployment.from_dict(yaml.safe_load(fh))
+    client = RegistryClient(args.registry)
+    try:
+        applied = await client.put_deployment(spec)
+    finally:
+        await client.close()
+    print(f"deployment for model '{applied.model}' applied")
+    print(deployment.to_json(applied))
+    return 0
+
+
+async def deploy_show(args) -> int:
+    from services.common import deployment
+    from services.common.registry_client import RegistryClient
+
+    client = RegistryClient(args.registry)
+    try:
+        specs = [await client.get_deployment(args.model)] if args.model else await client.list_deployments()
+    finally:
+        await client.close()
+    for spec in specs:
+        print(deployment.to_json(spec))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cnei", description="Cloud-Native Edge Intelligence mesh")
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,6 +223,13 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("--version", required=True)
     push.add_argument("--precision", default="FP32")
     push.add_argument("--meta", action="append", default=[], help="metadata key=value (repeatable)")
+    deploy = sub.add_parser("deploy", help="ModelDeployment specs").add_subparsers(dest="verb", required=True)
+    apply = deploy.add_parser("apply", help="apply a deployment spec (YAML or JSON file)")
+    apply.add_argument("file")
+    show = deploy.add_parser("get", help="show one model's deployment, or all")
+    show.add_argument("model", nargs="?", default="")
+    for sp in (apply, show):
+        sp.add_argument("--registry", default="127.0.0.1:50051")
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
     for sp in (push, lst):
@@ -214,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli.up import run_up
 
         return run_up()
-    handler = {"push": models_push, "list": models_list}.get(getattr(args, "verb", "")) or \
+    handler = {"push": models_push, "list": models_list, "apply": deploy_apply,
+               "get": deploy_show}.get(getattr(args, "verb", "")) or \
         {"infer": infer, "status": status}[args.command]
     try:
         return asyncio.run(handler(args))
