@@ -7,18 +7,27 @@ import numpy as np
 
 
 class LatencyWindow:
-    """The last `size` latencies in seconds."""
+    """The last `size` latencies in seconds; quantiles are recomputed every `refresh` samples
+    (they sit on the request path for hedging)."""
 
-    def __init__(self, size: int = 512):
+    def __init__(self, size: int = 512, refresh: int = 32):
         self.samples: deque[float] = deque(maxlen=size)
+        self.refresh = refresh
+        self._added = 0
+        self._cache: dict[float, float] = {}
 
     def add(self, seconds: float) -> None:
         self.samples.append(seconds)
+        self._added += 1
+        if self._added % self.refresh == 0:
+            self._cache.clear()
 
     def quantile(self, q: float) -> float | None:
         if not self.samples:
             return None
-        return float(np.quantile(np.fromiter(self.samples, float), q))
+        if q not in self._cache or len(self.samples) < self.refresh:
+            self._cache[q] = float(np.quantile(np.fromiter(self.samples, float), q))
+        return self._cache[q]
 
 
 class LatencyBook:
