@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/*/*.proto)
 PB_STAMP := services/pb/.generated
 PA_INSTALL := $(firstword $(wildcard ../shared/tools/perf-analyzer/install.sh /work/shared/tools/perf-analyzer/install.sh))
 
-.PHONY: run test protos install clean bench perf-analyzer
+.PHONY: run test protos install clean bench bench-scheduler perf-analyzer
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,11 @@ $(MLSERVER_VENV)/.installed:
 bench: $(PB_STAMP) $(MLSERVER_VENV)/.installed
 	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# `make bench-scheduler`: placement policies (edgeai, round_robin, random, least_loaded) on an emulated
+# heterogeneous cluster, about 6 minutes; BENCH_ARGS=--quick for a 2-minute run. See bench/README.md.
+bench-scheduler: $(PB_STAMP)
+	$(BIN)/python bench/scheduler.py $(BENCH_ARGS)
 
 perf-analyzer: $(STAMP)
 	bash $(PA_INSTALL) $(abspath $(BIN))
