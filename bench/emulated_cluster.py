@@ -49,9 +49,9 @@ class EmulatedCluster:
     """Starts every process on free ports, registers the model, stops all in reverse order.
 
     The coordinator reaches runtimes over OIP gRPC, where the delay interceptor sits; the internal
-    fast lane (CNEI_*_FAST_LANE) is off unless asked for, as it does not pass that interceptor."""
+    fast lane (CNEI_*_FAST_LANE) applies the same ingress delay."""
 
-    def __init__(self, root: Path, layout: tuple[NodeSpec, ...] = LAYOUT, fast_lane: bool = False):
+    def __init__(self, root: Path, layout: tuple[NodeSpec, ...] = LAYOUT, fast_lane: bool = True):
         self.root = root
         self.layout = layout
         self.fast_lane = fast_lane

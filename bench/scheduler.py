@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edgeai-weights", type=parse_weights, nargs="*", default=[], metavar="A,B,G,D[,T]",
                    help="extra edgeai rows with these weights (and threshold)")
     p.add_argument("--region", default="", help="request parameter 'region' (default: none)")
-    p.add_argument("--fast-lane", action="store_true",
-                   help="let the coordinator use the runtimes' internal TCP data plane (bypasses the delay)")
+    p.add_argument("--no-fast-lane", dest="fast_lane", action="store_false",
+                   help="coordinator -> runtime over gRPC instead of the internal TCP data plane")
     p.add_argument("--seed", type=int, default=1, help="seed of the arrival times (same for every policy)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)

@@ -253,7 +253,7 @@ class Coordinator:
         default = choose_variant(variants, policy, "")
         ctx = RequestContext(model=default.name, variant_key=default.key, region=region)
         node = self.scheduler.choose(pool, ctx, spec.scheduler, self.outstanding,
-                                     self.nodes.rtt_ms, exclude=tried)
+                                     self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
         if node is None:
             return None
         return Placement(node, choose_variant(variants, policy, node.node_class or node.tier))
@@ -347,6 +347,8 @@ class Coordinator:
         breaker.allow()
         attempt_deadline = min(deadline, time.monotonic() + spec.attempt_timeout_ms / 1e3)
         start = time.perf_counter()
+        rows = int(next(iter(request.inputs.values())).shape[0]) if request.inputs else 1
+        self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
         try:
             outputs = await self._batcher(placement, spec).submit(
                 request.inputs, priority_level(request.parameters), attempt_deadline)
@@ -356,6 +358,8 @@ class Coordinator:
             elif exc.code in RETRYABLE:
                 breaker.failure()
             raise
+        finally:
+            self.outstanding[node.node_id] -= rows
         breaker.success()
         self.latency.add((placement.variant.name, node.node_id), time.perf_counter() - start)
         return outputs
@@ -434,18 +438,16 @@ class Coordinator:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded(f"deadline passed before model '{variant.name}' was sent")
-            self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + size
             start = time.perf_counter()
             trace.get_current_span().set_attributes({
                 "cnei.version": variant.version, "cnei.precision": variant.precision,
                 "cnei.node": node.node_id, "cnei.tier": node.tier})
-            try:
-                reply = await call(node, message, remaining)
-            finally:
-                self.outstanding[node.node_id] -= size
+            reply = await call(node, message, remaining)
             response = oip.response_from_proto(reply)
             compute_us = float(response.parameters.get("cnei_compute_us", 0) or 0)
             self.nodes.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3 - compute_us / 1e3)
+            if compute_us:
+                self.nodes.observe_compute(node.node_id, compute_us / 1e3 / max(1, size))
             return response.outputs
 
         return send

@@ -39,6 +39,7 @@ class NodesView:
         self.probe_s = probe_s
         self.nodes: list[NodeInfo] = []
         self.rtt_ms: dict[str, float] = {}
+        self.compute_ms: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
         self._fast: dict[str, FastClient] = {}
@@ -55,6 +56,7 @@ class NodesView:
                 self.on_change(events.NODE_UP, node, "heartbeat")
             for node in vanished:
                 self.rtt_ms.pop(node.node_id, None)
+                self.compute_ms.pop(node.node_id, None)
                 self.on_change(events.NODE_DOWN, node, "heartbeat expired")
 
     async def _refresh_loop(self) -> None:
@@ -85,6 +87,10 @@ class NodesView:
         while True:
             await asyncio.gather(*(self._probe(n) for n in self.nodes), return_exceptions=True)
             await asyncio.sleep(self.probe_s)
+
+    def observe_compute(self, node_id: str, ms_per_row: float) -> None:
+        """EWMA of the node's compute time per batch row, from `cnei_compute_us` in replies."""
+        self.compute_ms[node_id] = ewma(self.compute_ms.get(node_id), max(0.0, ms_per_row))
 
     def observe_rtt(self, node_id: str, rtt_ms: float) -> None:
         self.rtt_ms[node_id] = ewma(self.rtt_ms.get(node_id), max(0.0, rtt_ms))

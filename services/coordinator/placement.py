@@ -9,6 +9,7 @@ from services.common.deployment import SchedulerSpec
 from services.common.nodes import NodeInfo
 
 RTT_REFERENCE_MS = 10.0
+WAIT_REFERENCE_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,22 @@ def _clamp(x: float) -> float:
     return max(0.0, min(1.0, x))
 
 
-def resource_score(node: NodeInfo, outstanding: int) -> float:
-    """Spare capacity from the heartbeat (CPU, memory) and queue depth including our own
-    requests in flight to the node."""
-    queue = (node.inflight + outstanding) / max(1, node.cpus * 4)
-    return _clamp(1.0 - (0.35 * node.cpu_load + 0.15 * node.mem_load + 0.5 * min(1.0, queue)))
+def queue_pressure(node: NodeInfo, outstanding: int, compute_ms: float | None = None) -> float:
+    """0..1: how long work sent now would wait. With a measured compute time per row, the
+    expected wait of the queue (node in-flight + rows we queued or sent) against a 10 ms
+    reference; without one, queue depth against four requests per CPU."""
+    rows = node.inflight + outstanding
+    if compute_ms is None:
+        return min(1.0, rows / max(1, node.cpus * 4))
+    wait = (rows + 1) * compute_ms
+    return wait / (wait + WAIT_REFERENCE_MS)
+
+
+def resource_score(node: NodeInfo, outstanding: int, compute_ms: float | None = None) -> float:
+    """Spare capacity from the heartbeat (CPU, memory) and queue pressure, which counts our own
+    queued and in-flight rows and, once measured, how fast the node computes."""
+    queue = queue_pressure(node, outstanding, compute_ms)
+    return _clamp(1.0 - (0.35 * node.cpu_load + 0.15 * node.mem_load + 0.5 * queue))
 
 
 def locality_score(node: NodeInfo, region: str) -> float:
@@ -68,8 +80,8 @@ def network_score(rtt_ms: float | None) -> float:
 
 
 def score(node: NodeInfo, ctx: RequestContext, spec: SchedulerSpec, outstanding: int,
-          rtt_ms: float | None) -> NodeScore:
-    parts = (resource_score(node, outstanding), locality_score(node, ctx.region),
+          rtt_ms: float | None, compute_ms: float | None = None) -> NodeScore:
+    parts = (resource_score(node, outstanding, compute_ms), locality_score(node, ctx.region),
              model_score(node, ctx), network_score(rtt_ms))
     weights = (spec.alpha, spec.beta, spec.gamma, spec.delta)
     total = sum(w * p for w, p in zip(weights, parts)) / (sum(weights) or 1.0)
@@ -77,11 +89,14 @@ def score(node: NodeInfo, ctx: RequestContext, spec: SchedulerSpec, outstanding:
 
 
 def rank(nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
-         outstanding: Mapping[str, int], rtt_ms: Mapping[str, float]) -> list[NodeScore]:
+         outstanding: Mapping[str, int], rtt_ms: Mapping[str, float],
+         compute_ms: Mapping[str, float] | None = None) -> list[NodeScore]:
     """Scores of every node, best first. Nodes at or above the threshold come first; when none
     qualifies, the cloud tier is preferred (the edge pool is too loaded, far or cold), then the
     rest by score."""
-    scores = [score(n, ctx, spec, outstanding.get(n.node_id, 0), rtt_ms.get(n.node_id)) for n in nodes]
+    compute_ms = compute_ms or {}
+    scores = [score(n, ctx, spec, outstanding.get(n.node_id, 0), rtt_ms.get(n.node_id),
+                    compute_ms.get(n.node_id)) for n in nodes]
     any_above = any(s.total >= spec.threshold for s in scores)
 
     def key(s: NodeScore):
@@ -104,7 +119,8 @@ class Scheduler:
 
     def choose(self, nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
                outstanding: Mapping[str, int], rtt_ms: Mapping[str, float],
-               exclude: Collection[str] = ()) -> NodeInfo | None:
+               exclude: Collection[str] = (), compute_ms: Mapping[str, float] | None = None,
+               ) -> NodeInfo | None:
         pool = sorted((n for n in nodes if n.node_id not in exclude), key=lambda n: n.node_id)
         if not pool:
             return None
@@ -115,7 +131,7 @@ class Scheduler:
             return self._rng.choice(pool)
         if spec.policy == "least_loaded":
             return least_loaded(pool, outstanding)
-        return rank(pool, ctx, spec, outstanding, rtt_ms)[0].node
+        return rank(pool, ctx, spec, outstanding, rtt_ms, compute_ms)[0].node
 
 
 def failover_stages(nodes: list[NodeInfo], failed: NodeInfo, cloud_fallback: bool) -> list[list[NodeInfo]]:

@@ -42,9 +42,12 @@ async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
             log.warning("could not preload %s: %s", spec, exc)
 
 
-def fast_handler(servicer: OipServicer):
-    """The fast lane's handler: the same ModelInfer path as gRPC, under a server span."""
+def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
+    """The fast lane's handler: the same ModelInfer path as gRPC, under a server span (and the
+    same emulated ingress delay, for benchmarks)."""
     async def handle(payload: bytes, timeout: float | None) -> bytes:
+        if emulated_delay_ms > 0:
+            await asyncio.sleep(emulated_delay_ms / 1000.0)
         try:
             request = pb.ModelInferRequest.FromString(payload)
         except DecodeError as exc:
@@ -74,7 +77,7 @@ async def serve(settings: RuntimeSettings) -> None:
     oip_servicer = OipServicer(runtime)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
-    fast = FastServer(fast_handler(oip_servicer)) if settings.fast_lane else None
+    fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms)) if settings.fast_lane else None
     server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime),
                "cnei.node.v1.NodeControl")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
