@@ -8,13 +8,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-import grpc
 import numpy as np
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from prometheus_client import Counter
 
-from services.common import events, grpc_util, oip
+from services.common import events, oip
 from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode
 from services.common.model_spec import ModelVariant, check_inputs, version_key
@@ -23,13 +21,13 @@ from services.common.stats import ModelStats, StatsBook
 from services.coordinator.batcher import BatchConfig, Batcher
 from services.coordinator.breaker import Breakers
 from services.coordinator.catalog import Catalog
+from services.coordinator.forwarder import sender
 from services.coordinator.joint import disagreements, merge_rows, prefer_edge, rows_below
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
-from services.pb.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -420,48 +418,12 @@ class Coordinator:
         if batcher is None or batcher.config != config:
             if batcher is not None:
                 self._retire(batcher)
-            batcher = self.batchers[key] = Batcher(placement.variant.name, config,
-                                                   self._sender(placement))
+            send = sender(self.nodes, placement.node, placement.variant, self.settings.fast_lane)
+            batcher = self.batchers[key] = Batcher(placement.variant.name, config, send)
         return batcher
 
     def _retire(self, batcher: Batcher) -> None:
         self._spawn(batcher.drain_and_close())
-
-    def _sender(self, placement: Placement):
-        node, variant = placement.node, placement.variant
-        call = self._call_fast if node.fast_address and self.settings.fast_lane else self._call_grpc
-
-        async def send(inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
-            message = oip.request_to_proto(oip.InferRequest(
-                model_name=variant.name, model_version=variant.version, inputs=inputs,
-                parameters={"precision": variant.precision}))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"deadline passed before model '{variant.name}' was sent")
-            start = time.perf_counter()
-            trace.get_current_span().set_attributes({
-                "cnei.version": variant.version, "cnei.precision": variant.precision,
-                "cnei.node": node.node_id, "cnei.tier": node.tier})
-            reply = await call(node, message, remaining)
-            response = oip.response_from_proto(reply)
-            compute_us = float(response.parameters.get("cnei_compute_us", 0) or 0)
-            self.nodes.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3 - compute_us / 1e3)
-            if compute_us:
-                self.nodes.observe_compute(node.node_id, compute_us / 1e3 / max(1, size))
-            return response.outputs
-
-        return send
-
-    async def _call_grpc(self, node: NodeInfo, message, timeout: float):
-        try:
-            return await self.nodes.stub(node).ModelInfer(message, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
-
-    async def _call_fast(self, node: NodeInfo, message, timeout: float):
-        with _tracer.start_as_current_span("fastlane/ModelInfer", kind=SpanKind.CLIENT):
-            payload = await self.nodes.fast_client(node).call(message.SerializeToString(), timeout)
-        return pb.ModelInferResponse.FromString(payload)
 
     async def close(self) -> None:
         """Serve what is queued, then stop every batcher."""

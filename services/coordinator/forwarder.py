@@ -1,0 +1,60 @@
+"""Sending a batch to one node: OIP messages over the fast lane (or gRPC), feeding the node's
+measured RTT and compute time back into the nodes view."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from services.common import grpc_util, oip
+from services.common.errors import DeadlineExceeded
+from services.common.model_spec import ModelVariant
+from services.common.nodes import NodeInfo
+from services.coordinator.batcher import Send
+from services.coordinator.nodes_view import NodesView
+from services.pb.inference import grpc_service_pb2 as pb
+
+_tracer = trace.get_tracer(__name__)
+
+
+async def call_grpc(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequest,
+                    timeout: float) -> pb.ModelInferResponse:
+    try:
+        return await nodes.stub(node).ModelInfer(message, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
+
+
+async def call_fast(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequest,
+                    timeout: float) -> pb.ModelInferResponse:
+    with _tracer.start_as_current_span("fastlane/ModelInfer", kind=SpanKind.CLIENT):
+        payload = await nodes.fast_client(node).call(message.SerializeToString(), timeout)
+    return pb.ModelInferResponse.FromString(payload)
+
+
+def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: bool) -> Send:
+    """The batcher's `send` for one (variant, node)."""
+    call = call_fast if node.fast_address and fast_lane else call_grpc
+
+    async def send(inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
+        message = oip.request_to_proto(oip.InferRequest(
+            model_name=variant.name, model_version=variant.version, inputs=inputs,
+            parameters={"precision": variant.precision}))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"deadline passed before model '{variant.name}' was sent")
+        start = time.perf_counter()
+        trace.get_current_span().set_attributes({
+            "cnei.version": variant.version, "cnei.precision": variant.precision,
+            "cnei.node": node.node_id, "cnei.tier": node.tier})
+        response = oip.response_from_proto(await call(nodes, node, message, remaining))
+        compute_us = float(response.parameters.get("cnei_compute_us", 0) or 0)
+        nodes.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3 - compute_us / 1e3)
+        if compute_us:
+            nodes.observe_compute(node.node_id, compute_us / 1e3 / max(1, size))
+        return response.outputs
+
+    return send
