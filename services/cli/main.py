@@ -212,10 +212,32 @@ async def deploy_show(args) -> int:
     return 0
 
 
+def config(args) -> int:
+    """Every setting of every service: variable, default, meaning."""
+    from services.cli import up
+    from services.common import settings as cfg
+    from services.common.telemetry import TelemetrySettings
+    from services.coordinator import settings as coordinator
+    from services.edge_runtime import settings as runtime
+    from services.registry import settings as registry
+
+    sections = [("cnei up", up.MeshSettings, up.PREFIX),
+                ("registry", registry.RegistrySettings, registry.PREFIX),
+                ("coordinator", coordinator.CoordinatorSettings, coordinator.PREFIX),
+                ("runtime", runtime.RuntimeSettings, runtime.PREFIX),
+                ("telemetry (every service)", TelemetrySettings, "")]
+    for title, cls, prefix in sections:
+        print(title.upper())
+        print(table([list(row) for row in cfg.describe(cls, prefix)], ["VARIABLE", "DEFAULT", "MEANING"]))
+        print()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cnei", description="Cloud-Native Edge Intelligence mesh")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the whole mesh locally (what `make run` calls)")
+    sub.add_parser("config", help="list every setting (environment variable) with its default")
     models = sub.add_parser("models", help="registry operations").add_subparsers(dest="verb", required=True)
     push = models.add_parser("push", help="upload an ONNX model version")
     push.add_argument("file")
@@ -250,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "config":
+        return config(args)
     if args.command == "up":
         from services.cli.up import run_up
 

@@ -112,7 +112,6 @@ class Batcher:
         self._slots = asyncio.Semaphore(config.max_inflight_batches)
         self._task = asyncio.create_task(self._run(), name=f"batcher-{model}")
         self._inflight: set[asyncio.Task] = set()
-        self.last_used = time.monotonic()
 
     async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
                      deadline: float = float("inf")) -> dict[str, np.ndarray]:
@@ -125,7 +124,6 @@ class Batcher:
                        future=asyncio.get_running_loop().create_future(),
                        context=otel_context.get_current())
         self.queue.append(item)
-        self.last_used = time.monotonic()
         self._wake.set()
         timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
         try:  # cancellation of the caller, or its deadline, cancels the future: never sent
