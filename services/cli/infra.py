@@ -1,6 +1,7 @@
 """Start real NATS (JetStream) and Redis servers from the virtualenv when none answers."""
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -26,15 +27,41 @@ def find_binary(name: str) -> str:
 _handed_out: set[int] = set()
 
 
-def free_port() -> int:
-    """A port nothing listens on, never the same one twice in this process."""
+def _ephemeral_floor() -> int:
+    """Lowest port the kernel hands out for port-0 binds and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of `count` consecutive free ports below the kernel's ephemeral range (so no
+    port-0 bind or outgoing connection of another process can take them before they are used),
+    never handed out twice by this process."""
+    rng = random.Random()
+    top = max(20_000, _ephemeral_floor() - count)
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+        base = rng.randint(15_000, top)
+        run = range(base, base + count)
+        if any(p in _handed_out for p in run) or not all(_bindable(p) for p in run):
+            continue
+        _handed_out.update(run)
+        return base
+
+
+def free_port() -> int:
+    return free_ports(1)
 
 
 def answers(host: str, port: int, timeout: float = 0.3) -> bool:

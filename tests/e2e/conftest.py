@@ -72,22 +72,14 @@ class RunningMesh:
         return f"127.0.0.1:{self.settings.runtime_base_port + index}"
 
 
-def _consecutive_free_ports(count: int) -> int:
-    for _ in range(200):
-        base = infra.free_port()
-        if base + count < 65000 and not any(infra.answers("127.0.0.1", base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no run of free ports")
-
-
 @pytest.fixture(scope="session")
 def mesh(nats_server, redis_server, jaeger, tmp_path_factory, digits_models):
     settings = MeshSettings(
         data_dir=str(tmp_path_factory.mktemp("mesh")), nats_url=nats_server, redis_url=redis_server,
         registry_port=infra.free_port(), grpc_port=infra.free_port(), http_port=infra.free_port(),
         metrics_port=infra.free_port(), registry_metrics_port=infra.free_port(),
-        runtime_base_port=_consecutive_free_ports(len(RUNTIMES)),
-        runtime_metrics_base_port=_consecutive_free_ports(len(RUNTIMES)),
+        runtime_base_port=infra.free_ports(len(RUNTIMES)),
+        runtime_metrics_base_port=infra.free_ports(len(RUNTIMES)),
     )
     mp = pytest.MonkeyPatch()
     mp.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", jaeger.otlp)
