@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,27 +19,8 @@ MODEL_VERSION = "1"  # digits.VERSION and wide_mlp.VERSION
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` different free ports (each socket stays bound until all are chosen)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def consecutive_free_ports(count: int, avoid: list[int]) -> int:
-    for _ in range(200):
-        base = infra.free_port()
-        run = range(base, base + count)
-        if (base + count < 65000 and not set(run) & set(avoid)
-                and not any(infra.answers("127.0.0.1", p) for p in run)):
-            return base
-    raise RuntimeError("no run of free ports")
+    """`count` different free ports (below the ephemeral range; see services/cli/infra.py)."""
+    return [infra.free_port() for _ in range(count)]
 
 
 async def register(registry: str, models: dict[str, list[BuiltVariant]]) -> dict[str, dict[str, dict]]:
@@ -103,9 +83,8 @@ class CneiStack:
         self.mesh: Mesh | None = None
         self.registry_metadata: dict[str, dict[str, dict]] = {}
         ports = free_ports(7)
-        runtime_base = consecutive_free_ports(len(RUNTIMES), ports)
-        metrics_base = consecutive_free_ports(
-            len(RUNTIMES), ports + list(range(runtime_base, runtime_base + len(RUNTIMES))))
+        runtime_base = infra.free_ports(len(RUNTIMES))
+        metrics_base = infra.free_ports(len(RUNTIMES))
         self.settings = MeshSettings(
             data_dir=str(root / "mesh"), nats_url=f"nats://127.0.0.1:{ports[0]}",
             redis_url=f"redis://127.0.0.1:{ports[1]}/0", registry_port=ports[2], grpc_port=ports[3],
