@@ -99,6 +99,10 @@ class L1Cache:
     def keys(self) -> list[str]:
         return list(self._items)
 
+    def values(self) -> list[Any]:
+        """Everything loaded, without touching LRU order or the hit/miss counters."""
+        return [value for value, _ in self._items.values()]
+
     def get(self, key: str) -> Any | None:
         item = self._items.get(key)
         if item is None:

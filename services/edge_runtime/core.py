@@ -185,7 +185,7 @@ class EdgeRuntime:
         return self.l1.remove(key)
 
     def loaded(self) -> list[LoadedModel]:
-        return [m for m in (self.l1.get(k) for k in self.l1.keys()) if m is not None]
+        return self.l1.values()
 
     # --- InferenceCore ----------------------------------------------------------------------
     async def ready(self) -> bool:
