@@ -248,7 +248,9 @@ class Coordinator:
 
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
                region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
-        default = choose_variant(variants, policy, "")
+        # Warmth is judged on the explicit precision, else the default variant: latency-based
+        # choices depend on the node, which is not chosen yet.
+        default = choose_variant(variants, PrecisionPolicy(precision=policy.precision), "")
         ctx = RequestContext(model=default.name, variant_key=default.key, region=region)
         node = self.scheduler.choose(pool, ctx, spec.scheduler, self.outstanding,
                                      self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
@@ -267,7 +269,7 @@ class Coordinator:
         params = request.parameters
         policy = self._policy(params, spec)
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
-        check_inputs(choose_variant(variants, policy, ""), request.inputs)
+        check_inputs(variants[0], request.inputs)  # every precision variant shares the interface
         region = str(params.get("region", "") or "")
         tried: list[str] = []
         failed: NodeInfo | None = None

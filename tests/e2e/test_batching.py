@@ -67,6 +67,7 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(mes
 
 @pytest.mark.parametrize("params,precision", [
     ({"accuracy_floor": 0.9}, None),
+    ({"latency_budget_ms": 50.0}, None),
     ({"precision": "INT8"}, "INT8"),
 ])
 def test_precision_policies_choose_a_variant_and_report_it(mesh, params, precision):
