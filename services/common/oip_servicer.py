@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
@@ -41,6 +42,25 @@ class InferenceCore(Protocol):
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse: ...
     def statistics(self, name: str, version: str) -> list[ModelStats]: ...
     async def repository_index(self) -> list[ModelVariant]: ...
+
+
+@contextmanager
+def inference_metrics(model: str):
+    """Count and time one inference by model and outcome (gRPC, fast lane and REST alike).
+    Unknown models are counted under `_unknown` so clients cannot grow the label set."""
+    start, outcome = time.perf_counter(), "ok"
+    try:
+        yield
+    except CneiError as exc:
+        outcome = exc.code.value.lower()
+        raise
+    except Exception:
+        outcome = "internal"
+        raise
+    finally:
+        label = model if model and outcome != "not_found" else "_unknown"
+        INFER_REQUESTS.labels(label, outcome).inc()
+        INFER_LATENCY.labels(label, outcome).observe(time.perf_counter() - start)
 
 
 def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMetadataResponse:
@@ -147,21 +167,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
-        start, outcome = time.perf_counter(), "ok"
-        try:
+        with inference_metrics(request.model_name):
             req = oip.request_from_proto(request)
             resp = await self.core.infer(req, deadline_s)
             return oip.response_to_proto(resp, raw=req.raw)
-        except CneiError as exc:
-            outcome = exc.code.value.lower()
-            raise
-        except Exception:
-            outcome = "internal"
-            raise
-        finally:
-            model = request.model_name if outcome != "not_found" else "_unknown"
-            INFER_REQUESTS.labels(model, outcome).inc()
-            INFER_LATENCY.labels(model, outcome).observe(time.perf_counter() - start)
 
     @rpc
     async def ModelStreamInfer(self, request_iterator, context):

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from aiohttp import web
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
-from services.common.oip_servicer import EXTENSIONS, INFER_LATENCY, INFER_REQUESTS, PLATFORM, InferenceCore
+from services.common.oip_servicer import EXTENSIONS, PLATFORM, InferenceCore, inference_metrics
 from services.coordinator.status import build_status
 
 log = logging.getLogger(__name__)
@@ -70,21 +69,13 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
 
     async def infer(request):
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        start, outcome = time.perf_counter(), "ok"
-        try:
+        with inference_metrics(name):
             try:
                 body = json.loads(await request.read())
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise InvalidArgument(f"request body is not JSON: {exc}") from None
             response = await core.infer(oip_json.request_from_json(name, version, body))
             return web.json_response(oip_json.response_to_json(response))
-        except CneiError as exc:
-            outcome = exc.code.value.lower()
-            raise
-        finally:
-            model = name if outcome != "not_found" else "_unknown"
-            INFER_REQUESTS.labels(model, outcome).inc()
-            INFER_LATENCY.labels(model, outcome).observe(time.perf_counter() - start)
 
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes.get(prefix)(model_metadata)
