@@ -13,6 +13,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import events, oip
+from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode
 from services.common.model_spec import ModelVariant, check_inputs, version_key
@@ -102,7 +103,7 @@ class Coordinator:
         self.stats = StatsBook()
         self.outstanding: dict[str, int] = {}
         self.batchers: dict[tuple[str, str], Batcher] = {}
-        self._retiring: set[asyncio.Task] = set()
+        self._background = Background()
         self.publish = publish
         self.breakers = Breakers(settings.breaker_failures, settings.breaker_open_s)
         self.latency = LatencyBook()
@@ -175,7 +176,7 @@ class Coordinator:
             request.parameters.get("critical") is True
         response.parameters["cnei_joint"] = mode
         if mode == "async":
-            self._spawn(self._validate(request, spec, probs, output))
+            self._background.spawn(self._validate(request, spec, probs, output))
             return response
         rows = rows_below(probs, j.threshold)
         if not len(rows) or prefer_edge(critical, self._cloud_rtt(), j.latency_threshold_ms):
@@ -375,7 +376,7 @@ class Coordinator:
         payload = {"model": model, "from_node": failed.node_id, "from_tier": failed.tier,
                    "to_node": to.node_id, "to_tier": to.tier, "reason": reason,
                    "detail": error.message if error else ""}
-        self._spawn(self._publish(events.REQUEST_FAILOVER, payload))
+        self._background.spawn(self._publish(events.REQUEST_FAILOVER, payload))
 
     def node_changed(self, subject: str, node: NodeInfo, reason: str) -> None:
         """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
@@ -385,14 +386,9 @@ class Coordinator:
             self.breakers.get(node.node_id).success()
         self.recent.append({"kind": subject.rsplit(".", 1)[-1], "time": time.time(),
                             "node": node.node_id, "reason": reason})
-        self._spawn(self._publish(subject, {"node_id": node.node_id, "tier": node.tier,
+        self._background.spawn(self._publish(subject, {"node_id": node.node_id, "tier": node.tier,
                                             "region": node.region, "reason": reason,
                                             "observer": "coordinator"}))
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
 
     async def _publish(self, subject: str, payload: dict) -> None:
         if self.publish is None:
@@ -425,9 +421,9 @@ class Coordinator:
         return batcher
 
     def _retire(self, batcher: Batcher) -> None:
-        self._spawn(batcher.drain_and_close())
+        self._background.spawn(batcher.drain_and_close())
 
     async def close(self) -> None:
         """Serve what is queued, then stop every batcher."""
         await asyncio.gather(*(b.drain_and_close(5.0) for b in self.batchers.values()),
-                             *self._retiring, return_exceptions=True)
+                             self._background.wait(), return_exceptions=True)

@@ -11,6 +11,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import oip
+from services.common.background import Background
 from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.registry_client import RegistryClient
@@ -51,7 +52,7 @@ class EdgeRuntime:
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
-        self._background: set[asyncio.Task] = set()
+        self._background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb,
                                     settings.watts_per_core)
         self._registry_down_until = 0.0
@@ -122,7 +123,7 @@ class EdgeRuntime:
                     retry = retry or exc.code is ErrorCode.UNAVAILABLE
         if retry and attempt < RESYNC_RETRIES:
             await asyncio.sleep(1.0)
-            self._spawn(self.resync(attempt + 1))
+            self._background.spawn(self.resync(attempt + 1))
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded."""
@@ -160,16 +161,11 @@ class EdgeRuntime:
                 latency = await asyncio.get_running_loop().run_in_executor(
                     self._executor, measure_latency_ms, model, sample_inputs(variant))
                 memory = max(rss_bytes() - rss_before, variant.size_bytes)
-                self._spawn(self._report(variant, latency, memory))
+                self._background.spawn(self._report(variant, latency, memory))
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
             log.info("loaded %s on %s in %.3fs", variant.key, model.provider, loaded.load_seconds)
             return loaded
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _report(self, variant: ModelVariant, latency_ms: float, memory_bytes: int) -> None:
         try:
