@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from services.common import events, telemetry
+from services.common.background import Background
 from services.common.errors import Unavailable
 from services.common.outbox import Outbox
 
@@ -37,6 +38,7 @@ class EventBus:
         self._tasks: list[asyncio.Task] = []
         self._flush_lock = asyncio.Lock()
         self._online = asyncio.Event()
+        self._hooks = Background()
 
     @property
     def connected(self) -> bool:
@@ -95,7 +97,7 @@ class EventBus:
     async def _came_online(self) -> None:
         self._online.set()
         for hook in self.on_connect:
-            asyncio.create_task(hook())
+            self._hooks.spawn(hook())
 
     # --- publishing ---------------------------------------------------------------------------
     async def publish(self, subject: str, payload: dict) -> events.Envelope:

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from services.common import telemetry
+from services.common.background import Background
 from services.common.errors import CneiError, ErrorCode, ResourceExhausted, Unavailable, error_for
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class FastServer:
     def __init__(self, handler: Handler):
         self.handler = handler
         self.server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Background()
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._connection, host, port)
@@ -61,9 +62,7 @@ class FastServer:
                 request_id, kind, meta, payload = await read_frame(reader)
                 if kind != REQUEST:
                     raise ValueError(f"unexpected frame kind {kind}")
-                task = asyncio.create_task(self._serve(writer, request_id, meta, payload))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks.spawn(self._serve(writer, request_id, meta, payload))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except ValueError as exc:
@@ -90,8 +89,8 @@ class FastServer:
     async def stop(self, grace: float = 5.0) -> None:
         if self.server is not None:
             self.server.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=grace)
+        if self._tasks.tasks:
+            await asyncio.wait(self._tasks.tasks, timeout=grace)
 
 
 class FastClient:

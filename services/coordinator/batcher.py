@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from services.common.background import Background
 from services.common.deployment import BatchingSpec
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 
@@ -111,7 +112,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_inflight_batches)
         self._task = asyncio.create_task(self._run(), name=f"batcher-{model}")
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight = Background()
 
     async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
                      deadline: float = float("inf")) -> dict[str, np.ndarray]:
@@ -141,9 +142,7 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            task = asyncio.create_task(self._dispatch(batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self._inflight.spawn(self._dispatch(batch))
 
     async def _next_batch(self) -> list[Pending]:
         while True:
@@ -224,13 +223,13 @@ class Batcher:
     async def drain_and_close(self, timeout_s: float = 60.0) -> None:
         """Serve what is queued and in flight, then stop (used when a batcher is replaced)."""
         deadline = time.monotonic() + timeout_s
-        while (self.queue or self._inflight) and time.monotonic() < deadline:
+        while (self.queue or self._inflight.tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         await self.close()
 
     async def close(self) -> None:
         self._task.cancel()
-        await asyncio.gather(self._task, *self._inflight, return_exceptions=True)
+        await asyncio.gather(self._task, self._inflight.wait(), return_exceptions=True)
         for p in self.queue:
             if p.future is not None and not p.future.done():
                 p.future.set_exception(ResourceExhausted(f"batcher of model '{self.model}' closed"))

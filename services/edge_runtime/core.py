@@ -52,7 +52,7 @@ class EdgeRuntime:
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
-        self._background = Background()
+        self.background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb,
                                     settings.watts_per_core)
         self._registry_down_until = 0.0
@@ -123,7 +123,7 @@ class EdgeRuntime:
                     retry = retry or exc.code is ErrorCode.UNAVAILABLE
         if retry and attempt < RESYNC_RETRIES:
             await asyncio.sleep(1.0)
-            self._background.spawn(self.resync(attempt + 1))
+            self.background.spawn(self.resync(attempt + 1))
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded."""
@@ -161,7 +161,7 @@ class EdgeRuntime:
                 latency = await asyncio.get_running_loop().run_in_executor(
                     self._executor, measure_latency_ms, model, sample_inputs(variant))
                 memory = max(rss_bytes() - rss_before, variant.size_bytes)
-                self._background.spawn(self._report(variant, latency, memory))
+                self.background.spawn(self._report(variant, latency, memory))
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
             log.info("loaded %s on %s in %.3fs", variant.key, model.provider, loaded.load_seconds)

@@ -59,7 +59,7 @@ class Heartbeat:
             if self._lost_contact:
                 self._lost_contact = False
                 log.info("re-registered after losing Redis; resyncing models")
-                asyncio.create_task(self.runtime.resync())
+                self.runtime.background.spawn(self.runtime.resync())
 
     async def report_metrics(self) -> None:
         """A metrics snapshot as an event; buffered on disk by the bus while NATS is away."""

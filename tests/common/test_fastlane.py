@@ -71,7 +71,7 @@ async def test_a_closed_port_and_a_dropped_connection_are_unavailable(server):
     pending = asyncio.ensure_future(client.call(b"sleep2", 5.0))
     await asyncio.sleep(0.2)
     srv.server.close()
-    for task in list(srv._tasks):
+    for task in list(srv._tasks.tasks):
         task.cancel()
     client._writer.transport.abort()
     with pytest.raises(Unavailable):
