@@ -29,6 +29,7 @@ class MeshSettings:
     grpc_port: int = cfg.field(8001, "coordinator OIP gRPC port")
     http_port: int = cfg.field(8000, "coordinator REST port")
     metrics_port: int = cfg.field(8002, "coordinator metrics port")
+    coordinator_workers: int = cfg.field(1, "coordinator processes sharing its gRPC port (0: one per CPU)")
     runtime_base_port: int = cfg.field(50061, "first runtime gRPC port (cloud, then edges)")
     runtime_metrics_base_port: int = cfg.field(9111, "first runtime metrics port")
     registry_metrics_port: int = cfg.field(9101, "registry metrics port")
@@ -103,6 +104,7 @@ class Mesh:
             "CNEI_COORDINATOR_GRPC_PORT": str(self.s.grpc_port),
             "CNEI_COORDINATOR_HTTP_PORT": str(self.s.http_port),
             "CNEI_COORDINATOR_METRICS_PORT": str(self.s.metrics_port),
+            "CNEI_COORDINATOR_WORKERS": str(self.s.coordinator_workers),
             "CNEI_COORDINATOR_REGISTRY_TARGET": registry,
             "CNEI_COORDINATOR_REDIS_URL": self.s.redis_url,
             "CNEI_COORDINATOR_NATS_URL": self.s.nats_url,

@@ -23,8 +23,8 @@ class GrpcServer:
     """A grpc.aio server bound to host:port with the standard health service."""
 
     def __init__(self, host: str, port: int, max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES,
-                 interceptors: list | None = None):
-        self.server = grpc.aio.server(options=grpc_util.server_options(max_message_bytes),
+                 interceptors: list | None = None, reuse_port: bool = False):
+        self.server = grpc.aio.server(options=grpc_util.server_options(max_message_bytes, reuse_port),
                                       interceptors=interceptors or None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

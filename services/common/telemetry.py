@@ -13,6 +13,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from prometheus_client import start_http_server
 
 from services.common import settings as cfg
@@ -60,8 +61,11 @@ def setup(service_name: str, settings: TelemetrySettings | None = None) -> Trace
     resource = Resource.create(
         {"service.name": service_name, "service.version": settings.otel_service_version}
     )
-    _provider = TracerProvider(resource=resource)
-    if settings.otel_exporter_otlp_endpoint:
+    # Without an exporter nothing is recorded unless a caller's context says it is sampled, but
+    # every span still gets ids, so W3C context keeps flowing to services that do export.
+    exporting = bool(settings.otel_exporter_otlp_endpoint)
+    _provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF))
+    if exporting:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, insecure=True)

@@ -18,6 +18,7 @@ from services.coordinator.core import Coordinator
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import PREFIX, CoordinatorSettings
+from services.coordinator.workers import supervise, worker_count
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("services.coordinator")
@@ -30,31 +31,31 @@ async def serve(settings: CoordinatorSettings) -> None:
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
     await nodes.start()
     catalog = Catalog(registry, settings.resolve_ttl_s)
-    bus = EventBus(settings.nats_url, "coordinator", outbox=settings.outbox_path or None)
+    worker = settings.worker_index
+    source = "coordinator" if worker < 0 else f"coordinator-{worker}"
+    bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None)
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
     nodes.on_change = core.node_changed
-
-    async def on_model_event(envelope: events.Envelope) -> None:
-        catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
-
-    await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
-    await bus.subscribe(events.DEPLOYMENT_UPDATED, on_model_event)
-    server = lifecycle.GrpcServer(settings.host, settings.grpc_port)
+    await subscribe(bus, catalog, core, source)
+    server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
                "inference.GRPCInferenceService")
-    runner = web.AppRunner(build_app(core, status_routes(core)), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.http_port).start()
+    runner = None
+    if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
+        runner = web.AppRunner(build_app(core, status_routes(core)), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.http_port).start()
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
-    log.info("coordinator serving gRPC on %s, REST on %s:%d", server.address, settings.host,
-             settings.http_port)
+    log.info("coordinator %s serving gRPC on %s%s", source, server.address,
+             f", REST on {settings.host}:{settings.http_port}" if runner else "")
     await stop.wait()
-    log.info("coordinator shutting down")
+    log.info("coordinator %s shutting down", source)
     await server.stop()
     await core.close()
-    await runner.cleanup()
+    if runner is not None:
+        await runner.cleanup()
     await nodes.close()
     await bus.close()
     await redis.aclose()
@@ -62,8 +63,35 @@ async def serve(settings: CoordinatorSettings) -> None:
     telemetry.shutdown()
 
 
+async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: str) -> None:
+    """Registry changes invalidate the catalog; worker 0 of several also lists the other
+    workers' failovers on its status page."""
+    async def on_model_event(envelope: events.Envelope) -> None:
+        catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
+
+    async def on_peer_failover(envelope: events.Envelope) -> None:
+        if envelope.source.startswith("coordinator-") and envelope.source != source:
+            core.recent.append(failover_row(envelope))
+
+    await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
+    await bus.subscribe(events.DEPLOYMENT_UPDATED, on_model_event)
+    if source == "coordinator-0":
+        await bus.subscribe(events.REQUEST_FAILOVER, on_peer_failover)
+
+
+def failover_row(envelope: events.Envelope) -> dict:
+    p = envelope.payload
+    return {"kind": "failover", "time": envelope.time, "model": p.get("model", ""),
+            "from": p.get("from_node", ""), "to": p.get("to_node", ""), "reason": p.get("reason", "")}
+
+
 def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
+    count = worker_count(settings.workers)
+    if settings.worker_index < 0 and count > 1:
+        telemetry.setup("cnei-coordinator-supervisor")
+        asyncio.run(supervise(settings, count))
+        return
     telemetry.setup("cnei-coordinator")
     asyncio.run(serve(settings))
 

@@ -386,6 +386,8 @@ class Coordinator:
             self.breakers.get(node.node_id).success()
         self.recent.append({"kind": subject.rsplit(".", 1)[-1], "time": time.time(),
                             "node": node.node_id, "reason": reason})
+        if self.settings.worker_index > 0:
+            return  # of several workers, worker 0 alone announces what they all see
         self._background.spawn(self._publish(subject, {"node_id": node.node_id, "tier": node.tier,
                                             "region": node.region, "reason": reason,
                                             "observer": "coordinator"}))
@@ -403,11 +405,12 @@ class Coordinator:
         if request.outputs:
             outputs = {name: outputs[name] for name in request.outputs if name in outputs}
         v, node = placement.variant, placement.node
-        return oip.InferResponse(
-            model_name=v.name, model_version=v.version, id=request.id, outputs=outputs,
-            parameters={"cnei_node": node.node_id, "cnei_tier": node.tier,
-                        "cnei_precision": v.precision, "cnei_version": v.version},
-        )
+        parameters = {"cnei_node": node.node_id, "cnei_tier": node.tier,
+                      "cnei_precision": v.precision, "cnei_version": v.version}
+        if self.settings.worker_index >= 0:
+            parameters["cnei_coordinator_worker"] = self.settings.worker_index
+        return oip.InferResponse(model_name=v.name, model_version=v.version, id=request.id,
+                                 outputs=outputs, parameters=parameters)
 
     def _batcher(self, placement: Placement, spec: DeploymentSpec) -> Batcher:
         key = (placement.variant.key, placement.node.node_id)

@@ -51,13 +51,28 @@ def timed_run(run, *args):
     return result, time.thread_time() - cpu, start_ns
 
 
+_children: dict[tuple[str, ...], tuple] = {}
+
+
+def _series(values: tuple[str, ...]) -> tuple:
+    """The labelled children of every accounting metric for one label set, looked up once
+    (a `labels()` call costs more than the update it leads to)."""
+    found = _children.get(values)
+    if found is None:
+        found = _children[values] = (
+            REQUESTS.labels(*values, "ok"), INFERENCES.labels(*values), QUEUE_SECONDS.labels(*values),
+            COMPUTE_SECONDS.labels(*values), ENERGY.labels(*values), COST.labels(*values),
+            NETWORK_BYTES.labels(*values))
+    return found
+
+
 def record(labels: dict[str, str], model: CostModel, batch: int, queue_s: float, compute_s: float,
            cpu_seconds: float, network_bytes: int) -> None:
-    values = [labels[k] for k in _LABELS]
-    REQUESTS.labels(*values, "ok").inc()
-    INFERENCES.labels(*values).inc(batch)
-    QUEUE_SECONDS.labels(*values).observe(queue_s)
-    COMPUTE_SECONDS.labels(*values).observe(compute_s)
-    ENERGY.labels(*values).inc(model.energy_joules(cpu_seconds))
-    COST.labels(*values).inc(model.cost(cpu_seconds, network_bytes))
-    NETWORK_BYTES.labels(*values).inc(network_bytes)
+    requests, inferences, queue, compute, energy, cost, network = _series(tuple(labels[k] for k in _LABELS))
+    requests.inc()
+    inferences.inc(batch)
+    queue.observe(queue_s)
+    compute.observe(compute_s)
+    energy.inc(model.energy_joules(cpu_seconds))
+    cost.inc(model.cost(cpu_seconds, network_bytes))
+    network.inc(network_bytes)

@@ -36,6 +36,11 @@ class LoadedModel:
     variant: ModelVariant
     model: OrtModel
     load_seconds: float
+    compute_us: float = float("inf")  # EWMA of one ORT call's CPU time; decides inline runs
+
+    def observe(self, compute_ns: float) -> None:
+        sample = compute_ns / 1e3
+        self.compute_us = sample if self.compute_us == float("inf") else 0.8 * self.compute_us + 0.2 * sample
 
 
 class EdgeRuntime:
@@ -160,6 +165,7 @@ class EdgeRuntime:
             if self.settings.measure_on_load:
                 latency = await asyncio.get_running_loop().run_in_executor(
                     self._executor, measure_latency_ms, model, sample_inputs(variant))
+                loaded.compute_us = latency * 1e3
                 memory = max(rss_bytes() - rss_before, variant.size_bytes)
                 self.background.spawn(self._report(variant, latency, memory))
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
@@ -226,10 +232,10 @@ class EdgeRuntime:
             batch = _batch_size(variant, request)
             submitted = time.perf_counter_ns()
             with _tracer.start_as_current_span("ort.run") as span:
-                result, cpu_s, started = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, timed_run, loaded.model.run, request.inputs, outputs)
+                result, cpu_s, started = await self._run(loaded, request.inputs, outputs)
                 span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
             compute_ns = time.perf_counter_ns() - started
+            loaded.observe(cpu_s * 1e9)  # CPU time: a thread's wall time includes waiting for the GIL
         except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
             REQUESTS.labels(variant.name, variant.version, variant.precision, self.settings.node_id,
@@ -255,6 +261,15 @@ class EdgeRuntime:
             parameters={"cnei_node": self.settings.node_id, "cnei_precision": variant.precision,
                         "cnei_tier": self.settings.tier, "cnei_compute_us": compute_ns // 1000},
         )
+
+
+    async def _run(self, loaded: LoadedModel, inputs: dict, outputs: list[str] | None):
+        """One ORT call: on a worker thread, or inline when the model's calls take less than
+        `inline_max_us` (handing a 30 µs call to a thread costs more than the call itself)."""
+        if loaded.compute_us <= self.settings.inline_max_us:
+            return timed_run(loaded.model.run, inputs, outputs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, timed_run, loaded.model.run, inputs, outputs)
 
 
 def _requested_outputs(variant: ModelVariant, names: list[str]) -> list[str] | None:

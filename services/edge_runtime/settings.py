@@ -28,6 +28,8 @@ class RuntimeSettings:
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
     intra_op_threads: int = field(1, "ONNX Runtime intra-op threads per session")
     inference_workers: int = field(2, "threads running ONNX Runtime calls")
+    inline_max_us: float = field(
+        200.0, "models whose calls average below this many µs run on the event loop, not a thread (0: never)")
     use_cuda: bool = field(True, "use the CUDA provider when onnxruntime offers it")
     metrics_interval_s: float = field(5.0, "seconds between metrics snapshot events (0: none)")
     node_class: str = field("", "class of hardware for measured latency (default: the tier)")

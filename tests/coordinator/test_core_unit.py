@@ -100,3 +100,24 @@ def test_batch_config_carries_the_rest_of_the_deployments_batching_settings():
     assert batch_config(DeploymentSpec("digits", batching), _variant()) == BatchConfig(
         max_batch_size=32, max_queue_delay_us=750, preferred_batch_sizes=(8, 16), max_queue_size=10,
         max_inflight_batches=3)
+
+
+def test_worker_count_means_one_per_cpu_for_zero():
+    from services.coordinator.workers import worker_count
+
+    assert worker_count(0, cpus=4) == 4
+    assert worker_count(3, cpus=4) == 3
+    assert worker_count(0, cpus=0) >= 1
+
+
+def test_worker_env_gives_each_worker_its_index_outbox_and_the_shared_metrics_dir():
+    from services.coordinator.workers import worker_env
+
+    env = worker_env({"CNEI_COORDINATOR_WORKERS": "0", "KEEP": "x"}, 1, "/tmp/m", "/data/outbox")
+    assert env["CNEI_COORDINATOR_WORKERS"] == "1"  # a worker never supervises
+    assert env["CNEI_COORDINATOR_WORKER_INDEX"] == "1"
+    assert env["CNEI_COORDINATOR_METRICS_PORT"] == "0"  # the supervisor serves /metrics
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/m"
+    assert env["CNEI_COORDINATOR_OUTBOX_PATH"] == "/data/outbox.1"
+    assert env["KEEP"] == "x"
+    assert "CNEI_COORDINATOR_OUTBOX_PATH" not in worker_env({}, 0, "/tmp/m", "")

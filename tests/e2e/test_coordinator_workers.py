@@ -1,0 +1,110 @@
+"""Several coordinator processes on one port: requests spread over them, /metrics adds them up,
+a crashed worker is replaced and SIGTERM stops them all."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from services.cli import infra
+from services.models.digits import load_all
+
+WORKERS = 2
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def _infer_fresh_connection(address: str, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """One request over a new connection (the kernel spreads connections across workers):
+    (probabilities, index of the worker that answered)."""
+    client = triton.InferenceServerClient(address)
+    try:
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("digits", [inp], client_timeout=30)
+        worker = result.get_response().parameters["cnei_coordinator_worker"].int64_param
+        return result.as_numpy("probabilities"), worker
+    finally:
+        client.close()
+
+
+def _requests_total(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(r'^cnei_inference_requests_total\{model="digits",outcome="ok"\} (\S+)', text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+@pytest.fixture
+def workers(mesh):
+    grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
+    env = {**os.environ, "CNEI_COORDINATOR_WORKERS": str(WORKERS),
+           "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port), "CNEI_COORDINATOR_HTTP_PORT": str(http_port),
+           "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port),
+           "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
+           "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
+           "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url}
+    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
+        infra.wait_for_port("127.0.0.1", http_port, proc=proc, timeout=60)
+        _wait(lambda: len(_children(proc.pid)) == WORKERS, 30, f"{WORKERS} workers")
+        yield proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port
+    finally:
+        infra.stop(proc)
+
+
+def test_workers_share_the_port_and_their_metrics_add_up(workers):
+    proc, address, http_port, metrics_port = workers
+    x, y = load_all()
+    _infer_fresh_connection(address, x[:1])
+    before = _requests_total(metrics_port)
+    count, answered_by, correct = 60, set(), 0
+    for i in range(count):
+        probs, worker = _infer_fresh_connection(address, x[i:i + 1])
+        assert probs.shape == (1, 10)
+        correct += int(probs.argmax() == y[i])
+        answered_by.add(worker)
+    assert correct >= count - 3
+    assert answered_by == set(range(WORKERS))
+    _wait(lambda: _requests_total(metrics_port) - before >= count, 10, "summed request count")
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5) as reply:
+        assert reply.status == 200
+
+
+def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
+    proc, address, _, _ = workers
+    x, _ = load_all()
+    first = _children(proc.pid)
+    victim = first[0]
+    os.kill(victim, 9)
+    replaced = _wait(lambda: (c := _children(proc.pid)) and len(c) == WORKERS and victim not in c and c,
+                     30, "a replacement worker")
+    assert victim not in replaced
+    for i in range(10):  # whichever worker a connection lands on answers
+        assert _infer_fresh_connection(address, x[i:i + 1])[0].shape == (1, 10)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    for pid in replaced:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
