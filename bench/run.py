@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval-ms", type=int, help="perf_analyzer measurement window (default 2000)")
     p.add_argument("--runtimes", type=int, choices=(1, 3), default=1,
                    help="edge runtimes left behind the coordinator (default 1: the one measured directly)")
+    p.add_argument("--coordinator-workers", type=int, default=0,
+                   help="coordinator processes sharing its port (default 0: one per CPU)")
+    p.add_argument("--runtime-threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per runtime session (default 0: the runtime's default)")
     p.add_argument("--skip-mlserver", action="store_true", help="measure CNEI and in-process ORT only")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
@@ -85,7 +89,8 @@ def failed(config: str, plan: list[tuple[str, str]], args, error: str) -> list[d
 
 
 def run_cnei(models: dict, args, state: dict) -> tuple[list[dict], dict]:
-    stack = state["cnei"] = CneiStack(WORK / "cnei", runtimes=args.runtimes)
+    stack = state["cnei"] = CneiStack(WORK / "cnei", runtimes=args.runtimes,
+                                      coordinator_workers=args.coordinator_workers)
     log(f"starting NATS, Redis and the mesh ({args.runtimes} runtime(s) behind the coordinator)")
     stack.start(models)
     stack.warm(CNEI_PLAN)
@@ -122,6 +127,7 @@ def run_mlserver(models: dict, args, state: dict) -> list[dict]:
 
 def meta(args, started: float, load_at_start: float) -> dict:
     from services.common import settings as cfg
+    from services.coordinator.workers import worker_count
     from services.edge_runtime.settings import PREFIX, RuntimeSettings
 
     rt = cfg.load(RuntimeSettings, PREFIX)
@@ -141,7 +147,8 @@ def meta(args, started: float, load_at_start: float) -> dict:
         "perf_analyzer": f"-i grpc -b 1, {args.interval_ms} ms windows, 3 windows per point "
                          f"(-s {perf.STABILITY_PERCENT}), {perf.WARMUP_REQUESTS} warm-up requests",
         "concurrency": args.concurrency,
-        "cnei": f"{args.runtimes} edge runtime(s) behind the coordinator; runtime intra_op_threads="
+        "cnei": f"{args.runtimes} edge runtime(s) behind the coordinator "
+                f"({worker_count(args.coordinator_workers)} coordinator worker process(es)); runtime intra_op_threads="
                 f"{rt.intra_op_threads}, inference_workers={rt.inference_workers}; precision sent explicitly",
         "mlserver_setup": f"custom runtime bench/mlserver_runtime.py, ORT intra_op_threads="
                           f"{mlserver_setup.INTRA_OP_THREADS}, debug off; adaptive batching max_batch_size="
@@ -187,6 +194,8 @@ def _interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)  # no trace export while measuring
+    if args.runtime_threads:
+        os.environ["CNEI_RUNTIME_INTRA_OP_THREADS"] = str(args.runtime_threads)
     signal.signal(signal.SIGTERM, _interrupt)
     state: dict = {}
     try:

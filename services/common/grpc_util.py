@@ -91,6 +91,8 @@ def rpc(fn):
                 RPC_REQUESTS.labels(method, "OK").inc()
         return stream_wrapper
 
+    latency, ok = RPC_LATENCY.labels(method), RPC_REQUESTS.labels(method, "OK")
+
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         start = time.perf_counter()
@@ -105,8 +107,8 @@ def rpc(fn):
             except Exception as exc:  # noqa: BLE001 - mapped to a status
                 await _abort(context, span, method, exc)
             finally:
-                RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
-            RPC_REQUESTS.labels(method, "OK").inc()
+                latency.observe(time.perf_counter() - start)
+            ok.inc()
             return result
     return wrapper
 

@@ -44,6 +44,18 @@ class InferenceCore(Protocol):
     async def repository_index(self) -> list[ModelVariant]: ...
 
 
+_children: dict[tuple[str, str], tuple] = {}
+
+
+def _series(model: str, outcome: str) -> tuple:
+    """The (counter, histogram) children for one label pair, looked up once."""
+    found = _children.get((model, outcome))
+    if found is None:
+        found = _children[(model, outcome)] = (INFER_REQUESTS.labels(model, outcome),
+                                               INFER_LATENCY.labels(model, outcome))
+    return found
+
+
 @contextmanager
 def inference_metrics(model: str):
     """Count and time one inference by model and outcome (gRPC, fast lane and REST alike).
@@ -59,8 +71,9 @@ def inference_metrics(model: str):
         raise
     finally:
         label = model if model and outcome != "not_found" else "_unknown"
-        INFER_REQUESTS.labels(label, outcome).inc()
-        INFER_LATENCY.labels(label, outcome).observe(time.perf_counter() - start)
+        count, latency = _series(label, outcome)
+        count.inc()
+        latency.observe(time.perf_counter() - start)
 
 
 def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMetadataResponse:

@@ -113,6 +113,7 @@ class Batcher:
         self._slots = asyncio.Semaphore(config.max_inflight_batches)
         self._task = asyncio.create_task(self._run(), name=f"batcher-{model}")
         self._inflight = Background()
+        self._queue_time, self._batch_size = QUEUE_TIME.labels(model), BATCH_SIZE.labels(model)
 
     async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
                      deadline: float = float("inf")) -> dict[str, np.ndarray]:
@@ -192,9 +193,9 @@ class Batcher:
                 return
             now = time.monotonic()
             for p in live:
-                QUEUE_TIME.labels(self.model).observe(now - p.enqueued)
+                self._queue_time.observe(now - p.enqueued)
             sizes = [p.size for p in live]
-            BATCH_SIZE.labels(self.model).observe(sum(sizes))
+            self._batch_size.observe(sum(sizes))
             if len(live) == 1:
                 inputs = live[0].inputs
             else:
