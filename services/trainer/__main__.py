@@ -38,8 +38,8 @@ async def serve(settings: TrainerSettings) -> None:
     log.info("trainer serving on %s", server.address)
     await stop.wait()
     log.info("trainer shutting down")
+    await trainer.close()  # running jobs are marked interrupted; their watchers see it and end
     await server.stop(settings.shutdown_grace_s)
-    await trainer.close()
     await clients.close()
     await bus.close()
     await redis.aclose()
