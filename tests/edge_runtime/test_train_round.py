@@ -40,8 +40,8 @@ async def node(tmp_path):
 
 def _task(model: str = "digits", sizes=(64, 16, 10), **overrides) -> RoundTask:
     weights = layers_to_named(mlp_numpy.init_layers(sizes, seed=0))
-    return RoundTask(**{"job_id": "j1", "round": 1, "model": model, "weights": weights, "local_epochs": 3,
-                        "lr": 0.5, "batch_size": 32, **overrides})
+    return RoundTask(**{"job_id": "j1", "round": 1, "model": model, "weights": weights, "local_epochs": 5,
+                        "lr": 0.1, "batch_size": 32, **overrides})
 
 
 async def test_a_round_trains_the_global_weights_on_the_local_shard(node):
