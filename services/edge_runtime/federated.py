@@ -31,19 +31,26 @@ def digits_shard(index: int, count: int, mode: str) -> Shard:
     return x_train[rows], y_train[rows]
 
 
-# Models whose local data this runtime knows how to load: name -> (features, classes).
-DATASETS = {"digits": (DIGITS_FEATURES, DIGITS_CLASSES), "digits-tiny": (DIGITS_FEATURES, DIGITS_CLASSES),
-            "digits-large": (DIGITS_FEATURES, DIGITS_CLASSES)}
+# Datasets this runtime holds a shard of: family -> (features, classes). A model belongs to the
+# family named like it or as its prefix ("digits", "digits-tiny", "digits-fl", ...).
+DATASETS = {"digits": (DIGITS_FEATURES, DIGITS_CLASSES)}
+
+
+def dataset_of(model: str) -> str:
+    """The dataset family of `model`; NotFound when this node holds no data for it."""
+    family = model.split("-", 1)[0]
+    if family not in DATASETS:
+        raise NotFound(f"no local training data for model '{model}' (datasets: {sorted(DATASETS)})")
+    return family
 
 
 def check_task(task: RoundTask) -> None:
     """Raise NotFound / InvalidArgument for a round this node cannot train."""
-    if task.model not in DATASETS:
-        raise NotFound(f"no local training data for model '{task.model}' (known: {sorted(DATASETS)})")
+    family = dataset_of(task.model)
     if task.local_epochs < 1 or task.batch_size < 1 or task.lr <= 0 or task.mu < 0:
         raise InvalidArgument(f"local_epochs and batch_size must be >= 1, lr > 0 and mu >= 0; got "
                               f"{task.local_epochs}, {task.batch_size}, {task.lr}, {task.mu}")
-    features, classes = DATASETS[task.model]
+    features, classes = DATASETS[family]
     layers_from_named(task.weights, features, classes)
 
 
