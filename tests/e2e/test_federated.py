@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,3 +194,63 @@ def test_cnei_train_start_shows_each_round_and_prints_the_new_version(mesh, fl_m
     listed = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "list", "--trainer", mesh.trainer],
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "completed" in listed.stdout and MODEL in listed.stdout
+
+
+def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir) -> tuple[subprocess.Popen, str]:
+    """A second trainer process of the mesh, on its own port."""
+    port = infra.free_port()
+    env = {**os.environ, "CNEI_TRAINER_PORT": str(port), "CNEI_TRAINER_METRICS_PORT": "0",
+           "CNEI_TRAINER_REGISTRY_TARGET": mesh.registry, "CNEI_TRAINER_REDIS_URL": redis_url,
+           "CNEI_TRAINER_NATS_URL": nats_url, "CNEI_TRAINER_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    infra.wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+    return proc, f"127.0.0.1:{port}"
+
+
+async def _interrupt_a_running_job(proc: subprocess.Popen, target: str, redis_url: str) -> tuple[str, int]:
+    """Start a job whose round waits on a client that never answers, SIGTERM the trainer
+    mid-round: (state recorded in Redis, trainer's exit code)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        job = await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(
+            model=MODEL, rounds=2, min_clients=3, round_timeout_s=60), timeout=10)
+    redis = Redis.from_url(redis_url)
+    try:
+        store = JobStore(redis)
+        deadline = time.monotonic() + 20
+        while (await store.get(job.id)).state != "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the round's calls are in flight
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+        return (await store.get(job.id)).state, code
+    finally:
+        await redis.aclose()
+
+
+def test_sigterm_marks_the_running_job_interrupted_and_exits_cleanly(mesh, fl_model, redis_server,
+                                                                    nats_server, tmp_path):
+    silent = socket.socket()  # accepts connections, never speaks HTTP/2: a client that hangs
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    proc, target = _start_trainer(mesh, redis_server, nats_server, tmp_path)
+    hanging = NodeInfo(node_id="edge-silent", tier="edge", region="site-z",
+                       address=f"127.0.0.1:{silent.getsockname()[1]}")
+
+    async def scenario():
+        redis = Redis.from_url(redis_server)
+        try:
+            await NodeDirectory(redis).heartbeat(hanging, ttl_seconds=60)
+            return await _interrupt_a_running_job(proc, target, redis_server)
+        finally:
+            await NodeDirectory(redis).remove(hanging.node_id)
+            await redis.aclose()
+
+    try:
+        started = time.monotonic()
+        state, code = asyncio.run(scenario())
+        assert (state, code) == ("interrupted", 0)
+        assert time.monotonic() - started < 30
+    finally:
+        infra.stop(proc)
+        silent.close()
