@@ -117,14 +117,17 @@ class Mesh:
             "CNEI_COORDINATOR_REDIS_URL": self.s.redis_url,
             "CNEI_COORDINATOR_NATS_URL": self.s.nats_url,
         }, self.s.grpc_port)
+        self._spawn_trainer(registry)
+        for child in self.children:
+            infra.wait_for_port("127.0.0.1", child.ready_port, timeout=60, proc=child.proc)
+
+    def _spawn_trainer(self, registry: str) -> None:
         self._spawn("trainer", "services.trainer", {
             "CNEI_TRAINER_PORT": str(self.s.trainer_port),
             "CNEI_TRAINER_METRICS_PORT": str(self.s.trainer_metrics_port),
             "CNEI_TRAINER_REGISTRY_TARGET": registry, "CNEI_TRAINER_REDIS_URL": self.s.redis_url,
             "CNEI_TRAINER_NATS_URL": self.s.nats_url, "CNEI_TRAINER_DATA_DIR": str(self.root / "trainer"),
         }, self.s.trainer_port)
-        for child in self.children:
-            infra.wait_for_port("127.0.0.1", child.ready_port, timeout=60, proc=child.proc)
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)

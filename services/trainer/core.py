@@ -72,7 +72,9 @@ class FederatedTrainer:
 
     # --- API --------------------------------------------------------------------------------
     async def start_job(self, spec: JobSpec) -> JobRecord:
+        """Check the spec and that the base version exists (NOT_FOUND now, not later), then run."""
         check_spec(spec)
+        await self.registry.resolve(spec.model, spec.base_version, "FP32")
         job = JobRecord(spec=spec)
         await self._save(job)
         self._running[job.id] = job

@@ -171,7 +171,7 @@ def test_a_job_that_cannot_reach_min_clients_fails_with_a_clear_error(mesh, fl_m
     assert asyncio.run(stored()).state == "failed"
 
 
-def test_bad_job_specs_are_invalid_arguments(mesh):
+def test_bad_job_specs_are_invalid_arguments(mesh, fl_model):
     async def start():
         async with grpc.aio.insecure_channel(mesh.trainer) as channel:
             await tpb_grpc.TrainerStub(channel).StartJob(
@@ -181,6 +181,17 @@ def test_bad_job_specs_are_invalid_arguments(mesh):
         asyncio.run(start())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown strategy 'scaffold'" in info.value.details()
+
+
+def test_a_job_for_a_model_the_registry_lacks_is_not_found(mesh):
+    async def start():
+        async with grpc.aio.insecure_channel(mesh.trainer) as channel:
+            await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(model="digits-nope"), timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(start())
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "model 'digits-nope'" in info.value.details()
 
 
 def test_cnei_train_start_shows_each_round_and_prints_the_new_version(mesh, fl_model):
