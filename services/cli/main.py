@@ -1,4 +1,4 @@
-"""The `cnei` command line: up, models push/list, infer, status."""
+"""The `cnei` command line: up, models push/list, infer, status, train."""
 from __future__ import annotations
 
 import argparse
@@ -10,25 +10,9 @@ import time
 import grpc
 import numpy as np
 
+from services.cli import train
+from services.cli.output import progress, table
 from services.common.errors import CneiError
-
-
-def _progress(label: str):
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total) if total else width
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} bytes")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
-
-
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-                     + [fmt.format(*map(str, r)) for r in rows])
 
 
 async def models_push(args) -> int:
@@ -38,7 +22,7 @@ async def models_push(args) -> int:
     client = RegistryClient(args.registry)
     try:
         v = await client.push_file(args.file, args.name, args.version, args.precision.upper(), meta,
-                                   progress=_progress(f"push {args.name}"))
+                                   progress=progress(f"push {args.name}"))
     finally:
         await client.close()
     print(f"registered {v.name} v{v.version} {v.precision} sha256:{v.sha256} ({v.size_bytes} bytes)")
@@ -146,8 +130,7 @@ def status_text(s: dict) -> str:
               for e in s["events"][:15]]
     out += ["", "RECENT EVENTS", table(events, ["WHEN", "KIND", "DETAIL"]), "", "FEDERATED JOBS"]
     jobs = s["federated"]["jobs"]
-    out.append(table([[j.get("id", "?"), j.get("state", "?")] for j in jobs], ["JOB", "STATE"]) if jobs
-               else f"none running ({s['federated']['note']})")
+    out.append(train.jobs_table(jobs) if jobs else f"none running ({s['federated']['note']})")
     return "\n".join(out)
 
 
@@ -220,11 +203,13 @@ def config(args) -> int:
     from services.coordinator import settings as coordinator
     from services.edge_runtime import settings as runtime
     from services.registry import settings as registry
+    from services.trainer import settings as trainer
 
     sections = [("cnei up", up.MeshSettings, up.PREFIX),
                 ("registry", registry.RegistrySettings, registry.PREFIX),
                 ("coordinator", coordinator.CoordinatorSettings, coordinator.PREFIX),
                 ("runtime", runtime.RuntimeSettings, runtime.PREFIX),
+                ("trainer", trainer.TrainerSettings, trainer.PREFIX),
                 ("telemetry (every service)", TelemetrySettings, "")]
     for title, cls, prefix in sections:
         print(title.upper())
@@ -267,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default="http://127.0.0.1:8000", help="coordinator REST base URL")
     st.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     st.add_argument("--registry", default="127.0.0.1:50051")
+    train.add_parser(sub)
     return p
 
 
@@ -278,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli.up import run_up
 
         return run_up()
-    handler = {"push": models_push, "list": models_list, "apply": deploy_apply,
-               "get": deploy_show}.get(getattr(args, "verb", "")) or \
-        {"infer": infer, "status": status}[args.command]
+    verbs = {"push": models_push, "list": models_list, "apply": deploy_apply, "get": deploy_show}
+    if args.command == "train":
+        verbs = train.VERBS
+    handler = verbs.get(getattr(args, "verb", "")) or {"infer": infer, "status": status}[args.command]
     try:
         return asyncio.run(handler(args))
     except CneiError as exc:

@@ -33,6 +33,8 @@ class MeshSettings:
     runtime_base_port: int = cfg.field(50061, "first runtime gRPC port (cloud, then edges)")
     runtime_metrics_base_port: int = cfg.field(9111, "first runtime metrics port")
     registry_metrics_port: int = cfg.field(9101, "registry metrics port")
+    trainer_port: int = cfg.field(50071, "federated trainer gRPC port")
+    trainer_metrics_port: int = cfg.field(9121, "federated trainer metrics port")
     demo: bool = cfg.field(True, "build and register the digits demo model")
 
 
@@ -40,6 +42,14 @@ class MeshSettings:
 CLOUD_PRICES = {"CNEI_RUNTIME_COST_PER_CPU_SECOND": "0.00005", "CNEI_RUNTIME_COST_PER_NETWORK_MB": "0.00009",
                 "CNEI_RUNTIME_WATTS_PER_CORE": "25"}
 RUNTIMES = [("cloud-1", "cloud", "cloud"), ("edge-a1", "edge", "site-a"), ("edge-b1", "edge", "site-b")]
+EDGES = [node_id for node_id, tier, _ in RUNTIMES if tier == "edge"]
+
+
+def shard_env(node_id: str) -> dict[str, str]:
+    """Each edge runtime holds its own shard of the federated training data."""
+    if node_id not in EDGES:
+        return {}
+    return {"CNEI_RUNTIME_SHARD_INDEX": str(EDGES.index(node_id)), "CNEI_RUNTIME_SHARD_COUNT": str(len(EDGES))}
 
 
 @dataclass
@@ -98,7 +108,7 @@ class Mesh:
                 "CNEI_RUNTIME_NATS_URL": self.s.nats_url,
                 "CNEI_RUNTIME_CACHE_DIR": str(self.root / "cache" / node_id),
                 "CNEI_RUNTIME_PRELOAD": "digits" if self.s.demo else "",
-                **(CLOUD_PRICES if tier == "cloud" else {}),
+                **(CLOUD_PRICES if tier == "cloud" else {}), **shard_env(node_id),
             }, port)
         self._spawn("coordinator", "services.coordinator", {
             "CNEI_COORDINATOR_GRPC_PORT": str(self.s.grpc_port),
@@ -109,8 +119,17 @@ class Mesh:
             "CNEI_COORDINATOR_REDIS_URL": self.s.redis_url,
             "CNEI_COORDINATOR_NATS_URL": self.s.nats_url,
         }, self.s.grpc_port)
+        self._spawn_trainer(registry)
         for child in self.children:
             infra.wait_for_port("127.0.0.1", child.ready_port, timeout=60, proc=child.proc)
+
+    def _spawn_trainer(self, registry: str) -> None:
+        self._spawn("trainer", "services.trainer", {
+            "CNEI_TRAINER_PORT": str(self.s.trainer_port),
+            "CNEI_TRAINER_METRICS_PORT": str(self.s.trainer_metrics_port),
+            "CNEI_TRAINER_REGISTRY_TARGET": registry, "CNEI_TRAINER_REDIS_URL": self.s.redis_url,
+            "CNEI_TRAINER_NATS_URL": self.s.nats_url, "CNEI_TRAINER_DATA_DIR": str(self.root / "trainer"),
+        }, self.s.trainer_port)
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
@@ -118,7 +137,7 @@ class Mesh:
     def check_ports_free(self) -> None:
         """Refuse to start over another mesh: every service port must be free."""
         ports = [self.s.registry_port, self.s.grpc_port, self.s.http_port, self.s.metrics_port,
-                 self.s.registry_metrics_port]
+                 self.s.registry_metrics_port, self.s.trainer_port, self.s.trainer_metrics_port]
         ports += [self.s.runtime_base_port + i for i in range(len(RUNTIMES))]
         ports += [self.s.runtime_metrics_base_port + i for i in range(len(RUNTIMES))]
         busy = [p for p in ports if infra.answers("127.0.0.1", p)]
@@ -197,7 +216,8 @@ def run_up() -> int:
                 print(line)
         asyncio.run(wait_ready(f"127.0.0.1:{settings.grpc_port}"))
         print(f"CNEI mesh up in {time.monotonic() - started:.1f}s: OIP gRPC 127.0.0.1:{settings.grpc_port}, "
-              f"REST http://127.0.0.1:{settings.http_port}, metrics :{settings.metrics_port}; "
+              f"REST http://127.0.0.1:{settings.http_port}, metrics :{settings.metrics_port}, "
+              f"trainer 127.0.0.1:{settings.trainer_port}; "
               f"logs in {mesh.logs}. Ctrl-C stops it.", flush=True)
         while not stopping:
             dead = mesh.dead_child()

@@ -18,6 +18,9 @@ INFERENCE_ESCALATED = "cnei.inference.escalated"
 INFERENCE_DISAGREEMENT = "cnei.inference.disagreement"
 NODE_METRICS = "cnei.node.metrics"
 NODE_DOWN = "cnei.node.down"
+FEDERATED_ROUND_COMPLETED = "cnei.federated.round.completed"
+FEDERATED_JOB_COMPLETED = "cnei.federated.job.completed"
+FEDERATED_JOB_FAILED = "cnei.federated.job.failed"
 
 
 @dataclass(frozen=True)

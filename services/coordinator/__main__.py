@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from services.common import events, lifecycle, telemetry
 from services.common import settings as cfg
 from services.common.bus import EventBus
+from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.registry_client import RegistryClient
@@ -43,7 +44,7 @@ async def serve(settings: CoordinatorSettings) -> None:
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        runner = web.AppRunner(build_app(core, status_routes(core)), access_log=None)
+        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis))), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
     telemetry.start_metrics_server(settings.host, settings.metrics_port)

@@ -89,12 +89,13 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     return app
 
 
-def status_routes(core) -> list[web.RouteDef]:
-    """The status page at `/` and the JSON it polls at `/api/status`."""
+def status_routes(core, jobs=None) -> list[web.RouteDef]:
+    """The status page at `/` and the JSON it polls at `/api/status` (federated jobs from `jobs`,
+    a services.common.jobs.JobStore, when given)."""
     async def page(request):
         return web.FileResponse(STATUS_PAGE, headers={"Cache-Control": "no-cache"})
 
     async def status(request):
-        return web.json_response(await build_status(core), headers={"Cache-Control": "no-store"})
+        return web.json_response(await build_status(core, jobs), headers={"Cache-Control": "no-store"})
 
     return [web.get("/", page), web.get("/api/status", status)]

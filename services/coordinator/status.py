@@ -13,6 +13,8 @@ from services.coordinator.latency import LatencyBook
 from services.coordinator.precision import accuracy
 
 REGISTRY_TIMEOUT_S = 3.0
+JOBS_TIMEOUT_S = 1.0
+MAX_JOBS = 20
 LATENCY_PREFIX = "latency_ms."
 MAX_EVENTS = 50
 
@@ -127,7 +129,18 @@ async def registry_view(registry) -> tuple[list[ModelVariant], dict[str, Deploym
     return variants, {d.model: d for d in deployments}
 
 
-async def build_status(core) -> dict:
+async def federated_view(jobs) -> dict:
+    """Recent federated jobs from Redis, newest first; a Redis failure becomes the note."""
+    if jobs is None:
+        return {"jobs": [], "note": "no trainer is connected to this coordinator"}
+    try:
+        records = await asyncio.wait_for(jobs.list(MAX_JOBS), JOBS_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - the page still shows everything else
+        return {"jobs": [], "note": f"job records unavailable: {getattr(exc, 'message', None) or exc!r}"}
+    return {"jobs": [r.summary() for r in records], "note": "no job has been started"}
+
+
+async def build_status(core, jobs=None) -> dict:
     """The whole snapshot; a registry failure becomes `models_error`, never an exception."""
     now = time.time()
     view = core.nodes
@@ -139,7 +152,7 @@ async def build_status(core) -> dict:
         "latency": latency_rows(core.latency),
         "events": event_rows(list(core.recent), now),
         "stats": stats_rows(core.stats),
-        "federated": {"jobs": [], "note": "no trainer is connected to this coordinator"},
+        "federated": await federated_view(jobs),
         "models": [],
         "models_error": None,
     }

@@ -22,6 +22,7 @@ from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.control import NodeControlServicer
 from services.edge_runtime.emulation import DelayInterceptor
 from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.federated import LocalTrainer
 from services.edge_runtime.heartbeat import Heartbeat
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
@@ -78,7 +79,8 @@ async def serve(settings: RuntimeSettings) -> None:
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
     fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms)) if settings.fast_lane else None
-    server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime),
+    trainer = LocalTrainer(settings)
+    server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime, trainer),
                "cnei.node.v1.NodeControl")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
@@ -97,6 +99,7 @@ async def serve(settings: RuntimeSettings) -> None:
         await fast.stop()
     await server.stop()
     runtime.close()
+    trainer.close()
     await bus.close()
     await redis.aclose()
     await registry.close()

@@ -1,8 +1,10 @@
-"""NodeControl gRPC adapter: load, unload and report models of this runtime."""
+"""NodeControl gRPC adapter: load, unload and report models of this runtime; federated rounds."""
 from __future__ import annotations
 
+from services.common.federated_convert import task_from_proto, update_to_proto
 from services.common.grpc_util import rpc
 from services.edge_runtime.core import EdgeRuntime, LoadedModel
+from services.edge_runtime.federated import LocalTrainer
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 
@@ -14,8 +16,9 @@ def loaded_to_proto(m: LoadedModel) -> npb.LoadedModel:
 
 
 class NodeControlServicer(npb_grpc.NodeControlServicer):
-    def __init__(self, runtime: EdgeRuntime):
+    def __init__(self, runtime: EdgeRuntime, trainer: LocalTrainer):
         self.runtime = runtime
+        self.trainer = trainer
 
     @rpc
     async def LoadModel(self, request, context):
@@ -35,3 +38,7 @@ class NodeControlServicer(npb_grpc.NodeControlServicer):
             cache_bytes=self.runtime.l1.bytes_used,
             models=[loaded_to_proto(m) for m in self.runtime.loaded()],
         )
+
+    @rpc
+    async def TrainRound(self, request, context):
+        return update_to_proto(await self.trainer.train_round(task_from_proto(request)))

@@ -62,3 +62,15 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+
+
+def read_mlp_weights(model: onnx.ModelProto) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (W, B) pairs of an MLP built by `mlp_graph`, as float32, from its initializers."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = []
+    while f"W{len(layers)}" in inits and f"B{len(layers)}" in inits:
+        i = len(layers)
+        layers.append((inits[f"W{i}"].astype(np.float32), inits[f"B{i}"].astype(np.float32)))
+    if not layers:
+        raise ValueError(f"model '{model.graph.name}' has no W0/B0 initializers (not a CNEI MLP)")
+    return layers

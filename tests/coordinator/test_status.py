@@ -158,3 +158,46 @@ async def test_the_rest_app_serves_the_page_at_the_root_and_the_json_it_polls(fa
         body = await reply.json()
         assert {n["id"] for n in body["nodes"]} == {"edge-a1", "cloud-1"}
         assert (body["models_error"] is not None) == fail
+
+
+async def test_federated_jobs_recorded_in_redis_appear_in_the_snapshot_newest_first(redis_server):
+    from redis.asyncio import Redis
+
+    from services.cli.main import status_text
+    from services.common.jobs import JobRecord, JobSpec, JobStore, RoundRecord
+
+    redis = Redis.from_url(redis_server)
+    store = JobStore(redis)
+    older = JobRecord(spec=JobSpec(model="digits", rounds=3), state="completed", round=3, new_version="7",
+                      history=[RoundRecord(3, ["edge-a1", "edge-b1"], [], 0.9612, 0.12, 0.5)], created_at=1.0)
+    newer = JobRecord(spec=JobSpec(model="digits", rounds=5), state="running", round=1, created_at=2.0)
+    try:
+        for job in (older, newer):
+            await store.save(job)
+        status = await build_status(coordinator(FakeRegistry()), store)
+        rows = [j for j in status["federated"]["jobs"] if j["id"] in (older.id, newer.id)]
+        assert [j["id"] for j in rows] == [newer.id, older.id]
+        assert rows[1] | {"updated_at": 0} == {
+            "id": older.id, "model": "digits", "state": "completed", "round": 3, "rounds": 3,
+            "strategy": "fedavg", "participants": ["edge-a1", "edge-b1"], "accuracy": 0.9612,
+            "base_version": "", "new_version": "7", "error": "", "updated_at": 0}
+        text = status_text(status)
+        assert older.id in text and "3/3" in text and "edge-a1,edge-b1" in text and "0.9612" in text
+    finally:
+        await redis.delete(f"cnei:federated:job:{older.id}", f"cnei:federated:job:{newer.id}")
+        await redis.zrem("cnei:federated:jobs", older.id, newer.id)
+        await redis.aclose()
+
+
+async def test_unreachable_job_records_become_the_federated_note():
+    from redis.asyncio import Redis
+
+    from services.common.jobs import JobStore
+
+    redis = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    try:
+        status = await build_status(coordinator(FakeRegistry()), JobStore(redis))
+    finally:
+        await redis.aclose()
+    assert status["federated"]["jobs"] == []
+    assert status["federated"]["note"].startswith("job records unavailable")

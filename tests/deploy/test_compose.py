@@ -29,6 +29,7 @@ from services.common.telemetry import TelemetrySettings
 from services.coordinator import settings as coordinator_settings
 from services.edge_runtime import settings as runtime_settings
 from services.registry import settings as registry_settings
+from services.trainer import settings as trainer_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "compose" / "docker-compose.yml"
@@ -41,6 +42,7 @@ SETTINGS = {
     "services.registry": (registry_settings.RegistrySettings, registry_settings.PREFIX),
     "services.coordinator": (coordinator_settings.CoordinatorSettings, coordinator_settings.PREFIX),
     "services.edge_runtime": (runtime_settings.RuntimeSettings, runtime_settings.PREFIX),
+    "services.trainer": (trainer_settings.TrainerSettings, trainer_settings.PREFIX),
 }
 ONE_SHOTS = {"demo-model"}
 # Tracing is best effort (spans are dropped while Jaeger is away), so waiting for it to start
@@ -123,7 +125,7 @@ def _health_target(svc: dict) -> str:
 
 
 def test_compose_has_the_mesh(services):
-    assert {"nats", "redis", "jaeger", "registry", "coordinator", "demo-model",
+    assert {"nats", "redis", "jaeger", "registry", "coordinator", "demo-model", "trainer",
             "cloud-1", "edge-a1", "edge-b1"} <= set(services)
 
 
@@ -194,7 +196,7 @@ def test_named_volumes_are_declared(compose, services):
 
 def test_cnei_env_vars_are_settings_fields(services):
     """Every variable set is a field of that service's settings (or telemetry) and parses."""
-    assert set(_cnei(services)) == {"registry", "coordinator", "cloud-1", "edge-a1", "edge-b1"}
+    assert set(_cnei(services)) == {"registry", "coordinator", "trainer", "cloud-1", "edge-a1", "edge-b1"}
     for name, svc in _cnei(services).items():
         cls, prefix, _ = _settings_of(name, svc)
         known = {prefix + f.name.upper() for f in dataclasses.fields(cls)} | TELEMETRY_VARS
@@ -475,3 +477,14 @@ def test_register_demo_fails_cleanly_without_a_registry(tmp_path):
     assert result.returncode == 1
     assert "not serving (UNAVAILABLE" in result.stderr
     assert not list(tmp_path.iterdir()), "nothing is built while the registry is away"
+
+
+def test_the_trainer_reaches_the_mesh_and_each_edge_holds_its_own_shard(services):
+    _, _, trainer = _settings_of("trainer", services["trainer"])
+    assert trainer.data_dir in _mounts(services["trainer"]), "trained variants must live on a volume"
+    shards = set()
+    for name in ("edge-a1", "edge-b1"):
+        _, _, s = _settings_of(name, services[name])
+        assert s.shard_count == 2
+        shards.add(s.shard_index)
+    assert shards == {0, 1}

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +21,7 @@ from services.common.telemetry import TelemetrySettings
 from services.coordinator import settings as coordinator_settings
 from services.edge_runtime import settings as runtime_settings
 from services.registry import settings as registry_settings
+from services.trainer import settings as trainer_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "cnei"
@@ -39,6 +36,7 @@ SETTINGS = {
     "services.registry": (registry_settings.RegistrySettings, registry_settings.PREFIX),
     "services.coordinator": (coordinator_settings.CoordinatorSettings, coordinator_settings.PREFIX),
     "services.edge_runtime": (runtime_settings.RuntimeSettings, runtime_settings.PREFIX),
+    "services.trainer": (trainer_settings.TrainerSettings, trainer_settings.PREFIX),
 }
 TELEMETRY_VARS = {f.name.upper() for f in dataclasses.fields(TelemetrySettings)}
 # Settings port fields -> the container port name that must carry them.
@@ -463,7 +461,7 @@ def test_redis_starts_with_the_rendered_command_and_passes_its_readiness_probe(d
         infra.stop(proc)
 
 
-# --- monitoring and the trainer placeholder ---------------------------------------------------
+# --- monitoring and the trainer ---------------------------------------------------------------
 
 def test_the_service_monitor_scrapes_the_metrics_port_of_every_cnei_service(rendered):
     monitors = rendered.of("ServiceMonitor")
@@ -481,24 +479,20 @@ def test_the_service_monitor_scrapes_the_metrics_port_of_every_cnei_service(rend
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
 
-def test_the_trainer_placeholder_idles_and_exits_cleanly_on_sigterm(defaults):
-    (trainer,) = [w for w in defaults.workloads() if w["metadata"]["name"].endswith("-trainer")]
-    (container,) = _pod(trainer)["containers"]
-    command = container["command"]
-    assert command[0] == "python"
-    proc = subprocess.Popen([sys.executable, *command[1:]], stdout=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(15, proc.kill)  # a silent placeholder must not hang the suite
-    watchdog.start()
-    try:
-        assert "placeholder" in proc.stdout.readline()
-        time.sleep(0.1)
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        watchdog.cancel()
-        proc.kill()
-        proc.stdout.close()
+def test_the_trainer_runs_the_trainer_service_with_a_writable_work_dir(rendered):
+    trainers = rendered.running("services.trainer")
+    if not rendered.values["trainer"]["enabled"]:
+        assert not trainers
+        return
+    ((workload, container),) = trainers
+    assert workload["kind"] == "Deployment"
+    settings = _settings(container)[0]
+    assert settings.port == rendered.values["trainer"]["port"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(workload)["volumes"]}
+    assert "emptyDir" in volumes[mounts[settings.data_dir]]
+    service = rendered.get("Service", workload["metadata"]["name"])
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
 
 
 @pytest.mark.parametrize("dependency", ["nats", "redis"])

@@ -1,4 +1,4 @@
-"""The whole mesh as real processes (registry, coordinator, cloud + two edge runtimes) on free
+"""The whole mesh as real processes (registry, coordinator, trainer, cloud + two edge runtimes) on free
 ports, against the session's real NATS and Redis, exporting traces to the Jaeger stand-in."""
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ class RunningMesh:
     def registry(self) -> str:
         return f"127.0.0.1:{self.settings.registry_port}"
 
+    @property
+    def trainer(self) -> str:
+        return f"127.0.0.1:{self.settings.trainer_port}"
+
     def runtime(self, node_id: str) -> str:
         index = [r[0] for r in RUNTIMES].index(node_id)
         return f"127.0.0.1:{self.settings.runtime_base_port + index}"
@@ -78,6 +82,7 @@ def mesh(nats_server, redis_server, jaeger, tmp_path_factory, digits_models):
         data_dir=str(tmp_path_factory.mktemp("mesh")), nats_url=nats_server, redis_url=redis_server,
         registry_port=infra.free_port(), grpc_port=infra.free_port(), http_port=infra.free_port(),
         metrics_port=infra.free_port(), registry_metrics_port=infra.free_port(),
+        trainer_port=infra.free_port(), trainer_metrics_port=infra.free_port(),
         runtime_base_port=infra.free_ports(len(RUNTIMES)),
         runtime_metrics_base_port=infra.free_ports(len(RUNTIMES)),
     )

@@ -1,0 +1,119 @@
+"""Federated job records in Redis (`cnei:federated:*`): written by the trainer, read by the
+coordinator's status page and the CLI."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+
+from redis.asyncio import Redis
+
+from services.common.errors import NotFound
+
+JOB_KEY = "cnei:federated:job:{}"
+JOB_INDEX = "cnei:federated:jobs"  # sorted set: job id scored by creation time
+TERMINAL = ("completed", "failed", "interrupted")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a federated job is asked to do."""
+
+    model: str = "digits"
+    base_version: str = ""
+    rounds: int = 3
+    min_clients: int = 1
+    fraction: float = 1.0
+    local_epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    strategy: str = "fedavg"
+    mu: float = 0.0
+    server_momentum: float = 0.0
+    server_lr: float = 0.0
+    round_timeout_s: float = 0.0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    participants: list[str]
+    failed: list[str]
+    accuracy: float
+    loss: float
+    seconds: float
+    attempt: int = 1
+
+
+@dataclass
+class JobRecord:
+    spec: JobSpec
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    state: str = "pending"
+    round: int = 0
+    base_version: str = ""
+    history: list[RoundRecord] = field(default_factory=list)
+    new_version: str = ""
+    error: str = ""
+    variant_accuracy: dict[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> JobRecord:
+        obj = json.loads(data)
+        spec = JobSpec(**{k: v for k, v in obj.pop("spec", {}).items() if k in JobSpec.__dataclass_fields__})
+        history = [RoundRecord(**r) for r in obj.pop("history", [])]
+        known = {f.name for f in fields(cls)}
+        return cls(spec=spec, history=history, **{k: v for k, v in obj.items() if k in known})
+
+    def summary(self) -> dict:
+        """The status-page row: id, model, state, round x/y, participants, accuracy, version."""
+        last = self.history[-1] if self.history else None
+        return {"id": self.id, "model": self.spec.model, "state": self.state, "round": self.round,
+                "rounds": self.spec.rounds, "strategy": self.spec.strategy,
+                "participants": last.participants if last else [],
+                "accuracy": round(last.accuracy, 4) if last else None,
+                "base_version": self.base_version, "new_version": self.new_version, "error": self.error,
+                "updated_at": self.updated_at}
+
+
+class JobStore:
+    """Save, load and list job records."""
+
+    def __init__(self, redis: Redis, ttl_s: float = 7 * 24 * 3600):
+        self.redis = redis
+        self.ttl_s = ttl_s
+
+    async def save(self, job: JobRecord) -> None:
+        job.updated_at = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(JOB_KEY.format(job.id), job.to_json(), ex=int(self.ttl_s))
+            pipe.zadd(JOB_INDEX, {job.id: job.created_at})
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> JobRecord:
+        data = await self.redis.get(JOB_KEY.format(job_id))
+        if data is None:
+            raise NotFound(f"federated job '{job_id}' not found")
+        return JobRecord.from_json(data)
+
+    async def list(self, limit: int = 50) -> list[JobRecord]:
+        """Newest first; ids whose record expired are pruned from the index."""
+        ids = [i.decode() if isinstance(i, bytes) else i
+               for i in await self.redis.zrevrange(JOB_INDEX, 0, limit - 1)]
+        if not ids:
+            return []
+        records = await self.redis.mget([JOB_KEY.format(i) for i in ids])
+        gone = [i for i, r in zip(ids, records) if r is None]
+        if gone:
+            await self.redis.zrem(JOB_INDEX, *gone)
+        return [JobRecord.from_json(r) for r in records if r is not None]

@@ -1,0 +1,57 @@
+"""Trainer composition root: Redis, registry, NATS -> federated core -> gRPC adapter; clean shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from services.common import lifecycle, telemetry
+from services.common import settings as cfg
+from services.common.bus import EventBus
+from services.common.jobs import JobStore
+from services.common.nodes import NodeDirectory
+from services.common.registry_client import RegistryClient
+from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
+from services.trainer.clients import NodeClients
+from services.trainer.core import FederatedTrainer
+from services.trainer.servicer import TrainerServicer
+from services.trainer.settings import PREFIX, TrainerSettings
+
+log = logging.getLogger("services.trainer")
+
+
+async def serve(settings: TrainerSettings) -> None:
+    stop = lifecycle.stop_event()
+    registry = RegistryClient(settings.registry_target, timeout=10.0)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
+    await bus.start()
+    clients = NodeClients()
+    trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),
+                               clients.train, registry, bus.publish)
+    server = lifecycle.GrpcServer(settings.host, settings.port)
+    server.add(tpb_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer), "cnei.trainer.v1.Trainer")
+    telemetry.start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+    log.info("trainer serving on %s", server.address)
+    await stop.wait()
+    log.info("trainer shutting down")
+    await trainer.close()  # running jobs are marked interrupted; their watchers see it and end
+    await server.stop(settings.shutdown_grace_s)
+    await clients.close()
+    await bus.close()
+    await redis.aclose()
+    await registry.close()
+    telemetry.shutdown()
+
+
+def main() -> None:
+    settings = cfg.load(TrainerSettings, PREFIX)
+    telemetry.setup("cnei-trainer")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Federated jobs <-> protobuf (cnei.trainer.v1)."""
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.jobs import JobRecord, JobSpec, RoundRecord
+from services.pb.cnei import trainer_pb2 as tpb
+
+DEFAULTS = JobSpec()
+
+
+def spec_from_proto(msg: tpb.StartJobRequest) -> JobSpec:
+    """Unset (zero) fields take JobSpec's defaults."""
+    values = {f.name: getattr(msg, f.name) or getattr(DEFAULTS, f.name) for f in dataclasses.fields(JobSpec)}
+    values["strategy"] = values["strategy"].lower()
+    return JobSpec(**values)
+
+
+def spec_to_proto(spec: JobSpec) -> tpb.StartJobRequest:
+    return tpb.StartJobRequest(**dataclasses.asdict(spec))
+
+
+def round_to_proto(r: RoundRecord) -> tpb.RoundResult:
+    return tpb.RoundResult(round=r.round, participants=r.participants, failed=r.failed, accuracy=r.accuracy,
+                           loss=r.loss, seconds=r.seconds, attempt=r.attempt)
+
+
+def round_from_proto(msg: tpb.RoundResult) -> RoundRecord:
+    return RoundRecord(round=msg.round, participants=list(msg.participants), failed=list(msg.failed),
+                       accuracy=msg.accuracy, loss=msg.loss, seconds=msg.seconds, attempt=msg.attempt)
+
+
+def job_to_proto(job: JobRecord) -> tpb.Job:
+    return tpb.Job(
+        id=job.id, model=job.spec.model, base_version=job.base_version, state=job.state, round=job.round,
+        rounds=job.spec.rounds, strategy=job.spec.strategy, history=[round_to_proto(r) for r in job.history],
+        new_version=job.new_version, error=job.error, variant_accuracy=job.variant_accuracy,
+        created_at=job.created_at, updated_at=job.updated_at, spec=spec_to_proto(job.spec))
+
+
+def job_from_proto(msg: tpb.Job) -> JobRecord:
+    return JobRecord(
+        spec=spec_from_proto(msg.spec), id=msg.id, state=msg.state, round=msg.round,
+        base_version=msg.base_version, history=[round_from_proto(r) for r in msg.history],
+        new_version=msg.new_version, error=msg.error, variant_accuracy=dict(msg.variant_accuracy),
+        created_at=msg.created_at, updated_at=msg.updated_at)

@@ -1,0 +1,236 @@
+"""Trainer core: federated jobs from start to a new registry version; no transport imports."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from opentelemetry import trace
+
+from services.common import events
+from services.common.background import Background
+from services.common.errors import AlreadyExists, CneiError, InvalidArgument
+from services.common.federated import Named, RoundTask, layers_from_named, layers_to_named
+from services.common.jobs import JobRecord, JobSpec, JobStore
+from services.common.nodes import NodeDirectory
+from services.common.registry_client import RegistryClient
+from services.models import mlp_numpy
+from services.trainer import export
+from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS
+from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
+from services.trainer.selection import next_version, select_clients
+from services.trainer.settings import TrainerSettings
+from services.trainer.strategy import FedAvg, make_strategy
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+Publish = Callable[[str, dict], Awaitable[object]]
+EvalData = tuple[np.ndarray, np.ndarray]
+
+
+def check_spec(spec: JobSpec) -> None:
+    """Raise InvalidArgument naming the first field out of range."""
+    problems = [(spec.rounds < 1, "rounds must be >= 1"), (spec.min_clients < 1, "min_clients must be >= 1"),
+                (not 0 < spec.fraction <= 1, "fraction must be in (0, 1]"),
+                (spec.local_epochs < 1, "local_epochs must be >= 1"), (spec.lr <= 0, "lr must be > 0"),
+                (spec.batch_size < 1, "batch_size must be >= 1"), (spec.mu < 0, "mu must be >= 0"),
+                (spec.round_timeout_s < 0, "round_timeout_s must be >= 0"), (not spec.model, "model is required")]
+    for bad, message in problems:
+        if bad:
+            raise InvalidArgument(f"federated job: {message}")
+    make_strategy(spec.strategy)
+
+
+def load_eval_data() -> EvalData:
+    from services.models.digits import load_split
+
+    _, x_test, _, y_test = load_split()
+    return x_test, y_test
+
+
+class FederatedTrainer:
+    """Starts jobs as kept background tasks, records them in Redis, streams their progress."""
+
+    def __init__(self, settings: TrainerSettings, store: JobStore, nodes: NodeDirectory, train: TrainFn,
+                 registry: RegistryClient, publish: Publish,
+                 eval_data: Callable[[], EvalData] = load_eval_data):
+        self.settings = settings
+        self.store = store
+        self.nodes = nodes
+        self.train = train
+        self.registry = registry
+        self.publish = publish
+        self._eval_data = eval_data
+        self._eval: EvalData | None = None
+        self._running: dict[str, JobRecord] = {}
+        self._changed = asyncio.Condition()
+        self.background = Background()
+
+    # --- API --------------------------------------------------------------------------------
+    async def start_job(self, spec: JobSpec) -> JobRecord:
+        """Check the spec and that the base version exists (NOT_FOUND now, not later), then run."""
+        check_spec(spec)
+        await self.registry.resolve(spec.model, spec.base_version, "FP32")
+        job = JobRecord(spec=spec)
+        await self._save(job)
+        self._running[job.id] = job
+        self.background.spawn(self._run_job(job))
+        log.info("federated job %s started: %s", job.id, spec)
+        return job
+
+    async def get(self, job_id: str) -> JobRecord:
+        return self._running.get(job_id) or await self.store.get(job_id)
+
+    async def list(self) -> list[JobRecord]:
+        return await self.store.list()
+
+    async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[JobRecord]:
+        """The job now, then after each change, until it ends (jobs of other trainers: polled)."""
+        last = None
+        while True:
+            job = await self.get(job_id)
+            if last is None or job.updated_at != last:
+                last = job.updated_at
+                yield job
+            if job.done:
+                return
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), poll_s)
+                except TimeoutError:
+                    pass
+
+    async def close(self) -> None:
+        """Cancel running jobs (each marks itself interrupted) and wait for them."""
+        for task in list(self.background.tasks):
+            task.cancel()
+        await self.background.wait()
+
+    # --- a job ------------------------------------------------------------------------------
+    async def _save(self, job: JobRecord) -> None:
+        await self.store.save(job)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _run_job(self, job: JobRecord) -> None:
+        with _tracer.start_as_current_span("federated.job") as span:
+            span.set_attributes({"cnei.job": job.id, "cnei.model": job.spec.model,
+                                 "cnei.strategy": job.spec.strategy, "cnei.rounds": job.spec.rounds})
+            try:
+                await self._train_and_publish(job)
+            except asyncio.CancelledError:
+                await self._finish(job, "interrupted", "the trainer shut down while the job was running")
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded on the job
+                if not isinstance(exc, CneiError):
+                    log.exception("federated job %s failed", job.id)
+                await self._finish(job, "failed", str(exc))
+            finally:
+                self._running.pop(job.id, None)
+
+    async def _train_and_publish(self, job: JobRecord) -> None:
+        spec = job.spec
+        base = await self.registry.resolve(spec.model, spec.base_version, "FP32")
+        job.base_version, job.state = base.version, "running"
+        await self._save(job)
+        layers = await asyncio.to_thread(export.weights_from_onnx, await self.registry.fetch_artifact(base.sha256))
+        weights = layers_to_named(layers)
+        strategy = make_strategy(spec.strategy, spec.mu, spec.server_momentum, spec.server_lr)
+        for round_no in range(1, spec.rounds + 1):
+            weights = await self._round_with_retries(job, round_no, weights, strategy)
+        await self._push(job, weights)
+        await self._finish(job, "completed")
+
+    async def _round_with_retries(self, job: JobRecord, round_no: int, weights: Named, strategy: FedAvg) -> Named:
+        for attempt in range(1, self.settings.round_retries + 2):
+            try:
+                outcome = await self._round(job, round_no, attempt, weights, strategy)
+            except RoundFailed as exc:
+                ROUNDS.labels(job.spec.model, "failed").inc()
+                log.warning("job %s: %s (attempt %d)", job.id, exc, attempt)
+                if attempt > self.settings.round_retries:
+                    raise
+                await asyncio.sleep(self.settings.retry_wait_s)
+                continue
+            await self._round_done(job, outcome)
+            return outcome.weights
+        raise AssertionError("unreachable")
+
+    async def _round(self, job: JobRecord, round_no: int, attempt: int, weights: Named,
+                     strategy: FedAvg) -> RoundOutcome:
+        spec = job.spec
+        seed = zlib.crc32(f"{job.id}/{round_no}/{attempt}".encode())
+        nodes = select_clients(await self.nodes.live_nodes(), self.settings.client_tier, spec.fraction,
+                               spec.min_clients, seed)
+        task = RoundTask(job_id=job.id, round=round_no, model=spec.model, weights=weights,
+                         local_epochs=spec.local_epochs, lr=spec.lr, batch_size=spec.batch_size,
+                         mu=strategy.client_mu, seed=seed)
+        timeout = spec.round_timeout_s or self.settings.round_timeout_s
+        return await run_round(self.train, self._evaluate, strategy, nodes, task, spec.min_clients,
+                               timeout, attempt)
+
+    async def _round_done(self, job: JobRecord, outcome: RoundOutcome) -> None:
+        record = outcome.record
+        job.round = record.round
+        job.history.append(record)
+        ROUNDS.labels(job.spec.model, "ok").inc()
+        ROUND_SECONDS.observe(record.seconds)
+        PARTICIPANTS.observe(len(record.participants))
+        GLOBAL_ACCURACY.labels(job.spec.model).set(record.accuracy)
+        await self._save(job)
+        log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
+                 record.accuracy, ",".join(record.participants))
+        await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
+                                                             **asdict(record)})
+
+    async def _evaluate(self, weights: Named) -> tuple[float, float]:
+        if self._eval is None:
+            self._eval = await asyncio.to_thread(self._eval_data)
+        x, y = self._eval
+        layers = layers_from_named(weights)
+        return await asyncio.to_thread(
+            lambda: (mlp_numpy.accuracy(layers, x, y), mlp_numpy.cross_entropy(layers, x, y)))
+
+    async def _push(self, job: JobRecord, weights: Named) -> None:
+        """Build the FP32/FP16/INT8 variants and register them as the model's next version."""
+        spec = job.spec
+        if self._eval is None:
+            self._eval = await asyncio.to_thread(self._eval_data)
+        meta = {"federated_job": job.id, "federated_rounds": str(spec.rounds),
+                "federated_strategy": spec.strategy, "parent_version": job.base_version,
+                "federated_clients": ",".join(sorted({p for r in job.history for p in r.participants}))}
+        out_dir = Path(self.settings.data_dir) / job.id
+        built = await asyncio.to_thread(export.build_variants, layers_from_named(weights), out_dir, spec.model,
+                                        *self._eval, meta)
+        for _ in range(3):
+            version = next_version([v.version for v in await self.registry.list(spec.model)])
+            try:
+                for variant in built:
+                    await self.registry.push_file(variant.path, spec.model, version, variant.precision,
+                                                  variant.metadata)
+                    job.variant_accuracy[variant.precision] = float(variant.metadata["accuracy"])
+                job.new_version = version
+                return
+            except AlreadyExists:
+                log.warning("version %s of %s appeared meanwhile; trying the next one", version, spec.model)
+        raise AlreadyExists(f"could not find a free version of model '{spec.model}' to register")
+
+    async def _finish(self, job: JobRecord, state: str, error: str = "") -> None:
+        job.state, job.error = state, error
+        JOBS.labels(job.spec.model, state).inc()
+        await self._save(job)
+        subject = events.FEDERATED_JOB_COMPLETED if state == "completed" else events.FEDERATED_JOB_FAILED
+        await self._event(subject, {"job": job.id, "model": job.spec.model, "state": state, "error": error,
+                                    "new_version": job.new_version, "variant_accuracy": job.variant_accuracy,
+                                    "rounds": job.round})
+        log.info("federated job %s %s%s", job.id, state, f": {error}" if error else "")
+
+    async def _event(self, subject: str, payload: dict) -> None:
+        try:
+            await self.publish(subject, payload)
+        except Exception as exc:  # noqa: BLE001 - events are advisory; the record is in Redis
+            log.warning("could not publish %s: %s", subject, exc)

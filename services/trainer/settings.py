@@ -1,0 +1,25 @@
+"""Trainer settings (env prefix CNEI_TRAINER_)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import field
+
+PREFIX = "CNEI_TRAINER_"
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    host: str = field("127.0.0.1", "address the gRPC API binds to")
+    port: int = field(50071, "gRPC port of the Trainer API")
+    metrics_port: int = field(9121, "Prometheus /metrics port (0 disables)")
+    registry_target: str = field("127.0.0.1:50051", "registry gRPC address (base weights in, new versions out)")
+    redis_url: str = field("redis://127.0.0.1:6379/0", "Redis: live nodes in, job records out")
+    nats_url: str = field("nats://127.0.0.1:4222", "NATS for federated events")
+    data_dir: str = field(".cnei/trainer", "where trained ONNX variants and the event outbox are written")
+    client_tier: str = field("edge", "tier of the nodes that take part in rounds")
+    round_timeout_s: float = field(30.0, "default deadline of one round; later clients are dropped")
+    round_retries: int = field(2, "extra attempts of a round that got fewer than min_clients updates")
+    retry_wait_s: float = field(1.0, "pause before a failed round is attempted again")
+    job_ttl_s: float = field(7 * 24 * 3600.0, "how long job records are kept in Redis")
+    shutdown_grace_s: float = field(5.0, "how long in-flight RPCs may finish at shutdown")

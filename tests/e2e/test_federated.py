@@ -1,0 +1,267 @@
+"""Federated learning end to end: the trainer runs FedAvg over the mesh's two edge runtimes,
+registers the result as a new version, and the coordinator serves it at once."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import nats
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from redis.asyncio import Redis
+
+from services.cli import infra
+from services.common import events
+from services.common.jobs import JobStore
+from services.common.nodes import NodeDirectory, NodeInfo
+from services.common.registry_client import RegistryClient
+from services.models.digits import load_split
+from services.pb.cnei import trainer_pb2 as tpb
+from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
+from services.trainer.convert import job_from_proto
+
+MODEL = "digits-fl"  # a model of its own, so the other e2e tests keep serving digits v1
+EDGES = ["edge-a1", "edge-b1"]
+
+
+@pytest.fixture(scope="module")
+def fl_model(mesh, digits_models):
+    fp32 = next(v for v in digits_models if v.precision == "FP32")
+
+    async def push():
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.push_file(fp32.path, MODEL, "1", "FP32", fp32.metadata)
+        finally:
+            await client.close()
+
+    asyncio.run(push())
+    return MODEL
+
+
+async def _run_job(mesh, **spec) -> tuple[object, list]:
+    """Start a job and follow WatchJob to its end: (final job, every job seen)."""
+    request = tpb.StartJobRequest(model=MODEL, local_epochs=1, lr=0.05, batch_size=32, round_timeout_s=20,
+                                  **spec)
+    async with grpc.aio.insecure_channel(mesh.trainer) as channel:
+        stub = tpb_grpc.TrainerStub(channel)
+        started = await stub.StartJob(request, timeout=10)
+        seen = [job_from_proto(j) async for j in stub.WatchJob(tpb.GetJobRequest(id=started.id), timeout=120)]
+    return seen[-1], seen
+
+
+def _metrics(mesh) -> str:
+    url = f"http://127.0.0.1:{mesh.settings.trainer_metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read().decode()
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{name}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _last_event(nats_url: str, subject: str) -> events.Envelope:
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.jetstream().get_last_msg(events.STREAM, subject)
+        return events.decode(msg.data)
+    finally:
+        await nc.close()
+
+
+def test_a_fedavg_job_over_both_edges_registers_a_version_the_coordinator_serves(mesh, fl_model, nats_server):
+    job, seen = asyncio.run(_run_job(mesh, rounds=3, min_clients=2, fraction=1.0, strategy="fedavg"))
+    assert job.state == "completed", job.error
+    assert [r.round for r in job.history] == [1, 2, 3]
+    assert [s.round for s in seen] == sorted(s.round for s in seen)  # WatchJob follows the rounds
+    assert all(r.participants == EDGES and not r.failed for r in job.history)
+    assert all(r.accuracy >= 0.85 for r in job.history)
+    assert job.base_version == "1" and job.new_version == "2"
+    assert job.variant_accuracy.keys() == {"FP32", "FP16", "INT8"}
+
+    async def variants():
+        client = RegistryClient(mesh.registry)
+        try:
+            return {v.precision: v for v in await client.list(MODEL) if v.version == "2"}
+        finally:
+            await client.close()
+
+    registered = asyncio.run(variants())
+    assert registered.keys() == {"FP32", "FP16", "INT8"}
+    for precision in ("FP32", "INT8"):
+        meta = registered[precision].metadata
+        assert float(meta["accuracy"]) >= 0.85
+        assert (meta["federated_job"], meta["parent_version"], meta["federated_strategy"],
+                meta["federated_rounds"]) == (job.id, "1", "fedavg", "3")
+
+    _, x_test, _, y_test = load_split()
+    client = triton.InferenceServerClient(mesh.coordinator)
+    for precision in ("FP32", "INT8"):
+        tensor = triton.InferInput("input", list(x_test.shape), "FP32")
+        tensor.set_data_from_numpy(x_test)
+        result = client.infer(MODEL, [tensor], model_version="2", parameters={"precision": precision})
+        assert result.get_response().model_version == "2"
+        assert result.get_response().parameters["cnei_precision"].string_param == precision
+        assert float(np.mean(result.as_numpy("probabilities").argmax(axis=1) == y_test)) >= 0.85
+
+    metrics = _metrics(mesh)
+    assert _sample(metrics, "cnei_federated_rounds_total", f'{{model="{MODEL}",outcome="ok"}}') >= 3
+    assert _sample(metrics, "cnei_federated_global_accuracy", f'{{model="{MODEL}"}}') >= 0.85
+    assert _sample(metrics, "cnei_federated_update_bytes_total", '{direction="received"}') > 0
+
+    event = asyncio.run(_last_event(nats_server, events.FEDERATED_JOB_COMPLETED))
+    assert event.payload["job"] == job.id and event.payload["new_version"] == "2"
+    assert "traceparent" in event.trace
+    with urllib.request.urlopen(mesh.rest + "/api/status", timeout=5) as reply:
+        rows = {j["id"]: j for j in json.loads(reply.read())["federated"]["jobs"]}
+    assert rows[job.id]["state"] == "completed" and rows[job.id]["new_version"] == "2"
+    assert rows[job.id]["round"] == rows[job.id]["rounds"] == 3
+
+
+async def _with_ghost_edge(redis_url: str, coro):
+    """Run `coro` while Redis lists an edge node nobody answers at (a killed client)."""
+    redis = Redis.from_url(redis_url)
+    directory = NodeDirectory(redis)
+    ghost = NodeInfo(node_id="edge-ghost", tier="edge", region="site-z", address=f"127.0.0.1:{infra.free_port()}")
+    try:
+        await directory.heartbeat(ghost, ttl_seconds=60)
+        return await coro
+    finally:
+        await directory.remove(ghost.node_id)
+        await redis.aclose()
+
+
+def test_a_round_completes_without_an_unreachable_client_when_min_clients_allows(mesh, fl_model, redis_server):
+    before = _sample(_metrics(mesh), "cnei_federated_client_failures_total", '{reason="UNAVAILABLE"}')
+    job, _ = asyncio.run(_with_ghost_edge(redis_server, _run_job(
+        mesh, rounds=1, min_clients=2, fraction=1.0, strategy="fedprox", mu=0.01)))
+    assert job.state == "completed", job.error
+    (round_1,) = job.history
+    assert round_1.participants == EDGES and round_1.failed == ["edge-ghost"]
+    assert round_1.accuracy >= 0.85
+    after = _sample(_metrics(mesh), "cnei_federated_client_failures_total", '{reason="UNAVAILABLE"}')
+    assert after >= before + 1
+
+
+def test_a_job_that_cannot_reach_min_clients_fails_with_a_clear_error(mesh, fl_model, redis_server):
+    started = time.monotonic()
+    job, _ = asyncio.run(_run_job(mesh, rounds=2, min_clients=5, fraction=1.0))
+    assert job.state == "failed" and job.round == 0 and not job.new_version
+    assert "round 1: 2 of 2 clients answered, min_clients is 5" in job.error
+    assert time.monotonic() - started < 60
+
+    async def stored():
+        redis = Redis.from_url(redis_server)
+        try:
+            return await JobStore(redis).get(job.id)
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(stored()).state == "failed"
+
+
+def test_bad_job_specs_are_invalid_arguments(mesh, fl_model):
+    async def start():
+        async with grpc.aio.insecure_channel(mesh.trainer) as channel:
+            await tpb_grpc.TrainerStub(channel).StartJob(
+                tpb.StartJobRequest(model=MODEL, strategy="scaffold"), timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(start())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown strategy 'scaffold'" in info.value.details()
+
+
+def test_a_job_for_a_model_the_registry_lacks_is_not_found(mesh):
+    async def start():
+        async with grpc.aio.insecure_channel(mesh.trainer) as channel:
+            await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(model="digits-nope"), timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(start())
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "model 'digits-nope'" in info.value.details()
+
+
+def test_cnei_train_start_shows_each_round_and_prints_the_new_version(mesh, fl_model):
+    out = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "start", "--model", MODEL,
+                          "--rounds", "2", "--min-clients", "2", "--trainer", mesh.trainer],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "2/2 rounds accuracy" in out.stderr
+    match = re.search(rf"completed: {MODEL} version (\d+) registered \(FP16=[0-9.]+ FP32=[0-9.]+ INT8=", out.stdout)
+    assert match and int(match.group(1)) >= 3
+    listed = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "list", "--trainer", mesh.trainer],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "completed" in listed.stdout and MODEL in listed.stdout
+
+
+def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir) -> tuple[subprocess.Popen, str]:
+    """A second trainer process of the mesh, on its own port."""
+    port = infra.free_port()
+    env = {**os.environ, "CNEI_TRAINER_PORT": str(port), "CNEI_TRAINER_METRICS_PORT": "0",
+           "CNEI_TRAINER_REGISTRY_TARGET": mesh.registry, "CNEI_TRAINER_REDIS_URL": redis_url,
+           "CNEI_TRAINER_NATS_URL": nats_url, "CNEI_TRAINER_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    infra.wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+    return proc, f"127.0.0.1:{port}"
+
+
+async def _interrupt_a_running_job(proc: subprocess.Popen, target: str, redis_url: str) -> tuple[str, int]:
+    """Start a job whose round waits on a client that never answers, SIGTERM the trainer
+    mid-round: (state recorded in Redis, trainer's exit code)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        job = await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(
+            model=MODEL, rounds=2, min_clients=3, round_timeout_s=60), timeout=10)
+    redis = Redis.from_url(redis_url)
+    try:
+        store = JobStore(redis)
+        deadline = time.monotonic() + 20
+        while (await store.get(job.id)).state != "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the round's calls are in flight
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+        return (await store.get(job.id)).state, code
+    finally:
+        await redis.aclose()
+
+
+def test_sigterm_marks_the_running_job_interrupted_and_exits_cleanly(mesh, fl_model, redis_server,
+                                                                    nats_server, tmp_path):
+    silent = socket.socket()  # accepts connections, never speaks HTTP/2: a client that hangs
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    proc, target = _start_trainer(mesh, redis_server, nats_server, tmp_path)
+    hanging = NodeInfo(node_id="edge-silent", tier="edge", region="site-z",
+                       address=f"127.0.0.1:{silent.getsockname()[1]}")
+
+    async def scenario():
+        redis = Redis.from_url(redis_server)
+        try:
+            await NodeDirectory(redis).heartbeat(hanging, ttl_seconds=60)
+            return await _interrupt_a_running_job(proc, target, redis_server)
+        finally:
+            await NodeDirectory(redis).remove(hanging.node_id)
+            await redis.aclose()
+
+    try:
+        started = time.monotonic()
+        state, code = asyncio.run(scenario())
+        assert (state, code) == ("interrupted", 0)
+        assert time.monotonic() - started < 30
+    finally:
+        infra.stop(proc)
+        silent.close()

@@ -1,0 +1,98 @@
+"""TrainRound through a real grpc.aio server on port 0 and a real NodeControl stub."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from services.common import lifecycle
+from services.common.federated import RoundTask, layers_to_named
+from services.common.federated_convert import task_to_proto, tensors_from_proto, update_from_proto
+from services.common.registry_client import RegistryClient
+from services.edge_runtime.cache import DiskCache
+from services.edge_runtime.control import NodeControlServicer
+from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.federated import LocalTrainer, digits_shard
+from services.edge_runtime.settings import RuntimeSettings
+from services.models import mlp_numpy
+from services.pb.cnei import node_pb2 as npb
+from services.pb.cnei import node_pb2_grpc as npb_grpc
+
+
+@pytest.fixture
+async def node(tmp_path):
+    settings = RuntimeSettings(node_id="edge-t1", shard_index=1, shard_count=2, cache_dir=str(tmp_path))
+    registry = RegistryClient("127.0.0.1:1")  # TrainRound never asks the registry
+    runtime = EdgeRuntime(settings, registry, DiskCache(tmp_path))
+    trainer = LocalTrainer(settings)
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime, trainer),
+               "cnei.node.v1.NodeControl")
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    yield npb_grpc.NodeControlStub(channel)
+    await channel.close()
+    await server.stop(0)
+    trainer.close()
+    runtime.close()
+    await registry.close()
+
+
+def _task(model: str = "digits", sizes=(64, 16, 10), **overrides) -> RoundTask:
+    weights = layers_to_named(mlp_numpy.init_layers(sizes, seed=0))
+    return RoundTask(**{"job_id": "j1", "round": 1, "model": model, "weights": weights, "local_epochs": 5,
+                        "lr": 0.1, "batch_size": 32, **overrides})
+
+
+async def test_a_round_trains_the_global_weights_on_the_local_shard(node):
+    task = _task()
+    update = update_from_proto(await node.TrainRound(task_to_proto(task), timeout=60))
+    x, y = digits_shard(1, 2, "iid")
+    assert update.node_id == "edge-t1" and update.num_samples == len(y)
+    assert {k: v.shape for k, v in update.weights.items()} == {k: v.shape for k, v in task.weights.items()}
+    before = mlp_numpy.cross_entropy([(task.weights["W0"], task.weights["B0"]),
+                                      (task.weights["W1"], task.weights["B1"])], x, y)
+    assert update.loss < before / 2 and update.accuracy > 0.7 and update.seconds > 0
+    assert not np.array_equal(update.weights["W0"], task.weights["W0"])
+
+
+async def _expect(node, request, code: grpc.StatusCode, text: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await node.TrainRound(request, timeout=30)
+    assert info.value.code() == code
+    assert text in info.value.details()
+
+
+async def test_an_unknown_model_is_not_found(node):
+    await _expect(node, task_to_proto(_task(model="resnet50")), grpc.StatusCode.NOT_FOUND,
+                  "no local training data for model 'resnet50'")
+
+
+async def test_weights_of_the_wrong_shape_are_an_invalid_argument(node):
+    await _expect(node, task_to_proto(_task(sizes=(32, 16, 10))), grpc.StatusCode.INVALID_ARGUMENT,
+                  "tensor 'W0': expected 64 rows")
+    await _expect(node, task_to_proto(_task(sizes=(64, 16, 3))), grpc.StatusCode.INVALID_ARGUMENT,
+                  "expected 10 outputs")
+
+
+async def test_bytes_that_do_not_fill_the_shape_are_an_invalid_argument(node):
+    request = task_to_proto(_task())
+    request.weights[1].data = request.weights[1].data[:-4]
+    await _expect(node, request, grpc.StatusCode.INVALID_ARGUMENT, "tensor 'B0': shape [16] needs 64")
+
+
+async def test_missing_tensors_and_bad_hyperparameters_are_invalid_arguments(node):
+    request = task_to_proto(_task())
+    del request.weights[-1]
+    await _expect(node, request, grpc.StatusCode.INVALID_ARGUMENT, "weights must be W0, B0")
+    await _expect(node, task_to_proto(_task(local_epochs=0)), grpc.StatusCode.INVALID_ARGUMENT, "local_epochs")
+
+
+def test_tensors_round_trip_through_the_wire_format():
+    named = {"W0": np.arange(6, dtype=np.float32).reshape(2, 3), "B0": np.array([1.5, -2.0, 0.0], np.float32)}
+    request = task_to_proto(RoundTask("j", 1, "digits", named))
+    back = tensors_from_proto(request.weights)
+    assert list(request.weights[0].shape) == [2, 3]
+    for name in named:
+        np.testing.assert_array_equal(back[name], named[name])
+    assert isinstance(request, npb.TrainRoundRequest)

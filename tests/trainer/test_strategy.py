@@ -1,0 +1,102 @@
+"""Aggregation maths: weighted FedAvg, FedAvgM momentum, FedProx, rejected inputs; client choice."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidArgument, TensorError
+from services.common.nodes import NodeInfo
+from services.trainer.selection import next_version, select_clients
+from services.trainer.strategy import FedAvg, FedAvgM, FedProx, make_strategy, momentum_step, weighted_average
+
+
+def _w(value: float, shape=(2, 3)) -> dict[str, np.ndarray]:
+    return {"W0": np.full(shape, value, np.float32), "B0": np.full(shape[1:], value, np.float32)}
+
+
+def test_fedavg_weights_each_update_by_its_number_of_samples():
+    avg = weighted_average([(_w(1.0), 10), (_w(4.0), 30)])
+    np.testing.assert_allclose(avg["W0"], np.full((2, 3), (1 * 10 + 4 * 30) / 40))
+    np.testing.assert_allclose(avg["B0"], np.full(3, 3.25))
+    assert avg["W0"].dtype == np.float32
+
+
+def test_fedavg_of_one_update_is_that_update():
+    one = {"W0": np.arange(6, dtype=np.float32).reshape(2, 3), "B0": np.ones(3, np.float32)}
+    np.testing.assert_array_equal(FedAvg().aggregate(_w(0.0), [(one, 7)])["W0"], one["W0"])
+
+
+def test_an_empty_list_of_updates_is_rejected():
+    with pytest.raises(InvalidArgument, match="empty"):
+        weighted_average([])
+
+
+@pytest.mark.parametrize("other, match", [
+    ({"W0": np.zeros((2, 3), np.float32)}, "differ"),
+    ({"W0": np.zeros((3, 3), np.float32), "B0": np.zeros(3, np.float32)}, "shape"),
+])
+def test_updates_with_other_tensors_or_shapes_are_rejected(other, match):
+    with pytest.raises(InvalidArgument, match=match):
+        weighted_average([(_w(1.0), 5), (other, 5)])
+
+
+def test_updates_covering_no_samples_are_rejected():
+    with pytest.raises(InvalidArgument, match="no samples"):
+        weighted_average([(_w(1.0), 0), (_w(2.0), 0)])
+
+
+def test_fedavgm_without_momentum_at_server_lr_1_equals_fedavg():
+    strategy = FedAvgM(momentum=0.0, server_lr=1.0)
+    out = strategy.aggregate(_w(1.0), [(_w(3.0), 1), (_w(5.0), 1)])
+    np.testing.assert_allclose(out["W0"], 4.0)
+
+
+def test_fedavgm_carries_server_momentum_between_rounds():
+    strategy = FedAvgM(momentum=0.5, server_lr=1.0)
+    first = strategy.aggregate(_w(0.0), [(_w(1.0), 1)])  # delta -1 -> v = -1 -> w = 1
+    np.testing.assert_allclose(first["W0"], 1.0)
+    second = strategy.aggregate(first, [(_w(2.0), 1)])  # v = 0.5·(-1) + (-1) = -1.5 -> w = 2.5
+    np.testing.assert_allclose(second["W0"], 2.5)
+    np.testing.assert_allclose(strategy.velocity["W0"], -1.5)
+
+
+def test_momentum_step_scales_by_the_server_learning_rate():
+    weights, velocity = momentum_step(_w(2.0), _w(0.0), None, momentum=0.9, server_lr=0.5)
+    np.testing.assert_allclose(weights["W0"], 1.0)
+    np.testing.assert_allclose(velocity["W0"], 2.0)
+
+
+def test_fedprox_aggregates_like_fedavg_and_sends_mu_to_clients():
+    strategy = make_strategy("FedProx", mu=0.1)
+    assert isinstance(strategy, FedProx) and strategy.client_mu == pytest.approx(0.1)
+    assert FedAvg().client_mu == 0.0
+    out = strategy.aggregate(_w(0.0), [(_w(2.0), 1), (_w(4.0), 3)])
+    np.testing.assert_allclose(out["W0"], 3.5)
+
+
+def test_an_unknown_strategy_is_an_invalid_argument():
+    with pytest.raises(InvalidArgument, match="unknown strategy 'scaffold'"):
+        make_strategy("scaffold")
+
+
+def _node(node_id: str, tier: str = "edge") -> NodeInfo:
+    return NodeInfo(node_id=node_id, tier=tier, region="r", address=f"{node_id}:1")
+
+
+def test_client_choice_takes_a_fraction_of_the_edge_nodes_but_at_least_min_clients():
+    nodes = [_node(f"e{i}") for i in range(10)] + [_node("cloud-1", "cloud")]
+    assert len(select_clients(nodes, "edge", 0.3, 1, seed=1)) == 3
+    assert len(select_clients(nodes, "edge", 0.1, 4, seed=1)) == 4
+    assert all(n.tier == "edge" for n in select_clients(nodes, "edge", 1.0, 1, seed=1))
+    assert select_clients(nodes, "edge", 0.5, 1, seed=7) == select_clients(nodes, "edge", 0.5, 1, seed=7)
+    assert len(select_clients(nodes[:2], "edge", 1.0, 5, seed=1)) == 2
+
+
+@pytest.mark.parametrize("versions, expected", [([], "1"), (["1"], "2"), (["1", "10", "2", "x"], "11")])
+def test_the_next_version_follows_the_highest_numeric_one(versions, expected):
+    assert next_version(versions) == expected
+
+
+def test_mismatched_shapes_name_the_tensor():
+    with pytest.raises(TensorError, match="tensor 'W0'"):
+        weighted_average([(_w(1.0), 1), ({**_w(1.0), "W0": np.zeros((2, 2), np.float32)}, 1)])
