@@ -50,6 +50,16 @@ class Pending:
     future: asyncio.Future | None = None
     seq: int = field(default_factory=lambda: next(_sequence))
     context: otel_context.Context | None = None  # the caller's trace context
+    span: trace.Span | None = None  # `coordinator.queue`: from enqueue to dispatch or drop
+
+    def dequeued(self, outcome: str, batch_size: int = 0) -> None:
+        """End the queue span once (sent in a batch of `batch_size`, or dropped)."""
+        if self.span is None:
+            return
+        if self.span.is_recording():
+            self.span.set_attributes({"cnei.outcome": outcome, "cnei.batch_size": batch_size})
+        self.span.end()
+        self.span = None
 
 
 def signature(inputs: dict[str, np.ndarray]) -> tuple:
@@ -124,7 +134,8 @@ class Batcher:
         size = next(iter(inputs.values())).shape[0] if inputs else 1
         item = Pending(inputs, int(size), signature(inputs), priority, deadline,
                        future=asyncio.get_running_loop().create_future(),
-                       context=otel_context.get_current())
+                       context=otel_context.get_current(),
+                       span=_tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
         self.queue.append(item)
         self._wake.set()
         timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
@@ -180,7 +191,9 @@ class Batcher:
         self.queue = [p for p in self.queue if id(p) not in gone]
         now = time.monotonic()
         for p in expired:
-            DROPPED.labels(self.model, "deadline" if p.deadline <= now else "cancelled").inc()
+            reason = "deadline" if p.deadline <= now else "cancelled"
+            DROPPED.labels(self.model, reason).inc()
+            p.dequeued(reason)
             if p.future is not None and not p.future.done():
                 p.future.set_exception(DeadlineExceeded(
                     f"request for model '{self.model}' timed out after waiting "
@@ -188,13 +201,17 @@ class Batcher:
 
     async def _dispatch(self, batch: list[Pending]) -> None:
         try:
+            for p in batch:
+                if p.future.done():
+                    p.dequeued("cancelled")
             live = [p for p in batch if not p.future.done()]
             if not live:
                 return
             now = time.monotonic()
+            sizes = [p.size for p in live]
             for p in live:
                 self._queue_time.observe(now - p.enqueued)
-            sizes = [p.size for p in live]
+                p.dequeued("sent", sum(sizes))
             self._batch_size.observe(sum(sizes))
             if len(live) == 1:
                 inputs = live[0].inputs
@@ -232,5 +249,6 @@ class Batcher:
         self._task.cancel()
         await asyncio.gather(self._task, self._inflight.wait(), return_exceptions=True)
         for p in self.queue:
+            p.dequeued("closed")
             if p.future is not None and not p.future.done():
                 p.future.set_exception(ResourceExhausted(f"batcher of model '{self.model}' closed"))

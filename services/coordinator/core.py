@@ -259,6 +259,24 @@ class Coordinator:
             return None
         return Placement(node, choose_variant(variants, policy, node.node_class or node.tier))
 
+    def _decide(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
+                region: str, failed: NodeInfo | None, tried: list[str]) -> Placement | None:
+        """The placement decision, as a span: pools in failover order, first one with a node wins."""
+        with _tracer.start_as_current_span("coordinator.placement") as span:
+            placement = None
+            for pool in self._pools(spec, failed):
+                placement = self._place(variants, spec, policy, region, pool, tried)
+                if placement is not None:
+                    break
+            if span.is_recording():
+                span.set_attributes({
+                    "cnei.model": variants[0].name, "cnei.scheduler": spec.scheduler.policy,
+                    "cnei.attempt": len(tried) + 1, "cnei.excluded": ",".join(tried),
+                    "cnei.node": placement.node.node_id if placement else "",
+                    "cnei.precision": placement.variant.precision if placement else "",
+                    "cnei.outcome": "placed" if placement else "no_node"})
+            return placement
+
     def _pools(self, spec: DeploymentSpec, failed: NodeInfo | None) -> list[list[NodeInfo]]:
         eligible = self._eligible(spec)
         if failed is None:
@@ -278,11 +296,7 @@ class Coordinator:
         for _ in range(max(1, self.settings.max_attempts)):
             if time.monotonic() >= deadline:
                 break
-            placement = None
-            for pool in self._pools(spec, failed):
-                placement = self._place(variants, spec, policy, region, pool, tried)
-                if placement is not None:
-                    break
+            placement = self._decide(variants, spec, policy, region, failed, tried)
             if placement is None:
                 break
             if failed is not None:

@@ -140,7 +140,10 @@ class EdgeRuntime:
         return True
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
-        loaded = self.l1.get(variant.key)
+        with _tracer.start_as_current_span("cache.lookup") as span:
+            loaded = self.l1.get(variant.key)
+            if span.is_recording():
+                span.set_attributes({"cnei.model": variant.key, "cnei.cache.hit": loaded is not None})
         if loaded is not None:
             return loaded
         lock = self._load_locks.setdefault(variant.key, asyncio.Lock())

@@ -191,6 +191,13 @@ def test_one_request_makes_one_trace_across_coordinator_and_edge_runtime(mesh, j
                      if trace["processes"][s["processID"]]["serviceName"].startswith("cnei-runtime")]
     assert all(ref["spanID"] in span_ids for s in runtime_spans for ref in s["references"])
     assert any(s["references"] for s in runtime_spans)
+    # Each hop of the request is a span: queue wait, placement, batch, cache lookup, ORT run.
+    names = {s["operationName"] for s in trace["spans"]}
+    assert {"coordinator.queue", "coordinator.placement", "coordinator.batch",
+            "cache.lookup", "ort.run"} <= names, names
+    placement = next(s for s in trace["spans"] if s["operationName"] == "coordinator.placement")
+    tags = {t["key"]: t["value"] for t in placement["tags"]}
+    assert tags["cnei.outcome"] == "placed" and tags["cnei.node"]
 
 
 def test_prometheus_metrics_count_requests_by_model_and_outcome(mesh):
