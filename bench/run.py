@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval-ms", type=int, help="perf_analyzer measurement window (default 2000)")
     p.add_argument("--runtimes", type=int, choices=(1, 3), default=1,
                    help="edge runtimes left behind the coordinator (default 1: the one measured directly)")
-    p.add_argument("--coordinator-workers", type=int, default=0,
-                   help="coordinator processes sharing its port (default 0: one per CPU)")
+    p.add_argument("--coordinator-workers", type=int, default=1,
+                   help="coordinator processes sharing its port (default 1; 0: one per CPU)")
     p.add_argument("--runtime-threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads per runtime session (default 0: the runtime's default)")
     p.add_argument("--skip-mlserver", action="store_true", help="measure CNEI and in-process ORT only")

@@ -2,7 +2,9 @@
 
 Run on a machine with an NVIDIA GPU (the `device` tool): prints what ONNX Runtime offers,
 which providers the edge runtime picks with use_cuda=True, and runs the digits model through
-the runtime's OrtModel, writing a JSON report to $OUT (or the current directory)."""
+the runtime's OrtModel, and reads the GPU's power and energy counter through the runtime's NVML
+energy meter (nvidia-ml-py on PYTHONPATH), writing a JSON report to $OUT (or the current
+directory)."""
 from __future__ import annotations
 
 import json
@@ -41,6 +43,7 @@ def main() -> int:
             "provider": model.provider, "accuracy": float((probs.argmax(1) == y).mean()),
             "batch_1797_ms": (time.perf_counter() - start) * 1e3,
         }
+    report["energy"] = energy_check(built[0].path, x)
     ok = all(report[p]["accuracy"] >= 0.9 for p in ("FP32", "FP16", "INT8"))
     ok = ok and report["chosen_with_cuda"][-1] == "CPUExecutionProvider"
     report["ok"] = ok
@@ -48,6 +51,34 @@ def main() -> int:
     print(text)
     Path(os.environ.get("OUT", "."), "gpu_check.json").write_text(text)
     return 0 if ok else 1
+
+
+def energy_check(path: Path, x) -> dict:
+    """The runtime's meters on this host: NVML readings, the meter chosen for the CPU-provider
+    model (auto: CPU), and NVML power × wall time beside the board's energy counter over 2 s."""
+    from services.edge_runtime.energy import CpuEnergy, choose_meter, open_nvml
+    from services.edge_runtime.runner import OrtModel
+
+    nvml = open_nvml(0)
+    model = OrtModel(path, use_cuda=True, intra_op_threads=4)
+    cpu = CpuEnergy(15.0)
+    out = {"nvml": nvml is not None,
+           "auto_meter_for_" + model.provider: choose_meter("auto", model.provider, cpu, nvml).source,
+           "auto_meter_if_cuda": choose_meter("auto", "CUDAExecutionProvider", cpu, nvml).source}
+    if nvml is None:
+        return out
+    counter_start, metered, calls = nvml.total_joules(), 0.0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        model.run({"input": x})
+        metered += nvml.joules(time.thread_time() - c0, time.perf_counter() - t0)
+        calls += 1
+    wall = time.perf_counter() - start
+    out.update({"gpu": nvml.name, "power_watts": nvml.power_watts(), "calls": calls,
+                "metered_joules": metered, "counter_joules": nvml.total_joules() - counter_start,
+                "wall_s": wall})
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What an inference costs: queue/compute time, CPU energy and money, by model and node."""
+"""What an inference costs: queue/compute time, energy and money, by model and node."""
 from __future__ import annotations
 
 import time
@@ -18,7 +18,8 @@ QUEUE_SECONDS = Histogram("cnei_runtime_queue_seconds", "Wait for an ONNX Runtim
 COMPUTE_SECONDS = Histogram("cnei_runtime_compute_seconds", "ONNX Runtime run time", _LABELS,
                             buckets=_TIME_BUCKETS)
 ENERGY = Counter("cnei_inference_energy_joules_total",
-                 "Estimated energy: CPU seconds x configured watts per core", _LABELS)
+                 "Estimated energy: GPU power x run time over NVML on CUDA, else CPU seconds x watts per core",
+                 _LABELS + ["source"])
 COST = Counter("cnei_inference_cost_total",
                "Estimated cost in the configured currency: compute plus network", _LABELS)
 NETWORK_BYTES = Counter("cnei_inference_network_bytes_total", "Tensor bytes received and sent", _LABELS)
@@ -26,14 +27,10 @@ NETWORK_BYTES = Counter("cnei_inference_network_bytes_total", "Tensor bytes rece
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-tier prices (as in the cost-optimisation design) and the CPU's power per busy core."""
+    """Per-tier prices, as in the cost-optimisation design."""
 
     cost_per_cpu_second: float
     cost_per_network_mb: float
-    watts_per_core: float
-
-    def energy_joules(self, cpu_seconds: float) -> float:
-        return cpu_seconds * self.watts_per_core
 
     def cost(self, cpu_seconds: float, network_bytes: int) -> float:
         return cpu_seconds * self.cost_per_cpu_second + network_bytes / 1e6 * self.cost_per_network_mb
@@ -54,25 +51,26 @@ def timed_run(run, *args):
 _children: dict[tuple[str, ...], tuple] = {}
 
 
-def _series(values: tuple[str, ...]) -> tuple:
+def _series(values: tuple[str, ...], source: str) -> tuple:
     """The labelled children of every accounting metric for one label set, looked up once
     (a `labels()` call costs more than the update it leads to)."""
-    found = _children.get(values)
+    found = _children.get(values + (source,))
     if found is None:
-        found = _children[values] = (
+        found = _children[values + (source,)] = (
             REQUESTS.labels(*values, "ok"), INFERENCES.labels(*values), QUEUE_SECONDS.labels(*values),
-            COMPUTE_SECONDS.labels(*values), ENERGY.labels(*values), COST.labels(*values),
+            COMPUTE_SECONDS.labels(*values), ENERGY.labels(*values, source), COST.labels(*values),
             NETWORK_BYTES.labels(*values))
     return found
 
 
 def record(labels: dict[str, str], model: CostModel, batch: int, queue_s: float, compute_s: float,
-           cpu_seconds: float, network_bytes: int) -> None:
-    requests, inferences, queue, compute, energy, cost, network = _series(tuple(labels[k] for k in _LABELS))
+           cpu_seconds: float, network_bytes: int, energy_joules: float, energy_source: str) -> None:
+    requests, inferences, queue, compute, energy, cost, network = _series(
+        tuple(labels[k] for k in _LABELS), energy_source)
     requests.inc()
     inferences.inc(batch)
     queue.observe(queue_s)
     compute.observe(compute_s)
-    energy.inc(model.energy_joules(cpu_seconds))
+    energy.inc(energy_joules)
     cost.inc(model.cost(cpu_seconds, network_bytes))
     network.inc(network_bytes)

@@ -20,6 +20,7 @@ from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
 from services.edge_runtime.cache import DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
+from services.edge_runtime.energy import SOURCES, CpuEnergy, EnergyMeter, choose_meter, open_nvml
 from services.edge_runtime.runner import OrtModel, measure_latency_ms, rss_bytes
 from services.edge_runtime.settings import RuntimeSettings
 
@@ -36,6 +37,7 @@ class LoadedModel:
     variant: ModelVariant
     model: OrtModel
     load_seconds: float
+    meter: EnergyMeter
     compute_us: float = float("inf")  # EWMA of one ORT call's CPU time; decides inline runs
 
     def observe(self, compute_ns: float) -> None:
@@ -58,8 +60,11 @@ class EdgeRuntime:
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.background = Background()
-        self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb,
-                                    settings.watts_per_core)
+        self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb)
+        if settings.energy_source not in SOURCES:
+            raise InvalidArgument(f"energy_source {settings.energy_source!r} must be one of {list(SOURCES)}")
+        self._cpu_energy = CpuEnergy(settings.watts_per_core)
+        self._nvml = open_nvml(settings.gpu_index) if settings.energy_source != "cpu" else None
         self._registry_down_until = 0.0
         self._resync_lock = asyncio.Lock()
 
@@ -164,7 +169,8 @@ class EdgeRuntime:
                 self._executor, OrtModel, path, self.settings.use_cuda, self.settings.intra_op_threads
             )
             model.run = slowed(model.run, self.settings.emulated_slowdown)
-            loaded = LoadedModel(variant, model, time.perf_counter() - start)
+            meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
+            loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
             if self.settings.measure_on_load:
                 latency = await asyncio.get_running_loop().run_in_executor(
                     self._executor, measure_latency_ms, model, sample_inputs(variant))
@@ -252,7 +258,8 @@ class EdgeRuntime:
             {"model": variant.name, "version": variant.version, "precision": variant.precision,
              "node": self.settings.node_id, "tier": self.settings.tier},
             self.cost_model, batch, (started - submitted) / 1e9, compute_ns / 1e9, cpu_s,
-            tensor_bytes(request.inputs) + tensor_bytes(result))
+            tensor_bytes(request.inputs) + tensor_bytes(result),
+            loaded.meter.joules(cpu_s, compute_ns / 1e9), loaded.meter.source)
         trace.get_current_span().set_attributes({
             "cnei.model": variant.name, "cnei.version": variant.version,
             "cnei.precision": variant.precision, "cnei.node": self.settings.node_id,

@@ -36,7 +36,10 @@ class RuntimeSettings:
     measure_on_load: bool = field(True, "measure batch-1 latency and memory when a variant loads")
     cost_per_cpu_second: float = field(0.00002, "price of one CPU second on this node (cloud: higher)")
     cost_per_network_mb: float = field(0.0, "price of one MB moved to or from this node (cloud egress)")
-    watts_per_core: float = field(15.0, "power of one busy core, for energy estimates")
+    watts_per_core: float = field(15.0, "power of one busy core, for CPU energy estimates")
+    energy_source: str = field(
+        "auto", "auto (NVML power x run time for models on CUDA, else CPU) | cpu | nvml (GPU power always)")
+    gpu_index: int = field(0, "GPU whose NVML power readings are used")
     emulated_slowdown: float = field(1.0, "benchmarks only: make every ORT run this many times slower")
     emulated_delay_ms: float = field(0.0, "benchmarks only: hold every incoming RPC this long")
     preload: tuple[str, ...] = field((), "models to load at start (name or name:version:precision)")
