@@ -136,6 +136,10 @@ class Batcher:
                        future=asyncio.get_running_loop().create_future(),
                        context=otel_context.get_current(),
                        span=_tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
+        if self._idle() and deadline > time.monotonic():  # nothing to wait for or batch with: send now
+            await self._slots.acquire()  # free, so this returns at once
+            await self._dispatch([item])
+            return item.future.result()
         self.queue.append(item)
         self._wake.set()
         timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
@@ -146,8 +150,16 @@ class Batcher:
                 f"request for model '{self.model}' passed its deadline after "
                 f"{(time.monotonic() - item.enqueued) * 1e3:.1f} ms in the batcher") from None
 
+    def _idle(self) -> bool:
+        """A request arriving now would be sent alone at once anyway: empty queue, a free
+        in-flight slot and no queue delay to wait out."""
+        return not self.queue and not self._slots.locked() and self.config.max_queue_delay_us == 0
+
     async def _run(self) -> None:
         while True:
+            while not self.queue:  # hold no in-flight slot while idle: `submit` may use it directly
+                self._wake.clear()
+                await self._wake.wait()
             await self._slots.acquire()
             try:
                 batch = await self._next_batch()

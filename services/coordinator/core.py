@@ -332,9 +332,9 @@ class Coordinator:
         """Send a second copy to another node when the first has not answered after the hedge
         delay; the first success wins and the other copy is cancelled."""
         delay = self._hedge_delay(spec, placement)
+        if delay is None:  # no hedging: no task either
+            return await self._attempt(request, placement, spec, deadline), placement
         first = asyncio.ensure_future(self._attempt(request, placement, spec, deadline))
-        if delay is None:
-            return await first, placement
         done, _ = await asyncio.wait({first}, timeout=delay)
         second_placement = None if done else self._place(
             variants, spec, policy, region, self._eligible(spec), tried)

@@ -270,3 +270,23 @@ def test_form_batch_takes_out_expired_and_cancelled_requests_without_comparing_t
         loop.close()
     assert batch == [live]
     assert expired == [late, gone]
+
+
+async def test_an_idle_batcher_sends_a_lone_request_from_the_callers_task_without_queueing(make_batcher, node):
+    batcher = make_batcher(max_batch_size=8)
+    node.gate.clear()
+    first = asyncio.create_task(batcher.submit({"x": x(1)}))
+    await asyncio.wait_for(node.called.wait(), PATIENCE_S)
+    assert batcher.queue == [] and node.markers == [[1]]  # sent, never queued
+    later = await enqueue(batcher, *({"inputs": {"x": x(i)}} for i in (2, 3, 4)))  # slot busy: they queue
+    results = await release(node, first, later)
+    assert node.markers == [[1], [2, 3, 4]]
+    np.testing.assert_array_equal(results[2]["y"], x(4) * 10)
+
+
+async def test_with_a_queue_delay_even_an_idle_batcher_waits_to_batch(make_batcher, node):
+    batcher = make_batcher(max_batch_size=8, max_queue_delay_us=50_000)
+    results = await asyncio.wait_for(asyncio.gather(
+        batcher.submit({"x": x(1)}), batcher.submit({"x": x(2)})), PATIENCE_S)
+    assert node.markers == [[1, 2]]
+    np.testing.assert_array_equal(results[1]["y"], x(2) * 10)
