@@ -83,6 +83,17 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.
     raise TimeoutError(f"nothing answered on {host}:{port} within {timeout}s")
 
 
+def wait_until(predicate, timeout: float, what: str, poll_s: float = 0.1):
+    """Poll `predicate` until it returns something truthy (returned); TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
 def host_port(url: str, default_port: int) -> tuple[str, int]:
     parsed = urlparse(url)
     return parsed.hostname or "127.0.0.1", parsed.port or default_port

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -24,14 +23,6 @@ def _children(pid: int) -> list[int]:
     return sorted(int(p) for p in out.split())
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def _infer_fresh_connection(address: str, x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -69,7 +60,7 @@ def workers(mesh):
     try:
         infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
         infra.wait_for_port("127.0.0.1", http_port, proc=proc, timeout=60)
-        _wait(lambda: len(_children(proc.pid)) == WORKERS, 30, f"{WORKERS} workers")
+        infra.wait_until(lambda: len(_children(proc.pid)) == WORKERS, 30, f"{WORKERS} workers")
         yield proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port
     finally:
         infra.stop(proc)
@@ -88,7 +79,7 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
         answered_by.add(worker)
     assert correct >= count - 3
     assert answered_by == set(range(WORKERS))
-    _wait(lambda: _requests_total(metrics_port) - before >= count, 10, "summed request count")
+    infra.wait_until(lambda: _requests_total(metrics_port) - before >= count, 10, "summed request count")
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5) as reply:
         assert reply.status == 200
 
@@ -99,7 +90,7 @@ def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
     first = _children(proc.pid)
     victim = first[0]
     os.kill(victim, 9)
-    replaced = _wait(lambda: (c := _children(proc.pid)) and len(c) == WORKERS and victim not in c and c,
+    replaced = infra.wait_until(lambda: (c := _children(proc.pid)) and len(c) == WORKERS and victim not in c and c,
                      30, "a replacement worker")
     assert victim not in replaced
     for i in range(10):  # whichever worker a connection lands on answers

@@ -12,7 +12,6 @@ import time
 
 import nats
 import numpy as np
-import pytest
 import tritonclient.grpc as triton
 
 from services.cli import infra

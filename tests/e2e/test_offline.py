@@ -105,14 +105,6 @@ def _infer(address: str, x: np.ndarray) -> tuple[np.ndarray, str]:
     return reply.as_numpy("probabilities"), reply.get_response().model_version
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _metrics_events(url: str) -> list[dict]:
@@ -152,7 +144,8 @@ def test_an_edge_cut_off_from_the_cloud_keeps_serving_and_resyncs(site, digits_m
         served += 1
     assert served > 5
     outbox = site.root / "cache" / "outbox.jsonl"
-    buffered = _wait(lambda: outbox.exists() and len(outbox.read_text().splitlines()), 5, "buffered events")
+    buffered = infra.wait_until(lambda: outbox.exists() and len(outbox.read_text().splitlines()), 5,
+                                "buffered events", poll_s=0.2)
     assert buffered >= 3
 
     site.start_registry()  # the cloud comes back first and publishes v2 while NATS is still down
@@ -161,9 +154,11 @@ def test_an_edge_cut_off_from_the_cloud_keeps_serving_and_resyncs(site, digits_m
     site.start_nats()
 
     redis = Redis.from_url(site.redis_url)
-    _wait(lambda: redis.get(NODE_KEY.format("edge-off")), 10, "re-registration in Redis")
-    _wait(lambda: (site.root / "cache" / "digits--2--FP32.json").exists(), 15, "missed version pulled")
-    _wait(lambda: not outbox.exists() or not outbox.read_text().strip(), 15, "outbox flushed")
+    infra.wait_until(lambda: redis.get(NODE_KEY.format("edge-off")), 10, "re-registration in Redis", poll_s=0.2)
+    infra.wait_until(lambda: (site.root / "cache" / "digits--2--FP32.json").exists(), 15,
+                     "missed version pulled", poll_s=0.2)
+    infra.wait_until(lambda: not outbox.exists() or not outbox.read_text().strip(), 15, "outbox flushed",
+                     poll_s=0.2)
     seqs = [e["payload"]["seq"] for e in asyncio.run(_metrics_events(site.nats_url))]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "events lost or out of order"
     assert len(seqs) >= buffered
