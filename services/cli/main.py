@@ -1,4 +1,4 @@
-"""The `cnei` command line: up, models push/list, infer, status, train."""
+"""The `cnei` command line: up, models push/list/build, deploy, infer, status, train."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import time
 import grpc
 import numpy as np
 
-from services.cli import train
+from services.cli import build, train
 from services.cli.output import progress, table
 from services.common.errors import CneiError
 
@@ -237,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("model", nargs="?", default="")
     for sp in (apply, show):
         sp.add_argument("--registry", default="127.0.0.1:50051")
+    build.add_parser(models)
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
     for sp in (push, lst):
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli.up import run_up
 
         return run_up()
-    verbs = {"push": models_push, "list": models_list, "apply": deploy_apply, "get": deploy_show}
+    verbs = {"push": models_push, "list": models_list, "build": build.models_build,
+             "apply": deploy_apply, "get": deploy_show}
     if args.command == "train":
         verbs = train.VERBS
     handler = verbs.get(getattr(args, "verb", "")) or {"infer": infer, "status": status}[args.command]
