@@ -41,6 +41,21 @@ ESCALATIONS = Counter("cnei_escalations_total", "Rows sent to the cloud model by
 DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and cloud disagreed (async)",
                         ["model"])
 HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to another node", ["model"])
+SERVED = Counter("cnei_coordinator_requests_total",
+                 "Requests the front door answered, by the variant and node that served them and outcome",
+                 ["model", "version", "precision", "node", "tier", "outcome"])
+_served: dict[tuple[str, ...], object] = {}
+
+
+def count_served(model: str, outcome: str, params: dict | None = None) -> None:
+    """One answered request under the variant/node it came from (children looked up once)."""
+    p = params or {}
+    key = (model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
+           str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome)
+    child = _served.get(key)
+    if child is None:
+        child = _served[key] = SERVED.labels(*key)
+    child.inc()
 DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
 
 
@@ -148,11 +163,13 @@ class Coordinator:
                 response = await self._infer(request, variants, spec, deadline_s)
             else:
                 response = await self._joint(request, variants, spec, mode, deadline_s)
-        except Exception:
+        except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
+            count_served(variants[0].name, getattr(getattr(exc, "code", None), "value", "INTERNAL").lower())
             raise
         batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
         stats.record(True, time.perf_counter_ns() - start, int(batch or 1))
+        count_served(variants[0].name, "ok", response.parameters)
         return response
 
     # --- joint inference --------------------------------------------------------------------

@@ -209,6 +209,12 @@ def test_prometheus_metrics_count_requests_by_model_and_outcome(mesh):
                 if line.startswith('cnei_inference_requests_total{model="digits",outcome="ok"}')]
     assert ok_lines and float(ok_lines[0].split()[-1]) >= 2
     assert "cnei_inference_request_duration_seconds_bucket" in text
+    # The same requests by the variant and node that served them.
+    served = [line for line in text.splitlines() if line.startswith("cnei_coordinator_requests_total{")
+              and 'model="digits"' in line and 'outcome="ok"' in line]
+    assert served and not any(f'{label}=""' in line for line in served
+                              for label in ("version", "precision", "node", "tier"))
+    assert sum(float(line.split()[-1]) for line in served) >= 2
 
 
 def _perf_analyzer() -> str | None:
