@@ -82,14 +82,14 @@ class CneiStack:
         self.infra: list[subprocess.Popen] = []
         self.mesh: Mesh | None = None
         self.registry_metadata: dict[str, dict[str, dict]] = {}
-        ports = free_ports(7)
+        ports = free_ports(9)
         runtime_base = infra.free_ports(len(RUNTIMES))
         metrics_base = infra.free_ports(len(RUNTIMES))
         self.settings = MeshSettings(
             data_dir=str(root / "mesh"), nats_url=f"nats://127.0.0.1:{ports[0]}",
             redis_url=f"redis://127.0.0.1:{ports[1]}/0", registry_port=ports[2], grpc_port=ports[3],
             http_port=ports[4], metrics_port=ports[5], registry_metrics_port=ports[6],
-            coordinator_workers=coordinator_workers,
+            coordinator_workers=coordinator_workers, trainer_port=ports[7], trainer_metrics_port=ports[8],
             runtime_base_port=runtime_base, runtime_metrics_base_port=metrics_base,
         )
 

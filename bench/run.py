@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-mlserver", action="store_true", help="measure CNEI and in-process ORT only")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
+    args.out = args.out.resolve()
     args.concurrency = args.concurrency or ([4] if args.quick else [1, 4, 8, 16, 32])
     args.interval_ms = args.interval_ms or (500 if args.quick else 2000)
     args.inproc_seconds = 0.5 if args.quick else 2.0

@@ -161,8 +161,25 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request, context):
-        stats = self.core.statistics(request.name, request.version)
+        stats = await self.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[stats_to_proto(s) for s in stats])
+
+    async def statistics(self, name: str, version: str) -> list[ModelStats]:
+        """Like Triton, every known model is listed, with zeros where this process has served
+        none of it (clients such as perf_analyzer compare snapshots taken on any connection,
+        which with several coordinator workers may land on a worker that served nothing)."""
+        stats = self.core.statistics(name, version)
+        if name:
+            if not stats:
+                variant = await self.core.model_variant(name, version)  # NOT_FOUND when unknown
+                stats = [ModelStats(variant.name, variant.version)]
+            return stats
+        seen = {(s.name, s.version) for s in stats}
+        for v in await self.core.repository_index():
+            if (v.name, v.version) not in seen:
+                seen.add((v.name, v.version))
+                stats.append(ModelStats(v.name, v.version))
+        return stats
 
     @rpc
     async def RepositoryIndex(self, request, context):

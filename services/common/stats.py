@@ -53,6 +53,42 @@ class StatsBook:
             self._stats[key] = ModelStats(name, version)
         return self._stats[key]
 
+    def put(self, stats: ModelStats) -> None:
+        self._stats[(stats.name, stats.version)] = stats
+
     def select(self, name: str = "", version: str = "") -> list[ModelStats]:
         return [s for (n, v), s in sorted(self._stats.items())
                 if (not name or n == name) and (not version or v == version)]
+
+
+def stats_to_dict(s: ModelStats) -> dict:
+    return {"name": s.name, "version": s.version, "last_inference_ms": s.last_inference_ms,
+            "inference_count": s.inference_count, "execution_count": s.execution_count,
+            **{k: [d.count, d.ns] for k, d in (("success", s.success), ("fail", s.fail),
+                                               ("queue", s.queue), ("compute_infer", s.compute_infer))},
+            "batches": {str(size): [d.count, d.ns] for size, d in s.batches.items()}}
+
+
+def stats_from_dict(d: dict) -> ModelStats:
+    s = ModelStats(d["name"], d["version"], d["last_inference_ms"], d["inference_count"], d["execution_count"])
+    for key in ("success", "fail", "queue", "compute_infer"):
+        setattr(s, key, Duration(*d[key]))
+    s.batches = {int(size): Duration(*pair) for size, pair in d["batches"].items()}
+    return s
+
+
+def merge(parts: list[ModelStats]) -> list[ModelStats]:
+    """Sum statistics of the same (model, version) from several processes."""
+    out: dict[tuple[str, str], ModelStats] = {}
+    for p in parts:
+        s = out.setdefault((p.name, p.version), ModelStats(p.name, p.version))
+        s.last_inference_ms = max(s.last_inference_ms, p.last_inference_ms)
+        s.inference_count += p.inference_count
+        s.execution_count += p.execution_count
+        for key in ("success", "fail", "queue", "compute_infer"):
+            mine, theirs = getattr(s, key), getattr(p, key)
+            mine.count, mine.ns = mine.count + theirs.count, mine.ns + theirs.ns
+        for size, d in p.batches.items():
+            b = s.batches.setdefault(size, Duration())
+            b.count, b.ns = b.count + d.count, b.ns + d.ns
+    return [out[k] for k in sorted(out)]

@@ -19,6 +19,7 @@ from services.coordinator.core import Coordinator
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import PREFIX, CoordinatorSettings
+from services.coordinator.stats_share import StatsShare
 from services.coordinator.workers import supervise, worker_count
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -38,6 +39,10 @@ async def serve(settings: CoordinatorSettings) -> None:
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
     nodes.on_change = core.node_changed
+    sharing = None
+    if settings.shared_dir and worker >= 0:  # one of several workers: statistics add up
+        core.stats_view = StatsShare(settings.shared_dir, worker, core.stats)
+        sharing = asyncio.create_task(core.stats_view.run(), name="stats-share")
     await subscribe(bus, catalog, core, source)
     server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
@@ -55,6 +60,10 @@ async def serve(settings: CoordinatorSettings) -> None:
     log.info("coordinator %s shutting down", source)
     await server.stop()
     await core.close()
+    if sharing is not None:
+        sharing.cancel()
+        await asyncio.gather(sharing, return_exceptions=True)
+        core.stats_view.write()
     if runner is not None:
         await runner.cleanup()
     await nodes.close()

@@ -29,6 +29,7 @@ from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.stats_share import StatsShare
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -116,6 +117,7 @@ class Coordinator:
         self.nodes = nodes
         self.scheduler = scheduler or Scheduler()
         self.stats = StatsBook()
+        self.stats_view: StatsBook | StatsShare = self.stats  # what statistics requests read
         self.outstanding: dict[str, int] = {}
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self._background = Background()
@@ -148,7 +150,7 @@ class Coordinator:
         return await self.catalog.registry.list()
 
     def statistics(self, name: str, version: str) -> list[ModelStats]:
-        return self.stats.select(name, version)
+        return self.stats_view.select(name, version)
 
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         start = time.perf_counter_ns()

@@ -18,6 +18,7 @@ class CoordinatorSettings:
         1, "coordinator processes sharing the gRPC port (SO_REUSEPORT), each with its own event loop; "
            "0: one per CPU. Worker 0 also serves REST and the status page; /metrics adds them all up")
     worker_index: int = field(-1, "set by the supervisor for each worker process (-1: not a worker)")
+    shared_dir: str = field("", "set by the supervisor: where workers share metrics and statistics")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")

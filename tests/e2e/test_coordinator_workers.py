@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.utils as triton_utils
 
 from services.cli import infra
 from services.models.digits import load_all
@@ -35,6 +36,14 @@ def _infer_fresh_connection(address: str, x: np.ndarray) -> tuple[np.ndarray, in
         result = client.infer("digits", [inp], client_timeout=30)
         worker = result.get_response().parameters["cnei_coordinator_worker"].int64_param
         return result.as_numpy("probabilities"), worker
+    finally:
+        client.close()
+
+
+def _executions(address: str) -> int:
+    client = triton.InferenceServerClient(address)  # a new connection: any worker
+    try:
+        return sum(s.execution_count for s in client.get_inference_statistics("digits").model_stats)
     finally:
         client.close()
 
@@ -66,6 +75,23 @@ def workers(mesh):
         infra.stop(proc)
 
 
+def test_every_worker_answers_statistics_for_a_model_it_has_not_served_yet(workers):
+    """perf_analyzer asks for statistics on a connection of its own, which may land on a worker
+    that served none of its requests; Triton answers zeros for a known model, so must we."""
+    _, address, _, _ = workers
+    for _ in range(8):  # fresh connections: both workers are asked
+        client = triton.InferenceServerClient(address)
+        try:
+            stats = client.get_inference_statistics("digits").model_stats
+            assert stats and stats[0].name == "digits" and stats[0].version
+            everything = {s.name for s in client.get_inference_statistics().model_stats}
+            assert "digits" in everything  # listed by every worker, served or not
+            with pytest.raises(triton_utils.InferenceServerException, match="not found"):
+                client.get_inference_statistics("no-such-model")
+        finally:
+            client.close()
+
+
 def test_workers_share_the_port_and_their_metrics_add_up(workers):
     proc, address, http_port, metrics_port = workers
     x, y = load_all()
@@ -80,6 +106,9 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
     assert correct >= count - 3
     assert answered_by == set(range(WORKERS))
     infra.wait_until(lambda: _requests_total(metrics_port) - before >= count, 10, "summed request count")
+    # Triton statistics add up too: every worker reports the same total, whoever is asked.
+    infra.wait_until(lambda: len(set(_executions(address) for _ in range(6))) == 1, 10, "same statistics")
+    assert _executions(address) >= count
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5) as reply:
         assert reply.status == 200
 
