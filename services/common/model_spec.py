@@ -1,6 +1,7 @@
 """Domain view of a registered model variant and the checks of a request against it."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -86,6 +87,7 @@ def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray]) -> None:
             raise TensorError(spec.name, f"batch {array.shape[0]} exceeds max_batch_size {mbs}")
 
 
+@functools.lru_cache(maxsize=4096)
 def version_key(version: str) -> tuple:
     """Order versions numerically where they are numbers, else lexically."""
     parts = re.split(r"[.\-]", version)

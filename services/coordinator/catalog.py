@@ -18,11 +18,14 @@ class Catalog:
         self.ttl_s = ttl_s
         self._variants: dict[str, tuple[list[ModelVariant], float]] = {}
         self._deployments: dict[str, tuple[DeploymentSpec, float]] = {}
+        self._chosen: dict[tuple[str, str], tuple[list[ModelVariant], float]] = {}
 
     def forget(self, model: str = "") -> None:
         for cache in (self._variants, self._deployments):
             for key in [k for k in cache if not model or k == model]:
                 del cache[key]
+        for key in [k for k in self._chosen if not model or k[0] == model]:
+            del self._chosen[key]
 
     async def all_variants(self, model: str) -> list[ModelVariant]:
         cached = self._variants.get(model)
@@ -34,6 +37,14 @@ class Catalog:
 
     async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
         """Every precision variant of one version (the latest when `version` is empty)."""
+        cached = self._chosen.get((model, version))
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        chosen = await self._choose(model, version)
+        self._chosen[(model, version)] = (chosen, self._variants[model][1])
+        return chosen
+
+    async def _choose(self, model: str, version: str) -> list[ModelVariant]:
         variants = await self.all_variants(model)
         if not variants:
             raise ModelNotFound(model, version)
