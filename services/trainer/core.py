@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from services.common import events
 from services.common.background import Background
-from services.common.errors import AlreadyExists, CneiError, InvalidArgument
+from services.common.errors import AlreadyExists, CneiError, InvalidArgument, ResourceExhausted
 from services.common.federated import Named, RoundTask, layers_from_named, layers_to_named
 from services.common.jobs import JobRecord, JobSpec, JobStore
 from services.common.nodes import NodeDirectory
@@ -74,6 +74,9 @@ class FederatedTrainer:
     async def start_job(self, spec: JobSpec) -> JobRecord:
         """Check the spec and that the base version exists (NOT_FOUND now, not later), then run."""
         check_spec(spec)
+        if len(self._running) >= self.settings.max_running_jobs:
+            raise ResourceExhausted(f"{len(self._running)} federated jobs are running, the limit is "
+                                    f"{self.settings.max_running_jobs}: wait for one to end")
         await self.registry.resolve(spec.model, spec.base_version, "FP32")
         job = JobRecord(spec=spec)
         await self._save(job)

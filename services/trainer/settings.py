@@ -19,6 +19,7 @@ class TrainerSettings:
     data_dir: str = field(".cnei/trainer", "where trained ONNX variants and the event outbox are written")
     client_tier: str = field("edge", "tier of the nodes that take part in rounds")
     round_timeout_s: float = field(30.0, "default deadline of one round; later clients are dropped")
+    max_running_jobs: int = field(4, "jobs this trainer runs at once; more are refused (RESOURCE_EXHAUSTED)")
     round_retries: int = field(2, "extra attempts of a round that got fewer than min_clients updates")
     retry_wait_s: float = field(1.0, "pause before a failed round is attempted again")
     job_ttl_s: float = field(7 * 24 * 3600.0, "how long job records are kept in Redis")

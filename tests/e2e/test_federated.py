@@ -207,10 +207,10 @@ def test_cnei_train_start_shows_each_round_and_prints_the_new_version(mesh, fl_m
     assert listed.returncode == 0 and "completed" in listed.stdout and MODEL in listed.stdout
 
 
-def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir) -> tuple[subprocess.Popen, str]:
-    """A second trainer process of the mesh, on its own port."""
+def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir, **extra: str) -> tuple[subprocess.Popen, str]:
+    """A second trainer process of the mesh, on its own port (`extra`: more environment)."""
     port = infra.free_port()
-    env = {**os.environ, "CNEI_TRAINER_PORT": str(port), "CNEI_TRAINER_METRICS_PORT": "0",
+    env = {**os.environ, **extra, "CNEI_TRAINER_PORT": str(port), "CNEI_TRAINER_METRICS_PORT": "0",
            "CNEI_TRAINER_REGISTRY_TARGET": mesh.registry, "CNEI_TRAINER_REDIS_URL": redis_url,
            "CNEI_TRAINER_NATS_URL": nats_url, "CNEI_TRAINER_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env,
@@ -262,6 +262,39 @@ def test_sigterm_marks_the_running_job_interrupted_and_exits_cleanly(mesh, fl_mo
         state, code = asyncio.run(scenario())
         assert (state, code) == ("interrupted", 0)
         assert time.monotonic() - started < 30
+    finally:
+        infra.stop(proc)
+        silent.close()
+
+
+def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, fl_model, redis_server,
+                                                                         nats_server, tmp_path):
+    silent = socket.socket()  # a client that never answers keeps the first job's round open
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    proc, target = _start_trainer(mesh, redis_server, nats_server, tmp_path, CNEI_TRAINER_MAX_RUNNING_JOBS="1")
+    hanging = NodeInfo(node_id="edge-silent-2", tier="edge", region="site-z",
+                       address=f"127.0.0.1:{silent.getsockname()[1]}")
+
+    async def scenario():
+        redis = Redis.from_url(redis_server)
+        try:
+            await NodeDirectory(redis).heartbeat(hanging, ttl_seconds=60)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = tpb_grpc.TrainerStub(channel)
+                await stub.StartJob(tpb.StartJobRequest(model=MODEL, rounds=1, min_clients=3,
+                                                        round_timeout_s=60), timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.StartJob(tpb.StartJobRequest(model=MODEL, rounds=1), timeout=10)
+                return info.value
+        finally:
+            await NodeDirectory(redis).remove(hanging.node_id)
+            await redis.aclose()
+
+    try:
+        refused = asyncio.run(scenario())
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the limit is 1" in refused.details()
     finally:
         infra.stop(proc)
         silent.close()
