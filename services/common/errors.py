@@ -31,6 +31,11 @@ HTTP_STATUS = {
 }
 
 
+def outcome_of(exc: BaseException) -> str:
+    """The metrics label of a failed request: its code in lower case, `internal` when unplanned."""
+    return exc.code.value.lower() if isinstance(exc, CneiError) else "internal"
+
+
 class CneiError(Exception):
     """Root of every error CNEI raises on purpose; carries a code and a readable message."""
 

@@ -1,6 +1,7 @@
 """The OIP (KServe v2 / Triton) gRPC adapter, shared by the coordinator and every runtime."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -9,7 +10,7 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, oip
-from services.common.errors import CneiError
+from services.common.errors import CneiError, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
 from services.common.stats import ModelStats
@@ -44,16 +45,10 @@ class InferenceCore(Protocol):
     async def repository_index(self) -> list[ModelVariant]: ...
 
 
-_children: dict[tuple[str, str], tuple] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _series(model: str, outcome: str) -> tuple:
     """The (counter, histogram) children for one label pair, looked up once."""
-    found = _children.get((model, outcome))
-    if found is None:
-        found = _children[(model, outcome)] = (INFER_REQUESTS.labels(model, outcome),
-                                               INFER_LATENCY.labels(model, outcome))
-    return found
+    return INFER_REQUESTS.labels(model, outcome), INFER_LATENCY.labels(model, outcome)
 
 
 @contextmanager
@@ -63,11 +58,8 @@ def inference_metrics(model: str):
     start, outcome = time.perf_counter(), "ok"
     try:
         yield
-    except CneiError as exc:
-        outcome = exc.code.value.lower()
-        raise
-    except Exception:
-        outcome = "internal"
+    except Exception as exc:
+        outcome = outcome_of(exc)
         raise
     finally:
         label = model if model and outcome != "not_found" else "_unknown"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -15,7 +16,8 @@ from prometheus_client import Counter
 from services.common import events, oip
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec
-from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode
+from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode,
+                                    outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
@@ -45,19 +47,15 @@ HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to a
 SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
-_served: dict[tuple[str, ...], object] = {}
+_served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up once
+DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
 
 
 def count_served(model: str, outcome: str, params: dict | None = None) -> None:
-    """One answered request under the variant/node it came from (children looked up once)."""
+    """One answered request under the variant and node it came from."""
     p = params or {}
-    key = (model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
-           str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome)
-    child = _served.get(key)
-    if child is None:
-        child = _served[key] = SERVED.labels(*key)
-    child.inc()
-DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
+    _served(model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
+            str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc()
 
 
 @dataclass(frozen=True)
@@ -167,7 +165,7 @@ class Coordinator:
                 response = await self._joint(request, variants, spec, mode, deadline_s)
         except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
-            count_served(variants[0].name, getattr(getattr(exc, "code", None), "value", "INTERNAL").lower())
+            count_served(variants[0].name, outcome_of(exc))
             raise
         batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
         stats.record(True, time.perf_counter_ns() - start, int(batch or 1))

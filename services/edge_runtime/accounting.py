@@ -1,6 +1,7 @@
 """What an inference costs: queue/compute time, energy and money, by model and node."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -48,19 +49,13 @@ def timed_run(run, *args):
     return result, time.thread_time() - cpu, start_ns
 
 
-_children: dict[tuple[str, ...], tuple] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _series(values: tuple[str, ...], source: str) -> tuple:
     """The labelled children of every accounting metric for one label set, looked up once
     (a `labels()` call costs more than the update it leads to)."""
-    found = _children.get(values + (source,))
-    if found is None:
-        found = _children[values + (source,)] = (
-            REQUESTS.labels(*values, "ok"), INFERENCES.labels(*values), QUEUE_SECONDS.labels(*values),
+    return (REQUESTS.labels(*values, "ok"), INFERENCES.labels(*values), QUEUE_SECONDS.labels(*values),
             COMPUTE_SECONDS.labels(*values), ENERGY.labels(*values, source), COST.labels(*values),
             NETWORK_BYTES.labels(*values))
-    return found
 
 
 def record(labels: dict[str, str], model: CostModel, batch: int, queue_s: float, compute_s: float,
