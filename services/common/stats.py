@@ -61,17 +61,19 @@ class StatsBook:
                 if (not name or n == name) and (not version or v == version)]
 
 
+DURATIONS = ("success", "fail", "queue", "compute_infer")  # the Duration fields of ModelStats
+
+
 def stats_to_dict(s: ModelStats) -> dict:
     return {"name": s.name, "version": s.version, "last_inference_ms": s.last_inference_ms,
             "inference_count": s.inference_count, "execution_count": s.execution_count,
-            **{k: [d.count, d.ns] for k, d in (("success", s.success), ("fail", s.fail),
-                                               ("queue", s.queue), ("compute_infer", s.compute_infer))},
+            **{k: [getattr(s, k).count, getattr(s, k).ns] for k in DURATIONS},
             "batches": {str(size): [d.count, d.ns] for size, d in s.batches.items()}}
 
 
 def stats_from_dict(d: dict) -> ModelStats:
     s = ModelStats(d["name"], d["version"], d["last_inference_ms"], d["inference_count"], d["execution_count"])
-    for key in ("success", "fail", "queue", "compute_infer"):
+    for key in DURATIONS:
         setattr(s, key, Duration(*d[key]))
     s.batches = {int(size): Duration(*pair) for size, pair in d["batches"].items()}
     return s
@@ -85,7 +87,7 @@ def merge(parts: list[ModelStats]) -> list[ModelStats]:
         s.last_inference_ms = max(s.last_inference_ms, p.last_inference_ms)
         s.inference_count += p.inference_count
         s.execution_count += p.execution_count
-        for key in ("success", "fail", "queue", "compute_infer"):
+        for key in DURATIONS:
             mine, theirs = getattr(s, key), getattr(p, key)
             mine.count, mine.ns = mine.count + theirs.count, mine.ns + theirs.ns
         for size, d in p.batches.items():

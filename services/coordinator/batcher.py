@@ -221,10 +221,11 @@ class Batcher:
                 return
             now = time.monotonic()
             sizes = [p.size for p in live]
+            total = sum(sizes)
             for p in live:
                 self._queue_time.observe(now - p.enqueued)
-                p.dequeued("sent", sum(sizes))
-            self._batch_size.observe(sum(sizes))
+                p.dequeued("sent", total)
+            self._batch_size.observe(total)
             if len(live) == 1:
                 inputs = live[0].inputs
             else:
@@ -235,9 +236,9 @@ class Batcher:
                     links=[trace.Link(trace.get_current_span(p.context).get_span_context())
                            for p in live[1:] if p.context is not None],
                 ) as span:
-                    span.set_attributes({"cnei.model": self.model, "cnei.batch_size": sum(sizes),
+                    span.set_attributes({"cnei.model": self.model, "cnei.batch_size": total,
                                          "cnei.batch_requests": len(live)})
-                    outputs = await self.send(inputs, sum(sizes), max(p.deadline for p in live))
+                    outputs = await self.send(inputs, total, max(p.deadline for p in live))
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 for p in live:
                     if not p.future.done():

@@ -16,43 +16,31 @@ class Catalog:
     def __init__(self, registry: RegistryClient, ttl_s: float):
         self.registry = registry
         self.ttl_s = ttl_s
-        self._variants: dict[str, tuple[list[ModelVariant], float]] = {}
+        # model -> (its variants, expiry, the variants of each version asked for, picked once)
+        self._variants: dict[str, tuple[list[ModelVariant], float, dict[str, list[ModelVariant]]]] = {}
         self._deployments: dict[str, tuple[DeploymentSpec, float]] = {}
-        self._chosen: dict[tuple[str, str], tuple[list[ModelVariant], float]] = {}
 
     def forget(self, model: str = "") -> None:
         for cache in (self._variants, self._deployments):
             for key in [k for k in cache if not model or k == model]:
                 del cache[key]
-        for key in [k for k in self._chosen if not model or k[0] == model]:
-            del self._chosen[key]
 
-    async def all_variants(self, model: str) -> list[ModelVariant]:
+    async def _entry(self, model: str) -> tuple[list[ModelVariant], float, dict[str, list[ModelVariant]]]:
         cached = self._variants.get(model)
         if cached and cached[1] > time.monotonic():
-            return cached[0]
-        variants = await self.registry.list(model)
-        self._variants[model] = (variants, time.monotonic() + self.ttl_s)
-        return variants
+            return cached
+        entry = self._variants[model] = (await self.registry.list(model), time.monotonic() + self.ttl_s, {})
+        return entry
+
+    async def all_variants(self, model: str) -> list[ModelVariant]:
+        return (await self._entry(model))[0]
 
     async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
         """Every precision variant of one version (the latest when `version` is empty)."""
-        cached = self._chosen.get((model, version))
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
-        chosen = await self._choose(model, version)
-        self._chosen[(model, version)] = (chosen, self._variants[model][1])
-        return chosen
-
-    async def _choose(self, model: str, version: str) -> list[ModelVariant]:
-        variants = await self.all_variants(model)
-        if not variants:
-            raise ModelNotFound(model, version)
-        version = version or max((v.version for v in variants), key=version_key)
-        chosen = [v for v in variants if v.version == version]
-        if not chosen:
-            raise ModelNotFound(model, version)
-        return chosen
+        variants, _, chosen = await self._entry(model)
+        if version not in chosen:
+            chosen[version] = _pick_version(variants, model, version)
+        return chosen[version]
 
     async def deployment(self, model: str) -> DeploymentSpec:
         """The model's deployment spec, or the defaults when none was applied."""
@@ -65,3 +53,13 @@ class Catalog:
             spec = deployment.validate(DeploymentSpec(model=model))
         self._deployments[model] = (spec, time.monotonic() + self.ttl_s)
         return spec
+
+
+def _pick_version(variants: list[ModelVariant], model: str, version: str) -> list[ModelVariant]:
+    if not variants:
+        raise ModelNotFound(model, version)
+    version = version or max((v.version for v in variants), key=version_key)
+    chosen = [v for v in variants if v.version == version]
+    if not chosen:
+        raise ModelNotFound(model, version)
+    return chosen

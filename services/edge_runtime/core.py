@@ -20,7 +20,7 @@ from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
 from services.edge_runtime.cache import DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
-from services.edge_runtime.energy import SOURCES, CpuEnergy, EnergyMeter, choose_meter, open_nvml
+from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
 from services.edge_runtime.runner import OrtModel, measure_latency_ms, rss_bytes
 from services.edge_runtime.settings import RuntimeSettings
 
@@ -40,8 +40,8 @@ class LoadedModel:
     meter: EnergyMeter
     compute_us: float = float("inf")  # EWMA of one ORT call's CPU time; decides inline runs
 
-    def observe(self, compute_ns: float) -> None:
-        sample = compute_ns / 1e3
+    def observe(self, cpu_seconds: float) -> None:
+        sample = cpu_seconds * 1e6
         self.compute_us = sample if self.compute_us == float("inf") else 0.8 * self.compute_us + 0.2 * sample
 
 
@@ -61,8 +61,7 @@ class EdgeRuntime:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb)
-        if settings.energy_source not in SOURCES:
-            raise InvalidArgument(f"energy_source {settings.energy_source!r} must be one of {list(SOURCES)}")
+        check_source(settings.energy_source)  # a bad setting stops the runtime at start
         self._cpu_energy = CpuEnergy(settings.watts_per_core)
         self._nvml = open_nvml(settings.gpu_index) if settings.energy_source != "cpu" else None
         self._registry_down_until = 0.0
@@ -244,7 +243,7 @@ class EdgeRuntime:
                 result, cpu_s, started = await self._run(loaded, request.inputs, outputs)
                 span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
             compute_ns = time.perf_counter_ns() - started
-            loaded.observe(cpu_s * 1e9)  # CPU time: a thread's wall time includes waiting for the GIL
+            loaded.observe(cpu_s)  # CPU time: a thread's wall time includes waiting for the GIL
         except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
             REQUESTS.labels(variant.name, variant.version, variant.precision, self.settings.node_id,

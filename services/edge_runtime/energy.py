@@ -65,11 +65,15 @@ def open_nvml(index: int = 0) -> NvmlEnergy | None:
         return None
 
 
+def check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"energy source {source!r} must be one of {list(SOURCES)}")
+
+
 def choose_meter(source: str, provider: str, cpu: CpuEnergy, nvml: NvmlEnergy | None) -> EnergyMeter:
     """`auto`: NVML for models on CUDA when NVML answers, else CPU; `nvml`: NVML whenever it
     answers (the GPU's power, whatever ran); `cpu`: always CPU time × watts."""
-    if source not in SOURCES:
-        raise ValueError(f"energy source {source!r} must be one of {list(SOURCES)}")
+    check_source(source)
     if nvml is not None and (source == "nvml" or (source == "auto" and provider == CUDA)):
         return nvml
     return cpu
