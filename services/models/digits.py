@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 NAME = "digits"
 VERSION = "1"
 SEED = 0
+PRECISIONS = ("FP32", "FP16", "INT8")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def build(out_dir: Path, hidden: tuple[int, ...] = (64,), name: str = NAME,
-          precisions: tuple[str, ...] = ("FP32", "FP16", "INT8")) -> list[BuiltVariant]:
+          precisions: tuple[str, ...] = PRECISIONS) -> list[BuiltVariant]:
     """Train, export FP32/FP16/INT8 ONNX files and measure each one's held-out accuracy.
 
     A previous build in `out_dir` (its manifest and files) is reused."""
@@ -68,6 +69,17 @@ def build(out_dir: Path, hidden: tuple[int, ...] = (64,), name: str = NAME,
     clf.fit(x_train / 16.0, y_train)
     weights = [w.astype(np.float32) for w in clf.coefs_]
     biases = [b.astype(np.float32) for b in clf.intercepts_]
+    built = write_variants(weights, biases, out_dir, name, x_test, y_test, precisions)
+    rows = [{"file": b.path.name, "precision": b.precision, "metadata": b.metadata} for b in built]
+    manifest.write_text(json.dumps(rows, indent=1))
+    return built
+
+
+def write_variants(weights: list[np.ndarray], biases: list[np.ndarray], out_dir: Path, name: str,
+                   x_test: np.ndarray, y_test: np.ndarray, precisions: tuple[str, ...] = PRECISIONS,
+                   metadata: dict[str, str] | None = None) -> list[BuiltVariant]:
+    """ONNX files of a digits MLP (FP32, FP16; INT8 quantised from FP32), each with its held-out
+    accuracy and the digits metadata (on top of `metadata`)."""
     paths = {}
     for precision in ("FP32", "FP16"):
         paths[precision] = out_dir / f"{name}-{precision.lower()}.onnx"
@@ -75,21 +87,19 @@ def build(out_dir: Path, hidden: tuple[int, ...] = (64,), name: str = NAME,
         onnx.save(model, paths[precision])
     paths["INT8"] = out_dir / f"{name}-int8.onnx"
     quantize_int8(paths["FP32"], paths["INT8"])
-    paths = {p: path for p, path in paths.items() if p in precisions}
     built = []
-    for precision, path in paths.items():
+    for precision in (p for p in paths if p in precisions):
         meta = {
-            "accuracy": f"{accuracy(path, x_test, y_test):.4f}",
+            **(metadata or {}),
+            "accuracy": f"{accuracy(paths[precision], x_test, y_test):.4f}",
             "accuracy_dataset": "sklearn.load_digits held-out 25% (seed 0)",
             "test_samples": str(len(y_test)),
             "task": "classification",
-            "labels": json.dumps([str(i) for i in range(10)]),
+            "labels": json.dumps([str(i) for i in range(weights[-1].shape[1])]),
             "max_batch_size": "1024",
         }
-        built.append(BuiltVariant(path, precision, meta))
+        built.append(BuiltVariant(paths[precision], precision, meta))
         log.info("built %s %s accuracy %s", name, precision, meta["accuracy"])
-    rows = [{"file": b.path.name, "precision": b.precision, "metadata": b.metadata} for b in built]
-    manifest.write_text(json.dumps(rows, indent=1))
     return built
 
 

@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from services.common.errors import InvalidArgument
+from services.models.digits import accuracy
 from services.models.onnx_mlp import quantize_int8
 
 BUILDABLE = ("FP16", "INT8")
@@ -105,14 +106,6 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, str]:
     return meta
 
 
-def accuracy(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    return float((run(model_path, {_first_input(model_path): x}).argmax(1) == y).mean())
-
-
-def _first_input(model_path: Path) -> str:
-    return onnx.load(str(model_path), load_external_data=False).graph.input[0].name
-
-
 def build_one(fp32_path: Path, precision: str, out_dir: Path) -> Path:
     """Write one variant of `fp32_path` into `out_dir` (InvalidArgument when it cannot be built)."""
     if precision not in BUILDABLE:
@@ -140,5 +133,5 @@ def describe(fp32_path: Path, variant_path: Path, eval_data: tuple[np.ndarray, n
     meta = compare(run(fp32_path, probe), run(variant_path, probe))
     meta.update({"built_from_sha256": parent_sha256, "builder": "cnei models build"})
     if eval_data is not None:
-        meta["accuracy"] = f"{accuracy(variant_path, *eval_data):.4f}"
+        meta["accuracy"] = f"{accuracy(variant_path, *eval_data):.4f}"  # top-1 on the labelled data
     return meta

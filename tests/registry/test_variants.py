@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.cli import main as cli
 from services.common.errors import InvalidArgument
-from services.models.digits import load_split
+from services.models.digits import accuracy, load_split
 from services.registry import variants
 
 
@@ -57,7 +57,7 @@ def test_fp16_converts_weights_constants_and_internal_casts_of_a_hand_made_graph
 def test_accuracy_is_measured_when_labelled_data_is_given(fp32, tmp_path):
     _, x_test, _, y_test = load_split()
     path = variants.build_one(fp32, "INT8", tmp_path)
-    fp32_acc = variants.accuracy(fp32, x_test, y_test)
+    fp32_acc = accuracy(fp32, x_test, y_test)
     meta = variants.describe(fp32, path, (x_test, y_test), "cd" * 32)
     assert abs(float(meta["accuracy"]) - fp32_acc) <= 0.015
 
