@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.coordinator.settings import PREFIX, CoordinatorSettings
 
@@ -41,8 +41,6 @@ def worker_env(base: dict[str, str], index: int, metrics_dir: str, outbox_path: 
 class Worker:
     index: int
     proc: subprocess.Popen
-    restarts: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -86,8 +84,7 @@ class Supervisor:
                     log.error("coordinator worker %d (pid %d) exited with %s; restarting",
                               worker.index, worker.proc.pid, code)
                     await asyncio.sleep(RESTART_DELAY_S)
-                    worker.proc, worker.started = self._spawn(worker.index), time.monotonic()
-                    worker.restarts += 1
+                    worker.proc = self._spawn(worker.index)
             try:
                 await asyncio.wait_for(stop.wait(), poll_s)
             except asyncio.TimeoutError:
