@@ -62,10 +62,14 @@ def inference_metrics(model: str):
         outcome = outcome_of(exc)
         raise
     finally:
-        label = model if model and outcome != "not_found" else "_unknown"
-        count, latency = _series(label, outcome)
-        count.inc()
-        latency.observe(time.perf_counter() - start)
+        record_inference(model, outcome, time.perf_counter() - start)
+
+
+def record_inference(model: str, outcome: str, seconds: float) -> None:
+    """Count one inference and its end-to-end time (also for requests a front door answered)."""
+    count, latency = _series(model if model and outcome != "not_found" else "_unknown", outcome)
+    count.inc()
+    latency.observe(seconds)
 
 
 def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMetadataResponse:

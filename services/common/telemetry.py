@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 from services.common import settings as cfg
 
 _provider: TracerProvider | None = None
+_exporting = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup(service_name: str, settings: TelemetrySettings | None = None) -> TracerProvider:
     """Install logging and the tracer provider (with OTLP export when an endpoint is set)."""
-    global _provider
+    global _provider, _exporting
     settings = settings or cfg.load(TelemetrySettings, "")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -63,7 +64,7 @@ def setup(service_name: str, settings: TelemetrySettings | None = None) -> Trace
     )
     # Without an exporter nothing is recorded unless a caller's context says it is sampled, but
     # every span still gets ids, so W3C context keeps flowing to services that do export.
-    exporting = bool(settings.otel_exporter_otlp_endpoint)
+    exporting = _exporting = bool(settings.otel_exporter_otlp_endpoint)
     _provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF))
     if exporting:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -72,6 +73,11 @@ def setup(service_name: str, settings: TelemetrySettings | None = None) -> Trace
         _provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(_provider)
     return _provider
+
+
+def exporting() -> bool:
+    """Whether spans are exported (setup() found an OTLP endpoint)."""
+    return _exporting
 
 
 def shutdown() -> None:

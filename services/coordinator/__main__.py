@@ -16,11 +16,15 @@ from services.common.oip_servicer import OipServicer
 from services.common.registry_client import RegistryClient
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
+from services.coordinator.door import DoorRoutes
+from services.coordinator.door_process import DoorProcess, door_binary
+from services.coordinator.door_servicer import FrontDoorServicer
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import PREFIX, CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
 from services.coordinator.workers import supervise, worker_count
+from services.pb.cnei import frontdoor_pb2_grpc as fd_grpc
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("services.coordinator")
@@ -44,7 +48,14 @@ async def serve(settings: CoordinatorSettings) -> None:
         core.stats_view = StatsShare(settings.shared_dir, worker, core.stats)
         sharing = asyncio.create_task(core.stats_view.run(), name="stats-share")
     await subscribe(bus, catalog, core, source)
-    server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
+    binary = door_binary(settings.front_door, settings.front_door_binary) if worker < 0 else None
+    if binary is None:
+        server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
+    else:  # the door takes the public port; the coordinator serves it from behind
+        server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port)
+        server.add(fd_grpc.add_FrontDoorControlServicer_to_server,
+                   FrontDoorServicer(DoorRoutes(
+            core, settings.route_ttl_ms, settings.door_trace_every if telemetry.exporting() else 0)), "cnei.frontdoor.v1.FrontDoorControl")
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
                "inference.GRPCInferenceService")
     runner = None
@@ -54,10 +65,18 @@ async def serve(settings: CoordinatorSettings) -> None:
         await web.TCPSite(runner, settings.host, settings.http_port).start()
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
+    door = watching = None
+    if binary is not None:
+        door = DoorProcess(binary, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms)
+        door.start()
+        watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
              f", REST on {settings.host}:{settings.http_port}" if runner else "")
     await stop.wait()
     log.info("coordinator %s shutting down", source)
+    if door is not None:  # first: the door hands what it holds to the coordinator, still serving
+        await watching
+        await door.stop()
     await server.stop()
     await core.close()
     if sharing is not None:

@@ -51,11 +51,11 @@ _served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up
 DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
 
 
-def count_served(model: str, outcome: str, params: dict | None = None) -> None:
-    """One answered request under the variant and node it came from."""
+def count_served(model: str, outcome: str, params: dict | None = None, requests: int = 1) -> None:
+    """Answered requests under the variant and node they came from."""
     p = params or {}
     _served(model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
-            str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc()
+            str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc(requests)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,17 @@ class CoordinatorSettings:
            "0: one per CPU. Worker 0 also serves REST and the status page; /metrics adds them all up")
     worker_index: int = field(-1, "set by the supervisor for each worker process (-1: not a worker)")
     shared_dir: str = field("", "set by the supervisor: where workers share metrics and statistics")
+    front_door: str = field(
+        "auto", "compiled gRPC front door (services/coordinator/frontdoor) on grpc_port, batching routable "
+                "ModelInfer requests straight to the nodes: auto (when built), on (required), off")
+    front_door_binary: str = field("", "path of cnei-frontdoor (empty: the one `make frontdoor` builds)")
+    internal_grpc_port: int = field(0, "gRPC port of the coordinator behind the front door, on 127.0.0.1 "
+                                       "(0: any free port)")
+    route_ttl_ms: int = field(100, "how long the front door reuses a placement before asking again")
+    door_trace_every: int = field(
+        1, "while spans are exported, one request in N of each front-door route takes the full path "
+           "and is traced end to end; 1: every request does (the door routes none)")
+    door_report_ms: int = field(100, "how often the front door reports what it served")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")

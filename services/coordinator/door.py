@@ -1,0 +1,179 @@
+"""Routes for the compiled front door: the placement the full path would make for one kind of
+request, handed out with a lifetime, and the door's reports booked as if the full path had
+served those requests (statistics, metrics, node RTT and compute time, circuit breakers)."""
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter
+
+from services.common import oip
+from services.common.errors import CneiError, ErrorCode
+from services.common.model_spec import check_inputs
+from services.common.oip_servicer import record_inference
+from services.coordinator.core import RETRYABLE, Coordinator, Placement, batch_config, count_served, restrict_tier
+
+log = logging.getLogger(__name__)
+# Request parameters whose effect the route captures; any other takes the full path.
+ROUTABLE_PARAMETERS = frozenset({"precision", "accuracy_floor", "latency_budget_ms", "region", "tier"})
+MAX_ROUTES = 4096
+DOOR_REQUESTS = Counter("cnei_front_door_requests_total",
+                        "Requests the compiled front door answered itself, or handed to the full path "
+                        "after a failed node call", ["model", "outcome"])
+_door_requests = functools.lru_cache(maxsize=None)(DOOR_REQUESTS.labels)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where requests of one kind go now; `max_batch_size` 0 for models without a batch dimension."""
+
+    route_id: int
+    model: str  # the name the client asked for (metric label)
+    stats_key: tuple[str, str]  # (name, version) the full path books statistics under
+    placement: Placement
+    max_batch_size: int
+    timeout_ms: int
+    response: oip.InferResponse  # model name, version and parameters for the client
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Requests of this kind take the full path, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    rows: int
+    requests: int
+    duration_ns: int
+    compute_ns: int
+
+
+@dataclass
+class RouteReport:
+    route_id: int
+    request_ns: list[int] = field(default_factory=list)
+    request_rows: list[int] = field(default_factory=list)
+    batches: list[BatchReport] = field(default_factory=list)
+    handed_over: int = 0
+    failure: str = ""
+
+
+def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str) -> str:
+    """Why requests like this one must take the full path ('' when they need not)."""
+    others = sorted(set(request.parameters) - ROUTABLE_PARAMETERS)
+    if others:
+        return f"parameters {others} are handled by the full path"
+    if joint_mode != "off":
+        return f"joint inference ({joint_mode}) is handled by the full path"
+    if hedge_after_ms:
+        return "hedged requests are handled by the full path"
+    return ""
+
+
+def failure_code(failure: str) -> ErrorCode:
+    """The code of a door failure text such as 'UNAVAILABLE: connection lost'."""
+    return ErrorCode.__members__.get(failure.split(":", 1)[0].strip(), ErrorCode.INTERNAL)
+
+
+class DoorRoutes:
+    """Hands out routes and books the door's reports against them."""
+
+    def __init__(self, core: Coordinator, ttl_ms: int, trace_every: int = 0):
+        """`trace_every`: one request in N takes the full path, to be traced (0: none; 1: all)."""
+        self.core = core
+        self.ttl_ms = ttl_ms
+        self.trace_every = max(0, trace_every)
+        self.routes: OrderedDict[int, Route] = OrderedDict()
+        self._ids: dict[tuple, int] = {}  # same decision, same id: the door keeps its batcher
+        self._next = itertools.count(1)
+
+    async def route(self, request: oip.InferRequest) -> Route | Refusal:
+        core = self.core
+        if self.trace_every == 1:
+            return Refusal("every request is traced (spans are exported and door_trace_every is 1)")
+        try:
+            variants = await core.catalog.variants(request.model_name, request.model_version)
+            spec = restrict_tier(await core.catalog.deployment(request.model_name), request.parameters)
+            reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode)
+            if reason:
+                return Refusal(reason)
+            check_inputs(variants[0], request.inputs)
+            params = request.parameters
+            placement = core._decide(variants, spec, core._policy(params, spec),
+                                     str(params.get("region", "") or ""), None, [])
+        except CneiError as exc:  # the full path answers these requests with this error
+            return Refusal(exc.message)
+        if placement is None:
+            return Refusal(f"no live node serves model '{request.model_name}'")
+        if not (placement.node.fast_address and core.settings.fast_lane):
+            return Refusal(f"node {placement.node.node_id} offers no fast lane")
+        batching = batch_config(spec, placement.variant).max_batch_size if placement.variant.max_batch_size else 0
+        response = core._response(oip.InferRequest(request.model_name, {}), placement, {})
+        response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
+        return self._remember(request.model_name, (variants[0].name, variants[0].version), placement,
+                              batching, int(spec.attempt_timeout_ms), response)
+
+    def _remember(self, model: str, stats_key: tuple[str, str], placement: Placement, batching: int,
+                  timeout_ms: int, response: oip.InferResponse) -> Route:
+        key = (model, stats_key, placement.node.node_id, placement.node.fast_address, placement.variant.key,
+               batching, timeout_ms, tuple(sorted(response.parameters.items())))
+        if len(self._ids) > 4 * MAX_ROUTES:
+            self._ids.clear()
+        route_id = self._ids.get(key) or self._ids.setdefault(key, next(self._next))
+        route = Route(route_id, model, stats_key, placement, batching, timeout_ms, response)
+        self.routes[route_id] = route
+        self.routes.move_to_end(route_id)
+        while len(self.routes) > MAX_ROUTES:  # the door asks again for a route it is told is gone
+            self.routes.popitem(last=False)
+        return route
+
+    def apply(self, reports: list[RouteReport]) -> list[int]:
+        """Book what the door served; returns the route ids this process does not know."""
+        unknown = []
+        for report in reports:
+            route = self.routes.get(report.route_id)
+            if route is None:
+                unknown.append(report.route_id)
+                continue
+            self._book_requests(route, report)
+            self._book_node(route, report)
+        return unknown
+
+    def _book_requests(self, route: Route, report: RouteReport) -> None:
+        stats = self.core.stats.get(*route.stats_key)
+        for ns, rows in zip(report.request_ns, report.request_rows):
+            stats.record(True, ns, rows)
+            record_inference(route.model, "ok", ns / 1e9)
+        answered = len(report.request_ns)
+        if answered:
+            count_served(route.stats_key[0], "ok", route.response.parameters, answered)
+            _door_requests(route.model, "ok").inc(answered)
+        if report.handed_over:
+            _door_requests(route.model, "handed_over").inc(report.handed_over)
+
+    def _book_node(self, route: Route, report: RouteReport) -> None:
+        core, node = self.core, route.placement.node
+        breaker = core.breakers.get(node.node_id)
+        for b in report.batches:
+            core.nodes.observe_rtt(node.node_id, (b.duration_ns - b.compute_ns) / 1e6)
+            if b.compute_ns:
+                core.nodes.observe_compute(node.node_id, b.compute_ns / 1e6 / max(1, b.rows))
+            core.latency.add((route.placement.variant.name, node.node_id), b.duration_ns / 1e9)
+        if report.failure:
+            code = failure_code(report.failure)
+            log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
+                        report.failure)
+            if code is ErrorCode.UNAVAILABLE:
+                breaker.trip()  # as the full path does: stop sending there at once
+            elif code in RETRYABLE:
+                breaker.failure()
+            self.routes.pop(route.route_id, None)
+        elif report.batches:
+            breaker.success()

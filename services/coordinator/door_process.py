@@ -1,0 +1,69 @@
+"""The compiled front door as a child process of the coordinator: started in front of the
+coordinator's internal gRPC port, restarted if it dies, stopped first on shutdown (it hands
+what it holds to the coordinator, which is still serving)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+from pathlib import Path
+
+from services.common.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+BUILT = Path(__file__).resolve().parent / "frontdoor" / "build" / "cnei-frontdoor"
+MODES = ("auto", "on", "off")
+RESTART_DELAY_S = 1.0
+
+
+def door_binary(mode: str, configured: str = "") -> Path | None:
+    """The front door to run for `mode`: None for off, or for auto when it is not built."""
+    if mode not in MODES:
+        raise FailedPrecondition(f"front_door must be one of {list(MODES)}, got {mode!r}")
+    if mode == "off":
+        return None
+    path = Path(configured) if configured else BUILT
+    if path.is_file():
+        return path
+    if mode == "on":
+        raise FailedPrecondition(f"front door binary {path} not found: build it with `make frontdoor`")
+    log.info("front door not built (%s): the coordinator serves gRPC itself", path)
+    return None
+
+
+class DoorProcess:
+    def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int):
+        self.command = [str(binary), "--listen", listen, "--backend", backend,
+                        "--report-interval-ms", str(report_interval_ms)]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command)
+        log.info("front door (pid %d) on %s in front of %s", self.proc.pid, self.command[2], self.command[4])
+
+    async def watch(self, stop: asyncio.Event, poll_s: float = 0.2) -> None:
+        """Restart the door when it exits on its own, until `stop` is set."""
+        while not stop.is_set():
+            code = self.proc.poll() if self.proc else None
+            if code is not None:
+                log.error("front door (pid %d) exited with %s; restarting", self.proc.pid, code)
+                await asyncio.sleep(RESTART_DELAY_S)
+                if stop.is_set():
+                    return
+                self.start()
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM (the door finishes or hands over what it holds), SIGKILL after `grace_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("front door did not stop in %.0fs; killing", grace_s)
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,70 @@
+"""gRPC adapter of cnei.frontdoor.v1.FrontDoorControl, with its conversions: the compiled front
+door asks for routes and reports what it served (see protos/cnei/frontdoor.proto)."""
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from services.common import codec, oip
+from services.common.errors import InvalidArgument
+from services.common.grpc_util import rpc
+from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport
+from services.pb.cnei import frontdoor_pb2 as fd
+from services.pb.cnei import frontdoor_pb2_grpc as fd_grpc
+from services.pb.inference import grpc_service_pb2 as pb
+
+
+def ask_from_proto(message: fd.RouteRequest) -> oip.InferRequest:
+    """The door's request without tensor contents -> an InferRequest with zero-filled inputs of
+    the same shapes and datatypes (what placement and input checks look at)."""
+    try:
+        request = pb.ModelInferRequest.FromString(message.infer_request)
+    except DecodeError as exc:
+        raise InvalidArgument(f"route request is not a ModelInferRequest: {exc}") from None
+    inputs = {}
+    for tensor in request.inputs:
+        dtype = codec.datatype(tensor.datatype, tensor.name).dtype
+        try:
+            inputs[tensor.name] = np.zeros(list(tensor.shape), dtype)
+        except (ValueError, MemoryError) as exc:
+            raise InvalidArgument(f"input '{tensor.name}' has shape {list(tensor.shape)}: {exc}") from None
+    return oip.InferRequest(model_name=request.model_name, model_version=request.model_version,
+                            inputs=inputs, parameters=oip.params_from_proto(request.parameters),
+                            outputs=[o.name for o in request.outputs])
+
+
+def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
+    if isinstance(decision, Refusal):
+        return fd.RouteReply(eligible=False, reason=decision.reason)
+    v, node, resp = decision.placement.variant, decision.placement.node, decision.response
+    template = pb.ModelInferRequest(model_name=v.name, model_version=v.version)
+    oip.params_to_proto({"precision": v.precision}, template.parameters)
+    answer = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
+    oip.params_to_proto(resp.parameters, answer.parameters)
+    return fd.RouteReply(
+        eligible=True, route_id=decision.route_id, node_id=node.node_id, fast_address=node.fast_address,
+        request_template=template.SerializeToString(), response_template=answer.SerializeToString(),
+        max_batch_size=decision.max_batch_size, ttl_ms=0, timeout_ms=decision.timeout_ms)
+
+
+def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:
+    return [RouteReport(r.route_id, list(r.request_ns), list(r.request_rows),
+                        [BatchReport(b.rows, b.requests, b.duration_ns, b.compute_ns) for b in r.batches],
+                        r.handed_over, r.failure)
+            for r in message.routes]
+
+
+class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
+    def __init__(self, routes: DoorRoutes):
+        self.routes = routes
+
+    @rpc
+    async def Route(self, request, context):
+        reply = route_to_proto(await self.routes.route(ask_from_proto(request)))
+        reply.ttl_ms = self.routes.ttl_ms
+        reply.full_path_every = self.routes.trace_every
+        return reply
+
+    @rpc
+    async def Report(self, request, context):
+        return fd.ReportReply(unknown_routes=self.routes.apply(reports_from_proto(request)))

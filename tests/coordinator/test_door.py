@@ -1,0 +1,169 @@
+"""Front-door routes: which requests the compiled door may serve, the placement it is handed,
+and its reports booked as the full path would book them; plus the proto conversions."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from services.common import oip
+from services.common.deployment import DeploymentSpec, JointSpec
+from services.common.errors import ErrorCode, InvalidArgument, NotFound
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.common.nodes import NodeDirectory, NodeInfo
+from services.coordinator.breaker import State
+from services.coordinator.catalog import Catalog
+from services.coordinator.core import Coordinator
+from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
+from services.coordinator.door_servicer import ask_from_proto, reports_from_proto, route_to_proto
+from services.coordinator.nodes_view import NodesView
+from services.coordinator.settings import CoordinatorSettings
+from services.pb.cnei import frontdoor_pb2 as fd
+from services.pb.inference import grpc_service_pb2 as pb
+
+
+def variant(precision: str, accuracy: str) -> ModelVariant:
+    return ModelVariant("digits", "1", precision, "ab" * 32, 1000, [TensorSpec("input", "FP32", [-1, 64])],
+                        [TensorSpec("probabilities", "FP32", [-1, 10])],
+                        metadata={"accuracy": accuracy, "max_batch_size": "16"})
+
+
+class MemoryRegistry:
+    def __init__(self, spec: DeploymentSpec | None = None):
+        self.spec = spec or DeploymentSpec(model="digits")
+
+    async def list(self, name: str = ""):
+        return [variant("FP32", "0.97"), variant("INT8", "0.96")] if name in ("", "digits") else []
+
+    async def get_deployment(self, name: str):
+        if name != "digits":
+            raise NotFound(f"no deployment for '{name}'")
+        return self.spec
+
+
+def routes(spec: DeploymentSpec | None = None, fast_address: str = "127.0.0.1:7001",
+           trace_every: int = 0) -> DoorRoutes:
+    core = Coordinator(CoordinatorSettings(), Catalog(MemoryRegistry(spec), 60.0), NodesView(NodeDirectory(None), 1.0))
+    core.nodes.nodes = [NodeInfo("edge-a1", "edge", "site-a", "127.0.0.1:7000", fast_address=fast_address,
+                                 updated_at=time.time())]
+    return DoorRoutes(core, ttl_ms=100, trace_every=trace_every)
+
+
+def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip.InferRequest:
+    return oip.InferRequest(model, {"input": np.zeros(shape, np.float32)}, parameters=params or {})
+
+
+@pytest.mark.parametrize(
+    ("params", "hedge_after_ms", "joint", "reason"),
+    [({}, 0.0, "off", ""),
+     ({"precision": "INT8", "accuracy_floor": 0.9, "latency_budget_ms": 5, "region": "a", "tier": "edge"},
+      0.0, "off", ""),
+     ({"priority": 1}, 0.0, "off", "parameters ['priority'] are handled by the full path"),
+     ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", "parameters ['joint', 'timeout_us']"),
+     ({}, 0.0, "sync", "joint inference (sync)"),
+     ({}, -1.0, "off", "hedged requests")],
+    ids=["plain", "placement-parameters", "priority", "timeout-and-joint", "joint-deployment", "hedging"])
+def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, reason):
+    found = refusal_reason(ask(params), hedge_after_ms, joint)
+    assert found.startswith(reason) if reason else found == ""
+
+
+@pytest.mark.parametrize(("text", "code"), [("UNAVAILABLE: connection lost", ErrorCode.UNAVAILABLE),
+                                            ("DEADLINE_EXCEEDED: no reply", ErrorCode.DEADLINE_EXCEEDED),
+                                            ("garbled", ErrorCode.INTERNAL)])
+def test_a_failure_text_names_its_code(text, code):
+    assert failure_code(text) is code
+
+
+async def test_a_route_names_the_node_variant_and_batch_limit_and_keeps_its_id_while_unchanged():
+    door = routes()
+    first = await door.route(ask({"precision": "INT8"}))
+    assert isinstance(first, Route)
+    assert (first.placement.node.node_id, first.placement.variant.precision) == ("edge-a1", "INT8")
+    assert first.max_batch_size == 16 and first.timeout_ms == 2000
+    assert first.response.parameters["cnei_precision"] == "INT8"
+    assert first.response.parameters["cnei_front_door"] is True
+    again = await door.route(ask({"precision": "INT8"}, shape=(1, 64)))
+    assert again.route_id == first.route_id
+    other = await door.route(ask({"precision": "FP32"}))
+    assert other.route_id != first.route_id
+
+
+@pytest.mark.parametrize(
+    ("door", "request_", "reason"),
+    [(lambda: routes(), ask(model="nope"), "model 'nope'"),
+     (lambda: routes(), ask(shape=(4, 63)), "shape [4, 63]"),
+     (lambda: routes(), ask(shape=(17, 64)), "exceeds max_batch_size 16"),
+     (lambda: routes(fast_address=""), ask(), "offers no fast lane"),
+     (lambda: routes(DeploymentSpec(model="digits", joint=JointSpec(mode="sync"))), ask(), "joint inference"),
+     (lambda: routes(trace_every=1), ask(), "every request is traced")],
+    ids=["unknown-model", "wrong-shape", "batch-too-big", "no-fast-lane", "joint", "all-traced"])
+async def test_requests_the_door_must_not_serve_are_refused_with_the_reason(door, request_, reason):
+    decision = await door().route(request_)
+    assert isinstance(decision, Refusal) and reason in decision.reason
+
+
+async def test_a_report_is_booked_like_requests_served_by_the_full_path():
+    door = routes()
+    route = await door.route(ask())
+    unknown = door.apply([RouteReport(route.route_id, [2_000_000, 3_000_000], [1, 3],
+                                      [BatchReport(4, 2, 1_500_000, 500_000)]),
+                          RouteReport(999)])
+    assert unknown == [999]
+    stats = door.core.stats.get("digits", "1")
+    assert (stats.inference_count, stats.success.count, stats.success.ns) == (4, 2, 5_000_000)
+    assert door.core.nodes.rtt_ms["edge-a1"] == pytest.approx(1.0)
+    assert door.core.nodes.compute_ms["edge-a1"] == pytest.approx(0.125)
+
+
+async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
+    door = routes()
+    route = await door.route(ask())
+    assert door.apply([RouteReport(route.route_id, handed_over=3, failure="UNAVAILABLE: connection lost")]) == []
+    assert door.core.breakers.get("edge-a1").state is State.OPEN
+    assert door.apply([RouteReport(route.route_id)]) == [route.route_id]
+    assert isinstance(await door.route(ask()), Refusal)  # no node left to route to
+
+
+def test_the_route_request_becomes_zero_inputs_of_the_same_shapes():
+    message = pb.ModelInferRequest(model_name="digits", model_version="2")
+    message.inputs.add(name="input", datatype="FP32", shape=[3, 64])
+    message.parameters["precision"].string_param = "INT8"
+    message.outputs.add(name="probabilities")
+    request = ask_from_proto(fd.RouteRequest(infer_request=message.SerializeToString()))
+    assert (request.model_name, request.model_version, request.parameters) == ("digits", "2", {"precision": "INT8"})
+    assert request.inputs["input"].shape == (3, 64) and request.outputs == ["probabilities"]
+
+
+@pytest.mark.parametrize(("payload", "message"), [(b"\xff\xff", "not a ModelInferRequest"),
+                                                  (None, "unknown datatype 'FP33'")],
+                         ids=["garbage", "bad-datatype"])
+def test_a_route_request_that_is_not_a_valid_request_is_invalid_argument(payload, message):
+    if payload is None:
+        bad = pb.ModelInferRequest(model_name="digits")
+        bad.inputs.add(name="input", datatype="FP33", shape=[1])
+        payload = bad.SerializeToString()
+    with pytest.raises(InvalidArgument, match=message):
+        ask_from_proto(fd.RouteRequest(infer_request=payload))
+
+
+async def test_a_route_travels_as_templates_the_door_fills_in():
+    route = await routes().route(ask({"precision": "INT8"}))
+    reply = route_to_proto(route)
+    sent = pb.ModelInferRequest.FromString(reply.request_template)
+    answer = pb.ModelInferResponse.FromString(reply.response_template)
+    assert (reply.eligible, reply.node_id, reply.fast_address, reply.max_batch_size) == (True, "edge-a1",
+                                                                                          "127.0.0.1:7001", 16)
+    assert (sent.model_name, sent.model_version, sent.parameters["precision"].string_param) == ("digits", "1", "INT8")
+    assert answer.parameters["cnei_node"].string_param == "edge-a1"
+    refused = route_to_proto(Refusal("no"))
+    assert (refused.eligible, refused.reason) == (False, "no")
+
+
+def test_reports_convert_with_every_field():
+    message = fd.FrontDoorReport(routes=[fd.RouteReport(
+        route_id=7, request_ns=[10, 20], request_rows=[1, 2], handed_over=1, failure="UNAVAILABLE: x",
+        batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)])])
+    assert reports_from_proto(message) == [RouteReport(7, [10, 20], [1, 2], [BatchReport(3, 2, 30, 5)], 1,
+                                                       "UNAVAILABLE: x")]
