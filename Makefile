@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/*/*.proto)
 PB_STAMP := services/pb/.generated
 PA_INSTALL := $(firstword $(wildcard ../shared/tools/perf-analyzer/install.sh /work/shared/tools/perf-analyzer/install.sh))
 
-.PHONY: run test protos install clean bench bench-scheduler perf-analyzer
+.PHONY: run test protos install clean bench bench-scheduler perf-analyzer frontdoor frontdoor-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,24 @@ $(PB_STAMP): $(PROTOS) $(STAMP) scripts/gen-protos.sh
 
 protos: $(PB_STAMP)
 
-run: $(PB_STAMP)
+# The compiled gRPC front door of the coordinator (C++, Debian's gRPC). Without it the coordinator
+# serves gRPC itself (CNEI_COORDINATOR_FRONT_DOOR=auto), so a failed install only warns.
+FRONTDOOR_PKGS := libgrpc++-dev protobuf-compiler-grpc pkg-config g++ make
+
+frontdoor-deps:
+	@{ [ -f /usr/include/grpcpp/grpcpp.h ] && command -v grpc_cpp_plugin >/dev/null && command -v pkg-config >/dev/null; } || \
+	  { export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -q $(FRONTDOOR_PKGS) || { apt-get update -q && apt-get install -y -q $(FRONTDOOR_PKGS); }; } >/dev/null 2>&1; } || \
+	  echo "gRPC C++ could not be installed; the coordinator will serve gRPC without its front door"
+
+frontdoor: frontdoor-deps
+	@$(MAKE) -s -C services/coordinator/frontdoor -j2 || \
+	  echo "the front door did not build; the coordinator will serve gRPC without it"
+
+run: $(PB_STAMP) frontdoor
 	$(BIN)/cnei up
 
-test: $(PB_STAMP)
+test: $(PB_STAMP) frontdoor
 	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || \
 	  { [ -n "$(PA_INSTALL)" ] && bash $(PA_INSTALL) $(abspath $(BIN)) >/dev/null 2>&1; } || \
 	  echo "perf_analyzer could not be installed; its test will be skipped"
@@ -46,7 +60,7 @@ $(MLSERVER_VENV)/.installed:
 	$(MLSERVER_VENV)/bin/pip install -q mlserver==1.7.1 'uvloop<0.22' onnxruntime numpy
 	touch $@
 
-bench: $(PB_STAMP) $(MLSERVER_VENV)/.installed
+bench: $(PB_STAMP) frontdoor $(MLSERVER_VENV)/.installed
 	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
@@ -59,4 +73,4 @@ perf-analyzer: $(STAMP)
 	bash $(PA_INSTALL) $(abspath $(BIN))
 
 clean:
-	rm -rf services/pb $(VENV) .cnei
+	rm -rf services/pb $(VENV) .cnei services/coordinator/frontdoor/build

@@ -76,7 +76,7 @@ def warm_up(target: str, model: str, precision: str, calls: int = 5) -> None:
 class CneiStack:
     """NATS, Redis and the mesh; with `runtimes=1` only edge-a1 stays up behind the coordinator."""
 
-    def __init__(self, root: Path, runtimes: int = 1, coordinator_workers: int = 1):
+    def __init__(self, root: Path, runtimes: int = 1, coordinator_workers: int = 1, front_door: str = "on"):
         self.root = root
         self.runtimes = runtimes
         self.infra: list[subprocess.Popen] = []
@@ -89,7 +89,7 @@ class CneiStack:
             data_dir=str(root / "mesh"), nats_url=f"nats://127.0.0.1:{ports[0]}",
             redis_url=f"redis://127.0.0.1:{ports[1]}/0", registry_port=ports[2], grpc_port=ports[3],
             http_port=ports[4], metrics_port=ports[5], registry_metrics_port=ports[6],
-            coordinator_workers=coordinator_workers, trainer_port=ports[7], trainer_metrics_port=ports[8],
+            coordinator_workers=coordinator_workers, coordinator_front_door=front_door, trainer_port=ports[7], trainer_metrics_port=ports[8],
             runtime_base_port=runtime_base, runtime_metrics_base_port=metrics_base,
         )
 

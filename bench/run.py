@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="edge runtimes left behind the coordinator (default 1: the one measured directly)")
     p.add_argument("--coordinator-workers", type=int, default=1,
                    help="coordinator processes sharing its port (default 1; 0: one per CPU)")
+    p.add_argument("--front-door", choices=("on", "off"), default="on",
+                   help="the coordinator's compiled gRPC front door (default on; off: Python gRPC serves)")
     p.add_argument("--runtime-threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads per runtime session (default 0: the runtime's default)")
     p.add_argument("--skip-mlserver", action="store_true", help="measure CNEI and in-process ORT only")
@@ -91,7 +93,7 @@ def failed(config: str, plan: list[tuple[str, str]], args, error: str) -> list[d
 
 def run_cnei(models: dict, args, state: dict) -> tuple[list[dict], dict]:
     stack = state["cnei"] = CneiStack(WORK / "cnei", runtimes=args.runtimes,
-                                      coordinator_workers=args.coordinator_workers)
+                                      coordinator_workers=args.coordinator_workers, front_door=args.front_door)
     log(f"starting NATS, Redis and the mesh ({args.runtimes} runtime(s) behind the coordinator)")
     stack.start(models)
     stack.warm(CNEI_PLAN)
@@ -149,7 +151,9 @@ def meta(args, started: float, load_at_start: float) -> dict:
                          f"(-s {perf.STABILITY_PERCENT}), {perf.WARMUP_REQUESTS} warm-up requests",
         "concurrency": args.concurrency,
         "cnei": f"{args.runtimes} edge runtime(s) behind the coordinator "
-                f"({worker_count(args.coordinator_workers)} coordinator worker process(es)); runtime intra_op_threads="
+                f"(front door {args.front_door}; "
+                f"{1 if args.front_door == 'on' else worker_count(args.coordinator_workers)} coordinator process(es)); "
+                f"runtime intra_op_threads="
                 f"{rt.intra_op_threads}, inference_workers={rt.inference_workers}; precision sent explicitly",
         "mlserver_setup": f"custom runtime bench/mlserver_runtime.py, ORT intra_op_threads="
                           f"{mlserver_setup.INTRA_OP_THREADS}, debug off; adaptive batching max_batch_size="

@@ -30,6 +30,7 @@ class MeshSettings:
     http_port: int = cfg.field(8000, "coordinator REST port")
     metrics_port: int = cfg.field(8002, "coordinator metrics port")
     coordinator_workers: int = cfg.field(1, "coordinator processes sharing its gRPC port (0: one per CPU)")
+    coordinator_front_door: str = cfg.field("auto", "the coordinator's compiled gRPC front door: auto|on|off")
     runtime_base_port: int = cfg.field(50061, "first runtime gRPC port (cloud, then edges)")
     runtime_metrics_base_port: int = cfg.field(9111, "first runtime metrics port")
     registry_metrics_port: int = cfg.field(9101, "registry metrics port")
@@ -115,6 +116,7 @@ class Mesh:
             "CNEI_COORDINATOR_HTTP_PORT": str(self.s.http_port),
             "CNEI_COORDINATOR_METRICS_PORT": str(self.s.metrics_port),
             "CNEI_COORDINATOR_WORKERS": str(self.s.coordinator_workers),
+            "CNEI_COORDINATOR_FRONT_DOOR": self.s.coordinator_front_door,
             "CNEI_COORDINATOR_REGISTRY_TARGET": registry,
             "CNEI_COORDINATOR_REDIS_URL": self.s.redis_url,
             "CNEI_COORDINATOR_NATS_URL": self.s.nats_url,

@@ -117,7 +117,10 @@ def failover_row(envelope: events.Envelope) -> dict:
 def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
     count = worker_count(settings.workers)
-    if settings.worker_index < 0 and count > 1:
+    door = settings.worker_index < 0 and door_binary(settings.front_door, settings.front_door_binary)
+    if door and count > 1:
+        log.warning("the front door serves gRPC: running one coordinator process, not %d workers", count)
+    elif settings.worker_index < 0 and count > 1:
         telemetry.setup("cnei-coordinator-supervisor")
         asyncio.run(supervise(settings, count))
         return

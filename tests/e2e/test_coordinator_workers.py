@@ -58,7 +58,7 @@ def _requests_total(metrics_port: int) -> float:
 @pytest.fixture
 def workers(mesh):
     grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
-    env = {**os.environ, "CNEI_COORDINATOR_WORKERS": str(WORKERS),
+    env = {**os.environ, "CNEI_COORDINATOR_WORKERS": str(WORKERS), "CNEI_COORDINATOR_FRONT_DOOR": "off",
            "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port), "CNEI_COORDINATOR_HTTP_PORT": str(http_port),
            "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port),
            "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,

@@ -1,0 +1,69 @@
+"""Helpers for end-to-end tests under load: an extra edge runtime process joining the mesh, and
+closed-loop tritonclient load that records every outcome."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import tritonclient.grpc as triton
+
+from services.cli import infra
+from services.models.digits import load_all
+
+
+def start_runtime(mesh, node_id: str, region: str, tmp_path) -> tuple[subprocess.Popen, int]:
+    port = infra.free_port()
+    env = {**os.environ, "CNEI_RUNTIME_NODE_ID": node_id, "CNEI_RUNTIME_TIER": "edge",
+           "CNEI_RUNTIME_REGION": region, "CNEI_RUNTIME_PORT": str(port),
+           "CNEI_RUNTIME_METRICS_PORT": "0", "CNEI_RUNTIME_REGISTRY_TARGET": mesh.registry,
+           "CNEI_RUNTIME_REDIS_URL": mesh.settings.redis_url, "CNEI_RUNTIME_NATS_URL": mesh.settings.nats_url,
+           "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / node_id), "CNEI_RUNTIME_PRELOAD": "digits"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.edge_runtime"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)
+    return proc, port
+
+
+class Load:
+    """Closed-loop tritonclient load from several threads; records every outcome."""
+
+    def __init__(self, address: str, threads: int, region: str):
+        self.address, self.threads, self.region = address, threads, region
+        self.results: list[tuple[float, float, str]] = []  # (start, latency, node)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        client = triton.InferenceServerClient(self.address)
+        x, _ = load_all()
+        i = index
+        while not self._stop.is_set():
+            sample = x[i % len(x)][None, :]
+            tensor = triton.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(sample)
+            start = time.monotonic()
+            try:
+                reply = client.infer("digits", [tensor], parameters={"region": self.region},
+                                     client_timeout=10)
+                node = reply.get_response().parameters["cnei_node"].string_param
+                with self._lock:
+                    self.results.append((start, time.monotonic() - start, node))
+            except Exception as exc:  # noqa: BLE001 - counted as a failed request
+                with self._lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+            i += self.threads
+
+    def __enter__(self):
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=30)

@@ -1,0 +1,251 @@
+"""The coordinator behind its compiled front door: routable requests are batched straight to
+the nodes with every caller's own rows back, everything else passes through to the coordinator
+unchanged, a node killed under load loses no request, and SIGTERM stops both processes."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.utils as triton_utils
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.cli import infra
+from services.cli.up import RUNTIMES
+from services.coordinator.door_process import BUILT
+from services.models.digits import load_all
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.e2e.load import Load, start_runtime
+
+pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="module")
+def door(mesh):
+    """A coordinator with its front door on fresh ports, exporting no spans (so the door routes)."""
+    grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
+    env.update({"CNEI_COORDINATOR_FRONT_DOOR": "on", "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port),
+                "CNEI_COORDINATOR_HTTP_PORT": str(http_port), "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port),
+                "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
+                "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
+                "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url})
+    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
+        infra.wait_until(lambda: _ready(f"127.0.0.1:{grpc_port}"), 30, "the coordinator ready behind its door")
+        yield proc, f"127.0.0.1:{grpc_port}", metrics_port
+    finally:
+        infra.stop(proc)
+
+
+def _ready(address: str) -> bool:
+    client = triton.InferenceServerClient(address)
+    try:
+        return client.is_server_ready()
+    except triton_utils.InferenceServerException:
+        return False
+    finally:
+        client.close()
+
+
+def _infer(client, x: np.ndarray, **kwargs):
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return client.infer("digits", [tensor], client_timeout=30, **kwargs)
+
+
+def _batched_executions(mesh) -> int:
+    """Executions of more than one row on every runtime of the mesh (their statistics)."""
+    total = 0
+    for node_id, _, _ in RUNTIMES:
+        client = triton.InferenceServerClient(mesh.runtime(node_id))
+        try:
+            for s in client.get_inference_statistics("digits").model_stats:
+                total += sum(b.compute_infer.count for b in s.batch_stats if b.batch_size > 1)
+        finally:
+            client.close()
+    return total
+
+
+def _metric(port: int, name: str, labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf"^{name}\{{{labels}\}} (\S+)", text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def _executions(address: str) -> int:
+    client = triton.InferenceServerClient(address)
+    try:
+        return sum(s.inference_count for s in client.get_inference_statistics("digits").model_stats)
+    finally:
+        client.close()
+
+
+def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_gets_its_rows(door, mesh):
+    _, address, metrics_port = door
+    x, _ = load_all()
+    direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
+    expected = _infer(direct, x[:200]).as_numpy("probabilities")
+    direct.close()
+    _infer(triton.InferenceServerClient(address), x[:1])  # the door learns the route
+    time.sleep(0.3)
+    served_before, batched_before = _executions(address), _batched_executions(mesh)
+    threads, per_thread, results, errors = 16, 12, {}, []
+
+    def caller(t: int) -> None:
+        client = triton.InferenceServerClient(address)
+        try:
+            for k in range(per_thread):
+                i = t * per_thread + k
+                reply = _infer(client, x[i:i + 1], parameters={"precision": "FP32"})
+                results[i] = (reply.as_numpy("probabilities"), reply.get_response().parameters)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=caller, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == []
+    assert len(results) == threads * per_thread
+    for i, (probs, params) in results.items():
+        np.testing.assert_allclose(probs[0], expected[i], rtol=1e-4, atol=1e-6)
+        assert params["cnei_front_door"].bool_param and params["cnei_precision"].string_param == "FP32"
+    assert _batched_executions(mesh) > batched_before, "no batch of more than one row reached a node"
+    count = threads * per_thread
+    # What the door served is booked by the coordinator: statistics and metrics.
+    infra.wait_until(lambda: _executions(address) - served_before >= count, 10, "statistics of the door's requests")
+    assert _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="ok"') >= count
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"parameters": {"priority": 1}}, "priority queues live in the coordinator"),
+    ({"headers": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}},
+     "a sampled trace is recorded hop by hop")],
+    ids=["priority", "sampled-trace"])
+def test_requests_a_route_cannot_serve_take_the_coordinator_s_full_path(door, kwargs, why):
+    _, address, _ = door
+    x, y = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        for i in range(3):
+            reply = _infer(client, x[i:i + 1], **kwargs)
+            assert "cnei_front_door" not in reply.get_response().parameters, why
+            assert reply.as_numpy("probabilities").argmax() == y[i]
+    finally:
+        client.close()
+
+
+def test_every_other_rpc_passes_through_the_door_unchanged(door):
+    _, address, _ = door
+    client = triton.InferenceServerClient(address)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.get_server_metadata().name == "cnei-coordinator"
+        assert client.get_model_metadata("digits").inputs[0].name == "input"
+        assert client.get_model_config("digits").config.max_batch_size > 0
+        assert "digits" in {m.name for m in client.get_model_repository_index().models}
+        with pytest.raises(triton_utils.InferenceServerException, match="not found"):
+            client.get_model_metadata("no-such-model")
+    finally:
+        client.close()
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_streamed_inference_passes_through_the_door(door):
+    _, address, _ = door
+    x, y = load_all()
+    replies, done = [], threading.Event()
+
+    def on_reply(result, error):
+        replies.append((result, error))
+        if len(replies) == 3:
+            done.set()
+
+    client = triton.InferenceServerClient(address)
+    try:
+        client.start_stream(callback=on_reply)
+        for i in range(3):
+            tensor = triton.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(x[i:i + 1])
+            client.async_stream_infer("digits", [tensor], request_id=str(i))
+        assert done.wait(30)
+        client.stop_stream()
+    finally:
+        client.close()
+    assert [e for _, e in replies] == [None] * 3
+    assert {r.get_response().id: int(r.as_numpy("probabilities").argmax()) for r, _ in replies} == \
+        {str(i): int(y[i]) for i in range(3)}
+
+
+@pytest.mark.parametrize(("shape", "raw_bytes", "code", "message"), [
+    ([1, 63], 63 * 4, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+    ([1, 64], 10, grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    ([1, 64], 64 * 4, grpc.StatusCode.NOT_FOUND, "no-such-model")],
+    ids=["wrong-shape", "short-raw-contents", "unknown-model"])
+def test_a_bad_request_gets_the_coordinator_s_clear_status_through_the_door(door, shape, raw_bytes, code, message):
+    _, address, _ = door
+    request = pb.ModelInferRequest(model_name="no-such-model" if code == grpc.StatusCode.NOT_FOUND else "digits")
+    request.inputs.add(name="input", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(bytes(raw_bytes))
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert caught.value.code() == code
+    assert message in caught.value.details()
+
+
+def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, tmp_path):
+    _, address, metrics_port = door
+    victim, _ = start_runtime(mesh, "edge-d1", "site-d", tmp_path)
+    try:
+        time.sleep(1.5)  # the coordinator sees the new node
+        handed_before = _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="handed_over"')
+        with Load(address, threads=6, region="site-d") as load:
+            time.sleep(2.0)
+            served_by_victim = sum(1 for r in load.results if r[2] == "edge-d1")
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            time.sleep(3.0)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert served_by_victim > 0, "the victim never took traffic; the test proves nothing"
+    assert load.errors == [], f"{len(load.errors)} failed requests: {load.errors[:3]}"
+    after = [r for r in load.results if r[0] >= killed_at + 1.0]
+    assert after and all(node != "edge-d1" for _, _, node in after)
+    handed = _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="handed_over"')
+    assert handed > handed_before, "no request was in the door's hands when the node died"
+
+
+def test_sigterm_stops_the_door_and_the_coordinator(door):
+    proc, address, _ = door
+    children = _children(proc.pid)
+    assert children, "the coordinator runs no front door process"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
