@@ -35,22 +35,31 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.fixture(scope="module")
-def door(mesh):
-    """A coordinator with its front door on fresh ports, exporting no spans (so the door routes)."""
+def _start_coordinator(mesh, **env_extra: str) -> tuple[subprocess.Popen, str, int]:
+    """A coordinator with its front door on fresh ports; exports no spans unless told."""
     grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
     env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
     env.update({"CNEI_COORDINATOR_FRONT_DOOR": "on", "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port),
                 "CNEI_COORDINATOR_HTTP_PORT": str(http_port), "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port),
                 "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
                 "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
-                "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url})
+                "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url, **env_extra})
     proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
         infra.wait_until(lambda: _ready(f"127.0.0.1:{grpc_port}"), 30, "the coordinator ready behind its door")
-        yield proc, f"127.0.0.1:{grpc_port}", metrics_port
+    except BaseException:
+        infra.stop(proc)
+        raise
+    return proc, f"127.0.0.1:{grpc_port}", metrics_port
+
+
+@pytest.fixture(scope="module")
+def door(mesh):
+    proc, address, metrics_port = _start_coordinator(mesh)
+    try:
+        yield proc, address, metrics_port
     finally:
         infra.stop(proc)
 
@@ -105,7 +114,7 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
     direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
     expected = _infer(direct, x[:200]).as_numpy("probabilities")
     direct.close()
-    _infer(triton.InferenceServerClient(address), x[:1])  # the door learns the route
+    _infer(triton.InferenceServerClient(address), x[:1], parameters={"precision": "FP32"})  # learns the route
     time.sleep(0.3)
     served_before, batched_before = _executions(address), _batched_executions(mesh)
     threads, per_thread, results, errors = 16, 12, {}, []
@@ -140,7 +149,7 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
 
 
 @pytest.mark.parametrize(("kwargs", "why"), [
-    ({"parameters": {"priority": 1}}, "priority queues live in the coordinator"),
+    ({"priority": 1}, "priority queues live in the coordinator"),
     ({"headers": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}},
      "a sampled trace is recorded hop by hop")],
     ids=["priority", "sampled-trace"])
@@ -249,3 +258,27 @@ def test_sigterm_stops_the_door_and_the_coordinator(door):
     assert proc.wait(timeout=30) == 0
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_with_spans_exported_one_request_in_n_takes_the_traced_full_path(mesh, jaeger):
+    proc, address, _ = _start_coordinator(mesh, OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp,
+                                          CNEI_COORDINATOR_DOOR_TRACE_EVERY="4")
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: "cnei_front_door" in _infer(client, x[:1]).get_response().parameters,
+                         10, "a request answered by the door")
+        started_us = time.time() * 1e6
+        door_answered = sum("cnei_front_door" in _infer(client, x[i:i + 1]).get_response().parameters
+                            for i in range(16))
+    finally:
+        client.close()
+        infra.stop(proc)
+    assert door_answered == 12  # requests 4, 8, 12 and 16 of the route took the full path
+
+    def traced() -> int:
+        traces = jaeger.get("/api/traces?service=cnei-coordinator&limit=500")["data"] or []
+        return sum(1 for t in traces if any(s["operationName"].endswith("ModelInfer") and s["startTime"] >= started_us
+                                            and t["processes"][s["processID"]]["serviceName"] == "cnei-coordinator"
+                                            for s in t["spans"]))
+    infra.wait_until(lambda: traced() >= 4, 10, "traces of the full-path requests")

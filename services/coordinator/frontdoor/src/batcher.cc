@@ -1,0 +1,250 @@
+// Per-route queue that forms batches while the node is busy and sends them on its fast lane.
+#include "batcher.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "codes.h"
+#include "tensor.h"
+
+namespace frontdoor {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+uint64_t Nanos(Clock::duration d) {
+  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
+}
+
+void AppendJsonString(std::string* out, grpc::string_ref value) {
+  out->push_back('"');
+  for (char c : value) {
+    unsigned char u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out->push_back('\\');
+      out->push_back(c);
+    } else if (u < 0x20 || u >= 0x80) {
+      char escaped[8];
+      snprintf(escaped, sizeof escaped, "\\u%04x", u);
+      out->append(escaped);
+    } else {
+      out->push_back(c);
+    }
+  }
+  out->push_back('"');
+}
+
+// {"timeout": seconds, "trace": {"traceparent": ..., "tracestate": ...}} for the fast lane.
+std::string MetaJson(double timeout_s, const grpc::ServerContextBase& ctx) {
+  char number[32];
+  snprintf(number, sizeof number, "%.6f", timeout_s);
+  std::string meta = std::string("{\"timeout\": ") + number + ", \"trace\": {";
+  const auto& metadata = ctx.client_metadata();
+  bool first = true;
+  for (const char* key : {"traceparent", "tracestate"}) {
+    auto it = metadata.find(key);
+    if (it == metadata.end()) continue;
+    meta += first ? "\"" : ", \"";
+    meta += key;
+    meta += "\": ";
+    AppendJsonString(&meta, it->second);
+    first = false;
+  }
+  return meta + "}}";
+}
+
+}  // namespace
+
+struct Batcher::Batch {
+  std::vector<InferCall*> members;
+  int64_t rows = 0;
+  bool client_bound = false;  // its timeout was a member's deadline, not the route's
+  Clock::time_point sent_at;
+};
+
+Batcher::Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options,
+                 Reporter* reporter, OnFailure on_failure)
+    : config_(std::move(config)), options_(options), reporter_(reporter),
+      on_failure_(std::move(on_failure)), lane_(LaneFor(config_->node_address)) {}
+
+bool Batcher::failed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failed_;
+}
+
+void Batcher::Enqueue(InferCall* call) {
+  size_t full = 0;
+  bool forward = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (failed_) {
+      forward = true;
+    } else if (queue_.size() >= options_.queue_limit) {
+      full = queue_.size();
+    } else {
+      queue_.push_back(call);
+    }
+  }
+  if (forward) return call->Forward();
+  if (full > 0) {
+    return call->Fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                   "front door queue for model '" + call->request().model_name() +
+                                       "' is full (" + std::to_string(full) + " requests)"));
+  }
+  Dispatch();
+}
+
+void Batcher::Dispatch() {
+  for (;;) {
+    std::vector<InferCall*> expired, cancelled;
+    std::shared_ptr<Batch> batch;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_ || inflight_ >= options_.max_inflight || queue_.empty()) return;
+      batch = TakeLocked(&expired, &cancelled);
+      if (batch) ++inflight_;
+    }
+    for (InferCall* call : expired) {
+      call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                              "deadline passed while queued in the front door"));
+    }
+    for (InferCall* call : cancelled) {
+      call->Fail(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
+    }
+    if (batch) Send(std::move(batch));
+  }
+}
+
+// Takes requests from the head while they fit one batch; drops cancelled and expired ones.
+std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* expired,
+                                                   std::vector<InferCall*>* cancelled) {
+  auto batch = std::make_shared<Batch>();
+  const int64_t limit = config_->max_batch_size;
+  while (!queue_.empty()) {
+    InferCall* call = queue_.front();
+    if (call->DeadlinePassed()) {
+      expired->push_back(call);
+    } else if (call->cancelled()) {
+      cancelled->push_back(call);
+    } else if (batch->members.empty()) {
+      batch->members.push_back(call);
+      batch->rows = call->rows;
+    } else if (limit == 0 || batch->rows + call->rows > limit ||
+               (call->route_key != batch->members.front()->route_key &&
+                *call->route_key != *batch->members.front()->route_key)) {
+      break;
+    } else {
+      batch->members.push_back(call);
+      batch->rows += call->rows;
+    }
+    queue_.pop_front();
+  }
+  return batch->members.empty() ? nullptr : batch;
+}
+
+void Batcher::Send(std::shared_ptr<Batch> batch) {
+  const bool batched = config_->max_batch_size > 0;
+  std::vector<const inference::ModelInferRequest*> requests;
+  requests.reserve(batch->members.size());
+  const double route_timeout_s = config_->timeout_ms > 0 ? config_->timeout_ms / 1000.0 : 60.0;
+  double timeout_s = route_timeout_s;
+  for (InferCall* call : batch->members) {
+    requests.push_back(&call->request());
+    timeout_s = std::min(timeout_s, call->SecondsLeft());
+  }
+  batch->client_bound = timeout_s < route_timeout_s;
+  timeout_s = std::max(timeout_s, 0.001);
+  BatchWire wire;
+  BuildBatch(config_->request_template, requests, batch->rows, batched, &wire);
+  std::string meta = MetaJson(timeout_s, batch->members.front()->context());
+  batch->sent_at = Clock::now();
+  lane_->Call(meta, wire.pieces, timeout_s,
+              [self = shared_from_this(), batch](const grpc::Status& status, std::string body,
+                                                 size_t offset) {
+                self->OnReply(batch, status, body, offset);
+              });
+}
+
+void Batcher::OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status,
+                      const std::string& body, size_t offset) {
+  auto reply = std::make_shared<inference::ModelInferResponse>();
+  if (status.ok()) {
+    if (!reply->ParseFromArray(body.data() + offset, int(body.size() - offset))) {
+      status = grpc::Status(grpc::StatusCode::INTERNAL, "unparseable reply from " + config_->node_address);
+    } else if (const char* problem = ReplyProblem(*reply, batch->rows, config_->max_batch_size > 0)) {
+      status = grpc::Status(grpc::StatusCode::INTERNAL,
+                            std::string(problem) + " (node " + config_->node_address + ")");
+    }
+  }
+  if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && batch->client_bound) {
+    ClientDeadline(*batch);
+  } else if (!status.ok()) {
+    return HandOver(*batch, status);
+  } else {
+    Answer(*batch, std::move(reply));
+  }
+  Finished();
+}
+
+// A client's own deadline ended the node call: not the node's failure. Expired members get
+// DEADLINE_EXCEEDED; the others still have time and go to the coordinator.
+void Batcher::ClientDeadline(const Batch& batch) {
+  for (InferCall* call : batch.members) {
+    if (call->DeadlinePassed()) {
+      call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                              "deadline passed while waiting for node " + config_->node_address));
+    } else {
+      call->Forward();
+    }
+  }
+}
+
+void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferResponse> reply) {
+  cnei::frontdoor::v1::Batch stats;
+  stats.set_rows(uint32_t(batch.rows));
+  stats.set_requests(uint32_t(batch.members.size()));
+  stats.set_duration_ns(Nanos(Clock::now() - batch.sent_at));
+  stats.set_compute_ns(ComputeNs(*reply));
+  const bool batched = config_->max_batch_size > 0;
+  ReplySlicer slicer(config_->response_template, std::move(reply), batch.rows, batched);
+  std::vector<std::pair<uint64_t, uint32_t>> served;
+  served.reserve(batch.members.size());
+  int64_t row = 0;
+  for (InferCall* call : batch.members) {
+    grpc::ByteBuffer response = slicer.Slice(call->request().id(), row, call->rows);
+    row += call->rows;
+    served.emplace_back(Nanos(Clock::now() - call->received_at), uint32_t(call->rows));
+    call->Reply(std::move(response));  // the call may be gone after this
+  }
+  reporter_->Served(config_->route_id, served, stats);
+}
+
+// A failed node call: the route is dropped, reported at once, and every member forwarded.
+void Batcher::HandOver(const Batch& batch, const grpc::Status& status) {
+  std::vector<InferCall*> members = batch.members;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    failed_ = true;
+    --inflight_;
+    members.insert(members.end(), queue_.begin(), queue_.end());
+    queue_.clear();
+  }
+  fprintf(stderr, "cnei-frontdoor: route %llu to %s failed (%s); %zu requests go to the coordinator\n",
+          (unsigned long long)config_->route_id, config_->node_address.c_str(),
+          Describe(status).c_str(), members.size());
+  on_failure_(config_->route_id);
+  reporter_->Failed(config_->route_id, uint32_t(members.size()), Describe(status),
+                    [members] {
+                      for (InferCall* call : members) call->Forward();
+                    });
+}
+
+void Batcher::Finished() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --inflight_;
+  }
+  Dispatch();
+}
+
+}  // namespace frontdoor

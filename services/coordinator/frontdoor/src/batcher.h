@@ -1,0 +1,68 @@
+// Per-route queue that forms batches while the node is busy and sends them on its fast lane.
+#pragma once
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "call.h"
+#include "fastlane.h"
+#include "reporter.h"
+
+namespace frontdoor {
+
+// What a RouteReply says about eligible requests, parsed once.
+struct RouteConfig {
+  uint64_t route_id = 0;
+  std::string node_address;
+  std::string template_bytes;  // request and response templates as received, for comparison
+  inference::ModelInferRequest request_template;
+  inference::ModelInferResponse response_template;
+  uint32_t max_batch_size = 0;
+  uint32_t timeout_ms = 0;
+  uint32_t full_path_every = 0;  // one request in N takes the coordinator's (traced) path
+};
+
+struct BatcherOptions {
+  int max_inflight = 2;
+  size_t queue_limit = 2048;
+};
+
+class Batcher : public std::enable_shared_from_this<Batcher> {
+ public:
+  using OnFailure = std::function<void(uint64_t route_id)>;
+  Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options, Reporter* reporter,
+          OnFailure on_failure);
+  // Queues the call (it is answered later) or forwards it when this batcher has failed.
+  void Enqueue(InferCall* call);
+  const RouteConfig& config() const { return *config_; }
+  bool failed();
+
+ private:
+  struct Batch;
+  void Dispatch();
+  std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
+                                    std::vector<InferCall*>* cancelled);
+  void Send(std::shared_ptr<Batch> batch);
+  void OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status, const std::string& body,
+               size_t offset);
+  void Answer(const Batch& batch, std::shared_ptr<inference::ModelInferResponse> reply);
+  void ClientDeadline(const Batch& batch);
+  void HandOver(const Batch& batch, const grpc::Status& status);
+  void Finished();
+
+  const std::shared_ptr<const RouteConfig> config_;
+  const BatcherOptions options_;
+  Reporter* reporter_;
+  OnFailure on_failure_;
+  std::shared_ptr<FastLane> lane_;
+  std::mutex mu_;  // guards the fields below
+  std::deque<InferCall*> queue_;
+  int inflight_ = 0;
+  bool failed_ = false;
+};
+
+}  // namespace frontdoor

@@ -1,0 +1,77 @@
+// One unary call on the public port: reads the request, then the door or the backend answers it.
+#include "call.h"
+
+#include <grpcpp/support/proto_buffer_reader.h>
+
+#include <limits>
+
+#include "door.h"
+
+namespace frontdoor {
+
+UnaryCall::UnaryCall(grpc::GenericCallbackServerContext* ctx, Backend* backend)
+    : ctx_(ctx), backend_(backend) {
+  StartRead(&request_bytes_);
+}
+
+void UnaryCall::OnReadDone(bool ok) {
+  if (!ok) return Fail(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
+  OnRequest();
+}
+
+void UnaryCall::OnCancel() {
+  cancelled_.store(true, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (upstream_) upstream_->TryCancel();
+}
+
+void UnaryCall::Forward() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    upstream_ = std::make_unique<grpc::ClientContext>();
+    CopyRequestMetadata(*ctx_, upstream_.get());
+    if (cancelled()) upstream_->TryCancel();
+  }
+  backend_->generic.UnaryCall(upstream_.get(), ctx_->method(), grpc::StubOptions(),
+                              &request_bytes_, &response_,
+                              [this](grpc::Status status) { OnBackendDone(status); });
+}
+
+void UnaryCall::OnBackendDone(const grpc::Status& status) {
+  CopyInitialMetadata(*upstream_, ctx_);
+  CopyTrailingMetadata(*upstream_, ctx_);
+  if (status.ok()) {
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+  } else {
+    Finish(ClientStatus(status, *upstream_, *backend_));
+  }
+}
+
+void UnaryCall::Reply(grpc::ByteBuffer response) {
+  response_ = std::move(response);
+  StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+}
+
+void UnaryCall::Fail(const grpc::Status& status) { Finish(status); }
+
+InferCall::InferCall(grpc::GenericCallbackServerContext* ctx, Backend* backend, InferDoor* door)
+    : UnaryCall(ctx, backend), received_at(Clock::now()), door_(door) {}
+
+bool InferCall::Parse() {
+  grpc::ProtoBufferReader reader(&request_bytes_);
+  return request_.ParseFromZeroCopyStream(&reader) && reader.status().ok();
+}
+
+bool InferCall::DeadlinePassed() const { return SecondsLeft() <= 0; }
+
+double InferCall::SecondsLeft() const {
+  auto deadline = const_cast<InferCall*>(this)->context().deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) {
+    return std::numeric_limits<double>::infinity();
+  }
+  return std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+}
+
+void InferCall::OnRequest() { door_->Infer(this); }
+
+}  // namespace frontdoor

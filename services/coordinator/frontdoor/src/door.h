@@ -1,0 +1,20 @@
+// Decides, per ModelInfer request, between the fast path (batch to a node) and the coordinator.
+#pragma once
+
+#include "call.h"
+#include "router.h"
+
+namespace frontdoor {
+
+class InferDoor {
+ public:
+  explicit InferDoor(Router* router) : router_(router) {}
+  // Answers the call: queued on its route's batcher, or forwarded to the coordinator.
+  void Infer(InferCall* call);
+
+ private:
+  bool Sampled(InferCall* call);
+  Router* router_;
+};
+
+}  // namespace frontdoor

@@ -1,0 +1,304 @@
+// Fast-lane client: framed ModelInfer calls over one multiplexed TCP connection per node.
+#include "fastlane.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <thread>
+#include <unordered_map>
+
+#include "codes.h"
+
+namespace frontdoor {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr uint8_t kRequest = 1, kReply = 2, kError = 3;
+constexpr size_t kHeader = 15;                     // u32 length | u64 id | u8 kind | u16 meta
+constexpr size_t kMaxFrame = 64u * 1024 * 1024;    // as services/common/fastlane.py
+
+void PutLE(char* out, uint64_t value, int bytes) {
+  for (int i = 0; i < bytes; ++i) out[i] = static_cast<char>((value >> (8 * i)) & 0xff);
+}
+
+uint64_t GetLE(const char* in, int bytes) {
+  uint64_t value = 0;
+  for (int i = 0; i < bytes; ++i) value |= uint64_t(static_cast<uint8_t>(in[i])) << (8 * i);
+  return value;
+}
+
+bool SplitAddress(const std::string& address, std::string* host, std::string* port) {
+  size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon + 1 == address.size()) return false;
+  *host = address.substr(0, colon);
+  *port = address.substr(colon + 1);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  return true;
+}
+
+// Connects with a 1 s timeout; returns a blocking TCP_NODELAY socket or -1 with `error` set.
+int ConnectTcp(const std::string& address, std::string* error) {
+  std::string host, port;
+  if (!SplitAddress(address, &host, &port)) return *error = "bad address", -1;
+  addrinfo hints{}, *found = nullptr;
+  hints.ai_socktype = SOCK_STREAM;
+  int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
+  if (rc != 0) return *error = gai_strerror(rc), -1;
+  int fd = -1;
+  *error = "no address";
+  for (addrinfo* ai = found; ai != nullptr && fd < 0; ai = ai->ai_next) {
+    fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      *error = strerror(errno), close(fd), fd = -1;
+      continue;
+    }
+    pollfd p{fd, POLLOUT, 0};
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (poll(&p, 1, 1000) != 1) {
+      *error = "connect timed out", close(fd), fd = -1;
+    } else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0 || soerr != 0) {
+      *error = strerror(soerr ? soerr : errno), close(fd), fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) return -1;
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  return fd;
+}
+
+bool SendAll(int fd, std::vector<iovec> iov) {
+  size_t at = 0;
+  while (at < iov.size()) {
+    msghdr msg{};
+    msg.msg_iov = &iov[at];
+    msg.msg_iovlen = std::min<size_t>(iov.size() - at, 512);
+    ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (sent < 0 && errno == EINTR) continue;
+    if (sent < 0) return false;
+    while (at < iov.size() && size_t(sent) >= iov[at].iov_len) sent -= iov[at++].iov_len;
+    if (at < iov.size()) {
+      iov[at].iov_base = static_cast<char*>(iov[at].iov_base) + sent;
+      iov[at].iov_len -= sent;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+struct FastLane::Conn {
+  struct Pending {
+    FastDone done;
+    Clock::time_point deadline;
+    double timeout_s;
+  };
+  Conn(int socket, std::string addr)
+      : fd(socket), wake_fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)), address(std::move(addr)) {}
+  ~Conn() {
+    close(fd);
+    if (wake_fd >= 0) close(wake_fd);
+  }
+  void ReadLoop();
+  bool ReadFull(char* out, size_t n, std::string* error);
+  int ExpireAndWaitMs();
+  void Deliver(uint64_t id, uint8_t kind, size_t meta_len, std::string body);
+  void FailAll(const std::string& error);
+
+  const int fd;
+  const int wake_fd;
+  const std::string address;
+  std::mutex write_mu;
+  std::mutex mu;                 // guards the fields below
+  bool dead = false;
+  Clock::time_point wake_at = Clock::time_point::max();
+  std::map<uint64_t, Pending> pending;
+};
+
+void FastLane::Conn::ReadLoop() {
+  std::string error = "closed by the node";
+  char head[kHeader];
+  while (ReadFull(head, kHeader, &error)) {
+    uint64_t length = GetLE(head, 4), id = GetLE(head + 4, 8), meta_len = GetLE(head + 13, 2);
+    uint8_t kind = static_cast<uint8_t>(head[12]);
+    if (length < kHeader - 4 || length > kMaxFrame || meta_len > length - (kHeader - 4)) {
+      error = "bad frame of length " + std::to_string(length);
+      break;
+    }
+    std::string body(length - (kHeader - 4), '\0');
+    if (!ReadFull(body.data(), body.size(), &error)) break;
+    Deliver(id, kind, meta_len, std::move(body));
+  }
+  ::shutdown(fd, SHUT_RDWR);
+  FailAll("fast lane " + address + " connection lost: " + error);
+}
+
+bool FastLane::Conn::ReadFull(char* out, size_t n, std::string* error) {
+  while (n > 0) {
+    pollfd fds[2] = {{fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    int ready = poll(fds, wake_fd >= 0 ? 2 : 1, ExpireAndWaitMs());
+    if (ready < 0 && errno != EINTR) return *error = strerror(errno), false;
+    if (ready <= 0) continue;
+    if (fds[1].revents & POLLIN) {
+      uint64_t drained;
+      if (read(wake_fd, &drained, sizeof drained) < 0) { /* nothing to drain */ }
+    }
+    if (!(fds[0].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+    ssize_t got = recv(fd, out, n, 0);
+    if (got == 0) return *error = "closed by the node", false;
+    if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (got < 0) return *error = strerror(errno), false;
+    out += got;
+    n -= size_t(got);
+  }
+  return true;
+}
+
+// Fails calls whose time is up; returns how long poll may sleep.
+int FastLane::Conn::ExpireAndWaitMs() {
+  std::vector<Pending> expired;
+  Clock::time_point now = Clock::now(), next = Clock::time_point::max();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = pending.begin(); it != pending.end();) {
+      if (it->second.deadline <= now) {
+        expired.push_back(std::move(it->second));
+        it = pending.erase(it);
+      } else {
+        next = std::min(next, it->second.deadline);
+        ++it;
+      }
+    }
+    wake_at = next;
+  }
+  for (Pending& p : expired) {
+    char text[64];
+    snprintf(text, sizeof text, " within %.3fs", p.timeout_s);
+    p.done(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "no reply from " + address + text),
+           std::string(), 0);
+  }
+  if (next == Clock::time_point::max()) return 1000;
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count() + 1;
+  return int(std::min<long long>(ms, 1000));
+}
+
+void FastLane::Conn::Deliver(uint64_t id, uint8_t kind, size_t meta_len, std::string body) {
+  FastDone done;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = pending.find(id);
+    if (it == pending.end()) return;  // timed out already
+    done = std::move(it->second.done);
+    pending.erase(it);
+  }
+  if (kind == kReply) {
+    done(grpc::Status::OK, std::move(body), meta_len);
+  } else if (kind == kError) {
+    grpc::StatusCode code = CodeFromName(body.substr(0, meta_len));
+    done(grpc::Status(code, body.substr(meta_len)), std::string(), 0);
+  } else {
+    done(grpc::Status(grpc::StatusCode::INTERNAL,
+                      "fast lane " + address + " sent frame kind " + std::to_string(kind)),
+         std::string(), 0);
+  }
+}
+
+void FastLane::Conn::FailAll(const std::string& error) {
+  std::map<uint64_t, Pending> failed;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    dead = true;
+    failed.swap(pending);
+  }
+  for (auto& entry : failed) {
+    entry.second.done(grpc::Status(grpc::StatusCode::UNAVAILABLE, error), std::string(), 0);
+  }
+}
+
+FastLane::FastLane(std::string address) : address_(std::move(address)) {}
+
+std::shared_ptr<FastLane::Conn> FastLane::Connection(std::string* error) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (conn_) {
+    std::lock_guard<std::mutex> conn_lock(conn_->mu);
+    if (!conn_->dead) return conn_;
+  }
+  conn_.reset();
+  int fd = ConnectTcp(address_, error);
+  if (fd < 0) {
+    *error = "fast lane " + address_ + " unreachable: " + *error;
+    return nullptr;
+  }
+  conn_ = std::make_shared<Conn>(fd, address_);
+  std::thread([conn = conn_] { conn->ReadLoop(); }).detach();
+  return conn_;
+}
+
+void FastLane::Call(const std::string& meta, const std::vector<std::string_view>& payload,
+                    double timeout_s, FastDone done) {
+  std::string error;
+  std::shared_ptr<Conn> conn = Connection(&error);
+  if (!conn) return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, error), std::string(), 0);
+  size_t length = kHeader - 4 + meta.size();
+  for (std::string_view piece : payload) length += piece.size();
+  if (length > kMaxFrame) {
+    return done(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                             "batch of " + std::to_string(length) + " bytes exceeds the fast lane's limit"),
+                std::string(), 0);
+  }
+  uint64_t id = next_id_++;
+  Clock::time_point deadline =
+      Clock::now() + std::chrono::microseconds(int64_t(std::max(timeout_s, 0.0) * 1e6));
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lock(conn->mu);
+    if (conn->dead) {
+      error = "fast lane " + address_ + " connection lost";
+      return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, error), std::string(), 0);
+    }
+    wake = deadline < conn->wake_at;
+    conn->pending.emplace(id, Conn::Pending{std::move(done), deadline, timeout_s});
+  }
+  if (wake) {
+    uint64_t one = 1;
+    if (write(conn->wake_fd, &one, sizeof one) < 0) { /* reader wakes within 1 s anyway */ }
+  }
+  char head[kHeader];
+  PutLE(head, length, 4);
+  PutLE(head + 4, id, 8);
+  head[12] = static_cast<char>(kRequest);
+  PutLE(head + 13, meta.size(), 2);
+  std::vector<iovec> iov;
+  iov.reserve(payload.size() + 2);
+  iov.push_back({head, kHeader});
+  iov.push_back({const_cast<char*>(meta.data()), meta.size()});
+  for (std::string_view piece : payload) {
+    if (!piece.empty()) iov.push_back({const_cast<char*>(piece.data()), piece.size()});
+  }
+  std::lock_guard<std::mutex> lock(conn->write_mu);
+  if (!SendAll(conn->fd, std::move(iov))) ::shutdown(conn->fd, SHUT_RDWR);  // reader fails the calls
+}
+
+std::shared_ptr<FastLane> LaneFor(const std::string& address) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::shared_ptr<FastLane>> lanes;
+  std::lock_guard<std::mutex> lock(mu);
+  std::shared_ptr<FastLane>& lane = lanes[address];
+  if (!lane) lane = std::make_shared<FastLane>(address);
+  return lane;
+}
+
+}  // namespace frontdoor

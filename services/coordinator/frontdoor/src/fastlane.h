@@ -1,0 +1,42 @@
+// Fast-lane client: framed ModelInfer calls over one multiplexed TCP connection per node.
+#pragma once
+
+#include <grpcpp/support/status.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace frontdoor {
+
+// Called once per call, on the lane's reader thread (or the caller's on an immediate failure).
+// On success `body` holds meta + payload; the payload starts at `payload_offset`.
+using FastDone = std::function<void(const grpc::Status&, std::string body, size_t payload_offset)>;
+
+class FastLane : public std::enable_shared_from_this<FastLane> {
+ public:
+  explicit FastLane(std::string address);
+  // Sends one request frame whose payload is the concatenation of `payload` pieces.
+  void Call(const std::string& meta, const std::vector<std::string_view>& payload,
+            double timeout_s, FastDone done);
+  const std::string& address() const { return address_; }
+
+ private:
+  struct Conn;
+  std::shared_ptr<Conn> Connection(std::string* error);
+  std::string address_;
+  std::mutex mu_;          // guards conn_; also serializes connects
+  std::shared_ptr<Conn> conn_;
+  std::atomic<uint64_t> next_id_{1};
+};
+
+// The lane for a node address, created on first use and shared afterwards.
+std::shared_ptr<FastLane> LaneFor(const std::string& address);
+
+}  // namespace frontdoor

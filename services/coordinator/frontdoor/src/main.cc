@@ -1,0 +1,130 @@
+// cnei-frontdoor: flags, wiring, serving the public OIP port, and shutdown on SIGTERM/SIGINT.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+
+#include "backend.h"
+#include "door.h"
+#include "reporter.h"
+#include "router.h"
+#include "service.h"
+
+namespace {
+
+struct Flags {
+  std::string listen;
+  std::string backend;
+  int report_interval_ms = 100;
+  int max_inflight = 2;
+  int queue_limit = 2048;
+  int max_message_bytes = 64 * 1024 * 1024;
+};
+
+constexpr char kUsage[] =
+    "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
+    "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n";
+
+[[noreturn]] void Usage(const std::string& problem) {
+  fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
+  exit(2);
+}
+
+int PositiveInt(const std::string& name, const std::string& text) {
+  char* end = nullptr;
+  long value = strtol(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || value < 1 || value > (1L << 31) - 1) {
+    Usage(name + " needs a positive integer, not '" + text + "'");
+  }
+  return int(value);
+}
+
+Flags ParseFlags(int argc, char** argv) {
+  Flags flags;
+  std::map<std::string, std::string> values;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    size_t eq = arg.find('=');
+    std::string name = arg.substr(0, eq);
+    if (name == "--help" || name == "-h") fputs(kUsage, stdout), exit(0);
+    if (name.rfind("--", 0) != 0) Usage("unexpected argument '" + arg + "'");
+    if (eq != std::string::npos) {
+      values[name] = arg.substr(eq + 1);
+    } else if (i + 1 < argc) {
+      values[name] = argv[++i];
+    } else {
+      Usage(name + " needs a value");
+    }
+  }
+  for (const auto& [name, value] : values) {
+    if (name == "--listen") flags.listen = value;
+    else if (name == "--backend") flags.backend = value;
+    else if (name == "--report-interval-ms") flags.report_interval_ms = PositiveInt(name, value);
+    else if (name == "--max-inflight") flags.max_inflight = PositiveInt(name, value);
+    else if (name == "--queue-limit") flags.queue_limit = PositiveInt(name, value);
+    else if (name == "--max-message-bytes") flags.max_message_bytes = PositiveInt(name, value);
+    else Usage("unknown flag " + name);
+  }
+  if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
+  return flags;
+}
+
+// Blocks SIGTERM and SIGINT in every thread (call before starting any), so main can sigwait.
+sigset_t BlockStopSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  return set;
+}
+
+std::string WithPort(const std::string& address, int port) {
+  return address.substr(0, address.rfind(':')) + ":" + std::to_string(port);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace frontdoor;
+  Flags flags = ParseFlags(argc, argv);
+  sigset_t stop_signals = BlockStopSignals();
+
+  Backend backend(flags.backend, flags.max_message_bytes);
+  Router* router = nullptr;
+  Reporter reporter(&backend, flags.report_interval_ms,
+                    [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); });
+  BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit)};
+  Router routes(&backend, &reporter, options);
+  router = &routes;
+  InferDoor door(&routes);
+  FrontDoorService service(&backend, &door);
+
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterCallbackGenericService(&service);
+  builder.SetMaxReceiveMessageSize(flags.max_message_bytes);
+  builder.SetMaxSendMessageSize(flags.max_message_bytes);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    fprintf(stderr, "cnei-frontdoor: cannot listen on %s\n", flags.listen.c_str());
+    return 1;
+  }
+  reporter.Start();
+  fprintf(stderr, "cnei-frontdoor listening on %s backend %s\n",
+          WithPort(flags.listen, port).c_str(), flags.backend.c_str());
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  fprintf(stderr, "cnei-frontdoor: signal %d, draining\n", signal_number);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  reporter.Stop();
+  fflush(stderr);
+  _exit(0);  // fast-lane reader threads are detached; skip static destructors
+}

@@ -1,0 +1,114 @@
+// Collects what the door served per route and sends it to the coordinator as FrontDoorReports.
+#include "reporter.h"
+
+#include <chrono>
+#include <cstdio>
+
+namespace frontdoor {
+namespace {
+
+using cnei::frontdoor::v1::FrontDoorReport;
+using cnei::frontdoor::v1::ReportReply;
+constexpr int kMaxRequestsPerRoute = 100000;  // per report; beyond this, samples are dropped
+constexpr int kMaxBatchesPerRoute = 20000;
+constexpr size_t kMaxRoutes = 4096;
+
+std::vector<uint64_t> Unknown(const ReportReply& reply) {
+  return std::vector<uint64_t>(reply.unknown_routes().begin(), reply.unknown_routes().end());
+}
+
+}  // namespace
+
+Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown)
+    : backend_(backend), interval_ms_(interval_ms), on_unknown_(std::move(on_unknown)) {}
+
+void Reporter::Start() { thread_ = std::thread([this] { Loop(); }); }
+
+void Reporter::Served(uint64_t route_id,
+                      const std::vector<std::pair<uint64_t, uint32_t>>& requests,
+                      const cnei::frontdoor::v1::Batch& batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
+  auto& route = routes_[route_id];
+  route.set_route_id(route_id);
+  if (route.request_ns_size() + requests.size() <= size_t(kMaxRequestsPerRoute)) {
+    for (const auto& [ns, rows] : requests) {
+      route.add_request_ns(ns);
+      route.add_request_rows(rows);
+    }
+  }
+  if (route.batches_size() < kMaxBatchesPerRoute) *route.add_batches() = batch;
+}
+
+void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
+                      std::function<void()> then) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& route = routes_[route_id];
+    route.set_route_id(route_id);
+    route.set_handed_over(route.handed_over() + handed_over);
+    route.set_failure(failure);
+  }
+  Send(Take(), std::move(then));
+}
+
+FrontDoorReport Reporter::Take() {
+  FrontDoorReport report;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& entry : routes_) report.add_routes()->Swap(&entry.second);
+  routes_.clear();
+  return report;
+}
+
+void Reporter::Send(FrontDoorReport report, std::function<void()> then) {
+  struct Rpc {
+    grpc::ClientContext ctx;
+    FrontDoorReport request;
+    ReportReply reply;
+    std::function<void()> then;
+  };
+  auto* rpc = new Rpc;
+  rpc->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  rpc->request = std::move(report);
+  rpc->then = std::move(then);
+  backend_->control->async()->Report(&rpc->ctx, &rpc->request, &rpc->reply,
+                                     [this, rpc](grpc::Status status) {
+    if (!status.ok()) {
+      fprintf(stderr, "cnei-frontdoor: report of %d routes dropped: %s\n",
+              rpc->request.routes_size(), status.error_message().c_str());
+    } else if (rpc->reply.unknown_routes_size() > 0) {
+      on_unknown_(Unknown(rpc->reply));
+    }
+    if (rpc->then) rpc->then();
+    delete rpc;
+  });
+}
+
+void Reporter::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_));
+    if (stopping_ || routes_.empty()) continue;
+    lock.unlock();
+    Send(Take(), nullptr);
+    lock.lock();
+  }
+}
+
+void Reporter::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  ReportReply reply;
+  grpc::Status status = backend_->control->Report(&ctx, Take(), &reply);
+  if (!status.ok()) {
+    fprintf(stderr, "cnei-frontdoor: last report dropped: %s\n", status.error_message().c_str());
+  }
+}
+
+}  // namespace frontdoor

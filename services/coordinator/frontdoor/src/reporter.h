@@ -1,0 +1,45 @@
+// Collects what the door served per route and sends it to the coordinator as FrontDoorReports.
+#pragma once
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "backend.h"
+
+namespace frontdoor {
+
+class Reporter {
+ public:
+  using UnknownRoutes = std::function<void(const std::vector<uint64_t>&)>;
+  Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown);
+  void Start();
+  // Requests answered by one batch: (receive → response ns, rows) each, and the node call.
+  void Served(uint64_t route_id, const std::vector<std::pair<uint64_t, uint32_t>>& requests,
+              const cnei::frontdoor::v1::Batch& batch);
+  // A failed node call: reports at once, then runs `then` (whether or not the report got through).
+  void Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
+              std::function<void()> then);
+  // Stops the periodic reports and sends the last one (waits up to 2 s).
+  void Stop();
+
+ private:
+  cnei::frontdoor::v1::FrontDoorReport Take();
+  void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
+  void Loop();
+
+  Backend* backend_;
+  const int interval_ms_;
+  UnknownRoutes on_unknown_;
+  std::mutex mu_;  // guards the fields below
+  std::unordered_map<uint64_t, cnei::frontdoor::v1::RouteReport> routes_;
+  bool stopping_ = false;
+  std::condition_variable wake_;
+  std::thread thread_;
+};
+
+}  // namespace frontdoor

@@ -1,0 +1,146 @@
+// Route cache: asks the coordinator where requests of each shape go, one Route RPC per key.
+#include "router.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "tensor.h"
+
+namespace frontdoor {
+namespace {
+
+using cnei::frontdoor::v1::RouteReply;
+constexpr size_t kMaxKeys = 4096;
+constexpr auto kRetryAfter = std::chrono::seconds(1);
+
+// The eligible reply's settings, or null with `why` set when its templates do not parse.
+std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* why) {
+  auto config = std::make_shared<RouteConfig>();
+  config->route_id = reply.route_id();
+  config->node_address = reply.fast_address();
+  config->template_bytes = reply.request_template() + '\0' + reply.response_template();
+  config->max_batch_size = reply.max_batch_size();
+  config->timeout_ms = reply.timeout_ms();
+  config->full_path_every = reply.full_path_every();
+  if (!config->request_template.ParseFromString(reply.request_template()) ||
+      !config->response_template.ParseFromString(reply.response_template())) {
+    *why = "unparseable templates in the route reply";
+    return nullptr;
+  }
+  if (config->node_address.empty()) {
+    *why = "route reply without a fast address";
+    return nullptr;
+  }
+  return config;
+}
+
+bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
+  return a.node_address == b.node_address && a.template_bytes == b.template_bytes &&
+         a.max_batch_size == b.max_batch_size && a.timeout_ms == b.timeout_ms &&
+         a.full_path_every == b.full_path_every;
+}
+
+}  // namespace
+
+Router::Router(Backend* backend, Reporter* reporter, BatcherOptions options)
+    : backend_(backend), reporter_(reporter), options_(options) {}
+
+Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* request) {
+  Lookup found;
+  bool ask = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(key);
+    if (it == entries_.end()) {
+      if (entries_.size() >= kMaxKeys) return found;
+      auto interned = std::make_shared<const std::string>(key);
+      it = entries_.emplace(std::move(key), Entry()).first;
+      it->second.key = std::move(interned);
+      it->second.model = request->model_name();
+      it->second.ask_at = Clock::now();
+    }
+    Entry& entry = it->second;
+    if (!entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
+    found.batcher = entry.batcher;
+    found.key = entry.key;
+    uint32_t every = entry.batcher ? entry.batcher->config().full_path_every : 0;
+    if (every > 0 && ++entry.requests % every == 0) found.batcher.reset();  // traced full path
+
+  }
+  if (ask) Ask(found.key, WithoutContents(request));
+  return found;
+}
+
+void Router::Ask(std::shared_ptr<const std::string> key, std::string request) {
+  struct Rpc {
+    grpc::ClientContext ctx;
+    cnei::frontdoor::v1::RouteRequest request;
+    RouteReply reply;
+  };
+  auto* rpc = new Rpc;
+  rpc->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  rpc->request.set_infer_request(std::move(request));
+  backend_->control->async()->Route(&rpc->ctx, &rpc->request, &rpc->reply,
+                                    [this, rpc, key](grpc::Status status) {
+                                      OnReply(*key, status, rpc->reply);
+                                      delete rpc;
+                                    });
+}
+
+void Router::OnReply(const std::string& key, const grpc::Status& status, const RouteReply& reply) {
+  std::string why = reply.reason();
+  std::shared_ptr<RouteConfig> config;
+  if (status.ok() && reply.eligible()) config = ConfigFrom(reply, &why);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return;  // dropped meanwhile; the next request asks again
+  Entry& entry = it->second;
+  entry.asking = false;
+  if (!status.ok()) {
+    fprintf(stderr, "cnei-frontdoor: Route failed, retrying in 1 s: %s\n", status.error_message().c_str());
+    entry.ask_at = Clock::now() + kRetryAfter;
+    return;
+  }
+  entry.ask_at = Clock::now() + std::chrono::milliseconds(reply.ttl_ms());
+  entry.route_id = reply.route_id();
+  if (!config) {
+    if (entry.batcher || entry.reason != why) {
+      fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: %s\n",
+              entry.model.c_str(), why.c_str());
+    }
+    entry.batcher.reset();
+    entry.reason = why;
+    return;
+  }
+  entry.reason.clear();
+  entry.batcher = BatcherLocked(std::move(config));
+}
+
+// The live batcher of this route when its settings are unchanged, else a new one.
+std::shared_ptr<Batcher> Router::BatcherLocked(std::shared_ptr<const RouteConfig> config) {
+  std::weak_ptr<Batcher>& slot = batchers_[config->route_id];
+  std::shared_ptr<Batcher> batcher = slot.lock();
+  if (batcher && !batcher->failed() && SameRoute(batcher->config(), *config)) return batcher;
+  batcher = std::make_shared<Batcher>(std::move(config), options_, reporter_,
+                                      [this](uint64_t route_id) { Drop({route_id}); });
+  slot = batcher;
+  if (batchers_.size() > 2 * kMaxKeys) {
+    for (auto it = batchers_.begin(); it != batchers_.end();) {
+      it = it->second.expired() ? batchers_.erase(it) : std::next(it);
+    }
+  }
+  return batcher;
+}
+
+void Router::Drop(const std::vector<uint64_t>& route_ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    Entry& entry = it->second;
+    bool listed = entry.batcher != nullptr &&
+                  std::find(route_ids.begin(), route_ids.end(), entry.route_id) != route_ids.end();
+    if (listed && entry.asking) entry.batcher.reset();  // the pending reply refills it
+    it = listed && !entry.asking ? entries_.erase(it) : std::next(it);
+  }
+}
+
+}  // namespace frontdoor

@@ -1,0 +1,53 @@
+// Route cache: asks the coordinator where requests of each shape go, one Route RPC per key.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.h"
+#include "batcher.h"
+
+namespace frontdoor {
+
+class Router {
+ public:
+  Router(Backend* backend, Reporter* reporter, BatcherOptions options);
+  struct Lookup {
+    std::shared_ptr<Batcher> batcher;          // null: the coordinator's path
+    std::shared_ptr<const std::string> key;
+  };
+  // The batcher for requests with this key; asks the coordinator on a miss or when stale.
+  Lookup Find(std::string key, inference::ModelInferRequest* request);
+  // Forgets every key routed by these routes (the next request asks again).
+  void Drop(const std::vector<uint64_t>& route_ids);
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Entry {
+    std::shared_ptr<const std::string> key;
+    std::shared_ptr<Batcher> batcher;  // null until an eligible reply
+    uint64_t route_id = 0;
+    bool asking = false;
+    Clock::time_point ask_at;          // when to ask again
+    std::string model;
+    std::string reason;                // last ineligibility reason (logged once)
+    uint64_t requests = 0;             // routed so far (for full_path_every)
+  };
+  void Ask(std::shared_ptr<const std::string> key, std::string request);
+  void OnReply(const std::string& key, const grpc::Status& status,
+               const cnei::frontdoor::v1::RouteReply& reply);
+  std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
+
+  Backend* backend_;
+  Reporter* reporter_;
+  const BatcherOptions options_;
+  std::mutex mu_;  // guards the maps
+  std::unordered_map<std::string, Entry> entries_;
+  std::unordered_map<uint64_t, std::weak_ptr<Batcher>> batchers_;
+};
+
+}  // namespace frontdoor

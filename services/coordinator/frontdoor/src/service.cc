@@ -1,0 +1,44 @@
+// The public OIP port: one generic service that picks the reactor for each method.
+#include "service.h"
+
+#include <google/protobuf/descriptor.h>
+
+#include "call.h"
+#include "pump.h"
+
+namespace frontdoor {
+namespace {
+
+constexpr char kModelInfer[] = "/inference.GRPCInferenceService/ModelInfer";
+
+// Unary methods of every service in a proto file, as request paths.
+void AddUnaryMethods(const google::protobuf::FileDescriptor* file,
+                     std::unordered_set<std::string>* out) {
+  for (int s = 0; s < file->service_count(); ++s) {
+    const auto* service = file->service(s);
+    for (int m = 0; m < service->method_count(); ++m) {
+      const auto* method = service->method(m);
+      if (method->client_streaming() || method->server_streaming()) continue;
+      out->insert("/" + service->full_name() + "/" + method->name());
+    }
+  }
+}
+
+}  // namespace
+
+FrontDoorService::FrontDoorService(Backend* backend, InferDoor* door)
+    : backend_(backend), door_(door) {
+  AddUnaryMethods(inference::ModelInferRequest::descriptor()->file(), &unary_methods_);
+  AddUnaryMethods(cnei::frontdoor::v1::RouteRequest::descriptor()->file(), &unary_methods_);
+  unary_methods_.insert("/grpc.health.v1.Health/Check");
+}
+
+grpc::ServerGenericBidiReactor* FrontDoorService::CreateReactor(
+    grpc::GenericCallbackServerContext* ctx) {
+  const std::string& method = ctx->method();
+  if (method == kModelInfer) return new InferCall(ctx, backend_, door_);
+  if (unary_methods_.count(method) > 0) return new UnaryCall(ctx, backend_);
+  return new BidiPump(ctx, backend_);  // streaming or unknown: a pump is right on the wire
+}
+
+}  // namespace frontdoor

@@ -1,0 +1,25 @@
+// The public OIP port: one generic service that picks the reactor for each method.
+#pragma once
+
+#include <grpcpp/generic/async_generic_service.h>
+
+#include <string>
+#include <unordered_set>
+
+#include "backend.h"
+#include "door.h"
+
+namespace frontdoor {
+
+class FrontDoorService : public grpc::CallbackGenericService {
+ public:
+  FrontDoorService(Backend* backend, InferDoor* door);
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
+
+ private:
+  Backend* backend_;
+  InferDoor* door_;
+  std::unordered_set<std::string> unary_methods_;  // "/package.Service/Method"
+};
+
+}  // namespace frontdoor
