@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(state)
     json_path, md_path = report.write(result, args.out, "quick" if args.quick else "results")
     print(report.markdown(result))
-    log(f"wrote {json_path.relative_to(REPO)} and {md_path.relative_to(REPO)}; logs in {WORK.relative_to(REPO)}")
+    log(f"wrote {json_path} and {md_path}; logs in {WORK}")
     return 0
 
 

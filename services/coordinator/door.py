@@ -20,6 +20,7 @@ from services.coordinator.core import RETRYABLE, Coordinator, Placement, batch_c
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.
 ROUTABLE_PARAMETERS = frozenset({"precision", "accuracy_floor", "latency_budget_ms", "region", "tier"})
+TRITON_HINT = "triton_"  # Triton client hints (perf_analyzer sends triton_enable_empty_final_response)
 MAX_ROUTES = 4096
 DOOR_REQUESTS = Counter("cnei_front_door_requests_total",
                         "Requests the compiled front door answered itself, or handed to the full path "
@@ -67,7 +68,8 @@ class RouteReport:
 
 def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str) -> str:
     """Why requests like this one must take the full path ('' when they need not)."""
-    others = sorted(set(request.parameters) - ROUTABLE_PARAMETERS)
+    others = sorted(k for k in request.parameters
+                    if k not in ROUTABLE_PARAMETERS and not k.startswith(TRITON_HINT))
     if others:
         return f"parameters {others} are handled by the full path"
     if joint_mode != "off":

@@ -59,11 +59,12 @@ def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip
     [({}, 0.0, "off", ""),
      ({"precision": "INT8", "accuracy_floor": 0.9, "latency_budget_ms": 5, "region": "a", "tier": "edge"},
       0.0, "off", ""),
+     ({"triton_enable_empty_final_response": False}, 0.0, "off", ""),
      ({"priority": 1}, 0.0, "off", "parameters ['priority'] are handled by the full path"),
      ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", "parameters ['joint', 'timeout_us']"),
      ({}, 0.0, "sync", "joint inference (sync)"),
      ({}, -1.0, "off", "hedged requests")],
-    ids=["plain", "placement-parameters", "priority", "timeout-and-joint", "joint-deployment", "hedging"])
+    ids=["plain", "placement-parameters", "triton-client-hint", "priority", "timeout-and-joint", "joint-deployment", "hedging"])
 def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, reason):
     found = refusal_reason(ask(params), hedge_after_ms, joint)
     assert found.startswith(reason) if reason else found == ""
