@@ -3,6 +3,7 @@ closed-loop tritonclient load that records every outcome."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -67,3 +68,17 @@ class Load:
         self._stop.set()
         for w in self._workers:
             w.join(timeout=30)
+
+
+def kill_under_load(address: str, victim: subprocess.Popen, node_id: str, region: str,
+                    before_s: float, after_s: float) -> tuple[Load, int, float]:
+    """Load `region` through `address`, kill -9 the runtime `node_id` after `before_s`, keep the
+    load on for `after_s`: (the load, requests the victim answered before, when it was killed)."""
+    time.sleep(1.5)  # the coordinator sees the new node
+    with Load(address, threads=6, region=region) as load:
+        time.sleep(before_s)
+        served_by_victim = sum(1 for r in load.results if r[2] == node_id)
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(after_s)
+    return load, served_by_victim, killed_at

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import threading
 import time
 
 import nats
 import numpy as np
 
-from tests.e2e.load import Load, start_runtime
+from tests.e2e.load import kill_under_load, start_runtime
 
 
 async def _collect(url: str, subject: str, sink: list, stop: asyncio.Event) -> None:
@@ -35,13 +33,7 @@ def test_kill_9_of_an_edge_runtime_under_load_fails_no_request(mesh, tmp_path):
                                  args=(_collect(mesh.settings.nats_url, "cnei.node.down", seen, stop),))
     collector.start()
     try:
-        time.sleep(1.5)  # the coordinator sees the new node
-        with Load(mesh.coordinator, threads=6, region="site-a") as load:
-            time.sleep(3.0)
-            served_by_victim = sum(1 for r in load.results if r[2] == "edge-a2")
-            killed_at = time.monotonic()
-            os.kill(proc.pid, signal.SIGKILL)
-            time.sleep(4.0)
+        load, served_by_victim, killed_at = kill_under_load(mesh.coordinator, proc, "edge-a2", "site-a", 3.0, 4.0)
     finally:
         loop.call_soon_threadsafe(stop.set)
         collector.join(timeout=10)

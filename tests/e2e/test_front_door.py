@@ -25,7 +25,7 @@ from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.load import Load, start_runtime
+from tests.e2e.load import kill_under_load, start_runtime
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -231,14 +231,8 @@ def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, t
     _, address, metrics_port = door
     victim, _ = start_runtime(mesh, "edge-d1", "site-d", tmp_path)
     try:
-        time.sleep(1.5)  # the coordinator sees the new node
         handed_before = _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="handed_over"')
-        with Load(address, threads=6, region="site-d") as load:
-            time.sleep(2.0)
-            served_by_victim = sum(1 for r in load.results if r[2] == "edge-d1")
-            killed_at = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
-            time.sleep(3.0)
+        load, served_by_victim, killed_at = kill_under_load(address, victim, "edge-d1", "site-d", 2.0, 3.0)
     finally:
         if victim.poll() is None:
             victim.kill()
