@@ -7,7 +7,7 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import Counter
 
@@ -15,6 +15,7 @@ from services.common import oip
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
+from services.coordinator.batcher import BatchConfig
 from services.coordinator.core import RETRYABLE, Coordinator, Placement, batch_config, count_served, restrict_tier
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,14 @@ _door_requests = functools.lru_cache(maxsize=None)(DOOR_REQUESTS.labels)
 
 @dataclass(frozen=True)
 class Route:
-    """Where requests of one kind go now; `max_batch_size` 0 for models without a batch dimension."""
+    """Where requests of one kind go now, batched as the deployment says (`batching.max_batch_size`
+    0: a model without a batch dimension, each request sent alone)."""
 
     route_id: int
     model: str  # the name the client asked for (metric label)
     stats_key: tuple[str, str]  # (name, version) the full path books statistics under
     placement: Placement
-    max_batch_size: int
+    batching: BatchConfig
     timeout_ms: int
     response: oip.InferResponse  # model name, version and parameters for the client
 
@@ -66,8 +68,11 @@ class RouteReport:
     failure: str = ""
 
 
-def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str) -> str:
-    """Why requests like this one must take the full path ('' when they need not)."""
+def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str,
+                   batching: BatchConfig | None = None) -> str:
+    """Why requests like this one must take the full path ('' when they need not). The door
+    batches what queued while the node was busy; a deployment asking for a queue delay or
+    preferred batch sizes keeps its requests on the full path, which honours both."""
     others = sorted(k for k in request.parameters
                     if k not in ROUTABLE_PARAMETERS and not k.startswith(TRITON_HINT))
     if others:
@@ -76,6 +81,8 @@ def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode:
         return f"joint inference ({joint_mode}) is handled by the full path"
     if hedge_after_ms:
         return "hedged requests are handled by the full path"
+    if batching is not None and (batching.max_queue_delay_us or batching.preferred_batch_sizes):
+        return "batching with a queue delay or preferred batch sizes is handled by the full path"
     return ""
 
 
@@ -103,7 +110,7 @@ class DoorRoutes:
         try:
             variants = await core.catalog.variants(request.model_name, request.model_version)
             spec = restrict_tier(await core.catalog.deployment(request.model_name), request.parameters)
-            reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode)
+            reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode, spec.batching)
             if reason:
                 return Refusal(reason)
             check_inputs(variants[0], request.inputs)
@@ -116,13 +123,15 @@ class DoorRoutes:
             return Refusal(f"no live node serves model '{request.model_name}'")
         if not (placement.node.fast_address and core.settings.fast_lane):
             return Refusal(f"node {placement.node.node_id} offers no fast lane")
-        batching = batch_config(spec, placement.variant).max_batch_size if placement.variant.max_batch_size else 0
+        batching = batch_config(spec, placement.variant)
+        if not placement.variant.max_batch_size:
+            batching = replace(batching, max_batch_size=0)
         response = core._response(oip.InferRequest(request.model_name, {}), placement, {})
         response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
         return self._remember(request.model_name, (variants[0].name, variants[0].version), placement,
                               batching, int(spec.attempt_timeout_ms), response)
 
-    def _remember(self, model: str, stats_key: tuple[str, str], placement: Placement, batching: int,
+    def _remember(self, model: str, stats_key: tuple[str, str], placement: Placement, batching: BatchConfig,
                   timeout_ms: int, response: oip.InferResponse) -> Route:
         key = (model, stats_key, placement.node.node_id, placement.node.fast_address, placement.variant.key,
                batching, timeout_ms, tuple(sorted(response.parameters.items())))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.common import oip
-from services.common.deployment import DeploymentSpec, JointSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
 from services.common.errors import ErrorCode, InvalidArgument, NotFound
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -55,18 +55,22 @@ def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip
 
 
 @pytest.mark.parametrize(
-    ("params", "hedge_after_ms", "joint", "reason"),
-    [({}, 0.0, "off", ""),
+    ("params", "hedge_after_ms", "joint", "batching", "reason"),
+    [({}, 0.0, "off", None, ""),
      ({"precision": "INT8", "accuracy_floor": 0.9, "latency_budget_ms": 5, "region": "a", "tier": "edge"},
-      0.0, "off", ""),
-     ({"triton_enable_empty_final_response": False}, 0.0, "off", ""),
-     ({"priority": 1}, 0.0, "off", "parameters ['priority'] are handled by the full path"),
-     ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", "parameters ['joint', 'timeout_us']"),
-     ({}, 0.0, "sync", "joint inference (sync)"),
-     ({}, -1.0, "off", "hedged requests")],
-    ids=["plain", "placement-parameters", "triton-client-hint", "priority", "timeout-and-joint", "joint-deployment", "hedging"])
-def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, reason):
-    found = refusal_reason(ask(params), hedge_after_ms, joint)
+      0.0, "off", BatchingSpec(), ""),
+     ({"triton_enable_empty_final_response": False}, 0.0, "off", None, ""),
+     ({"priority": 1}, 0.0, "off", None, "parameters ['priority'] are handled by the full path"),
+     ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", None, "parameters ['joint', 'timeout_us']"),
+     ({}, 0.0, "sync", None, "joint inference (sync)"),
+     ({}, -1.0, "off", None, "hedged requests"),
+     ({}, 0.0, "off", BatchingSpec(max_queue_delay_us=500), "batching with a queue delay"),
+     ({}, 0.0, "off", BatchingSpec(preferred_batch_sizes=(8,)), "batching with a queue delay or preferred")],
+    ids=["plain", "placement-parameters", "triton-client-hint", "priority", "timeout-and-joint", "joint-deployment",
+         "hedging", "queue-delay", "preferred-sizes"])
+def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, batching,
+                                                                          reason):
+    found = refusal_reason(ask(params), hedge_after_ms, joint, batching)
     assert found.startswith(reason) if reason else found == ""
 
 
@@ -82,7 +86,7 @@ async def test_a_route_names_the_node_variant_and_batch_limit_and_keeps_its_id_w
     first = await door.route(ask({"precision": "INT8"}))
     assert isinstance(first, Route)
     assert (first.placement.node.node_id, first.placement.variant.precision) == ("edge-a1", "INT8")
-    assert first.max_batch_size == 16 and first.timeout_ms == 2000
+    assert (first.batching.max_batch_size, first.batching.max_inflight_batches, first.timeout_ms) == (16, 1, 2000)
     assert first.response.parameters["cnei_precision"] == "INT8"
     assert first.response.parameters["cnei_front_door"] is True
     again = await door.route(ask({"precision": "INT8"}, shape=(1, 64)))
@@ -156,6 +160,7 @@ async def test_a_route_travels_as_templates_the_door_fills_in():
     answer = pb.ModelInferResponse.FromString(reply.response_template)
     assert (reply.eligible, reply.node_id, reply.fast_address, reply.max_batch_size) == (True, "edge-a1",
                                                                                           "127.0.0.1:7001", 16)
+    assert (reply.max_inflight_batches, reply.max_queue_size) == (1, 1024)
     assert (sent.model_name, sent.model_version, sent.parameters["precision"].string_param) == ("digits", "1", "INT8")
     assert answer.parameters["cnei_node"].string_param == "edge-a1"
     refused = route_to_proto(Refusal("no"))

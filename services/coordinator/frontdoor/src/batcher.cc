@@ -53,6 +53,13 @@ std::string MetaJson(double timeout_s, const grpc::ServerContextBase& ctx) {
   return meta + "}}";
 }
 
+// The door's defaults, overridden by what the route's deployment says.
+BatcherOptions WithRoute(BatcherOptions options, const RouteConfig& config) {
+  if (config.max_inflight > 0) options.max_inflight = int(config.max_inflight);
+  if (config.queue_limit > 0) options.queue_limit = config.queue_limit;
+  return options;
+}
+
 }  // namespace
 
 struct Batcher::Batch {
@@ -64,7 +71,7 @@ struct Batcher::Batch {
 
 Batcher::Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options,
                  Reporter* reporter, OnFailure on_failure)
-    : config_(std::move(config)), options_(options), reporter_(reporter),
+    : config_(std::move(config)), options_(WithRoute(options, *config_)), reporter_(reporter),
       on_failure_(std::move(on_failure)), lane_(LaneFor(config_->node_address)) {}
 
 bool Batcher::failed() {

@@ -24,6 +24,8 @@ struct RouteConfig {
   uint32_t max_batch_size = 0;
   uint32_t timeout_ms = 0;
   uint32_t full_path_every = 0;  // one request in N takes the coordinator's (traced) path
+  uint32_t max_inflight = 0;     // the deployment's; 0: the door's --max-inflight
+  uint32_t queue_limit = 0;      // the deployment's; 0: the door's --queue-limit
 };
 
 struct BatcherOptions {

@@ -22,6 +22,8 @@ std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* wh
   config->max_batch_size = reply.max_batch_size();
   config->timeout_ms = reply.timeout_ms();
   config->full_path_every = reply.full_path_every();
+  config->max_inflight = reply.max_inflight_batches();
+  config->queue_limit = reply.max_queue_size();
   if (!config->request_template.ParseFromString(reply.request_template()) ||
       !config->response_template.ParseFromString(reply.response_template())) {
     *why = "unparseable templates in the route reply";
@@ -37,7 +39,8 @@ std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* wh
 bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
   return a.node_address == b.node_address && a.template_bytes == b.template_bytes &&
          a.max_batch_size == b.max_batch_size && a.timeout_ms == b.timeout_ms &&
-         a.full_path_every == b.full_path_every;
+         a.full_path_every == b.full_path_every && a.max_inflight == b.max_inflight &&
+         a.queue_limit == b.queue_limit;
 }
 
 }  // namespace
