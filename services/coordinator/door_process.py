@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def door_binary(mode: str, configured: str = "") -> Path | None:
 class DoorProcess:
     def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int):
         self.command = [str(binary), "--listen", listen, "--backend", backend,
-                        "--report-interval-ms", str(report_interval_ms)]
+                        "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:

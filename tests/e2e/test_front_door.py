@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -276,3 +277,18 @@ def test_with_spans_exported_one_request_in_n_takes_the_traced_full_path(mesh, j
                                             and t["processes"][s["processID"]]["serviceName"] == "cnei-coordinator"
                                             for s in t["spans"]))
     infra.wait_until(lambda: traced() >= 4, 10, "traces of the full-path requests")
+
+
+def test_a_coordinator_killed_with_sigkill_takes_its_door_along_and_frees_the_port(mesh):
+    proc, address, _ = _start_coordinator(mesh)
+    try:
+        doors = _children(proc.pid)
+        assert doors, "the coordinator runs no front door process"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        infra.wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in doors), 10, "the door to exit")
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=1).close()
+    finally:
+        infra.stop(proc)

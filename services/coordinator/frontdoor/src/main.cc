@@ -1,6 +1,7 @@
 // cnei-frontdoor: flags, wiring, serving the public OIP port, and shutdown on SIGTERM/SIGINT.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -23,11 +24,13 @@ struct Flags {
   int max_inflight = 2;
   int queue_limit = 2048;
   int max_message_bytes = 64 * 1024 * 1024;
+  int parent_pid = 0;  // stop when this process (the coordinator) is gone
 };
 
 constexpr char kUsage[] =
     "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
-    "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n";
+    "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
+    "       [--parent-pid PID]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -67,6 +70,7 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--max-inflight") flags.max_inflight = PositiveInt(name, value);
     else if (name == "--queue-limit") flags.queue_limit = PositiveInt(name, value);
     else if (name == "--max-message-bytes") flags.max_message_bytes = PositiveInt(name, value);
+    else if (name == "--parent-pid") flags.parent_pid = PositiveInt(name, value);
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
@@ -94,6 +98,10 @@ int main(int argc, char** argv) {
   using namespace frontdoor;
   Flags flags = ParseFlags(argc, argv);
   sigset_t stop_signals = BlockStopSignals();
+  if (flags.parent_pid > 0) {  // a coordinator killed with -9 must not leave its port held
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != flags.parent_pid) kill(getpid(), SIGTERM);
+  }
 
   Backend backend(flags.backend, flags.max_message_bytes);
   Router* router = nullptr;
