@@ -27,6 +27,9 @@ class OrtModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # Intra-op threads sleep between calls instead of spinning: a server shares its cores
+        # with its own event loop (and here with the front door and the client).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(
