@@ -10,12 +10,16 @@ import numpy as np
 
 from services.cli import infra
 from services.cli.up import RUNTIMES, Mesh, MeshSettings, wait_ready
+from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import AlreadyExists
 from services.common.registry_client import RegistryClient
 from services.models.digits import BuiltVariant
 
 EDGE_NODE = "edge-a1"
 MODEL_VERSION = "1"  # digits.VERSION and wide_mlp.VERSION
+# wide_mlp is compute-bound: two batches in flight, so one gathers while the node runs the other
+# (digits keeps the defaults: one batch in flight).
+DEPLOYMENTS = [DeploymentSpec(model="wide_mlp", batching=BatchingSpec(max_inflight_batches=2))]
 
 
 def free_ports(count: int) -> list[int]:
@@ -33,6 +37,8 @@ async def register(registry: str, models: dict[str, list[BuiltVariant]]) -> dict
                     await client.push_file(v.path, name, MODEL_VERSION, v.precision, v.metadata)
                 except AlreadyExists:
                     pass
+        for spec in DEPLOYMENTS:
+            await client.put_deployment(spec)
         return {name: {v.precision: dict(v.metadata) for v in await client.list(name)} for name in models}
     finally:
         await client.close()
