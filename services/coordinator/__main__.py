@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from services.common import events, lifecycle, telemetry
 from services.common import settings as cfg
 from services.common.bus import EventBus
+from services.common.errors import CneiError
 from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
@@ -53,9 +54,9 @@ async def serve(settings: CoordinatorSettings) -> None:
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     else:  # the door takes the public port; the coordinator serves it from behind
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port)
-        server.add(fd_grpc.add_FrontDoorControlServicer_to_server,
-                   FrontDoorServicer(DoorRoutes(
-            core, settings.route_ttl_ms, settings.door_trace_every if telemetry.exporting() else 0)), "cnei.frontdoor.v1.FrontDoorControl")
+        routes = DoorRoutes(core, settings.route_ttl_ms, settings.door_trace_every if telemetry.exporting() else 0)
+        server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
+                   "cnei.frontdoor.v1.FrontDoorControl")
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
                "inference.GRPCInferenceService")
     runner = None
@@ -117,7 +118,10 @@ def failover_row(envelope: events.Envelope) -> dict:
 def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
     count = worker_count(settings.workers)
-    door = settings.worker_index < 0 and door_binary(settings.front_door, settings.front_door_binary)
+    try:
+        door = settings.worker_index < 0 and door_binary(settings.front_door, settings.front_door_binary)
+    except CneiError as exc:
+        raise SystemExit(f"coordinator: {exc.message}") from None
     if door and count > 1:
         log.warning("the front door serves gRPC: running one coordinator process, not %d workers", count)
     elif settings.worker_index < 0 and count > 1:

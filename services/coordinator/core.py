@@ -251,6 +251,15 @@ class Coordinator:
         })
 
     # --- placement, batching, failover ------------------------------------------------------
+    def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:
+        """The first attempt's placement for `request`, as the full path decides it (a span)."""
+        params = request.parameters
+        return self._decide(variants, spec, self._policy(params, spec), str(params.get("region", "") or ""), None, [])
+
+    def answer_template(self, model: str, placement: Placement) -> oip.InferResponse:
+        """The response a request for `model` served by `placement` carries, without outputs."""
+        return self._response(oip.InferRequest(model, {}), placement, {})
+
     def _policy(self, params: dict, spec: DeploymentSpec) -> PrecisionPolicy:
         policy = policy_from_params(params)
         if policy.empty:

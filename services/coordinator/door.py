@@ -114,9 +114,7 @@ class DoorRoutes:
             if reason:
                 return Refusal(reason)
             check_inputs(variants[0], request.inputs)
-            params = request.parameters
-            placement = core._decide(variants, spec, core._policy(params, spec),
-                                     str(params.get("region", "") or ""), None, [])
+            placement = core.place(request, variants, spec)
         except CneiError as exc:  # the full path answers these requests with this error
             return Refusal(exc.message)
         if placement is None:
@@ -126,7 +124,7 @@ class DoorRoutes:
         batching = batch_config(spec, placement.variant)
         if not placement.variant.max_batch_size:
             batching = replace(batching, max_batch_size=0)
-        response = core._response(oip.InferRequest(request.model_name, {}), placement, {})
+        response = core.answer_template(request.model_name, placement)
         response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
         return self._remember(request.model_name, (variants[0].name, variants[0].version), placement,
                               batching, int(spec.attempt_timeout_ms), response)

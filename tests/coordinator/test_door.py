@@ -9,13 +9,14 @@ import pytest
 
 from services.common import oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
-from services.common.errors import ErrorCode, InvalidArgument, NotFound
+from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.coordinator.breaker import State
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
+from services.coordinator.door_process import door_binary
 from services.coordinator.door_servicer import ask_from_proto, reports_from_proto, route_to_proto
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.settings import CoordinatorSettings
@@ -173,3 +174,19 @@ def test_reports_convert_with_every_field():
         batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)])])
     assert reports_from_proto(message) == [RouteReport(7, [10, 20], [1, 2], [BatchReport(3, 2, 30, 5)], 1,
                                                        "UNAVAILABLE: x")]
+
+
+@pytest.mark.parametrize(("mode", "exists", "expected"), [("off", True, None), ("auto", False, None),
+                                                          ("auto", True, "door"), ("on", True, "door")])
+def test_the_door_runs_when_asked_for_and_built(tmp_path, mode, exists, expected):
+    binary = tmp_path / "cnei-frontdoor"
+    if exists:
+        binary.write_bytes(b"")
+    assert door_binary(mode, str(binary)) == (binary if expected else None)
+
+
+@pytest.mark.parametrize(("mode", "message"), [("on", "not found: build it with `make frontdoor`"),
+                                               ("maybe", "front_door must be one of")])
+def test_a_door_that_is_required_but_missing_or_a_bad_mode_is_a_clear_error(tmp_path, mode, message):
+    with pytest.raises(FailedPrecondition, match=message):
+        door_binary(mode, str(tmp_path / "missing"))
