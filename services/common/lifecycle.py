@@ -2,12 +2,28 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import grpc_util
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """Linux: SIGTERM this process when its parent (a supervisor) dies, so a supervisor killed
+    with -9 leaves no workers behind; also when that parent is already gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_event() -> asyncio.Event:

@@ -129,6 +129,8 @@ def main() -> None:
         asyncio.run(supervise(settings, count))
         return
     telemetry.setup("cnei-coordinator")
+    if settings.supervisor_pid:
+        lifecycle.stop_with_parent(settings.supervisor_pid)
     asyncio.run(serve(settings))
 
 

@@ -18,6 +18,7 @@ class CoordinatorSettings:
         1, "coordinator processes sharing the gRPC port (SO_REUSEPORT), each with its own event loop; "
            "0: one per CPU. Worker 0 also serves REST and the status page; /metrics adds them all up")
     worker_index: int = field(-1, "set by the supervisor for each worker process (-1: not a worker)")
+    supervisor_pid: int = field(0, "set by the supervisor: a worker stops when that process is gone")
     shared_dir: str = field("", "set by the supervisor: where workers share metrics and statistics")
     front_door: str = field(
         "auto", "compiled gRPC front door (services/coordinator/frontdoor) on grpc_port, batching routable "

@@ -31,6 +31,7 @@ def worker_count(setting: int, cpus: int | None = None) -> int:
 def worker_env(base: dict[str, str], index: int, metrics_dir: str, outbox_path: str) -> dict[str, str]:
     """The environment of worker `index`: one process, its own outbox, metrics to the shared dir."""
     env = {**base, f"{PREFIX}WORKERS": "1", f"{PREFIX}WORKER_INDEX": str(index),
+           f"{PREFIX}SUPERVISOR_PID": str(os.getpid()),
            f"{PREFIX}METRICS_PORT": "0", f"{PREFIX}SHARED_DIR": metrics_dir, MULTIPROC_ENV: metrics_dir}
     if outbox_path:
         env[f"{PREFIX}OUTBOX_PATH"] = f"{outbox_path}.{index}"

@@ -131,3 +131,13 @@ def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
     assert proc.wait(timeout=30) == 0
     for pid in replaced:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_workers_stop_when_their_supervisor_is_killed_with_sigkill(workers):
+    proc, address, _, _ = workers
+    children = _children(proc.pid)
+    assert len(children) == WORKERS
+    os.kill(proc.pid, 9)
+    proc.wait(timeout=10)
+    infra.wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 20,
+                     "the workers to stop after their supervisor")
