@@ -22,7 +22,7 @@ from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator.batcher import BatchConfig, Batcher
-from services.coordinator.breaker import Breakers
+from services.coordinator.breaker import Breaker, Breakers
 from services.coordinator.catalog import Catalog
 from services.coordinator.forwarder import sender
 from services.coordinator.joint import disagreements, merge_rows, prefer_edge, rows_below
@@ -62,6 +62,15 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
 class Placement:
     node: NodeInfo
     variant: ModelVariant
+
+
+def note_node_failure(breaker: Breaker, code: ErrorCode) -> None:
+    """A node call failed with `code`: connection-level trouble opens the breaker at once (stop
+    sending there), a timeout counts towards opening it, other errors are the request's own."""
+    if code is ErrorCode.UNAVAILABLE:
+        breaker.trip()
+    elif code in RETRYABLE:
+        breaker.failure()
 
 
 def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
@@ -394,10 +403,7 @@ class Coordinator:
             outputs = await self._batcher(placement, spec).submit(
                 request.inputs, priority_level(request.parameters), attempt_deadline)
         except CneiError as exc:
-            if exc.code is ErrorCode.UNAVAILABLE:
-                breaker.trip()  # connection-level trouble: stop sending there at once
-            elif exc.code in RETRYABLE:
-                breaker.failure()
+            note_node_failure(breaker, exc.code)
             raise
         finally:
             self.outstanding[node.node_id] -= rows

@@ -16,7 +16,8 @@ from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
 from services.coordinator.batcher import BatchConfig
-from services.coordinator.core import RETRYABLE, Coordinator, Placement, batch_config, count_served, restrict_tier
+from services.coordinator.core import (Coordinator, Placement, batch_config, count_served, note_node_failure,
+                                       restrict_tier)
 
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.
@@ -176,13 +177,9 @@ class DoorRoutes:
                 core.nodes.observe_compute(node.node_id, b.compute_ns / 1e6 / max(1, b.rows))
             core.latency.add((route.placement.variant.name, node.node_id), b.duration_ns / 1e9)
         if report.failure:
-            code = failure_code(report.failure)
             log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
                         report.failure)
-            if code is ErrorCode.UNAVAILABLE:
-                breaker.trip()  # as the full path does: stop sending there at once
-            elif code in RETRYABLE:
-                breaker.failure()
+            note_node_failure(breaker, failure_code(report.failure))
             self.routes.pop(route.route_id, None)
         elif report.batches:
             breaker.success()
