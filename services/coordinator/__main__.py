@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -31,7 +32,8 @@ from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 log = logging.getLogger("services.coordinator")
 
 
-async def serve(settings: CoordinatorSettings) -> None:
+async def serve(settings: CoordinatorSettings, door_path: Path | None = None) -> None:
+    """One coordinator process; with `door_path`, behind the compiled front door it starts."""
     stop = lifecycle.stop_event()
     registry = RegistryClient(settings.registry_target, timeout=5.0)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
@@ -49,8 +51,7 @@ async def serve(settings: CoordinatorSettings) -> None:
         core.stats_view = StatsShare(settings.shared_dir, worker, core.stats)
         sharing = asyncio.create_task(core.stats_view.run(), name="stats-share")
     await subscribe(bus, catalog, core, source)
-    binary = door_binary(settings.front_door, settings.front_door_binary) if worker < 0 else None
-    if binary is None:
+    if door_path is None:
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     else:  # the door takes the public port; the coordinator serves it from behind
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port)
@@ -67,8 +68,8 @@ async def serve(settings: CoordinatorSettings) -> None:
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     door = watching = None
-    if binary is not None:
-        door = DoorProcess(binary, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms)
+    if door_path is not None:
+        door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
@@ -119,10 +120,10 @@ def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
     count = worker_count(settings.workers)
     try:
-        door = settings.worker_index < 0 and door_binary(settings.front_door, settings.front_door_binary)
+        door_path = door_binary(settings.front_door, settings.front_door_binary) if settings.worker_index < 0 else None
     except CneiError as exc:
         raise SystemExit(f"coordinator: {exc.message}") from None
-    if door and count > 1:
+    if door_path is not None and count > 1:
         log.warning("the front door serves gRPC: running one coordinator process, not %d workers", count)
     elif settings.worker_index < 0 and count > 1:
         telemetry.setup("cnei-coordinator-supervisor")
@@ -131,7 +132,7 @@ def main() -> None:
     telemetry.setup("cnei-coordinator")
     if settings.supervisor_pid:
         lifecycle.stop_with_parent(settings.supervisor_pid)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, door_path))
 
 
 if __name__ == "__main__":
