@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from services.common import lifecycle
+
 
 def find_binary(name: str) -> str:
     """A server binary from this virtualenv's bin/ first, then PATH."""
@@ -120,13 +122,4 @@ def start_redis(port: int, data_dir: Path, log_file: Path | None = None, host: s
     return proc
 
 
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout`."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+stop = lifecycle.stop_process  # SIGTERM, then SIGKILL after the timeout

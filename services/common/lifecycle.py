@@ -5,6 +5,7 @@ import asyncio
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 
 import grpc
@@ -14,6 +15,18 @@ from services.common import grpc_util
 
 
 PR_SET_PDEATHSIG = 1
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` (blocking: run it off an event loop)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stop_with_parent(parent_pid: int) -> None:

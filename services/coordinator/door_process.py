@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from services.common import lifecycle
 from services.common.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,5 @@ class DoorProcess:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM (the door finishes or hands over what it holds), SIGKILL after `grace_s`."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("front door did not stop in %.0fs; killing", grace_s)
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, lifecycle.stop_process, self.proc, grace_s)
