@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import urllib.request
 
 import numpy as np
@@ -15,15 +13,9 @@ import tritonclient.utils as triton_utils
 
 from services.cli import infra
 from services.models.digits import load_all
+from tests.e2e.processes import children, start_coordinator
 
 WORKERS = 2
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return sorted(int(p) for p in out.split())
-
-
 
 
 def _infer_fresh_connection(address: str, x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -57,20 +49,12 @@ def _requests_total(metrics_port: int) -> float:
 
 @pytest.fixture
 def workers(mesh):
-    grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
-    env = {**os.environ, "CNEI_COORDINATOR_WORKERS": str(WORKERS), "CNEI_COORDINATOR_FRONT_DOOR": "off",
-           "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port), "CNEI_COORDINATOR_HTTP_PORT": str(http_port),
-           "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port),
-           "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
-           "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
-           "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url}
-    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, address, http_port, metrics_port = start_coordinator(
+        mesh, CNEI_COORDINATOR_WORKERS=str(WORKERS), CNEI_COORDINATOR_FRONT_DOOR="off")
     try:
-        infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
         infra.wait_for_port("127.0.0.1", http_port, proc=proc, timeout=60)
-        infra.wait_until(lambda: len(_children(proc.pid)) == WORKERS, 30, f"{WORKERS} workers")
-        yield proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port
+        infra.wait_until(lambda: len(children(proc.pid)) == WORKERS, 30, f"{WORKERS} workers")
+        yield proc, address, http_port, metrics_port
     finally:
         infra.stop(proc)
 
@@ -119,10 +103,10 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
 def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
     proc, address, _, _ = workers
     x, _ = load_all()
-    first = _children(proc.pid)
+    first = children(proc.pid)
     victim = first[0]
     os.kill(victim, 9)
-    replaced = infra.wait_until(lambda: (c := _children(proc.pid)) and len(c) == WORKERS and victim not in c and c,
+    replaced = infra.wait_until(lambda: (c := children(proc.pid)) and len(c) == WORKERS and victim not in c and c,
                      30, "a replacement worker")
     assert victim not in replaced
     for i in range(10):  # whichever worker a connection lands on answers
@@ -135,9 +119,9 @@ def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
 
 def test_workers_stop_when_their_supervisor_is_killed_with_sigkill(workers):
     proc, address, _, _ = workers
-    children = _children(proc.pid)
-    assert len(children) == WORKERS
+    worker_pids = children(proc.pid)
+    assert len(worker_pids) == WORKERS
     os.kill(proc.pid, 9)
     proc.wait(timeout=10)
-    infra.wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 20,
+    infra.wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in worker_pids), 20,
                      "the workers to stop after their supervisor")

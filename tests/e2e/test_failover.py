@@ -9,7 +9,7 @@ import time
 import nats
 import numpy as np
 
-from tests.e2e.load import kill_under_load, start_runtime
+from tests.e2e.processes import kill_under_load, start_runtime
 
 
 async def _collect(url: str, subject: str, sink: list, stop: asyncio.Event) -> None:

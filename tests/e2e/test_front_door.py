@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,34 +25,21 @@ from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.load import kill_under_load, start_runtime
+from tests.e2e.processes import children, kill_under_load, start_coordinator, start_runtime
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def _start_coordinator(mesh, **env_extra: str) -> tuple[subprocess.Popen, str, int]:
-    """A coordinator with its front door on fresh ports; exports no spans unless told."""
-    grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
-    env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
-    env.update({"CNEI_COORDINATOR_FRONT_DOOR": "on", "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port),
-                "CNEI_COORDINATOR_HTTP_PORT": str(http_port), "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port),
-                "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
-                "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
-                "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url, **env_extra})
-    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A coordinator with its front door on fresh ports, ready; exports no spans unless told."""
+    proc, address, _, metrics_port = start_coordinator(mesh, export_spans="OTEL_EXPORTER_OTLP_ENDPOINT" in env_extra,
+                                                       CNEI_COORDINATOR_FRONT_DOOR="on", **env_extra)
     try:
-        infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
-        infra.wait_until(lambda: _ready(f"127.0.0.1:{grpc_port}"), 30, "the coordinator ready behind its door")
+        infra.wait_until(lambda: _ready(address), 30, "the coordinator ready behind its door")
     except BaseException:
         infra.stop(proc)
         raise
-    return proc, f"127.0.0.1:{grpc_port}", metrics_port
+    return proc, address, metrics_port
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +233,11 @@ def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, t
 
 def test_sigterm_stops_the_door_and_the_coordinator(door):
     proc, address, _ = door
-    children = _children(proc.pid)
-    assert children, "the coordinator runs no front door process"
+    doors = children(proc.pid)
+    assert doors, "the coordinator runs no front door process"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    for pid in children:
+    for pid in doors:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
@@ -282,7 +268,7 @@ def test_with_spans_exported_one_request_in_n_takes_the_traced_full_path(mesh, j
 def test_a_coordinator_killed_with_sigkill_takes_its_door_along_and_frees_the_port(mesh):
     proc, address, _ = _start_coordinator(mesh)
     try:
-        doors = _children(proc.pid)
+        doors = children(proc.pid)
         assert doors, "the coordinator runs no front door process"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.models.digits import load_all
+from tests.e2e.processes import start_coordinator
 
 
 def _infer_all_digits(client: triton.InferenceServerClient, batch: int = 128) -> tuple[float, dict]:
@@ -117,17 +118,11 @@ def test_oversized_message_is_refused_and_the_server_keeps_serving(mesh):
 
 
 def test_coordinator_without_live_nodes_answers_unavailable(mesh, redis_server, tmp_path):
-    port = infra.free_port()
     empty_redis = redis_server.rsplit("/", 1)[0] + "/7"
-    env = {**os.environ, "CNEI_COORDINATOR_GRPC_PORT": str(port),
-           "CNEI_COORDINATOR_HTTP_PORT": str(infra.free_port()), "CNEI_COORDINATOR_METRICS_PORT": "0",
-           "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry, "CNEI_COORDINATOR_REDIS_URL": empty_redis,
-           "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url}
-    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, address, _, _ = start_coordinator(mesh, CNEI_COORDINATOR_REDIS_URL=empty_redis,
+                                            CNEI_COORDINATOR_METRICS_PORT="0")
     try:
-        infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)
-        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        client = triton.InferenceServerClient(address)
         assert not client.is_server_ready()
         _expect_code(client, "digits", _tensor((1, 64)), grpc.StatusCode.UNAVAILABLE, "no live node")
     finally:

@@ -1,5 +1,5 @@
-"""Helpers for end-to-end tests under load: an extra edge runtime process joining the mesh, and
-closed-loop tritonclient load that records every outcome."""
+"""Processes for end-to-end tests: an extra coordinator or edge runtime joining the session's
+mesh, a process's children, and closed-loop tritonclient load that records every outcome."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,30 @@ import tritonclient.grpc as triton
 
 from services.cli import infra
 from services.models.digits import load_all
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def start_coordinator(mesh, export_spans: bool = True, **env_extra: str) -> tuple[subprocess.Popen, str, int, int]:
+    """A coordinator of the mesh's registry, Redis and NATS on fresh ports, its gRPC port open:
+    (process, gRPC address, REST port, metrics port). `env_extra` overrides its environment."""
+    grpc_port, http_port, metrics_port = infra.free_port(), infra.free_port(), infra.free_port()
+    env = {k: v for k, v in os.environ.items() if export_spans or k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
+    env.update({"CNEI_COORDINATOR_GRPC_PORT": str(grpc_port), "CNEI_COORDINATOR_HTTP_PORT": str(http_port),
+                "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port), "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
+                "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
+                "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url, **env_extra})
+    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
+    except BaseException:
+        infra.stop(proc)
+        raise
+    return proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port
 
 
 def start_runtime(mesh, node_id: str, region: str, tmp_path) -> tuple[subprocess.Popen, int]:
