@@ -3,6 +3,7 @@ registers the result as a new version, and the coordinator serves it at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -239,23 +240,29 @@ async def _interrupt_a_running_job(proc: subprocess.Popen, target: str, redis_ur
         await redis.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _silent_node(redis_url: str, node_id: str):
+    """A live edge node that accepts connections and never speaks HTTP/2: a client that hangs."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        node = NodeInfo(node_id=node_id, tier="edge", region="site-z", address=f"127.0.0.1:{silent.getsockname()[1]}")
+        redis = Redis.from_url(redis_url)
+        try:
+            await NodeDirectory(redis).heartbeat(node, ttl_seconds=60)
+            yield node
+        finally:
+            await NodeDirectory(redis).remove(node_id)
+            await redis.aclose()
+
+
 def test_sigterm_marks_the_running_job_interrupted_and_exits_cleanly(mesh, fl_model, redis_server,
                                                                     nats_server, tmp_path):
-    silent = socket.socket()  # accepts connections, never speaks HTTP/2: a client that hangs
-    silent.bind(("127.0.0.1", 0))
-    silent.listen()
     proc, target = _start_trainer(mesh, redis_server, nats_server, tmp_path)
-    hanging = NodeInfo(node_id="edge-silent", tier="edge", region="site-z",
-                       address=f"127.0.0.1:{silent.getsockname()[1]}")
 
     async def scenario():
-        redis = Redis.from_url(redis_server)
-        try:
-            await NodeDirectory(redis).heartbeat(hanging, ttl_seconds=60)
+        async with _silent_node(redis_server, "edge-silent"):
             return await _interrupt_a_running_job(proc, target, redis_server)
-        finally:
-            await NodeDirectory(redis).remove(hanging.node_id)
-            await redis.aclose()
 
     try:
         started = time.monotonic()
@@ -264,22 +271,14 @@ def test_sigterm_marks_the_running_job_interrupted_and_exits_cleanly(mesh, fl_mo
         assert time.monotonic() - started < 30
     finally:
         infra.stop(proc)
-        silent.close()
 
 
 def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, fl_model, redis_server,
                                                                          nats_server, tmp_path):
-    silent = socket.socket()  # a client that never answers keeps the first job's round open
-    silent.bind(("127.0.0.1", 0))
-    silent.listen()
     proc, target = _start_trainer(mesh, redis_server, nats_server, tmp_path, CNEI_TRAINER_MAX_RUNNING_JOBS="1")
-    hanging = NodeInfo(node_id="edge-silent-2", tier="edge", region="site-z",
-                       address=f"127.0.0.1:{silent.getsockname()[1]}")
 
-    async def scenario():
-        redis = Redis.from_url(redis_server)
-        try:
-            await NodeDirectory(redis).heartbeat(hanging, ttl_seconds=60)
+    async def scenario():  # a client that never answers keeps the first job's round open
+        async with _silent_node(redis_server, "edge-silent-2"):
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = tpb_grpc.TrainerStub(channel)
                 await stub.StartJob(tpb.StartJobRequest(model=MODEL, rounds=1, min_clients=3,
@@ -287,9 +286,6 @@ def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, 
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.StartJob(tpb.StartJobRequest(model=MODEL, rounds=1), timeout=10)
                 return info.value
-        finally:
-            await NodeDirectory(redis).remove(hanging.node_id)
-            await redis.aclose()
 
     try:
         refused = asyncio.run(scenario())
@@ -297,4 +293,3 @@ def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, 
         assert "the limit is 1" in refused.details()
     finally:
         infra.stop(proc)
-        silent.close()
