@@ -44,7 +44,7 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
     return fd.RouteReply(
         eligible=True, route_id=decision.route_id, node_id=node.node_id, fast_address=node.fast_address,
         request_template=template.SerializeToString(), response_template=answer.SerializeToString(),
-        max_batch_size=decision.batching.max_batch_size, ttl_ms=0, timeout_ms=decision.timeout_ms,
+        max_batch_size=decision.batching.max_batch_size, timeout_ms=decision.timeout_ms,
         max_inflight_batches=decision.batching.max_inflight_batches,
         max_queue_size=decision.batching.max_queue_size)
 
