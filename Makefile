@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/*/*.proto)
 PB_STAMP := services/pb/.generated
 PA_INSTALL := $(firstword $(wildcard ../shared/tools/perf-analyzer/install.sh /work/shared/tools/perf-analyzer/install.sh))
 
-.PHONY: run test protos install clean bench bench-scheduler perf-analyzer frontdoor frontdoor-deps
+.PHONY: run test protos install clean bench bench-scheduler bench-batching perf-analyzer frontdoor frontdoor-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -68,6 +68,12 @@ bench: $(PB_STAMP) frontdoor $(MLSERVER_VENV)/.installed
 # heterogeneous cluster, about 6 minutes; BENCH_ARGS=--quick for a 2-minute run. See bench/README.md.
 bench-scheduler: $(PB_STAMP)
 	$(BIN)/python bench/scheduler.py $(BENCH_ARGS)
+
+# `make bench-batching`: p99 under open-loop Poisson load for each batching set-up (none, greedy,
+# 500 µs and 2 ms queue delay), about 5 minutes; BENCH_ARGS=--quick for 1 minute. See bench/README.md.
+bench-batching: $(PB_STAMP) frontdoor
+	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
+	$(BIN)/python bench/batching.py $(BENCH_ARGS)
 
 perf-analyzer: $(STAMP)
 	bash $(PA_INSTALL) $(abspath $(BIN))

@@ -39,9 +39,13 @@ def binary() -> str:
 
 
 def command(target: str, model: str, concurrency: int, interval_ms: int, csv_path: Path,
-            parameters: dict[str, str] | None = None) -> list[str]:
-    args = [binary(), "-m", model, "-u", target, "-i", "grpc", "-b", "1",
-            "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
+            parameters: dict[str, str] | None = None, poisson_rate: float = 0.0) -> list[str]:
+    """Closed loop at `concurrency`, or (poisson_rate > 0) open-loop Poisson arrivals at that many
+    requests per second, sent asynchronously so a slow answer never delays the next request."""
+    load = (["--request-rate-range", f"{poisson_rate:g}", "--request-distribution", "poisson", "--async"]
+            if poisson_rate > 0 else ["--concurrency-range", str(concurrency)])
+    args = [binary(), "-m", model, "-u", target, "-i", "grpc", "-b", "1", *load,
+            "--measurement-interval", str(interval_ms),
             "-s", str(STABILITY_PERCENT), "-r", str(MAX_TRIALS),
             "--warmup-request-count", str(WARMUP_REQUESTS), "-f", str(csv_path)]
     for key, value in (parameters or {}).items():
@@ -59,13 +63,15 @@ def parse_csv(text: str) -> tuple[float, float, float]:
 
 
 def measure(target: str, model: str, precision: str, config: str, concurrency: int,
-            interval_ms: int, parameters: dict[str, str] | None = None) -> Point:
-    """One perf_analyzer run; a failure becomes a Point with `error` so the bench goes on."""
+            interval_ms: int, parameters: dict[str, str] | None = None, poisson_rate: float = 0.0) -> Point:
+    """One perf_analyzer run (see `command`); a failure becomes a Point with `error` so the bench
+    goes on."""
     with tempfile.TemporaryDirectory(prefix="cnei-pa-") as tmp:
         csv_path = Path(tmp) / "report.csv"
         timeout = 30 + MAX_TRIALS * interval_ms / 1000 * 3
         try:
-            done = subprocess.run(command(target, model, concurrency, interval_ms, csv_path, parameters),
+            done = subprocess.run(command(target, model, concurrency, interval_ms, csv_path, parameters,
+                                          poisson_rate),
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Point(model, precision, config, concurrency, error=f"timed out after {timeout:.0f}s")

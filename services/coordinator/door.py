@@ -69,11 +69,9 @@ class RouteReport:
     failure: str = ""
 
 
-def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str,
-                   batching: BatchConfig | None = None) -> str:
+def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str) -> str:
     """Why requests like this one must take the full path ('' when they need not). The door
-    batches what queued while the node was busy; a deployment asking for a queue delay or
-    preferred batch sizes keeps its requests on the full path, which honours both."""
+    batches by the deployment's batching section (queue delay and preferred sizes included)."""
     others = sorted(k for k in request.parameters
                     if k not in ROUTABLE_PARAMETERS and not k.startswith(TRITON_HINT))
     if others:
@@ -82,8 +80,6 @@ def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode:
         return f"joint inference ({joint_mode}) is handled by the full path"
     if hedge_after_ms:
         return "hedged requests are handled by the full path"
-    if batching is not None and (batching.max_queue_delay_us or batching.preferred_batch_sizes):
-        return "batching with a queue delay or preferred batch sizes is handled by the full path"
     return ""
 
 
@@ -111,7 +107,7 @@ class DoorRoutes:
         try:
             variants = await core.catalog.variants(request.model_name, request.model_version)
             spec = restrict_tier(await core.catalog.deployment(request.model_name), request.parameters)
-            reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode, spec.batching)
+            reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode)
             if reason:
                 return Refusal(reason)
             check_inputs(variants[0], request.inputs)

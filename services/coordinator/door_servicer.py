@@ -46,7 +46,9 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         request_template=template.SerializeToString(), response_template=answer.SerializeToString(),
         max_batch_size=decision.batching.max_batch_size, timeout_ms=decision.timeout_ms,
         max_inflight_batches=decision.batching.max_inflight_batches,
-        max_queue_size=decision.batching.max_queue_size)
+        max_queue_size=decision.batching.max_queue_size,
+        max_queue_delay_us=decision.batching.max_queue_delay_us,
+        preferred_batch_sizes=decision.batching.preferred_batch_sizes)
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:

@@ -56,22 +56,19 @@ def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip
 
 
 @pytest.mark.parametrize(
-    ("params", "hedge_after_ms", "joint", "batching", "reason"),
-    [({}, 0.0, "off", None, ""),
+    ("params", "hedge_after_ms", "joint", "reason"),
+    [({}, 0.0, "off", ""),
      ({"precision": "INT8", "accuracy_floor": 0.9, "latency_budget_ms": 5, "region": "a", "tier": "edge"},
-      0.0, "off", BatchingSpec(), ""),
-     ({"triton_enable_empty_final_response": False}, 0.0, "off", None, ""),
-     ({"priority": 1}, 0.0, "off", None, "parameters ['priority'] are handled by the full path"),
-     ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", None, "parameters ['joint', 'timeout_us']"),
-     ({}, 0.0, "sync", None, "joint inference (sync)"),
-     ({}, -1.0, "off", None, "hedged requests"),
-     ({}, 0.0, "off", BatchingSpec(max_queue_delay_us=500), "batching with a queue delay"),
-     ({}, 0.0, "off", BatchingSpec(preferred_batch_sizes=(8,)), "batching with a queue delay or preferred")],
+      0.0, "off", ""),
+     ({"triton_enable_empty_final_response": False}, 0.0, "off", ""),
+     ({"priority": 1}, 0.0, "off", "parameters ['priority'] are handled by the full path"),
+     ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", "parameters ['joint', 'timeout_us']"),
+     ({}, 0.0, "sync", "joint inference (sync)"),
+     ({}, -1.0, "off", "hedged requests")],
     ids=["plain", "placement-parameters", "triton-client-hint", "priority", "timeout-and-joint", "joint-deployment",
-         "hedging", "queue-delay", "preferred-sizes"])
-def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, batching,
-                                                                          reason):
-    found = refusal_reason(ask(params), hedge_after_ms, joint, batching)
+         "hedging"])
+def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, reason):
+    found = refusal_reason(ask(params), hedge_after_ms, joint)
     assert found.startswith(reason) if reason else found == ""
 
 
@@ -154,6 +151,14 @@ def test_a_route_request_that_is_not_a_valid_request_is_invalid_argument(payload
         ask_from_proto(fd.RouteRequest(infer_request=payload))
 
 
+async def test_a_deployment_s_queue_delay_and_preferred_sizes_travel_with_its_route():
+    spec = DeploymentSpec(model="digits", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=1500,
+                                                                preferred_batch_sizes=(4, 8)))
+    reply = route_to_proto(await routes(spec).route(ask({"precision": "FP32"})))
+    assert reply.eligible, reply.reason
+    assert (reply.max_batch_size, reply.max_queue_delay_us, list(reply.preferred_batch_sizes)) == (8, 1500, [4, 8])
+
+
 async def test_a_route_travels_as_templates_the_door_fills_in():
     route = await routes().route(ask({"precision": "INT8"}))
     reply = route_to_proto(route)
@@ -164,6 +169,7 @@ async def test_a_route_travels_as_templates_the_door_fills_in():
     assert (reply.max_inflight_batches, reply.max_queue_size) == (1, 1024)
     assert (sent.model_name, sent.model_version, sent.parameters["precision"].string_param) == ("digits", "1", "INT8")
     assert answer.parameters["cnei_node"].string_param == "edge-a1"
+    assert (reply.max_queue_delay_us, list(reply.preferred_batch_sizes)) == (0, [])
     refused = route_to_proto(Refusal("no"))
     assert (refused.eligible, refused.reason) == (False, "no")
 

@@ -3,6 +3,7 @@ the nodes with every caller's own rows back, everything else passes through to t
 unchanged, a node killed under load loses no request, and SIGTERM stops both processes."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -20,6 +21,8 @@ import tritonclient.utils as triton_utils
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import infra
+from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.registry_client import RegistryClient
 from services.cli.up import RUNTIMES
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
@@ -133,6 +136,78 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
     # What the door served is booked by the coordinator: statistics and metrics.
     infra.wait_until(lambda: _executions(address) - served_before >= count, 10, "statistics of the door's requests")
     assert _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="ok"') >= count
+
+
+def _rows_run(mesh) -> int:
+    return sum(_executions(mesh.runtime(node_id)) for node_id, _, _ in RUNTIMES)
+
+
+def _apply(mesh, batching: BatchingSpec | None) -> None:
+    async def put() -> None:
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.put_deployment(DeploymentSpec(model="digits", batching=batching or BatchingSpec()))
+        finally:
+            await client.close()
+    asyncio.run(put())
+
+
+def _timed_together(address: str, rows: list[np.ndarray]) -> list[tuple[float, object]]:
+    """Send one request per row at the same moment; (seconds, reply) for each."""
+    start, out, errors = threading.Barrier(len(rows)), [None] * len(rows), []
+
+    def one(i: int) -> None:
+        client = triton.InferenceServerClient(address)
+        try:
+            start.wait()
+            t0 = time.perf_counter()
+            reply = _infer(client, rows[i][None, :], parameters={"precision": "FP32"})
+            out[i] = (time.perf_counter() - t0, reply)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    return out
+
+
+def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_preferred_size(door, mesh):
+    _, address, _ = door
+    x, y = load_all()
+    delay_s = 0.3
+    _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=int(delay_s * 1e6)))
+    try:
+        # The coordinator drops its cached deployment on the registry's event; the door's route
+        # follows within its ttl. Until then a lone request is not held.
+        infra.wait_until(lambda: _timed_together(address, [x[0]])[0][0] >= delay_s, 15,
+                         "the door's route to carry the queue delay")
+        (seconds, reply), = _timed_together(address, [x[1]])
+        assert seconds >= delay_s, "a lone request left before its queue delay"
+        assert reply.get_response().parameters["cnei_front_door"].bool_param
+        assert reply.as_numpy("probabilities")[0].argmax() == y[1]
+
+        before, batched_before = _rows_run(mesh), _batched_executions(mesh)
+        replies = _timed_together(address, list(x[10:18]))
+        assert [r.as_numpy("probabilities")[0].argmax() for _, r in replies] == list(y[10:18])
+        assert _batched_executions(mesh) > batched_before, "requests inside one queue delay were not batched"
+        assert _rows_run(mesh) - before == 8
+
+        # A preferred batch size leaves at once, long before the (now 1.5 s: within the
+        # deployment's 2 s attempt timeout) delay.
+        _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_500_000, preferred_batch_sizes=(4,)))
+        infra.wait_until(lambda: _timed_together(address, [x[0]])[0][0] >= 1.5, 20,
+                         "the door's route to carry the 1.5 s queue delay")
+        replies = _timed_together(address, list(x[20:24]))
+        assert max(seconds for seconds, _ in replies) < 1.0, "a batch of a preferred size waited out the delay"
+        assert [r.as_numpy("probabilities")[0].argmax() for _, r in replies] == list(y[20:24])
+    finally:
+        _apply(mesh, None)
 
 
 @pytest.mark.parametrize(("kwargs", "why"), [

@@ -6,6 +6,7 @@
 
 #include "codes.h"
 #include "tensor.h"
+#include "timer.h"
 
 namespace frontdoor {
 namespace {
@@ -105,11 +106,23 @@ void Batcher::Dispatch() {
   for (;;) {
     std::vector<InferCall*> expired, cancelled;
     std::shared_ptr<Batch> batch;
+    bool arm = false;
+    Clock::time_point wake;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_ || inflight_ >= options_.max_inflight || queue_.empty()) return;
-      batch = TakeLocked(&expired, &cancelled);
-      if (batch) ++inflight_;
+      if (!ReadyLocked(Clock::now(), &wake)) {
+        arm = !armed_ || wake < wake_at_;
+        if (arm) armed_ = true, wake_at_ = wake;
+      } else {
+        batch = TakeLocked(&expired, &cancelled);
+        if (batch) ++inflight_;
+      }
+    }
+    if (arm) {
+      // A strong reference: a route replaced meanwhile drops its batcher, whose queued
+      // requests still have to leave when their delay is up.
+      Timers::Get().At(wake, [self = shared_from_this()] { self->Woken(); });
     }
     for (InferCall* call : expired) {
       call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
@@ -118,8 +131,36 @@ void Batcher::Dispatch() {
     for (InferCall* call : cancelled) {
       call->Fail(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
     }
-    if (batch) Send(std::move(batch));
+    if (!batch) return;
+    Send(std::move(batch));
   }
+}
+
+// Triton's dynamic batcher rules, as the coordinator's own batcher applies them
+// (services/coordinator/batcher.py, batch_ready): send when the rows that would batch with the
+// head fill max_batch_size or make a preferred size, or once the head has waited
+// max_queue_delay_us. Without a queue delay, what is queued goes as soon as a slot is free.
+bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
+  const RouteConfig& config = *config_;
+  if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
+  const InferCall* head = queue_.front();
+  *wake = head->received_at + std::chrono::microseconds(config.max_queue_delay_us);
+  if (now >= *wake) return true;
+  int64_t rows = 0;
+  for (const InferCall* call : queue_) {
+    if (call->route_key == head->route_key || *call->route_key == *head->route_key) rows += call->rows;
+  }
+  if (rows >= int64_t(config.max_batch_size)) return true;
+  const auto& preferred = config.preferred_batch_sizes;
+  return std::find(preferred.begin(), preferred.end(), uint32_t(rows)) != preferred.end();
+}
+
+void Batcher::Woken() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    armed_ = false;
+  }
+  Dispatch();
 }
 
 // Takes requests from the head while they fit one batch; drops cancelled and expired ones.

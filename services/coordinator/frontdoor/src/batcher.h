@@ -1,6 +1,7 @@
 // Per-route queue that forms batches while the node is busy and sends them on its fast lane.
 #pragma once
 
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -26,6 +27,8 @@ struct RouteConfig {
   uint32_t full_path_every = 0;  // one request in N takes the coordinator's (traced) path
   uint32_t max_inflight = 0;     // the deployment's; 0: the door's --max-inflight
   uint32_t queue_limit = 0;      // the deployment's; 0: the door's --queue-limit
+  uint32_t max_queue_delay_us = 0;               // hold a batch back this long for more rows
+  std::vector<uint32_t> preferred_batch_sizes;   // ... unless it has one of these sizes
 };
 
 struct BatcherOptions {
@@ -46,6 +49,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
  private:
   struct Batch;
   void Dispatch();
+  bool ReadyLocked(std::chrono::steady_clock::time_point now,
+                   std::chrono::steady_clock::time_point* wake) const;
+  void Woken();
   std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);
   void Send(std::shared_ptr<Batch> batch);
@@ -65,6 +71,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   std::deque<InferCall*> queue_;
   int inflight_ = 0;
   bool failed_ = false;
+  bool armed_ = false;                              // a queue-delay wake-up is pending
+  std::chrono::steady_clock::time_point wake_at_;  // ... at this time
 };
 
 }  // namespace frontdoor

@@ -24,6 +24,9 @@ std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* wh
   config->full_path_every = reply.full_path_every();
   config->max_inflight = reply.max_inflight_batches();
   config->queue_limit = reply.max_queue_size();
+  config->max_queue_delay_us = reply.max_queue_delay_us();
+  config->preferred_batch_sizes.assign(reply.preferred_batch_sizes().begin(),
+                                       reply.preferred_batch_sizes().end());
   if (!config->request_template.ParseFromString(reply.request_template()) ||
       !config->response_template.ParseFromString(reply.response_template())) {
     *why = "unparseable templates in the route reply";
@@ -40,7 +43,8 @@ bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
   return a.node_address == b.node_address && a.template_bytes == b.template_bytes &&
          a.max_batch_size == b.max_batch_size && a.timeout_ms == b.timeout_ms &&
          a.full_path_every == b.full_path_every && a.max_inflight == b.max_inflight &&
-         a.queue_limit == b.queue_limit;
+         a.queue_limit == b.queue_limit && a.max_queue_delay_us == b.max_queue_delay_us &&
+         a.preferred_batch_sizes == b.preferred_batch_sizes;
 }
 
 }  // namespace
