@@ -82,10 +82,12 @@ def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float
 
 
 def request_deadline(params: dict, deadline_s: float | None, default_s: float) -> float:
-    """Absolute monotonic deadline: the earliest of the gRPC deadline, `timeout_us` and default."""
+    """Absolute monotonic deadline: the earliest of the gRPC deadline, the request's timeout in
+    microseconds (`timeout_us`, or `timeout` as tritonclient's `infer(timeout=...)` and Triton's
+    gRPC protocol name it) and the default."""
     now = time.monotonic()
     candidates = [now + (deadline_s if deadline_s is not None else default_s)]
-    timeout_us = _param(params, "timeout_us", float)
+    timeout_us = _param(params, "timeout_us", float) or _param(params, "timeout", float)
     if timeout_us:
         candidates.append(now + timeout_us / 1e6)
     return min(candidates)

@@ -33,11 +33,13 @@ def frozen_clock(monkeypatch):
      ({"timeout_us": "250000"}, None, NOW + 0.25),
      ({"timeout_us": 0}, 2.0, NOW + 2.0),
      ({"timeout_us": "0"}, 2.0, NOW + 2.0),
-     ({"timeout_us": ""}, None, NOW + DEFAULT_S)],
+     ({"timeout_us": ""}, None, NOW + DEFAULT_S),
+     ({"timeout": 500_000}, 2.0, NOW + 0.5)],
     ids=["default-when-nothing-set", "grpc-deadline", "longer-grpc-deadline-replaces-the-default",
          "timeout-us-before-default", "default-before-timeout-us", "timeout-us-before-grpc",
          "grpc-before-timeout-us", "timeout-us-as-string", "zero-timeout-us-is-none",
-         "zero-string-timeout-us-is-none", "empty-timeout-us-is-none"],
+         "zero-string-timeout-us-is-none", "empty-timeout-us-is-none",
+         "tritonclient-timeout-name"],
 )
 def test_the_request_deadline_is_the_earliest_of_timeout_us_and_the_grpc_deadline_or_default(
         params, grpc_deadline_s, expected):

@@ -210,11 +210,50 @@ def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_
         _apply(mesh, None)
 
 
+def test_priority_and_timeout_requests_are_served_by_the_door_and_a_timeout_ends_in_its_queue(door, mesh):
+    _, address, _ = door
+    x, y = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        for i, kwargs in enumerate([{"priority": 1}, {"priority": 9, "timeout": 5_000_000},
+                                    {"parameters": {"timeout_us": 5_000_000}}]):
+            infra.wait_until(lambda: "cnei_front_door" in _infer(client, x[i:i + 1], **kwargs).get_response().parameters,
+                             10, f"a route for requests with {kwargs}")
+            reply = _infer(client, x[i:i + 1], **kwargs)
+            assert reply.get_response().parameters["cnei_front_door"].bool_param
+            assert reply.as_numpy("probabilities").argmax() == y[i]
+
+        # Held by a 1 s queue delay, a request with tritonclient's timeout of 150 ms fails when its
+        # timeout passes, in the door's queue, and is never sent.
+        _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_000_000))
+        try:
+            def held() -> bool:  # the same route as the request below (its timeout is not in the key)
+                t0 = time.perf_counter()
+                _infer(client, x[:1])
+                return time.perf_counter() - t0 >= 1.0
+
+            infra.wait_until(held, 15, "the door's route to carry the 1 s queue delay")
+            before = _rows_run(mesh)
+            started = time.perf_counter()
+            with pytest.raises(triton_utils.InferenceServerException) as failed:
+                _infer(client, x[:1], timeout=150_000)
+            waited = time.perf_counter() - started
+            assert failed.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            assert "front door" in failed.value.message()
+            assert 0.15 <= waited < 0.9, f"the timeout ended the wait after {waited:.3f} s"
+            time.sleep(1.2)  # past the delay: had it been queued still, it would have been sent
+            assert _rows_run(mesh) == before
+        finally:
+            _apply(mesh, None)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize(("kwargs", "why"), [
-    ({"priority": 1}, "priority queues live in the coordinator"),
+    ({"parameters": {"cnei_note": "x"}}, "parameters the door does not know are the coordinator's"),
     ({"headers": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}},
      "a sampled trace is recorded hop by hop")],
-    ids=["priority", "sampled-trace"])
+    ids=["unknown-parameter", "sampled-trace"])
 def test_requests_a_route_cannot_serve_take_the_coordinator_s_full_path(door, kwargs, why):
     _, address, _ = door
     x, y = load_all()

@@ -2,6 +2,8 @@
 #include "batcher.h"
 
 #include <algorithm>
+#include <deque>
+#include <vector>
 #include <cstdio>
 
 #include "codes.h"
@@ -81,6 +83,7 @@ bool Batcher::failed() {
 }
 
 void Batcher::Enqueue(InferCall* call) {
+  const auto timeout_at = call->timeout_at;  // once queued, the call may be answered and gone
   size_t full = 0;
   bool forward = false;
   {
@@ -94,6 +97,9 @@ void Batcher::Enqueue(InferCall* call) {
     }
   }
   if (forward) return call->Forward();
+  if (full == 0 && timeout_at != InferCall::Clock::time_point::max()) {
+    Timers::Get().At(timeout_at, [self = shared_from_this()] { self->ExpireQueued(); });
+  }
   if (full > 0) {
     return call->Fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                    "front door queue for model '" + call->request().model_name() +
@@ -138,13 +144,13 @@ void Batcher::Dispatch() {
 
 // Triton's dynamic batcher rules, as the coordinator's own batcher applies them
 // (services/coordinator/batcher.py, batch_ready): send when the rows that would batch with the
-// head fill max_batch_size or make a preferred size, or once the head has waited
-// max_queue_delay_us. Without a queue delay, what is queued goes as soon as a slot is free.
+// most urgent request fill max_batch_size or make a preferred size, or once the oldest has
+// waited max_queue_delay_us. Without a queue delay, what is queued goes as soon as a slot is free.
 bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
   const RouteConfig& config = *config_;
   if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
-  const InferCall* head = queue_.front();
-  *wake = head->received_at + std::chrono::microseconds(config.max_queue_delay_us);
+  const InferCall* head = queue_[OrderLocked().front()];
+  *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
   if (now >= *wake) return true;
   int64_t rows = 0;
   for (const InferCall* call : queue_) {
@@ -163,31 +169,80 @@ void Batcher::Woken() {
   Dispatch();
 }
 
-// Takes requests from the head while they fit one batch; drops cancelled and expired ones.
+// The queue in serving order: priority level (lower first), then arrival; the coordinator's
+// batcher orders its queue the same way (services/coordinator/batcher.py, `order`).
+std::vector<size_t> Batcher::OrderLocked() const {
+  std::vector<size_t> order(queue_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [this](size_t a, size_t b) { return queue_[a]->priority < queue_[b]->priority; });
+  return order;
+}
+
+// Drops cancelled and expired requests, then takes the most urgent one and, in serving order,
+// every other request with its key that still fits under max_batch_size.
 std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* expired,
                                                    std::vector<InferCall*>* cancelled) {
-  auto batch = std::make_shared<Batch>();
-  const int64_t limit = config_->max_batch_size;
-  while (!queue_.empty()) {
-    InferCall* call = queue_.front();
+  std::deque<InferCall*> live;
+  for (InferCall* call : queue_) {
     if (call->DeadlinePassed()) {
       expired->push_back(call);
     } else if (call->cancelled()) {
       cancelled->push_back(call);
-    } else if (batch->members.empty()) {
-      batch->members.push_back(call);
+    } else {
+      live.push_back(call);
+    }
+  }
+  queue_.swap(live);
+  if (queue_.empty()) return nullptr;
+  auto batch = std::make_shared<Batch>();
+  const int64_t limit = config_->max_batch_size;
+  std::vector<bool> taken(queue_.size(), false);
+  for (size_t i : OrderLocked()) {
+    InferCall* call = queue_[i];
+    if (batch->members.empty()) {
       batch->rows = call->rows;
-    } else if (limit == 0 || batch->rows + call->rows > limit ||
+    } else if (limit == 0) {
+      break;  // a model without a batch dimension: each request alone
+    } else if (batch->rows + call->rows > limit ||
                (call->route_key != batch->members.front()->route_key &&
                 *call->route_key != *batch->members.front()->route_key)) {
-      break;
+      continue;
     } else {
-      batch->members.push_back(call);
       batch->rows += call->rows;
     }
-    queue_.pop_front();
+    batch->members.push_back(call);
+    taken[i] = true;
   }
-  return batch->members.empty() ? nullptr : batch;
+  std::deque<InferCall*> rest;
+  for (size_t i = 0; i < queue_.size(); ++i) {
+    if (!taken[i]) rest.push_back(queue_[i]);
+  }
+  queue_.swap(rest);
+  return batch;
+}
+
+// A request's own timeout_us ended while it was queued: it fails now, without waiting for a
+// batch slot, and is never sent.
+void Batcher::ExpireQueued() {
+  std::vector<InferCall*> expired;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::deque<InferCall*> live;
+    for (InferCall* call : queue_) {
+      if (call->DeadlinePassed()) {
+        expired.push_back(call);
+      } else {
+        live.push_back(call);
+      }
+    }
+    queue_.swap(live);
+  }
+  for (InferCall* call : expired) {
+    call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                            "timeout passed while queued in the front door for model '" +
+                                call->request().model_name() + "'"));
+  }
 }
 
 void Batcher::Send(std::shared_ptr<Batch> batch) {

@@ -52,6 +52,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool ReadyLocked(std::chrono::steady_clock::time_point now,
                    std::chrono::steady_clock::time_point* wake) const;
   void Woken();
+  void ExpireQueued();
+  std::vector<size_t> OrderLocked() const;
   std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);
   void Send(std::shared_ptr<Batch> batch);

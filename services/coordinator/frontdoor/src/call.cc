@@ -3,6 +3,7 @@
 
 #include <grpcpp/support/proto_buffer_reader.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "door.h"
@@ -65,11 +66,15 @@ bool InferCall::Parse() {
 bool InferCall::DeadlinePassed() const { return SecondsLeft() <= 0; }
 
 double InferCall::SecondsLeft() const {
+  double left = std::numeric_limits<double>::infinity();
   auto deadline = const_cast<InferCall*>(this)->context().deadline();
-  if (deadline == std::chrono::system_clock::time_point::max()) {
-    return std::numeric_limits<double>::infinity();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    left = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
   }
-  return std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+  if (timeout_at != Clock::time_point::max()) {
+    left = std::min(left, std::chrono::duration<double>(timeout_at - Clock::now()).count());
+  }
+  return left;
 }
 
 void InferCall::OnRequest() { door_->Infer(this); }

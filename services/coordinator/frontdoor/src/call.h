@@ -57,6 +57,12 @@ class InferCall : public UnaryCall {
 
   Clock::time_point received_at;
   int64_t rows = 0;
+  // Triton's per-request queue parameters, taken off the request by the door: the priority
+  // level (lower is served first; 0 and absent mean the default level, after every explicit
+  // one) and the end of its `timeout_us` (max: none).
+  static constexpr uint64_t kDefaultPriority = uint64_t(1) << 30;
+  uint64_t priority = kDefaultPriority;
+  Clock::time_point timeout_at = Clock::time_point::max();
   std::shared_ptr<const std::string> route_key;  // requests batch together only with equal keys
 
  private:

@@ -1,12 +1,16 @@
 // Decides, per ModelInfer request, between the fast path (batch to a node) and the coordinator.
 #include "door.h"
 
+#include <algorithm>
+#include <cstdint>
+
 #include "tensor.h"
 
 namespace frontdoor {
 
 void InferDoor::Infer(InferCall* call) {
-  if (!call->Parse() || Sampled(call) || ContentProblem(call->request()) != nullptr) {
+  if (!call->Parse() || Sampled(call) || ContentProblem(call->request()) != nullptr ||
+      !TakeQueueParameters(call)) {
     return call->Forward();
   }
   Router::Lookup route = router_->Find(RouteKey(&call->mutable_request()), &call->mutable_request());
@@ -16,6 +20,44 @@ void InferDoor::Infer(InferCall* call) {
   call->rows = rows;
   call->route_key = std::move(route.key);
   route.batcher->Enqueue(call);
+}
+
+// Moves `priority` and the timeout in microseconds (`timeout_us`, or `timeout` as tritonclient
+// and Triton's gRPC protocol name it) off the request onto the call, so requests that differ
+// only in them share a route (and the Route ask never carries them). Values the door does not
+// read (not an integer, a negative timeout) leave the request to the coordinator, which parses
+// them the same way or answers with a clear error.
+bool InferDoor::TakeQueueParameters(InferCall* call) {
+  auto* params = call->mutable_request().mutable_parameters();
+  auto integer = [](const inference::InferParameter& p, int64_t* out) {
+    switch (p.parameter_choice_case()) {
+      case inference::InferParameter::kInt64Param: *out = p.int64_param(); return true;
+      case inference::InferParameter::kUint64Param:
+        *out = int64_t(std::min<uint64_t>(p.uint64_param(), uint64_t(INT64_MAX)));
+        return true;
+      default: return false;
+    }
+  };
+  int64_t priority = 0, timeout_us = 0, values[2] = {0, 0};
+  auto p = params->find("priority");
+  if (p != params->end() && !integer(p->second, &priority)) return false;
+  const char* timeout_names[2] = {"timeout_us", "timeout"};
+  bool had_timeout[2] = {false, false};
+  for (int i = 0; i < 2; ++i) {
+    auto t = params->find(timeout_names[i]);
+    if (t == params->end()) continue;
+    if (!integer(t->second, &values[i]) || values[i] < 0) return false;
+    had_timeout[i] = true;
+  }
+  timeout_us = values[0] ? values[0] : values[1];  // as the coordinator: timeout_us first
+  const bool had_priority = p != params->end();
+  if (priority > 0) call->priority = uint64_t(priority);
+  if (timeout_us > 0) call->timeout_at = call->received_at + std::chrono::microseconds(timeout_us);
+  if (had_priority) params->erase("priority");
+  for (int i = 0; i < 2; ++i) {
+    if (had_timeout[i]) params->erase(timeout_names[i]);
+  }
+  return true;
 }
 
 // A sampled trace (traceparent flags with bit 0 set) takes the fully traced coordinator path.

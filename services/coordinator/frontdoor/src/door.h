@@ -14,6 +14,7 @@ class InferDoor {
 
  private:
   bool Sampled(InferCall* call);
+  bool TakeQueueParameters(InferCall* call);
   Router* router_;
 };
 
