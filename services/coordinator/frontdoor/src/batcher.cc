@@ -2,9 +2,9 @@
 #include "batcher.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <deque>
 #include <vector>
-#include <cstdio>
 
 #include "codes.h"
 #include "tensor.h"
@@ -130,10 +130,7 @@ void Batcher::Dispatch() {
       // requests still have to leave when their delay is up.
       Timers::Get().At(wake, [self = shared_from_this()] { self->Woken(); });
     }
-    for (InferCall* call : expired) {
-      call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                              "deadline passed while queued in the front door"));
-    }
+    FailExpired(expired);
     for (InferCall* call : cancelled) {
       call->Fail(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
     }
@@ -183,17 +180,7 @@ std::vector<size_t> Batcher::OrderLocked() const {
 // every other request with its key that still fits under max_batch_size.
 std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* expired,
                                                    std::vector<InferCall*>* cancelled) {
-  std::deque<InferCall*> live;
-  for (InferCall* call : queue_) {
-    if (call->DeadlinePassed()) {
-      expired->push_back(call);
-    } else if (call->cancelled()) {
-      cancelled->push_back(call);
-    } else {
-      live.push_back(call);
-    }
-  }
-  queue_.swap(live);
+  DropLocked(expired, cancelled);
   if (queue_.empty()) return nullptr;
   auto batch = std::make_shared<Batch>();
   const int64_t limit = config_->max_batch_size;
@@ -222,25 +209,36 @@ std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* exp
   return batch;
 }
 
-// A request's own timeout_us ended while it was queued: it fails now, without waiting for a
-// batch slot, and is never sent.
+// Takes expired requests, and cancelled ones when asked, out of the queue.
+void Batcher::DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled) {
+  std::deque<InferCall*> live;
+  for (InferCall* call : queue_) {
+    if (call->DeadlinePassed()) {
+      expired->push_back(call);
+    } else if (cancelled != nullptr && call->cancelled()) {
+      cancelled->push_back(call);
+    } else {
+      live.push_back(call);
+    }
+  }
+  queue_.swap(live);
+}
+
+// A request's own timeout ended while it was queued: it fails now, without waiting for a batch
+// slot, and is never sent.
 void Batcher::ExpireQueued() {
   std::vector<InferCall*> expired;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    std::deque<InferCall*> live;
-    for (InferCall* call : queue_) {
-      if (call->DeadlinePassed()) {
-        expired.push_back(call);
-      } else {
-        live.push_back(call);
-      }
-    }
-    queue_.swap(live);
+    DropLocked(&expired, nullptr);
   }
+  FailExpired(expired);
+}
+
+void Batcher::FailExpired(const std::vector<InferCall*>& expired) {
   for (InferCall* call : expired) {
     call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                            "timeout passed while queued in the front door for model '" +
+                            "deadline passed while queued in the front door for model '" +
                                 call->request().model_name() + "'"));
   }
 }

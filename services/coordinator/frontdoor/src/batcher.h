@@ -53,6 +53,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
                    std::chrono::steady_clock::time_point* wake) const;
   void Woken();
   void ExpireQueued();
+  void DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
+  static void FailExpired(const std::vector<InferCall*>& expired);
   std::vector<size_t> OrderLocked() const;
   std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);

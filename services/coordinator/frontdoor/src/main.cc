@@ -4,10 +4,12 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <thread>
 
 #include "backend.h"
 #include "door.h"
@@ -88,6 +90,8 @@ sigset_t BlockStopSignals() {
   return set;
 }
 
+constexpr int kShutdownLimitS = 10;  // drain 5 s, last report, then no longer than this
+
 std::string WithPort(const std::string& address, int port) {
   return address.substr(0, address.rfind(':')) + ":" + std::to_string(port);
 }
@@ -131,6 +135,14 @@ int main(int argc, char** argv) {
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   fprintf(stderr, "cnei-frontdoor: signal %d, draining\n", signal_number);
+  // Shutdown waits for every call to finish; a call that never would (a bug) must not keep the
+  // port held after the coordinator is gone.
+  std::thread([] {
+    std::this_thread::sleep_for(std::chrono::seconds(kShutdownLimitS));
+    fprintf(stderr, "cnei-frontdoor: calls still open %d s after the signal; exiting anyway\n",
+            kShutdownLimitS);
+    _exit(1);
+  }).detach();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   reporter.Stop();
   fflush(stderr);
