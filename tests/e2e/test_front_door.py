@@ -249,6 +249,53 @@ def test_priority_and_timeout_requests_are_served_by_the_door_and_a_timeout_ends
         client.close()
 
 
+def test_a_more_urgent_request_leaves_the_door_s_queue_first(door, mesh):
+    """Held by a queue delay, 3 rows of the default level wait; 2 rows at priority 1 arrive and
+    would overfill max_batch_size 4 together with them: the urgent rows leave at once, alone.
+    (In arrival order the 3 rows would leave then and the 2 urgent ones wait out their delay.)"""
+    _, address, _ = door
+    x, y = load_all()
+    delay_s = 0.6
+    _apply(mesh, BatchingSpec(max_batch_size=4, max_queue_delay_us=int(delay_s * 1e6)))
+    try:
+        client = triton.InferenceServerClient(address)
+
+        def held() -> bool:  # the route of the requests below (batch size is not in the key)
+            t0 = time.perf_counter()
+            _infer(client, x[:1])
+            return time.perf_counter() - t0 >= delay_s
+
+        infra.wait_until(held, 15, "the door's route to carry the queue delay")
+        client.close()
+        done: dict[str, tuple[float, object]] = {}
+
+        def send(name: str, rows: slice, after_s: float, **kwargs) -> None:
+            time.sleep(after_s)
+            own = triton.InferenceServerClient(address)
+            try:
+                t0 = time.perf_counter()
+                reply = _infer(own, x[rows], **kwargs)
+                done[name] = (time.perf_counter() - t0, reply)
+            finally:
+                own.close()
+
+        threads = [threading.Thread(target=send, args=("default", slice(0, 3), 0.0)),
+                   threading.Thread(target=send, args=("urgent", slice(3, 5), 0.15), kwargs={"priority": 1})]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert set(done) == {"default", "urgent"}
+        assert done["urgent"][0] < 0.3, f"the urgent rows waited {done['urgent'][0]:.3f} s"
+        assert done["default"][0] >= delay_s - 0.05, f"the default rows left after {done['default'][0]:.3f} s"
+        for name, rows in (("default", slice(0, 3)), ("urgent", slice(3, 5))):
+            reply = done[name][1]
+            assert reply.get_response().parameters["cnei_front_door"].bool_param
+            assert list(reply.as_numpy("probabilities").argmax(axis=1)) == list(y[rows])
+    finally:
+        _apply(mesh, None)
+
+
 @pytest.mark.parametrize(("kwargs", "why"), [
     ({"parameters": {"cnei_note": "x"}}, "parameters the door does not know are the coordinator's"),
     ({"headers": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}},
