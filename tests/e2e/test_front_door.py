@@ -54,6 +54,17 @@ def door(mesh):
         infra.stop(proc)
 
 
+@pytest.fixture(scope="module")
+def steady_door(mesh):
+    """A coordinator of its own that keeps each route for 5 s: placement cannot move requests of
+    one test to different nodes (and batchers) halfway through."""
+    proc, address, metrics_port = _start_coordinator(mesh, CNEI_COORDINATOR_ROUTE_TTL_MS="5000")
+    try:
+        yield proc, address, metrics_port
+    finally:
+        infra.stop(proc)
+
+
 def _ready(address: str) -> bool:
     client = triton.InferenceServerClient(address)
     try:
@@ -177,8 +188,8 @@ def _timed_together(address: str, rows: list[np.ndarray]) -> list[tuple[float, o
     return out
 
 
-def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_preferred_size(door, mesh):
-    _, address, _ = door
+def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_preferred_size(steady_door, mesh):
+    _, address, _ = steady_door
     x, y = load_all()
     delay_s = 0.3
     _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=int(delay_s * 1e6)))
@@ -249,11 +260,11 @@ def test_priority_and_timeout_requests_are_served_by_the_door_and_a_timeout_ends
         client.close()
 
 
-def test_a_more_urgent_request_leaves_the_door_s_queue_first(door, mesh):
+def test_a_more_urgent_request_leaves_the_door_s_queue_first(steady_door, mesh):
     """Held by a queue delay, 3 rows of the default level wait; 2 rows at priority 1 arrive and
     would overfill max_batch_size 4 together with them: the urgent rows leave at once, alone.
     (In arrival order the 3 rows would leave then and the 2 urgent ones wait out their delay.)"""
-    _, address, _ = door
+    _, address, _ = steady_door
     x, y = load_all()
     delay_s = 0.6
     _apply(mesh, BatchingSpec(max_batch_size=4, max_queue_delay_us=int(delay_s * 1e6)))
