@@ -3,18 +3,50 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Coroutine
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import grpc_util
 
-
+log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+LEFTOVER_S = 5.0
+
+
+def run_service(main: Coroutine, leftover_s: float = LEFTOVER_S) -> None:
+    """`asyncio.run` for a service's composition root, with one difference: tasks still running
+    when `main` returns (a client library's reconnect loop, say) are cancelled and given
+    `leftover_s` to end, then left behind with a warning, so the process always exits. (Seen:
+    nats-py kept a trainer alive for good when the NATS server died as the trainer shut down.)"""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in leftover:
+                task.cancel()
+            if leftover:
+                _, stuck = loop.run_until_complete(asyncio.wait(leftover, timeout=leftover_s))
+                for task in stuck:
+                    log.warning("task %r still running %.0f s after shutdown; exiting without it",
+                                task.get_coro(), leftover_s)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            try:  # work handed to threads (ONNX Runtime calls) ends on its own; wait for it, boundedly
+                loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), leftover_s))
+            except asyncio.TimeoutError:
+                log.warning("executor threads still busy %.0f s after shutdown; exiting without them", leftover_s)
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -109,7 +109,7 @@ async def serve(settings: RuntimeSettings) -> None:
 def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
-    asyncio.run(serve(settings))
+    lifecycle.run_service(serve(settings))
 
 
 if __name__ == "__main__":

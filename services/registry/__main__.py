@@ -1,7 +1,6 @@
 """Registry composition root: store -> core -> gRPC adapter; clean shutdown on SIGTERM."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -40,7 +39,7 @@ async def serve(settings: RegistrySettings) -> None:
 def main() -> None:
     settings = cfg.load(RegistrySettings, PREFIX)
     telemetry.setup("cnei-registry")
-    asyncio.run(serve(settings))
+    lifecycle.run_service(serve(settings))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Trainer composition root: Redis, registry, NATS -> federated core -> gRPC adapter; clean shutdown."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -50,7 +49,7 @@ async def serve(settings: TrainerSettings) -> None:
 def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
     telemetry.setup("cnei-trainer")
-    asyncio.run(serve(settings))
+    lifecycle.run_service(serve(settings))
 
 
 if __name__ == "__main__":
