@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import perf  # noqa: E402
 from bench.cnei_stack import CneiStack  # noqa: E402
+from bench.emulated_cluster import put_deployment  # noqa: E402
 from services.common.deployment import BatchingSpec, DeploymentSpec  # noqa: E402
-from services.common.registry_client import RegistryClient  # noqa: E402
 from services.models import digits, wide_mlp  # noqa: E402
 from services.pb.inference import grpc_service_pb2 as pb  # noqa: E402
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -162,16 +162,9 @@ async def batch_stats(address: str, model: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-async def apply(registry: str, model: str, batching: BatchingSpec) -> None:
-    client = RegistryClient(registry)
-    try:
-        await client.put_deployment(DeploymentSpec(model=model, batching=batching))
-    finally:
-        await client.close()
-
-
 def measure(stack: CneiStack, setup: Setup, rate: float, args) -> dict:
-    asyncio.run(apply(f"127.0.0.1:{stack.settings.registry_port}", args.model, setup.batching))
+    asyncio.run(put_deployment(f"127.0.0.1:{stack.settings.registry_port}",
+                               DeploymentSpec(model=args.model, batching=setup.batching)))
     time.sleep(SETTLE_S)
     before = asyncio.run(batch_stats(stack.edge, args.model))
     point = perf.measure(stack.coordinator, args.model, "FP32", setup.label, 0, args.interval_ms,

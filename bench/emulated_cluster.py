@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.cnei_stack import free_ports, wait_nodes
 from services.cli import infra
-from services.common.deployment import DeploymentSpec, SchedulerSpec
+from services.common.deployment import DeploymentSpec
 from services.common.errors import AlreadyExists
 from services.common.registry_client import RegistryClient
 from services.models.digits import BuiltVariant
@@ -152,11 +152,10 @@ async def register_fp32(registry: str, model: str, variants: list[BuiltVariant])
         await client.close()
 
 
-async def apply_scheduler(registry: str, model: str, scheduler: SchedulerSpec) -> None:
-    """Store the model's deployment with this placement policy (other fields at defaults)."""
+async def put_deployment(registry: str, spec: DeploymentSpec) -> None:
+    """Store a model's deployment in the registry (the coordinator picks it up on the event)."""
     client = RegistryClient(registry)
     try:
-        await client.put_deployment(DeploymentSpec(model=model, scheduler=scheduler))
+        await client.put_deployment(spec)
     finally:
         await client.close()
-

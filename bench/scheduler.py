@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import loadgen, scheduler_report  # noqa: E402
-from bench.emulated_cluster import LAYOUT, EmulatedCluster, apply_scheduler, layout_rows  # noqa: E402
-from services.common.deployment import SchedulerSpec  # noqa: E402
+from bench.emulated_cluster import LAYOUT, EmulatedCluster, layout_rows, put_deployment  # noqa: E402
+from services.common.deployment import DeploymentSpec, SchedulerSpec  # noqa: E402
 from services.models import wide_mlp  # noqa: E402
 
 WORK = REPO / ".bench" / "scheduler"
@@ -100,7 +100,7 @@ async def measure(cluster: EmulatedCluster, config: Config, args, seed: int) -> 
     """Apply the policy, then warm-up (which covers the deployment cache's settling) and window
     of open-loop load; the compute time each runtime spent inside the window gives its busy
     fraction."""
-    await apply_scheduler(cluster.registry, wide_mlp.NAME, config.scheduler)
+    await put_deployment(cluster.registry, DeploymentSpec(model=wide_mlp.NAME, scheduler=config.scheduler))
     addresses = {n.node_id: cluster.node_address(n.node_id) for n in cluster.layout}
     params = {"region": args.region} if args.region else {}
     load = asyncio.ensure_future(loadgen.run_open_loop(

@@ -132,11 +132,7 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
         finally:
             client.close()
 
-    workers = [threading.Thread(target=caller, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
+    _all_at_once([lambda t=t: caller(t) for t in range(threads)])
     assert errors == []
     assert len(results) == threads * per_thread
     for i, (probs, params) in results.items():
@@ -163,6 +159,33 @@ def _apply(mesh, batching: BatchingSpec | None) -> None:
     asyncio.run(put())
 
 
+def _all_at_once(calls: list) -> None:
+    """Run each zero-argument callable on its own thread, all started before any is joined."""
+    threads = [threading.Thread(target=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
+def _wait_held(address: str, delay_s: float, timeout: float, **kwargs) -> None:
+    """Until a lone request of one route (`kwargs`: its parameters) is held for the queue delay:
+    the coordinator drops its cached deployment on the registry's event and the door's route
+    follows when it is next refreshed."""
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+
+    def held() -> bool:
+        t0 = time.perf_counter()
+        _infer(client, x[:1], **kwargs)
+        return time.perf_counter() - t0 >= delay_s
+
+    try:
+        infra.wait_until(held, timeout, f"the door's route to carry the {delay_s:g} s queue delay")
+    finally:
+        client.close()
+
+
 def _timed_together(address: str, rows: list[np.ndarray]) -> list[tuple[float, object]]:
     """Send one request per row at the same moment; (seconds, reply) for each."""
     start, out, errors = threading.Barrier(len(rows)), [None] * len(rows), []
@@ -179,11 +202,7 @@ def _timed_together(address: str, rows: list[np.ndarray]) -> list[tuple[float, o
         finally:
             client.close()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(rows))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _all_at_once([lambda i=i: one(i) for i in range(len(rows))])
     assert errors == []
     return out
 
@@ -194,10 +213,7 @@ def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_
     delay_s = 0.3
     _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=int(delay_s * 1e6)))
     try:
-        # The coordinator drops its cached deployment on the registry's event; the door's route
-        # follows within its ttl. Until then a lone request is not held.
-        infra.wait_until(lambda: _timed_together(address, [x[0]])[0][0] >= delay_s, 15,
-                         "the door's route to carry the queue delay")
+        _wait_held(address, delay_s, 15, parameters={"precision": "FP32"})
         (seconds, reply), = _timed_together(address, [x[1]])
         assert seconds >= delay_s, "a lone request left before its queue delay"
         assert reply.get_response().parameters["cnei_front_door"].bool_param
@@ -212,8 +228,7 @@ def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_
         # A preferred batch size leaves at once, long before the (now 1.5 s: within the
         # deployment's 2 s attempt timeout) delay.
         _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_500_000, preferred_batch_sizes=(4,)))
-        infra.wait_until(lambda: _timed_together(address, [x[0]])[0][0] >= 1.5, 20,
-                         "the door's route to carry the 1.5 s queue delay")
+        _wait_held(address, 1.5, 20, parameters={"precision": "FP32"})
         replies = _timed_together(address, list(x[20:24]))
         assert max(seconds for seconds, _ in replies) < 1.0, "a batch of a preferred size waited out the delay"
         assert [r.as_numpy("probabilities")[0].argmax() for _, r in replies] == list(y[20:24])
@@ -238,12 +253,7 @@ def test_priority_and_timeout_requests_are_served_by_the_door_and_a_timeout_ends
         # timeout passes, in the door's queue, and is never sent.
         _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_000_000))
         try:
-            def held() -> bool:  # the same route as the request below (its timeout is not in the key)
-                t0 = time.perf_counter()
-                _infer(client, x[:1])
-                return time.perf_counter() - t0 >= 1.0
-
-            infra.wait_until(held, 15, "the door's route to carry the 1 s queue delay")
+            _wait_held(address, 1.0, 15)  # the route of the request below (a timeout is not in the key)
             before = _rows_run(mesh)
             started = time.perf_counter()
             with pytest.raises(triton_utils.InferenceServerException) as failed:
@@ -269,15 +279,7 @@ def test_a_more_urgent_request_leaves_the_door_s_queue_first(steady_door, mesh):
     delay_s = 0.6
     _apply(mesh, BatchingSpec(max_batch_size=4, max_queue_delay_us=int(delay_s * 1e6)))
     try:
-        client = triton.InferenceServerClient(address)
-
-        def held() -> bool:  # the route of the requests below (batch size is not in the key)
-            t0 = time.perf_counter()
-            _infer(client, x[:1])
-            return time.perf_counter() - t0 >= delay_s
-
-        infra.wait_until(held, 15, "the door's route to carry the queue delay")
-        client.close()
+        _wait_held(address, delay_s, 15)  # the route of the requests below (batch size is not in the key)
         done: dict[str, tuple[float, object]] = {}
 
         def send(name: str, rows: slice, after_s: float, **kwargs) -> None:
@@ -290,12 +292,8 @@ def test_a_more_urgent_request_leaves_the_door_s_queue_first(steady_door, mesh):
             finally:
                 own.close()
 
-        threads = [threading.Thread(target=send, args=("default", slice(0, 3), 0.0)),
-                   threading.Thread(target=send, args=("urgent", slice(3, 5), 0.15), kwargs={"priority": 1})]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        _all_at_once([lambda: send("default", slice(0, 3), 0.0),
+                      lambda: send("urgent", slice(3, 5), 0.15, priority=1)])
         assert set(done) == {"default", "urgent"}
         assert done["urgent"][0] < 0.3, f"the urgent rows waited {done['urgent'][0]:.3f} s"
         assert done["default"][0] >= delay_s - 0.05, f"the default rows left after {done['default'][0]:.3f} s"
