@@ -15,7 +15,7 @@ from services.common import oip
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
-from services.coordinator.batcher import BatchConfig
+from services.coordinator.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
 from services.coordinator.core import (Coordinator, Placement, batch_config, count_served, note_node_failure,
                                        restrict_tier)
 
@@ -67,6 +67,7 @@ class RouteReport:
     batches: list[BatchReport] = field(default_factory=list)
     handed_over: int = 0
     failure: str = ""
+    queue_ns: list[int] = field(default_factory=list)  # per request, same order as request_ns
 
 
 def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str) -> str:
@@ -157,6 +158,9 @@ class DoorRoutes:
         for ns, rows in zip(report.request_ns, report.request_rows):
             stats.record(True, ns, rows)
             record_inference(route.model, "ok", ns / 1e9)
+        queue_time = QUEUE_TIME.labels(route.model)
+        for ns in report.queue_ns:
+            queue_time.observe(ns / 1e9)
         answered = len(report.request_ns)
         if answered:
             count_served(route.stats_key[0], "ok", route.response.parameters, answered)
@@ -167,7 +171,9 @@ class DoorRoutes:
     def _book_node(self, route: Route, report: RouteReport) -> None:
         core, node = self.core, route.placement.node
         breaker = core.breakers.get(node.node_id)
+        batch_size = BATCH_SIZE.labels(route.model)
         for b in report.batches:
+            batch_size.observe(b.rows)
             core.nodes.observe_rtt(node.node_id, (b.duration_ns - b.compute_ns) / 1e6)
             if b.compute_ns:
                 core.nodes.observe_compute(node.node_id, b.compute_ns / 1e6 / max(1, b.rows))

@@ -54,7 +54,7 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:
     return [RouteReport(r.route_id, list(r.request_ns), list(r.request_rows),
                         [BatchReport(b.rows, b.requests, b.duration_ns, b.compute_ns) for b in r.batches],
-                        r.handed_over, r.failure)
+                        r.handed_over, r.failure, list(r.queue_ns))
             for r in message.routes]
 
 

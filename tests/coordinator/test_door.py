@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common import oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
@@ -107,15 +108,27 @@ async def test_requests_the_door_must_not_serve_are_refused_with_the_reason(door
     assert isinstance(decision, Refusal) and reason in decision.reason
 
 
+def _histogram(name: str, model: str) -> tuple[float, float]:
+    """(count, sum) of a coordinator histogram for one model."""
+    return (REGISTRY.get_sample_value(f"{name}_count", {"model": model}) or 0.0,
+            REGISTRY.get_sample_value(f"{name}_sum", {"model": model}) or 0.0)
+
+
 async def test_a_report_is_booked_like_requests_served_by_the_full_path():
     door = routes()
     route = await door.route(ask())
+    batches_before, queued_before = _histogram("cnei_batch_size", "digits"), _histogram("cnei_batch_queue_seconds", "digits")
     unknown = door.apply([RouteReport(route.route_id, [2_000_000, 3_000_000], [1, 3],
-                                      [BatchReport(4, 2, 1_500_000, 500_000)]),
+                                      [BatchReport(4, 2, 1_500_000, 500_000)], queue_ns=[400_000, 100_000]),
                           RouteReport(999)])
     assert unknown == [999]
     stats = door.core.stats.get("digits", "1")
     assert (stats.inference_count, stats.success.count, stats.success.ns) == (4, 2, 5_000_000)
+    # The door's batches and queue waits show in the same histograms as the full path's.
+    batches, queued = _histogram("cnei_batch_size", "digits"), _histogram("cnei_batch_queue_seconds", "digits")
+    assert (batches[0] - batches_before[0], batches[1] - batches_before[1]) == (1, 4)
+    assert queued[0] - queued_before[0] == 2
+    assert queued[1] - queued_before[1] == pytest.approx(0.0005)
     assert door.core.nodes.rtt_ms["edge-a1"] == pytest.approx(1.0)
     assert door.core.nodes.compute_ms["edge-a1"] == pytest.approx(0.125)
 
@@ -177,9 +190,9 @@ async def test_a_route_travels_as_templates_the_door_fills_in():
 def test_reports_convert_with_every_field():
     message = fd.FrontDoorReport(routes=[fd.RouteReport(
         route_id=7, request_ns=[10, 20], request_rows=[1, 2], handed_over=1, failure="UNAVAILABLE: x",
-        batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)])])
+        batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)], queue_ns=[4, 6])])
     assert reports_from_proto(message) == [RouteReport(7, [10, 20], [1, 2], [BatchReport(3, 2, 30, 5)], 1,
-                                                       "UNAVAILABLE: x")]
+                                                       "UNAVAILABLE: x", [4, 6])]
 
 
 @pytest.mark.parametrize(("mode", "exists", "expected"), [("off", True, None), ("auto", False, None),

@@ -118,6 +118,7 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
     _infer(triton.InferenceServerClient(address), x[:1], parameters={"precision": "FP32"})  # learns the route
     time.sleep(0.3)
     served_before, batched_before = _executions(address), _batched_executions(mesh)
+    batches_before = [_metric(metrics_port, f"cnei_batch_size_{k}", 'model="digits"') for k in ("count", "sum")]
     threads, per_thread, results, errors = 16, 12, {}, []
 
     def caller(t: int) -> None:
@@ -143,6 +144,10 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
     # What the door served is booked by the coordinator: statistics and metrics.
     infra.wait_until(lambda: _executions(address) - served_before >= count, 10, "statistics of the door's requests")
     assert _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="ok"') >= count
+    # ... and the batches it formed show in the coordinator's own batch histogram.
+    batches, rows = (_metric(metrics_port, f"cnei_batch_size_{k}", 'model="digits"') - before
+                     for k, before in zip(("count", "sum"), batches_before))
+    assert rows == count and 0 < batches < count
 
 
 def _rows_run(mesh) -> int:

@@ -308,13 +308,14 @@ void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferRe
   stats.set_compute_ns(ComputeNs(*reply));
   const bool batched = config_->max_batch_size > 0;
   ReplySlicer slicer(config_->response_template, std::move(reply), batch.rows, batched);
-  std::vector<std::pair<uint64_t, uint32_t>> served;
+  std::vector<ServedRequest> served;
   served.reserve(batch.members.size());
   int64_t row = 0;
   for (InferCall* call : batch.members) {
     grpc::ByteBuffer response = slicer.Slice(call->request().id(), row, call->rows);
     row += call->rows;
-    served.emplace_back(Nanos(Clock::now() - call->received_at), uint32_t(call->rows));
+    served.push_back({Nanos(Clock::now() - call->received_at), Nanos(batch.sent_at - call->received_at),
+                      uint32_t(call->rows)});
     call->Reply(std::move(response));  // the call may be gone after this
   }
   reporter_->Served(config_->route_id, served, stats);

@@ -24,17 +24,17 @@ Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown)
 
 void Reporter::Start() { thread_ = std::thread([this] { Loop(); }); }
 
-void Reporter::Served(uint64_t route_id,
-                      const std::vector<std::pair<uint64_t, uint32_t>>& requests,
+void Reporter::Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
                       const cnei::frontdoor::v1::Batch& batch) {
   std::lock_guard<std::mutex> lock(mu_);
   if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
   auto& route = routes_[route_id];
   route.set_route_id(route_id);
   if (route.request_ns_size() + requests.size() <= size_t(kMaxRequestsPerRoute)) {
-    for (const auto& [ns, rows] : requests) {
-      route.add_request_ns(ns);
-      route.add_request_rows(rows);
+    for (const ServedRequest& served : requests) {
+      route.add_request_ns(served.total_ns);
+      route.add_queue_ns(served.queue_ns);
+      route.add_request_rows(served.rows);
     }
   }
   if (route.batches_size() < kMaxBatchesPerRoute) *route.add_batches() = batch;

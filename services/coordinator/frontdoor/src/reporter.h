@@ -2,6 +2,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -13,13 +14,20 @@
 
 namespace frontdoor {
 
+// One request a batch answered: receive → response and receive → node call, in ns; its rows.
+struct ServedRequest {
+  uint64_t total_ns;
+  uint64_t queue_ns;
+  uint32_t rows;
+};
+
 class Reporter {
  public:
   using UnknownRoutes = std::function<void(const std::vector<uint64_t>&)>;
   Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown);
   void Start();
-  // Requests answered by one batch: (receive → response ns, rows) each, and the node call.
-  void Served(uint64_t route_id, const std::vector<std::pair<uint64_t, uint32_t>>& requests,
+  // Requests answered by one batch, and the node call.
+  void Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
               const cnei::frontdoor::v1::Batch& batch);
   // A failed node call: reports at once, then runs `then` (whether or not the report got through).
   void Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
