@@ -70,7 +70,8 @@ bench-scheduler: $(PB_STAMP)
 	$(BIN)/python bench/scheduler.py $(BENCH_ARGS)
 
 # `make bench-batching`: p99 under open-loop Poisson load for each batching set-up (none, greedy,
-# 500 µs and 2 ms queue delay), about 5 minutes; BENCH_ARGS=--quick for 1 minute. See bench/README.md.
+# 500 µs and 2 ms queue delay), then MLServer with and without adaptive batching when `make bench`
+# has made its virtualenv; about 7 minutes, BENCH_ARGS=--quick for 2. See bench/README.md.
 bench-batching: $(PB_STAMP) frontdoor
 	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
 	$(BIN)/python bench/batching.py $(BENCH_ARGS)

@@ -25,8 +25,8 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import perf  # noqa: E402
-from bench.cnei_stack import CneiStack  # noqa: E402
+from bench import mlserver_setup, perf  # noqa: E402
+from bench.cnei_stack import CneiStack, free_ports  # noqa: E402
 from bench.emulated_cluster import put_deployment  # noqa: E402
 from services.common.deployment import BatchingSpec, DeploymentSpec  # noqa: E402
 from services.models import digits, wide_mlp  # noqa: E402
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", type=float, nargs="+", help="Poisson arrival rates, req/s (default per model)")
     p.add_argument("--interval-ms", type=int, help="perf_analyzer window; three per point (default 3000)")
     p.add_argument("--setups", nargs="+", choices=[s.label for s in SETUPS], help="batching set-ups (default all)")
+    p.add_argument("--skip-mlserver", action="store_true",
+                   help="leave out MLServer with and without adaptive batching (measured when its "
+                        "virtualenv from `make bench` exists)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
     rates = DEFAULT_RATES[args.model]
@@ -191,6 +194,48 @@ def run_all(stack: CneiStack, args) -> list[dict]:
     return rows
 
 
+MLSERVER_CONFIGS = [c for c in mlserver_setup.CONFIGS if c.parallel_workers == 0]  # w0 and w0-ab
+
+
+def mlserver_row(config: mlserver_setup.MLServerConfig, rate: float, point: perf.Point) -> dict:
+    """An MLServer point: latencies only (it keeps no Triton batch statistics)."""
+    return {"setup": config.name, "batching": {"adaptive_batching": config.adaptive_batching,
+                                               "max_batch_size": mlserver_setup.BATCH_MAX_SIZE,
+                                               "max_batch_time_s": mlserver_setup.BATCH_MAX_TIME_S}
+            if config.adaptive_batching else {}, "rate": rate, "error": point.error,
+            "infer_per_s": point.infer_per_s, "p50_ms": None if point.error else point.p50_us / 1000.0,
+            "p99_ms": None if point.error else point.p99_us / 1000.0, "executions": None, "mean_batch": None,
+            "p99_batch": None, "compute_ms_at_p99_batch": None,
+            "delay_ms": mlserver_setup.BATCH_MAX_TIME_S * 1000.0 if config.adaptive_batching else 0.0,
+            "bound_ms": None, "excess_ms": None, "batch_sizes": {}}
+
+
+def run_mlserver(onnx: Path, args) -> list[dict]:
+    """The same Poisson load against MLServer 1.7 serving the same ONNX file, without and with its
+    adaptive batching (parallel_workers 0, its best set-up in `make bench`)."""
+    rows = []
+    for config in MLSERVER_CONFIGS:
+        ports = dict(zip(("http", "grpc", "metrics"), free_ports(3)))
+        folder = mlserver_setup.write_repository(WORK / "mlserver", config, {args.model: onnx}, ports)
+        server = mlserver_setup.MLServerProcess(folder, WORK / f"{config.name}.log")
+        try:
+            log(f"starting {config.name}")
+            server.start([args.model])
+            perf.measure(server.target, args.model, "FP32", config.name, 1, 300)  # warm-up
+            for rate in args.rates:
+                point = perf.measure(server.target, args.model, "FP32", config.name, 0, args.interval_ms,
+                                     poisson_rate=rate)
+                r = mlserver_row(config, rate, point)
+                log(f"{config.name} @ {rate:g} req/s: " + (f"ERROR {r['error']}" if r["error"] else
+                    f"{r['infer_per_s']:.0f} infer/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"))
+                rows.append(r)
+        except Exception as exc:  # noqa: BLE001 - a broken set-up must not end the bench
+            log(f"{config.name} failed: {exc} (log: {server.log_file})")
+        finally:
+            server.stop()
+    return rows
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 def _fmt(value, digits: int = 2) -> str:
@@ -201,12 +246,16 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = ["# Dynamic batching under open-loop Poisson load", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", "CNEI set-ups are the model's deployment behind the coordinator; `mlserver-*` rows are "
+                  "MLServer 1.7 serving the same file (`-ab`: adaptive batching, max_batch_size "
+                  f"{mlserver_setup.BATCH_MAX_SIZE}, max_batch_time {mlserver_setup.BATCH_MAX_TIME_S * 1000:g} ms; "
+                  "no batch statistics)."]
     lines += ["", "| rate req/s | set-up | infer/s | p50 ms | p99 ms | mean batch | p99 batch | compute ms | "
               "queue delay ms | p99 − (compute + delay) ms |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['rate']:g} | {r['setup']} | {r['infer_per_s']:.0f} | {_fmt(r['p50_ms'])} | "
-                     f"{_fmt(r['p99_ms'])} | {_fmt(r['mean_batch'], 1)} | {r['p99_batch']} | "
+                     f"{_fmt(r['p99_ms'])} | {_fmt(r['mean_batch'], 1)} | {_fmt(r['p99_batch'], 0)} | "
                      f"{_fmt(r['compute_ms_at_p99_batch'])} | {_fmt(r['delay_ms'])} | {_fmt(r['excess_ms'])} |"
                      + (f" error: {r['error']}" if r["error"] else ""))
     verdict = result["verdict"]
@@ -258,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         stack.start(models)
         stack.warm([(args.model, "FP32")])
         rows = run_all(stack, args)
+        stack.stop()
+        if not args.skip_mlserver:
+            if mlserver_setup.VENV.joinpath("bin", "python").exists():
+                onnx = next(v.path for v in models[args.model] if v.precision == "FP32")
+                rows += run_mlserver(onnx, args)
+            else:
+                log(f"MLServer left out: {mlserver_setup.VENV} not found ({mlserver_setup.INSTALL_HINT})")
     except KeyboardInterrupt:
         log("interrupted")
         return 130
