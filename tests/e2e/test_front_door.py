@@ -310,6 +310,37 @@ def test_a_more_urgent_request_leaves_the_door_s_queue_first(steady_door, mesh):
         _apply(mesh, None)
 
 
+def test_a_full_door_queue_answers_resource_exhausted_and_keeps_what_it_holds(steady_door, mesh):
+    """max_queue_size 2 and a 1 s queue delay: of five requests sent together, two wait and are
+    answered, three are refused at once with RESOURCE_EXHAUSTED; nothing is lost."""
+    _, address, _ = steady_door
+    x, y = load_all()
+    _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_000_000, max_queue_size=2))
+    try:
+        _wait_held(address, 1.0, 15, parameters={"precision": "FP32"})
+        answered, refused, other = [], [], []
+
+        def one(i: int) -> None:
+            client = triton.InferenceServerClient(address)
+            try:
+                t0 = time.perf_counter()
+                reply = _infer(client, x[i:i + 1], parameters={"precision": "FP32"})
+                answered.append((i, time.perf_counter() - t0, reply.as_numpy("probabilities")[0].argmax()))
+            except triton_utils.InferenceServerException as exc:
+                (refused if exc.status() == "StatusCode.RESOURCE_EXHAUSTED" else other).append(
+                    (i, time.perf_counter() - t0, exc.message()))
+            finally:
+                client.close()
+
+        _all_at_once([lambda i=i: one(i) for i in range(5)])
+        assert other == []
+        assert (len(answered), len(refused)) == (2, 3)
+        assert all(y[i] == label for i, _, label in answered)
+        assert all(seconds < 0.5 and "is full (2 requests)" in message for _, seconds, message in refused)
+    finally:
+        _apply(mesh, None)
+
+
 @pytest.mark.parametrize(("kwargs", "why"), [
     ({"parameters": {"cnei_note": "x"}}, "parameters the door does not know are the coordinator's"),
     ({"headers": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}},
