@@ -146,7 +146,10 @@ void Batcher::Dispatch() {
 bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
   const RouteConfig& config = *config_;
   if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
-  const InferCall* head = queue_[OrderLocked().front()];
+  // The most urgent request: the first of the lowest priority level (OrderLocked's head).
+  const InferCall* head = *std::min_element(
+      queue_.begin(), queue_.end(),
+      [](const InferCall* a, const InferCall* b) { return a->priority < b->priority; });
   *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
   if (now >= *wake) return true;
   int64_t rows = 0;

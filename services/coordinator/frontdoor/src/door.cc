@@ -38,25 +38,20 @@ bool InferDoor::TakeQueueParameters(InferCall* call) {
       default: return false;
     }
   };
-  int64_t priority = 0, timeout_us = 0, values[2] = {0, 0};
-  auto p = params->find("priority");
-  if (p != params->end() && !integer(p->second, &priority)) return false;
-  const char* timeout_names[2] = {"timeout_us", "timeout"};
-  bool had_timeout[2] = {false, false};
-  for (int i = 0; i < 2; ++i) {
-    auto t = params->find(timeout_names[i]);
-    if (t == params->end()) continue;
-    if (!integer(t->second, &values[i]) || values[i] < 0) return false;
-    had_timeout[i] = true;
+  auto read = [params, &integer](const char* name, bool non_negative, int64_t* out) {
+    auto it = params->find(name);
+    if (it == params->end()) return true;
+    return integer(it->second, out) && (!non_negative || *out >= 0);
+  };
+  int64_t priority = 0, timeout_us = 0, timeout = 0;
+  if (!read("priority", false, &priority) || !read("timeout_us", true, &timeout_us) ||
+      !read("timeout", true, &timeout)) {
+    return false;
   }
-  timeout_us = values[0] ? values[0] : values[1];  // as the coordinator: timeout_us first
-  const bool had_priority = p != params->end();
+  if (timeout_us == 0) timeout_us = timeout;  // as the coordinator: timeout_us first
   if (priority > 0) call->priority = uint64_t(priority);
   if (timeout_us > 0) call->timeout_at = call->received_at + std::chrono::microseconds(timeout_us);
-  if (had_priority) params->erase("priority");
-  for (int i = 0; i < 2; ++i) {
-    if (had_timeout[i]) params->erase(timeout_names[i]);
-  }
+  for (const char* name : {"priority", "timeout_us", "timeout"}) params->erase(name);
   return true;
 }
 
