@@ -13,12 +13,16 @@ from services.common import codec, oip
 from services.common.errors import CneiError, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
+from services.common.ordered import map_in_order
 from services.common.stats import ModelStats
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
+# Requests of one ModelStreamInfer stream started and not yet answered; beyond it the stream is
+# not read until the oldest is answered (the client sees flow control, nothing is dropped).
+STREAM_WINDOW = 256
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters"]
 
 INFER_REQUESTS = Counter(
@@ -200,12 +204,18 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStreamInfer(self, request_iterator, context):
-        async for request in request_iterator:
+        """Triton's stream semantics: each request starts as it arrives (requests of one stream
+        batch together), responses leave in request order, and a failed request answers with
+        `error_message` while the stream goes on."""
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
                 response = await self.infer_message(request, context.time_remaining())
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                return pb.ModelStreamInferResponse(infer_response=response)
             except CneiError as exc:
-                yield pb.ModelStreamInferResponse(
+                return pb.ModelStreamInferResponse(
                     error_message=f"{exc.code.value}: {exc.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 )
+
+        async for reply in map_in_order(request_iterator, one, STREAM_WINDOW):
+            yield reply

@@ -55,19 +55,16 @@ void UnaryCall::Reply(grpc::ByteBuffer response) {
 
 void UnaryCall::Fail(const grpc::Status& status) { Finish(status); }
 
-InferCall::InferCall(grpc::GenericCallbackServerContext* ctx, Backend* backend, InferDoor* door)
-    : UnaryCall(ctx, backend), received_at(Clock::now()), door_(door) {}
-
-bool InferCall::Parse() {
-  grpc::ProtoBufferReader reader(&request_bytes_);
+bool InferCall::Parse(grpc::ByteBuffer* bytes) {
+  grpc::ProtoBufferReader reader(bytes);
   return request_.ParseFromZeroCopyStream(&reader) && reader.status().ok();
 }
 
-bool InferCall::DeadlinePassed() const { return SecondsLeft() <= 0; }
+bool InferCall::DeadlinePassed() { return SecondsLeft() <= 0; }
 
-double InferCall::SecondsLeft() const {
+double InferCall::SecondsLeft() {
   double left = std::numeric_limits<double>::infinity();
-  auto deadline = const_cast<InferCall*>(this)->context().deadline();
+  auto deadline = context().deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) {
     left = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
   }
@@ -77,6 +74,6 @@ double InferCall::SecondsLeft() const {
   return left;
 }
 
-void InferCall::OnRequest() { door_->Infer(this); }
+void UnaryInferCall::OnRequest() { door_->Infer(this, &request_bytes_); }
 
 }  // namespace frontdoor

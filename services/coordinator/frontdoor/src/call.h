@@ -44,16 +44,27 @@ class UnaryCall : public grpc::ServerGenericBidiReactor {
 
 class InferDoor;
 
-// A ModelInfer call: parsed once, then batched by the door or forwarded.
-class InferCall : public UnaryCall {
+// One ModelInfer request the door decides on: parsed once, then batched or forwarded. A unary
+// ModelInfer call is one; so is each message of a ModelStreamInfer stream (stream.h).
+class InferCall {
  public:
   using Clock = std::chrono::steady_clock;
-  InferCall(grpc::GenericCallbackServerContext* ctx, Backend* backend, InferDoor* door);
-  bool Parse();
+  InferCall() : received_at(Clock::now()) {}
+  virtual ~InferCall() = default;
+  // The answer: passed to the coordinator, a reply (a serialized ModelInferResponse) or a
+  // status. Exactly one of them, once; the call may be gone after it.
+  virtual void Forward() = 0;
+  virtual void Reply(grpc::ByteBuffer response) = 0;
+  virtual void Fail(const grpc::Status& status) = 0;
+  virtual bool cancelled() const = 0;
+  // The client's call (its metadata and deadline).
+  virtual grpc::GenericCallbackServerContext& context() = 0;
+
+  bool Parse(grpc::ByteBuffer* bytes);
   const inference::ModelInferRequest& request() const { return request_; }
   inference::ModelInferRequest& mutable_request() { return request_; }
-  bool DeadlinePassed() const;
-  double SecondsLeft() const;  // +inf without a deadline
+  bool DeadlinePassed();
+  double SecondsLeft();  // +inf without a deadline
 
   Clock::time_point received_at;
   int64_t rows = 0;
@@ -66,9 +77,23 @@ class InferCall : public UnaryCall {
   std::shared_ptr<const std::string> route_key;  // requests batch together only with equal keys
 
  private:
+  inference::ModelInferRequest request_;
+};
+
+// A unary ModelInfer call.
+class UnaryInferCall : public UnaryCall, public InferCall {
+ public:
+  UnaryInferCall(grpc::GenericCallbackServerContext* ctx, Backend* backend, InferDoor* door)
+      : UnaryCall(ctx, backend), door_(door) {}
+  void Forward() override { UnaryCall::Forward(); }
+  void Reply(grpc::ByteBuffer response) override { UnaryCall::Reply(std::move(response)); }
+  void Fail(const grpc::Status& status) override { UnaryCall::Fail(status); }
+  bool cancelled() const override { return UnaryCall::cancelled(); }
+  grpc::GenericCallbackServerContext& context() override { return UnaryCall::context(); }
+
+ private:
   void OnRequest() override;
   InferDoor* door_;
-  inference::ModelInferRequest request_;
 };
 
 }  // namespace frontdoor

@@ -8,8 +8,8 @@
 
 namespace frontdoor {
 
-void InferDoor::Infer(InferCall* call) {
-  if (!call->Parse() || Sampled(call) || ContentProblem(call->request()) != nullptr ||
+void InferDoor::Infer(InferCall* call, grpc::ByteBuffer* bytes) {
+  if (!call->Parse(bytes) || Sampled(call) || ContentProblem(call->request()) != nullptr ||
       !TakeQueueParameters(call)) {
     return call->Forward();
   }

@@ -9,8 +9,9 @@ namespace frontdoor {
 class InferDoor {
  public:
   explicit InferDoor(Router* router) : router_(router) {}
-  // Answers the call: queued on its route's batcher, or forwarded to the coordinator.
-  void Infer(InferCall* call);
+  // Answers the call whose request is `bytes`: queued on its route's batcher, or forwarded to
+  // the coordinator.
+  void Infer(InferCall* call, grpc::ByteBuffer* bytes);
 
  private:
   bool Sampled(InferCall* call);

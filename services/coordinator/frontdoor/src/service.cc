@@ -5,11 +5,15 @@
 
 #include "call.h"
 #include "pump.h"
+#include "stream.h"
 
 namespace frontdoor {
 namespace {
 
 constexpr char kModelInfer[] = "/inference.GRPCInferenceService/ModelInfer";
+constexpr char kModelStreamInfer[] = "/inference.GRPCInferenceService/ModelStreamInfer";
+// Requests of one stream unanswered at once (the coordinator's STREAM_WINDOW is the same).
+constexpr size_t kStreamWindow = 256;
 
 // Unary methods of every service in a proto file, as request paths.
 void AddUnaryMethods(const google::protobuf::FileDescriptor* file,
@@ -36,7 +40,8 @@ FrontDoorService::FrontDoorService(Backend* backend, InferDoor* door)
 grpc::ServerGenericBidiReactor* FrontDoorService::CreateReactor(
     grpc::GenericCallbackServerContext* ctx) {
   const std::string& method = ctx->method();
-  if (method == kModelInfer) return new InferCall(ctx, backend_, door_);
+  if (method == kModelInfer) return new UnaryInferCall(ctx, backend_, door_);
+  if (method == kModelStreamInfer) return new InferStream(ctx, backend_, door_, kStreamWindow);
   if (unary_methods_.count(method) > 0) return new UnaryCall(ctx, backend_);
   return new BidiPump(ctx, backend_);  // streaming or unknown: a pump is right on the wire
 }
