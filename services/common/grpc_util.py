@@ -142,7 +142,7 @@ class TraceClientInterceptor(
     """Client span per unary call and W3C `traceparent` in the outgoing metadata."""
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        with _tracer.start_as_current_span(_method_name(client_call_details), kind=SpanKind.CLIENT):
+        with telemetry.child_span(_tracer, _method_name(client_call_details), kind=SpanKind.CLIENT):
             call = await continuation(_with_trace(client_call_details), request)
             await call
             return call
@@ -151,7 +151,7 @@ class TraceClientInterceptor(
         return await continuation(_with_trace(client_call_details), request)
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        with _tracer.start_as_current_span(_method_name(client_call_details), kind=SpanKind.CLIENT):
+        with telemetry.child_span(_tracer, _method_name(client_call_details), kind=SpanKind.CLIENT):
             call = await continuation(_with_trace(client_call_details), request_iterator)
             await call
             return call

@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
@@ -89,6 +90,42 @@ def shutdown() -> None:
 
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
+
+
+def unsampled(context: otel_context.Context | None = None) -> bool:
+    """The current span (or `context`'s) belongs to a trace that is not sampled. Under
+    ParentBased sampling no child of it is recorded either, so hot paths make none."""
+    span_context = trace.get_current_span(context).get_span_context()
+    return span_context.is_valid and not span_context.trace_flags.sampled
+
+
+def child_span(tracer: trace.Tracer, name: str, context: otel_context.Context | None = None,
+               **kwargs) -> AbstractContextManager[trace.Span]:
+    """`tracer.start_as_current_span(name, context, ...)`, except in an unsampled trace: then
+    the parent (made current when `context` is given) stands in for the child, which would not
+    be recorded anyway and costs ~20 µs of CPU to make. Context still flows downstream."""
+    if not unsampled(context):
+        return tracer.start_as_current_span(name, context=context, **kwargs)
+    return _Within(context)
+
+
+class _Within:
+    """The stand-in for a child span: the parent span, with `context` current while it lasts."""
+
+    __slots__ = ("context", "token")
+
+    def __init__(self, context: otel_context.Context | None) -> None:
+        self.context = context
+        self.token = None
+
+    def __enter__(self) -> trace.Span:
+        if self.context is not None:
+            self.token = otel_context.attach(self.context)
+        return trace.get_current_span()
+
+    def __exit__(self, *exc) -> None:
+        if self.token is not None:
+            otel_context.detach(self.token)
 
 
 def inject(carrier: dict[str, str] | None = None) -> dict[str, str]:

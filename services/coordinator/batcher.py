@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from services.common import telemetry
 from services.common.background import Background
 from services.common.deployment import BatchingSpec
 from services.common.errors import DeadlineExceeded, ResourceExhausted
@@ -135,7 +136,8 @@ class Batcher:
         item = Pending(inputs, int(size), signature(inputs), priority, deadline,
                        future=asyncio.get_running_loop().create_future(),
                        context=otel_context.get_current(),
-                       span=_tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
+                       span=None if telemetry.unsampled() else
+                       _tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
         if self._idle() and deadline > time.monotonic():  # nothing to wait for or batch with: send now
             await self._slots.acquire()  # free, so this returns at once
             await self._dispatch([item])
@@ -231,8 +233,8 @@ class Batcher:
             else:
                 inputs = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
             try:
-                with _tracer.start_as_current_span(
-                    "coordinator.batch", context=live[0].context,
+                with telemetry.child_span(
+                    _tracer, "coordinator.batch", context=live[0].context,
                     links=[trace.Link(trace.get_current_span(p.context).get_span_context())
                            for p in live[1:] if p.context is not None],
                 ) as span:

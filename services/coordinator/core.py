@@ -13,7 +13,7 @@ import numpy as np
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from services.common import events, oip
+from services.common import events, oip, telemetry
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode,
@@ -299,7 +299,7 @@ class Coordinator:
     def _decide(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
                 region: str, failed: NodeInfo | None, tried: list[str]) -> Placement | None:
         """The placement decision, as a span: pools in failover order, first one with a node wins."""
-        with _tracer.start_as_current_span("coordinator.placement") as span:
+        with telemetry.child_span(_tracer, "coordinator.placement") as span:
             placement = None
             for pool in self._pools(spec, failed):
                 placement = self._place(variants, spec, policy, region, pool, tried)

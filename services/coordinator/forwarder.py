@@ -9,7 +9,7 @@ import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from services.common import grpc_util, oip
+from services.common import grpc_util, oip, telemetry
 from services.common.errors import DeadlineExceeded
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
@@ -30,7 +30,7 @@ async def call_grpc(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequ
 
 async def call_fast(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequest,
                     timeout: float) -> pb.ModelInferResponse:
-    with _tracer.start_as_current_span("fastlane/ModelInfer", kind=SpanKind.CLIENT):
+    with telemetry.child_span(_tracer, "fastlane/ModelInfer", kind=SpanKind.CLIENT):
         payload = await nodes.fast_client(node).call(message.SerializeToString(), timeout)
     return pb.ModelInferResponse.FromString(payload)
 

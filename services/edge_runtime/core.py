@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from services.common import oip
+from services.common import oip, telemetry
 from services.common.background import Background
 from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
@@ -144,7 +144,7 @@ class EdgeRuntime:
         return True
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
-        with _tracer.start_as_current_span("cache.lookup") as span:
+        with telemetry.child_span(_tracer, "cache.lookup") as span:
             loaded = self.l1.get(variant.key)
             if span.is_recording():
                 span.set_attributes({"cnei.model": variant.key, "cnei.cache.hit": loaded is not None})
@@ -239,7 +239,7 @@ class EdgeRuntime:
             outputs = _requested_outputs(variant, request.outputs)
             batch = _batch_size(variant, request)
             submitted = time.perf_counter_ns()
-            with _tracer.start_as_current_span("ort.run") as span:
+            with telemetry.child_span(_tracer, "ort.run") as span:
                 result, cpu_s, started = await self._run(loaded, request.inputs, outputs)
                 span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
             compute_ns = time.perf_counter_ns() - started

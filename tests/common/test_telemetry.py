@@ -1,0 +1,69 @@
+"""child_span: a real child span under a recorded parent; none (the parent stands in) under an
+unsampled one, whose children would not be recorded anyway."""
+from __future__ import annotations
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+from services.common import telemetry
+
+
+def _tracer(sampled: bool) -> tuple[trace.Tracer, InMemorySpanExporter]:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON if sampled else ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    return provider.get_tracer("test"), exported
+
+
+def test_under_a_recorded_parent_a_child_span_is_recorded_with_that_parent():
+    tracer, exported = _tracer(sampled=True)
+    with tracer.start_as_current_span("parent") as parent:
+        with telemetry.child_span(tracer, "child") as child:
+            assert child is not parent and child.is_recording()
+            assert trace.get_current_span() is child
+    spans = {s.name: s for s in exported.get_finished_spans()}
+    assert spans["child"].parent.span_id == parent.get_span_context().span_id
+
+
+def test_under_an_unsampled_parent_no_child_is_made_and_the_parent_stays_current():
+    tracer, exported = _tracer(sampled=False)
+    with tracer.start_as_current_span("parent") as parent:
+        assert telemetry.unsampled()
+        with telemetry.child_span(tracer, "child") as child:
+            assert child is parent
+            assert trace.get_current_span() is parent
+            # what goes downstream is still the trace's context
+            assert telemetry.inject()["traceparent"].split("-")[1] == format(parent.get_span_context().trace_id, "032x")
+    assert exported.get_finished_spans() == ()
+
+
+def test_without_any_span_a_root_span_is_made_as_the_sampler_says():
+    tracer, exported = _tracer(sampled=True)
+    assert not telemetry.unsampled()
+    with telemetry.child_span(tracer, "root") as root:
+        assert root.is_recording()
+    assert [s.name for s in exported.get_finished_spans()] == ["root"]
+
+
+def test_an_unsampled_explicit_context_is_made_current_for_the_block_and_restored_after():
+    tracer, _ = _tracer(sampled=False)
+    with tracer.start_as_current_span("caller") as caller:
+        captured = otel_context.get_current()
+    assert trace.get_current_span() is not caller
+    with telemetry.child_span(tracer, "batch", context=captured) as span:
+        assert span is caller and trace.get_current_span() is caller
+    assert trace.get_current_span() is not caller
+
+
+def test_a_recorded_explicit_context_parents_the_child():
+    tracer, exported = _tracer(sampled=True)
+    with tracer.start_as_current_span("caller") as caller:
+        captured = otel_context.get_current()
+    with telemetry.child_span(tracer, "batch", context=captured):
+        pass
+    batch = next(s for s in exported.get_finished_spans() if s.name == "batch")
+    assert batch.parent.span_id == caller.get_span_context().span_id
