@@ -13,7 +13,16 @@ from services.common.errors import NotFound
 
 JOB_KEY = "cnei:federated:job:{}"
 JOB_INDEX = "cnei:federated:jobs"  # sorted set: job id scored by creation time
+CHECKPOINT_KEY = "cnei:federated:checkpoint:{}"  # global model after the job's last round
+LEASE_KEY = "cnei:federated:lease:{}"  # the trainer running the job now, while it renews
 TERMINAL = ("completed", "failed", "interrupted")
+# A job in one of these states with no lease was left by a trainer that stopped (`suspended`) or
+# died (`pending`, `running`): any trainer may claim it and go on from its checkpoint.
+UNFINISHED = ("pending", "running", "suspended")
+
+# Compare-and-set on a lease: renew (PEXPIRE) or release (DEL) only while `owner` holds it.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass(frozen=True)
@@ -93,12 +102,41 @@ class JobStore:
         self.redis = redis
         self.ttl_s = ttl_s
 
-    async def save(self, job: JobRecord) -> None:
+    async def save(self, job: JobRecord, checkpoint: bytes | None = None) -> None:
+        """Write the record, and with it (in one transaction) the checkpoint it refers to."""
         job.updated_at = time.time()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(JOB_KEY.format(job.id), job.to_json(), ex=int(self.ttl_s))
+            if checkpoint is not None:
+                pipe.set(CHECKPOINT_KEY.format(job.id), checkpoint, ex=int(self.ttl_s))
             pipe.zadd(JOB_INDEX, {job.id: job.created_at})
             await pipe.execute()
+
+    async def checkpoint(self, job_id: str) -> bytes | None:
+        return await self.redis.get(CHECKPOINT_KEY.format(job_id))
+
+    async def drop_checkpoint(self, job_id: str) -> None:
+        await self.redis.delete(CHECKPOINT_KEY.format(job_id))
+
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Take the job's lease when nobody holds it."""
+        return bool(await self.redis.set(LEASE_KEY.format(job_id), owner, nx=True, px=int(lease_s * 1000)))
+
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend the lease; False when `owner` no longer holds it (it expired and was taken)."""
+        return bool(await self.redis.eval(_RENEW, 1, LEASE_KEY.format(job_id), owner, int(lease_s * 1000)))
+
+    async def release(self, job_id: str, owner: str) -> None:
+        await self.redis.eval(_RELEASE, 1, LEASE_KEY.format(job_id), owner)
+
+    async def unfinished(self) -> list[JobRecord]:
+        """Every kept job that has not ended, oldest first."""
+        ids = [i.decode() if isinstance(i, bytes) else i for i in await self.redis.zrange(JOB_INDEX, 0, -1)]
+        if not ids:
+            return []
+        records = await self.redis.mget([JOB_KEY.format(i) for i in ids])
+        jobs = [JobRecord.from_json(r) for r in records if r is not None]
+        return [j for j in jobs if j.state in UNFINISHED]
 
     async def get(self, job_id: str) -> JobRecord:
         data = await self.redis.get(JOB_KEY.format(job_id))

@@ -1,6 +1,7 @@
 """Trainer composition root: Redis, registry, NATS -> federated core -> gRPC adapter; clean shutdown."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -35,9 +36,12 @@ async def serve(settings: TrainerSettings) -> None:
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     log.info("trainer serving on %s", server.address)
+    resumer = asyncio.create_task(trainer.keep_resuming())  # jobs left by trainers that stopped or died
     await stop.wait()
     log.info("trainer shutting down")
-    await trainer.close()  # running jobs are marked interrupted; their watchers see it and end
+    resumer.cancel()
+    await asyncio.gather(resumer, return_exceptions=True)
+    await trainer.close()  # running jobs are suspended after their last round, for the next trainer
     await server.stop(settings.shutdown_grace_s)
     await clients.close()
     await bus.close()

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
@@ -19,12 +22,12 @@ from services.common.jobs import JobRecord, JobSpec, JobStore
 from services.common.nodes import NodeDirectory
 from services.common.registry_client import RegistryClient
 from services.models import mlp_numpy
-from services.trainer import export
+from services.trainer import checkpoint, export
 from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
 from services.trainer.selection import next_version, select_clients
 from services.trainer.settings import TrainerSettings
-from services.trainer.strategy import FedAvg, make_strategy
+from services.trainer.strategy import FedAvg, FedAvgM, make_strategy
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -53,11 +56,17 @@ def load_eval_data() -> EvalData:
 
 
 class FederatedTrainer:
-    """Starts jobs as kept background tasks, records them in Redis, streams their progress."""
+    """Starts jobs as kept background tasks, records them in Redis, streams their progress.
+
+    A running job holds a lease in Redis that its trainer renews; after every round the job's
+    record and a checkpoint of the global model are written together. A job whose trainer
+    stopped (state `suspended`) or died (its lease ran out) is taken over by the next trainer
+    that looks (`resume_unfinished`, at start and every half lease) from its last completed round.
+    """
 
     def __init__(self, settings: TrainerSettings, store: JobStore, nodes: NodeDirectory, train: TrainFn,
                  registry: RegistryClient, publish: Publish,
-                 eval_data: Callable[[], EvalData] = load_eval_data):
+                 eval_data: Callable[[], EvalData] = load_eval_data, owner: str = ""):
         self.settings = settings
         self.store = store
         self.nodes = nodes
@@ -66,7 +75,10 @@ class FederatedTrainer:
         self.publish = publish
         self._eval_data = eval_data
         self._eval: EvalData | None = None
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self._running: dict[str, JobRecord] = {}
+        self._lost: set[str] = set()  # jobs whose lease another trainer took: stop, record nothing
+        self._closing = False
         self._changed = asyncio.Condition()
         self.background = Background()
 
@@ -79,11 +91,40 @@ class FederatedTrainer:
                                     f"{self.settings.max_running_jobs}: wait for one to end")
         await self.registry.resolve(spec.model, spec.base_version, "FP32")
         job = JobRecord(spec=spec)
+        await self.store.claim(job.id, self.owner, self.settings.lease_s)  # a new id: always free
         await self._save(job)
-        self._running[job.id] = job
-        self.background.spawn(self._run_job(job))
+        self._start(job)
         log.info("federated job %s started: %s", job.id, spec)
         return job
+
+    async def resume_unfinished(self) -> list[str]:
+        """Claim every unfinished job nobody holds and go on with it from its last completed
+        round (up to this trainer's job limit); the ids taken."""
+        taken = []
+        for job in await self.store.unfinished():
+            if job.id in self._running or len(self._running) >= self.settings.max_running_jobs:
+                continue
+            if not await self.store.claim(job.id, self.owner, self.settings.lease_s):
+                continue  # another trainer runs it
+            job = await self.store.get(job.id)  # as it is now that this trainer holds it
+            if job.done:
+                await self.store.release(job.id, self.owner)
+                continue
+            log.info("federated job %s (%s, round %d of %d) taken over by %s", job.id, job.state,
+                     job.round, job.spec.rounds, self.owner)
+            self._start(job)
+            taken.append(job.id)
+        return taken
+
+    async def keep_resuming(self) -> None:
+        """`resume_unfinished` now and every half lease, until cancelled: jobs of a trainer that
+        dies are taken over by one still running, not only by the next to start."""
+        while True:
+            try:
+                await self.resume_unfinished()
+            except Exception as exc:  # noqa: BLE001 - Redis away: try again next time
+                log.warning("could not look for unfinished federated jobs: %s", exc)
+            await asyncio.sleep(self.settings.lease_s / 2)
 
     async def get(self, job_id: str) -> JobRecord:
         return self._running.get(job_id) or await self.store.get(job_id)
@@ -92,14 +133,15 @@ class FederatedTrainer:
         return await self.store.list()
 
     async def watch(self, job_id: str, poll_s: float = 1.0) -> AsyncIterator[JobRecord]:
-        """The job now, then after each change, until it ends (jobs of other trainers: polled)."""
+        """The job now, then after each change, until it ends (jobs of other trainers: polled) or,
+        while this trainer shuts down, is suspended for another to take over."""
         last = None
         while True:
             job = await self.get(job_id)
             if last is None or job.updated_at != last:
                 last = job.updated_at
                 yield job
-            if job.done:
+            if job.done or (self._closing and job.state == "suspended"):
                 return
             async with self._changed:
                 try:
@@ -108,14 +150,20 @@ class FederatedTrainer:
                     pass
 
     async def close(self) -> None:
-        """Cancel running jobs (each marks itself interrupted) and wait for them."""
+        """Cancel running jobs (each is recorded `suspended` after its last completed round and
+        its lease released, for the next trainer) and wait for them."""
+        self._closing = True
         for task in list(self.background.tasks):
             task.cancel()
         await self.background.wait()
 
     # --- a job ------------------------------------------------------------------------------
-    async def _save(self, job: JobRecord) -> None:
-        await self.store.save(job)
+    def _start(self, job: JobRecord) -> None:
+        self._running[job.id] = job
+        self.background.spawn(self._run_job(job))
+
+    async def _save(self, job: JobRecord, saved: bytes | None = None) -> None:
+        await self.store.save(job, saved)
         async with self._changed:
             self._changed.notify_all()
 
@@ -123,30 +171,77 @@ class FederatedTrainer:
         with _tracer.start_as_current_span("federated.job") as span:
             span.set_attributes({"cnei.job": job.id, "cnei.model": job.spec.model,
                                  "cnei.strategy": job.spec.strategy, "cnei.rounds": job.spec.rounds})
+            keeper = asyncio.create_task(self._keep_lease(job, asyncio.current_task()))
             try:
                 await self._train_and_publish(job)
             except asyncio.CancelledError:
-                await self._finish(job, "interrupted", "the trainer shut down while the job was running")
+                if job.id in self._lost:
+                    log.warning("federated job %s: its lease was taken by another trainer; stopped "
+                                "here, recording nothing", job.id)
+                else:
+                    await self._suspend(job)
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded on the job
                 if not isinstance(exc, CneiError):
                     log.exception("federated job %s failed", job.id)
                 await self._finish(job, "failed", str(exc))
             finally:
+                keeper.cancel()
                 self._running.pop(job.id, None)
+                if job.id not in self._lost:
+                    await self._release(job)
+                self._lost.discard(job.id)
+
+    async def _keep_lease(self, job: JobRecord, runner: asyncio.Task) -> None:
+        """Renew the job's lease every third of it; when another trainer holds it (this one was
+        cut off from Redis past the lease), stop the job here."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                held = await self.store.renew(job.id, self.owner, self.settings.lease_s)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the lease may still hold
+                log.warning("federated job %s: could not renew its lease: %s", job.id, exc)
+                continue
+            if not held:
+                self._lost.add(job.id)
+                runner.cancel()
+                return
+
+    async def _release(self, job: JobRecord) -> None:
+        try:
+            await self.store.release(job.id, self.owner)
+        except Exception as exc:  # noqa: BLE001 - it runs out on its own
+            log.warning("federated job %s: could not release its lease: %s", job.id, exc)
+
+    async def _suspend(self, job: JobRecord) -> None:
+        job.state = "suspended"
+        job.error = (f"the trainer stopped during round {job.round + 1}; the next trainer to look "
+                     f"goes on after round {job.round}")
+        await self._save(job)
+        log.info("federated job %s suspended after round %d of %d", job.id, job.round, job.spec.rounds)
 
     async def _train_and_publish(self, job: JobRecord) -> None:
         spec = job.spec
-        base = await self.registry.resolve(spec.model, spec.base_version, "FP32")
-        job.base_version, job.state = base.version, "running"
-        await self._save(job)
-        layers = await asyncio.to_thread(export.weights_from_onnx, await self.registry.fetch_artifact(base.sha256))
-        weights = layers_to_named(layers)
         strategy = make_strategy(spec.strategy, spec.mu, spec.server_momentum, spec.server_lr)
-        for round_no in range(1, spec.rounds + 1):
+        saved = await self.store.checkpoint(job.id) if job.round > 0 else None
+        if saved is not None:  # taken over: go on after the last completed round
+            weights, velocity = checkpoint.decode(saved)
+            if isinstance(strategy, FedAvgM):
+                strategy.velocity = velocity
+            log.info("federated job %s goes on after round %d of %d", job.id, job.round, spec.rounds)
+        else:
+            base = await self.registry.resolve(spec.model, job.base_version or spec.base_version, "FP32")
+            job.base_version, job.round, job.history = base.version, 0, []
+            layers = await asyncio.to_thread(export.weights_from_onnx,
+                                             await self.registry.fetch_artifact(base.sha256))
+            weights = layers_to_named(layers)
+        job.state, job.error = "running", ""
+        await self._save(job)
+        for round_no in range(job.round + 1, spec.rounds + 1):
             weights = await self._round_with_retries(job, round_no, weights, strategy)
         await self._push(job, weights)
         await self._finish(job, "completed")
+        await self.store.drop_checkpoint(job.id)
 
     async def _round_with_retries(self, job: JobRecord, round_no: int, weights: Named, strategy: FedAvg) -> Named:
         for attempt in range(1, self.settings.round_retries + 2):
@@ -159,7 +254,7 @@ class FederatedTrainer:
                     raise
                 await asyncio.sleep(self.settings.retry_wait_s)
                 continue
-            await self._round_done(job, outcome)
+            await self._round_done(job, outcome, strategy)
             return outcome.weights
         raise AssertionError("unreachable")
 
@@ -176,7 +271,7 @@ class FederatedTrainer:
         return await run_round(self.train, self._evaluate, strategy, nodes, task, spec.min_clients,
                                timeout, attempt)
 
-    async def _round_done(self, job: JobRecord, outcome: RoundOutcome) -> None:
+    async def _round_done(self, job: JobRecord, outcome: RoundOutcome, strategy: FedAvg) -> None:
         record = outcome.record
         job.round = record.round
         job.history.append(record)
@@ -184,7 +279,7 @@ class FederatedTrainer:
         ROUND_SECONDS.observe(record.seconds)
         PARTICIPANTS.observe(len(record.participants))
         GLOBAL_ACCURACY.labels(job.spec.model).set(record.accuracy)
-        await self._save(job)
+        await self._save(job, checkpoint.encode(outcome.weights, getattr(strategy, "velocity", None)))
         log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
                  record.accuracy, ",".join(record.participants))
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
@@ -210,11 +305,16 @@ class FederatedTrainer:
         built = await asyncio.to_thread(export.build_variants, layers_from_named(weights), out_dir, spec.model,
                                         *self._eval, meta)
         for _ in range(3):
-            version = next_version([v.version for v in await self.registry.list(spec.model)])
+            known = await self.registry.list(spec.model)
+            # A trainer that stopped while registering this job's version: complete that version.
+            mine = [v for v in known if v.metadata.get("federated_job") == job.id]
+            version = mine[0].version if mine else next_version([v.version for v in known])
+            present = {v.precision for v in mine}
             try:
                 for variant in built:
-                    await self.registry.push_file(variant.path, spec.model, version, variant.precision,
-                                                  variant.metadata)
+                    if variant.precision not in present:
+                        await self.registry.push_file(variant.path, spec.model, version, variant.precision,
+                                                      variant.metadata)
                     job.variant_accuracy[variant.precision] = float(variant.metadata["accuracy"])
                 job.new_version = version
                 return

@@ -23,4 +23,5 @@ class TrainerSettings:
     round_retries: int = field(2, "extra attempts of a round that got fewer than min_clients updates")
     retry_wait_s: float = field(1.0, "pause before a failed round is attempted again")
     job_ttl_s: float = field(7 * 24 * 3600.0, "how long job records are kept in Redis")
+    lease_s: float = field(10.0, "a running job's lease in Redis; a job whose trainer died is taken over after it")
     shutdown_grace_s: float = field(5.0, "how long in-flight RPCs may finish at shutdown")

@@ -1,0 +1,69 @@
+"""JobStore against a real Redis: a job's lease (one holder, renew and release only by it,
+free again when it runs out), checkpoints written with their record, unfinished jobs."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.jobs import JobRecord, JobSpec, JobStore
+
+
+@pytest.fixture
+async def store(redis_server):
+    """A database of its own: the mesh's trainers (later e2e tests) must not find these jobs."""
+    redis = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/7")
+    try:
+        await redis.flushdb()
+        yield JobStore(redis)
+    finally:
+        await redis.aclose()
+
+
+def _job(state: str = "running", round_no: int = 0) -> JobRecord:
+    return JobRecord(spec=JobSpec(model=f"m-{uuid.uuid4().hex[:6]}", rounds=3), state=state, round=round_no)
+
+
+async def test_one_trainer_holds_a_lease_and_only_it_renews_or_releases_it(store):
+    job = _job()
+    assert await store.claim(job.id, "trainer-a", 5.0)
+    assert not await store.claim(job.id, "trainer-b", 5.0)
+    assert await store.renew(job.id, "trainer-a", 5.0)
+    assert not await store.renew(job.id, "trainer-b", 5.0)
+    await store.release(job.id, "trainer-b")  # not its lease: nothing happens
+    assert not await store.claim(job.id, "trainer-b", 5.0)
+    await store.release(job.id, "trainer-a")
+    assert await store.claim(job.id, "trainer-b", 5.0)
+
+
+async def test_a_lease_nobody_renews_runs_out_and_another_trainer_takes_it(store):
+    job = _job()
+    assert await store.claim(job.id, "trainer-a", 0.2)
+    await asyncio.sleep(0.4)
+    assert await store.claim(job.id, "trainer-b", 5.0)
+    assert not await store.renew(job.id, "trainer-a", 5.0)  # the old holder learns it lost it
+
+
+async def test_a_checkpoint_is_written_with_its_record(store):
+    job = _job(round_no=2)
+    assert await store.checkpoint(job.id) is None
+    await store.save(job, b"weights after round 2")
+    assert (await store.get(job.id)).round == 2
+    assert await store.checkpoint(job.id) == b"weights after round 2"
+    job.round = 3
+    await store.save(job)  # a record alone keeps the last checkpoint
+    assert await store.checkpoint(job.id) == b"weights after round 2"
+    await store.drop_checkpoint(job.id)
+    assert await store.checkpoint(job.id) is None
+
+
+async def test_unfinished_lists_pending_running_and_suspended_jobs_only(store):
+    jobs = {state: _job(state) for state in ("pending", "running", "suspended", "completed", "failed",
+                                             "interrupted")}
+    for job in jobs.values():
+        await store.save(job)
+    unfinished = {j.id for j in await store.unfinished()}
+    assert {jobs[s].id for s in ("pending", "running", "suspended")} <= unfinished
+    assert not {jobs[s].id for s in ("completed", "failed", "interrupted")} & unfinished
