@@ -12,7 +12,8 @@ from prometheus_client import Counter
 
 from services.common import oip, telemetry
 from services.common.background import Background
-from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable
+from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable,
+                                    outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
@@ -247,7 +248,7 @@ class EdgeRuntime:
         except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
             REQUESTS.labels(variant.name, variant.version, variant.precision, self.settings.node_id,
-                            self.settings.tier, getattr(getattr(exc, "code", None), "value", "INTERNAL")).inc()
+                            self.settings.tier, outcome_of(exc)).inc()
             raise
         finally:
             self.inflight -= 1
