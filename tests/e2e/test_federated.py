@@ -299,9 +299,10 @@ def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, 
 
 
 async def _stop_after_round(target: str, redis_url: str, proc: subprocess.Popen, how: signal.Signals,
-                            rounds: int, after: int) -> tuple[str, object]:
+                            rounds: int, after: int, left_as: str) -> tuple[str, object]:
     """Start a job on the trainer at `target`, send it `how` once `after` rounds are recorded:
-    (job id, the record as that trainer left it)."""
+    (job id, the first record in state `left_as` after the signal, or the last one seen). The
+    record is watched closely: any other trainer of the mesh may take the job over at once."""
     async with grpc.aio.insecure_channel(target) as channel:
         job = await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(
             model=MODEL, rounds=rounds, min_clients=2, local_epochs=1, lr=0.05, batch_size=32,
@@ -313,8 +314,16 @@ async def _stop_after_round(target: str, redis_url: str, proc: subprocess.Popen,
         while (await store.get(job.id)).round < after and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         proc.send_signal(how)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            seen = await store.get(job.id)
+            if seen.state == left_as and proc.poll() is not None:
+                break
+            if seen.state not in ("pending", "running"):  # it left this state for good
+                break
+            await asyncio.sleep(0.01)
         await asyncio.to_thread(proc.wait, 20)
-        return job.id, await store.get(job.id)
+        return job.id, seen
     finally:
         await redis.aclose()
 
@@ -341,7 +350,7 @@ def test_a_job_whose_trainer_goes_away_is_finished_by_another_from_its_last_roun
     rounds = 12
     first, target = _start_trainer(mesh, redis_server, nats_server, tmp_path / "a", CNEI_TRAINER_LEASE_S="2")
     try:
-        job_id, left = asyncio.run(_stop_after_round(target, redis_server, first, how, rounds, after=2))
+        job_id, left = asyncio.run(_stop_after_round(target, redis_server, first, how, rounds, 2, left_as))
     finally:
         infra.stop(first)
     assert left.state == left_as
