@@ -10,9 +10,21 @@ import threading
 import time
 
 import tritonclient.grpc as triton
+import tritonclient.utils as triton_utils
 
 from services.cli import infra
 from services.models.digits import load_all
+
+
+def server_ready(address: str) -> bool:
+    """Whether the OIP server at `address` answers ServerReady with true (false when it cannot)."""
+    client = triton.InferenceServerClient(address)
+    try:
+        return client.is_server_ready()
+    except triton_utils.InferenceServerException:
+        return False
+    finally:
+        client.close()
 
 
 def children(pid: int) -> list[int]:

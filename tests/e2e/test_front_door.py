@@ -28,7 +28,7 @@ from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import children, kill_under_load, start_coordinator, start_runtime
+from tests.e2e.processes import children, kill_under_load, server_ready, start_coordinator, start_runtime
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -38,7 +38,7 @@ def _start_coordinator(mesh, **env_extra: str) -> tuple[subprocess.Popen, str, i
     proc, address, _, metrics_port = start_coordinator(mesh, export_spans="OTEL_EXPORTER_OTLP_ENDPOINT" in env_extra,
                                                        CNEI_COORDINATOR_FRONT_DOOR="on", **env_extra)
     try:
-        infra.wait_until(lambda: _ready(address), 30, "the coordinator ready behind its door")
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
     except BaseException:
         infra.stop(proc)
         raise
@@ -63,16 +63,6 @@ def steady_door(mesh):
         yield proc, address, metrics_port
     finally:
         infra.stop(proc)
-
-
-def _ready(address: str) -> bool:
-    client = triton.InferenceServerClient(address)
-    try:
-        return client.is_server_ready()
-    except triton_utils.InferenceServerException:
-        return False
-    finally:
-        client.close()
 
 
 def _infer(client, x: np.ndarray, **kwargs):

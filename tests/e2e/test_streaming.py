@@ -13,26 +13,15 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-import tritonclient.utils as triton_utils
 
 from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
-from tests.e2e.processes import start_coordinator
+from tests.e2e.processes import server_ready, start_coordinator
 
 QUEUE_DELAY_US = 20_000
-
-
-def _ready(address: str) -> bool:
-    client = triton.InferenceServerClient(address)
-    try:
-        return client.is_server_ready()
-    except triton_utils.InferenceServerException:
-        return False
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module", params=[
@@ -46,7 +35,7 @@ def coordinator(request, mesh):
     proc, address, _, metrics_port = start_coordinator(
         mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on" if request.param == "door" else "off")
     try:
-        infra.wait_until(lambda: _ready(address), 30, "the coordinator ready")
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
         yield address, metrics_port
     finally:
         infra.stop(proc)
