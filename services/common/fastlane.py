@@ -72,7 +72,7 @@ class FastServer:
 
     async def _serve(self, writer, request_id: int, meta: bytes, payload: bytes) -> None:
         info = json.loads(meta) if meta else {}
-        token = telemetry.attach(telemetry.extract(info.get("trace")))
+        token = telemetry.attach(telemetry.caller_context(info.get("trace")))
         try:
             reply = encode(request_id, REPLY, b"", await self.handler(payload, info.get("timeout")))
         except CneiError as exc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 import time
 from collections.abc import Mapping
@@ -144,6 +145,18 @@ def start_metrics_server(host: str, port: int) -> None:
     """Serve the Prometheus registry on http://host:port/metrics (port 0 disables)."""
     if port:
         start_http_server(port, addr=host)
+
+
+def caller_context(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """The caller's trace context, or, when it sent none, an unsampled one: a request its caller
+    did not trace starts no trace here either (an internal hop makes no root spans), while its
+    log lines still carry ids."""
+    ctx = extract(headers)
+    if trace.get_current_span(ctx).get_span_context().is_valid:
+        return ctx
+    untraced = trace.SpanContext(trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1,
+                                 is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
+    return trace.set_span_in_context(trace.NonRecordingSpan(untraced), ctx)
 
 
 def attach(ctx: otel_context.Context) -> object:

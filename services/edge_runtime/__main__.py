@@ -44,8 +44,8 @@ async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
 
 
 def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
-    """The fast lane's handler: the same ModelInfer path as gRPC, under a server span (and the
-    same emulated ingress delay, for benchmarks)."""
+    """The fast lane's handler: the same ModelInfer path as gRPC, under a server span when the
+    caller traces the request (and the same emulated ingress delay, for benchmarks)."""
     async def handle(payload: bytes, timeout: float | None) -> bytes:
         if emulated_delay_ms > 0:
             await asyncio.sleep(emulated_delay_ms / 1000.0)
@@ -53,7 +53,7 @@ def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
             request = pb.ModelInferRequest.FromString(payload)
         except DecodeError as exc:
             raise InvalidArgument(f"fast-lane request is not a ModelInferRequest: {exc}") from None
-        with _tracer.start_as_current_span("fastlane/ModelInfer", kind=SpanKind.SERVER):
+        with telemetry.child_span(_tracer, "fastlane/ModelInfer", kind=SpanKind.SERVER):
             reply = await servicer.infer_message(request, timeout)
         return reply.SerializeToString()
     return handle

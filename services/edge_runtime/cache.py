@@ -15,6 +15,7 @@ from services.common.errors import FailedPrecondition
 from services.common.model_spec import ModelVariant, TensorSpec
 
 CACHE_EVENTS = Counter("cnei_model_cache_events_total", "L1 model cache events", ["event"])
+_HITS = CACHE_EVENTS.labels("hit")  # every request looks up its model: bound once
 CACHE_BYTES = Gauge("cnei_model_cache_bytes", "Bytes of models loaded in the L1 cache")
 
 
@@ -109,7 +110,7 @@ class L1Cache:
             CACHE_EVENTS.labels("miss").inc()
             return None
         self._items.move_to_end(key)
-        CACHE_EVENTS.labels("hit").inc()
+        _HITS.inc()
         return item[0]
 
     def put(self, key: str, value: Any, size: int) -> list[str]:

@@ -242,7 +242,8 @@ class EdgeRuntime:
             submitted = time.perf_counter_ns()
             with telemetry.child_span(_tracer, "ort.run") as span:
                 result, cpu_s, started = await self._run(loaded, request.inputs, outputs)
-                span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
+                if span.is_recording():
+                    span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
             compute_ns = time.perf_counter_ns() - started
             loaded.observe(cpu_s)  # CPU time: a thread's wall time includes waiting for the GIL
         except Exception as exc:
@@ -260,11 +261,13 @@ class EdgeRuntime:
             self.cost_model, batch, (started - submitted) / 1e9, compute_ns / 1e9, cpu_s,
             tensor_bytes(request.inputs) + tensor_bytes(result),
             loaded.meter.joules(cpu_s, compute_ns / 1e9), loaded.meter.source)
-        trace.get_current_span().set_attributes({
-            "cnei.model": variant.name, "cnei.version": variant.version,
-            "cnei.precision": variant.precision, "cnei.node": self.settings.node_id,
-            "cnei.batch_size": batch,
-        })
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes({
+                "cnei.model": variant.name, "cnei.version": variant.version,
+                "cnei.precision": variant.precision, "cnei.node": self.settings.node_id,
+                "cnei.batch_size": batch,
+            })
         return oip.InferResponse(
             model_name=variant.name, model_version=variant.version, id=request.id,
             outputs=result,

@@ -67,3 +67,33 @@ def test_a_recorded_explicit_context_parents_the_child():
         pass
     batch = next(s for s in exported.get_finished_spans() if s.name == "batch")
     assert batch.parent.span_id == caller.get_span_context().span_id
+
+
+def test_a_caller_that_sent_no_trace_context_gets_an_unsampled_one_so_no_spans_are_made():
+    tracer, exported = _tracer(sampled=True)  # even where every root would be recorded
+    ctx = telemetry.caller_context(None)
+    span_context = trace.get_current_span(ctx).get_span_context()
+    assert span_context.is_valid and not span_context.trace_flags.sampled
+    token = otel_context.attach(ctx)
+    try:
+        with telemetry.child_span(tracer, "fastlane/ModelInfer", kind=trace.SpanKind.SERVER):
+            with telemetry.child_span(tracer, "ort.run"):
+                pass
+    finally:
+        otel_context.detach(token)
+    assert exported.get_finished_spans() == ()
+
+
+def test_a_caller_s_sampled_context_is_kept_and_its_spans_recorded():
+    tracer, exported = _tracer(sampled=True)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    ctx = telemetry.caller_context({"traceparent": traceparent})
+    token = otel_context.attach(ctx)
+    try:
+        with telemetry.child_span(tracer, "fastlane/ModelInfer", kind=trace.SpanKind.SERVER):
+            pass
+    finally:
+        otel_context.detach(token)
+    (span,) = exported.get_finished_spans()
+    assert format(span.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert format(span.parent.span_id, "016x") == "b7ad6b7169203331"
