@@ -5,8 +5,11 @@ request answers in its place with error_message and the stream goes on."""
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import re
+import signal
+import threading
 import time
 import urllib.request
 
@@ -19,7 +22,7 @@ from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
-from tests.e2e.processes import server_ready, start_coordinator
+from tests.e2e.processes import server_ready, start_coordinator, start_runtime
 
 QUEUE_DELAY_US = 20_000
 
@@ -181,3 +184,54 @@ def test_a_cancelled_stream_leaves_the_coordinator_serving(coordinator, held_bat
     replies = _stream(address, [dict(model_name="digits", inputs=[_tensor(x[8:9])], request_id="after")])
     assert replies[0][1] is None
     assert int(replies[0][0].as_numpy("probabilities").argmax()) == int(y[8])
+
+
+def test_a_node_killed_under_stream_load_loses_no_request(mesh, coordinator, tmp_path):
+    """One stream keeps ~8 requests in flight to a region whose only node is killed -9 halfway:
+    every request still gets its reply (the door hands its requests to the coordinator, which
+    fails over), none an error, and none is served by the dead node once it is gone."""
+    address, _ = coordinator
+    x, _ = load_all()
+    victim, _ = start_runtime(mesh, "edge-s1", "site-s", tmp_path)
+    replies: list[tuple[float, str, str]] = []  # (time, request id, node), or the error for node
+    errors: list[str] = []
+    done = threading.Condition()
+
+    def on_reply(result, error):
+        with done:
+            if error is not None:
+                errors.append(str(error))
+            else:
+                response = result.get_response()
+                replies.append((time.monotonic(), response.id, response.parameters["cnei_node"].string_param))
+            done.notify_all()
+
+    client = triton.InferenceServerClient(address)
+    sent, killed_at = 0, None
+    try:
+        time.sleep(1.5)  # the coordinator sees the new node
+        client.start_stream(callback=on_reply)
+        start = time.monotonic()
+        while time.monotonic() - start < 5.0:
+            if killed_at is None and time.monotonic() - start >= 2.0:
+                killed_at = time.monotonic()
+                os.kill(victim.pid, signal.SIGKILL)
+            with done:
+                done.wait_for(lambda: sent - len(replies) - len(errors) < 8, timeout=10)
+            client.async_stream_infer("digits", [_tensor(x[sent % len(x)][None, :])], request_id=str(sent),
+                                      parameters={"region": "site-s"})
+            sent += 1
+        with done:
+            assert done.wait_for(lambda: len(replies) + len(errors) == sent, timeout=30), \
+                f"{sent - len(replies) - len(errors)} of {sent} requests never answered"
+        client.stop_stream()
+    finally:
+        client.close()
+        if victim.poll() is None:
+            victim.kill()
+    assert errors == [], f"{len(errors)} failed requests: {errors[:3]}"
+    assert [rid for _, rid, _ in replies] == [str(i) for i in range(sent)]  # in request order
+    assert any(node == "edge-s1" for t, _, node in replies if t < killed_at), \
+        "the victim never took traffic; the test proves nothing"
+    after = [node for t, _, node in replies if t >= killed_at + 1.0]
+    assert after and "edge-s1" not in after
