@@ -220,6 +220,24 @@ def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir, **extra: str) 
     return proc, f"127.0.0.1:{port}"
 
 
+async def _signal_and_watch(proc: subprocess.Popen, how: signal.Signals, store: JobStore, job_id: str,
+                            left_as: str) -> tuple[object, int]:
+    """Send `how` to the trainer and watch the job's record closely until the trainer has exited:
+    (the first record in state `left_as` after the signal, else the last one seen; exit code).
+    Another trainer of the mesh may take a job over (and even finish it) as soon as it can."""
+    proc.send_signal(how)
+    deadline = time.monotonic() + 20
+    seen = await store.get(job_id)
+    while time.monotonic() < deadline:
+        seen = await store.get(job_id)
+        if seen.state == left_as and (proc.poll() is not None or left_as != "running"):
+            break
+        if seen.done:
+            break
+        await asyncio.sleep(0.01)
+    return seen, await asyncio.to_thread(proc.wait, 20)
+
+
 async def _interrupt_a_running_job(proc: subprocess.Popen, target: str, redis_url: str) -> tuple[str, int]:
     """Start a job whose round waits on a client that never answers, SIGTERM the trainer
     mid-round: (state recorded in Redis, trainer's exit code)."""
@@ -233,9 +251,8 @@ async def _interrupt_a_running_job(proc: subprocess.Popen, target: str, redis_ur
         while (await store.get(job.id)).state != "running" and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # the round's calls are in flight
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 20)
-        return (await store.get(job.id)).state, code
+        seen, code = await _signal_and_watch(proc, signal.SIGTERM, store, job.id, "suspended")
+        return seen.state, code
     finally:
         await redis.aclose()
 
@@ -301,8 +318,7 @@ def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, 
 async def _stop_after_round(target: str, redis_url: str, proc: subprocess.Popen, how: signal.Signals,
                             rounds: int, after: int, left_as: str) -> tuple[str, object]:
     """Start a job on the trainer at `target`, send it `how` once `after` rounds are recorded:
-    (job id, the first record in state `left_as` after the signal, or the last one seen). The
-    record is watched closely: any other trainer of the mesh may take the job over at once."""
+    (job id, the record as that trainer left it; see _signal_and_watch)."""
     async with grpc.aio.insecure_channel(target) as channel:
         job = await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(
             model=MODEL, rounds=rounds, min_clients=2, local_epochs=1, lr=0.05, batch_size=32,
@@ -313,16 +329,7 @@ async def _stop_after_round(target: str, redis_url: str, proc: subprocess.Popen,
         deadline = time.monotonic() + 60
         while (await store.get(job.id)).round < after and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        proc.send_signal(how)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            seen = await store.get(job.id)
-            if seen.state == left_as and proc.poll() is not None:
-                break
-            if seen.state not in ("pending", "running"):  # it left this state for good
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(proc.wait, 20)
+        seen, _ = await _signal_and_watch(proc, how, store, job.id, left_as)
         return job.id, seen
     finally:
         await redis.aclose()
