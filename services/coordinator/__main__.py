@@ -55,7 +55,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     else:  # the door takes the public port; the coordinator serves it from behind
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port)
-        routes = DoorRoutes(core, settings.route_ttl_ms, settings.door_trace_every if telemetry.exporting() else 0)
+        routes = DoorRoutes(core, settings.route_ttl_ms, settings.door_trace_every if telemetry.exporting() else 0,
+                            settings.door_spread_nodes, settings.door_spread_margin)
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
                    "cnei.frontdoor.v1.FrontDoorControl")
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),

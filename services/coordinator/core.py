@@ -28,7 +28,7 @@ from services.coordinator.forwarder import sender
 from services.coordinator.joint import disagreements, merge_rows, prefer_edge, rows_below
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.placement import RequestContext, Scheduler, failover_stages
+from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
@@ -113,6 +113,13 @@ def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
     b = spec.batching
     limit = min(b.max_batch_size, variant.max_batch_size) if variant.max_batch_size else 1
     return replace(b, max_batch_size=max(1, limit))
+
+
+def _placement_context(variants: list[ModelVariant], policy: PrecisionPolicy, region: str) -> RequestContext:
+    """What the scheduler knows of a request. Warmth is judged on the explicit precision, else
+    the default variant: latency-based choices depend on the node, which is not chosen yet."""
+    default = choose_variant(variants, PrecisionPolicy(precision=policy.precision), "")
+    return RequestContext(model=default.name, variant_key=default.key, region=region)
 
 
 class Coordinator:
@@ -267,6 +274,22 @@ class Coordinator:
         params = request.parameters
         return self._decide(variants, spec, self._policy(params, spec), str(params.get("region", "") or ""), None, [])
 
+    def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
+                     limit: int, margin: float) -> list[Placement]:
+        """Where requests like this one may go, best first: `place`'s choice and, under the edgeai
+        policy, the other nodes of its pool that score within `margin` of it (up to `limit`), for
+        a front door that spreads one kind of request over them by queue length."""
+        first = self.place(request, variants, spec)
+        if first is None or spec.scheduler.policy != "edgeai" or limit <= 1:
+            return [first] if first is not None else []
+        policy = self._policy(request.parameters, spec)
+        ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""))
+        ranked = rank(self._eligible(spec), ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms,
+                      self.nodes.compute_ms)
+        nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
+        return [first] + [Placement(n, choose_variant(variants, policy, n.node_class or n.tier))
+                          for n in nodes if n.node_id != first.node.node_id]
+
     def answer_template(self, model: str, placement: Placement) -> oip.InferResponse:
         """The response a request for `model` served by `placement` carries, without outputs."""
         return self._response(oip.InferRequest(model, {}), placement, {})
@@ -286,10 +309,7 @@ class Coordinator:
 
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
                region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
-        # Warmth is judged on the explicit precision, else the default variant: latency-based
-        # choices depend on the node, which is not chosen yet.
-        default = choose_variant(variants, PrecisionPolicy(precision=policy.precision), "")
-        ctx = RequestContext(model=default.name, variant_key=default.key, region=region)
+        ctx = _placement_context(variants, policy, region)
         node = self.scheduler.choose(pool, ctx, spec.scheduler, self.outstanding,
                                      self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
         if node is None:

@@ -42,6 +42,7 @@ class Route:
     batching: BatchConfig
     timeout_ms: int
     response: oip.InferResponse  # model name, version and parameters for the client
+    alternatives: tuple[Route, ...] = ()  # other nodes as good for these requests (routes of their own)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,16 @@ def failure_code(failure: str) -> ErrorCode:
 class DoorRoutes:
     """Hands out routes and books the door's reports against them."""
 
-    def __init__(self, core: Coordinator, ttl_ms: int, trace_every: int = 0):
-        """`trace_every`: one request in N takes the full path, to be traced (0: none; 1: all)."""
+    def __init__(self, core: Coordinator, ttl_ms: int, trace_every: int = 0, spread_nodes: int = 1,
+                 spread_margin: float = 0.0):
+        """`trace_every`: one request in N takes the full path, to be traced (0: none; 1: all).
+        `spread_nodes`, `spread_margin`: a route names up to that many nodes scoring within the
+        margin of the best (edgeai policy), which the door spreads its requests over."""
         self.core = core
         self.ttl_ms = ttl_ms
         self.trace_every = max(0, trace_every)
+        self.spread_nodes = max(1, spread_nodes)
+        self.spread_margin = spread_margin
         self.routes: OrderedDict[int, Route] = OrderedDict()
         self._ids: dict[tuple, int] = {}  # same decision, same id: the door keeps its batcher
         self._next = itertools.count(1)
@@ -112,20 +118,26 @@ class DoorRoutes:
             if reason:
                 return Refusal(reason)
             check_inputs(variants[0], request.inputs)
-            placement = core.place(request, variants, spec)
+            placements = core.place_spread(request, variants, spec, self.spread_nodes, self.spread_margin)
         except CneiError as exc:  # the full path answers these requests with this error
             return Refusal(exc.message)
-        if placement is None:
+        if not placements:
             return Refusal(f"no live node serves model '{request.model_name}'")
-        if not (placement.node.fast_address and core.settings.fast_lane):
-            return Refusal(f"node {placement.node.node_id} offers no fast lane")
+        first = placements[0]
+        if not (first.node.fast_address and core.settings.fast_lane):
+            return Refusal(f"node {first.node.node_id} offers no fast lane")
+        stats_key = (variants[0].name, variants[0].version)
+        routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
+                  if p.node.fast_address]
+        return replace(routes[0], alternatives=tuple(routes[1:]))
+
+    def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement, spec) -> Route:
         batching = batch_config(spec, placement.variant)
         if not placement.variant.max_batch_size:
             batching = replace(batching, max_batch_size=0)
-        response = core.answer_template(request.model_name, placement)
+        response = self.core.answer_template(model, placement)
         response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
-        return self._remember(request.model_name, (variants[0].name, variants[0].version), placement,
-                              batching, int(spec.attempt_timeout_ms), response)
+        return self._remember(model, stats_key, placement, batching, int(spec.attempt_timeout_ms), response)
 
     def _remember(self, model: str, stats_key: tuple[str, str], placement: Placement, batching: BatchConfig,
                   timeout_ms: int, response: oip.InferResponse) -> Route:

@@ -48,7 +48,8 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         max_inflight_batches=decision.batching.max_inflight_batches,
         max_queue_size=decision.batching.max_queue_size,
         max_queue_delay_us=decision.batching.max_queue_delay_us,
-        preferred_batch_sizes=decision.batching.preferred_batch_sizes)
+        preferred_batch_sizes=decision.batching.preferred_batch_sizes,
+        alternatives=[route_to_proto(r) for r in decision.alternatives])
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:

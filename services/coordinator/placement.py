@@ -105,6 +105,21 @@ def rank(nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
     return sorted(scores, key=key)
 
 
+def spread(ranked: list[NodeScore], threshold: float, margin: float, limit: int) -> list[NodeInfo]:
+    """The nodes one kind of request may be spread over (`ranked` best first, as `rank` gives):
+    the best, then every other node at or above the threshold scoring within `margin` of it, up
+    to `limit`. A node far behind the best (cold, distant, loaded) gets none of it."""
+    if not ranked:
+        return []
+    best = ranked[0]
+    chosen = [best.node]
+    for s in ranked[1:]:
+        if len(chosen) >= limit or s.total < threshold or s.total < best.total - margin:
+            break
+        chosen.append(s.node)
+    return chosen
+
+
 def least_loaded(nodes: list[NodeInfo], outstanding: Mapping[str, int]) -> NodeInfo:
     return min(nodes, key=lambda n: ((n.inflight + outstanding.get(n.node_id, 0)) / max(1, n.cpus),
                                      n.cpu_load, n.node_id))

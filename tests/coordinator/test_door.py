@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common import oip
-from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, SchedulerSpec
 from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -45,11 +45,13 @@ class MemoryRegistry:
 
 
 def routes(spec: DeploymentSpec | None = None, fast_address: str = "127.0.0.1:7001",
-           trace_every: int = 0) -> DoorRoutes:
+           trace_every: int = 0, more_nodes: tuple[tuple[str, str], ...] = (), spread_nodes: int = 1) -> DoorRoutes:
+    """Routes over edge-a1 in site-a, plus `more_nodes` ((node id, region), ...)."""
     core = Coordinator(CoordinatorSettings(), Catalog(MemoryRegistry(spec), 60.0), NodesView(NodeDirectory(None), 1.0))
-    core.nodes.nodes = [NodeInfo("edge-a1", "edge", "site-a", "127.0.0.1:7000", fast_address=fast_address,
-                                 updated_at=time.time())]
-    return DoorRoutes(core, ttl_ms=100, trace_every=trace_every)
+    core.nodes.nodes = [NodeInfo(node_id, "edge", region, f"127.0.0.1:{7000 + 2 * i}",
+                                 fast_address=fast_address and f"127.0.0.1:{7001 + 2 * i}", updated_at=time.time())
+                        for i, (node_id, region) in enumerate((("edge-a1", "site-a"),) + more_nodes)]
+    return DoorRoutes(core, ttl_ms=100, trace_every=trace_every, spread_nodes=spread_nodes, spread_margin=0.1)
 
 
 def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip.InferRequest:
@@ -92,6 +94,28 @@ async def test_a_route_names_the_node_variant_and_batch_limit_and_keeps_its_id_w
     assert again.route_id == first.route_id
     other = await door.route(ask({"precision": "FP32"}))
     assert other.route_id != first.route_id
+
+
+async def test_a_route_names_every_node_as_good_as_the_best_as_alternatives_each_a_route_of_its_own():
+    door = routes(more_nodes=(("edge-a2", "site-a"), ("edge-b1", "site-b")), spread_nodes=4)
+    route = await door.route(ask({"region": "site-a"}))
+    assert isinstance(route, Route)
+    nodes = [route.placement.node.node_id] + [r.placement.node.node_id for r in route.alternatives]
+    assert sorted(nodes) == ["edge-a1", "edge-a2"]  # edge-b1 is in another region: far behind
+    assert len({route.route_id} | {r.route_id for r in route.alternatives}) == 2
+    assert all(door.routes[r.route_id].placement.node.node_id == r.placement.node.node_id
+               for r in route.alternatives)  # reports of an alternative are booked against its node
+    reply = route_to_proto(route)
+    assert [a.node_id for a in reply.alternatives] == [r.placement.node.node_id for r in route.alternatives]
+    assert reply.alternatives[0].fast_address and reply.alternatives[0].request_template
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "random", "least_loaded"])
+async def test_other_policies_keep_one_node_per_route(policy):
+    spec = DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy=policy))
+    door = routes(spec, more_nodes=(("edge-a2", "site-a"),), spread_nodes=4)
+    route = await door.route(ask({"region": "site-a"}))
+    assert route.alternatives == ()
 
 
 @pytest.mark.parametrize(

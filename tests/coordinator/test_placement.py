@@ -5,9 +5,9 @@ import pytest
 
 from services.common.deployment import SchedulerSpec
 from services.common.nodes import NodeInfo
-from services.coordinator.placement import (RequestContext, Scheduler, failover_stages, least_loaded,
-                                            locality_score, model_score, network_score, rank,
-                                            resource_score, score)
+from services.coordinator.placement import (NodeScore, RequestContext, Scheduler, failover_stages,
+                                            least_loaded, locality_score, model_score, network_score, rank,
+                                            resource_score, score, spread)
 
 KEY = "digits:1:FP32"
 CTX = RequestContext(model="digits", variant_key=KEY)
@@ -196,3 +196,20 @@ def test_when_no_node_reaches_the_threshold_the_cloud_tier_is_preferred():
     assert ranked[0].total < spec.threshold and ranked[1].total < spec.threshold
     assert ranked[0].node.node_id == "cloud-1"
     assert rank([edge, cloud], ctx, SchedulerSpec(threshold=0.0), {}, {"edge-1": 1.0, "cloud-1": 50.0})[0].node.node_id == "edge-1"
+
+
+def _scored(*totals: float) -> list[NodeScore]:
+    return [NodeScore(_node(f"n{i}"), t, 0.0, 0.0, 0.0, 0.0) for i, t in enumerate(totals)]
+
+
+@pytest.mark.parametrize(
+    ("totals", "threshold", "margin", "limit", "expected"),
+    [((0.9, 0.85, 0.82, 0.5), 0.3, 0.1, 4, ["n0", "n1", "n2"]),   # within the margin of the best
+     ((0.9, 0.85, 0.82), 0.3, 0.1, 2, ["n0", "n1"]),              # no more than the limit
+     ((0.9, 0.75), 0.3, 0.1, 4, ["n0"]),                          # too far behind
+     ((0.5, 0.45), 0.48, 0.1, 4, ["n0"]),                         # below the threshold
+     ((0.2, 0.2), 0.3, 0.1, 4, ["n0"]),                           # nothing qualifies: the best alone
+     ((), 0.3, 0.1, 4, [])],
+    ids=["close-scores", "limit", "far-behind", "below-threshold", "none-qualifies", "no-nodes"])
+def test_a_route_spreads_over_the_nodes_scoring_close_to_the_best(totals, threshold, margin, limit, expected):
+    assert [n.node_id for n in spread(_scored(*totals), threshold, margin, limit)] == expected

@@ -4,6 +4,7 @@ unchanged, a node killed under load loses no request, and SIGTERM stops both pro
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import children, kill_under_load, server_ready, start_coordinator, start_runtime
+from tests.e2e.processes import Load, children, kill_under_load, server_ready, start_coordinator, start_runtime
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -408,6 +409,25 @@ def test_a_bad_request_gets_the_coordinator_s_clear_status_through_the_door(door
             pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert caught.value.code() == code
     assert message in caught.value.details()
+
+
+def test_one_kind_of_request_is_spread_over_every_node_as_good_as_the_best(steady_door, mesh, tmp_path):
+    """Two fresh edge nodes in one region: the route names both (edgeai policy), and under
+    concurrent load the door sends requests to both within one route lifetime (5 s here), rather
+    than to one node until the route is next refreshed."""
+    _, address, _ = steady_door
+    nodes = [start_runtime(mesh, node_id, "site-m", tmp_path)[0] for node_id in ("edge-m1", "edge-m2")]
+    try:
+        time.sleep(1.5)  # the coordinator sees both nodes
+        with Load(address, threads=8, region="site-m") as load:
+            time.sleep(2.0)
+    finally:
+        for proc in nodes:
+            infra.stop(proc)
+    assert load.errors == [], f"{len(load.errors)} failed requests: {load.errors[:3]}"
+    served = collections.Counter(node for _, _, node in load.results)
+    assert set(served) == {"edge-m1", "edge-m2"}, f"served by {dict(served)}"
+    assert min(served.values()) >= len(load.results) // 10, f"lopsided: {dict(served)}"
 
 
 def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, tmp_path):

@@ -82,6 +82,11 @@ bool Batcher::failed() {
   return failed_;
 }
 
+size_t Batcher::Busy() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queue_.size() + size_t(inflight_);
+}
+
 void Batcher::Enqueue(InferCall* call) {
   const auto timeout_at = call->timeout_at;  // once queued, the call may be answered and gone
   size_t full = 0;

@@ -45,6 +45,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   void Enqueue(InferCall* call);
   const RouteConfig& config() const { return *config_; }
   bool failed();
+  // Requests queued plus node calls in flight: how busy this route's node is kept by the door.
+  size_t Busy();
 
  private:
   struct Batch;

@@ -55,6 +55,7 @@ Router::Router(Backend* backend, Reporter* reporter, BatcherOptions options)
 Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* request) {
   Lookup found;
   bool ask = false;
+  std::vector<std::shared_ptr<Batcher>> batchers;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
@@ -68,14 +69,27 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     }
     Entry& entry = it->second;
     if (!entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
-    found.batcher = entry.batcher;
+    batchers = entry.batchers;
     found.key = entry.key;
-    uint32_t every = entry.batcher ? entry.batcher->config().full_path_every : 0;
-    if (every > 0 && ++entry.requests % every == 0) found.batcher.reset();  // traced full path
-
+    uint32_t every = batchers.empty() ? 0 : batchers.front()->config().full_path_every;
+    if (every > 0 && ++entry.requests % every == 0) batchers.clear();  // traced full path
   }
   if (ask) Ask(found.key, WithoutContents(request));
+  found.batcher = LeastBusy(batchers);
   return found;
+}
+
+// The batcher with the fewest requests queued and node calls in flight; the earliest (the
+// best-scored node) on a tie.
+std::shared_ptr<Batcher> Router::LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers) {
+  if (batchers.size() <= 1) return batchers.empty() ? nullptr : batchers.front();
+  std::shared_ptr<Batcher> best;
+  size_t least = SIZE_MAX;
+  for (const auto& batcher : batchers) {
+    size_t busy = batcher->Busy();
+    if (busy < least) least = busy, best = batcher;
+  }
+  return best;
 }
 
 void Router::Ask(std::shared_ptr<const std::string> key, std::string request) {
@@ -97,7 +111,14 @@ void Router::Ask(std::shared_ptr<const std::string> key, std::string request) {
 void Router::OnReply(const std::string& key, const grpc::Status& status, const RouteReply& reply) {
   std::string why = reply.reason();
   std::shared_ptr<RouteConfig> config;
+  std::vector<std::shared_ptr<RouteConfig>> alternatives;
   if (status.ok() && reply.eligible()) config = ConfigFrom(reply, &why);
+  if (config) {
+    for (const RouteReply& alternative : reply.alternatives()) {
+      std::string ignored;
+      if (auto parsed = ConfigFrom(alternative, &ignored)) alternatives.push_back(std::move(parsed));
+    }
+  }
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(key);
   if (it == entries_.end()) return;  // dropped meanwhile; the next request asks again
@@ -109,18 +130,22 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
     return;
   }
   entry.ask_at = Clock::now() + std::chrono::milliseconds(reply.ttl_ms());
-  entry.route_id = reply.route_id();
+  entry.route_ids.assign(1, reply.route_id());
   if (!config) {
-    if (entry.batcher || entry.reason != why) {
+    if (!entry.batchers.empty() || entry.reason != why) {
       fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: %s\n",
               entry.model.c_str(), why.c_str());
     }
-    entry.batcher.reset();
+    entry.batchers.clear();
     entry.reason = why;
     return;
   }
   entry.reason.clear();
-  entry.batcher = BatcherLocked(std::move(config));
+  entry.batchers.assign(1, BatcherLocked(std::move(config)));
+  for (auto& alternative : alternatives) {
+    entry.route_ids.push_back(alternative->route_id);
+    entry.batchers.push_back(BatcherLocked(std::move(alternative)));
+  }
 }
 
 // The live batcher of this route when its settings are unchanged, else a new one.
@@ -143,9 +168,11 @@ void Router::Drop(const std::vector<uint64_t>& route_ids) {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = entries_.begin(); it != entries_.end();) {
     Entry& entry = it->second;
-    bool listed = entry.batcher != nullptr &&
-                  std::find(route_ids.begin(), route_ids.end(), entry.route_id) != route_ids.end();
-    if (listed && entry.asking) entry.batcher.reset();  // the pending reply refills it
+    bool listed = !entry.batchers.empty() &&
+                  std::any_of(entry.route_ids.begin(), entry.route_ids.end(), [&](uint64_t id) {
+                    return std::find(route_ids.begin(), route_ids.end(), id) != route_ids.end();
+                  });
+    if (listed && entry.asking) entry.batchers.clear();  // the pending reply refills them
     it = listed && !entry.asking ? entries_.erase(it) : std::next(it);
   }
 }

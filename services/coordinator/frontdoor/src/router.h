@@ -20,7 +20,8 @@ class Router {
     std::shared_ptr<Batcher> batcher;          // null: the coordinator's path
     std::shared_ptr<const std::string> key;
   };
-  // The batcher for requests with this key; asks the coordinator on a miss or when stale.
+  // The batcher for requests with this key (of the route's nodes, the least busy); asks the
+  // coordinator on a miss or when stale.
   Lookup Find(std::string key, inference::ModelInferRequest* request);
   // Forgets every key routed by these routes (the next request asks again).
   void Drop(const std::vector<uint64_t>& route_ids);
@@ -29,8 +30,9 @@ class Router {
   using Clock = std::chrono::steady_clock;
   struct Entry {
     std::shared_ptr<const std::string> key;
-    std::shared_ptr<Batcher> batcher;  // null until an eligible reply
-    uint64_t route_id = 0;
+    // The route's batchers, one per node, best first; empty until an eligible reply.
+    std::vector<std::shared_ptr<Batcher>> batchers;
+    std::vector<uint64_t> route_ids;
     bool asking = false;
     Clock::time_point ask_at;          // when to ask again
     std::string model;
@@ -41,6 +43,7 @@ class Router {
   void OnReply(const std::string& key, const grpc::Status& status,
                const cnei::frontdoor::v1::RouteReply& reply);
   std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
+  static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers);
 
   Backend* backend_;
   Reporter* reporter_;
