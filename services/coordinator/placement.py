@@ -107,8 +107,9 @@ def rank(nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
 
 def spread(ranked: list[NodeScore], threshold: float, margin: float, limit: int) -> list[NodeInfo]:
     """The nodes one kind of request may be spread over (`ranked` best first, as `rank` gives):
-    the best, then every other node at or above the threshold scoring within `margin` of it, up
-    to `limit`. A node far behind the best (cold, distant, loaded) gets none of it."""
+    the best, then its peers (same tier and region) at or above the threshold scoring within
+    `margin` of it, up to `limit`. A site scales out over its own nodes; the cloud and other
+    sites stay failover targets, and a peer far behind (cold, loaded) gets none of it."""
     if not ranked:
         return []
     best = ranked[0]
@@ -116,7 +117,8 @@ def spread(ranked: list[NodeScore], threshold: float, margin: float, limit: int)
     for s in ranked[1:]:
         if len(chosen) >= limit or s.total < threshold or s.total < best.total - margin:
             break
-        chosen.append(s.node)
+        if (s.node.tier, s.node.region) == (best.node.tier, best.node.region):
+            chosen.append(s.node)
     return chosen
 
 

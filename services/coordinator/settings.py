@@ -32,8 +32,9 @@ class CoordinatorSettings:
            "and is traced end to end; 1: every request does (the door routes none)")
     door_report_ms: int = field(100, "how often the front door reports what it served")
     door_spread_nodes: int = field(
-        4, "under the edgeai policy, a front-door route names up to this many nodes scoring within "
-           "door_spread_margin of the best; the door sends each request to the least busy of them")
+        4, "under the edgeai policy, a front-door route names up to this many nodes (the best and its "
+           "peers in the same tier and region scoring within door_spread_margin of it); the door "
+           "sends each request to the least busy of them")
     door_spread_margin: float = field(0.1, "how far below the best node's score a node may be to share a route")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")

@@ -213,3 +213,10 @@ def _scored(*totals: float) -> list[NodeScore]:
     ids=["close-scores", "limit", "far-behind", "below-threshold", "none-qualifies", "no-nodes"])
 def test_a_route_spreads_over_the_nodes_scoring_close_to_the_best(totals, threshold, margin, limit, expected):
     assert [n.node_id for n in spread(_scored(*totals), threshold, margin, limit)] == expected
+
+
+def test_a_route_spreads_only_over_peers_of_the_best_node_never_to_the_cloud_or_another_site():
+    ranked = [NodeScore(node, total, 0.0, 0.0, 0.0, 0.0) for node, total in [
+        (_node("a1", region="north"), 0.9), (_node("cloud", tier="cloud", region="dc"), 0.89),
+        (_node("b1", region="south"), 0.88), (_node("a2", region="north"), 0.87)]]
+    assert [n.node_id for n in spread(ranked, 0.3, 0.1, 4)] == ["a1", "a2"]

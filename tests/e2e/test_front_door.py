@@ -412,9 +412,10 @@ def test_a_bad_request_gets_the_coordinator_s_clear_status_through_the_door(door
 
 
 def test_one_kind_of_request_is_spread_over_every_node_as_good_as_the_best(steady_door, mesh, tmp_path):
-    """Two fresh edge nodes in one region: the route names both (edgeai policy), and under
-    concurrent load the door sends requests to both within one route lifetime (5 s here), rather
-    than to one node until the route is next refreshed."""
+    """Two fresh edge nodes in one region: the route names both (edgeai policy; the cloud and
+    other sites stay failover targets), and under concurrent load the door sends requests to both
+    within one route lifetime (5 s here), rather than to one node until the route is next
+    refreshed."""
     _, address, _ = steady_door
     nodes = [start_runtime(mesh, node_id, "site-m", tmp_path)[0] for node_id in ("edge-m1", "edge-m2")]
     try:

@@ -105,6 +105,11 @@ struct FastLane::Conn {
     FastDone done;
     Clock::time_point deadline;
     double timeout_s;
+    // While the request frame is being written its payload points into the callers' requests,
+    // which answering the call may free: an answer that comes meanwhile (the connection failed,
+    // the deadline passed) waits here, and the writer runs it once the write is over.
+    bool sending = true;
+    std::function<void()> finish;
   };
   Conn(int socket, std::string addr)
       : fd(socket), wake_fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)), address(std::move(addr)) {}
@@ -117,6 +122,10 @@ struct FastLane::Conn {
   int ExpireAndWaitMs();
   void Deliver(uint64_t id, uint8_t kind, size_t meta_len, std::string body);
   void FailAll(const std::string& error);
+  // Answers the pending call `it` with `finish`: returned to run now (outside the lock) and the
+  // entry erased, or kept for the writer while its frame is still being sent.
+  std::function<void()> CompleteLocked(std::map<uint64_t, Pending>::iterator it, std::function<void()> finish);
+  void Sent(uint64_t id);
 
   const int fd;
   const int wake_fd;
@@ -167,65 +176,98 @@ bool FastLane::Conn::ReadFull(char* out, size_t n, std::string* error) {
   return true;
 }
 
+std::function<void()> FastLane::Conn::CompleteLocked(std::map<uint64_t, Pending>::iterator it,
+                                                    std::function<void()> finish) {
+  if (it->second.sending) {
+    it->second.finish = std::move(finish);
+    return nullptr;
+  }
+  pending.erase(it);
+  return finish;
+}
+
+// The call's frame is written: runs its answer if one came meanwhile.
+void FastLane::Conn::Sent(uint64_t id) {
+  std::function<void()> finish;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = pending.find(id);
+    if (it == pending.end()) return;
+    it->second.sending = false;
+    if (!it->second.finish) return;
+    finish = std::move(it->second.finish);
+    pending.erase(it);
+  }
+  finish();
+}
+
 // Fails calls whose time is up; returns how long poll may sleep.
 int FastLane::Conn::ExpireAndWaitMs() {
-  std::vector<Pending> expired;
+  std::vector<std::function<void()>> expired;
   Clock::time_point now = Clock::now(), next = Clock::time_point::max();
   {
     std::lock_guard<std::mutex> lock(mu);
     for (auto it = pending.begin(); it != pending.end();) {
-      if (it->second.deadline <= now) {
-        expired.push_back(std::move(it->second));
-        it = pending.erase(it);
-      } else {
-        next = std::min(next, it->second.deadline);
-        ++it;
+      auto current = it++;
+      Pending& p = current->second;
+      if (p.finish) continue;  // answered; waits for its writer
+      if (p.deadline > now) {
+        next = std::min(next, p.deadline);
+        continue;
       }
+      char text[64];
+      snprintf(text, sizeof text, " within %.3fs", p.timeout_s);
+      grpc::Status status(grpc::StatusCode::DEADLINE_EXCEEDED, "no reply from " + address + text);
+      auto finish = CompleteLocked(current, [done = std::move(p.done), status]() {
+        done(status, std::string(), 0);
+      });
+      if (finish) expired.push_back(std::move(finish));
     }
     wake_at = next;
   }
-  for (Pending& p : expired) {
-    char text[64];
-    snprintf(text, sizeof text, " within %.3fs", p.timeout_s);
-    p.done(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "no reply from " + address + text),
-           std::string(), 0);
-  }
+  for (auto& finish : expired) finish();
   if (next == Clock::time_point::max()) return 1000;
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count() + 1;
   return int(std::min<long long>(ms, 1000));
 }
 
 void FastLane::Conn::Deliver(uint64_t id, uint8_t kind, size_t meta_len, std::string body) {
-  FastDone done;
+  grpc::Status status;
+  size_t offset = meta_len;
+  if (kind == kError) {
+    status = grpc::Status(CodeFromName(body.substr(0, meta_len)), body.substr(meta_len));
+  } else if (kind != kReply) {
+    status = grpc::Status(grpc::StatusCode::INTERNAL,
+                          "fast lane " + address + " sent frame kind " + std::to_string(kind));
+  }
+  if (!status.ok()) body.clear(), offset = 0;
+  std::function<void()> finish;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = pending.find(id);
-    if (it == pending.end()) return;  // timed out already
-    done = std::move(it->second.done);
-    pending.erase(it);
+    if (it == pending.end() || it->second.finish) return;  // timed out already
+    finish = CompleteLocked(it, [done = std::move(it->second.done), status, body = std::move(body),
+                                 offset]() mutable { done(status, std::move(body), offset); });
   }
-  if (kind == kReply) {
-    done(grpc::Status::OK, std::move(body), meta_len);
-  } else if (kind == kError) {
-    grpc::StatusCode code = CodeFromName(body.substr(0, meta_len));
-    done(grpc::Status(code, body.substr(meta_len)), std::string(), 0);
-  } else {
-    done(grpc::Status(grpc::StatusCode::INTERNAL,
-                      "fast lane " + address + " sent frame kind " + std::to_string(kind)),
-         std::string(), 0);
-  }
+  if (finish) finish();
 }
 
 void FastLane::Conn::FailAll(const std::string& error) {
-  std::map<uint64_t, Pending> failed;
+  std::vector<std::function<void()>> failed;
   {
     std::lock_guard<std::mutex> lock(mu);
     dead = true;
-    failed.swap(pending);
+    for (auto it = pending.begin(); it != pending.end();) {
+      auto current = it++;
+      if (current->second.finish) continue;  // answered; waits for its writer
+      grpc::Status status(grpc::StatusCode::UNAVAILABLE, error);
+      auto finish = CompleteLocked(current, [done = std::move(current->second.done), status]() {
+        done(status, std::string(), 0);
+      });
+      if (finish) failed.push_back(std::move(finish));
+    }
   }
-  for (auto& entry : failed) {
-    entry.second.done(grpc::Status(grpc::StatusCode::UNAVAILABLE, error), std::string(), 0);
-  }
+  for (auto& finish : failed) finish();
 }
 
 FastLane::FastLane(std::string address) : address_(std::move(address)) {}
@@ -270,7 +312,7 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
       return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, error), std::string(), 0);
     }
     wake = deadline < conn->wake_at;
-    conn->pending.emplace(id, Conn::Pending{std::move(done), deadline, timeout_s});
+    conn->pending.emplace(id, Conn::Pending{std::move(done), deadline, timeout_s, true, nullptr});
   }
   if (wake) {
     uint64_t one = 1;
@@ -288,8 +330,11 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
   for (std::string_view piece : payload) {
     if (!piece.empty()) iov.push_back({const_cast<char*>(piece.data()), piece.size()});
   }
-  std::lock_guard<std::mutex> lock(conn->write_mu);
-  if (!SendAll(conn->fd, std::move(iov))) ::shutdown(conn->fd, SHUT_RDWR);  // reader fails the calls
+  {
+    std::lock_guard<std::mutex> lock(conn->write_mu);
+    if (!SendAll(conn->fd, std::move(iov))) ::shutdown(conn->fd, SHUT_RDWR);  // reader fails the calls
+  }
+  conn->Sent(id);
 }
 
 std::shared_ptr<FastLane> LaneFor(const std::string& address) {
