@@ -43,6 +43,7 @@ class Route:
     timeout_ms: int
     response: oip.InferResponse  # model name, version and parameters for the client
     alternatives: tuple[Route, ...] = ()  # other nodes as good for these requests (routes of their own)
+    row_ms: float = 0.0  # the node's measured compute time per row (0: not measured yet)
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ class DoorRoutes:
         if not (first.node.fast_address and core.settings.fast_lane):
             return Refusal(f"node {first.node.node_id} offers no fast lane")
         stats_key = (variants[0].name, variants[0].version)
-        routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
-                  if p.node.fast_address]
+        speed = core.nodes.compute_ms
+        routes = [replace(self._route_to(request.model_name, stats_key, p, spec),
+                          row_ms=speed.get(p.node.node_id, 0.0))
+                  for p in placements if p.node.fast_address]
         return replace(routes[0], alternatives=tuple(routes[1:]))
 
     def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement, spec) -> Route:

@@ -49,7 +49,7 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         max_queue_size=decision.batching.max_queue_size,
         max_queue_delay_us=decision.batching.max_queue_delay_us,
         preferred_batch_sizes=decision.batching.preferred_batch_sizes,
-        alternatives=[route_to_proto(r) for r in decision.alternatives])
+        alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms)
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:

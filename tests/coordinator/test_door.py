@@ -105,8 +105,12 @@ async def test_a_route_names_every_node_as_good_as_the_best_as_alternatives_each
     assert len({route.route_id} | {r.route_id for r in route.alternatives}) == 2
     assert all(door.routes[r.route_id].placement.node.node_id == r.placement.node.node_id
                for r in route.alternatives)  # reports of an alternative are booked against its node
+    door.core.nodes.compute_ms.update({"edge-a1": 0.25, "edge-a2": 1.0})
+    route = await door.route(ask({"region": "site-a"}))
     reply = route_to_proto(route)
     assert [a.node_id for a in reply.alternatives] == [r.placement.node.node_id for r in route.alternatives]
+    speeds = {reply.node_id: reply.row_ms} | {a.node_id: a.row_ms for a in reply.alternatives}
+    assert speeds == {"edge-a1": 0.25, "edge-a2": 1.0}  # the door weighs each node's queue by it
     assert reply.alternatives[0].fast_address and reply.alternatives[0].request_template
 
 

@@ -56,6 +56,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
   Lookup found;
   bool ask = false;
   std::vector<std::shared_ptr<Batcher>> batchers;
+  std::vector<float> row_ms;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
@@ -70,24 +71,29 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     Entry& entry = it->second;
     if (!entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
     batchers = entry.batchers;
+    if (batchers.size() > 1) row_ms = entry.row_ms;
     found.key = entry.key;
     uint32_t every = batchers.empty() ? 0 : batchers.front()->config().full_path_every;
     if (every > 0 && ++entry.requests % every == 0) batchers.clear();  // traced full path
   }
   if (ask) Ask(found.key, WithoutContents(request));
-  found.batcher = LeastBusy(batchers);
+  found.batcher = LeastBusy(batchers, row_ms);
   return found;
 }
 
-// The batcher with the fewest requests queued and node calls in flight; the earliest (the
-// best-scored node) on a tie.
-std::shared_ptr<Batcher> Router::LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers) {
+// The batcher whose node would answer soonest: the fewest requests queued and node calls in
+// flight, counting the new one, each weighed by the node's compute time per row when every node's
+// is known; the earliest (the best-scored node) on a tie.
+std::shared_ptr<Batcher> Router::LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                           const std::vector<float>& row_ms) {
   if (batchers.size() <= 1) return batchers.empty() ? nullptr : batchers.front();
+  const bool weighed = row_ms.size() == batchers.size() &&
+                       std::all_of(row_ms.begin(), row_ms.end(), [](float ms) { return ms > 0; });
   std::shared_ptr<Batcher> best;
-  size_t least = SIZE_MAX;
-  for (const auto& batcher : batchers) {
-    size_t busy = batcher->Busy();
-    if (busy < least) least = busy, best = batcher;
+  double least = 0;
+  for (size_t i = 0; i < batchers.size(); ++i) {
+    double cost = double(batchers[i]->Busy() + 1) * (weighed ? row_ms[i] : 1.0);
+    if (!best || cost < least) least = cost, best = batchers[i];
   }
   return best;
 }
@@ -112,11 +118,15 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   std::string why = reply.reason();
   std::shared_ptr<RouteConfig> config;
   std::vector<std::shared_ptr<RouteConfig>> alternatives;
+  std::vector<float> alternative_ms;
   if (status.ok() && reply.eligible()) config = ConfigFrom(reply, &why);
   if (config) {
     for (const RouteReply& alternative : reply.alternatives()) {
       std::string ignored;
-      if (auto parsed = ConfigFrom(alternative, &ignored)) alternatives.push_back(std::move(parsed));
+      if (auto parsed = ConfigFrom(alternative, &ignored)) {
+        alternatives.push_back(std::move(parsed));
+        alternative_ms.push_back(alternative.row_ms());
+      }
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -131,6 +141,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   }
   entry.ask_at = Clock::now() + std::chrono::milliseconds(reply.ttl_ms());
   entry.route_ids.assign(1, reply.route_id());
+  entry.row_ms.assign(1, reply.row_ms());
   if (!config) {
     if (!entry.batchers.empty() || entry.reason != why) {
       fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: %s\n",
@@ -142,9 +153,10 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   }
   entry.reason.clear();
   entry.batchers.assign(1, BatcherLocked(std::move(config)));
-  for (auto& alternative : alternatives) {
-    entry.route_ids.push_back(alternative->route_id);
-    entry.batchers.push_back(BatcherLocked(std::move(alternative)));
+  for (size_t i = 0; i < alternatives.size(); ++i) {
+    entry.route_ids.push_back(alternatives[i]->route_id);
+    entry.row_ms.push_back(alternative_ms[i]);
+    entry.batchers.push_back(BatcherLocked(std::move(alternatives[i])));
   }
 }
 

@@ -33,6 +33,7 @@ class Router {
     // The route's batchers, one per node, best first; empty until an eligible reply.
     std::vector<std::shared_ptr<Batcher>> batchers;
     std::vector<uint64_t> route_ids;
+    std::vector<float> row_ms;         // each node's compute time per row (0: unknown)
     bool asking = false;
     Clock::time_point ask_at;          // when to ask again
     std::string model;
@@ -43,7 +44,8 @@ class Router {
   void OnReply(const std::string& key, const grpc::Status& status,
                const cnei::frontdoor::v1::RouteReply& reply);
   std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
-  static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers);
+  static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                            const std::vector<float>& row_ms);
 
   Backend* backend_;
   Reporter* reporter_;
