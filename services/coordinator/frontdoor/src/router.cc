@@ -70,14 +70,18 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     }
     Entry& entry = it->second;
     if (!entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
-    batchers = entry.batchers;
-    if (batchers.size() > 1) row_ms = entry.row_ms;
     found.key = entry.key;
-    uint32_t every = batchers.empty() ? 0 : batchers.front()->config().full_path_every;
-    if (every > 0 && ++entry.requests % every == 0) batchers.clear();  // traced full path
+    uint32_t every = entry.batchers.empty() ? 0 : entry.batchers.front()->config().full_path_every;
+    const bool traced = every > 0 && ++entry.requests % every == 0;  // takes the traced full path
+    if (!traced && entry.batchers.size() == 1) {
+      found.batcher = entry.batchers.front();  // the common case: nothing to copy or weigh
+    } else if (!traced && entry.batchers.size() > 1) {
+      batchers = entry.batchers;
+      row_ms = entry.row_ms;
+    }
   }
   if (ask) Ask(found.key, WithoutContents(request));
-  found.batcher = LeastBusy(batchers, row_ms);
+  if (!batchers.empty()) found.batcher = LeastBusy(batchers, row_ms);
   return found;
 }
 
