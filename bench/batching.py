@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import mlserver_setup, perf  # noqa: E402
+from bench.harness import MODELS_DIR, SETTLE_S, log, run_meta, stop_on_sigterm  # noqa: E402
 from bench.cnei_stack import CneiStack, free_ports  # noqa: E402
 from bench.emulated_cluster import put_deployment  # noqa: E402
 from services.common.deployment import BatchingSpec, DeploymentSpec  # noqa: E402
@@ -34,8 +34,6 @@ from services.pb.inference import grpc_service_pb2 as pb  # noqa: E402
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 WORK = REPO / ".bench" / "batching"
-MODELS_DIR = REPO / ".bench" / "models"
-SETTLE_S = 2.5  # the coordinator caches a deployment for 2 s (and drops it on the NATS event)
 BUILDERS = {"wide_mlp": wide_mlp.build, "digits": digits.build}
 DEFAULT_RATES = {"wide_mlp": [50.0, 200.0, 400.0, 700.0], "digits": [50.0, 400.0, 1000.0, 2000.0]}
 
@@ -74,10 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.setups = [s for s in SETUPS if not args.setups or s.label in args.setups]
     args.out = args.out.resolve()
     return args
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ---- the maths (pure) -------------------------------------------------------------------------
@@ -272,15 +266,8 @@ def markdown(result: dict) -> str:
 
 
 def meta(args, started: float, load_at_start: float) -> dict:
-    import subprocess
-
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "duration_s": round(time.time() - started), "git": commit, "mode": "quick" if args.quick else "full",
-        "machine": f"{os.cpu_count()} CPUs, 1-min load average {load_at_start:.2f} at start, "
-                   f"{os.getloadavg()[0]:.2f} at end",
+        **run_meta(args.quick, started, load_at_start),
         "model": f"{args.model} FP32, batch-1 requests (precision sent explicitly)",
         "load": f"perf_analyzer -i grpc --request-distribution poisson --async at "
                 f"{', '.join(f'{r:g}' for r in args.rates)} req/s, {perf.WARMUP_REQUESTS} warm-up requests, "
@@ -289,14 +276,10 @@ def meta(args, started: float, load_at_start: float) -> dict:
     }
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)  # no trace export while measuring
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     started, load_at_start = time.time(), os.getloadavg()[0]
     shutil.rmtree(WORK, ignore_errors=True)
     stack = CneiStack(WORK)

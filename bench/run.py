@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,11 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import inprocess, mlserver_setup, perf, report  # noqa: E402
+from bench.harness import MODELS_DIR, log, run_meta, stop_on_sigterm  # noqa: E402
 from bench.cnei_stack import CneiStack, free_ports  # noqa: E402
 from services.models import digits, wide_mlp  # noqa: E402
 
 WORK = REPO / ".bench" / "work"
-MODELS_DIR = REPO / ".bench" / "models"
 CNEI_PLAN = [("digits", "FP32"), ("wide_mlp", "FP32"), ("wide_mlp", "INT8")]
 MLSERVER_MODELS = ["digits", "wide_mlp"]
 
@@ -50,10 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.interval_ms = args.interval_ms or (500 if args.quick else 2000)
     args.inproc_seconds = 0.5 if args.quick else 2.0
     return args
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def build_models() -> dict[str, list[digits.BuiltVariant]]:
@@ -134,18 +127,13 @@ def meta(args, started: float, load_at_start: float) -> dict:
     from services.edge_runtime.settings import PREFIX, RuntimeSettings
 
     rt = cfg.load(RuntimeSettings, PREFIX)
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
     mls = mlserver_setup.VENV / "lib"
     mls_version = next((p.name.removeprefix("mlserver-").removesuffix(".dist-info")
                         for p in mls.glob("python*/site-packages/mlserver-*.dist-info")), "")
     import onnxruntime
 
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "duration_s": round(time.time() - started), "git": commit, "mode": "quick" if args.quick else "full",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {load_at_start:.2f} "
-                   f"at start, {os.getloadavg()[0]:.2f} at end",
+        **run_meta(args.quick, started, load_at_start),
         "onnxruntime": onnxruntime.__version__, "mlserver": mls_version,
         "perf_analyzer": f"-i grpc -b 1, {args.interval_ms} ms windows, 3 windows per point "
                          f"(-s {perf.STABILITY_PERCENT}), {perf.WARMUP_REQUESTS} warm-up requests",
@@ -192,16 +180,12 @@ def execute(args, state: dict) -> dict:
     return result
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)  # no trace export while measuring
     if args.runtime_threads:
         os.environ["CNEI_RUNTIME_INTRA_OP_THREADS"] = str(args.runtime_threads)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     state: dict = {}
     try:
         result = execute(args, state)

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -23,13 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import loadgen, scheduler_report  # noqa: E402
+from bench.harness import MODELS_DIR, SETTLE_S, log, run_meta, stop_on_sigterm  # noqa: E402
 from bench.emulated_cluster import LAYOUT, EmulatedCluster, layout_rows, put_deployment  # noqa: E402
 from services.common.deployment import DeploymentSpec, SchedulerSpec  # noqa: E402
 from services.models import wide_mlp  # noqa: E402
 
 WORK = REPO / ".bench" / "scheduler"
-MODELS_DIR = REPO / ".bench" / "models"
-SETTLE_S = 2.5  # the coordinator caches a deployment for 2 s (and drops it on the NATS event)
 
 
 @dataclass(frozen=True)
@@ -80,10 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.configs = [CONFIGS[name] for name in args.policies] + list(args.edgeai_weights)
     return args
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 async def coordinator_view(url: str) -> dict:
@@ -143,15 +137,8 @@ async def run_all(cluster: EmulatedCluster, args) -> list[dict]:
 
 
 def meta(args, started: float, load_at_start: float) -> dict:
-    import subprocess
-
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "duration_s": round(time.time() - started), "git": commit, "mode": "quick" if args.quick else "full",
-        "machine": f"{os.cpu_count()} CPUs, 1-min load average {load_at_start:.2f} at start, "
-                   f"{os.getloadavg()[0]:.2f} at end",
+        **run_meta(args.quick, started, load_at_start),
         "model": f"{wide_mlp.NAME} FP32 ({'-'.join(map(str, wide_mlp.LAYERS))}), batch-1 requests",
         "load": f"open-loop Poisson, {args.rate:g} req/s, {args.warmup:g} s warm-up + {args.seconds:g} s "
                 f"window per policy, {args.rounds} round(s) interleaved (arrival seed {args.seed}+round), "
@@ -160,13 +147,9 @@ def meta(args, started: float, load_at_start: float) -> dict:
     }
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     started, load_at_start = time.time(), os.getloadavg()[0]
     shutil.rmtree(WORK, ignore_errors=True)
     cluster = EmulatedCluster(WORK, fast_lane=args.fast_lane)
