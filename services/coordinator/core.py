@@ -277,8 +277,8 @@ class Coordinator:
     def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      limit: int, margin: float) -> list[Placement]:
         """Where requests like this one may go, best first: `place`'s choice and, under the edgeai
-        policy, the other nodes of its pool that score within `margin` of it (up to `limit`), for
-        a front door that spreads one kind of request over them by queue length."""
+        policy, its peers (`placement.spread`) scoring within `margin` of it (up to `limit`), for a
+        front door that spreads one kind of request over them."""
         first = self.place(request, variants, spec)
         if first is None or spec.scheduler.policy != "edgeai" or limit <= 1:
             return [first] if first is not None else []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from prometheus_client import Counter
 
 from services.common import oip
+from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
@@ -97,8 +98,8 @@ class DoorRoutes:
     def __init__(self, core: Coordinator, ttl_ms: int, trace_every: int = 0, spread_nodes: int = 1,
                  spread_margin: float = 0.0):
         """`trace_every`: one request in N takes the full path, to be traced (0: none; 1: all).
-        `spread_nodes`, `spread_margin`: a route names up to that many nodes scoring within the
-        margin of the best (edgeai policy), which the door spreads its requests over."""
+        `spread_nodes`, `spread_margin`: a route names up to that many nodes, the best and its peers
+        scoring within the margin of it (edgeai policy), which the door spreads its requests over."""
         self.core = core
         self.ttl_ms = ttl_ms
         self.trace_every = max(0, trace_every)
@@ -128,19 +129,18 @@ class DoorRoutes:
         if not (first.node.fast_address and core.settings.fast_lane):
             return Refusal(f"node {first.node.node_id} offers no fast lane")
         stats_key = (variants[0].name, variants[0].version)
-        speed = core.nodes.compute_ms
-        routes = [replace(self._route_to(request.model_name, stats_key, p, spec),
-                          row_ms=speed.get(p.node.node_id, 0.0))
-                  for p in placements if p.node.fast_address]
+        routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements if p.node.fast_address]
         return replace(routes[0], alternatives=tuple(routes[1:]))
 
-    def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement, spec) -> Route:
+    def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement,
+                  spec: DeploymentSpec) -> Route:
         batching = batch_config(spec, placement.variant)
         if not placement.variant.max_batch_size:
             batching = replace(batching, max_batch_size=0)
         response = self.core.answer_template(model, placement)
         response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
-        return self._remember(model, stats_key, placement, batching, int(spec.attempt_timeout_ms), response)
+        route = self._remember(model, stats_key, placement, batching, int(spec.attempt_timeout_ms), response)
+        return replace(route, row_ms=self.core.nodes.compute_ms.get(placement.node.node_id, 0.0))
 
     def _remember(self, model: str, stats_key: tuple[str, str], placement: Placement, batching: BatchConfig,
                   timeout_ms: int, response: oip.InferResponse) -> Route:
