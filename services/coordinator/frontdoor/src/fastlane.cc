@@ -125,6 +125,8 @@ struct FastLane::Conn {
   // Answers the pending call `it` with `finish`: returned to run now (outside the lock) and the
   // entry erased, or kept for the writer while its frame is still being sent.
   std::function<void()> CompleteLocked(std::map<uint64_t, Pending>::iterator it, std::function<void()> finish);
+  // CompleteLocked with a failure status.
+  std::function<void()> FailLocked(std::map<uint64_t, Pending>::iterator it, grpc::Status status);
   void Sent(uint64_t id);
 
   const int fd;
@@ -186,6 +188,13 @@ std::function<void()> FastLane::Conn::CompleteLocked(std::map<uint64_t, Pending>
   return finish;
 }
 
+std::function<void()> FastLane::Conn::FailLocked(std::map<uint64_t, Pending>::iterator it,
+                                                grpc::Status status) {
+  return CompleteLocked(it, [done = std::move(it->second.done), status = std::move(status)]() {
+    done(status, std::string(), 0);
+  });
+}
+
 // The call's frame is written: runs its answer if one came meanwhile.
 void FastLane::Conn::Sent(uint64_t id) {
   std::function<void()> finish;
@@ -217,10 +226,8 @@ int FastLane::Conn::ExpireAndWaitMs() {
       }
       char text[64];
       snprintf(text, sizeof text, " within %.3fs", p.timeout_s);
-      grpc::Status status(grpc::StatusCode::DEADLINE_EXCEEDED, "no reply from " + address + text);
-      auto finish = CompleteLocked(current, [done = std::move(p.done), status]() {
-        done(status, std::string(), 0);
-      });
+      auto finish = FailLocked(current, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                                     "no reply from " + address + text));
       if (finish) expired.push_back(std::move(finish));
     }
     wake_at = next;
@@ -260,10 +267,7 @@ void FastLane::Conn::FailAll(const std::string& error) {
     for (auto it = pending.begin(); it != pending.end();) {
       auto current = it++;
       if (current->second.finish) continue;  // answered; waits for its writer
-      grpc::Status status(grpc::StatusCode::UNAVAILABLE, error);
-      auto finish = CompleteLocked(current, [done = std::move(current->second.done), status]() {
-        done(status, std::string(), 0);
-      });
+      auto finish = FailLocked(current, grpc::Status(grpc::StatusCode::UNAVAILABLE, error));
       if (finish) failed.push_back(std::move(finish));
     }
   }
