@@ -188,9 +188,8 @@ class FederatedTrainer:
             finally:
                 keeper.cancel()
                 self._running.pop(job.id, None)
-                if job.id not in self._lost:
-                    await self._release(job)
                 self._lost.discard(job.id)
+                await self._release(job)  # compare-and-set: a lease another trainer took stays its
 
     async def _keep_lease(self, job: JobRecord, runner: asyncio.Task) -> None:
         """Renew the job's lease every third of it; when another trainer holds it (this one was
