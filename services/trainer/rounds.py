@@ -53,11 +53,17 @@ async def _call_client(train: TrainFn, node: NodeInfo, task: RoundTask, timeout:
 
 async def gather_updates(train: TrainFn, nodes: list[NodeInfo], task: RoundTask,
                          timeout: float) -> tuple[dict[str, LocalUpdate], dict[str, str]]:
-    """(updates, failures) by node id; clients still busy at `timeout` are cancelled."""
+    """(updates, failures) by node id; clients still busy at `timeout`, or when the round itself
+    is cancelled, are cancelled."""
     tasks = {n.node_id: asyncio.create_task(_call_client(train, n, task, timeout, task.weights))
              for n in nodes}
     if tasks:
-        await asyncio.wait(tasks.values(), timeout=timeout)
+        try:
+            await asyncio.wait(tasks.values(), timeout=timeout)
+        except asyncio.CancelledError:  # the job stops: so do its clients' calls
+            for t in tasks.values():
+                t.cancel()
+            raise
     updates, failures = {}, {}
     for node_id, t in tasks.items():
         if not t.done():

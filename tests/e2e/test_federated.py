@@ -215,7 +215,7 @@ def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir, **extra: str) 
            "CNEI_TRAINER_REGISTRY_TARGET": mesh.registry, "CNEI_TRAINER_REDIS_URL": redis_url,
            "CNEI_TRAINER_NATS_URL": nats_url, "CNEI_TRAINER_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=open(f"{data_dir}.log", "w"), stderr=subprocess.STDOUT)
     infra.wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
     return proc, f"127.0.0.1:{port}"
 
@@ -315,10 +315,23 @@ def test_jobs_beyond_the_trainers_limit_are_refused_as_resource_exhausted(mesh, 
         infra.stop(proc)
 
 
-async def _stop_after_round(target: str, redis_url: str, proc: subprocess.Popen, how: signal.Signals,
+@contextlib.contextmanager
+def _frozen(mesh, name: str):
+    """The mesh's process `name` stopped (SIGSTOP) for the block: its calls hang, then go on."""
+    proc = next(c.proc for c in mesh.mesh.children if c.name == name)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
+async def _stop_after_round(mesh, target: str, redis_url: str, proc: subprocess.Popen, how: signal.Signals,
                             rounds: int, after: int, left_as: str) -> tuple[str, object]:
     """Start a job on the trainer at `target`, send it `how` once `after` rounds are recorded:
-    (job id, the record as that trainer left it; see _signal_and_watch)."""
+    (job id, the record as that trainer left it; see _signal_and_watch). One of the job's two
+    clients is frozen from then until the trainer has gone, so the job cannot finish first
+    (a round takes ~0.1 s here; a loaded machine may take longer to handle the signal)."""
     async with grpc.aio.insecure_channel(target) as channel:
         job = await tpb_grpc.TrainerStub(channel).StartJob(tpb.StartJobRequest(
             model=MODEL, rounds=rounds, min_clients=2, local_epochs=1, lr=0.05, batch_size=32,
@@ -329,7 +342,8 @@ async def _stop_after_round(target: str, redis_url: str, proc: subprocess.Popen,
         deadline = time.monotonic() + 60
         while (await store.get(job.id)).round < after and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        seen, _ = await _signal_and_watch(proc, how, store, job.id, left_as)
+        with _frozen(mesh, "edge-a1"):
+            seen, _ = await _signal_and_watch(proc, how, store, job.id, left_as)
         return job.id, seen
     finally:
         await redis.aclose()
@@ -357,7 +371,7 @@ def test_a_job_whose_trainer_goes_away_is_finished_by_another_from_its_last_roun
     rounds = 12
     first, target = _start_trainer(mesh, redis_server, nats_server, tmp_path / "a", CNEI_TRAINER_LEASE_S="2")
     try:
-        job_id, left = asyncio.run(_stop_after_round(target, redis_server, first, how, rounds, 2, left_as))
+        job_id, left = asyncio.run(_stop_after_round(mesh, target, redis_server, first, how, rounds, 2, left_as))
     finally:
         infra.stop(first)
     assert left.state == left_as
