@@ -8,6 +8,7 @@ import numpy as np
 
 from services.common import codec
 from services.common.errors import InvalidArgument, TensorError
+from services.common.shm import OFFSET, BYTE_SIZE, REGION, SharedMemoryRegions, TensorPlace, place_of
 from services.pb.inference import grpc_service_pb2 as pb
 
 Params = dict[str, Any]
@@ -24,6 +25,8 @@ class InferRequest:
     parameters: Params = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     raw: bool = True
+    # requested outputs the caller wants written into its shared memory, not sent back
+    output_places: dict[str, TensorPlace] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,25 +63,44 @@ def params_to_proto(values: Params, params) -> None:
             slot.string_param = str(value)
 
 
-def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
-    """Decode a ModelInferRequest, validating every tensor against its shape and datatype."""
+def _places(tensors, what: str) -> list[TensorPlace | None]:
+    """Where each tensor's parameters place it in shared memory (None: not there)."""
+    return [place_of(params_from_proto(t.parameters), f"{what} '{t.name}'") if t.parameters else None
+            for t in tensors]
+
+
+def request_from_proto(request: pb.ModelInferRequest, shm: SharedMemoryRegions | None = None) -> InferRequest:
+    """Decode a ModelInferRequest, validating every tensor against its shape and datatype.
+    Inputs placed in shared memory are read from `shm` (raw_input_contents then holds only the
+    others, in order); outputs placed there are noted for `response_to_proto`."""
     if not request.model_name:
         raise InvalidArgument("model_name is required")
+    places = _places(request.inputs, "input")
+    out_places = _places(request.outputs, "output")
+    if shm is None and any(places + out_places):
+        raise InvalidArgument("this endpoint does not take tensors in shared memory (the system "
+                              "shared memory extension is served over gRPC)")
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    sent = sum(p is None for p in places)
+    if raw and len(raw) != sent:
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(request.inputs)} inputs"
+            f"{sent} inputs not in shared memory"
         )
     inputs: dict[str, np.ndarray] = {}
+    next_raw = 0
     for i, tensor in enumerate(request.inputs):
         if not tensor.name:
             raise InvalidArgument(f"input {i} has no name")
         if tensor.name in inputs:
             raise TensorError(tensor.name, "appears twice in the request")
         shape = list(tensor.shape)
-        if raw:
-            inputs[tensor.name] = codec.from_raw(raw[i], tensor.datatype, shape, tensor.name)
+        if places[i] is not None:
+            data = shm.read(places[i], f"input '{tensor.name}'")
+            inputs[tensor.name] = codec.from_raw(data, tensor.datatype, shape, tensor.name)
+        elif raw:
+            inputs[tensor.name] = codec.from_raw(raw[next_raw], tensor.datatype, shape, tensor.name)
+            next_raw += 1
         else:
             inputs[tensor.name] = codec.from_contents(
                 tensor.contents, tensor.datatype, shape, tensor.name
@@ -90,7 +112,8 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
         parameters=params_from_proto(request.parameters),
         inputs=inputs,
         outputs=[o.name for o in request.outputs],
-        raw=bool(raw) or not request.inputs,
+        raw=bool(raw) or not request.inputs or sent < len(places),
+        output_places={o.name: p for o, p in zip(request.outputs, out_places) if p is not None},
     )
 
 
@@ -115,9 +138,13 @@ def _needs_raw(outputs: dict[str, np.ndarray]) -> bool:
     return any(codec.datatype_of(a, n).contents_field is None for n, a in outputs.items())
 
 
-def response_to_proto(resp: InferResponse, raw: bool = True) -> pb.ModelInferResponse:
-    """Encode an InferResponse; raw when asked or when any output is raw-only (FP16/BF16)."""
-    raw = raw or _needs_raw(resp.outputs)
+def response_to_proto(resp: InferResponse, raw: bool = True, places: dict[str, TensorPlace] | None = None,
+                      shm: SharedMemoryRegions | None = None) -> pb.ModelInferResponse:
+    """Encode an InferResponse; raw when asked or when any output is raw-only (FP16/BF16).
+    Outputs in `places` are written into `shm` instead: their tensor says where, and their
+    raw_output_contents entry is empty (entries stay aligned with the outputs, as clients index
+    them)."""
+    raw = raw or bool(places) or _needs_raw(resp.outputs)
     msg = pb.ModelInferResponse(
         model_name=resp.model_name, model_version=resp.model_version, id=resp.id
     )
@@ -126,7 +153,14 @@ def response_to_proto(resp: InferResponse, raw: bool = True) -> pb.ModelInferRes
         tensor = msg.outputs.add(
             name=name, datatype=codec.datatype_of(array, name).name, shape=array.shape
         )
-        if raw:
+        place = places.get(name) if places else None
+        if place is not None:
+            data = codec.to_raw(array, name)
+            shm.write(place, data, f"output '{name}'")
+            params_to_proto({REGION: place.region, BYTE_SIZE: len(data), OFFSET: place.offset},
+                            tensor.parameters)
+            msg.raw_output_contents.append(b"")
+        elif raw:
             msg.raw_output_contents.append(codec.to_raw(array, name))
         else:
             codec.to_contents(array, tensor.contents, name)

@@ -10,10 +10,11 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, oip
-from services.common.errors import CneiError, outcome_of
+from services.common.errors import CneiError, FailedPrecondition, NotFound, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
 from services.common.ordered import map_in_order
+from services.common.shm import SharedMemoryRegions
 from services.common.stats import ModelStats
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -23,7 +24,8 @@ PLATFORM = "onnxruntime_onnx"
 # Requests of one ModelStreamInfer stream started and not yet answered; beyond it the stream is
 # not read until the oldest is answered (the client sees flow control, nothing is dropped).
 STREAM_WINDOW = 256
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters"]
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters",
+              "system_shared_memory"]
 
 INFER_REQUESTS = Counter(
     "cnei_inference_requests_total", "Inference requests by model and outcome", ["model", "outcome"]
@@ -129,8 +131,9 @@ def stats_to_proto(s: ModelStats) -> pb.ModelStatistics:
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Converts OIP messages, awaits the core, converts the answer."""
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, shm: SharedMemoryRegions | None = None):
         self.core = core
+        self.shm = shm if shm is not None else SharedMemoryRegions()
 
     @rpc
     async def ServerLive(self, request, context):
@@ -192,15 +195,50 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=models)
 
     @rpc
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for r in self.shm.status(request.name):
+            response.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return response
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context):
+        region = self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        log.info("shared memory region '%s' registered: %d bytes at %d of '%s'", region.name,
+                 region.byte_size, region.offset, region.key)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise NotFound(f"no CUDA shared memory region named '{request.name}' is registered")
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @rpc
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise FailedPrecondition(f"CUDA shared memory region '{request.name}': this server does not take "
+                                 f"tensors in GPU memory; use system shared memory")
+
+    @rpc
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()  # none is ever registered
+
+    @rpc
     async def ModelInfer(self, request, context):
         return await self.infer_message(request, context.time_remaining())
 
     async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
         with inference_metrics(request.model_name):
-            req = oip.request_from_proto(request)
+            req = oip.request_from_proto(request, self.shm)
             resp = await self.core.infer(req, deadline_s)
-            return oip.response_to_proto(resp, raw=req.raw)
+            return oip.response_to_proto(resp, raw=req.raw, places=req.output_places, shm=self.shm)
 
     @rpc
     async def ModelStreamInfer(self, request_iterator, context):

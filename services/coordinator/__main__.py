@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.registry_client import RegistryClient
+from services.common.shm import SharedMemoryRegions
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.door import DoorRoutes
@@ -59,7 +62,14 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                             settings.door_spread_nodes, settings.door_spread_margin)
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
                    "cnei.frontdoor.v1.FrontDoorControl")
-    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
+    # system shared memory registrations: files that every worker, or the front door, reads too
+    shm_dir = ""
+    if settings.shared_dir and worker >= 0:
+        shm_dir = str(Path(settings.shared_dir) / "shm")
+    elif door_path is not None:
+        shm_dir = tempfile.mkdtemp(prefix="cnei-shm-")
+    shm = SharedMemoryRegions(shm_dir)
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm),
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
@@ -70,7 +80,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     await server.start()
     door = watching = None
     if door_path is not None:
-        door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms)
+        door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
+                           shm_dir)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
@@ -82,6 +93,9 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         await door.stop()
     await server.stop()
     await core.close()
+    shm.close()
+    if door_path is not None:  # registrations end with the server, as in Triton
+        shutil.rmtree(shm_dir, ignore_errors=True)
     if sharing is not None:
         sharing.cancel()
         await asyncio.gather(sharing, return_exceptions=True)

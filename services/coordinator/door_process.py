@@ -34,9 +34,13 @@ def door_binary(mode: str, configured: str = "") -> Path | None:
 
 
 class DoorProcess:
-    def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int):
+    def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = ""):
+        """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
+        reads to serve requests whose tensors are in the client's shared memory itself."""
         self.command = [str(binary), "--listen", listen, "--backend", backend,
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
+        if shm_dir:
+            self.command += ["--shm-dir", shm_dir]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:

@@ -99,6 +99,7 @@ async def serve(settings: RuntimeSettings) -> None:
         await fast.stop()
     await server.stop()
     runtime.close()
+    oip_servicer.shm.close()
     trainer.close()
     await bus.close()
     await redis.aclose()

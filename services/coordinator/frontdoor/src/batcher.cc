@@ -320,11 +320,16 @@ void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferRe
   served.reserve(batch.members.size());
   int64_t row = 0;
   for (InferCall* call : batch.members) {
-    grpc::ByteBuffer response = slicer.Slice(call->request().id(), row, call->rows);
+    std::string problem;
+    grpc::ByteBuffer response = slicer.Slice(call->request().id(), row, call->rows, call->output_places, &problem);
     row += call->rows;
     served.push_back({Nanos(Clock::now() - call->received_at), Nanos(batch.sent_at - call->received_at),
                       uint32_t(call->rows)});
-    call->Reply(std::move(response));  // the call may be gone after this
+    if (!problem.empty()) {  // the call may be gone after either
+      call->Fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, problem));
+    } else {
+      call->Reply(std::move(response));
+    }
   }
   reporter_->Served(config_->route_id, served, stats);
 }

@@ -11,6 +11,7 @@
 
 #include "backend.h"
 #include "inference/grpc_service.pb.h"
+#include "shm.h"
 
 namespace frontdoor {
 
@@ -75,6 +76,7 @@ class InferCall {
   uint64_t priority = kDefaultPriority;
   Clock::time_point timeout_at = Clock::time_point::max();
   std::shared_ptr<const std::string> route_key;  // requests batch together only with equal keys
+  std::vector<OutputPlace> output_places;  // outputs the client wants in its shared memory
 
  private:
   inference::ModelInferRequest request_;

@@ -9,7 +9,8 @@
 namespace frontdoor {
 
 void InferDoor::Infer(InferCall* call, grpc::ByteBuffer* bytes) {
-  if (!call->Parse(bytes) || Sampled(call) || ContentProblem(call->request()) != nullptr ||
+  if (!call->Parse(bytes) || Sampled(call) || !TakeSharedMemory(call) ||
+      ContentProblem(call->request()) != nullptr ||
       !TakeQueueParameters(call)) {
     return call->Forward();
   }
@@ -53,6 +54,17 @@ bool InferDoor::TakeQueueParameters(InferCall* call) {
   if (timeout_us > 0) call->timeout_at = call->received_at + std::chrono::microseconds(timeout_us);
   for (const char* name : {"priority", "timeout_us", "timeout"}) params->erase(name);
   return true;
+}
+
+// Tensors in the client's shared memory: inputs read into the request, outputs noted for the
+// reply; the request then looks like any other and batches with them.
+bool InferDoor::TakeSharedMemory(InferCall* call) {
+  const auto& request = call->request();
+  bool placed = false;
+  for (const auto& input : request.inputs()) placed |= InSharedMemory(input.parameters());
+  for (const auto& output : request.outputs()) placed |= InSharedMemory(output.parameters());
+  if (!placed) return true;
+  return shm_ != nullptr && shm_->Take(&call->mutable_request(), &call->output_places);
 }
 
 // A sampled trace (traceparent flags with bit 0 set) takes the fully traced coordinator path.

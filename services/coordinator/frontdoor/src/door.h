@@ -8,7 +8,8 @@ namespace frontdoor {
 
 class InferDoor {
  public:
-  explicit InferDoor(Router* router) : router_(router) {}
+  // `shm`: the coordinator's shared memory registrations (nullptr: such requests are forwarded).
+  InferDoor(Router* router, SharedMemory* shm) : router_(router), shm_(shm) {}
   // Answers the call whose request is `bytes`: queued on its route's batcher, or forwarded to
   // the coordinator.
   void Infer(InferCall* call, grpc::ByteBuffer* bytes);
@@ -16,7 +17,9 @@ class InferDoor {
  private:
   bool Sampled(InferCall* call);
   bool TakeQueueParameters(InferCall* call);
+  bool TakeSharedMemory(InferCall* call);
   Router* router_;
+  SharedMemory* shm_;
 };
 
 }  // namespace frontdoor

@@ -28,12 +28,13 @@ struct Flags {
   int queue_limit = 2048;
   int max_message_bytes = 64 * 1024 * 1024;
   int parent_pid = 0;  // stop when this process (the coordinator) is gone
+  std::string shm_dir;  // the coordinator's shared memory registrations (empty: none served here)
 };
 
 constexpr char kUsage[] =
     "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
     "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
-    "       [--parent-pid PID]\n";
+    "       [--parent-pid PID] [--shm-dir DIR]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -74,6 +75,7 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--queue-limit") flags.queue_limit = PositiveInt(name, value);
     else if (name == "--max-message-bytes") flags.max_message_bytes = PositiveInt(name, value);
     else if (name == "--parent-pid") flags.parent_pid = PositiveInt(name, value);
+    else if (name == "--shm-dir") flags.shm_dir = value;
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
@@ -118,7 +120,9 @@ int main(int argc, char** argv) {
   BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit)};
   Router routes(&backend, &reporter, options);
   router = &routes;
-  InferDoor door(&routes);
+  std::unique_ptr<SharedMemory> shm;
+  if (!flags.shm_dir.empty()) shm = std::make_unique<SharedMemory>(flags.shm_dir);
+  InferDoor door(&routes, shm.get());
   FrontDoorService service(&backend, &door);
 
   int port = 0;

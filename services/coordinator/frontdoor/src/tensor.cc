@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 
 namespace frontdoor {
@@ -67,8 +68,13 @@ size_t DatatypeSize(const std::string& datatype) {
 const char* ContentProblem(const ModelInferRequest& request) {
   if (request.inputs_size() == 0) return "no inputs";
   if (request.raw_input_contents_size() != request.inputs_size()) return "inputs without raw contents";
+  // Tensors in the client's shared memory are read and written by the coordinator, on this host.
+  for (const auto& output : request.outputs()) {
+    if (output.parameters().count("shared_memory_region")) return "output in shared memory";
+  }
   for (int i = 0; i < request.inputs_size(); ++i) {
     const auto& input = request.inputs(i);
+    if (input.parameters().count("shared_memory_region")) return "input in shared memory";
     size_t size = DatatypeSize(input.datatype());
     if (size == 0) return "BYTES or unknown datatype";
     if (input.has_contents()) return "typed contents";
@@ -195,33 +201,57 @@ ReplySlicer::ReplySlicer(const ModelInferResponse& response_template,
   }
 }
 
-grpc::ByteBuffer ReplySlicer::Slice(const std::string& id, int64_t first_row, int64_t rows) const {
+grpc::ByteBuffer ReplySlicer::Slice(const std::string& id, int64_t first_row, int64_t rows,
+                                    const std::vector<OutputPlace>& places, std::string* problem) const {
   ModelInferResponse head;
   head.set_model_name(template_.model_name());
   head.set_model_version(template_.model_version());
   *head.mutable_parameters() = template_.parameters();
   head.set_id(id);
-  for (const auto& output : reply_->outputs()) {
+  std::vector<grpc::Slice> parts;
+  std::vector<const OutputPlace*> placed(outputs_.size(), nullptr);
+  parts.reserve(outputs_.size());
+  for (size_t k = 0; k < outputs_.size(); ++k) {
+    const auto& output = reply_->outputs(int(k));
     auto* added = head.add_outputs();
     added->set_name(output.name());
     added->set_datatype(output.datatype());
     *added->mutable_shape() = output.shape();
     if (batched_) added->set_shape(0, rows);
+    size_t row_bytes = batched_ ? outputs_[k].size() / size_t(total_rows_) : 0;
+    parts.push_back(batched_ ? outputs_[k].sub(first_row * row_bytes, (first_row + rows) * row_bytes)
+                             : outputs_[k]);
+    for (const OutputPlace& place : places) {
+      if (place.output != output.name()) continue;
+      if (parts[k].size() > place.capacity) {
+        *problem = "output '" + output.name() + "' is " + std::to_string(parts[k].size()) +
+                   " bytes, more than the " + std::to_string(place.capacity) +
+                   " bytes given to it in shared memory region '" + place.region + "'";
+        return grpc::ByteBuffer();
+      }
+      placed[k] = &place;
+      auto& params = *added->mutable_parameters();
+      params["shared_memory_region"].set_string_param(place.region);
+      params["shared_memory_byte_size"].set_int64_param(int64_t(parts[k].size()));
+      params["shared_memory_offset"].set_int64_param(int64_t(place.offset));
+    }
   }
   std::string prefix = head.SerializeAsString();
   std::vector<grpc::Slice> slices;
   slices.reserve(2 * outputs_.size() + 1);
   for (size_t k = 0; k < outputs_.size(); ++k) {
-    size_t row_bytes = batched_ ? outputs_[k].size() / size_t(total_rows_) : 0;
-    grpc::Slice part = batched_ ? outputs_[k].sub(first_row * row_bytes, (first_row + rows) * row_bytes)
-                                : outputs_[k];
     prefix.push_back(kRawOutputTag);
-    AppendVarint(&prefix, part.size());
+    if (placed[k] != nullptr) {  // written where the client said; the entry stays, empty
+      memcpy(placed[k]->data, parts[k].begin(), parts[k].size());
+      AppendVarint(&prefix, 0);
+      continue;
+    }
+    AppendVarint(&prefix, parts[k].size());
     slices.emplace_back(prefix);
-    slices.push_back(std::move(part));
+    slices.push_back(std::move(parts[k]));
     prefix.clear();
   }
-  if (outputs_.empty()) slices.emplace_back(prefix);
+  if (!prefix.empty() || slices.empty()) slices.emplace_back(prefix);
   return grpc::ByteBuffer(slices.data(), slices.size());
 }
 

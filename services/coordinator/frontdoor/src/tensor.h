@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "inference/grpc_service.pb.h"
+#include "shm.h"
 
 namespace frontdoor {
 
@@ -46,13 +47,16 @@ const char* ReplyProblem(const inference::ModelInferResponse& reply, int64_t tot
 // The node's cnei_compute_us parameter in nanoseconds (0 when absent).
 uint64_t ComputeNs(const inference::ModelInferResponse& reply);
 
-// Cuts one node reply into per-request responses without copying tensor bytes.
+// Cuts one node reply into per-request responses without copying tensor bytes (except outputs
+// a request places in shared memory: copied there, their raw entry left empty).
 class ReplySlicer {
  public:
   ReplySlicer(const inference::ModelInferResponse& response_template,
               std::shared_ptr<inference::ModelInferResponse> reply, int64_t total_rows,
               bool batched);
-  grpc::ByteBuffer Slice(const std::string& id, int64_t first_row, int64_t rows) const;
+  // `problem` is set (and the buffer empty) when an output does not fit its place.
+  grpc::ByteBuffer Slice(const std::string& id, int64_t first_row, int64_t rows,
+                         const std::vector<OutputPlace>& places, std::string* problem) const;
 
  private:
   const inference::ModelInferResponse& template_;

@@ -1,0 +1,224 @@
+"""Triton's system shared memory extension: a client on the same host registers a POSIX shared
+memory object (`/dev/shm/<key>`) as a named region; requests then name the region, offset and
+size holding an input (instead of sending its bytes) or receiving an output.
+
+Transport-free: the OIP codec reads inputs and writes outputs through `SharedMemoryRegions`.
+With `directory` set (coordinator workers sharing one port, or the coordinator and its compiled
+front door), registrations are files there, created exclusively, so a region registered through
+one process is usable through every other; each process maps the object itself when first used.
+A registration file is `shm-region-<hex of the name>` holding three lines: key, offset, byte_size
+(the front door reads the same files, services/coordinator/frontdoor/src/shm.cc)."""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+
+SHM_ROOT = Path("/dev/shm")
+PREFIX = "shm-region-"
+# Request/response tensor parameters naming a region (Triton's names).
+REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    key: str  # the POSIX shared memory object's name, as shm_open takes it ("/data" or "data")
+    offset: int  # where the region starts in the object
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class TensorPlace:
+    """Where one tensor lives: `byte_size` bytes at `offset` in region `region`."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+def place_of(params: dict, what: str) -> TensorPlace | None:
+    """The shared memory place a tensor's parameters name, or None when they name none."""
+    region = params.get(REGION)
+    if region is None:
+        return None
+    size, offset = params.get(BYTE_SIZE), params.get(OFFSET, 0)
+    if not isinstance(region, str) or not region:
+        raise InvalidArgument(f"{what}: '{REGION}' must be a region name (a string)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidArgument(f"{what}: '{BYTE_SIZE}' (a non-negative integer) is required with '{REGION}'")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidArgument(f"{what}: '{OFFSET}' must be a non-negative integer")
+    return TensorPlace(region, size, offset)
+
+
+def _object_path(key: str) -> Path:
+    name = key[1:] if key.startswith("/") else key
+    if not name or "/" in name or name in (".", "..") or not name.isprintable() or " " in name:
+        raise InvalidArgument(f"shared memory key '{key}' is not a POSIX shared memory name ('/name')")
+    return SHM_ROOT / name
+
+
+class _Mapped:
+    """One region mapped into this process."""
+
+    def __init__(self, region: Region):
+        self.region = region
+        path = _object_path(region.key)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise NotFound(f"shared memory key '{region.key}' does not exist on this host") from None
+        except PermissionError:
+            raise InvalidArgument(f"shared memory key '{region.key}' cannot be opened for reading and writing") from None
+        try:
+            size = os.fstat(fd).st_size
+            end = region.offset + region.byte_size
+            if end > size:
+                raise InvalidArgument(f"region '{region.name}': offset {region.offset} + byte_size "
+                                      f"{region.byte_size} is beyond the {size} bytes of '{region.key}'")
+            self.map = mmap.mmap(fd, end)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class SharedMemoryRegions:
+    def __init__(self, directory: str = ""):
+        self.dir = Path(directory) if directory else None
+        self._local: dict[str, Region] = {}  # registrations, when not shared through `dir`
+        self._mapped: dict[str, _Mapped] = {}
+        self._lock = threading.Lock()  # inputs are read on the event loop, outputs may be written off it
+
+    # --- the extension's three calls ----------------------------------------------------------
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+        if not name:
+            raise InvalidArgument("a shared memory region needs a name")
+        if byte_size <= 0:
+            raise InvalidArgument(f"region '{name}': byte_size must be positive")
+        region = Region(name, key, int(offset), int(byte_size))
+        mapped = _Mapped(region)  # the object exists and is large enough, or a clear error
+        try:
+            if self.dir is not None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                # written whole under a temporary name, then linked: the link fails when the
+                # name exists, and no worker ever reads half a registration
+                tmp = self.dir / f".{PREFIX}{os.getpid()}-{threading.get_ident()}.tmp"
+                tmp.write_text(f"{region.key}\n{region.offset}\n{region.byte_size}\n")
+                try:
+                    os.link(tmp, self._file(name))
+                except FileExistsError:
+                    raise self._exists(name) from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                with self._lock:
+                    if name in self._local:
+                        raise self._exists(name)
+                    self._local[name] = region
+        except BaseException:
+            mapped.close()
+            raise
+        with self._lock:
+            old = self._mapped.pop(name, None)
+            self._mapped[name] = mapped
+        if old is not None:
+            old.close()
+        return region
+
+    def unregister(self, name: str = "") -> None:
+        """Forget region `name`, or every region when `name` is empty; unknown names are fine."""
+        for region in ([self._registered(name)] if name else self.status()):
+            if region is None:
+                continue
+            if self.dir is not None:
+                self._file(region.name).unlink(missing_ok=True)
+            with self._lock:
+                self._local.pop(region.name, None)
+                mapped = self._mapped.pop(region.name, None)
+            if mapped is not None:
+                mapped.close()
+
+    def status(self, name: str = "") -> list[Region]:
+        if name:
+            region = self._registered(name)
+            if region is None:
+                raise NotFound(f"no shared memory region named '{name}' is registered")
+            return [region]
+        if self.dir is None:
+            with self._lock:
+                return sorted(self._local.values(), key=lambda r: r.name)
+        regions = []
+        for path in sorted(self.dir.glob(f"{PREFIX}*")) if self.dir.exists() else []:
+            region = self._read(path)
+            if region is not None:
+                regions.append(region)
+        return regions
+
+    # --- tensors --------------------------------------------------------------------------------
+    def read(self, place: TensorPlace, what: str) -> bytes:
+        """A copy of the bytes at `place` (the client may reuse the region at once)."""
+        with self._lock:
+            mapped, start = self._span(place, place.byte_size, what)
+            return mapped.map[start:start + place.byte_size]
+
+    def write(self, place: TensorPlace, data: bytes | memoryview, what: str) -> None:
+        if len(data) > place.byte_size:
+            raise InvalidArgument(f"{what} is {len(data)} bytes, more than the {place.byte_size} "
+                                  f"bytes given to it in shared memory region '{place.region}'")
+        with self._lock:
+            mapped, start = self._span(place, len(data), what)
+            mapped.map[start:start + len(data)] = data
+
+    def close(self) -> None:
+        with self._lock:
+            mapped, self._mapped = list(self._mapped.values()), {}
+        for m in mapped:
+            m.close()
+
+    # --- inside ---------------------------------------------------------------------------------
+    def _span(self, place: TensorPlace, size: int, what: str) -> tuple[_Mapped, int]:
+        """(the region mapped, where `place` starts in the map); the lock is held."""
+        region = self._registered(place.region)
+        if region is None:
+            gone = self._mapped.pop(place.region, None)  # unregistered through another worker
+            if gone is not None:
+                gone.close()
+            raise NotFound(f"{what}: no shared memory region named '{place.region}' is registered")
+        if place.offset + place.byte_size > region.byte_size:
+            raise InvalidArgument(f"{what}: offset {place.offset} + byte_size {place.byte_size} is beyond "
+                                  f"the {region.byte_size} bytes of shared memory region '{region.name}'")
+        mapped = self._mapped.get(region.name)
+        if mapped is None or mapped.region != region:  # registered through another worker, or again
+            if mapped is not None:
+                mapped.close()
+            mapped = self._mapped[region.name] = _Mapped(region)
+        return mapped, region.offset + place.offset
+
+    def _registered(self, name: str) -> Region | None:
+        if self.dir is None:
+            return self._local.get(name)
+        return self._read(self._file(name))
+
+    def _file(self, name: str) -> Path:
+        return self.dir / f"{PREFIX}{name.encode().hex()}"
+
+    @staticmethod
+    def _read(path: Path) -> Region | None:
+        try:
+            key, offset, size = path.read_text().split("\n")[:3]
+            return Region(bytes.fromhex(path.name[len(PREFIX):]).decode(), key, int(offset), int(size))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # not a registration this code wrote
+
+    @staticmethod
+    def _exists(name: str) -> AlreadyExists:
+        return AlreadyExists(f"a shared memory region named '{name}' is already registered")

@@ -1,0 +1,153 @@
+#include "shm.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+
+namespace frontdoor {
+
+namespace {
+
+constexpr char kRegion[] = "shared_memory_region";
+constexpr char kByteSize[] = "shared_memory_byte_size";
+constexpr char kOffset[] = "shared_memory_offset";
+constexpr char kFilePrefix[] = "shm-region-";
+
+using Params = google::protobuf::Map<std::string, inference::InferParameter>;
+
+bool Integer(const Params& params, const char* name, uint64_t* out) {
+  auto it = params.find(name);
+  if (it == params.end()) return false;
+  switch (it->second.parameter_choice_case()) {
+    case inference::InferParameter::kInt64Param:
+      if (it->second.int64_param() < 0) return false;
+      *out = uint64_t(it->second.int64_param());
+      return true;
+    case inference::InferParameter::kUint64Param: *out = it->second.uint64_param(); return true;
+    default: return false;
+  }
+}
+
+// (region name, offset, byte_size) of a tensor placed in shared memory.
+bool Place(const Params& params, std::string* region, uint64_t* offset, uint64_t* size) {
+  auto it = params.find(kRegion);
+  if (it == params.end() || it->second.parameter_choice_case() != inference::InferParameter::kStringParam) {
+    return false;
+  }
+  *region = it->second.string_param();
+  *offset = 0;
+  if (params.count(kOffset) && !Integer(params, kOffset, offset)) return false;
+  return Integer(params, kByteSize, size);
+}
+
+void Unplace(Params* params) {
+  params->erase(kRegion);
+  params->erase(kByteSize);
+  params->erase(kOffset);
+}
+
+std::string Hex(const std::string& text) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(2 * text.size());
+  for (unsigned char c : text) {
+    out.push_back(digits[c >> 4]);
+    out.push_back(digits[c & 15]);
+  }
+  return out;
+}
+
+}  // namespace
+
+bool InSharedMemory(const Params& params) { return !params.empty() && params.count(kRegion) > 0; }
+
+MappedRegion::~MappedRegion() {
+  if (map != nullptr) munmap(map, map_length);
+}
+
+std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
+  const std::string path = dir_ + "/" + kFilePrefix + Hex(name);
+  struct stat registration;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stat(path.c_str(), &registration) != 0) {  // not registered (or no longer)
+    regions_.erase(name);
+    return nullptr;
+  }
+  int64_t mtime_ns = int64_t(registration.st_mtim.tv_sec) * 1000000000 + registration.st_mtim.tv_nsec;
+  auto it = regions_.find(name);
+  if (it != regions_.end() && it->second->inode == registration.st_ino && it->second->mtime_ns == mtime_ns) {
+    return it->second;
+  }
+  auto region = std::make_shared<MappedRegion>();
+  region->inode = registration.st_ino;
+  region->mtime_ns = mtime_ns;
+  std::ifstream file(path);
+  if (!(std::getline(file, region->key) && file >> region->offset >> region->byte_size) ||
+      region->key.empty()) {
+    return nullptr;
+  }
+  std::string object = "/dev/shm/" + (region->key[0] == '/' ? region->key.substr(1) : region->key);
+  int fd = open(object.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return nullptr;
+  struct stat st;
+  region->map_length = size_t(region->offset + region->byte_size);
+  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < region->map_length) {
+    close(fd);
+    return nullptr;
+  }
+  void* map = mmap(nullptr, region->map_length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (map == MAP_FAILED) return nullptr;
+  region->map = map;
+  region->base = static_cast<char*>(map) + region->offset;
+  regions_[name] = region;
+  return region;
+}
+
+bool SharedMemory::Take(inference::ModelInferRequest* request, std::vector<OutputPlace>* outputs) {
+  bool any_input = false;
+  for (const auto& input : request->inputs()) any_input |= InSharedMemory(input.parameters());
+  if (any_input) {
+    int sent = 0;
+    for (const auto& input : request->inputs()) sent += !InSharedMemory(input.parameters());
+    if (request->raw_input_contents_size() != sent) return false;
+    google::protobuf::RepeatedPtrField<std::string> raw;
+    int next = 0;
+    for (auto& input : *request->mutable_inputs()) {
+      if (!InSharedMemory(input.parameters())) {
+        raw.Add()->swap(*request->mutable_raw_input_contents(next++));
+        continue;
+      }
+      std::string name;
+      uint64_t offset, size;
+      if (!Place(input.parameters(), &name, &offset, &size)) return false;
+      std::shared_ptr<MappedRegion> region = Find(name);
+      if (!region || offset > region->byte_size || size > region->byte_size - offset) return false;
+      raw.Add()->assign(region->base + offset, size);  // a copy: the client may reuse the region
+      Unplace(input.mutable_parameters());
+    }
+    request->mutable_raw_input_contents()->Swap(&raw);
+  }
+  for (auto& output : *request->mutable_outputs()) {
+    if (!InSharedMemory(output.parameters())) continue;
+    OutputPlace place;
+    uint64_t size;
+    if (!Place(output.parameters(), &place.region, &place.offset, &size)) return false;
+    place.mapped = Find(place.region);
+    if (!place.mapped || place.offset > place.mapped->byte_size ||
+        size > place.mapped->byte_size - place.offset) {
+      return false;
+    }
+    place.output = output.name();
+    place.data = place.mapped->base + place.offset;
+    place.capacity = size;
+    outputs->push_back(std::move(place));
+    Unplace(output.mutable_parameters());
+  }
+  return true;
+}
+
+}  // namespace frontdoor

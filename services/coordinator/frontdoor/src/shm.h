@@ -1,0 +1,61 @@
+// Triton's system shared memory on the fast path: the coordinator keeps each registration as a
+// file in a directory it shares with the door (services/common/shm.py); the door maps the
+// regions it meets in requests, reads inputs from them and writes outputs into them, so such
+// requests batch like any other. Anything it cannot resolve goes to the coordinator, which
+// answers with the precise error.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "inference/grpc_service.pb.h"
+
+namespace frontdoor {
+
+// One registered region mapped into the door; unmapped when the last user lets go.
+struct MappedRegion {
+  ~MappedRegion();
+  std::string key;
+  uint64_t offset = 0, byte_size = 0;
+  ino_t inode = 0;  // of the registration file, to notice a region registered again
+  int64_t mtime_ns = 0;
+  char* base = nullptr;  // the region's first byte
+  void* map = nullptr;
+  size_t map_length = 0;
+};
+
+// Where one output of a request goes: `capacity` bytes at `data`.
+struct OutputPlace {
+  std::string output, region;
+  uint64_t offset = 0;
+  char* data = nullptr;
+  uint64_t capacity = 0;
+  std::shared_ptr<MappedRegion> mapped;  // keeps `data` mapped until the reply is written
+};
+
+class SharedMemory {
+ public:
+  explicit SharedMemory(std::string dir) : dir_(std::move(dir)) {}
+  // Replaces inputs placed in shared memory by their bytes (raw_input_contents) and takes the
+  // placements off inputs and outputs, noting where outputs go. False when the request names a
+  // region, range or layout the door does not resolve; the request may then be half changed,
+  // and the caller forwards the bytes it received instead.
+  bool Take(inference::ModelInferRequest* request, std::vector<OutputPlace>* outputs);
+
+ private:
+  std::shared_ptr<MappedRegion> Find(const std::string& name);
+  const std::string dir_;
+  std::mutex mu_;
+  std::unordered_map<std::string, std::shared_ptr<MappedRegion>> regions_;
+};
+
+// Whether a tensor's parameters place it in shared memory.
+bool InSharedMemory(const google::protobuf::Map<std::string, inference::InferParameter>& params);
+
+}  // namespace frontdoor
