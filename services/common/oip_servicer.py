@@ -128,6 +128,33 @@ def stats_to_proto(s: ModelStats) -> pb.ModelStatistics:
     )
 
 
+async def statistics(core: InferenceCore, name: str, version: str) -> list[ModelStats]:
+    """Like Triton, every known model is listed, with zeros where this process has served
+    none of it (clients such as perf_analyzer compare snapshots taken on any connection,
+    which with several coordinator workers may land on a worker that served nothing)."""
+    stats = core.statistics(name, version)
+    if name:
+        if not stats:
+            variant = await core.model_variant(name, version)  # NOT_FOUND when unknown
+            stats = [ModelStats(variant.name, variant.version)]
+        return stats
+    seen = {(s.name, s.version) for s in stats}
+    for v in await core.repository_index():
+        if (v.name, v.version) not in seen:
+            seen.add((v.name, v.version))
+            stats.append(ModelStats(v.name, v.version))
+    return stats
+
+
+async def repository_models(core: InferenceCore) -> list[tuple[str, str]]:
+    """(name, version) of every model the core can serve, each once."""
+    seen: list[tuple[str, str]] = []
+    for v in await core.repository_index():
+        if (v.name, v.version) not in seen:
+            seen.append((v.name, v.version))
+    return seen
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Converts OIP messages, awaits the core, converts the answer."""
 
@@ -164,35 +191,14 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request, context):
-        stats = await self.statistics(request.name, request.version)
+        stats = await statistics(self.core, request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[stats_to_proto(s) for s in stats])
-
-    async def statistics(self, name: str, version: str) -> list[ModelStats]:
-        """Like Triton, every known model is listed, with zeros where this process has served
-        none of it (clients such as perf_analyzer compare snapshots taken on any connection,
-        which with several coordinator workers may land on a worker that served nothing)."""
-        stats = self.core.statistics(name, version)
-        if name:
-            if not stats:
-                variant = await self.core.model_variant(name, version)  # NOT_FOUND when unknown
-                stats = [ModelStats(variant.name, variant.version)]
-            return stats
-        seen = {(s.name, s.version) for s in stats}
-        for v in await self.core.repository_index():
-            if (v.name, v.version) not in seen:
-                seen.add((v.name, v.version))
-                stats.append(ModelStats(v.name, v.version))
-        return stats
 
     @rpc
     async def RepositoryIndex(self, request, context):
-        seen, models = set(), []
-        for v in await self.core.repository_index():
-            if (v.name, v.version) not in seen:
-                seen.add((v.name, v.version))
-                models.append(pb.RepositoryIndexResponse.ModelIndex(
-                    name=v.name, version=v.version, state="READY"))
-        return pb.RepositoryIndexResponse(models=models)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state="READY")
+            for name, version in await repository_models(self.core)])
 
     @rpc
     async def SystemSharedMemoryStatus(self, request, context):

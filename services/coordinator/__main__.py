@@ -73,7 +73,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis))), access_log=None)
+        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
     telemetry.start_metrics_server(settings.host, settings.metrics_port)

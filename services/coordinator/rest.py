@@ -8,8 +8,11 @@ from pathlib import Path
 from aiohttp import web
 
 from services.common import oip_json
-from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
-from services.common.oip_servicer import EXTENSIONS, PLATFORM, InferenceCore, inference_metrics
+from services.common.errors import HTTP_STATUS, CneiError, FailedPrecondition, InvalidArgument, NotFound
+from services.common.oip_servicer import (EXTENSIONS, PLATFORM, InferenceCore, config_to_proto, inference_metrics,
+                                          repository_models, statistics, stats_to_proto)
+from services.common.shm import SharedMemoryRegions
+from services.pb.inference import grpc_service_pb2 as pb
 from services.coordinator.status import build_status
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,33 @@ def _tensors(specs) -> list[dict]:
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
-def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+def _json_body(raw: bytes, what: str) -> object:
+    try:
+        return json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{what} is not JSON: {exc}") from None
+
+
+def _header_length(request: web.Request, size: int) -> int | None:
+    text = request.headers.get(oip_json.HEADER_LENGTH)
+    if text is None:
+        return None
+    try:
+        length = int(text)
+    except ValueError:
+        length = -1
+    if not 0 <= length <= size:
+        raise InvalidArgument(f"{oip_json.HEADER_LENGTH} must be an integer from 0 to the body's "
+                              f"{size} bytes, not '{text}'")
+    return length
+
+
+def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = None,
+              shm: SharedMemoryRegions | None = None) -> web.Application:
+    """Triton's HTTP/REST API over the core: KServe v2 JSON plus the binary tensor data,
+    model configuration, statistics, repository index and system shared memory extensions."""
     routes = web.RouteTableDef()
+    shm = shm if shm is not None else SharedMemoryRegions()
 
     @routes.get("/v2/health/live")
     async def live(request):
@@ -70,17 +98,80 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     async def infer(request):
         name, version = request.match_info["model"], request.match_info.get("version", "")
         with inference_metrics(name):
-            try:
-                body = json.loads(await request.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidArgument(f"request body is not JSON: {exc}") from None
-            response = await core.infer(oip_json.request_from_json(name, version, body))
-            return web.json_response(oip_json.response_to_json(response))
+            raw = await request.read()
+            length = _header_length(request, len(raw))
+            header, binary = (raw, b"") if length is None else (raw[:length], memoryview(raw)[length:])
+            decoded = oip_json.infer_from_json(name, version, _json_body(header, "request body"), binary, shm)
+            response = await core.infer(decoded.request)
+            body = oip_json.response_to_json(response, decoded, shm)
+            if isinstance(body, dict):
+                return web.json_response(body)
+            data, header_length = body
+            return web.Response(body=data, content_type="application/octet-stream",
+                                headers={oip_json.HEADER_LENGTH: str(header_length)})
 
+    async def model_config(request):
+        variant = await core.model_variant(request.match_info["model"], request.match_info.get("version", ""))
+        return web.json_response(oip_json.proto_to_json(config_to_proto(variant).config))
+
+    async def model_stats(request):
+        stats = await statistics(core, request.match_info.get("model", ""), request.match_info.get("version", ""))
+        reply = pb.ModelStatisticsResponse(model_stats=[stats_to_proto(s) for s in stats])
+        return web.json_response(oip_json.proto_to_json(reply))
+
+    routes.get("/v2/models/stats")(model_stats)  # before /v2/models/{model}, which would take it
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes.get(prefix)(model_metadata)
         routes.get(prefix + "/ready")(model_ready)
         routes.post(prefix + "/infer")(infer)
+        routes.get(prefix + "/config")(model_config)
+        routes.get(prefix + "/stats")(model_stats)
+
+    @routes.post("/v2/repository/index")
+    async def repository_index(request):
+        return web.json_response([{"name": n, "version": v, "state": "READY"}
+                                  for n, v in await repository_models(core)])
+
+    # --- system shared memory (and CUDA shared memory, which is not offered) ------------------
+    async def shm_status(request):
+        return web.json_response([{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                                  for r in shm.status(request.match_info.get("region", ""))])
+
+    @routes.post("/v2/systemsharedmemory/region/{region}/register")
+    async def shm_register(request):
+        body = _json_body(await request.read(), "register body")
+        if not isinstance(body, dict) or not isinstance(body.get("key"), str):
+            raise InvalidArgument("register body must be a JSON object with 'key', 'offset' and 'byte_size'")
+        numbers = [body.get("offset", 0), body.get("byte_size")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+            raise InvalidArgument("'offset' and 'byte_size' must be non-negative integers")
+        shm.register(request.match_info["region"], body["key"], *numbers)
+        return web.json_response({})
+
+    async def shm_unregister(request):
+        shm.unregister(request.match_info.get("region", ""))
+        return web.json_response({})
+
+    for prefix in ("/v2/systemsharedmemory", "/v2/systemsharedmemory/region/{region}"):
+        routes.get(prefix + "/status")(shm_status)
+        routes.post(prefix + "/unregister")(shm_unregister)
+
+    async def cuda_status(request):
+        if request.match_info.get("region"):
+            raise NotFound(f"no CUDA shared memory region named '{request.match_info['region']}' is registered")
+        return web.json_response([])
+
+    @routes.post("/v2/cudasharedmemory/region/{region}/register")
+    async def cuda_register(request):
+        raise FailedPrecondition(f"CUDA shared memory region '{request.match_info['region']}': this server "
+                                 f"does not take tensors in GPU memory; use system shared memory")
+
+    async def cuda_unregister(request):
+        return web.json_response({})
+
+    for prefix in ("/v2/cudasharedmemory", "/v2/cudasharedmemory/region/{region}"):
+        routes.get(prefix + "/status")(cuda_status)
+        routes.post(prefix + "/unregister")(cuda_unregister)
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app.add_routes(routes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import ml_dtypes
 import numpy as np
@@ -110,3 +111,93 @@ def test_bytes_outputs_become_json_strings(array):
     resp = oip.InferResponse(model_name="m", outputs={"s": array})
     out = json.loads(json.dumps(oip_json.response_to_json(resp)))["outputs"][0]
     assert out == {"name": "s", "datatype": "BYTES", "shape": [2], "data": ["ok", "\u00e9"]}
+
+
+# --- Triton's binary tensor data extension ----------------------------------------------------
+def test_binary_inputs_are_taken_from_the_section_after_the_json_header_in_input_order():
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[1, 2]], np.int64)
+    body = {"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": a.nbytes}},
+        {"name": "j", "datatype": "INT32", "shape": [2], "data": [5, 6]},
+        {"name": "b", "datatype": "INT64", "shape": [1, 2], "parameters": {"binary_data_size": b.nbytes}}]}
+    req = oip_json.request_from_json("m", "", body, a.tobytes() + b.tobytes())
+    np.testing.assert_array_equal(req.inputs["a"], a)
+    np.testing.assert_array_equal(req.inputs["b"], b)
+    np.testing.assert_array_equal(req.inputs["j"], [5, 6])
+
+
+@pytest.mark.parametrize(("binary", "message"), [
+    (b"\0" * 30, "6 bytes of binary data are not claimed"),
+    (b"\0" * 20, "'binary_data_size' is 24 but only 20 bytes"),
+])
+def test_binary_sections_that_do_not_add_up_are_refused(binary, message):
+    body = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 24}}]}
+    with pytest.raises(InvalidArgument, match=message):
+        oip_json.request_from_json("m", "", body, binary)
+
+
+def test_outputs_asked_for_in_binary_follow_the_json_header():
+    y, z = np.linspace(0, 1, 4, dtype=np.float32), np.array([b"ab", b"c"], dtype=np.object_)
+    resp = oip.InferResponse("m", {"y": y, "z": z}, model_version="1")
+    everything = oip_json.infer_from_json("m", "", {"inputs": [], "parameters": {"binary_data_output": True}})
+    assert "binary_data_output" not in everything.request.parameters  # a REST matter, not the model's
+    body, length = oip_json.response_to_json(resp, everything)
+    header = json.loads(body[:length])
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert sizes == [16, 4 + 2 + 4 + 1]  # BYTES: each element length-prefixed
+    assert body[length:length + 16] == y.tobytes() and "data" not in header["outputs"][0]
+
+    one = oip_json.infer_from_json("m", "", {"inputs": [], "outputs": [
+        {"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}]})
+    body, length = oip_json.response_to_json(resp, one)
+    header = json.loads(body[:length])
+    assert header["outputs"][1]["data"] == ["ab", "c"] and body[length:] == y.tobytes()
+
+    plain = oip_json.infer_from_json("m", "", {"inputs": [], "outputs": [{"name": "y"}]})
+    assert oip_json.response_to_json(resp, plain)["outputs"][0]["data"] == pytest.approx(y.tolist())
+
+
+def test_tensors_in_shared_memory_over_rest(tmp_path):
+    from services.common.shm import SharedMemoryRegions
+    key = f"/cnei-test-rest-{os.getpid()}"
+    with open(f"/dev/shm{key}", "wb") as f:
+        f.truncate(256)
+    regions = SharedMemoryRegions()
+    try:
+        regions.register("r", key, 0, 256)
+        x = np.arange(4, dtype=np.float32)
+        with open(f"/dev/shm{key}", "r+b") as f:
+            f.write(x.tobytes())
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "parameters": {
+            "shared_memory_region": "r", "shared_memory_byte_size": 16}}],
+            "outputs": [{"name": "y", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 64,
+                                                     "shared_memory_offset": 128}}]}
+        decoded = oip_json.infer_from_json("m", "", body, b"", regions)
+        np.testing.assert_array_equal(decoded.request.inputs["x"], x)
+        out = oip_json.response_to_json(oip.InferResponse("m", {"y": x * 2}), decoded, regions)
+        assert out["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [4]}]
+        with open(f"/dev/shm{key}", "rb") as f:
+            assert f.read()[128:144] == (x * 2).tobytes()
+        with pytest.raises(InvalidArgument, match="does not take tensors in shared memory"):
+            oip_json.request_from_json("m", "", body)
+    finally:
+        regions.close()
+        os.unlink(f"/dev/shm{key}")
+
+
+def test_proto_messages_are_written_as_tritons_http_api_writes_them():
+    from services.common.model_spec import ModelVariant, TensorSpec
+    from services.common.oip_servicer import config_to_proto
+
+    def config(input_shape: tuple) -> dict:
+        variant = ModelVariant(name="m", version="1", precision="FP32", sha256="0" * 64, size_bytes=1,
+                               inputs=[TensorSpec("x", "FP32", input_shape)], outputs=[TensorSpec("y", "FP32", (-1, 10))],
+                               metadata={"max_batch_size": "8"})
+        return oip_json.proto_to_json(config_to_proto(variant).config)
+
+    batching = config((-1, 64))
+    assert batching["max_batch_size"] == 8 and batching["input"][0]["dims"] == [64]  # numbers, not strings
+    assert batching["input"][0]["data_type"] == "TYPE_FP32" and "dynamic_batching" in batching
+    assert batching["parameters"]["max_batch_size"] == {"string_value": "8"}
+    fixed = config((1, 64))
+    assert fixed["max_batch_size"] == 0 and "dynamic_batching" not in fixed  # a default is still written

@@ -1,0 +1,93 @@
+"""The coordinator's REST API as Triton's HTTP client uses it: binary tensor data (tritonclient's
+default), model configuration, statistics, repository index and system shared memory."""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.http as http
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from services.models.digits import load_split
+
+ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    c = http.InferenceServerClient(mesh.rest.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_split()[1][:ROWS].astype(np.float32)
+
+
+def _infer(client, x, binary_in: bool, outputs=None):
+    inp = http.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    return client.infer("digits", [inp], outputs=outputs, parameters={"precision": "FP32"})
+
+
+def test_binary_and_json_tensors_give_the_same_answer(client, images):
+    expected = _infer(client, images, binary_in=False,
+                      outputs=[http.InferRequestedOutput("probabilities", binary_data=False)]).as_numpy("probabilities")
+    assert expected.shape == (ROWS, 10)
+    for binary_in in (True, False):
+        for binary_out in (True, False, None):  # None: no outputs named, all sent binary
+            outputs = None if binary_out is None else [http.InferRequestedOutput("probabilities", binary_data=binary_out)]
+            result = _infer(client, images, binary_in, outputs)
+            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+            sent_binary = binary_out is not False
+            assert ("binary_data_size" in result.get_output("probabilities").get("parameters", {})) == sent_binary
+
+
+def test_model_configuration_statistics_and_repository_index(client, images):
+    config = client.get_model_config("digits")
+    assert config["max_batch_size"] > 0
+    first = config["input"][0]
+    assert (first["name"], first["data_type"], first["dims"]) == ("input", "TYPE_FP32", [64])
+    before = client.get_inference_statistics("digits")["model_stats"][0]["inference_count"]
+    _infer(client, images, binary_in=True)
+    after = client.get_inference_statistics("digits")["model_stats"][0]
+    assert isinstance(after["inference_count"], int) and after["inference_count"] >= before + ROWS
+    assert any(m["name"] == "digits" for m in client.get_inference_statistics()["model_stats"])
+    assert {"name": "digits", "version": "1", "state": "READY"} in client.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match="nope"):
+        client.get_model_config("nope")
+
+
+def test_tensors_in_system_shared_memory(client, images):
+    tag = uuid.uuid4().hex[:10]
+    names, keys = (f"in-{tag}", f"out-{tag}"), (f"/cnei-rest-{tag}-in", f"/cnei-rest-{tag}-out")
+    sizes = (images.nbytes, ROWS * 10 * 4)
+    handles = [shm.create_shared_memory_region(n, k, s) for n, k, s in zip(names, keys, sizes)]
+    try:
+        shm.set_shared_memory_region(handles[0], [images])
+        for name, key, size in zip(names, keys, sizes):
+            client.register_system_shared_memory(name, key, size)
+        assert {r["name"] for r in client.get_system_shared_memory_status()} >= set(names)
+        expected = _infer(client, images, binary_in=True).as_numpy("probabilities")
+        inp = http.InferInput("input", list(images.shape), "FP32")
+        inp.set_shared_memory(names[0], sizes[0])
+        out = http.InferRequestedOutput("probabilities", binary_data=True)
+        out.set_shared_memory(names[1], sizes[1])
+        result = client.infer("digits", [inp], outputs=[out], parameters={"precision": "FP32"})
+        got = shm.get_contents_as_numpy(handles[1], np.float32, result.get_output("probabilities")["shape"])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+        client.unregister_system_shared_memory(names[0])
+        with pytest.raises(InferenceServerException, match=f"no shared memory region named '{names[0]}'"):
+            client.infer("digits", [inp], outputs=[out])
+        assert client.get_cuda_shared_memory_status() == []
+        with pytest.raises(InferenceServerException, match="use system shared memory"):
+            client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 64)
+    finally:
+        client.unregister_system_shared_memory()
+        for h in handles:
+            shm.destroy_shared_memory_region(h)
+    assert client.get_system_shared_memory_status() == []
