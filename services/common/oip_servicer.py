@@ -25,7 +25,7 @@ PLATFORM = "onnxruntime_onnx"
 # not read until the oldest is answered (the client sees flow control, nothing is dropped).
 STREAM_WINDOW = 256
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters",
-              "system_shared_memory"]
+              "system_shared_memory", "binary_tensor_data"]
 
 INFER_REQUESTS = Counter(
     "cnei_inference_requests_total", "Inference requests by model and outcome", ["model", "outcome"]
