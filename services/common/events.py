@@ -12,6 +12,8 @@ STREAM_SUBJECTS = ["cnei.>"]
 
 MODEL_PUBLISHED = "cnei.model.published"
 DEPLOYMENT_UPDATED = "cnei.deployment.updated"
+MODEL_LOADED = "cnei.model.loaded"  # put back in service (Triton's RepositoryModelLoad)
+MODEL_UNLOADED = "cnei.model.unloaded"  # taken out of service (RepositoryModelUnload)
 NODE_UP = "cnei.node.up"
 REQUEST_FAILOVER = "cnei.request.failover"
 INFERENCE_ESCALATED = "cnei.inference.escalated"

@@ -5,12 +5,13 @@ import functools
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, oip
-from services.common.errors import CneiError, FailedPrecondition, NotFound, outcome_of
+from services.common.errors import CneiError, FailedPrecondition, InvalidArgument, NotFound, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
 from services.common.ordered import map_in_order
@@ -49,6 +50,9 @@ class InferenceCore(Protocol):
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse: ...
     def statistics(self, name: str, version: str) -> list[ModelStats]: ...
     async def repository_index(self) -> list[ModelVariant]: ...
+    async def unloaded_models(self) -> frozenset[str]: ...
+    async def load_model(self, name: str) -> None: ...
+    async def unload_model(self, name: str) -> None: ...
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,13 +150,32 @@ async def statistics(core: InferenceCore, name: str, version: str) -> list[Model
     return stats
 
 
-async def repository_models(core: InferenceCore) -> list[tuple[str, str]]:
-    """(name, version) of every model the core can serve, each once."""
-    seen: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE, as Triton names them
+    reason: str = ""
+
+
+async def repository_models(core: InferenceCore, ready_only: bool = False) -> list[IndexEntry]:
+    """Every model version the repository holds, each once, with its state."""
+    unloaded = await core.unloaded_models()
+    seen: dict[tuple[str, str], IndexEntry] = {}
     for v in await core.repository_index():
         if (v.name, v.version) not in seen:
-            seen.append((v.name, v.version))
-    return seen
+            seen[(v.name, v.version)] = (IndexEntry(v.name, v.version, "UNAVAILABLE", "unloaded")
+                                         if v.name in unloaded else IndexEntry(v.name, v.version, "READY"))
+    return [e for e in seen.values() if e.state == "READY" or not ready_only]
+
+
+def _model_name(request) -> str:
+    if not request.model_name:
+        raise InvalidArgument("model_name is required")
+    if request.repository_name:
+        raise InvalidArgument(f"there is one model repository (the registry); repository_name "
+                              f"'{request.repository_name}' is not known")
+    return request.model_name
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -197,8 +220,18 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[
-            pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state="READY")
-            for name, version in await repository_models(self.core)])
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            for e in await repository_models(self.core, request.ready)])
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        await self.core.load_model(_model_name(request))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        await self.core.unload_model(_model_name(request))
+        return pb.RepositoryModelUnloadResponse()
 
     @rpc
     async def SystemSharedMemoryStatus(self, request, context):

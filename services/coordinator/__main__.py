@@ -17,6 +17,7 @@ from services.common.errors import CneiError
 from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
+from services.common.node_control import NodeControlClients
 from services.common.registry_client import RegistryClient
 from services.common.shm import SharedMemoryRegions
 from services.coordinator.catalog import Catalog
@@ -25,6 +26,7 @@ from services.coordinator.door import DoorRoutes
 from services.coordinator.door_process import DoorProcess, door_binary
 from services.coordinator.door_servicer import FrontDoorServicer
 from services.coordinator.nodes_view import NodesView
+from services.coordinator.repository import ModelControl
 from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import PREFIX, CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
@@ -48,6 +50,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None)
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
+    node_control = NodeControlClients()
+    core.control = ModelControl(core, redis, node_control, settings.resolve_ttl_s)
     nodes.on_change = core.node_changed
     sharing = None
     if settings.shared_dir and worker >= 0:  # one of several workers: statistics add up
@@ -93,6 +97,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         await door.stop()
     await server.stop()
     await core.close()
+    await node_control.close()
     shm.close()
     if door_path is not None:  # registrations end with the server, as in Triton
         shutil.rmtree(shm_dir, ignore_errors=True)
@@ -119,7 +124,12 @@ async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: 
         if envelope.source.startswith("coordinator-") and envelope.source != source:
             core.recent.append(failover_row(envelope))
 
+    async def on_model_control(envelope: events.Envelope) -> None:
+        core.control.forget()  # another coordinator (or worker) loaded or unloaded a model
+
     await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
+    await bus.subscribe(events.MODEL_LOADED, on_model_control)
+    await bus.subscribe(events.MODEL_UNLOADED, on_model_control)
     await bus.subscribe(events.DEPLOYMENT_UPDATED, on_model_event)
     if source == "coordinator-0":
         await bus.subscribe(events.REQUEST_FAILOVER, on_peer_failover)

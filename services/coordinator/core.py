@@ -16,8 +16,8 @@ from prometheus_client import Counter
 from services.common import events, oip, telemetry
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec
-from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, NoLiveNode,
-                                    outcome_of)
+from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
+                                    NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
@@ -141,6 +141,7 @@ class Coordinator:
         self.breakers = Breakers(settings.breaker_failures, settings.breaker_open_s)
         self.latency = LatencyBook()
         self.recent: deque[dict] = deque(maxlen=100)
+        self.control = None  # repository.ModelControl: models unloaded through the repository API
 
     # --- InferenceCore ----------------------------------------------------------------------
     async def ready(self) -> bool:
@@ -149,6 +150,8 @@ class Coordinator:
     async def model_ready(self, name: str, version: str) -> bool:
         try:
             await self.catalog.variants(name, version)
+            if self.control is not None:
+                await self.control.check(name)
         except CneiError:
             return False
         return bool(self.nodes.nodes)
@@ -165,11 +168,27 @@ class Coordinator:
     async def repository_index(self) -> list[ModelVariant]:
         return await self.catalog.registry.list()
 
+    async def unloaded_models(self) -> frozenset[str]:
+        return await self.control.unloaded() if self.control is not None else frozenset()
+
+    async def load_model(self, name: str) -> None:
+        await self._control().load(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self._control().unload(name)
+
+    def _control(self):
+        if self.control is None:
+            raise FailedPrecondition("this coordinator has no model control (no Redis)")
+        return self.control
+
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats_view.select(name, version)
 
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         start = time.perf_counter_ns()
+        if self.control is not None:
+            await self.control.check(request.model_name)
         variants = await self.catalog.variants(request.model_name, request.model_version)
         spec = restrict_tier(await self.catalog.deployment(request.model_name), request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
@@ -200,7 +219,7 @@ class Coordinator:
         if j.edge_precision and not policy_from_params(request.parameters).precision:
             edge_request = replace(request, parameters={**request.parameters, "precision": j.edge_precision})
         edge_spec = replace(spec, tiers=("edge",))
-        if not any(n.tier == "edge" for n in self._eligible(edge_spec)):
+        if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
             if not spec.cloud_fallback:
                 raise NoLiveNode(request.model_name)
             return await self._cloud(request, spec, deadline_s, reason="no edge node")
@@ -262,7 +281,7 @@ class Coordinator:
             return
         DISAGREEMENTS.labels(request.model_name).inc(len(rows))
         inputs = {name: array[rows].tolist() for name, array in request.inputs.items()}
-        await self._publish(events.INFERENCE_DISAGREEMENT, {
+        await self.announce(events.INFERENCE_DISAGREEMENT, {
             "model": request.model_name, "cloud_model": cloud.model_name, "rows": rows.tolist(),
             "edge_labels": np.argmax(edge_probs[rows], axis=-1).tolist(),
             "cloud_labels": np.argmax(cloud_probs[rows], axis=-1).tolist(), "inputs": inputs,
@@ -284,7 +303,7 @@ class Coordinator:
             return [first] if first is not None else []
         policy = self._policy(request.parameters, spec)
         ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""))
-        ranked = rank(self._eligible(spec), ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms,
+        ranked = rank(self.eligible_nodes(spec), ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms,
                       self.nodes.compute_ms)
         nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
         return [first] + [Placement(n, choose_variant(variants, policy, n.node_class or n.tier))
@@ -301,7 +320,7 @@ class Coordinator:
             policy = PrecisionPolicy(p.precision.upper(), p.accuracy_floor, p.latency_budget_ms)
         return policy
 
-    def _eligible(self, spec: DeploymentSpec) -> list[NodeInfo]:
+    def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:
         """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
         tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
         blocked = self.breakers.blocked() | self.nodes.unhealthy
@@ -335,7 +354,7 @@ class Coordinator:
             return placement
 
     def _pools(self, spec: DeploymentSpec, failed: NodeInfo | None) -> list[list[NodeInfo]]:
-        eligible = self._eligible(spec)
+        eligible = self.eligible_nodes(spec)
         if failed is None:
             return [eligible]
         return failover_stages(eligible, failed, spec.cloud_fallback and "cloud" in spec.tiers)
@@ -394,7 +413,7 @@ class Coordinator:
         first = asyncio.ensure_future(self._attempt(request, placement, spec, deadline))
         done, _ = await asyncio.wait({first}, timeout=delay)
         second_placement = None if done else self._place(
-            variants, spec, policy, region, self._eligible(spec), tried)
+            variants, spec, policy, region, self.eligible_nodes(spec), tried)
         if second_placement is None:
             return await first, placement
         HEDGES.labels(request.model_name).inc()
@@ -444,7 +463,7 @@ class Coordinator:
         payload = {"model": model, "from_node": failed.node_id, "from_tier": failed.tier,
                    "to_node": to.node_id, "to_tier": to.tier, "reason": reason,
                    "detail": error.message if error else ""}
-        self._background.spawn(self._publish(events.REQUEST_FAILOVER, payload))
+        self._background.spawn(self.announce(events.REQUEST_FAILOVER, payload))
 
     def node_changed(self, subject: str, node: NodeInfo, reason: str) -> None:
         """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
@@ -456,11 +475,11 @@ class Coordinator:
                             "node": node.node_id, "reason": reason})
         if self.settings.worker_index > 0:
             return  # of several workers, worker 0 alone announces what they all see
-        self._background.spawn(self._publish(subject, {"node_id": node.node_id, "tier": node.tier,
+        self._background.spawn(self.announce(subject, {"node_id": node.node_id, "tier": node.tier,
                                             "region": node.region, "reason": reason,
                                             "observer": "coordinator"}))
 
-    async def _publish(self, subject: str, payload: dict) -> None:
+    async def announce(self, subject: str, payload: dict) -> None:
         if self.publish is None:
             return
         try:

@@ -114,6 +114,8 @@ class DoorRoutes:
         if self.trace_every == 1:
             return Refusal("every request is traced (spans are exported and door_trace_every is 1)")
         try:
+            if core.control is not None:
+                await core.control.check(request.model_name)
             variants = await core.catalog.variants(request.model_name, request.model_version)
             spec = restrict_tier(await core.catalog.deployment(request.model_name), request.parameters)
             reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode)

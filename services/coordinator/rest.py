@@ -129,8 +129,21 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
 
     @routes.post("/v2/repository/index")
     async def repository_index(request):
-        return web.json_response([{"name": n, "version": v, "state": "READY"}
-                                  for n, v in await repository_models(core)])
+        body = _json_body(await request.read(), "index body")
+        ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
+        return web.json_response([{"name": e.name, "version": e.version, "state": e.state,
+                                   **({"reason": e.reason} if e.reason else {})}
+                                  for e in await repository_models(core, ready)])
+
+    @routes.post("/v2/repository/models/{model}/load")
+    async def repository_load(request):
+        await core.load_model(request.match_info["model"])
+        return web.json_response({})
+
+    @routes.post("/v2/repository/models/{model}/unload")
+    async def repository_unload(request):
+        await core.unload_model(request.match_info["model"])
+        return web.json_response({})
 
     # --- system shared memory (and CUDA shared memory, which is not offered) ------------------
     async def shm_status(request):

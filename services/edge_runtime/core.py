@@ -225,6 +225,20 @@ class EdgeRuntime:
         except CneiError:
             return self.disk.variants()
 
+    async def unloaded_models(self) -> frozenset[str]:
+        return frozenset()  # a runtime serves every model it can pull; the coordinator takes models out of service
+
+    async def load_model(self, name: str) -> None:
+        """Load the variant the registry resolves for the model by default into memory now."""
+        await self.load(await self.resolve(name))
+
+    async def unload_model(self, name: str) -> None:
+        """Drop every variant of the model from memory (a later request loads it again)."""
+        await self.resolve(name)  # NOT_FOUND for a model the registry and disk cache lack
+        for m in self.loaded():
+            if m.variant.name == name:
+                self.unload(m.variant.key)
+
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats.select(name, version)
 

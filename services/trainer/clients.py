@@ -6,21 +6,12 @@ import grpc
 from services.common import grpc_util
 from services.common.federated import LocalUpdate, RoundTask, named_bytes
 from services.common.federated_convert import task_to_proto, update_from_proto
-from services.pb.cnei import node_pb2_grpc as npb_grpc
+from services.common.node_control import NodeControlClients
 from services.trainer.metrics import UPDATE_BYTES
 
 
-class NodeClients:
+class NodeClients(NodeControlClients):
     """One traced channel per node address, reused across rounds and jobs."""
-
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _stub(self, address: str) -> npb_grpc.NodeControlStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address)
-        return npb_grpc.NodeControlStub(channel)
 
     async def train(self, address: str, task: RoundTask, timeout: float) -> LocalUpdate:
         """One local round on the node at `address`; failures raise CneiError subclasses."""
@@ -33,8 +24,3 @@ class NodeClients:
         update = update_from_proto(reply)
         UPDATE_BYTES.labels("received").inc(named_bytes(update.weights))
         return update
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()

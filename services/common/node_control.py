@@ -1,0 +1,43 @@
+"""Outbound calls to a runtime's NodeControl service (load, unload), one traced channel per node
+address, speaking domain terms; the trainer adds its federated rounds on top."""
+from __future__ import annotations
+
+import grpc
+
+from services.common import grpc_util
+from services.pb.cnei import node_pb2 as npb
+from services.pb.cnei import node_pb2_grpc as npb_grpc
+
+
+class NodeControlClients:
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> npb_grpc.NodeControlStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc_util.channel(address)
+        return npb_grpc.NodeControlStub(channel)
+
+    async def load(self, address: str, name: str, version: str, precision: str, timeout: float) -> float:
+        """Load the variant on the node (pulled from the registry if it must be): its load seconds."""
+        try:
+            reply = await self._stub(address).LoadModel(
+                npb.LoadModelRequest(name=name, version=version, precision=precision), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc, f"node {address}") from None
+        return reply.load_seconds
+
+    async def unload(self, address: str, name: str, version: str, precision: str, timeout: float) -> bool:
+        """Drop the variant from the node's memory: whether it was loaded there."""
+        try:
+            reply = await self._stub(address).UnloadModel(
+                npb.UnloadModelRequest(name=name, version=version, precision=precision), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc, f"node {address}") from None
+        return reply.unloaded
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

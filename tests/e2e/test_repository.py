@@ -1,0 +1,125 @@
+"""Triton's explicit model control through the coordinator (tritonclient `unload_model` /
+`load_model`, gRPC and REST): an unloaded model is out of service across the mesh and out of the
+nodes' memory; loading it puts it back and warms it on every eligible node."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+
+from services.common.registry_client import RegistryClient
+from services.pb.cnei import node_pb2 as npb
+from services.pb.cnei import node_pb2_grpc as npb_grpc
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+MODEL = "digits-ctl"
+EDGES = ("edge-a1", "edge-b1")
+
+
+@pytest.fixture(scope="module")
+def ctl_model(mesh, digits_models):
+    fp32 = next(v for v in digits_models if v.precision == "FP32")
+
+    async def push():
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.push_file(fp32.path, MODEL, "1", "FP32", fp32.metadata)
+        finally:
+            await client.close()
+
+    asyncio.run(push())
+    return MODEL
+
+
+def _infer(client):
+    inp = triton.InferInput("input", [2, 64], "FP32")
+    inp.set_data_from_numpy(np.ones((2, 64), np.float32))
+    return client.infer(MODEL, [inp]).as_numpy("probabilities")
+
+
+def _loaded_on(mesh, node_id: str) -> bool:
+    async def status():
+        async with grpc.aio.insecure_channel(mesh.runtime(node_id)) as channel:
+            return await npb_grpc.NodeControlStub(channel).GetNodeStatus(npb.NodeStatusRequest(), timeout=10)
+    return any(m.name == MODEL for m in asyncio.run(status()).models)
+
+
+def _ready_models(mesh) -> set[str]:
+    """RepositoryIndex with `ready` set (tritonclient does not send it)."""
+    async def index():
+        async with grpc.aio.insecure_channel(mesh.coordinator) as channel:
+            return await pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
+                pb.RepositoryIndexRequest(ready=True), timeout=10)
+    return {m.name for m in asyncio.run(index()).models}
+
+
+def test_unload_takes_a_model_out_of_service_and_load_puts_it_back_warm(mesh, ctl_model):
+    client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        assert _infer(client).shape == (2, 10)
+        client.unload_model(MODEL)
+        assert not any(_loaded_on(mesh, n) for n in EDGES + ("cloud-1",))
+        time.sleep(0.5)  # the front door reuses a route for up to its ttl (100 ms)
+        for _ in range(3):
+            with pytest.raises(InferenceServerException, match="is unloaded") as unloaded:
+                _infer(client)
+            assert unloaded.value.status() == "StatusCode.UNAVAILABLE"
+        assert not client.is_model_ready(MODEL)
+        index = {m.name: m for m in client.get_model_repository_index().models}
+        assert (index[MODEL].state, index[MODEL].reason) == ("UNAVAILABLE", "unloaded")
+        assert index["digits"].state == "READY"
+        assert MODEL not in _ready_models(mesh)
+
+        client.load_model(MODEL)
+        assert all(_loaded_on(mesh, n) for n in EDGES)  # warm before the first request
+        assert client.is_model_ready(MODEL)
+        assert _infer(client).shape == (2, 10)
+    finally:
+        client.load_model(MODEL)
+        client.close()
+
+
+def test_model_control_over_rest(mesh, ctl_model):
+    client = http.InferenceServerClient(mesh.rest.removeprefix("http://"))
+    try:
+        client.unload_model(MODEL)
+        assert not client.is_model_ready(MODEL)
+        assert {"name": MODEL, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in \
+            client.get_model_repository_index()
+        client.load_model(MODEL)
+        assert client.is_model_ready(MODEL)
+    finally:
+        client.load_model(MODEL)
+        client.close()
+
+
+def test_model_control_refuses_what_it_cannot_do(mesh, ctl_model):
+    client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        for call in (client.load_model, client.unload_model):
+            with pytest.raises(InferenceServerException, match="model 'no-such-model' not found") as missing:
+                call("no-such-model")
+            assert missing.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        client.close()
+
+
+def test_an_edge_runtime_loads_and_drops_a_model_from_memory_on_request(mesh, ctl_model):
+    """Called directly, a runtime warms or evicts (it still pulls a model a request needs)."""
+    client = triton.InferenceServerClient(mesh.runtime("edge-b1"))
+    try:
+        client.load_model(MODEL)
+        assert _loaded_on(mesh, "edge-b1")
+        client.unload_model(MODEL)
+        assert not _loaded_on(mesh, "edge-b1")
+        assert _infer(client).shape == (2, 10)  # pulled again on demand
+        assert _loaded_on(mesh, "edge-b1")
+    finally:
+        client.close()
