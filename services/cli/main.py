@@ -43,6 +43,26 @@ async def models_list(args) -> int:
     return 0
 
 
+async def models_control(args) -> int:
+    """`cnei models load|unload NAME`: Triton's explicit model control through the coordinator."""
+    from services.common import grpc_util
+    from services.pb.inference import grpc_service_pb2 as pb
+    from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+    channel = grpc_util.channel(args.url)
+    try:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        if args.verb == "load":
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), timeout=args.timeout)
+            print(f"model {args.model} loaded: in service and warm on its nodes")
+        else:
+            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout)
+            print(f"model {args.model} unloaded: out of service until `cnei models load {args.model}`")
+    finally:
+        await channel.close()
+    return 0
+
+
 def _input_array(args, spec) -> np.ndarray:
     if args.digits:
         from services.models.digits import load_all
@@ -242,6 +262,12 @@ def parser() -> argparse.ArgumentParser:
     lst.add_argument("--name", default="")
     for sp in (push, lst):
         sp.add_argument("--registry", default="127.0.0.1:50051")
+    for verb, what in (("load", "put a model back in service, loaded on its nodes"),
+                       ("unload", "take a model out of service and out of the nodes' memory")):
+        ctl = models.add_parser(verb, help=what)
+        ctl.add_argument("model")
+        ctl.add_argument("--url", default="127.0.0.1:8001", help="coordinator gRPC address")
+        ctl.add_argument("--timeout", type=float, default=120.0)
     inf = sub.add_parser("infer", help="run one inference through the coordinator (or a node)")
     inf.add_argument("model")
     inf.add_argument("--url", default="127.0.0.1:8001")
@@ -266,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_up()
     verbs = {"push": models_push, "list": models_list, "build": build.models_build,
+             "load": models_control, "unload": models_control,
              "apply": deploy_apply, "get": deploy_show}
     if args.command == "train":
         verbs = train.VERBS

@@ -4,6 +4,8 @@ nodes' memory; loading it puts it back and warms it on every eligible node."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import grpc
@@ -123,3 +125,23 @@ def test_an_edge_runtime_loads_and_drops_a_model_from_memory_on_request(mesh, ct
         assert _loaded_on(mesh, "edge-b1")
     finally:
         client.close()
+
+
+def test_the_command_line_loads_and_unloads(mesh, ctl_model):
+    def cnei(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    try:
+        out = cnei("models", "unload", MODEL, "--url", mesh.coordinator)
+        assert out.returncode == 0 and "unloaded" in out.stdout, out.stderr
+        time.sleep(0.5)  # the front door's route ttl
+        refused = cnei("infer", MODEL, "--url", mesh.coordinator)
+        assert refused.returncode == 2 and "UNAVAILABLE" in refused.stderr and "is unloaded" in refused.stderr
+        out = cnei("models", "load", MODEL, "--url", mesh.coordinator)
+        assert out.returncode == 0 and "loaded" in out.stdout, out.stderr
+        assert cnei("infer", MODEL, "--url", mesh.coordinator).returncode == 0
+        missing = cnei("models", "unload", "no-such-model", "--url", mesh.coordinator)
+        assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    finally:
+        cnei("models", "load", MODEL, "--url", mesh.coordinator)
