@@ -135,9 +135,10 @@ def status_text(s: dict) -> str:
     if s.get("models_error"):
         out.append(f"error: {s['models_error']}")
     variants = [[m["name"], v["version"], v["precision"], "-" if v["accuracy"] is None else v["accuracy"],
-                 " ".join(f"{c}={ms}ms" for c, ms in v["latency_ms"].items()) or "-"]
+                 " ".join(f"{c}={ms}ms" for c, ms in v["latency_ms"].items()) or "-",
+                 "serving" if m.get("in_service", True) else "unloaded"]
                 for m in s["models"] for v in m["variants"]]
-    out.append(table(variants, ["MODEL", "VERSION", "PRECISION", "ACCURACY", "LATENCY"]))
+    out.append(table(variants, ["MODEL", "VERSION", "PRECISION", "ACCURACY", "LATENCY", "STATE"]))
     deployments = [[m["name"], d["scheduler"], _batching(d["batching"]),
                     d["joint"], d["precision"], "+".join(d["tiers"]), "applied" if d["applied"] else "defaults"]
                    for m in s["models"] for d in [m["deployment"]]]

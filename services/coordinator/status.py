@@ -80,8 +80,10 @@ def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
     }
 
 
-def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, DeploymentSpec]) -> list[dict]:
-    """One entry per model name: its variants (newest version first) and its deployment."""
+def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, DeploymentSpec],
+               unloaded: frozenset[str] = frozenset()) -> list[dict]:
+    """One entry per model name: its variants (newest version first), its deployment and whether it
+    is in service (not unloaded through the repository API)."""
     by_name: dict[str, list[ModelVariant]] = {}
     for v in variants:
         by_name.setdefault(v.name, []).append(v)
@@ -90,7 +92,7 @@ def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, Deplo
         ordered = sorted(by_name[name], key=lambda v: (version_key(v.version), v.precision), reverse=True)
         spec = deployments.get(name)
         rows.append({
-            "name": name, "latest_version": ordered[0].version,
+            "name": name, "latest_version": ordered[0].version, "in_service": name not in unloaded,
             "variants": [variant_row(v) for v in ordered],
             "deployment": deployment_summary(spec or DeploymentSpec(model=name), spec is not None),
         })
@@ -158,7 +160,7 @@ async def build_status(core, jobs=None) -> dict:
     }
     try:
         variants, deployments = await registry_view(core.catalog.registry)
-        status["models"] = model_rows(variants, deployments)
+        status["models"] = model_rows(variants, deployments, await core.unloaded_models())
     except Exception as exc:  # noqa: BLE001 - the page still shows nodes and events
         status["models_error"] = f"registry unavailable: {getattr(exc, 'message', None) or exc!r}"
     return status

@@ -76,6 +76,8 @@ def test_models_list_newest_version_first_with_the_applied_deployment_or_the_def
     assert (digits["deployment"]["joint"], digits["deployment"]["joint_threshold"]) == ("sync", 0.8)
     assert not tiny["deployment"]["applied"] and tiny["deployment"]["scheduler"] == "edgeai"
     assert tiny["deployment"]["joint_threshold"] is None
+    assert digits["in_service"] and tiny["in_service"]
+    assert [m["in_service"] for m in model_rows(variants + [other], {}, frozenset({"tiny"}))] == [True, False]
 
 
 def test_latency_rows_give_p50_and_p99_in_milliseconds_per_model_and_node():

@@ -78,6 +78,12 @@ def test_unload_takes_a_model_out_of_service_and_load_puts_it_back_warm(mesh, ct
         assert (index[MODEL].state, index[MODEL].reason) == ("UNAVAILABLE", "unloaded")
         assert index["digits"].state == "READY"
         assert MODEL not in _ready_models(mesh)
+        status = subprocess.run([sys.executable, "-m", "services.cli.main", "status", "--url", mesh.rest,
+                                 "--redis", mesh.settings.redis_url, "--registry", mesh.registry],
+                                capture_output=True, text=True, timeout=60)
+        states = {line.split()[0]: line.split()[-1] for line in status.stdout.splitlines()
+                  if line.startswith(("digits ", f"{MODEL} ")) and line.split()[-1] in ("serving", "unloaded")}
+        assert states == {"digits": "serving", MODEL: "unloaded"}, status.stdout + status.stderr
 
         client.load_model(MODEL)
         assert all(_loaded_on(mesh, n) for n in EDGES)  # warm before the first request
