@@ -68,7 +68,7 @@ class _Mapped:
 
     def __init__(self, region: Region):
         self.region = region
-        path = _object_path(region.key)
+        self.path = path = _object_path(region.key)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -76,7 +76,8 @@ class _Mapped:
         except PermissionError:
             raise InvalidArgument(f"shared memory key '{region.key}' cannot be opened for reading and writing") from None
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            size, self.identity = stat.st_size, (stat.st_dev, stat.st_ino)
             end = region.offset + region.byte_size
             if end > size:
                 raise InvalidArgument(f"region '{region.name}': offset {region.offset} + byte_size "
@@ -84,6 +85,17 @@ class _Mapped:
             self.map = mmap.mmap(fd, end)
         finally:
             os.close(fd)
+
+    def current(self, region: Region) -> bool:
+        """Whether this map is still `region` over the object its key names now (a client may
+        have made the object afresh, or registered the name again through another process)."""
+        if region != self.region:
+            return False
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self.identity
 
     def close(self) -> None:
         self.map.close()
@@ -195,7 +207,7 @@ class SharedMemoryRegions:
             raise InvalidArgument(f"{what}: offset {place.offset} + byte_size {place.byte_size} is beyond "
                                   f"the {region.byte_size} bytes of shared memory region '{region.name}'")
         mapped = self._mapped.get(region.name)
-        if mapped is None or mapped.region != region:  # registered through another worker, or again
+        if mapped is None or not mapped.current(region):
             if mapped is not None:
                 mapped.close()
             mapped = self._mapped[region.name] = _Mapped(region)

@@ -178,3 +178,17 @@ def test_codec_refuses_bad_shared_memory_requests_clearly(shm_object):
     with pytest.raises(InvalidArgument, match="raw_input_contents has 1 entries but the request has 0 inputs not in"):
         oip.request_from_proto(extra_raw, regions)
     regions.close()
+
+
+def test_an_object_made_afresh_under_the_same_key_is_mapped_afresh(shm_object, tmp_path):
+    key, path = shm_object
+    regions = SharedMemoryRegions(str(tmp_path))
+    regions.register("r", key, 0, 64)
+    _poke(path, 0, b"old!")
+    assert regions.read(TensorPlace("r", 4), "input 'x'") == b"old!"
+    os.unlink(path)  # the client destroys its region and creates it again, same key and size
+    with open(path, "wb") as f:
+        f.truncate(4096)
+    _poke(path, 0, b"new!")
+    assert regions.read(TensorPlace("r", 4), "input 'x'") == b"new!"
+    regions.close()

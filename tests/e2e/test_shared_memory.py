@@ -136,6 +136,19 @@ def test_inputs_and_outputs_travel_through_the_clients_shared_memory(target):
         finally:
             client.stop_stream()
 
+        # the client makes its input object afresh under the same key (no new registration):
+        # what is read is the new object's content, not a stale mapping of the old one
+        shm.destroy_shared_memory_region(regions.handles[0])
+        flipped = regions.x[::-1].copy()
+        regions.handles[0] = shm.create_shared_memory_region(regions.names[0], regions.keys[0], flipped.nbytes)
+        shm.set_shared_memory_region(regions.handles[0], [flipped])
+        expected_flipped = _expected(target, flipped)
+        client = _fresh(target)
+        for _ in range(5):
+            inputs, outputs = regions.request()
+            result = client.infer("digits", inputs, outputs=outputs, parameters={"precision": "FP32"})
+            np.testing.assert_allclose(regions.output(result), expected_flipped, rtol=1e-5, atol=1e-6)
+
         inputs, outputs = regions.request(out_bytes=16)
         with pytest.raises(InferenceServerException, match="more than the 16 bytes") as small:
             _fresh(target).infer("digits", inputs, outputs=outputs)

@@ -79,7 +79,11 @@ std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
   int64_t mtime_ns = int64_t(registration.st_mtim.tv_sec) * 1000000000 + registration.st_mtim.tv_nsec;
   auto it = regions_.find(name);
   if (it != regions_.end() && it->second->inode == registration.st_ino && it->second->mtime_ns == mtime_ns) {
-    return it->second;
+    struct stat object;
+    if (stat(it->second->object.c_str(), &object) == 0 && object.st_dev == it->second->object_dev &&
+        object.st_ino == it->second->object_inode) {
+      return it->second;
+    }
   }
   auto region = std::make_shared<MappedRegion>();
   region->inode = registration.st_ino;
@@ -89,8 +93,8 @@ std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
       region->key.empty()) {
     return nullptr;
   }
-  std::string object = "/dev/shm/" + (region->key[0] == '/' ? region->key.substr(1) : region->key);
-  int fd = open(object.c_str(), O_RDWR | O_CLOEXEC);
+  region->object = "/dev/shm/" + (region->key[0] == '/' ? region->key.substr(1) : region->key);
+  int fd = open(region->object.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return nullptr;
   struct stat st;
   region->map_length = size_t(region->offset + region->byte_size);
@@ -98,6 +102,8 @@ std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
     close(fd);
     return nullptr;
   }
+  region->object_dev = st.st_dev;
+  region->object_inode = st.st_ino;
   void* map = mmap(nullptr, region->map_length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);
   if (map == MAP_FAILED) return nullptr;

@@ -25,6 +25,9 @@ struct MappedRegion {
   uint64_t offset = 0, byte_size = 0;
   ino_t inode = 0;  // of the registration file, to notice a region registered again
   int64_t mtime_ns = 0;
+  std::string object;  // /dev/shm path of the key
+  dev_t object_dev = 0;  // of the object mapped, to notice one the client made afresh
+  ino_t object_inode = 0;
   char* base = nullptr;  // the region's first byte
   void* map = nullptr;
   size_t map_length = 0;
