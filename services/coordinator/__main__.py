@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from services.common import events, lifecycle, telemetry
+from services.common import events, lifecycle, telemetry, triton_metrics
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.errors import CneiError
@@ -80,6 +80,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
+    if worker < 0:  # several workers: the supervisor serves Triton's metrics over all of them
+        triton_metrics.register(lambda: core.stats_view.select())
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     door = watching = None

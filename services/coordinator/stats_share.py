@@ -16,6 +16,19 @@ log = logging.getLogger(__name__)
 PREFIX = "stats-worker-"
 
 
+def read_books(directory: str | Path, exclude: Path | None = None) -> list[ModelStats]:
+    """Every worker's statistics as last written in `directory` (not summed)."""
+    found = []
+    for path in Path(directory).glob(f"{PREFIX}*.json"):
+        if path == exclude:
+            continue
+        try:
+            found += [stats_from_dict(d) for d in json.loads(path.read_text())]
+        except (OSError, ValueError, KeyError) as exc:  # a worker mid-restart: skip its file
+            log.debug("skipping statistics file %s: %s", path, exc)
+    return found
+
+
 class StatsShare:
     def __init__(self, directory: str, worker: int, book: StatsBook, interval_s: float = 0.1):
         self.dir = Path(directory)
@@ -46,15 +59,7 @@ class StatsShare:
         self._written = text
 
     def others(self) -> list[ModelStats]:
-        found = []
-        for path in self.dir.glob(f"{PREFIX}*.json"):
-            if path == self.path:
-                continue
-            try:
-                found += [stats_from_dict(d) for d in json.loads(path.read_text())]
-            except (OSError, ValueError, KeyError) as exc:  # a worker mid-restart: skip its file
-                log.debug("skipping statistics file %s: %s", path, exc)
-        return found
+        return read_books(self.dir, exclude=self.path)
 
     def select(self, name: str = "", version: str = "") -> list[ModelStats]:
         parts = self.book.select() + self.others()

@@ -16,7 +16,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from services.common import triton_metrics
+from services.common.stats import merge
 from services.coordinator.settings import PREFIX, CoordinatorSettings
+from services.coordinator.stats_share import read_books
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
@@ -73,6 +76,7 @@ class Supervisor:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.metrics_dir)
+        triton_metrics.register(lambda: merge(read_books(self.metrics_dir)), registry)
         start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=registry)
 
     async def watch(self, stop: asyncio.Event, poll_s: float = 0.5) -> None:

@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
-from services.common import events, lifecycle, telemetry
+from services.common import events, lifecycle, telemetry, triton_metrics
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.errors import InvalidArgument
@@ -82,6 +82,7 @@ async def serve(settings: RuntimeSettings) -> None:
     trainer = LocalTrainer(settings)
     server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime, trainer),
                "cnei.node.v1.NodeControl")
+    triton_metrics.register(lambda: runtime.stats.select())
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     await _preload(runtime, settings.preload)

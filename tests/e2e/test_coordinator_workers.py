@@ -40,10 +40,14 @@ def _executions(address: str) -> int:
         client.close()
 
 
-def _requests_total(metrics_port: int) -> float:
+OIP_OK = r'^cnei_inference_requests_total\{model="digits",outcome="ok"\} (\S+)'
+TRITON_SUCCESS = r'^nv_inference_request_success\{model="digits",version="1"\} (\S+)'
+
+
+def _requests_total(metrics_port: int, pattern: str = OIP_OK) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    found = re.findall(r'^cnei_inference_requests_total\{model="digits",outcome="ok"\} (\S+)', text, re.M)
+    found = re.findall(pattern, text, re.M)
     return float(found[0]) if found else 0.0
 
 
@@ -81,6 +85,7 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
     x, y = load_all()
     _infer_fresh_connection(address, x[:1])
     before = _requests_total(metrics_port)
+    triton_before = _requests_total(metrics_port, TRITON_SUCCESS)
     count, answered_by, correct = 60, set(), 0
     for i in range(count):
         probs, worker = _infer_fresh_connection(address, x[i:i + 1])
@@ -90,6 +95,9 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
     assert correct >= count - 3
     assert answered_by == set(range(WORKERS))
     infra.wait_until(lambda: _requests_total(metrics_port) - before >= count, 10, "summed request count")
+    # Triton's metric names, summed over the workers' shared statistics
+    infra.wait_until(lambda: _requests_total(metrics_port, TRITON_SUCCESS) - triton_before >= count, 10,
+                     "nv_inference_request_success over every worker")
     # Triton statistics add up too: whoever is asked reports every request once the workers'
     # books are shared (each writes its own every 0.1 s; fresh connections reach either worker).
     def all_counted() -> bool:

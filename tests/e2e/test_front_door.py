@@ -135,6 +135,8 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
     # What the door served is booked by the coordinator: statistics and metrics.
     infra.wait_until(lambda: _executions(address) - served_before >= count, 10, "statistics of the door's requests")
     assert _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="ok"') >= count
+    # ... also under Triton's metric names, for dashboards and autoscalers written for Triton
+    assert _metric(metrics_port, "nv_inference_count", 'model="digits",version="1"') >= count
     # ... and the batches it formed show in the coordinator's own batch histogram.
     batches, rows = (_metric(metrics_port, f"cnei_batch_size_{k}", 'model="digits"') - before
                      for k, before in zip(("count", "sum"), batches_before))
