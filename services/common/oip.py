@@ -8,7 +8,7 @@ import numpy as np
 
 from services.common import codec
 from services.common.errors import InvalidArgument, TensorError
-from services.common.shm import OFFSET, BYTE_SIZE, REGION, SharedMemoryRegions, TensorPlace, place_of
+from services.common.shm import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegions, TensorPlace, place_of
 from services.pb.inference import grpc_service_pb2 as pb
 
 Params = dict[str, Any]
@@ -78,8 +78,7 @@ def request_from_proto(request: pb.ModelInferRequest, shm: SharedMemoryRegions |
     places = _places(request.inputs, "input")
     out_places = _places(request.outputs, "output")
     if shm is None and any(places + out_places):
-        raise InvalidArgument("this endpoint does not take tensors in shared memory (the system "
-                              "shared memory extension is served over gRPC)")
+        raise InvalidArgument("this endpoint does not take tensors in shared memory")
     raw = list(request.raw_input_contents)
     sent = sum(p is None for p in places)
     if raw and len(raw) != sent:
