@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 SHM_ROOT = Path("/dev/shm")
 PREFIX = "shm-region-"
@@ -102,7 +102,9 @@ class _Mapped:
 
 
 class SharedMemoryRegions:
-    def __init__(self, directory: str = ""):
+    def __init__(self, directory: str = "", enabled: bool = True):
+        """`enabled` False: the extension is turned off (nothing can be registered)."""
+        self.enabled = enabled
         self.dir = Path(directory) if directory else None
         self._local: dict[str, Region] = {}  # registrations, when not shared through `dir`
         self._mapped: dict[str, _Mapped] = {}
@@ -110,6 +112,9 @@ class SharedMemoryRegions:
 
     # --- the extension's three calls ----------------------------------------------------------
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+        if not self.enabled:
+            raise FailedPrecondition(f"shared memory region '{name}': system shared memory is turned off on "
+                                     f"this server (its SHARED_MEMORY setting)")
         if not name:
             raise InvalidArgument("a shared memory region needs a name")
         if byte_size <= 0:
@@ -197,6 +202,8 @@ class SharedMemoryRegions:
     # --- inside ---------------------------------------------------------------------------------
     def _span(self, place: TensorPlace, size: int, what: str) -> tuple[_Mapped, int]:
         """(the region mapped, where `place` starts in the map); the lock is held."""
+        if not self.enabled:
+            raise InvalidArgument(f"{what} is placed in shared memory, which is turned off on this server")
         region = self._registered(place.region)
         if region is None:
             gone = self._mapped.pop(place.region, None)  # unregistered through another worker

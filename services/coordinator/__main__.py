@@ -72,7 +72,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         shm_dir = str(Path(settings.shared_dir) / "shm")
     elif door_path is not None:
         shm_dir = tempfile.mkdtemp(prefix="cnei-shm-")
-    shm = SharedMemoryRegions(shm_dir)
+    shm = SharedMemoryRegions(shm_dir, enabled=settings.shared_memory)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm),
                "inference.GRPCInferenceService")
     runner = None
@@ -87,7 +87,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     door = watching = None
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
-                           shm_dir)
+                           shm_dir if settings.shared_memory else "")
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,

@@ -13,6 +13,8 @@ class CoordinatorSettings:
     host: str = field("127.0.0.1", "address every listener binds to")
     grpc_port: int = field(8001, "OIP gRPC port (Triton's default)")
     http_port: int = field(8000, "OIP REST v2 port")
+    shared_memory: bool = field(True, "serve Triton's system shared memory extension (clients on this host "
+                                      "name /dev/shm objects the server then reads and writes)")
     metrics_port: int = field(8002, "Prometheus /metrics port (0 disables)")
     workers: int = field(
         1, "coordinator processes sharing the gRPC port (SO_REUSEPORT), each with its own event loop; "

@@ -17,6 +17,7 @@ from services.common.errors import InvalidArgument
 from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
+from services.common.shm import SharedMemoryRegions
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.control import NodeControlServicer
@@ -75,7 +76,7 @@ async def serve(settings: RuntimeSettings) -> None:
     await bus.start()
     delay = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else None
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=delay)
-    oip_servicer = OipServicer(runtime)
+    oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory))
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
     fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms)) if settings.fast_lane else None

@@ -17,6 +17,8 @@ class RuntimeSettings:
     advertise_host: str = field("", "host other services dial (default: host)")
     port: int = field(50061, "OIP gRPC port of this node")
     fast_lane: bool = field(True, "serve the coordinator's internal TCP data plane too")
+    shared_memory: bool = field(True, "serve Triton's system shared memory extension (clients on this host "
+                                      "name /dev/shm objects the server then reads and writes)")
     fast_port: int = field(0, "port of the internal data plane (0: any free port, advertised)")
     metrics_port: int = field(9111, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")

@@ -192,3 +192,14 @@ def test_an_object_made_afresh_under_the_same_key_is_mapped_afresh(shm_object, t
     _poke(path, 0, b"new!")
     assert regions.read(TensorPlace("r", 4), "input 'x'") == b"new!"
     regions.close()
+
+
+def test_turned_off_nothing_is_registered_or_read(shm_object):
+    from services.common.errors import FailedPrecondition
+    key, _ = shm_object
+    regions = SharedMemoryRegions(enabled=False)
+    with pytest.raises(FailedPrecondition, match="turned off"):
+        regions.register("r", key, 0, 64)
+    assert regions.status() == []
+    with pytest.raises(InvalidArgument, match="input 'x' is placed in shared memory, which is turned off"):
+        regions.read(TensorPlace("r", 4), "input 'x'")
