@@ -2,7 +2,6 @@
 their events, and both surviving a restart."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 
@@ -12,13 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from services.cli import infra
 from services.common import deployment, events
 from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
 from services.common.errors import CneiError, ErrorCode
-from services.common.registry_client import RegistryClient
 from services.models.onnx_mlp import mlp_graph
 from services.pb.cnei import registry_pb2 as rpb
+from tests.registry.restart import across_a_restart
 
 ACCURACY = {"accuracy": "0.9700"}
 
@@ -184,24 +182,16 @@ async def test_putting_a_deployment_publishes_a_deployment_updated_event(nats_se
 
 
 async def test_measurements_and_deployments_survive_a_registry_restart(launch_registry, tmp_path, artifact):
-    data_dir = tmp_path / "data"
-    first = await asyncio.to_thread(launch_registry, data_dir)
-    client = RegistryClient(first.target)
-    try:
+    async def write(client):
         variant = await client.push_file(artifact, "durable", "1", "FP16")
         measured = await client.record_measurement(variant, "edge-arm", "edge-1", 1.5, 123)
-        spec = await client.put_deployment(_spec("durable"))
-    finally:
-        await client.close()
-        await asyncio.to_thread(infra.stop, first.proc)
-    assert first.proc.returncode == 0, first.log.read_text()[-3000:]
+        return measured, await client.put_deployment(_spec("durable"))
 
-    second = await asyncio.to_thread(launch_registry, data_dir)
-    client = RegistryClient(second.target)
-    try:
+    async def check(client, written):
+        measured, spec = written
         assert (await client.resolve("durable")).metadata == measured.metadata
         assert _measured(measured) == {"latency_ms.edge-arm": "1.5000", "memory_bytes.edge-arm": "123"}
         assert await client.get_deployment("durable") == spec
         assert await client.list_deployments() == [spec]
-    finally:
-        await client.close()
+
+    await across_a_restart(launch_registry, tmp_path / "data", write, check)

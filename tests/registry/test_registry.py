@@ -13,13 +13,13 @@ import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli import infra
 from services.common import events
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import TensorSpec
 from services.common.registry_client import RegistryClient
 from services.common.registry_convert import variant_from_proto
 from services.pb.cnei import registry_pb2 as rpb
+from tests.registry.restart import across_a_restart
 
 DIGITS_INPUTS = [TensorSpec("input", "FP32", (-1, 64))]
 DIGITS_OUTPUTS = [TensorSpec("probabilities", "FP32", (-1, 10))]
@@ -273,22 +273,13 @@ async def test_pushing_a_version_publishes_a_model_published_event(nats_server, 
 
 
 async def test_a_restarted_registry_still_lists_and_serves_everything(launch_registry, tmp_path, built):
-    data_dir = tmp_path / "data"
-    first = await asyncio.to_thread(launch_registry, data_dir)
-    client = RegistryClient(first.target)
-    try:
+    async def write(client):
         for version, precision in [("1", "FP32"), ("1", "INT8"), ("2", "FP16")]:
             await client.push_file(built[precision].path, "durable", version, precision,
                                    metadata={"note": f"v{version}"})
-        before = await client.list()
-    finally:
-        await client.close()
-        await asyncio.to_thread(infra.stop, first.proc)
-    assert first.proc.returncode == 0, first.log.read_text()[-3000:]
+        return await client.list()
 
-    second = await asyncio.to_thread(launch_registry, data_dir)
-    client = RegistryClient(second.target)
-    try:
+    async def check(client, before):
         assert await client.list() == before
         assert (await client.resolve("durable")).version == "2"
         for variant in before:
@@ -296,6 +287,5 @@ async def test_a_restarted_registry_still_lists_and_serves_everything(launch_reg
         with pytest.raises(CneiError) as info:
             await client.push_file(built["FP32"].path, "durable", "1", "FP32")
         assert info.value.code is ErrorCode.ALREADY_EXISTS
-    finally:
-        await client.close()
-        await asyncio.to_thread(infra.stop, second.proc)
+
+    await across_a_restart(launch_registry, tmp_path / "data", write, check)
