@@ -105,10 +105,16 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
             response = await core.infer(decoded.request)
             body = oip_json.response_to_json(response, decoded, shm)
             if isinstance(body, dict):
-                return web.json_response(body)
-            data, header_length = body
-            return web.Response(body=data, content_type="application/octet-stream",
-                                headers={oip_json.HEADER_LENGTH: str(header_length)})
+                reply = web.json_response(body)
+            else:
+                data, header_length = body
+                reply = web.Response(body=data, content_type="application/octet-stream",
+                                     headers={oip_json.HEADER_LENGTH: str(header_length)})
+            # request bodies in gzip/deflate are inflated by aiohttp; replies are compressed when
+            # the client accepts it (tritonclient's response_compression_algorithm)
+            if any(c in request.headers.get("Accept-Encoding", "") for c in ("gzip", "deflate")):
+                reply.enable_compression()
+            return reply
 
     async def model_config(request):
         variant = await core.model_variant(request.match_info["model"], request.match_info.get("version", ""))

@@ -2,6 +2,9 @@
 default), model configuration, statistics, repository index and system shared memory."""
 from __future__ import annotations
 
+import gzip
+import json
+import urllib.request
 import uuid
 
 import numpy as np
@@ -91,3 +94,26 @@ def test_tensors_in_system_shared_memory(client, images):
         for h in handles:
             shm.destroy_shared_memory_region(h)
     assert client.get_system_shared_memory_status() == []
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_replies(client, images, algorithm):
+    expected = _infer(client, images, binary_in=True).as_numpy("probabilities")
+    inp = http.InferInput("input", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images)
+    result = client.infer("digits", [inp], parameters={"precision": "FP32"},
+                          request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_replies_are_compressed_when_the_client_accepts_it(mesh, images):
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(images.shape),
+                                   "data": images.ravel().tolist()}]}).encode()
+    request = urllib.request.Request(f"{mesh.rest}/v2/models/digits/infer", data=body, method="POST",
+                                     headers={"Accept-Encoding": "gzip", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.headers["Content-Encoding"] == "gzip"
+        answer = json.loads(gzip.decompress(reply.read()))
+    assert np.asarray(answer["outputs"][0]["data"]).reshape(ROWS, 10).argmax(1).tolist() == \
+        _infer(http.InferenceServerClient(mesh.rest.removeprefix("http://")), images, True).as_numpy(
+            "probabilities").argmax(1).tolist()
