@@ -237,13 +237,23 @@ class FederatedTrainer:
         job.state, job.error = "running", ""
         await self._save(job)
         for round_no in range(job.round + 1, spec.rounds + 1):
+            self._stop_if_closing()
             weights = await self._round_with_retries(job, round_no, weights, strategy)
+        self._stop_if_closing()
         await self._push(job, weights)
         await self._finish(job, "completed")
         await self.store.drop_checkpoint(job.id)
 
+    def _stop_if_closing(self) -> None:
+        """Between rounds, a trainer that is shutting down stops the job (suspended by _run_job)
+        even if the cancellation `close` sent was lost: on Python 3.11, asyncio.wait_for (under
+        nats-py's publish, say) drops a cancel that lands as its awaited future completes."""
+        if self._closing:
+            raise asyncio.CancelledError("the trainer is shutting down")
+
     async def _round_with_retries(self, job: JobRecord, round_no: int, weights: Named, strategy: FedAvg) -> Named:
         for attempt in range(1, self.settings.round_retries + 2):
+            self._stop_if_closing()
             try:
                 outcome = await self._round(job, round_no, attempt, weights, strategy)
             except RoundFailed as exc:

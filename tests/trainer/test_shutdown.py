@@ -1,0 +1,67 @@
+"""A trainer shutting down suspends its jobs even when the cancellation it sends is lost (on
+Python 3.11 asyncio.wait_for, which nats-py's publish uses, drops a cancel that lands as its
+future completes). Real Redis; clients and the event bus are in-process stand-ins."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from services.common import events, settings as cfg
+from services.common.federated import LocalUpdate, RoundTask
+from services.common.jobs import JobRecord, JobSpec, JobStore
+from services.common.nodes import NodeDirectory, NodeInfo
+from services.trainer import checkpoint
+from services.trainer.core import FederatedTrainer
+from services.trainer.settings import PREFIX, TrainerSettings
+
+WEIGHTS = {"W0": np.full((4, 3), 0.1, np.float32), "B0": np.zeros(3, np.float32)}
+EVAL = (np.eye(4, dtype=np.float32)[:3], np.array([0, 1, 2]))
+
+
+@pytest.fixture
+async def redis(redis_server):
+    """A database of its own: the mesh's trainers (later e2e tests) must not find this job."""
+    client = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/6")
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+async def train(address: str, task: RoundTask, timeout: float) -> LocalUpdate:
+    await asyncio.sleep(0.01)
+    return LocalUpdate(address, {k: v + 0.01 for k, v in task.weights.items()}, 10, 0.5, 0.9, 0.01)
+
+
+async def test_a_lost_cancellation_still_suspends_the_job_after_the_round_in_progress(redis):
+    store, nodes = JobStore(redis), NodeDirectory(redis)
+    for n in ("edge-1", "edge-2"):
+        await nodes.heartbeat(NodeInfo(node_id=n, tier="edge", region="r", address=n), ttl_seconds=60)
+    job = JobRecord(spec=JobSpec(model="m", rounds=50, min_clients=2), state="suspended", round=1)
+    await store.save(job, checkpoint.encode(WEIGHTS))
+    trainer = None
+    closing: list[asyncio.Task] = []
+
+    async def publish(subject: str, payload: dict) -> None:
+        # after round 3, the trainer is told to shut down while this "publish" is in flight,
+        # and the cancellation that reaches it here is swallowed, as wait_for does
+        if subject == events.FEDERATED_ROUND_COMPLETED and payload["round"] == 3:
+            closing.append(asyncio.create_task(trainer.close()))
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                pass
+
+    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
+    trainer = FederatedTrainer(settings, store, nodes, train, registry=None, publish=publish,
+                               eval_data=lambda: EVAL, owner="trainer-under-test")
+    assert await trainer.resume_unfinished() == [job.id]
+    await asyncio.wait_for(trainer.background.wait(), 30)
+    await asyncio.wait_for(closing[0], 5)
+    left = await store.get(job.id)
+    assert (left.state, left.round) == ("suspended", 3), (left.state, left.round, left.error)
+    assert [r.round for r in left.history] == [2, 3]
+    assert await store.claim(job.id, "next-trainer", 5.0)  # its lease was released for the next one
