@@ -31,6 +31,7 @@ from services.trainer.strategy import FedAvg, FedAvgM, make_strategy
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
+CANCEL_AGAIN_S = 0.2  # close() cancels a job again after this long until the job takes it
 Publish = Callable[[str, dict], Awaitable[object]]
 EvalData = tuple[np.ndarray, np.ndarray]
 
@@ -79,6 +80,8 @@ class FederatedTrainer:
         self._running: dict[str, JobRecord] = {}
         self._lost: set[str] = set()  # jobs whose lease another trainer took: stop, record nothing
         self._closing = False
+        self._tasks: dict[str, asyncio.Task] = {}  # the task running each job here
+        self._stopping: set[str] = set()  # jobs whose task has taken its cancellation
         self._changed = asyncio.Condition()
         self.background = Background()
 
@@ -153,14 +156,20 @@ class FederatedTrainer:
         """Cancel running jobs (each is recorded `suspended` after its last completed round and
         its lease released, for the next trainer) and wait for them."""
         self._closing = True
-        for task in list(self.background.tasks):
-            task.cancel()
+        # A cancel can be lost on Python 3.11 (asyncio.wait_for, used under nats-py and others,
+        # drops one that lands as its future completes): cancel again until each job has taken
+        # it (_run_job notes that first thing, and is then left alone to record the suspension).
+        while pending := [t for t in self._tasks.values() if not t.done()]:
+            for job_id, task in list(self._tasks.items()):
+                if not task.done() and job_id not in self._stopping:
+                    task.cancel()
+            await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
         await self.background.wait()
 
     # --- a job ------------------------------------------------------------------------------
     def _start(self, job: JobRecord) -> None:
         self._running[job.id] = job
-        self.background.spawn(self._run_job(job))
+        self._tasks[job.id] = self.background.spawn(self._run_job(job))
 
     async def _save(self, job: JobRecord, saved: bytes | None = None) -> None:
         await self.store.save(job, saved)
@@ -175,6 +184,7 @@ class FederatedTrainer:
             try:
                 await self._train_and_publish(job)
             except asyncio.CancelledError:
+                self._stopping.add(job.id)  # no more cancels from close(): let the record be written
                 if job.id in self._lost:
                     log.warning("federated job %s: its lease was taken by another trainer; stopped "
                                 "here, recording nothing", job.id)
@@ -188,6 +198,8 @@ class FederatedTrainer:
             finally:
                 keeper.cancel()
                 self._running.pop(job.id, None)
+                self._tasks.pop(job.id, None)
+                self._stopping.discard(job.id)
                 self._lost.discard(job.id)
                 await self._release(job)  # compare-and-set: a lease another trainer took stays its
 

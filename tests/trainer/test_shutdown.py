@@ -65,3 +65,47 @@ async def test_a_lost_cancellation_still_suspends_the_job_after_the_round_in_pro
     assert (left.state, left.round) == ("suspended", 3), (left.state, left.round, left.error)
     assert [r.round for r in left.history] == [2, 3]
     assert await store.claim(job.id, "next-trainer", 5.0)  # its lease was released for the next one
+
+
+async def test_a_cancellation_lost_inside_a_round_is_sent_again(redis):
+    """The cancel lands while the job reads the live nodes and is lost there; the round then
+    waits on a client that does not answer: close() cancels again instead of waiting it out."""
+    job = JobRecord(spec=JobSpec(model="m", rounds=50, min_clients=2, round_timeout_s=60), state="suspended", round=1)
+    store = JobStore(redis)
+    await store.save(job, checkpoint.encode(WEIGHTS))
+    trainer = None
+    closing: list[asyncio.Task] = []
+
+    class Directory(NodeDirectory):
+        calls = 0
+
+        async def live_nodes(self):
+            Directory.calls += 1
+            if Directory.calls == 3:  # the third round run here (round 4)
+                closing.append(asyncio.create_task(trainer.close()))
+                try:
+                    await asyncio.sleep(0.2)
+                except asyncio.CancelledError:
+                    pass  # lost
+            return await super().live_nodes()
+
+    async def slow_train(address: str, task: RoundTask, timeout: float) -> LocalUpdate:
+        if task.round == 4:
+            await asyncio.sleep(3600)
+        return await train(address, task, timeout)
+
+    nodes = Directory(redis)
+    for n in ("edge-1", "edge-2"):
+        await nodes.heartbeat(NodeInfo(node_id=n, tier="edge", region="r", address=n), ttl_seconds=60)
+    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
+
+    async def publish(subject: str, payload: dict) -> None:
+        return None
+
+    trainer = FederatedTrainer(settings, store, nodes, slow_train, registry=None, publish=publish,
+                               eval_data=lambda: EVAL, owner="trainer-under-test")
+    await trainer.resume_unfinished()
+    await asyncio.wait_for(trainer.background.wait(), 10)  # not the round's 60 s
+    await asyncio.wait_for(closing[0], 5)
+    left = await store.get(job.id)
+    assert (left.state, left.round) == ("suspended", 3), (left.state, left.round, left.error)
