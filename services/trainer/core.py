@@ -188,7 +188,7 @@ class FederatedTrainer:
                 if job.id in self._lost:
                     log.warning("federated job %s: its lease was taken by another trainer; stopped "
                                 "here, recording nothing", job.id)
-                else:
+                elif not job.done:  # a job already recorded completed or failed stays so
                     await self._suspend(job)
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded on the job
