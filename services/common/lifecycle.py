@@ -18,6 +18,7 @@ from services.common import grpc_util
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 LEFTOVER_S = 5.0
+SHUTDOWN_LIMIT_S = 30.0  # from the stop signal to exit, whatever a shutdown step is waiting for
 
 
 def run_service(main: Coroutine, leftover_s: float = LEFTOVER_S) -> None:
@@ -71,13 +72,34 @@ def stop_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def stop_event() -> asyncio.Event:
-    """An event set on SIGTERM or SIGINT."""
+def stop_event(limit_s: float = SHUTDOWN_LIMIT_S) -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT. A service still shutting down `limit_s` after the first
+    signal exits anyway (status 1), naming what it was waiting for: a hung shutdown step must not
+    leave a process behind (seen: a coordinator worker whose supervisor had been killed, waiting
+    for good)."""
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not event.is_set():
+            event.set()
+            loop.call_later(limit_s, _give_up, limit_s)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, event.set)
+        loop.add_signal_handler(sig, on_signal)
     return event
+
+
+def _give_up(limit_s: float) -> None:
+    waiting = []
+    for task in asyncio.all_tasks():
+        frames = task.get_stack()
+        where = f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
+        waiting.append(f"{task.get_coro().__qualname__} at {where}")
+    log.error("still shutting down %.0f s after the stop signal; exiting. Waiting: %s", limit_s,
+              "; ".join(sorted(waiting)) or "nothing")
+    logging.shutdown()
+    os._exit(1)
 
 
 class GrpcServer:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +52,33 @@ def test_the_composition_root_s_result_and_errors_are_not_swallowed():
 
     with pytest.raises(RuntimeError, match="bad settings"):
         lifecycle.run_service(fails(), leftover_s=0.3)
+
+
+HUNG_SHUTDOWN = """
+import asyncio, logging, sys
+from services.common import lifecycle
+
+async def main():
+    stop = lifecycle.stop_event(limit_s=1.0)
+    print("ready", flush=True)
+    await stop.wait()
+    await asyncio.Event().wait()  # a shutdown step that never ends
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+lifecycle.run_service(main())
+"""
+
+
+def test_a_shutdown_that_hangs_ends_the_process_after_the_limit_naming_what_it_waited_for():
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_SHUTDOWN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = proc.wait(15)
+        assert code == 1 and 0.8 < time.monotonic() - started < 10
+        assert "still shutting down 1 s after the stop signal; exiting. Waiting: main at" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
