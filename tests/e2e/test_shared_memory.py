@@ -70,9 +70,21 @@ class Regions:
             shm.destroy_shared_memory_region(h)
 
 
+_opened: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients(target):  # set up after `target`, so torn down before its server stops
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 def _fresh(address: str):
-    """A client on a connection of its own (with several workers, it may land on either)."""
-    return triton.InferenceServerClient(address)
+    """A client on a connection of its own (with several workers, it may land on either);
+    closed after the test."""
+    _opened.append(triton.InferenceServerClient(address))
+    return _opened[-1]
 
 
 def _expected(address: str, x: np.ndarray) -> np.ndarray:
