@@ -11,11 +11,11 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, oip
-from services.common.errors import CneiError, FailedPrecondition, InvalidArgument, NotFound, outcome_of
+from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
 from services.common.ordered import map_in_order
-from services.common.shm import SharedMemoryRegions
+from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.stats import ModelStats
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -255,14 +255,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def CudaSharedMemoryStatus(self, request, context):
-        if request.name:
-            raise NotFound(f"no CUDA shared memory region named '{request.name}' is registered")
+        cuda_status(request.name)
         return pb.CudaSharedMemoryStatusResponse()
 
     @rpc
     async def CudaSharedMemoryRegister(self, request, context):
-        raise FailedPrecondition(f"CUDA shared memory region '{request.name}': this server does not take "
-                                 f"tensors in GPU memory; use system shared memory")
+        refuse_cuda(request.name)
 
     @rpc
     async def CudaSharedMemoryUnregister(self, request, context):

@@ -56,6 +56,18 @@ def place_of(params: dict, what: str) -> TensorPlace | None:
     return TensorPlace(region, size, offset)
 
 
+def cuda_status(name: str = "") -> list:
+    """Triton's CUDA shared memory, which this server does not offer: no region, ever."""
+    if name:
+        raise NotFound(f"no CUDA shared memory region named '{name}' is registered")
+    return []
+
+
+def refuse_cuda(name: str) -> None:
+    raise FailedPrecondition(f"CUDA shared memory region '{name}': this server does not take tensors in "
+                             f"GPU memory; use system shared memory")
+
+
 def _object_path(key: str) -> Path:
     name = key[1:] if key.startswith("/") else key
     if not name or "/" in name or name in (".", "..") or not name.isprintable() or " " in name:

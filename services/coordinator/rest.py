@@ -8,10 +8,10 @@ from pathlib import Path
 from aiohttp import web
 
 from services.common import oip_json
-from services.common.errors import HTTP_STATUS, CneiError, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_servicer import (EXTENSIONS, PLATFORM, InferenceCore, config_to_proto, inference_metrics,
                                           repository_models, statistics, stats_to_proto)
-from services.common.shm import SharedMemoryRegions
+from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.pb.inference import grpc_service_pb2 as pb
 from services.coordinator.status import build_status
 
@@ -175,21 +175,18 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
         routes.get(prefix + "/status")(shm_status)
         routes.post(prefix + "/unregister")(shm_unregister)
 
-    async def cuda_status(request):
-        if request.match_info.get("region"):
-            raise NotFound(f"no CUDA shared memory region named '{request.match_info['region']}' is registered")
-        return web.json_response([])
+    async def cuda_regions(request):
+        return web.json_response(cuda_status(request.match_info.get("region", "")))
 
     @routes.post("/v2/cudasharedmemory/region/{region}/register")
     async def cuda_register(request):
-        raise FailedPrecondition(f"CUDA shared memory region '{request.match_info['region']}': this server "
-                                 f"does not take tensors in GPU memory; use system shared memory")
+        refuse_cuda(request.match_info["region"])
 
     async def cuda_unregister(request):
         return web.json_response({})
 
     for prefix in ("/v2/cudasharedmemory", "/v2/cudasharedmemory/region/{region}"):
-        routes.get(prefix + "/status")(cuda_status)
+        routes.get(prefix + "/status")(cuda_regions)
         routes.post(prefix + "/unregister")(cuda_unregister)
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
