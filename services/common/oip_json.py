@@ -29,16 +29,26 @@ def _flatten(data: Any) -> list:
     return [data]
 
 
-def tensor_from_json(obj: dict) -> tuple[str, np.ndarray]:
-    if not isinstance(obj, dict):
-        raise InvalidArgument("each input must be a JSON object")
+def _name(obj: dict) -> str:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidArgument("input without a 'name'")
-    dt = codec.datatype(obj.get("datatype", ""), name)
+    return name
+
+
+def _shape(obj: dict, name: str) -> list[int]:
     shape = obj.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
         raise TensorError(name, "'shape' must be a list of integers")
+    return shape
+
+
+def tensor_from_json(obj: dict) -> tuple[str, np.ndarray]:
+    if not isinstance(obj, dict):
+        raise InvalidArgument("each input must be a JSON object")
+    name = _name(obj)
+    dt = codec.datatype(obj.get("datatype", ""), name)
+    shape = _shape(obj, name)
     values = _flatten(obj.get("data", []))
     count = codec.element_count(shape, name)
     if len(values) != count:
@@ -136,12 +146,8 @@ def infer_from_json(model: str, version: str, body: Any, binary: bytes | memoryv
 
 def _raw_tensor(obj: dict, params: dict, place: TensorPlace | None, section: _Binary,
                 shm: SharedMemoryRegions | None) -> tuple[str, np.ndarray]:
-    name = obj.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument("input without a 'name'")
-    shape = obj.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-        raise TensorError(name, "'shape' must be a list of integers")
+    name = _name(obj)
+    shape = _shape(obj, name)
     if place is not None:
         if shm is None:
             raise InvalidArgument("this endpoint does not take tensors in shared memory")
