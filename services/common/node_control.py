@@ -19,23 +19,22 @@ class NodeControlClients:
             channel = self._channels[address] = grpc_util.channel(address)
         return npb_grpc.NodeControlStub(channel)
 
-    async def load(self, address: str, name: str, version: str, precision: str, timeout: float) -> float:
-        """Load the variant on the node (pulled from the registry if it must be): its load seconds."""
+    async def call(self, address: str, method: str, request, timeout: float):
+        """NodeControl `method` on the node at `address`; failures raise CneiError subclasses."""
         try:
-            reply = await self._stub(address).LoadModel(
-                npb.LoadModelRequest(name=name, version=version, precision=precision), timeout=timeout)
+            return await getattr(self._stub(address), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise grpc_util.error_from_rpc(exc, f"node {address}") from None
-        return reply.load_seconds
+
+    async def load(self, address: str, name: str, version: str, precision: str, timeout: float) -> float:
+        """Load the variant on the node (pulled from the registry if it must be): its load seconds."""
+        request = npb.LoadModelRequest(name=name, version=version, precision=precision)
+        return (await self.call(address, "LoadModel", request, timeout)).load_seconds
 
     async def unload(self, address: str, name: str, version: str, precision: str, timeout: float) -> bool:
         """Drop the variant from the node's memory: whether it was loaded there."""
-        try:
-            reply = await self._stub(address).UnloadModel(
-                npb.UnloadModelRequest(name=name, version=version, precision=precision), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise grpc_util.error_from_rpc(exc, f"node {address}") from None
-        return reply.unloaded
+        request = npb.UnloadModelRequest(name=name, version=version, precision=precision)
+        return (await self.call(address, "UnloadModel", request, timeout)).unloaded
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -1,9 +1,6 @@
 """Outbound TrainRound calls to the runtimes' NodeControl service, speaking domain types."""
 from __future__ import annotations
 
-import grpc
-
-from services.common import grpc_util
 from services.common.federated import LocalUpdate, RoundTask, named_bytes
 from services.common.federated_convert import task_to_proto, update_from_proto
 from services.common.node_control import NodeControlClients
@@ -17,10 +14,7 @@ class NodeClients(NodeControlClients):
         """One local round on the node at `address`; failures raise CneiError subclasses."""
         request = task_to_proto(task)
         UPDATE_BYTES.labels("sent").inc(named_bytes(task.weights))
-        try:
-            reply = await self._stub(address).TrainRound(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise grpc_util.error_from_rpc(exc, f"node {address}") from None
+        reply = await self.call(address, "TrainRound", request, timeout)
         update = update_from_proto(reply)
         UPDATE_BYTES.labels("received").inc(named_bytes(update.weights))
         return update
