@@ -2,6 +2,7 @@
 mesh, a process's children, and closed-loop tritonclient load that records every outcome."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import tritonclient.grpc as triton
 import tritonclient.utils as triton_utils
 
 from services.cli import infra
+from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 
 
@@ -118,3 +120,18 @@ def kill_under_load(address: str, victim: subprocess.Popen, node_id: str, region
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(after_s)
     return load, served_by_victim, killed_at
+
+
+def push_digits_as(mesh, digits_models, name: str) -> str:
+    """Register the digits FP32 file as version 1 of model `name` (a model a test may change)."""
+    fp32 = next(v for v in digits_models if v.precision == "FP32")
+
+    async def push():
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.push_file(fp32.path, name, "1", "FP32", fp32.metadata)
+        finally:
+            await client.close()
+
+    asyncio.run(push())
+    return name

@@ -30,6 +30,7 @@ from services.models.digits import load_split
 from services.pb.cnei import trainer_pb2 as tpb
 from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.trainer.convert import job_from_proto
+from tests.e2e.processes import push_digits_as
 
 MODEL = "digits-fl"  # a model of its own, so the other e2e tests keep serving digits v1
 EDGES = ["edge-a1", "edge-b1"]
@@ -37,17 +38,7 @@ EDGES = ["edge-a1", "edge-b1"]
 
 @pytest.fixture(scope="module")
 def fl_model(mesh, digits_models):
-    fp32 = next(v for v in digits_models if v.precision == "FP32")
-
-    async def push():
-        client = RegistryClient(mesh.registry)
-        try:
-            await client.push_file(fp32.path, MODEL, "1", "FP32", fp32.metadata)
-        finally:
-            await client.close()
-
-    asyncio.run(push())
-    return MODEL
+    return push_digits_as(mesh, digits_models, MODEL)
 
 
 async def _run_job(mesh, **spec) -> tuple[object, list]:

@@ -15,11 +15,11 @@ import tritonclient.grpc as triton
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
-from services.common.registry_client import RegistryClient
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.e2e.processes import push_digits_as
 
 MODEL = "digits-ctl"
 EDGES = ("edge-a1", "edge-b1")
@@ -27,17 +27,7 @@ EDGES = ("edge-a1", "edge-b1")
 
 @pytest.fixture(scope="module")
 def ctl_model(mesh, digits_models):
-    fp32 = next(v for v in digits_models if v.precision == "FP32")
-
-    async def push():
-        client = RegistryClient(mesh.registry)
-        try:
-            await client.push_file(fp32.path, MODEL, "1", "FP32", fp32.metadata)
-        finally:
-            await client.close()
-
-    asyncio.run(push())
-    return MODEL
+    return push_digits_as(mesh, digits_models, MODEL)
 
 
 def _infer(client):
