@@ -70,8 +70,12 @@ async def _abort(context, span, method: str, exc: BaseException) -> None:
     await context.abort(GRPC_STATUS[code], message)
 
 
-def rpc(fn):
-    """Decorate a servicer method: server span from W3C metadata, metrics, errors -> status."""
+def rpc(fn=None, *, sample=None):
+    """Decorate a servicer method: server span from W3C metadata, metrics, errors -> status.
+    `sample(self, request, metadata) -> bool` (awaited, unary methods only) decides whether a
+    call that came without trace context starts a trace, while spans are exported."""
+    if fn is None:
+        return functools.partial(rpc, sample=sample)
     method = fn.__qualname__.replace(".", "/")
 
     if inspect.isasyncgenfunction(fn):
@@ -96,8 +100,17 @@ def rpc(fn):
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         start = time.perf_counter()
+        parent = _parent_context(context)
+        if sample is not None and telemetry.exporting() and not telemetry.has_span(parent):
+            try:
+                traced = await sample(self, request, dict(context.invocation_metadata() or ()))
+            except Exception:  # noqa: BLE001 - a sampling failure must not fail the request
+                log.warning("%s: trace sampling failed; not traced", method, exc_info=True)
+                traced = False
+            if not traced:
+                parent = telemetry.unsampled_context(parent)
         with _tracer.start_as_current_span(
-            method, context=_parent_context(context), kind=SpanKind.SERVER,
+            method, context=parent, kind=SpanKind.SERVER,
             record_exception=False, set_status_on_exception=False,
         ) as span:
             try:

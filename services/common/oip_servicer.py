@@ -17,6 +17,7 @@ from services.common.model_spec import ModelVariant
 from services.common.ordered import map_in_order
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.stats import ModelStats
+from services.common.trace_settings import PICKED_HEADER, MemoryTraceStore, TraceSettings
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -26,7 +27,7 @@ PLATFORM = "onnxruntime_onnx"
 # not read until the oldest is answered (the client sees flow control, nothing is dropped).
 STREAM_WINDOW = 256
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters",
-              "system_shared_memory", "binary_tensor_data"]
+              "system_shared_memory", "binary_tensor_data", "trace"]
 
 INFER_REQUESTS = Counter(
     "cnei_inference_requests_total", "Inference requests by model and outcome", ["model", "outcome"]
@@ -178,12 +179,28 @@ def _model_name(request) -> str:
     return request.model_name
 
 
+async def _sample(servicer: "OipServicer", request: pb.ModelInferRequest, metadata: dict) -> bool:
+    """Whether a ModelInfer that came without trace context starts a trace (trace settings)."""
+    return await servicer.tracing.pick(request.model_name, picked=PICKED_HEADER in metadata)
+
+
+async def trace_setting(core: InferenceCore, tracing: TraceSettings, model: str,
+                        changes: dict[str, list[str] | None] | None) -> dict[str, list[str]]:
+    """Triton's trace setting call (gRPC and REST): the settings that apply to `model` (empty:
+    the global ones) after applying `changes`, if any. NOT_FOUND for a model the core lacks."""
+    if model:
+        await core.model_variant(model)
+    return await (tracing.update(model, changes) if changes else tracing.get(model))
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Converts OIP messages, awaits the core, converts the answer."""
 
-    def __init__(self, core: InferenceCore, shm: SharedMemoryRegions | None = None):
+    def __init__(self, core: InferenceCore, shm: SharedMemoryRegions | None = None,
+                 tracing: TraceSettings | None = None):
         self.core = core
         self.shm = shm if shm is not None else SharedMemoryRegions()
+        self.tracing = tracing if tracing is not None else TraceSettings(MemoryTraceStore())
 
     @rpc
     async def ServerLive(self, request, context):
@@ -267,6 +284,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryUnregisterResponse()  # none is ever registered
 
     @rpc
+    async def TraceSetting(self, request, context):
+        changes = {name: list(value.value) or None for name, value in request.settings.items()}
+        settings = await trace_setting(self.core, self.tracing, request.model_name, changes)
+        response = pb.TraceSettingResponse()
+        for name, values in settings.items():
+            response.settings[name].value.extend(values)
+        return response
+
+    @rpc(sample=_sample)
     async def ModelInfer(self, request, context):
         return await self.infer_message(request, context.time_remaining())
 

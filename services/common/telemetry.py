@@ -152,8 +152,17 @@ def caller_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     did not trace starts no trace here either (an internal hop makes no root spans), while its
     log lines still carry ids."""
     ctx = extract(headers)
-    if trace.get_current_span(ctx).get_span_context().is_valid:
-        return ctx
+    return ctx if has_span(ctx) else unsampled_context(ctx)
+
+
+def has_span(ctx: otel_context.Context) -> bool:
+    """`ctx` carries a caller's span (its trace decides whether children are recorded)."""
+    return trace.get_current_span(ctx).get_span_context().is_valid
+
+
+def unsampled_context(ctx: otel_context.Context | None = None) -> otel_context.Context:
+    """`ctx` under a fresh trace that is not sampled: spans started in it are not recorded (under
+    ParentBased sampling), while log lines still carry ids."""
     untraced = trace.SpanContext(trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1,
                                  is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
     return trace.set_span_in_context(trace.NonRecordingSpan(untraced), ctx)

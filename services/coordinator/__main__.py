@@ -20,6 +20,7 @@ from services.common.oip_servicer import OipServicer
 from services.common.node_control import NodeControlClients
 from services.common.registry_client import RegistryClient
 from services.common.shm import SharedMemoryRegions
+from services.common.trace_settings import RedisTraceStore, TraceSettings, config_from
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.door import DoorRoutes
@@ -58,11 +59,17 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         core.stats_view = StatsShare(settings.shared_dir, worker, core.stats)
         sharing = asyncio.create_task(core.stats_view.run(), name="stats-share")
     await subscribe(bus, catalog, core, source)
+    # Triton's trace settings, shared through Redis by the processes serving this OIP port (the
+    # workers of one coordinator, its replicas behind one service); set from this configuration
+    # when the coordinator (or worker 0 of several) starts
+    tracing = TraceSettings(RedisTraceStore(redis, f"cnei:trace:settings:{settings.grpc_port}"))
+    if worker <= 0:
+        await tracing.store.reset(config_from(settings.trace_level, settings.trace_rate, settings.trace_count))
     if door_path is None:
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     else:  # the door takes the public port; the coordinator serves it from behind
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port)
-        routes = DoorRoutes(core, settings.route_ttl_ms, settings.door_trace_every if telemetry.exporting() else 0,
+        routes = DoorRoutes(core, settings.route_ttl_ms, tracing if telemetry.exporting() else None,
                             settings.door_spread_nodes, settings.door_spread_margin)
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
                    "cnei.frontdoor.v1.FrontDoorControl")
@@ -73,11 +80,11 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     elif door_path is not None:
         shm_dir = tempfile.mkdtemp(prefix="cnei-shm-")
     shm = SharedMemoryRegions(shm_dir, enabled=settings.shared_memory)
-    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm),
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm, tracing),
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm), access_log=None)
+        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
     if worker < 0:  # several workers: the supervisor serves Triton's metrics over all of them

@@ -16,6 +16,7 @@ from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
+from services.common.trace_settings import TraceSettings
 from services.coordinator.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
 from services.coordinator.core import (Coordinator, Placement, batch_config, count_served, note_node_failure,
                                        restrict_tier)
@@ -95,24 +96,32 @@ def failure_code(failure: str) -> ErrorCode:
 class DoorRoutes:
     """Hands out routes and books the door's reports against them."""
 
-    def __init__(self, core: Coordinator, ttl_ms: int, trace_every: int = 0, spread_nodes: int = 1,
+    def __init__(self, core: Coordinator, ttl_ms: int, tracing: TraceSettings | None = None, spread_nodes: int = 1,
                  spread_margin: float = 0.0):
-        """`trace_every`: one request in N takes the full path, to be traced (0: none; 1: all).
+        """`tracing`: the trace settings, while spans are exported (None: nothing is traced);
+        one request in `trace_rate` of a route then takes the full path, to be traced.
         `spread_nodes`, `spread_margin`: a route names up to that many nodes, the best and its peers
         scoring within the margin of it (edgeai policy), which the door spreads its requests over."""
         self.core = core
         self.ttl_ms = ttl_ms
-        self.trace_every = max(0, trace_every)
+        self.tracing = tracing
         self.spread_nodes = max(1, spread_nodes)
         self.spread_margin = spread_margin
         self.routes: OrderedDict[int, Route] = OrderedDict()
         self._ids: dict[tuple, int] = {}  # same decision, same id: the door keeps its batcher
         self._next = itertools.count(1)
 
+    async def trace_every(self, model: str) -> int:
+        """One request in N for `model` is to take the full path and start a trace (0: none)."""
+        if self.tracing is None:
+            return 0
+        config = await self.tracing.config(model)
+        return config.rate if config.on else 0
+
     async def route(self, request: oip.InferRequest) -> Route | Refusal:
         core = self.core
-        if self.trace_every == 1:
-            return Refusal("every request is traced (spans are exported and door_trace_every is 1)")
+        if await self.trace_every(request.model_name) == 1:
+            return Refusal(f"every request for model '{request.model_name}' is traced (trace_rate 1)")
         try:
             if core.control is not None:
                 await core.control.check(request.model_name)

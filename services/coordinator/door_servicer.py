@@ -65,9 +65,10 @@ class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
 
     @rpc
     async def Route(self, request, context):
-        reply = route_to_proto(await self.routes.route(ask_from_proto(request)))
+        ask = ask_from_proto(request)
+        reply = route_to_proto(await self.routes.route(ask))
         reply.ttl_ms = self.routes.ttl_ms
-        reply.full_path_every = self.routes.trace_every
+        reply.full_path_every = await self.routes.trace_every(ask.model_name)
         return reply
 
     @rpc

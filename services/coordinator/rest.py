@@ -10,8 +10,9 @@ from aiohttp import web
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_servicer import (EXTENSIONS, PLATFORM, InferenceCore, config_to_proto, inference_metrics,
-                                          repository_models, statistics, stats_to_proto)
+                                          repository_models, statistics, stats_to_proto, trace_setting)
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
+from services.common.trace_settings import MemoryTraceStore, TraceSettings
 from services.pb.inference import grpc_service_pb2 as pb
 from services.coordinator.status import build_status
 
@@ -61,12 +62,25 @@ def _header_length(request: web.Request, size: int) -> int | None:
     return length
 
 
+def _trace_changes(body: object) -> dict[str, list[str] | None]:
+    """Triton's trace setting body: {name: value, [values] or null (clear)}."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("trace setting body must be a JSON object of setting names to values")
+    def text(value):
+        if isinstance(value, (dict, list)):
+            raise InvalidArgument(f"trace setting values are strings or numbers, not {json.dumps(value)}")
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return {name: None if value is None else [text(v) for v in value] if isinstance(value, list) else [text(value)]
+            for name, value in body.items()}
+
+
 def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = None,
-              shm: SharedMemoryRegions | None = None) -> web.Application:
+              shm: SharedMemoryRegions | None = None, tracing: TraceSettings | None = None) -> web.Application:
     """Triton's HTTP/REST API over the core: KServe v2 JSON plus the binary tensor data,
     model configuration, statistics, repository index and system shared memory extensions."""
     routes = web.RouteTableDef()
     shm = shm if shm is not None else SharedMemoryRegions()
+    tracing = tracing if tracing is not None else TraceSettings(MemoryTraceStore())
 
     @routes.get("/v2/health/live")
     async def live(request):
@@ -188,6 +202,21 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     for prefix in ("/v2/cudasharedmemory", "/v2/cudasharedmemory/region/{region}"):
         routes.get(prefix + "/status")(cuda_regions)
         routes.post(prefix + "/unregister")(cuda_unregister)
+
+    # --- trace extension -----------------------------------------------------------------------
+    async def trace_get(request):
+        return web.json_response(await trace_setting(core, tracing, request.match_info.get("model", ""), None))
+
+    async def trace_update(request):
+        changes = _trace_changes(_json_body(await request.read(), "trace setting body"))
+        model = request.match_info.get("model", "")
+        if model and not changes:  # Triton: a model's update with no settings removes its own
+            changes = dict.fromkeys(("trace_level", "trace_rate", "trace_count"))
+        return web.json_response(await trace_setting(core, tracing, request.match_info.get("model", ""), changes))
+
+    for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
+        routes.get(path)(trace_get)
+        routes.post(path)(trace_update)
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app.add_routes(routes)

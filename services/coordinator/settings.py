@@ -29,9 +29,13 @@ class CoordinatorSettings:
     internal_grpc_port: int = field(0, "gRPC port of the coordinator behind the front door, on 127.0.0.1 "
                                        "(0: any free port)")
     route_ttl_ms: int = field(100, "how long the front door reuses a placement before asking again")
-    door_trace_every: int = field(
-        1, "while spans are exported, one request in N of each front-door route takes the full path "
-           "and is traced end to end; 1: every request does (the door routes none)")
+    trace_level: str = field("TIMESTAMPS", "while spans are exported, inference requests that come without trace "
+                                           "context start traces (TIMESTAMPS) or not (OFF); Triton's trace "
+                                           "setting, mesh-wide, changed at run time with TraceSetting")
+    trace_rate: int = field(
+        1, "one such request in N of each model starts a trace (with the front door: takes the traced full "
+           "path; 1: every request does, so the door routes none)")
+    trace_count: int = field(-1, "traces left to start (-1: no limit)")
     door_report_ms: int = field(100, "how often the front door reports what it served")
     door_spread_nodes: int = field(
         4, "under the edgeai policy, a front-door route names up to this many nodes (the best and its "

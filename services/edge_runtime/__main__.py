@@ -18,6 +18,7 @@ from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.shm import SharedMemoryRegions
+from services.common.trace_settings import MemoryTraceStore, TraceSettings, config_from
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.control import NodeControlServicer
@@ -76,7 +77,9 @@ async def serve(settings: RuntimeSettings) -> None:
     await bus.start()
     delay = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else None
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=delay)
-    oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory))
+    tracing = TraceSettings(MemoryTraceStore(config_from(settings.trace_level, settings.trace_rate,
+                                                         settings.trace_count)))
+    oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory), tracing)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
     fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms)) if settings.fast_lane else None

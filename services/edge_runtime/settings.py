@@ -28,6 +28,10 @@ class RuntimeSettings:
     cache_max_bytes: int = field(2 << 30, "byte budget of loaded models (L1); LRU eviction")
     heartbeat_interval_s: float = field(0.2, "seconds between heartbeats")
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
+    trace_level: str = field("TIMESTAMPS", "while spans are exported, OIP requests that come without trace context "
+                                           "start traces (TIMESTAMPS) or not (OFF); Triton's trace setting")
+    trace_rate: int = field(1, "one such request in N of each model starts a trace")
+    trace_count: int = field(-1, "traces left to start (-1: no limit)")
     intra_op_threads: int = field(1, "ONNX Runtime intra-op threads per session")
     inference_workers: int = field(2, "threads running ONNX Runtime calls")
     inline_max_us: float = field(

@@ -13,6 +13,7 @@ from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, 
 from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
+from services.common.trace_settings import MemoryTraceStore, TraceConfig, TraceSettings
 from services.coordinator.breaker import State
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
@@ -45,13 +46,13 @@ class MemoryRegistry:
 
 
 def routes(spec: DeploymentSpec | None = None, fast_address: str = "127.0.0.1:7001",
-           trace_every: int = 0, more_nodes: tuple[tuple[str, str], ...] = (), spread_nodes: int = 1) -> DoorRoutes:
+           tracing: TraceSettings | None = None, more_nodes: tuple[tuple[str, str], ...] = (), spread_nodes: int = 1) -> DoorRoutes:
     """Routes over edge-a1 in site-a, plus `more_nodes` ((node id, region), ...)."""
     core = Coordinator(CoordinatorSettings(), Catalog(MemoryRegistry(spec), 60.0), NodesView(NodeDirectory(None), 1.0))
     core.nodes.nodes = [NodeInfo(node_id, "edge", region, f"127.0.0.1:{7000 + 2 * i}",
                                  fast_address=fast_address and f"127.0.0.1:{7001 + 2 * i}", updated_at=time.time())
                         for i, (node_id, region) in enumerate((("edge-a1", "site-a"),) + more_nodes)]
-    return DoorRoutes(core, ttl_ms=100, trace_every=trace_every, spread_nodes=spread_nodes, spread_margin=0.1)
+    return DoorRoutes(core, ttl_ms=100, tracing=tracing, spread_nodes=spread_nodes, spread_margin=0.1)
 
 
 def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip.InferRequest:
@@ -129,7 +130,8 @@ async def test_other_policies_keep_one_node_per_route(policy):
      (lambda: routes(), ask(shape=(17, 64)), "exceeds max_batch_size 16"),
      (lambda: routes(fast_address=""), ask(), "offers no fast lane"),
      (lambda: routes(DeploymentSpec(model="digits", joint=JointSpec(mode="sync"))), ask(), "joint inference"),
-     (lambda: routes(trace_every=1), ask(), "every request is traced")],
+     (lambda: routes(tracing=TraceSettings(MemoryTraceStore(TraceConfig(rate=1)))), ask(),
+      "every request for model 'digits' is traced")],
     ids=["unknown-model", "wrong-shape", "batch-too-big", "no-fast-lane", "joint", "all-traced"])
 async def test_requests_the_door_must_not_serve_are_refused_with_the_reason(door, request_, reason):
     decision = await door().route(request_)
@@ -237,3 +239,14 @@ def test_the_door_runs_when_asked_for_and_built(tmp_path, mode, exists, expected
 def test_a_door_that_is_required_but_missing_or_a_bad_mode_is_a_clear_error(tmp_path, mode, message):
     with pytest.raises(FailedPrecondition, match=message):
         door_binary(mode, str(tmp_path / "missing"))
+
+
+async def test_routes_send_one_request_in_trace_rate_to_the_traced_path_while_tracing_is_on():
+    tracing = TraceSettings(MemoryTraceStore(TraceConfig(rate=5)))
+    door = routes(tracing=tracing)
+    assert await door.trace_every("digits") == 5
+    await tracing.update("digits", {"trace_level": ["OFF"]})
+    assert await door.trace_every("digits") == 0
+    await tracing.update("digits", {"trace_level": ["TIMESTAMPS"], "trace_count": ["0"]})
+    assert await door.trace_every("digits") == 0  # no traces left to start
+    assert await routes().trace_every("digits") == 0  # spans not exported: nothing is traced

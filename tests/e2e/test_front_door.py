@@ -462,7 +462,7 @@ def test_sigterm_stops_the_door_and_the_coordinator(door):
 
 def test_with_spans_exported_one_request_in_n_takes_the_traced_full_path(mesh, jaeger):
     proc, address, _ = _start_coordinator(mesh, OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp,
-                                          CNEI_COORDINATOR_DOOR_TRACE_EVERY="4")
+                                          CNEI_COORDINATOR_TRACE_RATE="4")
     x, _ = load_all()
     client = triton.InferenceServerClient(address)
     try:

@@ -26,10 +26,12 @@ Backend::Backend(const std::string& addr, int max_message_bytes)
       generic(channel),
       control(cnei::frontdoor::v1::FrontDoorControl::NewStub(channel)) {}
 
-void CopyRequestMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to) {
+void CopyRequestMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to,
+                         bool trace_picked) {
   for (const auto& [key, value] : from.client_metadata()) {
-    if (Forwardable(key)) to->AddMetadata(Str(key), Str(value));
+    if (Forwardable(key) && key != kTracePickedHeader) to->AddMetadata(Str(key), Str(value));
   }
+  if (trace_picked) to->AddMetadata(kTracePickedHeader, "1");
   to->set_deadline(from.raw_deadline());
 }
 

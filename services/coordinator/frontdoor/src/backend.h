@@ -19,8 +19,12 @@ struct Backend {
   std::unique_ptr<cnei::frontdoor::v1::FrontDoorControl::Stub> control;
 };
 
-// Client metadata (minus transport keys) and deadline, onto a call to the backend.
-void CopyRequestMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to);
+// Metadata the door adds to a request it sampled for tracing (services/common/trace_settings.py).
+constexpr char kTracePickedHeader[] = "cnei-trace-picked";
+// Client metadata (minus transport keys and the door's own) and deadline, onto a call to the
+// backend; `trace_picked` adds kTracePickedHeader.
+void CopyRequestMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to,
+                         bool trace_picked = false);
 // The backend's initial or trailing metadata, onto the client's call.
 void CopyInitialMetadata(const grpc::ClientContext& from, grpc::ServerContextBase* to);
 void CopyTrailingMetadata(const grpc::ClientContext& from, grpc::ServerContextBase* to);

@@ -26,11 +26,11 @@ void UnaryCall::OnCancel() {
   if (upstream_) upstream_->TryCancel();
 }
 
-void UnaryCall::Forward() {
+void UnaryCall::Forward(bool trace_picked) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     upstream_ = std::make_unique<grpc::ClientContext>();
-    CopyRequestMetadata(*ctx_, upstream_.get());
+    CopyRequestMetadata(*ctx_, upstream_.get(), trace_picked);
     if (cancelled()) upstream_->TryCancel();
   }
   backend_->generic.UnaryCall(upstream_.get(), ctx_->method(), grpc::StubOptions(),

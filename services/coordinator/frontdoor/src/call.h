@@ -22,8 +22,9 @@ class UnaryCall : public grpc::ServerGenericBidiReactor {
   void OnCancel() override;
   void OnDone() override { delete this; }
 
-  // Passes the original request to the backend and its answer back to the client.
-  void Forward();
+  // Passes the original request to the backend and its answer back to the client
+  // (`trace_picked`: marked as sampled by the door for tracing).
+  void Forward(bool trace_picked = false);
   void Reply(grpc::ByteBuffer response);
   void Fail(const grpc::Status& status);
   bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
@@ -77,6 +78,9 @@ class InferCall {
   Clock::time_point timeout_at = Clock::time_point::max();
   std::shared_ptr<const std::string> route_key;  // requests batch together only with equal keys
   std::vector<OutputPlace> output_places;  // outputs the client wants in its shared memory
+  // Sampled by the door to start a trace: forwarded with kTracePickedHeader, so the coordinator
+  // traces it without sampling it again.
+  bool trace_picked = false;
 
  private:
   inference::ModelInferRequest request_;
@@ -87,7 +91,7 @@ class UnaryInferCall : public UnaryCall, public InferCall {
  public:
   UnaryInferCall(grpc::GenericCallbackServerContext* ctx, Backend* backend, InferDoor* door)
       : UnaryCall(ctx, backend), door_(door) {}
-  void Forward() override { UnaryCall::Forward(); }
+  void Forward() override { UnaryCall::Forward(trace_picked); }
   void Reply(grpc::ByteBuffer response) override { UnaryCall::Reply(std::move(response)); }
   void Fail(const grpc::Status& status) override { UnaryCall::Fail(status); }
   bool cancelled() const override { return UnaryCall::cancelled(); }

@@ -15,7 +15,10 @@ void InferDoor::Infer(InferCall* call, grpc::ByteBuffer* bytes) {
     return call->Forward();
   }
   Router::Lookup route = router_->Find(RouteKey(&call->mutable_request()), &call->mutable_request());
-  if (!route.batcher) return call->Forward();
+  if (!route.batcher) {
+    call->trace_picked = route.traced;
+    return call->Forward();
+  }
   int64_t rows = BatchRows(call->request(), route.batcher->config().max_batch_size);
   if (rows < 0) return call->Forward();
   call->rows = rows;

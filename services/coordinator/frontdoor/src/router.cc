@@ -73,6 +73,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     found.key = entry.key;
     uint32_t every = entry.batchers.empty() ? 0 : entry.batchers.front()->config().full_path_every;
     const bool traced = every > 0 && ++entry.requests % every == 0;  // takes the traced full path
+    found.traced = traced;
     if (!traced && entry.batchers.size() == 1) {
       found.batcher = entry.batchers.front();  // the common case: nothing to copy or weigh
     } else if (!traced && entry.batchers.size() > 1) {

@@ -18,6 +18,7 @@ class Router {
   Router(Backend* backend, Reporter* reporter, BatcherOptions options);
   struct Lookup {
     std::shared_ptr<Batcher> batcher;          // null: the coordinator's path
+    bool traced = false;                       // sampled (full_path_every): to start a trace there
     std::shared_ptr<const std::string> key;
   };
   // The batcher for requests with this key (of the route's nodes, the least busy); asks the

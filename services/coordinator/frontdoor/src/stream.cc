@@ -80,7 +80,7 @@ class InferStream::Message : public InferCall {
 // stream's metadata and deadline; its answer takes the request's place in the stream.
 void InferStream::Message::Forward() {
   if (cancelled()) return Fail(grpc::Status(grpc::StatusCode::CANCELLED, "stream cancelled"));
-  CopyRequestMetadata(*stream_->ctx_, &upstream_);
+  CopyRequestMetadata(*stream_->ctx_, &upstream_, trace_picked);
   {
     std::lock_guard<std::mutex> lock(stream_->mu_);
     stream_->forwarded_.insert(&upstream_);
