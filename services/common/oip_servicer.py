@@ -10,7 +10,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
-from services.common import codec, oip
+from services.common import codec, log_settings, oip
 from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
@@ -27,7 +27,7 @@ PLATFORM = "onnxruntime_onnx"
 # not read until the oldest is answered (the client sees flow control, nothing is dropped).
 STREAM_WINDOW = 256
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters",
-              "system_shared_memory", "binary_tensor_data", "trace"]
+              "system_shared_memory", "binary_tensor_data", "trace", "logging"]
 
 INFER_REQUESTS = Counter(
     "cnei_inference_requests_total", "Inference requests by model and outcome", ["model", "outcome"]
@@ -197,10 +197,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Converts OIP messages, awaits the core, converts the answer."""
 
     def __init__(self, core: InferenceCore, shm: SharedMemoryRegions | None = None,
-                 tracing: TraceSettings | None = None):
+                 tracing: TraceSettings | None = None, logs: log_settings.LogSettings | None = None):
         self.core = core
         self.shm = shm if shm is not None else SharedMemoryRegions()
         self.tracing = tracing if tracing is not None else TraceSettings(MemoryTraceStore())
+        self.logs = logs if logs is not None else log_settings.LogSettings()
 
     @rpc
     async def ServerLive(self, request, context):
@@ -290,6 +291,21 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.TraceSettingResponse()
         for name, values in settings.items():
             response.settings[name].value.extend(values)
+        return response
+
+    @rpc
+    async def LogSettings(self, request, context):
+        changes = {}
+        for name, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is None:
+                raise InvalidArgument(f"log setting '{name}' has no value")
+            changes[name] = getattr(value, kind)
+        settings = await (self.logs.update(changes) if changes else self.logs.get())
+        response = pb.LogSettingsResponse()
+        for name, value in settings.items():
+            kind = "bool_param" if isinstance(value, bool) else "uint32_param" if isinstance(value, int) else "string_param"
+            setattr(response.settings[name], kind, value)
         return response
 
     @rpc(sample=_sample)

@@ -19,6 +19,7 @@ from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.node_control import NodeControlClients
 from services.common.registry_client import RegistryClient
+from services.common.log_settings import LogConfig, LogSettings
 from services.common.shm import SharedMemoryRegions
 from services.common.trace_settings import RedisTraceStore, TraceSettings, config_from
 from services.coordinator.catalog import Catalog
@@ -63,8 +64,11 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     # workers of one coordinator, its replicas behind one service); set from this configuration
     # when the coordinator (or worker 0 of several) starts
     tracing = TraceSettings(RedisTraceStore(redis, f"cnei:trace:settings:{settings.grpc_port}"))
+    logs = LogSettings(redis, f"cnei:log:settings:{settings.grpc_port}")  # Triton's log settings, likewise
     if worker <= 0:
         await tracing.store.reset(config_from(settings.trace_level, settings.trace_rate, settings.trace_count))
+        await logs.reset(LogConfig.from_level(logging.getLogger().getEffectiveLevel()))
+    following = asyncio.create_task(logs.follow(), name="log-settings")
     if door_path is None:
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
     else:  # the door takes the public port; the coordinator serves it from behind
@@ -80,11 +84,11 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     elif door_path is not None:
         shm_dir = tempfile.mkdtemp(prefix="cnei-shm-")
     shm = SharedMemoryRegions(shm_dir, enabled=settings.shared_memory)
-    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm, tracing),
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm, tracing, logs),
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing), access_log=None)
+        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
     if worker < 0:  # several workers: the supervisor serves Triton's metrics over all of them
@@ -110,6 +114,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     shm.close()
     if door_path is not None:  # registrations end with the server, as in Triton
         shutil.rmtree(shm_dir, ignore_errors=True)
+    following.cancel()
+    await asyncio.gather(following, return_exceptions=True)
     if sharing is not None:
         sharing.cancel()
         await asyncio.gather(sharing, return_exceptions=True)

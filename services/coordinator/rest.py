@@ -11,6 +11,7 @@ from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_servicer import (EXTENSIONS, PLATFORM, InferenceCore, config_to_proto, inference_metrics,
                                           repository_models, statistics, stats_to_proto, trace_setting)
+from services.common.log_settings import LogSettings
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.trace_settings import MemoryTraceStore, TraceSettings
 from services.pb.inference import grpc_service_pb2 as pb
@@ -75,12 +76,14 @@ def _trace_changes(body: object) -> dict[str, list[str] | None]:
 
 
 def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = None,
-              shm: SharedMemoryRegions | None = None, tracing: TraceSettings | None = None) -> web.Application:
+              shm: SharedMemoryRegions | None = None, tracing: TraceSettings | None = None,
+              logs: LogSettings | None = None) -> web.Application:
     """Triton's HTTP/REST API over the core: KServe v2 JSON plus the binary tensor data,
     model configuration, statistics, repository index and system shared memory extensions."""
     routes = web.RouteTableDef()
     shm = shm if shm is not None else SharedMemoryRegions()
     tracing = tracing if tracing is not None else TraceSettings(MemoryTraceStore())
+    logs = logs if logs is not None else LogSettings()
 
     @routes.get("/v2/health/live")
     async def live(request):
@@ -217,6 +220,18 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
         routes.get(path)(trace_get)
         routes.post(path)(trace_update)
+
+    # --- logging extension ---------------------------------------------------------------------
+    @routes.get("/v2/logging")
+    async def logging_get(request):
+        return web.json_response(await logs.get())
+
+    @routes.post("/v2/logging")
+    async def logging_update(request):
+        body = _json_body(await request.read(), "log settings body")
+        if not isinstance(body, dict):
+            raise InvalidArgument("log settings body must be a JSON object of setting names to values")
+        return web.json_response(await (logs.update(body) if body else logs.get()))
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app.add_routes(routes)

@@ -2,6 +2,7 @@
 a crashed worker is replaced and SIGTERM stops them all."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.request
@@ -106,6 +107,42 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
     infra.wait_until(all_counted, 10, "statistics of every request, from any worker")
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5) as reply:
         assert reply.status == 200
+
+
+def test_trace_and_log_settings_changed_through_one_worker_are_every_workers(workers):
+    _, address, http_port, _ = workers
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        client.update_log_settings({"log_verbose_level": 1, "log_warning": False})
+        client.update_trace_settings("digits", {"trace_rate": "7"})
+    finally:
+        client.close()
+    seen: dict[int, tuple] = {}
+    for _ in range(40):  # fresh connections until both workers answered
+        client = triton.InferenceServerClient(address)
+        try:
+            inp = triton.InferInput("input", [1, 64], "FP32")
+            inp.set_data_from_numpy(x[:1])
+            worker = client.infer("digits", [inp]).get_response().parameters["cnei_coordinator_worker"].int64_param
+            logs = client.get_log_settings(as_json=True)["settings"]
+            rate = client.get_trace_settings("digits").settings["trace_rate"].value
+            seen[worker] = (logs["log_verbose_level"]["uint32_param"], logs["log_warning"]["bool_param"], list(rate))
+        finally:
+            client.close()
+        if len(seen) == WORKERS:
+            break
+    assert seen == {w: (1, False, ["7"]) for w in range(WORKERS)}
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/logging", timeout=5) as reply:
+        assert json.loads(reply.read())["log_verbose_level"] == 1
+    client = triton.InferenceServerClient(address)
+    try:
+        with pytest.raises(triton_utils.InferenceServerException, match="log_file cannot be set") as caught:
+            client.update_log_settings({"log_file": "/tmp/coordinator.log"})
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.update_log_settings({"log_verbose_level": 0, "log_warning": True})
+    finally:
+        client.close()
 
 
 def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):

@@ -44,6 +44,14 @@ def _settled(jaeger, service: str, since_us: float, at_least: int) -> int:
     return _traces(jaeger, service, since_us)
 
 
+def _await_route_refresh(client) -> None:
+    """The door asks for a stale route (100 ms ttl) when a request comes, and uses the old one
+    until the answer is in: one request, then a moment."""
+    time.sleep(0.2)
+    _infer(client)
+    time.sleep(0.3)
+
+
 def _settings(response) -> dict[str, list[str]]:
     return {name: list(value.value) for name, value in response.settings.items()}
 
@@ -89,14 +97,14 @@ def test_trace_settings_through_the_door_sample_one_in_rate_while_the_count_last
             "digits", {"trace_level": ["TIMESTAMPS"], "trace_rate": "4", "trace_count": "3"}))
         assert (updated["trace_level"], updated["trace_rate"], updated["trace_count"]) == (["TIMESTAMPS"], ["4"], ["3"])
         assert _settings(client.get_trace_settings())["trace_level"] == ["OFF"]  # the global ones stay
-        time.sleep(0.5)  # the door's route for digits is asked again within its 100 ms ttl
+        _await_route_refresh(client)
         door_answered = sum(_infer(client) for _ in range(16))
         # one in four took the coordinator's path (the fourth may not: once the count is spent, the
         # door's next route refresh stops sending requests there) ...
         assert 16 - door_answered in (3, 4)
         assert _settled(jaeger, "cnei-coordinator", started, 3) == 3  # ... and three traces were left
         assert _settings(client.get_trace_settings("digits"))["trace_count"] == ["0"]
-        time.sleep(0.5)
+        _await_route_refresh(client)
         assert all(_infer(client) for _ in range(8))  # none left: the door answers every request again
 
         status, body = _rest(http_port, "/v2/models/digits/trace/setting")
@@ -150,6 +158,8 @@ def test_an_edge_runtime_called_directly_has_trace_settings_of_its_own(mesh, jae
         for _ in range(4):
             _infer(client)
         assert _settled(jaeger, "cnei-runtime-edge", started, 2) == 2
+        logs = client.get_log_settings(as_json=True)["settings"]  # the logging extension too
+        assert logs["log_info"]["bool_param"] is True and logs["log_format"]["string_param"] == "default"
     finally:
         client.update_trace_settings("digits", {"trace_rate": None})
         client.close()
