@@ -14,6 +14,7 @@ coordinator processes that serve one OIP port (`RedisTraceStore`)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from redis.exceptions import WatchError
 
 from services.common.errors import InvalidArgument
 
+log = logging.getLogger(__name__)
 MODE = "opentelemetry"
 LEVELS = ("OFF", "TIMESTAMPS")
 GLOBAL = ""  # the scope of the global settings; a model's scope is its name
@@ -245,7 +247,10 @@ class TraceSettings:
 
     async def _read(self) -> dict[str, dict[str, object]]:
         if time.monotonic() >= self._expires:
-            self._scopes = await self.store.read()
+            try:
+                self._scopes = await self.store.read()
+            except Exception:  # noqa: BLE001 - the store away (Redis down): keep the last settings read
+                log.warning("trace settings not read; using the last read again for %.1f s", self.ttl_s, exc_info=True)
             self._expires = time.monotonic() + self.ttl_s
         return self._scopes
 

@@ -112,3 +112,13 @@ async def test_concurrent_updates_of_one_scope_lose_none(redis):
                          views[1].update("digits", {"trace_level": ["OFF"]}))
     assert await store.read() == {"": {"level": ["TIMESTAMPS"], "rate": 1, "count": -1},
                                   "digits": {"rate": 7, "level": ["OFF"]}}
+
+
+async def test_with_redis_away_the_settings_read_last_keep_applying(redis):
+    store = RedisTraceStore(redis)
+    await store.reset(TraceConfig(rate=2))
+    tracing = TraceSettings(store, ttl_s=0.0)
+    assert (await tracing.config("digits")).rate == 2
+    tracing.store = RedisTraceStore(Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5))  # nothing there
+    assert [await tracing.pick("digits") for _ in range(4)] == [False, True, False, True]
+    await tracing.store.redis.aclose()
