@@ -11,6 +11,7 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, log_settings, oip
+from services.common.deployment import BatchingSpec
 from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
@@ -54,6 +55,7 @@ class InferenceCore(Protocol):
     async def unloaded_models(self) -> frozenset[str]: ...
     async def load_model(self, name: str) -> None: ...
     async def unload_model(self, name: str) -> None: ...
+    async def batching(self, name: str) -> BatchingSpec | None: ...
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,8 +95,9 @@ def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMet
     )
 
 
-def config_to_proto(variant: ModelVariant) -> pb.ModelConfigResponse:
-    """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0."""
+def config_to_proto(variant: ModelVariant, deployment: BatchingSpec | None = None) -> pb.ModelConfigResponse:
+    """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0; a batching
+    model's `dynamic_batching` carries the deployment's rules where there is one (coordinator)."""
     batching = variant.max_batch_size
     def dims(shape):
         return list(shape[1:] if batching else shape)
@@ -107,8 +110,11 @@ def config_to_proto(variant: ModelVariant) -> pb.ModelConfigResponse:
         instance_group=[pb.ModelInstanceGroup(name=variant.name, count=1,
                                               kind=pb.ModelInstanceGroup.KIND_CPU)],
     )
-    if batching:
+    if variant.max_batch_size:
         config.dynamic_batching.SetInParent()
+        if deployment is not None:
+            config.dynamic_batching.preferred_batch_size.extend(deployment.preferred_batch_sizes)
+            config.dynamic_batching.max_queue_delay_microseconds = deployment.max_queue_delay_us
     for key, value in variant.metadata.items():
         config.parameters[key].string_value = value
     return pb.ModelConfigResponse(config=config)
@@ -228,7 +234,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request, context):
-        return config_to_proto(await self.core.model_variant(request.name, request.version))
+        variant = await self.core.model_variant(request.name, request.version)
+        return config_to_proto(variant, await self.core.batching(variant.name))
 
     @rpc
     async def ModelStatistics(self, request, context):

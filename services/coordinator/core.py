@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec
+from services.common.deployment import JOINT_MODES, BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
@@ -158,6 +158,10 @@ class Coordinator:
 
     async def model_variant(self, name: str, version: str = "") -> ModelVariant:
         return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
+
+    async def batching(self, name: str) -> BatchingSpec:
+        """The model's deployment batching rules (ModelConfig's dynamic_batching)."""
+        return (await self.catalog.deployment(name)).batching
 
     async def model_versions(self, name: str) -> list[str]:
         variants = await self.catalog.all_variants(name)

@@ -230,6 +230,12 @@ def test_the_door_holds_batches_for_the_deployment_s_queue_delay_and_releases_a_
         replies = _timed_together(address, list(x[20:24]))
         assert max(seconds for seconds, _ in replies) < 1.0, "a batch of a preferred size waited out the delay"
         assert [r.as_numpy("probabilities")[0].argmax() for _, r in replies] == list(y[20:24])
+        client = triton.InferenceServerClient(address)  # the rules in force, as Triton's config shows them
+        try:
+            batching = client.get_model_config("digits").config.dynamic_batching
+        finally:
+            client.close()
+        assert (list(batching.preferred_batch_size), batching.max_queue_delay_microseconds) == ([4], 1_500_000)
     finally:
         _apply(mesh, None)
 
