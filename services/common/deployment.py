@@ -68,6 +68,8 @@ class DeploymentSpec:
     attempt_timeout_ms: float = 2000.0  # one node's share of a request before failing over
     hedge_after_ms: float = 0.0  # 0: no hedging; -1: after the model's observed p95; >0: fixed
     joint: JointSpec = field(default_factory=JointSpec)
+    # Triton's response cache: answer inputs answered before from the coordinator's memory
+    response_cache: bool = False
 
 
 _NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec,

@@ -11,7 +11,7 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, log_settings, oip
-from services.common.deployment import BatchingSpec
+from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
@@ -55,7 +55,7 @@ class InferenceCore(Protocol):
     async def unloaded_models(self) -> frozenset[str]: ...
     async def load_model(self, name: str) -> None: ...
     async def unload_model(self, name: str) -> None: ...
-    async def batching(self, name: str) -> BatchingSpec | None: ...
+    async def deployment(self, name: str) -> DeploymentSpec | None: ...
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,9 +95,10 @@ def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMet
     )
 
 
-def config_to_proto(variant: ModelVariant, deployment: BatchingSpec | None = None) -> pb.ModelConfigResponse:
-    """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0; a batching
-    model's `dynamic_batching` carries the deployment's rules where there is one (coordinator)."""
+def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = None) -> pb.ModelConfigResponse:
+    """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0; where there
+    is a deployment (coordinator), a batching model's `dynamic_batching` carries its rules and
+    `response_cache` says whether it caches responses."""
     batching = variant.max_batch_size
     def dims(shape):
         return list(shape[1:] if batching else shape)
@@ -113,8 +114,10 @@ def config_to_proto(variant: ModelVariant, deployment: BatchingSpec | None = Non
     if variant.max_batch_size:
         config.dynamic_batching.SetInParent()
         if deployment is not None:
-            config.dynamic_batching.preferred_batch_size.extend(deployment.preferred_batch_sizes)
-            config.dynamic_batching.max_queue_delay_microseconds = deployment.max_queue_delay_us
+            config.dynamic_batching.preferred_batch_size.extend(deployment.batching.preferred_batch_sizes)
+            config.dynamic_batching.max_queue_delay_microseconds = deployment.batching.max_queue_delay_us
+    if deployment is not None and deployment.response_cache:
+        config.response_cache.enable = True
     for key, value in variant.metadata.items():
         config.parameters[key].string_value = value
     return pb.ModelConfigResponse(config=config)
@@ -133,6 +136,7 @@ def stats_to_proto(s: ModelStats) -> pb.ModelStatistics:
             compute_input=pb.StatisticDuration(count=s.success.count),
             compute_infer=_duration(s.compute_infer),
             compute_output=pb.StatisticDuration(count=s.success.count),
+            cache_hit=_duration(s.cache_hit), cache_miss=_duration(s.cache_miss),
         ),
         batch_stats=[pb.InferBatchStatistics(batch_size=b, compute_infer=_duration(d))
                      for b, d in sorted(s.batches.items())],
@@ -235,7 +239,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelConfig(self, request, context):
         variant = await self.core.model_variant(request.name, request.version)
-        return config_to_proto(variant, await self.core.batching(variant.name))
+        return config_to_proto(variant, await self.core.deployment(variant.name))
 
     @rpc
     async def ModelStatistics(self, request, context):

@@ -26,16 +26,22 @@ class ModelStats:
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)  # lookups that answered (response cache)
+    cache_miss: Duration = field(default_factory=Duration)  # lookups that did not, and the insert
     batches: dict[int, Duration] = field(default_factory=dict)
 
-    def record(self, ok: bool, total_ns: int, batch: int = 1, queue_ns: int = 0, compute_ns: int = 0) -> None:
+    def record(self, ok: bool, total_ns: int, batch: int = 1, queue_ns: int = 0, compute_ns: int = 0,
+               executed: bool = True) -> None:
+        """One request's outcome; `executed` False: answered without running the model (a cache hit)."""
         self.last_inference_ms = int(time.time() * 1000)
         if not ok:
             self.fail.add(total_ns)
             return
         self.inference_count += batch
-        self.execution_count += 1
         self.success.add(total_ns)
+        if not executed:
+            return
+        self.execution_count += 1
         self.queue.add(queue_ns)
         self.compute_infer.add(compute_ns)
         self.batches.setdefault(batch, Duration()).add(compute_ns)
@@ -61,7 +67,7 @@ class StatsBook:
                 if (not name or n == name) and (not version or v == version)]
 
 
-DURATIONS = ("success", "fail", "queue", "compute_infer")  # the Duration fields of ModelStats
+DURATIONS = ("success", "fail", "queue", "compute_infer", "cache_hit", "cache_miss")  # the Duration fields of ModelStats
 
 
 def stats_to_dict(s: ModelStats) -> dict:
@@ -74,7 +80,7 @@ def stats_to_dict(s: ModelStats) -> dict:
 def stats_from_dict(d: dict) -> ModelStats:
     s = ModelStats(d["name"], d["version"], d["last_inference_ms"], d["inference_count"], d["execution_count"])
     for key in DURATIONS:
-        setattr(s, key, Duration(*d[key]))
+        setattr(s, key, Duration(*d.get(key, (0, 0))))
     s.batches = {int(size): Duration(*pair) for size, pair in d["batches"].items()}
     return s
 

@@ -26,6 +26,12 @@ METRICS: list[tuple[str, str, Callable[[ModelStats], float]]] = [
      lambda s: s.queue.ns // 1000),
     ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
      lambda s: s.compute_infer.ns // 1000),
+    ("nv_cache_num_hits_per_model", "Number of response cache hits per model", lambda s: s.cache_hit.count),
+    ("nv_cache_hit_duration_per_model", "Total cache hit duration per model, in microseconds",
+     lambda s: s.cache_hit.ns // 1000),
+    ("nv_cache_num_misses_per_model", "Number of response cache misses per model", lambda s: s.cache_miss.count),
+    ("nv_cache_miss_duration_per_model", "Total cache miss (lookup and insert) duration per model, in microseconds",
+     lambda s: s.cache_miss.ns // 1000),
 ]
 
 

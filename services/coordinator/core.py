@@ -15,13 +15,14 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, BatchingSpec, DeploymentSpec
+from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator.batcher import BatchConfig, Batcher
+from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breaker, Breakers
 from services.coordinator.catalog import Catalog
 from services.coordinator.forwarder import sender
@@ -43,6 +44,8 @@ ESCALATIONS = Counter("cnei_escalations_total", "Rows sent to the cloud model by
                       ["model", "mode"])
 DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and cloud disagreed (async)",
                         ["model"])
+CACHE_EVENTS = Counter("cnei_response_cache_events_total", "Response cache lookups by model and result",
+                       ["model", "event"])
 HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to another node", ["model"])
 SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
@@ -142,6 +145,7 @@ class Coordinator:
         self.latency = LatencyBook()
         self.recent: deque[dict] = deque(maxlen=100)
         self.control = None  # repository.ModelControl: models unloaded through the repository API
+        self.cache = ResponseCache(settings.response_cache_bytes)
 
     # --- InferenceCore ----------------------------------------------------------------------
     async def ready(self) -> bool:
@@ -159,9 +163,9 @@ class Coordinator:
     async def model_variant(self, name: str, version: str = "") -> ModelVariant:
         return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
 
-    async def batching(self, name: str) -> BatchingSpec:
-        """The model's deployment batching rules (ModelConfig's dynamic_batching)."""
-        return (await self.catalog.deployment(name)).batching
+    async def deployment(self, name: str) -> DeploymentSpec:
+        """The model's deployment (what ModelConfig shows of it)."""
+        return await self.catalog.deployment(name)
 
     async def model_versions(self, name: str) -> list[str]:
         variants = await self.catalog.all_variants(name)
@@ -209,7 +213,8 @@ class Coordinator:
             count_served(variants[0].name, outcome_of(exc))
             raise
         batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
-        stats.record(True, time.perf_counter_ns() - start, int(batch or 1))
+        stats.record(True, time.perf_counter_ns() - start, int(batch or 1),
+                     executed="cnei_response_cache" not in response.parameters)
         count_served(variants[0].name, "ok", response.parameters)
         return response
 
@@ -364,6 +369,32 @@ class Coordinator:
         return failover_stages(eligible, failed, spec.cloud_fallback and "cloud" in spec.tiers)
 
     async def _infer(self, request: oip.InferRequest, variants: list[ModelVariant],
+                     spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
+        """Serve `request`; with the deployment's response cache, from the answers kept when it
+        was answered before (the same variant's version and precision policy, the same inputs)."""
+        if not spec.response_cache or not self.cache.max_bytes:
+            return await self._serve(request, variants, spec, deadline_s)
+        start = time.perf_counter_ns()
+        v = variants[0]
+        stats = self.stats.get(v.name, v.version)
+        key = request_key(f"{v.name}/{v.version}/{self._policy(request.parameters, spec)}", request.inputs,
+                          request.outputs)
+        hit = self.cache.get(key)
+        if hit is not None:
+            stats.cache_hit.add(time.perf_counter_ns() - start)
+            CACHE_EVENTS.labels(v.name, "hit").inc()
+            return oip.InferResponse(model_name=hit.model_name, model_version=hit.model_version, id=request.id,
+                                     outputs={name: array.copy() for name, array in hit.outputs.items()},
+                                     parameters={**hit.parameters, "cnei_response_cache": True})
+        looked_up = time.perf_counter_ns()
+        response = await self._serve(request, variants, spec, deadline_s)
+        stored = time.perf_counter_ns()
+        self.cache.put(key, response)
+        stats.cache_miss.add(looked_up - start + time.perf_counter_ns() - stored)
+        CACHE_EVENTS.labels(v.name, "miss").inc()
+        return response
+
+    async def _serve(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
         params = request.parameters
         policy = self._policy(params, spec)

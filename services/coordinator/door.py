@@ -74,17 +74,19 @@ class RouteReport:
     queue_ns: list[int] = field(default_factory=list)  # per request, same order as request_ns
 
 
-def refusal_reason(request: oip.InferRequest, hedge_after_ms: float, joint_mode: str) -> str:
+def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
     """Why requests like this one must take the full path ('' when they need not). The door
     batches by the deployment's batching section (queue delay and preferred sizes included)."""
     others = sorted(k for k in request.parameters
                     if k not in ROUTABLE_PARAMETERS and not k.startswith(TRITON_HINT))
     if others:
         return f"parameters {others} are handled by the full path"
-    if joint_mode != "off":
-        return f"joint inference ({joint_mode}) is handled by the full path"
-    if hedge_after_ms:
+    if spec.joint.mode != "off":
+        return f"joint inference ({spec.joint.mode}) is handled by the full path"
+    if spec.hedge_after_ms:
         return "hedged requests are handled by the full path"
+    if spec.response_cache:
+        return "the response cache is kept by the full path"
     return ""
 
 
@@ -127,7 +129,7 @@ class DoorRoutes:
                 await core.control.check(request.model_name)
             variants = await core.catalog.variants(request.model_name, request.model_version)
             spec = restrict_tier(await core.catalog.deployment(request.model_name), request.parameters)
-            reason = refusal_reason(request, spec.hedge_after_ms, spec.joint.mode)
+            reason = refusal_reason(request, spec)
             if reason:
                 return Refusal(reason)
             check_inputs(variants[0], request.inputs)

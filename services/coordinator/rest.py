@@ -135,7 +135,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
 
     async def model_config(request):
         variant = await core.model_variant(request.match_info["model"], request.match_info.get("version", ""))
-        return web.json_response(oip_json.proto_to_json(config_to_proto(variant, await core.batching(variant.name)).config))
+        return web.json_response(oip_json.proto_to_json(config_to_proto(variant, await core.deployment(variant.name)).config))
 
     async def model_stats(request):
         stats = await statistics(core, request.match_info.get("model", ""), request.match_info.get("version", ""))

@@ -28,6 +28,9 @@ class CoordinatorSettings:
     front_door_binary: str = field("", "path of cnei-frontdoor (empty: the one `make frontdoor` builds)")
     internal_grpc_port: int = field(0, "gRPC port of the coordinator behind the front door, on 127.0.0.1 "
                                        "(0: any free port)")
+    response_cache_bytes: int = field(
+        64 << 20, "memory for the response cache of deployments with response_cache: true, per coordinator "
+                  "process (least recently used answers go first; 0: no cache)")
     route_ttl_ms: int = field(100, "how long the front door reuses a placement before asking again")
     trace_level: str = field("TIMESTAMPS", "while spans are exported, inference requests that come without trace "
                                            "context start traces (TIMESTAMPS) or not (OFF); Triton's trace "

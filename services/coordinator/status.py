@@ -76,7 +76,7 @@ def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
                      "preferred_batch_sizes": list(b.preferred_batch_sizes)},
         "precision": spec.precision.precision or "auto", "joint": j.mode,
         "joint_threshold": j.threshold if j.mode != "off" else None,
-        "hedge_after_ms": spec.hedge_after_ms,
+        "hedge_after_ms": spec.hedge_after_ms, "response_cache": spec.response_cache,
     }
 
 

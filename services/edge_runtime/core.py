@@ -225,8 +225,8 @@ class EdgeRuntime:
         except CneiError:
             return self.disk.variants()
 
-    async def batching(self, name: str) -> None:
-        return None  # a runtime runs the batches it is sent; batching rules are the coordinator's
+    async def deployment(self, name: str) -> None:
+        return None  # a runtime runs the batches it is sent; deployments are the coordinator's
 
     async def unloaded_models(self) -> frozenset[str]:
         return frozenset()  # a runtime serves every model it can pull; the coordinator takes models out of service

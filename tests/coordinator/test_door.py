@@ -60,19 +60,19 @@ def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip
 
 
 @pytest.mark.parametrize(
-    ("params", "hedge_after_ms", "joint", "reason"),
-    [({}, 0.0, "off", ""),
-     ({"precision": "INT8", "accuracy_floor": 0.9, "latency_budget_ms": 5, "region": "a", "tier": "edge"},
-      0.0, "off", ""),
-     ({"triton_enable_empty_final_response": False}, 0.0, "off", ""),
-     ({"priority": 1}, 0.0, "off", "parameters ['priority'] are handled by the full path"),
-     ({"timeout_us": 5, "joint": "sync"}, 0.0, "off", "parameters ['joint', 'timeout_us']"),
-     ({}, 0.0, "sync", "joint inference (sync)"),
-     ({}, -1.0, "off", "hedged requests")],
+    ("params", "spec", "reason"),
+    [({}, {}, ""),
+     ({"precision": "INT8", "accuracy_floor": 0.9, "latency_budget_ms": 5, "region": "a", "tier": "edge"}, {}, ""),
+     ({"triton_enable_empty_final_response": False}, {}, ""),
+     ({"priority": 1}, {}, "parameters ['priority'] are handled by the full path"),
+     ({"timeout_us": 5, "joint": "sync"}, {}, "parameters ['joint', 'timeout_us']"),
+     ({}, {"joint": JointSpec(mode="sync")}, "joint inference (sync)"),
+     ({}, {"hedge_after_ms": -1.0}, "hedged requests"),
+     ({}, {"response_cache": True}, "the response cache")],
     ids=["plain", "placement-parameters", "triton-client-hint", "priority", "timeout-and-joint", "joint-deployment",
-         "hedging"])
-def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, hedge_after_ms, joint, reason):
-    found = refusal_reason(ask(params), hedge_after_ms, joint)
+         "hedging", "response-cache"])
+def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, spec, reason):
+    found = refusal_reason(ask(params), DeploymentSpec(model="digits", **spec))
     assert found.startswith(reason) if reason else found == ""
 
 

@@ -1,0 +1,99 @@
+"""Triton's response cache at the coordinator, with real processes: a deployment with
+`response_cache: true` answers inputs it has answered before without a node (the nodes run
+nothing more), counts hits and misses in Triton's statistics and metrics, and never answers a
+request from another input's or another precision's answer."""
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from services.cli import infra
+from services.common.deployment import DeploymentSpec
+from services.common.registry_client import RegistryClient
+from services.models.digits import load_all
+from tests.e2e.processes import push_digits_as
+
+MODEL = "digits-cached"
+
+
+@pytest.fixture(scope="module")
+def cached_model(mesh, digits_models):
+    push_digits_as(mesh, digits_models, MODEL)
+
+    async def put() -> None:
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.put_deployment(DeploymentSpec(model=MODEL, response_cache=True))
+        finally:
+            await client.close()
+    asyncio.run(put())
+    return MODEL
+
+
+def _infer(client, x: np.ndarray, **kwargs):
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return client.infer(MODEL, [tensor], client_timeout=30, **kwargs)
+
+
+def _node_executions(mesh) -> int:
+    """Executions of MODEL on every runtime of the mesh (their own statistics)."""
+    total = 0
+    for node_id in ("edge-a1", "edge-b1", "cloud-1"):
+        client = triton.InferenceServerClient(mesh.runtime(node_id))
+        try:
+            total += sum(s.execution_count for s in client.get_inference_statistics(MODEL).model_stats)
+        except triton.InferenceServerException:
+            pass  # a node that never loaded the model knows nothing of it
+        finally:
+            client.close()
+    return total
+
+
+def _metric(mesh, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.settings.metrics_port}/metrics", timeout=5) as reply:
+        found = re.findall(rf'^{name}\{{model="{MODEL}",version="1"\}} (\S+)', reply.read().decode(), re.M)
+    return float(found[0]) if found else 0.0
+
+
+def test_a_repeated_input_is_answered_from_the_cache_without_a_node(mesh, cached_model):
+    x, y = load_all()
+    client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        first = _infer(client, x[:2])
+        assert "cnei_response_cache" not in first.get_response().parameters
+        executions = _node_executions(mesh)
+        assert executions >= 1
+        again = _infer(client, x[:2], request_id="second")
+        params = again.get_response().parameters
+        assert params["cnei_response_cache"].bool_param
+        assert params["cnei_node"].string_param == first.get_response().parameters["cnei_node"].string_param
+        assert again.get_response().id == "second"
+        np.testing.assert_array_equal(again.as_numpy("probabilities"), first.as_numpy("probabilities"))
+        assert list(again.as_numpy("probabilities").argmax(axis=1)) == list(y[:2])
+        assert _node_executions(mesh) == executions  # no node ran it
+
+        # other inputs and another precision are answers of their own
+        other = _infer(client, x[2:4])
+        assert "cnei_response_cache" not in other.get_response().parameters
+        assert list(other.as_numpy("probabilities").argmax(axis=1)) == list(y[2:4])
+        assert "cnei_response_cache" not in _infer(client, x[:2], parameters={"precision": "FP32"}).get_response().parameters
+        assert _infer(client, x[:2], parameters={"precision": "FP32"}).get_response().parameters["cnei_response_cache"].bool_param
+
+        stats = client.get_inference_statistics(MODEL).model_stats[0]
+        assert (stats.inference_stats.cache_hit.count, stats.inference_stats.cache_miss.count) == (2, 3)
+        assert stats.inference_stats.success.count == 5 and stats.execution_count == 3
+    finally:
+        client.close()
+    client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        assert client.get_model_config(MODEL).config.response_cache.enable  # as Triton's config says it
+    finally:
+        client.close()
+    infra.wait_until(lambda: _metric(mesh, "nv_cache_num_hits_per_model") == 2, 10, "Triton's cache hit metric")
+    assert _metric(mesh, "nv_cache_num_misses_per_model") == 3
