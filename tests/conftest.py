@@ -24,6 +24,19 @@ def redis_server(tmp_path_factory) -> str:
     infra.stop(proc)
 
 
+@pytest.fixture
+async def own_redis(redis_server):
+    """A client of a Redis database of the test's own (db 8, emptied before and after): what it
+    writes is never seen by the mesh's services of later e2e tests, which use db 0."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/8")
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory) -> list:
     """The digits demo variants (FP32, FP16, INT8), built once per test session."""

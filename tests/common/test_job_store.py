@@ -6,20 +6,14 @@ import asyncio
 import uuid
 
 import pytest
-from redis.asyncio import Redis
 
 from services.common.jobs import JobRecord, JobSpec, JobStore
 
 
 @pytest.fixture
-async def store(redis_server):
+def store(own_redis):
     """A database of its own: the mesh's trainers (later e2e tests) must not find these jobs."""
-    redis = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/7")
-    try:
-        await redis.flushdb()
-        yield JobStore(redis)
-    finally:
-        await redis.aclose()
+    return JobStore(own_redis)
 
 
 def _job(state: str = "running", round_no: int = 0) -> JobRecord:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from redis.asyncio import Redis
 
 from services.common import log_settings
 from services.common.errors import InvalidArgument
@@ -30,15 +29,6 @@ def records():
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
     log_settings._applied = None
-
-
-@pytest.fixture
-async def redis(redis_server):
-    client = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/8")
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
 
 
 def _log_each(logger: logging.Logger) -> None:
@@ -77,9 +67,9 @@ async def test_each_switch_decides_what_this_process_logs(records):
                                     "log_verbose_level": 1, "log_file": "", "log_format": "default"}
 
 
-async def test_settings_in_redis_are_those_of_every_process_sharing_the_key(redis, records):
-    first, second = LogSettings(redis, "cnei:log:settings:1"), LogSettings(redis, "cnei:log:settings:1")
-    other = LogSettings(redis, "cnei:log:settings:2")  # another coordinator's
+async def test_settings_in_redis_are_those_of_every_process_sharing_the_key(own_redis, records):
+    first, second = LogSettings(own_redis, "cnei:log:settings:1"), LogSettings(own_redis, "cnei:log:settings:1")
+    other = LogSettings(own_redis, "cnei:log:settings:2")  # another coordinator's
     await first.reset(LogConfig())
     await other.reset(LogConfig())
     await first.update({"log_verbose_level": 2})

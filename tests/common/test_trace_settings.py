@@ -13,15 +13,6 @@ from services.common.trace_settings import (MemoryTraceStore, RedisTraceStore, T
                                             config_from, parse_update)
 
 
-@pytest.fixture
-async def redis(redis_server):
-    client = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/8")  # a database of its own
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
 @pytest.mark.parametrize("changes, message", [
     ({"trace_rat": ["1"]}, "unknown trace setting 'trace_rat'"),
     ({"trace_rate": ["0"]}, "'trace_rate' must be an integer of at least 1, not '0'"),
@@ -84,15 +75,15 @@ async def test_the_count_runs_down_and_a_models_own_count_is_its_own():
     assert not await tracing.pick("digits")
 
 
-async def test_redis_settings_are_shared_by_every_process_view_and_the_count_is_taken_once(redis):
-    first = TraceSettings(RedisTraceStore(redis), ttl_s=0.0)
-    second = TraceSettings(RedisTraceStore(redis), ttl_s=0.0)  # another coordinator worker
+async def test_redis_settings_are_shared_by_every_process_view_and_the_count_is_taken_once(own_redis):
+    first = TraceSettings(RedisTraceStore(own_redis), ttl_s=0.0)
+    second = TraceSettings(RedisTraceStore(own_redis), ttl_s=0.0)  # another coordinator worker
     await first.store.reset(TraceConfig(level=("TIMESTAMPS",), rate=1, count=5))
     await first.update("digits", {"trace_rate": ["4"], "trace_level": ["TIMESTAMPS"]})
     assert (await second.get("digits"))["trace_rate"] == ["4"]
     assert (await second.get())["trace_rate"] == ["1"]
     # ten processes pick at once: five traces are left, so exactly five start
-    views = [TraceSettings(RedisTraceStore(redis), ttl_s=0.0) for _ in range(10)]
+    views = [TraceSettings(RedisTraceStore(own_redis), ttl_s=0.0) for _ in range(10)]
     picks = await asyncio.gather(*(v.pick("wide_mlp", picked=True) for v in views))
     assert sum(picks) == 5
     assert (await second.get("wide_mlp"))["trace_count"] == ["0"]
@@ -104,18 +95,18 @@ async def test_redis_settings_are_shared_by_every_process_view_and_the_count_is_
     assert (await second.get("digits"))["trace_level"] == ["OFF"]
 
 
-async def test_concurrent_updates_of_one_scope_lose_none(redis):
-    store = RedisTraceStore(redis)
+async def test_concurrent_updates_of_one_scope_lose_none(own_redis):
+    store = RedisTraceStore(own_redis)
     await store.reset(TraceConfig())
-    views = [TraceSettings(RedisTraceStore(redis), ttl_s=0.0) for _ in range(2)]
+    views = [TraceSettings(RedisTraceStore(own_redis), ttl_s=0.0) for _ in range(2)]
     await asyncio.gather(views[0].update("digits", {"trace_rate": ["7"]}),
                          views[1].update("digits", {"trace_level": ["OFF"]}))
     assert await store.read() == {"": {"level": ["TIMESTAMPS"], "rate": 1, "count": -1},
                                   "digits": {"rate": 7, "level": ["OFF"]}}
 
 
-async def test_with_redis_away_the_settings_read_last_keep_applying(redis):
-    store = RedisTraceStore(redis)
+async def test_with_redis_away_the_settings_read_last_keep_applying(own_redis):
+    store = RedisTraceStore(own_redis)
     await store.reset(TraceConfig(rate=2))
     tracing = TraceSettings(store, ttl_s=0.0)
     assert (await tracing.config("digits")).rate == 2

@@ -7,7 +7,6 @@ import asyncio
 
 import numpy as np
 import pytest
-from redis.asyncio import Redis
 
 from services.common import events, settings as cfg
 from services.common.federated import LocalUpdate, RoundTask
@@ -22,13 +21,9 @@ EVAL = (np.eye(4, dtype=np.float32)[:3], np.array([0, 1, 2]))
 
 
 @pytest.fixture
-async def redis(redis_server):
+def redis(own_redis):
     """A database of its own: the mesh's trainers (later e2e tests) must not find this job."""
-    client = Redis.from_url(redis_server.rsplit("/", 1)[0] + "/6")
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
+    return own_redis
 
 
 async def train(address: str, task: RoundTask, timeout: float) -> LocalUpdate:
