@@ -19,6 +19,7 @@ from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.node_control import NodeControlClients
 from services.common.registry_client import RegistryClient
+from services.common import restricted as restricted_apis
 from services.common.log_settings import LogConfig, LogSettings
 from services.common.shm import SharedMemoryRegions
 from services.common.trace_settings import RedisTraceStore, TraceSettings, config_from
@@ -69,10 +70,13 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         await tracing.store.reset(config_from(settings.trace_level, settings.trace_rate, settings.trace_count))
         await logs.reset(LogConfig.from_level(logging.getLogger().getEffectiveLevel()))
     following = asyncio.create_task(logs.follow(), name="log-settings")
+    restricted = restricted_apis.parse(settings.restricted_apis)
+    guard = [restricted_apis.RestrictedApis(restricted)] if restricted else None
     if door_path is None:
-        server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0)
+        server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0,
+                                      interceptors=guard)
     else:  # the door takes the public port; the coordinator serves it from behind
-        server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port)
+        server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port, interceptors=guard)
         routes = DoorRoutes(core, settings.route_ttl_ms, tracing if telemetry.exporting() else None,
                             settings.door_spread_nodes, settings.door_spread_margin)
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
@@ -88,7 +92,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs), access_log=None)
+        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs, restricted), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
     if worker < 0:  # several workers: the supervisor serves Triton's metrics over all of them
@@ -98,7 +102,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     door = watching = None
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
-                           shm_dir if settings.shared_memory else "")
+                           shm_dir if settings.shared_memory else "", restricted.get("inference"))
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from services.common import lifecycle
 from services.common.errors import FailedPrecondition
+from services.common.restricted import Key
 
 log = logging.getLogger(__name__)
 BUILT = Path(__file__).resolve().parent / "frontdoor" / "build" / "cnei-frontdoor"
@@ -33,18 +34,25 @@ def door_binary(mode: str, configured: str = "") -> Path | None:
     return None
 
 
+RESTRICT_ENV = "CNEI_FRONTDOOR_RESTRICT_INFERENCE"
+
 class DoorProcess:
-    def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = ""):
+    def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = "",
+                 restrict_inference: Key | None = None):
         """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
-        reads to serve requests whose tensors are in the client's shared memory itself."""
+        reads to serve requests whose tensors are in the client's shared memory itself.
+        `restrict_inference`: the header and value inference requests need (restricted APIs)."""
         self.command = [str(binary), "--listen", listen, "--backend", backend,
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         if shm_dir:
             self.command += ["--shm-dir", shm_dir]
+        self.env = {k: v for k, v in os.environ.items() if k != RESTRICT_ENV}
+        if restrict_inference is not None:  # in the environment: the command line is anybody's to read
+            self.env[RESTRICT_ENV] = f"{restrict_inference.header}={restrict_inference.value}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.command)
+        self.proc = subprocess.Popen(self.command, env=self.env)
         log.info("front door (pid %d) on %s in front of %s", self.proc.pid, self.command[2], self.command[4])
 
     async def watch(self, stop: asyncio.Event, poll_s: float = 0.2) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_servicer import (EXTENSIONS, PLATFORM, InferenceCore, config_to_proto, inference_metrics,
                                           repository_models, statistics, stats_to_proto, trace_setting)
 from services.common.log_settings import LogSettings
+from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.trace_settings import MemoryTraceStore, TraceSettings
 from services.pb.inference import grpc_service_pb2 as pb
@@ -77,7 +79,7 @@ def _trace_changes(body: object) -> dict[str, list[str] | None]:
 
 def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = None,
               shm: SharedMemoryRegions | None = None, tracing: TraceSettings | None = None,
-              logs: LogSettings | None = None) -> web.Application:
+              logs: LogSettings | None = None, restricted: Mapping[str, Key] | None = None) -> web.Application:
     """Triton's HTTP/REST API over the core: KServe v2 JSON plus the binary tensor data,
     model configuration, statistics, repository index and system shared memory extensions."""
     routes = web.RouteTableDef()
@@ -233,7 +235,16 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
             raise InvalidArgument("log settings body must be a JSON object of setting names to values")
         return web.json_response(await (logs.update(body) if body else logs.get()))
 
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    middlewares = [errors_middleware]
+    if restricted:
+        @web.middleware
+        async def restricted_middleware(request, handler):
+            reason = refusal(restricted, rest_category(request.path), request.headers)
+            if reason:
+                return web.json_response({"error": reason}, status=403)
+            return await handler(request)
+        middlewares.append(restricted_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app.add_routes(routes)
     if extra_routes:
         app.add_routes(extra_routes)

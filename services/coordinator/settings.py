@@ -28,6 +28,11 @@ class CoordinatorSettings:
     front_door_binary: str = field("", "path of cnei-frontdoor (empty: the one `make frontdoor` builds)")
     internal_grpc_port: int = field(0, "gRPC port of the coordinator behind the front door, on 127.0.0.1 "
                                        "(0: any free port)")
+    restricted_apis: str = field(
+        "", "Triton's restricted APIs: '<category>[,...]:<header>=<value>', several joined with ';' (e.g. "
+            "'model-repository,trace,logging:admin-key=s3cret'); such calls without the header are "
+            "PERMISSION_DENIED (REST 403). Categories: health, metadata, inference, shared-memory, "
+            "model-config, model-repository, statistics, trace, logging")
     response_cache_bytes: int = field(
         64 << 20, "memory for the response cache of deployments with response_cache: true, per coordinator "
                   "process (least recently used answers go first; 0: no cache)")

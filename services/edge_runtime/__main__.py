@@ -17,6 +17,7 @@ from services.common.errors import InvalidArgument
 from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
+from services.common import restricted as restricted_apis
 from services.common.shm import SharedMemoryRegions
 from services.common.trace_settings import MemoryTraceStore, TraceSettings, config_from
 from services.common.registry_client import RegistryClient
@@ -75,8 +76,11 @@ async def serve(settings: RuntimeSettings) -> None:
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
     bus.on_connect.append(runtime.resync)
     await bus.start()
-    delay = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else None
-    server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=delay)
+    interceptors = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else []
+    restricted = restricted_apis.parse(settings.restricted_apis)
+    if restricted:
+        interceptors.append(restricted_apis.RestrictedApis(restricted))
+    server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=interceptors)
     tracing = TraceSettings(MemoryTraceStore(config_from(settings.trace_level, settings.trace_rate,
                                                          settings.trace_count)))
     oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory), tracing)

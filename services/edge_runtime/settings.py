@@ -28,6 +28,9 @@ class RuntimeSettings:
     cache_max_bytes: int = field(2 << 30, "byte budget of loaded models (L1); LRU eviction")
     heartbeat_interval_s: float = field(0.2, "seconds between heartbeats")
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
+    restricted_apis: str = field(
+        "", "Triton's restricted APIs on this node's OIP port: '<category>[,...]:<header>=<value>', several "
+            "joined with ';' (categories as the coordinator's)")
     trace_level: str = field("TIMESTAMPS", "while spans are exported, OIP requests that come without trace context "
                                            "start traces (TIMESTAMPS) or not (OFF); Triton's trace setting")
     trace_rate: int = field(1, "one such request in N of each model starts a trace")

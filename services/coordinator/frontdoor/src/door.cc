@@ -9,6 +9,11 @@
 namespace frontdoor {
 
 void InferDoor::Infer(InferCall* call, grpc::ByteBuffer* bytes) {
+  if (!Allowed(call)) {
+    return call->Fail(grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                                   "the inference API is restricted: send header '" +
+                                       restrict_header_ + "' with its value"));
+  }
   if (!call->Parse(bytes) || Sampled(call) || !TakeSharedMemory(call) ||
       ContentProblem(call->request()) != nullptr ||
       !TakeQueueParameters(call)) {
@@ -68,6 +73,18 @@ bool InferDoor::TakeSharedMemory(InferCall* call) {
   for (const auto& output : request.outputs()) placed |= InSharedMemory(output.parameters());
   if (!placed) return true;
   return shm_ != nullptr && shm_->Take(&call->mutable_request(), &call->output_places);
+}
+
+// Triton's restricted API: the client sent the header with the value (compared in full, so the
+// time taken says nothing of how much of it matched).
+bool InferDoor::Allowed(InferCall* call) {
+  if (restrict_header_.empty()) return true;
+  const auto& metadata = call->context().client_metadata();
+  auto it = metadata.find(restrict_header_);
+  if (it == metadata.end() || it->second.size() != restrict_value_.size()) return false;
+  unsigned char differ = 0;
+  for (size_t i = 0; i < restrict_value_.size(); ++i) differ |= it->second.data()[i] ^ restrict_value_[i];
+  return differ == 0;
 }
 
 // A sampled trace (traceparent flags with bit 0 set) takes the fully traced coordinator path.

@@ -122,7 +122,16 @@ int main(int argc, char** argv) {
   router = &routes;
   std::unique_ptr<SharedMemory> shm;
   if (!flags.shm_dir.empty()) shm = std::make_unique<SharedMemory>(flags.shm_dir);
-  InferDoor door(&routes, shm.get());
+  // Triton's restricted inference API, from the environment (not the command line, which any
+  // local user may read): HEADER=VALUE
+  std::string restrict_header, restrict_value;
+  if (const char* restrict = getenv("CNEI_FRONTDOOR_RESTRICT_INFERENCE"); restrict && *restrict) {
+    std::string pair(restrict);
+    size_t eq = pair.find('=');
+    if (eq == std::string::npos || eq == 0) Usage("CNEI_FRONTDOOR_RESTRICT_INFERENCE must be HEADER=VALUE");
+    restrict_header = pair.substr(0, eq), restrict_value = pair.substr(eq + 1);
+  }
+  InferDoor door(&routes, shm.get(), restrict_header, restrict_value);
   FrontDoorService service(&backend, &door);
 
   int port = 0;

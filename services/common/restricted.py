@@ -1,0 +1,124 @@
+"""Triton's restricted APIs (`--grpc-restricted-protocol`, `--http-restricted-api`): categories of
+the OIP API answered only to requests that carry a given header with a given value, so that, for
+one, anybody may infer while only an operator holding the key unloads models or changes trace
+and log settings.
+
+A restriction reads `<category>[,<category>...]:<header>=<value>`, several joined with `;`, e.g.
+`model-repository,trace,logging:admin-key=s3cret;shared-memory:shm-key=local`. Categories are
+Triton's. A request of a restricted category without the header (or with another value) is
+PERMISSION_DENIED over gRPC and 403 over REST; the value is never echoed. The internal planes
+(front door control, node control, fast lane) are not the OIP API and are not restricted."""
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+
+CATEGORIES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+              "statistics", "trace", "logging")
+OIP_SERVICE = "inference.GRPCInferenceService"
+GRPC_METHODS = {
+    "ServerLive": "health", "ServerReady": "health", "ModelReady": "health",
+    "ServerMetadata": "metadata", "ModelMetadata": "metadata",
+    "ModelInfer": "inference", "ModelStreamInfer": "inference",
+    "ModelConfig": "model-config", "ModelStatistics": "statistics",
+    "RepositoryIndex": "model-repository", "RepositoryModelLoad": "model-repository",
+    "RepositoryModelUnload": "model-repository",
+    "SystemSharedMemoryStatus": "shared-memory", "SystemSharedMemoryRegister": "shared-memory",
+    "SystemSharedMemoryUnregister": "shared-memory", "CudaSharedMemoryStatus": "shared-memory",
+    "CudaSharedMemoryRegister": "shared-memory", "CudaSharedMemoryUnregister": "shared-memory",
+    "TraceSetting": "trace", "LogSettings": "logging",
+}
+_REST_HEADS = {"health": "health", "repository": "model-repository", "systemsharedmemory": "shared-memory",
+               "cudasharedmemory": "shared-memory", "trace": "trace", "logging": "logging"}
+_REST_MODEL_TAILS = {"ready": "health", "infer": "inference", "config": "model-config", "stats": "statistics",
+                     "trace": "trace"}
+
+
+@dataclass(frozen=True)
+class Key:
+    header: str  # lower case, as gRPC metadata keys are
+    value: str
+
+
+def parse(spec: str) -> dict[str, Key]:
+    """`spec` -> {category: the header and value it needs}. ValueError naming what is wrong."""
+    restricted: dict[str, Key] = {}
+    for group in filter(None, (g.strip() for g in spec.split(";"))):
+        names, sep, pair = group.partition(":")
+        header, eq, value = pair.partition("=")
+        if not sep or not eq or not header.strip() or not value:
+            raise ValueError(f"restricted APIs: '{group}' must read <category>[,<category>...]:<header>=<value>")
+        key = Key(header.strip().lower(), value)
+        for name in filter(None, (n.strip() for n in names.split(","))):
+            if name not in CATEGORIES:
+                raise ValueError(f"restricted APIs: unknown category '{name}'; categories are {', '.join(CATEGORIES)}")
+            if name in restricted:
+                raise ValueError(f"restricted APIs: category '{name}' is restricted twice")
+            restricted[name] = key
+    return restricted
+
+
+def rest_category(path: str) -> str | None:
+    """The category of a REST path of the OIP API (None: not part of it)."""
+    parts = [p for p in path.split("/") if p]
+    if not parts or parts[0] != "v2":
+        return None
+    if len(parts) == 1:
+        return "metadata"
+    if parts[1] != "models":
+        return _REST_HEADS.get(parts[1])
+    if parts[2:] == ["stats"]:  # every model's statistics (the server routes it before model "stats")
+        return "statistics"
+    rest = parts[3:]
+    if rest[:1] == ["versions"]:
+        rest = rest[2:]
+    return _REST_MODEL_TAILS.get(rest[0]) if rest else "metadata"
+
+
+def refusal(restricted: Mapping[str, Key], category: str | None, headers: Mapping[str, str]) -> str:
+    """Why a request of `category` with these headers (lower-case keys) is refused ('' if it is not)."""
+    key = restricted.get(category or "")
+    if key is None:
+        return ""
+    sent = headers.get(key.header)
+    if sent is not None and hmac.compare_digest(sent.encode(), key.value.encode()):
+        return ""
+    return f"the {category} API is restricted: send header '{key.header}' with its value"
+
+
+class RestrictedApis(grpc.aio.ServerInterceptor):
+    """Refuses OIP calls of restricted categories that lack their header."""
+
+    def __init__(self, restricted: Mapping[str, Key]):
+        self.restricted = dict(restricted)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if service == OIP_SERVICE:
+            headers = {k.lower(): v for k, v in (handler_call_details.invocation_metadata or ())
+                       if isinstance(v, str)}
+            reason = refusal(self.restricted, GRPC_METHODS.get(method), headers)
+            if reason:
+                handler = await continuation(handler_call_details)
+                return _denied(handler, reason)
+        return await continuation(handler_call_details)
+
+
+def _denied(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers PERMISSION_DENIED."""
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+
+    async def streaming(request_iterator, context):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        yield  # an async generator, as the stream handler it stands for
+
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, handler.request_deserializer,
+                                                     handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)

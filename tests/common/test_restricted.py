@@ -1,0 +1,61 @@
+"""Triton's restricted APIs: the specification, the category of each REST path and gRPC method,
+and who is refused."""
+from __future__ import annotations
+
+import pytest
+
+from services.common.restricted import GRPC_METHODS, Key, parse, refusal, rest_category
+from services.pb.inference import grpc_service_pb2 as pb
+
+
+def test_a_specification_gives_each_category_its_header_and_value():
+    restricted = parse("model-repository, trace,logging:Admin-Key=s3cret=1; inference:infer-key=abc")
+    assert restricted == {"model-repository": Key("admin-key", "s3cret=1"), "trace": Key("admin-key", "s3cret=1"),
+                          "logging": Key("admin-key", "s3cret=1"), "inference": Key("infer-key", "abc")}
+    assert parse("") == {} and parse(" ; ") == {}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("trace", "must read <category>"),
+    ("trace:admin-key", "must read <category>"),
+    ("trace:=x", "must read <category>"),
+    ("trace:k=", "must read <category>"),
+    ("repository:k=v", "unknown category 'repository'"),
+    ("trace:a=1;trace,logging:b=2", "category 'trace' is restricted twice"),
+])
+def test_a_bad_specification_says_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse(spec)
+
+
+def test_every_oip_method_has_a_category():
+    methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+    assert set(methods) == set(GRPC_METHODS)
+
+
+@pytest.mark.parametrize("path, category", [
+    ("/v2", "metadata"), ("/v2/", "metadata"), ("/v2/health/live", "health"), ("/v2/health/ready", "health"),
+    ("/v2/models/digits", "metadata"), ("/v2/models/digits/versions/2", "metadata"),
+    ("/v2/models/digits/ready", "health"), ("/v2/models/digits/versions/2/ready", "health"),
+    ("/v2/models/digits/infer", "inference"), ("/v2/models/digits/versions/1/infer", "inference"),
+    ("/v2/models/infer", "metadata"),  # a model named "infer"
+    ("/v2/models/digits/config", "model-config"), ("/v2/models/digits/stats", "statistics"),
+    ("/v2/models/stats", "statistics"), ("/v2/repository/index", "model-repository"),
+    ("/v2/repository/models/digits/unload", "model-repository"),
+    ("/v2/systemsharedmemory/region/r/register", "shared-memory"), ("/v2/cudasharedmemory/status", "shared-memory"),
+    ("/v2/trace/setting", "trace"), ("/v2/models/digits/trace/setting", "trace"), ("/v2/logging", "logging"),
+    ("/", None), ("/api/status", None), ("/metrics", None),
+])
+def test_rest_paths_fall_in_tritons_categories(path, category):
+    assert rest_category(path) == category
+
+
+def test_only_requests_of_a_restricted_category_without_the_right_value_are_refused():
+    restricted = parse("trace,logging:admin-key=s3cret")
+    assert refusal(restricted, "inference", {}) == ""
+    assert refusal(restricted, None, {}) == ""
+    assert refusal(restricted, "trace", {"admin-key": "s3cret"}) == ""
+    for headers in ({}, {"admin-key": "wrong"}, {"admin-key": "s3cret "}, {"other": "s3cret"}):
+        reason = refusal(restricted, "trace", headers)
+        assert reason == "the trace API is restricted: send header 'admin-key' with its value"
+        assert "s3cret" not in reason
