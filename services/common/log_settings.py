@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 SWITCHES = {"log_info": logging.INFO, "log_warning": logging.WARNING, "log_error": logging.ERROR}
@@ -110,15 +111,22 @@ class LogSettings:
         self.interval_s = interval_s
 
     async def reset(self, config: LogConfig) -> None:
-        """Start from `config` (a coordinator starting: its own configuration)."""
-        if self.redis is not None:
-            await self.redis.set(self.key, json.dumps(asdict(config)))
+        """Start from `config` (a coordinator starting: its own configuration); with Redis away it
+        applies here all the same."""
         apply(config)
+        if self.redis is not None:
+            try:
+                await self.redis.set(self.key, json.dumps(asdict(config)))
+            except Exception as exc:  # noqa: BLE001 - e.g. Redis down at start: serve on, log it
+                log.warning("log settings not written to Redis (%s); the configured ones apply", exc)
 
     async def _stored(self) -> LogConfig:
         if self.redis is None:
             return current()
-        raw = await self.redis.get(self.key)
+        try:
+            raw = await self.redis.get(self.key)
+        except RedisError:
+            return current()  # Redis away: what this process applies (changes wait for it)
         return LogConfig(**json.loads(raw)) if raw else current()
 
     async def get(self) -> dict[str, object]:
@@ -130,7 +138,10 @@ class LogSettings:
         update = parse_update(changes)
         config = replace(await self._stored(), **update)
         if self.redis is not None:
-            await self.redis.set(self.key, json.dumps(asdict(config)))
+            try:
+                await self.redis.set(self.key, json.dumps(asdict(config)))
+            except RedisError as exc:
+                raise Unavailable(f"log settings are kept in Redis, which does not answer: {exc}") from None
         apply(config)
         log.info("log settings now %s", to_triton(config))
         return to_triton(config)

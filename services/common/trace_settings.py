@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 MODE = "opentelemetry"
@@ -116,14 +116,15 @@ def to_triton(config: TraceConfig) -> dict[str, list[str]]:
             "trace_count": [str(config.count)], "log_frequency": ["0"], "trace_file": [""], "trace_mode": [MODE]}
 
 
-def effective(scopes: Mapping[str, Mapping[str, object]], model: str) -> TraceConfig:
-    """The settings that apply to `model` (GLOBAL: the global ones): the global settings with the
-    model's own on top."""
+def effective(scopes: Mapping[str, Mapping[str, object]], model: str,
+              configured: TraceConfig = TraceConfig()) -> TraceConfig:
+    """The settings that apply to `model` (GLOBAL: the global ones): the global settings (where
+    the store has none: the `configured` ones) with the model's own on top."""
     base = scopes.get(GLOBAL, {})
     own = scopes.get(model, {}) if model else {}
-    config = TraceConfig(level=tuple(own.get("level", base.get("level", TraceConfig.level))),
-                         rate=int(own.get("rate", base.get("rate", TraceConfig.rate))),
-                         count=int(own.get("count", base.get("count", TraceConfig.count))),
+    config = TraceConfig(level=tuple(own.get("level", base.get("level", configured.level))),
+                         rate=int(own.get("rate", base.get("rate", configured.rate))),
+                         count=int(own.get("count", base.get("count", configured.count))),
                          count_scope=model if "count" in own else GLOBAL)
     return config
 
@@ -238,9 +239,11 @@ class TraceSettings:
     """The settings as this process sees them (re-read from the store every `ttl_s`, at once
     after its own changes), and the sampling of requests that arrive without trace context."""
 
-    def __init__(self, store: TraceStore, ttl_s: float = 1.0):
+    def __init__(self, store: TraceStore, ttl_s: float = 1.0, configured: TraceConfig = TraceConfig()):
+        """`configured`: the global settings while the store holds none (or cannot be read)."""
         self.store = store
         self.ttl_s = ttl_s
+        self.configured = configured
         self._scopes: dict[str, dict[str, object]] = {}
         self._expires = 0.0
         self._seen: dict[str, int] = defaultdict(int)
@@ -255,7 +258,16 @@ class TraceSettings:
         return self._scopes
 
     async def config(self, model: str = GLOBAL) -> TraceConfig:
-        return effective(await self._read(), model)
+        return effective(await self._read(), model, self.configured)
+
+    async def reset(self) -> None:
+        """Make the configured settings the store's (a coordinator starting); with the store away
+        they apply here all the same, and are written by the next change."""
+        try:
+            await self.store.reset(self.configured)
+        except Exception as exc:  # noqa: BLE001 - e.g. Redis down at start: serve on, log it
+            log.warning("trace settings not written to their store (%s); the configured ones apply", exc)
+        self._expires = 0.0
 
     async def get(self, model: str = GLOBAL) -> dict[str, list[str]]:
         return to_triton(await self.config(model))
@@ -265,7 +277,10 @@ class TraceSettings:
         that apply afterwards."""
         update = parse_update(changes, model)
         if update:
-            await self.store.write(model, update)
+            try:
+                await self.store.write(model, update)
+            except RedisError as exc:
+                raise Unavailable(f"trace settings are kept in Redis, which does not answer: {exc}") from None
         self._expires = 0.0
         return await self.get(model)
 

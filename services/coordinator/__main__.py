@@ -64,10 +64,11 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     # Triton's trace settings, shared through Redis by the processes serving this OIP port (the
     # workers of one coordinator, its replicas behind one service); set from this configuration
     # when the coordinator (or worker 0 of several) starts
-    tracing = TraceSettings(RedisTraceStore(redis, f"cnei:trace:settings:{settings.grpc_port}"))
+    tracing = TraceSettings(RedisTraceStore(redis, f"cnei:trace:settings:{settings.grpc_port}"),
+                            configured=config_from(settings.trace_level, settings.trace_rate, settings.trace_count))
     logs = LogSettings(redis, f"cnei:log:settings:{settings.grpc_port}")  # Triton's log settings, likewise
     if worker <= 0:
-        await tracing.store.reset(config_from(settings.trace_level, settings.trace_rate, settings.trace_count))
+        await tracing.reset()
         await logs.reset(LogConfig.from_level(logging.getLogger().getEffectiveLevel()))
     following = asyncio.create_task(logs.follow(), name="log-settings")
     restricted = restricted_apis.parse(settings.restricted_apis)

@@ -163,3 +163,22 @@ def test_an_edge_runtime_called_directly_has_trace_settings_of_its_own(mesh, jae
     finally:
         client.update_trace_settings("digits", {"trace_rate": None})
         client.close()
+
+
+def test_with_redis_away_a_coordinator_serves_its_configured_settings_and_says_why_they_cannot_change(mesh):
+    proc, address, http_port, _ = start_coordinator(
+        mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="off", CNEI_COORDINATOR_TRACE_RATE="9",
+        CNEI_COORDINATOR_REDIS_URL=f"redis://127.0.0.1:{infra.free_port()}/0")  # nothing listens there
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(client.is_server_live, 30, "the coordinator live")
+        assert _settings(client.get_trace_settings())["trace_rate"] == ["9"]
+        assert client.get_log_settings(as_json=True)["settings"]["log_info"]["bool_param"] is True
+        for change in (lambda: client.update_trace_settings(settings={"trace_rate": "2"}),
+                       lambda: client.update_log_settings({"log_verbose_level": 1})):
+            with pytest.raises(InferenceServerException, match="kept in Redis, which does not answer") as caught:
+                change()
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    finally:
+        client.close()
+        infra.stop(proc)
