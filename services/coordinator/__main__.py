@@ -103,7 +103,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     door = watching = None
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
-                           shm_dir if settings.shared_memory else "", restricted.get("inference"))
+                           shm_dir if settings.shared_memory else "", restricted.get("inference"),
+                           settings.response_cache_bytes)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,

@@ -18,8 +18,8 @@ from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
 from services.common.trace_settings import TraceSettings
 from services.coordinator.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
-from services.coordinator.core import (Coordinator, Placement, batch_config, count_served, note_node_failure,
-                                       restrict_tier)
+from services.coordinator.core import (CACHE_EVENTS, Coordinator, Placement, batch_config, count_served,
+                                       note_node_failure, restrict_tier)
 
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.
@@ -46,6 +46,7 @@ class Route:
     response: oip.InferResponse  # model name, version and parameters for the client
     alternatives: tuple[Route, ...] = ()  # other nodes as good for these requests (routes of their own)
     row_ms: float = 0.0  # the node's measured compute time per row (0: not measured yet)
+    response_cache: bool = False  # the deployment caches responses (the door keeps its own)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class RouteReport:
     handed_over: int = 0
     failure: str = ""
     queue_ns: list[int] = field(default_factory=list)  # per request, same order as request_ns
+    cache_hit_request_ns: list[int] = field(default_factory=list)  # requests answered from the door's cache
+    cache_hit_rows: list[int] = field(default_factory=list)
+    cache_hit_ns: int = 0  # lookups that answered
+    cache_misses: int = 0
+    cache_miss_ns: int = 0  # lookups that did not, with the inserts of the nodes' answers
 
 
 def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
@@ -85,8 +91,6 @@ def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
         return f"joint inference ({spec.joint.mode}) is handled by the full path"
     if spec.hedge_after_ms:
         return "hedged requests are handled by the full path"
-    if spec.response_cache:
-        return "the response cache is kept by the full path"
     return ""
 
 
@@ -153,7 +157,8 @@ class DoorRoutes:
         response = self.core.answer_template(model, placement)
         response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
         route = self._remember(model, stats_key, placement, batching, int(spec.attempt_timeout_ms), response)
-        return replace(route, row_ms=self.core.nodes.compute_ms.get(placement.node.node_id, 0.0))
+        return replace(route, row_ms=self.core.nodes.compute_ms.get(placement.node.node_id, 0.0),
+                       response_cache=spec.response_cache)
 
     def _remember(self, model: str, stats_key: tuple[str, str], placement: Placement, batching: BatchConfig,
                   timeout_ms: int, response: oip.InferResponse) -> Route:
@@ -186,10 +191,22 @@ class DoorRoutes:
         for ns, rows in zip(report.request_ns, report.request_rows):
             stats.record(True, ns, rows)
             record_inference(route.model, "ok", ns / 1e9)
+        for ns, rows in zip(report.cache_hit_request_ns, report.cache_hit_rows):
+            stats.record(True, ns, rows, executed=False)
+            record_inference(route.model, "ok", ns / 1e9)
+        hits = len(report.cache_hit_request_ns)
+        stats.cache_hit.count += hits
+        stats.cache_hit.ns += report.cache_hit_ns
+        stats.cache_miss.count += report.cache_misses
+        stats.cache_miss.ns += report.cache_miss_ns
+        if hits:
+            CACHE_EVENTS.labels(route.stats_key[0], "hit").inc(hits)
+        if report.cache_misses:
+            CACHE_EVENTS.labels(route.stats_key[0], "miss").inc(report.cache_misses)
         queue_time = QUEUE_TIME.labels(route.model)
         for ns in report.queue_ns:
             queue_time.observe(ns / 1e9)
-        answered = len(report.request_ns)
+        answered = len(report.request_ns) + hits
         if answered:
             count_served(route.stats_key[0], "ok", route.response.parameters, answered)
             _door_requests(route.model, "ok").inc(answered)

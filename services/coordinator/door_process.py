@@ -38,7 +38,7 @@ RESTRICT_ENV = "CNEI_FRONTDOOR_RESTRICT_INFERENCE"
 
 class DoorProcess:
     def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = "",
-                 restrict_inference: Key | None = None):
+                 restrict_inference: Key | None = None, response_cache_bytes: int = 0):
         """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
         reads to serve requests whose tensors are in the client's shared memory itself.
         `restrict_inference`: the header and value inference requests need (restricted APIs)."""
@@ -46,6 +46,8 @@ class DoorProcess:
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         if shm_dir:
             self.command += ["--shm-dir", shm_dir]
+        if response_cache_bytes > 0:  # answers of deployments with response_cache: true
+            self.command += ["--response-cache-bytes", str(response_cache_bytes)]
         self.env = {k: v for k, v in os.environ.items() if k != RESTRICT_ENV}
         if restrict_inference is not None:  # in the environment: the command line is anybody's to read
             self.env[RESTRICT_ENV] = f"{restrict_inference.header}={restrict_inference.value}"

@@ -49,13 +49,15 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         max_queue_size=decision.batching.max_queue_size,
         max_queue_delay_us=decision.batching.max_queue_delay_us,
         preferred_batch_sizes=decision.batching.preferred_batch_sizes,
-        alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms)
+        alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms,
+        response_cache=decision.response_cache)
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:
     return [RouteReport(r.route_id, list(r.request_ns), list(r.request_rows),
                         [BatchReport(b.rows, b.requests, b.duration_ns, b.compute_ns) for b in r.batches],
-                        r.handed_over, r.failure, list(r.queue_ns))
+                        r.handed_over, r.failure, list(r.queue_ns), list(r.cache_hit_request_ns),
+                        list(r.cache_hit_rows), r.cache_hit_ns, r.cache_misses, r.cache_miss_ns)
             for r in message.routes]
 
 

@@ -67,10 +67,9 @@ def ask(params: dict | None = None, model: str = "digits", shape=(4, 64)) -> oip
      ({"priority": 1}, {}, "parameters ['priority'] are handled by the full path"),
      ({"timeout_us": 5, "joint": "sync"}, {}, "parameters ['joint', 'timeout_us']"),
      ({}, {"joint": JointSpec(mode="sync")}, "joint inference (sync)"),
-     ({}, {"hedge_after_ms": -1.0}, "hedged requests"),
-     ({}, {"response_cache": True}, "the response cache")],
+     ({}, {"hedge_after_ms": -1.0}, "hedged requests")],
     ids=["plain", "placement-parameters", "triton-client-hint", "priority", "timeout-and-joint", "joint-deployment",
-         "hedging", "response-cache"])
+         "hedging"])
 def test_only_requests_whose_handling_a_route_captures_may_take_the_door(params, spec, reason):
     found = refusal_reason(ask(params), DeploymentSpec(model="digits", **spec))
     assert found.startswith(reason) if reason else found == ""
@@ -161,6 +160,20 @@ async def test_a_report_is_booked_like_requests_served_by_the_full_path():
     assert queued[1] - queued_before[1] == pytest.approx(0.0005)
     assert door.core.nodes.rtt_ms["edge-a1"] == pytest.approx(1.0)
     assert door.core.nodes.compute_ms["edge-a1"] == pytest.approx(0.125)
+
+
+async def test_answers_from_the_doors_cache_are_booked_as_successes_without_executions():
+    door = routes(DeploymentSpec(model="digits", response_cache=True))
+    route = await door.route(ask())
+    assert route.response_cache and route_to_proto(route).response_cache
+    door.apply([RouteReport(route.route_id, [2_000_000], [1], [BatchReport(1, 1, 1_500_000, 500_000)],
+                            queue_ns=[100_000], cache_hit_request_ns=[300_000, 200_000], cache_hit_rows=[1, 2],
+                            cache_hit_ns=40_000, cache_misses=1, cache_miss_ns=30_000)])
+    stats = door.core.stats.get("digits", "1")
+    assert (stats.success.count, stats.inference_count, stats.execution_count) == (3, 4, 1)
+    assert (stats.cache_hit.count, stats.cache_hit.ns, stats.cache_miss.count, stats.cache_miss.ns) == \
+        (2, 40_000, 1, 30_000)
+    assert not (await routes().route(ask())).response_cache
 
 
 async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():

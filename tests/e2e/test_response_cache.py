@@ -16,7 +16,8 @@ from services.cli import infra
 from services.common.deployment import DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
-from tests.e2e.processes import push_digits_as
+from services.coordinator.door_process import BUILT
+from tests.e2e.processes import push_digits_as, server_ready, start_coordinator
 
 MODEL = "digits-cached"
 
@@ -97,3 +98,36 @@ def test_a_repeated_input_is_answered_from_the_cache_without_a_node(mesh, cached
         client.close()
     infra.wait_until(lambda: _metric(mesh, "nv_cache_num_hits_per_model") == 2, 10, "Triton's cache hit metric")
     assert _metric(mesh, "nv_cache_num_misses_per_model") == 3
+
+
+@pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
+def test_the_front_door_answers_repeated_inputs_from_its_own_cache(mesh, cached_model):
+    proc, address, _, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on")
+    x, y = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
+        row = x[5:6]
+
+        def from_door_cache() -> bool:
+            params = _infer(client, row).get_response().parameters
+            return "cnei_front_door" in params and "cnei_response_cache" in params
+        infra.wait_until(from_door_cache, 10, "an answer from the door's cache")
+        executions = _node_executions(mesh)
+        before = client.get_inference_statistics(MODEL).model_stats[0].inference_stats.cache_hit.count
+        for i in range(5):
+            reply = _infer(client, row, request_id=f"r{i}")
+            assert reply.get_response().id == f"r{i}"
+            assert reply.get_response().parameters["cnei_response_cache"].bool_param
+            assert reply.as_numpy("probabilities").argmax() == y[5]
+        assert _node_executions(mesh) == executions  # no node ran any of them
+
+        def hits() -> int:
+            return client.get_inference_statistics(MODEL).model_stats[0].inference_stats.cache_hit.count
+        infra.wait_until(lambda: hits() >= before + 5, 5, "the door's hits in Triton's statistics")
+        other = _infer(client, x[6:7])  # another input: not an answer of the cache
+        assert "cnei_response_cache" not in other.get_response().parameters
+        assert other.as_numpy("probabilities").argmax() == y[6]
+    finally:
+        client.close()
+        infra.stop(proc)

@@ -87,7 +87,47 @@ size_t Batcher::Busy() {
   return queue_.size() + size_t(inflight_);
 }
 
+// A deployment with a response cache: the answer kept for these inputs, if any, goes back at once
+// (with the call's id); otherwise the call takes its key along, for its answer to be kept.
+bool Batcher::AnsweredFromCache(InferCall* call) {
+  if (!config_->response_cache || options_.cache == nullptr || !call->output_places.empty()) return false;
+  const auto start = Clock::now();
+  std::string key = ResponseCache::Key(config_->cache_scope, call->request());
+  ResponseCache::Answer answer = options_.cache->Get(key);
+  if (!answer) {
+    call->cache_key = std::move(key);
+    call->cache_lookup_ns = Nanos(Clock::now() - start);
+    return false;
+  }
+  inference::ModelInferResponse reply = *answer;
+  reply.set_id(call->request().id());
+  std::string bytes = reply.SerializeAsString();
+  grpc::Slice slice(bytes);
+  const auto lookup_ns = Nanos(Clock::now() - start);
+  const auto total_ns = Nanos(Clock::now() - call->received_at);
+  const auto rows = uint32_t(call->rows);
+  call->Reply(grpc::ByteBuffer(&slice, 1));  // the call may be gone after it
+  reporter_->CacheHit(config_->route_id, total_ns, rows, lookup_ns);
+  return true;
+}
+
+// Keeps a node's answer to a call whose lookup missed (marked as coming from the cache).
+void Batcher::KeepAnswer(InferCall* call, const grpc::ByteBuffer& response) {
+  const auto start = Clock::now();
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return;
+  std::string bytes;
+  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  auto answer = std::make_shared<inference::ModelInferResponse>();
+  if (!answer->ParseFromString(bytes)) return;
+  answer->clear_id();
+  (*answer->mutable_parameters())["cnei_response_cache"].set_bool_param(true);
+  options_.cache->Put(call->cache_key, std::move(answer));
+  reporter_->CacheMiss(config_->route_id, call->cache_lookup_ns + Nanos(Clock::now() - start));
+}
+
 void Batcher::Enqueue(InferCall* call) {
+  if (AnsweredFromCache(call)) return;
   const auto timeout_at = call->timeout_at;  // once queued, the call may be answered and gone
   size_t full = 0;
   bool forward = false;
@@ -328,6 +368,7 @@ void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferRe
     if (!problem.empty()) {  // the call may be gone after either
       call->Fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, problem));
     } else {
+      if (!call->cache_key.empty()) KeepAnswer(call, response);
       call->Reply(std::move(response));
     }
   }

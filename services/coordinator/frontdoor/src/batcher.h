@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cache.h"
 #include "call.h"
 #include "fastlane.h"
 #include "reporter.h"
@@ -29,11 +30,14 @@ struct RouteConfig {
   uint32_t queue_limit = 0;      // the deployment's; 0: the door's --queue-limit
   uint32_t max_queue_delay_us = 0;               // hold a batch back this long for more rows
   std::vector<uint32_t> preferred_batch_sizes;   // ... unless it has one of these sizes
+  bool response_cache = false;   // the deployment caches responses
+  std::string cache_scope;       // the variant, as cache keys name it (the request template)
 };
 
 struct BatcherOptions {
   int max_inflight = 2;
   size_t queue_limit = 2048;
+  ResponseCache* cache = nullptr;  // the door's response cache (null: none)
 };
 
 class Batcher : public std::enable_shared_from_this<Batcher> {
@@ -41,7 +45,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   using OnFailure = std::function<void(uint64_t route_id)>;
   Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options, Reporter* reporter,
           OnFailure on_failure);
-  // Queues the call (it is answered later) or forwards it when this batcher has failed.
+  // Answers the call from the response cache, queues it (it is answered later) or forwards it
+  // when this batcher has failed.
   void Enqueue(InferCall* call);
   const RouteConfig& config() const { return *config_; }
   bool failed();
@@ -60,6 +65,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   std::vector<size_t> OrderLocked() const;
   std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);
+  bool AnsweredFromCache(InferCall* call);
+  void KeepAnswer(InferCall* call, const grpc::ByteBuffer& response);
   void Send(std::shared_ptr<Batch> batch);
   void OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status, const std::string& body,
                size_t offset);

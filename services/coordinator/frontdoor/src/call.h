@@ -81,6 +81,9 @@ class InferCall {
   // Sampled by the door to start a trace: forwarded with kTracePickedHeader, so the coordinator
   // traces it without sampling it again.
   bool trace_picked = false;
+  // Its response cache key when the answer is to be kept (empty: not), and the lookup's time.
+  std::string cache_key;
+  uint64_t cache_lookup_ns = 0;
 
  private:
   inference::ModelInferRequest request_;

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "backend.h"
+#include "cache.h"
 #include "door.h"
 #include "reporter.h"
 #include "router.h"
@@ -29,12 +30,13 @@ struct Flags {
   int max_message_bytes = 64 * 1024 * 1024;
   int parent_pid = 0;  // stop when this process (the coordinator) is gone
   std::string shm_dir;  // the coordinator's shared memory registrations (empty: none served here)
+  long long response_cache_bytes = 0;  // for deployments with response_cache (0: no cache here)
 };
 
 constexpr char kUsage[] =
     "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
     "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
-    "       [--parent-pid PID] [--shm-dir DIR]\n";
+    "       [--parent-pid PID] [--shm-dir DIR] [--response-cache-bytes 0]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -48,6 +50,13 @@ int PositiveInt(const std::string& name, const std::string& text) {
     Usage(name + " needs a positive integer, not '" + text + "'");
   }
   return int(value);
+}
+
+long long NonNegative(const std::string& name, const std::string& text) {
+  char* end = nullptr;
+  long long value = strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || value < 0) Usage(name + " needs an integer of at least 0, not '" + text + "'");
+  return value;
 }
 
 Flags ParseFlags(int argc, char** argv) {
@@ -76,6 +85,7 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--max-message-bytes") flags.max_message_bytes = PositiveInt(name, value);
     else if (name == "--parent-pid") flags.parent_pid = PositiveInt(name, value);
     else if (name == "--shm-dir") flags.shm_dir = value;
+    else if (name == "--response-cache-bytes") flags.response_cache_bytes = NonNegative(name, value);
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
@@ -117,7 +127,9 @@ int main(int argc, char** argv) {
   Router* router = nullptr;
   Reporter reporter(&backend, flags.report_interval_ms,
                     [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); });
-  BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit)};
+  std::unique_ptr<ResponseCache> cache;
+  if (flags.response_cache_bytes > 0) cache = std::make_unique<ResponseCache>(size_t(flags.response_cache_bytes));
+  BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit), cache.get()};
   Router routes(&backend, &reporter, options);
   router = &routes;
   std::unique_ptr<SharedMemory> shm;

@@ -40,6 +40,27 @@ void Reporter::Served(uint64_t route_id, const std::vector<ServedRequest>& reque
   if (route.batches_size() < kMaxBatchesPerRoute) *route.add_batches() = batch;
 }
 
+void Reporter::CacheHit(uint64_t route_id, uint64_t total_ns, uint32_t rows, uint64_t lookup_ns) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
+  auto& route = routes_[route_id];
+  route.set_route_id(route_id);
+  if (route.cache_hit_request_ns_size() < kMaxRequestsPerRoute) {
+    route.add_cache_hit_request_ns(total_ns);
+    route.add_cache_hit_rows(rows);
+    route.set_cache_hit_ns(route.cache_hit_ns() + lookup_ns);
+  }
+}
+
+void Reporter::CacheMiss(uint64_t route_id, uint64_t ns) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
+  auto& route = routes_[route_id];
+  route.set_route_id(route_id);
+  route.set_cache_misses(route.cache_misses() + 1);
+  route.set_cache_miss_ns(route.cache_miss_ns() + ns);
+}
+
 void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
                       std::function<void()> then) {
   {

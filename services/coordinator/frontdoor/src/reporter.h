@@ -29,6 +29,10 @@ class Reporter {
   // Requests answered by one batch, and the node call.
   void Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
               const cnei::frontdoor::v1::Batch& batch);
+  // A request answered from the response cache (receive to reply, its rows, the lookup's time).
+  void CacheHit(uint64_t route_id, uint64_t total_ns, uint32_t rows, uint64_t lookup_ns);
+  // A lookup that found nothing, with the insert of the node's answer.
+  void CacheMiss(uint64_t route_id, uint64_t ns);
   // A failed node call: reports at once, then runs `then` (whether or not the report got through).
   void Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
               std::function<void()> then);

@@ -27,6 +27,8 @@ std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* wh
   config->max_queue_delay_us = reply.max_queue_delay_us();
   config->preferred_batch_sizes.assign(reply.preferred_batch_sizes().begin(),
                                        reply.preferred_batch_sizes().end());
+  config->response_cache = reply.response_cache();
+  config->cache_scope = reply.request_template();
   if (!config->request_template.ParseFromString(reply.request_template()) ||
       !config->response_template.ParseFromString(reply.response_template())) {
     *why = "unparseable templates in the route reply";
@@ -44,7 +46,7 @@ bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
          a.max_batch_size == b.max_batch_size && a.timeout_ms == b.timeout_ms &&
          a.full_path_every == b.full_path_every && a.max_inflight == b.max_inflight &&
          a.queue_limit == b.queue_limit && a.max_queue_delay_us == b.max_queue_delay_us &&
-         a.preferred_batch_sizes == b.preferred_batch_sizes;
+         a.preferred_batch_sizes == b.preferred_batch_sizes && a.response_cache == b.response_cache;
 }
 
 }  // namespace
