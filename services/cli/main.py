@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -43,6 +44,13 @@ async def models_list(args) -> int:
     return 0
 
 
+def _headers(args) -> list[tuple[str, str]]:
+    """--header KEY=VALUE flags, else $CNEI_HEADERS (`k=v;k2=v2`): for restricted APIs."""
+    from services.common import restricted
+
+    return restricted.headers(args.header or os.environ.get("CNEI_HEADERS", ""))
+
+
 async def models_control(args) -> int:
     """`cnei models load|unload NAME`: Triton's explicit model control through the coordinator."""
     from services.common import grpc_util
@@ -52,11 +60,14 @@ async def models_control(args) -> int:
     channel = grpc_util.channel(args.url)
     try:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = _headers(args)
         if args.verb == "load":
-            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), timeout=args.timeout)
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), timeout=args.timeout,
+                                           metadata=metadata)
             print(f"model {args.model} loaded: in service and warm on its nodes")
         else:
-            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout)
+            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model),
+                                             timeout=args.timeout, metadata=metadata)
             print(f"model {args.model} unloaded: out of service until `cnei models load {args.model}`")
     finally:
         await channel.close()
@@ -83,13 +94,14 @@ async def infer(args) -> int:
 
     async with grpc_util.channel(args.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10)
+        metadata = _headers(args)
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10, metadata=metadata)
         spec = meta.inputs[0]
         array = _input_array(args, spec)
         params = {"precision": args.precision} if args.precision else {}
         request = oip.InferRequest(model_name=args.model, inputs={spec.name: array}, parameters=params)
         start = time.perf_counter()
-        reply = await stub.ModelInfer(oip.request_to_proto(request), timeout=30)
+        reply = await stub.ModelInfer(oip.request_to_proto(request), timeout=30, metadata=metadata)
         elapsed = (time.perf_counter() - start) * 1000
     response = oip.response_from_proto(reply)
     for name, out in response.outputs.items():
@@ -263,9 +275,11 @@ def parser() -> argparse.ArgumentParser:
     lst.add_argument("--name", default="")
     for sp in (push, lst):
         sp.add_argument("--registry", default="127.0.0.1:50051")
+    controls = []
     for verb, what in (("load", "put a model back in service, loaded on its nodes"),
                        ("unload", "take a model out of service and out of the nodes' memory")):
         ctl = models.add_parser(verb, help=what)
+        controls.append(ctl)
         ctl.add_argument("model")
         ctl.add_argument("--url", default="127.0.0.1:8001", help="coordinator gRPC address")
         ctl.add_argument("--timeout", type=float, default=120.0)
@@ -276,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--digits", type=int, default=0, help="use the first N load_digits samples")
     inf.add_argument("--batch", type=int, default=1, help="batch size of random input")
     inf.add_argument("--precision", default="")
+    for sp in (inf, *controls):
+        sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
+                        help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     st = sub.add_parser("status", help="nodes, models, latency and events of the mesh")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="coordinator REST base URL")
     st.add_argument("--redis", default="redis://127.0.0.1:6379/0")

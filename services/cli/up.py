@@ -182,15 +182,18 @@ async def register_demo(registry_target: str, models_dir: Path) -> list[str]:
 async def wait_ready(target: str, timeout: float = 60.0) -> None:
     """Wait until the coordinator reports ready (a node is live)."""
     from services.common import grpc_util
+    from services.common.restricted import own_headers
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
+    # the coordinator this process configured may restrict its health API: send its headers
+    metadata = own_headers(os.environ.get("CNEI_COORDINATOR_RESTRICTED_APIS", ""))
     deadline = time.monotonic() + timeout
     async with grpc_util.channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
             try:
-                if (await stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0)).ready:
+                if (await stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0, metadata=metadata)).ready:
                     return
             except Exception:  # noqa: BLE001 - not up yet
                 pass

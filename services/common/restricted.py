@@ -61,6 +61,24 @@ def parse(spec: str) -> dict[str, Key]:
     return restricted
 
 
+def headers(pairs: list[str] | str) -> list[tuple[str, str]]:
+    """`KEY=VALUE` pairs (a list, or one string joined with `;`) -> gRPC metadata for a client
+    of a server with restricted APIs. ValueError naming a pair that is not one."""
+    items = pairs.split(";") if isinstance(pairs, str) else pairs
+    out = []
+    for item in filter(None, (i.strip() for i in items)):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"header '{item}' must read KEY=VALUE")
+        out.append((key.strip().lower(), value))
+    return out
+
+
+def own_headers(spec: str) -> list[tuple[str, str]]:
+    """Every header a server restricted by `spec` asks for (what the one who configured it sends)."""
+    return sorted({(k.header, k.value) for k in parse(spec).values()})
+
+
 def rest_category(path: str) -> str | None:
     """The category of a REST path of the OIP API (None: not part of it)."""
     parts = [p for p in path.split("/") if p]

@@ -59,3 +59,15 @@ def test_only_requests_of_a_restricted_category_without_the_right_value_are_refu
         reason = refusal(restricted, "trace", headers)
         assert reason == "the trace API is restricted: send header 'admin-key' with its value"
         assert "s3cret" not in reason
+
+
+def test_client_headers_parse_from_flags_or_one_string_and_a_bad_pair_is_named():
+    from services.common.restricted import headers, own_headers
+
+    assert headers(["Admin-Key=s3cret", "infer-key=a=b"]) == [("admin-key", "s3cret"), ("infer-key", "a=b")]
+    assert headers("admin-key=s3cret; infer-key=abc;") == [("admin-key", "s3cret"), ("infer-key", "abc")]
+    assert headers("") == []
+    with pytest.raises(ValueError, match="header 'admin-key' must read KEY=VALUE"):
+        headers(["admin-key"])
+    assert own_headers("trace,logging:admin-key=s3cret;inference:infer-key=abc") == \
+        [("admin-key", "s3cret"), ("infer-key", "abc")]

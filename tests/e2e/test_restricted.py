@@ -4,6 +4,9 @@ others stay open, and inference restricted is enforced by the door itself."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -80,3 +83,19 @@ def test_restricted_categories_need_their_header_and_the_rest_stay_open(coordina
     assert _rest(http_port, "/v2/repository/index", {"Admin-Key": "s3cret"}) == 200  # header names are case-blind
     assert _rest(http_port, "/v2/models/digits/infer", body=b'{"inputs": []}') == 403
     assert _rest(http_port, "/v2/models/digits/infer", INFER, body=b'{"inputs": []}') == 400  # let in, then judged
+
+
+def test_the_command_line_sends_the_headers_it_is_given(coordinator):
+    _, address, _ = coordinator
+    cnei = [sys.executable, "-m", "services.cli.main"]
+    env = {k: v for k, v in os.environ.items() if k != "CNEI_HEADERS"}
+    denied = subprocess.run([*cnei, "infer", "digits", "--url", address, "--digits", "1"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert denied.returncode == 2
+    assert "error (PERMISSION_DENIED): the inference API is restricted: send header 'infer-key'" in denied.stderr
+    served = subprocess.run([*cnei, "infer", "digits", "--url", address, "--digits", "1", "--header", "infer-key=abc"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert served.returncode == 0 and "top-1:" in served.stdout
+    loaded = subprocess.run([*cnei, "models", "load", "digits", "--url", address],
+                            capture_output=True, text=True, timeout=120, env={**env, "CNEI_HEADERS": "admin-key=s3cret"})
+    assert loaded.returncode == 0 and "model digits loaded" in loaded.stdout
