@@ -58,6 +58,21 @@ class JointSpec:
 
 
 @dataclass(frozen=True)
+class EnsembleStep:
+    """One model of an ensemble (Triton's ensemble_scheduling step). `inputs` are
+    "<model input>=<ensemble tensor>", `outputs` "<model output>=<ensemble tensor>": a tensor is
+    one of the ensemble's inputs or an earlier step's output. `tier` places the step (edge or
+    cloud: split inference), `precision` picks its variant ("": the model's deployment decides)."""
+
+    model: str
+    version: str = ""
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    tier: str = ""
+    precision: str = ""
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     model: str
     batching: BatchingSpec = field(default_factory=BatchingSpec)
@@ -70,6 +85,9 @@ class DeploymentSpec:
     joint: JointSpec = field(default_factory=JointSpec)
     # Triton's response cache: answer inputs answered before from the coordinator's memory
     response_cache: bool = False
+    # An ensemble: `model` names no registered model but this pipeline of models (Triton's
+    # ensemble); its inputs are the tensors no step produces, its outputs those no step consumes.
+    ensemble: tuple[EnsembleStep, ...] = ()
 
 
 _NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec,
@@ -105,6 +123,10 @@ def _build(cls, data: Any, where: str):
     for key, value in data.items():
         if key in _NESTED and cls is DeploymentSpec:
             values[key] = _build(_NESTED[key], value, f"{where}.{key}")
+        elif key == "ensemble" and cls is DeploymentSpec:
+            if not isinstance(value, (list, tuple)):
+                raise InvalidArgument(f"deployment field '{where}.ensemble' must be a list of steps, got {value!r}")
+            values[key] = tuple(_build(EnsembleStep, step, f"{where}.ensemble[{i}]") for i, step in enumerate(value))
         else:
             values[key] = _conform(value, hints[key], f"{where}.{key}")
     try:
@@ -134,7 +156,48 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
     bad_tiers = set(spec.tiers) - {"edge", "cloud"}
     if bad_tiers:
         raise InvalidArgument(f"unknown tiers {sorted(bad_tiers)}")
+    if spec.ensemble:
+        ensemble_interface(spec)
     return spec
+
+
+def tensor_map(entries: tuple[str, ...], where: str) -> list[tuple[str, str]]:
+    """"a=b" entries -> [(a, b)], or INVALID_ARGUMENT naming the entry."""
+    pairs = []
+    for entry in entries:
+        left, eq, right = entry.partition("=")
+        if not eq or not left.strip() or not right.strip():
+            raise InvalidArgument(f"{where}: '{entry}' must read <model tensor>=<ensemble tensor>")
+        pairs.append((left.strip(), right.strip()))
+    return pairs
+
+
+def ensemble_interface(spec: DeploymentSpec) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of an ensemble: the tensors no step produces, in the order first used,
+    and those no later step consumes, in the order produced. INVALID_ARGUMENT for a step that
+    uses itself, reads a tensor produced later, or a tensor produced twice."""
+    produced: dict[str, int] = {}
+    inputs: list[str] = []
+    consumed: set[str] = set()
+    for i, step in enumerate(spec.ensemble):
+        where = f"ensemble step {i} ({step.model})"
+        if not step.model or step.model == spec.model:
+            raise InvalidArgument(f"{where}: a step names another model than the ensemble '{spec.model}'")
+        if step.tier not in ("", "edge", "cloud"):
+            raise InvalidArgument(f"{where}: tier must be edge, cloud or empty, got {step.tier!r}")
+        reads, writes = tensor_map(step.inputs, where), tensor_map(step.outputs, where)
+        if not reads or not writes:
+            raise InvalidArgument(f"{where}: a step maps at least one input and one output")
+        for _, tensor in reads:
+            consumed.add(tensor)
+            if tensor not in produced and tensor not in inputs:
+                inputs.append(tensor)
+        for _, tensor in writes:
+            if tensor in produced or tensor in inputs:
+                raise InvalidArgument(f"{where}: tensor '{tensor}' is produced twice (or is an ensemble input)")
+            produced[tensor] = i
+    outputs = [t for t in produced if t not in consumed]
+    return inputs, outputs
 
 
 def from_dict(data: Any) -> DeploymentSpec:

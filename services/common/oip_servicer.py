@@ -24,6 +24,11 @@ from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
+
+
+def platform(variant: ModelVariant) -> str:
+    """Triton's platform name: ensembles are "ensemble", every artifact an ONNX Runtime model."""
+    return "ensemble" if variant.format == "ensemble" else PLATFORM
 # Requests of one ModelStreamInfer stream started and not yet answered; beyond it the stream is
 # not read until the oldest is answered (the client sees flow control, nothing is dropped).
 STREAM_WINDOW = 256
@@ -90,7 +95,7 @@ def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMet
         return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
                 for s in specs]
     return pb.ModelMetadataResponse(
-        name=variant.name, versions=versions, platform=PLATFORM,
+        name=variant.name, versions=versions, platform=platform(variant),
         inputs=tensors(variant.inputs), outputs=tensors(variant.outputs),
     )
 
@@ -103,7 +108,8 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
     def dims(shape):
         return list(shape[1:] if batching else shape)
     config = pb.ModelConfig(
-        name=variant.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=batching,
+        name=variant.name, platform=platform(variant), backend="" if variant.format == "ensemble" else "onnxruntime",
+        max_batch_size=batching,
         input=[pb.ModelInput(name=s.name, data_type=codec.TRITON_TYPE[s.datatype], dims=dims(s.shape))
                for s in variant.inputs],
         output=[pb.ModelOutput(name=s.name, data_type=codec.TRITON_TYPE[s.datatype], dims=dims(s.shape))

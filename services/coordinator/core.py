@@ -17,10 +17,11 @@ from services.common import events, oip, telemetry
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
-                                    NoLiveNode, outcome_of)
+                                    ModelNotFound, NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
+from services.coordinator import ensemble
 from services.coordinator.batcher import BatchConfig, Batcher
 from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breaker, Breakers
@@ -153,7 +154,7 @@ class Coordinator:
 
     async def model_ready(self, name: str, version: str) -> bool:
         try:
-            await self.catalog.variants(name, version)
+            await self.model_variant(name, version)
             if self.control is not None:
                 await self.control.check(name)
         except CneiError:
@@ -161,7 +162,14 @@ class Coordinator:
         return bool(self.nodes.nodes)
 
     async def model_variant(self, name: str, version: str = "") -> ModelVariant:
-        return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
+        """The model's default variant; for an ensemble, what its steps make of it."""
+        try:
+            return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
+        except ModelNotFound:
+            spec = await self.catalog.deployment(name)
+            if not spec.ensemble or version not in ("", ensemble.VERSION):
+                raise
+            return await ensemble.variant(spec, self.model_variant)
 
     async def deployment(self, name: str) -> DeploymentSpec:
         """The model's deployment (what ModelConfig shows of it)."""
@@ -169,12 +177,23 @@ class Coordinator:
 
     async def model_versions(self, name: str) -> list[str]:
         variants = await self.catalog.all_variants(name)
+        if not variants and (await self.catalog.deployment(name)).ensemble:
+            return [ensemble.VERSION]
         if not variants:
             raise CneiError(f"model '{name}' not found", ErrorCode.NOT_FOUND)
         return sorted({v.version for v in variants}, key=version_key)
 
     async def repository_index(self) -> list[ModelVariant]:
-        return await self.catalog.registry.list()
+        """Every registered variant, and each ensemble."""
+        variants = await self.catalog.registry.list()
+        for spec in await self.catalog.registry.list_deployments():
+            if spec.ensemble:
+                try:
+                    variants.append(await ensemble.variant(spec, self.model_variant))
+                except CneiError as exc:  # a step's model gone: the ensemble is listed, not ready
+                    log.warning("ensemble %s: %s", spec.model, exc.message)
+                    variants.append(ModelVariant(spec.model, ensemble.VERSION, "", "", 0, [], [], "ensemble"))
+        return variants
 
     async def unloaded_models(self) -> frozenset[str]:
         return await self.control.unloaded() if self.control is not None else frozenset()
@@ -197,6 +216,9 @@ class Coordinator:
         start = time.perf_counter_ns()
         if self.control is not None:
             await self.control.check(request.model_name)
+        deployed = await self.catalog.deployment(request.model_name)
+        if deployed.ensemble:
+            return await self._ensemble(request, deployed, deadline_s, start)
         variants = await self.catalog.variants(request.model_name, request.model_version)
         spec = restrict_tier(await self.catalog.deployment(request.model_name), request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
@@ -216,6 +238,18 @@ class Coordinator:
         stats.record(True, time.perf_counter_ns() - start, int(batch or 1),
                      executed="cnei_response_cache" not in response.parameters)
         count_served(variants[0].name, "ok", response.parameters)
+        return response
+
+    async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
+                        start: int) -> oip.InferResponse:
+        stats = self.stats.get(spec.model, ensemble.VERSION)
+        try:
+            response = await ensemble.run(spec, request, deadline_s, self.infer)
+        except Exception as exc:
+            stats.record(False, time.perf_counter_ns() - start)
+            raise
+        batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
+        stats.record(True, time.perf_counter_ns() - start, int(batch or 1), executed=False)
         return response
 
     # --- joint inference --------------------------------------------------------------------

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
-from services.common.oip_servicer import (EXTENSIONS, PLATFORM, InferenceCore, config_to_proto, inference_metrics,
-                                          repository_models, statistics, stats_to_proto, trace_setting)
+from services.common.oip_servicer import (EXTENSIONS, InferenceCore, config_to_proto, inference_metrics,
+                                          platform, repository_models, statistics, stats_to_proto, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
@@ -105,7 +105,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
         name, version = request.match_info["model"], request.match_info.get("version", "")
         variant = await core.model_variant(name, version)
         return web.json_response({
-            "name": variant.name, "versions": await core.model_versions(name), "platform": PLATFORM,
+            "name": variant.name, "versions": await core.model_versions(name), "platform": platform(variant),
             "inputs": _tensors(variant.inputs), "outputs": _tensors(variant.outputs),
         })
 

@@ -124,7 +124,13 @@ class Registry:
 
     async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
         spec = deployment.from_json(spec_json)
-        await self.resolve(spec.model)
+        if spec.ensemble:  # a name of its own, over models the registry has
+            if await asyncio.to_thread(self.store.variants, spec.model):
+                raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
+            for step in spec.ensemble:
+                await self.resolve(step.model, step.version, step.precision)
+        else:
+            await self.resolve(spec.model)
         when = time.time()
         await asyncio.to_thread(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:

@@ -1,0 +1,110 @@
+"""Ensembles (Triton's ensemble models, KServe's inference graphs as a sequence): a deployment
+whose `ensemble` lists steps, each a registered model fed with the ensemble's inputs and earlier
+steps' outputs. Every step is an ordinary request through the coordinator (its own precision
+choice, placement, batching, failover, statistics), so a step may be pinned to a tier: split
+inference, with a small model at the edge and a larger one in the cloud."""
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from opentelemetry import trace
+
+from services.common import oip
+from services.common.deployment import DeploymentSpec, ensemble_interface, tensor_map
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.common.model_spec import ModelVariant, TensorSpec
+
+DEPTH = "cnei_ensemble_depth"  # request parameter: how deep in nested ensembles a step is
+MAX_DEPTH = 4
+VERSION = "1"  # an ensemble's version (it has no artifact of its own)
+
+_tracer = trace.get_tracer(__name__)
+Infer = Callable[[oip.InferRequest, float | None], Awaitable[oip.InferResponse]]
+Variant = Callable[[str, str], Awaitable[ModelVariant]]
+
+
+def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[list[str], list[str]]:
+    """The ensemble's inputs and the outputs to answer, or INVALID_ARGUMENT saying what is wrong."""
+    inputs, outputs = ensemble_interface(spec)
+    missing = [t for t in inputs if t not in request.inputs]
+    unknown = sorted(set(request.inputs) - set(inputs))
+    if missing or unknown:
+        raise InvalidArgument(f"ensemble '{spec.model}' takes inputs {inputs}"
+                              + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
+    wanted = list(request.outputs) or outputs
+    bad = [t for t in wanted if t not in outputs]
+    if bad:
+        raise InvalidArgument(f"ensemble '{spec.model}' has outputs {outputs}, not {bad}")
+    return inputs, wanted
+
+
+async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float | None,
+              infer: Infer) -> oip.InferResponse:
+    """Run the steps in order, each through `infer` (the coordinator's), inside one deadline."""
+    _, wanted = check_request(spec, request)
+    depth = int(request.parameters.get(DEPTH, 0) or 0)
+    if depth >= MAX_DEPTH:
+        raise FailedPrecondition(f"ensemble '{spec.model}' nests ensembles deeper than {MAX_DEPTH} (a cycle?)")
+    end = None if deadline_s is None else time.monotonic() + deadline_s
+    tensors = dict(request.inputs)
+    served = []
+    for i, step in enumerate(spec.ensemble):
+        where = f"ensemble '{spec.model}' step {i} ({step.model})"
+        params: dict = {DEPTH: depth + 1}
+        for name in ("region", "priority", "timeout_us", "timeout"):
+            if name in request.parameters:
+                params[name] = request.parameters[name]
+        if step.precision:
+            params["precision"] = step.precision
+        if step.tier:
+            params["tier"] = step.tier
+        writes = tensor_map(step.outputs, where)
+        sub = oip.InferRequest(model_name=step.model, model_version=step.version, id=request.id,
+                               inputs={m: tensors[t] for m, t in tensor_map(step.inputs, where)},
+                               parameters=params, outputs=[m for m, _ in writes])
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded(f"deadline passed before {where} could run")
+        with _tracer.start_as_current_span("coordinator.ensemble_step") as span:
+            span.set_attributes({"cnei.ensemble": spec.model, "cnei.step": i, "cnei.model": step.model})
+            response = await infer(sub, left)
+        for model_output, tensor in writes:
+            if model_output not in response.outputs:
+                raise FailedPrecondition(f"{where}: the model has no output '{model_output}'")
+            tensors[tensor] = response.outputs[model_output]
+        p = response.parameters
+        served.append(f"{step.model}@{p.get('cnei_node', '?')}/{p.get('cnei_precision', '?')}")
+    return oip.InferResponse(model_name=spec.model, model_version=VERSION, id=request.id,
+                             outputs={t: tensors[t] for t in wanted},
+                             parameters={"cnei_ensemble": " -> ".join(served)})
+
+
+async def variant(spec: DeploymentSpec, step_variant: Variant) -> ModelVariant:
+    """What ModelMetadata and ModelConfig show of an ensemble: its tensors typed by the steps'
+    models, batching when every step batches."""
+    inputs, outputs = ensemble_interface(spec)
+    tensors: dict[str, TensorSpec] = {}
+    batch_sizes = []
+    for i, step in enumerate(spec.ensemble):
+        where = f"ensemble '{spec.model}' step {i} ({step.model})"
+        v = await step_variant(step.model, step.version)
+        batch_sizes.append(v.max_batch_size)
+        ins, outs = {t.name: t for t in v.inputs}, {t.name: t for t in v.outputs}
+        for model_tensor, tensor in tensor_map(step.inputs, where):
+            if model_tensor not in ins:
+                raise FailedPrecondition(f"{where}: the model has no input '{model_tensor}'")
+            tensors.setdefault(tensor, TensorSpec(tensor, ins[model_tensor].datatype, ins[model_tensor].shape))
+        for model_tensor, tensor in tensor_map(step.outputs, where):
+            if model_tensor not in outs:
+                raise FailedPrecondition(f"{where}: the model has no output '{model_tensor}'")
+            tensors[tensor] = TensorSpec(tensor, outs[model_tensor].datatype, outs[model_tensor].shape)
+    batching = all(batch_sizes)
+    def shaped(t: TensorSpec) -> TensorSpec:  # a batching ensemble's tensors lead with the batch dimension
+        return TensorSpec(t.name, t.datatype, (-1, *t.shape[1:]) if batching and t.shape else t.shape)
+    metadata = {"platform": "ensemble", "steps": " -> ".join(s.model for s in spec.ensemble)}
+    if batching:
+        metadata["max_batch_size"] = str(min(batch_sizes))
+    return ModelVariant(name=spec.model, version=VERSION, precision="", sha256="", size_bytes=0,
+                        inputs=[shaped(tensors[t]) for t in inputs], outputs=[shaped(tensors[t]) for t in outputs],
+                        format="ensemble", metadata=metadata)

@@ -1,0 +1,103 @@
+"""Ensembles: the interface a spec implies, what is refused, and how steps run (each an ordinary
+coordinator request, here answered by an in-process function)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from services.common import deployment, oip
+from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.coordinator import ensemble
+
+SPEC = DeploymentSpec(model="pipe", ensemble=(
+    EnsembleStep(model="features", inputs=("x=image",), outputs=("f=feat", "aux=side"), tier="edge"),
+    EnsembleStep(model="head", inputs=("a=feat", "b=image"), outputs=("y=label",), tier="cloud", precision="INT8"),
+))
+
+
+def test_the_interface_is_the_tensors_no_step_produces_and_those_no_step_consumes():
+    assert deployment.ensemble_interface(SPEC) == (["image"], ["side", "label"])
+    assert deployment.from_dict(deployment.dataclasses.asdict(SPEC)) == SPEC
+
+
+@pytest.mark.parametrize("steps, message", [
+    ((EnsembleStep(model="pipe", inputs=("x=i",), outputs=("y=o",)),), "names another model than the ensemble"),
+    ((EnsembleStep(model="m", inputs=("x=i",), outputs=("y=o",), tier="fog"),), "tier must be edge, cloud"),
+    ((EnsembleStep(model="m", outputs=("y=o",)),), "at least one input and one output"),
+    ((EnsembleStep(model="m", inputs=("x",), outputs=("y=o",)),), "'x' must read <model tensor>=<ensemble tensor>"),
+    ((EnsembleStep(model="m", inputs=("x=i",), outputs=("y=i",)),), "tensor 'i' is produced twice"),
+    ((EnsembleStep(model="m", inputs=("x=later",), outputs=("y=o",)),
+      EnsembleStep(model="n", inputs=("x=o",), outputs=("y=later",))), "tensor 'later' is produced twice"),
+])
+def test_bad_ensembles_are_invalid_with_what_is_wrong(steps, message):
+    with pytest.raises(InvalidArgument, match=message):
+        deployment.validate(DeploymentSpec(model="pipe", ensemble=steps))
+
+
+class Steps:
+    """Answers each step's request: f = x + 1, aux = x * 0, y = a + b; notes what it was sent."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.sent: list[oip.InferRequest] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, request: oip.InferRequest, deadline_s: float | None) -> oip.InferResponse:
+        self.sent.append(request)
+        await asyncio.sleep(self.delay_s)
+        i = request.inputs
+        outputs = {"f": i["x"] + 1, "aux": i["x"] * 0} if request.model_name == "features" else {"y": i["a"] + i["b"]}
+        return oip.InferResponse(model_name=request.model_name, model_version="1", outputs=outputs,
+                                 parameters={"cnei_node": f"{request.model_name}-node", "cnei_precision": "FP32"})
+
+
+async def test_steps_run_in_order_with_their_tier_precision_and_the_callers_placement_parameters():
+    steps = Steps()
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    request = oip.InferRequest("pipe", {"image": x}, id="r1", parameters={"region": "site-a", "precision": "FP16"})
+    response = await ensemble.run(SPEC, request, 5.0, steps)
+    np.testing.assert_array_equal(response.outputs["label"], (x + 1) + x)
+    np.testing.assert_array_equal(response.outputs["side"], x * 0)
+    assert (response.model_name, response.model_version, response.id) == ("pipe", "1", "r1")
+    assert response.parameters["cnei_ensemble"] == "features@features-node/FP32 -> head@head-node/FP32"
+    first, second = steps.sent
+    assert first.parameters == {ensemble.DEPTH: 1, "region": "site-a", "tier": "edge"}  # not the caller's precision
+    assert second.parameters == {ensemble.DEPTH: 1, "region": "site-a", "tier": "cloud", "precision": "INT8"}
+    assert first.outputs == ["f", "aux"] and set(second.inputs) == {"a", "b"}
+    only = await ensemble.run(SPEC, oip.InferRequest("pipe", {"image": x}, outputs=["label"]), None, Steps())
+    assert list(only.outputs) == ["label"]
+
+
+async def test_what_an_ensemble_cannot_do_is_refused_clearly():
+    x = {"image": np.zeros((1, 3), np.float32)}
+    with pytest.raises(InvalidArgument, match=r"takes inputs \['image'\]; missing \['image'\]; unknown \['x'\]"):
+        await ensemble.run(SPEC, oip.InferRequest("pipe", {"x": x["image"]}), None, Steps())
+    with pytest.raises(InvalidArgument, match=r"has outputs \['side', 'label'\], not \['feat'\]"):
+        await ensemble.run(SPEC, oip.InferRequest("pipe", x, outputs=["feat"]), None, Steps())
+    with pytest.raises(FailedPrecondition, match="nests ensembles deeper than 4"):
+        await ensemble.run(SPEC, oip.InferRequest("pipe", x, parameters={ensemble.DEPTH: 4}), None, Steps())
+    with pytest.raises(DeadlineExceeded, match="before ensemble 'pipe' step 1"):
+        await ensemble.run(SPEC, oip.InferRequest("pipe", x), 0.05, Steps(delay_s=0.1))
+    renamed = DeploymentSpec(model="pipe", ensemble=(EnsembleStep(model="features", inputs=("x=image",),
+                                                                  outputs=("nope=out",)),))
+    with pytest.raises(FailedPrecondition, match="step 0 \\(features\\): the model has no output 'nope'"):
+        await ensemble.run(renamed, oip.InferRequest("pipe", x), None, Steps())
+
+
+async def test_an_ensembles_metadata_comes_from_its_steps_models():
+    def variant(name: str, inputs, outputs) -> ModelVariant:
+        return ModelVariant(name, "3", "FP32", "", 0, [TensorSpec(n, "FP32", s) for n, s in inputs],
+                            [TensorSpec(n, "FP32", s) for n, s in outputs])
+    models = {"features": variant("features", [("x", (-1, 3))], [("f", (-1, 8)), ("aux", (-1, 3))]),
+              "head": variant("head", [("a", (-1, 8)), ("b", (-1, 3))], [("y", (-1, 10))])}
+
+    async def step_variant(name: str, version: str) -> ModelVariant:
+        return models[name]
+    v = await ensemble.variant(SPEC, step_variant)
+    assert (v.name, v.version, v.format, v.metadata["platform"]) == ("pipe", "1", "ensemble", "ensemble")
+    assert [(t.name, t.shape) for t in v.inputs] == [("image", (-1, 3))]
+    assert [(t.name, t.shape) for t in v.outputs] == [("side", (-1, 3)), ("label", (-1, 10))]
+    assert v.max_batch_size > 0
