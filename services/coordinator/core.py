@@ -220,7 +220,7 @@ class Coordinator:
         if deployed.ensemble:
             return await self._ensemble(request, deployed, deadline_s, start)
         variants = await self.catalog.variants(request.model_name, request.model_version)
-        spec = restrict_tier(await self.catalog.deployment(request.model_name), request.parameters)
+        spec = restrict_tier(deployed, request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
         mode = str(request.parameters.get("joint", "") or spec.joint.mode)
         if mode not in JOINT_MODES:
@@ -245,7 +245,7 @@ class Coordinator:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         try:
             response = await ensemble.run(spec, request, deadline_s, self.infer)
-        except Exception as exc:
+        except Exception:
             stats.record(False, time.perf_counter_ns() - start)
             raise
         batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
