@@ -77,6 +77,7 @@ def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
         "precision": spec.precision.precision or "auto", "joint": j.mode,
         "joint_threshold": j.threshold if j.mode != "off" else None,
         "hedge_after_ms": spec.hedge_after_ms, "response_cache": spec.response_cache,
+        "ensemble": " -> ".join(s.model + (f"@{s.tier}" if s.tier else "") for s in spec.ensemble) or None,
     }
 
 
@@ -96,6 +97,11 @@ def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, Deplo
             "variants": [variant_row(v) for v in ordered],
             "deployment": deployment_summary(spec or DeploymentSpec(model=name), spec is not None),
         })
+    for name in sorted(set(deployments) - set(by_name)):  # ensembles: a deployment, no artifact
+        spec = deployments[name]
+        if spec.ensemble:
+            rows.append({"name": name, "latest_version": "1", "in_service": name not in unloaded, "variants": [],
+                         "deployment": deployment_summary(spec, True)})
     return rows
 
 

@@ -203,3 +203,15 @@ async def test_unreachable_job_records_become_the_federated_note():
         await redis.aclose()
     assert status["federated"]["jobs"] == []
     assert status["federated"]["note"].startswith("job records unavailable")
+
+
+def test_an_ensemble_is_listed_with_its_steps():
+    from services.common.deployment import EnsembleStep
+
+    pipe = DeploymentSpec(model="pipe", ensemble=(
+        EnsembleStep(model="digits", inputs=("input=i",), outputs=("probabilities=p",), tier="edge"),
+        EnsembleStep(model="tiny", inputs=("x=p",), outputs=("y=o",))))
+    rows = model_rows([variant("FP32", "1")], {"pipe": pipe, "gone": DeploymentSpec(model="gone")})
+    assert [r["name"] for r in rows] == ["digits", "pipe"]  # a plain deployment without variants is not a model
+    assert rows[1]["deployment"]["ensemble"] == "digits@edge -> tiny" and rows[1]["variants"] == []
+    assert rows[0]["deployment"]["ensemble"] is None
