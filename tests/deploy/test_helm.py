@@ -51,6 +51,7 @@ VALUE_SETS = {
         "registry": {"env": {"CNEI_REGISTRY_MAX_ARTIFACT_BYTES": 536870912},
                      "persistence": {"storageClass": "fast-ssd"}},
         "coordinator": {"env": {"CNEI_COORDINATOR_MAX_ATTEMPTS": 5},
+                        "restrictedApisSecret": {"name": "cnei-admin", "key": "restricted-apis"},
                         "autoscaling": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}},
         "runtime": {"preload": ["digits", "digits:1:INT8"]},
         "edgeRuntime": {"region": "site-a", "nodeSelector": {"cnei.io/site": "site-a"},
@@ -290,6 +291,13 @@ def test_cnei_env_vars_are_fields_of_the_service_settings_with_valid_values(rend
         fields = {f"{prefix}{f.name.upper()}" for f in dataclasses.fields(cls)}
         assert names - TELEMETRY_VARS <= fields, names - TELEMETRY_VARS - fields
         assert len(container["env"]) == len(names), "duplicate env entries"
+
+
+def test_restricted_apis_come_from_a_secret_only_when_one_is_named():
+    for value_set, secret in (("production", {"name": "cnei-admin", "key": "restricted-apis"}), ("defaults", None)):
+        (_, container), = _render(VALUE_SETS[value_set]).running("services.coordinator")
+        env = _env(container).get("CNEI_COORDINATOR_RESTRICTED_APIS")
+        assert (env["valueFrom"]["secretKeyRef"] if env else None) == secret
 
 
 def test_settings_ports_match_the_container_ports(rendered):
