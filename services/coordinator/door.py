@@ -131,8 +131,11 @@ class DoorRoutes:
         try:
             if core.control is not None:
                 await core.control.check(request.model_name)
+            deployed = await core.catalog.deployment(request.model_name)
+            if deployed.ensemble:
+                return Refusal(f"model '{request.model_name}' is an ensemble: the coordinator runs its steps")
             variants = await core.catalog.variants(request.model_name, request.model_version)
-            spec = restrict_tier(await core.catalog.deployment(request.model_name), request.parameters)
+            spec = restrict_tier(deployed, request.parameters)
             reason = refusal_reason(request, spec)
             if reason:
                 return Refusal(reason)

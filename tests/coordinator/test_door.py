@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common import oip
-from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, SchedulerSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec, SchedulerSpec
 from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -129,9 +129,12 @@ async def test_other_policies_keep_one_node_per_route(policy):
      (lambda: routes(), ask(shape=(17, 64)), "exceeds max_batch_size 16"),
      (lambda: routes(fast_address=""), ask(), "offers no fast lane"),
      (lambda: routes(DeploymentSpec(model="digits", joint=JointSpec(mode="sync"))), ask(), "joint inference"),
+     (lambda: routes(DeploymentSpec(model="digits", ensemble=(EnsembleStep(model="tiny", inputs=("x=input",),
+                                                                           outputs=("y=out",)),))),
+      ask(), "is an ensemble"),
      (lambda: routes(tracing=TraceSettings(MemoryTraceStore(TraceConfig(rate=1)))), ask(),
       "every request for model 'digits' is traced")],
-    ids=["unknown-model", "wrong-shape", "batch-too-big", "no-fast-lane", "joint", "all-traced"])
+    ids=["unknown-model", "wrong-shape", "batch-too-big", "no-fast-lane", "joint", "ensemble", "all-traced"])
 async def test_requests_the_door_must_not_serve_are_refused_with_the_reason(door, request_, reason):
     decision = await door().route(request_)
     assert isinstance(decision, Refusal) and reason in decision.reason
