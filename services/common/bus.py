@@ -11,7 +11,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
-from services.common import events, telemetry
+from services.common import events, lifecycle, telemetry
 from services.common.background import Background
 from services.common.errors import Unavailable
 from services.common.outbox import Outbox
@@ -176,9 +176,7 @@ class EventBus:
         await self.nc.subscribe(subject, cb=on_message)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await lifecycle.cancel_and_wait(*self._tasks)
         if self.nc is None or self.nc.is_closed:
             return
         if not self.nc.is_connected:

@@ -72,6 +72,23 @@ def stop_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+CANCEL_AGAIN_S = 0.2
+
+
+async def cancel_and_wait(*tasks: asyncio.Task | None, again_s: float = CANCEL_AGAIN_S) -> None:
+    """Cancel background loops and wait for them to end, cancelling again every `again_s` while
+    one runs on: on Python 3.11 a cancel that lands as an inner `asyncio.wait_for`'s future
+    completes (redis-py and nats-py use it) is dropped, and the loop would go round again,
+    holding up the shutdown. For loops only: a task with cleanup to finish after its cancel
+    (the trainer's jobs) must not be cancelled again while it cleans up."""
+    running = {t for t in tasks if t is not None}
+    while pending := {t for t in running if not t.done()}:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=again_s)
+    await asyncio.gather(*running, return_exceptions=True)
+
+
 def stop_event(limit_s: float = SHUTDOWN_LIMIT_S) -> asyncio.Event:
     """An event set on SIGTERM or SIGINT. A service still shutting down `limit_s` after the first
     signal exits anyway (status 1), naming what it was waiting for: a hung shutdown step must not

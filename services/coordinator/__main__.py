@@ -120,11 +120,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     shm.close()
     if door_path is not None:  # registrations end with the server, as in Triton
         shutil.rmtree(shm_dir, ignore_errors=True)
-    following.cancel()
-    await asyncio.gather(following, return_exceptions=True)
+    await lifecycle.cancel_and_wait(following, sharing)
     if sharing is not None:
-        sharing.cancel()
-        await asyncio.gather(sharing, return_exceptions=True)
         core.stats_view.write()
     if runner is not None:
         await runner.cleanup()

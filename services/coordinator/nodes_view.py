@@ -10,7 +10,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import events, grpc_util
+from services.common import events, grpc_util, lifecycle
 from services.common.fastlane import FastClient
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -122,9 +122,7 @@ class NodesView:
         return stub
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await lifecycle.cancel_and_wait(*self._tasks)
         for channel in self._channels.values():
             await channel.close()
         for client in self._fast.values():

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-from services.common import events
+from services.common import events, lifecycle
 from services.common.bus import EventBus
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.edge_runtime.core import EdgeRuntime
@@ -104,9 +104,7 @@ class Heartbeat:
 
     async def stop(self) -> None:
         """Stop beating and remove the record so routers drop this node at once."""
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await lifecycle.cancel_and_wait(self._task)
         try:
             await asyncio.wait_for(self.directory.remove(self.settings.node_id), 1.0)
         except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway

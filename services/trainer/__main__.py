@@ -39,8 +39,7 @@ async def serve(settings: TrainerSettings) -> None:
     resumer = asyncio.create_task(trainer.keep_resuming())  # jobs left by trainers that stopped or died
     await stop.wait()
     log.info("trainer shutting down")
-    resumer.cancel()
-    await asyncio.gather(resumer, return_exceptions=True)
+    await lifecycle.cancel_and_wait(resumer)
     await trainer.close()  # running jobs are suspended after their last round, for the next trainer
     await server.stop(settings.shutdown_grace_s)
     await clients.close()

@@ -82,3 +82,32 @@ def test_a_shutdown_that_hangs_ends_the_process_after_the_limit_naming_what_it_w
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_cancel_and_wait_ends_a_loop_whose_cancel_was_lost():
+    """A lost cancel (Python 3.11's asyncio.wait_for drops one landing as its future completes)
+    looks to the loop like no cancel at all: it goes round again. Cancelling once and waiting
+    would wait for ever; cancel_and_wait cancels again until the loop has ended."""
+    import asyncio
+    import time
+
+    from services.common.lifecycle import cancel_and_wait
+
+    rounds = []
+
+    async def loop_losing_two_cancels():
+        lost = 0
+        while True:
+            rounds.append(1)
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if lost == 2:
+                    raise
+                lost += 1  # as if an inner wait_for had swallowed it
+
+    task = asyncio.create_task(loop_losing_two_cancels())
+    await asyncio.sleep(0.01)
+    start = time.monotonic()
+    await cancel_and_wait(task, None, again_s=0.05)
+    assert task.cancelled() and time.monotonic() - start < 2.0 and len(rounds) >= 3
