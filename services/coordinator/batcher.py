@@ -15,7 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
-from services.common import telemetry
+from services.common import lifecycle, telemetry
 from services.common.background import Background
 from services.common.deployment import BatchingSpec
 from services.common.errors import DeadlineExceeded, ResourceExhausted
@@ -261,8 +261,8 @@ class Batcher:
         await self.close()
 
     async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, self._inflight.wait(), return_exceptions=True)
+        await lifecycle.cancel_and_wait(self._task)
+        await asyncio.gather(self._inflight.wait(), return_exceptions=True)
         for p in self.queue:
             p.dequeued("closed")
             if p.future is not None and not p.future.done():
