@@ -5,14 +5,17 @@ metadata, config, statistics and index entry. Bad ensembles are refused when app
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as triton
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
+from services.common import deployment
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import CneiError
 from services.common.registry_client import RegistryClient
@@ -122,3 +125,20 @@ def test_an_ensemble_runs_its_steps_on_their_tiers_and_answers_their_composition
 def test_bad_ensembles_are_refused_when_applied(mesh, pipeline, spec, message):
     with pytest.raises(CneiError, match=message):
         _put(mesh, spec)
+
+
+def test_the_example_ensemble_answers_one_image_at_the_edge_in_int8_and_in_the_cloud_in_fp32(mesh):
+    path = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "digits-both-tiers.yaml"
+    _put(mesh, deployment.from_dict(yaml.safe_load(path.read_text())))
+    x, y = load_all()
+    client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        reply = _infer(client, "digits-both-tiers", "image", x[:8])
+    finally:
+        client.close()
+    edge, cloud = reply.as_numpy("edge_probabilities"), reply.as_numpy("cloud_probabilities")
+    assert edge.shape == cloud.shape == (8, 10)
+    assert sum(edge.argmax(1) == y[:8]) >= 7 and sum(cloud.argmax(1) == y[:8]) >= 7
+    steps = reply.get_response().parameters["cnei_ensemble"].string_param.split(" -> ")
+    assert steps[0].startswith("digits@edge-") and steps[0].endswith("/INT8")
+    assert steps[1] == "digits@cloud-1/FP32"
