@@ -139,9 +139,11 @@ def stats_to_proto(s: ModelStats) -> pb.ModelStatistics:
         inference_count=s.inference_count, execution_count=s.execution_count,
         inference_stats=pb.InferStatistics(
             success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
-            compute_input=pb.StatisticDuration(count=s.success.count),
+            # the requests that ran the model (not those answered from a response cache): clients
+            # such as perf_analyzer require the three compute counts to agree
+            compute_input=pb.StatisticDuration(count=s.compute_infer.count),
             compute_infer=_duration(s.compute_infer),
-            compute_output=pb.StatisticDuration(count=s.success.count),
+            compute_output=pb.StatisticDuration(count=s.compute_infer.count),
             cache_hit=_duration(s.cache_hit), cache_miss=_duration(s.cache_miss),
         ),
         batch_stats=[pb.InferBatchStatistics(batch_size=b, compute_infer=_duration(d))

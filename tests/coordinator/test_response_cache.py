@@ -55,3 +55,19 @@ def test_a_kept_answer_is_a_copy():
     batch[:] = 7.0  # the batch the answer was a view of is reused
     kept = cache.get(b"k")
     assert kept.outputs["probabilities"].tolist() == [[0.0] * 10] and kept.nbytes == 40
+
+
+def test_statistics_count_cache_hits_as_successes_that_ran_no_model():
+    """perf_analyzer aborts unless compute_input, compute_infer and compute_output counts agree."""
+    from services.common.oip_servicer import stats_to_proto
+    from services.common.stats import ModelStats
+
+    stats = ModelStats("digits", "1")
+    for _ in range(3):
+        stats.record(True, 1_000_000, 1, queue_ns=100, compute_ns=500_000)
+    for _ in range(2):
+        stats.record(True, 50_000, 1, executed=False)
+        stats.cache_hit.add(10_000)
+    s = stats_to_proto(stats).inference_stats
+    assert (s.success.count, s.cache_hit.count) == (5, 2)
+    assert s.compute_input.count == s.compute_infer.count == s.compute_output.count == 3
