@@ -39,10 +39,10 @@ class ModelStats:
             return
         self.inference_count += batch
         self.success.add(total_ns)
+        self.queue.add(queue_ns)  # every request passes the queue (Triton counts them all there)
         if not executed:
             return
         self.execution_count += 1
-        self.queue.add(queue_ns)
         self.compute_infer.add(compute_ns)
         self.batches.setdefault(batch, Duration()).add(compute_ns)
 

@@ -135,3 +135,23 @@ def push_digits_as(mesh, digits_models, name: str) -> str:
 
     asyncio.run(push())
     return name
+
+
+def run_perf_analyzer(model: str, address: str, *extra: str) -> str:
+    """Triton's perf_analyzer against `address` at concurrency 2 (short windows): its output,
+    once it exited 0. Skips the test when perf_analyzer is not installed (make perf-analyzer)."""
+    import pytest
+
+    binary = os.path.join(os.path.dirname(sys.executable), "perf_analyzer")
+    try:
+        usable = subprocess.run([binary, "--version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        usable = False
+    if not usable:
+        pytest.skip("Triton's perf_analyzer is not installed (make perf-analyzer)")
+    result = subprocess.run(
+        [binary, "-m", model, "-u", address, "-i", "grpc", "--measurement-interval", "500",
+         "--concurrency-range", "2", "--stability-percentage", "100", "--max-trials", "5", *extra],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout

@@ -20,6 +20,7 @@ from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import CneiError
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
+from tests.e2e.processes import run_perf_analyzer
 
 PIPELINE = "digits-pipeline"
 CALIBRATE = "digits-calibrate"
@@ -99,10 +100,18 @@ def test_an_ensemble_runs_its_steps_on_their_tiers_and_answers_their_composition
         assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("calibrated", "FP32", [-1, 10])]
         config = client.get_model_config(PIPELINE).config
         assert config.platform == "ensemble" and config.max_batch_size > 0
+        assert [(s.model_name, s.model_version, dict(s.input_map), dict(s.output_map))
+                for s in config.ensemble_scheduling.step] == [
+            ("digits", -1, {"input": "image"}, {"probabilities": "p"}),
+            (CALIBRATE, -1, {"x": "p"}, {"y": "calibrated"})]
         assert client.is_model_ready(PIPELINE)
         assert PIPELINE in {m.name for m in client.get_model_repository_index().models}
         stats = client.get_inference_statistics(PIPELINE).model_stats[0]
         assert stats.inference_stats.success.count >= 1 and stats.inference_count >= 4
+
+        # perf_analyzer reads the ensemble's config (its steps) and finds its and the steps' statistics
+        report = run_perf_analyzer(PIPELINE, mesh.coordinator, "--shape", "image:64")
+        assert "Composing models:" in report and "digits, version: 1" in report
 
         with pytest.raises(InferenceServerException, match=r"takes inputs \['image'\]; missing \['image'\]; unknown \['input'\]") as caught:
             _infer(client, PIPELINE, "input", x[:1])

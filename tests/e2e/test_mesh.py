@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.models.digits import load_all
-from tests.e2e.processes import start_coordinator
+from tests.e2e.processes import run_perf_analyzer, start_coordinator
 
 
 def _infer_all_digits(client: triton.InferenceServerClient, batch: int = 128) -> tuple[float, dict]:
@@ -212,27 +209,8 @@ def test_prometheus_metrics_count_requests_by_model_and_outcome(mesh):
     assert sum(float(line.split()[-1]) for line in served) >= 2
 
 
-def _perf_analyzer() -> str | None:
-    path = os.path.join(os.path.dirname(sys.executable), "perf_analyzer")
-    try:
-        ok = subprocess.run([path, "--version"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return path if ok else None
-
-
 def test_perf_analyzer_runs_to_completion_against_the_coordinator(mesh):
-    binary = _perf_analyzer()
-    if binary is None:
-        pytest.skip("Triton's perf_analyzer is not installed (make perf-analyzer)")
-    result = subprocess.run(
-        [binary, "-m", "digits", "-u", mesh.coordinator, "-i", "grpc",
-         "--measurement-interval", "500", "--concurrency-range", "2",
-         "--stability-percentage", "100", "--max-trials", "5"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Concurrency: 2, throughput:" in result.stdout
+    assert "Concurrency: 2, throughput:" in run_perf_analyzer("digits", mesh.coordinator)
 
 
 def _metric(text: str, name: str, **labels) -> float:

@@ -17,7 +17,7 @@ from services.common.deployment import DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import push_digits_as, server_ready, start_coordinator
+from tests.e2e.processes import push_digits_as, run_perf_analyzer, server_ready, start_coordinator
 
 MODEL = "digits-cached"
 
@@ -125,6 +125,9 @@ def test_the_front_door_answers_repeated_inputs_from_its_own_cache(mesh, cached_
         def hits() -> int:
             return client.get_inference_statistics(MODEL).model_stats[0].inference_stats.cache_hit.count
         infra.wait_until(lambda: hits() >= before + 5, 5, "the door's hits in Triton's statistics")
+        # perf_analyzer sending one input over and over: every request a hit, reported as such
+        report = run_perf_analyzer(MODEL, address, "--input-data", "zero")
+        assert "Cache hit count:" in report
         other = _infer(client, x[6:7])  # another input: not an answer of the cache
         assert "cnei_response_cache" not in other.get_response().parameters
         assert other.as_numpy("probabilities").argmax() == y[6]
