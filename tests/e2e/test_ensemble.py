@@ -5,6 +5,8 @@ metadata, config, statistics and index entry. Bad ensembles are refused when app
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,11 @@ def test_an_ensemble_runs_its_steps_on_their_tiers_and_answers_their_composition
                 for s in config.ensemble_scheduling.step] == [
             ("digits", -1, {"input": "image"}, {"probabilities": "p"}),
             (CALIBRATE, -1, {"x": "p"}, {"y": "calibrated"})]
+        with urllib.request.urlopen(f"http://127.0.0.1:{mesh.settings.http_port}/v2/models/{PIPELINE}/config",
+                                    timeout=10) as rest:
+            rest_config = json.loads(rest.read())
+        assert rest_config["platform"] == "ensemble"
+        assert [s["model_name"] for s in rest_config["ensemble_scheduling"]["step"]] == ["digits", CALIBRATE]
         assert client.is_model_ready(PIPELINE)
         assert PIPELINE in {m.name for m in client.get_model_repository_index().models}
         stats = client.get_inference_statistics(PIPELINE).model_stats[0]
