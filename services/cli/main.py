@@ -153,9 +153,12 @@ def status_text(s: dict) -> str:
     out.append(table(variants, ["MODEL", "VERSION", "PRECISION", "ACCURACY", "LATENCY", "STATE"]))
     deployments = [[m["name"], d["scheduler"], _batching(d["batching"]),
                     d["joint"], d["precision"], "+".join(d["tiers"]), "applied" if d["applied"] else "defaults"]
-                   for m in s["models"] for d in [m["deployment"]]]
+                   for m in s["models"] for d in [m["deployment"]] if not d.get("ensemble")]
     out += ["", "DEPLOYMENTS", table(deployments, ["MODEL", "SCHEDULER", "BATCH/DELAY", "JOINT", "PRECISION",
                                                    "TIERS", "SPEC"])]
+    ensembles = [[m["name"], m["deployment"]["ensemble"]] for m in s["models"] if m["deployment"].get("ensemble")]
+    if ensembles:
+        out += ["", "ENSEMBLES", table(ensembles, ["MODEL", "STEPS"])]
     latency = [[r["model"], r["node"], r["samples"], _ms(r["p50_ms"]), _ms(r["p99_ms"])] for r in s["latency"]]
     out += ["", "LATENCY", table(latency, ["MODEL", "NODE", "SAMPLES", "P50", "P99"])]
     events = [[f"{e['age_s']}s ago", e["kind"], " ".join(f"{k}={v}" for k, v in e.items()

@@ -215,3 +215,17 @@ def test_an_ensemble_is_listed_with_its_steps():
     assert [r["name"] for r in rows] == ["digits", "pipe"]  # a plain deployment without variants is not a model
     assert rows[1]["deployment"]["ensemble"] == "digits@edge -> tiny" and rows[1]["variants"] == []
     assert rows[0]["deployment"]["ensemble"] is None
+
+
+async def test_the_status_text_lists_ensembles_apart_from_deployments():
+    from services.cli.main import status_text
+    from services.common.deployment import EnsembleStep
+
+    status = await build_status(coordinator(FakeRegistry()))
+    pipe = DeploymentSpec(model="pipe", ensemble=(
+        EnsembleStep(model="digits", inputs=("input=i",), outputs=("probabilities=p",), tier="edge"),))
+    status["models"] = model_rows([variant("FP32", "1")], {"pipe": pipe})
+    text = status_text(status)
+    deployments, ensembles = text.split("DEPLOYMENTS")[1].split("ENSEMBLES")
+    assert "pipe" not in deployments and "digits" in deployments
+    assert "pipe" in ensembles and "digits@edge" in ensembles
