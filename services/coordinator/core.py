@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec
+from services.common.deployment import JOINT_MODES, DeploymentSpec, to_json as deployment_json
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
@@ -243,8 +243,16 @@ class Coordinator:
     async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
                         start: int) -> oip.InferResponse:
         stats = self.stats.get(spec.model, ensemble.VERSION)
+        run = functools.partial(ensemble.run, spec, request, deadline_s, self.infer)
         try:
-            response = await ensemble.run(spec, request, deadline_s, self.infer)
+            if spec.response_cache and self.cache.max_bytes:  # Triton's top-level ensemble caching
+                # the steps as applied and the versions they resolve to now: a new version of a
+                # step's model never meets answers of the old one
+                versions = [(await self.catalog.variants(s.model, s.version))[0].version for s in spec.ensemble]
+                scope = f"{spec.model}/ensemble/{deployment_json(replace(spec, response_cache=False))}/{versions}"
+                response = await self._through_cache(scope, request, spec.model, stats, run)
+            else:
+                response = await run()
         except Exception:
             stats.record(False, time.perf_counter_ns() - start)
             raise
@@ -406,26 +414,32 @@ class Coordinator:
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
         """Serve `request`; with the deployment's response cache, from the answers kept when it
         was answered before (the same variant's version and precision policy, the same inputs)."""
+        serve = functools.partial(self._serve, request, variants, spec, deadline_s)
         if not spec.response_cache or not self.cache.max_bytes:
-            return await self._serve(request, variants, spec, deadline_s)
-        start = time.perf_counter_ns()
+            return await serve()
         v = variants[0]
-        stats = self.stats.get(v.name, v.version)
-        key = request_key(f"{v.name}/{v.version}/{self._policy(request.parameters, spec)}", request.inputs,
-                          request.outputs)
+        return await self._through_cache(f"{v.name}/{v.version}/{self._policy(request.parameters, spec)}",
+                                         request, v.name, self.stats.get(v.name, v.version), serve)
+
+    async def _through_cache(self, scope: str, request: oip.InferRequest, model: str, stats: ModelStats,
+                             serve: Callable[[], Awaitable[oip.InferResponse]]) -> oip.InferResponse:
+        """The answer kept for `request`'s inputs in `scope` (what else decides the answer: the
+        variant, the precision policy, an ensemble's steps), else `serve()`'s, then kept."""
+        start = time.perf_counter_ns()
+        key = request_key(scope, request.inputs, request.outputs)
         hit = self.cache.get(key)
         if hit is not None:
             stats.cache_hit.add(time.perf_counter_ns() - start)
-            CACHE_EVENTS.labels(v.name, "hit").inc()
+            CACHE_EVENTS.labels(model, "hit").inc()
             return oip.InferResponse(model_name=hit.model_name, model_version=hit.model_version, id=request.id,
                                      outputs={name: array.copy() for name, array in hit.outputs.items()},
                                      parameters={**hit.parameters, "cnei_response_cache": True})
         looked_up = time.perf_counter_ns()
-        response = await self._serve(request, variants, spec, deadline_s)
+        response = await serve()
         stored = time.perf_counter_ns()
         self.cache.put(key, response)
         stats.cache_miss.add(looked_up - start + time.perf_counter_ns() - stored)
-        CACHE_EVENTS.labels(v.name, "miss").inc()
+        CACHE_EVENTS.labels(model, "miss").inc()
         return response
 
     async def _serve(self, request: oip.InferRequest, variants: list[ModelVariant],

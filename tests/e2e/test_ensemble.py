@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,30 @@ def test_an_ensemble_runs_its_steps_on_their_tiers_and_answers_their_composition
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
+
+
+def test_an_ensemble_with_a_response_cache_answers_repeated_inputs_without_running_its_steps(mesh, pipeline):
+    _put(mesh, replace(PIPELINE_SPEC, model="digits-cached-pipeline", response_cache=True))
+    x, _ = load_all()
+    client = triton.InferenceServerClient(mesh.coordinator)
+    cloud = triton.InferenceServerClient(mesh.runtime("cloud-1"))
+
+    def calibrations() -> int:
+        return sum(s.execution_count for s in cloud.get_inference_statistics(CALIBRATE).model_stats)
+    try:
+        first = _infer(client, "digits-cached-pipeline", "image", x[10:12])
+        assert "cnei_response_cache" not in first.get_response().parameters
+        before = calibrations()
+        again = _infer(client, "digits-cached-pipeline", "image", x[10:12])
+        assert again.get_response().parameters["cnei_response_cache"].bool_param
+        assert "digits-calibrate@cloud-1" in again.get_response().parameters["cnei_ensemble"].string_param
+        np.testing.assert_array_equal(again.as_numpy("calibrated"), first.as_numpy("calibrated"))
+        assert calibrations() == before  # no step ran again
+        stats = client.get_inference_statistics("digits-cached-pipeline").model_stats[0].inference_stats
+        assert (stats.cache_hit.count, stats.cache_miss.count) == (1, 1)
+    finally:
+        client.close()
+        cloud.close()
 
 
 @pytest.mark.parametrize("spec, message", [
