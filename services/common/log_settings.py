@@ -135,6 +135,9 @@ class LogSettings:
         return to_triton(config)
 
     async def update(self, changes: Mapping[str, object]) -> dict[str, object]:
+        """Apply Triton's changes (none: read the settings); the settings that apply afterwards."""
+        if not changes:
+            return await self.get()
         update = parse_update(changes)
         config = replace(await self._stored(), **update)
         if self.redis is not None:

@@ -28,6 +28,11 @@ class InferRequest:
     # requested outputs the caller wants written into its shared memory, not sent back
     output_places: dict[str, TensorPlace] = field(default_factory=dict)
 
+    @property
+    def rows(self) -> int:
+        """Rows of the batch: the first input's first dimension (1 without inputs)."""
+        return int(next(iter(self.inputs.values())).shape[0]) if self.inputs else 1
+
 
 @dataclass
 class InferResponse:

@@ -208,13 +208,19 @@ async def _sample(servicer: "OipServicer", request: pb.ModelInferRequest, metada
     return await servicer.tracing.pick(request.model_name, picked=PICKED_HEADER in metadata)
 
 
+async def model_config(core: InferenceCore, name: str, version: str) -> pb.ModelConfigResponse:
+    """Triton's ModelConfig (gRPC and REST): the model's default variant with its deployment."""
+    variant = await core.model_variant(name, version)
+    return config_to_proto(variant, await core.deployment(variant.name))
+
+
 async def trace_setting(core: InferenceCore, tracing: TraceSettings, model: str,
                         changes: dict[str, list[str] | None] | None) -> dict[str, list[str]]:
     """Triton's trace setting call (gRPC and REST): the settings that apply to `model` (empty:
     the global ones) after applying `changes`, if any. NOT_FOUND for a model the core lacks."""
     if model:
         await core.model_variant(model)
-    return await (tracing.update(model, changes) if changes else tracing.get(model))
+    return await tracing.update(model, changes or {})
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -252,8 +258,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request, context):
-        variant = await self.core.model_variant(request.name, request.version)
-        return config_to_proto(variant, await self.core.deployment(variant.name))
+        return await model_config(self.core, request.name, request.version)
 
     @rpc
     async def ModelStatistics(self, request, context):
@@ -326,7 +331,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             if kind is None:
                 raise InvalidArgument(f"log setting '{name}' has no value")
             changes[name] = getattr(value, kind)
-        settings = await (self.logs.update(changes) if changes else self.logs.get())
+        settings = await self.logs.update(changes)
         response = pb.LogSettingsResponse()
         for name, value in settings.items():
             kind = "bool_param" if isinstance(value, bool) else "uint32_param" if isinstance(value, int) else "string_param"

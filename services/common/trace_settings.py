@@ -136,13 +136,17 @@ class TraceStore(Protocol):
     async def take(self, scope: str) -> bool: ...
 
 
+def _global_fields(config: TraceConfig) -> dict[str, object]:
+    return {"level": config.level, "rate": config.rate, "count": config.count}
+
+
 class MemoryTraceStore:
     """One process's settings."""
 
     def __init__(self, config: TraceConfig | None = None):
         self.scopes: dict[str, dict[str, object]] = {}
         if config is not None:
-            self.scopes[GLOBAL] = {"level": config.level, "rate": config.rate, "count": config.count}
+            self.scopes[GLOBAL] = _global_fields(config)
 
     async def read(self) -> dict[str, dict[str, object]]:
         return {scope: dict(fields) for scope, fields in self.scopes.items()}
@@ -156,7 +160,7 @@ class MemoryTraceStore:
                 fields[name] = value
 
     async def reset(self, config: TraceConfig) -> None:
-        self.__init__(config)
+        self.scopes = {GLOBAL: _global_fields(config)}
 
     async def take(self, scope: str) -> bool:
         fields = self.scopes.get(scope, {})
@@ -273,8 +277,8 @@ class TraceSettings:
         return to_triton(await self.config(model))
 
     async def update(self, model: str, changes: Mapping[str, Sequence[str] | None]) -> dict[str, list[str]]:
-        """Apply Triton's changes to the model's settings (GLOBAL: the global ones); the settings
-        that apply afterwards."""
+        """Apply Triton's changes to the model's settings (GLOBAL: the global ones; no changes:
+        read them); the settings that apply afterwards."""
         update = parse_update(changes, model)
         if update:
             try:

@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec, to_json as deployment_json
+from services.common.deployment import JOINT_MODES, DeploymentSpec
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
@@ -234,8 +234,7 @@ class Coordinator:
             stats.record(False, time.perf_counter_ns() - start)
             count_served(variants[0].name, outcome_of(exc))
             raise
-        batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
-        stats.record(True, time.perf_counter_ns() - start, int(batch or 1),
+        stats.record(True, time.perf_counter_ns() - start, request.rows or 1,
                      executed="cnei_response_cache" not in response.parameters)
         count_served(variants[0].name, "ok", response.parameters)
         return response
@@ -249,15 +248,14 @@ class Coordinator:
                 # the steps as applied and the versions they resolve to now: a new version of a
                 # step's model never meets answers of the old one
                 versions = [(await self.catalog.variants(s.model, s.version))[0].version for s in spec.ensemble]
-                scope = f"{spec.model}/ensemble/{deployment_json(replace(spec, response_cache=False))}/{versions}"
+                scope = f"{spec.model}/ensemble/{spec.ensemble!r}/{versions}"
                 response = await self._through_cache(scope, request, spec.model, stats, run)
             else:
                 response = await run()
         except Exception:
             stats.record(False, time.perf_counter_ns() - start)
             raise
-        batch = next(iter(request.inputs.values())).shape[0] if request.inputs else 1
-        stats.record(True, time.perf_counter_ns() - start, int(batch or 1), executed=False)
+        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False)
         return response
 
     # --- joint inference --------------------------------------------------------------------
@@ -314,7 +312,7 @@ class Coordinator:
         cloud_request = replace(request, model_name=model, model_version=j.cloud_version, parameters=params)
         with _tracer.start_as_current_span("coordinator.escalate") as span:
             span.set_attributes({"cnei.model": model, "cnei.escalation.reason": reason,
-                                 "cnei.batch_size": len(next(iter(request.inputs.values())))})
+                                 "cnei.batch_size": request.rows})
             return await self._infer(cloud_request, variants, cloud_spec, deadline_s)
 
     async def _validate(self, request: oip.InferRequest, spec: DeploymentSpec, edge_probs: np.ndarray,
@@ -521,7 +519,7 @@ class Coordinator:
         breaker.allow()
         attempt_deadline = min(deadline, time.monotonic() + spec.attempt_timeout_ms / 1e3)
         start = time.perf_counter()
-        rows = int(next(iter(request.inputs.values())).shape[0]) if request.inputs else 1
+        rows = request.rows
         self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
         try:
             outputs = await self._batcher(placement, spec).submit(

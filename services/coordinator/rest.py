@@ -10,8 +10,8 @@ from aiohttp import web
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
-from services.common.oip_servicer import (EXTENSIONS, InferenceCore, config_to_proto, inference_metrics,
-                                          platform, repository_models, statistics, stats_to_proto, trace_setting)
+from services.common.oip_servicer import (EXTENSIONS, InferenceCore, inference_metrics, model_config, platform,
+                                          repository_models, statistics, stats_to_proto, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
@@ -135,9 +135,9 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
                 reply.enable_compression()
             return reply
 
-    async def model_config(request):
-        variant = await core.model_variant(request.match_info["model"], request.match_info.get("version", ""))
-        return web.json_response(oip_json.proto_to_json(config_to_proto(variant, await core.deployment(variant.name)).config))
+    async def model_config_json(request):
+        config = await model_config(core, request.match_info["model"], request.match_info.get("version", ""))
+        return web.json_response(oip_json.proto_to_json(config.config))
 
     async def model_stats(request):
         stats = await statistics(core, request.match_info.get("model", ""), request.match_info.get("version", ""))
@@ -149,7 +149,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
         routes.get(prefix)(model_metadata)
         routes.get(prefix + "/ready")(model_ready)
         routes.post(prefix + "/infer")(infer)
-        routes.get(prefix + "/config")(model_config)
+        routes.get(prefix + "/config")(model_config_json)
         routes.get(prefix + "/stats")(model_stats)
 
     @routes.post("/v2/repository/index")
@@ -217,7 +217,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
         model = request.match_info.get("model", "")
         if model and not changes:  # Triton: a model's update with no settings removes its own
             changes = dict.fromkeys(("trace_level", "trace_rate", "trace_count"))
-        return web.json_response(await trace_setting(core, tracing, request.match_info.get("model", ""), changes))
+        return web.json_response(await trace_setting(core, tracing, model, changes))
 
     for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
         routes.get(path)(trace_get)
@@ -233,7 +233,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
         body = _json_body(await request.read(), "log settings body")
         if not isinstance(body, dict):
             raise InvalidArgument("log settings body must be a JSON object of setting names to values")
-        return web.json_response(await (logs.update(body) if body else logs.get()))
+        return web.json_response(await logs.update(body))
 
     middlewares = [errors_middleware]
     if restricted:
