@@ -105,6 +105,18 @@ def batch_ready(queue: list[Pending], config: BatchConfig, now: float) -> bool:
     return (now - oldest) * 1e6 >= config.max_queue_delay_us
 
 
+def may_overlap(queue: list[Pending], last_rows: int, max_batch_size: int) -> bool:
+    """With a batch in flight, may another go? Only once the rows that would batch with the most
+    urgent request are as many as the last batch sent (or a full batch): it then waits at the
+    node, ready to run when the node's compute frees, instead of cutting what a closed loop sends
+    back into small batches that contend for the same cores. The front door applies the same
+    rule (frontdoor/src/batcher.cc, MayOverlapLocked)."""
+    if not queue:
+        return False
+    head_sig = order(queue)[0].signature
+    return sum(p.size for p in queue if p.signature == head_sig) >= min(last_rows, max_batch_size)
+
+
 def split(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
     """Split batched outputs back into per-request outputs along axis 0."""
     bounds = np.cumsum(sizes)[:-1]
@@ -124,6 +136,8 @@ class Batcher:
         self._slots = asyncio.Semaphore(config.max_inflight_batches)
         self._task = asyncio.create_task(self._run(), name=f"batcher-{model}")
         self._inflight = Background()
+        self._running = 0  # batches sent and not yet answered
+        self._last_rows = 0  # rows of the batch sent last
         self._queue_time, self._batch_size = QUEUE_TIME.labels(model), BATCH_SIZE.labels(model)
 
     async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
@@ -138,9 +152,9 @@ class Batcher:
                        context=otel_context.get_current(),
                        span=None if telemetry.unsampled() else
                        _tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
-        if self._idle() and deadline > time.monotonic():  # nothing to wait for or batch with: send now
+        if self._idle(item.size) and deadline > time.monotonic():  # nothing to wait for or batch with: send now
             await self._slots.acquire()  # free, so this returns at once
-            await self._dispatch([item])
+            await self._dispatch(self._started([item]))
             return item.future.result()
         self.queue.append(item)
         self._wake.set()
@@ -152,10 +166,12 @@ class Batcher:
                 f"request for model '{self.model}' passed its deadline after "
                 f"{(time.monotonic() - item.enqueued) * 1e3:.1f} ms in the batcher") from None
 
-    def _idle(self) -> bool:
-        """A request arriving now would be sent alone at once anyway: empty queue, a free
-        in-flight slot and no queue delay to wait out."""
-        return not self.queue and not self._slots.locked() and self.config.max_queue_delay_us == 0
+    def _idle(self, rows: int) -> bool:
+        """A request of `rows` arriving now would be sent alone at once anyway: empty queue, a
+        free in-flight slot, no queue delay to wait out and, with a batch in flight, as many rows
+        as that batch (may_overlap)."""
+        return (not self.queue and not self._slots.locked() and self.config.max_queue_delay_us == 0
+                and (self._running == 0 or rows >= min(self._last_rows, self.config.max_batch_size)))
 
     async def _run(self) -> None:
         while True:
@@ -168,13 +184,20 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            self._inflight.spawn(self._dispatch(batch))
+            self._inflight.spawn(self._dispatch(self._started(batch)))
 
     async def _next_batch(self) -> list[Pending]:
         while True:
             now = time.monotonic()
             self._drop([p for p in self.queue if p.deadline <= now])  # expire while waiting for a batch
-            if batch_ready(self.queue, self.config, now):
+            ready = batch_ready(self.queue, self.config, now)
+            if ready and not (self._running == 0 or
+                              may_overlap(self.queue, self._last_rows, self.config.max_batch_size)):
+                ready = False  # the batch in flight wakes this when it is answered
+                timeout = self._wait_time(now, queue_delay=False)
+            else:
+                timeout = self._wait_time(now)
+            if ready:
                 batch, expired = form_batch(self.queue, self.config.max_batch_size, now)
                 self._drop(expired)
                 if batch:
@@ -183,20 +206,26 @@ class Batcher:
                     return batch
                 continue
             self._wake.clear()
-            timeout = self._wait_time(now)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
 
-    def _wait_time(self, now: float) -> float | None:
-        """Sleep until the head's delay passes or the nearest deadline, whichever first."""
+    def _wait_time(self, now: float, queue_delay: bool = True) -> float | None:
+        """Sleep until the head's delay passes (when `queue_delay`) or the nearest deadline,
+        whichever first."""
         if not self.queue:
             return None
-        oldest = min(p.enqueued for p in self.queue)
-        wake = oldest + self.config.max_queue_delay_us / 1e6
-        wake = min(wake, min(p.deadline for p in self.queue))
-        return max(0.0, wake - now)
+        wake = min(p.deadline for p in self.queue)
+        if queue_delay:
+            wake = min(wake, min(p.enqueued for p in self.queue) + self.config.max_queue_delay_us / 1e6)
+        return None if wake == float("inf") else max(0.0, wake - now)
+
+    def _started(self, batch: list[Pending]) -> list[Pending]:
+        """Count `batch` in flight until `_dispatch` ends (see may_overlap)."""
+        self._running += 1
+        self._last_rows = sum(p.size for p in batch)
+        return batch
 
     def _drop(self, expired: list[Pending]) -> None:
         if not expired:
@@ -251,7 +280,9 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(part)
         finally:
+            self._running -= 1
             self._slots.release()
+            self._wake.set()
 
     async def drain_and_close(self, timeout_s: float = 60.0) -> None:
         """Serve what is queued and in flight, then stop (used when a batcher is replaced)."""

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from prometheus_client import Counter
@@ -22,7 +22,8 @@ from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, 
 from services.edge_runtime.cache import DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
-from services.edge_runtime.runner import OrtModel, measure_latency_ms, rss_bytes
+from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_latency_ms, rss_bytes,
+                                          tuned_model)
 from services.edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class LoadedModel:
     load_seconds: float
     meter: EnergyMeter
     compute_us: float = float("inf")  # EWMA of one ORT call's CPU time; decides inline runs
+    # A session running on several intra-op threads has the cores to itself: its calls take
+    # turns (two at once would only contend; the next one waits here, decoded and ready).
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def observe(self, cpu_seconds: float) -> None:
         sample = cpu_seconds * 1e6
@@ -165,9 +169,7 @@ class EdgeRuntime:
             await self._ensure_on_disk(variant)
             path = self.disk.artifact_path(variant.sha256)
             rss_before = rss_bytes()
-            model = await asyncio.get_running_loop().run_in_executor(
-                self._executor, OrtModel, path, self.settings.use_cuda, self.settings.intra_op_threads
-            )
+            model = await asyncio.get_running_loop().run_in_executor(self._executor, self._open, path, variant)
             model.run = slowed(model.run, self.settings.emulated_slowdown)
             meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
             loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
@@ -179,8 +181,16 @@ class EdgeRuntime:
                 self.background.spawn(self._report(variant, latency, memory))
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
-            log.info("loaded %s on %s in %.3fs", variant.key, model.provider, loaded.load_seconds)
+            span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
+            log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
+                     model.intra_op_threads, loaded.load_seconds)
             return loaded
+
+    def _open(self, path, variant: ModelVariant) -> OrtModel:
+        """The variant's session (blocking): with the configured intra-op threads, or tuned."""
+        if self.settings.intra_op_threads > 0:
+            return OrtModel(path, self.settings.use_cuda, self.settings.intra_op_threads)
+        return tuned_model(path, self.settings.use_cuda, sample_inputs(variant, TUNE_BATCH), available_cores())
 
     async def _report(self, variant: ModelVariant, latency_ms: float, memory_bytes: int) -> None:
         try:
@@ -298,6 +308,10 @@ class EdgeRuntime:
         `inline_max_us` (handing a 30 µs call to a thread costs more than the call itself)."""
         if loaded.compute_us <= self.settings.inline_max_us:
             return timed_run(loaded.model.run, inputs, outputs)
+        if loaded.model.intra_op_threads > 1:
+            async with loaded.turn:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor, timed_run, loaded.model.run, inputs, outputs)
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, timed_run, loaded.model.run, inputs, outputs)
 

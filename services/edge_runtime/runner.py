@@ -11,6 +11,15 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
+# Automatic intra-op threads (intra_op_threads = 0): a session gets every core of the process (up
+# to MAX_AUTO_THREADS) only when that runs a TUNE_BATCH-row call at least MIN_SPEEDUP times faster
+# than one thread, and one thread takes at least MIN_SPLIT_MS (waking sleeping threads costs tens
+# of µs: small models stay on one thread, and their latency with it).
+TUNE_BATCH = 16
+MAX_AUTO_THREADS = 8
+MIN_SPEEDUP = 1.25
+MIN_SPLIT_MS = 0.5
+
 
 def choose_providers(use_cuda: bool, available: list[str] | None = None) -> list[str]:
     """CUDA first when asked for and present, CPU always as the fallback."""
@@ -42,10 +51,49 @@ class OrtModel:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.provider = self.session.get_providers()[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.intra_op_threads = intra_op_threads
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, inputs)))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_threads(one_thread_ms: float, many_threads_ms: float, many: int) -> int:
+    """The intra-op thread count to keep: `many` when it pays (see MIN_SPEEDUP, MIN_SPLIT_MS)."""
+    if many <= 1 or one_thread_ms < MIN_SPLIT_MS:
+        return 1
+    return many if one_thread_ms >= MIN_SPEEDUP * many_threads_ms else 1
+
+
+def tuned_model(path: Path, use_cuda: bool, inputs: dict[str, np.ndarray], cores: int) -> OrtModel:
+    """A session with the intra-op threads that run `inputs` fastest here: one thread, or
+    `cores` (capped at MAX_AUTO_THREADS) when `auto_threads` says so. Sessions on CUDA, and
+    models whose sample inputs do not run, keep one CPU thread (blocking)."""
+    single = OrtModel(path, use_cuda, 1)
+    many = min(cores, MAX_AUTO_THREADS)
+    if many <= 1 or single.provider != "CPUExecutionProvider":
+        return single
+    try:
+        one_ms = measure_latency_ms(single, inputs)
+        if one_ms < MIN_SPLIT_MS:
+            return single
+        multi = OrtModel(path, False, many)
+        many_ms = measure_latency_ms(multi, inputs)
+    except Exception as exc:  # noqa: BLE001 - tuning is advisory; the model serves either way
+        log.warning("could not time %s with several threads (%s); it keeps one", path.name, exc)
+        return single
+    chosen = auto_threads(one_ms, many_ms, many)
+    log.info("%s: a %d-row call takes %.2f ms on 1 thread, %.2f ms on %d: keeping %d",
+             path.name, next(iter(inputs.values())).shape[0] if inputs else 0, one_ms, many_ms, many, chosen)
+    return multi if chosen == many else single
 
 
 def rss_bytes() -> int:

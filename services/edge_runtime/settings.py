@@ -35,7 +35,9 @@ class RuntimeSettings:
                                            "start traces (TIMESTAMPS) or not (OFF); Triton's trace setting")
     trace_rate: int = field(1, "one such request in N of each model starts a trace")
     trace_count: int = field(-1, "traces left to start (-1: no limit)")
-    intra_op_threads: int = field(1, "ONNX Runtime intra-op threads per session")
+    intra_op_threads: int = field(
+        0, "ONNX Runtime intra-op threads per session (0: chosen per model when it loads: every core of the "
+           "process, up to 8, when that runs a 16-row call ≥1.25× faster than one thread taking ≥0.5 ms, else 1)")
     inference_workers: int = field(2, "threads running ONNX Runtime calls")
     inline_max_us: float = field(
         200.0, "models whose calls average below this many µs run on the event loop, not a thread (0: never)")

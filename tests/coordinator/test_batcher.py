@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from services.coordinator.batcher import BatchConfig, Batcher, Pending, form_batch, signature, split
+from services.coordinator.batcher import BatchConfig, Batcher, Pending, form_batch, may_overlap, signature, split
 from services.coordinator.core import DEFAULT_PRIORITY_LEVEL
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for
@@ -290,3 +290,49 @@ async def test_with_a_queue_delay_even_an_idle_batcher_waits_to_batch(make_batch
         batcher.submit({"x": x(1)}), batcher.submit({"x": x(2)})), PATIENCE_S)
     assert node.markers == [[1, 2]]
     np.testing.assert_array_equal(results[1]["y"], x(2) * 10)
+
+
+# --- a second batch in flight (max_inflight_batches > 1) ---------------------------------------
+
+async def hold_rows(batcher: Batcher, node: FakeNode, rows: int) -> asyncio.Task:
+    """A first batch of `rows` rows, in flight until the gate opens."""
+    node.gate.clear()
+    blocker = asyncio.create_task(batcher.submit({"x": x(BLOCKER, rows=rows)}))
+    await asyncio.wait_for(node.called.wait(), PATIENCE_S)
+    return blocker
+
+
+async def test_a_second_batch_overlaps_the_one_in_flight_only_once_it_is_as_big(make_batcher, node):
+    batcher = make_batcher(max_batch_size=8, max_inflight_batches=2)
+    blocker = await hold_rows(batcher, node, rows=3)
+    first = await enqueue(batcher, {"inputs": {"x": x(1)}})
+    await asyncio.sleep(0.05)
+    assert len(node.batches) == 1, "one row must not go next to a batch of three"
+    second = await enqueue(batcher, {"inputs": {"x": x(2)}}, {"inputs": {"x": x(3)}})
+    await asyncio.wait_for(until(lambda: len(node.batches) == 2), PATIENCE_S)
+    assert node.markers[1] == [1, 2, 3]  # three rows: sent while the first batch still runs
+    results = await release(node, blocker, first + second)
+    assert [float(r["y"][0, 0]) for r in results] == [10, 20, 30]
+
+
+async def test_rows_held_back_from_overlapping_go_as_soon_as_the_batch_in_flight_is_answered(make_batcher, node):
+    batcher = make_batcher(max_batch_size=8, max_inflight_batches=2)
+    blocker = await hold_rows(batcher, node, rows=4)
+    tasks = await enqueue(batcher, {"inputs": {"x": x(1)}})
+    await asyncio.sleep(0.05)
+    assert len(node.batches) == 1
+    results = await release(node, blocker, tasks)
+    assert node.markers[1:] == [[1]]
+    np.testing.assert_array_equal(results[0]["y"], x(1) * 10)
+
+
+@pytest.mark.parametrize(
+    ("queued_rows", "last_rows", "max_batch_size", "expected"),
+    [(3, 3, 8, True), (2, 3, 8, False), (4, 16, 4, True), (1, 1, 8, True), (5, 3, 8, True)],
+    ids=["as-big", "smaller", "full-batch", "single-rows", "bigger"],
+)
+def test_may_overlap_compares_the_head_rows_with_the_last_batch(queued_rows, last_rows, max_batch_size, expected):
+    queue = [Pending({"x": x(i)}, 1, signature({"x": x(i)})) for i in range(queued_rows)]
+    queue.append(Pending({"x": x(9, width=3)}, 5, signature({"x": x(9, width=3)})))  # another shape: not counted
+    queue.sort(key=lambda p: p.size)  # the 1-row requests come first: the head is one of them
+    assert may_overlap(queue, last_rows, max_batch_size) is expected

@@ -1,9 +1,10 @@
 """Execution provider choice of the edge runtime's ONNX Runtime runner."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from services.edge_runtime.runner import choose_providers
+from services.edge_runtime.runner import OrtModel, auto_threads, choose_providers, tuned_model
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -27,3 +28,50 @@ def test_cuda_is_chosen_only_when_asked_for_and_available_with_cpu_as_fallback(u
 
 def test_without_cuda_the_choice_is_cpu_whatever_onnxruntime_offers():
     assert choose_providers(False) == [CPU]
+
+
+# --- automatic intra-op threads (intra_op_threads = 0) ---------------------------------------
+
+@pytest.mark.parametrize(
+    ("one_ms", "many_ms", "many", "expected"),
+    [
+        (3.6, 1.8, 2, 2),     # wide_mlp FP32 at 16 rows here: twice as fast on both cores
+        (1.0, 0.8, 2, 2),     # exactly MIN_SPEEDUP
+        (1.0, 0.85, 2, 1),    # not enough faster to pay for the wake-ups
+        (0.3, 0.1, 2, 1),     # too small a call to split, however fast the split one looks
+        (5.0, 1.0, 1, 1),     # one core: nothing to choose
+        (2.0, 2.5, 4, 1),     # slower on several threads
+    ],
+    ids=["pays", "at-the-line", "not-enough", "too-small", "one-core", "slower"],
+)
+def test_several_threads_are_kept_only_when_a_big_enough_call_runs_enough_faster(one_ms, many_ms, many, expected):
+    assert auto_threads(one_ms, many_ms, many) == expected
+
+
+def _digits_fp32(digits_models):
+    return next(v for v in digits_models if v.precision == "FP32")
+
+
+def test_a_tuned_session_on_one_core_has_one_thread_and_serves(digits_models):
+    built = _digits_fp32(digits_models)
+    inputs = {"input": np.zeros((16, 64), np.float32)}
+    model = tuned_model(built.path, False, inputs, cores=1)
+    assert model.intra_op_threads == 1
+    assert model.run(inputs)[model.output_names[0]].shape[0] == 16
+
+
+def test_a_small_model_keeps_one_thread_and_answers_as_an_untuned_session(digits_models):
+    built = _digits_fp32(digits_models)
+    x = np.random.default_rng(0).random((16, 64), dtype=np.float32)
+    model = tuned_model(built.path, False, {"input": x}, cores=4)
+    assert model.intra_op_threads == 1  # digits runs 16 rows in tens of µs: below MIN_SPLIT_MS
+    plain = OrtModel(built.path, False, 1)
+    for name in plain.output_names:
+        np.testing.assert_allclose(model.run({"input": x})[name], plain.run({"input": x})[name], rtol=1e-6)
+
+
+def test_inputs_the_model_cannot_run_leave_it_on_one_thread_with_a_warning(digits_models, caplog):
+    built = _digits_fp32(digits_models)
+    model = tuned_model(built.path, False, {"not-an-input": np.zeros((16, 64), np.float32)}, cores=4)
+    assert model.intra_op_threads == 1
+    assert "keeps one" in caplog.text

@@ -162,12 +162,13 @@ void Batcher::Dispatch() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_ || inflight_ >= options_.max_inflight || queue_.empty()) return;
+      if (inflight_ > 0 && !MayOverlapLocked()) return;  // Finished() dispatches it
       if (!ReadyLocked(Clock::now(), &wake)) {
         arm = !armed_ || wake < wake_at_;
         if (arm) armed_ = true, wake_at_ = wake;
       } else {
         batch = TakeLocked(&expired, &cancelled);
-        if (batch) ++inflight_;
+        if (batch) ++inflight_, last_rows_ = batch->rows;
       }
     }
     if (arm) {
@@ -192,18 +193,35 @@ bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const 
   const RouteConfig& config = *config_;
   if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
   // The most urgent request: the first of the lowest priority level (OrderLocked's head).
+  *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
+  if (now >= *wake) return true;
+  const int64_t rows = HeadRowsLocked();
+  if (rows >= int64_t(config.max_batch_size)) return true;
+  const auto& preferred = config.preferred_batch_sizes;
+  return std::find(preferred.begin(), preferred.end(), uint32_t(rows)) != preferred.end();
+}
+
+// Rows queued that would batch with the most urgent request (the first of the lowest priority
+// level: OrderLocked's head).
+int64_t Batcher::HeadRowsLocked() const {
   const InferCall* head = *std::min_element(
       queue_.begin(), queue_.end(),
       [](const InferCall* a, const InferCall* b) { return a->priority < b->priority; });
-  *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
-  if (now >= *wake) return true;
   int64_t rows = 0;
   for (const InferCall* call : queue_) {
     if (call->route_key == head->route_key || *call->route_key == *head->route_key) rows += call->rows;
   }
-  if (rows >= int64_t(config.max_batch_size)) return true;
-  const auto& preferred = config.preferred_batch_sizes;
-  return std::find(preferred.begin(), preferred.end(), uint32_t(rows)) != preferred.end();
+  return rows;
+}
+
+// With a batch in flight, another goes only once it is as big as the last one sent (or full):
+// it then waits at the node, ready to run when the node's compute frees, instead of splitting
+// the rows a closed loop sends back into small batches that contend for the same cores. The
+// coordinator's batcher applies the same rule (services/coordinator/batcher.py, may_overlap).
+bool Batcher::MayOverlapLocked() const {
+  const int64_t limit = config_->max_batch_size;
+  if (limit == 0) return true;  // a model without a batch dimension: each request alone
+  return HeadRowsLocked() >= std::min(last_rows_, limit);
 }
 
 void Batcher::Woken() {
@@ -326,13 +344,14 @@ void Batcher::OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status,
     }
   }
   if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && batch->client_bound) {
+    Finished();
     ClientDeadline(*batch);
   } else if (!status.ok()) {
-    return HandOver(*batch, status);
+    HandOver(*batch, status);
   } else {
+    Finished();  // the next batch leaves before this one's answers: the node is not kept waiting
     Answer(*batch, std::move(reply));
   }
-  Finished();
 }
 
 // A client's own deadline ended the node call: not the node's failure. Expired members get

@@ -58,6 +58,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   void Dispatch();
   bool ReadyLocked(std::chrono::steady_clock::time_point now,
                    std::chrono::steady_clock::time_point* wake) const;
+  int64_t HeadRowsLocked() const;
+  bool MayOverlapLocked() const;
   void Woken();
   void ExpireQueued();
   void DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
@@ -83,6 +85,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   std::mutex mu_;  // guards the fields below
   std::deque<InferCall*> queue_;
   int inflight_ = 0;
+  int64_t last_rows_ = 0;  // rows of the batch sent last
   bool failed_ = false;
   bool armed_ = false;                              // a queue-delay wake-up is pending
   std::chrono::steady_clock::time_point wake_at_;  // ... at this time
