@@ -98,6 +98,9 @@ class EmulatedCluster:
             "CNEI_RUNTIME_EMULATED_DELAY_MS": str(node.delay_ms),
             "CNEI_RUNTIME_PRELOAD": f"{model}:{MODEL_VERSION}:FP32",
             "CNEI_RUNTIME_FAST_LANE": str(self.fast_lane).lower(),
+            # One core per emulated node: five runtimes share this machine's cores, and each would
+            # otherwise take all of them for its sessions (intra_op_threads 0 picks per model).
+            "CNEI_RUNTIME_INTRA_OP_THREADS": "1",
         }
 
     def start(self, model: str, variants: list[BuiltVariant]) -> None:

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the coordinator's compiled gRPC front door (default on; off: Python gRPC serves)")
     p.add_argument("--runtime-threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads per runtime session (default 0: the runtime's default)")
+    p.add_argument("--client", choices=sorted(perf.CLIENT_MODES), default="async",
+                   help="perf_analyzer's closed loop: async (one thread, gRPC async API; default) or sync "
+                        "(a blocking thread per open request, perf_analyzer's own default)")
     p.add_argument("--skip-mlserver", action="store_true", help="measure CNEI and in-process ORT only")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
@@ -73,7 +76,7 @@ def sweep(target: str, config: str, plan: list[tuple[str, str]], args, explicit_
     for model, precision in plan:
         for c in args.concurrency:
             params = {"precision": precision} if explicit_precision else None
-            p = perf.measure(target, model, precision, config, c, args.interval_ms, params)
+            p = perf.measure(target, model, precision, config, c, args.interval_ms, params, client=args.client)
             log(f"{config} {model} {precision} c={c}: " + (f"ERROR {p.error}" if p.error else
                 f"{p.infer_per_s:.1f} infer/s, p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs"))
             points.append(p.as_dict())
@@ -135,14 +138,17 @@ def meta(args, started: float, load_at_start: float) -> dict:
     return {
         **run_meta(args.quick, started, load_at_start),
         "onnxruntime": onnxruntime.__version__, "mlserver": mls_version,
-        "perf_analyzer": f"-i grpc -b 1, {args.interval_ms} ms windows, 3 windows per point "
+        "perf_analyzer": f"-i grpc -b 1, {args.client} client "
+                         f"({' '.join(perf.CLIENT_MODES[args.client]) or 'its defaults'}), "
+                         f"{args.interval_ms} ms windows, 3 windows per point "
                          f"(-s {perf.STABILITY_PERCENT}), {perf.WARMUP_REQUESTS} warm-up requests",
         "concurrency": args.concurrency,
         "cnei": f"{args.runtimes} edge runtime(s) behind the coordinator "
                 f"(front door {args.front_door}; "
                 f"{1 if args.front_door == 'on' else worker_count(args.coordinator_workers)} coordinator process(es)); "
                 f"runtime intra_op_threads="
-                f"{rt.intra_op_threads}, inference_workers={rt.inference_workers}; precision sent explicitly",
+                f"{rt.intra_op_threads if rt.intra_op_threads > 0 else 'chosen per model at load'}, "
+                f"inference_workers={rt.inference_workers}; precision sent explicitly",
         "mlserver_setup": f"custom runtime bench/mlserver_runtime.py, ORT intra_op_threads="
                           f"{mlserver_setup.INTRA_OP_THREADS}, debug off; adaptive batching max_batch_size="
                           f"{mlserver_setup.BATCH_MAX_SIZE}, max_batch_time={mlserver_setup.BATCH_MAX_TIME_S}s",
