@@ -44,6 +44,15 @@ INFER_LATENCY = Histogram(
 )
 
 
+@dataclass(frozen=True)
+class Instance:
+    """How a runtime runs a variant it has loaded: ModelConfig's instance_group and the ONNX
+    Runtime parameter Triton's onnxruntime backend names `intra_op_thread_count`."""
+
+    gpu: bool
+    intra_op_threads: int
+
+
 class InferenceCore(Protocol):
     """What an OIP server needs from its core (coordinator or runtime)."""
 
@@ -61,6 +70,7 @@ class InferenceCore(Protocol):
     async def load_model(self, name: str) -> None: ...
     async def unload_model(self, name: str) -> None: ...
     async def deployment(self, name: str) -> DeploymentSpec | None: ...
+    def instance(self, variant: ModelVariant) -> Instance | None: ...
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,10 +110,12 @@ def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMet
     )
 
 
-def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = None) -> pb.ModelConfigResponse:
+def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = None,
+                    instance: Instance | None = None) -> pb.ModelConfigResponse:
     """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0; where there
     is a deployment (coordinator), a batching model's `dynamic_batching` carries its rules and
-    `response_cache` says whether it caches responses."""
+    `response_cache` says whether it caches responses; where the variant is loaded (runtime), the
+    instance group's kind and `intra_op_thread_count` say how it runs."""
     batching = variant.max_batch_size
     def dims(shape):
         return list(shape[1:] if batching else shape)
@@ -114,8 +126,9 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
                for s in variant.inputs],
         output=[pb.ModelOutput(name=s.name, data_type=codec.TRITON_TYPE[s.datatype], dims=dims(s.shape))
                 for s in variant.outputs],
-        instance_group=[pb.ModelInstanceGroup(name=variant.name, count=1,
-                                              kind=pb.ModelInstanceGroup.KIND_CPU)],
+        instance_group=[pb.ModelInstanceGroup(
+            name=variant.name, count=1,
+            kind=pb.ModelInstanceGroup.KIND_GPU if instance and instance.gpu else pb.ModelInstanceGroup.KIND_CPU)],
     )
     if deployment is not None and deployment.ensemble:
         for step in deployment.ensemble:
@@ -132,6 +145,8 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
         config.response_cache.enable = True
     for key, value in variant.metadata.items():
         config.parameters[key].string_value = value
+    if instance is not None and not instance.gpu:
+        config.parameters["intra_op_thread_count"].string_value = str(instance.intra_op_threads)
     return pb.ModelConfigResponse(config=config)
 
 
@@ -211,7 +226,7 @@ async def _sample(servicer: "OipServicer", request: pb.ModelInferRequest, metada
 async def model_config(core: InferenceCore, name: str, version: str) -> pb.ModelConfigResponse:
     """Triton's ModelConfig (gRPC and REST): the model's default variant with its deployment."""
     variant = await core.model_variant(name, version)
-    return config_to_proto(variant, await core.deployment(variant.name))
+    return config_to_proto(variant, await core.deployment(variant.name), core.instance(variant))
 
 
 async def trace_setting(core: InferenceCore, tracing: TraceSettings, model: str,

@@ -133,6 +133,7 @@ class TraceStore(Protocol):
     async def read(self) -> dict[str, dict[str, object]]: ...
     async def write(self, scope: str, update: Mapping[str, object]) -> None: ...
     async def reset(self, config: TraceConfig) -> None: ...
+    async def seed(self, config: TraceConfig) -> None: ...
     async def take(self, scope: str) -> bool: ...
 
 
@@ -161,6 +162,11 @@ class MemoryTraceStore:
 
     async def reset(self, config: TraceConfig) -> None:
         self.scopes = {GLOBAL: _global_fields(config)}
+
+    async def seed(self, config: TraceConfig) -> None:
+        fields = self.scopes.setdefault(GLOBAL, {})
+        for name, value in _global_fields(config).items():
+            fields.setdefault(name, value)
 
     async def take(self, scope: str) -> bool:
         fields = self.scopes.get(scope, {})
@@ -235,6 +241,13 @@ class RedisTraceStore:
                                          f"count:{GLOBAL}": config.count})
             await pipe.execute()
 
+    async def seed(self, config: TraceConfig) -> None:
+        """Write the global settings where the hash has none (each field only if absent)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self.key, f"cfg:{GLOBAL}", json.dumps({"level": list(config.level), "rate": config.rate}))
+            pipe.hsetnx(self.key, f"count:{GLOBAL}", config.count)
+            await pipe.execute()
+
     async def take(self, scope: str) -> bool:
         return bool(await self._take(keys=[self.key], args=[f"count:{scope}"]))
 
@@ -255,7 +268,13 @@ class TraceSettings:
     async def _read(self) -> dict[str, dict[str, object]]:
         if time.monotonic() >= self._expires:
             try:
-                self._scopes = await self.store.read()
+                scopes = await self.store.read()
+                if "count" not in scopes.get(GLOBAL, {}):
+                    # Redis was away when this process started (or came back empty): the
+                    # configured settings become the store's, so trace_count is counted down there
+                    await self.store.seed(self.configured)
+                    scopes = await self.store.read()
+                self._scopes = scopes
             except Exception:  # noqa: BLE001 - the store away (Redis down): keep the last settings read
                 log.warning("trace settings not read; using the last read again for %.1f s", self.ttl_s, exc_info=True)
             self._expires = time.monotonic() + self.ttl_s
@@ -266,7 +285,8 @@ class TraceSettings:
 
     async def reset(self) -> None:
         """Make the configured settings the store's (a coordinator starting); with the store away
-        they apply here all the same, and are written by the next change."""
+        they apply here all the same, and are written to it once it answers (`seed`, on a read
+        that finds no global settings)."""
         try:
             await self.store.reset(self.configured)
         except Exception as exc:  # noqa: BLE001 - e.g. Redis down at start: serve on, log it

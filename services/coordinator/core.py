@@ -175,6 +175,9 @@ class Coordinator:
         """The model's deployment (what ModelConfig shows of it)."""
         return await self.catalog.deployment(name)
 
+    def instance(self, variant: ModelVariant) -> None:
+        return None  # the coordinator runs no model; its nodes' configs say how they run theirs
+
     async def model_versions(self, name: str) -> list[str]:
         variants = await self.catalog.all_variants(name)
         if not variants and (await self.catalog.deployment(name)).ensemble:

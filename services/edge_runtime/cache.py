@@ -104,6 +104,11 @@ class L1Cache:
         """Everything loaded, without touching LRU order or the hit/miss counters."""
         return [value for value, _ in self._items.values()]
 
+    def peek(self, key: str) -> Any | None:
+        """The value, without touching LRU order or the hit/miss counters."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
     def get(self, key: str) -> Any | None:
         item = self._items.get(key)
         if item is None:

@@ -15,6 +15,7 @@ from services.common.background import Background
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable,
                                     outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
+from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
@@ -237,6 +238,14 @@ class EdgeRuntime:
 
     async def deployment(self, name: str) -> None:
         return None  # a runtime runs the batches it is sent; deployments are the coordinator's
+
+    def instance(self, variant: ModelVariant) -> Instance | None:
+        """How the variant runs here, when it is loaded (nothing is loaded to answer this)."""
+        loaded = self.l1.peek(variant.key)
+        if loaded is None:
+            return None
+        return Instance(gpu=loaded.model.provider == "CUDAExecutionProvider",
+                        intra_op_threads=loaded.model.intra_op_threads)
 
     async def unloaded_models(self) -> frozenset[str]:
         return frozenset()  # a runtime serves every model it can pull; the coordinator takes models out of service

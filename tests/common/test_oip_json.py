@@ -201,3 +201,20 @@ def test_proto_messages_are_written_as_tritons_http_api_writes_them():
     assert batching["parameters"]["max_batch_size"] == {"string_value": "8"}
     fixed = config((1, 64))
     assert fixed["max_batch_size"] == 0 and "dynamic_batching" not in fixed  # a default is still written
+
+
+def test_a_loaded_variant_s_config_names_its_instance_kind_and_session_threads():
+    from services.common.model_spec import ModelVariant, TensorSpec
+    from services.common.oip_servicer import Instance, config_to_proto
+
+    variant = ModelVariant(name="m", version="1", precision="FP32", sha256="0" * 64, size_bytes=1,
+                           inputs=[TensorSpec("x", "FP32", (-1, 64))], outputs=[TensorSpec("y", "FP32", (-1, 10))])
+    on_cpu = oip_json.proto_to_json(config_to_proto(variant, instance=Instance(gpu=False, intra_op_threads=2)).config)
+    assert on_cpu["instance_group"][0]["kind"] == "KIND_CPU"
+    assert on_cpu["parameters"]["intra_op_thread_count"] == {"string_value": "2"}
+    on_gpu = oip_json.proto_to_json(config_to_proto(variant, instance=Instance(gpu=True, intra_op_threads=1)).config)
+    assert on_gpu["instance_group"][0]["kind"] == "KIND_GPU"
+    assert "intra_op_thread_count" not in on_gpu.get("parameters", {})
+    not_loaded = oip_json.proto_to_json(config_to_proto(variant).config)
+    assert not_loaded["instance_group"][0]["kind"] == "KIND_CPU"
+    assert "intra_op_thread_count" not in not_loaded.get("parameters", {})

@@ -113,3 +113,25 @@ async def test_with_redis_away_the_settings_read_last_keep_applying(own_redis):
     tracing.store = RedisTraceStore(Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5))  # nothing there
     assert [await tracing.pick("digits") for _ in range(4)] == [False, True, False, True]
     await tracing.store.redis.aclose()
+
+
+async def test_settings_configured_while_redis_was_away_are_written_when_it_answers(own_redis):
+    """A coordinator whose start could not reset the store (Redis down) writes its configured
+    settings once Redis answers, so its trace_count is counted down there, by every process."""
+    configured = TraceConfig(level=("TIMESTAMPS",), rate=1, count=2)
+    first = TraceSettings(RedisTraceStore(own_redis), ttl_s=0.0, configured=configured)
+    second = TraceSettings(RedisTraceStore(own_redis), ttl_s=0.0, configured=configured)
+    assert await own_redis.exists(first.store.key) == 0  # nothing written: the start's reset failed
+    picks = [await view.pick("digits", picked=True) for view in (first, second, first, second)]
+    assert picks == [True, True, False, False]
+    assert (await second.get())["trace_count"] == ["0"]
+
+
+async def test_a_seed_fills_in_only_what_the_store_lacks(own_redis):
+    store = RedisTraceStore(own_redis)
+    await store.reset(TraceConfig(rate=5, count=3))
+    await store.seed(TraceConfig(rate=1, count=-1))  # another process's configuration: not over it
+    assert await store.read() == {"": {"level": ["TIMESTAMPS"], "rate": 5, "count": 3}}
+    memory = MemoryTraceStore()
+    await memory.seed(TraceConfig(rate=4))
+    assert (await memory.read())[""]["rate"] == 4

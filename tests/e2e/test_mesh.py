@@ -233,3 +233,15 @@ def test_runtime_metrics_account_compute_time_energy_and_cost_per_inference(mesh
     assert _metric(text, "cnei_inference_energy_joules_total", **labels, source="cpu") > 0  # CPU build
     assert _metric(text, "cnei_inference_cost_total", **labels) > 0
     assert _metric(text, "cnei_model_cache_events_total", event="hit") > 0
+
+
+def test_a_runtime_s_model_config_says_how_it_runs_the_loaded_variant(mesh):
+    """Triton's onnxruntime backend names the session's threads `intra_op_thread_count`; a runtime
+    chooses them per model when it loads it (digits is too small to split: one thread)."""
+    runtime = triton.InferenceServerClient(mesh.runtime("edge-a1"))
+    _infer_all_digits(runtime)  # loaded (and kept loaded) by now
+    config = runtime.get_model_config("digits").config
+    assert config.parameters["intra_op_thread_count"].string_value == "1"
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+    coordinator = triton.InferenceServerClient(mesh.coordinator).get_model_config("digits").config
+    assert "intra_op_thread_count" not in coordinator.parameters  # the coordinator runs no session
