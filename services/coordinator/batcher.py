@@ -152,7 +152,7 @@ class Batcher:
                        context=otel_context.get_current(),
                        span=None if telemetry.unsampled() else
                        _tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
-        if self._idle(item.size) and deadline > time.monotonic():  # nothing to wait for or batch with: send now
+        if self._idle(item) and deadline > time.monotonic():  # nothing to wait for or batch with: send now
             await self._slots.acquire()  # free, so this returns at once
             await self._dispatch(self._started([item]))
             return item.future.result()
@@ -166,12 +166,11 @@ class Batcher:
                 f"request for model '{self.model}' passed its deadline after "
                 f"{(time.monotonic() - item.enqueued) * 1e3:.1f} ms in the batcher") from None
 
-    def _idle(self, rows: int) -> bool:
-        """A request of `rows` arriving now would be sent alone at once anyway: empty queue, a
-        free in-flight slot, no queue delay to wait out and, with a batch in flight, as many rows
-        as that batch (may_overlap)."""
+    def _idle(self, item: Pending) -> bool:
+        """`item`, arriving now, would be sent alone at once anyway: empty queue, a free
+        in-flight slot, no queue delay to wait out and no batch in flight it may not overlap."""
         return (not self.queue and not self._slots.locked() and self.config.max_queue_delay_us == 0
-                and (self._running == 0 or rows >= min(self._last_rows, self.config.max_batch_size)))
+                and (self._running == 0 or may_overlap([item], self._last_rows, self.config.max_batch_size)))
 
     async def _run(self) -> None:
         while True:

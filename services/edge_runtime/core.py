@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from opentelemetry import trace
 from prometheus_client import Counter
@@ -187,11 +189,12 @@ class EdgeRuntime:
                      model.intra_op_threads, loaded.load_seconds)
             return loaded
 
-    def _open(self, path, variant: ModelVariant) -> OrtModel:
+    def _open(self, path: Path, variant: ModelVariant) -> OrtModel:
         """The variant's session (blocking): with the configured intra-op threads, or tuned."""
         if self.settings.intra_op_threads > 0:
             return OrtModel(path, self.settings.use_cuda, self.settings.intra_op_threads)
-        return tuned_model(path, self.settings.use_cuda, sample_inputs(variant, TUNE_BATCH), available_cores())
+        return tuned_model(path, self.settings.use_cuda, sample_inputs(variant, TUNE_BATCH), available_cores(),
+                           label=variant.key)
 
     async def _report(self, variant: ModelVariant, latency_ms: float, memory_bytes: int) -> None:
         try:
@@ -317,12 +320,9 @@ class EdgeRuntime:
         `inline_max_us` (handing a 30 µs call to a thread costs more than the call itself)."""
         if loaded.compute_us <= self.settings.inline_max_us:
             return timed_run(loaded.model.run, inputs, outputs)
-        if loaded.model.intra_op_threads > 1:
-            async with loaded.turn:
-                return await asyncio.get_running_loop().run_in_executor(
-                    self._executor, timed_run, loaded.model.run, inputs, outputs)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, timed_run, loaded.model.run, inputs, outputs)
+        async with loaded.turn if loaded.model.intra_op_threads > 1 else contextlib.nullcontext():
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, timed_run, loaded.model.run, inputs, outputs)
 
 
 def _requested_outputs(variant: ModelVariant, names: list[str]) -> list[str] | None:

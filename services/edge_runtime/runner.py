@@ -73,10 +73,12 @@ def auto_threads(one_thread_ms: float, many_threads_ms: float, many: int) -> int
     return many if one_thread_ms >= MIN_SPEEDUP * many_threads_ms else 1
 
 
-def tuned_model(path: Path, use_cuda: bool, inputs: dict[str, np.ndarray], cores: int) -> OrtModel:
+def tuned_model(path: Path, use_cuda: bool, inputs: dict[str, np.ndarray], cores: int, label: str = "") -> OrtModel:
     """A session with the intra-op threads that run `inputs` fastest here: one thread, or
     `cores` (capped at MAX_AUTO_THREADS) when `auto_threads` says so. Sessions on CUDA, and
-    models whose sample inputs do not run, keep one CPU thread (blocking)."""
+    models whose sample inputs do not run, keep one CPU thread (blocking). `label` names the
+    model in the log (default: the file's name)."""
+    label = label or path.name
     single = OrtModel(path, use_cuda, 1)
     many = min(cores, MAX_AUTO_THREADS)
     if many <= 1 or single.provider != "CPUExecutionProvider":
@@ -88,11 +90,11 @@ def tuned_model(path: Path, use_cuda: bool, inputs: dict[str, np.ndarray], cores
         multi = OrtModel(path, False, many)
         many_ms = measure_latency_ms(multi, inputs)
     except Exception as exc:  # noqa: BLE001 - tuning is advisory; the model serves either way
-        log.warning("could not time %s with several threads (%s); it keeps one", path.name, exc)
+        log.warning("could not time %s with several threads (%s); it keeps one", label, exc)
         return single
     chosen = auto_threads(one_ms, many_ms, many)
-    log.info("%s: a %d-row call takes %.2f ms on 1 thread, %.2f ms on %d: keeping %d",
-             path.name, next(iter(inputs.values())).shape[0] if inputs else 0, one_ms, many_ms, many, chosen)
+    log.info("%s: a %d-row call takes %.2f ms on 1 thread, %.2f ms on %d: keeping %d", label,
+             next(iter(inputs.values())).shape[0] if inputs else 0, one_ms, many_ms, many, chosen)
     return multi if chosen == many else single
 
 

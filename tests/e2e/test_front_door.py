@@ -143,6 +143,45 @@ def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_g
     assert rows == count and 0 < batches < count
 
 
+def test_with_two_batches_in_flight_every_caller_of_every_size_gets_its_rows(door, mesh):
+    """max_inflight_batches 2: a second batch overlaps the one in flight only once as big (the
+    rest waits for that one's answer). Whatever the interleaving, every caller is answered, with
+    its own rows, by the door."""
+    _, address, _ = door
+    x, _ = load_all()
+    direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
+    expected = _infer(direct, x[:300]).as_numpy("probabilities")
+    direct.close()
+    _apply(mesh, BatchingSpec(max_batch_size=16, max_inflight_batches=2))
+    try:
+        time.sleep(1.0)  # the deployment's event reaches the coordinator; the door's routes follow
+        results, errors = {}, []
+
+        def caller(t: int) -> None:
+            client = triton.InferenceServerClient(address)
+            try:
+                start = t * 30
+                for k in range(10):
+                    rows = 1 + (t + k) % 3  # 1, 2 or 3 rows: batches of different sizes
+                    reply = _infer(client, x[start:start + rows], parameters={"precision": "FP32"})
+                    results[(t, k)] = (start, rows, reply.as_numpy("probabilities"),
+                                       reply.get_response().parameters["cnei_front_door"].bool_param)
+                    start += rows
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                client.close()
+
+        _all_at_once([lambda t=t: caller(t) for t in range(10)])
+        assert errors == []
+        assert len(results) == 100
+        for start, rows, probs, by_door in results.values():
+            np.testing.assert_allclose(probs, expected[start:start + rows], rtol=1e-4, atol=1e-6)
+            assert by_door
+    finally:
+        _apply(mesh, None)
+
+
 def _rows_run(mesh) -> int:
     return sum(_executions(mesh.runtime(node_id)) for node_id, _, _ in RUNTIMES)
 
@@ -504,41 +543,3 @@ def test_a_coordinator_killed_with_sigkill_takes_its_door_along_and_frees_the_po
     finally:
         infra.stop(proc)
 
-
-def test_with_two_batches_in_flight_every_caller_of_every_size_gets_its_rows(door, mesh):
-    """max_inflight_batches 2: a second batch overlaps the one in flight only once as big (the
-    rest waits for that one's answer). Whatever the interleaving, every caller is answered, with
-    its own rows, by the door."""
-    _, address, _ = door
-    x, _ = load_all()
-    direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
-    expected = _infer(direct, x[:300]).as_numpy("probabilities")
-    direct.close()
-    _apply(mesh, BatchingSpec(max_batch_size=16, max_inflight_batches=2))
-    try:
-        time.sleep(1.0)  # the deployment's event reaches the coordinator; the door's routes follow
-        results, errors = {}, []
-
-        def caller(t: int) -> None:
-            client = triton.InferenceServerClient(address)
-            try:
-                start = t * 30
-                for k in range(10):
-                    rows = 1 + (t + k) % 3  # 1, 2 or 3 rows: batches of different sizes
-                    reply = _infer(client, x[start:start + rows], parameters={"precision": "FP32"})
-                    results[(t, k)] = (start, rows, reply.as_numpy("probabilities"),
-                                       reply.get_response().parameters["cnei_front_door"].bool_param)
-                    start += rows
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(repr(exc))
-            finally:
-                client.close()
-
-        _all_at_once([lambda t=t: caller(t) for t in range(10)])
-        assert errors == []
-        assert len(results) == 100
-        for start, rows, probs, by_door in results.values():
-            np.testing.assert_allclose(probs, expected[start:start + rows], rtol=1e-4, atol=1e-6)
-            assert by_door
-    finally:
-        _apply(mesh, None)

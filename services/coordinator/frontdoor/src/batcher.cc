@@ -192,7 +192,6 @@ void Batcher::Dispatch() {
 bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
   const RouteConfig& config = *config_;
   if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
-  // The most urgent request: the first of the lowest priority level (OrderLocked's head).
   *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
   if (now >= *wake) return true;
   const int64_t rows = HeadRowsLocked();
