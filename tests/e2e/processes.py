@@ -53,13 +53,14 @@ def start_coordinator(mesh, export_spans: bool = True, **env_extra: str) -> tupl
     return proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port
 
 
-def start_runtime(mesh, node_id: str, region: str, tmp_path) -> tuple[subprocess.Popen, int]:
+def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, int]:
+    """An edge runtime of the mesh's on a free port (`env_extra`: more CNEI_RUNTIME_* settings)."""
     port = infra.free_port()
     env = {**os.environ, "CNEI_RUNTIME_NODE_ID": node_id, "CNEI_RUNTIME_TIER": "edge",
            "CNEI_RUNTIME_REGION": region, "CNEI_RUNTIME_PORT": str(port),
            "CNEI_RUNTIME_METRICS_PORT": "0", "CNEI_RUNTIME_REGISTRY_TARGET": mesh.registry,
            "CNEI_RUNTIME_REDIS_URL": mesh.settings.redis_url, "CNEI_RUNTIME_NATS_URL": mesh.settings.nats_url,
-           "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / node_id), "CNEI_RUNTIME_PRELOAD": "digits"}
+           "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / node_id), "CNEI_RUNTIME_PRELOAD": "digits", **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "services.edge_runtime"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)

@@ -22,7 +22,7 @@ import tritonclient.utils as triton_utils
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import infra
-from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
 from services.common.registry_client import RegistryClient
 from services.cli.up import RUNTIMES
 from services.coordinator.door_process import BUILT
@@ -182,15 +182,61 @@ def test_with_two_batches_in_flight_every_caller_of_every_size_gets_its_rows(doo
         _apply(mesh, None)
 
 
+
+def test_a_second_batch_overlaps_the_one_in_flight_only_once_as_big(door, mesh, tmp_path):
+    """A node 400 ms away (emulated ingress delay) takes region site-s's requests (placement by
+    locality alone). With two batches allowed in flight, a 1-row request arriving while 3 rows are
+    at the node waits for their answer before it leaves the door; 3 rows arriving then leave at
+    once and overlap."""
+    _, address, _ = door
+    x, _ = load_all()
+    node, _ = start_runtime(mesh, "edge-s9", "site-s9", tmp_path, CNEI_RUNTIME_EMULATED_DELAY_MS="400")
+    _apply(mesh, BatchingSpec(max_batch_size=8, max_inflight_batches=2),
+           SchedulerSpec(alpha=0.0, beta=1.0, gamma=0.0, delta=0.0, threshold=0.5))
+    client = triton.InferenceServerClient(address)
+    local = {"precision": "FP32", "region": "site-s9"}
+
+    def on_the_slow_node_by_the_door() -> bool:
+        params = _infer(client, x[:1], parameters=local).get_response().parameters
+        return params["cnei_node"].string_param == "edge-s9" and params["cnei_front_door"].bool_param
+
+    def finish_times(first_rows: int, second_rows: int) -> tuple[float, float]:
+        """Send `first_rows`, then 100 ms later `second_rows`; when each was answered."""
+        done, t0 = {}, time.perf_counter()
+
+        def send(name: str, rows: int, after_s: float) -> None:
+            time.sleep(after_s)
+            own = triton.InferenceServerClient(address)
+            try:
+                _infer(own, x[:rows], parameters=local)
+                done[name] = time.perf_counter() - t0
+            finally:
+                own.close()
+
+        _all_at_once([lambda: send("first", first_rows, 0.0), lambda: send("second", second_rows, 0.1)])
+        return done["first"], done["second"]
+
+    try:
+        infra.wait_until(on_the_slow_node_by_the_door, 30, "site-s9's requests on edge-s9 through the door")
+        first, second = finish_times(3, 1)
+        assert second >= first + 0.3, f"1 row overlapped a batch of 3: answered {second - first:.3f} s after it"
+        first, second = finish_times(3, 3)
+        assert second < first + 0.3, f"3 rows waited for a batch of 3: answered {second - first:.3f} s after it"
+    finally:
+        client.close()
+        _apply(mesh, None)
+        infra.stop(node)
+
 def _rows_run(mesh) -> int:
     return sum(_executions(mesh.runtime(node_id)) for node_id, _, _ in RUNTIMES)
 
 
-def _apply(mesh, batching: BatchingSpec | None) -> None:
+def _apply(mesh, batching: BatchingSpec | None, scheduler: SchedulerSpec | None = None) -> None:
     async def put() -> None:
         client = RegistryClient(mesh.registry)
         try:
-            await client.put_deployment(DeploymentSpec(model="digits", batching=batching or BatchingSpec()))
+            await client.put_deployment(DeploymentSpec(model="digits", batching=batching or BatchingSpec(),
+                                                       scheduler=scheduler or SchedulerSpec()))
         finally:
             await client.close()
     asyncio.run(put())
