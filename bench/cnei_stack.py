@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as triton
 
+from bench import cpu
 from services.cli import infra
 from services.cli.up import RUNTIMES, Mesh, MeshSettings, wait_ready
+from services.coordinator.door_process import BUILT
 from services.common.deployment import DeploymentSpec
 from services.common.errors import AlreadyExists
 from services.common.registry_client import RegistryClient
@@ -21,6 +24,13 @@ MODEL_VERSION = "1"  # digits.VERSION and wide_mlp.VERSION
 # on both cores (the runtime's automatic intra-op threads), so a second batch in flight only waits
 # for them; measured here it neither helped nor hurt beyond the run-to-run noise.
 DEPLOYMENTS: list[DeploymentSpec] = []
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
 
 
 def free_ports(count: int) -> list[int]:
@@ -115,6 +125,28 @@ class CneiStack:
     @property
     def kept_nodes(self) -> list[str]:
         return [r[0] for r in RUNTIMES] if self.runtimes > 1 else [EDGE_NODE]
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """The serving processes by role: the kept runtimes, the coordinator (its workers too)
+        and its front door."""
+        by_name = {c.name: c.proc.pid for c in self.mesh.children}
+        coordinator = [by_name["coordinator"], *cpu.descendants(by_name["coordinator"])]
+        door = [pid for pid in coordinator if Path(_command(pid)).name == BUILT.name]
+        return {"runtime": [by_name[n] for n in self.kept_nodes], "door": door,
+                "coordinator": [pid for pid in coordinator if pid not in door]}
+
+    def served(self, model: str) -> int:
+        """Requests of `model` the kept runtimes have run (their Triton statistics; rows, which
+        are requests at batch 1)."""
+        total = 0
+        for node_id in self.kept_nodes:
+            client = triton.InferenceServerClient(self.runtime(node_id))
+            try:
+                stats = client.get_inference_statistics(model, as_json=True)
+            finally:
+                client.close()
+            total += sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+        return total
 
     def warm(self, variants: list[tuple[str, str]]) -> None:
         """Load every (model, precision) on every kept runtime, then go through the coordinator."""

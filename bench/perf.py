@@ -6,7 +6,7 @@ import io
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Every window counts as stable: the bench takes exactly three windows per point instead of
@@ -33,6 +33,8 @@ class Point:
     p50_us: float = 0.0
     p99_us: float = 0.0
     error: str = ""
+    # µs of CPU per request over the run, by process group ("client": perf_analyzer), where measured
+    cpu_us: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)

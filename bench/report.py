@@ -96,6 +96,20 @@ def pivot_table(served: list[dict], model: str) -> str:
     return table(["config", "precision"] + [f"c={c}" for c in concurrencies], rows)
 
 
+CPU_GROUPS = ("client", "door", "coordinator", "runtime")
+
+
+def cpu_table(served: list[dict], model: str) -> str:
+    """µs of CPU per request by process, where measured (CNEI configs): what each request costs
+    the machine that client and servers share."""
+    rows = [[p["config"], p["precision"], p["concurrency"], f"{p['infer_per_s']:.0f}",
+             *(f"{p['cpu_us'][g]:.0f}" if g in p["cpu_us"] else "–" for g in CPU_GROUPS),
+             f"{sum(p['cpu_us'].values()):.0f}", f"{sum(p['cpu_us'].values()) * p['infer_per_s'] / 1e6:.2f}"]
+            for p in served if p["model"] == model and p.get("cpu_us")]
+    return table(["config", "precision", "concurrency", "infer/s", *CPU_GROUPS, "total µs", "cores at that rate"],
+                 rows) if rows else ""
+
+
 def inproc_table(inproc: list[dict]) -> str:
     rows = [[p["model"], p["precision"], p["batch"], f"{p['samples_per_s']:.0f}",
              f"{p['calls_per_s']:.0f}", f"{p['p50_us']:.0f}", f"{p['p99_us']:.0f}"] for p in inproc]
@@ -130,6 +144,10 @@ def markdown(result: dict) -> str:
         parts += [f"## {model} over gRPC (perf_analyzer, batch-1 requests)", "",
                   "Throughput, infer/s:", "", pivot_table(result["served"], model), "",
                   served_table(result["served"], model), ""]
+        cpu = cpu_table(result["served"], model)
+        if cpu:
+            parts += ["CPU per request, µs (`/proc` counters over each whole perf_analyzer run, warm-up "
+                      "included; requests counted by the runtime):", "", cpu, ""]
     parts += ["## Ratios", ""] + ratio_lines(result["ratios"])
     errors = [p for p in result["served"] if p["error"]]
     if errors:

@@ -7,6 +7,7 @@ error or Ctrl-C; results go to bench/results/ (results.* for a full run, quick.*
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import inprocess, mlserver_setup, perf, report  # noqa: E402
+from bench import cpu, inprocess, mlserver_setup, perf, report  # noqa: E402
 from bench.harness import MODELS_DIR, log, run_meta, stop_on_sigterm  # noqa: E402
 from bench.cnei_stack import CneiStack, free_ports  # noqa: E402
 from services.models import digits, wide_mlp  # noqa: E402
@@ -71,12 +72,21 @@ def run_inprocess(models: dict, seconds: float) -> list[dict]:
     return points
 
 
-def sweep(target: str, config: str, plan: list[tuple[str, str]], args, explicit_precision: bool) -> list[dict]:
+def sweep(target: str, config: str, plan: list[tuple[str, str]], args, explicit_precision: bool,
+          stack: CneiStack | None = None) -> list[dict]:
+    """perf_analyzer at every concurrency; with a `stack`, also the CPU per request of the client
+    and of each serving process (requests counted by the stack's runtimes)."""
     points = []
+    book = cpu.CpuBook(stack.cpu_groups()) if stack is not None else None
     for model, precision in plan:
         for c in args.concurrency:
             params = {"precision": precision} if explicit_precision else None
+            if book is not None:
+                before = stack.served(model)
+                book.start()
             p = perf.measure(target, model, precision, config, c, args.interval_ms, params, client=args.client)
+            if book is not None and not p.error:
+                p = dataclasses.replace(p, cpu_us=book.per_request(stack.served(model) - before))
             log(f"{config} {model} {precision} c={c}: " + (f"ERROR {p.error}" if p.error else
                 f"{p.infer_per_s:.1f} infer/s, p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs"))
             points.append(p.as_dict())
@@ -93,8 +103,8 @@ def run_cnei(models: dict, args, state: dict) -> tuple[list[dict], dict]:
     log(f"starting NATS, Redis and the mesh ({args.runtimes} runtime(s) behind the coordinator)")
     stack.start(models)
     stack.warm(CNEI_PLAN)
-    points = sweep(stack.edge, report.EDGE, CNEI_PLAN, args, explicit_precision=True)
-    points += sweep(stack.coordinator, report.COORDINATOR, CNEI_PLAN, args, explicit_precision=True)
+    points = sweep(stack.edge, report.EDGE, CNEI_PLAN, args, explicit_precision=True, stack=stack)
+    points += sweep(stack.coordinator, report.COORDINATOR, CNEI_PLAN, args, explicit_precision=True, stack=stack)
     stack.stop()
     state["cnei"] = None
     return points, stack.registry_metadata
