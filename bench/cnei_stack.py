@@ -12,10 +12,10 @@ import tritonclient.grpc as triton
 from bench import cpu
 from services.cli import infra
 from services.cli.up import RUNTIMES, Mesh, MeshSettings, wait_ready
-from services.coordinator.door_process import BUILT
 from services.common.deployment import DeploymentSpec
 from services.common.errors import AlreadyExists
 from services.common.registry_client import RegistryClient
+from services.coordinator.door_process import BUILT
 from services.models.digits import BuiltVariant
 
 EDGE_NODE = "edge-a1"
