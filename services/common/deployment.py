@@ -157,7 +157,7 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
     if bad_tiers:
         raise InvalidArgument(f"unknown tiers {sorted(bad_tiers)}")
     if spec.ensemble:
-        ensemble_interface(spec)
+        ensemble_plan(spec)
     return spec
 
 
@@ -172,13 +172,24 @@ def tensor_map(entries: tuple[str, ...], where: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def ensemble_interface(spec: DeploymentSpec) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) of an ensemble: the tensors no step produces, in the order first used,
-    and those no later step consumes, in the order produced. INVALID_ARGUMENT for a step that
-    uses itself, reads a tensor produced later, or a tensor produced twice."""
+@dataclass(frozen=True)
+class EnsemblePlan:
+    """An ensemble's steps read once: its inputs (the tensors no step produces, in the order first
+    used), its outputs (those no later step consumes, in the order produced) and per step its
+    (model tensor, ensemble tensor) reads and writes."""
+
+    inputs: list[str]
+    outputs: list[str]
+    maps: list[tuple[list[tuple[str, str]], list[tuple[str, str]]]]
+
+
+def ensemble_plan(spec: DeploymentSpec) -> EnsemblePlan:
+    """The ensemble's plan, or INVALID_ARGUMENT for a step that uses itself, reads a tensor
+    produced later, or a tensor produced twice."""
     produced: dict[str, int] = {}
     inputs: list[str] = []
     consumed: set[str] = set()
+    maps = []
     for i, step in enumerate(spec.ensemble):
         where = f"ensemble step {i} ({step.model})"
         if not step.model or step.model == spec.model:
@@ -188,6 +199,7 @@ def ensemble_interface(spec: DeploymentSpec) -> tuple[list[str], list[str]]:
         reads, writes = tensor_map(step.inputs, where), tensor_map(step.outputs, where)
         if not reads or not writes:
             raise InvalidArgument(f"{where}: a step maps at least one input and one output")
+        maps.append((reads, writes))
         for _, tensor in reads:
             consumed.add(tensor)
             if tensor not in produced and tensor not in inputs:
@@ -196,8 +208,13 @@ def ensemble_interface(spec: DeploymentSpec) -> tuple[list[str], list[str]]:
             if tensor in produced or tensor in inputs:
                 raise InvalidArgument(f"{where}: tensor '{tensor}' is produced twice (or is an ensemble input)")
             produced[tensor] = i
-    outputs = [t for t in produced if t not in consumed]
-    return inputs, outputs
+    return EnsemblePlan(inputs, [t for t in produced if t not in consumed], maps)
+
+
+def ensemble_interface(spec: DeploymentSpec) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of an ensemble (see EnsemblePlan)."""
+    plan = ensemble_plan(spec)
+    return plan.inputs, plan.outputs
 
 
 def from_dict(data: Any) -> DeploymentSpec:

@@ -11,7 +11,7 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from services.common import codec, log_settings, oip
-from services.common.deployment import DeploymentSpec, tensor_map
+from services.common.deployment import DeploymentSpec, ensemble_plan
 from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
@@ -131,11 +131,10 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
             kind=pb.ModelInstanceGroup.KIND_GPU if instance and instance.gpu else pb.ModelInstanceGroup.KIND_CPU)],
     )
     if deployment is not None and deployment.ensemble:
-        for step in deployment.ensemble:
-            where = f"ensemble '{deployment.model}'"
+        for step, (reads, writes) in zip(deployment.ensemble, ensemble_plan(deployment).maps):
             config.ensemble_scheduling.step.add(
                 model_name=step.model, model_version=int(step.version) if step.version.isdigit() else -1,
-                input_map=dict(tensor_map(step.inputs, where)), output_map=dict(tensor_map(step.outputs, where)))
+                input_map=dict(reads), output_map=dict(writes))
     elif variant.max_batch_size:
         config.dynamic_batching.SetInParent()
         if deployment is not None:

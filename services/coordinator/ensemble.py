@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from opentelemetry import trace
 
 from services.common import oip
-from services.common.deployment import DeploymentSpec, ensemble_interface, tensor_map
+from services.common.deployment import DeploymentSpec, EnsemblePlan, ensemble_plan
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 
@@ -24,9 +24,10 @@ Infer = Callable[[oip.InferRequest, float | None], Awaitable[oip.InferResponse]]
 Variant = Callable[[str, str], Awaitable[ModelVariant]]
 
 
-def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[list[str], list[str]]:
-    """The ensemble's inputs and the outputs to answer, or INVALID_ARGUMENT saying what is wrong."""
-    inputs, outputs = ensemble_interface(spec)
+def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[EnsemblePlan, list[str]]:
+    """The ensemble's plan and the outputs to answer, or INVALID_ARGUMENT saying what is wrong."""
+    plan = ensemble_plan(spec)
+    inputs, outputs = plan.inputs, plan.outputs
     missing = [t for t in inputs if t not in request.inputs]
     unknown = sorted(set(request.inputs) - set(inputs))
     if missing or unknown:
@@ -36,20 +37,20 @@ def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[list
     bad = [t for t in wanted if t not in outputs]
     if bad:
         raise InvalidArgument(f"ensemble '{spec.model}' has outputs {outputs}, not {bad}")
-    return inputs, wanted
+    return plan, wanted
 
 
 async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float | None,
               infer: Infer) -> oip.InferResponse:
     """Run the steps in order, each through `infer` (the coordinator's), inside one deadline."""
-    _, wanted = check_request(spec, request)
+    plan, wanted = check_request(spec, request)
     depth = int(request.parameters.get(DEPTH, 0) or 0)
     if depth >= MAX_DEPTH:
         raise FailedPrecondition(f"ensemble '{spec.model}' nests ensembles deeper than {MAX_DEPTH} (a cycle?)")
     end = None if deadline_s is None else time.monotonic() + deadline_s
     tensors = dict(request.inputs)
     served = []
-    for i, step in enumerate(spec.ensemble):
+    for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
         params: dict = {DEPTH: depth + 1}
         for name in ("region", "priority", "timeout_us", "timeout"):
@@ -59,9 +60,8 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
             params["precision"] = step.precision
         if step.tier:
             params["tier"] = step.tier
-        writes = tensor_map(step.outputs, where)
         sub = oip.InferRequest(model_name=step.model, model_version=step.version, id=request.id,
-                               inputs={m: tensors[t] for m, t in tensor_map(step.inputs, where)},
+                               inputs={m: tensors[t] for m, t in reads},
                                parameters=params, outputs=[m for m, _ in writes])
         left = None if end is None else end - time.monotonic()
         if left is not None and left <= 0:
@@ -83,19 +83,19 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
 async def variant(spec: DeploymentSpec, step_variant: Variant) -> ModelVariant:
     """What ModelMetadata and ModelConfig show of an ensemble: its tensors typed by the steps'
     models, batching when every step batches."""
-    inputs, outputs = ensemble_interface(spec)
+    plan = ensemble_plan(spec)
     tensors: dict[str, TensorSpec] = {}
     batch_sizes = []
-    for i, step in enumerate(spec.ensemble):
+    for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
         v = await step_variant(step.model, step.version)
         batch_sizes.append(v.max_batch_size)
         ins, outs = {t.name: t for t in v.inputs}, {t.name: t for t in v.outputs}
-        for model_tensor, tensor in tensor_map(step.inputs, where):
+        for model_tensor, tensor in reads:
             if model_tensor not in ins:
                 raise FailedPrecondition(f"{where}: the model has no input '{model_tensor}'")
             tensors.setdefault(tensor, TensorSpec(tensor, ins[model_tensor].datatype, ins[model_tensor].shape))
-        for model_tensor, tensor in tensor_map(step.outputs, where):
+        for model_tensor, tensor in writes:
             if model_tensor not in outs:
                 raise FailedPrecondition(f"{where}: the model has no output '{model_tensor}'")
             tensors[tensor] = TensorSpec(tensor, outs[model_tensor].datatype, outs[model_tensor].shape)
@@ -106,5 +106,5 @@ async def variant(spec: DeploymentSpec, step_variant: Variant) -> ModelVariant:
     if batching:
         metadata["max_batch_size"] = str(min(batch_sizes))
     return ModelVariant(name=spec.model, version=VERSION, precision="", sha256="", size_bytes=0,
-                        inputs=[shaped(tensors[t]) for t in inputs], outputs=[shaped(tensors[t]) for t in outputs],
+                        inputs=[shaped(tensors[t]) for t in plan.inputs], outputs=[shaped(tensors[t]) for t in plan.outputs],
                         format="ensemble", metadata=metadata)
