@@ -234,18 +234,22 @@ class RedisTraceStore:
                 except WatchError:  # another writer came first: read again
                     continue
 
+    @staticmethod
+    def _global_hash_fields(config: TraceConfig) -> dict[str, object]:
+        return {f"cfg:{GLOBAL}": json.dumps({"level": list(config.level), "rate": config.rate}),
+                f"count:{GLOBAL}": config.count}
+
     async def reset(self, config: TraceConfig) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key)
-            pipe.hset(self.key, mapping={f"cfg:{GLOBAL}": json.dumps({"level": list(config.level), "rate": config.rate}),
-                                         f"count:{GLOBAL}": config.count})
+            pipe.hset(self.key, mapping=self._global_hash_fields(config))
             await pipe.execute()
 
     async def seed(self, config: TraceConfig) -> None:
         """Write the global settings where the hash has none (each field only if absent)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(self.key, f"cfg:{GLOBAL}", json.dumps({"level": list(config.level), "rate": config.rate}))
-            pipe.hsetnx(self.key, f"count:{GLOBAL}", config.count)
+            for name, value in self._global_hash_fields(config).items():
+                pipe.hsetnx(self.key, name, value)
             await pipe.execute()
 
     async def take(self, scope: str) -> bool:

@@ -24,12 +24,21 @@ Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown)
 
 void Reporter::Start() { thread_ = std::thread([this] { Loop(); }); }
 
+// The route's report being gathered (created on first use), or null when the table already holds
+// kMaxRoutes others (`even_when_full`: created all the same).
+cnei::frontdoor::v1::RouteReport* Reporter::RouteLocked(uint64_t route_id, bool even_when_full) {
+  if (!even_when_full && routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return nullptr;
+  auto& route = routes_[route_id];
+  route.set_route_id(route_id);
+  return &route;
+}
+
 void Reporter::Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
                       const cnei::frontdoor::v1::Batch& batch) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
-  auto& route = routes_[route_id];
-  route.set_route_id(route_id);
+  auto* found = RouteLocked(route_id);
+  if (found == nullptr) return;
+  auto& route = *found;
   if (route.request_ns_size() + requests.size() <= size_t(kMaxRequestsPerRoute)) {
     for (const ServedRequest& served : requests) {
       route.add_request_ns(served.total_ns);
@@ -42,33 +51,29 @@ void Reporter::Served(uint64_t route_id, const std::vector<ServedRequest>& reque
 
 void Reporter::CacheHit(uint64_t route_id, uint64_t total_ns, uint32_t rows, uint64_t lookup_ns) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
-  auto& route = routes_[route_id];
-  route.set_route_id(route_id);
-  if (route.cache_hit_request_ns_size() < kMaxRequestsPerRoute) {
-    route.add_cache_hit_request_ns(total_ns);
-    route.add_cache_hit_rows(rows);
-    route.set_cache_hit_ns(route.cache_hit_ns() + lookup_ns);
+  auto* route = RouteLocked(route_id);
+  if (route != nullptr && route->cache_hit_request_ns_size() < kMaxRequestsPerRoute) {
+    route->add_cache_hit_request_ns(total_ns);
+    route->add_cache_hit_rows(rows);
+    route->set_cache_hit_ns(route->cache_hit_ns() + lookup_ns);
   }
 }
 
 void Reporter::CacheMiss(uint64_t route_id, uint64_t ns) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (routes_.size() >= kMaxRoutes && routes_.count(route_id) == 0) return;
-  auto& route = routes_[route_id];
-  route.set_route_id(route_id);
-  route.set_cache_misses(route.cache_misses() + 1);
-  route.set_cache_miss_ns(route.cache_miss_ns() + ns);
+  auto* route = RouteLocked(route_id);
+  if (route == nullptr) return;
+  route->set_cache_misses(route->cache_misses() + 1);
+  route->set_cache_miss_ns(route->cache_miss_ns() + ns);
 }
 
 void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
                       std::function<void()> then) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto& route = routes_[route_id];
-    route.set_route_id(route_id);
-    route.set_handed_over(route.handed_over() + handed_over);
-    route.set_failure(failure);
+    auto* route = RouteLocked(route_id, /*even_when_full=*/true);
+    route->set_handed_over(route->handed_over() + handed_over);
+    route->set_failure(failure);
   }
   Send(Take(), std::move(then));
 }

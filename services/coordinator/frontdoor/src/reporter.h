@@ -40,6 +40,7 @@ class Reporter {
   void Stop();
 
  private:
+  cnei::frontdoor::v1::RouteReport* RouteLocked(uint64_t route_id, bool even_when_full = false);
   cnei::frontdoor::v1::FrontDoorReport Take();
   void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
   void Loop();
