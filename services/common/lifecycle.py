@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import grpc_util
+from services.common.settings import EVENT_LOOPS
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -21,12 +22,34 @@ LEFTOVER_S = 5.0
 SHUTDOWN_LIMIT_S = 30.0  # from the stop signal to exit, whatever a shutdown step is waiting for
 
 
-def run_service(main: Coroutine, leftover_s: float = LEFTOVER_S) -> None:
-    """`asyncio.run` for a service's composition root, with one difference: tasks still running
+def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
+    """The event loop a service runs on: uvloop (libuv; less CPU per socket event: ~0.1 ms off a
+    request through the coordinator at concurrency 1 here) or asyncio's own. `auto` takes uvloop
+    when it is installed; `uvloop` insists on it."""
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"event loop {choice!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("event loop 'uvloop' asked for but uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_service(main: Coroutine, leftover_s: float = LEFTOVER_S, event_loop: str = "auto") -> None:
+    """`asyncio.run` for a service's composition root (on `new_event_loop(event_loop)`), with one
+    difference: tasks still running
     when `main` returns (a client library's reconnect loop, say) are cancelled and given
     `leftover_s` to end, then left behind with a warning, so the process always exits. (Seen:
     nats-py kept a trainer alive for good when the NATS server died as the trainer shut down.)"""
-    loop = asyncio.new_event_loop()
+    try:
+        loop = new_event_loop(event_loop)
+    except ValueError as exc:
+        main.close()
+        raise SystemExit(f"{exc}") from None
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(main)

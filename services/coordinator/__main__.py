@@ -170,12 +170,12 @@ def main() -> None:
         log.warning("the front door serves gRPC: running one coordinator process, not %d workers", count)
     elif settings.worker_index < 0 and count > 1:
         telemetry.setup("cnei-coordinator-supervisor")
-        lifecycle.run_service(supervise(settings, count))
+        lifecycle.run_service(supervise(settings, count), event_loop=settings.event_loop)
         return
     telemetry.setup("cnei-coordinator")
     if settings.supervisor_pid:
         lifecycle.stop_with_parent(settings.supervisor_pid)
-    lifecycle.run_service(serve(settings, door_path))
+    lifecycle.run_service(serve(settings, door_path), event_loop=settings.event_loop)
 
 
 if __name__ == "__main__":

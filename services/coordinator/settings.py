@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import field
+from services.common.settings import event_loop_field, field
 
 PREFIX = "CNEI_COORDINATOR_"
 
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
+    event_loop: str = event_loop_field()
     host: str = field("127.0.0.1", "address every listener binds to")
     grpc_port: int = field(8001, "OIP gRPC port (Triton's default)")
     http_port: int = field(8000, "OIP REST v2 port")

@@ -119,7 +119,7 @@ async def serve(settings: RuntimeSettings) -> None:
 def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
-    lifecycle.run_service(serve(settings))
+    lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 
 
 if __name__ == "__main__":

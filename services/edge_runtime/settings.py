@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import field
+from services.common.settings import event_loop_field, field
 
 PREFIX = "CNEI_RUNTIME_"
 
 
 @dataclass(frozen=True)
 class RuntimeSettings:
+    event_loop: str = event_loop_field()
     node_id: str = field("edge-1", "unique node id in the mesh")
     tier: str = field("edge", "edge | cloud")
     region: str = field("site-a", "region / site the node belongs to")

@@ -39,7 +39,7 @@ async def serve(settings: RegistrySettings) -> None:
 def main() -> None:
     settings = cfg.load(RegistrySettings, PREFIX)
     telemetry.setup("cnei-registry")
-    lifecycle.run_service(serve(settings))
+    lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 
 
 if __name__ == "__main__":

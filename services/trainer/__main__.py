@@ -52,7 +52,7 @@ async def serve(settings: TrainerSettings) -> None:
 def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
     telemetry.setup("cnei-trainer")
-    lifecycle.run_service(serve(settings))
+    lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 
 
 if __name__ == "__main__":

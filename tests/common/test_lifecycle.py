@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -111,3 +112,35 @@ async def test_cancel_and_wait_ends_a_loop_whose_cancel_was_lost():
     start = time.monotonic()
     await cancel_and_wait(task, None, again_s=0.05)
     assert task.cancelled() and time.monotonic() - start < 2.0 and len(rounds) >= 3
+
+
+def test_the_event_loop_is_uvloop_by_default_and_asyncio_s_on_request():
+    import uvloop
+
+    seen = {}
+
+    async def which(name: str) -> None:
+        seen[name] = type(asyncio.get_running_loop())
+
+    lifecycle.run_service(which("auto"), leftover_s=0.3)
+    lifecycle.run_service(which("uvloop"), leftover_s=0.3, event_loop="uvloop")
+    lifecycle.run_service(which("asyncio"), leftover_s=0.3, event_loop="asyncio")
+    assert seen["auto"] is uvloop.Loop and seen["uvloop"] is uvloop.Loop
+    assert not issubclass(seen["asyncio"], uvloop.Loop)
+    assert isinstance(asyncio.new_event_loop(), type(lifecycle.new_event_loop("asyncio")))
+
+
+def test_an_unknown_event_loop_ends_the_service_with_a_clear_message():
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(SystemExit, match="event loop 'trio': expected one of auto, uvloop, asyncio"):
+        lifecycle.run_service(never(), leftover_s=0.3, event_loop="trio")
+
+
+def test_a_service_started_with_an_unknown_event_loop_exits_with_that_message():
+    env = {**os.environ, "CNEI_REGISTRY_EVENT_LOOP": "trio"}
+    done = subprocess.run([sys.executable, "-m", "services.registry"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode != 0
+    assert "event loop 'trio': expected one of auto, uvloop, asyncio" in done.stderr
