@@ -40,8 +40,12 @@ class ModelStats:
         self.inference_count += batch
         self.success.add(total_ns)
         self.queue.add(queue_ns)  # every request passes the queue (Triton counts them all there)
-        if not executed:
-            return
+        if executed:
+            self.execution(batch, compute_ns)
+
+    def execution(self, batch: int, compute_ns: int) -> None:
+        """One model execution of `batch` rows (a batch that carried several requests, each
+        recorded with `executed=False`, is one execution)."""
         self.execution_count += 1
         self.compute_infer.add(compute_ns)
         self.batches.setdefault(batch, Duration()).add(compute_ns)

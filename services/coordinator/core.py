@@ -22,7 +22,7 @@ from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
-from services.coordinator.batcher import BatchConfig, Batcher
+from services.common.batcher import BatchConfig, Batcher, priority_level, request_deadline
 from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breaker, Breakers
 from services.coordinator.catalog import Catalog
@@ -52,7 +52,6 @@ SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
 _served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up once
-DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
 
 
 def count_served(model: str, outcome: str, params: dict | None = None, requests: int = 1) -> None:
@@ -77,26 +76,6 @@ def note_node_failure(breaker: Breaker, code: ErrorCode) -> None:
         breaker.failure()
 
 
-def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
-    """A numeric request parameter; one that is not a number is the client's error."""
-    try:
-        return kind(params.get(key, 0) or 0)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
-
-
-def request_deadline(params: dict, deadline_s: float | None, default_s: float) -> float:
-    """Absolute monotonic deadline: the earliest of the gRPC deadline, the request's timeout in
-    microseconds (`timeout_us`, or `timeout` as tritonclient's `infer(timeout=...)` and Triton's
-    gRPC protocol name it) and the default."""
-    now = time.monotonic()
-    candidates = [now + (deadline_s if deadline_s is not None else default_s)]
-    timeout_us = _param(params, "timeout_us", float) or _param(params, "timeout", float)
-    if timeout_us:
-        candidates.append(now + timeout_us / 1e6)
-    return min(candidates)
-
-
 def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
     """A request's `tier` parameter (edge | cloud) narrows where it may run."""
     tier = str(params.get("tier", "") or "")
@@ -105,11 +84,6 @@ def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
     if tier not in ("edge", "cloud"):
         raise InvalidArgument(f"parameter 'tier' must be 'edge' or 'cloud', got {tier!r}")
     return replace(spec, tiers=(tier,), cloud_fallback=tier == "cloud")
-
-
-def priority_level(params: dict) -> int:
-    level = _param(params, "priority", int)
-    return level if level > 0 else DEFAULT_PRIORITY_LEVEL
 
 
 def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:

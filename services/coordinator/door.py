@@ -17,7 +17,7 @@ from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
 from services.common.trace_settings import TraceSettings
-from services.coordinator.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
+from services.common.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
 from services.coordinator.core import (CACHE_EVENTS, Coordinator, Placement, batch_config, count_served,
                                        note_node_failure, restrict_tier)
 

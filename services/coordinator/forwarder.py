@@ -13,7 +13,7 @@ from services.common import grpc_util, oip, telemetry
 from services.common.errors import DeadlineExceeded
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
-from services.coordinator.batcher import Send
+from services.common.batcher import Send
 from services.coordinator.nodes_view import NodesView
 from services.pb.inference import grpc_service_pb2 as pb
 

@@ -107,6 +107,7 @@ async def serve(settings: RuntimeSettings) -> None:
     if fast is not None:
         await fast.stop()
     await server.stop()
+    await runtime.drain()
     runtime.close()
     oip_servicer.shm.close()
     trainer.close()

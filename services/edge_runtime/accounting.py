@@ -58,13 +58,18 @@ def _series(values: tuple[str, ...], source: str) -> tuple:
             NETWORK_BYTES.labels(*values))
 
 
-def record(labels: dict[str, str], model: CostModel, batch: int, queue_s: float, compute_s: float,
-           cpu_seconds: float, network_bytes: int, energy_joules: float, energy_source: str) -> None:
-    requests, inferences, queue, compute, energy, cost, network = _series(
-        tuple(labels[k] for k in _LABELS), energy_source)
+def record_request(labels: dict[str, str], queue_s: float, energy_source: str) -> None:
+    """One request served: its wait for ONNX Runtime (in the batcher's queue, or for a worker)."""
+    requests, _, queue, *_ = _series(tuple(labels[k] for k in _LABELS), energy_source)
     requests.inc()
-    inferences.inc(batch)
     queue.observe(queue_s)
+
+
+def record_run(labels: dict[str, str], model: CostModel, rows: int, compute_s: float, cpu_seconds: float,
+               network_bytes: int, energy_joules: float, energy_source: str) -> None:
+    """One ONNX Runtime call, for every request it carried: rows, run time, energy, cost, bytes."""
+    _, inferences, _, compute, energy, cost, network = _series(tuple(labels[k] for k in _LABELS), energy_source)
+    inferences.inc(rows)
     compute.observe(compute_s)
     energy.inc(energy_joules)
     cost.inc(model.cost(cpu_seconds, network_bytes))

@@ -14,6 +14,7 @@ from prometheus_client import Counter
 
 from services.common import oip, telemetry
 from services.common.background import Background
+from services.common.batcher import BatchConfig, Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable,
                                     outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
@@ -34,6 +35,7 @@ _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
 REGISTRY_RETRY_S = 2.0
 RESYNC_RETRIES = 20
+DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
 SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total", "Model artifact bytes pulled from the registry")
 
 
@@ -74,6 +76,13 @@ class EdgeRuntime:
         self._nvml = open_nvml(settings.gpu_index) if settings.energy_source != "cpu" else None
         self._registry_down_until = 0.0
         self._resync_lock = asyncio.Lock()
+        self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Serve what the batchers hold, then stop them (before `close`)."""
+        await asyncio.gather(*(b.drain_and_close(timeout_s) for _, b in self.batchers.values()),
+                             return_exceptions=True)
+        self.batchers.clear()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
@@ -184,6 +193,7 @@ class EdgeRuntime:
                 self.background.spawn(self._report(variant, latency, memory))
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
+                self._retire_batchers(old)
             span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
@@ -207,7 +217,13 @@ class EdgeRuntime:
             log.warning("could not record measurement of %s: %s", variant.key, exc)
 
     def unload(self, key: str) -> bool:
+        self._retire_batchers(key)
         return self.l1.remove(key)
+
+    def _retire_batchers(self, key: str) -> None:
+        """The variant leaves memory: its batchers run what they hold, then go (with the session)."""
+        for batch_key in [k for k in self.batchers if k[0] == key]:
+            self.background.spawn(self.batchers.pop(batch_key)[1].drain_and_close())
 
     def loaded(self) -> list[LoadedModel]:
         return self.l1.values()
@@ -272,48 +288,92 @@ class EdgeRuntime:
         precision = str(request.parameters.get("precision", "") or "")
         variant = await self.resolve(request.model_name, request.model_version, precision)
         stats = self.stats.get(variant.name, variant.version)
+        labels = self._labels(variant)
         self.inflight += 1
         try:
             loaded = await self.load(variant)
             check_inputs(variant, request.inputs)
             outputs = _requested_outputs(variant, request.outputs)
             batch = _batch_size(variant, request)
+            priority = priority_level(request.parameters)
+            deadline = request_deadline(request.parameters, deadline_s, DEFAULT_DEADLINE_S)
             submitted = time.perf_counter_ns()
-            with telemetry.child_span(_tracer, "ort.run") as span:
-                result, cpu_s, started = await self._run(loaded, request.inputs, outputs)
-                if span.is_recording():
-                    span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": batch})
-            compute_ns = time.perf_counter_ns() - started
-            loaded.observe(cpu_s)  # CPU time: a thread's wall time includes waiting for the GIL
+            if self._batches(loaded):
+                result = await self._batcher(loaded, outputs).submit(request.inputs, priority, deadline)
+            else:
+                result = await self._execute(loaded, request.inputs, outputs, batch)
+            run: Run = result.info
         except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
-            REQUESTS.labels(variant.name, variant.version, variant.precision, self.settings.node_id,
-                            self.settings.tier, outcome_of(exc)).inc()
+            REQUESTS.labels(*labels.values(), outcome_of(exc)).inc()
             raise
         finally:
             self.inflight -= 1
-        stats.record(True, time.perf_counter_ns() - start, batch, queue_ns=started - submitted,
-                     compute_ns=compute_ns)
-        accounting.record(
-            {"model": variant.name, "version": variant.version, "precision": variant.precision,
-             "node": self.settings.node_id, "tier": self.settings.tier},
-            self.cost_model, batch, (started - submitted) / 1e9, compute_ns / 1e9, cpu_s,
-            tensor_bytes(request.inputs) + tensor_bytes(result),
-            loaded.meter.joules(cpu_s, compute_ns / 1e9), loaded.meter.source)
+        queue_ns = max(0, run.started_ns - submitted)
+        stats.record(True, time.perf_counter_ns() - start, batch, queue_ns=queue_ns, executed=False)
+        accounting.record_request(labels, queue_ns / 1e9, loaded.meter.source)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes({
                 "cnei.model": variant.name, "cnei.version": variant.version,
                 "cnei.precision": variant.precision, "cnei.node": self.settings.node_id,
-                "cnei.batch_size": batch,
+                "cnei.batch_size": batch, "cnei.run_batch_size": run.rows,
             })
         return oip.InferResponse(
             model_name=variant.name, model_version=variant.version, id=request.id,
-            outputs=result,
+            outputs=dict(result),
             parameters={"cnei_node": self.settings.node_id, "cnei_precision": variant.precision,
-                        "cnei_tier": self.settings.tier, "cnei_compute_us": compute_ns // 1000},
+                        "cnei_tier": self.settings.tier, "cnei_compute_us": run.compute_ns // 1000},
         )
 
+    def _labels(self, variant: ModelVariant) -> dict[str, str]:
+        return {"model": variant.name, "version": variant.version, "precision": variant.precision,
+                "node": self.settings.node_id, "tier": self.settings.tier}
+
+    def _batches(self, loaded: LoadedModel) -> bool:
+        """Requests of this model wait in a batcher: batching is on, the model takes a batch
+        dimension and its calls run on worker threads (an inline call holds the event loop, so
+        nothing could queue behind it)."""
+        return (self.settings.batching and bool(loaded.variant.max_batch_size)
+                and loaded.compute_us > self.settings.inline_max_us)
+
+    def _batcher(self, loaded: LoadedModel, outputs: list[str] | None) -> Batcher:
+        """The batcher of (variant, requested outputs): requests asking for different outputs run
+        apart. A variant loaded again (evicted, reloaded) gets a new one."""
+        key = (loaded.variant.key, tuple(outputs) if outputs else None)
+        entry = self.batchers.get(key)
+        if entry is not None and entry[0] is loaded:
+            return entry[1]
+        if entry is not None:
+            self.background.spawn(entry[1].drain_and_close())
+        cap = self.settings.batch_max_size
+        config = BatchConfig(
+            max_batch_size=max(1, min(cap, loaded.variant.max_batch_size) if cap > 0 else loaded.variant.max_batch_size),
+            max_queue_delay_us=self.settings.batch_queue_delay_us, max_queue_size=self.settings.batch_queue_size,
+            # a session on several threads has the cores to itself; one-thread sessions may run side by side
+            max_inflight_batches=1 if loaded.model.intra_op_threads > 1 else max(1, self.settings.inference_workers))
+
+        async def send(inputs: dict, rows: int, deadline: float) -> BatchOutputs:
+            return await self._execute(loaded, inputs, outputs, rows)
+        batcher = Batcher(loaded.variant.name, config, send, component="runtime")
+        self.batchers[key] = (loaded, batcher)
+        return batcher
+
+    async def _execute(self, loaded: LoadedModel, inputs: dict, outputs: list[str] | None, rows: int) -> BatchOutputs:
+        """One ONNX Runtime call of `rows` rows (one request's, or a batch of several), booked as
+        one execution: its outputs, with the `Run` every request it carried reports."""
+        variant = loaded.variant
+        with telemetry.child_span(_tracer, "ort.run") as span:
+            result, cpu_s, started = await self._run(loaded, inputs, outputs)
+            if span.is_recording():
+                span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": rows})
+        compute_ns = time.perf_counter_ns() - started
+        loaded.observe(cpu_s)  # CPU time: a thread's wall time includes waiting for the GIL
+        self.stats.get(variant.name, variant.version).execution(rows, compute_ns)
+        accounting.record_run(self._labels(variant), self.cost_model, rows, compute_ns / 1e9, cpu_s,
+                              tensor_bytes(inputs) + tensor_bytes(result),
+                              loaded.meter.joules(cpu_s, compute_ns / 1e9), loaded.meter.source)
+        return BatchOutputs(result, Run(started, compute_ns, rows))
 
     async def _run(self, loaded: LoadedModel, inputs: dict, outputs: list[str] | None):
         """One ORT call: on a worker thread, or inline when the model's calls take less than
@@ -323,6 +383,15 @@ class EdgeRuntime:
         async with loaded.turn if loaded.model.intra_op_threads > 1 else contextlib.nullcontext():
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, timed_run, loaded.model.run, inputs, outputs)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ONNX Runtime call as the requests it carried see it."""
+
+    started_ns: int  # perf_counter_ns when it started (a request's queue time ends there)
+    compute_ns: int
+    rows: int
 
 
 def _requested_outputs(variant: ModelVariant, names: list[str]) -> list[str] | None:

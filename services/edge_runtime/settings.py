@@ -42,6 +42,14 @@ class RuntimeSettings:
     inference_workers: int = field(2, "threads running ONNX Runtime calls")
     inline_max_us: float = field(
         200.0, "models whose calls average below this many µs run on the event loop, not a thread (0: never)")
+    batching: bool = field(
+        True, "merge requests of one model variant that wait for it into one ONNX Runtime call (dynamic batching "
+              "for every caller: this node's own OIP clients and coordinators; models run on the event loop are "
+              "not batched)")
+    batch_max_size: int = field(64, "rows per batched call at most (and at most the model's max batch size)")
+    batch_queue_delay_us: int = field(0, "hold a batch this long for more rows (0: what queued while the model "
+                                         "was busy runs as soon as it is free)")
+    batch_queue_size: int = field(1024, "requests queued per model variant; more are refused (RESOURCE_EXHAUSTED)")
     use_cuda: bool = field(True, "use the CUDA provider when onnxruntime offers it")
     metrics_interval_s: float = field(5.0, "seconds between metrics snapshot events (0: none)")
     node_class: str = field("", "class of hardware for measured latency (default: the tier)")

@@ -8,9 +8,10 @@ import pytest
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
+from services.common import batcher
 from services.coordinator import core
-from services.coordinator.batcher import BatchConfig
-from services.coordinator.core import DEFAULT_PRIORITY_LEVEL, batch_config, priority_level, request_deadline
+from services.common.batcher import DEFAULT_PRIORITY_LEVEL, BatchConfig, priority_level, request_deadline
+from services.coordinator.core import batch_config
 
 NOW = 1000.0
 DEFAULT_S = 30.0
@@ -19,6 +20,7 @@ DEFAULT_S = 30.0
 @pytest.fixture(autouse=True)
 def frozen_clock(monkeypatch):
     monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: NOW))
+    monkeypatch.setattr(batcher, "time", SimpleNamespace(monotonic=lambda: NOW))  # request_deadline's clock
 
 
 @pytest.mark.parametrize(

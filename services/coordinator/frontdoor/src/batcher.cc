@@ -186,7 +186,7 @@ void Batcher::Dispatch() {
 }
 
 // Triton's dynamic batcher rules, as the coordinator's own batcher applies them
-// (services/coordinator/batcher.py, batch_ready): send when the rows that would batch with the
+// (services/common/batcher.py, batch_ready): send when the rows that would batch with the
 // most urgent request fill max_batch_size or make a preferred size, or once the oldest has
 // waited max_queue_delay_us. Without a queue delay, what is queued goes as soon as a slot is free.
 bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
@@ -216,7 +216,7 @@ int64_t Batcher::HeadRowsLocked() const {
 // With a batch in flight, another goes only once it is as big as the last one sent (or full):
 // it then waits at the node, ready to run when the node's compute frees, instead of splitting
 // the rows a closed loop sends back into small batches that contend for the same cores. The
-// coordinator's batcher applies the same rule (services/coordinator/batcher.py, may_overlap).
+// coordinator's batcher applies the same rule (services/common/batcher.py, may_overlap).
 bool Batcher::MayOverlapLocked() const {
   const int64_t limit = config_->max_batch_size;
   if (limit == 0) return true;  // a model without a batch dimension: each request alone
@@ -232,7 +232,7 @@ void Batcher::Woken() {
 }
 
 // The queue in serving order: priority level (lower first), then arrival; the coordinator's
-// batcher orders its queue the same way (services/coordinator/batcher.py, `order`).
+// batcher orders its queue the same way (services/common/batcher.py, `order`).
 std::vector<size_t> Batcher::OrderLocked() const {
   std::vector<size_t> order(queue_.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;

@@ -1,6 +1,10 @@
-"""Dynamic batching: queue requests per (variant, node), send one batched call, split the answer.
+"""Dynamic batching: queue requests, send one batched call, split the answer. The coordinator
+keeps a batcher per (variant, node); an edge runtime one per loaded variant, so requests that
+reach it separately (its own OIP clients, several coordinators) share ONNX Runtime calls.
 
-Batch formation is a pure function (`form_batch`); `Batcher` adds the asyncio mechanics."""
+Batch formation is a pure function (`form_batch`); `Batcher` adds the asyncio mechanics. The
+queue parameters of a request (Triton's `priority`, `timeout_us`) are read by `priority_level`
+and `request_deadline`."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +22,7 @@ from prometheus_client import Counter, Histogram
 from services.common import lifecycle, telemetry
 from services.common.background import Background
 from services.common.deployment import BatchingSpec
-from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -33,8 +37,44 @@ DROPPED = Counter("cnei_batch_dropped_total", "Requests removed from a queue bef
                   ["model", "reason"])
 
 
+DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
+
 # The deployment's batching section (Triton's names) is the batcher's configuration.
 BatchConfig = BatchingSpec
+
+
+def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
+    """A numeric request parameter; one that is not a number is the client's error."""
+    try:
+        return kind(params.get(key, 0) or 0)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
+
+
+def request_deadline(params: dict, deadline_s: float | None, default_s: float) -> float:
+    """Absolute monotonic deadline: the earliest of the gRPC deadline, the request's timeout in
+    microseconds (`timeout_us`, or `timeout` as tritonclient's `infer(timeout=...)` and Triton's
+    gRPC protocol name it) and the default."""
+    now = time.monotonic()
+    candidates = [now + (deadline_s if deadline_s is not None else default_s)]
+    timeout_us = _param(params, "timeout_us", float) or _param(params, "timeout", float)
+    if timeout_us:
+        candidates.append(now + timeout_us / 1e6)
+    return min(candidates)
+
+
+def priority_level(params: dict) -> int:
+    level = _param(params, "priority", int)
+    return level if level > 0 else DEFAULT_PRIORITY_LEVEL
+
+
+class BatchOutputs(dict):
+    """What `send` may return instead of a plain dict of outputs: `info` (about the batch as a
+    whole, e.g. its compute time) then reaches every caller of the batch with its own rows."""
+
+    def __init__(self, outputs: dict[str, np.ndarray], info: object):
+        super().__init__(outputs)
+        self.info = info
 
 
 @dataclass(eq=False)  # identity: fields hold arrays, which have no truth value to compare by
@@ -51,7 +91,7 @@ class Pending:
     future: asyncio.Future | None = None
     seq: int = field(default_factory=lambda: next(_sequence))
     context: otel_context.Context | None = None  # the caller's trace context
-    span: trace.Span | None = None  # `coordinator.queue`: from enqueue to dispatch or drop
+    span: trace.Span | None = None  # `<component>.queue`: from enqueue to dispatch or drop
 
     def dequeued(self, outcome: str, batch_size: int = 0) -> None:
         """End the queue span once (sent in a batch of `batch_size`, or dropped)."""
@@ -127,8 +167,9 @@ def split(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np
 class Batcher:
     """Queue + worker for one (variant, node); `submit` resolves with that request's outputs."""
 
-    def __init__(self, model: str, config: BatchConfig, send: Send):
+    def __init__(self, model: str, config: BatchConfig, send: Send, component: str = "coordinator"):
         self.model = model
+        self.component = component  # names the spans: `{component}.queue`, `{component}.batch`
         self.config = config
         self.send = send
         self.queue: list[Pending] = []
@@ -151,7 +192,7 @@ class Batcher:
                        future=asyncio.get_running_loop().create_future(),
                        context=otel_context.get_current(),
                        span=None if telemetry.unsampled() else
-                       _tracer.start_span("coordinator.queue", attributes={"cnei.model": self.model}))
+                       _tracer.start_span(f"{self.component}.queue", attributes={"cnei.model": self.model}))
         if self._idle(item) and deadline > time.monotonic():  # nothing to wait for or batch with: send now
             await self._slots.acquire()  # free, so this returns at once
             await self._dispatch(self._started([item]))
@@ -262,7 +303,7 @@ class Batcher:
                 inputs = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
             try:
                 with telemetry.child_span(
-                    _tracer, "coordinator.batch", context=live[0].context,
+                    _tracer, f"{self.component}.batch", context=live[0].context,
                     links=[trace.Link(trace.get_current_span(p.context).get_span_context())
                            for p in live[1:] if p.context is not None],
                 ) as span:
@@ -275,6 +316,9 @@ class Batcher:
                         p.future.set_exception(exc)
                 return
             parts = [outputs] if len(live) == 1 else split(outputs, sizes)
+            info = getattr(outputs, "info", None)
+            if info is not None and len(live) > 1:
+                parts = [BatchOutputs(part, info) for part in parts]
             for p, part in zip(live, parts):
                 if not p.future.done():
                     p.future.set_result(part)

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, Pending, form_batch, may_overlap,
+                                     signature, split)
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from services.coordinator.batcher import BatchConfig, Batcher, Pending, form_batch, may_overlap, signature, split
-from services.coordinator.core import DEFAULT_PRIORITY_LEVEL
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for
 PATIENCE_S = 10.0  # generous bound on anything that should happen "at once"
