@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, Pending, form_batch, may_overlap,
-                                     signature, split)
+from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, Pending, form_batch,
+                                     may_overlap, signature, split)
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for
@@ -336,3 +336,18 @@ def test_may_overlap_compares_the_head_rows_with_the_last_batch(queued_rows, las
     queue.append(Pending({"x": x(9, width=3)}, 5, signature({"x": x(9, width=3)})))  # another shape: not counted
     queue.sort(key=lambda p: p.size)  # the 1-row requests come first: the head is one of them
     assert may_overlap(queue, last_rows, max_batch_size) is expected
+
+
+async def test_what_send_says_about_the_batch_reaches_every_caller_with_its_own_rows():
+    async def send(inputs, size, deadline):
+        return BatchOutputs({"y": inputs["x"] * 10}, info=("batch of", size))
+
+    batcher = Batcher("digits", BatchConfig(max_batch_size=3, max_queue_delay_us=FOREVER_US), send,
+                      component="runtime")
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit({"x": x(m, rows)}) for m, rows in ((1, 1), (2, 2)))), PATIENCE_S)
+    finally:
+        await batcher.close()
+    assert [r.info for r in results] == [("batch of", 3)] * 2
+    assert [r["y"][:, 0].tolist() for r in results] == [[10.0], [20.0, 20.0]]
