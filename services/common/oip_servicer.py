@@ -113,7 +113,8 @@ def metadata_to_proto(variant: ModelVariant, versions: list[str]) -> pb.ModelMet
 def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = None,
                     instance: Instance | None = None) -> pb.ModelConfigResponse:
     """Triton ModelConfig: dims exclude the batch dimension when max_batch_size > 0; where there
-    is a deployment (coordinator), a batching model's `dynamic_batching` carries its rules and
+    is a deployment (the coordinator's; a runtime's own batching rules), a batching model's
+    `dynamic_batching` carries its rules (no deployment: the server does not batch) and
     `response_cache` says whether it caches responses; where the variant is loaded (runtime), the
     instance group's kind and `intra_op_thread_count` say how it runs."""
     batching = variant.max_batch_size
@@ -135,11 +136,10 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
             config.ensemble_scheduling.step.add(
                 model_name=step.model, model_version=int(step.version) if step.version.isdigit() else -1,
                 input_map=dict(reads), output_map=dict(writes))
-    elif variant.max_batch_size:
+    elif variant.max_batch_size and deployment is not None:  # the server batches (none: clients' batches only)
         config.dynamic_batching.SetInParent()
-        if deployment is not None:
-            config.dynamic_batching.preferred_batch_size.extend(deployment.batching.preferred_batch_sizes)
-            config.dynamic_batching.max_queue_delay_microseconds = deployment.batching.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(deployment.batching.preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = deployment.batching.max_queue_delay_us
     if deployment is not None and deployment.response_cache:
         config.response_cache.enable = True
     for key, value in variant.metadata.items():

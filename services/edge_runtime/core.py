@@ -15,6 +15,7 @@ from prometheus_client import Counter
 from services.common import oip, telemetry
 from services.common.background import Background
 from services.common.batcher import BatchConfig, Batcher, BatchOutputs, priority_level, request_deadline
+from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable,
                                     outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
@@ -255,8 +256,14 @@ class EdgeRuntime:
         except CneiError:
             return self.disk.variants()
 
-    async def deployment(self, name: str) -> None:
-        return None  # a runtime runs the batches it is sent; deployments are the coordinator's
+    async def deployment(self, name: str) -> DeploymentSpec | None:
+        """What ModelConfig shows of how this runtime batches the model: its own batching
+        settings (deployments themselves are the coordinator's)."""
+        if not self.settings.batching:
+            return None
+        return DeploymentSpec(model=name, batching=BatchingSpec(
+            max_batch_size=self.settings.batch_max_size, max_queue_delay_us=self.settings.batch_queue_delay_us,
+            max_queue_size=self.settings.batch_queue_size))
 
     def instance(self, variant: ModelVariant) -> Instance | None:
         """How the variant runs here, when it is loaded (nothing is loaded to answer this)."""

@@ -186,14 +186,15 @@ def test_tensors_in_shared_memory_over_rest(tmp_path):
 
 
 def test_proto_messages_are_written_as_tritons_http_api_writes_them():
+    from services.common.deployment import DeploymentSpec
     from services.common.model_spec import ModelVariant, TensorSpec
     from services.common.oip_servicer import config_to_proto
 
-    def config(input_shape: tuple) -> dict:
+    def config(input_shape: tuple, deployment: DeploymentSpec | None = DeploymentSpec(model="m")) -> dict:
         variant = ModelVariant(name="m", version="1", precision="FP32", sha256="0" * 64, size_bytes=1,
                                inputs=[TensorSpec("x", "FP32", input_shape)], outputs=[TensorSpec("y", "FP32", (-1, 10))],
                                metadata={"max_batch_size": "8"})
-        return oip_json.proto_to_json(config_to_proto(variant).config)
+        return oip_json.proto_to_json(config_to_proto(variant, deployment).config)
 
     batching = config((-1, 64))
     assert batching["max_batch_size"] == 8 and batching["input"][0]["dims"] == [64]  # numbers, not strings
@@ -201,6 +202,8 @@ def test_proto_messages_are_written_as_tritons_http_api_writes_them():
     assert batching["parameters"]["max_batch_size"] == {"string_value": "8"}
     fixed = config((1, 64))
     assert fixed["max_batch_size"] == 0 and "dynamic_batching" not in fixed  # a default is still written
+    unbatched_server = config((-1, 64), deployment=None)  # takes batches, forms none
+    assert unbatched_server["max_batch_size"] == 8 and "dynamic_batching" not in unbatched_server
 
 
 def test_a_loaded_variant_s_config_names_its_instance_kind_and_session_threads():

@@ -140,3 +140,17 @@ def test_a_bad_queue_parameter_is_invalid_argument_naming_it(runtimes):
             pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameter 'priority' must be a number, got 'urgent'" in caught.value.details()
+
+
+def test_the_model_config_shows_dynamic_batching_only_where_the_runtime_batches(runtimes):
+    on, off = runtimes
+    configs = {}
+    for address in (on, off):
+        client = triton.InferenceServerClient(address)
+        try:
+            configs[address] = client.get_model_config("digits").config
+        finally:
+            client.close()
+    assert configs[on].max_batch_size > 0 and configs[off].max_batch_size > 0  # both take clients' batches
+    assert configs[on].HasField("dynamic_batching") and not configs[off].HasField("dynamic_batching")
+    assert configs[on].dynamic_batching.max_queue_delay_microseconds == 0  # CNEI_RUNTIME_BATCH_QUEUE_DELAY_US
