@@ -167,9 +167,14 @@ def split(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np
 class Batcher:
     """Queue + worker for one (variant, node); `submit` resolves with that request's outputs."""
 
-    def __init__(self, model: str, config: BatchConfig, send: Send, component: str = "coordinator"):
+    def __init__(self, model: str, config: BatchConfig, send: Send, component: str = "coordinator",
+                 retry_alone: bool = False):
         self.model = model
         self.component = component  # names the spans: `{component}.queue`, `{component}.batch`
+        # A failed batch of several requests is sent again one request at a time, so one bad
+        # request fails alone (a runtime: the call's error is about its inputs; a coordinator
+        # leaves node failures to failover instead)
+        self.retry_alone = retry_alone
         self.config = config
         self.send = send
         self.queue: list[Pending] = []
@@ -311,6 +316,9 @@ class Batcher:
                                          "cnei.batch_requests": len(live)})
                     outputs = await self.send(inputs, total, max(p.deadline for p in live))
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                if self.retry_alone and len(live) > 1:
+                    await self._one_by_one(live, exc)
+                    return
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)
@@ -326,6 +334,22 @@ class Batcher:
             self._running -= 1
             self._slots.release()
             self._wake.set()
+
+    async def _one_by_one(self, live: list[Pending], error: Exception) -> None:
+        """The batch failed (`error`): each request is sent alone and gets its own outcome."""
+        log.warning("batch of %d requests for model '%s' failed (%s); sending them one by one",
+                    len(live), self.model, error)
+        for p in live:
+            if p.future.done():
+                continue
+            try:
+                result = await self.send(p.inputs, p.size, p.deadline)
+            except Exception as exc:  # noqa: BLE001 - this request's own failure
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            else:
+                if not p.future.done():
+                    p.future.set_result(result)
 
     async def drain_and_close(self, timeout_s: float = 60.0) -> None:
         """Serve what is queued and in flight, then stop (used when a batcher is replaced)."""

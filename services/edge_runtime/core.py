@@ -362,7 +362,7 @@ class EdgeRuntime:
 
         async def send(inputs: dict, rows: int, deadline: float) -> BatchOutputs:
             return await self._execute(loaded, inputs, outputs, rows)
-        batcher = Batcher(loaded.variant.name, config, send, component="runtime")
+        batcher = Batcher(loaded.variant.name, config, send, component="runtime", retry_alone=True)
         self.batchers[key] = (loaded, batcher)
         return batcher
 

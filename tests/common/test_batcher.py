@@ -351,3 +351,28 @@ async def test_what_send_says_about_the_batch_reaches_every_caller_with_its_own_
         await batcher.close()
     assert [r.info for r in results] == [("batch of", 3)] * 2
     assert [r["y"][:, 0].tolist() for r in results] == [[10.0], [20.0, 20.0]]
+
+
+@pytest.mark.parametrize("retry_alone", [True, False])
+async def test_a_failed_batch_is_sent_again_one_by_one_only_where_asked(node, retry_alone):
+    class Bad(Exception):
+        pass
+
+    async def send(inputs, size, deadline):
+        await node(inputs, size, deadline)
+        if (inputs["x"] == 13).any():
+            raise Bad("row 13 cannot be computed")
+        return {"y": inputs["x"] * 10}
+
+    batcher = Batcher("digits", BatchConfig(max_batch_size=3, max_queue_delay_us=FOREVER_US), send,
+                      retry_alone=retry_alone)
+    try:
+        results = await asyncio.wait_for(asyncio.gather(
+            *(batcher.submit({"x": x(m)}) for m in (1, 13, 2)), return_exceptions=True), PATIENCE_S)
+    finally:
+        await batcher.close()
+    if retry_alone:
+        assert node.markers == [[1, 13, 2], [1], [13], [2]]
+        assert [r["y"][0, 0] for r in (results[0], results[2])] == [10, 20] and isinstance(results[1], Bad)
+    else:
+        assert node.markers == [[1, 13, 2]] and all(isinstance(r, Bad) for r in results)
