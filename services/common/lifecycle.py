@@ -40,16 +40,16 @@ def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
 
 
 def run_service(main: Coroutine, leftover_s: float = LEFTOVER_S, event_loop: str = "auto") -> None:
-    """`asyncio.run` for a service's composition root (on `new_event_loop(event_loop)`), with one
-    difference: tasks still running
-    when `main` returns (a client library's reconnect loop, say) are cancelled and given
+    """`asyncio.run` for a service's composition root (on `new_event_loop(event_loop)`; an unknown
+    choice ends the process with its message), with one difference: tasks still running when
+    `main` returns (a client library's reconnect loop, say) are cancelled and given
     `leftover_s` to end, then left behind with a warning, so the process always exits. (Seen:
     nats-py kept a trainer alive for good when the NATS server died as the trainer shut down.)"""
     try:
         loop = new_event_loop(event_loop)
     except ValueError as exc:
         main.close()
-        raise SystemExit(f"{exc}") from None
+        raise SystemExit(str(exc)) from None
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(main)
