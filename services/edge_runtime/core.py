@@ -73,6 +73,7 @@ class EdgeRuntime:
         self.background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb)
         check_source(settings.energy_source)  # a bad setting stops the runtime at start
+        check_batching(settings)
         self._cpu_energy = CpuEnergy(settings.watts_per_core)
         self._nvml = open_nvml(settings.gpu_index) if settings.energy_source != "cpu" else None
         self._registry_down_until = 0.0
@@ -390,6 +391,15 @@ class EdgeRuntime:
         async with loaded.turn if loaded.model.intra_op_threads > 1 else contextlib.nullcontext():
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, timed_run, loaded.model.run, inputs, outputs)
+
+
+def check_batching(settings: RuntimeSettings) -> None:
+    """The batching settings make sense (ValueError naming the one that does not)."""
+    for name, value, least in (("BATCH_MAX_SIZE", settings.batch_max_size, 0),
+                               ("BATCH_QUEUE_DELAY_US", settings.batch_queue_delay_us, 0),
+                               ("BATCH_QUEUE_SIZE", settings.batch_queue_size, 1)):
+        if value < least:
+            raise ValueError(f"CNEI_RUNTIME_{name} must be at least {least}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class RuntimeSettings:
         True, "merge requests of one model variant that wait for it into one ONNX Runtime call (dynamic batching "
               "for every caller: this node's own OIP clients and coordinators; models run on the event loop are "
               "not batched)")
-    batch_max_size: int = field(64, "rows per batched call at most (and at most the model's max batch size)")
+    batch_max_size: int = field(64, "rows per batched call at most (and at most the model's max batch size; 0: that alone)")
     batch_queue_delay_us: int = field(0, "hold a batch this long for more rows (0: what queued while the model "
                                          "was busy runs as soon as it is free)")
     batch_queue_size: int = field(1024, "requests queued per model variant; more are refused (RESOURCE_EXHAUSTED)")
