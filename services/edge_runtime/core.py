@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from opentelemetry import trace
@@ -14,7 +14,7 @@ from prometheus_client import Counter
 
 from services.common import oip, telemetry
 from services.common.background import Background
-from services.common.batcher import BatchConfig, Batcher, BatchOutputs, priority_level, request_deadline
+from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable,
                                     outcome_of)
@@ -260,11 +260,14 @@ class EdgeRuntime:
     async def deployment(self, name: str) -> DeploymentSpec | None:
         """What ModelConfig shows of how this runtime batches the model: its own batching
         settings (deployments themselves are the coordinator's)."""
-        if not self.settings.batching:
-            return None
-        return DeploymentSpec(model=name, batching=BatchingSpec(
-            max_batch_size=self.settings.batch_max_size, max_queue_delay_us=self.settings.batch_queue_delay_us,
-            max_queue_size=self.settings.batch_queue_size))
+        return DeploymentSpec(model=name, batching=self._batching()) if self.settings.batching else None
+
+    def _batching(self) -> BatchingSpec:
+        """This runtime's batching rules, from its settings (each variant's batcher caps the
+        batch size by the model's)."""
+        s = self.settings
+        return BatchingSpec(max_batch_size=s.batch_max_size, max_queue_delay_us=s.batch_queue_delay_us,
+                            max_queue_size=s.batch_queue_size)
 
     def instance(self, variant: ModelVariant) -> Instance | None:
         """How the variant runs here, when it is loaded (nothing is loaded to answer this)."""
@@ -354,10 +357,9 @@ class EdgeRuntime:
             return entry[1]
         if entry is not None:
             self.background.spawn(entry[1].drain_and_close())
-        cap = self.settings.batch_max_size
-        config = BatchConfig(
-            max_batch_size=max(1, min(cap, loaded.variant.max_batch_size) if cap > 0 else loaded.variant.max_batch_size),
-            max_queue_delay_us=self.settings.batch_queue_delay_us, max_queue_size=self.settings.batch_queue_size,
+        rules, model_max = self._batching(), loaded.variant.max_batch_size
+        config = replace(
+            rules, max_batch_size=max(1, min(rules.max_batch_size, model_max) if rules.max_batch_size > 0 else model_max),
             # a session on several threads has the cores to itself; one-thread sessions may run side by side
             max_inflight_batches=1 if loaded.model.intra_op_threads > 1 else max(1, self.settings.inference_workers))
 
