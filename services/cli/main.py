@@ -87,6 +87,31 @@ def _input_array(args, spec) -> np.ndarray:
     return np.random.default_rng(0).random(shape).astype(np.float32)
 
 
+def _parameter_value(text: str) -> bool | int | float | str:
+    """A `--param` value as the OIP parameter type it reads as: true/false, an integer, a
+    number, else a string (`precision=INT8`, `accuracy_floor=0.95`, `priority=1`)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def request_parameters(pairs: list[str]) -> dict:
+    """`--param KEY=VALUE` flags -> the request's OIP parameters; a flag without `=` or with an
+    empty key is refused by name."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"cnei infer: --param needs KEY=VALUE, not '{pair}'")
+        out[key.strip()] = _parameter_value(value)
+    return out
+
+
 async def infer(args) -> int:
     from services.common import grpc_util, oip
     from services.pb.inference import grpc_service_pb2 as pb
@@ -98,7 +123,9 @@ async def infer(args) -> int:
         meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10, metadata=metadata)
         spec = meta.inputs[0]
         array = _input_array(args, spec)
-        params = {"precision": args.precision} if args.precision else {}
+        params = request_parameters(args.param)
+        if args.precision:
+            params["precision"] = args.precision
         request = oip.InferRequest(model_name=args.model, inputs={spec.name: array}, parameters=params)
         start = time.perf_counter()
         reply = await stub.ModelInfer(oip.request_to_proto(request), timeout=30, metadata=metadata)
@@ -293,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--digits", type=int, default=0, help="use the first N load_digits samples")
     inf.add_argument("--batch", type=int, default=1, help="batch size of random input")
     inf.add_argument("--precision", default="")
+    inf.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="an OIP request parameter (repeatable), e.g. accuracy_floor=0.95, "
+                          "latency_budget_ms=2, region=site-b, priority=1, timeout_us=50000")
     for sp in (inf, *controls):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")

@@ -27,6 +27,16 @@ def test_infer_prints_the_top_1_classes_and_who_served(mesh):
     assert "top-1: [0, 1, 2, 3]" in out.stdout and "cnei_node" in out.stdout
 
 
+def test_infer_params_reach_the_coordinator_and_impossible_demands_say_why(mesh):
+    out = _cnei("infer", "digits", "--digits", "2", "--url", mesh.coordinator, "--param", "precision=INT8")
+    assert out.returncode == 0, out.stderr
+    assert "'cnei_precision': 'INT8'" in out.stdout
+    floor = _cnei("infer", "digits", "--digits", "2", "--url", mesh.coordinator, "--param", "accuracy_floor=0.9999")
+    assert floor.returncode == 2 and "FAILED_PRECONDITION" in floor.stderr and "accuracy_floor" in floor.stderr
+    bad = _cnei("infer", "digits", "--url", mesh.coordinator, "--param", "priority=high")
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "priority" in bad.stderr
+
+
 def test_deploy_apply_and_get_round_trip_and_bad_specs_are_refused(mesh, tmp_path):
     spec = tmp_path / "d.yaml"
     spec.write_text("model: digits\nscheduler:\n  policy: least_loaded\n")
