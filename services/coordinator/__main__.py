@@ -60,7 +60,6 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     if settings.shared_dir and worker >= 0:  # one of several workers: statistics add up
         core.stats_view = StatsShare(settings.shared_dir, worker, core.stats)
         sharing = asyncio.create_task(core.stats_view.run(), name="stats-share")
-    await subscribe(bus, catalog, core, source)
     # Triton's trace settings, shared through Redis by the processes serving this OIP port (the
     # workers of one coordinator, its replicas behind one service); set from this configuration
     # when the coordinator (or worker 0 of several) starts
@@ -73,6 +72,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     following = asyncio.create_task(logs.follow(), name="log-settings")
     restricted = restricted_apis.parse(settings.restricted_apis)
     guard = [restricted_apis.RestrictedApis(restricted)] if restricted else None
+    routes = None
     if door_path is None:
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0,
                                       interceptors=guard)
@@ -89,6 +89,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     elif door_path is not None:
         shm_dir = tempfile.mkdtemp(prefix="cnei-shm-")
     shm = SharedMemoryRegions(shm_dir, enabled=settings.shared_memory)
+    await subscribe(bus, catalog, core, source, routes)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm, tracing, logs),
                "inference.GRPCInferenceService")
     runner = None
@@ -132,18 +133,25 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     telemetry.shutdown()
 
 
-async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: str) -> None:
-    """Registry changes invalidate the catalog; worker 0 of several also lists the other
-    workers' failovers on its status page."""
+async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: str,
+                    routes: DoorRoutes | None = None) -> None:
+    """Registry changes and model control invalidate the catalog and the front door's routes of
+    the model; worker 0 of several also lists the other workers' failovers on its status page."""
+    def forget_routes(envelope: events.Envelope) -> None:
+        if routes is not None:
+            routes.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
+
     async def on_model_event(envelope: events.Envelope) -> None:
         catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
+        forget_routes(envelope)
 
     async def on_peer_failover(envelope: events.Envelope) -> None:
         if envelope.source.startswith("coordinator-") and envelope.source != source:
             core.recent.append(failover_row(envelope))
 
     async def on_model_control(envelope: events.Envelope) -> None:
-        core.control.forget()  # another coordinator (or worker) loaded or unloaded a model
+        core.control.forget()  # this or another coordinator (or worker) loaded or unloaded a model
+        forget_routes(envelope)
 
     await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
     await bus.subscribe(events.MODEL_LOADED, on_model_control)

@@ -177,6 +177,12 @@ class DoorRoutes:
             self.routes.popitem(last=False)
         return route
 
+    def forget(self, model: str) -> None:
+        """Drop every route of `model` (loaded, unloaded, republished or redeployed): the door
+        lists the routes it holds in each report, is told these are unknown and asks again."""
+        for route_id in [route_id for route_id, route in self.routes.items() if route.model == model]:
+            del self.routes[route_id]
+
     def apply(self, reports: list[RouteReport]) -> list[int]:
         """Book what the door served; returns the route ids this process does not know."""
         unknown = []

@@ -73,7 +73,11 @@ async def serve(settings: RuntimeSettings) -> None:
     async def on_published(envelope: events.Envelope) -> None:
         await runtime.model_published(envelope.payload.get("name", ""))
 
+    async def on_deployment(envelope: events.Envelope) -> None:
+        runtime.deployment_updated(envelope.payload.get("model", ""))
+
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)
     bus.on_connect.append(runtime.resync)
     await bus.start()
     interceptors = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else []

@@ -16,8 +16,8 @@ from services.common import oip, telemetry
 from services.common.background import Background
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, TensorError, Unavailable,
-                                    outcome_of)
+from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound, TensorError,
+                                    Unavailable, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
 REGISTRY_RETRY_S = 2.0
+DEPLOYMENT_TTL_S = 30.0  # a model's deployment cap is asked again after this (events drop it at once)
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
 SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total", "Model artifact bytes pulled from the registry")
@@ -79,6 +80,7 @@ class EdgeRuntime:
         self._registry_down_until = 0.0
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
+        self._caps: dict[str, tuple[int, float]] = {}  # model -> (deployment's max_batch_size, until)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Serve what the batchers hold, then stop them (before `close`)."""
@@ -90,6 +92,30 @@ class EdgeRuntime:
         self._executor.shutdown(wait=True, cancel_futures=False)
 
     # --- resolution and loading -------------------------------------------------------------
+    async def deployment_cap(self, name: str) -> int:
+        """The most rows the model's deployment lets one call carry (its `batching.max_batch_size`),
+        which the runtime's batcher never exceeds when it merges callers' requests; 0 when no
+        deployment was applied or the registry cannot say (the runtime's own rules apply)."""
+        cached = self._caps.get(name)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        if time.monotonic() < self._registry_down_until:  # offline: never wait for the registry here
+            return cached[0] if cached else 0
+        try:
+            cap, ttl = (await self.registry.get_deployment(name)).batching.max_batch_size, DEPLOYMENT_TTL_S
+        except NotFound:
+            cap, ttl = 0, DEPLOYMENT_TTL_S
+        except CneiError as exc:
+            if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                raise
+            cap, ttl = (cached[0] if cached else 0), REGISTRY_RETRY_S  # keep what was known
+        self._caps[name] = (cap, time.monotonic() + ttl)
+        return cap
+
+    def deployment_updated(self, name: str) -> None:
+        """The model's deployment changed: ask for its cap again at its next request."""
+        self._caps.pop(name, None)
+
     def forget_resolutions(self, name: str = "") -> None:
         """Drop cached resolutions (all, or one model's) so the next request asks the registry."""
         self._resolved = {k: v for k, v in self._resolved.items() if name and k[0] != name}
@@ -136,6 +162,7 @@ class EdgeRuntime:
         async with self._resync_lock:
             self._registry_down_until = 0.0
             self.forget_resolutions()
+            self._caps.clear()  # deployments may have changed while the events did not arrive
             loaded = {key.split(":")[0] + ":" + key.split(":")[2] for key in self.l1.keys()}
             wanted = {(v.name, v.precision) for v in self.disk.variants()}
             retry = False
@@ -259,12 +286,13 @@ class EdgeRuntime:
 
     async def deployment(self, name: str) -> DeploymentSpec | None:
         """What ModelConfig shows of how this runtime batches the model: its own batching
-        settings (deployments themselves are the coordinator's)."""
+        settings (deployments themselves are the coordinator's; the runtime only keeps within
+        their batch size, `deployment_cap`)."""
         return DeploymentSpec(model=name, batching=self._batching()) if self.settings.batching else None
 
     def _batching(self) -> BatchingSpec:
         """This runtime's batching rules, from its settings (each variant's batcher caps the
-        batch size by the model's)."""
+        batch size by the model's and its deployment's, `batch_limit`)."""
         s = self.settings
         return BatchingSpec(max_batch_size=s.batch_max_size, max_queue_delay_us=s.batch_queue_delay_us,
                             max_queue_size=s.batch_queue_size)
@@ -310,7 +338,8 @@ class EdgeRuntime:
             deadline = request_deadline(request.parameters, deadline_s, DEFAULT_DEADLINE_S)
             submitted = time.perf_counter_ns()
             if self._batches(loaded):
-                result = await self._batcher(loaded, outputs).submit(request.inputs, priority, deadline)
+                batcher = self._batcher(loaded, outputs, await self.deployment_cap(variant.name))
+                result = await batcher.submit(request.inputs, priority, deadline)
             else:
                 result = await self._execute(loaded, request.inputs, outputs, batch)
             run: Run = result.info
@@ -348,18 +377,19 @@ class EdgeRuntime:
         return (self.settings.batching and bool(loaded.variant.max_batch_size)
                 and loaded.compute_us > self.settings.inline_max_us)
 
-    def _batcher(self, loaded: LoadedModel, outputs: list[str] | None) -> Batcher:
+    def _batcher(self, loaded: LoadedModel, outputs: list[str] | None, cap: int = 0) -> Batcher:
         """The batcher of (variant, requested outputs): requests asking for different outputs run
-        apart. A variant loaded again (evicted, reloaded) gets a new one."""
+        apart. A variant loaded again (evicted, reloaded), or whose deployment `cap` changed, gets
+        a new one."""
         key = (loaded.variant.key, tuple(outputs) if outputs else None)
+        max_rows = batch_limit(self.settings.batch_max_size, loaded.variant.max_batch_size, cap)
         entry = self.batchers.get(key)
-        if entry is not None and entry[0] is loaded:
+        if entry is not None and entry[0] is loaded and entry[1].config.max_batch_size == max_rows:
             return entry[1]
         if entry is not None:
             self.background.spawn(entry[1].drain_and_close())
-        rules, model_max = self._batching(), loaded.variant.max_batch_size
         config = replace(
-            rules, max_batch_size=max(1, min(rules.max_batch_size, model_max) if rules.max_batch_size > 0 else model_max),
+            self._batching(), max_batch_size=max_rows,
             # a session on several threads has the cores to itself; one-thread sessions may run side by side
             max_inflight_batches=1 if loaded.model.intra_op_threads > 1 else max(1, self.settings.inference_workers))
 
@@ -393,6 +423,15 @@ class EdgeRuntime:
         async with loaded.turn if loaded.model.intra_op_threads > 1 else contextlib.nullcontext():
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, timed_run, loaded.model.run, inputs, outputs)
+
+
+def batch_limit(configured: int, model_max: int, cap: int = 0) -> int:
+    """Rows one call of the runtime's batcher may carry: its setting (0: the model's limit),
+    within the model's own limit and the deployment's `cap` (0: none); at least 1."""
+    limit = min(configured, model_max) if configured > 0 else model_max
+    if cap > 0:
+        limit = min(limit, cap)
+    return max(1, limit)
 
 
 def check_batching(settings: RuntimeSettings) -> None:

@@ -188,6 +188,18 @@ async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
     assert isinstance(await door.route(ask()), Refusal)  # no node left to route to
 
 
+async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay():
+    door = routes()
+    route = await door.route(ask())
+    assert door.apply([RouteReport(route.route_id)]) == []  # a held route, idle: still known
+    door.forget("other-model")
+    assert door.apply([RouteReport(route.route_id)]) == []
+    door.forget("digits")
+    assert door.apply([RouteReport(route.route_id)]) == [route.route_id]
+    again = await door.route(ask())  # asked again: the same decision keeps its id
+    assert again.route_id == route.route_id and door.apply([RouteReport(route.route_id)]) == []
+
+
 def test_the_route_request_becomes_zero_inputs_of_the_same_shapes():
     message = pb.ModelInferRequest(model_name="digits", model_version="2")
     message.inputs.add(name="input", datatype="FP32", shape=[3, 64])

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 import tritonclient.utils as triton_utils
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -29,7 +30,8 @@ from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import Load, children, kill_under_load, server_ready, start_coordinator, start_runtime
+from tests.e2e.processes import (Load, children, kill_under_load, push_digits_as, server_ready, start_coordinator,
+                                 start_runtime)
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -154,7 +156,10 @@ def test_with_two_batches_in_flight_every_caller_of_every_size_gets_its_rows(doo
     direct.close()
     _apply(mesh, BatchingSpec(max_batch_size=16, max_inflight_batches=2))
     try:
-        time.sleep(1.0)  # the deployment's event reaches the coordinator; the door's routes follow
+        time.sleep(1.0)  # the deployment's event reaches the coordinator, which drops the door's routes
+        learner = triton.InferenceServerClient(address)
+        infra.wait_until(lambda: _door_served(learner, "digits", parameters={"precision": "FP32"}), 10, "the door's route under the new deployment")
+        learner.close()
         results, errors = {}, []
 
         def caller(t: int) -> None:
@@ -229,6 +234,19 @@ def test_a_second_batch_overlaps_the_one_in_flight_only_once_as_big(door, mesh, 
 
 def _rows_run(mesh) -> int:
     return sum(_executions(mesh.runtime(node_id)) for node_id, _, _ in RUNTIMES)
+
+
+def _door_served(client, model: str, **kwargs) -> bool:
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+    reply = client.infer(model, [tensor], client_timeout=30, **kwargs)
+    return reply.get_response().parameters["cnei_front_door"].bool_param
+
+
+def _refused_as_unloaded(client, model: str) -> None:
+    with pytest.raises(triton_utils.InferenceServerException, match="is unloaded") as refused:
+        _door_served(client, model)
+    assert refused.value.status() == "StatusCode.UNAVAILABLE"
 
 
 def _apply(mesh, batching: BatchingSpec | None, scheduler: SchedulerSpec | None = None) -> None:
@@ -541,6 +559,32 @@ def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, t
     assert after and all(node != "edge-d1" for _, _, node in after)
     handed = _metric(metrics_port, "cnei_front_door_requests_total", 'model="digits",outcome="handed_over"')
     assert handed > handed_before, "no request was in the door's hands when the node died"
+
+
+def test_a_model_unloaded_through_the_door_or_beside_it_is_never_served_from_an_old_route(mesh, digits_models):
+    """Unloading through the door's port drops the door's routes of that model at once; an unload
+    the door does not see (REST, straight to the coordinator) holds once the route is older than
+    twice its ttl (100 ms): the door never serves an unloaded model from a route learnt before."""
+    model = push_digits_as(mesh, digits_models, "digits-door-ctl")
+    proc, address, http_port, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on")
+    client = triton.InferenceServerClient(address)
+    rest = triton_http.InferenceServerClient(f"127.0.0.1:{http_port}")
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
+        infra.wait_until(lambda: _door_served(client, model), 10, "the door serving the model")
+        client.unload_model(model)
+        for _ in range(3):  # at once: no sleep for a route to expire
+            _refused_as_unloaded(client, model)
+        client.load_model(model)
+        infra.wait_until(lambda: _door_served(client, model), 10, "the door serving the reloaded model")
+        rest.unload_model(model)
+        time.sleep(0.3)
+        _refused_as_unloaded(client, model)
+        rest.load_model(model)
+        infra.wait_until(lambda: _door_served(client, model), 10, "the door serving it again")
+    finally:
+        client.close()
+        infra.stop(proc)
 
 
 def test_sigterm_stops_the_door_and_the_coordinator(door):

@@ -3,6 +3,7 @@ tritonclient callers of its own OIP port share ONNX Runtime calls and each gets 
 request whose `timeout_us` passes while it waits is answered DEADLINE_EXCEEDED and never run."""
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
@@ -12,10 +13,12 @@ import tritonclient.grpc as triton
 import tritonclient.utils as triton_utils
 
 from services.cli import infra
+from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import start_runtime
+from tests.e2e.processes import push_digits_as, start_runtime
 
 # Every digits call on a thread (never inline on the event loop) and ~1000x slower (busy), one
 # call at a time: what arrives while a call runs waits in the runtime's batcher.
@@ -39,21 +42,21 @@ def runtimes(mesh, tmp_path_factory):
             infra.stop(proc)
 
 
-def _infer(address: str, sample: np.ndarray, **parameters) -> np.ndarray:
+def _infer(address: str, sample: np.ndarray, model: str = "digits", **parameters) -> np.ndarray:
     client = triton.InferenceServerClient(address)
     try:
         tensor = triton.InferInput("input", list(sample.shape), "FP32")
         tensor.set_data_from_numpy(sample)
-        return client.infer("digits", [tensor], parameters=parameters or None, client_timeout=60).as_numpy("probabilities")
+        return client.infer(model, [tensor], parameters=parameters or None, client_timeout=60).as_numpy("probabilities")
     finally:
         client.close()
 
 
-def _counts(address: str) -> tuple[int, int, dict[int, int]]:
-    """(rows run, executions, executions by batch size) of digits on that runtime so far."""
+def _counts(address: str, model: str = "digits") -> tuple[int, int, dict[int, int]]:
+    """(rows run, executions, executions by batch size) of the model on that runtime so far."""
     client = triton.InferenceServerClient(address)
     try:
-        stats = client.get_inference_statistics("digits", as_json=True)["model_stats"]
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
     finally:
         client.close()
     by_size: dict[int, int] = {}
@@ -64,7 +67,7 @@ def _counts(address: str) -> tuple[int, int, dict[int, int]]:
             sum(int(s.get("execution_count", 0)) for s in stats), by_size)
 
 
-def _together(address: str, samples: list[np.ndarray]) -> list[np.ndarray]:
+def _together(address: str, samples: list[np.ndarray], model: str = "digits") -> list[np.ndarray]:
     """Send every sample from its own thread at once; their answers in sample order."""
     answers: list = [None] * len(samples)
     start = threading.Barrier(len(samples))
@@ -72,7 +75,7 @@ def _together(address: str, samples: list[np.ndarray]) -> list[np.ndarray]:
     def one(i: int) -> None:
         start.wait()
         try:
-            answers[i] = _infer(address, samples[i])
+            answers[i] = _infer(address, samples[i], model)
         except Exception as exc:  # noqa: BLE001 - checked below
             answers[i] = exc
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(samples))]
@@ -154,3 +157,35 @@ def test_the_model_config_shows_dynamic_batching_only_where_the_runtime_batches(
     assert configs[on].max_batch_size > 0 and configs[off].max_batch_size > 0  # both take clients' batches
     assert configs[on].HasField("dynamic_batching") and not configs[off].HasField("dynamic_batching")
     assert configs[on].dynamic_batching.max_queue_delay_microseconds == 0  # CNEI_RUNTIME_BATCH_QUEUE_DELAY_US
+
+
+def _deploy(mesh, model: str, batching: BatchingSpec) -> None:
+    async def put() -> None:
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.put_deployment(DeploymentSpec(model=model, batching=batching))
+        finally:
+            await client.close()
+    asyncio.run(put())
+
+
+def test_merged_calls_keep_within_the_deployment_s_batch_size_and_follow_its_changes(runtimes, mesh, digits_models):
+    """A deployment's `max_batch_size` bounds what the runtime merges from its callers (whoever
+    they are), as it bounds the coordinator's batches; a changed deployment applies at once."""
+    on, _ = runtimes
+    model = push_digits_as(mesh, digits_models, "digits-rb-cap")
+    _deploy(mesh, model, BatchingSpec(max_batch_size=2))
+    samples = _samples(8, 400)
+    alone = [_infer(on, s, model) for s in samples]  # loads it; one at a time
+    _, _, sizes0 = _counts(on, model)
+    for mine, expected in zip(_together(on, samples, model), alone):
+        np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-6)
+    _, _, capped = _counts(on, model)
+    assert max(capped) == 2 and capped[2] > sizes0.get(2, 0), capped  # merged, two rows at most
+
+    _deploy(mesh, model, BatchingSpec(max_batch_size=64))
+
+    def merges_past_two() -> bool:
+        _together(on, samples, model)
+        return max(_counts(on, model)[2]) > 2
+    infra.wait_until(merges_past_two, 20, "the runtime merging past the old cap after the deployment changed")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.edge_runtime.core import check_batching
+from services.edge_runtime.core import batch_limit, check_batching
 from services.edge_runtime.settings import RuntimeSettings
 
 
@@ -20,3 +20,16 @@ def test_a_batching_setting_out_of_range_is_refused_naming_it(changes, message):
 def test_the_defaults_and_edge_values_pass():
     check_batching(RuntimeSettings())
     check_batching(RuntimeSettings(batch_max_size=0, batch_queue_delay_us=0, batch_queue_size=1))
+
+
+@pytest.mark.parametrize(("configured", "model_max", "cap", "limit"), [
+    (64, 128, 0, 64),    # the runtime's setting
+    (0, 128, 0, 128),    # 0: the model's own limit
+    (64, 16, 0, 16),     # never past the model's
+    (64, 128, 8, 8),     # nor past the deployment's max_batch_size
+    (0, 128, 32, 32),
+    (4, 128, 8, 4),
+    (64, 128, 1, 1),     # a deployment that batches nothing: one request a call
+])
+def test_a_runtime_batch_keeps_within_its_setting_the_model_and_the_deployment(configured, model_max, cap, limit):
+    assert batch_limit(configured, model_max, cap) == limit

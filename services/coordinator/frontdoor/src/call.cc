@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "door.h"
+#include "router.h"
 
 namespace frontdoor {
 
@@ -39,6 +40,7 @@ void UnaryCall::Forward(bool trace_picked) {
 }
 
 void UnaryCall::OnBackendDone(const grpc::Status& status) {
+  OnForwarded(status);
   CopyInitialMetadata(*upstream_, ctx_);
   CopyTrailingMetadata(*upstream_, ctx_);
   if (status.ok()) {
@@ -72,6 +74,19 @@ double InferCall::SecondsLeft() {
     left = std::min(left, std::chrono::duration<double>(timeout_at - Clock::now()).count());
   }
   return left;
+}
+
+void RepositoryCall::OnRequest() {
+  // Load and unload requests have the same fields (repository_name, model_name, parameters).
+  inference::RepositoryModelUnloadRequest request;
+  grpc::ProtoBufferReader reader(&request_bytes_);
+  if (request.ParseFromZeroCopyStream(&reader)) model_ = request.model_name();
+  Forward();
+}
+
+void RepositoryCall::OnForwarded(const grpc::Status& status) {
+  // Also when it failed: a load or unload may have taken effect in part.
+  if (!model_.empty()) router_->DropModel(model_);
 }
 
 void UnaryInferCall::OnRequest() { door_->Infer(this, &request_bytes_); }

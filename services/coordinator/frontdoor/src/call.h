@@ -32,6 +32,8 @@ class UnaryCall : public grpc::ServerGenericBidiReactor {
 
  protected:
   virtual void OnRequest() { Forward(); }
+  // The backend's answer, before it goes to the client.
+  virtual void OnForwarded(const grpc::Status& status) {}
   grpc::ByteBuffer request_bytes_;
 
  private:
@@ -45,6 +47,22 @@ class UnaryCall : public grpc::ServerGenericBidiReactor {
 };
 
 class InferDoor;
+class Router;
+
+// RepositoryModelLoad / RepositoryModelUnload: forwarded; once the coordinator has done it, the
+// door forgets the model's routes, so the next request is placed afresh (an unloaded model is
+// never served from a route learnt before).
+class RepositoryCall : public UnaryCall {
+ public:
+  RepositoryCall(grpc::GenericCallbackServerContext* ctx, Backend* backend, Router* router)
+      : UnaryCall(ctx, backend), router_(router) {}
+
+ private:
+  void OnRequest() override;
+  void OnForwarded(const grpc::Status& status) override;
+  Router* router_;
+  std::string model_;
+};
 
 // One ModelInfer request the door decides on: parsed once, then batched or forwarded. A unary
 // ModelInfer call is one; so is each message of a ModelStreamInfer stream (stream.h).

@@ -126,7 +126,8 @@ int main(int argc, char** argv) {
   Backend backend(flags.backend, flags.max_message_bytes);
   Router* router = nullptr;
   Reporter reporter(&backend, flags.report_interval_ms,
-                    [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); });
+                    [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); },
+                    [&router] { return router->Held(); });
   std::unique_ptr<ResponseCache> cache;
   if (flags.response_cache_bytes > 0) cache = std::make_unique<ResponseCache>(size_t(flags.response_cache_bytes));
   BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit), cache.get()};
@@ -144,7 +145,7 @@ int main(int argc, char** argv) {
     restrict_header = pair.substr(0, eq), restrict_value = pair.substr(eq + 1);
   }
   InferDoor door(&routes, shm.get(), restrict_header, restrict_value);
-  FrontDoorService service(&backend, &door);
+  FrontDoorService service(&backend, &door, &routes);
 
   int port = 0;
   grpc::ServerBuilder builder;

@@ -19,8 +19,9 @@ std::vector<uint64_t> Unknown(const ReportReply& reply) {
 
 }  // namespace
 
-Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown)
-    : backend_(backend), interval_ms_(interval_ms), on_unknown_(std::move(on_unknown)) {}
+Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held)
+    : backend_(backend), interval_ms_(interval_ms), on_unknown_(std::move(on_unknown)),
+      held_(std::move(held)) {}
 
 void Reporter::Start() { thread_ = std::thread([this] { Loop(); }); }
 
@@ -78,9 +79,10 @@ void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string
   Send(Take(), std::move(then));
 }
 
-FrontDoorReport Reporter::Take() {
+FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held) {
   FrontDoorReport report;
   std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t route_id : held) RouteLocked(route_id);  // an empty report: is it still known?
   for (auto& entry : routes_) report.add_routes()->Swap(&entry.second);
   routes_.clear();
   return report;
@@ -114,9 +116,10 @@ void Reporter::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_));
-    if (stopping_ || routes_.empty()) continue;
+    if (stopping_) continue;
     lock.unlock();
-    Send(Take(), nullptr);
+    FrontDoorReport report = Take(held_ ? held_() : std::vector<uint64_t>());
+    if (report.routes_size() > 0) Send(std::move(report), nullptr);
     lock.lock();
   }
 }

@@ -24,7 +24,11 @@ struct ServedRequest {
 class Reporter {
  public:
   using UnknownRoutes = std::function<void(const std::vector<uint64_t>&)>;
-  Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown);
+  using HeldRoutes = std::function<std::vector<uint64_t>()>;
+  // Every interval it reports what was served and lists every route in `held` (served from or
+  // not), so the coordinator can name those it has dropped (a model unloaded, redeployed or
+  // republished) even while no request comes: they go to `on_unknown`.
+  Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held);
   void Start();
   // Requests answered by one batch, and the node call.
   void Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
@@ -41,13 +45,14 @@ class Reporter {
 
  private:
   cnei::frontdoor::v1::RouteReport* RouteLocked(uint64_t route_id, bool even_when_full = false);
-  cnei::frontdoor::v1::FrontDoorReport Take();
+  cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {});
   void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
   void Loop();
 
   Backend* backend_;
   const int interval_ms_;
   UnknownRoutes on_unknown_;
+  HeldRoutes held_;
   std::mutex mu_;  // guards the fields below
   std::unordered_map<uint64_t, cnei::frontdoor::v1::RouteReport> routes_;
   bool stopping_ = false;

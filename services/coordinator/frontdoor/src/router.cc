@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <unordered_set>
 
 #include "tensor.h"
 
@@ -141,6 +142,10 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   if (it == entries_.end()) return;  // dropped meanwhile; the next request asks again
   Entry& entry = it->second;
   entry.asking = false;
+  if (entry.stale_reply) {  // asked before the model was loaded or unloaded: the next request asks again
+    entry.stale_reply = false;
+    return;
+  }
   if (!status.ok()) {
     fprintf(stderr, "cnei-frontdoor: Route failed, retrying in 1 s: %s\n", status.error_message().c_str());
     entry.ask_at = Clock::now() + kRetryAfter;
@@ -193,6 +198,30 @@ void Router::Drop(const std::vector<uint64_t>& route_ids) {
                   });
     if (listed && entry.asking) entry.batchers.clear();  // the pending reply refills them
     it = listed && !entry.asking ? entries_.erase(it) : std::next(it);
+  }
+}
+
+std::vector<uint64_t> Router::Held() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unordered_set<uint64_t> ids;
+  for (const auto& [key, entry] : entries_) {
+    if (!entry.batchers.empty()) ids.insert(entry.route_ids.begin(), entry.route_ids.end());
+  }
+  return std::vector<uint64_t>(ids.begin(), ids.end());
+}
+
+void Router::DropModel(const std::string& model) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    if (it->second.model != model) {
+      ++it;
+    } else if (it->second.asking) {  // the pending reply, asked before, must not refill them
+      it->second.batchers.clear();
+      it->second.stale_reply = true;
+      ++it;
+    } else {
+      it = entries_.erase(it);
+    }
   }
 }
 

@@ -26,6 +26,10 @@ class Router {
   Lookup Find(std::string key, inference::ModelInferRequest* request);
   // Forgets every key routed by these routes (the next request asks again).
   void Drop(const std::vector<uint64_t>& route_ids);
+  // Forgets every key of this model.
+  void DropModel(const std::string& model);
+  // The ids of the routes it serves requests by (the reporter asks the coordinator about them).
+  std::vector<uint64_t> Held();
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -40,6 +44,7 @@ class Router {
     std::string model;
     std::string reason;                // last ineligibility reason (logged once)
     uint64_t requests = 0;             // routed so far (for full_path_every)
+    bool stale_reply = false;          // the pending answer was asked before DropModel: ignored
   };
   void Ask(std::shared_ptr<const std::string> key, std::string request);
   void OnReply(const std::string& key, const grpc::Status& status,

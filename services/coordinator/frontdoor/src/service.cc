@@ -12,6 +12,8 @@ namespace {
 
 constexpr char kModelInfer[] = "/inference.GRPCInferenceService/ModelInfer";
 constexpr char kModelStreamInfer[] = "/inference.GRPCInferenceService/ModelStreamInfer";
+constexpr char kModelLoad[] = "/inference.GRPCInferenceService/RepositoryModelLoad";
+constexpr char kModelUnload[] = "/inference.GRPCInferenceService/RepositoryModelUnload";
 // Requests of one stream unanswered at once (the coordinator's STREAM_WINDOW is the same).
 constexpr size_t kStreamWindow = 256;
 
@@ -30,8 +32,8 @@ void AddUnaryMethods(const google::protobuf::FileDescriptor* file,
 
 }  // namespace
 
-FrontDoorService::FrontDoorService(Backend* backend, InferDoor* door)
-    : backend_(backend), door_(door) {
+FrontDoorService::FrontDoorService(Backend* backend, InferDoor* door, Router* router)
+    : backend_(backend), door_(door), router_(router) {
   AddUnaryMethods(inference::ModelInferRequest::descriptor()->file(), &unary_methods_);
   AddUnaryMethods(cnei::frontdoor::v1::RouteRequest::descriptor()->file(), &unary_methods_);
   unary_methods_.insert("/grpc.health.v1.Health/Check");
@@ -42,6 +44,7 @@ grpc::ServerGenericBidiReactor* FrontDoorService::CreateReactor(
   const std::string& method = ctx->method();
   if (method == kModelInfer) return new UnaryInferCall(ctx, backend_, door_);
   if (method == kModelStreamInfer) return new InferStream(ctx, backend_, door_, kStreamWindow);
+  if (method == kModelLoad || method == kModelUnload) return new RepositoryCall(ctx, backend_, router_);
   if (unary_methods_.count(method) > 0) return new UnaryCall(ctx, backend_);
   return new BidiPump(ctx, backend_);  // streaming or unknown: a pump is right on the wire
 }

@@ -13,12 +13,13 @@ namespace frontdoor {
 
 class FrontDoorService : public grpc::CallbackGenericService {
  public:
-  FrontDoorService(Backend* backend, InferDoor* door);
+  FrontDoorService(Backend* backend, InferDoor* door, Router* router);
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
 
  private:
   Backend* backend_;
   InferDoor* door_;
+  Router* router_;
   std::unordered_set<std::string> unary_methods_;  // "/package.Service/Method"
 };
 
