@@ -211,8 +211,8 @@ class Coordinator:
             stats.record(False, time.perf_counter_ns() - start)
             count_served(variants[0].name, outcome_of(exc))
             raise
-        stats.record(True, time.perf_counter_ns() - start, request.rows or 1,
-                     executed="cnei_response_cache" not in response.parameters)
+        # its executions are the batches it rode in, booked as the node ran them (`_batcher`)
+        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False)
         count_served(variants[0].name, "ok", response.parameters)
         return response
 
@@ -564,7 +564,11 @@ class Coordinator:
         if batcher is None or batcher.config != config:
             if batcher is not None:
                 self._retire(batcher)
-            send = sender(self.nodes, placement.node, placement.variant, self.settings.fast_lane)
+            variant = placement.variant
+
+            def ran(rows: int, compute_ns: int) -> None:  # Triton's executions: the node calls
+                self.stats.get(variant.name, variant.version).execution(rows, compute_ns)
+            send = sender(self.nodes, placement.node, variant, self.settings.fast_lane, ran)
             batcher = self.batchers[key] = Batcher(placement.variant.name, config, send)
         return batcher
 

@@ -197,9 +197,12 @@ class DoorRoutes:
 
     def _book_requests(self, route: Route, report: RouteReport) -> None:
         stats = self.core.stats.get(*route.stats_key)
-        for ns, rows in zip(report.request_ns, report.request_rows):
-            stats.record(True, ns, rows)
+        queued = report.queue_ns if len(report.queue_ns) == len(report.request_ns) else [0] * len(report.request_ns)
+        for ns, rows, queue_ns in zip(report.request_ns, report.request_rows, queued):
+            stats.record(True, ns, rows, queue_ns=queue_ns, executed=False)
             record_inference(route.model, "ok", ns / 1e9)
+        for batch in report.batches:  # Triton's executions: the node calls, with the node's compute time
+            stats.execution(batch.rows, batch.compute_ns)
         for ns, rows in zip(report.cache_hit_request_ns, report.cache_hit_rows):
             stats.record(True, ns, rows, executed=False)
             record_inference(route.model, "ok", ns / 1e9)

@@ -13,6 +13,8 @@ from services.common import grpc_util, oip, telemetry
 from services.common.errors import DeadlineExceeded
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
+from collections.abc import Callable
+
 from services.common.batcher import Send
 from services.coordinator.nodes_view import NodesView
 from services.pb.inference import grpc_service_pb2 as pb
@@ -35,8 +37,10 @@ async def call_fast(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequ
     return pb.ModelInferResponse.FromString(payload)
 
 
-def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: bool) -> Send:
-    """The batcher's `send` for one (variant, node)."""
+def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: bool,
+           on_run: Callable[[int, int], None] | None = None) -> Send:
+    """The batcher's `send` for one (variant, node); `on_run(rows, compute_ns)` hears of every
+    batch the node ran (its compute time as the node reports it)."""
     call = call_fast if node.fast_address and fast_lane else call_grpc
 
     async def send(inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
@@ -55,6 +59,8 @@ def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: b
         nodes.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3 - compute_us / 1e3)
         if compute_us:
             nodes.observe_compute(node.node_id, compute_us / 1e3 / max(1, size))
+        if on_run is not None:
+            on_run(size, int(compute_us * 1000))
         return response.outputs
 
     return send

@@ -156,6 +156,9 @@ async def test_a_report_is_booked_like_requests_served_by_the_full_path():
     assert unknown == [999]
     stats = door.core.stats.get("digits", "1")
     assert (stats.inference_count, stats.success.count, stats.success.ns) == (4, 2, 5_000_000)
+    # Triton's executions are the node calls, with the node's compute time; queue time per request
+    assert (stats.execution_count, stats.compute_infer.ns, dict(stats.batches)[4].count) == (1, 500_000, 1)
+    assert (stats.queue.count, stats.queue.ns) == (2, 500_000)
     # The door's batches and queue waits show in the same histograms as the full path's.
     batches, queued = _histogram("cnei_batch_size", "digits"), _histogram("cnei_batch_queue_seconds", "digits")
     assert (batches[0] - batches_before[0], batches[1] - batches_before[1]) == (1, 4)

@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
@@ -57,12 +58,31 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(mes
     tensor.set_data_from_numpy(x[:48])
     expected = direct.infer("digits", [tensor]).as_numpy("probabilities")
     batches_before, samples_before = _batch_histogram(mesh)
+    stats_before = _statistics(mesh.coordinator)
     with ThreadPoolExecutor(max_workers=48) as pool:
         results = list(pool.map(lambda i: _one(mesh.coordinator, x[i]), range(48)))
     batches_after, samples_after = _batch_histogram(mesh)
     np.testing.assert_allclose(np.stack(results), expected, rtol=1e-4, atol=1e-5)
     assert samples_after - samples_before == 48
     assert batches_after - batches_before < 48, "no two requests shared a batch"
+    # Triton's statistics say the same: 48 inferences in fewer executions (the batches the nodes
+    # ran, with their compute time), batch_stats by batch size
+    infra.wait_until(lambda: _statistics(mesh.coordinator)[0] - stats_before[0] >= 48, 10, "the requests in statistics")
+    inferences, executions, compute_ns, batched = (a - b for a, b in zip(_statistics(mesh.coordinator), stats_before))
+    assert inferences == 48 and 0 < executions < 48 and compute_ns > 0 and batched > 0
+
+
+def _statistics(address: str) -> tuple[int, int, int, int]:
+    """digits at the coordinator: (inference_count, execution_count, compute_infer ns, executions of
+    more than one row)."""
+    client = triton.InferenceServerClient(address)
+    try:
+        stats = client.get_inference_statistics("digits").model_stats
+    finally:
+        client.close()
+    return (sum(s.inference_count for s in stats), sum(s.execution_count for s in stats),
+            sum(s.inference_stats.compute_infer.ns for s in stats),
+            sum(b.compute_infer.count for s in stats for b in s.batch_stats if b.batch_size > 1))
 
 
 @pytest.mark.parametrize("params,precision", [

@@ -33,10 +33,10 @@ def _infer_fresh_connection(address: str, x: np.ndarray) -> tuple[np.ndarray, in
         client.close()
 
 
-def _executions(address: str) -> int:
+def _inferences(address: str) -> int:
     client = triton.InferenceServerClient(address)  # a new connection: any worker
     try:
-        return sum(s.execution_count for s in client.get_inference_statistics("digits").model_stats)
+        return sum(s.inference_count for s in client.get_inference_statistics("digits").model_stats)
     finally:
         client.close()
 
@@ -102,7 +102,7 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
     # Triton statistics add up too: whoever is asked reports every request once the workers'
     # books are shared (each writes its own every 0.1 s; fresh connections reach either worker).
     def all_counted() -> bool:
-        seen = {_executions(address) for _ in range(6)}
+        seen = {_inferences(address) for _ in range(6)}
         return len(seen) == 1 and min(seen) >= count
     infra.wait_until(all_counted, 10, "statistics of every request, from any worker")
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5) as reply:
