@@ -2,11 +2,13 @@
 with a progress bar over the steps (fetch, convert, measure, upload)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import tempfile
 from pathlib import Path
 
 from services.cli.output import progress
+from services.common import restricted
 from services.common.errors import InvalidArgument
 from services.registry import variants
 
@@ -38,7 +40,7 @@ async def models_build(args) -> int:
     bad = [p for p in precisions if p not in variants.BUILDABLE]
     if bad:
         raise InvalidArgument(f"can build {list(variants.BUILDABLE)} variants, not {bad}")
-    client = RegistryClient(args.registry)
+    client = RegistryClient(args.registry, headers=restricted.client_headers(args.header))
     try:
         parent = await client.resolve(args.name, args.version, "FP32")
         show, total = progress(f"build {parent.name} v{parent.version}", unit="steps"), 1 + 3 * len(precisions)
@@ -69,10 +71,11 @@ async def models_build(args) -> int:
     return 0
 
 
-def add_parser(models) -> None:
+def add_parser(models) -> argparse.ArgumentParser:
     build = models.add_parser("build", help="build FP16/INT8 variants of a registered FP32 model")
     build.add_argument("name")
     build.add_argument("--version", default="", help="version to build from (default: latest)")
     build.add_argument("--precisions", nargs="+", default=list(variants.BUILDABLE))
     build.add_argument("--eval", default="", help=f"labelled data to measure accuracy on ({', '.join(EVAL_SETS)})")
     build.add_argument("--registry", default="127.0.0.1:50051")
+    return build

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 
@@ -20,7 +19,7 @@ async def models_push(args) -> int:
     from services.common.registry_client import RegistryClient
 
     meta = dict(kv.split("=", 1) for kv in args.meta)
-    client = RegistryClient(args.registry)
+    client = RegistryClient(args.registry, headers=_headers(args))
     try:
         v = await client.push_file(args.file, args.name, args.version, args.precision.upper(), meta,
                                    progress=progress(f"push {args.name}"))
@@ -33,7 +32,7 @@ async def models_push(args) -> int:
 async def models_list(args) -> int:
     from services.common.registry_client import RegistryClient
 
-    client = RegistryClient(args.registry)
+    client = RegistryClient(args.registry, headers=_headers(args))
     try:
         variants = await client.list(args.name or "")
     finally:
@@ -48,7 +47,7 @@ def _headers(args) -> list[tuple[str, str]]:
     """--header KEY=VALUE flags, else $CNEI_HEADERS (`k=v;k2=v2`): for restricted APIs."""
     from services.common import restricted
 
-    return restricted.headers(args.header or os.environ.get("CNEI_HEADERS", ""))
+    return restricted.client_headers(getattr(args, "header", []))
 
 
 async def models_control(args) -> int:
@@ -222,7 +221,7 @@ async def status_direct(args) -> int:
     print(table(rows, ["NODE", "TIER", "REGION", "ADDRESS", "INFLIGHT", "HEARTBEAT", "LOADED"]))
     print()
     print("MODELS")
-    return await models_list(argparse.Namespace(registry=args.registry, name=""))
+    return await models_list(argparse.Namespace(registry=args.registry, name="", header=args.header))
 
 
 async def deploy_apply(args) -> int:
@@ -234,7 +233,7 @@ async def deploy_apply(args) -> int:
 
     with open(args.file) as fh:
         spec = deployment.from_dict(yaml.safe_load(fh))
-    client = RegistryClient(args.registry)
+    client = RegistryClient(args.registry, headers=_headers(args))
     try:
         applied = await client.put_deployment(spec)
     finally:
@@ -248,7 +247,7 @@ async def deploy_show(args) -> int:
     from services.common import deployment
     from services.common.registry_client import RegistryClient
 
-    client = RegistryClient(args.registry)
+    client = RegistryClient(args.registry, headers=_headers(args))
     try:
         specs = [await client.get_deployment(args.model)] if args.model else await client.list_deployments()
     finally:
@@ -300,7 +299,6 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("model", nargs="?", default="")
     for sp in (apply, show):
         sp.add_argument("--registry", default="127.0.0.1:50051")
-    build.add_parser(models)
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
     for sp in (push, lst):
@@ -323,14 +321,15 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="an OIP request parameter (repeatable), e.g. accuracy_floor=0.95, "
                           "latency_budget_ms=2, region=site-b, priority=1, timeout_us=50000")
-    for sp in (inf, *controls):
-        sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
-                        help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     st = sub.add_parser("status", help="nodes, models, latency and events of the mesh")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="coordinator REST base URL")
     st.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     st.add_argument("--registry", default="127.0.0.1:50051")
-    train.add_parser(sub)
+    build_parser = build.add_parser(models)
+    train_parsers = train.add_parser(sub)
+    for sp in (inf, *controls, push, lst, apply, show, build_parser, st, *train_parsers):
+        sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
+                        help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     return p
 
 

@@ -1,6 +1,7 @@
 """`cnei train`: start federated jobs and follow them, list them, show one."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from services.cli.output import progress, table
@@ -21,7 +22,7 @@ def _trainer_stub(channel):
 
 async def train_start(args) -> int:
     """Start a federated job and follow it round by round until it ends."""
-    from services.common import grpc_util
+    from services.common import grpc_util, restricted
     from services.pb.cnei import trainer_pb2 as tpb
     from services.trainer.convert import job_from_proto
 
@@ -29,7 +30,7 @@ async def train_start(args) -> int:
         model=args.model, base_version=args.base_version, rounds=args.rounds, min_clients=args.min_clients,
         fraction=args.fraction, local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
         strategy=args.strategy, mu=args.mu, round_timeout_s=args.round_timeout)
-    async with grpc_util.channel(args.trainer) as channel:
+    async with grpc_util.channel(args.trainer, restricted.client_headers(args.header)) as channel:
         stub = _trainer_stub(channel)
         job = job_from_proto(await stub.StartJob(request, timeout=10))
         print(f"federated job {job.id} started: {job.spec.model}, {job.spec.rounds} rounds, {job.spec.strategy}")
@@ -51,11 +52,11 @@ async def train_start(args) -> int:
 
 
 async def _jobs(args, job_id: str = "") -> list:
-    from services.common import grpc_util
+    from services.common import grpc_util, restricted
     from services.pb.cnei import trainer_pb2 as tpb
     from services.trainer.convert import job_from_proto
 
-    async with grpc_util.channel(args.trainer) as channel:
+    async with grpc_util.channel(args.trainer, restricted.client_headers(args.header)) as channel:
         stub = _trainer_stub(channel)
         if job_id:
             return [job_from_proto(await stub.GetJob(tpb.GetJobRequest(id=job_id), timeout=10))]
@@ -80,7 +81,8 @@ async def train_status(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub) -> list[argparse.ArgumentParser]:
+    """The `train` verbs' parsers."""
     train = sub.add_parser("train", help="federated learning jobs").add_subparsers(dest="verb", required=True)
     start = train.add_parser("start", help="start a federated job and follow its rounds")
     start.add_argument("--model", default="digits")
@@ -99,6 +101,7 @@ def add_parser(sub) -> None:
     status.add_argument("job")
     for sp in (start, lst, status):
         sp.add_argument("--trainer", default="127.0.0.1:50071")
+    return [start, lst, status]
 
 
 VERBS = {"start": train_start, "list": train_list, "status": train_status}

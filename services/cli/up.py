@@ -72,6 +72,10 @@ class Mesh:
     def _spawn(self, name: str, module: str, env: dict[str, str], port: int) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")
+        prefix = {"services.coordinator": "CNEI_COORDINATOR_", "services.edge_runtime": "CNEI_RUNTIME_",
+                  "services.trainer": "CNEI_TRAINER_"}.get(module)
+        if prefix and registry_headers() and f"{prefix}REGISTRY_HEADERS" not in os.environ:
+            env = {**env, f"{prefix}REGISTRY_HEADERS": registry_headers()}  # a restricted registry's key
         proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env},
                                 stdout=out, stderr=subprocess.STDOUT)
         self.children.append(Child(name, proc, port))
@@ -158,12 +162,23 @@ class Mesh:
             infra.stop(child.proc)
 
 
+def registry_headers() -> str:
+    """The headers (`k=v;...`) the registry this process configures asks for, when
+    CNEI_REGISTRY_RESTRICTED_APIS restricts it ('' otherwise): `cnei up` holds the key, so its
+    services and its own pushes send it (a service's own CNEI_<SERVICE>_REGISTRY_HEADERS wins)."""
+    from services.common.restricted import REGISTRY_API, categories_of, own_headers
+
+    pairs = own_headers(os.environ.get("CNEI_REGISTRY_RESTRICTED_APIS", ""), categories_of(REGISTRY_API))
+    return ";".join(f"{k}={v}" for k, v in pairs)
+
+
 async def register_demo(registry_target: str, models_dir: Path) -> list[str]:
     """Build the digits variants (once) and push each; existing versions are kept."""
+    from services.common.restricted import headers
     from services.models import digits
 
     built = await asyncio.to_thread(digits.build, models_dir)
-    client = RegistryClient(registry_target)
+    client = RegistryClient(registry_target, headers=headers(registry_headers()))
     lines = []
     try:
         for variant in built:

@@ -15,6 +15,7 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     INTERNAL = "INTERNAL"
 
 
@@ -27,6 +28,7 @@ HTTP_STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.CANCELLED: 499,
+    ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -116,9 +118,15 @@ class Cancelled(CneiError):
     code = ErrorCode.CANCELLED
 
 
+class PermissionDenied(CneiError):
+    """A server's restricted API refused a call without its header (e.g. a registry's)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
 _BY_CODE = {cls.code: cls for cls in (
     InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
-    Unavailable, DeadlineExceeded, Cancelled,
+    Unavailable, DeadlineExceeded, Cancelled, PermissionDenied,
 )}
 
 

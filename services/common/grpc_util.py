@@ -129,12 +129,16 @@ def rpc(fn=None, *, sample=None):
 def error_from_rpc(exc: grpc.aio.AioRpcError, where: str = "") -> CneiError:
     """Turn a failed outbound call into a CneiError carrying the same code and message."""
     code = CODE_FROM_GRPC.get(exc.code(), ErrorCode.UNAVAILABLE)
-    prefix = f"{where}: " if where and code in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL) else ""
+    prefix = f"{where}: " if where and code in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL,
+                                                ErrorCode.PERMISSION_DENIED) else ""
     return error_for(code, f"{prefix}{exc.details()}")
 
 
-def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+def _with_trace(details: grpc.aio.ClientCallDetails,
+                headers: tuple[tuple[str, str], ...] = ()) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    for key, value in headers:
+        metadata.add(key, value)
     for key, value in telemetry.inject().items():
         metadata.add(key, value)
     return grpc.aio.ClientCallDetails(
@@ -147,31 +151,51 @@ def _method_name(details) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
-class TraceClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-):
-    """Client span per unary call and W3C `traceparent` in the outgoing metadata."""
+class _Outgoing:
+    """What every outgoing call carries: `headers` (a server's restricted APIs) and the W3C
+    `traceparent` of the current span."""
 
+    def __init__(self, headers: tuple[tuple[str, str], ...] = ()):
+        self.headers = headers
+
+    def details(self, client_call_details) -> grpc.aio.ClientCallDetails:
+        return _with_trace(client_call_details, self.headers)
+
+
+class _UnaryUnary(_Outgoing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         with telemetry.child_span(_tracer, _method_name(client_call_details), kind=SpanKind.CLIENT):
-            call = await continuation(_with_trace(client_call_details), request)
+            call = await continuation(self.details(client_call_details), request)
             await call
             return call
 
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(_with_trace(client_call_details), request)
 
+class _UnaryStream(_Outgoing, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self.details(client_call_details), request)
+
+
+class _StreamUnary(_Outgoing, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         with telemetry.child_span(_tracer, _method_name(client_call_details), kind=SpanKind.CLIENT):
-            call = await continuation(_with_trace(client_call_details), request_iterator)
+            call = await continuation(self.details(client_call_details), request_iterator)
             await call
             return call
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    """An insecure aio channel with trace propagation and generous message limits."""
-    return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=[TraceClientInterceptor()]
-    )
+class _StreamStream(_Outgoing, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self.details(client_call_details), request_iterator)
+
+
+def client_interceptors(headers: tuple[tuple[str, str], ...] = ()) -> list:
+    """One interceptor per kind of call (grpc.aio files an interceptor under the first kind it
+    implements only): a client span per unary-response call, and `traceparent` plus `headers`
+    in the outgoing metadata of every call."""
+    return [kind(headers) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+
+
+def channel(target: str, headers: list[tuple[str, str]] | tuple = ()) -> grpc.aio.Channel:
+    """An insecure aio channel with trace propagation and generous message limits; `headers`
+    (lower-case keys) go with every call, for a server whose APIs are restricted."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=client_interceptors(tuple(headers)))

@@ -21,10 +21,11 @@ CHUNK_BYTES = 1 << 20
 class RegistryClient:
     """Resolve, list, push and fetch model variants; failures raise CneiError subclasses."""
 
-    def __init__(self, target: str, timeout: float = 10.0):
+    def __init__(self, target: str, timeout: float = 10.0, headers: list[tuple[str, str]] | tuple = ()):
+        """`headers`: sent with every call (a registry with restricted APIs)."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc_util.channel(target)
+        self._channel = grpc_util.channel(target, headers)
         self._stub = rpb_grpc.ModelRegistryStub(self._channel)
 
     async def close(self) -> None:

@@ -7,7 +7,12 @@ A restriction reads `<category>[,<category>...]:<header>=<value>`, several joine
 `model-repository,trace,logging:admin-key=s3cret;shared-memory:shm-key=local`. Categories are
 Triton's. A request of a restricted category without the header (or with another value) is
 PERMISSION_DENIED over gRPC and 403 over REST; the value is never echoed. The internal planes
-(front door control, node control, fast lane) are not the OIP API and are not restricted."""
+(front door control, node control, fast lane) are not the OIP API and are not restricted.
+
+The registry and the trainer take the same form for their own APIs, with two of the categories:
+`model-repository` for what changes the repository (pushing a model, recording a measurement,
+applying a deployment; starting a federated job, which publishes a version) and `metadata` for
+what reads it (listing, resolving, fetching artifacts, deployments; jobs)."""
 from __future__ import annotations
 
 import hmac
@@ -31,6 +36,19 @@ GRPC_METHODS = {
     "CudaSharedMemoryRegister": "shared-memory", "CudaSharedMemoryUnregister": "shared-memory",
     "TraceSetting": "trace", "LogSettings": "logging",
 }
+REGISTRY_SERVICE = "cnei.registry.v1.ModelRegistry"
+REGISTRY_METHODS = {
+    "PushModel": "model-repository", "RecordMeasurement": "model-repository", "PutDeployment": "model-repository",
+    "ListModels": "metadata", "GetModel": "metadata", "ResolveModel": "metadata", "FetchArtifact": "metadata",
+    "GetDeployment": "metadata", "ListDeployments": "metadata",
+}
+TRAINER_SERVICE = "cnei.trainer.v1.Trainer"
+TRAINER_METHODS = {"StartJob": "model-repository", "GetJob": "metadata", "ListJobs": "metadata",
+                   "WatchJob": "metadata"}
+# Which categories each kind of server has: {service: {method: category}}
+OIP_API = {OIP_SERVICE: GRPC_METHODS}
+REGISTRY_API = {REGISTRY_SERVICE: REGISTRY_METHODS}
+TRAINER_API = {TRAINER_SERVICE: TRAINER_METHODS}
 _REST_HEADS = {"health": "health", "repository": "model-repository", "systemsharedmemory": "shared-memory",
                "cudasharedmemory": "shared-memory", "trace": "trace", "logging": "logging"}
 _REST_MODEL_TAILS = {"ready": "health", "infer": "inference", "config": "model-config", "stats": "statistics",
@@ -43,8 +61,9 @@ class Key:
     value: str
 
 
-def parse(spec: str) -> dict[str, Key]:
-    """`spec` -> {category: the header and value it needs}. ValueError naming what is wrong."""
+def parse(spec: str, categories: tuple[str, ...] = CATEGORIES) -> dict[str, Key]:
+    """`spec` -> {category: the header and value it needs}; `categories`: those the server has.
+    ValueError naming what is wrong."""
     restricted: dict[str, Key] = {}
     for group in filter(None, (g.strip() for g in spec.split(";"))):
         names, sep, pair = group.partition(":")
@@ -53,8 +72,8 @@ def parse(spec: str) -> dict[str, Key]:
             raise ValueError(f"restricted APIs: '{group}' must read <category>[,<category>...]:<header>=<value>")
         key = Key(header.strip().lower(), value)
         for name in filter(None, (n.strip() for n in names.split(","))):
-            if name not in CATEGORIES:
-                raise ValueError(f"restricted APIs: unknown category '{name}'; categories are {', '.join(CATEGORIES)}")
+            if name not in categories:
+                raise ValueError(f"restricted APIs: unknown category '{name}'; categories are {', '.join(categories)}")
             if name in restricted:
                 raise ValueError(f"restricted APIs: category '{name}' is restricted twice")
             restricted[name] = key
@@ -74,9 +93,23 @@ def headers(pairs: list[str] | str) -> list[tuple[str, str]]:
     return out
 
 
-def own_headers(spec: str) -> list[tuple[str, str]]:
+def categories_of(api: Mapping[str, Mapping[str, str]]) -> tuple[str, ...]:
+    """The categories the methods of `api` fall in, in Triton's order."""
+    used = {category for methods in api.values() for category in methods.values()}
+    return tuple(c for c in CATEGORIES if c in used)
+
+
+def client_headers(flags: list[str]) -> list[tuple[str, str]]:
+    """A command-line client's headers: its `--header KEY=VALUE` flags, else $CNEI_HEADERS
+    (`k=v;k2=v2`), for servers whose APIs are restricted."""
+    import os
+
+    return headers(flags or os.environ.get("CNEI_HEADERS", ""))
+
+
+def own_headers(spec: str, categories: tuple[str, ...] = CATEGORIES) -> list[tuple[str, str]]:
     """Every header a server restricted by `spec` asks for (what the one who configured it sends)."""
-    return sorted({(k.header, k.value) for k in parse(spec).values()})
+    return sorted({(k.header, k.value) for k in parse(spec, categories).values()})
 
 
 def rest_category(path: str) -> str | None:
@@ -107,18 +140,41 @@ def refusal(restricted: Mapping[str, Key], category: str | None, headers: Mappin
     return f"the {category} API is restricted: send header '{key.header}' with its value"
 
 
-class RestrictedApis(grpc.aio.ServerInterceptor):
-    """Refuses OIP calls of restricted categories that lack their header."""
+def guard(spec: str, api: Mapping[str, Mapping[str, str]]) -> list[grpc.aio.ServerInterceptor]:
+    """The server interceptors that restrict `api` as `spec` says (none when it restricts
+    nothing). ValueError naming what is wrong with `spec`."""
+    restricted = parse(spec, categories_of(api))
+    return [RestrictedApis(restricted, api)] if restricted else []
 
-    def __init__(self, restricted: Mapping[str, Key]):
+
+def check(settings_prefix: str, spec: str, api: Mapping[str, Mapping[str, str]], headers_spec: str = "") -> None:
+    """A service's restricted-API and registry-header settings parse (SystemExit naming the
+    variable and the problem otherwise), checked before it starts."""
+    try:
+        parse(spec, categories_of(api))
+    except ValueError as exc:
+        raise SystemExit(f"{settings_prefix}RESTRICTED_APIS: {exc}") from None
+    try:
+        headers(headers_spec)
+    except ValueError as exc:
+        raise SystemExit(f"{settings_prefix}REGISTRY_HEADERS: {exc}") from None
+
+
+class RestrictedApis(grpc.aio.ServerInterceptor):
+    """Refuses calls of restricted categories that lack their header; `api` says which methods
+    of which services fall in which category (the OIP API unless told)."""
+
+    def __init__(self, restricted: Mapping[str, Key], api: Mapping[str, Mapping[str, str]] = OIP_API):
         self.restricted = dict(restricted)
+        self.api = api
 
     async def intercept_service(self, continuation, handler_call_details):
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        if service == OIP_SERVICE:
+        methods = self.api.get(service)
+        if methods is not None:
             headers = {k.lower(): v for k, v in (handler_call_details.invocation_metadata or ())
                        if isinstance(v, str)}
-            reason = refusal(self.restricted, GRPC_METHODS.get(method), headers)
+            reason = refusal(self.restricted, methods.get(method), headers)
             if reason:
                 handler = await continuation(handler_call_details)
                 return _denied(handler, reason)
@@ -127,16 +183,17 @@ class RestrictedApis(grpc.aio.ServerInterceptor):
 
 def _denied(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers PERMISSION_DENIED."""
-    async def unary(request, context):
+    async def answer(request_or_iterator, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
-    async def streaming(request_iterator, context):
+    async def answer_streaming(request_or_iterator, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-        yield  # an async generator, as the stream handler it stands for
+        yield  # an async generator, as a response-streaming handler is
 
     if handler is None:
         return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, handler.request_deserializer,
-                                                     handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    make = {(True, True): grpc.stream_stream_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (False, False): grpc.unary_unary_rpc_method_handler,
+            }[(handler.request_streaming, handler.response_streaming)]
+    return make(answer_streaming if handler.response_streaming else answer, handler.request_deserializer,
+                handler.response_serializer)

@@ -43,7 +43,8 @@ log = logging.getLogger("services.coordinator")
 async def serve(settings: CoordinatorSettings, door_path: Path | None = None) -> None:
     """One coordinator process; with `door_path`, behind the compiled front door it starts."""
     stop = lifecycle.stop_event()
-    registry = RegistryClient(settings.registry_target, timeout=5.0)
+    registry = RegistryClient(settings.registry_target, timeout=5.0,
+                              headers=restricted_apis.headers(settings.registry_headers))
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
     await nodes.start()
@@ -169,6 +170,7 @@ def failover_row(envelope: events.Envelope) -> dict:
 
 def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
+    restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers)
     count = worker_count(settings.workers)
     try:
         door_path = door_binary(settings.front_door, settings.front_door_binary) if settings.worker_index < 0 else None

@@ -52,6 +52,9 @@ class CoordinatorSettings:
            "sends each request to the least busy of them")
     door_spread_margin: float = field(0.1, "how far below the best node's score a node may be to share a route")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
+    registry_headers: str = field(
+        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
+            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")

@@ -64,7 +64,8 @@ def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
 
 async def serve(settings: RuntimeSettings) -> None:
     stop = lifecycle.stop_event()
-    registry = RegistryClient(settings.registry_target, timeout=3.0)
+    registry = RegistryClient(settings.registry_target, timeout=3.0,
+                              headers=restricted_apis.headers(settings.registry_headers))
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
@@ -123,6 +124,7 @@ async def serve(settings: RuntimeSettings) -> None:
 
 def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
+    restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -23,6 +23,9 @@ class RuntimeSettings:
     fast_port: int = field(0, "port of the internal data plane (0: any free port, advertised)")
     metrics_port: int = field(9111, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
+    registry_headers: str = field(
+        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
+            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis for node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     cache_dir: str = field(".cnei/cache/edge-1", "on-disk artifact cache")

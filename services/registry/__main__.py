@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from services.common import lifecycle, telemetry
+from services.common import lifecycle, restricted, telemetry
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
@@ -22,7 +22,8 @@ async def serve(settings: RegistrySettings) -> None:
     bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
     registry = Registry(store, bus.publish, settings.max_artifact_bytes)
-    server = lifecycle.GrpcServer(settings.host, settings.port)
+    server = lifecycle.GrpcServer(settings.host, settings.port,
+                                  interceptors=restricted.guard(settings.restricted_apis, restricted.REGISTRY_API))
     server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry),
                "cnei.registry.v1.ModelRegistry")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
@@ -38,6 +39,7 @@ async def serve(settings: RegistrySettings) -> None:
 
 def main() -> None:
     settings = cfg.load(RegistrySettings, PREFIX)
+    restricted.check(PREFIX, settings.restricted_apis, restricted.REGISTRY_API)
     telemetry.setup("cnei-registry")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

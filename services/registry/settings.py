@@ -17,3 +17,8 @@ class RegistrySettings:
     data_dir: str = field(".cnei/registry", "SQLite catalogue and content-addressed artifacts")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS server for model events")
     max_artifact_bytes: int = field(1 << 30, "largest artifact accepted by PushModel")
+    restricted_apis: str = field(
+        "", "restricted APIs of the registry: '<category>[,...]:<header>=<value>', several joined with ';'; "
+            "categories: metadata (list, resolve, fetch artifacts, read deployments), model-repository (push "
+            "models, record measurements, apply deployments). Such calls without the header are "
+            "PERMISSION_DENIED; every service then needs CNEI_<SERVICE>_REGISTRY_HEADERS")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from services.common import lifecycle, telemetry
+from services.common import lifecycle, restricted, telemetry
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.jobs import JobStore
@@ -24,14 +24,15 @@ log = logging.getLogger("services.trainer")
 
 async def serve(settings: TrainerSettings) -> None:
     stop = lifecycle.stop_event()
-    registry = RegistryClient(settings.registry_target, timeout=10.0)
+    registry = RegistryClient(settings.registry_target, timeout=10.0, headers=restricted.headers(settings.registry_headers))
     redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
     clients = NodeClients()
     trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),
                                clients.train, registry, bus.publish)
-    server = lifecycle.GrpcServer(settings.host, settings.port)
+    server = lifecycle.GrpcServer(settings.host, settings.port,
+                                  interceptors=restricted.guard(settings.restricted_apis, restricted.TRAINER_API))
     server.add(tpb_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer), "cnei.trainer.v1.Trainer")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
@@ -51,6 +52,7 @@ async def serve(settings: TrainerSettings) -> None:
 
 def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
+    restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers)
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -15,6 +15,13 @@ class TrainerSettings:
     port: int = field(50071, "gRPC port of the Trainer API")
     metrics_port: int = field(9121, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address (base weights in, new versions out)")
+    registry_headers: str = field(
+        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
+            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
+    restricted_apis: str = field(
+        "", "restricted APIs of the Trainer API: '<category>[,...]:<header>=<value>', several joined with ';'; "
+            "categories: metadata (jobs and their rounds), model-repository (starting a job, which publishes a "
+            "version). Such calls without the header are PERMISSION_DENIED")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis: live nodes in, job records out")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for federated events")
     data_dir: str = field(".cnei/trainer", "where trained ONNX variants and the event outbox are written")

@@ -49,7 +49,10 @@ VALUE_SETS = {
         "otel": {"endpoint": "http://otel-collector.observability:4317"},
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "registry": {"env": {"CNEI_REGISTRY_MAX_ARTIFACT_BYTES": 536870912},
+                     "restrictedApisSecret": {"name": "cnei-admin"},
                      "persistence": {"storageClass": "fast-ssd"}},
+        "registryHeadersSecret": {"name": "cnei-admin", "key": "registry-headers"},
+        "trainer": {"restrictedApisSecret": {"name": "cnei-trainer", "key": "apis"}},
         "coordinator": {"env": {"CNEI_COORDINATOR_MAX_ATTEMPTS": 5},
                         "restrictedApisSecret": {"name": "cnei-admin", "key": "restricted-apis"},
                         "autoscaling": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}},
@@ -294,10 +297,24 @@ def test_cnei_env_vars_are_fields_of_the_service_settings_with_valid_values(rend
 
 
 def test_restricted_apis_come_from_a_secret_only_when_one_is_named():
-    for value_set, secret in (("production", {"name": "cnei-admin", "key": "restricted-apis"}), ("defaults", None)):
-        (_, container), = _render(VALUE_SETS[value_set]).running("services.coordinator")
-        env = _env(container).get("CNEI_COORDINATOR_RESTRICTED_APIS")
-        assert (env["valueFrom"]["secretKeyRef"] if env else None) == secret
+    admin = {"name": "cnei-admin", "key": "restricted-apis"}
+    headers = {"name": "cnei-admin", "key": "registry-headers"}
+    expected = {  # (module, variable): the secret the production values name
+        ("services.coordinator", "CNEI_COORDINATOR_RESTRICTED_APIS"): admin,
+        ("services.registry", "CNEI_REGISTRY_RESTRICTED_APIS"): admin,  # the key defaults to restricted-apis
+        ("services.trainer", "CNEI_TRAINER_RESTRICTED_APIS"): {"name": "cnei-trainer", "key": "apis"},
+        ("services.coordinator", "CNEI_COORDINATOR_REGISTRY_HEADERS"): headers,
+        ("services.trainer", "CNEI_TRAINER_REGISTRY_HEADERS"): headers,
+        ("services.edge_runtime", "CNEI_RUNTIME_REGISTRY_HEADERS"): headers,
+    }
+    for value_set in ("production", "defaults"):
+        rendered = _render(VALUE_SETS[value_set])
+        for (module, variable), secret in expected.items():
+            containers = rendered.running(module)
+            assert containers, module
+            for _, container in containers:  # the edge daemonset and the cloud runtime alike
+                env = _env(container).get(variable)
+                assert (env["valueFrom"]["secretKeyRef"] if env else None) == (secret if value_set == "production" else None)
 
 
 def test_settings_ports_match_the_container_ports(rendered):

@@ -96,6 +96,18 @@ securityContext:
   value: {{ .Values.logLevel | quote }}
 {{- end }}
 
+{{/* An env entry read from a Secret: (dict "name" VAR "secret" {name, key} "default" KEY "what" PATH);
+nothing when the secret is not set. */}}
+{{- define "cnei.secretEnv" -}}
+{{- with .secret }}
+- name: {{ $.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ required (printf "%s.name" $.what) .name | quote }}
+      key: {{ .key | default $.default | quote }}
+{{- end }}
+{{- end }}
+
 {{/* A component's `env` map as container env entries, in key order, values as strings. */}}
 {{- define "cnei.extraEnv" -}}
 {{- $entries := list }}
