@@ -14,6 +14,7 @@ import tritonclient.grpc as triton
 import tritonclient.utils as triton_utils
 
 from services.cli import infra
+from services.common.deployment import DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 
@@ -121,6 +122,17 @@ def kill_under_load(address: str, victim: subprocess.Popen, node_id: str, region
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(after_s)
     return load, served_by_victim, killed_at
+
+
+def put_deployment(mesh, spec: DeploymentSpec) -> None:
+    """Apply a deployment spec at the mesh's registry."""
+    async def put() -> None:
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.put_deployment(spec)
+        finally:
+            await client.close()
+    asyncio.run(put())
 
 
 def push_digits_as(mesh, digits_models, name: str) -> str:

@@ -2,7 +2,6 @@
 its own rows back; precision policies travel as request parameters."""
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,24 +14,16 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
-
-
-async def _apply(registry: str, spec: DeploymentSpec) -> None:
-    client = RegistryClient(registry)
-    try:
-        await client.put_deployment(spec)
-    finally:
-        await client.close()
+from tests.e2e.processes import put_deployment
 
 
 @pytest.fixture
 def batching_deployment(mesh):
     spec = DeploymentSpec(model="digits", batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=20_000))
-    asyncio.run(_apply(mesh.registry, spec))
+    put_deployment(mesh, spec)
     yield spec
-    asyncio.run(_apply(mesh.registry, DeploymentSpec(model="digits")))
+    put_deployment(mesh, DeploymentSpec(model="digits"))
 
 
 def _batch_histogram(mesh) -> tuple[float, float]:

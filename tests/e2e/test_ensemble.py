@@ -23,7 +23,7 @@ from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import CneiError
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
-from tests.e2e.processes import run_perf_analyzer
+from tests.e2e.processes import put_deployment, run_perf_analyzer
 
 PIPELINE = "digits-pipeline"
 CALIBRATE = "digits-calibrate"
@@ -41,16 +41,6 @@ def _calibration_model(path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(path))
-
-
-def _put(mesh, spec: DeploymentSpec) -> None:
-    async def put() -> None:
-        client = RegistryClient(mesh.registry)
-        try:
-            await client.put_deployment(spec)
-        finally:
-            await client.close()
-    asyncio.run(put())
 
 
 PIPELINE_SPEC = DeploymentSpec(model=PIPELINE, ensemble=(
@@ -72,7 +62,7 @@ def pipeline(mesh, tmp_path_factory):
         finally:
             await client.close()
     asyncio.run(push())
-    _put(mesh, PIPELINE_SPEC)
+    put_deployment(mesh, PIPELINE_SPEC)
     return PIPELINE
 
 
@@ -129,7 +119,7 @@ def test_an_ensemble_runs_its_steps_on_their_tiers_and_answers_their_composition
 
 
 def test_an_ensemble_with_a_response_cache_answers_repeated_inputs_without_running_its_steps(mesh, pipeline):
-    _put(mesh, replace(PIPELINE_SPEC, model="digits-cached-pipeline", response_cache=True))
+    put_deployment(mesh, replace(PIPELINE_SPEC, model="digits-cached-pipeline", response_cache=True))
     x, _ = load_all()
     client = triton.InferenceServerClient(mesh.coordinator)
     cloud = triton.InferenceServerClient(mesh.runtime("cloud-1"))
@@ -165,12 +155,12 @@ def test_an_ensemble_with_a_response_cache_answers_repeated_inputs_without_runni
 ])
 def test_bad_ensembles_are_refused_when_applied(mesh, pipeline, spec, message):
     with pytest.raises(CneiError, match=message):
-        _put(mesh, spec)
+        put_deployment(mesh, spec)
 
 
 def test_the_example_ensemble_answers_one_image_at_the_edge_in_int8_and_in_the_cloud_in_fp32(mesh):
     path = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "digits-both-tiers.yaml"
-    _put(mesh, deployment.from_dict(yaml.safe_load(path.read_text())))
+    put_deployment(mesh, deployment.from_dict(yaml.safe_load(path.read_text())))
     x, y = load_all()
     client = triton.InferenceServerClient(mesh.coordinator)
     try:

@@ -3,7 +3,6 @@ the nodes with every caller's own rows back, everything else passes through to t
 unchanged, a node killed under load loses no request, and SIGTERM stops both processes."""
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import re
@@ -24,14 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
-from services.common.registry_client import RegistryClient
 from services.cli.up import RUNTIMES
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import (Load, children, kill_under_load, push_digits_as, server_ready, start_coordinator,
-                                 start_runtime)
+from tests.e2e.processes import (Load, children, kill_under_load, push_digits_as, put_deployment, server_ready,
+                                 start_coordinator, start_runtime)
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -250,14 +248,8 @@ def _refused_as_unloaded(client, model: str) -> None:
 
 
 def _apply(mesh, batching: BatchingSpec | None, scheduler: SchedulerSpec | None = None) -> None:
-    async def put() -> None:
-        client = RegistryClient(mesh.registry)
-        try:
-            await client.put_deployment(DeploymentSpec(model="digits", batching=batching or BatchingSpec(),
-                                                       scheduler=scheduler or SchedulerSpec()))
-        finally:
-            await client.close()
-    asyncio.run(put())
+    put_deployment(mesh, DeploymentSpec(model="digits", batching=batching or BatchingSpec(),
+                                        scheduler=scheduler or SchedulerSpec()))
 
 
 def _all_at_once(calls: list) -> None:

@@ -4,7 +4,6 @@ nothing more), counts hits and misses in Triton's statistics and metrics, and ne
 request from another input's or another precision's answer."""
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.request
 
@@ -14,10 +13,9 @@ import tritonclient.grpc as triton
 
 from services.cli import infra
 from services.common.deployment import DeploymentSpec
-from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import push_digits_as, run_perf_analyzer, server_ready, start_coordinator
+from tests.e2e.processes import push_digits_as, put_deployment, run_perf_analyzer, server_ready, start_coordinator
 
 MODEL = "digits-cached"
 
@@ -25,14 +23,7 @@ MODEL = "digits-cached"
 @pytest.fixture(scope="module")
 def cached_model(mesh, digits_models):
     push_digits_as(mesh, digits_models, MODEL)
-
-    async def put() -> None:
-        client = RegistryClient(mesh.registry)
-        try:
-            await client.put_deployment(DeploymentSpec(model=MODEL, response_cache=True))
-        finally:
-            await client.close()
-    asyncio.run(put())
+    put_deployment(mesh, DeploymentSpec(model=MODEL, response_cache=True))
     return MODEL
 
 

@@ -3,7 +3,6 @@ tritonclient callers of its own OIP port share ONNX Runtime calls and each gets 
 request whose `timeout_us` passes while it waits is answered DEADLINE_EXCEEDED and never run."""
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import grpc
@@ -14,11 +13,10 @@ import tritonclient.utils as triton_utils
 
 from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import push_digits_as, start_runtime
+from tests.e2e.processes import push_digits_as, put_deployment, start_runtime
 
 # Every digits call on a thread (never inline on the event loop) and ~1000x slower (busy), one
 # call at a time: what arrives while a call runs waits in the runtime's batcher.
@@ -159,22 +157,12 @@ def test_the_model_config_shows_dynamic_batching_only_where_the_runtime_batches(
     assert configs[on].dynamic_batching.max_queue_delay_microseconds == 0  # CNEI_RUNTIME_BATCH_QUEUE_DELAY_US
 
 
-def _deploy(mesh, model: str, batching: BatchingSpec) -> None:
-    async def put() -> None:
-        client = RegistryClient(mesh.registry)
-        try:
-            await client.put_deployment(DeploymentSpec(model=model, batching=batching))
-        finally:
-            await client.close()
-    asyncio.run(put())
-
-
 def test_merged_calls_keep_within_the_deployment_s_batch_size_and_follow_its_changes(runtimes, mesh, digits_models):
     """A deployment's `max_batch_size` bounds what the runtime merges from its callers (whoever
     they are), as it bounds the coordinator's batches; a changed deployment applies at once."""
     on, _ = runtimes
     model = push_digits_as(mesh, digits_models, "digits-rb-cap")
-    _deploy(mesh, model, BatchingSpec(max_batch_size=2))
+    put_deployment(mesh, DeploymentSpec(model=model, batching=BatchingSpec(max_batch_size=2)))
     samples = _samples(8, 400)
     alone = [_infer(on, s, model) for s in samples]  # loads it; one at a time
     _, _, sizes0 = _counts(on, model)
@@ -183,7 +171,7 @@ def test_merged_calls_keep_within_the_deployment_s_batch_size_and_follow_its_cha
     _, _, capped = _counts(on, model)
     assert max(capped) == 2 and capped[2] > sizes0.get(2, 0), capped  # merged, two rows at most
 
-    _deploy(mesh, model, BatchingSpec(max_batch_size=64))
+    put_deployment(mesh, DeploymentSpec(model=model, batching=BatchingSpec(max_batch_size=64)))
 
     def merges_past_two() -> bool:
         _together(on, samples, model)
