@@ -44,14 +44,19 @@ def start_coordinator(mesh, export_spans: bool = True, **env_extra: str) -> tupl
                 "CNEI_COORDINATOR_METRICS_PORT": str(metrics_port), "CNEI_COORDINATOR_REGISTRY_TARGET": mesh.registry,
                 "CNEI_COORDINATOR_REDIS_URL": mesh.settings.redis_url,
                 "CNEI_COORDINATOR_NATS_URL": mesh.settings.nats_url, **env_extra})
-    proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return spawn("services.coordinator", env, grpc_port, 60), f"127.0.0.1:{grpc_port}", http_port, metrics_port
+
+
+def spawn(module: str, env: dict[str, str], port: int, timeout: float = 30) -> subprocess.Popen:
+    """`python -m module` with exactly `env`, once its port answers (stopped if it never does)."""
+    proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
-        infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
+        infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=timeout)
     except BaseException:
         infra.stop(proc)
         raise
-    return proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port
+    return proc
 
 
 def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, int]:
@@ -62,10 +67,7 @@ def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -
            "CNEI_RUNTIME_METRICS_PORT": "0", "CNEI_RUNTIME_REGISTRY_TARGET": mesh.registry,
            "CNEI_RUNTIME_REDIS_URL": mesh.settings.redis_url, "CNEI_RUNTIME_NATS_URL": mesh.settings.nats_url,
            "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / node_id), "CNEI_RUNTIME_PRELOAD": "digits", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "services.edge_runtime"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)
-    return proc, port
+    return spawn("services.edge_runtime", env, port), port
 
 
 class Load:

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from services.cli import infra
 from services.common.errors import CneiError, ErrorCode
 from services.common.registry_client import RegistryClient
-from tests.e2e.processes import start_runtime
+from tests.e2e.processes import spawn, start_runtime
 
 SPEC = "model-repository:admin-key=s3cret;metadata:read-key=r"
 ADMIN, READ = "admin-key=s3cret", "read-key=r"
@@ -30,21 +30,10 @@ def _cnei(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, env=env)
 
 
-def _spawn(module: str, env: dict[str, str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)
-    except BaseException:
-        infra.stop(proc)
-        raise
-    return proc
-
-
 @pytest.fixture(scope="module")
 def registry(mesh, tmp_path_factory):
     port = infra.free_port()
-    proc = _spawn("services.registry", {
+    proc = spawn("services.registry", {**os.environ,
         "CNEI_REGISTRY_PORT": str(port), "CNEI_REGISTRY_METRICS_PORT": "0",
         "CNEI_REGISTRY_DATA_DIR": str(tmp_path_factory.mktemp("restricted-registry")),
         "CNEI_REGISTRY_NATS_URL": mesh.settings.nats_url, "CNEI_REGISTRY_RESTRICTED_APIS": SPEC}, port)
@@ -116,7 +105,7 @@ def test_a_bad_restriction_stops_the_registry_naming_the_variable():
 
 def test_starting_a_federated_job_needs_the_trainer_s_key_and_reading_jobs_stays_open(mesh, tmp_path):
     port = infra.free_port()
-    proc = _spawn("services.trainer", {
+    proc = spawn("services.trainer", {**os.environ,
         "CNEI_TRAINER_PORT": str(port), "CNEI_TRAINER_METRICS_PORT": "0",
         "CNEI_TRAINER_REGISTRY_TARGET": mesh.registry, "CNEI_TRAINER_REDIS_URL": mesh.settings.redis_url,
         "CNEI_TRAINER_NATS_URL": mesh.settings.nats_url, "CNEI_TRAINER_DATA_DIR": str(tmp_path / "trainer"),
