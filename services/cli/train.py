@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from services.cli.output import progress, table
+from services.trainer.strategy import STRATEGIES
 
 
 def jobs_table(jobs: list[dict]) -> str:
@@ -29,7 +30,9 @@ async def train_start(args) -> int:
     request = tpb.StartJobRequest(
         model=args.model, base_version=args.base_version, rounds=args.rounds, min_clients=args.min_clients,
         fraction=args.fraction, local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
-        strategy=args.strategy, mu=args.mu, round_timeout_s=args.round_timeout)
+        strategy=args.strategy, mu=args.mu, round_timeout_s=args.round_timeout, server_lr=args.server_lr,
+        server_momentum=args.server_momentum, server_beta2=args.server_beta2, server_tau=args.server_tau,
+        dp_clip_norm=args.dp_clip_norm, dp_noise_multiplier=args.dp_noise_multiplier)
     async with grpc_util.channel(args.trainer, restricted.client_headers(args.header)) as channel:
         stub = _trainer_stub(channel)
         job = job_from_proto(await stub.StartJob(request, timeout=10))
@@ -93,8 +96,18 @@ def add_parser(sub) -> list[argparse.ArgumentParser]:
     start.add_argument("--local-epochs", type=int, default=1)
     start.add_argument("--lr", type=float, default=0.05)
     start.add_argument("--batch-size", type=int, default=32)
-    start.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedavgm", "fedprox"])
+    start.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES))
     start.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term")
+    start.add_argument("--server-lr", type=float, default=0.0,
+                       help="FedAvgM server learning rate (1.0); the adaptive optimisers' eta (0.1)")
+    start.add_argument("--server-momentum", type=float, default=0.0,
+                       help="FedAvgM momentum; the adaptive optimisers' beta1 (0.9)")
+    start.add_argument("--server-beta2", type=float, default=0.0, help="FedAdam/FedYogi beta2 (0.99)")
+    start.add_argument("--server-tau", type=float, default=0.0, help="the adaptive optimisers' tau (1e-3)")
+    start.add_argument("--dp-clip-norm", type=float, default=0.0,
+                       help="server-side differential privacy: clip each client's update to this L2 norm (0: off)")
+    start.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                       help="Gaussian noise std on the aggregate = this × clip norm / clients")
     start.add_argument("--round-timeout", type=float, default=0.0, help="seconds (0: the trainer's default)")
     lst = train.add_parser("list", help="federated jobs, newest first")
     status = train.add_parser("status", help="one job with its rounds")

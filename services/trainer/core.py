@@ -27,7 +27,7 @@ from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
 from services.trainer.selection import next_version, select_clients
 from services.trainer.settings import TrainerSettings
-from services.trainer.strategy import FedAvg, FedAvgM, make_strategy
+from services.trainer.strategy import FedAvg, make_strategy
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -42,11 +42,23 @@ def check_spec(spec: JobSpec) -> None:
                 (not 0 < spec.fraction <= 1, "fraction must be in (0, 1]"),
                 (spec.local_epochs < 1, "local_epochs must be >= 1"), (spec.lr <= 0, "lr must be > 0"),
                 (spec.batch_size < 1, "batch_size must be >= 1"), (spec.mu < 0, "mu must be >= 0"),
-                (spec.round_timeout_s < 0, "round_timeout_s must be >= 0"), (not spec.model, "model is required")]
+                (spec.round_timeout_s < 0, "round_timeout_s must be >= 0"), (not spec.model, "model is required"),
+                (spec.server_momentum < 0 or spec.server_momentum >= 1, "server_momentum must be in [0, 1)"),
+                (spec.server_lr < 0, "server_lr must be >= 0"),
+                (spec.server_beta2 < 0 or spec.server_beta2 >= 1, "server_beta2 must be in [0, 1)"),
+                (spec.server_tau < 0, "server_tau must be >= 0"),
+                (spec.dp_clip_norm < 0, "dp_clip_norm must be >= 0"),
+                (spec.dp_noise_multiplier < 0, "dp_noise_multiplier must be >= 0")]
     for bad, message in problems:
         if bad:
             raise InvalidArgument(f"federated job: {message}")
-    make_strategy(spec.strategy)
+    strategy_of(spec)
+
+
+def strategy_of(spec: JobSpec) -> FedAvg:
+    """The job's aggregation strategy, with its server optimiser and privacy settings."""
+    return make_strategy(spec.strategy, spec.mu, spec.server_momentum, spec.server_lr, spec.server_beta2,
+                         spec.server_tau, spec.dp_clip_norm, spec.dp_noise_multiplier)
 
 
 def load_eval_data() -> EvalData:
@@ -233,12 +245,11 @@ class FederatedTrainer:
 
     async def _train_and_publish(self, job: JobRecord) -> None:
         spec = job.spec
-        strategy = make_strategy(spec.strategy, spec.mu, spec.server_momentum, spec.server_lr)
+        strategy = strategy_of(spec)
         saved = await self.store.checkpoint(job.id) if job.round > 0 else None
         if saved is not None:  # taken over: go on after the last completed round
-            weights, velocity = checkpoint.decode(saved)
-            if isinstance(strategy, FedAvgM):
-                strategy.velocity = velocity
+            weights, state = checkpoint.decode(saved)
+            strategy.restore(state)
             log.info("federated job %s goes on after round %d of %d", job.id, job.round, spec.rounds)
         else:
             base = await self.registry.resolve(spec.model, job.base_version or spec.base_version, "FP32")
@@ -300,7 +311,7 @@ class FederatedTrainer:
         ROUND_SECONDS.observe(record.seconds)
         PARTICIPANTS.observe(len(record.participants))
         GLOBAL_ACCURACY.labels(job.spec.model).set(record.accuracy)
-        await self._save(job, checkpoint.encode(outcome.weights, getattr(strategy, "velocity", None)))
+        await self._save(job, checkpoint.encode(outcome.weights, strategy.state()))
         log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
                  record.accuracy, ",".join(record.participants))
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
@@ -322,6 +333,9 @@ class FederatedTrainer:
         meta = {"federated_job": job.id, "federated_rounds": str(spec.rounds),
                 "federated_strategy": spec.strategy, "parent_version": job.base_version,
                 "federated_clients": ",".join(sorted({p for r in job.history for p in r.participants}))}
+        if spec.dp_clip_norm > 0:  # what privacy the version was trained under travels with it
+            meta.update({"federated_dp_clip_norm": str(spec.dp_clip_norm),
+                         "federated_dp_noise_multiplier": str(spec.dp_noise_multiplier)})
         out_dir = Path(self.settings.data_dir) / job.id
         built = await asyncio.to_thread(export.build_variants, layers_from_named(weights), out_dir, spec.model,
                                         *self._eval, meta)

@@ -1,4 +1,8 @@
-"""Aggregation strategies: pure functions over named weights (FedAvg, FedAvgM, FedProx)."""
+"""Aggregation strategies: pure functions over named weights (FedAvg, FedAvgM, FedProx, and the
+adaptive server optimisers FedAdam, FedYogi, FedAdagrad of Reddi et al. 2021), optionally with
+server-side differential privacy by fixed clipping (Flower's
+DifferentialPrivacyServerSideFixedClipping: each client's update clipped to an L2 norm, Gaussian
+noise on the aggregate)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +12,8 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.common.federated import Named, check_same_shapes
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+ADAPTIVE = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 
 
 def weighted_average(updates: list[tuple[Named, int]]) -> Named:
@@ -41,14 +46,92 @@ def momentum_step(global_weights: Named, average: Named, velocity: Named | None,
     return weights, new_velocity
 
 
-class FedAvg:
-    """McMahan et al.: the sample-weighted mean of the clients' weights."""
+def update_norm(global_weights: Named, weights: Named) -> float:
+    """L2 norm of a client's update (its weights minus the global ones) over every tensor."""
+    return float(np.sqrt(sum(np.sum((weights[n].astype(np.float64) - w) ** 2) for n, w in global_weights.items())))
 
+
+def clip_update(global_weights: Named, weights: Named, clip_norm: float) -> Named:
+    """The client's weights with its update scaled down to an L2 norm of at most `clip_norm`."""
+    check_same_shapes(global_weights, weights, "update")
+    norm = update_norm(global_weights, weights)
+    if norm <= clip_norm:
+        return weights
+    scale = clip_norm / norm
+    return {n: (w + scale * (weights[n] - w)).astype(np.float32) for n, w in global_weights.items()}
+
+
+def gaussian_noise(weights: Named, std: float, rng: np.random.Generator) -> Named:
+    """Each tensor plus independent N(0, std²) noise."""
+    return {n: (w + rng.normal(0.0, std, w.shape)).astype(np.float32) for n, w in weights.items()}
+
+
+def adaptive_step(kind: str, global_weights: Named, average: Named, m: Named | None, v: Named | None,
+                  eta: float, beta1: float, beta2: float, tau: float) -> tuple[Named, Named, Named]:
+    """One server step of FedAdam / FedYogi / FedAdagrad on the pseudo-gradient Δ = avg − w:
+    m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ² (adam), v − (1−β2)·Δ²·sign(v − Δ²) (yogi),
+    v + Δ² (adagrad); w ← w + η·m / (√v + τ). m and v start at 0 and τ² (Reddi et al.).
+    Returns (weights, m, v)."""
+    check_same_shapes(global_weights, average, "aggregate")
+    weights, new_m, new_v = {}, {}, {}
+    for name, w in global_weights.items():
+        delta = average[name].astype(np.float64) - w
+        prev_m = m[name] if m else np.zeros_like(delta)
+        prev_v = v[name] if v else np.full_like(delta, tau * tau)
+        new_m[name] = beta1 * prev_m + (1 - beta1) * delta
+        square = delta * delta
+        if kind == "adam":
+            new_v[name] = beta2 * prev_v + (1 - beta2) * square
+        elif kind == "yogi":
+            new_v[name] = prev_v - (1 - beta2) * square * np.sign(prev_v - square)
+        elif kind == "adagrad":
+            new_v[name] = prev_v + square
+        else:
+            raise InvalidArgument(f"unknown adaptive optimiser '{kind}'")
+        weights[name] = (w + eta * new_m[name] / (np.sqrt(new_v[name]) + tau)).astype(np.float32)
+    return weights, new_m, new_v
+
+
+@dataclass
+class Privacy:
+    """Server-side differential privacy with fixed clipping: every update clipped to `clip_norm`,
+    then N(0, (noise_multiplier·clip_norm / clients)²) added to each aggregated weight."""
+
+    clip_norm: float
+    noise_multiplier: float = 0.0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
+
+    def average(self, global_weights: Named, updates: list[tuple[Named, int]]) -> Named:
+        clipped = [(clip_update(global_weights, w, self.clip_norm), n) for w, n in updates]
+        average = weighted_average(clipped)
+        if self.noise_multiplier <= 0:
+            return average
+        return gaussian_noise(average, self.noise_multiplier * self.clip_norm / len(updates), self.rng)
+
+
+@dataclass
+class FedAvg:
+    """McMahan et al.: the sample-weighted mean of the clients' weights. Every strategy averages
+    the same way (with `privacy`: clipped and noised), then takes its own server step."""
+
+    privacy: Privacy | None = field(default=None, kw_only=True)
     name = "fedavg"
     client_mu = 0.0
 
     def aggregate(self, global_weights: Named, updates: list[tuple[Named, int]]) -> Named:
-        return weighted_average(updates)
+        if self.privacy is not None:
+            return self.step(global_weights, self.privacy.average(global_weights, updates))
+        return self.step(global_weights, weighted_average(updates))
+
+    def step(self, global_weights: Named, average: Named) -> Named:
+        return average
+
+    def state(self) -> dict[str, Named]:
+        """The server optimiser's state between rounds (checkpointed with the weights)."""
+        return {}
+
+    def restore(self, state: dict[str, Named]) -> None:
+        """Take up `state` from a checkpoint."""
 
 
 @dataclass
@@ -60,10 +143,15 @@ class FedAvgM(FedAvg):
     velocity: Named | None = field(default=None, repr=False)
     name = "fedavgm"
 
-    def aggregate(self, global_weights: Named, updates: list[tuple[Named, int]]) -> Named:
-        weights, self.velocity = momentum_step(global_weights, weighted_average(updates), self.velocity,
-                                               self.momentum, self.server_lr)
+    def step(self, global_weights: Named, average: Named) -> Named:
+        weights, self.velocity = momentum_step(global_weights, average, self.velocity, self.momentum, self.server_lr)
         return weights
+
+    def state(self) -> dict[str, Named]:
+        return {"velocity": self.velocity} if self.velocity else {}
+
+    def restore(self, state: dict[str, Named]) -> None:
+        self.velocity = state.get("velocity") or None
 
 
 @dataclass
@@ -78,13 +166,50 @@ class FedProx(FedAvg):
         return self.mu
 
 
-def make_strategy(name: str, mu: float = 0.0, momentum: float = 0.0, server_lr: float = 0.0) -> FedAvg:
-    """The strategy called `name`; zero parameters take each strategy's defaults."""
+@dataclass
+class FedOpt(FedAvg):
+    """Reddi et al. 2021, adaptive federated optimisation: the server treats avg − w as a
+    pseudo-gradient for Adam, Yogi or Adagrad (`kind`) and keeps its moments between rounds."""
+
+    kind: str = "adam"
+    eta: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    m: Named | None = field(default=None, repr=False)
+    v: Named | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"fed{self.kind}"
+
+    def step(self, global_weights: Named, average: Named) -> Named:
+        weights, self.m, self.v = adaptive_step(self.kind, global_weights, average, self.m, self.v,
+                                                self.eta, self.beta1, self.beta2, self.tau)
+        return weights
+
+    def state(self) -> dict[str, Named]:
+        return {"m": self.m, "v": self.v} if self.m and self.v else {}
+
+    def restore(self, state: dict[str, Named]) -> None:
+        self.m, self.v = state.get("m") or None, state.get("v") or None
+
+
+def make_strategy(name: str, mu: float = 0.0, momentum: float = 0.0, server_lr: float = 0.0, beta2: float = 0.0,
+                  tau: float = 0.0, clip_norm: float = 0.0, noise_multiplier: float = 0.0) -> FedAvg:
+    """The strategy called `name`; zero parameters take each strategy's defaults. `clip_norm` > 0
+    adds server-side differential privacy (fixed clipping, Gaussian noise of `noise_multiplier`)."""
     key = (name or "fedavg").lower()
+    privacy = Privacy(clip_norm, noise_multiplier) if clip_norm > 0 else None
+    if noise_multiplier > 0 and privacy is None:
+        raise InvalidArgument("dp_noise_multiplier needs dp_clip_norm > 0 (the noise is scaled by the clipping norm)")
     if key == "fedavg":
-        return FedAvg()
+        return FedAvg(privacy=privacy)
     if key == "fedavgm":
-        return FedAvgM(momentum=momentum or 0.9, server_lr=server_lr or 1.0)
+        return FedAvgM(momentum=momentum or 0.9, server_lr=server_lr or 1.0, privacy=privacy)
     if key == "fedprox":
-        return FedProx(mu=mu or 0.01)
+        return FedProx(mu=mu or 0.01, privacy=privacy)
+    if key in ADAPTIVE:
+        return FedOpt(kind=ADAPTIVE[key], eta=server_lr or 0.1, beta1=momentum or 0.9, beta2=beta2 or 0.99,
+                      tau=tau or 1e-3, privacy=privacy)
     raise InvalidArgument(f"unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")

@@ -199,6 +199,31 @@ def test_cnei_train_start_shows_each_round_and_prints_the_new_version(mesh, fl_m
     assert listed.returncode == 0 and "completed" in listed.stdout and MODEL in listed.stdout
 
 
+def test_a_fedadam_job_under_differential_privacy_from_the_command_line_records_its_privacy(mesh, fl_model):
+    out = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "start", "--model", MODEL,
+                          "--rounds", "2", "--min-clients", "2", "--strategy", "fedadam", "--dp-clip-norm", "0.5",
+                          "--dp-noise-multiplier", "0.01", "--trainer", mesh.trainer],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    version = re.search(rf"completed: {MODEL} version (\d+) registered", out.stdout).group(1)
+
+    async def fp32():
+        client = RegistryClient(mesh.registry)
+        try:
+            return await client.resolve(MODEL, version, "FP32")
+        finally:
+            await client.close()
+    meta = asyncio.run(fp32()).metadata
+    assert (meta["federated_strategy"], meta["federated_dp_clip_norm"], meta["federated_dp_noise_multiplier"]) == \
+        ("fedadam", "0.5", "0.01")
+    assert float(meta["accuracy"]) >= 0.8  # a little noise on a model that was already good
+
+    bad = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "start", "--model", MODEL,
+                          "--dp-noise-multiplier", "1", "--trainer", mesh.trainer], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "needs dp_clip_norm" in bad.stderr
+
+
 def _start_trainer(mesh, redis_url: str, nats_url: str, data_dir, **extra: str) -> tuple[subprocess.Popen, str]:
     """A second trainer process of the mesh, on its own port (`extra`: more environment)."""
     port = infra.free_port()

@@ -1,4 +1,5 @@
-"""Aggregation maths: weighted FedAvg, FedAvgM momentum, FedProx, rejected inputs; client choice."""
+"""Aggregation maths: weighted FedAvg, FedAvgM momentum, FedProx, the adaptive server optimisers,
+server-side differential privacy, rejected inputs; client choice."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,10 @@ import pytest
 from services.common.errors import InvalidArgument, TensorError
 from services.common.nodes import NodeInfo
 from services.trainer.selection import next_version, select_clients
-from services.trainer.strategy import FedAvg, FedAvgM, FedProx, make_strategy, momentum_step, weighted_average
+from services.common.jobs import JobSpec
+from services.trainer.core import check_spec
+from services.trainer.strategy import (FedAvg, FedAvgM, FedOpt, FedProx, Privacy, adaptive_step, clip_update,
+                                       make_strategy, momentum_step, update_norm, weighted_average)
 
 
 def _w(value: float, shape=(2, 3)) -> dict[str, np.ndarray]:
@@ -77,6 +81,77 @@ def test_fedprox_aggregates_like_fedavg_and_sends_mu_to_clients():
 def test_an_unknown_strategy_is_an_invalid_argument():
     with pytest.raises(InvalidArgument, match="unknown strategy 'scaffold'"):
         make_strategy("scaffold")
+
+
+def test_fedadam_steps_along_the_pseudo_gradient_scaled_by_its_moments():
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    weights, m, v = adaptive_step("adam", _w(1.0), _w(3.0), None, None, eta, b1, b2, tau)
+    delta = 2.0
+    m1, v1 = (1 - b1) * delta, b2 * tau ** 2 + (1 - b2) * delta ** 2
+    np.testing.assert_allclose(m["W0"], m1)
+    np.testing.assert_allclose(v["W0"], v1)
+    np.testing.assert_allclose(weights["W0"], 1.0 + eta * m1 / (np.sqrt(v1) + tau), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "expected_v"), [
+    ("adam", 0.99 * 4.0 + 0.01 * 1.0),     # exponential average
+    ("yogi", 4.0 - 0.01 * 1.0),            # v > Δ²: decreases additively, sign(v − Δ²) = +1
+    ("adagrad", 4.0 + 1.0),                # accumulates
+])
+def test_each_adaptive_optimiser_updates_its_second_moment_its_own_way(kind, expected_v):
+    _, _, v = adaptive_step(kind, _w(0.0), _w(1.0), _w(0.0), _w(4.0), 0.1, 0.9, 0.99, 1e-3)
+    np.testing.assert_allclose(v["W0"], expected_v)
+
+
+def test_adaptive_strategies_keep_their_moments_and_a_restored_one_steps_the_same():
+    strategy = make_strategy("fedyogi", server_lr=0.05)
+    assert isinstance(strategy, FedOpt) and strategy.name == "fedyogi" and strategy.eta == 0.05
+    first = strategy.aggregate(_w(0.0), [(_w(1.0), 2), (_w(3.0), 2)])
+    assert set(strategy.state()) == {"m", "v"}
+    resumed = make_strategy("fedyogi", server_lr=0.05)
+    resumed.restore(strategy.state())
+    np.testing.assert_allclose(resumed.aggregate(first, [(_w(2.5), 1)])["W0"],
+                               strategy.aggregate(first, [(_w(2.5), 1)])["W0"])
+    assert make_strategy("fedadagrad").state() == {}  # nothing before its first round
+
+
+def test_an_update_is_clipped_to_the_norm_and_a_small_one_is_left_alone():
+    base, far = _w(0.0), _w(2.0)
+    assert update_norm(base, far) == pytest.approx(np.sqrt(9 * 4.0))  # 6 + 3 entries of 2
+    clipped = clip_update(base, far, 1.5)
+    assert update_norm(base, clipped) == pytest.approx(1.5, rel=1e-6)
+    np.testing.assert_allclose(clipped["W0"] / clipped["B0"][0], 1.0)  # direction kept
+    np.testing.assert_array_equal(clip_update(base, _w(0.1), 1.5)["W0"], _w(0.1)["W0"])
+
+
+def test_differential_privacy_bounds_each_client_s_pull_and_adds_noise_of_the_set_scale():
+    base = {"W": np.zeros((400, 250), np.float32)}
+    outlier = {"W": np.full((400, 250), 10.0, np.float32)}
+    quiet = Privacy(clip_norm=1.0).average(base, [(outlier, 1), (base, 1)])
+    assert update_norm(base, quiet) == pytest.approx(0.5, rel=1e-5)  # the outlier moved it by 1/2 at most
+    noisy = Privacy(clip_norm=1.0, noise_multiplier=2.0, rng=np.random.default_rng(7)).average(
+        base, [(base, 1), (base, 1), (base, 1), (base, 1)])
+    assert noisy["W"].std() == pytest.approx(2.0 * 1.0 / 4, rel=0.02)  # σ·C / clients
+    assert abs(float(noisy["W"].mean())) < 0.01
+
+
+def test_every_strategy_takes_the_privacy_settings_and_noise_needs_a_clipping_norm():
+    for name in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
+        strategy = make_strategy(name, clip_norm=0.5, noise_multiplier=1.1)
+        assert strategy.privacy == Privacy(0.5, 1.1, strategy.privacy.rng)
+    assert make_strategy("fedavg").privacy is None
+    with pytest.raises(InvalidArgument, match="dp_noise_multiplier needs dp_clip_norm"):
+        make_strategy("fedavg", noise_multiplier=1.0)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"server_beta2": 1.0}, "server_beta2 must be in"), ({"server_momentum": 1.5}, "server_momentum must be in"),
+    ({"dp_clip_norm": -1.0}, "dp_clip_norm must be >= 0"), ({"dp_noise_multiplier": 1.0}, "needs dp_clip_norm"),
+    ({"strategy": "fedadam", "server_tau": -1.0}, "server_tau must be >= 0"),
+])
+def test_job_specs_with_optimiser_or_privacy_settings_out_of_range_are_refused(changes, message):
+    with pytest.raises(InvalidArgument, match=message):
+        check_spec(JobSpec(**changes))
 
 
 def _node(node_id: str, tier: str = "edge") -> NodeInfo:
