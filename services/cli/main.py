@@ -177,11 +177,11 @@ def status_text(s: dict) -> str:
                  "serving" if m.get("in_service", True) else "unloaded"]
                 for m in s["models"] for v in m["variants"]]
     out.append(table(variants, ["MODEL", "VERSION", "PRECISION", "ACCURACY", "LATENCY", "STATE"]))
-    deployments = [[m["name"], d["scheduler"], _batching(d["batching"]),
+    deployments = [[m["name"], d.get("rollout", "latest"), d["scheduler"], _batching(d["batching"]),
                     d["joint"], d["precision"], "+".join(d["tiers"]), "applied" if d["applied"] else "defaults"]
                    for m in s["models"] for d in [m["deployment"]] if not d.get("ensemble")]
-    out += ["", "DEPLOYMENTS", table(deployments, ["MODEL", "SCHEDULER", "BATCH/DELAY", "JOINT", "PRECISION",
-                                                   "TIERS", "SPEC"])]
+    out += ["", "DEPLOYMENTS", table(deployments, ["MODEL", "SERVING", "SCHEDULER", "BATCH/DELAY", "JOINT",
+                                                   "PRECISION", "TIERS", "SPEC"])]
     ensembles = [[m["name"], m["deployment"]["ensemble"]] for m in s["models"] if m["deployment"].get("ensemble")]
     if ensembles:
         out += ["", "ENSEMBLES", table(ensembles, ["MODEL", "STEPS"])]
@@ -243,6 +243,47 @@ async def deploy_apply(args) -> int:
     return 0
 
 
+def rollout_change(rollout, verb: str, version: str = "", percent: float = 0.0):
+    """The model's rollout after `cnei deploy canary|promote|rollback`: a canary of `version`
+    taking `percent` % of the requests that name no version; the canary made the stable version;
+    the canary dropped. FailedPrecondition when there is no canary to promote or roll back."""
+    from dataclasses import replace
+
+    from services.common.errors import FailedPrecondition
+
+    if verb == "canary":
+        return replace(rollout, canary=version, canary_percent=percent)
+    if not rollout.canary:
+        raise FailedPrecondition(f"there is no canary to {verb} (stable version: {rollout.stable or 'the latest'})")
+    if verb == "promote":
+        return replace(rollout, stable=rollout.canary, canary="", canary_percent=0.0)
+    return replace(rollout, canary="", canary_percent=0.0)
+
+
+async def deploy_rollout(args) -> int:
+    """`cnei deploy canary|promote|rollback MODEL`: change the rollout of the model's deployment
+    (the defaults when none was applied) and apply it."""
+    from dataclasses import replace
+
+    from services.common.deployment import DeploymentSpec
+    from services.common.errors import NotFound
+    from services.common.registry_client import RegistryClient
+
+    client = RegistryClient(args.registry, headers=_headers(args))
+    try:
+        try:
+            spec = await client.get_deployment(args.model)
+        except NotFound:
+            spec = DeploymentSpec(model=args.model)
+        rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0))
+        applied = (await client.put_deployment(replace(spec, rollout=rollout))).rollout
+    finally:
+        await client.close()
+    canary = f", canary v{applied.canary} at {applied.canary_percent:g} %" if applied.canary else ", no canary"
+    print(f"model '{args.model}': stable {'v' + applied.stable if applied.stable else 'the latest version'}{canary}")
+    return 0
+
+
 async def deploy_show(args) -> int:
     from services.common import deployment
     from services.common.registry_client import RegistryClient
@@ -297,7 +338,15 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("file")
     show = deploy.add_parser("get", help="show one model's deployment, or all")
     show.add_argument("model", nargs="?", default="")
-    for sp in (apply, show):
+    canary = deploy.add_parser("canary", help="send a share of the requests that name no version to a canary version")
+    canary.add_argument("model")
+    canary.add_argument("version")
+    canary.add_argument("--percent", type=float, default=10.0, help="share of those requests (default 10)")
+    promote = deploy.add_parser("promote", help="make the canary the stable version")
+    rollback = deploy.add_parser("rollback", help="drop the canary: every request goes to the stable version")
+    for sp in (promote, rollback):
+        sp.add_argument("model")
+    for sp in (apply, show, canary, promote, rollback):
         sp.add_argument("--registry", default="127.0.0.1:50051")
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
@@ -327,7 +376,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--registry", default="127.0.0.1:50051")
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
-    for sp in (inf, *controls, push, lst, apply, show, build_parser, st, *train_parsers):
+    for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser, st, *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     return p
@@ -343,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_up()
     verbs = {"push": models_push, "list": models_list, "build": build.models_build,
              "load": models_control, "unload": models_control,
-             "apply": deploy_apply, "get": deploy_show}
+             "apply": deploy_apply, "get": deploy_show, "canary": deploy_rollout, "promote": deploy_rollout,
+             "rollback": deploy_rollout}
     if args.command == "train":
         verbs = train.VERBS
     handler = verbs.get(getattr(args, "verb", "")) or {"infer": infer, "status": status}[args.command]

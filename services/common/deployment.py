@@ -58,6 +58,25 @@ class JointSpec:
 
 
 @dataclass(frozen=True)
+class RolloutSpec:
+    """Which version serves requests that name none (KServe's canary rollout): `stable` (""
+    = the latest registered), and `canary`, which takes `canary_percent` of them at random.
+    Rolling back clears the canary; promoting makes it the stable version."""
+
+    stable: str = ""
+    canary: str = ""
+    canary_percent: float = 0.0
+
+
+def rollout_version(rollout: RolloutSpec, draw: float) -> str:
+    """The version a request that names none is served by, for a uniform `draw` in [0, 1):
+    the canary for the first `canary_percent` %, else the stable one ("" = the latest)."""
+    if rollout.canary and draw * 100.0 < rollout.canary_percent:
+        return rollout.canary
+    return rollout.stable
+
+
+@dataclass(frozen=True)
 class EnsembleStep:
     """One model of an ensemble (Triton's ensemble_scheduling step). `inputs` are
     "<model input>=<ensemble tensor>", `outputs` "<model output>=<ensemble tensor>": a tensor is
@@ -88,10 +107,12 @@ class DeploymentSpec:
     # An ensemble: `model` names no registered model but this pipeline of models (Triton's
     # ensemble); its inputs are the tensors no step produces, its outputs those no step consumes.
     ensemble: tuple[EnsembleStep, ...] = ()
+    # The version requests that name none get: a pinned stable one and a canary's share.
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
 
 
 _NESTED = {"batching": BatchingSpec, "precision": PrecisionSpec, "scheduler": SchedulerSpec,
-           "joint": JointSpec}
+           "joint": JointSpec, "rollout": RolloutSpec}
 
 
 def _conform(value: Any, hint: Any, where: str) -> Any:
@@ -158,6 +179,15 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
         raise InvalidArgument(f"unknown tiers {sorted(bad_tiers)}")
     if spec.ensemble:
         ensemble_plan(spec)
+    r = spec.rollout
+    if not 0.0 <= r.canary_percent <= 100.0:
+        raise InvalidArgument(f"rollout canary_percent must be between 0 and 100, got {r.canary_percent}")
+    if r.canary and r.canary == r.stable:
+        raise InvalidArgument(f"rollout canary version {r.canary} is also the stable version")
+    if r.canary_percent > 0 and not r.canary:
+        raise InvalidArgument("rollout canary_percent needs a canary version")
+    if spec.ensemble and (r.stable or r.canary):
+        raise InvalidArgument("an ensemble has no versions to roll out (its steps name theirs)")
     return spec
 
 

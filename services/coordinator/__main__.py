@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from services.common import events, lifecycle, telemetry, triton_metrics
 from services.common import settings as cfg
+from services.common.background import Background
 from services.common.bus import EventBus
 from services.common.errors import CneiError
 from services.common.jobs import JobStore
@@ -154,10 +155,28 @@ async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: 
         core.control.forget()  # this or another coordinator (or worker) loaded or unloaded a model
         forget_routes(envelope)
 
+    warming = Background()
+
+    async def push_canary(model: str) -> None:
+        """A rollout's canary is loaded on the model's nodes before its share of traffic reaches
+        them (one coordinator process does it; loading is idempotent on a node)."""
+        try:
+            canary = (await catalog.deployment(model)).rollout.canary
+            if canary and core.control is not None:
+                loaded = await core.control.warm(await core.model_variant(model, canary))
+                log.info("canary %s v%s pushed to %s", model, canary, ",".join(loaded) or "no node")
+        except CneiError as exc:
+            log.warning("canary of %s not pushed to the nodes: %s", model, exc.message)
+
+    async def on_deployment(envelope: events.Envelope) -> None:
+        await on_model_event(envelope)
+        if source in ("coordinator", "coordinator-0"):
+            warming.spawn(push_canary(envelope.payload.get("model", "")))
+
     await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
     await bus.subscribe(events.MODEL_LOADED, on_model_control)
     await bus.subscribe(events.MODEL_UNLOADED, on_model_control)
-    await bus.subscribe(events.DEPLOYMENT_UPDATED, on_model_event)
+    await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)
     if source == "coordinator-0":
         await bus.subscribe(events.REQUEST_FAILOVER, on_peer_failover)
 

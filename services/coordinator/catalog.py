@@ -36,7 +36,10 @@ class Catalog:
         return (await self._entry(model))[0]
 
     async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
-        """Every precision variant of one version (the latest when `version` is empty)."""
+        """Every precision variant of one version (when `version` is empty: the deployment's
+        stable version, else the latest)."""
+        if not version:
+            version = (await self.deployment(model)).rollout.stable
         variants, _, chosen = await self._entry(model)
         if version not in chosen:
             chosen[version] = _pick_version(variants, model, version)

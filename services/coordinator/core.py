@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec
+from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
@@ -196,7 +197,10 @@ class Coordinator:
         deployed = await self.catalog.deployment(request.model_name)
         if deployed.ensemble:
             return await self._ensemble(request, deployed, deadline_s, start)
-        variants = await self.catalog.variants(request.model_name, request.model_version)
+        # a request that names no version: the canary's share goes to the canary, the rest to the
+        # stable version (the catalog's default)
+        version = request.model_version or rollout_version(deployed.rollout, random.random())
+        variants = await self.catalog.variants(request.model_name, version)
         spec = restrict_tier(deployed, request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
         mode = str(request.parameters.get("joint", "") or spec.joint.mode)

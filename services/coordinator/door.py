@@ -134,6 +134,10 @@ class DoorRoutes:
             deployed = await core.catalog.deployment(request.model_name)
             if deployed.ensemble:
                 return Refusal(f"model '{request.model_name}' is an ensemble: the coordinator runs its steps")
+            rollout = deployed.rollout
+            if rollout.canary_percent > 0 and not request.model_version:
+                return Refusal(f"model '{request.model_name}' has a canary rollout (version {rollout.canary} takes "
+                               f"{rollout.canary_percent:g} %): the coordinator splits its requests")
             variants = await core.catalog.variants(request.model_name, request.model_version)
             spec = restrict_tier(deployed, request.parameters)
             reason = refusal_reason(request, spec)

@@ -57,6 +57,13 @@ class ModelControl:
         await self.redis.srem(UNLOADED_KEY, model)
         self.forget()
         await self.core.announce(events.MODEL_LOADED, {"model": model, "version": variant.version})
+        return await self.warm(variant)
+
+    async def warm(self, variant) -> list[str]:
+        """Load `variant` on every eligible node of its model's deployment (a model loaded again,
+        a canary pushed to the edges before its traffic): the ids of the nodes that hold it now.
+        UNAVAILABLE when there are nodes but none could load it."""
+        model = variant.name
         nodes = self.core.eligible_nodes(await self.core.catalog.deployment(model))
         results = await asyncio.gather(*(self.clients.load(n.address, variant.name, variant.version, variant.precision,
                                                            self.node_timeout_s) for n in nodes),

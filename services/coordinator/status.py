@@ -78,7 +78,15 @@ def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
         "joint_threshold": j.threshold if j.mode != "off" else None,
         "hedge_after_ms": spec.hedge_after_ms, "response_cache": spec.response_cache,
         "ensemble": " -> ".join(s.model + (f"@{s.tier}" if s.tier else "") for s in spec.ensemble) or None,
+        "rollout": rollout_text(spec),
     }
+
+
+def rollout_text(spec: DeploymentSpec) -> str:
+    """Which version requests that name none get: 'latest', 'v1', 'v1 + v2 canary 10 %'."""
+    r = spec.rollout
+    stable = f"v{r.stable}" if r.stable else "latest"
+    return f"{stable} + v{r.canary} canary {r.canary_percent:g} %" if r.canary else stable
 
 
 def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, DeploymentSpec],

@@ -131,6 +131,8 @@ class Registry:
                 await self.resolve(step.model, step.version, step.precision)
         else:
             await self.resolve(spec.model)
+            for version in {spec.rollout.stable, spec.rollout.canary} - {""}:  # NOT_FOUND naming it
+                await self.resolve(spec.model, version)
         when = time.time()
         await asyncio.to_thread(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:

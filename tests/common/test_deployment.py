@@ -107,3 +107,25 @@ def test_an_invalid_spec_is_invalid_argument_saying_what_is_wrong(data, message)
 def test_text_that_is_not_json_is_invalid_argument(text):
     with pytest.raises(InvalidArgument, match="deployment spec is not JSON"):
         deployment.from_json(text)
+
+
+def test_a_rollout_reads_from_json_and_splits_requests_that_name_no_version():
+    spec = deployment.from_dict({"model": "digits", "rollout": {"stable": "1", "canary": "2", "canary_percent": 10}})
+    assert spec.rollout == deployment.RolloutSpec("1", "2", 10.0)
+    assert deployment.from_json(deployment.to_json(spec)) == spec
+    assert [deployment.rollout_version(spec.rollout, d) for d in (0.0, 0.0999, 0.1, 0.5, 0.9999)] == \
+        ["2", "2", "1", "1", "1"]
+    assert deployment.rollout_version(deployment.RolloutSpec(), 0.0) == ""  # no pin: the latest
+    full = deployment.RolloutSpec(stable="", canary="3", canary_percent=100)
+    assert {deployment.rollout_version(full, d) for d in (0.0, 0.5, 0.99)} == {"3"}
+
+
+@pytest.mark.parametrize(("rollout", "message"), [
+    ({"canary": "2", "canary_percent": 120}, "canary_percent must be between 0 and 100"),
+    ({"stable": "2", "canary": "2", "canary_percent": 5}, "canary version 2 is also the stable version"),
+    ({"canary_percent": 5}, "canary_percent needs a canary version"),
+    ({"canary": 2}, "deployment field 'digits.rollout.canary' must be str"),
+])
+def test_a_rollout_that_cannot_work_is_refused(rollout, message):
+    with pytest.raises(InvalidArgument, match=message):
+        deployment.from_dict({"model": "digits", "rollout": rollout})

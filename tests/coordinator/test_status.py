@@ -7,7 +7,7 @@ import time
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.common.deployment import DeploymentSpec, JointSpec, SchedulerSpec
+from services.common.deployment import DeploymentSpec, JointSpec, RolloutSpec, SchedulerSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -65,7 +65,7 @@ def test_models_list_newest_version_first_with_the_applied_deployment_or_the_def
                 variant("FP32", "2", accuracy="0.96"), variant("FP32", "10")]
     other = ModelVariant("tiny", "1", "FP32", "cd" * 32, 10, [], [])
     spec = DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy="least_loaded"),
-                          joint=JointSpec(mode="sync", threshold=0.8))
+                          joint=JointSpec(mode="sync", threshold=0.8), rollout=RolloutSpec("2", "10", 5))
     rows = model_rows(variants + [other], {"digits": spec})
     digits, tiny = rows
     assert [(v["version"], v["precision"]) for v in digits["variants"]] == [
@@ -76,6 +76,7 @@ def test_models_list_newest_version_first_with_the_applied_deployment_or_the_def
     assert (digits["deployment"]["joint"], digits["deployment"]["joint_threshold"]) == ("sync", 0.8)
     assert not tiny["deployment"]["applied"] and tiny["deployment"]["scheduler"] == "edgeai"
     assert tiny["deployment"]["joint_threshold"] is None
+    assert (digits["deployment"]["rollout"], tiny["deployment"]["rollout"]) == ("v2 + v10 canary 5 %", "latest")
     assert digits["in_service"] and tiny["in_service"]
     assert [m["in_service"] for m in model_rows(variants + [other], {}, frozenset({"tiny"}))] == [True, False]
 

@@ -137,14 +137,14 @@ def put_deployment(mesh, spec: DeploymentSpec) -> None:
     asyncio.run(put())
 
 
-def push_digits_as(mesh, digits_models, name: str) -> str:
-    """Register the digits FP32 file as version 1 of model `name` (a model a test may change)."""
+def push_digits_as(mesh, digits_models, name: str, version: str = "1") -> str:
+    """Register the digits FP32 file as `version` of model `name` (a model a test may change)."""
     fp32 = next(v for v in digits_models if v.precision == "FP32")
 
     async def push():
         client = RegistryClient(mesh.registry)
         try:
-            await client.push_file(fp32.path, name, "1", "FP32", fp32.metadata)
+            await client.push_file(fp32.path, name, version, "FP32", fp32.metadata)
         finally:
             await client.close()
 
