@@ -14,10 +14,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def check(target: str, service: str = "", timeout: float = 2.0) -> tuple[bool, str]:
-    """(serving, status name or error) for `service` ("" = the whole server) at `target`."""
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _channel(target: str, tls_ca: str, tls_cert: str, tls_key: str) -> grpc.Channel:
+    if not tls_ca:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert)))
+
+
+def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = "", tls_cert: str = "",
+          tls_key: str = "") -> tuple[bool, str]:
+    """(serving, status name or error) for `service` ("" = the whole server) at `target`; over TLS
+    trusting `tls_ca` when given (with a client certificate for mutual TLS)."""
     try:
-        with grpc.insecure_channel(target) as channel:
+        with _channel(target, tls_ca, tls_cert, tls_key) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:
@@ -32,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="HOST:PORT of a gRPC server with the standard health service")
     parser.add_argument("--service", default="", help="service name to check (default: the server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
+    parser.add_argument("--tls-ca", default="", help="a server on TLS: the CA (PEM) to trust")
+    parser.add_argument("--tls-cert", default="", help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", default="", help="its key (PEM)")
     args = parser.parse_args(argv)
-    serving, status = check(args.target, args.service, args.timeout)
+    serving, status = check(args.target, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
     print(f"{args.target} {args.service or '(server)'}: {status}",
           file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1

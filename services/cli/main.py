@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -43,6 +44,19 @@ async def models_list(args) -> int:
     return 0
 
 
+def _credentials(args):
+    """TLS to a coordinator whose public ports use it: --tls-ca (and, for mutual TLS, --tls-cert and
+    --tls-key), else $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY; None: plaintext."""
+    from services.common import tls
+
+    ca = getattr(args, "tls_ca", "") or os.environ.get("CNEI_TLS_CA", "")
+    if not ca:
+        return None
+    cert = getattr(args, "tls_cert", "") or os.environ.get("CNEI_TLS_CERT", "")
+    key = getattr(args, "tls_key", "") or os.environ.get("CNEI_TLS_KEY", "")
+    return tls.channel_credentials(ca, cert, key)
+
+
 def _headers(args) -> list[tuple[str, str]]:
     """--header KEY=VALUE flags, else $CNEI_HEADERS (`k=v;k2=v2`): for restricted APIs."""
     from services.common import restricted
@@ -56,7 +70,7 @@ async def models_control(args) -> int:
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
-    channel = grpc_util.channel(args.url)
+    channel = grpc_util.channel(args.url, credentials=_credentials(args))
     try:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         metadata = _headers(args)
@@ -116,7 +130,7 @@ async def infer(args) -> int:
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
-    async with grpc_util.channel(args.url) as channel:
+    async with grpc_util.channel(args.url, credentials=_credentials(args)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         metadata = _headers(args)
         meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10, metadata=metadata)
@@ -147,8 +161,14 @@ def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
 
     url = url.rstrip("/")
     url = url if url.endswith("/api/status") else url + "/api/status"
+    context = None
+    if url.startswith("https:") and os.environ.get("CNEI_TLS_CA"):  # a coordinator serving TLS
+        from services.common import tls
+
+        context = tls.client_ssl_context(os.environ["CNEI_TLS_CA"], os.environ.get("CNEI_TLS_CERT", ""),
+                                         os.environ.get("CNEI_TLS_KEY", ""))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             return json.loads(reply.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -376,6 +396,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--registry", default="127.0.0.1:50051")
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
+    for sp in (inf, *controls):
+        sp.add_argument("--tls-ca", default="", help="CA of a coordinator serving TLS (default: $CNEI_TLS_CA)")
+        sp.add_argument("--tls-cert", default="", help="client certificate for mutual TLS (default: $CNEI_TLS_CERT)")
+        sp.add_argument("--tls-key", default="", help="its key (default: $CNEI_TLS_KEY)")
     for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser, st, *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")

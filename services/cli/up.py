@@ -194,6 +194,19 @@ async def register_demo(registry_target: str, models_dir: Path) -> list[str]:
     return lines
 
 
+def coordinator_credentials():
+    """TLS to the coordinator this process configured, when its public ports use it: trusting
+    $CNEI_TLS_CA, else its own certificate (self-signed), with $CNEI_TLS_CERT/KEY for mutual TLS;
+    None: plaintext."""
+    from services.common import tls
+
+    own = os.environ.get("CNEI_COORDINATOR_TLS_CERT_FILE", "")
+    if not own:
+        return None
+    return tls.channel_credentials(os.environ.get("CNEI_TLS_CA", "") or own, os.environ.get("CNEI_TLS_CERT", ""),
+                                   os.environ.get("CNEI_TLS_KEY", ""))
+
+
 async def wait_ready(target: str, timeout: float = 60.0) -> None:
     """Wait until the coordinator reports ready (a node is live)."""
     from services.common import grpc_util
@@ -204,7 +217,7 @@ async def wait_ready(target: str, timeout: float = 60.0) -> None:
     # the coordinator this process configured may restrict its health API: send its headers
     metadata = own_headers(os.environ.get("CNEI_COORDINATOR_RESTRICTED_APIS", ""))
     deadline = time.monotonic() + timeout
-    async with grpc_util.channel(target) as channel:
+    async with grpc_util.channel(target, credentials=coordinator_credentials()) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -195,7 +195,12 @@ def client_interceptors(headers: tuple[tuple[str, str], ...] = ()) -> list:
     return [kind(headers) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
-def channel(target: str, headers: list[tuple[str, str]] | tuple = ()) -> grpc.aio.Channel:
-    """An insecure aio channel with trace propagation and generous message limits; `headers`
-    (lower-case keys) go with every call, for a server whose APIs are restricted."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=client_interceptors(tuple(headers)))
+def channel(target: str, headers: list[tuple[str, str]] | tuple = (),
+            credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """An aio channel with trace propagation and generous message limits; `headers` (lower-case
+    keys) go with every call, for a server whose APIs are restricted; `credentials`: TLS
+    (services.common.tls), else plaintext."""
+    interceptors = client_interceptors(tuple(headers))
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)

@@ -146,12 +146,16 @@ class GrpcServer:
     """A grpc.aio server bound to host:port with the standard health service."""
 
     def __init__(self, host: str, port: int, max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES,
-                 interceptors: list | None = None, reuse_port: bool = False):
+                 interceptors: list | None = None, reuse_port: bool = False,
+                 credentials: grpc.ServerCredentials | None = None):
+        """`credentials`: TLS (services.common.tls); None: plaintext."""
         self.server = grpc.aio.server(options=grpc_util.server_options(max_message_bytes, reuse_port),
                                       interceptors=interceptors or None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         self.address = f"{host}:{self.port}"

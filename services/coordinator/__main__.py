@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from services.common import events, lifecycle, telemetry, triton_metrics
+from services.common import events, lifecycle, telemetry, tls, triton_metrics
 from services.common import settings as cfg
 from services.common.background import Background
 from services.common.bus import EventBus
@@ -75,9 +75,10 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     restricted = restricted_apis.parse(settings.restricted_apis)
     guard = [restricted_apis.RestrictedApis(restricted)] if restricted else None
     routes = None
+    public_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     if door_path is None:
-        server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0,
-                                      interceptors=guard)
+        server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0, interceptors=guard,
+                                      credentials=tls.grpc_server_credentials(public_tls) if public_tls else None)
     else:  # the door takes the public port; the coordinator serves it from behind
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port, interceptors=guard)
         routes = DoorRoutes(core, settings.route_ttl_ms, tracing if telemetry.exporting() else None,
@@ -98,7 +99,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
         runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs, restricted), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.http_port).start()
+        await web.TCPSite(runner, settings.host, settings.http_port,
+                          ssl_context=tls.server_ssl_context(public_tls) if public_tls else None).start()
     if worker < 0:  # several workers: the supervisor serves Triton's metrics over all of them
         triton_metrics.register(lambda: core.stats_view.select())
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
@@ -107,7 +109,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
                            shm_dir if settings.shared_memory else "", restricted.get("inference"),
-                           settings.response_cache_bytes)
+                           settings.response_cache_bytes, public_tls)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
@@ -190,6 +192,10 @@ def failover_row(envelope: events.Envelope) -> dict:
 def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers)
+    try:
+        tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    except ValueError as exc:
+        raise SystemExit(f"coordinator: {exc}") from None
     count = worker_count(settings.workers)
     try:
         door_path = door_binary(settings.front_door, settings.front_door_binary) if settings.worker_index < 0 else None

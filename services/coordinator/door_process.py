@@ -12,6 +12,7 @@ from pathlib import Path
 from services.common import lifecycle
 from services.common.errors import FailedPrecondition
 from services.common.restricted import Key
+from services.common.tls import ServerTls
 
 log = logging.getLogger(__name__)
 BUILT = Path(__file__).resolve().parent / "frontdoor" / "build" / "cnei-frontdoor"
@@ -38,16 +39,21 @@ RESTRICT_ENV = "CNEI_FRONTDOOR_RESTRICT_INFERENCE"
 
 class DoorProcess:
     def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = "",
-                 restrict_inference: Key | None = None, response_cache_bytes: int = 0):
+                 restrict_inference: Key | None = None, response_cache_bytes: int = 0, tls: ServerTls | None = None):
         """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
         reads to serve requests whose tensors are in the client's shared memory itself.
-        `restrict_inference`: the header and value inference requests need (restricted APIs)."""
+        `restrict_inference`: the header and value inference requests need (restricted APIs).
+        `tls`: the public port's certificate files (None: plaintext)."""
         self.command = [str(binary), "--listen", listen, "--backend", backend,
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         if shm_dir:
             self.command += ["--shm-dir", shm_dir]
         if response_cache_bytes > 0:  # answers of deployments with response_cache: true
             self.command += ["--response-cache-bytes", str(response_cache_bytes)]
+        if tls is not None:  # file paths, not their contents, on the command line
+            self.command += ["--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
+            if tls.mutual:
+                self.command += ["--tls-client-ca", tls.client_ca_file]
         self.env = {k: v for k, v in os.environ.items() if k != RESTRICT_ENV}
         if restrict_inference is not None:  # in the environment: the command line is anybody's to read
             self.env[RESTRICT_ENV] = f"{restrict_inference.header}={restrict_inference.value}"

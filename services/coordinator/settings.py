@@ -29,6 +29,11 @@ class CoordinatorSettings:
     front_door_binary: str = field("", "path of cnei-frontdoor (empty: the one `make frontdoor` builds)")
     internal_grpc_port: int = field(0, "gRPC port of the coordinator behind the front door, on 127.0.0.1 "
                                        "(0: any free port)")
+    tls_cert_file: str = field("", "PEM certificate (chain) of the public gRPC and REST ports: TLS, as Triton's "
+                                   "--grpc-use-ssl (empty: plaintext)")
+    tls_key_file: str = field("", "PEM private key of that certificate")
+    tls_client_ca_file: str = field("", "PEM CA whose client certificates the public ports require (mutual TLS; "
+                                        "empty: none asked)")
     restricted_apis: str = field(
         "", "Triton's restricted APIs: '<category>[,...]:<header>=<value>', several joined with ';' (e.g. "
             "'model-repository,trace,logging:admin-key=s3cret'); such calls without the header are "

@@ -55,6 +55,7 @@ VALUE_SETS = {
         "trainer": {"restrictedApisSecret": {"name": "cnei-trainer", "key": "apis"}},
         "coordinator": {"env": {"CNEI_COORDINATOR_MAX_ATTEMPTS": 5},
                         "restrictedApisSecret": {"name": "cnei-admin", "key": "restricted-apis"},
+                        "tls": {"secretName": "cnei-public-tls", "clientCaKey": "ca.crt"},
                         "autoscaling": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}},
         "runtime": {"preload": ["digits", "digits:1:INT8"]},
         "edgeRuntime": {"region": "site-a", "nodeSelector": {"cnei.io/site": "site-a"},
@@ -271,15 +272,18 @@ def test_every_container_runs_non_root_without_privileges_and_with_limits(render
 
 
 def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(rendered):
+    """Through gRPC health, or a TCP connect where the port serves TLS (Kubernetes' gRPC probe
+    speaks plaintext)."""
     servers = 0
     for workload, container in rendered.cnei_containers():
         ports = _container_ports(container)
         if "grpc" not in ports:
             continue
         servers += 1
+        on_tls = "CNEI_COORDINATOR_TLS_CERT_FILE" in _env(container)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             where = (workload["metadata"]["name"], probe)
-            assert container[probe]["grpc"] == {"port": ports["grpc"]}, where
+            assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
     assert servers >= 3
 
 
@@ -315,6 +319,25 @@ def test_restricted_apis_come_from_a_secret_only_when_one_is_named():
             for _, container in containers:  # the edge daemonset and the cloud runtime alike
                 env = _env(container).get(variable)
                 assert (env["valueFrom"]["secretKeyRef"] if env else None) == (secret if value_set == "production" else None)
+
+
+def test_the_public_ports_serve_tls_from_a_secret_and_are_probed_over_tcp_then():
+    for value_set, tls in (("production", True), ("defaults", False)):
+        (workload, container), = _render(VALUE_SETS[value_set]).running("services.coordinator")
+        env = _env(container)
+        files = {name: env[name]["value"] for name in ("CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_COORDINATOR_TLS_KEY_FILE",
+                                                       "CNEI_COORDINATOR_TLS_CLIENT_CA_FILE") if name in env}
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        probe = container["readinessProbe"]
+        if tls:
+            assert files == {"CNEI_COORDINATOR_TLS_CERT_FILE": "/etc/cnei/tls/tls.crt",
+                             "CNEI_COORDINATOR_TLS_KEY_FILE": "/etc/cnei/tls/tls.key",
+                             "CNEI_COORDINATOR_TLS_CLIENT_CA_FILE": "/etc/cnei/tls/ca.crt"}
+            assert volumes["tls"]["secret"]["secretName"] == "cnei-public-tls"
+            assert {"name": "tls", "mountPath": "/etc/cnei/tls", "readOnly": True} in container["volumeMounts"]
+            assert "tcpSocket" in probe and "grpc" not in probe
+        else:
+            assert files == {} and "tls" not in volumes and "grpc" in probe
 
 
 def test_settings_ports_match_the_container_ports(rendered):

@@ -125,14 +125,16 @@ nothing when the secret is not set. */}}
 {{/* Startup, liveness and readiness probes on the gRPC health service at `.port`. */}}
 {{- define "cnei.grpcProbes" -}}
 {{- $p := .ctx.Values.probes }}
+{{- /* Kubernetes' gRPC probe speaks plaintext: a port on TLS is probed by a TCP connect. */}}
+{{- $check := ternary (printf "tcpSocket: {port: %v}" .port) (printf "grpc: {port: %v}" .port) (default false .tls) }}
 startupProbe:
-  grpc: {port: {{ .port }}}
+  {{ $check }}
   {{- toYaml $p.startup | nindent 2 }}
 livenessProbe:
-  grpc: {port: {{ .port }}}
+  {{ $check }}
   {{- toYaml $p.liveness | nindent 2 }}
 readinessProbe:
-  grpc: {port: {{ .port }}}
+  {{ $check }}
   {{- toYaml $p.readiness | nindent 2 }}
 {{- end }}
 

@@ -8,7 +8,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -31,12 +33,16 @@ struct Flags {
   int parent_pid = 0;  // stop when this process (the coordinator) is gone
   std::string shm_dir;  // the coordinator's shared memory registrations (empty: none served here)
   long long response_cache_bytes = 0;  // for deployments with response_cache (0: no cache here)
+  std::string tls_cert;       // PEM files of the public port's TLS (empty: plaintext)
+  std::string tls_key;
+  std::string tls_client_ca;  // client certificates required (mutual TLS) when set
 };
 
 constexpr char kUsage[] =
     "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
     "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
-    "       [--parent-pid PID] [--shm-dir DIR] [--response-cache-bytes 0]\n";
+    "       [--parent-pid PID] [--shm-dir DIR] [--response-cache-bytes 0]\n"
+    "       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -86,9 +92,14 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--parent-pid") flags.parent_pid = PositiveInt(name, value);
     else if (name == "--shm-dir") flags.shm_dir = value;
     else if (name == "--response-cache-bytes") flags.response_cache_bytes = NonNegative(name, value);
+    else if (name == "--tls-cert") flags.tls_cert = value;
+    else if (name == "--tls-key") flags.tls_key = value;
+    else if (name == "--tls-client-ca") flags.tls_client_ca = value;
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
+  if (flags.tls_cert.empty() != flags.tls_key.empty()) Usage("--tls-cert and --tls-key go together");
+  if (!flags.tls_client_ca.empty() && flags.tls_cert.empty()) Usage("--tls-client-ca needs --tls-cert and --tls-key");
   return flags;
 }
 
@@ -104,6 +115,26 @@ sigset_t BlockStopSignals() {
 }
 
 constexpr int kShutdownLimitS = 10;  // drain 5 s, last report, then no longer than this
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Usage("cannot read " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The public port's credentials: TLS from the PEM files (client certificates required when a
+// client CA is given), else plaintext.
+std::shared_ptr<grpc::ServerCredentials> PublicCredentials(const Flags& flags) {
+  if (flags.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions options(
+      flags.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                  : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  options.pem_key_cert_pairs.push_back({ReadFile(flags.tls_key), ReadFile(flags.tls_cert)});
+  if (!flags.tls_client_ca.empty()) options.pem_root_certs = ReadFile(flags.tls_client_ca);
+  return grpc::SslServerCredentials(options);
+}
 
 std::string WithPort(const std::string& address, int port) {
   return address.substr(0, address.rfind(':')) + ":" + std::to_string(port);
@@ -149,7 +180,7 @@ int main(int argc, char** argv) {
 
   int port = 0;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(flags.listen, PublicCredentials(flags), &port);
   builder.RegisterCallbackGenericService(&service);
   builder.SetMaxReceiveMessageSize(flags.max_message_bytes);
   builder.SetMaxSendMessageSize(flags.max_message_bytes);
@@ -159,8 +190,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   reporter.Start();
-  fprintf(stderr, "cnei-frontdoor listening on %s backend %s\n",
-          WithPort(flags.listen, port).c_str(), flags.backend.c_str());
+  fprintf(stderr, "cnei-frontdoor listening on %s%s backend %s\n", WithPort(flags.listen, port).c_str(),
+          flags.tls_cert.empty() ? "" : flags.tls_client_ca.empty() ? " (TLS)" : " (mutual TLS)",
+          flags.backend.c_str());
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

@@ -1,0 +1,70 @@
+"""TLS for the public ports (Triton's `--grpc-use-ssl`, `--grpc-server-cert`, `--grpc-server-key`,
+`--grpc-root-cert` with `--grpc-use-ssl-mutual`): a certificate and key in PEM files, and
+optionally the CA whose client certificates are required (mutual TLS). Clients trust a CA file."""
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files of a server: its certificate (chain) and key, and the CA of the client
+    certificates it requires ("" = clients need none)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.client_ca_file)
+
+
+def server_tls(prefix: str, cert_file: str, key_file: str, client_ca_file: str = "") -> ServerTls | None:
+    """The server's TLS files from its settings (None: plain), or ValueError naming the variable
+    that is missing or unreadable (`prefix`: the settings' environment prefix)."""
+    if not (cert_file or key_file or client_ca_file):
+        return None
+    if not cert_file or not key_file:
+        missing = "TLS_CERT_FILE" if not cert_file else "TLS_KEY_FILE"
+        raise ValueError(f"{prefix}{missing} is needed with the other TLS settings")
+    for name, path in (("TLS_CERT_FILE", cert_file), ("TLS_KEY_FILE", key_file),
+                       ("TLS_CLIENT_CA_FILE", client_ca_file)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{prefix}{name}: no such file '{path}'")
+    return ServerTls(cert_file, key_file, client_ca_file)
+
+
+def grpc_server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    pair = (Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())
+    ca = Path(tls.client_ca_file).read_bytes() if tls.mutual else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=tls.mutual)
+
+
+def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
+    """For an HTTPS server (REST): the same certificate, and client certificates when mutual."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.mutual:
+        context.load_verify_locations(tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """A client's: trust `ca_file`; present `cert_file`/`key_file` to a server that asks (mutual)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None)
+
+
+def client_ssl_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    return context
