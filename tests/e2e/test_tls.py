@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -24,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from services.cli import infra
 from services.common import tls
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import start_coordinator
+from tests.e2e.processes import run_perf_analyzer, start_coordinator
 
 
 def _key():
@@ -127,6 +128,10 @@ def test_the_public_ports_serve_tls_and_refuse_plaintext_and_untrusted_clients(m
         health = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", address, "--tls-ca", pki["ca"]],
                                 capture_output=True, text=True, timeout=30)
         assert health.returncode == 0, health.stderr
+        if door == "on":  # Triton's own client over TLS, through the door's fast path
+            report = run_perf_analyzer("digits", address, "--ssl-grpc-use-ssl", "true",
+                                       "--ssl-grpc-root-certifications-file", pki["ca"])
+            assert float(re.search(r"throughput: ([0-9.]+) infer/sec", report).group(1)) > 0
     finally:
         infra.stop(proc)
 
