@@ -47,6 +47,9 @@ class Route:
     alternatives: tuple[Route, ...] = ()  # other nodes as good for these requests (routes of their own)
     row_ms: float = 0.0  # the node's measured compute time per row (0: not measured yet)
     response_cache: bool = False  # the deployment caches responses (the door keeps its own)
+    # The share of these requests it takes where the deployment splits them (a canary rollout:
+    # this route and its alternative, one per version, drawn at random); 0: no split.
+    share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,9 @@ class DoorRoutes:
         return config.rate if config.on else 0
 
     async def route(self, request: oip.InferRequest) -> Route | Refusal:
+        """Where requests like `request` go: one route (with its peers as alternatives), or under
+        a canary rollout, for requests that name no version, the stable version's best route and
+        the canary's, each with its share, which the door draws between."""
         core = self.core
         if await self.trace_every(request.model_name) == 1:
             return Refusal(f"every request for model '{request.model_name}' is traced (trace_rate 1)")
@@ -135,18 +141,29 @@ class DoorRoutes:
             if deployed.ensemble:
                 return Refusal(f"model '{request.model_name}' is an ensemble: the coordinator runs its steps")
             rollout = deployed.rollout
-            if rollout.canary_percent > 0 and not request.model_version:
-                return Refusal(f"model '{request.model_name}' has a canary rollout (version {rollout.canary} takes "
-                               f"{rollout.canary_percent:g} %): the coordinator splits its requests")
-            variants = await core.catalog.variants(request.model_name, request.model_version)
-            spec = restrict_tier(deployed, request.parameters)
-            reason = refusal_reason(request, spec)
-            if reason:
-                return Refusal(reason)
-            check_inputs(variants[0], request.inputs)
-            placements = core.place_spread(request, variants, spec, self.spread_nodes, self.spread_margin)
+            if not (rollout.canary_percent > 0 and not request.model_version):
+                return await self._routes(request, deployed, request.model_version)
+            stable = await self._routes(request, deployed, rollout.stable)
+            canary = await self._routes(request, deployed, rollout.canary)
         except CneiError as exc:  # the full path answers these requests with this error
             return Refusal(exc.message)
+        for decision in (stable, canary):
+            if isinstance(decision, Refusal):
+                return decision
+        share = rollout.canary_percent / 100.0
+        return replace(stable, alternatives=(replace(canary, alternatives=(), share=share),), share=1.0 - share)
+
+    async def _routes(self, request: oip.InferRequest, deployed: DeploymentSpec, version: str) -> Route | Refusal:
+        """The route of `version` ("": the stable one) for requests like `request`, its peers as
+        alternatives; CneiError for what the full path answers with an error."""
+        core = self.core
+        variants = await core.catalog.variants(request.model_name, version)
+        spec = restrict_tier(deployed, request.parameters)
+        reason = refusal_reason(request, spec)
+        if reason:
+            return Refusal(reason)
+        check_inputs(variants[0], request.inputs)
+        placements = core.place_spread(request, variants, spec, self.spread_nodes, self.spread_margin)
         if not placements:
             return Refusal(f"no live node serves model '{request.model_name}'")
         first = placements[0]

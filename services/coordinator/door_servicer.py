@@ -50,7 +50,7 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         max_queue_delay_us=decision.batching.max_queue_delay_us,
         preferred_batch_sizes=decision.batching.preferred_batch_sizes,
         alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms,
-        response_cache=decision.response_cache)
+        response_cache=decision.response_cache, share=decision.share)
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common import oip
-from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec, SchedulerSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec, RolloutSpec, SchedulerSpec
 from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -26,8 +26,8 @@ from services.pb.cnei import frontdoor_pb2 as fd
 from services.pb.inference import grpc_service_pb2 as pb
 
 
-def variant(precision: str, accuracy: str) -> ModelVariant:
-    return ModelVariant("digits", "1", precision, "ab" * 32, 1000, [TensorSpec("input", "FP32", [-1, 64])],
+def variant(precision: str, accuracy: str, version: str = "1") -> ModelVariant:
+    return ModelVariant("digits", version, precision, "ab" * 32, 1000, [TensorSpec("input", "FP32", [-1, 64])],
                         [TensorSpec("probabilities", "FP32", [-1, 10])],
                         metadata={"accuracy": accuracy, "max_batch_size": "16"})
 
@@ -37,7 +37,11 @@ class MemoryRegistry:
         self.spec = spec or DeploymentSpec(model="digits")
 
     async def list(self, name: str = ""):
-        return [variant("FP32", "0.97"), variant("INT8", "0.96")] if name in ("", "digits") else []
+        if name not in ("", "digits"):
+            return []
+        # a second version where the deployment rolls versions out
+        later = [variant("FP32", "0.97", "2")] if self.spec.rollout.canary or self.spec.rollout.stable else []
+        return [variant("FP32", "0.97"), variant("INT8", "0.96"), *later]
 
     async def get_deployment(self, name: str):
         if name != "digits":
@@ -201,6 +205,21 @@ async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report
     assert door.apply([RouteReport(route.route_id)]) == [route.route_id]
     again = await door.route(ask())  # asked again: the same decision keeps its id
     assert again.route_id == route.route_id and door.apply([RouteReport(route.route_id)]) == []
+
+
+async def test_a_canary_rollout_routes_each_version_with_its_share_and_named_versions_alone():
+    door = routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1", canary="2", canary_percent=20)))
+    split = await door.route(ask())
+    assert (split.stats_key, split.share) == (("digits", "1"), pytest.approx(0.8))
+    (canary,) = split.alternatives
+    assert (canary.stats_key, canary.share, canary.response.model_version) == (("digits", "2"), pytest.approx(0.2), "2")
+    assert split.route_id != canary.route_id
+    reply = route_to_proto(split)
+    assert reply.share == pytest.approx(0.8) and reply.alternatives[0].share == pytest.approx(0.2)
+    named = await door.route(oip.InferRequest("digits", {"input": np.zeros((4, 64), np.float32)}, model_version="2"))
+    assert (named.stats_key, named.share, named.alternatives) == (("digits", "2"), 0.0, ())
+    pinned = await routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1"))).route(ask())
+    assert (pinned.stats_key, pinned.share) == (("digits", "1"), 0.0)  # the pin, although 2 is the latest
 
 
 def test_the_route_request_becomes_zero_inputs_of_the_same_shapes():

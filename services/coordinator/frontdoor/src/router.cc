@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <random>
 #include <unordered_set>
 
 #include "tensor.h"
@@ -59,7 +60,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
   Lookup found;
   bool ask = false;
   std::vector<std::shared_ptr<Batcher>> batchers;
-  std::vector<float> row_ms;
+  std::vector<float> row_ms, shares;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
@@ -82,11 +83,28 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     } else if (!traced && entry.batchers.size() > 1) {
       batchers = entry.batchers;
       row_ms = entry.row_ms;
+      shares = entry.shares;
     }
   }
   if (ask) Ask(found.key, WithoutContents(request));
-  if (!batchers.empty()) found.batcher = LeastBusy(batchers, row_ms);
+  if (!batchers.empty()) {
+    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares) : LeastBusy(batchers, row_ms);
+  }
   return found;
+}
+
+// A route drawn at random by share (a canary rollout's versions).
+std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                         const std::vector<float>& shares) {
+  thread_local std::mt19937_64 random(std::random_device{}());
+  double total = 0;
+  for (float share : shares) total += share;
+  double draw = std::uniform_real_distribution<double>(0.0, total)(random);
+  for (size_t i = 0; i < batchers.size(); ++i) {
+    draw -= shares[i];
+    if (draw < 0) return batchers[i];
+  }
+  return batchers.back();
 }
 
 // The batcher whose node would answer soonest: the fewest requests queued and node calls in
@@ -126,7 +144,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   std::string why = reply.reason();
   std::shared_ptr<RouteConfig> config;
   std::vector<std::shared_ptr<RouteConfig>> alternatives;
-  std::vector<float> alternative_ms;
+  std::vector<float> alternative_ms, alternative_shares;
   if (status.ok() && reply.eligible()) config = ConfigFrom(reply, &why);
   if (config) {
     for (const RouteReply& alternative : reply.alternatives()) {
@@ -134,6 +152,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
       if (auto parsed = ConfigFrom(alternative, &ignored)) {
         alternatives.push_back(std::move(parsed));
         alternative_ms.push_back(alternative.row_ms());
+        alternative_shares.push_back(alternative.share());
       }
     }
   }
@@ -154,6 +173,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   entry.ask_at = Clock::now() + std::chrono::milliseconds(reply.ttl_ms());
   entry.route_ids.assign(1, reply.route_id());
   entry.row_ms.assign(1, reply.row_ms());
+  entry.shares.clear();
   if (!config) {
     if (!entry.batchers.empty() || entry.reason != why) {
       fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: %s\n",
@@ -169,6 +189,16 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
     entry.route_ids.push_back(alternatives[i]->route_id);
     entry.row_ms.push_back(alternative_ms[i]);
     entry.batchers.push_back(BatcherLocked(std::move(alternatives[i])));
+  }
+  if (reply.share() > 0) {  // a split: every route has its share, or the coordinator splits them
+    if (alternatives.size() != size_t(reply.alternatives_size())) {
+      fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: a split route did not parse\n",
+              entry.model.c_str());
+      entry.batchers.clear();
+      return;
+    }
+    entry.shares.assign(1, reply.share());
+    entry.shares.insert(entry.shares.end(), alternative_shares.begin(), alternative_shares.end());
   }
 }
 

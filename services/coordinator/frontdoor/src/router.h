@@ -39,6 +39,7 @@ class Router {
     std::vector<std::shared_ptr<Batcher>> batchers;
     std::vector<uint64_t> route_ids;
     std::vector<float> row_ms;         // each node's compute time per row (0: unknown)
+    std::vector<float> shares;         // a split (canary rollout): each route's share; empty: none
     bool asking = false;
     Clock::time_point ask_at;          // when to ask again
     std::string model;
@@ -52,6 +53,8 @@ class Router {
   std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
   static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                             const std::vector<float>& row_ms);
+  static std::shared_ptr<Batcher> ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                          const std::vector<float>& shares);
 
   Backend* backend_;
   Reporter* reporter_;
