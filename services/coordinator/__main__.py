@@ -81,8 +81,9 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                                       credentials=tls.grpc_server_credentials(public_tls) if public_tls else None)
     else:  # the door takes the public port; the coordinator serves it from behind
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port, interceptors=guard)
+        door_dir = Path(tempfile.mkdtemp(prefix="cnei-door-"))  # what the coordinator tells its door by file
         routes = DoorRoutes(core, settings.route_ttl_ms, tracing if telemetry.exporting() else None,
-                            settings.door_spread_nodes, settings.door_spread_margin)
+                            settings.door_spread_nodes, settings.door_spread_margin, door_dir / "routes-generation")
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
                    "cnei.frontdoor.v1.FrontDoorControl")
     # system shared memory registrations: files that every worker, or the front door, reads too
@@ -109,7 +110,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
                            shm_dir if settings.shared_memory else "", restricted.get("inference"),
-                           settings.response_cache_bytes, public_tls)
+                           settings.response_cache_bytes, public_tls, routes.generation_file)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
@@ -125,6 +126,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     shm.close()
     if door_path is not None:  # registrations end with the server, as in Triton
         shutil.rmtree(shm_dir, ignore_errors=True)
+        shutil.rmtree(routes.generation_file.parent, ignore_errors=True)
     await lifecycle.cancel_and_wait(following, sharing)
     if sharing is not None:
         core.stats_view.write()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from prometheus_client import Counter
 
@@ -106,7 +108,7 @@ class DoorRoutes:
     """Hands out routes and books the door's reports against them."""
 
     def __init__(self, core: Coordinator, ttl_ms: int, tracing: TraceSettings | None = None, spread_nodes: int = 1,
-                 spread_margin: float = 0.0):
+                 spread_margin: float = 0.0, generation_file: Path | None = None):
         """`tracing`: the trace settings, while spans are exported (None: nothing is traced);
         one request in `trace_rate` of a route then takes the full path, to be traced.
         `spread_nodes`, `spread_margin`: a route names up to that many nodes, the best and its peers
@@ -119,6 +121,11 @@ class DoorRoutes:
         self.routes: OrderedDict[int, Route] = OrderedDict()
         self._ids: dict[tuple, int] = {}  # same decision, same id: the door keeps its batcher
         self._next = itertools.count(1)
+        # Bumped whenever routes are dropped: the door watches this file and then lists the routes
+        # it holds in its next report (see `forget`), so an idle door costs no report.
+        self.generation_file = generation_file
+        self.generation = 0
+        self._write_generation()
 
     async def trace_every(self, model: str) -> int:
         """One request in N for `model` is to take the full path and start a trace (0: none)."""
@@ -199,10 +206,22 @@ class DoorRoutes:
         return route
 
     def forget(self, model: str) -> None:
-        """Drop every route of `model` (loaded, unloaded, republished or redeployed): the door
-        lists the routes it holds in each report, is told these are unknown and asks again."""
-        for route_id in [route_id for route_id, route in self.routes.items() if route.model == model]:
+        """Drop every route of `model` (loaded, unloaded, republished or redeployed): the door,
+        seeing the generation change, lists the routes it holds in its next report, is told these
+        are unknown and asks again."""
+        dropped = [route_id for route_id, route in self.routes.items() if route.model == model]
+        for route_id in dropped:
             del self.routes[route_id]
+        if dropped:
+            self.generation += 1
+            self._write_generation()
+
+    def _write_generation(self) -> None:
+        if self.generation_file is None:
+            return
+        partial = self.generation_file.with_suffix(".partial")
+        partial.write_text(str(self.generation))
+        os.replace(partial, self.generation_file)  # the door never reads half a number
 
     def apply(self, reports: list[RouteReport]) -> list[int]:
         """Book what the door served; returns the route ids this process does not know."""

@@ -39,17 +39,21 @@ RESTRICT_ENV = "CNEI_FRONTDOOR_RESTRICT_INFERENCE"
 
 class DoorProcess:
     def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = "",
-                 restrict_inference: Key | None = None, response_cache_bytes: int = 0, tls: ServerTls | None = None):
+                 restrict_inference: Key | None = None, response_cache_bytes: int = 0, tls: ServerTls | None = None,
+                 routes_generation: Path | None = None):
         """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
         reads to serve requests whose tensors are in the client's shared memory itself.
         `restrict_inference`: the header and value inference requests need (restricted APIs).
-        `tls`: the public port's certificate files (None: plaintext)."""
+        `tls`: the public port's certificate files (None: plaintext). `routes_generation`: the file
+        the coordinator bumps when it drops routes (the door then lists the routes it holds)."""
         self.command = [str(binary), "--listen", listen, "--backend", backend,
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         if shm_dir:
             self.command += ["--shm-dir", shm_dir]
         if response_cache_bytes > 0:  # answers of deployments with response_cache: true
             self.command += ["--response-cache-bytes", str(response_cache_bytes)]
+        if routes_generation is not None:
+            self.command += ["--routes-generation", str(routes_generation)]
         if tls is not None:  # file paths, not their contents, on the command line
             self.command += ["--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
             if tls.mutual:

@@ -195,14 +195,16 @@ async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
     assert isinstance(await door.route(ask()), Refusal)  # no node left to route to
 
 
-async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay():
+async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay(tmp_path):
     door = routes()
+    door.generation_file = tmp_path / "routes-generation"  # what the door watches
     route = await door.route(ask())
     assert door.apply([RouteReport(route.route_id)]) == []  # a held route, idle: still known
     door.forget("other-model")
-    assert door.apply([RouteReport(route.route_id)]) == []
+    assert door.apply([RouteReport(route.route_id)]) == [] and not door.generation_file.exists()
     door.forget("digits")
     assert door.apply([RouteReport(route.route_id)]) == [route.route_id]
+    assert door.generation_file.read_text() == "1"  # the door lists its routes in its next report
     again = await door.route(ask())  # asked again: the same decision keeps its id
     assert again.route_id == route.route_id and door.apply([RouteReport(route.route_id)]) == []
 

@@ -36,13 +36,14 @@ struct Flags {
   std::string tls_cert;       // PEM files of the public port's TLS (empty: plaintext)
   std::string tls_key;
   std::string tls_client_ca;  // client certificates required (mutual TLS) when set
+  std::string routes_generation;  // bumped by the coordinator when it drops routes
 };
 
 constexpr char kUsage[] =
     "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
     "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
     "       [--parent-pid PID] [--shm-dir DIR] [--response-cache-bytes 0]\n"
-    "       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n";
+    "       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--routes-generation FILE]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -95,6 +96,7 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--tls-cert") flags.tls_cert = value;
     else if (name == "--tls-key") flags.tls_key = value;
     else if (name == "--tls-client-ca") flags.tls_client_ca = value;
+    else if (name == "--routes-generation") flags.routes_generation = value;
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
@@ -158,7 +160,7 @@ int main(int argc, char** argv) {
   Router* router = nullptr;
   Reporter reporter(&backend, flags.report_interval_ms,
                     [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); },
-                    [&router] { return router->Held(); });
+                    [&router] { return router->Held(); }, flags.routes_generation);
   std::unique_ptr<ResponseCache> cache;
   if (flags.response_cache_bytes > 0) cache = std::make_unique<ResponseCache>(size_t(flags.response_cache_bytes));
   BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit), cache.get()};

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 
 namespace frontdoor {
 namespace {
@@ -12,6 +13,7 @@ using cnei::frontdoor::v1::ReportReply;
 constexpr int kMaxRequestsPerRoute = 100000;  // per report; beyond this, samples are dropped
 constexpr int kMaxBatchesPerRoute = 20000;
 constexpr size_t kMaxRoutes = 4096;
+constexpr int kListEvery = 50;  // intervals between listings of the held routes without a change
 
 std::vector<uint64_t> Unknown(const ReportReply& reply) {
   return std::vector<uint64_t>(reply.unknown_routes().begin(), reply.unknown_routes().end());
@@ -19,9 +21,25 @@ std::vector<uint64_t> Unknown(const ReportReply& reply) {
 
 }  // namespace
 
-Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held)
+Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held,
+                   std::string generation_file)
     : backend_(backend), interval_ms_(interval_ms), on_unknown_(std::move(on_unknown)),
-      held_(std::move(held)) {}
+      held_(std::move(held)), generation_file_(std::move(generation_file)) {}
+
+bool Reporter::ListHeldNow() {
+  if (!held_) return false;
+  std::string generation;
+  if (!generation_file_.empty()) {
+    std::ifstream in(generation_file_);
+    std::getline(in, generation);
+  }
+  if (generation != generation_ || ++since_listed_ >= kListEvery) {
+    generation_ = generation;
+    since_listed_ = 0;
+    return true;
+  }
+  return false;
+}
 
 void Reporter::Start() { thread_ = std::thread([this] { Loop(); }); }
 
@@ -118,7 +136,7 @@ void Reporter::Loop() {
     wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_));
     if (stopping_) continue;
     lock.unlock();
-    FrontDoorReport report = Take(held_ ? held_() : std::vector<uint64_t>());
+    FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>());
     if (report.routes_size() > 0) Send(std::move(report), nullptr);
     lock.lock();
   }

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -25,10 +26,13 @@ class Reporter {
  public:
   using UnknownRoutes = std::function<void(const std::vector<uint64_t>&)>;
   using HeldRoutes = std::function<std::vector<uint64_t>()>;
-  // Every interval it reports what was served and lists every route in `held` (served from or
-  // not), so the coordinator can name those it has dropped (a model unloaded, redeployed or
-  // republished) even while no request comes: they go to `on_unknown`.
-  Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held);
+  // Every interval it reports what was served. When the coordinator has dropped routes (a model
+  // unloaded, redeployed or republished: it bumps the number in `generation_file`), and at least
+  // every kListEvery intervals, the report also lists every route in `held`, served from or not,
+  // so the coordinator names those it dropped even while no request comes: they go to
+  // `on_unknown`. An idle door with nothing dropped sends nothing.
+  Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held,
+           std::string generation_file = "");
   void Start();
   // Requests answered by one batch, and the node call.
   void Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
@@ -48,11 +52,15 @@ class Reporter {
   cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {});
   void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
   void Loop();
+  bool ListHeldNow();  // the routes are to be listed in this interval's report
 
   Backend* backend_;
   const int interval_ms_;
   UnknownRoutes on_unknown_;
   HeldRoutes held_;
+  const std::string generation_file_;
+  std::string generation_;  // the file's content when routes were last listed
+  int since_listed_ = 0;    // intervals since routes were last listed
   std::mutex mu_;  // guards the fields below
   std::unordered_map<uint64_t, cnei::frontdoor::v1::RouteReport> routes_;
   bool stopping_ = false;
