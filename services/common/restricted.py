@@ -16,6 +16,7 @@ what reads it (listing, resolving, fetching artifacts, deployments; jobs)."""
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -102,8 +103,6 @@ def categories_of(api: Mapping[str, Mapping[str, str]]) -> tuple[str, ...]:
 def client_headers(flags: list[str]) -> list[tuple[str, str]]:
     """A command-line client's headers: its `--header KEY=VALUE` flags, else $CNEI_HEADERS
     (`k=v;k2=v2`), for servers whose APIs are restricted."""
-    import os
-
     return headers(flags or os.environ.get("CNEI_HEADERS", ""))
 
 
