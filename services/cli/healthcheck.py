@@ -1,7 +1,8 @@
 """`python -m services.cli.healthcheck HOST:PORT`: exit 0 when the gRPC health service says SERVING.
 
 Made for container healthchecks: one standard grpc.health.v1 Health/Check call with a short
-deadline, nothing else imported from the services (no settings, no telemetry).
+deadline, nothing else imported from the services but the TLS files' loader (no settings, no
+telemetry).
 """
 from __future__ import annotations
 
@@ -11,20 +12,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import tls
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def _read(path: str) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as fh:
-        return fh.read()
 
 
 def _channel(target: str, tls_ca: str, tls_cert: str, tls_key: str) -> grpc.Channel:
     if not tls_ca:
         return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert)))
+    return grpc.secure_channel(target, tls.channel_credentials(tls_ca, tls_cert, tls_key))
 
 
 def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = "", tls_cert: str = "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 
@@ -49,12 +48,8 @@ def _credentials(args):
     --tls-key), else $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY; None: plaintext."""
     from services.common import tls
 
-    ca = getattr(args, "tls_ca", "") or os.environ.get("CNEI_TLS_CA", "")
-    if not ca:
-        return None
-    cert = getattr(args, "tls_cert", "") or os.environ.get("CNEI_TLS_CERT", "")
-    key = getattr(args, "tls_key", "") or os.environ.get("CNEI_TLS_KEY", "")
-    return tls.channel_credentials(ca, cert, key)
+    ca, cert, key = tls.client_files(args.tls_ca, args.tls_cert, args.tls_key)
+    return tls.channel_credentials(ca, cert, key) if ca else None
 
 
 def _headers(args) -> list[tuple[str, str]]:
@@ -161,12 +156,10 @@ def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
 
     url = url.rstrip("/")
     url = url if url.endswith("/api/status") else url + "/api/status"
-    context = None
-    if url.startswith("https:") and os.environ.get("CNEI_TLS_CA"):  # a coordinator serving TLS
-        from services.common import tls
+    from services.common import tls
 
-        context = tls.client_ssl_context(os.environ["CNEI_TLS_CA"], os.environ.get("CNEI_TLS_CERT", ""),
-                                         os.environ.get("CNEI_TLS_KEY", ""))
+    ca, cert, key = tls.client_files()
+    context = tls.client_ssl_context(ca, cert, key) if url.startswith("https:") and ca else None  # a coordinator on TLS
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             return json.loads(reply.read())

@@ -15,6 +15,9 @@ from services.cli import infra
 from services.common import settings as cfg
 from services.common.errors import AlreadyExists
 from services.common.registry_client import RegistryClient
+from services.coordinator.settings import PREFIX as COORDINATOR_PREFIX
+from services.edge_runtime.settings import PREFIX as RUNTIME_PREFIX
+from services.trainer.settings import PREFIX as TRAINER_PREFIX
 
 log = logging.getLogger("cnei.up")
 PREFIX = "CNEI_"
@@ -42,6 +45,9 @@ class MeshSettings:
 # The cloud tier pays more per CPU second and for egress (per MB), as in the cost model.
 CLOUD_PRICES = {"CNEI_RUNTIME_COST_PER_CPU_SECOND": "0.00005", "CNEI_RUNTIME_COST_PER_NETWORK_MB": "0.00009",
                 "CNEI_RUNTIME_WATTS_PER_CORE": "25"}
+# The services that call the registry: module -> settings prefix (for their REGISTRY_HEADERS)
+REGISTRY_CLIENTS = {"services.coordinator": COORDINATOR_PREFIX, "services.edge_runtime": RUNTIME_PREFIX,
+                    "services.trainer": TRAINER_PREFIX}
 RUNTIMES = [("cloud-1", "cloud", "cloud"), ("edge-a1", "edge", "site-a"), ("edge-b1", "edge", "site-b")]
 EDGES = [node_id for node_id, tier, _ in RUNTIMES if tier == "edge"]
 
@@ -68,14 +74,14 @@ class Mesh:
         self.root = Path(settings.data_dir).resolve()
         self.logs = self.root / "logs"
         self.children: list[Child] = []
+        self.registry_headers = registry_headers()
 
     def _spawn(self, name: str, module: str, env: dict[str, str], port: int) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")
-        prefix = {"services.coordinator": "CNEI_COORDINATOR_", "services.edge_runtime": "CNEI_RUNTIME_",
-                  "services.trainer": "CNEI_TRAINER_"}.get(module)
-        if prefix and registry_headers() and f"{prefix}REGISTRY_HEADERS" not in os.environ:
-            env = {**env, f"{prefix}REGISTRY_HEADERS": registry_headers()}  # a restricted registry's key
+        prefix = REGISTRY_CLIENTS.get(module)
+        if prefix and self.registry_headers and f"{prefix}REGISTRY_HEADERS" not in os.environ:
+            env = {**env, f"{prefix}REGISTRY_HEADERS": self.registry_headers}  # a restricted registry's key
         proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env},
                                 stdout=out, stderr=subprocess.STDOUT)
         self.children.append(Child(name, proc, port))
@@ -201,10 +207,7 @@ def coordinator_credentials():
     from services.common import tls
 
     own = os.environ.get("CNEI_COORDINATOR_TLS_CERT_FILE", "")
-    if not own:
-        return None
-    return tls.channel_credentials(os.environ.get("CNEI_TLS_CA", "") or own, os.environ.get("CNEI_TLS_CERT", ""),
-                                   os.environ.get("CNEI_TLS_KEY", ""))
+    return tls.channel_credentials(*tls.client_files(default_ca=own)) if own else None
 
 
 async def wait_ready(target: str, timeout: float = 60.0) -> None:

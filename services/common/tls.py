@@ -3,6 +3,7 @@
 optionally the CA whose client certificates are required (mutual TLS). Clients trust a CA file."""
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,14 @@ def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
         context.load_verify_locations(tls.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",
+                 default_ca: str = "") -> tuple[str, str, str]:
+    """A command-line client's TLS files (CA, certificate, key): each one given, else
+    $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY (the CA else `default_ca`); an empty CA: plaintext."""
+    return (ca_file or os.environ.get("CNEI_TLS_CA", "") or default_ca,
+            cert_file or os.environ.get("CNEI_TLS_CERT", ""), key_file or os.environ.get("CNEI_TLS_KEY", ""))
 
 
 def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:

@@ -143,12 +143,15 @@ async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: 
                     routes: DoorRoutes | None = None) -> None:
     """Registry changes and model control invalidate the catalog and the front door's routes of
     the model; worker 0 of several also lists the other workers' failovers on its status page."""
+    def model_of(envelope: events.Envelope) -> str:
+        return envelope.payload.get("name") or envelope.payload.get("model", "")
+
     def forget_routes(envelope: events.Envelope) -> None:
         if routes is not None:
-            routes.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
+            routes.forget(model_of(envelope))
 
     async def on_model_event(envelope: events.Envelope) -> None:
-        catalog.forget(envelope.payload.get("name") or envelope.payload.get("model", ""))
+        catalog.forget(model_of(envelope))
         forget_routes(envelope)
 
     async def on_peer_failover(envelope: events.Envelope) -> None:
@@ -175,7 +178,7 @@ async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: 
     async def on_deployment(envelope: events.Envelope) -> None:
         await on_model_event(envelope)
         if source in ("coordinator", "coordinator-0"):
-            warming.spawn(push_canary(envelope.payload.get("model", "")))
+            warming.spawn(push_canary(model_of(envelope)))
 
     await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
     await bus.subscribe(events.MODEL_LOADED, on_model_control)

@@ -3,6 +3,7 @@ measured RTT and compute time back into the nodes view."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -10,12 +11,10 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import grpc_util, oip, telemetry
+from services.common.batcher import Send
 from services.common.errors import DeadlineExceeded
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
-from collections.abc import Callable
-
-from services.common.batcher import Send
 from services.coordinator.nodes_view import NodesView
 from services.pb.inference import grpc_service_pb2 as pb
 

@@ -82,9 +82,7 @@ async def serve(settings: RuntimeSettings) -> None:
     bus.on_connect.append(runtime.resync)
     await bus.start()
     interceptors = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else []
-    restricted = restricted_apis.parse(settings.restricted_apis)
-    if restricted:
-        interceptors.append(restricted_apis.RestrictedApis(restricted))
+    interceptors += restricted_apis.guard(settings.restricted_apis, restricted_apis.OIP_API)
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=interceptors)
     tracing = TraceSettings(MemoryTraceStore(config_from(settings.trace_level, settings.trace_rate,
                                                          settings.trace_count)))
