@@ -126,6 +126,19 @@ def kill_under_load(address: str, victim: subprocess.Popen, node_id: str, region
     return load, served_by_victim, killed_at
 
 
+def run_cnei(*args: str, env: dict[str, str | None] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`cnei ARGS` as a user runs it, whatever its exit status; `env`: changes to this process's
+    environment (None removes a variable)."""
+    environment = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = value
+    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
 def put_deployment(mesh, spec: DeploymentSpec) -> None:
     """Apply a deployment spec at the mesh's registry."""
     async def put() -> None:

@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-CNEI = [sys.executable, "-m", "services.cli.main"]
-
-
-def _cnei(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CNEI, *args], capture_output=True, text=True, timeout=120)
-
+from tests.e2e.processes import run_cnei
 
 def test_models_list_shows_every_variant_with_its_accuracy(mesh):
-    out = _cnei("models", "list", "--registry", mesh.registry)
+    out = run_cnei("models", "list", "--registry", mesh.registry)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("digits")]
     assert {r[2] for r in rows} >= {"FP32", "FP16", "INT8"}
@@ -22,18 +15,18 @@ def test_models_list_shows_every_variant_with_its_accuracy(mesh):
 
 
 def test_infer_prints_the_top_1_classes_and_who_served(mesh):
-    out = _cnei("infer", "digits", "--digits", "4", "--url", mesh.coordinator)
+    out = run_cnei("infer", "digits", "--digits", "4", "--url", mesh.coordinator)
     assert out.returncode == 0, out.stderr
     assert "top-1: [0, 1, 2, 3]" in out.stdout and "cnei_node" in out.stdout
 
 
 def test_infer_params_reach_the_coordinator_and_impossible_demands_say_why(mesh):
-    out = _cnei("infer", "digits", "--digits", "2", "--url", mesh.coordinator, "--param", "precision=INT8")
+    out = run_cnei("infer", "digits", "--digits", "2", "--url", mesh.coordinator, "--param", "precision=INT8")
     assert out.returncode == 0, out.stderr
     assert "'cnei_precision': 'INT8'" in out.stdout
-    floor = _cnei("infer", "digits", "--digits", "2", "--url", mesh.coordinator, "--param", "accuracy_floor=0.9999")
+    floor = run_cnei("infer", "digits", "--digits", "2", "--url", mesh.coordinator, "--param", "accuracy_floor=0.9999")
     assert floor.returncode == 2 and "FAILED_PRECONDITION" in floor.stderr and "accuracy_floor" in floor.stderr
-    bad = _cnei("infer", "digits", "--url", mesh.coordinator, "--param", "priority=high")
+    bad = run_cnei("infer", "digits", "--url", mesh.coordinator, "--param", "priority=high")
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "priority" in bad.stderr
 
 
@@ -41,16 +34,16 @@ def test_deploy_apply_and_get_round_trip_and_bad_specs_are_refused(mesh, tmp_pat
     spec = tmp_path / "d.yaml"
     spec.write_text("model: digits\nscheduler:\n  policy: least_loaded\n")
     try:
-        applied = _cnei("deploy", "apply", str(spec), "--registry", mesh.registry)
+        applied = run_cnei("deploy", "apply", str(spec), "--registry", mesh.registry)
         assert applied.returncode == 0, applied.stderr
-        shown = _cnei("deploy", "get", "digits", "--registry", mesh.registry)
+        shown = run_cnei("deploy", "get", "digits", "--registry", mesh.registry)
         assert json.loads(shown.stdout)["scheduler"]["policy"] == "least_loaded"
     finally:
         spec.write_text("model: digits\n")
-        _cnei("deploy", "apply", str(spec), "--registry", mesh.registry)
+        run_cnei("deploy", "apply", str(spec), "--registry", mesh.registry)
     spec.write_text("model: digits\nscheduler:\n  policy: fastest\n")
-    bad = _cnei("deploy", "apply", str(spec), "--registry", mesh.registry)
+    bad = run_cnei("deploy", "apply", str(spec), "--registry", mesh.registry)
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "fastest" in bad.stderr
-    missing = _cnei("models", "push", str(Path(spec)), "--name", "x", "--version", "1",
+    missing = run_cnei("models", "push", str(Path(spec)), "--name", "x", "--version", "1",
                     "--registry", mesh.registry)
     assert missing.returncode == 2 and "not a valid ONNX model" in missing.stderr

@@ -30,7 +30,7 @@ from services.models.digits import load_split
 from services.pb.cnei import trainer_pb2 as tpb
 from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.trainer.convert import job_from_proto
-from tests.e2e.processes import push_digits_as
+from tests.e2e.processes import push_digits_as, run_cnei
 
 MODEL = "digits-fl"  # a model of its own, so the other e2e tests keep serving digits v1
 EDGES = ["edge-a1", "edge-b1"]
@@ -187,23 +187,18 @@ def test_a_job_for_a_model_the_registry_lacks_is_not_found(mesh):
 
 
 def test_cnei_train_start_shows_each_round_and_prints_the_new_version(mesh, fl_model):
-    out = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "start", "--model", MODEL,
-                          "--rounds", "2", "--min-clients", "2", "--trainer", mesh.trainer],
-                         capture_output=True, text=True, timeout=120)
+    out = run_cnei("train", "start", "--model", MODEL, "--rounds", "2", "--min-clients", "2", "--trainer", mesh.trainer)
     assert out.returncode == 0, out.stderr
     assert "2/2 rounds accuracy" in out.stderr
     match = re.search(rf"completed: {MODEL} version (\d+) registered \(FP16=[0-9.]+ FP32=[0-9.]+ INT8=", out.stdout)
     assert match and int(match.group(1)) >= 3
-    listed = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "list", "--trainer", mesh.trainer],
-                            capture_output=True, text=True, timeout=60)
+    listed = run_cnei("train", "list", "--trainer", mesh.trainer, timeout=60)
     assert listed.returncode == 0 and "completed" in listed.stdout and MODEL in listed.stdout
 
 
 def test_a_fedadam_job_under_differential_privacy_from_the_command_line_records_its_privacy(mesh, fl_model):
-    out = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "start", "--model", MODEL,
-                          "--rounds", "2", "--min-clients", "2", "--strategy", "fedadam", "--dp-clip-norm", "0.5",
-                          "--dp-noise-multiplier", "0.01", "--trainer", mesh.trainer],
-                         capture_output=True, text=True, timeout=120)
+    out = run_cnei("train", "start", "--model", MODEL, "--rounds", "2", "--min-clients", "2", "--strategy", "fedadam",
+                   "--dp-clip-norm", "0.5", "--dp-noise-multiplier", "0.01", "--trainer", mesh.trainer)
     assert out.returncode == 0, out.stderr
     version = re.search(rf"completed: {MODEL} version (\d+) registered", out.stdout).group(1)
 
@@ -218,9 +213,8 @@ def test_a_fedadam_job_under_differential_privacy_from_the_command_line_records_
         ("fedadam", "0.5", "0.01")
     assert float(meta["accuracy"]) >= 0.8  # a little noise on a model that was already good
 
-    bad = subprocess.run([sys.executable, "-m", "services.cli.main", "train", "start", "--model", MODEL,
-                          "--dp-noise-multiplier", "1", "--trainer", mesh.trainer], capture_output=True, text=True,
-                         timeout=60)
+    bad = run_cnei("train", "start", "--model", MODEL, "--dp-noise-multiplier", "1", "--trainer", mesh.trainer,
+                   timeout=60)
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "needs dp_clip_norm" in bad.stderr
 
 

@@ -4,8 +4,6 @@ nodes' memory; loading it puts it back and warms it on every eligible node."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -18,7 +16,7 @@ from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import push_digits_as
+from tests.e2e.processes import push_digits_as, run_cnei
 
 MODEL = "digits-ctl"
 EDGES = ("edge-a1", "edge-b1")
@@ -66,9 +64,8 @@ def test_unload_takes_a_model_out_of_service_and_load_puts_it_back_warm(mesh, ct
         assert (index[MODEL].state, index[MODEL].reason) == ("UNAVAILABLE", "unloaded")
         assert index["digits"].state == "READY"
         assert MODEL not in _ready_models(mesh)
-        status = subprocess.run([sys.executable, "-m", "services.cli.main", "status", "--url", mesh.rest,
-                                 "--redis", mesh.settings.redis_url, "--registry", mesh.registry],
-                                capture_output=True, text=True, timeout=60)
+        status = run_cnei("status", "--url", mesh.rest, "--redis", mesh.settings.redis_url, "--registry", mesh.registry,
+                          timeout=60)
         states = {line.split()[0]: line.split()[-1] for line in status.stdout.splitlines()
                   if line.startswith(("digits ", f"{MODEL} ")) and line.split()[-1] in ("serving", "unloaded")}
         assert states == {"digits": "serving", MODEL: "unloaded"}, status.stdout + status.stderr
@@ -122,19 +119,15 @@ def test_an_edge_runtime_loads_and_drops_a_model_from_memory_on_request(mesh, ct
 
 
 def test_the_command_line_loads_and_unloads(mesh, ctl_model):
-    def cnei(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True,
-                              timeout=120)
-
     try:
-        out = cnei("models", "unload", MODEL, "--url", mesh.coordinator)
+        out = run_cnei("models", "unload", MODEL, "--url", mesh.coordinator)
         assert out.returncode == 0 and "unloaded" in out.stdout, out.stderr
-        refused = cnei("infer", MODEL, "--url", mesh.coordinator)
+        refused = run_cnei("infer", MODEL, "--url", mesh.coordinator)
         assert refused.returncode == 2 and "UNAVAILABLE" in refused.stderr and "is unloaded" in refused.stderr
-        out = cnei("models", "load", MODEL, "--url", mesh.coordinator)
+        out = run_cnei("models", "load", MODEL, "--url", mesh.coordinator)
         assert out.returncode == 0 and "loaded" in out.stdout, out.stderr
-        assert cnei("infer", MODEL, "--url", mesh.coordinator).returncode == 0
-        missing = cnei("models", "unload", "no-such-model", "--url", mesh.coordinator)
+        assert run_cnei("infer", MODEL, "--url", mesh.coordinator).returncode == 0
+        missing = run_cnei("models", "unload", "no-such-model", "--url", mesh.coordinator)
         assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
     finally:
-        cnei("models", "load", MODEL, "--url", mesh.coordinator)
+        run_cnei("models", "load", MODEL, "--url", mesh.coordinator)

@@ -4,9 +4,6 @@ others stay open, and inference restricted is enforced by the door itself."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -17,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import server_ready, start_coordinator
+from tests.e2e.processes import run_cnei, server_ready, start_coordinator
 
 ADMIN = {"admin-key": "s3cret"}
 INFER = {"infer-key": "abc"}
@@ -87,15 +84,12 @@ def test_restricted_categories_need_their_header_and_the_rest_stay_open(coordina
 
 def test_the_command_line_sends_the_headers_it_is_given(coordinator):
     _, address, _ = coordinator
-    cnei = [sys.executable, "-m", "services.cli.main"]
-    env = {k: v for k, v in os.environ.items() if k != "CNEI_HEADERS"}
-    denied = subprocess.run([*cnei, "infer", "digits", "--url", address, "--digits", "1"],
-                            capture_output=True, text=True, timeout=60, env=env)
+    unset = {"CNEI_HEADERS": None}
+    denied = run_cnei("infer", "digits", "--url", address, "--digits", "1", env=unset, timeout=60)
     assert denied.returncode == 2
     assert "error (PERMISSION_DENIED): the inference API is restricted: send header 'infer-key'" in denied.stderr
-    served = subprocess.run([*cnei, "infer", "digits", "--url", address, "--digits", "1", "--header", "infer-key=abc"],
-                            capture_output=True, text=True, timeout=60, env=env)
+    served = run_cnei("infer", "digits", "--url", address, "--digits", "1", "--header", "infer-key=abc", env=unset,
+                      timeout=60)
     assert served.returncode == 0 and "top-1:" in served.stdout
-    loaded = subprocess.run([*cnei, "models", "load", "digits", "--url", address],
-                            capture_output=True, text=True, timeout=120, env={**env, "CNEI_HEADERS": "admin-key=s3cret"})
+    loaded = run_cnei("models", "load", "digits", "--url", address, env={"CNEI_HEADERS": "admin-key=s3cret"})
     assert loaded.returncode == 0 and "model digits loaded" in loaded.stdout

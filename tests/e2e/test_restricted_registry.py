@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from services.cli import infra
 from services.common.errors import CneiError, ErrorCode
 from services.common.registry_client import RegistryClient
-from tests.e2e.processes import spawn, start_runtime
+from tests.e2e.processes import run_cnei, spawn, start_runtime
 
 SPEC = "model-repository:admin-key=s3cret;metadata:read-key=r"
 ADMIN, READ = "admin-key=s3cret", "read-key=r"
@@ -25,9 +25,7 @@ MODEL = "digits-sec"
 
 
 def _cnei(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "CNEI_HEADERS"}
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return run_cnei(*args, env={"CNEI_HEADERS": None})  # only the headers each call is given
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ from services.common.deployment import DeploymentSpec, RolloutSpec
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import push_digits_as, put_deployment, server_ready, start_coordinator
+from tests.e2e.processes import push_digits_as, put_deployment, run_cnei, server_ready, start_coordinator
 
 MODEL = "digits-roll"
 
@@ -49,8 +48,7 @@ def _versions(client, count: int) -> set[str]:
 
 
 def _cnei(mesh, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli.main", "deploy", *args, "--registry", mesh.registry],
-                          capture_output=True, text=True, timeout=60)
+    return run_cnei("deploy", *args, "--registry", mesh.registry, timeout=60)
 
 
 def _holds(mesh, version: str) -> list[str]:

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from services.cli import infra
 from services.common import tls
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import run_perf_analyzer, start_coordinator
+from tests.e2e.processes import run_cnei, run_perf_analyzer, start_coordinator
 
 
 def _key():
@@ -121,9 +121,7 @@ def test_the_public_ports_serve_tls_and_refuse_plaintext_and_untrusted_clients(m
         with pytest.raises(OSError):  # plaintext HTTP to the HTTPS port: no answer (URLError is an OSError)
             urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2", timeout=10)
 
-        env = {**os.environ, "CNEI_TLS_CA": pki["ca"]}
-        out = subprocess.run([sys.executable, "-m", "services.cli.main", "infer", "digits", "--digits", "2",
-                              "--url", address], capture_output=True, text=True, timeout=60, env=env)
+        out = run_cnei("infer", "digits", "--digits", "2", "--url", address, env={"CNEI_TLS_CA": pki["ca"]}, timeout=60)
         assert out.returncode == 0 and "top-1: [0, 1]" in out.stdout, out.stderr
         health = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", address, "--tls-ca", pki["ca"]],
                                 capture_output=True, text=True, timeout=30)
