@@ -92,6 +92,7 @@ class Pending:
     seq: int = field(default_factory=lambda: next(_sequence))
     context: otel_context.Context | None = None  # the caller's trace context
     span: trace.Span | None = None  # `<component>.queue`: from enqueue to dispatch or drop
+    waited: list[int] | None = None  # the caller's: gets the ns this request waited, when sent
 
     def dequeued(self, outcome: str, batch_size: int = 0) -> None:
         """End the queue span once (sent in a batch of `batch_size`, or dropped)."""
@@ -186,8 +187,10 @@ class Batcher:
         self._last_rows = 0  # rows of the batch sent last
         self._queue_time, self._batch_size = QUEUE_TIME.labels(model), BATCH_SIZE.labels(model)
 
-    async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
-                     deadline: float = float("inf")) -> dict[str, np.ndarray]:
+    async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0, deadline: float = float("inf"),
+                     waited: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The request's outputs once its batch is answered; `waited`, when given, gets the
+        nanoseconds it waited in the queue appended when it is sent."""
         if len(self.queue) >= self.config.max_queue_size:
             DROPPED.labels(self.model, "queue_full").inc()
             raise ResourceExhausted(
@@ -197,7 +200,8 @@ class Batcher:
                        future=asyncio.get_running_loop().create_future(),
                        context=otel_context.get_current(),
                        span=None if telemetry.unsampled() else
-                       _tracer.start_span(f"{self.component}.queue", attributes={"cnei.model": self.model}))
+                       _tracer.start_span(f"{self.component}.queue", attributes={"cnei.model": self.model}),
+                       waited=waited)
         if self._idle(item) and deadline > time.monotonic():  # nothing to wait for or batch with: send now
             await self._slots.acquire()  # free, so this returns at once
             await self._dispatch(self._started([item]))
@@ -300,6 +304,8 @@ class Batcher:
             total = sum(sizes)
             for p in live:
                 self._queue_time.observe(now - p.enqueued)
+                if p.waited is not None:
+                    p.waited.append(int((now - p.enqueued) * 1e9))
                 p.dequeued("sent", total)
             self._batch_size.observe(total)
             if len(live) == 1:

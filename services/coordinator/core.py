@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import random
@@ -53,6 +54,9 @@ SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
 _served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up once
+# The request being served collects here the ns each of its node calls waited in a batcher (every
+# attempt: failover, hedging, joint escalation), booked as its queue time (Triton's `queue`)
+_queued_ns: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cnei_queued_ns", default=None)
 
 
 def count_served(model: str, outcome: str, params: dict | None = None, requests: int = 1) -> None:
@@ -121,6 +125,9 @@ class Coordinator:
         self.latency = LatencyBook()
         self.recent: deque[dict] = deque(maxlen=100)
         self.control = None  # repository.ModelControl: models unloaded through the repository API
+        # Called with the model's name once a load or unload through this coordinator took effect,
+        # before it is answered (the front door's routes of the model are dropped: DoorRoutes)
+        self.after_repository_change: Callable[[str], Awaitable[object]] | None = None
         self.cache = ResponseCache(settings.response_cache_bytes)
 
     # --- InferenceCore ----------------------------------------------------------------------
@@ -178,9 +185,15 @@ class Coordinator:
 
     async def load_model(self, name: str) -> None:
         await self._control().load(name)
+        await self._repository_changed(name)
 
     async def unload_model(self, name: str) -> None:
         await self._control().unload(name)
+        await self._repository_changed(name)
+
+    async def _repository_changed(self, name: str) -> None:
+        if self.after_repository_change is not None:
+            await self.after_repository_change(name)
 
     def _control(self):
         if self.control is None:
@@ -206,6 +219,8 @@ class Coordinator:
         mode = str(request.parameters.get("joint", "") or spec.joint.mode)
         if mode not in JOINT_MODES:
             raise InvalidArgument(f"parameter 'joint' must be one of {list(JOINT_MODES)}, got {mode!r}")
+        queued: list[int] = []
+        token = _queued_ns.set(queued)
         try:
             if mode == "off":
                 response = await self._infer(request, variants, spec, deadline_s)
@@ -215,8 +230,10 @@ class Coordinator:
             stats.record(False, time.perf_counter_ns() - start)
             count_served(variants[0].name, outcome_of(exc))
             raise
+        finally:
+            _queued_ns.reset(token)
         # its executions are the batches it rode in, booked as the node ran them (`_batcher`)
-        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False)
+        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, queue_ns=sum(queued), executed=False)
         count_served(variants[0].name, "ok", response.parameters)
         return response
 
@@ -504,7 +521,7 @@ class Coordinator:
         self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
         try:
             outputs = await self._batcher(placement, spec).submit(
-                request.inputs, priority_level(request.parameters), attempt_deadline)
+                request.inputs, priority_level(request.parameters), attempt_deadline, _queued_ns.get())
         except CneiError as exc:
             note_node_failure(breaker, exc.code)
             raise

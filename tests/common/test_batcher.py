@@ -292,6 +292,20 @@ async def test_with_a_queue_delay_even_an_idle_batcher_waits_to_batch(make_batch
     np.testing.assert_array_equal(results[1]["y"], x(2) * 10)
 
 
+async def test_each_caller_hears_how_long_its_request_waited_in_the_queue(make_batcher, node):
+    batcher = make_batcher(max_batch_size=8)
+    alone: list[int] = []
+    await asyncio.wait_for(batcher.submit({"x": x(1)}, waited=alone), PATIENCE_S)  # idle: sent at once
+    blocker = await hold(batcher, node)
+    waits: list[list[int]] = [[], []]
+    tasks = await enqueue(batcher, *({"inputs": {"x": x(i)}, "waited": waits[i]} for i in range(2)))
+    await asyncio.sleep(0.03)  # the node is busy for 30 ms: both wait
+    await release(node, blocker, tasks)
+    assert len(alone) == 1 and alone[0] < 0.02e9
+    assert [len(w) for w in waits] == [1, 1]
+    assert all(0.03e9 <= w[0] < 10e9 for w in waits), waits
+
+
 # --- a second batch in flight (max_inflight_batches > 1) ---------------------------------------
 
 async def hold_rows(batcher: Batcher, node: FakeNode, rows: int) -> asyncio.Task:

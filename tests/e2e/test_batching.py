@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.models.digits import load_all
-from tests.e2e.processes import put_deployment
+from tests.e2e.processes import put_deployment, start_coordinator
 
 
 @pytest.fixture
@@ -74,6 +74,51 @@ def _statistics(address: str) -> tuple[int, int, int, int]:
     return (sum(s.inference_count for s in stats), sum(s.execution_count for s in stats),
             sum(s.inference_stats.compute_infer.ns for s in stats),
             sum(b.compute_infer.count for s in stats for b in s.batch_stats if b.batch_size > 1))
+
+
+@pytest.fixture(params=["door", "no-door"])
+def coordinator(request, mesh):
+    """The mesh's coordinator (its front door takes the port), or one serving gRPC itself."""
+    if request.param == "door":
+        yield mesh.coordinator
+        return
+    proc, address, _, _ = start_coordinator(mesh, CNEI_COORDINATOR_FRONT_DOOR="off")
+    try:
+        yield address
+    finally:
+        infra.stop(proc)
+
+
+def _queue_stats(address: str) -> tuple[int, int]:
+    """digits at the coordinator: (requests through the queue, ns they waited there)."""
+    client = triton.InferenceServerClient(address)
+    try:
+        stats = client.get_inference_statistics("digits").model_stats
+    finally:
+        client.close()
+    return sum(s.inference_stats.queue.count for s in stats), sum(s.inference_stats.queue.ns for s in stats)
+
+
+def _queued_ns_of(address: str, samples: np.ndarray) -> tuple[int, int]:
+    """Send each sample alone, one after another: (requests booked in the queue statistics, ns
+    they waited there)."""
+    count_before, ns_before = _queue_stats(address)
+    for sample in samples:
+        _one(address, sample)
+    infra.wait_until(lambda: _queue_stats(address)[0] - count_before >= len(samples), 10, "the requests in statistics")
+    count, ns = _queue_stats(address)
+    return count - count_before, ns - ns_before
+
+
+def test_statistics_book_the_time_each_request_waited_to_be_batched(mesh, batching_deployment, coordinator):
+    """A lone request waits out max_queue_delay_us (20 ms) for company: Triton's queue time."""
+    x, _ = load_all()
+    # the deployment reaches the coordinator (and its door's routes) by an event: a lone request
+    # soon waits the delay
+    infra.wait_until(lambda: _queued_ns_of(coordinator, x[:1])[1] >= 19e6, 20, "the deployment's queue delay")
+    count, ns = _queued_ns_of(coordinator, x[:3])
+    assert count == 3
+    assert 3 * 19e6 <= ns < 3 * 1e9, f"3 requests waited {ns / 1e6:.1f} ms in all"
 
 
 @pytest.mark.parametrize("params,precision", [
