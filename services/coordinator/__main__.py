@@ -83,7 +83,9 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port, interceptors=guard)
         door_dir = Path(tempfile.mkdtemp(prefix="cnei-door-"))  # what the coordinator tells its door by file
         routes = DoorRoutes(core, settings.route_ttl_ms, tracing if telemetry.exporting() else None,
-                            settings.door_spread_nodes, settings.door_spread_margin, door_dir / "routes-generation")
+                            settings.door_spread_nodes, settings.door_spread_margin, door_dir / "routes-generation",
+                            confirm_timeout_s=max(1.0, 5 * settings.door_report_ms / 1e3))
+        core.after_repository_change = routes.forget_at_door  # answered once the door dropped them too
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
                    "cnei.frontdoor.v1.FrontDoorControl")
     # system shared memory registrations: files that every worker, or the front door, reads too

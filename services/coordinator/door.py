@@ -3,11 +3,12 @@ request, handed out with a lifetime, and the door's reports booked as if the ful
 served those requests (statistics, metrics, node RTT and compute time, circuit breakers)."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 ROUTABLE_PARAMETERS = frozenset({"precision", "accuracy_floor", "latency_budget_ms", "region", "tier"})
 TRITON_HINT = "triton_"  # Triton client hints (perf_analyzer sends triton_enable_empty_final_response)
 MAX_ROUTES = 4096
+DROPS_KEPT = 256  # the latest models named in the generation file (a door reads those past what it applied)
 DOOR_REQUESTS = Counter("cnei_front_door_requests_total",
                         "Requests the compiled front door answered itself, or handed to the full path "
                         "after a failed node call", ["model", "outcome"])
@@ -49,9 +51,11 @@ class Route:
     alternatives: tuple[Route, ...] = ()  # other nodes as good for these requests (routes of their own)
     row_ms: float = 0.0  # the node's measured compute time per row (0: not measured yet)
     response_cache: bool = False  # the deployment caches responses (the door keeps its own)
-    # The share of these requests it takes where the deployment splits them (a canary rollout:
-    # this route and its alternative, one per version, drawn at random); 0: no split.
+    # Where the deployment splits these requests (a canary rollout), the share its version takes
+    # and the version's group (1, 2): the door draws a group by share, then the least busy of
+    # its routes (each version spread over its nodes); 0: no split.
     share: float = 0.0
+    group: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,13 @@ class DoorRoutes:
     """Hands out routes and books the door's reports against them."""
 
     def __init__(self, core: Coordinator, ttl_ms: int, tracing: TraceSettings | None = None, spread_nodes: int = 1,
-                 spread_margin: float = 0.0, generation_file: Path | None = None):
+                 spread_margin: float = 0.0, generation_file: Path | None = None, confirm_timeout_s: float = 1.0):
         """`tracing`: the trace settings, while spans are exported (None: nothing is traced);
         one request in `trace_rate` of a route then takes the full path, to be traced.
         `spread_nodes`, `spread_margin`: a route names up to that many nodes, the best and its peers
-        scoring within the margin of it (edgeai policy), which the door spreads its requests over."""
+        scoring within the margin of it (edgeai policy), which the door spreads its requests over.
+        `generation_file`: where the door reads which models' routes to drop (see `forget`);
+        `confirm_timeout_s`: how long `forget_at_door` waits for the door to say it did."""
         self.core = core
         self.ttl_ms = ttl_ms
         self.tracing = tracing
@@ -121,10 +127,16 @@ class DoorRoutes:
         self.routes: OrderedDict[int, Route] = OrderedDict()
         self._ids: dict[tuple, int] = {}  # same decision, same id: the door keeps its batcher
         self._next = itertools.count(1)
-        # Bumped whenever routes are dropped: the door watches this file and then lists the routes
-        # it holds in its next report (see `forget`), so an idle door costs no report.
+        # Bumped whenever a model's routes are dropped, with the model named beside its number: the
+        # door watches this file, drops its own routes of the models named past the number it has
+        # applied, and says which number that is in its next report (`applied`). It also lists the
+        # routes it holds in that report, and so learns of routes dropped otherwise (evicted).
         self.generation_file = generation_file
         self.generation = 0
+        self._drops: deque[tuple[int, str]] = deque(maxlen=DROPS_KEPT)
+        self.door_generation = 0  # the number the door last said it applied
+        self._confirmations: list[tuple[int, asyncio.Future]] = []
+        self.confirm_timeout_s = confirm_timeout_s
         self._write_generation()
 
     async def trace_every(self, model: str) -> int:
@@ -136,8 +148,8 @@ class DoorRoutes:
 
     async def route(self, request: oip.InferRequest) -> Route | Refusal:
         """Where requests like `request` go: one route (with its peers as alternatives), or under
-        a canary rollout, for requests that name no version, the stable version's best route and
-        the canary's, each with its share, which the door draws between."""
+        a canary rollout, for requests that name no version, the stable version's routes and the
+        canary's, each with its version's share and group, which the door draws between."""
         core = self.core
         if await self.trace_every(request.model_name) == 1:
             return Refusal(f"every request for model '{request.model_name}' is traced (trace_rate 1)")
@@ -158,7 +170,10 @@ class DoorRoutes:
             if isinstance(decision, Refusal):
                 return decision
         share = rollout.canary_percent / 100.0
-        return replace(stable, alternatives=(replace(canary, alternatives=(), share=share),), share=1.0 - share)
+        split = [replace(r, alternatives=(), share=version_share, group=group)
+                 for group, (decision, version_share) in enumerate(((stable, 1.0 - share), (canary, share)), 1)
+                 for r in (decision, *decision.alternatives)]
+        return replace(split[0], alternatives=tuple(split[1:]))
 
     async def _routes(self, request: oip.InferRequest, deployed: DeploymentSpec, version: str) -> Route | Refusal:
         """The route of `version` ("": the stable one) for requests like `request`, its peers as
@@ -205,23 +220,53 @@ class DoorRoutes:
             self.routes.popitem(last=False)
         return route
 
-    def forget(self, model: str) -> None:
-        """Drop every route of `model` (loaded, unloaded, republished or redeployed): the door,
-        seeing the generation change, lists the routes it holds in its next report, is told these
-        are unknown and asks again."""
-        dropped = [route_id for route_id, route in self.routes.items() if route.model == model]
-        for route_id in dropped:
+    def forget(self, model: str) -> int:
+        """Drop every route of `model` (loaded, unloaded, republished or redeployed) and tell the
+        door to drop its own: returns the generation that names it."""
+        for route_id in [route_id for route_id, route in self.routes.items() if route.model == model]:
             del self.routes[route_id]
-        if dropped:
-            self.generation += 1
-            self._write_generation()
+        self.generation += 1
+        self._drops.append((self.generation, model))
+        self._write_generation()
+        return self.generation
+
+    async def forget_at_door(self, model: str) -> bool:
+        """`forget`, then wait until the door says it dropped its routes of `model` (a load or
+        unload answered after that: no request is served by the old routes). False when the door
+        did not say so within `confirm_timeout_s` (it then still drops them at its next report)."""
+        generation = self.forget(model)
+        if self.door_generation >= generation:
+            return True
+        confirmed = asyncio.get_running_loop().create_future()
+        entry = (generation, confirmed)
+        self._confirmations.append(entry)
+        try:
+            await asyncio.wait_for(confirmed, self.confirm_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("front door did not confirm dropping the routes of model '%s' within %.1f s",
+                        model, self.confirm_timeout_s)
+            return False
+        finally:
+            self._confirmations.remove(entry)
+
+    def applied(self, generation: int) -> None:
+        """The door has dropped its routes of every model named up to `generation`."""
+        if generation <= self.door_generation:
+            return
+        self.door_generation = generation
+        for wanted, confirmed in self._confirmations:
+            if wanted <= generation and not confirmed.done():
+                confirmed.set_result(None)
 
     def _write_generation(self) -> None:
+        """The file: the generation on the first line, then `number<TAB>model` per model dropped
+        lately, so the door never reads half a file (written aside, then renamed)."""
         if self.generation_file is None:
             return
         partial = self.generation_file.with_suffix(".partial")
-        partial.write_text(str(self.generation))
-        os.replace(partial, self.generation_file)  # the door never reads half a number
+        partial.write_text("\n".join([str(self.generation), *(f"{g}\t{m}" for g, m in self._drops)]) + "\n")
+        os.replace(partial, self.generation_file)
 
     def apply(self, reports: list[RouteReport]) -> list[int]:
         """Book what the door served; returns the route ids this process does not know."""

@@ -50,7 +50,8 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         max_queue_delay_us=decision.batching.max_queue_delay_us,
         preferred_batch_sizes=decision.batching.preferred_batch_sizes,
         alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms,
-        response_cache=decision.response_cache, share=decision.share)
+        response_cache=decision.response_cache, share=decision.share,
+        split_group=decision.group)
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:
@@ -75,4 +76,6 @@ class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
 
     @rpc
     async def Report(self, request, context):
-        return fd.ReportReply(unknown_routes=self.routes.apply(reports_from_proto(request)))
+        unknown = self.routes.apply(reports_from_proto(request))
+        self.routes.applied(request.generation)
+        return fd.ReportReply(unknown_routes=unknown)

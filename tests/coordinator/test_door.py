@@ -2,6 +2,7 @@
 and its reports booked as the full path would book them; plus the proto conversions."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from services.common.trace_settings import MemoryTraceStore, TraceConfig, TraceS
 from services.coordinator.breaker import State
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
-from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
+from services.coordinator.door import DROPS_KEPT, BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
 from services.coordinator.door_process import door_binary
 from services.coordinator.door_servicer import ask_from_proto, reports_from_proto, route_to_proto
 from services.coordinator.nodes_view import NodesView
@@ -201,27 +202,71 @@ async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report
     route = await door.route(ask())
     assert door.apply([RouteReport(route.route_id)]) == []  # a held route, idle: still known
     door.forget("other-model")
-    assert door.apply([RouteReport(route.route_id)]) == [] and not door.generation_file.exists()
+    assert door.apply([RouteReport(route.route_id)]) == []
     door.forget("digits")
     assert door.apply([RouteReport(route.route_id)]) == [route.route_id]
-    assert door.generation_file.read_text() == "1"  # the door lists its routes in its next report
+    # the number, then each model dropped with its number: the door drops its own routes of them
+    assert door.generation_file.read_text() == "2\n1\tother-model\n2\tdigits\n"
     again = await door.route(ask())  # asked again: the same decision keeps its id
     assert again.route_id == route.route_id and door.apply([RouteReport(route.route_id)]) == []
+
+
+async def test_the_generation_file_names_the_latest_drops_only(tmp_path):
+    door = routes()
+    door.generation_file = tmp_path / "routes-generation"
+    for i in range(DROPS_KEPT + 5):
+        door.forget(f"model-{i}")
+    lines = door.generation_file.read_text().splitlines()
+    assert lines[0] == str(DROPS_KEPT + 5) and len(lines) == 1 + DROPS_KEPT
+    assert lines[1] == f"6\tmodel-5" and lines[-1] == f"{DROPS_KEPT + 5}\tmodel-{DROPS_KEPT + 4}"
+
+
+async def test_forget_at_door_returns_once_the_door_reports_the_generation_applied():
+    door = routes()
+    waiting = asyncio.create_task(door.forget_at_door("digits"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the door has not said so yet
+    door.applied(door.generation - 1)  # an older number: still waiting
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    door.applied(door.generation)
+    assert await asyncio.wait_for(waiting, 1) is True
+
+
+async def test_forget_at_door_gives_up_after_its_timeout_when_no_door_answers():
+    door = routes()
+    door.confirm_timeout_s = 0.05
+    assert await door.forget_at_door("digits") is False
+    assert door._confirmations == []
 
 
 async def test_a_canary_rollout_routes_each_version_with_its_share_and_named_versions_alone():
     door = routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1", canary="2", canary_percent=20)))
     split = await door.route(ask())
-    assert (split.stats_key, split.share) == (("digits", "1"), pytest.approx(0.8))
+    assert (split.stats_key, split.share, split.group) == (("digits", "1"), pytest.approx(0.8), 1)
     (canary,) = split.alternatives
-    assert (canary.stats_key, canary.share, canary.response.model_version) == (("digits", "2"), pytest.approx(0.2), "2")
+    assert (canary.stats_key, canary.share, canary.group, canary.response.model_version) == \
+        (("digits", "2"), pytest.approx(0.2), 2, "2")
     assert split.route_id != canary.route_id
     reply = route_to_proto(split)
     assert reply.share == pytest.approx(0.8) and reply.alternatives[0].share == pytest.approx(0.2)
+    assert (reply.split_group, reply.alternatives[0].split_group) == (1, 2)
     named = await door.route(oip.InferRequest("digits", {"input": np.zeros((4, 64), np.float32)}, model_version="2"))
     assert (named.stats_key, named.share, named.alternatives) == (("digits", "2"), 0.0, ())
     pinned = await routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1"))).route(ask())
     assert (pinned.stats_key, pinned.share) == (("digits", "1"), 0.0)  # the pin, although 2 is the latest
+
+
+async def test_under_a_canary_each_version_s_routes_name_every_peer_node_in_its_group():
+    door = routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1", canary="2", canary_percent=20)),
+                  more_nodes=(("edge-a2", "site-a"),), spread_nodes=4)
+    split = await door.route(ask())
+    every = (split, *split.alternatives)
+    assert sorted((r.group, r.stats_key[1], r.placement.node.node_id, r.share) for r in every) == [
+        (1, "1", "edge-a1", pytest.approx(0.8)), (1, "1", "edge-a2", pytest.approx(0.8)),
+        (2, "2", "edge-a1", pytest.approx(0.2)), (2, "2", "edge-a2", pytest.approx(0.2))]
+    assert len({r.route_id for r in every}) == 4
+    assert all(r.alternatives == () for r in split.alternatives)
 
 
 def test_the_route_request_becomes_zero_inputs_of_the_same_shapes():

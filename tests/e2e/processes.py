@@ -3,6 +3,7 @@ mesh, a process's children, and closed-loop tritonclient load that records every
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import subprocess
@@ -73,9 +74,10 @@ def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -
 class Load:
     """Closed-loop tritonclient load from several threads; records every outcome."""
 
-    def __init__(self, address: str, threads: int, region: str):
-        self.address, self.threads, self.region = address, threads, region
+    def __init__(self, address: str, threads: int, region: str, model: str = "digits"):
+        self.address, self.threads, self.region, self.model = address, threads, region, model
         self.results: list[tuple[float, float, str]] = []  # (start, latency, node)
+        self.served: collections.Counter[tuple[str, str]] = collections.Counter()  # (version, node): answers
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -91,11 +93,12 @@ class Load:
             tensor.set_data_from_numpy(sample)
             start = time.monotonic()
             try:
-                reply = client.infer("digits", [tensor], parameters={"region": self.region},
-                                     client_timeout=10)
-                node = reply.get_response().parameters["cnei_node"].string_param
+                reply = client.infer(self.model, [tensor], parameters={"region": self.region},
+                                     client_timeout=10).get_response()
+                node = reply.parameters["cnei_node"].string_param
                 with self._lock:
                     self.results.append((start, time.monotonic() - start, node))
+                    self.served[(reply.model_version, node)] += 1
             except Exception as exc:  # noqa: BLE001 - counted as a failed request
                 with self._lock:
                     self.errors.append(f"{type(exc).__name__}: {exc}")

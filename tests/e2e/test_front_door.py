@@ -22,7 +22,7 @@ import tritonclient.utils as triton_utils
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import infra
-from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, RolloutSpec, SchedulerSpec
 from services.cli.up import RUNTIMES
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
@@ -536,6 +536,37 @@ def test_one_kind_of_request_is_spread_over_every_node_as_good_as_the_best(stead
     assert min(served.values()) >= len(load.results) // 10, f"lopsided: {dict(served)}"
 
 
+def test_under_a_canary_each_version_is_spread_over_every_node_as_good_as_the_best(steady_door, mesh, tmp_path,
+                                                                                   digits_models):
+    """A canary rollout splits requests between the versions by share, and each version's share
+    is spread over the version's peer nodes as any route is (not sent to its best node alone)."""
+    _, address, _ = steady_door
+    model = "digits-canary-spread"
+    for version in ("1", "2"):
+        push_digits_as(mesh, digits_models, model, version)
+    nodes = [start_runtime(mesh, node_id, "site-n", tmp_path)[0] for node_id in ("edge-n1", "edge-n2")]
+    try:
+        time.sleep(1.5)  # the coordinator sees both nodes
+        # the canary is pushed to every node (the new ones too: else the nodes that hold it win it)
+        put_deployment(mesh, DeploymentSpec(model=model, rollout=RolloutSpec(stable="1", canary="2",
+                                                                             canary_percent=50)))
+        time.sleep(1.0)
+        with Load(address, threads=2, region="site-n", model=model) as first:
+            time.sleep(0.5)  # the door learns the split route; both versions load on both nodes
+        with Load(address, threads=8, region="site-n", model=model) as load:
+            time.sleep(2.0)
+    finally:
+        for proc in nodes:
+            infra.stop(proc)
+        put_deployment(mesh, DeploymentSpec(model=model))
+    assert first.errors == load.errors == [], f"failed requests: {(first.errors + load.errors)[:3]}"
+    served = load.served
+    assert set(served) == {(v, n) for v in ("1", "2") for n in ("edge-n1", "edge-n2")}, f"served {dict(served)}"
+    total = sum(served.values())
+    canary = served[("2", "edge-n1")] + served[("2", "edge-n2")]
+    assert 0.3 * total <= canary <= 0.7 * total, f"canary share off: {dict(served)}"
+
+
 def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, tmp_path):
     _, address, metrics_port = door
     victim, _ = start_runtime(mesh, "edge-d1", "site-d", tmp_path)
@@ -554,9 +585,10 @@ def test_a_node_killed_under_load_behind_the_door_loses_no_request(door, mesh, t
 
 
 def test_a_model_unloaded_through_the_door_or_beside_it_is_never_served_from_an_old_route(mesh, digits_models):
-    """Unloading through the door's port drops the door's routes of that model at once; an unload
-    the door does not see (REST, straight to the coordinator) holds once the route is older than
-    twice its ttl (100 ms): the door never serves an unloaded model from a route learnt before."""
+    """Unloading through the door's port, or beside it (REST, straight to the coordinator), drops
+    the door's routes of that model before the unload is answered: the door never serves an
+    unloaded model from a route learnt before, not even a moment after. A load likewise drops
+    them (the door then asks for the model's route again)."""
     model = push_digits_as(mesh, digits_models, "digits-door-ctl")
     proc, address, http_port, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on")
     client = triton.InferenceServerClient(address)
@@ -570,8 +602,8 @@ def test_a_model_unloaded_through_the_door_or_beside_it_is_never_served_from_an_
         client.load_model(model)
         infra.wait_until(lambda: _door_served(client, model), 10, "the door serving the reloaded model")
         rest.unload_model(model)
-        time.sleep(0.3)
-        _refused_as_unloaded(client, model)
+        for _ in range(3):  # at once: the coordinator answered once its door had dropped the routes
+            _refused_as_unloaded(client, model)
         rest.load_model(model)
         infra.wait_until(lambda: _door_served(client, model), 10, "the door serving it again")
     finally:

@@ -160,7 +160,10 @@ int main(int argc, char** argv) {
   Router* router = nullptr;
   Reporter reporter(&backend, flags.report_interval_ms,
                     [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); },
-                    [&router] { return router->Held(); }, flags.routes_generation);
+                    [&router] { return router->Held(); }, flags.routes_generation,
+                    [&router](const std::vector<std::string>& models) {
+                      for (const std::string& model : models) router->DropModel(model);
+                    });
   std::unique_ptr<ResponseCache> cache;
   if (flags.response_cache_bytes > 0) cache = std::make_unique<ResponseCache>(size_t(flags.response_cache_bytes));
   BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit), cache.get()};

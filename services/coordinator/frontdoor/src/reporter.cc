@@ -3,7 +3,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 
 namespace frontdoor {
 namespace {
@@ -22,26 +21,50 @@ std::vector<uint64_t> Unknown(const ReportReply& reply) {
 }  // namespace
 
 Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held,
-                   std::string generation_file)
+                   std::string generation_file, DroppedModels on_dropped)
     : backend_(backend), interval_ms_(interval_ms), on_unknown_(std::move(on_unknown)),
-      held_(std::move(held)), generation_file_(std::move(generation_file)) {}
+      held_(std::move(held)), generation_file_(std::move(generation_file)), on_dropped_(std::move(on_dropped)) {}
 
 bool Reporter::ListHeldNow() {
   if (!held_) return false;
-  std::string generation;
+  bool changed = false;
   if (!generation_file_.empty()) {
-    std::ifstream in(generation_file_);
-    std::getline(in, generation);
+    Generation generation = ReadGeneration(generation_file_);
+    const uint64_t applied = applied_;
+    if (generation.number != applied) {
+      bool complete = true;
+      std::vector<std::string> models = generation.DroppedAfter(applied, &complete);
+      if (on_dropped_ && !models.empty()) on_dropped_(models);
+      if (!complete) {
+        fprintf(stderr, "cnei-frontdoor: routes generation %llu after %llu: asking about every route held\n",
+                (unsigned long long)generation.number, (unsigned long long)applied);
+      }
+      applied_ = generation.number;
+      changed = true;
+    }
   }
-  if (generation != generation_ || ++since_listed_ >= kListEvery) {
-    generation_ = generation;
+  if (changed || ++since_listed_ >= kListEvery) {
     since_listed_ = 0;
     return true;
   }
   return false;
 }
 
-void Reporter::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Reporter::Start() {
+  // a door that starts holds no routes: what the file names is applied already
+  if (!generation_file_.empty()) {
+    applied_ = ReadGeneration(generation_file_).number;
+    watch_ = std::make_unique<FileWatch>(generation_file_, [this] {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        changed_ = true;
+      }
+      wake_.notify_all();
+    });
+    watch_->Start();
+  }
+  thread_ = std::thread([this] { Loop(); });
+}
 
 // The route's report being gathered (created on first use), or null when the table already holds
 // kMaxRoutes others (`even_when_full`: created all the same).
@@ -103,6 +126,7 @@ FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held) {
   for (uint64_t route_id : held) RouteLocked(route_id);  // an empty report: is it still known?
   for (auto& entry : routes_) report.add_routes()->Swap(&entry.second);
   routes_.clear();
+  report.set_generation(applied_);
   return report;
 }
 
@@ -133,16 +157,22 @@ void Reporter::Send(FrontDoorReport report, std::function<void()> then) {
 void Reporter::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
-    wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_));
+    wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_), [this] { return stopping_ || changed_; });
+    changed_ = false;
     if (stopping_) continue;
     lock.unlock();
     FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>());
-    if (report.routes_size() > 0) Send(std::move(report), nullptr);
+    // a new generation is reported even with no route to speak of: the coordinator waits for it
+    if (report.routes_size() > 0 || report.generation() != reported_) {
+      reported_ = report.generation();
+      Send(std::move(report), nullptr);
+    }
     lock.lock();
   }
 }
 
 void Reporter::Stop() {
+  if (watch_) watch_->Stop();
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;

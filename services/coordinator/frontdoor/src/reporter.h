@@ -1,9 +1,11 @@
 // Collects what the door served per route and sends it to the coordinator as FrontDoorReports.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "generation.h"
 
 namespace frontdoor {
 
@@ -26,13 +29,16 @@ class Reporter {
  public:
   using UnknownRoutes = std::function<void(const std::vector<uint64_t>&)>;
   using HeldRoutes = std::function<std::vector<uint64_t>()>;
-  // Every interval it reports what was served. When the coordinator has dropped routes (a model
-  // unloaded, redeployed or republished: it bumps the number in `generation_file`), and at least
-  // every kListEvery intervals, the report also lists every route in `held`, served from or not,
-  // so the coordinator names those it dropped even while no request comes: they go to
-  // `on_unknown`. An idle door with nothing dropped sends nothing.
+  using DroppedModels = std::function<void(const std::vector<std::string>&)>;
+  // Every interval it reports what was served. When the coordinator has dropped a model's routes
+  // (a model loaded, unloaded, redeployed or republished: it bumps the number in
+  // `generation_file`, see generation.h) the reporter, woken by the change, hands the models to
+  // `on_dropped` and reports at once with the number applied, which the coordinator waits for
+  // before it answers a load or unload. That report, and one every kListEvery intervals, also
+  // lists every route in `held`, served from or not, so the coordinator names those it dropped
+  // otherwise: they go to `on_unknown`. An idle door with nothing dropped sends nothing.
   Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held,
-           std::string generation_file = "");
+           std::string generation_file = "", DroppedModels on_dropped = nullptr);
   void Start();
   // Requests answered by one batch, and the node call.
   void Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
@@ -52,15 +58,19 @@ class Reporter {
   cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {});
   void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
   void Loop();
-  bool ListHeldNow();  // the routes are to be listed in this interval's report
+  bool ListHeldNow();  // applies a new generation; true: the routes are to be listed now
 
   Backend* backend_;
   const int interval_ms_;
   UnknownRoutes on_unknown_;
   HeldRoutes held_;
   const std::string generation_file_;
-  std::string generation_;  // the file's content when routes were last listed
-  int since_listed_ = 0;    // intervals since routes were last listed
+  DroppedModels on_dropped_;
+  std::atomic<uint64_t> applied_{0};  // the generation whose models' routes are dropped
+  uint64_t reported_ = 0;             // the generation the last report (of the loop) said
+  int since_listed_ = 0;              // intervals since routes were last listed
+  std::unique_ptr<FileWatch> watch_;
+  bool changed_ = false;              // the watch saw the file change (guarded by mu_)
   std::mutex mu_;  // guards the fields below
   std::unordered_map<uint64_t, cnei::frontdoor::v1::RouteReport> routes_;
   bool stopping_ = false;

@@ -61,6 +61,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
   bool ask = false;
   std::vector<std::shared_ptr<Batcher>> batchers;
   std::vector<float> row_ms, shares;
+  std::vector<uint32_t> groups;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
@@ -84,27 +85,51 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
       batchers = entry.batchers;
       row_ms = entry.row_ms;
       shares = entry.shares;
+      groups = entry.groups;
     }
   }
   if (ask) Ask(found.key, WithoutContents(request));
   if (!batchers.empty()) {
-    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares) : LeastBusy(batchers, row_ms);
+    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares, groups, row_ms)
+                                                     : LeastBusy(batchers, row_ms);
   }
   return found;
 }
 
-// A route drawn at random by share (a canary rollout's versions).
+// A version drawn at random by share (a canary rollout), then the least busy of its routes.
 std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
-                                         const std::vector<float>& shares) {
+                                         const std::vector<float>& shares, const std::vector<uint32_t>& groups,
+                                         const std::vector<float>& row_ms) {
   thread_local std::mt19937_64 random(std::random_device{}());
+  auto group_of = [&](size_t i) {  // a route of group 0 (or of an old coordinator) is a group alone
+    return i < groups.size() && groups[i] != 0 ? uint64_t(groups[i]) : (uint64_t(1) << 32) + i;
+  };
+  std::vector<std::pair<uint64_t, float>> versions;  // (group, share), in the order they come
   double total = 0;
-  for (float share : shares) total += share;
-  double draw = std::uniform_real_distribution<double>(0.0, total)(random);
   for (size_t i = 0; i < batchers.size(); ++i) {
-    draw -= shares[i];
-    if (draw < 0) return batchers[i];
+    uint64_t group = group_of(i);
+    if (std::none_of(versions.begin(), versions.end(), [&](const auto& v) { return v.first == group; })) {
+      versions.emplace_back(group, shares[i]);
+      total += shares[i];
+    }
   }
-  return batchers.back();
+  double draw = std::uniform_real_distribution<double>(0.0, total)(random);
+  uint64_t chosen = versions.back().first;
+  for (const auto& [group, share] : versions) {
+    draw -= share;
+    if (draw < 0) {
+      chosen = group;
+      break;
+    }
+  }
+  std::vector<std::shared_ptr<Batcher>> members;
+  std::vector<float> members_ms;
+  for (size_t i = 0; i < batchers.size(); ++i) {
+    if (group_of(i) != chosen) continue;
+    members.push_back(batchers[i]);
+    members_ms.push_back(i < row_ms.size() ? row_ms[i] : 0.0f);
+  }
+  return LeastBusy(members, members_ms);
 }
 
 // The batcher whose node would answer soonest: the fewest requests queued and node calls in
@@ -145,6 +170,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   std::shared_ptr<RouteConfig> config;
   std::vector<std::shared_ptr<RouteConfig>> alternatives;
   std::vector<float> alternative_ms, alternative_shares;
+  std::vector<uint32_t> alternative_groups;
   if (status.ok() && reply.eligible()) config = ConfigFrom(reply, &why);
   if (config) {
     for (const RouteReply& alternative : reply.alternatives()) {
@@ -153,6 +179,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
         alternatives.push_back(std::move(parsed));
         alternative_ms.push_back(alternative.row_ms());
         alternative_shares.push_back(alternative.share());
+        alternative_groups.push_back(alternative.split_group());
       }
     }
   }
@@ -174,6 +201,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   entry.route_ids.assign(1, reply.route_id());
   entry.row_ms.assign(1, reply.row_ms());
   entry.shares.clear();
+  entry.groups.clear();
   if (!config) {
     if (!entry.batchers.empty() || entry.reason != why) {
       fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: %s\n",
@@ -199,6 +227,8 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
     }
     entry.shares.assign(1, reply.share());
     entry.shares.insert(entry.shares.end(), alternative_shares.begin(), alternative_shares.end());
+    entry.groups.assign(1, reply.split_group());
+    entry.groups.insert(entry.groups.end(), alternative_groups.begin(), alternative_groups.end());
   }
 }
 

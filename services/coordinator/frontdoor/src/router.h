@@ -39,7 +39,8 @@ class Router {
     std::vector<std::shared_ptr<Batcher>> batchers;
     std::vector<uint64_t> route_ids;
     std::vector<float> row_ms;         // each node's compute time per row (0: unknown)
-    std::vector<float> shares;         // a split (canary rollout): each route's share; empty: none
+    std::vector<float> shares;         // a split (canary rollout): each route's version's share; empty: none
+    std::vector<uint32_t> groups;      // with shares: each route's version group (0: its own)
     bool asking = false;
     Clock::time_point ask_at;          // when to ask again
     std::string model;
@@ -54,7 +55,8 @@ class Router {
   static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                             const std::vector<float>& row_ms);
   static std::shared_ptr<Batcher> ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
-                                          const std::vector<float>& shares);
+                                          const std::vector<float>& shares, const std::vector<uint32_t>& groups,
+                                          const std::vector<float>& row_ms);
 
   Backend* backend_;
   Reporter* reporter_;
