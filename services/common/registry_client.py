@@ -1,13 +1,16 @@
 """Async client of the registry's gRPC API, speaking domain types."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from services.common import deployment, grpc_util
+from services.common import delta, deployment, grpc_util
 from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition
 from services.common.model_spec import ModelVariant
@@ -15,7 +18,25 @@ from services.common.registry_convert import variant_from_proto
 from services.pb.cnei import registry_pb2 as rpb
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 
+log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """An artifact's bytes, the bytes that crossed the wire for them, and the artifact a delta
+    was decoded against ("": sent whole)."""
+
+    data: bytes
+    wire_bytes: int
+    base: str
+
+
+def _apply_delta(base_file: Path, made: bytes, sha256: str) -> bytes:
+    data = delta.decode(base_file.read_bytes(), made)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise delta.DeltaError("the delta decodes to other bytes than the artifact's")
+    return data
 
 
 class RegistryClient:
@@ -72,19 +93,46 @@ class RegistryClient:
 
     async def fetch_artifact(self, sha256: str, timeout: float = 120.0) -> bytes:
         """Download an artifact and verify its sha256."""
-        digest, parts = hashlib.sha256(), []
+        return (await self.pull_artifact(sha256, timeout=timeout)).data
+
+    async def pull_artifact(self, sha256: str, held: Mapping[str, Path] | None = None,
+                            timeout: float = 120.0) -> Pulled:
+        """Download an artifact and verify its sha256; `held`: artifacts this side holds (sha256
+        -> file), against one of which the registry may send a delta. A delta that does not
+        decode, or decodes to other bytes, is logged and the artifact fetched whole."""
+        encoding, base, data = await self._fetch(sha256, list(held or ()), timeout)
+        wire = len(data)
+        if encoding == "delta":
+            try:
+                base_file = (held or {}).get(base)
+                if base_file is None:
+                    raise delta.DeltaError(f"the registry sent a delta against {base}, which this side did not offer")
+                data = await asyncio.to_thread(_apply_delta, base_file, data, sha256)
+            except (delta.DeltaError, OSError) as exc:
+                log.warning("delta for artifact %s unusable (%s): fetching it whole", sha256[:12], exc)
+                _, _, data = await self._fetch(sha256, [], timeout)
+                return Pulled(data, wire + len(data), "")
+        elif encoding:
+            raise FailedPrecondition(f"registry {self.target} sent artifact {sha256} in unknown encoding {encoding!r}")
+        return Pulled(data, wire, base if encoding else "")
+
+    async def _fetch(self, sha256: str, have: list[str], timeout: float) -> tuple[str, str, bytes]:
+        """(encoding, base, bytes) as the registry sent them; the artifact itself is checked here."""
+        parts, encoding, base = [], "", ""
         try:
-            call = self._stub.FetchArtifact(rpb.FetchArtifactRequest(sha256=sha256), timeout=timeout)
+            call = self._stub.FetchArtifact(rpb.FetchArtifactRequest(sha256=sha256, have=have), timeout=timeout)
             async for chunk in call:
-                digest.update(chunk.data)
+                if not parts:
+                    encoding, base = chunk.encoding, chunk.base_sha256
                 parts.append(chunk.data)
         except grpc.aio.AioRpcError as exc:
             raise grpc_util.error_from_rpc(exc, f"registry {self.target}") from None
-        if digest.hexdigest() != sha256:
-            raise FailedPrecondition(
-                f"artifact from registry hashes to {digest.hexdigest()}, expected {sha256}"
-            )
-        return b"".join(parts)
+        data = b"".join(parts)
+        if not encoding:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != sha256:
+                raise FailedPrecondition(f"artifact from registry hashes to {digest}, expected {sha256}")
+        return encoding, base, data
 
     async def record_measurement(self, variant: ModelVariant, node_class: str, node_id: str,
                                  latency_ms: float, memory_bytes: int) -> ModelVariant:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -78,7 +79,7 @@ class DiskCache:
 
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
-        temp = path.with_suffix(path.suffix + ".tmp")
+        temp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # writers of one file never share a temp
         with temp.open("wb") as fh:
             fh.write(data)
             fh.flush()

@@ -38,7 +38,10 @@ REGISTRY_RETRY_S = 2.0
 DEPLOYMENT_TTL_S = 30.0  # a model's deployment cap is asked again after this (events drop it at once)
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
-SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total", "Model artifact bytes pulled from the registry")
+SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total",
+                       "Model artifact bytes pulled from the registry (as sent: a delta's, not the artifact's)")
+PULLS = Counter("cnei_artifact_pulls_total", "Artifacts pulled from the registry, whole or as a delta against "
+                "another version held here", ["encoding"])
 
 
 @dataclass
@@ -71,6 +74,7 @@ class EdgeRuntime:
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self._pull_locks: dict[str, asyncio.Lock] = {}  # by sha256
         self.background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb)
         check_source(settings.energy_source)  # a bad setting stops the runtime at start
@@ -181,12 +185,23 @@ class EdgeRuntime:
             self.background.spawn(self.resync(attempt + 1))
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
-        """Make the variant's artifact and manifest local; True when bytes were downloaded."""
+        """Make the variant's artifact and manifest local; True when bytes were downloaded (once,
+        however many callers want it at the same time: a request and a resync)."""
+        async with self._pull_locks.setdefault(variant.sha256, asyncio.Lock()):
+            return await self._pull(variant)
+
+    async def _pull(self, variant: ModelVariant) -> bool:
         if self.disk.has(variant) or self.disk.adopt(variant):
             return False
-        data = await self.registry.fetch_artifact(variant.sha256)
-        await asyncio.to_thread(self.disk.put, variant, data)
-        SYNCED_BYTES.inc(len(data))
+        # the other versions of the model held here: the registry may send a delta against one
+        held = {v.sha256: self.disk.artifact_path(v.sha256) for v in self.disk.variants() if v.name == variant.name}
+        pulled = await self.registry.pull_artifact(variant.sha256, held)
+        await asyncio.to_thread(self.disk.put, variant, pulled.data)
+        SYNCED_BYTES.inc(pulled.wire_bytes)
+        PULLS.labels("delta" if pulled.base else "full").inc()
+        if pulled.base:
+            log.info("pulled %s as a delta against %s: %d of %d bytes", variant.key, pulled.base[:12],
+                     pulled.wire_bytes, len(pulled.data))
         return True
 
     async def load(self, variant: ModelVariant) -> LoadedModel:

@@ -4,13 +4,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from services.common import deployment, events
+from services.common import delta, deployment, events
 from services.common.deployment import DeploymentSpec
 from services.common.errors import (ArtifactNotFound, InvalidArgument, ModelNotFound, NotFound,
                                     ResourceExhausted)
@@ -22,6 +24,20 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[str, dict], Awaitable[object]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 READ_CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+DELTA = "delta"
+MAX_HAVE = 256  # artifacts a caller may name as held
+DELTA_MAX_BYTES = 256 << 20  # larger artifacts are sent whole (a delta is made in memory)
+DELTA_WORTH = 0.8  # a delta is sent when it is under this fraction of the artifact
+
+
+@dataclass(frozen=True)
+class Sending:
+    """An artifact's bytes as sent: `encoding` "" (the artifact) or DELTA against `base`."""
+
+    encoding: str
+    base: str
+    chunks: Iterator[bytes]
 
 
 @dataclass(frozen=True)
@@ -149,9 +165,57 @@ class Registry:
         return [(deployment.from_json(text), when) for _, text, when in rows]
 
     def artifact_chunks(self, sha256: str) -> Iterator[bytes]:
-        """Blocking iterator over an artifact's bytes."""
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256 or "") or not self.store.has_blob(sha256):
+        """Blocking iterator over an artifact's bytes (NOT_FOUND at once, not at the first chunk)."""
+        self._check_artifact(sha256)
+        return self._chunks(sha256)
+
+    def _check_artifact(self, sha256: str) -> None:
+        if not _SHA256.fullmatch(sha256 or "") or not self.store.has_blob(sha256):
             raise ArtifactNotFound(sha256)
+
+    def _chunks(self, sha256: str) -> Iterator[bytes]:
         with self.store.blob_path(sha256).open("rb") as fh:
             while data := fh.read(READ_CHUNK):
                 yield data
+
+    def artifact_for(self, sha256: str, have: list[str]) -> Sending:
+        """What to send a caller asking for `sha256` that holds the artifacts `have` (blocking):
+        a delta against the one that is the nearest other version of the same model (same
+        precision first, then the latest version) when the delta is under DELTA_WORTH of the
+        artifact, else the artifact. Deltas are made once and kept beside the artifacts."""
+        if len(have) > MAX_HAVE:
+            raise InvalidArgument(f"'have' lists {len(have)} artifacts; at most {MAX_HAVE}")
+        chunks = self.artifact_chunks(sha256)
+        base = self._delta_base(sha256, [h for h in have if h != sha256 and _SHA256.fullmatch(h)])
+        if base is None:
+            return Sending("", "", chunks)
+        path = self.store.delta_path(base, sha256)
+        if not path.is_file():
+            self._make_delta(base, sha256, path)
+        if path.stat().st_size == 0:  # made before, not worth it
+            return Sending("", "", chunks)
+        data = path.read_bytes()
+        return Sending(DELTA, base, (data[i:i + READ_CHUNK] for i in range(0, len(data), READ_CHUNK)))
+
+    def _delta_base(self, sha256: str, have: list[str]) -> str | None:
+        size = self.store.blob_path(sha256).stat().st_size
+        if not have or size > DELTA_MAX_BYTES:
+            return None
+        targets = self.store.variants_of_artifacts([sha256])
+        held = [v for v in self.store.variants_of_artifacts(have) if self.store.has_blob(v.sha256)
+                and self.store.blob_path(v.sha256).stat().st_size <= DELTA_MAX_BYTES]
+        candidates = [(v.precision == t.precision, version_key(v.version), v.sha256)
+                      for t in targets for v in held if v.name == t.name]
+        return max(candidates)[2] if candidates else None
+
+    def _make_delta(self, base: str, target: str, path: Path) -> None:
+        """Keep the delta at `path`, or an empty file when it would save too little."""
+        target_bytes = self.store.blob_path(target).read_bytes()
+        made = delta.encode(self.store.blob_path(base).read_bytes(), target_bytes)
+        worth = len(made) < DELTA_WORTH * len(target_bytes)
+        log.info("delta %s -> %s: %d of %d bytes (%s)", base[:12], target[:12], len(made), len(target_bytes),
+                 "kept" if worth else "not worth it: the artifact is sent whole")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.part")
+        partial.write_bytes(made if worth else b"")
+        os.replace(partial, path)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import Counter
+
 from services.common import deployment
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import rpc
@@ -10,6 +12,9 @@ from services.common.registry_convert import variant_to_proto
 from services.pb.cnei import registry_pb2 as rpb
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 from services.registry.core import PushHeader, Registry
+
+SENT_BYTES = Counter("cnei_registry_artifact_bytes_sent_total",
+                     "Artifact bytes sent to nodes, whole or as deltas against an artifact they hold", ["encoding"])
 
 
 class RegistryServicer(rpb_grpc.ModelRegistryServicer):
@@ -51,9 +56,15 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
 
     @rpc
     async def FetchArtifact(self, request, context):
-        chunks = self.registry.artifact_chunks(request.sha256)
-        while (data := await asyncio.to_thread(next, chunks, None)) is not None:
-            yield rpb.ArtifactChunk(data=data)
+        sending = await asyncio.to_thread(self.registry.artifact_for, request.sha256, list(request.have))
+        first = True
+        while (data := await asyncio.to_thread(next, sending.chunks, None)) is not None:
+            SENT_BYTES.labels(sending.encoding or "full").inc(len(data))
+            if first:
+                yield rpb.ArtifactChunk(data=data, encoding=sending.encoding, base_sha256=sending.base)
+                first = False
+            else:
+                yield rpb.ArtifactChunk(data=data)
 
     @rpc
     async def RecordMeasurement(self, request, context):

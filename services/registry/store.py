@@ -100,6 +100,19 @@ class RegistryStore:
                     f"model '{v.name}' version {v.version} precision {v.precision} already exists"
                 ) from None
 
+    def variants_of_artifacts(self, sha256s: list[str]) -> list[ModelVariant]:
+        """The variants stored as these artifacts (no measurements merged)."""
+        if not sha256s:
+            return []
+        marks = ",".join("?" * len(sha256s))
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM variants WHERE sha256 IN ({marks})", sha256s).fetchall()
+        return [_row_to_variant(r) for r in rows]
+
+    def delta_path(self, base: str, target: str) -> Path:
+        """Where the delta from artifact `base` to `target` is kept once made."""
+        return self.root / "artifacts" / "deltas" / f"{base}-{target}"
+
     def variants(self, name: str = "") -> list[ModelVariant]:
         """Variants with their latest measurements merged into metadata."""
         where, args = ("WHERE name = ?", (name,)) if name else ("", ())
