@@ -27,6 +27,8 @@ MAGIC = b"CNEIDLT1"
 HEADER = struct.Struct("<8sQQq")
 LEVEL = 6  # zlib level: a delta is made once per (base, target) and kept
 WORD = 4  # shuffle unit: float32 weights
+CHUNK = 1 << 22  # bytes best_split weighs at a time
+MAX_BASES = 256  # artifacts a caller may name as held (FetchArtifactRequest.have)
 
 
 class DeltaError(ValueError):
@@ -47,40 +49,57 @@ def _source(base: np.ndarray, size: int, split: int, shift: int) -> np.ndarray:
 
 def best_split(base: np.ndarray, target: np.ndarray) -> tuple[int, int]:
     """(split, shift): where to change from start- to end-alignment so that the most target
-    bytes equal the base byte they are XORed with."""
+    bytes equal the base byte they are XORed with. Works through the bytes in chunks (memory
+    stays small whatever the size)."""
     size, shift = len(target), len(target) - len(base)
-    if shift == 0:
-        return size, 0
-    at_start = np.zeros(size, bool)
-    n = min(size, len(base))
-    at_start[:n] = target[:n] == base[:n]
-    at_end = np.zeros(size, bool)
+    if shift == 0 or size == 0:
+        return size, shift
+    # gain[i] = (byte i matches start-aligned) - (matches end-aligned): the best split k
+    # maximises sum(gain[:k]) (every end-aligned match counts either way)
+    overlap = min(size, len(base))
     start, stop = max(shift, 0), min(size, len(base) + shift)
-    if stop > start:
-        at_end[start:stop] = target[start:stop] == base[start - shift:stop - shift]
-    # score(k) = matches start-aligned before k + matches end-aligned from k, k in 0..size
-    before = np.concatenate(([0], np.cumsum(at_start)))
-    after = np.concatenate((np.cumsum(at_end[::-1])[::-1], [0]))
-    return int(np.argmax(before + after)), shift
+    best, best_at, total = 0, 0, 0
+    for lo in range(0, size, CHUNK):
+        hi = min(size, lo + CHUNK)
+        gain = np.zeros(hi - lo, np.int8)
+        if min(hi, overlap) > lo:
+            gain[:min(hi, overlap) - lo] += target[lo:min(hi, overlap)] == base[lo:min(hi, overlap)]
+        end_lo, end_hi = max(lo, start), min(hi, stop)
+        if end_hi > end_lo:
+            gain[end_lo - lo:end_hi - lo] -= target[end_lo:end_hi] == base[end_lo - shift:end_hi - shift]
+        running = np.cumsum(gain, dtype=np.int32)
+        at = int(np.argmax(running))
+        if total + int(running[at]) > best:
+            best, best_at = total + int(running[at]), lo + at + 1
+        total += int(running[-1])
+    return best_at, shift
 
 
 def _shuffle(data: np.ndarray) -> np.ndarray:
+    """Byte 0 of every WORD-byte word, then byte 1, ... (the tail that fills no word stays last)."""
     whole = len(data) // WORD * WORD
-    return np.concatenate((data[:whole].reshape(-1, WORD).T.ravel(), data[whole:]))
+    out = np.empty_like(data)
+    out[:whole].reshape(WORD, -1)[...] = data[:whole].reshape(-1, WORD).T
+    out[whole:] = data[whole:]
+    return out
 
 
 def _unshuffle(data: np.ndarray) -> np.ndarray:
     whole = len(data) // WORD * WORD
-    return np.concatenate((data[:whole].reshape(WORD, -1).T.ravel(), data[whole:]))
+    out = np.empty_like(data)
+    out[:whole].reshape(-1, WORD)[...] = data[:whole].reshape(WORD, -1).T
+    out[whole:] = data[whole:]
+    return out
 
 
 def encode(base: bytes, target: bytes, level: int = LEVEL) -> bytes:
-    """The delta that turns `base` into `target`."""
+    """The delta that turns `base` into `target` (memory: about twice the target's size)."""
     b = np.frombuffer(base, np.uint8)
     t = np.frombuffer(target, np.uint8)
     split, shift = best_split(b, t)
-    xored = np.bitwise_xor(t, _source(b, len(t), split, shift))
-    return HEADER.pack(MAGIC, len(t), split, shift) + zlib.compress(_shuffle(xored).tobytes(), level)
+    xored = _source(b, len(t), split, shift)
+    np.bitwise_xor(t, xored, out=xored)
+    return HEADER.pack(MAGIC, len(t), split, shift) + zlib.compress(_shuffle(xored), level)
 
 
 def decode(base: bytes, delta: bytes) -> bytes:
@@ -90,14 +109,18 @@ def decode(base: bytes, delta: bytes) -> bytes:
     magic, size, split, shift = HEADER.unpack_from(delta)
     if magic != MAGIC:
         raise DeltaError("not a CNEI delta (bad magic)")
-    if split > size or size - shift != len(base):
+    if size - shift != len(base):
         raise DeltaError(f"delta for a base of {size - shift} bytes, this one has {len(base)}")
+    if split > size:
+        raise DeltaError(f"delta splits at byte {split} of {size}")
     inflate = zlib.decompressobj()
     try:
         xored = inflate.decompress(delta[HEADER.size:], size + 1)
     except zlib.error as exc:
         raise DeltaError(f"delta does not inflate: {exc}") from None
-    if len(xored) != size or not inflate.eof:
-        raise DeltaError(f"delta inflates to {len(xored)} bytes, expected {size}")
-    source = _source(np.frombuffer(base, np.uint8), size, split, shift)
-    return np.bitwise_xor(_unshuffle(np.frombuffer(xored, np.uint8)), source).tobytes()
+    if len(xored) != size or not inflate.eof or inflate.unused_data:
+        raise DeltaError(f"delta inflates to {len(xored)} bytes, expected {size} and its end")
+    target = _unshuffle(np.frombuffer(xored, np.uint8))
+    del xored
+    np.bitwise_xor(target, _source(np.frombuffer(base, np.uint8), size, split, shift), out=target)
+    return target.tobytes()

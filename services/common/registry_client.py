@@ -12,7 +12,7 @@ import grpc
 
 from services.common import delta, deployment, grpc_util
 from services.common.deployment import DeploymentSpec
-from services.common.errors import FailedPrecondition
+from services.common.errors import CneiError, ErrorCode, FailedPrecondition
 from services.common.model_spec import ModelVariant
 from services.common.registry_convert import variant_from_proto
 from services.pb.cnei import registry_pb2 as rpb
@@ -98,9 +98,18 @@ class RegistryClient:
     async def pull_artifact(self, sha256: str, held: Mapping[str, Path] | None = None,
                             timeout: float = 120.0) -> Pulled:
         """Download an artifact and verify its sha256; `held`: artifacts this side holds (sha256
-        -> file), against one of which the registry may send a delta. A delta that does not
-        decode, or decodes to other bytes, is logged and the artifact fetched whole."""
-        encoding, base, data = await self._fetch(sha256, list(held or ()), timeout)
+        -> file, the likeliest bases first: the first delta.MAX_BASES are offered), against one of
+        which the registry may send a delta. A delta the registry cannot make, or that does not
+        decode or decodes to other bytes, is logged and the artifact fetched whole."""
+        have = list(held or ())[:delta.MAX_BASES]
+        try:
+            encoding, base, data = await self._fetch(sha256, have, timeout)
+        except CneiError as exc:
+            if not have or exc.code in (ErrorCode.NOT_FOUND, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                raise
+            log.warning("registry could not send artifact %s against what this side holds (%s): fetching it whole",
+                        sha256[:12], exc)
+            encoding, base, data = await self._fetch(sha256, [], timeout)
         wire = len(data)
         if encoding == "delta":
             try:

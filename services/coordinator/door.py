@@ -162,6 +162,8 @@ class DoorRoutes:
             rollout = deployed.rollout
             if not (rollout.canary_percent > 0 and not request.model_version):
                 return await self._routes(request, deployed, request.model_version)
+            if rollout.canary_percent >= 100:  # no split: every such request to the canary
+                return await self._routes(request, deployed, rollout.canary)
             stable = await self._routes(request, deployed, rollout.stable)
             canary = await self._routes(request, deployed, rollout.canary)
         except CneiError as exc:  # the full path answers these requests with this error

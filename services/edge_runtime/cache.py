@@ -80,11 +80,14 @@ class DiskCache:
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
         temp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # writers of one file never share a temp
-        with temp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
+        try:
+            with temp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 class L1Cache:

@@ -34,6 +34,7 @@ from services.edge_runtime.settings import RuntimeSettings
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
+OFFERED_BASES = 16  # versions held that a pull offers the registry as delta bases
 REGISTRY_RETRY_S = 2.0
 DEPLOYMENT_TTL_S = 30.0  # a model's deployment cap is asked again after this (events drop it at once)
 RESYNC_RETRIES = 20
@@ -196,8 +197,11 @@ class EdgeRuntime:
     async def _pull(self, variant: ModelVariant) -> bool:
         if self.disk.has(variant) or self.disk.adopt(variant):
             return False
-        # the other versions of the model held here: the registry may send a delta against one
-        held = {v.sha256: self.disk.artifact_path(v.sha256) for v in self.disk.variants() if v.name == variant.name}
+        # the other versions of the model held here, likeliest base first (same precision, newest):
+        # the registry may send a delta against one
+        mine = sorted((v for v in self.disk.variants() if v.name == variant.name),
+                      key=lambda v: (v.precision == variant.precision, version_key(v.version)), reverse=True)
+        held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
         pulled = await self.registry.pull_artifact(variant.sha256, held)
         await asyncio.to_thread(self.disk.put, variant, pulled.data)
         SYNCED_BYTES.inc(pulled.wire_bytes)

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,9 +27,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 READ_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 DELTA = "delta"
-MAX_HAVE = 256  # artifacts a caller may name as held
 DELTA_MAX_BYTES = 256 << 20  # larger artifacts are sent whole (a delta is made in memory)
 DELTA_WORTH = 0.8  # a delta is sent when it is under this fraction of the artifact
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while data := fh.read(READ_CHUNK):
+            yield data
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Registry:
         self.store = store
         self.publish = publish
         self.max_artifact_bytes = max_artifact_bytes
+        self._making = threading.Lock()  # deltas are made one at a time
 
     async def add_version(self, header: PushHeader, chunks: AsyncIterator[bytes]) -> ModelVariant:
         header = validate_header(header)
@@ -174,28 +181,32 @@ class Registry:
             raise ArtifactNotFound(sha256)
 
     def _chunks(self, sha256: str) -> Iterator[bytes]:
-        with self.store.blob_path(sha256).open("rb") as fh:
-            while data := fh.read(READ_CHUNK):
-                yield data
+        return _read_chunks(self.store.blob_path(sha256))
 
     def artifact_for(self, sha256: str, have: list[str]) -> Sending:
         """What to send a caller asking for `sha256` that holds the artifacts `have` (blocking):
         a delta against the one that is the nearest other version of the same model (same
         precision first, then the latest version) when the delta is under DELTA_WORTH of the
-        artifact, else the artifact. Deltas are made once and kept beside the artifacts."""
-        if len(have) > MAX_HAVE:
-            raise InvalidArgument(f"'have' lists {len(have)} artifacts; at most {MAX_HAVE}")
+        artifact, else the artifact. Deltas are made once (one at a time: each takes about twice
+        the artifact's size in memory) and kept beside the artifacts."""
+        if len(have) > delta.MAX_BASES:
+            raise InvalidArgument(f"'have' lists {len(have)} artifacts; at most {delta.MAX_BASES}")
         chunks = self.artifact_chunks(sha256)
         base = self._delta_base(sha256, [h for h in have if h != sha256 and _SHA256.fullmatch(h)])
         if base is None:
             return Sending("", "", chunks)
         path = self.store.delta_path(base, sha256)
         if not path.is_file():
-            self._make_delta(base, sha256, path)
+            with self._making:  # callers asking for the same delta at once wait for the first to make it
+                try:
+                    if not path.is_file():
+                        self._make_delta(base, sha256, path)
+                except (MemoryError, OSError) as exc:
+                    log.warning("delta %s -> %s not made (%s): the artifact is sent whole", base[:12], sha256[:12], exc)
+                    return Sending("", "", chunks)
         if path.stat().st_size == 0:  # made before, not worth it
             return Sending("", "", chunks)
-        data = path.read_bytes()
-        return Sending(DELTA, base, (data[i:i + READ_CHUNK] for i in range(0, len(data), READ_CHUNK)))
+        return Sending(DELTA, base, _read_chunks(path))
 
     def _delta_base(self, sha256: str, have: list[str]) -> str | None:
         size = self.store.blob_path(sha256).stat().st_size
@@ -216,6 +227,9 @@ class Registry:
         log.info("delta %s -> %s: %d of %d bytes (%s)", base[:12], target[:12], len(made), len(target_bytes),
                  "kept" if worth else "not worth it: the artifact is sent whole")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.part")
-        partial.write_bytes(made if worth else b"")
-        os.replace(partial, path)
+        partial = path.with_name(f"{path.name}.part")  # one maker at a time (`_making`)
+        try:
+            partial.write_bytes(made if worth else b"")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)

@@ -65,7 +65,7 @@ def test_the_split_lines_up_the_bytes_after_a_header_that_grew():
     base = np.frombuffer(b"AB" + bytes(range(200)), np.uint8)
     target = np.frombuffer(b"ABCDE" + bytes(range(200)), np.uint8)
     split, shift = delta.best_split(base, target)
-    assert shift == 3 and split <= 5  # from the header's end on, end-aligned: every byte matches
+    assert shift == 3 and 2 <= split <= 5  # start-aligned over "AB", end-aligned from the header's end
 
 
 @pytest.mark.parametrize(("mangle", "message"), [
@@ -84,3 +84,12 @@ def test_a_delta_for_another_base_is_refused():
     base, target = artifact(b"v1", weights(1000)), artifact(b"v2", weights(1000))
     with pytest.raises(delta.DeltaError, match="base of"):
         delta.decode(base + b"x", delta.encode(base, target))
+
+
+def test_a_delta_whose_split_lies_past_its_end_is_refused():
+    base, target = artifact(b"v1", weights(100)), artifact(b"v2", weights(100))
+    made = delta.encode(base, target)
+    magic, size, _, shift = delta.HEADER.unpack_from(made)
+    forged = delta.HEADER.pack(magic, size, size + 1, shift) + made[delta.HEADER.size:]
+    with pytest.raises(delta.DeltaError, match="splits at byte"):
+        delta.decode(base, forged)

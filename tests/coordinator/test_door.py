@@ -218,7 +218,7 @@ async def test_the_generation_file_names_the_latest_drops_only(tmp_path):
         door.forget(f"model-{i}")
     lines = door.generation_file.read_text().splitlines()
     assert lines[0] == str(DROPS_KEPT + 5) and len(lines) == 1 + DROPS_KEPT
-    assert lines[1] == f"6\tmodel-5" and lines[-1] == f"{DROPS_KEPT + 5}\tmodel-{DROPS_KEPT + 4}"
+    assert lines[1] == "6\tmodel-5" and lines[-1] == f"{DROPS_KEPT + 5}\tmodel-{DROPS_KEPT + 4}"
 
 
 async def test_forget_at_door_returns_once_the_door_reports_the_generation_applied():
@@ -255,6 +255,9 @@ async def test_a_canary_rollout_routes_each_version_with_its_share_and_named_ver
     assert (named.stats_key, named.share, named.alternatives) == (("digits", "2"), 0.0, ())
     pinned = await routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1"))).route(ask())
     assert (pinned.stats_key, pinned.share) == (("digits", "1"), 0.0)  # the pin, although 2 is the latest
+    whole = await routes(DeploymentSpec(model="digits", rollout=RolloutSpec(stable="1", canary="2",
+                                                                           canary_percent=100))).route(ask())
+    assert (whole.stats_key, whole.share, whole.alternatives) == (("digits", "2"), 0.0, ())  # no split left
 
 
 async def test_under_a_canary_each_version_s_routes_name_every_peer_node_in_its_group():

@@ -31,12 +31,32 @@ async def test_a_node_holding_version_1_pulls_version_2_as_a_small_delta(client,
     assert again == pulled
 
 
-async def test_without_another_version_of_the_model_the_artifact_comes_whole(client, versions, built, tmp_path):
+@pytest.mark.parametrize("held", ["nothing", "another-model", "the-artifact-itself"])
+async def test_without_another_version_of_the_model_the_artifact_comes_whole(client, versions, built, held):
     (v1, _), (v2, v2_file) = versions
-    other = await client.push_file(built["FP32"].path, f"{v1.name}-other", "1", "FP32")
-    for held in ({}, {other.sha256: built["FP32"].path}, {v2.sha256: v2_file}):
-        pulled = await client.pull_artifact(v2.sha256, held)
-        assert (pulled.data, pulled.base, pulled.wire_bytes) == (v2_file.read_bytes(), "", v2.size_bytes)
+    if held == "another-model":
+        other = await client.push_file(built["FP32"].path, f"{v1.name}-other", "1", "FP32")
+        offered = {other.sha256: built["FP32"].path}
+    else:
+        offered = {} if held == "nothing" else {v2.sha256: v2_file}
+    pulled = await client.pull_artifact(v2.sha256, offered)
+    assert (pulled.data, pulled.base, pulled.wire_bytes) == (v2_file.read_bytes(), "", v2.size_bytes)
+
+
+async def test_a_delta_that_would_save_too_little_is_not_sent_and_not_made_again(client, registry, versions, built):
+    (v1, v1_file), _ = versions
+    unlike = await client.push_file(built["FP32"].path, v1.name, "3", "FP32")  # another network entirely
+    pulled = await client.pull_artifact(unlike.sha256, {v1.sha256: v1_file})
+    assert (pulled.base, pulled.wire_bytes) == ("", unlike.size_bytes)
+    marker = registry.data_dir / "artifacts" / "deltas" / f"{v1.sha256}-{unlike.sha256}"
+    assert marker.is_file() and marker.stat().st_size == 0  # remembered: not made for the next node
+
+
+async def test_a_node_offering_more_bases_than_the_limit_offers_its_likeliest(client, versions):
+    (v1, v1_file), (v2, v2_file) = versions
+    held = {v1.sha256: v1_file, **{f"{i:064x}": v1_file for i in range(300)}}
+    pulled = await client.pull_artifact(v2.sha256, held)
+    assert pulled.base == v1.sha256 and pulled.data == v2_file.read_bytes()
 
 
 async def test_a_base_that_changed_on_the_node_costs_a_whole_fetch_not_a_wrong_model(client, versions, tmp_path):

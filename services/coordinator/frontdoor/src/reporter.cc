@@ -26,23 +26,24 @@ Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, 
       held_(std::move(held)), generation_file_(std::move(generation_file)), on_dropped_(std::move(on_dropped)) {}
 
 bool Reporter::ListHeldNow() {
-  if (!held_) return false;
   bool changed = false;
   if (!generation_file_.empty()) {
     Generation generation = ReadGeneration(generation_file_);
     const uint64_t applied = applied_;
-    if (generation.number != applied) {
+    if (generation.number > applied) {  // never back (an unreadable file reads 0)
       bool complete = true;
       std::vector<std::string> models = generation.DroppedAfter(applied, &complete);
       if (on_dropped_ && !models.empty()) on_dropped_(models);
-      if (!complete) {
-        fprintf(stderr, "cnei-frontdoor: routes generation %llu after %llu: asking about every route held\n",
+      if (!complete && held_) {  // drops were missed: every route goes (the next requests ask again)
+        fprintf(stderr, "cnei-frontdoor: routes generation %llu after %llu: dropping every route\n",
                 (unsigned long long)generation.number, (unsigned long long)applied);
+        on_unknown_(held_());
       }
       applied_ = generation.number;
       changed = true;
     }
   }
+  if (!held_) return false;
   if (changed || ++since_listed_ >= kListEvery) {
     since_listed_ = 0;
     return true;
@@ -146,8 +147,11 @@ void Reporter::Send(FrontDoorReport report, std::function<void()> then) {
     if (!status.ok()) {
       fprintf(stderr, "cnei-frontdoor: report of %d routes dropped: %s\n",
               rpc->request.routes_size(), status.error_message().c_str());
-    } else if (rpc->reply.unknown_routes_size() > 0) {
-      on_unknown_(Unknown(rpc->reply));
+    } else {
+      uint64_t acked = acked_;
+      while (rpc->request.generation() > acked && !acked_.compare_exchange_weak(acked, rpc->request.generation())) {
+      }
+      if (rpc->reply.unknown_routes_size() > 0) on_unknown_(Unknown(rpc->reply));
     }
     if (rpc->then) rpc->then();
     delete rpc;
@@ -162,11 +166,9 @@ void Reporter::Loop() {
     if (stopping_) continue;
     lock.unlock();
     FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>());
-    // a new generation is reported even with no route to speak of: the coordinator waits for it
-    if (report.routes_size() > 0 || report.generation() != reported_) {
-      reported_ = report.generation();
-      Send(std::move(report), nullptr);
-    }
+    // a generation the coordinator has not acknowledged is reported even with no route to speak
+    // of (again next interval, should this report be lost): the coordinator waits for it
+    if (report.routes_size() > 0 || report.generation() > acked_) Send(std::move(report), nullptr);
     lock.lock();
   }
 }

@@ -67,7 +67,7 @@ class Reporter {
   const std::string generation_file_;
   DroppedModels on_dropped_;
   std::atomic<uint64_t> applied_{0};  // the generation whose models' routes are dropped
-  uint64_t reported_ = 0;             // the generation the last report (of the loop) said
+  std::atomic<uint64_t> acked_{0};    // the generation a report the coordinator answered said
   int since_listed_ = 0;              // intervals since routes were last listed
   std::unique_ptr<FileWatch> watch_;
   bool changed_ = false;              // the watch saw the file change (guarded by mu_)
