@@ -4,7 +4,10 @@ connection per node, framed and length-prefixed (gRPC costs ~0.7 ms a call in Py
 
 Frame: u32 length of the rest | u64 request id | u8 kind | u16 meta length | meta | payload
 kinds: 1 request (meta: JSON trace context and timeout), 2 reply (payload: ModelInferResponse),
-3 error (meta: error code name, payload: UTF-8 message)."""
+3 error (meta: error code name, payload: UTF-8 message), 4 hello (meta: JSON {"headers": {...}},
+sent first on a connection by a client that has keys for a server whose `inference` API is
+restricted; no reply). A server that restricts inference answers every request of a connection
+without a hello that passes with PERMISSION_DENIED."""
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +23,7 @@ from services.common.errors import CneiError, ErrorCode, ResourceExhausted, Unav
 
 log = logging.getLogger(__name__)
 HEADER = struct.Struct("<IQBH")
-REQUEST, REPLY, ERROR = 1, 2, 3
+REQUEST, REPLY, ERROR, HELLO = 1, 2, 3, 4
 MAX_FRAME = 64 * 1024 * 1024
 
 
@@ -42,13 +45,16 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes, byt
 
 
 Handler = Callable[[bytes, float | None], Awaitable[bytes]]
+Refuse = Callable[[dict[str, str]], str]  # a connection's hello headers -> why it is refused ('' if not)
 
 
 class FastServer:
     """Serves framed requests with `handler(payload, timeout_s) -> reply payload`, concurrently."""
 
-    def __init__(self, handler: Handler):
+    def __init__(self, handler: Handler, refuse: Refuse | None = None):
+        """`refuse`: judges each connection's hello (None: every connection is served)."""
         self.handler = handler
+        self.refuse = refuse
         self.server: asyncio.base_events.Server | None = None
         self._tasks = Background()
 
@@ -57,11 +63,23 @@ class FastServer:
         return self.server.sockets[0].getsockname()[1]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refused = self.refuse({}) if self.refuse else ""  # until a hello says otherwise
         try:
             while True:
                 request_id, kind, meta, payload = await read_frame(reader)
+                if kind == HELLO:
+                    headers = json.loads(meta or b"{}").get("headers") or {}
+                    if not isinstance(headers, dict):
+                        raise ValueError("hello headers are not an object")
+                    if self.refuse is not None:
+                        refused = self.refuse({str(k).lower(): str(v) for k, v in headers.items()})
+                    continue
                 if kind != REQUEST:
                     raise ValueError(f"unexpected frame kind {kind}")
+                if refused:
+                    writer.write(encode(request_id, ERROR, ErrorCode.PERMISSION_DENIED.value.encode(),
+                                        refused.encode()))
+                    continue
                 self._tasks.spawn(self._serve(writer, request_id, meta, payload))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -96,10 +114,12 @@ class FastServer:
 class FastClient:
     """One multiplexed connection to a node, opened on first use and after a failure."""
 
-    def __init__(self, address: str, connect_timeout: float = 1.0):
+    def __init__(self, address: str, connect_timeout: float = 1.0, headers: list[tuple[str, str]] | tuple = ()):
+        """`headers`: the keys of a node whose inference API is restricted (sent in a hello)."""
         self.host, _, port = address.rpartition(":")
         self.port = int(port)
         self.connect_timeout = connect_timeout
+        self._hello = encode(0, HELLO, json.dumps({"headers": dict(headers)}).encode(), b"") if headers else b""
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -115,6 +135,8 @@ class FastClient:
                     asyncio.open_connection(self.host, self.port), self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 raise Unavailable(f"fast lane {self.host}:{self.port} unreachable: {exc}") from None
+            if self._hello:
+                writer.write(self._hello)
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read(reader, writer))
             return writer

@@ -10,13 +10,15 @@ from services.pb.cnei import node_pb2_grpc as npb_grpc
 
 
 class NodeControlClients:
-    def __init__(self) -> None:
+    def __init__(self, headers: list[tuple[str, str]] | tuple = ()) -> None:
+        """`headers`: sent with every call (runtimes whose node-control API is restricted)."""
+        self.headers = tuple(headers)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> npb_grpc.NodeControlStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address)
+            channel = self._channels[address] = grpc_util.channel(address, self.headers)
         return npb_grpc.NodeControlStub(channel)
 
     async def call(self, address: str, method: str, request, timeout: float):

@@ -6,8 +6,14 @@ and log settings.
 A restriction reads `<category>[,<category>...]:<header>=<value>`, several joined with `;`, e.g.
 `model-repository,trace,logging:admin-key=s3cret;shared-memory:shm-key=local`. Categories are
 Triton's. A request of a restricted category without the header (or with another value) is
-PERMISSION_DENIED over gRPC and 403 over REST; the value is never echoed. The internal planes
-(front door control, node control, fast lane) are not the OIP API and are not restricted.
+PERMISSION_DENIED over gRPC and 403 over REST; the value is never echoed.
+
+An edge runtime restricts two more things with the same keys: its fast lane (the coordinator's
+data plane) takes the `inference` key, which a client sends once per connection (a hello frame,
+services/common/fastlane.py), and its NodeControl service (load, unload, status, federated
+rounds) the `node-control` category. The coordinator and the trainer send the keys of the
+runtimes they call from `CNEI_<SERVICE>_NODE_HEADERS`. The front door's control plane listens on
+the loopback interface only.
 
 The registry and the trainer take the same form for their own APIs, with two of the categories:
 `model-repository` for what changes the repository (pushing a model, recording a measurement,
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 import grpc
 
 CATEGORIES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
-              "statistics", "trace", "logging")
+              "statistics", "trace", "logging", "node-control")
 OIP_SERVICE = "inference.GRPCInferenceService"
 GRPC_METHODS = {
     "ServerLive": "health", "ServerReady": "health", "ModelReady": "health",
@@ -46,8 +52,12 @@ REGISTRY_METHODS = {
 TRAINER_SERVICE = "cnei.trainer.v1.Trainer"
 TRAINER_METHODS = {"StartJob": "model-repository", "GetJob": "metadata", "ListJobs": "metadata",
                    "WatchJob": "metadata"}
+NODE_SERVICE = "cnei.node.v1.NodeControl"
+NODE_METHODS = {"LoadModel": "node-control", "UnloadModel": "node-control", "GetNodeStatus": "node-control",
+                "TrainRound": "node-control"}
 # Which categories each kind of server has: {service: {method: category}}
 OIP_API = {OIP_SERVICE: GRPC_METHODS}
+RUNTIME_API = {OIP_SERVICE: GRPC_METHODS, NODE_SERVICE: NODE_METHODS}
 REGISTRY_API = {REGISTRY_SERVICE: REGISTRY_METHODS}
 TRAINER_API = {TRAINER_SERVICE: TRAINER_METHODS}
 _REST_HEADS = {"health": "health", "repository": "model-repository", "systemsharedmemory": "shared-memory",
@@ -146,17 +156,19 @@ def guard(spec: str, api: Mapping[str, Mapping[str, str]]) -> list[grpc.aio.Serv
     return [RestrictedApis(restricted, api)] if restricted else []
 
 
-def check(settings_prefix: str, spec: str, api: Mapping[str, Mapping[str, str]], headers_spec: str = "") -> None:
-    """A service's restricted-API and registry-header settings parse (SystemExit naming the
-    variable and the problem otherwise), checked before it starts."""
+def check(settings_prefix: str, spec: str, api: Mapping[str, Mapping[str, str]], headers_spec: str = "",
+          node_headers_spec: str = "") -> None:
+    """A service's restricted-API and registry- and node-header settings parse (SystemExit
+    naming the variable and the problem otherwise), checked before it starts."""
     try:
         parse(spec, categories_of(api))
     except ValueError as exc:
         raise SystemExit(f"{settings_prefix}RESTRICTED_APIS: {exc}") from None
-    try:
-        headers(headers_spec)
-    except ValueError as exc:
-        raise SystemExit(f"{settings_prefix}REGISTRY_HEADERS: {exc}") from None
+    for name, value in (("REGISTRY_HEADERS", headers_spec), ("NODE_HEADERS", node_headers_spec)):
+        try:
+            headers(value)
+        except ValueError as exc:
+            raise SystemExit(f"{settings_prefix}{name}: {exc}") from None
 
 
 class RestrictedApis(grpc.aio.ServerInterceptor):

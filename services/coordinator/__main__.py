@@ -47,7 +47,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     registry = RegistryClient(settings.registry_target, timeout=5.0,
                               headers=restricted_apis.headers(settings.registry_headers))
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s)
+    node_headers = restricted_apis.headers(settings.node_headers)
+    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, headers=node_headers)
     await nodes.start()
     catalog = Catalog(registry, settings.resolve_ttl_s)
     worker = settings.worker_index
@@ -55,7 +56,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None)
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
-    node_control = NodeControlClients()
+    node_control = NodeControlClients(node_headers)
     core.control = ModelControl(core, redis, node_control, settings.resolve_ttl_s)
     nodes.on_change = core.node_changed
     sharing = None
@@ -112,7 +113,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
                            shm_dir if settings.shared_memory else "", restricted.get("inference"),
-                           settings.response_cache_bytes, public_tls, routes.generation_file)
+                           settings.response_cache_bytes, public_tls, routes.generation_file, node_headers)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
@@ -198,7 +199,8 @@ def failover_row(envelope: events.Envelope) -> dict:
 
 def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
-    restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers)
+    restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers,
+                          settings.node_headers)
     try:
         tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     except ValueError as exc:

@@ -36,16 +36,18 @@ def door_binary(mode: str, configured: str = "") -> Path | None:
 
 
 RESTRICT_ENV = "CNEI_FRONTDOOR_RESTRICT_INFERENCE"
+NODE_HEADERS_ENV = "CNEI_FRONTDOOR_NODE_HEADERS"  # KEY=VALUE;...: sent in the fast lane's hello
 
 class DoorProcess:
     def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = "",
                  restrict_inference: Key | None = None, response_cache_bytes: int = 0, tls: ServerTls | None = None,
-                 routes_generation: Path | None = None):
+                 routes_generation: Path | None = None, node_headers: list[tuple[str, str]] | tuple = ()):
         """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
         reads to serve requests whose tensors are in the client's shared memory itself.
         `restrict_inference`: the header and value inference requests need (restricted APIs).
         `tls`: the public port's certificate files (None: plaintext). `routes_generation`: the file
-        the coordinator bumps when it drops routes (the door then lists the routes it holds)."""
+        the coordinator bumps when it drops routes (the door then lists the routes it holds).
+        `node_headers`: the keys of runtimes whose inference API is restricted (fast lane hello)."""
         self.command = [str(binary), "--listen", listen, "--backend", backend,
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         if shm_dir:
@@ -58,9 +60,11 @@ class DoorProcess:
             self.command += ["--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
             if tls.mutual:
                 self.command += ["--tls-client-ca", tls.client_ca_file]
-        self.env = {k: v for k, v in os.environ.items() if k != RESTRICT_ENV}
+        self.env = {k: v for k, v in os.environ.items() if k not in (RESTRICT_ENV, NODE_HEADERS_ENV)}
         if restrict_inference is not None:  # in the environment: the command line is anybody's to read
             self.env[RESTRICT_ENV] = f"{restrict_inference.header}={restrict_inference.value}"
+        if node_headers:
+            self.env[NODE_HEADERS_ENV] = ";".join(f"{k}={v}" for k, v in node_headers)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:

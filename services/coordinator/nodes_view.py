@@ -33,8 +33,11 @@ class NodesView:
     """Live nodes from Redis, re-read every `refresh_s`; stale view kept through Redis outages."""
 
     def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0,
-                 on_change: Callable[[str, NodeInfo, str], None] | None = None):
+                 on_change: Callable[[str, NodeInfo, str], None] | None = None,
+                 headers: list[tuple[str, str]] | tuple = ()):
+        """`headers`: sent to every node called (gRPC and the fast lane's hello)."""
         self.directory = directory
+        self.headers = tuple(headers)
         self.refresh_s = refresh_s
         self.probe_s = probe_s
         self.nodes: list[NodeInfo] = []
@@ -106,13 +109,13 @@ class NodesView:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address)
+            channel = self._channels[address] = grpc_util.channel(address, self.headers)
         return channel
 
     def fast_client(self, node: NodeInfo) -> FastClient:
         client = self._fast.get(node.fast_address)
         if client is None:
-            client = self._fast[node.fast_address] = FastClient(node.fast_address)
+            client = self._fast[node.fast_address] = FastClient(node.fast_address, headers=self.headers)
         return client
 
     def stub(self, node: NodeInfo) -> pb_grpc.GRPCInferenceServiceStub:

@@ -60,6 +60,9 @@ class CoordinatorSettings:
     registry_headers: str = field(
         "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
             "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
+    node_headers: str = field(
+        "", "headers sent to every edge runtime called (gRPC, NodeControl and the fast lane's hello), "
+            "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")

@@ -82,14 +82,18 @@ async def serve(settings: RuntimeSettings) -> None:
     bus.on_connect.append(runtime.resync)
     await bus.start()
     interceptors = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else []
-    interceptors += restricted_apis.guard(settings.restricted_apis, restricted_apis.OIP_API)
+    interceptors += restricted_apis.guard(settings.restricted_apis, restricted_apis.RUNTIME_API)
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=interceptors)
     tracing = TraceSettings(MemoryTraceStore(config_from(settings.trace_level, settings.trace_rate,
                                                          settings.trace_count)))
     oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory), tracing)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
-    fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms)) if settings.fast_lane else None
+    fast = None
+    if settings.fast_lane:  # the data plane takes the inference API's key, if it has one
+        restricted = restricted_apis.parse(settings.restricted_apis, restricted_apis.categories_of(restricted_apis.RUNTIME_API))
+        refuse = (lambda headers: restricted_apis.refusal(restricted, "inference", headers)) if restricted else None
+        fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms), refuse)
     trainer = LocalTrainer(settings)
     server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime, trainer),
                "cnei.node.v1.NodeControl")
@@ -122,7 +126,7 @@ async def serve(settings: RuntimeSettings) -> None:
 
 def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
-    restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers)
+    restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

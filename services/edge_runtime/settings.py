@@ -34,7 +34,8 @@ class RuntimeSettings:
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
     restricted_apis: str = field(
         "", "Triton's restricted APIs on this node's OIP port: '<category>[,...]:<header>=<value>', several "
-            "joined with ';' (categories as the coordinator's)")
+            "joined with ';' (categories as the coordinator's, plus node-control for the NodeControl service); "
+            "the fast lane takes the inference key")
     trace_level: str = field("TIMESTAMPS", "while spans are exported, OIP requests that come without trace context "
                                            "start traces (TIMESTAMPS) or not (OFF); Triton's trace setting")
     trace_rate: int = field(1, "one such request in N of each model starts a trace")

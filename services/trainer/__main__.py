@@ -28,7 +28,7 @@ async def serve(settings: TrainerSettings) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
-    clients = NodeClients()
+    clients = NodeClients(restricted.headers(settings.node_headers))
     trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),
                                clients.train, registry, bus.publish)
     server = lifecycle.GrpcServer(settings.host, settings.port,
@@ -52,7 +52,8 @@ async def serve(settings: TrainerSettings) -> None:
 
 def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
-    restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers)
+    restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
+                     settings.node_headers)
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -18,6 +18,9 @@ class TrainerSettings:
     registry_headers: str = field(
         "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
             "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
+    node_headers: str = field(
+        "", "headers sent to every edge runtime called (its federated rounds over NodeControl), "
+            "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
     restricted_apis: str = field(
         "", "restricted APIs of the Trainer API: '<category>[,...]:<header>=<value>', several joined with ';'; "
             "categories: metadata (jobs and their rounds), model-repository (starting a job, which publishes a "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.restricted import GRPC_METHODS, Key, parse, refusal, rest_category
+from services.common.restricted import (GRPC_METHODS, NODE_METHODS, OIP_API, RUNTIME_API, Key, categories_of, parse,
+                                        refusal, rest_category)
+from services.pb.cnei import node_pb2
 from services.pb.inference import grpc_service_pb2 as pb
 
 
@@ -71,3 +73,10 @@ def test_client_headers_parse_from_flags_or_one_string_and_a_bad_pair_is_named()
         headers(["admin-key"])
     assert own_headers("trace,logging:admin-key=s3cret;inference:infer-key=abc") == \
         [("admin-key", "s3cret"), ("infer-key", "abc")]
+
+
+def test_a_runtime_restricts_its_node_control_service_and_a_coordinator_has_no_such_category():
+    assert set(NODE_METHODS) == set(node_pb2.DESCRIPTOR.services_by_name["NodeControl"].methods_by_name)
+    assert parse("inference,node-control:node-key=k", categories_of(RUNTIME_API))["node-control"] == Key("node-key", "k")
+    with pytest.raises(ValueError, match="unknown category 'node-control'"):
+        parse("node-control:node-key=k", categories_of(OIP_API))

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 #include <unordered_map>
@@ -21,12 +22,34 @@ namespace frontdoor {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr uint8_t kRequest = 1, kReply = 2, kError = 3;
+constexpr uint8_t kRequest = 1, kReply = 2, kError = 3, kHello = 4;
 constexpr size_t kHeader = 15;                     // u32 length | u64 id | u8 kind | u16 meta
 constexpr size_t kMaxFrame = 64u * 1024 * 1024;    // as services/common/fastlane.py
 
 void PutLE(char* out, uint64_t value, int bytes) {
   for (int i = 0; i < bytes; ++i) out[i] = static_cast<char>((value >> (8 * i)) & 0xff);
+}
+
+std::string& HelloFrame() {  // empty: no hello
+  static std::string frame;
+  return frame;
+}
+
+void AppendJson(std::string* out, const std::string& text) {
+  *out += '"';
+  for (unsigned char c : text) {
+    if (c == '"' || c == '\\') {
+      *out += '\\';
+      *out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char escaped[8];
+      snprintf(escaped, sizeof escaped, "\\u%04x", c);
+      *out += escaped;
+    } else {
+      *out += static_cast<char>(c);
+    }
+  }
+  *out += '"';
 }
 
 uint64_t GetLE(const char* in, int bytes) {
@@ -288,6 +311,12 @@ std::shared_ptr<FastLane::Conn> FastLane::Connection(std::string* error) {
     *error = "fast lane " + address_ + " unreachable: " + *error;
     return nullptr;
   }
+  const std::string& hello = HelloFrame();
+  if (!hello.empty() && !SendAll(fd, {{const_cast<char*>(hello.data()), hello.size()}})) {
+    ::close(fd);
+    *error = "fast lane " + address_ + ": hello not sent";
+    return nullptr;
+  }
   conn_ = std::make_shared<Conn>(fd, address_);
   std::thread([conn = conn_] { conn->ReadLoop(); }).detach();
   return conn_;
@@ -339,6 +368,24 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
     if (!SendAll(conn->fd, std::move(iov))) ::shutdown(conn->fd, SHUT_RDWR);  // reader fails the calls
   }
   conn->Sent(id);
+}
+
+void SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {
+  if (headers.empty()) return;
+  std::string meta = "{\"headers\": {";
+  for (size_t i = 0; i < headers.size(); ++i) {
+    if (i > 0) meta += ", ";
+    AppendJson(&meta, headers[i].first);
+    meta += ": ";
+    AppendJson(&meta, headers[i].second);
+  }
+  meta += "}}";
+  std::string frame(kHeader, '\0');
+  PutLE(frame.data(), kHeader - 4 + meta.size(), 4);
+  PutLE(frame.data() + 4, 0, 8);
+  frame[12] = static_cast<char>(kHello);
+  PutLE(frame.data() + 13, meta.size(), 2);
+  HelloFrame() = frame + meta;
 }
 
 std::shared_ptr<FastLane> LaneFor(const std::string& address) {

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace frontdoor {
@@ -38,5 +39,9 @@ class FastLane : public std::enable_shared_from_this<FastLane> {
 
 // The lane for a node address, created on first use and shared afterwards.
 std::shared_ptr<FastLane> LaneFor(const std::string& address);
+
+// Headers every new connection sends first, in a hello frame (the keys of runtimes whose
+// inference API is restricted); set once at start, before any lane connects.
+void SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers);
 
 }  // namespace frontdoor

@@ -17,6 +17,7 @@
 #include "backend.h"
 #include "cache.h"
 #include "door.h"
+#include "fastlane.h"
 #include "reporter.h"
 #include "router.h"
 #include "service.h"
@@ -179,6 +180,23 @@ int main(int argc, char** argv) {
     size_t eq = pair.find('=');
     if (eq == std::string::npos || eq == 0) Usage("CNEI_FRONTDOOR_RESTRICT_INFERENCE must be HEADER=VALUE");
     restrict_header = pair.substr(0, eq), restrict_value = pair.substr(eq + 1);
+  }
+  // The keys of runtimes whose inference API is restricted, sent in each fast-lane hello:
+  // KEY=VALUE;KEY=VALUE
+  if (const char* pairs = getenv("CNEI_FRONTDOOR_NODE_HEADERS"); pairs && *pairs) {
+    std::vector<std::pair<std::string, std::string>> headers;
+    std::string all(pairs);
+    for (size_t at = 0; at <= all.size();) {
+      size_t end = all.find(';', at);
+      if (end == std::string::npos) end = all.size();
+      std::string pair = all.substr(at, end - at);
+      at = end + 1;
+      if (pair.empty()) continue;
+      size_t eq = pair.find('=');
+      if (eq == std::string::npos || eq == 0) Usage("CNEI_FRONTDOOR_NODE_HEADERS must read KEY=VALUE;...");
+      headers.emplace_back(pair.substr(0, eq), pair.substr(eq + 1));
+    }
+    SetHelloHeaders(headers);
   }
   InferDoor door(&routes, shm.get(), restrict_header, restrict_value);
   FrontDoorService service(&backend, &door, &routes);

@@ -1,0 +1,103 @@
+"""An edge runtime whose inference and node-control APIs are restricted: its fast lane refuses a
+connection without the inference key (a hello), its NodeControl service calls without the
+node-control key, and a coordinator given the keys (CNEI_COORDINATOR_NODE_HEADERS) serves
+through it, front door and fast lane included."""
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from services.cli import infra
+from services.common.errors import ErrorCode, PermissionDenied
+from services.common.fastlane import FastClient
+from services.coordinator.door_process import BUILT
+from services.pb.cnei import node_pb2 as npb
+from services.pb.cnei import node_pb2_grpc as npb_grpc
+from services.pb.inference import grpc_service_pb2 as pb
+from tests.e2e.processes import server_ready, start_coordinator, start_runtime
+
+KEY = ("node-key", "s3cret")
+RESTRICTED = "inference,node-control:node-key=s3cret"
+
+
+@pytest.fixture(scope="module")
+def node(mesh, tmp_path_factory):
+    fast_port = infra.free_port()
+    proc, port = start_runtime(mesh, "edge-r1", "site-r", tmp_path_factory.mktemp("restricted-node"),
+                               CNEI_RUNTIME_RESTRICTED_APIS=RESTRICTED, CNEI_RUNTIME_FAST_PORT=str(fast_port))
+    try:
+        infra.wait_for_port("127.0.0.1", fast_port, proc=proc, timeout=30)  # opens after the gRPC port
+        yield f"127.0.0.1:{port}", f"127.0.0.1:{fast_port}"
+    finally:
+        infra.stop(proc)
+
+
+def _payload() -> bytes:
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize("headers", [(), (("node-key", "wrong"),), (KEY,)], ids=["no-hello", "wrong-key", "key"])
+def test_the_fast_lane_serves_only_a_connection_whose_hello_carries_the_inference_key(node, headers):
+    _, fast = node
+
+    async def call() -> bytes:
+        client = FastClient(fast, headers=headers)
+        try:
+            return await client.call(_payload(), 10.0)
+        finally:
+            await client.close()
+
+    if headers == (KEY,):
+        reply = pb.ModelInferResponse.FromString(asyncio.run(call()))
+        assert reply.model_name == "digits" and reply.raw_output_contents
+    else:
+        with pytest.raises(PermissionDenied, match="inference API is restricted") as refused:
+            asyncio.run(call())
+        assert refused.value.code is ErrorCode.PERMISSION_DENIED and "s3cret" not in refused.value.message
+
+
+def test_node_control_needs_the_node_control_key(node):
+    address, _ = node
+
+    async def status(metadata):
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await npb_grpc.NodeControlStub(channel).GetNodeStatus(
+                npb.NodeStatusRequest(), metadata=metadata, timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(status(()))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert asyncio.run(status((KEY,))).node_id == "edge-r1"
+
+
+@pytest.mark.parametrize("door", ["on", "off"])
+def test_a_coordinator_given_the_keys_serves_through_the_restricted_node(mesh, node, door):
+    if door == "on" and not BUILT.is_file():
+        pytest.skip(f"front door not built ({BUILT}): make frontdoor")
+    proc, address, _, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door,
+                                            CNEI_COORDINATOR_NODE_HEADERS="node-key=s3cret")
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
+        tensor = triton.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+        served = collections.Counter()
+        for _ in range(40):  # the site's node: the fast lane (door on: from the door itself)
+            reply = client.infer("digits", [tensor], parameters={"region": "site-r"}, client_timeout=30)
+            params = reply.get_response().parameters
+            served[(params["cnei_node"].string_param,
+                    "cnei_front_door" in params and params["cnei_front_door"].bool_param)] += 1
+        assert served[("edge-r1", door == "on")] >= 20, dict(served)
+        client.unload_model("digits")  # NodeControl with the key, on every node
+        client.load_model("digits")
+    finally:
+        client.close()
+        infra.stop(proc)
