@@ -79,6 +79,7 @@ class FastServer:
                 if refused:
                     writer.write(encode(request_id, ERROR, ErrorCode.PERMISSION_DENIED.value.encode(),
                                         refused.encode()))
+                    await writer.drain()  # a client that sends without reading is not buffered for
                     continue
                 self._tasks.spawn(self._serve(writer, request_id, meta, payload))
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -52,6 +52,8 @@ VALUE_SETS = {
                      "restrictedApisSecret": {"name": "cnei-admin"},
                      "persistence": {"storageClass": "fast-ssd"}},
         "registryHeadersSecret": {"name": "cnei-admin", "key": "registry-headers"},
+        "runtimeRestrictedApisSecret": {"name": "cnei-nodes"},
+        "nodeHeadersSecret": {"name": "cnei-nodes"},
         "trainer": {"restrictedApisSecret": {"name": "cnei-trainer", "key": "apis"}},
         "coordinator": {"env": {"CNEI_COORDINATOR_MAX_ATTEMPTS": 5},
                         "restrictedApisSecret": {"name": "cnei-admin", "key": "restricted-apis"},
@@ -310,6 +312,10 @@ def test_restricted_apis_come_from_a_secret_only_when_one_is_named():
         ("services.coordinator", "CNEI_COORDINATOR_REGISTRY_HEADERS"): headers,
         ("services.trainer", "CNEI_TRAINER_REGISTRY_HEADERS"): headers,
         ("services.edge_runtime", "CNEI_RUNTIME_REGISTRY_HEADERS"): headers,
+        # a runtime's internal planes, and the keys its callers send (the keys' default names)
+        ("services.edge_runtime", "CNEI_RUNTIME_RESTRICTED_APIS"): {"name": "cnei-nodes", "key": "runtime-restricted-apis"},
+        ("services.coordinator", "CNEI_COORDINATOR_NODE_HEADERS"): {"name": "cnei-nodes", "key": "node-headers"},
+        ("services.trainer", "CNEI_TRAINER_NODE_HEADERS"): {"name": "cnei-nodes", "key": "node-headers"},
     }
     for value_set in ("production", "defaults"):
         rendered = _render(VALUE_SETS[value_set])
