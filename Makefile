@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/*/*.proto)
 PB_STAMP := services/pb/.generated
 PA_INSTALL := $(firstword $(wildcard ../shared/tools/perf-analyzer/install.sh /work/shared/tools/perf-analyzer/install.sh))
 
-.PHONY: run test protos install clean bench bench-scheduler bench-batching perf-analyzer frontdoor frontdoor-deps
+.PHONY: run test protos install clean bench bench-scheduler bench-batching bench-delta perf-analyzer frontdoor frontdoor-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench: $(PB_STAMP) frontdoor $(MLSERVER_VENV)/.installed
 # heterogeneous cluster, about 6 minutes; BENCH_ARGS=--quick for a 2-minute run. See bench/README.md.
 bench-scheduler: $(PB_STAMP)
 	$(BIN)/python bench/scheduler.py $(BENCH_ARGS)
+
+# `make bench-delta`: the bytes a new wide_mlp version costs as a delta against the one before
+# (fine-tuned last layer, every weight moved, renamed graph), with the time to make and apply it.
+bench-delta: $(PB_STAMP)
+	$(BIN)/python bench/delta.py $(BENCH_ARGS)
 
 # `make bench-batching`: p99 under open-loop Poisson load for each batching set-up (none, greedy,
 # 500 µs and 2 ms queue delay), then MLServer with and without adaptive batching when `make bench`
