@@ -48,6 +48,8 @@ CLOUD_PRICES = {"CNEI_RUNTIME_COST_PER_CPU_SECOND": "0.00005", "CNEI_RUNTIME_COS
 # The services that call the registry: module -> settings prefix (for their REGISTRY_HEADERS)
 REGISTRY_CLIENTS = {"services.coordinator": COORDINATOR_PREFIX, "services.edge_runtime": RUNTIME_PREFIX,
                     "services.trainer": TRAINER_PREFIX}
+# The services that call runtimes: module -> settings prefix (for their NODE_HEADERS)
+NODE_CLIENTS = {"services.coordinator": COORDINATOR_PREFIX, "services.trainer": TRAINER_PREFIX}
 RUNTIMES = [("cloud-1", "cloud", "cloud"), ("edge-a1", "edge", "site-a"), ("edge-b1", "edge", "site-b")]
 EDGES = [node_id for node_id, tier, _ in RUNTIMES if tier == "edge"]
 
@@ -75,6 +77,7 @@ class Mesh:
         self.logs = self.root / "logs"
         self.children: list[Child] = []
         self.registry_headers = registry_headers()
+        self.node_headers = node_headers()
 
     def _spawn(self, name: str, module: str, env: dict[str, str], port: int) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,9 @@ class Mesh:
         prefix = REGISTRY_CLIENTS.get(module)
         if prefix and self.registry_headers and f"{prefix}REGISTRY_HEADERS" not in os.environ:
             env = {**env, f"{prefix}REGISTRY_HEADERS": self.registry_headers}  # a restricted registry's key
+        prefix = NODE_CLIENTS.get(module)
+        if prefix and self.node_headers and f"{prefix}NODE_HEADERS" not in os.environ:
+            env = {**env, f"{prefix}NODE_HEADERS": self.node_headers}  # its runtimes' keys
         proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env},
                                 stdout=out, stderr=subprocess.STDOUT)
         self.children.append(Child(name, proc, port))
@@ -175,6 +181,16 @@ def registry_headers() -> str:
     from services.common.restricted import REGISTRY_API, categories_of, own_headers
 
     pairs = own_headers(os.environ.get("CNEI_REGISTRY_RESTRICTED_APIS", ""), categories_of(REGISTRY_API))
+    return ";".join(f"{k}={v}" for k, v in pairs)
+
+
+def node_headers() -> str:
+    """The headers (`k=v;...`) the runtimes this process starts ask for, when
+    CNEI_RUNTIME_RESTRICTED_APIS restricts them ('' otherwise): the coordinator and the trainer it
+    starts send them (their own CNEI_<SERVICE>_NODE_HEADERS wins)."""
+    from services.common.restricted import RUNTIME_API, categories_of, own_headers
+
+    pairs = own_headers(os.environ.get("CNEI_RUNTIME_RESTRICTED_APIS", ""), categories_of(RUNTIME_API))
     return ";".join(f"{k}={v}" for k, v in pairs)
 
 

@@ -68,9 +68,10 @@ class FastServer:
             while True:
                 request_id, kind, meta, payload = await read_frame(reader)
                 if kind == HELLO:
-                    headers = json.loads(meta or b"{}").get("headers") or {}
+                    hello = json.loads(meta or b"{}")
+                    headers = hello.get("headers") or {} if isinstance(hello, dict) else None
                     if not isinstance(headers, dict):
-                        raise ValueError("hello headers are not an object")
+                        raise ValueError("hello is not an object with a headers object")
                     if self.refuse is not None:
                         refused = self.refuse({str(k).lower(): str(v) for k, v in headers.items()})
                     continue

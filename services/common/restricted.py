@@ -98,8 +98,8 @@ def headers(pairs: list[str] | str) -> list[tuple[str, str]]:
     out = []
     for item in filter(None, (i.strip() for i in items)):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"header '{item}' must read KEY=VALUE")
+        if not eq or not key.strip():  # the pair may be a mistyped secret: named by its place only
+            raise ValueError(f"header {len(out) + 1} must read KEY=VALUE")
         out.append((key.strip().lower(), value))
     return out
 

@@ -2,6 +2,7 @@
 measured RTT and compute time back into the nodes view."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -12,13 +13,26 @@ from opentelemetry.trace import SpanKind
 
 from services.common import grpc_util, oip, telemetry
 from services.common.batcher import Send
-from services.common.errors import DeadlineExceeded
+from services.common.errors import DeadlineExceeded, PermissionDenied, Unavailable
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.nodes_view import NodesView
 from services.pb.inference import grpc_service_pb2 as pb
 
 _tracer = trace.get_tracer(__name__)
+log = logging.getLogger(__name__)
+_told: set[str] = set()  # nodes whose refusal was logged
+
+
+def refused_by(node: NodeInfo, exc: PermissionDenied) -> Unavailable:
+    """A node that refuses the coordinator's call (its restricted APIs want a key the coordinator
+    lacks) is a node this coordinator cannot use: UNAVAILABLE, so the request fails over and the
+    breaker opens, rather than the client hearing of a header it never had to send."""
+    if node.node_id not in _told:
+        _told.add(node.node_id)
+        log.warning("node %s refused the coordinator's call (%s): check CNEI_COORDINATOR_NODE_HEADERS",
+                    node.node_id, exc.message)
+    return Unavailable(f"node {node.node_id} refused the coordinator's call (its restricted APIs)")
 
 
 async def call_grpc(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequest,
@@ -53,7 +67,11 @@ def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: b
         trace.get_current_span().set_attributes({
             "cnei.version": variant.version, "cnei.precision": variant.precision,
             "cnei.node": node.node_id, "cnei.tier": node.tier})
-        response = oip.response_from_proto(await call(nodes, node, message, remaining))
+        try:
+            reply = await call(nodes, node, message, remaining)
+        except PermissionDenied as exc:
+            raise refused_by(node, exc) from None
+        response = oip.response_from_proto(reply)
         compute_us = float(response.parameters.get("cnei_compute_us", 0) or 0)
         nodes.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3 - compute_us / 1e3)
         if compute_us:

@@ -91,7 +91,8 @@ async def serve(settings: RuntimeSettings) -> None:
                "inference.GRPCInferenceService")
     fast = None
     if settings.fast_lane:  # the data plane takes the inference API's key, if it has one
-        restricted = restricted_apis.parse(settings.restricted_apis, restricted_apis.categories_of(restricted_apis.RUNTIME_API))
+        categories = restricted_apis.categories_of(restricted_apis.RUNTIME_API)
+        restricted = restricted_apis.parse(settings.restricted_apis, categories)
         refuse = (lambda headers: restricted_apis.refusal(restricted, "inference", headers)) if restricted else None
         fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms), refuse)
     trainer = LocalTrainer(settings)

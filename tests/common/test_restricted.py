@@ -69,8 +69,9 @@ def test_client_headers_parse_from_flags_or_one_string_and_a_bad_pair_is_named()
     assert headers(["Admin-Key=s3cret", "infer-key=a=b"]) == [("admin-key", "s3cret"), ("infer-key", "a=b")]
     assert headers("admin-key=s3cret; infer-key=abc;") == [("admin-key", "s3cret"), ("infer-key", "abc")]
     assert headers("") == []
-    with pytest.raises(ValueError, match="header 'admin-key' must read KEY=VALUE"):
-        headers(["admin-key"])
+    with pytest.raises(ValueError, match="header 2 must read KEY=VALUE") as bad:
+        headers(["infer-key=abc", "admin-key:s3cret"])  # a mistyped pair: named by its place, never echoed
+    assert "s3cret" not in str(bad.value)
     assert own_headers("trace,logging:admin-key=s3cret;inference:infer-key=abc") == \
         [("admin-key", "s3cret"), ("infer-key", "abc")]
 

@@ -370,8 +370,8 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
   conn->Sent(id);
 }
 
-void SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {
-  if (headers.empty()) return;
+bool SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {
+  if (headers.empty()) return true;
   std::string meta = "{\"headers\": {";
   for (size_t i = 0; i < headers.size(); ++i) {
     if (i > 0) meta += ", ";
@@ -380,12 +380,14 @@ void SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& hea
     AppendJson(&meta, headers[i].second);
   }
   meta += "}}";
+  if (meta.size() > 0xffff) return false;
   std::string frame(kHeader, '\0');
   PutLE(frame.data(), kHeader - 4 + meta.size(), 4);
   PutLE(frame.data() + 4, 0, 8);
   frame[12] = static_cast<char>(kHello);
   PutLE(frame.data() + 13, meta.size(), 2);
   HelloFrame() = frame + meta;
+  return true;
 }
 
 std::shared_ptr<FastLane> LaneFor(const std::string& address) {

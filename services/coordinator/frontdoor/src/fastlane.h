@@ -41,7 +41,8 @@ class FastLane : public std::enable_shared_from_this<FastLane> {
 std::shared_ptr<FastLane> LaneFor(const std::string& address);
 
 // Headers every new connection sends first, in a hello frame (the keys of runtimes whose
-// inference API is restricted); set once at start, before any lane connects.
-void SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers);
+// inference API is restricted); set once at start, before any lane connects. False when they do
+// not fit a frame's meta (64 KiB).
+bool SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers);
 
 }  // namespace frontdoor

@@ -196,7 +196,7 @@ int main(int argc, char** argv) {
       if (eq == std::string::npos || eq == 0) Usage("CNEI_FRONTDOOR_NODE_HEADERS must read KEY=VALUE;...");
       headers.emplace_back(pair.substr(0, eq), pair.substr(eq + 1));
     }
-    SetHelloHeaders(headers);
+    if (!SetHelloHeaders(headers)) Usage("CNEI_FRONTDOOR_NODE_HEADERS are longer than a fast-lane hello holds");
   }
   InferDoor door(&routes, shm.get(), restrict_header, restrict_value);
   FrontDoorService service(&backend, &door, &routes);

@@ -1,0 +1,20 @@
+"""`cnei up` holds the keys of what it configures: the registry's for every client of it, the
+runtimes' for the coordinator and the trainer it starts."""
+from __future__ import annotations
+
+from services.cli.up import NODE_CLIENTS, REGISTRY_CLIENTS, node_headers, registry_headers
+
+
+def test_the_runtimes_keys_go_to_the_services_that_call_runtimes(monkeypatch):
+    monkeypatch.setenv("CNEI_RUNTIME_RESTRICTED_APIS", "inference:node-key=n1;node-control,model-repository:ops=o2")
+    monkeypatch.setenv("CNEI_REGISTRY_RESTRICTED_APIS", "model-repository:admin-key=a1")
+    assert node_headers() == "node-key=n1;ops=o2"
+    assert registry_headers() == "admin-key=a1"
+    assert set(NODE_CLIENTS) == {"services.coordinator", "services.trainer"}
+    assert set(NODE_CLIENTS) <= set(REGISTRY_CLIENTS)
+
+
+def test_without_restrictions_no_keys_are_handed_out(monkeypatch):
+    monkeypatch.delenv("CNEI_RUNTIME_RESTRICTED_APIS", raising=False)
+    monkeypatch.delenv("CNEI_REGISTRY_RESTRICTED_APIS", raising=False)
+    assert node_headers() == registry_headers() == ""
