@@ -16,10 +16,8 @@ from services.common.errors import CneiError
 
 
 async def models_push(args) -> int:
-    from services.common.registry_client import RegistryClient
-
     meta = dict(kv.split("=", 1) for kv in args.meta)
-    client = RegistryClient(args.registry, headers=_headers(args))
+    client = registry_for(args)
     try:
         v = await client.push_file(args.file, args.name, args.version, args.precision.upper(), meta,
                                    progress=progress(f"push {args.name}"))
@@ -30,9 +28,7 @@ async def models_push(args) -> int:
 
 
 async def models_list(args) -> int:
-    from services.common.registry_client import RegistryClient
-
-    client = RegistryClient(args.registry, headers=_headers(args))
+    client = registry_for(args)
     try:
         variants = await client.list(args.name or "")
     finally:
@@ -43,12 +39,21 @@ async def models_list(args) -> int:
     return 0
 
 
+def registry_for(args):
+    """The registry the command names (--registry), with its headers and TLS."""
+    from services.common.registry_client import RegistryClient
+
+    return RegistryClient(args.registry, headers=_headers(args), credentials=_credentials(args))
+
+
 def _credentials(args):
-    """TLS to a coordinator whose public ports use it: --tls-ca (and, for mutual TLS, --tls-cert and
-    --tls-key), else $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY; None: plaintext."""
+    """TLS to a server that uses it (a coordinator's public ports, a registry): --tls-ca (and, for
+    mutual TLS, --tls-cert and --tls-key), else $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY;
+    None: plaintext."""
     from services.common import tls
 
-    ca, cert, key = tls.client_files(args.tls_ca, args.tls_cert, args.tls_key)
+    ca, cert, key = tls.client_files(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
+                                     getattr(args, "tls_key", ""))
     return tls.channel_credentials(ca, cert, key) if ca else None
 
 
@@ -242,11 +247,9 @@ async def deploy_apply(args) -> int:
     import yaml
 
     from services.common import deployment
-    from services.common.registry_client import RegistryClient
-
     with open(args.file) as fh:
         spec = deployment.from_dict(yaml.safe_load(fh))
-    client = RegistryClient(args.registry, headers=_headers(args))
+    client = registry_for(args)
     try:
         applied = await client.put_deployment(spec)
     finally:
@@ -280,9 +283,7 @@ async def deploy_rollout(args) -> int:
 
     from services.common.deployment import DeploymentSpec
     from services.common.errors import NotFound
-    from services.common.registry_client import RegistryClient
-
-    client = RegistryClient(args.registry, headers=_headers(args))
+    client = registry_for(args)
     try:
         try:
             spec = await client.get_deployment(args.model)
@@ -299,9 +300,7 @@ async def deploy_rollout(args) -> int:
 
 async def deploy_show(args) -> int:
     from services.common import deployment
-    from services.common.registry_client import RegistryClient
-
-    client = RegistryClient(args.registry, headers=_headers(args))
+    client = registry_for(args)
     try:
         specs = [await client.get_deployment(args.model)] if args.model else await client.list_deployments()
     finally:
@@ -389,8 +388,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--registry", default="127.0.0.1:50051")
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
-    for sp in (inf, *controls):
-        sp.add_argument("--tls-ca", default="", help="CA of a coordinator serving TLS (default: $CNEI_TLS_CA)")
+    for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser):
+        sp.add_argument("--tls-ca", default="", help="CA of a server on TLS (default: $CNEI_TLS_CA)")
         sp.add_argument("--tls-cert", default="", help="client certificate for mutual TLS (default: $CNEI_TLS_CERT)")
         sp.add_argument("--tls-key", default="", help="its key (default: $CNEI_TLS_KEY)")
     for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser, st, *train_parsers):

@@ -85,6 +85,8 @@ class Mesh:
         prefix = REGISTRY_CLIENTS.get(module)
         if prefix and self.registry_headers and f"{prefix}REGISTRY_HEADERS" not in os.environ:
             env = {**env, f"{prefix}REGISTRY_HEADERS": self.registry_headers}  # a restricted registry's key
+        if prefix and registry_ca() and f"{prefix}REGISTRY_TLS_CA_FILE" not in os.environ:
+            env = {**env, f"{prefix}REGISTRY_TLS_CA_FILE": registry_ca()}  # a registry serving TLS
         prefix = NODE_CLIENTS.get(module)
         if prefix and self.node_headers and f"{prefix}NODE_HEADERS" not in os.environ:
             env = {**env, f"{prefix}NODE_HEADERS": self.node_headers}  # its runtimes' keys
@@ -184,6 +186,23 @@ def registry_headers() -> str:
     return ";".join(f"{k}={v}" for k, v in pairs)
 
 
+def registry_ca() -> str:
+    """The CA its services trust for the registry this process configures, when that serves TLS
+    (CNEI_REGISTRY_TLS_CERT_FILE): $CNEI_TLS_CA, else the registry's own certificate
+    (self-signed); '' when it serves plaintext."""
+    own = os.environ.get("CNEI_REGISTRY_TLS_CERT_FILE", "")
+    return (os.environ.get("CNEI_TLS_CA", "") or own) if own else ""
+
+
+def registry_credentials():
+    """`cnei up`'s own registry calls (the demo's pushes): TLS as its services use it."""
+    from services.common import tls
+
+    ca = registry_ca()
+    return tls.channel_credentials(ca, os.environ.get("CNEI_TLS_CERT", ""), os.environ.get("CNEI_TLS_KEY", "")) \
+        if ca else None
+
+
 def node_headers() -> str:
     """The headers (`k=v;...`) the runtimes this process starts ask for, when
     CNEI_RUNTIME_RESTRICTED_APIS restricts them ('' otherwise): the coordinator and the trainer it
@@ -200,7 +219,7 @@ async def register_demo(registry_target: str, models_dir: Path) -> list[str]:
     from services.models import digits
 
     built = await asyncio.to_thread(digits.build, models_dir)
-    client = RegistryClient(registry_target, headers=headers(registry_headers()))
+    client = RegistryClient(registry_target, headers=headers(registry_headers()), credentials=registry_credentials())
     lines = []
     try:
         for variant in built:

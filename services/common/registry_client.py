@@ -5,12 +5,13 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from services.common import delta, deployment, grpc_util
+from services.common import delta, deployment, grpc_util, restricted, tls
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode, FailedPrecondition
 from services.common.model_spec import ModelVariant
@@ -32,6 +33,24 @@ class Pulled:
     base: str
 
 
+def from_settings(prefix: str, settings: Any, timeout: float) -> RegistryClient:
+    """A service's registry client from its settings (`registry_target`, `registry_headers`, the
+    `registry_tls_*` files); ValueError naming a TLS variable that is wrong (`check_settings`)."""
+    credentials = tls.registry_credentials(prefix, settings.registry_tls_ca_file, settings.registry_tls_cert_file,
+                                           settings.registry_tls_key_file)
+    return RegistryClient(settings.registry_target, timeout, restricted.headers(settings.registry_headers),
+                          credentials)
+
+
+def check_settings(prefix: str, settings: Any) -> None:
+    """Stop (SystemExit naming the variable) before starting when the registry TLS files are wrong."""
+    try:
+        tls.registry_credentials(prefix, settings.registry_tls_ca_file, settings.registry_tls_cert_file,
+                                 settings.registry_tls_key_file)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def _apply_delta(base_file: Path, made: bytes, sha256: str) -> bytes:
     data = delta.decode(base_file.read_bytes(), made)
     if hashlib.sha256(data).hexdigest() != sha256:
@@ -42,11 +61,13 @@ def _apply_delta(base_file: Path, made: bytes, sha256: str) -> bytes:
 class RegistryClient:
     """Resolve, list, push and fetch model variants; failures raise CneiError subclasses."""
 
-    def __init__(self, target: str, timeout: float = 10.0, headers: list[tuple[str, str]] | tuple = ()):
-        """`headers`: sent with every call (a registry with restricted APIs)."""
+    def __init__(self, target: str, timeout: float = 10.0, headers: list[tuple[str, str]] | tuple = (),
+                 credentials: grpc.ChannelCredentials | None = None):
+        """`headers`: sent with every call (a registry with restricted APIs); `credentials`: TLS to
+        a registry serving it (services.common.tls), else plaintext."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc_util.channel(target, headers)
+        self._channel = grpc_util.channel(target, headers, credentials)
         self._stub = rpb_grpc.ModelRegistryStub(self._channel)
 
     async def close(self) -> None:

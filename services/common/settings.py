@@ -45,6 +45,19 @@ def event_loop_field() -> Any:
                          "uvloop costs less CPU per socket event")
 
 
+_REGISTRY_TLS_DOCS = {
+    "ca": "PEM CA of a registry serving TLS (CNEI_REGISTRY_TLS_CERT_FILE); empty: plaintext",
+    "cert": "PEM client certificate for a registry requiring mutual TLS (CNEI_REGISTRY_TLS_CLIENT_CA_FILE)",
+    "key": "PEM key of that client certificate",
+}
+
+
+def registry_tls_field(kind: str) -> Any:
+    """A registry client's TLS setting: `registry_tls_ca_file` ("ca"), `registry_tls_cert_file`
+    ("cert"), `registry_tls_key_file` ("key")."""
+    return field("", _REGISTRY_TLS_DOCS[kind])
+
+
 def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any) -> T:
     """Build a settings dataclass from `{prefix}{FIELD}` variables; overrides win over env."""
     env = os.environ if env is None else env

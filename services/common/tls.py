@@ -72,6 +72,23 @@ def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -
         certificate_chain=Path(cert_file).read_bytes() if cert_file else None)
 
 
+def registry_credentials(prefix: str, ca_file: str, cert_file: str = "",
+                         key_file: str = "") -> grpc.ChannelCredentials | None:
+    """A service's credentials for a registry serving TLS, from its REGISTRY_TLS_* settings
+    (None: plaintext); ValueError naming the variable that is missing or unreadable."""
+    if not (ca_file or cert_file or key_file):
+        return None
+    if not ca_file:
+        raise ValueError(f"{prefix}REGISTRY_TLS_CA_FILE is needed with a client certificate")
+    if bool(cert_file) != bool(key_file):
+        raise ValueError(f"{prefix}REGISTRY_TLS_CERT_FILE and {prefix}REGISTRY_TLS_KEY_FILE go together")
+    for name, path in (("REGISTRY_TLS_CA_FILE", ca_file), ("REGISTRY_TLS_CERT_FILE", cert_file),
+                       ("REGISTRY_TLS_KEY_FILE", key_file)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{prefix}{name}: no such file '{path}'")
+    return channel_credentials(ca_file, cert_file, key_file)
+
+
 def client_ssl_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     if cert_file:

@@ -19,7 +19,7 @@ from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
 from services.common.node_control import NodeControlClients
-from services.common.registry_client import RegistryClient
+from services.common import registry_client
 from services.common import restricted as restricted_apis
 from services.common.log_settings import LogConfig, LogSettings
 from services.common.shm import SharedMemoryRegions
@@ -44,8 +44,7 @@ log = logging.getLogger("services.coordinator")
 async def serve(settings: CoordinatorSettings, door_path: Path | None = None) -> None:
     """One coordinator process; with `door_path`, behind the compiled front door it starts."""
     stop = lifecycle.stop_event()
-    registry = RegistryClient(settings.registry_target, timeout=5.0,
-                              headers=restricted_apis.headers(settings.registry_headers))
+    registry = registry_client.from_settings(PREFIX, settings, timeout=5.0)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     node_headers = restricted_apis.headers(settings.node_headers)
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, headers=node_headers)
@@ -201,6 +200,7 @@ def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers,
                           settings.node_headers)
+    registry_client.check_settings(PREFIX, settings)
     try:
         tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     except ValueError as exc:

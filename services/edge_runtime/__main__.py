@@ -20,7 +20,7 @@ from services.common.oip_servicer import OipServicer
 from services.common import restricted as restricted_apis
 from services.common.shm import SharedMemoryRegions
 from services.common.trace_settings import MemoryTraceStore, TraceSettings, config_from
-from services.common.registry_client import RegistryClient
+from services.common import registry_client
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.control import NodeControlServicer
 from services.edge_runtime.emulation import DelayInterceptor
@@ -64,8 +64,7 @@ def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
 
 async def serve(settings: RuntimeSettings) -> None:
     stop = lifecycle.stop_event()
-    registry = RegistryClient(settings.registry_target, timeout=3.0,
-                              headers=restricted_apis.headers(settings.registry_headers))
+    registry = registry_client.from_settings(PREFIX, settings, timeout=3.0)
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
@@ -128,6 +127,7 @@ async def serve(settings: RuntimeSettings) -> None:
 def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
+    registry_client.check_settings(PREFIX, settings)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field
+from services.common.settings import event_loop_field, field, registry_tls_field
 
 PREFIX = "CNEI_RUNTIME_"
 
@@ -26,6 +26,9 @@ class RuntimeSettings:
     registry_headers: str = field(
         "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
             "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
+    registry_tls_ca_file: str = registry_tls_field("ca")
+    registry_tls_cert_file: str = registry_tls_field("cert")
+    registry_tls_key_file: str = registry_tls_field("key")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis for node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     cache_dir: str = field(".cnei/cache/edge-1", "on-disk artifact cache")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from services.common import lifecycle, restricted, telemetry
+from services.common import lifecycle, restricted, telemetry, tls
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
@@ -22,13 +22,16 @@ async def serve(settings: RegistrySettings) -> None:
     bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
     registry = Registry(store, bus.publish, settings.max_artifact_bytes)
+    own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port,
-                                  interceptors=restricted.guard(settings.restricted_apis, restricted.REGISTRY_API))
+                                  interceptors=restricted.guard(settings.restricted_apis, restricted.REGISTRY_API),
+                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None)
     server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry),
                "cnei.registry.v1.ModelRegistry")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
-    log.info("registry serving on %s (data in %s)", server.address, settings.data_dir)
+    log.info("registry serving on %s%s (data in %s)", server.address,
+             "" if own_tls is None else " (mutual TLS)" if own_tls.mutual else " (TLS)", settings.data_dir)
     await stop.wait()
     log.info("registry shutting down")
     await server.stop()
@@ -40,6 +43,10 @@ async def serve(settings: RegistrySettings) -> None:
 def main() -> None:
     settings = cfg.load(RegistrySettings, PREFIX)
     restricted.check(PREFIX, settings.restricted_apis, restricted.REGISTRY_API)
+    try:
+        tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    except ValueError as exc:
+        raise SystemExit(f"registry: {exc}") from None
     telemetry.setup("cnei-registry")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -17,6 +17,10 @@ class RegistrySettings:
     data_dir: str = field(".cnei/registry", "SQLite catalogue and content-addressed artifacts")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS server for model events")
     max_artifact_bytes: int = field(1 << 30, "largest artifact accepted by PushModel")
+    tls_cert_file: str = field("", "PEM certificate (chain) of the gRPC API: TLS (clients then need "
+                                       "CNEI_<SERVICE>_REGISTRY_TLS_CA_FILE); empty: plaintext")
+    tls_key_file: str = field("", "PEM private key of that certificate")
+    tls_client_ca_file: str = field("", "PEM CA whose client certificates the API requires (mutual TLS)")
     restricted_apis: str = field(
         "", "restricted APIs of the registry: '<category>[,...]:<header>=<value>', several joined with ';'; "
             "categories: metadata (list, resolve, fetch artifacts, read deployments), model-repository (push "

@@ -12,7 +12,7 @@ from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
-from services.common.registry_client import RegistryClient
+from services.common import registry_client
 from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.trainer.clients import NodeClients
 from services.trainer.core import FederatedTrainer
@@ -24,7 +24,7 @@ log = logging.getLogger("services.trainer")
 
 async def serve(settings: TrainerSettings) -> None:
     stop = lifecycle.stop_event()
-    registry = RegistryClient(settings.registry_target, timeout=10.0, headers=restricted.headers(settings.registry_headers))
+    registry = registry_client.from_settings(PREFIX, settings, timeout=10.0)
     redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
@@ -54,6 +54,7 @@ def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
     restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
                      settings.node_headers)
+    registry_client.check_settings(PREFIX, settings)
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field
+from services.common.settings import event_loop_field, field, registry_tls_field
 
 PREFIX = "CNEI_TRAINER_"
 
@@ -18,6 +18,9 @@ class TrainerSettings:
     registry_headers: str = field(
         "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
             "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
+    registry_tls_ca_file: str = registry_tls_field("ca")
+    registry_tls_cert_file: str = registry_tls_field("cert")
+    registry_tls_key_file: str = registry_tls_field("key")
     node_headers: str = field(
         "", "headers sent to every edge runtime called (its federated rounds over NodeControl), "
             "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
