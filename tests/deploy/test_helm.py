@@ -50,6 +50,7 @@ VALUE_SETS = {
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "registry": {"env": {"CNEI_REGISTRY_MAX_ARTIFACT_BYTES": 536870912},
                      "restrictedApisSecret": {"name": "cnei-admin"},
+                     "tls": {"secretName": "cnei-registry-tls"},
                      "persistence": {"storageClass": "fast-ssd"}},
         "registryHeadersSecret": {"name": "cnei-admin", "key": "registry-headers"},
         "runtimeRestrictedApisSecret": {"name": "cnei-nodes"},
@@ -282,7 +283,7 @@ def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(render
         if "grpc" not in ports:
             continue
         servers += 1
-        on_tls = "CNEI_COORDINATOR_TLS_CERT_FILE" in _env(container)
+        on_tls = bool({"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE"} & set(_env(container)))
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             where = (workload["metadata"]["name"], probe)
             assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
@@ -344,6 +345,35 @@ def test_the_public_ports_serve_tls_from_a_secret_and_are_probed_over_tcp_then()
             assert "tcpSocket" in probe and "grpc" not in probe
         else:
             assert files == {} and "tls" not in volumes and "grpc" in probe
+
+
+def test_the_registry_serves_tls_from_a_secret_and_its_clients_get_the_ca_alone():
+    for value_set, tls in (("production", True), ("defaults", False)):
+        rendered = _render(VALUE_SETS[value_set])
+        (workload, container), = rendered.running("services.registry")
+        env = _env(container)
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        if tls:
+            assert env["CNEI_REGISTRY_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
+            assert env["CNEI_REGISTRY_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
+            assert volumes["tls"]["secret"]["secretName"] == "cnei-registry-tls"
+            assert "tcpSocket" in container["readinessProbe"]
+        else:
+            assert "CNEI_REGISTRY_TLS_CERT_FILE" not in env and "tls" not in volumes
+        clients = [(m, p) for m, p in (("services.coordinator", "CNEI_COORDINATOR_"),
+                                        ("services.edge_runtime", "CNEI_RUNTIME_"), ("services.trainer", "CNEI_TRAINER_"))]
+        for module, prefix in clients:
+            for client, client_container in rendered.running(module):
+                ca = _env(client_container).get(f"{prefix}REGISTRY_TLS_CA_FILE")
+                client_volumes = {v["name"]: v for v in client["spec"]["template"]["spec"]["volumes"]}
+                if tls:  # the CA projected alone from the registry's Secret: never its key
+                    assert ca["value"] == "/etc/cnei/registry-ca/ca.crt"
+                    assert client_volumes["registry-ca"]["secret"] == {
+                        "secretName": "cnei-registry-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+                    assert {"name": "registry-ca", "mountPath": "/etc/cnei/registry-ca", "readOnly": True} in \
+                        client_container["volumeMounts"]
+                else:
+                    assert ca is None and "registry-ca" not in client_volumes
 
 
 def test_settings_ports_match_the_container_ports(rendered):

@@ -138,6 +138,37 @@ readinessProbe:
   {{- toYaml $p.readiness | nindent 2 }}
 {{- end }}
 
+{{/* A registry client's trust in a registry serving TLS (registry.tls.secretName): the CA
+alone, projected from that Secret (its caKey), never the registry's key. Call with
+(dict "ctx" $ "name" "CNEI_COORDINATOR_REGISTRY_TLS_CA_FILE"); each renders nothing without TLS. */}}
+{{- define "cnei.registryCaEnv" -}}
+{{- if .ctx.Values.registry.tls.secretName }}
+- name: {{ .name }}
+  value: /etc/cnei/registry-ca/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "cnei.registryCaMount" -}}
+{{- if .Values.registry.tls.secretName }}
+- name: registry-ca
+  mountPath: /etc/cnei/registry-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "cnei.registryCaVolume" -}}
+{{- with .Values.registry.tls }}
+{{- if .secretName }}
+- name: registry-ca
+  secret:
+    secretName: {{ .secretName | quote }}
+    items:
+      - key: {{ .caKey | default "ca.crt" | quote }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Scratch space: the root filesystem is read-only. */}}
 {{- define "cnei.tmpVolume" -}}
 - name: tmp

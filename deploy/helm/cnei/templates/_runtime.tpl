@@ -30,6 +30,7 @@
       value: {{ include "cnei.registryTarget" .ctx | quote }}
     {{- include "cnei.secretEnv" (dict "name" "CNEI_RUNTIME_REGISTRY_HEADERS" "secret" .ctx.Values.registryHeadersSecret
           "default" "registry-headers" "what" "registryHeadersSecret") | nindent 4 }}
+    {{- include "cnei.registryCaEnv" (dict "ctx" .ctx "name" "CNEI_RUNTIME_REGISTRY_TLS_CA_FILE") | nindent 4 }}
     {{- include "cnei.secretEnv" (dict "name" "CNEI_RUNTIME_RESTRICTED_APIS" "secret" .ctx.Values.runtimeRestrictedApisSecret
           "default" "runtime-restricted-apis" "what" "runtimeRestrictedApisSecret") | nindent 4 }}
     - name: CNEI_RUNTIME_REDIS_URL
@@ -58,6 +59,7 @@
       mountPath: {{ $r.cacheDir }}
     - name: tmp
       mountPath: /tmp
+    {{- include "cnei.registryCaMount" .ctx | nindent 4 }}
 {{- end }}
 
 {{- define "cnei.runtimeVolumes" -}}
@@ -65,6 +67,7 @@
   emptyDir:
     sizeLimit: {{ .values.cache.sizeLimit }}
 {{ include "cnei.tmpVolume" .ctx }}
+{{- include "cnei.registryCaVolume" .ctx }}
 {{- end }}
 
 {{/* Call with (dict "ctx" $ "component" "edge-runtime" "values" .Values.edgeRuntime). */}}
