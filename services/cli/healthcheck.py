@@ -7,6 +7,7 @@ telemetry).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -37,15 +38,23 @@ def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = ""
     return reply.status == SERVING, status
 
 
+# The healthcheck's own variables (a container's env may set them beside its service's settings)
+ENV = ("CNEI_HEALTHCHECK_TLS_CA", "CNEI_HEALTHCHECK_TLS_CERT", "CNEI_HEALTHCHECK_TLS_KEY")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.cli.healthcheck",
                                      description="gRPC health check: exit 0 when SERVING, 1 otherwise")
     parser.add_argument("target", help="HOST:PORT of a gRPC server with the standard health service")
     parser.add_argument("--service", default="", help="service name to check (default: the server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
-    parser.add_argument("--tls-ca", default="", help="a server on TLS: the CA (PEM) to trust")
-    parser.add_argument("--tls-cert", default="", help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--tls-key", default="", help="its key (PEM)")
+    ca_env, cert_env, key_env = ENV
+    parser.add_argument("--tls-ca", default=os.environ.get(ca_env, ""),
+                        help="a server on TLS: the CA (PEM) to trust (default: $CNEI_HEALTHCHECK_TLS_CA)")
+    parser.add_argument("--tls-cert", default=os.environ.get(cert_env, ""),
+                        help="client certificate (PEM) for mutual TLS (default: $CNEI_HEALTHCHECK_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get(key_env, ""),
+                        help="its key (default: $CNEI_HEALTHCHECK_TLS_KEY)")
     args = parser.parse_args(argv)
     serving, status = check(args.target, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
     print(f"{args.target} {args.service or '(server)'}: {status}",

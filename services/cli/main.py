@@ -43,17 +43,19 @@ def registry_for(args):
     """The registry the command names (--registry), with its headers and TLS."""
     from services.common.registry_client import RegistryClient
 
-    return RegistryClient(args.registry, headers=_headers(args), credentials=_credentials(args))
+    from services.common import tls
+
+    return RegistryClient(args.registry, headers=_headers(args), credentials=_credentials(args, tls.REGISTRY_ENV))
 
 
-def _credentials(args):
-    """TLS to a server that uses it (a coordinator's public ports, a registry): --tls-ca (and, for
-    mutual TLS, --tls-cert and --tls-key), else $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY;
-    None: plaintext."""
+def _credentials(args, env: str = "CNEI_TLS"):
+    """TLS to the server the command calls: --tls-ca (and, for mutual TLS, --tls-cert and
+    --tls-key), else $<env>_CA / _CERT / _KEY ($CNEI_TLS_* for a coordinator, $CNEI_REGISTRY_TLS_*
+    for a registry); None: plaintext."""
     from services.common import tls
 
     ca, cert, key = tls.client_files(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
-                                     getattr(args, "tls_key", ""))
+                                     getattr(args, "tls_key", ""), env=env)
     return tls.channel_credentials(ca, cert, key) if ca else None
 
 
@@ -388,10 +390,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--registry", default="127.0.0.1:50051")
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
-    for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser):
-        sp.add_argument("--tls-ca", default="", help="CA of a server on TLS (default: $CNEI_TLS_CA)")
-        sp.add_argument("--tls-cert", default="", help="client certificate for mutual TLS (default: $CNEI_TLS_CERT)")
-        sp.add_argument("--tls-key", default="", help="its key (default: $CNEI_TLS_KEY)")
+    for env, parsers in (("CNEI_TLS", (inf, *controls)),
+                         ("CNEI_REGISTRY_TLS", (push, lst, apply, show, canary, promote, rollback, build_parser))):
+        for sp in parsers:
+            sp.add_argument("--tls-ca", default="", help=f"CA of a server on TLS (default: ${env}_CA)")
+            sp.add_argument("--tls-cert", default="", help=f"client certificate for mutual TLS (default: ${env}_CERT)")
+            sp.add_argument("--tls-key", default="", help=f"its key (default: ${env}_KEY)")
     for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser, st, *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")

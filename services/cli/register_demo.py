@@ -15,13 +15,16 @@ from pathlib import Path
 
 from services.cli.healthcheck import check
 from services.cli.up import register_demo
+from services.common import tls
 
 
 def wait_serving(target: str, timeout: float) -> str:
-    """'' once the registry's health service says SERVING, else the last status seen."""
+    """'' once the registry's health service says SERVING, else the last status seen (over TLS
+    with $CNEI_REGISTRY_TLS_CA/_CERT/_KEY, as the pushes)."""
+    ca, cert, key = tls.client_files(env=tls.REGISTRY_ENV)
     deadline = time.monotonic() + timeout
     while True:
-        serving, status = check(target, timeout=min(2.0, max(timeout, 0.1)))
+        serving, status = check(target, timeout=min(2.0, max(timeout, 0.1)), tls_ca=ca, tls_cert=cert, tls_key=key)
         if serving or time.monotonic() >= deadline:
             return "" if serving else status
         time.sleep(0.5)

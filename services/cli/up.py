@@ -85,8 +85,11 @@ class Mesh:
         prefix = REGISTRY_CLIENTS.get(module)
         if prefix and self.registry_headers and f"{prefix}REGISTRY_HEADERS" not in os.environ:
             env = {**env, f"{prefix}REGISTRY_HEADERS": self.registry_headers}  # a restricted registry's key
-        if prefix and registry_ca() and f"{prefix}REGISTRY_TLS_CA_FILE" not in os.environ:
-            env = {**env, f"{prefix}REGISTRY_TLS_CA_FILE": registry_ca()}  # a registry serving TLS
+        if prefix and registry_ca():  # a registry serving TLS: its CA, and a client certificate if given
+            given = {"CA": registry_ca(), "CERT": os.environ.get("CNEI_REGISTRY_TLS_CERT", ""),
+                     "KEY": os.environ.get("CNEI_REGISTRY_TLS_KEY", "")}
+            env = {**env, **{f"{prefix}REGISTRY_TLS_{k}_FILE": v for k, v in given.items()
+                             if v and f"{prefix}REGISTRY_TLS_{k}_FILE" not in os.environ}}
         prefix = NODE_CLIENTS.get(module)
         if prefix and self.node_headers and f"{prefix}NODE_HEADERS" not in os.environ:
             env = {**env, f"{prefix}NODE_HEADERS": self.node_headers}  # its runtimes' keys
@@ -188,19 +191,20 @@ def registry_headers() -> str:
 
 def registry_ca() -> str:
     """The CA its services trust for the registry this process configures, when that serves TLS
-    (CNEI_REGISTRY_TLS_CERT_FILE): $CNEI_TLS_CA, else the registry's own certificate
+    (CNEI_REGISTRY_TLS_CERT_FILE): $CNEI_REGISTRY_TLS_CA, else the registry's own certificate
     (self-signed); '' when it serves plaintext."""
     own = os.environ.get("CNEI_REGISTRY_TLS_CERT_FILE", "")
-    return (os.environ.get("CNEI_TLS_CA", "") or own) if own else ""
+    return (os.environ.get("CNEI_REGISTRY_TLS_CA", "") or own) if own else ""
 
 
 def registry_credentials():
-    """`cnei up`'s own registry calls (the demo's pushes): TLS as its services use it."""
+    """The registry calls of `cnei up` and the compose demo (pushes, health): TLS when the registry
+    serves it (registry_ca, else $CNEI_REGISTRY_TLS_CA), with $CNEI_REGISTRY_TLS_CERT/KEY for
+    mutual TLS; None: plaintext."""
     from services.common import tls
 
-    ca = registry_ca()
-    return tls.channel_credentials(ca, os.environ.get("CNEI_TLS_CERT", ""), os.environ.get("CNEI_TLS_KEY", "")) \
-        if ca else None
+    ca, cert, key = tls.client_files(default_ca=registry_ca(), env=tls.REGISTRY_ENV)
+    return tls.channel_credentials(ca, cert, key) if ca else None
 
 
 def node_headers() -> str:

@@ -56,12 +56,17 @@ def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
     return context
 
 
+COORDINATOR_ENV = "CNEI_TLS"  # $CNEI_TLS_CA/_CERT/_KEY: a client's files for a coordinator
+REGISTRY_ENV = "CNEI_REGISTRY_TLS"  # $CNEI_REGISTRY_TLS_CA/_CERT/_KEY: for a registry
+
+
 def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",
-                 default_ca: str = "") -> tuple[str, str, str]:
+                 default_ca: str = "", env: str = COORDINATOR_ENV) -> tuple[str, str, str]:
     """A command-line client's TLS files (CA, certificate, key): each one given, else
-    $CNEI_TLS_CA / $CNEI_TLS_CERT / $CNEI_TLS_KEY (the CA else `default_ca`); an empty CA: plaintext."""
-    return (ca_file or os.environ.get("CNEI_TLS_CA", "") or default_ca,
-            cert_file or os.environ.get("CNEI_TLS_CERT", ""), key_file or os.environ.get("CNEI_TLS_KEY", ""))
+    $<env>_CA / $<env>_CERT / $<env>_KEY (the CA else `default_ca`); an empty CA: plaintext.
+    `env`: COORDINATOR_ENV or REGISTRY_ENV (each server its own CA)."""
+    return (ca_file or os.environ.get(f"{env}_CA", "") or default_ca,
+            cert_file or os.environ.get(f"{env}_CERT", ""), key_file or os.environ.get(f"{env}_KEY", ""))
 
 
 def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:

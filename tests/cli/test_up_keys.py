@@ -1,8 +1,8 @@
 """`cnei up` holds the keys of what it configures: the registry's for every client of it, the
-runtimes' for the coordinator and the trainer it starts."""
+runtimes' for the coordinator and the trainer it starts; and the CA of a registry on TLS."""
 from __future__ import annotations
 
-from services.cli.up import NODE_CLIENTS, REGISTRY_CLIENTS, node_headers, registry_headers
+from services.cli.up import NODE_CLIENTS, REGISTRY_CLIENTS, node_headers, registry_ca, registry_headers
 
 
 def test_the_runtimes_keys_go_to_the_services_that_call_runtimes(monkeypatch):
@@ -18,3 +18,13 @@ def test_without_restrictions_no_keys_are_handed_out(monkeypatch):
     monkeypatch.delenv("CNEI_RUNTIME_RESTRICTED_APIS", raising=False)
     monkeypatch.delenv("CNEI_REGISTRY_RESTRICTED_APIS", raising=False)
     assert node_headers() == registry_headers() == ""
+
+
+def test_a_registry_on_tls_is_trusted_by_its_own_certificate_unless_a_ca_is_named(monkeypatch):
+    monkeypatch.delenv("CNEI_REGISTRY_TLS_CERT_FILE", raising=False)
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_CA", "/pki/ca.pem")
+    assert registry_ca() == ""  # plaintext registry: no CA handed out
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_CERT_FILE", "/pki/registry.pem")
+    assert registry_ca() == "/pki/ca.pem"
+    monkeypatch.delenv("CNEI_REGISTRY_TLS_CA")
+    assert registry_ca() == "/pki/registry.pem"  # self-signed

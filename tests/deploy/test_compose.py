@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from services.cli import infra
+from services.cli import healthcheck, infra
 from services.cli.up import RUNTIMES
 from services.common import settings as cfg
 from services.common.lifecycle import GrpcServer
@@ -199,7 +199,7 @@ def test_cnei_env_vars_are_settings_fields(services):
     assert set(_cnei(services)) == {"registry", "coordinator", "trainer", "cloud-1", "edge-a1", "edge-b1"}
     for name, svc in _cnei(services).items():
         cls, prefix, _ = _settings_of(name, svc)
-        known = {prefix + f.name.upper() for f in dataclasses.fields(cls)} | TELEMETRY_VARS
+        known = {prefix + f.name.upper() for f in dataclasses.fields(cls)} | TELEMETRY_VARS | set(healthcheck.ENV)
         env = _env(svc)
         assert env, f"{name} sets no environment"
         unknown = set(env) - known

@@ -50,7 +50,8 @@ VALUE_SETS = {
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "registry": {"env": {"CNEI_REGISTRY_MAX_ARTIFACT_BYTES": 536870912},
                      "restrictedApisSecret": {"name": "cnei-admin"},
-                     "tls": {"secretName": "cnei-registry-tls"},
+                     "tls": {"secretName": "cnei-registry-tls", "caSecretName": "cnei-registry-ca",
+                             "clientCaKey": "ca.crt", "clientSecretName": "cnei-registry-client"},
                      "persistence": {"storageClass": "fast-ssd"}},
         "registryHeadersSecret": {"name": "cnei-admin", "key": "registry-headers"},
         "runtimeRestrictedApisSecret": {"name": "cnei-nodes"},
@@ -354,6 +355,7 @@ def test_the_registry_serves_tls_from_a_secret_and_its_clients_get_the_ca_alone(
         env = _env(container)
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         if tls:
+            assert env["CNEI_REGISTRY_TLS_CLIENT_CA_FILE"]["value"] == "/etc/cnei/tls/ca.crt"
             assert env["CNEI_REGISTRY_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
             assert env["CNEI_REGISTRY_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
             assert volumes["tls"]["secret"]["secretName"] == "cnei-registry-tls"
@@ -366,14 +368,28 @@ def test_the_registry_serves_tls_from_a_secret_and_its_clients_get_the_ca_alone(
             for client, client_container in rendered.running(module):
                 ca = _env(client_container).get(f"{prefix}REGISTRY_TLS_CA_FILE")
                 client_volumes = {v["name"]: v for v in client["spec"]["template"]["spec"]["volumes"]}
-                if tls:  # the CA projected alone from the registry's Secret: never its key
+                client_env = _env(client_container)
+                if tls:  # the CA from a Secret of its own (never the serving one), the client certificate
                     assert ca["value"] == "/etc/cnei/registry-ca/ca.crt"
                     assert client_volumes["registry-ca"]["secret"] == {
-                        "secretName": "cnei-registry-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+                        "secretName": "cnei-registry-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+                    assert client_volumes["registry-client"]["secret"] == {"secretName": "cnei-registry-client"}
+                    assert "cnei-registry-tls" not in str(client_volumes)
+                    assert client_env[f"{prefix}REGISTRY_TLS_CERT_FILE"]["value"] == "/etc/cnei/registry-client/tls.crt"
+                    assert client_env[f"{prefix}REGISTRY_TLS_KEY_FILE"]["value"] == "/etc/cnei/registry-client/tls.key"
                     assert {"name": "registry-ca", "mountPath": "/etc/cnei/registry-ca", "readOnly": True} in \
                         client_container["volumeMounts"]
                 else:
                     assert ca is None and "registry-ca" not in client_volumes
+
+
+@pytest.mark.parametrize(("tls", "message"), [
+    ({"secretName": "cnei-registry-tls"}, "registry.tls.caSecretName"),
+    ({"secretName": "cnei-registry-tls", "caSecretName": "ca", "clientCaKey": "ca.crt"}, "registry.tls.clientSecretName"),
+])
+def test_a_registry_tls_set_up_its_clients_could_not_use_is_refused(tls, message):
+    with pytest.raises(Exception, match=message):
+        _render({"registry": {"tls": tls}})
 
 
 def test_settings_ports_match_the_container_ports(rendered):

@@ -90,11 +90,21 @@ def test_an_edge_runtime_given_the_ca_pulls_and_serves_from_the_tls_registry(mes
         infra.stop(proc)
 
 
-def test_the_cli_s_registry_commands_take_the_ca(tls_registry, pki):
-    listed = run_cnei("models", "list", "--registry", tls_registry, "--tls-ca", pki["ca"], timeout=60)
-    assert listed.returncode == 0, listed.stderr
-    plain = run_cnei("models", "list", "--registry", tls_registry, timeout=60)
-    assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+def test_the_cli_s_registry_commands_take_the_ca(tls_registry, pki, tmp_path, digits_models):
+    """--tls-ca, else $CNEI_REGISTRY_TLS_CA; a coordinator's $CNEI_TLS_CA is not the registry's."""
+    _push(tls_registry, next(b for b in digits_models if b.precision == "FP32").path, "tls-cli",
+          tls.channel_credentials(pki["ca"]))
+    clean = {"CNEI_REGISTRY_TLS_CA": None, "CNEI_TLS_CA": None}
+    listed = run_cnei("models", "list", "--registry", tls_registry, "--tls-ca", pki["ca"], env=clean, timeout=60)
+    assert listed.returncode == 0 and "tls-cli" in listed.stdout, listed.stderr
+    spec = tmp_path / "deploy.yaml"
+    spec.write_text("model: tls-cli\n")
+    applied = run_cnei("deploy", "apply", str(spec), "--registry", tls_registry,
+                       env={**clean, "CNEI_REGISTRY_TLS_CA": pki["ca"]}, timeout=60)
+    assert applied.returncode == 0, applied.stderr
+    for env in (clean, {**clean, "CNEI_TLS_CA": pki["ca"]}):
+        plain = run_cnei("models", "list", "--registry", tls_registry, env=env, timeout=60)
+        assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
 
 
 def test_mutual_tls_serves_only_clients_with_a_certificate_the_client_ca_signed(mesh, pki, tmp_path):

@@ -138,21 +138,49 @@ readinessProbe:
   {{- toYaml $p.readiness | nindent 2 }}
 {{- end }}
 
-{{/* A registry client's trust in a registry serving TLS (registry.tls.secretName): the CA
-alone, projected from that Secret (its caKey), never the registry's key. Call with
-(dict "ctx" $ "name" "CNEI_COORDINATOR_REGISTRY_TLS_CA_FILE"); each renders nothing without TLS. */}}
+{{/* A registry client's trust in a registry serving TLS (registry.tls.secretName): the CA from
+a Secret that holds nothing else (registry.tls.caSecretName, key caKey: never the registry's
+serving Secret, whose key a node fetching it would hold too), and for mutual TLS the clients'
+certificate (registry.tls.clientSecretName). Call the env one with
+(dict "ctx" $ "prefix" "CNEI_COORDINATOR_"); each renders nothing without TLS. */}}
+{{- define "cnei.registryTlsCheck" -}}
+{{- with .Values.registry.tls }}
+{{- if and .secretName (not .caSecretName) }}
+{{- fail "registry.tls.caSecretName: name a Secret holding only the CA its clients trust (not the serving Secret)" }}
+{{- end }}
+{{- if and .clientCaKey (not .clientSecretName) }}
+{{- fail "registry.tls.clientSecretName: mutual TLS needs the clients' certificate (a kubernetes.io/tls Secret)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "cnei.registryCaEnv" -}}
-{{- if .ctx.Values.registry.tls.secretName }}
-- name: {{ .name }}
+{{- with .ctx.Values.registry.tls }}
+{{- if .secretName }}
+- name: {{ printf "%sREGISTRY_TLS_CA_FILE" $.prefix }}
   value: /etc/cnei/registry-ca/ca.crt
+{{- if .clientSecretName }}
+- name: {{ printf "%sREGISTRY_TLS_CERT_FILE" $.prefix }}
+  value: /etc/cnei/registry-client/tls.crt
+- name: {{ printf "%sREGISTRY_TLS_KEY_FILE" $.prefix }}
+  value: /etc/cnei/registry-client/tls.key
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{- define "cnei.registryCaMount" -}}
-{{- if .Values.registry.tls.secretName }}
+{{- with .Values.registry.tls }}
+{{- if .secretName }}
 - name: registry-ca
   mountPath: /etc/cnei/registry-ca
   readOnly: true
+{{- if .clientSecretName }}
+- name: registry-client
+  mountPath: /etc/cnei/registry-client
+  readOnly: true
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -161,10 +189,15 @@ alone, projected from that Secret (its caKey), never the registry's key. Call wi
 {{- if .secretName }}
 - name: registry-ca
   secret:
-    secretName: {{ .secretName | quote }}
+    secretName: {{ .caSecretName | quote }}
     items:
       - key: {{ .caKey | default "ca.crt" | quote }}
         path: ca.crt
+{{- if .clientSecretName }}
+- name: registry-client
+  secret:
+    secretName: {{ .clientSecretName | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -30,7 +30,7 @@
       value: {{ include "cnei.registryTarget" .ctx | quote }}
     {{- include "cnei.secretEnv" (dict "name" "CNEI_RUNTIME_REGISTRY_HEADERS" "secret" .ctx.Values.registryHeadersSecret
           "default" "registry-headers" "what" "registryHeadersSecret") | nindent 4 }}
-    {{- include "cnei.registryCaEnv" (dict "ctx" .ctx "name" "CNEI_RUNTIME_REGISTRY_TLS_CA_FILE") | nindent 4 }}
+    {{- include "cnei.registryCaEnv" (dict "ctx" .ctx "prefix" "CNEI_RUNTIME_") | nindent 4 }}
     {{- include "cnei.secretEnv" (dict "name" "CNEI_RUNTIME_RESTRICTED_APIS" "secret" .ctx.Values.runtimeRestrictedApisSecret
           "default" "runtime-restricted-apis" "what" "runtimeRestrictedApisSecret") | nindent 4 }}
     - name: CNEI_RUNTIME_REDIS_URL
