@@ -7,6 +7,7 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+from services.cli import clients
 from services.cli.output import progress
 from services.common.errors import InvalidArgument
 from services.registry import variants
@@ -33,13 +34,11 @@ def eval_data(name: str):
 
 
 async def models_build(args) -> int:
-    from services.cli.main import registry_for  # here: main imports this module
-
     precisions = [p.upper() for p in args.precisions]
     bad = [p for p in precisions if p not in variants.BUILDABLE]
     if bad:
         raise InvalidArgument(f"can build {list(variants.BUILDABLE)} variants, not {bad}")
-    client = registry_for(args)
+    client = clients.registry(args)
     try:
         parent = await client.resolve(args.name, args.version, "FP32")
         show, total = progress(f"build {parent.name} v{parent.version}", unit="steps"), 1 + 3 * len(precisions)

@@ -10,14 +10,14 @@ import time
 import grpc
 import numpy as np
 
-from services.cli import build, train
+from services.cli import build, clients, train
 from services.cli.output import progress, table
 from services.common.errors import CneiError
 
 
 async def models_push(args) -> int:
     meta = dict(kv.split("=", 1) for kv in args.meta)
-    client = registry_for(args)
+    client = clients.registry(args)
     try:
         v = await client.push_file(args.file, args.name, args.version, args.precision.upper(), meta,
                                    progress=progress(f"push {args.name}"))
@@ -28,7 +28,7 @@ async def models_push(args) -> int:
 
 
 async def models_list(args) -> int:
-    client = registry_for(args)
+    client = clients.registry(args)
     try:
         variants = await client.list(args.name or "")
     finally:
@@ -39,43 +39,16 @@ async def models_list(args) -> int:
     return 0
 
 
-def registry_for(args):
-    """The registry the command names (--registry), with its headers and TLS."""
-    from services.common.registry_client import RegistryClient
-
-    from services.common import tls
-
-    return RegistryClient(args.registry, headers=_headers(args), credentials=_credentials(args, tls.REGISTRY_ENV))
-
-
-def _credentials(args, env: str = "CNEI_TLS"):
-    """TLS to the server the command calls: --tls-ca (and, for mutual TLS, --tls-cert and
-    --tls-key), else $<env>_CA / _CERT / _KEY ($CNEI_TLS_* for a coordinator, $CNEI_REGISTRY_TLS_*
-    for a registry); None: plaintext."""
-    from services.common import tls
-
-    ca, cert, key = tls.client_files(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
-                                     getattr(args, "tls_key", ""), env=env)
-    return tls.channel_credentials(ca, cert, key) if ca else None
-
-
-def _headers(args) -> list[tuple[str, str]]:
-    """--header KEY=VALUE flags, else $CNEI_HEADERS (`k=v;k2=v2`): for restricted APIs."""
-    from services.common import restricted
-
-    return restricted.client_headers(getattr(args, "header", []))
-
-
 async def models_control(args) -> int:
     """`cnei models load|unload NAME`: Triton's explicit model control through the coordinator."""
     from services.common import grpc_util
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
-    channel = grpc_util.channel(args.url, credentials=_credentials(args))
+    channel = grpc_util.channel(args.url, credentials=clients.credentials(args))
     try:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        metadata = _headers(args)
+        metadata = clients.headers(args)
         if args.verb == "load":
             await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), timeout=args.timeout,
                                            metadata=metadata)
@@ -132,9 +105,9 @@ async def infer(args) -> int:
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
-    async with grpc_util.channel(args.url, credentials=_credentials(args)) as channel:
+    async with grpc_util.channel(args.url, credentials=clients.credentials(args)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        metadata = _headers(args)
+        metadata = clients.headers(args)
         meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10, metadata=metadata)
         spec = meta.inputs[0]
         array = _input_array(args, spec)
@@ -251,7 +224,7 @@ async def deploy_apply(args) -> int:
     from services.common import deployment
     with open(args.file) as fh:
         spec = deployment.from_dict(yaml.safe_load(fh))
-    client = registry_for(args)
+    client = clients.registry(args)
     try:
         applied = await client.put_deployment(spec)
     finally:
@@ -285,7 +258,7 @@ async def deploy_rollout(args) -> int:
 
     from services.common.deployment import DeploymentSpec
     from services.common.errors import NotFound
-    client = registry_for(args)
+    client = clients.registry(args)
     try:
         try:
             spec = await client.get_deployment(args.model)
@@ -302,7 +275,7 @@ async def deploy_rollout(args) -> int:
 
 async def deploy_show(args) -> int:
     from services.common import deployment
-    client = registry_for(args)
+    client = clients.registry(args)
     try:
         specs = [await client.get_deployment(args.model)] if args.model else await client.list_deployments()
     finally:
