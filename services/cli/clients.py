@@ -6,7 +6,7 @@ import argparse
 
 import grpc
 
-from services.common import restricted, tls
+from services.common import grpc_util, restricted, tls
 from services.common.registry_client import RegistryClient
 
 
@@ -22,6 +22,11 @@ def credentials(args: argparse.Namespace, env: str = tls.COORDINATOR_ENV) -> grp
     ca, cert, key = tls.client_files(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
                                      getattr(args, "tls_key", ""), env=env)
     return tls.channel_credentials(ca, cert, key) if ca else None
+
+
+def trainer(args: argparse.Namespace) -> grpc.aio.Channel:
+    """A channel to the trainer the command names (--trainer), with its headers and TLS."""
+    return grpc_util.channel(args.trainer, headers(args), credentials(args, tls.TRAINER_ENV))
 
 
 def registry(args: argparse.Namespace) -> RegistryClient:

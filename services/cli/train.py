@@ -23,7 +23,7 @@ def _trainer_stub(channel):
 
 async def train_start(args) -> int:
     """Start a federated job and follow it round by round until it ends."""
-    from services.common import grpc_util, restricted
+    from services.cli import clients
     from services.pb.cnei import trainer_pb2 as tpb
     from services.trainer.convert import job_from_proto
 
@@ -33,7 +33,7 @@ async def train_start(args) -> int:
         strategy=args.strategy, mu=args.mu, round_timeout_s=args.round_timeout, server_lr=args.server_lr,
         server_momentum=args.server_momentum, server_beta2=args.server_beta2, server_tau=args.server_tau,
         dp_clip_norm=args.dp_clip_norm, dp_noise_multiplier=args.dp_noise_multiplier)
-    async with grpc_util.channel(args.trainer, restricted.client_headers(args.header)) as channel:
+    async with clients.trainer(args) as channel:
         stub = _trainer_stub(channel)
         job = job_from_proto(await stub.StartJob(request, timeout=10))
         print(f"federated job {job.id} started: {job.spec.model}, {job.spec.rounds} rounds, {job.spec.strategy}")
@@ -55,11 +55,11 @@ async def train_start(args) -> int:
 
 
 async def _jobs(args, job_id: str = "") -> list:
-    from services.common import grpc_util, restricted
+    from services.cli import clients
     from services.pb.cnei import trainer_pb2 as tpb
     from services.trainer.convert import job_from_proto
 
-    async with grpc_util.channel(args.trainer, restricted.client_headers(args.header)) as channel:
+    async with clients.trainer(args) as channel:
         stub = _trainer_stub(channel)
         if job_id:
             return [job_from_proto(await stub.GetJob(tpb.GetJobRequest(id=job_id), timeout=10))]
@@ -114,6 +114,10 @@ def add_parser(sub) -> list[argparse.ArgumentParser]:
     status.add_argument("job")
     for sp in (start, lst, status):
         sp.add_argument("--trainer", default="127.0.0.1:50071")
+        sp.add_argument("--tls-ca", default="", help="CA of a trainer on TLS (default: $CNEI_TRAINER_TLS_CA)")
+        sp.add_argument("--tls-cert", default="",
+                        help="client certificate for mutual TLS (default: $CNEI_TRAINER_TLS_CERT)")
+        sp.add_argument("--tls-key", default="", help="its key (default: $CNEI_TRAINER_TLS_KEY)")
     return [start, lst, status]
 
 

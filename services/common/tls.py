@@ -58,6 +58,7 @@ def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
 
 COORDINATOR_ENV = "CNEI_TLS"  # $CNEI_TLS_CA/_CERT/_KEY: a client's files for a coordinator
 REGISTRY_ENV = "CNEI_REGISTRY_TLS"  # $CNEI_REGISTRY_TLS_CA/_CERT/_KEY: for a registry
+TRAINER_ENV = "CNEI_TRAINER_TLS"  # $CNEI_TRAINER_TLS_CA/_CERT/_KEY: for a trainer
 
 
 def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from services.common import lifecycle, restricted, telemetry
+from services.common import lifecycle, restricted, telemetry, tls
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.jobs import JobStore
@@ -31,8 +31,10 @@ async def serve(settings: TrainerSettings) -> None:
     clients = NodeClients(restricted.headers(settings.node_headers))
     trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),
                                clients.train, registry, bus.publish)
+    own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port,
-                                  interceptors=restricted.guard(settings.restricted_apis, restricted.TRAINER_API))
+                                  interceptors=restricted.guard(settings.restricted_apis, restricted.TRAINER_API),
+                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None)
     server.add(tpb_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer), "cnei.trainer.v1.Trainer")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
@@ -55,6 +57,10 @@ def main() -> None:
     restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
                      settings.node_headers)
     registry_client.check_settings(PREFIX, settings)
+    try:
+        tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    except ValueError as exc:
+        raise SystemExit(f"trainer: {exc}") from None
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

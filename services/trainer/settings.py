@@ -24,6 +24,10 @@ class TrainerSettings:
     node_headers: str = field(
         "", "headers sent to every edge runtime called (its federated rounds over NodeControl), "
             "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
+    tls_cert_file: str = field("", "PEM certificate (chain) of the Trainer API: TLS (`cnei train` then needs "
+                                       "--tls-ca or $CNEI_TRAINER_TLS_CA); empty: plaintext")
+    tls_key_file: str = field("", "PEM private key of that certificate")
+    tls_client_ca_file: str = field("", "PEM CA whose client certificates the API requires (mutual TLS)")
     restricted_apis: str = field(
         "", "restricted APIs of the Trainer API: '<category>[,...]:<header>=<value>', several joined with ';'; "
             "categories: metadata (jobs and their rounds), model-repository (starting a job, which publishes a "

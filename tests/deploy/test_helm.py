@@ -56,7 +56,8 @@ VALUE_SETS = {
         "registryHeadersSecret": {"name": "cnei-admin", "key": "registry-headers"},
         "runtimeRestrictedApisSecret": {"name": "cnei-nodes"},
         "nodeHeadersSecret": {"name": "cnei-nodes"},
-        "trainer": {"restrictedApisSecret": {"name": "cnei-trainer", "key": "apis"}},
+        "trainer": {"restrictedApisSecret": {"name": "cnei-trainer", "key": "apis"},
+                    "tls": {"secretName": "cnei-trainer-tls"}},
         "coordinator": {"env": {"CNEI_COORDINATOR_MAX_ATTEMPTS": 5},
                         "restrictedApisSecret": {"name": "cnei-admin", "key": "restricted-apis"},
                         "tls": {"secretName": "cnei-public-tls", "clientCaKey": "ca.crt"},
@@ -284,7 +285,8 @@ def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(render
         if "grpc" not in ports:
             continue
         servers += 1
-        on_tls = bool({"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE"} & set(_env(container)))
+        on_tls = bool({"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_TRAINER_TLS_CERT_FILE"}
+                      & set(_env(container)))
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             where = (workload["metadata"]["name"], probe)
             assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
@@ -381,6 +383,19 @@ def test_the_registry_serves_tls_from_a_secret_and_its_clients_get_the_ca_alone(
                         client_container["volumeMounts"]
                 else:
                     assert ca is None and "registry-ca" not in client_volumes
+
+
+def test_the_trainer_serves_tls_from_a_secret():
+    for value_set, tls in (("production", True), ("defaults", False)):
+        (workload, container), = _render(VALUE_SETS[value_set]).running("services.trainer")
+        env, volumes = _env(container), {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        if tls:
+            assert env["CNEI_TRAINER_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
+            assert env["CNEI_TRAINER_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
+            assert volumes["tls"]["secret"]["secretName"] == "cnei-trainer-tls"
+            assert "tcpSocket" in container["readinessProbe"]
+        else:
+            assert "CNEI_TRAINER_TLS_CERT_FILE" not in env and "tls" not in volumes
 
 
 @pytest.mark.parametrize(("tls", "message"), [
