@@ -40,6 +40,15 @@ def server_tls(prefix: str, cert_file: str, key_file: str, client_ca_file: str =
     return ServerTls(cert_file, key_file, client_ca_file)
 
 
+def check_server(service: str, prefix: str, settings) -> None:
+    """A service's own TLS settings (`tls_cert_file`, `tls_key_file`, `tls_client_ca_file`) can
+    work: SystemExit naming the variable otherwise, before the service starts."""
+    try:
+        server_tls(prefix, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    except ValueError as exc:
+        raise SystemExit(f"{service}: {exc}") from None
+
+
 def grpc_server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
     pair = (Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())
     ca = Path(tls.client_ca_file).read_bytes() if tls.mutual else None

@@ -201,10 +201,7 @@ def main() -> None:
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers,
                           settings.node_headers)
     registry_client.check_settings(PREFIX, settings)
-    try:
-        tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    except ValueError as exc:
-        raise SystemExit(f"coordinator: {exc}") from None
+    tls.check_server("coordinator", PREFIX, settings)
     count = worker_count(settings.workers)
     try:
         door_path = door_binary(settings.front_door, settings.front_door_binary) if settings.worker_index < 0 else None

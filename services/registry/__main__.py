@@ -43,10 +43,7 @@ async def serve(settings: RegistrySettings) -> None:
 def main() -> None:
     settings = cfg.load(RegistrySettings, PREFIX)
     restricted.check(PREFIX, settings.restricted_apis, restricted.REGISTRY_API)
-    try:
-        tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    except ValueError as exc:
-        raise SystemExit(f"registry: {exc}") from None
+    tls.check_server("registry", PREFIX, settings)
     telemetry.setup("cnei-registry")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

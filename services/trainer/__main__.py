@@ -57,10 +57,7 @@ def main() -> None:
     restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
                      settings.node_headers)
     registry_client.check_settings(PREFIX, settings)
-    try:
-        tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    except ValueError as exc:
-        raise SystemExit(f"trainer: {exc}") from None
+    tls.check_server("trainer", PREFIX, settings)
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 
