@@ -364,7 +364,8 @@ def parser() -> argparse.ArgumentParser:
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
     for env, parsers in (("CNEI_TLS", (inf, *controls)),
-                         ("CNEI_REGISTRY_TLS", (push, lst, apply, show, canary, promote, rollback, build_parser))):
+                         ("CNEI_REGISTRY_TLS", (push, lst, apply, show, canary, promote, rollback, build_parser)),
+                         ("CNEI_TRAINER_TLS", train_parsers)):
         for sp in parsers:
             sp.add_argument("--tls-ca", default="", help=f"CA of a server on TLS (default: ${env}_CA)")
             sp.add_argument("--tls-cert", default="", help=f"client certificate for mutual TLS (default: ${env}_CERT)")

@@ -114,10 +114,6 @@ def add_parser(sub) -> list[argparse.ArgumentParser]:
     status.add_argument("job")
     for sp in (start, lst, status):
         sp.add_argument("--trainer", default="127.0.0.1:50071")
-        sp.add_argument("--tls-ca", default="", help="CA of a trainer on TLS (default: $CNEI_TRAINER_TLS_CA)")
-        sp.add_argument("--tls-cert", default="",
-                        help="client certificate for mutual TLS (default: $CNEI_TRAINER_TLS_CERT)")
-        sp.add_argument("--tls-key", default="", help="its key (default: $CNEI_TRAINER_TLS_KEY)")
     return [start, lst, status]
 
 

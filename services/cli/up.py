@@ -76,23 +76,13 @@ class Mesh:
         self.root = Path(settings.data_dir).resolve()
         self.logs = self.root / "logs"
         self.children: list[Child] = []
-        self.registry_headers = registry_headers()
-        self.node_headers = node_headers()
+        # what each service it starts is handed: the keys and CA of what that service calls
+        self.handed = {module: client_env(module) for module in {*REGISTRY_CLIENTS, *NODE_CLIENTS}}
 
     def _spawn(self, name: str, module: str, env: dict[str, str], port: int) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")
-        prefix = REGISTRY_CLIENTS.get(module)
-        if prefix and self.registry_headers and f"{prefix}REGISTRY_HEADERS" not in os.environ:
-            env = {**env, f"{prefix}REGISTRY_HEADERS": self.registry_headers}  # a restricted registry's key
-        if prefix and registry_ca():  # a registry serving TLS: its CA, and a client certificate if given
-            given = {"CA": registry_ca(), "CERT": os.environ.get("CNEI_REGISTRY_TLS_CERT", ""),
-                     "KEY": os.environ.get("CNEI_REGISTRY_TLS_KEY", "")}
-            env = {**env, **{f"{prefix}REGISTRY_TLS_{k}_FILE": v for k, v in given.items()
-                             if v and f"{prefix}REGISTRY_TLS_{k}_FILE" not in os.environ}}
-        prefix = NODE_CLIENTS.get(module)
-        if prefix and self.node_headers and f"{prefix}NODE_HEADERS" not in os.environ:
-            env = {**env, f"{prefix}NODE_HEADERS": self.node_headers}  # its runtimes' keys
+        env = {**env, **self.handed.get(module, {})}
         proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env},
                                 stdout=out, stderr=subprocess.STDOUT)
         self.children.append(Child(name, proc, port))
@@ -205,6 +195,24 @@ def registry_credentials():
 
     ca, cert, key = tls.client_files(default_ca=registry_ca(), env=tls.REGISTRY_ENV)
     return tls.channel_credentials(ca, cert, key) if ca else None
+
+
+def client_env(module: str) -> dict[str, str]:
+    """The settings `cnei up` hands a service it starts (a variable already in its environment
+    wins): a restricted registry's key, a TLS registry's CA and $CNEI_REGISTRY_TLS_CERT/KEY as
+    client certificate, and its runtimes' keys."""
+    from services.common import tls
+
+    handed = {}
+    prefix = REGISTRY_CLIENTS.get(module)
+    if prefix:
+        ca, cert, key = tls.client_files(default_ca=registry_ca(), env=tls.REGISTRY_ENV) if registry_ca() else ("",) * 3
+        handed |= {f"{prefix}REGISTRY_HEADERS": registry_headers(), f"{prefix}REGISTRY_TLS_CA_FILE": ca,
+                   f"{prefix}REGISTRY_TLS_CERT_FILE": cert, f"{prefix}REGISTRY_TLS_KEY_FILE": key}
+    prefix = NODE_CLIENTS.get(module)
+    if prefix:
+        handed[f"{prefix}NODE_HEADERS"] = node_headers()
+    return {name: value for name, value in handed.items() if value and name not in os.environ}
 
 
 def node_headers() -> str:

@@ -33,11 +33,15 @@ def server_tls(prefix: str, cert_file: str, key_file: str, client_ca_file: str =
     if not cert_file or not key_file:
         missing = "TLS_CERT_FILE" if not cert_file else "TLS_KEY_FILE"
         raise ValueError(f"{prefix}{missing} is needed with the other TLS settings")
-    for name, path in (("TLS_CERT_FILE", cert_file), ("TLS_KEY_FILE", key_file),
-                       ("TLS_CLIENT_CA_FILE", client_ca_file)):
+    _check_files(prefix, {"TLS_CERT_FILE": cert_file, "TLS_KEY_FILE": key_file, "TLS_CLIENT_CA_FILE": client_ca_file})
+    return ServerTls(cert_file, key_file, client_ca_file)
+
+
+def _check_files(prefix: str, files: dict[str, str]) -> None:
+    """ValueError naming the first setting ({name: path}) whose file is not there ("" = unset)."""
+    for name, path in files.items():
         if path and not Path(path).is_file():
             raise ValueError(f"{prefix}{name}: no such file '{path}'")
-    return ServerTls(cert_file, key_file, client_ca_file)
 
 
 def check_server(service: str, prefix: str, settings) -> None:
@@ -97,10 +101,8 @@ def registry_credentials(prefix: str, ca_file: str, cert_file: str = "",
         raise ValueError(f"{prefix}REGISTRY_TLS_CA_FILE is needed with a client certificate")
     if bool(cert_file) != bool(key_file):
         raise ValueError(f"{prefix}REGISTRY_TLS_CERT_FILE and {prefix}REGISTRY_TLS_KEY_FILE go together")
-    for name, path in (("REGISTRY_TLS_CA_FILE", ca_file), ("REGISTRY_TLS_CERT_FILE", cert_file),
-                       ("REGISTRY_TLS_KEY_FILE", key_file)):
-        if path and not Path(path).is_file():
-            raise ValueError(f"{prefix}{name}: no such file '{path}'")
+    _check_files(prefix, {"REGISTRY_TLS_CA_FILE": ca_file, "REGISTRY_TLS_CERT_FILE": cert_file,
+                          "REGISTRY_TLS_KEY_FILE": key_file})
     return channel_credentials(ca_file, cert_file, key_file)
 
 

@@ -28,3 +28,24 @@ def test_a_registry_on_tls_is_trusted_by_its_own_certificate_unless_a_ca_is_name
     assert registry_ca() == "/pki/ca.pem"
     monkeypatch.delenv("CNEI_REGISTRY_TLS_CA")
     assert registry_ca() == "/pki/registry.pem"  # self-signed
+
+
+def test_each_service_is_handed_what_it_calls_with_and_its_own_variables_win(monkeypatch):
+    from services.cli.up import client_env
+
+    monkeypatch.setenv("CNEI_REGISTRY_RESTRICTED_APIS", "model-repository:admin-key=a1")
+    monkeypatch.setenv("CNEI_RUNTIME_RESTRICTED_APIS", "inference:node-key=n1")
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_CERT_FILE", "/pki/registry.pem")
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_CERT", "/pki/client.pem")
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_KEY", "/pki/client.key")
+    monkeypatch.setenv("CNEI_TRAINER_NODE_HEADERS", "node-key=mine")
+    assert client_env("services.coordinator") == {
+        "CNEI_COORDINATOR_REGISTRY_HEADERS": "admin-key=a1", "CNEI_COORDINATOR_REGISTRY_TLS_CA_FILE": "/pki/registry.pem",
+        "CNEI_COORDINATOR_REGISTRY_TLS_CERT_FILE": "/pki/client.pem",
+        "CNEI_COORDINATOR_REGISTRY_TLS_KEY_FILE": "/pki/client.key", "CNEI_COORDINATOR_NODE_HEADERS": "node-key=n1"}
+    assert "CNEI_TRAINER_NODE_HEADERS" not in client_env("services.trainer")  # set by the user: theirs
+    assert set(client_env("services.edge_runtime")) == {
+        "CNEI_RUNTIME_REGISTRY_HEADERS", "CNEI_RUNTIME_REGISTRY_TLS_CA_FILE", "CNEI_RUNTIME_REGISTRY_TLS_CERT_FILE",
+        "CNEI_RUNTIME_REGISTRY_TLS_KEY_FILE"}
+    monkeypatch.delenv("CNEI_REGISTRY_TLS_CERT_FILE")  # a plaintext registry: no TLS files handed out
+    assert not any("TLS" in name for name in client_env("services.coordinator"))
