@@ -135,18 +135,20 @@ class CneiStack:
         return {"runtime": [by_name[n] for n in self.kept_nodes], "door": door,
                 "coordinator": [pid for pid in coordinator if pid not in door]}
 
-    def served(self, model: str) -> int:
-        """Requests of `model` the kept runtimes have run (their Triton statistics; rows, which
-        are requests at batch 1)."""
-        total = 0
+    def served(self, model: str) -> tuple[int, int]:
+        """(rows, executions) of `model` the kept runtimes have run (their Triton statistics;
+        rows are requests at batch 1, an execution is one ONNX Runtime call)."""
+        rows = executions = 0
         for node_id in self.kept_nodes:
             client = triton.InferenceServerClient(self.runtime(node_id))
             try:
                 stats = client.get_inference_statistics(model, as_json=True)
             finally:
                 client.close()
-            total += sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
-        return total
+            for s in stats.get("model_stats", []):
+                rows += int(s.get("inference_count", 0))
+                executions += int(s.get("execution_count", 0))
+        return rows, executions
 
     def warm(self, variants: list[tuple[str, str]]) -> None:
         """Load every (model, precision) on every kept runtime, then go through the coordinator."""

@@ -35,6 +35,8 @@ class Point:
     error: str = ""
     # µs of CPU per request over the run, by process group ("client": perf_analyzer), where measured
     cpu_us: dict[str, float] = field(default_factory=dict)
+    # rows per ONNX Runtime call on the runtimes over the run (the batch the model saw), where measured
+    rows_per_execution: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -104,9 +104,11 @@ def cpu_table(served: list[dict], model: str) -> str:
     the machine that client and servers share."""
     rows = [[p["config"], p["precision"], p["concurrency"], f"{p['infer_per_s']:.0f}",
              *(f"{p['cpu_us'][g]:.0f}" if g in p["cpu_us"] else "–" for g in CPU_GROUPS),
-             f"{sum(p['cpu_us'].values()):.0f}", f"{sum(p['cpu_us'].values()) * p['infer_per_s'] / 1e6:.2f}"]
+             f"{sum(p['cpu_us'].values()):.0f}", f"{sum(p['cpu_us'].values()) * p['infer_per_s'] / 1e6:.2f}",
+             f"{p['rows_per_execution']:.1f}" if p.get("rows_per_execution") else "–"]
             for p in served if p["model"] == model and p.get("cpu_us")]
-    return table(["config", "precision", "concurrency", "infer/s", *CPU_GROUPS, "total µs", "cores at that rate"],
+    return table(["config", "precision", "concurrency", "infer/s", *CPU_GROUPS, "total µs", "cores at that rate",
+                  "rows per ORT call"],
                  rows) if rows else ""
 
 

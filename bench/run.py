@@ -86,7 +86,9 @@ def sweep(target: str, config: str, plan: list[tuple[str, str]], args, explicit_
                 book.start()
             p = perf.measure(target, model, precision, config, c, args.interval_ms, params, client=args.client)
             if book is not None and not p.error:
-                p = dataclasses.replace(p, cpu_us=book.per_request(stack.served(model) - before))
+                rows, executions = (now - then for now, then in zip(stack.served(model), before))
+                p = dataclasses.replace(p, cpu_us=book.per_request(rows),
+                                        rows_per_execution=round(rows / executions, 2) if executions else 0.0)
             log(f"{config} {model} {precision} c={c}: " + (f"ERROR {p.error}" if p.error else
                 f"{p.infer_per_s:.1f} infer/s, p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs"))
             points.append(p.as_dict())

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 
 
 class Background:
@@ -20,3 +21,27 @@ class Background:
     async def wait(self) -> None:
         """Wait for what is running now (their errors are not re-raised)."""
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class KeyedLocks:
+    """One asyncio lock per key, held only while someone holds or waits for it: single-flight
+    work by key (a download per artifact, a load per variant) without a lock kept for every key
+    ever seen."""
+
+    def __init__(self) -> None:
+        self._locks: dict[object, tuple[asyncio.Lock, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: object) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]

@@ -29,7 +29,10 @@ _tracer = trace.get_tracer(__name__)
 Send = Callable[[dict[str, np.ndarray], int, float], Awaitable[dict[str, np.ndarray]]]
 _sequence = itertools.count()
 
-BATCH_SIZE = Histogram("cnei_batch_size", "Samples per batch sent to a node", ["model"],
+# Recorded by every process that batches: a coordinator (batches it sends to a node) and a runtime
+# (batches it runs in one ONNX Runtime call); each process's /metrics holds its own.
+BATCH_SIZE = Histogram("cnei_batch_size", "Samples per batch this process sent on (coordinator: to a node; "
+                       "runtime: to one ONNX Runtime call)", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 QUEUE_TIME = Histogram("cnei_batch_queue_seconds", "Time a request waited in a batcher queue", ["model"],
                        buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))

@@ -13,7 +13,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common import oip, telemetry
-from services.common.background import Background
+from services.common.background import Background, KeyedLocks
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound, TensorError,
@@ -74,8 +74,8 @@ class EdgeRuntime:
         self.inflight = 0
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
-        self._load_locks: dict[str, asyncio.Lock] = {}
-        self._pull_locks: dict[str, asyncio.Lock] = {}  # by sha256
+        self._load_locks = KeyedLocks()  # by variant key
+        self._pull_locks = KeyedLocks()  # by sha256
         self.background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb)
         check_source(settings.energy_source)  # a bad setting stops the runtime at start
@@ -191,7 +191,7 @@ class EdgeRuntime:
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded (once,
         however many callers want it at the same time: a request and a resync)."""
-        async with self._pull_locks.setdefault(variant.sha256, asyncio.Lock()):
+        async with self._pull_locks.hold(variant.sha256):
             return await self._pull(variant)
 
     async def _pull(self, variant: ModelVariant) -> bool:
@@ -218,8 +218,7 @@ class EdgeRuntime:
                 span.set_attributes({"cnei.model": variant.key, "cnei.cache.hit": loaded is not None})
         if loaded is not None:
             return loaded
-        lock = self._load_locks.setdefault(variant.key, asyncio.Lock())
-        async with lock:
+        async with self._load_locks.hold(variant.key):
             loaded = self.l1.get(variant.key)
             if loaded is None:
                 loaded = await self._load_uncached(variant)

@@ -50,10 +50,14 @@ def test_cpu_per_request_counts_groups_and_waited_for_children():
 
 def test_the_cpu_table_lists_measured_points_with_their_total_and_cores():
     served = [{"model": "m", "config": "coordinator", "precision": "FP32", "concurrency": 32, "infer_per_s": 2000.0,
-               "cpu_us": {"client": 120.0, "door": 110.0, "coordinator": 30.0, "runtime": 340.0}},
+               "cpu_us": {"client": 120.0, "door": 110.0, "coordinator": 30.0, "runtime": 340.0},
+               "rows_per_execution": 9.46},
+              {"model": "m", "config": "edge-direct", "precision": "FP32", "concurrency": 1, "infer_per_s": 900.0,
+               "cpu_us": {"client": 150.0, "runtime": 650.0}},
               {"model": "m", "config": "mlserver-w0", "precision": "FP32", "concurrency": 32, "infer_per_s": 500.0,
                "cpu_us": {}}]
     text = report.cpu_table(served, "m")
-    assert "| coordinator | FP32 | 32 | 2000 | 120 | 110 | 30 | 340 | 600 | 1.20 |" in text
+    assert "| coordinator | FP32 | 32 | 2000 | 120 | 110 | 30 | 340 | 600 | 1.20 | 9.5 |" in text
+    assert "| edge-direct | FP32 | 1 | 900 | 150 | – | – | 650 | 800 | 0.72 | – |" in text  # rows per call unmeasured
     assert "mlserver" not in text
     assert report.cpu_table(served, "other") == ""
