@@ -104,10 +104,27 @@ class Unavailable(CneiError):
     code = ErrorCode.UNAVAILABLE
 
 
+def _clip(text: str, limit: int) -> str:
+    """`text` within `limit` characters: its start and its end (where gRPC and TLS errors say
+    what went wrong) with an ellipsis between."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return f"{text[:head]}…{text[len(text) - (limit - head - 1):]}"
+
+
 class NoLiveNode(Unavailable):
-    def __init__(self, model: str):
+    SHOWN = 3  # nodes named in the message, at most
+
+    def __init__(self, model: str, out_of_use: dict[str, str] | None = None):
+        """`out_of_use`: nodes left out after failures, with what their last failure said."""
         self.model = model
-        super().__init__(f"no live node can serve model '{model}'")
+        message = f"no live node can serve model '{model}'"
+        if out_of_use:
+            named = [f"{node} ({_clip(why or 'failed', 240)})" for node, why in sorted(out_of_use.items())[:self.SHOWN]]
+            more = len(out_of_use) - self.SHOWN
+            message += f"; out of use after failures: {', '.join(named)}" + (f" and {more} more" if more > 0 else "")
+        super().__init__(message)
 
 
 class DeadlineExceeded(CneiError):

@@ -7,13 +7,15 @@ kinds: 1 request (meta: JSON trace context and timeout), 2 reply (payload: Model
 3 error (meta: error code name, payload: UTF-8 message), 4 hello (meta: JSON {"headers": {...}},
 sent first on a connection by a client that has keys for a server whose `inference` API is
 restricted; no reply). A server that restricts inference answers every request of a connection
-without a hello that passes with PERMISSION_DENIED."""
+without a hello that passes with PERMISSION_DENIED. A runtime serving TLS serves it here too
+(same certificate, same client CA): frames then go inside the TLS stream."""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
 import logging
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -51,15 +53,18 @@ Refuse = Callable[[dict[str, str]], str]  # a connection's hello headers -> why 
 class FastServer:
     """Serves framed requests with `handler(payload, timeout_s) -> reply payload`, concurrently."""
 
-    def __init__(self, handler: Handler, refuse: Refuse | None = None):
-        """`refuse`: judges each connection's hello (None: every connection is served)."""
+    def __init__(self, handler: Handler, refuse: Refuse | None = None, ssl_context: ssl.SSLContext | None = None):
+        """`refuse`: judges each connection's hello (None: every connection is served);
+        `ssl_context`: serve TLS (services.common.tls.server_ssl_context), else plaintext."""
         self.handler = handler
         self.refuse = refuse
+        self.ssl_context = ssl_context
         self.server: asyncio.base_events.Server | None = None
         self._tasks = Background()
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._connection, host, port)
+        self.server = await asyncio.start_server(self._connection, host, port, ssl=self.ssl_context,
+                                                 ssl_handshake_timeout=5.0 if self.ssl_context else None)
         return self.server.sockets[0].getsockname()[1]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -83,7 +88,7 @@ class FastServer:
                     await writer.drain()  # a client that sends without reading is not buffered for
                     continue
                 self._tasks.spawn(self._serve(writer, request_id, meta, payload))
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         except ValueError as exc:
             log.warning("closing fast-lane connection: %s", exc)
@@ -116,11 +121,14 @@ class FastServer:
 class FastClient:
     """One multiplexed connection to a node, opened on first use and after a failure."""
 
-    def __init__(self, address: str, connect_timeout: float = 1.0, headers: list[tuple[str, str]] | tuple = ()):
-        """`headers`: the keys of a node whose inference API is restricted (sent in a hello)."""
+    def __init__(self, address: str, connect_timeout: float = 1.0, headers: list[tuple[str, str]] | tuple = (),
+                 ssl_context: ssl.SSLContext | None = None):
+        """`headers`: the keys of a node whose inference API is restricted (sent in a hello);
+        `ssl_context`: TLS to a node serving it (services.common.tls.ClientTls), else plaintext."""
         self.host, _, port = address.rpartition(":")
         self.port = int(port)
         self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
         self._hello = encode(0, HELLO, json.dumps({"headers": dict(headers)}).encode(), b"") if headers else b""
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -133,9 +141,10 @@ class FastClient:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), self.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    self.host, self.port, ssl=self.ssl_context,
+                    server_hostname=self.host.strip("[]") if self.ssl_context else None), self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError too: an OSError
                 raise Unavailable(f"fast lane {self.host}:{self.port} unreachable: {exc}") from None
             if self._hello:
                 writer.write(self._hello)
@@ -156,7 +165,7 @@ class FastClient:
                 else:
                     code = ErrorCode.__members__.get(meta.decode(), ErrorCode.INTERNAL)
                     future.set_exception(error_for(code, payload.decode("utf-8", "replace")))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, ssl.SSLError) as exc:
             error = Unavailable(f"fast lane {self.host}:{self.port} connection lost: {exc or 'closed'}")
         finally:
             writer.close()

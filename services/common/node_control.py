@@ -5,20 +5,23 @@ from __future__ import annotations
 import grpc
 
 from services.common import grpc_util
+from services.common.tls import ClientTls
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 
 
 class NodeControlClients:
-    def __init__(self, headers: list[tuple[str, str]] | tuple = ()) -> None:
-        """`headers`: sent with every call (runtimes whose node-control API is restricted)."""
+    def __init__(self, headers: list[tuple[str, str]] | tuple = (), tls: ClientTls | None = None) -> None:
+        """`headers`: sent with every call (runtimes whose node-control API is restricted);
+        `tls`: the runtimes serve TLS (None: plaintext)."""
         self.headers = tuple(headers)
+        self._credentials = tls.grpc_credentials() if tls else None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> npb_grpc.NodeControlStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address, self.headers)
+            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials)
         return npb_grpc.NodeControlStub(channel)
 
     async def call(self, address: str, method: str, request, timeout: float):

@@ -52,6 +52,20 @@ _REGISTRY_TLS_DOCS = {
 }
 
 
+_NODE_TLS_DOCS = {
+    "ca": "PEM CA of runtimes serving TLS (CNEI_RUNTIME_TLS_CERT_FILE) on their gRPC and fast-lane ports; "
+          "empty: plaintext",
+    "cert": "PEM client certificate for runtimes requiring mutual TLS (CNEI_RUNTIME_TLS_CLIENT_CA_FILE)",
+    "key": "PEM key of that client certificate",
+}
+
+
+def node_tls_field(kind: str) -> Any:
+    """A runtime client's TLS setting: `node_tls_ca_file` ("ca"), `node_tls_cert_file` ("cert"),
+    `node_tls_key_file` ("key")."""
+    return field("", _NODE_TLS_DOCS[kind])
+
+
 def registry_tls_field(kind: str) -> Any:
     """A registry client's TLS setting: `registry_tls_ca_file` ("ca"), `registry_tls_cert_file`
     ("cert"), `registry_tls_key_file` ("key")."""

@@ -91,19 +91,60 @@ def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -
         certificate_chain=Path(cert_file).read_bytes() if cert_file else None)
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM files of a service's client side for some servers: the CA it trusts, and its own
+    certificate and key for servers that require one (mutual TLS; "" = none)."""
+
+    ca_file: str
+    cert_file: str = ""
+    key_file: str = ""
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca_file, self.cert_file, self.key_file)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For a TLS socket (the fast lane): the server's certificate checked against the CA and
+        its host name or IP address."""
+        return client_ssl_context(self.ca_file, self.cert_file, self.key_file)
+
+
+def client_tls(prefix: str, kind: str, ca_file: str, cert_file: str = "", key_file: str = "") -> ClientTls | None:
+    """A service's client TLS files for the servers its `{kind}_TLS_*` settings name (REGISTRY,
+    NODE); None: plaintext. ValueError naming the variable that is missing or unreadable."""
+    if not (ca_file or cert_file or key_file):
+        return None
+    name = f"{prefix}{kind}_TLS_"
+    if not ca_file:
+        raise ValueError(f"{name}CA_FILE is needed with a client certificate")
+    if bool(cert_file) != bool(key_file):
+        raise ValueError(f"{name}CERT_FILE and {name}KEY_FILE go together")
+    _check_files(prefix, {f"{kind}_TLS_CA_FILE": ca_file, f"{kind}_TLS_CERT_FILE": cert_file,
+                          f"{kind}_TLS_KEY_FILE": key_file})
+    return ClientTls(ca_file, cert_file, key_file)
+
+
 def registry_credentials(prefix: str, ca_file: str, cert_file: str = "",
                          key_file: str = "") -> grpc.ChannelCredentials | None:
     """A service's credentials for a registry serving TLS, from its REGISTRY_TLS_* settings
     (None: plaintext); ValueError naming the variable that is missing or unreadable."""
-    if not (ca_file or cert_file or key_file):
-        return None
-    if not ca_file:
-        raise ValueError(f"{prefix}REGISTRY_TLS_CA_FILE is needed with a client certificate")
-    if bool(cert_file) != bool(key_file):
-        raise ValueError(f"{prefix}REGISTRY_TLS_CERT_FILE and {prefix}REGISTRY_TLS_KEY_FILE go together")
-    _check_files(prefix, {"REGISTRY_TLS_CA_FILE": ca_file, "REGISTRY_TLS_CERT_FILE": cert_file,
-                          "REGISTRY_TLS_KEY_FILE": key_file})
-    return channel_credentials(ca_file, cert_file, key_file)
+    files = client_tls(prefix, "REGISTRY", ca_file, cert_file, key_file)
+    return files.grpc_credentials() if files else None
+
+
+def node_tls(prefix: str, settings) -> ClientTls | None:
+    """A service's client TLS for runtimes whose gRPC and fast-lane ports serve TLS, from its
+    `node_tls_ca_file`, `node_tls_cert_file`, `node_tls_key_file` settings (None: plaintext)."""
+    return client_tls(prefix, "NODE", settings.node_tls_ca_file, settings.node_tls_cert_file,
+                      settings.node_tls_key_file)
+
+
+def check_node_client(service: str, prefix: str, settings) -> None:
+    """`node_tls` can work: SystemExit naming the variable otherwise, before the service starts."""
+    try:
+        node_tls(prefix, settings)
+    except ValueError as exc:
+        raise SystemExit(f"{service}: {exc}") from None
 
 
 def client_ssl_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:

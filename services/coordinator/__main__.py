@@ -47,7 +47,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     registry = registry_client.from_settings(PREFIX, settings, timeout=5.0)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     node_headers = restricted_apis.headers(settings.node_headers)
-    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, headers=node_headers)
+    node_tls = tls.node_tls(PREFIX, settings)
+    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, headers=node_headers, tls=node_tls)
     await nodes.start()
     catalog = Catalog(registry, settings.resolve_ttl_s)
     worker = settings.worker_index
@@ -55,7 +56,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None)
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
-    node_control = NodeControlClients(node_headers)
+    node_control = NodeControlClients(node_headers, node_tls)
     core.control = ModelControl(core, redis, node_control, settings.resolve_ttl_s)
     nodes.on_change = core.node_changed
     sharing = None
@@ -112,7 +113,8 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     if door_path is not None:
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
                            shm_dir if settings.shared_memory else "", restricted.get("inference"),
-                           settings.response_cache_bytes, public_tls, routes.generation_file, node_headers)
+                           settings.response_cache_bytes, public_tls, routes.generation_file, node_headers,
+                           node_tls)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("coordinator %s serving gRPC on %s%s", source, server.address,
@@ -202,6 +204,7 @@ def main() -> None:
                           settings.node_headers)
     registry_client.check_settings(PREFIX, settings)
     tls.check_server("coordinator", PREFIX, settings)
+    tls.check_node_client("coordinator", PREFIX, settings)
     count = worker_count(settings.workers)
     try:
         door_path = door_binary(settings.front_door, settings.front_door_binary) if settings.worker_index < 0 else None

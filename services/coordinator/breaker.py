@@ -24,6 +24,7 @@ class Breaker:
     failures: int = 0
     opened_at: float = 0.0
     probing: bool = field(default=False)
+    reason: str = ""  # what the last failure said (kept while the breaker is not closed)
 
     def would_allow(self) -> bool:
         """Would `allow` let a call through? (Does not claim the half-open probe.)"""
@@ -44,15 +45,17 @@ class Breaker:
         return False
 
     def success(self) -> None:
-        self.state, self.failures, self.probing = State.CLOSED, 0, False
+        self.state, self.failures, self.probing, self.reason = State.CLOSED, 0, False, ""
 
-    def failure(self) -> None:
+    def failure(self, reason: str = "") -> None:
         self.failures += 1
+        self.reason = reason or self.reason
         if self.state is State.HALF_OPEN or self.failures >= self.failure_threshold:
             self.trip()
 
-    def trip(self) -> None:
+    def trip(self, reason: str = "") -> None:
         self.state, self.opened_at, self.probing = State.OPEN, self.clock(), False
+        self.reason = reason or self.reason
 
 
 class Breakers:
@@ -72,4 +75,8 @@ class Breakers:
     def blocked(self) -> set[str]:
         """Nodes a call may not go to now (open breakers, or half-open with a probe out)."""
         return {node for node, b in self.by_node.items() if not b.would_allow()}
+
+    def why_blocked(self) -> dict[str, str]:
+        """The blocked nodes with what their last failure said."""
+        return {node: b.reason for node, b in self.by_node.items() if not b.would_allow()}
 

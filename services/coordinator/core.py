@@ -72,13 +72,14 @@ class Placement:
     variant: ModelVariant
 
 
-def note_node_failure(breaker: Breaker, code: ErrorCode) -> None:
-    """A node call failed with `code`: connection-level trouble opens the breaker at once (stop
-    sending there), a timeout counts towards opening it, other errors are the request's own."""
+def note_node_failure(breaker: Breaker, code: ErrorCode, reason: str = "") -> None:
+    """A node call failed with `code` (`reason`: its message): connection-level trouble opens
+    the breaker at once (stop sending there), a timeout counts towards opening it, other errors
+    are the request's own."""
     if code is ErrorCode.UNAVAILABLE:
-        breaker.trip()
+        breaker.trip(reason)
     elif code in RETRYABLE:
-        breaker.failure()
+        breaker.failure(reason)
 
 
 def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
@@ -269,7 +270,7 @@ class Coordinator:
         edge_spec = replace(spec, tiers=("edge",))
         if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
             if not spec.cloud_fallback:
-                raise NoLiveNode(request.model_name)
+                raise NoLiveNode(request.model_name, self.out_of_use())
             return await self._cloud(request, spec, deadline_s, reason="no edge node")
         response = await self._infer(edge_request, variants, edge_spec, deadline_s)
         output = j.output or next(iter(response.outputs))
@@ -371,7 +372,7 @@ class Coordinator:
     def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:
         """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
         tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
-        blocked = self.breakers.blocked() | self.nodes.unhealthy
+        blocked = self.breakers.blocked() | self.nodes.unhealthy.keys()
         return [n for n in self.nodes.nodes if n.tier in tiers and n.node_id not in blocked]
 
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
@@ -473,7 +474,12 @@ class Coordinator:
             raise last_error
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
-        raise NoLiveNode(request.model_name)
+        raise NoLiveNode(request.model_name, self.out_of_use())
+
+    def out_of_use(self) -> dict[str, str]:
+        """Live nodes no call may go to now (failed health check, open breaker), with why."""
+        why = {**self.breakers.why_blocked(), **self.nodes.unhealthy}
+        return {n.node_id: why[n.node_id] for n in self.nodes.nodes if n.node_id in why}
 
     def _hedge_delay(self, spec: DeploymentSpec, placement: Placement) -> float | None:
         if spec.hedge_after_ms > 0:
@@ -524,7 +530,7 @@ class Coordinator:
             outputs = await self._batcher(placement, spec).submit(
                 request.inputs, priority_level(request.parameters), attempt_deadline, _queued_ns.get())
         except CneiError as exc:
-            note_node_failure(breaker, exc.code)
+            note_node_failure(breaker, exc.code, exc.message)
             raise
         finally:
             self.outstanding[node.node_id] -= rows
@@ -548,7 +554,7 @@ class Coordinator:
     def node_changed(self, subject: str, node: NodeInfo, reason: str) -> None:
         """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
         if subject == events.NODE_DOWN:
-            self.breakers.get(node.node_id).trip()
+            self.breakers.get(node.node_id).trip(reason)
         else:
             self.breakers.get(node.node_id).success()
         self.recent.append({"kind": subject.rsplit(".", 1)[-1], "time": time.time(),

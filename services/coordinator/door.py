@@ -325,7 +325,7 @@ class DoorRoutes:
         if report.failure:
             log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
                         report.failure)
-            note_node_failure(breaker, failure_code(report.failure))
+            note_node_failure(breaker, failure_code(report.failure), report.failure)
             self.routes.pop(route.route_id, None)
         elif report.batches:
             breaker.success()

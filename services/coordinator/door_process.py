@@ -12,7 +12,7 @@ from pathlib import Path
 from services.common import lifecycle
 from services.common.errors import FailedPrecondition
 from services.common.restricted import Key
-from services.common.tls import ServerTls
+from services.common.tls import ClientTls, ServerTls
 
 log = logging.getLogger(__name__)
 BUILT = Path(__file__).resolve().parent / "frontdoor" / "build" / "cnei-frontdoor"
@@ -41,13 +41,15 @@ NODE_HEADERS_ENV = "CNEI_FRONTDOOR_NODE_HEADERS"  # KEY=VALUE;...: sent in the f
 class DoorProcess:
     def __init__(self, binary: Path, listen: str, backend: str, report_interval_ms: int, shm_dir: str = "",
                  restrict_inference: Key | None = None, response_cache_bytes: int = 0, tls: ServerTls | None = None,
-                 routes_generation: Path | None = None, node_headers: list[tuple[str, str]] | tuple = ()):
+                 routes_generation: Path | None = None, node_headers: list[tuple[str, str]] | tuple = (),
+                 node_tls: ClientTls | None = None):
         """`shm_dir`: where the coordinator keeps system shared memory registrations, which the door
         reads to serve requests whose tensors are in the client's shared memory itself.
         `restrict_inference`: the header and value inference requests need (restricted APIs).
         `tls`: the public port's certificate files (None: plaintext). `routes_generation`: the file
         the coordinator bumps when it drops routes (the door then lists the routes it holds).
-        `node_headers`: the keys of runtimes whose inference API is restricted (fast lane hello)."""
+        `node_headers`: the keys of runtimes whose inference API is restricted (fast lane hello).
+        `node_tls`: the runtimes' fast lanes serve TLS: the CA to trust (and a client certificate)."""
         self.command = [str(binary), "--listen", listen, "--backend", backend,
                         "--report-interval-ms", str(report_interval_ms), "--parent-pid", str(os.getpid())]
         if shm_dir:
@@ -60,6 +62,10 @@ class DoorProcess:
             self.command += ["--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
             if tls.mutual:
                 self.command += ["--tls-client-ca", tls.client_ca_file]
+        if node_tls is not None:
+            self.command += ["--node-tls-ca", node_tls.ca_file]
+            if node_tls.cert_file:
+                self.command += ["--node-tls-cert", node_tls.cert_file, "--node-tls-key", node_tls.key_file]
         self.env = {k: v for k, v in os.environ.items() if k not in (RESTRICT_ENV, NODE_HEADERS_ENV)}
         if restrict_inference is not None:  # in the environment: the command line is anybody's to read
             self.env[RESTRICT_ENV] = f"{restrict_inference.header}={restrict_inference.value}"

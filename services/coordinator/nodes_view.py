@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import events, grpc_util, lifecycle
 from services.common.fastlane import FastClient
 from services.common.nodes import NodeDirectory, NodeInfo
+from services.common.tls import ClientTls
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,13 @@ class NodesView:
 
     def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0,
                  on_change: Callable[[str, NodeInfo, str], None] | None = None,
-                 headers: list[tuple[str, str]] | tuple = ()):
-        """`headers`: sent to every node called (gRPC and the fast lane's hello)."""
+                 headers: list[tuple[str, str]] | tuple = (), tls: ClientTls | None = None):
+        """`headers`: sent to every node called (gRPC and the fast lane's hello); `tls`: the
+        nodes serve TLS on both (None: plaintext)."""
         self.directory = directory
         self.headers = tuple(headers)
+        self._credentials = tls.grpc_credentials() if tls else None
+        self._ssl = tls.ssl_context() if tls else None
         self.refresh_s = refresh_s
         self.probe_s = probe_s
         self.nodes: list[NodeInfo] = []
@@ -48,7 +52,7 @@ class NodesView:
         self._fast: dict[str, FastClient] = {}
         self._tasks: list[asyncio.Task] = []
         self.on_change = on_change  # (NODE_UP | NODE_DOWN, node, reason)
-        self.unhealthy: set[str] = set()
+        self.unhealthy: dict[str, str] = {}  # node id -> why its health check failed
 
     async def refresh(self) -> None:
         nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
@@ -73,17 +77,19 @@ class NodesView:
     async def _probe(self, node: NodeInfo) -> None:
         stub = health_pb2_grpc.HealthStub(self._channel(node.address))
         start = time.perf_counter()
+        why = ""
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-            healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            healthy = False
-        if not healthy:
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                why = f"health check: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        except grpc.aio.AioRpcError as exc:
+            why = f"health check failed: {exc.details() or exc.code().name}"
+        if why:
             if node.node_id not in self.unhealthy and self.on_change is not None:
-                self.on_change(events.NODE_DOWN, node, "health check failed")
-            self.unhealthy.add(node.node_id)
+                self.on_change(events.NODE_DOWN, node, why)
+            self.unhealthy[node.node_id] = why
             return
-        self.unhealthy.discard(node.node_id)
+        self.unhealthy.pop(node.node_id, None)
         self.observe_rtt(node.node_id, (time.perf_counter() - start) * 1e3)
 
     async def _probe_loop(self) -> None:
@@ -109,13 +115,14 @@ class NodesView:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address, self.headers)
+            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials)
         return channel
 
     def fast_client(self, node: NodeInfo) -> FastClient:
         client = self._fast.get(node.fast_address)
         if client is None:
-            client = self._fast[node.fast_address] = FastClient(node.fast_address, headers=self.headers)
+            client = self._fast[node.fast_address] = FastClient(node.fast_address, headers=self.headers,
+                                                                            ssl_context=self._ssl)
         return client
 
     def stub(self, node: NodeInfo) -> pb_grpc.GRPCInferenceServiceStub:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field, registry_tls_field
+from services.common.settings import event_loop_field, field, node_tls_field, registry_tls_field
 
 PREFIX = "CNEI_COORDINATOR_"
 
@@ -66,6 +66,9 @@ class CoordinatorSettings:
     node_headers: str = field(
         "", "headers sent to every edge runtime called (gRPC, NodeControl and the fast lane's hello), "
             "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
+    node_tls_ca_file: str = node_tls_field("ca")
+    node_tls_cert_file: str = node_tls_field("cert")
+    node_tls_key_file: str = node_tls_field("key")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")

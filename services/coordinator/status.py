@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from services.common.deployment import DeploymentSpec
 from services.common.model_spec import ModelVariant, version_key
@@ -28,7 +28,7 @@ def breaker_state(breaker: Breaker | None) -> str:
     return "closed" if breaker is None else breaker.state.value.replace("_", "-")
 
 
-def node_health(node_id: str, unhealthy: set[str], breaker: Breaker | None) -> str:
+def node_health(node_id: str, unhealthy: Collection[str], breaker: Breaker | None) -> str:
     """unhealthy (failed health check) | open | half-open (breaker) | live."""
     if node_id in unhealthy:
         return "unhealthy"
@@ -36,7 +36,7 @@ def node_health(node_id: str, unhealthy: set[str], breaker: Breaker | None) -> s
     return "live" if state == "closed" else state
 
 
-def node_row(node: NodeInfo, rtt_ms: float | None, unhealthy: set[str], breaker: Breaker | None,
+def node_row(node: NodeInfo, rtt_ms: float | None, unhealthy: Collection[str], breaker: Breaker | None,
              outstanding: int, now: float) -> dict:
     return {
         "id": node.node_id, "tier": node.tier, "region": node.region, "address": node.address,

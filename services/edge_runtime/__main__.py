@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 
-from services.common import events, lifecycle, telemetry, triton_metrics
+from services.common import events, lifecycle, telemetry, tls, triton_metrics
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.errors import InvalidArgument
@@ -82,7 +82,9 @@ async def serve(settings: RuntimeSettings) -> None:
     await bus.start()
     interceptors = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else []
     interceptors += restricted_apis.guard(settings.restricted_apis, restricted_apis.RUNTIME_API)
-    server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=interceptors)
+    own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=interceptors,
+                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None)
     tracing = TraceSettings(MemoryTraceStore(config_from(settings.trace_level, settings.trace_rate,
                                                          settings.trace_count)))
     oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory), tracing)
@@ -93,7 +95,8 @@ async def serve(settings: RuntimeSettings) -> None:
         categories = restricted_apis.categories_of(restricted_apis.RUNTIME_API)
         restricted = restricted_apis.parse(settings.restricted_apis, categories)
         refuse = (lambda headers: restricted_apis.refusal(restricted, "inference", headers)) if restricted else None
-        fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms), refuse)
+        fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms), refuse,
+                          tls.server_ssl_context(own_tls) if own_tls else None)
     trainer = LocalTrainer(settings)
     server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime, trainer),
                "cnei.node.v1.NodeControl")
@@ -128,6 +131,7 @@ def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
     registry_client.check_settings(PREFIX, settings)
+    tls.check_server("runtime", PREFIX, settings)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -21,6 +21,10 @@ class RuntimeSettings:
     shared_memory: bool = field(True, "serve Triton's system shared memory extension (clients on this host "
                                       "name /dev/shm objects the server then reads and writes)")
     fast_port: int = field(0, "port of the internal data plane (0: any free port, advertised)")
+    tls_cert_file: str = field("", "PEM certificate (chain) of the OIP gRPC port and the fast lane: TLS (coordinators "
+                                   "and trainers then need CNEI_<SERVICE>_NODE_TLS_CA_FILE); empty: plaintext")
+    tls_key_file: str = field("", "PEM private key of that certificate")
+    tls_client_ca_file: str = field("", "PEM CA whose client certificates both ports require (mutual TLS)")
     metrics_port: int = field(9111, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
     registry_headers: str = field(

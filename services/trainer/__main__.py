@@ -28,7 +28,7 @@ async def serve(settings: TrainerSettings) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
-    clients = NodeClients(restricted.headers(settings.node_headers))
+    clients = NodeClients(restricted.headers(settings.node_headers), tls.node_tls(PREFIX, settings))
     trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),
                                clients.train, registry, bus.publish)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
@@ -58,6 +58,7 @@ def main() -> None:
                      settings.node_headers)
     registry_client.check_settings(PREFIX, settings)
     tls.check_server("trainer", PREFIX, settings)
+    tls.check_node_client("trainer", PREFIX, settings)
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field, registry_tls_field
+from services.common.settings import event_loop_field, field, node_tls_field, registry_tls_field
 
 PREFIX = "CNEI_TRAINER_"
 
@@ -24,6 +24,9 @@ class TrainerSettings:
     node_headers: str = field(
         "", "headers sent to every edge runtime called (its federated rounds over NodeControl), "
             "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
+    node_tls_ca_file: str = node_tls_field("ca")
+    node_tls_cert_file: str = node_tls_field("cert")
+    node_tls_key_file: str = node_tls_field("key")
     tls_cert_file: str = field("", "PEM certificate (chain) of the Trainer API: TLS (`cnei train` then needs "
                                        "--tls-ca or $CNEI_TRAINER_TLS_CA); empty: plaintext")
     tls_key_file: str = field("", "PEM private key of that certificate")

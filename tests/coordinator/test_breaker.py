@@ -79,3 +79,29 @@ def test_breakers_report_the_nodes_calls_may_not_go_to(clock):
     assert breakers.blocked() == set(), "an expired open breaker may be probed"
     assert breakers.get("edge-1").allow()
     assert breakers.blocked() == {"edge-1"}, "while its probe is out"
+
+
+def test_a_blocked_node_keeps_what_its_last_failure_said_until_it_succeeds(clock):
+    breakers = Breakers(failure_threshold=2, open_seconds=2.0, clock=clock)
+    edge = breakers.get("edge-1")
+    edge.failure("timed out")
+    assert breakers.why_blocked() == {}  # below the threshold: still serving
+    edge.failure()  # a failure that says nothing keeps the last reason
+    assert breakers.why_blocked() == {"edge-1": "timed out"}
+    breakers.get("edge-2").trip("TLS handshake: certificate not trusted")
+    assert breakers.why_blocked() == {"edge-1": "timed out", "edge-2": "TLS handshake: certificate not trusted"}
+    clock.now += 2.0
+    assert edge.allow()
+    edge.success()
+    assert edge.reason == "" and "edge-1" not in breakers.why_blocked()
+
+
+def test_no_live_node_names_the_nodes_out_of_use_and_why():
+    from services.common.errors import ErrorCode, NoLiveNode
+    assert NoLiveNode("digits").message == "no live node can serve model 'digits'"
+    long = "failed to connect to all addresses; " * 20 + "CERTIFICATE_VERIFY_FAILED"
+    error = NoLiveNode("digits", {"e1": "refused", "e2": long, "e3": "", "e4": "x"})
+    assert error.code is ErrorCode.UNAVAILABLE
+    assert error.message.startswith("no live node can serve model 'digits'; out of use after failures: e1 (refused), ")
+    assert "CERTIFICATE_VERIFY_FAILED)" in error.message and len(error.message) < 600  # the end of a long reason kept
+    assert "e3 (failed)" in error.message and error.message.endswith(" and 1 more")

@@ -119,7 +119,7 @@ def coordinator(registry: FakeRegistry) -> Coordinator:
     core.nodes.nodes = [NodeInfo("edge-a1", "edge", "site-a", "127.0.0.1:1", updated_at=now),
                         NodeInfo("cloud-1", "cloud", "cloud", "127.0.0.1:2", updated_at=now)]
     core.nodes.rtt_ms["edge-a1"] = 0.8
-    core.nodes.unhealthy.add("cloud-1")
+    core.nodes.unhealthy["cloud-1"] = "health check failed: connection refused"
     core.breakers.get("edge-a1").trip()
     core.latency.add(("digits", "edge-a1"), 0.002)
     core.recent.append({"kind": "failover", "time": now, "model": "digits", "from": "edge-b1",

@@ -4,12 +4,17 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <arpa/inet.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -121,6 +126,95 @@ bool SendAll(int fd, std::vector<iovec> iov) {
   return true;
 }
 
+SSL_CTX*& NodeTls() {  // null: plaintext
+  static SSL_CTX* context = nullptr;
+  return context;
+}
+
+// The reason OpenSSL gave for the last failure on this thread (its error queue, emptied).
+std::string TlsError(const char* fallback) {
+  unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return fallback;
+  char text[256];
+  ERR_error_string_n(code, text, sizeof text);
+  return text;
+}
+
+bool IsIpAddress(const std::string& host) {
+  unsigned char buffer[sizeof(in6_addr)];
+  return inet_pton(AF_INET, host.c_str(), buffer) == 1 || inet_pton(AF_INET6, host.c_str(), buffer) == 1;
+}
+
+// Waits until `fd` is ready for what OpenSSL asked (`want`: SSL_ERROR_WANT_READ or _WRITE), at
+// most `timeout_ms`; false on a poll error.
+bool WaitFor(int fd, int want, int timeout_ms) {
+  pollfd p{fd, short(want == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
+  int ready = poll(&p, 1, timeout_ms);
+  return ready >= 0 || errno == EINTR;
+}
+
+constexpr int kHandshakeMs = 5000;
+
+// TLS client handshake on the connected socket `fd` (made non-blocking) with the node at `host`:
+// the SSL object, or null with `error` set.
+SSL* Handshake(int fd, const std::string& host, std::string* error) {
+  SSL* ssl = SSL_new(NodeTls());
+  if (ssl == nullptr) return *error = TlsError("cannot create a TLS session"), nullptr;
+  bool named = IsIpAddress(host) ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host.c_str()) == 1
+                                 : (SSL_set_tlsext_host_name(ssl, host.c_str()) == 1 &&
+                                    SSL_set1_host(ssl, host.c_str()) == 1);
+  if (!named || SSL_set_fd(ssl, fd) != 1) {
+    *error = TlsError("cannot set up the TLS session");
+    SSL_free(ssl);
+    return nullptr;
+  }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  auto deadline = Clock::now() + std::chrono::milliseconds(kHandshakeMs);
+  while (true) {
+    int rc = SSL_connect(ssl);
+    if (rc == 1) return ssl;
+    int err = SSL_get_error(ssl, rc);
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if ((err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) && left > 0) {
+      if (WaitFor(fd, err, int(left))) continue;
+      *error = std::string("TLS handshake: ") + strerror(errno);
+    } else if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+      *error = "TLS handshake timed out";
+    } else {
+      long verify = SSL_get_verify_result(ssl);
+      *error = verify != X509_V_OK
+                   ? std::string("TLS handshake: certificate not trusted: ") + X509_verify_cert_error_string(verify)
+                   : "TLS handshake failed: " + TlsError(err == SSL_ERROR_SYSCALL ? "connection closed" : "refused");
+    }
+    SSL_free(ssl);
+    return nullptr;
+  }
+}
+
+// Writes all of `data` through `ssl` (non-blocking socket `fd`), each OpenSSL call under `mu`
+// (the reader thread uses the same session).
+bool TlsSendAll(SSL* ssl, std::mutex& mu, int fd, const char* data, size_t size) {
+  while (size > 0) {
+    int wrote, err = SSL_ERROR_NONE;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      wrote = SSL_write(ssl, data, int(std::min<size_t>(size, INT_MAX)));
+      if (wrote <= 0) err = SSL_get_error(ssl, wrote), ERR_clear_error();
+    }
+    if (wrote > 0) {
+      data += wrote, size -= size_t(wrote);
+    } else if (err == SSL_ERROR_WANT_WRITE) {
+      if (!WaitFor(fd, err, 1000)) return false;
+    } else if (err == SSL_ERROR_WANT_READ) {  // the session needs the peer first: the reader reads
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 struct FastLane::Conn {
@@ -134,14 +228,17 @@ struct FastLane::Conn {
     bool sending = true;
     std::function<void()> finish;
   };
-  Conn(int socket, std::string addr)
-      : fd(socket), wake_fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)), address(std::move(addr)) {}
+  Conn(int socket, SSL* session, std::string addr)
+      : fd(socket), wake_fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)), ssl(session), address(std::move(addr)) {}
   ~Conn() {
+    if (ssl != nullptr) SSL_free(ssl);
     close(fd);
     if (wake_fd >= 0) close(wake_fd);
   }
   void ReadLoop();
   bool ReadFull(char* out, size_t n, std::string* error);
+  bool TlsReadFull(char* out, size_t n, std::string* error);
+  bool Send(std::vector<iovec> iov);  // the whole frame, under write_mu; false when the connection failed
   int ExpireAndWaitMs();
   void Deliver(uint64_t id, uint8_t kind, size_t meta_len, std::string body);
   void FailAll(const std::string& error);
@@ -154,6 +251,8 @@ struct FastLane::Conn {
 
   const int fd;
   const int wake_fd;
+  SSL* const ssl;                // TLS session (null: plaintext, `fd` blocking)
+  std::mutex ssl_mu;             // one OpenSSL call at a time on `ssl` (reader and writers)
   const std::string address;
   std::mutex write_mu;
   std::mutex mu;                 // guards the fields below
@@ -181,6 +280,7 @@ void FastLane::Conn::ReadLoop() {
 }
 
 bool FastLane::Conn::ReadFull(char* out, size_t n, std::string* error) {
+  if (ssl != nullptr) return TlsReadFull(out, n, error);
   while (n > 0) {
     pollfd fds[2] = {{fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
     int ready = poll(fds, wake_fd >= 0 ? 2 : 1, ExpireAndWaitMs());
@@ -199,6 +299,48 @@ bool FastLane::Conn::ReadFull(char* out, size_t n, std::string* error) {
     n -= size_t(got);
   }
   return true;
+}
+
+bool FastLane::Conn::TlsReadFull(char* out, size_t n, std::string* error) {
+  while (n > 0) {
+    int got, err = SSL_ERROR_NONE;
+    std::string reason;
+    {
+      std::lock_guard<std::mutex> lock(ssl_mu);
+      got = SSL_read(ssl, out, int(std::min<size_t>(n, INT_MAX)));
+      if (got <= 0) {
+        err = SSL_get_error(ssl, got);
+        reason = TlsError(err == SSL_ERROR_SYSCALL && errno != 0 ? strerror(errno) : "closed by the node");
+      }
+    }
+    if (got > 0) {
+      out += got, n -= size_t(got);
+      continue;
+    }
+    if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
+      return *error = err == SSL_ERROR_ZERO_RETURN ? "closed by the node" : "TLS: " + reason, false;
+    }
+    pollfd fds[2] = {{fd, short(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT), 0}, {wake_fd, POLLIN, 0}};
+    int ready = poll(fds, wake_fd >= 0 ? 2 : 1, ExpireAndWaitMs());
+    if (ready < 0 && errno != EINTR) return *error = strerror(errno), false;
+    if (ready > 0 && (fds[1].revents & POLLIN)) {
+      uint64_t drained;
+      if (read(wake_fd, &drained, sizeof drained) < 0) { /* nothing to drain */ }
+    }
+  }
+  return true;
+}
+
+bool FastLane::Conn::Send(std::vector<iovec> iov) {
+  std::lock_guard<std::mutex> lock(write_mu);
+  if (ssl == nullptr) return SendAll(fd, std::move(iov));
+  // one buffer, so a frame goes in as few TLS records as it fits
+  size_t size = 0;
+  for (const iovec& piece : iov) size += piece.iov_len;
+  std::string frame;
+  frame.reserve(size);
+  for (const iovec& piece : iov) frame.append(static_cast<const char*>(piece.iov_base), piece.iov_len);
+  return TlsSendAll(ssl, ssl_mu, fd, frame.data(), frame.size());
 }
 
 std::function<void()> FastLane::Conn::CompleteLocked(std::map<uint64_t, Pending>::iterator it,
@@ -311,13 +453,24 @@ std::shared_ptr<FastLane::Conn> FastLane::Connection(std::string* error) {
     *error = "fast lane " + address_ + " unreachable: " + *error;
     return nullptr;
   }
+  SSL* ssl = nullptr;
+  if (NodeTls() != nullptr) {
+    std::string host, port;
+    SplitAddress(address_, &host, &port);
+    ssl = Handshake(fd, host, error);
+    if (ssl == nullptr) {
+      ::close(fd);
+      *error = "fast lane " + address_ + " unreachable: " + *error;
+      return nullptr;
+    }
+  }
+  auto conn = std::make_shared<Conn>(fd, ssl, address_);
   const std::string& hello = HelloFrame();
-  if (!hello.empty() && !SendAll(fd, {{const_cast<char*>(hello.data()), hello.size()}})) {
-    ::close(fd);
+  if (!hello.empty() && !conn->Send({{const_cast<char*>(hello.data()), hello.size()}})) {
     *error = "fast lane " + address_ + ": hello not sent";
     return nullptr;
   }
-  conn_ = std::make_shared<Conn>(fd, address_);
+  conn_ = std::move(conn);
   std::thread([conn = conn_] { conn->ReadLoop(); }).detach();
   return conn_;
 }
@@ -363,11 +516,33 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
   for (std::string_view piece : payload) {
     if (!piece.empty()) iov.push_back({const_cast<char*>(piece.data()), piece.size()});
   }
-  {
-    std::lock_guard<std::mutex> lock(conn->write_mu);
-    if (!SendAll(conn->fd, std::move(iov))) ::shutdown(conn->fd, SHUT_RDWR);  // reader fails the calls
-  }
+  if (!conn->Send(std::move(iov))) ::shutdown(conn->fd, SHUT_RDWR);  // the reader fails the calls
   conn->Sent(id);
+}
+
+bool SetNodeTls(const std::string& ca_file, const std::string& cert_file, const std::string& key_file,
+                std::string* error) {
+  SSL_CTX* context = SSL_CTX_new(TLS_client_method());
+  if (context == nullptr) return *error = TlsError("cannot create a TLS context"), false;
+  SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
+  SSL_CTX_set_verify(context, SSL_VERIFY_PEER, nullptr);
+  SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  bool ok = true;
+  if (SSL_CTX_load_verify_locations(context, ca_file.c_str(), nullptr) != 1) {
+    ok = false, *error = "cannot load the CA " + ca_file + ": " + TlsError("unreadable");
+  } else if (!cert_file.empty() &&
+             (SSL_CTX_use_certificate_chain_file(context, cert_file.c_str()) != 1 ||
+              SSL_CTX_use_PrivateKey_file(context, key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
+              SSL_CTX_check_private_key(context) != 1)) {
+    ok = false, *error = "cannot load the client certificate " + cert_file + " with key " + key_file + ": " +
+                         TlsError("unreadable");
+  }
+  if (!ok) {
+    SSL_CTX_free(context);
+    return false;
+  }
+  NodeTls() = context;
+  return true;
 }
 
 bool SetHelloHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {

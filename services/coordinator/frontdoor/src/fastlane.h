@@ -40,6 +40,13 @@ class FastLane : public std::enable_shared_from_this<FastLane> {
 // The lane for a node address, created on first use and shared afterwards.
 std::shared_ptr<FastLane> LaneFor(const std::string& address);
 
+// TLS for every fast-lane connection (runtimes serving it: CNEI_RUNTIME_TLS_CERT_FILE): trust
+// `ca_file`, check the node's certificate names its host or IP address, and present `cert_file`
+// with `key_file` to nodes that ask (mutual TLS; both empty: none). Set once at start, before any
+// lane connects; false with `error` set when the files do not load.
+bool SetNodeTls(const std::string& ca_file, const std::string& cert_file, const std::string& key_file,
+                std::string* error);
+
 // Headers every new connection sends first, in a hello frame (the keys of runtimes whose
 // inference API is restricted); set once at start, before any lane connects. False when they do
 // not fit a frame's meta (64 KiB).

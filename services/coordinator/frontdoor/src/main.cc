@@ -38,13 +38,17 @@ struct Flags {
   std::string tls_key;
   std::string tls_client_ca;  // client certificates required (mutual TLS) when set
   std::string routes_generation;  // bumped by the coordinator when it drops routes
+  std::string node_tls_ca;    // runtimes' fast lanes serve TLS signed by this CA (empty: plaintext)
+  std::string node_tls_cert;  // the door's client certificate for runtimes requiring one
+  std::string node_tls_key;
 };
 
 constexpr char kUsage[] =
     "usage: cnei-frontdoor --listen HOST:PORT --backend HOST:PORT [--report-interval-ms 100]\n"
     "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
     "       [--parent-pid PID] [--shm-dir DIR] [--response-cache-bytes 0]\n"
-    "       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--routes-generation FILE]\n";
+    "       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--routes-generation FILE]\n"
+    "       [--node-tls-ca PEM [--node-tls-cert PEM --node-tls-key PEM]]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -98,11 +102,16 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--tls-key") flags.tls_key = value;
     else if (name == "--tls-client-ca") flags.tls_client_ca = value;
     else if (name == "--routes-generation") flags.routes_generation = value;
+    else if (name == "--node-tls-ca") flags.node_tls_ca = value;
+    else if (name == "--node-tls-cert") flags.node_tls_cert = value;
+    else if (name == "--node-tls-key") flags.node_tls_key = value;
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
   if (flags.tls_cert.empty() != flags.tls_key.empty()) Usage("--tls-cert and --tls-key go together");
   if (!flags.tls_client_ca.empty() && flags.tls_cert.empty()) Usage("--tls-client-ca needs --tls-cert and --tls-key");
+  if (flags.node_tls_cert.empty() != flags.node_tls_key.empty()) Usage("--node-tls-cert and --node-tls-key go together");
+  if (!flags.node_tls_cert.empty() && flags.node_tls_ca.empty()) Usage("--node-tls-cert needs --node-tls-ca");
   return flags;
 }
 
@@ -197,6 +206,10 @@ int main(int argc, char** argv) {
       headers.emplace_back(pair.substr(0, eq), pair.substr(eq + 1));
     }
     if (!SetHelloHeaders(headers)) Usage("CNEI_FRONTDOOR_NODE_HEADERS are longer than a fast-lane hello holds");
+  }
+  if (!flags.node_tls_ca.empty()) {
+    std::string error;
+    if (!SetNodeTls(flags.node_tls_ca, flags.node_tls_cert, flags.node_tls_key, &error)) Usage(error);
   }
   InferDoor door(&routes, shm.get(), restrict_header, restrict_value);
   FrontDoorService service(&backend, &door, &routes);

@@ -1,0 +1,198 @@
+"""An edge runtime serving mutual TLS on its OIP gRPC port and its fast lane
+(CNEI_RUNTIME_TLS_*): plaintext, certificate-less and untrusting clients are refused on both, and
+a coordinator given the CA and a client certificate (CNEI_COORDINATOR_NODE_TLS_*) serves through
+it, over the compiled front door's fast lane (OpenSSL) and over its own (door off)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import os
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from services.cli import infra
+from services.common import tls
+from services.common.errors import Unavailable
+from services.common.fastlane import FastClient
+from services.common.node_control import NodeControlClients
+from services.coordinator.door_process import BUILT
+from services.pb.cnei import node_pb2 as npb
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.e2e.processes import server_ready, start_coordinator, start_runtime
+from tests.pki import make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("runtime-pki"))
+
+
+@pytest.fixture(scope="module")
+def node(mesh, pki, tmp_path_factory):
+    fast_port = infra.free_port()
+    proc, port = start_runtime(mesh, "edge-t1", "site-t", tmp_path_factory.mktemp("tls-node"),
+                               CNEI_RUNTIME_TLS_CERT_FILE=pki["cert"], CNEI_RUNTIME_TLS_KEY_FILE=pki["key"],
+                               CNEI_RUNTIME_TLS_CLIENT_CA_FILE=pki["ca"], CNEI_RUNTIME_FAST_PORT=str(fast_port))
+    try:
+        infra.wait_for_port("127.0.0.1", fast_port, proc=proc, timeout=30)  # opens after the gRPC port
+        yield f"127.0.0.1:{port}", f"127.0.0.1:{fast_port}"
+    finally:
+        infra.stop(proc)
+
+
+def _payload() -> bytes:
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    return request.SerializeToString()
+
+
+def _fast_call(address: str, context) -> pb.ModelInferResponse:
+    async def call() -> bytes:
+        client = FastClient(address, connect_timeout=5.0, ssl_context=context)
+        try:
+            return await client.call(_payload(), 10.0)
+        finally:
+            await client.close()
+    return pb.ModelInferResponse.FromString(asyncio.run(call()))
+
+
+def test_the_fast_lane_serves_only_clients_that_trust_it_and_show_a_certificate_it_trusts(node, pki):
+    _, fast = node
+    reply = _fast_call(fast, tls.ClientTls(pki["ca"], pki["client_cert"], pki["client_key"]).ssl_context())
+    assert reply.model_name == "digits" and len(reply.raw_output_contents[0]) == 10 * 4
+    for context in (None,  # plaintext: the TLS server hangs up on it
+                    tls.client_ssl_context(pki["ca"]),  # no client certificate
+                    tls.client_ssl_context(pki["other_ca"], pki["client_cert"], pki["client_key"])):  # untrusted
+        with pytest.raises(Unavailable, match="fast lane"):
+            _fast_call(fast, context)
+
+
+def _grpc_ready(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        return pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+
+
+def test_the_grpc_port_serves_only_mutual_tls(node, pki):
+    address, _ = node
+    assert _grpc_ready(address, tls.channel_credentials(pki["ca"], pki["client_cert"], pki["client_key"]))
+    for credentials in (None, tls.channel_credentials(pki["ca"]),
+                        tls.channel_credentials(pki["other_ca"], pki["client_cert"], pki["client_key"])):
+        with pytest.raises(grpc.RpcError) as refused:
+            _grpc_ready(address, credentials)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_node_control_goes_over_tls(node, pki):
+    address, _ = node
+
+    async def status() -> npb.NodeStatus:
+        clients = NodeControlClients(tls=tls.ClientTls(pki["ca"], pki["client_cert"], pki["client_key"]))
+        try:
+            return await clients.call(address, "GetNodeStatus", npb.NodeStatusRequest(), 10)
+        finally:
+            await clients.close()
+    assert asyncio.run(status()).node_id == "edge-t1"
+
+
+@pytest.mark.parametrize("door", ["on", "off"])
+def test_a_coordinator_given_the_node_ca_and_certificate_serves_through_the_tls_node(mesh, node, pki, door):
+    if door == "on" and not BUILT.is_file():
+        pytest.skip(f"front door not built ({BUILT}): make frontdoor")
+    proc, address, _, _ = start_coordinator(
+        mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door, CNEI_COORDINATOR_NODE_TLS_CA_FILE=pki["ca"],
+        CNEI_COORDINATOR_NODE_TLS_CERT_FILE=pki["client_cert"], CNEI_COORDINATOR_NODE_TLS_KEY_FILE=pki["client_key"])
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
+        data = np.random.default_rng(3).random((1, 64), np.float32)
+        tensor = triton.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(data)
+        served, outputs = collections.Counter(), set()
+        for _ in range(40):  # the site's node, over the fast lane (door on: from the door itself)
+            reply = client.infer("digits", [tensor], parameters={"region": "site-t"}, client_timeout=30)
+            params = reply.get_response().parameters
+            served[(params["cnei_node"].string_param,
+                    "cnei_front_door" in params and params["cnei_front_door"].bool_param)] += 1
+            if params["cnei_node"].string_param == "edge-t1":
+                outputs.add(reply.as_numpy(reply.get_response().outputs[0].name).tobytes())
+        assert served[("edge-t1", door == "on")] >= 20, dict(served)
+        assert len(outputs) == 1  # the same answer every time, whichever path carried it
+
+        # concurrent callers, batched into frames of several TLS records each way
+        rows = np.random.default_rng(4).random((8, 48, 64), np.float32)
+
+        def call(i: int) -> tuple[str, np.ndarray]:
+            big = triton.InferInput("input", [48, 64], "FP32")
+            big.set_data_from_numpy(rows[i % 8])
+            reply = client.infer("digits", [big], parameters={"region": "site-t"}, client_timeout=30)
+            return reply.get_response().parameters["cnei_node"].string_param, reply.as_numpy("probabilities")
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(64)))
+        alone = {i: call(i)[1] for i in range(8)}
+        assert sum(node == "edge-t1" for node, _ in answers) >= 32
+        for i, (_, probabilities) in enumerate(answers):  # each caller got its own rows' answer
+            np.testing.assert_allclose(probabilities, alone[i % 8], rtol=1e-5, atol=1e-6)
+    finally:
+        client.close()
+        infra.stop(proc)
+
+
+def test_node_tls_settings_that_cannot_work_stop_the_services_naming_the_variable(pki):
+    for module, prefix in (("services.coordinator", "CNEI_COORDINATOR_"), ("services.trainer", "CNEI_TRAINER_")):
+        for env, message in (({f"{prefix}NODE_TLS_CERT_FILE": pki["client_cert"],
+                               f"{prefix}NODE_TLS_KEY_FILE": pki["client_key"]},
+                              f"{prefix}NODE_TLS_CA_FILE is needed with a client certificate"),
+                             ({f"{prefix}NODE_TLS_CA_FILE": pki["ca"], f"{prefix}NODE_TLS_CERT_FILE": pki["client_cert"]},
+                              f"{prefix}NODE_TLS_CERT_FILE and {prefix}NODE_TLS_KEY_FILE go together"),
+                             ({f"{prefix}NODE_TLS_CA_FILE": "/nonexistent.pem"},
+                              f"{prefix}NODE_TLS_CA_FILE: no such file '/nonexistent.pem'")):
+            out = subprocess.run([sys.executable, "-m", module], env={**os.environ, **env},
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0 and message in out.stderr, (module, out.stderr)
+    out = subprocess.run([sys.executable, "-m", "services.edge_runtime"],
+                         env={**os.environ, "CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"]},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "CNEI_RUNTIME_TLS_KEY_FILE is needed" in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(not BUILT.is_file(), reason="front door not built: make frontdoor")
+@pytest.mark.parametrize("flags, message", [
+    (["--node-tls-ca", "/nonexistent.pem"], "cannot load the CA /nonexistent.pem"),
+    (["--node-tls-cert", "c.pem"], "--node-tls-cert and --node-tls-key go together"),
+    (["--node-tls-cert", "c.pem", "--node-tls-key", "k.pem"], "--node-tls-cert needs --node-tls-ca"),
+])
+def test_the_door_refuses_node_tls_flags_that_cannot_work(flags, message):
+    out = subprocess.run([str(BUILT), "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", *flags],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("door", ["on", "off"])
+def test_a_coordinator_that_does_not_trust_the_node_answers_unavailable_saying_why(mesh, node, pki, door):
+    if door == "on" and not BUILT.is_file():
+        pytest.skip(f"front door not built ({BUILT}): make frontdoor")
+    # every node of the mesh is out of its reach: the TLS node's certificate is not trusted, the others speak plaintext
+    proc, address, _, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door,
+                                            CNEI_COORDINATOR_NODE_TLS_CA_FILE=pki["other_ca"])
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
+        tensor = triton.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+        for _ in range(3):
+            with pytest.raises(triton.InferenceServerException) as failed:
+                client.infer("digits", [tensor], parameters={"region": "site-t"}, client_timeout=30)
+            assert failed.value.status() == "StatusCode.UNAVAILABLE", failed.value
+            assert any(word in failed.value.message() for word in ("certificate", "TLS", "SSL")), failed.value.message()
+    finally:
+        client.close()
+        infra.stop(proc)
