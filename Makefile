@@ -26,10 +26,10 @@ protos: $(PB_STAMP)
 
 # The compiled gRPC front door of the coordinator (C++, Debian's gRPC). Without it the coordinator
 # serves gRPC itself (CNEI_COORDINATOR_FRONT_DOOR=auto), so a failed install only warns.
-FRONTDOOR_PKGS := libgrpc++-dev protobuf-compiler-grpc pkg-config g++ make
+FRONTDOOR_PKGS := libgrpc++-dev libssl-dev protobuf-compiler-grpc pkg-config g++ make
 
 frontdoor-deps:
-	@{ [ -f /usr/include/grpcpp/grpcpp.h ] && command -v grpc_cpp_plugin >/dev/null && command -v pkg-config >/dev/null; } || \
+	@{ [ -f /usr/include/grpcpp/grpcpp.h ] && [ -f /usr/include/openssl/ssl.h ] && command -v grpc_cpp_plugin >/dev/null && command -v pkg-config >/dev/null; } || \
 	  { export DEBIAN_FRONTEND=noninteractive; \
 	    { apt-get install -y -q $(FRONTDOOR_PKGS) || { apt-get update -q && apt-get install -y -q $(FRONTDOOR_PKGS); }; } >/dev/null 2>&1; } || \
 	  echo "gRPC C++ could not be installed; the coordinator will serve gRPC without its front door"

@@ -197,10 +197,18 @@ def registry_credentials():
     return tls.channel_credentials(ca, cert, key) if ca else None
 
 
+def node_ca() -> str:
+    """The CA the coordinator and trainer this process starts trust for its runtimes, when those
+    serve TLS (CNEI_RUNTIME_TLS_CERT_FILE): $CNEI_NODE_TLS_CA, else the runtimes' own certificate
+    (self-signed); '' when they serve plaintext."""
+    own = os.environ.get("CNEI_RUNTIME_TLS_CERT_FILE", "")
+    return (os.environ.get("CNEI_NODE_TLS_CA", "") or own) if own else ""
+
+
 def client_env(module: str) -> dict[str, str]:
     """The settings `cnei up` hands a service it starts (a variable already in its environment
     wins): a restricted registry's key, a TLS registry's CA and $CNEI_REGISTRY_TLS_CERT/KEY as
-    client certificate, and its runtimes' keys."""
+    client certificate, and its runtimes' keys, CA (node_ca) and $CNEI_NODE_TLS_CERT/KEY."""
     from services.common import tls
 
     handed = {}
@@ -211,7 +219,9 @@ def client_env(module: str) -> dict[str, str]:
                    f"{prefix}REGISTRY_TLS_CERT_FILE": cert, f"{prefix}REGISTRY_TLS_KEY_FILE": key}
     prefix = NODE_CLIENTS.get(module)
     if prefix:
-        handed[f"{prefix}NODE_HEADERS"] = node_headers()
+        ca, cert, key = tls.client_files(default_ca=node_ca(), env=tls.NODE_ENV) if node_ca() else ("",) * 3
+        handed |= {f"{prefix}NODE_HEADERS": node_headers(), f"{prefix}NODE_TLS_CA_FILE": ca,
+                   f"{prefix}NODE_TLS_CERT_FILE": cert, f"{prefix}NODE_TLS_KEY_FILE": key}
     return {name: value for name, value in handed.items() if value and name not in os.environ}
 
 

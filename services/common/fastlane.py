@@ -122,13 +122,15 @@ class FastClient:
     """One multiplexed connection to a node, opened on first use and after a failure."""
 
     def __init__(self, address: str, connect_timeout: float = 1.0, headers: list[tuple[str, str]] | tuple = (),
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, server_name: str = ""):
         """`headers`: the keys of a node whose inference API is restricted (sent in a hello);
-        `ssl_context`: TLS to a node serving it (services.common.tls.ClientTls), else plaintext."""
+        `ssl_context`: TLS to a node serving it (services.common.tls.ClientTls), else plaintext;
+        `server_name`: the name its certificate must hold ("": the host dialled)."""
         self.host, _, port = address.rpartition(":")
         self.port = int(port)
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.server_name = server_name or self.host.strip("[]")
         self._hello = encode(0, HELLO, json.dumps({"headers": dict(headers)}).encode(), b"") if headers else b""
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -143,7 +145,7 @@ class FastClient:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     self.host, self.port, ssl=self.ssl_context,
-                    server_hostname=self.host.strip("[]") if self.ssl_context else None), self.connect_timeout)
+                    server_hostname=self.server_name if self.ssl_context else None), self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError too: an OSError
                 raise Unavailable(f"fast lane {self.host}:{self.port} unreachable: {exc}") from None
             if self._hello:

@@ -196,11 +196,13 @@ def client_interceptors(headers: tuple[tuple[str, str], ...] = ()) -> list:
 
 
 def channel(target: str, headers: list[tuple[str, str]] | tuple = (),
-            credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+            credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> grpc.aio.Channel:
     """An aio channel with trace propagation and generous message limits; `headers` (lower-case
     keys) go with every call, for a server whose APIs are restricted; `credentials`: TLS
-    (services.common.tls), else plaintext."""
+    (services.common.tls), else plaintext; `server_name`: the name the server's certificate must
+    hold ("": the target's host)."""
     interceptors = client_interceptors(tuple(headers))
     if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)

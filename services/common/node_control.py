@@ -16,12 +16,14 @@ class NodeControlClients:
         `tls`: the runtimes serve TLS (None: plaintext)."""
         self.headers = tuple(headers)
         self._credentials = tls.grpc_credentials() if tls else None
+        self._server_name = tls.server_name if tls else ""
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> npb_grpc.NodeControlStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials)
+            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials,
+                                                                   self._server_name)
         return npb_grpc.NodeControlStub(channel)
 
     async def call(self, address: str, method: str, request, timeout: float):

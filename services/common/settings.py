@@ -57,12 +57,15 @@ _NODE_TLS_DOCS = {
           "empty: plaintext",
     "cert": "PEM client certificate for runtimes requiring mutual TLS (CNEI_RUNTIME_TLS_CLIENT_CA_FILE)",
     "key": "PEM key of that client certificate",
+    "server_name": "the name the runtimes' certificates hold, checked instead of the address each is dialled at "
+                   "(one certificate for every node, e.g. on Kubernetes where they advertise pod IPs; empty: "
+                   "that address)",
 }
 
 
 def node_tls_field(kind: str) -> Any:
     """A runtime client's TLS setting: `node_tls_ca_file` ("ca"), `node_tls_cert_file` ("cert"),
-    `node_tls_key_file` ("key")."""
+    `node_tls_key_file` ("key"), `node_tls_server_name` ("server_name")."""
     return field("", _NODE_TLS_DOCS[kind])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -72,6 +72,7 @@ def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
 COORDINATOR_ENV = "CNEI_TLS"  # $CNEI_TLS_CA/_CERT/_KEY: a client's files for a coordinator
 REGISTRY_ENV = "CNEI_REGISTRY_TLS"  # $CNEI_REGISTRY_TLS_CA/_CERT/_KEY: for a registry
 TRAINER_ENV = "CNEI_TRAINER_TLS"  # $CNEI_TRAINER_TLS_CA/_CERT/_KEY: for a trainer
+NODE_ENV = "CNEI_NODE_TLS"  # $CNEI_NODE_TLS_CA/_CERT/_KEY: what `cnei up` hands the clients of its runtimes
 
 
 def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",
@@ -99,6 +100,7 @@ class ClientTls:
     ca_file: str
     cert_file: str = ""
     key_file: str = ""
+    server_name: str = ""  # the name servers' certificates must hold ("": the host dialled)
 
     def grpc_credentials(self) -> grpc.ChannelCredentials:
         return channel_credentials(self.ca_file, self.cert_file, self.key_file)
@@ -134,9 +136,13 @@ def registry_credentials(prefix: str, ca_file: str, cert_file: str = "",
 
 def node_tls(prefix: str, settings) -> ClientTls | None:
     """A service's client TLS for runtimes whose gRPC and fast-lane ports serve TLS, from its
-    `node_tls_ca_file`, `node_tls_cert_file`, `node_tls_key_file` settings (None: plaintext)."""
-    return client_tls(prefix, "NODE", settings.node_tls_ca_file, settings.node_tls_cert_file,
-                      settings.node_tls_key_file)
+    `node_tls_ca_file`, `node_tls_cert_file`, `node_tls_key_file` and `node_tls_server_name`
+    settings (None: plaintext)."""
+    files = client_tls(prefix, "NODE", settings.node_tls_ca_file, settings.node_tls_cert_file,
+                       settings.node_tls_key_file)
+    if files is None and settings.node_tls_server_name:
+        raise ValueError(f"{prefix}NODE_TLS_SERVER_NAME needs {prefix}NODE_TLS_CA_FILE")
+    return replace(files, server_name=settings.node_tls_server_name) if files else None
 
 
 def check_node_client(service: str, prefix: str, settings) -> None:

@@ -64,6 +64,8 @@ class DoorProcess:
                 self.command += ["--tls-client-ca", tls.client_ca_file]
         if node_tls is not None:
             self.command += ["--node-tls-ca", node_tls.ca_file]
+            if node_tls.server_name:
+                self.command += ["--node-tls-server-name", node_tls.server_name]
             if node_tls.cert_file:
                 self.command += ["--node-tls-cert", node_tls.cert_file, "--node-tls-key", node_tls.key_file]
         self.env = {k: v for k, v in os.environ.items() if k not in (RESTRICT_ENV, NODE_HEADERS_ENV)}

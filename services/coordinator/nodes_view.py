@@ -42,6 +42,7 @@ class NodesView:
         self.headers = tuple(headers)
         self._credentials = tls.grpc_credentials() if tls else None
         self._ssl = tls.ssl_context() if tls else None
+        self._server_name = tls.server_name if tls else ""
         self.refresh_s = refresh_s
         self.probe_s = probe_s
         self.nodes: list[NodeInfo] = []
@@ -115,14 +116,16 @@ class NodesView:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials)
+            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials,
+                                                                   self._server_name)
         return channel
 
     def fast_client(self, node: NodeInfo) -> FastClient:
         client = self._fast.get(node.fast_address)
         if client is None:
             client = self._fast[node.fast_address] = FastClient(node.fast_address, headers=self.headers,
-                                                                            ssl_context=self._ssl)
+                                                                            ssl_context=self._ssl,
+                                                                            server_name=self._server_name)
         return client
 
     def stub(self, node: NodeInfo) -> pb_grpc.GRPCInferenceServiceStub:

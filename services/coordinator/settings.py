@@ -69,6 +69,7 @@ class CoordinatorSettings:
     node_tls_ca_file: str = node_tls_field("ca")
     node_tls_cert_file: str = node_tls_field("cert")
     node_tls_key_file: str = node_tls_field("key")
+    node_tls_server_name: str = node_tls_field("server_name")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")

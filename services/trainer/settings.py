@@ -27,6 +27,7 @@ class TrainerSettings:
     node_tls_ca_file: str = node_tls_field("ca")
     node_tls_cert_file: str = node_tls_field("cert")
     node_tls_key_file: str = node_tls_field("key")
+    node_tls_server_name: str = node_tls_field("server_name")
     tls_cert_file: str = field("", "PEM certificate (chain) of the Trainer API: TLS (`cnei train` then needs "
                                        "--tls-ca or $CNEI_TRAINER_TLS_CA); empty: plaintext")
     tls_key_file: str = field("", "PEM private key of that certificate")

@@ -49,3 +49,27 @@ def test_each_service_is_handed_what_it_calls_with_and_its_own_variables_win(mon
         "CNEI_RUNTIME_REGISTRY_TLS_KEY_FILE"}
     monkeypatch.delenv("CNEI_REGISTRY_TLS_CERT_FILE")  # a plaintext registry: no TLS files handed out
     assert not any("TLS" in name for name in client_env("services.coordinator"))
+
+
+def test_runtimes_on_tls_are_trusted_by_the_services_that_call_them(monkeypatch):
+    from services.cli.up import client_env, node_ca
+
+    for name in ("CNEI_RUNTIME_TLS_CERT_FILE", "CNEI_NODE_TLS_CA", "CNEI_NODE_TLS_CERT", "CNEI_NODE_TLS_KEY",
+                 "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_COORDINATOR_NODE_TLS_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CNEI_NODE_TLS_CA", "/pki/ca.pem")
+    assert node_ca() == ""  # plaintext runtimes: no CA handed out
+    assert not any("TLS" in name for name in client_env("services.trainer"))
+    monkeypatch.setenv("CNEI_RUNTIME_TLS_CERT_FILE", "/pki/runtime.pem")
+    monkeypatch.setenv("CNEI_NODE_TLS_CERT", "/pki/client.pem")
+    monkeypatch.setenv("CNEI_NODE_TLS_KEY", "/pki/client.key")
+    assert node_ca() == "/pki/ca.pem"
+    for module, prefix in (("services.coordinator", "CNEI_COORDINATOR_"), ("services.trainer", "CNEI_TRAINER_")):
+        handed = client_env(module)
+        assert (handed[f"{prefix}NODE_TLS_CA_FILE"], handed[f"{prefix}NODE_TLS_CERT_FILE"],
+                handed[f"{prefix}NODE_TLS_KEY_FILE"]) == ("/pki/ca.pem", "/pki/client.pem", "/pki/client.key")
+    assert not any("NODE_TLS" in name for name in client_env("services.edge_runtime"))
+    monkeypatch.delenv("CNEI_NODE_TLS_CA")
+    assert node_ca() == "/pki/runtime.pem"  # self-signed
+    monkeypatch.setenv("CNEI_COORDINATOR_NODE_TLS_CA_FILE", "/mine.pem")  # the service's own wins
+    assert "CNEI_COORDINATOR_NODE_TLS_CA_FILE" not in client_env("services.coordinator")

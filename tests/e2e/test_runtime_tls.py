@@ -103,13 +103,16 @@ def test_node_control_goes_over_tls(node, pki):
     assert asyncio.run(status()).node_id == "edge-t1"
 
 
-@pytest.mark.parametrize("door", ["on", "off"])
-def test_a_coordinator_given_the_node_ca_and_certificate_serves_through_the_tls_node(mesh, node, pki, door):
+@pytest.mark.parametrize("door, server_name", [("on", ""), ("off", ""), ("on", "localhost"), ("off", "localhost")])
+def test_a_coordinator_given_the_node_ca_and_certificate_serves_through_the_tls_node(mesh, node, pki, door,
+                                                                                    server_name):
+    """`server_name`: checked in the node's certificate instead of the address it is dialled at."""
     if door == "on" and not BUILT.is_file():
         pytest.skip(f"front door not built ({BUILT}): make frontdoor")
     proc, address, _, _ = start_coordinator(
         mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door, CNEI_COORDINATOR_NODE_TLS_CA_FILE=pki["ca"],
-        CNEI_COORDINATOR_NODE_TLS_CERT_FILE=pki["client_cert"], CNEI_COORDINATOR_NODE_TLS_KEY_FILE=pki["client_key"])
+        CNEI_COORDINATOR_NODE_TLS_CERT_FILE=pki["client_cert"], CNEI_COORDINATOR_NODE_TLS_KEY_FILE=pki["client_key"],
+        CNEI_COORDINATOR_NODE_TLS_SERVER_NAME=server_name)
     client = triton.InferenceServerClient(address)
     try:
         infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
@@ -154,7 +157,9 @@ def test_node_tls_settings_that_cannot_work_stop_the_services_naming_the_variabl
                              ({f"{prefix}NODE_TLS_CA_FILE": pki["ca"], f"{prefix}NODE_TLS_CERT_FILE": pki["client_cert"]},
                               f"{prefix}NODE_TLS_CERT_FILE and {prefix}NODE_TLS_KEY_FILE go together"),
                              ({f"{prefix}NODE_TLS_CA_FILE": "/nonexistent.pem"},
-                              f"{prefix}NODE_TLS_CA_FILE: no such file '/nonexistent.pem'")):
+                              f"{prefix}NODE_TLS_CA_FILE: no such file '/nonexistent.pem'"),
+                             ({f"{prefix}NODE_TLS_SERVER_NAME": "runtime"},
+                              f"{prefix}NODE_TLS_SERVER_NAME needs {prefix}NODE_TLS_CA_FILE")):
             out = subprocess.run([sys.executable, "-m", module], env={**os.environ, **env},
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode != 0 and message in out.stderr, (module, out.stderr)
@@ -168,7 +173,8 @@ def test_node_tls_settings_that_cannot_work_stop_the_services_naming_the_variabl
 @pytest.mark.parametrize("flags, message", [
     (["--node-tls-ca", "/nonexistent.pem"], "cannot load the CA /nonexistent.pem"),
     (["--node-tls-cert", "c.pem"], "--node-tls-cert and --node-tls-key go together"),
-    (["--node-tls-cert", "c.pem", "--node-tls-key", "k.pem"], "--node-tls-cert needs --node-tls-ca"),
+    (["--node-tls-cert", "c.pem", "--node-tls-key", "k.pem"], "need --node-tls-ca"),
+    (["--node-tls-server-name", "runtime"], "need --node-tls-ca"),
 ])
 def test_the_door_refuses_node_tls_flags_that_cannot_work(flags, message):
     out = subprocess.run([str(BUILT), "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", *flags],
@@ -176,13 +182,18 @@ def test_the_door_refuses_node_tls_flags_that_cannot_work(flags, message):
     assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("door", ["on", "off"])
-def test_a_coordinator_that_does_not_trust_the_node_answers_unavailable_saying_why(mesh, node, pki, door):
+@pytest.mark.parametrize("door, trust", [("on", "other_ca"), ("off", "other_ca"), ("on", "wrong_name"),
+                                         ("off", "wrong_name")])
+def test_a_coordinator_that_does_not_trust_the_node_answers_unavailable_saying_why(mesh, node, pki, door, trust):
     if door == "on" and not BUILT.is_file():
         pytest.skip(f"front door not built ({BUILT}): make frontdoor")
-    # every node of the mesh is out of its reach: the TLS node's certificate is not trusted, the others speak plaintext
-    proc, address, _, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door,
-                                            CNEI_COORDINATOR_NODE_TLS_CA_FILE=pki["other_ca"])
+    # every node of the mesh is out of its reach: the TLS node's certificate is not trusted (another CA
+    # signed it, or it does not name the server name asked for), the others speak plaintext
+    env = ({"CNEI_COORDINATOR_NODE_TLS_CA_FILE": pki["other_ca"]} if trust == "other_ca" else
+           {"CNEI_COORDINATOR_NODE_TLS_CA_FILE": pki["ca"], "CNEI_COORDINATOR_NODE_TLS_SERVER_NAME": "nobody.example",
+            "CNEI_COORDINATOR_NODE_TLS_CERT_FILE": pki["client_cert"],
+            "CNEI_COORDINATOR_NODE_TLS_KEY_FILE": pki["client_key"]})
+    proc, address, _, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door, **env)
     client = triton.InferenceServerClient(address)
     try:
         infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")

@@ -131,6 +131,11 @@ SSL_CTX*& NodeTls() {  // null: plaintext
   return context;
 }
 
+std::string& NodeServerName() {  // empty: the host dialled
+  static std::string name;
+  return name;
+}
+
 // The reason OpenSSL gave for the last failure on this thread (its error queue, emptied).
 std::string TlsError(const char* fallback) {
   unsigned long code = ERR_get_error();
@@ -457,7 +462,7 @@ std::shared_ptr<FastLane::Conn> FastLane::Connection(std::string* error) {
   if (NodeTls() != nullptr) {
     std::string host, port;
     SplitAddress(address_, &host, &port);
-    ssl = Handshake(fd, host, error);
+    ssl = Handshake(fd, NodeServerName().empty() ? host : NodeServerName(), error);
     if (ssl == nullptr) {
       ::close(fd);
       *error = "fast lane " + address_ + " unreachable: " + *error;
@@ -521,7 +526,7 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
 }
 
 bool SetNodeTls(const std::string& ca_file, const std::string& cert_file, const std::string& key_file,
-                std::string* error) {
+                const std::string& server_name, std::string* error) {
   SSL_CTX* context = SSL_CTX_new(TLS_client_method());
   if (context == nullptr) return *error = TlsError("cannot create a TLS context"), false;
   SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
@@ -542,6 +547,7 @@ bool SetNodeTls(const std::string& ca_file, const std::string& cert_file, const 
     return false;
   }
   NodeTls() = context;
+  NodeServerName() = server_name;
   return true;
 }
 

@@ -43,9 +43,10 @@ std::shared_ptr<FastLane> LaneFor(const std::string& address);
 // TLS for every fast-lane connection (runtimes serving it: CNEI_RUNTIME_TLS_CERT_FILE): trust
 // `ca_file`, check the node's certificate names its host or IP address, and present `cert_file`
 // with `key_file` to nodes that ask (mutual TLS; both empty: none). Set once at start, before any
-// lane connects; false with `error` set when the files do not load.
+// lane connects; false with `error` set when the files do not load. `server_name`: the name every
+// node's certificate must hold instead of the host it is dialled at (empty: that host).
 bool SetNodeTls(const std::string& ca_file, const std::string& cert_file, const std::string& key_file,
-                std::string* error);
+                const std::string& server_name, std::string* error);
 
 // Headers every new connection sends first, in a hello frame (the keys of runtimes whose
 // inference API is restricted); set once at start, before any lane connects. False when they do

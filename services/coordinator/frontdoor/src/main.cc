@@ -41,6 +41,7 @@ struct Flags {
   std::string node_tls_ca;    // runtimes' fast lanes serve TLS signed by this CA (empty: plaintext)
   std::string node_tls_cert;  // the door's client certificate for runtimes requiring one
   std::string node_tls_key;
+  std::string node_tls_server_name;  // the name nodes' certificates hold (empty: the host dialled)
 };
 
 constexpr char kUsage[] =
@@ -48,7 +49,7 @@ constexpr char kUsage[] =
     "       [--max-inflight 2] [--queue-limit 2048] [--max-message-bytes 67108864]\n"
     "       [--parent-pid PID] [--shm-dir DIR] [--response-cache-bytes 0]\n"
     "       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--routes-generation FILE]\n"
-    "       [--node-tls-ca PEM [--node-tls-cert PEM --node-tls-key PEM]]\n";
+    "       [--node-tls-ca PEM [--node-tls-cert PEM --node-tls-key PEM] [--node-tls-server-name NAME]]\n";
 
 [[noreturn]] void Usage(const std::string& problem) {
   fprintf(stderr, "cnei-frontdoor: %s\n%s", problem.c_str(), kUsage);
@@ -105,13 +106,16 @@ Flags ParseFlags(int argc, char** argv) {
     else if (name == "--node-tls-ca") flags.node_tls_ca = value;
     else if (name == "--node-tls-cert") flags.node_tls_cert = value;
     else if (name == "--node-tls-key") flags.node_tls_key = value;
+    else if (name == "--node-tls-server-name") flags.node_tls_server_name = value;
     else Usage("unknown flag " + name);
   }
   if (flags.listen.empty() || flags.backend.empty()) Usage("--listen and --backend are required");
   if (flags.tls_cert.empty() != flags.tls_key.empty()) Usage("--tls-cert and --tls-key go together");
   if (!flags.tls_client_ca.empty() && flags.tls_cert.empty()) Usage("--tls-client-ca needs --tls-cert and --tls-key");
   if (flags.node_tls_cert.empty() != flags.node_tls_key.empty()) Usage("--node-tls-cert and --node-tls-key go together");
-  if (!flags.node_tls_cert.empty() && flags.node_tls_ca.empty()) Usage("--node-tls-cert needs --node-tls-ca");
+  if ((!flags.node_tls_cert.empty() || !flags.node_tls_server_name.empty()) && flags.node_tls_ca.empty()) {
+    Usage("--node-tls-cert and --node-tls-server-name need --node-tls-ca");
+  }
   return flags;
 }
 
@@ -209,7 +213,7 @@ int main(int argc, char** argv) {
   }
   if (!flags.node_tls_ca.empty()) {
     std::string error;
-    if (!SetNodeTls(flags.node_tls_ca, flags.node_tls_cert, flags.node_tls_key, &error)) Usage(error);
+    if (!SetNodeTls(flags.node_tls_ca, flags.node_tls_cert, flags.node_tls_key, flags.node_tls_server_name, &error)) Usage(error);
   }
   InferDoor door(&routes, shm.get(), restrict_header, restrict_value);
   FrontDoorService service(&backend, &door, &routes);
