@@ -62,7 +62,9 @@ VALUE_SETS = {
                         "restrictedApisSecret": {"name": "cnei-admin", "key": "restricted-apis"},
                         "tls": {"secretName": "cnei-public-tls", "clientCaKey": "ca.crt"},
                         "autoscaling": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}},
-        "runtime": {"preload": ["digits", "digits:1:INT8"]},
+        "runtime": {"preload": ["digits", "digits:1:INT8"],
+                    "tls": {"secretName": "cnei-runtime-tls", "clientCaKey": "ca.crt", "serverName": "runtime.cnei",
+                            "caSecretName": "cnei-runtime-ca", "clientSecretName": "cnei-runtime-client"}},
         "edgeRuntime": {"region": "site-a", "nodeSelector": {"cnei.io/site": "site-a"},
                         "env": {"CNEI_RUNTIME_INTRA_OP_THREADS": 2}},
         "cloudRuntime": {"useCuda": True, "env": {"CNEI_RUNTIME_INFERENCE_WORKERS": 4}},
@@ -285,8 +287,8 @@ def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(render
         if "grpc" not in ports:
             continue
         servers += 1
-        on_tls = bool({"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_TRAINER_TLS_CERT_FILE"}
-                      & set(_env(container)))
+        on_tls = bool({"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_TRAINER_TLS_CERT_FILE",
+                       "CNEI_RUNTIME_TLS_CERT_FILE"} & set(_env(container)))
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             where = (workload["metadata"]["name"], probe)
             assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
@@ -398,6 +400,44 @@ def test_the_trainer_serves_tls_from_a_secret():
             assert "CNEI_TRAINER_TLS_CERT_FILE" not in env and "tls" not in volumes
 
 
+def test_runtimes_serve_tls_from_a_secret_and_their_clients_check_the_server_name():
+    for value_set, tls in (("production", True), ("defaults", False)):
+        rendered = _render(VALUE_SETS[value_set])
+        runtimes = rendered.running("services.edge_runtime")
+        assert len(runtimes) == 2  # the edge DaemonSet and the cloud Deployment
+        for workload, container in runtimes:
+            env, volumes = _env(container), {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+            if tls:
+                assert env["CNEI_RUNTIME_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
+                assert env["CNEI_RUNTIME_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
+                assert env["CNEI_RUNTIME_TLS_CLIENT_CA_FILE"]["value"] == "/etc/cnei/tls/ca.crt"
+                assert volumes["tls"]["secret"]["secretName"] == "cnei-runtime-tls"
+                assert "tcpSocket" in container["readinessProbe"]
+            else:
+                assert "CNEI_RUNTIME_TLS_CERT_FILE" not in env and "tls" not in volumes
+                assert "grpc" in container["readinessProbe"]
+        for module, prefix in (("services.coordinator", "CNEI_COORDINATOR_"), ("services.trainer", "CNEI_TRAINER_")):
+            (client, client_container), = rendered.running(module)
+            env = _env(client_container)
+            volumes = {v["name"]: v for v in client["spec"]["template"]["spec"]["volumes"]}
+            if tls:  # the CA alone (never the serving Secret), the client certificate, the name checked
+                assert {k: env[f"{prefix}NODE_TLS_{k}"]["value"] for k in ("CA_FILE", "CERT_FILE", "KEY_FILE",
+                                                                           "SERVER_NAME")} == {
+                    "CA_FILE": "/etc/cnei/node-ca/ca.crt", "CERT_FILE": "/etc/cnei/node-client/tls.crt",
+                    "KEY_FILE": "/etc/cnei/node-client/tls.key", "SERVER_NAME": "runtime.cnei"}
+                assert volumes["node-ca"]["secret"] == {"secretName": "cnei-runtime-ca",
+                                                        "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+                assert volumes["node-client"]["secret"] == {"secretName": "cnei-runtime-client"}
+                assert "cnei-runtime-tls" not in str(volumes)
+                assert {"name": "node-ca", "mountPath": "/etc/cnei/node-ca", "readOnly": True} in \
+                    client_container["volumeMounts"]
+            else:
+                assert not any(name.startswith(f"{prefix}NODE_TLS") for name in env) and "node-ca" not in volumes
+    services = {d["metadata"]["name"]: d for d in _render(VALUE_SETS["production"]).of("Service")}
+    assert {p["appProtocol"] for name, svc in services.items() if "runtime" in name
+            for p in svc["spec"]["ports"] if p["name"] == "grpc"} == {"https"}
+
+
 @pytest.mark.parametrize(("tls", "message"), [
     ({"secretName": "cnei-registry-tls"}, "registry.tls.caSecretName"),
     ({"secretName": "cnei-registry-tls", "caSecretName": "ca", "clientCaKey": "ca.crt"}, "registry.tls.clientSecretName"),
@@ -405,6 +445,17 @@ def test_the_trainer_serves_tls_from_a_secret():
 def test_a_registry_tls_set_up_its_clients_could_not_use_is_refused(tls, message):
     with pytest.raises(Exception, match=message):
         _render({"registry": {"tls": tls}})
+
+
+@pytest.mark.parametrize(("tls", "message"), [
+    ({"secretName": "cnei-runtime-tls", "serverName": "runtime.cnei"}, "runtime.tls.caSecretName"),
+    ({"secretName": "cnei-runtime-tls", "caSecretName": "ca"}, "runtime.tls.serverName"),
+    ({"secretName": "cnei-runtime-tls", "caSecretName": "ca", "serverName": "runtime.cnei", "clientCaKey": "ca.crt"},
+     "runtime.tls.clientSecretName"),
+])
+def test_a_runtime_tls_set_up_its_clients_could_not_use_is_refused(tls, message):
+    with pytest.raises(Exception, match=message):
+        _render({"runtime": {"tls": tls}})
 
 
 def test_settings_ports_match_the_container_ports(rendered):

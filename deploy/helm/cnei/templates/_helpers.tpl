@@ -138,68 +138,112 @@ readinessProbe:
   {{- toYaml $p.readiness | nindent 2 }}
 {{- end }}
 
-{{/* A registry client's trust in a registry serving TLS (registry.tls.secretName): the CA from
-a Secret that holds nothing else (registry.tls.caSecretName, key caKey: never the registry's
-serving Secret, whose key a node fetching it would hold too), and for mutual TLS the clients'
-certificate (registry.tls.clientSecretName). Call the env one with
-(dict "ctx" $ "prefix" "CNEI_COORDINATOR_"); each renders nothing without TLS. */}}
-{{- define "cnei.registryTlsCheck" -}}
-{{- with .Values.registry.tls }}
+{{/* A client's trust in servers on TLS (the registry: registry.tls; the runtimes: runtime.tls):
+the CA from a Secret that holds nothing else (caSecretName, key caKey: never the serving Secret,
+whose key a node fetching it would hold too), and for mutual TLS the clients' certificate
+(clientSecretName); for runtimes also the name their certificate holds (serverName: pods are
+dialled at their IPs). Call with (dict "tls" .Values.registry.tls "what" "registry" "kind"
+"REGISTRY" "prefix" "CNEI_COORDINATOR_"); mounts under /etc/cnei/<what>-ca and -client; each
+renders nothing without TLS. */}}
+{{- define "cnei.clientTlsCheck" -}}
+{{- with .tls }}
 {{- if and .secretName (not .caSecretName) }}
-{{- fail "registry.tls.caSecretName: name a Secret holding only the CA its clients trust (not the serving Secret)" }}
+{{- fail (printf "%s.tls.caSecretName: name a Secret holding only the CA its clients trust (not the serving Secret)" $.what) }}
 {{- end }}
 {{- if and .clientCaKey (not .clientSecretName) }}
-{{- fail "registry.tls.clientSecretName: mutual TLS needs the clients' certificate (a kubernetes.io/tls Secret)" }}
+{{- fail (printf "%s.tls.clientSecretName: mutual TLS needs the clients' certificate (a kubernetes.io/tls Secret)" $.what) }}
 {{- end }}
 {{- end }}
 {{- end }}
 
-{{- define "cnei.registryCaEnv" -}}
-{{- with .ctx.Values.registry.tls }}
+{{- define "cnei.clientTlsEnv" -}}
+{{- with .tls }}
 {{- if .secretName }}
-- name: {{ printf "%sREGISTRY_TLS_CA_FILE" $.prefix }}
-  value: /etc/cnei/registry-ca/ca.crt
+- name: {{ printf "%s%s_TLS_CA_FILE" $.prefix $.kind }}
+  value: {{ printf "/etc/cnei/%s-ca/ca.crt" $.what }}
 {{- if .clientSecretName }}
-- name: {{ printf "%sREGISTRY_TLS_CERT_FILE" $.prefix }}
-  value: /etc/cnei/registry-client/tls.crt
-- name: {{ printf "%sREGISTRY_TLS_KEY_FILE" $.prefix }}
-  value: /etc/cnei/registry-client/tls.key
+- name: {{ printf "%s%s_TLS_CERT_FILE" $.prefix $.kind }}
+  value: {{ printf "/etc/cnei/%s-client/tls.crt" $.what }}
+- name: {{ printf "%s%s_TLS_KEY_FILE" $.prefix $.kind }}
+  value: {{ printf "/etc/cnei/%s-client/tls.key" $.what }}
+{{- end }}
+{{- with .serverName }}
+- name: {{ printf "%s%s_TLS_SERVER_NAME" $.prefix $.kind }}
+  value: {{ . | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 
-{{- define "cnei.registryCaMount" -}}
-{{- with .Values.registry.tls }}
+{{- define "cnei.clientTlsMount" -}}
+{{- with .tls }}
 {{- if .secretName }}
-- name: registry-ca
-  mountPath: /etc/cnei/registry-ca
+- name: {{ $.what }}-ca
+  mountPath: {{ printf "/etc/cnei/%s-ca" $.what }}
   readOnly: true
 {{- if .clientSecretName }}
-- name: registry-client
-  mountPath: /etc/cnei/registry-client
+- name: {{ $.what }}-client
+  mountPath: {{ printf "/etc/cnei/%s-client" $.what }}
   readOnly: true
 {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 
-{{- define "cnei.registryCaVolume" -}}
-{{- with .Values.registry.tls }}
+{{- define "cnei.clientTlsVolume" -}}
+{{- with .tls }}
 {{- if .secretName }}
-- name: registry-ca
+- name: {{ $.what }}-ca
   secret:
     secretName: {{ .caSecretName | quote }}
     items:
       - key: {{ .caKey | default "ca.crt" | quote }}
         path: ca.crt
 {{- if .clientSecretName }}
-- name: registry-client
+- name: {{ $.what }}-client
   secret:
     secretName: {{ .clientSecretName | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* The registry's clients (coordinator, runtimes, trainer): cnei.clientTls* for registry.tls.
+Call the env one with (dict "ctx" $ "prefix" "CNEI_COORDINATOR_"). */}}
+{{- define "cnei.registryTlsCheck" -}}
+{{- include "cnei.clientTlsCheck" (dict "tls" .Values.registry.tls "what" "registry") }}
+{{- end }}
+
+{{- define "cnei.registryCaEnv" -}}
+{{- include "cnei.clientTlsEnv" (dict "tls" .ctx.Values.registry.tls "what" "registry" "kind" "REGISTRY" "prefix" .prefix) }}
+{{- end }}
+
+{{- define "cnei.registryCaMount" -}}
+{{- include "cnei.clientTlsMount" (dict "tls" .Values.registry.tls "what" "registry") }}
+{{- end }}
+
+{{- define "cnei.registryCaVolume" -}}
+{{- include "cnei.clientTlsVolume" (dict "tls" .Values.registry.tls "what" "registry") }}
+{{- end }}
+
+{{/* The runtimes' clients (coordinator, trainer): cnei.clientTls* for runtime.tls. */}}
+{{- define "cnei.nodeTlsCheck" -}}
+{{- include "cnei.clientTlsCheck" (dict "tls" .Values.runtime.tls "what" "runtime") }}
+{{- if and .Values.runtime.tls.secretName (not .Values.runtime.tls.serverName) }}
+{{- fail "runtime.tls.serverName: the name every runtime's certificate holds (runtimes are dialled at their pod IPs)" }}
+{{- end }}
+{{- end }}
+
+{{- define "cnei.nodeCaEnv" -}}
+{{- include "cnei.clientTlsEnv" (dict "tls" .ctx.Values.runtime.tls "what" "node" "kind" "NODE" "prefix" .prefix) }}
+{{- end }}
+
+{{- define "cnei.nodeCaMount" -}}
+{{- include "cnei.clientTlsMount" (dict "tls" .Values.runtime.tls "what" "node") }}
+{{- end }}
+
+{{- define "cnei.nodeCaVolume" -}}
+{{- include "cnei.clientTlsVolume" (dict "tls" .Values.runtime.tls "what" "node") }}
 {{- end }}
 
 {{/* Scratch space: the root filesystem is read-only. */}}

@@ -3,6 +3,7 @@
 {{/* Call with (dict "ctx" $ "tier" "edge"|"cloud" "values" .Values.edgeRuntime|cloudRuntime "nodeIdField" "spec.nodeName"|"metadata.name"). */}}
 {{- define "cnei.runtimeContainer" -}}
 {{- $r := .ctx.Values.runtime }}
+{{- include "cnei.nodeTlsCheck" .ctx }}
 - name: runtime
   {{- include "cnei.container" .ctx | trim | nindent 2 }}
   args: ["services.edge_runtime"]
@@ -26,6 +27,16 @@
       value: {{ $r.port | quote }}
     - name: CNEI_RUNTIME_METRICS_PORT
       value: {{ $r.metricsPort | quote }}
+    {{- if $r.tls.secretName }}
+    - name: CNEI_RUNTIME_TLS_CERT_FILE
+      value: /etc/cnei/tls/tls.crt
+    - name: CNEI_RUNTIME_TLS_KEY_FILE
+      value: /etc/cnei/tls/tls.key
+    {{- with $r.tls.clientCaKey }}
+    - name: CNEI_RUNTIME_TLS_CLIENT_CA_FILE
+      value: {{ printf "/etc/cnei/tls/%s" . | quote }}
+    {{- end }}
+    {{- end }}
     - name: CNEI_RUNTIME_REGISTRY_TARGET
       value: {{ include "cnei.registryTarget" .ctx | quote }}
     {{- include "cnei.secretEnv" (dict "name" "CNEI_RUNTIME_REGISTRY_HEADERS" "secret" .ctx.Values.registryHeadersSecret
@@ -51,7 +62,7 @@
       containerPort: {{ $r.port }}
     - name: metrics
       containerPort: {{ $r.metricsPort }}
-  {{- include "cnei.grpcProbes" (dict "ctx" .ctx "port" $r.port) | trim | nindent 2 }}
+  {{- include "cnei.grpcProbes" (dict "ctx" .ctx "port" $r.port "tls" (not (empty $r.tls.secretName))) | trim | nindent 2 }}
   resources:
     {{- toYaml .values.resources | nindent 4 }}
   volumeMounts:
@@ -59,6 +70,11 @@
       mountPath: {{ $r.cacheDir }}
     - name: tmp
       mountPath: /tmp
+    {{- if $r.tls.secretName }}
+    - name: tls
+      mountPath: /etc/cnei/tls
+      readOnly: true
+    {{- end }}
     {{- include "cnei.registryCaMount" .ctx | nindent 4 }}
 {{- end }}
 
@@ -68,6 +84,11 @@
     sizeLimit: {{ .values.cache.sizeLimit }}
 {{ include "cnei.tmpVolume" .ctx }}
 {{- include "cnei.registryCaVolume" .ctx }}
+{{- with .ctx.Values.runtime.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Call with (dict "ctx" $ "component" "edge-runtime" "values" .Values.edgeRuntime). */}}
@@ -95,7 +116,7 @@ spec:
     - name: grpc
       port: {{ .ctx.Values.runtime.port }}
       targetPort: grpc
-      appProtocol: kubernetes.io/h2c
+      appProtocol: {{ ternary "https" "kubernetes.io/h2c" (not (empty .ctx.Values.runtime.tls.secretName)) }}
     - name: metrics
       port: {{ .ctx.Values.runtime.metricsPort }}
       targetPort: metrics
