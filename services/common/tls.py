@@ -46,11 +46,16 @@ def _check_files(prefix: str, files: dict[str, str]) -> None:
 
 def check_server(service: str, prefix: str, settings) -> None:
     """A service's own TLS settings (`tls_cert_file`, `tls_key_file`, `tls_client_ca_file`) can
-    work: SystemExit naming the variable otherwise, before the service starts."""
+    work, their PEM files loading as a key pair and a CA: SystemExit naming the variables
+    otherwise, before the service starts."""
     try:
-        server_tls(prefix, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        files = server_tls(prefix, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        if files is not None:
+            server_ssl_context(files)
     except ValueError as exc:
         raise SystemExit(f"{service}: {exc}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise SystemExit(f"{service}: {prefix}TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load: {exc}") from None
 
 
 def grpc_server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
@@ -146,11 +151,16 @@ def node_tls(prefix: str, settings) -> ClientTls | None:
 
 
 def check_node_client(service: str, prefix: str, settings) -> None:
-    """`node_tls` can work: SystemExit naming the variable otherwise, before the service starts."""
+    """`node_tls` can work, its PEM files loading: SystemExit naming the variables otherwise,
+    before the service starts."""
     try:
-        node_tls(prefix, settings)
+        files = node_tls(prefix, settings)
+        if files is not None:
+            files.ssl_context()
     except ValueError as exc:
         raise SystemExit(f"{service}: {exc}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise SystemExit(f"{service}: {prefix}NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load: {exc}") from None
 
 
 def client_ssl_context(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:

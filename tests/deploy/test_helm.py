@@ -456,6 +456,8 @@ def test_a_registry_tls_set_up_its_clients_could_not_use_is_refused(tls, message
 def test_a_runtime_tls_set_up_its_clients_could_not_use_is_refused(tls, message):
     with pytest.raises(Exception, match=message):
         _render({"runtime": {"tls": tls}})
+    with pytest.raises(Exception, match=message):  # the clients check it too, with no runtime in the release
+        _render({"runtime": {"tls": tls}, "edgeRuntime": {"enabled": False}, "cloudRuntime": {"enabled": False}})
 
 
 def test_settings_ports_match_the_container_ports(rendered):

@@ -159,14 +159,18 @@ def test_node_tls_settings_that_cannot_work_stop_the_services_naming_the_variabl
                              ({f"{prefix}NODE_TLS_CA_FILE": "/nonexistent.pem"},
                               f"{prefix}NODE_TLS_CA_FILE: no such file '/nonexistent.pem'"),
                              ({f"{prefix}NODE_TLS_SERVER_NAME": "runtime"},
-                              f"{prefix}NODE_TLS_SERVER_NAME needs {prefix}NODE_TLS_CA_FILE")):
+                              f"{prefix}NODE_TLS_SERVER_NAME needs {prefix}NODE_TLS_CA_FILE"),
+                             ({f"{prefix}NODE_TLS_CA_FILE": pki["client_key"]},  # not a certificate
+                              f"{prefix}NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load")):
             out = subprocess.run([sys.executable, "-m", module], env={**os.environ, **env},
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode != 0 and message in out.stderr, (module, out.stderr)
-    out = subprocess.run([sys.executable, "-m", "services.edge_runtime"],
-                         env={**os.environ, "CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"]},
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "CNEI_RUNTIME_TLS_KEY_FILE is needed" in out.stderr, out.stderr
+    for env, message in (({"CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"]}, "CNEI_RUNTIME_TLS_KEY_FILE is needed"),
+                         ({"CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"], "CNEI_RUNTIME_TLS_KEY_FILE": pki["client_key"]},
+                          "CNEI_RUNTIME_TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load")):  # not its key
+        out = subprocess.run([sys.executable, "-m", "services.edge_runtime"], env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
 @pytest.mark.skipif(not BUILT.is_file(), reason="front door not built: make frontdoor")

@@ -159,7 +159,10 @@ bool WaitFor(int fd, int want, int timeout_ms) {
   return ready >= 0 || errno == EINTR;
 }
 
-constexpr int kHandshakeMs = 5000;
+// As the TCP connect: a lane connects on the thread of the call that needs it (a gRPC handler, the
+// batcher's timer), which must not wait long on a node that never answers the handshake (one that
+// speaks plaintext reads a ClientHello as the head of a ~20 MB frame and waits for the rest).
+constexpr int kHandshakeMs = 1000;
 
 // TLS client handshake on the connected socket `fd` (made non-blocking) with the node at `host`:
 // the SSL object, or null with `error` set.
@@ -177,9 +180,11 @@ SSL* Handshake(int fd, const std::string& host, std::string* error) {
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   auto deadline = Clock::now() + std::chrono::milliseconds(kHandshakeMs);
   while (true) {
+    ERR_clear_error();  // SSL_get_error reads this thread's error queue: only this call's errors in it
     int rc = SSL_connect(ssl);
     if (rc == 1) return ssl;
     int err = SSL_get_error(ssl, rc);
+    int saved_errno = errno;
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
     if ((err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) && left > 0) {
       if (WaitFor(fd, err, int(left))) continue;
@@ -188,9 +193,12 @@ SSL* Handshake(int fd, const std::string& host, std::string* error) {
       *error = "TLS handshake timed out";
     } else {
       long verify = SSL_get_verify_result(ssl);
+      std::string reason = TlsError(err == SSL_ERROR_SYSCALL && saved_errno != 0 ? strerror(saved_errno)
+                                    : err == SSL_ERROR_SYSCALL                 ? "connection closed"
+                                                                               : "refused");
       *error = verify != X509_V_OK
                    ? std::string("TLS handshake: certificate not trusted: ") + X509_verify_cert_error_string(verify)
-                   : "TLS handshake failed: " + TlsError(err == SSL_ERROR_SYSCALL ? "connection closed" : "refused");
+                   : "TLS handshake failed: " + reason;
     }
     SSL_free(ssl);
     return nullptr;
@@ -200,10 +208,12 @@ SSL* Handshake(int fd, const std::string& host, std::string* error) {
 // Writes all of `data` through `ssl` (non-blocking socket `fd`), each OpenSSL call under `mu`
 // (the reader thread uses the same session).
 bool TlsSendAll(SSL* ssl, std::mutex& mu, int fd, const char* data, size_t size) {
+  int waits_for_peer = 0;
   while (size > 0) {
     int wrote, err = SSL_ERROR_NONE;
     {
       std::lock_guard<std::mutex> lock(mu);
+      ERR_clear_error();
       wrote = SSL_write(ssl, data, int(std::min<size_t>(size, INT_MAX)));
       if (wrote <= 0) err = SSL_get_error(ssl, wrote), ERR_clear_error();
     }
@@ -211,7 +221,9 @@ bool TlsSendAll(SSL* ssl, std::mutex& mu, int fd, const char* data, size_t size)
       data += wrote, size -= size_t(wrote);
     } else if (err == SSL_ERROR_WANT_WRITE) {
       if (!WaitFor(fd, err, 1000)) return false;
-    } else if (err == SSL_ERROR_WANT_READ) {  // the session needs the peer first: the reader reads
+    } else if (err == SSL_ERROR_WANT_READ) {  // the session needs the peer first (renegotiation):
+      // the reader reads, unless this is the reader's own thread (a reply's batch sending the next)
+      if (++waits_for_peer > 5000) return false;  // 1 s
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     } else {
       return false;
@@ -307,11 +319,15 @@ bool FastLane::Conn::ReadFull(char* out, size_t n, std::string* error) {
 }
 
 bool FastLane::Conn::TlsReadFull(char* out, size_t n, std::string* error) {
+  // Deadlines are checked whenever reading would wait; under a steady stream of records (which
+  // rarely makes it wait) also every 10 ms, as the plaintext loop does before each recv.
+  Clock::time_point next_check = Clock::now() + std::chrono::milliseconds(10);
   while (n > 0) {
     int got, err = SSL_ERROR_NONE;
     std::string reason;
     {
       std::lock_guard<std::mutex> lock(ssl_mu);
+      ERR_clear_error();
       got = SSL_read(ssl, out, int(std::min<size_t>(n, INT_MAX)));
       if (got <= 0) {
         err = SSL_get_error(ssl, got);
@@ -320,6 +336,10 @@ bool FastLane::Conn::TlsReadFull(char* out, size_t n, std::string* error) {
     }
     if (got > 0) {
       out += got, n -= size_t(got);
+      if (Clock::now() >= next_check) {
+        ExpireAndWaitMs();
+        next_check = Clock::now() + std::chrono::milliseconds(10);
+      }
       continue;
     }
     if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
