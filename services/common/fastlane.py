@@ -189,11 +189,16 @@ class FastClient:
         writer.write(encode(request_id, REQUEST, meta, payload))
         timer = loop.call_later(timeout, self._expire, future, timeout)  # cheaper than wait_for
         try:
-            await writer.drain()
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError) as exc:  # the node hung up while the request was going
+                raise Unavailable(f"fast lane {self.host}:{self.port} connection lost: {exc}") from None
             return await future
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the reader may have failed it meanwhile: nobody waits for it now
 
     def _expire(self, future: asyncio.Future, timeout: float) -> None:
         if not future.done():

@@ -85,3 +85,32 @@ def test_oversized_frames_are_refused():
     with pytest.raises(Exception) as info:
         fastlane.encode(1, fastlane.REQUEST, b"", b"\0" * (fastlane.MAX_FRAME + 1))
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_node_that_hangs_up_on_a_large_request_is_unavailable_and_leaves_nothing_unretrieved():
+    """The node closes the connection while a request too large for the socket buffers is still
+    going out: the call fails UNAVAILABLE (not a bare socket error), and no failed future is left
+    for asyncio to complain about."""
+    async def hang_up(reader, writer):
+        await reader.readexactly(fastlane.HEADER.size)
+        writer.transport.abort()  # a reset, mid-request
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    complaints = []
+    loop.set_exception_handler(lambda _, context: complaints.append(context["message"]))
+    client = fastlane.FastClient(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(Unavailable, match="connection lost"):
+            await client.call(b"x" * (32 << 20), 5.0)
+        await asyncio.sleep(0.1)
+        import gc
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+        await asyncio.sleep(0)
+        assert not [c for c in complaints if "never retrieved" in c], complaints
+    finally:
+        loop.set_exception_handler(None)
+        await client.close()
+        server.close()
+        await server.wait_closed()

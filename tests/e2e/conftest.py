@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import infra
+from tests.pki import make_pki
 from services.cli.up import RUNTIMES, Mesh, MeshSettings, register_demo, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,3 +119,10 @@ async def _wait_all_nodes(redis_url: str, count: int, timeout: float = 30.0) -> 
         raise TimeoutError(f"fewer than {count} nodes registered within {timeout}s")
     finally:
         await redis.aclose()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Per test module: a CA, a server certificate for 127.0.0.1/localhost, a client certificate,
+    and another CA (tests/pki.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import tritonclient.grpc as triton
 import tritonclient.utils as triton_utils
 
@@ -18,6 +19,7 @@ from services.cli import infra
 from services.common.deployment import DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
+from services.pb.inference import grpc_service_pb2 as pb
 
 
 def server_ready(address: str) -> bool:
@@ -69,6 +71,26 @@ def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -
            "CNEI_RUNTIME_REDIS_URL": mesh.settings.redis_url, "CNEI_RUNTIME_NATS_URL": mesh.settings.nats_url,
            "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / node_id), "CNEI_RUNTIME_PRELOAD": "digits", **env_extra}
     return spawn("services.edge_runtime", env, port), port
+
+
+def start_fast_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, str, str]:
+    """start_runtime with its fast lane on a known port, open: (process, gRPC address, fast-lane address)."""
+    fast_port = infra.free_port()
+    proc, port = start_runtime(mesh, node_id, region, tmp_path, CNEI_RUNTIME_FAST_PORT=str(fast_port), **env_extra)
+    try:
+        infra.wait_for_port("127.0.0.1", fast_port, proc=proc, timeout=30)  # opens after the gRPC port
+    except BaseException:
+        infra.stop(proc)
+        raise
+    return proc, f"127.0.0.1:{port}", f"127.0.0.1:{fast_port}"
+
+
+def digits_payload() -> bytes:
+    """A one-row digits ModelInferRequest, serialized as a fast-lane request carries it."""
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    return request.SerializeToString()
 
 
 class Load:

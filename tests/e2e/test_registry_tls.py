@@ -17,12 +17,7 @@ from services.common import tls
 from services.common.errors import CneiError, ErrorCode
 from services.common.registry_client import RegistryClient
 from tests.e2e.processes import run_cnei, spawn, start_runtime
-from tests.pki import make_pki
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("registry-pki"))
 
 
 def _registry(mesh, folder, **env: str) -> tuple[subprocess.Popen, str]:

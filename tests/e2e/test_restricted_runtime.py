@@ -18,7 +18,7 @@ from services.common.node_control import NodeControlClients
 from services.coordinator.door_process import BUILT
 from services.pb.cnei import node_pb2 as npb
 from services.pb.inference import grpc_service_pb2 as pb
-from tests.e2e.processes import server_ready, start_coordinator, start_runtime
+from tests.e2e.processes import digits_payload, server_ready, start_coordinator, start_fast_runtime
 
 KEY = ("node-key", "s3cret")
 RESTRICTED = "inference,node-control:node-key=s3cret"
@@ -26,21 +26,12 @@ RESTRICTED = "inference,node-control:node-key=s3cret"
 
 @pytest.fixture(scope="module")
 def node(mesh, tmp_path_factory):
-    fast_port = infra.free_port()
-    proc, port = start_runtime(mesh, "edge-r1", "site-r", tmp_path_factory.mktemp("restricted-node"),
-                               CNEI_RUNTIME_RESTRICTED_APIS=RESTRICTED, CNEI_RUNTIME_FAST_PORT=str(fast_port))
+    proc, address, fast = start_fast_runtime(mesh, "edge-r1", "site-r", tmp_path_factory.mktemp("restricted-node"),
+                                             CNEI_RUNTIME_RESTRICTED_APIS=RESTRICTED)
     try:
-        infra.wait_for_port("127.0.0.1", fast_port, proc=proc, timeout=30)  # opens after the gRPC port
-        yield f"127.0.0.1:{port}", f"127.0.0.1:{fast_port}"
+        yield address, fast
     finally:
         infra.stop(proc)
-
-
-def _payload() -> bytes:
-    request = pb.ModelInferRequest(model_name="digits")
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
-    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
-    return request.SerializeToString()
 
 
 @pytest.mark.parametrize("headers", [(), (("node-key", "wrong"),), (KEY,)], ids=["no-hello", "wrong-key", "key"])
@@ -50,7 +41,7 @@ def test_the_fast_lane_serves_only_a_connection_whose_hello_carries_the_inferenc
     async def call() -> bytes:
         client = FastClient(fast, headers=headers)
         try:
-            return await client.call(_payload(), 10.0)
+            return await client.call(digits_payload(), 10.0)
         finally:
             await client.close()
 

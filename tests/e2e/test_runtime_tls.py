@@ -25,40 +25,25 @@ from services.coordinator.door_process import BUILT
 from services.pb.cnei import node_pb2 as npb
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import server_ready, start_coordinator, start_runtime
-from tests.pki import make_pki
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("runtime-pki"))
+from tests.e2e.processes import digits_payload, server_ready, start_coordinator, start_fast_runtime
 
 
 @pytest.fixture(scope="module")
 def node(mesh, pki, tmp_path_factory):
-    fast_port = infra.free_port()
-    proc, port = start_runtime(mesh, "edge-t1", "site-t", tmp_path_factory.mktemp("tls-node"),
-                               CNEI_RUNTIME_TLS_CERT_FILE=pki["cert"], CNEI_RUNTIME_TLS_KEY_FILE=pki["key"],
-                               CNEI_RUNTIME_TLS_CLIENT_CA_FILE=pki["ca"], CNEI_RUNTIME_FAST_PORT=str(fast_port))
+    proc, address, fast = start_fast_runtime(mesh, "edge-t1", "site-t", tmp_path_factory.mktemp("tls-node"),
+                                             CNEI_RUNTIME_TLS_CERT_FILE=pki["cert"], CNEI_RUNTIME_TLS_KEY_FILE=pki["key"],
+                                             CNEI_RUNTIME_TLS_CLIENT_CA_FILE=pki["ca"])
     try:
-        infra.wait_for_port("127.0.0.1", fast_port, proc=proc, timeout=30)  # opens after the gRPC port
-        yield f"127.0.0.1:{port}", f"127.0.0.1:{fast_port}"
+        yield address, fast
     finally:
         infra.stop(proc)
-
-
-def _payload() -> bytes:
-    request = pb.ModelInferRequest(model_name="digits")
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
-    request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
-    return request.SerializeToString()
 
 
 def _fast_call(address: str, context) -> pb.ModelInferResponse:
     async def call() -> bytes:
         client = FastClient(address, connect_timeout=5.0, ssl_context=context)
         try:
-            return await client.call(_payload(), 10.0)
+            return await client.call(digits_payload(), 10.0)
         finally:
             await client.close()
     return pb.ModelInferResponse.FromString(asyncio.run(call()))

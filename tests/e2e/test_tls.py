@@ -20,13 +20,7 @@ from services.cli import infra
 from services.common import tls
 from services.coordinator.door_process import BUILT
 from tests.e2e.processes import run_cnei, run_perf_analyzer, start_coordinator
-from tests.pki import make_pki
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and another CA."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _infer(address: str, **client_kwargs) -> np.ndarray:

@@ -11,12 +11,7 @@ import pytest
 
 from services.cli import infra
 from tests.e2e.processes import run_cnei, spawn
-from tests.pki import make_pki
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("trainer-pki"))
 
 
 @pytest.fixture(scope="module")
