@@ -99,7 +99,23 @@ class Mesh:
             self.children.append(Child("redis", proc, redis_port))
             print(f"started redis-server on {redis_host}:{redis_port}")
 
+    def check_client_certificates(self) -> None:
+        """A registry or runtimes that require client certificates (their TLS_CLIENT_CA_FILE) have
+        one handed to every service that calls them: ValueError naming what to set otherwise
+        (rather than a mesh whose calls are all refused at the handshake)."""
+        for server, clients, kind, env in (("registry requires", REGISTRY_CLIENTS, "REGISTRY",
+                                            "$CNEI_REGISTRY_TLS_CERT/_KEY"),
+                                           ("runtimes require", NODE_CLIENTS, "NODE", "$CNEI_NODE_TLS_CERT/_KEY")):
+            client_ca = os.environ.get(f"CNEI_{'RUNTIME' if kind == 'NODE' else kind}_TLS_CLIENT_CA_FILE", "")
+            missing = sorted(f"{prefix}{kind}_TLS_CERT_FILE" for module, prefix in clients.items()
+                             if client_ca and not (self.handed.get(module, {}).get(f"{prefix}{kind}_TLS_CERT_FILE")
+                                                   or os.environ.get(f"{prefix}{kind}_TLS_CERT_FILE")))
+            if missing:
+                raise ValueError(f"the {server} client certificates ({client_ca}): set {env} "
+                                 f"(or {', '.join(missing)})")
+
     def start(self) -> None:
+        self.check_client_certificates()
         self.check_ports_free()
         self.logs.mkdir(parents=True, exist_ok=True)
         self._infra()

@@ -73,3 +73,30 @@ def test_runtimes_on_tls_are_trusted_by_the_services_that_call_them(monkeypatch)
     assert node_ca() == "/pki/runtime.pem"  # self-signed
     monkeypatch.setenv("CNEI_COORDINATOR_NODE_TLS_CA_FILE", "/mine.pem")  # the service's own wins
     assert "CNEI_COORDINATOR_NODE_TLS_CA_FILE" not in client_env("services.coordinator")
+
+
+def test_cnei_up_refuses_to_start_servers_requiring_client_certificates_it_has_none_to_hand(monkeypatch, tmp_path):
+    import pytest
+
+    from services.cli.up import Mesh, MeshSettings
+
+    for name in ("CNEI_RUNTIME_TLS_CERT_FILE", "CNEI_RUNTIME_TLS_CLIENT_CA_FILE", "CNEI_NODE_TLS_CERT",
+                 "CNEI_NODE_TLS_KEY", "CNEI_NODE_TLS_CA", "CNEI_REGISTRY_TLS_CERT_FILE",
+                 "CNEI_REGISTRY_TLS_CLIENT_CA_FILE", "CNEI_REGISTRY_TLS_CERT", "CNEI_REGISTRY_TLS_KEY",
+                 "CNEI_COORDINATOR_NODE_TLS_CERT_FILE", "CNEI_TRAINER_NODE_TLS_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = MeshSettings(data_dir=str(tmp_path))
+    Mesh(settings).check_client_certificates()  # plaintext: nothing to hand
+    monkeypatch.setenv("CNEI_RUNTIME_TLS_CERT_FILE", "/pki/runtime.pem")
+    monkeypatch.setenv("CNEI_RUNTIME_TLS_CLIENT_CA_FILE", "/pki/ca.pem")
+    with pytest.raises(ValueError, match=r"the runtimes require client certificates \(/pki/ca.pem\): set "
+                                         r"\$CNEI_NODE_TLS_CERT/_KEY \(or CNEI_COORDINATOR_NODE_TLS_CERT_FILE, "
+                                         r"CNEI_TRAINER_NODE_TLS_CERT_FILE\)"):
+        Mesh(settings).check_client_certificates()
+    monkeypatch.setenv("CNEI_NODE_TLS_CERT", "/pki/client.pem")
+    monkeypatch.setenv("CNEI_NODE_TLS_KEY", "/pki/client.key")
+    Mesh(settings).check_client_certificates()
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_CERT_FILE", "/pki/registry.pem")
+    monkeypatch.setenv("CNEI_REGISTRY_TLS_CLIENT_CA_FILE", "/pki/ca.pem")
+    with pytest.raises(ValueError, match="the registry requires client certificates"):
+        Mesh(settings).check_client_certificates()
