@@ -1,7 +1,8 @@
 """An edge runtime serving mutual TLS on its OIP gRPC port and its fast lane
 (CNEI_RUNTIME_TLS_*): plaintext, certificate-less and untrusting clients are refused on both, and
 a coordinator given the CA and a client certificate (CNEI_COORDINATOR_NODE_TLS_*) serves through
-it, over the compiled front door's fast lane (OpenSSL) and over its own (door off)."""
+it, over the compiled front door's fast lane (OpenSSL) and over its own (door off); a trainer
+given them (CNEI_TRAINER_NODE_TLS_*) trains on it."""
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,12 @@ from services.common.node_control import NodeControlClients
 from services.coordinator.door_process import BUILT
 from services.pb.cnei import node_pb2 as npb
 from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.cnei import trainer_pb2 as tpb
+from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import digits_payload, server_ready, start_coordinator, start_fast_runtime
+from services.trainer.convert import job_from_proto
+from tests.e2e.processes import (digits_payload, push_digits_as, server_ready, spawn, start_coordinator,
+                                 start_fast_runtime)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +201,34 @@ def test_a_coordinator_that_does_not_trust_the_node_answers_unavailable_saying_w
     finally:
         client.close()
         infra.stop(proc)
+
+
+def test_a_trainer_given_the_node_ca_and_certificate_trains_on_the_tls_node(mesh, node, pki, digits_models,
+                                                                            tmp_path_factory):
+    """A federated round over mutual TLS: the TLS node takes part and the mesh's plaintext edges,
+    out of the trainer's reach, are dropped as stragglers."""
+    model = push_digits_as(mesh, digits_models, "digits-tls")
+    port = infra.free_port()
+    proc = spawn("services.trainer", {
+        **os.environ, "CNEI_TRAINER_PORT": str(port), "CNEI_TRAINER_METRICS_PORT": "0",
+        "CNEI_TRAINER_REGISTRY_TARGET": mesh.registry, "CNEI_TRAINER_REDIS_URL": mesh.settings.redis_url,
+        "CNEI_TRAINER_NATS_URL": mesh.settings.nats_url, "CNEI_TRAINER_DATA_DIR": str(tmp_path_factory.mktemp("t")),
+        "CNEI_TRAINER_NODE_TLS_CA_FILE": pki["ca"], "CNEI_TRAINER_NODE_TLS_CERT_FILE": pki["client_cert"],
+        "CNEI_TRAINER_NODE_TLS_KEY_FILE": pki["client_key"]}, port)
+
+    async def run_job():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = tpb_grpc.TrainerStub(channel)
+            started = await stub.StartJob(tpb.StartJobRequest(
+                model=model, rounds=1, min_clients=1, fraction=1.0, local_epochs=1, lr=0.05, batch_size=32,
+                round_timeout_s=20), timeout=10)
+            return [job_from_proto(j) async for j in stub.WatchJob(tpb.GetJobRequest(id=started.id), timeout=120)][-1]
+    try:
+        job = asyncio.run(run_job())
+    finally:
+        infra.stop(proc)
+    assert job.state == "completed", job.error
+    (round_1,) = job.history
+    assert round_1.participants == ["edge-t1"]
+    assert {"edge-a1", "edge-b1"} <= set(round_1.failed)
+    assert job.new_version
