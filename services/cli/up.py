@@ -103,10 +103,11 @@ class Mesh:
         """A registry or runtimes that require client certificates (their TLS_CLIENT_CA_FILE) have
         one handed to every service that calls them: ValueError naming what to set otherwise
         (rather than a mesh whose calls are all refused at the handshake)."""
-        for server, clients, kind, env in (("registry requires", REGISTRY_CLIENTS, "REGISTRY",
-                                            "$CNEI_REGISTRY_TLS_CERT/_KEY"),
-                                           ("runtimes require", NODE_CLIENTS, "NODE", "$CNEI_NODE_TLS_CERT/_KEY")):
-            client_ca = os.environ.get(f"CNEI_{'RUNTIME' if kind == 'NODE' else kind}_TLS_CLIENT_CA_FILE", "")
+        for server, clients, kind, env, on_tls in (
+                ("registry requires", REGISTRY_CLIENTS, "REGISTRY", "$CNEI_REGISTRY_TLS_CERT/_KEY", registry_ca()),
+                ("runtimes require", NODE_CLIENTS, "NODE", "$CNEI_NODE_TLS_CERT/_KEY", node_ca())):
+            # (a client CA without the server's own certificate stops that server, naming it)
+            client_ca = on_tls and os.environ.get(f"CNEI_{'RUNTIME' if kind == 'NODE' else kind}_TLS_CLIENT_CA_FILE", "")
             missing = sorted(f"{prefix}{kind}_TLS_CERT_FILE" for module, prefix in clients.items()
                              if client_ca and not (self.handed.get(module, {}).get(f"{prefix}{kind}_TLS_CERT_FILE")
                                                    or os.environ.get(f"{prefix}{kind}_TLS_CERT_FILE")))

@@ -117,11 +117,12 @@ class NoLiveNode(Unavailable):
     SHOWN = 3  # nodes named in the message, at most
 
     def __init__(self, model: str, out_of_use: dict[str, str] | None = None):
-        """`out_of_use`: nodes left out after failures, with what their last failure said."""
+        """`out_of_use`: nodes left out after failures, with what their last failure said, the
+        likeliest to matter first (the first SHOWN are named)."""
         self.model = model
         message = f"no live node can serve model '{model}'"
         if out_of_use:
-            named = [f"{node} ({_clip(why or 'failed', 240)})" for node, why in sorted(out_of_use.items())[:self.SHOWN]]
+            named = [f"{node} ({_clip(why or 'failed', 240)})" for node, why in list(out_of_use.items())[:self.SHOWN]]
             more = len(out_of_use) - self.SHOWN
             message += f"; out of use after failures: {', '.join(named)}" + (f" and {more} more" if more > 0 else "")
         super().__init__(message)

@@ -88,7 +88,7 @@ class FastServer:
                     await writer.drain()  # a client that sends without reading is not buffered for
                     continue
                 self._tasks.spawn(self._serve(writer, request_id, meta, payload))
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        except (asyncio.IncompleteReadError, OSError):  # ConnectionError, ssl.SSLError, timeouts
             pass
         except ValueError as exc:
             log.warning("closing fast-lane connection: %s", exc)
@@ -143,9 +143,11 @@ class FastClient:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
             try:
+                # a TLS handshake gets a budget of its own, as the connect (the front door's too)
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     self.host, self.port, ssl=self.ssl_context,
-                    server_hostname=self.server_name if self.ssl_context else None), self.connect_timeout)
+                    server_hostname=self.server_name if self.ssl_context else None),
+                    self.connect_timeout * (2 if self.ssl_context else 1))
             except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError too: an OSError
                 raise Unavailable(f"fast lane {self.host}:{self.port} unreachable: {exc}") from None
             if self._hello:
@@ -167,7 +169,7 @@ class FastClient:
                 else:
                     code = ErrorCode.__members__.get(meta.decode(), ErrorCode.INTERNAL)
                     future.set_exception(error_for(code, payload.decode("utf-8", "replace")))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, ssl.SSLError) as exc:
+        except (asyncio.IncompleteReadError, OSError, ValueError) as exc:  # OSError: ssl.SSLError too
             error = Unavailable(f"fast lane {self.host}:{self.port} connection lost: {exc or 'closed'}")
         finally:
             writer.close()

@@ -270,7 +270,7 @@ class Coordinator:
         edge_spec = replace(spec, tiers=("edge",))
         if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
             if not spec.cloud_fallback:
-                raise NoLiveNode(request.model_name, self.out_of_use())
+                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(request.parameters.get("region", "") or "")))
             return await self._cloud(request, spec, deadline_s, reason="no edge node")
         response = await self._infer(edge_request, variants, edge_spec, deadline_s)
         output = j.output or next(iter(response.outputs))
@@ -474,12 +474,16 @@ class Coordinator:
             raise last_error
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
-        raise NoLiveNode(request.model_name, self.out_of_use())
+        raise NoLiveNode(request.model_name, self.out_of_use(spec, region))
 
-    def out_of_use(self) -> dict[str, str]:
-        """Live nodes no call may go to now (failed health check, open breaker), with why."""
+    def out_of_use(self, spec: DeploymentSpec, region: str = "") -> dict[str, str]:
+        """Live nodes of the deployment's tiers no call may go to now (failed health check, open
+        breaker), with why: those of `region` first, then by id."""
+        tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
         why = {**self.breakers.why_blocked(), **self.nodes.unhealthy}
-        return {n.node_id: why[n.node_id] for n in self.nodes.nodes if n.node_id in why}
+        out = sorted((n for n in self.nodes.nodes if n.tier in tiers and n.node_id in why),
+                     key=lambda n: (n.region != region, n.node_id))
+        return {n.node_id: why[n.node_id] for n in out}
 
     def _hedge_delay(self, spec: DeploymentSpec, placement: Placement) -> float | None:
         if spec.hedge_after_ms > 0:

@@ -83,10 +83,14 @@ def test_cnei_up_refuses_to_start_servers_requiring_client_certificates_it_has_n
     for name in ("CNEI_RUNTIME_TLS_CERT_FILE", "CNEI_RUNTIME_TLS_CLIENT_CA_FILE", "CNEI_NODE_TLS_CERT",
                  "CNEI_NODE_TLS_KEY", "CNEI_NODE_TLS_CA", "CNEI_REGISTRY_TLS_CERT_FILE",
                  "CNEI_REGISTRY_TLS_CLIENT_CA_FILE", "CNEI_REGISTRY_TLS_CERT", "CNEI_REGISTRY_TLS_KEY",
-                 "CNEI_COORDINATOR_NODE_TLS_CERT_FILE", "CNEI_TRAINER_NODE_TLS_CERT_FILE"):
+                 "CNEI_COORDINATOR_NODE_TLS_CERT_FILE", "CNEI_TRAINER_NODE_TLS_CERT_FILE",
+                 "CNEI_COORDINATOR_REGISTRY_TLS_CERT_FILE", "CNEI_RUNTIME_REGISTRY_TLS_CERT_FILE",
+                 "CNEI_TRAINER_REGISTRY_TLS_CERT_FILE"):
         monkeypatch.delenv(name, raising=False)
     settings = MeshSettings(data_dir=str(tmp_path))
     Mesh(settings).check_client_certificates()  # plaintext: nothing to hand
+    monkeypatch.setenv("CNEI_RUNTIME_TLS_CLIENT_CA_FILE", "/pki/ca.pem")
+    Mesh(settings).check_client_certificates()  # without their own certificate the runtimes stop themselves, saying so
     monkeypatch.setenv("CNEI_RUNTIME_TLS_CERT_FILE", "/pki/runtime.pem")
     monkeypatch.setenv("CNEI_RUNTIME_TLS_CLIENT_CA_FILE", "/pki/ca.pem")
     with pytest.raises(ValueError, match=r"the runtimes require client certificates \(/pki/ca.pem\): set "

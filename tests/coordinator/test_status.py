@@ -230,3 +230,22 @@ async def test_the_status_text_lists_ensembles_apart_from_deployments():
     deployments, ensembles = text.split("DEPLOYMENTS")[1].split("ENSEMBLES")
     assert "pipe" not in deployments and "digits" in deployments
     assert "pipe" in ensembles and "digits@edge" in ensembles
+
+
+def test_the_nodes_out_of_use_are_those_of_the_deployment_the_requests_region_first():
+    core = Coordinator(CoordinatorSettings(), Catalog(FakeRegistry(), 1.0), NodesView(NodeDirectory(None), 1.0))
+    now = time.time()
+    core.nodes.nodes = [NodeInfo(n, tier, region, "127.0.0.1:1", updated_at=now) for n, tier, region in (
+        ("cloud-1", "cloud", "cloud"), ("edge-a1", "edge", "site-a"), ("edge-b1", "edge", "site-b"),
+        ("edge-c1", "edge", "site-c"))]
+    core.breakers.get("edge-a1").trip("fast lane 127.0.0.1:1 unreachable: refused")
+    core.breakers.get("edge-b1").trip("breaker reason")
+    core.nodes.unhealthy["edge-b1"] = "health check failed: certificate verify failed"  # the probe's word wins
+    core.nodes.unhealthy["cloud-1"] = "health check failed: refused"
+    core.breakers.get("gone-1").trip("a node no longer live")
+    spec = DeploymentSpec(model="digits", tiers=("edge",), cloud_fallback=False)
+    assert list(core.out_of_use(spec, "site-b").items()) == [
+        ("edge-b1", "health check failed: certificate verify failed"),
+        ("edge-a1", "fast lane 127.0.0.1:1 unreachable: refused")]
+    with_cloud = DeploymentSpec(model="digits", tiers=("edge", "cloud"), cloud_fallback=True)
+    assert list(core.out_of_use(with_cloud)) == ["cloud-1", "edge-a1", "edge-b1"]

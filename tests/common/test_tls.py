@@ -1,0 +1,50 @@
+"""Client TLS settings: pairs and files checked, and certificates checked as gRPC checks them."""
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from services.common import tls
+from tests.pki import make_pki
+
+
+def test_client_tls_settings_name_what_is_missing(tmp_path):
+    pki = make_pki(tmp_path)
+    assert tls.client_tls("CNEI_X_", "NODE", "") is None
+    assert tls.client_tls("CNEI_X_", "NODE", pki["ca"], pki["client_cert"], pki["client_key"]) == tls.ClientTls(
+        pki["ca"], pki["client_cert"], pki["client_key"])
+    for args, message in (((("", pki["client_cert"], pki["client_key"])), "CNEI_X_NODE_TLS_CA_FILE is needed"),
+                          (((pki["ca"], pki["client_cert"], "")), "CNEI_X_NODE_TLS_CERT_FILE and CNEI_X_NODE_TLS_KEY"),
+                          ((("/nope.pem", "", "")), "CNEI_X_NODE_TLS_CA_FILE: no such file '/nope.pem'")):
+        with pytest.raises(ValueError, match=message):
+            tls.client_tls("CNEI_X_", "NODE", *args)
+
+
+def test_ssl_contexts_check_certificates_as_grpc_does(tmp_path):
+    """Python 3.13 turns on strict X.509 checks by default, which gRPC and the front door do not
+    make: the fast lane's contexts leave them off, so both planes accept the same certificates."""
+    pki = make_pki(tmp_path)
+    strict = getattr(ssl, "VERIFY_X509_STRICT", 0)
+    for context in (tls.client_ssl_context(pki["ca"]),
+                    tls.server_ssl_context(tls.ServerTls(pki["cert"], pki["key"], pki["ca"]))):
+        assert not context.verify_flags & strict
+        assert context.verify_mode is ssl.CERT_REQUIRED
+
+
+def test_pem_files_that_do_not_load_stop_a_service_naming_its_variables(tmp_path):
+    from types import SimpleNamespace
+
+    from services.common import registry_client
+
+    pki = make_pki(tmp_path)
+    not_a_ca = SimpleNamespace(registry_tls_ca_file=pki["client_key"], registry_tls_cert_file="",
+                               registry_tls_key_file="", node_tls_ca_file=pki["client_key"], node_tls_cert_file="",
+                               node_tls_key_file="", node_tls_server_name="", tls_cert_file=pki["cert"],
+                               tls_key_file=pki["client_key"], tls_client_ca_file="")
+    with pytest.raises(SystemExit, match="CNEI_X_REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load"):
+        registry_client.check_settings("CNEI_X_", not_a_ca)
+    with pytest.raises(SystemExit, match="x: CNEI_X_NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load"):
+        tls.check_node_client("x", "CNEI_X_", not_a_ca)
+    with pytest.raises(SystemExit, match="x: CNEI_X_TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load"):
+        tls.check_server("x", "CNEI_X_", not_a_ca)  # a certificate with another's key
