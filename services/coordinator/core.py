@@ -270,7 +270,8 @@ class Coordinator:
         edge_spec = replace(spec, tiers=("edge",))
         if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
             if not spec.cloud_fallback:
-                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(request.parameters.get("region", "") or "")))
+                region = str(request.parameters.get("region", "") or "")
+                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, region))
             return await self._cloud(request, spec, deadline_s, reason="no edge node")
         response = await self._infer(edge_request, variants, edge_spec, deadline_s)
         output = j.output or next(iter(response.outputs))

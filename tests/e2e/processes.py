@@ -85,6 +85,20 @@ def start_fast_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: s
     return proc, f"127.0.0.1:{port}", f"127.0.0.1:{fast_port}"
 
 
+def who_served(client: triton.InferenceServerClient, region: str, count: int) -> collections.Counter:
+    """`count` one-row digits requests placed in `region`: how many each (node, answered by the
+    front door) served."""
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+    served = collections.Counter()
+    for _ in range(count):
+        reply = client.infer("digits", [tensor], parameters={"region": region}, client_timeout=30)
+        params = reply.get_response().parameters
+        served[(params["cnei_node"].string_param,
+                "cnei_front_door" in params and params["cnei_front_door"].bool_param)] += 1
+    return served
+
+
 def digits_payload() -> bytes:
     """A one-row digits ModelInferRequest, serialized as a fast-lane request carries it."""
     request = pb.ModelInferRequest(model_name="digits")

@@ -5,7 +5,6 @@ through it, front door and fast lane included."""
 from __future__ import annotations
 
 import asyncio
-import collections
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from services.common.node_control import NodeControlClients
 from services.coordinator.door_process import BUILT
 from services.pb.cnei import node_pb2 as npb
 from services.pb.inference import grpc_service_pb2 as pb
-from tests.e2e.processes import digits_payload, server_ready, start_coordinator, start_fast_runtime
+from tests.e2e.processes import digits_payload, server_ready, start_coordinator, start_fast_runtime, who_served
 
 KEY = ("node-key", "s3cret")
 RESTRICTED = "inference,node-control:node-key=s3cret"
@@ -87,14 +86,7 @@ def test_a_coordinator_given_the_keys_serves_through_the_restricted_node(mesh, n
     client = triton.InferenceServerClient(address)
     try:
         infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
-        tensor = triton.InferInput("input", [1, 64], "FP32")
-        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
-        served = collections.Counter()
-        for _ in range(40):  # the site's node: the fast lane (door on: from the door itself)
-            reply = client.infer("digits", [tensor], parameters={"region": "site-r"}, client_timeout=30)
-            params = reply.get_response().parameters
-            served[(params["cnei_node"].string_param,
-                    "cnei_front_door" in params and params["cnei_front_door"].bool_param)] += 1
+        served = who_served(client, "site-r", 40)  # the site's node: the fast lane (door on: from the door)
         assert served[("edge-r1", door == "on")] >= 20, dict(served)
         node_address, _ = node
         client.unload_model("digits")  # NodeControl with the key: the restricted node too

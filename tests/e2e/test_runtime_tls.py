@@ -30,7 +30,7 @@ from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from services.trainer.convert import job_from_proto
 from tests.e2e.processes import (digits_payload, push_digits_as, server_ready, spawn, start_coordinator,
-                                 start_fast_runtime)
+                                 start_fast_runtime, who_served)
 
 
 @pytest.fixture(scope="module")
@@ -207,14 +207,7 @@ def test_a_coordinator_checks_the_server_name_it_is_given_in_every_nodes_certifi
     client = triton.InferenceServerClient(address)
     try:
         infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
-        tensor = triton.InferInput("input", [1, 64], "FP32")
-        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
-        served = collections.Counter()
-        for _ in range(30):
-            params = client.infer("digits", [tensor], parameters={"region": "site-u"},
-                                  client_timeout=30).get_response().parameters
-            served[(params["cnei_node"].string_param,
-                    "cnei_front_door" in params and params["cnei_front_door"].bool_param)] += 1
+        served = who_served(client, "site-u", 30)
         assert served[("edge-t2", door == "on")] >= 15, dict(served)
     finally:
         client.close()
