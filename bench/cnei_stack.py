@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as triton
 
-from bench import cpu
+from bench import cpu, perf
 from services.cli import infra
 from services.cli.up import RUNTIMES, Mesh, MeshSettings, wait_ready
 from services.common.deployment import DeploymentSpec
@@ -75,11 +76,17 @@ def wait_nodes(redis_url: str, expected: list[str], timeout: float = 30.0) -> No
         time.sleep(0.2)
 
 
-def warm_up(target: str, model: str, precision: str, calls: int = 5) -> None:
-    """A few single-sample requests, so model loading never lands inside a measurement."""
-    import tritonclient.grpc as triton
+def _client(target: str, tls: perf.ClientTls | None = None) -> triton.InferenceServerClient:
+    if tls is None:
+        return triton.InferenceServerClient(target)
+    ca, cert, key = tls
+    return triton.InferenceServerClient(target, ssl=True, root_certificates=ca, certificate_chain=cert,
+                                        private_key=key)
 
-    client = triton.InferenceServerClient(target)
+
+def warm_up(target: str, model: str, precision: str, calls: int = 5, tls: perf.ClientTls | None = None) -> None:
+    """A few single-sample requests, so model loading never lands inside a measurement."""
+    client = _client(target, tls)
     try:
         x = np.zeros((1, 64), np.float32)
         for _ in range(calls):
@@ -93,8 +100,22 @@ def warm_up(target: str, model: str, precision: str, calls: int = 5) -> None:
 class CneiStack:
     """NATS, Redis and the mesh; with `runtimes=1` only edge-a1 stays up behind the coordinator."""
 
-    def __init__(self, root: Path, runtimes: int = 1, coordinator_workers: int = 1, front_door: str = "on"):
+    def __init__(self, root: Path, runtimes: int = 1, coordinator_workers: int = 1, front_door: str = "on",
+                 node_tls: bool = False):
+        """`node_tls`: the runtimes serve mutual TLS (a PKI made under `root`), which the
+        coordinator, its door and the bench's own clients of the runtimes use."""
         self.root = root
+        self.node_tls: perf.ClientTls | None = None
+        if node_tls:
+            from tests.pki import make_pki
+
+            (root / "pki").mkdir(parents=True, exist_ok=True)
+            pki = make_pki(root / "pki")
+            self.node_tls = (pki["ca"], pki["client_cert"], pki["client_key"])
+            # `cnei up` (the Mesh) serves the runtimes on it and hands the CA and certificate on
+            os.environ.update({"CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"], "CNEI_RUNTIME_TLS_KEY_FILE": pki["key"],
+                               "CNEI_RUNTIME_TLS_CLIENT_CA_FILE": pki["ca"], "CNEI_NODE_TLS_CA": pki["ca"],
+                               "CNEI_NODE_TLS_CERT": pki["client_cert"], "CNEI_NODE_TLS_KEY": pki["client_key"]})
         self.runtimes = runtimes
         self.infra: list[subprocess.Popen] = []
         self.mesh: Mesh | None = None
@@ -140,7 +161,7 @@ class CneiStack:
         rows are requests at batch 1, an execution is one ONNX Runtime call)."""
         rows = executions = 0
         for node_id in self.kept_nodes:
-            client = triton.InferenceServerClient(self.runtime(node_id))
+            client = _client(self.runtime(node_id), self.node_tls)
             try:
                 stats = client.get_inference_statistics(model, as_json=True)
             finally:
@@ -154,7 +175,7 @@ class CneiStack:
         """Load every (model, precision) on every kept runtime, then go through the coordinator."""
         for node_id in self.kept_nodes:
             for model, precision in variants:
-                warm_up(self.runtime(node_id), model, precision)
+                warm_up(self.runtime(node_id), model, precision, tls=self.node_tls)
         for model, precision in variants:
             warm_up(self.coordinator, model, precision)
 

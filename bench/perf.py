@@ -47,18 +47,31 @@ def binary() -> str:
     return str(Path(sys.executable).parent / "perf_analyzer")
 
 
+# A server on mutual TLS: (CA, client certificate, client key) PEM files.
+ClientTls = tuple[str, str, str]
+
+
+def tls_flags(tls: ClientTls | None) -> list[str]:
+    """perf_analyzer's flags for a server on mutual TLS (none: plaintext)."""
+    if tls is None:
+        return []
+    ca, cert, key = tls
+    return ["--ssl-grpc-use-ssl", "true", "--ssl-grpc-root-certifications-file", ca,
+            "--ssl-grpc-certificate-chain-file", cert, "--ssl-grpc-private-key-file", key]
+
+
 def command(target: str, model: str, concurrency: int, interval_ms: int, csv_path: Path,
             parameters: dict[str, str] | None = None, poisson_rate: float = 0.0,
-            client: str = "async") -> list[str]:
+            client: str = "async", tls: ClientTls | None = None) -> list[str]:
     """Closed loop at `concurrency` (the client in CLIENT_MODES[client]), or (poisson_rate > 0)
     open-loop Poisson arrivals at that many requests per second, sent asynchronously so a slow
-    answer never delays the next request."""
+    answer never delays the next request; `tls`: the target serves mutual TLS."""
     load = (["--request-rate-range", f"{poisson_rate:g}", "--request-distribution", "poisson", "--async"]
             if poisson_rate > 0 else ["--concurrency-range", str(concurrency), *CLIENT_MODES[client]])
     args = [binary(), "-m", model, "-u", target, "-i", "grpc", "-b", "1", *load,
             "--measurement-interval", str(interval_ms),
             "-s", str(STABILITY_PERCENT), "-r", str(MAX_TRIALS),
-            "--warmup-request-count", str(WARMUP_REQUESTS), "-f", str(csv_path)]
+            "--warmup-request-count", str(WARMUP_REQUESTS), "-f", str(csv_path), *tls_flags(tls)]
     for key, value in (parameters or {}).items():
         args += ["--request-parameter", f"{key}:{value}:string"]
     return args
@@ -75,7 +88,7 @@ def parse_csv(text: str) -> tuple[float, float, float]:
 
 def measure(target: str, model: str, precision: str, config: str, concurrency: int,
             interval_ms: int, parameters: dict[str, str] | None = None, poisson_rate: float = 0.0,
-            client: str = "async") -> Point:
+            client: str = "async", tls: ClientTls | None = None) -> Point:
     """One perf_analyzer run (see `command`); a failure becomes a Point with `error` so the bench
     goes on."""
     with tempfile.TemporaryDirectory(prefix="cnei-pa-") as tmp:
@@ -83,7 +96,7 @@ def measure(target: str, model: str, precision: str, config: str, concurrency: i
         timeout = 30 + MAX_TRIALS * interval_ms / 1000 * 3
         try:
             done = subprocess.run(command(target, model, concurrency, interval_ms, csv_path, parameters,
-                                          poisson_rate, client),
+                                          poisson_rate, client, tls),
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Point(model, precision, config, concurrency, error=f"timed out after {timeout:.0f}s")

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="perf_analyzer's closed loop: async (one thread, gRPC async API; default) or sync "
                         "(a blocking thread per open request, perf_analyzer's own default)")
     p.add_argument("--skip-mlserver", action="store_true", help="measure CNEI and in-process ORT only")
+    p.add_argument("--node-tls", action="store_true",
+                   help="the runtimes serve mutual TLS on their gRPC ports and fast lanes (a PKI made for the run): "
+                        "what TLS between coordinator and nodes costs")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -84,7 +87,8 @@ def sweep(target: str, config: str, plan: list[tuple[str, str]], args, explicit_
             if book is not None:
                 before = stack.served(model)
                 book.start()
-            p = perf.measure(target, model, precision, config, c, args.interval_ms, params, client=args.client)
+            tls = stack.node_tls if stack is not None and target == stack.edge else None  # the runtime, called directly
+            p = perf.measure(target, model, precision, config, c, args.interval_ms, params, client=args.client, tls=tls)
             if book is not None and not p.error:
                 rows, executions = (now - then for now, then in zip(stack.served(model), before))
                 p = dataclasses.replace(p, cpu_us=book.per_request(rows),
@@ -101,7 +105,8 @@ def failed(config: str, plan: list[tuple[str, str]], args, error: str) -> list[d
 
 def run_cnei(models: dict, args, state: dict) -> tuple[list[dict], dict]:
     stack = state["cnei"] = CneiStack(WORK / "cnei", runtimes=args.runtimes,
-                                      coordinator_workers=args.coordinator_workers, front_door=args.front_door)
+                                      coordinator_workers=args.coordinator_workers, front_door=args.front_door,
+                                      node_tls=args.node_tls)
     log(f"starting NATS, Redis and the mesh ({args.runtimes} runtime(s) behind the coordinator)")
     stack.start(models)
     stack.warm(CNEI_PLAN)
@@ -160,7 +165,8 @@ def meta(args, started: float, load_at_start: float) -> dict:
                 f"{1 if args.front_door == 'on' else worker_count(args.coordinator_workers)} coordinator process(es)); "
                 f"runtime intra_op_threads="
                 f"{rt.intra_op_threads if rt.intra_op_threads > 0 else 'chosen per model at load'}, "
-                f"inference_workers={rt.inference_workers}; precision sent explicitly",
+                f"inference_workers={rt.inference_workers}; precision sent explicitly"
+                f"{'; runtimes on mutual TLS (gRPC and fast lane)' if args.node_tls else ''}",
         "mlserver_setup": f"custom runtime bench/mlserver_runtime.py, ORT intra_op_threads="
                           f"{mlserver_setup.INTRA_OP_THREADS}, debug off; adaptive batching max_batch_size="
                           f"{mlserver_setup.BATCH_MAX_SIZE}, max_batch_time={mlserver_setup.BATCH_MAX_TIME_S}s",
