@@ -45,34 +45,34 @@ def event_loop_field() -> Any:
                          "uvloop costs less CPU per socket event")
 
 
-_REGISTRY_TLS_DOCS = {
-    "ca": "PEM CA of a registry serving TLS (CNEI_REGISTRY_TLS_CERT_FILE); empty: plaintext",
-    "cert": "PEM client certificate for a registry requiring mutual TLS (CNEI_REGISTRY_TLS_CLIENT_CA_FILE)",
-    "key": "PEM key of that client certificate",
-}
+@dataclasses.dataclass(frozen=True)
+class RegistryClientSettings:
+    """What every client of the registry sets besides its address (a service's settings class
+    derives from it): the keys of a registry whose APIs are restricted, and its TLS trust."""
+
+    registry_headers: str = field(
+        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
+            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
+    registry_tls_ca_file: str = field("", "PEM CA of a registry serving TLS (CNEI_REGISTRY_TLS_CERT_FILE); "
+                                          "empty: plaintext")
+    registry_tls_cert_file: str = field("", "PEM client certificate for a registry requiring mutual TLS "
+                                            "(CNEI_REGISTRY_TLS_CLIENT_CA_FILE)")
+    registry_tls_key_file: str = field("", "PEM key of that client certificate")
 
 
-_NODE_TLS_DOCS = {
-    "ca": "PEM CA of runtimes serving TLS (CNEI_RUNTIME_TLS_CERT_FILE) on their gRPC and fast-lane ports; "
-          "empty: plaintext",
-    "cert": "PEM client certificate for runtimes requiring mutual TLS (CNEI_RUNTIME_TLS_CLIENT_CA_FILE)",
-    "key": "PEM key of that client certificate",
-    "server_name": "the name the runtimes' certificates hold, checked instead of the address each is dialled at "
-                   "(one certificate for every node, e.g. on Kubernetes where they advertise pod IPs; empty: "
-                   "that address)",
-}
+@dataclasses.dataclass(frozen=True)
+class NodeTlsSettings:
+    """What a client of the runtimes (coordinator, trainer) sets to trust runtimes serving TLS (its
+    settings class derives from it); services.common.tls.node_tls reads them."""
 
-
-def node_tls_field(kind: str) -> Any:
-    """A runtime client's TLS setting: `node_tls_ca_file` ("ca"), `node_tls_cert_file` ("cert"),
-    `node_tls_key_file` ("key"), `node_tls_server_name` ("server_name")."""
-    return field("", _NODE_TLS_DOCS[kind])
-
-
-def registry_tls_field(kind: str) -> Any:
-    """A registry client's TLS setting: `registry_tls_ca_file` ("ca"), `registry_tls_cert_file`
-    ("cert"), `registry_tls_key_file` ("key")."""
-    return field("", _REGISTRY_TLS_DOCS[kind])
+    node_tls_ca_file: str = field("", "PEM CA of runtimes serving TLS (CNEI_RUNTIME_TLS_CERT_FILE) on their gRPC "
+                                      "and fast-lane ports; empty: plaintext")
+    node_tls_cert_file: str = field("", "PEM client certificate for runtimes requiring mutual TLS "
+                                        "(CNEI_RUNTIME_TLS_CLIENT_CA_FILE)")
+    node_tls_key_file: str = field("", "PEM key of that client certificate")
+    node_tls_server_name: str = field(
+        "", "the name the runtimes' certificates hold, checked instead of the address each is dialled at (one "
+            "certificate for every node, e.g. on Kubernetes where they advertise pod IPs; empty: that address)")
 
 
 def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any) -> T:

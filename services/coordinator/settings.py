@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field, node_tls_field, registry_tls_field
+from services.common.settings import NodeTlsSettings, RegistryClientSettings, event_loop_field, field
 
 PREFIX = "CNEI_COORDINATOR_"
 
 
 @dataclass(frozen=True)
-class CoordinatorSettings:
+class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings):
     event_loop: str = event_loop_field()
     host: str = field("127.0.0.1", "address every listener binds to")
     grpc_port: int = field(8001, "OIP gRPC port (Triton's default)")
@@ -57,19 +57,9 @@ class CoordinatorSettings:
            "sends each request to the least busy of them")
     door_spread_margin: float = field(0.1, "how far below the best node's score a node may be to share a route")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
-    registry_headers: str = field(
-        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
-            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
-    registry_tls_ca_file: str = registry_tls_field("ca")
-    registry_tls_cert_file: str = registry_tls_field("cert")
-    registry_tls_key_file: str = registry_tls_field("key")
     node_headers: str = field(
         "", "headers sent to every edge runtime called (gRPC, NodeControl and the fast lane's hello), "
             "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
-    node_tls_ca_file: str = node_tls_field("ca")
-    node_tls_cert_file: str = node_tls_field("cert")
-    node_tls_key_file: str = node_tls_field("key")
-    node_tls_server_name: str = node_tls_field("server_name")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis holding node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field, registry_tls_field
+from services.common.settings import RegistryClientSettings, event_loop_field, field
 
 PREFIX = "CNEI_RUNTIME_"
 
 
 @dataclass(frozen=True)
-class RuntimeSettings:
+class RuntimeSettings(RegistryClientSettings):
     event_loop: str = event_loop_field()
     node_id: str = field("edge-1", "unique node id in the mesh")
     tier: str = field("edge", "edge | cloud")
@@ -27,12 +27,6 @@ class RuntimeSettings:
     tls_client_ca_file: str = field("", "PEM CA whose client certificates both ports require (mutual TLS)")
     metrics_port: int = field(9111, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
-    registry_headers: str = field(
-        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
-            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
-    registry_tls_ca_file: str = registry_tls_field("ca")
-    registry_tls_cert_file: str = registry_tls_field("cert")
-    registry_tls_key_file: str = registry_tls_field("key")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis for node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     cache_dir: str = field(".cnei/cache/edge-1", "on-disk artifact cache")

@@ -3,31 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field, node_tls_field, registry_tls_field
+from services.common.settings import NodeTlsSettings, RegistryClientSettings, event_loop_field, field
 
 PREFIX = "CNEI_TRAINER_"
 
 
 @dataclass(frozen=True)
-class TrainerSettings:
+class TrainerSettings(RegistryClientSettings, NodeTlsSettings):
     event_loop: str = event_loop_field()
     host: str = field("127.0.0.1", "address the gRPC API binds to")
     port: int = field(50071, "gRPC port of the Trainer API")
     metrics_port: int = field(9121, "Prometheus /metrics port (0 disables)")
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address (base weights in, new versions out)")
-    registry_headers: str = field(
-        "", "headers sent with every registry call, 'KEY=VALUE' joined with ';' (for a registry whose APIs are "
-            "restricted: CNEI_REGISTRY_RESTRICTED_APIS)")
-    registry_tls_ca_file: str = registry_tls_field("ca")
-    registry_tls_cert_file: str = registry_tls_field("cert")
-    registry_tls_key_file: str = registry_tls_field("key")
     node_headers: str = field(
         "", "headers sent to every edge runtime called (its federated rounds over NodeControl), "
             "'KEY=VALUE' joined with ';' (for runtimes whose APIs are restricted: CNEI_RUNTIME_RESTRICTED_APIS)")
-    node_tls_ca_file: str = node_tls_field("ca")
-    node_tls_cert_file: str = node_tls_field("cert")
-    node_tls_key_file: str = node_tls_field("key")
-    node_tls_server_name: str = node_tls_field("server_name")
     tls_cert_file: str = field("", "PEM certificate (chain) of the Trainer API: TLS (`cnei train` then needs "
                                        "--tls-ca or $CNEI_TRAINER_TLS_CA); empty: plaintext")
     tls_key_file: str = field("", "PEM private key of that certificate")
