@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,15 +45,9 @@ def from_settings(prefix: str, settings: Any, timeout: float) -> RegistryClient:
 def check_settings(prefix: str, settings: Any) -> None:
     """Stop (SystemExit naming the variables) before starting when the registry TLS files are
     wrong: missing, unpaired, or PEM that does not load."""
-    try:
-        files = tls.client_tls(prefix, "REGISTRY", settings.registry_tls_ca_file, settings.registry_tls_cert_file,
-                               settings.registry_tls_key_file)
-        if files is not None:
-            files.ssl_context()
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    except (ssl.SSLError, OSError) as exc:
-        raise SystemExit(f"{prefix}REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load: {exc}") from None
+    tls.check_loads("", f"{prefix}REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE", lambda: tls.loaded(
+        tls.client_tls(prefix, "REGISTRY", settings.registry_tls_ca_file, settings.registry_tls_cert_file,
+                       settings.registry_tls_key_file)))
 
 
 def _apply_delta(base_file: Path, made: bytes, sha256: str) -> bytes:

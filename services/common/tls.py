@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,14 +49,23 @@ def check_server(service: str, prefix: str, settings) -> None:
     """A service's own TLS settings (`tls_cert_file`, `tls_key_file`, `tls_client_ca_file`) can
     work, their PEM files loading as a key pair and a CA: SystemExit naming the variables
     otherwise, before the service starts."""
-    try:
+    def load() -> None:
         files = server_tls(prefix, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         if files is not None:
             server_ssl_context(files)
+    check_loads(f"{service}: ", f"{prefix}TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE", load)
+
+
+def check_loads(lead: str, variables: str, load: Callable[[], object]) -> None:
+    """Run `load` (reads TLS settings and loads their PEM files) before a service starts:
+    SystemExit (its message after `lead`) naming the setting that is wrong, or the `variables`
+    whose files do not load."""
+    try:
+        load()
     except ValueError as exc:
-        raise SystemExit(f"{service}: {exc}") from None
+        raise SystemExit(f"{lead}{exc}") from None
     except (ssl.SSLError, OSError) as exc:
-        raise SystemExit(f"{service}: {prefix}TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load: {exc}") from None
+        raise SystemExit(f"{lead}{variables} do not load: {exc}") from None
 
 
 def grpc_server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
@@ -154,14 +164,13 @@ def node_tls(prefix: str, settings) -> ClientTls | None:
 def check_node_client(service: str, prefix: str, settings) -> None:
     """`node_tls` can work, its PEM files loading: SystemExit naming the variables otherwise,
     before the service starts."""
-    try:
-        files = node_tls(prefix, settings)
-        if files is not None:
-            files.ssl_context()
-    except ValueError as exc:
-        raise SystemExit(f"{service}: {exc}") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise SystemExit(f"{service}: {prefix}NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load: {exc}") from None
+    check_loads(f"{service}: ", f"{prefix}NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE",
+                lambda: loaded(node_tls(prefix, settings)))
+
+
+def loaded(files: ClientTls | None) -> ssl.SSLContext | None:
+    """The context of client TLS files (their PEM loaded), None for plaintext."""
+    return files.ssl_context() if files is not None else None
 
 
 def _as_grpc(context: ssl.SSLContext) -> None:
