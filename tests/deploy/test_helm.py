@@ -352,52 +352,67 @@ def test_the_public_ports_serve_tls_from_a_secret_and_are_probed_over_tcp_then()
             assert files == {} and "tls" not in volumes and "grpc" in probe
 
 
+def _volumes(workload: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+
+
+def _serves_tls(workload: dict, container: dict, prefix: str, secret: str, client_ca: bool) -> None:
+    """The container serves TLS from `secret` mounted at /etc/cnei/tls (`client_ca`: and requires
+    client certificates), probed over TCP."""
+    env, volumes = _env(container), _volumes(workload)
+    assert env[f"{prefix}TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
+    assert env[f"{prefix}TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
+    if client_ca:
+        assert env[f"{prefix}TLS_CLIENT_CA_FILE"]["value"] == "/etc/cnei/tls/ca.crt"
+    assert volumes["tls"]["secret"]["secretName"] == secret
+    assert "tcpSocket" in container["readinessProbe"]
+
+
+def _serves_plaintext(workload: dict, container: dict, prefix: str) -> None:
+    assert f"{prefix}TLS_CERT_FILE" not in _env(container) and "tls" not in _volumes(workload)
+
+
+def _trusts(workload: dict, container: dict, prefix: str, kind: str, what: str, secrets: tuple[str, str, str]) -> None:
+    """A client trusts servers on TLS as the chart hands it: the CA from a Secret of its own under
+    /etc/cnei/<what>-ca (never the serving Secret), its client certificate under <what>-client.
+    `secrets`: (serving, CA-only, client certificate) Secret names; `kind`: REGISTRY or NODE."""
+    env, volumes = _env(container), _volumes(workload)
+    serving, ca_only, client = secrets
+    assert env[f"{prefix}{kind}_TLS_CA_FILE"]["value"] == f"/etc/cnei/{what}-ca/ca.crt"
+    assert env[f"{prefix}{kind}_TLS_CERT_FILE"]["value"] == f"/etc/cnei/{what}-client/tls.crt"
+    assert env[f"{prefix}{kind}_TLS_KEY_FILE"]["value"] == f"/etc/cnei/{what}-client/tls.key"
+    assert volumes[f"{what}-ca"]["secret"] == {"secretName": ca_only, "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert volumes[f"{what}-client"]["secret"] == {"secretName": client}
+    assert serving not in str(volumes)
+    assert {"name": f"{what}-ca", "mountPath": f"/etc/cnei/{what}-ca", "readOnly": True} in container["volumeMounts"]
+
+
 def test_the_registry_serves_tls_from_a_secret_and_its_clients_get_the_ca_alone():
     for value_set, tls in (("production", True), ("defaults", False)):
         rendered = _render(VALUE_SETS[value_set])
         (workload, container), = rendered.running("services.registry")
-        env = _env(container)
-        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         if tls:
-            assert env["CNEI_REGISTRY_TLS_CLIENT_CA_FILE"]["value"] == "/etc/cnei/tls/ca.crt"
-            assert env["CNEI_REGISTRY_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
-            assert env["CNEI_REGISTRY_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
-            assert volumes["tls"]["secret"]["secretName"] == "cnei-registry-tls"
-            assert "tcpSocket" in container["readinessProbe"]
+            _serves_tls(workload, container, "CNEI_REGISTRY_", "cnei-registry-tls", client_ca=True)
         else:
-            assert "CNEI_REGISTRY_TLS_CERT_FILE" not in env and "tls" not in volumes
-        clients = [(m, p) for m, p in (("services.coordinator", "CNEI_COORDINATOR_"),
-                                        ("services.edge_runtime", "CNEI_RUNTIME_"), ("services.trainer", "CNEI_TRAINER_"))]
-        for module, prefix in clients:
+            _serves_plaintext(workload, container, "CNEI_REGISTRY_")
+        for module, prefix in (("services.coordinator", "CNEI_COORDINATOR_"), ("services.edge_runtime", "CNEI_RUNTIME_"),
+                               ("services.trainer", "CNEI_TRAINER_")):
             for client, client_container in rendered.running(module):
-                ca = _env(client_container).get(f"{prefix}REGISTRY_TLS_CA_FILE")
-                client_volumes = {v["name"]: v for v in client["spec"]["template"]["spec"]["volumes"]}
-                client_env = _env(client_container)
-                if tls:  # the CA from a Secret of its own (never the serving one), the client certificate
-                    assert ca["value"] == "/etc/cnei/registry-ca/ca.crt"
-                    assert client_volumes["registry-ca"]["secret"] == {
-                        "secretName": "cnei-registry-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
-                    assert client_volumes["registry-client"]["secret"] == {"secretName": "cnei-registry-client"}
-                    assert "cnei-registry-tls" not in str(client_volumes)
-                    assert client_env[f"{prefix}REGISTRY_TLS_CERT_FILE"]["value"] == "/etc/cnei/registry-client/tls.crt"
-                    assert client_env[f"{prefix}REGISTRY_TLS_KEY_FILE"]["value"] == "/etc/cnei/registry-client/tls.key"
-                    assert {"name": "registry-ca", "mountPath": "/etc/cnei/registry-ca", "readOnly": True} in \
-                        client_container["volumeMounts"]
+                if tls:
+                    _trusts(client, client_container, prefix, "REGISTRY", "registry",
+                            ("cnei-registry-tls", "cnei-registry-ca", "cnei-registry-client"))
                 else:
-                    assert ca is None and "registry-ca" not in client_volumes
+                    assert _env(client_container).get(f"{prefix}REGISTRY_TLS_CA_FILE") is None
+                    assert "registry-ca" not in _volumes(client)
 
 
 def test_the_trainer_serves_tls_from_a_secret():
     for value_set, tls in (("production", True), ("defaults", False)):
         (workload, container), = _render(VALUE_SETS[value_set]).running("services.trainer")
-        env, volumes = _env(container), {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         if tls:
-            assert env["CNEI_TRAINER_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
-            assert env["CNEI_TRAINER_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
-            assert volumes["tls"]["secret"]["secretName"] == "cnei-trainer-tls"
-            assert "tcpSocket" in container["readinessProbe"]
+            _serves_tls(workload, container, "CNEI_TRAINER_", "cnei-trainer-tls", client_ca=False)
         else:
-            assert "CNEI_TRAINER_TLS_CERT_FILE" not in env and "tls" not in volumes
+            _serves_plaintext(workload, container, "CNEI_TRAINER_")
 
 
 def test_runtimes_serve_tls_from_a_secret_and_their_clients_check_the_server_name():
@@ -406,33 +421,20 @@ def test_runtimes_serve_tls_from_a_secret_and_their_clients_check_the_server_nam
         runtimes = rendered.running("services.edge_runtime")
         assert len(runtimes) == 2  # the edge DaemonSet and the cloud Deployment
         for workload, container in runtimes:
-            env, volumes = _env(container), {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
             if tls:
-                assert env["CNEI_RUNTIME_TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
-                assert env["CNEI_RUNTIME_TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
-                assert env["CNEI_RUNTIME_TLS_CLIENT_CA_FILE"]["value"] == "/etc/cnei/tls/ca.crt"
-                assert volumes["tls"]["secret"]["secretName"] == "cnei-runtime-tls"
-                assert "tcpSocket" in container["readinessProbe"]
+                _serves_tls(workload, container, "CNEI_RUNTIME_", "cnei-runtime-tls", client_ca=True)
             else:
-                assert "CNEI_RUNTIME_TLS_CERT_FILE" not in env and "tls" not in volumes
+                _serves_plaintext(workload, container, "CNEI_RUNTIME_")
                 assert "grpc" in container["readinessProbe"]
         for module, prefix in (("services.coordinator", "CNEI_COORDINATOR_"), ("services.trainer", "CNEI_TRAINER_")):
             (client, client_container), = rendered.running(module)
             env = _env(client_container)
-            volumes = {v["name"]: v for v in client["spec"]["template"]["spec"]["volumes"]}
-            if tls:  # the CA alone (never the serving Secret), the client certificate, the name checked
-                assert {k: env[f"{prefix}NODE_TLS_{k}"]["value"] for k in ("CA_FILE", "CERT_FILE", "KEY_FILE",
-                                                                           "SERVER_NAME")} == {
-                    "CA_FILE": "/etc/cnei/node-ca/ca.crt", "CERT_FILE": "/etc/cnei/node-client/tls.crt",
-                    "KEY_FILE": "/etc/cnei/node-client/tls.key", "SERVER_NAME": "runtime.cnei"}
-                assert volumes["node-ca"]["secret"] == {"secretName": "cnei-runtime-ca",
-                                                        "items": [{"key": "ca.crt", "path": "ca.crt"}]}
-                assert volumes["node-client"]["secret"] == {"secretName": "cnei-runtime-client"}
-                assert "cnei-runtime-tls" not in str(volumes)
-                assert {"name": "node-ca", "mountPath": "/etc/cnei/node-ca", "readOnly": True} in \
-                    client_container["volumeMounts"]
+            if tls:  # and the name checked in the runtimes' certificate
+                _trusts(client, client_container, prefix, "NODE", "node",
+                        ("cnei-runtime-tls", "cnei-runtime-ca", "cnei-runtime-client"))
+                assert env[f"{prefix}NODE_TLS_SERVER_NAME"]["value"] == "runtime.cnei"
             else:
-                assert not any(name.startswith(f"{prefix}NODE_TLS") for name in env) and "node-ca" not in volumes
+                assert not any(name.startswith(f"{prefix}NODE_TLS") for name in env) and "node-ca" not in _volumes(client)
     services = {d["metadata"]["name"]: d for d in _render(VALUE_SETS["production"]).of("Service")}
     assert {p["appProtocol"] for name, svc in services.items() if "runtime" in name
             for p in svc["spec"]["ports"] if p["name"] == "grpc"} == {"https"}
