@@ -18,7 +18,8 @@ WARMUP_REQUESTS = 100
 # gRPC's async API (the default here: ~120 µs of client CPU a request, against ~180 µs with `sync`,
 # one blocking thread per open request; the client shares the cores with the servers it measures,
 # so a cheaper client leaves more of them to every server alike). `sync`: perf_analyzer's default.
-CLIENT_MODES = {"async": ["--async", "--max-threads", "1"], "sync": []}
+# `streaming`: every request on one ModelStreamInfer stream (gRPC only).
+CLIENT_MODES = {"async": ["--async", "--max-threads", "1"], "sync": [], "streaming": ["--streaming"]}
 
 
 @dataclass(frozen=True)
