@@ -122,9 +122,10 @@ class FastClient:
     """One multiplexed connection to a node, opened on first use and after a failure."""
 
     def __init__(self, address: str, connect_timeout: float = 1.0, headers: list[tuple[str, str]] | tuple = (),
-                 ssl_context: ssl.SSLContext | None = None, server_name: str = ""):
+                 ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None, server_name: str = ""):
         """`headers`: the keys of a node whose inference API is restricted (sent in a hello);
         `ssl_context`: TLS to a node serving it (services.common.tls.ClientTls), else plaintext;
+        a callable is asked for the context at each connection (renewed certificates);
         `server_name`: the name its certificate must hold ("": the host dialled)."""
         self.host, _, port = address.rpartition(":")
         self.port = int(port)
@@ -144,8 +145,9 @@ class FastClient:
                 return self._writer
             try:
                 # a TLS handshake gets a budget of its own, as the connect (the front door's too)
+                context = self.ssl_context() if callable(self.ssl_context) else self.ssl_context
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                    self.host, self.port, ssl=self.ssl_context,
+                    self.host, self.port, ssl=context,
                     server_hostname=self.server_name if self.ssl_context else None),
                     self.connect_timeout * (2 if self.ssl_context else 1))
             except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError too: an OSError

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from services.common import telemetry
+from services.common.tls import ClientTls
 from services.common.errors import CneiError, ErrorCode, error_for
 
 log = logging.getLogger(__name__)
@@ -206,3 +207,46 @@ def channel(target: str, headers: list[tuple[str, str]] | tuple = (),
         options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+class Channels:
+    """One channel per address, all with the same headers and TLS: a client of many servers of
+    one kind (the runtimes). When the TLS files change (a renewed client certificate or CA),
+    later calls get new channels and the old ones close once their calls are done (at most
+    `grace_s`)."""
+
+    def __init__(self, headers: list[tuple[str, str]] | tuple = (), tls: ClientTls | None = None,
+                 grace_s: float = 30.0):
+        self.headers = tuple(headers)
+        self._credentials = tls.renewed_grpc_credentials() if tls else None
+        self._server_name = tls.server_name if tls else ""
+        self._generation = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: set[asyncio.Task] = set()
+        self.grace_s = grace_s
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        credentials = None
+        if self._credentials is not None:
+            credentials = self._credentials.get()
+            if self._credentials.generation != self._generation:
+                self._generation = self._credentials.generation
+                old, self._channels = list(self._channels.values()), {}
+                task = asyncio.get_running_loop().create_task(self._close(old, self.grace_s))
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
+        found = self._channels.get(address)
+        if found is None:
+            found = self._channels[address] = channel(address, self.headers, credentials, self._server_name)
+        return found
+
+    @staticmethod
+    async def _close(channels: list[grpc.aio.Channel], grace_s: float | None) -> None:
+        await asyncio.gather(*(c.close(grace_s) for c in channels), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Every channel, at once (calls still open are cancelled)."""
+        for task in list(self._retired):
+            task.cancel()
+        await self._close(list(self._channels.values()), None)
+        self._channels.clear()

@@ -5,26 +5,17 @@ from __future__ import annotations
 import grpc
 
 from services.common import grpc_util
-from services.common.tls import ClientTls
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 
 
 class NodeControlClients:
-    def __init__(self, headers: list[tuple[str, str]] | tuple = (), tls: ClientTls | None = None) -> None:
-        """`headers`: sent with every call (runtimes whose node-control API is restricted);
-        `tls`: the runtimes serve TLS (None: plaintext)."""
-        self.headers = tuple(headers)
-        self._credentials = tls.grpc_credentials() if tls else None
-        self._server_name = tls.server_name if tls else ""
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, channels: grpc_util.Channels) -> None:
+        """`channels`: to the runtimes (their headers and TLS), shared with other clients of them."""
+        self.channels = channels
 
     def _stub(self, address: str) -> npb_grpc.NodeControlStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials,
-                                                                   self._server_name)
-        return npb_grpc.NodeControlStub(channel)
+        return npb_grpc.NodeControlStub(self.channels.get(address))
 
     async def call(self, address: str, method: str, request, timeout: float):
         """NodeControl `method` on the node at `address`; failures raise CneiError subclasses."""
@@ -44,6 +35,4 @@ class NodeControlClients:
         return (await self.call(address, "UnloadModel", request, timeout)).unloaded
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self.channels.close()

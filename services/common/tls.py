@@ -1,15 +1,116 @@
 """TLS for the public ports (Triton's `--grpc-use-ssl`, `--grpc-server-cert`, `--grpc-server-key`,
 `--grpc-root-cert` with `--grpc-use-ssl-mutual`): a certificate and key in PEM files, and
-optionally the CA whose client certificates are required (mutual TLS). Clients trust a CA file."""
+optionally the CA whose client certificates are required (mutual TLS). Clients trust a CA file.
+
+Renewed files are taken without a restart (cert-manager, a Kubernetes Secret volume, a file
+rewritten in place): servers look at their files at most once a second when a client connects,
+clients when they open a connection; files that change but do not load (half written, a key
+that is not the certificate's) leave the last good ones in use, logged."""
 from __future__ import annotations
 
+import logging
 import os
 import ssl
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# How often, at most, the files behind a server's or client's TLS are looked at for a renewal.
+RELOAD_CHECK_S = 1.0
+
+
+class FileWatch:
+    """Notices a change of any of some files (inode, size or modification time: a rewrite in
+    place, or a Kubernetes Secret volume swapping its `..data` link), looking at most once every
+    `every_s` seconds."""
+
+    def __init__(self, paths: Iterable[str], every_s: float = RELOAD_CHECK_S):
+        self.paths = [p for p in paths if p]
+        self.every_s = every_s
+        self._seen = self.look()
+        self._next = time.monotonic() + every_s
+        self._lock = threading.Lock()
+
+    def look(self) -> tuple:
+        state = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                state.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                state.append(None)
+        return tuple(state)
+
+    def poll(self) -> tuple | None:
+        """The files' state when it differs from the one last `accept`ed (None: the same, or not
+        looked at: looked at less than `every_s` ago)."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                return None
+            self._next = now + self.every_s
+        state = self.look()
+        return state if state != self._seen else None
+
+    def accept(self, state: tuple) -> None:
+        self._seen = state
+
+
+class Reloaded(Generic[T]):
+    """What `build` makes of some files, made again when they change (`get`); a build that
+    fails keeps the last one in use, logged once per state of the files, and is tried again
+    while they stay as they are. Thread-safe (gRPC asks from its own threads)."""
+
+    def __init__(self, what: str, paths: Iterable[str], build: Callable[[], T], every_s: float = RELOAD_CHECK_S):
+        self.what = what
+        self._watch = FileWatch(paths, every_s)
+        self._build = build
+        self.current = build()  # at start, a failure is the caller's (the service does not start)
+        self.generation = 0
+        self._failed: tuple | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        state = self._watch.poll()
+        if state is not None:
+            with self._lock:
+                try:
+                    self.current = self._build()
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    if state != self._failed:
+                        log.warning("%s: the files changed but do not load (%s); the previous ones stay in use",
+                                    self.what, exc)
+                        self._failed = state
+                else:
+                    self._watch.accept(state)
+                    self.generation += 1
+                    log.info("%s: renewed files loaded", self.what)
+        return self.current
+
+
+def check_key_pair(key_pem: bytes, cert_pem: bytes, ca_pem: bytes | None = None) -> None:
+    """ValueError unless the key is the certificate's (the first of its chain) and the CA bundle,
+    when given, holds certificates: PEM read as gRPC will be handed it."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if ca_pem is not None:
+            x509.load_pem_x509_certificates(ca_pem)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"PEM does not load: {exc}") from None
+    raw = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, raw)
+            != certificate.public_key().public_bytes(serialization.Encoding.DER, raw)):
+        raise ValueError("the key is not the certificate's")
 
 
 @dataclass(frozen=True)
@@ -24,6 +125,10 @@ class ServerTls:
     @property
     def mutual(self) -> bool:
         return bool(self.client_ca_file)
+
+    @property
+    def files(self) -> list[str]:
+        return [f for f in (self.cert_file, self.key_file, self.client_ca_file) if f]
 
 
 def server_tls(prefix: str, cert_file: str, key_file: str, client_ca_file: str = "") -> ServerTls | None:
@@ -68,14 +173,27 @@ def check_loads(lead: str, variables: str, load: Callable[[], object]) -> None:
         raise SystemExit(f"{lead}{variables} do not load: {exc}") from None
 
 
-def grpc_server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
-    pair = (Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())
-    ca = Path(tls.client_ca_file).read_bytes() if tls.mutual else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=tls.mutual)
+def grpc_server_credentials(tls: ServerTls, every_s: float = RELOAD_CHECK_S) -> grpc.ServerCredentials:
+    """The server's credentials, renewed when its files change (gRPC asks at each new connection)."""
+    def build() -> grpc.ServerCertificateConfiguration:
+        key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
+        ca = Path(tls.client_ca_file).read_bytes() if tls.mutual else None
+        check_key_pair(key, cert, ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    config = Reloaded(f"TLS {tls.cert_file}", tls.files, build, every_s)
+    handed = [config.current]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        current = config.get()
+        if current is handed[0]:
+            return None
+        handed[0] = current
+        return current
+    return grpc.dynamic_ssl_server_credentials(config.current, fetch, require_client_authentication=tls.mutual)
 
 
-def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
-    """For an HTTPS server (REST): the same certificate, and client certificates when mutual."""
+def _server_context(tls: ServerTls) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     _as_grpc(context)
     context.load_cert_chain(tls.cert_file, tls.key_file)
@@ -83,6 +201,21 @@ def server_ssl_context(tls: ServerTls) -> ssl.SSLContext:
         context.load_verify_locations(tls.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def server_ssl_context(tls: ServerTls, every_s: float = RELOAD_CHECK_S) -> ssl.SSLContext:
+    """For a TLS socket server (REST, the fast lane): the same certificate, and client
+    certificates when mutual. Each handshake is moved to a context made from the files as they
+    are now (renewed ones; a CA dropped from the client CA file is no longer trusted)."""
+    contexts = Reloaded(f"TLS {tls.cert_file}", tls.files, lambda: _server_context(tls), every_s)
+    first = contexts.current
+
+    def renewed(ssl_object, server_name, context) -> None:
+        current = contexts.get()
+        if current is not context:
+            ssl_object.context = current
+    first.sni_callback = renewed
+    return first
 
 
 COORDINATOR_ENV = "CNEI_TLS"  # $CNEI_TLS_CA/_CERT/_KEY: a client's files for a coordinator
@@ -118,6 +251,10 @@ class ClientTls:
     key_file: str = ""
     server_name: str = ""  # the name servers' certificates must hold ("": the host dialled)
 
+    @property
+    def files(self) -> list[str]:
+        return [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
+
     def grpc_credentials(self) -> grpc.ChannelCredentials:
         return channel_credentials(self.ca_file, self.cert_file, self.key_file)
 
@@ -125,6 +262,24 @@ class ClientTls:
         """For a TLS socket (the fast lane): the server's certificate checked against the CA and
         its host name or IP address."""
         return client_ssl_context(self.ca_file, self.cert_file, self.key_file)
+
+    def renewed_grpc_credentials(self, every_s: float = RELOAD_CHECK_S) -> Reloaded[grpc.ChannelCredentials]:
+        """Credentials made again when the files change (channels made with older ones keep
+        them: see grpc_util.Channels)."""
+        def build() -> grpc.ChannelCredentials:
+            ca = Path(self.ca_file).read_bytes()
+            key = Path(self.key_file).read_bytes() if self.key_file else None
+            cert = Path(self.cert_file).read_bytes() if self.cert_file else None
+            if key is not None:
+                check_key_pair(key, cert, ca)
+            else:
+                x509.load_pem_x509_certificates(ca)
+            return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        return Reloaded(f"TLS client {self.cert_file or self.ca_file}", self.files, build, every_s)
+
+    def renewed_ssl_context(self, every_s: float = RELOAD_CHECK_S) -> Callable[[], ssl.SSLContext]:
+        """`ssl_context` as the files are now (looked at most every `every_s`), for each connection."""
+        return Reloaded(f"TLS client {self.cert_file or self.ca_file}", self.files, self.ssl_context, every_s).get
 
 
 def client_tls(prefix: str, kind: str, ca_file: str, cert_file: str = "", key_file: str = "") -> ClientTls | None:

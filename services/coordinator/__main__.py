@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from services.common import events, lifecycle, telemetry, tls, triton_metrics
+from services.common import events, grpc_util, lifecycle, telemetry, tls, triton_metrics
 from services.common import settings as cfg
 from services.common.background import Background
 from services.common.bus import EventBus
@@ -48,7 +48,9 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     node_headers = restricted_apis.headers(settings.node_headers)
     node_tls = tls.node_tls(PREFIX, settings)
-    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, headers=node_headers, tls=node_tls)
+    # one channel per node, for inference and health (the view) and loads (node control)
+    node_channels = grpc_util.Channels(node_headers, node_tls)
+    nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, channels=node_channels, tls=node_tls)
     await nodes.start()
     catalog = Catalog(registry, settings.resolve_ttl_s)
     worker = settings.worker_index
@@ -56,7 +58,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None)
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
-    node_control = NodeControlClients(node_headers, node_tls)
+    node_control = NodeControlClients(node_channels)
     core.control = ModelControl(core, redis, node_control, settings.resolve_ttl_s)
     nodes.on_change = core.node_changed
     sharing = None
@@ -125,8 +127,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         await watching
         await door.stop()
     await server.stop()
-    await core.close()
-    await node_control.close()
+    await core.close()  # the node channels too
     shm.close()
     if door_path is not None:  # registrations end with the server, as in Triton
         shutil.rmtree(shm_dir, ignore_errors=True)

@@ -35,21 +35,21 @@ class NodesView:
 
     def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0,
                  on_change: Callable[[str, NodeInfo, str], None] | None = None,
-                 headers: list[tuple[str, str]] | tuple = (), tls: ClientTls | None = None):
-        """`headers`: sent to every node called (gRPC and the fast lane's hello); `tls`: the
-        nodes serve TLS on both (None: plaintext)."""
+                 channels: grpc_util.Channels | None = None, tls: ClientTls | None = None):
+        """`channels`: the nodes' gRPC channels (their headers, also sent in the fast lane's
+        hello, and TLS), shared with the coordinator's other clients of them; `tls`: the nodes
+        serve TLS on the fast lane too (None: plaintext)."""
         self.directory = directory
-        self.headers = tuple(headers)
-        self._credentials = tls.grpc_credentials() if tls else None
-        self._ssl = tls.ssl_context() if tls else None
+        self.channels = channels or grpc_util.Channels()
+        self.headers = self.channels.headers
+        self._ssl = tls.renewed_ssl_context() if tls else None
         self._server_name = tls.server_name if tls else ""
         self.refresh_s = refresh_s
         self.probe_s = probe_s
         self.nodes: list[NodeInfo] = []
         self.rtt_ms: dict[str, float] = {}
         self.compute_ms: dict[str, float] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
         self._fast: dict[str, FastClient] = {}
         self._tasks: list[asyncio.Task] = []
         self.on_change = on_change  # (NODE_UP | NODE_DOWN, node, reason)
@@ -76,7 +76,7 @@ class NodesView:
             await asyncio.sleep(self.refresh_s)
 
     async def _probe(self, node: NodeInfo) -> None:
-        stub = health_pb2_grpc.HealthStub(self._channel(node.address))
+        stub = health_pb2_grpc.HealthStub(self.channels.get(node.address))
         start = time.perf_counter()
         why = ""
         try:
@@ -113,13 +113,6 @@ class NodesView:
         self._tasks = [asyncio.create_task(self._refresh_loop(), name="nodes-refresh"),
                        asyncio.create_task(self._probe_loop(), name="nodes-probe")]
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address, self.headers, self._credentials,
-                                                                   self._server_name)
-        return channel
-
     def fast_client(self, node: NodeInfo) -> FastClient:
         client = self._fast.get(node.fast_address)
         if client is None:
@@ -129,14 +122,13 @@ class NodesView:
         return client
 
     def stub(self, node: NodeInfo) -> pb_grpc.GRPCInferenceServiceStub:
-        stub = self._stubs.get(node.address)
-        if stub is None:
-            stub = self._stubs[node.address] = pb_grpc.GRPCInferenceServiceStub(self._channel(node.address))
-        return stub
+        channel = self.channels.get(node.address)
+        held = self._stubs.get(node.address)
+        if held is None or held[0] is not channel:  # new, or its channel renewed
+            held = self._stubs[node.address] = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
+        return held[1]
 
     async def close(self) -> None:
         await lifecycle.cancel_and_wait(*self._tasks)
-        for channel in self._channels.values():
-            await channel.close()
-        for client in self._fast.values():
-            await client.close()
+        await asyncio.gather(*(client.close() for client in self._fast.values()), return_exceptions=True)
+        await self.channels.close()

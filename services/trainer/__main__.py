@@ -7,7 +7,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from services.common import lifecycle, restricted, telemetry, tls
+from services.common import grpc_util, lifecycle, restricted, telemetry, tls
 from services.common import settings as cfg
 from services.common.bus import EventBus
 from services.common.jobs import JobStore
@@ -28,7 +28,7 @@ async def serve(settings: TrainerSettings) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
     await bus.start()
-    clients = NodeClients(restricted.headers(settings.node_headers), tls.node_tls(PREFIX, settings))
+    clients = NodeClients(grpc_util.Channels(restricted.headers(settings.node_headers), tls.node_tls(PREFIX, settings)))
     trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),
                                clients.train, registry, bus.publish)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

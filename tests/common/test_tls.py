@@ -48,3 +48,44 @@ def test_pem_files_that_do_not_load_stop_a_service_naming_its_variables(tmp_path
         tls.check_node_client("x", "CNEI_X_", not_a_ca)
     with pytest.raises(SystemExit, match="x: CNEI_X_TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load"):
         tls.check_server("x", "CNEI_X_", not_a_ca)  # a certificate with another's key
+
+
+def test_renewed_files_are_loaded_and_files_that_do_not_load_leave_the_last_good_ones(tmp_path, caplog):
+    import os
+    import shutil
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copyfile(old["cert"], cert)
+    shutil.copyfile(old["key"], key)
+
+    def build() -> bytes:
+        tls.check_key_pair(key.read_bytes(), cert.read_bytes())
+        return cert.read_bytes()
+    files = tls.Reloaded("test", [str(cert), str(key)], build, every_s=0.0)
+    assert files.get() == cert.read_bytes() and files.generation == 0
+
+    shutil.copyfile(new["cert"], cert)  # half renewed: the new certificate, the old key
+    assert files.get() == open(old["cert"], "rb").read() and files.generation == 0
+    assert files.get() == open(old["cert"], "rb").read()
+    assert [r.message for r in caplog.records].count(
+        "test: the files changed but do not load (the key is not the certificate's); the previous ones stay in use") == 1
+
+    shutil.copyfile(new["key"], tmp_path / "key.tmp")
+    os.replace(tmp_path / "key.tmp", key)  # now whole
+    assert files.get() == open(new["cert"], "rb").read() and files.generation == 1
+    assert files.get() == open(new["cert"], "rb").read() and files.generation == 1  # unchanged since
+
+
+def test_a_key_pair_is_checked_before_it_is_handed_to_grpc(tmp_path):
+    pki = make_pki(tmp_path)
+    read = {name: open(path, "rb").read() for name, path in pki.items()}
+    tls.check_key_pair(read["key"], read["cert"], read["ca"])
+    with pytest.raises(ValueError, match="the key is not the certificate's"):
+        tls.check_key_pair(read["client_key"], read["cert"])
+    with pytest.raises(ValueError, match="PEM does not load"):
+        tls.check_key_pair(read["key"], read["cert"][:40])
+    with pytest.raises(ValueError, match="PEM does not load"):
+        tls.check_key_pair(read["key"], read["cert"], b"not a CA")

@@ -62,9 +62,10 @@ def spawn(module: str, env: dict[str, str], port: int, timeout: float = 30) -> s
     return proc
 
 
-def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, int]:
-    """An edge runtime of the mesh's on a free port (`env_extra`: more CNEI_RUNTIME_* settings)."""
-    port = infra.free_port()
+def start_runtime(mesh, node_id: str, region: str, tmp_path, port: int = 0,
+                  **env_extra: str) -> tuple[subprocess.Popen, int]:
+    """An edge runtime of the mesh's on `port` (0: a free one; `env_extra`: more CNEI_RUNTIME_* settings)."""
+    port = port or infra.free_port()
     env = {**os.environ, "CNEI_RUNTIME_NODE_ID": node_id, "CNEI_RUNTIME_TIER": "edge",
            "CNEI_RUNTIME_REGION": region, "CNEI_RUNTIME_PORT": str(port),
            "CNEI_RUNTIME_METRICS_PORT": "0", "CNEI_RUNTIME_REGISTRY_TARGET": mesh.registry,
@@ -73,10 +74,12 @@ def start_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -
     return spawn("services.edge_runtime", env, port), port
 
 
-def start_fast_runtime(mesh, node_id: str, region: str, tmp_path, **env_extra: str) -> tuple[subprocess.Popen, str, str]:
-    """start_runtime with its fast lane on a known port, open: (process, gRPC address, fast-lane address)."""
-    fast_port = infra.free_port()
-    proc, port = start_runtime(mesh, node_id, region, tmp_path, CNEI_RUNTIME_FAST_PORT=str(fast_port), **env_extra)
+def start_fast_runtime(mesh, node_id: str, region: str, tmp_path, port: int = 0, fast_port: int = 0,
+                       **env_extra: str) -> tuple[subprocess.Popen, str, str]:
+    """start_runtime with its fast lane on a known port (0: free ones), open: (process, gRPC
+    address, fast-lane address)."""
+    fast_port = fast_port or infra.free_port()
+    proc, port = start_runtime(mesh, node_id, region, tmp_path, port, CNEI_RUNTIME_FAST_PORT=str(fast_port), **env_extra)
     try:
         infra.wait_for_port("127.0.0.1", fast_port, proc=proc, timeout=30)  # opens after the gRPC port
     except BaseException:

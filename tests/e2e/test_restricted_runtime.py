@@ -11,6 +11,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from services.cli import infra
+from services.common import grpc_util
 from services.common.errors import ErrorCode, PermissionDenied
 from services.common.fastlane import FastClient
 from services.common.node_control import NodeControlClients
@@ -56,7 +57,7 @@ def test_the_fast_lane_serves_only_a_connection_whose_hello_carries_the_inferenc
 def _status(address: str, headers=()) -> npb.NodeStatus:
     """The node's status through the NodeControl client the coordinator and the trainer use."""
     async def ask():
-        clients = NodeControlClients(headers)
+        clients = NodeControlClients(grpc_util.Channels(headers))
         try:
             return await clients.call(address, "GetNodeStatus", npb.NodeStatusRequest(), 10)
         finally:

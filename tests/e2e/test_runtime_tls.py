@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from services.cli import infra
-from services.common import tls
+from services.common import grpc_util, tls
 from services.common.errors import Unavailable
 from services.common.fastlane import FastClient
 from services.common.node_control import NodeControlClients
@@ -107,7 +107,7 @@ def test_node_control_goes_over_tls(node, pki):
     address, _ = node
 
     async def status() -> npb.NodeStatus:
-        clients = NodeControlClients(tls=tls.ClientTls(pki["ca"], pki["client_cert"], pki["client_key"]))
+        clients = NodeControlClients(grpc_util.Channels(tls=tls.ClientTls(pki["ca"], pki["client_cert"], pki["client_key"])))
         try:
             return await clients.call(address, "GetNodeStatus", npb.NodeStatusRequest(), 10)
         finally:

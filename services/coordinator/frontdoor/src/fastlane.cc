@@ -12,6 +12,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <climits>
@@ -126,14 +127,37 @@ bool SendAll(int fd, std::vector<iovec> iov) {
   return true;
 }
 
-SSL_CTX*& NodeTls() {  // null: plaintext
-  static SSL_CTX* context = nullptr;
-  return context;
+// TLS to the nodes (--node-tls-*): the files, and the context made of them as they were when
+// last looked at; renewed files are taken for later connections without a restart.
+struct NodeTlsFiles {
+  bool on = false;  // set before any lane connects; plaintext otherwise
+  std::string ca, cert, key;
+  std::mutex mu;  // guards what follows
+  SSL_CTX* context = nullptr;
+  std::string seen, failed;  // the files' state `context` was made of; one that did not load
+  Clock::time_point next_look;
+};
+
+NodeTlsFiles& NodeTls() {
+  static NodeTlsFiles files;
+  return files;
 }
 
-std::string& NodeServerName() {  // empty: the host dialled
-  static std::string name;
-  return name;
+// Inode, size and modification time of each file: any change (a rewrite, a Kubernetes Secret
+// volume swapping its link) shows.
+std::string FilesState(const NodeTlsFiles& tls) {
+  std::string state;
+  for (const std::string* path : {&tls.ca, &tls.cert, &tls.key}) {
+    if (path->empty()) continue;
+    struct stat st;
+    if (stat(path->c_str(), &st) != 0) {
+      state += "-;";
+      continue;
+    }
+    state += std::to_string(st.st_ino) + "," + std::to_string(st.st_size) + "," +
+             std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + ";";
+  }
+  return state;
 }
 
 // The reason OpenSSL gave for the last failure on this thread (its error queue, emptied).
@@ -145,6 +169,64 @@ std::string TlsError(const char* fallback) {
   ERR_error_string_n(code, text, sizeof text);
   return text;
 }
+
+// A client context of the files, or null with `error` set.
+SSL_CTX* MakeNodeContext(const std::string& ca_file, const std::string& cert_file, const std::string& key_file,
+                         std::string* error) {
+  SSL_CTX* context = SSL_CTX_new(TLS_client_method());
+  if (context == nullptr) return *error = TlsError("cannot create a TLS context"), nullptr;
+  SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
+  SSL_CTX_set_verify(context, SSL_VERIFY_PEER, nullptr);
+  SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  bool ok = true;
+  if (SSL_CTX_load_verify_locations(context, ca_file.c_str(), nullptr) != 1) {
+    ok = false, *error = "cannot load the CA " + ca_file + ": " + TlsError("unreadable");
+  } else if (!cert_file.empty() &&
+             (SSL_CTX_use_certificate_chain_file(context, cert_file.c_str()) != 1 ||
+              SSL_CTX_use_PrivateKey_file(context, key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
+              SSL_CTX_check_private_key(context) != 1)) {
+    ok = false, *error = "cannot load the client certificate " + cert_file + " with key " + key_file + ": " +
+                         TlsError("unreadable");
+  }
+  if (!ok) {
+    SSL_CTX_free(context);
+    return nullptr;
+  }
+  return context;
+}
+
+// The context of the node TLS files as they are now (looked at most once a second): a reference
+// the caller frees; files that changed but do not load leave the last good context in use.
+SSL_CTX* NodeTlsContext() {
+  NodeTlsFiles& tls = NodeTls();
+  std::lock_guard<std::mutex> lock(tls.mu);
+  Clock::time_point now = Clock::now();
+  if (now >= tls.next_look) {
+    tls.next_look = now + std::chrono::seconds(1);
+    std::string state = FilesState(tls);
+    if (state != tls.seen) {
+      std::string error;
+      if (SSL_CTX* renewed = MakeNodeContext(tls.ca, tls.cert, tls.key, &error)) {
+        SSL_CTX_free(tls.context);  // sessions made with it keep it until they end
+        tls.context = renewed;
+        tls.seen = state;
+        fprintf(stderr, "cnei-frontdoor: renewed node TLS files loaded\n");
+      } else if (state != tls.failed) {
+        tls.failed = state;
+        fprintf(stderr, "cnei-frontdoor: node TLS files changed but do not load (%s); the previous ones stay in use\n",
+                error.c_str());
+      }
+    }
+  }
+  SSL_CTX_up_ref(tls.context);
+  return tls.context;
+}
+
+std::string& NodeServerName() {  // empty: the host dialled
+  static std::string name;
+  return name;
+}
+
 
 bool IsIpAddress(const std::string& host) {
   unsigned char buffer[sizeof(in6_addr)];
@@ -167,7 +249,9 @@ constexpr int kHandshakeMs = 1000;
 // TLS client handshake on the connected socket `fd` (made non-blocking) with the node at `host`:
 // the SSL object, or null with `error` set.
 SSL* Handshake(int fd, const std::string& host, std::string* error) {
-  SSL* ssl = SSL_new(NodeTls());
+  SSL_CTX* context = NodeTlsContext();
+  SSL* ssl = SSL_new(context);
+  SSL_CTX_free(context);  // the session holds its own reference
   if (ssl == nullptr) return *error = TlsError("cannot create a TLS session"), nullptr;
   bool named = IsIpAddress(host) ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host.c_str()) == 1
                                  : (SSL_set_tlsext_host_name(ssl, host.c_str()) == 1 &&
@@ -479,7 +563,7 @@ std::shared_ptr<FastLane::Conn> FastLane::Connection(std::string* error) {
     return nullptr;
   }
   SSL* ssl = nullptr;
-  if (NodeTls() != nullptr) {
+  if (NodeTls().on) {
     std::string host, port;
     SplitAddress(address_, &host, &port);
     ssl = Handshake(fd, NodeServerName().empty() ? host : NodeServerName(), error);
@@ -547,26 +631,13 @@ void FastLane::Call(const std::string& meta, const std::vector<std::string_view>
 
 bool SetNodeTls(const std::string& ca_file, const std::string& cert_file, const std::string& key_file,
                 const std::string& server_name, std::string* error) {
-  SSL_CTX* context = SSL_CTX_new(TLS_client_method());
-  if (context == nullptr) return *error = TlsError("cannot create a TLS context"), false;
-  SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
-  SSL_CTX_set_verify(context, SSL_VERIFY_PEER, nullptr);
-  SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-  bool ok = true;
-  if (SSL_CTX_load_verify_locations(context, ca_file.c_str(), nullptr) != 1) {
-    ok = false, *error = "cannot load the CA " + ca_file + ": " + TlsError("unreadable");
-  } else if (!cert_file.empty() &&
-             (SSL_CTX_use_certificate_chain_file(context, cert_file.c_str()) != 1 ||
-              SSL_CTX_use_PrivateKey_file(context, key_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
-              SSL_CTX_check_private_key(context) != 1)) {
-    ok = false, *error = "cannot load the client certificate " + cert_file + " with key " + key_file + ": " +
-                         TlsError("unreadable");
-  }
-  if (!ok) {
-    SSL_CTX_free(context);
-    return false;
-  }
-  NodeTls() = context;
+  NodeTlsFiles& tls = NodeTls();
+  tls.ca = ca_file, tls.cert = cert_file, tls.key = key_file;
+  tls.seen = FilesState(tls);
+  tls.context = MakeNodeContext(ca_file, cert_file, key_file, error);
+  if (tls.context == nullptr) return false;
+  tls.next_look = Clock::now() + std::chrono::seconds(1);
+  tls.on = true;
   NodeServerName() = server_name;
   return true;
 }

@@ -1,6 +1,9 @@
 // cnei-frontdoor: flags, wiring, serving the public OIP port, and shutdown on SIGTERM/SIGINT.
 #include <absl/synchronization/mutex.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -141,15 +144,24 @@ std::string ReadFile(const std::string& path) {
 }
 
 // The public port's credentials: TLS from the PEM files (client certificates required when a
-// client CA is given), else plaintext.
+// client CA is given), else plaintext. The files are watched: renewed certificates and client CA
+// are taken without a restart; files that do not load leave the last good ones in use.
+constexpr unsigned int kTlsRefreshS = 1;
+
 std::shared_ptr<grpc::ServerCredentials> PublicCredentials(const Flags& flags) {
   if (flags.tls_cert.empty()) return grpc::InsecureServerCredentials();
-  grpc::SslServerCredentialsOptions options(
-      flags.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
-                                  : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  options.pem_key_cert_pairs.push_back({ReadFile(flags.tls_key), ReadFile(flags.tls_cert)});
-  if (!flags.tls_client_ca.empty()) options.pem_root_certs = ReadFile(flags.tls_client_ca);
-  return grpc::SslServerCredentials(options);
+  bool mutual = !flags.tls_client_ca.empty();
+  for (const std::string* path : {&flags.tls_key, &flags.tls_cert, &flags.tls_client_ca}) {
+    if (!path->empty()) ReadFile(*path);  // unreadable: a usage error now, not failed handshakes
+  }
+  auto files = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      flags.tls_key, flags.tls_cert, flags.tls_client_ca, kTlsRefreshS);
+  grpc::experimental::TlsServerCredentialsOptions options(files);
+  options.watch_identity_key_cert_pairs();
+  if (mutual) options.watch_root_certs();
+  options.set_cert_request_type(mutual ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                       : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  return grpc::experimental::TlsServerCredentials(options);
 }
 
 std::string WithPort(const std::string& address, int port) {

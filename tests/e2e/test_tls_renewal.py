@@ -1,0 +1,159 @@
+"""Renewed TLS files are taken without a restart (cert-manager, a Kubernetes Secret volume): a
+runtime and a coordinator (its front door on and off) serving mutual TLS, then every file swapped
+for ones of another CA. New connections to the servers get the renewed certificates and only
+clients of the new CA get in (gRPC, the fast lane, REST); the coordinator's own connections to
+the runtime, opened anew once the runtime restarts, present its renewed client certificate."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from services.cli import infra
+from services.common import tls
+from services.common.errors import Unavailable
+from services.common.fastlane import FastClient
+from services.coordinator.door_process import BUILT
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.e2e.processes import digits_payload, start_coordinator, start_fast_runtime
+from tests.pki import make_pki
+
+REGION = "site-renew"
+# {live file name: the PKI entry it holds}: what the runtime and the coordinator are configured with
+LIVE = {"server.pem": "cert", "server.key": "key", "ca.pem": "ca", "client.pem": "client_cert", "client.key": "client_key"}
+
+
+@pytest.fixture(scope="module")
+def pkis(tmp_path_factory) -> tuple[dict, dict]:
+    old, new = tmp_path_factory.mktemp("pki-old"), tmp_path_factory.mktemp("pki-new")
+    return make_pki(old), make_pki(new)
+
+
+def _install(live: Path, pki: dict) -> None:
+    """Every live file replaced by the PKI's, each by a rename (a new inode, as a Secret volume's swap)."""
+    for name, entry in LIVE.items():
+        shutil.copyfile(pki[entry], live / f".{name}.tmp")
+        os.replace(live / f".{name}.tmp", live / name)
+
+
+def _client(address: str, pki: dict) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(address, ssl=True, root_certificates=pki["ca"],
+                                        certificate_chain=pki["client_cert"], private_key=pki["client_key"])
+
+
+def _served_by(address: str, pki: dict) -> tuple[str, bool]:
+    """One digits request placed in REGION on a new connection: (node, through the front door)."""
+    client = _client(address, pki)
+    try:
+        tensor = triton.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+        params = client.infer("digits", [tensor], parameters={"region": REGION},
+                              client_timeout=20).get_response().parameters
+        return params["cnei_node"].string_param, "cnei_front_door" in params and params["cnei_front_door"].bool_param
+    finally:
+        client.close()
+
+
+def _serving(address: str, pki: dict, door: str) -> bool:
+    """edge-renew answers through the coordinator (and its door, when on) for a client of `pki`."""
+    try:
+        return _served_by(address, pki) == ("edge-renew", door == "on")
+    except InferenceServerException:
+        return False
+
+
+def _refused(address: str, pki: dict) -> bool:
+    try:
+        _served_by(address, pki)
+    except InferenceServerException as exc:
+        return exc.status() == "StatusCode.UNAVAILABLE"
+    return False
+
+
+def _grpc_ready(address: str, pki: dict) -> bool:
+    credentials = tls.channel_credentials(pki["ca"], pki["client_cert"], pki["client_key"])
+    with grpc.secure_channel(address, credentials) as channel:
+        try:
+            return pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        except grpc.RpcError:
+            return False
+
+
+def _fast_ok(address: str, pki: dict) -> bool:
+    async def call() -> bytes:
+        client = FastClient(address, connect_timeout=5.0,
+                            ssl_context=tls.client_ssl_context(pki["ca"], pki["client_cert"], pki["client_key"]))
+        try:
+            return await client.call(digits_payload(), 10.0)
+        finally:
+            await client.close()
+    try:
+        return pb.ModelInferResponse.FromString(asyncio.run(call())).model_name == "digits"
+    except Unavailable:
+        return False
+
+
+def _https_ok(port: int, pki: dict) -> bool:
+    context = tls.client_ssl_context(pki["ca"], pki["client_cert"], pki["client_key"])
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/health/ready", timeout=5, context=context) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("door", ["on", "off"])
+def test_renewed_certificates_and_cas_are_taken_without_a_restart(mesh, pkis, door, tmp_path):
+    if door == "on" and not BUILT.is_file():
+        pytest.skip(f"front door not built ({BUILT}): make frontdoor")
+    old, new = pkis
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(live, old)
+    runtime_env = {"CNEI_RUNTIME_TLS_CERT_FILE": str(live / "server.pem"),
+                   "CNEI_RUNTIME_TLS_KEY_FILE": str(live / "server.key"),
+                   "CNEI_RUNTIME_TLS_CLIENT_CA_FILE": str(live / "ca.pem")}
+    runtime, grpc_address, fast_address = start_fast_runtime(mesh, "edge-renew", REGION, tmp_path, **runtime_env)
+    coordinator = None
+    try:
+        coordinator, address, http_port, _ = start_coordinator(
+            mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR=door,
+            CNEI_COORDINATOR_TLS_CERT_FILE=str(live / "server.pem"), CNEI_COORDINATOR_TLS_KEY_FILE=str(live / "server.key"),
+            CNEI_COORDINATOR_TLS_CLIENT_CA_FILE=str(live / "ca.pem"),
+            CNEI_COORDINATOR_NODE_TLS_CA_FILE=str(live / "ca.pem"), CNEI_COORDINATOR_NODE_TLS_CERT_FILE=str(live / "client.pem"),
+            CNEI_COORDINATOR_NODE_TLS_KEY_FILE=str(live / "client.key"))
+        infra.wait_until(lambda: _serving(address, old, door), 30, "edge-renew serving through the coordinator over TLS")
+
+        _install(live, new)
+        # the servers: new connections get the renewed certificate; the old CA's clients are refused
+        infra.wait_until(lambda: _grpc_ready(grpc_address, new), 10, "the runtime's gRPC port on the new files")
+        assert not _grpc_ready(grpc_address, old)
+        infra.wait_until(lambda: _fast_ok(fast_address, new), 10, "the runtime's fast lane on the new files")
+        assert not _fast_ok(fast_address, old)
+        infra.wait_until(lambda: _https_ok(http_port, new), 10, "the coordinator's REST port on the new files")
+        assert not _https_ok(http_port, old)
+        infra.wait_until(lambda: not _refused(address, new), 10, "the coordinator's gRPC port on the new files")
+        assert _refused(address, old)
+        # the coordinator's own clients of the runtime take the renewed CA (within about a second)
+        infra.wait_until(lambda: _serving(address, new, door), 10, "edge-renew serving on the new files")
+
+        # the runtime restarts on its ports: the coordinator (and its door) connect anew, with the
+        # renewed client certificate the runtime's new client CA requires
+        infra.stop(runtime)
+        runtime, _, _ = start_fast_runtime(mesh, "edge-renew", REGION, tmp_path, int(grpc_address.rsplit(":", 1)[1]),
+                                           int(fast_address.rsplit(":", 1)[1]), **runtime_env)
+        infra.wait_until(lambda: _serving(address, new, door), 30,
+                         "edge-renew serving through the coordinator again, on renewed client certificates")
+    finally:
+        if coordinator is not None:
+            infra.stop(coordinator)
+        infra.stop(runtime)
