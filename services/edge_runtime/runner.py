@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from services.common.errors import TensorError
+
 log = logging.getLogger(__name__)
 
 # Automatic intra-op threads (intra_op_threads = 0): a session gets every core of the process (up
@@ -54,8 +56,40 @@ class OrtModel:
         self.intra_op_threads = intra_op_threads
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model: BYTES inputs go in as text, string outputs come back as UTF-8 bytes."""
         names = outputs or self.output_names
-        return dict(zip(names, self.session.run(names, inputs)))
+        feed = {name: ort_input(array, name) for name, array in inputs.items()}
+        return {name: oip_output(array) for name, array in zip(names, self.session.run(names, feed))}
+
+
+def ort_input(array: np.ndarray, name: str) -> np.ndarray:
+    """`array` as ONNX Runtime takes it: a BYTES tensor (an object array of `bytes`, as the codec
+    decodes it) becomes an object array of `str` (ORT would turn each `bytes` into its repr,
+    b"a" into "b'a'"; ORT's string tensors are UTF-8, so other bytes are refused, naming the
+    tensor). Other arrays pass as they are."""
+    if array.dtype.kind not in ("O", "S"):
+        return array
+    text = np.empty(array.shape, dtype=object)
+    flat = text.reshape(-1)
+    for i, item in enumerate(array.reshape(-1)):
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TensorError(name, f"element {i} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                        f"the model's string tensors take UTF-8 only") from None
+        flat[i] = item if isinstance(item, str) else str(item)
+    return text
+
+
+def oip_output(array: np.ndarray) -> np.ndarray:
+    """An ORT output as the OIP codec sends it: a string tensor (object array of `str`) becomes
+    an object array of UTF-8 `bytes`; other arrays pass as they are."""
+    if array.dtype.kind != "O":
+        return array
+    data = np.empty(array.shape, dtype=object)
+    data.reshape(-1)[:] = [item.encode("utf-8") if isinstance(item, str) else item for item in array.reshape(-1)]
+    return data
 
 
 def available_cores() -> int:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
+from services.common.errors import TensorError
 from services.edge_runtime.runner import OrtModel, auto_threads, choose_providers, tuned_model
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -75,3 +78,35 @@ def test_inputs_the_model_cannot_run_leave_it_on_one_thread_with_a_warning(digit
     model = tuned_model(built.path, False, {"not-an-input": np.zeros((16, 64), np.float32)}, cores=4)
     assert model.intra_op_threads == 1
     assert "keeps one" in caplog.text
+
+
+@pytest.fixture
+def string_identity(tmp_path) -> OrtModel:
+    """A model whose STRING output `o` is its STRING input `s`, [n, 1]."""
+    graph = helper.make_graph([helper.make_node("Identity", ["s"], ["o"])], "string-identity",
+                              [helper.make_tensor_value_info("s", TensorProto.STRING, ["n", 1])],
+                              [helper.make_tensor_value_info("o", TensorProto.STRING, ["n", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "string-identity.onnx")
+    return OrtModel(tmp_path / "string-identity.onnx", False, 1)
+
+
+@pytest.mark.parametrize("sent", [
+    [[b"hello"], [b"world"]],
+    [["hello".encode()], ["h\u00e9llo \u2603".encode()]],
+    [[b""], [b"b'quoted'"]],
+], ids=["ascii", "utf-8", "empty-and-quotes"])
+def test_bytes_inputs_reach_a_string_model_as_their_text_and_come_back_as_the_same_bytes(string_identity, sent):
+    inputs = np.empty((len(sent), 1), dtype=object)
+    inputs[:] = sent
+    got = string_identity.run({"s": inputs})["o"]
+    assert got.dtype == object and got.shape == (len(sent), 1)
+    assert got.tolist() == sent
+    assert all(type(item) is bytes for item in got.ravel())
+
+
+def test_bytes_inputs_that_are_not_utf_8_are_refused_naming_the_tensor(string_identity):
+    inputs = np.array([[b"ok"], [b"\xff\xfe"]], dtype=object)
+    with pytest.raises(TensorError, match="tensor 's': element 1 is not UTF-8"):
+        string_identity.run({"s": inputs})
