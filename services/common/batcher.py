@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,11 +48,19 @@ BatchConfig = BatchingSpec
 
 
 def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
-    """A numeric request parameter; one that is not a number is the client's error."""
+    """A numeric request parameter; one that is not a finite number (or not a non-negative one,
+    for a timeout) is the client's error."""
     try:
-        return kind(params.get(key, 0) or 0)
+        value = kind(params.get(key, 0) or 0)
     except (TypeError, ValueError):
         raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
+    except OverflowError:  # int(inf)
+        raise InvalidArgument(f"parameter '{key}' must be a finite number, got {params[key]!r}") from None
+    if not math.isfinite(value):
+        raise InvalidArgument(f"parameter '{key}' must be a finite number, got {params[key]!r}")
+    if key.startswith("timeout") and value < 0:
+        raise InvalidArgument(f"parameter '{key}' must not be negative, got {params[key]!r}")
+    return value
 
 
 def request_deadline(params: dict, deadline_s: float | None, default_s: float) -> float:

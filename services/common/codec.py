@@ -100,9 +100,19 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def _shaped(array: np.ndarray, shape: list[int], tensor: str) -> np.ndarray:
+    """`array` in `shape`; a shape numpy cannot make (a zero-size one with a huge dimension) is
+    the client's error."""
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise TensorError(tensor, f"shape {list(shape)} cannot be made: {exc}") from None
+
+
 def deserialize_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
-    """Raw BYTES form -> 1-D object array of `count` bytes elements."""
-    out = np.empty(count, dtype=np.object_)
+    """Raw BYTES form -> 1-D object array of `count` bytes elements (read before anything of
+    `count`'s size is made: a huge shape sent with a few bytes fails on the bytes)."""
+    items: list[bytes] = []
     offset, view = 0, memoryview(raw)
     for i in range(count):
         if offset + 4 > len(raw):
@@ -111,10 +121,12 @@ def deserialize_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
         offset += 4
         if offset + length > len(raw):
             raise TensorError(tensor, f"raw BYTES element {i} claims {length} bytes past the end")
-        out[i] = bytes(view[offset:offset + length])
+        items.append(bytes(view[offset:offset + length]))
         offset += length
     if offset != len(raw):
         raise TensorError(tensor, f"raw BYTES data has {len(raw) - offset} bytes beyond {count} elements")
+    out = np.empty(count, dtype=np.object_)
+    out[:] = items
     return out
 
 
@@ -123,14 +135,14 @@ def from_raw(raw: bytes, dtype_name: str, shape: list[int], tensor: str) -> np.n
     dt = datatype(dtype_name, tensor)
     count = element_count(shape, tensor)
     if dt.name == "BYTES":
-        return deserialize_bytes(raw, count, tensor).reshape(shape)
+        return _shaped(deserialize_bytes(raw, count, tensor), shape, tensor)
     expected = count * dt.dtype.itemsize
     if len(raw) != expected:
         raise TensorError(
             tensor,
             f"raw data is {len(raw)} bytes but {dt.name} shape {list(shape)} needs {expected}",
         )
-    return np.frombuffer(raw, dtype=dt.dtype).reshape(shape)
+    return _shaped(np.frombuffer(raw, dtype=dt.dtype), shape, tensor)
 
 
 def to_raw(array: np.ndarray, tensor: str = "?") -> bytes:
@@ -156,8 +168,12 @@ def from_contents(contents, dtype_name: str, shape: list[int], tensor: str) -> n
     if dt.name == "BYTES":
         array = np.empty(count, dtype=np.object_)
         array[:] = list(values)
-        return array.reshape(shape)
-    return np.asarray(values, dtype=dt.dtype).reshape(shape)
+        return _shaped(array, shape, tensor)
+    try:
+        array = np.asarray(values, dtype=dt.dtype)
+    except (OverflowError, ValueError) as exc:  # 300 as UINT8: numpy refuses, not wraps
+        raise TensorError(tensor, f"{dt.contents_field} holds a value out of range for {dt.name}: {exc}") from None
+    return _shaped(array, shape, tensor)
 
 
 def to_contents(array: np.ndarray, contents, tensor: str = "?") -> None:

@@ -85,6 +85,11 @@ def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray]) -> None:
         mbs = variant.max_batch_size
         if mbs and array.shape and array.shape[0] > mbs:
             raise TensorError(spec.name, f"batch {array.shape[0]} exceeds max_batch_size {mbs}")
+    if variant.max_batch_size:  # one request's rows: every input holds as many (first dimension)
+        rows = {spec.name: inputs[spec.name].shape[0] for spec in variant.inputs}
+        if len(set(rows.values())) > 1:
+            raise InvalidArgument(f"model '{variant.name}' batches on the first dimension, but the inputs "
+                                  f"disagree on it: {', '.join(f'{k} {v}' for k, v in rows.items())}")
 
 
 @functools.lru_cache(maxsize=4096)

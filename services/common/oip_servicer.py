@@ -372,7 +372,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self.infer_message(request, context.time_remaining())
                 return pb.ModelStreamInferResponse(infer_response=response)
-            except CneiError as exc:
+            except Exception as exc:  # noqa: BLE001 - one request's failure, never the stream's
+                if not isinstance(exc, CneiError):
+                    log.exception("stream request for model '%s' failed", request.model_name)
+                    exc = CneiError(f"internal error: {type(exc).__name__}: {exc}")
                 return pb.ModelStreamInferResponse(
                     error_message=f"{exc.code.value}: {exc.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),

@@ -233,6 +233,28 @@ def test_a_numpy_dtype_without_an_oip_datatype_is_rejected_naming_the_tensor():
         oip.request_to_proto(request)
 
 
+@pytest.mark.parametrize(
+    ("decode", "message"),
+    [
+        (lambda: codec.from_contents(pb.InferTensorContents(uint_contents=[300]), "UINT8", [1], "t"),
+         "tensor 't': uint_contents holds a value out of range for UINT8"),
+        (lambda: codec.from_contents(pb.InferTensorContents(int_contents=[-1000]), "INT8", [1], "t"),
+         "tensor 't': int_contents holds a value out of range for INT8"),
+        (lambda: codec.from_raw(b"", "FP32", [0, 2 ** 62], "t"), r"tensor 't': shape \[0, 4611686018427387904\] cannot be made"),
+        (lambda: codec.from_raw(b"", "BYTES", [0, 2 ** 62], "t"), r"tensor 't': shape \[0, 4611686018427387904\] cannot be made"),
+        (lambda: codec.from_raw(b"\0\0\0\0", "BYTES", [2 ** 40], "t"),
+         "tensor 't': raw BYTES data ends before element 1 of 1099511627776"),
+    ],
+    ids=["uint8-out-of-range", "int8-out-of-range", "zero-size-huge-dimension", "bytes-zero-size-huge-dimension",
+         "bytes-count-beyond-the-data"],
+)
+def test_values_and_shapes_numpy_cannot_hold_are_the_clients_error(decode, message):
+    """Never an OverflowError, a MemoryError (an 8 TiB allocation for 4 bytes sent) or numpy's
+    ValueError, which would answer INTERNAL."""
+    with pytest.raises(TensorError, match=message):
+        decode()
+
+
 def test_a_negative_dimension_is_rejected_naming_the_tensor():
     with pytest.raises(TensorError, match=r"tensor 't': shape \[-1, 2\] has a negative dimension"):
         codec.from_raw(b"", "FP32", [-1, 2], "t")

@@ -63,6 +63,7 @@ def test_versions_order_numerically_where_they_are_numbers(older, newer):
 
 BATCHING = _variant("1", "FP32", metadata={"max_batch_size": "4"})
 FIXED = _variant("1", "FP32", inputs=[TensorSpec("input", "FP32", (1, 64)), TensorSpec("mask", "BOOL", (1,))])
+PAIR = _variant("1", "FP32", inputs=[TensorSpec("a", "FP32", (-1, 4)), TensorSpec("b", "FP32", (-1, 4))])
 
 
 @pytest.mark.parametrize(
@@ -96,9 +97,13 @@ def test_check_inputs_accepts_inputs_that_match_the_model(variant, inputs):
          r"tensor 'input': shape \[2, 64\] but model expects \[1, 64\]"),
         (BATCHING, {"input": np.zeros((5, 64), np.float32)}, TensorError,
          "tensor 'input': batch 5 exceeds max_batch_size 4"),
+        # rows of one request: a batcher splitting a batch by the first input's rows would hand
+        # this request's extra `b` rows to the next caller
+        (PAIR, {"a": np.zeros((1, 4), np.float32), "b": np.zeros((2, 4), np.float32)}, InvalidArgument,
+         "model 'digits' batches on the first dimension, but the inputs disagree on it: a 1, b 2"),
     ],
     ids=["unknown-input", "missing-input", "wrong-datatype", "wrong-rank", "wrong-dimension",
-         "fixed-batch", "batch-too-large"],
+         "fixed-batch", "batch-too-large", "inputs-disagree-on-rows"],
 )
 def test_check_inputs_rejects_inputs_that_do_not_match_the_model(variant, inputs, error, message):
     with pytest.raises(error, match=message):
