@@ -5,12 +5,11 @@ size holding an input (instead of sending its bytes) or receiving an output.
 Transport-free: the OIP codec reads inputs and writes outputs through `SharedMemoryRegions`.
 With `directory` set (coordinator workers sharing one port, or the coordinator and its compiled
 front door), registrations are files there, created exclusively, so a region registered through
-one process is usable through every other; each process maps the object itself when first used.
+one process is usable through every other; each process opens the object itself when first used.
 A registration file is `shm-region-<hex of the name>` holding three lines: key, offset, byte_size
 (the front door reads the same files, services/coordinator/frontdoor/src/shm.cc)."""
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -75,32 +74,34 @@ def _object_path(key: str) -> Path:
     return SHM_ROOT / name
 
 
-class _Mapped:
-    """One region mapped into this process."""
+class _Opened:
+    """One region's object, open in this process. Tensors are copied in and out with
+    pread/pwrite, never through a map: the client owns the object and may shrink it at any time
+    (a map's pages past the new end would fault, SIGBUS, killing the server)."""
 
     def __init__(self, region: Region):
         self.region = region
         self.path = path = _object_path(region.key)
         try:
-            fd = os.open(path, os.O_RDWR)
+            self.fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             raise NotFound(f"shared memory key '{region.key}' does not exist on this host") from None
         except PermissionError:
             raise InvalidArgument(f"shared memory key '{region.key}' cannot be opened for reading and writing") from None
         try:
-            stat = os.fstat(fd)
-            size, self.identity = stat.st_size, (stat.st_dev, stat.st_ino)
+            stat = os.fstat(self.fd)
+            self.identity = (stat.st_dev, stat.st_ino)
             end = region.offset + region.byte_size
-            if end > size:
+            if end > stat.st_size:
                 raise InvalidArgument(f"region '{region.name}': offset {region.offset} + byte_size "
-                                      f"{region.byte_size} is beyond the {size} bytes of '{region.key}'")
-            self.map = mmap.mmap(fd, end)
-        finally:
-            os.close(fd)
+                                      f"{region.byte_size} is beyond the {stat.st_size} bytes of '{region.key}'")
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def current(self, region: Region) -> bool:
-        """Whether this map is still `region` over the object its key names now (a client may
-        have made the object afresh, or registered the name again through another process)."""
+        """Whether this is still `region` over the object its key names now (a client may have
+        made the object afresh, or registered the name again through another process)."""
         if region != self.region:
             return False
         try:
@@ -109,8 +110,33 @@ class _Mapped:
             return False
         return (stat.st_dev, stat.st_ino) == self.identity
 
+    def read(self, start: int, size: int, what: str) -> bytes:
+        """`size` bytes at `start` of the object (InvalidArgument when it no longer holds them)."""
+        parts, done = [], 0
+        while done < size:
+            part = os.pread(self.fd, size - done, start + done)
+            if not part:
+                raise self._shrunk(start, size, what)
+            parts.append(part)
+            done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, start: int, data: bytes | memoryview, what: str) -> None:
+        """`data` at `start` of the object, which must still hold that range (InvalidArgument)."""
+        view, done = memoryview(data).cast("B"), 0
+        if start + len(view) > os.fstat(self.fd).st_size:
+            raise self._shrunk(start, len(view), what)
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], start + done)
+
+    def _shrunk(self, start: int, size: int, what: str) -> InvalidArgument:
+        held = os.fstat(self.fd).st_size
+        return InvalidArgument(f"{what}: shared memory region '{self.region.name}' is smaller than the range "
+                               f"asked for: bytes {start} to {start + size} of '{self.region.key}', which now "
+                               f"holds {held} bytes (shrunk after it was registered)")
+
     def close(self) -> None:
-        self.map.close()
+        os.close(self.fd)
 
 
 class SharedMemoryRegions:
@@ -119,7 +145,7 @@ class SharedMemoryRegions:
         self.enabled = enabled
         self.dir = Path(directory) if directory else None
         self._local: dict[str, Region] = {}  # registrations, when not shared through `dir`
-        self._mapped: dict[str, _Mapped] = {}
+        self._opened: dict[str, _Opened] = {}
         self._lock = threading.Lock()  # inputs are read on the event loop, outputs may be written off it
 
     # --- the extension's three calls ----------------------------------------------------------
@@ -132,7 +158,7 @@ class SharedMemoryRegions:
         if byte_size <= 0:
             raise InvalidArgument(f"region '{name}': byte_size must be positive")
         region = Region(name, key, int(offset), int(byte_size))
-        mapped = _Mapped(region)  # the object exists and is large enough, or a clear error
+        opened = _Opened(region)  # the object exists and is large enough, or a clear error
         try:
             if self.dir is not None:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -152,11 +178,11 @@ class SharedMemoryRegions:
                         raise self._exists(name)
                     self._local[name] = region
         except BaseException:
-            mapped.close()
+            opened.close()
             raise
         with self._lock:
-            old = self._mapped.pop(name, None)
-            self._mapped[name] = mapped
+            old = self._opened.pop(name, None)
+            self._opened[name] = opened
         if old is not None:
             old.close()
         return region
@@ -170,9 +196,9 @@ class SharedMemoryRegions:
                 self._file(region.name).unlink(missing_ok=True)
             with self._lock:
                 self._local.pop(region.name, None)
-                mapped = self._mapped.pop(region.name, None)
-            if mapped is not None:
-                mapped.close()
+                opened = self._opened.pop(region.name, None)
+            if opened is not None:
+                opened.close()
 
     def status(self, name: str = "") -> list[Region]:
         if name:
@@ -194,43 +220,43 @@ class SharedMemoryRegions:
     def read(self, place: TensorPlace, what: str) -> bytes:
         """A copy of the bytes at `place` (the client may reuse the region at once)."""
         with self._lock:
-            mapped, start = self._span(place, place.byte_size, what)
-            return mapped.map[start:start + place.byte_size]
+            opened, start = self._span(place, place.byte_size, what)
+            return opened.read(start, place.byte_size, what)
 
     def write(self, place: TensorPlace, data: bytes | memoryview, what: str) -> None:
         if len(data) > place.byte_size:
             raise InvalidArgument(f"{what} is {len(data)} bytes, more than the {place.byte_size} "
                                   f"bytes given to it in shared memory region '{place.region}'")
         with self._lock:
-            mapped, start = self._span(place, len(data), what)
-            mapped.map[start:start + len(data)] = data
+            opened, start = self._span(place, len(data), what)
+            opened.write(start, data, what)
 
     def close(self) -> None:
         with self._lock:
-            mapped, self._mapped = list(self._mapped.values()), {}
-        for m in mapped:
-            m.close()
+            opened, self._opened = list(self._opened.values()), {}
+        for o in opened:
+            o.close()
 
     # --- inside ---------------------------------------------------------------------------------
-    def _span(self, place: TensorPlace, size: int, what: str) -> tuple[_Mapped, int]:
-        """(the region mapped, where `place` starts in the map); the lock is held."""
+    def _span(self, place: TensorPlace, size: int, what: str) -> tuple[_Opened, int]:
+        """(the region's object, open; where `place` starts in it); the lock is held."""
         if not self.enabled:
             raise InvalidArgument(f"{what} is placed in shared memory, which is turned off on this server")
         region = self._registered(place.region)
         if region is None:
-            gone = self._mapped.pop(place.region, None)  # unregistered through another worker
+            gone = self._opened.pop(place.region, None)  # unregistered through another worker
             if gone is not None:
                 gone.close()
             raise NotFound(f"{what}: no shared memory region named '{place.region}' is registered")
         if place.offset + place.byte_size > region.byte_size:
             raise InvalidArgument(f"{what}: offset {place.offset} + byte_size {place.byte_size} is beyond "
                                   f"the {region.byte_size} bytes of shared memory region '{region.name}'")
-        mapped = self._mapped.get(region.name)
-        if mapped is None or not mapped.current(region):
-            if mapped is not None:
-                mapped.close()
-            mapped = self._mapped[region.name] = _Mapped(region)
-        return mapped, region.offset + place.offset
+        opened = self._opened.get(region.name)
+        if opened is None or not opened.current(region):
+            if opened is not None:
+                opened.close()
+            opened = self._opened[region.name] = _Opened(region)
+        return opened, region.offset + place.offset
 
     def _registered(self, name: str) -> Region | None:
         if self.dir is None:

@@ -90,6 +90,30 @@ def test_reads_and_writes_stay_inside_their_region(shm_object):
     regions.close()
 
 
+@pytest.mark.parametrize("directory", [False, True], ids=["one-process", "shared-directory"])
+def test_an_object_shrunk_after_registration_is_refused_and_never_faults(shm_object, tmp_path, directory):
+    key, path = shm_object
+    os.truncate(path, 16384)
+    regions = SharedMemoryRegions(str(tmp_path) if directory else "")
+    regions.register("r", key, 0, 16384)
+    _poke(path, 8192, b"abcd")
+    assert regions.read(TensorPlace("r", 4, 8192), "input 'a'") == b"abcd"
+    os.truncate(path, 4096)  # the client shrinks its object: same inode, still registered
+    with pytest.raises(InvalidArgument, match="input 'a': shared memory region 'r' is smaller than the range "
+                                              "asked for: bytes 8192 to 8196 .* now holds 4096 bytes"):
+        regions.read(TensorPlace("r", 4, 8192), "input 'a'")
+    with pytest.raises(InvalidArgument, match="input 'b': .* bytes 4000 to 4200 .* now holds 4096 bytes"):
+        regions.read(TensorPlace("r", 200, 4000), "input 'b'")  # straddles the new end
+    with pytest.raises(InvalidArgument, match="output 'y': .* bytes 8192 to 8202 .* now holds 4096 bytes"):
+        regions.write(TensorPlace("r", 16, 8192), b"0123456789", "output 'y'")
+    assert os.path.getsize(path) == 4096  # a refused write does not grow the object
+    regions.write(TensorPlace("r", 16, 16), b"0123456789", "output 'y'")  # what is still there is served
+    assert _peek(path, 16, 10) == b"0123456789"
+    os.truncate(path, 16384)  # grown back: the whole region serves again
+    assert regions.read(TensorPlace("r", 4, 8192), "input 'a'") == bytes(4)
+    regions.close()
+
+
 def test_workers_sharing_a_directory_see_each_others_regions(shm_object, tmp_path):
     key, path = shm_object
     one, two = SharedMemoryRegions(str(tmp_path)), SharedMemoryRegions(str(tmp_path))
