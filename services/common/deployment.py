@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,10 +157,25 @@ def _build(cls, data: Any, where: str):
         raise InvalidArgument(f"deployment '{where}': {exc}") from None
 
 
+def _non_finite(value: Any, where: str) -> str | None:
+    """The path of the first NaN or infinite number in a spec (they pass every range check, as
+    every comparison with NaN is false), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if dataclasses.is_dataclass(value):
+        value = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        return next(filter(None, (_non_finite(v, f"{where}.{k}") for k, v in value)), None)
+    if isinstance(value, tuple):
+        return next(filter(None, (_non_finite(v, f"{where}[{i}]") for i, v in enumerate(value))), None)
+    return None
+
+
 def validate(spec: DeploymentSpec) -> DeploymentSpec:
     b, s = spec.batching, spec.scheduler
     if not spec.model:
         raise InvalidArgument("deployment needs a 'model'")
+    if where := _non_finite(spec, spec.model):
+        raise InvalidArgument(f"deployment field '{where}' must be a finite number")
     if b.max_batch_size < 1 or b.max_queue_size < 1 or b.max_queue_delay_us < 0 or b.max_inflight_batches < 1:
         raise InvalidArgument("deployment batching values must be positive")
     if s.policy not in SCHEDULER_POLICIES:
@@ -253,9 +269,12 @@ def from_dict(data: Any) -> DeploymentSpec:
 
 def from_json(text: str) -> DeploymentSpec:
     try:
-        return from_dict(json.loads(text))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"deployment spec is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("deployment spec is nested too deeply") from None
+    return from_dict(data)
 
 
 def to_json(spec: DeploymentSpec) -> str:

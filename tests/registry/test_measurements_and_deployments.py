@@ -157,14 +157,21 @@ async def test_getting_the_deployment_of_a_model_without_one_is_not_found(client
      ('{{"model": "{name}", "sheduler": {{}}}}', "has unknown fields ['sheduler']"),
      ('{{"model": "{name}", "scheduler": {{"policy": "fastest"}}}}', "scheduler policy 'fastest' must be one of"),
      ('{{"model": "{name}", "scheduler": {{"threshold": "high"}}}}', "scheduler.threshold' must be float"),
-     ('{{"batching": {{}}}}', "missing 1 required positional argument: 'model'")],
-    ids=["not-json", "zero-batch", "unknown-field", "unknown-policy", "threshold-not-a-number", "no-model"],
+     ('{{"batching": {{}}}}', "missing 1 required positional argument: 'model'"),
+     ('{{"model": "{name}", "attempt_timeout_ms": NaN}}', "'{name}.attempt_timeout_ms' must be a finite number"),
+     ('{{"model": "{name}", "hedge_after_ms": Infinity}}', "'{name}.hedge_after_ms' must be a finite number"),
+     ('{{"model": "{name}", "scheduler": {{"alpha": NaN}}}}', "'{name}.scheduler.alpha' must be a finite number"),
+     ('{{"model": "{name}", "rollout": {{"canary_percent": -Infinity}}}}',
+      "'{name}.rollout.canary_percent' must be a finite number"),
+     ("[" * 100_000 + "]" * 100_000, "deployment spec is nested too deeply")],
+    ids=["not-json", "zero-batch", "unknown-field", "unknown-policy", "threshold-not-a-number", "no-model",
+         "nan-timeout", "infinite-hedge", "nan-weight", "infinite-percent", "nested-too-deeply"],
 )
 async def test_an_invalid_deployment_spec_is_invalid_argument_and_not_stored(client, stub, fp32, spec, message):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.PutDeployment(rpb.Deployment(spec_json=spec.format(name=fp32.name)), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in info.value.details()
+    assert message.format(name=fp32.name) in info.value.details()
     assert all(s.model != fp32.name for s in await client.list_deployments())
 
 
