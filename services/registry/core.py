@@ -80,34 +80,37 @@ class Registry:
 
     async def add_version(self, header: PushHeader, chunks: AsyncIterator[bytes]) -> ModelVariant:
         header = validate_header(header)
+        # refused before the upload is taken, and again (atomically) as it is catalogued
+        await asyncio.to_thread(self.store.check_absent, header.name, header.version, header.precision)
         temp = self.store.incoming / f"{uuid.uuid4().hex}.part"
-        digest, size = hashlib.sha256(), 0
         try:
-            with temp.open("wb") as fh:
-                async for data in chunks:
-                    size += len(data)
-                    if size > self.max_artifact_bytes:
-                        raise ResourceExhausted(
-                            f"artifact exceeds the {self.max_artifact_bytes}-byte limit"
-                        )
-                    digest.update(data)
-                    fh.write(data)
-            if size == 0:
-                raise InvalidArgument("artifact is empty")
+            sha, size = await self._receive(chunks, temp)
             inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
-            sha = digest.hexdigest()
-            await asyncio.to_thread(self.store.adopt_blob, temp, sha)
+            variant = ModelVariant(
+                name=header.name, version=header.version, precision=header.precision,
+                format=header.format, sha256=sha, size_bytes=size, inputs=inputs, outputs=outputs,
+                metadata=header.metadata, created_at=time.time(),
+            )
+            await asyncio.to_thread(self.store.add_variant, temp, variant)
         finally:
             temp.unlink(missing_ok=True)
-        variant = ModelVariant(
-            name=header.name, version=header.version, precision=header.precision,
-            format=header.format, sha256=sha, size_bytes=size, inputs=inputs, outputs=outputs,
-            metadata=header.metadata, created_at=time.time(),
-        )
-        await asyncio.to_thread(self.store.insert, variant)
         log.info("published %s sha256:%s (%d bytes)", variant.key, sha[:12], size)
         await self._announce(variant)
         return variant
+
+    async def _receive(self, chunks: AsyncIterator[bytes], temp: Path) -> tuple[str, int]:
+        """Write the upload to `temp`; its sha256 and size (limit and emptiness checked)."""
+        digest, size = hashlib.sha256(), 0
+        with temp.open("wb") as fh:
+            async for data in chunks:
+                size += len(data)
+                if size > self.max_artifact_bytes:
+                    raise ResourceExhausted(f"artifact exceeds the {self.max_artifact_bytes}-byte limit")
+                digest.update(data)
+                fh.write(data)
+        if size == 0:
+            raise InvalidArgument("artifact is empty")
+        return digest.hexdigest(), size
 
     async def _announce(self, variant: ModelVariant) -> None:
         if self.publish is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from services.common.errors import AlreadyExists
 from services.common.model_spec import ModelVariant, TensorSpec
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (
@@ -54,8 +57,10 @@ class RegistryStore:
         self.root = Path(data_dir)
         self.blobs = self.root / "artifacts" / "sha256"
         self.incoming = self.root / "incoming"
+        self.deltas = self.root / "artifacts" / "deltas"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._drop_incoming()
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "catalogue.sqlite3", check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -73,32 +78,57 @@ class RegistryStore:
     def has_blob(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()
 
-    def adopt_blob(self, temp_path: Path, sha256: str) -> Path:
-        """Move a verified upload into the content-addressed store (idempotent)."""
-        final = self.blob_path(sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            temp_path.unlink(missing_ok=True)
-        else:
-            with temp_path.open("rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(temp_path, final)
-        return final
+    def _drop_incoming(self) -> None:
+        """Remove uploads (and deltas) a registry that died (kill -9, power loss) left half
+        written: nothing else would ever delete them, and none is being written before the store
+        opens."""
+        for leftover in [*self.incoming.iterdir(), *self.deltas.glob("*.part")]:
+            if leftover.is_file():
+                log.info("removing %s, left half written by a registry that stopped", leftover)
+                leftover.unlink(missing_ok=True)
 
-    def insert(self, v: ModelVariant) -> None:
+    def check_absent(self, name: str, version: str, precision: str) -> None:
+        """ALREADY_EXISTS when the catalogue has this variant."""
+        with self._lock:
+            self._check_absent(name, version, precision)
+
+    def _check_absent(self, name: str, version: str, precision: str) -> None:
+        if self._db.execute("SELECT 1 FROM variants WHERE name = ? AND version = ? AND precision = ?",
+                            (name, version, precision)).fetchone():
+            raise AlreadyExists(f"model '{name}' version {version} precision {precision} already exists")
+
+    def add_variant(self, temp_path: Path, v: ModelVariant) -> None:
+        """Move the verified upload at `temp_path` into the content-addressed store as `v`'s
+        artifact and catalogue `v`, as one step under the store lock: a variant that exists is
+        ALREADY_EXISTS and leaves no artifact behind (the artifact is kept only while a variant
+        refers to it, so a rejected push cannot be fetched nor fill the disk)."""
+        with temp_path.open("rb") as fh:  # the slow part, outside the lock
+            os.fsync(fh.fileno())
+        final = self.blob_path(v.sha256)
+        with self._lock:
+            self._check_absent(v.name, v.version, v.precision)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp_path, final)  # the same bytes when it was there: their hash is its name
+            try:
+                self._insert(v)
+            except BaseException:
+                if not self._db.execute("SELECT 1 FROM variants WHERE sha256 = ?", (v.sha256,)).fetchone():
+                    final.unlink(missing_ok=True)
+                raise
+
+    def _insert(self, v: ModelVariant) -> None:
         row = (
             v.name, v.version, v.precision, v.format, v.sha256, v.size_bytes,
             json.dumps(v.metadata, sort_keys=True), _specs_to_json(v.inputs),
             _specs_to_json(v.outputs), v.created_at,
         )
-        with self._lock:
-            try:
-                self._db.execute("INSERT INTO variants VALUES (?,?,?,?,?,?,?,?,?,?)", row)
-                self._db.commit()
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(
-                    f"model '{v.name}' version {v.version} precision {v.precision} already exists"
-                ) from None
+        try:
+            self._db.execute("INSERT INTO variants VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+            self._db.commit()
+        except sqlite3.IntegrityError:
+            self._db.rollback()
+            raise AlreadyExists(f"model '{v.name}' version {v.version} precision {v.precision} "
+                                "already exists") from None
 
     def variants_of_artifacts(self, sha256s: list[str]) -> list[ModelVariant]:
         """The variants stored as these artifacts (no measurements merged)."""
@@ -111,7 +141,7 @@ class RegistryStore:
 
     def delta_path(self, base: str, target: str) -> Path:
         """Where the delta from artifact `base` to `target` is kept once made."""
-        return self.root / "artifacts" / "deltas" / f"{base}-{target}"
+        return self.deltas / f"{base}-{target}"
 
     def variants(self, name: str = "") -> list[ModelVariant]:
         """Variants with their latest measurements merged into metadata."""
