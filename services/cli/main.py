@@ -234,16 +234,28 @@ async def deploy_apply(args) -> int:
     return 0
 
 
-def rollout_change(rollout, verb: str, version: str = "", percent: float = 0.0):
+def rollout_change(rollout, verb: str, version: str = "", percent: float = 0.0, versions: list[str] = ()):
     """The model's rollout after `cnei deploy canary|promote|rollback`: a canary of `version`
     taking `percent` % of the requests that name no version; the canary made the stable version;
-    the canary dropped. FailedPrecondition when there is no canary to promote or roll back."""
+    the canary dropped. A canary over no pinned stable version pins the newest of `versions` (the
+    model's) other than the canary, the one the rest of the requests go to, and that rollback
+    comes back to (an unpinned stable one would follow the latest version: the canary itself, when
+    it is the newest). FailedPrecondition when there is no canary to promote or roll back, or no
+    other version to keep as the stable one."""
     from dataclasses import replace
 
     from services.common.errors import FailedPrecondition
+    from services.common.model_spec import version_key
 
     if verb == "canary":
-        return replace(rollout, canary=version, canary_percent=percent)
+        stable = rollout.stable
+        if not stable:
+            others = sorted({v for v in versions if v != version}, key=version_key)
+            if not others:
+                raise FailedPrecondition(f"version {version} is the model's only version: there is no other "
+                                         "to keep as the stable one beside a canary")
+            stable = others[-1]
+        return replace(rollout, stable=stable, canary=version, canary_percent=percent)
     if not rollout.canary:
         raise FailedPrecondition(f"there is no canary to {verb} (stable version: {rollout.stable or 'the latest'})")
     if verb == "promote":
@@ -264,7 +276,9 @@ async def deploy_rollout(args) -> int:
             spec = await client.get_deployment(args.model)
         except NotFound:
             spec = DeploymentSpec(model=args.model)
-        rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0))
+        versions = [v.version for v in await client.list(args.model)] if args.verb == "canary" else []
+        rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0),
+                                 versions)
         applied = (await client.put_deployment(replace(spec, rollout=rollout))).rollout
     finally:
         await client.close()

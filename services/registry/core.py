@@ -70,6 +70,15 @@ def validate_header(header: PushHeader) -> PushHeader:
     return PushHeader(header.name, header.version, precision, fmt, dict(header.metadata))
 
 
+def _check_canary_is_not_the_latest(spec: DeploymentSpec, latest: str) -> None:
+    """An unpinned stable version is the latest one: a canary of the latest version would then
+    take every request, and rolling it back would leave it serving. INVALID_ARGUMENT."""
+    rollout = spec.rollout
+    if rollout.canary and not rollout.stable and rollout.canary == latest:
+        raise InvalidArgument(f"rollout canary version {latest} is the latest version of model '{spec.model}', "
+                              "which an empty stable version also means: pin the stable version")
+
+
 class Registry:
     def __init__(self, store: RegistryStore, publish: Publisher | None = None,
                  max_artifact_bytes: int = 1 << 30):
@@ -156,9 +165,10 @@ class Registry:
             for step in spec.ensemble:
                 await self.resolve(step.model, step.version, step.precision)
         else:
-            await self.resolve(spec.model)
+            latest = await self.resolve(spec.model)
             for version in {spec.rollout.stable, spec.rollout.canary} - {""}:  # NOT_FOUND naming it
                 await self.resolve(spec.model, version)
+            _check_canary_is_not_the_latest(spec, latest.version)
         when = time.time()
         await asyncio.to_thread(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:

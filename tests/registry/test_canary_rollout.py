@@ -1,0 +1,65 @@
+"""A canary of a model's newest version over no pinned stable version: the registry refuses the
+rollout (the stable version would be the canary itself), and `cnei deploy canary` pins the newest
+other version as the stable one, which rollback comes back to. A real registry process; the CLI
+run as a user runs it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from services.common.deployment import DeploymentSpec, RolloutSpec
+from services.common.errors import CneiError, ErrorCode
+
+
+@pytest.fixture
+async def three_versions(client, name, built):
+    for version in ("1", "2", "3"):
+        await client.push_file(built["FP32"].path, name, version, "FP32")
+    return name
+
+
+def _cnei(registry, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli.main", "deploy", *args, "--registry", registry.target],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_a_canary_of_the_latest_version_over_an_unpinned_stable_one_is_refused(client, three_versions):
+    with pytest.raises(CneiError, match="canary version 3 is the latest version of model .* pin the stable") as info:
+        await client.put_deployment(DeploymentSpec(model=three_versions, rollout=RolloutSpec(canary="3",
+                                                                                             canary_percent=10)))
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert all(s.model != three_versions for s in await client.list_deployments())
+
+
+@pytest.mark.parametrize("rollout", [RolloutSpec(stable="2", canary="3", canary_percent=10),
+                                     RolloutSpec(canary="2", canary_percent=10)],
+                         ids=["latest-canary-over-a-pinned-stable", "older-canary-over-the-latest"])
+async def test_a_canary_beside_another_stable_version_is_stored(client, three_versions, rollout):
+    spec = DeploymentSpec(model=three_versions, rollout=rollout)
+    assert await client.put_deployment(spec) == spec
+
+
+async def test_cnei_deploy_canary_pins_the_newest_other_version_and_rollback_returns_to_it(
+        client, registry, three_versions):
+    out = _cnei(registry, "canary", three_versions, "3", "--percent", "10")
+    assert out.returncode == 0 and "stable v2, canary v3 at 10 %" in out.stdout, out.stderr
+    assert (await client.get_deployment(three_versions)).rollout == RolloutSpec("2", "3", 10.0)
+    out = _cnei(registry, "rollback", three_versions)
+    assert out.returncode == 0 and "stable v2, no canary" in out.stdout, out.stderr
+    assert (await client.get_deployment(three_versions)).rollout == RolloutSpec("2", "", 0.0)
+
+
+async def test_cnei_deploy_canary_keeps_a_pinned_stable_version(client, registry, three_versions):
+    await client.put_deployment(DeploymentSpec(model=three_versions, rollout=RolloutSpec(stable="1")))
+    out = _cnei(registry, "canary", three_versions, "3", "--percent", "25")
+    assert out.returncode == 0, out.stderr
+    assert (await client.get_deployment(three_versions)).rollout == RolloutSpec("1", "3", 25.0)
+
+
+async def test_cnei_deploy_canary_of_a_model_s_only_version_says_there_is_no_other(client, registry, name, built):
+    await client.push_file(built["FP32"].path, name, "1", "FP32")
+    out = _cnei(registry, "canary", name, "1")
+    assert out.returncode != 0 and "only version" in out.stderr, (out.stdout, out.stderr)
+    assert all(s.model != name for s in await client.list_deployments())
