@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from services.common import lifecycle, telemetry
 from services.common.background import Background
 from services.common.deployment import BatchingSpec
-from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -170,8 +170,26 @@ def may_overlap(queue: list[Pending], last_rows: int, max_batch_size: int) -> bo
     return sum(p.size for p in queue if p.signature == head_sig) >= min(last_rows, max_batch_size)
 
 
-def split(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
-    """Split batched outputs back into per-request outputs along axis 0."""
+class UnsplittableBatch(CneiError):
+    """A batch's answer that cannot be split back into its requests' rows: an output without
+    the batch dimension, or with another number of rows than the batch sent."""
+
+    code = ErrorCode.INTERNAL
+
+    def __init__(self, model: str, output: str, shape: tuple, rows: int, requests: int):
+        self.model, self.output, self.shape, self.rows = model, output, shape, rows
+        super().__init__(f"model '{model}' answered a batch of {rows} rows ({requests} requests) with output "
+                         f"'{output}' of shape {list(shape)}: it needs {rows} rows to be split between them")
+
+
+def split(outputs: dict[str, np.ndarray], sizes: list[int], model: str = "") -> list[dict[str, np.ndarray]]:
+    """Split batched outputs back into per-request outputs along axis 0; UnsplittableBatch when
+    an output does not have one row per batch row."""
+    rows = sum(sizes)
+    for name, array in outputs.items():
+        shape = np.shape(array)
+        if not shape or shape[0] != rows:
+            raise UnsplittableBatch(model, name, shape, rows, len(sizes))
     bounds = np.cumsum(sizes)[:-1]
     per_output = {name: np.split(array, bounds) for name, array in outputs.items()}
     return [{name: parts[i] for name, parts in per_output.items()} for i in range(len(sizes))]
@@ -203,6 +221,8 @@ class Batcher:
                      waited: list[int] | None = None) -> dict[str, np.ndarray]:
         """The request's outputs once its batch is answered; `waited`, when given, gets the
         nanoseconds it waited in the queue appended when it is sent."""
+        now = time.monotonic()  # requests cancelled or expired while a batch is in flight hold no slot
+        self._drop([p for p in self.queue if p.deadline <= now or (p.future is not None and p.future.done())])
         if len(self.queue) >= self.config.max_queue_size:
             DROPPED.labels(self.model, "queue_full").inc()
             raise ResourceExhausted(
@@ -227,6 +247,9 @@ class Batcher:
             raise DeadlineExceeded(
                 f"request for model '{self.model}' passed its deadline after "
                 f"{(time.monotonic() - item.enqueued) * 1e3:.1f} ms in the batcher") from None
+        finally:  # not sent yet: its slot in the queue is freed at once
+            if any(p is item for p in self.queue):
+                self._drop([item])
 
     def _idle(self, item: Pending) -> bool:
         """`item`, arriving now, would be sent alone at once anyway: empty queue, a free
@@ -333,6 +356,7 @@ class Batcher:
                     span.set_attributes({"cnei.model": self.model, "cnei.batch_size": total,
                                          "cnei.batch_requests": len(live)})
                     outputs = await self.send(inputs, total, max(p.deadline for p in live))
+                parts = self._parts(outputs, sizes)
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 if self.retry_alone and len(live) > 1:
                     await self._one_by_one(live, exc)
@@ -341,10 +365,6 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 return
-            parts = [outputs] if len(live) == 1 else split(outputs, sizes)
-            info = getattr(outputs, "info", None)
-            if info is not None and len(live) > 1:
-                parts = [BatchOutputs(part, info) for part in parts]
             for p, part in zip(live, parts):
                 if not p.future.done():
                     p.future.set_result(part)
@@ -352,6 +372,18 @@ class Batcher:
             self._running -= 1
             self._slots.release()
             self._wake.set()
+
+    def _parts(self, outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+        """Each request's share of the batch's `outputs` (with the batch's `info`, if any)."""
+        if len(sizes) == 1:
+            return [outputs]
+        try:
+            parts = split(outputs, sizes, self.model)
+        except UnsplittableBatch as exc:
+            log.error("%s", exc.message)
+            raise
+        info = getattr(outputs, "info", None)
+        return parts if info is None else [BatchOutputs(part, info) for part in parts]
 
     async def _one_by_one(self, live: list[Pending], error: Exception) -> None:
         """The batch failed (`error`): each request is sent alone and gets its own outcome."""

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import numpy as np
 import pytest
 
-from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, Pending, form_batch,
-                                     may_overlap, signature, split)
-from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, Pending,
+                                     UnsplittableBatch, form_batch, may_overlap, signature, split)
+from services.common.errors import DeadlineExceeded, ErrorCode, ResourceExhausted, Unavailable
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for
 PATIENCE_S = 10.0  # generous bound on anything that should happen "at once"
@@ -390,3 +391,62 @@ async def test_a_failed_batch_is_sent_again_one_by_one_only_where_asked(node, re
         assert [r["y"][0, 0] for r in (results[0], results[2])] == [10, 20] and isinstance(results[1], Bad)
     else:
         assert node.markers == [[1, 13, 2]] and all(isinstance(r, Bad) for r in results)
+
+
+# --- answers that cannot be split, and queue slots of requests no one waits for ----------------
+
+@pytest.mark.parametrize(
+    ("answer", "shape"),
+    [(lambda x_: np.asarray(x_.sum(), np.float32), r"\[\]"), (lambda x_: x_[:1] * 10, r"\[1, 2\]"),
+     (lambda x_: np.concatenate([x_, x_]), r"\[4, 2\]")],
+    ids=["no-batch-dimension", "too-few-rows", "too-many-rows"],
+)
+async def test_an_answer_that_cannot_be_split_fails_every_caller_at_once_naming_the_output(answer, shape):
+    async def send(inputs, size, deadline):
+        return {"y": answer(inputs["x"])}
+
+    batcher = Batcher("digits", BatchConfig(max_batch_size=2, max_queue_delay_us=FOREVER_US), send)
+    try:
+        results = await asyncio.wait_for(asyncio.gather(
+            batcher.submit({"x": x(1)}), batcher.submit({"x": x(2)}), return_exceptions=True), PATIENCE_S)
+    finally:
+        await batcher.close()
+    for result in results:
+        assert isinstance(result, UnsplittableBatch)
+        assert result.code is ErrorCode.INTERNAL
+        assert re.search(rf"model 'digits' answered a batch of 2 rows \(2 requests\) with output 'y' of shape "
+                         rf"{shape}: it needs 2 rows", result.message), result.message
+
+
+def test_split_refuses_an_output_whose_rows_are_not_the_batchs():
+    with pytest.raises(UnsplittableBatch, match=r"output 'label' of shape \[5\]: it needs 6 rows"):
+        split({"probabilities": np.zeros((6, 2)), "label": np.arange(5)}, [3, 3])
+
+
+async def test_a_caller_that_gives_up_frees_its_queue_slot_while_a_batch_is_in_flight(make_batcher, node):
+    batcher = make_batcher(max_queue_size=2)
+    blocker = await hold(batcher, node)
+    gone, expiring = await enqueue(batcher, {"inputs": {"x": x(1)}},
+                                   {"inputs": {"x": x(2)}, "deadline": time.monotonic() + 0.02})
+    gone.cancel()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expiring, PATIENCE_S)
+    await asyncio.sleep(0)
+    assert batcher.queue == []
+    newcomers = await enqueue(batcher, {"inputs": {"x": x(3)}}, {"inputs": {"x": x(4)}})
+    results = await release(node, blocker, newcomers)
+    assert node.markers == [[BLOCKER], [3, 4]]
+    np.testing.assert_array_equal(results[1]["y"], x(4) * 10)
+
+
+async def test_a_full_queue_counts_only_requests_someone_still_waits_for(make_batcher, node):
+    batcher = make_batcher(max_queue_size=1)
+    blocker = await hold(batcher, node)
+    loop = asyncio.get_running_loop()
+    ghost = Pending({"x": x(1)}, 1, signature({"x": x(1)}), future=loop.create_future())
+    ghost.future.cancel()  # its caller gone, the entry not yet taken out
+    batcher.queue.append(ghost)
+    kept = asyncio.create_task(batcher.submit({"x": x(2)}))
+    results = await release(node, blocker, [kept])
+    assert node.markers == [[BLOCKER], [2]]
+    np.testing.assert_array_equal(results[0]["y"], x(2) * 10)
