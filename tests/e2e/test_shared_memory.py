@@ -190,3 +190,40 @@ def test_registrations_that_cannot_be_served_are_refused_clearly(target):
         client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 64)
     assert cuda.value.status() == "StatusCode.FAILED_PRECONDITION"
     client.unregister_cuda_shared_memory()
+
+
+def test_a_region_the_client_shrinks_fails_its_requests_and_nothing_else(target):
+    """A client that truncates its object after registering it (a bug or malice on the same
+    host) gets INVALID_ARGUMENT; the server, which reads and writes regions without mapping them,
+    never faults (SIGBUS) and goes on serving."""
+    import os
+
+    kind, target = target
+    regions = Regions()
+    try:
+        admin = _fresh(target)
+        admin.register_system_shared_memory(regions.names[0], regions.keys[0], regions.x.nbytes)
+        admin.register_system_shared_memory(regions.names[1], regions.keys[1], OUT_BYTES)
+        client = _fresh(target)
+        for _ in range(10):  # the front door learns the route and serves from the regions itself
+            inputs, outputs = regions.request()
+            assert client.infer("digits", inputs, outputs=outputs).get_output("probabilities").shape == [ROWS, 10]
+
+        os.truncate(f"/dev/shm{regions.keys[1]}", 16)  # the output region shrinks
+        for _ in range(3):
+            inputs, outputs = regions.request()
+            with pytest.raises(InferenceServerException, match=regions.names[1]) as shrunk:
+                client.infer("digits", inputs, outputs=outputs)
+            assert shrunk.value.status() == "StatusCode.INVALID_ARGUMENT", shrunk.value
+
+        os.truncate(f"/dev/shm{regions.keys[0]}", 64)  # and the input region
+        for _ in range(3):
+            inputs, outputs = regions.request()
+            with pytest.raises(InferenceServerException, match=regions.names[0]) as shrunk:
+                client.infer("digits", inputs, outputs=outputs)
+            assert shrunk.value.status() == "StatusCode.INVALID_ARGUMENT", shrunk.value
+
+        assert _expected(target, regions.x).shape == (ROWS, 10)  # still serving
+    finally:
+        _fresh(target).unregister_system_shared_memory()
+        regions.close()

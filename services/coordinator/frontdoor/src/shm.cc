@@ -1,10 +1,11 @@
 #include "shm.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 
 namespace frontdoor {
@@ -64,11 +65,47 @@ std::string Hex(const std::string& text) {
 
 bool InSharedMemory(const Params& params) { return !params.empty() && params.count(kRegion) > 0; }
 
-MappedRegion::~MappedRegion() {
-  if (map != nullptr) munmap(map, map_length);
+OpenRegion::~OpenRegion() {
+  if (fd >= 0) close(fd);
 }
 
-std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
+bool OpenRegion::Read(uint64_t at, uint64_t size, std::string* out, std::string* error) const {
+  out->resize(size);
+  uint64_t done = 0;
+  while (done < size) {
+    ssize_t n = pread(fd, out->data() + done, size - done, off_t(offset + at + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      *error = "shared memory region '" + name + "' no longer holds bytes " + std::to_string(at) + ".." +
+               std::to_string(at + size) + (n < 0 ? std::string(": ") + strerror(errno) : " (the object shrank)");
+      return false;
+    }
+    done += uint64_t(n);
+  }
+  return true;
+}
+
+bool OpenRegion::Write(uint64_t at, const char* data, uint64_t size, std::string* error) const {
+  struct stat st;
+  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < offset + at + size) {
+    *error = "shared memory region '" + name + "' no longer holds bytes " + std::to_string(at) + ".." +
+             std::to_string(at + size) + " (the object shrank)";
+    return false;
+  }
+  uint64_t done = 0;
+  while (done < size) {
+    ssize_t n = pwrite(fd, data + done, size - done, off_t(offset + at + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      *error = "shared memory region '" + name + "' cannot be written: " + strerror(errno);
+      return false;
+    }
+    done += uint64_t(n);
+  }
+  return true;
+}
+
+std::shared_ptr<OpenRegion> SharedMemory::Find(const std::string& name) {
   const std::string path = dir_ + "/" + kFilePrefix + Hex(name);
   struct stat registration;
   std::lock_guard<std::mutex> lock(mu_);
@@ -85,7 +122,8 @@ std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
       return it->second;
     }
   }
-  auto region = std::make_shared<MappedRegion>();
+  auto region = std::make_shared<OpenRegion>();
+  region->name = name;
   region->inode = registration.st_ino;
   region->mtime_ns = mtime_ns;
   std::ifstream file(path);
@@ -96,19 +134,11 @@ std::shared_ptr<MappedRegion> SharedMemory::Find(const std::string& name) {
   region->object = "/dev/shm/" + (region->key[0] == '/' ? region->key.substr(1) : region->key);
   int fd = open(region->object.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return nullptr;
+  region->fd = fd;  // closed with the region
   struct stat st;
-  region->map_length = size_t(region->offset + region->byte_size);
-  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < region->map_length) {
-    close(fd);
-    return nullptr;
-  }
+  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < region->offset + region->byte_size) return nullptr;
   region->object_dev = st.st_dev;
   region->object_inode = st.st_ino;
-  void* map = mmap(nullptr, region->map_length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
-  if (map == MAP_FAILED) return nullptr;
-  region->map = map;
-  region->base = static_cast<char*>(map) + region->offset;
   regions_[name] = region;
   return region;
 }
@@ -130,9 +160,10 @@ bool SharedMemory::Take(inference::ModelInferRequest* request, std::vector<Outpu
       std::string name;
       uint64_t offset, size;
       if (!Place(input.parameters(), &name, &offset, &size)) return false;
-      std::shared_ptr<MappedRegion> region = Find(name);
+      std::shared_ptr<OpenRegion> region = Find(name);
       if (!region || offset > region->byte_size || size > region->byte_size - offset) return false;
-      raw.Add()->assign(region->base + offset, size);  // a copy: the client may reuse the region
+      std::string error;  // the coordinator, given the request, answers why
+      if (!region->Read(offset, size, raw.Add(), &error)) return false;  // a copy: the client may reuse the region
       Unplace(input.mutable_parameters());
     }
     request->mutable_raw_input_contents()->Swap(&raw);
@@ -142,13 +173,12 @@ bool SharedMemory::Take(inference::ModelInferRequest* request, std::vector<Outpu
     OutputPlace place;
     uint64_t size;
     if (!Place(output.parameters(), &place.region, &place.offset, &size)) return false;
-    place.mapped = Find(place.region);
-    if (!place.mapped || place.offset > place.mapped->byte_size ||
-        size > place.mapped->byte_size - place.offset) {
+    place.opened = Find(place.region);
+    if (!place.opened || place.offset > place.opened->byte_size ||
+        size > place.opened->byte_size - place.offset) {
       return false;
     }
     place.output = output.name();
-    place.data = place.mapped->base + place.offset;
     place.capacity = size;
     outputs->push_back(std::move(place));
     Unplace(output.mutable_parameters());

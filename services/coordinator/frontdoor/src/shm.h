@@ -1,5 +1,5 @@
 // Triton's system shared memory on the fast path: the coordinator keeps each registration as a
-// file in a directory it shares with the door (services/common/shm.py); the door maps the
+// file in a directory it shares with the door (services/common/shm.py); the door opens the
 // regions it meets in requests, reads inputs from them and writes outputs into them, so such
 // requests batch like any other. Anything it cannot resolve goes to the coordinator, which
 // answers with the precise error.
@@ -18,28 +18,32 @@
 
 namespace frontdoor {
 
-// One registered region mapped into the door; unmapped when the last user lets go.
-struct MappedRegion {
-  ~MappedRegion();
-  std::string key;
+// One registered region the door has open; closed when the last user lets go. Its bytes are
+// read and written with pread/pwrite, never through a mapping: a client that shrinks its object
+// afterwards makes a request fail, not the door fault (SIGBUS).
+struct OpenRegion {
+  ~OpenRegion();
+  // The region's bytes [offset, offset + size) into `out`; false (with `error`) when the object
+  // no longer holds them.
+  bool Read(uint64_t offset, uint64_t size, std::string* out, std::string* error) const;
+  // `size` bytes at the region's `offset`; false (with `error`) when the object no longer holds them.
+  bool Write(uint64_t offset, const char* data, uint64_t size, std::string* error) const;
+  std::string name, key;  // as registered, and its /dev/shm key
   uint64_t offset = 0, byte_size = 0;
   ino_t inode = 0;  // of the registration file, to notice a region registered again
   int64_t mtime_ns = 0;
   std::string object;  // /dev/shm path of the key
-  dev_t object_dev = 0;  // of the object mapped, to notice one the client made afresh
+  dev_t object_dev = 0;  // of the object opened, to notice one the client made afresh
   ino_t object_inode = 0;
-  char* base = nullptr;  // the region's first byte
-  void* map = nullptr;
-  size_t map_length = 0;
+  int fd = -1;
 };
 
-// Where one output of a request goes: `capacity` bytes at `data`.
+// Where one output of a request goes: `capacity` bytes at `offset` of `region`.
 struct OutputPlace {
   std::string output, region;
   uint64_t offset = 0;
-  char* data = nullptr;
   uint64_t capacity = 0;
-  std::shared_ptr<MappedRegion> mapped;  // keeps `data` mapped until the reply is written
+  std::shared_ptr<OpenRegion> opened;  // keeps the region open until the reply is written
 };
 
 class SharedMemory {
@@ -52,10 +56,10 @@ class SharedMemory {
   bool Take(inference::ModelInferRequest* request, std::vector<OutputPlace>* outputs);
 
  private:
-  std::shared_ptr<MappedRegion> Find(const std::string& name);
+  std::shared_ptr<OpenRegion> Find(const std::string& name);
   const std::string dir_;
   std::mutex mu_;
-  std::unordered_map<std::string, std::shared_ptr<MappedRegion>> regions_;
+  std::unordered_map<std::string, std::shared_ptr<OpenRegion>> regions_;
 };
 
 // Whether a tensor's parameters place it in shared memory.

@@ -242,7 +242,10 @@ grpc::ByteBuffer ReplySlicer::Slice(const std::string& id, int64_t first_row, in
   for (size_t k = 0; k < outputs_.size(); ++k) {
     prefix.push_back(kRawOutputTag);
     if (placed[k] != nullptr) {  // written where the client said; the entry stays, empty
-      memcpy(placed[k]->data, parts[k].begin(), parts[k].size());
+      if (!placed[k]->opened->Write(placed[k]->offset, reinterpret_cast<const char*>(parts[k].begin()),
+                                    parts[k].size(), problem)) {
+        return grpc::ByteBuffer();
+      }
       AppendVarint(&prefix, 0);
       continue;
     }
