@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,11 +48,15 @@ def dataset_of(model: str) -> str:
 def check_task(task: RoundTask) -> None:
     """Raise NotFound / InvalidArgument for a round this node cannot train."""
     family = dataset_of(task.model)
-    if task.local_epochs < 1 or task.batch_size < 1 or task.lr <= 0 or task.mu < 0:
-        raise InvalidArgument(f"local_epochs and batch_size must be >= 1, lr > 0 and mu >= 0; got "
+    # written so that NaN (for which every comparison is false) fails them too
+    if not (task.local_epochs >= 1 and task.batch_size >= 1 and 0 < task.lr < math.inf and 0 <= task.mu < math.inf):
+        raise InvalidArgument(f"local_epochs and batch_size must be >= 1, lr > 0 and mu >= 0 (finite); got "
                               f"{task.local_epochs}, {task.batch_size}, {task.lr}, {task.mu}")
     features, classes = DATASETS[family]
     layers_from_named(task.weights, features, classes)
+    bad = [name for name, tensor in sorted(task.weights.items()) if not np.isfinite(tensor).all()]
+    if bad:
+        raise InvalidArgument(f"global weights {bad} hold NaN or infinite values")
 
 
 class LocalTrainer:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import math
 import os
 import socket
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +40,12 @@ EvalData = tuple[np.ndarray, np.ndarray]
 
 
 def check_spec(spec: JobSpec) -> None:
-    """Raise InvalidArgument naming the first field out of range."""
+    """Raise InvalidArgument naming the first field out of range (NaN and infinities first: every
+    range check below would let NaN through, as comparisons with it are false)."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"federated job: {f.name} must be a finite number, got {value}")
     problems = [(spec.rounds < 1, "rounds must be >= 1"), (spec.min_clients < 1, "min_clients must be >= 1"),
                 (not 0 < spec.fraction <= 1, "fraction must be in (0, 1]"),
                 (spec.local_epochs < 1, "local_epochs must be >= 1"), (spec.lr <= 0, "lr must be > 0"),
@@ -90,6 +98,7 @@ class FederatedTrainer:
         self._eval: EvalData | None = None
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self._running: dict[str, JobRecord] = {}
+        self._starting = 0  # job slots held by jobs being started (see _slot)
         self._lost: set[str] = set()  # jobs whose lease another trainer took: stop, record nothing
         self._closing = False
         self._tasks: dict[str, asyncio.Task] = {}  # the task running each job here
@@ -101,30 +110,46 @@ class FederatedTrainer:
     async def start_job(self, spec: JobSpec) -> JobRecord:
         """Check the spec and that the base version exists (NOT_FOUND now, not later), then run."""
         check_spec(spec)
-        if len(self._running) >= self.settings.max_running_jobs:
-            raise ResourceExhausted(f"{len(self._running)} federated jobs are running, the limit is "
-                                    f"{self.settings.max_running_jobs}: wait for one to end")
-        await self.registry.resolve(spec.model, spec.base_version, "FP32")
-        job = JobRecord(spec=spec)
-        await self.store.claim(job.id, self.owner, self.settings.lease_s)  # a new id: always free
-        await self._save(job)
+        if not self._free_slots():
+            raise ResourceExhausted(f"{len(self._running) + self._starting} federated jobs are running or starting, "
+                                    f"the limit is {self.settings.max_running_jobs}: wait for one to end")
+        with self._slot():  # taken before the first await: concurrent calls see it
+            await self.registry.resolve(spec.model, spec.base_version, "FP32")
+            job = JobRecord(spec=spec)
+            await self.store.claim(job.id, self.owner, self.settings.lease_s)  # a new id: always free
+            await self._save(job)
         self._start(job)
         log.info("federated job %s started: %s", job.id, spec)
         return job
+
+    def _free_slots(self) -> int:
+        return max(0, self.settings.max_running_jobs - len(self._running) - self._starting)
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold a job slot while a job is being started (its checks await the registry and Redis);
+        given back at the end, where the job, if it starts, takes a slot of its own with no await
+        in between."""
+        self._starting += 1
+        try:
+            yield
+        finally:
+            self._starting -= 1
 
     async def resume_unfinished(self) -> list[str]:
         """Claim every unfinished job nobody holds and go on with it from its last completed
         round (up to this trainer's job limit); the ids taken."""
         taken = []
         for job in await self.store.unfinished():
-            if job.id in self._running or len(self._running) >= self.settings.max_running_jobs:
+            if job.id in self._running or not self._free_slots():
                 continue
-            if not await self.store.claim(job.id, self.owner, self.settings.lease_s):
-                continue  # another trainer runs it
-            job = await self.store.get(job.id)  # as it is now that this trainer holds it
-            if job.done:
-                await self.store.release(job.id, self.owner)
-                continue
+            with self._slot():
+                if not await self.store.claim(job.id, self.owner, self.settings.lease_s):
+                    continue  # another trainer runs it
+                job = await self.store.get(job.id)  # as it is now that this trainer holds it
+                if job.done:
+                    await self.store.release(job.id, self.owner)
+                    continue
             log.info("federated job %s (%s, round %d of %d) taken over by %s", job.id, job.state,
                      job.round, job.spec.rounds, self.owner)
             self._start(job)

@@ -8,9 +8,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import numpy as np
 from opentelemetry import trace
 
-from services.common.errors import CneiError, ErrorCode, Unavailable
+from services.common.errors import CneiError, ErrorCode, InvalidArgument, Unavailable
 from services.common.federated import LocalUpdate, Named, RoundTask, check_same_shapes
 from services.common.jobs import RoundRecord
 from services.common.nodes import NodeInfo
@@ -45,6 +46,9 @@ async def _call_client(train: TrainFn, node: NodeInfo, task: RoundTask, timeout:
         span.set_attributes({"cnei.node": node.node_id, "cnei.round": task.round})
         update = await train(node.address, task, timeout)
         check_same_shapes(reference, update.weights, f"update of {node.node_id}")
+        bad = [name for name, tensor in sorted(update.weights.items()) if not np.isfinite(tensor).all()]
+        if bad:  # diverged: one such update would make the aggregate NaN
+            raise InvalidArgument(f"update of {node.node_id} holds NaN or infinite values in {bad}")
         if update.num_samples <= 0:
             raise Unavailable(f"update of {node.node_id} covers no samples")
         span.set_attribute("cnei.samples", update.num_samples)
