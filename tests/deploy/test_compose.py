@@ -230,6 +230,18 @@ def test_cnei_ports_healthchecks_and_volumes_follow_settings(services):
             assert s.cache_dir in _mounts(svc), f"{name}: cache must live on a volume"
 
 
+def test_a_service_whose_server_may_require_client_certificates_gives_its_healthcheck_one(services):
+    """A healthcheck that trusts the server's CA but presents no certificate fails the handshake
+    as soon as the server's client CA is set (mutual TLS): the container never becomes healthy."""
+    for name, svc in _cnei(services).items():
+        env = _env(svc)
+        client_ca = [k for k in env if re.fullmatch(r"CNEI_[A-Z]+_TLS_CLIENT_CA_FILE", k)]
+        if client_ca and "CNEI_HEALTHCHECK_TLS_CA" in env:
+            assert {"CNEI_HEALTHCHECK_TLS_CERT", "CNEI_HEALTHCHECK_TLS_KEY"} <= set(env), (
+                f"{name}: takes {client_ca[0]} but its healthcheck has no client certificate and key")
+            assert env["CNEI_HEALTHCHECK_TLS_CERT"] and env["CNEI_HEALTHCHECK_TLS_KEY"], name
+
+
 def test_runtimes_are_the_local_mesh_nodes(services):
     runtimes = {}
     for name, svc in _cnei(services).items():
@@ -378,6 +390,31 @@ def test_dockerfile_final_stage_runs_as_non_root_with_exec_form(dockerfile):
     entry = json.loads([a for k, a in final if k == "ENTRYPOINT"][-1])
     cmd = json.loads([a for k, a in final if k == "CMD"][-1])
     assert entry == ["python", "-m"] and cmd[0] in SETTINGS
+
+
+def _made_in_the_image(final_stage) -> dict[str, bool]:
+    """Directories the final stage's RUN lines `mkdir -p`, each with whether a `chown -R` to the
+    image's user covers it."""
+    runs = " && ".join(a for k, a in final_stage if k == "RUN")
+    made = {p for m in re.finditer(r"mkdir -p ((?:/[^\s&;]+\s*)+)", runs) for p in m.group(1).split()}
+    owned = [m.group(1) for m in re.finditer(r"chown -R cnei:cnei (/[^\s&;]*)", runs)]
+    return {d: any(d == o or d.startswith(o.rstrip("/") + "/") for o in owned) for d in made}
+
+
+def test_every_data_dir_on_a_volume_is_made_in_the_image_and_owned_by_its_user(services, dockerfile):
+    """Docker gives an empty named volume the owner of the image directory it is mounted on, and
+    root when the image lacks it: a service running as the image's user could not write there."""
+    made = _made_in_the_image(_stages(dockerfile)[-1])
+    checked = 0
+    for name, svc in _cnei(services).items():
+        _, _, s = _settings_of(name, svc)
+        mounts = _mounts(svc)
+        for f in dataclasses.fields(s):
+            path = getattr(s, f.name)
+            if f.name.endswith("_dir") and path in mounts:
+                assert made.get(path), f"{name}: {f.name} {path} is a volume the Dockerfile does not make for cnei"
+                checked += 1
+    assert checked >= 5  # registry, three runtimes, trainer
 
 
 def test_requirements_pin_every_dependency_within_pyproject_ranges():

@@ -278,6 +278,27 @@ def test_every_container_runs_non_root_without_privileges_and_with_limits(render
             assert container.get("livenessProbe") and container.get("readinessProbe"), container["name"]
 
 
+def test_every_cnei_data_dir_is_a_volume_its_non_root_user_can_write(rendered):
+    """The root filesystem is read-only: each `*_dir` a service writes is a mounted volume, and
+    the pod's fsGroup (the user's group) makes Kubernetes hand it to that group, writable."""
+    checked = 0
+    for workload, container in rendered.cnei_containers():
+        loaded = _settings(container)
+        if loaded is None:
+            continue
+        settings, pod = loaded[0], _pod(workload)
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        user = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+        for f in dataclasses.fields(settings):
+            path = getattr(settings, f.name)
+            if f.name.endswith("_dir") and path:
+                where = (workload["metadata"]["name"], f.name, path)
+                assert path in mounts, where
+                assert pod["securityContext"].get("fsGroup") == user["runAsGroup"], where
+                checked += 1
+    assert checked >= 2  # the registry's data and the runtimes' caches, the trainer's when enabled
+
+
 def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(rendered):
     """Through gRPC health, or a TCP connect where the port serves TLS (Kubernetes' gRPC probe
     speaks plaintext)."""
