@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from services.common import events, lifecycle, telemetry
 from services.common.background import Background
@@ -84,8 +85,20 @@ class EventBus:
         except Exception:  # noqa: BLE001 - exists with other settings: keep it
             await js.update_stream(config)
 
+    async def _ensure_stream_or_log(self) -> None:
+        try:
+            await self._ensure_stream()
+        except Exception as exc:  # noqa: BLE001 - tried again at the next failed publish
+            log.warning("could not create the %s stream: %s", events.STREAM, exc)
+
     async def _reconnected(self) -> None:
         log.info("reconnected to NATS")
+        self._hooks.spawn(self._back_online())  # not inside nats-py's reconnect
+
+    async def _back_online(self) -> None:
+        """NATS may be back without its JetStream state (a fresh store): the stream first, then
+        the outbox is flushed and the on-connect hooks run."""
+        await self._ensure_stream_or_log()
         await self._came_online()
 
     async def _disconnected(self) -> None:
@@ -118,8 +131,15 @@ class EventBus:
         if not self.connected:
             raise Unavailable(f"NATS at {self.url} is not connected")
         headers = {**envelope.trace, "Nats-Msg-Id": envelope.id}
-        await self.nc.jetstream(timeout=self.timeout).publish(
-            subject, events.encode(envelope), headers=headers)
+        try:
+            await self.nc.jetstream(timeout=self.timeout).publish(
+                subject, events.encode(envelope), headers=headers)
+        except (TimeoutError, NoStreamResponseError):
+            # No stream took it (NATS came back without it, or it was deleted): JetStream would
+            # never acknowledge this or any retry. Live subscribers may have had this try: theirs
+            # drop the retry by its envelope id (RecentIds); JetStream by its Nats-Msg-Id.
+            await self._ensure_stream_or_log()
+            raise
 
     async def flush(self) -> int:
         """Send buffered events oldest first; stops at the first failure. Returns how many went."""
@@ -159,11 +179,16 @@ class EventBus:
             await self._subscribe(subject, handler)
 
     async def _subscribe(self, subject: str, handler: Handler) -> None:
+        seen = events.RecentIds()
+
         async def on_message(msg) -> None:
             try:
                 envelope = events.decode(msg.data)
             except ValueError as exc:
                 log.warning("dropping malformed event on %s: %s", msg.subject, exc)
+                return
+            if not seen.first_time(envelope.id):
+                log.debug("dropping event %s on %s: handled before (a retried publish)", envelope.id, msg.subject)
                 return
             token = telemetry.attach(telemetry.extract(msg.headers))
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,3 +60,22 @@ def decode(data: bytes) -> Envelope:
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event has a malformed time or trace: {exc}") from exc
+
+
+class RecentIds:
+    """The ids of the last `size` envelopes seen: an event delivered again (a publish retried
+    after its first try reached live subscribers but JetStream never acknowledged it) is known."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def first_time(self, envelope_id: str) -> bool:
+        """True the first time an id is seen (while it is among the last `size`), else False."""
+        if envelope_id in self._ids:
+            self._ids.move_to_end(envelope_id)
+            return False
+        self._ids[envelope_id] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return True
