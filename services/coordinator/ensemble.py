@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from opentelemetry import trace
 
 from services.common import oip
+from services.common.batcher import request_deadline
 from services.common.deployment import DeploymentSpec, EnsemblePlan, ensemble_plan
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
@@ -40,20 +41,34 @@ def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[Ense
     return plan, wanted
 
 
+def nesting_depth(params: dict) -> int:
+    """How deep in nested ensembles a request is (its `cnei_ensemble_depth`, 0 when unset)."""
+    value = params.get(DEPTH, 0) or 0
+    try:
+        depth = int(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"parameter '{DEPTH}' must be a whole number, got {value!r}") from None
+    if depth < 0:
+        raise InvalidArgument(f"parameter '{DEPTH}' must not be negative, got {value!r}")
+    return depth
+
+
 async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float | None,
               infer: Infer) -> oip.InferResponse:
     """Run the steps in order, each through `infer` (the coordinator's), inside one deadline."""
     plan, wanted = check_request(spec, request)
-    depth = int(request.parameters.get(DEPTH, 0) or 0)
+    depth = nesting_depth(request.parameters)
     if depth >= MAX_DEPTH:
         raise FailedPrecondition(f"ensemble '{spec.model}' nests ensembles deeper than {MAX_DEPTH} (a cycle?)")
-    end = None if deadline_s is None else time.monotonic() + deadline_s
+    # the gRPC deadline and `timeout_us` (or `timeout`) bound the ensemble as a whole: each step
+    # gets what is left of it
+    end = request_deadline(request.parameters, deadline_s, float("inf"))
     tensors = dict(request.inputs)
     served = []
     for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
         params: dict = {DEPTH: depth + 1}
-        for name in ("region", "priority", "timeout_us", "timeout"):
+        for name in ("region", "priority"):
             if name in request.parameters:
                 params[name] = request.parameters[name]
         if step.precision:
@@ -63,7 +78,7 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
         sub = oip.InferRequest(model_name=step.model, model_version=step.version, id=request.id,
                                inputs={m: tensors[t] for m, t in reads},
                                parameters=params, outputs=[m for m, _ in writes])
-        left = None if end is None else end - time.monotonic()
+        left = None if end == float("inf") else end - time.monotonic()
         if left is not None and left <= 0:
             raise DeadlineExceeded(f"deadline passed before {where} could run")
         with _tracer.start_as_current_span("coordinator.ensemble_step") as span:

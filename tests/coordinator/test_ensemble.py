@@ -101,3 +101,43 @@ async def test_an_ensembles_metadata_comes_from_its_steps_models():
     assert [(t.name, t.shape) for t in v.inputs] == [("image", (-1, 3))]
     assert [(t.name, t.shape) for t in v.outputs] == [("side", (-1, 3)), ("label", (-1, 10))]
     assert v.max_batch_size > 0
+
+
+class Timed(Steps):
+    """Steps that also note the deadline each was given."""
+
+    def __init__(self, delay_s: float = 0.0):
+        super().__init__(delay_s)
+        self.deadlines: list[float | None] = []
+
+    async def __call__(self, request: oip.InferRequest, deadline_s: float | None) -> oip.InferResponse:
+        self.deadlines.append(deadline_s)
+        return await super().__call__(request, deadline_s)
+
+
+@pytest.mark.parametrize("name", ["timeout_us", "timeout"])
+async def test_a_timeout_parameter_bounds_the_whole_ensemble_not_each_step(name):
+    steps = Timed(delay_s=0.16)  # the first step alone outlasts the ensemble's 150 ms
+    request = oip.InferRequest("pipe", {"image": np.zeros((1, 3), np.float32)}, parameters={name: 150_000})
+    with pytest.raises(DeadlineExceeded, match="before ensemble 'pipe' step 1"):
+        await ensemble.run(SPEC, request, None, steps)
+    assert len(steps.sent) == 1
+    assert name not in steps.sent[0].parameters  # the step is given what is left instead
+    assert 0.1 < steps.deadlines[0] <= 0.15
+
+
+async def test_each_step_is_given_what_is_left_of_the_earliest_of_the_grpc_deadline_and_timeout_us():
+    steps = Timed(delay_s=0.05)
+    request = oip.InferRequest("pipe", {"image": np.zeros((1, 3), np.float32)}, parameters={"timeout_us": 2_000_000})
+    await ensemble.run(SPEC, request, 5.0, steps)
+    first, second = steps.deadlines
+    assert 1.9 < first <= 2.0 and first - 0.1 < second <= first - 0.05
+
+
+@pytest.mark.parametrize(("depth", "message"), [("x", "must be a whole number, got 'x'"),
+                                                ("1.5", "must be a whole number, got '1.5'"),
+                                                (-1, "must not be negative, got -1")])
+async def test_a_nesting_depth_that_is_not_a_count_is_invalid_argument(depth, message):
+    request = oip.InferRequest("pipe", {"image": np.zeros((1, 3), np.float32)}, parameters={ensemble.DEPTH: depth})
+    with pytest.raises(InvalidArgument, match=f"parameter '{ensemble.DEPTH}' {message}"):
+        await ensemble.run(SPEC, request, None, Steps())
