@@ -60,8 +60,10 @@ def sample_inputs(variant: ModelVariant, batch: int = 1) -> dict[str, np.ndarray
     return out
 
 
-def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray]) -> None:
-    """Reject inputs whose names, datatypes or shapes do not match the model's inputs."""
+def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray], rows: bool = True) -> None:
+    """Reject inputs whose names, datatypes or shapes do not match the model's inputs; with
+    `rows` False, a batching model's row counts are not judged (a route for requests of any
+    batch size, each of which is checked on its own)."""
     expected = {s.name: s for s in variant.inputs}
     for name in inputs:
         if name not in expected:
@@ -83,9 +85,9 @@ def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray]) -> None:
                 spec.name, f"shape {list(array.shape)} but model expects {list(spec.shape)}"
             )
         mbs = variant.max_batch_size
-        if mbs and array.shape and array.shape[0] > mbs:
+        if rows and mbs and array.shape and array.shape[0] > mbs:
             raise TensorError(spec.name, f"batch {array.shape[0]} exceeds max_batch_size {mbs}")
-    if variant.max_batch_size:  # one request's rows: every input holds as many (first dimension)
+    if rows and variant.max_batch_size:  # one request's rows: every input holds as many (first dimension)
         rows = {spec.name: inputs[spec.name].shape[0] for spec in variant.inputs}
         if len(set(rows.values())) > 1:
             raise InvalidArgument(f"model '{variant.name}' batches on the first dimension, but the inputs "

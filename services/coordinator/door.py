@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from services.common import oip
+from services.common import codec, oip
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import check_inputs
@@ -186,7 +186,13 @@ class DoorRoutes:
         reason = refusal_reason(request, spec)
         if reason:
             return Refusal(reason)
-        check_inputs(variants[0], request.inputs)
+        # the interface, not this request's rows: the route serves requests of every batch size
+        # (the door checks each one's rows against max_batch_size and forwards those it refuses)
+        check_inputs(variants[0], request.inputs, rows=False)
+        unsized = [o.name for o in variants[0].outputs if codec.datatype(o.datatype, o.name).dtype.kind == "O"]
+        if unsized:  # a batch's reply is cut into rows by bytes, which BYTES elements do not allow
+            return Refusal(f"model '{request.model_name}' has BYTES outputs ({', '.join(unsized)}): "
+                           "the coordinator splits their rows")
         placements = core.place_spread(request, variants, spec, self.spread_nodes, self.spread_margin)
         if not placements:
             return Refusal(f"no live node serves model '{request.model_name}'")

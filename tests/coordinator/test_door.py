@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -50,10 +51,18 @@ class MemoryRegistry:
         return self.spec
 
 
+class TextRegistry(MemoryRegistry):
+    """digits answering with a text label (a BYTES output) besides its probabilities."""
+
+    async def list(self, name: str = ""):
+        return [replace(v, outputs=[*v.outputs, TensorSpec("label", "BYTES", [-1, 1])]) for v in await super().list(name)]
+
+
 def routes(spec: DeploymentSpec | None = None, fast_address: str = "127.0.0.1:7001",
-           tracing: TraceSettings | None = None, more_nodes: tuple[tuple[str, str], ...] = (), spread_nodes: int = 1) -> DoorRoutes:
+           tracing: TraceSettings | None = None, more_nodes: tuple[tuple[str, str], ...] = (), spread_nodes: int = 1,
+           registry: type[MemoryRegistry] = MemoryRegistry) -> DoorRoutes:
     """Routes over edge-a1 in site-a, plus `more_nodes` ((node id, region), ...)."""
-    core = Coordinator(CoordinatorSettings(), Catalog(MemoryRegistry(spec), 60.0), NodesView(NodeDirectory(None), 1.0))
+    core = Coordinator(CoordinatorSettings(), Catalog(registry(spec), 60.0), NodesView(NodeDirectory(None), 1.0))
     core.nodes.nodes = [NodeInfo(node_id, "edge", region, f"127.0.0.1:{7000 + 2 * i}",
                                  fast_address=fast_address and f"127.0.0.1:{7001 + 2 * i}", updated_at=time.time())
                         for i, (node_id, region) in enumerate((("edge-a1", "site-a"),) + more_nodes)]
@@ -131,7 +140,7 @@ async def test_other_policies_keep_one_node_per_route(policy):
     ("door", "request_", "reason"),
     [(lambda: routes(), ask(model="nope"), "model 'nope'"),
      (lambda: routes(), ask(shape=(4, 63)), "shape [4, 63]"),
-     (lambda: routes(), ask(shape=(17, 64)), "exceeds max_batch_size 16"),
+     (lambda: routes(registry=TextRegistry), ask(), "has BYTES outputs (label): the coordinator splits their rows"),
      (lambda: routes(fast_address=""), ask(), "offers no fast lane"),
      (lambda: routes(DeploymentSpec(model="digits", joint=JointSpec(mode="sync"))), ask(), "joint inference"),
      (lambda: routes(DeploymentSpec(model="digits", ensemble=(EnsembleStep(model="tiny", inputs=("x=input",),
@@ -139,10 +148,18 @@ async def test_other_policies_keep_one_node_per_route(policy):
       ask(), "is an ensemble"),
      (lambda: routes(tracing=TraceSettings(MemoryTraceStore(TraceConfig(rate=1)))), ask(),
       "every request for model 'digits' is traced")],
-    ids=["unknown-model", "wrong-shape", "batch-too-big", "no-fast-lane", "joint", "ensemble", "all-traced"])
+    ids=["unknown-model", "wrong-shape", "bytes-output", "no-fast-lane", "joint", "ensemble", "all-traced"])
 async def test_requests_the_door_must_not_serve_are_refused_with_the_reason(door, request_, reason):
     decision = await door().route(request_)
     assert isinstance(decision, Refusal) and reason in decision.reason
+
+
+async def test_a_route_serves_every_batch_size_whatever_the_rows_of_the_request_that_asked():
+    """One request over max_batch_size must not take the route from the requests of its key (the
+    door checks each request's rows against the route's limit, and forwards the ones it refuses)."""
+    door = routes()
+    decision = await door.route(ask(shape=(17, 64)))
+    assert isinstance(decision, Route) and decision.batching.max_batch_size == 16
 
 
 def _histogram(name: str, model: str) -> tuple[float, float]:

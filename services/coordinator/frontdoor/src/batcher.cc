@@ -130,7 +130,7 @@ void Batcher::Enqueue(InferCall* call) {
   if (AnsweredFromCache(call)) return;
   const auto timeout_at = call->timeout_at;  // once queued, the call may be answered and gone
   size_t full = 0;
-  bool forward = false;
+  bool forward = false, arm_expiry = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (failed_) {
@@ -139,11 +139,15 @@ void Batcher::Enqueue(InferCall* call) {
       full = queue_.size();
     } else {
       queue_.push_back(call);
+      if (timeout_at != InferCall::Clock::time_point::max() && (!expiry_armed_ || timeout_at < expiry_at_)) {
+        arm_expiry = expiry_armed_ = true;
+        expiry_at_ = timeout_at;
+      }
     }
   }
   if (forward) return call->Forward();
-  if (full == 0 && timeout_at != InferCall::Clock::time_point::max()) {
-    Timers::Get().At(timeout_at, [self = shared_from_this()] { self->ExpireQueued(); });
+  if (arm_expiry) {
+    Timers::Get().At(timeout_at, [self = shared_from_this(), timeout_at] { self->ExpireQueued(timeout_at); });
   }
   if (full > 0) {
     return call->Fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
@@ -291,11 +295,20 @@ void Batcher::DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall
 
 // A request's own timeout ended while it was queued: it fails now, without waiting for a batch
 // slot, and is never sent.
-void Batcher::ExpireQueued() {
+void Batcher::ExpireQueued(Clock::time_point armed_for) {
   std::vector<InferCall*> expired;
+  Clock::time_point next = Clock::time_point::max();
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (expiry_armed_ && expiry_at_ == armed_for) expiry_armed_ = false;  // else a sooner one is armed
     DropLocked(&expired, nullptr);
+    if (!expiry_armed_) {
+      for (const InferCall* call : queue_) next = std::min(next, call->timeout_at);
+      if (next != Clock::time_point::max()) expiry_armed_ = true, expiry_at_ = next;
+    }
+  }
+  if (next != Clock::time_point::max()) {
+    Timers::Get().At(next, [self = shared_from_this(), next] { self->ExpireQueued(next); });
   }
   FailExpired(expired);
 }

@@ -61,7 +61,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   int64_t HeadRowsLocked() const;
   bool MayOverlapLocked() const;
   void Woken();
-  void ExpireQueued();
+  // The queue's timeout wake-up (armed for `armed_for`): fails the expired, arms the next.
+  void ExpireQueued(std::chrono::steady_clock::time_point armed_for);
   void DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
   static void FailExpired(const std::vector<InferCall*>& expired);
   std::vector<size_t> OrderLocked() const;
@@ -87,6 +88,10 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   int inflight_ = 0;
   int64_t last_rows_ = 0;  // rows of the batch sent last
   bool failed_ = false;
+  // One timeout wake-up at a time, at the earliest timeout queued (not one per request: each
+  // would hold the batcher and its entry until its timeout, answered or not).
+  bool expiry_armed_ = false;
+  std::chrono::steady_clock::time_point expiry_at_;
   bool armed_ = false;                              // a queue-delay wake-up is pending
   std::chrono::steady_clock::time_point wake_at_;  // ... at this time
 };

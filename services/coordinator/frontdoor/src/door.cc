@@ -59,7 +59,12 @@ bool InferDoor::TakeQueueParameters(InferCall* call) {
   }
   if (timeout_us == 0) timeout_us = timeout;  // as the coordinator: timeout_us first
   if (priority > 0) call->priority = uint64_t(priority);
-  if (timeout_us > 0) call->timeout_at = call->received_at + std::chrono::microseconds(timeout_us);
+  // a timeout beyond what the clock holds (~292 years in ns) is no timeout, not an overflow into the past
+  const int64_t most_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                              InferCall::Clock::time_point::max() - call->received_at).count();
+  if (timeout_us > 0 && timeout_us < most_us) {
+    call->timeout_at = call->received_at + std::chrono::microseconds(timeout_us);
+  }
   for (const char* name : {"priority", "timeout_us", "timeout"}) params->erase(name);
   return true;
 }

@@ -58,7 +58,7 @@ Router::Router(Backend* backend, Reporter* reporter, BatcherOptions options)
 
 Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* request) {
   Lookup found;
-  bool ask = false;
+  bool ask = false, exact = false;
   std::vector<std::shared_ptr<Batcher>> batchers;
   std::vector<float> row_ms, shares;
   std::vector<uint32_t> groups;
@@ -74,9 +74,10 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
       it->second.ask_at = Clock::now();
     }
     Entry& entry = it->second;
-    if (!entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
+    exact = entry.exact_shapes;
+    if (!exact && !entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
     found.key = entry.key;
-    uint32_t every = entry.batchers.empty() ? 0 : entry.batchers.front()->config().full_path_every;
+    uint32_t every = exact || entry.batchers.empty() ? 0 : entry.batchers.front()->config().full_path_every;
     const bool traced = every > 0 && ++entry.requests % every == 0;  // takes the traced full path
     found.traced = traced;
     if (!traced && entry.batchers.size() == 1) {
@@ -88,6 +89,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
       groups = entry.groups;
     }
   }
+  if (exact) return Find(RouteKey(request, true), request);  // an entry with no batchers: once
   if (ask) Ask(found.key, WithoutContents(request));
   if (!batchers.empty()) {
     found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares, groups, row_ms)
@@ -209,6 +211,13 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
     }
     entry.batchers.clear();
     entry.reason = why;
+    return;
+  }
+  if (config->max_batch_size == 0 && !IsExactKey(key)) {
+    // no batch dimension: a request's first dimension is not its rows, and this key (made
+    // without it) would send requests of another shape to the node; exact keys from now on
+    entry.exact_shapes = true;
+    entry.batchers.clear();
     return;
   }
   entry.reason.clear();

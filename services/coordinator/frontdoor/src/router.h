@@ -47,6 +47,9 @@ class Router {
     std::string reason;                // last ineligibility reason (logged once)
     uint64_t requests = 0;             // routed so far (for full_path_every)
     bool stale_reply = false;          // the pending answer was asked before DropModel: ignored
+    // The model has no batch dimension: its first dimension is as fixed as the others, so its
+    // requests are looked up by their exact shapes (RouteKey exact), never by this key.
+    bool exact_shapes = false;
   };
   void Ask(std::shared_ptr<const std::string> key, std::string request);
   void OnReply(const std::string& key, const grpc::Status& status,

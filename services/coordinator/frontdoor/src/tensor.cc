@@ -98,19 +98,26 @@ int64_t BatchRows(const ModelInferRequest& request, uint32_t max_batch_size) {
   return rows >= 1 && rows <= int64_t(max_batch_size) ? rows : -1;
 }
 
-std::string RouteKey(ModelInferRequest* request) {
+// Exact keys start with a byte no serialized request starts with (field 0 does not exist).
+constexpr char kExactKey = '\0';
+
+bool IsExactKey(const std::string& key) { return !key.empty() && key[0] == kExactKey; }
+
+std::string RouteKey(ModelInferRequest* request, bool exact) {
   google::protobuf::RepeatedPtrField<std::string> raw;
   raw.Swap(request->mutable_raw_input_contents());
   std::string id;
   id.swap(*request->mutable_id());
   std::vector<int64_t> rows;
-  for (auto& input : *request->mutable_inputs()) {
-    rows.push_back(input.shape_size() > 0 ? input.shape(0) : 0);
-    if (input.shape_size() > 0) input.set_shape(0, 0);
+  if (!exact) {  // requests of any batch size share a key (and a batcher)
+    for (auto& input : *request->mutable_inputs()) {
+      rows.push_back(input.shape_size() > 0 ? input.shape(0) : 0);
+      if (input.shape_size() > 0) input.set_shape(0, 0);
+    }
   }
-  std::string key = Deterministic(*request);
-  for (int i = 0; i < request->inputs_size(); ++i) {
-    if (request->inputs(i).shape_size() > 0) request->mutable_inputs(i)->set_shape(0, rows[i]);
+  std::string key = exact ? kExactKey + Deterministic(*request) : Deterministic(*request);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (request->inputs(int(i)).shape_size() > 0) request->mutable_inputs(int(i))->set_shape(0, rows[i]);
   }
   id.swap(*request->mutable_id());
   raw.Swap(request->mutable_raw_input_contents());
@@ -167,6 +174,9 @@ const char* ReplyProblem(const ModelInferResponse& reply, int64_t total_rows, bo
     const auto& output = reply.outputs(i);
     if (output.shape_size() == 0 || output.shape(0) != total_rows) {
       return "reply output rows differ from the batch's";
+    }
+    if (DatatypeSize(output.datatype()) == 0) {  // BYTES: elements of their own lengths
+      return "reply output has no fixed element size to split rows by";
     }
     if (reply.raw_output_contents(i).size() % uint64_t(total_rows) != 0) {
       return "reply output size is not a multiple of the batch's rows";

@@ -23,7 +23,9 @@ const char* ContentProblem(const inference::ModelInferRequest& request);
 int64_t BatchRows(const inference::ModelInferRequest& request, uint32_t max_batch_size);
 
 // The request minus id, tensor contents and batch size, serialized deterministically.
-std::string RouteKey(inference::ModelInferRequest* request);
+std::string RouteKey(inference::ModelInferRequest* request, bool exact = false);
+// Whether a key was made with `exact` (every dimension kept).
+bool IsExactKey(const std::string& key);
 
 // The request minus tensor contents (shapes kept), for a Route RPC.
 std::string WithoutContents(inference::ModelInferRequest* request);

@@ -1,0 +1,155 @@
+"""The compiled front door and the shapes and parameters of what it is sent: a model without a
+batch dimension (its first dimension is fixed like the others), a model with a text (BYTES)
+output, one request over max_batch_size, and a timeout beyond what a clock holds. Each must get
+the coordinator's answer, and never cost the other requests of its kind their route."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.utils as triton_utils
+from onnx import TensorProto, helper
+
+from services.cli import infra
+from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.registry_client import RegistryClient
+from services.coordinator.door_process import BUILT
+from services.models.digits import load_all
+from tests.e2e.processes import put_deployment, server_ready, start_coordinator
+
+pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
+
+
+def _door(mesh, **env: str):
+    proc, address, _, metrics_port = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on", **env)
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
+    except BaseException:
+        infra.stop(proc)
+        raise
+    return proc, address, metrics_port
+
+
+def _infer(client, model: str, x: np.ndarray, **kwargs):
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return client.infer(model, [tensor], client_timeout=30, **kwargs)
+
+
+def _by_door(reply) -> bool:
+    params = reply.get_response().parameters
+    return "cnei_front_door" in params and params["cnei_front_door"].bool_param
+
+
+def _handed_over(metrics_port: int, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf'^cnei_front_door_requests_total{{model="{model}",outcome="handed_over"}} (\S+)', text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def _push(mesh, path: Path, name: str, metadata: dict) -> None:
+    async def push():
+        client = RegistryClient(mesh.registry)
+        try:
+            await client.push_file(path, name, "1", "FP32", metadata)
+        finally:
+            await client.close()
+    asyncio.run(push())
+
+
+def test_a_model_without_a_batch_dimension_is_routed_by_its_whole_shape(mesh, digits_models, tmp_path):
+    """digits with a fixed [1, 64] input: a [2, 64] request must never reach a node (it would fail
+    there, be counted against the node and take the route from the [1, 64] requests)."""
+    name = "digits-fixed"
+    fp32 = next(v for v in digits_models if v.precision == "FP32")
+    model = onnx.load(fp32.path)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "fixed.onnx")
+    _push(mesh, tmp_path / "fixed.onnx", name, dict(fp32.metadata))
+    proc, address, metrics_port = _door(mesh)
+    x, y = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        assert client.get_model_config(name).config.max_batch_size == 0
+        infra.wait_until(lambda: _by_door(_infer(client, name, x[:1])), 30, "the door serving [1, 64]")
+        for _ in range(3):
+            with pytest.raises(triton_utils.InferenceServerException, match=r"shape \[2, 64\]") as wrong:
+                _infer(client, name, x[:2])
+            assert wrong.value.status() == "StatusCode.INVALID_ARGUMENT"
+        replies = [_infer(client, name, x[i:i + 1]) for i in range(10)]
+        assert all(_by_door(r) for r in replies)  # the [1, 64] requests kept their route
+        assert [int(r.as_numpy("probabilities").argmax()) for r in replies] == [int(v) for v in y[:10]]
+        assert _handed_over(metrics_port, name) == 0  # no node was ever sent a [2, 64] request
+    finally:
+        client.close()
+        infra.stop(proc)
+
+
+def test_a_text_output_comes_back_whole_to_each_caller_of_a_batch(mesh, tmp_path):
+    """A BYTES output cannot be cut into rows by bytes (its elements have their own lengths): the
+    door leaves such models to the coordinator, whose batches split by elements."""
+    name = "digits-as-text"
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["label"], to=TensorProto.STRING)], name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("label", TensorProto.STRING, ["batch", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "text.onnx")
+    _push(mesh, tmp_path / "text.onnx", name, {"max_batch_size": "64"})
+    put_deployment(mesh, DeploymentSpec(model=name, batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=200_000)))
+    proc, address, _ = _door(mesh)
+    values = [1.0, 22.0, 333.0, 12345.0]
+    try:
+        def one(value: float):
+            client = triton.InferenceServerClient(address)
+            try:
+                return _infer(client, name, np.array([[value]], np.float32))
+            finally:
+                client.close()
+        for _ in range(3):  # the first round finds the route; the later ones would use it
+            with concurrent.futures.ThreadPoolExecutor(len(values)) as pool:
+                replies = list(pool.map(one, values))
+            assert [r.as_numpy("label").tolist() for r in replies] == [[[b"1"]], [[b"22"]], [[b"333"]], [[b"12345"]]]
+            assert not any(_by_door(r) for r in replies)
+    finally:
+        infra.stop(proc)
+
+
+def test_one_request_over_max_batch_size_leaves_the_route_to_the_others(mesh):
+    proc, address, _ = _door(mesh, CNEI_COORDINATOR_ROUTE_TTL_MS="5000")  # a refusal would stay 5 s
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        with pytest.raises(triton_utils.InferenceServerException, match="exceeds max_batch_size") as big:
+            _infer(client, "digits", np.zeros((1025, 64), np.float32), parameters={"precision": "FP16"})
+        assert big.value.status() == "StatusCode.INVALID_ARGUMENT"
+        infra.wait_until(lambda: _by_door(_infer(client, "digits", x[:1], parameters={"precision": "FP16"})), 3,
+                         "the door serving the one-row requests within the route's 5 s")
+    finally:
+        client.close()
+        infra.stop(proc)
+
+
+def test_a_timeout_beyond_what_a_clock_holds_is_no_timeout(mesh):
+    proc, address, _ = _door(mesh)
+    x, y = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: _by_door(_infer(client, "digits", x[:1])), 30, "the door serving digits")
+        for timeout in (10 ** 16, 2 ** 63 - 1):  # µs: past ~292 years the door's clock would wrap
+            reply = _infer(client, "digits", x[:1], timeout=timeout)
+            assert _by_door(reply) and int(reply.as_numpy("probabilities").argmax()) == int(y[0])
+    finally:
+        client.close()
+        infra.stop(proc)
