@@ -19,7 +19,7 @@ from services.common import events, oip, telemetry
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
-                                    ModelNotFound, NoLiveNode, outcome_of)
+                                    ModelNotFound, NoLiveNode, TensorError, Unavailable, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
@@ -82,14 +82,32 @@ def note_node_failure(breaker: Breaker, code: ErrorCode, reason: str = "") -> No
         breaker.failure(reason)
 
 
+def serving_tiers(spec: DeploymentSpec) -> set[str]:
+    """The tiers the deployment's requests may run on (the cloud only with `cloud_fallback`)."""
+    return set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
+
+
 def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
-    """A request's `tier` parameter (edge | cloud) narrows where it may run."""
+    """A request's `tier` parameter (edge | cloud) narrows where it may run to that tier, of
+    those the deployment allows: FAILED_PRECONDITION when it allows no such tier."""
     tier = str(params.get("tier", "") or "")
     if not tier:
         return spec
     if tier not in ("edge", "cloud"):
         raise InvalidArgument(f"parameter 'tier' must be 'edge' or 'cloud', got {tier!r}")
+    allowed = serving_tiers(spec)
+    if tier not in allowed:
+        raise FailedPrecondition(f"model '{spec.model}' is not deployed on the {tier} tier "
+                                 f"(its deployment allows {sorted(allowed)}): parameter 'tier' only narrows it")
     return replace(spec, tiers=(tier,), cloud_fallback=tier == "cloud")
+
+
+def check_outputs(variant: ModelVariant, names: list[str]) -> None:
+    """INVALID_ARGUMENT naming a requested output the model does not have."""
+    known = [t.name for t in variant.outputs]
+    for name in names:
+        if name not in known:
+            raise TensorError(name, f"is not an output of model '{variant.name}' (outputs: {sorted(known)})")
 
 
 def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
@@ -372,7 +390,7 @@ class Coordinator:
 
     def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:
         """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
-        tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
+        tiers = serving_tiers(spec)
         blocked = self.breakers.blocked() | self.nodes.unhealthy.keys()
         return [n for n in self.nodes.nodes if n.tier in tiers and n.node_id not in blocked]
 
@@ -447,6 +465,7 @@ class Coordinator:
         policy = self._policy(params, spec)
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
         check_inputs(variants[0], request.inputs)  # every precision variant shares the interface
+        check_outputs(variants[0], request.outputs)
         region = str(params.get("region", "") or "")
         tried: list[str] = []
         failed: NodeInfo | None = None
@@ -480,7 +499,7 @@ class Coordinator:
     def out_of_use(self, spec: DeploymentSpec, region: str = "") -> dict[str, str]:
         """Live nodes of the deployment's tiers no call may go to now (failed health check, open
         breaker), with why: those of `region` first, then by id."""
-        tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
+        tiers = serving_tiers(spec)
         why = {**self.breakers.why_blocked(), **self.nodes.unhealthy}
         out = sorted((n for n in self.nodes.nodes if n.tier in tiers and n.node_id in why),
                      key=lambda n: (n.region != region, n.node_id))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common import batcher
 from services.coordinator import core
@@ -125,3 +125,33 @@ def test_worker_env_gives_each_worker_its_index_outbox_and_the_shared_metrics_di
     assert env["CNEI_COORDINATOR_OUTBOX_PATH"] == "/data/outbox.1"
     assert env["KEEP"] == "x"
     assert "CNEI_COORDINATOR_OUTBOX_PATH" not in worker_env({}, 0, "/tmp/m", "")
+
+
+ANYWHERE = DeploymentSpec("digits")
+CLOUD_ONLY = DeploymentSpec("digits", tiers=("cloud",))
+EDGE_ONLY = DeploymentSpec("digits", tiers=("edge",), cloud_fallback=False)
+NO_FALLBACK = DeploymentSpec("digits", cloud_fallback=False)
+
+
+@pytest.mark.parametrize(
+    ("spec", "tier", "tiers"),
+    [(ANYWHERE, "", {"edge", "cloud"}), (ANYWHERE, "edge", {"edge"}), (ANYWHERE, "cloud", {"cloud"}),
+     (CLOUD_ONLY, "cloud", {"cloud"}), (EDGE_ONLY, "edge", {"edge"}), (NO_FALLBACK, "edge", {"edge"})],
+    ids=["unset", "edge", "cloud", "cloud-of-cloud-only", "edge-of-edge-only", "edge-without-fallback"])
+def test_the_tier_parameter_narrows_where_a_request_may_run(spec, tier, tiers):
+    assert core.serving_tiers(core.restrict_tier(spec, {"tier": tier})) == tiers
+
+
+@pytest.mark.parametrize(
+    ("spec", "tier", "allowed"),
+    [(CLOUD_ONLY, "edge", r"\['cloud'\]"), (EDGE_ONLY, "cloud", r"\['edge'\]"),
+     (NO_FALLBACK, "cloud", r"\['edge'\]")],
+    ids=["edge-for-cloud-only", "cloud-for-edge-only", "cloud-without-fallback"])
+def test_a_tier_the_deployment_does_not_run_on_is_failed_precondition(spec, tier, allowed):
+    with pytest.raises(FailedPrecondition, match=f"not deployed on the {tier} tier \\(its deployment allows {allowed}\\)"):
+        core.restrict_tier(spec, {"tier": tier})
+
+
+def test_a_tier_that_is_no_tier_is_invalid_argument():
+    with pytest.raises(InvalidArgument, match="parameter 'tier' must be 'edge' or 'cloud', got 'fog'"):
+        core.restrict_tier(ANYWHERE, {"tier": "fog"})
