@@ -124,6 +124,35 @@ def _placement_context(variants: list[ModelVariant], policy: PrecisionPolicy, re
     return RequestContext(model=default.name, variant_key=default.key, region=region)
 
 
+def node_class(node: NodeInfo) -> str:
+    """The class a node's measured latencies are kept under (its tier unless it names one)."""
+    return node.node_class or node.tier
+
+
+def variants_by_class(variants: list[ModelVariant], policy: PrecisionPolicy,
+                      nodes: list[NodeInfo]) -> dict[str, ModelVariant | CneiError]:
+    """The variant `policy` chooses on each node class of `nodes`, or why none fits there."""
+    choices: dict[str, ModelVariant | CneiError] = {}
+    for cls in sorted({node_class(n) for n in nodes}):
+        try:
+            choices[cls] = choose_variant(variants, policy, cls)
+        except CneiError as exc:
+            choices[cls] = exc
+    return choices
+
+
+def refuse_policy(choices: dict[str, ModelVariant | CneiError]) -> None:
+    """Raise why no node class has a variant meeting the policy (every class's reason), when
+    there are classes and none has one."""
+    if not choices or any(isinstance(c, ModelVariant) for c in choices.values()):
+        return
+    errors = list(choices.values())
+    messages = list(dict.fromkeys(e.message for e in errors))
+    if len(messages) == 1:
+        raise errors[0]
+    raise CneiError("; ".join(messages), errors[0].code)
+
+
 class Coordinator:
     server_name = "cnei-coordinator"
     server_version = "0.1.0"
@@ -371,11 +400,12 @@ class Coordinator:
             return [first] if first is not None else []
         policy = self._policy(request.parameters, spec)
         ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""))
-        ranked = rank(self.eligible_nodes(spec), ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms,
-                      self.nodes.compute_ms)
+        eligible = self.eligible_nodes(spec)
+        choices = variants_by_class(variants, policy, eligible)
+        ranked = rank([n for n in eligible if isinstance(choices[node_class(n)], ModelVariant)], ctx,
+                      spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
         nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
-        return [first] + [Placement(n, choose_variant(variants, policy, n.node_class or n.tier))
-                          for n in nodes if n.node_id != first.node.node_id]
+        return [first] + [Placement(n, choices[node_class(n)]) for n in nodes if n.node_id != first.node.node_id]
 
     def answer_template(self, model: str, placement: Placement) -> oip.InferResponse:
         """The response a request for `model` served by `placement` carries, without outputs."""
@@ -396,22 +426,28 @@ class Coordinator:
 
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
                region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
+        """The scheduler's choice among the nodes of `pool` whose class has a variant meeting
+        `policy` (a latency budget may fit one node class and not another)."""
         ctx = _placement_context(variants, policy, region)
-        node = self.scheduler.choose(pool, ctx, spec.scheduler, self.outstanding,
+        choices = variants_by_class(variants, policy, pool)
+        fits = [n for n in pool if isinstance(choices[node_class(n)], ModelVariant)]
+        node = self.scheduler.choose(fits, ctx, spec.scheduler, self.outstanding,
                                      self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
-        if node is None:
-            return None
-        return Placement(node, choose_variant(variants, policy, node.node_class or node.tier))
+        return None if node is None else Placement(node, choices[node_class(node)])
 
     def _decide(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
                 region: str, failed: NodeInfo | None, tried: list[str]) -> Placement | None:
-        """The placement decision, as a span: pools in failover order, first one with a node wins."""
+        """The placement decision, as a span: pools in failover order, first one with a node wins.
+        A first attempt that finds live nodes, none of whose classes meets `policy`, is refused
+        with why (FAILED_PRECONDITION, or NOT_FOUND for a precision the model lacks)."""
         with telemetry.child_span(_tracer, "coordinator.placement") as span:
             placement = None
             for pool in self._pools(spec, failed):
                 placement = self._place(variants, spec, policy, region, pool, tried)
                 if placement is not None:
                     break
+            if placement is None and failed is None:
+                refuse_policy(variants_by_class(variants, policy, self.eligible_nodes(spec)))
             if span.is_recording():
                 span.set_attributes({
                     "cnei.model": variants[0].name, "cnei.scheduler": spec.scheduler.policy,
