@@ -29,7 +29,7 @@ from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breaker, Breakers
 from services.coordinator.catalog import Catalog
 from services.coordinator.forwarder import sender
-from services.coordinator.joint import disagreements, merge_rows, prefer_edge, rows_below
+from services.coordinator.joint import disagreements, joint_scores, merge_rows, only, prefer_edge, rows_below
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread
@@ -309,39 +309,53 @@ class Coordinator:
     async def _joint(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      mode: str, deadline_s: float | None) -> oip.InferResponse:
         """Answer at the edge; `sync` escalates low-confidence rows to the cloud model, `async`
-        validates every row in the background and reports disagreements."""
+        validates every row in the background and reports disagreements. A request whose `tier`
+        is edge stays there (nothing goes to the cloud), one whose `tier` is cloud goes there."""
         j = spec.joint
-        edge_request = request
-        if j.edge_precision and not policy_from_params(request.parameters).precision:
-            edge_request = replace(request, parameters={**request.parameters, "precision": j.edge_precision})
-        edge_spec = replace(spec, tiers=("edge",))
+        check_outputs(variants[0], request.outputs)
+        params = request.parameters
+        edge_params = dict(params)
+        if j.edge_precision and not policy_from_params(params).precision:
+            edge_params["precision"] = j.edge_precision
+        # every output: the joint one is read whatever the client asked for
+        edge_request = replace(request, outputs=[], parameters=edge_params)
+        edge_spec = replace(spec, tiers=tuple(t for t in spec.tiers if t == "edge"))
         if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
             if not spec.cloud_fallback:
-                region = str(request.parameters.get("region", "") or "")
-                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, region))
-            return await self._cloud(request, spec, deadline_s, reason="no edge node")
+                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or "")))
+            cloud = await self._cloud(request, spec, deadline_s, reason="no edge node")
+            cloud.outputs = only(cloud.outputs, request.outputs)
+            return cloud
         response = await self._infer(edge_request, variants, edge_spec, deadline_s)
-        output = j.output or next(iter(response.outputs))
-        probs = response.outputs[output]
+        output = j.output or next(iter(response.outputs), "")
+        probs = joint_scores(response.outputs, output, request.model_name)
+        response.parameters["cnei_joint"] = mode
+        edge_only = str(params.get("tier", "") or "") == "edge"
+        if mode == "async" and not edge_only and len(probs):
+            self._background.spawn(self._validate(request, spec, probs, output))
+        elif mode == "sync":
+            await self._escalate(request, spec, response, probs, deadline_s, keep_edge=edge_only)
+        response.outputs = only(response.outputs, request.outputs)
+        return response
+
+    async def _escalate(self, request: oip.InferRequest, spec: DeploymentSpec, response: oip.InferResponse,
+                        probs: np.ndarray, deadline_s: float | None, keep_edge: bool) -> None:
+        """Sync joint inference: the rows of `response` the edge was unsure of, answered again by
+        the cloud model (unless the request is critical, `keep_edge`, or the cloud too far)."""
         critical = str(request.parameters.get("critical", "")).lower() in ("true", "1") or \
             request.parameters.get("critical") is True
-        response.parameters["cnei_joint"] = mode
-        if mode == "async":
-            self._background.spawn(self._validate(request, spec, probs, output))
-            return response
-        rows = rows_below(probs, j.threshold)
-        if not len(rows) or prefer_edge(critical, self._cloud_rtt(), j.latency_threshold_ms):
+        rows = rows_below(probs, spec.joint.threshold)
+        if not len(rows) or keep_edge or prefer_edge(critical, self._cloud_rtt(), spec.joint.latency_threshold_ms):
             response.parameters["cnei_escalated"] = 0
-            return response
+            return
         cloud_request = replace(request, inputs={k: v[rows] for k, v in request.inputs.items()})
         cloud = await self._cloud(cloud_request, spec, deadline_s, reason="low confidence")
-        ESCALATIONS.labels(request.model_name, mode).inc(len(rows))
+        ESCALATIONS.labels(request.model_name, "sync").inc(len(rows))
         self.recent.append({"kind": "escalation", "time": time.time(), "model": request.model_name,
                             "rows": int(len(rows)), "to": cloud.parameters.get("cnei_node", "")})
         response.outputs = merge_rows(response.outputs, cloud.outputs, rows)
         response.parameters["cnei_escalated"] = int(len(rows))
         response.parameters["cnei_cloud_node"] = cloud.parameters.get("cnei_node", "")
-        return response
 
     def _cloud_rtt(self) -> float | None:
         rtts = [self.nodes.rtt_ms[n.node_id] for n in self.nodes.nodes
@@ -357,7 +371,9 @@ class Coordinator:
         params = {k: v for k, v in request.parameters.items() if k not in ("precision", "joint", "tier")}
         if j.cloud_precision:
             params["precision"] = j.cloud_precision
-        cloud_request = replace(request, model_name=model, model_version=j.cloud_version, parameters=params)
+        # every output of the cloud model: the caller merges those the edge answer has
+        cloud_request = replace(request, model_name=model, model_version=j.cloud_version, parameters=params,
+                                outputs=[])
         with _tracer.start_as_current_span("coordinator.escalate") as span:
             span.set_attributes({"cnei.model": model, "cnei.escalation.reason": reason,
                                  "cnei.batch_size": request.rows})

@@ -3,9 +3,31 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.common.errors import FailedPrecondition
+
+
+def joint_scores(outputs: dict[str, np.ndarray], name: str, model: str) -> np.ndarray:
+    """The output joint inference judges the rows by: FAILED_PRECONDITION when the model has no
+    such output, or it is not numbers with one row per request row."""
+    if name not in outputs:
+        raise FailedPrecondition(f"joint inference of model '{model}' reads output '{name}', which the "
+                                 f"model does not have (outputs: {sorted(outputs)})")
+    scores = outputs[name]
+    if scores.dtype.kind not in "iuf" or scores.ndim < 1:
+        raise FailedPrecondition(f"joint inference of model '{model}' needs output '{name}' to hold numbers "
+                                 f"with a batch dimension, not {scores.dtype} of shape {list(scores.shape)}")
+    return scores
+
+
+def only(outputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The outputs a request asked for (every one when it named none)."""
+    return {name: outputs[name] for name in names if name in outputs} if names else outputs
+
 
 def confidences(probs: np.ndarray) -> np.ndarray:
-    """Top-1 probability of each row of a [batch, classes] output."""
+    """Top-1 probability of each row of a [batch, classes] output (none for no rows)."""
+    if not len(probs):
+        return np.zeros(0)
     return np.asarray(probs, dtype=np.float64).reshape(len(probs), -1).max(axis=1)
 
 
