@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.errors import ErrorCode
+
 
 class State(enum.Enum):
     CLOSED = "closed"
@@ -44,6 +46,12 @@ class Breaker:
             return True
         return False
 
+    def release(self) -> None:
+        """The half-open probe ended without saying anything of the node (its client cancelled,
+        its own deadline passed, it was never sent): the next call may probe."""
+        if self.state is State.HALF_OPEN:
+            self.probing = False
+
     def success(self) -> None:
         self.state, self.failures, self.probing, self.reason = State.CLOSED, 0, False, ""
 
@@ -56,6 +64,51 @@ class Breaker:
     def trip(self, reason: str = "") -> None:
         self.state, self.opened_at, self.probing = State.OPEN, self.clock(), False
         self.reason = reason or self.reason
+
+
+class Verdict(enum.Enum):
+    """What one attempt says of its node."""
+
+    ANSWERED = "answered"  # the node answered: its outputs, or an error about the request itself
+    SLOW = "slow"  # the deployment's attempt timeout passed while the node had the request
+    DOWN = "down"  # connection-level trouble
+    SILENT = "silent"  # nothing: cancelled, the client's own deadline passed, or never sent
+
+
+def verdict(code: ErrorCode | None, sent: bool, attempt_timeout_first: bool) -> Verdict:
+    """The verdict of an attempt that succeeded (`code` None) or failed with `code`; `sent`: the
+    node was sent the request; `attempt_timeout_first`: the deployment's attempt timeout came
+    before the client's own deadline (else a DEADLINE_EXCEEDED is the client's impatience)."""
+    if code is None:
+        return Verdict.ANSWERED
+    if code is ErrorCode.UNAVAILABLE:
+        return Verdict.DOWN
+    if code is ErrorCode.DEADLINE_EXCEEDED:
+        return Verdict.SLOW if sent and attempt_timeout_first else Verdict.SILENT
+    return Verdict.ANSWERED if sent else Verdict.SILENT
+
+
+@dataclass(eq=False)
+class Claim:
+    """One attempt's hold on its node's breaker (`probe`: it is the half-open breaker's single
+    trial call), settled once by the attempt's verdict: every outcome frees the probe."""
+
+    breaker: Breaker
+    probe: bool
+    settled: bool = False
+
+    def settle(self, outcome: Verdict, reason: str = "") -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if outcome is Verdict.ANSWERED:
+            self.breaker.success()
+        elif outcome is Verdict.SLOW:
+            self.breaker.failure(reason)
+        elif outcome is Verdict.DOWN:
+            self.breaker.trip(reason)
+        elif self.probe:
+            self.breaker.release()
 
 
 class Breakers:
@@ -71,6 +124,18 @@ class Breakers:
         if breaker is None:
             breaker = self.by_node[node_id] = self._make()
         return breaker
+
+    def claim(self, node_id: str) -> Claim | None:
+        """A call to the node, claimed now (the probe, when its breaker is half-open); None when
+        its breaker lets no call through."""
+        breaker = self.get(node_id)
+        if not breaker.allow():
+            return None
+        return Claim(breaker, probe=breaker.state is State.HALF_OPEN)
+
+    def drop(self, node_id: str) -> None:
+        """Forget a node that left the view."""
+        self.by_node.pop(node_id, None)
 
     def blocked(self) -> set[str]:
         """Nodes a call may not go to now (open breakers, or half-open with a probe out)."""

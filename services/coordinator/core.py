@@ -26,7 +26,7 @@ from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
 from services.common.batcher import BatchConfig, Batcher, priority_level, request_deadline
 from services.coordinator.response_cache import ResponseCache, request_key
-from services.coordinator.breaker import Breaker, Breakers
+from services.coordinator.breaker import Breaker, Breakers, Claim, Verdict, verdict
 from services.coordinator.catalog import Catalog
 from services.coordinator.forwarder import sender
 from services.coordinator.joint import disagreements, joint_scores, merge_rows, only, prefer_edge, rows_below
@@ -568,49 +568,94 @@ class Coordinator:
                       deadline: float, variants: list[ModelVariant], policy: PrecisionPolicy,
                       region: str, tried: list[str]) -> tuple[dict[str, np.ndarray], Placement]:
         """Send a second copy to another node when the first has not answered after the hedge
-        delay; the first success wins and the other copy is cancelled."""
+        delay; the first success wins and the other copy is cancelled, as is every copy when the
+        caller gives up."""
+        claim = self._claim(placement.node)  # before anything awaits: no other request takes the probe
         delay = self._hedge_delay(spec, placement)
         if delay is None:  # no hedging: no task either
-            return await self._attempt(request, placement, spec, deadline), placement
-        first = asyncio.ensure_future(self._attempt(request, placement, spec, deadline))
-        done, _ = await asyncio.wait({first}, timeout=delay)
-        second_placement = None if done else self._place(
-            variants, spec, policy, region, self.eligible_nodes(spec), tried)
-        if second_placement is None:
-            return await first, placement
-        HEDGES.labels(request.model_name).inc()
-        tried.append(second_placement.node.node_id)
-        second = asyncio.ensure_future(self._attempt(request, second_placement, spec, deadline))
-        owners = {first: placement, second: second_placement}
-        pending = set(owners)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is None:
-                    for other in pending:
-                        other.cancel()
-                    return task.result(), owners[task]
-        raise first.exception()
+            return await self._attempt(request, placement, spec, deadline, claim), placement
+        first = self._start(request, placement, spec, deadline, claim)
+        owners = {first: placement}
+        try:
+            done, _ = await asyncio.wait({first}, timeout=delay)
+            hedge = None if done else self._hedge(variants, spec, policy, region, tried)
+            if hedge is None:
+                return await first, placement
+            HEDGES.labels(request.model_name).inc()
+            tried.append(hedge[0].node.node_id)
+            owners[self._start(request, hedge[0], spec, deadline, hedge[1])] = hedge[0]
+            pending = set(owners)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        return task.result(), owners[task]
+            raise first.exception()
+        finally:
+            for task in owners:
+                task.cancel()  # the loser, or every copy of a request its caller gave up
+
+    def _hedge(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
+               region: str, tried: list[str]) -> tuple[Placement, Claim] | None:
+        """Where a hedged copy goes, its node's call claimed; None when no other node may take it."""
+        try:
+            placement = self._place(variants, spec, policy, region, self.eligible_nodes(spec), tried)
+        except CneiError as exc:  # a hedge is extra: the first copy still runs
+            log.warning("no hedge for %s: %s", variants[0].key, exc.message)
+            return None
+        if placement is None:
+            return None
+        claim = self.breakers.claim(placement.node.node_id)
+        return None if claim is None else (placement, claim)
+
+    def _claim(self, node: NodeInfo) -> Claim:
+        """A call to `node`, claimed on its breaker; UNAVAILABLE when the breaker lets none through."""
+        claim = self.breakers.claim(node.node_id)
+        if claim is None:
+            breaker = self.breakers.get(node.node_id)
+            raise Unavailable(f"node {node.node_id} is out of use ({breaker.reason or 'circuit breaker open'})")
+        return claim
+
+    def _start(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec, deadline: float,
+               claim: Claim) -> asyncio.Task:
+        """An attempt as a task of its own (hedging); its claim settles even if it never runs."""
+        task = self._background.spawn(self._attempt(request, placement, spec, deadline, claim))
+
+        def ended(t: asyncio.Task) -> None:
+            claim.settle(Verdict.SILENT)  # no-op once the attempt settled it
+            if not t.cancelled():
+                t.exception()  # retrieved: `_hedged` answers with one copy's error at most
+        task.add_done_callback(ended)
+        return task
 
     async def _attempt(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
-                       deadline: float) -> dict[str, np.ndarray]:
-        """One node's try, bounded by the deployment's attempt timeout; feeds the breaker."""
+                       deadline: float, claim: Claim) -> dict[str, np.ndarray]:
+        """One node's try, bounded by the deployment's attempt timeout; what it says of the node
+        (`breaker.verdict`) settles its claim on the node's breaker."""
         node = placement.node
-        breaker = self.breakers.get(node.node_id)
-        breaker.allow()
         attempt_deadline = min(deadline, time.monotonic() + spec.attempt_timeout_ms / 1e3)
         start = time.perf_counter()
         rows = request.rows
+        waited: list[int] = []  # the batcher notes the queue wait when it sends: the node had the request
+        outcome, reason = Verdict.SILENT, ""
         self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
         try:
             outputs = await self._batcher(placement, spec).submit(
-                request.inputs, priority_level(request.parameters), attempt_deadline, _queued_ns.get())
+                request.inputs, priority_level(request.parameters), attempt_deadline, waited)
+            outcome = Verdict.ANSWERED
         except CneiError as exc:
-            note_node_failure(breaker, exc.code, exc.message)
+            outcome, reason = verdict(exc.code, bool(waited), attempt_deadline < deadline), exc.message
             raise
         finally:
-            self.outstanding[node.node_id] -= rows
-        breaker.success()
+            claim.settle(outcome, reason)
+            left = self.outstanding.get(node.node_id, 0) - rows
+            if left > 0:
+                self.outstanding[node.node_id] = left
+            else:
+                self.outstanding.pop(node.node_id, None)
+            queued = _queued_ns.get()
+            if queued is not None:
+                queued.extend(waited)
         self.latency.add((placement.variant.name, node.node_id), time.perf_counter() - start)
         return outputs
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.coordinator.breaker import Breaker, Breakers, State
+from services.common.errors import ErrorCode
+from services.coordinator.breaker import Breaker, Breakers, State, Verdict, verdict
 
 
 class Clock:
@@ -105,3 +106,58 @@ def test_no_live_node_names_the_nodes_out_of_use_and_why():
     assert error.message.startswith("no live node can serve model 'digits'; out of use after failures: e1 (refused), ")
     assert "CERTIFICATE_VERIFY_FAILED)" in error.message and len(error.message) < 600  # the end of a long reason kept
     assert "e3 (failed)" in error.message and error.message.endswith(" and 1 more")
+
+
+@pytest.mark.parametrize(
+    ("code", "sent", "attempt_timeout_first", "expected"),
+    [(None, True, False, Verdict.ANSWERED),
+     (ErrorCode.UNAVAILABLE, True, False, Verdict.DOWN),
+     (ErrorCode.UNAVAILABLE, False, False, Verdict.DOWN),
+     (ErrorCode.DEADLINE_EXCEEDED, True, True, Verdict.SLOW),
+     (ErrorCode.DEADLINE_EXCEEDED, True, False, Verdict.SILENT),
+     (ErrorCode.DEADLINE_EXCEEDED, False, True, Verdict.SILENT),
+     (ErrorCode.INVALID_ARGUMENT, True, False, Verdict.ANSWERED),
+     (ErrorCode.NOT_FOUND, True, False, Verdict.ANSWERED),
+     (ErrorCode.RESOURCE_EXHAUSTED, True, False, Verdict.ANSWERED),
+     (ErrorCode.RESOURCE_EXHAUSTED, False, False, Verdict.SILENT)],
+    ids=["answered", "connection-lost", "unreachable", "attempt-timeout", "clients-own-deadline",
+         "expired-while-queued", "request-refused-by-node", "model-not-at-node", "node-queue-full",
+         "own-queue-full"])
+def test_what_an_attempt_says_of_its_node(code, sent, attempt_timeout_first, expected):
+    assert verdict(code, sent, attempt_timeout_first) is expected
+
+
+@pytest.mark.parametrize(
+    ("outcome", "state"),
+    [(Verdict.ANSWERED, State.CLOSED), (Verdict.SLOW, State.OPEN), (Verdict.DOWN, State.OPEN),
+     (Verdict.SILENT, State.HALF_OPEN)])
+def test_every_outcome_of_a_probe_frees_it(clock, outcome, state):
+    breakers = Breakers(failure_threshold=3, open_seconds=2.0, clock=clock)
+    breakers.get("edge-1").trip("down")
+    clock.now += 2.0
+    probe = breakers.claim("edge-1")
+    assert probe is not None and probe.probe
+    assert breakers.claim("edge-1") is None, "one probe at a time"
+    probe.settle(outcome, "timed out")
+    probe.settle(Verdict.ANSWERED)  # settled once: later calls change nothing
+    b = breakers.get("edge-1")
+    assert b.state is state and not b.probing
+    assert (state is State.OPEN) is not b.would_allow()
+
+
+def test_a_call_that_is_not_the_probe_never_frees_the_probe(clock):
+    breakers = Breakers(failure_threshold=1, open_seconds=2.0, clock=clock)
+    earlier = breakers.claim("edge-1")  # while closed
+    breakers.get("edge-1").trip()
+    clock.now += 2.0
+    probe = breakers.claim("edge-1")
+    earlier.settle(Verdict.SILENT)
+    assert not earlier.probe and probe.probe and breakers.claim("edge-1") is None
+
+
+def test_a_node_that_left_is_forgotten(clock):
+    breakers = Breakers(clock=clock)
+    breakers.get("edge-1").trip("gone")
+    breakers.drop("edge-1")
+    breakers.drop("never-seen")
+    assert breakers.by_node == {} and breakers.blocked() == set()
