@@ -216,11 +216,14 @@ class Batcher:
         self._running = 0  # batches sent and not yet answered
         self._last_rows = 0  # rows of the batch sent last
         self._queue_time, self._batch_size = QUEUE_TIME.labels(model), BATCH_SIZE.labels(model)
+        self._closed: CneiError | None = None  # once closed: what a request submitted then is told
 
     async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0, deadline: float = float("inf"),
                      waited: list[int] | None = None) -> dict[str, np.ndarray]:
         """The request's outputs once its batch is answered; `waited`, when given, gets the
         nanoseconds it waited in the queue appended when it is sent."""
+        if self._closed is not None:
+            raise self._closed
         now = time.monotonic()  # requests cancelled or expired while a batch is in flight hold no slot
         self._drop([p for p in self.queue if p.deadline <= now or (p.future is not None and p.future.done())])
         if len(self.queue) >= self.config.max_queue_size:
@@ -408,10 +411,14 @@ class Batcher:
             await asyncio.sleep(0.005)
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, error: CneiError | None = None) -> None:
+        """Stop: requests still queued, and any submitted from now on, fail with `error` (default
+        RESOURCE_EXHAUSTED); batches in flight are waited for."""
+        self._closed = error or ResourceExhausted(f"batcher of model '{self.model}' closed")
         await lifecycle.cancel_and_wait(self._task)
-        await asyncio.gather(self._inflight.wait(), return_exceptions=True)
-        for p in self.queue:
+        queued, self.queue = self.queue, []
+        for p in queued:
             p.dequeued("closed")
             if p.future is not None and not p.future.done():
-                p.future.set_exception(ResourceExhausted(f"batcher of model '{self.model}' closed"))
+                p.future.set_exception(self._closed)
+        await asyncio.gather(self._inflight.wait(), return_exceptions=True)

@@ -240,6 +240,19 @@ class Channels:
             found = self._channels[address] = channel(address, self.headers, credentials, self._server_name)
         return found
 
+    def drop(self, address: str) -> None:
+        """Close the channel to `address` (a server that left): calls still open on it get
+        `grace_s` to finish; a later `get` opens a new one."""
+        found = self._channels.pop(address, None)
+        if found is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._close([found], self.grace_s))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    def __contains__(self, address: str) -> bool:
+        return address in self._channels
+
     @staticmethod
     async def _close(channels: list[grpc.aio.Channel], grace_s: float | None) -> None:
         await asyncio.gather(*(c.close(grace_s) for c in channels), return_exceptions=True)

@@ -674,7 +674,9 @@ class Coordinator:
 
     def node_changed(self, subject: str, node: NodeInfo, reason: str) -> None:
         """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
-        if subject == events.NODE_DOWN:
+        if subject == events.NODE_DOWN and not any(n.node_id == node.node_id for n in self.nodes.nodes):
+            self._node_left(node)
+        elif subject == events.NODE_DOWN:
             self.breakers.get(node.node_id).trip(reason)
         else:
             self.breakers.get(node.node_id).success()
@@ -685,6 +687,16 @@ class Coordinator:
         self._background.spawn(self.announce(subject, {"node_id": node.node_id, "tier": node.tier,
                                             "region": node.region, "reason": reason,
                                             "observer": "coordinator"}))
+
+    def _node_left(self, node: NodeInfo) -> None:
+        """A node left the view: its batchers stop (requests queued there fail over, batches in
+        flight end), and its breaker, load and latencies are forgotten."""
+        gone = Unavailable(f"node {node.node_id} left the mesh")
+        for key in [key for key in self.batchers if key[1] == node.node_id]:
+            self._background.spawn(self.batchers.pop(key).close(gone))
+        self.breakers.drop(node.node_id)
+        self.outstanding.pop(node.node_id, None)
+        self.latency.drop_node(node.node_id)
 
     async def announce(self, subject: str, payload: dict) -> None:
         if self.publish is None:
@@ -710,6 +722,8 @@ class Coordinator:
         key = (placement.variant.key, placement.node.node_id)
         batcher = self.batchers.get(key)
         config = batch_config(spec, placement.variant)
+        if batcher is None and not any(n.node_id == key[1] for n in self.nodes.nodes):
+            raise Unavailable(f"node {key[1]} left the mesh")  # its batchers are gone with it
         if batcher is None or batcher.config != config:
             if batcher is not None:
                 self._retire(batcher)

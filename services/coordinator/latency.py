@@ -41,6 +41,11 @@ class LatencyBook:
             window = self.windows[key] = LatencyWindow(self.size)
         window.add(seconds)
 
+    def drop_node(self, node_id: str) -> None:
+        """Forget the windows of a node that left (keys of (variant, node))."""
+        for key in [key for key in self.windows if key[-1] == node_id]:
+            del self.windows[key]
+
     def quantile(self, key: tuple[str, ...], q: float) -> float | None:
         window = self.windows.get(key)
         return window.quantile(q) if window else None

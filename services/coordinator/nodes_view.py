@@ -59,13 +59,27 @@ class NodesView:
         nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
         appeared, vanished = diff_nodes(self.nodes, nodes)
         self.nodes = nodes
-        if self.on_change is not None:
+        closing = [self._forget(node) for node in vanished]
+        if self.on_change is not None:  # a node gone is no longer in `nodes` when it is told
             for node in appeared:
                 self.on_change(events.NODE_UP, node, "heartbeat")
             for node in vanished:
-                self.rtt_ms.pop(node.node_id, None)
-                self.compute_ms.pop(node.node_id, None)
                 self.on_change(events.NODE_DOWN, node, "heartbeat expired")
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    async def _forget(self, node: NodeInfo) -> None:
+        """What is kept for a node that left the view: its measurements, and its channel and fast
+        lane connection unless a live node has the same address (a pod back under a new id)."""
+        self.rtt_ms.pop(node.node_id, None)
+        self.compute_ms.pop(node.node_id, None)
+        self.unhealthy.pop(node.node_id, None)
+        if not any(n.address == node.address for n in self.nodes):
+            self._stubs.pop(node.address, None)
+            self.channels.drop(node.address)
+        if node.fast_address and not any(n.fast_address == node.fast_address for n in self.nodes):
+            client = self._fast.pop(node.fast_address, None)
+            if client is not None:
+                await client.close()  # its calls still open fail UNAVAILABLE: they fail over
 
     async def _refresh_loop(self) -> None:
         while True:

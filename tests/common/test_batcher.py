@@ -450,3 +450,19 @@ async def test_a_full_queue_counts_only_requests_someone_still_waits_for(make_ba
     results = await release(node, blocker, [kept])
     assert node.markers == [[BLOCKER], [2]]
     np.testing.assert_array_equal(results[0]["y"], x(2) * 10)
+
+
+async def test_closing_with_an_error_fails_the_queued_requests_with_it_at_once_and_later_ones_too(make_batcher, node):
+    batcher = make_batcher()
+    blocker = await hold(batcher, node)
+    queued = await enqueue(batcher, {"inputs": {"x": x(1)}}, {"inputs": {"x": x(2)}})
+    gone = Unavailable("node edge-1 left the mesh")
+    closing = asyncio.create_task(batcher.close(gone))
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), PATIENCE_S)
+    assert results == [gone, gone]  # while the batch in flight still waits for the node
+    with pytest.raises(Unavailable, match="left the mesh"):
+        await batcher.submit({"x": x(3)})
+    node.gate.set()
+    await asyncio.wait_for(closing, PATIENCE_S)
+    np.testing.assert_array_equal((await blocker)["y"], x(BLOCKER) * 10)
+    assert node.markers == [[BLOCKER]]

@@ -1,0 +1,158 @@
+"""A real Coordinator behind a real grpc.aio OIP server, forwarding over real gRPC to stand-in
+runtimes (each a grpc.aio server with the OIP servicer over a small in-process core). Only the
+registry and Redis are replaced: the catalog and the node directory are held in memory."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from services.common import lifecycle, oip
+from services.common.deployment import DeploymentSpec
+from services.common.errors import ModelNotFound
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.common.nodes import NodeInfo
+from services.common.oip_servicer import OipServicer
+from services.coordinator.core import Coordinator
+from services.coordinator.nodes_view import NodesView
+from services.coordinator.settings import CoordinatorSettings
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+Outputs = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def variant(name: str = "m", outputs: tuple = (("y", "FP32", (-1, 2)),), **metadata: str) -> ModelVariant:
+    """A batching model of one input `x` [-1, 2] (FP32)."""
+    return ModelVariant(name, "1", "FP32", "0", 1, [TensorSpec("x", "FP32", (-1, 2))],
+                        [TensorSpec(*o) for o in outputs], metadata={"max_batch_size": "8", **metadata})
+
+
+def echo(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"y": inputs["x"].copy()}
+
+
+class Catalog:
+    """The registry's answers, from memory."""
+
+    def __init__(self, variants: list[ModelVariant], specs: dict[str, DeploymentSpec]):
+        self._variants, self._specs = variants, specs
+
+    async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
+        found = [v for v in self._variants if v.name == model]
+        if not found:
+            raise ModelNotFound(model, version)
+        return found
+
+    async def all_variants(self, model: str) -> list[ModelVariant]:
+        return [v for v in self._variants if v.name == model]
+
+    async def deployment(self, model: str) -> DeploymentSpec:
+        return self._specs.get(model) or DeploymentSpec(model=model)
+
+
+class NodeCore:
+    """A runtime stand-in: answers `outputs(inputs)` after `delay_s`; notes every call it got."""
+    server_name, server_version = "stand-in-runtime", "0"
+
+    def __init__(self, outputs: Outputs = echo, delay_s: float = 0.0):
+        self.outputs, self.delay_s = outputs, delay_s
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    async def ready(self) -> bool:
+        return True
+
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+        self.calls.append({k: v.copy() for k, v in request.inputs.items()})
+        await asyncio.sleep(self.delay_s)
+        return oip.InferResponse(request.model_name, self.outputs(request.inputs), request.model_version)
+
+    @property
+    def markers(self) -> list[float]:
+        """The first value of every row the node was sent, in order."""
+        return [float(row[0]) for call in self.calls for row in call["x"]]
+
+
+class Directory:
+    """The live nodes, as Redis would list them."""
+
+    def __init__(self, nodes: list[NodeInfo]):
+        self.nodes = list(nodes)
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        return list(self.nodes)
+
+
+@dataclass
+class Mesh:
+    stub: pb_grpc.GRPCInferenceServiceStub
+    core: Coordinator
+    view: NodesView
+    directory: Directory
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+
+    async def infer(self, model: str = "m", x: np.ndarray | None = None, params: dict | None = None,
+                    outputs: tuple[str, ...] = (), timeout: float = 10.0) -> tuple[str, object]:
+        """("OK", response) or (status name, details)."""
+        message = oip.request_to_proto(oip.InferRequest(
+            model, {"x": np.ones((1, 2), np.float32) if x is None else x}, parameters=params or {},
+            outputs=list(outputs)))
+        try:
+            return "OK", oip.response_from_proto(await self.stub.ModelInfer(message, timeout=timeout))
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, exc.details()
+
+    def call(self, model: str = "m", x: np.ndarray | None = None, params: dict | None = None):
+        """A ModelInfer call the test may cancel."""
+        message = oip.request_to_proto(oip.InferRequest(
+            model, {"x": np.ones((1, 2), np.float32) if x is None else x}, parameters=params or {}))
+        return self.stub.ModelInfer(message, timeout=10.0)
+
+    async def leave_and_join(self, *node_ids: str) -> None:
+        """The directory now lists `node_ids` only; the view sees it."""
+        self.directory.nodes = [self.nodes[n] for n in node_ids]
+        await self.view.refresh()
+
+
+@contextlib.asynccontextmanager
+async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], cores: dict[str, NodeCore],
+               tiers: dict[str, str] | None = None, live: tuple[str, ...] | None = None,
+               **settings) -> AsyncIterator[Mesh]:
+    """Stand-in runtimes `cores` (by node id; edge unless `tiers` says otherwise; `live`: those
+    the directory lists at first, default all) and a coordinator serving OIP over them."""
+    servers, nodes = [], {}
+    coordinator_server = view = core = channel = None
+    try:
+        for node_id, node_core in cores.items():
+            server = lifecycle.GrpcServer("127.0.0.1", 0)
+            server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(node_core),
+                       "inference.GRPCInferenceService")
+            await server.start()
+            servers.append(server)
+            nodes[node_id] = NodeInfo(node_id, (tiers or {}).get(node_id, "edge"), "r1", server.address, cpus=4,
+                                      models=[v.key for v in variants])
+        directory = Directory([nodes[n] for n in (live if live is not None else nodes)])
+        view = NodesView(directory, refresh_s=3600.0)
+        core = Coordinator(CoordinatorSettings(front_door="off", **settings), Catalog(variants, specs), view)
+        view.on_change = core.node_changed
+        await view.refresh()
+        coordinator_server = lifecycle.GrpcServer("127.0.0.1", 0)
+        coordinator_server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
+                               "inference.GRPCInferenceService")
+        await coordinator_server.start()
+        channel = grpc.aio.insecure_channel(coordinator_server.address)
+        yield Mesh(pb_grpc.GRPCInferenceServiceStub(channel), core, view, directory, nodes)
+    finally:
+        if channel is not None:
+            await channel.close()
+        if coordinator_server is not None:
+            await coordinator_server.stop(0)
+        if core is not None:
+            await core.close()
+        if view is not None:
+            await view.close()
+        for server in servers:
+            await server.stop(0)

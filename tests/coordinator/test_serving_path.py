@@ -1,0 +1,313 @@
+"""The coordinator's serving path over real gRPC (tests/coordinator/mesh.py): what its breakers
+make of each outcome, hedging and cancellation, where the `tier` parameter and a latency budget
+let a request run, requested outputs, joint inference on awkward requests, and nodes that leave."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from services.common import oip
+from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
+from services.common.errors import ErrorCode, InvalidArgument, Unavailable
+from services.common.nodes import NodeInfo
+from services.coordinator.breaker import State
+from tests.coordinator.mesh import NodeCore, echo, mesh, variant
+
+X = np.ones((1, 2), np.float32)
+
+
+def refusing_negatives(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if (inputs["x"] < 0).any():
+        raise InvalidArgument("negative input")  # the request's own fault: the node is fine
+    return echo(inputs)
+
+
+# --- breakers ----------------------------------------------------------------------------------
+
+async def cancel_the_probe(m) -> None:
+    probe = m.call()
+    await asyncio.sleep(0.05)  # at the node, which takes 0.2 s
+    probe.cancel()
+    await asyncio.sleep(0.05)
+
+
+async def probe_with_a_request_the_node_refuses(m) -> None:
+    assert (await m.infer(x=-X))[0] == "INVALID_ARGUMENT"
+
+
+async def probe_with_a_deadline_shorter_than_the_node(m) -> None:
+    assert (await m.infer(params={"timeout_us": 20_000}))[0] == "DEADLINE_EXCEEDED"
+
+
+@pytest.mark.parametrize("probe", [cancel_the_probe, probe_with_a_request_the_node_refuses,
+                                   probe_with_a_deadline_shorter_than_the_node],
+                         ids=["client-cancels", "node-answers-invalid-argument", "clients-own-deadline"])
+async def test_a_half_open_probe_that_says_nothing_against_the_node_never_leaves_it_blocked(probe):
+    node = NodeCore(refusing_negatives, delay_s=0.2)
+    async with mesh([variant()], {}, {"n1": node}, breaker_open_s=0.3) as m:
+        m.core.breakers.get("n1").trip("earlier outage")
+        await asyncio.sleep(0.35)  # the open period is over: the next call is the probe
+        await probe(m)
+        await asyncio.sleep(0.1)
+        assert m.core.breakers.get("n1").would_allow()
+        status, response = await m.infer()
+        assert status == "OK" and response.parameters["cnei_node"] == "n1"
+        assert m.core.breakers.get("n1").state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("spec", "params", "state"),
+    [(DeploymentSpec(model="m"), {"timeout_us": 10_000}, State.CLOSED),
+     (DeploymentSpec(model="m", attempt_timeout_ms=10), {}, State.OPEN)],
+    ids=["clients-own-timeout-is-not-the-nodes-fault", "the-attempt-timeout-is"])
+async def test_only_the_deployments_attempt_timeout_counts_against_a_slow_node(spec, params, state):
+    async with mesh([variant()], {"m": spec}, {"n1": NodeCore(delay_s=0.1)}, breaker_failures=3) as m:
+        for _ in range(3):
+            assert (await m.infer(params=params))[0] in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
+        assert m.core.breakers.get("n1").state is state
+
+
+async def test_a_client_timing_out_leaves_the_node_to_the_other_clients():
+    async with mesh([variant()], {}, {"n1": NodeCore(delay_s=0.05)}) as m:
+        for _ in range(4):
+            assert (await m.infer(params={"timeout_us": 10_000}))[0] == "DEADLINE_EXCEEDED"
+        status, response = await m.infer()
+        assert status == "OK", response
+
+
+async def test_hedged_requests_never_both_probe_a_half_open_node():
+    node = NodeCore(delay_s=0.2)
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", hedge_after_ms=50)}, {"n1": node},
+                    breaker_open_s=0.1) as m:
+        m.core.breakers.get("n1").trip("earlier outage")
+        await asyncio.sleep(0.15)
+        results = await asyncio.gather(*(m.core.infer(oip.InferRequest("m", {"x": X})) for _ in range(2)),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert len(node.calls) == 1, "one probe at a time"
+        assert len(failed) == 1 and isinstance(failed[0], Unavailable) and "n1" in failed[0].message
+
+
+# --- batches, hedging, cancellation ------------------------------------------------------------
+
+async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_and_spares_the_breaker():
+    reduce_all = lambda inputs: {"y": np.asarray(inputs["x"].sum(), np.float32)}  # noqa: E731
+    spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=50_000),
+                          attempt_timeout_ms=5000)
+    async with mesh([variant(outputs=(("y", "FP32", ()),))], {"m": spec}, {"n1": NodeCore(reduce_all)}) as m:
+        start = time.monotonic()
+        results = await asyncio.gather(m.infer(), m.infer())
+        assert time.monotonic() - start < 2.0
+        for status, details in results:
+            assert status == "INTERNAL"
+            assert "with output 'y' of shape []: it needs 2 rows" in details
+        assert m.core.breakers.get("n1").state is State.CLOSED
+
+
+@pytest.mark.parametrize("hedge_after_ms", [0, 150], ids=["no-hedging", "hedging"])
+async def test_a_request_its_client_cancelled_while_queued_is_never_sent(hedge_after_ms):
+    node = NodeCore(delay_s=0.4)
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", hedge_after_ms=hedge_after_ms)},
+                    {"n1": node}) as m:
+        busy = m.call(x=np.full((1, 2), 1, np.float32))  # holds the node's only batch slot
+        await asyncio.sleep(0.05)
+        victim = m.call(x=np.full((1, 2), 2, np.float32))
+        await asyncio.sleep(0.05)
+        victim.cancel()
+        await busy
+        await asyncio.sleep(0.6)
+        assert node.markers == [1.0]
+        assert m.core.outstanding == {}
+
+
+async def test_a_caller_giving_up_cancels_both_hedged_copies():
+    slow, slower = NodeCore(delay_s=1.0), NodeCore(delay_s=1.0)
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", hedge_after_ms=50)},
+                    {"n1": slow, "n2": slower}) as m:
+        status, _ = await m.infer(timeout=0.3)
+        assert status == "DEADLINE_EXCEEDED"
+        await asyncio.sleep(0.1)
+        assert len(slow.calls) + len(slower.calls) == 2  # hedged
+        assert m.core.outstanding == {}  # neither copy still waits for its node
+        assert all(b.would_allow() for b in m.core.breakers.by_node.values())
+
+
+# --- where a request may run -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("model", "tier", "expected"),
+    [("cloudonly", "", "cloud"), ("cloudonly", "cloud", "cloud"), ("cloudonly", "edge", "FAILED_PRECONDITION"),
+     ("edgeonly", "", "edge"), ("edgeonly", "edge", "edge"), ("edgeonly", "cloud", "FAILED_PRECONDITION"),
+     ("anywhere", "edge", "edge"), ("anywhere", "cloud", "cloud")])
+async def test_the_tier_parameter_only_narrows_where_a_deployment_runs(model, tier, expected):
+    specs = {"cloudonly": DeploymentSpec(model="cloudonly", tiers=("cloud",)),
+             "edgeonly": DeploymentSpec(model="edgeonly", tiers=("edge",), cloud_fallback=False),
+             "anywhere": DeploymentSpec(model="anywhere")}
+    async with mesh([variant(name) for name in specs], specs, {"e1": NodeCore(), "c1": NodeCore()},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        status, answer = await m.infer(model, params={"tier": tier} if tier else {})
+        if expected == "FAILED_PRECONDITION":
+            assert status == expected
+            assert f"model '{model}' is not deployed on the {tier} tier" in answer
+        else:
+            assert status == "OK" and answer.parameters["cnei_tier"] == expected
+
+
+LATENCIES = {"accuracy": "0.95", "latency_ms.edge": "10", "latency_ms.cloud": "2"}
+
+
+@pytest.mark.parametrize("hedge_after_ms", [0, 50], ids=["no-hedging", "hedging"])
+async def test_a_latency_budget_only_one_node_class_meets_is_served_there(hedge_after_ms):
+    async with mesh([variant(**LATENCIES)], {"m": DeploymentSpec(model="m", hedge_after_ms=hedge_after_ms)},
+                    {"e1": NodeCore(), "e2": NodeCore(), "c1": NodeCore()},
+                    tiers={"e1": "edge", "e2": "edge", "c1": "cloud"}) as m:
+        for _ in range(3):
+            status, response = await m.infer(params={"latency_budget_ms": 5})
+            assert status == "OK" and response.parameters["cnei_node"] == "c1"
+
+
+async def test_a_latency_budget_no_node_class_meets_is_failed_precondition_naming_each():
+    async with mesh([variant(**LATENCIES)], {}, {"e1": NodeCore(), "c1": NodeCore()},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        status, details = await m.infer(params={"latency_budget_ms": 1})
+        assert status == "FAILED_PRECONDITION"
+        assert "on cloud nodes (fastest measured 2.000 ms)" in details
+        assert "on edge nodes (fastest measured 10.000 ms)" in details
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+async def test_an_output_the_model_does_not_have_is_invalid_argument_naming_it():
+    async with mesh([variant()], {}, {"n1": NodeCore()}) as m:
+        status, details = await m.infer(outputs=("no_such_output",))
+        assert status == "INVALID_ARGUMENT"
+        assert "tensor 'no_such_output': is not an output of model 'm' (outputs: ['y'])" in details
+
+
+@pytest.mark.parametrize("value", [-1, "-5000"])
+async def test_a_negative_timeout_is_invalid_argument(value):
+    async with mesh([variant()], {}, {"n1": NodeCore()}) as m:
+        status, details = await m.infer(params={"timeout_us": value})
+        assert status == "INVALID_ARGUMENT" and "timeout_us" in details
+
+
+# --- joint inference ---------------------------------------------------------------------------
+
+def edge_unsure(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = len(inputs["x"])
+    return {"p": np.full((rows, 2), 0.5, np.float32), "z": np.full((rows, 1), 1.0, np.float32)}
+
+
+def cloud_sure(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = len(inputs["x"])
+    return {"p": np.tile(np.array([0.1, 0.9], np.float32), (rows, 1)), "z": np.full((rows, 1), 2.0, np.float32)}
+
+
+JOINT_MODEL = variant(outputs=(("p", "FP32", (-1, 2)), ("z", "FP32", (-1, 1))))
+JOINT = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="sync", threshold=0.8, output="p"))}
+
+
+@pytest.fixture
+async def joint_mesh():
+    async with mesh([JOINT_MODEL], JOINT, {"e1": NodeCore(edge_unsure), "c1": NodeCore(cloud_sure)},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        yield m
+
+
+async def test_joint_inference_of_no_rows_answers_no_rows(joint_mesh):
+    status, response = await joint_mesh.infer(x=np.zeros((0, 2), np.float32))
+    assert status == "OK", response
+    assert response.outputs["p"].shape == (0, 2) and response.parameters["cnei_escalated"] == 0
+
+
+async def test_joint_inference_reads_its_output_even_when_the_client_asks_for_another(joint_mesh):
+    status, response = await joint_mesh.infer(outputs=("z",))
+    assert status == "OK", response
+    assert list(response.outputs) == ["z"] and response.parameters["cnei_escalated"] == 1
+    assert response.outputs["z"].tolist() == [[2.0]]  # the escalated row: the cloud's answer
+
+
+async def test_joint_inference_refuses_an_output_the_model_does_not_have(joint_mesh):
+    status, details = await joint_mesh.infer(outputs=("nope",))
+    assert status == "INVALID_ARGUMENT" and "tensor 'nope'" in details
+
+
+@pytest.mark.parametrize(("tier", "node", "escalated"), [("edge", "e1", 0), ("cloud", "c1", None)])
+async def test_joint_inference_stays_on_the_tier_a_request_names(joint_mesh, tier, node, escalated):
+    status, response = await joint_mesh.infer(params={"tier": tier})
+    assert status == "OK", response
+    assert response.parameters["cnei_node"] == node
+    assert response.parameters.get("cnei_escalated") == escalated
+
+
+async def test_joint_inference_whose_output_is_not_numbers_is_failed_precondition():
+    spec = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="sync", output="label"))}
+    texts = lambda inputs: {"label": np.array([[b"cat"]] * len(inputs["x"]), dtype=object)}  # noqa: E731
+    async with mesh([variant(outputs=(("label", "BYTES", (-1, 1)),))], spec, {"e1": NodeCore(texts)}) as m:
+        status, details = await m.infer()
+        assert status == "FAILED_PRECONDITION"
+        assert "needs output 'label' to hold numbers" in details
+
+
+# --- nodes that leave --------------------------------------------------------------------------
+
+async def test_what_the_coordinator_keeps_for_a_node_goes_when_it_leaves():
+    async with mesh([variant()], {}, {"n0": NodeCore()}) as m:
+        address = m.nodes["n0"].address
+        for generation in range(5):  # a pod restarting: the same address under a new id each time
+            m.nodes[f"pod-{generation}"] = NodeInfo(f"pod-{generation}", "edge", "r1", address, cpus=4,
+                                                    models=["m:1:FP32"])
+            await m.leave_and_join(f"pod-{generation}")
+            status, response = await m.infer()
+            assert status == "OK" and response.parameters["cnei_node"] == f"pod-{generation}"
+        await asyncio.sleep(0.05)  # the batchers of the nodes that left close
+        assert [key[1] for key in m.core.batchers] == ["pod-4"]
+        assert set(m.core.breakers.by_node) <= {"pod-4"}
+        assert m.core.outstanding == {}
+        assert {key[1] for key in m.core.latency.windows} == {"pod-4"}
+        assert address in m.view.channels  # the live node's channel is kept
+
+
+async def test_a_node_that_leaves_loses_its_channel_and_fast_lane_connection():
+    async with mesh([variant()], {}, {"n1": NodeCore(), "n2": NodeCore()}) as m:
+        gone = m.nodes["n1"]
+        m.nodes["n1"] = gone = NodeInfo(gone.node_id, gone.tier, gone.region, gone.address, cpus=4,
+                                        fast_address="127.0.0.1:9", models=gone.models)
+        await m.leave_and_join("n1", "n2")  # n1 now offers a fast lane
+        m.view.channels.get(gone.address)
+        m.view.fast_client(gone)
+        await m.leave_and_join("n2")
+        assert gone.address not in m.view.channels and gone.fast_address not in m.view._fast
+        status, response = await m.infer()
+        assert status == "OK" and response.parameters["cnei_node"] == "n2"
+
+
+async def test_requests_queued_for_a_node_that_leaves_fail_over():
+    slow = NodeCore(delay_s=1.0)
+    async with mesh([variant()], {}, {"n1": slow, "n2": NodeCore()}, live=("n1",)) as m:
+        busy = asyncio.create_task(m.infer(x=np.full((1, 2), 1, np.float32)))
+        await asyncio.sleep(0.1)
+        queued = asyncio.create_task(m.infer(x=np.full((1, 2), 2, np.float32)))
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        await m.leave_and_join("n2")
+        status, response = await queued
+        assert status == "OK" and response.parameters["cnei_node"] == "n2"
+        assert time.monotonic() - start < 0.8  # not after the slow node's answer
+        assert slow.markers == [1.0]
+        assert (await busy)[0] == "OK"  # the batch in flight ends as the node answers it
+
+
+async def test_a_batcher_closed_for_a_node_that_left_tells_later_callers_why():
+    async with mesh([variant()], {}, {"n1": NodeCore()}) as m:
+        assert (await m.infer())[0] == "OK"
+        batcher = next(iter(m.core.batchers.values()))
+        await m.leave_and_join()
+        await asyncio.sleep(0.05)
+        with pytest.raises(Unavailable, match="node n1 left the mesh") as caught:
+            await batcher.submit({"x": X})
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        assert batcher._task.done()
