@@ -18,7 +18,7 @@ import tritonclient.utils as triton_utils
 from onnx import TensorProto, helper
 
 from services.cli import infra
-from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
@@ -153,3 +153,56 @@ def test_a_timeout_beyond_what_a_clock_holds_is_no_timeout(mesh):
     finally:
         client.close()
         infra.stop(proc)
+
+
+def test_a_node_that_stops_reading_fails_over_instead_of_holding_the_door(mesh, tmp_path):
+    """A node stopped (SIGSTOP: its sockets still open, its receive windows shut) with 16 MB
+    requests on their way: they fail over within seconds (the door's sends give up after a second
+    without progress; the coordinator's health checks drop the node's routes), never wait on it."""
+    import os
+    import signal
+    import time
+
+    from tests.e2e.processes import start_fast_runtime
+
+    name, width = "wide-sum", 4_000_000  # 16 MB a row: one batch in flight outgrows the socket buffers
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input", "axes"], ["total"], keepdims=1)], name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "wide.onnx")
+    _push(mesh, tmp_path / "wide.onnx", name, {"max_batch_size": "4"})
+    # placed by locality alone: its region's node, whatever the 8 MB requests do to its measured RTT
+    put_deployment(mesh, DeploymentSpec(model=name, scheduler=SchedulerSpec(alpha=0, beta=1, gamma=0, delta=0,
+                                                                            threshold=0.5)))
+    runtime, _, _ = start_fast_runtime(mesh, "edge-stall", "site-stall", tmp_path, CNEI_RUNTIME_PRELOAD="")
+    proc, address, _ = _door(mesh)
+    x = np.ones((1, width), np.float32)
+
+    def one(_=None):
+        client = triton.InferenceServerClient(address)
+        try:
+            reply = _infer(client, name, x, parameters={"region": "site-stall"})
+            return (reply.get_response().parameters["cnei_node"].string_param, float(reply.as_numpy("total")[0, 0]),
+                    _by_door(reply))
+        finally:
+            client.close()
+    try:
+        infra.wait_until(lambda: one()[::2] == ("edge-stall", True), 60, "the door serving the wide model on edge-stall")
+        runtime.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(one, range(6)))
+            took = time.monotonic() - started
+        finally:
+            runtime.send_signal(signal.SIGCONT)
+        assert all(total == width for _, total, _ in answers)
+        assert all(node != "edge-stall" for node, _, _ in answers), answers  # served elsewhere
+        assert took < 25, took  # not the clients' 30 s timeout: nothing waited on the stopped node
+    finally:
+        infra.stop(proc)
+        infra.stop(runtime)

@@ -27,6 +27,10 @@
 namespace frontdoor {
 namespace {
 
+// How long a send may make no progress (the node's receive window shut) before the connection
+// is given up: its calls fail over like those of a lost connection.
+constexpr int kSendStallMs = 1000;
+
 using Clock = std::chrono::steady_clock;
 constexpr uint8_t kRequest = 1, kReply = 2, kError = 3, kHello = 4;
 constexpr size_t kHeader = 15;                     // u32 length | u64 id | u8 kind | u16 meta
@@ -106,6 +110,10 @@ int ConnectTcp(const std::string& address, std::string* error) {
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  // a node that stops reading (stopped, partitioned) fails the send instead of holding the
+  // writing thread (a gRPC handler's, the timer's) and every writer queued behind it for ever
+  timeval stall{kSendStallMs / 1000, (kSendStallMs % 1000) * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &stall, sizeof stall);
   return fd;
 }
 
@@ -304,7 +312,9 @@ bool TlsSendAll(SSL* ssl, std::mutex& mu, int fd, const char* data, size_t size)
     if (wrote > 0) {
       data += wrote, size -= size_t(wrote);
     } else if (err == SSL_ERROR_WANT_WRITE) {
-      if (!WaitFor(fd, err, 1000)) return false;
+      pollfd p{fd, POLLOUT, 0};
+      int ready = poll(&p, 1, kSendStallMs);
+      if (ready == 0 || (ready < 0 && errno != EINTR)) return false;  // the node stopped reading
     } else if (err == SSL_ERROR_WANT_READ) {  // the session needs the peer first (renegotiation):
       // the reader reads, unless this is the reader's own thread (a reply's batch sending the next)
       if (++waits_for_peer > 5000) return false;  // 1 s
