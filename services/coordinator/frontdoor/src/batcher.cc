@@ -14,6 +14,9 @@ namespace frontdoor {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+// Tensor bytes a batch takes at most, under the fast lane's 64 MiB frame with room for its
+// header and meta: rows alone could make a frame the node must refuse (a node failure).
+constexpr size_t kBatchBytes = 60u * 1024 * 1024;
 
 uint64_t Nanos(Clock::duration d) {
   return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
@@ -131,8 +134,12 @@ void Batcher::Enqueue(InferCall* call) {
   const auto timeout_at = call->timeout_at;  // once queued, the call may be answered and gone
   size_t full = 0;
   bool forward = false, arm_expiry = false;
+  std::vector<InferCall*> expired, cancelled;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // a full queue first lets go of what no longer waits (cancelled, expired) and would only
+    // leave it at the next batch
+    if (!failed_ && queue_.size() >= options_.queue_limit) DropLocked(&expired, &cancelled);
     if (failed_) {
       forward = true;
     } else if (queue_.size() >= options_.queue_limit) {
@@ -145,6 +152,8 @@ void Batcher::Enqueue(InferCall* call) {
       }
     }
   }
+  FailExpired(expired);
+  for (InferCall* gone : cancelled) gone->Fail(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
   if (forward) return call->Forward();
   if (arm_expiry) {
     Timers::Get().At(timeout_at, [self = shared_from_this(), timeout_at] { self->ExpireQueued(timeout_at); });
@@ -254,19 +263,23 @@ std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* exp
   auto batch = std::make_shared<Batch>();
   const int64_t limit = config_->max_batch_size;
   std::vector<bool> taken(queue_.size(), false);
+  size_t bytes = 0;
   for (size_t i : OrderLocked()) {
     InferCall* call = queue_[i];
+    size_t call_bytes = 0;
+    for (const std::string& raw : call->request().raw_input_contents()) call_bytes += raw.size();
     if (batch->members.empty()) {
       batch->rows = call->rows;
     } else if (limit == 0) {
       break;  // a model without a batch dimension: each request alone
-    } else if (batch->rows + call->rows > limit ||
+    } else if (batch->rows + call->rows > limit || bytes + call_bytes > kBatchBytes ||
                (call->route_key != batch->members.front()->route_key &&
                 *call->route_key != *batch->members.front()->route_key)) {
       continue;
     } else {
       batch->rows += call->rows;
     }
+    bytes += call_bytes;
     batch->members.push_back(call);
     taken[i] = true;
   }
