@@ -15,7 +15,7 @@ from pathlib import Path
 
 from services.common import delta, deployment, events
 from services.common.deployment import DeploymentSpec
-from services.common.errors import (ArtifactNotFound, InvalidArgument, ModelNotFound, NotFound,
+from services.common.errors import (ArtifactNotFound, FailedPrecondition, InvalidArgument, ModelNotFound, NotFound,
                                     ResourceExhausted)
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
 from services.registry.onnx_inspect import inspect_onnx
@@ -182,7 +182,16 @@ class Registry:
         rows = await asyncio.to_thread(self.store.deployments, model)
         if model and not rows:
             raise NotFound(f"no deployment for model '{model}'")
-        return [(deployment.from_json(text), when) for _, text, when in rows]
+        specs = []
+        for name, text, when in rows:
+            try:
+                specs.append((deployment.from_json(text), when))
+            except InvalidArgument as exc:  # stored before a check it fails existed (NaN, ...)
+                if model:
+                    raise FailedPrecondition(f"the stored deployment of model '{name}' no longer reads: "
+                                             f"{exc.message}; put it again") from None
+                log.warning("deployment of model '%s' skipped: it no longer reads: %s", name, exc.message)
+        return specs
 
     def artifact_chunks(self, sha256: str) -> Iterator[bytes]:
         """Blocking iterator over an artifact's bytes (NOT_FOUND at once, not at the first chunk)."""

@@ -202,3 +202,33 @@ async def test_measurements_and_deployments_survive_a_registry_restart(launch_re
         assert await client.list_deployments() == [spec]
 
     await across_a_restart(launch_registry, tmp_path / "data", write, check)
+
+async def test_a_stored_deployment_that_no_longer_reads_is_skipped_in_lists_and_named_when_asked_for(
+        launch_registry, tmp_path, artifact):
+    """A spec stored before a check it fails existed (a NaN timeout, accepted once) must not take
+    ListDeployments down for every model: it is left out (logged), and asking for it names it."""
+    import sqlite3
+
+    data = tmp_path / "data"
+
+    async def write(client):
+        await client.push_file(artifact, "kept", "1", "FP16")
+        await client.push_file(artifact, "legacy", "1", "FP16")
+        kept = await client.put_deployment(_spec("kept"))
+        await client.put_deployment(_spec("legacy"))
+        db = sqlite3.connect(data / "catalogue.sqlite3")  # as an older registry stored it
+        with db:
+            db.execute("UPDATE deployments SET spec_json = ? WHERE model = 'legacy'",
+                       ('{"model": "legacy", "attempt_timeout_ms": NaN}',))
+        db.close()
+        return kept
+
+    async def check(client, kept):
+        assert await client.list_deployments() == [kept]
+        with pytest.raises(CneiError) as info:
+            await client.get_deployment("legacy")
+        assert info.value.code is ErrorCode.FAILED_PRECONDITION
+        assert "the stored deployment of model 'legacy' no longer reads" in info.value.message
+        assert "put it again" in info.value.message
+
+    await across_a_restart(launch_registry, data, write, check)
