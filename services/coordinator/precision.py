@@ -1,6 +1,7 @@
 """Precision selection: choose a model variant from its measured accuracy and latency (pure)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
@@ -24,9 +25,12 @@ def _number(params: dict, key: str) -> float | None:
     if key not in params or params[key] in ("", None):
         return None
     try:
-        return float(params[key])
+        value = float(params[key])
     except (TypeError, ValueError):
         raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
+    if not math.isfinite(value):  # NaN meets no floor and fits no budget: never what was meant
+        raise InvalidArgument(f"parameter '{key}' must be a finite number, got {params[key]!r}")
+    return value
 
 
 def policy_from_params(params: dict) -> PrecisionPolicy:

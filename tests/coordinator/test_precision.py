@@ -140,8 +140,10 @@ def test_policy_from_params_reads_the_oip_request_parameters(params, expected):
     ("params", "message"),
     [({"accuracy_floor": "high"}, "parameter 'accuracy_floor' must be a number, got 'high'"),
      ({"latency_budget_ms": "10ms"}, "parameter 'latency_budget_ms' must be a number, got '10ms'"),
-     ({"latency_budget_ms": [1]}, r"parameter 'latency_budget_ms' must be a number, got \[1\]")],
-    ids=["word", "number-with-unit", "list"],
+     ({"latency_budget_ms": [1]}, r"parameter 'latency_budget_ms' must be a number, got \[1\]"),
+     ({"accuracy_floor": float("nan")}, "parameter 'accuracy_floor' must be a finite number, got nan"),
+     ({"latency_budget_ms": "inf"}, "parameter 'latency_budget_ms' must be a finite number, got 'inf'")],
+    ids=["word", "number-with-unit", "list", "nan-floor", "infinite-budget"],
 )
 def test_a_parameter_that_is_not_a_number_is_invalid_argument(params, message):
     with pytest.raises(InvalidArgument, match=message):
