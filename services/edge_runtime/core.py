@@ -358,8 +358,9 @@ class EdgeRuntime:
             priority = priority_level(request.parameters)
             deadline = request_deadline(request.parameters, deadline_s, DEFAULT_DEADLINE_S)
             submitted = time.perf_counter_ns()
-            if self._batches(loaded):
-                batcher = self._batcher(loaded, outputs, await self.deployment_cap(variant.name))
+            batcher = (self._batcher(loaded, outputs, await self.deployment_cap(variant.name))
+                       if self._batches(loaded) else None)
+            if batcher is not None:
                 result = await batcher.submit(request.inputs, priority, deadline)
             else:
                 result = await self._execute(loaded, request.inputs, outputs, batch)
@@ -398,10 +399,13 @@ class EdgeRuntime:
         return (self.settings.batching and bool(loaded.variant.max_batch_size)
                 and loaded.compute_us > self.settings.inline_max_us)
 
-    def _batcher(self, loaded: LoadedModel, outputs: list[str] | None, cap: int = 0) -> Batcher:
+    def _batcher(self, loaded: LoadedModel, outputs: list[str] | None, cap: int = 0) -> Batcher | None:
         """The batcher of (variant, requested outputs): requests asking for different outputs run
         apart. A variant loaded again (evicted, reloaded), or whose deployment `cap` changed, gets
-        a new one."""
+        a new one. None when `loaded` left memory since its request took it (evicted while the cap
+        was asked): that request runs on its own, and no batcher keeps the session alive."""
+        if self.l1.peek(loaded.variant.key) is not loaded:
+            return None
         key = (loaded.variant.key, tuple(outputs) if outputs else None)
         max_rows = batch_limit(self.settings.batch_max_size, loaded.variant.max_batch_size, cap)
         entry = self.batchers.get(key)

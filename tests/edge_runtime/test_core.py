@@ -1,9 +1,14 @@
-"""The runtime core on its own (no gRPC server): how it resolves models."""
+"""The runtime core on its own (no gRPC server): how it resolves models, keeps them in memory
+and runs them."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import replace
 
+import numpy as np
+
+from services.common import oip
 from services.common import settings as cfg
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.registry_client import RegistryClient
@@ -46,3 +51,40 @@ async def test_a_runtime_cut_off_from_the_registry_reads_its_disk_cache_once_per
     finally:
         runtime.close()
         await registry.close()
+
+
+async def test_a_model_evicted_while_its_request_asks_the_registry_keeps_no_batcher(registry, push_digits, tmp_path):
+    x, y = await push_digits("x"), await push_digits("y")
+    client = RegistryClient(registry, timeout=10)
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path), inline_max_us=0.0,
+                       intra_op_threads=1, measure_on_load=False, cache_max_bytes=x.size_bytes + 10)  # one fits
+    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path))
+    asked, answer, held = asyncio.Event(), asyncio.Event(), set()
+    real_get_deployment = client.get_deployment
+
+    async def slow_get_deployment(name: str):  # X's next cap round trip takes until `answer`
+        if name in held:
+            held.discard(name)
+            asked.set()
+            await asyncio.wait_for(answer.wait(), 10)
+        return await real_get_deployment(name)
+    client.get_deployment = slow_get_deployment
+    row = {"input": np.ones((1, 64), np.float32)}
+    try:
+        await asyncio.wait_for(runtime.infer(oip.InferRequest(x.name, row)), 10)  # X loaded, its batcher made
+        assert [key for key, _ in runtime.batchers] == [x.key]
+        runtime.deployment_updated(x.name)  # the next X request asks the registry for the cap again...
+        held.add(x.name)  # ...and waits for its answer
+        pending = asyncio.create_task(runtime.infer(oip.InferRequest(x.name, row)))
+        await asyncio.wait_for(asked.wait(), 10)  # X came from L1; its request waits for the cap
+        await asyncio.wait_for(runtime.infer(oip.InferRequest(y.name, row)), 10)  # Y evicts X, retires its batchers
+        answer.set()
+        reply = await asyncio.wait_for(pending, 10)
+        assert reply.outputs["probabilities"].shape == (1, 10)  # the request itself is served
+        assert runtime.l1.keys() == [y.key]
+        assert {key for key, _ in runtime.batchers} == {y.key}  # nothing holds X's session any more
+        assert all(runtime.l1.peek(key) is loaded for (key, _), (loaded, _) in runtime.batchers.items())
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
