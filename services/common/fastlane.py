@@ -6,27 +6,32 @@ Frame: u32 length of the rest | u64 request id | u8 kind | u16 meta length | met
 kinds: 1 request (meta: JSON trace context and timeout), 2 reply (payload: ModelInferResponse),
 3 error (meta: error code name, payload: UTF-8 message), 4 hello (meta: JSON {"headers": {...}},
 sent first on a connection by a client that has keys for a server whose `inference` API is
-restricted; no reply). A server that restricts inference answers every request of a connection
+restricted; no reply). A request whose meta is not that (`request_meta`) is answered with an
+INVALID_ARGUMENT error; a frame a server has begun to receive must arrive whole within its
+`frame_timeout_s`, or the connection is closed. A server that restricts inference answers every request of a connection
 without a hello that passes with PERMISSION_DENIED. A runtime serving TLS serves it here too
 (same certificate, same client CA): frames then go inside the TLS stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
+import math
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
 
 from services.common import telemetry
 from services.common.background import Background
-from services.common.errors import CneiError, ErrorCode, ResourceExhausted, Unavailable, error_for
+from services.common.errors import CneiError, ErrorCode, InvalidArgument, ResourceExhausted, Unavailable, error_for
 
 log = logging.getLogger(__name__)
 HEADER = struct.Struct("<IQBH")
 REQUEST, REPLY, ERROR, HELLO = 1, 2, 3, 4
 MAX_FRAME = 64 * 1024 * 1024
+FRAME_TIMEOUT_S = 30.0  # a frame a server has begun to receive must arrive whole within this (idle time is free)
 
 
 def encode(request_id: int, kind: int, meta: bytes, payload: bytes) -> bytes:
@@ -36,14 +41,48 @@ def encode(request_id: int, kind: int, meta: bytes, payload: bytes) -> bytes:
     return HEADER.pack(body, request_id, kind, len(meta)) + meta + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes, bytes]:
-    """(request id, kind, meta, payload); raises IncompleteReadError at end of stream."""
-    head = await reader.readexactly(HEADER.size)
+async def read_frame(reader: asyncio.StreamReader,
+                     complete_within: float | None = None) -> tuple[int, int, bytes, bytes]:
+    """(request id, kind, meta, payload); raises IncompleteReadError at end of stream, ValueError
+    for bytes that are no frame. With `complete_within`, a frame whose first byte came must
+    arrive whole within that many seconds (else TimeoutError); the wait for that first byte has
+    no limit (a connection may idle between frames)."""
+    if complete_within is None:
+        return await _read_frame(reader, b"")
+    first = await reader.readexactly(1)
+    async with asyncio.timeout(complete_within):
+        return await _read_frame(reader, first)
+
+
+async def _read_frame(reader: asyncio.StreamReader, start: bytes) -> tuple[int, int, bytes, bytes]:
+    """The frame whose first bytes, `start`, were read already."""
+    head = start + await reader.readexactly(HEADER.size - len(start))
     body, request_id, kind, meta_len = HEADER.unpack(head)
-    if body > MAX_FRAME or meta_len > body:
+    after_header = body - (HEADER.size - 4)
+    if body > MAX_FRAME or after_header < 0 or meta_len > after_header:
         raise ValueError(f"bad frame: length {body}, meta {meta_len}")
-    rest = await reader.readexactly(body - (HEADER.size - 4))
+    rest = await reader.readexactly(after_header)
     return request_id, kind, rest[:meta_len], rest[meta_len:]
+
+
+def request_meta(meta: bytes) -> tuple[dict[str, str] | None, float | None]:
+    """A request frame's meta -> (the caller's trace context, its timeout in seconds), or
+    InvalidArgument saying what is wrong with it (empty meta: neither)."""
+    try:
+        info = json.loads(meta) if meta else {}
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise InvalidArgument(f"fast-lane request meta is not JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise InvalidArgument(f"fast-lane request meta must be a JSON object, got {type(info).__name__}")
+    trace, timeout = info.get("trace"), info.get("timeout")
+    if trace is not None and not (isinstance(trace, dict)
+                                  and all(isinstance(v, str) for v in trace.values())):
+        raise InvalidArgument("fast-lane request meta: 'trace' must be an object of string headers")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout < 0):
+        raise InvalidArgument(f"fast-lane request meta: 'timeout' must be a non-negative number of seconds "
+                              f"or null, got {json.dumps(timeout)}")
+    return trace, timeout
 
 
 Handler = Callable[[bytes, float | None], Awaitable[bytes]]
@@ -53,12 +92,16 @@ Refuse = Callable[[dict[str, str]], str]  # a connection's hello headers -> why 
 class FastServer:
     """Serves framed requests with `handler(payload, timeout_s) -> reply payload`, concurrently."""
 
-    def __init__(self, handler: Handler, refuse: Refuse | None = None, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, handler: Handler, refuse: Refuse | None = None, ssl_context: ssl.SSLContext | None = None,
+                 frame_timeout_s: float = FRAME_TIMEOUT_S):
         """`refuse`: judges each connection's hello (None: every connection is served);
-        `ssl_context`: serve TLS (services.common.tls.server_ssl_context), else plaintext."""
+        `ssl_context`: serve TLS (services.common.tls.server_ssl_context), else plaintext;
+        `frame_timeout_s`: a frame begun must arrive whole within it, or its connection is closed
+        (a peer that sends part of a frame and holds the socket holds nothing for long)."""
         self.handler = handler
         self.refuse = refuse
         self.ssl_context = ssl_context
+        self.frame_timeout_s = frame_timeout_s
         self.server: asyncio.base_events.Server | None = None
         self._tasks = Background()
 
@@ -71,7 +114,7 @@ class FastServer:
         refused = self.refuse({}) if self.refuse else ""  # until a hello says otherwise
         try:
             while True:
-                request_id, kind, meta, payload = await read_frame(reader)
+                request_id, kind, meta, payload = await read_frame(reader, self.frame_timeout_s)
                 if kind == HELLO:
                     hello = json.loads(meta or b"{}")
                     headers = hello.get("headers") or {} if isinstance(hello, dict) else None
@@ -88,7 +131,10 @@ class FastServer:
                     await writer.drain()  # a client that sends without reading is not buffered for
                     continue
                 self._tasks.spawn(self._serve(writer, request_id, meta, payload))
-        except (asyncio.IncompleteReadError, OSError):  # ConnectionError, ssl.SSLError, timeouts
+        except TimeoutError:
+            log.warning("closing fast-lane connection: a frame did not arrive whole within %.1fs",
+                        self.frame_timeout_s)
+        except (asyncio.IncompleteReadError, OSError):  # ConnectionError, ssl.SSLError
             pass
         except ValueError as exc:
             log.warning("closing fast-lane connection: %s", exc)
@@ -96,20 +142,23 @@ class FastServer:
             writer.close()
 
     async def _serve(self, writer, request_id: int, meta: bytes, payload: bytes) -> None:
-        info = json.loads(meta) if meta else {}
-        token = telemetry.attach(telemetry.caller_context(info.get("trace")))
+        token = None
         try:
-            reply = encode(request_id, REPLY, b"", await self.handler(payload, info.get("timeout")))
+            trace, timeout = request_meta(meta)
+            token = telemetry.attach(telemetry.caller_context(trace))
+            reply = encode(request_id, REPLY, b"", await self.handler(payload, timeout))
         except CneiError as exc:
             reply = encode(request_id, ERROR, exc.code.value.encode(), exc.message.encode())
         except Exception as exc:  # noqa: BLE001 - reported to the caller as INTERNAL
             log.exception("fast-lane request failed")
             reply = encode(request_id, ERROR, b"INTERNAL", f"internal error: {exc}".encode())
         finally:
-            telemetry.detach(token)
+            if token is not None:
+                telemetry.detach(token)
         if not writer.is_closing():
             writer.write(reply)
-            await writer.drain()
+            with contextlib.suppress(ConnectionError):  # the caller hung up: nobody to answer
+                await writer.drain()
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.server is not None:

@@ -115,3 +115,51 @@ async def test_a_node_that_hangs_up_on_a_large_request_is_unavailable_and_leaves
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("meta,problem", [
+    (b"not json", "meta is not JSON"),
+    (b"\xff\xfe", "meta is not JSON"),
+    (b"[]", "must be a JSON object, got list"),
+    (b'{"trace": 5}', "'trace' must be an object of string headers"),
+    (b'{"trace": {"traceparent": 5}}', "'trace' must be an object of string headers"),
+    (b'{"timeout": "x"}', "'timeout' must be a non-negative number of seconds or null, got \"x\""),
+    (b'{"timeout": true}', "'timeout' must be a non-negative number"),
+    (b'{"timeout": -1}', "'timeout' must be a non-negative number"),
+    (b'{"timeout": NaN}', "'timeout' must be a non-negative number"),
+], ids=["not-json", "not-utf8", "a-list", "trace-a-number", "trace-header-a-number", "timeout-a-string",
+        "timeout-a-bool", "timeout-negative", "timeout-nan"])
+async def test_a_request_with_malformed_meta_is_answered_invalid_argument_and_the_connection_serves_on(
+        server, meta, problem):
+    host, port = server[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(fastlane.encode(41, fastlane.REQUEST, meta, b"abc"))
+        request_id, kind, code, message = await asyncio.wait_for(fastlane.read_frame(reader), 5)
+        assert (request_id, kind, code) == (41, fastlane.ERROR, b"INVALID_ARGUMENT")
+        assert problem in message.decode()
+        writer.write(fastlane.encode(42, fastlane.REQUEST, b'{"timeout": 5, "trace": {}}', b"abc"))
+        assert await asyncio.wait_for(fastlane.read_frame(reader), 5) == (42, fastlane.REPLY, b"", b"cba")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("partial", [
+    fastlane.encode(1, fastlane.REQUEST, b"{}", b"payload")[:5],  # part of the header
+    fastlane.encode(1, fastlane.REQUEST, b"{}", b"payload")[:-3],  # all but the payload's end
+], ids=["header", "body"])
+async def test_a_frame_left_unfinished_closes_its_connection_while_an_idle_one_stays_open(partial):
+    srv = fastlane.FastServer(_echo, frame_timeout_s=0.3)
+    port = await srv.start("127.0.0.1", 0)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    stalled_reader, stalled_writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        stalled_writer.write(partial)
+        assert await asyncio.wait_for(stalled_reader.read(), 5) == b""  # closed by the server, nothing sent
+        await asyncio.sleep(0.5)  # idle longer than a frame may take: still served
+        idle_writer.write(fastlane.encode(7, fastlane.REQUEST, b"", b"abc"))
+        assert await asyncio.wait_for(fastlane.read_frame(idle_reader), 5) == (7, fastlane.REPLY, b"", b"cba")
+    finally:
+        idle_writer.close()
+        stalled_writer.close()
+        await srv.stop()
