@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict
@@ -15,6 +17,9 @@ from prometheus_client import Counter, Gauge
 from services.common.errors import FailedPrecondition
 from services.common.model_spec import ModelVariant, TensorSpec
 
+log = logging.getLogger(__name__)
+TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.tmp$")  # what `_atomic_write` writes before its rename
+HASH_CHUNK = 1 << 20
 CACHE_EVENTS = Counter("cnei_model_cache_events_total", "L1 model cache events", ["event"])
 _HITS = CACHE_EVENTS.labels("hit")  # every request looks up its model: bound once
 CACHE_BYTES = Gauge("cnei_model_cache_bytes", "Bytes of models loaded in the L1 cache")
@@ -35,8 +40,10 @@ class DiskCache:
     """Artifacts by sha256 plus the manifest of each cached variant (for offline resolution)."""
 
     def __init__(self, root: str | Path):
+        """Opens (or makes) the cache at `root`, deleting what interrupted writes left there."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_temporaries()
 
     def artifact_path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.onnx"
@@ -47,6 +54,21 @@ class DiskCache:
     def has(self, variant: ModelVariant) -> bool:
         """The variant's bytes and its manifest are both here."""
         return self.artifact_path(variant.sha256).is_file() and self.manifest_path(variant).is_file()
+
+    def intact(self, sha256: str) -> bool:
+        """The artifact is here and its bytes still hash to `sha256` (reads it whole: blocking)."""
+        digest = hashlib.sha256()
+        try:
+            with self.artifact_path(sha256).open("rb") as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return False
+        return digest.hexdigest() == sha256
+
+    def discard(self, sha256: str) -> None:
+        """Delete the artifact (its manifests stay: `variants` leaves them out until it is back)."""
+        self.artifact_path(sha256).unlink(missing_ok=True)
 
     def adopt(self, variant: ModelVariant) -> bool:
         """Record a variant whose bytes are already cached under the same sha256."""
@@ -76,6 +98,13 @@ class DiskCache:
             if self.artifact_path(variant.sha256).is_file():
                 found.append(variant)
         return found
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files of writes a crash or kill interrupted (never renamed)."""
+        for path in self.root.glob("*.tmp"):
+            if TEMPORARY.search(path.name):
+                log.info("removing %s, left by an interrupted download", path.name)
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:

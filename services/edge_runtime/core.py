@@ -17,7 +17,7 @@ from services.common.background import Background, KeyedLocks
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound, TensorError,
-                                    Unavailable, outcome_of)
+                                    Unavailable, error_for, outcome_of)
 from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
@@ -229,9 +229,8 @@ class EdgeRuntime:
             span.set_attribute("cnei.model", variant.key)
             start = time.perf_counter()
             await self._ensure_on_disk(variant)
-            path = self.disk.artifact_path(variant.sha256)
             rss_before = rss_bytes()
-            model = await asyncio.get_running_loop().run_in_executor(self._executor, self._open, path, variant)
+            model = await self._open_cached(variant)
             model.run = slowed(model.run, self.settings.emulated_slowdown)
             meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
             loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
@@ -248,6 +247,36 @@ class EdgeRuntime:
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
             return loaded
+
+    async def _open_cached(self, variant: ModelVariant) -> OrtModel:
+        """The variant's session from its cached artifact. An artifact ONNX Runtime cannot load
+        whose bytes no longer hash to its sha256 (bit rot, a truncated copy) is deleted and pulled
+        again, once; one whose bytes are intact and still does not load is a clear INTERNAL error."""
+        loop, path = asyncio.get_running_loop(), self.disk.artifact_path(variant.sha256)
+        try:
+            return await loop.run_in_executor(self._executor, self._open, path, variant)
+        except Exception as exc:  # noqa: BLE001 - whatever ORT raises, the bytes are checked
+            failure = exc
+        async with self._pull_locks.hold(variant.sha256):  # variants sharing the bytes repair them once
+            if not await asyncio.to_thread(self.disk.intact, variant.sha256):  # (intact: maybe repaired meanwhile)
+                await self._repull(variant, failure)
+        try:
+            return await loop.run_in_executor(self._executor, self._open, path, variant)
+        except Exception as exc:  # noqa: BLE001
+            raise CneiError(f"model '{variant.name}' version {variant.version} ({variant.precision}): ONNX "
+                            f"Runtime cannot load its artifact sha256:{variant.sha256}, whose bytes are as "
+                            f"the registry published them: {exc}", ErrorCode.INTERNAL) from exc
+
+    async def _repull(self, variant: ModelVariant, failure: Exception) -> None:
+        """Replace the variant's corrupt cached artifact with the registry's (its pull lock held)."""
+        log.warning("cached artifact of %s does not hash to its sha256 (ONNX Runtime: %s): deleting it and "
+                    "pulling it again", variant.key, failure)
+        self.disk.discard(variant.sha256)
+        try:
+            await self._pull(variant)
+        except CneiError as exc:
+            raise error_for(exc.code, f"the cached artifact of model '{variant.name}' version {variant.version} "
+                                      f"was corrupt and was deleted; pulling it again failed: {exc.message}") from exc
 
     def _open(self, path: Path, variant: ModelVariant) -> OrtModel:
         """The variant's session (blocking): with the configured intra-op threads, or tuned."""

@@ -126,6 +126,35 @@ def test_disk_variants_skips_manifests_whose_artifact_is_gone_or_that_are_unread
     assert disk.variants() == [kept]
 
 
+def test_disk_intact_tells_artifacts_that_still_hash_to_their_sha256_from_damaged_ones(tmp_path):
+    disk = DiskCache(tmp_path)
+    variant = _variant()
+    disk.put(variant, ARTIFACT)
+    assert disk.intact(variant.sha256)
+    disk.artifact_path(variant.sha256).write_bytes(ARTIFACT[:10])  # truncated in place
+    assert not disk.intact(variant.sha256)
+    disk.discard(variant.sha256)
+    assert not disk.intact(variant.sha256) and not disk.has(variant)
+    assert disk.variants() == []  # its manifest stays, unused until the artifact is back
+    disk.put(variant, ARTIFACT)
+    assert disk.intact(variant.sha256) and disk.variants() == [variant]
+
+
+def test_opening_a_disk_cache_removes_what_interrupted_downloads_left_and_nothing_else(tmp_path):
+    variant = _variant()
+    DiskCache(tmp_path).put(variant, ARTIFACT)
+    left = [tmp_path / f"{variant.sha256}.onnx.{'a1' * 16}.tmp", tmp_path / f"digits--2--FP32.json.{'0f' * 16}.tmp"]
+    for path in left:
+        path.write_bytes(b"half an artifact")
+    others = [tmp_path / "outbox.tmp", tmp_path / "notes.tmp"]  # not the cache's temporaries
+    for path in others:
+        path.write_bytes(b"kept")
+    disk = DiskCache(tmp_path)
+    assert not any(path.exists() for path in left)
+    assert all(path.read_bytes() == b"kept" for path in others)
+    assert disk.variants() == [variant] and disk.intact(variant.sha256)
+
+
 def test_a_variant_survives_its_json_manifest_form():
     variant = replace(_variant(), metadata={"labels": '["0", "1"]'})
     assert variant_from_json(variant_to_json(variant)) == variant

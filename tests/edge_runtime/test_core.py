@@ -7,9 +7,11 @@ import hashlib
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from services.common import oip
 from services.common import settings as cfg
+from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
@@ -88,3 +90,61 @@ async def test_a_model_evicted_while_its_request_asks_the_registry_keeps_no_batc
         await runtime.drain()
         runtime.close()
         await client.close()
+
+
+async def test_a_cached_artifact_damaged_on_disk_is_pulled_again_when_it_fails_to_load(registry, push_digits, tmp_path):
+    x = await push_digits("x")
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path), intra_op_threads=1,
+                       measure_on_load=False)
+    row = {"input": np.ones((1, 64), np.float32)}
+    for damage in (lambda data: data[:40], lambda data: data[:-100] + bytes(100)):  # truncated, zeroed tail
+        client = RegistryClient(registry, timeout=10)
+        runtime = EdgeRuntime(settings, client, DiskCache(tmp_path))  # a runtime (re)started on the cache
+        try:
+            assert (await runtime.infer(oip.InferRequest(x.name, row))).outputs["probabilities"].shape == (1, 10)
+        finally:
+            await runtime.drain()
+            runtime.close()
+            await client.close()
+        artifact = DiskCache(tmp_path).artifact_path(x.sha256)
+        artifact.write_bytes(damage(artifact.read_bytes()))
+    client = RegistryClient(registry, timeout=10)
+    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path))
+    try:
+        reply = await runtime.infer(oip.InferRequest(x.name, row))
+        assert reply.outputs["probabilities"].shape == (1, 10)
+        assert runtime.disk.intact(x.sha256)  # the damaged copy was replaced by the registry's
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
+
+
+async def test_without_the_registry_a_damaged_artifact_is_deleted_and_an_intact_unloadable_one_is_named(tmp_path):
+    disk = DiskCache(tmp_path)
+    other = b"other bytes, no model either"
+    intact, damaged = _variant(), replace(_variant(), name="other", sha256=hashlib.sha256(other).hexdigest())
+    disk.put(intact, ARTIFACT)  # hashes right, but is no ONNX model
+    registry = RegistryClient("127.0.0.1:1", timeout=0.5)  # nothing listens there: UNAVAILABLE
+    runtime = EdgeRuntime(replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path), intra_op_threads=1,
+                                  measure_on_load=False), registry, disk)
+    row = {"input": np.ones((1, 64), np.float32)}
+    try:
+        with pytest.raises(CneiError) as unloadable:
+            await runtime.infer(oip.InferRequest("digits", row))
+        assert unloadable.value.code is ErrorCode.INTERNAL
+        assert (f"model 'digits' version 1 (FP32): ONNX Runtime cannot load its artifact sha256:{intact.sha256}, "
+                f"whose bytes are as the registry published them") in unloadable.value.message
+        assert disk.intact(intact.sha256)  # intact bytes are kept
+        disk.put(damaged, other)
+        disk.artifact_path(damaged.sha256).write_bytes(other[:5])
+        runtime.forget_resolutions()
+        with pytest.raises(CneiError) as gone:
+            await runtime.load(damaged)
+        assert gone.value.code is ErrorCode.UNAVAILABLE
+        assert "the cached artifact of model 'other' version 1 was corrupt and was deleted; pulling it again " \
+               "failed" in gone.value.message
+        assert not disk.artifact_path(damaged.sha256).exists()
+    finally:
+        runtime.close()
+        await registry.close()
