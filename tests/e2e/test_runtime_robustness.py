@@ -48,9 +48,9 @@ def runtime(nats_server, redis_server, tmp_path_factory):
     """(runtime process, its gRPC address, its fast-lane address), models strid and add2 pushed."""
     tmp = tmp_path_factory.mktemp("runtime-robustness")
     port = infra.free_port()
-    registry = spawn("services.registry", {**os.environ, "CNEI_REGISTRY_PORT": str(port),
-                                           "CNEI_REGISTRY_METRICS_PORT": "0", "CNEI_REGISTRY_DATA_DIR": str(tmp / "reg"),
-                                           "CNEI_REGISTRY_NATS_URL": nats_server}, port)
+    registry = spawn("services.registry", {
+        **os.environ, "CNEI_REGISTRY_PORT": str(port), "CNEI_REGISTRY_METRICS_PORT": "0",
+        "CNEI_REGISTRY_DATA_DIR": str(tmp / "reg"), "CNEI_REGISTRY_NATS_URL": nats_server}, port)
     procs = [registry]
     try:
         async def push():
