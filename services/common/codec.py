@@ -100,13 +100,22 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _shaped(array: np.ndarray, shape: list[int], tensor: str) -> np.ndarray:
+def shaped(array: np.ndarray, shape: list[int], tensor: str) -> np.ndarray:
     """`array` in `shape`; a shape numpy cannot make (a zero-size one with a huge dimension) is
     the client's error."""
     try:
         return array.reshape(shape)
     except ValueError as exc:
         raise TensorError(tensor, f"shape {list(shape)} cannot be made: {exc}") from None
+
+
+def typed_array(values, dt: DataType, tensor: str, what: str) -> np.ndarray:
+    """Numeric `values` as a 1-D array of `dt`; one out of its range (300 as UINT8, 2**70 as
+    INT64, -1 as UINT32) is the client's error, never wrapped."""
+    try:
+        return np.asarray(values, dtype=dt.dtype)
+    except (OverflowError, ValueError) as exc:  # numpy refuses, not wraps
+        raise TensorError(tensor, f"{what} holds a value out of range for {dt.name}: {exc}") from None
 
 
 def deserialize_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
@@ -135,14 +144,14 @@ def from_raw(raw: bytes, dtype_name: str, shape: list[int], tensor: str) -> np.n
     dt = datatype(dtype_name, tensor)
     count = element_count(shape, tensor)
     if dt.name == "BYTES":
-        return _shaped(deserialize_bytes(raw, count, tensor), shape, tensor)
+        return shaped(deserialize_bytes(raw, count, tensor), shape, tensor)
     expected = count * dt.dtype.itemsize
     if len(raw) != expected:
         raise TensorError(
             tensor,
             f"raw data is {len(raw)} bytes but {dt.name} shape {list(shape)} needs {expected}",
         )
-    return _shaped(np.frombuffer(raw, dtype=dt.dtype), shape, tensor)
+    return shaped(np.frombuffer(raw, dtype=dt.dtype), shape, tensor)
 
 
 def to_raw(array: np.ndarray, tensor: str = "?") -> bytes:
@@ -168,12 +177,8 @@ def from_contents(contents, dtype_name: str, shape: list[int], tensor: str) -> n
     if dt.name == "BYTES":
         array = np.empty(count, dtype=np.object_)
         array[:] = list(values)
-        return _shaped(array, shape, tensor)
-    try:
-        array = np.asarray(values, dtype=dt.dtype)
-    except (OverflowError, ValueError) as exc:  # 300 as UINT8: numpy refuses, not wraps
-        raise TensorError(tensor, f"{dt.contents_field} holds a value out of range for {dt.name}: {exc}") from None
-    return _shaped(array, shape, tensor)
+        return shaped(array, shape, tensor)
+    return shaped(typed_array(values, dt, tensor, dt.contents_field), shape, tensor)
 
 
 def to_contents(array: np.ndarray, contents, tensor: str = "?") -> None:

@@ -5,6 +5,7 @@ placed with `shared_memory_region` parameters, as over gRPC)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +21,30 @@ BINARY_SIZE = "binary_data_size"
 BINARY_OUTPUT = "binary_data_output"  # request parameter: every output in binary unless it says
 
 
-def _flatten(data: Any) -> list:
-    if isinstance(data, list):
-        out = []
-        for item in data:
-            out.extend(_flatten(item) if isinstance(item, list) else [item])
-        return out
-    return [data]
+# The JSON types an element of each datatype may be, as Triton reads them (AsBool, AsInt/AsUInt,
+# AsDouble, AsString): a bool is no number, a number no string, null nothing.
+_JSON_TYPES = {d.name: frozenset({bool} if d.name == "BOOL" else {str} if d.name == "BYTES"
+                                 else {int} if np.issubdtype(d.dtype, np.integer) else {int, float})
+               for d in codec.BY_NAME.values()}
+_JSON_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+INT64_RANGE = range(-(1 << 63), 1 << 63)
+CLASSIFICATION = "classification"  # Triton's output parameter (tritonclient's class_count)
+
+
+def _flatten(data: list) -> list:
+    """Triton's 'data', flat or nested in rows to any depth, as one flat list (without recursion)."""
+    if not any(isinstance(item, list) for item in data):
+        return data
+    out, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
 
 
 def _name(obj: dict) -> str:
@@ -38,9 +56,24 @@ def _name(obj: dict) -> str:
 
 def _shape(obj: dict, name: str) -> list[int]:
     shape = obj.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-        raise TensorError(name, "'shape' must be a list of integers")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise TensorError(name, f"'shape' must be a list of non-negative integers, not {_show(shape)}")
     return shape
+
+
+def _show(value: Any) -> str:
+    """A JSON value as the client wrote it, cut short for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_types(values: list, dt: codec.DataType, name: str) -> None:
+    allowed = _JSON_TYPES[dt.name]
+    if set(map(type, values)) <= allowed:
+        return
+    bad = next(v for v in values if type(v) not in allowed)
+    kind = _JSON_NAMES[float if float in allowed else next(iter(allowed))]
+    raise TensorError(name, f"'data' of {dt.name} must hold JSON {kind}, not {_show(bad)}")
 
 
 def tensor_from_json(obj: dict) -> tuple[str, np.ndarray]:
@@ -49,26 +82,49 @@ def tensor_from_json(obj: dict) -> tuple[str, np.ndarray]:
     name = _name(obj)
     dt = codec.datatype(obj.get("datatype", ""), name)
     shape = _shape(obj, name)
-    values = _flatten(obj.get("data", []))
+    data = obj.get("data", [])
+    if not isinstance(data, list):
+        raise TensorError(name, f"'data' must be a JSON array, not {_show(data)}")
+    values = _flatten(data)
     count = codec.element_count(shape, name)
     if len(values) != count:
         raise TensorError(name, f"'data' has {len(values)} elements but shape {shape} needs {count}")
+    _check_types(values, dt, name)
+    if dt.name != "BYTES":
+        return name, codec.shaped(codec.typed_array(values, dt, name, "'data'"), shape, name)
+    array = np.empty(count, dtype=np.object_)
     try:
-        if dt.name == "BYTES":
-            array = np.empty(count, dtype=np.object_)
-            array[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
-        else:
-            array = np.asarray(values, dtype=dt.dtype)
-    except (TypeError, ValueError) as exc:
-        raise TensorError(name, f"'data' does not fit {dt.name}: {exc}") from None
-    return name, array.reshape(shape)
+        array[:] = [v.encode() for v in values]
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is no UTF-8 text
+        raise TensorError(name, f"'data' holds a string that is not valid Unicode: {exc}") from None
+    return name, codec.shaped(array, shape, name)
 
 
 def _parameters(obj: dict, what: str) -> dict:
+    """Triton's parameters: a JSON object of strings, booleans, numbers and 64-bit integers."""
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidArgument(f"{what}: 'parameters' must be a JSON object")
+    for key, value in params.items():
+        if not isinstance(value, (str, bool, int, float)) or (type(value) is int and value not in INT64_RANGE):
+            raise InvalidArgument(f"{what}: parameter '{key}' must be a string, boolean, number or 64-bit "
+                                  f"integer, not {_show(value)}")
     return params
+
+
+def _flag(params: dict, key: str, default: bool, what: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what}: parameter '{key}' must be true or false, not {_show(value)}")
+    return value
+
+
+def refuse_classification(output: str, parameters) -> None:
+    """Triton's classification extension (an output's `classification` parameter) is not offered:
+    INVALID_ARGUMENT rather than the full tensor answered as if it had been honoured."""
+    if CLASSIFICATION in parameters:
+        raise InvalidArgument(f"output '{output}': classification extension not supported "
+                              f"(parameter '{CLASSIFICATION}'); ask for the full tensor")
 
 
 class _Binary:
@@ -125,21 +181,29 @@ def infer_from_json(model: str, version: str, body: Any, binary: bytes | memoryv
         raise InvalidArgument(f"{len(section.data) - section.used} bytes of binary data are not claimed "
                               f"by any input's '{BINARY_SIZE}'")
     params = dict(_parameters(body, "request"))
-    binary_default = bool(params.pop(BINARY_OUTPUT, False))
+    binary_default = _flag(params, BINARY_OUTPUT, False, "request")
+    params.pop(BINARY_OUTPUT, None)
+    requested = body.get("outputs", [])
+    if not isinstance(requested, list):
+        raise InvalidArgument(f"'outputs' must be a JSON array of requested outputs, not {_show(requested)}")
+    request_id = body.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument(f"'id' must be a JSON string, not {_show(request_id)}")
     outputs, places, binary_outputs = [], {}, set()
-    for o in body.get("outputs", []):
+    for o in requested:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InvalidArgument("each requested output must be a JSON object with a 'name'")
         name, out_params = o["name"], _parameters(o, f"output '{o.get('name')}'")
+        refuse_classification(name, out_params)
         outputs.append(name)
         place = place_of(out_params, f"output '{name}'")
         if place is not None:
             if shm is None:
                 raise InvalidArgument("this endpoint does not take tensors in shared memory")
             places[name] = place
-        if out_params.get("binary_data", binary_default):
+        if _flag(out_params, "binary_data", binary_default, f"output '{name}'"):
             binary_outputs.add(name)
-    request = oip.InferRequest(model_name=model, model_version=version, id=str(body.get("id", "")),
+    request = oip.InferRequest(model_name=model, model_version=version, id=request_id,
                                parameters=params, inputs=inputs, outputs=outputs, output_places=places)
     return JsonInfer(request, frozenset(binary_outputs), binary_default and not outputs)
 
@@ -157,13 +221,31 @@ def _raw_tensor(obj: dict, params: dict, place: TensorPlace | None, section: _Bi
     return name, codec.from_raw(data, obj.get("datatype", ""), shape, name)
 
 
+def _json_number(value):
+    """A number as strict JSON holds it: NaN and the infinities, which JSON has no token for, as
+    the strings "NaN", "Infinity" and "-Infinity" (protobuf's JSON mapping; numpy and
+    tritonclient's as_numpy read them back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
 def _json_values(array: np.ndarray) -> list:
     if array.dtype == np.object_:
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
                 for v in array.reshape(-1)]
     if codec.datatype_of(array).name in ("FP16", "BF16"):
-        return array.astype(np.float32).reshape(-1).tolist()
-    return array.reshape(-1).tolist()
+        array = array.astype(np.float32)
+    flat = array.reshape(-1)
+    if flat.dtype.kind != "f" or np.isfinite(flat).all():
+        return flat.tolist()
+    return [_json_number(v) for v in flat.tolist()]
+
+
+def dumps(body: Any) -> str:
+    """JSON text of a reply; strict: a non-finite number left in it is an error, never a bare
+    NaN token that JSON parsers refuse."""
+    return json.dumps(body, allow_nan=False)
 
 
 def response_to_json(resp: oip.InferResponse, binary: JsonInfer | None = None,
@@ -186,10 +268,10 @@ def response_to_json(resp: oip.InferResponse, binary: JsonInfer | None = None,
             out["data"] = _json_values(a)
         outputs.append(out)
     body = {"model_name": resp.model_name, "model_version": resp.model_version, "id": resp.id,
-            "parameters": resp.parameters, "outputs": outputs}
+            "parameters": {k: _json_number(v) for k, v in resp.parameters.items()}, "outputs": outputs}
     if not blobs:
         return body
-    header = json.dumps(body).encode()
+    header = dumps(body).encode()
     return b"".join([header, *blobs]), len(header)
 
 

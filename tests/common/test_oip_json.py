@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -45,7 +46,7 @@ def test_json_bytes_inputs_become_utf8_bytes_elements():
 
 def test_a_json_request_keeps_model_id_parameters_and_requested_outputs():
     body = _body({"name": "x", "datatype": "INT32", "shape": [1], "data": [7]},
-                 id=42, parameters={"priority": 2}, outputs=[{"name": "y"}])
+                 id="42", parameters={"priority": 2}, outputs=[{"name": "y"}])
     req = oip_json.request_from_json("digits", "3", body)
     assert (req.model_name, req.model_version, req.id) == ("digits", "3", "42")
     assert req.parameters == {"priority": 2}
@@ -62,11 +63,11 @@ def test_a_json_request_keeps_model_id_parameters_and_requested_outputs():
         (_body({"name": "x", "datatype": "FP8", "shape": [1], "data": [1]}),
          TensorError, "tensor 'x': unknown datatype 'FP8'"),
         (_body({"name": "x", "datatype": "FP32", "shape": "1", "data": [1]}),
-         TensorError, "tensor 'x': 'shape' must be a list of integers"),
+         TensorError, "tensor 'x': 'shape' must be a list of non-negative integers"),
         (_body({"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3]}),
          TensorError, r"tensor 'x': 'data' has 3 elements but shape \[2, 2\] needs 4"),
         (_body({"name": "x", "datatype": "INT32", "shape": [1], "data": ["seven"]}),
-         TensorError, "tensor 'x': 'data' does not fit INT32"),
+         TensorError, "tensor 'x': 'data' of INT32 must hold JSON integers, not \"seven\""),
         (_body(*[{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}] * 2),
          TensorError, "tensor 'x': appears twice in the request"),
         (_body({"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}, parameters=[1]),
@@ -78,6 +79,123 @@ def test_a_json_request_keeps_model_id_parameters_and_requested_outputs():
 def test_a_malformed_json_request_is_rejected_with_a_readable_message(body, error, message):
     with pytest.raises(error, match=message):
         oip_json.request_from_json("m", "", body)
+
+
+def _one(datatype: str, shape, data, **extra) -> dict:
+    return _body({"name": "x", "datatype": datatype, "shape": shape, "data": data}, **extra)
+
+
+@pytest.mark.parametrize(("datatype", "value"), [
+    ("INT8", 300), ("INT8", -129), ("UINT8", -1), ("UINT8", 256), ("UINT32", 2**32), ("INT64", 2**70),
+    ("UINT64", 2**64), ("UINT64", -1), ("FP32", 10**400),
+], ids=lambda v: v if isinstance(v, str) else str(v) if abs(v) < 2**80 else "huge")
+def test_a_json_number_out_of_its_datatype_s_range_is_refused_naming_the_tensor(datatype, value):
+    with pytest.raises(TensorError, match=f"tensor 'x': 'data' holds a value out of range for {datatype}"):
+        oip_json.request_from_json("m", "", _one(datatype, [2], [0, value]))
+
+
+def test_the_extremes_of_each_integer_datatype_are_taken():
+    got = oip_json.request_from_json("m", "", _one("UINT64", [2], [0, 2**64 - 1])).inputs["x"]
+    assert got.tolist() == [0, 2**64 - 1]
+    got = oip_json.request_from_json("m", "", _one("INT8", [2], [-128, 127])).inputs["x"]
+    assert got.tolist() == [-128, 127]
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62], [2**62, 0], [0, 2**70]])
+def test_a_zero_size_shape_numpy_cannot_make_is_the_client_s_error(shape):
+    with pytest.raises(TensorError, match=r"tensor 'x': shape .* cannot be made"):
+        oip_json.request_from_json("m", "", _one("FP32", shape, []))
+
+
+@pytest.mark.parametrize("shape", [[True, 2], [1.0, 2], [-1, 2], ["1", 2], None])
+def test_a_shape_of_anything_but_non_negative_integers_is_refused(shape):
+    with pytest.raises(TensorError, match="'shape' must be a list of non-negative integers"):
+        oip_json.request_from_json("m", "", _one("FP32", shape, [0, 0]))
+
+
+@pytest.mark.parametrize(("outputs", "shown"), [(None, "null"), (5, "5"), ({"name": "y"}, '{"name": "y"}')])
+def test_requested_outputs_that_are_not_a_list_are_refused(outputs, shown):
+    with pytest.raises(InvalidArgument, match=f"'outputs' must be a JSON array of requested outputs, not {shown}"):
+        oip_json.request_from_json("m", "", _one("FP32", [1], [1.0], outputs=outputs))
+
+
+@pytest.mark.parametrize(("datatype", "data", "shown"), [
+    ("BYTES", [5], "5"), ("BYTES", [True], "true"), ("BYTES", [None], "null"),
+    ("FP32", ["1.5"], '"1.5"'), ("FP32", [True], "true"), ("FP32", [None], "null"), ("FP64", [[1.0, {"a": 1}]], '{"a": 1}'),
+    ("INT32", [1.5], "1.5"), ("INT64", [1.0], "1.0"), ("UINT8", [False], "false"),
+    ("BOOL", [1], "1"), ("BOOL", ["true"], '"true"'),
+])
+def test_json_elements_of_the_wrong_type_for_the_datatype_are_refused_not_converted(datatype, data, shown):
+    kind = {"BYTES": "strings", "BOOL": "booleans", "FP32": "numbers", "FP64": "numbers"}.get(datatype, "integers")
+    shape = [len(oip_json._flatten(data))]
+    with pytest.raises(TensorError, match=f"'data' of {datatype} must hold JSON {kind}, not {re.escape(shown)}"):
+        oip_json.request_from_json("m", "", _one(datatype, shape, data))
+
+
+def test_a_json_bytes_element_given_as_a_number_allocates_nothing():
+    # bytes(2**40) would ask for a terabyte of zeros before anything else is looked at
+    with pytest.raises(TensorError, match="must hold JSON strings"):
+        oip_json.request_from_json("m", "", _one("BYTES", [1], [2**40]))
+
+
+def test_float_datatypes_take_json_integers_and_the_nan_and_infinity_tokens():
+    got = oip_json.request_from_json("m", "", _one("FP32", [4], [1, 2.5, float("nan"), float("-inf")])).inputs["x"]
+    assert got[:2].tolist() == [1.0, 2.5] and np.isnan(got[2]) and got[3] == -np.inf
+
+
+def test_data_must_be_a_json_array():
+    with pytest.raises(TensorError, match="'data' must be a JSON array, not 5"):
+        oip_json.request_from_json("m", "", _one("FP32", [1], 5))
+
+
+def test_data_nested_deeper_than_python_recurses_is_flattened():
+    data: list = [1.0]
+    for _ in range(5000):
+        data = [data]
+    assert oip_json.request_from_json("m", "", _one("FP32", [1], data)).inputs["x"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"parameters": {"binary_data_output": "false"}}, "request: parameter 'binary_data_output' must be true or false"),
+    ({"outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]},
+     "output 'y': parameter 'binary_data' must be true or false"),
+    ({"outputs": [{"name": "y", "parameters": {"binary_data": 0}}]}, "parameter 'binary_data' must be true or false"),
+    ({"id": 7}, "'id' must be a JSON string, not 7"),
+    ({"id": {"a": 1}}, "'id' must be a JSON string"),
+    ({"parameters": {"foo": 2**70}}, "request: parameter 'foo' must be a string, boolean, number or 64-bit integer"),
+    ({"parameters": {"foo": None}}, "parameter 'foo' must be a string"),
+    ({"parameters": {"foo": [1]}}, "parameter 'foo' must be a string"),
+    ({"outputs": [{"name": "y", "parameters": {"classification": 3}}]},
+     "output 'y': classification extension not supported"),
+])
+def test_request_fields_of_the_wrong_json_type_are_refused_not_converted(extra, message):
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        oip_json.infer_from_json("m", "", _one("FP32", [1], [1.0], **extra))
+
+
+def test_boolean_binary_flags_and_string_ids_are_taken():
+    decoded = oip_json.infer_from_json("m", "", _one("FP32", [1], [1.0], id="r1", parameters={
+        "binary_data_output": False, "priority": 2**63 - 1}, outputs=[{"name": "y", "parameters": {"binary_data": True}}]))
+    assert decoded.request.id == "r1" and decoded.binary_outputs == {"y"} and not decoded.binary_default
+    assert decoded.request.parameters == {"priority": 2**63 - 1}
+
+
+def test_non_finite_outputs_are_written_as_strict_json_strings():
+    outputs = {"y": np.array([1.5, np.nan, np.inf, -np.inf], np.float32),
+               "h": np.array([np.nan, 0.5], np.float16)}
+    resp = oip.InferResponse(model_name="m", outputs=outputs, parameters={"score": float("nan")})
+    text = oip_json.dumps(oip_json.response_to_json(resp))
+    body = json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token} in the reply"))
+    assert body["outputs"][0]["data"] == [1.5, "NaN", "Infinity", "-Infinity"]
+    assert body["outputs"][1]["data"] == ["NaN", 0.5]
+    assert body["parameters"] == {"score": "NaN"}
+    read_back = np.array(body["outputs"][0]["data"], dtype=np.float32)  # as tritonclient's as_numpy does
+    np.testing.assert_array_equal(read_back, outputs["y"])
+
+
+def test_strict_dumps_refuses_a_bare_nan():
+    with pytest.raises(ValueError):
+        oip_json.dumps({"x": float("nan")})
 
 
 def test_a_response_becomes_json_with_datatype_shape_and_flat_data():
