@@ -39,11 +39,11 @@ class JobSpec:
     batch_size: int = 32
     strategy: str = "fedavg"
     mu: float = 0.0
-    server_momentum: float = 0.0
+    server_momentum: float | None = None  # FedAvgM momentum / FedAdam, FedYogi beta1 (None: 0.9; 0 is 0)
     server_lr: float = 0.0
     round_timeout_s: float = 0.0
     server_beta2: float = 0.0  # FedAdam / FedYogi second-moment decay (0: 0.99)
-    server_tau: float = 0.0  # adaptive optimisers' epsilon (0: 1e-3)
+    server_tau: float = 0.0  # adaptive optimisers' epsilon (0: Flower's, 1e-9; FedYogi 1e-3)
     dp_clip_norm: float = 0.0  # > 0: server-side differential privacy, updates clipped to this L2 norm
     dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier × clip norm / clients
 

@@ -10,14 +10,15 @@ DEFAULTS = JobSpec()
 
 
 def spec_from_proto(msg: tpb.StartJobRequest) -> JobSpec:
-    """Unset (zero) fields take JobSpec's defaults."""
+    """Unset (zero) fields take JobSpec's defaults (proto3 numbers carry no presence: a
+    server_momentum of 0 on the wire is unset, the strategy's default)."""
     values = {f.name: getattr(msg, f.name) or getattr(DEFAULTS, f.name) for f in dataclasses.fields(JobSpec)}
     values["strategy"] = values["strategy"].lower()
     return JobSpec(**values)
 
 
 def spec_to_proto(spec: JobSpec) -> tpb.StartJobRequest:
-    return tpb.StartJobRequest(**dataclasses.asdict(spec))
+    return tpb.StartJobRequest(**{k: v for k, v in dataclasses.asdict(spec).items() if v is not None})
 
 
 def round_to_proto(r: RoundRecord) -> tpb.RoundResult:

@@ -66,18 +66,32 @@ def gaussian_noise(weights: Named, std: float, rng: np.random.Generator) -> Name
     return {n: (w + rng.normal(0.0, std, w.shape)).astype(np.float32) for n, w in weights.items()}
 
 
+# Flower's defaults for each adaptive optimiser: (eta, beta1, beta2, tau). FedAdagrad has no first
+# moment decay (beta1 = 0: m = Δ) and no beta2.
+ADAPTIVE_DEFAULTS = {"adam": (0.1, 0.9, 0.99, 1e-9), "yogi": (0.01, 0.9, 0.99, 1e-3), "adagrad": (0.1, 0.0, 0.0, 1e-9)}
+
+
+def adam_learning_rate(eta: float, beta1: float, beta2: float, server_round: int) -> float:
+    """FedAdam's bias-corrected server learning rate in round `server_round` (from 1), as Flower
+    writes it: η·√(1 − β2^(t+1)) / (1 − β1^(t+1))."""
+    return eta * np.sqrt(1 - beta2 ** (server_round + 1.0)) / (1 - beta1 ** (server_round + 1.0))
+
+
 def adaptive_step(kind: str, global_weights: Named, average: Named, m: Named | None, v: Named | None,
-                  eta: float, beta1: float, beta2: float, tau: float) -> tuple[Named, Named, Named]:
-    """One server step of FedAdam / FedYogi / FedAdagrad on the pseudo-gradient Δ = avg − w:
-    m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ² (adam), v − (1−β2)·Δ²·sign(v − Δ²) (yogi),
-    v + Δ² (adagrad); w ← w + η·m / (√v + τ). m and v start at 0 and τ² (Reddi et al.).
-    Returns (weights, m, v)."""
+                  eta: float, beta1: float, beta2: float, tau: float,
+                  server_round: int = 1) -> tuple[Named, Named, Named]:
+    """One server step of FedAdam / FedYogi / FedAdagrad on the pseudo-gradient Δ = avg − w, as
+    Flower computes it: m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ² (adam), v − (1−β2)·Δ²·sign(v − Δ²)
+    (yogi), v + Δ² (adagrad); w ← w + η·m / (√v + τ), η bias-corrected for adam
+    (`adam_learning_rate`). m and v start at 0. Returns (weights, m, v)."""
     check_same_shapes(global_weights, average, "aggregate")
+    if kind == "adam":
+        eta = adam_learning_rate(eta, beta1, beta2, server_round)
     weights, new_m, new_v = {}, {}, {}
     for name, w in global_weights.items():
         delta = average[name].astype(np.float64) - w
         prev_m = m[name] if m else np.zeros_like(delta)
-        prev_v = v[name] if v else np.full_like(delta, tau * tau)
+        prev_v = v[name] if v else np.zeros_like(delta)
         new_m[name] = beta1 * prev_m + (1 - beta1) * delta
         square = delta * delta
         if kind == "adam":
@@ -169,15 +183,17 @@ class FedProx(FedAvg):
 @dataclass
 class FedOpt(FedAvg):
     """Reddi et al. 2021, adaptive federated optimisation: the server treats avg − w as a
-    pseudo-gradient for Adam, Yogi or Adagrad (`kind`) and keeps its moments between rounds."""
+    pseudo-gradient for Adam, Yogi or Adagrad (`kind`) and keeps its moments and its round count
+    (FedAdam's bias correction depends on it) between rounds."""
 
     kind: str = "adam"
     eta: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
-    tau: float = 1e-3
+    tau: float = 1e-9
     m: Named | None = field(default=None, repr=False)
     v: Named | None = field(default=None, repr=False)
+    rounds: int = 0  # server steps taken
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -185,20 +201,26 @@ class FedOpt(FedAvg):
 
     def step(self, global_weights: Named, average: Named) -> Named:
         weights, self.m, self.v = adaptive_step(self.kind, global_weights, average, self.m, self.v,
-                                                self.eta, self.beta1, self.beta2, self.tau)
+                                                self.eta, self.beta1, self.beta2, self.tau, self.rounds + 1)
+        self.rounds += 1
         return weights
 
     def state(self) -> dict[str, Named]:
-        return {"m": self.m, "v": self.v} if self.m and self.v else {}
+        if not (self.m and self.v):
+            return {}
+        return {"m": self.m, "v": self.v, "rounds": {"rounds": np.array(self.rounds, np.int64)}}
 
     def restore(self, state: dict[str, Named]) -> None:
         self.m, self.v = state.get("m") or None, state.get("v") or None
+        self.rounds = int(state["rounds"]["rounds"]) if "rounds" in state else (1 if self.m else 0)
 
 
-def make_strategy(name: str, mu: float = 0.0, momentum: float = 0.0, server_lr: float = 0.0, beta2: float = 0.0,
-                  tau: float = 0.0, clip_norm: float = 0.0, noise_multiplier: float = 0.0) -> FedAvg:
-    """The strategy called `name`; zero parameters take each strategy's defaults. `clip_norm` > 0
-    adds server-side differential privacy (fixed clipping, Gaussian noise of `noise_multiplier`)."""
+def make_strategy(name: str, mu: float = 0.0, momentum: float | None = None, server_lr: float = 0.0,
+                  beta2: float = 0.0, tau: float = 0.0, clip_norm: float = 0.0, noise_multiplier: float = 0.0) -> FedAvg:
+    """The strategy called `name`. `momentum` None, and the other parameters 0, take each
+    strategy's defaults (FedAvgM: momentum 0.9, server_lr 1; the adaptive ones: Flower's, see
+    ADAPTIVE_DEFAULTS); momentum 0 is a momentum of 0. `clip_norm` > 0 adds server-side
+    differential privacy (fixed clipping, Gaussian noise of `noise_multiplier`)."""
     key = (name or "fedavg").lower()
     privacy = Privacy(clip_norm, noise_multiplier) if clip_norm > 0 else None
     if noise_multiplier > 0 and privacy is None:
@@ -206,10 +228,16 @@ def make_strategy(name: str, mu: float = 0.0, momentum: float = 0.0, server_lr: 
     if key == "fedavg":
         return FedAvg(privacy=privacy)
     if key == "fedavgm":
-        return FedAvgM(momentum=momentum or 0.9, server_lr=server_lr or 1.0, privacy=privacy)
+        return FedAvgM(momentum=0.9 if momentum is None else momentum, server_lr=server_lr or 1.0, privacy=privacy)
     if key == "fedprox":
         return FedProx(mu=mu or 0.01, privacy=privacy)
     if key in ADAPTIVE:
-        return FedOpt(kind=ADAPTIVE[key], eta=server_lr or 0.1, beta1=momentum or 0.9, beta2=beta2 or 0.99,
-                      tau=tau or 1e-3, privacy=privacy)
+        kind = ADAPTIVE[key]
+        eta, beta1, default_beta2, default_tau = ADAPTIVE_DEFAULTS[kind]
+        if kind == "adagrad" and (momentum or beta2):
+            raise InvalidArgument("fedadagrad has no server momentum or second-moment decay (m is the update "
+                                  "itself and v sums its squares, as in Flower): leave server_momentum and "
+                                  "server_beta2 unset")
+        return FedOpt(kind=kind, eta=server_lr or eta, beta1=beta1 if momentum is None else momentum,
+                      beta2=beta2 or default_beta2, tau=tau or default_tau, privacy=privacy)
     raise InvalidArgument(f"unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")

@@ -23,7 +23,7 @@ from services.trainer.rounds import gather_updates
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import PREFIX, TrainerSettings
 
-FLOAT_FIELDS = [f.name for f in dataclasses.fields(JobSpec) if f.type in (float, "float")]
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(JobSpec) if f.type in (float, "float", "float | None")]
 
 
 class Registry:
