@@ -21,9 +21,14 @@ EWMA_ALPHA = 0.3
 
 
 def diff_nodes(before: list[NodeInfo], after: list[NodeInfo]) -> tuple[list[NodeInfo], list[NodeInfo]]:
-    """(appeared, vanished) between two views, by node id."""
+    """(appeared, vanished) between two views. A node id is the same node only at the same
+    addresses: one back at others (its pod restarted, another process claiming the id) left and
+    came back, so nothing keeps calling where it used to be."""
     old, new = {n.node_id: n for n in before}, {n.node_id: n for n in after}
-    return ([n for i, n in new.items() if i not in old], [n for i, n in old.items() if i not in new])
+    moved = {i for i in old.keys() & new.keys()
+             if (old[i].address, old[i].fast_address) != (new[i].address, new[i].fast_address)}
+    return ([n for i, n in new.items() if i not in old or i in moved],
+            [n for i, n in old.items() if i not in new or i in moved])
 
 
 def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
@@ -31,14 +36,24 @@ def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> fl
 
 
 class NodesView:
-    """Live nodes from Redis, re-read every `refresh_s`; stale view kept through Redis outages."""
+    """Live nodes from Redis, re-read every `refresh_s`; stale view kept through Redis outages.
+
+    A Redis back from an outage (or restarted: node records written with a short TTL are expired
+    when it reloads, their index is not) shows live nodes as gone until their next heartbeat; so
+    after a failed read, or when every node seems gone at once and none new came, a missing node
+    stays in the view for `grace_s` before it counts as gone."""
 
     def __init__(self, directory: NodeDirectory, refresh_s: float, probe_s: float = 1.0,
                  on_change: Callable[[str, NodeInfo, str], None] | None = None,
-                 channels: grpc_util.Channels | None = None, tls: ClientTls | None = None):
+                 channels: grpc_util.Channels | None = None, tls: ClientTls | None = None,
+                 grace_s: float = 2.0):
         """`channels`: the nodes' gRPC channels (their headers, also sent in the fast lane's
         hello, and TLS), shared with the coordinator's other clients of them; `tls`: the nodes
         serve TLS on the fast lane too (None: plaintext)."""
+        self.grace_s = grace_s
+        self._grace_until = 0.0  # after a failed read, missing nodes are given time until then
+        self._read_failed = False
+        self._missing_since: dict[str, float] = {}
         self.directory = directory
         self.channels = channels or grpc_util.Channels()
         self.headers = self.channels.headers
@@ -56,16 +71,46 @@ class NodesView:
         self.unhealthy: dict[str, str] = {}  # node id -> why its health check failed
 
     async def refresh(self) -> None:
-        nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
+        try:
+            nodes = await asyncio.wait_for(self.directory.live_nodes(), 1.0)
+        except BaseException:
+            self._read_failed = True
+            raise
+        nodes = self._with_grace(nodes, time.monotonic())
         appeared, vanished = diff_nodes(self.nodes, nodes)
         self.nodes = nodes
         closing = [self._forget(node) for node in vanished]
         if self.on_change is not None:  # a node gone is no longer in `nodes` when it is told
+            for node in vanished:  # first: a node back at new addresses leaves, then comes back
+                self.on_change(events.NODE_DOWN, node, "heartbeat expired")
             for node in appeared:
                 self.on_change(events.NODE_UP, node, "heartbeat")
-            for node in vanished:
-                self.on_change(events.NODE_DOWN, node, "heartbeat expired")
         await asyncio.gather(*closing, return_exceptions=True)
+
+    def _with_grace(self, nodes: list[NodeInfo], now: float) -> list[NodeInfo]:
+        """`nodes` read, plus the nodes of the view missing from them that are given time: after a
+        failed read, or when every node is missing at once and no new one came (Redis back with
+        its records expired; a pod replaced by one under a new id is not that)."""
+        if self._read_failed:
+            self._read_failed = False
+            self._grace_until = now + self.grace_s
+        seen = {n.node_id for n in nodes}
+        missing = [n for n in self.nodes if n.node_id not in seen]
+        for node_id in [i for i in self._missing_since if i in seen]:
+            del self._missing_since[node_id]
+        if not missing:
+            return nodes
+        known = {n.node_id for n in self.nodes}
+        emptied = len(missing) == len(self.nodes) and seen <= known  # all gone, none new: a reset Redis
+        lenient = now < self._grace_until or emptied
+        kept = []
+        for node in missing:
+            since = self._missing_since.setdefault(node.node_id, now)
+            if lenient and now - since < self.grace_s:
+                kept.append(node)
+            else:
+                self._missing_since.pop(node.node_id, None)
+        return nodes + kept
 
     async def _forget(self, node: NodeInfo) -> None:
         """What is kept for a node that left the view: its measurements, and its channel and fast

@@ -14,6 +14,7 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.common import events
 from services.common.errors import CneiError, ModelNotFound, Unavailable
@@ -36,8 +37,12 @@ class ModelControl:
     async def unloaded(self) -> frozenset[str]:
         """Models out of service (read again after `ttl_s`, or at once after `forget`)."""
         if time.monotonic() >= self._expires:
-            members = await self.redis.smembers(UNLOADED_KEY)
-            self._unloaded = frozenset(m.decode() if isinstance(m, bytes) else m for m in members)
+            try:
+                members = await self.redis.smembers(UNLOADED_KEY)
+            except (RedisError, OSError) as exc:  # Redis away: serve by the last set known
+                log.warning("unloaded models not read (%s): the last known ones stay in force", exc)
+            else:
+                self._unloaded = frozenset(m.decode() if isinstance(m, bytes) else m for m in members)
             self._expires = time.monotonic() + self.ttl_s
         return self._unloaded
 

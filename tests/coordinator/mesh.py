@@ -135,7 +135,7 @@ async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], c
             nodes[node_id] = NodeInfo(node_id, (tiers or {}).get(node_id, "edge"), "r1", server.address, cpus=4,
                                       models=[v.key for v in variants])
         directory = Directory([nodes[n] for n in (live if live is not None else nodes)])
-        view = NodesView(directory, refresh_s=3600.0)
+        view = NodesView(directory, refresh_s=3600.0, grace_s=0.0)  # a node left is gone at once
         core = Coordinator(CoordinatorSettings(front_door="off", **settings), Catalog(variants, specs), view)
         view.on_change = core.node_changed
         await view.refresh()
