@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from opentelemetry import trace
 
-from services.common.errors import CneiError, ErrorCode, InvalidArgument, Unavailable
+from services.common.errors import CneiError, ErrorCode, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.federated import LocalUpdate, Named, RoundTask, check_same_shapes
 from services.common.jobs import RoundRecord
 from services.common.nodes import NodeInfo
@@ -34,6 +34,21 @@ class RoundFailed(Unavailable):
                          f"{min_clients} ({detail})")
 
 
+class AggregateNotFinite(FailedPrecondition):
+    """The aggregated model holds NaN or infinite values (the server step overflowed float32, say
+    a FedAvgM server_lr far too large): the job fails; nothing of the round is kept."""
+
+    def __init__(self, round_no: int, strategy: str, tensors: list[str]):
+        self.tensors = tensors
+        super().__init__(f"round {round_no}: the {strategy} aggregate holds NaN or infinite values in {tensors} "
+                         f"(every client update was finite: the server step diverged; lower server_lr)")
+
+
+def non_finite_tensors(weights: Named) -> list[str]:
+    """The names of the tensors holding NaN or infinite values, sorted."""
+    return [name for name, tensor in sorted(weights.items()) if not np.isfinite(tensor).all()]
+
+
 @dataclass
 class RoundOutcome:
     weights: Named
@@ -46,7 +61,7 @@ async def _call_client(train: TrainFn, node: NodeInfo, task: RoundTask, timeout:
         span.set_attributes({"cnei.node": node.node_id, "cnei.round": task.round})
         update = await train(node.address, task, timeout)
         check_same_shapes(reference, update.weights, f"update of {node.node_id}")
-        bad = [name for name, tensor in sorted(update.weights.items()) if not np.isfinite(tensor).all()]
+        bad = non_finite_tensors(update.weights)
         if bad:  # diverged: one such update would make the aggregate NaN
             raise InvalidArgument(f"update of {node.node_id} holds NaN or infinite values in {bad}")
         if update.num_samples <= 0:
@@ -99,6 +114,8 @@ async def run_round(train: TrainFn, evaluate: EvaluateFn, strategy: FedAvg, node
             raise RoundFailed(task.round, len(updates), len(nodes), min_clients, failures)
         ordered = [updates[k] for k in sorted(updates)]
         weights = strategy.aggregate(task.weights, [(u.weights, u.num_samples) for u in ordered])
+        if bad := non_finite_tensors(weights):
+            raise AggregateNotFinite(task.round, strategy.name, bad)
         accuracy, loss = await evaluate(weights)
         span.set_attributes({"cnei.participants": len(updates), "cnei.accuracy": accuracy})
     record = RoundRecord(round=task.round, participants=sorted(updates), failed=sorted(failures),
