@@ -41,6 +41,19 @@ class NodeInfo:
         return cls(**known)
 
 
+# Drops a node's record and index entry unless the record names another address (atomic).
+_REMOVE_OWN = """
+local record = redis.call('GET', KEYS[1])
+if record then
+  local ok, node = pcall(cjson.decode, record)
+  if ok and type(node) == 'table' and node['address'] ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 class NodeDirectory:
     """Register, refresh and list live nodes."""
 
@@ -54,11 +67,16 @@ class NodeDirectory:
             pipe.sadd(NODE_INDEX, info.node_id)
             await pipe.execute()
 
-    async def remove(self, node_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(NODE_KEY.format(node_id))
-            pipe.srem(NODE_INDEX, node_id)
-            await pipe.execute()
+    async def remove(self, node_id: str, address: str = "") -> bool:
+        """Drop the node's record; with `address`, only while the record is that node's (another
+        process now heartbeating under the id keeps its own): whether it was dropped."""
+        if not address:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(NODE_KEY.format(node_id))
+                pipe.srem(NODE_INDEX, node_id)
+                await pipe.execute()
+            return True
+        return bool(await self.redis.eval(_REMOVE_OWN, 2, NODE_KEY.format(node_id), NODE_INDEX, address, node_id))
 
     async def live_nodes(self) -> list[NodeInfo]:
         """Every node whose heartbeat has not expired; expired ids are pruned from the index."""

@@ -103,10 +103,16 @@ class Heartbeat:
         self._task = asyncio.create_task(self._loop(), name="heartbeat")
 
     async def stop(self) -> None:
-        """Stop beating and remove the record so routers drop this node at once."""
+        """Stop beating and remove the record so routers drop this node at once (unless another
+        process heartbeats under this node id now: its record, and it, stay)."""
         await lifecycle.cancel_and_wait(self._task)
         try:
-            await asyncio.wait_for(self.directory.remove(self.settings.node_id), 1.0)
+            removed = await asyncio.wait_for(self.directory.remove(self.settings.node_id, self.settings.address), 1.0)
         except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
             log.warning("could not deregister: %s", exc)
+            removed = True
+        if not removed:
+            log.warning("node id %s is heartbeated by another process (not at %s): its record is left",
+                        self.settings.node_id, self.settings.address)
+            return
         await self._announce(events.NODE_DOWN)

@@ -107,3 +107,13 @@ async def test_the_unloaded_models_are_served_from_memory_while_redis_is_away(tm
     finally:
         await redis.aclose()
         infra.stop(server)
+
+
+async def test_a_node_leaving_removes_its_own_record_never_a_successors_under_its_id(own_redis):
+    directory = NodeDirectory(own_redis)
+    await directory.heartbeat(_node("a", 7000), 30)
+    await directory.heartbeat(_node("a", 7100), 30)  # another process now claims the id
+    assert not await directory.remove("a", "127.0.0.1:7000")  # the old one stopping
+    assert [(n.node_id, n.address) for n in await directory.live_nodes()] == [("a", "127.0.0.1:7100")]
+    assert await directory.remove("a", "127.0.0.1:7100")
+    assert await directory.live_nodes() == []
