@@ -22,6 +22,7 @@ from services.common.errors import InvalidArgument, Unavailable
 log = logging.getLogger(__name__)
 SWITCHES = {"log_info": logging.INFO, "log_warning": logging.WARNING, "log_error": logging.ERROR}
 SETTINGS = (*SWITCHES, "log_verbose_level", "log_file", "log_format")
+VERBOSE_LEVELS = range(1 << 32)  # log_verbose_level travels as a uint32 over gRPC
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,10 @@ def parse_update(changes: Mapping[str, object]) -> dict[str, object]:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"log setting '{name}' is a boolean, not {json.dumps(value)}")
             update[name] = value
-        elif name == "log_verbose_level":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidArgument(f"log setting 'log_verbose_level' is an unsigned integer, not {json.dumps(value)}")
+        elif name == "log_verbose_level":  # Triton's uint32_param: a larger one could not be read back
+            if isinstance(value, bool) or not isinstance(value, int) or value not in VERBOSE_LEVELS:
+                raise InvalidArgument(f"log setting 'log_verbose_level' is an unsigned integer up to "
+                                      f"{VERBOSE_LEVELS[-1]}, not {json.dumps(value)}")
             update[name] = value
         elif name == "log_file":
             if value != "":

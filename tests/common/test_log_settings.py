@@ -41,12 +41,18 @@ def _log_each(logger: logging.Logger) -> None:
     ({"log_info": "yes"}, "'log_info' is a boolean"),
     ({"log_verbose_level": -1}, "'log_verbose_level' is an unsigned integer"),
     ({"log_verbose_level": True}, "'log_verbose_level' is an unsigned integer"),
+    ({"log_verbose_level": 2**32}, "'log_verbose_level' is an unsigned integer up to 4294967295, not 4294967296"),
+    ({"log_verbose_level": 10**30}, "'log_verbose_level' is an unsigned integer up to 4294967295"),
     ({"log_file": "/tmp/server.log"}, "log_file cannot be set"),
     ({"log_format": "ISO8601"}, "log_format is 'default'"),
 ])
 def test_bad_log_settings_are_refused_with_what_is_wrong(changes, message):
     with pytest.raises(InvalidArgument, match=message):
         parse_update(changes)
+
+
+def test_the_largest_verbose_level_a_uint32_holds_is_taken():
+    assert parse_update({"log_verbose_level": 2**32 - 1}) == {"log_verbose_level": 2**32 - 1}
 
 
 async def test_each_switch_decides_what_this_process_logs(records):
