@@ -138,13 +138,20 @@ def rest_category(path: str) -> str | None:
     return _REST_MODEL_TAILS.get(rest[0]) if rest else "metadata"
 
 
+def _exact_bytes(text: str) -> bytes:
+    """`text` as bytes for a constant-time comparison that never fails: header bytes that are no
+    UTF-8 reach us as lone surrogates (aiohttp and os.environ decode with surrogateescape), kept
+    as they are."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def refusal(restricted: Mapping[str, Key], category: str | None, headers: Mapping[str, str]) -> str:
     """Why a request of `category` with these headers (lower-case keys) is refused ('' if it is not)."""
     key = restricted.get(category or "")
     if key is None:
         return ""
     sent = headers.get(key.header)
-    if sent is not None and hmac.compare_digest(sent.encode(), key.value.encode()):
+    if sent is not None and hmac.compare_digest(_exact_bytes(sent), _exact_bytes(key.value)):
         return ""
     return f"the {category} API is restricted: send header '{key.header}' with its value"
 

@@ -63,6 +63,21 @@ def test_only_requests_of_a_restricted_category_without_the_right_value_are_refu
         assert "s3cret" not in reason
 
 
+@pytest.mark.parametrize("sent", [b"\xff".decode("utf-8", "surrogateescape"), "\ud800", "s3cr\u00e9t"],
+                         ids=["non-utf8-byte", "lone-surrogate", "non-ascii"])
+def test_a_header_value_that_is_no_utf8_text_is_refused_not_an_error(sent):
+    restricted = parse("inference:infer-key=s3cret")
+    assert refusal(restricted, "inference", {"infer-key": sent}) == (
+        "the inference API is restricted: send header 'infer-key' with its value")
+
+
+def test_a_key_configured_with_bytes_that_are_no_utf8_matches_those_bytes():
+    value = b"k\xff".decode("utf-8", "surrogateescape")  # as os.environ gives it
+    restricted = parse(f"inference:infer-key={value}")
+    assert refusal(restricted, "inference", {"infer-key": value}) == ""
+    assert refusal(restricted, "inference", {"infer-key": "k"}) != ""
+
+
 def test_client_headers_parse_from_flags_or_one_string_and_a_bad_pair_is_named():
     from services.common.restricted import headers, own_headers
 
