@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from redis.asyncio import Redis
 
-from services.common.errors import NotFound
+from services.common.errors import FailedPrecondition, NotFound
 
 JOB_KEY = "cnei:federated:job:{}"
 JOB_INDEX = "cnei:federated:jobs"  # sorted set: job id scored by creation time
@@ -23,6 +23,25 @@ UNFINISHED = ("pending", "running", "suspended")
 # Compare-and-set on a lease: renew (PEXPIRE) or release (DEL) only while `owner` holds it.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Write a record (KEYS[2]) and with it set, keep or drop its checkpoint (KEYS[3]), indexed (KEYS[4]),
+# only while ARGV[1] holds the lease (KEYS[1]); ARGV[1] '' writes unfenced. 1 written, 0 not.
+_SAVE = """
+if ARGV[1] ~= '' and redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
+if ARGV[6] == 'set' then redis.call('set', KEYS[3], ARGV[7], 'EX', ARGV[3])
+elseif ARGV[6] == 'drop' then redis.call('del', KEYS[3]) end
+redis.call('zadd', KEYS[4], ARGV[5], ARGV[4])
+return 1
+"""
+
+
+class LeaseLost(FailedPrecondition):
+    """A trainer wrote to (or was about to announce) a job whose lease another trainer holds now."""
+
+    def __init__(self, job_id: str, owner: str):
+        self.job_id, self.owner = job_id, owner
+        super().__init__(f"federated job '{job_id}': {owner} no longer holds its lease (another trainer "
+                         f"took the job over); nothing written")
 
 
 @dataclass(frozen=True)
@@ -106,15 +125,22 @@ class JobStore:
         self.redis = redis
         self.ttl_s = ttl_s
 
-    async def save(self, job: JobRecord, checkpoint: bytes | None = None) -> None:
-        """Write the record, and with it (in one transaction) the checkpoint it refers to."""
+    async def save(self, job: JobRecord, checkpoint: bytes | None = None, owner: str = "") -> None:
+        """Write the record, and with it (atomically) the checkpoint it refers to; a record that has
+        ended drops its checkpoint (nothing goes on from it). With `owner`, fenced by the job's
+        lease: LeaseLost, and nothing written, unless `owner` holds it."""
         job.updated_at = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(JOB_KEY.format(job.id), job.to_json(), ex=int(self.ttl_s))
-            if checkpoint is not None:
-                pipe.set(CHECKPOINT_KEY.format(job.id), checkpoint, ex=int(self.ttl_s))
-            pipe.zadd(JOB_INDEX, {job.id: job.created_at})
-            await pipe.execute()
+        mode = "drop" if job.done else "keep" if checkpoint is None else "set"
+        keys = [LEASE_KEY.format(job.id), JOB_KEY.format(job.id), CHECKPOINT_KEY.format(job.id), JOB_INDEX]
+        written = await self.redis.eval(_SAVE, len(keys), *keys, owner, job.to_json(), int(self.ttl_s), job.id,
+                                        repr(job.created_at), mode, checkpoint or b"")
+        if not written:
+            raise LeaseLost(job.id, owner)
+
+    async def holds(self, job_id: str, owner: str) -> bool:
+        """Whether `owner` holds the job's lease now."""
+        held = await self.redis.get(LEASE_KEY.format(job_id))
+        return held is not None and (held.decode() if isinstance(held, bytes) else held) == owner
 
     async def checkpoint(self, job_id: str) -> bytes | None:
         return await self.redis.get(CHECKPOINT_KEY.format(job_id))

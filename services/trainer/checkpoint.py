@@ -3,6 +3,7 @@ state (FedAvgM's velocity, FedAdam/FedYogi/FedAdagrad's moments), so a trainer t
 over goes on where the last one stopped."""
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -44,3 +45,14 @@ def decode(data: bytes) -> tuple[Named, dict[str, Named]]:
         elif key.startswith(_LEGACY_VELOCITY):
             state.setdefault("velocity", {})[key[len(_LEGACY_VELOCITY):]] = value
     return weights, state
+
+
+def weights_digest(weights: Named) -> str:
+    """sha256 of the weights (names, dtypes, shapes and values, in name order): equal exactly when
+    two trainers hold the same model."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{tensor.dtype.str}|{tensor.shape}|".encode())
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()

@@ -21,7 +21,7 @@ from services.common import events
 from services.common.background import Background
 from services.common.errors import AlreadyExists, CneiError, InvalidArgument, ResourceExhausted
 from services.common.federated import Named, RoundTask, layers_from_named, layers_to_named
-from services.common.jobs import JobRecord, JobSpec, JobStore
+from services.common.jobs import JobRecord, JobSpec, JobStore, LeaseLost
 from services.common.nodes import NodeDirectory
 from services.common.registry_client import RegistryClient
 from services.models import mlp_numpy
@@ -34,7 +34,7 @@ from services.trainer.strategy import FedAvg, make_strategy
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-CANCEL_AGAIN_S = 0.2  # close() cancels a job again after this long until the job takes it
+CANCEL_AGAIN_S = 0.2  # a job is cancelled again after this long until it takes the cancellation
 Publish = Callable[[str, dict], Awaitable[object]]
 EvalData = tuple[np.ndarray, np.ndarray]
 
@@ -81,7 +81,9 @@ class FederatedTrainer:
     """Starts jobs as kept background tasks, records them in Redis, streams their progress.
 
     A running job holds a lease in Redis that its trainer renews; after every round the job's
-    record and a checkpoint of the global model are written together. A job whose trainer
+    record and a checkpoint of the global model are written together, only while this trainer
+    holds the lease (and events are sent and versions registered only after checking it again):
+    a trainer cut off past its lease stops the job and records nothing more. A job whose trainer
     stopped (state `suspended`) or died (its lease ran out) is taken over by the next trainer
     that looks (`resume_unfinished`, at start and every half lease) from its last completed round.
     """
@@ -210,9 +212,21 @@ class FederatedTrainer:
         self._tasks[job.id] = self.background.spawn(self._run_job(job))
 
     async def _save(self, job: JobRecord, saved: bytes | None = None) -> None:
-        await self.store.save(job, saved)
+        """Write the job (and checkpoint) fenced by its lease: LeaseLost when another trainer took it."""
+        try:
+            await self.store.save(job, saved, owner=self.owner)
+        except LeaseLost:
+            self._lost.add(job.id)
+            raise
         async with self._changed:
             self._changed.notify_all()
+
+    async def _check_lease(self, job: JobRecord) -> None:
+        """LeaseLost unless this trainer still holds the job's lease (before acting for the job
+        outside Redis: events, registry pushes)."""
+        if job.id in self._lost or not await self.store.holds(job.id, self.owner):
+            self._lost.add(job.id)
+            raise LeaseLost(job.id, self.owner)
 
     async def _run_job(self, job: JobRecord) -> None:
         with _tracer.start_as_current_span("federated.job") as span:
@@ -222,17 +236,22 @@ class FederatedTrainer:
             try:
                 await self._train_and_publish(job)
             except asyncio.CancelledError:
-                self._stopping.add(job.id)  # no more cancels from close(): let the record be written
+                self._stopping.add(job.id)  # no more cancels: let the record be written
                 if job.id in self._lost:
-                    log.warning("federated job %s: its lease was taken by another trainer; stopped "
-                                "here, recording nothing", job.id)
+                    self._log_lost(job)
                 elif not job.done:  # a job already recorded completed or failed stays so
-                    await self._suspend(job)
+                    with self._unless_lost(job):
+                        await self._suspend(job)
                 raise
+            except LeaseLost:
+                self._stopping.add(job.id)
+                self._log_lost(job)
             except Exception as exc:  # noqa: BLE001 - recorded on the job
+                self._stopping.add(job.id)
                 if not isinstance(exc, CneiError):
                     log.exception("federated job %s failed", job.id)
-                await self._finish(job, "failed", str(exc))
+                with self._unless_lost(job):
+                    await self._finish(job, "failed", str(exc))
             finally:
                 keeper.cancel()
                 self._running.pop(job.id, None)
@@ -241,9 +260,23 @@ class FederatedTrainer:
                 self._lost.discard(job.id)
                 await self._release(job)  # compare-and-set: a lease another trainer took stays its
 
+    @staticmethod
+    def _log_lost(job: JobRecord) -> None:
+        log.warning("federated job %s: its lease was taken by another trainer; stopped here after round %d, "
+                    "recording nothing more", job.id, job.round)
+
+    @contextlib.contextmanager
+    def _unless_lost(self, job: JobRecord) -> Iterator[None]:
+        """Record a stop (suspended, failed) unless the job is another trainer's now."""
+        try:
+            yield
+        except LeaseLost:
+            self._log_lost(job)
+
     async def _keep_lease(self, job: JobRecord, runner: asyncio.Task) -> None:
         """Renew the job's lease every third of it; when another trainer holds it (this one was
-        cut off from Redis past the lease), stop the job here."""
+        cut off from Redis past the lease), stop the job here: cancelled until it takes the
+        cancellation (one can be lost on Python 3.11, see close), and stopped between rounds."""
         while True:
             await asyncio.sleep(self.settings.lease_s / 3)
             try:
@@ -252,9 +285,11 @@ class FederatedTrainer:
                 log.warning("federated job %s: could not renew its lease: %s", job.id, exc)
                 continue
             if not held:
-                self._lost.add(job.id)
-                runner.cancel()
-                return
+                break
+        self._lost.add(job.id)
+        while not runner.done() and job.id not in self._stopping:
+            runner.cancel()
+            await asyncio.wait([runner], timeout=CANCEL_AGAIN_S)
 
     async def _release(self, job: JobRecord) -> None:
         try:
@@ -286,23 +321,25 @@ class FederatedTrainer:
         job.state, job.error = "running", ""
         await self._save(job)
         for round_no in range(job.round + 1, spec.rounds + 1):
-            self._stop_if_closing()
+            self._stop_if_stopped(job)
             weights = await self._round_with_retries(job, round_no, weights, strategy)
-        self._stop_if_closing()
+        self._stop_if_stopped(job)
         await self._push(job, weights)
-        await self._finish(job, "completed")
-        await self.store.drop_checkpoint(job.id)
+        await self._finish(job, "completed")  # drops the checkpoint with the record
 
-    def _stop_if_closing(self) -> None:
-        """Between rounds, a trainer that is shutting down stops the job (suspended by _run_job)
-        even if the cancellation `close` sent was lost: on Python 3.11, asyncio.wait_for (under
-        nats-py's publish, say) drops a cancel that lands as its awaited future completes."""
+    def _stop_if_stopped(self, job: JobRecord) -> None:
+        """Between rounds, stop a job whose lease another trainer took (LeaseLost), or any job of
+        a trainer shutting down (suspended by _run_job), even if the cancellation sent was lost:
+        on Python 3.11, asyncio.wait_for (under nats-py's publish, say) drops a cancel that lands
+        as its awaited future completes."""
+        if job.id in self._lost:
+            raise LeaseLost(job.id, self.owner)
         if self._closing:
             raise asyncio.CancelledError("the trainer is shutting down")
 
     async def _round_with_retries(self, job: JobRecord, round_no: int, weights: Named, strategy: FedAvg) -> Named:
         for attempt in range(1, self.settings.round_retries + 2):
-            self._stop_if_closing()
+            self._stop_if_stopped(job)
             try:
                 outcome = await self._round(job, round_no, attempt, weights, strategy)
             except RoundFailed as exc:
@@ -340,6 +377,7 @@ class FederatedTrainer:
         await self._save(job, checkpoint.encode(outcome.weights, strategy.state()))
         log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
                  record.accuracy, ",".join(record.participants))
+        await self._check_lease(job)
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
                                                              **asdict(record)})
 
@@ -352,11 +390,14 @@ class FederatedTrainer:
             lambda: (mlp_numpy.accuracy(layers, x, y), mlp_numpy.cross_entropy(layers, x, y)))
 
     async def _push(self, job: JobRecord, weights: Named) -> None:
-        """Build the FP32/FP16/INT8 variants and register them as the model's next version."""
+        """Build the FP32/FP16/INT8 variants and register them as the model's next version (or
+        complete the version a trainer that stopped while registering it began with these very
+        weights), checking before each push that this trainer still holds the job."""
         spec = job.spec
         if self._eval is None:
             self._eval = await asyncio.to_thread(self._eval_data)
-        meta = {"federated_job": job.id, "federated_rounds": str(spec.rounds),
+        digest = checkpoint.weights_digest(weights)
+        meta = {"federated_job": job.id, "federated_weights_sha256": digest, "federated_rounds": str(spec.rounds),
                 "federated_strategy": spec.strategy, "parent_version": job.base_version,
                 "federated_clients": ",".join(sorted({p for r in job.history for p in r.participants}))}
         if spec.dp_clip_norm > 0:  # what privacy the version was trained under travels with it
@@ -366,14 +407,18 @@ class FederatedTrainer:
         built = await asyncio.to_thread(export.build_variants, layers_from_named(weights), out_dir, spec.model,
                                         *self._eval, meta)
         for _ in range(3):
+            await self._check_lease(job)
             known = await self.registry.list(spec.model)
-            # A trainer that stopped while registering this job's version: complete that version.
-            mine = [v for v in known if v.metadata.get("federated_job") == job.id]
+            # A trainer that stopped while registering this job's version of these weights: complete
+            # it (a version of the job with other weights, begun by one that lost the job, is left).
+            mine = [v for v in known if v.metadata.get("federated_job") == job.id
+                    and v.metadata.get("federated_weights_sha256") == digest]
             version = mine[0].version if mine else next_version([v.version for v in known])
-            present = {v.precision for v in mine}
+            present = {v.precision for v in mine if v.version == version}
             try:
                 for variant in built:
                     if variant.precision not in present:
+                        await self._check_lease(job)
                         await self.registry.push_file(variant.path, spec.model, version, variant.precision,
                                                       variant.metadata)
                     job.variant_accuracy[variant.precision] = float(variant.metadata["accuracy"])
@@ -385,8 +430,9 @@ class FederatedTrainer:
 
     async def _finish(self, job: JobRecord, state: str, error: str = "") -> None:
         job.state, job.error = state, error
-        JOBS.labels(job.spec.model, state).inc()
         await self._save(job)
+        JOBS.labels(job.spec.model, state).inc()
+        await self._check_lease(job)
         subject = events.FEDERATED_JOB_COMPLETED if state == "completed" else events.FEDERATED_JOB_FAILED
         await self._event(subject, {"job": job.id, "model": job.spec.model, "state": state, "error": error,
                                     "new_version": job.new_version, "variant_accuracy": job.variant_accuracy,
