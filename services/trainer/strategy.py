@@ -109,14 +109,17 @@ def adaptive_step(kind: str, global_weights: Named, average: Named, m: Named | N
 @dataclass
 class Privacy:
     """Server-side differential privacy with fixed clipping: every update clipped to `clip_norm`,
-    then N(0, (noise_multiplier·clip_norm / clients)²) added to each aggregated weight."""
+    averaged with equal weights (DP-FedAvg, McMahan et al. 2018: the noise below is calibrated to
+    one client moving the mean by at most clip_norm / clients, which a client claiming many samples
+    would break under sample weighting), then N(0, (noise_multiplier·clip_norm / clients)²) added
+    to each aggregated weight."""
 
     clip_norm: float
     noise_multiplier: float = 0.0
     rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
 
     def average(self, global_weights: Named, updates: list[tuple[Named, int]]) -> Named:
-        clipped = [(clip_update(global_weights, w, self.clip_norm), n) for w, n in updates]
+        clipped = [(clip_update(global_weights, w, self.clip_norm), 1) for w, _ in updates]
         average = weighted_average(clipped)
         if self.noise_multiplier <= 0:
             return average

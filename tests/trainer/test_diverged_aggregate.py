@@ -72,5 +72,6 @@ async def test_a_job_whose_aggregate_overflows_fails_and_keeps_its_last_finite_r
     left = await store.get(job.id)
     assert (left.state, left.round, left.new_version, left.history) == ("failed", 1, "", [])
     assert "aggregate holds NaN or infinite values" in left.error
+    assert await store.checkpoint(job.id) is None  # a failed job is never resumed: its checkpoint goes with it
     assert registry.pushed == []
     assert [s for s, _ in sent] == [events.FEDERATED_JOB_FAILED]

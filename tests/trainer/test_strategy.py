@@ -125,6 +125,14 @@ def test_differential_privacy_bounds_each_client_s_pull_and_adds_noise_of_the_se
     assert abs(float(noisy["W"].mean())) < 0.01
 
 
+def test_under_differential_privacy_clipped_updates_count_equally_whatever_samples_they_claim():
+    base = {"W": np.zeros((2, 2), np.float32)}
+    greedy, honest = {"W": np.full((2, 2), 10.0, np.float32)}, {"W": np.full((2, 2), -0.2, np.float32)}
+    average = Privacy(clip_norm=1.0).average(base, [(greedy, 1_000_000), (honest, 10)])
+    np.testing.assert_allclose(average["W"], (0.5 + -0.2) / 2, rtol=1e-6)  # greedy clipped to 0.5 per entry
+    assert update_norm(base, average) <= 1.0 / 2 + 0.4 / 2 + 1e-6  # each moved it by at most clip_norm / 2
+
+
 def test_every_strategy_takes_the_privacy_settings_and_noise_needs_a_clipping_norm():
     for name in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
         strategy = make_strategy(name, clip_norm=0.5, noise_multiplier=1.1)
