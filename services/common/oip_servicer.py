@@ -10,7 +10,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
-from services.common import codec, log_settings, oip
+from services.common import codec, log_settings, oip, oip_json
 from services.common.deployment import DeploymentSpec, ensemble_plan
 from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
@@ -359,6 +359,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
         with inference_metrics(request.model_name):
+            for output in request.outputs:  # as over REST: no classification extension
+                oip_json.refuse_classification(output.name, output.parameters)
             req = oip.request_from_proto(request, self.shm)
             resp = await self.core.infer(req, deadline_s)
             return oip.response_to_proto(resp, raw=req.raw, places=req.output_places, shm=self.shm)

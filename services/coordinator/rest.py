@@ -1,12 +1,15 @@
 """OIP REST v2 (KServe v2 JSON) adapter of the coordinator core, on aiohttp."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
@@ -21,10 +24,32 @@ from services.coordinator.status import build_status
 
 log = logging.getLogger(__name__)
 STATUS_PAGE = Path(__file__).parent / "static" / "index.html"
+OFF_LOOP_BYTES = 1 << 20  # infer bodies larger than this are decoded in a worker thread
 
 
 def _error(exc: CneiError) -> web.Response:
     return web.json_response({"error": exc.message}, status=HTTP_STATUS[exc.code])
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no such path 404, wrong method 405, body too large 413) as
+    Triton's {"error": ...} JSON; the headers they carry (Allow) kept."""
+    default = f"{exc.status}: {exc.reason}"
+    detail = exc.text if exc.text and exc.text != default else f"{request.method} {request.path}"
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.json_response({"error": f"{exc.reason}: {detail}"}, status=exc.status, headers=headers)
+
+
+def _unreadable(request: web.Request, exc: RequestPayloadError) -> web.Response:
+    """A request body that cannot be read (aiohttp's HttpProcessingError says why, with its code):
+    the client's error; the rest of the body is not read (aiohttp would fail on it again) and the
+    connection closes after the reply."""
+    cause = exc.__cause__
+    message, status = (cause.message, cause.code or 400) if isinstance(cause, HttpProcessingError) else (str(exc), 400)
+    request.content.feed_eof()
+    reply = web.json_response({"error": f"request body cannot be read: {message}"}, status=status)
+    reply.force_close()
+    return reply
 
 
 @web.middleware
@@ -33,8 +58,12 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except CneiError as exc:
         return _error(exc)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(request, exc)
+    except RequestPayloadError as exc:  # a body aiohttp cannot read (corrupt gzip/deflate): the client's
+        return _unreadable(request, exc)
     except Exception as exc:  # noqa: BLE001 - answered as 500 and logged once
         log.exception("unhandled error on %s", request.path)
         return web.json_response({"error": f"internal error: {exc}"}, status=500)
@@ -47,8 +76,17 @@ def _tensors(specs) -> list[dict]:
 def _json_body(raw: bytes, what: str) -> object:
     try:
         return json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise InvalidArgument(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise InvalidArgument(f"{what} is not JSON: {exc}") from None
+
+
+def _decode_infer(name: str, version: str, raw: bytes, length: int | None,
+                  shm: SharedMemoryRegions) -> oip_json.JsonInfer:
+    """An infer body: JSON, or a JSON header of `length` bytes and the binary tensor data after it."""
+    header, binary = (raw, b"") if length is None else (raw[:length], memoryview(raw)[length:])
+    return oip_json.infer_from_json(name, version, _json_body(header, "request body"), binary, shm)
 
 
 def _header_length(request: web.Request, size: int) -> int | None:
@@ -119,12 +157,14 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
         with inference_metrics(name):
             raw = await request.read()
             length = _header_length(request, len(raw))
-            header, binary = (raw, b"") if length is None else (raw[:length], memoryview(raw)[length:])
-            decoded = oip_json.infer_from_json(name, version, _json_body(header, "request body"), binary, shm)
+            if len(raw) > OFF_LOOP_BYTES:  # parsing megabytes of JSON would stall every other request
+                decoded = await asyncio.to_thread(_decode_infer, name, version, raw, length, shm)
+            else:
+                decoded = _decode_infer(name, version, raw, length, shm)
             response = await core.infer(decoded.request)
             body = oip_json.response_to_json(response, decoded, shm)
             if isinstance(body, dict):
-                reply = web.json_response(body)
+                reply = web.json_response(body, dumps=oip_json.dumps)
             else:
                 data, header_length = body
                 reply = web.Response(body=data, content_type="application/octet-stream",
