@@ -62,7 +62,7 @@ class JobSpec:
     server_lr: float = 0.0
     round_timeout_s: float = 0.0
     server_beta2: float = 0.0  # FedAdam / FedYogi second-moment decay (0: 0.99)
-    server_tau: float = 0.0  # adaptive optimisers' epsilon (0: Flower's, 1e-9; FedYogi 1e-3)
+    server_tau: float = 0.0  # adaptive optimisers' epsilon (0: 1e-3; Flower's FedAdam/FedAdagrad: 1e-9)
     dp_clip_norm: float = 0.0  # > 0: server-side differential privacy, updates clipped to this L2 norm
     dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier × clip norm / clients
 

@@ -66,9 +66,11 @@ def gaussian_noise(weights: Named, std: float, rng: np.random.Generator) -> Name
     return {n: (w + rng.normal(0.0, std, w.shape)).astype(np.float32) for n, w in weights.items()}
 
 
-# Flower's defaults for each adaptive optimiser: (eta, beta1, beta2, tau). FedAdagrad has no first
-# moment decay (beta1 = 0: m = Δ) and no beta2.
-ADAPTIVE_DEFAULTS = {"adam": (0.1, 0.9, 0.99, 1e-9), "yogi": (0.01, 0.9, 0.99, 1e-3), "adagrad": (0.1, 0.0, 0.0, 1e-9)}
+# Each adaptive optimiser's defaults: (eta, beta1, beta2, tau). Flower's, except tau: Flower's 1e-9
+# for FedAdam and FedAdagrad makes every weight move by about eta each round however small its
+# update (m/√v ≈ ±1), which wrecks a trained model under DP noise; 1e-3 is in Reddi et al.'s range.
+# FedAdagrad has no first moment decay (beta1 = 0: m = Δ) and no beta2.
+ADAPTIVE_DEFAULTS = {"adam": (0.1, 0.9, 0.99, 1e-3), "yogi": (0.01, 0.9, 0.99, 1e-3), "adagrad": (0.1, 0.0, 0.0, 1e-3)}
 
 
 def adam_learning_rate(eta: float, beta1: float, beta2: float, server_round: int) -> float:

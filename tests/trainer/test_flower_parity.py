@@ -1,6 +1,7 @@
 """The adaptive server optimisers step as Flower's FedAdam, FedYogi and FedAdagrad do (their
-aggregate_fit in flwr/server/strategy/fedadam.py, fedyogi.py, fedadagrad.py, fedopt.py), with
-Flower's defaults; server_momentum None is the default and 0 a momentum of 0."""
+aggregate_fit in flwr/server/strategy/fedadam.py, fedyogi.py, fedadagrad.py, fedopt.py) given the
+same parameters, with Flower's defaults but tau 1e-3; server_momentum None is the default and 0 a
+momentum of 0."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +16,8 @@ from services.trainer.strategy import FedAvgM, FedOpt, make_strategy
 # (name, eta, beta_1, beta_2, tau) as Flower's constructors default them
 FLOWER_DEFAULTS = [("fedadam", 0.1, 0.9, 0.99, 1e-9), ("fedyogi", 1e-2, 0.9, 0.99, 1e-3),
                    ("fedadagrad", 0.1, 0.0, 0.0, 1e-9)]
+# CNEI's: Flower's with tau 1e-3 (see strategy.ADAPTIVE_DEFAULTS)
+CNEI_DEFAULTS = [(name, eta, beta_1, beta_2, 1e-3) for name, eta, beta_1, beta_2, _ in FLOWER_DEFAULTS]
 START = [np.array([[0.5, -0.2, 0.0], [1.0, 0.3, -0.7]]), np.array([0.1, 0.0, -0.1])]
 # the clients' weighted average in each of three rounds, as offsets from the global weights
 PULLS = [[np.array([[0.2, -0.1, 0.05], [-0.3, 0.01, 0.4]]), np.array([0.02, -0.5, 0.1])],
@@ -56,22 +59,27 @@ def cnei_rounds(strategy) -> list[list[np.ndarray]]:
     return seen
 
 
-@pytest.mark.parametrize(("name", "eta", "beta_1", "beta_2", "tau"), FLOWER_DEFAULTS,
-                         ids=[d[0] for d in FLOWER_DEFAULTS])
-def test_each_adaptive_strategy_with_its_defaults_steps_as_flower_s_for_three_rounds(name, eta, beta_1, beta_2, tau):
-    expected = flower_rounds(name, eta, beta_1, beta_2, tau)
-    for round_no, (got, want) in enumerate(zip(cnei_rounds(make_strategy(name)), expected), start=1):
-        for g, w in zip(got, want):
+def _assert_same_rounds(name: str, got: list, expected: list) -> None:
+    for round_no, (got_round, want_round) in enumerate(zip(got, expected, strict=True), start=1):
+        for g, w in zip(got_round, want_round, strict=True):
             np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6, err_msg=f"{name} round {round_no}")
+
+
+@pytest.mark.parametrize(("name", "eta", "beta_1", "beta_2", "tau"), CNEI_DEFAULTS, ids=[d[0] for d in CNEI_DEFAULTS])
+def test_each_adaptive_strategy_with_its_defaults_steps_as_flower_s_for_three_rounds(name, eta, beta_1, beta_2, tau):
+    _assert_same_rounds(name, cnei_rounds(make_strategy(name)), flower_rounds(name, eta, beta_1, beta_2, tau))
+
+
+@pytest.mark.parametrize(("name", "eta", "beta_1", "beta_2", "tau"), FLOWER_DEFAULTS, ids=[d[0] for d in FLOWER_DEFAULTS])
+def test_each_adaptive_strategy_given_flower_s_defaults_steps_as_flower_s(name, eta, beta_1, beta_2, tau):
+    strategy = make_strategy(name, server_lr=eta, tau=tau)
+    _assert_same_rounds(name, cnei_rounds(strategy), flower_rounds(name, eta, beta_1, beta_2, tau))
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_set_optimiser_parameters_step_as_flower_s_with_the_same_parameters(name):
     strategy = make_strategy(name, momentum=0.5, server_lr=0.03, beta2=0.9, tau=1e-4)
-    expected = flower_rounds(name, 0.03, 0.5, 0.9, 1e-4)
-    for got, want in zip(cnei_rounds(strategy), expected):
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6)
+    _assert_same_rounds(name, cnei_rounds(strategy), flower_rounds(name, 0.03, 0.5, 0.9, 1e-4))
 
 
 def test_a_fedadam_job_taken_over_mid_way_keeps_its_bias_correction():
@@ -96,7 +104,7 @@ def test_a_server_momentum_of_zero_is_zero_and_unset_is_each_strategy_s_default(
     assert isinstance(zero, FedAvgM) and zero.momentum == 0.0
     check_spec(JobSpec(strategy="fedavgm", server_momentum=0.0))
     adam = strategy_of(JobSpec(strategy="fedadam"))
-    assert isinstance(adam, FedOpt) and (adam.eta, adam.beta1, adam.beta2, adam.tau) == (0.1, 0.9, 0.99, 1e-9)
+    assert isinstance(adam, FedOpt) and (adam.eta, adam.beta1, adam.beta2, adam.tau) == (0.1, 0.9, 0.99, 1e-3)
 
 
 @pytest.mark.parametrize("changes", [{"momentum": 0.9}, {"beta2": 0.5}], ids=["momentum", "beta2"])
