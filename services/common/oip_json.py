@@ -163,9 +163,23 @@ def infer_from_json(model: str, version: str, body: Any, binary: bytes | memoryv
                     shm: SharedMemoryRegions | None = None) -> JsonInfer:
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise InvalidArgument("request body must be a JSON object with an 'inputs' list")
-    section = _Binary(binary)
+    inputs = _inputs(body["inputs"], _Binary(binary), shm)
+    params = dict(_parameters(body, "request"))
+    binary_default = _flag(params, BINARY_OUTPUT, False, "request")
+    params.pop(BINARY_OUTPUT, None)
+    request_id = body.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument(f"'id' must be a JSON string, not {_show(request_id)}")
+    outputs, places, binary_outputs = _requested_outputs(body.get("outputs", []), binary_default, shm)
+    request = oip.InferRequest(model_name=model, model_version=version, id=request_id,
+                               parameters=params, inputs=inputs, outputs=outputs, output_places=places)
+    return JsonInfer(request, frozenset(binary_outputs), binary_default and not outputs)
+
+
+def _inputs(items: list, section: _Binary, shm: SharedMemoryRegions | None) -> dict[str, np.ndarray]:
+    """The request's inputs: JSON data, binary data from `section` or shared memory."""
     inputs: dict[str, np.ndarray] = {}
-    for item in body["inputs"]:
+    for item in items:
         if not isinstance(item, dict):
             raise InvalidArgument("each input must be a JSON object")
         params = _parameters(item, f"input '{item.get('name', '')}'")
@@ -180,15 +194,14 @@ def infer_from_json(model: str, version: str, body: Any, binary: bytes | memoryv
     if section.used != len(section.data):
         raise InvalidArgument(f"{len(section.data) - section.used} bytes of binary data are not claimed "
                               f"by any input's '{BINARY_SIZE}'")
-    params = dict(_parameters(body, "request"))
-    binary_default = _flag(params, BINARY_OUTPUT, False, "request")
-    params.pop(BINARY_OUTPUT, None)
-    requested = body.get("outputs", [])
+    return inputs
+
+
+def _requested_outputs(requested: Any, binary_default: bool, shm: SharedMemoryRegions | None
+                       ) -> tuple[list[str], dict[str, TensorPlace], set[str]]:
+    """The outputs asked for: their names, those placed in shared memory, those asked in binary."""
     if not isinstance(requested, list):
         raise InvalidArgument(f"'outputs' must be a JSON array of requested outputs, not {_show(requested)}")
-    request_id = body.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidArgument(f"'id' must be a JSON string, not {_show(request_id)}")
     outputs, places, binary_outputs = [], {}, set()
     for o in requested:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
@@ -203,9 +216,7 @@ def infer_from_json(model: str, version: str, body: Any, binary: bytes | memoryv
             places[name] = place
         if _flag(out_params, "binary_data", binary_default, f"output '{name}'"):
             binary_outputs.add(name)
-    request = oip.InferRequest(model_name=model, model_version=version, id=request_id,
-                               parameters=params, inputs=inputs, outputs=outputs, output_places=places)
-    return JsonInfer(request, frozenset(binary_outputs), binary_default and not outputs)
+    return outputs, places, binary_outputs
 
 
 def _raw_tensor(obj: dict, params: dict, place: TensorPlace | None, section: _Binary,
