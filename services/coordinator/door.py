@@ -87,6 +87,8 @@ class RouteReport:
     cache_hit_ns: int = 0  # lookups that answered
     cache_misses: int = 0
     cache_miss_ns: int = 0  # lookups that did not, with the inserts of the nodes' answers
+    failed_request_ns: list[int] = field(default_factory=list)  # requests the door refused itself
+    failed_codes: list[str] = field(default_factory=list)  # their status codes, same order
 
 
 def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
@@ -125,6 +127,9 @@ class DoorRoutes:
         self.spread_nodes = max(1, spread_nodes)
         self.spread_margin = spread_margin
         self.routes: OrderedDict[int, Route] = OrderedDict()
+        # Routes dropped lately (forgotten, evicted, failed): the door may still report what it
+        # served by them before it hears, and that is booked (the door is then told to forget them).
+        self._retired: OrderedDict[int, Route] = OrderedDict()
         self._ids: dict[tuple, int] = {}  # same decision, same id: the door keeps its batcher
         self._next = itertools.count(1)
         # Bumped whenever a model's routes are dropped, with the model named beside its number: the
@@ -225,14 +230,14 @@ class DoorRoutes:
         self.routes[route_id] = route
         self.routes.move_to_end(route_id)
         while len(self.routes) > MAX_ROUTES:  # the door asks again for a route it is told is gone
-            self.routes.popitem(last=False)
+            self._retire(self.routes.popitem(last=False)[1])
         return route
 
     def forget(self, model: str) -> int:
         """Drop every route of `model` (loaded, unloaded, republished or redeployed) and tell the
         door to drop its own: returns the generation that names it."""
         for route_id in [route_id for route_id, route in self.routes.items() if route.model == model]:
-            del self.routes[route_id]
+            self._retire(self.routes.pop(route_id))
         self.generation += 1
         self._drops.append((self.generation, model))
         self._write_generation()
@@ -276,14 +281,22 @@ class DoorRoutes:
         partial.write_text("\n".join([str(self.generation), *(f"{g}\t{m}" for g, m in self._drops)]) + "\n")
         os.replace(partial, self.generation_file)
 
+    def _retire(self, route: Route) -> None:
+        self._retired[route.route_id] = route
+        while len(self._retired) > MAX_ROUTES:
+            self._retired.popitem(last=False)
+
     def apply(self, reports: list[RouteReport]) -> list[int]:
-        """Book what the door served; returns the route ids this process does not know."""
+        """Book what the door served; returns the route ids this process does not know (or no
+        longer serves by: what the door served by a route dropped lately is still booked)."""
         unknown = []
         for report in reports:
             route = self.routes.get(report.route_id)
             if route is None:
                 unknown.append(report.route_id)
-                continue
+                route = self._retired.get(report.route_id)
+                if route is None:
+                    continue
             self._book_requests(route, report)
             self._book_node(route, report)
         return unknown
@@ -317,6 +330,11 @@ class DoorRoutes:
             _door_requests(route.model, "ok").inc(answered)
         if report.handed_over:
             _door_requests(route.model, "handed_over").inc(report.handed_over)
+        for ns, code in zip(report.failed_request_ns, report.failed_codes):  # the door's own refusals
+            stats.record(False, ns)
+            record_inference(route.model, code.lower(), ns / 1e9)
+            count_served(route.stats_key[0], code.lower(), route.response.parameters)
+            _door_requests(route.model, code.lower()).inc()
 
     def _book_node(self, route: Route, report: RouteReport) -> None:
         core, node = self.core, route.placement.node
@@ -332,6 +350,7 @@ class DoorRoutes:
             log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
                         report.failure)
             note_node_failure(breaker, failure_code(report.failure), report.failure)
-            self.routes.pop(route.route_id, None)
+            if self.routes.pop(route.route_id, None) is not None:
+                self._retire(route)
         elif report.batches:
             breaker.success()

@@ -153,13 +153,13 @@ void Batcher::Enqueue(InferCall* call) {
     }
   }
   FailExpired(expired);
-  for (InferCall* gone : cancelled) gone->Fail(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
+  for (InferCall* gone : cancelled) Refuse(gone, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
   if (forward) return call->Forward();
   if (arm_expiry) {
     Timers::Get().At(timeout_at, [self = shared_from_this(), timeout_at] { self->ExpireQueued(timeout_at); });
   }
   if (full > 0) {
-    return call->Fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+    return Refuse(call, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                    "front door queue for model '" + call->request().model_name() +
                                        "' is full (" + std::to_string(full) + " requests)"));
   }
@@ -191,7 +191,7 @@ void Batcher::Dispatch() {
     }
     FailExpired(expired);
     for (InferCall* call : cancelled) {
-      call->Fail(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
+      Refuse(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
     }
     if (!batch) return;
     Send(std::move(batch));
@@ -326,10 +326,15 @@ void Batcher::ExpireQueued(Clock::time_point armed_for) {
   FailExpired(expired);
 }
 
+void Batcher::Refuse(InferCall* call, const grpc::Status& status) {
+  reporter_->Refused(config_->route_id, Nanos(Clock::now() - call->received_at), CodeName(status.error_code()));
+  call->Fail(status);  // the call may be gone after it
+}
+
 void Batcher::FailExpired(const std::vector<InferCall*>& expired) {
   for (InferCall* call : expired) {
-    call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                            "deadline passed while queued in the front door for model '" +
+    Refuse(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                              "deadline passed while queued in the front door for model '" +
                                 call->request().model_name() + "'"));
   }
 }
@@ -384,8 +389,8 @@ void Batcher::OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status,
 void Batcher::ClientDeadline(const Batch& batch) {
   for (InferCall* call : batch.members) {
     if (call->DeadlinePassed()) {
-      call->Fail(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                              "deadline passed while waiting for node " + config_->node_address));
+      Refuse(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                "deadline passed while waiting for node " + config_->node_address));
     } else {
       call->Forward();
     }
@@ -407,11 +412,11 @@ void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferRe
     std::string problem;
     grpc::ByteBuffer response = slicer.Slice(call->request().id(), row, call->rows, call->output_places, &problem);
     row += call->rows;
-    served.push_back({Nanos(Clock::now() - call->received_at), Nanos(batch.sent_at - call->received_at),
-                      uint32_t(call->rows)});
     if (!problem.empty()) {  // the call may be gone after either
-      call->Fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, problem));
+      Refuse(call, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, problem));
     } else {
+      served.push_back({Nanos(Clock::now() - call->received_at), Nanos(batch.sent_at - call->received_at),
+                        uint32_t(call->rows)});
       if (!call->cache_key.empty()) KeepAnswer(call, response);
       call->Reply(std::move(response));
     }
