@@ -167,7 +167,7 @@ async def build_status(core, jobs=None) -> dict:
                   for n in sorted(view.nodes, key=lambda n: (n.tier, n.node_id))],
         "latency": latency_rows(core.latency),
         "events": event_rows(list(core.recent), now),
-        "stats": stats_rows(core.stats),
+        "stats": stats_rows(core.stats_view),  # every worker's, added up (StatsShare)
         "federated": await federated_view(jobs),
         "models": [],
         "models_error": None,

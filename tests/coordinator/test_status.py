@@ -11,6 +11,7 @@ from services.common.deployment import DeploymentSpec, JointSpec, RolloutSpec, S
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
+from services.common.stats import StatsBook
 from services.coordinator.breaker import Breaker, State
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
@@ -18,6 +19,7 @@ from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.stats_share import StatsShare
 from services.coordinator.status import (build_status, event_rows, latency_rows, model_rows, node_health,
                                          node_row, variant_latencies)
 
@@ -138,6 +140,18 @@ async def test_the_snapshot_of_a_coordinator_shows_nodes_models_latency_events_a
     assert status["events"][0]["kind"] == "failover"
     assert status["stats"][0]["success"] == 1
     assert status["federated"]["jobs"] == []
+
+
+async def test_the_snapshot_adds_up_the_statistics_of_every_coordinator_worker(tmp_path):
+    core = coordinator(FakeRegistry())  # worker 0: one request of 2 ms
+    core.stats_view = StatsShare(str(tmp_path), 0, core.stats)  # as __main__ wires a worker
+    other = StatsBook()  # worker 1: two requests of 4 ms, shared through the directory
+    for _ in range(2):
+        other.get("digits", "1").record(True, 4_000_000)
+    StatsShare(str(tmp_path), 1, other).write()
+    status = await build_status(core)
+    assert status["stats"] == [{"model": "digits", "version": "1", "success": 3, "fail": 0, "inferences": 3,
+                                "mean_ms": pytest.approx(10 / 3, abs=1e-3)}]
 
 
 async def test_a_failing_registry_becomes_an_error_field_and_nodes_are_still_shown():

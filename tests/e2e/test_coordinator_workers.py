@@ -109,6 +109,24 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
         assert reply.status == 200
 
 
+def _status_page_successes(http_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/status", timeout=10) as reply:
+        return sum(row["success"] for row in json.loads(reply.read())["stats"] if row["model"] == "digits")
+
+
+def test_the_status_page_shows_every_workers_statistics_added_up(workers):
+    """Worker 0 serves the page; the requests the other workers answered are on it too."""
+    _, address, http_port, _ = workers
+    x, _ = load_all()
+    answered_by, sent = set(), 0
+    while sent < 20 or answered_by != set(range(WORKERS)):
+        assert sent < 200, f"only workers {answered_by} answered"
+        answered_by.add(_infer_fresh_connection(address, x[sent % 100:sent % 100 + 1])[1])
+        sent += 1
+    infra.wait_until(lambda: _status_page_successes(http_port) == sent, 10,
+                     f"the status page counting all {sent} requests")
+
+
 def test_trace_and_log_settings_changed_through_one_worker_are_every_workers(workers):
     _, address, http_port, _ = workers
     x, _ = load_all()
