@@ -31,15 +31,19 @@ class ModelStats:
     batches: dict[int, Duration] = field(default_factory=dict)
 
     def record(self, ok: bool, total_ns: int, batch: int = 1, queue_ns: int = 0, compute_ns: int = 0,
-               executed: bool = True) -> None:
-        """One request's outcome; `executed` False: answered without running the model (a cache hit)."""
+               executed: bool = True, cache_hit: bool = False) -> None:
+        """One request's outcome. `executed` False: its execution is booked apart (`execution`:
+        the batch it rode in); `cache_hit`: answered from the response cache, the model never ran
+        it, so (as Triton counts) it is a success and passed the queue but adds no inferences."""
         self.last_inference_ms = int(time.time() * 1000)
         if not ok:
             self.fail.add(total_ns)
             return
-        self.inference_count += batch
         self.success.add(total_ns)
         self.queue.add(queue_ns)  # every request passes the queue (Triton counts them all there)
+        if cache_hit:
+            return
+        self.inference_count += batch
         if executed:
             self.execution(batch, compute_ns)
 

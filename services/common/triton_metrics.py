@@ -16,7 +16,7 @@ METRICS: list[tuple[str, str, Callable[[ModelStats], float]]] = [
      lambda s: s.success.count),
     ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
      lambda s: s.fail.count),
-    ("nv_inference_count", "Number of inferences performed (a batch of n counts n)",
+    ("nv_inference_count", "Number of inferences performed (a batch of n counts n; cache hits not included)",
      lambda s: s.inference_count),
     ("nv_inference_exec_count", "Number of model executions performed (batches)",
      lambda s: s.execution_count),

@@ -53,6 +53,7 @@ HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to a
 SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
+CACHED = "cnei_response_cache"  # response parameter: answered from the response cache
 _served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up once
 # The request being served collects here the ns each of its node calls waited in a batcher (every
 # attempt: failover, hedging, joint escalation), booked as its queue time (Triton's `queue`)
@@ -64,6 +65,11 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
     p = params or {}
     _served(model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
             str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc(requests)
+
+
+def from_cache(response: oip.InferResponse) -> bool:
+    """Whether `response` is a kept answer (`_through_cache`): no model ran for it."""
+    return response.parameters.get(CACHED) is True
 
 
 @dataclass(frozen=True)
@@ -282,7 +288,8 @@ class Coordinator:
             _queued_ns.reset(token)
         # its executions are the batches it rode in, booked as the node ran them (`_batcher`)
         total = time.perf_counter_ns() - start  # hedged copies queue at once: their sum may exceed it
-        stats.record(True, total, request.rows or 1, queue_ns=min(sum(queued), total), executed=False)
+        stats.record(True, total, request.rows or 1, queue_ns=min(sum(queued), total), executed=False,
+                     cache_hit=from_cache(response))
         count_served(variants[0].name, "ok", response.parameters)
         return response
 
@@ -302,7 +309,8 @@ class Coordinator:
         except Exception:
             stats.record(False, time.perf_counter_ns() - start)
             raise
-        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False)
+        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False,
+                     cache_hit=from_cache(response))
         return response
 
     # --- joint inference --------------------------------------------------------------------
@@ -502,7 +510,7 @@ class Coordinator:
             CACHE_EVENTS.labels(model, "hit").inc()
             return oip.InferResponse(model_name=hit.model_name, model_version=hit.model_version, id=request.id,
                                      outputs={name: array.copy() for name, array in hit.outputs.items()},
-                                     parameters={**hit.parameters, "cnei_response_cache": True})
+                                     parameters={**hit.parameters, CACHED: True})
         looked_up = time.perf_counter_ns()
         response = await serve()
         stored = time.perf_counter_ns()

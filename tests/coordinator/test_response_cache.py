@@ -66,8 +66,11 @@ def test_statistics_count_cache_hits_as_successes_that_ran_no_model():
     for _ in range(3):
         stats.record(True, 1_000_000, 1, queue_ns=100, compute_ns=500_000)
     for _ in range(2):
-        stats.record(True, 50_000, 1, executed=False)
+        stats.record(True, 50_000, 1, executed=False, cache_hit=True)
         stats.cache_hit.add(10_000)
-    s = stats_to_proto(stats).inference_stats
-    assert (s.success.count, s.cache_hit.count) == (5, 2)
+    proto = stats_to_proto(stats)
+    s = proto.inference_stats
+    assert (s.success.count, s.queue.count, s.cache_hit.count) == (5, 5, 2)
     assert s.compute_input.count == s.compute_infer.count == s.compute_output.count == 3
+    # Triton: inference_count and execution_count do not include cache hits
+    assert (proto.inference_count, proto.execution_count) == (3, 3)

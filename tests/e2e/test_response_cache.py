@@ -1,7 +1,8 @@
 """Triton's response cache at the coordinator, with real processes: a deployment with
 `response_cache: true` answers inputs it has answered before without a node (the nodes run
-nothing more), counts hits and misses in Triton's statistics and metrics, and never answers a
-request from another input's or another precision's answer."""
+nothing more), counts hits and misses in Triton's statistics and metrics (a hit is a success,
+not an inference), and never answers a request from another input's or another precision's
+answer."""
 from __future__ import annotations
 
 import re
@@ -47,10 +48,22 @@ def _node_executions(mesh) -> int:
     return total
 
 
-def _metric(mesh, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.settings.metrics_port}/metrics", timeout=5) as reply:
+def _metric(mesh, name: str, port: int = 0) -> float:
+    """Triton's metric `name` for MODEL at the mesh's coordinator (or the one on metrics `port`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port or mesh.settings.metrics_port}/metrics", timeout=5) as reply:
         found = re.findall(rf'^{name}\{{model="{MODEL}",version="1"\}} (\S+)', reply.read().decode(), re.M)
     return float(found[0]) if found else 0.0
+
+
+@pytest.fixture(scope="module")
+def coordinator_without_door(mesh):
+    """A coordinator of the mesh serving every request itself (no front door): (address, metrics port)."""
+    proc, address, _, metrics_port = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="off")
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready")
+        yield address, metrics_port
+    finally:
+        infra.stop(proc)
 
 
 def test_a_repeated_input_is_answered_from_the_cache_without_a_node(mesh, cached_model):
@@ -125,3 +138,23 @@ def test_the_front_door_answers_repeated_inputs_from_its_own_cache(mesh, cached_
     finally:
         client.close()
         infra.stop(proc)
+
+
+def test_cache_hits_are_successes_but_not_inferences_in_statistics_and_metrics(mesh, cached_model,
+                                                                              coordinator_without_door):
+    """Triton's statistics extension: inference_count "does not include cache hits"; success,
+    queue and cache_hit do (and nv_inference_count follows inference_count)."""
+    address, metrics_port = coordinator_without_door
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        answers = [_infer(client, x[10:12]) for _ in range(3)]
+        assert ["cnei_response_cache" in a.get_response().parameters for a in answers] == [False, True, True]
+        stats = client.get_inference_statistics(MODEL).model_stats[0]
+    finally:
+        client.close()
+    s = stats.inference_stats
+    assert (s.success.count, s.queue.count, s.cache_hit.count, s.cache_miss.count) == (3, 3, 2, 1)
+    assert (stats.inference_count, stats.execution_count) == (2, 1)  # the one request that ran: 2 rows
+    infra.wait_until(lambda: _metric(mesh, "nv_inference_request_success", metrics_port) == 3, 10, "the metrics")
+    assert _metric(mesh, "nv_inference_count", metrics_port) == 2
