@@ -298,11 +298,9 @@ class Coordinator:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         run = functools.partial(ensemble.run, spec, request, deadline_s, self.infer)
         try:
-            if spec.response_cache and self.cache.max_bytes:  # Triton's top-level ensemble caching
-                # the steps as applied and the versions they resolve to now: a new version of a
-                # step's model never meets answers of the old one
-                versions = [(await self.catalog.variants(s.model, s.version))[0].version for s in spec.ensemble]
-                scope = f"{spec.model}/ensemble/{spec.ensemble!r}/{versions}"
+            # Triton's top-level ensemble caching
+            scope = await self._ensemble_scope(spec) if spec.response_cache and self.cache.max_bytes else None
+            if scope is not None:
                 response = await self._through_cache(scope, request, spec.model, stats, run)
             else:
                 response = await run()
@@ -312,6 +310,23 @@ class Coordinator:
         stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False,
                      cache_hit=from_cache(response))
         return response
+
+    async def _ensemble_scope(self, spec: DeploymentSpec) -> str | None:
+        """What decides an ensemble's answer besides its inputs: the steps as applied, the version
+        each resolves to now and the precision policy it is served under (a step without its own
+        precision takes its model's deployment's), so a new version or precision of a step's model
+        never meets answers of the old one. None (not cached) while a step that names no version
+        has a canary: its requests go to either version at random, a kept answer would be one
+        version's for every request, and still served after the canary is rolled back."""
+        steps = []
+        for step in spec.ensemble:
+            deployed = await self.catalog.deployment(step.model)
+            if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
+                return None
+            version = (await self.catalog.variants(step.model, step.version))[0].version
+            policy = self._policy({"precision": step.precision} if step.precision else {}, deployed)
+            steps.append(f"{version}/{policy}")
+        return f"{spec.model}/ensemble/{spec.ensemble!r}/{steps}"
 
     # --- joint inference --------------------------------------------------------------------
     async def _joint(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,

@@ -1,12 +1,17 @@
 """The coordinator's response cache on its serving path, over real gRPC (tests/coordinator/mesh.py):
-hits in Triton's statistics."""
+hits in Triton's statistics, and what decides whether an ensemble's kept answer still holds."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from services.common.deployment import DeploymentSpec, EnsembleStep
-from tests.coordinator.mesh import NodeCore, mesh, variant
+from services.common import oip
+from services.common.deployment import DeploymentSpec, EnsembleStep, PrecisionSpec, RolloutSpec
+from services.common.errors import ModelNotFound
+from services.common.model_spec import ModelVariant, version_key
+from tests.coordinator.mesh import Catalog, NodeCore, mesh, variant
 
 X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 
@@ -14,6 +19,29 @@ X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 def ensemble_of(step_model: str, name: str = "e") -> DeploymentSpec:
     return DeploymentSpec(model=name, response_cache=True,
                           ensemble=(EnsembleStep(model=step_model, inputs=("x=x",), outputs=("y=y",)),))
+
+
+class VersionedCatalog(Catalog):
+    """The registry's answers with versions as the real catalog resolves them: the one asked
+    for, else the deployment's stable version, else the latest."""
+
+    async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
+        found = await self.all_variants(model)
+        version = version or (await self.deployment(model)).rollout.stable
+        version = version or max((v.version for v in found), key=version_key, default="")
+        chosen = [v for v in found if v.version == version]
+        if not chosen:
+            raise ModelNotFound(model, version)
+        return chosen
+
+
+class VersionedNode(NodeCore):
+    """Answers x times the version it is asked for: which version computed an answer shows."""
+
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+        response = await super().infer(request, deadline_s)
+        response.outputs = {"y": response.outputs["y"] * float(request.model_version)}
+        return response
 
 
 @pytest.mark.parametrize("model", ["m", "e"], ids=["model", "ensemble"])
@@ -33,3 +61,40 @@ async def test_cache_hits_are_successes_that_add_no_inferences(model):
         assert stats.inference_count == 2  # the two rows of the one request that ran
         step = m.core.statistics("m", "1")[0]
         assert (step.inference_count, step.execution_count) == (2, 1)
+
+
+async def test_an_ensemble_answer_kept_at_a_steps_old_precision_is_not_served_after_it_changes():
+    """A step without a precision of its own is served at its model's deployment's: when that
+    changes, the ensemble's kept answers were computed at the old one."""
+    specs = {"m": DeploymentSpec(model="m", precision=PrecisionSpec(precision="FP32")), "e": ensemble_of("m")}
+    variants = [variant(), replace(variant(), precision="INT8")]
+    async with mesh(variants, specs, {"n1": NodeCore()}) as m:
+        first = (await m.infer("e", X))[1].parameters
+        assert first["cnei_ensemble"] == "m@n1/FP32"
+        assert (await m.infer("e", X))[1].parameters["cnei_response_cache"] is True
+        specs["m"] = DeploymentSpec(model="m", precision=PrecisionSpec(precision="INT8"))
+        after = (await m.infer("e", X))[1].parameters
+        assert "cnei_response_cache" not in after
+        assert after["cnei_ensemble"] == "m@n1/INT8"
+        assert (await m.infer("e", X))[1].parameters["cnei_response_cache"] is True  # kept at INT8 now
+
+
+async def test_an_ensemble_whose_step_has_a_canary_is_not_cached_and_no_canary_answer_outlives_a_rollback():
+    """A step that names no version goes to the canary for its share of requests: a kept answer
+    would be one version's for every request, and the canary's after it is rolled back."""
+    specs = {"m": DeploymentSpec(model="m", rollout=RolloutSpec(stable="1", canary="2", canary_percent=100.0)),
+             "e": ensemble_of("m")}
+    variants = [variant(), replace(variant(), version="2")]
+    node = VersionedNode()
+    async with mesh(variants, specs, {"n1": node}) as m:
+        m.core.catalog = VersionedCatalog(variants, specs)
+        under_canary = [(await m.infer("e", X))[1] for _ in range(2)]
+        for answer in under_canary:
+            assert "cnei_response_cache" not in answer.parameters
+            np.testing.assert_array_equal(answer.outputs["y"], X * 2)  # the canary's
+        assert len(node.calls) == 2
+        specs["m"] = DeploymentSpec(model="m", rollout=RolloutSpec(stable="1"))  # rolled back
+        after = [(await m.infer("e", X))[1] for _ in range(2)]
+        assert ["cnei_response_cache" in a.parameters for a in after] == [False, True]
+        for answer in after:
+            np.testing.assert_array_equal(answer.outputs["y"], X)  # the stable version's

@@ -2,9 +2,10 @@
 `response_cache: true` answers inputs it has answered before without a node (the nodes run
 nothing more), counts hits and misses in Triton's statistics and metrics (a hit is a success,
 not an inference), and never answers a request from another input's or another precision's
-answer."""
+answer (an ensemble's: its steps' precisions included)."""
 from __future__ import annotations
 
+import asyncio
 import re
 import urllib.request
 
@@ -13,7 +14,8 @@ import pytest
 import tritonclient.grpc as triton
 
 from services.cli import infra
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import DeploymentSpec, EnsembleStep, PrecisionSpec
+from services.common.registry_client import RegistryClient
 from services.models.digits import load_all
 from services.coordinator.door_process import BUILT
 from tests.e2e.processes import push_digits_as, put_deployment, run_perf_analyzer, server_ready, start_coordinator
@@ -158,3 +160,45 @@ def test_cache_hits_are_successes_but_not_inferences_in_statistics_and_metrics(m
     assert (stats.inference_count, stats.execution_count) == (2, 1)  # the one request that ran: 2 rows
     infra.wait_until(lambda: _metric(mesh, "nv_inference_request_success", metrics_port) == 3, 10, "the metrics")
     assert _metric(mesh, "nv_inference_count", metrics_port) == 2
+
+
+def test_an_ensemble_answer_kept_at_a_steps_old_precision_is_not_served_after_the_step_changes(
+        mesh, digits_models, coordinator_without_door):
+    """The step names no precision: its model's deployment decides, and a kept ensemble answer
+    computed at FP32 must not answer once the step is served at INT8."""
+    step, pipe = "digits-cached-step", "digits-cached-pipe"
+
+    async def push() -> None:
+        client = RegistryClient(mesh.registry)
+        try:
+            for v in digits_models:
+                if v.precision in ("FP32", "INT8"):
+                    await client.push_file(v.path, step, "1", v.precision, v.metadata)
+        finally:
+            await client.close()
+    asyncio.run(push())
+    put_deployment(mesh, DeploymentSpec(model=step, precision=PrecisionSpec(precision="FP32")))
+    put_deployment(mesh, DeploymentSpec(model=pipe, response_cache=True, ensemble=(
+        EnsembleStep(model=step, inputs=("input=image",), outputs=("probabilities=p",)),)))
+    address, _ = coordinator_without_door
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+
+    def infer(model: str, name: str):
+        tensor = triton.InferInput(name, [1, 64], "FP32")
+        tensor.set_data_from_numpy(x[7:8])
+        return client.infer(model, [tensor], client_timeout=30)
+    try:
+        assert infer(pipe, "image").get_response().parameters["cnei_ensemble"].string_param.endswith("/FP32")
+        assert infer(pipe, "image").get_response().parameters["cnei_response_cache"].bool_param
+        put_deployment(mesh, DeploymentSpec(model=step, precision=PrecisionSpec(precision="INT8")))
+        infra.wait_until(lambda: infer(step, "input").get_response().parameters["cnei_precision"].string_param
+                         == "INT8", 15, "the step model served at INT8")
+        again = infer(pipe, "image")
+        params = again.get_response().parameters
+        assert "cnei_response_cache" not in params
+        assert params["cnei_ensemble"].string_param.endswith("/INT8")
+        np.testing.assert_array_equal(again.as_numpy("p"), infer(step, "input").as_numpy("probabilities"))
+        assert infer(pipe, "image").get_response().parameters["cnei_response_cache"].bool_param  # kept at INT8
+    finally:
+        client.close()
