@@ -310,7 +310,7 @@ class DoorRoutes:
         for batch in report.batches:  # Triton's executions: the node calls, with the node's compute time
             stats.execution(batch.rows, batch.compute_ns)
         for ns, rows in zip(report.cache_hit_request_ns, report.cache_hit_rows):
-            stats.record(True, ns, rows, executed=False)
+            stats.record(True, ns, rows, executed=False, cache_hit=True)
             record_inference(route.model, "ok", ns / 1e9)
         hits = len(report.cache_hit_request_ns)
         stats.cache_hit.count += hits

@@ -26,12 +26,16 @@ def _infer(client, model: str, x: np.ndarray, **kwargs):
     return client.infer(model, [tensor], client_timeout=30, **kwargs)
 
 
-def _stats(address: str, model: str):
+def _model_stats(address: str, model: str):
     client = triton.InferenceServerClient(address)
     try:
-        return client.get_inference_statistics(model).model_stats[0].inference_stats
+        return client.get_inference_statistics(model).model_stats[0]
     finally:
         client.close()
+
+
+def _stats(address: str, model: str):
+    return _model_stats(address, model).inference_stats
 
 
 def _door(mesh, model: str):
@@ -100,6 +104,32 @@ def test_requests_the_door_refuses_itself_are_counted_as_failures(mesh, digits_m
             assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         time.sleep(0.8)
         assert _stats(address, model).fail.count - before == 5
+    finally:
+        client.close()
+        infra.stop(proc)
+
+
+def test_answers_from_the_door_s_cache_are_successes_but_not_inferences(mesh, digits_models):
+    """Triton: inference_count does not include cache hits."""
+    model = push_digits_as(mesh, digits_models, "stats-door-cache")
+    put_deployment(mesh, DeploymentSpec(model=model, response_cache=True))
+    proc, address = _door(mesh, model)
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        def door_hit() -> bool:
+            params = _infer(client, model, x[3:4]).get_response().parameters
+            return "cnei_front_door" in params and "cnei_response_cache" in params
+        infra.wait_until(door_hit, 10, "an answer from the door's cache")
+        time.sleep(0.5)
+        before = _model_stats(address, model)
+        for _ in range(10):
+            _infer(client, model, x[3:4])
+        time.sleep(0.6)
+        after = _model_stats(address, model)
+        assert after.inference_stats.cache_hit.count - before.inference_stats.cache_hit.count == 10
+        assert after.inference_stats.success.count - before.inference_stats.success.count == 10
+        assert after.inference_count == before.inference_count
     finally:
         client.close()
         infra.stop(proc)
