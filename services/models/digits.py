@@ -42,13 +42,36 @@ def load_all() -> tuple[np.ndarray, np.ndarray]:
     return data.data.astype(np.float32), data.target
 
 
-def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of an ONNX classifier measured with ONNX Runtime."""
+def classifier_output(session, name: str = "") -> str:
+    """The output holding the class scores: `name` when given, else the only 2-D float output (the
+    first, when there are several)."""
+    outputs = session.get_outputs()
+    if name:
+        if name not in [o.name for o in outputs]:
+            raise ValueError(f"the model has no output '{name}' (outputs: {[o.name for o in outputs]})")
+        return name
+    scores = [o.name for o in outputs if o.type == "tensor(float)" and len(o.shape) == 2]
+    if not scores:
+        raise ValueError(f"no 2-D float output to read class scores from (outputs: "
+                         f"{[(o.name, o.type, o.shape) for o in outputs]})")
+    return scores[0]
+
+
+def accuracy(path: Path, x: np.ndarray, y: np.ndarray, output: str = "") -> float:
+    """Top-1 accuracy of an ONNX classifier measured with ONNX Runtime, on `output` (else the 2-D
+    float output), in batches of the model's fixed batch size when it has one (the last padded)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probs = session.run(None, {session.get_inputs()[0].name: x})[0]
-    return float((probs.argmax(axis=1) == y).mean())
+    spec = session.get_inputs()[0]
+    batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else len(x)
+    name = classifier_output(session, output)
+    scores = []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        scores.append(session.run([name], {spec.name: padded})[0][:len(chunk)])
+    return float((np.concatenate(scores).argmax(axis=1) == y).mean())
 
 
 def build(out_dir: Path, hidden: tuple[int, ...] = (64,), name: str = NAME,

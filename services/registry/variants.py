@@ -18,6 +18,9 @@ from services.models.onnx_mlp import quantize_int8
 BUILDABLE = ("FP16", "INT8")
 PROBE_ROWS = 256
 SEED = 0
+MIN_AGREEMENT = 0.9  # the top-1 agreement with FP32 below which a variant is refused
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+PROBE_INTEGER_BOUND = 4  # generated integer inputs are 0..3 (indices into the smallest tables)
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,14 @@ class BuiltVariant:
 
 
 def _half(tensor: TensorProto) -> TensorProto:
-    out = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name)
-    return out
+    """The tensor in half precision; InvalidArgument when a finite value lies beyond FP16's range
+    (it would become inf, and every output it reaches inf or NaN)."""
+    values = numpy_helper.to_array(tensor)
+    finite = values[np.isfinite(values)]
+    if finite.size and float(np.max(np.abs(finite))) > FP16_MAX:
+        raise InvalidArgument(f"FP16 variant refused: weight '{tensor.name}' holds values up to "
+                              f"{float(np.max(np.abs(finite))):.6g}, beyond the FP16 range (+-{FP16_MAX:g})")
+    return numpy_helper.from_array(values.astype(np.float16), tensor.name)
 
 
 def _is_float(value: onnx.ValueInfoProto) -> bool:
@@ -75,34 +84,94 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str, outputs_too: bool =
             node.output[:] = [new if name == old else name for name in node.output]
 
 
-def probe_inputs(model_path: Path, rows: int = PROBE_ROWS, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Generated inputs for every model input: dynamic dimensions become `rows` (the first) or 1."""
+def _probe(spec, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Generated values for one input: floats 0..16, small non-negative integers, booleans."""
+    kind = spec.type[len("tensor("):-1]
+    if kind == "float":
+        return rng.random(shape, dtype=np.float32) * 16.0
+    if kind == "bool":
+        return rng.random(shape) < 0.5
+    if kind in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+        return rng.integers(0, PROBE_INTEGER_BOUND, shape).astype(kind)
+    if kind in ("float16", "double", "bfloat16"):
+        raise InvalidArgument(f"input '{spec.name}' is {spec.type}: variants are built from an FP32 model "
+                              "(float inputs), and this one is not")
+    raise InvalidArgument(f"input '{spec.name}' is {spec.type}: only float, integer and bool inputs can be probed")
+
+
+def probe_batches(model_path: Path, rows: int = PROBE_ROWS, seed: int = SEED) -> list[dict[str, np.ndarray]]:
+    """Generated inputs for every model input, `rows` samples in all: in one batch when the first
+    dimension is dynamic, else in as many batches of its fixed size as it takes (other dynamic
+    dimensions become 1)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    specs = session.get_inputs()
+    fixed = [s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+    batch = fixed[0] if fixed else rows
     rng = np.random.default_rng(seed)
-    inputs = {}
-    for spec in session.get_inputs():
-        if spec.type != "tensor(float)":
-            raise InvalidArgument(f"input '{spec.name}' is {spec.type}: only float inputs can be probed")
-        shape = [d if isinstance(d, int) and d > 0 else (rows if i == 0 else 1) for i, d in enumerate(spec.shape)]
-        inputs[spec.name] = rng.random(shape, dtype=np.float32) * 16.0
-    return inputs
+    feeds = []
+    for _ in range(max(1, -(-rows // batch))):
+        feeds.append({s.name: _probe(s, [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1)
+                                         for i, d in enumerate(s.shape)], rng) for s in specs})
+    return feeds
 
 
-def run(model_path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def probe_inputs(model_path: Path, rows: int = PROBE_ROWS, seed: int = SEED) -> dict[str, np.ndarray]:
+    """One batch of generated inputs (the first of probe_batches)."""
+    return probe_batches(model_path, rows, seed)[0]
+
+
+def run(model_path: Path, feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every output by name, the batches' results joined along the first axis."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, inputs)[0], dtype=np.float32)
+    names = [o.name for o in session.get_outputs()]
+    results = [session.run(names, f) for f in ([feeds] if isinstance(feeds, dict) else feeds)]
+    joined = {}
+    for i, name in enumerate(names):
+        parts = [np.asarray(r[i]) for r in results]
+        joined[name] = np.concatenate(parts) if parts[0].ndim else np.stack(parts)
+    return joined
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, str]:
-    """How closely a variant follows FP32 on the same inputs (top-1 agreement when 2-D)."""
-    meta = {"max_abs_diff_vs_fp32": f"{float(np.max(np.abs(reference - candidate))):.6g}"}
-    if reference.ndim == 2 and reference.shape[1] > 1:
-        agree = float((reference.argmax(1) == candidate.argmax(1)).mean())
-        meta["top1_agreement_vs_fp32"] = f"{agree:.4f}"
+def _compare_output(name: str, ref: np.ndarray, cand: np.ndarray, precision: str) -> dict[str, float]:
+    """Max |diff| (and top-1 agreement when 2-D) of one float output; InvalidArgument when the
+    variant's output is inf/NaN where FP32's is finite."""
+    ref, cand = ref.astype(np.float64), cand.astype(np.float64)
+    broken = np.isfinite(ref) & ~np.isfinite(cand)
+    if broken.any():
+        raise InvalidArgument(f"{precision} variant refused: output '{name}' is inf/NaN on {int(broken.sum())} of "
+                              f"{ref.size} probe values where FP32's are finite (values beyond the "
+                              f"{precision} range?)")
+    both = np.isfinite(ref) & np.isfinite(cand)
+    out = {"max_abs_diff": float(np.max(np.abs(ref - cand)[both])) if both.any() else 0.0}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        out["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).mean())
+    return out
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], precision: str = "variant",
+            min_agreement: float = 0.0) -> dict[str, str]:
+    """How closely a variant follows FP32 on the same inputs, over every float output: the largest
+    max |diff| and the lowest top-1 agreement (2-D outputs), each output's own too when there are
+    several. InvalidArgument when an output turns inf/NaN, or agreement is below `min_agreement`."""
+    measured = {name: _compare_output(name, ref, candidate[name], precision)
+                for name, ref in reference.items() if ref.dtype.kind == "f"}
+    meta = {}
+    if measured:
+        meta["max_abs_diff_vs_fp32"] = f"{max(m['max_abs_diff'] for m in measured.values()):.6g}"
+    agreements = {name: m["top1_agreement"] for name, m in measured.items() if "top1_agreement" in m}
+    if agreements:
+        meta["top1_agreement_vs_fp32"] = f"{min(agreements.values()):.4f}"
+    if len(measured) > 1:
+        for name, m in measured.items():
+            meta |= {f"{key}_vs_fp32.{name}": f"{value:.6g}" for key, value in m.items()}
+    worst = min(agreements, key=agreements.get, default=None)
+    if worst is not None and agreements[worst] < min_agreement:
+        raise InvalidArgument(f"{precision} variant refused: top-1 agreement with FP32 on output '{worst}' is "
+                              f"{agreements[worst]:.4f}, below the minimum {min_agreement:g} (--min-agreement)")
     return meta
 
 
@@ -126,12 +195,14 @@ def build_one(fp32_path: Path, precision: str, out_dir: Path) -> Path:
 
 
 def describe(fp32_path: Path, variant_path: Path, eval_data: tuple[np.ndarray, np.ndarray] | None,
-             parent_sha256: str) -> dict[str, str]:
-    """Metadata of a built variant: fidelity to FP32 on generated inputs, accuracy when labelled
-    data is given, and where it came from."""
-    probe = probe_inputs(fp32_path)
-    meta = compare(run(fp32_path, probe), run(variant_path, probe))
+             parent_sha256: str, precision: str = "variant", min_agreement: float = MIN_AGREEMENT,
+             eval_output: str = "") -> dict[str, str]:
+    """Metadata of a built variant: fidelity to FP32 on generated inputs (InvalidArgument when it
+    does not follow FP32: see compare), accuracy when labelled data is given (on `eval_output`, else
+    the 2-D float output), and where it came from."""
+    probe = probe_batches(fp32_path)
+    meta = compare(run(fp32_path, probe), run(variant_path, probe), precision, min_agreement)
     meta.update({"built_from_sha256": parent_sha256, "builder": "cnei models build"})
     if eval_data is not None:
-        meta["accuracy"] = f"{accuracy(variant_path, *eval_data):.4f}"  # top-1 on the labelled data
+        meta["accuracy"] = f"{accuracy(variant_path, *eval_data, output=eval_output):.4f}"  # top-1
     return meta

@@ -50,7 +50,7 @@ def test_fp16_converts_weights_constants_and_internal_casts_of_a_hand_made_graph
     assert {i.data_type for i in half.graph.initializer} == {TensorProto.FLOAT16}
     path = tmp_path / "half.onnx"
     onnx.save(half, str(path))
-    y = variants.run(path, {"x": np.array([[1, 2, 3]], np.float32)})
+    y = variants.run(path, {"x": np.array([[1, 2, 3]], np.float32)})["y"]
     np.testing.assert_allclose(y, [[3, 5, 7]])
 
 
