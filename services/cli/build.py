@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 from pathlib import Path
 
 from services.cli import clients
+from services.cli import output
 from services.cli.output import progress
-from services.common.errors import InvalidArgument
+from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument
 from services.registry import variants
 
 INHERITED = ("task", "labels", "max_batch_size")  # what a variant shares with its FP32 parent
@@ -33,40 +35,72 @@ def eval_data(name: str):
     return EVAL_SETS[name]()
 
 
+def already_built(existing: list, parent) -> dict[str, object]:
+    """The parent version's variants by precision (its FP32 left out); FailedPrecondition for one
+    not built from this FP32 (a re-run skips the ones that were, and cannot replace the others)."""
+    found = {v.precision: v for v in existing if v.version == parent.version and v.precision != "FP32"}
+    for precision, v in found.items():
+        if v.metadata.get("built_from_sha256") != parent.sha256:
+            raise FailedPrecondition(f"{parent.name} v{parent.version} {precision} is already registered and was not "
+                                     f"built from this FP32 (sha256:{parent.sha256[:12]}): leave it out of "
+                                     "--precisions, or build from another version")
+    return found
+
+
+async def _build_one(client, parent, fp32: Path, precision: str, args, labelled, show, done: int, total: int):
+    show(done, total, f" converting {precision}")
+    path = await asyncio.to_thread(variants.build_one, fp32, precision, fp32.parent)
+    show(done + 1, total, f" measuring {precision}")
+    meta = await asyncio.to_thread(variants.describe, fp32, path, labelled, parent.sha256, precision,
+                                   args.min_agreement, parent.metadata.get("eval_output", ""))
+    meta.update({k: parent.metadata[k] for k in INHERITED if k in parent.metadata})
+    if labelled is not None:
+        meta["accuracy_dataset"] = f"{args.eval} held-out split"
+    show(done + 2, total, f" uploading {precision}")
+    return await client.push_file(path, parent.name, parent.version, precision, meta)
+
+
 async def models_build(args) -> int:
     precisions = [p.upper() for p in args.precisions]
     bad = [p for p in precisions if p not in variants.BUILDABLE]
     if bad:
         raise InvalidArgument(f"can build {list(variants.BUILDABLE)} variants, not {bad}")
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise InvalidArgument(f"--min-agreement is a fraction from 0 to 1, not {args.min_agreement:g}")
     client = clients.registry(args)
+    refused = []
     try:
         parent = await client.resolve(args.name, args.version, "FP32")
-        show, total = progress(f"build {parent.name} v{parent.version}", unit="steps"), 1 + 3 * len(precisions)
+        skipped = already_built(await client.list(parent.name), parent)
+        todo = [p for p in precisions if p not in skipped]
+        for precision in (p for p in precisions if p in skipped):
+            print(f"{parent.name} v{parent.version} {precision} already built from this FP32: skipped")
+        show, total = progress(f"build {parent.name} v{parent.version}", unit="steps"), 1 + 3 * len(todo)
         show(0, total, " fetching FP32")
         with tempfile.TemporaryDirectory(prefix="cnei-build-") as tmp:
             fp32 = Path(tmp) / f"{parent.name}-fp32.onnx"
             fp32.write_bytes(await client.fetch_artifact(parent.sha256))
-            labelled = await asyncio.to_thread(eval_data, args.eval)
+            labelled = await asyncio.to_thread(eval_data, args.eval) if todo else None
             done, built = 1, []
-            for precision in precisions:
-                show(done, total, f" converting {precision}")
-                path = await asyncio.to_thread(variants.build_one, fp32, precision, Path(tmp))
-                show(done + 1, total, f" measuring {precision}")
-                meta = await asyncio.to_thread(variants.describe, fp32, path, labelled, parent.sha256)
-                meta.update({k: parent.metadata[k] for k in INHERITED if k in parent.metadata})
-                if labelled is not None:
-                    meta["accuracy_dataset"] = f"{args.eval} held-out split"
-                show(done + 2, total, f" uploading {precision}")
-                built.append(await client.push_file(path, parent.name, parent.version, precision, meta))
+            for precision in todo:
+                try:
+                    built.append(await _build_one(client, parent, fp32, precision, args, labelled, show, done, total))
+                    note = f" {precision} registered"
+                except InvalidArgument as exc:
+                    refused.append(exc.message)
+                    note = f" {precision} refused"
                 done += 3
-                show(done, total, f" {precision} registered")
+                show(done, total, note)
     finally:
         await client.close()
     for v in built:
         quality = v.metadata.get("accuracy") or v.metadata.get("top1_agreement_vs_fp32", "-")
         print(f"registered {v.name} v{v.version} {v.precision} sha256:{v.sha256[:12]} "
               f"({v.size_bytes} bytes, accuracy/agreement {quality})")
-    return 0
+    output.end_bar()
+    for message in refused:
+        print(f"error ({ErrorCode.INVALID_ARGUMENT.value}): {message}", file=sys.stderr)
+    return 2 if refused else 0
 
 
 def add_parser(models) -> argparse.ArgumentParser:
@@ -75,5 +109,8 @@ def add_parser(models) -> argparse.ArgumentParser:
     build.add_argument("--version", default="", help="version to build from (default: latest)")
     build.add_argument("--precisions", nargs="+", default=list(variants.BUILDABLE))
     build.add_argument("--eval", default="", help=f"labelled data to measure accuracy on ({', '.join(EVAL_SETS)})")
+    build.add_argument("--min-agreement", type=float, default=variants.MIN_AGREEMENT,
+                       help="refuse a variant whose top-1 agreement with FP32 on generated inputs is below this "
+                            f"(default {variants.MIN_AGREEMENT:g}; 0 turns the gate off)")
     build.add_argument("--registry", default="127.0.0.1:50051")
     return build

@@ -34,6 +34,8 @@ def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = ""
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:
         return False, f"{exc.code().name}: {exc.details()}"
+    except (OSError, ValueError) as exc:  # a TLS file missing, unreadable or not PEM
+        return False, f"cannot use the TLS files: {exc}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == SERVING, status
 

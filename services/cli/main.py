@@ -10,13 +10,24 @@ import time
 import grpc
 import numpy as np
 
-from services.cli import build, clients, train
+from services.cli import build, clients, output, train
 from services.cli.output import progress, table
-from services.common.errors import CneiError
+from services.common.errors import CneiError, InvalidArgument, NotFound
+
+
+def key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    """`--flag KEY=VALUE` flags -> a dict; one without `=` or with an empty key is refused by name."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise InvalidArgument(f"{flag} needs KEY=VALUE, not '{pair}'")
+        out[key.strip()] = value
+    return out
 
 
 async def models_push(args) -> int:
-    meta = dict(kv.split("=", 1) for kv in args.meta)
+    meta = key_values(args.meta, "--meta")
     client = clients.registry(args)
     try:
         v = await client.push_file(args.file, args.name, args.version, args.precision.upper(), meta,
@@ -135,6 +146,7 @@ def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
     import urllib.request
 
     url = url.rstrip("/")
+    url = url if "://" in url else f"http://{url}"  # host:port
     url = url if url.endswith("/api/status") else url + "/api/status"
     from services.common import tls
 
@@ -277,6 +289,11 @@ async def deploy_rollout(args) -> int:
         except NotFound:
             spec = DeploymentSpec(model=args.model)
         versions = [v.version for v in await client.list(args.model)] if args.verb == "canary" else []
+        if args.verb == "canary" and not versions:
+            raise NotFound(f"model '{args.model}' not found in the registry")
+        if args.verb == "canary" and args.version not in versions:
+            raise NotFound(f"model '{args.model}' has no version {args.version} "
+                           f"(versions: {', '.join(sorted(set(versions)))})")
         rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0),
                                  versions)
         applied = (await client.put_deployment(replace(spec, rollout=rollout))).rollout
@@ -391,6 +408,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT, no traceback
+        output.end_bar()
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.command == "config":
         return config(args)
@@ -408,13 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(handler(args))
     except CneiError as exc:
+        output.end_bar()
         print(f"error ({exc.code.value}): {exc.message}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as exc:
+        output.end_bar()
         print(f"error ({exc.code().name}): {exc.details()}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - one readable line for CLI users
-        print(f"error: {exc}", file=sys.stderr)
+    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - one readable line for CLI users
+        output.end_bar()
+        print(f"error: {type(exc).__name__}: {exc}" if not str(exc) else f"error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -25,8 +25,11 @@ async def train_start(args) -> int:
     """Start a federated job and follow it round by round until it ends."""
     from services.cli import clients
     from services.pb.cnei import trainer_pb2 as tpb
+    from services.common.errors import InvalidArgument
     from services.trainer.convert import job_from_proto
 
+    if args.rounds < 1:
+        raise InvalidArgument(f"--rounds must be at least 1, not {args.rounds}")
     request = tpb.StartJobRequest(
         model=args.model, base_version=args.base_version, rounds=args.rounds, min_clients=args.min_clients,
         fraction=args.fraction, local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,

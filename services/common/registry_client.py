@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import grpc
 
 from services.common import delta, deployment, grpc_util, restricted, tls
 from services.common.deployment import DeploymentSpec
-from services.common.errors import CneiError, ErrorCode, FailedPrecondition
+from services.common.errors import CneiError, ErrorCode, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant
 from services.common.registry_convert import variant_from_proto
 from services.pb.cnei import registry_pb2 as rpb
@@ -92,7 +93,11 @@ class RegistryClient:
         progress: Callable[[int, int], None] | None = None,
     ) -> ModelVariant:
         path = Path(path)
-        total = path.stat().st_size
+        try:  # opened before the call: an unreadable path is refused here, not mid-stream
+            fh = path.open("rb")
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read model file {str(path)!r}: {exc.strerror or exc}") from None
+        total = os.fstat(fh.fileno()).st_size
 
         async def chunks() -> AsyncIterator[rpb.PushModelChunk]:
             header = rpb.PushModelHeader(
@@ -101,14 +106,14 @@ class RegistryClient:
             )
             yield rpb.PushModelChunk(header=header)
             sent = 0
-            with path.open("rb") as fh:
-                while data := fh.read(CHUNK_BYTES):
-                    sent += len(data)
-                    if progress:
-                        progress(sent, total)
-                    yield rpb.PushModelChunk(data=data)
+            while data := fh.read(CHUNK_BYTES):
+                sent += len(data)
+                if progress:
+                    progress(sent, total)
+                yield rpb.PushModelChunk(data=data)
 
-        reply = await self._call(self._stub.PushModel, chunks(), timeout=max(60.0, self.timeout))
+        with fh:
+            reply = await self._call(self._stub.PushModel, chunks(), timeout=max(60.0, self.timeout))
         return variant_from_proto(reply)
 
     async def fetch_artifact(self, sha256: str, timeout: float = 120.0) -> bytes:

@@ -1,0 +1,51 @@
+"""The `cnei` command line's answers to mistyped flags and addresses, and the healthcheck's to
+missing TLS files: one readable line and an exit code, never a traceback."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from services.cli import healthcheck, infra
+from services.cli import main as cli
+
+
+class _Status(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200 if self.path == "/api/status" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def status_server():
+    server = ThreadingHTTPServer(("127.0.0.1", infra.free_port()), _Status)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize("scheme", ["", "http://"])
+def test_the_status_url_may_be_given_as_host_port_or_with_http(status_server, scheme):
+    assert cli.fetch_status(scheme + status_server) == {"path": "/api/status"}
+
+
+def test_train_start_with_zero_rounds_is_refused(capsys):
+    assert cli.main(["train", "start", "--rounds", "0", "--trainer", f"127.0.0.1:{infra.free_port()}"]) == 2
+    assert "error (INVALID_ARGUMENT): --rounds must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_the_healthcheck_names_a_missing_tls_file_and_exits_1(tmp_path, capsys):
+    missing = tmp_path / "missing.pem"
+    assert healthcheck.main([f"127.0.0.1:{infra.free_port()}", "--tls-ca", str(missing)]) == 1
+    assert f"cannot use the TLS files: [Errno 2] No such file or directory: '{missing}'" in capsys.readouterr().err
