@@ -1,12 +1,15 @@
 """Start real NATS (JetStream) and Redis servers from the virtualenv when none answers."""
 from __future__ import annotations
 
+import functools
+import os
 import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -74,9 +77,26 @@ def answers(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
-def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+class Interrupted(Exception):
+    """A wait given up because this process was told to stop (SIGINT/SIGTERM)."""
+
+
+def tied_to_this_process() -> dict:
+    """Popen arguments for a child that is SIGTERMed when this process dies, even by SIGKILL
+    (PR_SET_PDEATHSIG; to be called from the thread that lives as long as the process), and that
+    sits in its own session, so a terminal's Ctrl-C reaches only this process, which stops its
+    children in order."""
+    return {"start_new_session": True, "preexec_fn": functools.partial(lifecycle.stop_with_parent, os.getpid())}
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None,
+                  stopping: Callable[[], bool] | None = None) -> None:
+    """Wait until something answers on host:port: TimeoutError, RuntimeError when `proc` exits
+    first, Interrupted as soon as `stopping()` is true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stopping is not None and stopping():
+            raise Interrupted(f"stopped while waiting for {host}:{port}")
         if answers(host, port):
             return
         if proc is not None and proc.poll() is not None:
@@ -101,24 +121,34 @@ def host_port(url: str, default_port: int) -> tuple[str, int]:
     return parsed.hostname or "127.0.0.1", parsed.port or default_port
 
 
-def start_nats(port: int, store_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1") -> subprocess.Popen:
-    """nats-server with JetStream persisted under store_dir."""
+def start_nats(port: int, store_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1",
+               tied: bool = False, stopping: Callable[[], bool] | None = None) -> subprocess.Popen:
+    """nats-server with JetStream persisted under store_dir (tied: see tied_to_this_process)."""
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [find_binary("nats-server"), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    wait_for_port(host, port, proc=proc)
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **(tied_to_this_process() if tied else {}))
+    try:
+        wait_for_port(host, port, proc=proc, stopping=stopping)
+    except Interrupted:
+        stop(proc)
+        raise
     return proc
 
 
-def start_redis(port: int, data_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1") -> subprocess.Popen:
-    """redis-server with append-only persistence under data_dir."""
+def start_redis(port: int, data_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1",
+                tied: bool = False, stopping: Callable[[], bool] | None = None) -> subprocess.Popen:
+    """redis-server with append-only persistence under data_dir (tied: see tied_to_this_process)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [find_binary("redis-server"), "--bind", host, "--port", str(port),
             "--dir", str(data_dir), "--appendonly", "yes", "--save", "", "--protected-mode", "no"]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    wait_for_port(host, port, proc=proc)
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **(tied_to_this_process() if tied else {}))
+    try:
+        wait_for_port(host, port, proc=proc, stopping=stopping)
+    except Interrupted:
+        stop(proc)
+        raise
     return proc
 
 

@@ -82,6 +82,7 @@ class Mesh:
         self.root = Path(settings.data_dir).resolve()
         self.logs = self.root / "logs"
         self.children: list[Child] = []
+        self.stopping = False  # set by SIGINT/SIGTERM: waits give up (infra.Interrupted)
         # what each service it starts is handed: the keys and CA of what that service calls
         self.handed = {module: client_env(module) for module in {*REGISTRY_CLIENTS, *NODE_CLIENTS}}
 
@@ -90,18 +91,20 @@ class Mesh:
         out = open(self.logs / f"{name}.log", "ab")
         env = {**env, **self.handed.get(module, {})}
         proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env},
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, **infra.tied_to_this_process())
         self.children.append(Child(name, proc, port))
 
     def _infra(self) -> None:
         nats_host, nats_port = infra.host_port(self.s.nats_url, 4222)
         if not infra.answers(nats_host, nats_port):
-            proc = infra.start_nats(nats_port, self.root / "nats", self.logs / "nats.log", nats_host)
+            proc = infra.start_nats(nats_port, self.root / "nats", self.logs / "nats.log", nats_host,
+                                    tied=True, stopping=self.is_stopping)
             self.children.append(Child("nats", proc, nats_port))
             print(f"started nats-server (JetStream) on {nats_host}:{nats_port}")
         redis_host, redis_port = infra.host_port(self.s.redis_url, 6379)
         if not infra.answers(redis_host, redis_port):
-            proc = infra.start_redis(redis_port, self.root / "redis", self.logs / "redis.log", redis_host)
+            proc = infra.start_redis(redis_port, self.root / "redis", self.logs / "redis.log", redis_host,
+                                     tied=True, stopping=self.is_stopping)
             self.children.append(Child("redis", proc, redis_port))
             print(f"started redis-server on {redis_host}:{redis_port}")
 
@@ -155,7 +158,23 @@ class Mesh:
         }, self.s.grpc_port)
         self._spawn_trainer(registry)
         for child in self.children:
-            infra.wait_for_port("127.0.0.1", child.ready_port, timeout=60, proc=child.proc)
+            infra.wait_for_port("127.0.0.1", child.ready_port, timeout=60, proc=child.proc, stopping=self.is_stopping)
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+    def run_until_stopped(self, coro):
+        """asyncio.run(coro), given up (infra.Interrupted) as soon as a stop signal arrives."""
+        async def watched():
+            task = asyncio.ensure_future(coro)
+            while not task.done():
+                if self.stopping:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    raise infra.Interrupted("stopped during startup")
+                await asyncio.wait({task}, timeout=0.1)
+            return task.result()
+        return asyncio.run(watched())
 
     def _spawn_trainer(self, registry: str) -> None:
         self._spawn("trainer", "services.trainer", {
@@ -313,7 +332,7 @@ def run_up() -> int:
 
     def on_signal(signum, frame):
         nonlocal stopping
-        stopping = True
+        stopping = mesh.stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -321,10 +340,10 @@ def run_up() -> int:
     try:
         mesh.start()
         if settings.demo:
-            for line in asyncio.run(register_demo(f"127.0.0.1:{settings.registry_port}",
-                                                  mesh.root / "models")):
+            for line in mesh.run_until_stopped(register_demo(f"127.0.0.1:{settings.registry_port}",
+                                                             mesh.root / "models")):
                 print(line)
-        asyncio.run(wait_ready(f"127.0.0.1:{settings.grpc_port}"))
+        mesh.run_until_stopped(wait_ready(f"127.0.0.1:{settings.grpc_port}"))
         print(f"CNEI mesh up in {time.monotonic() - started:.1f}s: OIP gRPC 127.0.0.1:{settings.grpc_port}, "
               f"REST http://127.0.0.1:{settings.http_port}, metrics :{settings.metrics_port}, "
               f"trainer 127.0.0.1:{settings.trainer_port}; "
@@ -337,6 +356,9 @@ def run_up() -> int:
                 return 1
             time.sleep(0.2)
         return 0
+    except infra.Interrupted:
+        print("interrupted: stopping what was started", file=sys.stderr, flush=True)
+        return 130
     except Exception as exc:  # noqa: BLE001 - report and stop what was started
         print(f"cnei up failed: {exc}", file=sys.stderr)
         return 1
