@@ -64,7 +64,7 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray, output: str = "") -> floa
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
-    batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else len(x)
+    batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else max(len(x), 1)
     name = classifier_output(session, output)
     scores = []
     for start in range(0, len(x), batch):
