@@ -59,6 +59,10 @@ def workers(mesh):
     try:
         infra.wait_for_port("127.0.0.1", http_port, proc=proc, timeout=60)
         infra.wait_until(lambda: len(children(proc.pid)) == WORKERS, 30, f"{WORKERS} workers")
+        # started is not yet listening (a busy machine): every worker answers before the test
+        seen, x = set(), load_all()[0][:1]
+        infra.wait_until(lambda: seen.add(_infer_fresh_connection(address, x)[1]) or seen == set(range(WORKERS)),
+                         30, "every worker answering on the shared port")
         yield proc, address, http_port, metrics_port
     finally:
         infra.stop(proc)
