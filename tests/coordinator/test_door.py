@@ -198,10 +198,22 @@ async def test_answers_from_the_doors_cache_are_booked_as_successes_without_exec
                             queue_ns=[100_000], cache_hit_request_ns=[300_000, 200_000], cache_hit_rows=[1, 2],
                             cache_hit_ns=40_000, cache_misses=1, cache_miss_ns=30_000)])
     stats = door.core.stats.get("digits", "1")
-    assert (stats.success.count, stats.inference_count, stats.execution_count) == (3, 4, 1)
+    # Triton: inference_count counts the rows models ran, not the cache's answers
+    assert (stats.success.count, stats.inference_count, stats.execution_count) == (3, 1, 1)
     assert (stats.cache_hit.count, stats.cache_hit.ns, stats.cache_miss.count, stats.cache_miss.ns) == \
         (2, 40_000, 1, 30_000)
     assert not (await routes().route(ask())).response_cache
+
+
+async def test_what_the_door_served_by_a_route_dropped_meanwhile_and_what_it_refused_are_booked():
+    door = routes()
+    route = await door.route(ask())
+    door.forget("digits")  # a repository load: the door hears of it after its next report
+    assert door.apply([RouteReport(route.route_id, [2_000_000], [1], [BatchReport(1, 1, 1_500_000, 500_000)],
+                                   failed_request_ns=[300_000, 400_000],
+                                   failed_codes=["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"])]) == [route.route_id]
+    stats = door.core.stats.get("digits", "1")
+    assert (stats.success.count, stats.fail.count, stats.fail.ns, stats.execution_count) == (1, 2, 700_000, 1)
 
 
 async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
