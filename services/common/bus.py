@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 from nats.aio.client import Client
-from nats.js.api import StreamConfig
-from nats.js.errors import NoStreamResponseError
+from nats.js.api import DiscardPolicy, StreamConfig
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from services.common import events, lifecycle, telemetry
 from services.common.background import Background
@@ -23,12 +24,27 @@ Hook = Callable[[], Awaitable[None]]
 RETRY_S = 1.0
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """How the events stream is made when no service has made it yet: copies kept on a NATS
+    cluster, and how much it keeps (the oldest events go first)."""
+
+    replicas: int = 1
+    max_age_s: float = 7 * 24 * 3600.0
+    max_bytes: int = 1 << 30
+
+    def config(self) -> StreamConfig:
+        return StreamConfig(name=events.STREAM, subjects=events.STREAM_SUBJECTS, num_replicas=self.replicas,
+                            max_age=self.max_age_s, max_bytes=self.max_bytes, discard=DiscardPolicy.OLD)
+
+
 class EventBus:
     """Events in and out. With an outbox, `publish` never fails: what cannot be sent now is kept
     on disk and flushed in order once NATS answers again."""
 
     def __init__(self, url: str, source: str, outbox: Outbox | Path | str | None = None,
-                 timeout: float = 2.0):
+                 timeout: float = 2.0, stream: StreamLimits = StreamLimits()):
+        self.stream = stream
         self.url = url
         self.source = source
         self.timeout = timeout
@@ -78,12 +94,20 @@ class EventBus:
                 self.nc = None
 
     async def _ensure_stream(self) -> None:
+        """The events stream as `self.stream` says, unless it is there: then only the subjects it
+        lacks are added, and its copies and limits (an operator's, another service's) are kept."""
         js = self.nc.jetstream(timeout=self.timeout)
-        config = StreamConfig(name=events.STREAM, subjects=events.STREAM_SUBJECTS)
         try:
-            await js.add_stream(config)
-        except Exception:  # noqa: BLE001 - exists with other settings: keep it
-            await js.update_stream(config)
+            info = await js.stream_info(events.STREAM)
+        except NotFoundError:
+            try:
+                await js.add_stream(self.stream.config())
+                return
+            except Exception:  # noqa: BLE001 - made meanwhile by another service (its settings stand)
+                info = await js.stream_info(events.STREAM)
+        missing = [s for s in events.STREAM_SUBJECTS if s not in (info.config.subjects or [])]
+        if missing:
+            await js.update_stream(info.config.evolve(subjects=[*(info.config.subjects or []), *missing]))
 
     async def _ensure_stream_or_log(self) -> None:
         try:

@@ -75,6 +75,22 @@ class NodeTlsSettings:
             "certificate for every node, e.g. on Kubernetes where they advertise pod IPs; empty: that address)")
 
 
+@dataclasses.dataclass(frozen=True)
+class EventStreamSettings:
+    """How a service makes the events stream (JetStream) when none has yet (its settings class
+    derives from it); an existing stream keeps its own copies and limits."""
+
+    events_stream_replicas: int = field(1, "copies of the events stream a NATS cluster keeps (up to 5; at most its "
+                                           "servers: 3 for the chart's cluster)")
+    events_max_age_s: float = field(7 * 24 * 3600.0, "events older than this are dropped from the stream")
+    events_max_bytes: int = field(1 << 30, "the stream's size limit in bytes; the oldest events go first")
+
+    def stream_limits(self):
+        from services.common.bus import StreamLimits
+
+        return StreamLimits(self.events_stream_replicas, self.events_max_age_s, self.events_max_bytes)
+
+
 def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any) -> T:
     """Build a settings dataclass from `{prefix}{FIELD}` variables; overrides win over env."""
     env = os.environ if env is None else env

@@ -55,7 +55,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     catalog = Catalog(registry, settings.resolve_ttl_s)
     worker = settings.worker_index
     source = "coordinator" if worker < 0 else f"coordinator-{worker}"
-    bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None)
+    bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None, stream=settings.stream_limits())
     await bus.start()
     core = Coordinator(settings, catalog, nodes, publish=bus.publish)
     node_control = NodeControlClients(node_channels)

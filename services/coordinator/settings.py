@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import NodeTlsSettings, RegistryClientSettings, event_loop_field, field
+from services.common.settings import EventStreamSettings, NodeTlsSettings, RegistryClientSettings, event_loop_field, field
 
 PREFIX = "CNEI_COORDINATOR_"
 
 
 @dataclass(frozen=True)
-class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings):
+class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettings):
     event_loop: str = event_loop_field()
     host: str = field("127.0.0.1", "address every listener binds to")
     grpc_port: int = field(8001, "OIP gRPC port (Triton's default)")

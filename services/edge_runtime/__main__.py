@@ -68,7 +68,7 @@ async def serve(settings: RuntimeSettings) -> None:
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
-                   outbox=Path(settings.cache_dir) / "outbox.jsonl")
+                   outbox=Path(settings.cache_dir) / "outbox.jsonl", stream=settings.stream_limits())
 
     async def on_published(envelope: events.Envelope) -> None:
         await runtime.model_published(envelope.payload.get("name", ""))

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import RegistryClientSettings, event_loop_field, field
+from services.common.settings import EventStreamSettings, RegistryClientSettings, event_loop_field, field
 
 PREFIX = "CNEI_RUNTIME_"
 
 
 @dataclass(frozen=True)
-class RuntimeSettings(RegistryClientSettings):
+class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     event_loop: str = event_loop_field()
     node_id: str = field("edge-1", "unique node id in the mesh")
     tier: str = field("edge", "edge | cloud")

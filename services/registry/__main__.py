@@ -19,7 +19,8 @@ log = logging.getLogger("services.registry")
 async def serve(settings: RegistrySettings) -> None:
     stop = lifecycle.stop_event()
     store = RegistryStore(settings.data_dir)
-    bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl")
+    bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl",
+                   stream=settings.stream_limits())
     await bus.start()
     registry = Registry(store, bus.publish, settings.max_artifact_bytes)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import event_loop_field, field
+from services.common.settings import EventStreamSettings, event_loop_field, field
 
 PREFIX = "CNEI_REGISTRY_"
 
 
 @dataclass(frozen=True)
-class RegistrySettings:
+class RegistrySettings(EventStreamSettings):
     event_loop: str = event_loop_field()
     host: str = field("127.0.0.1", "address the gRPC API binds to")
     port: int = field(50051, "gRPC port of the registry API")

@@ -26,7 +26,8 @@ async def serve(settings: TrainerSettings) -> None:
     stop = lifecycle.stop_event()
     registry = registry_client.from_settings(PREFIX, settings, timeout=10.0)
     redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl")
+    bus = EventBus(settings.nats_url, "trainer", outbox=Path(settings.data_dir) / "outbox.jsonl",
+                   stream=settings.stream_limits())
     await bus.start()
     clients = NodeClients(grpc_util.Channels(restricted.headers(settings.node_headers), tls.node_tls(PREFIX, settings)))
     trainer = FederatedTrainer(settings, JobStore(redis, settings.job_ttl_s), NodeDirectory(redis),

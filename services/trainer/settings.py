@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import NodeTlsSettings, RegistryClientSettings, event_loop_field, field
+from services.common.settings import EventStreamSettings, NodeTlsSettings, RegistryClientSettings, event_loop_field, field
 
 PREFIX = "CNEI_TRAINER_"
 
 
 @dataclass(frozen=True)
-class TrainerSettings(RegistryClientSettings, NodeTlsSettings):
+class TrainerSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettings):
     event_loop: str = event_loop_field()
     host: str = field("127.0.0.1", "address the gRPC API binds to")
     port: int = field(50071, "gRPC port of the Trainer API")
