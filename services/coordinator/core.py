@@ -123,11 +123,16 @@ def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
     return replace(b, max_batch_size=max(1, limit))
 
 
-def _placement_context(variants: list[ModelVariant], policy: PrecisionPolicy, region: str) -> RequestContext:
-    """What the scheduler knows of a request. Warmth is judged on the explicit precision, else
-    the default variant: latency-based choices depend on the node, which is not chosen yet."""
+def _placement_context(variants: list[ModelVariant], policy: PrecisionPolicy, region: str,
+                       nodes: list[NodeInfo], choices: dict[str, ModelVariant | CneiError]) -> RequestContext:
+    """What the scheduler knows of a request. Each node of `nodes` is judged warm or cold on the
+    variant it would serve (`choices`: per node class, as `variants_by_class` gives), so a policy
+    that picks INT8 favours nodes with INT8 loaded; any other on the explicit precision, else
+    the default variant (NOT_FOUND for a precision the model lacks)."""
     default = choose_variant(variants, PrecisionPolicy(precision=policy.precision), "")
-    return RequestContext(model=default.name, variant_key=default.key, region=region)
+    keys = {n.node_id: choice.key for n in nodes
+            if isinstance(choice := choices.get(node_class(n)), ModelVariant)}
+    return RequestContext(model=default.name, variant_key=default.key, region=region, variant_keys=keys)
 
 
 def node_class(node: NodeInfo) -> str:
@@ -438,11 +443,11 @@ class Coordinator:
         if first is None or spec.scheduler.policy != "edgeai" or limit <= 1:
             return [first] if first is not None else []
         policy = self._policy(request.parameters, spec)
-        ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""))
         eligible = self.eligible_nodes(spec)
         choices = variants_by_class(variants, policy, eligible)
-        ranked = rank([n for n in eligible if isinstance(choices[node_class(n)], ModelVariant)], ctx,
-                      spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
+        fits = [n for n in eligible if isinstance(choices[node_class(n)], ModelVariant)]
+        ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""), fits, choices)
+        ranked = rank(fits, ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
         nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
         return [first] + [Placement(n, choices[node_class(n)]) for n in nodes if n.node_id != first.node.node_id]
 
@@ -467,9 +472,9 @@ class Coordinator:
                region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
         """The scheduler's choice among the nodes of `pool` whose class has a variant meeting
         `policy` (a latency budget may fit one node class and not another)."""
-        ctx = _placement_context(variants, policy, region)
         choices = variants_by_class(variants, policy, pool)
         fits = [n for n in pool if isinstance(choices[node_class(n)], ModelVariant)]
+        ctx = _placement_context(variants, policy, region, fits, choices)
         node = self.scheduler.choose(fits, ctx, spec.scheduler, self.outstanding,
                                      self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
         return None if node is None else Placement(node, choices[node_class(node)])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.deployment import SchedulerSpec
 from services.common.nodes import NodeInfo
@@ -14,12 +14,19 @@ WAIT_REFERENCE_MS = 10.0
 
 @dataclass(frozen=True)
 class RequestContext:
-    """What placement knows of a request."""
+    """What placement knows of a request: the variant each node would serve it with, by node id
+    (`variant_keys`; a precision policy may choose another variant per node class), else
+    `variant_key`."""
 
     model: str
     variant_key: str
     region: str = ""
     critical: bool = False
+    variant_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def key_on(self, node: NodeInfo) -> str:
+        """The key of the variant `node` would serve the request with."""
+        return self.variant_keys.get(node.node_id, self.variant_key)
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,8 @@ def locality_score(node: NodeInfo, region: str) -> float:
 
 
 def model_score(node: NodeInfo, ctx: RequestContext) -> float:
-    """Warm variant: 1; another variant of the model loaded: 0.5; cold: 0."""
-    if ctx.variant_key in node.models:
+    """The variant it would serve warm: 1; another variant of the model loaded: 0.5; cold: 0."""
+    if ctx.key_on(node) in node.models:
         return 1.0
     if any(key.split(":", 1)[0] == ctx.model for key in node.models):
         return 0.5

@@ -220,3 +220,13 @@ def test_a_route_spreads_only_over_peers_of_the_best_node_never_to_the_cloud_or_
         (_node("a1", region="north"), 0.9), (_node("cloud", tier="cloud", region="dc"), 0.89),
         (_node("b1", region="south"), 0.88), (_node("a2", region="north"), 0.87)]]
     assert [n.node_id for n in spread(ranked, 0.3, 0.1, 4)] == ["a1", "a2"]
+
+
+def test_each_node_is_judged_warm_on_the_variant_it_would_serve():
+    """A policy choosing INT8: a node with only FP32 loaded is not warm for it, one with INT8 is."""
+    int8 = "digits:1:INT8"
+    ctx = RequestContext("digits", KEY, variant_keys={"has-fp32": int8, "has-int8": int8})
+    nodes = [_node("has-fp32", models=(KEY,)), _node("has-int8", models=(int8,))]
+    assert [model_score(n, ctx) for n in nodes] == [0.5, 1.0]
+    assert Scheduler().choose(nodes, ctx, SchedulerSpec(), {}, {}).node_id == "has-int8"
+    assert model_score(_node("other", models=(KEY,)), ctx) == 1.0  # a node not named: `variant_key`

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from services.common import oip
-from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec
 from services.common.errors import ErrorCode, InvalidArgument, Unavailable
+from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.breaker import State
 from tests.coordinator.mesh import NodeCore, echo, mesh, variant
@@ -176,6 +178,34 @@ async def test_a_latency_budget_no_node_class_meets_is_failed_precondition_namin
         assert status == "FAILED_PRECONDITION"
         assert "on cloud nodes (fastest measured 2.000 ms)" in details
         assert "on edge nodes (fastest measured 10.000 ms)" in details
+
+
+# --- placement and batching --------------------------------------------------------------------
+
+def measured(precision: str, accuracy: float, latency_ms: float, name: str = "m") -> ModelVariant:
+    """`variant(name)` at `precision`, of `accuracy` and `latency_ms` on edge and cloud nodes."""
+    return replace(variant(name, accuracy=str(accuracy), **{f"latency_ms.{tier}": str(latency_ms)
+                                                          for tier in ("edge", "cloud")}), precision=precision)
+
+
+async def test_nodes_are_judged_warm_on_the_variant_the_policy_serves_not_on_fp32():
+    """An accuracy floor that INT8 meets serves INT8: nodes with INT8 loaded are the warm ones,
+    first for the full path and in the spread a front door is given."""
+    variants = [measured("FP32", 0.98, 4.0), measured("INT8", 0.97, 1.0)]
+    spec = DeploymentSpec(model="m", precision=PrecisionSpec(accuracy_floor=0.95))
+    cores = {"has-fp32": NodeCore(), "has-int8-a": NodeCore(), "has-int8-b": NodeCore()}
+    async with mesh(variants, {"m": spec}, cores) as m:
+        m.nodes["has-fp32"].models = ["m:1:FP32"]
+        m.nodes["has-int8-a"].models = m.nodes["has-int8-b"].models = ["m:1:INT8"]
+        await m.leave_and_join(*cores)
+        spread = m.core.place_spread(oip.InferRequest("m", {"x": X}), variants, spec, limit=3, margin=0.05)
+        assert sorted((p.node.node_id, p.variant.precision) for p in spread) == \
+            [("has-int8-a", "INT8"), ("has-int8-b", "INT8")]
+        for _ in range(3):
+            status, response = await m.infer()
+            assert status == "OK", response
+            assert response.parameters["cnei_precision"] == "INT8"
+            assert response.parameters["cnei_node"] in ("has-int8-a", "has-int8-b")
 
 
 # --- requests ----------------------------------------------------------------------------------
