@@ -135,10 +135,11 @@ def least_loaded(nodes: list[NodeInfo], outstanding: Mapping[str, int]) -> NodeI
 
 
 class Scheduler:
-    """Applies a deployment's policy; keeps the small state round-robin and random need."""
+    """Applies a deployment's policy; keeps the small state round-robin (a turn per model, so
+    one model's traffic does not move another's) and random need."""
 
     def __init__(self, seed: int | None = None):
-        self._rr = 0
+        self._rr: dict[str, int] = {}
         self._rng = random.Random(seed)
 
     def choose(self, nodes: list[NodeInfo], ctx: RequestContext, spec: SchedulerSpec,
@@ -149,8 +150,8 @@ class Scheduler:
         if not pool:
             return None
         if spec.policy == "round_robin":
-            self._rr += 1
-            return pool[self._rr % len(pool)]
+            turn = self._rr[ctx.model] = self._rr.get(ctx.model, 0) + 1
+            return pool[turn % len(pool)]
         if spec.policy == "random":
             return self._rng.choice(pool)
         if spec.policy == "least_loaded":

@@ -230,3 +230,14 @@ def test_each_node_is_judged_warm_on_the_variant_it_would_serve():
     assert [model_score(n, ctx) for n in nodes] == [0.5, 1.0]
     assert Scheduler().choose(nodes, ctx, SchedulerSpec(), {}, {}).node_id == "has-int8"
     assert model_score(_node("other", models=(KEY,)), ctx) == 1.0  # a node not named: `variant_key`
+
+
+def test_round_robin_keeps_a_turn_per_model_so_interleaved_models_each_cycle_every_node():
+    scheduler, spec = Scheduler(), SchedulerSpec(policy="round_robin")
+    nodes = [_node("a"), _node("b")]
+    picks: dict[str, list[str]] = {"m1": [], "m2": []}
+    for _ in range(4):
+        for model in picks:
+            picks[model].append(scheduler.choose(nodes, RequestContext(model, f"{model}:1:FP32"), spec, {}, {}).node_id)
+    assert picks["m1"] == picks["m2"] and sorted(picks["m1"]) == ["a", "a", "b", "b"]
+    assert picks["m1"][0] != picks["m1"][1]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from services.common import oip
-from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec, SchedulerSpec
 from services.common.errors import ErrorCode, InvalidArgument, Unavailable
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
@@ -206,6 +206,19 @@ async def test_nodes_are_judged_warm_on_the_variant_the_policy_serves_not_on_fp3
             assert status == "OK", response
             assert response.parameters["cnei_precision"] == "INT8"
             assert response.parameters["cnei_node"] in ("has-int8-a", "has-int8-b")
+
+
+async def test_round_robin_cycles_each_model_over_every_node_when_their_requests_interleave():
+    rr = SchedulerSpec(policy="round_robin")
+    specs = {"a": DeploymentSpec(model="a", scheduler=rr), "b": DeploymentSpec(model="b", scheduler=rr)}
+    async with mesh([variant("a"), variant("b")], specs, {"n1": NodeCore(), "n2": NodeCore()}) as m:
+        seen: dict[str, list[str]] = {"a": [], "b": []}
+        for _ in range(4):
+            for model in seen:
+                status, response = await m.infer(model)
+                assert status == "OK", response
+                seen[model].append(response.parameters["cnei_node"])
+        assert sorted(seen["a"]) == sorted(seen["b"]) == ["n1", "n1", "n2", "n2"]
 
 
 # --- requests ----------------------------------------------------------------------------------
