@@ -126,36 +126,68 @@ def order(queue: list[Pending]) -> list[Pending]:
     return sorted(queue, key=lambda p: (p.priority, p.seq))
 
 
-def form_batch(queue: list[Pending], max_batch_size: int, now: float) -> tuple[list[Pending], list[Pending]]:
+def fill(same: list[Pending], limit: int) -> list[Pending]:
+    """The head (`same[0]`), then in order every request of `same` that still fits under `limit`
+    rows (one that does not is skipped and stays queued; later, smaller ones may fit)."""
+    batch, total = [same[0]], same[0].size
+    for p in same[1:]:
+        if total + p.size <= limit:
+            batch.append(p)
+            total += p.size
+    return batch
+
+
+def preferred_batch(same: list[Pending], config: BatchConfig) -> list[Pending] | None:
+    """The batch of the largest preferred size (at most `max_batch_size`) that `fill` makes
+    exactly, or None when it makes none."""
+    for size in sorted(set(config.preferred_batch_sizes), reverse=True):
+        if size <= config.max_batch_size:
+            batch = fill(same, size)
+            if sum(p.size for p in batch) == size:
+                return batch
+    return None
+
+
+def _head_rows(live: list[Pending]) -> list[Pending]:
+    """The requests that may batch with the most urgent one (`live` in `order`), in order."""
+    return [p for p in live if p.signature == live[0].signature]
+
+
+def _delay_passed(queue: list[Pending], config: BatchConfig, now: float) -> bool:
+    return (now - min(p.enqueued for p in queue)) * 1e6 >= config.max_queue_delay_us
+
+
+def form_batch(queue: list[Pending], config: BatchConfig, now: float) -> tuple[list[Pending], list[Pending]]:
     """Pick the next batch from the queue: (batch, expired).
 
     Expired or cancelled requests are taken out and never sent. The batch starts with the most
-    urgent request and adds, in priority order, every request of the same signature that still
-    fits under `max_batch_size`."""
+    urgent request; of the requests of its signature (in priority order), it is the largest
+    preferred size `fill` makes exactly (Triton's dynamic batcher) unless the oldest request has
+    waited `max_queue_delay_us`; else the full batch: `fill` up to `max_batch_size`."""
     expired = [p for p in queue if p.deadline <= now or (p.future is not None and p.future.done())]
     live = order([p for p in queue if p not in expired])
     if not live:
         return [], expired
-    head = live[0]
-    batch, total = [head], head.size
-    for p in live[1:]:
-        if p.signature == head.signature and total + p.size <= max_batch_size:
-            batch.append(p)
-            total += p.size
-    return batch, expired
+    same = _head_rows(live)
+    preferred = None if _delay_passed(live, config, now) else preferred_batch(same, config)
+    return preferred or fill(same, config.max_batch_size), expired
 
 
 def batch_ready(queue: list[Pending], config: BatchConfig, now: float) -> bool:
-    """Send now? When the queue holds a full or preferred-size batch, or the oldest has waited
-    `max_queue_delay_us`."""
+    """Send now? When the oldest request has waited `max_queue_delay_us`; when the rows of the
+    most urgent request's signature make a preferred size (`preferred_batch`); when they fill
+    `max_batch_size`; or when they are more than every preferred size (none is reachable any
+    more: the full batch goes)."""
     if not queue:
         return False
-    head_sig = order(queue)[0].signature
-    size = sum(p.size for p in queue if p.signature == head_sig)
-    if size >= config.max_batch_size or size in config.preferred_batch_sizes:
+    if _delay_passed(queue, config, now):
         return True
-    oldest = min(p.enqueued for p in queue)
-    return (now - oldest) * 1e6 >= config.max_queue_delay_us
+    same = _head_rows(order(queue))
+    rows = sum(p.size for p in same)
+    if rows >= config.max_batch_size:
+        return True
+    preferred = [size for size in config.preferred_batch_sizes if size <= config.max_batch_size]
+    return bool(preferred) and (rows > max(preferred) or preferred_batch(same, config) is not None)
 
 
 def may_overlap(queue: list[Pending], last_rows: int, max_batch_size: int) -> bool:
@@ -285,7 +317,7 @@ class Batcher:
             else:
                 timeout = self._wait_time(now)
             if ready:
-                batch, expired = form_batch(self.queue, self.config.max_batch_size, now)
+                batch, expired = form_batch(self.queue, self.config, now)
                 self._drop(expired)
                 if batch:
                     taken = {id(p) for p in batch}

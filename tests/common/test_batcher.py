@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, Pending,
-                                     UnsplittableBatch, form_batch, may_overlap, signature, split)
+                                     UnsplittableBatch, batch_ready, form_batch, may_overlap, signature, split)
 from services.common.errors import DeadlineExceeded, ErrorCode, ResourceExhausted, Unavailable
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for
@@ -139,6 +139,60 @@ async def test_a_preferred_batch_size_is_sent_without_waiting_for_the_delay(make
     assert sorted(m for batch in node.markers for m in batch) == list(range(count))
 
 
+async def test_the_largest_preferred_size_goes_at_once_and_the_rest_waits_out_the_delay(make_batcher, node):
+    """Triton: a batch of the largest preferred size that can be formed is sent, even when the
+    queue holds more rows than it but no other preferred size."""
+    batcher = make_batcher(max_batch_size=64, max_queue_delay_us=300_000, preferred_batch_sizes=(4, 8))
+    start = time.monotonic()
+    tasks = [asyncio.create_task(batcher.submit({"x": x(i)})) for i in range(7)]
+    await asyncio.wait_for(until(lambda: node.batches), PATIENCE_S)
+    assert time.monotonic() - start < 0.2 and node.markers == [[0, 1, 2, 3]]
+    await asyncio.wait_for(asyncio.gather(*tasks), PATIENCE_S)
+    assert time.monotonic() - start >= 0.29 and node.markers == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def queued(*sizes: int, enqueued: float = 0.0) -> list[Pending]:
+    """1-row-wide requests of `sizes` rows (marker = position), queued at `enqueued`."""
+    return [Pending({"x": x(i, rows=n)}, n, signature({"x": x(i, rows=n)}), enqueued=enqueued)
+            for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "preferred", "max_batch_size", "ready", "batch"),
+    [((1,) * 7, (4, 8), 64, True, [0, 1, 2, 3]),
+     ((1,) * 9, (4, 8), 64, True, list(range(8))),
+     ((1,) * 3, (4, 8), 64, False, None),
+     ((3, 1, 3), (4, 8), 64, True, [0, 1]),
+     ((3, 3), (4, 8), 64, False, None),
+     ((3, 3), (4,), 64, True, [0, 1]),
+     ((1, 1, 3), (4,), 64, True, [0, 1, 2]),
+     ((3, 2, 1, 2), (5,), 64, True, [0, 1]),
+     ((2, 4, 3), (5,), 64, True, [0, 2]),
+     ((6,), (4,), 64, True, [0]),
+     ((1, 1, 1), (8,), 3, True, [0, 1, 2])],
+    ids=["largest-formable", "largest-of-two", "below-the-smallest", "skips-what-does-not-fit",
+         "a-larger-size-still-reachable", "every-size-passed-full-batch", "fill-falls-short-full-batch",
+         "first-request-that-fits", "request-after-a-skip", "head-larger-than-every-size",
+         "sizes-over-max-batch-size-ignored"],
+)
+def test_a_batch_is_formed_at_the_largest_preferred_size_its_requests_make_exactly(
+        sizes, preferred, max_batch_size, ready, batch):
+    config = BatchConfig(max_batch_size=max_batch_size, max_queue_delay_us=FOREVER_US,
+                         preferred_batch_sizes=preferred)
+    queue = queued(*sizes)
+    assert batch_ready(queue, config, now=0.001) is ready
+    if ready:
+        formed, _ = form_batch(queue, config, now=0.001)
+        assert [queue.index(p) for p in formed] == batch
+
+
+def test_once_the_delay_has_passed_the_full_batch_goes_not_the_preferred_size():
+    config = BatchConfig(max_batch_size=64, max_queue_delay_us=1000, preferred_batch_sizes=(4,))
+    queue = queued(1, 1, 1, 1, 1)
+    assert [queue.index(p) for p in form_batch(queue, config, now=0.0005)[0]] == [0, 1, 2, 3]
+    assert [queue.index(p) for p in form_batch(queue, config, now=0.002)[0]] == [0, 1, 2, 3, 4]
+
+
 async def test_the_lowest_priority_level_is_served_first_and_the_default_level_last(make_batcher, node):
     batcher = make_batcher(max_batch_size=2)
     blocker = await hold(batcher, node)
@@ -266,7 +320,7 @@ def test_form_batch_takes_out_expired_and_cancelled_requests_without_comparing_t
             return Pending(inputs, 2, signature(inputs), deadline=deadline, future=future)
 
         late, gone, live = pending(1, deadline=5.0), pending(2, cancelled=True), pending(3)
-        batch, expired = form_batch([late, gone, live], max_batch_size=8, now=10.0)
+        batch, expired = form_batch([late, gone, live], BatchConfig(max_batch_size=8), now=10.0)
     finally:
         loop.close()
     assert batch == [live]

@@ -221,6 +221,20 @@ async def test_round_robin_cycles_each_model_over_every_node_when_their_requests
         assert sorted(seen["a"]) == sorted(seen["b"]) == ["n1", "n1", "n2", "n2"]
 
 
+async def test_a_preferred_batch_size_is_cut_from_more_rows_queued_while_the_node_was_busy():
+    """Triton: the batcher sends the largest preferred size it can form, not only a queue of
+    exactly that size; what is left waits for the queue delay."""
+    spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=300_000,
+                                                           preferred_batch_sizes=(4,)))
+    node = NodeCore(delay_s=0.1)
+    async with mesh([variant()], {"m": spec}, {"n1": node}) as m:
+        first = [asyncio.create_task(m.infer(x=np.full((1, 2), i, np.float32))) for i in range(4)]
+        await asyncio.sleep(0.03)  # the batch of 4 is at the node for 100 ms
+        second = [asyncio.create_task(m.infer(x=np.full((1, 2), i, np.float32))) for i in range(7)]
+        assert all(status == "OK" for status, _ in await asyncio.gather(*first, *second))
+        assert [len(call["x"]) for call in node.calls] == [4, 4, 3]
+
+
 # --- requests ----------------------------------------------------------------------------------
 
 async def test_an_output_the_model_does_not_have_is_invalid_argument_naming_it():
