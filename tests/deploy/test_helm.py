@@ -690,3 +690,19 @@ def test_the_trainer_runs_the_trainer_service_with_a_writable_work_dir(rendered)
 def test_an_external_dependency_without_its_url_fails_to_render(dependency):
     with pytest.raises(helm.HelmRenderError, match=f"{dependency}.url is required"):
         _render({dependency: {"enabled": False}})
+
+
+@pytest.mark.parametrize(("overrides", "copies"), [({}, "3"), ({"nats": {"replicas": 1}}, "1"),
+                                                  ({"nats": {"enabled": False, "url": "nats://nats.example:4222"}}, "1"),
+                                                  ({"nats": {"stream": {"replicas": 2}}}, "2")],
+                         ids=["cluster-of-3", "single-server", "external-nats", "chosen"])
+def test_every_service_makes_the_events_stream_with_the_cluster_s_copies_and_limits(overrides, copies):
+    """One copy on a three-server cluster lost every event once the server holding it went (a
+    rolling update); the stream keeps at most a week and 1 GiB, under a store below its volume."""
+    rendered = _render(overrides)
+    containers = [c for _, c in rendered.cnei_containers() if _settings(c) is not None]
+    assert containers
+    for container in containers:
+        settings, _, _ = _settings(container)
+        assert (settings.events_stream_replicas, settings.events_max_age_s, settings.events_max_bytes) == (
+            int(copies), 604800.0, 1 << 30)

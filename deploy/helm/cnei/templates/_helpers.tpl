@@ -51,6 +51,20 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- printf "%s:%v" (include "cnei.componentName" (dict "ctx" . "component" "registry")) .Values.registry.port }}
 {{- end }}
 
+{{/* How a service makes the events stream when none has yet: its copies (nats.stream.replicas, or
+0: as many as the chart's NATS cluster has servers, at most 3; 1 for an external NATS) and limits. */}}
+{{- define "cnei.eventsEnv" -}}
+{{- $n := .ctx.Values.nats -}}
+{{- $replicas := int ($n.stream.replicas | default 0) -}}
+{{- if eq $replicas 0 }}{{ $replicas = ternary (min (int $n.replicas) 3) 1 $n.enabled }}{{ end -}}
+- name: {{ .prefix }}EVENTS_STREAM_REPLICAS
+  value: {{ $replicas | quote }}
+- name: {{ .prefix }}EVENTS_MAX_AGE_S
+  value: {{ $n.stream.maxAgeSeconds | int64 | quote }}
+- name: {{ .prefix }}EVENTS_MAX_BYTES
+  value: {{ $n.stream.maxBytes | int64 | quote }}
+{{- end }}
+
 {{- define "cnei.natsUrl" -}}
 {{- if .Values.nats.enabled }}
 {{- printf "nats://%s:4222" (include "cnei.componentName" (dict "ctx" . "component" "nats")) }}

@@ -48,6 +48,7 @@
       value: {{ include "cnei.redisUrl" .ctx | quote }}
     - name: CNEI_RUNTIME_NATS_URL
       value: {{ include "cnei.natsUrl" .ctx | quote }}
+    {{- include "cnei.eventsEnv" (dict "ctx" .ctx "prefix" "CNEI_RUNTIME_") | nindent 4 }}
     - name: CNEI_RUNTIME_CACHE_DIR
       value: {{ $r.cacheDir | quote }}
     - name: CNEI_RUNTIME_CACHE_MAX_BYTES
