@@ -353,6 +353,8 @@ class Coordinator:
                 raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or "")))
             cloud = await self._cloud(request, spec, deadline_s, reason="no edge node")
             cloud.outputs = only(cloud.outputs, request.outputs)
+            cloud.parameters.update({"cnei_joint": mode, "cnei_escalated": request.rows,
+                                     "cnei_cloud_node": cloud.parameters.get("cnei_node", "")})
             return cloud
         response = await self._infer(edge_request, variants, edge_spec, deadline_s)
         output = j.output or next(iter(response.outputs), "")

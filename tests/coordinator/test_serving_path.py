@@ -292,12 +292,23 @@ async def test_joint_inference_refuses_an_output_the_model_does_not_have(joint_m
     assert status == "INVALID_ARGUMENT" and "tensor 'nope'" in details
 
 
-@pytest.mark.parametrize(("tier", "node", "escalated"), [("edge", "e1", 0), ("cloud", "c1", None)])
+@pytest.mark.parametrize(("tier", "node", "escalated"), [("edge", "e1", 0), ("cloud", "c1", 1)])
 async def test_joint_inference_stays_on_the_tier_a_request_names(joint_mesh, tier, node, escalated):
     status, response = await joint_mesh.infer(params={"tier": tier})
     assert status == "OK", response
     assert response.parameters["cnei_node"] == node
     assert response.parameters.get("cnei_escalated") == escalated
+
+
+@pytest.mark.parametrize("route", ["tier-cloud", "no-edge-node"])
+async def test_joint_inference_that_sends_the_whole_request_to_the_cloud_says_so(joint_mesh, route):
+    if route == "no-edge-node":
+        await joint_mesh.leave_and_join("c1")
+    status, response = await joint_mesh.infer(x=np.ones((2, 2), np.float32),
+                                              params={"tier": "cloud"} if route == "tier-cloud" else {})
+    assert status == "OK", response
+    p = response.parameters
+    assert (p["cnei_joint"], p["cnei_escalated"], p["cnei_cloud_node"], p["cnei_node"]) == ("sync", 2, "c1", "c1")
 
 
 async def test_joint_inference_whose_output_is_not_numbers_is_failed_precondition():
