@@ -512,13 +512,25 @@ class Coordinator:
     async def _infer(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
         """Serve `request`; with the deployment's response cache, from the answers kept when it
-        was answered before (the same variant's version and precision policy, the same inputs)."""
+        was answered before in the same scope (`cache_scope`) for the same inputs."""
         serve = functools.partial(self._serve, request, variants, spec, deadline_s)
         if not spec.response_cache or not self.cache.max_bytes:
             return await serve()
         v = variants[0]
-        return await self._through_cache(f"{v.name}/{v.version}/{self._policy(request.parameters, spec)}",
-                                         request, v.name, self.stats.get(v.name, v.version), serve)
+        return await self._through_cache(self.cache_scope(request, variants, spec), request, v.name,
+                                         self.stats.get(v.name, v.version), serve)
+
+    def cache_scope(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> str:
+        """What decides a request's answer besides its inputs: the version, the precision policy,
+        the tiers it may run on (`spec` as its `tier` parameter narrowed it: an edge-only request
+        never gets an answer the cloud computed) and the variant the policy chooses on each node
+        class of those tiers now (a latency budget may choose INT8 on the edge and FP32 in the
+        cloud; new measurements may change the choice)."""
+        v, policy = variants[0], self._policy(request.parameters, spec)
+        tiers = serving_tiers(spec)
+        choices = variants_by_class(variants, policy, [n for n in self.nodes.nodes if n.tier in tiers])
+        chosen = sorted(f"{cls}={c.key}" for cls, c in choices.items() if isinstance(c, ModelVariant))
+        return f"{v.name}/{v.version}/{policy}/{sorted(tiers)}/{chosen}"
 
     async def _through_cache(self, scope: str, request: oip.InferRequest, model: str, stats: ModelStats,
                              serve: Callable[[], Awaitable[oip.InferResponse]]) -> oip.InferResponse:

@@ -1,5 +1,6 @@
 """The coordinator's response cache on its serving path, over real gRPC (tests/coordinator/mesh.py):
-hits in Triton's statistics, and what decides whether an ensemble's kept answer still holds."""
+hits in Triton's statistics, what decides whether an ensemble's kept answer still holds, and
+that a request never gets an answer from a tier or variant it would not be served by."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -98,3 +99,29 @@ async def test_an_ensemble_whose_step_has_a_canary_is_not_cached_and_no_canary_a
         assert ["cnei_response_cache" in a.parameters for a in after] == [False, True]
         for answer in after:
             np.testing.assert_array_equal(answer.outputs["y"], X)  # the stable version's
+
+
+async def test_a_request_for_one_tier_never_gets_an_answer_another_tier_computed():
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", response_cache=True)},
+                    {"e1": NodeCore(), "c1": NodeCore()}, tiers={"c1": "cloud"}) as m:
+        assert (await m.infer("m", X, {"tier": "cloud"}))[1].parameters["cnei_tier"] == "cloud"
+        edge = (await m.infer("m", X, {"tier": "edge"}))[1].parameters
+        assert edge["cnei_tier"] == "edge" and "cnei_response_cache" not in edge
+        again = (await m.infer("m", X, {"tier": "edge"}))[1].parameters
+        assert (again["cnei_tier"], again["cnei_response_cache"]) == ("edge", True)
+
+
+def timed(precision: str, accuracy: str, latency_ms: str) -> ModelVariant:
+    return replace(variant(accuracy=accuracy, **{"latency_ms.edge": latency_ms}), precision=precision)
+
+
+async def test_an_answer_kept_at_the_variant_a_latency_budget_chose_goes_once_new_measurements_choose_another():
+    """Within 5 ms the most accurate variant serves: FP32 while it measures 4 ms, INT8 once it
+    measures 10 ms. The FP32 answer kept before is not what the budget now chooses."""
+    specs = {"m": DeploymentSpec(model="m", response_cache=True, precision=PrecisionSpec(latency_budget_ms=5.0))}
+    async with mesh([timed("FP32", "0.98", "4"), timed("INT8", "0.9", "1")], specs, {"e1": NodeCore()}) as m:
+        assert (await m.infer("m", X))[1].parameters["cnei_precision"] == "FP32"
+        m.core.catalog = Catalog([timed("FP32", "0.98", "10"), timed("INT8", "0.9", "1")], specs)
+        after = (await m.infer("m", X))[1].parameters
+        assert after["cnei_precision"] == "INT8" and "cnei_response_cache" not in after
+        assert (await m.infer("m", X))[1].parameters["cnei_response_cache"] is True
