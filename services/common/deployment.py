@@ -12,6 +12,11 @@ from services.common.errors import InvalidArgument
 
 SCHEDULER_POLICIES = ("edgeai", "least_loaded", "round_robin", "random")
 JOINT_MODES = ("off", "sync", "async")
+INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
+# What each batching integer may be: the front door's RouteReply carries them as uint32,
+# ModelConfig max_batch_size (and preferred sizes, at most it) as int32
+BATCHING_RANGES = {"max_batch_size": (1, INT32_MAX), "max_queue_delay_us": (0, UINT32_MAX),
+                   "max_queue_size": (1, UINT32_MAX), "max_inflight_batches": (1, UINT32_MAX)}
 
 
 @dataclass(frozen=True)
@@ -170,14 +175,28 @@ def _non_finite(value: Any, where: str) -> str | None:
     return None
 
 
+def check_batching(b: BatchingSpec, model: str) -> None:
+    """INVALID_ARGUMENT naming a batching integer out of its range (`BATCHING_RANGES`), or a
+    preferred batch size that is not from 1 to `max_batch_size`."""
+    for name, (low, high) in BATCHING_RANGES.items():
+        value = getattr(b, name)
+        if not low <= value <= high:
+            why = " (batching values must be positive)" if value < low else ""
+            raise InvalidArgument(f"deployment field '{model}.batching.{name}' must be from {low} to {high}, "
+                                  f"got {value}{why}")
+    bad = [size for size in b.preferred_batch_sizes if not 1 <= size <= b.max_batch_size]
+    if bad:
+        raise InvalidArgument(f"deployment field '{model}.batching.preferred_batch_sizes' must hold sizes from 1 "
+                              f"to max_batch_size {b.max_batch_size}, got {list(bad)}")
+
+
 def validate(spec: DeploymentSpec) -> DeploymentSpec:
     b, s = spec.batching, spec.scheduler
     if not spec.model:
         raise InvalidArgument("deployment needs a 'model'")
     if where := _non_finite(spec, spec.model):
         raise InvalidArgument(f"deployment field '{where}' must be a finite number")
-    if b.max_batch_size < 1 or b.max_queue_size < 1 or b.max_queue_delay_us < 0 or b.max_inflight_batches < 1:
-        raise InvalidArgument("deployment batching values must be positive")
+    check_batching(b, spec.model)
     if s.policy not in SCHEDULER_POLICIES:
         raise InvalidArgument(f"scheduler policy {s.policy!r} must be one of {list(SCHEDULER_POLICIES)}")
     if min(s.alpha, s.beta, s.gamma, s.delta) < 0:

@@ -103,6 +103,30 @@ def test_an_invalid_spec_is_invalid_argument_saying_what_is_wrong(data, message)
         deployment.from_dict(data)
 
 
+@pytest.mark.parametrize(
+    ("batching", "message"),
+    [({"preferred_batch_sizes": [0]}, "'digits.batching.preferred_batch_sizes' must hold sizes from 1 to "
+                                      r"max_batch_size 64, got \[0\]"),
+     ({"preferred_batch_sizes": [4, -4]}, r"'digits.batching.preferred_batch_sizes' .* got \[-4\]"),
+     ({"max_batch_size": 32, "preferred_batch_sizes": [8, 100000]},
+      r"'digits.batching.preferred_batch_sizes' must hold sizes from 1 to max_batch_size 32, got \[100000\]"),
+     ({"max_batch_size": 2**31}, "'digits.batching.max_batch_size' must be from 1 to 2147483647, got 2147483648"),
+     ({"max_queue_delay_us": 2**32}, "'digits.batching.max_queue_delay_us' must be from 0 to 4294967295"),
+     ({"max_queue_size": 0}, "'digits.batching.max_queue_size' must be from 1 to 4294967295, got 0"),
+     ({"max_inflight_batches": 2**40}, "'digits.batching.max_inflight_batches' must be from 1 to 4294967295")],
+    ids=["zero-size", "negative-size", "size-over-max-batch", "batch-over-int32", "delay-over-uint32",
+         "empty-queue", "inflight-over-uint32"],
+)
+def test_batching_integers_out_of_what_the_wire_carries_are_invalid_argument_naming_the_field(batching, message):
+    with pytest.raises(InvalidArgument, match=message):
+        deployment.from_dict({"model": "digits", "batching": batching})
+
+
+def test_preferred_sizes_from_one_to_max_batch_size_are_accepted():
+    spec = deployment.from_dict({"model": "digits", "batching": {"max_batch_size": 8, "preferred_batch_sizes": [1, 8]}})
+    assert spec.batching.preferred_batch_sizes == (1, 8)
+
+
 @pytest.mark.parametrize("text", ["{", "", "model: digits"], ids=["truncated", "empty", "yaml"])
 def test_text_that_is_not_json_is_invalid_argument(text):
     with pytest.raises(InvalidArgument, match="deployment spec is not JSON"):
@@ -129,3 +153,20 @@ def test_a_rollout_reads_from_json_and_splits_requests_that_name_no_version():
 def test_a_rollout_that_cannot_work_is_refused(rollout, message):
     with pytest.raises(InvalidArgument, match=message):
         deployment.from_dict({"model": "digits", "rollout": rollout})
+
+
+def test_the_largest_batching_values_accepted_fit_the_route_reply_and_model_config():
+    from services.pb.cnei import frontdoor_pb2
+    from services.pb.inference import grpc_service_pb2
+
+    top = {name: high for name, (_, high) in deployment.BATCHING_RANGES.items()}
+    spec = deployment.from_dict({"model": "digits", "batching": {**top, "preferred_batch_sizes": [top["max_batch_size"]]}})
+    b = spec.batching
+    reply = frontdoor_pb2.RouteReply(max_batch_size=b.max_batch_size, max_queue_delay_us=b.max_queue_delay_us,
+                                     max_queue_size=b.max_queue_size, max_inflight_batches=b.max_inflight_batches,
+                                     preferred_batch_sizes=b.preferred_batch_sizes)
+    config = grpc_service_pb2.ModelConfig(max_batch_size=b.max_batch_size)
+    config.dynamic_batching.preferred_batch_size.extend(b.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = b.max_queue_delay_us
+    assert (reply.max_batch_size, list(config.dynamic_batching.preferred_batch_size)) == \
+        (2**31 - 1, [2**31 - 1])
