@@ -60,6 +60,11 @@ def latency_ms(v: ModelVariant, node_class: str) -> float | None:
 _DEFAULT_ORDER = {"FP32": 0, "FP16": 1, "INT8": 2}
 
 
+def _known(measured: float | None, unmeasured: float) -> float:
+    """A measurement, `unmeasured` standing in only when there is none (0.0 is a measurement)."""
+    return unmeasured if measured is None else measured
+
+
 def choose_variant(variants: list[ModelVariant], policy: PrecisionPolicy, node_class: str) -> ModelVariant:
     """Explicit precision wins; else the fastest variant meeting `accuracy_floor`, or the most
     accurate one within `latency_budget_ms` (both: the fastest meeting both); else FP32 first.
@@ -75,14 +80,14 @@ def choose_variant(variants: list[ModelVariant], policy: PrecisionPolicy, node_c
         raise ModelNotFound(name, variants[0].version, policy.precision)
     pool = list(variants)
     if policy.accuracy_floor is not None:
-        pool = [v for v in pool if (accuracy(v) or -1.0) >= policy.accuracy_floor]
+        pool = [v for v in pool if _known(accuracy(v), -1.0) >= policy.accuracy_floor]
         if not pool:
             best = max((accuracy(v) or 0.0) for v in variants)
             raise FailedPrecondition(
                 f"no variant of model '{name}' meets accuracy_floor {policy.accuracy_floor} "
                 f"(best measured accuracy {best:.4f})")
     if policy.latency_budget_ms is not None:
-        fits = [v for v in pool if (latency_ms(v, node_class) or float("inf")) <= policy.latency_budget_ms]
+        fits = [v for v in pool if _known(latency_ms(v, node_class), math.inf) <= policy.latency_budget_ms]
         if not fits:
             known = [latency_ms(v, node_class) for v in pool if latency_ms(v, node_class) is not None]
             detail = f"fastest measured {min(known):.3f} ms" if known else "no latency measured yet"
@@ -93,6 +98,6 @@ def choose_variant(variants: list[ModelVariant], policy: PrecisionPolicy, node_c
             return max(fits, key=lambda v: (accuracy(v) or 0.0, -_DEFAULT_ORDER.get(v.precision, 9)))
         pool = fits
     if policy.accuracy_floor is not None:
-        return min(pool, key=lambda v: (latency_ms(v, node_class) or float("inf"),
+        return min(pool, key=lambda v: (_known(latency_ms(v, node_class), math.inf),
                                         _DEFAULT_ORDER.get(v.precision, 9)))
     return min(pool, key=lambda v: _DEFAULT_ORDER.get(v.precision, 9))

@@ -153,3 +153,15 @@ def test_a_parameter_that_is_not_a_number_is_invalid_argument(params, message):
 def test_choosing_from_no_variants_is_model_not_found():
     with pytest.raises(ModelNotFound):
         choose_variant([], PrecisionPolicy(), "edge-arm")
+
+
+@pytest.mark.parametrize(
+    ("measured", "params", "expected"),
+    [({"FP32": ("0.5", "0.0000"), "INT8": ("0.4", "1.0")}, {"latency_budget_ms": "0.5"}, "FP32"),
+     ({"FP32": ("0.5", "0.0"), "INT8": ("0.4", "1.0")}, {"accuracy_floor": "0.1"}, "FP32"),
+     ({"FP32": ("0.0", "1.0"), "INT8": ("0.5", "2.0")}, {"accuracy_floor": "0"}, "FP32")],
+    ids=["zero-latency-fits-a-budget", "zero-latency-is-fastest", "zero-accuracy-meets-a-zero-floor"],
+)
+def test_a_measured_zero_is_a_measurement_not_a_missing_one(measured, params, expected):
+    variants = [_variant(p, {"accuracy": acc, "latency_ms.edge-arm": lat}) for p, (acc, lat) in measured.items()]
+    assert choose(variants=variants, **params) == expected
