@@ -18,18 +18,21 @@ from services.common import tls
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def _channel(target: str, tls_ca: str, tls_cert: str, tls_key: str) -> grpc.Channel:
+def _channel(target: str, tls_ca: str, tls_cert: str, tls_key: str, server_name: str = "") -> grpc.Channel:
     if not tls_ca:
         return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, tls.channel_credentials(tls_ca, tls_cert, tls_key))
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(target, tls.channel_credentials(tls_ca, tls_cert, tls_key), options=options)
 
 
 def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = "", tls_cert: str = "",
-          tls_key: str = "") -> tuple[bool, str]:
+          tls_key: str = "", server_name: str = "") -> tuple[bool, str]:
     """(serving, status name or error) for `service` ("" = the whole server) at `target`; over TLS
-    trusting `tls_ca` when given (with a client certificate for mutual TLS)."""
+    trusting `tls_ca` when given (with a client certificate for mutual TLS), checking
+    `server_name` in the server's certificate instead of the host dialled (a public name while
+    the check dials 127.0.0.1)."""
     try:
-        with _channel(target, tls_ca, tls_cert, tls_key) as channel:
+        with _channel(target, tls_ca, tls_cert, tls_key, server_name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:
@@ -41,7 +44,8 @@ def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = ""
 
 
 # The healthcheck's own variables (a container's env may set them beside its service's settings)
-ENV = ("CNEI_HEALTHCHECK_TLS_CA", "CNEI_HEALTHCHECK_TLS_CERT", "CNEI_HEALTHCHECK_TLS_KEY")
+ENV = ("CNEI_HEALTHCHECK_TLS_CA", "CNEI_HEALTHCHECK_TLS_CERT", "CNEI_HEALTHCHECK_TLS_KEY",
+       "CNEI_HEALTHCHECK_TLS_SERVER_NAME")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="HOST:PORT of a gRPC server with the standard health service")
     parser.add_argument("--service", default="", help="service name to check (default: the server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
-    ca_env, cert_env, key_env = ENV
+    ca_env, cert_env, key_env, name_env = ENV
     parser.add_argument("--tls-ca", default=os.environ.get(ca_env, ""),
                         help="a server on TLS: the CA (PEM) to trust (default: $CNEI_HEALTHCHECK_TLS_CA)")
     parser.add_argument("--tls-cert", default=os.environ.get(cert_env, ""),
                         help="client certificate (PEM) for mutual TLS (default: $CNEI_HEALTHCHECK_TLS_CERT)")
     parser.add_argument("--tls-key", default=os.environ.get(key_env, ""),
                         help="its key (default: $CNEI_HEALTHCHECK_TLS_KEY)")
+    parser.add_argument("--tls-server-name", default=os.environ.get(name_env, ""),
+                        help="the name the server's certificate holds, checked instead of the host dialled "
+                             "(default: $CNEI_HEALTHCHECK_TLS_SERVER_NAME)")
     args = parser.parse_args(argv)
-    serving, status = check(args.target, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
+    serving, status = check(args.target, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key,
+                            args.tls_server_name)
     print(f"{args.target} {args.service or '(server)'}: {status}",
           file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1

@@ -273,3 +273,16 @@ def test_a_trainer_given_the_node_ca_and_certificate_trains_on_the_tls_node(mesh
     assert round_1.participants == ["edge-t1"]
     assert {"edge-a1", "edge-b1"} <= set(round_1.failed)
     assert job.new_version
+
+
+def test_the_container_healthcheck_checks_the_name_the_certificate_holds_when_told(named_node, pki):
+    """A certificate for a public name (not the 127.0.0.1 a container healthcheck dials) passes
+    the check once the check is given that name."""
+    address, _ = named_node
+    plain = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", address, "--tls-ca", pki["ca"]],
+                           capture_output=True, text=True, timeout=30)
+    assert plain.returncode == 1, plain.stdout
+    named = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", address, "--tls-ca", pki["ca"]],
+                           capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "CNEI_HEALTHCHECK_TLS_SERVER_NAME": "runtime.test"})
+    assert named.returncode == 0 and "SERVING" in named.stdout, named.stderr
