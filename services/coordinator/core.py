@@ -29,7 +29,8 @@ from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breaker, Breakers, Claim, Verdict, verdict
 from services.coordinator.catalog import Catalog
 from services.coordinator.forwarder import sender
-from services.coordinator.joint import disagreements, joint_scores, merge_rows, only, prefer_edge, rows_below
+from services.coordinator.joint import (answered_outputs, disagreements, joint_scores, merge_rows, only,
+                                       prefer_edge, rows_below)
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread
@@ -54,6 +55,10 @@ SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
 CACHED = "cnei_response_cache"  # response parameter: answered from the response cache
+ESCALATION_ERROR = "cnei_escalation_error"  # response parameter: why sync joint kept the edge answer
+# Of what the edge left of a sync joint request's deadline, the share the cloud gets: the rest is
+# kept to answer with the edge's rows after a cloud timeout, before the caller's deadline
+ESCALATION_SHARE = 0.9
 _served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up once
 # The request being served collects here the ns each of its node calls waited in a batcher (every
 # attempt: failover, hedging, joint escalation), booked as its queue time (Triton's `queue`)
@@ -342,7 +347,9 @@ class Coordinator:
         j = spec.joint
         check_outputs(variants[0], request.outputs)
         params = request.parameters
-        edge_params = dict(params)
+        # one budget for the whole joint request: the cloud gets what the edge left of it
+        end = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
+        edge_params = {k: v for k, v in params.items() if k not in ("timeout_us", "timeout")}  # `end` bounds it
         if j.edge_precision and not policy_from_params(params).precision:
             edge_params["precision"] = j.edge_precision
         # every output: the joint one is read whatever the client asked for
@@ -351,12 +358,13 @@ class Coordinator:
         if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
             if not spec.cloud_fallback:
                 raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or "")))
-            cloud = await self._cloud(request, spec, deadline_s, reason="no edge node")
-            cloud.outputs = only(cloud.outputs, request.outputs)
+            cloud = await self._cloud(request, spec, end - time.monotonic(), reason="no edge node")
+            cloud.outputs = answered_outputs(cloud.outputs, request.outputs or [t.name for t in variants[0].outputs],
+                                             request.model_name, cloud.model_name)
             cloud.parameters.update({"cnei_joint": mode, "cnei_escalated": request.rows,
                                      "cnei_cloud_node": cloud.parameters.get("cnei_node", "")})
             return cloud
-        response = await self._infer(edge_request, variants, edge_spec, deadline_s)
+        response = await self._infer(edge_request, variants, edge_spec, end - time.monotonic())
         output = j.output or next(iter(response.outputs), "")
         probs = joint_scores(response.outputs, output, request.model_name)
         response.parameters["cnei_joint"] = mode
@@ -364,28 +372,53 @@ class Coordinator:
         if mode == "async" and not edge_only and len(probs):
             self._background.spawn(self._validate(request, spec, probs, output))
         elif mode == "sync":
-            await self._escalate(request, spec, response, probs, deadline_s, keep_edge=edge_only)
+            await self._escalate(request, spec, response, probs, end, keep_edge=edge_only)
         response.outputs = only(response.outputs, request.outputs)
         return response
 
     async def _escalate(self, request: oip.InferRequest, spec: DeploymentSpec, response: oip.InferResponse,
-                        probs: np.ndarray, deadline_s: float | None, keep_edge: bool) -> None:
+                        probs: np.ndarray, end: float, keep_edge: bool) -> None:
         """Sync joint inference: the rows of `response` the edge was unsure of, answered again by
-        the cloud model (unless the request is critical, `keep_edge`, or the cloud too far)."""
+        the cloud model within what is left of the request's deadline `end` (unless the request is
+        critical, `keep_edge`, or the cloud too far). A cloud that cannot answer in time (down,
+        timed out, too little time left) leaves the edge answer, saying why (`ESCALATION_ERROR`)."""
         critical = str(request.parameters.get("critical", "")).lower() in ("true", "1") or \
             request.parameters.get("critical") is True
         rows = rows_below(probs, spec.joint.threshold)
+        response.parameters["cnei_escalated"] = 0
         if not len(rows) or keep_edge or prefer_edge(critical, self._cloud_rtt(), spec.joint.latency_threshold_ms):
-            response.parameters["cnei_escalated"] = 0
+            return
+        left = end - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be escalated")
+        budget = left * ESCALATION_SHARE
+        rtt = self._cloud_rtt()
+        if budget <= (rtt or 0.0) / 1e3:
+            self._keep_edge(request, response, f"{left * 1e3:.1f} ms of the request's deadline left: too little "
+                                               "for the cloud")
             return
         cloud_request = replace(request, inputs={k: v[rows] for k, v in request.inputs.items()})
-        cloud = await self._cloud(cloud_request, spec, deadline_s, reason="low confidence")
+        try:
+            cloud = await self._cloud(cloud_request, spec, budget, reason="low confidence")
+        except CneiError as exc:
+            if exc.code not in RETRYABLE:
+                raise
+            self._keep_edge(request, response, exc.message)
+            return
+        answered = only(response.outputs, request.outputs)
+        merged = merge_rows(answered, cloud.outputs, rows, request.model_name, cloud.model_name)
+        response.outputs = {**response.outputs, **merged}
         ESCALATIONS.labels(request.model_name, "sync").inc(len(rows))
         self.recent.append({"kind": "escalation", "time": time.time(), "model": request.model_name,
                             "rows": int(len(rows)), "to": cloud.parameters.get("cnei_node", "")})
-        response.outputs = merge_rows(response.outputs, cloud.outputs, rows)
         response.parameters["cnei_escalated"] = int(len(rows))
         response.parameters["cnei_cloud_node"] = cloud.parameters.get("cnei_node", "")
+
+    def _keep_edge(self, request: oip.InferRequest, response: oip.InferResponse, why: str) -> None:
+        """The edge answer stands for rows the cloud could not answer: the response says why."""
+        log.warning("joint inference of %s keeps the edge answer: %s", request.model_name, why)
+        response.parameters["cnei_escalated"] = 0
+        response.parameters[ESCALATION_ERROR] = why
 
     def _cloud_rtt(self) -> float | None:
         rtts = [self.nodes.rtt_ms[n.node_id] for n in self.nodes.nodes
@@ -394,11 +427,14 @@ class Coordinator:
 
     async def _cloud(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
                      reason: str) -> oip.InferResponse:
+        """`request` served by the joint cloud model within `deadline_s` (what is left of the
+        request's own budget: its `timeout_us` / `timeout` are not counted again from now)."""
         j = spec.joint
         model = j.cloud_model or request.model_name
         variants = await self.catalog.variants(model, j.cloud_version)
         cloud_spec = replace(await self.catalog.deployment(model), tiers=("cloud",), cloud_fallback=True)
-        params = {k: v for k, v in request.parameters.items() if k not in ("precision", "joint", "tier")}
+        params = {k: v for k, v in request.parameters.items()
+                  if k not in ("precision", "joint", "tier", "timeout_us", "timeout")}
         if j.cloud_precision:
             params["precision"] = j.cloud_precision
         # every output of the cloud model: the caller merges those the edge answer has

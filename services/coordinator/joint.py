@@ -41,13 +41,33 @@ def prefer_edge(critical: bool, cloud_rtt_ms: float | None, latency_threshold_ms
     return critical or (cloud_rtt_ms is not None and cloud_rtt_ms > latency_threshold_ms)
 
 
-def merge_rows(edge: dict[str, np.ndarray], cloud: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Edge outputs with `rows` replaced by the cloud's answers (same output names)."""
+def answered_outputs(cloud: dict[str, np.ndarray], names: list[str], model: str,
+                     cloud_model: str) -> dict[str, np.ndarray]:
+    """The outputs `names` of the edge model, as the cloud model answered them: FAILED_PRECONDITION
+    naming both models and the outputs the cloud model lacks."""
+    missing = [name for name in names if name not in cloud]
+    if missing:
+        raise FailedPrecondition(f"joint inference of model '{model}': cloud model '{cloud_model}' has no output "
+                                 f"{missing} (its outputs: {sorted(cloud)})")
+    return {name: cloud[name] for name in names}
+
+
+def merge_rows(edge: dict[str, np.ndarray], cloud: dict[str, np.ndarray], rows: np.ndarray,
+               model: str, cloud_model: str) -> dict[str, np.ndarray]:
+    """Edge outputs with `rows` replaced by the cloud's answers: every edge output must be one of
+    the cloud's, one row per escalated row, of the same non-batch shape and kind of value;
+    FAILED_PRECONDITION naming both models and the output otherwise (never the edge's row kept)."""
+    answered = answered_outputs(cloud, list(edge), model, cloud_model)
     merged = {}
     for name, array in edge.items():
+        theirs = answered[name]
+        if theirs.shape != (len(rows), *array.shape[1:]) or (theirs.dtype.kind in "OSU") != (array.dtype.kind in "OSU"):
+            raise FailedPrecondition(
+                f"joint inference of model '{model}': output '{name}' of cloud model '{cloud_model}' is "
+                f"{theirs.dtype} of shape {list(theirs.shape)} for {len(rows)} escalated rows; the edge's is "
+                f"{array.dtype} of shape {[len(rows), *array.shape[1:]]}")
         out = np.array(array, copy=True)
-        if name in cloud:
-            out[rows] = cloud[name].astype(out.dtype, copy=False)
+        out[rows] = theirs.astype(out.dtype, copy=False)
         merged[name] = out
     return merged
 

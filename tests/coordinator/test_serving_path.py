@@ -320,6 +320,90 @@ async def test_joint_inference_whose_output_is_not_numbers_is_failed_preconditio
         assert "needs output 'label' to hold numbers" in details
 
 
+def cloud_renamed(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = len(inputs["x"])
+    return {"q": np.tile(np.array([0.1, 0.9], np.float32), (rows, 1)), "z": np.full((rows, 1), 2.0, np.float32)}
+
+
+def cloud_wider(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = len(inputs["x"])
+    return {"p": np.full((rows, 5), 0.2, np.float32), "z": np.full((rows, 1), 2.0, np.float32)}
+
+
+def slow_joint_mesh(edge_s: float, cloud_s: float):
+    return mesh([JOINT_MODEL], JOINT, {"e1": NodeCore(edge_unsure, edge_s), "c1": NodeCore(cloud_sure, cloud_s)},
+                tiers={"e1": "edge", "c1": "cloud"})
+
+
+def assert_the_edge_answer_kept(status: str, response, why: str) -> None:
+    assert status == "OK", response
+    assert response.outputs["p"].tolist() == [[0.5, 0.5]]  # the edge's answer
+    p = response.parameters
+    assert (p["cnei_joint"], p["cnei_escalated"], p["cnei_node"]) == ("sync", 0, "e1")
+    assert why in p["cnei_escalation_error"] and "cnei_cloud_node" not in p
+
+
+async def test_sync_joint_keeps_the_edge_answer_when_no_cloud_node_is_live(joint_mesh):
+    await joint_mesh.leave_and_join("e1")
+    status, response = await joint_mesh.infer()
+    assert_the_edge_answer_kept(status, response, "no live node can serve model 'm'")
+
+
+@pytest.mark.parametrize(("params", "timeout"), [({"timeout_us": 300_000}, 10.0), ({"timeout": 300_000}, 10.0),
+                                                 ({}, 0.3)], ids=["timeout-us", "tritonclient-timeout", "grpc-deadline"])
+async def test_sync_joint_gives_the_cloud_only_what_the_edge_left_of_the_deadline_and_keeps_the_edge_answer(
+        params, timeout):
+    async with slow_joint_mesh(edge_s=0.1, cloud_s=0.4) as m:  # together past the 0.3 s the request has
+        start = time.monotonic()
+        status, response = await m.infer(params=params, timeout=timeout)
+        assert time.monotonic() - start < 0.38  # 0.3 s and the transport's share, not 0.1 + 0.4 s
+        assert_the_edge_answer_kept(status, response, "deadline")
+
+
+async def test_sync_joint_with_less_time_left_than_the_clouds_round_trip_keeps_the_edge_answer_unasked():
+    spec = {"m": replace(JOINT["m"], joint=replace(JOINT["m"].joint, latency_threshold_ms=1000.0))}
+    cloud = NodeCore(cloud_sure)
+    async with mesh([JOINT_MODEL], spec, {"e1": NodeCore(edge_unsure), "c1": cloud},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        m.view.observe_rtt("c1", 500.0)  # near enough to escalate to, too far for 0.3 s
+        status, response = await m.infer(params={"timeout_us": 300_000})
+        assert_the_edge_answer_kept(status, response, "too little for the cloud")
+        assert cloud.calls == []
+        status, response = await m.infer(params={"timeout_us": 900_000})
+        assert status == "OK" and response.parameters["cnei_escalated"] == 1, response
+
+
+async def test_sync_joint_whose_own_deadline_passes_at_the_edge_is_deadline_exceeded_on_time():
+    async with slow_joint_mesh(edge_s=0.3, cloud_s=0.0) as m:
+        start = time.monotonic()
+        status, _ = await m.infer(params={"timeout_us": 100_000})
+        assert status == "DEADLINE_EXCEEDED" and time.monotonic() - start < 0.25
+
+
+async def cloud_model_mismatch(cloud, message: str, route: str) -> None:
+    spec = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="sync", threshold=0.8, output="p", cloud_model="big"))}
+    big = variant("big", outputs=(("q", "FP32", (-1, 2)), ("p", "FP32", (-1, 5)), ("z", "FP32", (-1, 1))))
+    async with mesh([JOINT_MODEL, big], spec, {"e1": NodeCore(edge_unsure), "c1": NodeCore(cloud)},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        if route == "whole-request":
+            await m.leave_and_join("c1")
+        status, details = await m.infer()
+        assert status == "FAILED_PRECONDITION", details
+        assert "joint inference of model 'm'" in details and message in details
+
+
+@pytest.mark.parametrize(("cloud", "message"),
+                         [(cloud_renamed, "cloud model 'big' has no output ['p']"),
+                          (cloud_wider, "output 'p' of cloud model 'big' is float32 of shape [1, 5]")],
+                         ids=["other-output-names", "other-output-shape"])
+async def test_a_cloud_model_whose_outputs_do_not_match_the_edges_is_failed_precondition(cloud, message):
+    await cloud_model_mismatch(cloud, message, "escalated-rows")
+
+
+async def test_a_whole_request_answered_by_a_cloud_model_without_the_edges_outputs_is_failed_precondition():
+    await cloud_model_mismatch(cloud_renamed, "cloud model 'big' has no output ['p']", "whole-request")
+
+
 # --- nodes that leave --------------------------------------------------------------------------
 
 async def test_what_the_coordinator_keeps_for_a_node_goes_when_it_leaves():
