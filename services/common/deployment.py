@@ -298,3 +298,47 @@ def from_json(text: str) -> DeploymentSpec:
 
 def to_json(spec: DeploymentSpec) -> str:
     return json.dumps(dataclasses.asdict(spec), sort_keys=True)
+
+
+def ensemble_cycle(model: str, ensembles: dict[str, DeploymentSpec]) -> list[str] | None:
+    """A chain of ensemble steps leading from ensemble `model` back to itself (the ensembles by
+    name, `model`'s among them), or None."""
+    def walk(name: str, path: list[str]) -> list[str] | None:
+        for step in ensembles[name].ensemble:
+            if step.model == model:
+                return [*path, model]
+            if step.model in ensembles and step.model not in path:
+                if found := walk(step.model, [*path, step.model]):
+                    return found
+        return None
+    return walk(model, [model])
+
+
+def step_mapping_problem(reads: list[tuple[str, str]], writes: list[tuple[str, str]], inputs: list[str],
+                         outputs: list[str], model: str) -> str | None:
+    """What is wrong with a step's tensor mapping against its model's `inputs` and `outputs`
+    (a model tensor it reads or writes that the model does not have), or None."""
+    for model_tensor, _ in reads:
+        if model_tensor not in inputs:
+            return f"model '{model}' has no input '{model_tensor}' (inputs: {sorted(inputs)})"
+    for model_tensor, _ in writes:
+        if model_tensor not in outputs:
+            return f"model '{model}' has no output '{model_tensor}' (outputs: {sorted(outputs)})"
+    return None
+
+
+def _shapes_fit(edge: tuple[int, ...], cloud: tuple[int, ...]) -> bool:
+    """Same rank and, past the batch dimension, the same size wherever both are fixed (-1: any)."""
+    return len(edge) == len(cloud) and all(a == b or -1 in (a, b) for a, b in zip(edge[1:], cloud[1:]))
+
+
+def joint_mismatches(edge_outputs: dict[str, tuple[int, ...]], cloud_outputs: dict[str, tuple[int, ...]]) -> list[str]:
+    """Why the cloud model cannot answer the edge model's rows (outputs by name -> shape): each
+    edge output it lacks or has with another non-batch shape."""
+    problems = []
+    for name, shape in edge_outputs.items():
+        if name not in cloud_outputs:
+            problems.append(f"it has no output '{name}'")
+        elif not _shapes_fit(shape, cloud_outputs[name]):
+            problems.append(f"its output '{name}' has shape {list(cloud_outputs[name])}, the edge's {list(shape)}")
+    return problems

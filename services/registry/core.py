@@ -159,16 +159,43 @@ class Registry:
 
     async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
         spec = deployment.from_json(spec_json)
-        if spec.ensemble:  # a name of its own, over models the registry has
+        if spec.ensemble:  # a name of its own, over models the registry has and other ensembles
             if await asyncio.to_thread(self.store.variants, spec.model):
                 raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
-            for step in spec.ensemble:
-                await self.resolve(step.model, step.version, step.precision)
+            ensembles = {s.model: s for s, _ in await self.deployments() if s.ensemble} | {spec.model: spec}
+            if cycle := deployment.ensemble_cycle(spec.model, ensembles):
+                raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
+            for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
+                if step.model in ensembles and not await asyncio.to_thread(self.store.variants, step.model):
+                    if step.version not in ("", "1"):  # an ensemble's one version
+                        raise ModelNotFound(step.model, step.version)
+                    inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
+                else:
+                    v = await self.resolve(step.model, step.version, step.precision)
+                    inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
+                if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
+                    raise InvalidArgument(f"ensemble '{spec.model}' step {i} ({step.model}): {problem}")
         else:
             latest = await self.resolve(spec.model)
-            for version in {spec.rollout.stable, spec.rollout.canary} - {""}:  # NOT_FOUND naming it
-                await self.resolve(spec.model, version)
+            served = [latest] + [await self.resolve(spec.model, version)  # NOT_FOUND naming it
+                                 for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
             _check_canary_is_not_the_latest(spec, latest.version)
+            j = spec.joint
+            if j.mode != "off" or j.cloud_model or j.cloud_version:  # requests may turn joint inference on
+                cloud_name = j.cloud_model or spec.model
+                try:
+                    cloud = await self.resolve(cloud_name, j.cloud_version, j.cloud_precision)
+                except ModelNotFound as exc:
+                    raise InvalidArgument(f"deployment field '{spec.model}.joint.cloud_model': {exc.message}") from None
+                for edge in served:
+                    outputs = {t.name: t.shape for t in edge.outputs}
+                    if j.output and j.output not in outputs:
+                        raise InvalidArgument(f"deployment field '{spec.model}.joint.output': model '{spec.model}' "
+                                              f"version {edge.version} has no output '{j.output}' "
+                                              f"(outputs: {sorted(outputs)})")
+                    if problems := deployment.joint_mismatches(outputs, {t.name: t.shape for t in cloud.outputs}):
+                        raise InvalidArgument(f"joint cloud model '{cloud.key}' cannot answer for model '{edge.key}': "
+                                              + "; ".join(problems))
         when = time.time()
         await asyncio.to_thread(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:

@@ -1,0 +1,105 @@
+"""What a deployment is checked against when it is applied (a real registry process): a joint
+cloud model that exists and can answer for the edge model, ensemble steps over models or other
+ensembles whose tensors they map, and no ensemble that reaches itself."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec
+from services.common.errors import CneiError, ErrorCode
+from services.models.onnx_mlp import mlp_graph
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Tiny ONNX models: input 'input' [-1, 4]; output 'probabilities' [-1, 3], 'probs' [-1, 3]
+    or 'probabilities' [-1, 5]."""
+    root = tmp_path_factory.mktemp("artifacts")
+    paths = {}
+    for key, output, classes in [("edge", "probabilities", 3), ("renamed", "probs", 3), ("wider", "probabilities", 5)]:
+        weights = np.random.default_rng(0).standard_normal((4, classes)).astype(np.float32)
+        paths[key] = root / f"{key}.onnx"
+        onnx.save(mlp_graph([weights], [np.zeros(classes, np.float32)], name=key, output_name=output), paths[key])
+    return paths
+
+
+@pytest.fixture
+async def models(client, name, artifacts) -> dict[str, str]:
+    """A fresh model of each artifact (FP32, version 1): their names by key."""
+    names = {key: f"{name}-{key}" for key in artifacts}
+    for key, path in artifacts.items():
+        await client.push_file(path, names[key], "1", "FP32")
+    return names
+
+
+async def refused(client, spec: DeploymentSpec) -> str:
+    """The INVALID_ARGUMENT message `spec` is refused with (and it was not stored)."""
+    with pytest.raises(CneiError) as info:
+        await client.put_deployment(spec)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT, info.value.message
+    assert all(s != spec for s in await client.list_deployments())
+    return info.value.message
+
+
+def joint(model: str, **fields) -> DeploymentSpec:
+    return DeploymentSpec(model=model, joint=JointSpec(mode="sync", **fields))
+
+
+async def test_a_joint_cloud_model_that_does_not_exist_is_refused_naming_it(client, models):
+    message = await refused(client, joint(models["edge"], cloud_model="no-such-cloud-model"))
+    assert "joint.cloud_model" in message and "model 'no-such-cloud-model'" in message
+
+
+@pytest.mark.parametrize(("cloud", "problem"),
+                         [("renamed", "it has no output 'probabilities'"),
+                          ("wider", "its output 'probabilities' has shape [-1, 5], the edge's [-1, 3]")])
+async def test_a_joint_cloud_model_that_cannot_answer_for_the_edge_is_refused_naming_the_outputs(
+        client, models, cloud, problem):
+    message = await refused(client, joint(models["edge"], cloud_model=models[cloud]))
+    assert f"joint cloud model '{models[cloud]}:1:FP32' cannot answer for model '{models['edge']}:1:FP32'" in message
+    assert problem in message
+
+
+async def test_a_joint_output_the_edge_model_lacks_is_refused(client, models):
+    message = await refused(client, joint(models["edge"], output="logits"))
+    assert "joint.output" in message and "no output 'logits'" in message
+
+
+async def test_a_joint_cloud_model_with_the_edges_outputs_is_accepted(client, models):
+    spec = joint(models["edge"], cloud_model=models["edge"], cloud_version="1", output="probabilities")
+    assert await client.put_deployment(spec) == spec
+
+
+def step(model: str, reads: str, writes: str) -> EnsembleStep:
+    return EnsembleStep(model=model, inputs=(reads,), outputs=(writes,))
+
+
+async def test_an_ensemble_may_nest_another_ensemble(client, models, name):
+    inner = DeploymentSpec(model=f"{name}-inner", ensemble=(step(models["edge"], "input=image", "probabilities=p"),))
+    outer = DeploymentSpec(model=f"{name}-outer", ensemble=(step(inner.model, "image=picture", "p=answer"),))
+    await client.put_deployment(inner)
+    assert await client.put_deployment(outer) == outer
+    message = await refused(client, DeploymentSpec(model=f"{name}-bad", ensemble=(
+        step(inner.model, "picture=x", "p=answer"),)))
+    assert f"ensemble '{name}-bad' step 0 ({inner.model}): model '{inner.model}' has no input 'picture'" in message
+
+
+async def test_an_ensemble_that_would_reach_itself_is_refused_naming_the_chain(client, models, name):
+    a, b = f"{name}-a", f"{name}-b"
+    await client.put_deployment(DeploymentSpec(model=a, ensemble=(step(models["edge"], "input=x", "probabilities=y"),)))
+    await client.put_deployment(DeploymentSpec(model=b, ensemble=(step(a, "x=x", "y=y"),)))
+    message = await refused(client, DeploymentSpec(model=a, ensemble=(step(b, "x=x", "y=y"),)))
+    assert f"ensemble '{a}' reaches itself: {a} -> {b} -> {a}" in message
+
+
+@pytest.mark.parametrize(("reads", "writes", "problem"),
+                         [("inp=image", "probabilities=p", "has no input 'inp' (inputs: ['input'])"),
+                          ("input=image", "probs=p", "has no output 'probs' (outputs: ['probabilities'])")],
+                         ids=["input", "output"])
+async def test_a_step_mapping_a_tensor_its_model_lacks_is_refused_naming_the_step_and_tensor(
+        client, models, name, reads, writes, problem):
+    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(step(models["edge"], reads, writes),))
+    message = await refused(client, spec)
+    assert f"ensemble '{name}-pipe' step 0 ({models['edge']}): model '{models['edge']}' {problem}" in message
