@@ -207,15 +207,23 @@ class Coordinator:
             return False
         return bool(self.nodes.nodes)
 
-    async def model_variant(self, name: str, version: str = "") -> ModelVariant:
-        """The model's default variant; for an ensemble, what its steps make of it."""
+    async def model_variant(self, name: str, version: str = "", depth: int = 0) -> ModelVariant:
+        """The model's default variant; for an ensemble, what its steps make of it (`depth`: how
+        many ensembles lead to this one; FAILED_PRECONDITION past ensemble.MAX_DEPTH, a cycle)."""
         try:
             return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
         except ModelNotFound:
             spec = await self.catalog.deployment(name)
             if not spec.ensemble or version not in ("", ensemble.VERSION):
                 raise
-            return await ensemble.variant(spec, self.model_variant)
+            return await self._ensemble_variant(spec, depth)
+
+    async def _ensemble_variant(self, spec: DeploymentSpec, depth: int) -> ModelVariant:
+        ensemble.check_depth(spec, depth)
+        return await ensemble.variant(spec, functools.partial(self._step_variant, depth + 1))
+
+    async def _step_variant(self, depth: int, name: str, version: str) -> ModelVariant:
+        return await self.model_variant(name, version, depth)
 
     async def deployment(self, name: str) -> DeploymentSpec:
         """The model's deployment (what ModelConfig shows of it)."""
@@ -238,7 +246,7 @@ class Coordinator:
         for spec in await self.catalog.registry.list_deployments():
             if spec.ensemble:
                 try:
-                    variants.append(await ensemble.variant(spec, self.model_variant))
+                    variants.append(await self._ensemble_variant(spec, 0))
                 except CneiError as exc:  # a step's model gone: the ensemble is listed, not ready
                     log.warning("ensemble %s: %s", spec.model, exc.message)
                     variants.append(ModelVariant(spec.model, ensemble.VERSION, "", "", 0, [], [], "ensemble"))
@@ -273,6 +281,8 @@ class Coordinator:
             await self.control.check(request.model_name)
         deployed = await self.catalog.deployment(request.model_name)
         if deployed.ensemble:
+            if request.model_version not in ("", ensemble.VERSION):
+                raise ModelNotFound(request.model_name, request.model_version)
             return await self._ensemble(request, deployed, deadline_s, start)
         # a request that names no version: the canary's share goes to the canary, the rest to the
         # stable version (the catalog's default)
@@ -306,10 +316,12 @@ class Coordinator:
     async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
                         start: int) -> oip.InferResponse:
         stats = self.stats.get(spec.model, ensemble.VERSION)
-        run = functools.partial(ensemble.run, spec, request, deadline_s, self.infer)
+        depth = ensemble.nesting_depth(request.parameters)
+        run = functools.partial(ensemble.run, spec, request, deadline_s, self.infer,
+                                functools.partial(self._step_variant, depth + 1))
         try:
             # Triton's top-level ensemble caching
-            scope = await self._ensemble_scope(spec) if spec.response_cache and self.cache.max_bytes else None
+            scope = await self._ensemble_scope(spec, depth) if spec.response_cache and self.cache.max_bytes else None
             if scope is not None:
                 response = await self._through_cache(scope, request, spec.model, stats, run)
             else:
@@ -321,16 +333,24 @@ class Coordinator:
                      cache_hit=from_cache(response))
         return response
 
-    async def _ensemble_scope(self, spec: DeploymentSpec) -> str | None:
+    async def _ensemble_scope(self, spec: DeploymentSpec, depth: int) -> str | None:
         """What decides an ensemble's answer besides its inputs: the steps as applied, the version
         each resolves to now and the precision policy it is served under (a step without its own
-        precision takes its model's deployment's), so a new version or precision of a step's model
-        never meets answers of the old one. None (not cached) while a step that names no version
-        has a canary: its requests go to either version at random, a kept answer would be one
-        version's for every request, and still served after the canary is rolled back."""
+        precision takes its model's deployment's; a nested ensemble: its own scope), so a new
+        version or precision of a step's model never meets answers of the old one. None (not
+        cached) while a step that names no version has a canary: its requests go to either version
+        at random, a kept answer would be one version's for every request, and still served after
+        the canary is rolled back."""
+        ensemble.check_depth(spec, depth)
         steps = []
         for step in spec.ensemble:
             deployed = await self.catalog.deployment(step.model)
+            if deployed.ensemble:
+                nested = await self._ensemble_scope(deployed, depth + 1)
+                if nested is None:
+                    return None
+                steps.append(nested)
+                continue
             if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
                 return None
             version = (await self.catalog.variants(step.model, step.version))[0].version

@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from services.common import oip
 from services.common.batcher import request_deadline
-from services.common.deployment import DeploymentSpec, EnsemblePlan, ensemble_plan
+from services.common.deployment import DeploymentSpec, EnsemblePlan, ensemble_plan, step_mapping_problem
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 
@@ -53,13 +53,29 @@ def nesting_depth(params: dict) -> int:
     return depth
 
 
-async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float | None,
-              infer: Infer) -> oip.InferResponse:
-    """Run the steps in order, each through `infer` (the coordinator's), inside one deadline."""
-    plan, wanted = check_request(spec, request)
-    depth = nesting_depth(request.parameters)
+def check_depth(spec: DeploymentSpec, depth: int) -> None:
+    """FAILED_PRECONDITION for an ensemble reached through `depth` ensembles or more (MAX_DEPTH)."""
     if depth >= MAX_DEPTH:
         raise FailedPrecondition(f"ensemble '{spec.model}' nests ensembles deeper than {MAX_DEPTH} (a cycle?)")
+
+
+def check_step(where: str, step_model: ModelVariant, reads: list[tuple[str, str]],
+               writes: list[tuple[str, str]]) -> None:
+    """FAILED_PRECONDITION naming the ensemble's step and tensor when the step maps a tensor its
+    model does not have (the deployment, not the client, is at fault)."""
+    problem = step_mapping_problem(reads, writes, [t.name for t in step_model.inputs],
+                                   [t.name for t in step_model.outputs], step_model.name)
+    if problem:
+        raise FailedPrecondition(f"{where}: {problem}")
+
+
+async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float | None,
+              infer: Infer, step_variant: Variant | None = None) -> oip.InferResponse:
+    """Run the steps in order, each through `infer` (the coordinator's), inside one deadline;
+    with `step_variant`, each step's mapping is checked against its model's tensors first."""
+    plan, wanted = check_request(spec, request)
+    depth = nesting_depth(request.parameters)
+    check_depth(spec, depth)
     # the gRPC deadline and `timeout_us` (or `timeout`) bound the ensemble as a whole: each step
     # gets what is left of it
     end = request_deadline(request.parameters, deadline_s, float("inf"))
@@ -75,6 +91,8 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
             params["precision"] = step.precision
         if step.tier:
             params["tier"] = step.tier
+        if step_variant is not None:
+            check_step(where, await step_variant(step.model, step.version), reads, writes)
         sub = oip.InferRequest(model_name=step.model, model_version=step.version, id=request.id,
                                inputs={m: tensors[t] for m, t in reads},
                                parameters=params, outputs=[m for m, _ in writes])
@@ -104,15 +122,12 @@ async def variant(spec: DeploymentSpec, step_variant: Variant) -> ModelVariant:
     for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
         v = await step_variant(step.model, step.version)
+        check_step(where, v, reads, writes)
         batch_sizes.append(v.max_batch_size)
         ins, outs = {t.name: t for t in v.inputs}, {t.name: t for t in v.outputs}
         for model_tensor, tensor in reads:
-            if model_tensor not in ins:
-                raise FailedPrecondition(f"{where}: the model has no input '{model_tensor}'")
             tensors.setdefault(tensor, TensorSpec(tensor, ins[model_tensor].datatype, ins[model_tensor].shape))
         for model_tensor, tensor in writes:
-            if model_tensor not in outs:
-                raise FailedPrecondition(f"{where}: the model has no output '{model_tensor}'")
             tensors[tensor] = TensorSpec(tensor, outs[model_tensor].datatype, outs[model_tensor].shape)
     batching = all(batch_sizes)
     def shaped(t: TensorSpec) -> TensorSpec:  # a batching ensemble's tensors lead with the batch dimension

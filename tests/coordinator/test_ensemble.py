@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.coordinator import ensemble
+from tests.coordinator.mesh import NodeCore, mesh, variant
 
 SPEC = DeploymentSpec(model="pipe", ensemble=(
     EnsembleStep(model="features", inputs=("x=image",), outputs=("f=feat", "aux=side"), tier="edge"),
@@ -141,3 +143,62 @@ async def test_a_nesting_depth_that_is_not_a_count_is_invalid_argument(depth, me
     request = oip.InferRequest("pipe", {"image": np.zeros((1, 3), np.float32)}, parameters={ensemble.DEPTH: depth})
     with pytest.raises(InvalidArgument, match=f"parameter '{ensemble.DEPTH}' {message}"):
         await ensemble.run(SPEC, request, None, Steps())
+
+
+# --- through a coordinator (tests/coordinator/mesh.py) -----------------------------------------
+
+def through(model: str, reads: str, writes: str) -> EnsembleStep:
+    return EnsembleStep(model=model, inputs=(reads,), outputs=(writes,))
+
+
+INNER = DeploymentSpec(model="inner", ensemble=(through("m", "x=image", "y=mid"), through("m", "x=mid", "y=out")))
+OUTER = DeploymentSpec(model="outer", ensemble=(through("inner", "image=picture", "out=answer"),), response_cache=True)
+
+
+async def test_a_nested_ensemble_is_served_and_cached_with_its_metadata_from_the_inner_steps():
+    async with mesh([variant()], {"inner": INNER, "outer": OUTER}, {"n1": NodeCore()},
+                    response_cache_bytes=1 << 20) as m:
+        x = np.arange(2, dtype=np.float32).reshape(1, 2)
+        message = oip.request_to_proto(oip.InferRequest("outer", {"picture": x}))
+        for _ in range(2):
+            answer = oip.response_from_proto(await m.stub.ModelInfer(message, timeout=10.0))
+            np.testing.assert_array_equal(answer.outputs["answer"], x)
+        assert answer.parameters.get("cnei_response_cache") is True
+        v = await m.core.model_variant("outer")
+        assert [(t.name, t.shape) for t in v.inputs] == [("picture", (-1, 2))]
+
+
+async def test_an_ensemble_cycle_that_slipped_in_is_failed_precondition_not_endless_recursion():
+    a = DeploymentSpec(model="a", ensemble=(through("b", "image=x", "out=y"),))
+    b = DeploymentSpec(model="b", ensemble=(through("a", "x=image", "y=out"),))
+    async with mesh([variant()], {"a": a, "b": b}, {"n1": NodeCore()}) as m:
+        with pytest.raises(FailedPrecondition, match="nests ensembles deeper than 4"):
+            await m.core.model_variant("a")
+        status, details = await m.infer("a")
+        assert status == "FAILED_PRECONDITION" and "nests ensembles deeper than 4" in details
+
+
+@pytest.mark.parametrize(("step", "message"),
+                         [(through("m", "nope=x", "y=out"), "model 'm' has no input 'nope' (inputs: ['x'])"),
+                          (through("m", "x=x", "nope=out"), "model 'm' has no output 'nope' (outputs: ['y'])")],
+                         ids=["input", "output"])
+async def test_a_step_mapping_a_tensor_its_model_lacks_is_failed_precondition_naming_the_ensemble_and_step(
+        step, message):
+    async with mesh([variant()], {"pipe": DeploymentSpec(model="pipe", ensemble=(step,))}, {"n1": NodeCore()}) as m:
+        status, details = await m.infer("pipe")
+        assert status == "FAILED_PRECONDITION", details
+        assert f"ensemble 'pipe' step 0 (m): {message}" in details
+
+
+@pytest.mark.parametrize(("version", "status"), [("", "OK"), ("1", "OK"), ("7", "NOT_FOUND")])
+async def test_an_ensemble_has_version_1_only(version, status):
+    async with mesh([variant()], {"inner": INNER}, {"n1": NodeCore()}) as m:
+        message = oip.request_to_proto(oip.InferRequest("inner", {"image": np.ones((1, 2), np.float32)},
+                                                        model_version=version))
+        try:
+            answer = oip.response_from_proto(await m.stub.ModelInfer(message, timeout=10.0))
+            got = ("OK", answer.model_version)
+        except grpc.aio.AioRpcError as exc:
+            got = (exc.code().name, exc.details())
+        assert got[0] == status
+        assert got[1] == "1" if status == "OK" else "model 'inner' version 7 not found" in got[1]
