@@ -206,3 +206,49 @@ def test_a_node_that_stops_reading_fails_over_instead_of_holding_the_door(mesh, 
     finally:
         infra.stop(proc)
         infra.stop(runtime)
+
+
+def test_rows_past_every_preferred_size_leave_without_waiting_out_the_delay(mesh, digits_models, tmp_path):
+    """Triton: once the queued rows are more than every preferred size, no preferred batch can be
+    formed any more and the batch leaves; requests of 3 rows with a preferred size of 4 (6, 9, 12
+    rows queued, never 4) used to wait out the whole queue delay."""
+    import threading
+    import time
+
+    from services.common.deployment import BatchingSpec
+    from tests.e2e.processes import push_digits_as
+
+    model = push_digits_as(mesh, digits_models, "digits-preferred")
+    put_deployment(mesh, DeploymentSpec(model=model, batching=BatchingSpec(
+        max_batch_size=64, max_queue_delay_us=1_500_000, preferred_batch_sizes=(4,))))
+    proc, address, _ = _door(mesh)
+    x, y = load_all()
+    try:
+        client = triton.InferenceServerClient(address)
+        try:  # a request of exactly 4 rows leaves at once: the route with the rules is in place
+            infra.wait_until(lambda: _by_door(_infer(client, model, x[:4])), 30, "the door serving the model")
+        finally:
+            client.close()
+        out: list = [None] * 4
+        start = threading.Barrier(4)
+
+        def one(i: int) -> None:
+            caller = triton.InferenceServerClient(address)
+            try:
+                start.wait()
+                t0 = time.perf_counter()
+                reply = _infer(caller, model, x[3 * i:3 * i + 3])
+                out[i] = (time.perf_counter() - t0, _by_door(reply),
+                          [int(v) for v in reply.as_numpy("probabilities").argmax(1)])
+            finally:
+                caller.close()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert all(o is not None and o[1] for o in out), out
+        assert [v for o in out for v in o[2]] == [int(v) for v in y[:12]]
+        assert max(seconds for seconds, _, _ in out) < 1.0, out  # not the 1.5 s delay
+    finally:
+        infra.stop(proc)

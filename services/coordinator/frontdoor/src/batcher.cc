@@ -199,18 +199,73 @@ void Batcher::Dispatch() {
 }
 
 // Triton's dynamic batcher rules, as the coordinator's own batcher applies them
-// (services/common/batcher.py, batch_ready): send when the rows that would batch with the
-// most urgent request fill max_batch_size or make a preferred size, or once the oldest has
-// waited max_queue_delay_us. Without a queue delay, what is queued goes as soon as a slot is free.
+// (services/common/batcher.py, batch_ready): send once the oldest has waited max_queue_delay_us,
+// when the rows that would batch with the most urgent request fill max_batch_size, make a
+// preferred size (PreferredLocked) or are more than every preferred size (none is reachable any
+// more). Without a queue delay, what is queued goes as soon as a slot is free.
 bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
   const RouteConfig& config = *config_;
   if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
   *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
   if (now >= *wake) return true;
-  const int64_t rows = HeadRowsLocked();
+  const std::vector<size_t> same = SameLocked();
+  int64_t rows = 0;
+  for (size_t i : same) rows += queue_[i]->rows;
   if (rows >= int64_t(config.max_batch_size)) return true;
-  const auto& preferred = config.preferred_batch_sizes;
-  return std::find(preferred.begin(), preferred.end(), uint32_t(rows)) != preferred.end();
+  int64_t largest = 0;
+  for (uint32_t size : config.preferred_batch_sizes) {
+    if (size <= config.max_batch_size) largest = std::max<int64_t>(largest, size);
+  }
+  if (largest == 0) return false;
+  int64_t preferred_rows = 0;
+  return rows > largest || !PreferredLocked(same, &preferred_rows).empty();
+}
+
+std::vector<size_t> Batcher::SameLocked() const {
+  std::vector<size_t> same;
+  const std::vector<size_t> order = OrderLocked();
+  if (order.empty()) return same;
+  const InferCall* head = queue_[order.front()];
+  for (size_t i : order) {
+    const InferCall* call = queue_[i];
+    if (call->route_key == head->route_key || *call->route_key == *head->route_key) same.push_back(i);
+  }
+  return same;
+}
+
+namespace {
+size_t InputBytes(const InferCall* call) {
+  size_t bytes = 0;
+  for (const std::string& raw : call->request().raw_input_contents()) bytes += raw.size();
+  return bytes;
+}
+}  // namespace
+
+std::vector<size_t> Batcher::FillLocked(const std::vector<size_t>& same, int64_t limit, int64_t* rows) const {
+  std::vector<size_t> batch{same.front()};
+  int64_t total = queue_[same.front()]->rows;
+  size_t bytes = InputBytes(queue_[same.front()]);
+  for (size_t k = 1; k < same.size(); ++k) {  // one that does not fit stays queued; later ones may
+    const InferCall* call = queue_[same[k]];
+    const size_t call_bytes = InputBytes(call);
+    if (total + call->rows > limit || bytes + call_bytes > kBatchBytes) continue;
+    batch.push_back(same[k]);
+    total += call->rows;
+    bytes += call_bytes;
+  }
+  *rows = total;
+  return batch;
+}
+
+std::vector<size_t> Batcher::PreferredLocked(const std::vector<size_t>& same, int64_t* rows) const {
+  std::vector<uint32_t> sizes = config_->preferred_batch_sizes;
+  std::sort(sizes.rbegin(), sizes.rend());
+  for (uint32_t size : sizes) {
+    if (size == 0 || size > config_->max_batch_size) continue;
+    std::vector<size_t> batch = FillLocked(same, size, rows);
+    if (*rows == int64_t(size)) return batch;
+  }
+  return {};
 }
 
 // Rows queued that would batch with the most urgent request (the first of the lowest priority
@@ -255,34 +310,33 @@ std::vector<size_t> Batcher::OrderLocked() const {
 }
 
 // Drops cancelled and expired requests, then takes the most urgent one and, in serving order,
-// every other request with its key that still fits under max_batch_size.
+// the others with its key: the largest preferred size they make exactly while the oldest has not
+// waited max_queue_delay_us, else every one that still fits under max_batch_size (FillLocked).
 std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* expired,
                                                    std::vector<InferCall*>* cancelled) {
   DropLocked(expired, cancelled);
   if (queue_.empty()) return nullptr;
   auto batch = std::make_shared<Batch>();
-  const int64_t limit = config_->max_batch_size;
+  const RouteConfig& config = *config_;
+  std::vector<size_t> chosen;
+  int64_t rows = 0;
+  if (config.max_batch_size == 0) {  // a model without a batch dimension: each request alone
+    chosen.push_back(OrderLocked().front());
+    rows = queue_[chosen.front()]->rows;
+  } else {
+    const std::vector<size_t> same = SameLocked();
+    const bool waited = config.max_queue_delay_us == 0 ||
+                        Clock::now() >= queue_.front()->received_at +
+                                            std::chrono::microseconds(config.max_queue_delay_us);
+    if (!waited) chosen = PreferredLocked(same, &rows);
+    if (chosen.empty()) chosen = FillLocked(same, config.max_batch_size, &rows);
+  }
   std::vector<bool> taken(queue_.size(), false);
-  size_t bytes = 0;
-  for (size_t i : OrderLocked()) {
-    InferCall* call = queue_[i];
-    size_t call_bytes = 0;
-    for (const std::string& raw : call->request().raw_input_contents()) call_bytes += raw.size();
-    if (batch->members.empty()) {
-      batch->rows = call->rows;
-    } else if (limit == 0) {
-      break;  // a model without a batch dimension: each request alone
-    } else if (batch->rows + call->rows > limit || bytes + call_bytes > kBatchBytes ||
-               (call->route_key != batch->members.front()->route_key &&
-                *call->route_key != *batch->members.front()->route_key)) {
-      continue;
-    } else {
-      batch->rows += call->rows;
-    }
-    bytes += call_bytes;
-    batch->members.push_back(call);
+  for (size_t i : chosen) {
+    batch->members.push_back(queue_[i]);
     taken[i] = true;
   }
+  batch->rows = rows;
   std::deque<InferCall*> rest;
   for (size_t i = 0; i < queue_.size(); ++i) {
     if (!taken[i]) rest.push_back(queue_[i]);

@@ -68,6 +68,13 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // Answers `call` with an error of the door's own, reported so the coordinator counts it.
   void Refuse(InferCall* call, const grpc::Status& status);
   std::vector<size_t> OrderLocked() const;
+  // Triton's dynamic batcher over the queue (services/common/batcher.py: fill, preferred_batch):
+  // the requests that batch with the most urgent one, in serving order; the head and every later
+  // one that still fits under `limit` rows (and the byte cap; *rows: their rows); the largest
+  // preferred size that fill makes exactly (empty: none).
+  std::vector<size_t> SameLocked() const;
+  std::vector<size_t> FillLocked(const std::vector<size_t>& same, int64_t limit, int64_t* rows) const;
+  std::vector<size_t> PreferredLocked(const std::vector<size_t>& same, int64_t* rows) const;
   std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);
   bool AnsweredFromCache(InferCall* call);
