@@ -102,7 +102,9 @@ class NodesView:
             return nodes
         known = {n.node_id for n in self.nodes}
         emptied = len(missing) == len(self.nodes) and seen <= known  # all gone, none new: a reset Redis
-        lenient = now < self._grace_until or emptied
+        if emptied:  # the grace runs its course: nodes heartbeat again one by one
+            self._grace_until = max(self._grace_until, now + self.grace_s)
+        lenient = now < self._grace_until
         kept = []
         for node in missing:
             since = self._missing_since.setdefault(node.node_id, now)

@@ -117,3 +117,17 @@ async def test_a_node_leaving_removes_its_own_record_never_a_successors_under_it
     assert [(n.node_id, n.address) for n in await directory.live_nodes()] == [("a", "127.0.0.1:7100")]
     assert await directory.remove("a", "127.0.0.1:7100")
     assert await directory.live_nodes() == []
+
+
+async def test_the_grace_after_a_reset_holds_while_nodes_heartbeat_again_one_by_one(own_redis):
+    directory = NodeDirectory(own_redis)
+    for node in (_node("a", 7000), _node("b", 7010), _node("c", 7020)):
+        await directory.heartbeat(node, 30)
+    view, told = _view(own_redis, grace_s=2.0)
+    await view.refresh()
+    told.clear()
+    await own_redis.delete(NODE_KEY.format("a"), NODE_KEY.format("b"), NODE_KEY.format("c"))  # Redis reloaded
+    await view.refresh()
+    await directory.heartbeat(_node("a", 7000), 30)  # a's heartbeat comes first; b and c a moment later
+    await view.refresh()
+    assert sorted(n.node_id for n in view.nodes) == ["a", "b", "c"] and told == []

@@ -463,3 +463,15 @@ async def test_a_batcher_closed_for_a_node_that_left_tells_later_callers_why():
             await batcher.submit({"x": X})
         assert caught.value.code is ErrorCode.UNAVAILABLE
         assert batcher._task.done()
+
+
+async def test_a_node_id_back_at_other_addresses_is_called_there_not_at_the_old_ones():
+    old, new = NodeCore(), NodeCore()
+    async with mesh([variant()], {}, {"n1": old, "n2": new}, live=("n1",)) as m:
+        assert (await m.infer())[0] == "OK" and len(old.calls) == 1
+        m.nodes["n1"] = replace(m.nodes["n1"], address=m.nodes["n2"].address)  # n1's pod restarts elsewhere
+        await m.leave_and_join("n1")
+        await asyncio.sleep(0.05)
+        status, response = await m.infer()
+        assert status == "OK" and response.parameters["cnei_node"] == "n1"
+        assert (len(old.calls), len(new.calls)) == (1, 1)
