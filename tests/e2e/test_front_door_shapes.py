@@ -252,3 +252,44 @@ def test_rows_past_every_preferred_size_leave_without_waiting_out_the_delay(mesh
         assert max(seconds for seconds, _, _ in out) < 1.0, out  # not the 1.5 s delay
     finally:
         infra.stop(proc)
+
+
+def test_shared_memory_regions_leave_no_descriptor_open_in_the_door(mesh):
+    """The door opens a client's region for each request that uses it: regions registered,
+    used and unregistered (names unique per client, as tritonclient's examples make them) never
+    pile up open files in it (each one held a descriptor for good: the door ran out of them)."""
+    import os
+    import uuid
+
+    import tritonclient.utils.shared_memory as shm
+
+    from tests.e2e.processes import children
+
+    proc, address, _ = _door(mesh)
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        door_pid = next(p for p in children(proc.pid) if "frontdoor" in open(f"/proc/{p}/cmdline").read())
+        infra.wait_until(lambda: _by_door(_infer(client, "digits", x[:1])), 30, "the door serving digits")
+
+        def cycle() -> bool:
+            name, key = f"fd-{uuid.uuid4().hex[:8]}", f"/cnei-e2e-fd-{uuid.uuid4().hex[:8]}"
+            handle = shm.create_shared_memory_region(name, key, x[:1].nbytes)
+            try:
+                shm.set_shared_memory_region(handle, [x[:1].astype(np.float32)])
+                client.register_system_shared_memory(name, key, x[:1].nbytes)
+                tensor = triton.InferInput("input", [1, 64], "FP32")
+                tensor.set_shared_memory(name, x[:1].nbytes)
+                reply = client.infer("digits", [tensor], client_timeout=30)
+                client.unregister_system_shared_memory(name)
+                return _by_door(reply)
+            finally:
+                shm.destroy_shared_memory_region(handle)
+        assert any([cycle() for _ in range(5)])  # the door reads regions itself
+        before = len(os.listdir(f"/proc/{door_pid}/fd"))
+        served = sum(cycle() for _ in range(40))
+        assert served > 20
+        assert len(os.listdir(f"/proc/{door_pid}/fd")) < before + 5
+    finally:
+        client.close()
+        infra.stop(proc)

@@ -115,31 +115,28 @@ std::shared_ptr<OpenRegion> SharedMemory::Find(const std::string& name) {
   }
   int64_t mtime_ns = int64_t(registration.st_mtim.tv_sec) * 1000000000 + registration.st_mtim.tv_nsec;
   auto it = regions_.find(name);
-  if (it != regions_.end() && it->second->inode == registration.st_ino && it->second->mtime_ns == mtime_ns) {
-    struct stat object;
-    if (stat(it->second->object.c_str(), &object) == 0 && object.st_dev == it->second->object_dev &&
-        object.st_ino == it->second->object_inode) {
-      return it->second;
+  if (it == regions_.end() || it->second.inode != registration.st_ino || it->second.mtime_ns != mtime_ns) {
+    Registration read;
+    read.name = name;
+    read.inode = registration.st_ino;
+    read.mtime_ns = mtime_ns;
+    std::ifstream file(path);
+    if (!(std::getline(file, read.key) && file >> read.offset >> read.byte_size) || read.key.empty()) {
+      regions_.erase(name);
+      return nullptr;
     }
+    read.object = "/dev/shm/" + (read.key[0] == '/' ? read.key.substr(1) : read.key);
+    it = regions_.insert_or_assign(name, std::move(read)).first;
   }
+  const Registration& known = it->second;
   auto region = std::make_shared<OpenRegion>();
   region->name = name;
-  region->inode = registration.st_ino;
-  region->mtime_ns = mtime_ns;
-  std::ifstream file(path);
-  if (!(std::getline(file, region->key) && file >> region->offset >> region->byte_size) ||
-      region->key.empty()) {
-    return nullptr;
-  }
-  region->object = "/dev/shm/" + (region->key[0] == '/' ? region->key.substr(1) : region->key);
-  int fd = open(region->object.c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return nullptr;
-  region->fd = fd;  // closed with the region
+  region->offset = known.offset;
+  region->byte_size = known.byte_size;
+  region->fd = open(known.object.c_str(), O_RDWR | O_CLOEXEC);
+  if (region->fd < 0) return nullptr;
   struct stat st;
-  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < region->offset + region->byte_size) return nullptr;
-  region->object_dev = st.st_dev;
-  region->object_inode = st.st_ino;
-  regions_[name] = region;
+  if (fstat(region->fd, &st) != 0 || uint64_t(st.st_size) < known.offset + known.byte_size) return nullptr;
   return region;
 }
 

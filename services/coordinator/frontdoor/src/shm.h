@@ -18,23 +18,31 @@
 
 namespace frontdoor {
 
-// One registered region the door has open; closed when the last user lets go. Its bytes are
-// read and written with pread/pwrite, never through a mapping: a client that shrinks its object
-// afterwards makes a request fail, not the door fault (SIGBUS).
+// A region's registration as the coordinator wrote it (read once, again when its file changes).
+struct Registration {
+  std::string name, key;  // as registered, and its /dev/shm key
+  std::string object;     // /dev/shm path of the key
+  uint64_t offset = 0, byte_size = 0;
+  ino_t inode = 0;  // of the registration file, to notice a region registered again
+  int64_t mtime_ns = 0;
+};
+
+// One registered region opened for one request (the object as it is now: one the client made
+// afresh under the same key is the one read); closed when the request's users let go. Its bytes
+// are read and written with pread/pwrite, never through a mapping: a client that shrinks its
+// object makes a request fail, not the door fault (SIGBUS). No descriptor outlives its request.
 struct OpenRegion {
+  OpenRegion() = default;
+  OpenRegion(const OpenRegion&) = delete;
+  OpenRegion& operator=(const OpenRegion&) = delete;
   ~OpenRegion();
   // The region's bytes [offset, offset + size) into `out`; false (with `error`) when the object
   // no longer holds them.
   bool Read(uint64_t offset, uint64_t size, std::string* out, std::string* error) const;
   // `size` bytes at the region's `offset`; false (with `error`) when the object no longer holds them.
   bool Write(uint64_t offset, const char* data, uint64_t size, std::string* error) const;
-  std::string name, key;  // as registered, and its /dev/shm key
+  std::string name;
   uint64_t offset = 0, byte_size = 0;
-  ino_t inode = 0;  // of the registration file, to notice a region registered again
-  int64_t mtime_ns = 0;
-  std::string object;  // /dev/shm path of the key
-  dev_t object_dev = 0;  // of the object opened, to notice one the client made afresh
-  ino_t object_inode = 0;
   int fd = -1;
 };
 
@@ -59,7 +67,7 @@ class SharedMemory {
   std::shared_ptr<OpenRegion> Find(const std::string& name);
   const std::string dir_;
   std::mutex mu_;
-  std::unordered_map<std::string, std::shared_ptr<OpenRegion>> regions_;
+  std::unordered_map<std::string, Registration> regions_;  // by region name
 };
 
 // Whether a tensor's parameters place it in shared memory.
