@@ -126,14 +126,7 @@ def start_nats(port: int, store_dir: Path, log_file: Path | None = None, host: s
     """nats-server with JetStream persisted under store_dir (tied: see tied_to_this_process)."""
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [find_binary("nats-server"), "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **(tied_to_this_process() if tied else {}))
-    try:
-        wait_for_port(host, port, proc=proc, stopping=stopping)
-    except Interrupted:
-        stop(proc)
-        raise
-    return proc
+    return _start_server(args, host, port, log_file, tied, stopping)
 
 
 def start_redis(port: int, data_dir: Path, log_file: Path | None = None, host: str = "127.0.0.1",
@@ -142,6 +135,13 @@ def start_redis(port: int, data_dir: Path, log_file: Path | None = None, host: s
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [find_binary("redis-server"), "--bind", host, "--port", str(port),
             "--dir", str(data_dir), "--appendonly", "yes", "--save", "", "--protected-mode", "no"]
+    return _start_server(args, host, port, log_file, tied, stopping)
+
+
+def _start_server(args: list[str], host: str, port: int, log_file: Path | None, tied: bool,
+                  stopping: Callable[[], bool] | None) -> subprocess.Popen:
+    """`args` started (its output to `log_file`, else dropped), once `port` answers; stopped when
+    `stopping` says so first (Interrupted)."""
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **(tied_to_this_process() if tied else {}))
     try:

@@ -50,6 +50,19 @@ def start_coordinator(mesh, export_spans: bool = True, **env_extra: str) -> tupl
     return spawn("services.coordinator", env, grpc_port, 60), f"127.0.0.1:{grpc_port}", http_port, metrics_port
 
 
+def start_door(mesh, **env_extra: str) -> tuple[subprocess.Popen, str, int]:
+    """A coordinator with its compiled front door on fresh ports, ready: (process, gRPC address,
+    metrics port); exports no spans unless `env_extra` names an OTLP endpoint."""
+    proc, address, _, metrics_port = start_coordinator(mesh, export_spans="OTEL_EXPORTER_OTLP_ENDPOINT" in env_extra,
+                                                       CNEI_COORDINATOR_FRONT_DOOR="on", **env_extra)
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
+    except BaseException:
+        infra.stop(proc)
+        raise
+    return proc, address, metrics_port
+
+
 def spawn(module: str, env: dict[str, str], port: int, timeout: float = 30) -> subprocess.Popen:
     """`python -m module` with exactly `env`, once its port answers (stopped if it never does)."""
     proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=subprocess.DEVNULL,

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -29,26 +28,14 @@ from services.models.digits import load_all
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.processes import (Load, children, kill_under_load, push_digits_as, put_deployment, server_ready,
-                                 start_coordinator, start_runtime)
+                                 start_coordinator, start_door, start_runtime)
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
 
-def _start_coordinator(mesh, **env_extra: str) -> tuple[subprocess.Popen, str, int]:
-    """A coordinator with its front door on fresh ports, ready; exports no spans unless told."""
-    proc, address, _, metrics_port = start_coordinator(mesh, export_spans="OTEL_EXPORTER_OTLP_ENDPOINT" in env_extra,
-                                                       CNEI_COORDINATOR_FRONT_DOOR="on", **env_extra)
-    try:
-        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
-    except BaseException:
-        infra.stop(proc)
-        raise
-    return proc, address, metrics_port
-
-
 @pytest.fixture(scope="module")
 def door(mesh):
-    proc, address, metrics_port = _start_coordinator(mesh)
+    proc, address, metrics_port = start_door(mesh)
     try:
         yield proc, address, metrics_port
     finally:
@@ -59,7 +46,7 @@ def door(mesh):
 def steady_door(mesh):
     """A coordinator of its own that keeps each route for 5 s: placement cannot move requests of
     one test to different nodes (and batchers) halfway through."""
-    proc, address, metrics_port = _start_coordinator(mesh, CNEI_COORDINATOR_ROUTE_TTL_MS="5000")
+    proc, address, metrics_port = start_door(mesh, CNEI_COORDINATOR_ROUTE_TTL_MS="5000")
     try:
         yield proc, address, metrics_port
     finally:
@@ -622,7 +609,7 @@ def test_sigterm_stops_the_door_and_the_coordinator(door):
 
 
 def test_with_spans_exported_one_request_in_n_takes_the_traced_full_path(mesh, jaeger):
-    proc, address, _ = _start_coordinator(mesh, OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp,
+    proc, address, _ = start_door(mesh, OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp,
                                           CNEI_COORDINATOR_TRACE_RATE="4")
     x, _ = load_all()
     client = triton.InferenceServerClient(address)
@@ -646,7 +633,7 @@ def test_with_spans_exported_one_request_in_n_takes_the_traced_full_path(mesh, j
 
 
 def test_a_coordinator_killed_with_sigkill_takes_its_door_along_and_frees_the_port(mesh):
-    proc, address, _ = _start_coordinator(mesh)
+    proc, address, _ = start_door(mesh)
     try:
         doors = children(proc.pid)
         assert doors, "the coordinator runs no front door process"

@@ -22,19 +22,9 @@ from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSp
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
-from tests.e2e.processes import put_deployment, server_ready, start_coordinator
+from tests.e2e.processes import put_deployment, start_door
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
-
-
-def _door(mesh, **env: str):
-    proc, address, _, metrics_port = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on", **env)
-    try:
-        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
-    except BaseException:
-        infra.stop(proc)
-        raise
-    return proc, address, metrics_port
 
 
 def _infer(client, model: str, x: np.ndarray, **kwargs):
@@ -76,7 +66,7 @@ def test_a_model_without_a_batch_dimension_is_routed_by_its_whole_shape(mesh, di
         value.type.tensor_type.shape.dim[0].dim_value = 1
     onnx.save(model, tmp_path / "fixed.onnx")
     _push(mesh, tmp_path / "fixed.onnx", name, dict(fp32.metadata))
-    proc, address, metrics_port = _door(mesh)
+    proc, address, metrics_port = start_door(mesh)
     x, y = load_all()
     client = triton.InferenceServerClient(address)
     try:
@@ -108,7 +98,7 @@ def test_a_text_output_comes_back_whole_to_each_caller_of_a_batch(mesh, tmp_path
     onnx.save(model, tmp_path / "text.onnx")
     _push(mesh, tmp_path / "text.onnx", name, {"max_batch_size": "64"})
     put_deployment(mesh, DeploymentSpec(model=name, batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=200_000)))
-    proc, address, _ = _door(mesh)
+    proc, address, _ = start_door(mesh)
     values = [1.0, 22.0, 333.0, 12345.0]
     try:
         def one(value: float):
@@ -127,7 +117,7 @@ def test_a_text_output_comes_back_whole_to_each_caller_of_a_batch(mesh, tmp_path
 
 
 def test_one_request_over_max_batch_size_leaves_the_route_to_the_others(mesh):
-    proc, address, _ = _door(mesh, CNEI_COORDINATOR_ROUTE_TTL_MS="5000")  # a refusal would stay 5 s
+    proc, address, _ = start_door(mesh, CNEI_COORDINATOR_ROUTE_TTL_MS="5000")  # a refusal would stay 5 s
     x, _ = load_all()
     client = triton.InferenceServerClient(address)
     try:
@@ -142,7 +132,7 @@ def test_one_request_over_max_batch_size_leaves_the_route_to_the_others(mesh):
 
 
 def test_a_timeout_beyond_what_a_clock_holds_is_no_timeout(mesh):
-    proc, address, _ = _door(mesh)
+    proc, address, _ = start_door(mesh)
     x, y = load_all()
     client = triton.InferenceServerClient(address)
     try:
@@ -159,7 +149,6 @@ def test_a_node_that_stops_reading_fails_over_instead_of_holding_the_door(mesh, 
     """A node stopped (SIGSTOP: its sockets still open, its receive windows shut) with 16 MB
     requests on their way: they fail over within seconds (the door's sends give up after a second
     without progress; the coordinator's health checks drop the node's routes), never wait on it."""
-    import os
     import signal
     import time
 
@@ -179,7 +168,7 @@ def test_a_node_that_stops_reading_fails_over_instead_of_holding_the_door(mesh, 
     put_deployment(mesh, DeploymentSpec(model=name, scheduler=SchedulerSpec(alpha=0, beta=1, gamma=0, delta=0,
                                                                             threshold=0.5)))
     runtime, _, _ = start_fast_runtime(mesh, "edge-stall", "site-stall", tmp_path, CNEI_RUNTIME_PRELOAD="")
-    proc, address, _ = _door(mesh)
+    proc, address, _ = start_door(mesh)
     x = np.ones((1, width), np.float32)
 
     def one(_=None):
@@ -221,7 +210,7 @@ def test_rows_past_every_preferred_size_leave_without_waiting_out_the_delay(mesh
     model = push_digits_as(mesh, digits_models, "digits-preferred")
     put_deployment(mesh, DeploymentSpec(model=model, batching=BatchingSpec(
         max_batch_size=64, max_queue_delay_us=1_500_000, preferred_batch_sizes=(4,))))
-    proc, address, _ = _door(mesh)
+    proc, address, _ = start_door(mesh)
     x, y = load_all()
     try:
         client = triton.InferenceServerClient(address)
@@ -265,7 +254,7 @@ def test_shared_memory_regions_leave_no_descriptor_open_in_the_door(mesh):
 
     from tests.e2e.processes import children
 
-    proc, address, _ = _door(mesh)
+    proc, address, _ = start_door(mesh)
     x, _ = load_all()
     client = triton.InferenceServerClient(address)
     try:

@@ -96,3 +96,25 @@ def test_tensors_round_trip_through_the_wire_format():
     for name in named:
         np.testing.assert_array_equal(back[name], named[name])
     assert isinstance(request, npb.TrainRoundRequest)
+
+
+# A node refuses a round it would only turn into NaN: a learning rate or proximal mu that is NaN
+# or infinite, or global weights holding such values (the range checks alone let NaN through:
+# every comparison with it is false).
+
+@pytest.mark.parametrize("changes", [{"lr": float("nan")}, {"lr": float("inf")}, {"mu": float("nan")},
+                                     {"mu": float("inf")}], ids=["nan-lr", "inf-lr", "nan-mu", "inf-mu"])
+async def test_a_round_with_a_non_finite_learning_rate_or_mu_is_invalid_argument(node, changes):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await node.TrainRound(task_to_proto(_task(**changes)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lr > 0 and mu >= 0 (finite)" in info.value.details()
+
+
+async def test_a_round_over_global_weights_holding_nan_is_invalid_argument(node):
+    task = _task()
+    task.weights["W1"][3, 4] = np.nan
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await node.TrainRound(task_to_proto(task), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "global weights ['W1'] hold NaN or infinite values" in info.value.details()
