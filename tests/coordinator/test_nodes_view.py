@@ -36,14 +36,20 @@ def test_a_node_id_back_at_other_addresses_left_and_came_back():
     assert [(n.node_id, n.address) for n in vanished] == [("b", "127.0.0.1:7010")]
 
 
-async def test_nodes_whose_records_all_vanish_at_once_are_kept_for_the_grace_period(own_redis):
-    directory = NodeDirectory(own_redis)
-    for node in (_node("a", 7000), _node("b", 7010)):
+async def _viewing(redis: Redis, *nodes: NodeInfo, grace_s: float = 0.5):
+    """(directory, view, what it told) once the view has seen `nodes` heartbeat."""
+    directory = NodeDirectory(redis)
+    for node in nodes:
         await directory.heartbeat(node, 30)
-    view, told = _view(own_redis)
+    view, told = _view(redis, grace_s)
     await view.refresh()
-    assert sorted(n.node_id for n in view.nodes) == ["a", "b"]
+    assert sorted(n.node_id for n in view.nodes) == sorted(n.node_id for n in nodes)
     told.clear()
+    return directory, view, told
+
+
+async def test_nodes_whose_records_all_vanish_at_once_are_kept_for_the_grace_period(own_redis):
+    directory, view, told = await _viewing(own_redis, _node("a", 7000), _node("b", 7010))
 
     await own_redis.delete(NODE_KEY.format("a"), NODE_KEY.format("b"))  # as a Redis reloaded with them expired
     await view.refresh()
@@ -56,12 +62,7 @@ async def test_nodes_whose_records_all_vanish_at_once_are_kept_for_the_grace_per
 
 
 async def test_one_node_that_stops_heartbeating_is_gone_at_once(own_redis):
-    directory = NodeDirectory(own_redis)
-    for node in (_node("a", 7000), _node("b", 7010)):
-        await directory.heartbeat(node, 30)
-    view, told = _view(own_redis)
-    await view.refresh()
-    told.clear()
+    _, view, told = await _viewing(own_redis, _node("a", 7000), _node("b", 7010))
     await own_redis.delete(NODE_KEY.format("b"))
     await view.refresh()
     assert [n.node_id for n in view.nodes] == ["a"] and told == [(events.NODE_DOWN, "b")]
@@ -72,12 +73,7 @@ async def test_after_redis_is_back_from_an_outage_missing_nodes_get_the_grace_pe
     server = infra.start_redis(port, tmp_path / "redis")
     redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
-        directory = NodeDirectory(redis)
-        for node in (_node("a", 7000), _node("b", 7010)):
-            await directory.heartbeat(node, 30)
-        view, told = _view(redis)
-        await view.refresh()
-        told.clear()
+        directory, view, told = await _viewing(redis, _node("a", 7000), _node("b", 7010))
         infra.stop(server)
         with pytest.raises(Exception):
             await view.refresh()  # Redis away: the view stays as it was
@@ -120,12 +116,8 @@ async def test_a_node_leaving_removes_its_own_record_never_a_successors_under_it
 
 
 async def test_the_grace_after_a_reset_holds_while_nodes_heartbeat_again_one_by_one(own_redis):
-    directory = NodeDirectory(own_redis)
-    for node in (_node("a", 7000), _node("b", 7010), _node("c", 7020)):
-        await directory.heartbeat(node, 30)
-    view, told = _view(own_redis, grace_s=2.0)
-    await view.refresh()
-    told.clear()
+    directory, view, told = await _viewing(own_redis, _node("a", 7000), _node("b", 7010), _node("c", 7020),
+                                           grace_s=2.0)
     await own_redis.delete(NODE_KEY.format("a"), NODE_KEY.format("b"), NODE_KEY.format("c"))  # Redis reloaded
     await view.refresh()
     await directory.heartbeat(_node("a", 7000), 30)  # a's heartbeat comes first; b and c a moment later

@@ -130,26 +130,18 @@ def test_nan_outputs_are_written_as_strict_json_and_read_back_as_nan(mesh):
         client.close()
 
 
-def test_classification_is_refused_over_rest_and_grpc_alike(mesh):
-    x = np.zeros((1, 64), np.float32)
-    rest = http.InferenceServerClient(mesh.rest.removeprefix("http://"))
+@pytest.mark.parametrize(("protocol", "status"), [("rest", "400"), ("grpc", "StatusCode.INVALID_ARGUMENT")])
+def test_classification_is_refused_over_rest_and_grpc_alike(mesh, protocol, status):
+    lib, address = (http, mesh.rest.removeprefix("http://")) if protocol == "rest" else (grpcclient, mesh.coordinator)
+    client = lib.InferenceServerClient(address)
     try:
-        tensor = http.InferInput("input", [1, 64], "FP32")
-        tensor.set_data_from_numpy(x)
+        tensor = lib.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
         with pytest.raises(InferenceServerException, match="classification extension not supported") as caught:
-            rest.infer("digits", [tensor], outputs=[http.InferRequestedOutput("probabilities", class_count=3)])
-        assert caught.value.status() == "400"
+            client.infer("digits", [tensor], outputs=[lib.InferRequestedOutput("probabilities", class_count=3)])
+        assert caught.value.status() == status
     finally:
-        rest.close()
-    grpc = grpcclient.InferenceServerClient(mesh.coordinator)
-    try:
-        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
-        tensor.set_data_from_numpy(x)
-        with pytest.raises(InferenceServerException, match="classification extension not supported") as caught:
-            grpc.infer("digits", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=3)])
-        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
-    finally:
-        grpc.close()
+        client.close()
 
 
 def test_a_verbose_level_grpc_cannot_carry_is_refused_and_grpc_still_reads_the_settings(mesh):

@@ -209,19 +209,13 @@ def test_a_region_the_client_shrinks_fails_its_requests_and_nothing_else(target)
             inputs, outputs = regions.request()
             assert client.infer("digits", inputs, outputs=outputs).get_output("probabilities").shape == [ROWS, 10]
 
-        os.truncate(f"/dev/shm{regions.keys[1]}", 16)  # the output region shrinks
-        for _ in range(3):
-            inputs, outputs = regions.request()
-            with pytest.raises(InferenceServerException, match=regions.names[1]) as shrunk:
-                client.infer("digits", inputs, outputs=outputs)
-            assert shrunk.value.status() == "StatusCode.INVALID_ARGUMENT", shrunk.value
-
-        os.truncate(f"/dev/shm{regions.keys[0]}", 64)  # and the input region
-        for _ in range(3):
-            inputs, outputs = regions.request()
-            with pytest.raises(InferenceServerException, match=regions.names[0]) as shrunk:
-                client.infer("digits", inputs, outputs=outputs)
-            assert shrunk.value.status() == "StatusCode.INVALID_ARGUMENT", shrunk.value
+        for region, size in ((1, 16), (0, 64)):  # the output region shrinks, then the input region
+            os.truncate(f"/dev/shm{regions.keys[region]}", size)
+            for _ in range(3):
+                inputs, outputs = regions.request()
+                with pytest.raises(InferenceServerException, match=regions.names[region]) as shrunk:
+                    client.infer("digits", inputs, outputs=outputs)
+                assert shrunk.value.status() == "StatusCode.INVALID_ARGUMENT", shrunk.value
 
         assert _expected(target, regions.x).shape == (ROWS, 10)  # still serving
     finally:
