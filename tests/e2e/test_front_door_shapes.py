@@ -282,3 +282,23 @@ def test_shared_memory_regions_leave_no_descriptor_open_in_the_door(mesh):
     finally:
         client.close()
         infra.stop(proc)
+
+
+def test_a_client_sending_ever_new_shapes_cannot_fill_the_door_s_route_table(mesh, digits_models):
+    """Every shape is a key of its own; refused ones route nothing and make room when the table
+    (4,096 keys) is full, so a model asked for later still gets a route at the door."""
+    from tests.e2e.processes import push_digits_as
+
+    proc, address, _ = start_door(mesh)
+    client = triton.InferenceServerClient(address)
+    try:
+        for width in range(65, 65 + 4200):  # [1, width] for a [-1, 64] model: refused, one key each
+            with pytest.raises(triton_utils.InferenceServerException) as wrong:
+                _infer(client, "digits", np.zeros((1, width), np.float32))
+            assert wrong.value.status() == "StatusCode.INVALID_ARGUMENT"
+        later = push_digits_as(mesh, digits_models, "digits-after-many-shapes")
+        x, _ = load_all()
+        infra.wait_until(lambda: _by_door(_infer(client, later, x[:1])), 15, "the door serving a model asked for later")
+    finally:
+        client.close()
+        infra.stop(proc)

@@ -66,6 +66,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
     if (it == entries_.end()) {
+      if (entries_.size() >= kMaxKeys) PruneLocked();
       if (entries_.size() >= kMaxKeys) return found;
       auto interned = std::make_shared<const std::string>(key);
       it = entries_.emplace(std::move(key), Entry()).first;
@@ -255,6 +256,15 @@ std::shared_ptr<Batcher> Router::BatcherLocked(std::shared_ptr<const RouteConfig
     }
   }
   return batcher;
+}
+
+// A full table lets go of the keys that route nothing (refused, ineligible, marked for whole
+// shapes) and are not being asked about: a client sending ever new shapes would otherwise fill
+// it, and every new key of every model would then take the coordinator's path.
+void Router::PruneLocked() {
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    it = it->second.batchers.empty() && !it->second.asking ? entries_.erase(it) : std::next(it);
+  }
 }
 
 void Router::Drop(const std::vector<uint64_t>& route_ids) {

@@ -52,6 +52,7 @@ class Router {
     bool exact_shapes = false;
   };
   void Ask(std::shared_ptr<const std::string> key, std::string request);
+  void PruneLocked();
   void OnReply(const std::string& key, const grpc::Status& status,
                const cnei::frontdoor::v1::RouteReply& reply);
   std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
