@@ -232,9 +232,7 @@ class Channels:
             if self._credentials.generation != self._generation:
                 self._generation = self._credentials.generation
                 old, self._channels = list(self._channels.values()), {}
-                task = asyncio.get_running_loop().create_task(self._close(old, self.grace_s))
-                self._retired.add(task)
-                task.add_done_callback(self._retired.discard)
+                self._retire(old)
         found = self._channels.get(address)
         if found is None:
             found = self._channels[address] = channel(address, self.headers, credentials, self._server_name)
@@ -244,9 +242,12 @@ class Channels:
         """Close the channel to `address` (a server that left): calls still open on it get
         `grace_s` to finish; a later `get` opens a new one."""
         found = self._channels.pop(address, None)
-        if found is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._close([found], self.grace_s))
+        if found is not None:
+            self._retire([found])
+
+    def _retire(self, channels: list[grpc.aio.Channel]) -> None:
+        """Close `channels` in the background once their calls are done (at most `grace_s`)."""
+        task = asyncio.get_running_loop().create_task(self._close(channels, self.grace_s))
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
