@@ -31,6 +31,12 @@ class NodeInfo:
     started_at: float = 0.0
     updated_at: float = 0.0
 
+    @property
+    def place(self) -> tuple[str, str, str]:
+        """Which node this is and where it is called: a node id back at other addresses is
+        another node (a pod restarted elsewhere, another process claiming the id)."""
+        return self.node_id, self.address, self.fast_address
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 

@@ -774,9 +774,7 @@ class Coordinator:
         """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
         # left: the view no longer holds this node id at these addresses (it may hold the id back
         # at others: a pod restarted elsewhere, whose batchers must not keep the old addresses)
-        if subject == events.NODE_DOWN and not any(
-                (n.node_id, n.address, n.fast_address) == (node.node_id, node.address, node.fast_address)
-                for n in self.nodes.nodes):
+        if subject == events.NODE_DOWN and not any(n.place == node.place for n in self.nodes.nodes):
             self._node_left(node)
         elif subject == events.NODE_DOWN:
             self.breakers.get(node.node_id).trip(reason)

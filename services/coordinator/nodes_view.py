@@ -25,8 +25,7 @@ def diff_nodes(before: list[NodeInfo], after: list[NodeInfo]) -> tuple[list[Node
     addresses: one back at others (its pod restarted, another process claiming the id) left and
     came back, so nothing keeps calling where it used to be."""
     old, new = {n.node_id: n for n in before}, {n.node_id: n for n in after}
-    moved = {i for i in old.keys() & new.keys()
-             if (old[i].address, old[i].fast_address) != (new[i].address, new[i].fast_address)}
+    moved = {i for i in old.keys() & new.keys() if old[i].place != new[i].place}
     return ([n for i, n in new.items() if i not in old or i in moved],
             [n for i, n in old.items() if i not in new or i in moved])
 
