@@ -68,6 +68,11 @@ def layers_from_named(named: Named, in_dim: int | None = None, out_dim: int | No
     return layers
 
 
+def non_finite_tensors(weights: Named) -> list[str]:
+    """The names of the tensors holding NaN or infinite values, sorted."""
+    return [name for name, tensor in sorted(weights.items()) if not np.isfinite(tensor).all()]
+
+
 def check_same_shapes(reference: Named, other: Named, who: str) -> None:
     """Raise InvalidArgument unless `other` has exactly the tensors and shapes of `reference`."""
     if set(other) != set(reference):

@@ -12,7 +12,7 @@ import numpy as np
 from opentelemetry import trace
 
 from services.common.errors import InvalidArgument, NotFound
-from services.common.federated import LocalUpdate, RoundTask, layers_from_named, layers_to_named
+from services.common.federated import LocalUpdate, RoundTask, layers_from_named, layers_to_named, non_finite_tensors
 from services.edge_runtime.settings import RuntimeSettings
 from services.models import mlp_numpy
 from services.models.shards import shard_indices
@@ -54,8 +54,7 @@ def check_task(task: RoundTask) -> None:
                               f"{task.local_epochs}, {task.batch_size}, {task.lr}, {task.mu}")
     features, classes = DATASETS[family]
     layers_from_named(task.weights, features, classes)
-    bad = [name for name, tensor in sorted(task.weights.items()) if not np.isfinite(tensor).all()]
-    if bad:
+    if bad := non_finite_tensors(task.weights):
         raise InvalidArgument(f"global weights {bad} hold NaN or infinite values")
 
 

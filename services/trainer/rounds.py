@@ -8,11 +8,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import numpy as np
 from opentelemetry import trace
 
 from services.common.errors import CneiError, ErrorCode, FailedPrecondition, InvalidArgument, Unavailable
-from services.common.federated import LocalUpdate, Named, RoundTask, check_same_shapes
+from services.common.federated import LocalUpdate, Named, RoundTask, check_same_shapes, non_finite_tensors
 from services.common.jobs import RoundRecord
 from services.common.nodes import NodeInfo
 from services.trainer.metrics import CLIENT_FAILURES
@@ -42,11 +41,6 @@ class AggregateNotFinite(FailedPrecondition):
         self.tensors = tensors
         super().__init__(f"round {round_no}: the {strategy} aggregate holds NaN or infinite values in {tensors} "
                          f"(every client update was finite: the server step diverged; lower server_lr)")
-
-
-def non_finite_tensors(weights: Named) -> list[str]:
-    """The names of the tensors holding NaN or infinite values, sorted."""
-    return [name for name, tensor in sorted(weights.items()) if not np.isfinite(tensor).all()]
 
 
 @dataclass
