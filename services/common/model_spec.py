@@ -94,6 +94,14 @@ def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray], rows: boo
                                   f"disagree on it: {', '.join(f'{k} {v}' for k, v in rows.items())}")
 
 
+def check_outputs(variant: ModelVariant, names: list[str]) -> None:
+    """INVALID_ARGUMENT naming a requested output the model does not have."""
+    known = [t.name for t in variant.outputs]
+    for name in names:
+        if name not in known:
+            raise TensorError(name, f"is not an output of model '{variant.name}' (outputs: {sorted(known)})")
+
+
 @functools.lru_cache(maxsize=4096)
 def version_key(version: str) -> tuple:
     """Order versions numerically where they are numbers, else lexically."""

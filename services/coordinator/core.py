@@ -19,8 +19,8 @@ from services.common import events, oip, telemetry
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
-                                    ModelNotFound, NoLiveNode, TensorError, Unavailable, outcome_of)
-from services.common.model_spec import ModelVariant, check_inputs, version_key
+                                    ModelNotFound, NoLiveNode, Unavailable, outcome_of)
+from services.common.model_spec import ModelVariant, check_inputs, check_outputs, version_key
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
@@ -111,14 +111,6 @@ def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
         raise FailedPrecondition(f"model '{spec.model}' is not deployed on the {tier} tier "
                                  f"(its deployment allows {sorted(allowed)}): parameter 'tier' only narrows it")
     return replace(spec, tiers=(tier,), cloud_fallback=tier == "cloud")
-
-
-def check_outputs(variant: ModelVariant, names: list[str]) -> None:
-    """INVALID_ARGUMENT naming a requested output the model does not have."""
-    known = [t.name for t in variant.outputs]
-    for name in names:
-        if name not in known:
-            raise TensorError(name, f"is not an output of model '{variant.name}' (outputs: {sorted(known)})")
 
 
 def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
@@ -406,13 +398,13 @@ class Coordinator:
             request.parameters.get("critical") is True
         rows = rows_below(probs, spec.joint.threshold)
         response.parameters["cnei_escalated"] = 0
-        if not len(rows) or keep_edge or prefer_edge(critical, self._cloud_rtt(), spec.joint.latency_threshold_ms):
+        rtt = self._cloud_rtt()
+        if not len(rows) or keep_edge or prefer_edge(critical, rtt, spec.joint.latency_threshold_ms):
             return
         left = end - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be escalated")
         budget = left * ESCALATION_SHARE
-        rtt = self._cloud_rtt()
         if budget <= (rtt or 0.0) / 1e3:
             self._keep_edge(request, response, f"{left * 1e3:.1f} ms of the request's deadline left: too little "
                                                "for the cloud")

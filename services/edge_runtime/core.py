@@ -16,9 +16,10 @@ from services.common import oip, telemetry
 from services.common.background import Background, KeyedLocks
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound, TensorError,
+from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound,
                                     Unavailable, error_for, outcome_of)
-from services.common.model_spec import ModelVariant, check_inputs, pick_variant, sample_inputs, version_key
+from services.common.model_spec import (ModelVariant, check_inputs, check_outputs, pick_variant, sample_inputs,
+                                        version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
@@ -507,10 +508,7 @@ class Run:
 
 
 def _requested_outputs(variant: ModelVariant, names: list[str]) -> list[str] | None:
-    known = {s.name for s in variant.outputs}
-    for name in names:
-        if name not in known:
-            raise TensorError(name, f"is not an output of model '{variant.name}' (outputs: {sorted(known)})")
+    check_outputs(variant, names)
     return names or None
 
 
