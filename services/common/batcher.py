@@ -47,7 +47,7 @@ DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served afte
 BatchConfig = BatchingSpec
 
 
-def _param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
+def number_param(params: dict, key: str, kind: type[int] | type[float]) -> int | float:
     """A numeric request parameter; one that is not a finite number (or not a non-negative one,
     for a timeout) is the client's error."""
     try:
@@ -69,14 +69,14 @@ def request_deadline(params: dict, deadline_s: float | None, default_s: float) -
     gRPC protocol name it) and the default."""
     now = time.monotonic()
     candidates = [now + (deadline_s if deadline_s is not None else default_s)]
-    timeout_us = _param(params, "timeout_us", float) or _param(params, "timeout", float)
+    timeout_us = number_param(params, "timeout_us", float) or number_param(params, "timeout", float)
     if timeout_us:
         candidates.append(now + timeout_us / 1e6)
     return min(candidates)
 
 
 def priority_level(params: dict) -> int:
-    level = _param(params, "priority", int)
+    level = number_param(params, "priority", int)
     return level if level > 0 else DEFAULT_PRIORITY_LEVEL
 
 
@@ -157,6 +157,11 @@ def _delay_passed(queue: list[Pending], config: BatchConfig, now: float) -> bool
     return (now - min(p.enqueued for p in queue)) * 1e6 >= config.max_queue_delay_us
 
 
+def gone(queue: list[Pending], now: float) -> list[Pending]:
+    """The requests no longer waiting: their deadline passed, or their caller went away."""
+    return [p for p in queue if p.deadline <= now or (p.future is not None and p.future.done())]
+
+
 def form_batch(queue: list[Pending], config: BatchConfig, now: float) -> tuple[list[Pending], list[Pending]]:
     """Pick the next batch from the queue: (batch, expired).
 
@@ -164,7 +169,7 @@ def form_batch(queue: list[Pending], config: BatchConfig, now: float) -> tuple[l
     urgent request; of the requests of its signature (in priority order), it is the largest
     preferred size `fill` makes exactly (Triton's dynamic batcher) unless the oldest request has
     waited `max_queue_delay_us`; else the full batch: `fill` up to `max_batch_size`."""
-    expired = [p for p in queue if p.deadline <= now or (p.future is not None and p.future.done())]
+    expired = gone(queue, now)
     live = order([p for p in queue if p not in expired])
     if not live:
         return [], expired
@@ -257,7 +262,7 @@ class Batcher:
         if self._closed is not None:
             raise self._closed
         now = time.monotonic()  # requests cancelled or expired while a batch is in flight hold no slot
-        self._drop([p for p in self.queue if p.deadline <= now or (p.future is not None and p.future.done())])
+        self._drop(gone(self.queue, now))
         if len(self.queue) >= self.config.max_queue_size:
             DROPPED.labels(self.model, "queue_full").inc()
             raise ResourceExhausted(

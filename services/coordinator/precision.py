@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
+from services.common.batcher import number_param
+from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
 
 
@@ -22,15 +23,8 @@ class PrecisionPolicy:
 
 
 def _number(params: dict, key: str) -> float | None:
-    if key not in params or params[key] in ("", None):
-        return None
-    try:
-        value = float(params[key])
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"parameter '{key}' must be a number, got {params[key]!r}") from None
-    if not math.isfinite(value):  # NaN meets no floor and fits no budget: never what was meant
-        raise InvalidArgument(f"parameter '{key}' must be a finite number, got {params[key]!r}")
-    return value
+    """A finite number, or None when absent (NaN meets no floor and fits no budget: refused)."""
+    return None if key not in params or params[key] in ("", None) else number_param(params, key, float)
 
 
 def policy_from_params(params: dict) -> PrecisionPolicy:
