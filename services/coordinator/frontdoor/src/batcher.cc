@@ -152,8 +152,7 @@ void Batcher::Enqueue(InferCall* call) {
       }
     }
   }
-  FailExpired(expired);
-  for (InferCall* gone : cancelled) Refuse(gone, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
+  FailDropped(expired, cancelled);
   if (forward) return call->Forward();
   if (arm_expiry) {
     Timers::Get().At(timeout_at, [self = shared_from_this(), timeout_at] { self->ExpireQueued(timeout_at); });
@@ -189,10 +188,7 @@ void Batcher::Dispatch() {
       // requests still have to leave when their delay is up.
       Timers::Get().At(wake, [self = shared_from_this()] { self->Woken(); });
     }
-    FailExpired(expired);
-    for (InferCall* call : cancelled) {
-      Refuse(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
-    }
+    FailDropped(expired, cancelled);
     if (!batch) return;
     Send(std::move(batch));
   }
@@ -377,7 +373,7 @@ void Batcher::ExpireQueued(Clock::time_point armed_for) {
   if (next != Clock::time_point::max()) {
     Timers::Get().At(next, [self = shared_from_this(), next] { self->ExpireQueued(next); });
   }
-  FailExpired(expired);
+  FailDropped(expired);
 }
 
 void Batcher::Refuse(InferCall* call, const grpc::Status& status) {
@@ -385,12 +381,13 @@ void Batcher::Refuse(InferCall* call, const grpc::Status& status) {
   call->Fail(status);  // the call may be gone after it
 }
 
-void Batcher::FailExpired(const std::vector<InferCall*>& expired) {
+void Batcher::FailDropped(const std::vector<InferCall*>& expired, const std::vector<InferCall*>& cancelled) {
   for (InferCall* call : expired) {
     Refuse(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                               "deadline passed while queued in the front door for model '" +
                                 call->request().model_name() + "'"));
   }
+  for (InferCall* call : cancelled) Refuse(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
 }
 
 void Batcher::Send(std::shared_ptr<Batch> batch) {

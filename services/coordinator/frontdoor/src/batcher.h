@@ -64,7 +64,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // The queue's timeout wake-up (armed for `armed_for`): fails the expired, arms the next.
   void ExpireQueued(std::chrono::steady_clock::time_point armed_for);
   void DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
-  void FailExpired(const std::vector<InferCall*>& expired);
+  // Answers what DropLocked took out of the queue: DEADLINE_EXCEEDED, CANCELLED.
+  void FailDropped(const std::vector<InferCall*>& expired, const std::vector<InferCall*>& cancelled = {});
   // Answers `call` with an error of the door's own, reported so the coordinator counts it.
   void Refuse(InferCall* call, const grpc::Status& status);
   std::vector<size_t> OrderLocked() const;
