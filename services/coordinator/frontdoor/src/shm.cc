@@ -117,15 +117,15 @@ std::shared_ptr<OpenRegion> SharedMemory::Find(const std::string& name) {
   auto it = regions_.find(name);
   if (it == regions_.end() || it->second.inode != registration.st_ino || it->second.mtime_ns != mtime_ns) {
     Registration read;
-    read.name = name;
+    std::string key;
     read.inode = registration.st_ino;
     read.mtime_ns = mtime_ns;
     std::ifstream file(path);
-    if (!(std::getline(file, read.key) && file >> read.offset >> read.byte_size) || read.key.empty()) {
+    if (!(std::getline(file, key) && file >> read.offset >> read.byte_size) || key.empty()) {
       regions_.erase(name);
       return nullptr;
     }
-    read.object = "/dev/shm/" + (read.key[0] == '/' ? read.key.substr(1) : read.key);
+    read.object = "/dev/shm/" + (key[0] == '/' ? key.substr(1) : key);
     it = regions_.insert_or_assign(name, std::move(read)).first;
   }
   const Registration& known = it->second;
@@ -141,6 +141,12 @@ std::shared_ptr<OpenRegion> SharedMemory::Find(const std::string& name) {
 }
 
 bool SharedMemory::Take(inference::ModelInferRequest* request, std::vector<OutputPlace>* outputs) {
+  std::unordered_map<std::string, std::shared_ptr<OpenRegion>> opened;  // once per request, however many tensors
+  auto find = [&](const std::string& name) {
+    std::shared_ptr<OpenRegion>& region = opened[name];
+    if (!region) region = Find(name);
+    return region;
+  };
   bool any_input = false;
   for (const auto& input : request->inputs()) any_input |= InSharedMemory(input.parameters());
   if (any_input) {
@@ -157,7 +163,7 @@ bool SharedMemory::Take(inference::ModelInferRequest* request, std::vector<Outpu
       std::string name;
       uint64_t offset, size;
       if (!Place(input.parameters(), &name, &offset, &size)) return false;
-      std::shared_ptr<OpenRegion> region = Find(name);
+      std::shared_ptr<OpenRegion> region = find(name);
       if (!region || offset > region->byte_size || size > region->byte_size - offset) return false;
       std::string error;  // the coordinator, given the request, answers why
       if (!region->Read(offset, size, raw.Add(), &error)) return false;  // a copy: the client may reuse the region
@@ -170,7 +176,7 @@ bool SharedMemory::Take(inference::ModelInferRequest* request, std::vector<Outpu
     OutputPlace place;
     uint64_t size;
     if (!Place(output.parameters(), &place.region, &place.offset, &size)) return false;
-    place.opened = Find(place.region);
+    place.opened = find(place.region);
     if (!place.opened || place.offset > place.opened->byte_size ||
         size > place.opened->byte_size - place.offset) {
       return false;

@@ -20,8 +20,7 @@ namespace frontdoor {
 
 // A region's registration as the coordinator wrote it (read once, again when its file changes).
 struct Registration {
-  std::string name, key;  // as registered, and its /dev/shm key
-  std::string object;     // /dev/shm path of the key
+  std::string object;  // /dev/shm path of its key
   uint64_t offset = 0, byte_size = 0;
   ino_t inode = 0;  // of the registration file, to notice a region registered again
   int64_t mtime_ns = 0;
