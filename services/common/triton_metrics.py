@@ -20,8 +20,10 @@ METRICS: list[tuple[str, str, Callable[[ModelStats], float]]] = [
      lambda s: s.inference_count),
     ("nv_inference_exec_count", "Number of model executions performed (batches)",
      lambda s: s.execution_count),
+    # successful requests only (cache hits included), as Triton's UpdateSuccess: a failure adds
+    # to nv_inference_request_failure and nothing else, so duration / success is the mean latency
     ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
-     lambda s: (s.success.ns + s.fail.ns) // 1000),
+     lambda s: s.success.ns // 1000),
     ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
      lambda s: s.queue.ns // 1000),
     ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",

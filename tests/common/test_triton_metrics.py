@@ -24,7 +24,8 @@ def test_statistics_appear_under_tritons_metric_names_and_labels():
     assert samples[("nv_inference_request_failure", "digits", "1")] == 1
     assert samples[("nv_inference_count", "digits", "1")] == 10  # not the cache hit's 4 rows (Triton)
     assert samples[("nv_inference_exec_count", "digits", "1")] == 2
-    assert samples[("nv_inference_request_duration_us", "digits", "1")] == 7000
+    # successes only (Triton's UpdateSuccess), so duration / success is their mean latency
+    assert samples[("nv_inference_request_duration_us", "digits", "1")] == 4000
     assert samples[("nv_inference_queue_duration_us", "digits", "1")] == 500
     assert samples[("nv_inference_compute_infer_duration_us", "digits", "1")] == 1400
     assert samples[("nv_inference_request_success", "wide", "2")] == 0
