@@ -7,6 +7,9 @@ import sys
 from services.cli.output import progress, table
 from services.trainer.strategy import STRATEGIES
 
+# StartJobRequest's `optional` fields, named as their flags' destinations
+OPTIONAL = ("mu", "server_lr", "server_momentum", "server_beta2", "server_tau")
+
 
 def jobs_table(jobs: list[dict]) -> str:
     """Federated job summaries (services/common/jobs.py JobRecord.summary) as a table."""
@@ -21,6 +24,19 @@ def _trainer_stub(channel):
     return tpb_grpc.TrainerStub(channel)
 
 
+def start_request(args: argparse.Namespace):
+    """The StartJobRequest of `cnei train start`: the optional settings only when given (a 0 given
+    is sent as 0; one left out takes the trainer's default)."""
+    from services.pb.cnei import trainer_pb2 as tpb
+
+    given = {name: getattr(args, name) for name in OPTIONAL if getattr(args, name) is not None}
+    return tpb.StartJobRequest(
+        model=args.model, base_version=args.base_version, rounds=args.rounds, min_clients=args.min_clients,
+        fraction=args.fraction, local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
+        strategy=args.strategy, round_timeout_s=args.round_timeout, dp_clip_norm=args.dp_clip_norm,
+        dp_noise_multiplier=args.dp_noise_multiplier, **given)
+
+
 async def train_start(args) -> int:
     """Start a federated job and follow it round by round until it ends."""
     from services.cli import clients
@@ -30,12 +46,7 @@ async def train_start(args) -> int:
 
     if args.rounds < 1:
         raise InvalidArgument(f"--rounds must be at least 1, not {args.rounds}")
-    request = tpb.StartJobRequest(
-        model=args.model, base_version=args.base_version, rounds=args.rounds, min_clients=args.min_clients,
-        fraction=args.fraction, local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
-        strategy=args.strategy, mu=args.mu, round_timeout_s=args.round_timeout, server_lr=args.server_lr,
-        server_momentum=args.server_momentum, server_beta2=args.server_beta2, server_tau=args.server_tau,
-        dp_clip_norm=args.dp_clip_norm, dp_noise_multiplier=args.dp_noise_multiplier)
+    request = start_request(args)
     async with clients.trainer(args) as channel:
         stub = _trainer_stub(channel)
         job = job_from_proto(await stub.StartJob(request, timeout=10))
@@ -100,13 +111,14 @@ def add_parser(sub) -> list[argparse.ArgumentParser]:
     start.add_argument("--lr", type=float, default=0.05)
     start.add_argument("--batch-size", type=int, default=32)
     start.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES))
-    start.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term")
-    start.add_argument("--server-lr", type=float, default=0.0,
-                       help="FedAvgM server learning rate (1.0); the adaptive optimisers' eta (0.1)")
-    start.add_argument("--server-momentum", type=float, default=0.0,
-                       help="FedAvgM momentum; the adaptive optimisers' beta1 (0.9)")
-    start.add_argument("--server-beta2", type=float, default=0.0, help="FedAdam/FedYogi beta2 (0.99)")
-    start.add_argument("--server-tau", type=float, default=0.0, help="the adaptive optimisers' tau (1e-3)")
+    # left out (None): the strategy's default; given, 0 included: sent as given
+    start.add_argument("--mu", type=float, help="FedProx proximal term (default 0.01)")
+    start.add_argument("--server-lr", type=float,
+                       help="FedAvgM server learning rate (default 1.0); the adaptive optimisers' eta (0.1)")
+    start.add_argument("--server-momentum", type=float,
+                       help="FedAvgM momentum; the adaptive optimisers' beta1 (default 0.9; 0: no momentum)")
+    start.add_argument("--server-beta2", type=float, help="FedAdam/FedYogi beta2 (default 0.99)")
+    start.add_argument("--server-tau", type=float, help="the adaptive optimisers' tau (default 1e-3)")
     start.add_argument("--dp-clip-norm", type=float, default=0.0,
                        help="server-side differential privacy: clip each client's update to this L2 norm (0: off)")
     start.add_argument("--dp-noise-multiplier", type=float, default=0.0,

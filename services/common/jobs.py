@@ -16,6 +16,9 @@ JOB_INDEX = "cnei:federated:jobs"  # sorted set: job id scored by creation time
 CHECKPOINT_KEY = "cnei:federated:checkpoint:{}"  # global model after the job's last round
 LEASE_KEY = "cnei:federated:lease:{}"  # the trainer running the job now, while it renews
 TERMINAL = ("completed", "failed", "interrupted")
+# Records written before SPEC_FORMAT 2 held 0 for these settings when they were left out.
+SPEC_FORMAT = 2
+_ZERO_WAS_LEFT_OUT = ("mu", "server_lr", "server_beta2", "server_tau")
 # A job in one of these states with no lease was left by a trainer that stopped (`suspended`) or
 # died (`pending`, `running`): any trainer may claim it and go on from its checkpoint.
 UNFINISHED = ("pending", "running", "suspended")
@@ -57,12 +60,13 @@ class JobSpec:
     lr: float = 0.05
     batch_size: int = 32
     strategy: str = "fedavg"
-    mu: float = 0.0
-    server_momentum: float | None = None  # FedAvgM momentum / FedAdam, FedYogi beta1 (None: 0.9; 0 is 0)
-    server_lr: float = 0.0
+    # None: the strategy's default; any number, 0 included, is that number.
+    mu: float | None = None  # FedProx proximal term (None: 0.01)
+    server_momentum: float | None = None  # FedAvgM momentum / FedAdam, FedYogi beta1 (None: 0.9)
+    server_lr: float | None = None  # FedAvgM server lr (None: 1) / the adaptive optimisers' eta
     round_timeout_s: float = 0.0
-    server_beta2: float = 0.0  # FedAdam / FedYogi second-moment decay (0: 0.99)
-    server_tau: float = 0.0  # adaptive optimisers' epsilon (0: 1e-3; Flower's FedAdam/FedAdagrad: 1e-9)
+    server_beta2: float | None = None  # FedAdam / FedYogi second-moment decay (None: 0.99)
+    server_tau: float | None = None  # adaptive optimisers' epsilon (None: 1e-3; Flower's FedAdam/FedAdagrad: 1e-9)
     dp_clip_norm: float = 0.0  # > 0: server-side differential privacy, updates clipped to this L2 norm
     dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier × clip norm / clients
 
@@ -97,12 +101,15 @@ class JobRecord:
         return self.state in TERMINAL
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps({**asdict(self), "spec_format": SPEC_FORMAT}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, data: str | bytes) -> JobRecord:
         obj = json.loads(data)
-        spec = JobSpec(**{k: v for k, v in obj.pop("spec", {}).items() if k in JobSpec.__dataclass_fields__})
+        values = {k: v for k, v in obj.pop("spec", {}).items() if k in JobSpec.__dataclass_fields__}
+        if obj.pop("spec_format", 1) < SPEC_FORMAT:  # a job started before: its 0s were left out
+            values.update({k: None for k in _ZERO_WAS_LEFT_OUT if values.get(k) == 0})
+        spec = JobSpec(**values)
         history = [RoundRecord(**r) for r in obj.pop("history", [])]
         known = {f.name for f in fields(cls)}
         return cls(spec=spec, history=history, **{k: v for k, v in obj.items() if k in known})

@@ -10,11 +10,17 @@ DEFAULTS = JobSpec()
 
 
 def spec_from_proto(msg: tpb.StartJobRequest) -> JobSpec:
-    """Unset (zero) fields take JobSpec's defaults (proto3 numbers carry no presence: a
-    server_momentum of 0 on the wire is unset, the strategy's default)."""
-    values = {f.name: getattr(msg, f.name) or getattr(DEFAULTS, f.name) for f in dataclasses.fields(JobSpec)}
+    """Fields left out take JobSpec's defaults: an `optional` field (mu, the server optimiser's)
+    when absent, so a 0 sent is a 0; any other when 0, as proto3 cannot tell its 0 from unset."""
+    values = {f.name: _field(msg, f.name) for f in dataclasses.fields(JobSpec)}
     values["strategy"] = values["strategy"].lower()
     return JobSpec(**values)
+
+
+def _field(msg: tpb.StartJobRequest, name: str):
+    if msg.DESCRIPTOR.fields_by_name[name].has_presence:
+        return getattr(msg, name) if msg.HasField(name) else getattr(DEFAULTS, name)
+    return getattr(msg, name) or getattr(DEFAULTS, name)
 
 
 def spec_to_proto(spec: JobSpec) -> tpb.StartJobRequest:

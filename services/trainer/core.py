@@ -30,7 +30,7 @@ from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
 from services.trainer.selection import next_version, select_clients
 from services.trainer.settings import TrainerSettings
-from services.trainer.strategy import FedAvg, make_strategy
+from services.trainer.strategy import FedAvg, make_strategy, or_default
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -41,7 +41,8 @@ EvalData = tuple[np.ndarray, np.ndarray]
 
 def check_spec(spec: JobSpec) -> None:
     """Raise InvalidArgument naming the first field out of range (NaN and infinities first: every
-    range check below would let NaN through, as comparisons with it are false)."""
+    range check below would let NaN through, as comparisons with it are false). The optional
+    settings are checked when set (None: the strategy's default, always in range)."""
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -49,13 +50,12 @@ def check_spec(spec: JobSpec) -> None:
     problems = [(spec.rounds < 1, "rounds must be >= 1"), (spec.min_clients < 1, "min_clients must be >= 1"),
                 (not 0 < spec.fraction <= 1, "fraction must be in (0, 1]"),
                 (spec.local_epochs < 1, "local_epochs must be >= 1"), (spec.lr <= 0, "lr must be > 0"),
-                (spec.batch_size < 1, "batch_size must be >= 1"), (spec.mu < 0, "mu must be >= 0"),
+                (spec.batch_size < 1, "batch_size must be >= 1"), (or_default(spec.mu, 0.0) < 0, "mu must be >= 0"),
                 (spec.round_timeout_s < 0, "round_timeout_s must be >= 0"), (not spec.model, "model is required"),
-                (spec.server_momentum is not None and not 0 <= spec.server_momentum < 1,
-                 "server_momentum must be in [0, 1)"),
-                (spec.server_lr < 0, "server_lr must be >= 0"),
-                (spec.server_beta2 < 0 or spec.server_beta2 >= 1, "server_beta2 must be in [0, 1)"),
-                (spec.server_tau < 0, "server_tau must be >= 0"),
+                (not 0 <= or_default(spec.server_momentum, 0.0) < 1, "server_momentum must be in [0, 1)"),
+                (or_default(spec.server_lr, 1.0) <= 0, "server_lr must be > 0 (a step of 0 never moves the model)"),
+                (not 0 <= or_default(spec.server_beta2, 0.0) < 1, "server_beta2 must be in [0, 1)"),
+                (or_default(spec.server_tau, 1.0) <= 0, "server_tau must be > 0 (m / (√v + τ): 0/0 where Δ is 0)"),
                 (spec.dp_clip_norm < 0, "dp_clip_norm must be >= 0"),
                 (spec.dp_noise_multiplier < 0, "dp_noise_multiplier must be >= 0")]
     for bad, message in problems:

@@ -220,12 +220,13 @@ class FedOpt(FedAvg):
         self.rounds = int(state["rounds"]["rounds"]) if "rounds" in state else (1 if self.m else 0)
 
 
-def make_strategy(name: str, mu: float = 0.0, momentum: float | None = None, server_lr: float = 0.0,
-                  beta2: float = 0.0, tau: float = 0.0, clip_norm: float = 0.0, noise_multiplier: float = 0.0) -> FedAvg:
-    """The strategy called `name`. `momentum` None, and the other parameters 0, take each
-    strategy's defaults (FedAvgM: momentum 0.9, server_lr 1; the adaptive ones: Flower's, see
-    ADAPTIVE_DEFAULTS); momentum 0 is a momentum of 0. `clip_norm` > 0 adds server-side
-    differential privacy (fixed clipping, Gaussian noise of `noise_multiplier`)."""
+def make_strategy(name: str, mu: float | None = None, momentum: float | None = None, server_lr: float | None = None,
+                  beta2: float | None = None, tau: float | None = None, clip_norm: float = 0.0,
+                  noise_multiplier: float = 0.0) -> FedAvg:
+    """The strategy called `name`. `mu`, `momentum`, `server_lr`, `beta2` and `tau` None take
+    each strategy's defaults (FedProx: mu 0.01; FedAvgM: momentum 0.9, server_lr 1; the adaptive
+    ones: Flower's, see ADAPTIVE_DEFAULTS); a number, 0 included, is that number. `clip_norm` > 0
+    adds server-side differential privacy (fixed clipping, Gaussian noise of `noise_multiplier`)."""
     key = (name or "fedavg").lower()
     privacy = Privacy(clip_norm, noise_multiplier) if clip_norm > 0 else None
     if noise_multiplier > 0 and privacy is None:
@@ -233,9 +234,9 @@ def make_strategy(name: str, mu: float = 0.0, momentum: float | None = None, ser
     if key == "fedavg":
         return FedAvg(privacy=privacy)
     if key == "fedavgm":
-        return FedAvgM(momentum=0.9 if momentum is None else momentum, server_lr=server_lr or 1.0, privacy=privacy)
+        return FedAvgM(momentum=or_default(momentum, 0.9), server_lr=or_default(server_lr, 1.0), privacy=privacy)
     if key == "fedprox":
-        return FedProx(mu=mu or 0.01, privacy=privacy)
+        return FedProx(mu=or_default(mu, 0.01), privacy=privacy)
     if key in ADAPTIVE:
         kind = ADAPTIVE[key]
         eta, beta1, default_beta2, default_tau = ADAPTIVE_DEFAULTS[kind]
@@ -243,6 +244,11 @@ def make_strategy(name: str, mu: float = 0.0, momentum: float | None = None, ser
             raise InvalidArgument("fedadagrad has no server momentum or second-moment decay (m is the update "
                                   "itself and v sums its squares, as in Flower): leave server_momentum and "
                                   "server_beta2 unset")
-        return FedOpt(kind=kind, eta=server_lr or eta, beta1=beta1 if momentum is None else momentum,
-                      beta2=beta2 or default_beta2, tau=tau or default_tau, privacy=privacy)
+        return FedOpt(kind=kind, eta=or_default(server_lr, eta), beta1=or_default(momentum, beta1),
+                      beta2=or_default(beta2, default_beta2), tau=or_default(tau, default_tau), privacy=privacy)
     raise InvalidArgument(f"unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")
+
+
+def or_default(value: float | None, default: float) -> float:
+    """`value` unless it is None (a setting left out)."""
+    return default if value is None else value

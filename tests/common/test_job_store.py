@@ -3,11 +3,12 @@ free again when it runs out), checkpoints written with their record, unfinished 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
 
-from services.common.jobs import JobRecord, JobSpec, JobStore
+from services.common.jobs import JOB_KEY, JobRecord, JobSpec, JobStore
 
 
 @pytest.fixture
@@ -61,3 +62,24 @@ async def test_unfinished_lists_pending_running_and_suspended_jobs_only(store):
     unfinished = {j.id for j in await store.unfinished()}
     assert {jobs[s].id for s in ("pending", "running", "suspended")} <= unfinished
     assert not {jobs[s].id for s in ("completed", "failed", "interrupted")} & unfinished
+
+
+ZEROS = {"mu": 0.0, "server_lr": 0.0, "server_momentum": 0.0, "server_beta2": 0.0, "server_tau": 0.0}
+
+
+async def test_a_job_s_optional_settings_are_kept_as_given_zero_or_left_out(store):
+    given, left_out = JobRecord(spec=JobSpec(**ZEROS)), JobRecord(spec=JobSpec())
+    for job in (given, left_out):
+        await store.save(job)
+    assert (await store.get(given.id)).spec == JobSpec(**ZEROS)
+    assert (await store.get(left_out.id)).spec == JobSpec()
+
+
+async def test_a_record_written_before_optional_settings_reads_their_zeros_as_left_out(store, own_redis):
+    """Such a record held 0 for a mu, server_lr, server_beta2 or server_tau left out (and None for
+    a server_momentum left out): a trainer taking its job over keeps the strategy's defaults."""
+    job = JobRecord(spec=JobSpec(strategy="fedprox", **{**ZEROS, "server_momentum": None}), state="suspended")
+    legacy = json.loads(job.to_json())
+    del legacy["spec_format"]
+    await own_redis.set(JOB_KEY.format(job.id), json.dumps(legacy))
+    assert (await store.get(job.id)).spec == JobSpec(strategy="fedprox")

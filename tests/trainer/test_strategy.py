@@ -145,7 +145,9 @@ def test_every_strategy_takes_the_privacy_settings_and_noise_needs_a_clipping_no
 @pytest.mark.parametrize(("changes", "message"), [
     ({"server_beta2": 1.0}, "server_beta2 must be in"), ({"server_momentum": 1.5}, "server_momentum must be in"),
     ({"dp_clip_norm": -1.0}, "dp_clip_norm must be >= 0"), ({"dp_noise_multiplier": 1.0}, "needs dp_clip_norm"),
-    ({"strategy": "fedadam", "server_tau": -1.0}, "server_tau must be >= 0"),
+    ({"strategy": "fedadam", "server_tau": -1.0}, "server_tau must be > 0"),
+    ({"strategy": "fedadam", "server_tau": 0.0}, "server_tau must be > 0"),
+    ({"strategy": "fedavgm", "server_lr": 0.0}, "server_lr must be > 0"), ({"mu": -0.1}, "mu must be >= 0"),
 ])
 def test_job_specs_with_optimiser_or_privacy_settings_out_of_range_are_refused(changes, message):
     with pytest.raises(InvalidArgument, match=message):
