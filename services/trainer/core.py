@@ -82,10 +82,11 @@ class FederatedTrainer:
 
     A running job holds a lease in Redis that its trainer renews; after every round the job's
     record and a checkpoint of the global model are written together, only while this trainer
-    holds the lease (and events are sent and versions registered only after checking it again):
-    a trainer cut off past its lease stops the job and records nothing more. A job whose trainer
-    stopped (state `suspended`) or died (its lease ran out) is taken over by the next trainer
-    that looks (`resume_unfinished`, at start and every half lease) from its last completed round.
+    holds the lease (events are sent only after such a write, versions registered only after
+    checking the lease again): a trainer cut off past its lease stops the job and records nothing
+    more. A job whose trainer stopped (state `suspended`) or died (its lease ran out) is taken
+    over by the next trainer that looks (`resume_unfinished`, at start and every half lease) from
+    its last completed round.
     """
 
     def __init__(self, settings: TrainerSettings, store: JobStore, nodes: NodeDirectory, train: TrainFn,
@@ -223,7 +224,7 @@ class FederatedTrainer:
 
     async def _check_lease(self, job: JobRecord) -> None:
         """LeaseLost unless this trainer still holds the job's lease (before acting for the job
-        outside Redis: events, registry pushes)."""
+        outside Redis with no fenced write just before: registry pushes)."""
         if job.id in self._lost or not await self.store.holds(job.id, self.owner):
             self._lost.add(job.id)
             raise LeaseLost(job.id, self.owner)
@@ -377,7 +378,6 @@ class FederatedTrainer:
         await self._save(job, checkpoint.encode(outcome.weights, strategy.state()))
         log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
                  record.accuracy, ",".join(record.participants))
-        await self._check_lease(job)
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
                                                              **asdict(record)})
 
@@ -432,7 +432,6 @@ class FederatedTrainer:
         job.state, job.error = state, error
         await self._save(job)
         JOBS.labels(job.spec.model, state).inc()
-        await self._check_lease(job)
         subject = events.FEDERATED_JOB_COMPLETED if state == "completed" else events.FEDERATED_JOB_FAILED
         await self._event(subject, {"job": job.id, "model": job.spec.model, "state": state, "error": error,
                                     "new_version": job.new_version, "variant_accuracy": job.variant_accuracy,
