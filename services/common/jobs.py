@@ -152,9 +152,6 @@ class JobStore:
     async def checkpoint(self, job_id: str) -> bytes | None:
         return await self.redis.get(CHECKPOINT_KEY.format(job_id))
 
-    async def drop_checkpoint(self, job_id: str) -> None:
-        await self.redis.delete(CHECKPOINT_KEY.format(job_id))
-
     async def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Take the job's lease when nobody holds it."""
         return bool(await self.redis.set(LEASE_KEY.format(job_id), owner, nx=True, px=int(lease_s * 1000)))

@@ -50,8 +50,6 @@ async def test_a_checkpoint_is_written_with_its_record(store):
     job.round = 3
     await store.save(job)  # a record alone keeps the last checkpoint
     assert await store.checkpoint(job.id) == b"weights after round 2"
-    await store.drop_checkpoint(job.id)
-    assert await store.checkpoint(job.id) is None
 
 
 async def test_unfinished_lists_pending_running_and_suspended_jobs_only(store):
