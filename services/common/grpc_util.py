@@ -211,14 +211,17 @@ def channel(target: str, headers: list[tuple[str, str]] | tuple = (),
 
 class Channels:
     """One channel per address, all with the same headers and TLS: a client of many servers of
-    one kind (the runtimes). When the TLS files change (a renewed client certificate or CA),
-    later calls get new channels and the old ones close once their calls are done (at most
-    `grace_s`)."""
+    one kind (the runtimes), or of one server for good (a service's registry). When the TLS files
+    change (a renewed client certificate or CA), later calls get new channels and the old ones
+    close once their calls are done (at most `grace_s`)."""
 
     def __init__(self, headers: list[tuple[str, str]] | tuple = (), tls: ClientTls | None = None,
-                 grace_s: float = 30.0):
+                 grace_s: float = 30.0, credentials: grpc.ChannelCredentials | None = None):
+        """`tls`: the files, renewed; `credentials`: fixed ones instead (a command's, read once);
+        neither: plaintext."""
         self.headers = tuple(headers)
         self._credentials = tls.renewed_grpc_credentials() if tls else None
+        self._fixed = credentials
         self._server_name = tls.server_name if tls else ""
         self._generation = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -226,7 +229,7 @@ class Channels:
         self.grace_s = grace_s
 
     def get(self, address: str) -> grpc.aio.Channel:
-        credentials = None
+        credentials = self._fixed
         if self._credentials is not None:
             credentials = self._credentials.get()
             if self._credentials.generation != self._generation:

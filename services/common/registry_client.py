@@ -17,11 +17,13 @@ from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant
 from services.common.registry_convert import variant_from_proto
+from services.common.tls import ClientTls
 from services.pb.cnei import registry_pb2 as rpb
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
+FETCH_TIMEOUT_S = 120.0  # an artifact's download; a channel left for renewed TLS files gets as long to finish
 
 
 @dataclass(frozen=True)
@@ -36,19 +38,17 @@ class Pulled:
 
 def from_settings(prefix: str, settings: Any, timeout: float) -> RegistryClient:
     """A service's registry client from its settings (`registry_target`, `registry_headers`, the
-    `registry_tls_*` files); ValueError naming a TLS variable that is wrong (`check_settings`)."""
-    credentials = tls.registry_credentials(prefix, settings.registry_tls_ca_file, settings.registry_tls_cert_file,
-                                           settings.registry_tls_key_file)
+    `registry_tls_*` files, renewed as they change); ValueError naming a TLS variable that is wrong
+    (`check_settings`)."""
     return RegistryClient(settings.registry_target, timeout, restricted.headers(settings.registry_headers),
-                          credentials)
+                          tls=tls.registry_tls(prefix, settings))
 
 
 def check_settings(prefix: str, settings: Any) -> None:
     """Stop (SystemExit naming the variables) before starting when the registry TLS files are
     wrong: missing, unpaired, or PEM that does not load."""
-    tls.check_loads("", f"{prefix}REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE", lambda: tls.loaded(
-        tls.client_tls(prefix, "REGISTRY", settings.registry_tls_ca_file, settings.registry_tls_cert_file,
-                       settings.registry_tls_key_file)))
+    tls.check_loads("", f"{prefix}REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE",
+                    lambda: tls.loaded(tls.registry_tls(prefix, settings)))
 
 
 def _apply_delta(base_file: Path, made: bytes, sha256: str) -> bytes:
@@ -62,16 +62,25 @@ class RegistryClient:
     """Resolve, list, push and fetch model variants; failures raise CneiError subclasses."""
 
     def __init__(self, target: str, timeout: float = 10.0, headers: list[tuple[str, str]] | tuple = (),
-                 credentials: grpc.ChannelCredentials | None = None):
-        """`headers`: sent with every call (a registry with restricted APIs); `credentials`: TLS to
-        a registry serving it (services.common.tls), else plaintext."""
+                 credentials: grpc.ChannelCredentials | None = None, tls: ClientTls | None = None):
+        """`headers`: sent with every call (a registry with restricted APIs); TLS to a registry
+        serving it: `tls`, files whose renewals later calls take (a service's), or `credentials`
+        read once (a command's); neither: plaintext."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc_util.channel(target, headers, credentials)
-        self._stub = rpb_grpc.ModelRegistryStub(self._channel)
+        self._channels = grpc_util.Channels(headers, tls, FETCH_TIMEOUT_S, credentials)
+        self._stub_of: tuple[grpc.aio.Channel | None, rpb_grpc.ModelRegistryStub | None] = (None, None)
+
+    @property
+    def _stub(self) -> rpb_grpc.ModelRegistryStub:
+        """The stub on the channel of the TLS files as they are now (a new one once they are renewed)."""
+        channel = self._channels.get(self.target)
+        if self._stub_of[0] is not channel:
+            self._stub_of = (channel, rpb_grpc.ModelRegistryStub(channel))
+        return self._stub_of[1]
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()
 
     async def _call(self, method, request, timeout: float | None = None):
         try:
@@ -116,12 +125,12 @@ class RegistryClient:
             reply = await self._call(self._stub.PushModel, chunks(), timeout=max(60.0, self.timeout))
         return variant_from_proto(reply)
 
-    async def fetch_artifact(self, sha256: str, timeout: float = 120.0) -> bytes:
+    async def fetch_artifact(self, sha256: str, timeout: float = FETCH_TIMEOUT_S) -> bytes:
         """Download an artifact and verify its sha256."""
         return (await self.pull_artifact(sha256, timeout=timeout)).data
 
     async def pull_artifact(self, sha256: str, held: Mapping[str, Path] | None = None,
-                            timeout: float = 120.0) -> Pulled:
+                            timeout: float = FETCH_TIMEOUT_S) -> Pulled:
         """Download an artifact and verify its sha256; `held`: artifacts this side holds (sha256
         -> file, the likeliest bases first: the first delta.MAX_BASES are offered), against one of
         which the registry may send a delta. A delta the registry cannot make, or that does not

@@ -297,12 +297,11 @@ def client_tls(prefix: str, kind: str, ca_file: str, cert_file: str = "", key_fi
     return ClientTls(ca_file, cert_file, key_file)
 
 
-def registry_credentials(prefix: str, ca_file: str, cert_file: str = "",
-                         key_file: str = "") -> grpc.ChannelCredentials | None:
-    """A service's credentials for a registry serving TLS, from its REGISTRY_TLS_* settings
-    (None: plaintext); ValueError naming the variable that is missing or unreadable."""
-    files = client_tls(prefix, "REGISTRY", ca_file, cert_file, key_file)
-    return files.grpc_credentials() if files else None
+def registry_tls(prefix: str, settings) -> ClientTls | None:
+    """A service's client TLS for a registry serving TLS, from its `registry_tls_ca_file`,
+    `registry_tls_cert_file` and `registry_tls_key_file` settings (None: plaintext)."""
+    return client_tls(prefix, "REGISTRY", settings.registry_tls_ca_file, settings.registry_tls_cert_file,
+                      settings.registry_tls_key_file)
 
 
 def node_tls(prefix: str, settings) -> ClientTls | None:

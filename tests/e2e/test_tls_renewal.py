@@ -2,12 +2,15 @@
 runtime and a coordinator (its front door on and off) serving mutual TLS, then every file swapped
 for ones of another CA. New connections to the servers get the renewed certificates and only
 clients of the new CA get in (gRPC, the fast lane, REST); the coordinator's own connections to
-the runtime, opened anew once the runtime restarts, present its renewed client certificate."""
+the runtime, opened anew once the runtime restarts, present its renewed client certificate. A
+runtime's registry client, likewise, pulls from a registry on mutual TLS after both swap their
+files and the registry restarts (on its last good files while they are half renewed)."""
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,10 +24,11 @@ from services.cli import infra
 from services.common import tls
 from services.common.errors import Unavailable
 from services.common.fastlane import FastClient
+from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import digits_payload, start_coordinator, start_fast_runtime
+from tests.e2e.processes import digits_payload, spawn, start_coordinator, start_fast_runtime, start_runtime
 from tests.pki import make_pki
 
 REGION = "site-renew"
@@ -157,3 +161,81 @@ def test_renewed_certificates_and_cas_are_taken_without_a_restart(mesh, pkis, do
         if coordinator is not None:
             infra.stop(coordinator)
         infra.stop(runtime)
+
+
+def _start_registry(mesh, data_dir: Path, port: int, live: Path):
+    """A registry on `port` serving mutual TLS from the live files (clients of their CA only)."""
+    return spawn("services.registry", {
+        **os.environ, "CNEI_REGISTRY_PORT": str(port), "CNEI_REGISTRY_METRICS_PORT": "0",
+        "CNEI_REGISTRY_DATA_DIR": str(data_dir), "CNEI_REGISTRY_NATS_URL": mesh.settings.nats_url,
+        "CNEI_REGISTRY_TLS_CERT_FILE": str(live / "server.pem"), "CNEI_REGISTRY_TLS_KEY_FILE": str(live / "server.key"),
+        "CNEI_REGISTRY_TLS_CLIENT_CA_FILE": str(live / "ca.pem")}, port)
+
+
+def _push(address: str, path: Path, names: list[str], pki: dict) -> None:
+    async def go() -> None:
+        client = RegistryClient(address, timeout=10.0, credentials=tls.channel_credentials(
+            pki["ca"], pki["client_cert"], pki["client_key"]))
+        try:
+            for name in names:
+                await client.push_file(path, name, "1", "FP32")
+        finally:
+            await client.close()
+    asyncio.run(go())
+
+
+def _runtime_serves(port: int, model: str) -> bool:
+    """The runtime answers `model` (pulled from its registry the first time)."""
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        tensor = triton.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+        return client.infer(model, [tensor], client_timeout=20).as_numpy("probabilities").shape == (1, 10)
+    except InferenceServerException:
+        return False
+    finally:
+        client.close()
+
+
+def test_a_runtime_s_registry_client_takes_renewed_client_certificates_and_cas_without_a_restart(
+        mesh, pkis, digits_models, tmp_path):
+    old, new = pkis
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(live, old)
+    port = infra.free_port()
+    address = f"127.0.0.1:{port}"
+    registry = _start_registry(mesh, tmp_path / "registry", port, live)
+    runtime = None
+    try:
+        fp32 = next(b for b in digits_models if b.precision == "FP32")
+        _push(address, fp32.path, ["renew-before", "renew-half", "renew-after"], old)
+        runtime, runtime_port = start_runtime(
+            mesh, "edge-registry-renew", "site-registry-renew", tmp_path, CNEI_RUNTIME_PRELOAD="",
+            CNEI_RUNTIME_REGISTRY_TARGET=address, CNEI_RUNTIME_REGISTRY_TLS_CA_FILE=str(live / "ca.pem"),
+            CNEI_RUNTIME_REGISTRY_TLS_CERT_FILE=str(live / "client.pem"),
+            CNEI_RUNTIME_REGISTRY_TLS_KEY_FILE=str(live / "client.key"))
+        assert _runtime_serves(runtime_port, "renew-before")
+
+        # half renewed (the new client certificate, the old key), and the registry restarts: the
+        # runtime connects again on its last good files
+        shutil.copyfile(new["client_cert"], live / ".client.pem.tmp")
+        os.replace(live / ".client.pem.tmp", live / "client.pem")
+        infra.stop(registry)
+        registry = _start_registry(mesh, tmp_path / "registry", port, live)
+        time.sleep(2 * tls.RELOAD_CHECK_S)  # the runtime's next call looks at its files
+        infra.wait_until(lambda: _runtime_serves(runtime_port, "renew-half"), 15,
+                         "the runtime pulling from the registry on its last good client certificate")
+
+        # the registry's certificate and client CA and the runtime's client certificate and CA are
+        # all renewed from another CA; the registry restarts on them, so the runtime's connection
+        # ends and only a client presenting the renewed certificate gets in
+        _install(live, new)
+        infra.stop(registry)
+        registry = _start_registry(mesh, tmp_path / "registry", port, live)
+        infra.wait_until(lambda: _runtime_serves(runtime_port, "renew-after"), 15,
+                         "the runtime pulling from the registry on its renewed client certificate and CA")
+    finally:
+        if runtime is not None:
+            infra.stop(runtime)
+        infra.stop(registry)
