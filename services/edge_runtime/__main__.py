@@ -26,7 +26,8 @@ from services.edge_runtime.control import NodeControlServicer
 from services.edge_runtime.emulation import DelayInterceptor
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.federated import LocalTrainer
-from services.edge_runtime.heartbeat import Heartbeat
+from services.edge_runtime.heartbeat import Heartbeat, check_settings as check_heartbeat
+from services.edge_runtime.heartbeat import patience as heartbeat_patience
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
@@ -66,7 +67,8 @@ async def serve(settings: RuntimeSettings) -> None:
     stop = lifecycle.stop_event()
     registry = registry_client.from_settings(PREFIX, settings, timeout=3.0)
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
-    redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    wait_s = heartbeat_patience(settings)  # an edge site's link to Redis may be slow
+    redis = Redis.from_url(settings.redis_url, socket_timeout=wait_s, socket_connect_timeout=wait_s)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
                    outbox=Path(settings.cache_dir) / "outbox.jsonl", stream=settings.stream_limits())
 
@@ -131,6 +133,7 @@ def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
     registry_client.check_settings(PREFIX, settings)
+    check_heartbeat(PREFIX, settings)
     tls.check_server("runtime", PREFIX, settings)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)

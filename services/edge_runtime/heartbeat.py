@@ -14,6 +14,7 @@ from services.edge_runtime.resources import CpuSampler, memory_load
 from services.edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
+BEAT_PATIENCE_S = 10.0
 
 
 def _memory_bytes() -> int:
@@ -21,6 +22,25 @@ def _memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 0
+
+
+def check_settings(prefix: str, settings: RuntimeSettings) -> None:
+    """Stop (SystemExit naming the variables) before starting when heartbeats could never keep
+    the node record alive: the record must outlive the time between two beats."""
+    interval, ttl = settings.heartbeat_interval_s, settings.heartbeat_ttl_s
+    if not 0 < interval < ttl:
+        raise SystemExit(f"{prefix}HEARTBEAT_INTERVAL_S ({interval}) must be above 0 and below "
+                         f"{prefix}HEARTBEAT_TTL_S ({ttl}): the node record would expire between heartbeats "
+                         f"(on a slow link to Redis, leave room for a round trip too)")
+
+
+def patience(settings: RuntimeSettings) -> float:
+    """How long a call to Redis may take before it is given up (the runtime's Redis client's
+    socket timeouts, and a beat's): at least the record's life and BEAT_PATIENCE_S, so a slow
+    link to Redis (an edge site whose round trips take over a second, and a new connection's
+    handshake several of them) still renews the record, where a shorter cap would cancel every
+    beat, and its connection with it, for good."""
+    return max(settings.heartbeat_ttl_s, BEAT_PATIENCE_S)
 
 
 def node_info(settings: RuntimeSettings, runtime: EdgeRuntime, started_at: float,
@@ -52,7 +72,7 @@ class Heartbeat:
     async def beat(self) -> None:
         info = node_info(self.settings, self.runtime, self.started_at, self._cpu.sample(),
                          self.fast_address)
-        await asyncio.wait_for(self.directory.heartbeat(info, self.settings.heartbeat_ttl_s), 1.0)
+        await asyncio.wait_for(self.directory.heartbeat(info, self.settings.heartbeat_ttl_s), patience(self.settings))
         if not self._registered:
             self._registered = True
             await self._announce(events.NODE_UP)
@@ -84,6 +104,9 @@ class Heartbeat:
     async def _loop(self) -> None:
         next_metrics = time.monotonic()
         while True:
+            # beats start every interval (or as soon as the last one ends, on a link slower than
+            # that): the time between renewals does not grow by the round trip
+            due = time.monotonic() + self.settings.heartbeat_interval_s
             try:
                 await self.beat()
             except Exception as exc:  # noqa: BLE001 - keep beating through outages
@@ -97,7 +120,7 @@ class Heartbeat:
                     await self.report_metrics()
                 except Exception as exc:  # noqa: BLE001
                     log.warning("metrics snapshot failed: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="heartbeat")
@@ -107,9 +130,11 @@ class Heartbeat:
         process heartbeats under this node id now: its record, and it, stay)."""
         await lifecycle.cancel_and_wait(self._task)
         try:
-            removed = await asyncio.wait_for(self.directory.remove(self.settings.node_id, self.settings.address), 1.0)
+            removed = await asyncio.wait_for(self.directory.remove(self.settings.node_id, self.settings.address),
+                                             self.settings.heartbeat_ttl_s)  # after that it has expired anyway
         except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
-            log.warning("could not deregister: %s", exc)
+            log.warning("could not deregister (its record expires within %ss): %s", self.settings.heartbeat_ttl_s,
+                        f"{type(exc).__name__}: {exc}".rstrip(": "))
             removed = True
         if not removed:
             log.warning("node id %s is heartbeated by another process (not at %s): its record is left",

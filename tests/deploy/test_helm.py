@@ -20,6 +20,7 @@ from services.common import settings as cfg
 from services.common.telemetry import TelemetrySettings
 from services.coordinator import settings as coordinator_settings
 from services.edge_runtime import settings as runtime_settings
+from services.edge_runtime.heartbeat import check_settings as check_heartbeat
 from services.registry import settings as registry_settings
 from services.trainer import settings as trainer_settings
 
@@ -559,6 +560,26 @@ def test_runtimes_advertise_their_pod_ip_under_a_unique_node_id(rendered):
         assert settings.preload == tuple(rendered.values["runtime"]["preload"])
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert settings.cache_dir in mounts
+
+
+def test_each_tier_heartbeats_as_its_values_say_and_the_runtime_accepts_them(rendered):
+    """Edge sites get longer heartbeats than the cloud (slow links to Redis); whatever is set,
+    the runtime's own start-up check passes."""
+    runtimes = rendered.running("services.edge_runtime")
+    for workload, container in runtimes:
+        settings = _settings(container)[0]
+        tier = "edge" if workload["kind"] == "DaemonSet" else "cloud"
+        beat = rendered.values[f"{tier}Runtime"]["heartbeat"]
+        assert (settings.heartbeat_interval_s, settings.heartbeat_ttl_s) == (beat["intervalS"], beat["ttlS"])
+        check_heartbeat(runtime_settings.PREFIX, settings)
+    edge, cloud = (rendered.values[f"{t}Runtime"]["heartbeat"] for t in ("edge", "cloud"))
+    assert edge["ttlS"] > cloud["ttlS"]
+
+
+@pytest.mark.parametrize("beat", [{"intervalS": 3, "ttlS": 3}, {"intervalS": 0, "ttlS": 3}])
+def test_heartbeats_that_cannot_keep_a_node_record_alive_fail_to_render(beat):
+    with pytest.raises(Exception, match=r"edgeRuntime.heartbeat.intervalS \(.*\) must be above 0 and below ttlS"):
+        _render({"edgeRuntime": {"heartbeat": beat}})
 
 
 # --- state: registry volume, NATS cluster, Redis AOF ------------------------------------------

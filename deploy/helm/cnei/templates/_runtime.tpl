@@ -57,6 +57,13 @@
       value: {{ .values.useCuda | quote }}
     - name: CNEI_RUNTIME_PRELOAD
       value: {{ join "," $r.preload | quote }}
+    {{- if not (and (gt (float64 .values.heartbeat.intervalS) 0.0) (lt (float64 .values.heartbeat.intervalS) (float64 .values.heartbeat.ttlS))) }}
+    {{- fail (printf "%sRuntime.heartbeat.intervalS (%v) must be above 0 and below ttlS (%v)" .tier .values.heartbeat.intervalS .values.heartbeat.ttlS) }}
+    {{- end }}
+    - name: CNEI_RUNTIME_HEARTBEAT_INTERVAL_S
+      value: {{ .values.heartbeat.intervalS | quote }}
+    - name: CNEI_RUNTIME_HEARTBEAT_TTL_S
+      value: {{ .values.heartbeat.ttlS | quote }}
     {{- with include "cnei.extraEnv" .values.env }}{{ . | nindent 4 }}{{ end }}
   ports:
     - name: grpc
