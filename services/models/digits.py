@@ -57,6 +57,12 @@ def classifier_output(session, name: str = "") -> str:
     return scores[0]
 
 
+def fixed_batch(shape) -> int | None:
+    """The fixed first (batch) dimension of an ONNX Runtime input shape, None when it is dynamic."""
+    first = shape[0] if shape else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray, output: str = "") -> float:
     """Top-1 accuracy of an ONNX classifier measured with ONNX Runtime, on `output` (else the 2-D
     float output), in batches of the model's fixed batch size when it has one (the last padded)."""
@@ -64,7 +70,7 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray, output: str = "") -> floa
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
-    batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else max(len(x), 1)
+    batch = fixed_batch(spec.shape) or max(len(x), 1)
     name = classifier_output(session, output)
     scores = []
     for start in range(0, len(x), batch):

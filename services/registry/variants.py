@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from services.common.errors import InvalidArgument
-from services.models.digits import accuracy
+from services.models.digits import accuracy, fixed_batch
 from services.models.onnx_mlp import quantize_int8
 
 BUILDABLE = ("FP16", "INT8")
@@ -107,8 +107,7 @@ def probe_batches(model_path: Path, rows: int = PROBE_ROWS, seed: int = SEED) ->
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     specs = session.get_inputs()
-    fixed = [s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
-    batch = fixed[0] if fixed else rows
+    batch = next((b for b in map(fixed_batch, (s.shape for s in specs)) if b), rows)
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(max(1, -(-rows // batch))):
