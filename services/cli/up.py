@@ -328,11 +328,9 @@ async def wait_ready(target: str, timeout: float = 60.0) -> None:
 def run_up() -> int:
     settings = cfg.load(MeshSettings, PREFIX)
     mesh = Mesh(settings)
-    stopping = False
 
     def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = mesh.stopping = True
+        mesh.stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -348,7 +346,7 @@ def run_up() -> int:
               f"REST http://127.0.0.1:{settings.http_port}, metrics :{settings.metrics_port}, "
               f"trainer 127.0.0.1:{settings.trainer_port}; "
               f"logs in {mesh.logs}. Ctrl-C stops it.", flush=True)
-        while not stopping:
+        while not mesh.stopping:
             dead = mesh.dead_child()
             if dead is not None:
                 print(f"{dead.name} exited with {dead.proc.returncode}; stopping the mesh "
