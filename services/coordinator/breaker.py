@@ -15,6 +15,46 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+class Verdict(enum.Enum):
+    """What one attempt says of its node."""
+
+    ANSWERED = "answered"  # the node answered: its outputs, or an error about the request itself
+    SLOW = "slow"  # the deployment's attempt timeout passed while the node had the request
+    DOWN = "down"  # connection-level trouble, or the node refuses this coordinator's calls
+    SILENT = "silent"  # nothing: cancelled, the client's own deadline passed, or never sent
+
+
+# What a node's error answer says of the node, for an attempt the node had: every code named
+# (tests check it). Envoy's outlier detection likewise counts 5xx and lets 4xx break the run.
+NODE_VERDICTS: dict[ErrorCode, Verdict] = {
+    ErrorCode.UNAVAILABLE: Verdict.DOWN,  # unreachable, connection lost: stop sending there at once
+    ErrorCode.PERMISSION_DENIED: Verdict.DOWN,  # its restricted APIs refuse this coordinator (forwarder.refused_by)
+    ErrorCode.DEADLINE_EXCEEDED: Verdict.SLOW,
+    ErrorCode.INTERNAL: Verdict.ANSWERED,
+    ErrorCode.INVALID_ARGUMENT: Verdict.ANSWERED,  # the request's own
+    ErrorCode.NOT_FOUND: Verdict.ANSWERED,
+    ErrorCode.ALREADY_EXISTS: Verdict.ANSWERED,
+    ErrorCode.FAILED_PRECONDITION: Verdict.ANSWERED,
+    ErrorCode.RESOURCE_EXHAUSTED: Verdict.ANSWERED,  # its queue is full: busy, not broken (Envoy: 429 is no 5xx)
+    ErrorCode.CANCELLED: Verdict.SILENT,
+}
+
+
+def verdict(code: ErrorCode | None, sent: bool = True, attempt_timeout_first: bool = True) -> Verdict:
+    """The verdict of an attempt that succeeded (`code` None) or failed with `code` (the full
+    path's attempts and the front door's failed node calls alike); `sent`: the node was sent the
+    request; `attempt_timeout_first`: the deployment's attempt timeout came before the client's
+    own deadline (else a DEADLINE_EXCEEDED is the client's impatience)."""
+    if code is None:
+        return Verdict.ANSWERED
+    said = NODE_VERDICTS[code]
+    if said is Verdict.DOWN:
+        return said  # connection-level trouble says so before the request is sent too
+    if not sent or (said is Verdict.SLOW and not attempt_timeout_first):
+        return Verdict.SILENT
+    return said
+
+
 @dataclass
 class Breaker:
     """One node's breaker. `allow` says whether a call may go; `success`/`failure` report back."""
@@ -65,27 +105,17 @@ class Breaker:
         self.state, self.opened_at, self.probing = State.OPEN, self.clock(), False
         self.reason = reason or self.reason
 
-
-class Verdict(enum.Enum):
-    """What one attempt says of its node."""
-
-    ANSWERED = "answered"  # the node answered: its outputs, or an error about the request itself
-    SLOW = "slow"  # the deployment's attempt timeout passed while the node had the request
-    DOWN = "down"  # connection-level trouble
-    SILENT = "silent"  # nothing: cancelled, the client's own deadline passed, or never sent
-
-
-def verdict(code: ErrorCode | None, sent: bool, attempt_timeout_first: bool) -> Verdict:
-    """The verdict of an attempt that succeeded (`code` None) or failed with `code`; `sent`: the
-    node was sent the request; `attempt_timeout_first`: the deployment's attempt timeout came
-    before the client's own deadline (else a DEADLINE_EXCEEDED is the client's impatience)."""
-    if code is None:
-        return Verdict.ANSWERED
-    if code is ErrorCode.UNAVAILABLE:
-        return Verdict.DOWN
-    if code is ErrorCode.DEADLINE_EXCEEDED:
-        return Verdict.SLOW if sent and attempt_timeout_first else Verdict.SILENT
-    return Verdict.ANSWERED if sent else Verdict.SILENT
+    def record(self, outcome: Verdict, reason: str = "", probe: bool = False) -> None:
+        """Book what a call said of the node (`verdict`); `probe`: the call was the half-open
+        breaker's trial, which a SILENT outcome frees for the next call."""
+        if outcome is Verdict.ANSWERED:
+            self.success()
+        elif outcome is Verdict.SLOW:
+            self.failure(reason)
+        elif outcome is Verdict.DOWN:
+            self.trip(reason)
+        elif probe:
+            self.release()
 
 
 @dataclass(eq=False)
@@ -101,14 +131,7 @@ class Claim:
         if self.settled:
             return
         self.settled = True
-        if outcome is Verdict.ANSWERED:
-            self.breaker.success()
-        elif outcome is Verdict.SLOW:
-            self.breaker.failure(reason)
-        elif outcome is Verdict.DOWN:
-            self.breaker.trip(reason)
-        elif self.probe:
-            self.breaker.release()
+        self.breaker.record(outcome, reason, self.probe)
 
 
 class Breakers:

@@ -26,7 +26,7 @@ from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
 from services.common.batcher import BatchConfig, Batcher, priority_level, request_deadline
 from services.coordinator.response_cache import ResponseCache, request_key
-from services.coordinator.breaker import Breaker, Breakers, Claim, Verdict, verdict
+from services.coordinator.breaker import Breakers, Claim, Verdict, verdict
 from services.coordinator.catalog import Catalog
 from services.coordinator.forwarder import sender
 from services.coordinator.joint import (answered_outputs, disagreements, joint_scores, merge_rows, only,
@@ -81,16 +81,6 @@ def from_cache(response: oip.InferResponse) -> bool:
 class Placement:
     node: NodeInfo
     variant: ModelVariant
-
-
-def note_node_failure(breaker: Breaker, code: ErrorCode, reason: str = "") -> None:
-    """A node call failed with `code` (`reason`: its message): connection-level trouble opens
-    the breaker at once (stop sending there), a timeout counts towards opening it, other errors
-    are the request's own."""
-    if code is ErrorCode.UNAVAILABLE:
-        breaker.trip(reason)
-    elif code in RETRYABLE:
-        breaker.failure(reason)
 
 
 def serving_tiers(spec: DeploymentSpec) -> set[str]:

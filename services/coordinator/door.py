@@ -21,8 +21,9 @@ from services.common.model_spec import check_inputs
 from services.common.oip_servicer import record_inference
 from services.common.trace_settings import TraceSettings
 from services.common.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
+from services.coordinator.breaker import Verdict, verdict
 from services.coordinator.core import (CACHE_EVENTS, Coordinator, Placement, batch_config, count_served,
-                                       note_node_failure, restrict_tier)
+                                       restrict_tier)
 
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.
@@ -98,6 +99,8 @@ def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
                     if k not in ROUTABLE_PARAMETERS and not k.startswith(TRITON_HINT))
     if others:
         return f"parameters {others} are handled by the full path"
+    if request.classes:
+        return f"outputs {sorted(request.classes)} asked as classes (classification) are handled by the full path"
     if spec.joint.mode != "off":
         return f"joint inference ({spec.joint.mode}) is handled by the full path"
     if spec.hedge_after_ms:
@@ -349,8 +352,9 @@ class DoorRoutes:
         if report.failure:
             log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
                         report.failure)
-            note_node_failure(breaker, failure_code(report.failure), report.failure)
+            # the door reports a failure of a call the node had (not one its client's own deadline ended)
+            breaker.record(verdict(failure_code(report.failure)), report.failure)
             if self.routes.pop(route.route_id, None) is not None:
                 self._retire(route)
         elif report.batches:
-            breaker.success()
+            breaker.record(Verdict.ANSWERED)

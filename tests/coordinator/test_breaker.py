@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import ErrorCode
-from services.coordinator.breaker import Breaker, Breakers, State, Verdict, verdict
+from services.coordinator.breaker import NODE_VERDICTS, Breaker, Breakers, State, Verdict, verdict
 
 
 class Clock:
@@ -119,12 +119,35 @@ def test_no_live_node_names_the_nodes_out_of_use_and_why():
      (ErrorCode.INVALID_ARGUMENT, True, False, Verdict.ANSWERED),
      (ErrorCode.NOT_FOUND, True, False, Verdict.ANSWERED),
      (ErrorCode.RESOURCE_EXHAUSTED, True, False, Verdict.ANSWERED),
-     (ErrorCode.RESOURCE_EXHAUSTED, False, False, Verdict.SILENT)],
+     (ErrorCode.RESOURCE_EXHAUSTED, False, False, Verdict.SILENT),
+     (ErrorCode.PERMISSION_DENIED, True, False, Verdict.DOWN),
+     (ErrorCode.CANCELLED, True, True, Verdict.SILENT)],
     ids=["answered", "connection-lost", "unreachable", "attempt-timeout", "clients-own-deadline",
          "expired-while-queued", "request-refused-by-node", "model-not-at-node", "node-queue-full",
-         "own-queue-full"])
+         "own-queue-full", "node-refuses-the-coordinator", "cancelled"])
 def test_what_an_attempt_says_of_its_node(code, sent, attempt_timeout_first, expected):
     assert verdict(code, sent, attempt_timeout_first) is expected
+
+
+def test_every_error_code_says_something_of_the_node():
+    assert set(NODE_VERDICTS) == set(ErrorCode)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "probe", "state", "failures"),
+    [(Verdict.ANSWERED, False, State.CLOSED, 0), (Verdict.SLOW, False, State.OPEN, 3),
+     (Verdict.DOWN, False, State.OPEN, 2), (Verdict.SILENT, False, State.HALF_OPEN, 2),
+     (Verdict.SILENT, True, State.HALF_OPEN, 2)])
+def test_a_verdict_is_booked_on_a_breaker_with_or_without_a_claim(clock, outcome, probe, state, failures):
+    b = Breaker(failure_threshold=3, open_seconds=2.0, clock=clock)
+    b.failure()
+    b.failure()
+    b.trip()
+    clock.now += 2.0
+    assert b.allow()  # a probe is out
+    b.record(outcome, "said", probe)
+    assert (b.state, b.failures) == (state, failures)
+    assert b.probing is (outcome is Verdict.SILENT and not probe), "only the probe's own silence frees it"
 
 
 @pytest.mark.parametrize(

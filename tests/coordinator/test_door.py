@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from services.common import oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec, RolloutSpec, SchedulerSpec
-from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound, error_for
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.common.trace_settings import MemoryTraceStore, TraceConfig, TraceSettings
@@ -26,6 +26,7 @@ from services.coordinator.nodes_view import NodesView
 from services.coordinator.settings import CoordinatorSettings
 from services.pb.cnei import frontdoor_pb2 as fd
 from services.pb.inference import grpc_service_pb2 as pb
+from tests.coordinator import mesh
 
 
 def variant(precision: str, accuracy: str, version: str = "1") -> ModelVariant:
@@ -223,6 +224,29 @@ async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
     assert door.core.breakers.get("edge-a1").state is State.OPEN
     assert door.apply([RouteReport(route.route_id)]) == [route.route_id]
     assert isinstance(await door.route(ask()), Refusal)  # no node left to route to
+
+
+async def breaker_after_the_full_path_hears(code: ErrorCode) -> tuple[State, int]:
+    """A node's breaker, two timeouts counted, after its real gRPC server answered `code`."""
+    def answer(inputs):
+        raise error_for(code, f"the node says {code.value}")
+    async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(answer)}, breaker_failures=3) as m:
+        breaker = m.core.breakers.get("n1")
+        breaker.failure("timed out")
+        breaker.failure("timed out")
+        assert (await m.infer())[0] != "OK"
+        return breaker.state, breaker.failures
+
+
+@pytest.mark.parametrize("code", list(ErrorCode), ids=lambda code: code.value)
+async def test_a_node_s_error_answer_does_the_same_to_its_breaker_through_the_door_and_the_full_path(code):
+    door = routes()
+    route = await door.route(ask())
+    breaker = door.core.breakers.get("edge-a1")
+    breaker.failure("timed out")
+    breaker.failure("timed out")
+    door.apply([RouteReport(route.route_id, handed_over=1, failure=f"{code.value}: the node says so")])
+    assert (breaker.state, breaker.failures) == await breaker_after_the_full_path_hears(code)
 
 
 async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay(tmp_path):
