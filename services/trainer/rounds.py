@@ -67,7 +67,8 @@ async def _call_client(train: TrainFn, node: NodeInfo, task: RoundTask, timeout:
 async def gather_updates(train: TrainFn, nodes: list[NodeInfo], task: RoundTask,
                          timeout: float) -> tuple[dict[str, LocalUpdate], dict[str, str]]:
     """(updates, failures) by node id; clients still busy at `timeout`, or when the round itself
-    is cancelled, are cancelled."""
+    is cancelled, are cancelled. A client call cancelled under the round (grpc.aio raises
+    CancelledError when the call's channel is closed) is that client's failure, not the round's."""
     tasks = {n.node_id: asyncio.create_task(_call_client(train, n, task, timeout, task.weights))
              for n in nodes}
     if tasks:
@@ -83,6 +84,9 @@ async def gather_updates(train: TrainFn, nodes: list[NodeInfo], task: RoundTask,
             t.cancel()
             failures[node_id] = f"no update within {timeout:g}s"
             CLIENT_FAILURES.labels("timeout").inc()
+        elif t.cancelled():
+            failures[node_id] = f"{ErrorCode.CANCELLED.value}: its call was cancelled (its channel closed)"
+            CLIENT_FAILURES.labels(ErrorCode.CANCELLED.value).inc()
         elif t.exception() is not None:
             exc = t.exception()
             code = exc.code if isinstance(exc, CneiError) else ErrorCode.INTERNAL

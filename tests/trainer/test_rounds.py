@@ -1,13 +1,19 @@
-"""Collecting a round's updates: late clients dropped, a stopped round stops its clients' calls."""
+"""Collecting a round's updates: late clients dropped, a stopped round stops its clients' calls,
+a client whose call is cancelled under it (its channel closed) is dropped like any failed one."""
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
 
+from services.common import grpc_util, lifecycle
 from services.common.federated import LocalUpdate, RoundTask
+from services.common.federated_convert import update_to_proto
 from services.common.nodes import NodeInfo
-from services.trainer.rounds import gather_updates
+from services.pb.cnei import node_pb2_grpc as npb_grpc
+from services.trainer.clients import NodeClients
+from services.trainer.rounds import gather_updates, run_round
+from services.trainer.strategy import FedAvg
 
 WEIGHTS = {"W0": np.zeros((2, 2), np.float32), "B0": np.zeros(2, np.float32)}
 NODES = [NodeInfo(node_id=n, tier="edge", region="r", address=n) for n in ("fast", "hung")]
@@ -60,3 +66,45 @@ def test_a_cancelled_round_cancels_the_calls_it_made():
         return list(clients.cancelled)  # a copy: asyncio.run cancels leftover tasks on its way out
 
     assert asyncio.run(scenario()) == ["hung"]
+
+
+class Runtime(npb_grpc.NodeControlServicer):
+    """A runtime's TrainRound: answers at once, or (`slow`) only after a minute."""
+
+    def __init__(self, node_id: str, slow: bool = False):
+        self.node_id, self.slow = node_id, slow
+        self.called = asyncio.Event()
+
+    async def TrainRound(self, request, context):
+        self.called.set()
+        if self.slow:
+            await asyncio.sleep(60)
+        return update_to_proto(LocalUpdate(self.node_id, {k: v + 1 for k, v in WEIGHTS.items()}, 10, 0.5, 0.9, 0.01))
+
+
+async def test_a_client_whose_call_is_cancelled_under_it_is_dropped_from_the_round_not_the_job():
+    """Its channel closes mid-call (retired after a TLS renewal, say, once its grace is over):
+    grpc.aio raises CancelledError in that call only; the round goes on with the other client."""
+    runtimes = {"fast": Runtime("fast"), "slow": Runtime("slow", slow=True)}
+    servers = {}
+    for node_id, runtime in runtimes.items():
+        servers[node_id] = lifecycle.GrpcServer("127.0.0.1", 0)
+        servers[node_id].add(npb_grpc.add_NodeControlServicer_to_server, runtime, "cnei.node.v1.NodeControl")
+        await servers[node_id].start()
+    clients = NodeClients(grpc_util.Channels(grace_s=0.1))
+    nodes = [NodeInfo(node_id=n, tier="edge", region="r", address=s.address) for n, s in servers.items()]
+
+    async def evaluate(weights) -> tuple[float, float]:
+        return 0.5, 1.0
+
+    try:
+        round_task = asyncio.create_task(run_round(clients.train, evaluate, FedAvg(), nodes, TASK, 1, timeout=30))
+        await asyncio.wait_for(runtimes["slow"].called.wait(), 10)
+        clients.channels.drop(servers["slow"].address)
+        outcome = await asyncio.wait_for(round_task, 10)
+    finally:
+        await clients.close()
+        for server in servers.values():
+            await server.stop(0)
+    assert (outcome.record.participants, outcome.record.failed) == (["fast"], ["slow"])
+    np.testing.assert_array_equal(outcome.weights["W0"], WEIGHTS["W0"] + 1)
