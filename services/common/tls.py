@@ -234,11 +234,17 @@ def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",
 
 
 def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
-    """A client's: trust `ca_file`; present `cert_file`/`key_file` to a server that asks (mutual)."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca_file).read_bytes(),
-        private_key=Path(key_file).read_bytes() if key_file else None,
-        certificate_chain=Path(cert_file).read_bytes() if cert_file else None)
+    """A client's: trust `ca_file`; present `cert_file`/`key_file` to a server that asks (mutual).
+    ValueError when the PEM does not load or the key is not the certificate's (gRPC would only
+    fail the handshakes)."""
+    ca = Path(ca_file).read_bytes()
+    key = Path(key_file).read_bytes() if key_file else None
+    cert = Path(cert_file).read_bytes() if cert_file else None
+    if key is not None:
+        check_key_pair(key, cert, ca)
+    else:
+        x509.load_pem_x509_certificates(ca)
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 @dataclass(frozen=True)
@@ -266,16 +272,7 @@ class ClientTls:
     def renewed_grpc_credentials(self, every_s: float = RELOAD_CHECK_S) -> Reloaded[grpc.ChannelCredentials]:
         """Credentials made again when the files change (channels made with older ones keep
         them: see grpc_util.Channels)."""
-        def build() -> grpc.ChannelCredentials:
-            ca = Path(self.ca_file).read_bytes()
-            key = Path(self.key_file).read_bytes() if self.key_file else None
-            cert = Path(self.cert_file).read_bytes() if self.cert_file else None
-            if key is not None:
-                check_key_pair(key, cert, ca)
-            else:
-                x509.load_pem_x509_certificates(ca)
-            return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-        return Reloaded(f"TLS client {self.cert_file or self.ca_file}", self.files, build, every_s)
+        return Reloaded(f"TLS client {self.cert_file or self.ca_file}", self.files, self.grpc_credentials, every_s)
 
     def renewed_ssl_context(self, every_s: float = RELOAD_CHECK_S) -> Callable[[], ssl.SSLContext]:
         """`ssl_context` as the files are now (looked at most every `every_s`), for each connection."""

@@ -89,3 +89,14 @@ def test_a_key_pair_is_checked_before_it_is_handed_to_grpc(tmp_path):
         tls.check_key_pair(read["key"], read["cert"][:40])
     with pytest.raises(ValueError, match="PEM does not load"):
         tls.check_key_pair(read["key"], read["cert"], b"not a CA")
+
+
+def test_client_credentials_are_refused_when_their_pem_does_not_load_or_the_key_is_another_s(tmp_path):
+    """One reader for a command's credentials and a service's renewed ones: what gRPC would only
+    fail at each handshake is a ValueError when the files are read."""
+    pki = make_pki(tmp_path)
+    tls.channel_credentials(pki["ca"], pki["client_cert"], pki["client_key"])
+    with pytest.raises(ValueError, match="the key is not the certificate's"):
+        tls.channel_credentials(pki["ca"], pki["client_cert"], pki["key"])
+    with pytest.raises(ValueError):
+        tls.channel_credentials(pki["client_key"])  # a key where the CA belongs
