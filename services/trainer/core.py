@@ -107,6 +107,7 @@ class FederatedTrainer:
         self._closing = False
         self._tasks: dict[str, asyncio.Task] = {}  # the task running each job here
         self._stopping: set[str] = set()  # jobs whose task has taken its cancellation
+        self._checkpoints: dict[str, bytes] = {}  # each job's last round done here (see _suspend)
         self._changed = asyncio.Condition()
         self.background = Background()
 
@@ -259,6 +260,7 @@ class FederatedTrainer:
                 self._tasks.pop(job.id, None)
                 self._stopping.discard(job.id)
                 self._lost.discard(job.id)
+                self._checkpoints.pop(job.id, None)
                 await self._release(job)  # compare-and-set: a lease another trainer took stays its
 
     @staticmethod
@@ -299,10 +301,12 @@ class FederatedTrainer:
             log.warning("federated job %s: could not release its lease: %s", job.id, exc)
 
     async def _suspend(self, job: JobRecord) -> None:
+        """Record the job suspended after its last round, with that round's checkpoint again: the
+        cancellation may have stopped the round's own write, leaving the one before in Redis."""
         job.state = "suspended"
         job.error = (f"the trainer stopped during round {job.round + 1}; the next trainer to look "
                      f"goes on after round {job.round}")
-        await self._save(job)
+        await self._save(job, self._checkpoints.get(job.id))
         log.info("federated job %s suspended after round %d of %d", job.id, job.round, job.spec.rounds)
 
     async def _train_and_publish(self, job: JobRecord) -> None:
@@ -375,7 +379,8 @@ class FederatedTrainer:
         ROUND_SECONDS.observe(record.seconds)
         PARTICIPANTS.observe(len(record.participants))
         GLOBAL_ACCURACY.labels(job.spec.model).set(record.accuracy)
-        await self._save(job, checkpoint.encode(outcome.weights, strategy.state()))
+        self._checkpoints[job.id] = checkpoint.encode(outcome.weights, strategy.state())
+        await self._save(job, self._checkpoints[job.id])
         log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
                  record.accuracy, ",".join(record.participants))
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,

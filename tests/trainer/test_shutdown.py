@@ -1,6 +1,8 @@
 """A trainer shutting down suspends its jobs even when the cancellation it sends is lost (on
 Python 3.11 asyncio.wait_for, which nats-py's publish uses, drops a cancel that lands as its
-future completes). Real Redis; clients and the event bus are in-process stand-ins."""
+future completes), and with the checkpoint of the round its record names even when the
+cancellation stopped that round's own write. Real Redis; clients and the event bus are in-process
+stand-ins."""
 from __future__ import annotations
 
 import asyncio
@@ -104,3 +106,38 @@ async def test_a_cancellation_lost_inside_a_round_is_sent_again(redis):
     await asyncio.wait_for(closing[0], 5)
     left = await store.get(job.id)
     assert (left.state, left.round) == ("suspended", 3), (left.state, left.round, left.error)
+
+
+async def test_a_job_suspended_while_its_round_was_being_written_keeps_that_round_s_checkpoint(redis):
+    """The cancel lands before the round-3 write reaches Redis: the suspended record says round 3,
+    so the checkpoint beside it must hold the weights after round 3, not round 2 (the next trainer
+    would go on from round 2's weights as if round 3 were done: round 3's updates lost)."""
+    trainer = None
+    closing: list[asyncio.Task] = []
+
+    class Store(JobStore):
+        async def save(self, job, checkpoint=None, owner=""):
+            if checkpoint is not None and job.round == 3 and not closing:
+                closing.append(asyncio.create_task(trainer.close()))
+                await asyncio.sleep(1.0)  # not yet sent when the cancel lands
+            await super().save(job, checkpoint, owner)
+
+    store, nodes = Store(redis), NodeDirectory(redis)
+    for n in ("edge-1", "edge-2"):
+        await nodes.heartbeat(NodeInfo(node_id=n, tier="edge", region="r", address=n), ttl_seconds=60)
+    job = JobRecord(spec=JobSpec(model="m", rounds=50, min_clients=2), state="suspended", round=1)
+    await store.save(job, checkpoint.encode(WEIGHTS))
+
+    async def publish(subject: str, payload: dict) -> None:
+        return None
+
+    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
+    trainer = FederatedTrainer(settings, store, nodes, train, registry=None, publish=publish,
+                               eval_data=lambda: EVAL, owner="trainer-under-test")
+    assert await trainer.resume_unfinished() == [job.id]
+    await asyncio.wait_for(trainer.background.wait(), 30)
+    await asyncio.wait_for(closing[0], 5)
+    left = await store.get(job.id)
+    weights, _ = checkpoint.decode(await store.checkpoint(job.id))
+    assert (left.state, [r.round for r in left.history]) == ("suspended", [2, 3]), left.error
+    np.testing.assert_allclose(weights["W0"], WEIGHTS["W0"] + 0.01 * 2, rtol=1e-6)  # rounds 2 and 3
