@@ -66,6 +66,21 @@ BatcherOptions WithRoute(BatcherOptions options, const RouteConfig& config) {
   return options;
 }
 
+BatchRules RulesOf(const RouteConfig& config) {
+  BatchRules rules;
+  rules.max_batch_size = config.max_batch_size;
+  rules.max_queue_delay = std::chrono::microseconds(config.max_queue_delay_us);
+  rules.preferred_batch_sizes = config.preferred_batch_sizes;
+  rules.max_bytes = kBatchBytes;
+  return rules;
+}
+
+size_t InputBytes(const InferCall& call) {
+  size_t bytes = 0;
+  for (const std::string& raw : call.request().raw_input_contents()) bytes += raw.size();
+  return bytes;
+}
+
 }  // namespace
 
 struct Batcher::Batch {
@@ -77,8 +92,8 @@ struct Batcher::Batch {
 
 Batcher::Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options,
                  Reporter* reporter, OnFailure on_failure)
-    : config_(std::move(config)), options_(WithRoute(options, *config_)), reporter_(reporter),
-      on_failure_(std::move(on_failure)), lane_(LaneFor(config_->node_address)) {}
+    : config_(std::move(config)), options_(WithRoute(options, *config_)), rules_(RulesOf(*config_)),
+      reporter_(reporter), on_failure_(std::move(on_failure)), lane_(LaneFor(config_->node_address)) {}
 
 bool Batcher::failed() {
   std::lock_guard<std::mutex> lock(mu_);
@@ -132,6 +147,7 @@ void Batcher::KeepAnswer(InferCall* call, const grpc::ByteBuffer& response) {
 void Batcher::Enqueue(InferCall* call) {
   if (AnsweredFromCache(call)) return;
   const auto timeout_at = call->timeout_at;  // once queued, the call may be answered and gone
+  const Queued queued{call, call->received_at, call->priority, call->route_key.get(), call->rows, InputBytes(*call)};
   size_t full = 0;
   bool forward = false, arm_expiry = false;
   std::vector<InferCall*> expired, cancelled;
@@ -145,7 +161,7 @@ void Batcher::Enqueue(InferCall* call) {
     } else if (queue_.size() >= options_.queue_limit) {
       full = queue_.size();
     } else {
-      queue_.push_back(call);
+      queue_.push_back(queued);
       if (timeout_at != InferCall::Clock::time_point::max() && (!expiry_armed_ || timeout_at < expiry_at_)) {
         arm_expiry = expiry_armed_ = true;
         expiry_at_ = timeout_at;
@@ -174,8 +190,8 @@ void Batcher::Dispatch() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_ || inflight_ >= options_.max_inflight || queue_.empty()) return;
-      if (inflight_ > 0 && !MayOverlapLocked()) return;  // Finished() dispatches it
-      if (!ReadyLocked(Clock::now(), &wake)) {
+      if (inflight_ > 0 && !MayOverlap(rules_, queue_, last_rows_)) return;  // Finished() dispatches it
+      if (!Ready(rules_, queue_, Clock::now(), &wake)) {
         arm = !armed_ || wake < wake_at_;
         if (arm) armed_ = true, wake_at_ = wake;
       } else {
@@ -194,99 +210,6 @@ void Batcher::Dispatch() {
   }
 }
 
-// Triton's dynamic batcher rules, as the coordinator's own batcher applies them
-// (services/common/batcher.py, batch_ready): send once the oldest has waited max_queue_delay_us,
-// when the rows that would batch with the most urgent request fill max_batch_size, make a
-// preferred size (PreferredLocked) or are more than every preferred size (none is reachable any
-// more). Without a queue delay, what is queued goes as soon as a slot is free.
-bool Batcher::ReadyLocked(Clock::time_point now, Clock::time_point* wake) const {
-  const RouteConfig& config = *config_;
-  if (config.max_queue_delay_us == 0 || config.max_batch_size == 0) return true;
-  *wake = queue_.front()->received_at + std::chrono::microseconds(config.max_queue_delay_us);
-  if (now >= *wake) return true;
-  const std::vector<size_t> same = SameLocked();
-  int64_t rows = 0;
-  for (size_t i : same) rows += queue_[i]->rows;
-  if (rows >= int64_t(config.max_batch_size)) return true;
-  int64_t largest = 0;
-  for (uint32_t size : config.preferred_batch_sizes) {
-    if (size <= config.max_batch_size) largest = std::max<int64_t>(largest, size);
-  }
-  if (largest == 0) return false;
-  int64_t preferred_rows = 0;
-  return rows > largest || !PreferredLocked(same, &preferred_rows).empty();
-}
-
-std::vector<size_t> Batcher::SameLocked() const {
-  std::vector<size_t> same;
-  const std::vector<size_t> order = OrderLocked();
-  if (order.empty()) return same;
-  const InferCall* head = queue_[order.front()];
-  for (size_t i : order) {
-    const InferCall* call = queue_[i];
-    if (call->route_key == head->route_key || *call->route_key == *head->route_key) same.push_back(i);
-  }
-  return same;
-}
-
-namespace {
-size_t InputBytes(const InferCall* call) {
-  size_t bytes = 0;
-  for (const std::string& raw : call->request().raw_input_contents()) bytes += raw.size();
-  return bytes;
-}
-}  // namespace
-
-std::vector<size_t> Batcher::FillLocked(const std::vector<size_t>& same, int64_t limit, int64_t* rows) const {
-  std::vector<size_t> batch{same.front()};
-  int64_t total = queue_[same.front()]->rows;
-  size_t bytes = InputBytes(queue_[same.front()]);
-  for (size_t k = 1; k < same.size(); ++k) {  // one that does not fit stays queued; later ones may
-    const InferCall* call = queue_[same[k]];
-    const size_t call_bytes = InputBytes(call);
-    if (total + call->rows > limit || bytes + call_bytes > kBatchBytes) continue;
-    batch.push_back(same[k]);
-    total += call->rows;
-    bytes += call_bytes;
-  }
-  *rows = total;
-  return batch;
-}
-
-std::vector<size_t> Batcher::PreferredLocked(const std::vector<size_t>& same, int64_t* rows) const {
-  std::vector<uint32_t> sizes = config_->preferred_batch_sizes;
-  std::sort(sizes.rbegin(), sizes.rend());
-  for (uint32_t size : sizes) {
-    if (size == 0 || size > config_->max_batch_size) continue;
-    std::vector<size_t> batch = FillLocked(same, size, rows);
-    if (*rows == int64_t(size)) return batch;
-  }
-  return {};
-}
-
-// Rows queued that would batch with the most urgent request (the first of the lowest priority
-// level: OrderLocked's head).
-int64_t Batcher::HeadRowsLocked() const {
-  const InferCall* head = *std::min_element(
-      queue_.begin(), queue_.end(),
-      [](const InferCall* a, const InferCall* b) { return a->priority < b->priority; });
-  int64_t rows = 0;
-  for (const InferCall* call : queue_) {
-    if (call->route_key == head->route_key || *call->route_key == *head->route_key) rows += call->rows;
-  }
-  return rows;
-}
-
-// With a batch in flight, another goes only once it is as big as the last one sent (or full):
-// it then waits at the node, ready to run when the node's compute frees, instead of splitting
-// the rows a closed loop sends back into small batches that contend for the same cores. The
-// coordinator's batcher applies the same rule (services/common/batcher.py, may_overlap).
-bool Batcher::MayOverlapLocked() const {
-  const int64_t limit = config_->max_batch_size;
-  if (limit == 0) return true;  // a model without a batch dimension: each request alone
-  return HeadRowsLocked() >= std::min(last_rows_, limit);
-}
-
 void Batcher::Woken() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -295,45 +218,18 @@ void Batcher::Woken() {
   Dispatch();
 }
 
-// The queue in serving order: priority level (lower first), then arrival; the coordinator's
-// batcher orders its queue the same way (services/common/batcher.py, `order`).
-std::vector<size_t> Batcher::OrderLocked() const {
-  std::vector<size_t> order(queue_.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(),
-                   [this](size_t a, size_t b) { return queue_[a]->priority < queue_[b]->priority; });
-  return order;
-}
-
-// Drops cancelled and expired requests, then takes the most urgent one and, in serving order,
-// the others with its key: the largest preferred size they make exactly while the oldest has not
-// waited max_queue_delay_us, else every one that still fits under max_batch_size (FillLocked).
 std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* expired,
                                                    std::vector<InferCall*>* cancelled) {
   DropLocked(expired, cancelled);
   if (queue_.empty()) return nullptr;
   auto batch = std::make_shared<Batch>();
-  const RouteConfig& config = *config_;
-  std::vector<size_t> chosen;
-  int64_t rows = 0;
-  if (config.max_batch_size == 0) {  // a model without a batch dimension: each request alone
-    chosen.push_back(OrderLocked().front());
-    rows = queue_[chosen.front()]->rows;
-  } else {
-    const std::vector<size_t> same = SameLocked();
-    const bool waited = config.max_queue_delay_us == 0 ||
-                        Clock::now() >= queue_.front()->received_at +
-                                            std::chrono::microseconds(config.max_queue_delay_us);
-    if (!waited) chosen = PreferredLocked(same, &rows);
-    if (chosen.empty()) chosen = FillLocked(same, config.max_batch_size, &rows);
-  }
+  const std::vector<size_t> chosen = Take(rules_, queue_, Clock::now(), &batch->rows);
   std::vector<bool> taken(queue_.size(), false);
   for (size_t i : chosen) {
-    batch->members.push_back(queue_[i]);
+    batch->members.push_back(queue_[i].call);
     taken[i] = true;
   }
-  batch->rows = rows;
-  std::deque<InferCall*> rest;
+  Queue rest;
   for (size_t i = 0; i < queue_.size(); ++i) {
     if (!taken[i]) rest.push_back(queue_[i]);
   }
@@ -343,14 +239,15 @@ std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* exp
 
 // Takes expired requests, and cancelled ones when asked, out of the queue.
 void Batcher::DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled) {
-  std::deque<InferCall*> live;
-  for (InferCall* call : queue_) {
+  Queue live;
+  for (const Queued& queued : queue_) {
+    InferCall* call = queued.call;
     if (call->DeadlinePassed()) {
       expired->push_back(call);
     } else if (cancelled != nullptr && call->cancelled()) {
       cancelled->push_back(call);
     } else {
-      live.push_back(call);
+      live.push_back(queued);
     }
   }
   queue_.swap(live);
@@ -366,7 +263,7 @@ void Batcher::ExpireQueued(Clock::time_point armed_for) {
     if (expiry_armed_ && expiry_at_ == armed_for) expiry_armed_ = false;  // else a sooner one is armed
     DropLocked(&expired, nullptr);
     if (!expiry_armed_) {
-      for (const InferCall* call : queue_) next = std::min(next, call->timeout_at);
+      for (const Queued& queued : queue_) next = std::min(next, queued.call->timeout_at);
       if (next != Clock::time_point::max()) expiry_armed_ = true, expiry_at_ = next;
     }
   }
@@ -482,7 +379,7 @@ void Batcher::HandOver(const Batch& batch, const grpc::Status& status) {
     std::lock_guard<std::mutex> lock(mu_);
     failed_ = true;
     --inflight_;
-    members.insert(members.end(), queue_.begin(), queue_.end());
+    for (const Queued& queued : queue_) members.push_back(queued.call);
     queue_.clear();
   }
   fprintf(stderr, "cnei-frontdoor: route %llu to %s failed (%s); %zu requests go to the coordinator\n",

@@ -12,6 +12,7 @@
 #include "cache.h"
 #include "call.h"
 #include "fastlane.h"
+#include "formation.h"
 #include "reporter.h"
 
 namespace frontdoor {
@@ -56,10 +57,6 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
  private:
   struct Batch;
   void Dispatch();
-  bool ReadyLocked(std::chrono::steady_clock::time_point now,
-                   std::chrono::steady_clock::time_point* wake) const;
-  int64_t HeadRowsLocked() const;
-  bool MayOverlapLocked() const;
   void Woken();
   // The queue's timeout wake-up (armed for `armed_for`): fails the expired, arms the next.
   void ExpireQueued(std::chrono::steady_clock::time_point armed_for);
@@ -68,14 +65,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   void FailDropped(const std::vector<InferCall*>& expired, const std::vector<InferCall*>& cancelled = {});
   // Answers `call` with an error of the door's own, reported so the coordinator counts it.
   void Refuse(InferCall* call, const grpc::Status& status);
-  std::vector<size_t> OrderLocked() const;
-  // Triton's dynamic batcher over the queue (services/common/batcher.py: fill, preferred_batch):
-  // the requests that batch with the most urgent one, in serving order; the head and every later
-  // one that still fits under `limit` rows (and the byte cap; *rows: their rows); the largest
-  // preferred size that fill makes exactly (empty: none).
-  std::vector<size_t> SameLocked() const;
-  std::vector<size_t> FillLocked(const std::vector<size_t>& same, int64_t limit, int64_t* rows) const;
-  std::vector<size_t> PreferredLocked(const std::vector<size_t>& same, int64_t* rows) const;
+  // Drops cancelled and expired requests, then takes the next batch (formation.h, Take).
   std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);
   bool AnsweredFromCache(InferCall* call);
@@ -90,11 +80,12 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   const std::shared_ptr<const RouteConfig> config_;
   const BatcherOptions options_;
+  const BatchRules rules_;
   Reporter* reporter_;
   OnFailure on_failure_;
   std::shared_ptr<FastLane> lane_;
   std::mutex mu_;  // guards the fields below
-  std::deque<InferCall*> queue_;
+  Queue queue_;
   int inflight_ = 0;
   int64_t last_rows_ = 0;  // rows of the batch sent last
   bool failed_ = false;

@@ -1,0 +1,61 @@
+// Runs the front door's batch formation (frontdoor/src/formation.h) on queues read from stdin,
+// one per line, for tests/coordinator/test_door_formation.py:
+//   max_batch_size delay_us max_bytes last_rows now_us n_preferred size... n_queued
+//   (received_us priority key rows bytes)...
+// and answers each with one line, as the batcher would decide on that queue with a slot free:
+//   ready wake_us may_overlap rows n_taken index...   (wake_us -1: the check did not need it)
+#include <iostream>
+#include <sstream>
+#include <string>
+
+#include "formation.h"
+
+using frontdoor::Queued;
+
+int main() {
+  const Queued::Clock::time_point epoch = Queued::Clock::time_point() + std::chrono::hours(1);
+  auto us = [&](Queued::Clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::microseconds>(t - epoch).count();
+  };
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    frontdoor::BatchRules rules;
+    int64_t delay_us = 0, last_rows = 0, now_us = 0;
+    size_t preferred = 0, queued = 0;
+    in >> rules.max_batch_size >> delay_us >> rules.max_bytes >> last_rows >> now_us >> preferred;
+    rules.max_queue_delay = std::chrono::microseconds(delay_us);
+    for (size_t i = 0; i < preferred; ++i) {
+      uint32_t size = 0;
+      in >> size;
+      rules.preferred_batch_sizes.push_back(size);
+    }
+    in >> queued;
+    std::deque<std::string> keys;  // one string per request: equal keys are compared, not shared
+    frontdoor::Queue queue;
+    for (size_t i = 0; i < queued; ++i) {
+      Queued q;
+      int64_t received_us = 0;
+      keys.emplace_back();
+      in >> received_us >> q.priority >> keys.back() >> q.rows >> q.bytes;
+      q.received_at = epoch + std::chrono::microseconds(received_us);
+      q.key = &keys.back();
+      queue.push_back(q);
+    }
+    if (!in) {
+      std::cerr << "unreadable case: " << line << "\n";
+      return 2;
+    }
+    const Queued::Clock::time_point now = epoch + std::chrono::microseconds(now_us);
+    Queued::Clock::time_point wake = Queued::Clock::time_point::min();
+    const bool ready = frontdoor::Ready(rules, queue, now, &wake);
+    const bool overlap = frontdoor::MayOverlap(rules, queue, last_rows);
+    int64_t rows = 0;
+    const std::vector<size_t> taken = frontdoor::Take(rules, queue, now, &rows);
+    std::cout << ready << ' ' << (wake == Queued::Clock::time_point::min() ? -1 : us(wake)) << ' ' << overlap
+              << ' ' << rows << ' ' << taken.size();
+    for (size_t i : taken) std::cout << ' ' << i;
+    std::cout << '\n';
+  }
+  return 0;
+}
