@@ -164,12 +164,9 @@ class JobStore:
         await self.redis.eval(_RELEASE, 1, LEASE_KEY.format(job_id), owner)
 
     async def unfinished(self) -> list[JobRecord]:
-        """Every kept job that has not ended, oldest first."""
-        ids = [i.decode() if isinstance(i, bytes) else i for i in await self.redis.zrange(JOB_INDEX, 0, -1)]
-        if not ids:
-            return []
-        records = await self.redis.mget([JOB_KEY.format(i) for i in ids])
-        jobs = [JobRecord.from_json(r) for r in records if r is not None]
+        """Every kept job that has not ended, oldest first (ids whose record expired are pruned
+        from the index)."""
+        jobs = await self._records(await self.redis.zrange(JOB_INDEX, 0, -1))
         return [j for j in jobs if j.state in UNFINISHED]
 
     async def get(self, job_id: str) -> JobRecord:
@@ -180,8 +177,12 @@ class JobStore:
 
     async def list(self, limit: int = 50) -> list[JobRecord]:
         """Newest first; ids whose record expired are pruned from the index."""
-        ids = [i.decode() if isinstance(i, bytes) else i
-               for i in await self.redis.zrevrange(JOB_INDEX, 0, limit - 1)]
+        return await self._records(await self.redis.zrevrange(JOB_INDEX, 0, limit - 1))
+
+    async def _records(self, indexed: list) -> list[JobRecord]:
+        """The records of these ids from the index, in order; ids whose record expired are taken
+        out of the index (else it would grow for good: `unfinished` reads all of it)."""
+        ids = [i.decode() if isinstance(i, bytes) else i for i in indexed]
         if not ids:
             return []
         records = await self.redis.mget([JOB_KEY.format(i) for i in ids])

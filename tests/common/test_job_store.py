@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from services.common.jobs import JOB_KEY, JobRecord, JobSpec, JobStore
+from services.common.jobs import JOB_INDEX, JOB_KEY, JobRecord, JobSpec, JobStore
 
 
 @pytest.fixture
@@ -60,6 +60,21 @@ async def test_unfinished_lists_pending_running_and_suspended_jobs_only(store):
     unfinished = {j.id for j in await store.unfinished()}
     assert {jobs[s].id for s in ("pending", "running", "suspended")} <= unfinished
     assert not {jobs[s].id for s in ("completed", "failed", "interrupted")} & unfinished
+
+
+async def test_looking_for_unfinished_jobs_prunes_the_ids_of_expired_records_however_old(store, own_redis):
+    """`list` prunes only among the newest 50: older expired ids stayed in the index for good,
+    and every trainer read them all again every half lease."""
+    old = _job("completed")
+    await store.save(old)
+    for _ in range(3):
+        await store.save(_job("completed"))
+    await own_redis.delete(JOB_KEY.format(old.id))  # its TTL ran out
+    await store.list(limit=3)
+    assert await own_redis.zscore(JOB_INDEX, old.id) is not None  # beyond what list looked at
+    await store.unfinished()
+    assert await own_redis.zscore(JOB_INDEX, old.id) is None
+    assert await own_redis.zcard(JOB_INDEX) == 3
 
 
 ZEROS = {"mu": 0.0, "server_lr": 0.0, "server_momentum": 0.0, "server_beta2": 0.0, "server_tau": 0.0}
