@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common import codec
+from services.common import classification, codec
 from services.common.errors import InvalidArgument, TensorError
 from services.common.shm import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegions, TensorPlace, place_of
 from services.pb.inference import grpc_service_pb2 as pb
@@ -27,6 +27,8 @@ class InferRequest:
     raw: bool = True
     # requested outputs the caller wants written into its shared memory, not sent back
     output_places: dict[str, TensorPlace] = field(default_factory=dict)
+    # requested outputs answered as their top classes (Triton's classification extension): count
+    classes: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -109,6 +111,7 @@ def request_from_proto(request: pb.ModelInferRequest, shm: SharedMemoryRegions |
             inputs[tensor.name] = codec.from_contents(
                 tensor.contents, tensor.datatype, shape, tensor.name
             )
+    output_places = {o.name: p for o, p in zip(request.outputs, out_places) if p is not None}
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
@@ -117,8 +120,15 @@ def request_from_proto(request: pb.ModelInferRequest, shm: SharedMemoryRegions |
         inputs=inputs,
         outputs=[o.name for o in request.outputs],
         raw=bool(raw) or not request.inputs or sent < len(places),
-        output_places={o.name: p for o, p in zip(request.outputs, out_places) if p is not None},
+        output_places=output_places,
+        classes=classes_from_proto(request.outputs, output_places),
     )
+
+
+def classes_from_proto(outputs, placed: dict[str, TensorPlace] | None = None) -> dict[str, int]:
+    """The requested outputs (ModelInferRequest.outputs) that ask for their top classes: count."""
+    return classification.requested({o.name: params_from_proto(o.parameters) for o in outputs if o.parameters},
+                                    placed or {})
 
 
 def request_to_proto(req: InferRequest) -> pb.ModelInferRequest:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 
-from services.common import codec, oip
+from services.common import classification, codec, oip
 from services.common.errors import InvalidArgument, TensorError
 from services.common.shm import SharedMemoryRegions, TensorPlace, place_of
 
@@ -28,7 +28,6 @@ _JSON_TYPES = {d.name: frozenset({bool} if d.name == "BOOL" else {str} if d.name
                for d in codec.BY_NAME.values()}
 _JSON_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 INT64_RANGE = range(-(1 << 63), 1 << 63)
-CLASSIFICATION = "classification"  # Triton's output parameter (tritonclient's class_count)
 
 
 def _flatten(data: list) -> list:
@@ -119,14 +118,6 @@ def _flag(params: dict, key: str, default: bool, what: str) -> bool:
     return value
 
 
-def refuse_classification(output: str, parameters) -> None:
-    """Triton's classification extension (an output's `classification` parameter) is not offered:
-    INVALID_ARGUMENT rather than the full tensor answered as if it had been honoured."""
-    if CLASSIFICATION in parameters:
-        raise InvalidArgument(f"output '{output}': classification extension not supported "
-                              f"(parameter '{CLASSIFICATION}'); ask for the full tensor")
-
-
 class _Binary:
     """The binary section after the JSON header, handed out in input order."""
 
@@ -170,9 +161,9 @@ def infer_from_json(model: str, version: str, body: Any, binary: bytes | memoryv
     request_id = body.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument(f"'id' must be a JSON string, not {_show(request_id)}")
-    outputs, places, binary_outputs = _requested_outputs(body.get("outputs", []), binary_default, shm)
-    request = oip.InferRequest(model_name=model, model_version=version, id=request_id,
-                               parameters=params, inputs=inputs, outputs=outputs, output_places=places)
+    outputs, places, binary_outputs, classes = _requested_outputs(body.get("outputs", []), binary_default, shm)
+    request = oip.InferRequest(model_name=model, model_version=version, id=request_id, parameters=params,
+                               inputs=inputs, outputs=outputs, output_places=places, classes=classes)
     return JsonInfer(request, frozenset(binary_outputs), binary_default and not outputs)
 
 
@@ -198,17 +189,18 @@ def _inputs(items: list, section: _Binary, shm: SharedMemoryRegions | None) -> d
 
 
 def _requested_outputs(requested: Any, binary_default: bool, shm: SharedMemoryRegions | None
-                       ) -> tuple[list[str], dict[str, TensorPlace], set[str]]:
-    """The outputs asked for: their names, those placed in shared memory, those asked in binary."""
+                       ) -> tuple[list[str], dict[str, TensorPlace], set[str], dict[str, int]]:
+    """The outputs asked for: their names, those placed in shared memory, those asked in binary,
+    those asked as their top classes (with the count)."""
     if not isinstance(requested, list):
         raise InvalidArgument(f"'outputs' must be a JSON array of requested outputs, not {_show(requested)}")
-    outputs, places, binary_outputs = [], {}, set()
+    outputs, places, binary_outputs, parameters = [], {}, set(), {}
     for o in requested:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InvalidArgument("each requested output must be a JSON object with a 'name'")
         name, out_params = o["name"], _parameters(o, f"output '{o.get('name')}'")
-        refuse_classification(name, out_params)
         outputs.append(name)
+        parameters[name] = out_params
         place = place_of(out_params, f"output '{name}'")
         if place is not None:
             if shm is None:
@@ -216,7 +208,7 @@ def _requested_outputs(requested: Any, binary_default: bool, shm: SharedMemoryRe
             places[name] = place
         if _flag(out_params, "binary_data", binary_default, f"output '{name}'"):
             binary_outputs.add(name)
-    return outputs, places, binary_outputs
+    return outputs, places, binary_outputs, classification.requested(parameters, places)
 
 
 def _raw_tensor(obj: dict, params: dict, place: TensorPlace | None, section: _Binary,

@@ -5,12 +5,12 @@ import functools
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
-from services.common import codec, log_settings, oip, oip_json
+from services.common import classification, codec, log_settings, oip
 from services.common.deployment import DeploymentSpec, ensemble_plan
 from services.common.errors import CneiError, InvalidArgument, outcome_of
 from services.common.grpc_util import rpc
@@ -32,8 +32,8 @@ def platform(variant: ModelVariant) -> str:
 # Requests of one ModelStreamInfer stream started and not yet answered; beyond it the stream is
 # not read until the oldest is answered (the client sees flow control, nothing is dropped).
 STREAM_WINDOW = 256
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy", "parameters",
-              "system_shared_memory", "binary_tensor_data", "trace", "logging"]
+EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "schedule_policy",
+              "parameters", "system_shared_memory", "binary_tensor_data", "trace", "logging"]
 
 INFER_REQUESTS = Counter(
     "cnei_inference_requests_total", "Inference requests by model and outcome", ["model", "outcome"]
@@ -222,6 +222,18 @@ async def _sample(servicer: "OipServicer", request: pb.ModelInferRequest, metada
     return await servicer.tracing.pick(request.model_name, picked=PICKED_HEADER in metadata)
 
 
+async def classified(core: InferenceCore, request: oip.InferRequest, response: oip.InferResponse) -> oip.InferResponse:
+    """Triton's classification extension (gRPC and REST): the outputs `request` asks classes of,
+    as their top classes, labelled by the model's `labels` metadata; a new response (the core's
+    may be a cached one)."""
+    if not request.classes:
+        return response
+    variant = await core.model_variant(response.model_name, response.model_version)
+    outputs = classification.classify(response.outputs, request.classes, classification.labels_of(variant.metadata),
+                                      batched=variant.max_batch_size > 0)
+    return replace(response, outputs=outputs)
+
+
 async def model_config(core: InferenceCore, name: str, version: str) -> pb.ModelConfigResponse:
     """Triton's ModelConfig (gRPC and REST): the model's default variant with its deployment."""
     variant = await core.model_variant(name, version)
@@ -359,10 +371,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
         with inference_metrics(request.model_name):
-            for output in request.outputs:  # as over REST: no classification extension
-                oip_json.refuse_classification(output.name, output.parameters)
             req = oip.request_from_proto(request, self.shm)
-            resp = await self.core.infer(req, deadline_s)
+            resp = await classified(self.core, req, await self.core.infer(req, deadline_s))
             return oip.response_to_proto(resp, raw=req.raw, places=req.output_places, shm=self.shm)
 
     @rpc

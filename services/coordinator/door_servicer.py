@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from services.common import codec, oip
+from services.common import classification, codec, oip
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import rpc
 from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport
@@ -28,9 +28,11 @@ def ask_from_proto(message: fd.RouteRequest) -> oip.InferRequest:
             inputs[tensor.name] = np.zeros(list(tensor.shape), dtype)
         except (ValueError, MemoryError) as exc:
             raise InvalidArgument(f"input '{tensor.name}' has shape {list(tensor.shape)}: {exc}") from None
+    # outputs naming a classification (checked on the full path, which answers them) are marked
+    classes = {o.name: 1 for o in request.outputs if classification.PARAMETER in o.parameters}
     return oip.InferRequest(model_name=request.model_name, model_version=request.model_version,
                             inputs=inputs, parameters=oip.params_from_proto(request.parameters),
-                            outputs=[o.name for o in request.outputs])
+                            outputs=[o.name for o in request.outputs], classes=classes)
 
 
 def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:

@@ -13,8 +13,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
-from services.common.oip_servicer import (EXTENSIONS, InferenceCore, inference_metrics, model_config, platform,
-                                          repository_models, statistics, stats_to_proto, trace_setting)
+from services.common.oip_servicer import (EXTENSIONS, InferenceCore, classified, inference_metrics, model_config,
+                                          platform, repository_models, statistics, stats_to_proto, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
@@ -161,7 +161,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
                 decoded = await asyncio.to_thread(_decode_infer, name, version, raw, length, shm)
             else:
                 decoded = _decode_infer(name, version, raw, length, shm)
-            response = await core.infer(decoded.request)
+            response = await classified(core, decoded.request, await core.infer(decoded.request))
             body = oip_json.response_to_json(response, decoded, shm)
             if isinstance(body, dict):
                 reply = web.json_response(body, dumps=oip_json.dumps)

@@ -165,8 +165,8 @@ def test_data_nested_deeper_than_python_recurses_is_flattened():
     ({"parameters": {"foo": 2**70}}, "request: parameter 'foo' must be a string, boolean, number or 64-bit integer"),
     ({"parameters": {"foo": None}}, "parameter 'foo' must be a string"),
     ({"parameters": {"foo": [1]}}, "parameter 'foo' must be a string"),
-    ({"outputs": [{"name": "y", "parameters": {"classification": 3}}]},
-     "output 'y': classification extension not supported"),
+    ({"outputs": [{"name": "y", "parameters": {"classification": "3"}}]},
+     "output 'y': parameter 'classification' must be a non-negative integer"),
 ])
 def test_request_fields_of_the_wrong_json_type_are_refused_not_converted(extra, message):
     with pytest.raises(InvalidArgument, match=re.escape(message)):

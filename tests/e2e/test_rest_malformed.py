@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as http
-from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from tests.e2e.processes import server_ready, start_coordinator
@@ -126,20 +125,6 @@ def test_nan_outputs_are_written_as_strict_json_and_read_back_as_nan(mesh):
         tensor.set_data_from_numpy(np.full((1, 64), np.nan, np.float32), binary_data=False)
         result = client.infer("digits", [tensor], outputs=[http.InferRequestedOutput("probabilities", binary_data=False)])
         assert np.isnan(result.as_numpy("probabilities")).all()
-    finally:
-        client.close()
-
-
-@pytest.mark.parametrize(("protocol", "status"), [("rest", "400"), ("grpc", "StatusCode.INVALID_ARGUMENT")])
-def test_classification_is_refused_over_rest_and_grpc_alike(mesh, protocol, status):
-    lib, address = (http, mesh.rest.removeprefix("http://")) if protocol == "rest" else (grpcclient, mesh.coordinator)
-    client = lib.InferenceServerClient(address)
-    try:
-        tensor = lib.InferInput("input", [1, 64], "FP32")
-        tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
-        with pytest.raises(InferenceServerException, match="classification extension not supported") as caught:
-            client.infer("digits", [tensor], outputs=[lib.InferRequestedOutput("probabilities", class_count=3)])
-        assert caught.value.status() == status
     finally:
         client.close()
 
