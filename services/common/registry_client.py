@@ -39,16 +39,9 @@ class Pulled:
 def from_settings(prefix: str, settings: Any, timeout: float) -> RegistryClient:
     """A service's registry client from its settings (`registry_target`, `registry_headers`, the
     `registry_tls_*` files, renewed as they change); ValueError naming a TLS variable that is wrong
-    (`check_settings`)."""
+    (`tls.check_client`)."""
     return RegistryClient(settings.registry_target, timeout, restricted.headers(settings.registry_headers),
                           tls=tls.registry_tls(prefix, settings))
-
-
-def check_settings(prefix: str, settings: Any) -> None:
-    """Stop (SystemExit naming the variables) before starting when the registry TLS files are
-    wrong: missing, unpaired, or PEM that does not load."""
-    tls.check_loads("", f"{prefix}REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE",
-                    lambda: tls.loaded(tls.registry_tls(prefix, settings)))
 
 
 def _apply_delta(base_file: Path, made: bytes, sha256: str) -> bytes:

@@ -312,16 +312,17 @@ def node_tls(prefix: str, settings) -> ClientTls | None:
     return replace(files, server_name=settings.node_tls_server_name) if files else None
 
 
-def check_node_client(service: str, prefix: str, settings) -> None:
-    """`node_tls` can work, its PEM files loading: SystemExit naming the variables otherwise,
-    before the service starts."""
-    check_loads(f"{service}: ", f"{prefix}NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE",
-                lambda: loaded(node_tls(prefix, settings)))
+def check_client(service: str, prefix: str, kind: str, settings) -> None:
+    """A service's client TLS for the servers of `kind` (REGISTRY: `registry_tls`, NODE:
+    `node_tls`) can work, its PEM files loading: SystemExit naming the variables otherwise, before
+    the service starts."""
+    read = {"REGISTRY": registry_tls, "NODE": node_tls}[kind]
 
-
-def loaded(files: ClientTls | None) -> ssl.SSLContext | None:
-    """The context of client TLS files (their PEM loaded), None for plaintext."""
-    return files.ssl_context() if files is not None else None
+    def load() -> None:
+        files = read(prefix, settings)
+        if files is not None:
+            files.ssl_context()
+    check_loads(f"{service}: ", f"{prefix}{kind}_TLS_CA_FILE / _CERT_FILE / _KEY_FILE", load)
 
 
 def _as_grpc(context: ssl.SSLContext) -> None:

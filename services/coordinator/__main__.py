@@ -203,9 +203,9 @@ def main() -> None:
     settings = cfg.load(CoordinatorSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers,
                           settings.node_headers)
-    registry_client.check_settings(PREFIX, settings)
+    tls.check_client("coordinator", PREFIX, "REGISTRY", settings)
     tls.check_server("coordinator", PREFIX, settings)
-    tls.check_node_client("coordinator", PREFIX, settings)
+    tls.check_client("coordinator", PREFIX, "NODE", settings)
     count = worker_count(settings.workers)
     try:
         door_path = door_binary(settings.front_door, settings.front_door_binary) if settings.worker_index < 0 else None

@@ -132,7 +132,7 @@ async def serve(settings: RuntimeSettings) -> None:
 def main() -> None:
     settings = cfg.load(RuntimeSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
-    registry_client.check_settings(PREFIX, settings)
+    tls.check_client("runtime", PREFIX, "REGISTRY", settings)
     check_heartbeat(PREFIX, settings)
     tls.check_server("runtime", PREFIX, settings)
     telemetry.setup(f"cnei-runtime-{settings.tier}")

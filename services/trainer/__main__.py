@@ -57,9 +57,9 @@ def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
     restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
                      settings.node_headers)
-    registry_client.check_settings(PREFIX, settings)
+    tls.check_client("trainer", PREFIX, "REGISTRY", settings)
     tls.check_server("trainer", PREFIX, settings)
-    tls.check_node_client("trainer", PREFIX, settings)
+    tls.check_client("trainer", PREFIX, "NODE", settings)
     telemetry.setup("cnei-trainer")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)
 

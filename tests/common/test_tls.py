@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ssl
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,22 +33,23 @@ def test_ssl_contexts_check_certificates_as_grpc_does(tmp_path):
         assert context.verify_mode is ssl.CERT_REQUIRED
 
 
-def test_pem_files_that_do_not_load_stop_a_service_naming_its_variables(tmp_path):
-    from types import SimpleNamespace
+def _settings(pki: dict):
+    """Settings whose CAs are a key, and whose server certificate has another's key."""
+    return SimpleNamespace(registry_tls_ca_file=pki["client_key"], registry_tls_cert_file="", registry_tls_key_file="",
+                           node_tls_ca_file=pki["client_key"], node_tls_cert_file="", node_tls_key_file="",
+                           node_tls_server_name="", tls_cert_file=pki["cert"], tls_key_file=pki["client_key"],
+                           tls_client_ca_file="")
 
-    from services.common import registry_client
 
-    pki = make_pki(tmp_path)
-    not_a_ca = SimpleNamespace(registry_tls_ca_file=pki["client_key"], registry_tls_cert_file="",
-                               registry_tls_key_file="", node_tls_ca_file=pki["client_key"], node_tls_cert_file="",
-                               node_tls_key_file="", node_tls_server_name="", tls_cert_file=pki["cert"],
-                               tls_key_file=pki["client_key"], tls_client_ca_file="")
-    with pytest.raises(SystemExit, match="CNEI_X_REGISTRY_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load"):
-        registry_client.check_settings("CNEI_X_", not_a_ca)
-    with pytest.raises(SystemExit, match="x: CNEI_X_NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load"):
-        tls.check_node_client("x", "CNEI_X_", not_a_ca)
+@pytest.mark.parametrize("kind", ["REGISTRY", "NODE"])
+def test_client_pem_files_that_do_not_load_stop_a_service_naming_its_variables(tmp_path, kind):
+    with pytest.raises(SystemExit, match=f"x: CNEI_X_{kind}_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load"):
+        tls.check_client("x", "CNEI_X_", kind, _settings(make_pki(tmp_path)))
+
+
+def test_server_pem_files_that_do_not_load_stop_a_service_naming_its_variables(tmp_path):
     with pytest.raises(SystemExit, match="x: CNEI_X_TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load"):
-        tls.check_server("x", "CNEI_X_", not_a_ca)  # a certificate with another's key
+        tls.check_server("x", "CNEI_X_", _settings(make_pki(tmp_path)))  # a certificate with another's key
 
 
 def test_renewed_files_are_loaded_and_files_that_do_not_load_leave_the_last_good_ones(tmp_path, caplog):
