@@ -217,6 +217,18 @@ def _model_name(request) -> str:
     return request.model_name
 
 
+def refuse_load_overrides(model: str, parameters) -> None:
+    """Triton's load parameters that replace a model's configuration (`config`) or files
+    (`file:<path>`) are not offered: INVALID_ARGUMENT rather than a load that ignores them."""
+    for key in parameters:
+        if key == "config":
+            raise InvalidArgument(f"model '{model}': load parameter 'config' is not offered: a model's configuration "
+                                  f"comes from the registry and its deployment (cnei deploy apply); load it without one")
+        if key.startswith("file:"):
+            raise InvalidArgument(f"model '{model}': load parameter '{key}' is not offered: model files are pushed "
+                                  f"to the registry (cnei models push); load it without them")
+
+
 async def _sample(servicer: "OipServicer", request: pb.ModelInferRequest, metadata: dict) -> bool:
     """Whether a ModelInfer that came without trace context starts a trace (trace settings)."""
     return await servicer.tracing.pick(request.model_name, picked=PICKED_HEADER in metadata)
@@ -299,6 +311,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def RepositoryModelLoad(self, request, context):
+        refuse_load_overrides(request.model_name, request.parameters)
         await self.core.load_model(_model_name(request))
         return pb.RepositoryModelLoadResponse()
 

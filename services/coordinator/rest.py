@@ -14,7 +14,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_servicer import (EXTENSIONS, InferenceCore, classified, inference_metrics, model_config,
-                                          platform, repository_models, statistics, stats_to_proto, trace_setting)
+                                          platform, refuse_load_overrides, repository_models, statistics,
+                                          stats_to_proto, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
@@ -202,6 +203,11 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
 
     @routes.post("/v2/repository/models/{model}/load")
     async def repository_load(request):
+        body = _json_body(await request.read(), "load body")
+        parameters = body.get("parameters") if isinstance(body, dict) else None
+        if not isinstance(parameters, dict | None):
+            raise InvalidArgument("load body: 'parameters' must be a JSON object")
+        refuse_load_overrides(request.match_info["model"], parameters or {})
         await core.load_model(request.match_info["model"])
         return web.json_response({})
 

@@ -131,3 +131,21 @@ def test_the_command_line_loads_and_unloads(mesh, ctl_model):
         assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
     finally:
         run_cnei("models", "load", MODEL, "--url", mesh.coordinator)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+@pytest.mark.parametrize(("override", "named"), [
+    ({"config": '{"max_batch_size": 8}'}, "'config'"),
+    ({"files": {"file:1/model.onnx": b"\0"}}, "'file:1/model.onnx'"),
+])
+def test_a_load_overriding_the_configuration_or_files_is_refused_not_ignored(mesh, ctl_model, protocol, override,
+                                                                              named):
+    lib, address = (triton, mesh.coordinator) if protocol == "grpc" else (http, mesh.rest.removeprefix("http://"))
+    client = lib.InferenceServerClient(address)
+    try:
+        with pytest.raises(InferenceServerException, match=f"load parameter {named} is not offered") as refused:
+            client.load_model(MODEL, **override)
+        assert refused.value.status() == ("StatusCode.INVALID_ARGUMENT" if protocol == "grpc" else "400")
+        assert client.is_model_ready(MODEL)
+    finally:
+        client.close()
