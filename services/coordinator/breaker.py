@@ -20,17 +20,20 @@ class Verdict(enum.Enum):
 
     ANSWERED = "answered"  # the node answered: its outputs, or an error about the request itself
     SLOW = "slow"  # the deployment's attempt timeout passed while the node had the request
+    FAULTY = "faulty"  # a fault of the node's own: a crashed backend, a broken runtime, a malformed reply
     DOWN = "down"  # connection-level trouble, or the node refuses this coordinator's calls
     SILENT = "silent"  # nothing: cancelled, the client's own deadline passed, or never sent
 
 
 # What a node's error answer says of the node, for an attempt the node had: every code named
-# (tests check it). Envoy's outlier detection likewise counts 5xx and lets 4xx break the run.
+# (tests check it). Envoy's outlier detection likewise counts 5xx (INTERNAL, UNKNOWN, DATA_LOSS,
+# UNAVAILABLE, DEADLINE_EXCEEDED) and lets 4xx (429, RESOURCE_EXHAUSTED, included) break the run.
 NODE_VERDICTS: dict[ErrorCode, Verdict] = {
     ErrorCode.UNAVAILABLE: Verdict.DOWN,  # unreachable, connection lost: stop sending there at once
     ErrorCode.PERMISSION_DENIED: Verdict.DOWN,  # its restricted APIs refuse this coordinator (forwarder.refused_by)
     ErrorCode.DEADLINE_EXCEEDED: Verdict.SLOW,
-    ErrorCode.INTERNAL: Verdict.ANSWERED,
+    # a fault of the node's own; UNKNOWN and DATA_LOSS arrive as INTERNAL (forwarder, fast lane, door)
+    ErrorCode.INTERNAL: Verdict.FAULTY,
     ErrorCode.INVALID_ARGUMENT: Verdict.ANSWERED,  # the request's own
     ErrorCode.NOT_FOUND: Verdict.ANSWERED,
     ErrorCode.ALREADY_EXISTS: Verdict.ANSWERED,
@@ -110,7 +113,7 @@ class Breaker:
         breaker's trial, which a SILENT outcome frees for the next call."""
         if outcome is Verdict.ANSWERED:
             self.success()
-        elif outcome is Verdict.SLOW:
+        elif outcome in (Verdict.SLOW, Verdict.FAULTY):
             self.failure(reason)
         elif outcome is Verdict.DOWN:
             self.trip(reason)

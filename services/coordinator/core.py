@@ -40,7 +40,9 @@ from services.coordinator.stats_share import StatsShare
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED}
+# A node's own failures (breaker.NODE_VERDICTS: down, slow, faulty): another node may answer, so
+# the request fails over (inference is idempotent); any other error is the request's own
+RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
 Publisher = Callable[[str, dict], Awaitable[object]]
 FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
                     ["model", "from_tier", "to_tier", "reason"])

@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind
 
 from services.common import grpc_util, oip, telemetry
 from services.common.batcher import Send
-from services.common.errors import DeadlineExceeded, PermissionDenied, Unavailable
+from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, PermissionDenied, Unavailable
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.nodes_view import NodesView
@@ -22,6 +22,8 @@ from services.pb.inference import grpc_service_pb2 as pb
 _tracer = trace.get_tracer(__name__)
 log = logging.getLogger(__name__)
 _told: set[str] = set()  # nodes whose refusal was logged
+# gRPC codes CNEI has no name for that are a server's own fault, as INTERNAL is (Envoy: 500)
+SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
 
 
 def refused_by(node: NodeInfo, exc: PermissionDenied) -> Unavailable:
@@ -40,6 +42,8 @@ async def call_grpc(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequ
     try:
         return await nodes.stub(node).ModelInfer(message, timeout=timeout)
     except grpc.aio.AioRpcError as exc:
+        if exc.code() in SERVER_FAULTS:  # not UNAVAILABLE, error_from_rpc's default: the node answered
+            raise CneiError(f"node {node.node_id}: {exc.code().name}: {exc.details()}", ErrorCode.INTERNAL) from None
         raise grpc_util.error_from_rpc(exc, f"node {node.node_id}") from None
 
 

@@ -65,8 +65,10 @@ class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSe
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")
     forward_timeout_s: float = field(30.0, "deadline of a forwarded ModelInfer when the client sets none")
     resolve_ttl_s: float = field(2.0, "how long a registry resolution is reused")
-    max_attempts: int = field(4, "nodes tried for one request when a node is unavailable")
+    max_attempts: int = field(4, "nodes tried for one request when a node fails (unavailable, attempt "
+                                  "timeout, INTERNAL)")
     fast_lane: bool = field(True, "talk to runtimes over the internal TCP data plane when offered")
     outbox_path: str = field("", "file buffering events while NATS is away (empty: none)")
-    breaker_failures: int = field(3, "consecutive failures (timeouts) that open a node's breaker")
+    breaker_failures: int = field(3, "consecutive failures (attempt timeouts, INTERNAL answers) that open a "
+                                      "node's breaker")
     breaker_open_s: float = field(2.0, "how long an open breaker blocks a node before one probe")

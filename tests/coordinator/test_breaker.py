@@ -121,10 +121,12 @@ def test_no_live_node_names_the_nodes_out_of_use_and_why():
      (ErrorCode.RESOURCE_EXHAUSTED, True, False, Verdict.ANSWERED),
      (ErrorCode.RESOURCE_EXHAUSTED, False, False, Verdict.SILENT),
      (ErrorCode.PERMISSION_DENIED, True, False, Verdict.DOWN),
-     (ErrorCode.CANCELLED, True, True, Verdict.SILENT)],
+     (ErrorCode.CANCELLED, True, True, Verdict.SILENT),
+     (ErrorCode.INTERNAL, True, False, Verdict.FAULTY),
+     (ErrorCode.INTERNAL, False, False, Verdict.SILENT)],
     ids=["answered", "connection-lost", "unreachable", "attempt-timeout", "clients-own-deadline",
          "expired-while-queued", "request-refused-by-node", "model-not-at-node", "node-queue-full",
-         "own-queue-full", "node-refuses-the-coordinator", "cancelled"])
+         "own-queue-full", "node-refuses-the-coordinator", "cancelled", "node-fault", "own-fault-before-sending"])
 def test_what_an_attempt_says_of_its_node(code, sent, attempt_timeout_first, expected):
     assert verdict(code, sent, attempt_timeout_first) is expected
 
@@ -136,6 +138,7 @@ def test_every_error_code_says_something_of_the_node():
 @pytest.mark.parametrize(
     ("outcome", "probe", "state", "failures"),
     [(Verdict.ANSWERED, False, State.CLOSED, 0), (Verdict.SLOW, False, State.OPEN, 3),
+     (Verdict.FAULTY, False, State.OPEN, 3),
      (Verdict.DOWN, False, State.OPEN, 2), (Verdict.SILENT, False, State.HALF_OPEN, 2),
      (Verdict.SILENT, True, State.HALF_OPEN, 2)])
 def test_a_verdict_is_booked_on_a_breaker_with_or_without_a_claim(clock, outcome, probe, state, failures):
@@ -152,7 +155,8 @@ def test_a_verdict_is_booked_on_a_breaker_with_or_without_a_claim(clock, outcome
 
 @pytest.mark.parametrize(
     ("outcome", "state"),
-    [(Verdict.ANSWERED, State.CLOSED), (Verdict.SLOW, State.OPEN), (Verdict.DOWN, State.OPEN),
+    [(Verdict.ANSWERED, State.CLOSED), (Verdict.SLOW, State.OPEN), (Verdict.FAULTY, State.OPEN),
+     (Verdict.DOWN, State.OPEN),
      (Verdict.SILENT, State.HALF_OPEN)])
 def test_every_outcome_of_a_probe_frees_it(clock, outcome, state):
     breakers = Breakers(failure_threshold=3, open_seconds=2.0, clock=clock)

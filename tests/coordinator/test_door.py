@@ -249,6 +249,19 @@ async def test_a_node_s_error_answer_does_the_same_to_its_breaker_through_the_do
     assert (breaker.state, breaker.failures) == await breaker_after_the_full_path_hears(code)
 
 
+@pytest.mark.parametrize("failure", ["INTERNAL: unparseable reply from 127.0.0.1:7001",
+                                     "UNKNOWN: backend crashed", "DATA_LOSS: truncated tensor"])
+async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_its_breaker(failure):
+    door = routes()
+    breaker = door.core.breakers.get("edge-a1")
+    for left in (2, 1, 0):
+        route = await door.route(ask())  # a failed route is dropped: the door asks again
+        assert isinstance(route, Route)
+        door.apply([RouteReport(route.route_id, handed_over=1, failure=failure)])
+        assert breaker.state is (State.OPEN if left == 0 else State.CLOSED)
+    assert breaker.reason == failure
+
+
 async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay(tmp_path):
     door = routes()
     door.generation_file = tmp_path / "routes-generation"  # what the door watches

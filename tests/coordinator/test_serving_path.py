@@ -7,15 +7,17 @@ import asyncio
 import time
 from dataclasses import replace
 
+import grpc
 import numpy as np
 import pytest
 
-from services.common import oip
+from services.common import lifecycle, oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec, SchedulerSpec
 from services.common.errors import ErrorCode, InvalidArgument, Unavailable
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.breaker import State
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.coordinator.mesh import NodeCore, echo, mesh, variant
 
 X = np.ones((1, 2), np.float32)
@@ -80,6 +82,49 @@ async def test_a_client_timing_out_leaves_the_node_to_the_other_clients():
         assert status == "OK", response
 
 
+def crashing(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")  # INTERNAL: the node's own fault
+
+
+async def test_a_node_failing_with_internal_is_failed_over_and_counted_towards_opening_its_breaker():
+    spec = DeploymentSpec(model="m", scheduler=SchedulerSpec(policy="round_robin"))
+    broken, sound = NodeCore(crashing), NodeCore()
+    async with mesh([variant()], {"m": spec}, {"n1": broken, "n2": sound}, breaker_failures=2) as m:
+        for _ in range(6):
+            status, response = await m.infer()
+            assert status == "OK" and response.parameters["cnei_node"] == "n2", response
+        breaker = m.core.breakers.get("n1")
+        assert breaker.state is State.OPEN and "CUDA error" in breaker.reason
+        assert len(broken.calls) == 2, "no call while its breaker is open"
+
+
+class Aborting(pb_grpc.GRPCInferenceServiceServicer):
+    """A node whose server fails with a gRPC code CNEI has no name for."""
+
+    def __init__(self, code: grpc.StatusCode):
+        self.code = code
+
+    async def ModelInfer(self, request, context):
+        await context.abort(self.code, "the backend lost its state")
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS], ids=["unknown", "data-loss"])
+async def test_a_node_answering_unknown_or_data_loss_is_at_fault_as_with_internal(code):
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, Aborting(code), "inference.GRPCInferenceService")
+    await server.start()
+    try:
+        async with mesh([variant()], {}, {"n1": NodeCore()}, live=(), breaker_failures=3) as m:
+            m.nodes["n9"] = NodeInfo("n9", "edge", "r1", server.address, cpus=4, models=[variant().key])
+            await m.leave_and_join("n9")
+            status, details = await m.infer()
+            assert status == "INTERNAL" and f"{code.name}: the backend lost its state" in details
+            breaker = m.core.breakers.get("n9")
+            assert (breaker.state, breaker.failures) == (State.CLOSED, 1), "counted, not opened at once"
+    finally:
+        await server.stop(0)
+
+
 async def test_hedged_requests_never_both_probe_a_half_open_node():
     node = NodeCore(delay_s=0.2)
     async with mesh([variant()], {"m": DeploymentSpec(model="m", hedge_after_ms=50)}, {"n1": node},
@@ -95,7 +140,7 @@ async def test_hedged_requests_never_both_probe_a_half_open_node():
 
 # --- batches, hedging, cancellation ------------------------------------------------------------
 
-async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_and_spares_the_breaker():
+async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_each_counted_against_the_node():
     reduce_all = lambda inputs: {"y": np.asarray(inputs["x"].sum(), np.float32)}  # noqa: E731
     spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=50_000),
                           attempt_timeout_ms=5000)
@@ -106,7 +151,8 @@ async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_an
         for status, details in results:
             assert status == "INTERNAL"
             assert "with output 'y' of shape []: it needs 2 rows" in details
-        assert m.core.breakers.get("n1").state is State.CLOSED
+        breaker = m.core.breakers.get("n1")  # the node's reply is malformed, as the door judges it too
+        assert (breaker.state, breaker.failures) == (State.CLOSED, 2)
 
 
 @pytest.mark.parametrize("hedge_after_ms", [0, 150], ids=["no-hedging", "hedging"])
@@ -298,6 +344,15 @@ async def test_joint_inference_stays_on_the_tier_a_request_names(joint_mesh, tie
     assert status == "OK", response
     assert response.parameters["cnei_node"] == node
     assert response.parameters.get("cnei_escalated") == escalated
+
+
+async def test_a_cloud_failing_with_internal_leaves_the_edge_answer_of_sync_joint_inference():
+    async with mesh([JOINT_MODEL], JOINT, {"e1": NodeCore(edge_unsure), "c1": NodeCore(crashing)},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        status, response = await m.infer()
+        assert status == "OK", response
+        assert response.parameters["cnei_node"] == "e1" and response.parameters["cnei_escalated"] == 0
+        assert "CUDA error" in response.parameters["cnei_escalation_error"]
 
 
 @pytest.mark.parametrize("route", ["tier-cloud", "no-edge-node"])
