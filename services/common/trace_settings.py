@@ -5,7 +5,8 @@ the server decides, per model, with Triton's settings (the TraceSetting RPC and
 `/v2[/models/M]/trace/setting`): `trace_level` OFF traces none, TIMESTAMPS traces one request
 in `trace_rate`, and `trace_count` (-1: no limit) is how many traces are left to start, counted
 down as they start. Model settings override the global ones setting by setting; a model
-setting that is cleared follows the global one again. Traces are OpenTelemetry spans exported
+setting that is cleared follows the global one again, a global one that is cleared is the
+configured one again. Traces are OpenTelemetry spans exported
 over OTLP (`trace_mode` opentelemetry), so Triton's file settings (`trace_file`,
 `log_frequency`) do not apply and TENSORS is not a level offered.
 
@@ -66,15 +67,14 @@ def _integer(name: str, values: Sequence[str], least: int) -> int:
 
 
 def parse_update(changes: Mapping[str, Sequence[str] | None], model: str) -> dict[str, object]:
-    """Triton's {setting: values} -> {field: value} to set; None as a value clears the model's
-    own setting (it follows the global one again). Raises INVALID_ARGUMENT naming what is wrong."""
+    """Triton's {setting: values} -> {field: value} to set; None as a value clears the setting (a
+    model's follows the global one again; a global one is reset, see TraceSettings.update).
+    Raises INVALID_ARGUMENT naming what is wrong."""
     update: dict[str, object] = {}
     for name, values in changes.items():
         if name not in SETTINGS:
             raise InvalidArgument(f"unknown trace setting '{name}'; known: {', '.join(SETTINGS)}")
         if values is None or (not isinstance(values, str) and len(values) == 0):
-            if not model:
-                raise InvalidArgument(f"global trace setting '{name}' cannot be cleared, only a model's")
             if name in ("trace_level", "trace_rate", "trace_count"):
                 update[name.removeprefix("trace_")] = None
             continue
@@ -304,6 +304,9 @@ class TraceSettings:
         """Apply Triton's changes to the model's settings (GLOBAL: the global ones; no changes:
         read them); the settings that apply afterwards."""
         update = parse_update(changes, model)
+        if model == GLOBAL:  # as Triton: a cleared global setting is the server's start value again
+            configured = _global_fields(self.configured)
+            update = {name: configured[name] if value is None else value for name, value in update.items()}
         if update:
             try:
                 await self.store.write(model, update)

@@ -24,7 +24,6 @@ from services.common.trace_settings import (MemoryTraceStore, RedisTraceStore, T
     ({"trace_file": ["/tmp/t.json"]}, "belongs to Triton's file trace mode"),
     ({"log_frequency": ["10"]}, "belongs to Triton's file trace mode"),
     ({"trace_mode": ["triton"]}, "trace_mode is opentelemetry"),
-    ({"trace_rate": None}, "global trace setting 'trace_rate' cannot be cleared"),
 ])
 def test_bad_settings_are_refused_with_what_is_wrong(changes, message):
     with pytest.raises(InvalidArgument, match=message.replace("(", r"\(")):
@@ -53,6 +52,13 @@ async def test_model_settings_override_the_global_ones_until_cleared():
     await tracing.update("digits", {"trace_rate": None})
     assert (await tracing.get("digits"))["trace_rate"] == ["50"]  # cleared: follows the global again
     assert (await tracing.get("digits"))["trace_level"] == ["TIMESTAMPS"]
+
+
+async def test_a_cleared_global_setting_is_the_configured_one_again():
+    tracing = TraceSettings(MemoryTraceStore(), configured=TraceConfig(level=("OFF",), rate=1000, count=5))
+    await tracing.update("", {"trace_level": ["TIMESTAMPS"], "trace_rate": ["2"], "trace_count": ["-1"]})
+    cleared = await tracing.update("", {"trace_level": None, "trace_rate": [], "trace_count": None, "trace_file": None})
+    assert (cleared["trace_level"], cleared["trace_rate"], cleared["trace_count"]) == (["OFF"], ["1000"], ["5"])
 
 
 async def test_one_request_in_rate_is_traced_and_off_traces_none():

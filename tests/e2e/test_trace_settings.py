@@ -133,8 +133,7 @@ def test_the_coordinators_own_path_samples_too_and_bad_settings_get_clear_errors
 
         for settings, wanted in [({"trace_level": ["TENSORS"]}, "trace level TENSORS is not offered"),
                                  ({"trace_rate": "0"}, "must be an integer of at least 1"),
-                                 ({"trace_file": "/tmp/trace.json"}, "Triton's file trace mode"),
-                                 ({"trace_rate": None}, "cannot be cleared")]:
+                                 ({"trace_file": "/tmp/trace.json"}, "Triton's file trace mode")]:
             with pytest.raises(InferenceServerException, match=wanted) as caught:
                 client.update_trace_settings(settings=settings)
             assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
@@ -148,6 +147,22 @@ def test_the_coordinators_own_path_samples_too_and_bad_settings_get_clear_errors
     status, body = _rest(http_port, "/v2/trace/setting", ["trace_rate"])
     assert status == 400 and "JSON object" in body["error"]
     assert _rest(http_port, "/v2/models/no-such-model/trace/setting")[0] == 404
+
+
+@pytest.mark.parametrize("coordinator", ["off"], indirect=True)
+def test_clearing_a_global_setting_gives_back_the_coordinators_configured_one(coordinator):
+    address, http_port = coordinator
+    grpc_client = triton.InferenceServerClient(address)
+    rest_client = http.InferenceServerClient(f"127.0.0.1:{http_port}")
+    try:
+        grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "7", "trace_count": "4"})
+        cleared = _settings(grpc_client.update_trace_settings(settings={"trace_level": None, "trace_rate": None}))
+        assert (cleared["trace_level"], cleared["trace_rate"], cleared["trace_count"]) == (["OFF"], ["1"], ["4"])
+        cleared = rest_client.update_trace_settings(settings={"trace_count": None})
+        assert (cleared["trace_level"], cleared["trace_rate"], cleared["trace_count"]) == (["OFF"], ["1"], ["-1"])
+    finally:
+        rest_client.close()
+        grpc_client.close()
 
 
 def test_an_edge_runtime_called_directly_has_trace_settings_of_its_own(mesh, jaeger):
