@@ -270,7 +270,8 @@ def response_to_json(resp: oip.InferResponse, binary: JsonInfer | None = None,
         else:
             out["data"] = _json_values(a)
         outputs.append(out)
-    body = {"model_name": resp.model_name, "model_version": resp.model_version, "id": resp.id,
+    body = {"model_name": resp.model_name, "model_version": resp.model_version,
+            **({"id": resp.id} if resp.id else {}),  # as Triton: no "id" for a request without one
             "parameters": {k: _json_number(v) for k, v in resp.parameters.items()}, "outputs": outputs}
     if not blobs:
         return body

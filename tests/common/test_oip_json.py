@@ -212,6 +212,11 @@ def test_a_response_becomes_json_with_datatype_shape_and_flat_data():
     }
 
 
+def test_a_response_to_a_request_without_an_id_has_no_id_field():
+    resp = oip.InferResponse(model_name="digits", outputs={"y": np.zeros(1, np.float32)}, model_version="1")
+    assert "id" not in oip_json.response_to_json(resp)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_half_precision_outputs_become_json_numbers(dtype):
     resp = oip.InferResponse(model_name="m", outputs={"h": np.array([0.5, -2.0], dtype)})

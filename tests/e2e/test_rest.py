@@ -49,6 +49,13 @@ def test_binary_and_json_tensors_give_the_same_answer(client, images):
             assert ("binary_data_size" in result.get_output("probabilities").get("parameters", {})) == sent_binary
 
 
+def test_replies_carry_the_request_id_only_when_the_request_has_one(client, images):
+    assert "id" not in _infer(client, images, binary_in=True).get_response()  # as Triton writes them
+    inp = http.InferInput("input", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images)
+    assert client.infer("digits", [inp], request_id="req-7").get_response()["id"] == "req-7"
+
+
 def test_model_configuration_statistics_and_repository_index(client, images):
     config = client.get_model_config("digits")
     assert config["max_batch_size"] > 0
