@@ -159,6 +159,11 @@ class Breakers:
             return None
         return Claim(breaker, probe=breaker.state is State.HALF_OPEN)
 
+    def on_trial(self, node_id: str) -> bool:
+        """Whether the node's breaker is not closed (open, or half-open): only a probe may go there."""
+        breaker = self.by_node.get(node_id)
+        return breaker is not None and breaker.state is not State.CLOSED
+
     def drop(self, node_id: str) -> None:
         """Forget a node that left the view."""
         self.by_node.pop(node_id, None)

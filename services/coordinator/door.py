@@ -187,7 +187,10 @@ class DoorRoutes:
 
     async def _routes(self, request: oip.InferRequest, deployed: DeploymentSpec, version: str) -> Route | Refusal:
         """The route of `version` ("": the stable one) for requests like `request`, its peers as
-        alternatives; CneiError for what the full path answers with an error."""
+        alternatives; CneiError for what the full path answers with an error. No route names a node
+        whose breaker is not closed: past its open period the door would send it every such request
+        at once, claiming no probe, so requests the node is chosen for take the full path, which
+        sends it one (half-open), and as a peer it is left out until then."""
         core = self.core
         variants = await core.catalog.variants(request.model_name, version)
         spec = restrict_tier(deployed, request.parameters)
@@ -205,10 +208,14 @@ class DoorRoutes:
         if not placements:
             return Refusal(f"no live node serves model '{request.model_name}'")
         first = placements[0]
+        if core.breakers.on_trial(first.node.node_id):
+            why = core.breakers.get(first.node.node_id).reason or "circuit breaker open"
+            return Refusal(f"node {first.node.node_id} is on trial after failures ({why}): the full path probes it")
         if not (first.node.fast_address and core.settings.fast_lane):
             return Refusal(f"node {first.node.node_id} offers no fast lane")
         stats_key = (variants[0].name, variants[0].version)
-        routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements if p.node.fast_address]
+        routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
+                  if p.node.fast_address and not core.breakers.on_trial(p.node.node_id)]
         return replace(routes[0], alternatives=tuple(routes[1:]))
 
     def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement,

@@ -1,6 +1,8 @@
 """A real Coordinator behind a real grpc.aio OIP server, forwarding over real gRPC to stand-in
-runtimes (each a grpc.aio server with the OIP servicer over a small in-process core). Only the
-registry and Redis are replaced: the catalog and the node directory are held in memory."""
+runtimes (each a grpc.aio server with the OIP servicer over a small in-process core, and with
+`fast_lane` a fast-lane server too). Only the registry and Redis are replaced: the catalog and the
+node directory are held in memory. With `door`, the coordinator also serves FrontDoorControl, as
+it does behind its compiled front door."""
 from __future__ import annotations
 
 import asyncio
@@ -13,13 +15,18 @@ import numpy as np
 
 from services.common import lifecycle, oip
 from services.common.deployment import DeploymentSpec
-from services.common.errors import ModelNotFound
+from services.common.errors import InvalidArgument, ModelNotFound
+from services.common.fastlane import FastServer
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeInfo
 from services.common.oip_servicer import OipServicer
 from services.coordinator.core import Coordinator
+from services.coordinator.door import DoorRoutes
+from services.coordinator.door_servicer import FrontDoorServicer
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.settings import CoordinatorSettings
+from services.pb.cnei import frontdoor_pb2_grpc as fd_grpc
+from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 Outputs = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -86,6 +93,17 @@ class Directory:
         return list(self.nodes)
 
 
+def fast_handler(servicer: OipServicer):
+    """A fast-lane server's handler: ModelInfer messages through `servicer`, as a runtime's."""
+    async def handle(payload: bytes, timeout: float | None) -> bytes:
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except Exception as exc:  # noqa: BLE001 - a malformed message
+            raise InvalidArgument(f"not a ModelInferRequest: {exc}") from None
+        return (await servicer.infer_message(request, timeout)).SerializeToString()
+    return handle
+
+
 @dataclass
 class Mesh:
     stub: pb_grpc.GRPCInferenceServiceStub
@@ -93,6 +111,8 @@ class Mesh:
     view: NodesView
     directory: Directory
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    door: DoorRoutes | None = None  # with `door`: the routes FrontDoorControl hands out
+    door_stub: fd_grpc.FrontDoorControlStub | None = None
 
     async def infer(self, model: str = "m", x: np.ndarray | None = None, params: dict | None = None,
                     outputs: tuple[str, ...] = (), timeout: float = 10.0) -> tuple[str, object]:
@@ -120,10 +140,11 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], cores: dict[str, NodeCore],
                tiers: dict[str, str] | None = None, live: tuple[str, ...] | None = None,
-               **settings) -> AsyncIterator[Mesh]:
+               fast_lane: bool = False, door: bool = False, **settings) -> AsyncIterator[Mesh]:
     """Stand-in runtimes `cores` (by node id; edge unless `tiers` says otherwise; `live`: those
-    the directory lists at first, default all) and a coordinator serving OIP over them."""
-    servers, nodes = [], {}
+    the directory lists at first, default all; `fast_lane`: each offers one, which the coordinator
+    then uses) and a coordinator serving OIP over them (and FrontDoorControl, with `door`)."""
+    servers, fast_servers, nodes = [], [], {}
     coordinator_server = view = core = channel = None
     try:
         for node_id, node_core in cores.items():
@@ -132,8 +153,12 @@ async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], c
                        "inference.GRPCInferenceService")
             await server.start()
             servers.append(server)
+            fast_address = ""
+            if fast_lane:
+                fast_servers.append(FastServer(fast_handler(OipServicer(node_core))))
+                fast_address = f"127.0.0.1:{await fast_servers[-1].start('127.0.0.1', 0)}"
             nodes[node_id] = NodeInfo(node_id, (tiers or {}).get(node_id, "edge"), "r1", server.address, cpus=4,
-                                      models=[v.key for v in variants])
+                                      models=[v.key for v in variants], fast_address=fast_address)
         directory = Directory([nodes[n] for n in (live if live is not None else nodes)])
         view = NodesView(directory, refresh_s=3600.0, grace_s=0.0)  # a node left is gone at once
         core = Coordinator(CoordinatorSettings(front_door="off", **settings), Catalog(variants, specs), view)
@@ -142,9 +167,14 @@ async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], c
         coordinator_server = lifecycle.GrpcServer("127.0.0.1", 0)
         coordinator_server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core),
                                "inference.GRPCInferenceService")
+        routes = DoorRoutes(core, ttl_ms=100) if door else None
+        if routes is not None:
+            coordinator_server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
+                                   "cnei.frontdoor.v1.FrontDoorControl")
         await coordinator_server.start()
         channel = grpc.aio.insecure_channel(coordinator_server.address)
-        yield Mesh(pb_grpc.GRPCInferenceServiceStub(channel), core, view, directory, nodes)
+        yield Mesh(pb_grpc.GRPCInferenceServiceStub(channel), core, view, directory, nodes, routes,
+                   fd_grpc.FrontDoorControlStub(channel) if door else None)
     finally:
         if channel is not None:
             await channel.close()
@@ -156,3 +186,5 @@ async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], c
             await view.close()
         for server in servers:
             await server.stop(0)
+        for fast in fast_servers:
+            await fast.stop(0)

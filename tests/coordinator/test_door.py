@@ -262,6 +262,43 @@ async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_it
     assert breaker.reason == failure
 
 
+async def ask_the_coordinator(m: mesh.Mesh) -> fd.RouteReply:
+    """FrontDoorControl/Route for requests of one row of model m, as the compiled door asks it."""
+    asked = pb.ModelInferRequest(model_name="m")
+    asked.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    return await m.door_stub.Route(fd.RouteRequest(infer_request=asked.SerializeToString()), timeout=5)
+
+
+async def test_a_node_past_its_open_period_gets_no_route_until_the_full_path_s_probe_closes_its_breaker():
+    node = mesh.NodeCore()
+    async with mesh.mesh([mesh.variant()], {}, {"n1": node}, fast_lane=True, door=True, breaker_open_s=0.2) as m:
+        assert (await ask_the_coordinator(m)).node_id == "n1"
+        breaker = m.core.breakers.get("n1")
+        breaker.trip("connection reset")
+        await asyncio.sleep(0.25)  # the open period is over: the next call is the probe
+        reply = await ask_the_coordinator(m)
+        assert not reply.eligible and reply.reason == \
+            "node n1 is on trial after failures (connection reset): the full path probes it"
+        assert breaker.state is State.OPEN and not node.calls, "the door was handed no route and claimed nothing"
+        status, response = await m.infer()  # a request the door forwards: the full path's probe
+        assert status == "OK" and response.parameters["cnei_node"] == "n1" and len(node.calls) == 1
+        assert breaker.state is State.CLOSED
+        reply = await ask_the_coordinator(m)
+        assert reply.eligible and reply.node_id == "n1"
+
+
+async def test_a_peer_past_its_open_period_is_left_out_of_a_route_until_it_is_probed():
+    async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(), "n2": mesh.NodeCore()}, fast_lane=True,
+                         door=True, breaker_open_s=0.2) as m:
+        m.door.spread_nodes, m.door.spread_margin = 2, 1.0  # every node in the route
+        m.core.outstanding["n2"] = 4  # n2 scores below n1: the route's peer
+        assert [(await ask_the_coordinator(m)).alternatives[0].node_id] == ["n2"]
+        m.core.breakers.get("n2").trip("connection reset")
+        await asyncio.sleep(0.25)
+        reply = await ask_the_coordinator(m)
+        assert reply.eligible and reply.node_id == "n1" and not reply.alternatives
+
+
 async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay(tmp_path):
     door = routes()
     door.generation_file = tmp_path / "routes-generation"  # what the door watches
