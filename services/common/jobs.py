@@ -3,6 +3,7 @@ coordinator's status page and the CLI."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -11,6 +12,7 @@ from redis.asyncio import Redis
 
 from services.common.errors import FailedPrecondition, NotFound
 
+log = logging.getLogger(__name__)
 JOB_KEY = "cnei:federated:job:{}"
 JOB_INDEX = "cnei:federated:jobs"  # sorted set: job id scored by creation time
 CHECKPOINT_KEY = "cnei:federated:checkpoint:{}"  # global model after the job's last round
@@ -47,6 +49,14 @@ class LeaseLost(FailedPrecondition):
                          f"took the job over); nothing written")
 
 
+class JobUnreadable(FailedPrecondition):
+    """A job's record in Redis cannot be read (corrupt, or of a shape this trainer does not know)."""
+
+    def __init__(self, job_id: str, problem: str):
+        self.job_id, self.problem = job_id, problem
+        super().__init__(f"federated job '{job_id}': its record cannot be read ({problem}); listings skip it")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What a federated job is asked to do."""
@@ -81,6 +91,11 @@ class RoundRecord:
     seconds: float
     attempt: int = 1
 
+    @classmethod
+    def from_dict(cls, obj: dict) -> RoundRecord:
+        """A round as recorded; fields a newer trainer added are ignored."""
+        return cls(**{k: v for k, v in obj.items() if k in cls.__dataclass_fields__})
+
 
 @dataclass
 class JobRecord:
@@ -110,7 +125,7 @@ class JobRecord:
         if obj.pop("spec_format", 1) < SPEC_FORMAT:  # a job started before: its 0s were left out
             values.update({k: None for k in _ZERO_WAS_LEFT_OUT if values.get(k) == 0})
         spec = JobSpec(**values)
-        history = [RoundRecord(**r) for r in obj.pop("history", [])]
+        history = [RoundRecord.from_dict(r) for r in obj.pop("history", [])]
         known = {f.name for f in fields(cls)}
         return cls(spec=spec, history=history, **{k: v for k, v in obj.items() if k in known})
 
@@ -173,7 +188,7 @@ class JobStore:
         data = await self.redis.get(JOB_KEY.format(job_id))
         if data is None:
             raise NotFound(f"federated job '{job_id}' not found")
-        return JobRecord.from_json(data)
+        return _parse(job_id, data)
 
     async def list(self, limit: int = 50) -> list[JobRecord]:
         """Newest first; ids whose record expired are pruned from the index."""
@@ -189,4 +204,22 @@ class JobStore:
         gone = [i for i, r in zip(ids, records) if r is None]
         if gone:
             await self.redis.zrem(JOB_INDEX, *gone)
-        return [JobRecord.from_json(r) for r in records if r is not None]
+        return [job for i, r in zip(ids, records) if r is not None and (job := _readable(i, r)) is not None]
+
+
+def _parse(job_id: str, data: str | bytes) -> JobRecord:
+    """The record of `job_id`; JobUnreadable naming it when it cannot be read."""
+    try:
+        return JobRecord.from_json(data)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise JobUnreadable(job_id, f"{type(exc).__name__}: {exc}") from None
+
+
+def _readable(job_id: str, data: str | bytes) -> JobRecord | None:
+    """The record of `job_id`, or None (logged) when it cannot be read: one such record must not
+    hide the others from listings and from the trainers looking for unfinished jobs."""
+    try:
+        return _parse(job_id, data)
+    except JobUnreadable as exc:
+        log.warning("%s", exc)
+        return None

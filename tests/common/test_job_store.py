@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from services.common.jobs import JOB_INDEX, JOB_KEY, JobRecord, JobSpec, JobStore
+from services.common.errors import ErrorCode
+from services.common.jobs import JOB_INDEX, JOB_KEY, JobRecord, JobSpec, JobStore, JobUnreadable
 
 
 @pytest.fixture
@@ -96,3 +97,33 @@ async def test_a_record_written_before_optional_settings_reads_their_zeros_as_le
     del legacy["spec_format"]
     await own_redis.set(JOB_KEY.format(job.id), json.dumps(legacy))
     assert (await store.get(job.id)).spec == JobSpec(strategy="fedprox")
+
+
+async def test_a_round_written_by_a_newer_trainer_is_read_without_its_unknown_fields(store, own_redis):
+    job = JobRecord(spec=JobSpec(model="m"), state="suspended", round=1)
+    newer = json.loads(job.to_json())
+    newer["history"] = [{"round": 1, "participants": ["edge-1"], "failed": [], "accuracy": 0.5, "loss": 1.0,
+                         "seconds": 0.1, "attempt": 1, "client_metrics": {"edge-1": {"loss": 1.0}}}]
+    await own_redis.set(JOB_KEY.format(job.id), json.dumps(newer))
+    await own_redis.zadd(JOB_INDEX, {job.id: job.created_at})
+    assert [r.round for r in (await store.get(job.id)).history] == [1]
+    assert [j.id for j in await store.unfinished()] == [job.id]
+
+
+UNREADABLE = {"not-json": b"{\"spec\": ", "not-an-object": b"[1, 2]",
+              "round-missing-fields": json.dumps({"spec": {}, "state": "running", "history": [{"round": 1}]})}
+
+
+@pytest.mark.parametrize("data", UNREADABLE.values(), ids=UNREADABLE.keys())
+async def test_an_unreadable_record_is_skipped_by_listings_and_named_by_get(store, own_redis, caplog, data):
+    readable = _job("suspended")
+    await store.save(readable)
+    await own_redis.set(JOB_KEY.format("broken"), data)
+    await own_redis.zadd(JOB_INDEX, {"broken": readable.created_at + 1})
+    assert [j.id for j in await store.unfinished()] == [readable.id]
+    assert [j.id for j in await store.list()] == [readable.id]
+    assert "federated job 'broken': its record cannot be read" in caplog.text
+    with pytest.raises(JobUnreadable, match="federated job 'broken': its record cannot be read") as info:
+        await store.get("broken")
+    assert info.value.code == ErrorCode.FAILED_PRECONDITION
+    assert await own_redis.zscore(JOB_INDEX, "broken") is not None  # kept: not expired, only unreadable
