@@ -29,11 +29,13 @@ UNFINISHED = ("pending", "running", "suspended")
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Write a record (KEYS[2]) and with it set, keep or drop its checkpoint (KEYS[3]), indexed (KEYS[4]),
-# only while ARGV[1] holds the lease (KEYS[1]); ARGV[1] '' writes unfenced. 1 written, 0 not.
+# only while ARGV[1] holds the lease (KEYS[1]); ARGV[1] '' writes unfenced. 1 written, 0 not. A kept
+# checkpoint lives as long as its record from then on.
 _SAVE = """
 if ARGV[1] ~= '' and redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
 if ARGV[6] == 'set' then redis.call('set', KEYS[3], ARGV[7], 'EX', ARGV[3])
+elseif ARGV[6] == 'keep' then redis.call('expire', KEYS[3], ARGV[3])
 elseif ARGV[6] == 'drop' then redis.call('del', KEYS[3]) end
 redis.call('zadd', KEYS[4], ARGV[5], ARGV[4])
 return 1
@@ -148,9 +150,10 @@ class JobStore:
         self.ttl_s = ttl_s
 
     async def save(self, job: JobRecord, checkpoint: bytes | None = None, owner: str = "") -> None:
-        """Write the record, and with it (atomically) the checkpoint it refers to; a record that has
-        ended drops its checkpoint (nothing goes on from it). With `owner`, fenced by the job's
-        lease: LeaseLost, and nothing written, unless `owner` holds it."""
+        """Write the record, and with it (atomically) the checkpoint it refers to (without one, the
+        checkpoint kept is given the record's TTL again); a record that has ended drops its
+        checkpoint (nothing goes on from it). With `owner`, fenced by the job's lease: LeaseLost,
+        and nothing written, unless `owner` holds it."""
         job.updated_at = time.time()
         mode = "drop" if job.done else "keep" if checkpoint is None else "set"
         keys = [LEASE_KEY.format(job.id), JOB_KEY.format(job.id), CHECKPOINT_KEY.format(job.id), JOB_INDEX]

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from services.common.errors import ErrorCode
-from services.common.jobs import JOB_INDEX, JOB_KEY, JobRecord, JobSpec, JobStore, JobUnreadable
+from services.common.jobs import CHECKPOINT_KEY, JOB_INDEX, JOB_KEY, JobRecord, JobSpec, JobStore, JobUnreadable
 
 
 @pytest.fixture
@@ -127,3 +127,13 @@ async def test_an_unreadable_record_is_skipped_by_listings_and_named_by_get(stor
         await store.get("broken")
     assert info.value.code == ErrorCode.FAILED_PRECONDITION
     assert await own_redis.zscore(JOB_INDEX, "broken") is not None  # kept: not expired, only unreadable
+
+
+async def test_a_record_saved_alone_keeps_its_checkpoint_as_long_as_itself(own_redis):
+    """A save that keeps the checkpoint refreshed only the record's TTL: a job suspended and taken
+    over again and again without a round done outlived its checkpoint, and went on from round 0."""
+    job = _job("suspended", round_no=2)
+    await JobStore(own_redis, ttl_s=100).save(job, b"weights after round 2")
+    await JobStore(own_redis, ttl_s=1000).save(job)
+    assert await own_redis.ttl(JOB_KEY.format(job.id)) > 900
+    assert await own_redis.ttl(CHECKPOINT_KEY.format(job.id)) > 900
