@@ -20,16 +20,13 @@ int main() {
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
-    frontdoor::BatchRules rules;
-    int64_t delay_us = 0, last_rows = 0, now_us = 0;
-    size_t preferred = 0, queued = 0;
-    in >> rules.max_batch_size >> delay_us >> rules.max_bytes >> last_rows >> now_us >> preferred;
-    rules.max_queue_delay = std::chrono::microseconds(delay_us);
-    for (size_t i = 0; i < preferred; ++i) {
-      uint32_t size = 0;
-      in >> size;
-      rules.preferred_batch_sizes.push_back(size);
-    }
+    uint32_t max_batch_size = 0, delay_us = 0;
+    size_t max_bytes = 0, n_preferred = 0, queued = 0;
+    int64_t last_rows = 0, now_us = 0;
+    in >> max_batch_size >> delay_us >> max_bytes >> last_rows >> now_us >> n_preferred;
+    std::vector<uint32_t> preferred(n_preferred);
+    for (uint32_t& size : preferred) in >> size;
+    const frontdoor::BatchRules rules(max_batch_size, delay_us, preferred, max_bytes);
     in >> queued;
     std::deque<std::string> keys;  // one string per request: equal keys are compared, not shared
     frontdoor::Queue queue;
@@ -48,10 +45,12 @@ int main() {
     }
     const Queued::Clock::time_point now = epoch + std::chrono::microseconds(now_us);
     Queued::Clock::time_point wake = Queued::Clock::time_point::min();
-    const bool ready = frontdoor::Ready(rules, queue, now, &wake);
-    const bool overlap = frontdoor::MayOverlap(rules, queue, last_rows);
+    // formed once and handed from check to check, as Batcher::Dispatch does
+    frontdoor::Candidates candidates = frontdoor::CandidatesIn(queue);
+    const bool overlap = frontdoor::MayOverlap(rules, candidates, last_rows);
+    const bool ready = frontdoor::Ready(rules, queue, &candidates, now, &wake);
     int64_t rows = 0;
-    const std::vector<size_t> taken = frontdoor::Take(rules, queue, now, &rows);
+    const std::vector<size_t> taken = frontdoor::Take(rules, queue, &candidates, now, &rows);
     std::cout << ready << ' ' << (wake == Queued::Clock::time_point::min() ? -1 : us(wake)) << ' ' << overlap
               << ' ' << rows << ' ' << taken.size();
     for (size_t i : taken) std::cout << ' ' << i;

@@ -66,19 +66,23 @@ BatcherOptions WithRoute(BatcherOptions options, const RouteConfig& config) {
   return options;
 }
 
-BatchRules RulesOf(const RouteConfig& config) {
-  BatchRules rules;
-  rules.max_batch_size = config.max_batch_size;
-  rules.max_queue_delay = std::chrono::microseconds(config.max_queue_delay_us);
-  rules.preferred_batch_sizes = config.preferred_batch_sizes;
-  rules.max_bytes = kBatchBytes;
-  return rules;
-}
-
 size_t InputBytes(const InferCall& call) {
   size_t bytes = 0;
   for (const std::string& raw : call.request().raw_input_contents()) bytes += raw.size();
   return bytes;
+}
+
+// Keeps, in order, the queued requests `keep` (called with each index once) says to; true when
+// it let any go.
+template <typename Keep>
+bool KeepOnly(Queue* queue, Keep keep) {
+  size_t kept = 0;
+  for (size_t i = 0; i < queue->size(); ++i) {
+    if (keep(i)) (*queue)[kept++] = (*queue)[i];
+  }
+  if (kept == queue->size()) return false;
+  queue->erase(queue->begin() + ptrdiff_t(kept), queue->end());
+  return true;
 }
 
 }  // namespace
@@ -92,7 +96,8 @@ struct Batcher::Batch {
 
 Batcher::Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options,
                  Reporter* reporter, OnFailure on_failure)
-    : config_(std::move(config)), options_(WithRoute(options, *config_)), rules_(RulesOf(*config_)),
+    : config_(std::move(config)), options_(WithRoute(options, *config_)),
+      rules_(config_->max_batch_size, config_->max_queue_delay_us, config_->preferred_batch_sizes, kBatchBytes),
       reporter_(reporter), on_failure_(std::move(on_failure)), lane_(LaneFor(config_->node_address)) {}
 
 bool Batcher::failed() {
@@ -190,12 +195,13 @@ void Batcher::Dispatch() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_ || inflight_ >= options_.max_inflight || queue_.empty()) return;
-      if (inflight_ > 0 && !MayOverlap(rules_, queue_, last_rows_)) return;  // Finished() dispatches it
-      if (!Ready(rules_, queue_, Clock::now(), &wake)) {
+      Candidates candidates = CandidatesIn(queue_);
+      if (inflight_ > 0 && !MayOverlap(rules_, candidates, last_rows_)) return;  // Finished() dispatches it
+      if (!Ready(rules_, queue_, &candidates, Clock::now(), &wake)) {
         arm = !armed_ || wake < wake_at_;
         if (arm) armed_ = true, wake_at_ = wake;
       } else {
-        batch = TakeLocked(&expired, &cancelled);
+        batch = TakeLocked(&candidates, &expired, &cancelled);
         if (batch) ++inflight_, last_rows_ = batch->rows;
       }
     }
@@ -218,39 +224,37 @@ void Batcher::Woken() {
   Dispatch();
 }
 
-std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(std::vector<InferCall*>* expired,
+std::shared_ptr<Batcher::Batch> Batcher::TakeLocked(Candidates* candidates, std::vector<InferCall*>* expired,
                                                    std::vector<InferCall*>* cancelled) {
-  DropLocked(expired, cancelled);
-  if (queue_.empty()) return nullptr;
+  if (DropLocked(expired, cancelled)) {
+    if (queue_.empty()) return nullptr;
+    *candidates = CandidatesIn(queue_);
+  }
   auto batch = std::make_shared<Batch>();
-  const std::vector<size_t> chosen = Take(rules_, queue_, Clock::now(), &batch->rows);
+  const std::vector<size_t> chosen = Take(rules_, queue_, candidates, Clock::now(), &batch->rows);
   std::vector<bool> taken(queue_.size(), false);
   for (size_t i : chosen) {
     batch->members.push_back(queue_[i].call);
     taken[i] = true;
   }
-  Queue rest;
-  for (size_t i = 0; i < queue_.size(); ++i) {
-    if (!taken[i]) rest.push_back(queue_[i]);
-  }
-  queue_.swap(rest);
+  KeepOnly(&queue_, [&taken](size_t i) { return !taken[i]; });
   return batch;
 }
 
 // Takes expired requests, and cancelled ones when asked, out of the queue.
-void Batcher::DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled) {
-  Queue live;
-  for (const Queued& queued : queue_) {
-    InferCall* call = queued.call;
+bool Batcher::DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled) {
+  return KeepOnly(&queue_, [this, expired, cancelled](size_t i) {
+    InferCall* call = queue_[i].call;
     if (call->DeadlinePassed()) {
       expired->push_back(call);
-    } else if (cancelled != nullptr && call->cancelled()) {
-      cancelled->push_back(call);
-    } else {
-      live.push_back(queued);
+      return false;
     }
-  }
-  queue_.swap(live);
+    if (cancelled != nullptr && call->cancelled()) {
+      cancelled->push_back(call);
+      return false;
+    }
+    return true;
+  });
 }
 
 // A request's own timeout ended while it was queued: it fails now, without waiting for a batch

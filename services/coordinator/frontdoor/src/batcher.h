@@ -60,13 +60,15 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   void Woken();
   // The queue's timeout wake-up (armed for `armed_for`): fails the expired, arms the next.
   void ExpireQueued(std::chrono::steady_clock::time_point armed_for);
-  void DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
+  // True when it took any out.
+  bool DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
   // Answers what DropLocked took out of the queue: DEADLINE_EXCEEDED, CANCELLED.
   void FailDropped(const std::vector<InferCall*>& expired, const std::vector<InferCall*>& cancelled = {});
   // Answers `call` with an error of the door's own, reported so the coordinator counts it.
   void Refuse(InferCall* call, const grpc::Status& status);
-  // Drops cancelled and expired requests, then takes the next batch (formation.h, Take).
-  std::shared_ptr<Batch> TakeLocked(std::vector<InferCall*>* expired,
+  // Drops cancelled and expired requests, then takes the next batch (formation.h, Take) of
+  // `candidates`, formed again when it dropped any.
+  std::shared_ptr<Batch> TakeLocked(Candidates* candidates, std::vector<InferCall*>* expired,
                                     std::vector<InferCall*>* cancelled);
   bool AnsweredFromCache(InferCall* call);
   void KeepAnswer(InferCall* call, const grpc::ByteBuffer& response);

@@ -10,35 +10,41 @@ bool SameKey(const Queued& a, const Queued& b) { return a.key == b.key || *a.key
 
 }  // namespace
 
-// The coordinator's batcher orders its queue the same way (services/common/batcher.py, `order`).
-std::vector<size_t> ServingOrder(const Queue& queue) {
-  std::vector<size_t> order(queue.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(),
-                   [&queue](size_t a, size_t b) { return queue[a].priority < queue[b].priority; });
-  return order;
+BatchRules::BatchRules(uint32_t max_batch_size, uint32_t max_queue_delay_us,
+                       const std::vector<uint32_t>& preferred_batch_sizes, size_t max_bytes)
+    : max_batch_size(max_batch_size), max_queue_delay(max_queue_delay_us), max_bytes(max_bytes) {
+  for (uint32_t size : preferred_batch_sizes) {
+    if (size > 0 && size <= max_batch_size) preferred.push_back(size);
+  }
+  std::sort(preferred.rbegin(), preferred.rend());
+  preferred.erase(std::unique(preferred.begin(), preferred.end()), preferred.end());
 }
 
-std::vector<size_t> Same(const Queue& queue) {
-  std::vector<size_t> same;
-  const std::vector<size_t> order = ServingOrder(queue);
-  if (order.empty()) return same;
-  const Queued& head = queue[order.front()];
-  for (size_t i : order) {
+// The most urgent request is the first of the lowest priority level: the head of the serving
+// order (services/common/batcher.py, `order`, `_head_rows`).
+Candidates CandidatesIn(const Queue& queue) {
+  Candidates candidates;
+  auto most_urgent = std::min_element(
+      queue.begin(), queue.end(), [](const Queued& a, const Queued& b) { return a.priority < b.priority; });
+  candidates.head = size_t(most_urgent - queue.begin());
+  for (const Queued& queued : queue) {
+    if (SameKey(queued, *most_urgent)) candidates.rows += queued.rows;
+  }
+  return candidates;
+}
+
+// Arrival order, sorted by level only when the requests of the head's key are not all on one.
+const std::vector<size_t>& Same(const Queue& queue, Candidates* candidates) {
+  std::vector<size_t>& same = candidates->same;
+  if (!same.empty()) return same;  // it holds the head at least once formed
+  same.reserve(queue.size());
+  const Queued& head = queue[candidates->head];
+  for (size_t i = 0; i < queue.size(); ++i) {
     if (SameKey(queue[i], head)) same.push_back(i);
   }
+  auto by_level = [&queue](size_t a, size_t b) { return queue[a].priority < queue[b].priority; };
+  if (!std::is_sorted(same.begin(), same.end(), by_level)) std::stable_sort(same.begin(), same.end(), by_level);
   return same;
-}
-
-// The most urgent request is the first of the lowest priority level: ServingOrder's head.
-int64_t HeadRows(const Queue& queue) {
-  const Queued& head = *std::min_element(
-      queue.begin(), queue.end(), [](const Queued& a, const Queued& b) { return a.priority < b.priority; });
-  int64_t rows = 0;
-  for (const Queued& queued : queue) {
-    if (SameKey(queued, head)) rows += queued.rows;
-  }
-  return rows;
 }
 
 // services/common/batcher.py, fill: one that does not fit stays queued; later ones may.
@@ -59,65 +65,57 @@ std::vector<size_t> Fill(const BatchRules& rules, const Queue& queue, const std:
 }
 
 // services/common/batcher.py, preferred_batch.
-std::vector<size_t> Preferred(const BatchRules& rules, const Queue& queue, const std::vector<size_t>& same,
-                              int64_t* rows) {
-  std::vector<uint32_t> sizes = rules.preferred_batch_sizes;
-  std::sort(sizes.rbegin(), sizes.rend());
-  for (uint32_t size : sizes) {
-    if (size == 0 || size > rules.max_batch_size) continue;
-    std::vector<size_t> batch = Fill(rules, queue, same, size, rows);
-    if (*rows == int64_t(size)) return batch;
+const std::vector<size_t>& Preferred(const BatchRules& rules, const Queue& queue, Candidates* candidates) {
+  if (candidates->preferred_formed) return candidates->preferred;
+  candidates->preferred_formed = true;
+  for (int64_t size : rules.preferred) {
+    if (size > candidates->rows) continue;  // more than are queued: Fill cannot make it
+    std::vector<size_t> batch = Fill(rules, queue, Same(queue, candidates), size, &candidates->preferred_rows);
+    if (candidates->preferred_rows == size) {
+      candidates->preferred = std::move(batch);
+      break;
+    }
   }
-  return {};
+  return candidates->preferred;
 }
 
 // Another batch goes only once it is as big as the last one sent (or full): it then waits at the
 // node, ready to run when the node's compute frees, instead of splitting the rows a closed loop
 // sends back into small batches that contend for the same cores (services/common/batcher.py,
 // may_overlap).
-bool MayOverlap(const BatchRules& rules, const Queue& queue, int64_t last_rows) {
+bool MayOverlap(const BatchRules& rules, const Candidates& candidates, int64_t last_rows) {
   if (rules.max_batch_size == 0) return true;  // a model without a batch dimension: each request alone
-  return HeadRows(queue) >= std::min(last_rows, rules.max_batch_size);
+  return candidates.rows >= std::min(last_rows, rules.max_batch_size);
 }
 
 // services/common/batcher.py, batch_ready: once the oldest has waited max_queue_delay_us, when
 // the rows that would batch with the most urgent request fill max_batch_size, make a preferred
 // size or are more than every preferred size (none is reachable any more). Without a queue
 // delay, what is queued goes as soon as a slot is free.
-bool Ready(const BatchRules& rules, const Queue& queue, Queued::Clock::time_point now,
+bool Ready(const BatchRules& rules, const Queue& queue, Candidates* candidates, Queued::Clock::time_point now,
            Queued::Clock::time_point* wake) {
   if (rules.max_queue_delay.count() == 0 || rules.max_batch_size == 0) return true;
   *wake = queue.front().received_at + rules.max_queue_delay;
-  if (now >= *wake) return true;
-  const std::vector<size_t> same = Same(queue);
-  int64_t rows = 0;
-  for (size_t i : same) rows += queue[i].rows;
-  if (rows >= rules.max_batch_size) return true;
-  int64_t largest = 0;
-  for (uint32_t size : rules.preferred_batch_sizes) {
-    if (size <= rules.max_batch_size) largest = std::max<int64_t>(largest, size);
-  }
-  if (largest == 0) return false;
-  int64_t preferred_rows = 0;
-  return rows > largest || !Preferred(rules, queue, same, &preferred_rows).empty();
+  if (now >= *wake || candidates->rows >= rules.max_batch_size) return true;
+  if (rules.preferred.empty()) return false;
+  return candidates->rows > rules.preferred.front() || !Preferred(rules, queue, candidates).empty();
 }
 
 // services/common/batcher.py, form_batch: the most urgent request and, in serving order, the
 // others with its key: the largest preferred size they make exactly while the oldest has not
 // waited max_queue_delay_us, else every one that still fits under max_batch_size.
-std::vector<size_t> Take(const BatchRules& rules, const Queue& queue, Queued::Clock::time_point now,
-                         int64_t* rows) {
-  std::vector<size_t> chosen;
+std::vector<size_t> Take(const BatchRules& rules, const Queue& queue, Candidates* candidates,
+                         Queued::Clock::time_point now, int64_t* rows) {
   if (rules.max_batch_size == 0) {  // a model without a batch dimension: each request alone
-    chosen.push_back(ServingOrder(queue).front());
-    *rows = queue[chosen.front()].rows;
-    return chosen;
+    *rows = queue[candidates->head].rows;
+    return {candidates->head};
   }
-  const std::vector<size_t> same = Same(queue);
   const bool waited = rules.max_queue_delay.count() == 0 || now >= queue.front().received_at + rules.max_queue_delay;
-  if (!waited) chosen = Preferred(rules, queue, same, rows);
-  if (chosen.empty()) chosen = Fill(rules, queue, same, rules.max_batch_size, rows);
-  return chosen;
+  if (!waited && !Preferred(rules, queue, candidates).empty()) {
+    *rows = candidates->preferred_rows;
+    return candidates->preferred;
+  }
+  return Fill(rules, queue, Same(queue, candidates), rules.max_batch_size, rows);
 }
 
 }  // namespace frontdoor

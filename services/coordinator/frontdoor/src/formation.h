@@ -27,34 +27,43 @@ struct Queued {
 // Oldest first.
 using Queue = std::deque<Queued>;
 
-// A route's batching rules.
+// A route's batching rules, prepared once.
 struct BatchRules {
-  int64_t max_batch_size = 0;  // 0: no batch dimension, each request alone
-  std::chrono::microseconds max_queue_delay{0};  // 0: a batch leaves as soon as a slot is free
-  std::vector<uint32_t> preferred_batch_sizes;   // as the deployment lists them
-  size_t max_bytes = 0;                          // tensor bytes a batch takes at most
+  BatchRules(uint32_t max_batch_size, uint32_t max_queue_delay_us,
+             const std::vector<uint32_t>& preferred_batch_sizes, size_t max_bytes);
+  int64_t max_batch_size;                     // 0: no batch dimension, each request alone
+  std::chrono::microseconds max_queue_delay;  // 0: a batch leaves as soon as a slot is free
+  std::vector<int64_t> preferred;  // the preferred batch sizes within max_batch_size, largest first, once each
+  size_t max_bytes;                // tensor bytes a batch takes at most
 };
 
-// The queue in serving order (queue indices): priority level (lower first), then arrival.
-std::vector<size_t> ServingOrder(const Queue& queue);
-// The requests that batch with the most urgent one, in serving order.
-std::vector<size_t> Same(const Queue& queue);
-// Rows queued that would batch with the most urgent request.
-int64_t HeadRows(const Queue& queue);
+// What one dispatch decides on, formed from the queue once and handed from check to check: the
+// most urgent request (the first of the lowest priority level) and those that batch with it.
+struct Candidates {
+  size_t head = 0;                // queue index
+  int64_t rows = 0;               // the rows of every request of its key
+  std::vector<size_t> same;       // those requests, in serving order (priority level, then arrival)
+  bool preferred_formed = false;  // `preferred` holds Preferred's answer
+  std::vector<size_t> preferred;
+  int64_t preferred_rows = 0;
+};
+
+// The candidates of a non-empty queue (`same` is formed by Same, when first needed).
+Candidates CandidatesIn(const Queue& queue);
+const std::vector<size_t>& Same(const Queue& queue, Candidates* candidates);
 // The head of `same` and every later one that still fits under `limit` rows and the byte cap
 // (*rows: their rows).
 std::vector<size_t> Fill(const BatchRules& rules, const Queue& queue, const std::vector<size_t>& same,
                          int64_t limit, int64_t* rows);
-// The batch of the largest preferred size that Fill makes exactly (empty: none).
-std::vector<size_t> Preferred(const BatchRules& rules, const Queue& queue, const std::vector<size_t>& same,
-                              int64_t* rows);
+// The batch of the largest preferred size that Fill makes exactly (empty: none); formed once.
+const std::vector<size_t>& Preferred(const BatchRules& rules, const Queue& queue, Candidates* candidates);
 // With a batch of `last_rows` in flight, may another go?
-bool MayOverlap(const BatchRules& rules, const Queue& queue, int64_t last_rows);
-// Send now (a non-empty queue)? Else *wake: when the oldest has waited the queue delay.
-bool Ready(const BatchRules& rules, const Queue& queue, Queued::Clock::time_point now,
+bool MayOverlap(const BatchRules& rules, const Candidates& candidates, int64_t last_rows);
+// Send now? Else *wake: when the oldest has waited the queue delay.
+bool Ready(const BatchRules& rules, const Queue& queue, Candidates* candidates, Queued::Clock::time_point now,
            Queued::Clock::time_point* wake);
-// The next batch of a non-empty queue (queue indices, in the order they go; *rows: their rows).
-std::vector<size_t> Take(const BatchRules& rules, const Queue& queue, Queued::Clock::time_point now,
-                         int64_t* rows);
+// The next batch (queue indices, in the order they go; *rows: their rows).
+std::vector<size_t> Take(const BatchRules& rules, const Queue& queue, Candidates* candidates,
+                         Queued::Clock::time_point now, int64_t* rows);
 
 }  // namespace frontdoor
