@@ -17,7 +17,7 @@ from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.trainer.clients import NodeClients
 from services.trainer.core import FederatedTrainer
 from services.trainer.servicer import TrainerServicer
-from services.trainer.settings import PREFIX, TrainerSettings
+from services.trainer.settings import PREFIX, TrainerSettings, check
 
 log = logging.getLogger("services.trainer")
 
@@ -55,6 +55,7 @@ async def serve(settings: TrainerSettings) -> None:
 
 def main() -> None:
     settings = cfg.load(TrainerSettings, PREFIX)
+    check(settings)
     restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
                      settings.node_headers)
     tls.check_client("trainer", PREFIX, "REGISTRY", settings)

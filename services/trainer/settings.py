@@ -37,3 +37,11 @@ class TrainerSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettin
     job_ttl_s: float = field(7 * 24 * 3600.0, "how long job records are kept in Redis")
     lease_s: float = field(10.0, "a running job's lease in Redis; a job whose trainer died is taken over after it")
     shutdown_grace_s: float = field(5.0, "how long in-flight RPCs may finish at shutdown")
+
+
+def check(settings: TrainerSettings) -> None:
+    """SystemExit naming the first setting out of range, before the trainer starts."""
+    rules = [("round_retries", settings.round_retries >= 0, ">= 0 (extra attempts of a round that fell short)")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise SystemExit(f"{PREFIX}{name.upper()} must be {rule}, got {getattr(settings, name)!r}")
