@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class Breaker:
     opened_at: float = 0.0
     probing: bool = field(default=False)
     reason: str = ""  # what the last failure said (kept while the breaker is not closed)
+    on_open: Callable[[], None] | None = field(default=None, repr=False)  # told each time it opens
 
     def would_allow(self) -> bool:
         """Would `allow` let a call through? (Does not claim the half-open probe.)"""
@@ -105,8 +107,11 @@ class Breaker:
             self.trip()
 
     def trip(self, reason: str = "") -> None:
+        opens = self.state is not State.OPEN
         self.state, self.opened_at, self.probing = State.OPEN, self.clock(), False
         self.reason = reason or self.reason
+        if opens and self.on_open is not None:
+            self.on_open()
 
     def record(self, outcome: Verdict, reason: str = "", probe: bool = False) -> None:
         """Book what a call said of the node (`verdict`); `probe`: the call was the half-open
@@ -142,13 +147,19 @@ class Breakers:
 
     def __init__(self, failure_threshold: int = 3, open_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic):
-        self._make = lambda: Breaker(failure_threshold, open_seconds, clock)
+        self._make = lambda node_id: Breaker(failure_threshold, open_seconds, clock,
+                                             on_open=functools.partial(self._opened, node_id))
         self.by_node: dict[str, Breaker] = {}
+        self.on_open: Callable[[str], None] | None = None  # told of each node whose breaker opens
+
+    def _opened(self, node_id: str) -> None:
+        if self.on_open is not None:
+            self.on_open(node_id)
 
     def get(self, node_id: str) -> Breaker:
         breaker = self.by_node.get(node_id)
         if breaker is None:
-            breaker = self.by_node[node_id] = self._make()
+            breaker = self.by_node[node_id] = self._make(node_id)
         return breaker
 
     def claim(self, node_id: str) -> Claim | None:

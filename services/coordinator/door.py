@@ -146,6 +146,7 @@ class DoorRoutes:
         self._confirmations: list[tuple[int, asyncio.Future]] = []
         self.confirm_timeout_s = confirm_timeout_s
         self._write_generation()
+        core.breakers.on_open = self.forget_node
 
     async def trace_every(self, model: str) -> int:
         """One request in N for `model` is to take the full path and start a trace (0: none)."""
@@ -252,6 +253,12 @@ class DoorRoutes:
         self._drops.append((self.generation, model))
         self._write_generation()
         return self.generation
+
+    def forget_node(self, node_id: str) -> None:
+        """The node's breaker opened: drop the routes of every model routed to it, so the door
+        stops sending there now (it would until its next refresh, using a stale route meanwhile)."""
+        for model in {route.model for route in self.routes.values() if route.placement.node.node_id == node_id}:
+            self.forget(model)
 
     async def forget_at_door(self, model: str) -> bool:
         """`forget`, then wait until the door says it dropped its routes of `model` (a load or

@@ -182,6 +182,21 @@ def test_a_call_that_is_not_the_probe_never_frees_the_probe(clock):
     assert not earlier.probe and probe.probe and breakers.claim("edge-1") is None
 
 
+def test_breakers_tell_of_each_node_whose_breaker_opens_once_per_opening(clock):
+    breakers = Breakers(failure_threshold=2, open_seconds=2.0, clock=clock)
+    opened: list[str] = []
+    breakers.on_open = opened.append
+    edge = breakers.get("edge-1")
+    edge.failure()
+    edge.failure()  # the threshold: it opens
+    edge.trip("connection lost")  # a call that was in flight: open already
+    breakers.get("edge-2").record(Verdict.DOWN)
+    clock.now += 2.0
+    assert edge.allow()
+    edge.failure()  # the probe failed: open again
+    assert opened == ["edge-1", "edge-2", "edge-1"]
+
+
 def test_a_node_that_left_is_forgotten(clock):
     breakers = Breakers(clock=clock)
     breakers.get("edge-1").trip("gone")

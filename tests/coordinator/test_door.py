@@ -262,6 +262,10 @@ async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_it
     assert breaker.reason == failure
 
 
+def crashing(inputs):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
 async def ask_the_coordinator(m: mesh.Mesh) -> fd.RouteReply:
     """FrontDoorControl/Route for requests of one row of model m, as the compiled door asks it."""
     asked = pb.ModelInferRequest(model_name="m")
@@ -297,6 +301,19 @@ async def test_a_peer_past_its_open_period_is_left_out_of_a_route_until_it_is_pr
         await asyncio.sleep(0.25)
         reply = await ask_the_coordinator(m)
         assert reply.eligible and reply.node_id == "n1" and not reply.alternatives
+
+
+async def test_a_node_whose_breaker_opens_loses_its_routes_at_the_door_at_once(tmp_path):
+    node = mesh.NodeCore(crashing)
+    async with mesh.mesh([mesh.variant(), mesh.variant("other")], {}, {"n1": node}, fast_lane=True, door=True,
+                         breaker_failures=1) as m:
+        m.door.generation_file = tmp_path / "routes-generation"  # what the door watches
+        route_id = (await ask_the_coordinator(m)).route_id
+        assert (await m.infer())[0] == "INTERNAL"  # the full path's verdict opens n1's breaker
+        assert m.core.breakers.get("n1").state is State.OPEN
+        assert m.door.generation_file.read_text() == "1\n1\tm\n", "the door drops the routes of m now"
+        reply = await m.door_stub.Report(fd.FrontDoorReport(routes=[fd.RouteReport(route_id=route_id)]), timeout=5)
+        assert list(reply.unknown_routes) == [route_id]
 
 
 async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay(tmp_path):
