@@ -12,7 +12,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common import classification, codec, log_settings, oip
 from services.common.deployment import DeploymentSpec, ensemble_plan
-from services.common.errors import CneiError, InvalidArgument, outcome_of
+from services.common.errors import CneiError, InvalidArgument, ModelNotFound, outcome_of
 from services.common.grpc_util import rpc
 from services.common.model_spec import ModelVariant
 from services.common.ordered import map_in_order
@@ -208,6 +208,13 @@ async def repository_models(core: InferenceCore, ready_only: bool = False) -> li
     return [e for e in seen.values() if e.state == "READY" or not ready_only]
 
 
+def _named(name: str) -> str:
+    """A model name asked about (metadata, configuration): '' is no model (NOT_FOUND, as Triton)."""
+    if not name:
+        raise ModelNotFound(name)
+    return name
+
+
 def _model_name(request) -> str:
     if not request.model_name:
         raise InvalidArgument("model_name is required")
@@ -248,7 +255,7 @@ async def classified(core: InferenceCore, request: oip.InferRequest, response: o
 
 async def model_config(core: InferenceCore, name: str, version: str) -> pb.ModelConfigResponse:
     """Triton's ModelConfig (gRPC and REST): the model's default variant with its deployment."""
-    variant = await core.model_variant(name, version)
+    variant = await core.model_variant(_named(name), version)
     return config_to_proto(variant, await core.deployment(variant.name), core.instance(variant))
 
 
@@ -291,7 +298,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request, context):
-        variant = await self.core.model_variant(request.name, request.version)
+        variant = await self.core.model_variant(_named(request.name), request.version)
         return metadata_to_proto(variant, await self.core.model_versions(request.name))
 
     @rpc

@@ -88,6 +88,18 @@ def test_bad_inputs_get_clear_status_codes(mesh, target):
                  grpc.StatusCode.INVALID_ARGUMENT, "datatype FP64")
 
 
+@pytest.mark.parametrize("target", ["coordinator", "edge-a1"])
+def test_metadata_and_configuration_of_no_model_name_are_not_found(mesh, target):
+    client = triton.InferenceServerClient(mesh.coordinator if target == "coordinator" else mesh.runtime(target))
+    try:
+        for ask in (client.get_model_metadata, client.get_model_config):
+            with pytest.raises(InferenceServerException, match="model '' not found") as caught:
+                ask("")
+            assert caught.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        client.close()
+
+
 def test_raw_bytes_of_the_wrong_size_are_rejected_naming_the_tensor(mesh):
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
