@@ -44,7 +44,10 @@ async def serve(settings: TrainerSettings) -> None:
     await stop.wait()
     log.info("trainer shutting down")
     await lifecycle.cancel_and_wait(resumer)
-    await trainer.close()  # running jobs are suspended after their last round, for the next trainer
+    # StartJob is UNAVAILABLE from here (starts under way are refused or waited for); running jobs are
+    # suspended after their last round, for the next trainer. The server stops after, so that WatchJob
+    # streams see their jobs suspended.
+    await trainer.close()
     await server.stop(settings.shutdown_grace_s)
     await clients.close()
     await bus.close()

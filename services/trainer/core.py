@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from services.common import events
 from services.common.background import Background
-from services.common.errors import AlreadyExists, CneiError, InvalidArgument, ResourceExhausted
+from services.common.errors import AlreadyExists, CneiError, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.federated import Named, RoundTask, layers_from_named, layers_to_named
 from services.common.jobs import JobRecord, JobSpec, JobStore, LeaseLost
 from services.common.nodes import NodeDirectory
@@ -107,25 +107,34 @@ class FederatedTrainer:
         self._closing = False
         self._tasks: dict[str, asyncio.Task] = {}  # the task running each job here
         self._stopping: set[str] = set()  # jobs whose task has taken its cancellation
+        self._begun: set[str] = set()  # jobs whose task has begun (one cancelled before would record nothing)
         self._checkpoints: dict[str, bytes] = {}  # each job's last round done here (see _suspend)
         self._changed = asyncio.Condition()
         self.background = Background()
 
     # --- API --------------------------------------------------------------------------------
     async def start_job(self, spec: JobSpec) -> JobRecord:
-        """Check the spec and that the base version exists (NOT_FOUND now, not later), then run."""
+        """Check the spec and that the base version exists (NOT_FOUND now, not later), then run.
+        Unavailable once the trainer is shutting down, also for a start whose checks were under
+        way: nothing is recorded then (close waits for starts under way, see _slot)."""
         check_spec(spec)
+        self._refuse_if_closing()
         if not self._free_slots():
             raise ResourceExhausted(f"{len(self._running) + self._starting} federated jobs are running or starting, "
                                     f"the limit is {self.settings.max_running_jobs}: wait for one to end")
         with self._slot():  # taken before the first await: concurrent calls see it
             await self.registry.resolve(spec.model, spec.base_version, "FP32")
+            self._refuse_if_closing()
             job = JobRecord(spec=spec)
             await self.store.claim(job.id, self.owner, self.settings.lease_s)  # a new id: always free
             await self._save(job)
         self._start(job)
         log.info("federated job %s started: %s", job.id, spec)
         return job
+
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise Unavailable("the trainer is shutting down: start the job on another trainer")
 
     def _free_slots(self) -> int:
         return max(0, self.settings.max_running_jobs - len(self._running) - self._starting)
@@ -134,7 +143,8 @@ class FederatedTrainer:
     def _slot(self) -> Iterator[None]:
         """Hold a job slot while a job is being started (its checks await the registry and Redis);
         given back at the end, where the job, if it starts, takes a slot of its own with no await
-        in between."""
+        in between. close() waits until no slot is held so: a job started meanwhile is cancelled
+        (suspended) with the others, not left running past it."""
         self._starting += 1
         try:
             yield
@@ -146,13 +156,15 @@ class FederatedTrainer:
         round (up to this trainer's job limit); the ids taken."""
         taken = []
         for job in await self.store.unfinished():
+            if self._closing:
+                break
             if job.id in self._running or not self._free_slots():
                 continue
             with self._slot():
                 if not await self.store.claim(job.id, self.owner, self.settings.lease_s):
                     continue  # another trainer runs it
                 job = await self.store.get(job.id)  # as it is now that this trainer holds it
-                if job.done:
+                if job.done or self._closing:
                     await self.store.release(job.id, self.owner)
                     continue
             log.info("federated job %s (%s, round %d of %d) taken over by %s", job.id, job.state,
@@ -195,17 +207,21 @@ class FederatedTrainer:
                     pass
 
     async def close(self) -> None:
-        """Cancel running jobs (each is recorded `suspended` after its last completed round and
-        its lease released, for the next trainer) and wait for them."""
+        """Refuse new jobs (start_job: Unavailable), wait for starts under way, cancel running
+        jobs (each is recorded `suspended` after its last completed round and its lease released,
+        for the next trainer) and wait for them."""
         self._closing = True
         # A cancel can be lost on Python 3.11 (asyncio.wait_for, used under nats-py and others,
         # drops one that lands as its future completes): cancel again until each job has taken
         # it (_run_job notes that first thing, and is then left alone to record the suspension).
-        while pending := [t for t in self._tasks.values() if not t.done()]:
+        while (pending := [t for t in self._tasks.values() if not t.done()]) or self._starting:
             for job_id, task in list(self._tasks.items()):
-                if not task.done() and job_id not in self._stopping:
+                if not task.done() and job_id in self._begun and job_id not in self._stopping:
                     task.cancel()
-            await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+            if pending:
+                await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+            else:  # starts under way: each is refused, or starts a job cancelled next time round
+                await asyncio.sleep(CANCEL_AGAIN_S)
         await self.background.wait()
 
     # --- a job ------------------------------------------------------------------------------
@@ -231,6 +247,7 @@ class FederatedTrainer:
             raise LeaseLost(job.id, self.owner)
 
     async def _run_job(self, job: JobRecord) -> None:
+        self._begun.add(job.id)  # from here a cancellation is taken and recorded (see close)
         with _tracer.start_as_current_span("federated.job") as span:
             span.set_attributes({"cnei.job": job.id, "cnei.model": job.spec.model,
                                  "cnei.strategy": job.spec.strategy, "cnei.rounds": job.spec.rounds})
@@ -259,6 +276,7 @@ class FederatedTrainer:
                 self._running.pop(job.id, None)
                 self._tasks.pop(job.id, None)
                 self._stopping.discard(job.id)
+                self._begun.discard(job.id)
                 self._lost.discard(job.id)
                 self._checkpoints.pop(job.id, None)
                 await self._release(job)  # compare-and-set: a lease another trainer took stays its
