@@ -302,3 +302,58 @@ def test_a_client_sending_ever_new_shapes_cannot_fill_the_door_s_route_table(mes
     finally:
         client.close()
         infra.stop(proc)
+
+
+def _raw_infer(stub, x: np.ndarray, **hints: int):
+    """digits through a plain stub: tritonclient refuses `triton_` parameters, which the
+    coordinator ignores (client hints) but which make a key of their own at the door."""
+    from services.pb.inference import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="digits", raw_input_contents=[x.astype(np.float32).tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    for name, value in hints.items():
+        request.parameters[name].int64_param = value
+    return stub.ModelInfer.future(request, timeout=30)
+
+
+def _door_answer(reply, x: np.ndarray) -> tuple[bool, list[int]]:
+    probabilities = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(len(x), -1)
+    return reply.parameters["cnei_front_door"].bool_param, [int(v) for v in probabilities.argmax(1)]
+
+
+def test_a_route_table_full_of_live_routes_sends_a_new_key_to_the_coordinator_and_keeps_serving_its_own(mesh):
+    """4,096 keys (4,095 of them differing only in a client hint): the refused ones make room for
+    a new key; once every key held routes, a new one takes the coordinator's path, answered
+    right, and the keys held are still served by the door."""
+    import grpc
+
+    from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+    proc, address, _ = start_door(mesh)
+    x, y = load_all()
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+    def send(keys: list[dict], rows: np.ndarray = x[:1]) -> list:
+        replies = []
+        for start in range(0, len(keys), 64):
+            calls = [_raw_infer(stub, rows, **hints) for hints in keys[start:start + 64]]
+            replies += [call.result() for call in calls]
+        return replies
+
+    try:
+        infra.wait_until(lambda: _door_answer(send([{}])[0], x[:1])[0], 30, "the door serving digits")
+        for width in range(65, 65 + 95):  # refused: they route nothing (and are settled long before they are let go of)
+            with pytest.raises(grpc.RpcError) as wrong:
+                _raw_infer(stub, np.zeros((1, width), np.float32)).result()
+            assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        send([{"triton_key": n} for n in range(4000)])  # the table now holds 4,096 keys
+        infra.wait_until(lambda: _door_answer(send([{"triton_key": -1}])[0], x[:1])[0], 15,
+                         "a new key served by the door once the refused ones made room")
+        send([{"triton_key": n} for n in range(4000, 4094)])  # full again, of keys that route
+        for _ in range(3):
+            assert _door_answer(send([{"triton_key": -2}], x[1:3])[0], x[1:3]) == (False, [int(v) for v in y[1:3]])
+        infra.wait_until(lambda: _door_answer(send([{"triton_key": 7}])[0], x[:1])[0], 15, "a key held served by the door")
+    finally:
+        channel.close()
+        infra.stop(proc)

@@ -56,6 +56,25 @@ bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
 Router::Router(Backend* backend, Reporter* reporter, BatcherOptions options)
     : backend_(backend), reporter_(reporter), options_(options) {}
 
+class Router::Recount {
+ public:
+  Recount(Router* router, const Entry& entry) : router_(router), entry_(entry) {
+    router_->prunable_ -= Prunable(entry_);
+  }
+  ~Recount() { router_->prunable_ += Prunable(entry_); }
+  Recount(const Recount&) = delete;
+  Recount& operator=(const Recount&) = delete;
+
+ private:
+  Router* router_;
+  const Entry& entry_;
+};
+
+Router::Entries::iterator Router::EraseLocked(Entries::iterator it) {
+  prunable_ -= Prunable(it->second);
+  return entries_.erase(it);
+}
+
 Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* request) {
   Lookup found;
   bool ask = false, exact = false;
@@ -66,17 +85,21 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
     if (it == entries_.end()) {
-      if (entries_.size() >= kMaxKeys) PruneLocked();
+      if (entries_.size() >= kMaxKeys && prunable_ > 0) PruneLocked();
       if (entries_.size() >= kMaxKeys) return found;
       auto interned = std::make_shared<const std::string>(key);
       it = entries_.emplace(std::move(key), Entry()).first;
       it->second.key = std::move(interned);
       it->second.model = request->model_name();
       it->second.ask_at = Clock::now();
+      ++prunable_;  // routes nothing yet
     }
     Entry& entry = it->second;
     exact = entry.exact_shapes;
-    if (!exact && !entry.asking && Clock::now() >= entry.ask_at) ask = entry.asking = true;
+    if (!exact && !entry.asking && Clock::now() >= entry.ask_at) {
+      Recount recount(this, entry);
+      ask = entry.asking = true;
+    }
     found.key = entry.key;
     uint32_t every = exact || entry.batchers.empty() ? 0 : entry.batchers.front()->config().full_path_every;
     const bool traced = every > 0 && ++entry.requests % every == 0;  // takes the traced full path
@@ -190,6 +213,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   auto it = entries_.find(key);
   if (it == entries_.end()) return;  // dropped meanwhile; the next request asks again
   Entry& entry = it->second;
+  Recount recount(this, entry);
   entry.asking = false;
   if (entry.stale_reply) {  // asked before the model was loaded or unloaded: the next request asks again
     entry.stale_reply = false;
@@ -263,7 +287,7 @@ std::shared_ptr<Batcher> Router::BatcherLocked(std::shared_ptr<const RouteConfig
 // it, and every new key of every model would then take the coordinator's path.
 void Router::PruneLocked() {
   for (auto it = entries_.begin(); it != entries_.end();) {
-    it = it->second.batchers.empty() && !it->second.asking ? entries_.erase(it) : std::next(it);
+    it = Prunable(it->second) ? EraseLocked(it) : std::next(it);
   }
 }
 
@@ -275,8 +299,11 @@ void Router::Drop(const std::vector<uint64_t>& route_ids) {
                   std::any_of(entry.route_ids.begin(), entry.route_ids.end(), [&](uint64_t id) {
                     return std::find(route_ids.begin(), route_ids.end(), id) != route_ids.end();
                   });
-    if (listed && entry.asking) entry.batchers.clear();  // the pending reply refills them
-    it = listed && !entry.asking ? entries_.erase(it) : std::next(it);
+    if (listed && entry.asking) {  // the pending reply refills them
+      Recount recount(this, entry);
+      entry.batchers.clear();
+    }
+    it = listed && !entry.asking ? EraseLocked(it) : std::next(it);
   }
 }
 
@@ -295,11 +322,12 @@ void Router::DropModel(const std::string& model) {
     if (it->second.model != model) {
       ++it;
     } else if (it->second.asking) {  // the pending reply, asked before, must not refill them
+      Recount recount(this, it->second);
       it->second.batchers.clear();
       it->second.stale_reply = true;
       ++it;
     } else {
-      it = entries_.erase(it);
+      it = EraseLocked(it);
     }
   }
 }

@@ -51,6 +51,12 @@ class Router {
     // requests are looked up by their exact shapes (RouteKey exact), never by this key.
     bool exact_shapes = false;
   };
+  // PruneLocked lets it go: it routes nothing and is not being asked about.
+  static bool Prunable(const Entry& entry) { return entry.batchers.empty() && !entry.asking; }
+  // Keeps prunable_ right while one entry changes: counts it out when made, back in when gone.
+  class Recount;
+  using Entries = std::unordered_map<std::string, Entry>;
+  Entries::iterator EraseLocked(Entries::iterator it);  // counted out of prunable_ as it goes
   void Ask(std::shared_ptr<const std::string> key, std::string request);
   void PruneLocked();
   void OnReply(const std::string& key, const grpc::Status& status,
@@ -65,8 +71,9 @@ class Router {
   Backend* backend_;
   Reporter* reporter_;
   const BatcherOptions options_;
-  std::mutex mu_;  // guards the maps
-  std::unordered_map<std::string, Entry> entries_;
+  std::mutex mu_;  // guards the maps and prunable_
+  Entries entries_;
+  size_t prunable_ = 0;  // entries that are Prunable: a full table of live routes is not scanned for none
   std::unordered_map<uint64_t, std::weak_ptr<Batcher>> batchers_;
 };
 
