@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from services.common.errors import TensorError
+from services.common.errors import CneiError, ErrorCode, TensorError, error_for
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,16 @@ TUNE_BATCH = 16
 MAX_AUTO_THREADS = 8
 MIN_SPEEDUP = 1.25
 MIN_SPLIT_MS = 0.5
+
+# What ONNX Runtime's failure of a run says, as an OIP code. Its InvalidArgument is about the
+# inputs: their types or shapes, or values a kernel refuses (a Gather index out of range). Every
+# other failure (Fail, RuntimeException, EPFail, NotImplemented, InvalidGraph, ...) is the model's
+# or the runtime's own: INTERNAL, as Triton's onnxruntime backend answers every ORT failure
+# ("onnx runtime error N: ..."). The exception classes ORT raises for its status codes:
+ORT_FAILURES: tuple[type[Exception], ...] = tuple(
+    c for c in vars(ort_state).values() if isinstance(c, type) and issubclass(c, Exception))
+ORT_CODES: dict[type[Exception], ErrorCode] = {ort_state.InvalidArgument: ErrorCode.INVALID_ARGUMENT}
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def choose_providers(use_cuda: bool, available: list[str] | None = None) -> list[str]:
@@ -59,7 +71,21 @@ class OrtModel:
         """Run the model: BYTES inputs go in as text, string outputs come back as UTF-8 bytes."""
         names = outputs or self.output_names
         feed = {name: ort_input(array, name) for name, array in inputs.items()}
-        return {name: oip_output(array) for name, array in zip(names, self.session.run(names, feed))}
+        try:
+            results = self.session.run(names, feed)
+        except ORT_FAILURES as exc:
+            raise run_error(exc) from None
+        return {name: oip_output(array) for name, array in zip(names, results)}
+
+
+def run_error(exc: Exception) -> CneiError:
+    """ONNX Runtime's failure of a run as the error a client hears (`ORT_CODES`, else INTERNAL),
+    with ORT's message; a failure that is not about the inputs is logged."""
+    code = ORT_CODES.get(type(exc), ErrorCode.INTERNAL)
+    message = f"onnx runtime: {_ORT_PREFIX.sub('', str(exc)).strip()}"
+    if code is ErrorCode.INTERNAL:
+        log.warning("%s: %s", type(exc).__name__, message)
+    return error_for(code, message)
 
 
 def ort_input(array: np.ndarray, name: str) -> np.ndarray:

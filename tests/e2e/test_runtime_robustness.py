@@ -1,6 +1,7 @@
 """An edge runtime process against what clients may send it: BYTES tensors reach a string model
 as their text, a shared memory object shrunk after registration is refused (and the runtime stays
-up), and fast-lane requests with malformed meta are answered INVALID_ARGUMENT. A registry and the
+up), fast-lane requests with malformed meta are answered INVALID_ARGUMENT, and ONNX Runtime
+refusing a request's values is INVALID_ARGUMENT while a model failing at run time is INTERNAL. A registry and the
 runtime of this module's own, against the session's NATS and Redis."""
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.processes import spawn, start_fast_runtime
 
 
-def _save(path, nodes, inputs, outputs):
-    model = helper.make_model(helper.make_graph(nodes, path.stem, inputs, outputs),
+def _save(path, nodes, inputs, outputs, initializers=()):
+    model = helper.make_model(helper.make_graph(nodes, path.stem, inputs, outputs, list(initializers)),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, path)
@@ -33,14 +34,24 @@ def _save(path, nodes, inputs, outputs):
 
 
 def _models(folder):
-    """(string identity: STRING s [n, 1] -> o; add: FP32 a + b [n, 4] -> c)."""
+    """(string identity: STRING s [n, 1] -> o; add: FP32 a + b [n, 4] -> c; lookup: row `idx`
+    [n] (INT64) of a table of 10 -> row [n, 1]; misshapen: x [n, 4] reshaped to [7], failing every
+    run)."""
     strings = _save(folder / "strid.onnx", [helper.make_node("Identity", ["s"], ["o"])],
                     [helper.make_tensor_value_info("s", TensorProto.STRING, ["n", 1])],
                     [helper.make_tensor_value_info("o", TensorProto.STRING, ["n", 1])])
     add = _save(folder / "add2.onnx", [helper.make_node("Add", ["a", "b"], ["c"])],
                 [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4]) for n in "ab"],
                 [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n", 4])])
-    return strings, add
+    lookup = _save(folder / "lookup.onnx", [helper.make_node("Gather", ["table", "idx"], ["row"], axis=0)],
+                   [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])],
+                   [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["n", 1])],
+                   [helper.make_tensor("table", TensorProto.FLOAT, [10, 1], [float(i) for i in range(10)])])
+    misshapen = _save(folder / "misshapen.onnx", [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+                      [helper.make_tensor("shape", TensorProto.INT64, [1], [7])])
+    return strings, add, lookup, misshapen
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +108,32 @@ def test_bytes_that_are_not_utf_8_are_refused_naming_the_input(stub):
         stub.ModelInfer(request, timeout=30)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "tensor 's': element 0 is not UTF-8" in refused.value.details()
+
+
+def _lookup(*indices: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="lookup")
+    request.inputs.add(name="idx", datatype="INT64", shape=[len(indices)]).contents.int64_contents.extend(indices)
+    return request
+
+
+def test_an_index_onnx_runtime_finds_out_of_range_is_invalid_argument_saying_so(stub):
+    reply = stub.ModelInfer(_lookup(3, 9), timeout=30)
+    assert list(reply.outputs[0].contents.fp32_contents) == [3.0, 9.0]  # typed, as the request was
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(_lookup(1, 42), timeout=30)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "indices element out of data bounds, idx=42 must be within the inclusive range [-10,9]" \
+        in refused.value.details()
+
+
+def test_a_model_that_fails_at_run_time_is_internal_naming_why(stub):
+    request = pb.ModelInferRequest(model_name="misshapen")
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    request.raw_input_contents.append(np.ones((2, 4), np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.ModelInfer(request, timeout=30)
+    assert failed.value.code() is grpc.StatusCode.INTERNAL
+    assert "The input tensor cannot be reshaped to the requested shape" in failed.value.details()
 
 
 def _from_shm(region: str, offset: int) -> pb.ModelInferRequest:

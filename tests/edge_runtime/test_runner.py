@@ -6,8 +6,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from services.common.errors import TensorError
-from services.edge_runtime.runner import OrtModel, auto_threads, choose_providers, tuned_model
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from services.common.errors import CneiError, ErrorCode, TensorError
+from services.edge_runtime.runner import ORT_FAILURES, OrtModel, auto_threads, choose_providers, run_error, tuned_model
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -110,3 +112,62 @@ def test_bytes_inputs_that_are_not_utf_8_are_refused_naming_the_tensor(string_id
     inputs = np.array([[b"ok"], [b"\xff\xfe"]], dtype=object)
     with pytest.raises(TensorError, match="tensor 's': element 1 is not UTF-8"):
         string_identity.run({"s": inputs})
+
+
+# --- ONNX Runtime's failures as OIP codes ------------------------------------------------------
+
+def _saved(path, nodes, inputs, outputs, initializers=()) -> OrtModel:
+    graph = helper.make_graph(nodes, path.stem, inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return OrtModel(path, False, 1)
+
+
+@pytest.fixture
+def lookup(tmp_path) -> OrtModel:
+    """A table of 10 rows looked up by the INT64 indices `idx` [n] (Gather): `row` [n, 1]."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 1], [float(i) for i in range(10)])
+    return _saved(tmp_path / "lookup.onnx", [helper.make_node("Gather", ["table", "idx"], ["row"], axis=0)],
+                  [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])],
+                  [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["n", 1])], [table])
+
+
+@pytest.fixture
+def misshapen(tmp_path) -> OrtModel:
+    """A model that loads and fails every run: `x` [n, 4] reshaped to a constant [7]."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [7])
+    return _saved(tmp_path / "misshapen.onnx", [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])], [shape])
+
+
+def test_an_index_out_of_range_is_invalid_argument_with_onnx_runtime_s_message(lookup):
+    assert lookup.run({"idx": np.array([3], np.int64)})["row"].tolist() == [[3.0]]
+    with pytest.raises(CneiError) as refused:
+        lookup.run({"idx": np.array([1, 42], np.int64)})
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "indices element out of data bounds, idx=42 must be within the inclusive range [-10,9]" \
+        in refused.value.message
+    assert refused.value.message.startswith("onnx runtime: Non-zero status code returned while running Gather node")
+
+
+def test_a_model_failing_at_run_time_is_internal_and_logged(misshapen, caplog):
+    with pytest.raises(CneiError) as failed:
+        misshapen.run({"x": np.ones((2, 4), np.float32)})
+    assert failed.value.code is ErrorCode.INTERNAL
+    assert "The input tensor cannot be reshaped to the requested shape" in failed.value.message
+    assert "cannot be reshaped" in caplog.text
+
+
+@pytest.mark.parametrize("failure", [c for c in ORT_FAILURES if c is not ort_state.InvalidArgument],
+                         ids=lambda c: c.__name__)
+def test_every_other_onnx_runtime_failure_is_internal(failure):
+    error = run_error(failure("[ONNXRuntimeError] : 1 : FAIL : it broke\n"))
+    assert (error.code, error.message) == (ErrorCode.INTERNAL, "onnx runtime: it broke")
+
+
+def test_onnx_runtime_s_failure_classes_include_those_of_run_time():
+    assert {ort_state.InvalidArgument, ort_state.Fail, ort_state.RuntimeException, ort_state.EPFail,
+            ort_state.NotImplemented} <= set(ORT_FAILURES)
