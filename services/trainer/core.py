@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,8 +26,8 @@ from services.common.jobs import JobRecord, JobSpec, JobStore, LeaseLost
 from services.common.nodes import NodeDirectory
 from services.common.registry_client import RegistryClient
 from services.models import mlp_numpy
-from services.trainer import checkpoint, export
-from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS
+from services.trainer import checkpoint, export, transient
+from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS, TRANSIENT_ERRORS
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
 from services.trainer.selection import next_version, select_clients
 from services.trainer.settings import TrainerSettings
@@ -108,7 +109,7 @@ class FederatedTrainer:
         self._tasks: dict[str, asyncio.Task] = {}  # the task running each job here
         self._stopping: set[str] = set()  # jobs whose task has taken its cancellation
         self._begun: set[str] = set()  # jobs whose task has begun (one cancelled before would record nothing)
-        self._checkpoints: dict[str, bytes] = {}  # each job's last round done here (see _suspend)
+        self._checkpoints: dict[str, bytes] = {}  # the checkpoint of each job's record in memory (see _suspend)
         self._changed = asyncio.Condition()
         self.background = Background()
 
@@ -253,7 +254,7 @@ class FederatedTrainer:
                                  "cnei.strategy": job.spec.strategy, "cnei.rounds": job.spec.rounds})
             keeper = asyncio.create_task(self._keep_lease(job, asyncio.current_task()))
             try:
-                await self._train_and_publish(job)
+                await self._train_until_settled(job)
             except asyncio.CancelledError:
                 self._stopping.add(job.id)  # no more cancels: let the record be written
                 if job.id in self._lost:
@@ -318,22 +319,82 @@ class FederatedTrainer:
         except Exception as exc:  # noqa: BLE001 - it runs out on its own
             log.warning("federated job %s: could not release its lease: %s", job.id, exc)
 
-    async def _suspend(self, job: JobRecord) -> None:
+    async def _suspend(self, job: JobRecord, why: str = "") -> None:
         """Record the job suspended after its last round, with that round's checkpoint again: the
-        cancellation may have stopped the round's own write, leaving the one before in Redis."""
+        cancellation may have stopped the round's own write, leaving the one before in Redis. With
+        Redis away, nothing is recorded: the lease runs out and the next trainer goes on after
+        the round last recorded."""
         job.state = "suspended"
-        job.error = (f"the trainer stopped during round {job.round + 1}; the next trainer to look "
-                     f"goes on after round {job.round}")
-        await self._save(job, self._checkpoints.get(job.id))
+        job.error = why or (f"the trainer stopped during round {job.round + 1}; the next trainer to look "
+                            f"goes on after round {job.round}")
+        try:
+            await self._save(job, self._checkpoints.get(job.id))
+        except Exception as exc:
+            if not transient.is_transient(exc):
+                raise
+            log.warning("federated job %s: could not record it suspended (%s); the next trainer goes on after "
+                        "the round last recorded once its lease runs out", job.id, exc)
+            return
         log.info("federated job %s suspended after round %d of %d", job.id, job.round, job.spec.rounds)
 
+    async def _train_until_settled(self, job: JobRecord) -> None:
+        """Run the job; after passing infrastructure trouble (transient.is_transient: Redis or the
+        registry away) go on from its last completed round after a wait (transient_wait_s,
+        doubled up to 30 s), while the trouble lasts less than transient_retry_s (counted afresh
+        once a round completes); then suspend it, checkpoint kept, for any trainer to take over
+        (this one too, once it looks again). Any other error is the job's own: raised."""
+        backoff, at_round = None, -1
+        while True:
+            try:
+                await self._train_and_publish(job)
+                return
+            except Exception as exc:
+                if not transient.is_transient(exc):
+                    raise
+                if backoff is None or job.round != at_round:  # a new spell of trouble
+                    backoff = transient.Backoff(self.settings.transient_wait_s, self.settings.transient_retry_s)
+                    at_round = job.round
+                now = time.monotonic()
+                wait = backoff.next_wait(now)
+                if wait is None:
+                    TRANSIENT_ERRORS.labels(job.spec.model, "suspended").inc()
+                    log.warning("federated job %s: infrastructure still failing after %.0f s (%s); suspending it "
+                                "after round %d", job.id, backoff.elapsed(now), exc, job.round)
+                    await self._suspend(job, f"suspended after round {job.round}: Redis or the registry failed for "
+                                             f"{backoff.elapsed(now):.0f} s ({type(exc).__name__}: {exc}); the "
+                                             f"next trainer to look goes on after round {job.round}")
+                    return
+                await self._note_retry(job, exc, wait, backoff.elapsed(now))
+                await asyncio.sleep(wait)
+
+    async def _note_retry(self, job: JobRecord, exc: Exception, wait: float, elapsed: float) -> None:
+        """Count, log and (when Redis answers) record that the job waits to try again."""
+        TRANSIENT_ERRORS.labels(job.spec.model, "retried").inc()
+        log.warning("federated job %s: %s: %s; trying again after round %d in %.2g s (trouble for %.0f s, "
+                    "suspended after %g s)", job.id, type(exc).__name__, exc, job.round, wait, elapsed,
+                    self.settings.transient_retry_s)
+        job.state = "running"  # not ended: a completion whose write failed is recorded again
+        job.error = (f"{type(exc).__name__}: {exc}; trying again after round {job.round} in {wait:.2g} s "
+                     f"(suspended if Redis or the registry still fails after {self.settings.transient_retry_s:g} s)")
+        try:
+            await self._save(job, self._checkpoints.get(job.id))
+        except Exception as again:
+            if not transient.is_transient(again):
+                raise
+
     async def _train_and_publish(self, job: JobRecord) -> None:
+        """Run the job from its record in memory: after a round done here (its checkpoint in
+        memory: the write may have failed), else from Redis's checkpoint (taken over), else from
+        its base version."""
         spec = job.spec
         strategy = strategy_of(spec)
-        saved = await self.store.checkpoint(job.id) if job.round > 0 else None
-        if saved is not None:  # taken over: go on after the last completed round
+        saved = self._checkpoints.get(job.id)
+        if saved is None and job.round > 0:
+            saved = await self.store.checkpoint(job.id)
+        if saved is not None:  # go on after the last completed round
             weights, state = checkpoint.decode(saved)
             strategy.restore(state)
+            self._checkpoints[job.id] = saved
             log.info("federated job %s goes on after round %d of %d", job.id, job.round, spec.rounds)
         else:
             base = await self.registry.resolve(spec.model, job.base_version or spec.base_version, "FP32")
@@ -342,7 +403,7 @@ class FederatedTrainer:
                                              await self.registry.fetch_artifact(base.sha256))
             weights = layers_to_named(layers)
         job.state, job.error = "running", ""
-        await self._save(job)
+        await self._save(job, self._checkpoints.get(job.id))  # the record and the checkpoint it stands on
         for round_no in range(job.round + 1, spec.rounds + 1):
             self._stop_if_stopped(job)
             weights = await self._round_with_retries(job, round_no, weights, strategy)

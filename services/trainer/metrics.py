@@ -16,3 +16,6 @@ UPDATE_BYTES = Counter("cnei_federated_update_bytes_total", "Weight bytes moved 
 CLIENT_FAILURES = Counter("cnei_federated_client_failures_total", "Client calls that gave no usable update",
                           ["reason"])
 JOBS = Counter("cnei_federated_jobs_total", "Federated jobs by final state", ["model", "state"])
+TRANSIENT_ERRORS = Counter("cnei_federated_job_transient_errors_total",
+                           "Redis or registry trouble met by federated jobs, by what the trainer did "
+                           "(retried | suspended)", ["model", "action"])

@@ -34,6 +34,11 @@ class TrainerSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettin
     max_running_jobs: int = field(4, "jobs this trainer runs at once; more are refused (RESOURCE_EXHAUSTED)")
     round_retries: int = field(2, "extra attempts of a round that got fewer than min_clients updates")
     retry_wait_s: float = field(1.0, "pause before a failed round is attempted again")
+    transient_retry_s: float = field(
+        300.0, "how long a job keeps trying again, from its last completed round, while Redis or the registry is "
+               "away (connection errors, timeouts, UNAVAILABLE, DEADLINE_EXCEEDED) before it is suspended for any "
+               "trainer to take over")
+    transient_wait_s: float = field(1.0, "first pause before such a try, doubled each time up to 30 s")
     job_ttl_s: float = field(7 * 24 * 3600.0, "how long job records are kept in Redis")
     lease_s: float = field(10.0, "a running job's lease in Redis; a job whose trainer died is taken over after it")
     shutdown_grace_s: float = field(5.0, "how long in-flight RPCs may finish at shutdown")
@@ -41,7 +46,9 @@ class TrainerSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettin
 
 def check(settings: TrainerSettings) -> None:
     """SystemExit naming the first setting out of range, before the trainer starts."""
-    rules = [("round_retries", settings.round_retries >= 0, ">= 0 (extra attempts of a round that fell short)")]
+    rules = [("round_retries", settings.round_retries >= 0, ">= 0 (extra attempts of a round that fell short)"),
+             ("transient_retry_s", settings.transient_retry_s >= 0, ">= 0 (0: suspend at the first trouble)"),
+             ("transient_wait_s", settings.transient_wait_s > 0, "> 0")]
     for name, ok, rule in rules:
         if not ok:
             raise SystemExit(f"{PREFIX}{name.upper()} must be {rule}, got {getattr(settings, name)!r}")

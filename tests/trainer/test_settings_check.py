@@ -12,6 +12,9 @@ import pytest
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
     ("ROUND_RETRIES", "-1", "CNEI_TRAINER_ROUND_RETRIES must be >= 0"),
+    ("TRANSIENT_RETRY_S", "-1", "CNEI_TRAINER_TRANSIENT_RETRY_S must be >= 0"),
+    ("TRANSIENT_WAIT_S", "0", "CNEI_TRAINER_TRANSIENT_WAIT_S must be > 0"),
+    ("TRANSIENT_WAIT_S", "nan", "CNEI_TRAINER_TRANSIENT_WAIT_S must be > 0"),
 ])
 def test_a_trainer_with_a_setting_out_of_range_exits_naming_it(variable, value, message):
     env = {**os.environ, f"CNEI_TRAINER_{variable}": value, "CNEI_TRAINER_METRICS_PORT": "0",

@@ -1,0 +1,49 @@
+"""Which errors are passing infrastructure trouble (Redis, the registry), and the waits between tries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.exceptions
+
+from services.common.errors import CneiError, ErrorCode
+from services.trainer.rounds import RoundFailed
+
+TRANSIENT_CODES = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+_TRANSIENT_TYPES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
+MAX_WAIT_S = 30.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` says Redis or the registry is away for now (a connection error, a timeout, a
+    registry answering UNAVAILABLE or DEADLINE_EXCEEDED), not that the job itself is wrong. A
+    round that got too few clients (RoundFailed, UNAVAILABLE too) is the job's: retried as a
+    round (round_retries), then it fails."""
+    if isinstance(exc, RoundFailed):
+        return False
+    if isinstance(exc, CneiError):
+        return exc.code in TRANSIENT_CODES
+    return isinstance(exc, _TRANSIENT_TYPES)
+
+
+@dataclass
+class Backoff:
+    """The waits of one spell of trouble: `first_s`, doubled each try up to `max_s`; None (give up
+    for now) once `limit_s` has passed since the spell's first error."""
+
+    first_s: float
+    limit_s: float
+    max_s: float = MAX_WAIT_S
+    since: float | None = None
+    tries: int = 0
+
+    def next_wait(self, now: float) -> float | None:
+        if self.since is None:
+            self.since = now
+        if now - self.since >= self.limit_s:
+            return None
+        wait = min(self.max_s, self.first_s * 2 ** self.tries)
+        self.tries += 1
+        return wait
+
+    def elapsed(self, now: float) -> float:
+        return 0.0 if self.since is None else now - self.since
