@@ -170,8 +170,13 @@ class GrpcServer:
         for name in self._names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Health NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace`."""
+    async def draining(self) -> None:
+        """Health NOT_SERVING while the server still answers (a service finishing its work before
+        `stop`): probes and load balancers stop sending new calls meanwhile."""
         for name in self._names:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Health NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace`."""
+        await self.draining()
         await self.server.stop(grace)

@@ -46,7 +46,8 @@ async def serve(settings: TrainerSettings) -> None:
     await lifecycle.cancel_and_wait(resumer)
     # StartJob is UNAVAILABLE from here (starts under way are refused or waited for); running jobs are
     # suspended after their last round, for the next trainer. The server stops after, so that WatchJob
-    # streams see their jobs suspended.
+    # streams see their jobs suspended; its health says NOT_SERVING meanwhile.
+    await server.draining()
     await trainer.close()
     await server.stop(settings.shutdown_grace_s)
     await clients.close()

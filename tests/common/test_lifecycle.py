@@ -144,3 +144,24 @@ def test_a_service_started_with_an_unknown_event_loop_exits_with_that_message():
                           timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode != 0
     assert "event loop 'trio': expected one of auto, uvloop, asyncio" in done.stderr
+
+
+async def test_a_draining_server_says_not_serving_and_still_answers():
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    server.add(lambda servicer, s: None, None, "cnei.Example")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", "cnei.Example"):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            await server.draining()
+            for name in ("", "cnei.Example"):  # answered: the server is still up, just not taking work
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop(0)
