@@ -24,7 +24,7 @@ struct Queued {
   int64_t rows = 0;
   size_t bytes = 0;                  // its input tensors' bytes
 };
-// Oldest first.
+// In arrival order.
 using Queue = std::deque<Queued>;
 
 // A route's batching rules, prepared once.
@@ -48,7 +48,7 @@ struct Candidates {
   int64_t preferred_rows = 0;
 };
 
-// The candidates of a non-empty queue (`same` is formed by Same, when first needed).
+// The candidates of a non-empty queue, but `same`: Same forms it once, when first needed.
 Candidates CandidatesIn(const Queue& queue);
 const std::vector<size_t>& Same(const Queue& queue, Candidates* candidates);
 // The head of `same` and every later one that still fits under `limit` rows and the byte cap
