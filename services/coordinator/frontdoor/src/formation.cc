@@ -23,13 +23,16 @@ BatchRules::BatchRules(uint32_t max_batch_size, uint32_t max_queue_delay_us,
 // The most urgent request is the first of the lowest priority level: the head of the serving
 // order (services/common/batcher.py, `order`, `_head_rows`).
 Candidates CandidatesIn(const Queue& queue) {
-  Candidates candidates;
   auto most_urgent = std::min_element(
       queue.begin(), queue.end(), [](const Queued& a, const Queued& b) { return a.priority < b.priority; });
-  candidates.head = size_t(most_urgent - queue.begin());
+  const Queued& head = *most_urgent;
+  int64_t rows = 0;
   for (const Queued& queued : queue) {
-    if (SameKey(queued, *most_urgent)) candidates.rows += queued.rows;
+    if (SameKey(queued, head)) rows += queued.rows;
   }
+  Candidates candidates;
+  candidates.head = size_t(most_urgent - queue.begin());
+  candidates.rows = rows;
   return candidates;
 }
 
