@@ -1,10 +1,10 @@
-"""Per-node circuit breakers: closed -> open after consecutive failures -> half-open probe -> closed."""
+"""Circuit breakers per node and per (node, model): closed -> open after failures -> half-open probe."""
 from __future__ import annotations
 
 import enum
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from services.common.errors import ErrorCode
@@ -126,35 +126,61 @@ class Breaker:
             self.release()
 
 
+# Which breakers hear what an attempt says (`verdict`): (the node's, the (node, model) pair's). A
+# model's own fault (FAULTY: it answers INTERNAL) says the node is up: that model alone is avoided
+# there, so one broken model, or one client sending a model inputs it fails on, takes neither the
+# node's other models down nor, served everywhere, every node of the mesh (Envoy caps ejections
+# with max_ejection_percent; Triton ejects no node). A node failing every model is avoided for
+# each in turn. Connection trouble and attempt timeouts stay the node's.
+BOOKED: dict[Verdict, tuple[Verdict, Verdict]] = {
+    Verdict.ANSWERED: (Verdict.ANSWERED, Verdict.ANSWERED),
+    Verdict.FAULTY: (Verdict.ANSWERED, Verdict.FAULTY),
+    Verdict.SLOW: (Verdict.SLOW, Verdict.SILENT),
+    Verdict.DOWN: (Verdict.DOWN, Verdict.SILENT),
+    Verdict.SILENT: (Verdict.SILENT, Verdict.SILENT),
+}
+
+
 @dataclass(eq=False)
 class Claim:
-    """One attempt's hold on its node's breaker (`probe`: it is the half-open breaker's single
-    trial call), settled once by the attempt's verdict: every outcome frees the probe."""
+    """One attempt's hold on its node's breaker and its (node, model) pair's (`probe`,
+    `model_probe`: it is the half-open breaker's single trial call), settled once by the attempt's
+    verdict: every outcome frees the probes. A node that left the view meanwhile (its breakers
+    dropped) is booked nothing."""
 
-    breaker: Breaker
+    breakers: Breakers
+    breaker: Breaker  # the node's
+    node_id: str
+    model: str
     probe: bool
+    model_probe: bool = False
     settled: bool = False
 
     def settle(self, outcome: Verdict, reason: str = "") -> None:
         if self.settled:
             return
         self.settled = True
-        self.breaker.record(outcome, reason, self.probe)
+        if self.breakers.by_node.get(self.node_id) is self.breaker:
+            self.breakers.record(self.node_id, self.model, outcome, reason, self.probe, self.model_probe)
 
 
 class Breakers:
-    """Breakers by node id, created on first use."""
+    """Breakers by node id, and by (node id, model) for the models' own faults; created on first
+    use (a pair's only once it fails, and dropped once it answers again: few are kept). A model is
+    named by its variant's key."""
 
     def __init__(self, failure_threshold: int = 3, open_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic):
-        self._make = lambda node_id: Breaker(failure_threshold, open_seconds, clock,
-                                             on_open=functools.partial(self._opened, node_id))
+        self._make = lambda node_id, model="": Breaker(failure_threshold, open_seconds, clock,
+                                                       on_open=functools.partial(self._opened, node_id, model))
         self.by_node: dict[str, Breaker] = {}
-        self.on_open: Callable[[str], None] | None = None  # told of each node whose breaker opens
+        self.by_model: dict[tuple[str, str], Breaker] = {}
+        # told of each breaker that opens: (node id, model), the model "" for the node's own
+        self.on_open: Callable[[str, str], None] | None = None
 
-    def _opened(self, node_id: str) -> None:
+    def _opened(self, node_id: str, model: str) -> None:
         if self.on_open is not None:
-            self.on_open(node_id)
+            self.on_open(node_id, model)
 
     def get(self, node_id: str) -> Breaker:
         breaker = self.by_node.get(node_id)
@@ -162,28 +188,78 @@ class Breakers:
             breaker = self.by_node[node_id] = self._make(node_id)
         return breaker
 
-    def claim(self, node_id: str) -> Claim | None:
-        """A call to the node, claimed now (the probe, when its breaker is half-open); None when
-        its breaker lets no call through."""
-        breaker = self.get(node_id)
-        if not breaker.allow():
+    def claim(self, node_id: str, model: str = "") -> Claim | None:
+        """A call of `model` to the node, claimed now (the probe of each breaker that is
+        half-open); None when either breaker lets no call through."""
+        breaker, pair = self.get(node_id), self.by_model.get((node_id, model))
+        if not breaker.would_allow() or (pair is not None and not pair.would_allow()):
             return None
-        return Claim(breaker, probe=breaker.state is State.HALF_OPEN)
+        breaker.allow()
+        claim = Claim(self, breaker, node_id, model, probe=breaker.state is State.HALF_OPEN)
+        if pair is not None:
+            pair.allow()
+            claim.model_probe = pair.state is State.HALF_OPEN
+        return claim
 
-    def on_trial(self, node_id: str) -> bool:
-        """Whether the node's breaker is not closed (open, or half-open): only a probe may go there."""
-        breaker = self.by_node.get(node_id)
-        return breaker is not None and breaker.state is not State.CLOSED
+    def record(self, node_id: str, model: str, outcome: Verdict, reason: str = "",
+               probe: bool = False, model_probe: bool = False) -> None:
+        """Book what a call of `model` said (`verdict`) on the breakers that hear it (`BOOKED`);
+        `probe`, `model_probe`: the call was that half-open breaker's trial. Without a model
+        the node's breaker hears it all."""
+        on_node, on_pair = BOOKED[outcome] if model else (outcome, Verdict.SILENT)
+        self.get(node_id).record(on_node, reason, probe)
+        key = (node_id, model)
+        pair = self.by_model.get(key)
+        if pair is None and on_pair is Verdict.FAULTY and model:
+            pair = self.by_model[key] = self._make(node_id, model)
+        if pair is None:
+            return
+        pair.record(on_pair, reason, model_probe)
+        if pair.state is State.CLOSED and not pair.failures:
+            del self.by_model[key]  # answering again: nothing to keep
+
+    def allows(self, node_id: str, model: str = "") -> bool:
+        """Would `claim` let a call of `model` to the node through? (Claims nothing.)"""
+        node, pair = self.by_node.get(node_id), self.by_model.get((node_id, model))
+        return all(b is None or b.would_allow() for b in (node, pair))
+
+    def on_trial(self, node_id: str, model: str = "") -> bool:
+        """Whether the node's breaker, or that of `model` on it, is not closed (open, or
+        half-open): only a probe may go there."""
+        return any(b is not None and b.state is not State.CLOSED
+                   for b in (self.by_node.get(node_id), self.by_model.get((node_id, model))))
 
     def drop(self, node_id: str) -> None:
         """Forget a node that left the view."""
         self.by_node.pop(node_id, None)
+        for key in [key for key in self.by_model if key[0] == node_id]:
+            del self.by_model[key]
 
     def blocked(self) -> set[str]:
         """Nodes a call may not go to now (open breakers, or half-open with a probe out)."""
         return {node for node, b in self.by_node.items() if not b.would_allow()}
 
-    def why_blocked(self) -> dict[str, str]:
-        """The blocked nodes with what their last failure said."""
-        return {node: b.reason for node, b in self.by_node.items() if not b.would_allow()}
+    def why_blocked(self, models: Collection[str] = ()) -> dict[str, str]:
+        """The blocked nodes, and those blocked for any of `models`, with what their last failure
+        said (a model's: naming it)."""
+        why = {node: _model_reason(model, b) for (node, model), b in self.by_model.items()
+               if model in models and not b.would_allow()}
+        return {**why, **{node: b.reason for node, b in self.by_node.items() if not b.would_allow()}}
 
+    def reason(self, node_id: str, model: str = "") -> str:
+        """What the last failure said, of the node's breaker when it is not closed, else of that
+        of `model` on it ("" when both are closed)."""
+        node, pair = self.by_node.get(node_id), self.by_model.get((node_id, model))
+        if node is not None and node.state is not State.CLOSED:
+            return node.reason
+        if pair is not None and pair.state is not State.CLOSED:
+            return _model_reason(model, pair)
+        return ""
+
+    def faults(self, node_id: str) -> dict[str, Breaker]:
+        """The node's models with a failure counted, by model, with their breakers."""
+        return {model: b for (node, model), b in sorted(self.by_model.items()) if node == node_id}
+
+
+def _model_reason(model: str, breaker: Breaker) -> str:
+    return f"model {model}: {breaker.reason}" if breaker.reason else f"model {model}"

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -359,9 +359,11 @@ class Coordinator:
         # every output: the joint one is read whatever the client asked for
         edge_request = replace(request, outputs=[], parameters=edge_params)
         edge_spec = replace(spec, tiers=tuple(t for t in spec.tiers if t == "edge"))
-        if not any(n.tier == "edge" for n in self.eligible_nodes(edge_spec)):
+        if not self._unavoided([n for n in self.eligible_nodes(edge_spec) if n.tier == "edge"],
+                               variants, self._policy(edge_params, edge_spec)):
             if not spec.cloud_fallback:
-                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or "")))
+                raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or ""),
+                                                                     [v.key for v in variants]))
             cloud = await self._cloud(request, spec, end - time.monotonic(), reason="no edge node")
             cloud.outputs = answered_outputs(cloud.outputs, request.outputs or [t.name for t in variants[0].outputs],
                                              request.model_name, cloud.model_name)
@@ -487,7 +489,7 @@ class Coordinator:
         policy = self._policy(request.parameters, spec)
         eligible = self.eligible_nodes(spec)
         choices = variants_by_class(variants, policy, eligible)
-        fits = [n for n in eligible if isinstance(choices[node_class(n)], ModelVariant)]
+        fits = self._fits(eligible, choices)
         ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""), fits, choices)
         ranked = rank(fits, ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
         nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
@@ -510,12 +512,26 @@ class Coordinator:
         blocked = self.breakers.blocked() | self.nodes.unhealthy.keys()
         return [n for n in self.nodes.nodes if n.tier in tiers and n.node_id not in blocked]
 
+    def _fits(self, pool: list[NodeInfo], choices: dict[str, ModelVariant | CneiError]) -> list[NodeInfo]:
+        """The nodes of `pool` whose class has a variant meeting the policy (`choices`) and whose
+        breaker of that variant lets calls through (a model failing on a node is avoided there)."""
+        return [n for n in pool if isinstance(chosen := choices[node_class(n)], ModelVariant)
+                and self.breakers.allows(n.node_id, chosen.key)]
+
+    def _unavoided(self, nodes: list[NodeInfo], variants: list[ModelVariant],
+                   policy: PrecisionPolicy) -> list[NodeInfo]:
+        """`nodes` but those avoided for the variant `policy` chooses on their class (after it
+        failed there); those whose class has none are kept: placement says why."""
+        choices = variants_by_class(variants, policy, nodes)
+        return [n for n in nodes if not isinstance(chosen := choices[node_class(n)], ModelVariant)
+                or self.breakers.allows(n.node_id, chosen.key)]
+
     def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
                region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
         """The scheduler's choice among the nodes of `pool` whose class has a variant meeting
         `policy` (a latency budget may fit one node class and not another)."""
         choices = variants_by_class(variants, policy, pool)
-        fits = [n for n in pool if isinstance(choices[node_class(n)], ModelVariant)]
+        fits = self._fits(pool, choices)
         ctx = _placement_context(variants, policy, region, fits, choices)
         node = self.scheduler.choose(fits, ctx, spec.scheduler, self.outstanding,
                                      self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
@@ -628,13 +644,13 @@ class Coordinator:
             raise last_error
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
-        raise NoLiveNode(request.model_name, self.out_of_use(spec, region))
+        raise NoLiveNode(request.model_name, self.out_of_use(spec, region, [v.key for v in variants]))
 
-    def out_of_use(self, spec: DeploymentSpec, region: str = "") -> dict[str, str]:
-        """Live nodes of the deployment's tiers no call may go to now (failed health check, open
-        breaker), with why: those of `region` first, then by id."""
+    def out_of_use(self, spec: DeploymentSpec, region: str = "", models: Collection[str] = ()) -> dict[str, str]:
+        """Live nodes of the deployment's tiers no call (of any of the variants `models`) may go to
+        now (failed health check, open breaker), with why: those of `region` first, then by id."""
         tiers = serving_tiers(spec)
-        why = {**self.breakers.why_blocked(), **self.nodes.unhealthy}
+        why = {**self.breakers.why_blocked(models), **self.nodes.unhealthy}
         out = sorted((n for n in self.nodes.nodes if n.tier in tiers and n.node_id in why),
                      key=lambda n: (n.region != region, n.node_id))
         return {n.node_id: why[n.node_id] for n in out}
@@ -652,7 +668,7 @@ class Coordinator:
         """Send a second copy to another node when the first has not answered after the hedge
         delay; the first success wins and the other copy is cancelled, as is every copy when the
         caller gives up."""
-        claim = self._claim(placement.node)  # before anything awaits: no other request takes the probe
+        claim = self._claim(placement)  # before anything awaits: no other request takes the probe
         delay = self._hedge_delay(spec, placement)
         if delay is None:  # no hedging: no task either
             return await self._attempt(request, placement, spec, deadline, claim), placement
@@ -687,15 +703,17 @@ class Coordinator:
             return None
         if placement is None:
             return None
-        claim = self.breakers.claim(placement.node.node_id)
+        claim = self.breakers.claim(placement.node.node_id, placement.variant.key)
         return None if claim is None else (placement, claim)
 
-    def _claim(self, node: NodeInfo) -> Claim:
-        """A call to `node`, claimed on its breaker; UNAVAILABLE when the breaker lets none through."""
-        claim = self.breakers.claim(node.node_id)
+    def _claim(self, placement: Placement) -> Claim:
+        """A call of the placement's variant to its node, claimed on their breakers; UNAVAILABLE
+        when either lets none through."""
+        node_id, model = placement.node.node_id, placement.variant.key
+        claim = self.breakers.claim(node_id, model)
         if claim is None:
-            breaker = self.breakers.get(node.node_id)
-            raise Unavailable(f"node {node.node_id} is out of use ({breaker.reason or 'circuit breaker open'})")
+            why = self.breakers.reason(node_id, model) or "circuit breaker open"
+            raise Unavailable(f"node {node_id} is out of use ({why})")
         return claim
 
     def _start(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec, deadline: float,

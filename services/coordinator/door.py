@@ -189,9 +189,10 @@ class DoorRoutes:
     async def _routes(self, request: oip.InferRequest, deployed: DeploymentSpec, version: str) -> Route | Refusal:
         """The route of `version` ("": the stable one) for requests like `request`, its peers as
         alternatives; CneiError for what the full path answers with an error. No route names a node
-        whose breaker is not closed: past its open period the door would send it every such request
-        at once, claiming no probe, so requests the node is chosen for take the full path, which
-        sends it one (half-open), and as a peer it is left out until then."""
+        whose breaker, or whose breaker of the route's variant, is not closed: past its open period
+        the door would send it every such request at once, claiming no probe, so requests the node
+        is chosen for take the full path, which sends it one (half-open), and as a peer it is left
+        out until then."""
         core = self.core
         variants = await core.catalog.variants(request.model_name, version)
         spec = restrict_tier(deployed, request.parameters)
@@ -209,14 +210,14 @@ class DoorRoutes:
         if not placements:
             return Refusal(f"no live node serves model '{request.model_name}'")
         first = placements[0]
-        if core.breakers.on_trial(first.node.node_id):
-            why = core.breakers.get(first.node.node_id).reason or "circuit breaker open"
+        if core.breakers.on_trial(first.node.node_id, first.variant.key):
+            why = core.breakers.reason(first.node.node_id, first.variant.key) or "circuit breaker open"
             return Refusal(f"node {first.node.node_id} is on trial after failures ({why}): the full path probes it")
         if not (first.node.fast_address and core.settings.fast_lane):
             return Refusal(f"node {first.node.node_id} offers no fast lane")
         stats_key = (variants[0].name, variants[0].version)
         routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
-                  if p.node.fast_address and not core.breakers.on_trial(p.node.node_id)]
+                  if p.node.fast_address and not core.breakers.on_trial(p.node.node_id, p.variant.key)]
         return replace(routes[0], alternatives=tuple(routes[1:]))
 
     def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement,
@@ -254,11 +255,13 @@ class DoorRoutes:
         self._write_generation()
         return self.generation
 
-    def forget_node(self, node_id: str) -> None:
-        """The node's breaker opened: drop the routes of every model routed to it, so the door
-        stops sending there now (it would until its next refresh, using a stale route meanwhile)."""
-        for model in {route.model for route in self.routes.values() if route.placement.node.node_id == node_id}:
-            self.forget(model)
+    def forget_node(self, node_id: str, model: str = "") -> None:
+        """The node's breaker opened (`model` "": its own; else that of the variant `model` on
+        it): drop the routes of every model routed to it (with that variant), so the door stops
+        sending there now (it would until its next refresh, using a stale route meanwhile)."""
+        for name in {route.model for route in self.routes.values() if route.placement.node.node_id == node_id
+                     and model in ("", route.placement.variant.key)}:
+            self.forget(name)
 
     async def forget_at_door(self, model: str) -> bool:
         """`forget`, then wait until the door says it dropped its routes of `model` (a load or
@@ -354,8 +357,7 @@ class DoorRoutes:
             _door_requests(route.model, code.lower()).inc()
 
     def _book_node(self, route: Route, report: RouteReport) -> None:
-        core, node = self.core, route.placement.node
-        breaker = core.breakers.get(node.node_id)
+        core, node, model = self.core, route.placement.node, route.placement.variant.key
         batch_size = BATCH_SIZE.labels(route.model)
         for b in report.batches:
             batch_size.observe(b.rows)
@@ -367,8 +369,8 @@ class DoorRoutes:
             log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
                         report.failure)
             # the door reports a failure of a call the node had (not one its client's own deadline ended)
-            breaker.record(verdict(failure_code(report.failure)), report.failure)
+            core.breakers.record(node.node_id, model, verdict(failure_code(report.failure)), report.failure)
             if self.routes.pop(route.route_id, None) is not None:
                 self._retire(route)
         elif report.batches:
-            breaker.record(Verdict.ANSWERED)
+            core.breakers.record(node.node_id, model, Verdict.ANSWERED)

@@ -36,8 +36,16 @@ def node_health(node_id: str, unhealthy: Collection[str], breaker: Breaker | Non
     return "live" if state == "closed" else state
 
 
+def model_breaker_rows(faults: Mapping[str, Breaker]) -> list[dict]:
+    """The node's breakers of its models that failed there (`Breakers.faults`), by model."""
+    return [{"model": model, "breaker": breaker_state(b), "failures": b.failures, "reason": b.reason}
+            for model, b in sorted(faults.items())]
+
+
 def node_row(node: NodeInfo, rtt_ms: float | None, unhealthy: Collection[str], breaker: Breaker | None,
-             outstanding: int, now: float) -> dict:
+             outstanding: int, now: float, faults: Mapping[str, Breaker] | None = None) -> dict:
+    """`faults`: the node's breakers of its models that failed there (a model out of use on the
+    node leaves its other models served: `health` and `breaker` are the node's own)."""
     return {
         "id": node.node_id, "tier": node.tier, "region": node.region, "address": node.address,
         "node_class": node.node_class or node.tier, "health": node_health(node.node_id, unhealthy, breaker),
@@ -45,7 +53,7 @@ def node_row(node: NodeInfo, rtt_ms: float | None, unhealthy: Collection[str], b
         "cpu_load": _round(node.cpu_load, 3), "mem_load": _round(node.mem_load, 3),
         "cpus": node.cpus, "cache_bytes": node.cache_bytes, "models": sorted(node.models),
         "heartbeat_age_s": _round(max(0.0, now - node.updated_at), 1) if node.updated_at else None,
-        "rtt_ms": _round(rtt_ms, 3),
+        "rtt_ms": _round(rtt_ms, 3), "model_breakers": model_breaker_rows(faults or {}),
     }
 
 
@@ -163,7 +171,7 @@ async def build_status(core, jobs=None) -> dict:
     status = {
         "server": {"name": core.server_name, "version": core.server_version, "time": now},
         "nodes": [node_row(n, view.rtt_ms.get(n.node_id), view.unhealthy, core.breakers.by_node.get(n.node_id),
-                           core.outstanding.get(n.node_id, 0), now)
+                           core.outstanding.get(n.node_id, 0), now, core.breakers.faults(n.node_id))
                   for n in sorted(view.nodes, key=lambda n: (n.tier, n.node_id))],
         "latency": latency_rows(core.latency),
         "events": event_rows(list(core.recent), now),

@@ -15,7 +15,7 @@ import numpy as np
 
 from services.common import lifecycle, oip
 from services.common.deployment import DeploymentSpec
-from services.common.errors import InvalidArgument, ModelNotFound
+from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelNotFound
 from services.common.fastlane import FastServer
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeInfo
@@ -62,19 +62,24 @@ class Catalog:
 
 
 class NodeCore:
-    """A runtime stand-in: answers `outputs(inputs)` after `delay_s`; notes every call it got."""
+    """A runtime stand-in: answers `outputs(inputs)` after `delay_s`, and INTERNAL for the models
+    named in `failing` (a model broken on this node); notes every call it got, and its model."""
     server_name, server_version = "stand-in-runtime", "0"
 
-    def __init__(self, outputs: Outputs = echo, delay_s: float = 0.0):
-        self.outputs, self.delay_s = outputs, delay_s
+    def __init__(self, outputs: Outputs = echo, delay_s: float = 0.0, failing: tuple[str, ...] = ()):
+        self.outputs, self.delay_s, self.failing = outputs, delay_s, failing
         self.calls: list[dict[str, np.ndarray]] = []
+        self.models: list[str] = []  # the model of each call, in order
 
     async def ready(self) -> bool:
         return True
 
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         self.calls.append({k: v.copy() for k, v in request.inputs.items()})
+        self.models.append(request.model_name)
         await asyncio.sleep(self.delay_s)
+        if request.model_name in self.failing:
+            raise CneiError(f"onnx runtime: model '{request.model_name}' cannot run here", ErrorCode.INTERNAL)
         return oip.InferResponse(request.model_name, self.outputs(request.inputs), request.model_version)
 
     @property

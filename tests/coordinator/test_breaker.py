@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import ErrorCode
-from services.coordinator.breaker import NODE_VERDICTS, Breaker, Breakers, State, Verdict, verdict
+from services.coordinator.breaker import BOOKED, NODE_VERDICTS, Breaker, Breakers, State, Verdict, verdict
 
 
 class Clock:
@@ -182,24 +182,121 @@ def test_a_call_that_is_not_the_probe_never_frees_the_probe(clock):
     assert not earlier.probe and probe.probe and breakers.claim("edge-1") is None
 
 
-def test_breakers_tell_of_each_node_whose_breaker_opens_once_per_opening(clock):
+def test_breakers_tell_of_each_breaker_that_opens_once_per_opening(clock):
     breakers = Breakers(failure_threshold=2, open_seconds=2.0, clock=clock)
-    opened: list[str] = []
-    breakers.on_open = opened.append
+    opened: list[tuple[str, str]] = []
+    breakers.on_open = lambda node, model: opened.append((node, model))
     edge = breakers.get("edge-1")
     edge.failure()
     edge.failure()  # the threshold: it opens
     edge.trip("connection lost")  # a call that was in flight: open already
     breakers.get("edge-2").record(Verdict.DOWN)
+    for _ in range(3):  # the third: its breaker of m is open already
+        breakers.record("edge-2", "m:1:FP32", Verdict.FAULTY, "crashed")
     clock.now += 2.0
     assert edge.allow()
     edge.failure()  # the probe failed: open again
-    assert opened == ["edge-1", "edge-2", "edge-1"]
+    assert opened == [("edge-1", ""), ("edge-2", ""), ("edge-2", "m:1:FP32"), ("edge-1", "")]
 
 
-def test_a_node_that_left_is_forgotten(clock):
-    breakers = Breakers(clock=clock)
+def test_a_node_that_left_is_forgotten_with_its_models_and_a_call_it_had_books_nothing(clock):
+    breakers = Breakers(failure_threshold=1, clock=clock)
+    in_flight = breakers.claim("edge-1", "m:1:FP32")
     breakers.get("edge-1").trip("gone")
+    breakers.record("edge-1", "n:1:FP32", Verdict.FAULTY)
+    breakers.record("edge-2", "n:1:FP32", Verdict.FAULTY)
     breakers.drop("edge-1")
     breakers.drop("never-seen")
-    assert breakers.by_node == {} and breakers.blocked() == set()
+    in_flight.settle(Verdict.FAULTY, "late")
+    assert list(breakers.by_node) == ["edge-2"] and list(breakers.by_model) == [("edge-2", "n:1:FP32")]
+
+
+# --- a model's own faults: its breaker on the node ----------------------------------------------
+
+M, OTHER = "m:1:FP32", "other:1:FP32"
+
+
+def test_every_verdict_is_booked_on_the_node_and_on_the_model_and_only_a_fault_counts_against_the_model():
+    assert set(BOOKED) == set(Verdict)
+    assert [v for v, (_, on_model) in BOOKED.items() if on_model is Verdict.FAULTY] == [Verdict.FAULTY]
+    assert BOOKED[Verdict.FAULTY][0] is Verdict.ANSWERED, "a model's fault says the node is up"
+    assert all(on_node is v for v, (on_node, _) in BOOKED.items() if v is not Verdict.FAULTY)
+
+
+def test_a_model_s_faults_open_its_breaker_on_that_node_alone(clock):
+    breakers = Breakers(failure_threshold=2, open_seconds=2.0, clock=clock)
+    for _ in range(2):
+        breakers.claim("edge-1", M).settle(Verdict.FAULTY, "onnx runtime: it broke")
+    assert breakers.claim("edge-1", M) is None and not breakers.allows("edge-1", M)
+    assert breakers.allows("edge-1", OTHER) and breakers.claim("edge-1", OTHER) is not None
+    assert breakers.allows("edge-2", M)
+    assert breakers.get("edge-1").state is State.CLOSED and breakers.blocked() == set()
+    assert breakers.why_blocked() == {} and breakers.why_blocked([OTHER]) == {}
+    assert breakers.why_blocked([M, OTHER]) == {"edge-1": f"model {M}: onnx runtime: it broke"}
+    assert breakers.on_trial("edge-1", M) and not breakers.on_trial("edge-1", OTHER)
+    assert breakers.reason("edge-1", M) == f"model {M}: onnx runtime: it broke" and breakers.reason("edge-1") == ""
+
+
+def test_the_node_s_own_trouble_blocks_every_model_and_is_named_first(clock):
+    breakers = Breakers(failure_threshold=1, open_seconds=2.0, clock=clock)
+    breakers.record("edge-1", M, Verdict.FAULTY, "crashed")
+    breakers.record("edge-1", OTHER, Verdict.DOWN, "connection lost")
+    assert not breakers.allows("edge-1", OTHER) and breakers.claim("edge-1", "third:1:FP32") is None
+    assert breakers.blocked() == {"edge-1"} and breakers.why_blocked([M]) == {"edge-1": "connection lost"}
+    assert breakers.reason("edge-1", M) == "connection lost"
+
+
+@pytest.mark.parametrize(("outcome", "node_failures", "model_failures"),
+                         [(Verdict.ANSWERED, 0, None), (Verdict.FAULTY, 0, 2), (Verdict.SLOW, 2, 1),
+                          (Verdict.DOWN, 1, 1), (Verdict.SILENT, 1, 1)])
+def test_each_verdict_counts_on_the_breaker_it_says_something_of(clock, outcome, node_failures, model_failures):
+    breakers = Breakers(failure_threshold=5, clock=clock)
+    breakers.get("edge-1").failure("timed out")
+    breakers.record("edge-1", M, Verdict.FAULTY, "crashed")  # a fault: the node answered, its count reset
+    breakers.get("edge-1").failure("timed out")
+    breakers.record("edge-1", M, outcome)
+    assert breakers.get("edge-1").failures == node_failures
+    pair = breakers.by_model.get(("edge-1", M))
+    assert (pair.failures if pair else None) == model_failures, "a model answering again is not kept"
+
+
+def test_a_call_without_a_model_books_its_fault_on_the_node(clock):
+    breakers = Breakers(failure_threshold=1, clock=clock)
+    breakers.claim("edge-1").settle(Verdict.FAULTY, "crashed")
+    assert breakers.get("edge-1").state is State.OPEN and breakers.by_model == {}
+
+
+def test_a_model_s_half_open_breaker_lets_one_probe_of_it_through_and_the_node_s_other_models(clock):
+    breakers = Breakers(failure_threshold=1, open_seconds=2.0, clock=clock)
+    breakers.record("edge-1", M, Verdict.FAULTY, "crashed")
+    clock.now += 2.0
+    assert breakers.allows("edge-1", M)
+    probe = breakers.claim("edge-1", M)
+    assert probe.model_probe and not probe.probe and breakers.claim("edge-1", M) is None
+    other = breakers.claim("edge-1", OTHER)
+    assert other is not None and not other.model_probe
+    probe.settle(Verdict.SILENT)  # its client gave up: the next call probes
+    again = breakers.claim("edge-1", M)
+    assert again.model_probe
+    again.settle(Verdict.ANSWERED)
+    assert breakers.by_model == {} and breakers.claim("edge-1", M) is not None
+
+
+def test_a_failed_probe_of_a_model_opens_its_breaker_for_a_new_period(clock):
+    breakers = Breakers(failure_threshold=3, open_seconds=2.0, clock=clock)
+    for _ in range(3):
+        breakers.record("edge-1", M, Verdict.FAULTY)
+    clock.now += 2.0
+    breakers.claim("edge-1", M).settle(Verdict.FAULTY, "still broken")
+    pair = breakers.by_model[("edge-1", M)]
+    assert pair.state is State.OPEN and pair.opened_at == clock.now and pair.reason == "still broken"
+
+
+def test_a_node_s_faults_are_listed_by_model():
+    breakers = Breakers(failure_threshold=2)
+    breakers.record("edge-1", OTHER, Verdict.FAULTY)
+    breakers.record("edge-1", M, Verdict.FAULTY)
+    breakers.record("edge-1", M, Verdict.FAULTY)
+    breakers.record("edge-2", M, Verdict.FAULTY)
+    faults = breakers.faults("edge-1")
+    assert list(faults) == [M, OTHER] and [b.state for b in faults.values()] == [State.OPEN, State.CLOSED]

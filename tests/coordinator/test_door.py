@@ -16,7 +16,7 @@ from services.common.errors import ErrorCode, FailedPrecondition, InvalidArgumen
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.common.trace_settings import MemoryTraceStore, TraceConfig, TraceSettings
-from services.coordinator.breaker import State
+from services.coordinator.breaker import State, Verdict
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.door import DROPS_KEPT, BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
@@ -226,49 +226,63 @@ async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
     assert isinstance(await door.route(ask()), Refusal)  # no node left to route to
 
 
-async def breaker_after_the_full_path_hears(code: ErrorCode) -> tuple[State, int]:
-    """A node's breaker, two timeouts counted, after its real gRPC server answered `code`."""
+def breakers_of(core: Coordinator, node_id: str, model: str) -> tuple[tuple[State, int], tuple[State, int] | None]:
+    """(state, failures) of the node's breaker and of its breaker of `model` (None: not kept)."""
+    node, pair = core.breakers.get(node_id), core.breakers.by_model.get((node_id, model))
+    return (node.state, node.failures), (pair.state, pair.failures) if pair else None
+
+
+def two_timeouts_and_a_fault(core: Coordinator, node_id: str, model: str) -> None:
+    core.breakers.record(node_id, model, Verdict.FAULTY, "crashed")
+    core.breakers.get(node_id).failure("timed out")
+    core.breakers.get(node_id).failure("timed out")
+
+
+async def breakers_after_the_full_path_hears(code: ErrorCode):
+    """A node's breakers, two timeouts and a fault of the model counted, after its real gRPC
+    server answered `code`."""
     def answer(inputs):
         raise error_for(code, f"the node says {code.value}")
     async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(answer)}, breaker_failures=3) as m:
-        breaker = m.core.breakers.get("n1")
-        breaker.failure("timed out")
-        breaker.failure("timed out")
+        two_timeouts_and_a_fault(m.core, "n1", "m:1:FP32")
         assert (await m.infer())[0] != "OK"
-        return breaker.state, breaker.failures
+        return breakers_of(m.core, "n1", "m:1:FP32")
 
 
 @pytest.mark.parametrize("code", list(ErrorCode), ids=lambda code: code.value)
-async def test_a_node_s_error_answer_does_the_same_to_its_breaker_through_the_door_and_the_full_path(code):
+async def test_a_node_s_error_answer_does_the_same_to_its_breakers_through_the_door_and_the_full_path(code):
     door = routes()
     route = await door.route(ask())
-    breaker = door.core.breakers.get("edge-a1")
-    breaker.failure("timed out")
-    breaker.failure("timed out")
+    model = route.placement.variant.key
+    two_timeouts_and_a_fault(door.core, "edge-a1", model)
     door.apply([RouteReport(route.route_id, handed_over=1, failure=f"{code.value}: the node says so")])
-    assert (breaker.state, breaker.failures) == await breaker_after_the_full_path_hears(code)
+    assert breakers_of(door.core, "edge-a1", model) == await breakers_after_the_full_path_hears(code)
 
 
 @pytest.mark.parametrize("failure", ["INTERNAL: unparseable reply from 127.0.0.1:7001",
                                      "UNKNOWN: backend crashed", "DATA_LOSS: truncated tensor"])
-async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_its_breaker(failure):
+async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_its_breaker_of_the_model(failure):
     door = routes()
-    breaker = door.core.breakers.get("edge-a1")
     for left in (2, 1, 0):
         route = await door.route(ask())  # a failed route is dropped: the door asks again
         assert isinstance(route, Route)
         door.apply([RouteReport(route.route_id, handed_over=1, failure=failure)])
+        breaker = door.core.breakers.by_model[("edge-a1", route.placement.variant.key)]
         assert breaker.state is (State.OPEN if left == 0 else State.CLOSED)
-    assert breaker.reason == failure
+    assert breaker.reason == failure and door.core.breakers.get("edge-a1").state is State.CLOSED
 
 
 def crashing(inputs):
     raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-async def ask_the_coordinator(m: mesh.Mesh) -> fd.RouteReply:
-    """FrontDoorControl/Route for requests of one row of model m, as the compiled door asks it."""
-    asked = pb.ModelInferRequest(model_name="m")
+def connection_lost(inputs):
+    raise error_for(ErrorCode.UNAVAILABLE, "connection lost")
+
+
+async def ask_the_coordinator(m: mesh.Mesh, model: str = "m") -> fd.RouteReply:
+    """FrontDoorControl/Route for requests of one row of `model`, as the compiled door asks it."""
+    asked = pb.ModelInferRequest(model_name=model)
     asked.inputs.add(name="x", datatype="FP32", shape=[1, 2])
     return await m.door_stub.Route(fd.RouteRequest(infer_request=asked.SerializeToString()), timeout=5)
 
@@ -303,17 +317,38 @@ async def test_a_peer_past_its_open_period_is_left_out_of_a_route_until_it_is_pr
         assert reply.eligible and reply.node_id == "n1" and not reply.alternatives
 
 
-async def test_a_node_whose_breaker_opens_loses_its_routes_at_the_door_at_once(tmp_path):
-    node = mesh.NodeCore(crashing)
+@pytest.mark.parametrize(("answer", "opened"), [(crashing, ("n1", "m:1:FP32")), (connection_lost, ("n1", ""))],
+                         ids=["its-breaker-of-the-model", "its-own"])
+async def test_a_node_whose_breaker_opens_loses_its_routes_at_the_door_at_once(tmp_path, answer, opened):
+    node = mesh.NodeCore(answer)
     async with mesh.mesh([mesh.variant(), mesh.variant("other")], {}, {"n1": node}, fast_lane=True, door=True,
                          breaker_failures=1) as m:
         m.door.generation_file = tmp_path / "routes-generation"  # what the door watches
         route_id = (await ask_the_coordinator(m)).route_id
-        assert (await m.infer())[0] == "INTERNAL"  # the full path's verdict opens n1's breaker
-        assert m.core.breakers.get("n1").state is State.OPEN
+        told: list[tuple[str, str]] = []
+        m.core.breakers.on_open = lambda *key: (told.append(key), m.door.forget_node(*key))
+        assert (await m.infer())[0] != "OK"  # the full path's verdict opens a breaker of n1
+        assert told == [opened]
         assert m.door.generation_file.read_text() == "1\n1\tm\n", "the door drops the routes of m now"
         reply = await m.door_stub.Report(fd.FrontDoorReport(routes=[fd.RouteReport(route_id=route_id)]), timeout=5)
         assert list(reply.unknown_routes) == [route_id]
+
+
+async def test_a_model_failing_on_a_node_loses_its_routes_there_and_the_node_s_other_models_keep_theirs():
+    nodes = {"n1": mesh.NodeCore(failing=("bad",)), "n2": mesh.NodeCore()}
+    async with mesh.mesh([mesh.variant("good"), mesh.variant("bad")], {}, nodes, fast_lane=True, door=True,
+                         breaker_failures=2) as m:
+        m.core.outstanding["n2"] = 4  # n1 scores best: every route names it first
+        for model in ("good", "bad"):
+            assert (await ask_the_coordinator(m, model)).node_id == "n1"
+        for _ in range(2):  # the door's calls of bad to n1 fail INTERNAL, reported
+            route_id = (await ask_the_coordinator(m, "bad")).route_id
+            await m.door_stub.Report(fd.FrontDoorReport(routes=[fd.RouteReport(
+                route_id=route_id, handed_over=1, failure="INTERNAL: onnx runtime: it broke")]), timeout=5)
+        good, bad = await ask_the_coordinator(m, "good"), await ask_the_coordinator(m, "bad")
+        assert good.eligible and good.node_id == "n1", "n1 still serves good through the door"
+        assert bad.eligible and bad.node_id == "n2"
+        assert m.core.breakers.by_model[("n1", "bad:1:FP32")].state is State.OPEN
 
 
 async def test_routes_of_a_forgotten_model_are_unknown_to_the_door_s_next_report_and_others_stay(tmp_path):

@@ -86,16 +86,81 @@ def crashing(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     raise RuntimeError("CUDA error: an illegal memory access was encountered")  # INTERNAL: the node's own fault
 
 
-async def test_a_node_failing_with_internal_is_failed_over_and_counted_towards_opening_its_breaker():
+async def test_a_node_failing_with_internal_is_failed_over_and_counted_towards_opening_its_breaker_of_the_model():
     spec = DeploymentSpec(model="m", scheduler=SchedulerSpec(policy="round_robin"))
     broken, sound = NodeCore(crashing), NodeCore()
     async with mesh([variant()], {"m": spec}, {"n1": broken, "n2": sound}, breaker_failures=2) as m:
         for _ in range(6):
             status, response = await m.infer()
             assert status == "OK" and response.parameters["cnei_node"] == "n2", response
-        breaker = m.core.breakers.get("n1")
+        breaker = m.core.breakers.by_model[("n1", "m:1:FP32")]
         assert breaker.state is State.OPEN and "CUDA error" in breaker.reason
+        assert m.core.breakers.get("n1").state is State.CLOSED, "the node answered: its other models serve on"
         assert len(broken.calls) == 2, "no call while its breaker is open"
+
+
+# A model failing on a node (INTERNAL) is avoided there alone: its other models stay served.
+
+def two_models() -> tuple[list[ModelVariant], dict[str, DeploymentSpec]]:
+    """Models `good` and `bad` (mesh.variant), placed round robin."""
+    round_robin = SchedulerSpec(policy="round_robin")
+    return ([variant("good"), variant("bad")],
+            {m: DeploymentSpec(model=m, scheduler=round_robin) for m in ("good", "bad")})
+
+
+async def test_a_model_failing_on_a_node_is_avoided_there_while_its_other_models_are_still_served_there():
+    variants, specs = two_models()
+    broken, sound = NodeCore(failing=("bad",)), NodeCore()
+    async with mesh(variants, specs, {"n1": broken, "n2": sound}, breaker_failures=2) as m:
+        for _ in range(12):
+            status, response = await m.infer("bad")
+            assert status == "OK" and response.parameters["cnei_node"] == "n2", response
+        assert broken.models == ["bad", "bad"], "bad avoids n1 once its breaker of bad opened"
+        served = [(await m.infer("good"))[1].parameters["cnei_node"] for _ in range(4)]
+        assert sorted(served) == ["n1", "n1", "n2", "n2"], "good is still served on n1"
+        assert m.core.breakers.get("n1").state is State.CLOSED
+        assert m.core.breakers.by_model[("n1", "bad:1:FP32")].state is State.OPEN
+
+
+async def test_a_model_failing_everywhere_leaves_every_node_serving_the_others():
+    variants, specs = two_models()
+    nodes = {"n1": NodeCore(failing=("bad",)), "n2": NodeCore(failing=("bad",))}
+    async with mesh(variants, specs, nodes, breaker_failures=2) as m:
+        for _ in range(8):  # one client sending bad what it fails on, over and over
+            assert (await m.infer("bad"))[0] in ("INTERNAL", "UNAVAILABLE")
+        served = [(await m.infer("good"))[1].parameters["cnei_node"] for _ in range(4)]
+        assert sorted(served) == ["n1", "n1", "n2", "n2"], "no node of the mesh is out of use for good"
+        status, details = await m.infer("bad")
+        assert status == "UNAVAILABLE" and "no live node can serve model 'bad'" in details
+        assert "n1 (model bad:1:FP32: node n1: onnx runtime: model 'bad' cannot run here)" in details
+        assert [n.models.count("bad") for n in nodes.values()] == [2, 2]
+
+
+async def test_a_node_failing_every_model_ends_up_avoided_for_each():
+    variants, specs = two_models()
+    broken, sound = NodeCore(failing=("good", "bad")), NodeCore()
+    async with mesh(variants, specs, {"n1": broken, "n2": sound}, breaker_failures=2) as m:
+        for _ in range(6):
+            for model in ("good", "bad"):
+                status, response = await m.infer(model)
+                assert status == "OK" and response.parameters["cnei_node"] == "n2", response
+        assert sorted(broken.models) == ["bad", "bad", "good", "good"]
+        assert {k: b.state for k, b in m.core.breakers.by_model.items()} == \
+            {("n1", "good:1:FP32"): State.OPEN, ("n1", "bad:1:FP32"): State.OPEN}
+
+
+async def test_a_model_fixed_on_a_node_is_served_there_again_after_one_probe():
+    variants, specs = two_models()
+    broken = NodeCore(failing=("bad",))
+    async with mesh(variants, specs, {"n1": broken}, breaker_failures=1, breaker_open_s=0.2) as m:
+        assert (await m.infer("bad"))[0] == "INTERNAL"
+        status, details = await m.infer("bad")
+        assert status == "UNAVAILABLE" and "model bad:1:FP32" in details and broken.models == ["bad"]
+        broken.failing = ()  # the model works again
+        await asyncio.sleep(0.25)
+        status, response = await m.infer("bad")  # the probe
+        assert status == "OK" and response.parameters["cnei_node"] == "n1"
+        assert m.core.breakers.by_model == {}, "answered again: nothing kept"
 
 
 class Aborting(pb_grpc.GRPCInferenceServiceServicer):
@@ -119,7 +184,7 @@ async def test_a_node_answering_unknown_or_data_loss_is_at_fault_as_with_interna
             await m.leave_and_join("n9")
             status, details = await m.infer()
             assert status == "INTERNAL" and f"{code.name}: the backend lost its state" in details
-            breaker = m.core.breakers.get("n9")
+            breaker = m.core.breakers.by_model[("n9", "m:1:FP32")]
             assert (breaker.state, breaker.failures) == (State.CLOSED, 1), "counted, not opened at once"
     finally:
         await server.stop(0)
@@ -151,7 +216,8 @@ async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_ea
         for status, details in results:
             assert status == "INTERNAL"
             assert "with output 'y' of shape []: it needs 2 rows" in details
-        breaker = m.core.breakers.get("n1")  # the node's reply is malformed, as the door judges it too
+        # the node's reply is malformed, as the door judges it too
+        breaker = m.core.breakers.by_model[("n1", "m:1:FP32")]
         assert (breaker.state, breaker.failures) == (State.CLOSED, 2)
 
 
@@ -353,6 +419,15 @@ async def test_a_cloud_failing_with_internal_leaves_the_edge_answer_of_sync_join
         assert status == "OK", response
         assert response.parameters["cnei_node"] == "e1" and response.parameters["cnei_escalated"] == 0
         assert "CUDA error" in response.parameters["cnei_escalation_error"]
+
+
+async def test_sync_joint_sends_the_whole_request_to_the_cloud_once_the_edge_model_failing_there_is_avoided():
+    async with mesh([JOINT_MODEL], JOINT, {"e1": NodeCore(edge_unsure, failing=("m",)), "c1": NodeCore(cloud_sure)},
+                    tiers={"e1": "edge", "c1": "cloud"}, breaker_failures=1) as m:
+        assert (await m.infer())[0] == "INTERNAL"  # no other edge node to fail over to
+        status, response = await m.infer()
+        assert status == "OK", response
+        assert response.parameters["cnei_node"] == "c1" and response.parameters["cnei_escalated"] == 1
 
 
 @pytest.mark.parametrize("route", ["tier-cloud", "no-edge-node"])

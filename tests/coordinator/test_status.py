@@ -3,6 +3,7 @@ and the page and JSON routes on a real Coordinator whose registry answers or fai
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -12,7 +13,7 @@ from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.common.stats import StatsBook
-from services.coordinator.breaker import Breaker, State
+from services.coordinator.breaker import Breaker, State, Verdict
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.latency import LatencyBook
@@ -52,8 +53,19 @@ def test_a_node_row_carries_load_heartbeat_age_rtt_and_cached_models():
         "id": "edge-a1", "tier": "edge", "region": "site-a", "address": "127.0.0.1:1", "node_class": "edge",
         "health": "half-open", "breaker": "half-open", "inflight": 2, "outstanding": 3, "cpu_load": 0.256,
         "mem_load": 0.5, "cpus": 1, "cache_bytes": 0, "models": ["digits:1:FP16", "digits:1:INT8"],
-        "heartbeat_age_s": 1.5, "rtt_ms": 1.235,
+        "heartbeat_age_s": 1.5, "rtt_ms": 1.235, "model_breakers": [],
     }
+
+
+def test_a_node_row_lists_its_breakers_of_models_that_failed_there_beside_its_own():
+    node = NodeInfo("edge-a1", "edge", "site-a", "127.0.0.1:1", updated_at=100.0)
+    failed = replace(breaker(State.CLOSED), failures=1, reason="onnx runtime: it broke")
+    row = node_row(node, None, set(), None, 0, now=101.0,
+                   faults={"digits:1:INT8": breaker(State.OPEN), "digits:1:FP16": failed})
+    assert (row["health"], row["breaker"]) == ("live", "closed")
+    assert row["model_breakers"] == [
+        {"model": "digits:1:FP16", "breaker": "closed", "failures": 1, "reason": "onnx runtime: it broke"},
+        {"model": "digits:1:INT8", "breaker": "open", "failures": 0, "reason": ""}]
 
 
 def test_variant_latencies_are_read_per_node_class_and_bad_numbers_are_skipped():
@@ -123,6 +135,7 @@ def coordinator(registry: FakeRegistry) -> Coordinator:
     core.nodes.rtt_ms["edge-a1"] = 0.8
     core.nodes.unhealthy["cloud-1"] = "health check failed: connection refused"
     core.breakers.get("edge-a1").trip()
+    core.breakers.record("cloud-1", "digits:1:FP32", Verdict.FAULTY, "onnx runtime: it broke")
     core.latency.add(("digits", "edge-a1"), 0.002)
     core.recent.append({"kind": "failover", "time": now, "model": "digits", "from": "edge-b1",
                         "to": "edge-a1", "reason": "UNAVAILABLE"})
@@ -133,6 +146,7 @@ def coordinator(registry: FakeRegistry) -> Coordinator:
 async def test_the_snapshot_of_a_coordinator_shows_nodes_models_latency_events_and_no_federated_jobs():
     status = await build_status(coordinator(FakeRegistry()))
     assert [(n["id"], n["health"]) for n in status["nodes"]] == [("cloud-1", "unhealthy"), ("edge-a1", "open")]
+    assert [b["model"] for b in status["nodes"][0]["model_breakers"]] == ["digits:1:FP32"]
     assert status["models"][0]["name"] == "digits"
     assert [v["precision"] for v in status["models"][0]["variants"]] == ["INT8", "FP32"]
     assert status["models_error"] is None
@@ -263,3 +277,8 @@ def test_the_nodes_out_of_use_are_those_of_the_deployment_the_requests_region_fi
         ("edge-a1", "fast lane 127.0.0.1:1 unreachable: refused")]
     with_cloud = DeploymentSpec(model="digits", tiers=("edge", "cloud"), cloud_fallback=True)
     assert list(core.out_of_use(with_cloud)) == ["cloud-1", "edge-a1", "edge-b1"]
+    for _ in range(3):  # digits fails on edge-c1: out of use for digits alone
+        core.breakers.record("edge-c1", "digits:1:FP32", Verdict.FAULTY, "onnx runtime: it broke")
+    assert list(core.out_of_use(spec, "site-b")) == ["edge-b1", "edge-a1"]
+    assert list(core.out_of_use(spec, "site-b", ["digits:1:FP32"]).items())[2:] == [
+        ("edge-c1", "model digits:1:FP32: onnx runtime: it broke")]
