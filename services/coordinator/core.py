@@ -176,6 +176,8 @@ class Coordinator:
         # Called with the model's name once a load or unload through this coordinator took effect,
         # before it is answered (the front door's routes of the model are dropped: DoorRoutes)
         self.after_repository_change: Callable[[str], Awaitable[object]] | None = None
+        # Called with a node's id once it left the view (the front door's routes to it are dropped)
+        self.after_node_left: Callable[[str], None] | None = None
         self.cache = ResponseCache(settings.response_cache_bytes)
 
     # --- InferenceCore ----------------------------------------------------------------------
@@ -792,13 +794,16 @@ class Coordinator:
 
     def _node_left(self, node: NodeInfo) -> None:
         """A node left the view: its batchers stop (requests queued there fail over, batches in
-        flight end), and its breaker, load and latencies are forgotten."""
+        flight end), its breakers, load and latencies are forgotten, and `after_node_left` is
+        told (the front door stops sending there)."""
         gone = Unavailable(f"node {node.node_id} left the mesh")
         for key in [key for key in self.batchers if key[1] == node.node_id]:
             self._background.spawn(self.batchers.pop(key).close(gone))
         self.breakers.drop(node.node_id)
         self.outstanding.pop(node.node_id, None)
         self.latency.drop_node(node.node_id)
+        if self.after_node_left is not None:
+            self.after_node_left(node.node_id)
 
     async def announce(self, subject: str, payload: dict) -> None:
         if self.publish is None:

@@ -147,6 +147,7 @@ class DoorRoutes:
         self.confirm_timeout_s = confirm_timeout_s
         self._write_generation()
         core.breakers.on_open = self.forget_node
+        core.after_node_left = self.forget_node
 
     async def trace_every(self, model: str) -> int:
         """One request in N for `model` is to take the full path and start a trace (0: none)."""
@@ -256,9 +257,10 @@ class DoorRoutes:
         return self.generation
 
     def forget_node(self, node_id: str, model: str = "") -> None:
-        """The node's breaker opened (`model` "": its own; else that of the variant `model` on
-        it): drop the routes of every model routed to it (with that variant), so the door stops
-        sending there now (it would until its next refresh, using a stale route meanwhile)."""
+        """The node left the view, or its breaker opened (`model` "": its own; else that of the
+        variant `model` on it): drop the routes of every model routed to it (with that variant),
+        so the door stops sending there now (it would until its next refresh, using a stale route
+        meanwhile)."""
         for name in {route.model for route in self.routes.values() if route.placement.node.node_id == node_id
                      and model in ("", route.placement.variant.key)}:
             self.forget(name)
@@ -357,20 +359,29 @@ class DoorRoutes:
             _door_requests(route.model, code.lower()).inc()
 
     def _book_node(self, route: Route, report: RouteReport) -> None:
-        core, node, model = self.core, route.placement.node, route.placement.variant.key
+        """What the door's calls say of the route's node (`_book_calls`), unless the node left the
+        view (what was kept for it is gone, and a node id back at other addresses is another
+        node); a failed route is dropped."""
         batch_size = BATCH_SIZE.labels(route.model)
         for b in report.batches:
             batch_size.observe(b.rows)
+        node = route.placement.node
+        if any(n.place == node.place for n in self.core.nodes.nodes):
+            self._book_calls(route, report)
+        if report.failure and self.routes.pop(route.route_id, None) is not None:
+            self._retire(route)
+
+    def _book_calls(self, route: Route, report: RouteReport) -> None:
+        """The node's RTT, compute time and latency, and its breakers."""
+        core, node, model = self.core, route.placement.node, route.placement.variant.key
+        for b in report.batches:
             core.nodes.observe_rtt(node.node_id, (b.duration_ns - b.compute_ns) / 1e6)
             if b.compute_ns:
                 core.nodes.observe_compute(node.node_id, b.compute_ns / 1e6 / max(1, b.rows))
             core.latency.add((route.placement.variant.name, node.node_id), b.duration_ns / 1e9)
         if report.failure:
-            log.warning("front door: node %s failed for %s: %s", node.node_id, route.placement.variant.key,
-                        report.failure)
+            log.warning("front door: node %s failed for %s: %s", node.node_id, model, report.failure)
             # the door reports a failure of a call the node had (not one its client's own deadline ended)
             core.breakers.record(node.node_id, model, verdict(failure_code(report.failure)), report.failure)
-            if self.routes.pop(route.route_id, None) is not None:
-                self._retire(route)
         elif report.batches:
             core.breakers.record(node.node_id, model, Verdict.ANSWERED)

@@ -334,6 +334,38 @@ async def test_a_node_whose_breaker_opens_loses_its_routes_at_the_door_at_once(t
         assert list(reply.unknown_routes) == [route_id]
 
 
+async def test_a_node_that_leaves_the_view_loses_its_routes_at_the_door_at_once(tmp_path):
+    async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(), "n2": mesh.NodeCore()}, fast_lane=True,
+                         door=True) as m:
+        m.door.generation_file = tmp_path / "routes-generation"  # what the door watches
+        m.core.outstanding["n2"] = 4  # n1 scores best: the route names it
+        route_id = (await ask_the_coordinator(m)).route_id
+        assert m.door.routes[route_id].placement.node.node_id == "n1"
+        await m.leave_and_join("n2")  # n1's heartbeat expired: it is gone, not failing
+        told = m.door.generation_file.read_text() if m.door.generation_file.exists() else "nothing"
+        assert told == "1\n1\tm\n", "the door drops the routes of m now"
+        reply = await m.door_stub.Report(fd.FrontDoorReport(routes=[fd.RouteReport(route_id=route_id)]), timeout=5)
+        assert list(reply.unknown_routes) == [route_id]
+        assert (await ask_the_coordinator(m)).node_id == "n2"
+
+
+async def test_what_the_door_reports_of_a_node_that_left_says_nothing_of_a_node_back_under_its_id():
+    async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(), "n2": mesh.NodeCore()}, fast_lane=True,
+                         door=True, breaker_failures=1) as m:
+        route_id = (await ask_the_coordinator(m)).route_id
+        assert m.door.routes[route_id].placement.node.node_id == "n1"
+        m.nodes["n1"] = replace(m.nodes["n1"], address=m.nodes["n2"].address,
+                                fast_address=m.nodes["n2"].fast_address)  # n1's pod restarts elsewhere
+        await m.leave_and_join("n1")
+        m.core.nodes.rtt_ms.clear()
+        failed = fd.RouteReport(route_id=route_id, handed_over=1, failure="UNAVAILABLE: connection refused")
+        failed.batches.add(rows=1, requests=1, duration_ns=5_000_000, compute_ns=1_000_000)
+        await m.door_stub.Report(fd.FrontDoorReport(routes=[failed]), timeout=5)  # a call to the old place
+        assert m.core.breakers.allows("n1", "m:1:FP32") and "n1" not in m.core.nodes.rtt_ms
+        reply = await ask_the_coordinator(m)
+        assert reply.eligible and reply.node_id == "n1" and reply.fast_address == m.nodes["n2"].fast_address
+
+
 async def test_a_model_failing_on_a_node_loses_its_routes_there_and_the_node_s_other_models_keep_theirs():
     nodes = {"n1": mesh.NodeCore(failing=("bad",)), "n2": mesh.NodeCore()}
     async with mesh.mesh([mesh.variant("good"), mesh.variant("bad")], {}, nodes, fast_lane=True, door=True,
