@@ -57,6 +57,9 @@ SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
 CACHED = "cnei_response_cache"  # response parameter: answered from the response cache
+# response parameter: sync joint inference's edge answer came from the response cache, and the
+# cloud answered its unsure rows again (so the answer as a whole is not a kept one)
+EDGE_CACHED = "cnei_edge_response_cache"
 ESCALATION_ERROR = "cnei_escalation_error"  # response parameter: why sync joint kept the edge answer
 # Of what the edge left of a sync joint request's deadline, the share the cloud gets: the rest is
 # kept to answer with the edge's rows after a cloud timeout, before the caller's deadline
@@ -294,7 +297,11 @@ class Coordinator:
             _queued_ns.reset(token)
         # its executions are the batches it rode in, booked as the node ran them (`_batcher`)
         total = time.perf_counter_ns() - start  # hedged copies queue at once: their sum may exceed it
-        stats.record(True, total, request.rows or 1, queue_ns=min(sum(queued), total), executed=False,
+        # rows a model ran for it: all of them, none for a kept answer, only those the cloud
+        # answered again when the edge's answer was kept
+        ran = int(response.parameters.get("cnei_escalated", 0)) if EDGE_CACHED in response.parameters \
+            else request.rows or 1
+        stats.record(True, total, ran, queue_ns=min(sum(queued), total), executed=False,
                      cache_hit=from_cache(response))
         count_served(variants[0].name, "ok", response.parameters)
         return response
@@ -416,6 +423,9 @@ class Coordinator:
         answered = only(response.outputs, request.outputs)
         merged = merge_rows(answered, cloud.outputs, rows, request.model_name, cloud.model_name)
         response.outputs = {**response.outputs, **merged}
+        if from_cache(response) and not from_cache(cloud):  # the cloud ran rows: no longer a kept answer
+            del response.parameters[CACHED]
+            response.parameters[EDGE_CACHED] = True
         ESCALATIONS.labels(request.model_name, "sync").inc(len(rows))
         self.recent.append({"kind": "escalation", "time": time.time(), "model": request.model_name,
                             "rows": int(len(rows)), "to": cloud.parameters.get("cnei_node", "")})

@@ -605,3 +605,29 @@ async def test_a_node_id_back_at_other_addresses_is_called_there_not_at_the_old_
         status, response = await m.infer()
         assert status == "OK" and response.parameters["cnei_node"] == "n1"
         assert (len(old.calls), len(new.calls)) == (1, 1)
+
+
+async def test_sync_joint_with_a_kept_edge_answer_is_no_cache_hit_when_the_cloud_answers_rows_again():
+    """The edge's answer comes from the response cache, its unsure rows from the cloud: the reply
+    is not a kept one (says so apart), and the statistics count the rows the cloud ran; once the
+    cloud's answer is kept too, the whole reply is a cache hit."""
+    specs = {"m": replace(JOINT["m"], response_cache=True)}
+    cloud = NodeCore(cloud_sure)
+    async with mesh([JOINT_MODEL], specs, {"e1": NodeCore(edge_unsure), "c1": cloud},
+                    tiers={"e1": "edge", "c1": "cloud"}) as m:
+        x = np.ones((3, 2), np.float32)
+        edge_only = await m.infer(x=x, params={"tier": "edge"})  # keeps the edge's answer alone
+        assert edge_only[0] == "OK" and edge_only[1].parameters["cnei_escalated"] == 0
+        status, mixed = await m.infer(x=x)
+        assert status == "OK", mixed
+        assert mixed.parameters["cnei_escalated"] == 3 and len(cloud.calls) == 1
+        assert np.allclose(mixed.outputs["p"], [[0.1, 0.9]] * 3)  # the cloud's rows
+        assert "cnei_response_cache" not in mixed.parameters
+        assert mixed.parameters["cnei_edge_response_cache"] is True
+        status, kept = await m.infer(x=x)
+        assert status == "OK" and len(cloud.calls) == 1  # both parts kept now
+        assert kept.parameters["cnei_response_cache"] is True and "cnei_edge_response_cache" not in kept.parameters
+        assert np.allclose(kept.outputs["p"], [[0.1, 0.9]] * 3)
+        stats = m.core.statistics("m", "1")[0]
+        assert stats.success.count == 3
+        assert stats.inference_count == 3 + 3  # the edge's rows, then the cloud's; none for the kept answer
