@@ -15,6 +15,7 @@ class DelayProxy:
         self.target = (target_host, target_port)
         self.delay_s = delay_s
         self.port = 0
+        self.generation = 0  # connections of an older one are silenced: bytes swallowed, nothing closed
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="delay-proxy")
         self._server: asyncio.base_events.Server | None = None
@@ -24,6 +25,11 @@ class DelayProxy:
         self._server = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
+
+    def silence(self) -> None:
+        """Connections open now go silent (a peer gone without a reset: a pod gone with its node,
+        conntrack to a dead endpoint); new ones work."""
+        self.generation += 1
 
     def __exit__(self, *exc) -> None:
         async def close() -> None:
@@ -52,9 +58,11 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        born = self.generation
+        await asyncio.gather(self._pipe(reader, up_writer, born), self._pipe(up_reader, writer, born),
+                             return_exceptions=True)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, born: int) -> None:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def deliver() -> None:
@@ -64,6 +72,8 @@ class DelayProxy:
                 if not data:
                     writer.close()
                     return
+                if self.generation != born:
+                    continue  # silenced: swallowed
                 writer.write(data)
                 await writer.drain()
 

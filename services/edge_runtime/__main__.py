@@ -8,7 +8,6 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from redis.asyncio import Redis
 
 from services.common import events, lifecycle, telemetry, tls, triton_metrics
 from services.common import settings as cfg
@@ -27,7 +26,7 @@ from services.edge_runtime.emulation import DelayInterceptor
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.federated import LocalTrainer
 from services.edge_runtime.heartbeat import Heartbeat, check_settings as check_heartbeat
-from services.edge_runtime.heartbeat import patience as heartbeat_patience
+from services.edge_runtime.heartbeat import redis_client
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
@@ -67,8 +66,7 @@ async def serve(settings: RuntimeSettings) -> None:
     stop = lifecycle.stop_event()
     registry = registry_client.from_settings(PREFIX, settings, timeout=3.0)
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
-    wait_s = heartbeat_patience(settings)  # an edge site's link to Redis may be slow
-    redis = Redis.from_url(settings.redis_url, socket_timeout=wait_s, socket_connect_timeout=wait_s)
+    redis = redis_client(settings)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
                    outbox=Path(settings.cache_dir) / "outbox.jsonl", stream=settings.stream_limits())
 

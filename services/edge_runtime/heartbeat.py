@@ -6,6 +6,8 @@ import logging
 import os
 import time
 
+from redis.asyncio import Redis
+
 from services.common import events, lifecycle
 from services.common.bus import EventBus
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -35,12 +37,22 @@ def check_settings(prefix: str, settings: RuntimeSettings) -> None:
 
 
 def patience(settings: RuntimeSettings) -> float:
-    """How long a call to Redis may take before it is given up (the runtime's Redis client's
-    socket timeouts, and a beat's): at least the record's life and BEAT_PATIENCE_S, so a slow
-    link to Redis (an edge site whose round trips take over a second, and a new connection's
-    handshake several of them) still renews the record, where a shorter cap would cancel every
-    beat, and its connection with it, for good."""
+    """How long a whole beat may take before it is given up: at least the record's life and
+    BEAT_PATIENCE_S, so a slow link to Redis (an edge site whose round trips take over a second,
+    and a new connection's handshake several of them) still renews the record, where a shorter cap
+    would cancel every beat, and its connection with it, for good. Each single wait on the socket
+    is bounded by the TTL (`redis_client`): a connection gone silent is dropped and made anew
+    within one record life."""
     return max(settings.heartbeat_ttl_s, BEAT_PATIENCE_S)
+
+
+def redis_client(settings: RuntimeSettings) -> Redis:
+    """The runtime's Redis client, its socket timeouts (connect, each reply) the record's life:
+    a reply slower than that comes after the record expired anyway, and waiting longer on a
+    connection gone silent would keep the node out of the view (seen: ~9 s of a 0.8 s-TTL cloud
+    node's record missing with 10 s socket timeouts)."""
+    ttl = settings.heartbeat_ttl_s
+    return Redis.from_url(settings.redis_url, socket_timeout=ttl, socket_connect_timeout=ttl)
 
 
 def node_info(settings: RuntimeSettings, runtime: EdgeRuntime, started_at: float,

@@ -582,6 +582,12 @@ def test_heartbeats_that_cannot_keep_a_node_record_alive_fail_to_render(beat):
         _render({"edgeRuntime": {"heartbeat": beat}})
 
 
+@pytest.mark.parametrize("tier", ["edge", "cloud"])
+def test_heartbeats_set_through_env_too_are_refused_not_doubled(tier):
+    with pytest.raises(Exception, match=f"{tier}Runtime.env sets CNEI_RUNTIME_HEARTBEAT_\\*: use {tier}Runtime.heartbeat"):
+        _render({f"{tier}Runtime": {"env": {"CNEI_RUNTIME_HEARTBEAT_TTL_S": 5}}})
+
+
 # --- state: registry volume, NATS cluster, Redis AOF ------------------------------------------
 
 def test_the_registry_keeps_its_data_dir_on_a_persistent_volume(rendered):

@@ -57,6 +57,9 @@
       value: {{ .values.useCuda | quote }}
     - name: CNEI_RUNTIME_PRELOAD
       value: {{ join "," $r.preload | quote }}
+    {{- if or (hasKey .values.env "CNEI_RUNTIME_HEARTBEAT_INTERVAL_S") (hasKey .values.env "CNEI_RUNTIME_HEARTBEAT_TTL_S") }}
+    {{- fail (printf "%sRuntime.env sets CNEI_RUNTIME_HEARTBEAT_*: use %sRuntime.heartbeat.intervalS / ttlS" .tier .tier) }}
+    {{- end }}
     {{- if not (and (gt (float64 .values.heartbeat.intervalS) 0.0) (lt (float64 .values.heartbeat.intervalS) (float64 .values.heartbeat.ttlS))) }}
     {{- fail (printf "%sRuntime.heartbeat.intervalS (%v) must be above 0 and below ttlS (%v)" .tier .values.heartbeat.intervalS .values.heartbeat.ttlS) }}
     {{- end }}
