@@ -47,6 +47,12 @@ TRANSIENT = {
     "registry-unavailable": Unavailable("registry 127.0.0.1:50051: failed to connect to all addresses"),
     "registry-deadline": DeadlineExceeded("Deadline Exceeded"),
     "socket-timeout": TimeoutError(),
+    "redis-readonly": redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+    "redis-readonly-in-a-script": redis.exceptions.ResponseError(
+        "Error running script (call to f_5e1b...): @user_script:3: @user_script: 3: -READONLY You can't write "
+        "against a read only replica."),
+    "redis-masterdown": redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"),
+    "redis-oom": redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
 }
 THE_JOB_S_OWN = {
     "too-few-clients": RoundFailed(3, 1, 2, 2, {"edge-2": "no update within 30s"}),
@@ -208,6 +214,35 @@ async def test_a_round_whose_save_failed_is_neither_lost_nor_run_again(mesh, reg
     assert (left.state, left.new_version) == ("completed", "1"), left.error
     assert [r.round for r in left.history] == [2, 3, 4]
     mesh.assert_each_round_trained_once_on_the_last_one_s_weights()
+
+
+async def test_a_redis_failover_refusing_a_round_s_write_is_waited_out_and_the_job_completes(paused_redis, registry,
+                                                                                              tmp_path):
+    """A real Redis (a process of the test's own) demoted to a replica (REPLICAOF) while a round is
+    written: the fenced save's script is refused READONLY; once it is primary again the round is
+    written and the job goes on."""
+    mesh = Mesh(paused_redis, tmp_path)
+    await mesh.start()
+
+    class Store(JobStore):
+        demoted = False
+
+        async def save(self, job, checkpoint=None, owner=""):
+            if checkpoint is not None and job.round == 3 and not Store.demoted:
+                Store.demoted = True
+                await self.redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
+                try:
+                    await super().save(job, checkpoint, owner)
+                finally:
+                    await self.redis.execute_command("REPLICAOF", "NO", "ONE")  # the failover is over
+            await super().save(job, checkpoint, owner)
+
+    before = retried()
+    left = await mesh.run(mesh.trainer("A", registry, store=Store(mesh.redis)))
+    assert (left.state, left.new_version) == ("completed", "1"), left.error
+    assert [r.round for r in left.history] == [2, 3, 4]
+    mesh.assert_each_round_trained_once_on_the_last_one_s_weights()
+    assert retried() == before + 1
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
