@@ -728,6 +728,22 @@ class Coordinator:
             raise Unavailable(f"node {node_id} is out of use ({why})")
         return claim
 
+    def probe(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec) -> bool:
+        """Send `request` (zero inputs of a front-door route's shape) to the placement's node as the
+        half-open probe of its breaker, or of its breaker of the variant, when one may go now; its
+        verdict settles the claim as any attempt's does. The door sends a node on trial nothing, so
+        a peer the full path never chooses first would otherwise never be probed. False when no
+        probe went."""
+        claim = self.breakers.claim(placement.node.node_id, placement.variant.key)
+        if claim is None:
+            return False
+        if not (claim.probe or claim.model_probe):  # closed meanwhile: nothing to probe
+            claim.settle(Verdict.SILENT)
+            return False
+        log.info("probing node %s for %s", placement.node.node_id, placement.variant.key)
+        self._start(request, placement, spec, time.monotonic() + self.settings.forward_timeout_s, claim)
+        return True
+
     def _start(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec, deadline: float,
                claim: Claim) -> asyncio.Task:
         """An attempt as a task of its own (hedging); its claim settles even if it never runs."""

@@ -193,7 +193,7 @@ class DoorRoutes:
         whose breaker, or whose breaker of the route's variant, is not closed: past its open period
         the door would send it every such request at once, claiming no probe, so requests the node
         is chosen for take the full path, which sends it one (half-open), and as a peer it is left
-        out until then."""
+        out until the probe the coordinator sends it itself (`Coordinator.probe`) closes them."""
         core = self.core
         variants = await core.catalog.variants(request.model_name, version)
         spec = restrict_tier(deployed, request.parameters)
@@ -216,6 +216,9 @@ class DoorRoutes:
             return Refusal(f"node {first.node.node_id} is on trial after failures ({why}): the full path probes it")
         if not (first.node.fast_address and core.settings.fast_lane):
             return Refusal(f"node {first.node.node_id} offers no fast lane")
+        for peer in placements[1:]:  # on trial: past its open period, the coordinator probes it itself
+            if core.breakers.on_trial(peer.node.node_id, peer.variant.key):
+                core.probe(request, peer, spec)
         stats_key = (variants[0].name, variants[0].version)
         routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
                   if p.node.fast_address and not core.breakers.on_trial(p.node.node_id, p.variant.key)]

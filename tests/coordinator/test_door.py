@@ -317,6 +317,55 @@ async def test_a_peer_past_its_open_period_is_left_out_of_a_route_until_it_is_pr
         assert reply.eligible and reply.node_id == "n1" and not reply.alternatives
 
 
+def open_breaker(m: mesh.Mesh, node_id: str, which: str) -> None:
+    """Open the node's own breaker (one connection reset), or its breaker of model m (failures)."""
+    if which == "node":
+        m.core.breakers.get(node_id).trip("connection reset")
+        return
+    for _ in range(m.core.settings.breaker_failures):
+        m.core.breakers.record(node_id, "m:1:FP32", Verdict.FAULTY, "model m cannot run here")
+
+
+async def settled(condition, timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("which", ["node", "model"])
+async def test_a_peer_past_its_open_period_is_probed_by_the_coordinator_and_back_in_the_routes_once_it_answers(which):
+    n1, n2 = mesh.NodeCore(), mesh.NodeCore()
+    async with mesh.mesh([mesh.variant()], {}, {"n1": n1, "n2": n2}, fast_lane=True, door=True,
+                         breaker_open_s=0.2) as m:
+        m.door.spread_nodes, m.door.spread_margin = 4, 0.1  # identical peers: the full path always picks n1
+        assert [a.node_id for a in (await ask_the_coordinator(m)).alternatives] == ["n2"]
+        open_breaker(m, "n2", which)
+        assert not (await ask_the_coordinator(m)).alternatives and not n2.calls, "open: neither routed nor probed"
+        await asyncio.sleep(0.25)
+        reply = await ask_the_coordinator(m)
+        assert reply.node_id == "n1" and not reply.alternatives, "on trial: the probe goes, no route yet"
+        await settled(lambda: not m.core.breakers.on_trial("n2", "m:1:FP32"))
+        assert [c["x"].shape for c in n2.calls] == [(1, 2)], "one probe of the route's shape"
+        reply = await ask_the_coordinator(m)  # n2's RTT is measured now: it may rank first
+        assert sorted([reply.node_id, *(a.node_id for a in reply.alternatives)]) == ["n1", "n2"]
+
+
+async def test_a_peer_whose_probe_fails_is_left_out_again_and_probed_after_its_next_open_period():
+    n2 = mesh.NodeCore(failing=("m",))
+    async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(), "n2": n2}, fast_lane=True, door=True,
+                         breaker_open_s=0.2) as m:
+        m.door.spread_nodes, m.door.spread_margin = 4, 0.1
+        open_breaker(m, "n2", "model")
+        pair = m.core.breakers.by_model[("n2", "m:1:FP32")]
+        for probes in (1, 2):
+            await asyncio.sleep(0.25)
+            assert not (await ask_the_coordinator(m)).alternatives
+            await settled(lambda: pair.state is State.OPEN and not pair.probing)
+            assert len(n2.calls) == probes, "one probe per open period, never left claimed"
+            assert not (await ask_the_coordinator(m)).alternatives
+
+
 @pytest.mark.parametrize(("answer", "opened"), [(crashing, ("n1", "m:1:FP32")), (connection_lost, ("n1", ""))],
                          ids=["its-breaker-of-the-model", "its-own"])
 async def test_a_node_whose_breaker_opens_loses_its_routes_at_the_door_at_once(tmp_path, answer, opened):
