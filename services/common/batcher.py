@@ -236,12 +236,13 @@ class Batcher:
     """Queue + worker for one (variant, node); `submit` resolves with that request's outputs."""
 
     def __init__(self, model: str, config: BatchConfig, send: Send, component: str = "coordinator",
-                 retry_alone: bool = False):
+                 retry_alone: bool | Callable[[Exception], bool] = False):
         self.model = model
         self.component = component  # names the spans: `{component}.queue`, `{component}.batch`
         # A failed batch of several requests is sent again one request at a time, so one bad
-        # request fails alone (a runtime: the call's error is about its inputs; a coordinator
-        # leaves node failures to failover instead)
+        # request fails alone: every failure (a runtime: the call's error is about its inputs), or
+        # those the predicate picks (a coordinator: errors about a request; it leaves node failures
+        # to failover)
         self.retry_alone = retry_alone
         self.config = config
         self.send = send
@@ -398,7 +399,7 @@ class Batcher:
                     outputs = await self.send(inputs, total, max(p.deadline for p in live))
                 parts = self._parts(outputs, sizes)
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
-                if self.retry_alone and len(live) > 1:
+                if len(live) > 1 and self._retries_alone(exc):
                     await self._one_by_one(live, exc)
                     return
                 for p in live:
@@ -412,6 +413,10 @@ class Batcher:
             self._running -= 1
             self._slots.release()
             self._wake.set()
+
+    def _retries_alone(self, error: Exception) -> bool:
+        """Whether a failed batch's requests are sent again one by one after `error`."""
+        return self.retry_alone(error) if callable(self.retry_alone) else self.retry_alone
 
     def _parts(self, outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
         """Each request's share of the batch's `outputs` (with the batch's `info`, if any)."""

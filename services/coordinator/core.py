@@ -43,6 +43,11 @@ _tracer = trace.get_tracer(__name__)
 # A node's own failures (breaker.NODE_VERDICTS: down, slow, faulty): another node may answer, so
 # the request fails over (inference is idempotent); any other error is the request's own
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
+# A node's answer that one request of a batch was wrong (ONNX Runtime's InvalidArgument for an
+# index out of range fails the whole call): the batch's requests are sent again one by one, so
+# its batch-mates are answered (RESOURCE_EXHAUSTED, a busy node, is left as it is)
+REQUEST_ERRORS = {ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.ALREADY_EXISTS,
+                  ErrorCode.FAILED_PRECONDITION}
 Publisher = Callable[[str, dict], Awaitable[object]]
 FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
                     ["model", "from_tier", "to_tier", "reason"])
@@ -75,6 +80,11 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
     p = params or {}
     _served(model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
             str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc(requests)
+
+
+def about_a_request(error: Exception) -> bool:
+    """Whether a failed batch's `error` may be one request's own (`REQUEST_ERRORS`)."""
+    return isinstance(error, CneiError) and error.code in REQUEST_ERRORS
 
 
 def from_cache(response: oip.InferResponse) -> bool:
@@ -865,7 +875,8 @@ class Coordinator:
             def ran(rows: int, compute_ns: int) -> None:  # Triton's executions: the node calls
                 self.stats.get(variant.name, variant.version).execution(rows, compute_ns)
             send = sender(self.nodes, placement.node, variant, self.settings.fast_lane, ran)
-            batcher = self.batchers[key] = Batcher(placement.variant.name, config, send)
+            batcher = self.batchers[key] = Batcher(placement.variant.name, config, send,
+                                                   retry_alone=about_a_request)
         return batcher
 
     def _retire(self, batcher: Batcher) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from services.common import lifecycle, oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec, SchedulerSpec
-from services.common.errors import ErrorCode, InvalidArgument, Unavailable
+from services.common.errors import ErrorCode, InvalidArgument, Unavailable, error_for
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.breaker import State
@@ -219,6 +219,23 @@ async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_ea
         # the node's reply is malformed, as the door judges it too
         breaker = m.core.breakers.by_model[("n1", "m:1:FP32")]
         assert (breaker.state, breaker.failures) == (State.CLOSED, 2)
+
+
+@pytest.mark.parametrize("code", [ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.FAILED_PRECONDITION])
+async def test_a_batch_refused_for_one_request_s_values_is_sent_again_one_by_one_so_only_that_request_fails(code):
+    def gather(inputs):  # ONNX Runtime refuses the whole call: one Gather index out of range
+        if (inputs["x"] < 0).any():
+            raise error_for(code, "indices element out of data bounds, idx=-1")
+        return echo(inputs)
+    spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=50_000))
+    node = NodeCore(gather)
+    async with mesh([variant()], {"m": spec}, {"n1": node}) as m:
+        results = await asyncio.gather(m.infer(x=X), m.infer(x=-X), m.infer(x=2 * X))
+        assert [status for status, _ in results] == ["OK", code.name, "OK"]
+        assert results[1][1] == "indices element out of data bounds, idx=-1"
+        assert results[2][1].outputs["y"].tolist() == (2 * X).tolist()
+        assert [len(call["x"]) for call in node.calls] == [3, 1, 1, 1], "the batch, then each alone"
+        assert m.core.breakers.get("n1").state is State.CLOSED and not m.core.breakers.by_model
 
 
 @pytest.mark.parametrize("hedge_after_ms", [0, 150], ids=["no-hedging", "hedging"])
