@@ -236,11 +236,7 @@ class EdgeRuntime:
             meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
             loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
             if self.settings.measure_on_load:
-                latency = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, measure_latency_ms, model, sample_inputs(variant))
-                loaded.compute_us = latency * 1e3
-                memory = max(rss_bytes() - rss_before, variant.size_bytes)
-                self.background.spawn(self._report(variant, latency, memory))
+                await self._measure(loaded, rss_before)
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
                 self._retire_batchers(old)
@@ -248,6 +244,22 @@ class EdgeRuntime:
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
             return loaded
+
+    async def _measure(self, loaded: LoadedModel, rss_before: int) -> None:
+        """The loaded variant's batch-1 latency and memory, reported to the registry. It is run on
+        zero-filled inputs, which a model may refuse (an index out of range, a zero it divides
+        by): then it is served unmeasured, as the requests' own inputs decide whether it runs."""
+        variant = loaded.variant
+        try:
+            latency = await asyncio.get_running_loop().run_in_executor(
+                self._executor, measure_latency_ms, loaded.model, sample_inputs(variant))
+        except CneiError as exc:
+            log.warning("%s loaded unmeasured: it refuses the zero-filled inputs it is measured with (%s)",
+                        variant.key, exc.message)
+            return
+        loaded.compute_us = latency * 1e3
+        memory = max(rss_bytes() - rss_before, variant.size_bytes)
+        self.background.spawn(self._report(variant, latency, memory))
 
     async def _open_cached(self, variant: ModelVariant) -> OrtModel:
         """The variant's session from its cached artifact. An artifact ONNX Runtime cannot load

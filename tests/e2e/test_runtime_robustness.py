@@ -51,7 +51,14 @@ def _models(folder):
                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
                       [helper.make_tensor("shape", TensorProto.INT64, [1], [7])])
-    return strings, add, lookup, misshapen
+    # row `idx` - 20 of the same table: the zeros a load measures it with are out of range
+    offset = _save(folder / "offset.onnx", [helper.make_node("Sub", ["idx", "twenty"], ["at"]),
+                                            helper.make_node("Gather", ["table", "at"], ["row"], axis=0)],
+                   [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])],
+                   [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["n", 1])],
+                   [helper.make_tensor("table", TensorProto.FLOAT, [10, 1], [float(i) for i in range(10)]),
+                    helper.make_tensor("twenty", TensorProto.INT64, [], [20])])
+    return strings, add, lookup, misshapen, offset
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +131,16 @@ def test_an_index_onnx_runtime_finds_out_of_range_is_invalid_argument_saying_so(
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "indices element out of data bounds, idx=42 must be within the inclusive range [-10,9]" \
         in refused.value.details()
+
+
+def test_a_model_whose_load_measurement_fails_on_zeros_still_loads_and_serves_real_inputs(stub):
+    """Measuring on load runs the model on zero-filled inputs: a model that refuses those (here
+    an index out of range) is served unmeasured, not failed (which told the client its own request
+    was INVALID_ARGUMENT)."""
+    request = _lookup(25, 29)
+    request.model_name = "offset"
+    reply = stub.ModelInfer(request, timeout=30)
+    assert list(reply.outputs[0].contents.fp32_contents) == [5.0, 9.0]
 
 
 def test_a_model_that_fails_at_run_time_is_internal_naming_why(stub):
