@@ -327,13 +327,10 @@ class FederatedTrainer:
         job.state = "suspended"
         job.error = why or (f"the trainer stopped during round {job.round + 1}; the next trainer to look "
                             f"goes on after round {job.round}")
-        try:
-            await self._save(job, self._checkpoints.get(job.id))
-        except Exception as exc:
-            if not transient.is_transient(exc):
-                raise
+        failed = await self._save_unless_away(job)
+        if failed is not None:
             log.warning("federated job %s: could not record it suspended (%s); the next trainer goes on after "
-                        "the round last recorded once its lease runs out", job.id, exc)
+                        "the round last recorded once its lease runs out", job.id, failed)
             return
         log.info("federated job %s suspended after round %d of %d", job.id, job.round, job.spec.rounds)
 
@@ -376,11 +373,18 @@ class FederatedTrainer:
         job.state = "running"  # not ended: a completion whose write failed is recorded again
         job.error = (f"{type(exc).__name__}: {exc}; trying again after round {job.round} in {wait:.2g} s "
                      f"(suspended if Redis or the registry still fails after {self.settings.transient_retry_s:g} s)")
+        await self._save_unless_away(job)
+
+    async def _save_unless_away(self, job: JobRecord) -> Exception | None:
+        """Record the job (with the checkpoint in memory); Redis away (passing trouble) is
+        returned, not raised: the record is written again later, or the lease runs out."""
         try:
             await self._save(job, self._checkpoints.get(job.id))
-        except Exception as again:
-            if not transient.is_transient(again):
+        except Exception as exc:
+            if not transient.is_transient(exc):
                 raise
+            return exc
+        return None
 
     async def _train_and_publish(self, job: JobRecord) -> None:
         """Run the job from its record in memory: after a round done here (its checkpoint in

@@ -33,6 +33,21 @@ async def train(address: str, task: RoundTask, timeout: float) -> LocalUpdate:
     return LocalUpdate(address, {k: v + 0.01 for k, v in task.weights.items()}, 10, 0.5, 0.9, 0.01)
 
 
+def _trainer(store: JobStore, nodes: NodeDirectory, train_fn, publish) -> FederatedTrainer:
+    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
+    return FederatedTrainer(settings, store, nodes, train_fn, registry=None, publish=publish,
+                            eval_data=lambda: EVAL, owner="trainer-under-test")
+
+
+async def _resume_until_closed(trainer: FederatedTrainer, closing: list[asyncio.Task], within_s: float) -> list[str]:
+    """The trainer resumes the unfinished jobs and runs them until the test's close() (the first of
+    `closing`) has suspended them: the ids resumed."""
+    resumed = await trainer.resume_unfinished()
+    await asyncio.wait_for(trainer.background.wait(), within_s)
+    await asyncio.wait_for(closing[0], 5)
+    return resumed
+
+
 async def test_a_lost_cancellation_still_suspends_the_job_after_the_round_in_progress(redis):
     store, nodes = JobStore(redis), NodeDirectory(redis)
     for n in ("edge-1", "edge-2"):
@@ -52,12 +67,8 @@ async def test_a_lost_cancellation_still_suspends_the_job_after_the_round_in_pro
             except asyncio.CancelledError:
                 pass
 
-    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
-    trainer = FederatedTrainer(settings, store, nodes, train, registry=None, publish=publish,
-                               eval_data=lambda: EVAL, owner="trainer-under-test")
-    assert await trainer.resume_unfinished() == [job.id]
-    await asyncio.wait_for(trainer.background.wait(), 30)
-    await asyncio.wait_for(closing[0], 5)
+    trainer = _trainer(store, nodes, train, publish)
+    assert await _resume_until_closed(trainer, closing, 30) == [job.id]
     left = await store.get(job.id)
     assert (left.state, left.round) == ("suspended", 3), (left.state, left.round, left.error)
     assert [r.round for r in left.history] == [2, 3]
@@ -94,16 +105,12 @@ async def test_a_cancellation_lost_inside_a_round_is_sent_again(redis):
     nodes = Directory(redis)
     for n in ("edge-1", "edge-2"):
         await nodes.heartbeat(NodeInfo(node_id=n, tier="edge", region="r", address=n), ttl_seconds=60)
-    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
 
     async def publish(subject: str, payload: dict) -> None:
         return None
 
-    trainer = FederatedTrainer(settings, store, nodes, slow_train, registry=None, publish=publish,
-                               eval_data=lambda: EVAL, owner="trainer-under-test")
-    await trainer.resume_unfinished()
-    await asyncio.wait_for(trainer.background.wait(), 10)  # not the round's 60 s
-    await asyncio.wait_for(closing[0], 5)
+    trainer = _trainer(store, nodes, slow_train, publish)
+    await _resume_until_closed(trainer, closing, 10)  # not the round's 60 s
     left = await store.get(job.id)
     assert (left.state, left.round) == ("suspended", 3), (left.state, left.round, left.error)
 
@@ -131,12 +138,8 @@ async def test_a_job_suspended_while_its_round_was_being_written_keeps_that_roun
     async def publish(subject: str, payload: dict) -> None:
         return None
 
-    settings = cfg.load(TrainerSettings, PREFIX, env={}, lease_s=10.0)
-    trainer = FederatedTrainer(settings, store, nodes, train, registry=None, publish=publish,
-                               eval_data=lambda: EVAL, owner="trainer-under-test")
-    assert await trainer.resume_unfinished() == [job.id]
-    await asyncio.wait_for(trainer.background.wait(), 30)
-    await asyncio.wait_for(closing[0], 5)
+    trainer = _trainer(store, nodes, train, publish)
+    assert await _resume_until_closed(trainer, closing, 30) == [job.id]
     left = await store.get(job.id)
     weights, _ = checkpoint.decode(await store.checkpoint(job.id))
     assert (left.state, [r.round for r in left.history]) == ("suspended", [2, 3]), left.error
