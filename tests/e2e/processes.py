@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,18 @@ def server_ready(address: str) -> bool:
         return False
     finally:
         client.close()
+
+
+def assert_refused(call, *args, status: str, match: str) -> None:
+    """`call(*args)` (a tritonclient gRPC method) raises with gRPC `status` (e.g. "NOT_FOUND") and
+    a message matching `match`."""
+    try:
+        call(*args)
+    except triton_utils.InferenceServerException as exc:
+        assert exc.status() == f"StatusCode.{status}", (exc.status(), exc.message())
+        assert re.search(match, exc.message()), exc.message()
+    else:
+        raise AssertionError(f"{getattr(call, '__name__', call)}{args} was not refused")
 
 
 def children(pid: int) -> list[int]:

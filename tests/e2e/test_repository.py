@@ -16,7 +16,7 @@ from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.processes import push_digits_as, run_cnei
+from tests.e2e.processes import assert_refused, push_digits_as, run_cnei
 
 MODEL = "digits-ctl"
 EDGES = ("edge-a1", "edge-b1")
@@ -97,9 +97,7 @@ def test_model_control_refuses_what_it_cannot_do(mesh, ctl_model):
     client = triton.InferenceServerClient(mesh.coordinator)
     try:
         for call in (client.load_model, client.unload_model):
-            with pytest.raises(InferenceServerException, match="model 'no-such-model' not found") as missing:
-                call("no-such-model")
-            assert missing.value.status() == "StatusCode.NOT_FOUND"
+            assert_refused(call, "no-such-model", status="NOT_FOUND", match="model 'no-such-model' not found")
     finally:
         client.close()
 
