@@ -338,7 +338,9 @@ async def test_a_peer_past_its_open_period_is_probed_by_the_coordinator_and_back
     n1, n2 = mesh.NodeCore(), mesh.NodeCore()
     async with mesh.mesh([mesh.variant()], {}, {"n1": n1, "n2": n2}, fast_lane=True, door=True,
                          breaker_open_s=0.2) as m:
-        m.door.spread_nodes, m.door.spread_margin = 4, 0.1  # identical peers: the full path always picks n1
+        # every node in the route (the probe measures n2's RTT, n1's is unknown); identical peers:
+        # the full path always picks n1
+        m.door.spread_nodes, m.door.spread_margin = 4, 1.0
         assert [a.node_id for a in (await ask_the_coordinator(m)).alternatives] == ["n2"]
         open_breaker(m, "n2", which)
         assert not (await ask_the_coordinator(m)).alternatives and not n2.calls, "open: neither routed nor probed"
@@ -355,7 +357,7 @@ async def test_a_peer_whose_probe_fails_is_left_out_again_and_probed_after_its_n
     n2 = mesh.NodeCore(failing=("m",))
     async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(), "n2": n2}, fast_lane=True, door=True,
                          breaker_open_s=0.2) as m:
-        m.door.spread_nodes, m.door.spread_margin = 4, 0.1
+        m.door.spread_nodes, m.door.spread_margin = 4, 1.0
         open_breaker(m, "n2", "model")
         pair = m.core.breakers.by_model[("n2", "m:1:FP32")]
         for probes in (1, 2):
