@@ -89,6 +89,16 @@ class BatchOutputs(dict):
         self.info = info
 
 
+@dataclass(eq=False)
+class NodeCall:
+    """One call a batcher sent (a batch, or a request of a failed batch sent again alone), as its
+    requests' callers see it: `booked` is theirs to note that one of them said what it showed of
+    the node (the coordinator books one breaker verdict per call, not one per request)."""
+
+    requests: int
+    booked: bool = False
+
+
 @dataclass(eq=False)  # identity: fields hold arrays, which have no truth value to compare by
 class Pending:
     """One queued request: its inputs, priority level (Triton: lower is served first), deadline
@@ -105,6 +115,7 @@ class Pending:
     context: otel_context.Context | None = None  # the caller's trace context
     span: trace.Span | None = None  # `<component>.queue`: from enqueue to dispatch or drop
     waited: list[int] | None = None  # the caller's: gets the ns this request waited, when sent
+    calls: list[NodeCall] | None = None  # the caller's: gets each call that carried this request
 
     def dequeued(self, outcome: str, batch_size: int = 0) -> None:
         """End the queue span once (sent in a batch of `batch_size`, or dropped)."""
@@ -257,9 +268,10 @@ class Batcher:
         self._closed: CneiError | None = None  # once closed: what a request submitted then is told
 
     async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0, deadline: float = float("inf"),
-                     waited: list[int] | None = None) -> dict[str, np.ndarray]:
+                     waited: list[int] | None = None, calls: list[NodeCall] | None = None) -> dict[str, np.ndarray]:
         """The request's outputs once its batch is answered; `waited`, when given, gets the
-        nanoseconds it waited in the queue appended when it is sent."""
+        nanoseconds it waited in the queue appended when it is sent; `calls`, each node call
+        that carried it (the last one answered it)."""
         if self._closed is not None:
             raise self._closed
         now = time.monotonic()  # requests cancelled or expired while a batch is in flight hold no slot
@@ -274,7 +286,7 @@ class Batcher:
                        context=otel_context.get_current(),
                        span=None if telemetry.unsampled() else
                        _tracer.start_span(f"{self.component}.queue", attributes={"cnei.model": self.model}),
-                       waited=waited)
+                       waited=waited, calls=calls)
         if self._idle(item) and deadline > time.monotonic():  # nothing to wait for or batch with: send now
             await self._slots.acquire()  # free, so this returns at once
             await self._dispatch(self._started([item]))
@@ -384,6 +396,10 @@ class Batcher:
                     p.waited.append(int((now - p.enqueued) * 1e9))
                 p.dequeued("sent", total)
             self._batch_size.observe(total)
+            call = NodeCall(len(live))
+            for p in live:
+                if p.calls is not None:
+                    p.calls.append(call)
             if len(live) == 1:
                 inputs = live[0].inputs
             else:
@@ -437,6 +453,8 @@ class Batcher:
         for p in live:
             if p.future.done():
                 continue
+            if p.calls is not None:
+                p.calls.append(NodeCall(1))
             try:
                 result = await self.send(p.inputs, p.size, p.deadline)
             except Exception as exc:  # noqa: BLE001 - this request's own failure

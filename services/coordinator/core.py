@@ -24,7 +24,7 @@ from services.common.model_spec import ModelVariant, check_inputs, check_outputs
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
-from services.common.batcher import BatchConfig, Batcher, priority_level, request_deadline
+from services.common.batcher import BatchConfig, Batcher, NodeCall, priority_level, request_deadline
 from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breakers, Claim, Verdict, verdict
 from services.coordinator.catalog import Catalog
@@ -85,6 +85,19 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
 def about_a_request(error: Exception) -> bool:
     """Whether a failed batch's `error` may be one request's own (`REQUEST_ERRORS`)."""
     return isinstance(error, CneiError) and error.code in REQUEST_ERRORS
+
+
+def once_per_call(outcome: Verdict, calls: list[NodeCall]) -> Verdict:
+    """What an attempt books of its node: a failure (slow, faulty, down) once per node call, by
+    the first of the requests the call carried (the last of `calls`) to say so, the others
+    SILENT (a failed batch of three is one failure, as the front door books it); an answer
+    always (idempotent)."""
+    if outcome in (Verdict.ANSWERED, Verdict.SILENT) or not calls:
+        return outcome
+    if calls[-1].booked:
+        return Verdict.SILENT
+    calls[-1].booked = True
+    return outcome
 
 
 def from_cache(response: oip.InferResponse) -> bool:
@@ -775,17 +788,18 @@ class Coordinator:
         start = time.perf_counter()
         rows = request.rows
         waited: list[int] = []  # the batcher notes the queue wait when it sends: the node had the request
+        calls: list[NodeCall] = []  # and the node calls that carried it
         outcome, reason = Verdict.SILENT, ""
         self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
         try:
             outputs = await self._batcher(placement, spec).submit(
-                request.inputs, priority_level(request.parameters), attempt_deadline, waited)
+                request.inputs, priority_level(request.parameters), attempt_deadline, waited, calls)
             outcome = Verdict.ANSWERED
         except CneiError as exc:
             outcome, reason = verdict(exc.code, bool(waited), attempt_deadline < deadline), exc.message
             raise
         finally:
-            claim.settle(outcome, reason)
+            claim.settle(once_per_call(outcome, calls), reason)
             left = self.outstanding.get(node.node_id, 0) - rows
             if left > 0:
                 self.outstanding[node.node_id] = left

@@ -205,7 +205,7 @@ async def test_hedged_requests_never_both_probe_a_half_open_node():
 
 # --- batches, hedging, cancellation ------------------------------------------------------------
 
-async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_each_counted_against_the_node():
+async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_counted_once_against_the_node():
     reduce_all = lambda inputs: {"y": np.asarray(inputs["x"].sum(), np.float32)}  # noqa: E731
     spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=50_000),
                           attempt_timeout_ms=5000)
@@ -218,7 +218,22 @@ async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_ea
             assert "with output 'y' of shape []: it needs 2 rows" in details
         # the node's reply is malformed, as the door judges it too
         breaker = m.core.breakers.by_model[("n1", "m:1:FP32")]
-        assert (breaker.state, breaker.failures) == (State.CLOSED, 2)
+        assert (breaker.state, breaker.failures) == (State.CLOSED, 1), "one failed node call"
+
+
+@pytest.mark.parametrize(("node", "spec", "breaker"), [
+    (NodeCore(failing=("m",)), {}, ("n1", "m:1:FP32")),
+    (NodeCore(delay_s=0.5), {"attempt_timeout_ms": 150}, ("n1", "")),
+], ids=["faulty", "slow"])
+async def test_one_failed_batch_counts_once_towards_opening_a_breaker_and_its_requests_fail_over(node, spec, breaker):
+    spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=50_000), **spec)
+    async with mesh([variant()], {"m": spec}, {"n1": node, "n2": NodeCore()}) as m:
+        m.core.outstanding["n2"] = 100  # n1 first
+        results = await asyncio.gather(*(m.infer() for _ in range(3)))
+        assert [(s, r.parameters["cnei_node"]) for s, r in results] == [("OK", "n2")] * 3
+        assert [len(call["x"]) for call in node.calls] == [3], "one node call carried all three"
+        b = m.core.breakers.by_model[breaker] if breaker[1] else m.core.breakers.get("n1")
+        assert (b.state, b.failures) == (State.CLOSED, 1), "breaker_failures (3) counts node calls"
 
 
 @pytest.mark.parametrize("code", [ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.FAILED_PRECONDITION])
