@@ -328,6 +328,8 @@ void Batcher::OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status,
   if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && batch->client_bound) {
     Finished();
     ClientDeadline(*batch);
+  } else if (status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+    RequestsRefused(*batch, status);
   } else if (!status.ok()) {
     HandOver(*batch, status);
   } else {
@@ -374,6 +376,29 @@ void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferRe
     }
   }
   reporter_->Served(config_->route_id, served, stats);
+}
+
+// The node refused the batch's requests themselves (INVALID_ARGUMENT: a value ONNX Runtime will
+// not take, say), not the node's failure: the route stays. A request alone is answered with the
+// node's error, reported as its own failure; a batch's members go again one at a time, on the
+// batch's in-flight slot and one more each, so that only the bad one fails (as Triton does).
+void Batcher::RequestsRefused(const Batch& batch, const grpc::Status& status) {
+  if (batch.members.size() == 1) {
+    Finished();
+    return Refuse(batch.members.front(), status);  // the call may be gone after it
+  }
+  std::vector<std::shared_ptr<Batch>> singles;
+  for (InferCall* call : batch.members) {
+    auto single = std::make_shared<Batch>();
+    single->members.push_back(call);
+    single->rows = call->rows;
+    singles.push_back(std::move(single));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inflight_ += int(singles.size()) - 1;
+  }
+  for (auto& single : singles) Send(std::move(single));
 }
 
 // A failed node call: the route is dropped, reported at once, and every member forwarded.

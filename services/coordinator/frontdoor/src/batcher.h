@@ -77,6 +77,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
                size_t offset);
   void Answer(const Batch& batch, std::shared_ptr<inference::ModelInferResponse> reply);
   void ClientDeadline(const Batch& batch);
+  // A batch the node answered INVALID_ARGUMENT: the request alone fails, a batch's members go again singly.
+  void RequestsRefused(const Batch& batch, const grpc::Status& status);
   void HandOver(const Batch& batch, const grpc::Status& status);
   void Finished();
 
