@@ -282,7 +282,11 @@ async def register_demo(registry_target: str, models_dir: Path) -> list[str]:
     client = RegistryClient(registry_target, headers=headers(registry_headers()), credentials=registry_credentials())
     lines = []
     try:
+        registered = {v.precision for v in await client.list(digits.NAME) if v.version == digits.VERSION}
         for variant in built:
+            if variant.precision in registered:  # a push of the same artifact would return it as new
+                lines.append(f"{digits.NAME} v{digits.VERSION} {variant.precision} already registered")
+                continue
             try:
                 await client.push_file(variant.path, digits.NAME, digits.VERSION,
                                        variant.precision, variant.metadata)

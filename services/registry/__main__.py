@@ -36,6 +36,7 @@ async def serve(settings: RegistrySettings) -> None:
     await stop.wait()
     log.info("registry shutting down")
     await server.stop()
+    await registry.close()  # pushes being catalogued are announced before the bus closes
     await bus.close()
     store.close()
     telemetry.shutdown()

@@ -86,26 +86,50 @@ class Registry:
         self.publish = publish
         self.max_artifact_bytes = max_artifact_bytes
         self._making = threading.Lock()  # deltas are made one at a time
+        self._committing: set[asyncio.Future] = set()  # pushes being catalogued, whatever becomes of their calls
+
+    async def close(self) -> None:
+        """Wait for the pushes being catalogued (and announced)."""
+        if self._committing:
+            await asyncio.wait(self._committing)
 
     async def add_version(self, header: PushHeader, chunks: AsyncIterator[bytes]) -> ModelVariant:
+        """Take a push; the variant catalogued (the one stored before when this very artifact was
+        pushed as it already: a retry of a push whose answer was lost). Once the upload is in, it
+        is catalogued and announced even when the call is cancelled meanwhile (a client's
+        deadline): a version stored, and perhaps already served, is never left unannounced."""
         header = validate_header(header)
-        # refused before the upload is taken, and again (atomically) as it is catalogued
-        await asyncio.to_thread(self.store.check_absent, header.name, header.version, header.precision)
         temp = self.store.incoming / f"{uuid.uuid4().hex}.part"
         try:
             sha, size = await self._receive(chunks, temp)
-            inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
-            variant = ModelVariant(
-                name=header.name, version=header.version, precision=header.precision,
-                format=header.format, sha256=sha, size_bytes=size, inputs=inputs, outputs=outputs,
-                metadata=header.metadata, created_at=time.time(),
-            )
-            await asyncio.to_thread(self.store.add_variant, temp, variant)
+            variant = await asyncio.to_thread(self.store.pushed_before, header.name, header.version,
+                                              header.precision, sha)
+            if variant is None:
+                inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
+                variant = ModelVariant(
+                    name=header.name, version=header.version, precision=header.precision,
+                    format=header.format, sha256=sha, size_bytes=size, inputs=inputs, outputs=outputs,
+                    metadata=header.metadata, created_at=time.time(),
+                )
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        committing = asyncio.ensure_future(self._commit(temp, variant))
+        self._committing.add(committing)
+        committing.add_done_callback(self._committing.discard)
+        return await asyncio.shield(committing)
+
+    async def _commit(self, temp: Path, variant: ModelVariant) -> ModelVariant:
+        """Catalogue the upload at `temp` as `variant` and announce it (announced again when it
+        was stored before: that push's event may never have gone out)."""
+        try:
+            stored = await asyncio.to_thread(self.store.add_variant, temp, variant)
         finally:
             temp.unlink(missing_ok=True)
-        log.info("published %s sha256:%s (%d bytes)", variant.key, sha[:12], size)
-        await self._announce(variant)
-        return variant
+        log.info("published %s sha256:%s (%d bytes)%s", stored.key, stored.sha256[:12], stored.size_bytes,
+                 "" if stored is variant else ", pushed again")
+        await self._announce(stored)
+        return stored
 
     async def _receive(self, chunks: AsyncIterator[bytes], temp: Path) -> tuple[str, int]:
         """Write the upload to `temp`; its sha256 and size (limit and emptiness checked)."""

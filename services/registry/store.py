@@ -87,26 +87,20 @@ class RegistryStore:
                 log.info("removing %s, left half written by a registry that stopped", leftover)
                 leftover.unlink(missing_ok=True)
 
-    def check_absent(self, name: str, version: str, precision: str) -> None:
-        """ALREADY_EXISTS when the catalogue has this variant."""
-        with self._lock:
-            self._check_absent(name, version, precision)
-
-    def _check_absent(self, name: str, version: str, precision: str) -> None:
-        if self._db.execute("SELECT 1 FROM variants WHERE name = ? AND version = ? AND precision = ?",
-                            (name, version, precision)).fetchone():
-            raise AlreadyExists(f"model '{name}' version {version} precision {precision} already exists")
-
-    def add_variant(self, temp_path: Path, v: ModelVariant) -> None:
+    def add_variant(self, temp_path: Path, v: ModelVariant) -> ModelVariant:
         """Move the verified upload at `temp_path` into the content-addressed store as `v`'s
-        artifact and catalogue `v`, as one step under the store lock: a variant that exists is
+        artifact and catalogue `v`, as one step under the store lock; the variant catalogued. A
+        variant of that name, version and precision with the same artifact is a push made again
+        (its answer lost, say): that variant, as it was. With another artifact it is
         ALREADY_EXISTS and leaves no artifact behind (the artifact is kept only while a variant
         refers to it, so a rejected push cannot be fetched nor fill the disk)."""
         with temp_path.open("rb") as fh:  # the slow part, outside the lock
             os.fsync(fh.fileno())
         final = self.blob_path(v.sha256)
         with self._lock:
-            self._check_absent(v.name, v.version, v.precision)
+            if (stored := self._pushed_before(v.name, v.version, v.precision, v.sha256)) is not None:
+                temp_path.unlink(missing_ok=True)
+                return stored
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp_path, final)  # the same bytes when it was there: their hash is its name
             try:
@@ -115,6 +109,23 @@ class RegistryStore:
                 if not self._db.execute("SELECT 1 FROM variants WHERE sha256 = ?", (v.sha256,)).fetchone():
                     final.unlink(missing_ok=True)
                 raise
+        return v
+
+    def pushed_before(self, name: str, version: str, precision: str, sha256: str) -> ModelVariant | None:
+        """The catalogued variant `name` `version` `precision` when its artifact is `sha256`
+        (None when there is none; ALREADY_EXISTS when its artifact is another)."""
+        with self._lock:
+            return self._pushed_before(name, version, precision, sha256)
+
+    def _pushed_before(self, name: str, version: str, precision: str, sha256: str) -> ModelVariant | None:
+        row = self._db.execute("SELECT * FROM variants WHERE name = ? AND version = ? AND precision = ?",
+                               (name, version, precision)).fetchone()
+        if row is None:
+            return None
+        if row[4] != sha256:
+            raise AlreadyExists(f"model '{name}' version {version} precision {precision} already exists "
+                                f"(artifact sha256:{row[4][:12]}, this push's sha256:{sha256[:12]})")
+        return _row_to_variant(row)
 
     def _insert(self, v: ModelVariant) -> None:
         row = (

@@ -179,6 +179,13 @@ async def test_pushing_the_same_name_version_and_precision_twice_is_already_exis
     assert (await client.resolve(name, "1", "FP32")).sha256 == _sha256(built["FP32"].path)
 
 
+async def test_pushing_the_same_artifact_as_the_same_variant_again_returns_the_stored_one(client, name, built):
+    """A retry of a push whose answer was lost."""
+    first = await client.push_file(built["FP32"].path, name, "1", "FP32", metadata={"note": "first"})
+    assert await client.push_file(built["FP32"].path, name, "1", "FP32", metadata={"note": "again"}) == first
+    assert await client.list(name) == [first]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -285,7 +292,7 @@ async def test_a_restarted_registry_still_lists_and_serves_everything(launch_reg
         for variant in before:
             assert await client.fetch_artifact(variant.sha256) == built[variant.precision].path.read_bytes()
         with pytest.raises(CneiError) as info:
-            await client.push_file(built["FP32"].path, "durable", "1", "FP32")
+            await client.push_file(built["INT8"].path, "durable", "1", "FP32")
         assert info.value.code is ErrorCode.ALREADY_EXISTS
 
     await across_a_restart(launch_registry, tmp_path / "data", write, check)
