@@ -4,46 +4,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from services.common import delta, deployment, events
+from services.common import deployment, events
 from services.common.deployment import DeploymentSpec
-from services.common.errors import (ArtifactNotFound, FailedPrecondition, InvalidArgument, ModelNotFound, NotFound,
-                                    ResourceExhausted)
+from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
 from services.registry.onnx_inspect import inspect_onnx
+from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Publisher = Callable[[str, dict], Awaitable[object]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-READ_CHUNK = 1 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-DELTA = "delta"
-DELTA_MAX_BYTES = 256 << 20  # larger artifacts are sent whole (a delta is made in memory)
-DELTA_WORTH = 0.8  # a delta is sent when it is under this fraction of the artifact
-
-
-def _read_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while data := fh.read(READ_CHUNK):
-            yield data
-
-
-@dataclass(frozen=True)
-class Sending:
-    """An artifact's bytes as sent: `encoding` "" (the artifact) or DELTA against `base`."""
-
-    encoding: str
-    base: str
-    chunks: Iterator[bytes]
+CATALOGUE_THREADS = 4  # the store's quick calls; never behind uploads, artifact reads or deltas
 
 
 @dataclass(frozen=True)
@@ -85,13 +67,20 @@ class Registry:
         self.store = store
         self.publish = publish
         self.max_artifact_bytes = max_artifact_bytes
-        self._making = threading.Lock()  # deltas are made one at a time
         self._committing: set[asyncio.Future] = set()  # pushes being catalogued, whatever becomes of their calls
+        self._catalogue = ThreadPoolExecutor(CATALOGUE_THREADS, thread_name_prefix="registry-catalogue")
+        self.artifacts = ArtifactSender(store, self._catalogue)
 
     async def close(self) -> None:
-        """Wait for the pushes being catalogued (and announced)."""
+        """Wait for the pushes being catalogued (and announced); stop making deltas."""
         if self._committing:
             await asyncio.wait(self._committing)
+        self.artifacts.close()
+        self._catalogue.shutdown(wait=False)
+
+    async def _quick(self, fn: Callable[..., T], *args) -> T:
+        """A quick store call, in a thread of the catalogue's."""
+        return await run_in(self._catalogue, fn, *args)
 
     async def add_version(self, header: PushHeader, chunks: AsyncIterator[bytes]) -> ModelVariant:
         """Take a push; the variant catalogued (the one stored before when this very artifact was
@@ -102,7 +91,7 @@ class Registry:
         temp = self.store.incoming / f"{uuid.uuid4().hex}.part"
         try:
             sha, size = await self._receive(chunks, temp)
-            variant = await asyncio.to_thread(self.store.pushed_before, header.name, header.version,
+            variant = await self._quick(self.store.pushed_before, header.name, header.version,
                                               header.precision, sha)
             if variant is None:
                 inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
@@ -157,17 +146,17 @@ class Registry:
             log.warning("could not publish %s event for %s: %s", events.MODEL_PUBLISHED, variant.key, exc)
 
     async def list(self, name: str = "") -> list[ModelVariant]:
-        variants = await asyncio.to_thread(self.store.variants, name)
+        variants = await self._quick(self.store.variants, name)
         return sorted(variants, key=lambda v: (v.name, version_key(v.version), v.precision))
 
     async def get(self, name: str, version: str, precision: str) -> ModelVariant:
-        for v in await asyncio.to_thread(self.store.variants, name):
+        for v in await self._quick(self.store.variants, name):
             if v.version == version and v.precision == (precision or "FP32").upper():
                 return v
         raise ModelNotFound(name, version, precision)
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
-        return pick_variant(await asyncio.to_thread(self.store.variants, name), name, version, precision)
+        return pick_variant(await self._quick(self.store.variants, name), name, version, precision)
 
     async def record_measurement(self, name: str, version: str, precision: str, node_class: str,
                                  node_id: str, latency_ms: float, memory_bytes: int) -> ModelVariant:
@@ -177,20 +166,20 @@ class Registry:
             raise InvalidArgument(f"node class {node_class!r} must match {_NAME.pattern}")
         if not (latency_ms >= 0 and memory_bytes >= 0):
             raise InvalidArgument("measured latency and memory must not be negative")
-        await asyncio.to_thread(self.store.record_measurement, name, version, variant.precision,
+        await self._quick(self.store.record_measurement, name, version, variant.precision,
                                 node_class, node_id, latency_ms, memory_bytes, time.time())
         return await self.get(name, version, variant.precision)
 
     async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
         spec = deployment.from_json(spec_json)
         if spec.ensemble:  # a name of its own, over models the registry has and other ensembles
-            if await asyncio.to_thread(self.store.variants, spec.model):
+            if await self._quick(self.store.variants, spec.model):
                 raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
             ensembles = {s.model: s for s, _ in await self.deployments() if s.ensemble} | {spec.model: spec}
             if cycle := deployment.ensemble_cycle(spec.model, ensembles):
                 raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
             for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
-                if step.model in ensembles and not await asyncio.to_thread(self.store.variants, step.model):
+                if step.model in ensembles and not await self._quick(self.store.variants, step.model):
                     if step.version not in ("", "1"):  # an ensemble's one version
                         raise ModelNotFound(step.model, step.version)
                     inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
@@ -221,7 +210,7 @@ class Registry:
                         raise InvalidArgument(f"joint cloud model '{cloud.key}' cannot answer for model '{edge.key}': "
                                               + "; ".join(problems))
         when = time.time()
-        await asyncio.to_thread(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
+        await self._quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:
             try:
                 await self.publish(events.DEPLOYMENT_UPDATED, {"model": spec.model})
@@ -230,7 +219,7 @@ class Registry:
         return spec, when
 
     async def deployments(self, model: str = "") -> list[tuple[DeploymentSpec, float]]:
-        rows = await asyncio.to_thread(self.store.deployments, model)
+        rows = await self._quick(self.store.deployments, model)
         if model and not rows:
             raise NotFound(f"no deployment for model '{model}'")
         specs = []
@@ -243,66 +232,3 @@ class Registry:
                                              f"{exc.message}; put it again") from None
                 log.warning("deployment of model '%s' skipped: it no longer reads: %s", name, exc.message)
         return specs
-
-    def artifact_chunks(self, sha256: str) -> Iterator[bytes]:
-        """Blocking iterator over an artifact's bytes (NOT_FOUND at once, not at the first chunk)."""
-        self._check_artifact(sha256)
-        return self._chunks(sha256)
-
-    def _check_artifact(self, sha256: str) -> None:
-        if not _SHA256.fullmatch(sha256 or "") or not self.store.has_blob(sha256):
-            raise ArtifactNotFound(sha256)
-
-    def _chunks(self, sha256: str) -> Iterator[bytes]:
-        return _read_chunks(self.store.blob_path(sha256))
-
-    def artifact_for(self, sha256: str, have: list[str]) -> Sending:
-        """What to send a caller asking for `sha256` that holds the artifacts `have` (blocking):
-        a delta against the one that is the nearest other version of the same model (same
-        precision first, then the latest version) when the delta is under DELTA_WORTH of the
-        artifact, else the artifact. Deltas are made once (one at a time: each takes about twice
-        the artifact's size in memory) and kept beside the artifacts."""
-        if len(have) > delta.MAX_BASES:
-            raise InvalidArgument(f"'have' lists {len(have)} artifacts; at most {delta.MAX_BASES}")
-        chunks = self.artifact_chunks(sha256)
-        base = self._delta_base(sha256, [h for h in have if h != sha256 and _SHA256.fullmatch(h)])
-        if base is None:
-            return Sending("", "", chunks)
-        path = self.store.delta_path(base, sha256)
-        if not path.is_file():
-            with self._making:  # callers asking for the same delta at once wait for the first to make it
-                try:
-                    if not path.is_file():
-                        self._make_delta(base, sha256, path)
-                except (MemoryError, OSError) as exc:
-                    log.warning("delta %s -> %s not made (%s): the artifact is sent whole", base[:12], sha256[:12], exc)
-                    return Sending("", "", chunks)
-        if path.stat().st_size == 0:  # made before, not worth it
-            return Sending("", "", chunks)
-        return Sending(DELTA, base, _read_chunks(path))
-
-    def _delta_base(self, sha256: str, have: list[str]) -> str | None:
-        size = self.store.blob_path(sha256).stat().st_size
-        if not have or size > DELTA_MAX_BYTES:
-            return None
-        targets = self.store.variants_of_artifacts([sha256])
-        held = [v for v in self.store.variants_of_artifacts(have) if self.store.has_blob(v.sha256)
-                and self.store.blob_path(v.sha256).stat().st_size <= DELTA_MAX_BYTES]
-        candidates = [(v.precision == t.precision, version_key(v.version), v.sha256)
-                      for t in targets for v in held if v.name == t.name]
-        return max(candidates)[2] if candidates else None
-
-    def _make_delta(self, base: str, target: str, path: Path) -> None:
-        """Keep the delta at `path`, or an empty file when it would save too little."""
-        target_bytes = self.store.blob_path(target).read_bytes()
-        made = delta.encode(self.store.blob_path(base).read_bytes(), target_bytes)
-        worth = len(made) < DELTA_WORTH * len(target_bytes)
-        log.info("delta %s -> %s: %d of %d bytes (%s)", base[:12], target[:12], len(made), len(target_bytes),
-                 "kept" if worth else "not worth it: the artifact is sent whole")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.part")  # one maker at a time (`_making`)
-        try:
-            partial.write_bytes(made if worth else b"")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)

@@ -56,7 +56,7 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
 
     @rpc
     async def FetchArtifact(self, request, context):
-        sending = await asyncio.to_thread(self.registry.artifact_for, request.sha256, list(request.have))
+        sending = await self.registry.artifacts.artifact_for(request.sha256, list(request.have))
         first = True
         while (data := await asyncio.to_thread(next, sending.chunks, None)) is not None:
             SENT_BYTES.labels(sending.encoding or "full").inc(len(data))

@@ -2,11 +2,12 @@
 and the digits demo artifacts to push."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import infra
+from services.common.lifecycle import GrpcServer
 from services.common.registry_client import RegistryClient
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
+from services.registry.core import Registry
+from services.registry.servicer import RegistryServicer
 
 SERVICE = "cnei.registry.v1.ModelRegistry"
 MAX_ARTIFACT_BYTES = 256 * 1024
@@ -66,6 +70,20 @@ def start_registry(data_dir: Path, nats_url: str) -> RegistryProcess:
     running = RegistryProcess(proc, f"127.0.0.1:{port}", data_dir, log)
     _wait_until_serving(running.target, proc, log)
     return running
+
+
+@contextlib.asynccontextmanager
+async def serving(registry: Registry) -> AsyncIterator[str]:
+    """A real gRPC server of `registry` in this process (a core over a store the test shapes): its
+    address; stopped, and `registry` closed, at the end."""
+    server = GrpcServer("127.0.0.1", 0)
+    server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry), SERVICE)
+    await server.start()
+    try:
+        yield server.address
+    finally:
+        await server.stop(0)
+        await registry.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,13 @@ import pytest
 
 from services.common import events
 from services.common.errors import CneiError, ErrorCode
-from services.common.lifecycle import GrpcServer
 from services.common.registry_client import RegistryClient
 from services.models.onnx_mlp import mlp_graph
 from services.pb.cnei import registry_pb2 as rpb
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 from services.registry.core import Registry
-from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore
-from tests.registry.conftest import SERVICE
+from tests.registry.conftest import serving
 
 
 class HeldStore(RegistryStore):
@@ -54,17 +52,12 @@ async def held(tmp_path):
     async def publish(subject: str, payload: dict) -> None:
         published.append((subject, payload))
 
-    registry = Registry(store, publish)
-    server = GrpcServer("127.0.0.1", 0)
-    server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry), SERVICE)
-    await server.start()
-    client, channel = RegistryClient(server.address), grpc.aio.insecure_channel(server.address)
-    yield Held(client, rpb_grpc.ModelRegistryStub(channel), store, published)
-    store.release.set()
-    await channel.close()
-    await client.close()
-    await server.stop(0)
-    await registry.close()
+    async with serving(Registry(store, publish)) as address:
+        client, channel = RegistryClient(address), grpc.aio.insecure_channel(address)
+        yield Held(client, rpb_grpc.ModelRegistryStub(channel), store, published)
+        store.release.set()
+        await channel.close()
+        await client.close()
     store.close()
 
 
