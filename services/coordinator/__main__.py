@@ -103,7 +103,10 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                "inference.GRPCInferenceService")
     runner = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs, restricted), access_log=None)
+        # handler_cancellation: a client that hangs up cancels its handler, which takes its
+        # request out of the queue (as over gRPC): its work is never run
+        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs, restricted),
+                               access_log=None, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port,
                           ssl_context=tls.server_ssl_context(public_tls) if public_tls else None).start()

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 import urllib.request
 import uuid
 
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 import tritonclient.http as http
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from services.cli import infra
+from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.models.digits import load_split
+from tests.e2e.processes import push_digits_as, put_deployment
 
 ROWS = 8
 
@@ -124,3 +130,40 @@ def test_replies_are_compressed_when_the_client_accepts_it(mesh, images):
     assert np.asarray(answer["outputs"][0]["data"]).reshape(ROWS, 10).argmax(1).tolist() == \
         _infer(http.InferenceServerClient(mesh.rest.removeprefix("http://")), images, True).as_numpy(
             "probabilities").argmax(1).tolist()
+
+
+def test_a_request_whose_client_hangs_up_while_it_is_queued_is_never_run(mesh, digits_models, images):
+    """As over gRPC, a REST client that closes its connection takes its queued request out: the
+    model never runs it (here it would have waited 2 s in the coordinator's batcher)."""
+    model = push_digits_as(mesh, digits_models, f"rest-hangup-{uuid.uuid4().hex[:6]}")
+    put_deployment(mesh, DeploymentSpec(model=model, attempt_timeout_ms=10_000,
+                                        batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=2_000_000)))
+    host, port = mesh.rest.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "data": images[0].tolist()}]}).encode()
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    grpc_client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        # the deployment's batching is in force once a request waits out its queue delay
+        infra.wait_until(lambda: _answered_after(host, int(port), head + body) >= 1.9, 30,
+                         "the 2 s queue delay in force")
+        ran = grpc_client.get_inference_statistics(model).model_stats[0].inference_count
+        with socket.create_connection((host, int(port))) as hung_up:
+            hung_up.sendall(head + body)
+            time.sleep(0.3)
+            hung_up.shutdown(socket.SHUT_RDWR)
+        time.sleep(2.5)  # past its queue delay: it would have run by now
+        stats = grpc_client.get_inference_statistics(model).model_stats[0]
+        assert stats.inference_count == ran, "the request of the client that hung up was run"
+    finally:
+        grpc_client.close()
+
+
+def _answered_after(host: str, port: int, request: bytes) -> float:
+    """Seconds until a raw HTTP request is answered 200 (0 when it is refused: not ready yet)."""
+    began = time.monotonic()
+    with socket.create_connection((host, port)) as conn:
+        conn.sendall(request)
+        ok = conn.recv(12).startswith(b"HTTP/1.1 200")
+    return time.monotonic() - began if ok else 0.0
