@@ -61,6 +61,23 @@ def _check_canary_is_not_the_latest(spec: DeploymentSpec, latest: str) -> None:
                               "which an empty stable version also means: pin the stable version")
 
 
+def missing_precision(spec: DeploymentSpec, latest: str, variants: list[ModelVariant]) -> str | None:
+    """Why the deployment cannot serve: a version it serves requests that name none with (its
+    stable one, else `latest`, and its canary) lacks the variant its precision policy or its
+    joint edge precision names; None when each has it."""
+    rollout = spec.rollout
+    wanted = [(f"{spec.model}.{where}", precision.upper()) for where, precision in
+              (("precision.precision", spec.precision.precision), ("joint.edge_precision", spec.joint.edge_precision))
+              if precision]
+    for role, version in (("stable", rollout.stable or latest), ("canary", rollout.canary)):
+        held = sorted({v.precision for v in variants if v.version == version})
+        for where, precision in wanted:
+            if version and precision not in held:
+                return (f"model '{spec.model}' version {version} ({role}) has no {precision} variant, which "
+                        f"deployment field '{where}' asks for (its variants: {', '.join(held)})")
+    return None
+
+
 class Registry:
     def __init__(self, store: RegistryStore, publish: Publisher | None = None,
                  max_artifact_bytes: int = 1 << 30):
@@ -193,6 +210,8 @@ class Registry:
             served = [latest] + [await self.resolve(spec.model, version)  # NOT_FOUND naming it
                                  for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
             _check_canary_is_not_the_latest(spec, latest.version)
+            if problem := missing_precision(spec, latest.version, await self._quick(self.store.variants, spec.model)):
+                raise FailedPrecondition(problem)
             j = spec.joint
             if j.mode != "off" or j.cloud_model or j.cloud_version:  # requests may turn joint inference on
                 cloud_name = j.cloud_model or spec.model

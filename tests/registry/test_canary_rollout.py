@@ -1,7 +1,8 @@
 """A canary of a model's newest version over no pinned stable version: the registry refuses the
 rollout (the stable version would be the canary itself), and `cnei deploy canary` pins the newest
-other version as the stable one, which rollback comes back to. A real registry process; the CLI
-run as a user runs it."""
+other version as the stable one, which rollback comes back to. A version served without the
+precision the deployment asks for is refused. A real registry process; the CLI run as a user runs
+it."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from services.common.deployment import DeploymentSpec, RolloutSpec
+from services.common.deployment import DeploymentSpec, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
 
 
@@ -63,3 +64,44 @@ async def test_cnei_deploy_canary_of_a_model_s_only_version_says_there_is_no_oth
     out = _cnei(registry, "canary", name, "1")
     assert out.returncode != 0 and "only version" in out.stderr, (out.stdout, out.stderr)
     assert all(s.model != name for s in await client.list_deployments())
+
+
+@pytest.fixture
+async def int8_then_fp32(client, name, built):
+    """Version 1 as FP32 and INT8, version 2 as FP32 alone."""
+    for version, precisions in (("1", ("FP32", "INT8")), ("2", ("FP32",))):
+        for precision in precisions:
+            await client.push_file(built[precision].path, name, version, precision)
+    return name
+
+
+@pytest.mark.parametrize(("precision", "joint", "rollout", "refusal"), [
+    ("INT8", JointSpec(), RolloutSpec("1", "2", 10.0),
+     "version 2 (canary) has no INT8 variant, which deployment field '{name}.precision.precision' asks for "
+     "(its variants: FP32)"),
+    ("int8", JointSpec(), RolloutSpec("2"), "version 2 (stable) has no INT8 variant"),
+    ("", JointSpec(mode="sync", edge_precision="INT8"), RolloutSpec(),
+     "version 2 (stable) has no INT8 variant, which deployment field '{name}.joint.edge_precision'"),
+], ids=["canary", "pinned-stable", "latest-at-the-edge"])
+async def test_a_served_version_without_the_precision_the_deployment_asks_for_is_refused_naming_both(
+        client, int8_then_fp32, precision, joint, rollout, refusal):
+    spec = DeploymentSpec(model=int8_then_fp32, precision=PrecisionSpec(precision), joint=joint, rollout=rollout)
+    with pytest.raises(CneiError) as info:
+        await client.put_deployment(spec)
+    assert info.value.code is ErrorCode.FAILED_PRECONDITION
+    assert refusal.format(name=int8_then_fp32) in info.value.message
+    assert all(s.model != int8_then_fp32 for s in await client.list_deployments())
+
+
+async def test_a_pinned_stable_version_with_the_precision_serves_though_the_latest_lacks_it(client, int8_then_fp32):
+    spec = DeploymentSpec(model=int8_then_fp32, precision=PrecisionSpec("INT8"), rollout=RolloutSpec("1"))
+    assert await client.put_deployment(spec) == spec
+
+
+async def test_cnei_deploy_canary_of_a_version_without_the_deployments_precision_is_refused(
+        client, registry, int8_then_fp32):
+    applied = DeploymentSpec(model=int8_then_fp32, precision=PrecisionSpec("INT8"), rollout=RolloutSpec("1"))
+    await client.put_deployment(applied)
+    out = _cnei(registry, "canary", int8_then_fp32, "2", "--percent", "10")
+    assert out.returncode != 0 and "version 2 (canary) has no INT8 variant" in out.stderr, (out.stdout, out.stderr)
+    assert await client.get_deployment(int8_then_fp32) == applied
