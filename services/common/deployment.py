@@ -203,6 +203,11 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
         raise InvalidArgument("scheduler weights must not be negative")
     if spec.attempt_timeout_ms <= 0:
         raise InvalidArgument("attempt_timeout_ms must be positive")
+    if b.max_queue_delay_us / 1e3 >= spec.attempt_timeout_ms:
+        # an attempt's timeout runs from when it queues: a request alone would always time out
+        raise InvalidArgument(f"batching.max_queue_delay_us ({b.max_queue_delay_us} µs) must be below "
+                              f"attempt_timeout_ms ({spec.attempt_timeout_ms:g} ms): a request waiting out the "
+                              f"delay alone would time out on every node")
     if spec.hedge_after_ms < 0 and spec.hedge_after_ms != -1:
         raise InvalidArgument("hedge_after_ms must be 0 (off), -1 (p95) or a positive delay")
     if spec.joint.mode not in JOINT_MODES:

@@ -160,7 +160,8 @@ def test_the_largest_batching_values_accepted_fit_the_route_reply_and_model_conf
     from services.pb.inference import grpc_service_pb2
 
     top = {name: high for name, (_, high) in deployment.BATCHING_RANGES.items()}
-    spec = deployment.from_dict({"model": "digits", "batching": {**top, "preferred_batch_sizes": [top["max_batch_size"]]}})
+    spec = deployment.from_dict({"model": "digits", "attempt_timeout_ms": 5e6,  # above the longest queue delay
+                                 "batching": {**top, "preferred_batch_sizes": [top["max_batch_size"]]}})
     b = spec.batching
     reply = frontdoor_pb2.RouteReply(max_batch_size=b.max_batch_size, max_queue_delay_us=b.max_queue_delay_us,
                                      max_queue_size=b.max_queue_size, max_inflight_batches=b.max_inflight_batches,
@@ -170,3 +171,16 @@ def test_the_largest_batching_values_accepted_fit_the_route_reply_and_model_conf
     config.dynamic_batching.max_queue_delay_microseconds = b.max_queue_delay_us
     assert (reply.max_batch_size, list(config.dynamic_batching.preferred_batch_size)) == \
         (2**31 - 1, [2**31 - 1])
+
+
+@pytest.mark.parametrize("delay_us, timeout_ms", [(2_000_000, 2000.0), (3_000_000, 2000.0), (500_000, 100.0)])
+def test_a_queue_delay_an_attempt_could_never_wait_out_is_refused(delay_us, timeout_ms):
+    with pytest.raises(InvalidArgument, match=rf"batching.max_queue_delay_us \({delay_us} µs\) must be below "
+                                              rf"attempt_timeout_ms \({timeout_ms:g} ms\)"):
+        deployment.from_dict({"model": "digits", "attempt_timeout_ms": timeout_ms,
+                              "batching": {"max_queue_delay_us": delay_us}})
+
+
+def test_a_queue_delay_below_the_attempt_timeout_is_accepted():
+    spec = deployment.from_dict({"model": "digits", "batching": {"max_queue_delay_us": 1_999_000}})
+    assert spec.batching.max_queue_delay_us == 1_999_000
