@@ -85,6 +85,7 @@ class Registry:
         self.publish = publish
         self.max_artifact_bytes = max_artifact_bytes
         self._committing: set[asyncio.Future] = set()  # pushes being catalogued, whatever becomes of their calls
+        self._naming = asyncio.Lock()  # a push's name checked and catalogued, or a deployment checked and stored
         self._catalogue = ThreadPoolExecutor(CATALOGUE_THREADS, thread_name_prefix="registry-catalogue")
         self.artifacts = ArtifactSender(store, self._catalogue)
 
@@ -105,11 +106,11 @@ class Registry:
         is catalogued and announced even when the call is cancelled meanwhile (a client's
         deadline): a version stored, and perhaps already served, is never left unannounced."""
         header = validate_header(header)
+        await self._check_not_an_ensemble(header.name)  # before the upload; again as it is catalogued
         temp = self.store.incoming / f"{uuid.uuid4().hex}.part"
         try:
             sha, size = await self._receive(chunks, temp)
-            variant = await self._quick(self.store.pushed_before, header.name, header.version,
-                                              header.precision, sha)
+            variant = await self._quick(self.store.pushed_before, header.name, header.version, header.precision, sha)
             if variant is None:
                 inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
                 variant = ModelVariant(
@@ -129,13 +130,27 @@ class Registry:
         """Catalogue the upload at `temp` as `variant` and announce it (announced again when it
         was stored before: that push's event may never have gone out)."""
         try:
-            stored = await asyncio.to_thread(self.store.add_variant, temp, variant)
+            async with self._naming:
+                await self._check_not_an_ensemble(variant.name)
+                stored = await asyncio.to_thread(self.store.add_variant, temp, variant)
         finally:
             temp.unlink(missing_ok=True)
         log.info("published %s sha256:%s (%d bytes)%s", stored.key, stored.sha256[:12], stored.size_bytes,
                  "" if stored is variant else ", pushed again")
         await self._announce(stored)
         return stored
+
+    async def _check_not_an_ensemble(self, name: str) -> None:
+        """FAILED_PRECONDITION when an ensemble deployment has this name (a model of that name
+        would take it over: the ensemble could never be applied again)."""
+        for _, text, _ in await self._quick(self.store.deployments, name):
+            try:
+                steps = deployment.from_json(text).ensemble
+            except InvalidArgument:  # no longer reads: what it was is for its next put to say
+                continue
+            if steps:
+                raise FailedPrecondition(f"'{name}' is the name of an ensemble deployment (steps: "
+                                         f"{' -> '.join(s.model for s in steps)}); a model needs a name of its own")
 
     async def _receive(self, chunks: AsyncIterator[bytes], temp: Path) -> tuple[str, int]:
         """Write the upload to `temp`; its sha256 and size (limit and emptiness checked)."""
@@ -189,53 +204,62 @@ class Registry:
 
     async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
         spec = deployment.from_json(spec_json)
-        if spec.ensemble:  # a name of its own, over models the registry has and other ensembles
-            if await self._quick(self.store.variants, spec.model):
-                raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
-            ensembles = {s.model: s for s, _ in await self.deployments() if s.ensemble} | {spec.model: spec}
-            if cycle := deployment.ensemble_cycle(spec.model, ensembles):
-                raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
-            for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
-                if step.model in ensembles and not await self._quick(self.store.variants, step.model):
-                    if step.version not in ("", "1"):  # an ensemble's one version
-                        raise ModelNotFound(step.model, step.version)
-                    inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
-                else:
-                    v = await self.resolve(step.model, step.version, step.precision)
-                    inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
-                if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
-                    raise InvalidArgument(f"ensemble '{spec.model}' step {i} ({step.model}): {problem}")
-        else:
-            latest = await self.resolve(spec.model)
-            served = [latest] + [await self.resolve(spec.model, version)  # NOT_FOUND naming it
-                                 for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
-            _check_canary_is_not_the_latest(spec, latest.version)
-            if problem := missing_precision(spec, latest.version, await self._quick(self.store.variants, spec.model)):
-                raise FailedPrecondition(problem)
-            j = spec.joint
-            if j.mode != "off" or j.cloud_model or j.cloud_version:  # requests may turn joint inference on
-                cloud_name = j.cloud_model or spec.model
-                try:
-                    cloud = await self.resolve(cloud_name, j.cloud_version, j.cloud_precision)
-                except ModelNotFound as exc:
-                    raise InvalidArgument(f"deployment field '{spec.model}.joint.cloud_model': {exc.message}") from None
-                for edge in served:
-                    outputs = {t.name: t.shape for t in edge.outputs}
-                    if j.output and j.output not in outputs:
-                        raise InvalidArgument(f"deployment field '{spec.model}.joint.output': model '{spec.model}' "
-                                              f"version {edge.version} has no output '{j.output}' "
-                                              f"(outputs: {sorted(outputs)})")
-                    if problems := deployment.joint_mismatches(outputs, {t.name: t.shape for t in cloud.outputs}):
-                        raise InvalidArgument(f"joint cloud model '{cloud.key}' cannot answer for model '{edge.key}': "
-                                              + "; ".join(problems))
-        when = time.time()
-        await self._quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
+        async with self._naming:
+            if spec.ensemble:
+                await self._check_ensemble(spec)
+            else:
+                await self._check_model_deployment(spec)
+            when = time.time()
+            await self._quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:
             try:
                 await self.publish(events.DEPLOYMENT_UPDATED, {"model": spec.model})
             except Exception as exc:  # noqa: BLE001 - stored; consumers also poll
                 log.warning("could not publish deployment event for %s: %s", spec.model, exc)
         return spec, when
+
+    async def _check_ensemble(self, spec: DeploymentSpec) -> None:
+        """A name of its own, over models the registry has and other ensembles, reaching no cycle."""
+        if await self._quick(self.store.variants, spec.model):
+            raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
+        ensembles = {s.model: s for s, _ in await self.deployments() if s.ensemble} | {spec.model: spec}
+        if cycle := deployment.ensemble_cycle(spec.model, ensembles):
+            raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
+        for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
+            if step.model in ensembles and not await self._quick(self.store.variants, step.model):
+                if step.version not in ("", "1"):  # an ensemble's one version
+                    raise ModelNotFound(step.model, step.version)
+                inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
+            else:
+                v = await self.resolve(step.model, step.version, step.precision)
+                inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
+            if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
+                raise InvalidArgument(f"ensemble '{spec.model}' step {i} ({step.model}): {problem}")
+
+    async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
+        """The versions it serves exist with the variants it asks for, and a joint cloud model can
+        answer for each."""
+        latest = await self.resolve(spec.model)
+        served = [latest] + [await self.resolve(spec.model, version)  # NOT_FOUND naming it
+                             for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
+        _check_canary_is_not_the_latest(spec, latest.version)
+        if problem := missing_precision(spec, latest.version, await self._quick(self.store.variants, spec.model)):
+            raise FailedPrecondition(problem)
+        j = spec.joint
+        if j.mode == "off" and not j.cloud_model and not j.cloud_version:  # requests may turn joint inference on
+            return
+        try:
+            cloud = await self.resolve(j.cloud_model or spec.model, j.cloud_version, j.cloud_precision)
+        except ModelNotFound as exc:
+            raise InvalidArgument(f"deployment field '{spec.model}.joint.cloud_model': {exc.message}") from None
+        for edge in served:
+            outputs = {t.name: t.shape for t in edge.outputs}
+            if j.output and j.output not in outputs:
+                raise InvalidArgument(f"deployment field '{spec.model}.joint.output': model '{spec.model}' "
+                                      f"version {edge.version} has no output '{j.output}' (outputs: {sorted(outputs)})")
+            if problems := deployment.joint_mismatches(outputs, {t.name: t.shape for t in cloud.outputs}):
+                raise InvalidArgument(f"joint cloud model '{cloud.key}' cannot answer for model '{edge.key}': "
+                                      + "; ".join(problems))
 
     async def deployments(self, model: str = "") -> list[tuple[DeploymentSpec, float]]:
         rows = await self._quick(self.store.deployments, model)

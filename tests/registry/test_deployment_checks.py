@@ -103,3 +103,15 @@ async def test_a_step_mapping_a_tensor_its_model_lacks_is_refused_naming_the_ste
     spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(step(models["edge"], reads, writes),))
     message = await refused(client, spec)
     assert f"ensemble '{name}-pipe' step 0 ({models['edge']}): model '{models['edge']}' {problem}" in message
+
+
+async def test_a_push_under_an_ensembles_name_is_refused_naming_it_and_the_ensemble_can_be_applied_again(
+        client, models, name, artifacts):
+    pipe = DeploymentSpec(model=f"{name}-pipe", ensemble=(step(models["edge"], "input=image", "probabilities=p"),))
+    await client.put_deployment(pipe)
+    with pytest.raises(CneiError) as info:
+        await client.push_file(artifacts["edge"], pipe.model, "1", "FP32")
+    assert info.value.code is ErrorCode.FAILED_PRECONDITION
+    assert f"'{pipe.model}' is the name of an ensemble deployment (steps: {models['edge']})" in info.value.message
+    assert await client.list(pipe.model) == []
+    assert await client.put_deployment(pipe) == pipe
