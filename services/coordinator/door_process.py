@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
+import threading
 from pathlib import Path
+from typing import IO
 
 from services.common import lifecycle
 from services.common.errors import FailedPrecondition
@@ -15,6 +18,7 @@ from services.common.restricted import Key
 from services.common.tls import ClientTls, ServerTls
 
 log = logging.getLogger(__name__)
+door_log = logging.getLogger("services.coordinator.frontdoor")  # the door's own lines, read from its stderr
 BUILT = Path(__file__).resolve().parent / "frontdoor" / "build" / "cnei-frontdoor"
 MODES = ("auto", "on", "off")
 RESTART_DELAY_S = 1.0
@@ -33,6 +37,32 @@ def door_binary(mode: str, configured: str = "") -> Path | None:
         raise FailedPrecondition(f"front door binary {path} not found: build it with `make frontdoor`")
     log.info("front door not built (%s): the coordinator serves gRPC itself", path)
     return None
+
+
+# gRPC's own lines start with their severity ("E1127 10:28:00.1 ...", "W0000 00:00:...")
+GRPC_SEVERITY = re.compile(r"^([IWEF])\d{4} ")
+TROUBLE_WORDS = ("fail", "error", "cannot", "dropped", "do not load", "anyway")
+READER_JOIN_S = 5.0
+
+
+def door_line_level(line: str) -> int:
+    """The level one of the door's stderr lines is logged at: WARNING when it tells of a failure
+    (or gRPC marks it W, E or F), else INFO."""
+    severity = GRPC_SEVERITY.match(line)
+    if severity:
+        return logging.INFO if severity.group(1) == "I" else logging.WARNING
+    lowered = line.lower()
+    return logging.WARNING if any(word in lowered for word in TROUBLE_WORDS) else logging.INFO
+
+
+def log_door_lines(stream: IO[bytes]) -> None:
+    """Log each line of the door's stderr until it closes (the door exited): the coordinator's
+    log stays JSON lines. Runs in a thread of its own, so the door never waits on a full pipe."""
+    with stream:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                door_log.log(door_line_level(line), "%s", line)
 
 
 RESTRICT_ENV = "CNEI_FRONTDOOR_RESTRICT_INFERENCE"
@@ -74,9 +104,14 @@ class DoorProcess:
         if node_headers:
             self.env[NODE_HEADERS_ENV] = ";".join(f"{k}={v}" for k, v in node_headers)
         self.proc: subprocess.Popen | None = None
+        self.readers: list[threading.Thread] = []  # one per door started, until its stderr closes
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.command, env=self.env)
+        self.proc = subprocess.Popen(self.command, env=self.env, stderr=subprocess.PIPE)
+        reader = threading.Thread(target=log_door_lines, args=(self.proc.stderr,), daemon=True,
+                                  name=f"frontdoor-stderr-{self.proc.pid}")
+        reader.start()
+        self.readers = [r for r in self.readers if r.is_alive()] + [reader]
         log.info("front door (pid %d) on %s in front of %s", self.proc.pid, self.command[2], self.command[4])
 
     async def watch(self, stop: asyncio.Event, poll_s: float = 0.2) -> None:
@@ -95,6 +130,13 @@ class DoorProcess:
                 pass
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM (the door finishes or hands over what it holds), SIGKILL after `grace_s`."""
+        """SIGTERM (the door finishes or hands over what it holds), SIGKILL after `grace_s`; then
+        the door's last lines are logged."""
         if self.proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, lifecycle.stop_process, self.proc, grace_s)
+        await asyncio.get_running_loop().run_in_executor(None, self.join_readers)
+
+    def join_readers(self, timeout_s: float = READER_JOIN_S) -> None:
+        """Wait for the readers of doors that exited to log their last lines."""
+        for reader in self.readers:
+            reader.join(timeout_s)
