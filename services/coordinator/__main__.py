@@ -122,10 +122,10 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                            node_tls)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
-    log.info("coordinator %s serving gRPC on %s%s", source, server.address,
+    log.info("%s serving gRPC on %s%s", source, server.address,
              f", REST on {settings.host}:{settings.http_port}" if runner else "")
     await stop.wait()
-    log.info("coordinator %s shutting down", source)
+    log.info("%s shutting down", source)
     if door is not None:  # first: the door hands what it holds to the coordinator, still serving
         await watching
         await door.stop()

@@ -3,11 +3,8 @@ logging (the coordinator's log stays JSON lines), at WARNING when they tell of a
 lost, and the reading ends when the door exits."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -15,6 +12,7 @@ import pytest
 
 from services.cli import infra
 from services.coordinator.door_process import BUILT, DoorProcess, door_line_level
+from tests.coordinator.coordinator_process import run_and_stop
 
 needs_door = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 DOOR_LOGGER = "services.coordinator.frontdoor"
@@ -99,28 +97,13 @@ def test_a_door_writing_more_than_a_pipe_holds_loses_no_line(caplog, tmp_path):
     assert not any(reader.is_alive() for reader in door.readers)
 
 
+
 @needs_door
 def test_a_coordinator_behind_its_door_logs_json_lines_only(nats_server, redis_server, tmp_path):
     """The coordinator process with its door, started and stopped: every line of its stderr is a
     JSON record, the door's among them under their own logger."""
-    grpc_port = infra.free_port()
-    env = {**os.environ, "CNEI_COORDINATOR_GRPC_PORT": str(grpc_port),
-           "CNEI_COORDINATOR_HTTP_PORT": str(infra.free_port()), "CNEI_COORDINATOR_METRICS_PORT": str(infra.free_port()),
-           "CNEI_COORDINATOR_REGISTRY_TARGET": f"127.0.0.1:{infra.free_port()}",
-           "CNEI_COORDINATOR_REDIS_URL": redis_server, "CNEI_COORDINATOR_NATS_URL": nats_server,
-           "CNEI_COORDINATOR_FRONT_DOOR": "on"}
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    stderr = tmp_path / "coordinator.log"
-    with stderr.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=sink)
-        try:
-            infra.wait_for_port("127.0.0.1", grpc_port, proc=proc, timeout=60)
-            infra.wait_until(lambda: b"cnei-frontdoor listening on" in stderr.read_bytes(), 15, "the door's first line")
-        finally:
-            infra.stop(proc)
-    lines = stderr.read_text().splitlines()
-    records = [json.loads(line) for line in lines]  # every line one JSON record
+    records = run_and_stop(nats_server, redis_server, tmp_path / "coordinator.log", b"cnei-frontdoor listening on",
+                           CNEI_COORDINATOR_FRONT_DOOR="on")
     door_lines = {r["msg"].split(" on ")[0]: r for r in records if r["logger"] == DOOR_LOGGER}
     assert set(door_lines) >= {"cnei-frontdoor listening", "cnei-frontdoor: signal 15, draining"}
     assert all(r["level"] == "INFO" for r in door_lines.values())
