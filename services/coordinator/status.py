@@ -5,7 +5,7 @@ import asyncio
 import time
 from collections.abc import Collection, Iterable, Mapping
 
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import DeploymentSpec, PrecisionSpec
 from services.common.model_spec import ModelVariant, version_key
 from services.common.nodes import NodeInfo
 from services.coordinator.breaker import Breaker
@@ -75,6 +75,16 @@ def variant_row(variant: ModelVariant) -> dict:
             "latency_ms": variant_latencies(variant)}
 
 
+def precision_text(p: PrecisionSpec) -> str:
+    """A deployment's precision policy as choose_variant applies it: the pinned precision ('INT8'),
+    else its accuracy floor and latency budget ('floor≥0.95', '≤2ms', both), else 'auto'."""
+    if p.precision:
+        return p.precision
+    parts = ([f"floor≥{p.accuracy_floor:g}"] if p.accuracy_floor is not None else []) + \
+            ([f"≤{p.latency_budget_ms:g}ms"] if p.latency_budget_ms is not None else [])
+    return " ".join(parts) or "auto"
+
+
 def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
     b, j = spec.batching, spec.joint
     return {
@@ -82,7 +92,7 @@ def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
         "cloud_fallback": spec.cloud_fallback,
         "batching": {"max_batch_size": b.max_batch_size, "max_queue_delay_us": b.max_queue_delay_us,
                      "preferred_batch_sizes": list(b.preferred_batch_sizes)},
-        "precision": spec.precision.precision or "auto", "joint": j.mode,
+        "precision": precision_text(spec.precision), "joint": j.mode,
         "joint_threshold": j.threshold if j.mode != "off" else None,
         "hedge_after_ms": spec.hedge_after_ms, "response_cache": spec.response_cache,
         "ensemble": " -> ".join(s.model + (f"@{s.tier}" if s.tier else "") for s in spec.ensemble) or None,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.common.deployment import DeploymentSpec, JointSpec, RolloutSpec, SchedulerSpec
+from services.common.deployment import DeploymentSpec, JointSpec, PrecisionSpec, RolloutSpec, SchedulerSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeDirectory, NodeInfo
@@ -115,8 +115,9 @@ def test_events_come_newest_first_with_their_age_and_are_capped():
 
 
 class FakeRegistry:
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, deployments: tuple[DeploymentSpec, ...] = (DeploymentSpec(model="digits"),)):
         self.fail = fail
+        self.deployments = list(deployments)
 
     async def list(self, name: str = ""):
         if self.fail:
@@ -124,7 +125,7 @@ class FakeRegistry:
         return [variant("FP32", accuracy="0.97"), variant("INT8", accuracy="0.96")]
 
     async def list_deployments(self):
-        return [DeploymentSpec(model="digits")]
+        return self.deployments
 
 
 def coordinator(registry: FakeRegistry) -> Coordinator:
@@ -282,3 +283,21 @@ def test_the_nodes_out_of_use_are_those_of_the_deployment_the_requests_region_fi
     assert list(core.out_of_use(spec, "site-b")) == ["edge-b1", "edge-a1"]
     assert list(core.out_of_use(spec, "site-b", ["digits:1:FP32"]).items())[2:] == [
         ("edge-c1", "model digits:1:FP32: onnx runtime: it broke")]
+
+
+@pytest.mark.parametrize(("policy", "shown"), [
+    (PrecisionSpec(), "auto"),
+    (PrecisionSpec(accuracy_floor=0.95), "floor≥0.95"),
+    (PrecisionSpec(latency_budget_ms=2.0), "≤2ms"),
+    (PrecisionSpec(accuracy_floor=0.9, latency_budget_ms=1.5), "floor≥0.9 ≤1.5ms"),
+    (PrecisionSpec(precision="INT8", accuracy_floor=0.95), "INT8"),  # a pinned precision wins
+])
+async def test_a_deployments_precision_policy_is_shown_on_the_status_json_and_by_cnei_status(policy, shown):
+    from services.cli.main import status_text
+
+    core = coordinator(FakeRegistry(deployments=(DeploymentSpec(model="digits", precision=policy),)))
+    async with TestClient(TestServer(build_app(core, status_routes(core)))) as client:
+        body = await (await client.get("/api/status")).json()
+    assert body["models"][0]["deployment"]["precision"] == shown
+    row = next(line for line in status_text(body).split("DEPLOYMENTS")[1].splitlines() if line.startswith("digits"))
+    assert f"  {shown}  " in row
