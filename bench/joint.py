@@ -49,9 +49,13 @@ async def apply(registry: str, mode: str, threshold: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--out", default="bench/results")
+    ap = argparse.ArgumentParser(prog="python -m bench.joint", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threshold", type=float, default=0.9,
+                    help="joint sync: rows whose top-1 confidence at the edge is below this go to the cloud "
+                         "(default 0.9)")
+    ap.add_argument("--out", default="bench/results",
+                    help="directory for joint.md and joint.json (default bench/results)")
     args = ap.parse_args()
     root = Path(".bench/joint")
     models = {digits.TINY_NAME: digits.build_tiny(Path(".bench/models")),

@@ -114,9 +114,11 @@ def add_parser(sub) -> list[argparse.ArgumentParser]:
     # left out (None): the strategy's default; given, 0 included: sent as given
     start.add_argument("--mu", type=float, help="FedProx proximal term (default 0.01)")
     start.add_argument("--server-lr", type=float,
-                       help="FedAvgM server learning rate (default 1.0); the adaptive optimisers' eta (0.1)")
+                       help="server learning rate (eta); defaults: FedAvgM 1.0, FedAdam 0.1, FedYogi 0.01, "
+                            "FedAdagrad 0.1")
     start.add_argument("--server-momentum", type=float,
-                       help="FedAvgM momentum; the adaptive optimisers' beta1 (default 0.9; 0: no momentum)")
+                       help="FedAvgM momentum, FedAdam/FedYogi beta1 (default 0.9; 0: no momentum; "
+                            "FedAdagrad refuses a non-zero one)")
     start.add_argument("--server-beta2", type=float, help="FedAdam/FedYogi beta2 (default 0.99)")
     start.add_argument("--server-tau", type=float, help="the adaptive optimisers' tau (default 1e-3)")
     start.add_argument("--dp-clip-norm", type=float, default=0.0,
