@@ -116,8 +116,13 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
     is a deployment (the coordinator's; a runtime's own batching rules), a batching model's
     `dynamic_batching` carries its rules (no deployment: the server does not batch) and
     `response_cache` says whether it caches responses; where the variant is loaded (runtime), the
-    instance group's kind and `intra_op_thread_count` say how it runs."""
+    instance group's kind and `intra_op_thread_count` say how it runs. A batching model's
+    `max_batch_size` is the largest batch the server forms, as in Triton: the model's, capped by
+    the deployment's (0 there: no cap)."""
     batching = variant.max_batch_size
+    forms_batches = bool(batching) and deployment is not None and not deployment.ensemble
+    if forms_batches and deployment.batching.max_batch_size > 0:
+        batching = min(batching, deployment.batching.max_batch_size)
     def dims(shape):
         return list(shape[1:] if batching else shape)
     config = pb.ModelConfig(
@@ -136,7 +141,7 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
             config.ensemble_scheduling.step.add(
                 model_name=step.model, model_version=int(step.version) if step.version.isdigit() else -1,
                 input_map=dict(reads), output_map=dict(writes))
-    elif variant.max_batch_size and deployment is not None:  # the server batches (none: clients' batches only)
+    elif forms_batches:  # the server batches (no deployment: clients' batches only)
         config.dynamic_batching.SetInParent()
         config.dynamic_batching.preferred_batch_size.extend(deployment.batching.preferred_batch_sizes)
         config.dynamic_batching.max_queue_delay_microseconds = deployment.batching.max_queue_delay_us
