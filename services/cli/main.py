@@ -12,7 +12,7 @@ import numpy as np
 
 from services.cli import build, clients, output, train
 from services.cli.output import progress, table
-from services.common.errors import CneiError, InvalidArgument, NotFound
+from services.common.errors import CneiError, FailedPrecondition, InvalidArgument, NotFound
 
 
 def key_values(pairs: list[str], flag: str) -> dict[str, str]:
@@ -256,7 +256,6 @@ def rollout_change(rollout, verb: str, version: str = "", percent: float = 0.0, 
     other version to keep as the stable one."""
     from dataclasses import replace
 
-    from services.common.errors import FailedPrecondition
     from services.common.model_spec import version_key
 
     if verb == "canary":
@@ -275,33 +274,58 @@ def rollout_change(rollout, verb: str, version: str = "", percent: float = 0.0, 
     return replace(rollout, canary="", canary_percent=0.0)
 
 
+ROLLOUT_ATTEMPTS = 5  # reads and puts of `cnei deploy canary|promote|rollback` racing other puts
+
+
 async def deploy_rollout(args) -> int:
     """`cnei deploy canary|promote|rollback MODEL`: change the rollout of the model's deployment
-    (the defaults when none was applied) and apply it."""
-    from dataclasses import replace
-
-    from services.common.deployment import DeploymentSpec
-    from services.common.errors import NotFound
+    (the defaults when none was applied) and apply it, only over the deployment it read: when
+    another was put meanwhile (`cnei deploy apply`), read that one and change it instead."""
     client = clients.registry(args)
     try:
-        try:
-            spec = await client.get_deployment(args.model)
-        except NotFound:
-            spec = DeploymentSpec(model=args.model)
-        versions = [v.version for v in await client.list(args.model)] if args.verb == "canary" else []
-        if args.verb == "canary" and not versions:
-            raise NotFound(f"model '{args.model}' not found in the registry")
-        if args.verb == "canary" and args.version not in versions:
-            raise NotFound(f"model '{args.model}' has no version {args.version} "
-                           f"(versions: {', '.join(sorted(set(versions)))})")
-        rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0),
-                                 versions)
-        applied = (await client.put_deployment(replace(spec, rollout=rollout))).rollout
+        for _ in range(ROLLOUT_ATTEMPTS):
+            if (applied := await _rollout_once(client, args)) is not None:
+                break
+        else:
+            raise FailedPrecondition(f"the deployment of model '{args.model}' kept changing while it was "
+                                     f"read and put ({ROLLOUT_ATTEMPTS} times)")
     finally:
         await client.close()
     canary = f", canary v{applied.canary} at {applied.canary_percent:g} %" if applied.canary else ", no canary"
     print(f"model '{args.model}': stable {'v' + applied.stable if applied.stable else 'the latest version'}{canary}")
     return 0
+
+
+async def _read_deployment(client, model: str):
+    """(the model's deployment, else the defaults; its updated_at, else NO_DEPLOYMENT)."""
+    from services.common.deployment import DeploymentSpec
+    from services.common.registry_client import NO_DEPLOYMENT
+    try:
+        return await client.read_deployment(model)
+    except NotFound:
+        return DeploymentSpec(model=model), NO_DEPLOYMENT
+
+
+async def _rollout_once(client, args):
+    """Read the deployment, change its rollout and put it over the one read: the rollout applied,
+    or None when another deployment was put meanwhile."""
+    from dataclasses import replace
+
+    spec, read_at = await _read_deployment(client, args.model)
+    versions = [v.version for v in await client.list(args.model)] if args.verb == "canary" else []
+    if args.verb == "canary" and not versions:
+        raise NotFound(f"model '{args.model}' not found in the registry")
+    if args.verb == "canary" and args.version not in versions:
+        raise NotFound(f"model '{args.model}' has no version {args.version} "
+                       f"(versions: {', '.join(sorted(set(versions)))})")
+    rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0),
+                             versions)
+    try:
+        return (await client.put_deployment(replace(spec, rollout=rollout), if_updated_at=read_at)).rollout
+    except FailedPrecondition:
+        if (await _read_deployment(client, args.model))[1] == read_at:
+            raise  # refused for what it asks, not for a put that came between
+        return None
 
 
 async def deploy_show(args) -> int:

@@ -23,6 +23,7 @@ from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
+NO_DEPLOYMENT = -1.0  # put_deployment's if_updated_at for a change read as no deployment at all
 FETCH_TIMEOUT_S = 120.0  # an artifact's download; a channel left for renewed TLS files gets as long to finish
 
 
@@ -177,13 +178,20 @@ class RegistryClient:
             node_class=node_class, node_id=node_id, latency_ms=latency_ms, memory_bytes=memory_bytes)
         return variant_from_proto(await self._call(self._stub.RecordMeasurement, request))
 
-    async def put_deployment(self, spec: DeploymentSpec) -> DeploymentSpec:
-        reply = await self._call(self._stub.PutDeployment, rpb.Deployment(spec_json=deployment.to_json(spec)))
+    async def put_deployment(self, spec: DeploymentSpec, if_updated_at: float = 0.0) -> DeploymentSpec:
+        """Apply `spec`; with `if_updated_at` (read_deployment's, or NO_DEPLOYMENT) only over the
+        deployment read then: FailedPrecondition when another was stored meanwhile."""
+        request = rpb.Deployment(spec_json=deployment.to_json(spec), updated_at=if_updated_at)
+        reply = await self._call(self._stub.PutDeployment, request)
         return deployment.from_json(reply.spec_json)
 
     async def get_deployment(self, model: str) -> DeploymentSpec:
+        return (await self.read_deployment(model))[0]
+
+    async def read_deployment(self, model: str) -> tuple[DeploymentSpec, float]:
+        """The model's deployment and its updated_at (what put_deployment's `if_updated_at` takes)."""
         reply = await self._call(self._stub.GetDeployment, rpb.GetDeploymentRequest(model=model))
-        return deployment.from_json(reply.spec_json)
+        return deployment.from_json(reply.spec_json), reply.updated_at
 
     async def list_deployments(self) -> list[DeploymentSpec]:
         reply = await self._call(self._stub.ListDeployments, rpb.ListDeploymentsRequest())

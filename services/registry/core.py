@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import time
 import uuid
@@ -76,6 +77,18 @@ def missing_precision(spec: DeploymentSpec, latest: str, variants: list[ModelVar
                 return (f"model '{spec.model}' version {version} ({role}) has no {precision} variant, which "
                         f"deployment field '{where}' asks for (its variants: {', '.join(held)})")
     return None
+
+
+def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> str | None:
+    """Why a put made on the strength of a read must not replace what is stored now: the stored
+    deployment is not the one read (`if_updated_at`: its updated_at; negative: none was stored;
+    0: no read, any goes); None when it is."""
+    if if_updated_at == 0 or stored_at == if_updated_at or (if_updated_at < 0 and stored_at is None):
+        return None
+    was = "none" if if_updated_at < 0 else f"the one of updated_at {if_updated_at!r}"
+    now = "none" if stored_at is None else f"the one of updated_at {stored_at!r}"
+    return (f"the deployment of model '{model}' changed since it was read ({was} then, {now} now): "
+            "read it again and make the change to that")
 
 
 class Registry:
@@ -202,14 +215,21 @@ class Registry:
                                 node_class, node_id, latency_ms, memory_bytes, time.time())
         return await self.get(name, version, variant.precision)
 
-    async def put_deployment(self, spec_json: str) -> tuple[DeploymentSpec, float]:
+    async def put_deployment(self, spec_json: str, if_updated_at: float = 0.0) -> tuple[DeploymentSpec, float]:
+        """Check and store a deployment; it and its updated_at (later than the one it replaces).
+        `if_updated_at`: the updated_at of the deployment the caller read and changed (negative:
+        it read none), FAILED_PRECONDITION when another is stored now (a read-modify-write
+        racing another put); 0: put whatever is stored."""
         spec = deployment.from_json(spec_json)
         async with self._naming:
+            stored_at = next((when for _, _, when in await self._quick(self.store.deployments, spec.model)), None)
+            if problem := changed_since(spec.model, if_updated_at, stored_at):
+                raise FailedPrecondition(problem)
             if spec.ensemble:
                 await self._check_ensemble(spec)
             else:
                 await self._check_model_deployment(spec)
-            when = time.time()
+            when = time.time() if stored_at is None else max(time.time(), math.nextafter(stored_at, math.inf))
             await self._quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
         if self.publish is not None:
             try:

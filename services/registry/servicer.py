@@ -76,7 +76,7 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
 
     @rpc
     async def PutDeployment(self, request, context):
-        spec, when = await self.registry.put_deployment(request.spec_json)
+        spec, when = await self.registry.put_deployment(request.spec_json, request.updated_at)
         return rpb.Deployment(model=spec.model, spec_json=deployment.to_json(spec), updated_at=when)
 
     @rpc

@@ -5,13 +5,17 @@ precision the deployment asks for is refused. A real registry process; the CLI r
 it."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from services.cli import clients
+from services.cli import main as cli
 from services.common.deployment import DeploymentSpec, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
+from services.common.registry_client import RegistryClient
 
 
 @pytest.fixture
@@ -105,3 +109,23 @@ async def test_cnei_deploy_canary_of_a_version_without_the_deployments_precision
     out = _cnei(registry, "canary", int8_then_fp32, "2", "--percent", "10")
     assert out.returncode != 0 and "version 2 (canary) has no INT8 variant" in out.stderr, (out.stdout, out.stderr)
     assert await client.get_deployment(int8_then_fp32) == applied
+
+
+async def test_cnei_deploy_canary_keeps_a_deployment_applied_between_its_read_and_its_put(
+        client, registry, three_versions, monkeypatch):
+    applied, raced = DeploymentSpec(model=three_versions, cloud_fallback=False, tiers=("edge",)), []
+
+    class Racing(RegistryClient):
+        """`cnei deploy apply` runs while the command first lists the model's versions."""
+
+        async def list(self, name: str = ""):
+            if not raced:
+                raced.append(await client.put_deployment(applied))
+            return await super().list(name)
+
+    monkeypatch.setattr(clients, "registry", lambda args: Racing(args.registry))
+    args = cli.parser().parse_args(["deploy", "canary", three_versions, "3", "--percent", "10",
+                                    "--registry", registry.target])
+    assert await cli.deploy_rollout(args) == 0
+    assert await client.get_deployment(three_versions) == dataclasses.replace(applied,
+                                                                              rollout=RolloutSpec("2", "3", 10.0))

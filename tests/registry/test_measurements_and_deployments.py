@@ -14,6 +14,7 @@ import pytest
 from services.common import deployment, events
 from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
 from services.common.errors import CneiError, ErrorCode
+from services.common.registry_client import NO_DEPLOYMENT
 from services.models.onnx_mlp import mlp_graph
 from services.pb.cnei import registry_pb2 as rpb
 from tests.registry.restart import across_a_restart
@@ -135,6 +136,30 @@ async def test_put_deployment_answers_with_the_stored_spec_and_when_it_was_store
     assert (reply.model, reply.spec_json, reply.updated_at) == (got.model, got.spec_json, got.updated_at)
     assert deployment.from_json(got.spec_json).scheduler.alpha == 1.0
     assert reply.updated_at > 0
+
+
+async def test_a_put_made_over_the_deployment_read_is_stored_later_than_it(client, fp32):
+    await client.put_deployment(_spec(fp32.name))
+    _, read_at = await client.read_deployment(fp32.name)
+    changed = _spec(fp32.name, cloud_fallback=False)
+    assert await client.put_deployment(changed, if_updated_at=read_at) == changed
+    assert (await client.read_deployment(fp32.name))[1] > read_at
+
+
+@pytest.mark.parametrize("stored_first", [True, False], ids=["another-put-between", "one-put-where-none-was-read"])
+async def test_a_put_made_over_a_deployment_that_changed_since_it_was_read_is_refused_and_not_stored(
+        client, fp32, stored_first):
+    if stored_first:
+        await client.put_deployment(_spec(fp32.name))
+        _, read_at = await client.read_deployment(fp32.name)
+    else:
+        read_at = NO_DEPLOYMENT
+    between = _spec(fp32.name, tiers=("edge", "cloud"))
+    await client.put_deployment(between)  # `cnei deploy apply` between the read and the put
+    with pytest.raises(CneiError, match=f"the deployment of model '{fp32.name}' changed since it was read") as info:
+        await client.put_deployment(_spec(fp32.name, cloud_fallback=False), if_updated_at=read_at)
+    assert info.value.code is ErrorCode.FAILED_PRECONDITION
+    assert await client.get_deployment(fp32.name) == between
 
 
 async def test_a_deployment_for_an_unknown_model_is_not_found(client, name):
