@@ -47,6 +47,20 @@ def already_built(existing: list, parent) -> dict[str, object]:
     return found
 
 
+def quality_notes(meta: dict[str, str]) -> list[str]:
+    """What a built variant's measurements say, each named: its accuracy on the evaluation set
+    (with --eval), its top-1 agreement with FP32 on generated inputs, else its largest difference."""
+    notes = []
+    if "accuracy" in meta:
+        notes.append(f"accuracy {meta['accuracy']}" + (f" on {meta['accuracy_dataset']}"
+                                                       if meta.get("accuracy_dataset") else ""))
+    if "top1_agreement_vs_fp32" in meta:
+        notes.append(f"top-1 agreement with FP32 {meta['top1_agreement_vs_fp32']}")
+    elif "max_abs_diff_vs_fp32" in meta:
+        notes.append(f"max |diff| vs FP32 {meta['max_abs_diff_vs_fp32']}")
+    return notes
+
+
 async def _build_one(client, parent, fp32: Path, precision: str, args, labelled, show, done: int, total: int):
     show(done, total, f" converting {precision}")
     path = await asyncio.to_thread(variants.build_one, fp32, precision, fp32.parent)
@@ -94,9 +108,8 @@ async def models_build(args) -> int:
     finally:
         await client.close()
     for v in built:
-        quality = v.metadata.get("accuracy") or v.metadata.get("top1_agreement_vs_fp32", "-")
         print(f"registered {v.name} v{v.version} {v.precision} sha256:{v.sha256[:12]} "
-              f"({v.size_bytes} bytes, accuracy/agreement {quality})")
+              f"({', '.join([f'{v.size_bytes} bytes', *quality_notes(v.metadata)])})")
     output.end_bar()
     for message in refused:
         print(f"error ({ErrorCode.INVALID_ARGUMENT.value}): {message}", file=sys.stderr)

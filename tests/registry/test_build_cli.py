@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,19 @@ async def test_a_rerun_after_an_interrupted_build_skips_what_was_registered_and_
     built = {v.precision: v for v in await client.list(name)}
     assert built["INT8"].metadata["built_from_sha256"] == parent.sha256
 
+
+
+@pytest.mark.parametrize(("extra", "says", "not_said"), [
+    ([], r"top-1 agreement with FP32 \d\.\d{4}\)", "accuracy"),  # no evaluation set: agreement only
+    (["--eval", "digits"], r"accuracy \d\.\d{4} on digits held-out split, top-1 agreement with FP32 \d\.\d{4}\)", None),
+], ids=["agreement", "eval-set"])
+async def test_a_built_variant_is_printed_with_what_its_number_measures(
+        registry, client, fp32, name, capsys, extra, says, not_said):
+    await client.push_file(fp32, name, "1", "FP32")
+    assert await _cli(["models", "build", name, "--precisions", "INT8", *extra, "--registry", registry.target]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"registered {name} v1 INT8"))
+    assert re.search(says, line), line
+    assert "accuracy/agreement" not in line and (not_said is None or not_said not in line)
 
 async def test_a_variant_registered_from_another_fp32_is_refused_by_name(registry, client, fp32, name, built, capsys):
     await client.push_file(fp32, name, "1", "FP32")
