@@ -31,6 +31,7 @@ from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, c
 from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_latency_ms, rss_bytes,
                                           tuned_model)
 from services.edge_runtime.settings import RuntimeSettings
+from services.edge_runtime.siblings import SiblingMeasurer
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -73,6 +74,7 @@ class EdgeRuntime:
         self.l1 = L1Cache(settings.cache_max_bytes)
         self.stats = StatsBook()
         self.inflight = 0
+        self.arrivals = 0  # requests ever taken (a sibling measurement is made again when one comes meanwhile)
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks = KeyedLocks()  # by variant key
@@ -87,14 +89,19 @@ class EdgeRuntime:
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
         self._caps: dict[str, tuple[int, float]] = {}  # model -> (deployment's max_batch_size, until)
+        self.siblings = SiblingMeasurer(registry, settings, self._artifact, self._report,
+                                        lambda: (self.inflight, self.arrivals),
+                                        lambda key: self.l1.peek(key) is not None)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
-        """Serve what the batchers hold, then stop them (before `close`)."""
+        """Stop measuring siblings; serve what the batchers hold, then stop them (before `close`)."""
+        await self.siblings.stop()
         await asyncio.gather(*(b.drain_and_close(timeout_s) for _, b in self.batchers.values()),
                              return_exceptions=True)
         self.batchers.clear()
 
     def close(self) -> None:
+        self.siblings.close()
         self._executor.shutdown(wait=True, cancel_futures=False)
 
     # --- resolution and loading -------------------------------------------------------------
@@ -212,6 +219,11 @@ class EdgeRuntime:
                      pulled.wire_bytes, len(pulled.data))
         return True
 
+    async def _artifact(self, variant: ModelVariant) -> Path:
+        """The variant's artifact on disk, pulled first where it is not."""
+        await self._ensure_on_disk(variant)
+        return self.disk.artifact_path(variant.sha256)
+
     async def load(self, variant: ModelVariant) -> LoadedModel:
         with telemetry.child_span(_tracer, "cache.lookup") as span:
             loaded = self.l1.get(variant.key)
@@ -235,8 +247,9 @@ class EdgeRuntime:
             model.run = slowed(model.run, self.settings.emulated_slowdown)
             meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
             loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
-            if self.settings.measure_on_load:
-                await self._measure(loaded, rss_before)
+            if self.settings.measure_on_load and await self._measure(loaded, rss_before) \
+                    and self.settings.measure_siblings:
+                self.siblings.schedule(variant, model.intra_op_threads)
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
                 self._retire_batchers(old)
@@ -245,10 +258,10 @@ class EdgeRuntime:
                      model.intra_op_threads, loaded.load_seconds)
             return loaded
 
-    async def _measure(self, loaded: LoadedModel, rss_before: int) -> None:
+    async def _measure(self, loaded: LoadedModel, rss_before: int) -> bool:
         """The loaded variant's batch-1 latency and memory, reported to the registry. It is run on
         zero-filled inputs, which a model may refuse (an index out of range, a zero it divides
-        by): then it is served unmeasured, as the requests' own inputs decide whether it runs."""
+        by): then it is served unmeasured (False), as the requests' own inputs decide whether it runs."""
         variant = loaded.variant
         try:
             latency = await asyncio.get_running_loop().run_in_executor(
@@ -256,10 +269,11 @@ class EdgeRuntime:
         except CneiError as exc:
             log.warning("%s loaded unmeasured: it refuses the zero-filled inputs it is measured with (%s)",
                         variant.key, exc.message)
-            return
+            return False
         loaded.compute_us = latency * 1e3
         memory = max(rss_bytes() - rss_before, variant.size_bytes)
         self.background.spawn(self._report(variant, latency, memory))
+        return True
 
     async def _open_cached(self, variant: ModelVariant) -> OrtModel:
         """The variant's session from its cached artifact. An artifact ONNX Runtime cannot load
@@ -392,6 +406,7 @@ class EdgeRuntime:
         stats = self.stats.get(variant.name, variant.version)
         labels = self._labels(variant)
         self.inflight += 1
+        self.arrivals += 1
         try:
             loaded = await self.load(variant)
             check_inputs(variant, request.inputs)

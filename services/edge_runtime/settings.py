@@ -59,6 +59,10 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     metrics_interval_s: float = field(5.0, "seconds between metrics snapshot events (0: none)")
     node_class: str = field("", "class of hardware for measured latency (default: the tier)")
     measure_on_load: bool = field(True, "measure batch-1 latency and memory when a variant loads")
+    measure_siblings: bool = field(
+        True, "with MEASURE_ON_LOAD, also measure the other precisions of a loaded version that have no latency "
+              "for this node class in the registry (pulled to the disk cache, never into memory: one at a time on "
+              "a lowest-priority thread while no request is in flight), so precision policies can choose them")
     cost_per_cpu_second: float = field(0.00002, "price of one CPU second on this node (cloud: higher)")
     cost_per_network_mb: float = field(0.0, "price of one MB moved to or from this node (cloud egress)")
     watts_per_core: float = field(15.0, "power of one busy core, for CPU energy estimates")
