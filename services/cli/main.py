@@ -195,7 +195,7 @@ def status_text(s: dict) -> str:
     events = [[f"{e['age_s']}s ago", e["kind"], " ".join(f"{k}={v}" for k, v in e.items()
                                                        if k not in ("kind", "time", "age_s"))]
               for e in s["events"][:15]]
-    out += ["", "RECENT EVENTS", table(events, ["WHEN", "KIND", "DETAIL"]), "", "FEDERATED JOBS"]
+    out += ["", "RECENT FAILOVERS, ESCALATIONS AND NODE UP/DOWN", table(events, ["WHEN", "KIND", "DETAIL"]), "", "FEDERATED JOBS"]
     jobs = s["federated"]["jobs"]
     out.append(train.jobs_table(jobs) if jobs else f"none running ({s['federated']['note']})")
     return "\n".join(out)

@@ -82,7 +82,7 @@ def test_the_status_json_shows_live_nodes_models_and_latencies(traffic):
 def test_cnei_status_prints_the_same_snapshot_as_tables(traffic, capsys):
     assert cli.main(["status", "--url", traffic.rest]) == 0
     out = capsys.readouterr().out
-    for heading in ("NODES", "MODELS", "DEPLOYMENTS", "LATENCY", "RECENT EVENTS", "FEDERATED JOBS"):
+    for heading in ("NODES", "MODELS", "DEPLOYMENTS", "LATENCY", "RECENT FAILOVERS, ESCALATIONS AND NODE UP/DOWN", "FEDERATED JOBS"):
         assert heading in out
     assert all(node_id in out for node_id, _, _ in RUNTIMES)
     assert "digits" in out and "INT8" in out
