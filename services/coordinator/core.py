@@ -515,19 +515,25 @@ class Coordinator:
 
     def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      limit: int, margin: float) -> list[Placement]:
-        """Where requests like this one may go, best first: `place`'s choice and, under the edgeai
-        policy, its peers (`placement.spread`) scoring within `margin` of it (up to `limit`), for a
-        front door that spreads one kind of request over them."""
+        """Where requests like this one may go, `place`'s choice first, for a front door that
+        spreads one kind of request over them: under the edgeai policy, its peers
+        (`placement.spread`) scoring within `margin` of it (up to `limit`); under a baseline
+        policy (round_robin, random, least_loaded), every node the full path would choose among
+        (by node id), which the door then chooses between per request by that policy."""
         first = self.place(request, variants, spec)
-        if first is None or spec.scheduler.policy != "edgeai" or limit <= 1:
+        baseline = spec.scheduler.policy != "edgeai"
+        if first is None or not baseline and limit <= 1:
             return [first] if first is not None else []
         policy = self._policy(request.parameters, spec)
         eligible = self.eligible_nodes(spec)
         choices = variants_by_class(variants, policy, eligible)
         fits = self._fits(eligible, choices)
-        ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""), fits, choices)
-        ranked = rank(fits, ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
-        nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
+        if baseline:
+            nodes = sorted(fits, key=lambda n: n.node_id)
+        else:
+            ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""), fits, choices)
+            ranked = rank(fits, ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
+            nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
         return [first] + [Placement(n, choices[node_class(n)]) for n in nodes if n.node_id != first.node.node_id]
 
     def answer_template(self, model: str, placement: Placement) -> oip.InferResponse:

@@ -57,6 +57,9 @@ class Route:
     # its routes (each version spread over its nodes); 0: no split.
     share: float = 0.0
     group: int = 0
+    # The deployment's scheduler policy: how the door picks among this route and its alternatives
+    # per request (edgeai: the one answering soonest; the baselines as the full path applies them).
+    policy: str = "edgeai"
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ class DoorRoutes:
         """`tracing`: the trace settings, while spans are exported (None: nothing is traced);
         one request in `trace_rate` of a route then takes the full path, to be traced.
         `spread_nodes`, `spread_margin`: a route names up to that many nodes, the best and its peers
-        scoring within the margin of it (edgeai policy), which the door spreads its requests over.
+        scoring within the margin of it (edgeai policy), which the door spreads its requests over;
+        under a baseline policy it names every node the full path chooses among, whatever these say.
         `generation_file`: where the door reads which models' routes to drop (see `forget`);
         `confirm_timeout_s`: how long `forget_at_door` waits for the door to say it did."""
         self.core = core
@@ -222,7 +226,7 @@ class DoorRoutes:
         stats_key = (variants[0].name, variants[0].version)
         routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
                   if p.node.fast_address and not core.breakers.on_trial(p.node.node_id, p.variant.key)]
-        return replace(routes[0], alternatives=tuple(routes[1:]))
+        return replace(routes[0], alternatives=tuple(routes[1:]), policy=spec.scheduler.policy)
 
     def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement,
                   spec: DeploymentSpec) -> Route:

@@ -35,6 +35,10 @@ def ask_from_proto(message: fd.RouteRequest) -> oip.InferRequest:
                             outputs=[o.name for o in request.outputs], classes=classes)
 
 
+POLICIES = {"edgeai": fd.RouteReply.POLICY_EDGEAI, "round_robin": fd.RouteReply.POLICY_ROUND_ROBIN,
+            "random": fd.RouteReply.POLICY_RANDOM, "least_loaded": fd.RouteReply.POLICY_LEAST_LOADED}
+
+
 def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
     if isinstance(decision, Refusal):
         return fd.RouteReply(eligible=False, reason=decision.reason)
@@ -53,7 +57,7 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         preferred_batch_sizes=decision.batching.preferred_batch_sizes,
         alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms,
         response_cache=decision.response_cache, share=decision.share,
-        split_group=decision.group)
+        split_group=decision.group, policy=POLICIES[decision.policy])
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:

@@ -129,12 +129,38 @@ async def test_a_route_names_every_node_as_good_as_the_best_as_alternatives_each
     assert reply.alternatives[0].fast_address and reply.alternatives[0].request_template
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "random", "least_loaded"])
-async def test_other_policies_keep_one_node_per_route(policy):
+@pytest.mark.parametrize(("policy", "enum"), [("round_robin", fd.RouteReply.POLICY_ROUND_ROBIN),
+                                              ("random", fd.RouteReply.POLICY_RANDOM),
+                                              ("least_loaded", fd.RouteReply.POLICY_LEAST_LOADED)])
+@pytest.mark.parametrize("spread_nodes", [1, 4])
+async def test_a_baseline_policy_s_route_names_every_node_the_full_path_chooses_among_for_the_door_to_pick_per_request(
+        policy, enum, spread_nodes):
+    """Whatever the spread settings, other regions included (the baselines ignore scores), the
+    place choice first; the reply carries the policy the door picks by."""
     spec = DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy=policy))
-    door = routes(spec, more_nodes=(("edge-a2", "site-a"),), spread_nodes=4)
+    door = routes(spec, more_nodes=(("edge-a2", "site-a"), ("edge-b1", "site-b")), spread_nodes=spread_nodes)
     route = await door.route(ask({"region": "site-a"}))
-    assert route.alternatives == ()
+    nodes = [route.placement.node.node_id] + [r.placement.node.node_id for r in route.alternatives]
+    assert sorted(nodes) == ["edge-a1", "edge-a2", "edge-b1"]
+    assert len({route.route_id} | {r.route_id for r in route.alternatives}) == 3
+    reply = route_to_proto(route)
+    assert reply.policy == enum
+    assert [reply.node_id] + [a.node_id for a in reply.alternatives] == nodes
+
+
+async def test_a_baseline_policy_s_route_leaves_out_nodes_whose_breaker_blocks_them_and_other_tiers():
+    spec = DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy="round_robin"), tiers=("edge",))
+    door = routes(spec, more_nodes=(("edge-a2", "site-a"), ("edge-b1", "site-b")))
+    door.core.nodes.nodes.append(replace(door.core.nodes.nodes[0], node_id="cloud-1", tier="cloud", region="cloud"))
+    door.core.breakers.get("edge-a2").trip("connection reset")
+    route = await door.route(ask())
+    nodes = [route.placement.node.node_id] + [r.placement.node.node_id for r in route.alternatives]
+    assert sorted(nodes) == ["edge-a1", "edge-b1"]
+
+
+async def test_an_edgeai_route_says_so_and_the_door_weighs_its_alternatives():
+    route = await routes().route(ask())
+    assert route.policy == "edgeai" and route_to_proto(route).policy == fd.RouteReply.POLICY_EDGEAI
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ namespace {
 using cnei::frontdoor::v1::RouteReply;
 constexpr size_t kMaxKeys = 4096;
 constexpr auto kRetryAfter = std::chrono::seconds(1);
+thread_local std::mt19937_64 rng(std::random_device{}());  // split draws and the random policy
 
 // The eligible reply's settings, or null with `why` set when its templates do not parse.
 std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* why) {
@@ -81,6 +82,8 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
   std::vector<std::shared_ptr<Batcher>> batchers;
   std::vector<float> row_ms, shares;
   std::vector<uint32_t> groups;
+  Policy policy = cnei::frontdoor::v1::RouteReply::POLICY_EDGEAI;
+  uint64_t turn = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(key);
@@ -111,22 +114,23 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
       row_ms = entry.row_ms;
       shares = entry.shares;
       groups = entry.groups;
+      policy = entry.policy;
+      turn = ++entry.turn;
     }
   }
   if (exact) return Find(RouteKey(request, true), request);  // an entry with no batchers: once
   if (ask) Ask(found.key, WithoutContents(request));
   if (!batchers.empty()) {
-    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares, groups, row_ms)
-                                                     : LeastBusy(batchers, row_ms);
+    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares, groups, row_ms, policy, turn)
+                                                     : Pick(batchers, row_ms, policy, turn);
   }
   return found;
 }
 
-// A version drawn at random by share (a canary rollout), then the least busy of its routes.
+// A version drawn at random by share (a canary rollout), then one of its routes by the policy.
 std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                          const std::vector<float>& shares, const std::vector<uint32_t>& groups,
-                                         const std::vector<float>& row_ms) {
-  thread_local std::mt19937_64 random(std::random_device{}());
+                                         const std::vector<float>& row_ms, Policy policy, uint64_t turn) {
   auto group_of = [&](size_t i) {  // a route of group 0 (or of an old coordinator) is a group alone
     return i < groups.size() && groups[i] != 0 ? uint64_t(groups[i]) : (uint64_t(1) << 32) + i;
   };
@@ -139,7 +143,7 @@ std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batch
       total += shares[i];
     }
   }
-  double draw = std::uniform_real_distribution<double>(0.0, total)(random);
+  double draw = std::uniform_real_distribution<double>(0.0, total)(rng);
   uint64_t chosen = versions.back().first;
   for (const auto& [group, share] : versions) {
     draw -= share;
@@ -155,7 +159,23 @@ std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batch
     members.push_back(batchers[i]);
     members_ms.push_back(i < row_ms.size() ? row_ms[i] : 0.0f);
   }
-  return LeastBusy(members, members_ms);
+  return Pick(members, members_ms, policy, turn);
+}
+
+std::shared_ptr<Batcher> Router::Pick(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                      const std::vector<float>& row_ms, Policy policy, uint64_t turn) {
+  using cnei::frontdoor::v1::RouteReply;
+  if (batchers.size() <= 1) return batchers.empty() ? nullptr : batchers.front();
+  switch (policy) {
+    case RouteReply::POLICY_ROUND_ROBIN:
+      return batchers[turn % batchers.size()];
+    case RouteReply::POLICY_RANDOM:
+      return batchers[std::uniform_int_distribution<size_t>(0, batchers.size() - 1)(rng)];
+    case RouteReply::POLICY_LEAST_LOADED:
+      return LeastBusy(batchers, {});  // the fewest queued and in flight, unweighed
+    default:
+      return LeastBusy(batchers, row_ms);
+  }
 }
 
 // The batcher whose node would answer soonest: the fewest requests queued and node calls in
@@ -229,6 +249,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   entry.row_ms.assign(1, reply.row_ms());
   entry.shares.clear();
   entry.groups.clear();
+  entry.policy = reply.policy();
   if (!config) {
     if (!entry.batchers.empty() || entry.reason != why) {
       fprintf(stderr, "cnei-frontdoor: model '%s' takes the coordinator's path: %s\n",

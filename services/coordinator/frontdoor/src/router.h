@@ -21,7 +21,7 @@ class Router {
     bool traced = false;                       // sampled (full_path_every): to start a trace there
     std::shared_ptr<const std::string> key;
   };
-  // The batcher for requests with this key (of the route's nodes, the least busy); asks the
+  // The batcher for requests with this key (of the route's nodes, as its policy picks); asks the
   // coordinator on a miss or when stale.
   Lookup Find(std::string key, inference::ModelInferRequest* request);
   // Forgets every key routed by these routes (the next request asks again).
@@ -33,6 +33,7 @@ class Router {
 
  private:
   using Clock = std::chrono::steady_clock;
+  using Policy = cnei::frontdoor::v1::RouteReply::Policy;
   struct Entry {
     std::shared_ptr<const std::string> key;
     // The route's batchers, one per node, best first; empty until an eligible reply.
@@ -41,6 +42,8 @@ class Router {
     std::vector<float> row_ms;         // each node's compute time per row (0: unknown)
     std::vector<float> shares;         // a split (canary rollout): each route's version's share; empty: none
     std::vector<uint32_t> groups;      // with shares: each route's version group (0: its own)
+    Policy policy = cnei::frontdoor::v1::RouteReply::POLICY_EDGEAI;  // how a request picks among them
+    uint64_t turn = 0;                 // round robin: requests picked for so far
     bool asking = false;
     Clock::time_point ask_at;          // when to ask again
     std::string model;
@@ -62,11 +65,15 @@ class Router {
   void OnReply(const std::string& key, const grpc::Status& status,
                const cnei::frontdoor::v1::RouteReply& reply);
   std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
+  // One request's pick among a route's batchers by the deployment's scheduler policy (`turn`: the
+  // route's round-robin count, this request's included).
+  static std::shared_ptr<Batcher> Pick(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                       const std::vector<float>& row_ms, Policy policy, uint64_t turn);
   static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                             const std::vector<float>& row_ms);
   static std::shared_ptr<Batcher> ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                           const std::vector<float>& shares, const std::vector<uint32_t>& groups,
-                                          const std::vector<float>& row_ms);
+                                          const std::vector<float>& row_ms, Policy policy, uint64_t turn);
 
   Backend* backend_;
   Reporter* reporter_;
