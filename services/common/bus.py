@@ -3,12 +3,12 @@ outbox while NATS is away, subscriptions that join the publisher's trace."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import NoStreamResponseError, NotFoundError
@@ -21,7 +21,8 @@ from services.common.outbox import Outbox
 log = logging.getLogger(__name__)
 Handler = Callable[[events.Envelope], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
-RETRY_S = 1.0
+RETRY_S = 1.0  # the first retry of a connect; each next one waits twice as long, up to RETRY_MAX_S
+RETRY_MAX_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,26 @@ class EventBus:
         return self.nc is not None and self.nc.is_connected
 
     async def connect(self) -> None:
-        """Connect once (raises when NATS does not answer)."""
-        # nats-py retries a failed first connect forever when reconnects are unlimited: bound it.
-        self.nc = await asyncio.wait_for(nats.connect(
-            self.url, name=self.source, connect_timeout=self.timeout, allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5, drain_timeout=2,
-            reconnected_cb=self._reconnected, disconnected_cb=self._disconnected,
-            error_cb=self._error,
-        ), timeout=self.timeout + 1.0)
-        await self._ensure_stream()
-        for subject, handler in self._handlers:
-            await self._subscribe(subject, handler)
+        """Connect once: the client is kept only with the stream ensured and the subscriptions
+        made; when NATS or its JetStream (a cluster still electing its leader) does not answer,
+        it is closed and this raises."""
+        nc = Client()
+        try:
+            # nats-py retries a failed first connect forever when reconnects are unlimited: bound it.
+            await asyncio.wait_for(nc.connect(
+                self.url, name=self.source, connect_timeout=self.timeout, allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, drain_timeout=2,
+                reconnected_cb=self._reconnected, disconnected_cb=self._disconnected,
+                error_cb=self._error,
+            ), timeout=self.timeout + 1.0)
+            await self._ensure_stream(nc)
+            for subject, handler in self._handlers:
+                await self._subscribe(nc, subject, handler)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self.nc = nc
         await self._came_online()
 
     async def start(self) -> None:
@@ -80,23 +90,28 @@ class EventBus:
         try:
             await self.connect()
         except Exception as exc:  # noqa: BLE001 - offline start is allowed
-            log.warning("NATS at %s unreachable (%s); retrying in the background", self.url, exc)
+            log.warning("NATS at %s not ready (%s); retrying in the background", self.url, _describe(exc))
             self._tasks.append(asyncio.create_task(self._connect_loop(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="outbox-flush"))
 
     async def _connect_loop(self) -> None:
-        while self.nc is None or self.nc.is_closed:
-            await asyncio.sleep(RETRY_S)
+        """Try again until connected, backing off; a new reason for failing is logged."""
+        wait, last = RETRY_S, ""
+        while self.nc is None:
+            await asyncio.sleep(wait)
             try:
                 await self.connect()
-                log.info("connected to NATS at %s", self.url)
-            except Exception:  # noqa: BLE001 - keep trying
-                self.nc = None
+            except Exception as exc:  # noqa: BLE001 - keep trying
+                if (reason := _describe(exc)) != last:
+                    log.warning("NATS at %s not ready (%s); still trying", self.url, reason)
+                    last = reason
+                wait = min(wait * 2, RETRY_MAX_S)
+        log.info("connected to NATS at %s", self.url)
 
-    async def _ensure_stream(self) -> None:
+    async def _ensure_stream(self, nc: Client) -> None:
         """The events stream as `self.stream` says, unless it is there: then only the subjects it
         lacks are added, and its copies and limits (an operator's, another service's) are kept."""
-        js = self.nc.jetstream(timeout=self.timeout)
+        js = nc.jetstream(timeout=self.timeout)
         try:
             info = await js.stream_info(events.STREAM)
         except NotFoundError:
@@ -111,7 +126,7 @@ class EventBus:
 
     async def _ensure_stream_or_log(self) -> None:
         try:
-            await self._ensure_stream()
+            await self._ensure_stream(self.nc)
         except Exception as exc:  # noqa: BLE001 - tried again at the next failed publish
             log.warning("could not create the %s stream: %s", events.STREAM, exc)
 
@@ -200,9 +215,9 @@ class EventBus:
         """Live (core NATS) subscription; registered now or when the bus connects."""
         self._handlers.append((subject, handler))
         if self.connected:
-            await self._subscribe(subject, handler)
+            await self._subscribe(self.nc, subject, handler)
 
-    async def _subscribe(self, subject: str, handler: Handler) -> None:
+    async def _subscribe(self, nc: Client, subject: str, handler: Handler) -> None:
         seen = events.RecentIds()
 
         async def on_message(msg) -> None:
@@ -222,7 +237,7 @@ class EventBus:
             finally:
                 telemetry.detach(token)
 
-        await self.nc.subscribe(subject, cb=on_message)
+        await nc.subscribe(subject, cb=on_message)
 
     async def close(self) -> None:
         await lifecycle.cancel_and_wait(*self._tasks)
@@ -236,3 +251,8 @@ class EventBus:
             await self.nc.drain()
         except Exception:  # noqa: BLE001 - closing anyway
             await self.nc.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as a log line says it (nats-py's timeouts have no message)."""
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
