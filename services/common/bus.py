@@ -212,9 +212,10 @@ class EventBus:
 
     # --- subscribing --------------------------------------------------------------------------
     async def subscribe(self, subject: str, handler: Handler) -> None:
-        """Live (core NATS) subscription; registered now or when the bus connects."""
+        """Live (core NATS) subscription; registered now, or when the bus connects. A client that
+        is away keeps it and makes it when it is back (nats-py restores the ones it was given)."""
         self._handlers.append((subject, handler))
-        if self.connected:
+        if self.nc is not None:
             await self._subscribe(self.nc, subject, handler)
 
     async def _subscribe(self, nc: Client, subject: str, handler: Handler) -> None:

@@ -84,3 +84,32 @@ async def test_a_bus_waiting_for_jetstream_holds_no_connection_open_between_trie
         await bus.close()
         assert _connections(monitor_port) == 0
         infra.stop(nats_proc)
+
+
+async def test_a_subscription_made_while_nats_is_away_is_made_when_it_is_back(tmp_path: Path):
+    port = infra.free_port()
+    url = f"nats://127.0.0.1:{port}"
+    nats_proc = infra.start_nats(port, tmp_path / "store")
+    received = []
+    bus = EventBus(url, "coordinator", timeout=1.0)
+    publisher = EventBus(url, "registry", timeout=1.0)
+
+    async def handler(envelope: events.Envelope) -> None:
+        received.append(envelope.payload["name"])
+
+    await bus.start()
+    try:
+        infra.stop(nats_proc)
+        await _until(lambda: not bus.connected, 10, "the bus to see NATS gone")
+        await bus.subscribe(SUBJECT, handler)
+        nats_proc = infra.start_nats(port, tmp_path / "store")
+        await _until(lambda: bus.connected, 20, "the bus to reconnect")
+        await publisher.connect()
+        await publisher.publish(SUBJECT, {"name": "a"})
+        await _until(lambda: received, 5, "the subscriber to get the event")
+        await asyncio.sleep(0.5)  # a second delivery (a subscription made twice) would be here by now
+        assert received == ["a"]
+    finally:
+        await publisher.close()
+        await bus.close()
+        infra.stop(nats_proc)
