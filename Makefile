@@ -81,7 +81,11 @@ bench-batching: $(PB_STAMP) frontdoor
 	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
 	$(BIN)/python bench/batching.py $(BENCH_ARGS)
 
+# The installer is not part of this repository: it is looked for beside the checkout
+# (../shared/tools/perf-analyzer/install.sh).
 perf-analyzer: $(STAMP)
+	@[ -n "$(PA_INSTALL)" ] || { echo "make perf-analyzer: ../shared/tools/perf-analyzer/install.sh not found" \
+	  "(it is not part of this repository); put Triton's perf_analyzer at $(BIN)/perf_analyzer yourself" >&2; exit 1; }
 	bash $(PA_INSTALL) $(abspath $(BIN))
 
 clean:
