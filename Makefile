@@ -61,7 +61,7 @@ $(MLSERVER_VENV)/.installed:
 	touch $@
 
 bench: $(PB_STAMP) frontdoor $(MLSERVER_VENV)/.installed
-	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
+	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || $(MAKE) -s perf-analyzer
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # `make bench-scheduler`: placement policies (edgeai, round_robin, random, least_loaded) on an emulated
@@ -78,7 +78,7 @@ bench-delta: $(PB_STAMP)
 # 500 µs and 2 ms queue delay), then MLServer with and without adaptive batching when `make bench`
 # has made its virtualenv; about 7 minutes, BENCH_ARGS=--quick for 2. See bench/README.md.
 bench-batching: $(PB_STAMP) frontdoor
-	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || bash $(PA_INSTALL) $(abspath $(BIN))
+	@$(BIN)/perf_analyzer --version >/dev/null 2>&1 || $(MAKE) -s perf-analyzer
 	$(BIN)/python bench/batching.py $(BENCH_ARGS)
 
 # The installer is not part of this repository: it is looked for beside the checkout
