@@ -9,13 +9,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nats.aio.client import Client
+from nats.aio.client import DEFAULT_MAX_PAYLOAD_SIZE, Client
+from nats.errors import MaxPayloadError
 from nats.js.api import DiscardPolicy, StreamConfig
-from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from prometheus_client import Counter
 
 from services.common import events, lifecycle, telemetry
 from services.common.background import Background
-from services.common.errors import Unavailable
+from services.common.errors import CneiError, ErrorCode, Unavailable
 from services.common.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,29 @@ Handler = Callable[[events.Envelope], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 RETRY_S = 1.0  # the first retry of a connect; each next one waits twice as long, up to RETRY_MAX_S
 RETRY_MAX_S = 15.0
+EVENTS_REFUSED = Counter("cnei_events_refused_total", "Events dropped because NATS would never take them",
+                         ["subject", "reason"])  # reason: too_large (over max_payload) | refused (by JetStream)
+
+
+class EventRefused(CneiError):
+    """An event NATS would never take (JetStream refuses it): not sent, not kept in the outbox."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+    reason_label = "refused"
+
+    def __init__(self, subject: str, event_id: str, reason: str):
+        self.subject, self.event_id, self.reason = subject, event_id, reason
+        super().__init__(f"event {event_id} on {subject} dropped: {reason}")
+
+
+class EventTooLarge(EventRefused):
+    """An event over NATS's max_payload (headers and data); its publisher may send a smaller one."""
+
+    reason_label = "too_large"
+
+    def __init__(self, subject: str, event_id: str, size_bytes: int, limit_bytes: int):
+        self.size_bytes, self.limit_bytes = size_bytes, limit_bytes
+        super().__init__(subject, event_id, f"{size_bytes} bytes, over the {limit_bytes} bytes NATS takes")
 
 
 @dataclass(frozen=True)
@@ -40,8 +65,9 @@ class StreamLimits:
 
 
 class EventBus:
-    """Events in and out. With an outbox, `publish` never fails: what cannot be sent now is kept
-    on disk and flushed in order once NATS answers again."""
+    """Events in and out. With an outbox, `publish` fails only for an event NATS would never take
+    (EventRefused): what cannot be sent now is kept on disk and flushed in order once NATS answers
+    again."""
 
     def __init__(self, url: str, source: str, outbox: Outbox | Path | str | None = None,
                  timeout: float = 2.0, stream: StreamLimits = StreamLimits()):
@@ -61,6 +87,12 @@ class EventBus:
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        """The most bytes (headers and data) NATS takes in a message: the server's, or before the
+        first connect its default."""
+        return self.nc.max_payload if self.nc is not None else DEFAULT_MAX_PAYLOAD_SIZE
 
     async def connect(self) -> None:
         """Connect once: the client is kept only with the stream ensured and the subscriptions
@@ -153,35 +185,52 @@ class EventBus:
 
     # --- publishing ---------------------------------------------------------------------------
     async def publish(self, subject: str, payload: dict) -> events.Envelope:
+        """Send an event, or keep it in the outbox; EventTooLarge (before it is kept) or
+        EventRefused for one NATS would never take."""
         envelope = events.Envelope(type=subject, source=self.source, payload=payload,
                                    trace=telemetry.inject())
         if self.outbox is not None and (len(self.outbox) or not self.connected):
+            self._message(subject, envelope)
             self.outbox.put(subject, envelope)
             return envelope
         try:
             await self._send(subject, envelope)
+        except EventRefused:
+            raise
         except Exception as exc:  # noqa: BLE001 - kept for later, or reported
             if self.outbox is None:
                 raise Unavailable(f"could not publish {subject}: {exc}") from None
             self.outbox.put(subject, envelope)
         return envelope
 
+    def _message(self, subject: str, envelope: events.Envelope) -> tuple[bytes, dict[str, str]]:
+        """The event's data and headers; EventTooLarge (logged and counted) when NATS would refuse
+        them, or close the connection for headers and data over its limit together."""
+        data, headers = events.encode(envelope), {**envelope.trace, "Nats-Msg-Id": envelope.id}
+        if (size := _wire_size(data, headers)) > self.max_payload:
+            raise _refused(EventTooLarge(subject, envelope.id, size, self.max_payload))
+        return data, headers
+
     async def _send(self, subject: str, envelope: events.Envelope) -> None:
         if not self.connected:
             raise Unavailable(f"NATS at {self.url} is not connected")
-        headers = {**envelope.trace, "Nats-Msg-Id": envelope.id}
+        data, headers = self._message(subject, envelope)
         try:
-            await self.nc.jetstream(timeout=self.timeout).publish(
-                subject, events.encode(envelope), headers=headers)
+            await self.nc.jetstream(timeout=self.timeout).publish(subject, data, headers=headers)
         except (TimeoutError, NoStreamResponseError):
             # No stream took it (NATS came back without it, or it was deleted): JetStream would
             # never acknowledge this or any retry. Live subscribers may have had this try: theirs
             # drop the retry by its envelope id (RecentIds); JetStream by its Nats-Msg-Id.
             await self._ensure_stream_or_log()
             raise
+        except (MaxPayloadError, APIError) as exc:
+            if _refused_for_good(exc):
+                raise _refused(EventRefused(subject, envelope.id, _describe(exc))) from exc
+            raise
 
     async def flush(self) -> int:
-        """Send buffered events oldest first; stops at the first failure. Returns how many went."""
+        """Send buffered events oldest first, stopping at the first that fails for now; one NATS
+        would never take is dropped (logged and counted). Returns how many went."""
         if self.outbox is None:
             return 0
         sent = 0
@@ -190,12 +239,15 @@ class EventBus:
                 done = 0
                 try:
                     for subject, envelope in batch:
-                        await self._send(subject, envelope)
+                        try:
+                            await self._send(subject, envelope)
+                            sent += 1
+                        except EventRefused:
+                            pass  # logged and counted; dropped from the outbox with those sent
                         done += 1
                 finally:
                     if done:
                         self.outbox.pop(done)
-                        sent += done
         if sent:
             log.info("flushed %d buffered events", sent)
         return sent
@@ -257,3 +309,24 @@ class EventBus:
 def _describe(exc: BaseException) -> str:
     """An exception as a log line says it (nats-py's timeouts have no message)."""
     return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+def _wire_size(data: bytes, headers: dict[str, str]) -> int:
+    """Bytes of a message as NATS counts them against max_payload: its header block (as nats-py
+    writes it: `NATS/1.0`, one `key: value` line each, an empty line) and its data."""
+    return len(data) + len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+
+
+def _refused_for_good(exc: Exception) -> bool:
+    """NATS would refuse the message again: over max_payload, or a JetStream error about the
+    message itself (4xx: too large for the stream, say), not a timeout or JetStream away."""
+    if isinstance(exc, MaxPayloadError):
+        return True
+    return isinstance(exc, APIError) and exc.code is not None and 400 <= exc.code < 500 and exc.code not in (408, 429)
+
+
+def _refused(error: EventRefused) -> EventRefused:
+    """`error`, logged and counted."""
+    EVENTS_REFUSED.labels(error.subject, error.reason_label).inc()
+    log.error("%s", error)
+    return error

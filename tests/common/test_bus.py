@@ -1,6 +1,7 @@
 """The event bus against NATS servers of the test's own: a service that starts while NATS answers
 but its JetStream does not (a cluster still electing its leader) subscribes once JetStream is
-there, holding no connection meanwhile."""
+there, holding no connection meanwhile; an event NATS would never take (over its max_payload, or
+refused by the stream) is refused or dropped, never left to hold up the outbox."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +10,15 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import nats
+import pytest
+from nats.js.api import DeliverPolicy, StreamConfig
+from prometheus_client import REGISTRY
+
 from services.cli import infra
 from services.common import events
-from services.common.bus import EventBus
+from services.common.bus import EventBus, EventRefused, EventTooLarge
+from services.common.outbox import Outbox
 
 SUBJECT = events.MODEL_PUBLISHED
 
@@ -21,6 +28,54 @@ def _nats_without_jetstream(port: int, monitor_port: int) -> subprocess.Popen:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     infra.wait_for_port("127.0.0.1", port, proc=proc)
     return proc
+
+
+def _nats_taking_at_most(tmp_path: Path, port: int, max_payload: int) -> subprocess.Popen:
+    """nats-server with JetStream whose messages are at most `max_payload` bytes."""
+    conf, store = tmp_path / "nats.conf", tmp_path / "store"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\nmax_payload: {max_payload}\njetstream {{ store_dir: "{store}" }}\n')
+    proc = subprocess.Popen([infra.find_binary("nats-server"), "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    infra.wait_for_port("127.0.0.1", port, proc=proc)
+    return proc
+
+
+@pytest.fixture
+async def small_nats(tmp_path: Path):
+    """A NATS taking messages of 4 KB at most, whose events stream an operator made for
+    messages of 1,000 bytes at most."""
+    port = infra.free_port()
+    proc = _nats_taking_at_most(tmp_path, port, 4096)
+    url = f"nats://127.0.0.1:{port}"
+    nc = await nats.connect(url)
+    await nc.jetstream().add_stream(StreamConfig(name=events.STREAM, subjects=events.STREAM_SUBJECTS,
+                                                 max_msg_size=1000))
+    await nc.close()
+    yield url
+    infra.stop(proc)
+
+
+async def _stored(url: str) -> list[str]:
+    """The payload names of the events the stream holds, oldest first."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream(timeout=5)
+        sub = await js.subscribe("cnei.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        total = (await js.stream_info(events.STREAM)).state.messages
+        return [events.decode((await sub.next_msg(timeout=5)).data).payload["name"] for _ in range(total)]
+    finally:
+        await nc.close()
+
+
+def _event_of(name: str, size: int) -> events.Envelope:
+    """An event `size` bytes long once encoded (at least its bare envelope's size)."""
+    envelope = events.Envelope(type=events.MODEL_LOADED, source="coordinator", payload={"name": name, "pad": ""})
+    pad = "x" * max(0, size - len(events.encode(envelope)))
+    return events.Envelope(type=envelope.type, source=envelope.source, payload={"name": name, "pad": pad})
+
+
+def _refused(subject: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("cnei_events_refused_total", {"subject": subject, "reason": reason}) or 0.0
 
 
 def _connections(monitor_port: int) -> int:
@@ -113,3 +168,52 @@ async def test_a_subscription_made_while_nats_is_away_is_made_when_it_is_back(tm
         await publisher.close()
         await bus.close()
         infra.stop(nats_proc)
+
+
+@pytest.mark.parametrize("nats_away", [False, True], ids=["connected", "nats-away"])
+async def test_an_event_over_the_servers_max_payload_is_refused_at_publish_and_never_kept(
+        small_nats, tmp_path: Path, nats_away: bool):
+    bus = EventBus(small_nats, "coordinator", outbox=tmp_path / "outbox.jsonl", timeout=1.0)
+    await bus.start()
+    try:
+        if nats_away:
+            await bus.nc.close()  # its limit stays known
+        before = _refused(events.INFERENCE_DISAGREEMENT, "too_large")
+        with pytest.raises(EventTooLarge) as refused:
+            await bus.publish(events.INFERENCE_DISAGREEMENT, {"name": "big", "inputs": [0.5] * 2000})
+        assert refused.value.limit_bytes == 4096 and refused.value.size_bytes > 4096
+        assert len(bus.outbox) == 0
+        assert _refused(events.INFERENCE_DISAGREEMENT, "too_large") == before + 1
+    finally:
+        await bus.close()
+
+
+async def test_an_event_the_stream_refuses_is_refused_at_publish_and_not_kept(small_nats, tmp_path: Path):
+    bus = EventBus(small_nats, "coordinator", outbox=tmp_path / "outbox.jsonl", timeout=1.0)
+    await bus.start()
+    try:
+        before = _refused(events.INFERENCE_DISAGREEMENT, "refused")
+        with pytest.raises(EventRefused, match="message size exceeds maximum"):
+            await bus.publish(events.INFERENCE_DISAGREEMENT, {"name": "mid", "inputs": [0.5] * 300})
+        assert len(bus.outbox) == 0 and _refused(events.INFERENCE_DISAGREEMENT, "refused") == before + 1
+        await bus.publish(events.MODEL_LOADED, {"name": "after"})
+        assert await _stored(small_nats) == ["after"]
+    finally:
+        await bus.close()
+
+
+async def test_outbox_events_nats_would_never_take_are_dropped_and_the_ones_behind_them_sent(
+        small_nats, tmp_path: Path):
+    outbox = Outbox(tmp_path / "outbox.jsonl")  # as a service left it, or kept before it knew the limit
+    for name, size in [("first", 0), ("over-max-payload", 5000), ("over-it-with-its-headers", 4060),
+                       ("over-the-streams-limit", 2000), ("last", 0)]:
+        outbox.put(events.MODEL_LOADED, _event_of(name, size))
+    bus = EventBus(small_nats, "coordinator", outbox=outbox, timeout=1.0)
+    await bus.start()
+    try:
+        await _until(lambda: not len(outbox), 10, "the outbox to drain")
+        assert await _stored(small_nats) == ["first", "last"]
+        assert bus.nc.stats["reconnects"] == 0  # nothing sent that NATS closes the connection for
+        assert Outbox(tmp_path / "outbox.jsonl").peek() == []  # gone from the file too
+    finally:
+        await bus.close()
