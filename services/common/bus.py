@@ -236,18 +236,18 @@ class EventBus:
         sent = 0
         async with self._flush_lock:
             while self.connected and (batch := self.outbox.peek(100)):
-                done = 0
+                done = None
                 try:
-                    for subject, envelope in batch:
+                    for entry in batch:
                         try:
-                            await self._send(subject, envelope)
+                            await self._send(entry.subject, entry.envelope)
                             sent += 1
                         except EventRefused:
                             pass  # logged and counted; dropped from the outbox with those sent
-                        done += 1
+                        done = entry.seq
                 finally:
-                    if done:
-                        self.outbox.pop(done)
+                    if done is not None:
+                        self.outbox.pop(through=done)
         if sent:
             log.info("flushed %d buffered events", sent)
         return sent

@@ -7,6 +7,7 @@ import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge
 
@@ -15,6 +16,14 @@ from services.common import events
 log = logging.getLogger(__name__)
 OUTBOX_DEPTH = Gauge("cnei_outbox_events", "Events waiting in the on-disk outbox")
 OUTBOX_DROPPED = Counter("cnei_outbox_dropped_total", "Oldest events dropped because the outbox was full")
+
+
+class Entry(NamedTuple):
+    """A kept event and its sequence number (its place among every event ever kept)."""
+
+    seq: int
+    subject: str
+    envelope: events.Envelope
 
 
 class Outbox:
@@ -26,6 +35,7 @@ class Outbox:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._items: list[str] = self._load()
+        self._head = 0  # the sequence number of _items[0]: how many events left the front
         OUTBOX_DEPTH.set(len(self._items))
 
     def _load(self) -> list[str]:
@@ -57,19 +67,25 @@ class Outbox:
                 OUTBOX_DROPPED.inc(drop)
                 log.error("outbox full: dropping %d oldest events", drop)
                 self._items = self._items[drop:]
+                self._head += drop
                 self._rewrite()
             OUTBOX_DEPTH.set(len(self._items))
 
-    def peek(self, count: int = 100) -> list[tuple[str, events.Envelope]]:
+    def peek(self, count: int = 100) -> list[Entry]:
         """The oldest `count` events, oldest first."""
         with self._lock:
-            front = self._items[:count]
-        return [_parse(line) for line in front]
+            front, head = self._items[:count], self._head
+        return [Entry(head + i, *_parse(line)) for i, line in enumerate(front)]
 
-    def pop(self, count: int) -> None:
-        """Remove the `count` oldest events (after they were delivered)."""
+    def pop(self, through: int) -> None:
+        """Remove the events up to sequence number `through` (delivered) that are still kept: a
+        full outbox may have dropped some of them meanwhile, and the ones after stay."""
         with self._lock:
+            count = min(through + 1 - self._head, len(self._items))
+            if count <= 0:
+                return
             self._items = self._items[count:]
+            self._head += count
             self._rewrite()
             OUTBOX_DEPTH.set(len(self._items))
 

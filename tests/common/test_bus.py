@@ -217,3 +217,30 @@ async def test_outbox_events_nats_would_never_take_are_dropped_and_the_ones_behi
         assert Outbox(tmp_path / "outbox.jsonl").peek() == []  # gone from the file too
     finally:
         await bus.close()
+
+
+async def test_events_kept_while_a_full_outbox_is_flushed_are_sent_not_lost(tmp_path: Path):
+    port = infra.free_port()
+    url = f"nats://127.0.0.1:{port}"
+    nats_proc = infra.start_nats(port, tmp_path / "store")
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_events=3)
+    for name in ("e0", "e1", "e2"):  # kept while NATS was away: the outbox is full
+        outbox.put(events.MODEL_LOADED, events.Envelope(type=events.MODEL_LOADED, source="runtime", payload={"name": name}))
+    bus = EventBus(url, "runtime", outbox=outbox, timeout=1.0)
+    dropped = REGISTRY.get_sample_value("cnei_outbox_dropped_total")
+
+    async def follow_up(envelope: events.Envelope) -> None:  # runs while the flush sends the next one
+        await bus.publish(events.MODEL_UNLOADED, {"name": envelope.payload["name"].replace("e", "f")})
+
+    await bus.subscribe(events.MODEL_LOADED, follow_up)
+    await bus.start()
+    try:
+        for _ in range(100):
+            if len(stored := await _stored(url)) == 6:
+                break
+            await asyncio.sleep(0.1)
+        assert REGISTRY.get_sample_value("cnei_outbox_dropped_total") > dropped  # it overflowed meanwhile
+        assert [name for name in stored if name.startswith("f")] == ["f0", "f1", "f2"], stored
+    finally:
+        await bus.close()
+        infra.stop(nats_proc)

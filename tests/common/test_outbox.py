@@ -1,0 +1,55 @@
+"""The on-disk outbox: events kept in order, the oldest dropped when full, and a flush's `pop`
+removing only the events it delivered, whatever the outbox dropped meanwhile."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.common import events
+from services.common.outbox import Outbox
+
+
+def _put(outbox: Outbox, *names: str) -> None:
+    for name in names:
+        outbox.put(events.MODEL_LOADED, events.Envelope(type=events.MODEL_LOADED, source="s", payload={"name": name}))
+
+
+def _names(outbox: Outbox) -> list[str]:
+    return [entry.envelope.payload["name"] for entry in outbox.peek()]
+
+
+def test_events_come_back_in_order_from_the_file(tmp_path: Path):
+    _put(Outbox(tmp_path / "outbox.jsonl"), "a", "b", "c")
+    reopened = Outbox(tmp_path / "outbox.jsonl")
+    assert _names(reopened) == ["a", "b", "c"]
+    assert [entry.subject for entry in reopened.peek()] == [events.MODEL_LOADED] * 3
+
+
+def test_a_full_outbox_drops_its_oldest_events(tmp_path: Path):
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_events=2)
+    _put(outbox, "a", "b", "c")
+    assert _names(outbox) == ["b", "c"] and _names(Outbox(tmp_path / "outbox.jsonl")) == ["b", "c"]
+
+
+def test_pop_removes_the_delivered_events_only(tmp_path: Path):
+    outbox = Outbox(tmp_path / "outbox.jsonl")
+    _put(outbox, "a", "b", "c")
+    outbox.pop(through=outbox.peek(2)[-1].seq)
+    assert _names(outbox) == ["c"] and _names(Outbox(tmp_path / "outbox.jsonl")) == ["c"]
+
+
+def test_events_kept_while_a_flush_of_a_full_outbox_runs_survive_its_pop(tmp_path: Path):
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_events=3)
+    _put(outbox, "a", "b", "c")
+    batch = outbox.peek()  # being sent
+    _put(outbox, "d", "e")  # meanwhile: a and b dropped
+    outbox.pop(through=batch[-1].seq)
+    assert _names(outbox) == ["d", "e"] and _names(Outbox(tmp_path / "outbox.jsonl")) == ["d", "e"]
+
+
+def test_a_pop_of_events_all_dropped_meanwhile_removes_nothing(tmp_path: Path):
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_events=2)
+    _put(outbox, "a")
+    batch = outbox.peek()
+    _put(outbox, "b", "c")  # a dropped
+    outbox.pop(through=batch[-1].seq)
+    assert _names(outbox) == ["b", "c"]
