@@ -225,7 +225,8 @@ async def test_events_kept_while_a_full_outbox_is_flushed_are_sent_not_lost(tmp_
     nats_proc = infra.start_nats(port, tmp_path / "store")
     outbox = Outbox(tmp_path / "outbox.jsonl", max_events=3)
     for name in ("e0", "e1", "e2"):  # kept while NATS was away: the outbox is full
-        outbox.put(events.MODEL_LOADED, events.Envelope(type=events.MODEL_LOADED, source="runtime", payload={"name": name}))
+        outbox.put(events.MODEL_LOADED,
+                   events.Envelope(type=events.MODEL_LOADED, source="runtime", payload={"name": name}))
     bus = EventBus(url, "runtime", outbox=outbox, timeout=1.0)
     dropped = REGISTRY.get_sample_value("cnei_outbox_dropped_total")
 
