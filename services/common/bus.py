@@ -17,7 +17,8 @@ from prometheus_client import Counter
 
 from services.common import events, lifecycle, telemetry
 from services.common.background import Background
-from services.common.errors import CneiError, ErrorCode, Unavailable
+from services.common.errors import Unavailable
+from services.common.events import EventRefused, EventTooLarge
 from services.common.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -27,27 +28,6 @@ RETRY_S = 1.0  # the first retry of a connect; each next one waits twice as long
 RETRY_MAX_S = 15.0
 EVENTS_REFUSED = Counter("cnei_events_refused_total", "Events dropped because NATS would never take them",
                          ["subject", "reason"])  # reason: too_large (over max_payload) | refused (by JetStream)
-
-
-class EventRefused(CneiError):
-    """An event NATS would never take (JetStream refuses it): not sent, not kept in the outbox."""
-
-    code = ErrorCode.INVALID_ARGUMENT
-    reason_label = "refused"
-
-    def __init__(self, subject: str, event_id: str, reason: str):
-        self.subject, self.event_id, self.reason = subject, event_id, reason
-        super().__init__(f"event {event_id} on {subject} dropped: {reason}")
-
-
-class EventTooLarge(EventRefused):
-    """An event over NATS's max_payload (headers and data); its publisher may send a smaller one."""
-
-    reason_label = "too_large"
-
-    def __init__(self, subject: str, event_id: str, size_bytes: int, limit_bytes: int):
-        self.size_bytes, self.limit_bytes = size_bytes, limit_bytes
-        super().__init__(subject, event_id, f"{size_bytes} bytes, over the {limit_bytes} bytes NATS takes")
 
 
 @dataclass(frozen=True)
@@ -168,7 +148,10 @@ class EventBus:
 
     async def _back_online(self) -> None:
         """NATS may be back without its JetStream state (a fresh store): the stream first, then
-        the outbox is flushed and the on-connect hooks run."""
+        the outbox is flushed and the on-connect hooks run. (A reconnect of a client `connect` is
+        still setting up is its own: `connect` runs them once it has kept the client.)"""
+        if self.nc is None:
+            return
         await self._ensure_stream_or_log()
         await self._came_online()
 

@@ -8,6 +8,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from services.common.errors import CneiError, ErrorCode
+
 STREAM = "CNEI_EVENTS"
 STREAM_SUBJECTS = ["cnei.>"]
 
@@ -79,3 +81,24 @@ class RecentIds:
         if len(self._ids) > self.size:
             self._ids.popitem(last=False)
         return True
+
+
+class EventRefused(CneiError):
+    """An event NATS would never take (JetStream refuses it): not sent, not kept in the outbox."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+    reason_label = "refused"
+
+    def __init__(self, subject: str, event_id: str, reason: str):
+        self.subject, self.event_id, self.reason = subject, event_id, reason
+        super().__init__(f"event {event_id} on {subject} dropped: {reason}")
+
+
+class EventTooLarge(EventRefused):
+    """An event over NATS's max_payload (headers and data); its publisher may send a smaller one."""
+
+    reason_label = "too_large"
+
+    def __init__(self, subject: str, event_id: str, size_bytes: int, limit_bytes: int):
+        self.size_bytes, self.limit_bytes = size_bytes, limit_bytes
+        super().__init__(subject, event_id, f"{size_bytes} bytes, over the {limit_bytes} bytes NATS takes")

@@ -501,11 +501,19 @@ class Coordinator:
             return
         DISAGREEMENTS.labels(request.model_name).inc(len(rows))
         inputs = {name: array[rows].tolist() for name, array in request.inputs.items()}
-        await self.announce(events.INFERENCE_DISAGREEMENT, {
-            "model": request.model_name, "cloud_model": cloud.model_name, "rows": rows.tolist(),
-            "edge_labels": np.argmax(edge_probs[rows], axis=-1).tolist(),
-            "cloud_labels": np.argmax(cloud_probs[rows], axis=-1).tolist(), "inputs": inputs,
-        })
+        event = {"model": request.model_name, "cloud_model": cloud.model_name, "rows": rows.tolist(),
+                 "edge_labels": np.argmax(edge_probs[rows], axis=-1).tolist(),
+                 "cloud_labels": np.argmax(cloud_probs[rows], axis=-1).tolist(), "inputs": inputs}
+        try:
+            if self.publish is not None:
+                await self.publish(events.INFERENCE_DISAGREEMENT, event)
+        except events.EventTooLarge as exc:  # the inputs make it too big for NATS: the rest still goes
+            log.warning("disagreement event of %s sent without its inputs: %s", request.model_name, exc)
+            await self.announce(events.INFERENCE_DISAGREEMENT, {
+                **event, "inputs": {},
+                "inputs_dropped": f"{exc.size_bytes} bytes with them, over the {exc.limit_bytes} bytes NATS takes"})
+        except Exception as exc:  # noqa: BLE001 - as announce: the metric still records it
+            log.warning("could not publish %s: %s", events.INFERENCE_DISAGREEMENT, exc)
 
     # --- placement, batching, failover ------------------------------------------------------
     def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:

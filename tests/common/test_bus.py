@@ -17,7 +17,8 @@ from prometheus_client import REGISTRY
 
 from services.cli import infra
 from services.common import events
-from services.common.bus import EventBus, EventRefused, EventTooLarge
+from services.common.bus import EventBus
+from services.common.events import EventRefused, EventTooLarge
 from services.common.outbox import Outbox
 
 SUBJECT = events.MODEL_PUBLISHED

@@ -663,3 +663,40 @@ async def test_sync_joint_with_a_kept_edge_answer_is_no_cache_hit_when_the_cloud
         stats = m.core.statistics("m", "1")[0]
         assert stats.success.count == 3
         assert stats.inference_count == 3 + 3  # the edge's rows, then the cloud's; none for the kept answer
+
+
+async def test_a_disagreement_event_too_large_for_nats_is_sent_without_its_inputs(nats_server):
+    """Async joint inference reports the rows edge and cloud disagree on, with their inputs, on
+    NATS: an event too big for NATS with them (its 1 MiB max_payload) still goes, without them."""
+    import nats as nats_client
+
+    from services.common import events
+    from services.common.bus import EventBus
+
+    spec = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="async", threshold=0.8, output="p"))}
+    model = replace(JOINT_MODEL, metadata={**JOINT_MODEL.metadata, "max_batch_size": "65536"})
+    bus = EventBus(nats_server, "coordinator-test")
+    await bus.connect()
+    listener = await nats_client.connect(nats_server)
+    got: asyncio.Queue = asyncio.Queue()
+    sub = await listener.subscribe(events.INFERENCE_DISAGREEMENT, cb=got.put)
+    try:
+        async with mesh([model], spec, {"e1": NodeCore(edge_unsure), "c1": NodeCore(cloud_sure)},
+                        tiers={"e1": "edge", "c1": "cloud"}) as m:
+            m.core.publish = bus.publish
+            small = np.ones((3, 2), np.float32)
+            big = np.random.default_rng(0).random((40_000, 2), dtype=np.float32)  # ~1.5 MB of JSON inputs
+            for x in (small, big):
+                status, response = await m.infer(x=x)
+                assert status == "OK", response
+                message = await asyncio.wait_for(got.get(), 15)
+                payload = events.decode(message.data).payload
+                assert payload["rows"] == list(range(len(x)))  # every row: the edge is unsure, the cloud sure
+                if x is small:
+                    assert payload["inputs"] == {"x": small.tolist()} and "inputs_dropped" not in payload
+                else:
+                    assert payload["inputs"] == {} and "over the" in payload["inputs_dropped"]
+    finally:
+        await sub.unsubscribe()
+        await listener.close()
+        await bus.close()
