@@ -8,6 +8,7 @@ import os
 import re
 import uuid
 from collections import OrderedDict
+from urllib.parse import quote
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from services.common.model_spec import ModelVariant, TensorSpec
 
 log = logging.getLogger(__name__)
 TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.tmp$")  # what `_atomic_write` writes before its rename
+OLD_MANIFEST = re.compile(r"^[^+]*--[^+]*--[^+]*\.json$")  # name--version--precision.json: ambiguous names
 HASH_CHUNK = 1 << 20
 CACHE_EVENTS = Counter("cnei_model_cache_events_total", "L1 model cache events", ["event"])
 _HITS = CACHE_EVENTS.labels("hit")  # every request looks up its model: bound once
@@ -44,12 +46,16 @@ class DiskCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temporaries()
+        self._rename_old_manifests()
 
     def artifact_path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.onnx"
 
     def manifest_path(self, variant: ModelVariant) -> Path:
-        return self.root / f"{variant.name}--{variant.version}--{variant.precision}.json"
+        """`name+version+precision.json`, each part percent-encoded (`+` included): one file per
+        variant, whatever its name and version hold (`a--b` v1 and `a` v`b--1` used to share one)."""
+        parts = (quote(part, safe="") for part in (variant.name, variant.version, variant.precision))
+        return self.root / ("+".join(parts) + ".json")
 
     def has(self, variant: ModelVariant) -> bool:
         """The variant's bytes and its manifest are both here."""
@@ -105,6 +111,22 @@ class DiskCache:
             if TEMPORARY.search(path.name):
                 log.info("removing %s, left by an interrupted download", path.name)
                 path.unlink(missing_ok=True)
+
+    def _rename_old_manifests(self) -> None:
+        """Move manifests named as before (`name--version--precision.json`) to their names now;
+        unreadable ones are left where they are (`variants` skips them)."""
+        for old in self.root.glob("*.json"):
+            if not OLD_MANIFEST.match(old.name):
+                continue
+            try:
+                variant = variant_from_json(old.read_text())
+            except (ValueError, KeyError, TypeError):
+                continue
+            new = self.manifest_path(variant)
+            if not new.exists():
+                os.replace(old, new)
+            else:
+                old.unlink(missing_ok=True)
 
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:

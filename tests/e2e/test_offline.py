@@ -155,7 +155,7 @@ def test_an_edge_cut_off_from_the_cloud_keeps_serving_and_resyncs(site, digits_m
 
     redis = Redis.from_url(site.redis_url)
     infra.wait_until(lambda: redis.get(NODE_KEY.format("edge-off")), 10, "re-registration in Redis", poll_s=0.2)
-    infra.wait_until(lambda: (site.root / "cache" / "digits--2--FP32.json").exists(), 15,
+    infra.wait_until(lambda: (site.root / "cache" / "digits+2+FP32.json").exists(), 15,
                      "missed version pulled", poll_s=0.2)
     infra.wait_until(lambda: not outbox.exists() or not outbox.read_text().strip(), 15, "outbox flushed",
                      poll_s=0.2)

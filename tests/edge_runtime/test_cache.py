@@ -159,3 +159,27 @@ def test_a_variant_survives_its_json_manifest_form():
     variant = replace(_variant(), metadata={"labels": '["0", "1"]'})
     assert variant_from_json(variant_to_json(variant)) == variant
 
+
+
+def test_manifests_of_names_and_versions_that_join_alike_are_kept_apart(tmp_path):
+    disk = DiskCache(tmp_path)
+    dashed_name = replace(_variant(), name="a--b", version="1")
+    dashed_version = replace(_variant(b"other bytes"), name="a", version="b--1")
+    disk.put(dashed_name, ARTIFACT)
+    disk.put(dashed_version, b"other bytes")
+    assert disk.manifest_path(dashed_name) != disk.manifest_path(dashed_version)
+    assert disk.has(dashed_name) and disk.has(dashed_version)
+    assert sorted(DiskCache(tmp_path).variants(), key=lambda v: v.name) == [dashed_version, dashed_name]
+
+
+def test_manifests_written_under_the_old_names_are_renamed_when_the_cache_opens(tmp_path):
+    variant = replace(_variant(), name="a--b", version="1")
+    (tmp_path / f"{variant.sha256}.onnx").write_bytes(ARTIFACT)
+    old = tmp_path / "a--b--1--FP32.json"
+    old.write_text(variant_to_json(variant))
+    unreadable = tmp_path / "broken--1--FP32.json"
+    unreadable.write_text("{not json")
+    disk = DiskCache(tmp_path)
+    assert not old.exists() and disk.manifest_path(variant).is_file()
+    assert disk.has(variant) and disk.variants() == [variant]
+    assert unreadable.read_text() == "{not json"  # left as it was, skipped as before

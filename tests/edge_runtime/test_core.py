@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from dataclasses import replace
 
 import numpy as np
@@ -148,3 +149,29 @@ async def test_without_the_registry_a_damaged_artifact_is_deleted_and_an_intact_
     finally:
         runtime.close()
         await registry.close()
+
+
+async def test_models_whose_name_and_version_join_alike_both_serve_offline_from_the_disk_cache(registry, digits_models,
+                                                                                                 tmp_path):
+    uid = uuid.uuid4().hex[:8]
+    by_precision = {b.precision: b for b in digits_models}
+    client = RegistryClient(registry, timeout=30)
+    try:  # "<uid>--b" version 1 and "<uid>" version "b--1": a file name "<uid>--b--1--FP32.json" each
+        dashed_name = await client.push_file(by_precision["FP32"].path, f"{uid}--b", "1", "FP32")
+        dashed_version = await client.push_file(by_precision["INT8"].path, uid, "b--1", "FP32")
+    finally:
+        await client.close()
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path), intra_op_threads=1,
+                       measure_on_load=False)
+    row = {"input": np.ones((1, 64), np.float32)}
+    for registry_address in (registry, "127.0.0.1:1"):  # online (pulled), then cut off (nothing listens there)
+        client = RegistryClient(registry_address, timeout=2)
+        runtime = EdgeRuntime(settings, client, DiskCache(tmp_path))
+        try:
+            for variant in (dashed_name, dashed_version):
+                reply = await runtime.infer(oip.InferRequest(variant.name, row, model_version=variant.version))
+                assert (reply.model_name, reply.model_version) == (variant.name, variant.version)
+        finally:
+            await runtime.drain()
+            runtime.close()
+            await client.close()
