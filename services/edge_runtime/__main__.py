@@ -74,7 +74,7 @@ async def serve(settings: RuntimeSettings) -> None:
         await runtime.model_published(envelope.payload.get("name", ""))
 
     async def on_deployment(envelope: events.Envelope) -> None:
-        runtime.deployment_updated(envelope.payload.get("model", ""))
+        await runtime.model_deployed(envelope.payload.get("model", ""))
 
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
     await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)

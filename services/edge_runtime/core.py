@@ -15,7 +15,7 @@ from prometheus_client import Counter
 from services.common import oip, telemetry
 from services.common.background import Background, KeyedLocks
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
-from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, RolloutSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound,
                                     Unavailable, error_for, outcome_of)
 from services.common.model_spec import (ModelVariant, check_inputs, check_outputs, pick_variant, sample_inputs,
@@ -167,34 +167,74 @@ class EdgeRuntime:
         return variant
 
     async def model_published(self, name: str) -> None:
-        """A new version exists: forget resolutions and pull it when this node caches the model."""
+        """A new version exists: forget resolutions, and refresh the model where this node caches it."""
         self.forget_resolutions(name)
         if any(v.name == name for v in self.disk.variants()):
-            await self.resync()
+            await self.resync(names=(name,))
 
-    async def resync(self, attempt: int = 0) -> None:
-        """Back online (or told of a new version): pull the latest version of every cached model
-        in each cached precision, and load it where an older version is loaded."""
+    async def model_deployed(self, name: str) -> None:
+        """The model's deployment changed (a version promoted, a canary set): forget its cap, and
+        refresh the model where this node caches it."""
+        self.deployment_updated(name)
+        if any(v.name == name for v in self.disk.variants()):
+            await self.resync(names=(name,))
+
+    async def resync(self, attempt: int = 0, names: tuple[str, ...] = ()) -> None:
+        """Back online (or told of a new version or deployment): for every cached model (or those
+        `names`), pull the versions its deployment serves in each cached precision, and load its
+        stable version where another version of that precision is loaded (`_refresh`)."""
         async with self._resync_lock:
             self._registry_down_until = 0.0
-            self.forget_resolutions()
-            self._caps.clear()  # deployments may have changed while the events did not arrive
-            loaded = {key.split(":")[0] + ":" + key.split(":")[2] for key in self.l1.keys()}
-            wanted = {(v.name, v.precision) for v in self.disk.variants()}
+            if names:
+                for name in names:
+                    self.forget_resolutions(name)
+                    self._caps.pop(name, None)
+            else:
+                self.forget_resolutions()
+                self._caps.clear()  # deployments may have changed while the events did not arrive
+            loaded = {(key.split(":")[0], key.split(":")[2]) for key in self.l1.keys()}
+            cached: dict[str, set[str]] = {}
+            for v in self.disk.variants():
+                if not names or v.name in names:
+                    cached.setdefault(v.name, set()).add(v.precision)
             retry = False
-            for name, precision in sorted(wanted):
-                try:
-                    latest = await self.registry.resolve(name, "", precision)
-                    if await self._ensure_on_disk(latest):
-                        log.info("pulled missed version %s", latest.key)
-                    if f"{name}:{precision}" in loaded:
-                        await self.load(latest)
-                except CneiError as exc:
-                    log.warning("resync of %s %s failed: %s", name, precision, exc)
-                    retry = retry or exc.code is ErrorCode.UNAVAILABLE
+            for name, precisions in sorted(cached.items()):
+                retry = not await self._refresh(name, precisions, loaded) or retry
         if retry and attempt < RESYNC_RETRIES:
             await asyncio.sleep(1.0)
-            self.background.spawn(self.resync(attempt + 1))
+            self.background.spawn(self.resync(attempt + 1, names))
+
+    async def _refresh(self, name: str, precisions: set[str], loaded: set[tuple[str, str]]) -> bool:
+        """Pull what the model's deployment serves (its stable version, pinned or the latest, and
+        a canary) in `precisions`, loading the stable one where the model is `loaded` in that
+        precision: a version pushed but not released is neither pulled nor loaded. False when the
+        registry was unreachable (try again)."""
+        try:
+            rollout = await self._rollout(name)
+        except CneiError as exc:
+            log.warning("resync of %s failed: %s", name, exc)
+            return exc.code is not ErrorCode.UNAVAILABLE
+        served = [rollout.stable] + ([rollout.canary] if rollout.canary else [])
+        reachable = True
+        for precision in sorted(precisions):
+            for version in served:
+                try:
+                    variant = await self.registry.resolve(name, version, precision)
+                    if await self._ensure_on_disk(variant):
+                        log.info("pulled %s (deployed, missed)", variant.key)
+                    if version == rollout.stable and (name, precision) in loaded:
+                        await self.load(variant)
+                except CneiError as exc:
+                    log.warning("resync of %s v%s %s failed: %s", name, version or "latest", precision, exc)
+                    reachable = reachable and exc.code is not ErrorCode.UNAVAILABLE
+        return reachable
+
+    async def _rollout(self, name: str) -> RolloutSpec:
+        """The versions the model's deployment serves (none applied: the latest, stable = "")."""
+        try:
+            return (await self.registry.get_deployment(name)).rollout
+        except NotFound:
+            return RolloutSpec()
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded (once,

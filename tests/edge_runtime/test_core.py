@@ -12,12 +12,14 @@ import pytest
 
 from services.common import oip
 from services.common import settings as cfg
+from services.common.deployment import DeploymentSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from tests.retrained import write_versions
 
 ARTIFACT = b"pretend this is an ONNX model"
 
@@ -175,3 +177,29 @@ async def test_models_whose_name_and_version_join_alike_both_serve_offline_from_
             await runtime.drain()
             runtime.close()
             await client.close()
+
+
+async def test_a_resync_refreshes_the_deployed_versions_not_the_newest(registry, tmp_path):
+    v1_file, v2_file = write_versions(tmp_path)
+    name = f"pinned-{uuid.uuid4().hex[:8]}"
+    client = RegistryClient(registry, timeout=30)
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path / "cache"), intra_op_threads=1,
+                       measure_on_load=False)
+    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
+    try:
+        v1 = await client.push_file(v1_file, name, "1", "FP32")
+        await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="1")))
+        await runtime.load(v1)
+        v2 = await client.push_file(v2_file, name, "2", "FP32")  # pushed while this node was cut off
+        await runtime.resync()  # back online
+        assert runtime.l1.keys() == [v1.key] and not runtime.disk.has(v2)
+        await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec("1", "2", 10.0)))
+        await runtime.resync()
+        assert runtime.l1.keys() == [v1.key] and runtime.disk.has(v2)  # the canary is pulled, loaded on demand
+        await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="2")))
+        await runtime.resync()
+        assert runtime.l1.keys() == [v1.key, v2.key]  # the promoted version is loaded where v1 is
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
