@@ -26,9 +26,13 @@ def records():
 
     root.handlers[:] = [Keep()]
     yield seen
-    log_settings.apply(LogConfig.from_level(saved_level or logging.WARNING))
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
+    # no severity left switched off, on any handler (pytest's capturing handlers live for the
+    # whole session: a filter left on them hid later tests' INFO records from caplog)
+    log_settings._severities.off = frozenset()
+    for handler in root.handlers:
+        handler.removeFilter(log_settings._severities)
     log_settings._applied = None
 
 
