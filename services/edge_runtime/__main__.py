@@ -65,7 +65,7 @@ def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
 async def serve(settings: RuntimeSettings) -> None:
     stop = lifecycle.stop_event()
     registry = registry_client.from_settings(PREFIX, settings, timeout=3.0)
-    runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir))
+    runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir, settings.disk_cache_max_bytes))
     redis = redis_client(settings)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
                    outbox=Path(settings.cache_dir) / "outbox.jsonl", stream=settings.stream_limits())

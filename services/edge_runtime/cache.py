@@ -1,22 +1,29 @@
-"""Model caches of a runtime: verified artifacts on disk, loaded sessions in memory (L1, LRU)."""
+"""Model caches of a runtime: verified artifacts on disk (within a byte budget, least recently
+used leaving first), loaded sessions in memory (L1, LRU)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
+import time
 import uuid
+from collections import Counter as Tally
 from collections import OrderedDict
-from urllib.parse import quote
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from prometheus_client import Counter, Gauge
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.model_spec import ModelVariant, TensorSpec
+from services.edge_runtime.eviction import CachedArtifact, choose_evictions, newest_versions
 
 log = logging.getLogger(__name__)
 TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.tmp$")  # what `_atomic_write` writes before its rename
@@ -25,6 +32,21 @@ HASH_CHUNK = 1 << 20
 CACHE_EVENTS = Counter("cnei_model_cache_events_total", "L1 model cache events", ["event"])
 _HITS = CACHE_EVENTS.labels("hit")  # every request looks up its model: bound once
 CACHE_BYTES = Gauge("cnei_model_cache_bytes", "Bytes of models loaded in the L1 cache")
+DISK_EVICTIONS = Counter("cnei_disk_cache_evictions_total",
+                         "Artifacts (with their manifests) deleted from the disk cache to make room for others")
+DISK_BYTES = Gauge("cnei_disk_cache_bytes", "Bytes of artifacts and manifests in the disk cache")
+Keep = Callable[[ModelVariant], bool]  # a variant whose artifact must stay (in memory, deployed)
+
+
+class DiskCacheFull(ResourceExhausted):
+    """An artifact that does not fit the disk cache's budget beside those that cannot leave it."""
+
+    def __init__(self, key: str, needed: int, kept: int, budget: int):
+        self.key, self.needed, self.kept, self.budget = key, needed, kept, budget
+        super().__init__(
+            f"disk cache full: the artifact of {key} needs {needed} bytes, and {kept} bytes of its budget of "
+            f"{budget} bytes (CNEI_RUNTIME_DISK_CACHE_MAX_BYTES) are artifacts that cannot be evicted (in memory, "
+            f"being pulled or measured, of a deployed version, or the newest cached version of their model)")
 
 
 def variant_to_json(v: ModelVariant) -> str:
@@ -39,14 +61,23 @@ def variant_from_json(text: str) -> ModelVariant:
 
 
 class DiskCache:
-    """Artifacts by sha256 plus the manifest of each cached variant (for offline resolution)."""
+    """Artifacts by sha256 plus the manifest of each cached variant (for offline resolution),
+    within `max_bytes` (0: no limit): storing one that would go over it first deletes the least
+    recently used artifacts (an artifact's file time: set when it is stored, loaded, or leaves
+    memory), never those pinned (being pulled, loaded or measured), those the caller keeps (in
+    memory, deployed), or the newest cached version of each model in each precision."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, max_bytes: int = 0):
         """Opens (or makes) the cache at `root`, deleting what interrupted writes left there."""
         self.root = Path(root)
+        self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temporaries()
         self._rename_old_manifests()
+        self._room = threading.Lock()  # one store at a time makes room and writes
+        self._pins_lock = threading.Lock()  # pins, and the deletions that must not take a pinned artifact
+        self._pins: Tally[str] = Tally()
+        DISK_BYTES.set(self.bytes_used())
 
     def artifact_path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.onnx"
@@ -83,15 +114,50 @@ class DiskCache:
         self._atomic_write(self.manifest_path(variant), variant_to_json(variant).encode())
         return True
 
-    def put(self, variant: ModelVariant, data: bytes) -> Path:
-        """Verify and store an artifact and its manifest atomically."""
+    def put(self, variant: ModelVariant, data: bytes, keep: Keep | None = None) -> Path:
+        """Verify and store an artifact and its manifest atomically, making room for them within
+        the budget first (DiskCacheFull when even that cannot; `keep`: variants not to evict)."""
         digest = hashlib.sha256(data).hexdigest()
         if digest != variant.sha256:
             raise FailedPrecondition(f"artifact of {variant.key} hashes to {digest}, expected {variant.sha256}")
-        path = self.artifact_path(variant.sha256)
-        self._atomic_write(path, data)
-        self._atomic_write(self.manifest_path(variant), variant_to_json(variant).encode())
+        path, manifest = self.artifact_path(variant.sha256), variant_to_json(variant).encode()
+        with self._room:
+            if not path.is_file():
+                self._make_room(variant, len(data) + len(manifest), keep or (lambda v: False))
+            self._atomic_write(path, data)
+            self._atomic_write(self.manifest_path(variant), manifest)
+            self.touch(variant.sha256)
+            DISK_BYTES.set(self.bytes_used())
         return path
+
+    @contextlib.contextmanager
+    def pinned(self, *sha256s: str) -> Iterator[None]:
+        """Keep these artifacts from eviction while the block runs (a pull, a load, a measurement)."""
+        with self._pins_lock:
+            self._pins.update(sha256s)
+        try:
+            yield
+        finally:
+            with self._pins_lock:
+                for sha256 in sha256s:
+                    self._pins[sha256] -= 1
+                    if self._pins[sha256] <= 0:
+                        del self._pins[sha256]
+
+    def touch(self, sha256: str) -> None:
+        """Record a use of the artifact (its file time; the least recently used leave first)."""
+        now = time.time_ns()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.artifact_path(sha256), ns=(now, now))
+
+    def bytes_used(self) -> int:
+        """Bytes of the artifacts and manifests here."""
+        total = 0
+        for path in self.root.iterdir():
+            if path.suffix in (".onnx", ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    total += path.stat().st_size
+        return total
 
     def variants(self) -> list[ModelVariant]:
         """Every cached variant whose artifact is present."""
@@ -104,6 +170,50 @@ class DiskCache:
             if self.artifact_path(variant.sha256).is_file():
                 found.append(variant)
         return found
+
+    def _make_room(self, incoming: ModelVariant, size: int, keep: Keep) -> None:
+        """Delete the least recently used artifacts that may go until `size` more bytes fit."""
+        if self.max_bytes <= 0:
+            return
+        cached = self._cached()
+        kept = newest_versions([v for a in cached for v in a.variants] + [incoming])
+        kept |= {a.sha256 for a in cached if any(keep(v) for v in a.variants)}
+        with self._pins_lock:  # an artifact pinned from here on waits for the deletions below
+            protected = kept | set(self._pins)
+            chosen = choose_evictions(cached, size, self.max_bytes, protected)
+            if chosen is None:
+                raise DiskCacheFull(incoming.key, size, sum(a.size for a in cached if a.sha256 in protected),
+                                    self.max_bytes)
+            for artifact in chosen:
+                self._evict(artifact)
+
+    def _evict(self, artifact: CachedArtifact) -> None:
+        self.artifact_path(artifact.sha256).unlink(missing_ok=True)
+        for variant in artifact.variants:
+            self.manifest_path(variant).unlink(missing_ok=True)
+        DISK_EVICTIONS.inc()
+        log.info("evicted %s (%s, %d bytes) from the disk cache", artifact.sha256[:12],
+                 ", ".join(v.key for v in artifact.variants) or "no manifest", artifact.size)
+
+    def _cached(self) -> list[CachedArtifact]:
+        """Every artifact here with its size (manifests included), last use and variants."""
+        manifests: dict[str, list[tuple[ModelVariant, int]]] = {}
+        for path in self.root.glob("*.json"):
+            try:
+                variant, size = variant_from_json(path.read_text()), path.stat().st_size
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            manifests.setdefault(variant.sha256, []).append((variant, size))
+        cached = []
+        for path in self.root.glob("*.onnx"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            held = manifests.get(path.stem, [])
+            cached.append(CachedArtifact(path.stem, stat.st_size + sum(size for _, size in held), stat.st_mtime_ns,
+                                         tuple(v for v, _ in held)))
+        return cached
 
     def _remove_temporaries(self) -> None:
         """Delete the temporary files of writes a crash or kill interrupted (never renamed)."""

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,7 +90,8 @@ class EdgeRuntime:
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
         self._caps: dict[str, tuple[int, float]] = {}  # model -> (deployment's max_batch_size, until)
-        self.siblings = SiblingMeasurer(registry, settings, self._artifact, self._report,
+        self._deployed: dict[str, set[str]] = {}  # model -> the versions its deployment serves (as last read)
+        self.siblings = SiblingMeasurer(registry, settings, self._held_artifact, self._report,
                                         lambda: (self.inflight, self.arrivals),
                                         lambda key: self.l1.peek(key) is not None)
 
@@ -115,9 +117,12 @@ class EdgeRuntime:
         if time.monotonic() < self._registry_down_until:  # offline: never wait for the registry here
             return cached[0] if cached else 0
         try:
-            cap, ttl = (await self.registry.get_deployment(name)).batching.max_batch_size, DEPLOYMENT_TTL_S
+            spec = await self.registry.get_deployment(name)
+            cap, ttl = spec.batching.max_batch_size, DEPLOYMENT_TTL_S
+            self._note_rollout(name, spec.rollout)
         except NotFound:
             cap, ttl = 0, DEPLOYMENT_TTL_S
+            self._deployed.pop(name, None)
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
                 raise
@@ -232,9 +237,22 @@ class EdgeRuntime:
     async def _rollout(self, name: str) -> RolloutSpec:
         """The versions the model's deployment serves (none applied: the latest, stable = "")."""
         try:
-            return (await self.registry.get_deployment(name)).rollout
+            rollout = (await self.registry.get_deployment(name)).rollout
         except NotFound:
-            return RolloutSpec()
+            rollout = RolloutSpec()
+        self._note_rollout(name, rollout)
+        return rollout
+
+    def _note_rollout(self, name: str, rollout: RolloutSpec) -> None:
+        """Remember the versions a deployment pins (their artifacts stay in the disk cache)."""
+        self._deployed[name] = {v for v in (rollout.stable, rollout.canary) if v}
+
+    def _kept(self) -> Callable[[ModelVariant], bool]:
+        """Which variants' artifacts the disk cache must keep, as of now: those in memory and
+        those of the versions deployments pin (what coordinators ask for, offline too)."""
+        loaded = {m.variant.sha256 for m in self.l1.values()}
+        deployed = {(name, version) for name, versions in self._deployed.items() for version in versions}
+        return lambda v: v.sha256 in loaded or (v.name, v.version) in deployed
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded (once,
@@ -250,8 +268,9 @@ class EdgeRuntime:
         mine = sorted((v for v in self.disk.variants() if v.name == variant.name),
                       key=lambda v: (v.precision == variant.precision, version_key(v.version)), reverse=True)
         held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
-        pulled = await self.registry.pull_artifact(variant.sha256, held)
-        await asyncio.to_thread(self.disk.put, variant, pulled.data)
+        with self.disk.pinned(*held):  # a delta's base stays until it is decoded, then may make room
+            pulled = await self.registry.pull_artifact(variant.sha256, held)
+        await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
         SYNCED_BYTES.inc(pulled.wire_bytes)
         PULLS.labels("delta" if pulled.base else "full").inc()
         if pulled.base:
@@ -259,10 +278,13 @@ class EdgeRuntime:
                      pulled.wire_bytes, len(pulled.data))
         return True
 
-    async def _artifact(self, variant: ModelVariant) -> Path:
-        """The variant's artifact on disk, pulled first where it is not."""
-        await self._ensure_on_disk(variant)
-        return self.disk.artifact_path(variant.sha256)
+    @contextlib.asynccontextmanager
+    async def _held_artifact(self, variant: ModelVariant) -> AsyncIterator[Path]:
+        """The variant's artifact on disk, pulled first where it is not, kept there while the
+        block runs (a sibling measurement)."""
+        with self.disk.pinned(variant.sha256):
+            await self._ensure_on_disk(variant)
+            yield self.disk.artifact_path(variant.sha256)
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
         with telemetry.child_span(_tracer, "cache.lookup") as span:
@@ -281,18 +303,22 @@ class EdgeRuntime:
         with _tracer.start_as_current_span("model.load") as span:
             span.set_attribute("cnei.model", variant.key)
             start = time.perf_counter()
-            await self._ensure_on_disk(variant)
-            rss_before = rss_bytes()
-            model = await self._open_cached(variant)
+            with self.disk.pinned(variant.sha256):
+                await self._ensure_on_disk(variant)
+                rss_before = rss_bytes()
+                model = await self._open_cached(variant)
+            self.disk.touch(variant.sha256)
             model.run = slowed(model.run, self.settings.emulated_slowdown)
             meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
             loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
             if self.settings.measure_on_load and await self._measure(loaded, rss_before) \
                     and self.settings.measure_siblings:
                 self.siblings.schedule(variant, model.intra_op_threads)
+            artifacts = {m.variant.key: m.variant.sha256 for m in self.l1.values()}
             for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                 log.info("evicted %s from the L1 cache", old)
                 self._retire_batchers(old)
+                self.disk.touch(artifacts[old])  # its last use: it leaves memory now
             span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
@@ -364,6 +390,9 @@ class EdgeRuntime:
 
     def unload(self, key: str) -> bool:
         self._retire_batchers(key)
+        loaded = self.l1.peek(key)
+        if loaded is not None:
+            self.disk.touch(loaded.variant.sha256)  # its last use: it leaves memory now
         return self.l1.remove(key)
 
     def _retire_batchers(self, key: str) -> None:

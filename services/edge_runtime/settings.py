@@ -31,6 +31,11 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     cache_dir: str = field(".cnei/cache/edge-1", "on-disk artifact cache")
     cache_max_bytes: int = field(2 << 30, "byte budget of loaded models (L1); LRU eviction")
+    disk_cache_max_bytes: int = field(
+        8 << 30, "byte budget of the disk cache (artifacts and their manifests; keep it under the volume's size): the "
+                 "least recently used artifacts are deleted to make room for a new one, never those in memory, being "
+                 "pulled or measured, of a version a deployment pins, or the newest cached version of a model in each "
+                 "precision (a pull that still does not fit is RESOURCE_EXHAUSTED); 0: no limit")
     heartbeat_interval_s: float = field(0.2, "seconds between heartbeats")
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
     restricted_apis: str = field(

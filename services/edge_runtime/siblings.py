@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from services.common import lifecycle
@@ -65,7 +66,7 @@ class SiblingMeasurer:
     request is in flight or arriving. The sessions it opens never enter the L1 cache."""
 
     def __init__(self, registry: RegistryClient, settings: RuntimeSettings,
-                 artifact: Callable[[ModelVariant], Awaitable[Path]],
+                 artifact: Callable[[ModelVariant], AbstractAsyncContextManager[Path]],
                  report: Callable[[ModelVariant, float, int], Awaitable[None]],
                  activity: Callable[[], Activity], is_loaded: Callable[[str], bool]):
         self.registry = registry
@@ -129,16 +130,16 @@ class SiblingMeasurer:
                 log.warning("could not measure %s, a sibling of %s: %s", sibling.key, loaded.key, exc)
 
     async def _measure(self, sibling: ModelVariant, threads: int) -> None:
-        path = await self._artifact(sibling)
         loop, memory = asyncio.get_running_loop(), 0
-        for attempt in range(1, TRIES + 1):
-            quiet = await self._quiet()
-            latency, used = await loop.run_in_executor(self._thread, measure_artifact, path, sibling,
-                                                       self.use_cuda, threads, self.slowdown)
-            memory = max(memory, used)
-            if not quiet[0] and quiet == self._activity():
-                break
-            log.info("requests came while %s was measured (try %d of %d)", sibling.key, attempt, TRIES)
+        async with self._artifact(sibling) as path:  # pulled to the disk cache, kept there meanwhile
+            for attempt in range(1, TRIES + 1):
+                quiet = await self._quiet()
+                latency, used = await loop.run_in_executor(self._thread, measure_artifact, path, sibling,
+                                                           self.use_cuda, threads, self.slowdown)
+                memory = max(memory, used)
+                if not quiet[0] and quiet == self._activity():
+                    break
+                log.info("requests came while %s was measured (try %d of %d)", sibling.key, attempt, TRIES)
         await self._report(sibling, latency, memory)
 
     async def _quiet(self) -> Activity:

@@ -588,6 +588,65 @@ def test_heartbeats_set_through_env_too_are_refused_not_doubled(tier):
         _render({f"{tier}Runtime": {"env": {"CNEI_RUNTIME_HEARTBEAT_TTL_S": 5}}})
 
 
+QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _quantity_bytes(quantity: str) -> int:
+    """Bytes of a Kubernetes quantity such as 10Gi or 500M."""
+    number, unit = re.fullmatch(r"(\d+)([kMGT]i?|Ki)?", str(quantity)).groups()
+    return int(number) * QUANTITY_UNITS[unit or ""]
+
+
+def _cache_budgets(rendered: Rendered) -> dict[str, tuple[int, int]]:
+    """Per tier: (the runtime's disk cache budget, the sizeLimit of the volume its cache dir is on)."""
+    budgets = {}
+    for workload, container in rendered.running("services.edge_runtime"):
+        settings = _settings(container)[0]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == settings.cache_dir]
+        (volume,) = [v for v in _pod(workload)["volumes"] if v["name"] == mount["name"]]
+        tier = "edge" if workload["kind"] == "DaemonSet" else "cloud"
+        budgets[tier] = (settings.disk_cache_max_bytes, _quantity_bytes(volume["emptyDir"]["sizeLimit"]))
+    return budgets
+
+
+def test_each_runtime_keeps_its_disk_cache_under_its_volume_s_size_limit(rendered):
+    """The kubelet evicts a pod whose emptyDir outgrows its sizeLimit: the runtime's budget is the
+    values' share of it (the rest: its outbox, headroom)."""
+    budgets = _cache_budgets(rendered)
+    assert budgets
+    for tier, (budget, limit) in budgets.items():
+        percent = rendered.values[f"{tier}Runtime"]["cache"]["budgetPercent"]
+        assert budget == limit * percent // 100 and 0 < budget < limit
+
+
+@pytest.mark.parametrize("cache, expected", [
+    ({"sizeLimit": "512Mi", "budgetPercent": 50}, 256 * 2**20),
+    ({"sizeLimit": "3G"}, 2_400_000_000),
+    ({"sizeLimit": "2Ti", "budgetPercent": 90}, 2 * 2**40 * 90 // 100),
+])
+def test_the_disk_cache_budget_follows_the_size_limit_and_share_set(cache, expected):
+    assert _cache_budgets(_render({"edgeRuntime": {"cache": cache}}))["edge"] == (expected, _quantity_bytes(
+        cache["sizeLimit"]))
+
+
+@pytest.mark.parametrize("cache, message", [
+    ({"budgetPercent": 100}, r"edgeRuntime.cache.budgetPercent \(100\) must be above 0 and below 100"),
+    ({"budgetPercent": 0}, r"edgeRuntime.cache.budgetPercent \(0\) must be above 0 and below 100"),
+    ({"sizeLimit": "1.5Gi"}, r"edgeRuntime.cache.sizeLimit \(1.5Gi\) must be a whole number of bytes"),
+])
+def test_a_disk_cache_budget_that_would_not_stay_under_the_size_limit_fails_to_render(cache, message):
+    with pytest.raises(Exception, match=message):
+        _render({"edgeRuntime": {"cache": cache}})
+
+
+@pytest.mark.parametrize("tier", ["edge", "cloud"])
+def test_a_disk_cache_budget_set_through_env_is_refused_not_doubled(tier):
+    with pytest.raises(Exception, match=f"{tier}Runtime.env sets CNEI_RUNTIME_DISK_CACHE_MAX_BYTES: use "
+                                        f"{tier}Runtime.cache.budgetPercent"):
+        _render({f"{tier}Runtime": {"env": {"CNEI_RUNTIME_DISK_CACHE_MAX_BYTES": 5}}})
+
+
 # --- state: registry volume, NATS cluster, Redis AOF ------------------------------------------
 
 def test_the_registry_keeps_its_data_dir_on_a_persistent_volume(rendered):

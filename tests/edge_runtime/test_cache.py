@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import ErrorCode, FailedPrecondition
 from services.common.model_spec import ModelVariant, TensorSpec
-from services.edge_runtime.cache import DiskCache, L1Cache, variant_from_json, variant_to_json
+from services.edge_runtime.cache import (DISK_BYTES, DISK_EVICTIONS, DiskCache, DiskCacheFull, L1Cache,
+                                         variant_from_json, variant_to_json)
 
 ARTIFACT = b"pretend this is an ONNX model"
 
@@ -183,3 +184,82 @@ def test_manifests_written_under_the_old_names_are_renamed_when_the_cache_opens(
     assert not old.exists() and disk.manifest_path(variant).is_file()
     assert disk.has(variant) and disk.variants() == [variant]
     assert unreadable.read_text() == "{not json"  # left as it was, skipped as before
+
+
+def _sized(version: str, name: str = "digits", precision: str = "FP32") -> tuple[ModelVariant, bytes]:
+    """A variant whose artifact is 1000 bytes of its own."""
+    data = f"{name}:{version}:{precision}".encode().ljust(1000, b".")
+    return replace(_variant(data, version, precision), name=name), data
+
+
+def _entry(variant: ModelVariant) -> int:
+    """Bytes on disk of a variant's 1000-byte artifact and its manifest."""
+    return 1000 + len(variant_to_json(variant).encode())
+
+
+def _cached_versions(disk: DiskCache) -> list[str]:
+    return sorted(v.version for v in disk.variants())
+
+
+def test_disk_put_evicts_the_least_recently_used_artifacts_with_their_manifests_to_stay_within_budget(tmp_path):
+    stored = [_sized(str(version)) for version in range(1, 5)]
+    disk = DiskCache(tmp_path, max_bytes=sum(_entry(v) for v, _ in stored[:3]))
+    evictions = DISK_EVICTIONS._value.get()
+    for variant, data in stored[:3]:
+        disk.put(variant, data)
+    disk.touch(stored[0][0].sha256)  # version 1 used since: version 2 is now the least recent
+    disk.put(*stored[3])
+    assert _cached_versions(disk) == ["1", "3", "4"]
+    assert not disk.artifact_path(stored[1][0].sha256).exists() and not disk.manifest_path(stored[1][0]).exists()
+    assert disk.bytes_used() <= disk.max_bytes and DISK_BYTES._value.get() == disk.bytes_used()
+    assert DISK_EVICTIONS._value.get() == evictions + 1
+
+
+def test_disk_put_never_evicts_kept_pinned_or_the_newest_version_of_a_model_in_a_precision(tmp_path):
+    old, older, newest_int8, pinned, kept = (_sized("1"), _sized("2"), _sized("1", precision="INT8"),
+                                             _sized("3"), _sized("4"))
+    incoming = _sized("1", name="other")
+    disk = DiskCache(tmp_path, max_bytes=sum(_entry(v) for v, _ in (old, older, newest_int8, pinned, kept)))
+    for variant, data in (old, older, newest_int8, pinned, kept):
+        disk.put(variant, data)
+    disk.touch(kept[0].sha256)  # "4", the newest FP32, is the least recent after all
+    with disk.pinned(pinned[0].sha256):
+        disk.put(*incoming, keep=lambda v: v.version == "4")
+    assert _cached_versions(disk) == ["1", "1", "2", "3", "4"]  # "1" FP32 went: the oldest that may
+    assert not disk.has(old[0]) and disk.has(newest_int8[0]) and disk.has(incoming[0])
+    disk.put(*_sized("2", name="other"))  # the least recent that may go now: "2"
+    assert {v.key for v in disk.variants()} == {"digits:1:INT8", "digits:3:FP32", "digits:4:FP32", "other:1:FP32",
+                                                "other:2:FP32"}
+    disk.put(*_sized("5"))  # "3", pinned before, is the least recent that may go now
+    assert {v.key for v in disk.variants()} == {"digits:1:INT8", "digits:4:FP32", "digits:5:FP32", "other:1:FP32",
+                                                "other:2:FP32"}
+
+
+def test_an_artifact_that_cannot_fit_beside_what_must_stay_is_refused_naming_sizes_and_nothing_leaves(tmp_path):
+    first, second = _sized("1", name="a"), _sized("1", name="b")  # each the newest of its model
+    disk = DiskCache(tmp_path, max_bytes=_entry(first[0]) + _entry(second[0]))
+    disk.put(*first)
+    disk.put(*second)
+    third = _sized("1", name="c")
+    with pytest.raises(DiskCacheFull) as full:
+        disk.put(*third)
+    assert full.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert full.value.message.startswith(
+        f"disk cache full: the artifact of c:1:FP32 needs {_entry(third[0])} bytes, and "
+        f"{_entry(first[0]) + _entry(second[0])} bytes of its budget of {disk.max_bytes} bytes "
+        f"(CNEI_RUNTIME_DISK_CACHE_MAX_BYTES) are artifacts that cannot be evicted")
+    assert {v.name for v in disk.variants()} == {"a", "b"} and not list(tmp_path.glob("*.tmp"))
+
+
+def test_variants_sharing_an_artifact_leave_together_and_no_budget_means_no_eviction(tmp_path):
+    shared, data = _sized("1")
+    disk = DiskCache(tmp_path, max_bytes=3 * _entry(shared))
+    disk.put(shared, data)
+    assert disk.adopt(replace(shared, version="0"))  # same bytes under an older version
+    disk.put(*_sized("2"))
+    disk.put(*_sized("3"))  # makes room: "0" and "1" share the least recent artifact
+    assert _cached_versions(disk) == ["2", "3"]
+    unlimited = DiskCache(tmp_path / "unlimited")
+    for version in range(10):
+        unlimited.put(*_sized(str(version)))
+    assert len(unlimited.variants()) == 10

@@ -19,6 +19,7 @@ from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from tests.edge_runtime.processes import write_mlp
 from tests.retrained import write_versions
 
 ARTIFACT = b"pretend this is an ONNX model"
@@ -199,6 +200,35 @@ async def test_a_resync_refreshes_the_deployed_versions_not_the_newest(registry,
         await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="2")))
         await runtime.resync()
         assert runtime.l1.keys() == [v1.key, v2.key]  # the promoted version is loaded where v1 is
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
+
+
+async def test_the_disk_cache_keeps_the_version_a_deployment_pins_and_it_serves_offline(registry, tmp_path):
+    name = f"pinned-{uuid.uuid4().hex[:8]}"
+    client = RegistryClient(registry, timeout=30)
+    versions = [await client.push_file(write_mlp(tmp_path, seed), name, str(seed), "FP32") for seed in (1, 2, 3, 4)]
+    await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="1")))
+    size, cache = versions[0].size_bytes, tmp_path / "cache"
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(cache), intra_op_threads=1, inline_max_us=0.0,
+                       measure_on_load=False, cache_max_bytes=size + 1000,  # one model in memory
+                       disk_cache_max_bytes=size * 7 // 2)  # three artifacts on disk
+    row = {"input": np.ones((1, 64), np.float32)}
+    runtime = EdgeRuntime(settings, client, DiskCache(cache, settings.disk_cache_max_bytes))
+    try:
+        for variant in versions:  # v1 (pinned) leaves memory first: the least recently used, yet it stays
+            await runtime.infer(oip.InferRequest(name, row, model_version=variant.version))
+        assert sorted(v.version for v in runtime.disk.variants()) == ["1", "3", "4"]
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
+    client = RegistryClient("127.0.0.1:1", timeout=2)  # cut off: a coordinator's request names the pinned version
+    runtime = EdgeRuntime(settings, client, DiskCache(cache, settings.disk_cache_max_bytes))
+    try:
+        assert (await runtime.infer(oip.InferRequest(name, row, model_version="1"))).model_version == "1"
     finally:
         await runtime.drain()
         runtime.close()

@@ -2,6 +2,7 @@
 the runtime measures them against a real registry process without loading them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -145,8 +146,9 @@ async def test_a_measurement_requests_came_during_is_made_again_when_the_node_is
     async def report(variant, latency_ms, memory_bytes):
         reported.append((variant.precision, latency_ms, memory_bytes))
 
+    @contextlib.asynccontextmanager
     async def artifact(variant):
-        return files[variant.precision]
+        yield files[variant.precision]
     monkeypatch.setattr(siblings, "measure_artifact", measure)
     client = RegistryClient(registry, timeout=10)
     settings = replace(cfg.load(RuntimeSettings, PREFIX), node_class=CLASS)

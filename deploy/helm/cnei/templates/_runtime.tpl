@@ -53,6 +53,11 @@
       value: {{ $r.cacheDir | quote }}
     - name: CNEI_RUNTIME_CACHE_MAX_BYTES
       value: {{ .values.cacheMaxBytes | int64 | quote }}
+    {{- if hasKey .values.env "CNEI_RUNTIME_DISK_CACHE_MAX_BYTES" }}
+    {{- fail (printf "%sRuntime.env sets CNEI_RUNTIME_DISK_CACHE_MAX_BYTES: use %sRuntime.cache.budgetPercent (its share of cache.sizeLimit)" .tier .tier) }}
+    {{- end }}
+    - name: CNEI_RUNTIME_DISK_CACHE_MAX_BYTES
+      value: {{ include "cnei.diskCacheBudget" (dict "tier" .tier "cache" .values.cache) | quote }}
     - name: CNEI_RUNTIME_USE_CUDA
       value: {{ .values.useCuda | quote }}
     - name: CNEI_RUNTIME_PRELOAD
@@ -87,6 +92,25 @@
       readOnly: true
     {{- end }}
     {{- include "cnei.registryCaMount" .ctx | nindent 4 }}
+{{- end }}
+
+{{/* The disk cache's byte budget: cache.budgetPercent of cache.sizeLimit (a quantity: 10Gi, 500M,
+bytes), so the runtime deletes its least recently used artifacts before the kubelet evicts the pod
+for outgrowing the emptyDir. Call with (dict "tier" "edge"|"cloud" "cache" .Values.edgeRuntime.cache). */}}
+{{- define "cnei.diskCacheBudget" -}}
+{{- $limit := toString .cache.sizeLimit }}
+{{- $percent := .cache.budgetPercent }}
+{{- if not (regexMatch "^[0-9]+([KMGTP]i|[kMGTP])?$" $limit) }}
+{{- fail (printf "%sRuntime.cache.sizeLimit (%s) must be a whole number of bytes, with or without a suffix (Ki, Mi, Gi, Ti, Pi; k, M, G, T, P)" .tier $limit) }}
+{{- end }}
+{{- if not (and (gt (float64 $percent) 0.0) (lt (float64 $percent) 100.0)) }}
+{{- fail (printf "%sRuntime.cache.budgetPercent (%v) must be above 0 and below 100" .tier $percent) }}
+{{- end }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000
+      "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 }}
+{{- $number := regexReplaceAll "^([0-9]+).*$" $limit "${1}" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $limit "" }}
+{{- div (mul $number (get $units $unit) ($percent | int64)) 100 }}
 {{- end }}
 
 {{- define "cnei.runtimeVolumes" -}}
