@@ -89,7 +89,8 @@ class EdgeRuntime:
         self._registry_down_until = 0.0
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
-        self._caps: dict[str, tuple[int, float]] = {}  # model -> (deployment's max_batch_size, until)
+        # model -> (its deployment's max_batch_size, pinned stable version, until)
+        self._caps: dict[str, tuple[int, str, float]] = {}
         self._deployed: dict[str, set[str]] = {}  # model -> the versions its deployment serves (as last read)
         self.siblings = SiblingMeasurer(registry, settings, self._held_artifact, self._report,
                                         lambda: (self.inflight, self.arrivals),
@@ -111,24 +112,31 @@ class EdgeRuntime:
         """The most rows the model's deployment lets one call carry (its `batching.max_batch_size`),
         which the runtime's batcher never exceeds when it merges callers' requests; 0 when no
         deployment was applied or the registry cannot say (the runtime's own rules apply)."""
+        return (await self._deployed_as(name))[0]
+
+    async def _deployed_as(self, name: str) -> tuple[int, str]:
+        """What this runtime keeps of the model's deployment, read at most every DEPLOYMENT_TTL_S:
+        (its max_batch_size, its pinned stable version); (0, "") when none was applied or the
+        registry cannot say (what was known is kept while it is away)."""
         cached = self._caps.get(name)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
+        if cached and cached[2] > time.monotonic():
+            return cached[0], cached[1]
         if time.monotonic() < self._registry_down_until:  # offline: never wait for the registry here
-            return cached[0] if cached else 0
+            return (cached[0], cached[1]) if cached else (0, "")
         try:
             spec = await self.registry.get_deployment(name)
-            cap, ttl = spec.batching.max_batch_size, DEPLOYMENT_TTL_S
+            cap, stable, ttl = spec.batching.max_batch_size, spec.rollout.stable, DEPLOYMENT_TTL_S
             self._note_rollout(name, spec.rollout)
         except NotFound:
-            cap, ttl = 0, DEPLOYMENT_TTL_S
+            cap, stable, ttl = 0, "", DEPLOYMENT_TTL_S
             self._deployed.pop(name, None)
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
                 raise
-            cap, ttl = (cached[0] if cached else 0), REGISTRY_RETRY_S  # keep what was known
-        self._caps[name] = (cap, time.monotonic() + ttl)
-        return cap
+            cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
+            ttl = REGISTRY_RETRY_S
+        self._caps[name] = (cap, stable, time.monotonic() + ttl)
+        return cap, stable
 
     def deployment_updated(self, name: str) -> None:
         """The model's deployment changed: ask for its cap again at its next request."""
@@ -139,7 +147,11 @@ class EdgeRuntime:
         self._resolved = {k: v for k, v in self._resolved.items() if name and k[0] != name}
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
-        """Registry resolution, cached briefly; the disk cache answers when the registry is away."""
+        """Registry resolution, cached briefly; the disk cache answers when the registry is away.
+        A request naming no version gets the one the model's deployment pins as stable, as the
+        coordinator serves it (else the latest); a canary is the coordinator's to split."""
+        if not version:
+            version = (await self._deployed_as(name))[1]
         key = (name, version, precision.upper())
         cached = self._resolved.get(key)
         if cached and cached[1] > time.monotonic():

@@ -81,7 +81,8 @@ async def test_a_model_evicted_while_its_request_asks_the_registry_keeps_no_batc
         assert [key for key, _ in runtime.batchers] == [x.key]
         runtime.deployment_updated(x.name)  # the next X request asks the registry for the cap again...
         held.add(x.name)  # ...and waits for its answer
-        pending = asyncio.create_task(runtime.infer(oip.InferRequest(x.name, row)))
+        # (its version named: a request naming none asks for the deployment first, to learn its stable version)
+        pending = asyncio.create_task(runtime.infer(oip.InferRequest(x.name, row, model_version=x.version)))
         await asyncio.wait_for(asked.wait(), 10)  # X came from L1; its request waits for the cap
         await asyncio.wait_for(runtime.infer(oip.InferRequest(y.name, row)), 10)  # Y evicts X, retires its batchers
         answer.set()

@@ -43,3 +43,23 @@ def test_a_version_the_deployment_does_not_serve_is_neither_pulled_nor_loaded_an
         infra.wait_until(lambda: f"{pinned}:2:FP32" in loaded(address), 20, "the promoted version loaded")
     finally:
         infra.stop(proc)
+
+
+def test_a_direct_request_naming_no_version_gets_the_version_the_deployment_pins(
+        registry, nats_server, redis_server, tmp_path, two_files):
+    """A client of the runtime itself that names no version is served the deployment's stable
+    version, as through the coordinator, not a newer one pushed but not released; once the
+    deployment moves to it, the new one."""
+    model = f"direct-{uuid.uuid4().hex[:8]}"
+    v1_file, v2_file = two_files
+    call_registry(registry, "push_file", v1_file, model, "1", "FP32")
+    call_registry(registry, "push_file", v2_file, model, "2", "FP32")
+    call_registry(registry, "put_deployment", DeploymentSpec(model=model, rollout=RolloutSpec(stable="1")))
+    proc, address = start_runtime(registry, nats_server, redis_server, tmp_path / "cache")
+    try:
+        assert infer(address, model) == "1"
+        assert infer(address, model, "2") == "2"  # named, it is served
+        call_registry(registry, "put_deployment", DeploymentSpec(model=model, rollout=RolloutSpec(stable="2")))
+        infra.wait_until(lambda: infer(address, model) == "2", 20, "the promoted version served")
+    finally:
+        infra.stop(proc)
