@@ -20,6 +20,7 @@ from services.common import events
 from services.common.bus import EventBus
 from services.common.events import EventRefused, EventTooLarge
 from services.common.outbox import Outbox
+from tests.waiting import until
 
 SUBJECT = events.MODEL_PUBLISHED
 
@@ -84,14 +85,6 @@ def _connections(monitor_port: int) -> int:
         return json.loads(reply.read())["num_connections"]
 
 
-async def _until(predicate, timeout: float, what: str) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_a_bus_started_before_jetstream_is_ready_subscribes_and_comes_online_once_it_is(tmp_path: Path):
     port = infra.free_port()
     url = f"nats://127.0.0.1:{port}"
@@ -115,11 +108,11 @@ async def test_a_bus_started_before_jetstream_is_ready_subscribes_and_comes_onli
         await asyncio.sleep(1.5)  # a try of the background loop fails too
         infra.stop(nats_proc)
         nats_proc = infra.start_nats(port, tmp_path / "store")  # JetStream is there now
-        await _until(lambda: bus.connected and came_online, 20, "the bus to come online")
+        await until(lambda: bus.connected and came_online, 20, "the bus to come online")
         await publisher.connect()
         for name in ("a", "b"):
             await publisher.publish(SUBJECT, {"name": name})
-        await _until(lambda: {"a", "b"} <= set(received), 5, "the subscriber to get the events")
+        await until(lambda: {"a", "b"} <= set(received), 5, "the subscriber to get the events")
         assert received.count("while-waiting") == 1 and len(received) == 3  # its own, from the outbox
     finally:
         await publisher.close()
@@ -156,13 +149,13 @@ async def test_a_subscription_made_while_nats_is_away_is_made_when_it_is_back(tm
     await bus.start()
     try:
         infra.stop(nats_proc)
-        await _until(lambda: not bus.connected, 10, "the bus to see NATS gone")
+        await until(lambda: not bus.connected, 10, "the bus to see NATS gone")
         await bus.subscribe(SUBJECT, handler)
         nats_proc = infra.start_nats(port, tmp_path / "store")
-        await _until(lambda: bus.connected, 20, "the bus to reconnect")
+        await until(lambda: bus.connected, 20, "the bus to reconnect")
         await publisher.connect()
         await publisher.publish(SUBJECT, {"name": "a"})
-        await _until(lambda: received, 5, "the subscriber to get the event")
+        await until(lambda: received, 5, "the subscriber to get the event")
         await asyncio.sleep(0.5)  # a second delivery (a subscription made twice) would be here by now
         assert received == ["a"]
     finally:
@@ -212,7 +205,7 @@ async def test_outbox_events_nats_would_never_take_are_dropped_and_the_ones_behi
     bus = EventBus(small_nats, "coordinator", outbox=outbox, timeout=1.0)
     await bus.start()
     try:
-        await _until(lambda: not len(outbox), 10, "the outbox to drain")
+        await until(lambda: not len(outbox), 10, "the outbox to drain")
         assert await _stored(small_nats) == ["first", "last"]
         assert bus.nc.stats["reconnects"] == 0  # nothing sent that NATS closes the connection for
         assert Outbox(tmp_path / "outbox.jsonl").peek() == []  # gone from the file too

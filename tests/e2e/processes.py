@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import tritonclient.grpc as triton
@@ -44,6 +45,20 @@ def assert_refused(call, *args, status: str, match: str) -> None:
         assert re.search(match, exc.message()), exc.message()
     else:
         raise AssertionError(f"{getattr(call, '__name__', call)}{args} was not refused")
+
+
+def answered_by_door(reply) -> bool:
+    """Whether the front door answered a tritonclient gRPC reply itself (its `cnei_front_door`)."""
+    params = reply.get_response().parameters
+    return "cnei_front_door" in params and params["cnei_front_door"].bool_param
+
+
+def door_requests(metrics_port: int, model: str, outcome: str) -> float:
+    """The coordinator's `cnei_front_door_requests_total` of `model` with `outcome` (0 when none)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf'^cnei_front_door_requests_total{{model="{model}",outcome="{outcome}"}} (\S+)', text, re.M)
+    return float(found[0]) if found else 0.0
 
 
 def children(pid: int) -> list[int]:

@@ -15,6 +15,7 @@ from nats.js.api import DeliverPolicy
 from services.cli import infra
 from services.common import events
 from services.common.bus import EventBus
+from tests.waiting import until
 
 SUBJECT = events.MODEL_PUBLISHED
 
@@ -49,14 +50,6 @@ async def _stored(url: str) -> collections.Counter:
         await nc.close()
 
 
-async def _until(predicate, timeout: float, what: str) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_an_outbox_drains_into_a_nats_that_came_back_without_the_stream(nats_process, tmp_path):
     url, restart, stop = nats_process
     bus = EventBus(url, "test", outbox=tmp_path / "outbox.jsonl", timeout=1.0)
@@ -64,12 +57,12 @@ async def test_an_outbox_drains_into_a_nats_that_came_back_without_the_stream(na
     try:
         await bus.publish(SUBJECT, {"name": "before"})
         await asyncio.to_thread(stop)
-        await _until(lambda: not bus.connected, 10, "the bus to see NATS gone")
+        await until(lambda: not bus.connected, 10, "the bus to see NATS gone")
         for name in ("while-away-1", "while-away-2"):
             await bus.publish(SUBJECT, {"name": name})
         assert len(bus.outbox) == 2
         await asyncio.to_thread(restart, "store-2")  # a fresh store: no stream
-        await _until(lambda: bus.connected and not len(bus.outbox), 20, "the outbox to drain")
+        await until(lambda: bus.connected and not len(bus.outbox), 20, "the outbox to drain")
         await bus.publish(SUBJECT, {"name": "after"})
         assert await _stored(url) == {"while-away-1": 1, "while-away-2": 1, "after": 1}
     finally:
@@ -96,8 +89,8 @@ async def test_a_live_subscriber_gets_each_event_once_when_the_stream_was_missin
         # each first try reaches the subscriber, then times out unacknowledged: kept in the outbox
         for name in ("a", "b", "c"):
             await publisher.publish(SUBJECT, {"name": name})
-        await _until(lambda: not len(publisher.outbox), 20, "the outbox to drain")
-        await _until(lambda: set(received) == {"a", "b", "c"}, 5, "every event handled")
+        await until(lambda: not len(publisher.outbox), 20, "the outbox to drain")
+        await until(lambda: set(received) == {"a", "b", "c"}, 5, "every event handled")
         await asyncio.sleep(1.0)  # any retry still under way arrives
         assert received == {"a": 1, "b": 1, "c": 1}
         assert await _stored(url) == {"a": 1, "b": 1, "c": 1}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
-import urllib.request
 
 import numpy as np
 import onnx
@@ -19,7 +18,7 @@ from services.cli import infra
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import put_deployment, start_door
+from tests.e2e.processes import answered_by_door, door_requests, put_deployment, start_door
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -61,18 +60,6 @@ def _infer(address: str, index: int):
         client.close()
 
 
-def _by_door(reply) -> bool:
-    params = reply.get_response().parameters
-    return "cnei_front_door" in params and params["cnei_front_door"].bool_param
-
-
-def _door_requests(metrics_port: int, outcome: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    found = re.findall(rf'^cnei_front_door_requests_total{{model="{MODEL}",outcome="{outcome}"}} (\S+)', text, re.M)
-    return float(found[0]) if found else 0.0
-
-
 @pytest.fixture(scope="module")
 def lookup(mesh, tmp_path_factory):
     """The lookup model pushed and batched (200 ms queue delay)."""
@@ -89,7 +76,7 @@ def door(lookup):
     """A coordinator behind its door, serving the lookup model on a route: (address, metrics port)."""
     proc, address, metrics_port = start_door(lookup)
     try:
-        infra.wait_until(lambda: _by_door(_infer(address, 0)), 30, "the door serving the lookup model")
+        infra.wait_until(lambda: answered_by_door(_infer(address, 0)), 30, "the door serving the lookup model")
         yield address, metrics_port
     finally:
         infra.stop(proc)
@@ -115,11 +102,11 @@ def test_a_bad_request_batched_with_valid_ones_fails_alone_and_keeps_the_route(d
         assert bad.status() == "StatusCode.INVALID_ARGUMENT"
         assert re.search(r"out of (data )?bounds|out of range", bad.message()), bad.message()
         assert [float(r.as_numpy("row")[0][0]) for r in valid] == [float(i) for i in VALID]
-        assert all(_by_door(r) for r in valid)  # answered on the route, not handed to the coordinator
+        assert all(answered_by_door(r) for r in valid)  # answered on the route, not handed to the coordinator
     later = [_infer(address, i) for i in VALID]
-    assert all(_by_door(r) for r in later)
-    assert _door_requests(metrics_port, "handed_over") == 0
-    infra.wait_until(lambda: _door_requests(metrics_port, "invalid_argument") >= ROUNDS, 10,
+    assert all(answered_by_door(r) for r in later)
+    assert door_requests(metrics_port, MODEL, "handed_over") == 0
+    infra.wait_until(lambda: door_requests(metrics_port, MODEL, "invalid_argument") >= ROUNDS, 10,
                      "the bad requests reported as their own failures")
 
 
@@ -130,5 +117,5 @@ def test_a_bad_request_alone_gets_the_nodes_error_and_keeps_the_route(door):
             _infer(address, BAD)
         assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert re.search(r"out of (data )?bounds|out of range", bad.value.message()), bad.value.message()
-        assert _by_door(_infer(address, 7))
-    assert _door_requests(metrics_port, "handed_over") == 0
+        assert answered_by_door(_infer(address, 7))
+    assert door_requests(metrics_port, MODEL, "handed_over") == 0

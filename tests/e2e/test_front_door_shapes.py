@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import re
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSp
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
-from tests.e2e.processes import put_deployment, start_door
+from tests.e2e.processes import answered_by_door, door_requests, put_deployment, start_door
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 
@@ -31,18 +29,6 @@ def _infer(client, model: str, x: np.ndarray, **kwargs):
     tensor = triton.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     return client.infer(model, [tensor], client_timeout=30, **kwargs)
-
-
-def _by_door(reply) -> bool:
-    params = reply.get_response().parameters
-    return "cnei_front_door" in params and params["cnei_front_door"].bool_param
-
-
-def _handed_over(metrics_port: int, model: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    found = re.findall(rf'^cnei_front_door_requests_total{{model="{model}",outcome="handed_over"}} (\S+)', text, re.M)
-    return float(found[0]) if found else 0.0
 
 
 def _push(mesh, path: Path, name: str, metadata: dict) -> None:
@@ -71,15 +57,15 @@ def test_a_model_without_a_batch_dimension_is_routed_by_its_whole_shape(mesh, di
     client = triton.InferenceServerClient(address)
     try:
         assert client.get_model_config(name).config.max_batch_size == 0
-        infra.wait_until(lambda: _by_door(_infer(client, name, x[:1])), 30, "the door serving [1, 64]")
+        infra.wait_until(lambda: answered_by_door(_infer(client, name, x[:1])), 30, "the door serving [1, 64]")
         for _ in range(3):
             with pytest.raises(triton_utils.InferenceServerException, match=r"shape \[2, 64\]") as wrong:
                 _infer(client, name, x[:2])
             assert wrong.value.status() == "StatusCode.INVALID_ARGUMENT"
         replies = [_infer(client, name, x[i:i + 1]) for i in range(10)]
-        assert all(_by_door(r) for r in replies)  # the [1, 64] requests kept their route
+        assert all(answered_by_door(r) for r in replies)  # the [1, 64] requests kept their route
         assert [int(r.as_numpy("probabilities").argmax()) for r in replies] == [int(v) for v in y[:10]]
-        assert _handed_over(metrics_port, name) == 0  # no node was ever sent a [2, 64] request
+        assert door_requests(metrics_port, name, "handed_over") == 0  # no node was ever sent a [2, 64] request
     finally:
         client.close()
         infra.stop(proc)
@@ -111,7 +97,7 @@ def test_a_text_output_comes_back_whole_to_each_caller_of_a_batch(mesh, tmp_path
             with concurrent.futures.ThreadPoolExecutor(len(values)) as pool:
                 replies = list(pool.map(one, values))
             assert [r.as_numpy("label").tolist() for r in replies] == [[[b"1"]], [[b"22"]], [[b"333"]], [[b"12345"]]]
-            assert not any(_by_door(r) for r in replies)
+            assert not any(answered_by_door(r) for r in replies)
     finally:
         infra.stop(proc)
 
@@ -124,7 +110,7 @@ def test_one_request_over_max_batch_size_leaves_the_route_to_the_others(mesh):
         with pytest.raises(triton_utils.InferenceServerException, match="exceeds max_batch_size") as big:
             _infer(client, "digits", np.zeros((1025, 64), np.float32), parameters={"precision": "FP16"})
         assert big.value.status() == "StatusCode.INVALID_ARGUMENT"
-        infra.wait_until(lambda: _by_door(_infer(client, "digits", x[:1], parameters={"precision": "FP16"})), 3,
+        infra.wait_until(lambda: answered_by_door(_infer(client, "digits", x[:1], parameters={"precision": "FP16"})), 3,
                          "the door serving the one-row requests within the route's 5 s")
     finally:
         client.close()
@@ -136,10 +122,10 @@ def test_a_timeout_beyond_what_a_clock_holds_is_no_timeout(mesh):
     x, y = load_all()
     client = triton.InferenceServerClient(address)
     try:
-        infra.wait_until(lambda: _by_door(_infer(client, "digits", x[:1])), 30, "the door serving digits")
+        infra.wait_until(lambda: answered_by_door(_infer(client, "digits", x[:1])), 30, "the door serving digits")
         for timeout in (10 ** 16, 2 ** 63 - 1):  # µs: past ~292 years the door's clock would wrap
             reply = _infer(client, "digits", x[:1], timeout=timeout)
-            assert _by_door(reply) and int(reply.as_numpy("probabilities").argmax()) == int(y[0])
+            assert answered_by_door(reply) and int(reply.as_numpy("probabilities").argmax()) == int(y[0])
     finally:
         client.close()
         infra.stop(proc)
@@ -176,7 +162,7 @@ def test_a_node_that_stops_reading_fails_over_instead_of_holding_the_door(mesh, 
         try:
             reply = _infer(client, name, x, parameters={"region": "site-stall"})
             return (reply.get_response().parameters["cnei_node"].string_param, float(reply.as_numpy("total")[0, 0]),
-                    _by_door(reply))
+                    answered_by_door(reply))
         finally:
             client.close()
     try:
@@ -215,7 +201,7 @@ def test_rows_past_every_preferred_size_leave_without_waiting_out_the_delay(mesh
     try:
         client = triton.InferenceServerClient(address)
         try:  # a request of exactly 4 rows leaves at once: the route with the rules is in place
-            infra.wait_until(lambda: _by_door(_infer(client, model, x[:4])), 30, "the door serving the model")
+            infra.wait_until(lambda: answered_by_door(_infer(client, model, x[:4])), 30, "the door serving the model")
         finally:
             client.close()
         out: list = [None] * 4
@@ -227,7 +213,7 @@ def test_rows_past_every_preferred_size_leave_without_waiting_out_the_delay(mesh
                 start.wait()
                 t0 = time.perf_counter()
                 reply = _infer(caller, model, x[3 * i:3 * i + 3])
-                out[i] = (time.perf_counter() - t0, _by_door(reply),
+                out[i] = (time.perf_counter() - t0, answered_by_door(reply),
                           [int(v) for v in reply.as_numpy("probabilities").argmax(1)])
             finally:
                 caller.close()
@@ -259,7 +245,7 @@ def test_shared_memory_regions_leave_no_descriptor_open_in_the_door(mesh):
     client = triton.InferenceServerClient(address)
     try:
         door_pid = next(p for p in children(proc.pid) if "frontdoor" in open(f"/proc/{p}/cmdline").read())
-        infra.wait_until(lambda: _by_door(_infer(client, "digits", x[:1])), 30, "the door serving digits")
+        infra.wait_until(lambda: answered_by_door(_infer(client, "digits", x[:1])), 30, "the door serving digits")
 
         def cycle() -> bool:
             name, key = f"fd-{uuid.uuid4().hex[:8]}", f"/cnei-e2e-fd-{uuid.uuid4().hex[:8]}"
@@ -271,7 +257,7 @@ def test_shared_memory_regions_leave_no_descriptor_open_in_the_door(mesh):
                 tensor.set_shared_memory(name, x[:1].nbytes)
                 reply = client.infer("digits", [tensor], client_timeout=30)
                 client.unregister_system_shared_memory(name)
-                return _by_door(reply)
+                return answered_by_door(reply)
             finally:
                 shm.destroy_shared_memory_region(handle)
         assert any([cycle() for _ in range(5)])  # the door reads regions itself
@@ -298,7 +284,7 @@ def test_a_client_sending_ever_new_shapes_cannot_fill_the_door_s_route_table(mes
             assert wrong.value.status() == "StatusCode.INVALID_ARGUMENT"
         later = push_digits_as(mesh, digits_models, "digits-after-many-shapes")
         x, _ = load_all()
-        infra.wait_until(lambda: _by_door(_infer(client, later, x[:1])), 15, "the door serving a model asked for later")
+        infra.wait_until(lambda: answered_by_door(_infer(client, later, x[:1])), 15, "the door serving a model asked for later")
     finally:
         client.close()
         infra.stop(proc)

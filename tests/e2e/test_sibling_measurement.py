@@ -18,6 +18,7 @@ from services.cli import infra
 from services.common.registry_client import RegistryClient
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
+from tests.edge_runtime.processes import push_all_precisions
 
 NODE_CLASS = "sibling-probe"
 SIBLINGS_MEASURED_WITHIN_S = 30.0  # the runtime starts, preloads FP32, then measures FP16 and INT8
@@ -58,17 +59,6 @@ def start_runtime(registry: str, nats_server: str, redis_server: str, tmp_path: 
         "CNEI_RUNTIME_NATS_URL": nats_server, "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / "cache"),
         "CNEI_RUNTIME_PRELOAD": model, "OTEL_EXPORTER_OTLP_ENDPOINT": "", **extra}, port, tmp_path / "runtime.log")
     return proc, f"127.0.0.1:{port}"
-
-
-async def push_all_precisions(registry: str, digits_models) -> str:
-    name = f"digits-sib-{uuid.uuid4().hex[:8]}"
-    client = RegistryClient(registry, timeout=30)
-    try:
-        for built in digits_models:
-            await client.push_file(built.path, name, "1", built.precision, built.metadata)
-    finally:
-        await client.close()
-    return name
 
 
 async def measured(registry: str, name: str) -> dict[str, tuple[str, str]]:

@@ -79,3 +79,16 @@ def write_mlp(folder: Path, seed: int, layers: tuple[int, ...] = MLP_LAYERS) -> 
     path = folder / f"mlp-{len(layers)}-{layers[1]}-{seed}.onnx"
     onnx.save(mlp_graph(*random_weights(layers, seed=seed), name="budget"), path)
     return path
+
+
+async def push_all_precisions(registry: str, digits_models, prefix: str = "digits-sib") -> str:
+    """The digits model pushed in every precision built (FP32, FP16, INT8) as version 1 of a
+    fresh name (returned)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    client = RegistryClient(registry, timeout=30)
+    try:
+        for built in digits_models:
+            await client.push_file(built.path, name, "1", built.precision, built.metadata)
+    finally:
+        await client.close()
+    return name

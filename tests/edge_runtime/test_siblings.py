@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import uuid
 from dataclasses import replace
 
 import pytest
@@ -18,6 +17,7 @@ from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.edge_runtime.siblings import SiblingMeasurer, lower_priority, unmeasured_siblings
+from tests.edge_runtime.processes import push_all_precisions
 
 CLASS = "edge-small"
 
@@ -54,14 +54,7 @@ def test_the_measuring_thread_runs_at_the_lowest_priority():
 @pytest.fixture
 async def digits_name(registry, digits_models):
     """The digits model pushed in FP32, FP16 and INT8 as version 1 of a fresh name."""
-    name = f"sib-{uuid.uuid4().hex[:8]}"
-    client = RegistryClient(registry, timeout=30)
-    try:
-        for built in digits_models:
-            await client.push_file(built.path, name, "1", built.precision, built.metadata)
-    finally:
-        await client.close()
-    return name
+    return await push_all_precisions(registry, digits_models, "sib")
 
 
 @pytest.fixture
