@@ -235,7 +235,7 @@ async def deploy_apply(args) -> int:
 
     from services.common import deployment
     with open(args.file) as fh:
-        spec = deployment.from_dict(yaml.safe_load(fh))
+        spec = deployment.check_put(deployment.from_dict(yaml.safe_load(fh)))
     client = clients.registry(args)
     try:
         applied = await client.put_deployment(spec)

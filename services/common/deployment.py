@@ -203,11 +203,6 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
         raise InvalidArgument("scheduler weights must not be negative")
     if spec.attempt_timeout_ms <= 0:
         raise InvalidArgument("attempt_timeout_ms must be positive")
-    if b.max_queue_delay_us / 1e3 >= spec.attempt_timeout_ms:
-        # an attempt's timeout runs from when it queues: a request alone would always time out
-        raise InvalidArgument(f"batching.max_queue_delay_us ({b.max_queue_delay_us} µs) must be below "
-                              f"attempt_timeout_ms ({spec.attempt_timeout_ms:g} ms): a request waiting out the "
-                              f"delay alone would time out on every node")
     if spec.hedge_after_ms < 0 and spec.hedge_after_ms != -1:
         raise InvalidArgument("hedge_after_ms must be 0 (off), -1 (p95) or a positive delay")
     if spec.joint.mode not in JOINT_MODES:
@@ -285,6 +280,18 @@ def ensemble_interface(spec: DeploymentSpec) -> tuple[list[str], list[str]]:
     """(inputs, outputs) of an ensemble (see EnsemblePlan)."""
     plan = ensemble_plan(spec)
     return plan.inputs, plan.outputs
+
+
+def check_put(spec: DeploymentSpec) -> DeploymentSpec:
+    """What a deployment put now must also meet, beyond `validate` (which every stored spec read
+    back meets too: a rule added later refuses new puts, never a spec stored before it)."""
+    b = spec.batching
+    if b.max_queue_delay_us / 1e3 >= spec.attempt_timeout_ms:
+        # an attempt's timeout runs from when it queues: a request alone would always time out
+        raise InvalidArgument(f"batching.max_queue_delay_us ({b.max_queue_delay_us} µs) must be below "
+                              f"attempt_timeout_ms ({spec.attempt_timeout_ms:g} ms): a request waiting out the "
+                              f"delay alone would time out on every node")
+    return spec
 
 
 def from_dict(data: Any) -> DeploymentSpec:

@@ -220,7 +220,7 @@ class Registry:
         `if_updated_at`: the updated_at of the deployment the caller read and changed (negative:
         it read none), FAILED_PRECONDITION when another is stored now (a read-modify-write
         racing another put); 0: put whatever is stored."""
-        spec = deployment.from_json(spec_json)
+        spec = deployment.check_put(deployment.from_json(spec_json))
         async with self._naming:
             stored_at = next((when for _, _, when in await self._quick(self.store.deployments, spec.model)), None)
             if problem := changed_since(spec.model, if_updated_at, stored_at):

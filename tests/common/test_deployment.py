@@ -177,10 +177,21 @@ def test_the_largest_batching_values_accepted_fit_the_route_reply_and_model_conf
 def test_a_queue_delay_an_attempt_could_never_wait_out_is_refused(delay_us, timeout_ms):
     with pytest.raises(InvalidArgument, match=rf"batching.max_queue_delay_us \({delay_us} µs\) must be below "
                                               rf"attempt_timeout_ms \({timeout_ms:g} ms\)"):
-        deployment.from_dict({"model": "digits", "attempt_timeout_ms": timeout_ms,
-                              "batching": {"max_queue_delay_us": delay_us}})
+        deployment.check_put(deployment.from_dict({"model": "digits", "attempt_timeout_ms": timeout_ms,
+                                                   "batching": {"max_queue_delay_us": delay_us}}))
+
+
+def test_a_stored_spec_a_later_put_rule_refuses_still_reads_back():
+    """A deployment stored before the queue delay rule still reads (serving goes on); only
+    putting it again is refused."""
+    text = deployment.to_json(deployment.DeploymentSpec(
+        model="digits", attempt_timeout_ms=40.0, batching=deployment.BatchingSpec(max_queue_delay_us=50_000)))
+    spec = deployment.from_json(text)
+    assert spec.batching.max_queue_delay_us == 50_000
+    with pytest.raises(InvalidArgument, match="must be below attempt_timeout_ms"):
+        deployment.check_put(spec)
 
 
 def test_a_queue_delay_below_the_attempt_timeout_is_accepted():
-    spec = deployment.from_dict({"model": "digits", "batching": {"max_queue_delay_us": 1_999_000}})
+    spec = deployment.check_put(deployment.from_dict({"model": "digits", "batching": {"max_queue_delay_us": 1_999_000}}))
     assert spec.batching.max_queue_delay_us == 1_999_000

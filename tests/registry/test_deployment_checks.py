@@ -3,13 +3,17 @@ cloud model that exists and can answer for the edge model, ensemble steps over m
 ensembles whose tensors they map, and no ensemble that reaches itself."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
 
-from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec
+from services.common import deployment
+from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec
 from services.common.errors import CneiError, ErrorCode
 from services.models.onnx_mlp import mlp_graph
+from services.registry.store import RegistryStore
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +119,18 @@ async def test_a_push_under_an_ensembles_name_is_refused_naming_it_and_the_ensem
     assert f"'{pipe.model}' is the name of an ensemble deployment (steps: {models['edge']})" in info.value.message
     assert await client.list(pipe.model) == []
     assert await client.put_deployment(pipe) == pipe
+
+
+async def test_a_queue_delay_no_attempt_could_wait_out_is_refused_but_one_stored_before_still_serves(
+        client, registry, models):
+    """The rule is for new puts: a deployment stored before it (by an older registry) still
+    reads back, so its model goes on being served, and only putting it again is refused."""
+    model = models["edge"]
+    spec = DeploymentSpec(model=model, attempt_timeout_ms=40.0, batching=BatchingSpec(max_queue_delay_us=50_000))
+    assert "must be below attempt_timeout_ms (40 ms)" in await refused(client, spec)
+    RegistryStore(registry.data_dir).put_deployment(model, deployment.to_json(spec), time.time())  # an older registry's
+    assert await client.get_deployment(model) == spec
+    assert spec in await client.list_deployments()
+    with pytest.raises(CneiError, match="must be below attempt_timeout_ms") as again:
+        await client.put_deployment(spec)
+    assert again.value.code is ErrorCode.INVALID_ARGUMENT
