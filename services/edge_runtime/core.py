@@ -129,12 +129,16 @@ class EdgeRuntime:
             self._note_rollout(name, spec.rollout)
         except NotFound:
             cap, stable, ttl = 0, "", DEPLOYMENT_TTL_S
-            self._deployed.pop(name, None)
+            self._note_rollout(name, RolloutSpec())  # known: nothing pinned
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
                 raise
             cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
             ttl = REGISTRY_RETRY_S
+            # offline for every model, at once: resolution goes to the disk cache without waiting
+            # out a second registry call (a request naming no version paid two timeouts)
+            log.warning("registry unreachable (%s); serving from the local cache", exc)
+            self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
         self._caps[name] = (cap, stable, time.monotonic() + ttl)
         return cap, stable
 
@@ -259,6 +263,16 @@ class EdgeRuntime:
         """Remember the versions a deployment pins (their artifacts stay in the disk cache)."""
         self._deployed[name] = {v for v in (rollout.stable, rollout.canary) if v}
 
+    async def _learn_deployments(self) -> None:
+        """Read the deployment of every model on disk this process has not read yet (at start,
+        with no resync since, none is known), so making room never deletes a version one pins;
+        a registry that cannot say now leaves the model unknown (asked again at the next pull)."""
+        for name in sorted({v.name for v in self.disk.variants()} - self._deployed.keys()):
+            try:
+                await self._rollout(name)
+            except CneiError as exc:
+                log.warning("deployment of %s unknown (%s): its pinned versions may not be kept", name, exc.message)
+
     def _kept(self) -> Callable[[ModelVariant], bool]:
         """Which variants' artifacts the disk cache must keep, as of now: those in memory and
         those of the versions deployments pin (what coordinators ask for, offline too)."""
@@ -282,6 +296,7 @@ class EdgeRuntime:
         held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
         with self.disk.pinned(*held):  # a delta's base stays until it is decoded, then may make room
             pulled = await self.registry.pull_artifact(variant.sha256, held)
+        await self._learn_deployments()
         await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
         SYNCED_BYTES.inc(pulled.wire_bytes)
         PULLS.labels("delta" if pulled.base else "full").inc()
@@ -315,22 +330,24 @@ class EdgeRuntime:
         with _tracer.start_as_current_span("model.load") as span:
             span.set_attribute("cnei.model", variant.key)
             start = time.perf_counter()
+            # pinned until it is in memory (measuring takes a while): a pull making room meanwhile
+            # must not delete the artifact of a model about to be served
             with self.disk.pinned(variant.sha256):
                 await self._ensure_on_disk(variant)
                 rss_before = rss_bytes()
                 model = await self._open_cached(variant)
-            self.disk.touch(variant.sha256)
-            model.run = slowed(model.run, self.settings.emulated_slowdown)
-            meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
-            loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
-            if self.settings.measure_on_load and await self._measure(loaded, rss_before) \
-                    and self.settings.measure_siblings:
-                self.siblings.schedule(variant, model.intra_op_threads)
-            artifacts = {m.variant.key: m.variant.sha256 for m in self.l1.values()}
-            for old in self.l1.put(variant.key, loaded, variant.size_bytes):
-                log.info("evicted %s from the L1 cache", old)
-                self._retire_batchers(old)
-                self.disk.touch(artifacts[old])  # its last use: it leaves memory now
+                self.disk.touch(variant.sha256)
+                model.run = slowed(model.run, self.settings.emulated_slowdown)
+                meter = choose_meter(self.settings.energy_source, model.provider, self._cpu_energy, self._nvml)
+                loaded = LoadedModel(variant, model, time.perf_counter() - start, meter)
+                if self.settings.measure_on_load and await self._measure(loaded, rss_before) \
+                        and self.settings.measure_siblings:
+                    self.siblings.schedule(variant, model.intra_op_threads)
+                artifacts = {m.variant.key: m.variant.sha256 for m in self.l1.values()}
+                for old in self.l1.put(variant.key, loaded, variant.size_bytes):
+                    log.info("evicted %s from the L1 cache", old)
+                    self._retire_batchers(old)
+                    self.disk.touch(artifacts[old])  # its last use: it leaves memory now
             span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)

@@ -234,3 +234,59 @@ async def test_the_disk_cache_keeps_the_version_a_deployment_pins_and_it_serves_
         await runtime.drain()
         runtime.close()
         await client.close()
+
+
+async def test_a_restarted_runtime_making_room_keeps_the_version_a_deployment_pins(registry, tmp_path):
+    """A runtime started afresh (no resync yet: it knows no deployment) pulling another model
+    reads the deployments of the models on its disk before making room: the pinned version stays
+    though it is the least recently used, and an unpinned older one goes."""
+    name, other = f"pinned-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    client = RegistryClient(registry, timeout=30)
+    versions = [await client.push_file(write_mlp(tmp_path, seed), name, str(seed), "FP32") for seed in (1, 3, 4)]
+    another = await client.push_file(write_mlp(tmp_path, 7), other, "1", "FP32")
+    await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="1")))
+    size, cache = versions[0].size_bytes, tmp_path / "cache"
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(cache), intra_op_threads=1, inline_max_us=0.0,
+                       measure_on_load=False, measure_siblings=False, disk_cache_max_bytes=size * 7 // 2)  # three
+    row = {"input": np.ones((1, 64), np.float32)}
+    for asked in ([(name, v.version) for v in versions], [(other, another.version)]):  # then a fresh process
+        runtime = EdgeRuntime(settings, client, DiskCache(cache, settings.disk_cache_max_bytes))
+        try:
+            for model, version in asked:
+                await runtime.infer(oip.InferRequest(model, row, model_version=version))
+        finally:
+            await runtime.drain()
+            runtime.close()
+    await client.close()
+    kept = sorted((v.name, v.version) for v in DiskCache(cache, settings.disk_cache_max_bytes).variants())
+    assert kept == sorted([(name, "1"), (name, "4"), (other, "1")])  # the pinned and the newest stay
+
+
+async def test_a_registry_that_stops_answering_costs_a_request_naming_no_version_one_timeout(tmp_path):
+    """A registry that hangs (a real gRPC server answering nothing within the client's timeout):
+    the deployment lookup a versionless request makes first times out, and resolution then goes
+    straight to the disk cache, for every model, instead of waiting out a second call."""
+    import grpc
+
+    async def hang(request, context):
+        await asyncio.sleep(30)
+
+    handlers = {m: grpc.unary_unary_rpc_method_handler(hang, request_deserializer=lambda b: b,
+                                                       response_serializer=lambda b: b)
+                for m in ("GetDeployment", "ResolveModel", "ListModels")}
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("cnei.registry.v1.ModelRegistry", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    disk = DiskCache(tmp_path)
+    disk.put(_variant(), ARTIFACT)
+    registry = RegistryClient(f"127.0.0.1:{port}", timeout=1.0)
+    runtime = EdgeRuntime(replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path)), registry, disk)
+    try:
+        began = asyncio.get_running_loop().time()
+        assert (await runtime.resolve("digits")).version == "1"  # from the disk cache
+        assert asyncio.get_running_loop().time() - began < 1.8  # one timeout (1 s), not two
+    finally:
+        runtime.close()
+        await registry.close()
+        await server.stop(0)
