@@ -507,11 +507,9 @@ class Coordinator:
         try:
             if self.publish is not None:
                 await self.publish(events.INFERENCE_DISAGREEMENT, event)
-        except events.EventTooLarge as exc:  # the inputs make it too big for NATS: the rest still goes
+        except events.EventRefused as exc:  # too big with its inputs (for NATS, or the stream): the rest goes
             log.warning("disagreement event of %s sent without its inputs: %s", request.model_name, exc)
-            await self.announce(events.INFERENCE_DISAGREEMENT, {
-                **event, "inputs": {},
-                "inputs_dropped": f"{exc.size_bytes} bytes with them, over the {exc.limit_bytes} bytes NATS takes"})
+            await self.announce(events.INFERENCE_DISAGREEMENT, {**event, "inputs": {}, "inputs_dropped": exc.reason})
         except Exception as exc:  # noqa: BLE001 - as announce: the metric still records it
             log.warning("could not publish %s: %s", events.INFERENCE_DISAGREEMENT, exc)
 

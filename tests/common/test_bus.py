@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import DeliverPolicy, StreamConfig
+from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
 from services.cli import infra
@@ -30,31 +30,6 @@ def _nats_without_jetstream(port: int, monitor_port: int) -> subprocess.Popen:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     infra.wait_for_port("127.0.0.1", port, proc=proc)
     return proc
-
-
-def _nats_taking_at_most(tmp_path: Path, port: int, max_payload: int) -> subprocess.Popen:
-    """nats-server with JetStream whose messages are at most `max_payload` bytes."""
-    conf, store = tmp_path / "nats.conf", tmp_path / "store"
-    conf.write_text(f'listen: "127.0.0.1:{port}"\nmax_payload: {max_payload}\njetstream {{ store_dir: "{store}" }}\n')
-    proc = subprocess.Popen([infra.find_binary("nats-server"), "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    infra.wait_for_port("127.0.0.1", port, proc=proc)
-    return proc
-
-
-@pytest.fixture
-async def small_nats(tmp_path: Path):
-    """A NATS taking messages of 4 KB at most, whose events stream an operator made for
-    messages of 1,000 bytes at most."""
-    port = infra.free_port()
-    proc = _nats_taking_at_most(tmp_path, port, 4096)
-    url = f"nats://127.0.0.1:{port}"
-    nc = await nats.connect(url)
-    await nc.jetstream().add_stream(StreamConfig(name=events.STREAM, subjects=events.STREAM_SUBJECTS,
-                                                 max_msg_size=1000))
-    await nc.close()
-    yield url
-    infra.stop(proc)
 
 
 async def _stored(url: str) -> list[str]:

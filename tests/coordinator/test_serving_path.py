@@ -14,7 +14,7 @@ import pytest
 from services.common import lifecycle, oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec, SchedulerSpec
 from services.common.errors import ErrorCode, InvalidArgument, Unavailable, error_for
-from services.common.model_spec import ModelVariant
+from services.common.model_spec import TensorSpec, ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.breaker import State
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -663,6 +663,39 @@ async def test_sync_joint_with_a_kept_edge_answer_is_no_cache_hit_when_the_cloud
         stats = m.core.statistics("m", "1")[0]
         assert stats.success.count == 3
         assert stats.inference_count == 3 + 3  # the edge's rows, then the cloud's; none for the kept answer
+
+
+async def test_a_disagreement_event_the_stream_refuses_with_its_inputs_is_stored_without_them(small_nats):
+    """The events stream an operator limited to 1,000-byte messages refuses the event with its
+    inputs (JetStream, not NATS's max_payload): it is stored without them, saying why."""
+    import nats as nats_client
+    from nats.js.api import DeliverPolicy
+
+    from services.common import events
+    from services.common.bus import EventBus
+
+    spec = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="async", threshold=0.8, output="p"))}
+    wide = replace(JOINT_MODEL, inputs=[TensorSpec("x", "FP32", (-1, 100))])  # a row's inputs: ~1.2 KB as JSON
+    bus = EventBus(small_nats, "coordinator-test", timeout=1.0)
+    await bus.start()
+    try:
+        async with mesh([wide], spec, {"e1": NodeCore(edge_unsure), "c1": NodeCore(cloud_sure)},
+                        tiers={"e1": "edge", "c1": "cloud"}) as m:
+            m.core.publish = bus.publish
+            x = np.random.default_rng(1).random((1, 100), dtype=np.float32)  # over 1,000 bytes, under 4,096
+            status, response = await m.infer(x=x)
+            assert status == "OK", response
+            listener = await nats_client.connect(small_nats)
+            try:
+                sub = await listener.jetstream().subscribe(events.INFERENCE_DISAGREEMENT, ordered_consumer=True,
+                                                           deliver_policy=DeliverPolicy.ALL)
+                payload = events.decode((await sub.next_msg(timeout=15)).data).payload
+            finally:
+                await listener.close()
+            assert payload["rows"] == [0] and payload["inputs"] == {}
+            assert "message size exceeds maximum" in payload["inputs_dropped"]
+    finally:
+        await bus.close()
 
 
 async def test_a_disagreement_event_too_large_for_nats_is_sent_without_its_inputs(nats_server):
