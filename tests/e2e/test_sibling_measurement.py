@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,22 +17,14 @@ from services.cli import infra
 from services.common.registry_client import RegistryClient
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
-from tests.edge_runtime.processes import push_all_precisions
+from tests.edge_runtime.processes import push_all_precisions, spawn_logged
 
 NODE_CLASS = "sibling-probe"
 SIBLINGS_MEASURED_WITHIN_S = 30.0  # the runtime starts, preloads FP32, then measures FP16 and INT8
 
 
 def _start(module: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", module], env={**os.environ, **env}, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)
-    except BaseException:
-        infra.stop(proc)
-        raise
-    return proc
+    return spawn_logged(module, {**os.environ, **env}, port, log)
 
 
 @pytest.fixture

@@ -34,15 +34,20 @@ def start_runtime(registry: str, nats_server: str, redis_server: str, folder, **
            "CNEI_RUNTIME_REDIS_URL": redis_server.rsplit("/", 1)[0] + "/9", "CNEI_RUNTIME_CACHE_DIR": str(folder),
            "CNEI_RUNTIME_INTRA_OP_THREADS": "1", "CNEI_RUNTIME_MEASURE_ON_LOAD": "false",
            "OTEL_EXPORTER_OTLP_ENDPOINT": "", **env_extra}
-    with (folder.parent / f"{folder.name}.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.edge_runtime"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    return spawn_logged("services.edge_runtime", env, port, folder.parent / f"{folder.name}.log"), f"127.0.0.1:{port}"
+
+
+def spawn_logged(module: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """`python -m module` with exactly `env`, its output appended to `log`, once `port` answers
+    (stopped if it never does)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         infra.wait_for_port("127.0.0.1", port, proc=proc, timeout=30)
     except BaseException:
         infra.stop(proc)
         raise
-    return proc, f"127.0.0.1:{port}"
+    return proc
 
 
 def loaded(address: str) -> set[str]:
