@@ -108,27 +108,30 @@ bool OpenRegion::Write(uint64_t at, const char* data, uint64_t size, std::string
 std::shared_ptr<OpenRegion> SharedMemory::Find(const std::string& name) {
   const std::string path = dir_ + "/" + kFilePrefix + Hex(name);
   struct stat registration;
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stat(path.c_str(), &registration) != 0) {  // not registered (or no longer)
-    regions_.erase(name);
-    return nullptr;
-  }
-  int64_t mtime_ns = int64_t(registration.st_mtim.tv_sec) * 1000000000 + registration.st_mtim.tv_nsec;
-  auto it = regions_.find(name);
-  if (it == regions_.end() || it->second.inode != registration.st_ino || it->second.mtime_ns != mtime_ns) {
-    Registration read;
-    std::string key;
-    read.inode = registration.st_ino;
-    read.mtime_ns = mtime_ns;
-    std::ifstream file(path);
-    if (!(std::getline(file, key) && file >> read.offset >> read.byte_size) || key.empty()) {
+  Registration known;  // a copy: the object is opened below without holding the lock
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stat(path.c_str(), &registration) != 0) {  // not registered (or no longer)
       regions_.erase(name);
       return nullptr;
     }
-    read.object = "/dev/shm/" + (key[0] == '/' ? key.substr(1) : key);
-    it = regions_.insert_or_assign(name, std::move(read)).first;
+    int64_t mtime_ns = int64_t(registration.st_mtim.tv_sec) * 1000000000 + registration.st_mtim.tv_nsec;
+    auto it = regions_.find(name);
+    if (it == regions_.end() || it->second.inode != registration.st_ino || it->second.mtime_ns != mtime_ns) {
+      Registration read;
+      std::string key;
+      read.inode = registration.st_ino;
+      read.mtime_ns = mtime_ns;
+      std::ifstream file(path);
+      if (!(std::getline(file, key) && file >> read.offset >> read.byte_size) || key.empty()) {
+        regions_.erase(name);
+        return nullptr;
+      }
+      read.object = "/dev/shm/" + (key[0] == '/' ? key.substr(1) : key);
+      it = regions_.insert_or_assign(name, std::move(read)).first;
+    }
+    known = it->second;
   }
-  const Registration& known = it->second;
   auto region = std::make_shared<OpenRegion>();
   region->name = name;
   region->offset = known.offset;
