@@ -214,8 +214,7 @@ def may_overlap(queue: list[Pending], last_rows: int, max_batch_size: int) -> bo
     rule (frontdoor/src/batcher.cc, MayOverlapLocked)."""
     if not queue:
         return False
-    head_sig = order(queue)[0].signature
-    return sum(p.size for p in queue if p.signature == head_sig) >= min(last_rows, max_batch_size)
+    return sum(p.size for p in _head_rows(order(queue))) >= min(last_rows, max_batch_size)
 
 
 class UnsplittableBatch(CneiError):
