@@ -232,10 +232,7 @@ class Coordinator:
 
     async def _ensemble_variant(self, spec: DeploymentSpec, depth: int) -> ModelVariant:
         ensemble.check_depth(spec, depth)
-        return await ensemble.variant(spec, functools.partial(self._step_variant, depth + 1))
-
-    async def _step_variant(self, depth: int, name: str, version: str) -> ModelVariant:
-        return await self.model_variant(name, version, depth)
+        return await ensemble.variant(spec, functools.partial(self.model_variant, depth=depth + 1))
 
     async def deployment(self, name: str) -> DeploymentSpec:
         """The model's deployment (what ModelConfig shows of it)."""
@@ -334,7 +331,7 @@ class Coordinator:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         depth = ensemble.nesting_depth(request.parameters)
         run = functools.partial(ensemble.run, spec, request, deadline_s, self.infer,
-                                functools.partial(self._step_variant, depth + 1))
+                                functools.partial(self.model_variant, depth=depth + 1))
         try:
             # Triton's top-level ensemble caching
             scope = await self._ensemble_scope(spec, depth) if spec.response_cache and self.cache.max_bytes else None
