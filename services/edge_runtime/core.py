@@ -332,8 +332,7 @@ class EdgeRuntime:
             start = time.perf_counter()
             # pinned until it is in memory (measuring takes a while): a pull making room meanwhile
             # must not delete the artifact of a model about to be served
-            with self.disk.pinned(variant.sha256):
-                await self._ensure_on_disk(variant)
+            async with self._held_artifact(variant):
                 rss_before = rss_bytes()
                 model = await self._open_cached(variant)
                 self.disk.touch(variant.sha256)
