@@ -66,7 +66,7 @@ def _integer(name: str, values: Sequence[str], least: int) -> int:
     return value
 
 
-def parse_update(changes: Mapping[str, Sequence[str] | None], model: str) -> dict[str, object]:
+def parse_update(changes: Mapping[str, Sequence[str] | None]) -> dict[str, object]:
     """Triton's {setting: values} -> {field: value} to set; None as a value clears the setting (a
     model's follows the global one again; a global one is reset, see TraceSettings.update).
     Raises INVALID_ARGUMENT naming what is wrong."""
@@ -105,7 +105,7 @@ def parse_update(changes: Mapping[str, Sequence[str] | None], model: str) -> dic
 def config_from(level: str, rate: int, count: int) -> TraceConfig:
     """Global settings from a service's configuration, checked as TraceSetting checks them."""
     try:
-        update = parse_update({"trace_level": [level], "trace_rate": [str(rate)], "trace_count": [str(count)]}, GLOBAL)
+        update = parse_update({"trace_level": [level], "trace_rate": [str(rate)], "trace_count": [str(count)]})
     except InvalidArgument as exc:
         raise ValueError(f"trace settings: {exc.message}") from None
     return TraceConfig(level=update["level"], rate=update["rate"], count=update["count"])
@@ -303,7 +303,7 @@ class TraceSettings:
     async def update(self, model: str, changes: Mapping[str, Sequence[str] | None]) -> dict[str, list[str]]:
         """Apply Triton's changes to the model's settings (GLOBAL: the global ones; no changes:
         read them); the settings that apply afterwards."""
-        update = parse_update(changes, model)
+        update = parse_update(changes)
         if model == GLOBAL:  # as Triton: a cleared global setting is the server's start value again
             configured = _global_fields(self.configured)
             update = {name: configured[name] if value is None else value for name, value in update.items()}

@@ -27,14 +27,14 @@ from services.common.trace_settings import (MemoryTraceStore, RedisTraceStore, T
 ])
 def test_bad_settings_are_refused_with_what_is_wrong(changes, message):
     with pytest.raises(InvalidArgument, match=message.replace("(", r"\(")):
-        parse_update(changes, "")
+        parse_update(changes)
 
 
 def test_updates_parse_to_fields_and_none_clears_a_models_own():
-    assert parse_update({"trace_level": ["timestamps"], "trace_rate": ["10"], "trace_count": ["-1"]}, "") == \
+    assert parse_update({"trace_level": ["timestamps"], "trace_rate": ["10"], "trace_count": ["-1"]}) == \
         {"level": ("TIMESTAMPS",), "rate": 10, "count": -1}
-    assert parse_update({"trace_rate": None, "trace_count": []}, "digits") == {"rate": None, "count": None}
-    assert parse_update({"trace_mode": ["opentelemetry"]}, "") == {}
+    assert parse_update({"trace_rate": None, "trace_count": []}) == {"rate": None, "count": None}
+    assert parse_update({"trace_mode": ["opentelemetry"]}) == {}
     with pytest.raises(ValueError, match="trace_rate"):
         config_from("TIMESTAMPS", 0, -1)
 
