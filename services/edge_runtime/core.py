@@ -124,12 +124,9 @@ class EdgeRuntime:
         if time.monotonic() < self._registry_down_until:  # offline: never wait for the registry here
             return (cached[0], cached[1]) if cached else (0, "")
         try:
-            spec = await self.registry.get_deployment(name)
-            cap, stable, ttl = spec.batching.max_batch_size, spec.rollout.stable, DEPLOYMENT_TTL_S
-            self._note_rollout(name, spec.rollout)
-        except NotFound:
-            cap, stable, ttl = 0, "", DEPLOYMENT_TTL_S
-            self._note_rollout(name, RolloutSpec())  # known: nothing pinned
+            spec = await self._read_deployment(name)
+            cap, stable = (spec.batching.max_batch_size, spec.rollout.stable) if spec else (0, "")
+            ttl = DEPLOYMENT_TTL_S
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
                 raise
@@ -252,12 +249,18 @@ class EdgeRuntime:
 
     async def _rollout(self, name: str) -> RolloutSpec:
         """The versions the model's deployment serves (none applied: the latest, stable = "")."""
+        spec = await self._read_deployment(name)
+        return spec.rollout if spec else RolloutSpec()
+
+    async def _read_deployment(self, name: str) -> DeploymentSpec | None:
+        """The model's deployment from the registry (None: none applied), its pinned versions
+        noted (`_note_rollout`; none applied: known, nothing pinned)."""
         try:
-            rollout = (await self.registry.get_deployment(name)).rollout
+            spec = await self.registry.get_deployment(name)
         except NotFound:
-            rollout = RolloutSpec()
-        self._note_rollout(name, rollout)
-        return rollout
+            spec = None
+        self._note_rollout(name, spec.rollout if spec else RolloutSpec())
+        return spec
 
     def _note_rollout(self, name: str, rollout: RolloutSpec) -> None:
         """Remember the versions a deployment pins (their artifacts stay in the disk cache)."""
