@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from redis.asyncio import Redis
 
@@ -59,6 +59,11 @@ class JobUnreadable(FailedPrecondition):
         super().__init__(f"federated job '{job_id}': its record cannot be read ({problem}); listings skip it")
 
 
+def _known(cls: type, obj: dict) -> dict:
+    """The items of `obj` that are fields of dataclass `cls` (those a newer writer added are left)."""
+    return {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What a federated job is asked to do."""
@@ -96,7 +101,7 @@ class RoundRecord:
     @classmethod
     def from_dict(cls, obj: dict) -> RoundRecord:
         """A round as recorded; fields a newer trainer added are ignored."""
-        return cls(**{k: v for k, v in obj.items() if k in cls.__dataclass_fields__})
+        return cls(**_known(cls, obj))
 
 
 @dataclass
@@ -123,13 +128,12 @@ class JobRecord:
     @classmethod
     def from_json(cls, data: str | bytes) -> JobRecord:
         obj = json.loads(data)
-        values = {k: v for k, v in obj.pop("spec", {}).items() if k in JobSpec.__dataclass_fields__}
+        values = _known(JobSpec, obj.pop("spec", {}))
         if obj.pop("spec_format", 1) < SPEC_FORMAT:  # a job started before: its 0s were left out
             values.update({k: None for k in _ZERO_WAS_LEFT_OUT if values.get(k) == 0})
         spec = JobSpec(**values)
         history = [RoundRecord.from_dict(r) for r in obj.pop("history", [])]
-        known = {f.name for f in fields(cls)}
-        return cls(spec=spec, history=history, **{k: v for k, v in obj.items() if k in known})
+        return cls(spec=spec, history=history, **_known(cls, obj))
 
     def summary(self) -> dict:
         """The status-page row: id, model, state, round x/y, participants, accuracy, version."""
