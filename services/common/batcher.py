@@ -2,7 +2,8 @@
 keeps a batcher per (variant, node); an edge runtime one per loaded variant, so requests that
 reach it separately (its own OIP clients, several coordinators) share ONNX Runtime calls.
 
-Batch formation is a pure function (`form_batch`); `Batcher` adds the asyncio mechanics. The
+Batch formation is pure functions (`form_batch`; a `Batcher` forms a queue's `candidates` once
+per wake-up and its config's `BatchRules` once); `Batcher` adds the asyncio mechanics. The
 queue parameters of a request (Triton's `priority`, `timeout_us`) are read by `priority_level`
 and `request_deadline`."""
 from __future__ import annotations
@@ -132,9 +133,13 @@ def signature(inputs: dict[str, np.ndarray]) -> tuple:
     return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
 
 
+def _urgency(p: Pending) -> tuple[int, int]:
+    return p.priority, p.seq
+
+
 def order(queue: list[Pending]) -> list[Pending]:
     """Most urgent priority level first (lower number), then arrival order."""
-    return sorted(queue, key=lambda p: (p.priority, p.seq))
+    return sorted(queue, key=_urgency)
 
 
 def fill(same: list[Pending], limit: int) -> list[Pending]:
@@ -148,29 +153,77 @@ def fill(same: list[Pending], limit: int) -> list[Pending]:
     return batch
 
 
-def preferred_batch(same: list[Pending], config: BatchConfig) -> list[Pending] | None:
-    """The batch of the largest preferred size (at most `max_batch_size`) that `fill` makes
-    exactly, or None when it makes none."""
-    for size in sorted(set(config.preferred_batch_sizes), reverse=True):
-        if size <= config.max_batch_size:
-            batch = fill(same, size)
+@dataclass(frozen=True)
+class BatchRules:
+    """A batch config made ready once, when its batcher is made: `preferred` holds its preferred
+    sizes of at most `max_batch_size`, largest first, each once (frontdoor/src/formation.cc,
+    BatchRules)."""
+
+    config: BatchConfig
+    preferred: tuple[int, ...]
+
+    @classmethod
+    def of(cls, config: BatchConfig) -> BatchRules:
+        sizes = {size for size in config.preferred_batch_sizes if size <= config.max_batch_size}
+        return cls(config, tuple(sorted(sizes, reverse=True)))
+
+
+@dataclass(eq=False)
+class Candidates:
+    """What a queue offers its most urgent request, formed once per wake-up: the requests that may
+    batch with it (`same`, in serving order, the head first), their rows, when the oldest request
+    of the queue was queued and, once `preferred_batch` has formed it, the preferred batch."""
+
+    same: list[Pending]
+    rows: int
+    oldest: float
+    preferred: list[Pending] | None = None
+    preferred_formed: bool = False
+
+
+def candidates(queue: list[Pending]) -> Candidates:
+    """The candidates of a non-empty queue (in any order)."""
+    head = min(queue, key=_urgency)
+    same = order([p for p in queue if p.signature == head.signature])
+    return Candidates(same, sum(p.size for p in same), min(p.enqueued for p in queue))
+
+
+def preferred_batch(formed: Candidates, rules: BatchRules) -> list[Pending] | None:
+    """The batch of the largest preferred size that `fill` makes exactly of the candidates, or
+    None when it makes none; formed on the first call, kept in `formed` for the next."""
+    if not formed.preferred_formed:
+        formed.preferred_formed = True
+        for size in rules.preferred:
+            if size > formed.rows:  # more than are queued: fill cannot make it
+                continue
+            batch = fill(formed.same, size)
             if sum(p.size for p in batch) == size:
-                return batch
-    return None
+                formed.preferred = batch
+                break
+    return formed.preferred
 
 
-def _head_rows(live: list[Pending]) -> list[Pending]:
-    """The requests that may batch with the most urgent one (`live` in `order`), in order."""
-    return [p for p in live if p.signature == live[0].signature]
-
-
-def _delay_passed(queue: list[Pending], config: BatchConfig, now: float) -> bool:
-    return (now - min(p.enqueued for p in queue)) * 1e6 >= config.max_queue_delay_us
+def _delay_passed(formed: Candidates, config: BatchConfig, now: float) -> bool:
+    return (now - formed.oldest) * 1e6 >= config.max_queue_delay_us
 
 
 def gone(queue: list[Pending], now: float) -> list[Pending]:
     """The requests no longer waiting: their deadline passed, or their caller went away."""
     return [p for p in queue if p.deadline <= now or (p.future is not None and p.future.done())]
+
+
+def take(queue: list[Pending], rules: BatchRules, now: float,
+         formed: Candidates | None = None) -> tuple[list[Pending], list[Pending]]:
+    """`form_batch` with the queue's rules, and its candidates when already formed (they are
+    formed again of what is left when requests have gone)."""
+    expired = gone(queue, now)
+    live = [p for p in queue if p not in expired] if expired else queue
+    if not live:
+        return [], expired
+    if formed is None or expired:
+        formed = candidates(live)
+    preferred = None if _delay_passed(formed, rules.config, now) else preferred_batch(formed, rules)
+    return preferred or fill(formed.same, rules.config.max_batch_size), expired
 
 
 def form_batch(queue: list[Pending], config: BatchConfig, now: float) -> tuple[list[Pending], list[Pending]]:
@@ -180,13 +233,15 @@ def form_batch(queue: list[Pending], config: BatchConfig, now: float) -> tuple[l
     urgent request; of the requests of its signature (in priority order), it is the largest
     preferred size `fill` makes exactly (Triton's dynamic batcher) unless the oldest request has
     waited `max_queue_delay_us`; else the full batch: `fill` up to `max_batch_size`."""
-    expired = gone(queue, now)
-    live = order([p for p in queue if p not in expired])
-    if not live:
-        return [], expired
-    same = _head_rows(live)
-    preferred = None if _delay_passed(live, config, now) else preferred_batch(same, config)
-    return preferred or fill(same, config.max_batch_size), expired
+    return take(queue, BatchRules.of(config), now)
+
+
+def is_ready(formed: Candidates, rules: BatchRules, now: float) -> bool:
+    """`batch_ready` over a queue's candidates."""
+    config = rules.config
+    if _delay_passed(formed, config, now) or formed.rows >= config.max_batch_size:
+        return True
+    return bool(rules.preferred) and (formed.rows > rules.preferred[0] or preferred_batch(formed, rules) is not None)
 
 
 def batch_ready(queue: list[Pending], config: BatchConfig, now: float) -> bool:
@@ -194,16 +249,12 @@ def batch_ready(queue: list[Pending], config: BatchConfig, now: float) -> bool:
     most urgent request's signature make a preferred size (`preferred_batch`); when they fill
     `max_batch_size`; or when they are more than every preferred size (none is reachable any
     more: the full batch goes)."""
-    if not queue:
-        return False
-    if _delay_passed(queue, config, now):
-        return True
-    same = _head_rows(order(queue))
-    rows = sum(p.size for p in same)
-    if rows >= config.max_batch_size:
-        return True
-    preferred = [size for size in config.preferred_batch_sizes if size <= config.max_batch_size]
-    return bool(preferred) and (rows > max(preferred) or preferred_batch(same, config) is not None)
+    return bool(queue) and is_ready(candidates(queue), BatchRules.of(config), now)
+
+
+def overlaps(formed: Candidates, last_rows: int, max_batch_size: int) -> bool:
+    """`may_overlap` over a queue's candidates."""
+    return formed.rows >= min(last_rows, max_batch_size)
 
 
 def may_overlap(queue: list[Pending], last_rows: int, max_batch_size: int) -> bool:
@@ -212,9 +263,7 @@ def may_overlap(queue: list[Pending], last_rows: int, max_batch_size: int) -> bo
     node, ready to run when the node's compute frees, instead of cutting what a closed loop sends
     back into small batches that contend for the same cores. The front door applies the same
     rule (frontdoor/src/batcher.cc, MayOverlapLocked)."""
-    if not queue:
-        return False
-    return sum(p.size for p in _head_rows(order(queue))) >= min(last_rows, max_batch_size)
+    return bool(queue) and overlaps(candidates(queue), last_rows, max_batch_size)
 
 
 class UnsplittableBatch(CneiError):
@@ -255,6 +304,7 @@ class Batcher:
         # to failover)
         self.retry_alone = retry_alone
         self.config = config
+        self._rules = BatchRules.of(config)
         self.send = send
         self.queue: list[Pending] = []
         self._wake = asyncio.Event()
@@ -326,15 +376,16 @@ class Batcher:
         while True:
             now = time.monotonic()
             self._drop([p for p in self.queue if p.deadline <= now])  # expire while waiting for a batch
-            ready = batch_ready(self.queue, self.config, now)
+            formed = candidates(self.queue) if self.queue else None  # once per wake-up
+            ready = formed is not None and is_ready(formed, self._rules, now)
             if ready and not (self._running == 0 or
-                              may_overlap(self.queue, self._last_rows, self.config.max_batch_size)):
+                              overlaps(formed, self._last_rows, self.config.max_batch_size)):
                 ready = False  # the batch in flight wakes this when it is answered
                 timeout = self._wait_time(now, queue_delay=False)
             else:
                 timeout = self._wait_time(now)
             if ready:
-                batch, expired = form_batch(self.queue, self.config, now)
+                batch, expired = take(self.queue, self._rules, now, formed)
                 self._drop(expired)
                 if batch:
                     taken = {id(p) for p in batch}

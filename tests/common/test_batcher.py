@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, Pending,
-                                     UnsplittableBatch, batch_ready, form_batch, may_overlap, signature, split)
+from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, BatchRules, Pending,
+                                     UnsplittableBatch, batch_ready, candidates, form_batch, is_ready, may_overlap,
+                                     preferred_batch, signature, split, take)
 from services.common.errors import DeadlineExceeded, ErrorCode, ResourceExhausted, Unavailable
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for
@@ -191,6 +192,48 @@ def test_once_the_delay_has_passed_the_full_batch_goes_not_the_preferred_size():
     queue = queued(1, 1, 1, 1, 1)
     assert [queue.index(p) for p in form_batch(queue, config, now=0.0005)[0]] == [0, 1, 2, 3]
     assert [queue.index(p) for p in form_batch(queue, config, now=0.002)[0]] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("preferred", "max_batch_size", "expected"),
+    [((4, 16, 8), 64, (16, 8, 4)), ((8, 4, 8, 4), 64, (8, 4)), ((2, 8, 16), 8, (8, 2)), ((), 64, ())],
+    ids=["largest-first", "each-once", "over-max-batch-size-left-out", "none"],
+)
+def test_batch_rules_hold_the_preferred_sizes_up_to_max_batch_size_largest_first_each_once(
+        preferred, max_batch_size, expected):
+    config = BatchConfig(max_batch_size=max_batch_size, preferred_batch_sizes=preferred)
+    assert BatchRules.of(config) == BatchRules(config, expected)
+
+
+def test_candidates_are_the_most_urgent_requests_signature_mates_in_serving_order():
+    queue = queued(1, 2, 3, 4)
+    for p, level in zip(queue, (3, 2, 1, 3)):
+        p.priority = level
+    other = Pending({"x": x(9, width=3)}, 5, signature({"x": x(9, width=3)}), priority=1, enqueued=-1.0)  # later
+    formed = candidates([queue[0], other, *queue[1:]])
+    assert [queue.index(p) for p in formed.same] == [2, 1, 0, 3]
+    assert (formed.rows, formed.oldest) == (10, -1.0)
+
+
+def test_a_wake_up_forms_the_preferred_batch_once_and_takes_that_batch():
+    queue = queued(1, 1, 1, 1)
+    rules = BatchRules.of(BatchConfig(max_batch_size=64, max_queue_delay_us=FOREVER_US, preferred_batch_sizes=(4, 8)))
+    formed = candidates(queue)
+    assert is_ready(formed, rules, now=0.001)
+    preferred = formed.preferred
+    assert [queue.index(p) for p in preferred] == [0, 1, 2, 3]
+    assert preferred_batch(formed, rules) is preferred
+    assert take(queue, rules, 0.001, formed) == (preferred, [])
+
+
+def test_a_wake_up_forms_the_candidates_again_of_what_is_left_once_requests_have_gone():
+    queue = queued(1, 1, 1, 1, 1)
+    rules = BatchRules.of(BatchConfig(max_batch_size=64, max_queue_delay_us=FOREVER_US, preferred_batch_sizes=(4, 8)))
+    formed = candidates(queue)
+    assert is_ready(formed, rules, now=0.001) and [queue.index(p) for p in formed.preferred] == [0, 1, 2, 3]
+    queue[0].deadline = 0.0005
+    batch, expired = take(queue, rules, 0.001, formed)
+    assert ([queue.index(p) for p in batch], expired) == ([1, 2, 3, 4], [queue[0]])
 
 
 async def test_the_lowest_priority_level_is_served_first_and_the_default_level_last(make_batcher, node):
