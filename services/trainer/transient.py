@@ -16,6 +16,7 @@ _TRANSIENT_TYPES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutEr
 # Lua script (every fenced save is one) they arrive as a plain ResponseError naming them
 _TRANSIENT_REPLIES = ("READONLY", "MASTERDOWN", "LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN")
 MAX_WAIT_S = 30.0
+_MAX_DOUBLINGS = 1000  # 2 ** 1024 is no float; a wait doubled 1,000 times is past any cap
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -49,7 +50,7 @@ class Backoff:
             self.since = now
         if now - self.since >= self.limit_s:
             return None
-        wait = min(self.max_s, self.first_s * 2 ** self.tries)
+        wait = min(self.max_s, self.first_s * 2.0 ** min(self.tries, _MAX_DOUBLINGS))
         self.tries += 1
         return wait
 
