@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from prometheus_client import Counter
 
 from services.common import events, lifecycle, telemetry
+from services.common.backoff import Backoff
 from services.common.background import Background
 from services.common.errors import Unavailable
 from services.common.events import EventRefused, EventTooLarge
@@ -108,16 +110,15 @@ class EventBus:
 
     async def _connect_loop(self) -> None:
         """Try again until connected, backing off; a new reason for failing is logged."""
-        wait, last = RETRY_S, ""
+        backoff, last = Backoff(first_s=RETRY_S, max_s=RETRY_MAX_S), ""
         while self.nc is None:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(backoff.next_wait(time.monotonic()))
             try:
                 await self.connect()
             except Exception as exc:  # noqa: BLE001 - keep trying
                 if (reason := _describe(exc)) != last:
                     log.warning("NATS at %s not ready (%s); still trying", self.url, reason)
                     last = reason
-                wait = min(wait * 2, RETRY_MAX_S)
         log.info("connected to NATS at %s", self.url)
 
     async def _ensure_stream(self, nc: Client) -> None:

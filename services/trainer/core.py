@@ -19,6 +19,7 @@ import numpy as np
 from opentelemetry import trace
 
 from services.common import events
+from services.common.backoff import Backoff
 from services.common.background import Background
 from services.common.errors import AlreadyExists, CneiError, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.federated import Named, RoundTask, layers_from_named, layers_to_named
@@ -349,7 +350,8 @@ class FederatedTrainer:
                 if not transient.is_transient(exc):
                     raise
                 if backoff is None or job.round != at_round:  # a new spell of trouble
-                    backoff = transient.Backoff(self.settings.transient_wait_s, self.settings.transient_retry_s)
+                    backoff = Backoff(first_s=self.settings.transient_wait_s, max_s=transient.MAX_WAIT_S,
+                                      limit_s=self.settings.transient_retry_s)
                     at_round = job.round
                 now = time.monotonic()
                 wait = backoff.next_wait(now)

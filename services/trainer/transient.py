@@ -1,7 +1,5 @@
-"""Which errors are passing infrastructure trouble (Redis, the registry), and the waits between tries."""
+"""Which errors are passing infrastructure trouble (Redis, the registry), and the longest wait between tries."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import redis.exceptions
 
@@ -15,8 +13,7 @@ _TRANSIENT_TYPES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutEr
 # replica cut off from its primary, a data set still loading, a script or memory limit): inside a
 # Lua script (every fenced save is one) they arrive as a plain ResponseError naming them
 _TRANSIENT_REPLIES = ("READONLY", "MASTERDOWN", "LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN")
-MAX_WAIT_S = 30.0
-_MAX_DOUBLINGS = 1000  # 2 ** 1024 is no float; a wait doubled 1,000 times is past any cap
+MAX_WAIT_S = 30.0  # the cap of the waits (common.backoff) before a job's next try
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -32,27 +29,3 @@ def is_transient(exc: BaseException) -> bool:
         words = str(exc).replace("-", " ").split()
         return any(word in _TRANSIENT_REPLIES for word in words)
     return isinstance(exc, _TRANSIENT_TYPES)
-
-
-@dataclass
-class Backoff:
-    """The waits of one spell of trouble: `first_s`, doubled each try up to `max_s`; None (give up
-    for now) once `limit_s` has passed since the spell's first error."""
-
-    first_s: float
-    limit_s: float
-    max_s: float = MAX_WAIT_S
-    since: float | None = None
-    tries: int = 0
-
-    def next_wait(self, now: float) -> float | None:
-        if self.since is None:
-            self.since = now
-        if now - self.since >= self.limit_s:
-            return None
-        wait = min(self.max_s, self.first_s * 2.0 ** min(self.tries, _MAX_DOUBLINGS))
-        self.tries += 1
-        return wait
-
-    def elapsed(self, now: float) -> float:
-        return 0.0 if self.since is None else now - self.since

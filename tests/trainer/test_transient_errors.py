@@ -76,19 +76,6 @@ def test_the_job_s_own_errors_are_not_transient(exc):
     assert not transient.is_transient(exc)
 
 
-def test_the_waits_double_up_to_their_cap_and_end_once_the_trouble_outlasts_the_limit():
-    backoff = transient.Backoff(first_s=1.0, limit_s=100.0, max_s=8.0)
-    assert [backoff.next_wait(t) for t in (0, 1, 3, 7, 15, 23)] == [1, 2, 4, 8, 8, 8]
-    assert backoff.next_wait(99.9) == 8 and backoff.next_wait(100.0) is None
-    assert transient.Backoff(first_s=1.0, limit_s=0.0).next_wait(5.0) is None  # 0: suspend at once
-
-
-def test_trouble_that_outlasts_a_thousand_waits_still_waits_the_cap():
-    """A day's limit at 30 s waits is about 2,900 of them: the 1,025th wait once overflowed."""
-    backoff = transient.Backoff(first_s=1.0, limit_s=86_400.0, max_s=30.0)
-    assert [backoff.next_wait(30.0 * n) for n in range(2_000)][-1000:] == [30.0] * 1000
-
-
 class RegistryServicer(rpb_grpc.ModelRegistryServicer):
     """Lists what was pushed (metadata included); a push is refused with each code of `refuse`
     in turn, then kept."""
