@@ -7,9 +7,6 @@ import sys
 from services.cli.output import progress, table
 from services.trainer.strategy import STRATEGIES
 
-# StartJobRequest's `optional` fields, named as their flags' destinations
-OPTIONAL = ("mu", "server_lr", "server_momentum", "server_beta2", "server_tau")
-
 
 def jobs_table(jobs: list[dict]) -> str:
     """Federated job summaries (services/common/jobs.py JobRecord.summary) as a table."""
@@ -28,6 +25,7 @@ def start_request(args: argparse.Namespace):
     """The StartJobRequest of `cnei train start`: the optional settings only when given (a 0 given
     is sent as 0; one left out takes the trainer's default)."""
     from services.pb.cnei import trainer_pb2 as tpb
+    from services.trainer.convert import OPTIONAL  # named as their flags' destinations
 
     given = {name: getattr(args, name) for name in OPTIONAL if getattr(args, name) is not None}
     return tpb.StartJobRequest(

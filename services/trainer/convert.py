@@ -7,6 +7,9 @@ from services.common.jobs import JobRecord, JobSpec, RoundRecord
 from services.pb.cnei import trainer_pb2 as tpb
 
 DEFAULTS = JobSpec()
+# StartJobRequest's `optional` fields (mu, the server optimiser's): a 0 sent is a 0, one left out
+# takes the strategy's default
+OPTIONAL = tuple(f.name for f in tpb.StartJobRequest.DESCRIPTOR.fields if f.has_presence)
 
 
 def spec_from_proto(msg: tpb.StartJobRequest) -> JobSpec:
@@ -18,7 +21,7 @@ def spec_from_proto(msg: tpb.StartJobRequest) -> JobSpec:
 
 
 def _field(msg: tpb.StartJobRequest, name: str):
-    if msg.DESCRIPTOR.fields_by_name[name].has_presence:
+    if name in OPTIONAL:
         return getattr(msg, name) if msg.HasField(name) else getattr(DEFAULTS, name)
     return getattr(msg, name) or getattr(DEFAULTS, name)
 

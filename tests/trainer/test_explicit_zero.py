@@ -20,7 +20,7 @@ from services.common.nodes import NodeDirectory, NodeInfo
 from services.models.onnx_mlp import mlp_graph
 from services.pb.cnei import trainer_pb2 as tpb
 from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
-from services.trainer.convert import job_from_proto, spec_from_proto, spec_to_proto
+from services.trainer.convert import OPTIONAL, job_from_proto, spec_from_proto, spec_to_proto
 from services.trainer.core import FederatedTrainer, strategy_of
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import PREFIX, TrainerSettings
@@ -171,3 +171,9 @@ def test_every_optional_setting_of_a_job_spec_is_optional_on_the_wire():
     optional = {f.name for f in dataclasses.fields(JobSpec) if f.default is None}
     assert optional == set(PRESENT)
     assert all(tpb.StartJobRequest.DESCRIPTOR.fields_by_name[n].has_presence for n in optional)
+    assert set(OPTIONAL) == optional
+
+
+def test_cnei_train_start_has_a_flag_for_every_optional_field_left_out_unless_given():
+    args = parser().parse_args(["train", "start"])
+    assert all(getattr(args, name) is None for name in OPTIONAL)
