@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from redis.asyncio import Redis
 
 from services.common.errors import FailedPrecondition, NotFound
+from services.common.records import known_fields
 
 log = logging.getLogger(__name__)
 JOB_KEY = "cnei:federated:job:{}"
@@ -59,11 +60,6 @@ class JobUnreadable(FailedPrecondition):
         super().__init__(f"federated job '{job_id}': its record cannot be read ({problem}); listings skip it")
 
 
-def _known(cls: type, obj: dict) -> dict:
-    """The items of `obj` that are fields of dataclass `cls` (those a newer writer added are left)."""
-    return {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """What a federated job is asked to do."""
@@ -101,7 +97,7 @@ class RoundRecord:
     @classmethod
     def from_dict(cls, obj: dict) -> RoundRecord:
         """A round as recorded; fields a newer trainer added are ignored."""
-        return cls(**_known(cls, obj))
+        return cls(**known_fields(cls, obj))
 
 
 @dataclass
@@ -128,12 +124,12 @@ class JobRecord:
     @classmethod
     def from_json(cls, data: str | bytes) -> JobRecord:
         obj = json.loads(data)
-        values = _known(JobSpec, obj.pop("spec", {}))
+        values = known_fields(JobSpec, obj.pop("spec", {}))
         if obj.pop("spec_format", 1) < SPEC_FORMAT:  # a job started before: its 0s were left out
             values.update({k: None for k in _ZERO_WAS_LEFT_OUT if values.get(k) == 0})
         spec = JobSpec(**values)
         history = [RoundRecord.from_dict(r) for r in obj.pop("history", [])]
-        return cls(spec=spec, history=history, **_known(cls, obj))
+        return cls(spec=spec, history=history, **known_fields(cls, obj))
 
     def summary(self) -> dict:
         """The status-page row: id, model, state, round x/y, participants, accuracy, version."""

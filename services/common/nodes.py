@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 from redis.asyncio import Redis
 
+from services.common.records import known_fields
+
 NODE_KEY = "cnei:node:{}"
 NODE_INDEX = "cnei:nodes"
 
@@ -42,9 +44,7 @@ class NodeInfo:
 
     @classmethod
     def from_json(cls, data: str | bytes) -> NodeInfo:
-        obj = json.loads(data)
-        known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return cls(**known_fields(cls, json.loads(data)))
 
 
 # Drops a node's record and index entry unless the record names another address (atomic).
