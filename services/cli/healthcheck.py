@@ -21,8 +21,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 def _channel(target: str, tls_ca: str, tls_cert: str, tls_key: str, server_name: str = "") -> grpc.Channel:
     if not tls_ca:
         return grpc.insecure_channel(target)
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(target, tls.channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+    return grpc.secure_channel(target, tls.channel_credentials(tls_ca, tls_cert, tls_key),
+                               options=tls.server_name_options(server_name))
 
 
 def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = "", tls_cert: str = "",

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from services.common import telemetry
-from services.common.tls import ClientTls
+from services.common.tls import ClientTls, server_name_options
 from services.common.errors import CneiError, ErrorCode, error_for
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,8 @@ def channel(target: str, headers: list[tuple[str, str]] | tuple = (),
     hold ("": the target's host)."""
     interceptors = client_interceptors(tuple(headers))
     if credentials is not None:
-        options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
-        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS + server_name_options(server_name),
+                                       interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 

@@ -102,3 +102,10 @@ def test_client_credentials_are_refused_when_their_pem_does_not_load_or_the_key_
         tls.channel_credentials(pki["ca"], pki["client_cert"], pki["key"])
     with pytest.raises(ValueError):
         tls.channel_credentials(pki["client_key"])  # a key where the CA belongs
+
+
+@pytest.mark.parametrize(("server_name", "options"),
+                         [("cnei.example", [("grpc.ssl_target_name_override", "cnei.example")]), ("", [])],
+                         ids=["a-name-checked-instead-of-the-host", "none-the-host-checked"])
+def test_server_name_options_tell_grpc_which_name_the_certificate_must_hold(server_name, options):
+    assert tls.server_name_options(server_name) == options
