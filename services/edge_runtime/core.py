@@ -299,7 +299,8 @@ class EdgeRuntime:
         held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
         with self.disk.pinned(*held):  # a delta's base stays until it is decoded, then may make room
             pulled = await self.registry.pull_artifact(variant.sha256, held)
-        await self._learn_deployments()
+        if self.disk.max_bytes > 0:  # only making room asks what deployments keep
+            await self._learn_deployments()
         await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
         SYNCED_BYTES.inc(pulled.wire_bytes)
         PULLS.labels("delta" if pulled.base else "full").inc()

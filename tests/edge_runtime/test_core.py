@@ -262,6 +262,39 @@ async def test_a_restarted_runtime_making_room_keeps_the_version_a_deployment_pi
     assert kept == sorted([(name, "1"), (name, "4"), (other, "1")])  # the pinned and the newest stay
 
 
+class _CountingRegistry(RegistryClient):
+    """A real registry client that counts the deployments it reads."""
+
+    deployment_reads = 0
+
+    async def get_deployment(self, model: str) -> DeploymentSpec:
+        self.deployment_reads += 1
+        return await super().get_deployment(model)
+
+
+@pytest.mark.parametrize(("disk_cache_max_bytes", "reads"), [(0, 0), (1 << 30, 1)],
+                         ids=["no-limit-reads-none", "a-budget-reads-the-model-on-disk"])
+async def test_a_restarted_runtime_reads_the_deployments_of_the_models_on_its_disk_before_a_pull_only_to_make_room(
+        registry, tmp_path, disk_cache_max_bytes, reads):
+    """Those deployments say which versions making room must keep: a disk cache without a byte
+    limit never makes room, so a pull reads none of them."""
+    client = _CountingRegistry(registry, timeout=30)
+    on_disk = await client.push_file(write_mlp(tmp_path, 1), f"on-disk-{uuid.uuid4().hex[:8]}", "1", "FP32")
+    pulled = await client.push_file(write_mlp(tmp_path, 7), f"pulled-{uuid.uuid4().hex[:8]}", "1", "FP32")
+    cache = tmp_path / "cache"
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(cache), intra_op_threads=1,
+                       measure_on_load=False, measure_siblings=False, disk_cache_max_bytes=disk_cache_max_bytes)
+    for variant in (on_disk, pulled):  # each by a fresh process: the second knows no deployment yet
+        runtime = EdgeRuntime(settings, client, DiskCache(cache, settings.disk_cache_max_bytes))
+        try:
+            await runtime.load(variant)
+        finally:
+            await runtime.drain()
+            runtime.close()
+    await client.close()
+    assert client.deployment_reads == reads
+
+
 async def test_a_registry_that_stops_answering_costs_a_request_naming_no_version_one_timeout(tmp_path):
     """A registry that hangs (a real gRPC server answering nothing within the client's timeout):
     the deployment lookup a versionless request makes first times out, and resolution then goes
