@@ -210,7 +210,7 @@ class EdgeRuntime:
             else:
                 self.forget_resolutions()
                 self._caps.clear()  # deployments may have changed while the events did not arrive
-            loaded = {(key.split(":")[0], key.split(":")[2]) for key in self.l1.keys()}
+            loaded = {(m.variant.name, m.variant.precision) for m in self.l1.values()}
             cached: dict[str, set[str]] = {}
             for v in self.disk.variants():
                 if not names or v.name in names:
