@@ -246,26 +246,28 @@ async def deploy_apply(args) -> int:
     return 0
 
 
-def rollout_change(rollout, verb: str, version: str = "", percent: float = 0.0, versions: list[str] = ()):
-    """The model's rollout after `cnei deploy canary|promote|rollback`: a canary of `version`
-    taking `percent` % of the requests that name no version; the canary made the stable version;
-    the canary dropped. A canary over no pinned stable version pins the newest of `versions` (the
-    model's) other than the canary, the one the rest of the requests go to, and that rollback
-    comes back to (an unpinned stable one would follow the latest version: the canary itself, when
-    it is the newest). FailedPrecondition when there is no canary to promote or roll back, or no
-    other version to keep as the stable one."""
+def rollout_change(spec, verb: str, version: str = "", percent: float = 0.0, variants: list = ()):
+    """The rollout of deployment `spec` after `cnei deploy canary|promote|rollback`: a canary of
+    `version` taking `percent` % of the requests that name no version; the canary made the stable
+    version; the canary dropped. A canary over no pinned stable version pins the latest of the
+    model's other versions (`variants`: the model's; `served.latest_version`), the one the
+    rest of the requests go to, and that rollback comes back to (an unpinned stable one would
+    follow the latest version: the canary itself, when it is the latest). FailedPrecondition when
+    there is no canary to promote or roll back, or no other version to keep as the stable one."""
     from dataclasses import replace
 
-    from services.common.model_spec import version_key
+    from services.common.served import latest_version
 
+    rollout = spec.rollout
     if verb == "canary":
         stable = rollout.stable
         if not stable:
-            others = sorted({v for v in versions if v != version}, key=version_key)
-            if not others:
-                raise FailedPrecondition(f"version {version} is the model's only version: there is no other "
-                                         "to keep as the stable one beside a canary")
-            stable = others[-1]
+            try:
+                stable = latest_version(spec, [v for v in variants if v.version != version])
+            except (NotFound, FailedPrecondition):
+                raise FailedPrecondition(f"version {version} is the model's only version with every precision its "
+                                         "deployment needs: there is no other to keep as the stable one beside a "
+                                         "canary") from None
         return replace(rollout, stable=stable, canary=version, canary_percent=percent)
     if not rollout.canary:
         raise FailedPrecondition(f"there is no canary to {verb} (stable version: {rollout.stable or 'the latest'})")
@@ -312,14 +314,14 @@ async def _rollout_once(client, args):
     from dataclasses import replace
 
     spec, read_at = await _read_deployment(client, args.model)
-    versions = [v.version for v in await client.list(args.model)] if args.verb == "canary" else []
+    variants = await client.list(args.model) if args.verb == "canary" else []
+    versions = {v.version for v in variants}
     if args.verb == "canary" and not versions:
         raise NotFound(f"model '{args.model}' not found in the registry")
     if args.verb == "canary" and args.version not in versions:
         raise NotFound(f"model '{args.model}' has no version {args.version} "
-                       f"(versions: {', '.join(sorted(set(versions)))})")
-    rollout = rollout_change(spec.rollout, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0),
-                             versions)
+                       f"(versions: {', '.join(sorted(versions))})")
+    rollout = rollout_change(spec, args.verb, getattr(args, "version", ""), getattr(args, "percent", 0.0), variants)
     try:
         return (await client.put_deployment(replace(spec, rollout=rollout), if_updated_at=read_at)).rollout
     except FailedPrecondition:

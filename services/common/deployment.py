@@ -66,7 +66,8 @@ class JointSpec:
 @dataclass(frozen=True)
 class RolloutSpec:
     """Which version serves requests that name none (KServe's canary rollout): `stable` (""
-    = the latest registered), and `canary`, which takes `canary_percent` of them at random.
+    = the latest: the newest holding every precision the deployment needs, see
+    `served.latest_version`), and `canary`, which takes `canary_percent` of them at random.
     Rolling back clears the canary; promoting makes it the stable version."""
 
     stable: str = ""

@@ -16,13 +16,14 @@ from prometheus_client import Counter
 from services.common import oip, telemetry
 from services.common.background import Background, KeyedLocks
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
-from services.common.deployment import BatchingSpec, DeploymentSpec, RolloutSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound,
                                     Unavailable, error_for, outcome_of)
 from services.common.model_spec import (ModelVariant, check_inputs, check_outputs, pick_variant, sample_inputs,
                                         version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
+from services.common.served import served_version
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
@@ -116,16 +117,17 @@ class EdgeRuntime:
 
     async def _deployed_as(self, name: str) -> tuple[int, str]:
         """What this runtime keeps of the model's deployment, read at most every DEPLOYMENT_TTL_S:
-        (its max_batch_size, its pinned stable version); (0, "") when none was applied or the
-        registry cannot say (what was known is kept while it is away)."""
+        (its max_batch_size, the version it serves: `_read_deployment`); max_batch_size 0 when
+        none was applied; (0, "") when the registry cannot say and nothing was known (what was
+        known is kept while it is away)."""
         cached = self._caps.get(name)
         if cached and cached[2] > time.monotonic():
             return cached[0], cached[1]
         if time.monotonic() < self._registry_down_until:  # offline: never wait for the registry here
             return (cached[0], cached[1]) if cached else (0, "")
         try:
-            spec = await self._read_deployment(name)
-            cap, stable = (spec.batching.max_batch_size, spec.rollout.stable) if spec else (0, "")
+            spec, stable = await self._read_deployment(name)
+            cap = spec.batching.max_batch_size if spec else 0
             ttl = DEPLOYMENT_TTL_S
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
@@ -149,8 +151,8 @@ class EdgeRuntime:
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
         """Registry resolution, cached briefly; the disk cache answers when the registry is away.
-        A request naming no version gets the one the model's deployment pins as stable, as the
-        coordinator serves it (else the latest); a canary is the coordinator's to split."""
+        A request naming no version gets the one the model's deployment serves, as the coordinator
+        serves it (`served.served_version`); a canary is the coordinator's to split."""
         if not version:
             version = (await self._deployed_as(name))[1]
         key = (name, version, precision.upper())
@@ -185,8 +187,10 @@ class EdgeRuntime:
         return variant
 
     async def model_published(self, name: str) -> None:
-        """A new version exists: forget resolutions, and refresh the model where this node caches it."""
+        """A new version (or variant) exists: forget resolutions and the version the model's
+        deployment serves (it may be the latest now), and refresh the model where this node caches it."""
         self.forget_resolutions(name)
+        self.deployment_updated(name)
         if any(v.name == name for v in self.disk.variants()):
             await self.resync(names=(name,))
 
@@ -225,14 +229,15 @@ class EdgeRuntime:
     async def _refresh(self, name: str, precisions: set[str], loaded: set[tuple[str, str]]) -> bool:
         """Pull what the model's deployment serves (its stable version, pinned or the latest, and
         a canary) in `precisions`, loading the stable one where the model is `loaded` in that
-        precision: a version pushed but not released is neither pulled nor loaded. False when the
-        registry was unreachable (try again)."""
+        precision: a version pushed but not released (or still lacking a precision the deployment
+        needs) is neither pulled nor loaded. False when the registry was unreachable (try again)."""
         try:
-            rollout = await self._rollout(name)
+            spec, stable = await self._read_deployment(name)
         except CneiError as exc:
             log.warning("resync of %s failed: %s", name, exc)
             return exc.code is not ErrorCode.UNAVAILABLE
-        served = [rollout.stable] + ([rollout.canary] if rollout.canary else [])
+        canary = spec.rollout.canary if spec else ""
+        served = [stable] + ([canary] if canary else [])
         reachable = True
         for precision in sorted(precisions):
             for version in served:
@@ -240,31 +245,31 @@ class EdgeRuntime:
                     variant = await self.registry.resolve(name, version, precision)
                     if await self._ensure_on_disk(variant):
                         log.info("pulled %s (deployed, missed)", variant.key)
-                    if version == rollout.stable and (name, precision) in loaded:
+                    if version == stable and (name, precision) in loaded:
                         await self.load(variant)
                 except CneiError as exc:
                     log.warning("resync of %s v%s %s failed: %s", name, version or "latest", precision, exc)
                     reachable = reachable and exc.code is not ErrorCode.UNAVAILABLE
         return reachable
 
-    async def _rollout(self, name: str) -> RolloutSpec:
-        """The versions the model's deployment serves (none applied: the latest, stable = "")."""
-        spec = await self._read_deployment(name)
-        return spec.rollout if spec else RolloutSpec()
-
-    async def _read_deployment(self, name: str) -> DeploymentSpec | None:
-        """The model's deployment from the registry (None: none applied), its pinned versions
-        noted (`_note_rollout`; none applied: known, nothing pinned)."""
+    async def _read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
+        """The model's deployment from the registry (None: none applied) and the version serving
+        requests that name none (`served.served_version` over the model's variants; "" when none
+        was applied or the registry has no version: its own latest), both noted (`_note_rollout`)."""
         try:
             spec = await self.registry.get_deployment(name)
         except NotFound:
             spec = None
-        self._note_rollout(name, spec.rollout if spec else RolloutSpec())
-        return spec
+        try:
+            stable = served_version(spec, await self.registry.list(name)) if spec else ""
+        except ModelNotFound:
+            stable = ""
+        self._note_rollout(name, stable, spec.rollout.canary if spec else "")
+        return spec, stable
 
-    def _note_rollout(self, name: str, rollout: RolloutSpec) -> None:
-        """Remember the versions a deployment pins (their artifacts stay in the disk cache)."""
-        self._deployed[name] = {v for v in (rollout.stable, rollout.canary) if v}
+    def _note_rollout(self, name: str, stable: str, canary: str) -> None:
+        """Remember the versions a deployment serves (their artifacts stay in the disk cache)."""
+        self._deployed[name] = {v for v in (stable, canary) if v}
 
     async def _learn_deployments(self) -> None:
         """Read the deployment of every model on disk this process has not read yet (at start,
@@ -272,7 +277,7 @@ class EdgeRuntime:
         a registry that cannot say now leaves the model unknown (asked again at the next pull)."""
         for name in sorted({v.name for v in self.disk.variants()} - self._deployed.keys()):
             try:
-                await self._rollout(name)
+                await self._read_deployment(name)
             except CneiError as exc:
                 log.warning("deployment of %s unknown (%s): its pinned versions may not be kept", name, exc.message)
 

@@ -18,6 +18,7 @@ from services.common import deployment, events
 from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
+from services.common.served import latest_version, needed_precisions, served_version
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -54,25 +55,27 @@ def validate_header(header: PushHeader) -> PushHeader:
 
 
 def _check_canary_is_not_the_latest(spec: DeploymentSpec, latest: str) -> None:
-    """An unpinned stable version is the latest one: a canary of the latest version would then
-    take every request, and rolling it back would leave it serving. INVALID_ARGUMENT."""
+    """An unpinned stable version is the latest one (`served.latest_version`): a canary of it
+    would then take every request, and rolling it back would leave it serving. INVALID_ARGUMENT."""
     rollout = spec.rollout
     if rollout.canary and not rollout.stable and rollout.canary == latest:
         raise InvalidArgument(f"rollout canary version {latest} is the latest version of model '{spec.model}', "
                               "which an empty stable version also means: pin the stable version")
 
 
-def missing_precision(spec: DeploymentSpec, latest: str, variants: list[ModelVariant]) -> str | None:
+def missing_precision(spec: DeploymentSpec, variants: list[ModelVariant]) -> str | None:
     """Why the deployment cannot serve: a version it serves requests that name none with (its
-    stable one, else `latest`, and its canary) lacks the variant its precision policy or its
-    joint edge precision names; None when each has it."""
+    stable one, pinned or the latest, and its canary) lacks the variant its precision policy or
+    its joint edge precision names, or no version is the latest (none holds them all); None when
+    each has it."""
     rollout = spec.rollout
-    wanted = [(f"{spec.model}.{where}", precision.upper()) for where, precision in
-              (("precision.precision", spec.precision.precision), ("joint.edge_precision", spec.joint.edge_precision))
-              if precision]
-    for role, version in (("stable", rollout.stable or latest), ("canary", rollout.canary)):
+    try:
+        stable = served_version(spec, variants)
+    except FailedPrecondition as exc:
+        return exc.message
+    for role, version in (("stable", stable), ("canary", rollout.canary)):
         held = sorted({v.precision for v in variants if v.version == version})
-        for where, precision in wanted:
+        for where, precision in needed_precisions(spec).items():
             if version and precision not in held:
                 return (f"model '{spec.model}' version {version} ({role}) has no {precision} variant, which "
                         f"deployment field '{where}' asks for (its variants: {', '.join(held)})")
@@ -259,12 +262,15 @@ class Registry:
     async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
         answer for each."""
-        latest = await self.resolve(spec.model)
-        served = [latest] + [await self.resolve(spec.model, version)  # NOT_FOUND naming it
-                             for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
-        _check_canary_is_not_the_latest(spec, latest.version)
-        if problem := missing_precision(spec, latest.version, await self._quick(self.store.variants, spec.model)):
+        await self.resolve(spec.model)  # NOT_FOUND for a model without versions
+        pinned = [await self.resolve(spec.model, version)  # NOT_FOUND naming it
+                  for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
+        variants = await self._quick(self.store.variants, spec.model)
+        if problem := missing_precision(spec, variants):
             raise FailedPrecondition(problem)
+        latest = await self.resolve(spec.model, latest_version(spec, variants))
+        edges = [latest] + pinned
+        _check_canary_is_not_the_latest(spec, latest.version)
         j = spec.joint
         if j.mode == "off" and not j.cloud_model and not j.cloud_version:  # requests may turn joint inference on
             return
@@ -272,7 +278,7 @@ class Registry:
             cloud = await self.resolve(j.cloud_model or spec.model, j.cloud_version, j.cloud_precision)
         except ModelNotFound as exc:
             raise InvalidArgument(f"deployment field '{spec.model}.joint.cloud_model': {exc.message}") from None
-        for edge in served:
+        for edge in edges:
             outputs = {t.name: t.shape for t in edge.outputs}
             if j.output and j.output not in outputs:
                 raise InvalidArgument(f"deployment field '{spec.model}.joint.output': model '{spec.model}' "

@@ -1,7 +1,8 @@
 """A canary of a model's newest version over no pinned stable version: the registry refuses the
 rollout (the stable version would be the canary itself), and `cnei deploy canary` pins the newest
 other version as the stable one, which rollback comes back to. A version served without the
-precision the deployment asks for is refused. A real registry process; the CLI run as a user runs
+precision the deployment asks for is refused; an unpinned one is served by the latest version
+that has it. A real registry process; the CLI run as a user runs
 it."""
 from __future__ import annotations
 
@@ -84,9 +85,10 @@ async def int8_then_fp32(client, name, built):
      "version 2 (canary) has no INT8 variant, which deployment field '{name}.precision.precision' asks for "
      "(its variants: FP32)"),
     ("int8", JointSpec(), RolloutSpec("2"), "version 2 (stable) has no INT8 variant"),
-    ("", JointSpec(mode="sync", edge_precision="INT8"), RolloutSpec(),
-     "version 2 (stable) has no INT8 variant, which deployment field '{name}.joint.edge_precision'"),
-], ids=["canary", "pinned-stable", "latest-at-the-edge"])
+    ("", JointSpec(mode="sync", edge_precision="FP16"), RolloutSpec(),
+     "no version of model '{name}' has a variant in every precision its deployment asks for: "
+     "FP16 ('{name}.joint.edge_precision')"),
+], ids=["canary", "pinned-stable", "no-version-to-serve-at-the-edge"])
 async def test_a_served_version_without_the_precision_the_deployment_asks_for_is_refused_naming_both(
         client, int8_then_fp32, precision, joint, rollout, refusal):
     spec = DeploymentSpec(model=int8_then_fp32, precision=PrecisionSpec(precision), joint=joint, rollout=rollout)
@@ -95,6 +97,23 @@ async def test_a_served_version_without_the_precision_the_deployment_asks_for_is
     assert info.value.code is ErrorCode.FAILED_PRECONDITION
     assert refusal.format(name=int8_then_fp32) in info.value.message
     assert all(s.model != int8_then_fp32 for s in await client.list_deployments())
+
+
+@pytest.mark.parametrize(("precision", "joint"), [("INT8", JointSpec()), ("", JointSpec(mode="sync", edge_precision="INT8"))],
+                         ids=["precision-policy", "joint-edge-precision"])
+async def test_an_unpinned_deployment_is_stored_when_an_older_version_has_its_precision(
+        client, int8_then_fp32, precision, joint):
+    spec = DeploymentSpec(model=int8_then_fp32, precision=PrecisionSpec(precision), joint=joint)
+    assert await client.put_deployment(spec) == spec  # served by version 1, the latest with INT8
+
+
+async def test_a_canary_of_the_latest_version_with_the_deployments_precision_over_an_unpinned_stable_one_is_refused(
+        client, int8_then_fp32):
+    spec = DeploymentSpec(model=int8_then_fp32, precision=PrecisionSpec("INT8"),
+                          rollout=RolloutSpec(canary="1", canary_percent=10))
+    with pytest.raises(CneiError, match="canary version 1 is the latest version of model") as info:
+        await client.put_deployment(spec)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
 
 
 async def test_a_pinned_stable_version_with_the_precision_serves_though_the_latest_lacks_it(client, int8_then_fp32):

@@ -1,0 +1,40 @@
+"""Which version of a model a deployment serves to requests that name none: one rule for the
+registry, the coordinator, the runtimes and the CLI (pure functions)."""
+from __future__ import annotations
+
+from services.common.deployment import DeploymentSpec
+from services.common.errors import FailedPrecondition, ModelNotFound
+from services.common.model_spec import ModelVariant, version_key
+
+
+def needed_precisions(spec: DeploymentSpec) -> dict[str, str]:
+    """The precisions each version the deployment serves must hold a variant in, by the field
+    asking for it ('<model>.precision.precision', '<model>.joint.edge_precision')."""
+    asked = (("precision.precision", spec.precision.precision), ("joint.edge_precision", spec.joint.edge_precision))
+    return {f"{spec.model}.{where}": precision.upper() for where, precision in asked if precision}
+
+
+def latest_version(spec: DeploymentSpec, variants: list[ModelVariant]) -> str:
+    """The latest version of the deployment's model (`variants`: its variants): the newest that
+    holds a variant in every precision the deployment needs (`needed_precisions`). Variants are
+    pushed one at a time, so a version whose INT8 comes after its FP32 is not the latest of an
+    INT8 deployment until it does. ModelNotFound without variants; FailedPrecondition, naming what
+    is needed, when no version holds them all."""
+    if not variants:
+        raise ModelNotFound(spec.model)
+    needed = needed_precisions(spec)
+    held: dict[str, set[str]] = {}
+    for v in variants:
+        held.setdefault(v.version, set()).add(v.precision)
+    complete = [version for version, precisions in held.items() if set(needed.values()) <= precisions]
+    if not complete:
+        asked = ", ".join(f"{precision} ('{where}')" for where, precision in needed.items())
+        raise FailedPrecondition(f"no version of model '{spec.model}' has a variant in every precision its "
+                                 f"deployment asks for: {asked}")
+    return max(complete, key=version_key)
+
+
+def served_version(spec: DeploymentSpec, variants: list[ModelVariant]) -> str:
+    """The version serving requests that name none, apart from a canary's share: the pinned
+    stable one, else the latest (`latest_version`). Every place resolving it calls this."""
+    return spec.rollout.stable or latest_version(spec, variants)

@@ -1,0 +1,48 @@
+"""The version a deployment serves to requests that name none: the pinned stable one, else the
+newest version holding every precision the deployment needs."""
+from __future__ import annotations
+
+import pytest
+
+from services.common.deployment import DeploymentSpec, JointSpec, PrecisionSpec, RolloutSpec
+from services.common.errors import FailedPrecondition, ModelNotFound
+from services.common.model_spec import ModelVariant
+from services.common.served import latest_version, needed_precisions, served_version
+
+
+def held(*keys: str) -> list[ModelVariant]:
+    """Variants of model 'm' from 'version:precision' keys."""
+    return [ModelVariant("m", *key.split(":"), "0", 1, [], []) for key in keys]
+
+
+def spec(precision: str = "", edge: str = "", stable: str = "") -> DeploymentSpec:
+    return DeploymentSpec(model="m", precision=PrecisionSpec(precision), joint=JointSpec(edge_precision=edge),
+                          rollout=RolloutSpec(stable=stable))
+
+
+@pytest.mark.parametrize(("deployed", "variants", "version"), [
+    (spec(), held("1:FP32", "2:INT8", "10:FP32"), "10"),
+    (spec("INT8"), held("1:FP32", "1:INT8", "2:FP32"), "1"),
+    (spec("int8"), held("1:FP32", "1:INT8", "2:FP32", "2:INT8"), "2"),
+    (spec(edge="INT8"), held("1:INT8", "2:FP32"), "1"),
+    (spec("FP16", edge="INT8"), held("1:FP16", "1:INT8", "2:FP16", "3:INT8"), "1"),
+    (spec("INT8", stable="2"), held("1:INT8", "2:FP32"), "2"),
+], ids=["nothing-needed-the-newest", "a-version-without-the-precision-is-passed-over", "once-it-has-it-it-serves",
+        "joint-edge-precision", "every-precision-needed", "a-pinned-stable-version-wins"])
+def test_the_served_version_is_the_pinned_one_else_the_newest_with_every_precision_needed(deployed, variants, version):
+    assert served_version(deployed, variants) == version
+
+
+def test_the_needed_precisions_name_the_fields_asking_for_them():
+    assert needed_precisions(spec("int8", edge="FP16")) == {"m.precision.precision": "INT8",
+                                                            "m.joint.edge_precision": "FP16"}
+
+
+def test_a_model_without_variants_is_not_found():
+    with pytest.raises(ModelNotFound):
+        latest_version(spec(), [])
+
+
+def test_no_version_with_every_precision_needed_is_a_failed_precondition_naming_them():
+    with pytest.raises(FailedPrecondition, match=r"no version of model 'm' .* INT8 \('m.precision.precision'\)"):
+        served_version(spec("INT8"), held("1:FP32", "2:FP16"))
