@@ -2,7 +2,7 @@
 registry, the coordinator, the runtimes and the CLI (pure functions)."""
 from __future__ import annotations
 
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant, version_key
 
@@ -38,3 +38,24 @@ def served_version(spec: DeploymentSpec, variants: list[ModelVariant]) -> str:
     """The version serving requests that name none, apart from a canary's share: the pinned
     stable one, else the latest (`latest_version`). Every place resolving it calls this."""
     return spec.rollout.stable or latest_version(spec, variants)
+
+
+def step_versions(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> list[str]:
+    """The versions an ensemble step's requests go to (`deployed`: its model's deployment, else
+    the defaults; `variants`: its model's): the one it names, else the one that deployment serves
+    (`served_version`) and its canary."""
+    if step.version:
+        return [step.version]
+    return [served_version(deployed, variants)] + ([deployed.rollout.canary] if deployed.rollout.canary else [])
+
+
+def step_precision_problem(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str | None:
+    """Why an ensemble step's requests would fail for the precision it asks for: a version they go
+    to (`step_versions`) has no variant in it; None when each has it, or it asks for none."""
+    precision = step.precision.upper()
+    for version in step_versions(step, deployed, variants) if precision else []:
+        held = sorted({v.precision for v in variants if v.version == version})
+        if precision not in held:
+            return (f"model '{step.model}' version {version} has no {precision} variant, which the step's precision "
+                    f"asks for (its variants: {', '.join(held) or 'none'})")
+    return None

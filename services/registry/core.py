@@ -18,7 +18,7 @@ from services.common import deployment, events
 from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
-from services.common.served import latest_version, needed_precisions, served_version
+from services.common.served import latest_version, needed_precisions, served_version, step_precision_problem
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -242,22 +242,34 @@ class Registry:
         return spec, when
 
     async def _check_ensemble(self, spec: DeploymentSpec) -> None:
-        """A name of its own, over models the registry has and other ensembles, reaching no cycle."""
+        """A name of its own, over models the registry has and other ensembles, reaching no cycle;
+        a step asking for a precision runs a version that has it (FAILED_PRECONDITION) and is no
+        ensemble (INVALID_ARGUMENT: an ensemble's steps name theirs)."""
         if await self._quick(self.store.variants, spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
-        ensembles = {s.model: s for s, _ in await self.deployments() if s.ensemble} | {spec.model: spec}
+        specs = {s.model: s for s, _ in await self.deployments()}
+        ensembles = {model: s for model, s in specs.items() if s.ensemble} | {spec.model: spec}
         if cycle := deployment.ensemble_cycle(spec.model, ensembles):
             raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
         for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
-            if step.model in ensembles and not await self._quick(self.store.variants, step.model):
+            where = f"ensemble '{spec.model}' step {i} ({step.model})"
+            variants = await self._quick(self.store.variants, step.model)
+            if step.model in ensembles and not variants:
                 if step.version not in ("", "1"):  # an ensemble's one version
                     raise ModelNotFound(step.model, step.version)
+                if step.precision:
+                    raise InvalidArgument(f"{where}: asks for precision {step.precision}, but '{step.model}' is an "
+                                          "ensemble, whose steps name their own")
                 inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
             else:
-                v = await self.resolve(step.model, step.version, step.precision)
+                deployed = specs.get(step.model, DeploymentSpec(step.model))
+                version = step.version or served_version(deployed, variants)
+                v = pick_variant(variants, step.model, version, "")  # NOT_FOUND naming a model or version it lacks
+                if problem := step_precision_problem(step, deployed, variants):
+                    raise FailedPrecondition(f"{where}: {problem}")
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
             if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
-                raise InvalidArgument(f"ensemble '{spec.model}' step {i} ({step.model}): {problem}")
+                raise InvalidArgument(f"{where}: {problem}")
 
     async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
@@ -271,6 +283,7 @@ class Registry:
         latest = await self.resolve(spec.model, latest_version(spec, variants))
         edges = [latest] + pinned
         _check_canary_is_not_the_latest(spec, latest.version)
+        await self._check_steps_over(spec, variants)
         j = spec.joint
         if j.mode == "off" and not j.cloud_model and not j.cloud_version:  # requests may turn joint inference on
             return
@@ -286,6 +299,14 @@ class Registry:
             if problems := deployment.joint_mismatches(outputs, {t.name: t.shape for t in cloud.outputs}):
                 raise InvalidArgument(f"joint cloud model '{cloud.key}' cannot answer for model '{edge.key}': "
                                       + "; ".join(problems))
+
+    async def _check_steps_over(self, spec: DeploymentSpec, variants: list[ModelVariant]) -> None:
+        """FAILED_PRECONDITION when a stored ensemble's step over the deployment's model asks for a
+        precision that a version the deployment would serve it lacks (`variants`: the model's)."""
+        for ensemble, _ in await self.deployments():
+            for i, step in enumerate(ensemble.ensemble):
+                if step.model == spec.model and (problem := step_precision_problem(step, spec, variants)):
+                    raise FailedPrecondition(f"ensemble '{ensemble.model}' step {i} ({step.model}): {problem}")
 
     async def deployments(self, model: str = "") -> list[tuple[DeploymentSpec, float]]:
         rows = await self._quick(self.store.deployments, model)

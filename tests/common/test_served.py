@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.deployment import DeploymentSpec, JointSpec, PrecisionSpec, RolloutSpec
+from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
-from services.common.served import latest_version, needed_precisions, served_version
+from services.common.served import latest_version, needed_precisions, served_version, step_precision_problem
 
 
 def held(*keys: str) -> list[ModelVariant]:
@@ -46,3 +46,19 @@ def test_a_model_without_variants_is_not_found():
 def test_no_version_with_every_precision_needed_is_a_failed_precondition_naming_them():
     with pytest.raises(FailedPrecondition, match=r"no version of model 'm' .* INT8 \('m.precision.precision'\)"):
         served_version(spec("INT8"), held("1:FP32", "2:FP16"))
+
+
+@pytest.mark.parametrize(("step_version", "deployed", "problem"), [
+    ("", spec(), "model 'm' version 2 has no INT8 variant, which the step's precision asks for (its variants: FP32)"),
+    ("", spec(stable="1"), None),
+    ("", spec("INT8"), None),
+    ("", DeploymentSpec("m", rollout=RolloutSpec("1", "2", 5.0)), "model 'm' version 2 has no INT8 variant"),
+    ("1", spec(), None),
+    ("3", spec(), "model 'm' version 3 has no INT8 variant, which the step's precision asks for (its variants: none)"),
+], ids=["the-latest-lacks-it", "pinned-stable-has-it", "latest-with-it", "canary-lacks-it", "named-version-has-it",
+        "named-version-absent"])
+def test_an_ensemble_step_asking_for_a_precision_needs_it_in_every_version_its_requests_go_to(
+        step_version, deployed, problem):
+    step = EnsembleStep(model="m", version=step_version, inputs=("x=x",), outputs=("y=y",), precision="int8")
+    found = step_precision_problem(step, deployed, held("1:FP32", "1:INT8", "2:FP32"))
+    assert found is None if problem is None else problem in found

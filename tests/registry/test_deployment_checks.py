@@ -1,8 +1,10 @@
 """What a deployment is checked against when it is applied (a real registry process): a joint
 cloud model that exists and can answer for the edge model, ensemble steps over models or other
-ensembles whose tensors they map, and no ensemble that reaches itself."""
+ensembles whose tensors they map, asking for precisions the versions they run have, and no
+ensemble that reaches itself."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -10,7 +12,7 @@ import onnx
 import pytest
 
 from services.common import deployment
-from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
 from services.models.onnx_mlp import mlp_graph
 from services.registry.store import RegistryStore
@@ -119,6 +121,68 @@ async def test_a_push_under_an_ensembles_name_is_refused_naming_it_and_the_ensem
     assert f"'{pipe.model}' is the name of an ensemble deployment (steps: {models['edge']})" in info.value.message
     assert await client.list(pipe.model) == []
     assert await client.put_deployment(pipe) == pipe
+
+
+@pytest.fixture
+async def int8_then_fp32(client, name, artifacts) -> str:
+    """A model whose version 1 is FP32 and INT8, version 2 FP32 alone."""
+    for version, precision in (("1", "FP32"), ("1", "INT8"), ("2", "FP32")):
+        await client.push_file(artifacts["edge"], f"{name}-steps", version, precision)
+    return f"{name}-steps"
+
+
+def int8_step(model: str, version: str = "") -> EnsembleStep:
+    return EnsembleStep(model=model, version=version, inputs=("input=image",), outputs=("probabilities=p",),
+                        precision="int8")
+
+
+async def failed_precondition(client, spec: DeploymentSpec) -> str:
+    """The FAILED_PRECONDITION message `spec` is refused with (and it was not stored)."""
+    with pytest.raises(CneiError) as info:
+        await client.put_deployment(spec)
+    assert info.value.code is ErrorCode.FAILED_PRECONDITION, info.value.message
+    assert all(s != spec for s in await client.list_deployments())
+    return info.value.message
+
+
+@pytest.mark.parametrize("version", ["", "2"], ids=["the-latest", "named"])
+async def test_an_ensemble_step_asking_for_a_precision_its_version_lacks_is_refused_naming_step_model_and_precision(
+        client, int8_then_fp32, name, version):
+    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32, version),))
+    message = await failed_precondition(client, spec)
+    assert (f"ensemble '{name}-pipe' step 0 ({int8_then_fp32}): model '{int8_then_fp32}' version 2 has no INT8 "
+            "variant, which the step's precision asks for (its variants: FP32)") in message
+
+
+@pytest.mark.parametrize("served", [DeploymentSpec("", rollout=RolloutSpec("1")),
+                                    DeploymentSpec("", precision=PrecisionSpec("INT8")), None],
+                         ids=["pinned-stable", "latest-with-int8", "named-version"])
+async def test_an_ensemble_step_asking_for_a_precision_the_version_it_runs_has_is_stored(
+        client, int8_then_fp32, name, served):
+    if served is not None:
+        await client.put_deployment(dataclasses.replace(served, model=int8_then_fp32))
+    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32, "" if served else "1"),))
+    assert await client.put_deployment(spec) == spec
+
+
+async def test_a_deployment_that_would_serve_an_ensemble_step_a_version_without_its_precision_is_refused(
+        client, int8_then_fp32, name):
+    pinned = DeploymentSpec(model=int8_then_fp32, rollout=RolloutSpec("1"))
+    await client.put_deployment(pinned)
+    await client.put_deployment(DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32),)))
+    for rollout in (RolloutSpec("2"), RolloutSpec("1", "2", 10.0)):
+        message = await failed_precondition(client, dataclasses.replace(pinned, rollout=rollout))
+        assert (f"ensemble '{name}-pipe' step 0 ({int8_then_fp32}): model '{int8_then_fp32}' version 2 has no INT8 "
+                "variant") in message
+    assert await client.get_deployment(int8_then_fp32) == pinned
+
+
+async def test_an_ensemble_step_asking_another_ensemble_for_a_precision_is_refused(client, models, name):
+    inner = DeploymentSpec(model=f"{name}-inner", ensemble=(step(models["edge"], "input=image", "probabilities=p"),))
+    await client.put_deployment(inner)
+    outer = EnsembleStep(model=inner.model, inputs=("image=x",), outputs=("p=y",), precision="INT8")
+    message = await refused(client, DeploymentSpec(model=f"{name}-outer", ensemble=(outer,)))
+    assert f"ensemble '{name}-outer' step 0 ({inner.model}): asks for precision INT8" in message
 
 
 async def test_a_queue_delay_no_attempt_could_wait_out_is_refused_but_one_stored_before_still_serves(
