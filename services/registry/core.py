@@ -274,21 +274,23 @@ class Registry:
     async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
         answer for each."""
-        await self.resolve(spec.model)  # NOT_FOUND for a model without versions
-        pinned = [await self.resolve(spec.model, version)  # NOT_FOUND naming it
+        variants = await self._quick(self.store.variants, spec.model)  # read once, for every check
+        pick_variant(variants, spec.model, "", "")  # NOT_FOUND for a model without versions
+        pinned = [pick_variant(variants, spec.model, version, "")  # NOT_FOUND naming it
                   for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
-        variants = await self._quick(self.store.variants, spec.model)
         if problem := missing_precision(spec, variants):
             raise FailedPrecondition(problem)
-        latest = await self.resolve(spec.model, latest_version(spec, variants))
+        latest = pick_variant(variants, spec.model, latest_version(spec, variants), "")
         edges = [latest] + pinned
         _check_canary_is_not_the_latest(spec, latest.version)
         await self._check_steps_over(spec, variants)
         j = spec.joint
         if j.mode == "off" and not j.cloud_model and not j.cloud_version:  # requests may turn joint inference on
             return
+        cloud_model = j.cloud_model or spec.model
+        cloud_variants = variants if cloud_model == spec.model else await self._quick(self.store.variants, cloud_model)
         try:
-            cloud = await self.resolve(j.cloud_model or spec.model, j.cloud_version, j.cloud_precision)
+            cloud = pick_variant(cloud_variants, cloud_model, j.cloud_version, j.cloud_precision)
         except ModelNotFound as exc:
             raise InvalidArgument(f"deployment field '{spec.model}.joint.cloud_model': {exc.message}") from None
         for edge in edges:
