@@ -8,9 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common import codec
+from services.common.deployment import DeploymentSpec
 from services.common.errors import InvalidArgument, ModelNotFound, TensorError
 
 PRECISIONS = ("FP32", "FP16", "INT8")
+# Request parameter of every call a coordinator (or its front door) sends a node: a batch formed
+# under the model's deployment, which the node takes up to the model's own max_batch_size rather
+# than the one it shows its own clients (its own batching's: a deployment may batch more rows)
+FORMED_BATCH = "cnei_formed_batch"
 
 
 @dataclass(frozen=True)
@@ -84,14 +89,35 @@ def check_inputs(variant: ModelVariant, inputs: dict[str, np.ndarray], rows: boo
             raise TensorError(
                 spec.name, f"shape {list(array.shape)} but model expects {list(spec.shape)}"
             )
-        mbs = variant.max_batch_size
-        if rows and mbs and array.shape and array.shape[0] > mbs:
-            raise TensorError(spec.name, f"batch {array.shape[0]} exceeds max_batch_size {mbs}")
-    if rows and variant.max_batch_size:  # one request's rows: every input holds as many (first dimension)
-        rows = {spec.name: inputs[spec.name].shape[0] for spec in variant.inputs}
-        if len(set(rows.values())) > 1:
-            raise InvalidArgument(f"model '{variant.name}' batches on the first dimension, but the inputs "
-                                  f"disagree on it: {', '.join(f'{k} {v}' for k, v in rows.items())}")
+    if rows:
+        check_batch_size(variant.name, {spec.name: inputs[spec.name] for spec in variant.inputs},
+                         variant.max_batch_size)
+
+
+def check_batch_size(model: str, inputs: dict[str, np.ndarray], max_batch_size: int) -> None:
+    """Triton's check of one request's batch size for a model that batches (`max_batch_size` > 0,
+    as its ModelConfig shows it): every input leads with the same batch dimension (a batcher
+    splitting a batch by the first input's rows would hand a request's extra rows to the next
+    caller), of at most `max_batch_size` rows; INVALID_ARGUMENT in Triton's words otherwise."""
+    if not max_batch_size:
+        return
+    rows = {name: array.shape[0] for name, array in inputs.items() if array.ndim}
+    if len(set(rows.values())) > 1:
+        raise InvalidArgument(f"model '{model}' batches on the first dimension, but the inputs "
+                              f"disagree on it: {', '.join(f'{k} {v}' for k, v in rows.items())}")
+    if rows and next(iter(rows.values())) > max_batch_size:
+        raise InvalidArgument(f"inference request batch-size must be <= {max_batch_size} for '{model}'")
+
+
+def served_max_batch_size(variant: ModelVariant, deployment: DeploymentSpec | None) -> int:
+    """The max_batch_size a server shows for `variant` (ModelConfig) and holds each client's
+    request to, as Triton does: the model's (0: it takes no batch dimension), capped by the
+    batching rules of `deployment` (the coordinator's deployment; a runtime's own batching) when
+    there is one and it is no ensemble (an ensemble's steps batch on their own)."""
+    limit = variant.max_batch_size
+    if deployment is None or deployment.ensemble or not limit or deployment.batching.max_batch_size <= 0:
+        return limit
+    return min(limit, deployment.batching.max_batch_size)
 
 
 def check_outputs(variant: ModelVariant, names: list[str]) -> None:

@@ -14,7 +14,7 @@ from services.common import classification, codec, log_settings, oip
 from services.common.deployment import DeploymentSpec, ensemble_plan
 from services.common.errors import CneiError, InvalidArgument, ModelNotFound, outcome_of
 from services.common.grpc_util import rpc
-from services.common.model_spec import ModelVariant
+from services.common.model_spec import ModelVariant, served_max_batch_size
 from services.common.ordered import map_in_order
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.stats import ModelStats
@@ -117,12 +117,10 @@ def config_to_proto(variant: ModelVariant, deployment: DeploymentSpec | None = N
     `dynamic_batching` carries its rules (no deployment: the server does not batch) and
     `response_cache` says whether it caches responses; where the variant is loaded (runtime), the
     instance group's kind and `intra_op_thread_count` say how it runs. A batching model's
-    `max_batch_size` is the largest batch the server forms, as in Triton: the model's, capped by
-    the deployment's (0 there: no cap)."""
-    batching = variant.max_batch_size
+    `max_batch_size` is the largest batch the server forms and the most rows a client's request
+    may hold, as in Triton (`served_max_batch_size`)."""
+    batching = served_max_batch_size(variant, deployment)
     forms_batches = bool(batching) and deployment is not None and not deployment.ensemble
-    if forms_batches and deployment.batching.max_batch_size > 0:
-        batching = min(batching, deployment.batching.max_batch_size)
     def dims(shape):
         return list(shape[1:] if batching else shape)
     config = pb.ModelConfig(

@@ -20,7 +20,8 @@ from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, Unavailable, outcome_of)
-from services.common.model_spec import ModelVariant, check_inputs, check_outputs, version_key
+from services.common.model_spec import (ModelVariant, check_batch_size, check_inputs, check_outputs,
+                                        served_max_batch_size, version_key)
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
@@ -284,7 +285,11 @@ class Coordinator:
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats_view.select(name, version)
 
-    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None,
+                    step: bool = False) -> oip.InferResponse:
+        """Serve a client's request, held to the max_batch_size ModelConfig shows (`_check_rows`),
+        or with `step` an ensemble's step (the ensemble's rows, which the batcher sends alone when
+        over the step's batches: an ensemble that serves them today keeps serving them)."""
         start = time.perf_counter_ns()
         if self.control is not None:
             await self.control.check(request.model_name)
@@ -292,11 +297,15 @@ class Coordinator:
         if deployed.ensemble:
             if request.model_version not in ("", ensemble.VERSION):
                 raise ModelNotFound(request.model_name, request.model_version)
+            if not step:
+                await self._check_rows(request, deployed)
             return await self._ensemble(request, deployed, deadline_s, start)
         # a request that names no version: the canary's share goes to the canary, the rest to the
         # stable version (the catalog's default)
         version = request.model_version or rollout_version(deployed.rollout, random.random())
         variants = await self.catalog.variants(request.model_name, version)
+        if not step:
+            await self._check_rows(request, deployed, variants[0])
         spec = restrict_tier(deployed, request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
         mode = str(request.parameters.get("joint", "") or spec.joint.mode)
@@ -326,11 +335,20 @@ class Coordinator:
         count_served(variants[0].name, "ok", response.parameters)
         return response
 
+    async def _check_rows(self, request: oip.InferRequest, deployed: DeploymentSpec,
+                          variant: ModelVariant | None = None) -> None:
+        """Triton's batch-size check of a client's request against the max_batch_size ModelConfig
+        shows for the model (`variant`'s capped by its deployment; an ensemble's from its steps'
+        models), the door's requests over it included (it forwards them): INVALID_ARGUMENT."""
+        if variant is None:
+            variant = await self._ensemble_variant(deployed, ensemble.nesting_depth(request.parameters))
+        check_batch_size(request.model_name, request.inputs, served_max_batch_size(variant, deployed))
+
     async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
                         start: int) -> oip.InferResponse:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         depth = ensemble.nesting_depth(request.parameters)
-        run = functools.partial(ensemble.run, spec, request, deadline_s, self.infer,
+        run = functools.partial(ensemble.run, spec, request, deadline_s, functools.partial(self.infer, step=True),
                                 functools.partial(self.model_variant, depth=depth + 1))
         try:
             # Triton's top-level ensemble caching

@@ -9,6 +9,7 @@ from services.common import classification, codec, oip
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import rpc
 from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport
+from services.coordinator.forwarder import call_parameters
 from services.pb.cnei import frontdoor_pb2 as fd
 from services.pb.cnei import frontdoor_pb2_grpc as fd_grpc
 from services.pb.inference import grpc_service_pb2 as pb
@@ -44,7 +45,7 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         return fd.RouteReply(eligible=False, reason=decision.reason)
     v, node, resp = decision.placement.variant, decision.placement.node, decision.response
     template = pb.ModelInferRequest(model_name=v.name, model_version=v.version)
-    oip.params_to_proto({"precision": v.precision}, template.parameters)
+    oip.params_to_proto(call_parameters(v), template.parameters)
     answer = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
     oip.params_to_proto(resp.parameters, answer.parameters)
     return fd.RouteReply(

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind
 from services.common import grpc_util, oip, telemetry
 from services.common.batcher import Send
 from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, PermissionDenied, Unavailable
-from services.common.model_spec import ModelVariant
+from services.common.model_spec import FORMED_BATCH, ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.nodes_view import NodesView
 from services.pb.inference import grpc_service_pb2 as pb
@@ -54,6 +54,12 @@ async def call_fast(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequ
     return pb.ModelInferResponse.FromString(payload)
 
 
+def call_parameters(variant: ModelVariant) -> dict:
+    """The parameters of every call to a node (the coordinator's batches and its front door's):
+    the variant's precision, and that the call is a batch the deployment formed (FORMED_BATCH)."""
+    return {"precision": variant.precision, FORMED_BATCH: True}
+
+
 def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: bool,
            on_run: Callable[[int, int], None] | None = None) -> Send:
     """The batcher's `send` for one (variant, node); `on_run(rows, compute_ns)` hears of every
@@ -63,7 +69,7 @@ def sender(nodes: NodesView, node: NodeInfo, variant: ModelVariant, fast_lane: b
     async def send(inputs: dict[str, np.ndarray], size: int, deadline: float) -> dict[str, np.ndarray]:
         message = oip.request_to_proto(oip.InferRequest(
             model_name=variant.name, model_version=variant.version, inputs=inputs,
-            parameters={"precision": variant.precision}))
+            parameters=call_parameters(variant)))
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline passed before model '{variant.name}' was sent")

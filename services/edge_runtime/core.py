@@ -19,8 +19,8 @@ from services.common.batcher import Batcher, BatchOutputs, priority_level, reque
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound,
                                     Unavailable, error_for, outcome_of)
-from services.common.model_spec import (ModelVariant, check_inputs, check_outputs, pick_variant, sample_inputs,
-                                        version_key)
+from services.common.model_spec import (FORMED_BATCH, ModelVariant, check_batch_size, check_inputs, check_outputs,
+                                        pick_variant, sample_inputs, served_max_batch_size, version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
 from services.common.served import served_version
@@ -516,6 +516,7 @@ class EdgeRuntime:
         try:
             loaded = await self.load(variant)
             check_inputs(variant, request.inputs)
+            await self._check_rows(variant, request)
             outputs = _requested_outputs(variant, request.outputs)
             batch = _batch_size(variant, request)
             priority = priority_level(request.parameters)
@@ -550,6 +551,14 @@ class EdgeRuntime:
             parameters={"cnei_node": self.settings.node_id, "cnei_precision": variant.precision,
                         "cnei_tier": self.settings.tier, "cnei_compute_us": run.compute_ns // 1000},
         )
+
+    async def _check_rows(self, variant: ModelVariant, request: oip.InferRequest) -> None:
+        """A client's request held to the max_batch_size this runtime's ModelConfig shows (its own
+        batching's), as Triton does; a coordinator's batch (FORMED_BATCH) only to the model's own,
+        which `check_inputs` judged: its deployment may batch more rows than this runtime merges."""
+        if request.parameters.get(FORMED_BATCH) is not True:
+            check_batch_size(variant.name, request.inputs,
+                             served_max_batch_size(variant, await self.deployment(variant.name)))
 
     def _labels(self, variant: ModelVariant) -> dict[str, str]:
         return {"model": variant.name, "version": variant.version, "precision": variant.precision,

@@ -95,8 +95,8 @@ def test_check_inputs_accepts_inputs_that_match_the_model(variant, inputs):
          r"tensor 'input': shape \[1, 63\] but model expects \[-1, 64\]"),
         (FIXED, {"input": np.zeros((2, 64), np.float32), "mask": np.array([True])}, TensorError,
          r"tensor 'input': shape \[2, 64\] but model expects \[1, 64\]"),
-        (BATCHING, {"input": np.zeros((5, 64), np.float32)}, TensorError,
-         "tensor 'input': batch 5 exceeds max_batch_size 4"),
+        (BATCHING, {"input": np.zeros((5, 64), np.float32)}, InvalidArgument,
+         "inference request batch-size must be <= 4 for 'digits'"),
         # rows of one request: a batcher splitting a batch by the first input's rows would hand
         # this request's extra `b` rows to the next caller
         (PAIR, {"a": np.zeros((1, 4), np.float32), "b": np.zeros((2, 4), np.float32)}, InvalidArgument,

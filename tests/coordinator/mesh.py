@@ -70,6 +70,7 @@ class NodeCore:
         self.outputs, self.delay_s, self.failing = outputs, delay_s, failing
         self.calls: list[dict[str, np.ndarray]] = []
         self.models: list[str] = []  # the model of each call, in order
+        self.parameters: list[dict] = []  # the parameters of each call, in order
 
     async def ready(self) -> bool:
         return True
@@ -77,6 +78,7 @@ class NodeCore:
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         self.calls.append({k: v.copy() for k, v in request.inputs.items()})
         self.models.append(request.model_name)
+        self.parameters.append(dict(request.parameters))
         await asyncio.sleep(self.delay_s)
         if request.model_name in self.failing:
             raise CneiError(f"onnx runtime: model '{request.model_name}' cannot run here", ErrorCode.INTERNAL)

@@ -706,7 +706,8 @@ async def test_a_disagreement_event_too_large_for_nats_is_sent_without_its_input
     from services.common import events
     from services.common.bus import EventBus
 
-    spec = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="async", threshold=0.8, output="p"))}
+    spec = {"m": DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=65536),
+                                joint=JointSpec(mode="async", threshold=0.8, output="p"))}
     model = replace(JOINT_MODEL, metadata={**JOINT_MODEL.metadata, "max_batch_size": "65536"})
     bus = EventBus(nats_server, "coordinator-test")
     await bus.connect()

@@ -59,6 +59,16 @@ def _infer(client, x: np.ndarray, **kwargs):
     return client.infer("digits", [tensor], client_timeout=30, **kwargs)
 
 
+def _direct(mesh, x: np.ndarray) -> np.ndarray:
+    """edge-a1's probabilities for `x`, asked of it directly in requests of at most 64 rows (the
+    max_batch_size its config shows)."""
+    client = triton.InferenceServerClient(mesh.runtime("edge-a1"))
+    try:
+        return np.concatenate([_infer(client, x[i:i + 64]).as_numpy("probabilities") for i in range(0, len(x), 64)])
+    finally:
+        client.close()
+
+
 def _batched_executions(mesh) -> int:
     """Executions of more than one row on every runtime of the mesh (their statistics)."""
     total = 0
@@ -90,9 +100,7 @@ def _executions(address: str) -> int:
 def test_concurrent_requests_are_batched_straight_to_the_nodes_and_each_caller_gets_its_rows(door, mesh):
     _, address, metrics_port = door
     x, _ = load_all()
-    direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
-    expected = _infer(direct, x[:200]).as_numpy("probabilities")
-    direct.close()
+    expected = _direct(mesh, x[:200])
     _infer(triton.InferenceServerClient(address), x[:1], parameters={"precision": "FP32"})  # learns the route
     time.sleep(0.3)
     served_before, batched_before = _executions(address), _batched_executions(mesh)
@@ -136,9 +144,7 @@ def test_with_two_batches_in_flight_every_caller_of_every_size_gets_its_rows(doo
     its own rows, by the door."""
     _, address, _ = door
     x, _ = load_all()
-    direct = triton.InferenceServerClient(mesh.runtime("edge-a1"))
-    expected = _infer(direct, x[:300]).as_numpy("probabilities")
-    direct.close()
+    expected = _direct(mesh, x[:300])
     _apply(mesh, BatchingSpec(max_batch_size=16, max_inflight_batches=2))
     try:
         time.sleep(1.0)  # the deployment's event reaches the coordinator, which drops the door's routes

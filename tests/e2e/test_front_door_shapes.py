@@ -107,8 +107,9 @@ def test_one_request_over_max_batch_size_leaves_the_route_to_the_others(mesh):
     x, _ = load_all()
     client = triton.InferenceServerClient(address)
     try:
-        with pytest.raises(triton_utils.InferenceServerException, match="exceeds max_batch_size") as big:
-            _infer(client, "digits", np.zeros((1025, 64), np.float32), parameters={"precision": "FP16"})
+        with pytest.raises(triton_utils.InferenceServerException,
+                           match="inference request batch-size must be <= 64 for 'digits'") as big:
+            _infer(client, "digits", np.zeros((65, 64), np.float32), parameters={"precision": "FP16"})
         assert big.value.status() == "StatusCode.INVALID_ARGUMENT"
         infra.wait_until(lambda: answered_by_door(_infer(client, "digits", x[:1], parameters={"precision": "FP16"})), 3,
                          "the door serving the one-row requests within the route's 5 s")

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from services.common import events
-from services.common.deployment import DeploymentSpec, JointSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec
 from services.common.errors import AlreadyExists
 from services.common.registry_client import RegistryClient
 from services.models import digits
@@ -40,7 +40,9 @@ def joint_models(mesh, tmp_path_factory):
 
 
 def _set_joint(mesh, mode: str) -> None:
-    spec = DeploymentSpec(model=digits.TINY_NAME, joint=JointSpec(
+    # the whole test split (450 rows) in one request; the cloud model's deployment batches 64 rows
+    # at most, which the rows sent there exceed (the coordinator's own requests: sent as they are)
+    spec = DeploymentSpec(model=digits.TINY_NAME, batching=BatchingSpec(max_batch_size=512), joint=JointSpec(
         mode=mode, edge_precision="INT8", cloud_model=digits.LARGE_NAME, threshold=0.9))
     asyncio.run(_register(mesh.registry, [], digits.TINY_NAME, spec))
 

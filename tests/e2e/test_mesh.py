@@ -17,7 +17,8 @@ from services.models.digits import load_all
 from tests.e2e.processes import assert_refused, run_perf_analyzer, start_coordinator
 
 
-def _infer_all_digits(client: triton.InferenceServerClient, batch: int = 128) -> tuple[float, dict]:
+def _infer_all_digits(client: triton.InferenceServerClient, batch: int = 64) -> tuple[float, dict]:
+    """Every digit, `batch` rows a request (64: the max_batch_size coordinator and runtimes show)."""
     x, y = load_all()
     correct, params = 0, {}
     for start in range(0, len(x), batch):
@@ -174,7 +175,7 @@ def test_rest_v2_bad_requests_get_http_errors(mesh, path, body, code, text):
 
 def test_one_request_makes_one_trace_across_coordinator_and_edge_runtime(mesh, jaeger):
     client = triton.InferenceServerClient(mesh.coordinator)
-    _infer_all_digits(client, batch=512)
+    _infer_all_digits(client)
     # Each hop of the request is a span: queue wait, placement, batch, cache lookup, ORT run.
     hops = {"coordinator.queue", "coordinator.placement", "coordinator.batch", "cache.lookup", "ort.run"}
 
@@ -215,7 +216,7 @@ def test_one_request_makes_one_trace_across_coordinator_and_edge_runtime(mesh, j
 
 def test_prometheus_metrics_count_requests_by_model_and_outcome(mesh):
     client = triton.InferenceServerClient(mesh.coordinator)
-    _infer_all_digits(client, batch=900)
+    _infer_all_digits(client)
     with urllib.request.urlopen(f"http://127.0.0.1:{mesh.settings.metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     ok_lines = [line for line in text.splitlines()
@@ -244,7 +245,7 @@ def _metric(text: str, name: str, **labels) -> float:
 
 def test_runtime_metrics_account_compute_time_energy_and_cost_per_inference(mesh):
     client = triton.InferenceServerClient(mesh.runtime("edge-b1"))
-    _infer_all_digits(client, batch=256)
+    _infer_all_digits(client)
     port = mesh.settings.runtime_metrics_base_port + 2  # edge-b1
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
