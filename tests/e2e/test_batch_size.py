@@ -9,7 +9,6 @@ import json
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
