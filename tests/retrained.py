@@ -13,9 +13,9 @@ from services.models.wide_mlp import random_weights
 LAYERS = (64, 128, 128, 10)  # ~0.1 MB of FP32 weights
 
 
-def write_versions(folder: Path) -> tuple[Path, Path]:
-    """(version 1, version 2) ONNX files in `folder`."""
-    weights, biases = random_weights(LAYERS, seed=3)
+def write_versions(folder: Path, seed: int = 3) -> tuple[Path, Path]:
+    """(version 1, version 2) ONNX files in `folder` (another `seed`: other bytes)."""
+    weights, biases = random_weights(LAYERS, seed=seed)
     v1 = folder / "retrained-v1.onnx"
     onnx.save(mlp_graph(weights, biases, name="retrained"), v1)
     tuned = [*weights[:-1], weights[-1] + np.float32(0.01)]

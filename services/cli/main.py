@@ -50,6 +50,18 @@ async def models_list(args) -> int:
     return 0
 
 
+async def models_delete(args) -> int:
+    """`cnei model delete NAME VERSION [--precision P]`: delete a version (or one variant of it)
+    from the registry, and the artifacts no variant refers to any more."""
+    client = clients.registry(args)
+    try:
+        deleted, freed = await client.delete(args.name, args.version, args.precision)
+    finally:
+        await client.close()
+    print(f"deleted {', '.join(v.key for v in deleted)} ({freed} bytes of artifacts freed)")
+    return 0
+
+
 async def models_control(args) -> int:
     """`cnei models load|unload NAME`: Triton's explicit model control through the coordinator."""
     from services.common import grpc_util
@@ -370,7 +382,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the whole mesh locally (what `make run` calls)")
     sub.add_parser("config", help="list every setting (environment variable) with its default")
-    models = sub.add_parser("models", help="registry operations").add_subparsers(dest="verb", required=True)
+    models = sub.add_parser("models", aliases=["model"], help="registry operations").add_subparsers(
+        dest="verb", required=True)
     push = models.add_parser("push", help="upload an ONNX model version")
     push.add_argument("file")
     push.add_argument("--name", required=True)
@@ -394,7 +407,12 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--registry", default="127.0.0.1:50051")
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
-    for sp in (push, lst):
+    delete = models.add_parser("delete", help="delete a version (refused while it is in use) and the "
+                                              "artifacts no other variant refers to")
+    delete.add_argument("name")
+    delete.add_argument("version")
+    delete.add_argument("--precision", default="", help="delete this variant only (default: every one)")
+    for sp in (push, lst, delete):
         sp.add_argument("--registry", default="127.0.0.1:50051")
     controls = []
     for verb, what in (("load", "put a model back in service, loaded on its nodes"),
@@ -421,13 +439,15 @@ def parser() -> argparse.ArgumentParser:
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
     for env, parsers in (("CNEI_TLS", (inf, *controls)),
-                         ("CNEI_REGISTRY_TLS", (push, lst, apply, show, canary, promote, rollback, build_parser)),
+                         ("CNEI_REGISTRY_TLS", (push, lst, delete, apply, show, canary, promote, rollback,
+                                                build_parser)),
                          ("CNEI_TRAINER_TLS", train_parsers)):
         for sp in parsers:
             sp.add_argument("--tls-ca", default="", help=f"CA of a server on TLS (default: ${env}_CA)")
             sp.add_argument("--tls-cert", default="", help=f"client certificate for mutual TLS (default: ${env}_CERT)")
             sp.add_argument("--tls-key", default="", help=f"its key (default: ${env}_KEY)")
-    for sp in (inf, *controls, push, lst, apply, show, canary, promote, rollback, build_parser, st, *train_parsers):
+    for sp in (inf, *controls, push, lst, delete, apply, show, canary, promote, rollback, build_parser, st,
+               *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     return p
@@ -450,7 +470,7 @@ def _main(argv: list[str] | None) -> int:
         from services.cli.up import run_up
 
         return run_up()
-    verbs = {"push": models_push, "list": models_list, "build": build.models_build,
+    verbs = {"push": models_push, "list": models_list, "delete": models_delete, "build": build.models_build,
              "load": models_control, "unload": models_control,
              "apply": deploy_apply, "get": deploy_show, "canary": deploy_rollout, "promote": deploy_rollout,
              "rollback": deploy_rollout}

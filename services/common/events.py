@@ -14,6 +14,7 @@ STREAM = "CNEI_EVENTS"
 STREAM_SUBJECTS = ["cnei.>"]
 
 MODEL_PUBLISHED = "cnei.model.published"
+MODEL_DELETED = "cnei.model.deleted"  # a version (or one variant) deleted from the registry
 DEPLOYMENT_UPDATED = "cnei.deployment.updated"
 MODEL_LOADED = "cnei.model.loaded"  # put back in service (Triton's RepositoryModelLoad)
 MODEL_UNLOADED = "cnei.model.unloaded"  # taken out of service (RepositoryModelUnload)

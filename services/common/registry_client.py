@@ -86,6 +86,11 @@ class RegistryClient:
         ref = rpb.ModelRef(name=name, version=version, precision=precision)
         return variant_from_proto(await self._call(self._stub.ResolveModel, ref))
 
+    async def delete(self, name: str, version: str, precision: str = "") -> tuple[list[ModelVariant], int]:
+        """Delete a version (one precision of it, when given): the variants deleted, the bytes freed."""
+        reply = await self._call(self._stub.DeleteModel, rpb.ModelRef(name=name, version=version, precision=precision))
+        return [variant_from_proto(m) for m in reply.deleted], reply.freed_bytes
+
     async def list(self, name: str = "") -> list[ModelVariant]:
         reply = await self._call(self._stub.ListModels, rpb.ListModelsRequest(name=name))
         return [variant_from_proto(m) for m in reply.models]

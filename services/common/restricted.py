@@ -46,6 +46,7 @@ GRPC_METHODS = {
 REGISTRY_SERVICE = "cnei.registry.v1.ModelRegistry"
 REGISTRY_METHODS = {
     "PushModel": "model-repository", "RecordMeasurement": "model-repository", "PutDeployment": "model-repository",
+    "DeleteModel": "model-repository",
     "ListModels": "metadata", "GetModel": "metadata", "ResolveModel": "metadata", "FetchArtifact": "metadata",
     "GetDeployment": "metadata", "ListDeployments": "metadata",
 }

@@ -59,3 +59,38 @@ def step_precision_problem(step: EnsembleStep, deployed: DeploymentSpec, variant
             return (f"model '{step.model}' version {version} has no {precision} variant, which the step's precision "
                     f"asks for (its variants: {', '.join(held) or 'none'})")
     return None
+
+
+def versions_in_use(model: str, specs: list[DeploymentSpec], variants: list[ModelVariant]) -> dict[str, str]:
+    """The versions of `model` requests go to (`specs`: every deployment; `variants`: the model's),
+    each with why: the stable version its own deployment pins or serves as the latest, and its
+    canary; the versions ensemble steps over it run (`step_versions`); the version deployments ask
+    of it as their joint cloud model (the one they name, else the one it serves). A model without
+    a deployment of its own is in use only through others'."""
+    deployed = {s.model: s for s in specs}
+    own = deployed.get(model, DeploymentSpec(model))
+    used: dict[str, str] = {}
+    if model in deployed:
+        pinned = "pins it as the stable version" if own.rollout.stable else \
+            "serves it as the latest version (pin another stable version first)"
+        used[_or_none(served_version, own, variants)] = f"its deployment {pinned}"
+        used[own.rollout.canary] = "its deployment's canary"
+    for spec in specs:
+        for i, step in enumerate(spec.ensemble):
+            if step.model == model:
+                for version in _or_none(step_versions, step, own, variants) or []:
+                    used.setdefault(version, f"ensemble '{spec.model}' step {i} runs it")
+        j = spec.joint
+        joint = j.mode != "off" or j.cloud_model or j.cloud_version
+        if joint and not spec.ensemble and (j.cloud_model or spec.model) == model:
+            used.setdefault(j.cloud_version or _or_none(served_version, own, variants),
+                            f"the deployment of model '{spec.model}' runs it as its joint cloud model")
+    return {version: why for version, why in used.items() if version}
+
+
+def _or_none(rule, *args):
+    """`rule(*args)`, None where no version is served (FailedPrecondition, ModelNotFound)."""
+    try:
+        return rule(*args)
+    except (FailedPrecondition, ModelNotFound):
+        return None

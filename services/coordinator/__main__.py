@@ -189,6 +189,7 @@ async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: 
             warming.spawn(push_canary(model_of(envelope)))
 
     await bus.subscribe(events.MODEL_PUBLISHED, on_model_event)
+    await bus.subscribe(events.MODEL_DELETED, on_model_event)
     await bus.subscribe(events.MODEL_LOADED, on_model_control)
     await bus.subscribe(events.MODEL_UNLOADED, on_model_control)
     await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)

@@ -76,7 +76,12 @@ async def serve(settings: RuntimeSettings) -> None:
     async def on_deployment(envelope: events.Envelope) -> None:
         await runtime.model_deployed(envelope.payload.get("model", ""))
 
+    async def on_deleted(envelope: events.Envelope) -> None:
+        p = envelope.payload
+        runtime.model_deleted(p.get("name", ""), p.get("version", ""), list(p.get("precisions", [])))
+
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
+    await bus.subscribe(events.MODEL_DELETED, on_deleted)
     await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)
     bus.on_connect.append(runtime.resync)
     await bus.start()

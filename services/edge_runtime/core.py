@@ -93,6 +93,7 @@ class EdgeRuntime:
         # model -> (its deployment's max_batch_size, pinned stable version, until)
         self._caps: dict[str, tuple[int, str, float]] = {}
         self._deployed: dict[str, set[str]] = {}  # model -> the versions its deployment serves (as last read)
+        self._deleted: set[str] = set()  # variant keys deleted from the registry: never loaded again
         self.siblings = SiblingMeasurer(registry, settings, self._held_artifact, self._report,
                                         lambda: (self.inflight, self.arrivals),
                                         lambda key: self.l1.peek(key) is not None)
@@ -178,7 +179,7 @@ class EdgeRuntime:
     def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
         """Resolution from the disk cache alone (the registry is unreachable), kept until the
         registry is asked again (reading the cache's manifests per request costs ~0.2 ms)."""
-        local = [v for v in self.disk.variants() if v.name == name]
+        local = [v for v in self.disk.variants() if v.name == name and self._loadable(v)]
         try:
             variant = pick_variant(local, name, version, precision)
         except ModelNotFound:
@@ -193,6 +194,14 @@ class EdgeRuntime:
         self.deployment_updated(name)
         if any(v.name == name for v in self.disk.variants()):
             await self.resync(names=(name,))
+
+    def model_deleted(self, name: str, version: str, precisions: list[str]) -> None:
+        """A version (or some of its variants) was deleted from the registry: forget resolutions
+        and the version the deployment serves, and never load those variants again; a copy in
+        memory serves on until it leaves (offline autonomy), one on disk until it is evicted."""
+        self._deleted.update(f"{name}:{version}:{precision}" for precision in precisions)
+        self.forget_resolutions(name)
+        self.deployment_updated(name)
 
     async def model_deployed(self, name: str) -> None:
         """The model's deployment changed (a version promoted, a canary set): forget its cap, and
@@ -322,6 +331,10 @@ class EdgeRuntime:
             await self._ensure_on_disk(variant)
             yield self.disk.artifact_path(variant.sha256)
 
+    def _loadable(self, variant: ModelVariant) -> bool:
+        """Whether the variant may serve: not deleted from the registry, or still in memory."""
+        return variant.key not in self._deleted or self.l1.peek(variant.key) is not None
+
     async def load(self, variant: ModelVariant) -> LoadedModel:
         with telemetry.child_span(_tracer, "cache.lookup") as span:
             loaded = self.l1.get(variant.key)
@@ -331,6 +344,8 @@ class EdgeRuntime:
             return loaded
         async with self._load_locks.hold(variant.key):
             loaded = self.l1.get(variant.key)
+            if loaded is None and variant.key in self._deleted:
+                raise ModelNotFound(variant.name, variant.version, variant.precision)
             if loaded is None:
                 loaded = await self._load_uncached(variant)
         return loaded

@@ -18,7 +18,8 @@ from services.common import deployment, events
 from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
-from services.common.served import latest_version, needed_precisions, served_version, step_precision_problem
+from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
+                                    versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -205,6 +206,38 @@ class Registry:
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
         return pick_variant(await self._quick(self.store.variants, name), name, version, precision)
+
+    async def delete_version(self, name: str, version: str, precision: str = "") -> tuple[list[ModelVariant], int]:
+        """Delete model `name` `version` (its `precision` variant, else all) and the artifacts no
+        variant refers to any more; the variants deleted and the bytes freed, announced. NOT_FOUND
+        when it has none such; FAILED_PRECONDITION while it is in use (`versions_in_use`). Under
+        the naming lock: no push is catalogued and no deployment stored between check and delete."""
+        if not name or not version:
+            raise InvalidArgument("deleting a model version needs its name and version")
+        precision = precision.upper()
+        if precision and precision not in PRECISIONS:
+            raise InvalidArgument(f"precision {precision!r} must be one of {list(PRECISIONS)}")
+        async with self._naming:
+            variants = await self._quick(self.store.variants, name)
+            if not any(v.version == version and precision in ("", v.precision) for v in variants):
+                raise ModelNotFound(name, version, precision)
+            in_use = versions_in_use(name, [s for s, _ in await self.deployments()], variants)
+            if version in in_use:
+                raise FailedPrecondition(f"model '{name}' version {version} is in use: {in_use[version]}")
+            removed, freed = await asyncio.to_thread(self.store.delete_variants, name, version, precision)
+        freed_bytes = sum({v.sha256: v.size_bytes for v in removed if v.sha256 in freed}.values())
+        log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
+        await self._announce_deletion(name, version, removed)
+        return removed, freed_bytes
+
+    async def _announce_deletion(self, name: str, version: str, removed: list[ModelVariant]) -> None:
+        if self.publish is None:
+            return
+        payload = {"name": name, "version": version, "precisions": sorted(v.precision for v in removed)}
+        try:
+            await self.publish(events.MODEL_DELETED, payload)
+        except Exception as exc:  # noqa: BLE001 - deleted; consumers also poll
+            log.warning("could not publish %s event for %s v%s: %s", events.MODEL_DELETED, name, version, exc)
 
     async def record_measurement(self, name: str, version: str, precision: str, node_class: str,
                                  node_id: str, latency_ms: float, memory_bytes: int) -> ModelVariant:

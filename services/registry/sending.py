@@ -36,9 +36,15 @@ async def run_in(executor: Executor, fn: Callable[..., T], *args) -> T:
 
 
 def read_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while data := fh.read(READ_CHUNK):
-            yield data
+    """The file's bytes in chunks, the file opened now: one deleted meanwhile (its version
+    deleted) is still sent whole."""
+    fh = path.open("rb")
+
+    def chunks() -> Iterator[bytes]:
+        with fh:
+            while data := fh.read(READ_CHUNK):
+                yield data
+    return chunks()
 
 
 @dataclass(frozen=True)
@@ -71,22 +77,33 @@ class ArtifactSender:
         artifact (NOT_FOUND at once, not at the first chunk)."""
         if len(have) > delta.MAX_BASES:
             raise InvalidArgument(f"'have' lists {len(have)} artifacts; at most {delta.MAX_BASES}")
-        whole = Sending("", "", await run_in(self._catalogue, self.artifact_chunks, sha256))
+        if not await run_in(self._catalogue, self._known, sha256):
+            raise ArtifactNotFound(sha256)
         base = await run_in(self._catalogue, self._delta_base, sha256,
                             [h for h in have if h != sha256 and SHA256.fullmatch(h)])
-        if base is None or not await self._delta_worth_sending(base, sha256):
-            return whole
-        return Sending(DELTA, base, read_chunks(self.store.delta_path(base, sha256)))
+        if base is not None and await self._delta_worth_sending(base, sha256):
+            try:
+                return Sending(DELTA, base, await run_in(self._catalogue, read_chunks,
+                                                         self.store.delta_path(base, sha256)))
+            except FileNotFoundError:  # deleted since (a version deleted): the artifact instead
+                pass
+        return Sending("", "", await run_in(self._catalogue, self.artifact_chunks, sha256))
+
+    def _known(self, sha256: str) -> bool:
+        return bool(SHA256.fullmatch(sha256 or "")) and self.store.has_blob(sha256)
 
     def artifact_chunks(self, sha256: str) -> Iterator[bytes]:
         """Blocking iterator over an artifact's bytes (NOT_FOUND at once, not at the first chunk)."""
-        if not SHA256.fullmatch(sha256 or "") or not self.store.has_blob(sha256):
-            raise ArtifactNotFound(sha256)
-        return read_chunks(self.store.blob_path(sha256))
+        try:
+            if self._known(sha256):
+                return read_chunks(self.store.blob_path(sha256))
+        except FileNotFoundError:  # deleted since
+            pass
+        raise ArtifactNotFound(sha256)
 
     def _delta_base(self, sha256: str, have: list[str]) -> str | None:
-        size = self.store.blob_path(sha256).stat().st_size
-        if not have or size > DELTA_MAX_BYTES:
+        size = _size_or_none(self.store.blob_path(sha256))
+        if not have or size is None or size > DELTA_MAX_BYTES:
             return None
         targets = self.store.variants_of_artifacts([sha256])
         held = [v for v in self.store.variants_of_artifacts(have) if self.store.has_blob(v.sha256)

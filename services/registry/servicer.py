@@ -67,6 +67,11 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
                 yield rpb.ArtifactChunk(data=data)
 
     @rpc
+    async def DeleteModel(self, request, context):
+        removed, freed = await self.registry.delete_version(request.name, request.version, request.precision)
+        return rpb.DeleteModelResponse(deleted=[variant_to_proto(v) for v in removed], freed_bytes=freed)
+
+    @rpc
     async def RecordMeasurement(self, request, context):
         m = request.model
         variant = await self.registry.record_measurement(

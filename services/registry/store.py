@@ -150,6 +150,38 @@ class RegistryStore:
             rows = self._db.execute(f"SELECT * FROM variants WHERE sha256 IN ({marks})", sha256s).fetchall()
         return [_row_to_variant(r) for r in rows]
 
+    def delete_variants(self, name: str, version: str, precision: str = "") -> tuple[list[ModelVariant], list[str]]:
+        """Remove model `name` `version` (its `precision` variant, else all) from the catalogue with
+        its measurements, then every artifact and kept delta no variant refers to any more, as one
+        step under the store lock: a push of the same bytes moves its upload in and catalogues it
+        under this lock too, so it keeps its artifact. The variants removed (none: nothing matched)
+        and the artifacts deleted (sha256s)."""
+        where = "name = ? AND version = ?" + (" AND precision = ?" if precision else "")
+        args = (name, version, precision) if precision else (name, version)
+        with self._lock:
+            removed = [_row_to_variant(r) for r in self._db.execute(f"SELECT * FROM variants WHERE {where}", args)]
+            if not removed:
+                return [], []
+            self._db.execute(f"DELETE FROM variants WHERE {where}", args)
+            self._db.execute(f"DELETE FROM measurements WHERE {where}", args)
+            self._db.commit()
+            referenced = {sha for (sha,) in self._db.execute("SELECT DISTINCT sha256 FROM variants")}
+            freed = sorted({v.sha256 for v in removed} - referenced)
+            for sha in freed:
+                self.blob_path(sha).unlink(missing_ok=True)
+            self._drop_deltas(referenced)
+        return removed, freed
+
+    def _drop_deltas(self, referenced: set[str]) -> None:
+        """Delete the kept deltas from or to an artifact outside `referenced` (one being made is
+        left to its maker: its source read failing, or this sweep the next time)."""
+        if not self.deltas.is_dir():
+            return
+        for path in self.deltas.iterdir():
+            base, _, target = path.name.partition("-")
+            if not path.name.endswith(".part") and not {base, target} <= referenced:
+                path.unlink(missing_ok=True)
+
     def delta_path(self, base: str, target: str) -> Path:
         """Where the delta from artifact `base` to `target` is kept once made."""
         return self.deltas / f"{base}-{target}"

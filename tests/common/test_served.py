@@ -7,7 +7,8 @@ import pytest
 from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
-from services.common.served import latest_version, needed_precisions, served_version, step_precision_problem
+from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
+                                    versions_in_use)
 
 
 def held(*keys: str) -> list[ModelVariant]:
@@ -62,3 +63,17 @@ def test_an_ensemble_step_asking_for_a_precision_needs_it_in_every_version_its_r
     step = EnsembleStep(model="m", version=step_version, inputs=("x=x",), outputs=("y=y",), precision="int8")
     found = step_precision_problem(step, deployed, held("1:FP32", "1:INT8", "2:FP32"))
     assert found is None if problem is None else problem in found
+
+
+@pytest.mark.parametrize(("specs", "used"), [
+    ([], {}),
+    ([spec()], {"2": "its deployment serves it as the latest version (pin another stable version first)"}),
+    ([DeploymentSpec("m", rollout=RolloutSpec("1", "2", 5.0))],
+     {"1": "its deployment pins it as the stable version", "2": "its deployment's canary"}),
+    ([DeploymentSpec("e", ensemble=(EnsembleStep("m", "", ("x=x",), ("y=y",)),))], {"2": "ensemble 'e' step 0 runs it"}),
+    ([DeploymentSpec("edge", joint=JointSpec(mode="sync", cloud_model="m", cloud_version="1"))],
+     {"1": "the deployment of model 'edge' runs it as its joint cloud model"}),
+    ([DeploymentSpec("edge", joint=JointSpec(cloud_model="other"))], {}),
+], ids=["no-deployment", "unpinned", "pinned-and-canary", "ensemble-step", "joint-cloud-model", "another-cloud-model"])
+def test_the_versions_in_use_are_those_requests_go_to(specs, used):
+    assert versions_in_use("m", specs, held("1:FP32", "1:INT8", "2:FP32")) == used
