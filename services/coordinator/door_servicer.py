@@ -58,7 +58,8 @@ def route_to_proto(decision: Route | Refusal) -> fd.RouteReply:
         preferred_batch_sizes=decision.batching.preferred_batch_sizes,
         alternatives=[route_to_proto(r) for r in decision.alternatives], row_ms=decision.row_ms,
         response_cache=decision.response_cache, share=decision.share,
-        split_group=decision.group, policy=POLICIES[decision.policy])
+        split_group=decision.group, policy=POLICIES[decision.policy],
+        node_inflight=node.inflight, node_cpus=node.cpus, node_cpu_load=node.cpu_load)
 
 
 def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:

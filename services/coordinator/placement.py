@@ -130,6 +130,10 @@ def spread(ranked: list[NodeScore], threshold: float, margin: float, limit: int)
 
 
 def least_loaded(nodes: list[NodeInfo], outstanding: Mapping[str, int]) -> NodeInfo:
+    """The least_loaded baseline: the fewest requests in flight at the node (its heartbeat) plus
+    rows we have queued for it or sent it (`outstanding`), per CPU; then the lowest CPU load, then
+    the smallest node id. The front door applies the same rule to its own rows
+    (frontdoor/src/least_loaded.cc, each node's heartbeat from its route reply)."""
     return min(nodes, key=lambda n: ((n.inflight + outstanding.get(n.node_id, 0)) / max(1, n.cpus),
                                      n.cpu_load, n.node_id))
 

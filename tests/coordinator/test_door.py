@@ -581,6 +581,18 @@ async def test_a_route_travels_as_templates_the_door_fills_in():
     assert (refused.eligible, refused.reason) == (False, "no")
 
 
+async def test_a_least_loaded_route_carries_each_nodes_heartbeat_for_the_door_to_weigh_as_the_full_path():
+    door = routes(DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy="least_loaded")),
+                  more_nodes=(("edge-a2", "site-a"),))
+    loads = {"edge-a1": (3, 8, 0.5), "edge-a2": (0, 2, 0.25)}  # in flight, CPUs, CPU load
+    door.core.nodes.nodes = [replace(n, inflight=loads[n.node_id][0], cpus=loads[n.node_id][1],
+                                     cpu_load=loads[n.node_id][2]) for n in door.core.nodes.nodes]
+    reply = route_to_proto(await door.route(ask({"precision": "FP32"})))
+    assert reply.policy == fd.RouteReply.POLICY_LEAST_LOADED
+    sent = {r.node_id: (r.node_inflight, r.node_cpus, r.node_cpu_load) for r in (reply, *reply.alternatives)}
+    assert sent == loads
+
+
 def test_reports_convert_with_every_field():
     message = fd.FrontDoorReport(routes=[fd.RouteReport(
         route_id=7, request_ns=[10, 20], request_rows=[1, 2], handed_over=1, failure="UNAVAILABLE: x",

@@ -110,6 +110,13 @@ size_t Batcher::Busy() {
   return queue_.size() + size_t(inflight_);
 }
 
+int64_t Batcher::Rows() {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t rows = inflight_rows_;
+  for (const Queued& queued : queue_) rows += queued.rows;
+  return rows;
+}
+
 // A deployment with a response cache: the answer kept for these inputs, if any, goes back at once
 // (with the call's id); otherwise the call takes its key along, for its answer to be kept.
 bool Batcher::AnsweredFromCache(InferCall* call) {
@@ -202,7 +209,7 @@ void Batcher::Dispatch() {
         if (arm) armed_ = true, wake_at_ = wake;
       } else {
         batch = TakeLocked(&candidates, &expired, &cancelled);
-        if (batch) ++inflight_, last_rows_ = batch->rows;
+        if (batch) ++inflight_, inflight_rows_ += batch->rows, last_rows_ = batch->rows;
       }
     }
     if (arm) {
@@ -326,14 +333,14 @@ void Batcher::OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status,
     }
   }
   if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && batch->client_bound) {
-    Finished();
+    Finished(batch->rows);
     ClientDeadline(*batch);
   } else if (status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
     RequestsRefused(*batch, status);
   } else if (!status.ok()) {
     HandOver(*batch, status);
   } else {
-    Finished();  // the next batch leaves before this one's answers: the node is not kept waiting
+    Finished(batch->rows);  // the next batch leaves before this one's answers: the node is not kept waiting
     Answer(*batch, std::move(reply));
   }
 }
@@ -384,7 +391,7 @@ void Batcher::Answer(const Batch& batch, std::shared_ptr<inference::ModelInferRe
 // batch's in-flight slot and one more each, so that only the bad one fails (as Triton does).
 void Batcher::RequestsRefused(const Batch& batch, const grpc::Status& status) {
   if (batch.members.size() == 1) {
-    Finished();
+    Finished(batch.rows);
     return Refuse(batch.members.front(), status);  // the call may be gone after it
   }
   std::vector<std::shared_ptr<Batch>> singles;
@@ -408,6 +415,7 @@ void Batcher::HandOver(const Batch& batch, const grpc::Status& status) {
     std::lock_guard<std::mutex> lock(mu_);
     failed_ = true;
     --inflight_;
+    inflight_rows_ -= batch.rows;
     for (const Queued& queued : queue_) members.push_back(queued.call);
     queue_.clear();
   }
@@ -421,10 +429,11 @@ void Batcher::HandOver(const Batch& batch, const grpc::Status& status) {
                     });
 }
 
-void Batcher::Finished() {
+void Batcher::Finished(int64_t rows) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     --inflight_;
+    inflight_rows_ -= rows;
   }
   Dispatch();
 }

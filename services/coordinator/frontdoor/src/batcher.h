@@ -53,6 +53,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool failed();
   // Requests queued plus node calls in flight: how busy this route's node is kept by the door.
   size_t Busy();
+  // Rows queued plus rows of the node calls in flight (the least_loaded policy's outstanding rows).
+  int64_t Rows();
 
  private:
   struct Batch;
@@ -80,7 +82,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // A batch the node answered INVALID_ARGUMENT: the request alone fails, a batch's members go again singly.
   void RequestsRefused(const Batch& batch, const grpc::Status& status);
   void HandOver(const Batch& batch, const grpc::Status& status);
-  void Finished();
+  void Finished(int64_t rows);
 
   const std::shared_ptr<const RouteConfig> config_;
   const BatcherOptions options_;
@@ -91,6 +93,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   std::mutex mu_;  // guards the fields below
   Queue queue_;
   int inflight_ = 0;
+  int64_t inflight_rows_ = 0;  // rows of the node calls in flight
   int64_t last_rows_ = 0;  // rows of the batch sent last
   bool failed_ = false;
   // One timeout wake-up at a time, at the earliest timeout queued (not one per request: each

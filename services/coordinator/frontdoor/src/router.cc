@@ -44,6 +44,16 @@ std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* wh
   return config;
 }
 
+// The reply's node as the least_loaded policy weighs it (its heartbeat, as the coordinator saw it).
+NodeLoad LoadOf(const RouteReply& reply) {
+  NodeLoad node;
+  node.node_id = reply.node_id();
+  node.inflight = reply.node_inflight();
+  node.cpus = reply.node_cpus();
+  node.cpu_load = reply.node_cpu_load();
+  return node;
+}
+
 bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
   return a.node_address == b.node_address && a.template_bytes == b.template_bytes &&
          a.max_batch_size == b.max_batch_size && a.timeout_ms == b.timeout_ms &&
@@ -80,7 +90,8 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
   Lookup found;
   bool ask = false, exact = false;
   std::vector<std::shared_ptr<Batcher>> batchers;
-  std::vector<float> row_ms, shares;
+  Weights weights;
+  std::vector<float> shares;
   std::vector<uint32_t> groups;
   Policy policy = cnei::frontdoor::v1::RouteReply::POLICY_EDGEAI;
   uint64_t turn = 0;
@@ -111,7 +122,8 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
       found.batcher = entry.batchers.front();  // the common case: nothing to copy or weigh
     } else if (!traced && entry.batchers.size() > 1) {
       batchers = entry.batchers;
-      row_ms = entry.row_ms;
+      weights.row_ms = entry.row_ms;
+      if (entry.policy == cnei::frontdoor::v1::RouteReply::POLICY_LEAST_LOADED) weights.nodes = entry.nodes;
       shares = entry.shares;
       groups = entry.groups;
       policy = entry.policy;
@@ -121,8 +133,8 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
   if (exact) return Find(RouteKey(request, true), request);  // an entry with no batchers: once
   if (ask) Ask(found.key, WithoutContents(request));
   if (!batchers.empty()) {
-    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares, groups, row_ms, policy, turn)
-                                                     : Pick(batchers, row_ms, policy, turn);
+    found.batcher = shares.size() == batchers.size() ? ByShare(batchers, shares, groups, weights, policy, turn)
+                                                     : Pick(batchers, weights, policy, turn);
   }
   return found;
 }
@@ -130,7 +142,7 @@ Router::Lookup Router::Find(std::string key, inference::ModelInferRequest* reque
 // A version drawn at random by share (a canary rollout), then one of its routes by the policy.
 std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                          const std::vector<float>& shares, const std::vector<uint32_t>& groups,
-                                         const std::vector<float>& row_ms, Policy policy, uint64_t turn) {
+                                         const Weights& weights, Policy policy, uint64_t turn) {
   auto group_of = [&](size_t i) {  // a route of group 0 (or of an old coordinator) is a group alone
     return i < groups.size() && groups[i] != 0 ? uint64_t(groups[i]) : (uint64_t(1) << 32) + i;
   };
@@ -153,17 +165,18 @@ std::shared_ptr<Batcher> Router::ByShare(const std::vector<std::shared_ptr<Batch
     }
   }
   std::vector<std::shared_ptr<Batcher>> members;
-  std::vector<float> members_ms;
+  Weights of_members;
   for (size_t i = 0; i < batchers.size(); ++i) {
     if (group_of(i) != chosen) continue;
     members.push_back(batchers[i]);
-    members_ms.push_back(i < row_ms.size() ? row_ms[i] : 0.0f);
+    of_members.row_ms.push_back(i < weights.row_ms.size() ? weights.row_ms[i] : 0.0f);
+    if (i < weights.nodes.size()) of_members.nodes.push_back(weights.nodes[i]);
   }
-  return Pick(members, members_ms, policy, turn);
+  return Pick(members, of_members, policy, turn);
 }
 
 std::shared_ptr<Batcher> Router::Pick(const std::vector<std::shared_ptr<Batcher>>& batchers,
-                                      const std::vector<float>& row_ms, Policy policy, uint64_t turn) {
+                                      const Weights& weights, Policy policy, uint64_t turn) {
   using cnei::frontdoor::v1::RouteReply;
   if (batchers.size() <= 1) return batchers.empty() ? nullptr : batchers.front();
   switch (policy) {
@@ -172,10 +185,22 @@ std::shared_ptr<Batcher> Router::Pick(const std::vector<std::shared_ptr<Batcher>
     case RouteReply::POLICY_RANDOM:
       return batchers[std::uniform_int_distribution<size_t>(0, batchers.size() - 1)(rng)];
     case RouteReply::POLICY_LEAST_LOADED:
-      return LeastBusy(batchers, {});  // the fewest queued and in flight, unweighed
+      return LeastLoadedOf(batchers, weights.nodes);
     default:
-      return LeastBusy(batchers, row_ms);
+      return LeastBusy(batchers, weights.row_ms);
   }
+}
+
+// The full path's least_loaded (least_loaded.h): each node's heartbeat as its route reply gave it,
+// with the rows this door has queued for it and sent it as the rows outstanding there.
+std::shared_ptr<Batcher> Router::LeastLoadedOf(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                               const std::vector<NodeLoad>& nodes) {
+  if (nodes.size() != batchers.size()) return LeastBusy(batchers, {});
+  std::vector<NodeLoad> loads = nodes;
+  for (size_t i = 0; i < batchers.size(); ++i) {
+    loads[i].outstanding = uint64_t(std::max<int64_t>(0, batchers[i]->Rows()));
+  }
+  return batchers[LeastLoaded(loads)];
 }
 
 // The batcher whose node would answer soonest: the fewest requests queued and node calls in
@@ -217,6 +242,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   std::vector<std::shared_ptr<RouteConfig>> alternatives;
   std::vector<float> alternative_ms, alternative_shares;
   std::vector<uint32_t> alternative_groups;
+  std::vector<NodeLoad> alternative_nodes;
   if (status.ok() && reply.eligible()) config = ConfigFrom(reply, &why);
   if (config) {
     for (const RouteReply& alternative : reply.alternatives()) {
@@ -224,6 +250,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
       if (auto parsed = ConfigFrom(alternative, &ignored)) {
         alternatives.push_back(std::move(parsed));
         alternative_ms.push_back(alternative.row_ms());
+        alternative_nodes.push_back(LoadOf(alternative));
         alternative_shares.push_back(alternative.share());
         alternative_groups.push_back(alternative.split_group());
       }
@@ -247,6 +274,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   entry.ask_at = Clock::now() + std::chrono::milliseconds(reply.ttl_ms());
   entry.route_ids.assign(1, reply.route_id());
   entry.row_ms.assign(1, reply.row_ms());
+  entry.nodes.assign(1, LoadOf(reply));
   entry.shares.clear();
   entry.groups.clear();
   entry.policy = reply.policy();
@@ -271,6 +299,7 @@ void Router::OnReply(const std::string& key, const grpc::Status& status, const R
   for (size_t i = 0; i < alternatives.size(); ++i) {
     entry.route_ids.push_back(alternatives[i]->route_id);
     entry.row_ms.push_back(alternative_ms[i]);
+    entry.nodes.push_back(alternative_nodes[i]);
     entry.batchers.push_back(BatcherLocked(std::move(alternatives[i])));
   }
   if (reply.share() > 0) {  // a split: every route has its share, or the coordinator splits them

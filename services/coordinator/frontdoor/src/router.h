@@ -10,6 +10,7 @@
 
 #include "backend.h"
 #include "batcher.h"
+#include "least_loaded.h"
 
 namespace frontdoor {
 
@@ -40,6 +41,7 @@ class Router {
     std::vector<std::shared_ptr<Batcher>> batchers;
     std::vector<uint64_t> route_ids;
     std::vector<float> row_ms;         // each node's compute time per row (0: unknown)
+    std::vector<NodeLoad> nodes;       // each node as its route reply saw it (least_loaded; nothing outstanding)
     std::vector<float> shares;         // a split (canary rollout): each route's version's share; empty: none
     std::vector<uint32_t> groups;      // with shares: each route's version group (0: its own)
     Policy policy = cnei::frontdoor::v1::RouteReply::POLICY_EDGEAI;  // how a request picks among them
@@ -65,15 +67,22 @@ class Router {
   void OnReply(const std::string& key, const grpc::Status& status,
                const cnei::frontdoor::v1::RouteReply& reply);
   std::shared_ptr<Batcher> BatcherLocked(std::shared_ptr<const RouteConfig> config);
+  // What a request's pick weighs of a route's nodes, beside their batchers.
+  struct Weights {
+    std::vector<float> row_ms;
+    std::vector<NodeLoad> nodes;  // under LEAST_LOADED only
+  };
   // One request's pick among a route's batchers by the deployment's scheduler policy (`turn`: the
   // route's round-robin count, this request's included).
   static std::shared_ptr<Batcher> Pick(const std::vector<std::shared_ptr<Batcher>>& batchers,
-                                       const std::vector<float>& row_ms, Policy policy, uint64_t turn);
+                                       const Weights& weights, Policy policy, uint64_t turn);
   static std::shared_ptr<Batcher> LeastBusy(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                             const std::vector<float>& row_ms);
+  static std::shared_ptr<Batcher> LeastLoadedOf(const std::vector<std::shared_ptr<Batcher>>& batchers,
+                                                const std::vector<NodeLoad>& nodes);
   static std::shared_ptr<Batcher> ByShare(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                           const std::vector<float>& shares, const std::vector<uint32_t>& groups,
-                                          const std::vector<float>& row_ms, Policy policy, uint64_t turn);
+                                          const Weights& weights, Policy policy, uint64_t turn);
 
   Backend* backend_;
   Reporter* reporter_;
