@@ -1,4 +1,5 @@
-"""Composition-root helpers: signal handling and a gRPC server with standard health checking."""
+"""Composition-root helpers: signal handling and a gRPC server with standard health checking and
+server reflection."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import grpc_util
+from services.common.reflection import enable as enable_reflection
 from services.common.settings import EVENT_LOOPS
 
 log = logging.getLogger(__name__)
@@ -143,12 +145,15 @@ def _give_up(limit_s: float) -> None:
 
 
 class GrpcServer:
-    """A grpc.aio server bound to host:port with the standard health service."""
+    """A grpc.aio server bound to host:port with the standard health service and, unless turned
+    off, server reflection (grpcurl's `list`, `describe` and calls without .proto files)."""
 
     def __init__(self, host: str, port: int, max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES,
                  interceptors: list | None = None, reuse_port: bool = False,
-                 credentials: grpc.ServerCredentials | None = None):
-        """`credentials`: TLS (services.common.tls); None: plaintext."""
+                 credentials: grpc.ServerCredentials | None = None, reflection: bool = True):
+        """`credentials`: TLS (services.common.tls); None: plaintext. `reflection`: serve gRPC
+        server reflection for health and the services added, to every client (restricted APIs
+        leave it open: it describes the protos, no data)."""
         self.server = grpc.aio.server(options=grpc_util.server_options(max_message_bytes, reuse_port),
                                       interceptors=interceptors or None)
         self.health = health.aio.HealthServicer()
@@ -160,12 +165,15 @@ class GrpcServer:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         self.address = f"{host}:{self.port}"
         self._names: list[str] = [""]
+        self.reflection = reflection
 
     def add(self, add_fn, servicer, service_name: str) -> None:
         add_fn(servicer, self.server)
         self._names.append(service_name)
 
     async def start(self) -> None:
+        if self.reflection:
+            enable_reflection(self.server, [health.SERVICE_NAME, *self._names[1:]])
         await self.server.start()
         for name in self._names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
