@@ -78,7 +78,7 @@ async def serve(settings: RuntimeSettings) -> None:
 
     async def on_deleted(envelope: events.Envelope) -> None:
         p = envelope.payload
-        runtime.model_deleted(p.get("name", ""), p.get("version", ""), list(p.get("precisions", [])))
+        await runtime.model_deleted(p.get("name", ""), p.get("version", ""), list(p.get("precisions", [])))
 
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
     await bus.subscribe(events.MODEL_DELETED, on_deleted)

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ CACHE_BYTES = Gauge("cnei_model_cache_bytes", "Bytes of models loaded in the L1 
 DISK_EVICTIONS = Counter("cnei_disk_cache_evictions_total",
                          "Artifacts (with their manifests) deleted from the disk cache to make room for others")
 DISK_BYTES = Gauge("cnei_disk_cache_bytes", "Bytes of artifacts and manifests in the disk cache")
-Keep = Callable[[ModelVariant], bool]  # a variant whose artifact must stay (in memory, deployed)
+Keep = Callable[[CachedArtifact], bool]  # an artifact that must stay (a model in memory runs it, a deployed version's)
 
 
 class DiskCacheFull(ResourceExhausted):
@@ -65,7 +65,10 @@ class DiskCache:
     within `max_bytes` (0: no limit): storing one that would go over it first deletes the least
     recently used artifacts (an artifact's file time: set when it is stored, loaded, or leaves
     memory), never those pinned (being pulled, loaded or measured), those the caller keeps (in
-    memory, deployed), or the newest cached version of each model in each precision."""
+    memory, deployed), or the newest cached version of each model in each precision. Variants
+    deleted from the registry are `forget`-ten: their manifests go at once, their bytes once no
+    manifest names them and no model in memory runs them (an artifact no manifest names is
+    deleted when the cache opens too)."""
 
     def __init__(self, root: str | Path, max_bytes: int = 0):
         """Opens (or makes) the cache at `root`, deleting what interrupted writes left there."""
@@ -74,9 +77,10 @@ class DiskCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_temporaries()
         self._rename_old_manifests()
-        self._room = threading.Lock()  # one store at a time makes room and writes
+        self._room = threading.Lock()  # one store (or forgetting) at a time makes room and writes
         self._pins_lock = threading.Lock()  # pins, and the deletions that must not take a pinned artifact
         self._pins: Tally[str] = Tally()
+        self.forget(())  # what a deleted variant in memory left when the process stopped
         DISK_BYTES.set(self.bytes_used())
 
     def artifact_path(self, sha256: str) -> Path:
@@ -85,8 +89,10 @@ class DiskCache:
     def manifest_path(self, variant: ModelVariant) -> Path:
         """`name+version+precision.json`, each part percent-encoded (`+` included): one file per
         variant, whatever its name and version hold (`a--b` v1 and `a` v`b--1` used to share one)."""
-        parts = (quote(part, safe="") for part in (variant.name, variant.version, variant.precision))
-        return self.root / ("+".join(parts) + ".json")
+        return self._manifest_of(variant.name, variant.version, variant.precision)
+
+    def _manifest_of(self, *parts: str) -> Path:
+        return self.root / ("+".join(quote(part, safe="") for part in parts) + ".json")
 
     def has(self, variant: ModelVariant) -> bool:
         """The variant's bytes and its manifest are both here."""
@@ -129,6 +135,27 @@ class DiskCache:
             self.touch(variant.sha256)
             DISK_BYTES.set(self.bytes_used())
         return path
+
+    def forget(self, deleted: Iterable[tuple[str, str, str]], in_use: Set[str] = frozenset()) -> list[str]:
+        """Variants deleted from the registry ((name, version, precision)): delete their manifests,
+        so that nothing resolves them from here again (offline, after a restart too), then every
+        artifact no manifest names any more (shared bytes stay while another variant names them),
+        but those `in_use` (sha256s a model in memory runs: they go when it has left) or pinned.
+        The sha256s of the artifacts deleted."""
+        with self._room:
+            for name, version, precision in deleted:
+                self._manifest_of(name, version, precision).unlink(missing_ok=True)
+            named = self._named_artifacts()
+            with self._pins_lock:
+                spared = named | set(in_use) | set(self._pins)
+                dropped = sorted(path.stem for path in self.root.glob("*.onnx") if path.stem not in spared)
+                for sha256 in dropped:
+                    self.artifact_path(sha256).unlink(missing_ok=True)
+            if dropped:
+                log.info("deleted %s from the disk cache: no variant here names them any more",
+                         ", ".join(sha256[:12] for sha256 in dropped))
+                DISK_BYTES.set(self.bytes_used())
+        return dropped
 
     @contextlib.contextmanager
     def pinned(self, *sha256s: str) -> Iterator[None]:
@@ -177,7 +204,7 @@ class DiskCache:
             return
         cached = self._cached()
         kept = newest_versions([v for a in cached for v in a.variants] + [incoming])
-        kept |= {a.sha256 for a in cached if any(keep(v) for v in a.variants)}
+        kept |= {a.sha256 for a in cached if keep(a)}
         with self._pins_lock:  # an artifact pinned from here on waits for the deletions below
             protected = kept | set(self._pins)
             chosen = choose_evictions(cached, size, self.max_bytes, protected)
@@ -214,6 +241,15 @@ class DiskCache:
             cached.append(CachedArtifact(path.stem, stat.st_size + sum(size for _, size in held), stat.st_mtime_ns,
                                          tuple(v for v, _ in held)))
         return cached
+
+    def _named_artifacts(self) -> set[str]:
+        """The sha256 every manifest here names, read as loosely as can be (a manifest another
+        release wrote, which `variants` may not read, still keeps its artifact)."""
+        named = set()
+        for path in self.root.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                named.add(str(json.loads(path.read_text()).get("sha256", "")))
+        return named
 
     def _remove_temporaries(self) -> None:
         """Delete the temporary files of writes a crash or kill interrupted (never renamed)."""

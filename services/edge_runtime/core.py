@@ -29,6 +29,7 @@ from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
 from services.edge_runtime.cache import DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
+from services.edge_runtime.eviction import CachedArtifact
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
 from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_latency_ms, rss_bytes,
                                           tuned_model)
@@ -179,9 +180,8 @@ class EdgeRuntime:
     def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
         """Resolution from the disk cache alone (the registry is unreachable), kept until the
         registry is asked again (reading the cache's manifests per request costs ~0.2 ms)."""
-        local = [v for v in self.disk.variants() if v.name == name and self._loadable(v)]
         try:
-            variant = pick_variant(local, name, version, precision)
+            variant = pick_variant(self._local_variants(name), name, version, precision)
         except ModelNotFound:
             raise Unavailable(f"registry unreachable and model '{name}' is not cached on this node") from None
         self._resolved[(name, version, precision.upper())] = (variant, self._registry_down_until)
@@ -195,13 +195,36 @@ class EdgeRuntime:
         if any(v.name == name for v in self.disk.variants()):
             await self.resync(names=(name,))
 
-    def model_deleted(self, name: str, version: str, precisions: list[str]) -> None:
+    def _local_variants(self, name: str) -> list[ModelVariant]:
+        """The model's variants this node serves without the registry: those on disk, and those
+        in memory (a deleted variant's manifest is gone from disk, its copy in memory serves on)."""
+        local = {v.key: v for v in self.disk.variants() if v.name == name and v.key not in self._deleted}
+        local.update((m.variant.key, m.variant) for m in self.l1.values() if m.variant.name == name)
+        return list(local.values())
+
+    async def model_deleted(self, name: str, version: str, precisions: list[str]) -> None:
         """A version (or some of its variants) was deleted from the registry: forget resolutions
-        and the version the deployment serves, and never load those variants again; a copy in
-        memory serves on until it leaves (offline autonomy), one on disk until it is evicted."""
+        and the version the deployment serves, and never load those variants again. Their
+        manifests leave the disk cache at once (a restarted runtime never resolves them, offline
+        either) with the artifacts no other variant there names; a copy in memory serves on until
+        it leaves (offline autonomy), and its artifact goes then (`_left_memory`)."""
         self._deleted.update(f"{name}:{version}:{precision}" for precision in precisions)
         self.forget_resolutions(name)
         self.deployment_updated(name)
+        await self._forget_on_disk([(name, version, precision) for precision in precisions])
+
+    async def _forget_on_disk(self, deleted: list[tuple[str, str, str]]) -> None:
+        """Delete these variants' manifests and the artifacts no manifest names any more, but
+        those a model in memory runs (`DiskCache.forget`)."""
+        in_memory = {m.variant.sha256 for m in self.l1.values()}
+        await asyncio.to_thread(self.disk.forget, deleted, in_memory)
+
+    def _left_memory(self, variant: ModelVariant) -> None:
+        """The variant left memory: its artifact's last use is now, and a deleted variant's
+        artifact leaves the disk cache unless a variant there names it."""
+        self.disk.touch(variant.sha256)
+        if variant.key in self._deleted:
+            self.background.spawn(self._forget_on_disk([]))
 
     async def model_deployed(self, name: str) -> None:
         """The model's deployment changed (a version promoted, a canary set): forget its cap, and
@@ -290,12 +313,13 @@ class EdgeRuntime:
             except CneiError as exc:
                 log.warning("deployment of %s unknown (%s): its pinned versions may not be kept", name, exc.message)
 
-    def _kept(self) -> Callable[[ModelVariant], bool]:
-        """Which variants' artifacts the disk cache must keep, as of now: those in memory and
-        those of the versions deployments pin (what coordinators ask for, offline too)."""
+    def _kept(self) -> Callable[[CachedArtifact], bool]:
+        """Which artifacts the disk cache must keep, as of now: those models in memory run (a
+        deleted variant's too, which no manifest names) and those of the versions deployments
+        pin (what coordinators ask for, offline too)."""
         loaded = {m.variant.sha256 for m in self.l1.values()}
         deployed = {(name, version) for name, versions in self._deployed.items() for version in versions}
-        return lambda v: v.sha256 in loaded or (v.name, v.version) in deployed
+        return lambda a: a.sha256 in loaded or any((v.name, v.version) in deployed for v in a.variants)
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded (once,
@@ -316,6 +340,8 @@ class EdgeRuntime:
         if self.disk.max_bytes > 0:  # only making room asks what deployments keep
             await self._learn_deployments()
         await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
+        if variant.key in self._deleted:  # deleted while its bytes were on the way
+            await self._forget_on_disk([(variant.name, variant.version, variant.precision)])
         SYNCED_BYTES.inc(pulled.wire_bytes)
         PULLS.labels("delta" if pulled.base else "full").inc()
         if pulled.base:
@@ -330,10 +356,6 @@ class EdgeRuntime:
         with self.disk.pinned(variant.sha256):
             await self._ensure_on_disk(variant)
             yield self.disk.artifact_path(variant.sha256)
-
-    def _loadable(self, variant: ModelVariant) -> bool:
-        """Whether the variant may serve: not deleted from the registry, or still in memory."""
-        return variant.key not in self._deleted or self.l1.peek(variant.key) is not None
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
         with telemetry.child_span(_tracer, "cache.lookup") as span:
@@ -366,11 +388,11 @@ class EdgeRuntime:
                 if self.settings.measure_on_load and await self._measure(loaded, rss_before) \
                         and self.settings.measure_siblings:
                     self.siblings.schedule(variant, model.intra_op_threads)
-                artifacts = {m.variant.key: m.variant.sha256 for m in self.l1.values()}
+                held = {m.variant.key: m.variant for m in self.l1.values()}
                 for old in self.l1.put(variant.key, loaded, variant.size_bytes):
                     log.info("evicted %s from the L1 cache", old)
                     self._retire_batchers(old)
-                    self.disk.touch(artifacts[old])  # its last use: it leaves memory now
+                    self._left_memory(held[old])
             span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
@@ -443,9 +465,10 @@ class EdgeRuntime:
     def unload(self, key: str) -> bool:
         self._retire_batchers(key)
         loaded = self.l1.peek(key)
+        removed = self.l1.remove(key)
         if loaded is not None:
-            self.disk.touch(loaded.variant.sha256)  # its last use: it leaves memory now
-        return self.l1.remove(key)
+            self._left_memory(loaded.variant)
+        return removed
 
     def _retire_batchers(self, key: str) -> None:
         """The variant leaves memory: its batchers run what they hold, then go (with the session)."""

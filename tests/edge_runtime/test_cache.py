@@ -224,7 +224,7 @@ def test_disk_put_never_evicts_kept_pinned_or_the_newest_version_of_a_model_in_a
         disk.put(variant, data)
     disk.touch(kept[0].sha256)  # "4", the newest FP32, is the least recent after all
     with disk.pinned(pinned[0].sha256):
-        disk.put(*incoming, keep=lambda v: v.version == "4")
+        disk.put(*incoming, keep=lambda a: any(v.version == "4" for v in a.variants))
     assert _cached_versions(disk) == ["1", "1", "2", "3", "4"]  # "1" FP32 went: the oldest that may
     assert not disk.has(old[0]) and disk.has(newest_int8[0]) and disk.has(incoming[0])
     disk.put(*_sized("2", name="other"))  # the least recent that may go now: "2"
@@ -263,3 +263,30 @@ def test_variants_sharing_an_artifact_leave_together_and_no_budget_means_no_evic
     for version in range(10):
         unlimited.put(*_sized(str(version)))
     assert len(unlimited.variants()) == 10
+
+
+def test_forgetting_deleted_variants_deletes_their_manifests_and_the_bytes_no_manifest_names_but_those_in_use_or_pinned(
+        tmp_path):
+    shared, in_memory, pinned, alone = _sized("1"), _sized("2"), _sized("4"), _sized("5")
+    disk = DiskCache(tmp_path)
+    for variant, data in (shared, in_memory, pinned, alone):
+        disk.put(variant, data)
+    assert disk.adopt(replace(shared[0], version="3"))  # the same bytes under a version not deleted
+    with disk.pinned(pinned[0].sha256):
+        dropped = disk.forget([("digits", v, "FP32") for v in ("1", "2", "4", "5")], {in_memory[0].sha256})
+    assert dropped == [alone[0].sha256] and _cached_versions(disk) == ["3"]
+    assert {p.stem for p in tmp_path.glob("*.onnx")} == {shared[0].sha256, in_memory[0].sha256, pinned[0].sha256}
+    assert disk.forget([], {in_memory[0].sha256}) == [pinned[0].sha256]  # unpinned: it goes at the next forget
+    assert DiskCache(tmp_path).variants() == [replace(shared[0], version="3")]  # a new process holds nothing
+    assert {p.stem for p in tmp_path.glob("*.onnx")} == {shared[0].sha256}
+
+
+def test_an_artifact_the_caller_keeps_stays_when_room_is_made_though_no_manifest_names_it(tmp_path):
+    deleted, other = _sized("1"), _sized("1", name="other")
+    disk = DiskCache(tmp_path, max_bytes=_entry(deleted[0]) + _entry(other[0]))
+    disk.put(*deleted)
+    disk.forget([("digits", "1", "FP32")], {deleted[0].sha256})  # deleted while a model in memory runs it
+    disk.put(*other)
+    with pytest.raises(DiskCacheFull):
+        disk.put(*_sized("1", name="third"), keep=lambda a: a.sha256 == deleted[0].sha256)
+    assert disk.artifact_path(deleted[0].sha256).is_file()

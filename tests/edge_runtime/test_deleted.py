@@ -1,48 +1,127 @@
 """A version deleted from the registry (its cnei.model.deleted event): a runtime keeps serving the
-copy it has in memory, offline too, but never loads one it holds only on disk again (a real
-registry process; the runtime core on its own)."""
+copy it has in memory, offline too, but never loads one it held only on disk again, after a
+restart either: the deleted variants leave its disk cache, their bytes once no variant there
+names them and no model in memory runs them (a real registry process; the runtime core on its
+own, and a runtime process following the registry's events over a real NATS)."""
 from __future__ import annotations
 
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from tritonclient.utils import InferenceServerException
 
+from services.cli import infra
 from services.common import settings as cfg
 from services.common.errors import CneiError, ErrorCode
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
-from tests.edge_runtime.processes import write_mlp
+from tests.edge_runtime.processes import call_registry, infer, loaded, start_runtime, write_mlp
+
+OFFLINE = "127.0.0.1:1"  # nothing listens there: UNAVAILABLE
+
+
+def core(client: RegistryClient, cache: Path) -> EdgeRuntime:
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(cache), intra_op_threads=1,
+                       measure_on_load=False)
+    return EdgeRuntime(settings, client, DiskCache(cache))
+
+
+async def stop(runtime: EdgeRuntime) -> None:
+    await runtime.drain()
+    runtime.close()
+
+
+def on_disk(cache: Path) -> tuple[set[str], set[str]]:
+    """The manifests and the artifacts (sha256) in a disk cache folder."""
+    return {p.name for p in cache.glob("*.json")}, {p.stem for p in cache.glob("*.onnx")}
 
 
 async def test_a_deleted_version_in_memory_serves_on_and_one_only_on_disk_is_not_loaded_again(registry, tmp_path):
     name, client = f"deleted-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=10)
     v1, v2 = [await client.push_file(write_mlp(tmp_path, seed), name, version, "FP32")
               for version, seed in (("1", 11), ("2", 12))]
-    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path / "cache"), intra_op_threads=1,
-                       measure_on_load=False)
-    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
-    offline = RegistryClient("127.0.0.1:1", timeout=0.5)  # nothing listens there: UNAVAILABLE
+    runtime = core(client, tmp_path / "cache")
+    offline = RegistryClient(OFFLINE, timeout=0.5)
     try:
         for variant in (v1, v2):
             await runtime.load(variant)
         runtime.l1.remove(v1.key)  # version 1 left memory; its artifact stays on disk
         for version in ("1", "2"):
             await client.delete(name, version)
-            runtime.model_deleted(name, version, ["FP32"])  # what its event does
+            await runtime.model_deleted(name, version, ["FP32"])  # what its event does
         assert await runtime.load(v2) is runtime.l1.peek(v2.key)
         with pytest.raises(CneiError) as info:
             await runtime.load(v1)
-        assert info.value.code is ErrorCode.NOT_FOUND and runtime.disk.has(v1)
+        assert info.value.code is ErrorCode.NOT_FOUND and not runtime.disk.has(v1)
         runtime.registry = offline  # the disk cache resolves
         assert (await runtime.resolve(name)).version == "2"
         with pytest.raises(CneiError) as info:
             await runtime.resolve(name, "1")
         assert info.value.code is ErrorCode.UNAVAILABLE
     finally:
-        await runtime.drain()
-        runtime.close()
+        await stop(runtime)
         await client.close()
         await offline.close()
+
+
+async def test_a_deleted_variants_bytes_stay_while_another_variant_names_them_or_its_copy_is_in_memory(
+        registry, tmp_path):
+    name, client = f"deleted-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=10)
+    shared, own = write_mlp(tmp_path, 21), write_mlp(tmp_path, 22)
+    v1, v2, v3 = [await client.push_file(path, name, version, "FP32")
+                  for version, path in (("1", shared), ("2", own), ("3", shared))]  # v3: v1's bytes again
+    cache = tmp_path / "cache"
+    runtime = core(client, cache)
+    try:
+        for variant in (v1, v3, v2):
+            await runtime.load(variant)
+        for key in (v1.key, v3.key):
+            runtime.unload(key)  # version 2 stays in memory
+        for version in ("1", "2"):
+            await client.delete(name, version)
+            await runtime.model_deleted(name, version, ["FP32"])
+        assert [v.key for v in runtime.disk.variants()] == [v3.key]
+        assert on_disk(cache)[1] == {v1.sha256, v2.sha256}  # v3 names v1's bytes; v2 is in memory
+        runtime.unload(v2.key)
+        await runtime.background.wait()
+        assert on_disk(cache) == ({runtime.disk.manifest_path(v3).name}, {v3.sha256})
+        assert (await runtime.load(v3)).variant == v3
+    finally:
+        await stop(runtime)
+        await client.close()
+
+
+def test_a_runtime_restarted_offline_never_serves_a_variant_deleted_while_it_was_in_memory(
+        registry, nats_server, redis_server, tmp_path):
+    name, cache = f"deleted-{uuid.uuid4().hex[:8]}", tmp_path / "cache"
+    shared, own = write_mlp(tmp_path, 31), write_mlp(tmp_path, 32)
+    v1, v2, v3 = [call_registry(registry, "push_file", path, name, version, "FP32")
+                  for version, path in (("1", shared), ("2", own), ("3", shared))]
+    proc, address = start_runtime(registry, nats_server, redis_server, cache,
+                                  CNEI_RUNTIME_CACHE_MAX_BYTES=str(v1.size_bytes + 1000))  # one model in memory
+    try:
+        for version in ("1", "3", "2"):
+            assert infer(address, name, version) == version
+        assert loaded(address) == {v2.key}
+        for version in ("1", "2"):
+            call_registry(registry, "delete", name, version)
+        infra.wait_until(lambda: on_disk(cache)[0] == {f"{name}+3+FP32.json"}, 10, "the deleted manifests gone")
+        assert on_disk(cache)[1] == {v1.sha256, v2.sha256}  # v3 names v1's bytes; v2 is in memory
+        assert loaded(address) == {v2.key}
+    finally:
+        infra.stop(proc)
+
+    proc, address = start_runtime(OFFLINE, nats_server, redis_server, cache)
+    try:
+        assert on_disk(cache)[1] == {v3.sha256}
+        assert infer(address, name) == "3"
+        for version in ("1", "2"):
+            with pytest.raises(InferenceServerException) as refused:
+                infer(address, name, version)
+            assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value.message()
+    finally:
+        infra.stop(proc)
