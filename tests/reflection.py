@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 
@@ -28,29 +28,30 @@ def listed(address: str) -> list[str]:
         return sorted(database.get_services())
 
 
-def service(address: str, full_name: str) -> ServiceDescriptor:
-    """`grpcurl -plaintext ADDRESS describe SERVICE`: its descriptor, its methods' types resolved."""
+def describe(address: str, symbol: str):
+    """`grpcurl -plaintext ADDRESS describe SYMBOL`: the descriptor of the service
+    (`inference.GRPCInferenceService`), method (`inference.GRPCInferenceService.ModelInfer`) or
+    message (`inference.ModelInferRequest`) named, its types resolved; KeyError when none is."""
     with _reflected(address) as (_, database):
-        return descriptor_pool.DescriptorPool(database).FindServiceByName(full_name)
+        pool = descriptor_pool.DescriptorPool(database)
+        for find in (pool.FindServiceByName, pool.FindMessageTypeByName, lambda name: _method(pool, name)):
+            try:
+                return find(symbol)
+            except KeyError:
+                continue
+    raise KeyError(f"{address} describes no symbol '{symbol}'")
 
 
-def method(address: str, full_name: str) -> MethodDescriptor:
-    """`grpcurl -plaintext ADDRESS describe SERVICE.METHOD`, e.g.
-    `inference.GRPCInferenceService.ModelInfer`: its descriptor, its types resolved."""
-    with _reflected(address) as (_, database):
-        return _method(database, full_name)
-
-
-def _method(database: ProtoReflectionDescriptorDatabase, full_name: str) -> MethodDescriptor:
+def _method(pool: descriptor_pool.DescriptorPool, full_name: str) -> MethodDescriptor:
     service, _, name = full_name.rpartition(".")
-    return descriptor_pool.DescriptorPool(database).FindServiceByName(service).methods_by_name[name]
+    return pool.FindServiceByName(service).methods_by_name[name]
 
 
 def call_json(address: str, full_name: str, body: str = "{}", timeout: float = 30.0) -> dict:
     """`grpcurl -plaintext -d BODY ADDRESS SERVICE/METHOD` of a unary method: the request parsed
     from JSON into the reflected input type, the reply in protobuf's JSON mapping (as a dict)."""
     with _reflected(address) as (channel, database):
-        found = _method(database, full_name)
+        found = _method(descriptor_pool.DescriptorPool(database), full_name)
         request_type = message_factory.GetMessageClass(found.input_type)
         reply_type = message_factory.GetMessageClass(found.output_type)
         call = channel.unary_unary(f"/{found.containing_service.full_name}/{found.name}",

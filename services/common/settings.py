@@ -45,6 +45,13 @@ def event_loop_field() -> Any:
                          "uvloop costs less CPU per socket event")
 
 
+def grpc_reflection_field() -> Any:
+    """Every gRPC service's `grpc_reflection` setting (passed to lifecycle.GrpcServer)."""
+    return field(True, "gRPC server reflection: grpcurl and other clients list and describe this server's services "
+                       "and call them without .proto files; it describes the protos only, never data, to every "
+                       "client whatever the restricted APIs; false: off")
+
+
 @dataclasses.dataclass(frozen=True)
 class RegistryClientSettings:
     """What every client of the registry sets besides its address (a service's settings class

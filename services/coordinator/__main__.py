@@ -81,9 +81,11 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     public_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     if door_path is None:
         server = lifecycle.GrpcServer(settings.host, settings.grpc_port, reuse_port=worker >= 0, interceptors=guard,
-                                      credentials=tls.grpc_server_credentials(public_tls) if public_tls else None)
+                                      credentials=tls.grpc_server_credentials(public_tls) if public_tls else None,
+                                      reflection=settings.grpc_reflection)
     else:  # the door takes the public port; the coordinator serves it from behind
-        server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port, interceptors=guard)
+        server = lifecycle.GrpcServer("127.0.0.1", settings.internal_grpc_port, interceptors=guard,
+                                      reflection=settings.grpc_reflection)  # the door passes it through
         door_dir = Path(tempfile.mkdtemp(prefix="cnei-door-"))  # what the coordinator tells its door by file
         routes = DoorRoutes(core, settings.route_ttl_ms, tracing if telemetry.exporting() else None,
                             settings.door_spread_nodes, settings.door_spread_margin, door_dir / "routes-generation",

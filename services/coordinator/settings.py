@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import EventStreamSettings, NodeTlsSettings, RegistryClientSettings, event_loop_field, field
+from services.common.settings import (EventStreamSettings, NodeTlsSettings, RegistryClientSettings,
+                                      event_loop_field, field, grpc_reflection_field)
 
 PREFIX = "CNEI_COORDINATOR_"
 
@@ -11,6 +12,7 @@ PREFIX = "CNEI_COORDINATOR_"
 @dataclass(frozen=True)
 class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettings):
     event_loop: str = event_loop_field()
+    grpc_reflection: bool = grpc_reflection_field()
     host: str = field("127.0.0.1", "address every listener binds to")
     grpc_port: int = field(8001, "OIP gRPC port (Triton's default)")
     http_port: int = field(8000, "OIP REST v2 port")

@@ -89,7 +89,8 @@ async def serve(settings: RuntimeSettings) -> None:
     interceptors += restricted_apis.guard(settings.restricted_apis, restricted_apis.RUNTIME_API)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port, interceptors=interceptors,
-                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None)
+                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None,
+                                  reflection=settings.grpc_reflection)
     tracing = TraceSettings(MemoryTraceStore(config_from(settings.trace_level, settings.trace_rate,
                                                          settings.trace_count)))
     oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory), tracing)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import EventStreamSettings, RegistryClientSettings, event_loop_field, field
+from services.common.settings import (EventStreamSettings, RegistryClientSettings, event_loop_field, field,
+                                      grpc_reflection_field)
 
 PREFIX = "CNEI_RUNTIME_"
 
@@ -11,6 +12,7 @@ PREFIX = "CNEI_RUNTIME_"
 @dataclass(frozen=True)
 class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     event_loop: str = event_loop_field()
+    grpc_reflection: bool = grpc_reflection_field()
     node_id: str = field("edge-1", "unique node id in the mesh")
     tier: str = field("edge", "edge | cloud")
     region: str = field("site-a", "region / site the node belongs to")

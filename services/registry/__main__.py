@@ -26,7 +26,8 @@ async def serve(settings: RegistrySettings) -> None:
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port,
                                   interceptors=restricted.guard(settings.restricted_apis, restricted.REGISTRY_API),
-                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None)
+                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None,
+                                  reflection=settings.grpc_reflection)
     server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry),
                "cnei.registry.v1.ModelRegistry")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)

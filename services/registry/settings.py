@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import EventStreamSettings, event_loop_field, field
+from services.common.settings import EventStreamSettings, event_loop_field, field, grpc_reflection_field
 
 PREFIX = "CNEI_REGISTRY_"
 
@@ -11,6 +11,7 @@ PREFIX = "CNEI_REGISTRY_"
 @dataclass(frozen=True)
 class RegistrySettings(EventStreamSettings):
     event_loop: str = event_loop_field()
+    grpc_reflection: bool = grpc_reflection_field()
     host: str = field("127.0.0.1", "address the gRPC API binds to")
     port: int = field(50051, "gRPC port of the registry API")
     metrics_port: int = field(9101, "Prometheus /metrics port (0 disables)")

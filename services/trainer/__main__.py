@@ -35,7 +35,8 @@ async def serve(settings: TrainerSettings) -> None:
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port,
                                   interceptors=restricted.guard(settings.restricted_apis, restricted.TRAINER_API),
-                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None)
+                                  credentials=tls.grpc_server_credentials(own_tls) if own_tls else None,
+                                  reflection=settings.grpc_reflection)
     server.add(tpb_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer), "cnei.trainer.v1.Trainer")
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import EventStreamSettings, NodeTlsSettings, RegistryClientSettings, event_loop_field, field
+from services.common.settings import (EventStreamSettings, NodeTlsSettings, RegistryClientSettings,
+                                      event_loop_field, field, grpc_reflection_field)
 
 PREFIX = "CNEI_TRAINER_"
 
@@ -11,6 +12,7 @@ PREFIX = "CNEI_TRAINER_"
 @dataclass(frozen=True)
 class TrainerSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSettings):
     event_loop: str = event_loop_field()
+    grpc_reflection: bool = grpc_reflection_field()
     host: str = field("127.0.0.1", "address the gRPC API binds to")
     port: int = field(50071, "gRPC port of the Trainer API")
     metrics_port: int = field(9121, "Prometheus /metrics port (0 disables)")

@@ -56,7 +56,7 @@ async def test_reflection_lists_the_services_a_server_registers_with_health_and_
 async def test_reflection_describes_every_service_it_lists_with_its_methods_types(kind):
     async with serving(SERVERS[kind]) as server:
         names = await asyncio.to_thread(reflection.listed, server.address)
-        described = [await asyncio.to_thread(reflection.service, server.address, name) for name in names]
+        described = [await asyncio.to_thread(reflection.describe, server.address, name) for name in names]
     for name, service in zip(names, described):
         assert service.full_name == name and service.methods
         assert all(m.input_type.full_name and m.output_type.full_name for m in service.methods)
@@ -64,7 +64,7 @@ async def test_reflection_describes_every_service_it_lists_with_its_methods_type
 
 async def test_model_infer_is_described_from_cneis_own_proto_even_beside_tritonclients():
     async with serving((OIP,)) as server:
-        infer = await asyncio.to_thread(reflection.method, server.address, "inference.GRPCInferenceService.ModelInfer")
+        infer = await asyncio.to_thread(reflection.describe, server.address, "inference.GRPCInferenceService.ModelInfer")
     assert infer.input_type.full_name == "inference.ModelInferRequest"
     assert infer.output_type.full_name == "inference.ModelInferResponse"
     assert infer.containing_service.file.name == "services/pb/inference/grpc_service.proto"
@@ -83,7 +83,7 @@ async def test_reflection_needs_no_key_where_every_category_is_restricted():
     guard = restricted_apis.guard(f"{every}:admin-key=s3cret", restricted_apis.RUNTIME_API)
     async with serving((OIP, NODE), interceptors=guard) as server:
         names = await asyncio.to_thread(reflection.listed, server.address)
-        infer = await asyncio.to_thread(reflection.method, server.address, "inference.GRPCInferenceService.ModelInfer")
+        infer = await asyncio.to_thread(reflection.describe, server.address, "inference.GRPCInferenceService.ModelInfer")
     assert "inference.GRPCInferenceService" in names
     assert infer.input_type.full_name == "inference.ModelInferRequest"
 
