@@ -1,10 +1,13 @@
-"""Which version of a model a deployment serves to requests that name none: one rule for the
-registry, the coordinator, the runtimes and the CLI (pure functions)."""
+"""Which version of a model a deployment serves to requests that name none, and which one an
+ensemble step over it runs: one rule for the registry, the coordinator, the runtimes and the CLI
+(pure functions)."""
 from __future__ import annotations
 
-from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.deployment import DeploymentSpec, EnsembleStep, rollout_version
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant, version_key
+
+STEP_PRECISION = "the step's precision"  # who asks, in `latest_version`'s refusal
 
 
 def needed_precisions(spec: DeploymentSpec) -> dict[str, str]:
@@ -14,46 +17,78 @@ def needed_precisions(spec: DeploymentSpec) -> dict[str, str]:
     return {f"{spec.model}.{where}": precision.upper() for where, precision in asked if precision}
 
 
-def latest_version(spec: DeploymentSpec, variants: list[ModelVariant]) -> str:
+def latest_version(spec: DeploymentSpec, variants: list[ModelVariant], also: dict[str, str] | None = None) -> str:
     """The latest version of the deployment's model (`variants`: its variants): the newest that
-    holds a variant in every precision the deployment needs (`needed_precisions`). Variants are
-    pushed one at a time, so a version whose INT8 comes after its FP32 is not the latest of an
-    INT8 deployment until it does. ModelNotFound without variants; FailedPrecondition, naming what
-    is needed, when no version holds them all."""
+    holds a variant in every precision the deployment needs (`needed_precisions`) and those in
+    `also` (precision by who asks for it besides: an ensemble step). Variants are pushed one at a
+    time, so a version whose INT8 comes after its FP32 is not the latest of an INT8 deployment until
+    it does. ModelNotFound without variants; FailedPrecondition, naming what is needed, when no
+    version holds them all."""
     if not variants:
         raise ModelNotFound(spec.model)
-    needed = needed_precisions(spec)
+    needed, also = needed_precisions(spec), also or {}
     held: dict[str, set[str]] = {}
     for v in variants:
         held.setdefault(v.version, set()).add(v.precision)
-    complete = [version for version, precisions in held.items() if set(needed.values()) <= precisions]
+    complete = [version for version, precisions in held.items()
+                if {*needed.values(), *also.values()} <= precisions]
     if not complete:
-        asked = ", ".join(f"{precision} ('{where}')" for where, precision in needed.items())
-        raise FailedPrecondition(f"no version of model '{spec.model}' has a variant in every precision its "
-                                 f"deployment asks for: {asked}")
+        asked = [f"{precision} ('{where}')" for where, precision in needed.items()]
+        asked += [f"{precision} ({who})" for who, precision in also.items()]
+        who = "asked for" if also else "its deployment asks for"
+        raise FailedPrecondition(f"no version of model '{spec.model}' has a variant in every precision {who}: "
+                                 + ", ".join(asked))
     return max(complete, key=version_key)
 
 
-def served_version(spec: DeploymentSpec, variants: list[ModelVariant]) -> str:
+def served_version(spec: DeploymentSpec, variants: list[ModelVariant], also: dict[str, str] | None = None) -> str:
     """The version serving requests that name none, apart from a canary's share: the pinned
-    stable one, else the latest (`latest_version`). Every place resolving it calls this."""
-    return spec.rollout.stable or latest_version(spec, variants)
+    stable one, else the latest (`latest_version`, holding the precisions in `also` too: an
+    ensemble step's). Every place resolving it calls this."""
+    return spec.rollout.stable or latest_version(spec, variants, also)
+
+
+def step_stable_version(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str:
+    """The version an ensemble step's requests go to apart from its model's canary's share
+    (`deployed`: its model's deployment, else the defaults; `variants`: its model's): the one it
+    names, else the one that deployment serves (`served_version`), its latest being the newest
+    version that also holds the step's precision: a version pushed without it is not run by the
+    step (the deployment serves it) until it has it. A pinned stable version is run as pinned (the
+    registry refuses a pin lacking the step's precision)."""
+    also = {STEP_PRECISION: step.precision.upper()} if step.precision else None
+    return step.version or served_version(deployed, variants, also)
+
+
+def step_version(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant], draw: float) -> str:
+    """The version one request of an ensemble step goes to, for a uniform `draw` in [0, 1): the one
+    it names; else its model's canary for the canary's share (`rollout_version`), as for any request
+    naming no version; else `step_stable_version`."""
+    rollout = deployed.rollout
+    if not step.version and rollout.canary and rollout_version(rollout, draw) == rollout.canary:
+        return rollout.canary
+    return step_stable_version(step, deployed, variants)
 
 
 def step_versions(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> list[str]:
-    """The versions an ensemble step's requests go to (`deployed`: its model's deployment, else
-    the defaults; `variants`: its model's): the one it names, else the one that deployment serves
-    (`served_version`) and its canary."""
-    if step.version:
-        return [step.version]
-    return [served_version(deployed, variants)] + ([deployed.rollout.canary] if deployed.rollout.canary else [])
+    """Every version an ensemble step's requests go to (`step_version` for any draw): the one it
+    names, else its `step_stable_version` and its model's canary."""
+    canary = "" if step.version else deployed.rollout.canary
+    return [step_stable_version(step, deployed, variants)] + ([canary] if canary else [])
 
 
 def step_precision_problem(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str | None:
-    """Why an ensemble step's requests would fail for the precision it asks for: a version they go
-    to (`step_versions`) has no variant in it; None when each has it, or it asks for none."""
+    """Why an ensemble step's requests would fail for the precision it asks for: no version holds it
+    and the deployment's precisions, or a version they go to (`step_versions`: a pinned stable one,
+    a canary, the one the step names) has no variant in it; None when each has it, or it asks for
+    none."""
     precision = step.precision.upper()
-    for version in step_versions(step, deployed, variants) if precision else []:
+    if not precision:
+        return None
+    try:
+        versions = step_versions(step, deployed, variants)
+    except FailedPrecondition as exc:
+        return exc.message
+    for version in versions:
         held = sorted({v.precision for v in variants if v.version == version})
         if precision not in held:
             return (f"model '{step.model}' version {version} has no {precision} variant, which the step's precision "

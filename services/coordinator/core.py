@@ -17,12 +17,13 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
+from services.common.deployment import JOINT_MODES, DeploymentSpec, EnsembleStep, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, Unavailable, outcome_of)
 from services.common.model_spec import (ModelVariant, check_batch_size, check_inputs, check_outputs,
                                         served_max_batch_size, version_key)
 from services.common.nodes import NodeInfo
+from services.common.served import step_stable_version, step_version
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
 from services.common.batcher import BatchConfig, Batcher, NodeCall, priority_level, request_deadline
@@ -233,7 +234,20 @@ class Coordinator:
 
     async def _ensemble_variant(self, spec: DeploymentSpec, depth: int) -> ModelVariant:
         ensemble.check_depth(spec, depth)
-        return await ensemble.variant(spec, functools.partial(self.model_variant, depth=depth + 1))
+        return await ensemble.variant(spec, functools.partial(self.model_variant, depth=depth + 1), self._step_version)
+
+    async def _step_version(self, step: EnsembleStep, with_canary: bool = False) -> str:
+        """The version of its model an ensemble step runs: `served.step_stable_version` (the one it
+        names, its model's pinned stable one, else the newest with the step's precision and the
+        deployment's), and `with_canary` the canary for its share (`served.step_version`); a step
+        over another ensemble: the one it names."""
+        deployed = await self.catalog.deployment(step.model)
+        if deployed.ensemble:
+            return step.version
+        variants = await self.catalog.all_variants(step.model)
+        if with_canary:
+            return step_version(step, deployed, variants, random.random())
+        return step_stable_version(step, deployed, variants)
 
     async def deployment(self, name: str) -> DeploymentSpec:
         """The model's deployment (what ModelConfig shows of it)."""
@@ -349,7 +363,8 @@ class Coordinator:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         depth = ensemble.nesting_depth(request.parameters)
         run = functools.partial(ensemble.run, spec, request, deadline_s, functools.partial(self.infer, step=True),
-                                functools.partial(self.model_variant, depth=depth + 1))
+                                functools.partial(self.model_variant, depth=depth + 1),
+                                functools.partial(self._step_version, with_canary=True))
         try:
             # Triton's top-level ensemble caching
             scope = await self._ensemble_scope(spec, depth) if spec.response_cache and self.cache.max_bytes else None
@@ -384,7 +399,7 @@ class Coordinator:
                 continue
             if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
                 return None
-            version = (await self.catalog.variants(step.model, step.version))[0].version
+            version = await self._step_version(step)
             policy = self._policy({"precision": step.precision} if step.precision else {}, deployed)
             steps.append(f"{version}/{policy}")
         return f"{spec.model}/ensemble/{spec.ensemble!r}/{steps}"

@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from services.common import oip
 from services.common.batcher import request_deadline
-from services.common.deployment import DeploymentSpec, EnsemblePlan, ensemble_plan, step_mapping_problem
+from services.common.deployment import DeploymentSpec, EnsemblePlan, EnsembleStep, ensemble_plan, step_mapping_problem
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 
@@ -23,6 +23,7 @@ VERSION = "1"  # an ensemble's version (it has no artifact of its own)
 _tracer = trace.get_tracer(__name__)
 Infer = Callable[[oip.InferRequest, float | None], Awaitable[oip.InferResponse]]
 Variant = Callable[[str, str], Awaitable[ModelVariant]]
+StepVersion = Callable[[EnsembleStep], Awaitable[str]]  # the version of its model a step runs
 
 
 def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[EnsemblePlan, list[str]]:
@@ -70,9 +71,12 @@ def check_step(where: str, step_model: ModelVariant, reads: list[tuple[str, str]
 
 
 async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float | None,
-              infer: Infer, step_variant: Variant | None = None) -> oip.InferResponse:
+              infer: Infer, step_variant: Variant | None = None,
+              step_version: StepVersion | None = None) -> oip.InferResponse:
     """Run the steps in order, each through `infer` (the coordinator's), inside one deadline;
-    with `step_variant`, each step's mapping is checked against its model's tensors first."""
+    with `step_version`, each step's request names the version it resolves (`served.step_version`),
+    else the one the step names; with `step_variant`, each step's mapping is checked against that
+    version's tensors first."""
     plan, wanted = check_request(spec, request)
     depth = nesting_depth(request.parameters)
     check_depth(spec, depth)
@@ -91,9 +95,10 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
             params["precision"] = step.precision
         if step.tier:
             params["tier"] = step.tier
+        version = step.version if step_version is None else await step_version(step)
         if step_variant is not None:
-            check_step(where, await step_variant(step.model, step.version), reads, writes)
-        sub = oip.InferRequest(model_name=step.model, model_version=step.version, id=request.id,
+            check_step(where, await step_variant(step.model, version), reads, writes)
+        sub = oip.InferRequest(model_name=step.model, model_version=version, id=request.id,
                                inputs={m: tensors[t] for m, t in reads},
                                parameters=params, outputs=[m for m, _ in writes])
         left = None if end == float("inf") else end - time.monotonic()
@@ -113,15 +118,16 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
                              parameters={"cnei_ensemble": " -> ".join(served)})
 
 
-async def variant(spec: DeploymentSpec, step_variant: Variant) -> ModelVariant:
+async def variant(spec: DeploymentSpec, step_variant: Variant, step_version: StepVersion | None = None) -> ModelVariant:
     """What ModelMetadata and ModelConfig show of an ensemble: its tensors typed by the steps'
-    models, batching when every step batches."""
+    models (the version each runs: `step_version`'s, else the one it names), batching when every
+    step batches."""
     plan = ensemble_plan(spec)
     tensors: dict[str, TensorSpec] = {}
     batch_sizes = []
     for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
-        v = await step_variant(step.model, step.version)
+        v = await step_variant(step.model, step.version if step_version is None else await step_version(step))
         check_step(where, v, reads, writes)
         batch_sizes.append(v.max_batch_size)
         ins, outs = {t.name: t for t in v.inputs}, {t.name: t for t in v.outputs}

@@ -19,7 +19,7 @@ from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
 from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
-                                    versions_in_use)
+                                    step_stable_version, versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -296,10 +296,10 @@ class Registry:
                 inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
             else:
                 deployed = specs.get(step.model, DeploymentSpec(step.model))
-                version = step.version or served_version(deployed, variants)
-                v = pick_variant(variants, step.model, version, "")  # NOT_FOUND naming a model or version it lacks
+                pick_variant(variants, step.model, step.version, "")  # NOT_FOUND naming a model or version it lacks
                 if problem := step_precision_problem(step, deployed, variants):
                     raise FailedPrecondition(f"{where}: {problem}")
+                v = pick_variant(variants, step.model, step_stable_version(step, deployed, variants), "")  # it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
             if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")

@@ -8,7 +8,7 @@ from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec, 
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
 from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
-                                    versions_in_use)
+                                    step_stable_version, step_version, step_versions, versions_in_use)
 
 
 def held(*keys: str) -> list[ModelVariant]:
@@ -49,19 +49,61 @@ def test_no_version_with_every_precision_needed_is_a_failed_precondition_naming_
         served_version(spec("INT8"), held("1:FP32", "2:FP16"))
 
 
+def int8_step(version: str = "", precision: str = "int8") -> EnsembleStep:
+    return EnsembleStep(model="m", version=version, inputs=("x=x",), outputs=("y=y",), precision=precision)
+
+
+@pytest.mark.parametrize(("step", "deployed", "variants", "version"), [
+    (int8_step(), spec(), held("1:FP32", "1:INT8", "2:FP32"), "1"),
+    (int8_step(), spec(), held("1:FP32", "1:INT8", "2:FP32", "2:INT8"), "2"),
+    (int8_step(), spec("FP16"), held("1:FP16", "1:INT8", "2:FP16", "3:INT8", "3:FP16"), "3"),
+    (int8_step(), spec("FP16"), held("1:FP16", "1:INT8", "2:FP16", "3:INT8"), "1"),
+    (int8_step(precision=""), spec(), held("1:FP32", "1:INT8", "2:FP32"), "2"),
+    (int8_step(), spec(stable="2"), held("1:FP32", "1:INT8", "2:FP32"), "2"),
+    (int8_step("2"), spec(), held("1:FP32", "1:INT8", "2:FP32"), "2"),
+], ids=["a-newer-version-without-it-is-passed-over", "once-it-has-it-it-runs", "the-deployments-precision-too",
+        "a-version-without-the-deployments-precision-is-passed-over", "no-precision-the-served-version",
+        "a-pinned-stable-version-as-pinned", "a-named-version"])
+def test_an_ensemble_step_runs_the_newest_version_with_its_precision_and_the_deployments(
+        step, deployed, variants, version):
+    assert step_stable_version(step, deployed, variants) == version
+    assert step_versions(step, deployed, variants) == [version]
+    assert {step_version(step, deployed, variants, draw) for draw in (0.0, 0.5, 0.99)} == {version}
+
+
+def test_an_ensemble_step_naming_no_version_sends_its_models_canary_its_share():
+    deployed = DeploymentSpec("m", rollout=RolloutSpec("1", "3", 25.0))
+    variants = held("1:INT8", "2:INT8", "3:INT8")
+    assert [step_version(int8_step(), deployed, variants, draw) for draw in (0.0, 0.24, 0.25, 0.9)] == \
+        ["3", "3", "1", "1"]
+    assert step_versions(int8_step(), deployed, variants) == ["1", "3"]
+    assert {step_version(int8_step("2"), deployed, variants, draw) for draw in (0.0, 0.9)} == {"2"}
+    unpinned = DeploymentSpec("m", rollout=RolloutSpec("", "1", 25.0))
+    assert step_versions(int8_step(), unpinned, held("1:INT8", "2:INT8", "3:FP32")) == ["2", "1"]
+
+
+def test_no_version_with_the_steps_precision_and_the_deployments_is_a_failed_precondition_naming_them():
+    asked = r"asked for: FP16 \('m.precision.precision'\), INT8 \(the step's precision\)"
+    with pytest.raises(FailedPrecondition, match=f"no version of model 'm' has a variant in every precision {asked}"):
+        step_stable_version(int8_step(), spec("FP16"), held("1:FP16", "2:INT8"))
+
+
 @pytest.mark.parametrize(("step_version", "deployed", "problem"), [
-    ("", spec(), "model 'm' version 2 has no INT8 variant, which the step's precision asks for (its variants: FP32)"),
+    ("", spec(), None),
+    ("", spec(stable="2"), "model 'm' version 2 has no INT8 variant, which the step's precision asks for (its "
+                           "variants: FP32)"),
+    ("", spec("FP16"), "no version of model 'm' has a variant in every precision asked for: FP16"),
     ("", spec(stable="1"), None),
     ("", spec("INT8"), None),
     ("", DeploymentSpec("m", rollout=RolloutSpec("1", "2", 5.0)), "model 'm' version 2 has no INT8 variant"),
     ("1", spec(), None),
     ("3", spec(), "model 'm' version 3 has no INT8 variant, which the step's precision asks for (its variants: none)"),
-], ids=["the-latest-lacks-it", "pinned-stable-has-it", "latest-with-it", "canary-lacks-it", "named-version-has-it",
-        "named-version-absent"])
+], ids=["the-latest-lacks-it-an-older-version-has-it", "pinned-stable-lacks-it",
+        "no-version-has-it-and-the-deployments", "pinned-stable-has-it", "latest-with-it", "canary-lacks-it",
+        "named-version-has-it", "named-version-absent"])
 def test_an_ensemble_step_asking_for_a_precision_needs_it_in_every_version_its_requests_go_to(
         step_version, deployed, problem):
-    step = EnsembleStep(model="m", version=step_version, inputs=("x=x",), outputs=("y=y",), precision="int8")
-    found = step_precision_problem(step, deployed, held("1:FP32", "1:INT8", "2:FP32"))
+    found = step_precision_problem(int8_step(step_version), deployed, held("1:FP32", "1:INT8", "2:FP32"))
     assert found is None if problem is None else problem in found
 
 
@@ -71,9 +113,13 @@ def test_an_ensemble_step_asking_for_a_precision_needs_it_in_every_version_its_r
     ([DeploymentSpec("m", rollout=RolloutSpec("1", "2", 5.0))],
      {"1": "its deployment pins it as the stable version", "2": "its deployment's canary"}),
     ([DeploymentSpec("e", ensemble=(EnsembleStep("m", "", ("x=x",), ("y=y",)),))], {"2": "ensemble 'e' step 0 runs it"}),
+    ([spec(), DeploymentSpec("e", ensemble=(int8_step(),))],
+     {"2": "its deployment serves it as the latest version (pin another stable version first)",
+      "1": "ensemble 'e' step 0 runs it"}),
     ([DeploymentSpec("edge", joint=JointSpec(mode="sync", cloud_model="m", cloud_version="1"))],
      {"1": "the deployment of model 'edge' runs it as its joint cloud model"}),
     ([DeploymentSpec("edge", joint=JointSpec(cloud_model="other"))], {}),
-], ids=["no-deployment", "unpinned", "pinned-and-canary", "ensemble-step", "joint-cloud-model", "another-cloud-model"])
+], ids=["no-deployment", "unpinned", "pinned-and-canary", "ensemble-step", "int8-ensemble-step-over-an-fp32-latest",
+        "joint-cloud-model", "another-cloud-model"])
 def test_the_versions_in_use_are_those_requests_go_to(specs, used):
     assert versions_in_use("m", specs, held("1:FP32", "1:INT8", "2:FP32")) == used

@@ -20,6 +20,7 @@ from services.common.fastlane import FastServer
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.nodes import NodeInfo
 from services.common.oip_servicer import OipServicer
+from services.common.served import served_version
 from services.coordinator.core import Coordinator
 from services.coordinator.door import DoorRoutes
 from services.coordinator.door_servicer import FrontDoorServicer
@@ -88,6 +89,28 @@ class NodeCore:
     def markers(self) -> list[float]:
         """The first value of every row the node was sent, in order."""
         return [float(row[0]) for call in self.calls for row in call["x"]]
+
+
+class VersionedCatalog(Catalog):
+    """The registry's answers with versions as the real catalog resolves them: the one asked
+    for, else the one the deployment serves (`served.served_version`)."""
+
+    async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
+        found = await self.all_variants(model)
+        version = version or served_version(await self.deployment(model), found)
+        chosen = [v for v in found if v.version == version]
+        if not chosen:
+            raise ModelNotFound(model, version)
+        return chosen
+
+
+class VersionedNode(NodeCore):
+    """Answers x times the version it is asked for: which version computed an answer shows."""
+
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+        response = await super().infer(request, deadline_s)
+        response.outputs = {"y": response.outputs["y"] * float(request.model_version)}
+        return response
 
 
 class Directory:

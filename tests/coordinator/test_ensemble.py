@@ -3,17 +3,18 @@ coordinator request, here answered by an in-process function)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 
 from services.common import deployment, oip
-from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.deployment import DeploymentSpec, EnsembleStep, RolloutSpec
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.coordinator import ensemble
-from tests.coordinator.mesh import NodeCore, mesh, variant
+from tests.coordinator.mesh import NodeCore, VersionedCatalog, VersionedNode, mesh, variant
 
 SPEC = DeploymentSpec(model="pipe", ensemble=(
     EnsembleStep(model="features", inputs=("x=image",), outputs=("f=feat", "aux=side"), tier="edge"),
@@ -202,3 +203,44 @@ async def test_an_ensemble_has_version_1_only(version, status):
             got = (exc.code().name, exc.details())
         assert got[0] == status
         assert got[1] == "1" if status == "OK" else "model 'inner' version 7 not found" in got[1]
+
+
+def int8_pipe(model: str = "m") -> DeploymentSpec:
+    return DeploymentSpec(model="pipe", ensemble=(EnsembleStep(model=model, inputs=("x=x",), outputs=("y=y",),
+                                                               precision="INT8"),))
+
+
+async def test_a_step_asking_for_int8_runs_the_newest_version_with_it_not_its_models_newer_fp32_one():
+    """Its model's deployment needs no INT8: its version 2, FP32 alone, serves the model's own
+    requests, and the step runs version 1 until version 2 has INT8 too."""
+    variants = [variant(), replace(variant(), precision="INT8"), replace(variant(), version="2")]
+    specs = {"m": DeploymentSpec(model="m"), "pipe": int8_pipe()}
+    node = VersionedNode()
+    async with mesh(variants, specs, {"n1": node}) as m:
+        m.core.catalog = VersionedCatalog(variants, specs)
+        x = np.ones((1, 2), np.float32)
+        status, answer = await m.infer("pipe", x)
+        assert status == "OK", answer
+        np.testing.assert_array_equal(answer.outputs["y"], x * 1)  # version 1's
+        assert answer.parameters["cnei_ensemble"] == "m@n1/INT8"
+        np.testing.assert_array_equal((await m.infer("m", x))[1].outputs["y"], x * 2)  # the model's own: 2
+        variants.append(replace(variant(), version="2", precision="INT8"))
+        status, answer = await m.infer("pipe", x)
+        np.testing.assert_array_equal(answer.outputs["y"], x * 2)
+        assert answer.parameters["cnei_ensemble"] == "m@n1/INT8"
+
+
+async def test_a_step_naming_no_version_sends_its_models_canary_its_share_and_the_rest_to_its_version():
+    """Its model's stable version is unpinned: the step's is the newest with INT8 (2, not the
+    model's latest, 3), and the canary (1) takes its share of the step's requests as of any."""
+    variants = [replace(variant(), version=v, precision=p) for v in "12" for p in ("FP32", "INT8")]
+    variants.append(replace(variant(), version="3"))
+    specs = {"m": DeploymentSpec(model="m", rollout=RolloutSpec(canary="1", canary_percent=50.0)),
+             "pipe": int8_pipe()}
+    async with mesh(variants, specs, {"n1": VersionedNode()}) as m:
+        m.core.catalog = VersionedCatalog(variants, specs)
+        x = np.ones((1, 2), np.float32)
+        answers = [await m.infer("pipe", x) for _ in range(40)]
+        assert {status for status, _ in answers} == {"OK"}, answers[0]
+        assert {float(answer.outputs["y"][0, 0]) for _, answer in answers} == {1.0, 2.0}
+        assert [t.name for t in (await m.core.model_variant("pipe")).inputs] == ["x"]

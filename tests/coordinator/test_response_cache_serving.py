@@ -8,11 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from services.common import oip
 from services.common.deployment import DeploymentSpec, EnsembleStep, PrecisionSpec, RolloutSpec
-from services.common.errors import ModelNotFound
-from services.common.model_spec import ModelVariant, version_key
-from tests.coordinator.mesh import Catalog, NodeCore, mesh, variant
+from services.common.model_spec import ModelVariant
+from tests.coordinator.mesh import Catalog, NodeCore, VersionedCatalog, VersionedNode, mesh, variant
 
 X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 
@@ -20,29 +18,6 @@ X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 def ensemble_of(step_model: str, name: str = "e") -> DeploymentSpec:
     return DeploymentSpec(model=name, response_cache=True,
                           ensemble=(EnsembleStep(model=step_model, inputs=("x=x",), outputs=("y=y",)),))
-
-
-class VersionedCatalog(Catalog):
-    """The registry's answers with versions as the real catalog resolves them: the one asked
-    for, else the deployment's stable version, else the latest."""
-
-    async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
-        found = await self.all_variants(model)
-        version = version or (await self.deployment(model)).rollout.stable
-        version = version or max((v.version for v in found), key=version_key, default="")
-        chosen = [v for v in found if v.version == version]
-        if not chosen:
-            raise ModelNotFound(model, version)
-        return chosen
-
-
-class VersionedNode(NodeCore):
-    """Answers x times the version it is asked for: which version computed an answer shows."""
-
-    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
-        response = await super().infer(request, deadline_s)
-        response.outputs = {"y": response.outputs["y"] * float(request.model_version)}
-        return response
 
 
 @pytest.mark.parametrize("model", ["m", "e"], ids=["model", "ensemble"])

@@ -145,23 +145,41 @@ async def failed_precondition(client, spec: DeploymentSpec) -> str:
     return info.value.message
 
 
-@pytest.mark.parametrize("version", ["", "2"], ids=["the-latest", "named"])
+@pytest.mark.parametrize(("served", "version"), [(None, "2"), (DeploymentSpec("", rollout=RolloutSpec("2")), "")],
+                         ids=["named", "pinned-stable"])
 async def test_an_ensemble_step_asking_for_a_precision_its_version_lacks_is_refused_naming_step_model_and_precision(
-        client, int8_then_fp32, name, version):
+        client, int8_then_fp32, name, served, version):
+    if served is not None:
+        await client.put_deployment(dataclasses.replace(served, model=int8_then_fp32))
     spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32, version),))
     message = await failed_precondition(client, spec)
     assert (f"ensemble '{name}-pipe' step 0 ({int8_then_fp32}): model '{int8_then_fp32}' version 2 has no INT8 "
             "variant, which the step's precision asks for (its variants: FP32)") in message
 
 
+async def test_an_ensemble_step_asking_for_a_precision_no_version_has_with_the_deployments_is_refused_naming_both(
+        client, int8_then_fp32, name):
+    await client.put_deployment(DeploymentSpec(int8_then_fp32, precision=PrecisionSpec("FP32")))
+    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32),))
+    assert await client.put_deployment(spec) == spec  # version 1 has both
+    fp16 = DeploymentSpec(model=f"{name}-pipe", ensemble=(dataclasses.replace(int8_step(int8_then_fp32),
+                                                                              precision="FP16"),))
+    message = await failed_precondition(client, fp16)
+    assert (f"ensemble '{name}-pipe' step 0 ({int8_then_fp32}): no version of model '{int8_then_fp32}' has a variant "
+            f"in every precision asked for: FP32 ('{int8_then_fp32}.precision.precision'), FP16 (the step's "
+            "precision)") in message
+
+
 @pytest.mark.parametrize("served", [DeploymentSpec("", rollout=RolloutSpec("1")),
-                                    DeploymentSpec("", precision=PrecisionSpec("INT8")), None],
-                         ids=["pinned-stable", "latest-with-int8", "named-version"])
+                                    DeploymentSpec("", precision=PrecisionSpec("INT8")), DeploymentSpec(""), None,
+                                    "named"],
+                         ids=["pinned-stable", "latest-with-int8", "unpinned-an-older-version-has-it",
+                              "no-deployment-an-older-version-has-it", "named-version"])
 async def test_an_ensemble_step_asking_for_a_precision_the_version_it_runs_has_is_stored(
         client, int8_then_fp32, name, served):
-    if served is not None:
+    if isinstance(served, DeploymentSpec):
         await client.put_deployment(dataclasses.replace(served, model=int8_then_fp32))
-    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32, "" if served else "1"),))
+    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(int8_step(int8_then_fp32, "1" if served == "named" else ""),))
     assert await client.put_deployment(spec) == spec
 
 
@@ -175,6 +193,8 @@ async def test_a_deployment_that_would_serve_an_ensemble_step_a_version_without_
         assert (f"ensemble '{name}-pipe' step 0 ({int8_then_fp32}): model '{int8_then_fp32}' version 2 has no INT8 "
                 "variant") in message
     assert await client.get_deployment(int8_then_fp32) == pinned
+    unpinned = DeploymentSpec(model=int8_then_fp32)  # serves version 2; the step runs 1, the newest with INT8
+    assert await client.put_deployment(unpinned) == unpinned
 
 
 async def test_an_ensemble_step_asking_another_ensemble_for_a_precision_is_refused(client, models, name):
