@@ -18,7 +18,11 @@ the loopback interface only.
 The registry and the trainer take the same form for their own APIs, with two of the categories:
 `model-repository` for what changes the repository (pushing a model, recording a measurement,
 applying a deployment; starting a federated job, which publishes a version) and `metadata` for
-what reads it (listing, resolving, fetching artifacts, deployments; jobs)."""
+what reads it (listing, resolving, fetching artifacts, deployments; jobs).
+
+The standard health and reflection services are in no category, open to every client: health is
+what probes ask, and reflection describes the protos (public), never data, while grpcurl needs it
+to call even the open methods; each service's `GRPC_REFLECTION` setting turns reflection off."""
 from __future__ import annotations
 
 import hmac

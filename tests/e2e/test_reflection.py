@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest, ServerReflectionResponse
 
 from services.cli import infra
 from services.coordinator.door_process import BUILT
@@ -82,6 +83,18 @@ def test_each_server_describes_every_service_it_lists(kind, request, mesh):
     for name in reflection.listed(address):
         service = reflection.describe(address, name)
         assert service.full_name == name and service.methods
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reflection_v1_is_unimplemented_at_once_so_grpcurl_falls_back_to_v1alpha(kind, request, mesh):
+    ask = ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(_address(kind, request, mesh)) as channel:
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                   request_serializer=ServerReflectionRequest.SerializeToString,
+                                   response_deserializer=ServerReflectionResponse.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(v1(iter([ask]), timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.parametrize("kind", OIP_KINDS)
