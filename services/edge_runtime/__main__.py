@@ -16,6 +16,7 @@ from services.common.errors import InvalidArgument
 from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
+from services.common.outbox import Outbox
 from services.common import restricted as restricted_apis
 from services.common.shm import SharedMemoryRegions
 from services.common.trace_settings import MemoryTraceStore, TraceSettings, config_from
@@ -68,7 +69,8 @@ async def serve(settings: RuntimeSettings) -> None:
     runtime = EdgeRuntime(settings, registry, DiskCache(settings.cache_dir, settings.disk_cache_max_bytes))
     redis = redis_client(settings)
     bus = EventBus(settings.nats_url, f"runtime/{settings.node_id}",
-                   outbox=Path(settings.cache_dir) / "outbox.jsonl", stream=settings.stream_limits())
+                   outbox=Outbox(Path(settings.cache_dir) / "outbox.jsonl", max_bytes=settings.outbox_max_bytes),
+                   stream=settings.stream_limits())
 
     async def on_published(envelope: events.Envelope) -> None:
         await runtime.model_published(envelope.payload.get("name", ""))

@@ -38,6 +38,11 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
                  "least recently used artifacts are deleted to make room for a new one, never those in memory, being "
                  "pulled or measured, of a version a deployment pins, or the newest cached version of a model in each "
                  "precision (a pull that still does not fit is RESOURCE_EXHAUSTED); 0: no limit")
+    outbox_max_bytes: int = field(
+        64 << 20, "byte bound of the event outbox (events kept in the cache folder while NATS is away, outside "
+                  "DISK_CACHE_MAX_BYTES; the file takes up to twice this while it is rewritten): an event that would go "
+                  "over it drops the oldest kept first (cnei_outbox_dropped_total, logged): the newest are kept, such "
+                  "as the latest metrics snapshot, whose counts are cumulative; 0: only the 100000-event bound")
     heartbeat_interval_s: float = field(0.2, "seconds between heartbeats")
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
     restricted_apis: str = field(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from services.common import events
 from services.common.outbox import Outbox
 
@@ -53,3 +55,41 @@ def test_a_pop_of_events_all_dropped_meanwhile_removes_nothing(tmp_path: Path):
     _put(outbox, "b", "c")  # a dropped
     outbox.pop(through=batch[-1].seq)
     assert _names(outbox) == ["b", "c"]
+
+
+def _line_bytes(tmp_path: Path) -> int:
+    """Bytes one `_put` event takes in the file (one-letter names: within a few bytes, its time's digits)."""
+    probe = Outbox(tmp_path / "probe.jsonl")
+    _put(probe, "x")
+    return probe.path.stat().st_size
+
+
+def _dropped() -> float:
+    return REGISTRY.get_sample_value("cnei_outbox_dropped_total")
+
+
+def test_an_outbox_over_its_byte_bound_drops_its_oldest_events_and_counts_them(tmp_path: Path):
+    size, dropped = _line_bytes(tmp_path), _dropped()
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_bytes=2 * size + size // 2)  # two events fit
+    _put(outbox, "a", "b", "c", "d")
+    assert _names(outbox) == ["c", "d"] and _names(Outbox(tmp_path / "outbox.jsonl")) == ["c", "d"]
+    assert outbox.path.stat().st_size <= outbox.max_bytes and _dropped() == dropped + 2
+    assert REGISTRY.get_sample_value("cnei_outbox_bytes") == outbox.path.stat().st_size
+
+
+def test_an_event_larger_than_the_byte_bound_alone_is_dropped_and_the_kept_ones_stay(tmp_path: Path):
+    size, dropped = _line_bytes(tmp_path), _dropped()
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_bytes=2 * size)
+    _put(outbox, "a")
+    _put(outbox, "x" * 3 * size)
+    assert _names(outbox) == ["a"] and _names(Outbox(tmp_path / "outbox.jsonl")) == ["a"]
+    assert _dropped() == dropped + 1
+
+
+def test_a_file_a_larger_bound_left_is_cut_to_the_bound_when_opened(tmp_path: Path):
+    size = _line_bytes(tmp_path)
+    _put(Outbox(tmp_path / "outbox.jsonl"), "a", "b", "c")
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_bytes=size + size // 2)  # one event fits
+    assert _names(outbox) == ["c"] and outbox.path.stat().st_size <= outbox.max_bytes
+    _put(outbox, "d")
+    assert _names(Outbox(tmp_path / "outbox.jsonl")) == ["d"]

@@ -3,6 +3,7 @@ least recently used artifacts leave to make room, never one in memory or the new
 a pull that cannot fit is RESOURCE_EXHAUSTED, and what stays serves offline."""
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 import uuid
@@ -12,6 +13,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
+from services.common import events
 from tests.edge_runtime.processes import call_registry, infer, loaded, start_runtime, write_mlp
 
 BIG_LAYERS = (64, 512, 512, 10)  # ~1.2 MB
@@ -71,5 +73,22 @@ def test_a_runtime_keeps_its_disk_cache_within_budget_and_serves_what_stays_offl
     try:
         assert infer(address, name) == "4"  # the newest version cached
         assert infer(address, name, "3") == "3"
+    finally:
+        infra.stop(proc)
+
+
+def test_a_runtime_cut_off_from_nats_keeps_its_outbox_within_its_byte_bound_newest_events_kept(
+        registry, redis_server, tmp_path):
+    cache, bound, metrics_port = tmp_path / "cache", 4000, infra.free_port()  # a few metrics snapshots
+    proc, _ = start_runtime(registry, f"nats://127.0.0.1:{infra.free_port()}", redis_server, cache,  # no NATS there
+                            CNEI_RUNTIME_METRICS_PORT=str(metrics_port), CNEI_RUNTIME_METRICS_INTERVAL_S="0.05",
+                            CNEI_RUNTIME_OUTBOX_MAX_BYTES=str(bound))
+    outbox = cache / "outbox.jsonl"
+    try:
+        infra.wait_until(lambda: metric(metrics_port, "cnei_outbox_dropped_total") >= 10, 20, "snapshots dropped")
+        kept = [json.loads(line) for line in outbox.read_text().splitlines()]
+        assert 0 < outbox.stat().st_size <= bound and len(kept) > 1
+        seqs = [e["envelope"]["payload"]["seq"] for e in kept if e["subject"] == events.NODE_METRICS]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and seqs[0] > 1  # the newest, in order
     finally:
         infra.stop(proc)
