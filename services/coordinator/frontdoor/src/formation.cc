@@ -21,7 +21,7 @@ BatchRules::BatchRules(uint32_t max_batch_size, uint32_t max_queue_delay_us,
 }
 
 // The most urgent request is the first of the lowest priority level: the head of the serving
-// order (services/common/batcher.py, `order`, `_head_rows`).
+// order (services/common/batcher.py, `order`, `candidates`).
 Candidates CandidatesIn(const Queue& queue) {
   auto most_urgent = std::min_element(
       queue.begin(), queue.end(), [](const Queued& a, const Queued& b) { return a.priority < b.priority; });
