@@ -27,6 +27,7 @@ DOOR = (fd_grpc.add_FrontDoorControlServicer_to_server, fd_grpc.FrontDoorControl
         "cnei.frontdoor.v1.FrontDoorControl")
 REGISTRY = (rpb_grpc.add_ModelRegistryServicer_to_server, rpb_grpc.ModelRegistryServicer,
             "cnei.registry.v1.ModelRegistry")
+MODEL_INFER = "inference.GRPCInferenceService.ModelInfer"
 TRAINER = (tpb_grpc.add_TrainerServicer_to_server, tpb_grpc.TrainerServicer, "cnei.trainer.v1.Trainer")
 SERVERS = {"coordinator": (OIP,), "coordinator behind its door": (DOOR, OIP), "runtime": (OIP, NODE),
            "registry": (REGISTRY,), "trainer": (TRAINER,)}
@@ -64,7 +65,7 @@ async def test_reflection_describes_every_service_it_lists_with_its_methods_type
 
 async def test_model_infer_is_described_from_cneis_own_proto_even_beside_tritonclients():
     async with serving((OIP,)) as server:
-        infer = await asyncio.to_thread(reflection.describe, server.address, "inference.GRPCInferenceService.ModelInfer")
+        infer = await asyncio.to_thread(reflection.describe, server.address, MODEL_INFER)
     assert infer.input_type.full_name == "inference.ModelInferRequest"
     assert infer.output_type.full_name == "inference.ModelInferResponse"
     assert infer.containing_service.file.name == "services/pb/inference/grpc_service.proto"
@@ -83,7 +84,7 @@ async def test_reflection_needs_no_key_where_every_category_is_restricted():
     guard = restricted_apis.guard(f"{every}:admin-key=s3cret", restricted_apis.RUNTIME_API)
     async with serving((OIP, NODE), interceptors=guard) as server:
         names = await asyncio.to_thread(reflection.listed, server.address)
-        infer = await asyncio.to_thread(reflection.describe, server.address, "inference.GRPCInferenceService.ModelInfer")
+        infer = await asyncio.to_thread(reflection.describe, server.address, MODEL_INFER)
     assert "inference.GRPCInferenceService" in names
     assert infer.input_type.full_name == "inference.ModelInferRequest"
 
