@@ -94,7 +94,9 @@ class EdgeRuntime:
         # model -> (its deployment's max_batch_size, pinned stable version, until)
         self._caps: dict[str, tuple[int, str, float]] = {}
         self._deployed: dict[str, set[str]] = {}  # model -> the versions its deployment serves (as last read)
-        self._deleted: set[str] = set()  # variant keys deleted from the registry: never loaded again
+        # variant keys deleted from the registry: never loaded again unless the registry resolves
+        # them again (the same name, version and precision pushed after the deletion)
+        self._deleted: set[str] = set()
         self.siblings = SiblingMeasurer(registry, settings, self._held_artifact, self._report,
                                         lambda: (self.inflight, self.arrivals),
                                         lambda key: self.l1.peek(key) is not None)
@@ -174,6 +176,7 @@ class EdgeRuntime:
             log.warning("registry unreachable (%s); resolving %s from the local cache", exc, name)
             self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
             return self._resolve_offline(name, version, precision)
+        self._deleted.discard(variant.key)  # the registry holds it (again: pushed after its deletion)
         self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
         return variant
 

@@ -125,3 +125,23 @@ def test_a_runtime_restarted_offline_never_serves_a_variant_deleted_while_it_was
             assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value.message()
     finally:
         infra.stop(proc)
+
+
+async def test_a_version_pushed_again_after_its_deletion_is_served_again(registry, tmp_path):
+    name, client = f"deleted-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=10)
+    path = write_mlp(tmp_path, 31)
+    v1 = await client.push_file(path, name, "1", "FP32")
+    runtime = core(client, tmp_path / "cache")
+    try:
+        await runtime.load(v1)
+        runtime.l1.remove(v1.key)
+        await client.delete(name, "1")
+        await runtime.model_deleted(name, "1", ["FP32"])
+        again = await client.push_file(write_mlp(tmp_path, 32), name, "1", "FP32")  # no event reaches it
+        resolved = await runtime.resolve(name, "1", "FP32")
+        assert resolved.sha256 == again.sha256
+        assert await runtime.load(resolved) is runtime.l1.peek(again.key)
+        assert runtime.disk.has(again)
+    finally:
+        await stop(runtime)
+        await client.close()
