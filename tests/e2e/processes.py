@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -33,6 +35,17 @@ def server_ready(address: str) -> bool:
         return False
     finally:
         client.close()
+
+
+def rest_json(url: str, method: str = "GET", body: object | None = None, timeout: float = 10) -> tuple[int, object]:
+    """(status, JSON body) of one REST call at `url`, an HTTP error's status and body included."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def assert_refused(call, *args, status: str, match: str) -> None:

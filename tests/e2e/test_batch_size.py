@@ -5,9 +5,6 @@ the coordinator's batches of more rows than the runtimes show their own clients 
 batching 128 rows over runtimes merging 64) are still served, by the door straight from the node."""
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 
 import pytest
 import tritonclient.grpc as triton
@@ -17,7 +14,7 @@ from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
 from tests.e2e.processes import (answered_by_door, assert_refused, push_digits_as, put_deployment, server_ready,
-                                 start_coordinator, start_door)
+                                 rest_json, start_coordinator, start_door)
 
 WIDE = "digits-wide-batches"  # deployed to batch 128 rows; the runtimes merge 64 at most
 
@@ -66,13 +63,7 @@ def _served(address: str, model: str, rows: int, by_door: bool) -> bool:
 def _rest_infer(url: str, model: str, rows: int) -> tuple[int, dict]:
     x = load_all()[0][:rows]
     body = {"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
-    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return rest_json(f"{url}/v2/models/{model}/infer", "POST", body, timeout=30)
 
 
 @pytest.mark.parametrize(("model", "shown"), [("digits", 64), (WIDE, 128)], ids=["digits", "wide"])

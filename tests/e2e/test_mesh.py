@@ -1,9 +1,7 @@
 """End to end: third-party OIP clients against the running mesh, bad input, REST, traces."""
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
 import urllib.request
 
 import grpc
@@ -14,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.models.digits import load_all
-from tests.e2e.processes import assert_refused, run_perf_analyzer, start_coordinator
+from tests.e2e.processes import assert_refused, rest_json, run_perf_analyzer, start_coordinator
 
 
 def _infer_all_digits(client: triton.InferenceServerClient, batch: int = 64) -> tuple[float, dict]:
@@ -139,14 +137,7 @@ def test_coordinator_without_live_nodes_answers_unavailable(mesh, redis_server, 
 
 
 def _rest(mesh, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(mesh.rest + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return rest_json(mesh.rest + path, method, body)
 
 
 def test_rest_v2_health_metadata_and_infer(mesh):

@@ -5,10 +5,7 @@ on the coordinator's own path, and on an edge runtime called directly. Traces la
 Jaeger stand-in."""
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import server_ready, start_coordinator
+from tests.e2e.processes import rest_json, server_ready, start_coordinator
 
 
 def _infer(client) -> bool:
@@ -57,13 +54,7 @@ def _settings(response) -> dict[str, list[str]]:
 
 
 def _rest(port: int, path: str, body: object | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST" if data else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return rest_json(f"http://127.0.0.1:{port}{path}", "GET" if body is None else "POST", body)
 
 
 @pytest.fixture
