@@ -164,17 +164,38 @@ def digits_payload() -> bytes:
     return request.SerializeToString()
 
 
-class Load:
+class Workers:
+    """Threads running `_run(index)` until the block ends (`with`): started on entry, stopped
+    and joined on exit."""
+
+    def __init__(self, threads: int):
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=30)
+
+
+class Load(Workers):
     """Closed-loop tritonclient load from several threads; records every outcome."""
 
     def __init__(self, address: str, threads: int, region: str, model: str = "digits"):
+        super().__init__(threads)
         self.address, self.threads, self.region, self.model = address, threads, region, model
         self.results: list[tuple[float, float, str]] = []  # (start, latency, node)
         self.served: collections.Counter[tuple[str, str]] = collections.Counter()  # (version, node): answers
         self.errors: list[str] = []
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
 
     def _run(self, index: int) -> None:
         client = triton.InferenceServerClient(self.address)
@@ -196,16 +217,6 @@ class Load:
                 with self._lock:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
             i += self.threads
-
-    def __enter__(self):
-        for w in self._workers:
-            w.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for w in self._workers:
-            w.join(timeout=30)
 
 
 def kill_under_load(address: str, victim: subprocess.Popen, node_id: str, region: str,

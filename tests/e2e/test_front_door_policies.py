@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ from services.cli.up import RUNTIMES
 from services.common.deployment import DeploymentSpec, SchedulerSpec
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import Load, push_digits_as, put_deployment, server_ready, start_coordinator, start_door
+from tests.e2e.processes import Load, Workers, push_digits_as, put_deployment, server_ready, start_coordinator, start_door
 from tests.e2e.processes import start_fast_runtime
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
@@ -117,15 +116,15 @@ def _push_heavy(mesh, tmp_path) -> None:
     asyncio.run(push())
 
 
-class Waiting:
+class Waiting(Workers):
     """Clients of a runtime's own keeping `threads` requests in flight there: one-row HEAVY
     requests, each waiting out the runtime's batch queue delay (little CPU, a steady count)."""
 
     def __init__(self, address: str, threads: int):
-        self.address, self.answered, self._stop = address, 0, threading.Event()
-        self._workers = [threading.Thread(target=self._run) for _ in range(threads)]
+        super().__init__(threads)
+        self.address, self.answered = address, 0
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         client = triton.InferenceServerClient(self.address)
         tensor = triton.InferInput("input", [1, HEAVY_WIDTH], "FP32")
         tensor.set_data_from_numpy(np.ones((1, HEAVY_WIDTH), np.float32))
@@ -135,16 +134,6 @@ class Waiting:
                 self.answered += 1
         finally:
             client.close()
-
-    def __enter__(self):
-        for w in self._workers:
-            w.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for w in self._workers:
-            w.join(timeout=30)
 
 
 def _served_by(address: str, model: str, seconds: float) -> collections.Counter:
