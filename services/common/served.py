@@ -123,6 +123,13 @@ def versions_in_use(model: str, specs: list[DeploymentSpec], variants: list[Mode
     return {version: why for version, why in used.items() if version}
 
 
+def models_in_use(specs: list[DeploymentSpec]) -> set[str]:
+    """The models deployments (`specs`: every one) send requests to: each one's own, its ensemble
+    steps', its joint cloud model; `versions_in_use` finds no version of any other model."""
+    models = {spec.model for spec in specs} | {spec.joint.cloud_model for spec in specs if spec.joint.cloud_model}
+    return models | {step.model for spec in specs for step in spec.ensemble}
+
+
 def _or_none(rule, *args):
     """`rule(*args)`, None where no version is served (FailedPrecondition, ModelNotFound)."""
     try:

@@ -23,7 +23,7 @@ from services.common.model_spec import (FORMED_BATCH, ModelVariant, check_batch_
                                         pick_variant, sample_inputs, served_max_batch_size, version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
-from services.common.served import served_version
+from services.common.served import models_in_use, served_version, versions_in_use
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
@@ -41,7 +41,7 @@ _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
 OFFERED_BASES = 16  # versions held that a pull offers the registry as delta bases
 REGISTRY_RETRY_S = 2.0
-DEPLOYMENT_TTL_S = 30.0  # a model's deployment cap is asked again after this (events drop it at once)
+DEPLOYMENT_TTL_S = 30.0  # deployments are read again after this (events drop what was read at once)
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
 SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total",
@@ -93,7 +93,10 @@ class EdgeRuntime:
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
         # model -> (its deployment's max_batch_size, pinned stable version, until)
         self._caps: dict[str, tuple[int, str, float]] = {}
-        self._deployed: dict[str, set[str]] = {}  # model -> the versions its deployment serves (as last read)
+        # model on disk -> the versions requests go to (`served.versions_in_use` over every deployment),
+        # as last read; read again after `_in_use_until` (events make it 0)
+        self._in_use: dict[str, set[str]] = {}
+        self._in_use_until = 0.0
         # variant keys deleted from the registry: never loaded again unless the registry resolves
         # them again (the same name, version and precision pushed after the deletion)
         self._deleted: set[str] = set()
@@ -146,8 +149,10 @@ class EdgeRuntime:
         return cap, stable
 
     def deployment_updated(self, name: str) -> None:
-        """The model's deployment changed: ask for its cap again at its next request."""
+        """The model's deployment (or its versions) changed: ask for its cap again at its next
+        request, and for the versions in use at the next pull."""
         self._caps.pop(name, None)
+        self._in_use_until = 0.0
 
     def forget_resolutions(self, name: str = "") -> None:
         """Drop cached resolutions (all, or one model's) so the next request asks the registry."""
@@ -249,6 +254,7 @@ class EdgeRuntime:
             else:
                 self.forget_resolutions()
                 self._caps.clear()  # deployments may have changed while the events did not arrive
+                self._in_use_until = 0.0
             loaded = {(m.variant.name, m.variant.precision) for m in self.l1.values()}
             cached: dict[str, set[str]] = {}
             for v in self.disk.variants():
@@ -290,7 +296,7 @@ class EdgeRuntime:
     async def _read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
         """The model's deployment from the registry (None: none applied) and the version serving
         requests that name none (`served.served_version` over the model's variants; "" when none
-        was applied or the registry has no version: its own latest), both noted (`_note_rollout`)."""
+        was applied or the registry has no version: its own latest)."""
         try:
             spec = await self.registry.get_deployment(name)
         except NotFound:
@@ -299,30 +305,36 @@ class EdgeRuntime:
             stable = served_version(spec, await self.registry.list(name)) if spec else ""
         except ModelNotFound:
             stable = ""
-        self._note_rollout(name, stable, spec.rollout.canary if spec else "")
         return spec, stable
 
-    def _note_rollout(self, name: str, stable: str, canary: str) -> None:
-        """Remember the versions a deployment serves (their artifacts stay in the disk cache)."""
-        self._deployed[name] = {v for v in (stable, canary) if v}
-
-    async def _learn_deployments(self) -> None:
-        """Read the deployment of every model on disk this process has not read yet (at start,
-        with no resync since, none is known), so making room never deletes a version one pins;
-        a registry that cannot say now leaves the model unknown (asked again at the next pull)."""
-        for name in sorted({v.name for v in self.disk.variants()} - self._deployed.keys()):
-            try:
-                await self._read_deployment(name)
-            except CneiError as exc:
-                log.warning("deployment of %s unknown (%s): its pinned versions may not be kept", name, exc.message)
+    async def _learn_versions_in_use(self) -> None:
+        """Read which versions of the models on disk requests go to (`served.versions_in_use` over
+        every deployment the registry lists: a model's own stable version and canary, the versions
+        ensemble steps and joint deployments run), so making room never deletes one; at most every
+        DEPLOYMENT_TTL_S. What was known is kept while the registry is away (asked again after
+        REGISTRY_RETRY_S) or cannot say."""
+        if time.monotonic() < max(self._in_use_until, self._registry_down_until):
+            return
+        if not (on_disk := {v.name for v in self.disk.variants()}):
+            return  # nothing to keep
+        try:
+            specs = await self.registry.list_deployments()
+            self._in_use = {name: set(versions_in_use(name, specs, await self.registry.list(name)))
+                            for name in sorted(on_disk & models_in_use(specs))}
+            self._in_use_until = time.monotonic() + DEPLOYMENT_TTL_S
+        except CneiError as exc:
+            log.warning("versions in use unknown (%s): making room keeps those last known", exc.message)
+            self._in_use_until = time.monotonic() + REGISTRY_RETRY_S
+            if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
 
     def _kept(self) -> Callable[[CachedArtifact], bool]:
         """Which artifacts the disk cache must keep, as of now: those models in memory run (a
-        deleted variant's too, which no manifest names) and those of the versions deployments
-        pin (what coordinators ask for, offline too)."""
+        deleted variant's too, which no manifest names) and those of the versions requests go to
+        (`_learn_versions_in_use`: what coordinators ask for, offline too)."""
         loaded = {m.variant.sha256 for m in self.l1.values()}
-        deployed = {(name, version) for name, versions in self._deployed.items() for version in versions}
-        return lambda a: a.sha256 in loaded or any((v.name, v.version) in deployed for v in a.variants)
+        in_use = {(name, version) for name, versions in self._in_use.items() for version in versions}
+        return lambda a: a.sha256 in loaded or any((v.name, v.version) in in_use for v in a.variants)
 
     async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
         """Make the variant's artifact and manifest local; True when bytes were downloaded (once,
@@ -340,8 +352,8 @@ class EdgeRuntime:
         held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
         with self.disk.pinned(*held):  # a delta's base stays until it is decoded, then may make room
             pulled = await self.registry.pull_artifact(variant.sha256, held)
-        if self.disk.max_bytes > 0:  # only making room asks what deployments keep
-            await self._learn_deployments()
+        if self.disk.max_bytes > 0:  # only making room asks which versions requests go to
+            await self._learn_versions_in_use()
         await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
         if variant.key in self._deleted:  # deleted while its bytes were on the way
             await self._forget_on_disk([(variant.name, variant.version, variant.precision)])

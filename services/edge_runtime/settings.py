@@ -36,8 +36,9 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     disk_cache_max_bytes: int = field(
         8 << 30, "byte budget of the disk cache (artifacts and their manifests; keep it under the volume's size): the "
                  "least recently used artifacts are deleted to make room for a new one, never those in memory, being "
-                 "pulled or measured, of a version a deployment pins, or the newest cached version of a model in each "
-                 "precision (a pull that still does not fit is RESOURCE_EXHAUSTED); 0: no limit")
+                 "pulled or measured, of a version requests go to (a deployment's stable version and canary, the "
+                 "version an ensemble step or a joint deployment's cloud model runs), or the newest cached version of "
+                 "a model in each precision (a pull that still does not fit is RESOURCE_EXHAUSTED); 0: no limit")
     outbox_max_bytes: int = field(
         64 << 20, "byte bound of the event outbox (events kept in the cache folder while NATS is away, outside "
                   "DISK_CACHE_MAX_BYTES; the file takes up to twice this while it is rewritten): an event that would go "

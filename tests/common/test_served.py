@@ -7,8 +7,9 @@ import pytest
 from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
-from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
-                                    step_stable_version, step_version, step_versions, versions_in_use)
+from services.common.served import (latest_version, models_in_use, needed_precisions, served_version,
+                                    step_precision_problem, step_stable_version, step_version, step_versions,
+                                    versions_in_use)
 
 
 def held(*keys: str) -> list[ModelVariant]:
@@ -123,3 +124,16 @@ def test_an_ensemble_step_asking_for_a_precision_needs_it_in_every_version_its_r
         "joint-cloud-model", "another-cloud-model"])
 def test_the_versions_in_use_are_those_requests_go_to(specs, used):
     assert versions_in_use("m", specs, held("1:FP32", "1:INT8", "2:FP32")) == used
+
+
+@pytest.mark.parametrize(("specs", "models"), [
+    ([], set()),
+    ([spec()], {"m"}),
+    ([DeploymentSpec("e", ensemble=(int8_step(), EnsembleStep("n", "", ("x=x",), ("y=y",))))], {"e", "m", "n"}),
+    ([DeploymentSpec("edge", joint=JointSpec(mode="sync", cloud_model="m", cloud_version="1"))], {"edge", "m"}),
+    ([DeploymentSpec("edge", joint=JointSpec(mode="sync"))], {"edge"}),
+], ids=["none", "its-own", "ensemble-steps", "joint-cloud-model", "joint-over-itself"])
+def test_the_models_in_use_are_those_deployments_send_requests_to_and_no_other_has_a_version_in_use(specs, models):
+    assert models_in_use(specs) == models
+    assert all(versions_in_use(model, specs, held("1:FP32", "1:INT8", "2:FP32")) == {}
+               for model in {"m", "n", "edge", "other"} - models)

@@ -263,7 +263,7 @@ async def test_a_restarted_runtime_making_room_keeps_the_version_a_deployment_pi
 
 
 class _CountingRegistry(RegistryClient):
-    """A real registry client that counts the deployments it reads."""
+    """A real registry client that counts its reads of deployments (one or all)."""
 
     deployment_reads = 0
 
@@ -271,13 +271,17 @@ class _CountingRegistry(RegistryClient):
         self.deployment_reads += 1
         return await super().get_deployment(model)
 
+    async def list_deployments(self) -> list[DeploymentSpec]:
+        self.deployment_reads += 1
+        return await super().list_deployments()
+
 
 @pytest.mark.parametrize(("disk_cache_max_bytes", "reads"), [(0, 0), (1 << 30, 1)],
-                         ids=["no-limit-reads-none", "a-budget-reads-the-model-on-disk"])
+                         ids=["no-limit-reads-none", "a-budget-reads-them-once"])
 async def test_a_restarted_runtime_reads_the_deployments_of_the_models_on_its_disk_before_a_pull_only_to_make_room(
         registry, tmp_path, disk_cache_max_bytes, reads):
-    """Those deployments say which versions making room must keep: a disk cache without a byte
-    limit never makes room, so a pull reads none of them."""
+    """The deployments (all of them, listed at once) say which versions making room must keep: a
+    disk cache without a byte limit never makes room, so a pull reads none of them."""
     client = _CountingRegistry(registry, timeout=30)
     on_disk = await client.push_file(write_mlp(tmp_path, 1), f"on-disk-{uuid.uuid4().hex[:8]}", "1", "FP32")
     pulled = await client.push_file(write_mlp(tmp_path, 7), f"pulled-{uuid.uuid4().hex[:8]}", "1", "FP32")
