@@ -94,8 +94,10 @@ class EdgeRuntime:
         # model -> (its deployment's max_batch_size, pinned stable version, until)
         self._caps: dict[str, tuple[int, str, float]] = {}
         # model on disk -> the versions requests go to (`served.versions_in_use` over every deployment),
-        # as last read; read again after `_in_use_until` (events make it 0)
+        # as last read for the models then on disk (`_in_use_of`); read again after `_in_use_until`
+        # (events make it 0) or once another model is on disk
         self._in_use: dict[str, set[str]] = {}
+        self._in_use_of: set[str] = set()
         self._in_use_until = 0.0
         # variant keys deleted from the registry: never loaded again unless the registry resolves
         # them again (the same name, version and precision pushed after the deletion)
@@ -311,17 +313,18 @@ class EdgeRuntime:
         """Read which versions of the models on disk requests go to (`served.versions_in_use` over
         every deployment the registry lists: a model's own stable version and canary, the versions
         ensemble steps and joint deployments run), so making room never deletes one; at most every
-        DEPLOYMENT_TTL_S. What was known is kept while the registry is away (asked again after
-        REGISTRY_RETRY_S) or cannot say."""
-        if time.monotonic() < max(self._in_use_until, self._registry_down_until):
+        DEPLOYMENT_TTL_S unless a model not on disk then is now. What was known is kept while the
+        registry is away (asked again after REGISTRY_RETRY_S) or cannot say."""
+        on_disk = {v.name for v in self.disk.variants()}
+        now = time.monotonic()
+        fresh = now < self._in_use_until and on_disk <= self._in_use_of
+        if not on_disk or fresh or now < self._registry_down_until:
             return
-        if not (on_disk := {v.name for v in self.disk.variants()}):
-            return  # nothing to keep
         try:
             specs = await self.registry.list_deployments()
             self._in_use = {name: set(versions_in_use(name, specs, await self.registry.list(name)))
                             for name in sorted(on_disk & models_in_use(specs))}
-            self._in_use_until = time.monotonic() + DEPLOYMENT_TTL_S
+            self._in_use_of, self._in_use_until = on_disk, time.monotonic() + DEPLOYMENT_TTL_S
         except CneiError as exc:
             log.warning("versions in use unknown (%s): making room keeps those last known", exc.message)
             self._in_use_until = time.monotonic() + REGISTRY_RETRY_S
