@@ -165,15 +165,20 @@ class GrpcServer:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         self.address = f"{host}:{self.port}"
         self._names: list[str] = [""]
+        self._listed: list[str] = [health.SERVICE_NAME]
         self.reflection = reflection
 
-    def add(self, add_fn, servicer, service_name: str) -> None:
+    def add(self, add_fn, servicer, service_name: str, listed: bool = True) -> None:
+        """`listed`: reflection names and describes the service (False: a private one, such as
+        the front door's control service, which the door's public port refuses)."""
         add_fn(servicer, self.server)
         self._names.append(service_name)
+        if listed:
+            self._listed.append(service_name)
 
     async def start(self) -> None:
         if self.reflection:
-            enable_reflection(self.server, [health.SERVICE_NAME, *self._names[1:]])
+            enable_reflection(self.server, self._listed)
         await self.server.start()
         for name in self._names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

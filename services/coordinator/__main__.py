@@ -91,8 +91,9 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
                             settings.door_spread_nodes, settings.door_spread_margin, door_dir / "routes-generation",
                             confirm_timeout_s=max(1.0, 5 * settings.door_report_ms / 1e3))
         core.after_repository_change = routes.forget_at_door  # answered once the door dropped them too
+        # the door's own link, which its public port refuses: reflection (passed through) leaves it out
         server.add(fd_grpc.add_FrontDoorControlServicer_to_server, FrontDoorServicer(routes),
-                   "cnei.frontdoor.v1.FrontDoorControl")
+                   "cnei.frontdoor.v1.FrontDoorControl", listed=False)
     # system shared memory registrations: files that every worker, or the front door, reads too
     shm_dir = ""
     if settings.shared_dir and worker >= 0:

@@ -1,6 +1,6 @@
 """gRPC server reflection on every lifecycle.GrpcServer: it names the services the server registers
 (with health and reflection itself) and describes them from CNEI's own protos, unrestricted, and
-is gone when turned off. Real grpc.aio servers on free ports, read by grpcio-reflection's client."""
+is gone when turned off; a private service (the front door's control service) is served unlisted. Real grpc.aio servers on free ports, read by grpcio-reflection's client."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ import contextlib
 import grpc
 import pytest
 import tritonclient.grpc  # noqa: F401 - puts Triton's `inference.*` in protobuf's default pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import lifecycle
 from services.common import restricted as restricted_apis
@@ -29,8 +30,7 @@ REGISTRY = (rpb_grpc.add_ModelRegistryServicer_to_server, rpb_grpc.ModelRegistry
             "cnei.registry.v1.ModelRegistry")
 MODEL_INFER = "inference.GRPCInferenceService.ModelInfer"
 TRAINER = (tpb_grpc.add_TrainerServicer_to_server, tpb_grpc.TrainerServicer, "cnei.trainer.v1.Trainer")
-SERVERS = {"coordinator": (OIP,), "coordinator behind its door": (DOOR, OIP), "runtime": (OIP, NODE),
-           "registry": (REGISTRY,), "trainer": (TRAINER,)}
+SERVERS = {"coordinator": (OIP,), "runtime": (OIP, NODE), "registry": (REGISTRY,), "trainer": (TRAINER,)}
 
 
 @contextlib.asynccontextmanager
@@ -87,6 +87,24 @@ async def test_reflection_needs_no_key_where_every_category_is_restricted():
         infer = await asyncio.to_thread(reflection.describe, server.address, MODEL_INFER)
     assert "inference.GRPCInferenceService" in names
     assert infer.input_type.full_name == "inference.ModelInferRequest"
+
+
+async def test_a_service_added_unlisted_is_served_but_neither_listed_nor_described():
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    (add_door, door, door_name), (add_oip, oip, oip_name) = DOOR, OIP
+    server.add(add_door, door(), door_name, listed=False)
+    server.add(add_oip, oip(), oip_name)
+    await server.start()
+    try:
+        names = await asyncio.to_thread(reflection.listed, server.address)
+        with pytest.raises(KeyError):
+            await asyncio.to_thread(reflection.describe, server.address, door_name)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=door_name))
+    finally:
+        await server.stop(0)
+    assert names == sorted([oip_name, HEALTH, REFLECTION])
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_a_service_no_stubs_describe_is_left_out_and_the_server_still_serves(caplog):

@@ -1,5 +1,6 @@
 """gRPC server reflection on the real services, read by grpcio-reflection's client (the protocol
-grpcurl speaks): each lists the services it registers, ModelInfer's request type resolves at every
+grpcurl speaks): each lists the services it registers (the front door's port not the door's
+control service, which it refuses, nor describes it), ModelInfer's request type resolves at every
 OIP port (the coordinator with and without its compiled front door, a runtime), the README's
 grpcurl calls answer through the coordinator, and CNEI_<SERVICE>_GRPC_REFLECTION=false turns it
 off, through the door too."""
@@ -27,7 +28,7 @@ MODEL_INFER = f"{OIP}.ModelInfer"
 needs_door = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
 SERVERS = {  # what each server registers besides health and reflection
     "coordinator": [OIP],
-    "coordinator behind its door": [DOOR, OIP],
+    "coordinator behind its door": [OIP],  # not the door's control service, which its port refuses
     "runtime": [OIP, "cnei.node.v1.NodeControl"],
     "registry": ["cnei.registry.v1.ModelRegistry"],
     "trainer": ["cnei.trainer.v1.Trainer"],
@@ -83,6 +84,13 @@ def test_each_server_describes_every_service_it_lists(kind, request, mesh):
     for name in reflection.listed(address):
         service = reflection.describe(address, name)
         assert service.full_name == name and service.methods
+
+
+@needs_door
+def test_the_door_s_port_describes_nothing_of_its_control_service(door):
+    for symbol in (DOOR, f"{DOOR}.Report", "cnei.frontdoor.v1.FrontDoorReport"):
+        with pytest.raises(KeyError):
+            reflection.describe(door, symbol)
 
 
 @pytest.mark.parametrize("kind", KINDS)
