@@ -13,7 +13,8 @@ data plane) takes the `inference` key, which a client sends once per connection 
 services/common/fastlane.py), and its NodeControl service (load, unload, status, federated
 rounds) the `node-control` category. The coordinator and the trainer send the keys of the
 runtimes they call from `CNEI_<SERVICE>_NODE_HEADERS`. The front door's control plane listens on
-the loopback interface only.
+the loopback interface only: the door's public port answers its calls UNIMPLEMENTED and reflection
+does not list it.
 
 The registry and the trainer take the same form for their own APIs, with two of the categories:
 `model-repository` for what changes the repository (pushing a model, recording a measurement,

@@ -1,6 +1,7 @@
 """The coordinator behind its compiled front door: routable requests are batched straight to
 the nodes with every caller's own rows back, everything else passes through to the coordinator
-unchanged, a node killed under load loses no request, and SIGTERM stops both processes."""
+unchanged (but the door's control service, which its public port refuses), a node killed under
+load loses no request, and SIGTERM stops both processes."""
 from __future__ import annotations
 
 import collections
@@ -25,6 +26,7 @@ from services.common.deployment import BatchingSpec, DeploymentSpec, RolloutSpec
 from services.cli.up import RUNTIMES
 from services.coordinator.door_process import BUILT
 from services.models.digits import load_all
+from services.pb.cnei import frontdoor_pb2 as fd
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.processes import (Load, children, kill_under_load, push_digits_as, put_deployment, server_ready,
@@ -462,6 +464,63 @@ def test_every_other_rpc_passes_through_the_door_unchanged(door):
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+CONTROL = "cnei.frontdoor.v1.FrontDoorControl"
+FORGED_ROUTES = range(1, 4097)  # every route id a coordinator hands out first (they count from 1)
+
+
+def _forged_report() -> fd.FrontDoorReport:
+    """A report that, booked, would add a thousand requests to every route's model."""
+    return fd.FrontDoorReport(routes=[fd.RouteReport(route_id=i, request_ns=[10**6] * 1000, request_rows=[1] * 1000)
+                                      for i in FORGED_ROUTES])
+
+
+def _successes(client) -> int:
+    return sum(s.inference_stats.success.count for s in client.get_inference_statistics("digits").model_stats)
+
+
+def _control_request(method: str):
+    if method == "Report":
+        return _forged_report()
+    ask = pb.ModelInferRequest(model_name="digits", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=[1, 64])])
+    return fd.RouteRequest(infer_request=ask.SerializeToString())
+
+
+def _refusal(address: str, service: str, method: str, streamed: bool) -> grpc.RpcError:
+    """How `service`'s `method` called at `address` with the control service's request fails,
+    unary or as a stream (on the wire no different)."""
+    request = _control_request(method)
+    path, serializer = f"/{service}/{method}", type(request).SerializeToString
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as refused:
+        if streamed:
+            list(channel.stream_stream(path, request_serializer=serializer)(iter([request]), timeout=10))
+        else:
+            channel.unary_unary(path, request_serializer=serializer)(request, timeout=10)
+    return refused.value
+
+
+@pytest.mark.parametrize("method", ["Route", "Report"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "streamed"])
+def test_the_door_s_control_service_is_unimplemented_at_its_public_port_and_books_nothing(door, method, streamed):
+    _, address, _ = door
+    x, _ = load_all()
+    client = triton.InferenceServerClient(address)
+    try:
+        infra.wait_until(lambda: "cnei_front_door" in _infer(client, x[:1]).get_response().parameters, 15,
+                         "the door serving digits")
+        time.sleep(0.5)  # the door's own report of those requests is in
+        before = _successes(client)
+        refused = _refusal(address, CONTROL, method, streamed)
+        time.sleep(0.5)
+        after = _successes(client)
+    finally:
+        client.close()
+    unknown = _refusal(address, "cnei.nothing.v1.Nothing", method, streamed)
+    assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert refused.details() == unknown.details()  # as if there were no such service
+    assert after == before
 
 
 def test_streamed_inference_passes_through_the_door(door):

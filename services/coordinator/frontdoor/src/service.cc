@@ -16,6 +16,20 @@ constexpr char kModelLoad[] = "/inference.GRPCInferenceService/RepositoryModelLo
 constexpr char kModelUnload[] = "/inference.GRPCInferenceService/RepositoryModelUnload";
 // Requests of one stream unanswered at once (the coordinator's STREAM_WINDOW is the same).
 constexpr size_t kStreamWindow = 256;
+// The door's own link to the coordinator (Route, Report): private to the loopback, never
+// passed on from the public port.
+const std::string kControlPrefix =
+    std::string("/") + cnei::frontdoor::v1::FrontDoorControl::service_full_name() + "/";
+// What the public port answers for a method of no service it passes on: what the coordinator
+// (grpcio) answers for an unknown method, so a private service looks like no service at all.
+constexpr char kNotFound[] = "Method not found!";
+
+// A call answered UNIMPLEMENTED at once, its request unread.
+class Unimplemented : public grpc::ServerGenericBidiReactor {
+ public:
+  Unimplemented() { Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, kNotFound)); }
+  void OnDone() override { delete this; }
+};
 
 // Unary methods of every service in a proto file, as request paths.
 void AddUnaryMethods(const google::protobuf::FileDescriptor* file,
@@ -35,13 +49,13 @@ void AddUnaryMethods(const google::protobuf::FileDescriptor* file,
 FrontDoorService::FrontDoorService(Backend* backend, InferDoor* door, Router* router)
     : backend_(backend), door_(door), router_(router) {
   AddUnaryMethods(inference::ModelInferRequest::descriptor()->file(), &unary_methods_);
-  AddUnaryMethods(cnei::frontdoor::v1::RouteRequest::descriptor()->file(), &unary_methods_);
   unary_methods_.insert("/grpc.health.v1.Health/Check");
 }
 
 grpc::ServerGenericBidiReactor* FrontDoorService::CreateReactor(
     grpc::GenericCallbackServerContext* ctx) {
   const std::string& method = ctx->method();
+  if (method.compare(0, kControlPrefix.size(), kControlPrefix) == 0) return new Unimplemented();
   if (method == kModelInfer) return new UnaryInferCall(ctx, backend_, door_);
   if (method == kModelStreamInfer) return new InferStream(ctx, backend_, door_, kStreamWindow);
   if (method == kModelLoad || method == kModelUnload) return new RepositoryCall(ctx, backend_, router_);
