@@ -125,7 +125,7 @@ class Outbox:
         OUTBOX_BYTES.set(self._bytes)
 
     def _rewrite(self) -> None:
-        temp = self.path.with_suffix(".tmp")
+        temp = self.path.with_name(self.path.name + ".tmp")  # a worker's outbox.jsonl.<index>: its own
         temp.write_text("".join(line + "\n" for line in self._items))
         os.replace(temp, self.path)
 

@@ -2,12 +2,16 @@
 removing only the events it delivered, whatever the outbox dropped meanwhile."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from prometheus_client import REGISTRY
 
 from services.common import events
 from services.common.outbox import Outbox
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _put(outbox: Outbox, *names: str) -> None:
@@ -93,3 +97,21 @@ def test_a_file_a_larger_bound_left_is_cut_to_the_bound_when_opened(tmp_path: Pa
     assert _names(outbox) == ["c"] and outbox.path.stat().st_size <= outbox.max_bytes
     _put(outbox, "d")
     assert _names(Outbox(tmp_path / "outbox.jsonl")) == ["d"]
+
+
+def test_outboxes_side_by_side_as_a_coordinator_s_workers_name_them_keep_their_own_events(tmp_path: Path):
+    script = """
+import sys
+from services.common import events
+from services.common.outbox import Outbox
+outbox = Outbox(sys.argv[1])
+for name in [*range(1500), "last"]:
+    outbox.put(events.MODEL_LOADED, events.Envelope(type=events.MODEL_LOADED, source="s", payload={"name": name}))
+    if name != "last":  # sent: the file rewritten through a temporary file of its own
+        outbox.pop(through=outbox.peek(1)[-1].seq)
+"""
+    paths = [tmp_path / f"outbox.jsonl.{index}" for index in range(2)]  # <outbox_path>.<worker index>
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for path in paths]
+    assert [(proc.wait(timeout=60), proc.stderr.read()) for proc in procs] == [(0, "")] * 2
+    assert [_names(Outbox(path)) for path in paths] == [["last"], ["last"]]
