@@ -54,6 +54,22 @@ class ModelVariant:
         return 0
 
 
+@dataclass(frozen=True)
+class Tombstone:
+    """A variant deleted from the registry: its name, version, precision and artifact, and when
+    (the registry's clock, Unix seconds)."""
+
+    name: str
+    version: str
+    precision: str
+    sha256: str
+    deleted_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}:{self.precision}"
+
+
 def sample_inputs(variant: ModelVariant, batch: int = 1) -> dict[str, np.ndarray]:
     """Zero-filled inputs matching the variant's signature (dynamic dims set to `batch`/1)."""
     out = {}

@@ -15,8 +15,8 @@ import grpc
 from services.common import delta, deployment, grpc_util, restricted, tls
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode, FailedPrecondition, InvalidArgument
-from services.common.model_spec import ModelVariant
-from services.common.registry_convert import variant_from_proto
+from services.common.model_spec import ModelVariant, Tombstone
+from services.common.registry_convert import tombstone_from_proto, variant_from_proto
 from services.common.tls import ClientTls
 from services.pb.cnei import registry_pb2 as rpb
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
@@ -90,6 +90,12 @@ class RegistryClient:
         """Delete a version (one precision of it, when given): the variants deleted, the bytes freed."""
         reply = await self._call(self._stub.DeleteModel, rpb.ModelRef(name=name, version=version, precision=precision))
         return [variant_from_proto(m) for m in reply.deleted], reply.freed_bytes
+
+    async def deleted(self, name: str = "", since: float = 0.0) -> list[Tombstone]:
+        """The tombstones of the variants deleted (of model `name`, else all) at or after `since`
+        (the registry's clock) that the registry still keeps, oldest first."""
+        reply = await self._call(self._stub.ListDeleted, rpb.ListDeletedRequest(model=name, since=since))
+        return [tombstone_from_proto(t) for t in reply.deleted]
 
     async def list(self, name: str = "") -> list[ModelVariant]:
         reply = await self._call(self._stub.ListModels, rpb.ListModelsRequest(name=name))

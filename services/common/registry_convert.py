@@ -1,7 +1,7 @@
-"""ModelVariant <-> registry proto conversion."""
+"""ModelVariant (and Tombstone) <-> registry proto conversion."""
 from __future__ import annotations
 
-from services.common.model_spec import ModelVariant, TensorSpec
+from services.common.model_spec import ModelVariant, TensorSpec, Tombstone
 from services.pb.cnei import registry_pb2 as rpb
 
 
@@ -29,3 +29,13 @@ def variant_from_proto(msg: rpb.ModelVersion) -> ModelVariant:
         inputs=[spec_from_proto(s) for s in msg.inputs],
         outputs=[spec_from_proto(s) for s in msg.outputs], created_at=msg.created_at,
     )
+
+
+def tombstone_to_proto(t: Tombstone) -> rpb.DeletedVariant:
+    return rpb.DeletedVariant(name=t.name, version=t.version, precision=t.precision, sha256=t.sha256,
+                              deleted_at=t.deleted_at)
+
+
+def tombstone_from_proto(msg: rpb.DeletedVariant) -> Tombstone:
+    return Tombstone(name=msg.name, version=msg.version, precision=msg.precision, sha256=msg.sha256,
+                     deleted_at=msg.deleted_at)

@@ -17,9 +17,10 @@ the loopback interface only: the door's public port answers its calls UNIMPLEMEN
 does not list it.
 
 The registry and the trainer take the same form for their own APIs, with two of the categories:
-`model-repository` for what changes the repository (pushing a model, recording a measurement,
-applying a deployment; starting a federated job, which publishes a version) and `metadata` for
-what reads it (listing, resolving, fetching artifacts, deployments; jobs).
+`model-repository` for what changes the repository (pushing or deleting a model, recording a
+measurement, applying a deployment; starting a federated job, which publishes a version) and
+`metadata` for what reads it (listing, resolving, fetching artifacts, deployments, the deleted
+variants' tombstones; jobs).
 
 The standard health and reflection services are in no category, open to every client: health is
 what probes ask, and reflection describes the protos (public), never data, while grpcurl needs it
@@ -53,7 +54,7 @@ REGISTRY_METHODS = {
     "PushModel": "model-repository", "RecordMeasurement": "model-repository", "PutDeployment": "model-repository",
     "DeleteModel": "model-repository",
     "ListModels": "metadata", "GetModel": "metadata", "ResolveModel": "metadata", "FetchArtifact": "metadata",
-    "GetDeployment": "metadata", "ListDeployments": "metadata",
+    "GetDeployment": "metadata", "ListDeployments": "metadata", "ListDeleted": "metadata",
 }
 TRAINER_SERVICE = "cnei.trainer.v1.Trainer"
 TRAINER_METHODS = {"StartJob": "model-repository", "GetJob": "metadata", "ListJobs": "metadata",

@@ -10,7 +10,7 @@ from services.common.bus import EventBus
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 from services.registry.core import Registry
 from services.registry.servicer import RegistryServicer
-from services.registry.settings import PREFIX, RegistrySettings
+from services.registry.settings import PREFIX, RegistrySettings, check
 from services.registry.store import RegistryStore
 
 log = logging.getLogger("services.registry")
@@ -22,7 +22,7 @@ async def serve(settings: RegistrySettings) -> None:
     bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl",
                    stream=settings.stream_limits())
     await bus.start()
-    registry = Registry(store, bus.publish, settings.max_artifact_bytes)
+    registry = Registry(store, bus.publish, settings.max_artifact_bytes, settings.tombstone_retention_days)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port,
                                   interceptors=restricted.guard(settings.restricted_apis, restricted.REGISTRY_API),
@@ -46,6 +46,7 @@ async def serve(settings: RegistrySettings) -> None:
 def main() -> None:
     settings = cfg.load(RegistrySettings, PREFIX)
     restricted.check(PREFIX, settings.restricted_apis, restricted.REGISTRY_API)
+    check(PREFIX, settings)
     tls.check_server("registry", PREFIX, settings)
     telemetry.setup("cnei-registry")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)

@@ -17,7 +17,7 @@ from typing import TypeVar
 from services.common import deployment, events
 from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
-from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
+from services.common.model_spec import PRECISIONS, ModelVariant, Tombstone, pick_variant, version_key
 from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
                                     step_stable_version, versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
@@ -29,6 +29,7 @@ T = TypeVar("T")
 Publisher = Callable[[str, dict], Awaitable[object]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CATALOGUE_THREADS = 4  # the store's quick calls; never behind uploads, artifact reads or deltas
+DAY_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,14 @@ def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> 
 
 class Registry:
     def __init__(self, store: RegistryStore, publish: Publisher | None = None,
-                 max_artifact_bytes: int = 1 << 30):
+                 max_artifact_bytes: int = 1 << 30, tombstone_retention_days: float = 90.0):
+        """`tombstone_retention_days`: how long a deleted variant's tombstone is kept (those older
+        are dropped now and at each deletion, and never listed)."""
         self.store = store
         self.publish = publish
         self.max_artifact_bytes = max_artifact_bytes
+        self.tombstone_retention_s = tombstone_retention_days * DAY_S
+        store.drop_tombstones(self._tombstones_since())
         self._committing: set[asyncio.Future] = set()  # pushes being catalogued, whatever becomes of their calls
         self._naming = asyncio.Lock()  # a push's name checked and catalogued, or a deployment checked and stored
         self._catalogue = ThreadPoolExecutor(CATALOGUE_THREADS, thread_name_prefix="registry-catalogue")
@@ -225,10 +230,20 @@ class Registry:
             if version in in_use:
                 raise FailedPrecondition(f"model '{name}' version {version} is in use: {in_use[version]}")
             removed, freed = await asyncio.to_thread(self.store.delete_variants, name, version, precision)
+        await self._quick(self.store.drop_tombstones, self._tombstones_since())
         freed_bytes = sum({v.sha256: v.size_bytes for v in removed if v.sha256 in freed}.values())
         log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
         await self._announce_deletion(name, version, removed)
         return removed, freed_bytes
+
+    async def deleted(self, name: str = "", since: float = 0.0) -> list[Tombstone]:
+        """The tombstones of the variants deleted (of model `name`, else all) at or after `since`
+        and within the retention, oldest first; a variant pushed again has none."""
+        return await self._quick(self.store.tombstones, name, max(since, self._tombstones_since()))
+
+    def _tombstones_since(self) -> float:
+        """The oldest deletion whose tombstone is kept."""
+        return time.time() - self.tombstone_retention_s
 
     async def _announce_deletion(self, name: str, version: str, removed: list[ModelVariant]) -> None:
         if self.publish is None:

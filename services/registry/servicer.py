@@ -8,7 +8,7 @@ from prometheus_client import Counter
 from services.common import deployment
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import rpc
-from services.common.registry_convert import variant_to_proto
+from services.common.registry_convert import tombstone_to_proto, variant_to_proto
 from services.pb.cnei import registry_pb2 as rpb
 from services.pb.cnei import registry_pb2_grpc as rpb_grpc
 from services.registry.core import PushHeader, Registry
@@ -70,6 +70,11 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
     async def DeleteModel(self, request, context):
         removed, freed = await self.registry.delete_version(request.name, request.version, request.precision)
         return rpb.DeleteModelResponse(deleted=[variant_to_proto(v) for v in removed], freed_bytes=freed)
+
+    @rpc
+    async def ListDeleted(self, request, context):
+        tombstones = await self.registry.deleted(request.model, request.since)
+        return rpb.ListDeletedResponse(deleted=[tombstone_to_proto(t) for t in tombstones])
 
     @rpc
     async def RecordMeasurement(self, request, context):

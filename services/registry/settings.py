@@ -18,12 +18,23 @@ class RegistrySettings(EventStreamSettings):
     data_dir: str = field(".cnei/registry", "SQLite catalogue and content-addressed artifacts")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS server for model events")
     max_artifact_bytes: int = field(1 << 30, "largest artifact accepted by PushModel")
+    tombstone_retention_days: float = field(
+        90.0, "days a deleted variant's tombstone is kept (ListDeleted; dropped at once when the variant is pushed "
+              "again): a runtime that reconnects later than this after a deletion never hears of it and may keep "
+              "serving the deleted variant from its disk cache while the registry is away; above 0")
     tls_cert_file: str = field("", "PEM certificate (chain) of the gRPC API: TLS (clients then need "
                                        "CNEI_<SERVICE>_REGISTRY_TLS_CA_FILE); empty: plaintext")
     tls_key_file: str = field("", "PEM private key of that certificate")
     tls_client_ca_file: str = field("", "PEM CA whose client certificates the API requires (mutual TLS)")
     restricted_apis: str = field(
         "", "restricted APIs of the registry: '<category>[,...]:<header>=<value>', several joined with ';'; "
-            "categories: metadata (list, resolve, fetch artifacts, read deployments), model-repository (push "
-            "models, record measurements, apply deployments). Such calls without the header are "
+            "categories: metadata (list, resolve, fetch artifacts, read deployments and deleted variants), "
+            "model-repository (push and delete models, record measurements, apply deployments). Such calls without the header are "
             "PERMISSION_DENIED; every service then needs CNEI_<SERVICE>_REGISTRY_HEADERS")
+
+
+def check(prefix: str, settings: RegistrySettings) -> None:
+    """Stop (SystemExit naming the variable) before starting on a retention that keeps no tombstone."""
+    if not settings.tombstone_retention_days > 0:
+        raise SystemExit(f"{prefix}TOMBSTONE_RETENTION_DAYS ({settings.tombstone_retention_days}) must be above 0: "
+                         "runtimes away during a deletion would never hear of it")

@@ -6,10 +6,11 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from services.common.errors import AlreadyExists
-from services.common.model_spec import ModelVariant, TensorSpec
+from services.common.model_spec import ModelVariant, TensorSpec, Tombstone
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ CREATE TABLE IF NOT EXISTS measurements (
 CREATE TABLE IF NOT EXISTS deployments (
   model TEXT PRIMARY KEY, spec_json TEXT NOT NULL, updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tombstones (
+  name TEXT NOT NULL, version TEXT NOT NULL, precision TEXT NOT NULL, sha256 TEXT NOT NULL,
+  deleted_at REAL NOT NULL,
+  PRIMARY KEY (name, version, precision)
+);
+CREATE INDEX IF NOT EXISTS tombstones_by_time ON tombstones (deleted_at);
 """
 
 
@@ -135,6 +142,8 @@ class RegistryStore:
         )
         try:
             self._db.execute("INSERT INTO variants VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+            self._db.execute("DELETE FROM tombstones WHERE name = ? AND version = ? AND precision = ?",
+                             (v.name, v.version, v.precision))  # pushed again: no longer deleted
             self._db.commit()
         except sqlite3.IntegrityError:
             self._db.rollback()
@@ -150,12 +159,15 @@ class RegistryStore:
             rows = self._db.execute(f"SELECT * FROM variants WHERE sha256 IN ({marks})", sha256s).fetchall()
         return [_row_to_variant(r) for r in rows]
 
-    def delete_variants(self, name: str, version: str, precision: str = "") -> tuple[list[ModelVariant], list[str]]:
+    def delete_variants(self, name: str, version: str, precision: str = "",
+                        when: float | None = None) -> tuple[list[ModelVariant], list[str]]:
         """Remove model `name` `version` (its `precision` variant, else all) from the catalogue with
-        its measurements, then every artifact and kept delta no variant refers to any more, as one
-        step under the store lock: a push of the same bytes moves its upload in and catalogues it
-        under this lock too, so it keeps its artifact. The variants removed (none: nothing matched)
-        and the artifacts deleted (sha256s)."""
+        its measurements, leaving a tombstone of each variant (deleted `when`, default now), then
+        every artifact and kept delta no variant refers to any more, as one step under the store
+        lock: a push of the same bytes moves its upload in and catalogues it under this lock too, so
+        it keeps its artifact. The variants removed (none: nothing matched) and the artifacts
+        deleted (sha256s)."""
+        when = time.time() if when is None else when
         where = "name = ? AND version = ?" + (" AND precision = ?" if precision else "")
         args = (name, version, precision) if precision else (name, version)
         with self._lock:
@@ -164,6 +176,8 @@ class RegistryStore:
                 return [], []
             self._db.execute(f"DELETE FROM variants WHERE {where}", args)
             self._db.execute(f"DELETE FROM measurements WHERE {where}", args)
+            self._db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?,?,?,?,?)",
+                                 [(v.name, v.version, v.precision, v.sha256, when) for v in removed])
             self._db.commit()
             referenced = {sha for (sha,) in self._db.execute("SELECT DISTINCT sha256 FROM variants")}
             freed = sorted({v.sha256 for v in removed} - referenced)
@@ -171,6 +185,23 @@ class RegistryStore:
                 self.blob_path(sha).unlink(missing_ok=True)
             self._drop_deltas(referenced)
         return removed, freed
+
+    def tombstones(self, name: str = "", since: float = 0.0) -> list[Tombstone]:
+        """The tombstones of deleted variants (of model `name`, else all) deleted at or after
+        `since`, oldest first."""
+        where, args = ("AND name = ?", (since, name)) if name else ("", (since,))
+        with self._lock:
+            rows = self._db.execute("SELECT name, version, precision, sha256, deleted_at FROM tombstones "
+                                    f"WHERE deleted_at >= ? {where} ORDER BY deleted_at, name, version, precision",
+                                    args).fetchall()
+        return [Tombstone(*row) for row in rows]
+
+    def drop_tombstones(self, before: float) -> int:
+        """Delete the tombstones of variants deleted before `before`; how many went."""
+        with self._lock:
+            dropped = self._db.execute("DELETE FROM tombstones WHERE deleted_at < ?", (before,)).rowcount
+            self._db.commit()
+        return dropped
 
     def _drop_deltas(self, referenced: set[str]) -> None:
         """Delete the kept deltas from or to an artifact outside `referenced` (one being made is

@@ -50,8 +50,9 @@ def _wait_until_serving(target: str, proc: subprocess.Popen, log: Path) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def start_registry(data_dir: Path, nats_url: str) -> RegistryProcess:
-    """`python -m services.registry` on a free port, with metrics off; returns once SERVING."""
+def start_registry(data_dir: Path, nats_url: str, **settings: str) -> RegistryProcess:
+    """`python -m services.registry` on a free port, with metrics off and these other settings
+    (environment variables); returns once SERVING."""
     port = infra.free_port()
     env = {
         **os.environ,
@@ -62,6 +63,7 @@ def start_registry(data_dir: Path, nats_url: str) -> RegistryProcess:
         "CNEI_REGISTRY_NATS_URL": nats_url,
         "CNEI_REGISTRY_MAX_ARTIFACT_BYTES": str(MAX_ARTIFACT_BYTES),
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        **settings,
     }
     log = data_dir.parent / f"{data_dir.name}-{port}.log"
     with log.open("ab") as out:
@@ -94,13 +96,14 @@ def registry(nats_server, tmp_path_factory) -> RegistryProcess:
 
 
 @pytest.fixture
-def launch_registry(nats_server) -> Callable[[Path], RegistryProcess]:
-    """Start registries of this test's own (blocking; from async tests use asyncio.to_thread);
-    any still running at the end are stopped."""
+def launch_registry(nats_server) -> Callable[..., RegistryProcess]:
+    """Start registries of this test's own (blocking; from async tests use asyncio.to_thread),
+    with other settings given as keywords (environment variables); any still running at the end
+    are stopped."""
     started: list[RegistryProcess] = []
 
-    def launch(data_dir: Path) -> RegistryProcess:
-        started.append(start_registry(data_dir, nats_server))
+    def launch(data_dir: Path, **settings: str) -> RegistryProcess:
+        started.append(start_registry(data_dir, nats_server, **settings))
         return started[-1]
 
     yield launch
