@@ -41,9 +41,10 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
                  "a model in each precision (a pull that still does not fit is RESOURCE_EXHAUSTED); 0: no limit")
     outbox_max_bytes: int = field(
         64 << 20, "byte bound of the event outbox (events kept in the cache folder while NATS is away, outside "
-                  "DISK_CACHE_MAX_BYTES; the file takes up to twice this while it is rewritten): an event that would go "
-                  "over it drops the oldest kept first (cnei_outbox_dropped_total, logged): the newest are kept, such "
-                  "as the latest metrics snapshot, whose counts are cumulative; 0: only the 100000-event bound")
+                  "DISK_CACHE_MAX_BYTES; its append-only file up to 1.5 × this, 2.5 × while the sent and dropped front "
+                  "is cut off it): an event that would go over it drops the oldest kept first "
+                  "(cnei_outbox_dropped_total, logged): the newest are kept, such as the latest metrics snapshot, "
+                  "whose counts are cumulative; 0: only the 100000-event bound")
     heartbeat_interval_s: float = field(0.2, "seconds between heartbeats")
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
     restricted_apis: str = field(
