@@ -1,7 +1,8 @@
 """The coordinator behind its compiled front door: routable requests are batched straight to
-the nodes with every caller's own rows back, everything else passes through to the coordinator
-unchanged (but the door's control service, which its public port refuses), a node killed under
-load loses no request, and SIGTERM stops both processes."""
+the nodes with every caller's own rows back, every other call of the services its port serves
+passes through to the coordinator unchanged (the door's control service, as any other, is refused:
+see test_front_door_passes.py), a node killed under load loses no request, and SIGTERM stops both
+processes."""
 from __future__ import annotations
 
 import collections

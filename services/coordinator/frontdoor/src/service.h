@@ -4,7 +4,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 
 #include <string>
-#include <unordered_set>
+#include <unordered_map>
 
 #include "backend.h"
 #include "door.h"
@@ -20,7 +20,8 @@ class FrontDoorService : public grpc::CallbackGenericService {
   Backend* backend_;
   InferDoor* door_;
   Router* router_;
-  std::unordered_set<std::string> unary_methods_;  // "/package.Service/Method"
+  // The methods the public port passes on, "/package.Service/Method": whether it streams.
+  std::unordered_map<std::string, bool> passed_;
 };
 
 }  // namespace frontdoor
