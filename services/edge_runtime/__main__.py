@@ -85,8 +85,10 @@ async def serve(settings: RuntimeSettings) -> None:
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
     await bus.subscribe(events.MODEL_DELETED, on_deleted)
     await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)
-    bus.on_connect.append(runtime.resync)
+    bus.on_connect.append(runtime.resync)  # forgets what was deleted while it was away, as at start
     await bus.start()
+    if not bus.connected:  # no connect resync to forget what was deleted while it was stopped
+        runtime.background.spawn(runtime.forget_deleted())
     interceptors = [DelayInterceptor(settings.emulated_delay_ms)] if settings.emulated_delay_ms > 0 else []
     interceptors += restricted_apis.guard(settings.restricted_apis, restricted_apis.RUNTIME_API)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

@@ -60,6 +60,13 @@ def variant_from_json(text: str) -> ModelVariant:
     return ModelVariant(**obj)
 
 
+def _named_by(manifest: Path) -> str:
+    """The sha256 a manifest names, read as loosely as can be ("" when it names none or is gone)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return str(json.loads(manifest.read_text()).get("sha256", ""))
+    return ""
+
+
 class DiskCache:
     """Artifacts by sha256 plus the manifest of each cached variant (for offline resolution),
     within `max_bytes` (0: no limit): storing one that would go over it first deletes the least
@@ -136,15 +143,19 @@ class DiskCache:
             DISK_BYTES.set(self.bytes_used())
         return path
 
-    def forget(self, deleted: Iterable[tuple[str, str, str]], in_use: Set[str] = frozenset()) -> list[str]:
+    def forget(self, deleted: Iterable[tuple[str, str, str]], in_use: Set[str] = frozenset(),
+               sha256: str = "") -> list[str]:
         """Variants deleted from the registry ((name, version, precision)): delete their manifests,
         so that nothing resolves them from here again (offline, after a restart too), then every
         artifact no manifest names any more (shared bytes stay while another variant names them),
         but those `in_use` (sha256s a model in memory runs: they go when it has left) or pinned.
-        The sha256s of the artifacts deleted."""
+        `sha256` (a tombstone's): only manifests naming those bytes go, so a variant pushed again
+        with other bytes and stored meanwhile stays. The sha256s of the artifacts deleted."""
         with self._room:
             for name, version, precision in deleted:
-                self._manifest_of(name, version, precision).unlink(missing_ok=True)
+                manifest = self._manifest_of(name, version, precision)
+                if not sha256 or _named_by(manifest) == sha256:
+                    manifest.unlink(missing_ok=True)
             named = self._named_artifacts()
             with self._pins_lock:
                 spared = named | set(in_use) | set(self._pins)
@@ -245,11 +256,7 @@ class DiskCache:
     def _named_artifacts(self) -> set[str]:
         """The sha256 every manifest here names, read as loosely as can be (a manifest another
         release wrote, which `variants` may not read, still keeps its artifact)."""
-        named = set()
-        for path in self.root.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                named.add(str(json.loads(path.read_text()).get("sha256", "")))
-        return named
+        return {_named_by(path) for path in self.root.glob("*.json")}
 
     def _remove_temporaries(self) -> None:
         """Delete the temporary files of writes a crash or kill interrupted (never renamed)."""

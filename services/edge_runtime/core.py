@@ -19,8 +19,9 @@ from services.common.batcher import Batcher, BatchOutputs, priority_level, reque
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound,
                                     Unavailable, error_for, outcome_of)
-from services.common.model_spec import (FORMED_BATCH, ModelVariant, check_batch_size, check_inputs, check_outputs,
-                                        pick_variant, sample_inputs, served_max_batch_size, version_key)
+from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, check_batch_size, check_inputs,
+                                        check_outputs, pick_variant, sample_inputs, served_max_batch_size,
+                                        version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
 from services.common.served import models_in_use, served_version, versions_in_use
@@ -212,22 +213,54 @@ class EdgeRuntime:
         local.update((m.variant.key, m.variant) for m in self.l1.values() if m.variant.name == name)
         return list(local.values())
 
-    async def model_deleted(self, name: str, version: str, precisions: list[str]) -> None:
+    async def model_deleted(self, name: str, version: str, precisions: list[str], sha256: str = "") -> None:
         """A version (or some of its variants) was deleted from the registry: forget resolutions
         and the version the deployment serves, and never load those variants again. Their
         manifests leave the disk cache at once (a restarted runtime never resolves them, offline
         either) with the artifacts no other variant there names; a copy in memory serves on until
-        it leaves (offline autonomy), and its artifact goes then (`_left_memory`)."""
+        it leaves (offline autonomy), and its artifact goes then (`_left_memory`). `sha256`: a
+        tombstone's (`apply_tombstones`), only a manifest naming those bytes leaves the disk."""
         self._deleted.update(f"{name}:{version}:{precision}" for precision in precisions)
         self.forget_resolutions(name)
         self.deployment_updated(name)
-        await self._forget_on_disk([(name, version, precision) for precision in precisions])
+        await self._forget_on_disk([(name, version, precision) for precision in precisions], sha256)
 
-    async def _forget_on_disk(self, deleted: list[tuple[str, str, str]]) -> None:
-        """Delete these variants' manifests and the artifacts no manifest names any more, but
-        those a model in memory runs (`DiskCache.forget`)."""
+    async def forget_deleted(self, names: tuple[str, ...] = ()) -> bool:
+        """Forget what was deleted from the registry while its events did not reach this node
+        (stopped, cut off from NATS): the registry's tombstones of each model held here, on disk
+        or in memory (or of those `names`), applied as the events would have been
+        (`apply_tombstones`). Only tombstones delete: a model the registry does not know (one
+        restored empty, another registry) is kept. False when the registry was unreachable."""
+        held = {v.name for v in self.disk.variants()} | {m.variant.name for m in self.l1.values()}
+        for name in sorted(held if not names else held & set(names)):
+            try:
+                await self.apply_tombstones(await self.registry.deleted(name))
+            except CneiError as exc:
+                log.warning("could not read what was deleted of %s from the registry: %s", name, exc.message)
+                if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                    return False
+        return True
+
+    async def apply_tombstones(self, tombstones: list[Tombstone]) -> list[str]:
+        """Forget each variant a tombstone names, as its deletion event does (`model_deleted`),
+        where this node holds the tombstone's bytes for it (on disk or in memory): a variant pushed
+        again with other bytes after the deletion stays. The variant keys forgotten."""
+        held: dict[str, dict[str, str]] = {}
+        forgotten = []
+        for t in tombstones:
+            if t.name not in held:
+                held[t.name] = {v.key: v.sha256 for v in self._local_variants(t.name)}
+            if t.key not in self._deleted and held[t.name].get(t.key) == t.sha256:
+                log.info("%s was deleted from the registry while this node did not hear of it: forgetting it", t.key)
+                await self.model_deleted(t.name, t.version, [t.precision], t.sha256)
+                forgotten.append(t.key)
+        return forgotten
+
+    async def _forget_on_disk(self, deleted: list[tuple[str, str, str]], sha256: str = "") -> None:
+        """Delete these variants' manifests (`sha256`: those naming these bytes) and the artifacts
+        no manifest names any more, but those a model in memory runs (`DiskCache.forget`)."""
         in_memory = {m.variant.sha256 for m in self.l1.values()}
-        await asyncio.to_thread(self.disk.forget, deleted, in_memory)
+        await asyncio.to_thread(self.disk.forget, deleted, in_memory, sha256)
 
     def _left_memory(self, variant: ModelVariant) -> None:
         """The variant left memory: its artifact's last use is now, and a deleted variant's
@@ -245,8 +278,9 @@ class EdgeRuntime:
 
     async def resync(self, attempt: int = 0, names: tuple[str, ...] = ()) -> None:
         """Back online (or told of a new version or deployment): for every cached model (or those
-        `names`), pull the versions its deployment serves in each cached precision, and load its
-        stable version where another version of that precision is loaded (`_refresh`)."""
+        `names`), forget the variants deleted meanwhile (`forget_deleted`), pull the versions its
+        deployment serves in each cached precision, and load its stable version where another
+        version of that precision is loaded (`_refresh`)."""
         async with self._resync_lock:
             self._registry_down_until = 0.0
             if names:
@@ -257,12 +291,12 @@ class EdgeRuntime:
                 self.forget_resolutions()
                 self._caps.clear()  # deployments may have changed while the events did not arrive
                 self._in_use_until = 0.0
+            retry = not await self.forget_deleted(names)  # deletions whose events did not arrive
             loaded = {(m.variant.name, m.variant.precision) for m in self.l1.values()}
             cached: dict[str, set[str]] = {}
             for v in self.disk.variants():
                 if not names or v.name in names:
                     cached.setdefault(v.name, set()).add(v.precision)
-            retry = False
             for name, precisions in sorted(cached.items()):
                 retry = not await self._refresh(name, precisions, loaded) or retry
         if retry and attempt < RESYNC_RETRIES:

@@ -290,3 +290,14 @@ def test_an_artifact_the_caller_keeps_stays_when_room_is_made_though_no_manifest
     with pytest.raises(DiskCacheFull):
         disk.put(*_sized("1", name="third"), keep=lambda a: a.sha256 == deleted[0].sha256)
     assert disk.artifact_path(deleted[0].sha256).is_file()
+
+
+@pytest.mark.parametrize(("tombstone_bytes", "forgotten"), [(b"first bytes", True), (b"bytes pushed again", False)],
+                         ids=["the-bytes-held", "other-bytes"])
+def test_forgetting_a_variant_by_its_tombstone_takes_only_a_manifest_naming_the_tombstones_bytes(
+        tmp_path, tombstone_bytes, forgotten):
+    held = _variant(b"first bytes")
+    disk = DiskCache(tmp_path)
+    disk.put(held, b"first bytes")
+    disk.forget([("digits", "1", "FP32")], sha256=hashlib.sha256(tombstone_bytes).hexdigest())
+    assert disk.has(held) is not forgotten and disk.artifact_path(held.sha256).is_file() is not forgotten

@@ -2,7 +2,9 @@
 copy it has in memory, offline too, but never loads one it held only on disk again, after a
 restart either: the deleted variants leave its disk cache, their bytes once no variant there
 names them and no model in memory runs them (a real registry process; the runtime core on its
-own, and a runtime process following the registry's events over a real NATS)."""
+own, and a runtime process following the registry's events over a real NATS). A runtime that was
+stopped or cut off from NATS when the version was deleted forgets it the same way from the
+registry's tombstones when it starts or reconnects, only where it holds the tombstone's bytes."""
 from __future__ import annotations
 
 import uuid
@@ -13,13 +15,17 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
+from services.common.model_spec import ModelVariant
 from services.common import settings as cfg
 from services.common.errors import CneiError, ErrorCode
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from services.registry.core import Registry
+from services.registry.store import RegistryStore
 from tests.edge_runtime.processes import call_registry, infer, loaded, start_runtime, write_mlp
+from tests.registry.conftest import serving
 
 OFFLINE = "127.0.0.1:1"  # nothing listens there: UNAVAILABLE
 
@@ -142,6 +148,146 @@ async def test_a_version_pushed_again_after_its_deletion_is_served_again(registr
         assert resolved.sha256 == again.sha256
         assert await runtime.load(resolved) is runtime.l1.peek(again.key)
         assert runtime.disk.has(again)
+    finally:
+        await stop(runtime)
+        await client.close()
+
+
+def cache_three_versions(registry: str, nats: str, redis_server: str, tmp_path: Path, seed: int):
+    """Versions 1 and 2 of a fresh model (their own bytes) and 3 (version 1's bytes again),
+    each served once by a runtime process over `nats` holding one model in memory (version 2
+    last): (name, the variants, the cache folder, the runtime process, its address)."""
+    name, cache = f"deleted-{uuid.uuid4().hex[:8]}", tmp_path / "cache"
+    shared, own = write_mlp(tmp_path, seed), write_mlp(tmp_path, seed + 1)
+    variants = [call_registry(registry, "push_file", path, name, version, "FP32")
+                for version, path in (("1", shared), ("2", own), ("3", shared))]
+    proc, address = start_runtime(registry, nats, redis_server, cache,
+                                  CNEI_RUNTIME_CACHE_MAX_BYTES=str(variants[0].size_bytes + 1000))
+    try:
+        for version in ("1", "3", "2"):
+            assert infer(address, name, version) == version
+    except BaseException:
+        infra.stop(proc)
+        raise
+    return name, variants, cache, proc, address
+
+
+def serves_offline_only_version_3(name: str, nats: str, redis_server: str, cache: Path) -> None:
+    """A runtime restarted over `cache` with the registry out of reach serves version 3 and
+    neither deleted version."""
+    proc, address = start_runtime(OFFLINE, nats, redis_server, cache)
+    try:
+        assert infer(address, name) == "3" and infer(address, name, "3") == "3"
+        for version in ("1", "2"):
+            with pytest.raises(InferenceServerException) as refused:
+                infer(address, name, version)
+            assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value.message()
+    finally:
+        infra.stop(proc)
+
+
+def forgotten_but_version_3(name: str, cache: Path, variants: list[ModelVariant]) -> None:
+    """Within 20 s the deleted versions' manifests leave the cache, and their bytes but those
+    version 3 names (version 1's)."""
+    left = ({f"{name}+3+FP32.json"}, {variants[2].sha256})
+    infra.wait_until(lambda: on_disk(cache) == left, 20, "the deleted versions gone")
+
+
+@pytest.mark.parametrize("nats_at_restart", ["up", "away"])
+def test_a_runtime_stopped_while_versions_were_deleted_forgets_them_when_it_starts_again(
+        registry, nats_server, redis_server, tmp_path, nats_at_restart):
+    name, variants, cache, proc, _ = cache_three_versions(registry, nats_server, redis_server, tmp_path, 41)
+    infra.stop(proc)
+    for version in ("1", "2"):
+        call_registry(registry, "delete", name, version)  # announced while no runtime listens
+    nats = nats_server if nats_at_restart == "up" else "nats://127.0.0.1:1"
+    proc, address = start_runtime(registry, nats, redis_server, cache)
+    try:
+        forgotten_but_version_3(name, cache, variants)
+        assert infer(address, name) == "3"
+    finally:
+        infra.stop(proc)
+    serves_offline_only_version_3(name, nats_server, redis_server, cache)
+
+
+def test_a_runtime_cut_off_from_nats_while_versions_were_deleted_forgets_them_when_it_reconnects(
+        registry, redis_server, tmp_path):
+    port = infra.free_port()
+    own_nats = infra.start_nats(port, tmp_path / "nats")  # the registry announces on another one
+    try:
+        name, variants, cache, proc, address = cache_three_versions(
+            registry, f"nats://127.0.0.1:{port}", redis_server, tmp_path, 51)
+        try:
+            for version in ("1", "2"):
+                call_registry(registry, "delete", name, version)
+            assert len(on_disk(cache)[0]) == 3  # never told
+            infra.stop(own_nats)
+            own_nats = infra.start_nats(port, tmp_path / "nats")
+            forgotten_but_version_3(name, cache, variants)
+            # the resync loads the version served in place of version 2 (its bytes go as it leaves)
+            assert loaded(address) == {variants[2].key}
+        finally:
+            infra.stop(proc)
+    finally:
+        infra.stop(own_nats)
+    serves_offline_only_version_3(name, f"nats://127.0.0.1:{port}", redis_server, cache)
+
+
+async def test_a_version_deleted_and_pushed_again_with_the_same_bytes_is_kept_at_a_resync(registry, tmp_path):
+    name, client = f"deleted-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=10)
+    path = write_mlp(tmp_path, 61)
+    v1 = await client.push_file(path, name, "1", "FP32")
+    runtime = core(client, tmp_path / "cache")
+    offline = RegistryClient(OFFLINE, timeout=0.5)
+    try:
+        await runtime.load(v1)
+        runtime.unload(v1.key)
+        await client.delete(name, "1")  # no event reaches it
+        await client.push_file(path, name, "1", "FP32")  # its tombstone goes
+        await runtime.resync()
+        assert runtime.disk.has(v1)
+        runtime.registry = offline
+        assert (await runtime.resolve(name, "1")).sha256 == v1.sha256
+    finally:
+        await stop(runtime)
+        await client.close()
+        await offline.close()
+
+
+async def test_a_tombstone_read_before_a_push_of_other_bytes_leaves_the_variant_pushed_again(registry, tmp_path):
+    name, client = f"deleted-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=10)
+    v1 = await client.push_file(write_mlp(tmp_path, 71), name, "1", "FP32")
+    runtime = core(client, tmp_path / "cache")
+    try:
+        await runtime.load(v1)
+        runtime.unload(v1.key)
+        await client.delete(name, "1")
+        tombstones = await client.deleted(name)  # read, then overtaken by a push of the same version
+        again = await client.push_file(write_mlp(tmp_path, 72), name, "1", "FP32")
+        await runtime.load(await runtime.resolve(name, "1"))
+        runtime.unload(again.key)
+        assert [t.sha256 for t in tombstones] == [v1.sha256] and runtime.disk.has(again)
+        assert await runtime.apply_tombstones(tombstones) == []
+        assert runtime.disk.has(again) and (await runtime.load(again)).variant == again
+    finally:
+        await stop(runtime)
+        await client.close()
+
+
+async def test_a_registry_that_never_heard_of_a_cached_model_makes_a_resync_forget_nothing(registry, tmp_path):
+    name, client = f"deleted-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=10)
+    v1 = await client.push_file(write_mlp(tmp_path, 81), name, "1", "FP32")
+    runtime = core(client, tmp_path / "cache")
+    try:
+        await runtime.load(v1)
+        runtime.unload(v1.key)
+        async with serving(Registry(RegistryStore(tmp_path / "restored-empty"))) as address:
+            runtime.registry = RegistryClient(address, timeout=10)  # no tombstone, nor the model
+            try:
+                await runtime.resync()
+            finally:
+                await runtime.registry.close()
+        assert runtime.disk.has(v1)
     finally:
         await stop(runtime)
         await client.close()
