@@ -31,7 +31,11 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     registry_target: str = field("127.0.0.1:50051", "registry gRPC address")
     redis_url: str = field("redis://127.0.0.1:6379/0", "Redis for node records")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
-    cache_dir: str = field(".cnei/cache/edge-1", "on-disk artifact cache")
+    cache_dir: str = field(
+        ".cnei/cache/edge-1", "on-disk artifact cache; a variant deleted from the registry leaves it at its event, or "
+                              "at the next start or NATS reconnect from the registry's tombstones (kept "
+                              "CNEI_REGISTRY_TOMBSTONE_RETENTION_DAYS: a runtime away longer may keep a deleted "
+                              "variant)")
     cache_max_bytes: int = field(2 << 30, "byte budget of loaded models (L1); LRU eviction")
     disk_cache_max_bytes: int = field(
         8 << 30, "byte budget of the disk cache (artifacts and their manifests; keep it under the volume's size): the "

@@ -29,8 +29,8 @@ class RegistrySettings(EventStreamSettings):
     restricted_apis: str = field(
         "", "restricted APIs of the registry: '<category>[,...]:<header>=<value>', several joined with ';'; "
             "categories: metadata (list, resolve, fetch artifacts, read deployments and deleted variants), "
-            "model-repository (push and delete models, record measurements, apply deployments). Such calls without the header are "
-            "PERMISSION_DENIED; every service then needs CNEI_<SERVICE>_REGISTRY_HEADERS")
+            "model-repository (push and delete models, record measurements, apply deployments). Such calls without "
+            "the header are PERMISSION_DENIED; every service then needs CNEI_<SERVICE>_REGISTRY_HEADERS")
 
 
 def check(prefix: str, settings: RegistrySettings) -> None:
