@@ -38,7 +38,8 @@ def stored_tombstones(data_dir) -> list[tuple[str, str, str]]:
 
 
 async def test_a_deletion_leaves_a_tombstone_of_each_variant_naming_its_bytes(client, name, files):
-    fp32, int8 = [await client.push_file(path, name, "1", precision) for path, precision in zip(files, ("FP32", "INT8"))]
+    fp32, int8 = [await client.push_file(path, name, "1", precision)
+                  for path, precision in zip(files, ("FP32", "INT8"))]
     await client.push_file(files[1], name, "2", "FP32")
     before = time.time()
     await client.delete(name, "1")
