@@ -22,7 +22,7 @@ from services.registry.core import DAY_S
 from tests.registry.restart import across_a_restart
 from tests.retrained import write_versions
 
-RETENTION_S = 2.0
+RETENTION_S = 3.0  # long enough for a deletion and a listing on a loaded machine
 
 
 @pytest.fixture
