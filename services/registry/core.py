@@ -239,6 +239,8 @@ class Registry:
     async def deleted(self, name: str = "", since: float = 0.0) -> list[Tombstone]:
         """The tombstones of the variants deleted (of model `name`, else all) at or after `since`
         and within the retention, oldest first; a variant pushed again has none."""
+        if math.isnan(since):  # compares false with every time: an empty list, though some are kept
+            raise InvalidArgument(f"ListDeleted 'since' must be a number of seconds (Unix time), not {since}")
         return await self._quick(self.store.tombstones, name, max(since, self._tombstones_since()))
 
     def _tombstones_since(self) -> float:

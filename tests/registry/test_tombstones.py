@@ -52,6 +52,16 @@ async def test_a_deletion_leaves_a_tombstone_of_each_variant_naming_its_bytes(cl
     assert await client.deleted(f"{name}-other") == []
 
 
+async def test_listing_the_deleted_since_a_time_that_is_not_a_number_is_invalid_argument(client, name, files):
+    await client.push_file(files[0], name, "1", "FP32")
+    await client.push_file(files[1], name, "2", "FP32")
+    await client.delete(name, "1")
+    with pytest.raises(CneiError) as info:
+        await client.deleted(name, since=float("nan"))
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert info.value.message == "ListDeleted 'since' must be a number of seconds (Unix time), not nan"
+
+
 async def test_a_variant_pushed_again_loses_its_tombstone_and_the_others_keep_theirs(client, name, files):
     for precision in ("FP32", "INT8"):
         await client.push_file(files[0], name, "1", precision)
