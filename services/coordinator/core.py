@@ -356,7 +356,9 @@ class Coordinator:
         models), the door's requests over it included (it forwards them): INVALID_ARGUMENT."""
         if variant is None:
             variant = await self._ensemble_variant(deployed, ensemble.nesting_depth(request.parameters))
-        check_batch_size(request.model_name, request.inputs, served_max_batch_size(variant, deployed))
+        # the model's own inputs: one it lacks is refused by name when the request is checked
+        inputs = {t.name: request.inputs[t.name] for t in variant.inputs if t.name in request.inputs}
+        check_batch_size(request.model_name, inputs, served_max_batch_size(variant, deployed))
 
     async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
                         start: int) -> oip.InferResponse:

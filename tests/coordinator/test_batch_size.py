@@ -80,6 +80,14 @@ async def test_inputs_that_disagree_on_the_batch_dimension_are_invalid_argument_
     assert node.calls == []
 
 
+async def test_an_input_the_model_does_not_have_is_refused_by_name_not_as_a_batch_size():
+    node = mesh.NodeCore()
+    async with mesh.mesh([mesh.variant()], {"m": DeploymentSpec(model="m")}, {"n1": node}) as m:
+        status, details = await send(m, "m", {"x": rows(2), "X": rows(9)})
+    assert (status, details) == ("INVALID_ARGUMENT", "tensor 'X': is not an input of model 'm' (inputs: ['x'])")
+    assert node.calls == []
+
+
 async def test_an_ensemble_is_held_to_its_own_max_batch_size_and_its_steps_to_none_of_theirs():
     """The ensemble shows its steps' models' smallest max_batch_size (8), not their deployments'
     (2): its steps carry its rows, batched alone where over their deployment's, as before."""
