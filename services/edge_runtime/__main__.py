@@ -28,7 +28,7 @@ from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.federated import LocalTrainer
 from services.edge_runtime.heartbeat import Heartbeat, check_settings as check_heartbeat
 from services.edge_runtime.heartbeat import redis_client
-from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from services.edge_runtime.settings import PREFIX, RuntimeSettings, check as check_settings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -142,6 +142,7 @@ def main() -> None:
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
     tls.check_client("runtime", PREFIX, "REGISTRY", settings)
     check_heartbeat(PREFIX, settings)
+    check_settings(PREFIX, settings)
     tls.check_server("runtime", PREFIX, settings)
     telemetry.setup(f"cnei-runtime-{settings.tier}")
     lifecycle.run_service(serve(settings), event_loop=settings.event_loop)

@@ -102,3 +102,11 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     @property
     def address(self) -> str:
         return f"{self.advertise_host or self.host}:{self.port}"
+
+
+def check(prefix: str, settings: RuntimeSettings) -> None:
+    """Stop (SystemExit naming the variable) before starting on an outbox byte bound below 0, which
+    would bound nothing rather than mean 0's "only the event bound"."""
+    if settings.outbox_max_bytes < 0:
+        raise SystemExit(f"{prefix}OUTBOX_MAX_BYTES ({settings.outbox_max_bytes}) must be 0 or more "
+                         "(0: only the 100000-event bound)")
