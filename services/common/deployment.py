@@ -12,6 +12,7 @@ from services.common.errors import InvalidArgument
 
 SCHEDULER_POLICIES = ("edgeai", "least_loaded", "round_robin", "random")
 JOINT_MODES = ("off", "sync", "async")
+PRECISIONS = ("FP32", "FP16", "INT8")  # a variant's, and what a deployment may ask for
 INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
 # What each batching integer may be: the front door's RouteReply carries them as uint32,
 # ModelConfig max_batch_size (and preferred sizes, at most it) as int32
@@ -292,7 +293,19 @@ def check_put(spec: DeploymentSpec) -> DeploymentSpec:
         raise InvalidArgument(f"batching.max_queue_delay_us ({b.max_queue_delay_us} µs) must be below "
                               f"attempt_timeout_ms ({spec.attempt_timeout_ms:g} ms): a request waiting out the "
                               f"delay alone would time out on every node")
+    for where, precision in _precisions(spec):
+        if precision.upper() not in ("", *PRECISIONS):
+            raise InvalidArgument(f"deployment field '{spec.model}.{where}' must be one of {list(PRECISIONS)} "
+                                  f"(or empty), got {precision!r}")
     return spec
+
+
+def _precisions(spec: DeploymentSpec) -> list[tuple[str, str]]:
+    """(field, value) of each precision a deployment names (a name no variant can hold would
+    otherwise read as a precision no version has yet: FAILED_PRECONDITION, not INVALID_ARGUMENT)."""
+    return [("precision.precision", spec.precision.precision), ("joint.edge_precision", spec.joint.edge_precision),
+            ("joint.cloud_precision", spec.joint.cloud_precision),
+            *((f"ensemble[{i}].precision", step.precision) for i, step in enumerate(spec.ensemble))]
 
 
 def from_dict(data: Any) -> DeploymentSpec:

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common import codec
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import PRECISIONS, DeploymentSpec
 from services.common.errors import InvalidArgument, ModelNotFound, TensorError
 
-PRECISIONS = ("FP32", "FP16", "INT8")
 # Request parameter of every call a coordinator (or its front door) sends a node: a batch formed
 # under the model's deployment, which the node takes up to the model's own max_batch_size rather
 # than the one it shows its own clients (its own batching's: a deployment may batch more rows)

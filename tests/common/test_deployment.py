@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -195,3 +196,21 @@ def test_a_stored_spec_a_later_put_rule_refuses_still_reads_back():
 def test_a_queue_delay_below_the_attempt_timeout_is_accepted():
     spec = deployment.check_put(deployment.from_dict({"model": "digits", "batching": {"max_queue_delay_us": 1_999_000}}))
     assert spec.batching.max_queue_delay_us == 1_999_000
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"precision": {"precision": "FP8"}}, "digits.precision.precision"),
+    ({"joint": {"edge_precision": "INT4"}}, "digits.joint.edge_precision"),
+    ({"joint": {"cloud_precision": "fp64"}}, "digits.joint.cloud_precision"),
+    ({"ensemble": [{"model": "a", "inputs": ["x=x"], "outputs": ["y=y"], "precision": "FP8"}]},
+     "digits.ensemble[0].precision")], ids=["default", "edge", "cloud", "ensemble-step"])
+def test_a_precision_that_is_none_of_the_precisions_is_invalid_argument_naming_the_field(data, field):
+    with pytest.raises(InvalidArgument, match=rf"^deployment field '{re.escape(field)}' must be one of "
+                                              r"\['FP32', 'FP16', 'INT8'\] \(or empty\), got '\w+'$"):
+        deployment.check_put(deployment.from_dict({"model": "digits", **data}))
+
+
+def test_precisions_in_any_case_are_accepted():
+    spec = deployment.from_dict({"model": "digits", "precision": {"precision": "int8"},
+                                 "joint": {"edge_precision": "Int8", "cloud_precision": "fp16"}})
+    assert deployment.check_put(spec) is spec
