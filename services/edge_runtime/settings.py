@@ -48,7 +48,7 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
                   "DISK_CACHE_MAX_BYTES; its append-only file up to 1.5 × this, 2.5 × while the sent and dropped front "
                   "is cut off it): an event that would go over it drops the oldest kept first "
                   "(cnei_outbox_dropped_total, logged): the newest are kept, such as the latest metrics snapshot, "
-                  "whose counts are cumulative; 0: only the 100000-event bound")
+                  "whose counts are cumulative; 0: only the 100000-event bound; below 0: the runtime does not start")
     heartbeat_interval_s: float = field(0.2, "seconds between heartbeats")
     heartbeat_ttl_s: float = field(0.8, "node record expiry in Redis")
     restricted_apis: str = field(
