@@ -330,7 +330,7 @@ async def wait_ready(target: str, timeout: float = 60.0) -> None:
 
 
 def run_up() -> int:
-    settings = cfg.load(MeshSettings, PREFIX)
+    settings = cfg.load_at_start(MeshSettings, PREFIX)
     mesh = Mesh(settings)
 
     def on_signal(signum, frame):

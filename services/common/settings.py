@@ -13,6 +13,10 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+class SettingError(ValueError):
+    """A variable whose value does not convert to its field's type (the message names both)."""
+
+
 def _convert(raw: str, kind: Any, name: str) -> Any:
     if kind is bool:
         low = raw.strip().lower()
@@ -20,12 +24,12 @@ def _convert(raw: str, kind: Any, name: str) -> Any:
             return True
         if low in _FALSE:
             return False
-        raise ValueError(f"setting {name}: expected a boolean, got {raw!r}")
+        raise SettingError(f"setting {name}: expected a boolean, got {raw!r}")
     if kind in (int, float, str):
         try:
             return kind(raw)
         except ValueError as exc:
-            raise ValueError(f"setting {name}: expected {kind.__name__}, got {raw!r}") from exc
+            raise SettingError(f"setting {name}: expected {kind.__name__}, got {raw!r}") from exc
     if typing.get_origin(kind) is tuple:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     raise TypeError(f"setting {name}: unsupported type {kind!r}")
@@ -110,6 +114,15 @@ def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **over
         elif key in env:
             values[f.name] = _convert(env[key], hints[f.name], key)
     return cls(**values)
+
+
+def load_at_start(cls: type[T], prefix: str) -> T:
+    """`load` for a process starting: a value that does not convert ends it with the one line
+    that names the variable and the value (SystemExit), not a traceback."""
+    try:
+        return load(cls, prefix)
+    except SettingError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:

@@ -207,7 +207,7 @@ def failover_row(envelope: events.Envelope) -> dict:
 
 
 def main() -> None:
-    settings = cfg.load(CoordinatorSettings, PREFIX)
+    settings = cfg.load_at_start(CoordinatorSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.OIP_API, settings.registry_headers,
                           settings.node_headers)
     tls.check_client("coordinator", PREFIX, "REGISTRY", settings)

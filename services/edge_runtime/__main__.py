@@ -138,7 +138,7 @@ async def serve(settings: RuntimeSettings) -> None:
 
 
 def main() -> None:
-    settings = cfg.load(RuntimeSettings, PREFIX)
+    settings = cfg.load_at_start(RuntimeSettings, PREFIX)
     restricted_apis.check(PREFIX, settings.restricted_apis, restricted_apis.RUNTIME_API, settings.registry_headers)
     tls.check_client("runtime", PREFIX, "REGISTRY", settings)
     check_heartbeat(PREFIX, settings)

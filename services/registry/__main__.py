@@ -44,7 +44,7 @@ async def serve(settings: RegistrySettings) -> None:
 
 
 def main() -> None:
-    settings = cfg.load(RegistrySettings, PREFIX)
+    settings = cfg.load_at_start(RegistrySettings, PREFIX)
     restricted.check(PREFIX, settings.restricted_apis, restricted.REGISTRY_API)
     check(PREFIX, settings)
     tls.check_server("registry", PREFIX, settings)

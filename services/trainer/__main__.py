@@ -59,7 +59,7 @@ async def serve(settings: TrainerSettings) -> None:
 
 
 def main() -> None:
-    settings = cfg.load(TrainerSettings, PREFIX)
+    settings = cfg.load_at_start(TrainerSettings, PREFIX)
     check(settings)
     restricted.check(PREFIX, settings.restricted_apis, restricted.TRAINER_API, settings.registry_headers,
                      settings.node_headers)
