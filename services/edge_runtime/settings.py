@@ -104,9 +104,12 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
         return f"{self.advertise_host or self.host}:{self.port}"
 
 
+# byte bounds where 0 has a meaning of its own and a value below 0 would silently bound nothing
+BYTE_BOUNDS = {"outbox_max_bytes": "0: only the 100000-event bound", "disk_cache_max_bytes": "0: no limit"}
+
+
 def check(prefix: str, settings: RuntimeSettings) -> None:
-    """Stop (SystemExit naming the variable) before starting on an outbox byte bound below 0, which
-    would bound nothing rather than mean 0's "only the event bound"."""
-    if settings.outbox_max_bytes < 0:
-        raise SystemExit(f"{prefix}OUTBOX_MAX_BYTES ({settings.outbox_max_bytes}) must be 0 or more "
-                         "(0: only the 100000-event bound)")
+    """Stop (SystemExit naming the variable) before starting on a byte bound below 0 (`BYTE_BOUNDS`)."""
+    for name, zero in BYTE_BOUNDS.items():
+        if (value := getattr(settings, name)) < 0:
+            raise SystemExit(f"{prefix}{name.upper()} ({value}) must be 0 or more ({zero})")

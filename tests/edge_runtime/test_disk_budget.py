@@ -98,10 +98,11 @@ def test_a_runtime_cut_off_from_nats_keeps_its_outbox_within_its_byte_bound_newe
     assert len(seqs) > 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs))) and seqs[0] > 1  # the newest, in order
 
 
-def test_a_runtime_with_a_negative_outbox_byte_bound_does_not_start_and_names_it(tmp_path):
+@pytest.mark.parametrize("variable", ["CNEI_RUNTIME_OUTBOX_MAX_BYTES", "CNEI_RUNTIME_DISK_CACHE_MAX_BYTES"])
+def test_a_runtime_with_a_negative_byte_bound_does_not_start_and_names_it(variable, tmp_path):
     env = {**os.environ, "CNEI_RUNTIME_PORT": str(infra.free_port()), "CNEI_RUNTIME_METRICS_PORT": "0",
-           "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / "cache"), "CNEI_RUNTIME_OUTBOX_MAX_BYTES": "-1"}
+           "CNEI_RUNTIME_CACHE_DIR": str(tmp_path / "cache"), variable: "-1"}
     out = subprocess.run([sys.executable, "-m", "services.edge_runtime"], env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode != 0
-    assert "CNEI_RUNTIME_OUTBOX_MAX_BYTES (-1) must be 0 or more" in out.stderr
+    assert f"{variable} (-1) must be 0 or more" in out.stderr
