@@ -1,10 +1,12 @@
 """A bounded on-disk outbox: events kept in order while NATS is unreachable, flushed later.
 
 Bounded by events and, optionally, by bytes (the kept events' lines): an event that would take it
-over either bound first drops the oldest kept (`cnei_outbox_dropped_total`, an error logged); an
-event larger than the byte bound by itself is not kept at all (counted and logged alike). The
-newest events win (a runtime's metrics snapshots hold cumulative counts: the latest says what the
-dropped ones did, less their intermediate samples), and no drop is silent.
+over either bound first drops the oldest kept (`cnei_outbox_dropped_total`); an event larger
+than the byte bound by itself is not kept at all (counted alike). The newest events win (a
+runtime's metrics snapshots hold cumulative counts: the latest says what the dropped ones did,
+less their intermediate samples). Every drop is counted, none is silent, but a long outage must
+not log a line per event: the first drop of a spell is logged at once, then at most one summary a
+minute (`throttle.Throttle`), and a pop (events delivered: room again) sums the spell up.
 
 On disk: `<path>`, JSON lines only ever appended to (each fsynced; a file of the previous format,
 which rewrote it whole, is one with nothing sent), and `<path>.head`, the byte offset where the
@@ -25,15 +27,17 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, Callable, NamedTuple
 
 from prometheus_client import Counter, Gauge
 
 from services.common import events
+from services.common.throttle import Throttle
 
 log = logging.getLogger(__name__)
 OUTBOX_DEPTH = Gauge("cnei_outbox_events", "Events waiting in the on-disk outbox")
@@ -41,6 +45,7 @@ OUTBOX_BYTES = Gauge("cnei_outbox_bytes", "Bytes of the events waiting in the on
 OUTBOX_DROPPED = Counter("cnei_outbox_dropped_total",
                          "Events dropped because the outbox was full (its oldest, or one larger than its byte bound)")
 READ_BACK = 1 << 16  # bytes read at a time looking back for the end of the last whole line
+DROP_LOG_INTERVAL_S = 60.0  # after a spell's first drop, at most one summary line this often
 
 
 class Entry(NamedTuple):
@@ -59,12 +64,16 @@ class Outbox:
     fsynced (as the whole file was before): a killed process gives no popped event again, a power
     cut may (at least once: subscribers and JetStream drop repeats by envelope id)."""
 
-    def __init__(self, path: str | Path, max_events: int = 100_000, max_bytes: int = 0):
+    def __init__(self, path: str | Path, max_events: int = 100_000, max_bytes: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.head_path = self.path.with_name(self.path.name + ".head")
         self.max_events, self.max_bytes = max_events, max_bytes
         self._lock = threading.Lock()
+        self._clock = clock  # times the drops' log lines
+        self._full = Throttle(DROP_LOG_INTERVAL_S)  # the oldest dropped to make room: a spell ends at a pop
+        self._oversize = Throttle(DROP_LOG_INTERVAL_S)  # events larger than max_bytes alone
         self._lines: deque[bytes] = deque()  # the kept events' lines, oldest first, without newlines
         self._front = 0  # where in the file the kept lines start: the bytes before were sent or dropped
         self._bytes = 0  # bytes the kept lines take in the file (newlines counted)
@@ -100,12 +109,10 @@ class Outbox:
 
     def put(self, subject: str, envelope: events.Envelope) -> None:
         line = json.dumps({"subject": subject, "envelope": asdict(envelope)}, separators=(",", ":")).encode()
-        if 0 < self.max_bytes < len(line) + 1:
-            OUTBOX_DROPPED.inc()
-            log.error("outbox: dropping a %s event of %d bytes, over the outbox's bound of %d bytes",
-                      subject, len(line) + 1, self.max_bytes)
-            return
         with self._lock:
+            if 0 < self.max_bytes < len(line) + 1:
+                self._drop_oversize(subject, len(line) + 1)
+                return
             self._append(line + b"\n")
             self._lines.append(line)
             self._bytes += len(line) + 1
@@ -137,9 +144,33 @@ class Outbox:
             drop += 1
         if drop:
             OUTBOX_DROPPED.inc(drop)
-            log.error("outbox full (%d events, %d bytes at most): dropping %d oldest events", self.max_events,
-                      self.max_bytes, drop)
+            if summary := self._full.note(self._clock(), drop):
+                if summary.first:
+                    log.error("outbox full (%d events, %d bytes at most): dropping %d oldest events (until it has "
+                              "room again, further drops are summed up at most every %.0f s)", self.max_events,
+                              self.max_bytes, drop, DROP_LOG_INTERVAL_S)
+                else:
+                    log.error("outbox still full: dropped %d events in the last %.0f s, %d in all since it filled",
+                              summary.count, summary.span_s, summary.total)
         return last
+
+    def _drop_oversize(self, subject: str, size: int) -> None:
+        """An event larger than the byte bound alone: not kept, counted and logged (rate-limited)."""
+        OUTBOX_DROPPED.inc()
+        if summary := self._oversize.note(self._clock()):
+            if summary.first:
+                log.error("outbox: dropping a %s event of %d bytes, over the outbox's bound of %d bytes (further "
+                          "ones are summed up at most every %.0f s)", subject, size, self.max_bytes,
+                          DROP_LOG_INTERVAL_S)
+            else:
+                log.error("outbox: dropped %d events over its bound of %d bytes in the last %.0f s, %d in all",
+                          summary.count, self.max_bytes, summary.span_s, summary.total)
+
+    def _has_room(self) -> None:
+        """Events were delivered: a spell of drops for want of room is over, summed up."""
+        if summary := self._full.end(self._clock()):
+            log.warning("outbox has room again (events delivered): %d events dropped while it was full, %d of them "
+                        "since the last line %.0f s ago", summary.total, summary.count, summary.span_s)
 
     def _take_front(self) -> bytes:
         line = self._lines.popleft()
@@ -164,6 +195,7 @@ class Outbox:
             for _ in range(count):
                 last = self._take_front()
             self._settle(last)
+            self._has_room()
             self._gauge()
 
     def _gauge(self) -> None:

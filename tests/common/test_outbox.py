@@ -239,3 +239,63 @@ for name in [*range(1500), "last"]:
              for path in paths]
     assert [(proc.wait(timeout=60), proc.stderr.read()) for proc in procs] == [(0, "")] * 2
     assert [_names(Outbox(path)) for path in paths] == [["last"], ["last"]]
+
+
+# --- what a full outbox logs -----------------------------------------------------------------------
+class Clock:
+    """A clock the test moves: `now` seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _error_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "services.common.outbox" and r.levelname == "ERROR"]
+
+
+def test_a_full_outbox_logs_its_first_drop_at_once_then_one_summary_a_minute_and_counts_every_drop(
+        tmp_path: Path, caplog):
+    clock, dropped = Clock(), _dropped()
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_events=2, clock=clock)
+    _put(outbox, "a", "b")
+    with caplog.at_level("ERROR", logger="services.common.outbox"):
+        for second in range(0, 150, 5):  # a snapshot every 5 s for 150 s, NATS away
+            clock.now = 1000.0 + second
+            _put(outbox, f"s{second}")
+    lines = _error_lines(caplog)
+    assert len(lines) == 3 and _dropped() == dropped + 30
+    assert "outbox full" in lines[0] and "dropping 1 oldest events" in lines[0]
+    assert lines[1:] == ["outbox still full: dropped 12 events in the last 60 s, 13 in all since it filled",
+                         "outbox still full: dropped 12 events in the last 60 s, 25 in all since it filled"]
+
+
+def test_an_outbox_with_room_again_sums_up_the_drops_and_logs_the_next_fill_s_first_drop_at_once(
+        tmp_path: Path, caplog):
+    clock = Clock()
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_events=2, clock=clock)
+    with caplog.at_level("WARNING", logger="services.common.outbox"):
+        _put(outbox, "a", "b", "c", "d", "e")  # 3 dropped: the first logged, 2 not yet
+        clock.now += 10
+        outbox.pop(through=outbox.peek()[-1].seq)  # NATS back: delivered
+        _put(outbox, "f", "g", "h")  # full again: its first drop logged at once
+    messages = [r.getMessage() for r in caplog.records if r.name == "services.common.outbox"]
+    assert len(messages) == 3 and "dropping 1 oldest events" in messages[0] and "dropping 1" in messages[2]
+    assert messages[1] == ("outbox has room again (events delivered): 3 events dropped while it was full, "
+                           "2 of them since the last line 10 s ago")
+
+
+def test_events_over_the_byte_bound_are_logged_at_once_then_summed_up_a_minute_at_a_time(tmp_path: Path, caplog):
+    clock, size, dropped = Clock(), _line_bytes(tmp_path), _dropped()
+    outbox = Outbox(tmp_path / "outbox.jsonl", max_bytes=2 * size, clock=clock)
+    with caplog.at_level("ERROR", logger="services.common.outbox"):
+        for second in range(0, 70, 5):
+            clock.now = 1000.0 + second
+            _put(outbox, "x" * 3 * size)
+    lines = _error_lines(caplog)
+    assert len(lines) == 2 and _dropped() == dropped + 14
+    assert "over the outbox's bound" in lines[0]
+    assert lines[1] == (f"outbox: dropped 12 events over its bound of {2 * size} bytes in the last 60 s, "
+                        "13 in all")
