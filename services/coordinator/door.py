@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.common import codec, oip
 from services.common.deployment import DeploymentSpec
@@ -35,6 +35,12 @@ DOOR_REQUESTS = Counter("cnei_front_door_requests_total",
                         "Requests the compiled front door answered itself, or handed to the full path "
                         "after a failed node call", ["model", "outcome"])
 _door_requests = functools.lru_cache(maxsize=None)(DOOR_REQUESTS.labels)
+DOOR_NODE_ROWS = Gauge("cnei_front_door_node_rows",
+                       "Rows the compiled front door has queued for the node or sent it and not yet had "
+                       "answered, by every route to it, as of its last report", ["node"])
+DOOR_NODE_ROWS_GIVEN_BACK = Gauge("cnei_front_door_node_rows_given_back",
+                                  "Rows a route of the compiled front door still held at the node when it ended, "
+                                  "since the door started: counting errors it put right (0 normally)", ["node"])
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,14 @@ class DoorRoutes:
         self._retired[route.route_id] = route
         while len(self._retired) > MAX_ROUTES:
             self._retired.popitem(last=False)
+
+    def node_rows(self, rows: dict[str, tuple[int, int]]) -> None:
+        """The door's rows outstanding per node (queued for it or sent it, every model's) and the
+        rows its routes still held when they ended (counting errors, put right), as its report
+        says them: what its least_loaded policy weighs, shown as gauges."""
+        for node, (outstanding, given_back) in rows.items():
+            DOOR_NODE_ROWS.labels(node).set(outstanding)
+            DOOR_NODE_ROWS_GIVEN_BACK.labels(node).set(given_back)
 
     def apply(self, reports: list[RouteReport]) -> list[int]:
         """Book what the door served; returns the route ids this process does not know (or no

@@ -71,6 +71,11 @@ def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:
             for r in message.routes]
 
 
+def node_rows_from_proto(message: fd.FrontDoorReport) -> dict[str, tuple[int, int]]:
+    """Each node's rows outstanding at the door, and the rows given back for it (node_rows)."""
+    return {n.node_id: (n.rows, n.given_back) for n in message.node_rows}
+
+
 class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
     def __init__(self, routes: DoorRoutes):
         self.routes = routes
@@ -86,5 +91,6 @@ class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
     @rpc
     async def Report(self, request, context):
         unknown = self.routes.apply(reports_from_proto(request))
+        self.routes.node_rows(node_rows_from_proto(request))
         self.routes.applied(request.generation)
         return fd.ReportReply(unknown_routes=unknown)

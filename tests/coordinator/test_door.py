@@ -21,7 +21,7 @@ from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.door import DROPS_KEPT, BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
 from services.coordinator.door_process import door_binary
-from services.coordinator.door_servicer import ask_from_proto, reports_from_proto, route_to_proto
+from services.coordinator.door_servicer import ask_from_proto, node_rows_from_proto, reports_from_proto, route_to_proto
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.settings import CoordinatorSettings
 from services.pb.cnei import frontdoor_pb2 as fd
@@ -599,6 +599,19 @@ def test_reports_convert_with_every_field():
         batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)], queue_ns=[4, 6])])
     assert reports_from_proto(message) == [RouteReport(7, [10, 20], [1, 2], [BatchReport(3, 2, 30, 5)], 1,
                                                        "UNAVAILABLE: x", [4, 6])]
+
+
+def test_the_doors_rows_per_node_from_its_report_are_shown_per_node_as_it_last_said_them():
+    door = routes(DeploymentSpec(model="digits"))
+    first = fd.FrontDoorReport(node_rows=[fd.NodeRows(node_id="edge-a1", rows=12),
+                                          fd.NodeRows(node_id="cloud-1", rows=3, given_back=2)])
+    assert node_rows_from_proto(first) == {"edge-a1": (12, 0), "cloud-1": (3, 2)}
+    door.node_rows(node_rows_from_proto(first))
+    door.node_rows(node_rows_from_proto(fd.FrontDoorReport(node_rows=[fd.NodeRows(node_id="edge-a1", rows=0)])))
+    shown = {(node, name): REGISTRY.get_sample_value(name, {"node": node}) for node in ("edge-a1", "cloud-1")
+             for name in ("cnei_front_door_node_rows", "cnei_front_door_node_rows_given_back")}
+    assert shown == {("edge-a1", "cnei_front_door_node_rows"): 0.0, ("edge-a1", "cnei_front_door_node_rows_given_back"): 0.0,
+                     ("cloud-1", "cnei_front_door_node_rows"): 3.0, ("cloud-1", "cnei_front_door_node_rows_given_back"): 2.0}
 
 
 @pytest.mark.parametrize(("mode", "exists", "expected"), [("off", True, None), ("auto", False, None),

@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
+import threading
 import time
+import urllib.request
 
+import grpc
 import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as triton
 from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
 
 from services.cli import infra
 from services.cli.up import RUNTIMES
-from services.common.deployment import DeploymentSpec, SchedulerSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, SchedulerSpec
 from services.common.registry_client import RegistryClient
 from services.coordinator.door_process import BUILT
-from tests.e2e.processes import Load, Workers, push_digits_as, put_deployment, server_ready, start_coordinator, start_door
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.e2e.processes import Load, Workers, answered_by_door, door_requests, push_digits_as, put_deployment
+from tests.e2e.processes import server_ready
+from tests.e2e.processes import start_coordinator, start_door
 from tests.e2e.processes import start_fast_runtime
 
 pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not built ({BUILT}): make frontdoor")
@@ -175,3 +184,153 @@ def test_least_loaded_through_the_door_passes_over_a_node_other_clients_keep_bus
         assert set(served) - {"edge-0-busy"} >= MESH_NODES, f"not spread over the idle nodes: {dict(served)}"
     assert by_full_path["edge-0-busy"] <= 0.1 * sum(by_full_path.values()), dict(by_full_path)
     assert by_door["edge-0-busy"] <= 0.1 * sum(by_door.values()), dict(by_door)
+
+
+class Requests(Workers):
+    """Closed-loop one-row requests for `model` with `parameters` from several threads: who served
+    each (`cnei_node`), and the failures by status code."""
+
+    def __init__(self, address: str, model: str, threads: int, **parameters):
+        super().__init__(threads)
+        self.address, self.model, self.parameters = address, model, parameters
+        self.served: collections.Counter[str] = collections.Counter()
+        self.failed: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def _run(self, index: int) -> None:
+        client = triton.InferenceServerClient(self.address)
+        tensor = triton.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+        try:
+            while not self._stop.is_set():
+                try:
+                    reply = client.infer(self.model, [tensor], parameters=self.parameters, client_timeout=30)
+                    node = reply.get_response().parameters["cnei_node"].string_param
+                    with self._lock:
+                        self.served[node] += 1
+                except InferenceServerException as exc:
+                    with self._lock:
+                        self.failed[str(exc.status())] += 1
+        finally:
+            client.close()
+
+
+class Cancelling(Workers):
+    """Requests for `model` with `parameters` that their clients cancel soon after sending them:
+    most while queued in the door, some while their batch is at the node."""
+
+    def __init__(self, address: str, model: str, threads: int, **parameters: str):
+        super().__init__(threads)
+        request = pb.ModelInferRequest(model_name=model)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        request.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+        for name, value in parameters.items():
+            request.parameters[name].string_param = value
+        self.address, self.request, self.cancelled = address, request, 0
+
+    def _run(self, index: int) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            while not self._stop.is_set():
+                call = infer.future(self.request, timeout=30)
+                time.sleep(0.002)
+                if call.cancel():
+                    self.cancelled += 1
+
+
+def _deploy_least_loaded(mesh, digits_models, name: str, batching: BatchingSpec | None = None) -> str:
+    model = push_digits_as(mesh, digits_models, name)
+    put_deployment(mesh, DeploymentSpec(model=model, scheduler=SchedulerSpec(policy="least_loaded"),
+                                        batching=batching or BatchingSpec()))
+    return model
+
+
+def _deploy_two_models(mesh, digits_models) -> tuple[str, str]:
+    """Model A, its batches one row and one at a time (a load on it waits in the door's queue, not at
+    the node, whose heartbeat then hardly shows it), and model B, both least_loaded over every node."""
+    heavy = _deploy_least_loaded(mesh, digits_models, "digits-rows-a", BatchingSpec(max_batch_size=1))
+    light = _deploy_least_loaded(mesh, digits_models, "digits-rows-b")
+    time.sleep(1.0)  # the coordinator's catalog sees the deployments
+    return heavy, light
+
+
+def _door_answers(address: str, model: str, **parameters: str) -> None:
+    """Waits until the door answers `model`'s requests itself (its routes known, the nodes loaded)."""
+    client = triton.InferenceServerClient(address)
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+    try:
+        infra.wait_until(lambda: all(answered_by_door(client.infer(model, [tensor], parameters=parameters,
+                                                                   client_timeout=30)) for _ in range(12)),
+                         30, f"the door answering {model}")
+    finally:
+        client.close()
+
+
+def test_least_loaded_through_the_door_weighs_every_models_rows_at_a_node(mesh, digits_models):
+    """Model A's load, held to the cloud node (tier=cloud), keeps about a dozen rows of the door's
+    queued there; model B, least_loaded over every node, then goes to the other nodes, as the full
+    path counts its rows at a node across models. Before, the door weighed only B's own rows there
+    and sent the cloud node its share of B (a fifth to a third)."""
+    heavy, light = _deploy_two_models(mesh, digits_models)
+    door, address, _ = start_door(mesh)
+    try:
+        _door_answers(address, heavy, tier="cloud")
+        _door_answers(address, light)
+        with Requests(address, heavy, threads=12, tier="cloud") as on_cloud:
+            time.sleep(1.0)
+            with Requests(address, light, threads=6) as spread:
+                time.sleep(3.0)
+    finally:
+        infra.stop(door)
+    assert set(on_cloud.served) == {"cloud-1"}, dict(on_cloud.served)
+    assert not on_cloud.failed and not spread.failed, (dict(on_cloud.failed), dict(spread.failed))
+    assert set(spread.served) >= {"edge-a1", "edge-b1"}, dict(spread.served)
+    assert spread.served["cloud-1"] <= 0.1 * sum(spread.served.values()), dict(spread.served)
+
+
+def _node_rows(metrics_port: int, name: str = "cnei_front_door_node_rows") -> dict[str, float]:
+    """The coordinator's `name` per node: the door's rows there by its last report (or the rows its
+    routes still held when they ended: counting errors)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {node: float(rows) for node, rows in re.findall(rf'^{name}{{node="([^"]+)"}} (\S+)', text, re.M)}
+
+
+def test_the_doors_rows_per_node_return_to_zero_after_load_cancellations_timeouts_and_a_node_failure(
+        mesh, digits_models, tmp_path):
+    """Rows queued and in flight are counted per node while the door serves two models, cancels
+    queued requests, fails requests whose timeout ends in its queue and hands a killed node's
+    requests to the coordinator; once all is answered every node's count is 0 again (a count left
+    over would keep least_loaded off that node for good), and no route that ended (the failed
+    node's) still held rows the door had to give back."""
+    heavy, light = _deploy_two_models(mesh, digits_models)
+    victim, _, _ = start_fast_runtime(mesh, "edge-rows-victim", "site-victim", tmp_path)
+    door, address, metrics_port = start_door(mesh)
+    busiest: collections.Counter[str] = collections.Counter()
+    try:
+        _door_answers(address, heavy, tier="cloud")
+        _door_answers(address, light)
+        with Requests(address, heavy, threads=8, tier="cloud"), Requests(address, light, threads=6) as spread, \
+                Requests(address, heavy, threads=3, tier="cloud", timeout_us=300) as expiring, \
+                Cancelling(address, heavy, threads=3, tier="cloud") as cancelling:
+            for second in range(4):
+                if second == 2:
+                    victim.kill()
+                started = time.monotonic()
+                while time.monotonic() - started < 1.0:
+                    for node, rows in _node_rows(metrics_port).items():
+                        busiest[node] = max(busiest[node], int(rows))
+                    time.sleep(0.05)
+        settled = infra.wait_until(lambda: (rows := _node_rows(metrics_port)) and not any(rows.values()) and rows,
+                                   15, "every node's rows back to 0")
+        handed_over = door_requests(metrics_port, light, "handed_over")
+        given_back = _node_rows(metrics_port, "cnei_front_door_node_rows_given_back")
+    finally:
+        infra.stop(door)
+        infra.stop(victim)
+    assert spread.served["edge-rows-victim"] > 0 and handed_over > 0, (dict(spread.served), handed_over)  # it failed
+    assert expiring.failed["StatusCode.DEADLINE_EXCEEDED"] > 0 and cancelling.cancelled > 0
+    assert busiest["cloud-1"] >= 4 and set(busiest) >= MESH_NODES | {"edge-rows-victim"}, dict(busiest)
+    assert set(settled) == set(busiest), settled
+    assert given_back == dict.fromkeys(settled, 0.0), f"rows left counted by routes that ended: {given_back}"

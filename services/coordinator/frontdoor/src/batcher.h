@@ -13,6 +13,7 @@
 #include "call.h"
 #include "fastlane.h"
 #include "formation.h"
+#include "node_rows.h"
 #include "reporter.h"
 
 namespace frontdoor {
@@ -20,6 +21,7 @@ namespace frontdoor {
 // What a RouteReply says about eligible requests, parsed once.
 struct RouteConfig {
   uint64_t route_id = 0;
+  std::string node_id;       // the node as the coordinator names it (its rows are counted under it)
   std::string node_address;
   std::string template_bytes;  // request and response templates as received, for comparison
   inference::ModelInferRequest request_template;
@@ -39,6 +41,7 @@ struct BatcherOptions {
   int max_inflight = 2;
   size_t queue_limit = 2048;
   ResponseCache* cache = nullptr;  // the door's response cache (null: none)
+  NodeRows* node_rows = nullptr;   // the door's rows per node, every route's (null: this route's alone)
 };
 
 class Batcher : public std::enable_shared_from_this<Batcher> {
@@ -46,6 +49,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   using OnFailure = std::function<void(uint64_t route_id)>;
   Batcher(std::shared_ptr<const RouteConfig> config, BatcherOptions options, Reporter* reporter,
           OnFailure on_failure);
+  ~Batcher();
   // Answers the call from the response cache, queues it (it is answered later) or forwards it
   // when this batcher has failed.
   void Enqueue(InferCall* call);
@@ -53,8 +57,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool failed();
   // Requests queued plus node calls in flight: how busy this route's node is kept by the door.
   size_t Busy();
-  // Rows queued plus rows of the node calls in flight (the least_loaded policy's outstanding rows).
-  int64_t Rows();
+  // Rows queued for this route's node plus rows of the node calls in flight to it, of every route
+  // to that node (the least_loaded policy's rows outstanding; node_rows.h).
+  int64_t NodeRowsNow() const { return share_.node_rows(); }
 
  private:
   struct Batch;
@@ -93,7 +98,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   std::mutex mu_;  // guards the fields below
   Queue queue_;
   int inflight_ = 0;
-  int64_t inflight_rows_ = 0;  // rows of the node calls in flight
+  NodeShare share_;        // this route's rows queued and in flight, counted at its node
   int64_t last_rows_ = 0;  // rows of the batch sent last
   bool failed_ = false;
   // One timeout wake-up at a time, at the earliest timeout queued (not one per request: each

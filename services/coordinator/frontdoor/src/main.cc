@@ -183,16 +183,18 @@ int main(int argc, char** argv) {
   }
 
   Backend backend(flags.backend, flags.max_message_bytes);
+  NodeRows node_rows;  // rows queued and in flight per node, every route's (least_loaded; reported)
   Router* router = nullptr;
   Reporter reporter(&backend, flags.report_interval_ms,
                     [&router](const std::vector<uint64_t>& ids) { router->Drop(ids); },
                     [&router] { return router->Held(); }, flags.routes_generation,
                     [&router](const std::vector<std::string>& models) {
                       for (const std::string& model : models) router->DropModel(model);
-                    });
+                    },
+                    &node_rows);
   std::unique_ptr<ResponseCache> cache;
   if (flags.response_cache_bytes > 0) cache = std::make_unique<ResponseCache>(size_t(flags.response_cache_bytes));
-  BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit), cache.get()};
+  BatcherOptions options{flags.max_inflight, size_t(flags.queue_limit), cache.get(), &node_rows};
   Router routes(&backend, &reporter, options);
   router = &routes;
   std::unique_ptr<SharedMemory> shm;

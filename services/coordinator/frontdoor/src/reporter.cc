@@ -21,9 +21,10 @@ std::vector<uint64_t> Unknown(const ReportReply& reply) {
 }  // namespace
 
 Reporter::Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held,
-                   std::string generation_file, DroppedModels on_dropped)
+                   std::string generation_file, DroppedModels on_dropped, NodeRows* node_rows)
     : backend_(backend), interval_ms_(interval_ms), on_unknown_(std::move(on_unknown)),
-      held_(std::move(held)), generation_file_(std::move(generation_file)), on_dropped_(std::move(on_dropped)) {}
+      held_(std::move(held)), generation_file_(std::move(generation_file)), on_dropped_(std::move(on_dropped)),
+      node_rows_(node_rows) {}
 
 bool Reporter::ListHeldNow() {
   bool changed = false;
@@ -129,13 +130,23 @@ void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string
   Send(Take(), std::move(then));
 }
 
-FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held) {
+FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held, bool* rows_changed) {
   FrontDoorReport report;
+  std::map<std::string, NodeTotals> rows;
+  if (node_rows_ != nullptr) rows = node_rows_->Snapshot();
   std::lock_guard<std::mutex> lock(mu_);
   for (uint64_t route_id : held) RouteLocked(route_id);  // an empty report: is it still known?
   for (auto& entry : routes_) report.add_routes()->Swap(&entry.second);
   routes_.clear();
   report.set_generation(applied_);
+  for (const auto& [node, totals] : rows) {
+    auto* node_rows = report.add_node_rows();
+    node_rows->set_node_id(node);
+    node_rows->set_rows(totals.rows);
+    node_rows->set_given_back(totals.given_back);
+  }
+  if (rows_changed != nullptr) *rows_changed = rows != rows_taken_;
+  rows_taken_ = std::move(rows);
   return report;
 }
 
@@ -173,10 +184,11 @@ void Reporter::Loop() {
     changed_ = false;
     if (stopping_) continue;
     lock.unlock();
-    FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>());
+    bool rows_changed = false;
+    FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>(), &rows_changed);
     // a generation the coordinator has not acknowledged is reported even with no route to speak
     // of (again next interval, should this report be lost): the coordinator waits for it
-    if (report.routes_size() > 0 || report.generation() > acked_) Send(std::move(report), nullptr);
+    if (report.routes_size() > 0 || report.generation() > acked_ || rows_changed) Send(std::move(report), nullptr);
     lock.lock();
   }
 }

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -15,6 +16,7 @@
 
 #include "backend.h"
 #include "generation.h"
+#include "node_rows.h"
 
 namespace frontdoor {
 
@@ -36,9 +38,12 @@ class Reporter {
   // `on_dropped` and reports at once with the number applied, which the coordinator waits for
   // before it answers a load or unload. That report, and one every kListEvery intervals, also
   // lists every route in `held`, served from or not, so the coordinator names those it dropped
-  // otherwise: they go to `on_unknown`. An idle door with nothing dropped sends nothing.
+  // otherwise: they go to `on_unknown`. Each report carries the rows queued and in flight per node
+  // (`node_rows`), and a change of them is reported by itself. An idle door with nothing dropped
+  // sends nothing.
   Reporter(Backend* backend, int interval_ms, UnknownRoutes on_unknown, HeldRoutes held,
-           std::string generation_file = "", DroppedModels on_dropped = nullptr);
+           std::string generation_file = "", DroppedModels on_dropped = nullptr,
+           NodeRows* node_rows = nullptr);
   void Start();
   // Requests answered by one batch, and the node call.
   void Served(uint64_t route_id, const std::vector<ServedRequest>& requests,
@@ -57,7 +62,8 @@ class Reporter {
 
  private:
   cnei::frontdoor::v1::RouteReport* RouteLocked(uint64_t route_id, bool even_when_full = false);
-  cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {});
+  // What was gathered, and the rows per node now (`rows_changed`: since the last report taken).
+  cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {}, bool* rows_changed = nullptr);
   void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
   void Loop();
   bool ListHeldNow();  // applies a new generation; true: the routes are to be listed now
@@ -68,6 +74,7 @@ class Reporter {
   HeldRoutes held_;
   const std::string generation_file_;
   DroppedModels on_dropped_;
+  NodeRows* node_rows_;
   std::atomic<uint64_t> applied_{0};  // the generation whose models' routes are dropped
   std::atomic<uint64_t> acked_{0};    // the generation a report the coordinator answered said
   int since_listed_ = 0;              // intervals since routes were last listed
@@ -75,6 +82,7 @@ class Reporter {
   bool changed_ = false;              // the watch saw the file change (guarded by mu_)
   std::mutex mu_;  // guards the fields below
   std::unordered_map<uint64_t, cnei::frontdoor::v1::RouteReport> routes_;
+  std::map<std::string, NodeTotals> rows_taken_;  // the rows per node the last report taken carried
   bool stopping_ = false;
   std::condition_variable wake_;
   std::thread thread_;

@@ -20,6 +20,7 @@ thread_local std::mt19937_64 rng(std::random_device{}());  // split draws and th
 std::shared_ptr<RouteConfig> ConfigFrom(const RouteReply& reply, std::string* why) {
   auto config = std::make_shared<RouteConfig>();
   config->route_id = reply.route_id();
+  config->node_id = reply.node_id();
   config->node_address = reply.fast_address();
   config->template_bytes = reply.request_template() + '\0' + reply.response_template();
   config->max_batch_size = reply.max_batch_size();
@@ -55,7 +56,7 @@ NodeLoad LoadOf(const RouteReply& reply) {
 }
 
 bool SameRoute(const RouteConfig& a, const RouteConfig& b) {
-  return a.node_address == b.node_address && a.template_bytes == b.template_bytes &&
+  return a.node_id == b.node_id && a.node_address == b.node_address && a.template_bytes == b.template_bytes &&
          a.max_batch_size == b.max_batch_size && a.timeout_ms == b.timeout_ms &&
          a.full_path_every == b.full_path_every && a.max_inflight == b.max_inflight &&
          a.queue_limit == b.queue_limit && a.max_queue_delay_us == b.max_queue_delay_us &&
@@ -192,13 +193,14 @@ std::shared_ptr<Batcher> Router::Pick(const std::vector<std::shared_ptr<Batcher>
 }
 
 // The full path's least_loaded (least_loaded.h): each node's heartbeat as its route reply gave it,
-// with the rows this door has queued for it and sent it as the rows outstanding there.
+// with the rows this door has queued for it and sent it, by every route (every model) to that node,
+// as the rows outstanding there (node_rows.h).
 std::shared_ptr<Batcher> Router::LeastLoadedOf(const std::vector<std::shared_ptr<Batcher>>& batchers,
                                                const std::vector<NodeLoad>& nodes) {
   if (nodes.size() != batchers.size()) return LeastBusy(batchers, {});
   std::vector<NodeLoad> loads = nodes;
   for (size_t i = 0; i < batchers.size(); ++i) {
-    loads[i].outstanding = uint64_t(std::max<int64_t>(0, batchers[i]->Rows()));
+    loads[i].outstanding = uint64_t(std::max<int64_t>(0, batchers[i]->NodeRowsNow()));
   }
   return batchers[LeastLoaded(loads)];
 }
