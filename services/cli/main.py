@@ -342,6 +342,20 @@ async def _rollout_once(client, args):
         return None
 
 
+async def deploy_delete(args) -> int:
+    """`cnei deploy delete MODEL`: delete the model's deployment (a KServe InferenceService
+    deleted): the model is served with the default settings afterwards, an ensemble is gone."""
+    client = clients.registry(args)
+    try:
+        deleted = await client.delete_deployment(args.model)
+    finally:
+        await client.close()
+    print(f"deployment of model '{args.model}' deleted: it is served with the default settings now "
+          "(an ensemble is gone)")
+    print(deleted)
+    return 0
+
+
 async def deploy_show(args) -> int:
     from services.common import deployment
     client = clients.registry(args)
@@ -403,7 +417,11 @@ def parser() -> argparse.ArgumentParser:
     rollback = deploy.add_parser("rollback", help="drop the canary: every request goes to the stable version")
     for sp in (promote, rollback):
         sp.add_argument("model")
-    for sp in (apply, show, canary, promote, rollback):
+    undeploy = deploy.add_parser(
+        "delete", help="delete a model's deployment: the model is served with the default settings afterwards "
+                       "(its latest version), an ensemble is gone; refused while another ensemble runs it as a step")
+    undeploy.add_argument("model")
+    for sp in (apply, show, canary, promote, rollback, undeploy):
         sp.add_argument("--registry", default="127.0.0.1:50051")
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
@@ -440,14 +458,14 @@ def parser() -> argparse.ArgumentParser:
     train_parsers = train.add_parser(sub)
     for env, parsers in (("CNEI_TLS", (inf, *controls)),
                          ("CNEI_REGISTRY_TLS", (push, lst, delete, apply, show, canary, promote, rollback,
-                                                build_parser)),
+                                                undeploy, build_parser)),
                          ("CNEI_TRAINER_TLS", train_parsers)):
         for sp in parsers:
             sp.add_argument("--tls-ca", default="", help=f"CA of a server on TLS (default: ${env}_CA)")
             sp.add_argument("--tls-cert", default="", help=f"client certificate for mutual TLS (default: ${env}_CERT)")
             sp.add_argument("--tls-key", default="", help=f"its key (default: ${env}_KEY)")
-    for sp in (inf, *controls, push, lst, delete, apply, show, canary, promote, rollback, build_parser, st,
-               *train_parsers):
+    for sp in (inf, *controls, push, lst, delete, apply, show, canary, promote, rollback, undeploy, build_parser,
+               st, *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     return p
@@ -471,9 +489,10 @@ def _main(argv: list[str] | None) -> int:
 
         return run_up()
     verbs = {"push": models_push, "list": models_list, "delete": models_delete, "build": build.models_build,
-             "load": models_control, "unload": models_control,
-             "apply": deploy_apply, "get": deploy_show, "canary": deploy_rollout, "promote": deploy_rollout,
-             "rollback": deploy_rollout}
+             "load": models_control, "unload": models_control}
+    if args.command == "deploy":
+        verbs = {"apply": deploy_apply, "get": deploy_show, "canary": deploy_rollout, "promote": deploy_rollout,
+                 "rollback": deploy_rollout, "delete": deploy_delete}
     if args.command == "train":
         verbs = train.VERBS
     handler = verbs.get(getattr(args, "verb", "")) or {"infer": infer, "status": status}[args.command]

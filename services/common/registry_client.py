@@ -204,6 +204,12 @@ class RegistryClient:
         reply = await self._call(self._stub.GetDeployment, rpb.GetDeploymentRequest(model=model))
         return deployment.from_json(reply.spec_json), reply.updated_at
 
+    async def delete_deployment(self, model: str, if_updated_at: float = 0.0) -> str:
+        """Delete the model's deployment (with `if_updated_at`, read_deployment's, only the one read
+        then: FailedPrecondition when another was put meanwhile); the JSON of the one deleted."""
+        request = rpb.DeleteDeploymentRequest(model=model, if_updated_at=if_updated_at)
+        return (await self._call(self._stub.DeleteDeployment, request)).spec_json
+
     async def list_deployments(self) -> list[DeploymentSpec]:
         reply = await self._call(self._stub.ListDeployments, rpb.ListDeploymentsRequest())
         return [deployment.from_json(d.spec_json) for d in reply.deployments]

@@ -18,7 +18,7 @@ does not list it.
 
 The registry and the trainer take the same form for their own APIs, with two of the categories:
 `model-repository` for what changes the repository (pushing or deleting a model, recording a
-measurement, applying a deployment; starting a federated job, which publishes a version) and
+measurement, applying or deleting a deployment; starting a federated job, which publishes a version) and
 `metadata` for what reads it (listing, resolving, fetching artifacts, deployments, the deleted
 variants' tombstones; jobs).
 
@@ -52,7 +52,7 @@ GRPC_METHODS = {
 REGISTRY_SERVICE = "cnei.registry.v1.ModelRegistry"
 REGISTRY_METHODS = {
     "PushModel": "model-repository", "RecordMeasurement": "model-repository", "PutDeployment": "model-repository",
-    "DeleteModel": "model-repository",
+    "DeleteModel": "model-repository", "DeleteDeployment": "model-repository",
     "ListModels": "metadata", "GetModel": "metadata", "ResolveModel": "metadata", "FetchArtifact": "metadata",
     "GetDeployment": "metadata", "ListDeployments": "metadata", "ListDeleted": "metadata",
 }

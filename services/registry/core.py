@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from services.common import deployment, events
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, Tombstone, pick_variant, version_key
 from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
@@ -84,6 +84,15 @@ def missing_precision(spec: DeploymentSpec, variants: list[ModelVariant]) -> str
     return None
 
 
+def _no_versions_of_an_ensemble(name: str, steps: tuple[EnsembleStep, ...]) -> str:
+    """Why a version of ensemble `name` cannot be deleted: an ensemble is a deployment over models
+    (FAILED_PRECONDITION, as gRPC's rmdir of a file; NOT_FOUND would deny the version 1 that its
+    metadata shows)."""
+    models = ", ".join(f"'{model}'" for model in dict.fromkeys(step.model for step in steps))
+    return (f"'{name}' is an ensemble (a deployment), not a model: it has no versions to delete; the versions it "
+            f"runs are its steps' models' ({models}), each deleted under its own name")
+
+
 def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> str | None:
     """Why a put made on the strength of a read must not replace what is stored now: the stored
     deployment is not the one read (`if_updated_at`: its updated_at; negative: none was stored;
@@ -94,6 +103,15 @@ def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> 
     now = "none" if stored_at is None else f"the one of updated_at {stored_at!r}"
     return (f"the deployment of model '{model}' changed since it was read ({was} then, {now} now): "
             "read it again and make the change to that")
+
+
+def _as_stored(text: str) -> str:
+    """A stored deployment's JSON as GetDeployment answers it (every field), or as stored when it
+    no longer reads (a deletion still takes it away)."""
+    try:
+        return deployment.to_json(deployment.from_json(text))
+    except InvalidArgument:
+        return text
 
 
 class Registry:
@@ -225,6 +243,8 @@ class Registry:
         async with self._naming:
             variants = await self._quick(self.store.variants, name)
             if not any(v.version == version and precision in ("", v.precision) for v in variants):
+                if not variants and (steps := await self._ensemble_steps(name)):
+                    raise FailedPrecondition(_no_versions_of_an_ensemble(name, steps))
                 raise ModelNotFound(name, version, precision)
             in_use = versions_in_use(name, [s for s, _ in await self.deployments()], variants)
             if version in in_use:
@@ -235,6 +255,15 @@ class Registry:
         log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
         await self._announce_deletion(name, version, removed)
         return removed, freed_bytes
+
+    async def _ensemble_steps(self, name: str) -> tuple[EnsembleStep, ...]:
+        """The steps of the ensemble deployment named `name`; none when it is no ensemble."""
+        for _, text, _ in await self._quick(self.store.deployments, name):
+            try:
+                return deployment.from_json(text).ensemble
+            except InvalidArgument:  # no longer reads: the deletion says not found, as for any name without versions
+                return ()
+        return ()
 
     async def deleted(self, name: str = "", since: float = 0.0) -> list[Tombstone]:
         """The tombstones of the variants deleted (of model `name`, else all) at or after `since`
@@ -284,12 +313,46 @@ class Registry:
                 await self._check_model_deployment(spec)
             when = time.time() if stored_at is None else max(time.time(), math.nextafter(stored_at, math.inf))
             await self._quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
-        if self.publish is not None:
-            try:
-                await self.publish(events.DEPLOYMENT_UPDATED, {"model": spec.model})
-            except Exception as exc:  # noqa: BLE001 - stored; consumers also poll
-                log.warning("could not publish deployment event for %s: %s", spec.model, exc)
+        await self._announce_deployment(spec.model)
         return spec, when
+
+    async def delete_deployment(self, model: str, if_updated_at: float = 0.0) -> tuple[str, float]:
+        """Delete the model's deployment: its JSON (`_as_stored`) and updated_at, announced as a
+        deployment updated with `deleted: true`. The model is served with the defaults afterwards;
+        an ensemble is gone. NOT_FOUND when none is stored; FAILED_PRECONDITION when another than
+        the one read is (`if_updated_at`, as `put_deployment`'s) or an ensemble runs it as a step."""
+        async with self._naming:
+            rows = await self._quick(self.store.deployments, model) if model else []
+            if not rows:
+                raise NotFound(f"no deployment for model '{model}'")
+            (_, text, stored_at), = rows
+            if problem := changed_since(model, if_updated_at, stored_at):
+                raise FailedPrecondition(problem)
+            if runners := await self._ensemble_runners(model):
+                raise FailedPrecondition(f"ensemble '{model}' is run by {', '.join(runners)}: delete those "
+                                         "or change their steps first")
+            await self._quick(self.store.delete_deployment, model)
+        log.info("deleted the deployment of model '%s'", model)
+        await self._announce_deployment(model, deleted=True)
+        return _as_stored(text), stored_at
+
+    async def _ensemble_runners(self, model: str) -> list[str]:
+        """The steps of other ensembles that run `model` as an ensemble (a model without variants:
+        only its deployment makes it one); none for a registered model, which steps run itself."""
+        if await self._quick(self.store.variants, model):
+            return []
+        return [f"ensemble '{spec.model}' step {i}" for spec, _ in await self.deployments() if spec.model != model
+                for i, step in enumerate(spec.ensemble) if step.model == model]
+
+    async def _announce_deployment(self, model: str, **extra: object) -> None:
+        """`cnei.deployment.updated` for the model (`extra`: `deleted=True` for a deletion):
+        consumers read the deployment again, the defaults where there is none."""
+        if self.publish is None:
+            return
+        try:
+            await self.publish(events.DEPLOYMENT_UPDATED, {"model": model, **extra})
+        except Exception as exc:  # noqa: BLE001 - stored; consumers also poll
+            log.warning("could not publish deployment event for %s: %s", model, exc)
 
     async def _check_ensemble(self, spec: DeploymentSpec) -> None:
         """A name of its own, over models the registry has and other ensembles, reaching no cycle;

@@ -95,6 +95,11 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
         return rpb.Deployment(model=spec.model, spec_json=deployment.to_json(spec), updated_at=when)
 
     @rpc
+    async def DeleteDeployment(self, request, context):
+        spec_json, when = await self.registry.delete_deployment(request.model, request.if_updated_at)
+        return rpb.Deployment(model=request.model, spec_json=spec_json, updated_at=when)
+
+    @rpc
     async def ListDeployments(self, request, context):
         return rpb.ListDeploymentsResponse(deployments=[
             rpb.Deployment(model=s.model, spec_json=deployment.to_json(s), updated_at=w)

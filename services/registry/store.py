@@ -247,6 +247,11 @@ class RegistryStore:
             self._db.execute("INSERT OR REPLACE INTO deployments VALUES (?,?,?)", (model, spec_json, when))
             self._db.commit()
 
+    def delete_deployment(self, model: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM deployments WHERE model = ?", (model,))
+            self._db.commit()
+
     def deployments(self, model: str = "") -> list[tuple[str, str, float]]:
         where, args = ("WHERE model = ?", (model,)) if model else ("", ())
         with self._lock:

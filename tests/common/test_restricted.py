@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.restricted import (GRPC_METHODS, NODE_METHODS, OIP_API, RUNTIME_API, Key, categories_of, parse,
-                                        refusal, rest_category)
-from services.pb.cnei import node_pb2
+from services.common.restricted import (GRPC_METHODS, NODE_METHODS, OIP_API, REGISTRY_METHODS, RUNTIME_API,
+                                        TRAINER_METHODS, Key, categories_of, parse, refusal, rest_category)
+from services.pb.cnei import node_pb2, registry_pb2, trainer_pb2
 from services.pb.inference import grpc_service_pb2 as pb
 
 
@@ -33,6 +33,14 @@ def test_a_bad_specification_says_what_is_wrong(spec, message):
 def test_every_oip_method_has_a_category():
     methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
     assert set(methods) == set(GRPC_METHODS)
+
+
+@pytest.mark.parametrize(("module", "service", "categories"), [
+    (registry_pb2, "ModelRegistry", REGISTRY_METHODS), (trainer_pb2, "Trainer", TRAINER_METHODS),
+    (node_pb2, "NodeControl", NODE_METHODS)], ids=["registry", "trainer", "node-control"])
+def test_every_method_of_the_meshs_own_services_has_a_category(module, service, categories):
+    """A method left out would be open to every client however its API is restricted."""
+    assert set(module.DESCRIPTOR.services_by_name[service].methods_by_name) == set(categories)
 
 
 @pytest.mark.parametrize("path, category", [

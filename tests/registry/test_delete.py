@@ -108,6 +108,21 @@ async def test_deleting_what_is_not_there_or_is_not_named_is_refused(client, two
     assert len(await client.list(two_versions[0].name)) == 2
 
 
+async def test_deleting_a_version_of_an_ensemble_says_it_is_one_and_has_none(client, two_versions):
+    """An ensemble is a deployment over models, not a model: NOT_FOUND 'version 1 not found' would
+    deny what its metadata (version 1, as Triton's) shows; the request does not fit what it names."""
+    model = two_versions[0].name
+    name = f"{model}-pipe"
+    await client.put_deployment(DeploymentSpec(name, ensemble=(
+        EnsembleStep(model, "1", ("input=x",), ("probabilities=y",)),
+        EnsembleStep(model, "2", ("input=y",), ("probabilities=z",)))))
+    for precision in ("", "FP32"):
+        message = await refused_with(client, ErrorCode.FAILED_PRECONDITION, name, "1", precision)
+        assert message == (f"'{name}' is an ensemble (a deployment), not a model: it has no versions to delete; "
+                           f"the versions it runs are its steps' models' ('{model}'), each deleted under its own name")
+    assert sorted(v.version for v in await client.list(model)) == ["1", "2"]
+
+
 async def test_a_deletion_is_announced(nats_server, client, two_versions):
     nc = await nats.connect(nats_server, connect_timeout=5)
     try:
