@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import re
@@ -91,6 +92,42 @@ def _no_versions_of_an_ensemble(name: str, steps: tuple[EnsembleStep, ...]) -> s
     models = ", ".join(f"'{model}'" for model in dict.fromkeys(step.model for step in steps))
     return (f"'{name}' is an ensemble (a deployment), not a model: it has no versions to delete; the versions it "
             f"runs are its steps' models' ({models}), each deleted under its own name")
+
+
+def _models_named(spec_json: str) -> dict[str, str] | None:
+    """The models a stored deployment names, each with where (its own, its ensemble steps', its
+    joint cloud model), from its JSON alone: for one that no longer reads as a whole. None when
+    even that cannot be told."""
+    try:
+        data = json.loads(spec_json)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+        return None
+    steps, joint = data.get("ensemble", []), data.get("joint", {})
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("model"), str) for s in steps):
+        return None
+    if not isinstance(joint, dict) or not isinstance(joint.get("cloud_model", ""), str):
+        return None
+    named = {joint.get("cloud_model", ""): "as its joint cloud model"}
+    named |= {step["model"]: "in an ensemble step" for step in steps}
+    named[data["model"]] = "as its model"
+    return {model: where for model, where in named.items() if model}
+
+
+def _unreadable_over(name: str, version: str, stored: str, spec_json: str, why: str) -> str | None:
+    """Why model `name` `version` cannot be deleted beside the stored deployment of model `stored`,
+    which no longer reads (`why`): it names the model, or what it names cannot be told, so which
+    versions it runs cannot be either; None when it names other models only."""
+    named = _models_named(spec_json)
+    if named is not None and name not in named:
+        return None
+    fix = f"put a valid deployment of '{stored}' (cnei deploy apply) or delete it (cnei deploy delete {stored})"
+    if named is None:
+        return (f"model '{name}' version {version} may be in use: the stored deployment of model '{stored}' no "
+                f"longer reads ({why}) and what it runs cannot be told; {fix}")
+    return (f"model '{name}' version {version} may be in use: the stored deployment of model '{stored}' names it "
+            f"{named[name]} but no longer reads ({why}), so which of its versions it runs cannot be told; {fix}")
 
 
 def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> str | None:
@@ -246,7 +283,7 @@ class Registry:
                 if not variants and (steps := await self._ensemble_steps(name)):
                     raise FailedPrecondition(_no_versions_of_an_ensemble(name, steps))
                 raise ModelNotFound(name, version, precision)
-            in_use = versions_in_use(name, [s for s, _ in await self.deployments()], variants)
+            in_use = versions_in_use(name, await self._deployments_over(name, version), variants)
             if version in in_use:
                 raise FailedPrecondition(f"model '{name}' version {version} is in use: {in_use[version]}")
             removed, freed = await asyncio.to_thread(self.store.delete_variants, name, version, precision)
@@ -255,6 +292,19 @@ class Registry:
         log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
         await self._announce_deletion(name, version, removed)
         return removed, freed_bytes
+
+    async def _deployments_over(self, name: str, version: str) -> list[DeploymentSpec]:
+        """Every stored deployment, read, to tell what runs model `name`; FAILED_PRECONDITION when
+        one that no longer reads names the model, or cannot be read enough to tell (`_unreadable_over`)."""
+        specs = []
+        for model, text, _ in await self._quick(self.store.deployments, ""):
+            try:
+                specs.append(deployment.from_json(text))
+            except InvalidArgument as exc:  # stored before a check it fails existed (NaN, ...)
+                if problem := _unreadable_over(name, version, model, text, exc.message):
+                    raise FailedPrecondition(problem) from None
+                log.warning("deployment of model '%s' skipped: it no longer reads: %s", model, exc.message)
+        return specs
 
     async def _ensemble_steps(self, name: str) -> tuple[EnsembleStep, ...]:
         """The steps of the ensemble deployment named `name`; none when it is no ensemble."""

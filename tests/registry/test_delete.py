@@ -5,9 +5,13 @@ registry process (and, for the race, a real gRPC registry server over a store th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import nats
@@ -180,3 +184,73 @@ async def test_a_push_of_the_same_bytes_while_they_are_deleted_keeps_its_artifac
             store.release.set()
             await client.close()
     store.close()
+
+
+# --- deployments stored under older rules, which no longer read -------------------------------------
+def store_as_an_older_registry(data_dir, model: str, spec_json: str) -> None:
+    """A deployment row written straight into the catalogue, as a registry with older rules stored it."""
+    with contextlib.closing(sqlite3.connect(data_dir / "catalogue.sqlite3")) as db, db:
+        db.execute("INSERT OR REPLACE INTO deployments VALUES (?, ?, ?)", (model, spec_json, time.time()))
+
+
+def _nan(spec: dict) -> str:
+    return json.dumps({**spec, "attempt_timeout_ms": float("nan")})  # accepted before NaN was checked
+
+
+STEP = {"inputs": ["input=x"], "outputs": ["probabilities=y"]}
+UNREADABLE = [  # (id, deployment stored: its model, its JSON; the model its deletion's refusal names, or None)
+    ("its-own-deployment", lambda m: (m, _nan({"model": m, "rollout": {"stable": "1"}})), "as its model"),
+    ("an-ensemble-step", lambda m: (f"{m}-pipe", _nan({"model": f"{m}-pipe", "ensemble": [
+        {"model": m, "version": "2", **STEP}]})), "in an ensemble step"),
+    ("a-joint-cloud-model", lambda m: (f"{m}-edge", _nan({"model": f"{m}-edge", "joint": {
+        "mode": "sync", "cloud_model": m, "cloud_version": "2"}})), "as its joint cloud model"),
+    ("another-model-s", lambda m: (f"{m}-edge", _nan({"model": f"{m}-edge"})), None),
+    ("another-ensemble-s", lambda m: (f"{m}-pipe", _nan({"model": f"{m}-pipe", "ensemble": [
+        {"model": f"{m}-edge", **STEP}]})), None),
+]
+
+
+@pytest.mark.parametrize(("stored", "names_it"), [case[1:] for case in UNREADABLE], ids=[c[0] for c in UNREADABLE])
+async def test_a_deployment_that_no_longer_reads_blocks_only_the_deletions_of_models_it_names(
+        launch_registry, tmp_path, files, stored, names_it):
+    """It cannot tell which versions it runs, so the models it still names keep theirs; others are free."""
+    registry = await asyncio.to_thread(launch_registry, tmp_path / "data")
+    client = RegistryClient(registry.target, timeout=10.0)
+    try:
+        for name, version, path in (("m", "1", files[0]), ("m", "2", files[1]), ("m-edge", "1", files[0])):
+            await client.push_file(path, name, version, "FP32")
+        model, spec_json = stored("m")
+        store_as_an_older_registry(registry.data_dir, model, spec_json)
+        if names_it is None:
+            assert [v.key for v in (await client.delete("m", "1"))[0]] == ["m:1:FP32"]
+            return
+        message = await refused_with(client, ErrorCode.FAILED_PRECONDITION, "m", "1")
+        assert message.startswith(f"model 'm' version 1 may be in use: the stored deployment of model '{model}' "
+                                  f"names it {names_it} but no longer reads (deployment field")
+        assert message.endswith(f"put a valid deployment of '{model}' (cnei deploy apply) or delete it "
+                                f"(cnei deploy delete {model})")
+        assert sorted(v.version for v in await client.list("m")) == ["1", "2"]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("spec_json", [
+    "{not JSON", json.dumps({"attempt_timeout_ms": 2000.0}),
+    json.dumps({"model": "other", "ensemble": "m"}), json.dumps({"model": "other", "joint": {"cloud_model": 7}}),
+], ids=["not-json", "no-model", "steps-not-a-list", "cloud-model-not-a-name"])
+async def test_a_deployment_that_cannot_be_read_at_all_blocks_every_deletion_naming_it_and_the_fix(
+        launch_registry, tmp_path, files, spec_json):
+    registry = await asyncio.to_thread(launch_registry, tmp_path / "data")
+    client = RegistryClient(registry.target, timeout=10.0)
+    try:
+        await client.push_file(files[0], "m", "1", "FP32")
+        store_as_an_older_registry(registry.data_dir, "other", spec_json)
+        message = await refused_with(client, ErrorCode.FAILED_PRECONDITION, "m", "1")
+        assert message.startswith("model 'm' version 1 may be in use: the stored deployment of model 'other' "
+                                  "no longer reads (")
+        assert message.endswith(") and what it runs cannot be told; put a valid deployment of 'other' "
+                                "(cnei deploy apply) or delete it (cnei deploy delete other)")
+        await client.delete_deployment("other")
+        assert [v.key for v in (await client.delete("m", "1"))[0]] == ["m:1:FP32"]
+    finally:
+        await client.close()
