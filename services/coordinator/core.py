@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,13 +35,16 @@ from services.coordinator.joint import (answered_outputs, disagreements, joint_s
                                        prefer_edge, rows_below)
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread
+from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread, with_door_rows
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
+# The front door's rows count in placement for this many of its report intervals (at least 1 s)
+# after its last report: it reports whenever they change, and while any is held, every interval
+DOOR_ROWS_REPORTS_KEPT = 5
 # A node's own failures (breaker.NODE_VERDICTS: down, slow, faulty): another node may answer, so
 # the request fails over (inference is idempotent); any other error is the request's own
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
@@ -193,7 +196,12 @@ class Coordinator:
         self.scheduler = scheduler or Scheduler()
         self.stats = StatsBook()
         self.stats_view: StatsBook | StatsShare = self.stats  # what statistics requests read
-        self.outstanding: dict[str, int] = {}
+        self.outstanding: dict[str, int] = {}  # rows this process has queued for each node or sent it
+        # The front door's rows at each node by its last report, and when that came (monotonic):
+        # placement weighs them beside its own (`rows_outstanding`) while the report is fresh
+        self.door_rows: dict[str, int] = {}
+        self.door_rows_at: float | None = None
+        self.door_rows_max_age_s = max(1.0, DOOR_ROWS_REPORTS_KEPT * settings.door_report_ms / 1e3)
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self._background = Background()
         self.publish = publish
@@ -546,6 +554,17 @@ class Coordinator:
             log.warning("could not publish %s: %s", events.INFERENCE_DISAGREEMENT, exc)
 
     # --- placement, batching, failover ------------------------------------------------------
+    def door_reported(self, rows: dict[str, int], now: float) -> None:
+        """The front door's rows queued for and in flight to each node, as its report at `now`
+        (monotonic) says them: every node it counts rows at."""
+        self.door_rows, self.door_rows_at = rows, now
+
+    def rows_outstanding(self) -> Mapping[str, int]:
+        """Rows outstanding per node as placement weighs them: this process's own plus the front
+        door's by its last report, unless that is over `door_rows_max_age_s` old."""
+        age = None if self.door_rows_at is None else time.monotonic() - self.door_rows_at
+        return with_door_rows(self.outstanding, self.door_rows, age, self.door_rows_max_age_s)
+
     def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:
         """The first attempt's placement for `request`, as the full path decides it (a span)."""
         params = request.parameters
@@ -570,7 +589,7 @@ class Coordinator:
             nodes = sorted(fits, key=lambda n: n.node_id)
         else:
             ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""), fits, choices)
-            ranked = rank(fits, ctx, spec.scheduler, self.outstanding, self.nodes.rtt_ms, self.nodes.compute_ms)
+            ranked = rank(fits, ctx, spec.scheduler, self.rows_outstanding(), self.nodes.rtt_ms, self.nodes.compute_ms)
             nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
         return [first] + [Placement(n, choices[node_class(n)]) for n in nodes if n.node_id != first.node.node_id]
 
@@ -612,7 +631,7 @@ class Coordinator:
         choices = variants_by_class(variants, policy, pool)
         fits = self._fits(pool, choices)
         ctx = _placement_context(variants, policy, region, fits, choices)
-        node = self.scheduler.choose(fits, ctx, spec.scheduler, self.outstanding,
+        node = self.scheduler.choose(fits, ctx, spec.scheduler, self.rows_outstanding(),
                                      self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
         return None if node is None else Placement(node, choices[node_class(node)])
 

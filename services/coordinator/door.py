@@ -8,6 +8,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -324,7 +325,9 @@ class DoorRoutes:
     def node_rows(self, rows: dict[str, tuple[int, int]]) -> None:
         """The door's rows outstanding per node (queued for it or sent it, every model's) and the
         rows its routes still held when they ended (counting errors, put right), as its report
-        says them: what its least_loaded policy weighs, shown as gauges."""
+        says them: what its least_loaded policy weighs, shown as gauges, and weighed by the
+        coordinator's placement beside its own rows (`Coordinator.door_reported`)."""
+        self.core.door_reported({node: outstanding for node, (outstanding, _) in rows.items()}, time.monotonic())
         for node, (outstanding, given_back) in rows.items():
             DOOR_NODE_ROWS.labels(node).set(outstanding)
             DOOR_NODE_ROWS_GIVEN_BACK.labels(node).set(given_back)

@@ -129,10 +129,25 @@ def spread(ranked: list[NodeScore], threshold: float, margin: float, limit: int)
     return chosen
 
 
+def with_door_rows(own: Mapping[str, int], door_rows: Mapping[str, int], door_age_s: float | None,
+                   max_age_s: float) -> Mapping[str, int]:
+    """Rows outstanding per node as placement weighs them: the coordinator's own (`own`) plus the
+    compiled front door's queued for and in flight to each node by its last report (`door_rows`,
+    `door_age_s` old; None: no report yet). A report older than `max_age_s` counts for nothing:
+    a door that stopped reporting (ended, hung) does not keep its last load on a node for good."""
+    if door_age_s is None or door_age_s > max_age_s or not any(rows > 0 for rows in door_rows.values()):
+        return own
+    combined = dict(own)
+    for node_id, rows in door_rows.items():
+        if rows > 0:
+            combined[node_id] = combined.get(node_id, 0) + rows
+    return combined
+
+
 def least_loaded(nodes: list[NodeInfo], outstanding: Mapping[str, int]) -> NodeInfo:
     """The least_loaded baseline: the fewest requests in flight at the node (its heartbeat) plus
-    rows we have queued for it or sent it (`outstanding`), per CPU; then the lowest CPU load, then
-    the smallest node id. The front door applies the same rule to its own rows
+    rows we have queued for it or sent it (`outstanding`: the coordinator's own and the front
+    door's, `with_door_rows`), per CPU; then the lowest CPU load, then the smallest node id. The front door applies the same rule to its own rows
     (frontdoor/src/least_loaded.cc, each node's heartbeat from its route reply)."""
     return min(nodes, key=lambda n: ((n.inflight + outstanding.get(n.node_id, 0)) / max(1, n.cpus),
                                      n.cpu_load, n.node_id))

@@ -178,10 +178,11 @@ async def build_status(core, jobs=None) -> dict:
     """The whole snapshot; a registry failure becomes `models_error`, never an exception."""
     now = time.time()
     view = core.nodes
+    outstanding = core.rows_outstanding()  # as placement weighs them: the front door's rows too
     status = {
         "server": {"name": core.server_name, "version": core.server_version, "time": now},
         "nodes": [node_row(n, view.rtt_ms.get(n.node_id), view.unhealthy, core.breakers.by_node.get(n.node_id),
-                           core.outstanding.get(n.node_id, 0), now, core.breakers.faults(n.node_id))
+                           outstanding.get(n.node_id, 0), now, core.breakers.faults(n.node_id))
                   for n in sorted(view.nodes, key=lambda n: (n.tier, n.node_id))],
         "latency": latency_rows(core.latency),
         "events": event_rows(list(core.recent), now),

@@ -614,6 +614,24 @@ def test_the_doors_rows_per_node_from_its_report_are_shown_per_node_as_it_last_s
                      ("cloud-1", "cnei_front_door_node_rows"): 3.0, ("cloud-1", "cnei_front_door_node_rows_given_back"): 2.0}
 
 
+@pytest.mark.parametrize("policy", ["least_loaded", "edgeai"])
+async def test_the_doors_rows_at_a_node_keep_placement_off_it_until_its_last_report_is_stale(policy):
+    """The full path's placement (its requests, and the first node of the routes it hands the
+    door) weighs the rows the door reported at each node beside its own, as long as the report
+    is fresh: a door that stopped reporting leaves no load behind."""
+    door = routes(DeploymentSpec(model="digits", scheduler=SchedulerSpec(policy=policy)),
+                  more_nodes=(("edge-a2", "site-a"),))
+    first = await door.route(ask())
+    assert first.placement.node.node_id == "edge-a1"  # the tie goes to the smaller node id
+    door.node_rows(node_rows_from_proto(fd.FrontDoorReport(node_rows=[fd.NodeRows(node_id="edge-a1", rows=12),
+                                                                      fd.NodeRows(node_id="edge-a2", rows=0)])))
+    assert (await door.route(ask())).placement.node.node_id == "edge-a2"
+    assert door.core.rows_outstanding() == {"edge-a1": 12}
+    door.core.door_rows_at -= door.core.door_rows_max_age_s + 0.1
+    assert (await door.route(ask())).placement.node.node_id == "edge-a1"
+    assert door.core.outstanding == {}  # the door's rows are weighed, never taken as the coordinator's own
+
+
 @pytest.mark.parametrize(("mode", "exists", "expected"), [("off", True, None), ("auto", False, None),
                                                           ("auto", True, "door"), ("on", True, "door")])
 def test_the_door_runs_when_asked_for_and_built(tmp_path, mode, exists, expected):

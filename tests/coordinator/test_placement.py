@@ -7,7 +7,7 @@ from services.common.deployment import SchedulerSpec
 from services.common.nodes import NodeInfo
 from services.coordinator.placement import (NodeScore, RequestContext, Scheduler, failover_stages,
                                             least_loaded, locality_score, model_score, network_score, rank,
-                                            resource_score, score, spread)
+                                            resource_score, score, spread, with_door_rows)
 
 KEY = "digits:1:FP32"
 CTX = RequestContext(model="digits", variant_key=KEY)
@@ -241,3 +241,26 @@ def test_round_robin_keeps_a_turn_per_model_so_interleaved_models_each_cycle_eve
             picks[model].append(scheduler.choose(nodes, RequestContext(model, f"{model}:1:FP32"), spec, {}, {}).node_id)
     assert picks["m1"] == picks["m2"] and sorted(picks["m1"]) == ["a", "a", "b", "b"]
     assert picks["m1"][0] != picks["m1"][1]
+
+
+@pytest.mark.parametrize(
+    ("door_rows", "age_s", "expected"),
+    [({"a": 12, "c": 3}, 0.2, {"a": 13, "b": 2, "c": 3}),
+     ({"a": 12, "c": 3}, 1.0, {"a": 13, "b": 2, "c": 3}),
+     ({"a": 12, "c": 3}, 1.01, {"a": 1, "b": 2}),
+     ({"a": 12}, None, {"a": 1, "b": 2}),
+     ({"a": 0, "b": -1}, 0.2, {"a": 1, "b": 2}),
+     ({}, 0.2, {"a": 1, "b": 2})],
+    ids=["fresh-adds", "at-the-age-limit-adds", "stale-dropped", "no-report-yet", "none-held", "no-nodes"],
+)
+def test_the_doors_rows_add_to_our_own_while_its_last_report_is_fresh(door_rows, age_s, expected):
+    own = {"a": 1, "b": 2}
+    assert with_door_rows(own, door_rows, age_s, max_age_s=1.0) == expected
+    assert own == {"a": 1, "b": 2}
+
+
+def test_least_loaded_passes_over_a_node_the_door_keeps_busy_until_its_report_is_stale():
+    nodes = [_node("a"), _node("b")]
+    fresh, stale = (with_door_rows({"b": 2}, {"a": 12}, age, max_age_s=1.0) for age in (0.5, 5.0))
+    assert least_loaded(nodes, fresh).node_id == "b"
+    assert least_loaded(nodes, stale).node_id == "a"

@@ -157,6 +157,14 @@ async def test_the_snapshot_of_a_coordinator_shows_nodes_models_latency_events_a
     assert status["federated"]["jobs"] == []
 
 
+async def test_a_nodes_outstanding_rows_are_the_coordinators_own_plus_the_front_doors_fresh_ones():
+    core = coordinator(FakeRegistry())
+    core.outstanding["edge-a1"] = 2
+    core.door_reported({"edge-a1": 5, "cloud-1": 7}, time.monotonic())
+    status = await build_status(core)
+    assert {n["id"]: n["outstanding"] for n in status["nodes"]} == {"edge-a1": 7, "cloud-1": 7}
+
+
 async def test_the_snapshot_adds_up_the_statistics_of_every_coordinator_worker(tmp_path):
     core = coordinator(FakeRegistry())  # worker 0: one request of 2 ms
     core.stats_view = StatsShare(str(tmp_path), 0, core.stats)  # as __main__ wires a worker

@@ -28,7 +28,7 @@ from services.coordinator.door_process import BUILT
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.processes import Load, Workers, answered_by_door, door_requests, push_digits_as, put_deployment
-from tests.e2e.processes import server_ready
+from tests.e2e.processes import rest_json, server_ready
 from tests.e2e.processes import start_coordinator, start_door
 from tests.e2e.processes import start_fast_runtime
 
@@ -334,3 +334,51 @@ def test_the_doors_rows_per_node_return_to_zero_after_load_cancellations_timeout
     assert busiest["cloud-1"] >= 4 and set(busiest) >= MESH_NODES | {"edge-rows-victim"}, dict(busiest)
     assert set(settled) == set(busiest), settled
     assert given_back == dict.fromkeys(settled, 0.0), f"rows left counted by routes that ended: {given_back}"
+
+
+class RestRequests(Workers):
+    """Closed-loop one-row REST requests for `model` from several threads (REST always takes the
+    coordinator's Python path): who served each (`cnei_node`), and the failures by HTTP status."""
+
+    def __init__(self, url: str, model: str, threads: int):
+        super().__init__(threads)
+        self.url, self.model = url, model
+        self.served: collections.Counter[str] = collections.Counter()
+        self.failed: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def _run(self, index: int) -> None:
+        body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
+        while not self._stop.is_set():
+            status, reply = rest_json(f"{self.url}/v2/models/{self.model}/infer", "POST", body, timeout=30)
+            with self._lock:
+                if status == 200:
+                    self.served[reply["parameters"]["cnei_node"]] += 1
+                else:
+                    self.failed[status] += 1
+
+
+def test_the_full_paths_least_loaded_passes_over_a_node_the_door_keeps_busy(mesh, digits_models):
+    """Model A's load through the door, held to the cloud node (tier=cloud), keeps about a dozen
+    rows queued in the door there, which the node's heartbeat hardly shows; model B's REST requests
+    (the coordinator's Python path, least_loaded over every node) then go to the other nodes, as
+    the coordinator weighs the rows the door reports beside its own. Before, it counted only its
+    own rows and sent the cloud node its share of B."""
+    heavy, light = _deploy_two_models(mesh, digits_models)
+    door, address, http_port, _ = start_coordinator(mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on")
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        infra.wait_until(lambda: server_ready(address), 30, "the coordinator ready behind its door")
+        _door_answers(address, heavy, tier="cloud")
+        with RestRequests(url, light, threads=6) as warming:  # every node loads B
+            infra.wait_until(lambda: set(warming.served) >= MESH_NODES, 30, f"every node serving {light}")
+        with Requests(address, heavy, threads=12, tier="cloud") as on_cloud:
+            time.sleep(1.0)
+            with RestRequests(url, light, threads=6) as spread:
+                time.sleep(3.0)
+    finally:
+        infra.stop(door)
+    assert set(on_cloud.served) == {"cloud-1"}, dict(on_cloud.served)
+    assert not on_cloud.failed and not spread.failed, (dict(on_cloud.failed), dict(spread.failed))
+    assert set(spread.served) >= {"edge-a1", "edge-b1"}, dict(spread.served)
+    assert spread.served["cloud-1"] <= 0.1 * sum(spread.served.values()), dict(spread.served)
