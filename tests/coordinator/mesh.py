@@ -143,6 +143,7 @@ class Mesh:
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     door: DoorRoutes | None = None  # with `door`: the routes FrontDoorControl hands out
     door_stub: fd_grpc.FrontDoorControlStub | None = None
+    address: str = ""  # the coordinator's gRPC address (a compiled front door's backend)
 
     async def infer(self, model: str = "m", x: np.ndarray | None = None, params: dict | None = None,
                     outputs: tuple[str, ...] = (), timeout: float = 10.0) -> tuple[str, object]:
@@ -204,7 +205,7 @@ async def mesh(variants: list[ModelVariant], specs: dict[str, DeploymentSpec], c
         await coordinator_server.start()
         channel = grpc.aio.insecure_channel(coordinator_server.address)
         yield Mesh(pb_grpc.GRPCInferenceServiceStub(channel), core, view, directory, nodes, routes,
-                   fd_grpc.FrontDoorControlStub(channel) if door else None)
+                   fd_grpc.FrontDoorControlStub(channel) if door else None, coordinator_server.address)
     finally:
         if channel is not None:
             await channel.close()

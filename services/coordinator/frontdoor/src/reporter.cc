@@ -1,6 +1,7 @@
 // Collects what the door served per route and sends it to the coordinator as FrontDoorReports.
 #include "reporter.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
@@ -130,7 +131,7 @@ void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string
   Send(Take(), std::move(then));
 }
 
-FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held, bool* rows_changed) {
+FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held, bool* rows_due) {
   FrontDoorReport report;
   std::map<std::string, NodeTotals> rows;
   if (node_rows_ != nullptr) rows = node_rows_->Snapshot();
@@ -145,7 +146,10 @@ FrontDoorReport Reporter::Take(const std::vector<uint64_t>& held, bool* rows_cha
     node_rows->set_rows(totals.rows);
     node_rows->set_given_back(totals.given_back);
   }
-  if (rows_changed != nullptr) *rows_changed = rows != rows_taken_;
+  // due when they changed, and every interval while any node has rows: the coordinator weighs
+  // them in its placement only while its last report is fresh
+  const bool some = std::any_of(rows.begin(), rows.end(), [](const auto& node) { return node.second.rows > 0; });
+  if (rows_due != nullptr) *rows_due = some || rows != rows_taken_;
   rows_taken_ = std::move(rows);
   return report;
 }
@@ -184,11 +188,11 @@ void Reporter::Loop() {
     changed_ = false;
     if (stopping_) continue;
     lock.unlock();
-    bool rows_changed = false;
-    FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>(), &rows_changed);
+    bool rows_due = false;
+    FrontDoorReport report = Take(ListHeldNow() ? held_() : std::vector<uint64_t>(), &rows_due);
     // a generation the coordinator has not acknowledged is reported even with no route to speak
     // of (again next interval, should this report be lost): the coordinator waits for it
-    if (report.routes_size() > 0 || report.generation() > acked_ || rows_changed) Send(std::move(report), nullptr);
+    if (report.routes_size() > 0 || report.generation() > acked_ || rows_due) Send(std::move(report), nullptr);
     lock.lock();
   }
 }

@@ -62,8 +62,9 @@ class Reporter {
 
  private:
   cnei::frontdoor::v1::RouteReport* RouteLocked(uint64_t route_id, bool even_when_full = false);
-  // What was gathered, and the rows per node now (`rows_changed`: since the last report taken).
-  cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {}, bool* rows_changed = nullptr);
+  // What was gathered, and the rows per node now (`rows_due`: they changed since the last report
+  // taken, or some node has rows, which are then reported every interval).
+  cnei::frontdoor::v1::FrontDoorReport Take(const std::vector<uint64_t>& held = {}, bool* rows_due = nullptr);
   void Send(cnei::frontdoor::v1::FrontDoorReport report, std::function<void()> then);
   void Loop();
   bool ListHeldNow();  // applies a new generation; true: the routes are to be listed now
