@@ -33,8 +33,8 @@ def describe(address: str, symbol: str):
     (`inference.GRPCInferenceService`), method (`inference.GRPCInferenceService.ModelInfer`) or
     message (`inference.ModelInferRequest`) named, its types resolved; KeyError when none is."""
     with _reflected(address) as (_, database):
-        pool = descriptor_pool.DescriptorPool(database)
-        for find in (pool.FindServiceByName, pool.FindMessageTypeByName, lambda name: _method(pool, name)):
+        pool = descriptor_pool.DescriptorPool(database)  # asks the server for the file of the symbol itself, as grpcurl
+        for find in (pool.FindServiceByName, pool.FindMessageTypeByName, pool.FindMethodByName):
             try:
                 return find(symbol)
             except KeyError:

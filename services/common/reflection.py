@@ -48,6 +48,31 @@ def pool_of(services: list[ServiceDescriptor]) -> descriptor_pool.DescriptorPool
     return pool
 
 
+class _MethodsToo:
+    """A pool as reflection reads it, that also finds the file of a method by its full name
+    (`inference.GRPCInferenceService.ModelInfer`: what `grpcurl describe` asks for); protobuf's
+    upb pools find services, messages, enums and fields by name, not methods."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool):
+        self._pool = pool
+
+    def __getattr__(self, name: str):
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> FileDescriptor:  # noqa: N802 - the pool's API
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                found = self._pool.FindServiceByName(service)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in found.methods_by_name:
+                raise KeyError(symbol) from None
+            return found.file
+
+
 def enable(server: grpc.aio.Server, names: list[str]) -> list[str]:
     """Serve reflection on `server` (not yet started) for the services `names` and itself: the
     names it lists, sorted. A service no generated stubs describe is left out, with a warning."""
@@ -55,5 +80,6 @@ def enable(server: grpc.aio.Server, names: list[str]) -> list[str]:
     if missing := sorted(name for name, service in found.items() if service is None):
         log.warning("gRPC reflection leaves out %s: no generated stubs describe it", ", ".join(missing))
     listed = sorted(name for name, service in found.items() if service is not None)
-    reflection.enable_server_reflection(listed, server, pool=pool_of([found[name] for name in listed]))
+    reflection.enable_server_reflection(listed, server,
+                                       pool=_MethodsToo(pool_of([found[name] for name in listed])))
     return listed

@@ -72,6 +72,14 @@ async def test_model_infer_is_described_from_cneis_own_proto_even_beside_tritonc
     assert {"model_name", "inputs", "outputs", "raw_input_contents"} <= set(infer.input_type.fields_by_name)
 
 
+@pytest.mark.parametrize("symbol", ["inference.GRPCInferenceService.NoSuchMethod", "inference.NoSuchService.ModelInfer",
+                                    "ModelInfer"])
+async def test_a_method_symbol_that_is_not_there_is_not_found(symbol):
+    async with serving((OIP,)) as server:
+        with pytest.raises(KeyError):
+            await asyncio.to_thread(reflection.describe, server.address, symbol)
+
+
 async def test_a_server_with_reflection_off_answers_unimplemented():
     async with serving((OIP,), reflection=False) as server:
         with pytest.raises(grpc.RpcError) as refused:
