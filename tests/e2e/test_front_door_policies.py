@@ -267,6 +267,25 @@ def _door_answers(address: str, model: str, **parameters: str) -> None:
         client.close()
 
 
+def _busy_cloud_then(address: str, heavy: str, spread):
+    """Twelve clients keep `heavy` (tier=cloud) busy on the cloud node through `address`; a second
+    after they start, `spread()`'s clients run for three seconds: (heavy's clients, spread's)."""
+    with Requests(address, heavy, threads=12, tier="cloud") as on_cloud:
+        time.sleep(1.0)
+        with spread() as others:
+            time.sleep(3.0)
+    return on_cloud, others
+
+
+def _assert_the_busy_cloud_passed_over(on_cloud, spread) -> None:
+    """Every request answered, the heavy ones by the cloud node, the others by both edges and at
+    most a tenth by the busy cloud node."""
+    assert set(on_cloud.served) == {"cloud-1"}, dict(on_cloud.served)
+    assert not on_cloud.failed and not spread.failed, (dict(on_cloud.failed), dict(spread.failed))
+    assert set(spread.served) >= {"edge-a1", "edge-b1"}, dict(spread.served)
+    assert spread.served["cloud-1"] <= 0.1 * sum(spread.served.values()), dict(spread.served)
+
+
 def test_least_loaded_through_the_door_weighs_every_models_rows_at_a_node(mesh, digits_models):
     """Model A's load, held to the cloud node (tier=cloud), keeps about a dozen rows of the door's
     queued there; model B, least_loaded over every node, then goes to the other nodes, as the full
@@ -277,16 +296,10 @@ def test_least_loaded_through_the_door_weighs_every_models_rows_at_a_node(mesh, 
     try:
         _door_answers(address, heavy, tier="cloud")
         _door_answers(address, light)
-        with Requests(address, heavy, threads=12, tier="cloud") as on_cloud:
-            time.sleep(1.0)
-            with Requests(address, light, threads=6) as spread:
-                time.sleep(3.0)
+        on_cloud, spread = _busy_cloud_then(address, heavy, lambda: Requests(address, light, threads=6))
     finally:
         infra.stop(door)
-    assert set(on_cloud.served) == {"cloud-1"}, dict(on_cloud.served)
-    assert not on_cloud.failed and not spread.failed, (dict(on_cloud.failed), dict(spread.failed))
-    assert set(spread.served) >= {"edge-a1", "edge-b1"}, dict(spread.served)
-    assert spread.served["cloud-1"] <= 0.1 * sum(spread.served.values()), dict(spread.served)
+    _assert_the_busy_cloud_passed_over(on_cloud, spread)
 
 
 def _node_rows(metrics_port: int, name: str = "cnei_front_door_node_rows") -> dict[str, float]:
@@ -372,13 +385,7 @@ def test_the_full_paths_least_loaded_passes_over_a_node_the_door_keeps_busy(mesh
         _door_answers(address, heavy, tier="cloud")
         with RestRequests(url, light, threads=6) as warming:  # every node loads B
             infra.wait_until(lambda: set(warming.served) >= MESH_NODES, 30, f"every node serving {light}")
-        with Requests(address, heavy, threads=12, tier="cloud") as on_cloud:
-            time.sleep(1.0)
-            with RestRequests(url, light, threads=6) as spread:
-                time.sleep(3.0)
+        on_cloud, spread = _busy_cloud_then(address, heavy, lambda: RestRequests(url, light, threads=6))
     finally:
         infra.stop(door)
-    assert set(on_cloud.served) == {"cloud-1"}, dict(on_cloud.served)
-    assert not on_cloud.failed and not spread.failed, (dict(on_cloud.failed), dict(spread.failed))
-    assert set(spread.served) >= {"edge-a1", "edge-b1"}, dict(spread.served)
-    assert spread.served["cloud-1"] <= 0.1 * sum(spread.served.values()), dict(spread.served)
+    _assert_the_busy_cloud_passed_over(on_cloud, spread)
