@@ -341,15 +341,17 @@ def ensemble_cycle(model: str, ensembles: dict[str, DeploymentSpec]) -> list[str
 
 
 def step_mapping_problem(reads: list[tuple[str, str]], writes: list[tuple[str, str]], inputs: list[str],
-                         outputs: list[str], model: str) -> str | None:
+                         outputs: list[str], model: str, version: str = "") -> str | None:
     """What is wrong with a step's tensor mapping against its model's `inputs` and `outputs`
-    (a model tensor it reads or writes that the model does not have), or None."""
+    (a model tensor it reads or writes that the model, named with `version` when given, does
+    not have), or None."""
+    who = f"model '{model}'" + (f" version {version}" if version else "")
     for model_tensor, _ in reads:
         if model_tensor not in inputs:
-            return f"model '{model}' has no input '{model_tensor}' (inputs: {sorted(inputs)})"
+            return f"{who} has no input '{model_tensor}' (inputs: {sorted(inputs)})"
     for model_tensor, _ in writes:
         if model_tensor not in outputs:
-            return f"model '{model}' has no output '{model_tensor}' (outputs: {sorted(outputs)})"
+            return f"{who} has no output '{model_tensor}' (outputs: {sorted(outputs)})"
     return None
 
 

@@ -3,7 +3,7 @@ ensemble step over it runs: one rule for the registry, the coordinator, the runt
 (pure functions)."""
 from __future__ import annotations
 
-from services.common.deployment import DeploymentSpec, EnsembleStep, rollout_version
+from services.common.deployment import DeploymentSpec, EnsembleStep, rollout_version, step_mapping_problem, tensor_map
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant, version_key
 
@@ -93,6 +93,24 @@ def step_precision_problem(step: EnsembleStep, deployed: DeploymentSpec, variant
         if precision not in held:
             return (f"model '{step.model}' version {version} has no {precision} variant, which the step's precision "
                     f"asks for (its variants: {', '.join(held) or 'none'})")
+    return None
+
+
+def step_tensor_problem(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str | None:
+    """Why an ensemble step's requests would fail for the tensors it maps: a variant of a version
+    they go to (`step_versions`; of the step's precision when it asks for one) lacks a model input
+    or output the step reads or writes; None when each has them, or no version is run (the
+    precision's problem, `step_precision_problem`)."""
+    where = f"ensemble step ({step.model})"
+    reads, writes = tensor_map(step.inputs, where), tensor_map(step.outputs, where)
+    versions = _or_none(step_versions, step, deployed, variants) or []
+    precision = step.precision.upper()
+    for version in versions:
+        for v in variants:
+            if v.version == version and precision in ("", v.precision):
+                if problem := step_mapping_problem(reads, writes, [t.name for t in v.inputs],
+                                                   [t.name for t in v.outputs], step.model, version):
+                    return problem
     return None
 
 

@@ -20,7 +20,7 @@ from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, Tombstone, pick_variant, version_key
 from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
-                                    step_stable_version, versions_in_use)
+                                    step_stable_version, step_tensor_problem, versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -370,7 +370,9 @@ class Registry:
         """Delete the model's deployment: its JSON (`_as_stored`) and updated_at, announced as a
         deployment updated with `deleted: true`. The model is served with the defaults afterwards;
         an ensemble is gone. NOT_FOUND when none is stored; FAILED_PRECONDITION when another than
-        the one read is (`if_updated_at`, as `put_deployment`'s) or an ensemble runs it as a step."""
+        the one read is (`if_updated_at`, as `put_deployment`'s), an ensemble runs it as a step, or
+        an ensemble's step over the model would then run a version lacking its precision or a
+        tensor it maps (`_check_steps_over` with the defaults)."""
         async with self._naming:
             rows = await self._quick(self.store.deployments, model) if model else []
             if not rows:
@@ -381,6 +383,8 @@ class Registry:
             if runners := await self._ensemble_runners(model):
                 raise FailedPrecondition(f"ensemble '{model}' is run by {', '.join(runners)}: delete those "
                                          "or change their steps first")
+            if variants := await self._quick(self.store.variants, model):  # its steps run the defaults' versions
+                await self._check_steps_over(DeploymentSpec(model), variants)
             await self._quick(self.store.delete_deployment, model)
         log.info("deleted the deployment of model '%s'", model)
         await self._announce_deployment(model, deleted=True)
@@ -407,7 +411,9 @@ class Registry:
     async def _check_ensemble(self, spec: DeploymentSpec) -> None:
         """A name of its own, over models the registry has and other ensembles, reaching no cycle;
         a step asking for a precision runs a version that has it (FAILED_PRECONDITION) and is no
-        ensemble (INVALID_ARGUMENT: an ensemble's steps name theirs)."""
+        ensemble (INVALID_ARGUMENT: an ensemble's steps name theirs); a step maps tensors the version
+        it runs has (INVALID_ARGUMENT), as every version it goes to does (its model's canary, each
+        variant: FAILED_PRECONDITION, `served.step_tensor_problem`)."""
         if await self._quick(self.store.variants, spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
         specs = {s.model: s for s, _ in await self.deployments()}
@@ -417,7 +423,8 @@ class Registry:
         for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
             where = f"ensemble '{spec.model}' step {i} ({step.model})"
             variants = await self._quick(self.store.variants, step.model)
-            if step.model in ensembles and not variants:
+            nested = step.model in ensembles and not variants
+            if nested:
                 if step.version not in ("", "1"):  # an ensemble's one version
                     raise ModelNotFound(step.model, step.version)
                 if step.precision:
@@ -433,6 +440,8 @@ class Registry:
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
             if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
+            if not nested and (problem := step_tensor_problem(step, deployed, variants)):  # its canary, variants
+                raise FailedPrecondition(f"{where}: {problem}")
 
     async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
@@ -466,11 +475,13 @@ class Registry:
                                       + "; ".join(problems))
 
     async def _check_steps_over(self, spec: DeploymentSpec, variants: list[ModelVariant]) -> None:
-        """FAILED_PRECONDITION when a stored ensemble's step over the deployment's model asks for a
-        precision that a version the deployment would serve it lacks (`variants`: the model's)."""
+        """FAILED_PRECONDITION when a stored ensemble's step over the deployment's model (`spec`:
+        the one put, the defaults when it is deleted) asks for a precision, or maps a tensor, that a
+        version the deployment would serve it lacks (`variants`: the model's)."""
         for ensemble, _ in await self.deployments():
             for i, step in enumerate(ensemble.ensemble):
-                if step.model == spec.model and (problem := step_precision_problem(step, spec, variants)):
+                if step.model == spec.model and (problem := step_precision_problem(step, spec, variants)
+                                                 or step_tensor_problem(step, spec, variants)):
                     raise FailedPrecondition(f"ensemble '{ensemble.model}' step {i} ({step.model}): {problem}")
 
     async def deployments(self, model: str = "") -> list[tuple[DeploymentSpec, float]]:

@@ -8,8 +8,9 @@ from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec, 
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
 from services.common.served import (latest_version, models_in_use, needed_precisions, served_version,
-                                    step_precision_problem, step_stable_version, step_version, step_versions,
-                                    versions_in_use)
+                                    step_precision_problem, step_stable_version, step_tensor_problem, step_version,
+                                    step_versions, versions_in_use)
+from services.common.model_spec import TensorSpec
 
 
 def held(*keys: str) -> list[ModelVariant]:
@@ -137,3 +138,39 @@ def test_the_models_in_use_are_those_deployments_send_requests_to_and_no_other_h
     assert models_in_use(specs) == models
     assert all(versions_in_use(model, specs, held("1:FP32", "1:INT8", "2:FP32")) == {}
                for model in {"m", "n", "edge", "other"} - models)
+
+
+def tensors(key: str, inputs: str, outputs: str) -> ModelVariant:
+    """A variant of model 'm' from a 'version:precision' key and its comma-separated tensor names."""
+    specs = [[TensorSpec(n, "FP32", (-1, 4)) for n in names.split(",")] for names in (inputs, outputs)]
+    return ModelVariant("m", *key.split(":"), "0", 1, *specs)
+
+
+MAPPED = [tensors("1:FP32", "input", "probabilities"), tensors("1:INT8", "input", "probabilities")]
+
+
+@pytest.mark.parametrize(("step_kw", "deployed", "renamed", "problem"), [
+    ({}, spec(), tensors("2:FP32", "input", "probs"),
+     "model 'm' version 2 has no output 'probabilities' (outputs: ['probs'])"),
+    ({}, spec(stable="1"), tensors("2:FP32", "x", "probabilities"), None),
+    ({}, DeploymentSpec("m", rollout=RolloutSpec("1", "2", 10.0)), tensors("2:FP32", "x", "probabilities"),
+     "model 'm' version 2 has no input 'input' (inputs: ['x'])"),
+    ({"version": "2"}, spec(stable="1"), tensors("2:FP32", "input", "probs"),
+     "model 'm' version 2 has no output 'probabilities' (outputs: ['probs'])"),
+    ({"version": "1"}, DeploymentSpec("m", rollout=RolloutSpec("1", "2", 10.0)), tensors("2:FP32", "x", "probs"), None),
+    ({}, spec(stable="1"), tensors("1:FP16", "input", "probs"),
+     "model 'm' version 1 has no output 'probabilities' (outputs: ['probs'])"),
+    ({"precision": "int8"}, spec(stable="1"), tensors("1:FP16", "input", "probs"), None),
+    ({"precision": "int8"}, spec(), tensors("2:FP32", "input", "probs"), None),
+], ids=["the-latest-renames-an-output", "a-pin-keeps-the-version-that-has-them", "the-canary-renames-an-input",
+        "the-named-version", "a-named-version-is-all-it-runs", "a-variant-of-the-version-renames-one",
+        "the-steps-precision-is-all-it-runs-of-the-version", "a-version-without-the-steps-precision-is-not-run"])
+def test_an_ensemble_step_needs_the_tensors_it_maps_in_every_version_and_variant_its_requests_go_to(
+        step_kw, deployed, renamed, problem):
+    step = EnsembleStep("m", inputs=("input=image",), outputs=("probabilities=p",), **step_kw)
+    assert step_tensor_problem(step, deployed, [*MAPPED, renamed]) == problem
+
+
+def test_a_step_whose_model_runs_no_version_has_no_tensor_problem_but_its_precisions():
+    step = EnsembleStep("m", inputs=("input=image",), outputs=("probabilities=p",), precision="FP16")
+    assert step_tensor_problem(step, spec(), MAPPED) is None

@@ -218,3 +218,39 @@ async def test_a_queue_delay_no_attempt_could_wait_out_is_refused_but_one_stored
     with pytest.raises(CneiError, match="must be below attempt_timeout_ms") as again:
         await client.put_deployment(spec)
     assert again.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+async def renamed_later(client, name, artifacts) -> str:
+    """A model whose version 1 has output 'probabilities', version 2 'probs' instead (FP32)."""
+    for version, key in (("1", "edge"), ("2", "renamed")):
+        await client.push_file(artifacts[key], f"{name}-steps", version, "FP32")
+    return f"{name}-steps"
+
+
+def mapping_step(model: str) -> EnsembleStep:
+    return step(model, "input=image", "probabilities=p")
+
+
+RENAMED = "version 2 has no output 'probabilities' (outputs: ['probs'])"
+
+
+@pytest.mark.parametrize("rollout", [RolloutSpec("2"), RolloutSpec("1", "2", 10.0)], ids=["pinned-stable", "canary"])
+async def test_a_deployment_that_would_serve_an_ensemble_step_a_version_without_a_tensor_it_maps_is_refused(
+        client, renamed_later, name, rollout):
+    pinned = DeploymentSpec(model=renamed_later, rollout=RolloutSpec("1"))
+    await client.put_deployment(pinned)
+    await client.put_deployment(DeploymentSpec(model=f"{name}-pipe", ensemble=(mapping_step(renamed_later),)))
+    message = await failed_precondition(client, dataclasses.replace(pinned, rollout=rollout))
+    assert f"ensemble '{name}-pipe' step 0 ({renamed_later}): model '{renamed_later}' {RENAMED}" in message
+    assert await client.get_deployment(renamed_later) == pinned
+
+
+async def test_an_ensemble_whose_steps_model_has_a_canary_without_a_tensor_it_maps_is_refused_and_stored_without(
+        client, renamed_later, name):
+    await client.put_deployment(DeploymentSpec(model=renamed_later, rollout=RolloutSpec("1", "2", 10.0)))
+    spec = DeploymentSpec(model=f"{name}-pipe", ensemble=(mapping_step(renamed_later),))
+    message = await failed_precondition(client, spec)
+    assert f"ensemble '{name}-pipe' step 0 ({renamed_later}): model '{renamed_later}' {RENAMED}" in message
+    await client.put_deployment(DeploymentSpec(model=renamed_later, rollout=RolloutSpec("1")))
+    assert await client.put_deployment(spec) == spec

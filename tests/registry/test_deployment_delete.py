@@ -1,6 +1,7 @@
 """Deleting a deployment (`DeleteDeployment`, `cnei deploy delete`): the deployment deleted is
 answered and announced, the model is served with the defaults afterwards (what the deployment
-pinned may then be deleted), an ensemble another ensemble runs as a step is kept, a deployment
+pinned may then be deleted), an ensemble another ensemble runs as a step is kept, and so is a
+deployment without which an ensemble step would run a version lacking a tensor it maps, a deployment
 put since the caller read it is kept, and a model without one is NOT_FOUND. A real registry
 process."""
 from __future__ import annotations
@@ -10,12 +11,15 @@ import sys
 import uuid
 
 import nats
+import numpy as np
+import onnx
 import pytest
 
 from services.common import deployment, events
 from services.common.deployment import BatchingSpec, DeploymentSpec, EnsembleStep, JointSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.registry_client import NO_DEPLOYMENT
+from services.models.onnx_mlp import mlp_graph
 from tests.retrained import write_versions
 
 
@@ -105,6 +109,25 @@ async def test_a_models_deployment_goes_while_others_run_the_model_itself(client
         await client.put_deployment(DeploymentSpec(other, joint=JointSpec(mode="sync", cloud_model=model)))
     await client.delete_deployment(model)
     assert [s.model for s in await client.list_deployments() if s.model in (model, other)] == [other]
+
+
+async def test_a_deployment_whose_deletion_would_run_an_ensemble_step_a_version_without_a_tensor_it_maps_stays(
+        client, name, tmp_path):
+    """Version 1 has output 'probabilities', version 2 'probs': deleted, the pin to 1 would leave
+    the step running 2, the latest."""
+    files = {}
+    for version, output in (("1", "probabilities"), ("2", "probs")):
+        files[version] = tmp_path / f"v{version}.onnx"
+        weights = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+        onnx.save(mlp_graph([weights], [np.zeros(3, np.float32)], name=output, output_name=output), files[version])
+        await client.push_file(files[version], name, version, "FP32")
+    pinned = DeploymentSpec(name, rollout=RolloutSpec("1"))
+    await client.put_deployment(pinned)
+    await client.put_deployment(ensemble(f"{name}-pipe", name, "input=x"))
+    message = await refused_with(client, ErrorCode.FAILED_PRECONDITION, name)
+    assert (f"ensemble '{name}-pipe' step 0 ({name}): model '{name}' version 2 has no output 'probabilities' "
+            "(outputs: ['probs'])") in message
+    assert await client.get_deployment(name) == pinned
 
 
 async def test_a_deleted_deployment_is_announced_as_updated_and_deleted(nats_server, client, model):
