@@ -220,14 +220,9 @@ class Registry:
     async def _check_not_an_ensemble(self, name: str) -> None:
         """FAILED_PRECONDITION when an ensemble deployment has this name (a model of that name
         would take it over: the ensemble could never be applied again)."""
-        for _, text, _ in await self._quick(self.store.deployments, name):
-            try:
-                steps = deployment.from_json(text).ensemble
-            except InvalidArgument:  # no longer reads: what it was is for its next put to say
-                continue
-            if steps:
-                raise FailedPrecondition(f"'{name}' is the name of an ensemble deployment (steps: "
-                                         f"{' -> '.join(s.model for s in steps)}); a model needs a name of its own")
+        if steps := await self._ensemble_steps(name):
+            raise FailedPrecondition(f"'{name}' is the name of an ensemble deployment (steps: "
+                                     f"{' -> '.join(s.model for s in steps)}); a model needs a name of its own")
 
     async def _receive(self, chunks: AsyncIterator[bytes], temp: Path) -> tuple[str, int]:
         """Write the upload to `temp`; its sha256 and size (limit and emptiness checked)."""
@@ -244,15 +239,19 @@ class Registry:
         return digest.hexdigest(), size
 
     async def _announce(self, variant: ModelVariant) -> None:
+        await self._publish(events.MODEL_PUBLISHED, {"name": variant.name, "version": variant.version,
+                                                     "precision": variant.precision, "sha256": variant.sha256,
+                                                     "size_bytes": variant.size_bytes}, variant.key)
+
+    async def _publish(self, subject: str, payload: dict, about: str) -> None:
+        """Publish an event of what is stored already: best effort (consumers also poll or resync),
+        a failure logged naming `about`."""
         if self.publish is None:
             return
-        payload = {"name": variant.name, "version": variant.version,
-                   "precision": variant.precision, "sha256": variant.sha256,
-                   "size_bytes": variant.size_bytes}
         try:
-            await self.publish(events.MODEL_PUBLISHED, payload)
-        except Exception as exc:  # noqa: BLE001 - the version is stored; the event is best effort
-            log.warning("could not publish %s event for %s: %s", events.MODEL_PUBLISHED, variant.key, exc)
+            await self.publish(subject, payload)
+        except Exception as exc:  # noqa: BLE001 - stored; the event is best effort
+            log.warning("could not publish %s event for %s: %s", subject, about, exc)
 
     async def list(self, name: str = "") -> list[ModelVariant]:
         variants = await self._quick(self.store.variants, name)
@@ -307,11 +306,12 @@ class Registry:
         return specs
 
     async def _ensemble_steps(self, name: str) -> tuple[EnsembleStep, ...]:
-        """The steps of the ensemble deployment named `name`; none when it is no ensemble."""
+        """The steps of the ensemble deployment named `name`; none when it is no ensemble, or its
+        deployment no longer reads (what it was is for its next put to say)."""
         for _, text, _ in await self._quick(self.store.deployments, name):
             try:
                 return deployment.from_json(text).ensemble
-            except InvalidArgument:  # no longer reads: the deletion says not found, as for any name without versions
+            except InvalidArgument:
                 return ()
         return ()
 
@@ -327,13 +327,9 @@ class Registry:
         return time.time() - self.tombstone_retention_s
 
     async def _announce_deletion(self, name: str, version: str, removed: list[ModelVariant]) -> None:
-        if self.publish is None:
-            return
-        payload = {"name": name, "version": version, "precisions": sorted(v.precision for v in removed)}
-        try:
-            await self.publish(events.MODEL_DELETED, payload)
-        except Exception as exc:  # noqa: BLE001 - deleted; consumers also poll
-            log.warning("could not publish %s event for %s v%s: %s", events.MODEL_DELETED, name, version, exc)
+        await self._publish(events.MODEL_DELETED, {"name": name, "version": version,
+                                                   "precisions": sorted(v.precision for v in removed)},
+                            f"{name} v{version}")
 
     async def record_measurement(self, name: str, version: str, precision: str, node_class: str,
                                  node_id: str, latency_ms: float, memory_bytes: int) -> ModelVariant:
@@ -380,10 +376,11 @@ class Registry:
             (_, text, stored_at), = rows
             if problem := changed_since(model, if_updated_at, stored_at):
                 raise FailedPrecondition(problem)
-            if runners := await self._ensemble_runners(model):
+            variants = await self._quick(self.store.variants, model)
+            if not variants and (runners := await self._ensemble_runners(model)):
                 raise FailedPrecondition(f"ensemble '{model}' is run by {', '.join(runners)}: delete those "
                                          "or change their steps first")
-            if variants := await self._quick(self.store.variants, model):  # its steps run the defaults' versions
+            if variants:  # its steps run the defaults' versions
                 await self._check_steps_over(DeploymentSpec(model), variants)
             await self._quick(self.store.delete_deployment, model)
         log.info("deleted the deployment of model '%s'", model)
@@ -391,22 +388,15 @@ class Registry:
         return _as_stored(text), stored_at
 
     async def _ensemble_runners(self, model: str) -> list[str]:
-        """The steps of other ensembles that run `model` as an ensemble (a model without variants:
-        only its deployment makes it one); none for a registered model, which steps run itself."""
-        if await self._quick(self.store.variants, model):
-            return []
+        """The steps of other ensembles that run `model`, an ensemble (a name without variants: only
+        its deployment makes it one; a registered model's steps run the model itself)."""
         return [f"ensemble '{spec.model}' step {i}" for spec, _ in await self.deployments() if spec.model != model
                 for i, step in enumerate(spec.ensemble) if step.model == model]
 
     async def _announce_deployment(self, model: str, **extra: object) -> None:
         """`cnei.deployment.updated` for the model (`extra`: `deleted=True` for a deletion):
         consumers read the deployment again, the defaults where there is none."""
-        if self.publish is None:
-            return
-        try:
-            await self.publish(events.DEPLOYMENT_UPDATED, {"model": model, **extra})
-        except Exception as exc:  # noqa: BLE001 - stored; consumers also poll
-            log.warning("could not publish deployment event for %s: %s", model, exc)
+        await self._publish(events.DEPLOYMENT_UPDATED, {"model": model, **extra}, f"model {model}")
 
     async def _check_ensemble(self, spec: DeploymentSpec) -> None:
         """A name of its own, over models the registry has and other ensembles, reaching no cycle;
