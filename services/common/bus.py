@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from services.common import events, lifecycle, telemetry
 from services.common.backoff import Backoff
 from services.common.background import Background
-from services.common.errors import Unavailable
+from services.common.errors import Unavailable, describe
 from services.common.events import EventRefused, EventTooLarge
 from services.common.outbox import Outbox
 
@@ -104,7 +104,7 @@ class EventBus:
         try:
             await self.connect()
         except Exception as exc:  # noqa: BLE001 - offline start is allowed
-            log.warning("NATS at %s not ready (%s); retrying in the background", self.url, _describe(exc))
+            log.warning("NATS at %s not ready (%s); retrying in the background", self.url, describe(exc))
             self._tasks.append(asyncio.create_task(self._connect_loop(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="outbox-flush"))
 
@@ -116,7 +116,7 @@ class EventBus:
             try:
                 await self.connect()
             except Exception as exc:  # noqa: BLE001 - keep trying
-                if (reason := _describe(exc)) != last:
+                if (reason := describe(exc)) != last:
                     log.warning("NATS at %s not ready (%s); still trying", self.url, reason)
                     last = reason
         log.info("connected to NATS at %s", self.url)
@@ -209,7 +209,7 @@ class EventBus:
             raise
         except (MaxPayloadError, APIError) as exc:
             if _refused_for_good(exc):
-                raise _refused(EventRefused(subject, envelope.id, _describe(exc))) from exc
+                raise _refused(EventRefused(subject, envelope.id, describe(exc))) from exc
             raise
 
     async def flush(self) -> int:
@@ -288,11 +288,6 @@ class EventBus:
             await self.nc.drain()
         except Exception:  # noqa: BLE001 - closing anyway
             await self.nc.close()
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception as a log line says it (nats-py's timeouts have no message)."""
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 def _wire_size(data: bytes, headers: dict[str, str]) -> int:

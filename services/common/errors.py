@@ -38,6 +38,12 @@ def outcome_of(exc: BaseException) -> str:
     return exc.code.value.lower() if isinstance(exc, CneiError) else "internal"
 
 
+def describe(exc: BaseException) -> str:
+    """An exception as a log line says it: its type, then its message when it has one (nats-py's
+    and asyncio's timeouts have none)."""
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
 class CneiError(Exception):
     """Root of every error CNEI raises on purpose; carries a code and a readable message."""
 

@@ -202,9 +202,7 @@ class EdgeRuntime:
         """A new version (or variant) exists: forget resolutions and the version the model's
         deployment serves (it may be the latest now), and refresh the model where this node caches it."""
         self.forget_resolutions(name)
-        self.deployment_updated(name)
-        if any(v.name == name for v in self.disk.variants()):
-            await self.resync(names=(name,))
+        await self.model_deployed(name)
 
     def _local_variants(self, name: str) -> list[ModelVariant]:
         """The model's variants this node serves without the registry: those on disk, and those

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from services.common import events, lifecycle
 from services.common.bus import EventBus
+from services.common.errors import describe
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.resources import CpuSampler, memory_load
@@ -146,7 +147,7 @@ class Heartbeat:
                                              self.settings.heartbeat_ttl_s)  # after that it has expired anyway
         except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
             log.warning("could not deregister (its record expires within %ss): %s", self.settings.heartbeat_ttl_s,
-                        f"{type(exc).__name__}: {exc}".rstrip(": "))
+                        describe(exc))
             removed = True
         if not removed:
             log.warning("node id %s is heartbeated by another process (not at %s): its record is left",
