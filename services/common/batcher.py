@@ -378,13 +378,11 @@ class Batcher:
             self._drop([p for p in self.queue if p.deadline <= now])  # expire while waiting for a batch
             formed = candidates(self.queue) if self.queue else None  # once per wake-up
             ready = formed is not None and is_ready(formed, self._rules, now)
-            if ready and not (self._running == 0 or
-                              overlaps(formed, self._last_rows, self.config.max_batch_size)):
-                ready = False  # the batch in flight wakes this when it is answered
-                timeout = self._wait_time(now, queue_delay=False)
-            else:
-                timeout = self._wait_time(now)
-            if ready:
+            # a ready batch waits for the one in flight (which wakes this when it is answered)
+            # unless none is, or it is at least as big as that one
+            held = ready and not (self._running == 0 or
+                                  overlaps(formed, self._last_rows, self.config.max_batch_size))
+            if ready and not held:
                 batch, expired = take(self.queue, self._rules, now, formed)
                 self._drop(expired)
                 if batch:
@@ -394,18 +392,18 @@ class Batcher:
                 continue
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), self._wait_time(now, formed, queue_delay=not held))
             except asyncio.TimeoutError:
                 pass
 
-    def _wait_time(self, now: float, queue_delay: bool = True) -> float | None:
-        """Sleep until the head's delay passes (when `queue_delay`) or the nearest deadline,
-        whichever first."""
-        if not self.queue:
+    def _wait_time(self, now: float, formed: Candidates | None, queue_delay: bool) -> float | None:
+        """Sleep until the head's delay passes (when `queue_delay`; `formed`: the queue's
+        candidates, None when it is empty) or the nearest deadline, whichever first."""
+        if formed is None:
             return None
         wake = min(p.deadline for p in self.queue)
         if queue_delay:
-            wake = min(wake, min(p.enqueued for p in self.queue) + self.config.max_queue_delay_us / 1e6)
+            wake = min(wake, formed.oldest + self.config.max_queue_delay_us / 1e6)
         return None if wake == float("inf") else max(0.0, wake - now)
 
     def _started(self, batch: list[Pending]) -> list[Pending]:
