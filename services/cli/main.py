@@ -421,8 +421,6 @@ def parser() -> argparse.ArgumentParser:
         "delete", help="delete a model's deployment: the model is served with the default settings afterwards "
                        "(its latest version), an ensemble is gone; refused while another ensemble runs it as a step")
     undeploy.add_argument("model")
-    for sp in (apply, show, canary, promote, rollback, undeploy):
-        sp.add_argument("--registry", default="127.0.0.1:50051")
     lst = models.add_parser("list", help="list registered variants")
     lst.add_argument("--name", default="")
     delete = models.add_parser("delete", help="delete a version (refused while it is in use) and the "
@@ -430,7 +428,8 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.add_argument("version")
     delete.add_argument("--precision", default="", help="delete this variant only (default: every one)")
-    for sp in (push, lst, delete):
+    registry_cmds = (push, lst, delete, apply, show, canary, promote, rollback, undeploy)  # the registry's clients
+    for sp in registry_cmds:
         sp.add_argument("--registry", default="127.0.0.1:50051")
     controls = []
     for verb, what in (("load", "put a model back in service, loaded on its nodes"),
@@ -457,15 +456,13 @@ def parser() -> argparse.ArgumentParser:
     build_parser = build.add_parser(models)
     train_parsers = train.add_parser(sub)
     for env, parsers in (("CNEI_TLS", (inf, *controls)),
-                         ("CNEI_REGISTRY_TLS", (push, lst, delete, apply, show, canary, promote, rollback,
-                                                undeploy, build_parser)),
+                         ("CNEI_REGISTRY_TLS", (*registry_cmds, build_parser)),
                          ("CNEI_TRAINER_TLS", train_parsers)):
         for sp in parsers:
             sp.add_argument("--tls-ca", default="", help=f"CA of a server on TLS (default: ${env}_CA)")
             sp.add_argument("--tls-cert", default="", help=f"client certificate for mutual TLS (default: ${env}_CERT)")
             sp.add_argument("--tls-key", default="", help=f"its key (default: ${env}_KEY)")
-    for sp in (inf, *controls, push, lst, delete, apply, show, canary, promote, rollback, undeploy, build_parser,
-               st, *train_parsers):
+    for sp in (inf, *controls, *registry_cmds, build_parser, st, *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
     return p
