@@ -106,8 +106,9 @@ class ArtifactSender:
         if not have or size is None or size > DELTA_MAX_BYTES:
             return None
         targets = self.store.variants_of_artifacts([sha256])
-        held = [v for v in self.store.variants_of_artifacts(have) if self.store.has_blob(v.sha256)
-                and self.store.blob_path(v.sha256).stat().st_size <= DELTA_MAX_BYTES]
+        held = [v for v in self.store.variants_of_artifacts(have)
+                if (held_size := _size_or_none(self.store.blob_path(v.sha256))) is not None
+                and held_size <= DELTA_MAX_BYTES]
         candidates = [(v.precision == t.precision, version_key(v.version), v.sha256)
                       for t in targets for v in held if v.name == t.name]
         return max(candidates)[2] if candidates else None
