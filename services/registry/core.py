@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from services.registry.store import RegistryStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Publisher = Callable[[str, dict], Awaitable[object]]
+Unreadable = Callable[[str, str, str], str | None]  # a stored deployment's model, JSON, why it no longer reads
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CATALOGUE_THREADS = 4  # the store's quick calls; never behind uploads, artifact reads or deltas
 DAY_S = 86400.0
@@ -128,6 +130,12 @@ def _unreadable_over(name: str, version: str, stored: str, spec_json: str, why: 
                 f"longer reads ({why}) and what it runs cannot be told; {fix}")
     return (f"model '{name}' version {version} may be in use: the stored deployment of model '{stored}' names it "
             f"{named[name]} but no longer reads ({why}), so which of its versions it runs cannot be told; {fix}")
+
+
+def _put_it_again(stored: str, spec_json: str, why: str) -> str:
+    """Why the stored deployment of model `stored`, asked for by name, cannot be answered: it no
+    longer reads (`why`)."""
+    return f"the stored deployment of model '{stored}' no longer reads: {why}; put it again"
 
 
 def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> str | None:
@@ -282,7 +290,8 @@ class Registry:
                 if not variants and (steps := await self._ensemble_steps(name)):
                     raise FailedPrecondition(_no_versions_of_an_ensemble(name, steps))
                 raise ModelNotFound(name, version, precision)
-            in_use = versions_in_use(name, await self._deployments_over(name, version), variants)
+            readable = await self.deployments(refuse_unreadable=functools.partial(_unreadable_over, name, version))
+            in_use = versions_in_use(name, [spec for spec, _ in readable], variants)
             if version in in_use:
                 raise FailedPrecondition(f"model '{name}' version {version} is in use: {in_use[version]}")
             removed, freed = await asyncio.to_thread(self.store.delete_variants, name, version, precision)
@@ -291,19 +300,6 @@ class Registry:
         log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
         await self._announce_deletion(name, version, removed)
         return removed, freed_bytes
-
-    async def _deployments_over(self, name: str, version: str) -> list[DeploymentSpec]:
-        """Every stored deployment, read, to tell what runs model `name`; FAILED_PRECONDITION when
-        one that no longer reads names the model, or cannot be read enough to tell (`_unreadable_over`)."""
-        specs = []
-        for model, text, _ in await self._quick(self.store.deployments, ""):
-            try:
-                specs.append(deployment.from_json(text))
-            except InvalidArgument as exc:  # stored before a check it fails existed (NaN, ...)
-                if problem := _unreadable_over(name, version, model, text, exc.message):
-                    raise FailedPrecondition(problem) from None
-                log.warning("deployment of model '%s' skipped: it no longer reads: %s", model, exc.message)
-        return specs
 
     async def _ensemble_steps(self, name: str) -> tuple[EnsembleStep, ...]:
         """The steps of the ensemble deployment named `name`; none when it is no ensemble, or its
@@ -474,17 +470,22 @@ class Registry:
                                                  or step_tensor_problem(step, spec, variants)):
                     raise FailedPrecondition(f"ensemble '{ensemble.model}' step {i} ({step.model}): {problem}")
 
-    async def deployments(self, model: str = "") -> list[tuple[DeploymentSpec, float]]:
+    async def deployments(self, model: str = "", refuse_unreadable: Unreadable | None = None,
+                          ) -> list[tuple[DeploymentSpec, float]]:
+        """The stored deployments (of `model`, else all) with their updated_at; NOT_FOUND when
+        `model` has none. One that no longer reads (stored before a check it fails existed: NaN,
+        ...) is FAILED_PRECONDITION where `refuse_unreadable` (given its model, JSON and why) says
+        why, by default where `model` names it (`_put_it_again`); else it is skipped, logged."""
         rows = await self._quick(self.store.deployments, model)
         if model and not rows:
             raise NotFound(f"no deployment for model '{model}'")
+        refuse = refuse_unreadable or (_put_it_again if model else None)
         specs = []
         for name, text, when in rows:
             try:
                 specs.append((deployment.from_json(text), when))
-            except InvalidArgument as exc:  # stored before a check it fails existed (NaN, ...)
-                if model:
-                    raise FailedPrecondition(f"the stored deployment of model '{name}' no longer reads: "
-                                             f"{exc.message}; put it again") from None
+            except InvalidArgument as exc:
+                if refuse and (problem := refuse(name, text, exc.message)):
+                    raise FailedPrecondition(problem) from None
                 log.warning("deployment of model '%s' skipped: it no longer reads: %s", name, exc.message)
         return specs
