@@ -17,13 +17,12 @@ from prometheus_client import Counter
 
 from services.common import events, oip, telemetry
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec, EnsembleStep, rollout_version
+from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, Unavailable, outcome_of)
 from services.common.model_spec import (ModelVariant, check_batch_size, check_inputs, check_outputs,
                                         served_max_batch_size, version_key)
 from services.common.nodes import NodeInfo
-from services.common.served import step_stable_version, step_version
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
 from services.common.batcher import BatchConfig, Batcher, NodeCall, priority_level, request_deadline
@@ -39,6 +38,7 @@ from services.coordinator.placement import RequestContext, Scheduler, failover_s
 from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
+from services.coordinator.step_resolver import StepResolver
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -232,30 +232,7 @@ class Coordinator:
     async def model_variant(self, name: str, version: str = "", depth: int = 0) -> ModelVariant:
         """The model's default variant; for an ensemble, what its steps make of it (`depth`: how
         many ensembles lead to this one; FAILED_PRECONDITION past ensemble.MAX_DEPTH, a cycle)."""
-        try:
-            return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
-        except ModelNotFound:
-            spec = await self.catalog.deployment(name)
-            if not spec.ensemble or version not in ("", ensemble.VERSION):
-                raise
-            return await self._ensemble_variant(spec, depth)
-
-    async def _ensemble_variant(self, spec: DeploymentSpec, depth: int) -> ModelVariant:
-        ensemble.check_depth(spec, depth)
-        return await ensemble.variant(spec, functools.partial(self.model_variant, depth=depth + 1), self._step_version)
-
-    async def _step_version(self, step: EnsembleStep, with_canary: bool = False) -> str:
-        """The version of its model an ensemble step runs: `served.step_stable_version` (the one it
-        names, its model's pinned stable one, else the newest with the step's precision and the
-        deployment's), and `with_canary` the canary for its share (`served.step_version`); a step
-        over another ensemble: the one it names."""
-        deployed = await self.catalog.deployment(step.model)
-        if deployed.ensemble:
-            return step.version
-        variants = await self.catalog.all_variants(step.model)
-        if with_canary:
-            return step_version(step, deployed, variants, random.random())
-        return step_stable_version(step, deployed, variants)
+        return await StepResolver(self.catalog).model_variant(name, version, depth)
 
     async def deployment(self, name: str) -> DeploymentSpec:
         """The model's deployment (what ModelConfig shows of it)."""
@@ -275,10 +252,11 @@ class Coordinator:
     async def repository_index(self) -> list[ModelVariant]:
         """Every registered variant, and each ensemble."""
         variants = await self.catalog.registry.list()
+        steps = StepResolver(self.catalog)
         for spec in await self.catalog.registry.list_deployments():
             if spec.ensemble:
                 try:
-                    variants.append(await self._ensemble_variant(spec, 0))
+                    variants.append(await steps.ensemble_variant(spec, 0))
                 except CneiError as exc:  # a step's model gone: the ensemble is listed, not ready
                     log.warning("ensemble %s: %s", spec.model, exc.message)
                     variants.append(ModelVariant(spec.model, ensemble.VERSION, "", "", 0, [], [], "ensemble"))
@@ -319,15 +297,17 @@ class Coordinator:
         if deployed.ensemble:
             if request.model_version not in ("", ensemble.VERSION):
                 raise ModelNotFound(request.model_name, request.model_version)
+            steps = StepResolver(self.catalog)
             if not step:
-                await self._check_rows(request, deployed)
-            return await self._ensemble(request, deployed, deadline_s, start)
+                depth = ensemble.nesting_depth(request.parameters)
+                self._check_rows(request, deployed, await steps.ensemble_variant(deployed, depth))
+            return await self._ensemble(request, deployed, deadline_s, start, steps)
         # a request that names no version: the canary's share goes to the canary, the rest to the
         # stable version (the catalog's default)
         version = request.model_version or rollout_version(deployed.rollout, random.random())
         variants = await self.catalog.variants(request.model_name, version)
         if not step:
-            await self._check_rows(request, deployed, variants[0])
+            self._check_rows(request, deployed, variants[0])
         spec = restrict_tier(deployed, request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
         mode = str(request.parameters.get("joint", "") or spec.joint.mode)
@@ -357,27 +337,25 @@ class Coordinator:
         count_served(variants[0].name, "ok", response.parameters)
         return response
 
-    async def _check_rows(self, request: oip.InferRequest, deployed: DeploymentSpec,
-                          variant: ModelVariant | None = None) -> None:
+    @staticmethod
+    def _check_rows(request: oip.InferRequest, deployed: DeploymentSpec, variant: ModelVariant) -> None:
         """Triton's batch-size check of a client's request against the max_batch_size ModelConfig
         shows for the model (`variant`'s capped by its deployment; an ensemble's from its steps'
         models), the door's requests over it included (it forwards them): INVALID_ARGUMENT."""
-        if variant is None:
-            variant = await self._ensemble_variant(deployed, ensemble.nesting_depth(request.parameters))
         # the model's own inputs: one it lacks is refused by name when the request is checked
         inputs = {t.name: request.inputs[t.name] for t in variant.inputs if t.name in request.inputs}
         check_batch_size(request.model_name, inputs, served_max_batch_size(variant, deployed))
 
     async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
-                        start: int) -> oip.InferResponse:
+                        start: int, steps: StepResolver) -> oip.InferResponse:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         depth = ensemble.nesting_depth(request.parameters)
         run = functools.partial(ensemble.run, spec, request, deadline_s, functools.partial(self.infer, step=True),
-                                functools.partial(self.model_variant, depth=depth + 1),
-                                functools.partial(self._step_version, with_canary=True))
+                                functools.partial(steps.model_variant, depth=depth + 1), steps.drawn_version)
         try:
             # Triton's top-level ensemble caching
-            scope = await self._ensemble_scope(spec, depth) if spec.response_cache and self.cache.max_bytes else None
+            cached = spec.response_cache and self.cache.max_bytes
+            scope = await self._ensemble_scope(spec, depth, steps) if cached else None
             if scope is not None:
                 response = await self._through_cache(scope, request, spec.model, stats, run)
             else:
@@ -389,7 +367,7 @@ class Coordinator:
                      cache_hit=from_cache(response))
         return response
 
-    async def _ensemble_scope(self, spec: DeploymentSpec, depth: int) -> str | None:
+    async def _ensemble_scope(self, spec: DeploymentSpec, depth: int, steps: StepResolver) -> str | None:
         """What decides an ensemble's answer besides its inputs: the steps as applied, the version
         each resolves to now and the precision policy it is served under (a step without its own
         precision takes its model's deployment's; a nested ensemble: its own scope), so a new
@@ -398,21 +376,21 @@ class Coordinator:
         at random, a kept answer would be one version's for every request, and still served after
         the canary is rolled back."""
         ensemble.check_depth(spec, depth)
-        steps = []
+        scopes = []
         for step in spec.ensemble:
-            deployed = await self.catalog.deployment(step.model)
+            deployed = await steps.deployment(step.model)
             if deployed.ensemble:
-                nested = await self._ensemble_scope(deployed, depth + 1)
+                nested = await self._ensemble_scope(deployed, depth + 1, steps)
                 if nested is None:
                     return None
-                steps.append(nested)
+                scopes.append(nested)
                 continue
             if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
                 return None
-            version = await self._step_version(step)
+            version = await steps.stable_version(step)
             policy = self._policy({"precision": step.precision} if step.precision else {}, deployed)
-            steps.append(f"{version}/{policy}")
-        return f"{spec.model}/ensemble/{spec.ensemble!r}/{steps}"
+            scopes.append(f"{version}/{policy}")
+        return f"{spec.model}/ensemble/{spec.ensemble!r}/{scopes}"
 
     # --- joint inference --------------------------------------------------------------------
     async def _joint(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,

@@ -3,6 +3,7 @@ coordinator request, here answered by an in-process function)."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import replace
 
 import grpc
@@ -244,3 +245,37 @@ async def test_a_step_naming_no_version_sends_its_models_canary_its_share_and_th
         assert {status for status, _ in answers} == {"OK"}, answers[0]
         assert {float(answer.outputs["y"][0, 0]) for _, answer in answers} == {1.0, 2.0}
         assert [t.name for t in (await m.core.model_variant("pipe")).inputs] == ["x"]
+
+
+class CountingCatalog:
+    """A catalog's answers, counting the lookups of each kind for each model."""
+
+    def __init__(self, catalog: VersionedCatalog):
+        self.catalog = catalog
+        self.lookups: Counter[tuple[str, str]] = Counter()
+
+    async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
+        self.lookups["variants", model] += 1
+        return await self.catalog.variants(model, version)
+
+    async def all_variants(self, model: str) -> list[ModelVariant]:
+        self.lookups["all_variants", model] += 1
+        return await self.catalog.all_variants(model)
+
+    async def deployment(self, model: str) -> DeploymentSpec:
+        self.lookups["deployment", model] += 1
+        return await self.catalog.deployment(model)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+async def test_an_ensemble_request_reads_each_steps_model_once_besides_the_steps_own_request(cached):
+    """Its batch-size check, its cache scope and its run share what they read of a step's model;
+    the step's own request (an ordinary one) reads its deployment and variants again."""
+    specs = {"m": DeploymentSpec(model="m"), "pipe": replace(int8_pipe(), response_cache=cached)}
+    variants = [variant(), replace(variant(), precision="INT8")]
+    async with mesh(variants, specs, {"n1": VersionedNode()}, response_cache_bytes=1 << 20) as m:
+        m.core.catalog = catalog = CountingCatalog(VersionedCatalog(variants, specs))
+        status, answer = await m.infer("pipe")
+        assert status == "OK", answer
+        assert {k: n for k, n in catalog.lookups.items() if k[1] == "m"} == {
+            ("deployment", "m"): 2, ("all_variants", "m"): 1, ("variants", "m"): 2}

@@ -1,0 +1,79 @@
+"""One request's view of its models and ensemble steps: each step's model read from the catalog
+once, each step's version and each model's variant worked out once, however often asked."""
+from __future__ import annotations
+
+import functools
+import random
+
+from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.errors import ModelNotFound
+from services.common.model_spec import ModelVariant
+from services.common.served import step_stable_version, step_version
+from services.coordinator import ensemble
+from services.coordinator.catalog import Catalog
+from services.coordinator.precision import PrecisionPolicy, choose_variant
+
+
+class StepResolver:
+    """The catalog's answers for one request (an ensemble's batch-size check, cache scope and run
+    share them): a deployment or a model's variants are read once, a step's stable version and a
+    model's variant worked out once; errors are not kept (the request fails with them)."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self._deployments: dict[str, DeploymentSpec] = {}
+        self._all_variants: dict[str, list[ModelVariant]] = {}
+        self._stable: dict[EnsembleStep, str] = {}
+        self._variants: dict[tuple[str, str, int], ModelVariant] = {}
+
+    async def deployment(self, model: str) -> DeploymentSpec:
+        if model not in self._deployments:
+            self._deployments[model] = await self.catalog.deployment(model)
+        return self._deployments[model]
+
+    async def all_variants(self, model: str) -> list[ModelVariant]:
+        if model not in self._all_variants:
+            self._all_variants[model] = await self.catalog.all_variants(model)
+        return self._all_variants[model]
+
+    async def stable_version(self, step: EnsembleStep) -> str:
+        """The version of its model an ensemble step runs apart from a canary's share:
+        `served.step_stable_version` (the one it names, its model's pinned stable one, else the
+        newest with the step's precision and the deployment's); a step over another ensemble: the
+        one it names."""
+        if step not in self._stable:
+            deployed = await self.deployment(step.model)
+            self._stable[step] = step.version if deployed.ensemble else \
+                step_stable_version(step, deployed, await self.all_variants(step.model))
+        return self._stable[step]
+
+    async def drawn_version(self, step: EnsembleStep) -> str:
+        """The version one run of an ensemble step goes to: its model's canary for the canary's
+        share (`served.step_version`), else `stable_version`."""
+        deployed = await self.deployment(step.model)
+        if deployed.ensemble:
+            return step.version
+        return step_version(step, deployed, await self.all_variants(step.model), random.random())
+
+    async def model_variant(self, name: str, version: str = "", depth: int = 0) -> ModelVariant:
+        """The model's default variant; for an ensemble, what its steps make of it (`depth`: how
+        many ensembles lead to this one; FAILED_PRECONDITION past ensemble.MAX_DEPTH, a cycle)."""
+        key = (name, version, depth)
+        if key not in self._variants:
+            self._variants[key] = await self._model_variant(name, version, depth)
+        return self._variants[key]
+
+    async def _model_variant(self, name: str, version: str, depth: int) -> ModelVariant:
+        try:
+            return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
+        except ModelNotFound:
+            spec = await self.deployment(name)
+            if not spec.ensemble or version not in ("", ensemble.VERSION):
+                raise
+            return await self.ensemble_variant(spec, depth)
+
+    async def ensemble_variant(self, spec: DeploymentSpec, depth: int) -> ModelVariant:
+        """What an ensemble's steps (the version each runs apart from canaries) make of it."""
+        ensemble.check_depth(spec, depth)
+        return await ensemble.variant(spec, functools.partial(self.model_variant, depth=depth + 1),
+                                      self.stable_version)
