@@ -89,11 +89,20 @@ def step_precision_problem(step: EnsembleStep, deployed: DeploymentSpec, variant
     except FailedPrecondition as exc:
         return exc.message
     for version in versions:
-        held = sorted({v.precision for v in variants if v.version == version})
-        if precision not in held:
-            return (f"model '{step.model}' version {version} has no {precision} variant, which the step's precision "
-                    f"asks for (its variants: {', '.join(held) or 'none'})")
+        if problem := precision_lacking(step.model, version, precision, variants, "the step's precision"):
+            return problem
     return None
+
+
+def precision_lacking(model: str, version: str, precision: str, variants: list[ModelVariant], asker: str,
+                      role: str = "") -> str | None:
+    """Why `version` of `model` (`variants`: its variants; `role`: what it is to a deployment, said
+    beside it) cannot serve what `asker` asks for: it has no variant in `precision`; None when it has."""
+    held = sorted({v.precision for v in variants if v.version == version})
+    if precision in held:
+        return None
+    return (f"model '{model}' version {version}{f' ({role})' if role else ''} has no {precision} variant, which "
+            f"{asker} asks for (its variants: {', '.join(held) or 'none'})")
 
 
 def step_tensor_problem(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str | None:

@@ -20,8 +20,8 @@ from services.common import deployment, events
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, Tombstone, pick_variant, version_key
-from services.common.served import (latest_version, needed_precisions, served_version, step_precision_problem,
-                                    step_stable_version, step_tensor_problem, versions_in_use)
+from services.common.served import (latest_version, needed_precisions, precision_lacking, served_version,
+                                    step_precision_problem, step_stable_version, step_tensor_problem, versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -79,11 +79,10 @@ def missing_precision(spec: DeploymentSpec, variants: list[ModelVariant]) -> str
     except FailedPrecondition as exc:
         return exc.message
     for role, version in (("stable", stable), ("canary", rollout.canary)):
-        held = sorted({v.precision for v in variants if v.version == version})
         for where, precision in needed_precisions(spec).items():
-            if version and precision not in held:
-                return (f"model '{spec.model}' version {version} ({role}) has no {precision} variant, which "
-                        f"deployment field '{where}' asks for (its variants: {', '.join(held)})")
+            if version and (problem := precision_lacking(spec.model, version, precision, variants,
+                                                         f"deployment field '{where}'", role)):
+                return problem
     return None
 
 
