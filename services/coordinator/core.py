@@ -522,14 +522,11 @@ class Coordinator:
         event = {"model": request.model_name, "cloud_model": cloud.model_name, "rows": rows.tolist(),
                  "edge_labels": np.argmax(edge_probs[rows], axis=-1).tolist(),
                  "cloud_labels": np.argmax(cloud_probs[rows], axis=-1).tolist(), "inputs": inputs}
-        try:
-            if self.publish is not None:
-                await self.publish(events.INFERENCE_DISAGREEMENT, event)
-        except events.EventRefused as exc:  # too big with its inputs (for NATS, or the stream): the rest goes
+
+        def without_inputs(exc: events.EventRefused) -> dict:  # too big with them (for NATS, or the stream)
             log.warning("disagreement event of %s sent without its inputs: %s", request.model_name, exc)
-            await self.announce(events.INFERENCE_DISAGREEMENT, {**event, "inputs": {}, "inputs_dropped": exc.reason})
-        except Exception as exc:  # noqa: BLE001 - as announce: the metric still records it
-            log.warning("could not publish %s: %s", events.INFERENCE_DISAGREEMENT, exc)
+            return {**event, "inputs": {}, "inputs_dropped": exc.reason}
+        await self.announce(events.INFERENCE_DISAGREEMENT, event, without_inputs)
 
     # --- placement, batching, failover ------------------------------------------------------
     def door_reported(self, rows: dict[str, int], now: float) -> None:
@@ -896,13 +893,19 @@ class Coordinator:
         if self.after_node_left is not None:
             self.after_node_left(node.node_id)
 
-    async def announce(self, subject: str, payload: dict) -> None:
+    async def announce(self, subject: str, payload: dict,
+                       smaller: Callable[[events.EventRefused], dict] | None = None) -> None:
+        """Publish `payload`, best effort (a failure is logged); one the bus refuses outright (too
+        big) goes again as `smaller` makes it of the refusal, when given."""
         if self.publish is None:
             return
         try:
             await self.publish(subject, payload)
         except Exception as exc:  # noqa: BLE001 - the metric and span still record it
-            log.warning("could not publish %s: %s", subject, exc)
+            if smaller is not None and isinstance(exc, events.EventRefused):
+                await self.announce(subject, smaller(exc))
+            else:
+                log.warning("could not publish %s: %s", subject, exc)
 
     def _response(self, request: oip.InferRequest, placement: Placement,
                   outputs: dict[str, np.ndarray]) -> oip.InferResponse:
