@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from prometheus_client import Counter, Gauge
@@ -47,6 +47,15 @@ class DiskCacheFull(ResourceExhausted):
             f"disk cache full: the artifact of {key} needs {needed} bytes, and {kept} bytes of its budget of "
             f"{budget} bytes (CNEI_RUNTIME_DISK_CACHE_MAX_BYTES) are artifacts that cannot be evicted (in memory, "
             f"being pulled or measured, of a deployed version, or the newest cached version of their model)")
+
+
+class Deleted(NamedTuple):
+    """A variant deleted from the registry, as the disk cache forgets it (`DiskCache.forget`)."""
+
+    name: str
+    version: str
+    precision: str
+    sha256: str = ""  # a tombstone's: only a manifest naming these bytes goes ("": whichever)
 
 
 def variant_to_json(v: ModelVariant) -> str:
@@ -143,16 +152,15 @@ class DiskCache:
             DISK_BYTES.set(self.bytes_used())
         return path
 
-    def forget(self, deleted: Iterable[tuple[str, str, str]], in_use: Set[str] = frozenset(),
-               sha256: str = "") -> list[str]:
-        """Variants deleted from the registry ((name, version, precision)): delete their manifests,
-        so that nothing resolves them from here again (offline, after a restart too), then every
+    def forget(self, deleted: Iterable[Deleted], in_use: Set[str] = frozenset()) -> list[str]:
+        """Variants deleted from the registry: delete their manifests, so that nothing resolves
+        them from here again (offline, after a restart too), then, in one sweep for them all, every
         artifact no manifest names any more (shared bytes stay while another variant names them),
         but those `in_use` (sha256s a model in memory runs: they go when it has left) or pinned.
-        `sha256` (a tombstone's): only manifests naming those bytes go, so a variant pushed again
-        with other bytes and stored meanwhile stays. The sha256s of the artifacts deleted."""
+        An entry's `sha256` (a tombstone's): only a manifest naming those bytes goes, so a variant
+        pushed again with other bytes and stored meanwhile stays. The sha256s of the artifacts deleted."""
         with self._room:
-            for name, version, precision in deleted:
+            for name, version, precision, sha256 in deleted:
                 manifest = self._manifest_of(name, version, precision)
                 if not sha256 or _named_by(manifest) == sha256:
                     manifest.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from services.common.served import models_in_use, served_version, versions_in_us
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
-from services.edge_runtime.cache import DiskCache, L1Cache
+from services.edge_runtime.cache import Deleted, DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
 from services.edge_runtime.eviction import CachedArtifact
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
@@ -204,11 +204,11 @@ class EdgeRuntime:
         self.forget_resolutions(name)
         await self.model_deployed(name)
 
-    def _local_variants(self, name: str) -> list[ModelVariant]:
-        """The model's variants this node serves without the registry: those on disk, and those
+    def _local_variants(self, *names: str) -> list[ModelVariant]:
+        """The models' variants this node serves without the registry: those on disk, and those
         in memory (a deleted variant's manifest is gone from disk, its copy in memory serves on)."""
-        local = {v.key: v for v in self.disk.variants() if v.name == name and v.key not in self._deleted}
-        local.update((m.variant.key, m.variant) for m in self.l1.values() if m.variant.name == name)
+        local = {v.key: v for v in self.disk.variants() if v.name in names and v.key not in self._deleted}
+        local.update((m.variant.key, m.variant) for m in self.l1.values() if m.variant.name in names)
         return list(local.values())
 
     async def model_deleted(self, name: str, version: str, precisions: list[str], sha256: str = "") -> None:
@@ -218,47 +218,59 @@ class EdgeRuntime:
         either) with the artifacts no other variant there names; a copy in memory serves on until
         it leaves (offline autonomy), and its artifact goes then (`_left_memory`). `sha256`: a
         tombstone's (`apply_tombstones`), only a manifest naming those bytes leaves the disk."""
+        self._mark_deleted(name, version, precisions)
+        await self._forget_on_disk([Deleted(name, version, precision, sha256) for precision in precisions])
+
+    def _mark_deleted(self, name: str, version: str, precisions: list[str]) -> None:
+        """Never load these variants again; forget the model's resolutions and deployment."""
         self._deleted.update(f"{name}:{version}:{precision}" for precision in precisions)
         self.forget_resolutions(name)
         self.deployment_updated(name)
-        await self._forget_on_disk([(name, version, precision) for precision in precisions], sha256)
 
     async def forget_deleted(self, names: tuple[str, ...] = ()) -> bool:
         """Forget what was deleted from the registry while its events did not reach this node
-        (stopped, cut off from NATS): the registry's tombstones of each model held here, on disk
-        or in memory (or of those `names`), applied as the events would have been
-        (`apply_tombstones`). Only tombstones delete: a model the registry does not know (one
-        restored empty, another registry) is kept. False when the registry was unreachable."""
+        (stopped, cut off from NATS): the registry's tombstones of the models held here, on disk
+        or in memory (or of those `names`), read in one call (every model's, or the one named's),
+        applied as the events would have been (`apply_tombstones`). Only tombstones delete: a model
+        the registry does not know (one restored empty, another registry) is kept. False when the
+        registry was unreachable."""
         held = {v.name for v in self.disk.variants()} | {m.variant.name for m in self.l1.values()}
-        for name in sorted(held if not names else held & set(names)):
-            try:
-                await self.apply_tombstones(await self.registry.deleted(name))
-            except CneiError as exc:
-                log.warning("could not read what was deleted of %s from the registry: %s", name, exc.message)
-                if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
-                    return False
+        wanted = held if not names else held & set(names)
+        if not wanted:
+            return True
+        asked = next(iter(wanted)) if len(wanted) == 1 else ""
+        try:
+            tombstones = await self.registry.deleted(asked)
+        except CneiError as exc:
+            log.warning("could not read what was deleted of %s from the registry: %s",
+                        asked or "the models held here", exc.message)
+            return exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+        await self.apply_tombstones([t for t in tombstones if t.name in wanted])
         return True
 
     async def apply_tombstones(self, tombstones: list[Tombstone]) -> list[str]:
         """Forget each variant a tombstone names, as its deletion event does (`model_deleted`),
         where this node holds the tombstone's bytes for it (on disk or in memory): a variant pushed
-        again with other bytes after the deletion stays. The variant keys forgotten."""
-        held: dict[str, dict[str, str]] = {}
-        forgotten = []
+        again with other bytes after the deletion stays. Their manifests and bytes leave the disk
+        cache in one sweep. The variant keys forgotten."""
+        if not tombstones:
+            return []
+        held = {v.key: v.sha256 for v in self._local_variants(*{t.name for t in tombstones})}
+        forgotten: list[Tombstone] = []
         for t in tombstones:
-            if t.name not in held:
-                held[t.name] = {v.key: v.sha256 for v in self._local_variants(t.name)}
-            if t.key not in self._deleted and held[t.name].get(t.key) == t.sha256:
+            if t.key not in self._deleted and held.get(t.key) == t.sha256:
                 log.info("%s was deleted from the registry while this node did not hear of it: forgetting it", t.key)
-                await self.model_deleted(t.name, t.version, [t.precision], t.sha256)
-                forgotten.append(t.key)
-        return forgotten
+                self._mark_deleted(t.name, t.version, [t.precision])
+                forgotten.append(t)
+        if forgotten:
+            await self._forget_on_disk([Deleted(t.name, t.version, t.precision, t.sha256) for t in forgotten])
+        return [t.key for t in forgotten]
 
-    async def _forget_on_disk(self, deleted: list[tuple[str, str, str]], sha256: str = "") -> None:
-        """Delete these variants' manifests (`sha256`: those naming these bytes) and the artifacts
-        no manifest names any more, but those a model in memory runs (`DiskCache.forget`)."""
+    async def _forget_on_disk(self, deleted: list[Deleted]) -> None:
+        """Delete these variants' manifests (an entry's `sha256`: only one naming these bytes) and
+        the artifacts no manifest names any more, but those a model in memory runs (`DiskCache.forget`)."""
         in_memory = {m.variant.sha256 for m in self.l1.values()}
-        await asyncio.to_thread(self.disk.forget, deleted, in_memory, sha256)
+        await asyncio.to_thread(self.disk.forget, deleted, in_memory)
 
     def _left_memory(self, variant: ModelVariant) -> None:
         """The variant left memory: its artifact's last use is now, and a deleted variant's
@@ -391,7 +403,7 @@ class EdgeRuntime:
             await self._learn_versions_in_use()
         await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
         if variant.key in self._deleted:  # deleted while its bytes were on the way
-            await self._forget_on_disk([(variant.name, variant.version, variant.precision)])
+            await self._forget_on_disk([Deleted(variant.name, variant.version, variant.precision)])
         SYNCED_BYTES.inc(pulled.wire_bytes)
         PULLS.labels("delta" if pulled.base else "full").inc()
         if pulled.base:

@@ -8,7 +8,7 @@ import pytest
 
 from services.common.errors import ErrorCode, FailedPrecondition
 from services.common.model_spec import ModelVariant, TensorSpec
-from services.edge_runtime.cache import (DISK_BYTES, DISK_EVICTIONS, DiskCache, DiskCacheFull, L1Cache,
+from services.edge_runtime.cache import (DISK_BYTES, DISK_EVICTIONS, Deleted, DiskCache, DiskCacheFull, L1Cache,
                                          variant_from_json, variant_to_json)
 
 ARTIFACT = b"pretend this is an ONNX model"
@@ -273,7 +273,7 @@ def test_forgetting_deleted_variants_deletes_their_manifests_and_the_bytes_no_ma
         disk.put(variant, data)
     assert disk.adopt(replace(shared[0], version="3"))  # the same bytes under a version not deleted
     with disk.pinned(pinned[0].sha256):
-        dropped = disk.forget([("digits", v, "FP32") for v in ("1", "2", "4", "5")], {in_memory[0].sha256})
+        dropped = disk.forget([Deleted("digits", v, "FP32") for v in ("1", "2", "4", "5")], {in_memory[0].sha256})
     assert dropped == [alone[0].sha256] and _cached_versions(disk) == ["3"]
     assert {p.stem for p in tmp_path.glob("*.onnx")} == {shared[0].sha256, in_memory[0].sha256, pinned[0].sha256}
     assert disk.forget([], {in_memory[0].sha256}) == [pinned[0].sha256]  # unpinned: it goes at the next forget
@@ -285,7 +285,7 @@ def test_an_artifact_the_caller_keeps_stays_when_room_is_made_though_no_manifest
     deleted, other = _sized("1"), _sized("1", name="other")
     disk = DiskCache(tmp_path, max_bytes=_entry(deleted[0]) + _entry(other[0]))
     disk.put(*deleted)
-    disk.forget([("digits", "1", "FP32")], {deleted[0].sha256})  # deleted while a model in memory runs it
+    disk.forget([Deleted("digits", "1", "FP32")], {deleted[0].sha256})  # deleted while a model in memory runs it
     disk.put(*other)
     with pytest.raises(DiskCacheFull):
         disk.put(*_sized("1", name="third"), keep=lambda a: a.sha256 == deleted[0].sha256)
@@ -299,5 +299,5 @@ def test_forgetting_a_variant_by_its_tombstone_takes_only_a_manifest_naming_the_
     held = _variant(b"first bytes")
     disk = DiskCache(tmp_path)
     disk.put(held, b"first bytes")
-    disk.forget([("digits", "1", "FP32")], sha256=hashlib.sha256(tombstone_bytes).hexdigest())
+    disk.forget([Deleted("digits", "1", "FP32", hashlib.sha256(tombstone_bytes).hexdigest())])
     assert disk.has(held) is not forgotten and disk.artifact_path(held.sha256).is_file() is not forgotten

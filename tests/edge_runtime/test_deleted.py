@@ -24,6 +24,7 @@ from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.registry.core import Registry
 from services.registry.store import RegistryStore
+from tests.edge_runtime.counting import CountingDiskCache, counted_registry
 from tests.edge_runtime.processes import call_registry, infer, loaded, start_runtime, write_mlp
 from tests.registry.conftest import serving
 
@@ -291,3 +292,27 @@ async def test_a_registry_that_never_heard_of_a_cached_model_makes_a_resync_forg
     finally:
         await stop(runtime)
         await client.close()
+
+
+async def test_a_catch_up_asks_the_registry_once_and_sweeps_the_disk_cache_once_for_every_tombstone(tmp_path):
+    names = [f"deleted-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    async with counted_registry(tmp_path / "registry") as (address, calls):
+        client = RegistryClient(address, timeout=10)
+        settings = replace(cfg.load(RuntimeSettings, PREFIX), intra_op_threads=1, measure_on_load=False)
+        runtime = EdgeRuntime(settings, client, CountingDiskCache(tmp_path / "cache"))
+        try:
+            pushed = {(name, version): await client.push_file(write_mlp(tmp_path, 90 + seed), name, version, "FP32")
+                      for seed, (name, version) in enumerate((n, v) for n in names for v in ("1", "2"))}
+            for variant in pushed.values():
+                await runtime.load(variant)
+                runtime.unload(variant.key)
+            for name in names[:2]:
+                await client.delete(name, "1")  # no event reaches it
+            calls.clear()
+            assert await runtime.forget_deleted()
+            assert calls["ListDeleted"] == 1 and runtime.disk.sweeps == 1
+            assert sorted(v.key for v in runtime.disk.variants()) == sorted(
+                v.key for (name, version), v in pushed.items() if version == "2" or name == names[2])
+        finally:
+            await stop(runtime)
+            await client.close()
