@@ -162,7 +162,7 @@ class Registry:
     def __init__(self, store: RegistryStore, publish: Publisher | None = None,
                  max_artifact_bytes: int = 1 << 30, tombstone_retention_days: float = 90.0):
         """`tombstone_retention_days`: how long a deleted variant's tombstone is kept (those older
-        are dropped now and at each deletion, and never listed)."""
+        are dropped now and with each deletion, and never listed)."""
         self.store = store
         self.publish = publish
         self.max_artifact_bytes = max_artifact_bytes
@@ -293,8 +293,8 @@ class Registry:
             in_use = versions_in_use(name, [spec for spec, _ in readable], variants)
             if version in in_use:
                 raise FailedPrecondition(f"model '{name}' version {version} is in use: {in_use[version]}")
-            removed, freed = await asyncio.to_thread(self.store.delete_variants, name, version, precision)
-        await self._quick(self.store.drop_tombstones, self._tombstones_since())
+            removed, freed = await asyncio.to_thread(self.store.delete_variants, name, version, precision,
+                                                     tombstones_since=self._tombstones_since())
         freed_bytes = sum({v.sha256: v.size_bytes for v in removed if v.sha256 in freed}.values())
         log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
         await self._announce_deletion(name, version, removed)

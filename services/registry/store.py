@@ -159,14 +159,15 @@ class RegistryStore:
             rows = self._db.execute(f"SELECT * FROM variants WHERE sha256 IN ({marks})", sha256s).fetchall()
         return [_row_to_variant(r) for r in rows]
 
-    def delete_variants(self, name: str, version: str, precision: str = "",
-                        when: float | None = None) -> tuple[list[ModelVariant], list[str]]:
+    def delete_variants(self, name: str, version: str, precision: str = "", when: float | None = None,
+                        tombstones_since: float = 0.0) -> tuple[list[ModelVariant], list[str]]:
         """Remove model `name` `version` (its `precision` variant, else all) from the catalogue with
-        its measurements, leaving a tombstone of each variant (deleted `when`, default now), then
-        every artifact and kept delta no variant refers to any more, as one step under the store
-        lock: a push of the same bytes moves its upload in and catalogues it under this lock too, so
-        it keeps its artifact. The variants removed (none: nothing matched) and the artifacts
-        deleted (sha256s)."""
+        its measurements, leaving a tombstone of each variant (deleted `when`, default now) and
+        dropping those of deletions before `tombstones_since` in the same transaction, then every
+        artifact and kept delta no variant refers to any more, as one step under the store lock: a
+        push of the same bytes moves its upload in and catalogues it under this lock too, so it
+        keeps its artifact. The variants removed (none: nothing matched) and the artifacts deleted
+        (sha256s)."""
         when = time.time() if when is None else when
         where = "name = ? AND version = ?" + (" AND precision = ?" if precision else "")
         args = (name, version, precision) if precision else (name, version)
@@ -178,6 +179,7 @@ class RegistryStore:
             self._db.execute(f"DELETE FROM measurements WHERE {where}", args)
             self._db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?,?,?,?,?)",
                                  [(v.name, v.version, v.precision, v.sha256, when) for v in removed])
+            self._drop_tombstones(tombstones_since)
             self._db.commit()
             referenced = {sha for (sha,) in self._db.execute("SELECT DISTINCT sha256 FROM variants")}
             freed = sorted({v.sha256 for v in removed} - referenced)
@@ -199,9 +201,12 @@ class RegistryStore:
     def drop_tombstones(self, before: float) -> int:
         """Delete the tombstones of variants deleted before `before`; how many went."""
         with self._lock:
-            dropped = self._db.execute("DELETE FROM tombstones WHERE deleted_at < ?", (before,)).rowcount
+            dropped = self._drop_tombstones(before)
             self._db.commit()
         return dropped
+
+    def _drop_tombstones(self, before: float) -> int:
+        return self._db.execute("DELETE FROM tombstones WHERE deleted_at < ?", (before,)).rowcount
 
     def _drop_deltas(self, referenced: set[str]) -> None:
         """Delete the kept deltas from or to an artifact outside `referenced` (one being made is
