@@ -421,7 +421,11 @@ class Registry:
                 pick_variant(variants, step.model, step.version, "")  # NOT_FOUND naming a model or version it lacks
                 if problem := step_precision_problem(step, deployed, variants):
                     raise FailedPrecondition(f"{where}: {problem}")
-                v = pick_variant(variants, step.model, step_stable_version(step, deployed, variants), "")  # it runs
+                try:
+                    stable = step_stable_version(step, deployed, variants)
+                except FailedPrecondition as exc:  # no version holds its deployment's precisions
+                    raise FailedPrecondition(f"{where}: {exc.message}") from None
+                v = pick_variant(variants, step.model, stable, "")  # it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
             if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")

@@ -254,3 +254,15 @@ async def test_an_ensemble_whose_steps_model_has_a_canary_without_a_tensor_it_ma
     assert f"ensemble '{name}-pipe' step 0 ({renamed_later}): model '{renamed_later}' {RENAMED}" in message
     await client.put_deployment(DeploymentSpec(model=renamed_later, rollout=RolloutSpec("1")))
     assert await client.put_deployment(spec) == spec
+
+
+async def test_an_ensemble_step_over_a_model_whose_stored_deployment_no_version_serves_is_refused_naming_the_step(
+        client, registry, models, name):
+    """A deployment stored before its check (by an older registry) may ask for a precision no
+    version has: a step over its model, asking for none, would run nothing."""
+    model = models["edge"]
+    int8 = DeploymentSpec(model=model, precision=PrecisionSpec("INT8"))
+    RegistryStore(registry.data_dir).put_deployment(model, deployment.to_json(int8), time.time())  # an older registry's
+    message = await failed_precondition(client, DeploymentSpec(model=f"{name}-pipe", ensemble=(mapping_step(model),)))
+    assert message == (f"ensemble '{name}-pipe' step 0 ({model}): no version of model '{model}' has a variant in "
+                       f"every precision its deployment asks for: INT8 ('{model}.precision.precision')")
