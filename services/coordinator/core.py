@@ -35,7 +35,7 @@ from services.coordinator.joint import (answered_outputs, disagreements, joint_s
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread, with_door_rows
-from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params
+from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params, request_policy
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
 from services.coordinator.step_resolver import StepResolver
@@ -388,7 +388,7 @@ class Coordinator:
             if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
                 return None
             version = await steps.stable_version(step)
-            policy = self._policy({"precision": step.precision} if step.precision else {}, deployed)
+            policy = request_policy({"precision": step.precision} if step.precision else {}, deployed)
             scopes.append(f"{version}/{policy}")
         return f"{spec.model}/ensemble/{spec.ensemble!r}/{scopes}"
 
@@ -410,7 +410,7 @@ class Coordinator:
         edge_request = replace(request, outputs=[], parameters=edge_params)
         edge_spec = replace(spec, tiers=tuple(t for t in spec.tiers if t == "edge"))
         if not self._unavoided([n for n in self.eligible_nodes(edge_spec) if n.tier == "edge"],
-                               variants, self._policy(edge_params, edge_spec)):
+                               variants, request_policy(edge_params, edge_spec)):
             if not spec.cloud_fallback:
                 raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or ""),
                                                                      [v.key for v in variants]))
@@ -543,7 +543,7 @@ class Coordinator:
     def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:
         """The first attempt's placement for `request`, as the full path decides it (a span)."""
         params = request.parameters
-        return self._decide(variants, spec, self._policy(params, spec), str(params.get("region", "") or ""), None, [])
+        return self._decide(variants, spec, request_policy(params, spec), str(params.get("region", "") or ""), None, [])
 
     def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      limit: int, margin: float) -> list[Placement]:
@@ -556,7 +556,7 @@ class Coordinator:
         baseline = spec.scheduler.policy != "edgeai"
         if first is None or not baseline and limit <= 1:
             return [first] if first is not None else []
-        policy = self._policy(request.parameters, spec)
+        policy = request_policy(request.parameters, spec)
         eligible = self.eligible_nodes(spec)
         choices = variants_by_class(variants, policy, eligible)
         fits = self._fits(eligible, choices)
@@ -571,13 +571,6 @@ class Coordinator:
     def answer_template(self, model: str, placement: Placement) -> oip.InferResponse:
         """The response a request for `model` served by `placement` carries, without outputs."""
         return self._response(oip.InferRequest(model, {}), placement, {})
-
-    def _policy(self, params: dict, spec: DeploymentSpec) -> PrecisionPolicy:
-        policy = policy_from_params(params)
-        if policy.empty:
-            p = spec.precision
-            policy = PrecisionPolicy(p.precision.upper(), p.accuracy_floor, p.latency_budget_ms)
-        return policy
 
     def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:
         """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
@@ -655,7 +648,7 @@ class Coordinator:
         never gets an answer the cloud computed) and the variant the policy chooses on each node
         class of those tiers now (a latency budget may choose INT8 on the edge and FP32 in the
         cloud; new measurements may change the choice)."""
-        v, policy = variants[0], self._policy(request.parameters, spec)
+        v, policy = variants[0], request_policy(request.parameters, spec)
         tiers = serving_tiers(spec)
         choices = variants_by_class(variants, policy, [n for n in self.nodes.nodes if n.tier in tiers])
         chosen = sorted(f"{cls}={c.key}" for cls, c in choices.items() if isinstance(c, ModelVariant))
@@ -685,7 +678,7 @@ class Coordinator:
     async def _serve(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
         params = request.parameters
-        policy = self._policy(params, spec)
+        policy = request_policy(params, spec)
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
         check_inputs(variants[0], request.inputs)  # every precision variant shares the interface
         check_outputs(variants[0], request.outputs)

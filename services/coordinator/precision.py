@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from services.common.batcher import number_param
+from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
 
@@ -34,6 +35,15 @@ def policy_from_params(params: dict) -> PrecisionPolicy:
         accuracy_floor=_number(params, "accuracy_floor"),
         latency_budget_ms=_number(params, "latency_budget_ms"),
     )
+
+
+def request_policy(params: dict, spec: DeploymentSpec) -> PrecisionPolicy:
+    """What a request asks of the variant (`policy_from_params`), else its deployment's default."""
+    policy = policy_from_params(params)
+    if policy.empty:
+        p = spec.precision
+        policy = PrecisionPolicy(p.precision.upper(), p.accuracy_floor, p.latency_budget_ms)
+    return policy
 
 
 def accuracy(v: ModelVariant) -> float | None:
