@@ -7,7 +7,19 @@ import argparse
 import grpc
 
 from services.common import grpc_util, restricted, tls
+from services.common.errors import InvalidArgument
 from services.common.registry_client import RegistryClient
+
+
+def key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    """`--flag KEY=VALUE` flags -> a dict; one without `=` or with an empty key is refused by name."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise InvalidArgument(f"{flag} needs KEY=VALUE, not '{pair}'")
+        out[key.strip()] = value
+    return out
 
 
 def headers(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.cli import healthcheck, infra
+from services.cli import healthcheck, infra, status
 from services.cli import main as cli
 
 
@@ -37,7 +37,7 @@ def status_server():
 
 @pytest.mark.parametrize("scheme", ["", "http://"])
 def test_the_status_url_may_be_given_as_host_port_or_with_http(status_server, scheme):
-    assert cli.fetch_status(scheme + status_server) == {"path": "/api/status"}
+    assert status.fetch_status(scheme + status_server) == {"path": "/api/status"}
 
 
 def test_train_start_with_zero_rounds_is_refused(capsys):

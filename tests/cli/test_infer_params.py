@@ -5,7 +5,7 @@ import pytest
 
 
 def test_infer_params_are_typed_as_their_oip_parameter_kinds():
-    from services.cli.main import request_parameters
+    from services.cli.infer import request_parameters
 
     assert request_parameters(["accuracy_floor=0.95", "priority=2", "region=site-b", "binary_data_output=true",
                                "note=a=b"]) == {

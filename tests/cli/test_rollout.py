@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli.main import rollout_change
+from services.cli.deploy import rollout_change
 from services.common.deployment import DeploymentSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import FailedPrecondition
 from services.common.model_spec import ModelVariant

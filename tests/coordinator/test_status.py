@@ -203,7 +203,7 @@ async def test_the_rest_app_serves_the_page_at_the_root_and_the_json_it_polls(fa
 async def test_federated_jobs_recorded_in_redis_appear_in_the_snapshot_newest_first(redis_server):
     from redis.asyncio import Redis
 
-    from services.cli.main import status_text
+    from services.cli.status import status_text
     from services.common.jobs import JobRecord, JobSpec, JobStore, RoundRecord
 
     redis = Redis.from_url(redis_server)
@@ -256,7 +256,7 @@ def test_an_ensemble_is_listed_with_its_steps():
 
 
 async def test_the_status_text_lists_ensembles_apart_from_deployments():
-    from services.cli.main import status_text
+    from services.cli.status import status_text
     from services.common.deployment import EnsembleStep
 
     status = await build_status(coordinator(FakeRegistry()))
@@ -301,7 +301,7 @@ def test_the_nodes_out_of_use_are_those_of_the_deployment_the_requests_region_fi
     (PrecisionSpec(precision="INT8", accuracy_floor=0.95), "INT8"),  # a pinned precision wins
 ])
 async def test_a_deployments_precision_policy_is_shown_on_the_status_json_and_by_cnei_status(policy, shown):
-    from services.cli.main import status_text
+    from services.cli.status import status_text
 
     core = coordinator(FakeRegistry(deployments=(DeploymentSpec(model="digits", precision=policy),)))
     async with TestClient(TestServer(build_app(core, status_routes(core)))) as client:

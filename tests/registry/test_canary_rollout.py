@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from services.cli import clients
+from services.cli import clients, deploy
 from services.cli import main as cli
 from services.common.deployment import DeploymentSpec, JointSpec, PrecisionSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
@@ -145,6 +145,6 @@ async def test_cnei_deploy_canary_keeps_a_deployment_applied_between_its_read_an
     monkeypatch.setattr(clients, "registry", lambda args: Racing(args.registry))
     args = cli.parser().parse_args(["deploy", "canary", three_versions, "3", "--percent", "10",
                                     "--registry", registry.target])
-    assert await cli.deploy_rollout(args) == 0
+    assert await deploy.deploy_rollout(args) == 0
     assert await client.get_deployment(three_versions) == dataclasses.replace(applied,
                                                                               rollout=RolloutSpec("2", "3", 10.0))
