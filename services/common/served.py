@@ -81,14 +81,19 @@ def step_precision_problem(step: EnsembleStep, deployed: DeploymentSpec, variant
     and the deployment's precisions, or a version they go to (`step_versions`: a pinned stable one,
     a canary, the one the step names) has no variant in it; None when each has it, or it asks for
     none."""
-    precision = step.precision.upper()
-    if not precision:
+    if not step.precision:
         return None
     try:
         versions = step_versions(step, deployed, variants)
     except FailedPrecondition as exc:
         return exc.message
-    for version in versions:
+    return precision_problem_over(step, versions, variants)
+
+
+def precision_problem_over(step: EnsembleStep, versions: list[str], variants: list[ModelVariant]) -> str | None:
+    """`step_precision_problem` over `versions` (the step's `step_versions`, worked out already)."""
+    precision = step.precision.upper()
+    for version in versions if precision else ():
         if problem := precision_lacking(step.model, version, precision, variants, "the step's precision"):
             return problem
     return None
@@ -110,9 +115,13 @@ def step_tensor_problem(step: EnsembleStep, deployed: DeploymentSpec, variants: 
     they go to (`step_versions`; of the step's precision when it asks for one) lacks a model input
     or output the step reads or writes; None when each has them, or no version is run (the
     precision's problem, `step_precision_problem`)."""
+    return tensor_problem_over(step, _or_none(step_versions, step, deployed, variants) or [], variants)
+
+
+def tensor_problem_over(step: EnsembleStep, versions: list[str], variants: list[ModelVariant]) -> str | None:
+    """`step_tensor_problem` over `versions` (the step's `step_versions`, worked out already)."""
     where = f"ensemble step ({step.model})"
     reads, writes = tensor_map(step.inputs, where), tensor_map(step.outputs, where)
-    versions = _or_none(step_versions, step, deployed, variants) or []
     precision = step.precision.upper()
     for version in versions:
         for v in variants:

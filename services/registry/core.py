@@ -20,8 +20,8 @@ from services.common import deployment, events
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, Tombstone, pick_variant, version_key
-from services.common.served import (latest_version, needed_precisions, precision_lacking, served_version,
-                                    step_precision_problem, step_stable_version, step_tensor_problem, versions_in_use)
+from services.common.served import (latest_version, needed_precisions, precision_lacking, precision_problem_over,
+                                    served_version, step_versions, tensor_problem_over, versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
 from services.registry.sending import ArtifactSender, run_in
 from services.registry.store import RegistryStore
@@ -84,6 +84,16 @@ def missing_precision(spec: DeploymentSpec, variants: list[ModelVariant]) -> str
                                                          f"deployment field '{where}'", role)):
                 return problem
     return None
+
+
+def _step_versions(where: str, step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> list[str]:
+    """The versions an ensemble step's requests go to (`served.step_versions`: the stable one first;
+    `deployed`: its model's deployment, else the defaults); FAILED_PRECONDITION naming the step
+    (`where`) when no version holds the precisions they ask for."""
+    try:
+        return step_versions(step, deployed, variants)
+    except FailedPrecondition as exc:
+        raise FailedPrecondition(f"{where}: {exc.message}") from None
 
 
 def _no_versions_of_an_ensemble(name: str, steps: tuple[EnsembleStep, ...]) -> str:
@@ -416,20 +426,18 @@ class Registry:
                     raise InvalidArgument(f"{where}: asks for precision {step.precision}, but '{step.model}' is an "
                                           "ensemble, whose steps name their own")
                 inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
+                versions: list[str] = []  # its own steps' were checked when it was put
             else:
                 deployed = specs.get(step.model, DeploymentSpec(step.model))
                 pick_variant(variants, step.model, step.version, "")  # NOT_FOUND naming a model or version it lacks
-                if problem := step_precision_problem(step, deployed, variants):
+                versions = _step_versions(where, step, deployed, variants)
+                if problem := precision_problem_over(step, versions, variants):
                     raise FailedPrecondition(f"{where}: {problem}")
-                try:
-                    stable = step_stable_version(step, deployed, variants)
-                except FailedPrecondition as exc:  # no version holds its deployment's precisions
-                    raise FailedPrecondition(f"{where}: {exc.message}") from None
-                v = pick_variant(variants, step.model, stable, "")  # it runs
+                v = pick_variant(variants, step.model, versions[0], "")  # the stable one it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
             if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
-            if not nested and (problem := step_tensor_problem(step, deployed, variants)):  # its canary, variants
+            if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
                 raise FailedPrecondition(f"{where}: {problem}")
 
     async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
@@ -469,9 +477,13 @@ class Registry:
         version the deployment would serve it lacks (`variants`: the model's)."""
         for ensemble, _ in await self.deployments():
             for i, step in enumerate(ensemble.ensemble):
-                if step.model == spec.model and (problem := step_precision_problem(step, spec, variants)
-                                                 or step_tensor_problem(step, spec, variants)):
-                    raise FailedPrecondition(f"ensemble '{ensemble.model}' step {i} ({step.model}): {problem}")
+                if step.model != spec.model:
+                    continue
+                where = f"ensemble '{ensemble.model}' step {i} ({step.model})"
+                versions = _step_versions(where, step, spec, variants)
+                if problem := (precision_problem_over(step, versions, variants)
+                               or tensor_problem_over(step, versions, variants)):
+                    raise FailedPrecondition(f"{where}: {problem}")
 
     async def deployments(self, model: str = "", refuse_unreadable: Unreadable | None = None,
                           ) -> list[tuple[DeploymentSpec, float]]:
