@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import uuid
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Set
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -58,6 +59,19 @@ class Deleted(NamedTuple):
     sha256: str = ""  # a tombstone's: only a manifest naming these bytes goes ("": whichever)
 
 
+@dataclass(frozen=True)
+class Contents:
+    """What the disk cache held when it was read (`DiskCache.contents`): every artifact with its
+    size, last use and variants; `change`: the cache's last change then (a later one makes it stale)."""
+
+    artifacts: tuple[CachedArtifact, ...]
+    change: int
+
+    def variants(self) -> list[ModelVariant]:
+        """Every cached variant whose artifact was present."""
+        return [v for artifact in self.artifacts for v in artifact.variants]
+
+
 def variant_to_json(v: ModelVariant) -> str:
     return json.dumps(asdict(v), sort_keys=True)
 
@@ -91,6 +105,8 @@ class DiskCache:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._changes = itertools.count(1)  # each write, deletion or touch here takes the next number
+        self._change = 0
         self._remove_temporaries()
         self._rename_old_manifests()
         self._room = threading.Lock()  # one store (or forgetting) at a time makes room and writes
@@ -128,6 +144,7 @@ class DiskCache:
     def discard(self, sha256: str) -> None:
         """Delete the artifact (its manifests stay: `variants` leaves them out until it is back)."""
         self.artifact_path(sha256).unlink(missing_ok=True)
+        self._changed()
 
     def adopt(self, variant: ModelVariant) -> bool:
         """Record a variant whose bytes are already cached under the same sha256."""
@@ -136,16 +153,18 @@ class DiskCache:
         self._atomic_write(self.manifest_path(variant), variant_to_json(variant).encode())
         return True
 
-    def put(self, variant: ModelVariant, data: bytes, keep: Keep | None = None) -> Path:
+    def put(self, variant: ModelVariant, data: bytes, keep: Keep | None = None,
+            contents: Contents | None = None) -> Path:
         """Verify and store an artifact and its manifest atomically, making room for them within
-        the budget first (DiskCacheFull when even that cannot; `keep`: variants not to evict)."""
+        the budget first (DiskCacheFull when even that cannot; `keep`: variants not to evict;
+        `contents`: the caller's read of the cache, read again only if it changed since)."""
         digest = hashlib.sha256(data).hexdigest()
         if digest != variant.sha256:
             raise FailedPrecondition(f"artifact of {variant.key} hashes to {digest}, expected {variant.sha256}")
         path, manifest = self.artifact_path(variant.sha256), variant_to_json(variant).encode()
         with self._room:
             if not path.is_file():
-                self._make_room(variant, len(data) + len(manifest), keep or (lambda v: False))
+                self._make_room(variant, len(data) + len(manifest), keep or (lambda v: False), contents)
             self._atomic_write(path, data)
             self._atomic_write(self.manifest_path(variant), manifest)
             self.touch(variant.sha256)
@@ -170,6 +189,7 @@ class DiskCache:
                 dropped = sorted(path.stem for path in self.root.glob("*.onnx") if path.stem not in spared)
                 for sha256 in dropped:
                     self.artifact_path(sha256).unlink(missing_ok=True)
+            self._changed()
             if dropped:
                 log.info("deleted %s from the disk cache: no variant here names them any more",
                          ", ".join(sha256[:12] for sha256 in dropped))
@@ -195,6 +215,7 @@ class DiskCache:
         now = time.time_ns()
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.artifact_path(sha256), ns=(now, now))
+        self._changed()
 
     def bytes_used(self) -> int:
         """Bytes of the artifacts and manifests here."""
@@ -217,11 +238,24 @@ class DiskCache:
                 found.append(variant)
         return found
 
-    def _make_room(self, incoming: ModelVariant, size: int, keep: Keep) -> None:
-        """Delete the least recently used artifacts that may go until `size` more bytes fit."""
+    def contents(self) -> Contents:
+        """Every artifact here with its size, last use and variants, read once (`Contents`)."""
+        change = self._change  # taken first: a change while the files are read makes it stale
+        return Contents(tuple(self._cached()), change)
+
+    def current(self, contents: Contents) -> bool:
+        """Nothing here changed since `contents` was read."""
+        return contents.change == self._change
+
+    def _changed(self) -> None:
+        self._change = next(self._changes)
+
+    def _make_room(self, incoming: ModelVariant, size: int, keep: Keep, contents: Contents | None = None) -> None:
+        """Delete the least recently used artifacts that may go until `size` more bytes fit
+        (`contents`: a read of the cache, used if nothing changed since)."""
         if self.max_bytes <= 0:
             return
-        cached = self._cached()
+        cached = list(contents.artifacts) if contents is not None and self.current(contents) else self._cached()
         kept = newest_versions([v for a in cached for v in a.variants] + [incoming])
         kept |= {a.sha256 for a in cached if keep(a)}
         with self._pins_lock:  # an artifact pinned from here on waits for the deletions below
@@ -237,6 +271,7 @@ class DiskCache:
         self.artifact_path(artifact.sha256).unlink(missing_ok=True)
         for variant in artifact.variants:
             self.manifest_path(variant).unlink(missing_ok=True)
+        self._changed()
         DISK_EVICTIONS.inc()
         log.info("evicted %s (%s, %d bytes) from the disk cache", artifact.sha256[:12],
                  ", ".join(v.key for v in artifact.variants) or "no manifest", artifact.size)
@@ -289,8 +324,7 @@ class DiskCache:
             else:
                 old.unlink(missing_ok=True)
 
-    @staticmethod
-    def _atomic_write(path: Path, data: bytes) -> None:
+    def _atomic_write(self, path: Path, data: bytes) -> None:
         temp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # writers of one file never share a temp
         try:
             with temp.open("wb") as fh:
@@ -300,6 +334,7 @@ class DiskCache:
             os.replace(temp, path)
         finally:
             temp.unlink(missing_ok=True)
+            self._changed()
 
 
 class L1Cache:

@@ -353,13 +353,12 @@ class EdgeRuntime:
             stable = ""
         return spec, stable
 
-    async def _learn_versions_in_use(self) -> None:
-        """Read which versions of the models on disk requests go to (`served.versions_in_use` over
+    async def _learn_versions_in_use(self, on_disk: set[str]) -> None:
+        """Read which versions of the models `on_disk` requests go to (`served.versions_in_use` over
         every deployment the registry lists: a model's own stable version and canary, the versions
         ensemble steps and joint deployments run), so making room never deletes one; at most every
         DEPLOYMENT_TTL_S unless a model not on disk then is now. What was known is kept while the
         registry is away (asked again after REGISTRY_RETRY_S) or cannot say."""
-        on_disk = {v.name for v in self.disk.variants()}
         now = time.monotonic()
         fresh = now < self._in_use_until and on_disk <= self._in_use_of
         if not on_disk or fresh or now < self._registry_down_until:
@@ -392,16 +391,20 @@ class EdgeRuntime:
     async def _pull(self, variant: ModelVariant) -> bool:
         if self.disk.has(variant) or self.disk.adopt(variant):
             return False
+        # the cache's manifests, read once for the pull (again only if the cache changed meanwhile);
         # the other versions of the model held here, likeliest base first (same precision, newest):
         # the registry may send a delta against one
-        mine = sorted((v for v in self.disk.variants() if v.name == variant.name),
+        contents = self.disk.contents()
+        mine = sorted((v for v in contents.variants() if v.name == variant.name),
                       key=lambda v: (v.precision == variant.precision, version_key(v.version)), reverse=True)
         held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
         with self.disk.pinned(*held):  # a delta's base stays until it is decoded, then may make room
             pulled = await self.registry.pull_artifact(variant.sha256, held)
         if self.disk.max_bytes > 0:  # only making room asks which versions requests go to
-            await self._learn_versions_in_use()
-        await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept())
+            if not self.disk.current(contents):
+                contents = self.disk.contents()
+            await self._learn_versions_in_use({v.name for v in contents.variants()})
+        await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept(), contents)
         if variant.key in self._deleted:  # deleted while its bytes were on the way
             await self._forget_on_disk([Deleted(variant.name, variant.version, variant.precision)])
         SYNCED_BYTES.inc(pulled.wire_bytes)

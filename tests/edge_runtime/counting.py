@@ -1,5 +1,6 @@
 """What a runtime asks of the world, counted: the RPCs a real in-process registry server answers
-(a gRPC server interceptor), and the sweeps of a disk cache (CNEI's own DiskCache, subclassed)."""
+(a gRPC server interceptor), and the sweeps and manifest reads of a disk cache (CNEI's own
+DiskCache, subclassed)."""
 from __future__ import annotations
 
 import contextlib
@@ -47,13 +48,22 @@ async def counted_registry(data_dir: Path) -> AsyncIterator[tuple[str, Counter[s
 
 
 class CountingDiskCache(DiskCache):
-    """A disk cache that counts its sweeps for artifacts no manifest names (`forget`)."""
+    """A disk cache that counts its sweeps for artifacts no manifest names (`forget`) and its
+    reads of every manifest here (`variants`, `_cached`)."""
 
     def __init__(self, root: str | Path, max_bytes: int = 0):
-        self.sweeps = 0
+        self.sweeps = self.manifest_reads = 0
         super().__init__(root, max_bytes)
-        self.sweeps = 0  # that of opening it left out
+        self.sweeps = self.manifest_reads = 0  # those of opening it left out
 
     def forget(self, *args, **kwargs):
         self.sweeps += 1
         return super().forget(*args, **kwargs)
+
+    def variants(self):
+        self.manifest_reads += 1
+        return super().variants()
+
+    def _cached(self):
+        self.manifest_reads += 1
+        return super()._cached()

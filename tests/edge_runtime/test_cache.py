@@ -235,6 +235,20 @@ def test_disk_put_never_evicts_kept_pinned_or_the_newest_version_of_a_model_in_a
                                                 "other:2:FP32"}
 
 
+def test_a_put_making_room_from_a_read_of_the_cache_reads_it_again_when_it_changed_since(tmp_path):
+    stored = [_sized(str(version)) for version in range(1, 5)]
+    disk = DiskCache(tmp_path, max_bytes=sum(_entry(v) for v, _ in stored[:2]))
+    disk.put(*stored[0])
+    contents = disk.contents()
+    assert [v.version for v in contents.variants()] == ["1"] and disk.current(contents)
+    disk.put(*stored[1])  # stored after the read: the read is stale
+    assert not disk.current(contents)
+    disk.put(*stored[2], contents=contents)
+    assert _cached_versions(disk) == ["2", "3"] and disk.bytes_used() <= disk.max_bytes
+    disk.put(*stored[3], contents=disk.contents())  # a read still current: making room uses it
+    assert _cached_versions(disk) == ["3", "4"] and disk.bytes_used() <= disk.max_bytes
+
+
 def test_an_artifact_that_cannot_fit_beside_what_must_stay_is_refused_naming_sizes_and_nothing_leaves(tmp_path):
     first, second = _sized("1", name="a"), _sized("1", name="b")  # each the newest of its model
     disk = DiskCache(tmp_path, max_bytes=_entry(first[0]) + _entry(second[0]))

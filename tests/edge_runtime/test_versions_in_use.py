@@ -18,6 +18,7 @@ from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from tests.edge_runtime.counting import CountingDiskCache
 from tests.edge_runtime.processes import write_mlp
 
 ROW = {"input": np.ones((1, 64), np.float32)}
@@ -94,3 +95,22 @@ async def test_pulling_other_models_under_a_tight_disk_budget_never_evicts_the_v
         await runtime.drain()
         runtime.close()
         await offline.close()
+
+
+async def test_a_pull_under_a_disk_budget_reads_the_cached_manifests_once_making_room_too(registry, tmp_path):
+    name, client = f"reads-{uuid.uuid4().hex[:8]}", RegistryClient(registry, timeout=30)
+    pushed = [await client.push_file(write_mlp(tmp_path, 30 + v), name, str(v), "FP32") for v in (1, 2, 3)]
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), intra_op_threads=1, measure_on_load=False,
+                       measure_siblings=False, disk_cache_max_bytes=pushed[0].size_bytes * 5 // 2)  # two fit
+    runtime = EdgeRuntime(settings, client, CountingDiskCache(tmp_path / "cache", settings.disk_cache_max_bytes))
+    try:
+        for variant in pushed:  # the third pull evicts version 1
+            runtime.disk.manifest_reads = 0
+            await runtime.load(variant)
+            runtime.unload(variant.key)
+            assert runtime.disk.manifest_reads == 1, f"pulling {variant.key}"
+        assert sorted(v.version for v in runtime.disk.variants()) == ["2", "3"]
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
