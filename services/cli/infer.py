@@ -38,15 +38,8 @@ def _parameter_value(text: str) -> bool | int | float | str:
 
 
 def request_parameters(pairs: list[str]) -> dict:
-    """`--param KEY=VALUE` flags -> the request's OIP parameters; a flag without `=` or with an
-    empty key is refused by name."""
-    out = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise SystemExit(f"cnei infer: --param needs KEY=VALUE, not '{pair}'")
-        out[key.strip()] = _parameter_value(value)
-    return out
+    """`--param KEY=VALUE` flags -> the request's OIP parameters (`clients.key_values`)."""
+    return {key: _parameter_value(value) for key, value in clients.key_values(pairs, "--param").items()}
 
 
 async def infer(args) -> int:
@@ -54,15 +47,15 @@ async def infer(args) -> int:
     from services.pb.inference import grpc_service_pb2 as pb
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
+    params = request_parameters(args.param)
+    if args.precision:
+        params["precision"] = args.precision
     async with grpc_util.channel(args.url, credentials=clients.credentials(args)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         metadata = clients.headers(args)
         meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=10, metadata=metadata)
         spec = meta.inputs[0]
         array = _input_array(args, spec)
-        params = request_parameters(args.param)
-        if args.precision:
-            params["precision"] = args.precision
         request = oip.InferRequest(model_name=args.model, inputs={spec.name: array}, parameters=params)
         start = time.perf_counter()
         reply = await stub.ModelInfer(oip.request_to_proto(request), timeout=30, metadata=metadata)

@@ -45,6 +45,14 @@ def test_train_start_with_zero_rounds_is_refused(capsys):
     assert "error (INVALID_ARGUMENT): --rounds must be at least 1, not 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["infer", "digits", "--param", "oops"], ["models", "push", "m.onnx", "--name", "m",
+                                                                        "--version", "1", "--meta", "=1"]])
+def test_a_malformed_key_value_flag_is_refused_by_name_before_any_server_is_called(argv, capsys):
+    server = ["--url" if argv[0] == "infer" else "--registry", f"127.0.0.1:{infra.free_port()}"]
+    assert cli.main([*argv, *server]) == 2
+    assert f"error (INVALID_ARGUMENT): --{argv[-2].lstrip('-')} needs KEY=VALUE, not '{argv[-1]}'" in capsys.readouterr().err
+
+
 def test_the_healthcheck_names_a_missing_tls_file_and_exits_1(tmp_path, capsys):
     missing = tmp_path / "missing.pem"
     assert healthcheck.main([f"127.0.0.1:{infra.free_port()}", "--tls-ca", str(missing)]) == 1

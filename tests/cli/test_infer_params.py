@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.errors import InvalidArgument
+
 
 def test_infer_params_are_typed_as_their_oip_parameter_kinds():
     from services.cli.infer import request_parameters
@@ -12,5 +14,5 @@ def test_infer_params_are_typed_as_their_oip_parameter_kinds():
         "accuracy_floor": 0.95, "priority": 2, "region": "site-b", "binary_data_output": True, "note": "a=b"}
     assert isinstance(request_parameters(["priority=2"])["priority"], int)
     for bad in ("oops", "=1"):
-        with pytest.raises(SystemExit, match="KEY=VALUE"):
+        with pytest.raises(InvalidArgument, match=f"--param needs KEY=VALUE, not '{bad}'"):
             request_parameters([bad])
