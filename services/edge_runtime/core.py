@@ -137,19 +137,17 @@ class EdgeRuntime:
             return (cached[0], cached[1]) if cached else (0, "")
         try:
             spec, stable = await self._read_deployment(name)
-            cap = spec.batching.max_batch_size if spec else 0
-            ttl = DEPLOYMENT_TTL_S
         except CneiError as exc:
             if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
                 raise
             cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
-            ttl = REGISTRY_RETRY_S
             # offline for every model, at once: resolution goes to the disk cache without waiting
             # out a second registry call (a request naming no version paid two timeouts)
             log.warning("registry unreachable (%s); serving from the local cache", exc)
             self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
-        self._caps[name] = (cap, stable, time.monotonic() + ttl)
-        return cap, stable
+            self._caps[name] = (cap, stable, time.monotonic() + REGISTRY_RETRY_S)
+            return cap, stable
+        return (spec.batching.max_batch_size if spec else 0), stable
 
     def deployment_updated(self, name: str) -> None:
         """The model's deployment (or its versions) changed: ask for its cap again at its next
@@ -342,7 +340,8 @@ class EdgeRuntime:
     async def _read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
         """The model's deployment from the registry (None: none applied) and the version serving
         requests that name none (`served.served_version` over the model's variants; "" when none
-        was applied or the registry has no version: its own latest)."""
+        was applied or the registry has no version: its own latest), kept for DEPLOYMENT_TTL_S as
+        what this runtime knows of it (`_deployed_as`: a request after a resync reads it not again)."""
         try:
             spec = await self.registry.get_deployment(name)
         except NotFound:
@@ -351,6 +350,8 @@ class EdgeRuntime:
             stable = served_version(spec, await self.registry.list(name)) if spec else ""
         except ModelNotFound:
             stable = ""
+        cap = spec.batching.max_batch_size if spec else 0
+        self._caps[name] = (cap, stable, time.monotonic() + DEPLOYMENT_TTL_S)
         return spec, stable
 
     async def _learn_versions_in_use(self, on_disk: set[str]) -> None:

@@ -12,13 +12,14 @@ import pytest
 
 from services.common import oip
 from services.common import settings as cfg
-from services.common.deployment import DeploymentSpec, RolloutSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, RolloutSpec
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from tests.edge_runtime.counting import counted_registry
 from tests.edge_runtime.processes import write_mlp
 from tests.retrained import write_versions
 
@@ -260,6 +261,27 @@ async def test_a_restarted_runtime_making_room_keeps_the_version_a_deployment_pi
     await client.close()
     kept = sorted((v.name, v.version) for v in DiskCache(cache, settings.disk_cache_max_bytes).variants())
     assert kept == sorted([(name, "1"), (name, "4"), (other, "1")])  # the pinned and the newest stay
+
+
+async def test_a_request_after_a_resync_reads_not_again_the_deployment_the_resync_read(tmp_path):
+    name = f"pinned-{uuid.uuid4().hex[:8]}"
+    async with counted_registry(tmp_path / "registry") as (address, calls):
+        client = RegistryClient(address, timeout=10)
+        settings = replace(cfg.load(RuntimeSettings, PREFIX), intra_op_threads=1, measure_on_load=False)
+        runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
+        try:
+            v1, _ = [await client.push_file(write_mlp(tmp_path, seed), name, str(seed), "FP32") for seed in (1, 2)]
+            await client.put_deployment(DeploymentSpec(model=name, batching=BatchingSpec(max_batch_size=4),
+                                                       rollout=RolloutSpec(stable="1")))
+            await runtime.load(v1)
+            await runtime.resync()
+            calls.clear()
+            assert (await runtime.resolve(name)).version == "1" and await runtime.deployment_cap(name) == 4
+            assert (calls["GetDeployment"], calls["ListModels"]) == (0, 0)
+        finally:
+            await runtime.drain()
+            runtime.close()
+            await client.close()
 
 
 class _CountingRegistry(RegistryClient):
