@@ -9,13 +9,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from services.common import events, oip, telemetry
+from services.common import events, oip
 from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
@@ -34,17 +34,15 @@ from services.coordinator.joint import (answered_outputs, disagreements, joint_s
                                        prefer_edge, rows_below)
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread, with_door_rows
-from services.coordinator.precision import PrecisionPolicy, choose_variant, policy_from_params, request_policy
+from services.coordinator.placement import Scheduler
+from services.coordinator.placer import Placement, Placer, restrict_tier, serving_tiers, variants_by_class
+from services.coordinator.precision import PrecisionPolicy, policy_from_params, request_policy
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
 from services.coordinator.step_resolver import StepResolver
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-# The front door's rows count in placement for this many of its report intervals (at least 1 s)
-# after its last report: it reports whenever they change, and while any is held, every interval
-DOOR_ROWS_REPORTS_KEPT = 5
 # A node's own failures (breaker.NODE_VERDICTS: down, slow, faulty): another node may answer, so
 # the request fails over (inference is idempotent); any other error is the request's own
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
@@ -110,78 +108,11 @@ def from_cache(response: oip.InferResponse) -> bool:
     return response.parameters.get(CACHED) is True
 
 
-@dataclass(frozen=True)
-class Placement:
-    node: NodeInfo
-    variant: ModelVariant
-
-
-def serving_tiers(spec: DeploymentSpec) -> set[str]:
-    """The tiers the deployment's requests may run on (the cloud only with `cloud_fallback`)."""
-    return set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
-
-
-def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:
-    """A request's `tier` parameter (edge | cloud) narrows where it may run to that tier, of
-    those the deployment allows: FAILED_PRECONDITION when it allows no such tier."""
-    tier = str(params.get("tier", "") or "")
-    if not tier:
-        return spec
-    if tier not in ("edge", "cloud"):
-        raise InvalidArgument(f"parameter 'tier' must be 'edge' or 'cloud', got {tier!r}")
-    allowed = serving_tiers(spec)
-    if tier not in allowed:
-        raise FailedPrecondition(f"model '{spec.model}' is not deployed on the {tier} tier "
-                                 f"(its deployment allows {sorted(allowed)}): parameter 'tier' only narrows it")
-    return replace(spec, tiers=(tier,), cloud_fallback=tier == "cloud")
-
-
 def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
     """The deployment's batching, capped by what the variant accepts (1 for unbatched models)."""
     b = spec.batching
     limit = min(b.max_batch_size, variant.max_batch_size) if variant.max_batch_size else 1
     return replace(b, max_batch_size=max(1, limit))
-
-
-def _placement_context(variants: list[ModelVariant], policy: PrecisionPolicy, region: str,
-                       nodes: list[NodeInfo], choices: dict[str, ModelVariant | CneiError]) -> RequestContext:
-    """What the scheduler knows of a request. Each node of `nodes` is judged warm or cold on the
-    variant it would serve (`choices`: per node class, as `variants_by_class` gives), so a policy
-    that picks INT8 favours nodes with INT8 loaded; any other on the explicit precision, else
-    the default variant (NOT_FOUND for a precision the model lacks)."""
-    default = choose_variant(variants, PrecisionPolicy(precision=policy.precision), "")
-    keys = {n.node_id: choice.key for n in nodes
-            if isinstance(choice := choices.get(node_class(n)), ModelVariant)}
-    return RequestContext(model=default.name, variant_key=default.key, region=region, variant_keys=keys)
-
-
-def node_class(node: NodeInfo) -> str:
-    """The class a node's measured latencies are kept under (its tier unless it names one)."""
-    return node.node_class or node.tier
-
-
-def variants_by_class(variants: list[ModelVariant], policy: PrecisionPolicy,
-                      nodes: list[NodeInfo]) -> dict[str, ModelVariant | CneiError]:
-    """The variant `policy` chooses on each node class of `nodes`, or why none fits there."""
-    choices: dict[str, ModelVariant | CneiError] = {}
-    for cls in sorted({node_class(n) for n in nodes}):
-        try:
-            choices[cls] = choose_variant(variants, policy, cls)
-        except CneiError as exc:
-            choices[cls] = exc
-    return choices
-
-
-def refuse_policy(choices: dict[str, ModelVariant | CneiError]) -> None:
-    """Raise why no node class has a variant meeting the policy (every class's reason), when
-    there are classes and none has one."""
-    if not choices or any(isinstance(c, ModelVariant) for c in choices.values()):
-        return
-    errors = list(choices.values())
-    messages = list(dict.fromkeys(e.message for e in errors))
-    if len(messages) == 1:
-        raise errors[0]
-    raise CneiError("; ".join(messages), errors[0].code)
 
 
 class Coordinator:
@@ -193,19 +124,14 @@ class Coordinator:
         self.settings = settings
         self.catalog = catalog
         self.nodes = nodes
-        self.scheduler = scheduler or Scheduler()
         self.stats = StatsBook()
         self.stats_view: StatsBook | StatsShare = self.stats  # what statistics requests read
         self.outstanding: dict[str, int] = {}  # rows this process has queued for each node or sent it
-        # The front door's rows at each node by its last report, and when that came (monotonic):
-        # placement weighs them beside its own (`rows_outstanding`) while the report is fresh
-        self.door_rows: dict[str, int] = {}
-        self.door_rows_at: float | None = None
-        self.door_rows_max_age_s = max(1.0, DOOR_ROWS_REPORTS_KEPT * settings.door_report_ms / 1e3)
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self._background = Background()
         self.publish = publish
         self.breakers = Breakers(settings.breaker_failures, settings.breaker_open_s)
+        self.placer = Placer(nodes, self.breakers, scheduler or Scheduler(), self.outstanding, settings.door_report_ms)
         self.latency = LatencyBook()
         self.recent: deque[dict] = deque(maxlen=100)
         self.control = None  # repository.ModelControl: models unloaded through the repository API
@@ -409,7 +335,7 @@ class Coordinator:
         # every output: the joint one is read whatever the client asked for
         edge_request = replace(request, outputs=[], parameters=edge_params)
         edge_spec = replace(spec, tiers=tuple(t for t in spec.tiers if t == "edge"))
-        if not self._unavoided([n for n in self.eligible_nodes(edge_spec) if n.tier == "edge"],
+        if not self.placer.unavoided([n for n in self.eligible_nodes(edge_spec) if n.tier == "edge"],
                                variants, request_policy(edge_params, edge_spec)):
             if not spec.cloud_fallback:
                 raise NoLiveNode(request.model_name, self.out_of_use(edge_spec, str(params.get("region", "") or ""),
@@ -528,108 +454,48 @@ class Coordinator:
             return {**event, "inputs": {}, "inputs_dropped": exc.reason}
         await self.announce(events.INFERENCE_DISAGREEMENT, event, without_inputs)
 
-    # --- placement, batching, failover ------------------------------------------------------
+    # --- placement (Placer) ------------------------------------------------------------------
     def door_reported(self, rows: dict[str, int], now: float) -> None:
-        """The front door's rows queued for and in flight to each node, as its report at `now`
-        (monotonic) says them: every node it counts rows at."""
-        self.door_rows, self.door_rows_at = rows, now
+        """The front door's rows at each node, as its report at `now` (monotonic) says them."""
+        self.placer.door_reported(rows, now)
+
+    @property
+    def door_rows_at(self) -> float | None:
+        """When the front door's last report of its rows came (monotonic)."""
+        return self.placer.door_rows_at
+
+    @door_rows_at.setter
+    def door_rows_at(self, now: float | None) -> None:
+        self.placer.door_rows_at = now
+
+    @property
+    def door_rows_max_age_s(self) -> float:
+        return self.placer.door_rows_max_age_s
 
     def rows_outstanding(self) -> Mapping[str, int]:
-        """Rows outstanding per node as placement weighs them: this process's own plus the front
-        door's by its last report, unless that is over `door_rows_max_age_s` old."""
-        age = None if self.door_rows_at is None else time.monotonic() - self.door_rows_at
-        return with_door_rows(self.outstanding, self.door_rows, age, self.door_rows_max_age_s)
+        """Rows outstanding per node as placement weighs them (`Placer.rows_outstanding`)."""
+        return self.placer.rows_outstanding()
 
     def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:
         """The first attempt's placement for `request`, as the full path decides it (a span)."""
-        params = request.parameters
-        return self._decide(variants, spec, request_policy(params, spec), str(params.get("region", "") or ""), None, [])
+        return self.placer.place(request, variants, spec)
 
     def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      limit: int, margin: float) -> list[Placement]:
-        """Where requests like this one may go, `place`'s choice first, for a front door that
-        spreads one kind of request over them: under the edgeai policy, its peers
-        (`placement.spread`) scoring within `margin` of it (up to `limit`); under a baseline
-        policy (round_robin, random, least_loaded), every node the full path would choose among
-        (by node id), which the door then chooses between per request by that policy."""
-        first = self.place(request, variants, spec)
-        baseline = spec.scheduler.policy != "edgeai"
-        if first is None or not baseline and limit <= 1:
-            return [first] if first is not None else []
-        policy = request_policy(request.parameters, spec)
-        eligible = self.eligible_nodes(spec)
-        choices = variants_by_class(variants, policy, eligible)
-        fits = self._fits(eligible, choices)
-        if baseline:
-            nodes = sorted(fits, key=lambda n: n.node_id)
-        else:
-            ctx = _placement_context(variants, policy, str(request.parameters.get("region", "") or ""), fits, choices)
-            ranked = rank(fits, ctx, spec.scheduler, self.rows_outstanding(), self.nodes.rtt_ms, self.nodes.compute_ms)
-            nodes = spread(ranked, spec.scheduler.threshold, margin, limit)
-        return [first] + [Placement(n, choices[node_class(n)]) for n in nodes if n.node_id != first.node.node_id]
+        """Where requests like this one may go, `place`'s choice first (`Placer.place_spread`)."""
+        return self.placer.place_spread(request, variants, spec, limit, margin)
+
+    def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:
+        """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
+        return self.placer.eligible_nodes(spec)
+
+    def out_of_use(self, spec: DeploymentSpec, region: str = "", models: Collection[str] = ()) -> dict[str, str]:
+        """Live nodes of the deployment's tiers no call may go to now, with why (`Placer.out_of_use`)."""
+        return self.placer.out_of_use(spec, region, models)
 
     def answer_template(self, model: str, placement: Placement) -> oip.InferResponse:
         """The response a request for `model` served by `placement` carries, without outputs."""
         return self._response(oip.InferRequest(model, {}), placement, {})
-
-    def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:
-        """Live nodes of the deployment's tiers whose circuit breaker lets calls through."""
-        tiers = serving_tiers(spec)
-        blocked = self.breakers.blocked() | self.nodes.unhealthy.keys()
-        return [n for n in self.nodes.nodes if n.tier in tiers and n.node_id not in blocked]
-
-    def _fits(self, pool: list[NodeInfo], choices: dict[str, ModelVariant | CneiError]) -> list[NodeInfo]:
-        """The nodes of `pool` whose class has a variant meeting the policy (`choices`) and whose
-        breaker of that variant lets calls through (a model failing on a node is avoided there)."""
-        return [n for n in pool if isinstance(chosen := choices[node_class(n)], ModelVariant)
-                and self.breakers.allows(n.node_id, chosen.key)]
-
-    def _unavoided(self, nodes: list[NodeInfo], variants: list[ModelVariant],
-                   policy: PrecisionPolicy) -> list[NodeInfo]:
-        """`nodes` but those avoided for the variant `policy` chooses on their class (after it
-        failed there); those whose class has none are kept: placement says why."""
-        choices = variants_by_class(variants, policy, nodes)
-        return [n for n in nodes if not isinstance(chosen := choices[node_class(n)], ModelVariant)
-                or self.breakers.allows(n.node_id, chosen.key)]
-
-    def _place(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
-               region: str, pool: list[NodeInfo], tried: list[str]) -> Placement | None:
-        """The scheduler's choice among the nodes of `pool` whose class has a variant meeting
-        `policy` (a latency budget may fit one node class and not another)."""
-        choices = variants_by_class(variants, policy, pool)
-        fits = self._fits(pool, choices)
-        ctx = _placement_context(variants, policy, region, fits, choices)
-        node = self.scheduler.choose(fits, ctx, spec.scheduler, self.rows_outstanding(),
-                                     self.nodes.rtt_ms, exclude=tried, compute_ms=self.nodes.compute_ms)
-        return None if node is None else Placement(node, choices[node_class(node)])
-
-    def _decide(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
-                region: str, failed: NodeInfo | None, tried: list[str]) -> Placement | None:
-        """The placement decision, as a span: pools in failover order, first one with a node wins.
-        A first attempt that finds live nodes, none of whose classes meets `policy`, is refused
-        with why (FAILED_PRECONDITION, or NOT_FOUND for a precision the model lacks)."""
-        with telemetry.child_span(_tracer, "coordinator.placement") as span:
-            placement = None
-            for pool in self._pools(spec, failed):
-                placement = self._place(variants, spec, policy, region, pool, tried)
-                if placement is not None:
-                    break
-            if placement is None and failed is None:
-                refuse_policy(variants_by_class(variants, policy, self.eligible_nodes(spec)))
-            if span.is_recording():
-                span.set_attributes({
-                    "cnei.model": variants[0].name, "cnei.scheduler": spec.scheduler.policy,
-                    "cnei.attempt": len(tried) + 1, "cnei.excluded": ",".join(tried),
-                    "cnei.node": placement.node.node_id if placement else "",
-                    "cnei.precision": placement.variant.precision if placement else "",
-                    "cnei.outcome": "placed" if placement else "no_node"})
-            return placement
-
-    def _pools(self, spec: DeploymentSpec, failed: NodeInfo | None) -> list[list[NodeInfo]]:
-        eligible = self.eligible_nodes(spec)
-        if failed is None:
-            return [eligible]
-        return failover_stages(eligible, failed, spec.cloud_fallback and "cloud" in spec.tiers)
 
     async def _infer(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
@@ -689,7 +555,7 @@ class Coordinator:
         for _ in range(max(1, self.settings.max_attempts)):
             if time.monotonic() >= deadline:
                 break
-            placement = self._decide(variants, spec, policy, region, failed, tried)
+            placement = self.placer.decide(variants, spec, policy, region, failed, tried)
             if placement is None:
                 break
             if failed is not None:
@@ -711,15 +577,6 @@ class Coordinator:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
         raise NoLiveNode(request.model_name, self.out_of_use(spec, region, [v.key for v in variants]))
-
-    def out_of_use(self, spec: DeploymentSpec, region: str = "", models: Collection[str] = ()) -> dict[str, str]:
-        """Live nodes of the deployment's tiers no call (of any of the variants `models`) may go to
-        now (failed health check, open breaker), with why: those of `region` first, then by id."""
-        tiers = serving_tiers(spec)
-        why = {**self.breakers.why_blocked(models), **self.nodes.unhealthy}
-        out = sorted((n for n in self.nodes.nodes if n.tier in tiers and n.node_id in why),
-                     key=lambda n: (n.region != region, n.node_id))
-        return {n.node_id: why[n.node_id] for n in out}
 
     def _hedge_delay(self, spec: DeploymentSpec, placement: Placement) -> float | None:
         if spec.hedge_after_ms > 0:
@@ -763,7 +620,7 @@ class Coordinator:
                region: str, tried: list[str]) -> tuple[Placement, Claim] | None:
         """Where a hedged copy goes, its node's call claimed; None when no other node may take it."""
         try:
-            placement = self._place(variants, spec, policy, region, self.eligible_nodes(spec), tried)
+            placement = self.placer.choose(variants, spec, policy, region, self.eligible_nodes(spec), tried)
         except CneiError as exc:  # a hedge is extra: the first copy still runs
             log.warning("no hedge for %s: %s", variants[0].key, exc.message)
             return None

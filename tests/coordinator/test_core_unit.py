@@ -9,7 +9,7 @@ from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.common import batcher
-from services.coordinator import core
+from services.coordinator import core, placer
 from services.common.batcher import DEFAULT_PRIORITY_LEVEL, BatchConfig, priority_level, request_deadline
 from services.coordinator.core import batch_config
 
@@ -139,7 +139,7 @@ NO_FALLBACK = DeploymentSpec("digits", cloud_fallback=False)
      (CLOUD_ONLY, "cloud", {"cloud"}), (EDGE_ONLY, "edge", {"edge"}), (NO_FALLBACK, "edge", {"edge"})],
     ids=["unset", "edge", "cloud", "cloud-of-cloud-only", "edge-of-edge-only", "edge-without-fallback"])
 def test_the_tier_parameter_narrows_where_a_request_may_run(spec, tier, tiers):
-    assert core.serving_tiers(core.restrict_tier(spec, {"tier": tier})) == tiers
+    assert placer.serving_tiers(placer.restrict_tier(spec, {"tier": tier})) == tiers
 
 
 @pytest.mark.parametrize(
@@ -149,9 +149,9 @@ def test_the_tier_parameter_narrows_where_a_request_may_run(spec, tier, tiers):
     ids=["edge-for-cloud-only", "cloud-for-edge-only", "cloud-without-fallback"])
 def test_a_tier_the_deployment_does_not_run_on_is_failed_precondition(spec, tier, allowed):
     with pytest.raises(FailedPrecondition, match=f"not deployed on the {tier} tier \\(its deployment allows {allowed}\\)"):
-        core.restrict_tier(spec, {"tier": tier})
+        placer.restrict_tier(spec, {"tier": tier})
 
 
 def test_a_tier_that_is_no_tier_is_invalid_argument():
     with pytest.raises(InvalidArgument, match="parameter 'tier' must be 'edge' or 'cloud', got 'fog'"):
-        core.restrict_tier(ANYWHERE, {"tier": "fog"})
+        placer.restrict_tier(ANYWHERE, {"tier": "fog"})
