@@ -10,28 +10,24 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-from services.common import deployment, events
+from services.common import deployment
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, Tombstone, pick_variant, version_key
 from services.common.served import (latest_version, needed_precisions, precision_lacking, precision_problem_over,
                                     served_version, step_versions, tensor_problem_over, versions_in_use)
 from services.registry.onnx_inspect import inspect_onnx
-from services.registry.sending import ArtifactSender, run_in
+from services.registry.announce import Announcer, Publisher
+from services.registry.catalogue import Catalogue
+from services.registry.sending import ArtifactSender
 from services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-Publisher = Callable[[str, dict], Awaitable[object]]
-Unreadable = Callable[[str, str, str], str | None]  # a stored deployment's model, JSON, why it no longer reads
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-CATALOGUE_THREADS = 4  # the store's quick calls; never behind uploads, artifact reads or deltas
 DAY_S = 86400.0
 
 
@@ -141,12 +137,6 @@ def _unreadable_over(name: str, version: str, stored: str, spec_json: str, why: 
             f"{named[name]} but no longer reads ({why}), so which of its versions it runs cannot be told; {fix}")
 
 
-def _put_it_again(stored: str, spec_json: str, why: str) -> str:
-    """Why the stored deployment of model `stored`, asked for by name, cannot be answered: it no
-    longer reads (`why`)."""
-    return f"the stored deployment of model '{stored}' no longer reads: {why}; put it again"
-
-
 def changed_since(model: str, if_updated_at: float, stored_at: float | None) -> str | None:
     """Why a put made on the strength of a read must not replace what is stored now: the stored
     deployment is not the one read (`if_updated_at`: its updated_at; negative: none was stored;
@@ -174,25 +164,20 @@ class Registry:
         """`tombstone_retention_days`: how long a deleted variant's tombstone is kept (those older
         are dropped now and with each deletion, and never listed)."""
         self.store = store
-        self.publish = publish
+        self.catalogue = Catalogue(store)
+        self.announce = Announcer(publish)
         self.max_artifact_bytes = max_artifact_bytes
         self.tombstone_retention_s = tombstone_retention_days * DAY_S
         store.drop_tombstones(self._tombstones_since())
         self._committing: set[asyncio.Future] = set()  # pushes being catalogued, whatever becomes of their calls
-        self._naming = asyncio.Lock()  # a push's name checked and catalogued, or a deployment checked and stored
-        self._catalogue = ThreadPoolExecutor(CATALOGUE_THREADS, thread_name_prefix="registry-catalogue")
-        self.artifacts = ArtifactSender(store, self._catalogue)
+        self.artifacts = ArtifactSender(store, self.catalogue.executor)
 
     async def close(self) -> None:
         """Wait for the pushes being catalogued (and announced); stop making deltas."""
         if self._committing:
             await asyncio.wait(self._committing)
         self.artifacts.close()
-        self._catalogue.shutdown(wait=False)
-
-    async def _quick(self, fn: Callable[..., T], *args) -> T:
-        """A quick store call, in a thread of the catalogue's."""
-        return await run_in(self._catalogue, fn, *args)
+        self.catalogue.close()
 
     async def add_version(self, header: PushHeader, chunks: AsyncIterator[bytes]) -> ModelVariant:
         """Take a push; the variant catalogued (the one stored before when this very artifact was
@@ -204,7 +189,8 @@ class Registry:
         temp = self.store.incoming / f"{uuid.uuid4().hex}.part"
         try:
             sha, size = await self._receive(chunks, temp)
-            variant = await self._quick(self.store.pushed_before, header.name, header.version, header.precision, sha)
+            variant = await self.catalogue.quick(self.store.pushed_before, header.name, header.version,
+                                                 header.precision, sha)
             if variant is None:
                 inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
                 variant = ModelVariant(
@@ -224,20 +210,20 @@ class Registry:
         """Catalogue the upload at `temp` as `variant` and announce it (announced again when it
         was stored before: that push's event may never have gone out)."""
         try:
-            async with self._naming:
+            async with self.catalogue.naming:
                 await self._check_not_an_ensemble(variant.name)
                 stored = await asyncio.to_thread(self.store.add_variant, temp, variant)
         finally:
             temp.unlink(missing_ok=True)
         log.info("published %s sha256:%s (%d bytes)%s", stored.key, stored.sha256[:12], stored.size_bytes,
                  "" if stored is variant else ", pushed again")
-        await self._announce(stored)
+        await self.announce.published(stored)
         return stored
 
     async def _check_not_an_ensemble(self, name: str) -> None:
         """FAILED_PRECONDITION when an ensemble deployment has this name (a model of that name
         would take it over: the ensemble could never be applied again)."""
-        if steps := await self._ensemble_steps(name):
+        if steps := await self.catalogue.ensemble_steps(name):
             raise FailedPrecondition(f"'{name}' is the name of an ensemble deployment (steps: "
                                      f"{' -> '.join(s.model for s in steps)}); a model needs a name of its own")
 
@@ -255,33 +241,18 @@ class Registry:
             raise InvalidArgument("artifact is empty")
         return digest.hexdigest(), size
 
-    async def _announce(self, variant: ModelVariant) -> None:
-        await self._publish(events.MODEL_PUBLISHED, {"name": variant.name, "version": variant.version,
-                                                     "precision": variant.precision, "sha256": variant.sha256,
-                                                     "size_bytes": variant.size_bytes}, variant.key)
-
-    async def _publish(self, subject: str, payload: dict, about: str) -> None:
-        """Publish an event of what is stored already: best effort (consumers also poll or resync),
-        a failure logged naming `about`."""
-        if self.publish is None:
-            return
-        try:
-            await self.publish(subject, payload)
-        except Exception as exc:  # noqa: BLE001 - stored; the event is best effort
-            log.warning("could not publish %s event for %s: %s", subject, about, exc)
-
     async def list(self, name: str = "") -> list[ModelVariant]:
-        variants = await self._quick(self.store.variants, name)
+        variants = await self.catalogue.variants(name)
         return sorted(variants, key=lambda v: (v.name, version_key(v.version), v.precision))
 
     async def get(self, name: str, version: str, precision: str) -> ModelVariant:
-        for v in await self._quick(self.store.variants, name):
+        for v in await self.catalogue.variants(name):
             if v.version == version and v.precision == (precision or "FP32").upper():
                 return v
         raise ModelNotFound(name, version, precision)
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
-        return pick_variant(await self._quick(self.store.variants, name), name, version, precision)
+        return pick_variant(await self.catalogue.variants(name), name, version, precision)
 
     async def delete_version(self, name: str, version: str, precision: str = "") -> tuple[list[ModelVariant], int]:
         """Delete model `name` `version` (its `precision` variant, else all) and the artifacts no
@@ -293,13 +264,14 @@ class Registry:
         precision = precision.upper()
         if precision and precision not in PRECISIONS:
             raise InvalidArgument(f"precision {precision!r} must be one of {list(PRECISIONS)}")
-        async with self._naming:
-            variants = await self._quick(self.store.variants, name)
+        async with self.catalogue.naming:
+            variants = await self.catalogue.variants(name)
             if not any(v.version == version and precision in ("", v.precision) for v in variants):
-                if not variants and (steps := await self._ensemble_steps(name)):
+                if not variants and (steps := await self.catalogue.ensemble_steps(name)):
                     raise FailedPrecondition(_no_versions_of_an_ensemble(name, steps))
                 raise ModelNotFound(name, version, precision)
-            readable = await self.deployments(refuse_unreadable=functools.partial(_unreadable_over, name, version))
+            refuse = functools.partial(_unreadable_over, name, version)
+            readable = await self.catalogue.deployments(refuse_unreadable=refuse)
             in_use = versions_in_use(name, [spec for spec, _ in readable], variants)
             if version in in_use:
                 raise FailedPrecondition(f"model '{name}' version {version} is in use: {in_use[version]}")
@@ -307,34 +279,19 @@ class Registry:
                                                      tombstones_since=self._tombstones_since())
         freed_bytes = sum({v.sha256: v.size_bytes for v in removed if v.sha256 in freed}.values())
         log.info("deleted %s (%d bytes of artifacts freed)", ", ".join(v.key for v in removed), freed_bytes)
-        await self._announce_deletion(name, version, removed)
+        await self.announce.deleted(name, version, removed)
         return removed, freed_bytes
-
-    async def _ensemble_steps(self, name: str) -> tuple[EnsembleStep, ...]:
-        """The steps of the ensemble deployment named `name`; none when it is no ensemble, or its
-        deployment no longer reads (what it was is for its next put to say)."""
-        for _, text, _ in await self._quick(self.store.deployments, name):
-            try:
-                return deployment.from_json(text).ensemble
-            except InvalidArgument:
-                return ()
-        return ()
 
     async def deleted(self, name: str = "", since: float = 0.0) -> list[Tombstone]:
         """The tombstones of the variants deleted (of model `name`, else all) at or after `since`
         and within the retention, oldest first; a variant pushed again has none."""
         if math.isnan(since):  # compares false with every time: an empty list, though some are kept
             raise InvalidArgument(f"ListDeleted 'since' must be a number of seconds (Unix time), not {since}")
-        return await self._quick(self.store.tombstones, name, max(since, self._tombstones_since()))
+        return await self.catalogue.quick(self.store.tombstones, name, max(since, self._tombstones_since()))
 
     def _tombstones_since(self) -> float:
         """The oldest deletion whose tombstone is kept."""
         return time.time() - self.tombstone_retention_s
-
-    async def _announce_deletion(self, name: str, version: str, removed: list[ModelVariant]) -> None:
-        await self._publish(events.MODEL_DELETED, {"name": name, "version": version,
-                                                   "precisions": sorted(v.precision for v in removed)},
-                            f"{name} v{version}")
 
     async def record_measurement(self, name: str, version: str, precision: str, node_class: str,
                                  node_id: str, latency_ms: float, memory_bytes: int) -> ModelVariant:
@@ -344,8 +301,8 @@ class Registry:
             raise InvalidArgument(f"node class {node_class!r} must match {_NAME.pattern}")
         if not (latency_ms >= 0 and memory_bytes >= 0):
             raise InvalidArgument("measured latency and memory must not be negative")
-        await self._quick(self.store.record_measurement, name, version, variant.precision,
-                                node_class, node_id, latency_ms, memory_bytes, time.time())
+        await self.catalogue.quick(self.store.record_measurement, name, version, variant.precision,
+                                   node_class, node_id, latency_ms, memory_bytes, time.time())
         return await self.get(name, version, variant.precision)
 
     async def put_deployment(self, spec_json: str, if_updated_at: float = 0.0) -> tuple[DeploymentSpec, float]:
@@ -354,8 +311,9 @@ class Registry:
         it read none), FAILED_PRECONDITION when another is stored now (a read-modify-write
         racing another put); 0: put whatever is stored."""
         spec = deployment.check_put(deployment.from_json(spec_json))
-        async with self._naming:
-            stored_at = next((when for _, _, when in await self._quick(self.store.deployments, spec.model)), None)
+        async with self.catalogue.naming:
+            stored = await self.catalogue.quick(self.store.deployments, spec.model)
+            stored_at = next((when for _, _, when in stored), None)
             if problem := changed_since(spec.model, if_updated_at, stored_at):
                 raise FailedPrecondition(problem)
             if spec.ensemble:
@@ -363,8 +321,8 @@ class Registry:
             else:
                 await self._check_model_deployment(spec)
             when = time.time() if stored_at is None else max(time.time(), math.nextafter(stored_at, math.inf))
-            await self._quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
-        await self._announce_deployment(spec.model)
+            await self.catalogue.quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
+        await self.announce.deployment(spec.model)
         return spec, when
 
     async def delete_deployment(self, model: str, if_updated_at: float = 0.0) -> tuple[str, float]:
@@ -374,34 +332,29 @@ class Registry:
         the one read is (`if_updated_at`, as `put_deployment`'s), an ensemble runs it as a step, or
         an ensemble's step over the model would then run a version lacking its precision or a
         tensor it maps (`_check_steps_over` with the defaults)."""
-        async with self._naming:
-            rows = await self._quick(self.store.deployments, model) if model else []
+        async with self.catalogue.naming:
+            rows = await self.catalogue.quick(self.store.deployments, model) if model else []
             if not rows:
                 raise NotFound(f"no deployment for model '{model}'")
             (_, text, stored_at), = rows
             if problem := changed_since(model, if_updated_at, stored_at):
                 raise FailedPrecondition(problem)
-            variants = await self._quick(self.store.variants, model)
+            variants = await self.catalogue.variants(model)
             if not variants and (runners := await self._ensemble_runners(model)):
                 raise FailedPrecondition(f"ensemble '{model}' is run by {', '.join(runners)}: delete those "
                                          "or change their steps first")
             if variants:  # its steps run the defaults' versions
                 await self._check_steps_over(DeploymentSpec(model), variants)
-            await self._quick(self.store.delete_deployment, model)
+            await self.catalogue.quick(self.store.delete_deployment, model)
         log.info("deleted the deployment of model '%s'", model)
-        await self._announce_deployment(model, deleted=True)
+        await self.announce.deployment(model, deleted=True)
         return _as_stored(text), stored_at
 
     async def _ensemble_runners(self, model: str) -> list[str]:
         """The steps of other ensembles that run `model`, an ensemble (a name without variants: only
         its deployment makes it one; a registered model's steps run the model itself)."""
-        return [f"ensemble '{spec.model}' step {i}" for spec, _ in await self.deployments() if spec.model != model
-                for i, step in enumerate(spec.ensemble) if step.model == model]
-
-    async def _announce_deployment(self, model: str, **extra: object) -> None:
-        """`cnei.deployment.updated` for the model (`extra`: `deleted=True` for a deletion):
-        consumers read the deployment again, the defaults where there is none."""
-        await self._publish(events.DEPLOYMENT_UPDATED, {"model": model, **extra}, f"model {model}")
+        return [f"ensemble '{spec.model}' step {i}" for spec, _ in await self.catalogue.deployments()
+                if spec.model != model for i, step in enumerate(spec.ensemble) if step.model == model]
 
     async def _check_ensemble(self, spec: DeploymentSpec) -> None:
         """A name of its own, over models the registry has and other ensembles, reaching no cycle;
@@ -409,15 +362,15 @@ class Registry:
         ensemble (INVALID_ARGUMENT: an ensemble's steps name theirs); a step maps tensors the version
         it runs has (INVALID_ARGUMENT), as every version it goes to does (its model's canary, each
         variant: FAILED_PRECONDITION, `served.step_tensor_problem`)."""
-        if await self._quick(self.store.variants, spec.model):
+        if await self.catalogue.variants(spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
-        specs = {s.model: s for s, _ in await self.deployments()}
+        specs = {s.model: s for s, _ in await self.catalogue.deployments()}
         ensembles = {model: s for model, s in specs.items() if s.ensemble} | {spec.model: spec}
         if cycle := deployment.ensemble_cycle(spec.model, ensembles):
             raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
         for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
             where = f"ensemble '{spec.model}' step {i} ({step.model})"
-            variants = await self._quick(self.store.variants, step.model)
+            variants = await self.catalogue.variants(step.model)
             nested = step.model in ensembles and not variants
             if nested:
                 if step.version not in ("", "1"):  # an ensemble's one version
@@ -443,7 +396,7 @@ class Registry:
     async def _check_model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
         answer for each."""
-        variants = await self._quick(self.store.variants, spec.model)  # read once, for every check
+        variants = await self.catalogue.variants(spec.model)  # read once, for every check
         pick_variant(variants, spec.model, "", "")  # NOT_FOUND for a model without versions
         pinned = [pick_variant(variants, spec.model, version, "")  # NOT_FOUND naming it
                   for version in sorted({spec.rollout.stable, spec.rollout.canary} - {""})]
@@ -457,7 +410,7 @@ class Registry:
         if j.mode == "off" and not j.cloud_model and not j.cloud_version:  # requests may turn joint inference on
             return
         cloud_model = j.cloud_model or spec.model
-        cloud_variants = variants if cloud_model == spec.model else await self._quick(self.store.variants, cloud_model)
+        cloud_variants = variants if cloud_model == spec.model else await self.catalogue.variants(cloud_model)
         try:
             cloud = pick_variant(cloud_variants, cloud_model, j.cloud_version, j.cloud_precision)
         except ModelNotFound as exc:
@@ -475,7 +428,7 @@ class Registry:
         """FAILED_PRECONDITION when a stored ensemble's step over the deployment's model (`spec`:
         the one put, the defaults when it is deleted) asks for a precision, or maps a tensor, that a
         version the deployment would serve it lacks (`variants`: the model's)."""
-        for ensemble, _ in await self.deployments():
+        for ensemble, _ in await self.catalogue.deployments():
             for i, step in enumerate(ensemble.ensemble):
                 if step.model != spec.model:
                     continue
@@ -484,23 +437,3 @@ class Registry:
                 if problem := (precision_problem_over(step, versions, variants)
                                or tensor_problem_over(step, versions, variants)):
                     raise FailedPrecondition(f"{where}: {problem}")
-
-    async def deployments(self, model: str = "", refuse_unreadable: Unreadable | None = None,
-                          ) -> list[tuple[DeploymentSpec, float]]:
-        """The stored deployments (of `model`, else all) with their updated_at; NOT_FOUND when
-        `model` has none. One that no longer reads (stored before a check it fails existed: NaN,
-        ...) is FAILED_PRECONDITION where `refuse_unreadable` (given its model, JSON and why) says
-        why, by default where `model` names it (`_put_it_again`); else it is skipped, logged."""
-        rows = await self._quick(self.store.deployments, model)
-        if model and not rows:
-            raise NotFound(f"no deployment for model '{model}'")
-        refuse = refuse_unreadable or (_put_it_again if model else None)
-        specs = []
-        for name, text, when in rows:
-            try:
-                specs.append((deployment.from_json(text), when))
-            except InvalidArgument as exc:
-                if refuse and (problem := refuse(name, text, exc.message)):
-                    raise FailedPrecondition(problem) from None
-                log.warning("deployment of model '%s' skipped: it no longer reads: %s", name, exc.message)
-        return specs

@@ -91,7 +91,7 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
 
     @rpc
     async def GetDeployment(self, request, context):
-        (spec, when), = await self.registry.deployments(request.model or "-")
+        (spec, when), = await self.registry.catalogue.deployments(request.model or "-")
         return rpb.Deployment(model=spec.model, spec_json=deployment.to_json(spec), updated_at=when)
 
     @rpc
@@ -103,4 +103,4 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
     async def ListDeployments(self, request, context):
         return rpb.ListDeploymentsResponse(deployments=[
             rpb.Deployment(model=s.model, spec_json=deployment.to_json(s), updated_at=w)
-            for s, w in await self.registry.deployments()])
+            for s, w in await self.registry.catalogue.deployments()])
