@@ -30,6 +30,7 @@ from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
 from services.edge_runtime.cache import Deleted, DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
+from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach, unreachable
 from services.edge_runtime.eviction import CachedArtifact
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
 from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_latency_ms, rss_bytes,
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 RESOLVE_TTL_S = 2.0
 OFFERED_BASES = 16  # versions held that a pull offers the registry as delta bases
-REGISTRY_RETRY_S = 2.0
 DEPLOYMENT_TTL_S = 30.0  # deployments are read again after this (events drop what was read at once)
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
@@ -89,7 +89,7 @@ class EdgeRuntime:
         check_batching(settings)
         self._cpu_energy = CpuEnergy(settings.watts_per_core)
         self._nvml = open_nvml(settings.gpu_index) if settings.energy_source != "cpu" else None
-        self._registry_down_until = 0.0
+        self._reach = RegistryReach()
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
         # model -> (its deployment's max_batch_size, pinned stable version, until)
@@ -133,18 +133,17 @@ class EdgeRuntime:
         cached = self._caps.get(name)
         if cached and cached[2] > time.monotonic():
             return cached[0], cached[1]
-        if time.monotonic() < self._registry_down_until:  # offline: never wait for the registry here
+        if self._reach.offline:  # never wait for the registry here
             return (cached[0], cached[1]) if cached else (0, "")
         try:
             spec, stable = await self._read_deployment(name)
         except CneiError as exc:
-            if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
-                raise
-            cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
             # offline for every model, at once: resolution goes to the disk cache without waiting
             # out a second registry call (a request naming no version paid two timeouts)
+            if not self._reach.failed(exc):
+                raise
+            cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
             log.warning("registry unreachable (%s); serving from the local cache", exc)
-            self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
             self._caps[name] = (cap, stable, time.monotonic() + REGISTRY_RETRY_S)
             return cap, stable
         return (spec.batching.max_batch_size if spec else 0), stable
@@ -169,7 +168,7 @@ class EdgeRuntime:
         cached = self._resolved.get(key)
         if cached and cached[1] > time.monotonic():
             return cached[0]
-        if time.monotonic() < self._registry_down_until:
+        if self._reach.offline:
             try:
                 return self._resolve_offline(name, version, precision)
             except Unavailable:
@@ -177,10 +176,9 @@ class EdgeRuntime:
         try:
             variant = await self.registry.resolve(name, version, precision)
         except CneiError as exc:
-            if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+            if not self._reach.failed(exc):
                 raise
             log.warning("registry unreachable (%s); resolving %s from the local cache", exc, name)
-            self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
             return self._resolve_offline(name, version, precision)
         self._deleted.discard(variant.key)  # the registry holds it (again: pushed after its deletion)
         self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
@@ -193,7 +191,7 @@ class EdgeRuntime:
             variant = pick_variant(self._local_variants(name), name, version, precision)
         except ModelNotFound:
             raise Unavailable(f"registry unreachable and model '{name}' is not cached on this node") from None
-        self._resolved[(name, version, precision.upper())] = (variant, self._registry_down_until)
+        self._resolved[(name, version, precision.upper())] = (variant, self._reach.down_until)
         return variant
 
     async def model_published(self, name: str) -> None:
@@ -242,7 +240,7 @@ class EdgeRuntime:
         except CneiError as exc:
             log.warning("could not read what was deleted of %s from the registry: %s",
                         asked or "the models held here", exc.message)
-            return exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+            return not unreachable(exc)
         await self.apply_tombstones([t for t in tombstones if t.name in wanted])
         return True
 
@@ -290,7 +288,7 @@ class EdgeRuntime:
         deployment serves in each cached precision, and load its stable version where another
         version of that precision is loaded (`_refresh`)."""
         async with self._resync_lock:
-            self._registry_down_until = 0.0
+            self._reach.back()
             if names:
                 for name in names:
                     self.forget_resolutions(name)
@@ -362,7 +360,7 @@ class EdgeRuntime:
         registry is away (asked again after REGISTRY_RETRY_S) or cannot say."""
         now = time.monotonic()
         fresh = now < self._in_use_until and on_disk <= self._in_use_of
-        if not on_disk or fresh or now < self._registry_down_until:
+        if not on_disk or fresh or self._reach.offline:
             return
         try:
             specs = await self.registry.list_deployments()
@@ -372,8 +370,7 @@ class EdgeRuntime:
         except CneiError as exc:
             log.warning("versions in use unknown (%s): making room keeps those last known", exc.message)
             self._in_use_until = time.monotonic() + REGISTRY_RETRY_S
-            if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
-                self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
+            self._reach.failed(exc)
 
     def _kept(self) -> Callable[[CachedArtifact], bool]:
         """Which artifacts the disk cache must keep, as of now: those models in memory run (a
