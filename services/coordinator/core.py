@@ -25,14 +25,14 @@ from services.common.model_spec import (ModelVariant, check_batch_size, check_in
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
-from services.common.batcher import BatchConfig, Batcher, NodeCall, priority_level, request_deadline
+from services.common.batcher import NodeCall, priority_level, request_deadline
 from services.coordinator.response_cache import ResponseCache, request_key
 from services.coordinator.breaker import Breakers, Claim, Verdict, verdict
 from services.coordinator.catalog import Catalog
-from services.coordinator.forwarder import sender
 from services.coordinator.joint import (answered_outputs, disagreements, joint_scores, merge_rows, only,
                                        prefer_edge, rows_below)
 from services.coordinator.latency import LatencyBook
+from services.coordinator.node_batchers import NodeBatchers
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import Scheduler
 from services.coordinator.placer import Placement, Placer, restrict_tier, serving_tiers, variants_by_class
@@ -46,11 +46,6 @@ _tracer = trace.get_tracer(__name__)
 # A node's own failures (breaker.NODE_VERDICTS: down, slow, faulty): another node may answer, so
 # the request fails over (inference is idempotent); any other error is the request's own
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
-# A node's answer that one request of a batch was wrong (ONNX Runtime's InvalidArgument for an
-# index out of range fails the whole call): the batch's requests are sent again one by one, so
-# its batch-mates are answered (RESOURCE_EXHAUSTED, a busy node, is left as it is)
-REQUEST_ERRORS = {ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.ALREADY_EXISTS,
-                  ErrorCode.FAILED_PRECONDITION}
 Publisher = Callable[[str, dict], Awaitable[object]]
 FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
                     ["model", "from_tier", "to_tier", "reason"])
@@ -85,11 +80,6 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
             str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc(requests)
 
 
-def about_a_request(error: Exception) -> bool:
-    """Whether a failed batch's `error` may be one request's own (`REQUEST_ERRORS`)."""
-    return isinstance(error, CneiError) and error.code in REQUEST_ERRORS
-
-
 def once_per_call(outcome: Verdict, calls: list[NodeCall]) -> Verdict:
     """What an attempt books of its node: a failure (slow, faulty, down) once per node call, by
     the first of the requests the call carried (the last of `calls`) to say so, the others
@@ -108,13 +98,6 @@ def from_cache(response: oip.InferResponse) -> bool:
     return response.parameters.get(CACHED) is True
 
 
-def batch_config(spec: DeploymentSpec, variant: ModelVariant) -> BatchConfig:
-    """The deployment's batching, capped by what the variant accepts (1 for unbatched models)."""
-    b = spec.batching
-    limit = min(b.max_batch_size, variant.max_batch_size) if variant.max_batch_size else 1
-    return replace(b, max_batch_size=max(1, limit))
-
-
 class Coordinator:
     server_name = "cnei-coordinator"
     server_version = "0.1.0"
@@ -127,8 +110,9 @@ class Coordinator:
         self.stats = StatsBook()
         self.stats_view: StatsBook | StatsShare = self.stats  # what statistics requests read
         self.outstanding: dict[str, int] = {}  # rows this process has queued for each node or sent it
-        self.batchers: dict[tuple[str, str], Batcher] = {}
         self._background = Background()
+        self.node_batchers = NodeBatchers(nodes, self.stats, settings.fast_lane, self._background)
+        self.batchers = self.node_batchers.batchers  # by (variant key, node id)
         self.publish = publish
         self.breakers = Breakers(settings.breaker_failures, settings.breaker_open_s)
         self.placer = Placer(nodes, self.breakers, scheduler or Scheduler(), self.outstanding, settings.door_report_ms)
@@ -680,7 +664,7 @@ class Coordinator:
         outcome, reason = Verdict.SILENT, ""
         self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
         try:
-            outputs = await self._batcher(placement, spec).submit(
+            outputs = await self.node_batchers.batcher(placement, spec).submit(
                 request.inputs, priority_level(request.parameters), attempt_deadline, waited, calls)
             outcome = Verdict.ANSWERED
         except CneiError as exc:
@@ -734,9 +718,7 @@ class Coordinator:
         """A node left the view: its batchers stop (requests queued there fail over, batches in
         flight end), its breakers, load and latencies are forgotten, and `after_node_left` is
         told (the front door stops sending there)."""
-        gone = Unavailable(f"node {node.node_id} left the mesh")
-        for key in [key for key in self.batchers if key[1] == node.node_id]:
-            self._background.spawn(self.batchers.pop(key).close(gone))
+        self.node_batchers.drop_node(node.node_id, Unavailable(f"node {node.node_id} left the mesh"))
         self.breakers.drop(node.node_id)
         self.outstanding.pop(node.node_id, None)
         self.latency.drop_node(node.node_id)
@@ -768,27 +750,6 @@ class Coordinator:
             parameters["cnei_coordinator_worker"] = self.settings.worker_index
         return oip.InferResponse(model_name=v.name, model_version=v.version, id=request.id,
                                  outputs=outputs, parameters=parameters)
-
-    def _batcher(self, placement: Placement, spec: DeploymentSpec) -> Batcher:
-        key = (placement.variant.key, placement.node.node_id)
-        batcher = self.batchers.get(key)
-        config = batch_config(spec, placement.variant)
-        if batcher is None and not any(n.node_id == key[1] for n in self.nodes.nodes):
-            raise Unavailable(f"node {key[1]} left the mesh")  # its batchers are gone with it
-        if batcher is None or batcher.config != config:
-            if batcher is not None:
-                self._retire(batcher)
-            variant = placement.variant
-
-            def ran(rows: int, compute_ns: int) -> None:  # Triton's executions: the node calls
-                self.stats.get(variant.name, variant.version).execution(rows, compute_ns)
-            send = sender(self.nodes, placement.node, variant, self.settings.fast_lane, ran)
-            batcher = self.batchers[key] = Batcher(placement.variant.name, config, send,
-                                                   retry_alone=about_a_request)
-        return batcher
-
-    def _retire(self, batcher: Batcher) -> None:
-        self._background.spawn(batcher.drain_and_close())
 
     async def close(self) -> None:
         """Serve what is queued, then stop every batcher."""

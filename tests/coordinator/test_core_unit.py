@@ -11,7 +11,7 @@ from services.common.model_spec import ModelVariant, TensorSpec
 from services.common import batcher
 from services.coordinator import core, placer
 from services.common.batcher import DEFAULT_PRIORITY_LEVEL, BatchConfig, priority_level, request_deadline
-from services.coordinator.core import batch_config
+from services.coordinator.node_batchers import batch_config
 
 NOW = 1000.0
 DEFAULT_S = 30.0
