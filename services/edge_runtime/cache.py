@@ -369,19 +369,21 @@ class L1Cache:
         _HITS.inc()
         return item[0]
 
-    def put(self, key: str, value: Any, size: int) -> list[str]:
-        """Insert and return the keys evicted to stay within the budget (never the new one)."""
+    def put(self, key: str, value: Any, size: int) -> dict[str, Any]:
+        """Insert; what was evicted to stay within the budget (never the new one), by key, least
+        recently used first."""
         self._items[key] = (value, size)
         self._items.move_to_end(key)
-        evicted = []
+        evicted = {}
         while self.bytes_used > self.max_bytes and len(self._items) > 1:
-            old, _ = self._items.popitem(last=False)
-            evicted.append(old)
+            old, (value, _) = self._items.popitem(last=False)
+            evicted[old] = value
             CACHE_EVENTS.labels("eviction").inc()
         CACHE_BYTES.set(self.bytes_used)
         return evicted
 
-    def remove(self, key: str) -> bool:
-        found = self._items.pop(key, None) is not None
+    def remove(self, key: str) -> Any | None:
+        """Take the item out: its value (None when it was not here)."""
+        item = self._items.pop(key, None)
         CACHE_BYTES.set(self.bytes_used)
-        return found
+        return None if item is None else item[0]

@@ -451,11 +451,10 @@ class EdgeRuntime:
                 if self.settings.measure_on_load and await self._measure(loaded, rss_before) \
                         and self.settings.measure_siblings:
                     self.siblings.schedule(variant, model.intra_op_threads)
-                held = {m.variant.key: m.variant for m in self.l1.values()}
-                for old in self.l1.put(variant.key, loaded, variant.size_bytes):
+                for old, evicted in self.l1.put(variant.key, loaded, variant.size_bytes).items():
                     log.info("evicted %s from the L1 cache", old)
                     self._retire_batchers(old)
-                    self._left_memory(held[old])
+                    self._left_memory(evicted.variant)
             span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
@@ -527,11 +526,10 @@ class EdgeRuntime:
 
     def unload(self, key: str) -> bool:
         self._retire_batchers(key)
-        loaded = self.l1.peek(key)
         removed = self.l1.remove(key)
-        if loaded is not None:
-            self._left_memory(loaded.variant)
-        return removed
+        if removed is not None:
+            self._left_memory(removed.variant)
+        return removed is not None
 
     def _retire_batchers(self, key: str) -> None:
         """The variant leaves memory: its batchers run what they hold, then go (with the session)."""

@@ -27,13 +27,13 @@ def _variant(data: bytes = ARTIFACT, version: str = "1", precision: str = "FP32"
 def _filled(sizes: dict[str, int], budget: int) -> L1Cache:
     cache = L1Cache(budget)
     for key, size in sizes.items():
-        assert cache.put(key, f"model {key}", size) == []
+        assert cache.put(key, f"model {key}", size) == {}
     return cache
 
 
 def test_l1_evicts_the_least_recently_inserted_item_when_over_budget():
     cache = _filled({"a": 40, "b": 40}, budget=100)
-    assert cache.put("c", "model c", 40) == ["a"]
+    assert cache.put("c", "model c", 40) == {"a": "model a"}
     assert cache.keys() == ["b", "c"]
     assert cache.bytes_used == 80
 
@@ -41,19 +41,19 @@ def test_l1_evicts_the_least_recently_inserted_item_when_over_budget():
 def test_l1_reading_an_item_protects_it_from_the_next_eviction():
     cache = _filled({"a": 40, "b": 40}, budget=100)
     assert cache.get("a") == "model a"
-    assert cache.put("c", "model c", 40) == ["b"]
+    assert cache.put("c", "model c", 40) == {"b": "model b"}
     assert cache.keys() == ["a", "c"]
 
 
 def test_l1_evicts_as_many_old_items_as_the_new_one_needs_oldest_first():
     cache = _filled({"a": 30, "b": 30, "c": 30}, budget=100)
-    assert cache.put("d", "model d", 75) == ["a", "b", "c"]
+    assert list(cache.put("d", "model d", 75).items()) == [("a", "model a"), ("b", "model b"), ("c", "model c")]
     assert cache.keys() == ["d"]
 
 
 def test_l1_never_evicts_the_newly_inserted_item_even_if_it_alone_exceeds_the_budget():
     cache = _filled({"a": 10}, budget=100)
-    assert cache.put("huge", "model huge", 500) == ["a"]
+    assert cache.put("huge", "model huge", 500) == {"a": "model a"}
     assert cache.keys() == ["huge"]
     assert cache.get("huge") == "model huge"
     assert cache.bytes_used == 500
@@ -72,7 +72,7 @@ def test_l1_keeps_everything_that_fits_the_budget_exactly(sizes, budget):
 
 def test_l1_putting_an_existing_key_replaces_its_value_and_size_and_makes_it_recent():
     cache = _filled({"a": 40, "b": 40}, budget=100)
-    assert cache.put("a", "model a v2", 10) == []
+    assert cache.put("a", "model a v2", 10) == {}
     assert cache.keys() == ["b", "a"]
     assert cache.get("a") == "model a v2"
     assert cache.bytes_used == 50
@@ -81,8 +81,8 @@ def test_l1_putting_an_existing_key_replaces_its_value_and_size_and_makes_it_rec
 def test_l1_a_missing_key_reads_as_none_and_removal_reports_whether_it_was_there():
     cache = _filled({"a": 10}, budget=100)
     assert cache.get("missing") is None
-    assert cache.remove("a") is True
-    assert cache.remove("a") is False
+    assert cache.remove("a") == "model a"
+    assert cache.remove("a") is None
     assert (cache.keys(), cache.bytes_used) == ([], 0)
 
 
