@@ -33,7 +33,7 @@ from services.edge_runtime.emulation import slowed
 from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach, unreachable
 from services.edge_runtime.eviction import CachedArtifact
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
-from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_latency_ms, rss_bytes,
+from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_variant, rss_bytes,
                                           tuned_model)
 from services.edge_runtime.settings import RuntimeSettings
 from services.edge_runtime.siblings import SiblingMeasurer
@@ -466,14 +466,13 @@ class EdgeRuntime:
         by): then it is served unmeasured (False), as the requests' own inputs decide whether it runs."""
         variant = loaded.variant
         try:
-            latency = await asyncio.get_running_loop().run_in_executor(
-                self._executor, measure_latency_ms, loaded.model, sample_inputs(variant))
+            latency, memory = await asyncio.get_running_loop().run_in_executor(
+                self._executor, measure_variant, loaded.model, variant, rss_before)
         except CneiError as exc:
             log.warning("%s loaded unmeasured: it refuses the zero-filled inputs it is measured with (%s)",
                         variant.key, exc.message)
             return False
         loaded.compute_us = latency * 1e3
-        memory = max(rss_bytes() - rss_before, variant.size_bytes)
         self.background.spawn(self._report(variant, latency, memory))
         return True
 

@@ -12,6 +12,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from services.common.errors import CneiError, ErrorCode, TensorError, error_for
+from services.common.model_spec import ModelVariant, sample_inputs
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +178,11 @@ def measure_latency_ms(model: OrtModel, inputs: dict[str, np.ndarray], warmup: i
         model.run(inputs)
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1e3)
+
+
+def measure_variant(model: OrtModel, variant: ModelVariant, rss_before: int) -> tuple[float, int]:
+    """The variant's session timed at batch 1 on zero-filled inputs (`measure_latency_ms`), and
+    its memory: what this process grew by since `rss_before` (read before the session was
+    opened), at least the artifact's size (blocking): (latency in ms, memory in bytes)."""
+    latency = measure_latency_ms(model, sample_inputs(variant))
+    return latency, max(rss_bytes() - rss_before, variant.size_bytes)

@@ -13,10 +13,10 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from services.common import lifecycle
-from services.common.model_spec import PRECISIONS, ModelVariant, sample_inputs
+from services.common.model_spec import PRECISIONS, ModelVariant
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.emulation import slowed
-from services.edge_runtime.runner import OrtModel, measure_latency_ms, rss_bytes
+from services.edge_runtime.runner import OrtModel, measure_variant, rss_bytes
 from services.edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,13 @@ def lower_priority() -> None:
 
 def measure_artifact(path: Path, variant: ModelVariant, use_cuda: bool, threads: int,
                      slowdown: float = 1.0) -> tuple[float, int]:
-    """Open the artifact, time it as a load times its variant (batch 1, `measure_latency_ms`),
-    and drop the session (blocking): (latency in ms, memory in bytes: what the process grew by,
-    at least the artifact's size)."""
+    """Open the artifact, measure it as a load measures its variant (`measure_variant`), and drop
+    the session (blocking): (latency in ms, memory in bytes: what the process grew by, at least
+    the artifact's size)."""
     rss_before = rss_bytes()
     model = OrtModel(path, use_cuda, threads)
     model.run = slowed(model.run, slowdown)
-    latency = measure_latency_ms(model, sample_inputs(variant))
-    return latency, max(rss_bytes() - rss_before, variant.size_bytes)
+    return measure_variant(model, variant, rss_before)
 
 
 class SiblingMeasurer:
