@@ -68,12 +68,12 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
 
     @rpc
     async def DeleteModel(self, request, context):
-        removed, freed = await self.registry.delete_version(request.name, request.version, request.precision)
+        removed, freed = await self.registry.deletion.delete_version(request.name, request.version, request.precision)
         return rpb.DeleteModelResponse(deleted=[variant_to_proto(v) for v in removed], freed_bytes=freed)
 
     @rpc
     async def ListDeleted(self, request, context):
-        tombstones = await self.registry.deleted(request.model, request.since)
+        tombstones = await self.registry.deletion.deleted(request.model, request.since)
         return rpb.ListDeletedResponse(deleted=[tombstone_to_proto(t) for t in tombstones])
 
     @rpc
@@ -96,7 +96,7 @@ class RegistryServicer(rpb_grpc.ModelRegistryServicer):
 
     @rpc
     async def DeleteDeployment(self, request, context):
-        spec_json, when = await self.registry.delete_deployment(request.model, request.if_updated_at)
+        spec_json, when = await self.registry.deletion.delete_deployment(request.model, request.if_updated_at)
         return rpb.Deployment(model=request.model, spec_json=spec_json, updated_at=when)
 
     @rpc

@@ -18,7 +18,7 @@ import pytest
 from services.common.errors import CneiError, ErrorCode
 from services.common.model_spec import Tombstone
 from services.common.registry_client import RegistryClient
-from services.registry.core import DAY_S
+from services.registry.deletion import DAY_S
 from tests.registry.restart import across_a_restart
 from tests.retrained import write_versions
 
