@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import random
@@ -20,14 +19,15 @@ from services.common.background import Background
 from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
 from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
                                     ModelNotFound, NoLiveNode, Unavailable, outcome_of)
-from services.common.model_spec import (ModelVariant, check_batch_size, check_inputs, check_outputs,
-                                        served_max_batch_size, version_key)
+from services.common.model_spec import (ModelVariant, check_batch_size, check_outputs, served_max_batch_size,
+                                        version_key)
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
-from services.common.batcher import NodeCall, priority_level, request_deadline
+from services.common.batcher import request_deadline
 from services.coordinator.response_cache import ResponseCache, request_key
-from services.coordinator.breaker import Breakers, Claim, Verdict, verdict
+from services.coordinator.attempts import RETRYABLE, Attempts, queued_ns
+from services.coordinator.breaker import Breakers
 from services.coordinator.catalog import Catalog
 from services.coordinator.joint import (answered_outputs, disagreements, joint_scores, merge_rows, only,
                                        prefer_edge, rows_below)
@@ -36,26 +36,20 @@ from services.coordinator.node_batchers import NodeBatchers
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import Scheduler
 from services.coordinator.placer import Placement, Placer, restrict_tier, serving_tiers, variants_by_class
-from services.coordinator.precision import PrecisionPolicy, policy_from_params, request_policy
+from services.coordinator.precision import policy_from_params, request_policy
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
 from services.coordinator.step_resolver import StepResolver
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-# A node's own failures (breaker.NODE_VERDICTS: down, slow, faulty): another node may answer, so
-# the request fails over (inference is idempotent); any other error is the request's own
-RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
 Publisher = Callable[[str, dict], Awaitable[object]]
-FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
-                    ["model", "from_tier", "to_tier", "reason"])
 ESCALATIONS = Counter("cnei_escalations_total", "Rows sent to the cloud model by joint inference",
                       ["model", "mode"])
 DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and cloud disagreed (async)",
                         ["model"])
 CACHE_EVENTS = Counter("cnei_response_cache_events_total", "Response cache lookups by model and result",
                        ["model", "event"])
-HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to another node", ["model"])
 SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
@@ -68,9 +62,6 @@ ESCALATION_ERROR = "cnei_escalation_error"  # response parameter: why sync joint
 # kept to answer with the edge's rows after a cloud timeout, before the caller's deadline
 ESCALATION_SHARE = 0.9
 _served = functools.lru_cache(maxsize=None)(SERVED.labels)  # children looked up once
-# The request being served collects here the ns each of its node calls waited in a batcher (every
-# attempt: failover, hedging, joint escalation), booked as its queue time (Triton's `queue`)
-_queued_ns: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cnei_queued_ns", default=None)
 
 
 def count_served(model: str, outcome: str, params: dict | None = None, requests: int = 1) -> None:
@@ -78,19 +69,6 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
     p = params or {}
     _served(model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
             str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc(requests)
-
-
-def once_per_call(outcome: Verdict, calls: list[NodeCall]) -> Verdict:
-    """What an attempt books of its node: a failure (slow, faulty, down) once per node call, by
-    the first of the requests the call carried (the last of `calls`) to say so, the others
-    SILENT (a failed batch of three is one failure, as the front door books it); an answer
-    always (idempotent)."""
-    if outcome in (Verdict.ANSWERED, Verdict.SILENT) or not calls:
-        return outcome
-    if calls[-1].booked:
-        return Verdict.SILENT
-    calls[-1].booked = True
-    return outcome
 
 
 def from_cache(response: oip.InferResponse) -> bool:
@@ -118,6 +96,8 @@ class Coordinator:
         self.placer = Placer(nodes, self.breakers, scheduler or Scheduler(), self.outstanding, settings.door_report_ms)
         self.latency = LatencyBook()
         self.recent: deque[dict] = deque(maxlen=100)
+        self.attempts = Attempts(settings, self.placer, self.breakers, self.node_batchers, self.outstanding,
+                                 self.latency, self.recent, self._background, self.announce)
         self.control = None  # repository.ModelControl: models unloaded through the repository API
         # Called with the model's name once a load or unload through this coordinator took effect,
         # before it is answered (the front door's routes of the model are dropped: DoorRoutes)
@@ -224,7 +204,7 @@ class Coordinator:
         if mode not in JOINT_MODES:
             raise InvalidArgument(f"parameter 'joint' must be one of {list(JOINT_MODES)}, got {mode!r}")
         queued: list[int] = []
-        token = _queued_ns.set(queued)
+        token = queued_ns.set(queued)
         try:
             if mode == "off":
                 response = await self._infer(request, variants, spec, deadline_s)
@@ -235,7 +215,7 @@ class Coordinator:
             count_served(variants[0].name, outcome_of(exc))
             raise
         finally:
-            _queued_ns.reset(token)
+            queued_ns.reset(token)
         # its executions are the batches it rode in, booked as the node ran them (`_batcher`)
         total = time.perf_counter_ns() - start  # hedged copies queue at once: their sum may exceed it
         # rows a model ran for it: all of them, none for a kept answer, only those the cloud
@@ -527,174 +507,13 @@ class Coordinator:
 
     async def _serve(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:
-        params = request.parameters
-        policy = request_policy(params, spec)
-        deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
-        check_inputs(variants[0], request.inputs)  # every precision variant shares the interface
-        check_outputs(variants[0], request.outputs)
-        region = str(params.get("region", "") or "")
-        tried: list[str] = []
-        failed: NodeInfo | None = None
-        last_error: CneiError | None = None
-        for _ in range(max(1, self.settings.max_attempts)):
-            if time.monotonic() >= deadline:
-                break
-            placement = self.placer.decide(variants, spec, policy, region, failed, tried)
-            if placement is None:
-                break
-            if failed is not None:
-                self._record_failover(request.model_name, failed, placement.node, last_error)
-            tried.append(placement.node.node_id)
-            try:
-                outputs, placement = await self._hedged(request, placement, spec, deadline,
-                                                        variants, policy, region, tried)
-            except CneiError as exc:
-                if exc.code not in RETRYABLE:
-                    raise
-                last_error, failed = exc, placement.node
-                log.warning("node %s failed for %s: %s", placement.node.node_id,
-                            placement.variant.key, exc.message)
-                continue
-            return self._response(request, placement, outputs)
-        if last_error is not None and time.monotonic() < deadline:
-            raise last_error
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded(f"deadline passed before model '{request.model_name}' could be served")
-        raise NoLiveNode(request.model_name, self.out_of_use(spec, region, [v.key for v in variants]))
-
-    def _hedge_delay(self, spec: DeploymentSpec, placement: Placement) -> float | None:
-        if spec.hedge_after_ms > 0:
-            return spec.hedge_after_ms / 1e3
-        if spec.hedge_after_ms == -1:
-            return self.latency.quantile((placement.variant.name, placement.node.node_id), 0.95)
-        return None
-
-    async def _hedged(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
-                      deadline: float, variants: list[ModelVariant], policy: PrecisionPolicy,
-                      region: str, tried: list[str]) -> tuple[dict[str, np.ndarray], Placement]:
-        """Send a second copy to another node when the first has not answered after the hedge
-        delay; the first success wins and the other copy is cancelled, as is every copy when the
-        caller gives up."""
-        claim = self._claim(placement)  # before anything awaits: no other request takes the probe
-        delay = self._hedge_delay(spec, placement)
-        if delay is None:  # no hedging: no task either
-            return await self._attempt(request, placement, spec, deadline, claim), placement
-        first = self._start(request, placement, spec, deadline, claim)
-        owners = {first: placement}
-        try:
-            done, _ = await asyncio.wait({first}, timeout=delay)
-            hedge = None if done else self._hedge(variants, spec, policy, region, tried)
-            if hedge is None:
-                return await first, placement
-            HEDGES.labels(request.model_name).inc()
-            tried.append(hedge[0].node.node_id)
-            owners[self._start(request, hedge[0], spec, deadline, hedge[1])] = hedge[0]
-            pending = set(owners)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
-                        return task.result(), owners[task]
-            raise first.exception()
-        finally:
-            for task in owners:
-                task.cancel()  # the loser, or every copy of a request its caller gave up
-
-    def _hedge(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
-               region: str, tried: list[str]) -> tuple[Placement, Claim] | None:
-        """Where a hedged copy goes, its node's call claimed; None when no other node may take it."""
-        try:
-            placement = self.placer.choose(variants, spec, policy, region, self.eligible_nodes(spec), tried)
-        except CneiError as exc:  # a hedge is extra: the first copy still runs
-            log.warning("no hedge for %s: %s", variants[0].key, exc.message)
-            return None
-        if placement is None:
-            return None
-        claim = self.breakers.claim(placement.node.node_id, placement.variant.key)
-        return None if claim is None else (placement, claim)
-
-    def _claim(self, placement: Placement) -> Claim:
-        """A call of the placement's variant to its node, claimed on their breakers; UNAVAILABLE
-        when either lets none through."""
-        node_id, model = placement.node.node_id, placement.variant.key
-        claim = self.breakers.claim(node_id, model)
-        if claim is None:
-            why = self.breakers.reason(node_id, model) or "circuit breaker open"
-            raise Unavailable(f"node {node_id} is out of use ({why})")
-        return claim
+        outputs, placement = await self.attempts.serve(request, variants, spec, deadline_s)
+        return self._response(request, placement, outputs)
 
     def probe(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec) -> bool:
-        """Send `request` (zero inputs of a front-door route's shape) to the placement's node as the
-        half-open probe of its breaker, or of its breaker of the variant, when one may go now; its
-        verdict settles the claim as any attempt's does. The door sends a node on trial nothing, so
-        a peer the full path never chooses first would otherwise never be probed. False when no
-        probe went."""
-        claim = self.breakers.claim(placement.node.node_id, placement.variant.key)
-        if claim is None:
-            return False
-        if not (claim.probe or claim.model_probe):  # closed meanwhile: nothing to probe
-            claim.settle(Verdict.SILENT)
-            return False
-        log.info("probing node %s for %s", placement.node.node_id, placement.variant.key)
-        self._start(request, placement, spec, time.monotonic() + self.settings.forward_timeout_s, claim)
-        return True
-
-    def _start(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec, deadline: float,
-               claim: Claim) -> asyncio.Task:
-        """An attempt as a task of its own (hedging); its claim settles even if it never runs."""
-        task = self._background.spawn(self._attempt(request, placement, spec, deadline, claim))
-
-        def ended(t: asyncio.Task) -> None:
-            claim.settle(Verdict.SILENT)  # no-op once the attempt settled it
-            if not t.cancelled():
-                t.exception()  # retrieved: `_hedged` answers with one copy's error at most
-        task.add_done_callback(ended)
-        return task
-
-    async def _attempt(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
-                       deadline: float, claim: Claim) -> dict[str, np.ndarray]:
-        """One node's try, bounded by the deployment's attempt timeout; what it says of the node
-        (`breaker.verdict`) settles its claim on the node's breaker."""
-        node = placement.node
-        attempt_deadline = min(deadline, time.monotonic() + spec.attempt_timeout_ms / 1e3)
-        start = time.perf_counter()
-        rows = request.rows
-        waited: list[int] = []  # the batcher notes the queue wait when it sends: the node had the request
-        calls: list[NodeCall] = []  # and the node calls that carried it
-        outcome, reason = Verdict.SILENT, ""
-        self.outstanding[node.node_id] = self.outstanding.get(node.node_id, 0) + rows
-        try:
-            outputs = await self.node_batchers.batcher(placement, spec).submit(
-                request.inputs, priority_level(request.parameters), attempt_deadline, waited, calls)
-            outcome = Verdict.ANSWERED
-        except CneiError as exc:
-            outcome, reason = verdict(exc.code, bool(waited), attempt_deadline < deadline), exc.message
-            raise
-        finally:
-            claim.settle(once_per_call(outcome, calls), reason)
-            left = self.outstanding.get(node.node_id, 0) - rows
-            if left > 0:
-                self.outstanding[node.node_id] = left
-            else:
-                self.outstanding.pop(node.node_id, None)
-            queued = _queued_ns.get()
-            if queued is not None:
-                queued.extend(waited)
-        self.latency.add((placement.variant.name, node.node_id), time.perf_counter() - start)
-        return outputs
-
-    def _record_failover(self, model: str, failed: NodeInfo, to: NodeInfo, error: CneiError | None) -> None:
-        reason = error.code.value if error else "unknown"
-        FAILOVERS.labels(model, failed.tier, to.tier, reason).inc()
-        with _tracer.start_as_current_span("coordinator.failover") as span:
-            span.set_attributes({"cnei.model": model, "cnei.failover.from": failed.node_id,
-                                 "cnei.failover.to": to.node_id, "cnei.failover.reason": reason})
-        self.recent.append({"kind": "failover", "time": time.time(), "model": model,
-                            "from": failed.node_id, "to": to.node_id, "reason": reason})
-        payload = {"model": model, "from_node": failed.node_id, "from_tier": failed.tier,
-                   "to_node": to.node_id, "to_tier": to.tier, "reason": reason,
-                   "detail": error.message if error else ""}
-        self._background.spawn(self.announce(events.REQUEST_FAILOVER, payload))
+        """Send `request` to the placement's node as the half-open probe of its breaker, when one
+        may go now (`Attempts.probe`); False when no probe went."""
+        return self.attempts.probe(request, placement, spec)
 
     def node_changed(self, subject: str, node: NodeInfo, reason: str) -> None:
         """Node up/down seen by the coordinator (heartbeat expiry, failed health check)."""
