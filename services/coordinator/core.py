@@ -25,7 +25,7 @@ from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
 from services.common.batcher import request_deadline
-from services.coordinator.response_cache import ResponseCache, request_key
+from services.coordinator.response_cache import CACHED, ResponseCache, from_cache
 from services.coordinator.attempts import RETRYABLE, Attempts, queued_ns
 from services.coordinator.breaker import Breakers
 from services.coordinator.catalog import Catalog
@@ -48,12 +48,9 @@ ESCALATIONS = Counter("cnei_escalations_total", "Rows sent to the cloud model by
                       ["model", "mode"])
 DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and cloud disagreed (async)",
                         ["model"])
-CACHE_EVENTS = Counter("cnei_response_cache_events_total", "Response cache lookups by model and result",
-                       ["model", "event"])
 SERVED = Counter("cnei_coordinator_requests_total",
                  "Requests the front door answered, by the variant and node that served them and outcome",
                  ["model", "version", "precision", "node", "tier", "outcome"])
-CACHED = "cnei_response_cache"  # response parameter: answered from the response cache
 # response parameter: sync joint inference's edge answer came from the response cache, and the
 # cloud answered its unsure rows again (so the answer as a whole is not a kept one)
 EDGE_CACHED = "cnei_edge_response_cache"
@@ -69,11 +66,6 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
     p = params or {}
     _served(model, str(p.get("cnei_version", "")), str(p.get("cnei_precision", "")),
             str(p.get("cnei_node", "")), str(p.get("cnei_tier", "")), outcome).inc(requests)
-
-
-def from_cache(response: oip.InferResponse) -> bool:
-    """Whether `response` is a kept answer (`_through_cache`): no model ran for it."""
-    return response.parameters.get(CACHED) is True
 
 
 class Coordinator:
@@ -247,7 +239,7 @@ class Coordinator:
             cached = spec.response_cache and self.cache.max_bytes
             scope = await self._ensemble_scope(spec, depth, steps) if cached else None
             if scope is not None:
-                response = await self._through_cache(scope, request, spec.model, stats, run)
+                response = await self.cache.answer(scope, request, spec.model, stats, run)
             else:
                 response = await run()
         except Exception:
@@ -469,7 +461,7 @@ class Coordinator:
         if not spec.response_cache or not self.cache.max_bytes:
             return await serve()
         v = variants[0]
-        return await self._through_cache(self.cache_scope(request, variants, spec), request, v.name,
+        return await self.cache.answer(self.cache_scope(request, variants, spec), request, v.name,
                                          self.stats.get(v.name, v.version), serve)
 
     def cache_scope(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> str:
@@ -483,27 +475,6 @@ class Coordinator:
         choices = variants_by_class(variants, policy, [n for n in self.nodes.nodes if n.tier in tiers])
         chosen = sorted(f"{cls}={c.key}" for cls, c in choices.items() if isinstance(c, ModelVariant))
         return f"{v.name}/{v.version}/{policy}/{sorted(tiers)}/{chosen}"
-
-    async def _through_cache(self, scope: str, request: oip.InferRequest, model: str, stats: ModelStats,
-                             serve: Callable[[], Awaitable[oip.InferResponse]]) -> oip.InferResponse:
-        """The answer kept for `request`'s inputs in `scope` (what else decides the answer: the
-        variant, the precision policy, an ensemble's steps), else `serve()`'s, then kept."""
-        start = time.perf_counter_ns()
-        key = request_key(scope, request.inputs, request.outputs)
-        hit = self.cache.get(key)
-        if hit is not None:
-            stats.cache_hit.add(time.perf_counter_ns() - start)
-            CACHE_EVENTS.labels(model, "hit").inc()
-            return oip.InferResponse(model_name=hit.model_name, model_version=hit.model_version, id=request.id,
-                                     outputs={name: array.copy() for name, array in hit.outputs.items()},
-                                     parameters={**hit.parameters, CACHED: True})
-        looked_up = time.perf_counter_ns()
-        response = await serve()
-        stored = time.perf_counter_ns()
-        self.cache.put(key, response)
-        stats.cache_miss.add(looked_up - start + time.perf_counter_ns() - stored)
-        CACHE_EVENTS.labels(model, "miss").inc()
-        return response
 
     async def _serve(self, request: oip.InferRequest, variants: list[ModelVariant],
                      spec: DeploymentSpec, deadline_s: float | None) -> oip.InferResponse:

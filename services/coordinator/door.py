@@ -23,9 +23,10 @@ from services.common.oip_servicer import record_inference
 from services.common.trace_settings import TraceSettings
 from services.common.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
 from services.coordinator.breaker import Verdict, verdict
-from services.coordinator.core import CACHE_EVENTS, Coordinator, count_served
+from services.coordinator.core import Coordinator, count_served
 from services.coordinator.node_batchers import batch_config
 from services.coordinator.placer import Placement, restrict_tier
+from services.coordinator.response_cache import CACHE_EVENTS
 
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.

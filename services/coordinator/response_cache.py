@@ -10,13 +10,20 @@ cache within its byte budget; an answer larger than the budget is not kept."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.common import oip
+from services.common.stats import ModelStats
+
+CACHE_EVENTS = Counter("cnei_response_cache_events_total", "Response cache lookups by model and result",
+                       ["model", "event"])
+CACHED = "cnei_response_cache"  # response parameter: answered from the response cache
 
 
 def request_key(variant_key: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str]) -> bytes:
@@ -32,6 +39,11 @@ def request_key(variant_key: str, inputs: Mapping[str, np.ndarray], outputs: Ite
             digest.update(np.ascontiguousarray(array).data)
     digest.update(b"\0outputs\0" + "\0".join(sorted(outputs)).encode())
     return digest.digest()
+
+
+def from_cache(response: oip.InferResponse) -> bool:
+    """Whether `response` is a kept answer (`ResponseCache.answer`): no model ran for it."""
+    return response.parameters.get(CACHED) is True
 
 
 @dataclass(frozen=True)
@@ -80,3 +92,24 @@ class ResponseCache:
                                           dict(response.parameters), size)
         self.bytes += size
         return True
+
+    async def answer(self, scope: str, request: oip.InferRequest, model: str, stats: ModelStats,
+                     serve: Callable[[], Awaitable[oip.InferResponse]]) -> oip.InferResponse:
+        """The answer kept for `request`'s inputs in `scope` (what else decides the answer: the
+        variant, the precision policy, an ensemble's steps), else `serve()`'s, then kept."""
+        start = time.perf_counter_ns()
+        key = request_key(scope, request.inputs, request.outputs)
+        hit = self.get(key)
+        if hit is not None:
+            stats.cache_hit.add(time.perf_counter_ns() - start)
+            CACHE_EVENTS.labels(model, "hit").inc()
+            return oip.InferResponse(model_name=hit.model_name, model_version=hit.model_version, id=request.id,
+                                     outputs={name: array.copy() for name, array in hit.outputs.items()},
+                                     parameters={**hit.parameters, CACHED: True})
+        looked_up = time.perf_counter_ns()
+        response = await serve()
+        stored = time.perf_counter_ns()
+        self.put(key, response)
+        stats.cache_miss.add(looked_up - start + time.perf_counter_ns() - stored)
+        CACHE_EVENTS.labels(model, "miss").inc()
+        return response
