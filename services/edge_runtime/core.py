@@ -17,22 +17,21 @@ from services.common import oip, telemetry
 from services.common.background import Background, KeyedLocks
 from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
 from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.errors import (CneiError, ErrorCode, InvalidArgument, ModelNotFound, NotFound,
-                                    Unavailable, error_for, outcome_of)
+from services.common.errors import CneiError, ErrorCode, InvalidArgument, ModelNotFound, error_for, outcome_of
 from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, check_batch_size, check_inputs,
-                                        check_outputs, pick_variant, sample_inputs, served_max_batch_size,
-                                        version_key)
+                                        check_outputs, sample_inputs, served_max_batch_size, version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
-from services.common.served import models_in_use, served_version, versions_in_use
+from services.common.served import models_in_use, versions_in_use
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
 from services.edge_runtime.cache import Deleted, DiskCache, L1Cache
 from services.edge_runtime.emulation import slowed
-from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach, unreachable
-from services.edge_runtime.eviction import CachedArtifact
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
+from services.edge_runtime.eviction import CachedArtifact
+from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach, unreachable
+from services.edge_runtime.resolution import DEPLOYMENT_TTL_S, Resolver
 from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_variant, rss_bytes,
                                           tuned_model)
 from services.edge_runtime.settings import RuntimeSettings
@@ -40,9 +39,7 @@ from services.edge_runtime.siblings import SiblingMeasurer
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-RESOLVE_TTL_S = 2.0
 OFFERED_BASES = 16  # versions held that a pull offers the registry as delta bases
-DEPLOYMENT_TTL_S = 30.0  # deployments are read again after this (events drop what was read at once)
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
 SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total",
@@ -73,14 +70,13 @@ class EdgeRuntime:
 
     def __init__(self, settings: RuntimeSettings, registry: RegistryClient, disk: DiskCache):
         self.settings = settings
-        self.registry = registry
+        self._registry = registry
         self.disk = disk
         self.l1 = L1Cache(settings.cache_max_bytes)
         self.stats = StatsBook()
         self.inflight = 0
         self.arrivals = 0  # requests ever taken (a sibling measurement is made again when one comes meanwhile)
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
-        self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         self._load_locks = KeyedLocks()  # by variant key
         self._pull_locks = KeyedLocks()  # by sha256
         self.background = Background()
@@ -92,8 +88,6 @@ class EdgeRuntime:
         self._reach = RegistryReach()
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
-        # model -> (its deployment's max_batch_size, pinned stable version, until)
-        self._caps: dict[str, tuple[int, str, float]] = {}
         # model on disk -> the versions requests go to (`served.versions_in_use` over every deployment),
         # as last read for the models then on disk (`_in_use_of`); read again after `_in_use_until`
         # (events make it 0) or once another model is on disk
@@ -103,6 +97,7 @@ class EdgeRuntime:
         # variant keys deleted from the registry: never loaded again unless the registry resolves
         # them again (the same name, version and precision pushed after the deletion)
         self._deleted: set[str] = set()
+        self.resolver = Resolver(registry, disk, self.l1, self._reach, self._deleted)
         self.siblings = SiblingMeasurer(registry, settings, self._held_artifact, self._report,
                                         lambda: (self.inflight, self.arrivals),
                                         lambda key: self.l1.peek(key) is not None)
@@ -119,93 +114,39 @@ class EdgeRuntime:
         self._executor.shutdown(wait=True, cancel_futures=False)
 
     # --- resolution and loading -------------------------------------------------------------
-    async def deployment_cap(self, name: str) -> int:
-        """The most rows the model's deployment lets one call carry (its `batching.max_batch_size`),
-        which the runtime's batcher never exceeds when it merges callers' requests; 0 when no
-        deployment was applied or the registry cannot say (the runtime's own rules apply)."""
-        return (await self._deployed_as(name))[0]
+    @property
+    def registry(self) -> RegistryClient:
+        return self._registry
 
-    async def _deployed_as(self, name: str) -> tuple[int, str]:
-        """What this runtime keeps of the model's deployment, read at most every DEPLOYMENT_TTL_S:
-        (its max_batch_size, the version it serves: `_read_deployment`); max_batch_size 0 when
-        none was applied; (0, "") when the registry cannot say and nothing was known (what was
-        known is kept while it is away)."""
-        cached = self._caps.get(name)
-        if cached and cached[2] > time.monotonic():
-            return cached[0], cached[1]
-        if self._reach.offline:  # never wait for the registry here
-            return (cached[0], cached[1]) if cached else (0, "")
-        try:
-            spec, stable = await self._read_deployment(name)
-        except CneiError as exc:
-            # offline for every model, at once: resolution goes to the disk cache without waiting
-            # out a second registry call (a request naming no version paid two timeouts)
-            if not self._reach.failed(exc):
-                raise
-            cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
-            log.warning("registry unreachable (%s); serving from the local cache", exc)
-            self._caps[name] = (cap, stable, time.monotonic() + REGISTRY_RETRY_S)
-            return cap, stable
-        return (spec.batching.max_batch_size if spec else 0), stable
+    @registry.setter
+    def registry(self, client: RegistryClient) -> None:
+        """The registry this runtime asks (replaced: each of its parts asks the new one)."""
+        self._registry = client
+        self.resolver.registry = client
+
+    async def deployment_cap(self, name: str) -> int:
+        """The most rows one call of the model may carry by its deployment (`Resolver.deployment_cap`)."""
+        return await self.resolver.deployment_cap(name)
 
     def deployment_updated(self, name: str) -> None:
         """The model's deployment (or its versions) changed: ask for its cap again at its next
         request, and for the versions in use at the next pull."""
-        self._caps.pop(name, None)
+        self.resolver.forget_deployment(name)
         self._in_use_until = 0.0
 
     def forget_resolutions(self, name: str = "") -> None:
         """Drop cached resolutions (all, or one model's) so the next request asks the registry."""
-        self._resolved = {k: v for k, v in self._resolved.items() if name and k[0] != name}
+        self.resolver.forget_resolutions(name)
 
     async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
-        """Registry resolution, cached briefly; the disk cache answers when the registry is away.
-        A request naming no version gets the one the model's deployment serves, as the coordinator
-        serves it (`served.served_version`); a canary is the coordinator's to split."""
-        if not version:
-            version = (await self._deployed_as(name))[1]
-        key = (name, version, precision.upper())
-        cached = self._resolved.get(key)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
-        if self._reach.offline:
-            try:
-                return self._resolve_offline(name, version, precision)
-            except Unavailable:
-                pass  # not cached here: ask the registry after all
-        try:
-            variant = await self.registry.resolve(name, version, precision)
-        except CneiError as exc:
-            if not self._reach.failed(exc):
-                raise
-            log.warning("registry unreachable (%s); resolving %s from the local cache", exc, name)
-            return self._resolve_offline(name, version, precision)
-        self._deleted.discard(variant.key)  # the registry holds it (again: pushed after its deletion)
-        self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
-        return variant
-
-    def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
-        """Resolution from the disk cache alone (the registry is unreachable), kept until the
-        registry is asked again (reading the cache's manifests per request costs ~0.2 ms)."""
-        try:
-            variant = pick_variant(self._local_variants(name), name, version, precision)
-        except ModelNotFound:
-            raise Unavailable(f"registry unreachable and model '{name}' is not cached on this node") from None
-        self._resolved[(name, version, precision.upper())] = (variant, self._reach.down_until)
-        return variant
+        """The variant a request names (`Resolver.resolve`: the registry's, or the disk cache's offline)."""
+        return await self.resolver.resolve(name, version, precision)
 
     async def model_published(self, name: str) -> None:
         """A new version (or variant) exists: forget resolutions and the version the model's
         deployment serves (it may be the latest now), and refresh the model where this node caches it."""
         self.forget_resolutions(name)
         await self.model_deployed(name)
-
-    def _local_variants(self, *names: str) -> list[ModelVariant]:
-        """The models' variants this node serves without the registry: those on disk, and those
-        in memory (a deleted variant's manifest is gone from disk, its copy in memory serves on)."""
-        local = {v.key: v for v in self.disk.variants() if v.name in names and v.key not in self._deleted}
-        local.update((m.variant.key, m.variant) for m in self.l1.values() if m.variant.name in names)
-        return list(local.values())
 
     async def model_deleted(self, name: str, version: str, precisions: list[str], sha256: str = "") -> None:
         """A version (or some of its variants) was deleted from the registry: forget resolutions
@@ -251,7 +192,7 @@ class EdgeRuntime:
         cache in one sweep. The variant keys forgotten."""
         if not tombstones:
             return []
-        held = {v.key: v.sha256 for v in self._local_variants(*{t.name for t in tombstones})}
+        held = {v.key: v.sha256 for v in self.resolver.local_variants(*{t.name for t in tombstones})}
         forgotten: list[Tombstone] = []
         for t in tombstones:
             if t.key not in self._deleted and held.get(t.key) == t.sha256:
@@ -292,10 +233,10 @@ class EdgeRuntime:
             if names:
                 for name in names:
                     self.forget_resolutions(name)
-                    self._caps.pop(name, None)
+                    self.resolver.forget_deployment(name)
             else:
                 self.forget_resolutions()
-                self._caps.clear()  # deployments may have changed while the events did not arrive
+                self.resolver.forget_deployment()  # deployments may have changed while the events did not arrive
                 self._in_use_until = 0.0
             retry = not await self.forget_deleted(names)  # deletions whose events did not arrive
             loaded = {(m.variant.name, m.variant.precision) for m in self.l1.values()}
@@ -315,7 +256,7 @@ class EdgeRuntime:
         precision: a version pushed but not released (or still lacking a precision the deployment
         needs) is neither pulled nor loaded. False when the registry was unreachable (try again)."""
         try:
-            spec, stable = await self._read_deployment(name)
+            spec, stable = await self.resolver.read_deployment(name)
         except CneiError as exc:
             log.warning("resync of %s failed: %s", name, exc)
             return exc.code is not ErrorCode.UNAVAILABLE
@@ -334,23 +275,6 @@ class EdgeRuntime:
                     log.warning("resync of %s v%s %s failed: %s", name, version or "latest", precision, exc)
                     reachable = reachable and exc.code is not ErrorCode.UNAVAILABLE
         return reachable
-
-    async def _read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
-        """The model's deployment from the registry (None: none applied) and the version serving
-        requests that name none (`served.served_version` over the model's variants; "" when none
-        was applied or the registry has no version: its own latest), kept for DEPLOYMENT_TTL_S as
-        what this runtime knows of it (`_deployed_as`: a request after a resync reads it not again)."""
-        try:
-            spec = await self.registry.get_deployment(name)
-        except NotFound:
-            spec = None
-        try:
-            stable = served_version(spec, await self.registry.list(name)) if spec else ""
-        except ModelNotFound:
-            stable = ""
-        cap = spec.batching.max_batch_size if spec else 0
-        self._caps[name] = (cap, stable, time.monotonic() + DEPLOYMENT_TTL_S)
-        return spec, stable
 
     async def _learn_versions_in_use(self, on_disk: set[str]) -> None:
         """Read which versions of the models `on_disk` requests go to (`served.versions_in_use` over

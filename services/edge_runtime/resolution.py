@@ -1,0 +1,134 @@
+"""Model resolution of a runtime: the variant a request names, from the registry (kept briefly) or,
+while it is away, from the variants this node holds; and what the runtime keeps of each model's
+deployment (its batch size cap and the version it serves)."""
+from __future__ import annotations
+
+import logging
+import time
+
+from services.common.deployment import DeploymentSpec
+from services.common.errors import CneiError, ModelNotFound, NotFound, Unavailable
+from services.common.model_spec import ModelVariant, pick_variant
+from services.common.registry_client import RegistryClient
+from services.common.served import served_version
+from services.edge_runtime.cache import DiskCache, L1Cache
+from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach
+
+log = logging.getLogger(__name__)
+RESOLVE_TTL_S = 2.0
+DEPLOYMENT_TTL_S = 30.0  # deployments are read again after this (events drop what was read at once)
+
+
+class Resolver:
+    """Resolutions and deployments as this runtime knows them: read from the registry and kept
+    for a while (events drop them at once), answered from the disk cache and memory while the
+    registry is unreachable (`reach`). `deleted`: the variant keys deleted from the registry, left
+    out of what the disk cache answers until the registry resolves them again."""
+
+    def __init__(self, registry: RegistryClient, disk: DiskCache, l1: L1Cache, reach: RegistryReach,
+                 deleted: set[str]):
+        self.registry = registry
+        self.disk, self.l1, self.reach, self.deleted = disk, l1, reach, deleted
+        self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
+        # model -> (its deployment's max_batch_size, pinned stable version, until)
+        self._caps: dict[str, tuple[int, str, float]] = {}
+
+    async def deployment_cap(self, name: str) -> int:
+        """The most rows the model's deployment lets one call carry (its `batching.max_batch_size`),
+        which the runtime's batcher never exceeds when it merges callers' requests; 0 when no
+        deployment was applied or the registry cannot say (the runtime's own rules apply)."""
+        return (await self.deployed_as(name))[0]
+
+    async def deployed_as(self, name: str) -> tuple[int, str]:
+        """What this runtime keeps of the model's deployment, read at most every DEPLOYMENT_TTL_S:
+        (its max_batch_size, the version it serves: `read_deployment`); max_batch_size 0 when
+        none was applied; (0, "") when the registry cannot say and nothing was known (what was
+        known is kept while it is away)."""
+        cached = self._caps.get(name)
+        if cached and cached[2] > time.monotonic():
+            return cached[0], cached[1]
+        if self.reach.offline:  # never wait for the registry here
+            return (cached[0], cached[1]) if cached else (0, "")
+        try:
+            spec, stable = await self.read_deployment(name)
+        except CneiError as exc:
+            # offline for every model, at once: resolution goes to the disk cache without waiting
+            # out a second registry call (a request naming no version paid two timeouts)
+            if not self.reach.failed(exc):
+                raise
+            cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
+            log.warning("registry unreachable (%s); serving from the local cache", exc)
+            self._caps[name] = (cap, stable, time.monotonic() + REGISTRY_RETRY_S)
+            return cap, stable
+        return (spec.batching.max_batch_size if spec else 0), stable
+
+    async def read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
+        """The model's deployment from the registry (None: none applied) and the version serving
+        requests that name none (`served.served_version` over the model's variants; "" when none
+        was applied or the registry has no version: its own latest), kept for DEPLOYMENT_TTL_S as
+        what this runtime knows of it (`deployed_as`: a request after a resync reads it not again)."""
+        try:
+            spec = await self.registry.get_deployment(name)
+        except NotFound:
+            spec = None
+        try:
+            stable = served_version(spec, await self.registry.list(name)) if spec else ""
+        except ModelNotFound:
+            stable = ""
+        cap = spec.batching.max_batch_size if spec else 0
+        self._caps[name] = (cap, stable, time.monotonic() + DEPLOYMENT_TTL_S)
+        return spec, stable
+
+    def forget_deployment(self, name: str = "") -> None:
+        """Read the model's deployment (or every model's) again at its next request."""
+        if name:
+            self._caps.pop(name, None)
+        else:
+            self._caps.clear()
+
+    def forget_resolutions(self, name: str = "") -> None:
+        """Drop cached resolutions (all, or one model's) so the next request asks the registry."""
+        self._resolved = {k: v for k, v in self._resolved.items() if name and k[0] != name}
+
+    async def resolve(self, name: str, version: str = "", precision: str = "") -> ModelVariant:
+        """Registry resolution, cached briefly; the disk cache answers when the registry is away.
+        A request naming no version gets the one the model's deployment serves, as the coordinator
+        serves it (`served.served_version`); a canary is the coordinator's to split."""
+        if not version:
+            version = (await self.deployed_as(name))[1]
+        key = (name, version, precision.upper())
+        cached = self._resolved.get(key)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        if self.reach.offline:
+            try:
+                return self._resolve_offline(name, version, precision)
+            except Unavailable:
+                pass  # not cached here: ask the registry after all
+        try:
+            variant = await self.registry.resolve(name, version, precision)
+        except CneiError as exc:
+            if not self.reach.failed(exc):
+                raise
+            log.warning("registry unreachable (%s); resolving %s from the local cache", exc, name)
+            return self._resolve_offline(name, version, precision)
+        self.deleted.discard(variant.key)  # the registry holds it (again: pushed after its deletion)
+        self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
+        return variant
+
+    def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
+        """Resolution from the disk cache alone (the registry is unreachable), kept until the
+        registry is asked again (reading the cache's manifests per request costs ~0.2 ms)."""
+        try:
+            variant = pick_variant(self.local_variants(name), name, version, precision)
+        except ModelNotFound:
+            raise Unavailable(f"registry unreachable and model '{name}' is not cached on this node") from None
+        self._resolved[(name, version, precision.upper())] = (variant, self.reach.down_until)
+        return variant
+
+    def local_variants(self, *names: str) -> list[ModelVariant]:
+        """The models' variants this node serves without the registry: those on disk, and those
+        in memory (a deleted variant's manifest is gone from disk, its copy in memory serves on)."""
+        local = {v.key: v for v in self.disk.variants() if v.name in names and v.key not in self.deleted}
+        local.update((m.variant.key, m.variant) for m in self.l1.values() if m.variant.name in names)
+        return list(local.values())
