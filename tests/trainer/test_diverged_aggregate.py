@@ -13,7 +13,8 @@ from services.common.federated import LocalUpdate, RoundTask
 from services.common.jobs import JobRecord, JobSpec, JobStore
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.trainer import checkpoint
-from services.trainer.core import FederatedTrainer, check_spec, strategy_of
+from services.trainer.core import FederatedTrainer
+from services.trainer.job_spec import check_spec, strategy_of
 from services.trainer.rounds import AggregateNotFinite, run_round
 from services.trainer.settings import PREFIX, TrainerSettings
 

@@ -21,7 +21,8 @@ from services.models.onnx_mlp import mlp_graph
 from services.pb.cnei import trainer_pb2 as tpb
 from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.trainer.convert import OPTIONAL, job_from_proto, spec_from_proto, spec_to_proto
-from services.trainer.core import FederatedTrainer, strategy_of
+from services.trainer.core import FederatedTrainer
+from services.trainer.job_spec import strategy_of
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import PREFIX, TrainerSettings
 

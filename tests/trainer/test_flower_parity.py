@@ -10,7 +10,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.common.jobs import JobSpec
 from services.trainer.convert import spec_from_proto, spec_to_proto
-from services.trainer.core import check_spec, strategy_of
+from services.trainer.job_spec import check_spec, strategy_of
 from services.trainer.strategy import FedAvgM, FedOpt, make_strategy
 
 # (name, eta, beta_1, beta_2, tau) as Flower's constructors default them

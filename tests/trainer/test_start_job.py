@@ -18,7 +18,8 @@ from services.common.jobs import JobSpec, JobStore
 from services.common.nodes import NodeDirectory, NodeInfo
 from services.pb.cnei import trainer_pb2_grpc as tpb_grpc
 from services.trainer.convert import spec_to_proto
-from services.trainer.core import FederatedTrainer, check_spec
+from services.trainer.core import FederatedTrainer
+from services.trainer.job_spec import check_spec
 from services.trainer.rounds import gather_updates
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import PREFIX, TrainerSettings

@@ -9,7 +9,7 @@ from services.common.errors import InvalidArgument, TensorError
 from services.common.nodes import NodeInfo
 from services.trainer.selection import next_version, select_clients
 from services.common.jobs import JobSpec
-from services.trainer.core import check_spec
+from services.trainer.job_spec import check_spec
 from services.trainer.strategy import (FedAvg, FedAvgM, FedOpt, FedProx, Privacy, adaptive_step, clip_update,
                                        make_strategy, momentum_step, update_norm, weighted_average)
 
