@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from opentelemetry import trace
 
 from services.common import events
@@ -24,8 +23,8 @@ from services.common.federated import Named, RoundTask, layers_from_named, layer
 from services.common.jobs import JobRecord, JobSpec, JobStore, LeaseLost
 from services.common.nodes import NodeDirectory
 from services.common.registry_client import RegistryClient
-from services.models import mlp_numpy
 from services.trainer import checkpoint, export, transient
+from services.trainer.evaluation import EvalData, Evaluator, load_eval_data
 from services.trainer.job_spec import check_spec, strategy_of
 from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS, TRANSIENT_ERRORS
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
@@ -37,14 +36,6 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 CANCEL_AGAIN_S = 0.2  # a job is cancelled again after this long until it takes the cancellation
 Publish = Callable[[str, dict], Awaitable[object]]
-EvalData = tuple[np.ndarray, np.ndarray]
-
-
-def load_eval_data() -> EvalData:
-    from services.models.digits import load_split
-
-    _, x_test, _, y_test = load_split()
-    return x_test, y_test
 
 
 class FederatedTrainer:
@@ -68,8 +59,7 @@ class FederatedTrainer:
         self.train = train
         self.registry = registry
         self.publish = publish
-        self._eval_data = eval_data
-        self._eval: EvalData | None = None
+        self.evaluator = Evaluator(eval_data)
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self._running: dict[str, JobRecord] = {}
         self._starting = 0  # job slots held by jobs being started (see _slot)
@@ -421,7 +411,7 @@ class FederatedTrainer:
                          local_epochs=spec.local_epochs, lr=spec.lr, batch_size=spec.batch_size,
                          mu=strategy.client_mu, seed=seed)
         timeout = spec.round_timeout_s or self.settings.round_timeout_s
-        return await run_round(self.train, self._evaluate, strategy, nodes, task, spec.min_clients,
+        return await run_round(self.train, self.evaluator.evaluate, strategy, nodes, task, spec.min_clients,
                                timeout, attempt)
 
     async def _round_done(self, job: JobRecord, outcome: RoundOutcome, strategy: FedAvg) -> None:
@@ -439,21 +429,12 @@ class FederatedTrainer:
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
                                                              **asdict(record)})
 
-    async def _evaluate(self, weights: Named) -> tuple[float, float]:
-        if self._eval is None:
-            self._eval = await asyncio.to_thread(self._eval_data)
-        x, y = self._eval
-        layers = layers_from_named(weights)
-        return await asyncio.to_thread(
-            lambda: (mlp_numpy.accuracy(layers, x, y), mlp_numpy.cross_entropy(layers, x, y)))
-
     async def _push(self, job: JobRecord, weights: Named) -> None:
         """Build the FP32/FP16/INT8 variants and register them as the model's next version (or
         complete the version a trainer that stopped while registering it began with these very
         weights), checking before each push that this trainer still holds the job."""
         spec = job.spec
-        if self._eval is None:
-            self._eval = await asyncio.to_thread(self._eval_data)
+        eval_data = await self.evaluator.data()
         digest = checkpoint.weights_digest(weights)
         meta = {"federated_job": job.id, "federated_weights_sha256": digest, "federated_rounds": str(spec.rounds),
                 "federated_strategy": spec.strategy, "parent_version": job.base_version,
@@ -463,7 +444,7 @@ class FederatedTrainer:
                          "federated_dp_noise_multiplier": str(spec.dp_noise_multiplier)})
         out_dir = Path(self.settings.data_dir) / job.id
         built = await asyncio.to_thread(export.build_variants, layers_from_named(weights), out_dir, spec.model,
-                                        *self._eval, meta)
+                                        *eval_data, meta)
         for _ in range(3):
             await self._check_lease(job)
             known = await self.registry.list(spec.model)
