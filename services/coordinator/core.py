@@ -193,7 +193,7 @@ class Coordinator:
             raise
         finally:
             queued_ns.reset(token)
-        # its executions are the batches it rode in, booked as the node ran them (`_batcher`)
+        # its executions are the batches it rode in, booked as the node ran them (`NodeBatchers`)
         total = time.perf_counter_ns() - start  # hedged copies queue at once: their sum may exceed it
         # rows a model ran for it: all of them, none for a kept answer, only those the cloud
         # answered again when the edge's answer was kept
@@ -222,7 +222,7 @@ class Coordinator:
         try:
             # Triton's top-level ensemble caching
             cached = spec.response_cache and self.cache.max_bytes
-            scope = await self._ensemble_scope(spec, depth, steps) if cached else None
+            scope = await steps.cache_scope(spec, depth) if cached else None
             if scope is not None:
                 response = await self.cache.answer(scope, request, spec.model, stats, run)
             else:
@@ -233,31 +233,6 @@ class Coordinator:
         stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False,
                      cache_hit=from_cache(response))
         return response
-
-    async def _ensemble_scope(self, spec: DeploymentSpec, depth: int, steps: StepResolver) -> str | None:
-        """What decides an ensemble's answer besides its inputs: the steps as applied, the version
-        each resolves to now and the precision policy it is served under (a step without its own
-        precision takes its model's deployment's; a nested ensemble: its own scope), so a new
-        version or precision of a step's model never meets answers of the old one. None (not
-        cached) while a step that names no version has a canary: its requests go to either version
-        at random, a kept answer would be one version's for every request, and still served after
-        the canary is rolled back."""
-        ensemble.check_depth(spec, depth)
-        scopes = []
-        for step in spec.ensemble:
-            deployed = await steps.deployment(step.model)
-            if deployed.ensemble:
-                nested = await self._ensemble_scope(deployed, depth + 1, steps)
-                if nested is None:
-                    return None
-                scopes.append(nested)
-                continue
-            if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
-                return None
-            version = await steps.stable_version(step)
-            policy = request_policy({"precision": step.precision} if step.precision else {}, deployed)
-            scopes.append(f"{version}/{policy}")
-        return f"{spec.model}/ensemble/{spec.ensemble!r}/{scopes}"
 
     # --- placement (Placer) ------------------------------------------------------------------
     def door_reported(self, rows: dict[str, int], now: float) -> None:

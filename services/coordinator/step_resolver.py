@@ -1,5 +1,6 @@
 """One request's view of its models and ensemble steps: each step's model read from the catalog
-once, each step's version and each model's variant worked out once, however often asked."""
+once, each step's version and each model's variant worked out once, however often asked; what
+scope an ensemble's kept answers hold for follows from them."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ from services.common.model_spec import ModelVariant
 from services.common.served import step_stable_version, step_version
 from services.coordinator import ensemble
 from services.coordinator.catalog import Catalog
-from services.coordinator.precision import PrecisionPolicy, choose_variant
+from services.coordinator.precision import PrecisionPolicy, choose_variant, request_policy
 
 
 class StepResolver:
@@ -77,3 +78,28 @@ class StepResolver:
         ensemble.check_depth(spec, depth)
         return await ensemble.variant(spec, functools.partial(self.model_variant, depth=depth + 1),
                                       self.stable_version)
+
+    async def cache_scope(self, spec: DeploymentSpec, depth: int) -> str | None:
+        """What decides an ensemble's answer besides its inputs: the steps as applied, the version
+        each resolves to now and the precision policy it is served under (a step without its own
+        precision takes its model's deployment's; a nested ensemble: its own scope), so a new
+        version or precision of a step's model never meets answers of the old one. None (not
+        cached) while a step that names no version has a canary: its requests go to either version
+        at random, a kept answer would be one version's for every request, and still served after
+        the canary is rolled back."""
+        ensemble.check_depth(spec, depth)
+        scopes = []
+        for step in spec.ensemble:
+            deployed = await self.deployment(step.model)
+            if deployed.ensemble:
+                nested = await self.cache_scope(deployed, depth + 1)
+                if nested is None:
+                    return None
+                scopes.append(nested)
+                continue
+            if not step.version and deployed.rollout.canary and deployed.rollout.canary_percent > 0:
+                return None
+            version = await self.stable_version(step)
+            policy = request_policy({"precision": step.precision} if step.precision else {}, deployed)
+            scopes.append(f"{version}/{policy}")
+        return f"{spec.model}/ensemble/{spec.ensemble!r}/{scopes}"
