@@ -5,13 +5,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from opentelemetry import trace
-from prometheus_client import Counter
 
 from services.common import oip, telemetry
 from services.common.background import Background, KeyedLocks
@@ -22,16 +20,15 @@ from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, c
                                         check_outputs, sample_inputs, served_max_batch_size, version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
-from services.common.served import models_in_use, versions_in_use
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
-from services.edge_runtime.cache import Deleted, DiskCache, L1Cache
+from services.edge_runtime.cache import DiskCache, L1Cache
+from services.edge_runtime.disk_sync import DiskSync
 from services.edge_runtime.emulation import slowed
 from services.edge_runtime.energy import CpuEnergy, EnergyMeter, check_source, choose_meter, open_nvml
-from services.edge_runtime.eviction import CachedArtifact
-from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach, unreachable
-from services.edge_runtime.resolution import DEPLOYMENT_TTL_S, Resolver
+from services.edge_runtime.reach import RegistryReach
+from services.edge_runtime.resolution import Resolver
 from services.edge_runtime.runner import (TUNE_BATCH, OrtModel, available_cores, measure_variant, rss_bytes,
                                           tuned_model)
 from services.edge_runtime.settings import RuntimeSettings
@@ -39,13 +36,8 @@ from services.edge_runtime.siblings import SiblingMeasurer
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
-OFFERED_BASES = 16  # versions held that a pull offers the registry as delta bases
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
-SYNCED_BYTES = Counter("cnei_artifact_bytes_synced_total",
-                       "Model artifact bytes pulled from the registry (as sent: a delta's, not the artifact's)")
-PULLS = Counter("cnei_artifact_pulls_total", "Artifacts pulled from the registry, whole or as a delta against "
-                "another version held here", ["encoding"])
 
 
 @dataclass
@@ -78,7 +70,6 @@ class EdgeRuntime:
         self.arrivals = 0  # requests ever taken (a sibling measurement is made again when one comes meanwhile)
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="ort")
         self._load_locks = KeyedLocks()  # by variant key
-        self._pull_locks = KeyedLocks()  # by sha256
         self.background = Background()
         self.cost_model = CostModel(settings.cost_per_cpu_second, settings.cost_per_network_mb)
         check_source(settings.energy_source)  # a bad setting stops the runtime at start
@@ -88,17 +79,12 @@ class EdgeRuntime:
         self._reach = RegistryReach()
         self._resync_lock = asyncio.Lock()
         self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
-        # model on disk -> the versions requests go to (`served.versions_in_use` over every deployment),
-        # as last read for the models then on disk (`_in_use_of`); read again after `_in_use_until`
-        # (events make it 0) or once another model is on disk
-        self._in_use: dict[str, set[str]] = {}
-        self._in_use_of: set[str] = set()
-        self._in_use_until = 0.0
         # variant keys deleted from the registry: never loaded again unless the registry resolves
         # them again (the same name, version and precision pushed after the deletion)
         self._deleted: set[str] = set()
         self.resolver = Resolver(registry, disk, self.l1, self._reach, self._deleted)
-        self.siblings = SiblingMeasurer(registry, settings, self._held_artifact, self._report,
+        self.sync = DiskSync(registry, disk, self.l1, self._reach, self._deleted, self.resolver, self.background)
+        self.siblings = SiblingMeasurer(registry, settings, self.sync.held_artifact, self._report,
                                         lambda: (self.inflight, self.arrivals),
                                         lambda key: self.l1.peek(key) is not None)
 
@@ -122,7 +108,7 @@ class EdgeRuntime:
     def registry(self, client: RegistryClient) -> None:
         """The registry this runtime asks (replaced: each of its parts asks the new one)."""
         self._registry = client
-        self.resolver.registry = client
+        self.resolver.registry = self.sync.registry = client
 
     async def deployment_cap(self, name: str) -> int:
         """The most rows one call of the model may carry by its deployment (`Resolver.deployment_cap`)."""
@@ -132,7 +118,7 @@ class EdgeRuntime:
         """The model's deployment (or its versions) changed: ask for its cap again at its next
         request, and for the versions in use at the next pull."""
         self.resolver.forget_deployment(name)
-        self._in_use_until = 0.0
+        self.sync.versions_in_use_changed()
 
     def forget_resolutions(self, name: str = "") -> None:
         """Drop cached resolutions (all, or one model's) so the next request asks the registry."""
@@ -149,72 +135,16 @@ class EdgeRuntime:
         await self.model_deployed(name)
 
     async def model_deleted(self, name: str, version: str, precisions: list[str], sha256: str = "") -> None:
-        """A version (or some of its variants) was deleted from the registry: forget resolutions
-        and the version the deployment serves, and never load those variants again. Their
-        manifests leave the disk cache at once (a restarted runtime never resolves them, offline
-        either) with the artifacts no other variant there names; a copy in memory serves on until
-        it leaves (offline autonomy), and its artifact goes then (`_left_memory`). `sha256`: a
-        tombstone's (`apply_tombstones`), only a manifest naming those bytes leaves the disk."""
-        self._mark_deleted(name, version, precisions)
-        await self._forget_on_disk([Deleted(name, version, precision, sha256) for precision in precisions])
-
-    def _mark_deleted(self, name: str, version: str, precisions: list[str]) -> None:
-        """Never load these variants again; forget the model's resolutions and deployment."""
-        self._deleted.update(f"{name}:{version}:{precision}" for precision in precisions)
-        self.forget_resolutions(name)
-        self.deployment_updated(name)
+        """A version (or some of its variants) was deleted from the registry (`DiskSync.model_deleted`)."""
+        await self.sync.model_deleted(name, version, precisions, sha256)
 
     async def forget_deleted(self, names: tuple[str, ...] = ()) -> bool:
-        """Forget what was deleted from the registry while its events did not reach this node
-        (stopped, cut off from NATS): the registry's tombstones of the models held here, on disk
-        or in memory (or of those `names`), read in one call (every model's, or the one named's),
-        applied as the events would have been (`apply_tombstones`). Only tombstones delete: a model
-        the registry does not know (one restored empty, another registry) is kept. False when the
-        registry was unreachable."""
-        held = {v.name for v in self.disk.variants()} | {m.variant.name for m in self.l1.values()}
-        wanted = held if not names else held & set(names)
-        if not wanted:
-            return True
-        asked = next(iter(wanted)) if len(wanted) == 1 else ""
-        try:
-            tombstones = await self.registry.deleted(asked)
-        except CneiError as exc:
-            log.warning("could not read what was deleted of %s from the registry: %s",
-                        asked or "the models held here", exc.message)
-            return not unreachable(exc)
-        await self.apply_tombstones([t for t in tombstones if t.name in wanted])
-        return True
+        """Forget what was deleted while its events did not reach this node (`DiskSync.forget_deleted`)."""
+        return await self.sync.forget_deleted(names)
 
     async def apply_tombstones(self, tombstones: list[Tombstone]) -> list[str]:
-        """Forget each variant a tombstone names, as its deletion event does (`model_deleted`),
-        where this node holds the tombstone's bytes for it (on disk or in memory): a variant pushed
-        again with other bytes after the deletion stays. Their manifests and bytes leave the disk
-        cache in one sweep. The variant keys forgotten."""
-        if not tombstones:
-            return []
-        held = {v.key: v.sha256 for v in self.resolver.local_variants(*{t.name for t in tombstones})}
-        forgotten: list[Tombstone] = []
-        for t in tombstones:
-            if t.key not in self._deleted and held.get(t.key) == t.sha256:
-                log.info("%s was deleted from the registry while this node did not hear of it: forgetting it", t.key)
-                self._mark_deleted(t.name, t.version, [t.precision])
-                forgotten.append(t)
-        if forgotten:
-            await self._forget_on_disk([Deleted(t.name, t.version, t.precision, t.sha256) for t in forgotten])
-        return [t.key for t in forgotten]
-
-    async def _forget_on_disk(self, deleted: list[Deleted]) -> None:
-        """Delete these variants' manifests (an entry's `sha256`: only one naming these bytes) and
-        the artifacts no manifest names any more, but those a model in memory runs (`DiskCache.forget`)."""
-        in_memory = {m.variant.sha256 for m in self.l1.values()}
-        await asyncio.to_thread(self.disk.forget, deleted, in_memory)
-
-    def _left_memory(self, variant: ModelVariant) -> None:
-        """The variant left memory: its artifact's last use is now, and a deleted variant's
-        artifact leaves the disk cache unless a variant there names it."""
-        self.disk.touch(variant.sha256)
-        if variant.key in self._deleted:
-            self.background.spawn(self._forget_on_disk([]))
+        """Forget the variants these tombstones name (`DiskSync.apply_tombstones`): the keys forgotten."""
+        return await self.sync.apply_tombstones(tombstones)
 
     async def model_deployed(self, name: str) -> None:
         """The model's deployment changed (a version promoted, a canary set): forget its cap, and
@@ -237,7 +167,7 @@ class EdgeRuntime:
             else:
                 self.forget_resolutions()
                 self.resolver.forget_deployment()  # deployments may have changed while the events did not arrive
-                self._in_use_until = 0.0
+                self.sync.versions_in_use_changed()
             retry = not await self.forget_deleted(names)  # deletions whose events did not arrive
             loaded = {(m.variant.name, m.variant.precision) for m in self.l1.values()}
             cached: dict[str, set[str]] = {}
@@ -267,7 +197,7 @@ class EdgeRuntime:
             for version in served:
                 try:
                     variant = await self.registry.resolve(name, version, precision)
-                    if await self._ensure_on_disk(variant):
+                    if await self.sync.ensure_on_disk(variant):
                         log.info("pulled %s (deployed, missed)", variant.key)
                     if version == stable and (name, precision) in loaded:
                         await self.load(variant)
@@ -275,74 +205,6 @@ class EdgeRuntime:
                     log.warning("resync of %s v%s %s failed: %s", name, version or "latest", precision, exc)
                     reachable = reachable and exc.code is not ErrorCode.UNAVAILABLE
         return reachable
-
-    async def _learn_versions_in_use(self, on_disk: set[str]) -> None:
-        """Read which versions of the models `on_disk` requests go to (`served.versions_in_use` over
-        every deployment the registry lists: a model's own stable version and canary, the versions
-        ensemble steps and joint deployments run), so making room never deletes one; at most every
-        DEPLOYMENT_TTL_S unless a model not on disk then is now. What was known is kept while the
-        registry is away (asked again after REGISTRY_RETRY_S) or cannot say."""
-        now = time.monotonic()
-        fresh = now < self._in_use_until and on_disk <= self._in_use_of
-        if not on_disk or fresh or self._reach.offline:
-            return
-        try:
-            specs = await self.registry.list_deployments()
-            self._in_use = {name: set(versions_in_use(name, specs, await self.registry.list(name)))
-                            for name in sorted(on_disk & models_in_use(specs))}
-            self._in_use_of, self._in_use_until = on_disk, time.monotonic() + DEPLOYMENT_TTL_S
-        except CneiError as exc:
-            log.warning("versions in use unknown (%s): making room keeps those last known", exc.message)
-            self._in_use_until = time.monotonic() + REGISTRY_RETRY_S
-            self._reach.failed(exc)
-
-    def _kept(self) -> Callable[[CachedArtifact], bool]:
-        """Which artifacts the disk cache must keep, as of now: those models in memory run (a
-        deleted variant's too, which no manifest names) and those of the versions requests go to
-        (`_learn_versions_in_use`: what coordinators ask for, offline too)."""
-        loaded = {m.variant.sha256 for m in self.l1.values()}
-        in_use = {(name, version) for name, versions in self._in_use.items() for version in versions}
-        return lambda a: a.sha256 in loaded or any((v.name, v.version) in in_use for v in a.variants)
-
-    async def _ensure_on_disk(self, variant: ModelVariant) -> bool:
-        """Make the variant's artifact and manifest local; True when bytes were downloaded (once,
-        however many callers want it at the same time: a request and a resync)."""
-        async with self._pull_locks.hold(variant.sha256):
-            return await self._pull(variant)
-
-    async def _pull(self, variant: ModelVariant) -> bool:
-        if self.disk.has(variant) or self.disk.adopt(variant):
-            return False
-        # the cache's manifests, read once for the pull (again only if the cache changed meanwhile);
-        # the other versions of the model held here, likeliest base first (same precision, newest):
-        # the registry may send a delta against one
-        contents = self.disk.contents()
-        mine = sorted((v for v in contents.variants() if v.name == variant.name),
-                      key=lambda v: (v.precision == variant.precision, version_key(v.version)), reverse=True)
-        held = {v.sha256: self.disk.artifact_path(v.sha256) for v in mine[:OFFERED_BASES]}
-        with self.disk.pinned(*held):  # a delta's base stays until it is decoded, then may make room
-            pulled = await self.registry.pull_artifact(variant.sha256, held)
-        if self.disk.max_bytes > 0:  # only making room asks which versions requests go to
-            if not self.disk.current(contents):
-                contents = self.disk.contents()
-            await self._learn_versions_in_use({v.name for v in contents.variants()})
-        await asyncio.to_thread(self.disk.put, variant, pulled.data, self._kept(), contents)
-        if variant.key in self._deleted:  # deleted while its bytes were on the way
-            await self._forget_on_disk([Deleted(variant.name, variant.version, variant.precision)])
-        SYNCED_BYTES.inc(pulled.wire_bytes)
-        PULLS.labels("delta" if pulled.base else "full").inc()
-        if pulled.base:
-            log.info("pulled %s as a delta against %s: %d of %d bytes", variant.key, pulled.base[:12],
-                     pulled.wire_bytes, len(pulled.data))
-        return True
-
-    @contextlib.asynccontextmanager
-    async def _held_artifact(self, variant: ModelVariant) -> AsyncIterator[Path]:
-        """The variant's artifact on disk, pulled first where it is not, kept there while the
-        block runs (a sibling measurement)."""
-        with self.disk.pinned(variant.sha256):
-            await self._ensure_on_disk(variant)
-            yield self.disk.artifact_path(variant.sha256)
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
         with telemetry.child_span(_tracer, "cache.lookup") as span:
@@ -365,7 +227,7 @@ class EdgeRuntime:
             start = time.perf_counter()
             # pinned until it is in memory (measuring takes a while): a pull making room meanwhile
             # must not delete the artifact of a model about to be served
-            async with self._held_artifact(variant):
+            async with self.sync.held_artifact(variant):
                 rss_before = rss_bytes()
                 model = await self._open_cached(variant)
                 self.disk.touch(variant.sha256)
@@ -378,7 +240,7 @@ class EdgeRuntime:
                 for old, evicted in self.l1.put(variant.key, loaded, variant.size_bytes).items():
                     log.info("evicted %s from the L1 cache", old)
                     self._retire_batchers(old)
-                    self._left_memory(evicted.variant)
+                    self.sync.left_memory(evicted.variant)
             span.set_attribute("cnei.intra_op_threads", model.intra_op_threads)
             log.info("loaded %s on %s (%d intra-op thread(s)) in %.3fs", variant.key, model.provider,
                      model.intra_op_threads, loaded.load_seconds)
@@ -409,7 +271,7 @@ class EdgeRuntime:
             return await loop.run_in_executor(self._executor, self._open, path, variant)
         except Exception as exc:  # noqa: BLE001 - whatever ORT raises, the bytes are checked
             failure = exc
-        async with self._pull_locks.hold(variant.sha256):  # variants sharing the bytes repair them once
+        async with self.sync.pull_locks.hold(variant.sha256):  # variants sharing the bytes repair them once
             if not await asyncio.to_thread(self.disk.intact, variant.sha256):  # (intact: maybe repaired meanwhile)
                 await self._repull(variant, failure)
         try:
@@ -425,7 +287,7 @@ class EdgeRuntime:
                     "pulling it again", variant.key, failure)
         self.disk.discard(variant.sha256)
         try:
-            await self._pull(variant)
+            await self.sync.pull(variant)
         except CneiError as exc:
             raise error_for(exc.code, f"the cached artifact of model '{variant.name}' version {variant.version} "
                                       f"was corrupt and was deleted; pulling it again failed: {exc.message}") from exc
@@ -451,7 +313,7 @@ class EdgeRuntime:
         self._retire_batchers(key)
         removed = self.l1.remove(key)
         if removed is not None:
-            self._left_memory(removed.variant)
+            self.sync.left_memory(removed.variant)
         return removed is not None
 
     def _retire_batchers(self, key: str) -> None:
