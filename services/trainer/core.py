@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -18,8 +19,8 @@ from opentelemetry import trace
 from services.common import events
 from services.common.backoff import Backoff
 from services.common.background import Background
-from services.common.errors import AlreadyExists, CneiError, ResourceExhausted, Unavailable
-from services.common.federated import Named, RoundTask, layers_from_named, layers_to_named
+from services.common.errors import CneiError, ResourceExhausted, Unavailable
+from services.common.federated import Named, RoundTask, layers_to_named
 from services.common.jobs import JobRecord, JobSpec, JobStore, LeaseLost
 from services.common.nodes import NodeDirectory
 from services.common.registry_client import RegistryClient
@@ -27,8 +28,9 @@ from services.trainer import checkpoint, export, transient
 from services.trainer.evaluation import EvalData, Evaluator, load_eval_data
 from services.trainer.job_spec import check_spec, strategy_of
 from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS, TRANSIENT_ERRORS
+from services.trainer.registering import register_version
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
-from services.trainer.selection import next_version, select_clients
+from services.trainer.selection import select_clients
 from services.trainer.settings import TrainerSettings
 from services.trainer.strategy import FedAvg
 
@@ -372,7 +374,8 @@ class FederatedTrainer:
             self._stop_if_stopped(job)
             weights = await self._round_with_retries(job, round_no, weights, strategy)
         self._stop_if_stopped(job)
-        await self._push(job, weights)
+        await register_version(self.registry, job, weights, await self.evaluator.data(),
+                               Path(self.settings.data_dir) / job.id, functools.partial(self._check_lease, job))
         await self._finish(job, "completed")  # drops the checkpoint with the record
 
     def _stop_if_stopped(self, job: JobRecord) -> None:
@@ -428,44 +431,6 @@ class FederatedTrainer:
                  record.accuracy, ",".join(record.participants))
         await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
                                                              **asdict(record)})
-
-    async def _push(self, job: JobRecord, weights: Named) -> None:
-        """Build the FP32/FP16/INT8 variants and register them as the model's next version (or
-        complete the version a trainer that stopped while registering it began with these very
-        weights), checking before each push that this trainer still holds the job."""
-        spec = job.spec
-        eval_data = await self.evaluator.data()
-        digest = checkpoint.weights_digest(weights)
-        meta = {"federated_job": job.id, "federated_weights_sha256": digest, "federated_rounds": str(spec.rounds),
-                "federated_strategy": spec.strategy, "parent_version": job.base_version,
-                "federated_clients": ",".join(sorted({p for r in job.history for p in r.participants}))}
-        if spec.dp_clip_norm > 0:  # what privacy the version was trained under travels with it
-            meta.update({"federated_dp_clip_norm": str(spec.dp_clip_norm),
-                         "federated_dp_noise_multiplier": str(spec.dp_noise_multiplier)})
-        out_dir = Path(self.settings.data_dir) / job.id
-        built = await asyncio.to_thread(export.build_variants, layers_from_named(weights), out_dir, spec.model,
-                                        *eval_data, meta)
-        for _ in range(3):
-            await self._check_lease(job)
-            known = await self.registry.list(spec.model)
-            # A trainer that stopped while registering this job's version of these weights: complete
-            # it (a version of the job with other weights, begun by one that lost the job, is left).
-            mine = [v for v in known if v.metadata.get("federated_job") == job.id
-                    and v.metadata.get("federated_weights_sha256") == digest]
-            version = mine[0].version if mine else next_version([v.version for v in known])
-            present = {v.precision for v in mine if v.version == version}
-            try:
-                for variant in built:
-                    if variant.precision not in present:
-                        await self._check_lease(job)
-                        await self.registry.push_file(variant.path, spec.model, version, variant.precision,
-                                                      variant.metadata)
-                    job.variant_accuracy[variant.precision] = float(variant.metadata["accuracy"])
-                job.new_version = version
-                return
-            except AlreadyExists:
-                log.warning("version %s of %s appeared meanwhile; trying the next one", version, spec.model)
-        raise AlreadyExists(f"could not find a free version of model '{spec.model}' to register")
 
     async def _finish(self, job: JobRecord, state: str, error: str = "") -> None:
         job.state, job.error = state, error
