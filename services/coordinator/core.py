@@ -1,4 +1,6 @@
-"""Coordinator core: pick variant and node per request, batch per (variant, node), fail over."""
+"""Coordinator core: serve a request (a model's, an ensemble's, joint inference) over the mesh's
+nodes, through its collaborators: Placer (node and variant), NodeBatchers (a batcher per variant
+and node), Attempts (failover, hedging), Escalation (joint inference), StepResolver (ensembles)."""
 from __future__ import annotations
 
 import asyncio
@@ -52,6 +54,9 @@ def count_served(model: str, outcome: str, params: dict | None = None, requests:
 
 
 class Coordinator:
+    """The coordinator's InferenceCore (OIP servicer, REST, front door) and what it tells them of
+    placement, breakers and load; it wires its collaborators around one set of books."""
+
     server_name = "cnei-coordinator"
     server_version = "0.1.0"
 
@@ -286,7 +291,7 @@ class Coordinator:
             return await serve()
         v = variants[0]
         return await self.cache.answer(self.cache_scope(request, variants, spec), request, v.name,
-                                         self.stats.get(v.name, v.version), serve)
+                                       self.stats.get(v.name, v.version), serve)
 
     def cache_scope(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> str:
         """What decides a request's answer besides its inputs: the version, the precision policy,
