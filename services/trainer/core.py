@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,8 +26,9 @@ from services.common.nodes import NodeDirectory
 from services.common.registry_client import RegistryClient
 from services.trainer import checkpoint, export, transient
 from services.trainer.evaluation import EvalData, Evaluator, load_eval_data
+from services.trainer.job_records import JobRecords, Publish
 from services.trainer.job_spec import check_spec, strategy_of
-from services.trainer.metrics import GLOBAL_ACCURACY, JOBS, PARTICIPANTS, ROUND_SECONDS, ROUNDS, TRANSIENT_ERRORS
+from services.trainer.metrics import GLOBAL_ACCURACY, PARTICIPANTS, ROUND_SECONDS, ROUNDS, TRANSIENT_ERRORS
 from services.trainer.registering import register_version
 from services.trainer.rounds import RoundFailed, RoundOutcome, TrainFn, run_round
 from services.trainer.selection import select_clients
@@ -37,7 +38,6 @@ from services.trainer.strategy import FedAvg
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 CANCEL_AGAIN_S = 0.2  # a job is cancelled again after this long until it takes the cancellation
-Publish = Callable[[str, dict], Awaitable[object]]
 
 
 class FederatedTrainer:
@@ -60,18 +60,15 @@ class FederatedTrainer:
         self.nodes = nodes
         self.train = train
         self.registry = registry
-        self.publish = publish
         self.evaluator = Evaluator(eval_data)
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+        self.records = JobRecords(store, self.owner, publish)
         self._running: dict[str, JobRecord] = {}
         self._starting = 0  # job slots held by jobs being started (see _slot)
-        self._lost: set[str] = set()  # jobs whose lease another trainer took: stop, record nothing
         self._closing = False
         self._tasks: dict[str, asyncio.Task] = {}  # the task running each job here
         self._stopping: set[str] = set()  # jobs whose task has taken its cancellation
         self._begun: set[str] = set()  # jobs whose task has begun (one cancelled before would record nothing)
-        self._checkpoints: dict[str, bytes] = {}  # the checkpoint of each job's record in memory (see _suspend)
-        self._changed = asyncio.Condition()
         self.background = Background()
 
     # --- API --------------------------------------------------------------------------------
@@ -89,7 +86,7 @@ class FederatedTrainer:
             self._refuse_if_closing()
             job = JobRecord(spec=spec)
             await self.store.claim(job.id, self.owner, self.settings.lease_s)  # a new id: always free
-            await self._save(job)
+            await self.records.save(job)
         self._start(job)
         log.info("federated job %s started: %s", job.id, spec)
         return job
@@ -162,9 +159,9 @@ class FederatedTrainer:
                 yield job
             if job.done or (self._closing and job.state == "suspended"):
                 return
-            async with self._changed:
+            async with self.records.changed:
                 try:
-                    await asyncio.wait_for(self._changed.wait(), poll_s)
+                    await asyncio.wait_for(self.records.changed.wait(), poll_s)
                 except TimeoutError:
                     pass
 
@@ -191,23 +188,6 @@ class FederatedTrainer:
         self._running[job.id] = job
         self._tasks[job.id] = self.background.spawn(self._run_job(job))
 
-    async def _save(self, job: JobRecord, saved: bytes | None = None) -> None:
-        """Write the job (and checkpoint) fenced by its lease: LeaseLost when another trainer took it."""
-        try:
-            await self.store.save(job, saved, owner=self.owner)
-        except LeaseLost:
-            self._lost.add(job.id)
-            raise
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _check_lease(self, job: JobRecord) -> None:
-        """LeaseLost unless this trainer still holds the job's lease (before acting for the job
-        outside Redis with no fenced write just before: registry pushes)."""
-        if job.id in self._lost or not await self.store.holds(job.id, self.owner):
-            self._lost.add(job.id)
-            raise LeaseLost(job.id, self.owner)
-
     async def _run_job(self, job: JobRecord) -> None:
         self._begun.add(job.id)  # from here a cancellation is taken and recorded (see close)
         with _tracer.start_as_current_span("federated.job") as span:
@@ -218,43 +198,30 @@ class FederatedTrainer:
                 await self._train_until_settled(job)
             except asyncio.CancelledError:
                 self._stopping.add(job.id)  # no more cancels: let the record be written
-                if job.id in self._lost:
-                    self._log_lost(job)
+                if job.id in self.records.lost:
+                    self.records.log_lost(job)
                 elif not job.done:  # a job already recorded completed or failed stays so
-                    with self._unless_lost(job):
-                        await self._suspend(job)
+                    with self.records.unless_lost(job):
+                        await self.records.suspend(job)
                 raise
             except LeaseLost:
                 self._stopping.add(job.id)
-                self._log_lost(job)
+                self.records.log_lost(job)
             except Exception as exc:  # noqa: BLE001 - recorded on the job
                 self._stopping.add(job.id)
                 if not isinstance(exc, CneiError):
                     log.exception("federated job %s failed", job.id)
-                with self._unless_lost(job):
-                    await self._finish(job, "failed", str(exc))
+                with self.records.unless_lost(job):
+                    await self.records.finish(job, "failed", str(exc))
             finally:
                 keeper.cancel()
                 self._running.pop(job.id, None)
                 self._tasks.pop(job.id, None)
                 self._stopping.discard(job.id)
                 self._begun.discard(job.id)
-                self._lost.discard(job.id)
-                self._checkpoints.pop(job.id, None)
-                await self._release(job)  # compare-and-set: a lease another trainer took stays its
-
-    @staticmethod
-    def _log_lost(job: JobRecord) -> None:
-        log.warning("federated job %s: its lease was taken by another trainer; stopped here after round %d, "
-                    "recording nothing more", job.id, job.round)
-
-    @contextlib.contextmanager
-    def _unless_lost(self, job: JobRecord) -> Iterator[None]:
-        """Record a stop (suspended, failed) unless the job is another trainer's now."""
-        try:
-            yield
-        except LeaseLost:
-            self._log_lost(job)
+                self.records.lost.discard(job.id)
+                self.records.checkpoints.pop(job.id, None)
+                await self.records.release(job)  # compare-and-set: a lease another trainer took stays its
 
     async def _keep_lease(self, job: JobRecord, runner: asyncio.Task) -> None:
         """Renew the job's lease every third of it; when another trainer holds it (this one was
@@ -269,31 +236,10 @@ class FederatedTrainer:
                 continue
             if not held:
                 break
-        self._lost.add(job.id)
+        self.records.lost.add(job.id)
         while not runner.done() and job.id not in self._stopping:
             runner.cancel()
             await asyncio.wait([runner], timeout=CANCEL_AGAIN_S)
-
-    async def _release(self, job: JobRecord) -> None:
-        try:
-            await self.store.release(job.id, self.owner)
-        except Exception as exc:  # noqa: BLE001 - it runs out on its own
-            log.warning("federated job %s: could not release its lease: %s", job.id, exc)
-
-    async def _suspend(self, job: JobRecord, why: str = "") -> None:
-        """Record the job suspended after its last round, with that round's checkpoint again: the
-        cancellation may have stopped the round's own write, leaving the one before in Redis. With
-        Redis away, nothing is recorded: the lease runs out and the next trainer goes on after
-        the round last recorded."""
-        job.state = "suspended"
-        job.error = why or (f"the trainer stopped during round {job.round + 1}; the next trainer to look "
-                            f"goes on after round {job.round}")
-        failed = await self._save_unless_away(job)
-        if failed is not None:
-            log.warning("federated job %s: could not record it suspended (%s); the next trainer goes on after "
-                        "the round last recorded once its lease runs out", job.id, failed)
-            return
-        log.info("federated job %s suspended after round %d of %d", job.id, job.round, job.spec.rounds)
 
     async def _train_until_settled(self, job: JobRecord) -> None:
         """Run the job; after passing infrastructure trouble (transient.is_transient: Redis or the
@@ -319,9 +265,9 @@ class FederatedTrainer:
                     TRANSIENT_ERRORS.labels(job.spec.model, "suspended").inc()
                     log.warning("federated job %s: infrastructure still failing after %.0f s (%s); suspending it "
                                 "after round %d", job.id, backoff.elapsed(now), exc, job.round)
-                    await self._suspend(job, f"suspended after round {job.round}: Redis or the registry failed for "
-                                             f"{backoff.elapsed(now):.0f} s ({type(exc).__name__}: {exc}); the "
-                                             f"next trainer to look goes on after round {job.round}")
+                    await self.records.suspend(job, f"suspended after round {job.round}: Redis or the registry "
+                                                    f"failed for {backoff.elapsed(now):.0f} s ({type(exc).__name__}: "
+                                                    f"{exc}); the next trainer to look goes on after round {job.round}")
                     return
                 await self._note_retry(job, exc, wait, backoff.elapsed(now))
                 await asyncio.sleep(wait)
@@ -335,18 +281,7 @@ class FederatedTrainer:
         job.state = "running"  # not ended: a completion whose write failed is recorded again
         job.error = (f"{type(exc).__name__}: {exc}; trying again after round {job.round} in {wait:.2g} s "
                      f"(suspended if Redis or the registry still fails after {self.settings.transient_retry_s:g} s)")
-        await self._save_unless_away(job)
-
-    async def _save_unless_away(self, job: JobRecord) -> Exception | None:
-        """Record the job (with the checkpoint in memory); Redis away (passing trouble) is
-        returned, not raised: the record is written again later, or the lease runs out."""
-        try:
-            await self._save(job, self._checkpoints.get(job.id))
-        except Exception as exc:
-            if not transient.is_transient(exc):
-                raise
-            return exc
-        return None
+        await self.records.save_unless_away(job)
 
     async def _train_and_publish(self, job: JobRecord) -> None:
         """Run the job from its record in memory: after a round done here (its checkpoint in
@@ -354,13 +289,13 @@ class FederatedTrainer:
         its base version."""
         spec = job.spec
         strategy = strategy_of(spec)
-        saved = self._checkpoints.get(job.id)
+        saved = self.records.checkpoints.get(job.id)
         if saved is None and job.round > 0:
             saved = await self.store.checkpoint(job.id)
         if saved is not None:  # go on after the last completed round
             weights, state = checkpoint.decode(saved)
             strategy.restore(state)
-            self._checkpoints[job.id] = saved
+            self.records.checkpoints[job.id] = saved
             log.info("federated job %s goes on after round %d of %d", job.id, job.round, spec.rounds)
         else:
             base = await self.registry.resolve(spec.model, job.base_version or spec.base_version, "FP32")
@@ -369,21 +304,22 @@ class FederatedTrainer:
                                              await self.registry.fetch_artifact(base.sha256))
             weights = layers_to_named(layers)
         job.state, job.error = "running", ""
-        await self._save(job, self._checkpoints.get(job.id))  # the record and the checkpoint it stands on
+        # the record and the checkpoint it stands on
+        await self.records.save(job, self.records.checkpoints.get(job.id))
         for round_no in range(job.round + 1, spec.rounds + 1):
             self._stop_if_stopped(job)
             weights = await self._round_with_retries(job, round_no, weights, strategy)
         self._stop_if_stopped(job)
         await register_version(self.registry, job, weights, await self.evaluator.data(),
-                               Path(self.settings.data_dir) / job.id, functools.partial(self._check_lease, job))
-        await self._finish(job, "completed")  # drops the checkpoint with the record
+                               Path(self.settings.data_dir) / job.id, functools.partial(self.records.check_lease, job))
+        await self.records.finish(job, "completed")  # drops the checkpoint with the record
 
     def _stop_if_stopped(self, job: JobRecord) -> None:
         """Between rounds, stop a job whose lease another trainer took (LeaseLost), or any job of
         a trainer shutting down (suspended by _run_job), even if the cancellation sent was lost:
         on Python 3.11, asyncio.wait_for (under nats-py's publish, say) drops a cancel that lands
         as its awaited future completes."""
-        if job.id in self._lost:
+        if job.id in self.records.lost:
             raise LeaseLost(job.id, self.owner)
         if self._closing:
             raise asyncio.CancelledError("the trainer is shutting down")
@@ -425,25 +361,9 @@ class FederatedTrainer:
         ROUND_SECONDS.observe(record.seconds)
         PARTICIPANTS.observe(len(record.participants))
         GLOBAL_ACCURACY.labels(job.spec.model).set(record.accuracy)
-        self._checkpoints[job.id] = checkpoint.encode(outcome.weights, strategy.state())
-        await self._save(job, self._checkpoints[job.id])
+        self.records.checkpoints[job.id] = checkpoint.encode(outcome.weights, strategy.state())
+        await self.records.save(job, self.records.checkpoints[job.id])
         log.info("job %s round %d/%d: accuracy %.4f with %s", job.id, record.round, job.spec.rounds,
                  record.accuracy, ",".join(record.participants))
-        await self._event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
-                                                             **asdict(record)})
-
-    async def _finish(self, job: JobRecord, state: str, error: str = "") -> None:
-        job.state, job.error = state, error
-        await self._save(job)
-        JOBS.labels(job.spec.model, state).inc()
-        subject = events.FEDERATED_JOB_COMPLETED if state == "completed" else events.FEDERATED_JOB_FAILED
-        await self._event(subject, {"job": job.id, "model": job.spec.model, "state": state, "error": error,
-                                    "new_version": job.new_version, "variant_accuracy": job.variant_accuracy,
-                                    "rounds": job.round})
-        log.info("federated job %s %s%s", job.id, state, f": {error}" if error else "")
-
-    async def _event(self, subject: str, payload: dict) -> None:
-        try:
-            await self.publish(subject, payload)
-        except Exception as exc:  # noqa: BLE001 - events are advisory; the record is in Redis
-            log.warning("could not publish %s: %s", subject, exc)
+        await self.records.event(events.FEDERATED_ROUND_COMPLETED, {"job": job.id, "model": job.spec.model,
+                                                                    **asdict(record)})
