@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from services.common.federated_convert import task_from_proto, update_to_proto
 from services.common.grpc_util import rpc
-from services.edge_runtime.core import EdgeRuntime, LoadedModel
+from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.federated import LocalTrainer
+from services.edge_runtime.loading import LoadedModel
 from services.pb.cnei import node_pb2 as npb
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 
