@@ -158,27 +158,29 @@ class Coordinator:
         return self.stats_view.select(name, version)
 
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None,
-                    step: bool = False) -> oip.InferResponse:
+                    steps: StepResolver | None = None) -> oip.InferResponse:
         """Serve a client's request, held to the max_batch_size ModelConfig shows (`_check_rows`),
-        or with `step` an ensemble's step (the ensemble's rows, which the batcher sends alone when
-        over the step's batches: an ensemble that serves them today keeps serving them)."""
+        or with `steps` (its ensemble request's, whose reads it shares) an ensemble's step (the
+        ensemble's rows, which the batcher sends alone when over the step's batches: an ensemble
+        that serves them today keeps serving them)."""
         start = time.perf_counter_ns()
         if self.control is not None:
             await self.control.check(request.model_name)
-        deployed = await self.catalog.deployment(request.model_name)
+        catalog = self.catalog if steps is None else steps  # a step reads through its ensemble's
+        deployed = await catalog.deployment(request.model_name)
         if deployed.ensemble:
             if request.model_version not in ("", ensemble.VERSION):
                 raise ModelNotFound(request.model_name, request.model_version)
-            steps = StepResolver(self.catalog)
-            if not step:
+            if steps is None:
+                steps = StepResolver(self.catalog)
                 depth = ensemble.nesting_depth(request.parameters)
                 self._check_rows(request, deployed, await steps.ensemble_variant(deployed, depth))
             return await self._ensemble(request, deployed, deadline_s, start, steps)
         # a request that names no version: the canary's share goes to the canary, the rest to the
         # stable version (the catalog's default)
         version = request.model_version or rollout_version(deployed.rollout, random.random())
-        variants = await self.catalog.variants(request.model_name, version)
-        if not step:
+        variants = await catalog.variants(request.model_name, version)
+        if steps is None:
             self._check_rows(request, deployed, variants[0])
         spec = restrict_tier(deployed, request.parameters)
         stats = self.stats.get(variants[0].name, variants[0].version)
@@ -222,7 +224,7 @@ class Coordinator:
                         start: int, steps: StepResolver) -> oip.InferResponse:
         stats = self.stats.get(spec.model, ensemble.VERSION)
         depth = ensemble.nesting_depth(request.parameters)
-        run = functools.partial(ensemble.run, spec, request, deadline_s, functools.partial(self.infer, step=True),
+        run = functools.partial(ensemble.run, spec, request, deadline_s, functools.partial(self.infer, steps=steps),
                                 functools.partial(steps.model_variant, depth=depth + 1), steps.drawn_version)
         try:
             # Triton's top-level ensemble caching

@@ -24,6 +24,7 @@ class StepResolver:
         self.catalog = catalog
         self._deployments: dict[str, DeploymentSpec] = {}
         self._all_variants: dict[str, list[ModelVariant]] = {}
+        self._versions: dict[tuple[str, str], list[ModelVariant]] = {}  # by (model, version asked for)
         self._stable: dict[EnsembleStep, str] = {}
         self._variants: dict[tuple[str, str, int], ModelVariant] = {}
 
@@ -36,6 +37,12 @@ class StepResolver:
         if model not in self._all_variants:
             self._all_variants[model] = await self.catalog.all_variants(model)
         return self._all_variants[model]
+
+    async def variants(self, model: str, version: str = "") -> list[ModelVariant]:
+        """Every precision variant of one version of the model (`Catalog.variants`)."""
+        if (model, version) not in self._versions:
+            self._versions[model, version] = await self.catalog.variants(model, version)
+        return self._versions[model, version]
 
     async def stable_version(self, step: EnsembleStep) -> str:
         """The version of its model an ensemble step runs apart from a canary's share:
@@ -66,7 +73,7 @@ class StepResolver:
 
     async def _model_variant(self, name: str, version: str, depth: int) -> ModelVariant:
         try:
-            return choose_variant(await self.catalog.variants(name, version), PrecisionPolicy(), "")
+            return choose_variant(await self.variants(name, version), PrecisionPolicy(), "")
         except ModelNotFound:
             spec = await self.deployment(name)
             if not spec.ensemble or version not in ("", ensemble.VERSION):

@@ -268,14 +268,18 @@ class CountingCatalog:
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
-async def test_an_ensemble_request_reads_each_steps_model_once_besides_the_steps_own_request(cached):
-    """Its batch-size check, its cache scope and its run share what they read of a step's model;
-    the step's own request (an ordinary one) reads its deployment and variants again."""
-    specs = {"m": DeploymentSpec(model="m"), "pipe": replace(int8_pipe(), response_cache=cached)}
+@pytest.mark.parametrize("nested", [False, True], ids=["steps", "nested"])
+async def test_an_ensemble_request_reads_each_steps_model_once(cached, nested):
+    """Its batch-size check, its cache scope, its run and each step's own request share what
+    they read of a step's model (through an ensemble nested in it too)."""
+    pipe = replace(int8_pipe("inner" if nested else "m"), response_cache=cached)
+    specs = {"m": DeploymentSpec(model="m"), "pipe": pipe, "inner": replace(int8_pipe(), model="inner")}
     variants = [variant(), replace(variant(), precision="INT8")]
     async with mesh(variants, specs, {"n1": VersionedNode()}, response_cache_bytes=1 << 20) as m:
         m.core.catalog = catalog = CountingCatalog(VersionedCatalog(variants, specs))
         status, answer = await m.infer("pipe")
         assert status == "OK", answer
+        assert answer.parameters["cnei_ensemble"] == ("inner@?/?" if nested else "m@n1/INT8")
         assert {k: n for k, n in catalog.lookups.items() if k[1] == "m"} == {
-            ("deployment", "m"): 2, ("all_variants", "m"): 1, ("variants", "m"): 2}
+            ("deployment", "m"): 1, ("all_variants", "m"): 1, ("variants", "m"): 1}
+        assert catalog.lookups["deployment", "inner"] == (1 if nested else 0)
