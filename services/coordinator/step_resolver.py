@@ -16,9 +16,10 @@ from services.coordinator.precision import PrecisionPolicy, choose_variant, requ
 
 
 class StepResolver:
-    """The catalog's answers for one request (an ensemble's batch-size check, cache scope and run
-    share them): a deployment or a model's variants are read once, a step's stable version and a
-    model's variant worked out once; errors are not kept (the request fails with them)."""
+    """The catalog's answers for one request (an ensemble's batch-size check, cache scope, run and
+    its steps' own requests share them): a deployment or a model's variants are read once, a
+    step's stable version and a model's variant worked out once; errors are not kept (the request
+    fails with them)."""
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
@@ -57,7 +58,8 @@ class StepResolver:
 
     async def drawn_version(self, step: EnsembleStep) -> str:
         """The version one run of an ensemble step goes to: its model's canary for the canary's
-        share (`served.step_version`), else `stable_version`."""
+        share, else its stable version (`served.step_version`, from the reads `stable_version`
+        shares)."""
         deployed = await self.deployment(step.model)
         if deployed.ensemble:
             return step.version
