@@ -2,36 +2,35 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 
-from services.common import oip, telemetry
+from services.common import oip
 from services.common.background import Background
-from services.common.batcher import Batcher, BatchOutputs, priority_level, request_deadline
-from services.common.deployment import BatchingSpec, DeploymentSpec
-from services.common.errors import CneiError, ErrorCode, InvalidArgument, outcome_of
+from services.common.batcher import priority_level, request_deadline
+from services.common.deployment import DeploymentSpec
+from services.common.errors import CneiError, ErrorCode, outcome_of
 from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, check_batch_size, check_inputs,
-                                        check_outputs, served_max_batch_size, version_key)
+                                        served_max_batch_size, version_key)
 from services.common.oip_servicer import Instance
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
-from services.edge_runtime.accounting import REQUESTS, CostModel, tensor_bytes, timed_run
+from services.edge_runtime.accounting import REQUESTS, CostModel
 from services.edge_runtime.cache import DiskCache, L1Cache
 from services.edge_runtime.disk_sync import DiskSync
 from services.edge_runtime.energy import check_source
+from services.edge_runtime.execution import (Execution, Run, batch_size, batching_spec, check_batching,
+                                             requested_outputs, run_labels)
 from services.edge_runtime.loading import LoadedModel, Loader
 from services.edge_runtime.reach import RegistryReach
 from services.edge_runtime.resolution import Resolver
 from services.edge_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 RESYNC_RETRIES = 20
 DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_us
 
@@ -55,22 +54,21 @@ class EdgeRuntime:
         check_batching(settings)
         self._reach = RegistryReach()
         self._resync_lock = asyncio.Lock()
-        self.batchers: dict[tuple[str, tuple[str, ...] | None], tuple[LoadedModel, Batcher]] = {}
+        self.execution = Execution(settings, self.l1, self.stats, self.cost_model, self._executor, self.background)
+        self.batchers = self.execution.batchers
         # variant keys deleted from the registry: never loaded again unless the registry resolves
         # them again (the same name, version and precision pushed after the deletion)
         self._deleted: set[str] = set()
         self.resolver = Resolver(registry, disk, self.l1, self._reach, self._deleted)
         self.sync = DiskSync(registry, disk, self.l1, self._reach, self._deleted, self.resolver, self.background)
         self.loader = Loader(settings, registry, self.sync, self.resolver, self._executor, self.background,
-                             lambda: (self.inflight, self.arrivals), self._retire_batchers)
+                             lambda: (self.inflight, self.arrivals), self.execution.retire)
         self.siblings = self.loader.siblings
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Stop measuring siblings; serve what the batchers hold, then stop them (before `close`)."""
         await self.siblings.stop()
-        await asyncio.gather(*(b.drain_and_close(timeout_s) for _, b in self.batchers.values()),
-                             return_exceptions=True)
-        self.batchers.clear()
+        await self.execution.drain(timeout_s)
 
     def close(self) -> None:
         self.siblings.close()
@@ -191,11 +189,6 @@ class EdgeRuntime:
         """Take the variant out of memory; False when it was not there."""
         return self.loader.unload(key)
 
-    def _retire_batchers(self, key: str) -> None:
-        """The variant leaves memory: its batchers run what they hold, then go (with the session)."""
-        for batch_key in [k for k in self.batchers if k[0] == key]:
-            self.background.spawn(self.batchers.pop(batch_key)[1].drain_and_close())
-
     def loaded(self) -> list[LoadedModel]:
         return self.l1.values()
 
@@ -230,14 +223,7 @@ class EdgeRuntime:
         """What ModelConfig shows of how this runtime batches the model: its own batching
         settings (deployments themselves are the coordinator's; the runtime only keeps within
         their batch size, `deployment_cap`)."""
-        return DeploymentSpec(model=name, batching=self._batching()) if self.settings.batching else None
-
-    def _batching(self) -> BatchingSpec:
-        """This runtime's batching rules, from its settings (each variant's batcher caps the
-        batch size by the model's and its deployment's, `batch_limit`)."""
-        s = self.settings
-        return BatchingSpec(max_batch_size=s.batch_max_size, max_queue_delay_us=s.batch_queue_delay_us,
-                            max_queue_size=s.batch_queue_size)
+        return DeploymentSpec(model=name, batching=batching_spec(self.settings)) if self.settings.batching else None
 
     def instance(self, variant: ModelVariant) -> Instance | None:
         """How the variant runs here, when it is loaded (nothing is loaded to answer this)."""
@@ -269,24 +255,24 @@ class EdgeRuntime:
         precision = str(request.parameters.get("precision", "") or "")
         variant = await self.resolve(request.model_name, request.model_version, precision)
         stats = self.stats.get(variant.name, variant.version)
-        labels = self._labels(variant)
+        labels = run_labels(variant, self.settings)
         self.inflight += 1
         self.arrivals += 1
         try:
             loaded = await self.load(variant)
             check_inputs(variant, request.inputs)
             await self._check_rows(variant, request)
-            outputs = _requested_outputs(variant, request.outputs)
-            batch = _batch_size(variant, request)
+            outputs = requested_outputs(variant, request.outputs)
+            batch = batch_size(variant, request)
             priority = priority_level(request.parameters)
             deadline = request_deadline(request.parameters, deadline_s, DEFAULT_DEADLINE_S)
             submitted = time.perf_counter_ns()
-            batcher = (self._batcher(loaded, outputs, await self.deployment_cap(variant.name))
-                       if self._batches(loaded) else None)
+            batcher = (self.execution.batcher(loaded, outputs, await self.deployment_cap(variant.name))
+                       if self.execution.batches(loaded) else None)
             if batcher is not None:
                 result = await batcher.submit(request.inputs, priority, deadline)
             else:
-                result = await self._execute(loaded, request.inputs, outputs, batch)
+                result = await self.execution.execute(loaded, request.inputs, outputs, batch)
             run: Run = result.info
         except Exception as exc:
             stats.record(False, time.perf_counter_ns() - start)
@@ -318,105 +304,3 @@ class EdgeRuntime:
         if request.parameters.get(FORMED_BATCH) is not True:
             check_batch_size(variant.name, request.inputs,
                              served_max_batch_size(variant, await self.deployment(variant.name)))
-
-    def _labels(self, variant: ModelVariant) -> dict[str, str]:
-        return {"model": variant.name, "version": variant.version, "precision": variant.precision,
-                "node": self.settings.node_id, "tier": self.settings.tier}
-
-    def _batches(self, loaded: LoadedModel) -> bool:
-        """Requests of this model wait in a batcher: batching is on, the model takes a batch
-        dimension and its calls run on worker threads (an inline call holds the event loop, so
-        nothing could queue behind it)."""
-        return (self.settings.batching and bool(loaded.variant.max_batch_size)
-                and loaded.compute_us > self.settings.inline_max_us)
-
-    def _batcher(self, loaded: LoadedModel, outputs: list[str] | None, cap: int = 0) -> Batcher | None:
-        """The batcher of (variant, requested outputs): requests asking for different outputs run
-        apart. A variant loaded again (evicted, reloaded), or whose deployment `cap` changed, gets
-        a new one. None when `loaded` left memory since its request took it (evicted while the cap
-        was asked): that request runs on its own, and no batcher keeps the session alive."""
-        if self.l1.peek(loaded.variant.key) is not loaded:
-            return None
-        key = (loaded.variant.key, tuple(outputs) if outputs else None)
-        max_rows = batch_limit(self.settings.batch_max_size, loaded.variant.max_batch_size, cap)
-        entry = self.batchers.get(key)
-        if entry is not None and entry[0] is loaded and entry[1].config.max_batch_size == max_rows:
-            return entry[1]
-        if entry is not None:
-            self.background.spawn(entry[1].drain_and_close())
-        config = replace(
-            self._batching(), max_batch_size=max_rows,
-            # a session on several threads has the cores to itself; one-thread sessions may run side by side
-            max_inflight_batches=1 if loaded.model.intra_op_threads > 1 else max(1, self.settings.inference_workers))
-
-        async def send(inputs: dict, rows: int, deadline: float) -> BatchOutputs:
-            return await self._execute(loaded, inputs, outputs, rows)
-        batcher = Batcher(loaded.variant.name, config, send, component="runtime", retry_alone=True)
-        self.batchers[key] = (loaded, batcher)
-        return batcher
-
-    async def _execute(self, loaded: LoadedModel, inputs: dict, outputs: list[str] | None, rows: int) -> BatchOutputs:
-        """One ONNX Runtime call of `rows` rows (one request's, or a batch of several), booked as
-        one execution: its outputs, with the `Run` every request it carried reports."""
-        variant = loaded.variant
-        with telemetry.child_span(_tracer, "ort.run") as span:
-            result, cpu_s, started = await self._run(loaded, inputs, outputs)
-            if span.is_recording():
-                span.set_attributes({"cnei.provider": loaded.model.provider, "cnei.batch_size": rows})
-        compute_ns = time.perf_counter_ns() - started
-        loaded.observe(cpu_s)  # CPU time: a thread's wall time includes waiting for the GIL
-        self.stats.get(variant.name, variant.version).execution(rows, compute_ns)
-        accounting.record_run(self._labels(variant), self.cost_model, rows, compute_ns / 1e9, cpu_s,
-                              tensor_bytes(inputs) + tensor_bytes(result),
-                              loaded.meter.joules(cpu_s, compute_ns / 1e9), loaded.meter.source)
-        return BatchOutputs(result, Run(started, compute_ns, rows))
-
-    async def _run(self, loaded: LoadedModel, inputs: dict, outputs: list[str] | None):
-        """One ORT call: on a worker thread, or inline when the model's calls take less than
-        `inline_max_us` (handing a 30 µs call to a thread costs more than the call itself)."""
-        if loaded.compute_us <= self.settings.inline_max_us:
-            return timed_run(loaded.model.run, inputs, outputs)
-        async with loaded.turn if loaded.model.intra_op_threads > 1 else contextlib.nullcontext():
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, timed_run, loaded.model.run, inputs, outputs)
-
-
-def batch_limit(configured: int, model_max: int, cap: int = 0) -> int:
-    """Rows one call of the runtime's batcher may carry: its setting (0: the model's limit),
-    within the model's own limit and the deployment's `cap` (0: none); at least 1."""
-    limit = min(configured, model_max) if configured > 0 else model_max
-    if cap > 0:
-        limit = min(limit, cap)
-    return max(1, limit)
-
-
-def check_batching(settings: RuntimeSettings) -> None:
-    """The batching settings make sense (ValueError naming the one that does not)."""
-    for name, value, least in (("BATCH_MAX_SIZE", settings.batch_max_size, 0),
-                               ("BATCH_QUEUE_DELAY_US", settings.batch_queue_delay_us, 0),
-                               ("BATCH_QUEUE_SIZE", settings.batch_queue_size, 1)):
-        if value < least:
-            raise ValueError(f"CNEI_RUNTIME_{name} must be at least {least}, got {value}")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One ONNX Runtime call as the requests it carried see it."""
-
-    started_ns: int  # perf_counter_ns when it started (a request's queue time ends there)
-    compute_ns: int
-    rows: int
-
-
-def _requested_outputs(variant: ModelVariant, names: list[str]) -> list[str] | None:
-    check_outputs(variant, names)
-    return names or None
-
-
-def _batch_size(variant: ModelVariant, request: oip.InferRequest) -> int:
-    if not variant.max_batch_size or not request.inputs:
-        return 1
-    first = next(iter(request.inputs.values()))
-    if not first.shape:
-        raise InvalidArgument("batched model needs a batch dimension")
-    return int(first.shape[0])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.edge_runtime.core import batch_limit, check_batching
+from services.edge_runtime.execution import batch_limit, check_batching
 from services.edge_runtime.settings import RuntimeSettings
 
 
