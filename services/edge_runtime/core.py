@@ -1,4 +1,5 @@
-"""Runtime core: resolve a model, make sure it is loaded, run it with ONNX Runtime."""
+"""Runtime core: a runtime's parts wired together (resolution, disk sync, loading, execution), the
+request path over them, and keeping up with the registry (its events, and a resync when back)."""
 from __future__ import annotations
 
 import asyncio
@@ -36,6 +37,8 @@ DEFAULT_DEADLINE_S = 300.0  # a queued request with no gRPC deadline or timeout_
 
 
 class EdgeRuntime:
+    """The InferenceCore an edge node serves, over its resolver, disk sync, loader and execution."""
+
     server_name = "cnei-edge-runtime"
     server_version = "0.1.0"
 
@@ -74,7 +77,7 @@ class EdgeRuntime:
         self.siblings.close()
         self._executor.shutdown(wait=True, cancel_futures=False)
 
-    # --- resolution and loading -------------------------------------------------------------
+    # --- the registry's models, and what it announces ---------------------------------------
     @property
     def registry(self) -> RegistryClient:
         return self._registry
