@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from services.common.batcher import (DEFAULT_PRIORITY_LEVEL, BatchConfig, Batcher, BatchOutputs, BatchRules, Pending,
-                                     UnsplittableBatch, batch_ready, candidates, form_batch, is_ready, may_overlap,
-                                     preferred_batch, signature, split, take)
+from services.common.batch_formation import (BatchConfig, BatchRules, Pending, UnsplittableBatch, batch_ready,
+                                             candidates, form_batch, is_ready, may_overlap, preferred_batch, signature,
+                                             split, take)
+from services.common.batcher import DEFAULT_PRIORITY_LEVEL, Batcher, BatchOutputs
 from services.common.errors import DeadlineExceeded, ErrorCode, ResourceExhausted, Unavailable
 
 FOREVER_US = 60_000_000  # a queue delay no test waits for

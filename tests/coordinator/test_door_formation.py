@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.batcher import DEFAULT_PRIORITY_LEVEL, BatchConfig, Pending, batch_ready, form_batch, may_overlap
+from services.common.batch_formation import BatchConfig, Pending, batch_ready, form_batch, may_overlap
+from services.common.batcher import DEFAULT_PRIORITY_LEVEL
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ROOT / "services" / "coordinator" / "frontdoor" / "src"

@@ -21,7 +21,7 @@ BatchRules::BatchRules(uint32_t max_batch_size, uint32_t max_queue_delay_us,
 }
 
 // The most urgent request is the first of the lowest priority level: the head of the serving
-// order (services/common/batcher.py, `order`, `candidates`).
+// order (services/common/batch_formation.py, `order`, `candidates`).
 Candidates CandidatesIn(const Queue& queue) {
   auto most_urgent = std::min_element(
       queue.begin(), queue.end(), [](const Queued& a, const Queued& b) { return a.priority < b.priority; });
@@ -50,7 +50,7 @@ const std::vector<size_t>& Same(const Queue& queue, Candidates* candidates) {
   return same;
 }
 
-// services/common/batcher.py, fill: one that does not fit stays queued; later ones may.
+// services/common/batch_formation.py, fill: one that does not fit stays queued; later ones may.
 std::vector<size_t> Fill(const BatchRules& rules, const Queue& queue, const std::vector<size_t>& same,
                          int64_t limit, int64_t* rows) {
   std::vector<size_t> batch{same.front()};
@@ -67,7 +67,7 @@ std::vector<size_t> Fill(const BatchRules& rules, const Queue& queue, const std:
   return batch;
 }
 
-// services/common/batcher.py, preferred_batch.
+// services/common/batch_formation.py, preferred_batch.
 const std::vector<size_t>& Preferred(const BatchRules& rules, const Queue& queue, Candidates* candidates) {
   if (candidates->preferred_formed) return candidates->preferred;
   candidates->preferred_formed = true;
@@ -84,14 +84,14 @@ const std::vector<size_t>& Preferred(const BatchRules& rules, const Queue& queue
 
 // Another batch goes only once it is as big as the last one sent (or full): it then waits at the
 // node, ready to run when the node's compute frees, instead of splitting the rows a closed loop
-// sends back into small batches that contend for the same cores (services/common/batcher.py,
+// sends back into small batches that contend for the same cores (services/common/batch_formation.py,
 // may_overlap).
 bool MayOverlap(const BatchRules& rules, const Candidates& candidates, int64_t last_rows) {
   if (rules.max_batch_size == 0) return true;  // a model without a batch dimension: each request alone
   return candidates.rows >= std::min(last_rows, rules.max_batch_size);
 }
 
-// services/common/batcher.py, batch_ready: once the oldest has waited max_queue_delay_us, when
+// services/common/batch_formation.py, batch_ready: once the oldest has waited max_queue_delay_us, when
 // the rows that would batch with the most urgent request fill max_batch_size, make a preferred
 // size or are more than every preferred size (none is reachable any more). Without a queue
 // delay, what is queued goes as soon as a slot is free.
@@ -104,7 +104,7 @@ bool Ready(const BatchRules& rules, const Queue& queue, Candidates* candidates, 
   return candidates->rows > rules.preferred.front() || !Preferred(rules, queue, candidates).empty();
 }
 
-// services/common/batcher.py, form_batch: the most urgent request and, in serving order, the
+// services/common/batch_formation.py, form_batch: the most urgent request and, in serving order, the
 // others with its key: the largest preferred size they make exactly while the oldest has not
 // waited max_queue_delay_us, else every one that still fits under max_batch_size.
 std::vector<size_t> Take(const BatchRules& rules, const Queue& queue, Candidates* candidates,

@@ -1,5 +1,5 @@
 // Batch formation over one route's queue: Triton's dynamic batcher rules as pure functions (the
-// coordinator's batcher, services/common/batcher.py, applies the same ones on the full path).
+// coordinator's batcher applies the same ones on the full path: services/common/batch_formation.py).
 #pragma once
 
 #include <chrono>
