@@ -24,6 +24,13 @@ def latest_version(spec: DeploymentSpec, variants: list[ModelVariant], also: dic
     time, so a version whose INT8 comes after its FP32 is not the latest of an INT8 deployment until
     it does. ModelNotFound without variants; FailedPrecondition, naming what is needed, when no
     version holds them all."""
+    return complete_versions(spec, variants, also)[0]
+
+
+def complete_versions(spec: DeploymentSpec, variants: list[ModelVariant], also: dict[str, str] | None = None,
+                      ) -> list[str]:
+    """The versions holding every precision `latest_version` asks for, newest first; its errors
+    when there are none."""
     if not variants:
         raise ModelNotFound(spec.model)
     needed, also = needed_precisions(spec), also or {}
@@ -38,25 +45,53 @@ def latest_version(spec: DeploymentSpec, variants: list[ModelVariant], also: dic
         who = "asked for" if also else "its deployment asks for"
         raise FailedPrecondition(f"no version of model '{spec.model}' has a variant in every precision {who}: "
                                  + ", ".join(asked))
-    return max(complete, key=version_key)
+    return sorted(complete, key=version_key, reverse=True)
 
 
-def served_version(spec: DeploymentSpec, variants: list[ModelVariant], also: dict[str, str] | None = None) -> str:
+def served_version(spec: DeploymentSpec, variants: list[ModelVariant]) -> str:
     """The version serving requests that name none, apart from a canary's share: the pinned
-    stable one, else the latest (`latest_version`, holding the precisions in `also` too: an
-    ensemble step's). Every place resolving it calls this."""
-    return spec.rollout.stable or latest_version(spec, variants, also)
+    stable one, else the latest (`latest_version`). Every place resolving it calls this (an
+    ensemble step: `step_stable_version`)."""
+    return spec.rollout.stable or latest_version(spec, variants)
 
 
 def step_stable_version(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str:
     """The version an ensemble step's requests go to apart from its model's canary's share
     (`deployed`: its model's deployment, else the defaults; `variants`: its model's): the one it
-    names, else the one that deployment serves (`served_version`), its latest being the newest
-    version that also holds the step's precision: a version pushed without it is not run by the
-    step (the deployment serves it) until it has it. A pinned stable version is run as pinned (the
-    registry refuses a pin lacking the step's precision)."""
-    also = {STEP_PRECISION: step.precision.upper()} if step.precision else None
-    return step.version or served_version(deployed, variants, also)
+    names, else its model's pinned stable one (the registry refuses a pin lacking the step's
+    precision or a tensor it maps), else `step_latest_version`."""
+    return step.version or deployed.rollout.stable or step_latest_version(step, deployed, variants)
+
+
+def step_latest_version(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> str:
+    """The version an ensemble step over an unpinned model runs: the newest holding the step's
+    precision and its deployment's (`latest_version`; a version pushed without it is not run by the
+    step until it has it) whose tensors fit the step's mapping (a version renaming one is passed
+    over: `step_passed_over`); the newest holding the precisions when none fits (its requests then
+    fail naming the tensor, as the registry's checks of puts do)."""
+    held = complete_versions(deployed, variants, _step_precision(step))
+    return next((version for version in held if not tensor_problem_over(step, [version], variants)), held[0])
+
+
+def step_passed_over(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant],
+                     version: str) -> tuple[str, str] | None:
+    """(the version the step runs, the tensor problem) when `version` holds the precisions it needs,
+    is newer than the version it runs and is passed over for a tensor its mapping needs
+    (`step_latest_version`); None when the step runs it, names a version or its model's deployment
+    pins one, or `version` lacks a precision."""
+    if step.version or deployed.rollout.stable:
+        return None
+    held = _or_none(complete_versions, deployed, variants, _step_precision(step)) or []
+    running = _or_none(step_latest_version, step, deployed, variants)
+    if version not in held or running is None or version_key(version) <= version_key(running):
+        return None
+    problem = tensor_problem_over(step, [version], variants)
+    return (running, problem) if problem else None
+
+
+def _step_precision(step: EnsembleStep) -> dict[str, str] | None:
+    """The precision a step asks for, as `latest_version` takes it (`also`)."""
+    return {STEP_PRECISION: step.precision.upper()} if step.precision else None
 
 
 def step_version(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant], draw: float) -> str:

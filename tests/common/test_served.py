@@ -8,8 +8,8 @@ from services.common.deployment import DeploymentSpec, EnsembleStep, JointSpec, 
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant
 from services.common.served import (latest_version, models_in_use, needed_precisions, served_version,
-                                    step_precision_problem, step_stable_version, step_tensor_problem, step_version,
-                                    step_versions, versions_in_use)
+                                    step_passed_over, step_precision_problem, step_stable_version, step_tensor_problem,
+                                    step_version, step_versions, versions_in_use)
 from services.common.model_spec import TensorSpec
 
 
@@ -150,8 +150,7 @@ MAPPED = [tensors("1:FP32", "input", "probabilities"), tensors("1:INT8", "input"
 
 
 @pytest.mark.parametrize(("step_kw", "deployed", "renamed", "problem"), [
-    ({}, spec(), tensors("2:FP32", "input", "probs"),
-     "model 'm' version 2 has no output 'probabilities' (outputs: ['probs'])"),
+    ({}, spec(), tensors("2:FP32", "input", "probs"), None),
     ({}, spec(stable="1"), tensors("2:FP32", "x", "probabilities"), None),
     ({}, DeploymentSpec("m", rollout=RolloutSpec("1", "2", 10.0)), tensors("2:FP32", "x", "probabilities"),
      "model 'm' version 2 has no input 'input' (inputs: ['x'])"),
@@ -162,7 +161,7 @@ MAPPED = [tensors("1:FP32", "input", "probabilities"), tensors("1:INT8", "input"
      "model 'm' version 1 has no output 'probabilities' (outputs: ['probs'])"),
     ({"precision": "int8"}, spec(stable="1"), tensors("1:FP16", "input", "probs"), None),
     ({"precision": "int8"}, spec(), tensors("2:FP32", "input", "probs"), None),
-], ids=["the-latest-renames-an-output", "a-pin-keeps-the-version-that-has-them", "the-canary-renames-an-input",
+], ids=["the-latest-renames-an-output-so-the-step-runs-the-one-before", "a-pin-keeps-the-version-that-has-them", "the-canary-renames-an-input",
         "the-named-version", "a-named-version-is-all-it-runs", "a-variant-of-the-version-renames-one",
         "the-steps-precision-is-all-it-runs-of-the-version", "a-version-without-the-steps-precision-is-not-run"])
 def test_an_ensemble_step_needs_the_tensors_it_maps_in_every_version_and_variant_its_requests_go_to(
@@ -174,3 +173,63 @@ def test_an_ensemble_step_needs_the_tensors_it_maps_in_every_version_and_variant
 def test_a_step_whose_model_runs_no_version_has_no_tensor_problem_but_its_precisions():
     step = EnsembleStep("m", inputs=("input=image",), outputs=("probabilities=p",), precision="FP16")
     assert step_tensor_problem(step, spec(), MAPPED) is None
+
+
+def step(**fields: str) -> EnsembleStep:
+    return EnsembleStep("m", inputs=("input=image",), outputs=("probabilities=p",), **fields)
+
+
+@pytest.mark.parametrize(("step_kw", "deployed", "later", "version"), [
+    ({}, spec(), [tensors("2:FP32", "x", "probabilities")], "1"),
+    ({}, spec(), [tensors("2:FP32", "input", "probs")], "1"),
+    ({}, spec(), [tensors("2:FP32", "x", "probs"), tensors("3:FP32", "input", "probabilities")], "3"),
+    ({}, spec(), [tensors("2:FP32", "input", "probabilities"), tensors("2:INT8", "x", "probabilities")], "1"),
+    ({"precision": "int8"}, spec(), [tensors("2:INT8", "x", "probabilities")], "1"),
+    ({"precision": "int8"}, spec(), [tensors("2:FP32", "x", "probabilities"),
+                                     tensors("2:INT8", "input", "probabilities")], "2"),
+    ({}, spec("INT8"), [tensors("2:FP32", "input", "probabilities"), tensors("2:INT8", "x", "probabilities")], "1"),
+    ({"version": "2"}, spec(), [tensors("2:FP32", "x", "probabilities")], "2"),
+    ({}, spec(stable="2"), [tensors("2:FP32", "x", "probabilities")], "2"),
+], ids=["a-renamed-input", "a-renamed-output", "a-newer-one-that-fits-again", "any-variant-renaming-one",
+        "the-steps-precision-renaming-one", "only-the-steps-precision-counts", "with-the-deployments-precision-too",
+        "a-step-naming-a-version-runs-it", "a-pinned-stable-version-is-run-as-pinned"])
+def test_an_unpinned_step_runs_the_newest_version_whose_tensors_fit_its_mapping(step_kw, deployed, later, version):
+    variants = [*MAPPED, *later]
+    assert step_stable_version(step(**step_kw), deployed, variants) == version
+    assert step_versions(step(**step_kw), deployed, variants) == [version]
+    assert {step_version(step(**step_kw), deployed, variants, draw) for draw in (0.0, 0.5, 0.99)} == {version}
+
+
+def test_when_no_version_fits_its_mapping_a_step_runs_the_newest_with_its_precision_and_its_problem_is_named():
+    variants = [tensors("1:FP32", "x", "probabilities"), tensors("2:FP32", "x", "probs")]
+    assert step_stable_version(step(), spec(), variants) == "2"
+    assert step_tensor_problem(step(), spec(), variants) == "model 'm' version 2 has no input 'input' (inputs: ['x'])"
+
+
+def test_the_version_in_use_by_a_step_is_the_one_that_fits_its_mapping_not_its_models_latest():
+    variants = [*MAPPED, tensors("2:FP32", "x", "probabilities")]
+    specs = [spec(), DeploymentSpec("e", ensemble=(step(),))]
+    assert versions_in_use("m", specs, variants) == {
+        "2": "its deployment serves it as the latest version (pin another stable version first)",
+        "1": "ensemble 'e' step 0 runs it"}
+
+
+@pytest.mark.parametrize(("step_kw", "deployed", "later", "passed_over"), [
+    ({}, spec(), [tensors("2:FP32", "x", "probabilities")],
+     ("1", "model 'm' version 2 has no input 'input' (inputs: ['x'])")),
+    ({"precision": "int8"}, spec(), [tensors("2:INT8", "input", "probs")],
+     ("1", "model 'm' version 2 has no output 'probabilities' (outputs: ['probs'])")),
+    ({}, spec(), [tensors("2:FP32", "input", "probabilities")], None),
+    ({"precision": "int8"}, spec(), [tensors("2:FP32", "x", "probabilities")], None),
+    ({}, spec(stable="1"), [tensors("2:FP32", "x", "probabilities")], None),
+    ({"version": "1"}, spec(), [tensors("2:FP32", "x", "probabilities")], None),
+], ids=["a-renamed-input", "a-renamed-output-in-the-steps-precision", "it-fits-and-runs",
+        "it-lacks-the-steps-precision", "the-models-deployment-pins-a-version", "the-step-names-a-version"])
+def test_a_version_a_step_passes_over_for_its_mapping_is_said_with_the_version_it_runs_and_the_tensor(
+        step_kw, deployed, later, passed_over):
+    assert step_passed_over(step(**step_kw), deployed, [*MAPPED, *later], "2") == passed_over
+
+
+def test_an_older_version_pushed_late_is_not_said_to_be_passed_over():
+    variants = [*MAPPED, tensors("2:FP32", "input", "probabilities"), tensors("0:FP32", "x", "probabilities")]
+    assert step_passed_over(step(), spec(), variants, "0") is None

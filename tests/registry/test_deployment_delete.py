@@ -1,8 +1,8 @@
 """Deleting a deployment (`DeleteDeployment`, `cnei deploy delete`): the deployment deleted is
 answered and announced, the model is served with the defaults afterwards (what the deployment
-pinned may then be deleted), an ensemble another ensemble runs as a step is kept, and so is a
-deployment without which an ensemble step would run a version lacking a tensor it maps, a deployment
-put since the caller read it is kept, and a model without one is NOT_FOUND. A real registry
+pinned may then be deleted), an ensemble another ensemble runs as a step is kept (an ensemble step
+over its model goes on running the newest version with the tensors it maps), a deployment put since
+the caller read it is kept, and a model without one is NOT_FOUND. A real registry
 process."""
 from __future__ import annotations
 
@@ -111,23 +111,24 @@ async def test_a_models_deployment_goes_while_others_run_the_model_itself(client
     assert [s.model for s in await client.list_deployments() if s.model in (model, other)] == [other]
 
 
-async def test_a_deployment_whose_deletion_would_run_an_ensemble_step_a_version_without_a_tensor_it_maps_stays(
+async def test_a_deployment_whose_deletion_leaves_an_ensemble_step_on_the_newest_version_fitting_its_mapping_goes(
         client, name, tmp_path):
-    """Version 1 has output 'probabilities', version 2 'probs': deleted, the pin to 1 would leave
-    the step running 2, the latest."""
+    """Version 1 has output 'probabilities', version 2 'probs': deleted, the pin to 1 leaves the
+    step running 1 still, the newest version with the tensors it maps (2 is passed over), so
+    version 1 stays in use by the step."""
     files = {}
     for version, output in (("1", "probabilities"), ("2", "probs")):
         files[version] = tmp_path / f"v{version}.onnx"
         weights = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
         onnx.save(mlp_graph([weights], [np.zeros(3, np.float32)], name=output, output_name=output), files[version])
         await client.push_file(files[version], name, version, "FP32")
-    pinned = DeploymentSpec(name, rollout=RolloutSpec("1"))
-    await client.put_deployment(pinned)
+    await client.put_deployment(DeploymentSpec(name, rollout=RolloutSpec("1")))
     await client.put_deployment(ensemble(f"{name}-pipe", name, "input=x"))
-    message = await refused_with(client, ErrorCode.FAILED_PRECONDITION, name)
-    assert (f"ensemble '{name}-pipe' step 0 ({name}): model '{name}' version 2 has no output 'probabilities' "
-            "(outputs: ['probs'])") in message
-    assert await client.get_deployment(name) == pinned
+    await client.delete_deployment(name)
+    with pytest.raises(CneiError) as info:
+        await client.delete(name, "1")
+    assert info.value.code is ErrorCode.FAILED_PRECONDITION
+    assert f"model '{name}' version 1 is in use: ensemble '{name}-pipe' step 0 runs it" in info.value.message
 
 
 async def test_a_deleted_deployment_is_announced_as_updated_and_deleted(nats_server, client, model):
