@@ -21,7 +21,8 @@ from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel
-from services.edge_runtime.cache import DiskCache, L1Cache
+from services.edge_runtime.cache import DiskCache
+from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.disk_sync import DiskSync
 from services.edge_runtime.energy import check_source
 from services.edge_runtime.execution import (Execution, Run, batch_size, batching_spec, check_batching,

@@ -21,7 +21,7 @@ from services.common.model_spec import ModelVariant, check_outputs
 from services.common.stats import StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import CostModel, tensor_bytes, timed_run
-from services.edge_runtime.cache import L1Cache
+from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.loading import LoadedModel
 from services.edge_runtime.settings import RuntimeSettings
 

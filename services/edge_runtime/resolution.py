@@ -11,7 +11,8 @@ from services.common.errors import CneiError, ModelNotFound, NotFound, Unavailab
 from services.common.model_spec import ModelVariant, pick_variant
 from services.common.registry_client import RegistryClient
 from services.common.served import served_version
-from services.edge_runtime.cache import DiskCache, L1Cache
+from services.edge_runtime.cache import DiskCache
+from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,9 @@ import pytest
 
 from services.common.errors import ErrorCode, FailedPrecondition
 from services.common.model_spec import ModelVariant, TensorSpec
-from services.edge_runtime.cache import (DISK_BYTES, DISK_EVICTIONS, Deleted, DiskCache, DiskCacheFull, L1Cache,
+from services.edge_runtime.cache import (DISK_BYTES, DISK_EVICTIONS, Deleted, DiskCache, DiskCacheFull,
                                          variant_from_json, variant_to_json)
+from services.edge_runtime.l1 import L1Cache
 
 ARTIFACT = b"pretend this is an ONNX model"
 
