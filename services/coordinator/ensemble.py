@@ -76,7 +76,8 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
     """Run the steps in order, each through `infer` (the coordinator's), inside one deadline;
     with `step_version`, each step's request names the version it resolves (`served.step_version`),
     else the one the step names; with `step_variant`, each step's mapping is checked against that
-    version's tensors first."""
+    version's tensors first. The answer says where each step ran (`cnei_ensemble`: model@node/
+    precision) and which version of its model answered (`cnei_ensemble_versions`: model:version)."""
     plan, wanted = check_request(spec, request)
     depth = nesting_depth(request.parameters)
     check_depth(spec, depth)
@@ -84,7 +85,7 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
     # gets what is left of it
     end = request_deadline(request.parameters, deadline_s, float("inf"))
     tensors = dict(request.inputs)
-    served = []
+    served, versions = [], []
     for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
         params: dict = {DEPTH: depth + 1}
@@ -113,9 +114,11 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
             tensors[tensor] = response.outputs[model_output]
         p = response.parameters
         served.append(f"{step.model}@{p.get('cnei_node', '?')}/{p.get('cnei_precision', '?')}")
+        versions.append(f"{step.model}:{response.model_version or version or '?'}")
     return oip.InferResponse(model_name=spec.model, model_version=VERSION, id=request.id,
                              outputs={t: tensors[t] for t in wanted},
-                             parameters={"cnei_ensemble": " -> ".join(served)})
+                             parameters={"cnei_ensemble": " -> ".join(served),
+                                         "cnei_ensemble_versions": " -> ".join(versions)})
 
 
 async def variant(spec: DeploymentSpec, step_variant: Variant, step_version: StepVersion | None = None) -> ModelVariant:

@@ -67,6 +67,7 @@ async def test_steps_run_in_order_with_their_tier_precision_and_the_callers_plac
     np.testing.assert_array_equal(response.outputs["side"], x * 0)
     assert (response.model_name, response.model_version, response.id) == ("pipe", "1", "r1")
     assert response.parameters["cnei_ensemble"] == "features@features-node/FP32 -> head@head-node/FP32"
+    assert response.parameters["cnei_ensemble_versions"] == "features:1 -> head:1"
     first, second = steps.sent
     assert first.parameters == {ensemble.DEPTH: 1, "region": "site-a", "tier": "edge"}  # not the caller's precision
     assert second.parameters == {ensemble.DEPTH: 1, "region": "site-a", "tier": "cloud", "precision": "INT8"}
@@ -224,6 +225,7 @@ async def test_a_step_asking_for_int8_runs_the_newest_version_with_it_not_its_mo
         assert status == "OK", answer
         np.testing.assert_array_equal(answer.outputs["y"], x * 1)  # version 1's
         assert answer.parameters["cnei_ensemble"] == "m@n1/INT8"
+        assert answer.parameters["cnei_ensemble_versions"] == "m:1"
         np.testing.assert_array_equal((await m.infer("m", x))[1].outputs["y"], x * 2)  # the model's own: 2
         variants.append(replace(variant(), version="2", precision="INT8"))
         status, answer = await m.infer("pipe", x)
@@ -244,6 +246,22 @@ async def test_a_step_naming_no_version_sends_its_models_canary_its_share_and_th
         answers = [await m.infer("pipe", x) for _ in range(40)]
         assert {status for status, _ in answers} == {"OK"}, answers[0]
         assert {float(answer.outputs["y"][0, 0]) for _, answer in answers} == {1.0, 2.0}
+        assert [t.name for t in (await m.core.model_variant("pipe")).inputs] == ["x"]
+
+
+async def test_a_step_naming_no_version_runs_the_newest_one_with_the_tensors_it_maps_not_a_newer_renaming_one():
+    """Version 2 of the step's model renames its input 'x' 'z': the step runs version 1, and the
+    ensemble's metadata is version 1's."""
+    renamed = replace(variant(), version="2", inputs=[TensorSpec("z", "FP32", (-1, 2))])
+    variants = [variant(), renamed]
+    specs = {"pipe": DeploymentSpec(model="pipe", ensemble=(through("m", "x=x", "y=y"),))}
+    async with mesh(variants, specs, {"n1": VersionedNode()}) as m:
+        m.core.catalog = VersionedCatalog(variants, specs)
+        x = np.ones((1, 2), np.float32)
+        answers = [await m.infer("pipe", x) for _ in range(3)]
+        assert [status for status, _ in answers] == ["OK"] * 3, answers[0]
+        assert {answer.parameters["cnei_ensemble_versions"] for _, answer in answers} == {"m:1"}
+        np.testing.assert_array_equal(answers[0][1].outputs["y"], x * 1)
         assert [t.name for t in (await m.core.model_variant("pipe")).inputs] == ["x"]
 
 
