@@ -13,7 +13,7 @@ from services.common import oip
 from services.common.background import Background
 from services.common.batcher import priority_level, request_deadline
 from services.common.deployment import DeploymentSpec
-from services.common.errors import CneiError, ErrorCode, outcome_of
+from services.common.errors import CneiError, outcome_of
 from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, check_batch_size, check_inputs,
                                         served_max_batch_size, version_key)
 from services.common.oip_servicer import Instance
@@ -28,7 +28,7 @@ from services.edge_runtime.energy import check_source
 from services.edge_runtime.execution import (Execution, Run, batch_size, batching_spec, check_batching,
                                              requested_outputs, run_labels)
 from services.edge_runtime.loading import LoadedModel, Loader
-from services.edge_runtime.reach import RegistryReach
+from services.edge_runtime.reach import RegistryReach, unreachable
 from services.edge_runtime.resolution import Resolver
 from services.edge_runtime.settings import RuntimeSettings
 
@@ -168,7 +168,7 @@ class EdgeRuntime:
             spec, stable = await self.resolver.read_deployment(name)
         except CneiError as exc:
             log.warning("resync of %s failed: %s", name, exc)
-            return exc.code is not ErrorCode.UNAVAILABLE
+            return not unreachable(exc)
         canary = spec.rollout.canary if spec else ""
         served = [stable] + ([canary] if canary else [])
         reachable = True
@@ -182,7 +182,7 @@ class EdgeRuntime:
                         await self.load(variant)
                 except CneiError as exc:
                     log.warning("resync of %s v%s %s failed: %s", name, version or "latest", precision, exc)
-                    reachable = reachable and exc.code is not ErrorCode.UNAVAILABLE
+                    reachable = reachable and not unreachable(exc)
         return reachable
 
     async def load(self, variant: ModelVariant) -> LoadedModel:

@@ -3,6 +3,7 @@
 DiskCache, subclassed)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,21 +22,31 @@ SERVICE = "cnei.registry.v1.ModelRegistry"
 
 
 class CountingInterceptor(grpc.aio.ServerInterceptor):
-    """Counts each RPC the server is asked, by method name (`ListDeleted`)."""
+    """Counts each RPC the server is asked, by method name (`ListDeleted`); holds the next
+    `stalls[method]` calls of a method `stall_s` before answering them (a registry too slow for
+    its clients' deadlines)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stalls: Counter[str] | None = None, stall_s: float = 0.0) -> None:
         self.calls: Counter[str] = Counter()
+        self.stalls = stalls if stalls is not None else Counter()
+        self.stall_s = stall_s
 
     async def intercept_service(self, continuation, handler_call_details):
-        self.calls[handler_call_details.method.rsplit("/", 1)[-1]] += 1
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        self.calls[method] += 1
+        if self.stalls[method] > 0:
+            self.stalls[method] -= 1
+            await asyncio.sleep(self.stall_s)
         return await continuation(handler_call_details)
 
 
 @contextlib.asynccontextmanager
-async def counted_registry(data_dir: Path) -> AsyncIterator[tuple[str, Counter[str]]]:
+async def counted_registry(data_dir: Path, stalls: Counter[str] | None = None,
+                           stall_s: float = 0.0) -> AsyncIterator[tuple[str, Counter[str]]]:
     """A real registry gRPC server in this process over a store of its own, publishing no events
-    (a runtime learns of nothing but what it asks): its address and the RPCs it was asked."""
-    counter = CountingInterceptor()
+    (a runtime learns of nothing but what it asks): its address and the RPCs it was asked. The
+    next `stalls[method]` calls of a method (the caller may set them later) wait `stall_s` first."""
+    counter = CountingInterceptor(stalls, stall_s)
     registry = Registry(RegistryStore(data_dir))
     server = GrpcServer("127.0.0.1", 0, interceptors=[counter])
     server.add(rpb_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(registry), SERVICE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -278,6 +279,34 @@ async def test_a_request_after_a_resync_reads_not_again_the_deployment_the_resyn
             calls.clear()
             assert (await runtime.resolve(name)).version == "1" and await runtime.deployment_cap(name) == 4
             assert (calls["GetDeployment"], calls["ListModels"]) == (0, 0)
+        finally:
+            await runtime.drain()
+            runtime.close()
+            await client.close()
+
+
+async def test_a_resync_whose_deployment_read_times_out_is_tried_again(tmp_path):
+    """A registry too slow to answer within the client's deadline is as unreachable as one that
+    refuses the connection: the resync is tried again, and pulls and loads the version deployed."""
+    name = f"pinned-{uuid.uuid4().hex[:8]}"
+    stalls = Counter()
+    async with counted_registry(tmp_path / "registry", stalls, stall_s=1.0) as (address, calls):
+        client = RegistryClient(address, timeout=0.5)
+        settings = replace(cfg.load(RuntimeSettings, PREFIX), intra_op_threads=1, measure_on_load=False)
+        runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
+        try:
+            v1, v2 = [await client.push_file(write_mlp(tmp_path, seed), name, str(seed), "FP32") for seed in (1, 2)]
+            await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="1")))
+            await runtime.load(v1)
+            await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="2")))
+            stalls["GetDeployment"] = 1  # the resync's read of the deployment outlives its deadline
+            await runtime.resync()
+            assert calls["GetDeployment"] == 1 and not runtime.disk.has(v2)
+            for _ in range(100):  # tried again after a second
+                if v2.key in runtime.l1.keys():
+                    break
+                await asyncio.sleep(0.05)
+            assert runtime.disk.has(v2) and v2.key in runtime.l1.keys()
         finally:
             await runtime.drain()
             runtime.close()
