@@ -23,7 +23,6 @@ from services.common.model_spec import ModelVariant, check_batch_size, served_ma
 from services.common.nodes import NodeInfo
 from services.common.stats import ModelStats, StatsBook
 from services.coordinator import ensemble
-from services.coordinator.response_cache import ResponseCache, from_cache
 from services.coordinator.attempts import Attempts, queued_ns
 from services.coordinator.breaker import Breakers
 from services.coordinator.catalog import Catalog
@@ -34,6 +33,7 @@ from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import Scheduler
 from services.coordinator.placer import Placement, Placer, restrict_tier, serving_tiers, variants_by_class
 from services.coordinator.precision import request_policy
+from services.coordinator.response_cache import ResponseCache, from_cache
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
 from services.coordinator.step_resolver import StepResolver
