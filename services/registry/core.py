@@ -113,7 +113,19 @@ class Registry:
         log.info("published %s sha256:%s (%d bytes)%s", stored.key, stored.sha256[:12], stored.size_bytes,
                  "" if stored is variant else ", pushed again")
         await self.announce.published(stored)
+        await self._say_passed_over(stored)
         return stored
+
+    async def _say_passed_over(self, stored: ModelVariant) -> None:
+        """Warn of each ensemble step that passes the pushed version over for a tensor it maps
+        (`DeploymentChecks.passed_over`), best effort: the push is in."""
+        try:
+            said = await self.checks.passed_over(stored)
+        except Exception as exc:  # noqa: BLE001 - a warning the push does not depend on
+            log.warning("could not check the ensemble steps over %s: %s", stored.key, exc)
+            return
+        for warning in said:
+            log.warning("%s", warning)
 
     async def _check_not_an_ensemble(self, name: str) -> None:
         """FAILED_PRECONDITION when an ensemble deployment has this name (a model of that name

@@ -1,5 +1,6 @@
 """What a deployment is checked against before it is stored: the versions and variants it serves,
-its joint cloud model, its ensemble steps, and the stored ensembles' steps over its model."""
+its joint cloud model, its ensemble steps, and the stored ensembles' steps over its model; and what
+a push means to those steps (a version they pass over)."""
 from __future__ import annotations
 
 from services.common import deployment
@@ -7,7 +8,7 @@ from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
 from services.common.model_spec import ModelVariant, pick_variant
 from services.common.served import (latest_version, needed_precisions, precision_lacking, precision_problem_over,
-                                    served_version, step_versions, tensor_problem_over)
+                                    served_version, step_passed_over, step_versions, tensor_problem_over)
 from services.registry.catalogue import Catalogue
 
 
@@ -147,3 +148,22 @@ class DeploymentChecks:
                 if problem := (precision_problem_over(step, versions, variants)
                                or tensor_problem_over(step, versions, variants)):
                     raise FailedPrecondition(f"{where}: {problem}")
+
+    async def passed_over(self, pushed: ModelVariant) -> list[str]:
+        """What to say of each stored ensemble step over the pushed variant's model that passes its
+        version over for a tensor it maps (`served.step_passed_over`): the ensemble, step, model,
+        version and tensor, and the version the step runs instead."""
+        specs = [spec for spec, _ in await self.catalogue.deployments()]
+        steps = [(spec.model, i, step) for spec in specs for i, step in enumerate(spec.ensemble)
+                 if step.model == pushed.name]
+        if not steps:
+            return []
+        deployed = next((s for s in specs if s.model == pushed.name), DeploymentSpec(pushed.name))
+        variants = await self.catalogue.variants(pushed.name)
+        said = []
+        for ensemble, i, step in steps:
+            if found := step_passed_over(step, deployed, variants, pushed.version):
+                running, problem = found
+                said.append(f"ensemble '{ensemble}' step {i} ({step.model}) runs version {running}, passing over "
+                            f"version {pushed.version}: {problem}")
+        return said

@@ -266,3 +266,21 @@ async def test_an_ensemble_step_over_a_model_whose_stored_deployment_no_version_
     message = await failed_precondition(client, DeploymentSpec(model=f"{name}-pipe", ensemble=(mapping_step(model),)))
     assert message == (f"ensemble '{name}-pipe' step 0 ({model}): no version of model '{model}' has a variant in "
                        f"every precision its deployment asks for: INT8 ('{model}.precision.precision')")
+
+
+@pytest.mark.parametrize("version", ["", "1"], ids=["unpinned", "naming-version-1"])
+async def test_a_push_an_ensemble_step_passes_over_for_a_tensor_it_maps_is_logged_naming_the_step_and_tensor(
+        client, registry, artifacts, name, version):
+    """Version 2 renames output 'probabilities' 'probs': an unpinned step goes on running version 1,
+    and the registry's log says so at the push; a step naming version 1 passes nothing over."""
+    model, pipe = f"{name}-steps", f"{name}-pipe"
+    await client.push_file(artifacts["edge"], model, "1", "FP32")
+    await client.put_deployment(DeploymentSpec(model=pipe, ensemble=(
+        dataclasses.replace(mapping_step(model), version=version),)))
+    await client.push_file(artifacts["renamed"], model, "2", "FP32")
+    said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{pipe}' step 0 ({model})" in line]
+    if version:
+        assert said == []
+        return
+    assert len(said) == 1 and "WARNING" in said[0], said
+    assert f"runs version 1, passing over version 2: model '{model}' {RENAMED}" in said[0]
