@@ -123,16 +123,18 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
 
 async def variant(spec: DeploymentSpec, step_variant: Variant, step_version: StepVersion | None = None) -> ModelVariant:
     """What ModelMetadata and ModelConfig show of an ensemble: its tensors typed by the steps'
-    models (the version each runs: `step_version`'s, else the one it names), batching when every
-    step batches."""
+    models (the version each runs: `step_version`'s, else the one it names; ModelConfig's
+    `step_versions` parameter names them, 'model:version -> ...'), batching when every step
+    batches."""
     plan = ensemble_plan(spec)
     tensors: dict[str, TensorSpec] = {}
-    batch_sizes = []
+    batch_sizes, versions = [], []
     for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
         v = await step_variant(step.model, step.version if step_version is None else await step_version(step))
         check_step(where, v, reads, writes)
         batch_sizes.append(v.max_batch_size)
+        versions.append(f"{step.model}:{v.version}")
         ins, outs = {t.name: t for t in v.inputs}, {t.name: t for t in v.outputs}
         for model_tensor, tensor in reads:
             tensors.setdefault(tensor, TensorSpec(tensor, ins[model_tensor].datatype, ins[model_tensor].shape))
@@ -141,7 +143,8 @@ async def variant(spec: DeploymentSpec, step_variant: Variant, step_version: Ste
     batching = all(batch_sizes)
     def shaped(t: TensorSpec) -> TensorSpec:  # a batching ensemble's tensors lead with the batch dimension
         return TensorSpec(t.name, t.datatype, (-1, *t.shape[1:]) if batching and t.shape else t.shape)
-    metadata = {"platform": "ensemble", "steps": " -> ".join(s.model for s in spec.ensemble)}
+    metadata = {"platform": "ensemble", "steps": " -> ".join(s.model for s in spec.ensemble),
+                "step_versions": " -> ".join(versions)}
     if batching:
         metadata["max_batch_size"] = str(min(batch_sizes))
     return ModelVariant(name=spec.model, version=VERSION, precision="", sha256="", size_bytes=0,

@@ -103,6 +103,7 @@ async def test_an_ensembles_metadata_comes_from_its_steps_models():
         return models[name]
     v = await ensemble.variant(SPEC, step_variant)
     assert (v.name, v.version, v.format, v.metadata["platform"]) == ("pipe", "1", "ensemble", "ensemble")
+    assert v.metadata["step_versions"] == "features:3 -> head:3"
     assert [(t.name, t.shape) for t in v.inputs] == [("image", (-1, 3))]
     assert [(t.name, t.shape) for t in v.outputs] == [("side", (-1, 3)), ("label", (-1, 10))]
     assert v.max_batch_size > 0
@@ -262,7 +263,8 @@ async def test_a_step_naming_no_version_runs_the_newest_one_with_the_tensors_it_
         assert [status for status, _ in answers] == ["OK"] * 3, answers[0]
         assert {answer.parameters["cnei_ensemble_versions"] for _, answer in answers} == {"m:1"}
         np.testing.assert_array_equal(answers[0][1].outputs["y"], x * 1)
-        assert [t.name for t in (await m.core.model_variant("pipe")).inputs] == ["x"]
+        shown = await m.core.model_variant("pipe")
+        assert [t.name for t in shown.inputs] == ["x"] and shown.metadata["step_versions"] == "m:1"
 
 
 class CountingCatalog:

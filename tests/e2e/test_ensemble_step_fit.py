@@ -1,7 +1,7 @@
 """An ensemble step over an unpinned model, when a newer version of that model renames the input
 the step reads (the whole mesh as real processes): the model's own requests get the new version,
 the ensemble's requests go on succeeding on the older version whose tensors fit the step's
-mapping, their answers say so, and the registry's log says at the push which version was passed
+mapping, their answers and the ensemble's ModelConfig say so, and the registry's log says at the push which version was passed
 over, for which tensor."""
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ def test_a_step_keeps_the_version_fitting_its_mapping_when_a_newer_one_renames_i
     infra.wait_until(lambda: infer(mesh.coordinator, STEP_MODEL, "pixels").get_response().model_version == "2",
                      10, "the step's model serving its version 2")
     assert [step_versions(mesh.coordinator) for _ in range(5)] == [f"{STEP_MODEL}:1"] * 5
+    client = triton.InferenceServerClient(mesh.coordinator)
+    try:
+        config = client.get_model_config(PIPE).config
+    finally:
+        client.close()
+    assert config.parameters["step_versions"].string_value == f"{STEP_MODEL}:1"
 
     log = (mesh.mesh.logs / "registry.log").read_text()
     warning = next((line for line in log.splitlines() if f"ensemble '{PIPE}' step 0 ({STEP_MODEL})" in line), "")
