@@ -48,8 +48,8 @@ class StepResolver:
     async def stable_version(self, step: EnsembleStep) -> str:
         """The version of its model an ensemble step runs apart from a canary's share:
         `served.step_stable_version` (the one it names, its model's pinned stable one, else the
-        newest with the step's precision and the deployment's); a step over another ensemble: the
-        one it names."""
+        newest with the step's precision and the deployment's whose tensors fit the step's
+        mapping); a step over another ensemble: the one it names."""
         if step not in self._stable:
             deployed = await self.deployment(step.model)
             self._stable[step] = step.version if deployed.ensemble else \
