@@ -1,32 +1,29 @@
 """Routes for the compiled front door: the placement the full path would make for one kind of
-request, handed out with a lifetime, and the door's reports booked as if the full path had
-served those requests (statistics, metrics, node RTT and compute time, circuit breakers)."""
+request, handed out with a lifetime, and the door's reports booked against them (`door_reports`:
+as if the full path had served those requests)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from services.common import codec, oip
+from services.common.batcher import BATCH_SIZE, BatchConfig
 from services.common.deployment import DeploymentSpec
-from services.common.errors import CneiError, ErrorCode
+from services.common.errors import CneiError
 from services.common.model_spec import check_inputs
-from services.common.oip_servicer import record_inference
 from services.common.trace_settings import TraceSettings
-from services.common.batcher import BATCH_SIZE, QUEUE_TIME, BatchConfig
-from services.coordinator.breaker import Verdict, verdict
-from services.coordinator.core import Coordinator, count_served
+from services.coordinator.core import Coordinator
+from services.coordinator.door_reports import RouteReport, book_calls, book_requests
 from services.coordinator.node_batchers import batch_config
 from services.coordinator.placer import Placement, restrict_tier
-from services.coordinator.response_cache import CACHE_EVENTS
 
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.
@@ -34,10 +31,6 @@ ROUTABLE_PARAMETERS = frozenset({"precision", "accuracy_floor", "latency_budget_
 TRITON_HINT = "triton_"  # Triton client hints (perf_analyzer sends triton_enable_empty_final_response)
 MAX_ROUTES = 4096
 DROPS_KEPT = 256  # the latest models named in the generation file (a door reads those past what it applied)
-DOOR_REQUESTS = Counter("cnei_front_door_requests_total",
-                        "Requests the compiled front door answered itself, or handed to the full path "
-                        "after a failed node call", ["model", "outcome"])
-_door_requests = functools.lru_cache(maxsize=None)(DOOR_REQUESTS.labels)
 DOOR_NODE_ROWS = Gauge("cnei_front_door_node_rows",
                        "Rows the compiled front door has queued for the node or sent it and not yet had "
                        "answered, by every route to it, as of its last report", ["node"])
@@ -78,32 +71,6 @@ class Refusal:
     reason: str
 
 
-@dataclass(frozen=True)
-class BatchReport:
-    rows: int
-    requests: int
-    duration_ns: int
-    compute_ns: int
-
-
-@dataclass
-class RouteReport:
-    route_id: int
-    request_ns: list[int] = field(default_factory=list)
-    request_rows: list[int] = field(default_factory=list)
-    batches: list[BatchReport] = field(default_factory=list)
-    handed_over: int = 0
-    failure: str = ""
-    queue_ns: list[int] = field(default_factory=list)  # per request, same order as request_ns
-    cache_hit_request_ns: list[int] = field(default_factory=list)  # requests answered from the door's cache
-    cache_hit_rows: list[int] = field(default_factory=list)
-    cache_hit_ns: int = 0  # lookups that answered
-    cache_misses: int = 0
-    cache_miss_ns: int = 0  # lookups that did not, with the inserts of the nodes' answers
-    failed_request_ns: list[int] = field(default_factory=list)  # requests the door refused itself
-    failed_codes: list[str] = field(default_factory=list)  # their status codes, same order
-
-
 def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
     """Why requests like this one must take the full path ('' when they need not). The door
     batches by the deployment's batching section (queue delay and preferred sizes included)."""
@@ -118,11 +85,6 @@ def refusal_reason(request: oip.InferRequest, spec: DeploymentSpec) -> str:
     if spec.hedge_after_ms:
         return "hedged requests are handled by the full path"
     return ""
-
-
-def failure_code(failure: str) -> ErrorCode:
-    """The code of a door failure text such as 'UNAVAILABLE: connection lost'."""
-    return ErrorCode.__members__.get(failure.split(":", 1)[0].strip(), ErrorCode.INTERNAL)
 
 
 class DoorRoutes:
@@ -345,47 +307,12 @@ class DoorRoutes:
                 route = self._retired.get(report.route_id)
                 if route is None:
                     continue
-            self._book_requests(route, report)
+            book_requests(self.core, route, report)
             self._book_node(route, report)
         return unknown
 
-    def _book_requests(self, route: Route, report: RouteReport) -> None:
-        stats = self.core.stats.get(*route.stats_key)
-        queued = report.queue_ns if len(report.queue_ns) == len(report.request_ns) else [0] * len(report.request_ns)
-        for ns, rows, queue_ns in zip(report.request_ns, report.request_rows, queued):
-            stats.record(True, ns, rows, queue_ns=queue_ns, executed=False)
-            record_inference(route.model, "ok", ns / 1e9)
-        for batch in report.batches:  # Triton's executions: the node calls, with the node's compute time
-            stats.execution(batch.rows, batch.compute_ns)
-        for ns, rows in zip(report.cache_hit_request_ns, report.cache_hit_rows):
-            stats.record(True, ns, rows, executed=False, cache_hit=True)
-            record_inference(route.model, "ok", ns / 1e9)
-        hits = len(report.cache_hit_request_ns)
-        stats.cache_hit.count += hits
-        stats.cache_hit.ns += report.cache_hit_ns
-        stats.cache_miss.count += report.cache_misses
-        stats.cache_miss.ns += report.cache_miss_ns
-        if hits:
-            CACHE_EVENTS.labels(route.stats_key[0], "hit").inc(hits)
-        if report.cache_misses:
-            CACHE_EVENTS.labels(route.stats_key[0], "miss").inc(report.cache_misses)
-        queue_time = QUEUE_TIME.labels(route.model)
-        for ns in report.queue_ns:
-            queue_time.observe(ns / 1e9)
-        answered = len(report.request_ns) + hits
-        if answered:
-            count_served(route.stats_key[0], "ok", route.response.parameters, answered)
-            _door_requests(route.model, "ok").inc(answered)
-        if report.handed_over:
-            _door_requests(route.model, "handed_over").inc(report.handed_over)
-        for ns, code in zip(report.failed_request_ns, report.failed_codes):  # the door's own refusals
-            stats.record(False, ns)
-            record_inference(route.model, code.lower(), ns / 1e9)
-            count_served(route.stats_key[0], code.lower(), route.response.parameters)
-            _door_requests(route.model, code.lower()).inc()
-
     def _book_node(self, route: Route, report: RouteReport) -> None:
-        """What the door's calls say of the route's node (`_book_calls`), unless the node left the
+        """What the door's calls say of the route's node (`book_calls`), unless the node left the
         view (what was kept for it is gone, and a node id back at other addresses is another
         node); a failed route is dropped."""
         batch_size = BATCH_SIZE.labels(route.model)
@@ -393,21 +320,6 @@ class DoorRoutes:
             batch_size.observe(b.rows)
         node = route.placement.node
         if any(n.place == node.place for n in self.core.nodes.nodes):
-            self._book_calls(route, report)
+            book_calls(self.core, route, report)
         if report.failure and self.routes.pop(route.route_id, None) is not None:
             self._retire(route)
-
-    def _book_calls(self, route: Route, report: RouteReport) -> None:
-        """The node's RTT, compute time and latency, and its breakers."""
-        core, node, model = self.core, route.placement.node, route.placement.variant.key
-        for b in report.batches:
-            core.nodes.observe_rtt(node.node_id, (b.duration_ns - b.compute_ns) / 1e6)
-            if b.compute_ns:
-                core.nodes.observe_compute(node.node_id, b.compute_ns / 1e6 / max(1, b.rows))
-            core.latency.add((route.placement.variant.name, node.node_id), b.duration_ns / 1e9)
-        if report.failure:
-            log.warning("front door: node %s failed for %s: %s", node.node_id, model, report.failure)
-            # the door reports a failure of a call the node had (not one its client's own deadline ended)
-            core.breakers.record(node.node_id, model, verdict(failure_code(report.failure)), report.failure)
-        elif report.batches:
-            core.breakers.record(node.node_id, model, Verdict.ANSWERED)

@@ -8,7 +8,8 @@ from google.protobuf.message import DecodeError
 from services.common import classification, codec, oip
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import rpc
-from services.coordinator.door import BatchReport, DoorRoutes, Refusal, Route, RouteReport
+from services.coordinator.door import DoorRoutes, Refusal, Route
+from services.coordinator.door_reports import BatchReport, RouteReport
 from services.coordinator.forwarder import call_parameters
 from services.pb.cnei import frontdoor_pb2 as fd
 from services.pb.cnei import frontdoor_pb2_grpc as fd_grpc

@@ -19,7 +19,8 @@ from services.common.trace_settings import MemoryTraceStore, TraceConfig, TraceS
 from services.coordinator.breaker import State, Verdict
 from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
-from services.coordinator.door import DROPS_KEPT, BatchReport, DoorRoutes, Refusal, Route, RouteReport, failure_code, refusal_reason
+from services.coordinator.door import DROPS_KEPT, DoorRoutes, Refusal, Route, refusal_reason
+from services.coordinator.door_reports import BatchReport, RouteReport, failure_code
 from services.coordinator.door_process import door_binary
 from services.coordinator.door_servicer import ask_from_proto, node_rows_from_proto, reports_from_proto, route_to_proto
 from services.coordinator.nodes_view import NodesView
