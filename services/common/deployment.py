@@ -355,9 +355,9 @@ def step_mapping_problem(reads: list[tuple[str, str]], writes: list[tuple[str, s
     return None
 
 
-def _shapes_fit(edge: tuple[int, ...], cloud: tuple[int, ...]) -> bool:
+def shapes_fit(first: tuple[int, ...], second: tuple[int, ...]) -> bool:
     """Same rank and, past the batch dimension, the same size wherever both are fixed (-1: any)."""
-    return len(edge) == len(cloud) and all(a == b or -1 in (a, b) for a, b in zip(edge[1:], cloud[1:]))
+    return len(first) == len(second) and all(a == b or -1 in (a, b) for a, b in zip(first[1:], second[1:]))
 
 
 def joint_mismatches(edge_outputs: dict[str, tuple[int, ...]], cloud_outputs: dict[str, tuple[int, ...]]) -> list[str]:
@@ -367,6 +367,6 @@ def joint_mismatches(edge_outputs: dict[str, tuple[int, ...]], cloud_outputs: di
     for name, shape in edge_outputs.items():
         if name not in cloud_outputs:
             problems.append(f"it has no output '{name}'")
-        elif not _shapes_fit(shape, cloud_outputs[name]):
+        elif not shapes_fit(shape, cloud_outputs[name]):
             problems.append(f"its output '{name}' has shape {list(cloud_outputs[name])}, the edge's {list(shape)}")
     return problems
