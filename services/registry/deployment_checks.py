@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from services.common import deployment
 from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.ensemble_tensors import StepTensors, inconsistency_over, tensor_inconsistency
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
 from services.common.model_spec import ModelVariant, pick_variant
 from services.common.served import (latest_version, needed_precisions, precision_lacking, precision_problem_over,
@@ -61,6 +62,24 @@ def _step_versions(where: str, step: EnsembleStep, deployed: DeploymentSpec, var
         raise FailedPrecondition(f"{where}: {exc.message}") from None
 
 
+def _step_runs(step: EnsembleStep, versions: list[str], variants: list[ModelVariant]) -> list[StepTensors | None]:
+    """The tensors of each version an ensemble step runs (`versions`, the stable one first), in the
+    variant of its precision (else the model's default one); [None] when none is known (a nested
+    ensemble's step)."""
+    return [StepTensors.of(pick_variant(variants, step.model, version, step.precision)) for version in versions] \
+        or [None]
+
+
+def _check_tensor_types(spec: DeploymentSpec, runs: list[list[StepTensors | None]]) -> None:
+    """INVALID_ARGUMENT when the stable versions an ensemble's steps run (`runs`: per step, the
+    tensors of each version it runs, the stable one first) type a tensor differently;
+    FAILED_PRECONDITION when a step's model's canary does (its deployment is at fault)."""
+    if problem := tensor_inconsistency(spec, [each[0] for each in runs]):
+        raise InvalidArgument(problem)
+    if problem := inconsistency_over(spec, runs):
+        raise FailedPrecondition(problem)
+
+
 class DeploymentChecks:
     """The checks of a deployment put (or deleted) against what the catalogue holds."""
 
@@ -72,13 +91,16 @@ class DeploymentChecks:
         a step asking for a precision runs a version that has it (FAILED_PRECONDITION) and is no
         ensemble (INVALID_ARGUMENT: an ensemble's steps name theirs); a step maps tensors the version
         it runs has (INVALID_ARGUMENT), as every version it goes to does (its model's canary, each
-        variant: FAILED_PRECONDITION, `served.step_tensor_problem`)."""
+        variant: FAILED_PRECONDITION, `served.step_tensor_problem`); the versions the steps run type each
+        tensor alike (INVALID_ARGUMENT; with a step's model's canary: FAILED_PRECONDITION,
+        `ensemble_tensors.tensor_inconsistency`)."""
         if await self.catalogue.variants(spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
         specs = {s.model: s for s, _ in await self.catalogue.deployments()}
         ensembles = {model: s for model, s in specs.items() if s.ensemble} | {spec.model: spec}
         if cycle := deployment.ensemble_cycle(spec.model, ensembles):
             raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
+        runs = []
         for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
             where = f"ensemble '{spec.model}' step {i} ({step.model})"
             variants = await self.catalogue.variants(step.model)
@@ -103,6 +125,8 @@ class DeploymentChecks:
                 raise InvalidArgument(f"{where}: {problem}")
             if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
                 raise FailedPrecondition(f"{where}: {problem}")
+            runs.append(_step_runs(step, versions, variants))
+        _check_tensor_types(spec, runs)
 
     async def model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
@@ -138,16 +162,35 @@ class DeploymentChecks:
     async def steps_over(self, spec: DeploymentSpec, variants: list[ModelVariant]) -> None:
         """FAILED_PRECONDITION when a stored ensemble's step over the deployment's model (`spec`:
         the one put, the defaults when it is deleted) asks for a precision, or maps a tensor, that a
-        version the deployment would serve it lacks (`variants`: the model's)."""
-        for ensemble, _ in await self.catalogue.deployments():
-            for i, step in enumerate(ensemble.ensemble):
-                if step.model != spec.model:
-                    continue
+        version the deployment would serve it lacks (`variants`: the model's), or such a version
+        types a tensor otherwise than the ensemble's other steps (`inconsistency_over`)."""
+        stored = [s for s, _ in await self.catalogue.deployments()]
+        for ensemble in stored:
+            over = [(i, step) for i, step in enumerate(ensemble.ensemble) if step.model == spec.model]
+            for i, step in over:
                 where = f"ensemble '{ensemble.model}' step {i} ({step.model})"
                 versions = _step_versions(where, step, spec, variants)
                 if problem := (precision_problem_over(step, versions, variants)
                                or tensor_problem_over(step, versions, variants)):
                     raise FailedPrecondition(f"{where}: {problem}")
+            if over and (problem := inconsistency_over(ensemble, await self._runs(ensemble, stored, spec, variants))):
+                raise FailedPrecondition(problem)
+
+    async def _runs(self, ensemble: DeploymentSpec, stored: list[DeploymentSpec], spec: DeploymentSpec,
+                    variants: list[ModelVariant]) -> list[list[StepTensors | None]]:
+        """Per step of a stored ensemble, the tensors of each version it would run with `spec` the
+        deployment of its model (`variants`: the model's) and the `stored` ones of the others;
+        [None] for a step over a nested ensemble or running no version."""
+        deployed = {s.model: s for s in stored} | {spec.model: spec}
+        runs = []
+        for step in ensemble.ensemble:
+            held = variants if step.model == spec.model else await self.catalogue.variants(step.model)
+            try:
+                versions = step_versions(step, deployed.get(step.model, DeploymentSpec(step.model)), held)
+                runs.append(_step_runs(step, versions, held))
+            except (FailedPrecondition, ModelNotFound):
+                runs.append([None])
+        return runs
 
     async def passed_over(self, pushed: ModelVariant) -> list[str]:
         """What to say of each stored ensemble step over the pushed variant's model that passes its
