@@ -119,7 +119,7 @@ async def test_deleting_a_version_of_an_ensemble_says_it_is_one_and_has_none(cli
     name = f"{model}-pipe"
     await client.put_deployment(DeploymentSpec(name, ensemble=(
         EnsembleStep(model, "1", ("input=x",), ("probabilities=y",)),
-        EnsembleStep(model, "2", ("input=y",), ("probabilities=z",)))))
+        EnsembleStep(model, "2", ("input=x",), ("probabilities=z",)))))
     for precision in ("", "FP32"):
         message = await refused_with(client, ErrorCode.FAILED_PRECONDITION, name, "1", precision)
         assert message == (f"'{name}' is an ensemble (a deployment), not a model: it has no versions to delete; "
