@@ -68,7 +68,9 @@ def step_latest_version(step: EnsembleStep, deployed: DeploymentSpec, variants: 
     precision and its deployment's (`latest_version`; a version pushed without it is not run by the
     step until it has it) whose tensors fit the step's mapping (a version renaming one is passed
     over: `step_passed_over`); the newest holding the precisions when none fits (its requests then
-    fail naming the tensor, as the registry's checks of puts do)."""
+    fail naming the tensor, as the registry's checks of puts do). Names alone are judged: a version
+    keeping them but retyping a tensor is run, as whether it fits depends on the versions the other
+    steps run (`ensemble_tensors`, which the registry judges puts by)."""
     held = complete_versions(deployed, variants, _step_precision(step))
     return next((version for version in held if not tensor_problem_over(step, [version], variants)), held[0])
 
