@@ -210,3 +210,23 @@ class DeploymentChecks:
                 said.append(f"ensemble '{ensemble}' step {i} ({step.model}) runs version {running}, passing over "
                             f"version {pushed.version}: {problem}")
         return said
+
+    async def retyped(self, pushed: ModelVariant) -> list[str]:
+        """What to say of each stored ensemble a step of which runs the pushed version (an unpinned
+        step passes over a version renaming a tensor, not one retyping it) when its steps then type a
+        tensor differently (`tensor_inconsistency`): the ensemble, tensor and models; its requests
+        will fail inside a step's model."""
+        stored = [spec for spec, _ in await self.catalogue.deployments()]
+        ensembles = [spec for spec in stored if any(step.model == pushed.name for step in spec.ensemble)]
+        if not ensembles:
+            return []
+        deployed = next((s for s in stored if s.model == pushed.name), DeploymentSpec(pushed.name))
+        variants = await self.catalogue.variants(pushed.name)
+        said = []
+        for ensemble in ensembles:
+            stable = [each[0] for each in await self._runs(ensemble, stored, deployed, variants)]
+            runs_it = any(t is not None and (t.model, t.version) == (pushed.name, pushed.version) for t in stable)
+            if runs_it and (problem := tensor_inconsistency(ensemble, stable)):
+                said.append(f"{problem}: its requests will fail (a step runs model '{pushed.name}' version "
+                            f"{pushed.version})")
+        return said

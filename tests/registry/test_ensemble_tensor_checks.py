@@ -123,3 +123,23 @@ async def test_an_ensemble_whose_steps_model_has_a_canary_typing_a_tensor_otherw
     message = await refused(client, client.put_deployment(pipe(name, models["edge"], int_later)),
                             ErrorCode.FAILED_PRECONDITION)
     assert INT64_LATER.format(int_later) in message
+
+
+@pytest.mark.parametrize("version", ["", "1"], ids=["unpinned", "naming-version-1"])
+async def test_a_push_an_unpinned_step_runs_that_types_a_tensor_otherwise_is_logged_naming_the_tensor(
+        client, registry, models, artifacts, name, version):
+    """Version 2 reads 'scores' as INT64 under the same name: an unpinned step runs it (a push is
+    not refused, and no step alone can judge it), so the registry's log says the ensemble's requests
+    will fail; a step naming version 1 goes on running it."""
+    later = f"{name}-later"
+    await client.push_file(artifacts["head"], later, "1", "FP32")
+    spec = pipe(name, models["edge"], later)
+    await client.put_deployment(dataclasses.replace(spec, ensemble=(
+        spec.ensemble[0], dataclasses.replace(spec.ensemble[1], version=version))))
+    await client.push_file(artifacts["int"], later, "2", "FP32")
+    said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{name}-pipe' tensor 'p'" in line]
+    if version:
+        assert said == []
+        return
+    assert len(said) == 1 and "WARNING" in said[0], said
+    assert INT64_LATER.format(later) in said[0] and "its requests will fail" in said[0]
