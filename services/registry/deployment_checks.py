@@ -1,6 +1,7 @@
 """What a deployment is checked against before it is stored: the versions and variants it serves,
 its joint cloud model, its ensemble steps, and the stored ensembles' steps over its model; and what
-a push means to those steps (a version they pass over)."""
+a push means to those steps (a version they pass over, one leaving their tensors typed
+differently)."""
 from __future__ import annotations
 
 from services.common import deployment
