@@ -3,7 +3,6 @@ error (not one of CNEI's own) answers in its place with `error_message`, and the
 (Triton's semantics); it never ends the stream for the requests after it."""
 from __future__ import annotations
 
-import asyncio
 
 import grpc
 import numpy as np
