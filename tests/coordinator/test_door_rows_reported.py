@@ -22,6 +22,26 @@ pytestmark = pytest.mark.skipif(not BUILT.is_file(), reason=f"front door not bui
 NODE_DELAY_S = 3.0
 
 
+class StuckNode(mesh.NodeCore):
+    """A stand-in node answering at once until `stick()`; then the first call it gets, and every
+    call while that one waits, is held until NODE_DELAY_S after that first call came."""
+
+    def __init__(self):
+        super().__init__()
+        self.stuck, self.release_at = False, None
+
+    def stick(self) -> None:
+        self.stuck = True
+
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+        loop = asyncio.get_running_loop()
+        if self.stuck and self.release_at is None:
+            self.release_at = loop.time() + NODE_DELAY_S
+        if self.release_at is not None:
+            await asyncio.sleep(max(0.0, self.release_at - loop.time()))
+        return await super().infer(request, deadline_s)
+
+
 async def _infer(stub: pb_grpc.GRPCInferenceServiceStub) -> bool:
     """One request through the door: whether the door answered it itself."""
     message = oip.request_to_proto(oip.InferRequest("m", {"x": np.ones((1, 2), np.float32)}))
@@ -37,7 +57,8 @@ async def _door_routes(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
 
 
 async def test_the_door_reports_the_rows_a_slow_node_holds_every_interval_so_placement_keeps_weighing_them():
-    cores = {"edge-slow": mesh.NodeCore(delay_s=NODE_DELAY_S)}
+    slow = StuckNode()  # answers at once until the door knows its route
+    cores = {"edge-slow": slow}
     specs = {"m": DeploymentSpec(model="m", attempt_timeout_ms=10_000)}  # the node's slowness is no failure
     async with mesh.mesh([mesh.variant()], specs, cores, fast_lane=True, door=True) as m:
         port = infra.free_port()
@@ -50,6 +71,7 @@ async def test_the_door_reports_the_rows_a_slow_node_holds_every_interval_so_pla
             async with grpc.aio.insecure_channel(public) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 await _door_routes(stub)
+                slow.stick()
                 held = [asyncio.create_task(_infer(stub)) for _ in range(3)]
                 await asyncio.sleep(0.3)  # queued and sent: the door's rows at the node change no more
                 seen = []
