@@ -23,8 +23,10 @@ ROWS = 8
 OUT_BYTES = ROWS * 10 * 4
 
 
-@pytest.fixture(params=["front-door", "workers", "edge-runtime"])
+@pytest.fixture(scope="module", params=["front-door", "workers", "edge-runtime"])
 def target(request, mesh):
+    """(kind, address), one server of each kind for the module: each test registers regions of
+    its own names and unregisters every region before it ends."""
     if request.param == "edge-runtime":
         yield request.param, mesh.runtime("edge-a1")
         return
@@ -75,6 +77,7 @@ _opened: list = []
 
 @pytest.fixture(autouse=True)
 def _close_clients(target):  # set up after `target`, so torn down before its server stops
+    """Each test's clients closed at its end."""
     yield
     while _opened:
         _opened.pop().close()
