@@ -159,6 +159,7 @@ def test_a_coordinator_given_the_node_ca_and_certificate_serves_through_the_tls_
 
 
 def test_node_tls_settings_that_cannot_work_stop_the_services_naming_the_variable(pki):
+    cases = []  # (module, environment, what its error must say)
     for module, prefix in (("services.coordinator", "CNEI_COORDINATOR_"), ("services.trainer", "CNEI_TRAINER_")):
         for env, message in (({f"{prefix}NODE_TLS_CERT_FILE": pki["client_cert"],
                                f"{prefix}NODE_TLS_KEY_FILE": pki["client_key"]},
@@ -171,15 +172,20 @@ def test_node_tls_settings_that_cannot_work_stop_the_services_naming_the_variabl
                               f"{prefix}NODE_TLS_SERVER_NAME needs {prefix}NODE_TLS_CA_FILE"),
                              ({f"{prefix}NODE_TLS_CA_FILE": pki["client_key"]},  # not a certificate
                               f"{prefix}NODE_TLS_CA_FILE / _CERT_FILE / _KEY_FILE do not load")):
-            out = subprocess.run([sys.executable, "-m", module], env={**os.environ, **env},
-                                 capture_output=True, text=True, timeout=60)
-            assert out.returncode != 0 and message in out.stderr, (module, out.stderr)
+            cases.append((module, env, message))
     for env, message in (({"CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"]}, "CNEI_RUNTIME_TLS_KEY_FILE is needed"),
                          ({"CNEI_RUNTIME_TLS_CERT_FILE": pki["cert"], "CNEI_RUNTIME_TLS_KEY_FILE": pki["client_key"]},
                           "CNEI_RUNTIME_TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE do not load")):  # not its key
-        out = subprocess.run([sys.executable, "-m", "services.edge_runtime"], env={**os.environ, **env},
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode != 0 and message in out.stderr, out.stderr
+        cases.append(("services.edge_runtime", env, message))
+
+    def start(case):  # each service started on its own, several at a time
+        module, env, _ = case
+        return subprocess.run([sys.executable, "-m", module], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(start, cases))
+    for (module, _, message), out in zip(cases, outs):
+        assert out.returncode != 0 and message in out.stderr, (module, out.stderr)
 
 
 @pytest.mark.skipif(not BUILT.is_file(), reason="front door not built: make frontdoor")
