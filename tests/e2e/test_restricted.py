@@ -20,8 +20,10 @@ ADMIN = {"admin-key": "s3cret"}
 INFER = {"infer-key": "abc"}
 
 
-@pytest.fixture(params=["on", "off"])
+@pytest.fixture(scope="module", params=["on", "off"])
 def coordinator(mesh, request):
+    """A coordinator restricting some APIs, behind its door or not, for the module: its tests
+    change no setting of it (loading digits, loaded already, changes nothing)."""
     if request.param == "on" and not BUILT.is_file():
         pytest.skip(f"front door not built ({BUILT}): make frontdoor")
     proc, address, http_port, _ = start_coordinator(
