@@ -117,11 +117,11 @@ class Registry:
         return stored
 
     async def _say_passed_over(self, stored: ModelVariant) -> None:
-        """Warn of each ensemble step that passes the pushed version over for a tensor it maps
-        (`DeploymentChecks.passed_over`), and of each ensemble whose steps type a tensor differently
-        now that one runs it (`DeploymentChecks.retyped`), best effort: the push is in."""
+        """Warn of each ensemble step that passes the pushed version over for a tensor it maps, and
+        of each ensemble whose steps type a tensor differently now that one runs it
+        (`DeploymentChecks.after_push`), best effort: the push is in."""
         try:
-            said = await self.checks.passed_over(stored) + await self.checks.retyped(stored)
+            said = await self.checks.after_push(stored)
         except Exception as exc:  # noqa: BLE001 - a warning the push does not depend on
             log.warning("could not check the ensemble steps over %s: %s", stored.key, exc)
             return

@@ -193,36 +193,26 @@ class DeploymentChecks:
                 runs.append([None])
         return runs
 
-    async def passed_over(self, pushed: ModelVariant) -> list[str]:
-        """What to say of each stored ensemble step over the pushed variant's model that passes its
-        version over for a tensor it maps (`served.step_passed_over`): the ensemble, step, model,
-        version and tensor, and the version the step runs instead."""
-        specs = [spec for spec, _ in await self.catalogue.deployments()]
-        steps = [(spec.model, i, step) for spec in specs for i, step in enumerate(spec.ensemble)
-                 if step.model == pushed.name]
-        if not steps:
-            return []
-        deployed = next((s for s in specs if s.model == pushed.name), DeploymentSpec(pushed.name))
-        variants = await self.catalogue.variants(pushed.name)
-        said = []
-        for ensemble, i, step in steps:
-            if found := step_passed_over(step, deployed, variants, pushed.version):
-                running, problem = found
-                said.append(f"ensemble '{ensemble}' step {i} ({step.model}) runs version {running}, passing over "
-                            f"version {pushed.version}: {problem}")
-        return said
-
-    async def retyped(self, pushed: ModelVariant) -> list[str]:
-        """What to say of each stored ensemble a step of which runs the pushed version (an unpinned
-        step passes over a version renaming a tensor, not one retyping it) when its steps then type a
-        tensor differently (`tensor_inconsistency`): the ensemble, tensor and models; its requests
-        will fail inside a step's model."""
+    async def after_push(self, pushed: ModelVariant) -> list[str]:
+        """What to say of the stored ensembles with a step over the pushed variant's model (their
+        deployments and the model's variants read once): each step passing the pushed version over
+        for a tensor it maps (`_passed_over`), each ensemble whose steps type a tensor differently
+        now that one runs it (`_retyped`)."""
         stored = [spec for spec, _ in await self.catalogue.deployments()]
         ensembles = [spec for spec in stored if any(step.model == pushed.name for step in spec.ensemble)]
         if not ensembles:
             return []
         deployed = next((s for s in stored if s.model == pushed.name), DeploymentSpec(pushed.name))
         variants = await self.catalogue.variants(pushed.name)
+        return (_passed_over(ensembles, deployed, variants, pushed)
+                + await self._retyped(ensembles, stored, deployed, variants, pushed))
+
+    async def _retyped(self, ensembles: list[DeploymentSpec], stored: list[DeploymentSpec], deployed: DeploymentSpec,
+                       variants: list[ModelVariant], pushed: ModelVariant) -> list[str]:
+        """Each of the `ensembles` a step of which runs the pushed version (an unpinned step passes
+        over a version renaming a tensor, not one retyping it) when its steps then type a tensor
+        differently (`tensor_inconsistency`): the ensemble, tensor and models; its requests will
+        fail inside a step's model."""
         said = []
         for ensemble in ensembles:
             stable = [each[0] for each in await self._runs(ensemble, stored, deployed, variants)]
@@ -231,3 +221,18 @@ class DeploymentChecks:
                 said.append(f"{problem}: its requests will fail (a step runs model '{pushed.name}' version "
                             f"{pushed.version})")
         return said
+
+
+def _passed_over(ensembles: list[DeploymentSpec], deployed: DeploymentSpec, variants: list[ModelVariant],
+                 pushed: ModelVariant) -> list[str]:
+    """Each step of the `ensembles` over the pushed variant's model that passes its version over for
+    a tensor it maps (`served.step_passed_over`): the ensemble, step, model, version and tensor, and
+    the version the step runs instead."""
+    said = []
+    for ensemble in ensembles:
+        for i, step in enumerate(ensemble.ensemble):
+            if step.model == pushed.name and (found := step_passed_over(step, deployed, variants, pushed.version)):
+                running, problem = found
+                said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, passing "
+                            f"over version {pushed.version}: {problem}")
+    return said
