@@ -2,6 +2,7 @@
 a crashed worker is replaced and SIGTERM stops them all."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,8 +53,10 @@ def _requests_total(metrics_port: int, pattern: str = OIP_OK) -> float:
     return float(found[0]) if found else 0.0
 
 
-@pytest.fixture
-def workers(mesh):
+@contextlib.contextmanager
+def _workers(mesh):
+    """A coordinator of WORKERS workers, every one of them answering: (process, gRPC address,
+    REST port, metrics port); stopped at the end."""
     proc, address, http_port, metrics_port = start_coordinator(
         mesh, CNEI_COORDINATOR_WORKERS=str(WORKERS), CNEI_COORDINATOR_FRONT_DOOR="off")
     try:
@@ -66,6 +69,21 @@ def workers(mesh):
         yield proc, address, http_port, metrics_port
     finally:
         infra.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def workers(mesh):
+    """One coordinator with workers for the tests that leave it running: they count what they
+    send from what was counted before, and the one changing its log settings sets them back."""
+    with _workers(mesh) as running:
+        yield running
+
+
+@pytest.fixture
+def workers_to_stop(mesh):
+    """A coordinator with workers of the test's own, which it kills or stops."""
+    with _workers(mesh) as running:
+        yield running
 
 
 def test_every_worker_answers_statistics_for_a_model_it_has_not_served_yet(workers):
@@ -170,8 +188,8 @@ def test_trace_and_log_settings_changed_through_one_worker_are_every_workers(wor
         client.close()
 
 
-def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
-    proc, address, _, _ = workers
+def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers_to_stop):
+    proc, address, _, _ = workers_to_stop
     x, _ = load_all()
     first = children(proc.pid)
     victim = first[0]
@@ -187,8 +205,8 @@ def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(workers):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
-def test_workers_stop_when_their_supervisor_is_killed_with_sigkill(workers):
-    proc, address, _, _ = workers
+def test_workers_stop_when_their_supervisor_is_killed_with_sigkill(workers_to_stop):
+    proc, address, _, _ = workers_to_stop
     worker_pids = children(proc.pid)
     assert len(worker_pids) == WORKERS
     os.kill(proc.pid, 9)
