@@ -134,10 +134,10 @@ def test_replies_are_compressed_when_the_client_accepts_it(mesh, images):
 
 def test_a_request_whose_client_hangs_up_while_it_is_queued_is_never_run(mesh, digits_models, images):
     """As over gRPC, a REST client that closes its connection takes its queued request out: the
-    model never runs it (here it would have waited 2 s in the coordinator's batcher)."""
+    model never runs it (here it would have waited 1 s in the coordinator's batcher)."""
     model = push_digits_as(mesh, digits_models, f"rest-hangup-{uuid.uuid4().hex[:6]}")
     put_deployment(mesh, DeploymentSpec(model=model, attempt_timeout_ms=10_000,
-                                        batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=2_000_000)))
+                                        batching=BatchingSpec(max_batch_size=64, max_queue_delay_us=1_000_000)))
     host, port = mesh.rest.removeprefix("http://").split(":")
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                                    "data": images[0].tolist()}]}).encode()
@@ -146,14 +146,14 @@ def test_a_request_whose_client_hangs_up_while_it_is_queued_is_never_run(mesh, d
     grpc_client = triton.InferenceServerClient(mesh.coordinator)
     try:
         # the deployment's batching is in force once a request waits out its queue delay
-        infra.wait_until(lambda: _answered_after(host, int(port), head + body) >= 1.9, 30,
-                         "the 2 s queue delay in force")
+        infra.wait_until(lambda: _answered_after(host, int(port), head + body) >= 0.9, 30,
+                         "the 1 s queue delay in force")
         ran = grpc_client.get_inference_statistics(model).model_stats[0].inference_count
         with socket.create_connection((host, int(port))) as hung_up:
             hung_up.sendall(head + body)
             time.sleep(0.3)
             hung_up.shutdown(socket.SHUT_RDWR)
-        time.sleep(2.5)  # past its queue delay: it would have run by now
+        time.sleep(1.5)  # past its queue delay: it would have run by now
         stats = grpc_client.get_inference_statistics(model).model_stats[0]
         assert stats.inference_count == ran, "the request of the client that hung up was run"
     finally:
