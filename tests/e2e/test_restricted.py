@@ -3,6 +3,7 @@ restricted category need their header (gRPC PERMISSION_DENIED, REST 403 without 
 others stay open, and inference restricted is enforced by the door itself."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import urllib.error
 import urllib.request
@@ -87,11 +88,14 @@ def test_restricted_categories_need_their_header_and_the_rest_stay_open(coordina
 def test_the_command_line_sends_the_headers_it_is_given(coordinator):
     _, address, _ = coordinator
     unset = {"CNEI_HEADERS": None}
-    denied = run_cnei("infer", "digits", "--url", address, "--digits", "1", env=unset, timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three commands of their own, at once
+        denied = pool.submit(run_cnei, "infer", "digits", "--url", address, "--digits", "1", env=unset, timeout=60)
+        served = pool.submit(run_cnei, "infer", "digits", "--url", address, "--digits", "1", "--header",
+                             "infer-key=abc", env=unset, timeout=60)
+        loaded = pool.submit(run_cnei, "models", "load", "digits", "--url", address,
+                             env={"CNEI_HEADERS": "admin-key=s3cret"})
+        denied, served, loaded = denied.result(), served.result(), loaded.result()
     assert denied.returncode == 2
     assert "error (PERMISSION_DENIED): the inference API is restricted: send header 'infer-key'" in denied.stderr
-    served = run_cnei("infer", "digits", "--url", address, "--digits", "1", "--header", "infer-key=abc", env=unset,
-                      timeout=60)
     assert served.returncode == 0 and "top-1:" in served.stdout
-    loaded = run_cnei("models", "load", "digits", "--url", address, env={"CNEI_HEADERS": "admin-key=s3cret"})
     assert loaded.returncode == 0 and "model digits loaded" in loaded.stdout
