@@ -8,7 +8,7 @@ from services.common import deployment
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.ensemble_tensors import StepTensors, inconsistency_over, tensor_inconsistency
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
-from services.common.model_spec import ModelVariant, pick_variant
+from services.common.model_spec import ModelVariant, pick_variant, version_key
 from services.common.served import (latest_version, needed_precisions, precision_lacking, precision_problem_over,
                                     served_version, step_passed_over, step_versions, tensor_problem_over)
 from services.registry.catalogue import Catalogue
@@ -87,21 +87,22 @@ class DeploymentChecks:
     def __init__(self, catalogue: Catalogue):
         self.catalogue = catalogue
 
-    async def ensemble(self, spec: DeploymentSpec) -> None:
+    async def ensemble(self, spec: DeploymentSpec) -> list[str]:
         """A name of its own, over models the registry has and other ensembles, reaching no cycle;
         a step asking for a precision runs a version that has it (FAILED_PRECONDITION) and is no
         ensemble (INVALID_ARGUMENT: an ensemble's steps name theirs); a step maps tensors the version
         it runs has (INVALID_ARGUMENT), as every version it goes to does (its model's canary, each
         variant: FAILED_PRECONDITION, `served.step_tensor_problem`); the versions the steps run type each
         tensor alike (INVALID_ARGUMENT; with a step's model's canary: FAILED_PRECONDITION,
-        `ensemble_tensors.tensor_inconsistency`)."""
+        `ensemble_tensors.tensor_inconsistency`). What to say of it once stored: each step passing a
+        newer version of its model over for a tensor it maps (`_passed_over`)."""
         if await self.catalogue.variants(spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
         specs = {s.model: s for s, _ in await self.catalogue.deployments()}
         ensembles = {model: s for model, s in specs.items() if s.ensemble} | {spec.model: spec}
         if cycle := deployment.ensemble_cycle(spec.model, ensembles):
             raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
-        runs = []
+        runs, said = [], []
         for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
             where = f"ensemble '{spec.model}' step {i} ({step.model})"
             variants = await self.catalogue.variants(step.model)
@@ -122,12 +123,15 @@ class DeploymentChecks:
                     raise FailedPrecondition(f"{where}: {problem}")
                 v = pick_variant(variants, step.model, versions[0], "")  # the stable one it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
+                newer = {u.version for u in variants if version_key(u.version) > version_key(versions[0])}
+                said += _passed_over([spec], deployed, variants, sorted(newer, key=version_key, reverse=True), i)[:1]
             if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
             if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
                 raise FailedPrecondition(f"{where}: {problem}")
             runs.append(_step_runs(step, versions, variants))
         _check_tensor_types(spec, runs)
+        return said
 
     async def model_deployment(self, spec: DeploymentSpec) -> None:
         """The versions it serves exist with the variants it asks for, and a joint cloud model can
@@ -204,7 +208,7 @@ class DeploymentChecks:
             return []
         deployed = next((s for s in stored if s.model == pushed.name), DeploymentSpec(pushed.name))
         variants = await self.catalogue.variants(pushed.name)
-        return (_passed_over(ensembles, deployed, variants, pushed)
+        return (_passed_over(ensembles, deployed, variants, [pushed.version])
                 + await self._retyped(ensembles, stored, deployed, variants, pushed))
 
     async def _retyped(self, ensembles: list[DeploymentSpec], stored: list[DeploymentSpec], deployed: DeploymentSpec,
@@ -224,15 +228,18 @@ class DeploymentChecks:
 
 
 def _passed_over(ensembles: list[DeploymentSpec], deployed: DeploymentSpec, variants: list[ModelVariant],
-                 pushed: ModelVariant) -> list[str]:
-    """Each step of the `ensembles` over the pushed variant's model that passes its version over for
-    a tensor it maps (`served.step_passed_over`): the ensemble, step, model, version and tensor, and
-    the version the step runs instead."""
+                 versions: list[str], only: int | None = None) -> list[str]:
+    """Each step of the `ensembles` (step `only`, when given) over the model of `variants` that
+    passes one of its `versions` over for a tensor it maps (`served.step_passed_over`): the
+    ensemble, step, model, version and tensor, and the version the step runs instead."""
     said = []
     for ensemble in ensembles:
         for i, step in enumerate(ensemble.ensemble):
-            if step.model == pushed.name and (found := step_passed_over(step, deployed, variants, pushed.version)):
-                running, problem = found
-                said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, passing "
-                            f"over version {pushed.version}: {problem}")
+            if only is not None and i != only or step.model != deployed.model:
+                continue
+            for version in versions:
+                if found := step_passed_over(step, deployed, variants, version):
+                    running, problem = found
+                    said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, "
+                                f"passing over version {version}: {problem}")
     return said

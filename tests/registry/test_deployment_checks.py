@@ -284,3 +284,16 @@ async def test_a_push_an_ensemble_step_passes_over_for_a_tensor_it_maps_is_logge
         return
     assert len(said) == 1 and "WARNING" in said[0], said
     assert f"runs version 1, passing over version 2: model '{model}' {RENAMED}" in said[0]
+
+
+async def test_an_ensemble_put_whose_step_passes_the_newest_version_over_is_logged_naming_the_step_and_tensor(
+        client, registry, artifacts, name):
+    """Version 2 renames output 'probabilities' 'probs' before the ensemble is put: the step runs
+    version 1, which the registry's log says when the ensemble is stored."""
+    model, pipe = f"{name}-steps", f"{name}-pipe"
+    await client.push_file(artifacts["edge"], model, "1", "FP32")
+    await client.push_file(artifacts["renamed"], model, "2", "FP32")
+    await client.put_deployment(DeploymentSpec(model=pipe, ensemble=(mapping_step(model),)))
+    said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{pipe}' step 0 ({model})" in line]
+    assert len(said) == 1 and "WARNING" in said[0], said
+    assert f"runs version 1, passing over version 2: model '{model}' {RENAMED}" in said[0]
