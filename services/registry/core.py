@@ -185,8 +185,10 @@ class Registry:
             stored_at = next((when for _, _, when in stored), None)
             if problem := changed_since(spec.model, if_updated_at, stored_at):
                 raise FailedPrecondition(problem)
-            said = await self.checks.ensemble(spec) if spec.ensemble else []
-            if not spec.ensemble:
+            if spec.ensemble:
+                said = await self.checks.ensemble(spec)  # warnings, logged once it is stored
+            else:
+                said = []
                 await self.checks.model_deployment(spec)
             when = time.time() if stored_at is None else max(time.time(), math.nextafter(stored_at, math.inf))
             await self.catalogue.quick(self.store.put_deployment, spec.model, deployment.to_json(spec), when)
