@@ -16,6 +16,7 @@ from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
 from services.cli import infra
+from services.common import bus as bus_module
 from services.common import events
 from services.common.bus import EventBus
 from services.common.events import EventRefused, EventTooLarge
@@ -23,6 +24,14 @@ from services.common.outbox import Outbox
 from tests.waiting import until
 
 SUBJECT = events.MODEL_PUBLISHED
+
+
+@pytest.fixture
+def quick_retries(monkeypatch) -> float:
+    """A bus's background connect tries come at 0.4 s, 1.2 s, 2.8 s... (a first wait of 0.4 s,
+    doubled each try) instead of 1 s, 3 s, 7 s: its first retry wait, in seconds."""
+    monkeypatch.setattr(bus_module, "RETRY_S", 0.4)
+    return 0.4
 
 
 def _nats_without_jetstream(port: int, monitor_port: int) -> subprocess.Popen:
@@ -60,7 +69,8 @@ def _connections(monitor_port: int) -> int:
         return json.loads(reply.read())["num_connections"]
 
 
-async def test_a_bus_started_before_jetstream_is_ready_subscribes_and_comes_online_once_it_is(tmp_path: Path):
+async def test_a_bus_started_before_jetstream_is_ready_subscribes_and_comes_online_once_it_is(tmp_path: Path,
+                                                                                              quick_retries):
     port = infra.free_port()
     url = f"nats://127.0.0.1:{port}"
     nats_proc = _nats_without_jetstream(port, infra.free_port())
@@ -80,7 +90,7 @@ async def test_a_bus_started_before_jetstream_is_ready_subscribes_and_comes_onli
         await bus.start()
         assert not came_online  # NATS answers, JetStream does not
         await bus.publish(SUBJECT, {"name": "while-waiting"})
-        await asyncio.sleep(1.5)  # a try of the background loop fails too
+        await asyncio.sleep(1.5 * quick_retries)  # a try of the background loop fails too
         infra.stop(nats_proc)
         nats_proc = infra.start_nats(port, tmp_path / "store")  # JetStream is there now
         await until(lambda: bus.connected and came_online, 20, "the bus to come online")
@@ -95,13 +105,13 @@ async def test_a_bus_started_before_jetstream_is_ready_subscribes_and_comes_onli
         infra.stop(nats_proc)
 
 
-async def test_a_bus_waiting_for_jetstream_holds_no_connection_open_between_tries(tmp_path: Path):
+async def test_a_bus_waiting_for_jetstream_holds_no_connection_open_between_tries(tmp_path: Path, quick_retries):
     port, monitor_port = infra.free_port(), infra.free_port()
     bus = EventBus(f"nats://127.0.0.1:{port}", "runtime/x", timeout=1.0)
     await bus.start()  # no NATS yet: retried in the background
     nats_proc = _nats_without_jetstream(port, monitor_port)
     try:
-        await asyncio.sleep(4.5)  # tries at 1 s and 3 s found NATS without JetStream
+        await asyncio.sleep(4.5 * quick_retries)  # tries at 0.4 s and 1.2 s: NATS without JetStream, at least the second
         assert not bus.connected
         assert _connections(monitor_port) <= 1  # a try may be under way
     finally:
