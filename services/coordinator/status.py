@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from services.common.deployment import DeploymentSpec, PrecisionSpec
+from services.common.errors import CneiError
 from services.common.model_spec import ModelVariant, version_key
 from services.common.nodes import NodeInfo
+from services.common.served import step_stable_version
 from services.coordinator.breaker import Breaker
 from services.coordinator.latency import LatencyBook
 from services.coordinator.precision import accuracy
@@ -85,7 +87,31 @@ def precision_text(p: PrecisionSpec) -> str:
     return " ".join(parts) or "auto"
 
 
-def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
+def ensemble_text(spec: DeploymentSpec, versions: Sequence[str] = ()) -> str | None:
+    """An ensemble's steps ('digits:1@edge -> tiny'): each step's model, the version it runs where
+    known (`versions`, per step; '' unknown) and its tier; None for a model's own deployment."""
+    versions = list(versions) or [""] * len(spec.ensemble)
+    return " -> ".join(s.model + (f":{v}" if v else "") + (f"@{s.tier}" if s.tier else "")
+                       for s, v in zip(spec.ensemble, versions)) or None
+
+
+def step_versions_run(spec: DeploymentSpec, variants: Mapping[str, list[ModelVariant]],
+                      deployments: Mapping[str, DeploymentSpec]) -> list[str]:
+    """The version each of an ensemble's steps runs apart from a canary's share
+    (`served.step_stable_version` over its model's `variants` and deployment); '' where the model
+    has no variants here (a nested ensemble, one the registry no longer holds) or no version serves."""
+    versions = []
+    for step in spec.ensemble:
+        held = variants.get(step.model, [])
+        try:
+            deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
+            versions.append(step_stable_version(step, deployed, held) if held else step.version)
+        except CneiError:
+            versions.append("")
+    return versions
+
+
+def deployment_summary(spec: DeploymentSpec, applied: bool, step_versions: Sequence[str] = ()) -> dict:
     b, j = spec.batching, spec.joint
     return {
         "applied": applied, "scheduler": spec.scheduler.policy, "tiers": list(spec.tiers),
@@ -95,7 +121,7 @@ def deployment_summary(spec: DeploymentSpec, applied: bool) -> dict:
         "precision": precision_text(spec.precision), "joint": j.mode,
         "joint_threshold": j.threshold if j.mode != "off" else None,
         "hedge_after_ms": spec.hedge_after_ms, "response_cache": spec.response_cache,
-        "ensemble": " -> ".join(s.model + (f"@{s.tier}" if s.tier else "") for s in spec.ensemble) or None,
+        "ensemble": ensemble_text(spec, step_versions),
         "rollout": rollout_text(spec),
     }
 
@@ -126,8 +152,9 @@ def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, Deplo
     for name in sorted(set(deployments) - set(by_name)):  # ensembles: a deployment, no artifact
         spec = deployments[name]
         if spec.ensemble:
+            versions = step_versions_run(spec, by_name, deployments)
             rows.append({"name": name, "latest_version": "1", "in_service": name not in unloaded, "variants": [],
-                         "deployment": deployment_summary(spec, True)})
+                         "deployment": deployment_summary(spec, True, versions)})
     return rows
 
 

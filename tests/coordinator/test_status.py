@@ -249,9 +249,12 @@ def test_an_ensemble_is_listed_with_its_steps():
     pipe = DeploymentSpec(model="pipe", ensemble=(
         EnsembleStep(model="digits", inputs=("input=i",), outputs=("probabilities=p",), tier="edge"),
         EnsembleStep(model="tiny", inputs=("x=p",), outputs=("y=o",))))
-    rows = model_rows([variant("FP32", "1")], {"pipe": pipe, "gone": DeploymentSpec(model="gone")})
+    renamed = replace(variant("FP32", "2"), inputs=[TensorSpec("pixels", "FP32", [-1, 64])])
+    rows = model_rows([variant("FP32", "1"), renamed], {"pipe": pipe, "gone": DeploymentSpec(model="gone")})
     assert [r["name"] for r in rows] == ["digits", "pipe"]  # a plain deployment without variants is not a model
-    assert rows[1]["deployment"]["ensemble"] == "digits@edge -> tiny" and rows[1]["variants"] == []
+    # the version each step runs (version 2 renames the input step 0 reads); a step over a model the
+    # coordinator has no variants of shows none
+    assert rows[1]["deployment"]["ensemble"] == "digits:1@edge -> tiny" and rows[1]["variants"] == []
     assert rows[0]["deployment"]["ensemble"] is None
 
 
@@ -266,7 +269,7 @@ async def test_the_status_text_lists_ensembles_apart_from_deployments():
     text = status_text(status)
     deployments, ensembles = text.split("DEPLOYMENTS")[1].split("ENSEMBLES")
     assert "pipe" not in deployments and "digits" in deployments
-    assert "pipe" in ensembles and "digits@edge" in ensembles
+    assert "pipe" in ensembles and "digits:1@edge" in ensembles
 
 
 def test_the_nodes_out_of_use_are_those_of_the_deployment_the_requests_region_first():
