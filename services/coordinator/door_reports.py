@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 from services.common.batcher import QUEUE_TIME
 from services.common.errors import ErrorCode
-from services.common.oip_servicer import record_inference
+from services.common.oip_operations import record_inference
 from services.coordinator.breaker import Verdict, verdict
 from services.coordinator.core import count_served
 from services.coordinator.response_cache import CACHE_EVENTS

@@ -13,9 +13,9 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
-from services.common.oip_servicer import (EXTENSIONS, InferenceCore, classified, inference_metrics, model_config,
-                                          platform, refuse_load_overrides, repository_models, statistics,
-                                          stats_to_proto, trace_setting)
+from services.common.oip_convert import model_config, platform, stats_to_proto
+from services.common.oip_operations import (EXTENSIONS, InferenceCore, classified, inference_metrics,
+                                            refuse_load_overrides, repository_models, statistics, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda

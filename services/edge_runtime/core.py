@@ -16,7 +16,7 @@ from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, outcome_of
 from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, check_batch_size, check_inputs,
                                         served_max_batch_size, version_key)
-from services.common.oip_servicer import Instance
+from services.common.oip_operations import Instance
 from services.common.registry_client import RegistryClient
 from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting

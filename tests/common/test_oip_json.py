@@ -311,7 +311,7 @@ def test_tensors_in_shared_memory_over_rest(tmp_path):
 def test_proto_messages_are_written_as_tritons_http_api_writes_them():
     from services.common.deployment import DeploymentSpec
     from services.common.model_spec import ModelVariant, TensorSpec
-    from services.common.oip_servicer import config_to_proto
+    from services.common.oip_convert import config_to_proto
 
     def config(input_shape: tuple, deployment: DeploymentSpec | None = DeploymentSpec(model="m")) -> dict:
         variant = ModelVariant(name="m", version="1", precision="FP32", sha256="0" * 64, size_bytes=1,
@@ -331,7 +331,8 @@ def test_proto_messages_are_written_as_tritons_http_api_writes_them():
 
 def test_a_loaded_variant_s_config_names_its_instance_kind_and_session_threads():
     from services.common.model_spec import ModelVariant, TensorSpec
-    from services.common.oip_servicer import Instance, config_to_proto
+    from services.common.oip_convert import config_to_proto
+    from services.common.oip_operations import Instance
 
     variant = ModelVariant(name="m", version="1", precision="FP32", sha256="0" * 64, size_bytes=1,
                            inputs=[TensorSpec("x", "FP32", (-1, 64))], outputs=[TensorSpec("y", "FP32", (-1, 10))])

@@ -59,7 +59,7 @@ def test_a_kept_answer_is_a_copy():
 
 def test_statistics_count_cache_hits_as_successes_that_ran_no_model():
     """perf_analyzer aborts unless compute_input, compute_infer and compute_output counts agree."""
-    from services.common.oip_servicer import stats_to_proto
+    from services.common.oip_convert import stats_to_proto
     from services.common.stats import ModelStats
 
     stats = ModelStats("digits", "1")

@@ -13,7 +13,7 @@ from services.common import oip
 from services.common import settings as cfg
 from services.common.errors import InvalidArgument
 from services.common.model_spec import FORMED_BATCH
-from services.common.oip_servicer import model_config
+from services.common.oip_convert import model_config
 from services.common.registry_client import RegistryClient
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.core import EdgeRuntime
