@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "compose" / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 REQUIREMENTS = ROOT / "deploy" / "docker" / "requirements.txt"
+DASHBOARD = ROOT / "deploy" / "grafana" / "cnei-dashboard.json"
+PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"  # the prom/prometheus image's default
 IMAGE = "cnei:dev"
 
 # The module a CNEI container runs (its command) -> that service's settings class and prefix.
@@ -126,7 +128,7 @@ def _health_target(svc: dict) -> str:
 
 def test_compose_has_the_mesh(services):
     assert {"nats", "redis", "jaeger", "registry", "coordinator", "demo-model", "trainer",
-            "cloud-1", "edge-a1", "edge-b1"} <= set(services)
+            "cloud-1", "edge-a1", "edge-b1", "prometheus", "grafana"} <= set(services)
 
 
 def test_every_service_has_an_image_or_build(services):
@@ -141,7 +143,8 @@ def test_third_party_images_are_pinned(services):
         image = svc["image"]
         repo, _, tag = image.rpartition(":")
         assert repo and "/" not in tag, f"{name}: image {image!r} has no tag"
-        assert tag != "latest" and re.match(r"\d+\.\d+\.\d+", tag), f"{name}: {image!r} not pinned"
+        # a full version, as some projects tag it (prom/prometheus: v2.53.1)
+        assert tag != "latest" and re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image!r} not pinned"
 
 
 def test_cnei_services_build_the_shared_image(services):
@@ -298,6 +301,74 @@ def test_demo_model_one_shot_targets_the_registry(services):
     assert int(port) == registry.port
     assert _depends(svc) == {host: "service_healthy"}
     assert "healthcheck" not in svc
+
+
+# --- compose: Prometheus and Grafana -----------------------------------------------------------
+
+
+def _flag(svc: dict, name: str, default: str) -> str:
+    """The value of `--name=value` in a service's command, else the image's default."""
+    values = [arg.split("=", 1)[1] for arg in _command(svc) if arg.startswith(f"--{name}=")]
+    return values[-1] if values else default
+
+
+def _host_path(svc: dict, container_path: str) -> Path:
+    """The file of this repository a bind mount puts at `container_path` (itself or a folder above)."""
+    for target, source in _mounts(svc).items():
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            assert source.startswith((".", "/")), f"{target} is the volume {source}, not a repository file"
+            return (COMPOSE_FILE.parent / source / os.path.relpath(container_path, target)).resolve()
+    raise AssertionError(f"nothing is mounted at {container_path}")
+
+
+@pytest.fixture(scope="module")
+def scrape_config(services) -> dict:
+    prometheus = services["prometheus"]
+    path = _host_path(prometheus, _flag(prometheus, "config.file", PROMETHEUS_CONFIG))
+    return yaml.safe_load(path.read_text())
+
+
+def test_prometheus_scrapes_every_cnei_service_at_its_metrics_port(services, scrape_config):
+    expected = []
+    for name, svc in _cnei(services).items():
+        _, _, s = _settings_of(name, svc)
+        assert s.metrics_port, f"{name} serves no metrics"
+        expected.append(f"{name}:{s.metrics_port}")
+    jobs = scrape_config["scrape_configs"]
+    assert len({job["job_name"] for job in jobs}) == len(jobs)
+    targets = [t for job in jobs for static in job["static_configs"] for t in static["targets"]]
+    assert sorted(targets) == sorted(expected)  # each once, none left from a renamed service
+    for job in jobs:
+        assert (job.get("metrics_path", "/metrics"), job.get("scheme", "http")) == ("/metrics", "http")
+
+
+def test_prometheus_keeps_its_data_on_a_volume_and_serves_its_port(services):
+    prometheus = services["prometheus"]
+    data = _flag(prometheus, "storage.tsdb.path", "/prometheus")
+    assert not _mounts(prometheus)[data].startswith((".", "/")), "data on a named volume"
+    port = int(_flag(prometheus, "web.listen-address", ":9090").rsplit(":", 1)[1])
+    assert port in _container_ports(prometheus)
+    assert f"127.0.0.1:{port}/-/healthy" in " ".join(prometheus["healthcheck"]["test"])
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_cnei_dashboard(services, scrape_config):
+    grafana = services["grafana"]
+    provisioning = _env(grafana).get("GF_PATHS_PROVISIONING", "/etc/grafana/provisioning")
+    sources = _host_path(grafana, f"{provisioning}/datasources")
+    (source,) = [d for f in sorted(sources.glob("*.yml")) for d in yaml.safe_load(f.read_text())["datasources"]]
+    url = urlparse(source["url"])
+    assert (source["type"], source["isDefault"], url.hostname) == ("prometheus", True, "prometheus")
+    assert url.port in _container_ports(services["prometheus"])
+    # Grafana's $__rate_interval is four scrape intervals once it knows the interval
+    assert source["jsonData"]["timeInterval"] == scrape_config["global"]["scrape_interval"]
+    assert _depends(grafana) == {"prometheus": "service_healthy"}
+    providers = _host_path(grafana, f"{provisioning}/dashboards")
+    (provider,) = [p for f in sorted(providers.glob("*.yml")) for p in yaml.safe_load(f.read_text())["providers"]]
+    assert provider["type"] == "file"
+    assert list(_host_path(grafana, provider["options"]["path"]).glob("*.json")) == [DASHBOARD]
+    assert _host_path(grafana, _env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]) == DASHBOARD
+    assert "127.0.0.1:3000/api/health" in " ".join(grafana["healthcheck"]["test"])
+    assert 3000 in _container_ports(grafana)
 
 
 def test_docker_compose_config_accepts_the_file():
