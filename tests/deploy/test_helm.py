@@ -4,6 +4,7 @@ then the properties a real cluster relies on, for several sets of values."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -26,6 +27,8 @@ from services.trainer import settings as trainer_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "cnei"
+DASHBOARD = ROOT / "deploy" / "grafana" / "cnei-dashboard.json"
+CHART_DASHBOARD = CHART / "dashboards" / "cnei-dashboard.json"  # Helm reads files inside the chart only
 RELEASE, NAMESPACE = "cnei", "inference"
 EDGE_LABEL = "node-role.kubernetes.io/edge"
 WORKLOADS = {"Deployment", "DaemonSet", "StatefulSet"}
@@ -48,7 +51,8 @@ VALUE_SETS = {
     "production": {
         "image": {"repository": "registry.example.com/cnei", "tag": "1.2.3"},
         "otel": {"endpoint": "http://otel-collector.observability:4317"},
-        "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                       "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "CNEI"}}},
         "registry": {"env": {"CNEI_REGISTRY_MAX_ARTIFACT_BYTES": 536870912},
                      "restrictedApisSecret": {"name": "cnei-admin"},
                      "tls": {"secretName": "cnei-registry-tls", "caSecretName": "cnei-registry-ca",
@@ -754,6 +758,23 @@ def test_the_service_monitor_scrapes_the_metrics_port_of_every_cnei_service(rend
                     if "metrics" in [p["name"] for p in s["spec"]["ports"]]]
     assert selected == with_metrics and len(selected) >= 3
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_the_chart_ships_the_same_dashboard_as_deploy_grafana():
+    assert CHART_DASHBOARD.read_bytes() == DASHBOARD.read_bytes(), f"copy {DASHBOARD} to {CHART_DASHBOARD}"
+
+
+def test_the_grafana_dashboard_is_a_config_map_the_grafana_sidecar_picks_up(rendered):
+    wanted = rendered.values["monitoring"]["grafanaDashboard"]
+    maps = [c for c in rendered.of("ConfigMap") if "grafana_dashboard" in c["metadata"]["labels"]]
+    if not wanted["enabled"]:
+        assert not maps
+        return
+    (dashboard,) = maps
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"].get("annotations", {}) == wanted["annotations"]
+    (text,) = dashboard["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text())
 
 
 def test_the_trainer_runs_the_trainer_service_with_a_writable_work_dir(rendered):
