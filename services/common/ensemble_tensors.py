@@ -7,7 +7,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.common.deployment import DeploymentSpec, ensemble_plan, shapes_fit
+from services.common.deployment import DeploymentSpec, shapes_fit
+from services.common.ensemble_plan import ensemble_plan
 from services.common.model_spec import ModelVariant, TensorSpec
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from services.common import codec
-from services.common.deployment import DeploymentSpec, ensemble_plan
+from services.common.deployment import DeploymentSpec
+from services.common.ensemble_plan import ensemble_plan
 from services.common.model_spec import ModelVariant, served_max_batch_size
 from services.common.oip_operations import InferenceCore, Instance, named_model
 from services.common.stats import ModelStats

@@ -3,7 +3,8 @@ ensemble step over it runs: one rule for the registry, the coordinator, the runt
 (pure functions)."""
 from __future__ import annotations
 
-from services.common.deployment import DeploymentSpec, EnsembleStep, rollout_version, step_mapping_problem, tensor_map
+from services.common.deployment import DeploymentSpec, EnsembleStep, rollout_version
+from services.common.ensemble_plan import step_mapping_problem, tensor_map
 from services.common.errors import FailedPrecondition, ModelNotFound
 from services.common.model_spec import ModelVariant, version_key
 

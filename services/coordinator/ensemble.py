@@ -12,7 +12,8 @@ from opentelemetry import trace
 
 from services.common import oip
 from services.common.batcher import request_deadline
-from services.common.deployment import DeploymentSpec, EnsemblePlan, EnsembleStep, ensemble_plan, step_mapping_problem
+from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.ensemble_plan import EnsemblePlan, ensemble_plan, step_mapping_problem
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from services.common import deployment
 from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.ensemble_plan import ensemble_cycle, ensemble_interface, ensemble_plan, step_mapping_problem
 from services.common.ensemble_tensors import StepTensors, inconsistency_over, tensor_inconsistency
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
 from services.common.model_spec import ModelVariant, pick_variant, version_key
@@ -100,10 +101,10 @@ class DeploymentChecks:
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
         specs = {s.model: s for s, _ in await self.catalogue.deployments()}
         ensembles = {model: s for model, s in specs.items() if s.ensemble} | {spec.model: spec}
-        if cycle := deployment.ensemble_cycle(spec.model, ensembles):
+        if cycle := ensemble_cycle(spec.model, ensembles):
             raise InvalidArgument(f"ensemble '{spec.model}' reaches itself: {' -> '.join(cycle)}")
         runs, said = [], []
-        for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, deployment.ensemble_plan(spec).maps)):
+        for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, ensemble_plan(spec).maps)):
             where = f"ensemble '{spec.model}' step {i} ({step.model})"
             variants = await self.catalogue.variants(step.model)
             nested = step.model in ensembles and not variants
@@ -113,7 +114,7 @@ class DeploymentChecks:
                 if step.precision:
                     raise InvalidArgument(f"{where}: asks for precision {step.precision}, but '{step.model}' is an "
                                           "ensemble, whose steps name their own")
-                inputs, outputs = deployment.ensemble_interface(ensembles[step.model])
+                inputs, outputs = ensemble_interface(ensembles[step.model])
                 versions: list[str] = []  # its own steps' were checked when it was put
             else:
                 deployed = specs.get(step.model, DeploymentSpec(step.model))
@@ -125,7 +126,7 @@ class DeploymentChecks:
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
                 newer = {u.version for u in variants if version_key(u.version) > version_key(versions[0])}
                 said += _passed_over([spec], deployed, variants, sorted(newer, key=version_key, reverse=True), i)[:1]
-            if problem := deployment.step_mapping_problem(reads, writes, inputs, outputs, step.model):
+            if problem := step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
             if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
                 raise FailedPrecondition(f"{where}: {problem}")

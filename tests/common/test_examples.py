@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from services.common import deployment
+from services.common.ensemble_plan import ensemble_interface
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("*.yaml"))
 
@@ -19,5 +20,5 @@ def test_every_example_is_a_valid_deployment(path):
 
 def test_the_ensemble_example_runs_both_tiers_on_one_image():
     spec = deployment.from_dict(yaml.safe_load((EXAMPLES[0].parent / "digits-both-tiers.yaml").read_text()))
-    assert deployment.ensemble_interface(spec) == (["image"], ["edge_probabilities", "cloud_probabilities"])
+    assert ensemble_interface(spec) == (["image"], ["edge_probabilities", "cloud_probabilities"])
     assert [(s.tier, s.precision) for s in spec.ensemble] == [("edge", "INT8"), ("cloud", "FP32")]

@@ -12,6 +12,7 @@ import pytest
 
 from services.common import deployment, oip
 from services.common.deployment import DeploymentSpec, EnsembleStep, RolloutSpec
+from services.common.ensemble_plan import ensemble_interface
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.coordinator import ensemble
@@ -24,7 +25,7 @@ SPEC = DeploymentSpec(model="pipe", ensemble=(
 
 
 def test_the_interface_is_the_tensors_no_step_produces_and_those_no_step_consumes():
-    assert deployment.ensemble_interface(SPEC) == (["image"], ["side", "label"])
+    assert ensemble_interface(SPEC) == (["image"], ["side", "label"])
     assert deployment.from_dict(deployment.dataclasses.asdict(SPEC)) == SPEC
 
 
