@@ -2,7 +2,7 @@
 runtimes' for the coordinator and the trainer it starts; and the CA of a registry on TLS."""
 from __future__ import annotations
 
-from services.cli.up import NODE_CLIENTS, REGISTRY_CLIENTS, node_headers, registry_ca, registry_headers
+from services.cli.up_keys import NODE_CLIENTS, REGISTRY_CLIENTS, node_headers, registry_ca, registry_headers
 
 
 def test_the_runtimes_keys_go_to_the_services_that_call_runtimes(monkeypatch):
@@ -31,7 +31,7 @@ def test_a_registry_on_tls_is_trusted_by_its_own_certificate_unless_a_ca_is_name
 
 
 def test_each_service_is_handed_what_it_calls_with_and_its_own_variables_win(monkeypatch):
-    from services.cli.up import client_env
+    from services.cli.up_keys import client_env
 
     monkeypatch.setenv("CNEI_REGISTRY_RESTRICTED_APIS", "model-repository:admin-key=a1")
     monkeypatch.setenv("CNEI_RUNTIME_RESTRICTED_APIS", "inference:node-key=n1")
@@ -52,7 +52,7 @@ def test_each_service_is_handed_what_it_calls_with_and_its_own_variables_win(mon
 
 
 def test_runtimes_on_tls_are_trusted_by_the_services_that_call_them(monkeypatch):
-    from services.cli.up import client_env, node_ca
+    from services.cli.up_keys import client_env, node_ca
 
     for name in ("CNEI_RUNTIME_TLS_CERT_FILE", "CNEI_NODE_TLS_CA", "CNEI_NODE_TLS_CERT", "CNEI_NODE_TLS_KEY",
                  "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_COORDINATOR_NODE_TLS_CA_FILE"):
