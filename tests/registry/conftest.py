@@ -130,6 +130,15 @@ def name() -> str:
     return f"m-{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture
+async def models(client, name, artifacts) -> dict[str, str]:
+    """A fresh model of each of the module's `artifacts` (FP32, version 1): their names by key."""
+    names = {key: f"{name}-{key}" for key in artifacts}
+    for key, path in artifacts.items():
+        await client.push_file(path, names[key], "1", "FP32")
+    return names
+
+
 @pytest.fixture(scope="session")
 def built(digits_models) -> dict:
     return {b.precision: b for b in digits_models}

@@ -31,15 +31,6 @@ def artifacts(tmp_path_factory):
     return paths
 
 
-@pytest.fixture
-async def models(client, name, artifacts) -> dict[str, str]:
-    """A fresh model of each artifact (FP32, version 1): their names by key."""
-    names = {key: f"{name}-{key}" for key in artifacts}
-    for key, path in artifacts.items():
-        await client.push_file(path, names[key], "1", "FP32")
-    return names
-
-
 async def refused(client, spec: DeploymentSpec) -> str:
     """The INVALID_ARGUMENT message `spec` is refused with (and it was not stored)."""
     with pytest.raises(CneiError) as info:

@@ -42,15 +42,6 @@ def artifacts(tmp_path_factory):
     return paths
 
 
-@pytest.fixture
-async def models(client, name, artifacts) -> dict[str, str]:
-    """A fresh model of each artifact (FP32, version 1): their names by key."""
-    names = {key: f"{name}-{key}" for key in artifacts}
-    for key, path in artifacts.items():
-        await client.push_file(path, names[key], "1", "FP32")
-    return names
-
-
 def pipe(name: str, edge: str, head: str) -> DeploymentSpec:
     return DeploymentSpec(model=f"{name}-pipe", ensemble=(
         EnsembleStep(edge, inputs=("input=image",), outputs=("probabilities=p",)),
