@@ -263,13 +263,9 @@ class Coordinator:
         """Rows outstanding per node as placement weighs them (`Placer.rows_outstanding`)."""
         return self.placer.rows_outstanding()
 
-    def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:
-        """The first attempt's placement for `request`, as the full path decides it (a span)."""
-        return self.placer.place(request, variants, spec)
-
     def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      limit: int, margin: float) -> list[Placement]:
-        """Where requests like this one may go, `place`'s choice first (`Placer.place_spread`)."""
+        """Where requests like this one may go, the full path's first choice first (`Placer.place_spread`)."""
         return self.placer.place_spread(request, variants, spec, limit, margin)
 
     def eligible_nodes(self, spec: DeploymentSpec) -> list[NodeInfo]:

@@ -15,7 +15,8 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from services.common import codec, oip
-from services.common.batcher import BATCH_SIZE, BatchConfig
+from services.common.batch_formation import BatchConfig
+from services.common.batcher import BATCH_SIZE
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError
 from services.common.model_spec import check_inputs

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from services.common.background import Background
-from services.common.batcher import BatchConfig, Batcher
+from services.common.batch_formation import BatchConfig
+from services.common.batcher import Batcher
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ErrorCode, Unavailable
 from services.common.model_spec import ModelVariant

@@ -1,4 +1,4 @@
-"""Coordinator core helpers: request deadline, Triton priority levels, per-variant batch settings."""
+"""Coordinator core helpers: request deadline, Triton priority levels, per-variant batch settings, tiers."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,10 +7,11 @@ import pytest
 
 from services.common.deployment import BatchingSpec, DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.model_spec import ModelVariant, TensorSpec
 from services.common import batcher
-from services.coordinator import core, placer
-from services.common.batcher import DEFAULT_PRIORITY_LEVEL, BatchConfig, priority_level, request_deadline
+from services.common.batch_formation import BatchConfig
+from services.common.batcher import DEFAULT_PRIORITY_LEVEL, priority_level, request_deadline
+from services.common.model_spec import ModelVariant, TensorSpec
+from services.coordinator import placer
 from services.coordinator.node_batchers import batch_config
 
 NOW = 1000.0
@@ -19,7 +20,6 @@ DEFAULT_S = 30.0
 
 @pytest.fixture(autouse=True)
 def frozen_clock(monkeypatch):
-    monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: NOW))
     monkeypatch.setattr(batcher, "time", SimpleNamespace(monotonic=lambda: NOW))  # request_deadline's clock
 
 
