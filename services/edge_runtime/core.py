@@ -87,7 +87,7 @@ class EdgeRuntime:
     def registry(self, client: RegistryClient) -> None:
         """The registry this runtime asks (replaced: each of its parts asks the new one)."""
         self._registry = client
-        self.resolver.registry = self.sync.registry = self.loader.registry = client
+        self.resolver.registry = self.sync.registry = self.loader.registry = self.loader.siblings.registry = client
 
     async def deployment_cap(self, name: str) -> int:
         """The most rows one call of the model may carry by its deployment (`Resolver.deployment_cap`)."""
