@@ -125,7 +125,7 @@ class DeploymentChecks:
                 v = pick_variant(variants, step.model, versions[0], "")  # the stable one it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
                 newer = {u.version for u in variants if version_key(u.version) > version_key(versions[0])}
-                said += _passed_over([spec], deployed, variants, sorted(newer, key=version_key, reverse=True), i)[:1]
+                said += _passed_over([spec], deployed, variants, sorted(newer, key=version_key, reverse=True), i)
             if problem := step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
             if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
@@ -170,7 +170,7 @@ class DeploymentChecks:
         the one put, the defaults when it is deleted) asks for a precision, or maps a tensor, that a
         version the deployment would serve it lacks (`variants`: the model's), or such a version
         types a tensor otherwise than the ensemble's other steps (`inconsistency_over`)."""
-        stored = [s for s, _ in await self.catalogue.deployments()]
+        stored, read = [s for s, _ in await self.catalogue.deployments()], {}
         for ensemble in stored:
             over = [(i, step) for i, step in enumerate(ensemble.ensemble) if step.model == spec.model]
             for i, step in over:
@@ -179,18 +179,25 @@ class DeploymentChecks:
                 if problem := (precision_problem_over(step, versions, variants)
                                or tensor_problem_over(step, versions, variants)):
                     raise FailedPrecondition(f"{where}: {problem}")
-            if over and (problem := inconsistency_over(ensemble, await self._runs(ensemble, stored, spec, variants))):
+            if not over:
+                continue
+            if problem := inconsistency_over(ensemble, await self._runs(ensemble, stored, spec, variants, read)):
                 raise FailedPrecondition(problem)
 
     async def _runs(self, ensemble: DeploymentSpec, stored: list[DeploymentSpec], spec: DeploymentSpec,
-                    variants: list[ModelVariant]) -> list[list[StepTensors | None]]:
+                    variants: list[ModelVariant], read: dict[str, list[ModelVariant]] | None = None,
+                    ) -> list[list[StepTensors | None]]:
         """Per step of a stored ensemble, the tensors of each version it would run with `spec` the
         deployment of its model (`variants`: the model's) and the `stored` ones of the others;
-        [None] for a step over a nested ensemble or running no version."""
+        [None] for a step over a nested ensemble or running no version. `read`: the other models'
+        variants read so far (a caller going over several ensembles reads each model once)."""
         deployed = {s.model: s for s in stored} | {spec.model: spec}
+        read = {} if read is None else read
         runs = []
         for step in ensemble.ensemble:
-            held = variants if step.model == spec.model else await self.catalogue.variants(step.model)
+            if step.model != spec.model and step.model not in read:
+                read[step.model] = await self.catalogue.variants(step.model)
+            held = variants if step.model == spec.model else read[step.model]
             try:
                 versions = step_versions(step, deployed.get(step.model, DeploymentSpec(step.model)), held)
                 runs.append(_step_runs(step, versions, held))
@@ -218,9 +225,9 @@ class DeploymentChecks:
         over a version renaming a tensor, not one retyping it) when its steps then type a tensor
         differently (`tensor_inconsistency`): the ensemble, tensor and models; its requests will
         fail inside a step's model."""
-        said = []
+        said, read = [], {}
         for ensemble in ensembles:
-            stable = [each[0] for each in await self._runs(ensemble, stored, deployed, variants)]
+            stable = [each[0] for each in await self._runs(ensemble, stored, deployed, variants, read)]
             runs_it = any(t is not None and (t.model, t.version) == (pushed.name, pushed.version) for t in stable)
             if runs_it and (problem := tensor_inconsistency(ensemble, stable)):
                 said.append(f"{problem}: its requests will fail (a step runs model '{pushed.name}' version "
@@ -231,8 +238,9 @@ class DeploymentChecks:
 def _passed_over(ensembles: list[DeploymentSpec], deployed: DeploymentSpec, variants: list[ModelVariant],
                  versions: list[str], only: int | None = None) -> list[str]:
     """Each step of the `ensembles` (step `only`, when given) over the model of `variants` that
-    passes one of its `versions` over for a tensor it maps (`served.step_passed_over`): the
-    ensemble, step, model, version and tensor, and the version the step runs instead."""
+    passes one of `versions` over for a tensor it maps (`served.step_passed_over`; the first such
+    of `versions` for each step): the ensemble, step, model, version and tensor, and the version
+    the step runs instead."""
     said = []
     for ensemble in ensembles:
         for i, step in enumerate(ensemble.ensemble):
@@ -243,4 +251,5 @@ def _passed_over(ensembles: list[DeploymentSpec], deployed: DeploymentSpec, vari
                     running, problem = found
                     said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, "
                                 f"passing over version {version}: {problem}")
+                    break
     return said
