@@ -132,7 +132,7 @@ def precision_problem_over(step: EnsembleStep, versions: list[str], variants: li
     """`step_precision_problem` over `versions` (the step's `step_versions`, worked out already)."""
     precision = step.precision.upper()
     for version in versions if precision else ():
-        if problem := precision_lacking(step.model, version, precision, variants, "the step's precision"):
+        if problem := precision_lacking(step.model, version, precision, variants, STEP_PRECISION):
             return problem
     return None
 
