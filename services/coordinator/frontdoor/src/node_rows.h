@@ -1,6 +1,6 @@
 // Rows the door has queued for each node or sent it and not yet had answered, across every route
 // (every model) to that node: the least_loaded policy's rows outstanding, counted as the
-// coordinator counts its own (services/coordinator/core.py, outstanding). Pure (no gRPC), tested by
+// coordinator counts its own (services/coordinator/attempts.py, outstanding). Pure (no gRPC), tested by
 // tests/coordinator/test_door_node_rows.py.
 #pragma once
 
