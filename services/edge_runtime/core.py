@@ -22,11 +22,11 @@ from services.common.stats import ModelStats, StatsBook
 from services.edge_runtime import accounting
 from services.edge_runtime.accounting import REQUESTS, CostModel
 from services.edge_runtime.cache import DiskCache
-from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.disk_sync import DiskSync
 from services.edge_runtime.energy import check_source
 from services.edge_runtime.execution import (Execution, Run, batch_size, batching_spec, check_batching,
                                              requested_outputs, run_labels)
+from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.loading import LoadedModel, Loader
 from services.edge_runtime.reach import RegistryReach, unreachable
 from services.edge_runtime.resolution import Resolver

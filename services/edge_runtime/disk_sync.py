@@ -18,8 +18,8 @@ from services.common.model_spec import ModelVariant, Tombstone, version_key
 from services.common.registry_client import RegistryClient
 from services.common.served import models_in_use, versions_in_use
 from services.edge_runtime.cache import Deleted, DiskCache
-from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.eviction import CachedArtifact
+from services.edge_runtime.l1 import L1Cache
 from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach, unreachable
 from services.edge_runtime.resolution import DEPLOYMENT_TTL_S, Resolver
 
