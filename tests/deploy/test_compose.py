@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "compose" / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 REQUIREMENTS = ROOT / "deploy" / "docker" / "requirements.txt"
-DASHBOARD = ROOT / "deploy" / "grafana" / "cnei-dashboard.json"
+DASHBOARD = ROOT / "deploy" / "helm" / "cnei" / "dashboards" / "cnei-dashboard.json"  # the chart's, mounted
 PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"  # the prom/prometheus image's default
 IMAGE = "cnei:dev"
 

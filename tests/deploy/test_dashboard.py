@@ -1,4 +1,4 @@
-"""The Grafana dashboard deploy/grafana/cnei-dashboard.json against the metrics the services
+"""The Grafana dashboard deploy/helm/cnei/dashboards/cnei-dashboard.json against the metrics the services
 register: every series a panel queries, and every label it selects, groups or names a legend by,
 is one some service exports, so renaming a metric or a label fails here."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from services.common.triton_metrics import TritonMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD = ROOT / "deploy" / "grafana" / "cnei-dashboard.json"
+DASHBOARD = ROOT / "deploy" / "helm" / "cnei" / "dashboards" / "cnei-dashboard.json"
 # Grafana 10.0 wrote schemaVersion 38, 11.x writes 39 to 41.
 SCHEMA_VERSIONS = range(38, 42)
 SCRAPE_LABELS = frozenset({"job", "instance"})  # Prometheus adds them to every series it scrapes

@@ -27,7 +27,6 @@ from services.trainer import settings as trainer_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "cnei"
-DASHBOARD = ROOT / "deploy" / "grafana" / "cnei-dashboard.json"
 CHART_DASHBOARD = CHART / "dashboards" / "cnei-dashboard.json"  # Helm reads files inside the chart only
 RELEASE, NAMESPACE = "cnei", "inference"
 EDGE_LABEL = "node-role.kubernetes.io/edge"
@@ -760,10 +759,6 @@ def test_the_service_monitor_scrapes_the_metrics_port_of_every_cnei_service(rend
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
 
-def test_the_chart_ships_the_same_dashboard_as_deploy_grafana():
-    assert CHART_DASHBOARD.read_bytes() == DASHBOARD.read_bytes(), f"copy {DASHBOARD} to {CHART_DASHBOARD}"
-
-
 def test_the_grafana_dashboard_is_a_config_map_the_grafana_sidecar_picks_up(rendered):
     wanted = rendered.values["monitoring"]["grafanaDashboard"]
     maps = [c for c in rendered.of("ConfigMap") if "grafana_dashboard" in c["metadata"]["labels"]]
@@ -774,7 +769,7 @@ def test_the_grafana_dashboard_is_a_config_map_the_grafana_sidecar_picks_up(rend
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"].get("annotations", {}) == wanted["annotations"]
     (text,) = dashboard["data"].values()
-    assert json.loads(text) == json.loads(DASHBOARD.read_text())
+    assert json.loads(text) == json.loads(CHART_DASHBOARD.read_text())
 
 
 def test_the_trainer_runs_the_trainer_service_with_a_writable_work_dir(rendered):
