@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +26,19 @@ def _digits_test_split():
 
 
 EVAL_SETS = {"digits": _digits_test_split}
+
+
+async def _in_thread(fn, *args):
+    """fn(*args) in a thread. A Ctrl-C meanwhile (the task cancelled) waits for it to end before
+    the build unwinds, so nothing writes into the build's temporary directory while it is removed
+    (a second Ctrl-C stops at once)."""
+    running = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
 
 
 def eval_data(name: str):
@@ -63,9 +77,9 @@ def quality_notes(meta: dict[str, str]) -> list[str]:
 
 async def _build_one(client, parent, fp32: Path, precision: str, args, labelled, show, done: int, total: int):
     show(done, total, f" converting {precision}")
-    path = await asyncio.to_thread(variants.build_one, fp32, precision, fp32.parent)
+    path = await _in_thread(variants.build_one, fp32, precision, fp32.parent)
     show(done + 1, total, f" measuring {precision}")
-    meta = await asyncio.to_thread(variants.describe, fp32, path, labelled, parent.sha256, precision,
+    meta = await _in_thread(variants.describe, fp32, path, labelled, parent.sha256, precision,
                                    args.min_agreement, parent.metadata.get("eval_output", ""))
     meta.update({k: parent.metadata[k] for k in INHERITED if k in parent.metadata})
     if labelled is not None:
@@ -94,7 +108,7 @@ async def models_build(args) -> int:
         with tempfile.TemporaryDirectory(prefix="cnei-build-") as tmp:
             fp32 = Path(tmp) / f"{parent.name}-fp32.onnx"
             fp32.write_bytes(await client.fetch_artifact(parent.sha256))
-            labelled = await asyncio.to_thread(eval_data, args.eval) if todo else None
+            labelled = await _in_thread(eval_data, args.eval) if todo else None
             done, built = 1, []
             for precision in todo:
                 try:
