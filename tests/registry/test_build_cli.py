@@ -104,9 +104,9 @@ async def test_a_variant_registered_from_another_fp32_is_refused_by_name(registr
 
 
 async def test_ctrl_c_during_a_build_prints_interrupted_and_exits_130(registry, client, fp32, name):
-    """The registry is stopped once the build has begun (SIGSTOP), so the build cannot finish
-    before the Ctrl-C reaches it however slowly this test is scheduled (it waits on the registry
-    or converts, then waits on the upload)."""
+    """The registry is stopped (SIGSTOP) once the build has begun until the Ctrl-C is sent, so the
+    build cannot finish before the Ctrl-C reaches it however slowly this test is scheduled (it
+    waits on the registry, or converts and then waits on the upload)."""
     await client.push_file(fp32, name, "1", "FP32")
     proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "models", "build", name,
                              "--registry", registry.target], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -119,9 +119,9 @@ async def test_ctrl_c_during_a_build_prints_interrupted_and_exits_130(registry, 
     try:
         assert proc.poll() is None, f"the build ended before it was interrupted: {seen!r}"
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
     finally:
         registry.proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
     err = (seen + (err or b"")).decode()
     assert proc.returncode == 130, (out, err)
     assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
