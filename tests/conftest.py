@@ -1,6 +1,7 @@
 """Shared fixtures: real NATS (JetStream) and Redis servers on free ports, one per test session."""
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,12 @@ from nats.js.api import StreamConfig
 
 from services.cli import infra
 from services.common import events
+
+# A shell runs a command it starts in the background (`make test &`, a CI script's `cmd &`) with
+# Ctrl-C ignored, which every process the tests start would inherit: the tests of what Ctrl-C does
+# to `cnei` commands and services need it back as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
