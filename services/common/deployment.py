@@ -271,9 +271,11 @@ def to_json(spec: DeploymentSpec) -> str:
     return json.dumps(dataclasses.asdict(spec), sort_keys=True)
 
 
-def shapes_fit(first: tuple[int, ...], second: tuple[int, ...]) -> bool:
-    """Same rank and, past the batch dimension, the same size wherever both are fixed (-1: any)."""
-    return len(first) == len(second) and all(a == b or -1 in (a, b) for a, b in zip(first[1:], second[1:]))
+def shapes_fit(first: tuple[int, ...], second: tuple[int, ...], from_dim: int = 1) -> bool:
+    """Same rank and, from dimension `from_dim` (by default past the batch dimension), the same
+    size wherever both are fixed (-1: any)."""
+    return len(first) == len(second) and all(a == b or -1 in (a, b)
+                                             for a, b in zip(first[from_dim:], second[from_dim:]))
 
 
 def joint_mismatches(edge_outputs: dict[str, tuple[int, ...]], cloud_outputs: dict[str, tuple[int, ...]]) -> list[str]:

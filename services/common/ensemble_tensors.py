@@ -1,6 +1,7 @@
 """An ensemble's tensors as the versions its steps run type them: the step writing a tensor (or,
 for an ensemble input, the first reading it) and every step reading it must agree on its datatype
-and, past the batch dimension, its shape, as Triton checks an ensemble it loads (pure functions)."""
+and its shape (-1 fits any size: a batching model's batch dimension is -1; one that does not batch
+names a real first size), as Triton checks an ensemble it loads (pure functions)."""
 from __future__ import annotations
 
 import itertools
@@ -42,7 +43,7 @@ def _disagreement(first: _Seen, then: _Seen) -> str | None:
     """What two steps' models see differently of one tensor, in Triton's words; None when they agree."""
     if first.spec.datatype != then.spec.datatype:
         kind, a, b = "datatype", first.spec.datatype, then.spec.datatype
-    elif not shapes_fit(first.spec.shape, then.spec.shape):
+    elif not shapes_fit(first.spec.shape, then.spec.shape, from_dim=0):
         kind, a, b = "shape", list(first.spec.shape), list(then.spec.shape)
     else:
         return None

@@ -56,6 +56,16 @@ def test_a_wildcard_dimension_or_another_batch_dimension_is_no_inconsistency(sha
     assert tensor_inconsistency(PIPE, [A, with_input(B, "scores", "FP32", shape), C]) is None
 
 
+def test_the_first_dimension_of_models_that_do_not_batch_is_judged_as_any_other():
+    """A model that does not batch (a fixed first dimension) names a real size there: a step
+    writing 2 rows and one reading 5 disagree, as Triton says of them."""
+    a = run("a", inputs={"input": ("FP32", (2, 4))}, outputs={"probabilities": ("FP32", (2, 3))})
+    b = with_input(B, "scores", "FP32", (5, 3))
+    assert tensor_inconsistency(PIPE, [a, b, None]) == (
+        "ensemble 'pipe' tensor 'p': inconsistent shape: [2, 3] is inferred from model 'a' version 1 (output "
+        "'probabilities') while [5, 3] is inferred from model 'b' version 2 (input 'scores')")
+
+
 def test_a_tensor_read_by_two_steps_is_judged_for_each_against_its_writer():
     c = with_input(C, "x", "FP16", (-1, 3))
     assert tensor_inconsistency(PIPE, [A, B, c]) == (
