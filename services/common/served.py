@@ -3,6 +3,8 @@ ensemble step over it runs: one rule for the registry, the coordinator, the runt
 (pure functions)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from services.common.deployment import DeploymentSpec, EnsembleStep, rollout_version
 from services.common.ensemble_plan import step_mapping_problem, tensor_map
 from services.common.errors import FailedPrecondition, ModelNotFound
@@ -90,6 +92,47 @@ def step_passed_over(step: EnsembleStep, deployed: DeploymentSpec, variants: lis
         return None
     problem = tensor_problem_over(step, [version], variants)
     return (running, problem) if problem else None
+
+
+def passed_over_notes(ensemble: DeploymentSpec, deployed: DeploymentSpec, variants: list[ModelVariant],
+                      versions: list[str], only: int | None = None) -> list[str]:
+    """What to say of each step of `ensemble` (step `only`, when given) over the model of
+    `deployed` (`variants`: its variants) that passes one of `versions` over for a tensor it maps
+    (`step_passed_over`; the first such of `versions` for each step): the ensemble, step, model,
+    the version it runs, the version passed over and the tensor."""
+    said = []
+    for i, step in enumerate(ensemble.ensemble):
+        if only is not None and i != only or step.model != deployed.model:
+            continue
+        for version in versions:
+            if found := step_passed_over(step, deployed, variants, version):
+                running, problem = found
+                said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, "
+                            f"passing over version {version}: {problem}")
+                break
+    return said
+
+
+def newer_versions(variants: list[ModelVariant], than: str) -> list[str]:
+    """The versions among `variants` newer than `than`, newest first."""
+    return sorted({v.version for v in variants if version_key(v.version) > version_key(than)}, key=version_key,
+                  reverse=True)
+
+
+def steps_run(spec: DeploymentSpec, variants: Mapping[str, list[ModelVariant]],
+              deployments: Mapping[str, DeploymentSpec]) -> list[str]:
+    """The version each of an ensemble's steps runs apart from a canary's share
+    (`step_stable_version` over its model's `variants` and deployment, by model); '' where the
+    model has no variants (a nested ensemble, one no longer held) or no version serves."""
+    versions = []
+    for step in spec.ensemble:
+        held = variants.get(step.model, [])
+        try:
+            deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
+            versions.append(step_stable_version(step, deployed, held) if held else step.version)
+        except (FailedPrecondition, ModelNotFound):
+            versions.append("")
+    return versions
 
 
 def _step_precision(step: EnsembleStep) -> dict[str, str] | None:

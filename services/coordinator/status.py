@@ -6,10 +6,9 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from services.common.deployment import DeploymentSpec, PrecisionSpec
-from services.common.errors import CneiError
 from services.common.model_spec import ModelVariant, version_key
 from services.common.nodes import NodeInfo
-from services.common.served import step_stable_version
+from services.common.served import steps_run
 from services.coordinator.breaker import Breaker
 from services.coordinator.latency import LatencyBook
 from services.coordinator.precision import accuracy
@@ -95,22 +94,6 @@ def ensemble_text(spec: DeploymentSpec, versions: Sequence[str] = ()) -> str | N
                        for s, v in zip(spec.ensemble, versions)) or None
 
 
-def step_versions_run(spec: DeploymentSpec, variants: Mapping[str, list[ModelVariant]],
-                      deployments: Mapping[str, DeploymentSpec]) -> list[str]:
-    """The version each of an ensemble's steps runs apart from a canary's share
-    (`served.step_stable_version` over its model's `variants` and deployment); '' where the model
-    has no variants here (a nested ensemble, one the registry no longer holds) or no version serves."""
-    versions = []
-    for step in spec.ensemble:
-        held = variants.get(step.model, [])
-        try:
-            deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
-            versions.append(step_stable_version(step, deployed, held) if held else step.version)
-        except CneiError:
-            versions.append("")
-    return versions
-
-
 def deployment_summary(spec: DeploymentSpec, applied: bool, step_versions: Sequence[str] = ()) -> dict:
     b, j = spec.batching, spec.joint
     return {
@@ -152,7 +135,7 @@ def model_rows(variants: Iterable[ModelVariant], deployments: Mapping[str, Deplo
     for name in sorted(set(deployments) - set(by_name)):  # ensembles: a deployment, no artifact
         spec = deployments[name]
         if spec.ensemble:
-            versions = step_versions_run(spec, by_name, deployments)
+            versions = steps_run(spec, by_name, deployments)
             rows.append({"name": name, "latest_version": "1", "in_service": name not in unloaded, "variants": [],
                          "deployment": deployment_summary(spec, True, versions)})
     return rows

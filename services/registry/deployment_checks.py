@@ -9,9 +9,10 @@ from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.ensemble_plan import ensemble_cycle, ensemble_interface, ensemble_plan, step_mapping_problem
 from services.common.ensemble_tensors import StepTensors, inconsistency_over, tensor_inconsistency
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
-from services.common.model_spec import ModelVariant, pick_variant, version_key
-from services.common.served import (latest_version, needed_precisions, precision_lacking, precision_problem_over,
-                                    served_version, step_passed_over, step_versions, tensor_problem_over)
+from services.common.model_spec import ModelVariant, pick_variant
+from services.common.served import (latest_version, needed_precisions, newer_versions, passed_over_notes,
+                                    precision_lacking, precision_problem_over, served_version, step_versions,
+                                    tensor_problem_over)
 from services.registry.catalogue import Catalogue
 
 
@@ -124,8 +125,7 @@ class DeploymentChecks:
                     raise FailedPrecondition(f"{where}: {problem}")
                 v = pick_variant(variants, step.model, versions[0], "")  # the stable one it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
-                newer = {u.version for u in variants if version_key(u.version) > version_key(versions[0])}
-                said += _passed_over([spec], deployed, variants, sorted(newer, key=version_key, reverse=True), i)
+                said += passed_over_notes(spec, deployed, variants, newer_versions(variants, versions[0]), i)
             if problem := step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
             if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
@@ -216,7 +216,7 @@ class DeploymentChecks:
             return []
         deployed = next((s for s in stored if s.model == pushed.name), DeploymentSpec(pushed.name))
         variants = await self.catalogue.variants(pushed.name)
-        return (_passed_over(ensembles, deployed, variants, [pushed.version])
+        return ([note for e in ensembles for note in passed_over_notes(e, deployed, variants, [pushed.version])]
                 + await self._retyped(ensembles, stored, deployed, variants, pushed))
 
     async def _retyped(self, ensembles: list[DeploymentSpec], stored: list[DeploymentSpec], deployed: DeploymentSpec,
@@ -233,23 +233,3 @@ class DeploymentChecks:
                 said.append(f"{problem}: its requests will fail (a step runs model '{pushed.name}' version "
                             f"{pushed.version})")
         return said
-
-
-def _passed_over(ensembles: list[DeploymentSpec], deployed: DeploymentSpec, variants: list[ModelVariant],
-                 versions: list[str], only: int | None = None) -> list[str]:
-    """Each step of the `ensembles` (step `only`, when given) over the model of `variants` that
-    passes one of `versions` over for a tensor it maps (`served.step_passed_over`; the first such
-    of `versions` for each step): the ensemble, step, model, version and tensor, and the version
-    the step runs instead."""
-    said = []
-    for ensemble in ensembles:
-        for i, step in enumerate(ensemble.ensemble):
-            if only is not None and i != only or step.model != deployed.model:
-                continue
-            for version in versions:
-                if found := step_passed_over(step, deployed, variants, version):
-                    running, problem = found
-                    said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, "
-                                f"passing over version {version}: {problem}")
-                    break
-    return said
