@@ -97,7 +97,7 @@ class DeploymentChecks:
         variant: FAILED_PRECONDITION, `served.step_tensor_problem`); the versions the steps run type each
         tensor alike (INVALID_ARGUMENT; with a step's model's canary: FAILED_PRECONDITION,
         `ensemble_tensors.tensor_inconsistency`). What to say of it once stored: each step passing a
-        newer version of its model over for a tensor it maps (`_passed_over`)."""
+        newer version of its model over for a tensor it maps (`served.passed_over_notes`)."""
         if await self.catalogue.variants(spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
         specs = {s.model: s for s, _ in await self.catalogue.deployments()}
@@ -208,7 +208,7 @@ class DeploymentChecks:
     async def after_push(self, pushed: ModelVariant) -> list[str]:
         """What to say of the stored ensembles with a step over the pushed variant's model (their
         deployments and the model's variants read once): each step passing the pushed version over
-        for a tensor it maps (`_passed_over`), each ensemble whose steps type a tensor differently
+        for a tensor it maps (`served.passed_over_notes`), each ensemble whose steps type a tensor differently
         now that one runs it (`_retyped`)."""
         stored = [spec for spec, _ in await self.catalogue.deployments()]
         ensembles = [spec for spec in stored if any(step.model == pushed.name for step in spec.ensemble)]
