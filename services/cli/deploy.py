@@ -3,6 +3,7 @@ and their rollouts (KServe's canary: a share of the requests that name no versio
 from __future__ import annotations
 
 import argparse
+import sys
 
 from services.cli import clients
 from services.common.errors import FailedPrecondition, NotFound
@@ -18,11 +19,34 @@ async def deploy_apply(args) -> int:
     client = clients.registry(args)
     try:
         applied = await client.put_deployment(spec)
+        said = await _ensemble_notes(client, applied) if applied.ensemble else []
     finally:
         await client.close()
     print(f"deployment for model '{applied.model}' applied")
     print(deployment.to_json(applied))
+    for line in said:
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     return 0
+
+
+async def _ensemble_notes(client, spec) -> list[str]:
+    """What an applied ensemble runs: the version of each step's model ('steps: a:1 -> b:2'), and a
+    warning for each step passing a newer version over for a tensor it maps (as the registry logs)."""
+    from services.common.deployment import DeploymentSpec
+    from services.common.served import newer_versions, passed_over_notes, steps_run
+
+    models = sorted({step.model for step in spec.ensemble})
+    variants = {model: await client.list(model) for model in models}
+    deployments = {d.model: d for d in await client.list_deployments()}
+    versions = steps_run(spec, variants, deployments)
+    said = ["steps: " + " -> ".join(f"{s.model}:{v}" if v else s.model for s, v in zip(spec.ensemble, versions))]
+    for i, (step, version) in enumerate(zip(spec.ensemble, versions)):
+        held = variants[step.model]
+        if version and held:
+            deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
+            said += [f"warning: {note}" for note in
+                     passed_over_notes(spec, deployed, held, newer_versions(held, version), i)]
+    return said
 
 
 def rollout_change(spec, verb: str, version: str = "", percent: float = 0.0, variants: list = ()):

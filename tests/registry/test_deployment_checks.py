@@ -4,6 +4,7 @@ ensembles whose tensors they map, asking for precisions the versions they run ha
 ensemble that reaches itself."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -288,3 +289,21 @@ async def test_an_ensemble_put_whose_step_passes_the_newest_version_over_is_logg
     said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{pipe}' step 0 ({model})" in line]
     assert len(said) == 1 and "WARNING" in said[0], said
     assert f"runs version 1, passing over version 2: model '{model}' {RENAMED}" in said[0]
+
+
+async def test_cnei_deploy_apply_of_an_ensemble_says_the_version_each_step_runs_and_warns_of_one_passed_over(
+        registry, client, artifacts, name, tmp_path, capsys):
+    """Version 2 renames output 'probabilities' 'probs': `cnei deploy apply` of an ensemble over
+    the model says its step runs version 1, and warns (on stderr) of version 2 passed over."""
+    from services.cli import main as cli
+
+    model, pipe = f"{name}-steps", f"{name}-pipe"
+    await client.push_file(artifacts["edge"], model, "1", "FP32")
+    await client.push_file(artifacts["renamed"], model, "2", "FP32")
+    spec_file = tmp_path / "pipe.json"
+    spec_file.write_text(deployment.to_json(DeploymentSpec(model=pipe, ensemble=(mapping_step(model),))))
+    assert await asyncio.to_thread(cli.main, ["deploy", "apply", str(spec_file), "--registry", registry.target]) == 0
+    out, err = capsys.readouterr()
+    assert f"steps: {model}:1\n" in out
+    assert (f"warning: ensemble '{pipe}' step 0 ({model}) runs version 1, passing over version 2: "
+            f"model '{model}' {RENAMED}") in err
