@@ -35,6 +35,10 @@ class RegistryProcess:
     service: str = SERVICE
     max_artifact_bytes: int = MAX_ARTIFACT_BYTES
 
+    def logged(self, text: str) -> list[str]:
+        """The lines of the registry's log that hold `text`."""
+        return [line for line in self.log.read_text().splitlines() if text in line]
+
 
 def _wait_until_serving(target: str, proc: subprocess.Popen, log: Path) -> None:
     host, port = target.rsplit(":", 1)

@@ -270,7 +270,7 @@ async def test_a_push_an_ensemble_step_passes_over_for_a_tensor_it_maps_is_logge
     await client.put_deployment(DeploymentSpec(model=pipe, ensemble=(
         dataclasses.replace(mapping_step(model), version=version),)))
     await client.push_file(artifacts["renamed"], model, "2", "FP32")
-    said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{pipe}' step 0 ({model})" in line]
+    said = registry.logged(f"ensemble '{pipe}' step 0 ({model})")
     if version:
         assert said == []
         return
@@ -286,7 +286,7 @@ async def test_an_ensemble_put_whose_step_passes_the_newest_version_over_is_logg
     await client.push_file(artifacts["edge"], model, "1", "FP32")
     await client.push_file(artifacts["renamed"], model, "2", "FP32")
     await client.put_deployment(DeploymentSpec(model=pipe, ensemble=(mapping_step(model),)))
-    said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{pipe}' step 0 ({model})" in line]
+    said = registry.logged(f"ensemble '{pipe}' step 0 ({model})")
     assert len(said) == 1 and "WARNING" in said[0], said
     assert f"runs version 1, passing over version 2: model '{model}' {RENAMED}" in said[0]
 

@@ -128,7 +128,7 @@ async def test_a_push_an_unpinned_step_runs_that_types_a_tensor_otherwise_is_log
     await client.put_deployment(dataclasses.replace(spec, ensemble=(
         spec.ensemble[0], dataclasses.replace(spec.ensemble[1], version=version))))
     await client.push_file(artifacts["int"], later, "2", "FP32")
-    said = [line for line in registry.log.read_text().splitlines() if f"ensemble '{name}-pipe' tensor 'p'" in line]
+    said = registry.logged(f"ensemble '{name}-pipe' tensor 'p'")
     if version:
         assert said == []
         return
