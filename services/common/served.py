@@ -142,12 +142,18 @@ def _step_precision(step: EnsembleStep) -> dict[str, str] | None:
 
 def step_version(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant], draw: float) -> str:
     """The version one request of an ensemble step goes to, for a uniform `draw` in [0, 1): the one
-    it names; else its model's canary for the canary's share (`rollout_version`), as for any request
+    it names; else its model's canary for the canary's share (`canary_drawn`), as for any request
     naming no version; else `step_stable_version`."""
-    rollout = deployed.rollout
-    if not step.version and rollout.canary and rollout_version(rollout, draw) == rollout.canary:
-        return rollout.canary
+    if canary_drawn(step, deployed, draw):
+        return deployed.rollout.canary
     return step_stable_version(step, deployed, variants)
+
+
+def canary_drawn(step: EnsembleStep, deployed: DeploymentSpec, draw: float) -> bool:
+    """Whether one request of a step naming no version goes to its model's canary, for a uniform
+    `draw` in [0, 1) (`rollout_version`)."""
+    rollout = deployed.rollout
+    return not step.version and bool(rollout.canary) and rollout_version(rollout, draw) == rollout.canary
 
 
 def step_versions(step: EnsembleStep, deployed: DeploymentSpec, variants: list[ModelVariant]) -> list[str]:

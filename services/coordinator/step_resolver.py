@@ -9,7 +9,7 @@ import random
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.errors import ModelNotFound
 from services.common.model_spec import ModelVariant
-from services.common.served import step_stable_version, step_version
+from services.common.served import canary_drawn, step_stable_version
 from services.coordinator import ensemble
 from services.coordinator.catalog import Catalog
 from services.coordinator.precision import PrecisionPolicy, choose_variant, request_policy
@@ -57,13 +57,15 @@ class StepResolver:
         return self._stable[step]
 
     async def drawn_version(self, step: EnsembleStep) -> str:
-        """The version one run of an ensemble step goes to: its model's canary for the canary's
-        share, else its stable version (`served.step_version`, from the reads `stable_version`
-        shares)."""
+        """The version one run of an ensemble step goes to, as `served.step_version` says: its
+        model's canary for the canary's share, else its stable version (`stable_version`, worked
+        out once per request)."""
         deployed = await self.deployment(step.model)
         if deployed.ensemble:
             return step.version
-        return step_version(step, deployed, await self.all_variants(step.model), random.random())
+        if canary_drawn(step, deployed, random.random()):
+            return deployed.rollout.canary
+        return await self.stable_version(step)
 
     async def model_variant(self, name: str, version: str = "", depth: int = 0) -> ModelVariant:
         """The model's default variant; for an ensemble, what its steps make of it (`depth`: how
