@@ -13,7 +13,7 @@ from services.common.registry_client import RegistryClient
 from services.common.served import served_version
 from services.edge_runtime.cache import DiskCache
 from services.edge_runtime.l1 import L1Cache
-from services.edge_runtime.reach import REGISTRY_RETRY_S, RegistryReach
+from services.edge_runtime.reach import RegistryReach
 
 log = logging.getLogger(__name__)
 RESOLVE_TTL_S = 2.0
@@ -51,7 +51,7 @@ class Resolver:
         if self.reach.offline:  # never wait for the registry here
             return (cached[0], cached[1]) if cached else (0, "")
         try:
-            spec, stable = await self.read_deployment(name)
+            await self.read_deployment(name)
         except CneiError as exc:
             # offline for every model, at once: resolution goes to the disk cache without waiting
             # out a second registry call (a request naming no version paid two timeouts)
@@ -59,9 +59,9 @@ class Resolver:
                 raise
             cap, stable = (cached[0], cached[1]) if cached else (0, "")  # keep what was known
             log.warning("registry unreachable (%s); serving from the local cache", exc)
-            self._caps[name] = (cap, stable, time.monotonic() + REGISTRY_RETRY_S)
+            self._caps[name] = (cap, stable, self.reach.down_until)  # asked again once the registry may be back
             return cap, stable
-        return (spec.batching.max_batch_size if spec else 0), stable
+        return self._caps[name][:2]  # what read_deployment kept
 
     async def read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
         """The model's deployment from the registry (None: none applied) and the version serving
