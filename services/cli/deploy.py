@@ -33,7 +33,7 @@ async def _ensemble_notes(client, spec) -> list[str]:
     """What an applied ensemble runs: the version of each step's model ('steps: a:1 -> b:2'), and a
     warning for each step passing a newer version over for a tensor it maps (as the registry logs)."""
     from services.common.deployment import DeploymentSpec
-    from services.common.served import newer_versions, passed_over_notes, steps_run
+    from services.common.served import newer_versions, passed_over_note, steps_run
 
     models = sorted({step.model for step in spec.ensemble})
     variants = {model: await client.list(model) for model in models}
@@ -44,8 +44,8 @@ async def _ensemble_notes(client, spec) -> list[str]:
         held = variants[step.model]
         if version and held:
             deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
-            said += [f"warning: {note}" for note in
-                     passed_over_notes(spec, deployed, held, newer_versions(held, version), i)]
+            if note := passed_over_note(spec.model, i, step, deployed, held, newer_versions(held, version)):
+                said.append(f"warning: {note}")
     return said
 
 

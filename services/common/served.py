@@ -95,22 +95,24 @@ def step_passed_over(step: EnsembleStep, deployed: DeploymentSpec, variants: lis
 
 
 def passed_over_notes(ensemble: DeploymentSpec, deployed: DeploymentSpec, variants: list[ModelVariant],
-                      versions: list[str], only: int | None = None) -> list[str]:
-    """What to say of each step of `ensemble` (step `only`, when given) over the model of
-    `deployed` (`variants`: its variants) that passes one of `versions` over for a tensor it maps
-    (`step_passed_over`; the first such of `versions` for each step): the ensemble, step, model,
-    the version it runs, the version passed over and the tensor."""
-    said = []
-    for i, step in enumerate(ensemble.ensemble):
-        if only is not None and i != only or step.model != deployed.model:
-            continue
-        for version in versions:
-            if found := step_passed_over(step, deployed, variants, version):
-                running, problem = found
-                said.append(f"ensemble '{ensemble.model}' step {i} ({step.model}) runs version {running}, "
-                            f"passing over version {version}: {problem}")
-                break
-    return said
+                      versions: list[str]) -> list[str]:
+    """`passed_over_note` of each step of `ensemble` over the model of `deployed` (`variants`: its
+    variants)."""
+    return [note for i, step in enumerate(ensemble.ensemble) if step.model == deployed.model
+            and (note := passed_over_note(ensemble.model, i, step, deployed, variants, versions))]
+
+
+def passed_over_note(ensemble: str, i: int, step: EnsembleStep, deployed: DeploymentSpec,
+                     variants: list[ModelVariant], versions: list[str]) -> str | None:
+    """What to say of step `i` of `ensemble` when it passes one of `versions` over for a tensor it
+    maps (`step_passed_over`; the first such of `versions`): the ensemble, step, model, the version
+    it runs, the version passed over and the tensor; None when it passes none over."""
+    for version in versions:
+        if found := step_passed_over(step, deployed, variants, version):
+            running, problem = found
+            return (f"ensemble '{ensemble}' step {i} ({step.model}) runs version {running}, "
+                    f"passing over version {version}: {problem}")
+    return None
 
 
 def newer_versions(variants: list[ModelVariant], than: str) -> list[str]:
@@ -127,11 +129,8 @@ def steps_run(spec: DeploymentSpec, variants: Mapping[str, list[ModelVariant]],
     versions = []
     for step in spec.ensemble:
         held = variants.get(step.model, [])
-        try:
-            deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
-            versions.append(step_stable_version(step, deployed, held) if held else step.version)
-        except (FailedPrecondition, ModelNotFound):
-            versions.append("")
+        deployed = deployments.get(step.model) or DeploymentSpec(model=step.model)
+        versions.append((_or_none(step_stable_version, step, deployed, held) or "") if held else step.version)
     return versions
 
 

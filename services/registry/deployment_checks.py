@@ -10,9 +10,9 @@ from services.common.ensemble_plan import ensemble_cycle, ensemble_interface, en
 from services.common.ensemble_tensors import StepTensors, inconsistency_over, tensor_inconsistency
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
 from services.common.model_spec import ModelVariant, pick_variant
-from services.common.served import (latest_version, needed_precisions, newer_versions, passed_over_notes,
-                                    precision_lacking, precision_problem_over, served_version, step_versions,
-                                    tensor_problem_over)
+from services.common.served import (latest_version, needed_precisions, newer_versions, passed_over_note,
+                                    passed_over_notes, precision_lacking, precision_problem_over, served_version,
+                                    step_versions, tensor_problem_over)
 from services.registry.catalogue import Catalogue
 
 
@@ -97,7 +97,7 @@ class DeploymentChecks:
         variant: FAILED_PRECONDITION, `served.step_tensor_problem`); the versions the steps run type each
         tensor alike (INVALID_ARGUMENT; with a step's model's canary: FAILED_PRECONDITION,
         `ensemble_tensors.tensor_inconsistency`). What to say of it once stored: each step passing a
-        newer version of its model over for a tensor it maps (`served.passed_over_notes`)."""
+        newer version of its model over for a tensor it maps (`served.passed_over_note`)."""
         if await self.catalogue.variants(spec.model):
             raise InvalidArgument(f"'{spec.model}' is a registered model; an ensemble needs a name of its own")
         specs = {s.model: s for s, _ in await self.catalogue.deployments()}
@@ -125,7 +125,9 @@ class DeploymentChecks:
                     raise FailedPrecondition(f"{where}: {problem}")
                 v = pick_variant(variants, step.model, versions[0], "")  # the stable one it runs
                 inputs, outputs = [t.name for t in v.inputs], [t.name for t in v.outputs]
-                said += passed_over_notes(spec, deployed, variants, newer_versions(variants, versions[0]), i)
+                newer = newer_versions(variants, versions[0])
+                if note := passed_over_note(spec.model, i, step, deployed, variants, newer):
+                    said.append(note)
             if problem := step_mapping_problem(reads, writes, inputs, outputs, step.model):
                 raise InvalidArgument(f"{where}: {problem}")
             if problem := tensor_problem_over(step, versions, variants):  # its canary, each variant
@@ -185,14 +187,13 @@ class DeploymentChecks:
                 raise FailedPrecondition(problem)
 
     async def _runs(self, ensemble: DeploymentSpec, stored: list[DeploymentSpec], spec: DeploymentSpec,
-                    variants: list[ModelVariant], read: dict[str, list[ModelVariant]] | None = None,
+                    variants: list[ModelVariant], read: dict[str, list[ModelVariant]],
                     ) -> list[list[StepTensors | None]]:
         """Per step of a stored ensemble, the tensors of each version it would run with `spec` the
         deployment of its model (`variants`: the model's) and the `stored` ones of the others;
         [None] for a step over a nested ensemble or running no version. `read`: the other models'
         variants read so far (a caller going over several ensembles reads each model once)."""
         deployed = {s.model: s for s in stored} | {spec.model: spec}
-        read = {} if read is None else read
         runs = []
         for step in ensemble.ensemble:
             if step.model != spec.model and step.model not in read:
