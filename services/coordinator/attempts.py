@@ -24,6 +24,7 @@ from services.common.nodes import NodeInfo
 from services.coordinator.breaker import Breakers, Claim, Verdict, verdict
 from services.coordinator.latency import LatencyBook
 from services.coordinator.node_batchers import NodeBatchers
+from services.coordinator.placement import request_region
 from services.coordinator.placer import Placement, Placer
 from services.coordinator.precision import PrecisionPolicy, request_policy
 from services.coordinator.settings import CoordinatorSettings
@@ -83,7 +84,7 @@ class Attempts:
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
         check_inputs(variants[0], request.inputs)  # every precision variant shares the interface
         check_outputs(variants[0], request.outputs)
-        region = str(params.get("region", "") or "")
+        region = request_region(params)
         tried: list[str] = []
         failed: NodeInfo | None = None
         last_error: CneiError | None = None

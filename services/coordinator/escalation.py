@@ -24,6 +24,7 @@ from services.coordinator.catalog import Catalog
 from services.coordinator.joint import (answered_outputs, disagreements, joint_scores, merge_rows, only,
                                        prefer_edge, rows_below)
 from services.coordinator.nodes_view import NodesView
+from services.coordinator.placement import request_region
 from services.coordinator.placer import Placer
 from services.coordinator.precision import policy_from_params, request_policy
 from services.coordinator.response_cache import CACHED, from_cache
@@ -88,7 +89,7 @@ class Escalation:
                                      variants, request_policy(edge_params, edge_spec)):
             if not spec.cloud_fallback:
                 raise NoLiveNode(request.model_name, self.placer.out_of_use(
-                    edge_spec, str(params.get("region", "") or ""), [v.key for v in variants]))
+                    edge_spec, request_region(params), [v.key for v in variants]))
             cloud = await self._cloud(request, spec, end - time.monotonic(), reason="no edge node")
             cloud.outputs = answered_outputs(cloud.outputs, request.outputs or [t.name for t in variants[0].outputs],
                                              request.model_name, cloud.model_name)

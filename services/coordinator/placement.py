@@ -61,6 +61,11 @@ def resource_score(node: NodeInfo, outstanding: int, compute_ms: float | None = 
     return _clamp(1.0 - (0.35 * node.cpu_load + 0.15 * node.mem_load + 0.5 * queue))
 
 
+def request_region(params: Mapping) -> str:
+    """The region a request's data is in, as its `region` parameter names it ("": none)."""
+    return str(params.get("region", "") or "")
+
+
 def locality_score(node: NodeInfo, region: str) -> float:
     """Same region as the data: 1; cloud: 0.4; another edge site: 0.1. No region given: edge 0.6."""
     if not region:

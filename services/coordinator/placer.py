@@ -16,7 +16,8 @@ from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.breaker import Breakers
 from services.coordinator.nodes_view import NodesView
-from services.coordinator.placement import RequestContext, Scheduler, failover_stages, rank, spread, with_door_rows
+from services.coordinator.placement import (RequestContext, Scheduler, failover_stages, rank, request_region, spread,
+                                             with_door_rows)
 from services.coordinator.precision import PrecisionPolicy, choose_variant, request_policy
 
 _tracer = trace.get_tracer(__name__)
@@ -122,7 +123,7 @@ class Placer:
     def place(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec) -> Placement | None:
         """The first attempt's placement for `request`, as the full path decides it (a span)."""
         params = request.parameters
-        return self.decide(variants, spec, request_policy(params, spec), str(params.get("region", "") or ""), None, [])
+        return self.decide(variants, spec, request_policy(params, spec), request_region(params), None, [])
 
     def place_spread(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                      limit: int, margin: float) -> list[Placement]:
