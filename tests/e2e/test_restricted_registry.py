@@ -70,6 +70,28 @@ def test_pushing_and_reading_need_their_headers(registry, digits_models):
     assert asyncio.run(fetch([("read-key", "r")])) == fp32.path.read_bytes()
 
 
+def test_a_push_refused_while_its_chunks_are_still_going_is_told_permission_denied(registry, tmp_path):
+    # grpc-python's asyncio client reports a write that fails because the server already answered
+    # as INTERNAL "Internal error from Core" (grpc/grpc#36066): the refusal waits for the upload
+    big = tmp_path / "big.onnx"
+    big.write_bytes(os.urandom(8 << 20))  # 8 chunks
+
+    async def pushes():
+        client = RegistryClient(registry)
+        codes = []
+        try:
+            for _ in range(25):
+                try:
+                    await client.push_file(big, MODEL, "9")
+                except CneiError as exc:
+                    codes.append((exc.code, "the model-repository API is restricted" in exc.message))
+        finally:
+            await client.close()
+        return codes
+    codes = asyncio.run(pushes())
+    assert codes == [(ErrorCode.PERMISSION_DENIED, True)] * 25
+
+
 def test_a_runtime_holding_the_key_pulls_and_serves_and_one_without_is_told_why(registry, mesh, tmp_path):
     keyed, keyed_port = start_runtime(mesh, "edge-sec1", "site-sec", tmp_path, CNEI_RUNTIME_REGISTRY_TARGET=registry,
                                       CNEI_RUNTIME_PRELOAD="", CNEI_RUNTIME_REGISTRY_HEADERS=f"{ADMIN};{READ}")
