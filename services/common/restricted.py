@@ -27,13 +27,14 @@ what probes ask, and reflection describes the protos (public), never data, while
 to call even the open methods; each service's `GRPC_REFLECTION` setting turns reflection off."""
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
+
+from services.common.grpc_util import drain_upload
 
 CATEGORIES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
               "statistics", "trace", "logging", "node-control")
@@ -207,32 +208,11 @@ class RestrictedApis(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-# How much of a refused upload is read before the refusal goes out (see _denied)
-DRAIN_MESSAGES, DRAIN_S = 256, 2.0
-
-
-async def _drain(requests) -> None:
-    """Read `requests` (a client's stream) to its end, at most DRAIN_MESSAGES or DRAIN_S."""
-    async def read() -> None:
-        count = 0
-        async for _ in requests:
-            count += 1
-            if count >= DRAIN_MESSAGES:
-                return
-    try:
-        await asyncio.wait_for(read(), DRAIN_S)
-    except (asyncio.TimeoutError, grpc.RpcError):
-        pass
-
-
 def _denied(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers PERMISSION_DENIED. An upload (a
-    client stream with one reply: PushModel) is read first, within bounds: grpc-python's asyncio
-    client reports a write that fails because the server has already answered as INTERNAL
-    "Internal error from Core" in place of the answer (grpc/grpc#36066)."""
+    """A handler of the same kind as `handler` that answers PERMISSION_DENIED (an upload read
+    first: grpc_util.drain_upload)."""
     async def answer(request_or_iterator, context):
-        if handler.request_streaming:
-            await _drain(request_or_iterator)
+        await drain_upload(request_or_iterator)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
     async def answer_streaming(request_or_iterator, context):

@@ -61,6 +61,19 @@ async def test_a_push_refused_as_already_existing_keeps_no_artifact(client, stub
     assert list((registry.data_dir / "incoming").iterdir()) == []
 
 
+async def test_a_push_refused_at_its_header_while_its_chunks_are_still_going_is_told_why(client, name, tmp_path):
+    # grpc-python's asyncio client reports a write that fails because the server already answered
+    # as INTERNAL "Internal error from Core" (grpc/grpc#36066): the refusal waits for the upload
+    big = tmp_path / "big.onnx"
+    big.write_bytes(bytes(8 << 20))  # 8 chunks
+    codes = []
+    for _ in range(25):
+        with pytest.raises(CneiError) as info:
+            await client.push_file(big, name, "1", "FP64")
+        codes.append((info.value.code, "precision" in info.value.message))
+    assert codes == [(ErrorCode.INVALID_ARGUMENT, True)] * 25
+
+
 async def test_of_two_pushes_of_one_variant_at_once_the_loser_keeps_no_artifact(stub, registry, name):
     """Both are past the check made when the header arrives; the one catalogued second is
     refused there, and its artifact goes."""
