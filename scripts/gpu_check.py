@@ -44,6 +44,7 @@ def main() -> int:
             "batch_1797_ms": (time.perf_counter() - start) * 1e3,
         }
     report["energy"] = energy_check(built[0].path, x)
+    report["auto_threads"] = threads_check()
     ok = all(report[p]["accuracy"] >= 0.9 for p in ("FP32", "FP16", "INT8"))
     ok = ok and report["chosen_with_cuda"][-1] == "CPUExecutionProvider"
     report["ok"] = ok
@@ -51,6 +52,25 @@ def main() -> int:
     print(text)
     Path(os.environ.get("OUT", "."), "gpu_check.json").write_text(text)
     return 0 if ok else 1
+
+
+def threads_check() -> dict:
+    """The runtime's automatic intra-op threads on this host's cores, asked for CUDA: wide_mlp
+    FP32 (compute-bound: several threads pay) and digits FP32 (tiny: one thread)."""
+    import numpy as np
+
+    from services.edge_runtime.runner import available_cores, measure_latency_ms, tuned_model
+    from services.models import digits, wide_mlp
+
+    cores = available_cores()
+    out: dict = {"cores": cores}
+    for name, module, width in (("wide_mlp", wide_mlp, 64), ("digits", digits, 64)):
+        path = next(v.path for v in module.build(Path(tempfile.mkdtemp())) if v.precision == "FP32")
+        inputs = {"input": np.random.default_rng(0).random((16, width), dtype=np.float32)}
+        model = tuned_model(path, True, inputs, cores, name)
+        out[name] = {"provider": model.provider, "intra_op_threads": model.intra_op_threads,
+                     "batch16_ms": measure_latency_ms(model, inputs)}
+    return out
 
 
 def energy_check(path: Path, x) -> dict:
