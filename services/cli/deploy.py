@@ -116,10 +116,14 @@ async def _rollout_once(client, args):
     or None when another deployment was put meanwhile."""
     from dataclasses import replace
 
+    from services.common.registry_client import NO_DEPLOYMENT
+
     spec, read_at = await _read_deployment(client, args.model)
-    variants = await client.list(args.model) if args.verb == "canary" else []
+    # a canary's version is looked for; a model with no deployment is looked for (an ensemble has one)
+    looked_up = args.verb == "canary" or read_at == NO_DEPLOYMENT
+    variants = await client.list(args.model) if looked_up else []
     versions = {v.version for v in variants}
-    if args.verb == "canary" and not versions:
+    if looked_up and not versions:
         raise NotFound(f"model '{args.model}' not found in the registry")
     if args.verb == "canary" and args.version not in versions:
         raise NotFound(f"model '{args.model}' has no version {args.version} "

@@ -115,3 +115,7 @@ def test_a_rollout_naming_a_version_the_registry_lacks_or_without_a_canary_is_re
     put_deployment(mesh, DeploymentSpec(model=MODEL, rollout=RolloutSpec(stable="1")))
     nothing = _cnei(mesh, "rollback", MODEL)
     assert nothing.returncode == 2 and "FAILED_PRECONDITION" in nothing.stderr and "no canary to rollback" in nothing.stderr
+    for verb in ("promote", "rollback"):  # a model the registry never held: NOT_FOUND, as `canary` says
+        unknown = _cnei(mesh, verb, "no-such-model")
+        assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr, unknown.stderr
+        assert "model 'no-such-model' not found in the registry" in unknown.stderr
