@@ -104,6 +104,7 @@ class FastServer:
         self.frame_timeout_s = frame_timeout_s
         self.server: asyncio.base_events.Server | None = None
         self._tasks = Background()
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # each open connection's reader
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._connection, host, port, ssl=self.ssl_context,
@@ -112,6 +113,8 @@ class FastServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         refused = self.refuse({}) if self.refuse else ""  # until a hello says otherwise
+        me = asyncio.current_task()
+        self._connections[me] = writer
         try:
             while True:
                 request_id, kind, meta, payload = await read_frame(reader, self.frame_timeout_s)
@@ -139,6 +142,7 @@ class FastServer:
         except ValueError as exc:
             log.warning("closing fast-lane connection: %s", exc)
         finally:
+            self._connections.pop(me, None)
             writer.close()
 
     async def _serve(self, writer, request_id: int, meta: bytes, payload: bytes) -> None:
@@ -161,10 +165,17 @@ class FastServer:
                 await writer.drain()
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop listening, answer the requests in hand (within `grace`), then close every open
+        connection and let its reader end (left to the loop's end, each would be cancelled,
+        and asyncio logs a cancelled connection as an error)."""
         if self.server is not None:
             self.server.close()
         if self._tasks.tasks:
             await asyncio.wait(self._tasks.tasks, timeout=grace)
+        for writer in list(self._connections.values()):
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
 
 
 class FastClient:

@@ -163,3 +163,16 @@ async def test_a_frame_left_unfinished_closes_its_connection_while_an_idle_one_s
         idle_writer.close()
         stalled_writer.close()
         await srv.stop()
+
+
+def test_a_server_stopped_with_clients_connected_ends_their_connections_without_an_error_logged(caplog):
+    async def go():
+        srv = fastlane.FastServer(_echo)
+        port = await srv.start("127.0.0.1", 0)
+        clients = [fastlane.FastClient(f"127.0.0.1:{port}") for _ in range(3)]
+        assert [await c.call(b"ab", 5.0) for c in clients] == [b"ba"] * 3
+        await srv.stop()
+        return clients  # left open, as a coordinator's are when a runtime stops
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(go())  # its end cancels what is left running
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
