@@ -28,7 +28,10 @@ class RoundFailed(Unavailable):
 
     def __init__(self, round_no: int, got: int, asked: int, min_clients: int, failures: dict[str, str]):
         self.failures = failures
-        detail = "; ".join(f"{node}: {why}" for node, why in sorted(failures.items())) or "no live clients"
+        reasons = [f"{node}: {why}" for node, why in sorted(failures.items())]
+        if asked < min_clients:  # fewer live clients than min_clients: the round could not be met
+            reasons.append(f"only {asked} live client{'s' if asked != 1 else ''} to ask" if asked else "no live clients")
+        detail = "; ".join(reasons)
         super().__init__(f"round {round_no}: {got} of {asked} clients answered, min_clients is "
                          f"{min_clients} ({detail})")
 

@@ -153,7 +153,7 @@ def test_a_job_that_cannot_reach_min_clients_fails_with_a_clear_error(mesh, fl_m
     started = time.monotonic()
     job, _ = asyncio.run(_run_job(mesh, rounds=2, min_clients=5, fraction=1.0))
     assert job.state == "failed" and job.round == 0 and not job.new_version
-    assert "round 1: 2 of 2 clients answered, min_clients is 5" in job.error
+    assert "round 1: 2 of 2 clients answered, min_clients is 5 (only 2 live clients to ask)" in job.error
     assert time.monotonic() - started < 60
 
     async def stored():
