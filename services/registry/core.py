@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common import deployment
+from services.common import deployment, model_metadata
 from services.common.deployment import DeploymentSpec
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound, ResourceExhausted
 from services.common.model_spec import PRECISIONS, ModelVariant, pick_variant, version_key
@@ -39,7 +39,8 @@ class PushHeader:
 
 
 def validate_header(header: PushHeader) -> PushHeader:
-    """Check names and normalise precision/format; INVALID_ARGUMENT says what is wrong."""
+    """Check names and the metadata the services interpret (`model_metadata.check`), normalise
+    precision/format; INVALID_ARGUMENT says what is wrong."""
     if not _NAME.match(header.name or ""):
         raise InvalidArgument(f"model name {header.name!r} must match {_NAME.pattern}")
     if not _NAME.match(header.version or ""):
@@ -50,6 +51,7 @@ def validate_header(header: PushHeader) -> PushHeader:
     fmt = (header.format or "onnx").lower()
     if fmt != "onnx":
         raise InvalidArgument(f"format {header.format!r} is not supported (only 'onnx')")
+    model_metadata.check(header.metadata)
     return PushHeader(header.name, header.version, precision, fmt, dict(header.metadata))
 
 
@@ -85,7 +87,7 @@ class Registry:
         try:
             sha, size = await self._receive(chunks, temp)
             variant = await self.catalogue.quick(self.store.pushed_before, header.name, header.version,
-                                                 header.precision, sha)
+                                                 header.precision, sha, header.metadata)
             if variant is None:
                 inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
                 variant = ModelVariant(
@@ -168,8 +170,9 @@ class Registry:
         variant = await self.get(name, version, precision)
         if not _NAME.match(node_class or ""):
             raise InvalidArgument(f"node class {node_class!r} must match {_NAME.pattern}")
-        if not (latency_ms >= 0 and memory_bytes >= 0):
-            raise InvalidArgument("measured latency and memory must not be negative")
+        if not (0 <= latency_ms < math.inf and memory_bytes >= 0):
+            raise InvalidArgument(f"measured latency and memory must not be negative, and latency must be finite "
+                                  f"(latency_ms={latency_ms}, memory_bytes={memory_bytes})")
         await self.catalogue.quick(self.store.record_measurement, name, version, variant.precision,
                                    node_class, node_id, latency_ms, memory_bytes, time.time())
         return await self.get(name, version, variant.precision)

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.common import model_metadata
 from services.common.errors import AlreadyExists
 from services.common.model_spec import ModelVariant, TensorSpec, Tombstone
 
@@ -57,6 +58,12 @@ def _row_to_variant(row: tuple) -> ModelVariant:
     )
 
 
+def _measured_keys(node_class: str, latency_ms: float, memory_bytes: int) -> dict[str, str]:
+    """A runtime's measurement as the metadata keys a variant shows it under."""
+    return {f"{model_metadata.LATENCY_PREFIX}{node_class}": f"{latency_ms:.4f}",
+            f"{model_metadata.MEMORY_PREFIX}{node_class}": str(memory_bytes)}
+
+
 class RegistryStore:
     """Blocking store; the core calls it from worker threads."""
 
@@ -98,14 +105,15 @@ class RegistryStore:
         """Move the verified upload at `temp_path` into the content-addressed store as `v`'s
         artifact and catalogue `v`, as one step under the store lock; the variant catalogued. A
         variant of that name, version and precision with the same artifact is a push made again
-        (its answer lost, say): that variant, as it was. With another artifact it is
+        (its answer lost, say): that variant, as it was, unless its metadata gives a key another
+        value than the variant shows (`model_metadata.conflicts`). That, or another artifact, is
         ALREADY_EXISTS and leaves no artifact behind (the artifact is kept only while a variant
         refers to it, so a rejected push cannot be fetched nor fill the disk)."""
         with temp_path.open("rb") as fh:  # the slow part, outside the lock
             os.fsync(fh.fileno())
         final = self.blob_path(v.sha256)
         with self._lock:
-            if (stored := self._pushed_before(v.name, v.version, v.precision, v.sha256)) is not None:
+            if (stored := self._pushed_before(v.name, v.version, v.precision, v.sha256, v.metadata)) is not None:
                 temp_path.unlink(missing_ok=True)
                 return stored
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -118,13 +126,16 @@ class RegistryStore:
                 raise
         return v
 
-    def pushed_before(self, name: str, version: str, precision: str, sha256: str) -> ModelVariant | None:
-        """The catalogued variant `name` `version` `precision` when its artifact is `sha256`
-        (None when there is none; ALREADY_EXISTS when its artifact is another)."""
+    def pushed_before(self, name: str, version: str, precision: str, sha256: str,
+                      metadata: dict[str, str]) -> ModelVariant | None:
+        """The catalogued variant `name` `version` `precision` when its artifact is `sha256` and
+        `metadata` gives no key another value than it shows (None when there is none;
+        ALREADY_EXISTS when its artifact is another, or a value differs)."""
         with self._lock:
-            return self._pushed_before(name, version, precision, sha256)
+            return self._pushed_before(name, version, precision, sha256, metadata)
 
-    def _pushed_before(self, name: str, version: str, precision: str, sha256: str) -> ModelVariant | None:
+    def _pushed_before(self, name: str, version: str, precision: str, sha256: str,
+                       metadata: dict[str, str]) -> ModelVariant | None:
         row = self._db.execute("SELECT * FROM variants WHERE name = ? AND version = ? AND precision = ?",
                                (name, version, precision)).fetchone()
         if row is None:
@@ -132,7 +143,14 @@ class RegistryStore:
         if row[4] != sha256:
             raise AlreadyExists(f"model '{name}' version {version} precision {precision} already exists "
                                 f"(artifact sha256:{row[4][:12]}, this push's sha256:{sha256[:12]})")
-        return _row_to_variant(row)
+        stored = _row_to_variant(row)
+        measured = self._db.execute(
+            "SELECT node_class, latency_ms, memory_bytes FROM measurements WHERE name = ? AND version = ? "
+            "AND precision = ?", (name, version, precision)).fetchall()
+        shown = {**stored.metadata, **{k: v for m in measured for k, v in _measured_keys(*m).items()}}
+        if differing := model_metadata.conflicts(stored.metadata, shown, metadata):
+            raise model_metadata.MetadataDiffers(name, version, precision, differing)
+        return stored
 
     def _insert(self, v: ModelVariant) -> None:
         row = (
@@ -235,8 +253,7 @@ class RegistryStore:
         for name_, version, precision, node_class, latency, memory in measured:
             v = by_key.get((name_, version, precision))
             if v is not None:
-                v.metadata[f"latency_ms.{node_class}"] = f"{latency:.4f}"
-                v.metadata[f"memory_bytes.{node_class}"] = str(memory)
+                v.metadata.update(_measured_keys(node_class, latency, memory))
         return variants
 
     def record_measurement(self, name: str, version: str, precision: str, node_class: str,

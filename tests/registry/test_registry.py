@@ -182,7 +182,7 @@ async def test_pushing_the_same_name_version_and_precision_twice_is_already_exis
 async def test_pushing_the_same_artifact_as_the_same_variant_again_returns_the_stored_one(client, name, built):
     """A retry of a push whose answer was lost."""
     first = await client.push_file(built["FP32"].path, name, "1", "FP32", metadata={"note": "first"})
-    assert await client.push_file(built["FP32"].path, name, "1", "FP32", metadata={"note": "again"}) == first
+    assert await client.push_file(built["FP32"].path, name, "1", "FP32", metadata={"note": "first"}) == first
     assert await client.list(name) == [first]
 
 
