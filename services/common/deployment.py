@@ -19,6 +19,14 @@ INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
 # ModelConfig max_batch_size (and preferred sizes, at most it) as int32
 BATCHING_RANGES = {"max_batch_size": (1, INT32_MAX), "max_queue_delay_us": (0, UINT32_MAX),
                    "max_queue_size": (1, UINT32_MAX), "max_inflight_batches": (1, UINT32_MAX)}
+# What a precision policy may ask, of a deployment or as a request's parameter: a measured
+# accuracy is a share of right answers, a measured latency is never negative
+PRECISION_RANGES = {"accuracy_floor": (0.0, 1.0), "latency_budget_ms": (0.0, math.inf)}
+# What each number of a put spec besides batching's may be, by its field's path (None: no limit asked)
+NUMBER_RANGES = {**{f"precision.{name}": bounds for name, bounds in PRECISION_RANGES.items()},
+                 "scheduler.threshold": (0.0, 1.0),  # a node's score is a weighted mean of parts in [0, 1]
+                 "joint.latency_threshold_ms": (0.0, math.inf),  # an RTT is never negative
+                 "attempt_timeout_ms": (1.0, UINT32_MAX)}  # the route reply carries whole ms as uint32
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,36 @@ def check_batching(b: BatchingSpec, model: str) -> None:
                               f"to max_batch_size {b.max_batch_size}, got {list(bad)}")
 
 
+def range_words(low: float, high: float) -> str:
+    """'from 0 to 1', or 'at least 0' where there is no upper limit."""
+    return f"at least {low:.12g}" if high == math.inf else f"from {low:.12g} to {high:.12g}"
+
+
+def check_numbers(spec: DeploymentSpec) -> None:
+    """INVALID_ARGUMENT naming a number out of its range (`NUMBER_RANGES`)."""
+    for path, (low, high) in NUMBER_RANGES.items():
+        value = spec
+        for name in path.split("."):
+            value = getattr(value, name)
+        if value is not None and not low <= value <= high:
+            raise InvalidArgument(f"deployment field '{spec.model}.{path}' must be {range_words(low, high)}, "
+                                  f"got {value:.12g}")
+
+
+def check_serving(spec: DeploymentSpec) -> None:
+    """INVALID_ARGUMENT when no node could be chosen: no tier to serve on (an ensemble's steps
+    have their own), or edgeai weights that score every node 0."""
+    tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
+    if not tiers and not spec.ensemble:
+        why = " (the cloud serves only with cloud_fallback)" if "cloud" in spec.tiers else ""
+        raise InvalidArgument(f"deployment field '{spec.model}.tiers' must name a tier the model can be served on, "
+                              f"got {list(spec.tiers)}{why}")
+    s = spec.scheduler
+    if s.policy == "edgeai" and not any((s.alpha, s.beta, s.gamma, s.delta)):
+        raise InvalidArgument(f"deployment field '{spec.model}.scheduler' weights must not all be 0 under the "
+                              f"edgeai policy (every node would score 0)")
+
+
 def validate(spec: DeploymentSpec) -> DeploymentSpec:
     b, s = spec.batching, spec.scheduler
     if not spec.model:
@@ -232,6 +270,8 @@ def validate(spec: DeploymentSpec) -> DeploymentSpec:
 def check_put(spec: DeploymentSpec) -> DeploymentSpec:
     """What a deployment put now must also meet, beyond `validate` (which every stored spec read
     back meets too: a rule added later refuses new puts, never a spec stored before it)."""
+    check_numbers(spec)
+    check_serving(spec)
     b = spec.batching
     if b.max_queue_delay_us / 1e3 >= spec.attempt_timeout_ms:
         # an attempt's timeout runs from when it queues: a request alone would always time out

@@ -214,3 +214,56 @@ def test_precisions_in_any_case_are_accepted():
     spec = deployment.from_dict({"model": "digits", "precision": {"precision": "int8"},
                                  "joint": {"edge_precision": "Int8", "cloud_precision": "fp16"}})
     assert deployment.check_put(spec) is spec
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"precision": {"accuracy_floor": 2}}, "'digits.precision.accuracy_floor' must be from 0 to 1, got 2$"),
+    ({"precision": {"accuracy_floor": -1}}, "'digits.precision.accuracy_floor' must be from 0 to 1, got -1$"),
+    ({"precision": {"latency_budget_ms": -5}}, "'digits.precision.latency_budget_ms' must be at least 0, got -5$"),
+    ({"scheduler": {"threshold": -5}}, "'digits.scheduler.threshold' must be from 0 to 1, got -5$"),
+    ({"scheduler": {"threshold": 7}}, "'digits.scheduler.threshold' must be from 0 to 1, got 7$"),
+    ({"joint": {"mode": "sync", "latency_threshold_ms": -3}},
+     "'digits.joint.latency_threshold_ms' must be at least 0, got -3$"),
+    ({"attempt_timeout_ms": 0.5}, "'digits.attempt_timeout_ms' must be from 1 to 4294967295, got 0.5$"),
+    ({"attempt_timeout_ms": 2**32}, "'digits.attempt_timeout_ms' must be from 1 to 4294967295, got 4294967296$"),
+    ({"tiers": []}, r"'digits.tiers' must name a tier the model can be served on, got \[\]$"),
+    ({"tiers": ["cloud"], "cloud_fallback": False},
+     r"'digits.tiers' must name a tier the model can be served on, got \['cloud'\] \(the cloud serves only "
+     r"with cloud_fallback\)$"),
+    ({"scheduler": {"alpha": 0, "beta": 0, "gamma": 0, "delta": 0}},
+     r"'digits.scheduler' weights must not all be 0 under the edgeai policy \(every node would score 0\)$"),
+], ids=["floor-above-one", "negative-floor", "negative-budget", "negative-threshold", "threshold-above-one",
+        "negative-latency-threshold", "timeout-under-a-millisecond", "timeout-over-uint32", "no-tiers",
+        "cloud-without-fallback", "no-weights"])
+def test_a_spec_that_could_never_serve_as_asked_is_invalid_argument_at_put_naming_the_field(data, message):
+    with pytest.raises(InvalidArgument, match=f"^deployment field {message}"):
+        deployment.check_put(deployment.from_dict({"model": "digits", **data}))
+
+
+@pytest.mark.parametrize("data", [
+    {"precision": {"accuracy_floor": 0, "latency_budget_ms": 0}},
+    {"precision": {"accuracy_floor": 1}},
+    {"scheduler": {"threshold": 0}},
+    {"scheduler": {"threshold": 1, "alpha": 0, "beta": 0, "gamma": 0}},
+    {"scheduler": {"policy": "round_robin", "alpha": 0, "beta": 0, "gamma": 0, "delta": 0}},
+    {"joint": {"mode": "sync", "latency_threshold_ms": 0}},
+    {"attempt_timeout_ms": 1, "batching": {"max_queue_delay_us": 0}},
+    {"attempt_timeout_ms": 2**32 - 1},
+    {"tiers": ["cloud"]},
+    {"tiers": [], "ensemble": [{"model": "a", "inputs": ["x=x"], "outputs": ["y=y"]}]},
+], ids=["zero-floor-and-budget", "floor-of-one", "zero-threshold", "threshold-of-one-one-weight",
+        "no-weights-without-edgeai", "zero-latency-threshold", "one-millisecond-timeout", "uint32-timeout",
+        "cloud-with-fallback", "ensemble-without-tiers"])
+def test_the_edges_of_each_range_are_accepted_at_put(data):
+    spec = deployment.from_dict({"model": "digits", **data})
+    assert deployment.check_put(spec) is spec
+
+
+def test_a_stored_spec_that_could_never_serve_still_reads_back():
+    """Specs stored before these put rules still read (a list of deployments goes on working);
+    putting one again is refused."""
+    text = deployment.to_json(DeploymentSpec(model="digits", tiers=(), precision=PrecisionSpec(accuracy_floor=2.0)))
+    spec = deployment.from_json(text)
+    assert (spec.tiers, spec.precision.accuracy_floor) == ((), 2.0)
+    with pytest.raises(InvalidArgument, match="digits.precision.accuracy_floor"):
+        deployment.check_put(spec)

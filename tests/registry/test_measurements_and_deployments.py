@@ -188,9 +188,18 @@ async def test_getting_the_deployment_of_a_model_without_one_is_not_found(client
      ('{{"model": "{name}", "scheduler": {{"alpha": NaN}}}}', "'{name}.scheduler.alpha' must be a finite number"),
      ('{{"model": "{name}", "rollout": {{"canary_percent": -Infinity}}}}',
       "'{name}.rollout.canary_percent' must be a finite number"),
-     ("[" * 100_000 + "]" * 100_000, "deployment spec is nested too deeply")],
+     ("[" * 100_000 + "]" * 100_000, "deployment spec is nested too deeply"),
+     ('{{"model": "{name}", "precision": {{"accuracy_floor": 2}}}}',
+      "'{name}.precision.accuracy_floor' must be from 0 to 1, got 2"),
+     ('{{"model": "{name}", "precision": {{"latency_budget_ms": -5}}}}',
+      "'{name}.precision.latency_budget_ms' must be at least 0, got -5"),
+     ('{{"model": "{name}", "tiers": []}}', "'{name}.tiers' must name a tier the model can be served on, got []"),
+     ('{{"model": "{name}", "scheduler": {{"threshold": 7}}}}', "'{name}.scheduler.threshold' must be from 0 to 1"),
+     ('{{"model": "{name}", "joint": {{"mode": "sync", "latency_threshold_ms": -3}}}}',
+      "'{name}.joint.latency_threshold_ms' must be at least 0, got -3")],
     ids=["not-json", "zero-batch", "unknown-field", "unknown-policy", "threshold-not-a-number", "no-model",
-         "nan-timeout", "infinite-hedge", "nan-weight", "infinite-percent", "nested-too-deeply"],
+         "nan-timeout", "infinite-hedge", "nan-weight", "infinite-percent", "nested-too-deeply",
+         "floor-above-one", "negative-budget", "no-tiers", "threshold-above-one", "negative-latency-threshold"],
 )
 async def test_an_invalid_deployment_spec_is_invalid_argument_and_not_stored(client, stub, fp32, spec, message):
     with pytest.raises(grpc.aio.AioRpcError) as info:
