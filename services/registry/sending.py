@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 READ_CHUNK = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def digest(text: str) -> str:
+    """An artifact's sha256 as asked for: 64 hexadecimal digits, in either case, `sha256:` before
+    them or not (as `cnei models list` prints it); INVALID_ARGUMENT for anything else."""
+    sha = text.strip().removeprefix("sha256:").lower()
+    if not SHA256.fullmatch(sha):
+        raise InvalidArgument(f"artifact digest {text!r} is not a sha256: 64 hexadecimal digits")
+    return sha
 DELTA = "delta"
 DELTA_MAX_BYTES = 256 << 20  # larger artifacts are sent whole (a delta is made in memory)
 DELTA_WORTH = 0.8  # a delta is sent when it is under this fraction of the artifact
@@ -77,6 +86,7 @@ class ArtifactSender:
         artifact (NOT_FOUND at once, not at the first chunk)."""
         if len(have) > delta.MAX_BASES:
             raise InvalidArgument(f"'have' lists {len(have)} artifacts; at most {delta.MAX_BASES}")
+        sha256 = digest(sha256)
         if not await run_in(self._catalogue, self._known, sha256):
             raise ArtifactNotFound(sha256)
         base = await run_in(self._catalogue, self._delta_base, sha256,

@@ -164,11 +164,25 @@ async def test_getting_an_unregistered_variant_is_not_found(client, stub, name, 
     assert info.value.details() == f"model '{name}' version 1 precision INT8 not found"
 
 
-@pytest.mark.parametrize("sha256", ["0" * 64, "not-a-digest", ""])
-async def test_fetching_an_unknown_artifact_is_not_found(client, sha256):
-    with pytest.raises(CneiError, match=f"artifact sha256:{sha256} not found") as info:
-        await client.fetch_artifact(sha256)
+async def test_fetching_an_unknown_artifact_is_not_found(client):
+    with pytest.raises(CneiError, match=f"artifact sha256:{'0' * 64} not found") as info:
+        await client.fetch_artifact("0" * 64)
     assert info.value.code is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("sha256", ["not-a-digest", "", "0" * 63, "../../etc/passwd"])
+async def test_fetching_by_something_that_is_not_a_sha256_is_invalid_argument(client, sha256):
+    with pytest.raises(CneiError, match=f"artifact digest {sha256!r} is not a sha256") as info:
+        await client.fetch_artifact(sha256)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+async def test_an_artifact_is_fetched_by_its_digest_as_listed_or_in_capitals(client, stub, name, built):
+    pushed = await client.push_file(built["FP32"].path, name, "1", "FP32")
+    data = built["FP32"].path.read_bytes()
+    for asked in (f"sha256:{pushed.sha256}", pushed.sha256.upper()):
+        chunks = [c async for c in stub.FetchArtifact(rpb.FetchArtifactRequest(sha256=asked), timeout=10)]
+        assert b"".join(c.data for c in chunks) == data
 
 
 async def test_pushing_the_same_name_version_and_precision_twice_is_already_exists(client, name, built):
