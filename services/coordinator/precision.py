@@ -5,8 +5,8 @@ import math
 from dataclasses import dataclass
 
 from services.common.batcher import number_param
-from services.common.deployment import DeploymentSpec
-from services.common.errors import FailedPrecondition, ModelNotFound
+from services.common.deployment import PRECISION_RANGES, DeploymentSpec, range_words
+from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
 from services.common.model_spec import ModelVariant
 
 
@@ -24,8 +24,14 @@ class PrecisionPolicy:
 
 
 def _number(params: dict, key: str) -> float | None:
-    """A finite number, or None when absent (NaN meets no floor and fits no budget: refused)."""
-    return None if key not in params or params[key] in ("", None) else number_param(params, key, float)
+    """A finite number in its range (`PRECISION_RANGES`), or None when absent (NaN meets no floor
+    and fits no budget, a floor above 1 or a negative budget no measurement: the client's error)."""
+    if key not in params or params[key] in ("", None):
+        return None
+    value, (low, high) = number_param(params, key, float), PRECISION_RANGES[key]
+    if not low <= value <= high:
+        raise InvalidArgument(f"parameter '{key}' must be {range_words(low, high)}, got {params[key]!r}")
+    return value
 
 
 def policy_from_params(params: dict) -> PrecisionPolicy:

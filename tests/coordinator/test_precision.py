@@ -150,6 +150,26 @@ def test_a_parameter_that_is_not_a_number_is_invalid_argument(params, message):
         policy_from_params(params)
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"accuracy_floor": 2}, "parameter 'accuracy_floor' must be from 0 to 1, got 2$"),
+     ({"accuracy_floor": "-1"}, "parameter 'accuracy_floor' must be from 0 to 1, got '-1'$"),
+     ({"latency_budget_ms": -5}, "parameter 'latency_budget_ms' must be at least 0, got -5$"),
+     ({"accuracy_floor": "0.9", "latency_budget_ms": "-0.5"},
+      "parameter 'latency_budget_ms' must be at least 0, got '-0.5'$")],
+    ids=["floor-above-one", "negative-floor", "negative-budget", "negative-budget-beside-a-good-floor"],
+)
+def test_a_floor_or_budget_out_of_its_range_is_invalid_argument_naming_the_parameter(params, message):
+    with pytest.raises(InvalidArgument, match=f"^{message}"):
+        policy_from_params(params)
+
+
+@pytest.mark.parametrize("params", [{"accuracy_floor": 0}, {"accuracy_floor": "1"}, {"latency_budget_ms": 0}],
+                         ids=["zero-floor", "floor-of-one", "zero-budget"])
+def test_the_edges_of_a_floor_or_budget_are_accepted(params):
+    assert policy_from_params(params) == PrecisionPolicy(**{k: float(v) for k, v in params.items()})
+
+
 def test_choosing_from_no_variants_is_model_not_found():
     with pytest.raises(ModelNotFound):
         choose_variant([], PrecisionPolicy(), "edge-arm")

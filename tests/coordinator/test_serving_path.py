@@ -324,6 +324,19 @@ async def test_a_latency_budget_no_node_class_meets_is_failed_precondition_namin
         assert "on edge nodes (fastest measured 10.000 ms)" in details
 
 
+@pytest.mark.parametrize(("params", "message"), [
+    ({"accuracy_floor": 2}, "parameter 'accuracy_floor' must be from 0 to 1, got 2"),
+    ({"latency_budget_ms": "-5"}, "parameter 'latency_budget_ms' must be at least 0, got '-5'")],
+    ids=["floor-above-one", "negative-budget"])
+@pytest.mark.parametrize("joint", ["off", "sync"])
+async def test_a_floor_or_budget_out_of_its_range_is_invalid_argument_and_no_node_is_asked(params, message, joint):
+    spec = DeploymentSpec(model="m", joint=JointSpec(mode=joint, output="y"))
+    cores = {"e1": NodeCore(), "c1": NodeCore()}
+    async with mesh([variant(**LATENCIES)], {"m": spec}, cores, tiers={"e1": "edge", "c1": "cloud"}) as m:
+        assert await m.infer(params=params) == ("INVALID_ARGUMENT", message)
+        assert [core.calls for core in cores.values()] == [[], []]
+
+
 # --- placement and batching --------------------------------------------------------------------
 
 def measured(precision: str, accuracy: float, latency_ms: float, name: str = "m") -> ModelVariant:
