@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.common import codec
+from services.common import codec, model_metadata
 from services.common.deployment import PRECISIONS, DeploymentSpec
 from services.common.errors import InvalidArgument, ModelNotFound, TensorError
 
@@ -15,6 +15,7 @@ from services.common.errors import InvalidArgument, ModelNotFound, TensorError
 # under the model's deployment, which the node takes up to the model's own max_batch_size rather
 # than the one it shows its own clients (its own batching's: a deployment may batch more rows)
 FORMED_BATCH = "cnei_formed_batch"
+DEFAULT_MAX_BATCH_SIZE = 1024  # a batching model's max_batch_size when its metadata states none
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,11 @@ class ModelVariant:
 
     @property
     def max_batch_size(self) -> int:
-        """Dynamic first dimension on every input means the model batches (Triton semantics)."""
+        """Dynamic first dimension on every input means the model batches (Triton semantics), up
+        to its `max_batch_size` metadata (1024 when it has none, or none that reads)."""
         if self.inputs and all(s.shape and s.shape[0] == -1 for s in self.inputs):
-            return int(self.metadata.get("max_batch_size", "1024"))
+            stated = model_metadata.value(self.metadata, model_metadata.MAX_BATCH_SIZE, self.key)
+            return DEFAULT_MAX_BATCH_SIZE if stated is None else stated
         return 0
 
 

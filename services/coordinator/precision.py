@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from services.common import model_metadata
 from services.common.batcher import number_param
 from services.common.deployment import PRECISION_RANGES, DeploymentSpec, range_words
 from services.common.errors import FailedPrecondition, InvalidArgument, ModelNotFound
@@ -53,18 +54,13 @@ def request_policy(params: dict, spec: DeploymentSpec) -> PrecisionPolicy:
 
 
 def accuracy(v: ModelVariant) -> float | None:
-    try:
-        return float(v.metadata["accuracy"])
-    except (KeyError, ValueError):
-        return None
+    """The variant's accuracy (None: none stated, or none that reads as a fraction)."""
+    return model_metadata.value(v.metadata, model_metadata.ACCURACY, v.key)
 
 
 def latency_ms(v: ModelVariant, node_class: str) -> float | None:
     """Measured batch-1 latency of the variant on a node class (recorded by runtimes)."""
-    try:
-        return float(v.metadata[f"latency_ms.{node_class}"])
-    except (KeyError, ValueError):
-        return None
+    return model_metadata.value(v.metadata, f"{model_metadata.LATENCY_PREFIX}{node_class}", v.key)
 
 
 _DEFAULT_ORDER = {"FP32": 0, "FP16": 1, "INT8": 2}
@@ -92,10 +88,10 @@ def choose_variant(variants: list[ModelVariant], policy: PrecisionPolicy, node_c
     if policy.accuracy_floor is not None:
         pool = [v for v in pool if _known(accuracy(v), -1.0) >= policy.accuracy_floor]
         if not pool:
-            best = max((accuracy(v) or 0.0) for v in variants)
-            raise FailedPrecondition(
-                f"no variant of model '{name}' meets accuracy_floor {policy.accuracy_floor} "
-                f"(best measured accuracy {best:.4f})")
+            known = [a for a in map(accuracy, variants) if a is not None]
+            detail = f"best measured accuracy {max(known):.4f}" if known else "no variant has a measured accuracy"
+            raise FailedPrecondition(f"no variant of model '{name}' meets accuracy_floor {policy.accuracy_floor} "
+                                     f"({detail})")
     if policy.latency_budget_ms is not None:
         fits = [v for v in pool if _known(latency_ms(v, node_class), math.inf) <= policy.latency_budget_ms]
         if not fits:

@@ -5,6 +5,7 @@ import asyncio
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
+from services.common import model_metadata
 from services.common.deployment import DeploymentSpec, PrecisionSpec
 from services.common.model_spec import ModelVariant, version_key
 from services.common.nodes import NodeInfo
@@ -16,7 +17,7 @@ from services.coordinator.precision import accuracy
 REGISTRY_TIMEOUT_S = 3.0
 JOBS_TIMEOUT_S = 1.0
 MAX_JOBS = 20
-LATENCY_PREFIX = "latency_ms."
+LATENCY_PREFIX = model_metadata.LATENCY_PREFIX
 MAX_EVENTS = 50
 
 
@@ -60,14 +61,9 @@ def node_row(node: NodeInfo, rtt_ms: float | None, unhealthy: Collection[str], b
 
 def variant_latencies(variant: ModelVariant) -> dict[str, float]:
     """Measured batch-1 latency per node class, from `latency_ms.<class>` metadata."""
-    out = {}
-    for key, value in variant.metadata.items():
-        if key.startswith(LATENCY_PREFIX):
-            try:
-                out[key[len(LATENCY_PREFIX):]] = round(float(value), 3)
-            except ValueError:
-                continue
-    return dict(sorted(out.items()))
+    read = {key[len(LATENCY_PREFIX):]: model_metadata.value(variant.metadata, key, variant.key)
+            for key in variant.metadata if key.startswith(LATENCY_PREFIX)}
+    return {node_class: round(value, 3) for node_class, value in sorted(read.items()) if value is not None}
 
 
 def variant_row(variant: ModelVariant) -> dict:
