@@ -105,6 +105,9 @@ def request_from_proto(request: pb.ModelInferRequest, shm: SharedMemoryRegions |
             data = shm.read(places[i], f"input '{tensor.name}'")
             inputs[tensor.name] = codec.from_raw(data, tensor.datatype, shape, tensor.name)
         elif raw:
+            if tensor.HasField("contents"):  # which would be meant? Triton refuses it too, in these words
+                raise InvalidArgument(f"contents field must not be specified when using raw_input_contents "
+                                      f"for '{tensor.name}' for model '{request.model_name}'")
             inputs[tensor.name] = codec.from_raw(raw[next_raw], tensor.datatype, shape, tensor.name)
             next_raw += 1
         else:

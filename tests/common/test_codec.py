@@ -207,6 +207,15 @@ def test_a_raw_input_contents_count_that_differs_from_the_inputs_is_rejected():
         oip.request_from_proto(msg)
 
 
+def test_an_input_with_typed_contents_beside_raw_input_contents_is_rejected_in_triton_s_words():
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.inputs.add(name="a", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    msg.raw_input_contents.append(np.float32(2.0).tobytes())
+    with pytest.raises(InvalidArgument, match="contents field must not be specified when using raw_input_contents "
+                                              "for 'a' for model 'm'"):
+        oip.request_from_proto(msg)
+
+
 @pytest.mark.parametrize("raw_count", [1, 3])
 def test_a_raw_output_contents_count_that_differs_from_the_outputs_is_rejected(raw_count):
     msg = pb.ModelInferResponse(model_name="m")
