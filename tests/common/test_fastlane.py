@@ -81,6 +81,14 @@ async def test_a_closed_port_and_a_dropped_connection_are_unavailable(server):
     await client.close()
 
 
+async def test_a_request_as_large_as_the_grpc_message_limit_goes_through_with_its_meta(server):
+    from services.common.grpc_util import MAX_MESSAGE_BYTES
+    client = fastlane.FastClient(server[1])
+    payload = b"\1" * MAX_MESSAGE_BYTES  # what a client may send the coordinator, re-sent with a trace and timeout
+    assert await client.call(payload, 30.0) == payload
+    await client.close()
+
+
 def test_oversized_frames_are_refused():
     with pytest.raises(Exception) as info:
         fastlane.encode(1, fastlane.REQUEST, b"", b"\0" * (fastlane.MAX_FRAME + 1))

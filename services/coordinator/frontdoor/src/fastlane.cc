@@ -34,7 +34,7 @@ constexpr int kSendStallMs = 1000;
 using Clock = std::chrono::steady_clock;
 constexpr uint8_t kRequest = 1, kReply = 2, kError = 3, kHello = 4;
 constexpr size_t kHeader = 15;                     // u32 length | u64 id | u8 kind | u16 meta
-constexpr size_t kMaxFrame = 64u * 1024 * 1024;    // as services/common/fastlane.py
+constexpr size_t kMaxFrame = 65u * 1024 * 1024;    // as services/common/fastlane.py: 64 MiB and meta
 
 void PutLE(char* out, uint64_t value, int bytes) {
   for (int i = 0; i < bytes; ++i) out[i] = static_cast<char>((value >> (8 * i)) & 0xff);
