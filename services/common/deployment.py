@@ -217,11 +217,15 @@ def check_numbers(spec: DeploymentSpec) -> None:
                                   f"got {value:.12g}")
 
 
+def serving_tiers(spec: DeploymentSpec) -> set[str]:
+    """The tiers the deployment's requests may run on (the cloud only with `cloud_fallback`)."""
+    return set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
+
+
 def check_serving(spec: DeploymentSpec) -> None:
     """INVALID_ARGUMENT when no node could be chosen: no tier to serve on (an ensemble's steps
     have their own), or edgeai weights that score every node 0."""
-    tiers = set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
-    if not tiers and not spec.ensemble:
+    if not serving_tiers(spec) and not spec.ensemble:
         why = " (the cloud serves only with cloud_fallback)" if "cloud" in spec.tiers else ""
         raise InvalidArgument(f"deployment field '{spec.model}.tiers' must name a tier the model can be served on, "
                               f"got {list(spec.tiers)}{why}")

@@ -16,7 +16,7 @@ from prometheus_client import Counter
 
 from services.common import events, oip
 from services.common.background import Background
-from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version
+from services.common.deployment import JOINT_MODES, DeploymentSpec, rollout_version, serving_tiers
 from services.common.errors import (CneiError, ErrorCode, FailedPrecondition, InvalidArgument, ModelNotFound,
                                     Unavailable, outcome_of)
 from services.common.model_spec import ModelVariant, check_batch_size, served_max_batch_size, version_key
@@ -31,7 +31,7 @@ from services.coordinator.latency import LatencyBook
 from services.coordinator.node_batchers import NodeBatchers
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.placement import Scheduler
-from services.coordinator.placer import Placement, Placer, restrict_tier, serving_tiers, variants_by_class
+from services.coordinator.placer import Placement, Placer, restrict_tier, variants_by_class
 from services.coordinator.precision import request_policy
 from services.coordinator.response_cache import ResponseCache, from_cache
 from services.coordinator.settings import CoordinatorSettings

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from opentelemetry import trace
 
 from services.common import oip, telemetry
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import DeploymentSpec, serving_tiers
 from services.common.errors import CneiError, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant
 from services.common.nodes import NodeInfo
@@ -30,11 +30,6 @@ DOOR_ROWS_REPORTS_KEPT = 5
 class Placement:
     node: NodeInfo
     variant: ModelVariant
-
-
-def serving_tiers(spec: DeploymentSpec) -> set[str]:
-    """The tiers the deployment's requests may run on (the cloud only with `cloud_fallback`)."""
-    return set(spec.tiers) if spec.cloud_fallback else set(spec.tiers) - {"cloud"}
 
 
 def restrict_tier(spec: DeploymentSpec, params: dict) -> DeploymentSpec:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.common.deployment import BatchingSpec, DeploymentSpec
+from services.common.deployment import BatchingSpec, DeploymentSpec, serving_tiers
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common import batcher
 from services.common.batch_formation import BatchConfig
@@ -139,7 +139,7 @@ NO_FALLBACK = DeploymentSpec("digits", cloud_fallback=False)
      (CLOUD_ONLY, "cloud", {"cloud"}), (EDGE_ONLY, "edge", {"edge"}), (NO_FALLBACK, "edge", {"edge"})],
     ids=["unset", "edge", "cloud", "cloud-of-cloud-only", "edge-of-edge-only", "edge-without-fallback"])
 def test_the_tier_parameter_narrows_where_a_request_may_run(spec, tier, tiers):
-    assert placer.serving_tiers(placer.restrict_tier(spec, {"tier": tier})) == tiers
+    assert serving_tiers(placer.restrict_tier(spec, {"tier": tier})) == tiers
 
 
 @pytest.mark.parametrize(
