@@ -130,12 +130,14 @@ class Breaker:
 # model's own fault (FAULTY: it answers INTERNAL) says the node is up: that model alone is avoided
 # there, so one broken model, or one client sending a model inputs it fails on, takes neither the
 # node's other models down nor, served everywhere, every node of the mesh (Envoy caps ejections
-# with max_ejection_percent; Triton ejects no node). A node failing every model is avoided for
-# each in turn. Connection trouble and attempt timeouts stay the node's.
+# with max_ejection_percent; Triton ejects no node). An attempt timeout (SLOW) is the model's on
+# that node too: a slow model keeping a node's cores busy says nothing of the node serving the
+# others, and a node that hangs fails its health checks. A node failing every model is avoided
+# for each in turn. Connection trouble stays the node's.
 BOOKED: dict[Verdict, tuple[Verdict, Verdict]] = {
     Verdict.ANSWERED: (Verdict.ANSWERED, Verdict.ANSWERED),
     Verdict.FAULTY: (Verdict.ANSWERED, Verdict.FAULTY),
-    Verdict.SLOW: (Verdict.SLOW, Verdict.SILENT),
+    Verdict.SLOW: (Verdict.SILENT, Verdict.SLOW),
     Verdict.DOWN: (Verdict.DOWN, Verdict.SILENT),
     Verdict.SILENT: (Verdict.SILENT, Verdict.SILENT),
 }
@@ -165,9 +167,9 @@ class Claim:
 
 
 class Breakers:
-    """Breakers by node id, and by (node id, model) for the models' own faults; created on first
-    use (a pair's only once it fails, and dropped once it answers again: few are kept). A model is
-    named by its variant's key."""
+    """Breakers by node id, and by (node id, model) for the models' own faults and attempt
+    timeouts; created on first use (a pair's only once it fails, and dropped once it answers
+    again: few are kept). A model is named by its variant's key."""
 
     def __init__(self, failure_threshold: int = 3, open_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -210,7 +212,7 @@ class Breakers:
         self.get(node_id).record(on_node, reason, probe)
         key = (node_id, model)
         pair = self.by_model.get(key)
-        if pair is None and on_pair is Verdict.FAULTY and model:
+        if pair is None and on_pair in (Verdict.FAULTY, Verdict.SLOW) and model:
             pair = self.by_model[key] = self._make(node_id, model)
         if pair is None:
             return

@@ -71,6 +71,6 @@ class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSe
                                   "timeout, INTERNAL)")
     fast_lane: bool = field(True, "talk to runtimes over the internal TCP data plane when offered")
     outbox_path: str = field("", "file buffering events while NATS is away (empty: none)")
-    breaker_failures: int = field(3, "consecutive failures that open a breaker: attempt timeouts a node's, "
-                                      "INTERNAL answers of one model that node's breaker for the model alone")
+    breaker_failures: int = field(3, "consecutive failures that open a breaker: attempt timeouts and INTERNAL "
+                                      "answers of one model a node's breaker for the model alone")
     breaker_open_s: float = field(2.0, "how long an open breaker blocks a node before one probe")

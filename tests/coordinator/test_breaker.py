@@ -216,11 +216,22 @@ def test_a_node_that_left_is_forgotten_with_its_models_and_a_call_it_had_books_n
 M, OTHER = "m:1:FP32", "other:1:FP32"
 
 
-def test_every_verdict_is_booked_on_the_node_and_on_the_model_and_only_a_fault_counts_against_the_model():
+def test_every_verdict_is_booked_on_the_node_and_on_the_model_and_only_faults_and_timeouts_count_against_the_model():
     assert set(BOOKED) == set(Verdict)
-    assert [v for v, (_, on_model) in BOOKED.items() if on_model is Verdict.FAULTY] == [Verdict.FAULTY]
+    assert {v for v, (_, on_model) in BOOKED.items() if on_model is v} == \
+        {Verdict.ANSWERED, Verdict.FAULTY, Verdict.SLOW, Verdict.SILENT}
     assert BOOKED[Verdict.FAULTY][0] is Verdict.ANSWERED, "a model's fault says the node is up"
-    assert all(on_node is v for v, (on_node, _) in BOOKED.items() if v is not Verdict.FAULTY)
+    assert BOOKED[Verdict.SLOW][0] is Verdict.SILENT, "a model's timeout says nothing of the node"
+    assert all(on_node is v for v, (on_node, _) in BOOKED.items() if v not in (Verdict.FAULTY, Verdict.SLOW))
+
+
+def test_a_model_s_attempt_timeouts_open_its_breaker_on_that_node_alone(clock):
+    breakers = Breakers(failure_threshold=2, open_seconds=2.0, clock=clock)
+    for _ in range(2):
+        breakers.claim("edge-1", M).settle(Verdict.SLOW, "node edge-1 did not answer in time")
+    assert breakers.claim("edge-1", M) is None and breakers.claim("edge-1", OTHER) is not None
+    assert breakers.get("edge-1").state is State.CLOSED and breakers.blocked() == set()
+    assert breakers.why_blocked([M]) == {"edge-1": f"model {M}: node edge-1 did not answer in time"}
 
 
 def test_a_model_s_faults_open_its_breaker_on_that_node_alone(clock):
@@ -247,7 +258,7 @@ def test_the_node_s_own_trouble_blocks_every_model_and_is_named_first(clock):
 
 
 @pytest.mark.parametrize(("outcome", "node_failures", "model_failures"),
-                         [(Verdict.ANSWERED, 0, None), (Verdict.FAULTY, 0, 2), (Verdict.SLOW, 2, 1),
+                         [(Verdict.ANSWERED, 0, None), (Verdict.FAULTY, 0, 2), (Verdict.SLOW, 1, 2),
                           (Verdict.DOWN, 1, 1), (Verdict.SILENT, 1, 1)])
 def test_each_verdict_counts_on_the_breaker_it_says_something_of(clock, outcome, node_failures, model_failures):
     breakers = Breakers(failure_threshold=5, clock=clock)

@@ -64,14 +64,16 @@ async def test_a_half_open_probe_that_says_nothing_against_the_node_never_leaves
 
 @pytest.mark.parametrize(
     ("spec", "params", "state"),
-    [(DeploymentSpec(model="m"), {"timeout_us": 10_000}, State.CLOSED),
+    [(DeploymentSpec(model="m"), {"timeout_us": 10_000}, None),
      (DeploymentSpec(model="m", attempt_timeout_ms=10), {}, State.OPEN)],
     ids=["clients-own-timeout-is-not-the-nodes-fault", "the-attempt-timeout-is"])
-async def test_only_the_deployments_attempt_timeout_counts_against_a_slow_node(spec, params, state):
+async def test_only_the_deployments_attempt_timeout_counts_against_a_slow_model_on_its_node(spec, params, state):
     async with mesh([variant()], {"m": spec}, {"n1": NodeCore(delay_s=0.1)}, breaker_failures=3) as m:
         for _ in range(3):
             assert (await m.infer(params=params))[0] in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
-        assert m.core.breakers.get("n1").state is state
+        pair = m.core.breakers.by_model.get(("n1", "m:1:FP32"))
+        assert (pair.state if pair else None) is state
+        assert m.core.breakers.get("n1").state is State.CLOSED, "a slow model says nothing of its node"
 
 
 async def test_a_client_timing_out_leaves_the_node_to_the_other_clients():
@@ -149,6 +151,32 @@ async def test_a_node_failing_every_model_ends_up_avoided_for_each():
             {("n1", "good:1:FP32"): State.OPEN, ("n1", "bad:1:FP32"): State.OPEN}
 
 
+class SlowModels(NodeCore):
+    """A runtime stand-in taking `slow[model]` seconds over the models named there (a model
+    keeping the node's cores busy), answering the others at once."""
+
+    def __init__(self, slow: dict[str, float]):
+        super().__init__()
+        self.slow = slow
+
+    async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
+        await asyncio.sleep(self.slow.get(request.model_name, 0.0))
+        return await super().infer(request, deadline_s)
+
+
+async def test_a_model_timing_out_everywhere_leaves_every_node_serving_the_others():
+    variants, specs = two_models()
+    specs["bad"] = replace(specs["bad"], attempt_timeout_ms=20)
+    nodes = {"n1": SlowModels({"bad": 0.2}), "n2": SlowModels({"bad": 0.2})}
+    async with mesh(variants, specs, nodes, breaker_failures=2) as m:
+        await asyncio.gather(*(m.infer("bad") for _ in range(6)))  # timing out on every node, at once
+        served = [(await m.infer("good"))[1].parameters["cnei_node"] for _ in range(4)]
+        assert sorted(served) == ["n1", "n1", "n2", "n2"], "no node of the mesh is out of use for good"
+        assert {b.state for b in m.core.breakers.by_node.values()} == {State.CLOSED}
+        assert {k: b.state for k, b in m.core.breakers.by_model.items()} == \
+            {("n1", "bad:1:FP32"): State.OPEN, ("n2", "bad:1:FP32"): State.OPEN}
+
+
 async def test_a_model_fixed_on_a_node_is_served_there_again_after_one_probe():
     variants, specs = two_models()
     broken = NodeCore(failing=("bad",))
@@ -223,7 +251,7 @@ async def test_a_batch_whose_answer_cannot_be_split_fails_its_callers_at_once_co
 
 @pytest.mark.parametrize(("node", "spec", "breaker"), [
     (NodeCore(failing=("m",)), {}, ("n1", "m:1:FP32")),
-    (NodeCore(delay_s=0.5), {"attempt_timeout_ms": 150}, ("n1", "")),
+    (NodeCore(delay_s=0.5), {"attempt_timeout_ms": 150}, ("n1", "m:1:FP32")),
 ], ids=["faulty", "slow"])
 async def test_one_failed_batch_counts_once_towards_opening_a_breaker_and_its_requests_fail_over(node, spec, breaker):
     spec = DeploymentSpec(model="m", batching=BatchingSpec(max_batch_size=8, max_queue_delay_us=50_000), **spec)
@@ -232,7 +260,7 @@ async def test_one_failed_batch_counts_once_towards_opening_a_breaker_and_its_re
         results = await asyncio.gather(*(m.infer() for _ in range(3)))
         assert [(s, r.parameters["cnei_node"]) for s, r in results] == [("OK", "n2")] * 3
         assert [len(call["x"]) for call in node.calls] == [3], "one node call carried all three"
-        b = m.core.breakers.by_model[breaker] if breaker[1] else m.core.breakers.get("n1")
+        b = m.core.breakers.by_model[breaker]
         assert (b.state, b.failures) == (State.CLOSED, 1), "breaker_failures (3) counts node calls"
 
 
