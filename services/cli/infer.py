@@ -11,8 +11,23 @@ import numpy as np
 from services.cli import clients
 
 
+def check_counts(args) -> None:
+    """`--digits N` and `--batch N` as the rows they ask for: INVALID_ARGUMENT naming the flag
+    for counts that are none or more than there are (before any server is called)."""
+    from services.common.errors import InvalidArgument
+
+    if args.digits is not None:
+        from services.models.digits import load_all
+
+        held = len(load_all()[0])
+        if not 1 <= args.digits <= held:
+            raise InvalidArgument(f"--digits must be from 1 to {held} (the load_digits images), not {args.digits}")
+    if args.batch < 1:
+        raise InvalidArgument(f"--batch must be at least 1, not {args.batch}")
+
+
 def _input_array(args, spec) -> np.ndarray:
-    if args.digits:
+    if args.digits is not None:
         from services.models.digits import load_all
 
         return load_all()[0][: args.digits]
@@ -48,6 +63,7 @@ async def infer(args) -> int:
     from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
     params = request_parameters(args.param)
+    check_counts(args)
     if args.precision:
         params["precision"] = args.precision
     async with grpc_util.channel(args.url, credentials=clients.credentials(args)) as channel:
@@ -77,7 +93,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     inf.add_argument("model")
     inf.add_argument("--url", default="127.0.0.1:8001")
     inf.add_argument("--data", help="input as a JSON (nested) list")
-    inf.add_argument("--digits", type=int, default=0, help="use the first N load_digits samples")
+    inf.add_argument("--digits", type=int, help="use the first N load_digits samples")
     inf.add_argument("--batch", type=int, default=1, help="batch size of random input")
     inf.add_argument("--precision", default="")
     inf.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",

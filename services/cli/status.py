@@ -14,7 +14,8 @@ from services.cli.output import table
 
 
 def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
-    """The coordinator's /api/status, or None when it does not answer."""
+    """The coordinator's /api/status, or None when it does not answer (HTTP, at least)."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -28,7 +29,7 @@ def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             return json.loads(reply.read())
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):  # a gRPC port, say
         return None
 
 

@@ -3,6 +3,7 @@ missing TLS files: one readable line and an exit code, never a traceback."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,6 +52,29 @@ def test_a_malformed_key_value_flag_is_refused_by_name_before_any_server_is_call
     server = ["--url" if argv[0] == "infer" else "--registry", f"127.0.0.1:{infra.free_port()}"]
     assert cli.main([*argv, *server]) == 2
     assert f"error (INVALID_ARGUMENT): --{argv[-2].lstrip('-')} needs KEY=VALUE, not '{argv[-1]}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "count", "says"), [
+    ("--digits", "-3", "--digits must be from 1 to 1797 (the load_digits images), not -3"),
+    ("--digits", "0", "--digits must be from 1 to 1797 (the load_digits images), not 0"),
+    ("--digits", "5000", "--digits must be from 1 to 1797 (the load_digits images), not 5000"),
+    ("--batch", "-2", "--batch must be at least 1, not -2"),
+])
+def test_a_row_count_that_is_none_or_too_many_is_refused_by_name_before_any_server_is_called(flag, count, says,
+                                                                                          capsys):
+    assert cli.main(["infer", "digits", flag, count, "--url", f"127.0.0.1:{infra.free_port()}"]) == 2
+    assert f"error (INVALID_ARGUMENT): {says}" in capsys.readouterr().err
+
+
+def test_a_status_url_that_answers_no_http_is_not_reachable_rather_than_its_bytes_printed():
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # answers every connection with gRPC-like bytes
+        def answer():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00")
+        threading.Thread(target=answer, daemon=True).start()
+        assert status.fetch_status(f"127.0.0.1:{listener.getsockname()[1]}") is None
 
 
 def test_the_healthcheck_names_a_missing_tls_file_and_exits_1(tmp_path, capsys):
