@@ -13,10 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import events, grpc_util, lifecycle
 from services.common.fastlane import FastClient
 from services.common.nodes import NodeDirectory, NodeInfo
+from services.common.throttle import Throttle
 from services.common.tls import ClientTls
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+REFRESH_LOG_INTERVAL_S = 60.0  # a spell of failed node refreshes is summed up at most this often
 EWMA_ALPHA = 0.3
 
 
@@ -68,6 +70,7 @@ class NodesView:
         self._tasks: list[asyncio.Task] = []
         self.on_change = on_change  # (NODE_UP | NODE_DOWN, node, reason)
         self.unhealthy: dict[str, str] = {}  # node id -> why its health check failed
+        self._refresh_failures = Throttle(REFRESH_LOG_INTERVAL_S)
 
     async def refresh(self) -> None:
         try:
@@ -127,12 +130,26 @@ class NodesView:
             if client is not None:
                 await client.close()  # its calls still open fail UNAVAILABLE: they fail over
 
+    async def _refresh_logged(self) -> None:
+        """One refresh; a failure keeps the last view. A spell of failures (Redis away) is logged
+        at its first, summed up at most every REFRESH_LOG_INTERVAL_S, and at its end."""
+        try:
+            await self.refresh()
+        except Exception as exc:  # noqa: BLE001 - keep the last view
+            if summary := self._refresh_failures.note(time.monotonic()):
+                if summary.first:
+                    log.warning("node refresh failed: %s (the last view is kept; until a refresh works again, "
+                                "failures are summed up at most every %.0f s)", exc, REFRESH_LOG_INTERVAL_S)
+                else:
+                    log.warning("node refresh still failing: %d failures in the last %.0f s, %d in all: %s",
+                                summary.count, summary.span_s, summary.total, exc)
+            return
+        if summary := self._refresh_failures.end(time.monotonic()):
+            log.warning("node refresh works again after %d failures", summary.total)
+
     async def _refresh_loop(self) -> None:
         while True:
-            try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - keep the last view
-                log.warning("node refresh failed: %s", exc)
+            await self._refresh_logged()
             await asyncio.sleep(self.refresh_s)
 
     async def _probe(self, node: NodeInfo) -> None:
@@ -166,10 +183,7 @@ class NodesView:
         self.rtt_ms[node_id] = ewma(self.rtt_ms.get(node_id), max(0.0, rtt_ms))
 
     async def start(self) -> None:
-        try:
-            await self.refresh()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("initial node refresh failed: %s", exc)
+        await self._refresh_logged()
         self._tasks = [asyncio.create_task(self._refresh_loop(), name="nodes-refresh"),
                        asyncio.create_task(self._probe_loop(), name="nodes-probe")]
 

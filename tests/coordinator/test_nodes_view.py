@@ -4,6 +4,7 @@ really stops heartbeating is; a node id back at other addresses leaves and comes
 unloaded-models set is served from memory while Redis is away."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -123,3 +124,25 @@ async def test_the_grace_after_a_reset_holds_while_nodes_heartbeat_again_one_by_
     await directory.heartbeat(_node("a", 7000), 30)  # a's heartbeat comes first; b and c a moment later
     await view.refresh()
     assert sorted(n.node_id for n in view.nodes) == ["a", "b", "c"] and told == []
+
+
+async def test_a_redis_outage_is_logged_once_and_its_end_once_not_at_every_refresh(tmp_path, caplog):
+    port = infra.free_port()
+    server = infra.start_redis(port, tmp_path / "redis")
+    redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        _, view, _ = await _viewing(redis, _node("a", 7000))
+        infra.stop(server)
+        with caplog.at_level("INFO", logger="services.coordinator.nodes_view"):
+            await view.start()  # refreshes every 0.1 s
+            await asyncio.sleep(1.5)
+            server = infra.start_redis(port, tmp_path / "redis-again")
+            await asyncio.sleep(1.0)
+            await view.close()
+        lines = [r.getMessage() for r in caplog.records if "node refresh" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("node refresh failed: ") and "the last view is kept" in lines[0]
+        assert lines[1].startswith("node refresh works again after ") and "failures" in lines[1]
+    finally:
+        await redis.aclose()
+        infra.stop(server)
