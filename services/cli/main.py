@@ -59,6 +59,18 @@ def parser() -> argparse.ArgumentParser:
     for sp in (inf, *controls, *registry_cmds, build_parser, st, *train_parsers):
         sp.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                         help="send this header (restricted APIs; repeatable; default: $CNEI_HEADERS, k=v;k2=v2)")
+    # the servers a command calls unless told: those `cnei up` starts under the same settings
+    from services.cli import up
+    from services.common import settings as cfg
+
+    mesh = cfg.load_at_start(up.MeshSettings, up.PREFIX)
+    for sp in (*registry_cmds, build_parser, st):
+        sp.set_defaults(registry=f"127.0.0.1:{mesh.registry_port}")
+    for sp in (inf, *controls):
+        sp.set_defaults(url=f"127.0.0.1:{mesh.grpc_port}")
+    st.set_defaults(url=f"http://127.0.0.1:{mesh.http_port}", redis=mesh.redis_url)
+    for sp in train_parsers:
+        sp.set_defaults(trainer=f"127.0.0.1:{mesh.trainer_port}")
     return p
 
 

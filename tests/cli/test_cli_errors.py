@@ -81,3 +81,26 @@ def test_the_healthcheck_names_a_missing_tls_file_and_exits_1(tmp_path, capsys):
     missing = tmp_path / "missing.pem"
     assert healthcheck.main([f"127.0.0.1:{infra.free_port()}", "--tls-ca", str(missing)]) == 1
     assert f"cannot use the TLS files: [Errno 2] No such file or directory: '{missing}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "setting", "says"), [
+    (["models", "list"], "CNEI_REGISTRY_PORT", "registry 127.0.0.1:{port}"),
+    (["deploy", "get", "digits"], "CNEI_REGISTRY_PORT", "registry 127.0.0.1:{port}"),
+    (["infer", "digits"], "CNEI_GRPC_PORT", "127.0.0.1:{port}"),
+    (["train", "list"], "CNEI_TRAINER_PORT", "127.0.0.1:{port}"),
+])
+def test_a_command_calls_the_servers_cnei_up_starts_under_the_same_settings(argv, setting, says, monkeypatch,
+                                                                             capsys):
+    port = infra.free_port()  # nothing listens there: the error names where the command called
+    monkeypatch.setenv(setting, str(port))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and says.format(port=port) in err, err
+
+
+def test_cnei_status_reads_the_coordinator_and_redis_cnei_up_starts_under_the_same_settings(monkeypatch):
+    monkeypatch.setenv("CNEI_HTTP_PORT", "18123")
+    monkeypatch.setenv("CNEI_REDIS_URL", "redis://127.0.0.1:16399/0")
+    args = cli.parser().parse_args(["status"])
+    assert (args.url, args.redis, args.registry) == ("http://127.0.0.1:18123", "redis://127.0.0.1:16399/0",
+                                                     "127.0.0.1:50051")
