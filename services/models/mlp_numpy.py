@@ -1,6 +1,7 @@
 """A dense MLP in plain numpy (the digits architecture): forward pass, accuracy, local SGD."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,9 +60,11 @@ def _gradients(layers: Layers, xb: np.ndarray, yb: np.ndarray) -> Layers:
 
 
 def train_local(layers: Layers, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
-                batch_size: int, mu: float = 0.0, seed: int = 0) -> TrainResult:
+                batch_size: int, mu: float = 0.0, seed: int = 0,
+                check_stop: Callable[[], None] | None = None) -> TrainResult:
     """Mini-batch SGD for `epochs` passes over (x, y); with mu > 0 the FedProx proximal term
-    mu/2·||w - w_global||² pulls every step towards the weights it started from."""
+    mu/2·||w - w_global||² pulls every step towards the weights it started from. `check_stop` is
+    called before every mini-batch: what it raises ends the training (a round's deadline, say)."""
     start = [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers]
     current = [(w.copy(), b.copy()) for w, b in start]
     loss_before = cross_entropy(start, x, y)
@@ -70,6 +73,8 @@ def train_local(layers: Layers, x: np.ndarray, y: np.ndarray, *, epochs: int, lr
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for lo in range(0, len(y), batch_size):
+            if check_stop is not None:
+                check_stop()
             idx = order[lo:lo + batch_size]
             grads = _gradients(current, x[idx], y[idx])
             current = [

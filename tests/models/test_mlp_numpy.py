@@ -36,6 +36,25 @@ def test_training_is_reproducible_for_a_seed_and_leaves_its_input_alone(split):
     np.testing.assert_array_equal(layers[0][0], before)
 
 
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [1, 20], ids=["first-batch", "second-epoch"])
+def test_what_check_stop_raises_before_a_mini_batch_ends_the_training(split, stop_at):
+    x, _, y, _ = split
+    calls = []
+
+    def check_stop() -> None:
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise Stop()
+    with pytest.raises(Stop):  # 200 rows in batches of 16: 13 mini-batches an epoch
+        mlp_numpy.train_local(mlp_numpy.init_layers((64, 16, 10)), x[:200], y[:200], epochs=10**9, lr=0.05,
+                              batch_size=16, check_stop=check_stop)
+    assert len(calls) == stop_at
+
+
 def test_the_fedprox_term_keeps_weights_closer_to_the_global_ones(split):
     x, _, y, _ = split
     layers = mlp_numpy.init_layers((64, 16, 10), seed=2)
