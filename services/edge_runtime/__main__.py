@@ -123,6 +123,7 @@ async def serve(settings: RuntimeSettings) -> None:
              settings.region, server.address)
     await stop.wait()
     log.info("runtime %s shutting down", settings.node_id)
+    trainer.stop()  # a round in training ends at its next mini-batch, not after its epochs
     await heartbeat.stop()
     if fast is not None:
         await fast.stop()

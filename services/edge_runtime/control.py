@@ -42,4 +42,5 @@ class NodeControlServicer(npb_grpc.NodeControlServicer):
 
     @rpc
     async def TrainRound(self, request, context):
-        return update_to_proto(await self.trainer.train_round(task_from_proto(request)))
+        task = task_from_proto(request)
+        return update_to_proto(await self.trainer.train_round(task, context.time_remaining()))

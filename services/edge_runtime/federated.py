@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from opentelemetry import trace
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.common.federated import LocalUpdate, RoundTask, layers_from_named, layers_to_named, non_finite_tensors
 from services.edge_runtime.settings import RuntimeSettings
 from services.models import mlp_numpy
@@ -58,14 +59,37 @@ def check_task(task: RoundTask) -> None:
         raise InvalidArgument(f"global weights {bad} hold NaN or infinite values")
 
 
+class RoundBound:
+    """What ends a local round before its epochs are done, checked by its training thread before
+    every mini-batch: the round's deadline passing, its call cancelled, the node shutting down."""
+
+    def __init__(self, task: RoundTask, node_id: str, timeout: float | None, closing: threading.Event):
+        self.round = f"job {task.job_id} round {task.round}"
+        self.node_id = node_id
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.closing = closing
+        self.cancelled = threading.Event()
+
+    def check(self) -> None:
+        """Raise the CneiError that ends the round now, if one does."""
+        if self.closing.is_set():
+            raise Unavailable(f"node {self.node_id} is shutting down: {self.round} stopped")
+        if self.cancelled.is_set():
+            raise Cancelled(f"{self.round} was cancelled by its caller: training stopped")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded(f"{self.round} passed its deadline: training stopped")
+
+
 class LocalTrainer:
-    """Trains global weights on the node's shard; CPU work runs in its own thread pool."""
+    """Trains global weights on the node's shard; CPU work runs in its own thread pool, each round
+    bounded by its deadline, its call and the node's life (RoundBound)."""
 
     def __init__(self, settings: RuntimeSettings, load_shard: Callable[[int, int, str], Shard] = digits_shard):
         self.settings = settings
         self._load_shard = load_shard
         self._shard: Shard | None = None
         self._executor = ThreadPoolExecutor(settings.train_workers, thread_name_prefix="train")
+        self._closing = threading.Event()
 
     def shard(self) -> Shard:
         if self._shard is None:
@@ -75,26 +99,45 @@ class LocalTrainer:
                      len(self._shard[1]))
         return self._shard
 
-    def _train(self, task: RoundTask) -> LocalUpdate:
+    def _train(self, task: RoundTask, bound: RoundBound) -> LocalUpdate:
         start = time.perf_counter()
+        bound.check()  # a round that waited for the thread past its deadline is not begun
         x, y = self.shard()
-        result = mlp_numpy.train_local(
-            layers_from_named(task.weights), x, y, epochs=task.local_epochs, lr=task.lr,
-            batch_size=task.batch_size, mu=task.mu, seed=task.seed)
+        try:
+            result = mlp_numpy.train_local(
+                layers_from_named(task.weights), x, y, epochs=task.local_epochs, lr=task.lr,
+                batch_size=task.batch_size, mu=task.mu, seed=task.seed, check_stop=bound.check)
+        except (Unavailable, Cancelled, DeadlineExceeded) as exc:
+            log.warning("%s after %.2fs", exc, time.perf_counter() - start)
+            raise
         return LocalUpdate(node_id=self.settings.node_id, weights=layers_to_named(result.layers),
                            num_samples=len(y), loss=result.loss, accuracy=result.accuracy,
                            seconds=time.perf_counter() - start)
 
-    async def train_round(self, task: RoundTask) -> LocalUpdate:
+    async def train_round(self, task: RoundTask, timeout: float | None = None) -> LocalUpdate:
+        """One local round; training stops at the next mini-batch once `timeout` seconds have
+        passed (DEADLINE_EXCEEDED), this call is cancelled or the node stops (UNAVAILABLE)."""
         check_task(task)
+        bound = RoundBound(task, self.settings.node_id, timeout, self._closing)
+        bound.check()
         with _tracer.start_as_current_span("federated.local_train") as span:
             span.set_attributes({"cnei.job": task.job_id, "cnei.round": task.round, "cnei.model": task.model,
                                  "cnei.node": self.settings.node_id})
-            update = await asyncio.get_running_loop().run_in_executor(self._executor, self._train, task)
+            try:
+                update = await asyncio.get_running_loop().run_in_executor(self._executor, self._train, task, bound)
+            except asyncio.CancelledError:  # the call was cancelled, or its deadline passed
+                bound.cancelled.set()
+                raise
             span.set_attributes({"cnei.samples": update.num_samples, "cnei.loss": update.loss})
         log.info("job %s round %d: trained on %d samples in %.2fs (loss %.4f, accuracy %.3f)",
                  task.job_id, task.round, update.num_samples, update.seconds, update.loss, update.accuracy)
         return update
 
+    def stop(self) -> None:
+        """End the rounds in training at their next mini-batch (UNAVAILABLE); refuse new ones."""
+        self._closing.set()
+
     def close(self) -> None:
+        """Stop, then wait for the training threads (each ends within one mini-batch)."""
+        self.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,11 +1,15 @@
 """TrainRound through a real grpc.aio server on port 0 and a real NodeControl stub."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import numpy as np
 import pytest
 
 from services.common import lifecycle
+from services.common.errors import DeadlineExceeded
 from services.common.federated import RoundTask, layers_to_named
 from services.common.federated_convert import task_to_proto, tensors_from_proto, update_from_proto
 from services.common.registry_client import RegistryClient
@@ -54,6 +58,47 @@ async def test_a_round_trains_the_global_weights_on_the_local_shard(node):
                                       (task.weights["W1"], task.weights["B1"])], x, y)
     assert update.loss < before / 2 and update.accuracy > 0.7 and update.seconds > 0
     assert not np.array_equal(update.weights["W0"], task.weights["W0"])
+
+
+# A round bounds its local training: a round whose call ends first (its deadline passed, or the
+# trainer cancelled it) stops training at the next mini-batch, so the node's training thread is
+# free for the next round (it waited behind the abandoned one for good: one job with a huge
+# local_epochs left every later job's rounds timing out).
+
+HOURS_OF_EPOCHS = 2**31 - 1  # the most the wire's int32 holds
+
+
+async def _past_its_deadline(node) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await node.TrainRound(task_to_proto(_task(local_epochs=HOURS_OF_EPOCHS)), timeout=1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def _cancelled_by_its_caller(node) -> None:
+    call = node.TrainRound(task_to_proto(_task(local_epochs=HOURS_OF_EPOCHS)), timeout=600)
+    await asyncio.sleep(1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+@pytest.mark.parametrize("end_round", [_past_its_deadline, _cancelled_by_its_caller], ids=["deadline", "cancelled"])
+async def test_a_round_ended_before_its_training_is_done_frees_the_node_for_the_next_round(node, end_round):
+    await end_round(node)
+    started = time.monotonic()
+    update = update_from_proto(await node.TrainRound(task_to_proto(_task()), timeout=20))
+    assert update.num_samples > 0 and time.monotonic() - started < 5
+
+
+async def test_a_round_past_its_timeout_ends_deadline_exceeded_at_the_next_mini_batch(tmp_path):
+    trainer = LocalTrainer(RuntimeSettings(node_id="edge-t2", cache_dir=str(tmp_path)))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="job j1 round 1 passed its deadline: training stopped"):
+            await trainer.train_round(_task(local_epochs=HOURS_OF_EPOCHS), timeout=1)
+        assert time.monotonic() - started < 3
+    finally:
+        trainer.close()
 
 
 async def _expect(node, request, code: grpc.StatusCode, text: str) -> None:

@@ -7,9 +7,16 @@ import asyncio
 import numpy as np
 
 from services.common import grpc_util, lifecycle
-from services.common.federated import LocalUpdate, RoundTask
+from services.common.federated import LocalUpdate, RoundTask, layers_to_named
 from services.common.federated_convert import update_to_proto
 from services.common.nodes import NodeInfo
+from services.common.registry_client import RegistryClient
+from services.edge_runtime.cache import DiskCache
+from services.edge_runtime.control import NodeControlServicer
+from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.federated import LocalTrainer
+from services.edge_runtime.settings import RuntimeSettings
+from services.models import mlp_numpy
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.trainer.clients import NodeClients
 from services.trainer.rounds import gather_updates, run_round
@@ -108,3 +115,33 @@ async def test_a_client_whose_call_is_cancelled_under_it_is_dropped_from_the_rou
             await server.stop(0)
     assert (outcome.record.participants, outcome.record.failed) == (["fast"], ["slow"])
     np.testing.assert_array_equal(outcome.weights["W0"], WEIGHTS["W0"] + 1)
+
+
+async def test_a_round_that_times_out_leaves_a_real_runtime_free_for_the_next_round(tmp_path):
+    """A runtime's training is bounded by the round: a client dropped at the round's timeout
+    stops training, so the next round (another job's) is not queued behind it. A job with a
+    huge local_epochs left every runtime's training thread busy for hours."""
+    settings = RuntimeSettings(node_id="edge-r1", cache_dir=str(tmp_path))
+    registry = RegistryClient("127.0.0.1:1")  # TrainRound never asks the registry
+    runtime, trainer = EdgeRuntime(settings, registry, DiskCache(tmp_path)), LocalTrainer(settings)
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    server.add(npb_grpc.add_NodeControlServicer_to_server, NodeControlServicer(runtime, trainer),
+               "cnei.node.v1.NodeControl")
+    await server.start()
+    clients = NodeClients(grpc_util.Channels(grace_s=0.1))
+    node = [NodeInfo(node_id="edge-r1", tier="edge", region="r", address=server.address)]
+    weights = layers_to_named(mlp_numpy.init_layers((64, 16, 10), seed=0))
+
+    def task(job: str, epochs: int) -> RoundTask:
+        return RoundTask(job_id=job, round=1, model="digits", weights=weights, local_epochs=epochs, batch_size=32)
+    try:
+        _, failures = await gather_updates(clients.train, node, task("huge", 2**31 - 1), timeout=2)
+        updates, next_failures = await gather_updates(clients.train, node, task("next", 1), timeout=10)
+    finally:
+        await clients.close()
+        await server.stop(0)
+        trainer.close()
+        runtime.close()
+        await registry.close()
+    assert failures == {"edge-r1": "no update within 2s"}
+    assert (list(updates), next_failures) == (["edge-r1"], {})
