@@ -134,6 +134,21 @@ class NoLiveNode(Unavailable):
         super().__init__(message)
 
 
+class AttemptTimedOut(Unavailable):
+    """A node had no answer within one attempt's limit while the request's own deadline had not
+    passed: that node failed, not the request (it fails over; the client's deadline is its own)."""
+
+    def __init__(self, node_id: str, model: str, limit_s: float | None, sent: bool = True, said: str = ""):
+        """`limit_s`: the attempt's limit that passed (None: the node gave up before it, `said`)."""
+        self.node_id, self.model, self.limit_s = node_id, model, limit_s
+        if limit_s is None:
+            message = f"node {node_id} timed out on model {model} before the request's deadline ({said})"
+        else:
+            where = "did not answer" if sent else "was not free to take"
+            message = f"node {node_id} {where} model {model} within its attempt limit of {limit_s:.3f} s"
+        super().__init__(message)
+
+
 class DeadlineExceeded(CneiError):
     code = ErrorCode.DEADLINE_EXCEEDED
 

@@ -18,14 +18,15 @@ from services.common import events, oip
 from services.common.background import Background
 from services.common.batcher import NodeCall, priority_level, request_deadline
 from services.common.deployment import DeploymentSpec
-from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, NoLiveNode, Unavailable
+from services.common.errors import AttemptTimedOut, CneiError, DeadlineExceeded, ErrorCode, NoLiveNode, Unavailable
 from services.common.model_spec import ModelVariant, check_inputs, check_outputs
 from services.common.nodes import NodeInfo
+from services.coordinator.attempt_limit import attempt_limit_s, call_rows
 from services.coordinator.breaker import Breakers, Claim, Verdict, verdict
 from services.coordinator.latency import LatencyBook
 from services.coordinator.node_batchers import NodeBatchers
 from services.coordinator.placement import request_region
-from services.coordinator.placer import Placement, Placer
+from services.coordinator.placer import Placement, Placer, node_class
 from services.coordinator.precision import PrecisionPolicy, request_policy
 from services.coordinator.settings import CoordinatorSettings
 
@@ -36,6 +37,9 @@ _tracer = trace.get_tracer(__name__)
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INTERNAL}
 FAILOVERS = Counter("cnei_failovers_total", "Requests moved to another node after a failure",
                     ["model", "from_tier", "to_tier", "reason"])
+# A DEADLINE_EXCEEDED this long or more before the request's deadline is the node's (it gave up),
+# not the client's: the node was sent the time left, so its own expiry lands on the deadline
+CLIENT_DEADLINE_SLACK_S = 0.01
 HEDGES = Counter("cnei_hedged_requests_total", "Requests sent a second time to another node", ["model"])
 # The request being served collects here the ns each of its node calls waited in a batcher (every
 # attempt: failover, hedging, joint escalation), booked as its queue time (Triton's `queue`)
@@ -78,7 +82,8 @@ class Attempts:
                     deadline_s: float | None) -> tuple[dict[str, np.ndarray], Placement]:
         """`request`'s outputs and the placement that answered: one node at a time (each try
         hedged, `_hedged`), failing over to another after a node's own failure (`RETRYABLE`),
-        until `max_attempts`, the deadline or the nodes run out."""
+        until `max_attempts`, the deadline or the nodes run out. The last try (no node left to
+        fail over to, or `max_attempts` reached) waits until the deadline."""
         params = request.parameters
         policy = request_policy(params, spec)
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
@@ -88,7 +93,8 @@ class Attempts:
         tried: list[str] = []
         failed: NodeInfo | None = None
         last_error: CneiError | None = None
-        for _ in range(max(1, self.settings.max_attempts)):
+        attempts = max(1, self.settings.max_attempts)
+        for attempt in range(attempts):
             if time.monotonic() >= deadline:
                 break
             placement = self.placer.decide(variants, spec, policy, region, failed, tried)
@@ -97,9 +103,10 @@ class Attempts:
             if failed is not None:
                 self._record_failover(request.model_name, failed, placement.node, last_error)
             tried.append(placement.node.node_id)
+            last = attempt == attempts - 1 or not self.placer.others_left(variants, spec, policy, tried)
             try:
                 outputs, placement = await self._hedged(request, placement, spec, deadline,
-                                                        variants, policy, region, tried)
+                                                        variants, policy, region, tried, last)
             except CneiError as exc:
                 if exc.code not in RETRYABLE:
                     raise
@@ -123,15 +130,15 @@ class Attempts:
 
     async def _hedged(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
                       deadline: float, variants: list[ModelVariant], policy: PrecisionPolicy,
-                      region: str, tried: list[str]) -> tuple[dict[str, np.ndarray], Placement]:
+                      region: str, tried: list[str], last: bool = False) -> tuple[dict[str, np.ndarray], Placement]:
         """Send a second copy to another node when the first has not answered after the hedge
         delay; the first success wins and the other copy is cancelled, as is every copy when the
-        caller gives up."""
+        caller gives up. `last`: no other node is left to try after this one."""
         claim = self._claim(placement)  # before anything awaits: no other request takes the probe
         delay = self._hedge_delay(spec, placement)
         if delay is None:  # no hedging: no task either
-            return await self._attempt(request, placement, spec, deadline, claim), placement
-        first = self._start(request, placement, spec, deadline, claim)
+            return await self._attempt(request, placement, spec, deadline, claim, last), placement
+        first = self._start(request, placement, spec, deadline, claim, last)
         owners = {first: placement}
         try:
             done, _ = await asyncio.wait({first}, timeout=delay)
@@ -192,9 +199,9 @@ class Attempts:
         return True
 
     def _start(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec, deadline: float,
-               claim: Claim) -> asyncio.Task:
+               claim: Claim, last: bool = False) -> asyncio.Task:
         """An attempt as a task of its own (hedging); its claim settles even if it never runs."""
-        task = self._background.spawn(self._attempt(request, placement, spec, deadline, claim))
+        task = self._background.spawn(self._attempt(request, placement, spec, deadline, claim, last))
 
         def ended(t: asyncio.Task) -> None:
             claim.settle(Verdict.SILENT)  # no-op once the attempt settled it
@@ -204,11 +211,15 @@ class Attempts:
         return task
 
     async def _attempt(self, request: oip.InferRequest, placement: Placement, spec: DeploymentSpec,
-                       deadline: float, claim: Claim) -> dict[str, np.ndarray]:
-        """One node's try, bounded by the deployment's attempt timeout; what it says of the node
-        (`breaker.verdict`) settles its claim on the node's breaker."""
+                       deadline: float, claim: Claim, last: bool = False) -> dict[str, np.ndarray]:
+        """One node's try, bounded by its attempt limit (`attempt_limit`) unless it is the `last`
+        (then by the request's deadline alone); what it says of the node (`breaker.verdict`)
+        settles its claim on the node's breakers. A DEADLINE_EXCEEDED before the request's own
+        deadline is the node's failure: UNAVAILABLE naming it (`AttemptTimedOut`)."""
         node = placement.node
-        attempt_deadline = min(deadline, time.monotonic() + spec.attempt_timeout_ms / 1e3)
+        limit = attempt_limit_s(spec, placement.variant, node_class(node),
+                                call_rows(spec, placement.variant, request.rows))
+        attempt_deadline = deadline if last else min(deadline, time.monotonic() + limit)
         start = time.perf_counter()
         rows = request.rows
         waited: list[int] = []  # the batcher notes the queue wait when it sends: the node had the request
@@ -220,7 +231,13 @@ class Attempts:
                 request.inputs, priority_level(request.parameters), attempt_deadline, waited, calls)
             outcome = Verdict.ANSWERED
         except CneiError as exc:
-            outcome, reason = verdict(exc.code, bool(waited), attempt_deadline < deadline), exc.message
+            nodes_own = attempt_deadline < deadline or time.monotonic() < deadline - CLIENT_DEADLINE_SLACK_S
+            outcome, reason = verdict(exc.code, bool(waited), nodes_own), exc.message
+            if exc.code is ErrorCode.DEADLINE_EXCEEDED and nodes_own:
+                timed_out = AttemptTimedOut(node.node_id, placement.variant.key,
+                                            limit if attempt_deadline < deadline else None, bool(waited), exc.message)
+                reason = timed_out.message
+                raise timed_out from None
             raise
         finally:
             claim.settle(once_per_call(outcome, calls), reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections import OrderedDict, deque
@@ -17,14 +18,15 @@ from prometheus_client import Gauge
 from services.common import codec, oip
 from services.common.batch_formation import BatchConfig
 from services.common.batcher import BATCH_SIZE
-from services.common.deployment import DeploymentSpec
+from services.common.deployment import UINT32_MAX, DeploymentSpec
 from services.common.errors import CneiError
 from services.common.model_spec import check_inputs
 from services.common.trace_settings import TraceSettings
+from services.coordinator.attempt_limit import attempt_limit_s, call_rows
 from services.coordinator.core import Coordinator
 from services.coordinator.door_reports import RouteReport, book_calls, book_requests
 from services.coordinator.node_batchers import batch_config
-from services.coordinator.placer import Placement, restrict_tier
+from services.coordinator.placer import Placement, node_class, restrict_tier
 
 log = logging.getLogger(__name__)
 # Request parameters whose effect the route captures; any other takes the full path.
@@ -196,18 +198,22 @@ class DoorRoutes:
             if core.breakers.on_trial(peer.node.node_id, peer.variant.key):
                 core.probe(request, peer, spec)
         stats_key = (variants[0].name, variants[0].version)
-        routes = [self._route_to(request.model_name, stats_key, p, spec) for p in placements
+        routes = [self._route_to(request.model_name, stats_key, p, spec, request.rows) for p in placements
                   if p.node.fast_address and not core.breakers.on_trial(p.node.node_id, p.variant.key)]
         return replace(routes[0], alternatives=tuple(routes[1:]), policy=spec.scheduler.policy)
 
     def _route_to(self, model: str, stats_key: tuple[str, str], placement: Placement,
-                  spec: DeploymentSpec) -> Route:
+                  spec: DeploymentSpec, request_rows: int) -> Route:
+        """The route to one placement; its node-call limit is the attempt limit for its largest
+        call (`attempt_limit`): a batch, or a request of the route's own shape, unbatched."""
         batching = batch_config(spec, placement.variant)
         if not placement.variant.max_batch_size:
             batching = replace(batching, max_batch_size=0)
         response = self.core.answer_template(model, placement)
         response.parameters["cnei_front_door"] = True  # answered by the door, not the full path
-        route = self._remember(model, stats_key, placement, batching, int(spec.attempt_timeout_ms), response)
+        rows = call_rows(spec, placement.variant, request_rows)  # unbatched: routes are made per shape
+        limit_ms = attempt_limit_s(spec, placement.variant, node_class(placement.node), rows) * 1e3
+        route = self._remember(model, stats_key, placement, batching, min(UINT32_MAX, math.ceil(limit_ms)), response)
         return replace(route, row_ms=self.core.nodes.compute_ms.get(placement.node.node_id, 0.0),
                        response_cache=spec.response_cache)
 

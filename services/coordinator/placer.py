@@ -164,6 +164,12 @@ class Placer:
         return [n for n in pool if isinstance(chosen := choices[node_class(n)], ModelVariant)
                 and self.breakers.allows(n.node_id, chosen.key)]
 
+    def others_left(self, variants: list[ModelVariant], spec: DeploymentSpec, policy: PrecisionPolicy,
+                    tried: Collection[str]) -> bool:
+        """Whether a node not in `tried` could still take the request (a failover target)."""
+        pool = [n for n in self.eligible_nodes(spec) if n.node_id not in tried]
+        return bool(self._fits(pool, variants_by_class(variants, policy, pool)))
+
     def unavoided(self, nodes: list[NodeInfo], variants: list[ModelVariant],
                   policy: PrecisionPolicy) -> list[NodeInfo]:
         """`nodes` but those avoided for the variant `policy` chooses on their class (after it

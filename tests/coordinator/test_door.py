@@ -112,6 +112,30 @@ async def test_a_route_names_the_node_variant_and_batch_limit_and_keeps_its_id_w
     assert other.route_id != first.route_id
 
 
+class MeasuredRegistry(MemoryRegistry):
+    """digits measured at `latency_ms` a row on edge nodes (both precisions)."""
+    latency_ms = "150"
+
+    async def list(self, name: str = ""):
+        return [replace(v, metadata={**v.metadata, "latency_ms.edge": self.latency_ms}) for v in await super().list(name)]
+
+
+class UnbatchedRegistry(MeasuredRegistry):
+    async def list(self, name: str = ""):
+        return [replace(v, metadata={**v.metadata, "max_batch_size": "0"}) for v in await super().list(name)]
+
+
+@pytest.mark.parametrize(("registry", "shape", "timeout_ms"), [
+    (MemoryRegistry, (4, 64), 2000),
+    (MeasuredRegistry, (4, 64), 2 * 150 * 16),  # two calls of a full batch (16 rows)
+    (UnbatchedRegistry, (10, 64), 2 * 150 * 10),  # two calls of a request of the route's shape
+], ids=["unmeasured", "measured-batched", "measured-unbatched"])
+async def test_a_route_s_node_call_limit_is_the_attempt_limit_of_its_largest_call(registry, shape, timeout_ms):
+    route = await routes(DeploymentSpec(model="digits", attempt_timeout_ms=2000), registry=registry).route(
+        ask(shape=shape))
+    assert isinstance(route, Route) and route.timeout_ms == timeout_ms
+
+
 async def test_a_route_names_every_node_as_good_as_the_best_as_alternatives_each_a_route_of_its_own():
     door = routes(more_nodes=(("edge-a2", "site-a"), ("edge-b1", "site-b")), spread_nodes=4)
     route = await door.route(ask({"region": "site-a"}))

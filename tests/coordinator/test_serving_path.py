@@ -68,9 +68,12 @@ async def test_a_half_open_probe_that_says_nothing_against_the_node_never_leaves
      (DeploymentSpec(model="m", attempt_timeout_ms=10), {}, State.OPEN)],
     ids=["clients-own-timeout-is-not-the-nodes-fault", "the-attempt-timeout-is"])
 async def test_only_the_deployments_attempt_timeout_counts_against_a_slow_model_on_its_node(spec, params, state):
-    async with mesh([variant()], {"m": spec}, {"n1": NodeCore(delay_s=0.1)}, breaker_failures=3) as m:
+    async with mesh([variant()], {"m": spec}, {"n1": NodeCore(delay_s=0.1), "n2": NodeCore()},
+                    breaker_failures=3) as m:
+        m.core.outstanding["n2"] = 100  # n1 first
         for _ in range(3):
-            assert (await m.infer(params=params))[0] in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
+            status, answer = await m.infer(params=params)
+            assert status == "DEADLINE_EXCEEDED" if params else answer.parameters["cnei_node"] == "n2"
         pair = m.core.breakers.by_model.get(("n1", "m:1:FP32"))
         assert (pair.state if pair else None) is state
         assert m.core.breakers.get("n1").state is State.CLOSED, "a slow model says nothing of its node"
@@ -167,14 +170,14 @@ class SlowModels(NodeCore):
 async def test_a_model_timing_out_everywhere_leaves_every_node_serving_the_others():
     variants, specs = two_models()
     specs["bad"] = replace(specs["bad"], attempt_timeout_ms=20)
-    nodes = {"n1": SlowModels({"bad": 0.2}), "n2": SlowModels({"bad": 0.2})}
+    nodes = {"n1": SlowModels({"bad": 0.5}), "n2": SlowModels({"bad": 0.5})}
     async with mesh(variants, specs, nodes, breaker_failures=2) as m:
-        await asyncio.gather(*(m.infer("bad") for _ in range(6)))  # timing out on every node, at once
+        # timing out on every node, at once (the last try waits for the client's 0.3 s)
+        await asyncio.gather(*(m.infer("bad", timeout=0.3) for _ in range(6)))
         served = [(await m.infer("good"))[1].parameters["cnei_node"] for _ in range(4)]
         assert sorted(served) == ["n1", "n1", "n2", "n2"], "no node of the mesh is out of use for good"
         assert {b.state for b in m.core.breakers.by_node.values()} == {State.CLOSED}
-        assert {k: b.state for k, b in m.core.breakers.by_model.items()} == \
-            {("n1", "bad:1:FP32"): State.OPEN, ("n2", "bad:1:FP32"): State.OPEN}
+        assert {model for _, model in m.core.breakers.by_model} == {"bad:1:FP32"}, "bad's timeouts are bad's"
 
 
 async def test_a_model_fixed_on_a_node_is_served_there_again_after_one_probe():
@@ -307,6 +310,49 @@ async def test_a_caller_giving_up_cancels_both_hedged_copies():
         assert len(slow.calls) + len(slower.calls) == 2  # hedged
         assert m.core.outstanding == {}  # neither copy still waits for its node
         assert all(b.would_allow() for b in m.core.breakers.by_node.values())
+
+
+# --- attempt limits ----------------------------------------------------------------------------
+
+async def test_a_model_measured_slower_than_the_attempt_timeout_is_served_by_its_first_node():
+    slow = variant(**{"latency_ms.edge": "40"})  # 8 rows a call: 0.64 s for two calls
+    nodes = {"n1": NodeCore(delay_s=0.3), "n2": NodeCore(delay_s=0.3)}
+    async with mesh([slow], {"m": DeploymentSpec(model="m", attempt_timeout_ms=50)}, nodes) as m:
+        status, response = await m.infer()
+        assert status == "OK", response
+        assert sum(len(n.calls) for n in nodes.values()) == 1, "never cut short and run again elsewhere"
+        assert m.core.breakers.by_model == {}
+
+
+@pytest.mark.parametrize("cores", [{"n1": 0.3}, {"n1": 0.3, "n2": 0.3}], ids=["one-node", "two-nodes"])
+async def test_the_last_node_left_to_try_is_waited_for_until_the_request_s_deadline(cores):
+    nodes = {node_id: NodeCore(delay_s=delay) for node_id, delay in cores.items()}
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", attempt_timeout_ms=50)}, nodes,
+                    fast_lane=True) as m:
+        status, response = await m.infer(timeout=5.0)
+        assert status == "OK", response
+        assert sum(len(n.calls) for n in nodes.values()) == len(cores), "the first of two was cut short"
+        for (node_id, _), breaker in m.core.breakers.by_model.items():  # the node cut short, by its id
+            assert breaker.reason == f"node {node_id} did not answer model m:1:FP32 within its attempt limit of 0.050 s"
+
+
+def giving_up(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise error_for(ErrorCode.DEADLINE_EXCEEDED, "the node's queue held it too long")
+
+
+async def test_a_node_timing_out_before_the_request_s_deadline_is_unavailable_naming_it_not_deadline_exceeded():
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", attempt_timeout_ms=50)},
+                    {"n1": NodeCore(giving_up)}, fast_lane=True) as m:
+        status, details = await m.infer(timeout=5.0)
+        assert (status, details) == ("UNAVAILABLE", "node n1 timed out on model m:1:FP32 before the request's "
+                                                    "deadline (the node's queue held it too long)")
+
+
+async def test_a_request_s_own_deadline_passing_on_its_last_node_is_deadline_exceeded():
+    async with mesh([variant()], {"m": DeploymentSpec(model="m", attempt_timeout_ms=50)},
+                    {"n1": NodeCore(delay_s=0.5)}, fast_lane=True) as m:
+        status, details = await m.infer(timeout=0.2)
+        assert status == "DEADLINE_EXCEEDED" and "127.0.0.1" not in details, details
 
 
 # --- where a request may run -------------------------------------------------------------------
