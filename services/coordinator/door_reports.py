@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 
 from services.common.batcher import QUEUE_TIME
-from services.common.errors import ErrorCode
+from services.common.errors import AttemptTimedOut, ErrorCode
 from services.common.oip_operations import record_inference
 from services.coordinator.breaker import Verdict, verdict
 from services.coordinator.core import count_served
@@ -56,6 +56,16 @@ class RouteReport:
 def failure_code(failure: str) -> ErrorCode:
     """The code of a door failure text such as 'UNAVAILABLE: connection lost'."""
     return ErrorCode.__members__.get(failure.split(":", 1)[0].strip(), ErrorCode.INTERNAL)
+
+
+def failure_reason(route: Route, failure: str) -> str:
+    """What a node call the door reports failed says of the node, worded as the full path words
+    it: the route's limit passing (DEADLINE_EXCEEDED: the door reports no call its client's own
+    deadline ended) as an attempt limit, the node named by its id, not its fast-lane address."""
+    node = route.placement.node
+    if failure_code(failure) is ErrorCode.DEADLINE_EXCEEDED:
+        return AttemptTimedOut(node.node_id, route.placement.variant.key, route.timeout_ms / 1e3).message
+    return failure.replace(node.fast_address, f"node {node.node_id}") if node.fast_address else failure
 
 
 def book_requests(core: Coordinator, route: Route, report: RouteReport) -> None:
@@ -105,8 +115,9 @@ def book_calls(core: Coordinator, route: Route, report: RouteReport) -> None:
             core.nodes.observe_compute(node.node_id, b.compute_ns / 1e6 / max(1, b.rows))
         core.latency.add((route.placement.variant.name, node.node_id), b.duration_ns / 1e9)
     if report.failure:
-        log.warning("front door: node %s failed for %s: %s", node.node_id, model, report.failure)
+        reason = failure_reason(route, report.failure)
+        log.warning("front door: node %s failed for %s: %s", node.node_id, model, reason)
         # the door reports a failure of a call the node had (not one its client's own deadline ended)
-        core.breakers.record(node.node_id, model, verdict(failure_code(report.failure)), report.failure)
+        core.breakers.record(node.node_id, model, verdict(failure_code(report.failure)), reason)
     elif report.batches:
         core.breakers.record(node.node_id, model, Verdict.ANSWERED)

@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind
 
 from services.common import grpc_util, oip, telemetry
 from services.common.batcher import Send
-from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, PermissionDenied, Unavailable
+from services.common.errors import CneiError, DeadlineExceeded, ErrorCode, PermissionDenied, Unavailable, error_for
 from services.common.model_spec import FORMED_BATCH, ModelVariant
 from services.common.nodes import NodeInfo
 from services.coordinator.nodes_view import NodesView
@@ -49,8 +49,15 @@ async def call_grpc(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequ
 
 async def call_fast(nodes: NodesView, node: NodeInfo, message: pb.ModelInferRequest,
                     timeout: float) -> pb.ModelInferResponse:
+    """The node's answer over its fast lane; an error names the node by id where the fast-lane
+    client names its (internal) address."""
     with telemetry.child_span(_tracer, "fastlane/ModelInfer", kind=SpanKind.CLIENT):
-        payload = await nodes.fast_client(node).call(message.SerializeToString(), timeout)
+        try:
+            payload = await nodes.fast_client(node).call(message.SerializeToString(), timeout)
+        except CneiError as exc:
+            if node.fast_address not in exc.message:
+                raise
+            raise error_for(exc.code, exc.message.replace(node.fast_address, f"node {node.node_id}")) from None
     return pb.ModelInferResponse.FromString(payload)
 
 

@@ -310,9 +310,15 @@ async def test_a_node_s_error_answer_does_the_same_to_its_breakers_through_the_d
     assert breakers_of(door.core, "edge-a1", model) == await breakers_after_the_full_path_hears(code)
 
 
-@pytest.mark.parametrize("failure", ["INTERNAL: unparseable reply from 127.0.0.1:7001",
-                                     "UNKNOWN: backend crashed", "DATA_LOSS: truncated tensor"])
-async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_its_breaker_of_the_model(failure):
+@pytest.mark.parametrize(("failure", "reason"), [
+    ("INTERNAL: unparseable reply from 127.0.0.1:7001", "INTERNAL: unparseable reply from node edge-a1"),
+    ("UNKNOWN: backend crashed", "UNKNOWN: backend crashed"),
+    ("DATA_LOSS: truncated tensor", "DATA_LOSS: truncated tensor"),
+    ("DEADLINE_EXCEEDED: no reply from 127.0.0.1:7001 within 2.000s",
+     "node edge-a1 did not answer model {model} within its attempt limit of 2.000 s")],
+    ids=["malformed-reply", "unknown", "data-loss", "attempt-limit"])
+async def test_a_node_s_own_failure_reported_by_the_door_counts_towards_opening_its_breaker_of_the_model(
+        failure, reason):
     door = routes()
     for left in (2, 1, 0):
         route = await door.route(ask())  # a failed route is dropped: the door asks again
@@ -320,7 +326,8 @@ async def test_a_node_s_own_fault_reported_by_the_door_counts_towards_opening_it
         door.apply([RouteReport(route.route_id, handed_over=1, failure=failure)])
         breaker = door.core.breakers.by_model[("edge-a1", route.placement.variant.key)]
         assert breaker.state is (State.OPEN if left == 0 else State.CLOSED)
-    assert breaker.reason == failure and door.core.breakers.get("edge-a1").state is State.CLOSED
+    assert breaker.reason == reason.format(model=route.placement.variant.key)
+    assert door.core.breakers.get("edge-a1").state is State.CLOSED
 
 
 def crashing(inputs):

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from services.cli import infra
 from services.common import lifecycle, oip
 from services.common.deployment import BatchingSpec, DeploymentSpec, JointSpec, PrecisionSpec, SchedulerSpec
 from services.common.errors import ErrorCode, InvalidArgument, Unavailable, error_for
@@ -353,6 +354,17 @@ async def test_a_request_s_own_deadline_passing_on_its_last_node_is_deadline_exc
                     {"n1": NodeCore(delay_s=0.5)}, fast_lane=True) as m:
         status, details = await m.infer(timeout=0.2)
         assert status == "DEADLINE_EXCEEDED" and "127.0.0.1" not in details, details
+
+
+async def test_a_node_whose_fast_lane_is_unreachable_is_named_by_its_id_not_its_address():
+    async with mesh([variant()], {}, {"n1": NodeCore()}, live=(), fast_lane=True) as m:
+        gone = f"127.0.0.1:{infra.free_port()}"
+        m.nodes["n9"] = NodeInfo("n9", "edge", "r1", m.nodes["n1"].address, cpus=4, models=[variant().key],
+                                 fast_address=gone)
+        await m.leave_and_join("n9")
+        status, details = await m.infer()
+        assert status == "UNAVAILABLE" and details.startswith("fast lane node n9 unreachable"), details
+        assert gone not in details and gone not in m.core.breakers.get("n9").reason
 
 
 # --- where a request may run -------------------------------------------------------------------

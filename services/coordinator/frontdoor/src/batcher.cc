@@ -296,6 +296,11 @@ void Batcher::ExpireQueued(Clock::time_point armed_for) {
   FailDropped(expired);
 }
 
+// The node as messages name it: by the coordinator's id (its fast-lane address is internal).
+std::string Batcher::NodeName() const {
+  return "node " + (config_->node_id.empty() ? config_->node_address : config_->node_id);
+}
+
 void Batcher::Refuse(InferCall* call, const grpc::Status& status) {
   reporter_->Refused(config_->route_id, Nanos(Clock::now() - call->received_at), CodeName(status.error_code()));
   call->Fail(status);  // the call may be gone after it
@@ -338,10 +343,10 @@ void Batcher::OnReply(const std::shared_ptr<Batch>& batch, grpc::Status status,
   auto reply = std::make_shared<inference::ModelInferResponse>();
   if (status.ok()) {
     if (!reply->ParseFromArray(body.data() + offset, int(body.size() - offset))) {
-      status = grpc::Status(grpc::StatusCode::INTERNAL, "unparseable reply from " + config_->node_address);
+      status = grpc::Status(grpc::StatusCode::INTERNAL, "unparseable reply from " + NodeName());
     } else if (const char* problem = ReplyProblem(*reply, batch->rows, config_->max_batch_size > 0)) {
       status = grpc::Status(grpc::StatusCode::INTERNAL,
-                            std::string(problem) + " (node " + config_->node_address + ")");
+                            std::string(problem) + " (" + NodeName() + ")");
     }
   }
   if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && batch->client_bound) {
@@ -363,7 +368,7 @@ void Batcher::ClientDeadline(const Batch& batch) {
   for (InferCall* call : batch.members) {
     if (call->DeadlinePassed()) {
       Refuse(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                "deadline passed while waiting for node " + config_->node_address));
+                                "deadline passed while waiting for " + NodeName()));
     } else {
       call->Forward();
     }

@@ -71,6 +71,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool DropLocked(std::vector<InferCall*>* expired, std::vector<InferCall*>* cancelled);
   // Answers what DropLocked took out of the queue: DEADLINE_EXCEEDED, CANCELLED.
   void FailDropped(const std::vector<InferCall*>& expired, const std::vector<InferCall*>& cancelled = {});
+  // The route's node as messages name it: "node <id>" (its fast-lane address is internal).
+  std::string NodeName() const;
   // Answers `call` with an error of the door's own, reported so the coordinator counts it.
   void Refuse(InferCall* call, const grpc::Status& status);
   // Drops cancelled and expired requests, then takes the next batch (formation.h, Take) of
