@@ -115,6 +115,10 @@ def typed_array(values, dt: DataType, tensor: str, what: str) -> np.ndarray:
     try:
         return np.asarray(values, dtype=dt.dtype)
     except (OverflowError, ValueError) as exc:  # numpy refuses, not wraps
+        if isinstance(exc, OverflowError) and np.issubdtype(dt.dtype, np.integer):  # the range, in its words
+            limits = np.iinfo(dt.dtype)
+            raise TensorError(tensor, f"{what} holds a value out of range for {dt.name}, "
+                                      f"{limits.min} to {limits.max}") from None
         raise TensorError(tensor, f"{what} holds a value out of range for {dt.name}: {exc}") from None
 
 

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from services.common import oip, oip_json
+from services.common import codec, oip, oip_json
 from services.common.errors import InvalidArgument, TensorError
 
 
@@ -90,8 +90,11 @@ def _one(datatype: str, shape, data, **extra) -> dict:
     ("UINT64", 2**64), ("UINT64", -1), ("FP32", 10**400),
 ], ids=lambda v: v if isinstance(v, str) else str(v) if abs(v) < 2**80 else "huge")
 def test_a_json_number_out_of_its_datatype_s_range_is_refused_naming_the_tensor(datatype, value):
-    with pytest.raises(TensorError, match=f"tensor 'x': 'data' holds a value out of range for {datatype}"):
+    with pytest.raises(TensorError, match=f"tensor 'x': 'data' holds a value out of range for {datatype}") as info:
         oip_json.request_from_json("m", "", _one(datatype, [2], [0, value]))
+    if datatype != "FP32":  # the range in the datatype's words, not numpy's or Python's
+        limits = np.iinfo(codec.datatype(datatype).dtype)
+        assert info.value.message.endswith(f"out of range for {datatype}, {limits.min} to {limits.max}")
 
 
 def test_the_extremes_of_each_integer_datatype_are_taken():
