@@ -107,6 +107,7 @@ class FastServer:
         self.server: asyncio.base_events.Server | None = None
         self._tasks = Background()
         self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # each open connection's reader
+        self.closing = False  # stopping: requests that come are refused UNAVAILABLE
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._connection, host, port, ssl=self.ssl_context,
@@ -130,9 +131,10 @@ class FastServer:
                     continue
                 if kind != REQUEST:
                     raise ValueError(f"unexpected frame kind {kind}")
-                if refused:
-                    writer.write(encode(request_id, ERROR, ErrorCode.PERMISSION_DENIED.value.encode(),
-                                        refused.encode()))
+                if refused or self.closing:  # a stopping server's callers retry elsewhere
+                    code = ErrorCode.PERMISSION_DENIED if refused else ErrorCode.UNAVAILABLE
+                    writer.write(encode(request_id, ERROR, code.value.encode(),
+                                        (refused or "server is shutting down").encode()))
                     await writer.drain()  # a client that sends without reading is not buffered for
                     continue
                 self._tasks.spawn(self._serve(writer, request_id, meta, payload))
@@ -169,7 +171,9 @@ class FastServer:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening, answer the requests in hand (within `grace`), then close every open
         connection and let its reader end (left to the loop's end, each would be cancelled,
-        and asyncio logs a cancelled connection as an error)."""
+        and asyncio logs a cancelled connection as an error). Requests that come meanwhile on
+        open connections are refused UNAVAILABLE."""
+        self.closing = True
         if self.server is not None:
             self.server.close()
         if self._tasks.tasks:

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import grpc_util
+from services.common.drain import Drain
 from services.common.reflection import enable as enable_reflection
 from services.common.settings import EVENT_LOOPS
 
@@ -154,8 +155,9 @@ class GrpcServer:
         """`credentials`: TLS (services.common.tls); None: plaintext. `reflection`: serve gRPC
         server reflection for health and the services added, to every client (restricted APIs
         leave it open: it describes the protos, no data)."""
+        self.drain = Drain()  # first: a stopping server refuses calls before any other interceptor sees them
         self.server = grpc.aio.server(options=grpc_util.server_options(max_message_bytes, reuse_port),
-                                      interceptors=interceptors or None)
+                                      interceptors=[self.drain, *(interceptors or [])])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{host}:{port}"
@@ -190,6 +192,10 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Health NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace`."""
+        """Health NOT_SERVING, refuse new calls UNAVAILABLE, let the calls in flight finish, and
+        once they have (and callers went quiet: `Drain.close`) stop, all within `grace`; calls
+        still running then are cancelled."""
         await self.draining()
-        await self.server.stop(grace)
+        end = asyncio.get_running_loop().time() + grace
+        await self.drain.close(grace)
+        await self.server.stop(max(0.0, end - asyncio.get_running_loop().time()))

@@ -125,9 +125,8 @@ async def serve(settings: RuntimeSettings) -> None:
     log.info("runtime %s shutting down", settings.node_id)
     trainer.stop()  # a round in training ends at its next mini-batch, not after its epochs
     await heartbeat.stop()
-    if fast is not None:
-        await fast.stop()
-    await server.stop()
+    # both lanes at once: each refuses new requests UNAVAILABLE and answers those it holds
+    await asyncio.gather(server.stop(), *([fast.stop()] if fast is not None else []))
     await runtime.drain()
     runtime.close()
     oip_servicer.shm.close()

@@ -184,3 +184,19 @@ def test_a_server_stopped_with_clients_connected_ends_their_connections_without_
     with caplog.at_level("ERROR", logger="asyncio"):
         asyncio.run(go())  # its end cancels what is left running
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_a_stopping_server_answers_the_requests_it_holds_and_refuses_new_ones_unavailable(server):
+    srv, address = server
+    client = fastlane.FastClient(address)
+    assert await client.call(b"ok", 5.0) == b"ko"  # connected
+    held = asyncio.ensure_future(client.call(b"sleep0.5-held", 5.0))
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(srv.stop(grace=5.0))
+    await asyncio.sleep(0.1)
+    with pytest.raises(CneiError) as info:
+        await client.call(b"late", 5.0)
+    assert (info.value.code, info.value.message) == (ErrorCode.UNAVAILABLE, "server is shutting down")
+    assert await held == b"dleh-5.0peels"
+    await stopping
+    await client.close()

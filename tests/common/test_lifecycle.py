@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from services.common import lifecycle
@@ -147,7 +148,6 @@ def test_a_service_started_with_an_unknown_event_loop_exits_with_that_message():
 
 
 async def test_a_draining_server_says_not_serving_and_still_answers():
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server = lifecycle.GrpcServer("127.0.0.1", 0)
@@ -165,3 +165,53 @@ async def test_a_draining_server_says_not_serving_and_still_answers():
                 assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await server.stop(0)
+
+
+async def _wait(request: bytes, context) -> bytes:
+    await asyncio.sleep(float(request))
+    return b"done"
+
+
+async def _wait_then_stream(request: bytes, context):
+    await asyncio.sleep(float(request))
+    yield b"done"
+
+
+# method -> (the channel's call of its kind, its behaviour, its handler)
+HANDLERS = {"Wait": (lambda channel: channel.unary_unary, grpc.unary_unary_rpc_method_handler(_wait)),
+            "WaitStream": (lambda channel: channel.unary_stream,
+                           grpc.unary_stream_rpc_method_handler(_wait_then_stream))}
+
+
+async def _call(channel, method: str, seconds: float) -> str:
+    kind = HANDLERS[method][0]
+    try:
+        call = kind(channel)(f"/cnei.Example/{method}")(str(seconds).encode(), timeout=10)
+        if method == "WaitStream":
+            return "OK" if [reply async for reply in call] == [b"done"] else "wrong"
+        return "OK" if await call == b"done" else "wrong"
+    except grpc.aio.AioRpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+
+
+@pytest.mark.parametrize("method", sorted(HANDLERS))
+async def test_a_stopping_server_finishes_the_calls_in_flight_and_refuses_new_ones_unavailable(method):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    handlers = {name: handler for name, (_, handler) in HANDLERS.items()}
+    server.add(lambda _, s: s.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("cnei.Example", handlers)]),
+               None, "cnei.Example")
+    await server.start()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        held = [asyncio.ensure_future(_call(channel, method, 0.5)) for _ in range(20)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(server.stop(grace=5.0))
+        await asyncio.sleep(0.05)
+        assert await _call(channel, method, 0) == "UNAVAILABLE: server is shutting down"
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await asyncio.gather(*held) == ["OK"] * 20
+        await stopping
+    assert time.monotonic() - started < 2.0  # done when the calls were, not at the end of the grace
