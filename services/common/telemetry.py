@@ -16,8 +16,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
-from prometheus_client import start_http_server
 
+from services.common import metrics_http
 from services.common import settings as cfg
 
 _provider: TracerProvider | None = None
@@ -142,9 +142,8 @@ def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
 
 
 def start_metrics_server(host: str, port: int) -> None:
-    """Serve the Prometheus registry on http://host:port/metrics (port 0 disables)."""
-    if port:
-        start_http_server(port, addr=host)
+    """Serve the Prometheus registry on http://host:port/metrics, 404 at other paths (port 0 disables)."""
+    metrics_http.start_metrics_server(host, port)
 
 
 def caller_context(headers: Mapping[str, str] | None) -> otel_context.Context:

@@ -68,16 +68,18 @@ class Supervisor:
                  self.settings.grpc_port)
 
     def serve_metrics(self) -> None:
-        """/metrics on the configured port, summing every worker's values."""
+        """/metrics on the configured port, summing every worker's values (404 at other paths)."""
         if not self.settings.metrics_port:
             return
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
+
+        from services.common.metrics_http import start_metrics_server
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.metrics_dir)
         triton_metrics.register(lambda: merge(read_books(self.metrics_dir)), registry)
-        start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=registry)
+        start_metrics_server(self.settings.host, self.settings.metrics_port, registry)
 
     async def watch(self, stop: asyncio.Event, poll_s: float = 0.5) -> None:
         """Restart a worker that exits on its own until `stop` is set."""

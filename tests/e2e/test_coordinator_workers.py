@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -134,6 +135,16 @@ def test_workers_share_the_port_and_their_metrics_add_up(workers):
 def _status_page_successes(http_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/status", timeout=10) as reply:
         return sum(row["success"] for row in json.loads(reply.read())["stats"] if row["model"] == "digits")
+
+
+def test_the_supervisors_metrics_port_answers_404_beside_slash_metrics(workers):
+    """The summed /metrics of several workers is served at /metrics only, as every service's."""
+    metrics_port = workers[3]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/v2/health/ready", timeout=5)
+    assert refused.value.code == 404
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        assert reply.status == 200 and b"# TYPE" in reply.read()
 
 
 def test_the_status_page_shows_every_workers_statistics_added_up(workers):
