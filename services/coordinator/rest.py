@@ -14,8 +14,9 @@ from aiohttp.web_protocol import RequestPayloadError
 from services.common import oip_json
 from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
 from services.common.oip_convert import model_config, platform, stats_to_proto
-from services.common.oip_operations import (EXTENSIONS, InferenceCore, classified, inference_metrics,
-                                            refuse_load_overrides, repository_models, statistics, trace_setting)
+from services.common.oip_operations import (EXTENSIONS, InferenceCore, classified, failure_counted,
+                                            inference_metrics, refuse_load_overrides, repository_models,
+                                            statistics, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
@@ -156,12 +157,13 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     async def infer(request):
         name, version = request.match_info["model"], request.match_info.get("version", "")
         with inference_metrics(name):
-            raw = await request.read()
-            length = _header_length(request, len(raw))
-            if len(raw) > OFF_LOOP_BYTES:  # parsing megabytes of JSON would stall every other request
-                decoded = await asyncio.to_thread(_decode_infer, name, version, raw, length, shm)
-            else:
-                decoded = _decode_infer(name, version, raw, length, shm)
+            with failure_counted(core, name, version):
+                raw = await request.read()
+                length = _header_length(request, len(raw))
+                if len(raw) > OFF_LOOP_BYTES:  # parsing megabytes of JSON would stall every other request
+                    decoded = await asyncio.to_thread(_decode_infer, name, version, raw, length, shm)
+                else:
+                    decoded = _decode_infer(name, version, raw, length, shm)
             response = await classified(core, decoded.request, await core.infer(decoded.request))
             body = oip_json.response_to_json(response, decoded, shm)
             if isinstance(body, dict):
@@ -196,7 +198,9 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     @routes.post("/v2/repository/index")
     async def repository_index(request):
         body = _json_body(await request.read(), "index body")
-        ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
+        ready = body.get("ready", False) if isinstance(body, dict) else False
+        if not isinstance(ready, bool):
+            raise InvalidArgument(f"index body: 'ready' must be true or false, not {json.dumps(ready)}")
         return web.json_response([{"name": e.name, "version": e.version, "state": e.state,
                                    **({"reason": e.reason} if e.reason else {})}
                                   for e in await repository_models(core, ready)])
