@@ -200,8 +200,8 @@ async def test_a_stopping_server_finishes_the_calls_in_flight_and_refuses_new_on
 
     server = lifecycle.GrpcServer("127.0.0.1", 0)
     handlers = {name: handler for name, (_, handler) in HANDLERS.items()}
-    server.add(lambda _, s: s.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("cnei.Example", handlers)]),
-               None, "cnei.Example")
+    generic = grpc.method_handlers_generic_handler("cnei.Example", handlers)
+    server.add(lambda _, s: s.add_generic_rpc_handlers([generic]), None, "cnei.Example")
     await server.start()
     async with grpc.aio.insecure_channel(server.address) as channel:
         held = [asyncio.ensure_future(_call(channel, method, 0.5)) for _ in range(20)]

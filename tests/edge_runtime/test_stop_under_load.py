@@ -56,7 +56,8 @@ async def _waves(address: str, model: str, proc, waves: int, concurrent: int, ro
 def test_a_runtime_stopped_under_waves_of_requests_answers_or_refuses_them_all_and_cancels_none(
         registry, nats_server, redis_server, push_digits, tmp_path, term_at):
     variant = asyncio.run(push_digits("stop"))
-    proc, address = start_runtime(registry, nats_server, redis_server, tmp_path / "node", CNEI_RUNTIME_PRELOAD=variant.name)
+    proc, address = start_runtime(registry, nats_server, redis_server, tmp_path / "node",
+                                  CNEI_RUNTIME_PRELOAD=variant.name)
     try:
         outcomes = asyncio.run(_waves(address, variant.name, proc, 20, 200, 64, term_at))
         assert proc.wait(30) == 0
@@ -70,8 +71,8 @@ def test_a_runtime_stopped_under_waves_of_requests_answers_or_refuses_them_all_a
 def test_requests_held_when_the_runtime_is_told_to_stop_are_answered_before_it_exits(
         registry, nats_server, redis_server, push_digits, tmp_path):
     variant = asyncio.run(push_digits("held"))
-    proc, address = start_runtime(registry, nats_server, redis_server, tmp_path / "node", CNEI_RUNTIME_PRELOAD=variant.name,
-                                  CNEI_RUNTIME_EMULATED_DELAY_MS="800")
+    proc, address = start_runtime(registry, nats_server, redis_server, tmp_path / "node",
+                                  CNEI_RUNTIME_PRELOAD=variant.name, CNEI_RUNTIME_EMULATED_DELAY_MS="800")
 
     async def go() -> list[str]:
         async with grpc.aio.insecure_channel(address) as channel:
