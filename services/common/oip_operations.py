@@ -49,6 +49,7 @@ class InferenceCore(Protocol):
     async def model_versions(self, name: str) -> list[str]: ...
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse: ...
     def statistics(self, name: str, version: str) -> list[ModelStats]: ...
+    def request_failed(self, name: str, version: str, ns: int) -> None: ...
     async def repository_index(self) -> list[ModelVariant]: ...
     async def unloaded_models(self) -> frozenset[str]: ...
     async def load_model(self, name: str) -> None: ...
@@ -75,6 +76,19 @@ def inference_metrics(model: str):
         raise
     finally:
         record_inference(model, outcome, time.perf_counter() - start)
+
+
+@contextmanager
+def failure_counted(core: InferenceCore, name: str, version: str):
+    """What an adapter does with a request before the core has it (decoding it): a failure there
+    is still the request's, so it counts in the statistics of the model version it names
+    (`request_failed`), as Triton counts a request it refuses before the model runs it."""
+    start = time.perf_counter_ns()
+    try:
+        yield
+    except Exception:
+        core.request_failed(name, version, time.perf_counter_ns() - start)
+        raise
 
 
 def record_inference(model: str, outcome: str, seconds: float) -> None:

@@ -7,8 +7,9 @@ from services.common import log_settings, oip
 from services.common.errors import CneiError, InvalidArgument
 from services.common.grpc_util import rpc
 from services.common.oip_convert import metadata_to_proto, model_config, stats_to_proto
-from services.common.oip_operations import (EXTENSIONS, InferenceCore, classified, inference_metrics, named_model,
-                                            refuse_load_overrides, repository_models, statistics, trace_setting)
+from services.common.oip_operations import (EXTENSIONS, InferenceCore, classified, failure_counted, inference_metrics,
+                                            named_model, refuse_load_overrides, repository_models, statistics,
+                                            trace_setting)
 from services.common.ordered import map_in_order
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.trace_settings import PICKED_HEADER, MemoryTraceStore, TraceSettings
@@ -158,7 +159,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
         with inference_metrics(request.model_name):
-            req = oip.request_from_proto(request, self.shm)
+            with failure_counted(self.core, request.model_name, request.model_version):
+                req = oip.request_from_proto(request, self.shm)
             resp = await classified(self.core, req, await self.core.infer(req, deadline_s))
             return oip.response_to_proto(resp, raw=req.raw, places=req.output_places, shm=self.shm)
 

@@ -60,12 +60,25 @@ class StatsBook:
 
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], ModelStats] = {}
+        self._defaults: dict[str, str] = {}  # model -> the version its requests naming none last went to
 
-    def get(self, name: str, version: str) -> ModelStats:
+    def get(self, name: str, version: str, by_default: bool = False) -> ModelStats:
+        """The version's statistics; `by_default`: a request that named no version is served by
+        it (what `failed` counts such a request against when it fails before that is known)."""
         key = (name, version)
         if key not in self._stats:
             self._stats[key] = ModelStats(name, version)
+        if by_default:
+            self._defaults[name] = version
         return self._stats[key]
+
+    def failed(self, name: str, version: str = "") -> ModelStats | None:
+        """Where a request for model `name` that failed before its version was worked out (the
+        registry away, the model unloaded, a malformed request) counts: the `version` it names,
+        or when it names none the version such requests last went to; None for a model version
+        this book does not hold (one never served here, or a name no model has), so that names
+        clients make up add no series."""
+        return self._stats.get((name, version or self._defaults.get(name, "")))
 
     def put(self, stats: ModelStats) -> None:
         self._stats[(stats.name, stats.version)] = stats

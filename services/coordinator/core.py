@@ -162,8 +162,34 @@ class Coordinator:
         """Serve a client's request, held to the max_batch_size ModelConfig shows (`_check_rows`),
         or with `steps` (its ensemble request's, whose reads it shares) an ensemble's step (the
         ensemble's rows, which the batcher sends alone when over the step's batches: an ensemble
-        that serves them today keeps serving them)."""
+        that serves them today keeps serving them). One that fails counts as a failure of the
+        model version that served it, or was to (`_count_failure`)."""
         start = time.perf_counter_ns()
+        served: list[ModelStats] = []  # the statistics of the version to serve it, once known
+        try:
+            return await self._infer_request(request, deadline_s, steps, start, served)
+        except Exception as exc:
+            self._count_failure(request, exc, served, time.perf_counter_ns() - start)
+            raise
+
+    def _count_failure(self, request: oip.InferRequest, exc: Exception, served: list[ModelStats], ns: int) -> None:
+        """Triton's request_failure: in the version worked out to serve the request, or, when it
+        failed before that (the registry away, the model unloaded), the version it names or that
+        such requests last went to (`StatsBook.failed`). An unknown model or version counts nowhere."""
+        stats = served[-1] if served else None
+        if stats is None and outcome_of(exc) != "not_found":
+            stats = self.stats.failed(request.model_name, request.model_version)
+        if stats is not None:
+            stats.record(False, ns)
+
+    def request_failed(self, name: str, version: str, ns: int) -> None:
+        """A request for the model an adapter refused before it reached `infer` (malformed)."""
+        stats = self.stats.failed(name, version)
+        if stats is not None:
+            stats.record(False, ns)
+
+    async def _infer_request(self, request: oip.InferRequest, deadline_s: float | None,
+                             steps: StepResolver | None, start: int, served: list[ModelStats]) -> oip.InferResponse:
         if self.control is not None:
             await self.control.check(request.model_name)
         catalog = self.catalog if steps is None else steps  # a step reads through its ensemble's
@@ -171,19 +197,21 @@ class Coordinator:
         if deployed.ensemble:
             if request.model_version not in ("", ensemble.VERSION):
                 raise ModelNotFound(request.model_name, request.model_version)
+            served.append(self.stats.get(deployed.model, ensemble.VERSION, by_default=not request.model_version))
             if steps is None:
                 steps = StepResolver(self.catalog)
                 depth = ensemble.nesting_depth(request.parameters)
                 self._check_rows(request, deployed, await steps.ensemble_variant(deployed, depth))
-            return await self._ensemble(request, deployed, deadline_s, start, steps)
+            return await self._ensemble(request, deployed, deadline_s, start, steps, served[0])
         # a request that names no version: the canary's share goes to the canary, the rest to the
         # stable version (the catalog's default)
         version = request.model_version or rollout_version(deployed.rollout, random.random())
         variants = await catalog.variants(request.model_name, version)
+        stats = self.stats.get(variants[0].name, variants[0].version, by_default=not version)
+        served.append(stats)
         if steps is None:
             self._check_rows(request, deployed, variants[0])
         spec = restrict_tier(deployed, request.parameters)
-        stats = self.stats.get(variants[0].name, variants[0].version)
         mode = str(request.parameters.get("joint", "") or spec.joint.mode)
         if mode not in JOINT_MODES:
             raise InvalidArgument(f"parameter 'joint' must be one of {list(JOINT_MODES)}, got {mode!r}")
@@ -195,7 +223,6 @@ class Coordinator:
             else:
                 response = await self.escalation.joint(request, variants, spec, mode, deadline_s)
         except Exception as exc:
-            stats.record(False, time.perf_counter_ns() - start)
             count_served(variants[0].name, outcome_of(exc))
             raise
         finally:
@@ -221,22 +248,17 @@ class Coordinator:
         check_batch_size(request.model_name, inputs, served_max_batch_size(variant, deployed))
 
     async def _ensemble(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
-                        start: int, steps: StepResolver) -> oip.InferResponse:
-        stats = self.stats.get(spec.model, ensemble.VERSION)
+                        start: int, steps: StepResolver, stats: ModelStats) -> oip.InferResponse:
         depth = ensemble.nesting_depth(request.parameters)
         run = functools.partial(ensemble.run, spec, request, deadline_s, functools.partial(self.infer, steps=steps),
                                 functools.partial(steps.model_variant, depth=depth + 1), steps.drawn_version)
-        try:
-            # Triton's top-level ensemble caching
-            cached = spec.response_cache and self.cache.max_bytes
-            scope = await steps.cache_scope(spec, depth) if cached else None
-            if scope is not None:
-                response = await self.cache.answer(scope, request, spec.model, stats, run)
-            else:
-                response = await run()
-        except Exception:
-            stats.record(False, time.perf_counter_ns() - start)
-            raise
+        # Triton's top-level ensemble caching
+        cached = spec.response_cache and self.cache.max_bytes
+        scope = await steps.cache_scope(spec, depth) if cached else None
+        if scope is not None:
+            response = await self.cache.answer(scope, request, spec.model, stats, run)
+        else:
+            response = await run()
         stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False,
                      cache_hit=from_cache(response))
         return response

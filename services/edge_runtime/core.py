@@ -254,11 +254,24 @@ class EdgeRuntime:
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats.select(name, version)
 
+    def request_failed(self, name: str, version: str, ns: int) -> None:
+        """A request for the model that failed before its variant was resolved (the registry and
+        disk cache without it, malformed): a failure of the version it names or that such
+        requests last went to, when this runtime served it before (`StatsBook.failed`)."""
+        stats = self.stats.failed(name, version)
+        if stats is not None:
+            stats.record(False, ns)
+
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         start = time.perf_counter_ns()
         precision = str(request.parameters.get("precision", "") or "")
-        variant = await self.resolve(request.model_name, request.model_version, precision)
-        stats = self.stats.get(variant.name, variant.version)
+        try:
+            variant = await self.resolve(request.model_name, request.model_version, precision)
+        except Exception as exc:
+            if outcome_of(exc) != "not_found":  # an unknown model or version counts nowhere
+                self.request_failed(request.model_name, request.model_version, time.perf_counter_ns() - start)
+            raise
+        stats = self.stats.get(variant.name, variant.version, by_default=not request.model_version)
         labels = run_labels(variant, self.settings)
         self.inflight += 1
         self.arrivals += 1
