@@ -63,7 +63,7 @@ class EdgeRuntime:
         # variant keys deleted from the registry: never loaded again unless the registry resolves
         # them again (the same name, version and precision pushed after the deletion)
         self._deleted: set[str] = set()
-        self.resolver = Resolver(registry, disk, self.l1, self._reach, self._deleted)
+        self.resolver = Resolver(registry, disk, self.l1, self._reach, self._deleted, self.background)
         self.sync = DiskSync(registry, disk, self.l1, self._reach, self._deleted, self.resolver, self.background)
         self.loader = Loader(settings, registry, self.sync, self.resolver, self._executor, self.background,
                              lambda: (self.inflight, self.arrivals), self.execution.retire)

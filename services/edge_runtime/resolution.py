@@ -1,11 +1,13 @@
-"""Model resolution of a runtime: the variant a request names, from the registry (kept briefly) or,
-while it is away, from the variants this node holds; and what the runtime keeps of each model's
-deployment (its batch size cap and the version it serves)."""
+"""Model resolution of a runtime: the variant a request names, from the registry (kept briefly, then
+served as it is while it is read again in the background) or, while it is away, from the variants
+this node holds; and what the runtime keeps of each model's deployment (its batch size cap and the
+version it serves)."""
 from __future__ import annotations
 
 import logging
 import time
 
+from services.common.background import Background
 from services.common.deployment import DeploymentSpec
 from services.common.errors import CneiError, ModelNotFound, NotFound, Unavailable
 from services.common.model_spec import ModelVariant, pick_variant
@@ -22,14 +24,18 @@ DEPLOYMENT_TTL_S = 30.0  # deployments are read again after this (events drop wh
 
 class Resolver:
     """Resolutions and deployments as this runtime knows them: read from the registry and kept
-    for a while (events drop them at once), answered from the disk cache and memory while the
+    for a while (events drop them at once), then served as they are while `background` reads them
+    again (one read per resolution or deployment: a registry that stops answering costs requests
+    of a model resolved before no wait), answered from the disk cache and memory while the
     registry is unreachable (`reach`). `deleted`: the variant keys deleted from the registry, left
     out of what the disk cache answers until the registry resolves them again."""
 
     def __init__(self, registry: RegistryClient, disk: DiskCache, l1: L1Cache, reach: RegistryReach,
-                 deleted: set[str]):
+                 deleted: set[str], background: Background | None = None):
         self.registry = registry
         self.disk, self.l1, self.reach, self.deleted = disk, l1, reach, deleted
+        self.background = background or Background()
+        self._refreshing: set[tuple] = set()  # what is being read again in the background
         self._resolved: dict[tuple[str, str, str], tuple[ModelVariant, float]] = {}
         # model -> (its deployment's max_batch_size, pinned stable version, until)
         self._caps: dict[str, tuple[int, str, float]] = {}
@@ -46,10 +52,12 @@ class Resolver:
         none was applied; (0, "") when the registry cannot say and nothing was known (what was
         known is kept while it is away)."""
         cached = self._caps.get(name)
-        if cached and cached[2] > time.monotonic():
+        if cached and cached[2] <= time.monotonic():
+            self._refresh(("deployment", name), self._read_deployment_again(name))
+        if cached:
             return cached[0], cached[1]
         if self.reach.offline:  # never wait for the registry here
-            return (cached[0], cached[1]) if cached else (0, "")
+            return 0, ""
         try:
             await self.read_deployment(name)
         except CneiError as exc:
@@ -62,6 +70,31 @@ class Resolver:
             self._caps[name] = (cap, stable, self.reach.down_until)  # asked again once the registry may be back
             return cap, stable
         return self._caps[name][:2]  # what read_deployment kept
+
+    async def _read_deployment_again(self, name: str) -> None:
+        """`read_deployment` in the background; what was known stays while the registry is away."""
+        if self.reach.offline:  # found unreachable meanwhile (for another model): asked once it may be back
+            cached = self._caps.get(name)
+            if cached is not None:
+                self._caps[name] = (*cached[:2], self.reach.down_until)
+            return
+        try:
+            await self.read_deployment(name)
+        except CneiError as exc:
+            cached = self._caps.get(name)
+            if cached is None:
+                return
+            if self.reach.failed(exc):
+                log.warning("registry unreachable (%s); serving %s's deployment as last read", exc, name)
+            self._caps[name] = (*cached[:2], max(self.reach.down_until, time.monotonic() + RESOLVE_TTL_S))
+
+    def _refresh(self, key: tuple, read) -> None:
+        """Run `read` (a coroutine) in the background unless `key` is being read already."""
+        if key in self._refreshing:
+            read.close()
+            return
+        self._refreshing.add(key)
+        self.background.spawn(read).add_done_callback(lambda _: self._refreshing.discard(key))
 
     async def read_deployment(self, name: str) -> tuple[DeploymentSpec | None, str]:
         """The model's deployment from the registry (None: none applied) and the version serving
@@ -99,7 +132,9 @@ class Resolver:
             version = (await self.deployed_as(name))[1]
         key = (name, version, precision.upper())
         cached = self._resolved.get(key)
-        if cached and cached[1] > time.monotonic():
+        if cached:
+            if cached[1] <= time.monotonic():
+                self._refresh(key, self._resolve_again(key))
             return cached[0]
         if self.reach.offline:
             try:
@@ -116,6 +151,30 @@ class Resolver:
         self.deleted.discard(variant.key)  # the registry holds it (again: pushed after its deletion)
         self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
         return variant
+
+    async def _resolve_again(self, key: tuple[str, str, str]) -> None:
+        """A resolution past its lifetime read again in the background: kept while the registry is
+        away (asked again once it may be back), dropped when the registry answers with an error (the
+        next request asks it itself)."""
+        if self.reach.offline:  # found unreachable meanwhile (for another model): asked once it may be back
+            if key in self._resolved:
+                self._resolved[key] = (self._resolved[key][0], self.reach.down_until)
+            return
+        try:
+            variant = await self.registry.resolve(*key)
+        except CneiError as exc:
+            cached = self._resolved.get(key)
+            if cached is None:
+                return
+            if not self.reach.failed(exc):
+                self._resolved.pop(key, None)
+                return
+            log.warning("registry unreachable (%s); serving %s as resolved before", exc, key[0])
+            self._resolved[key] = (cached[0], self.reach.down_until)
+            return
+        if key in self._resolved:  # not forgotten meanwhile (an event)
+            self.deleted.discard(variant.key)
+            self._resolved[key] = (variant, time.monotonic() + RESOLVE_TTL_S)
 
     def _resolve_offline(self, name: str, version: str, precision: str) -> ModelVariant:
         """Resolution from the disk cache alone (the registry is unreachable), kept until the
