@@ -19,6 +19,9 @@ class DoublingCore:
 
     server_name, server_version = "test", "0"
 
+    def request_failed(self, name: str, version: str, ns: int) -> None:
+        """A malformed request its servicer refused: this core keeps no statistics."""
+
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         if request.model_name == "broken":
             raise RuntimeError("something nobody planned for")

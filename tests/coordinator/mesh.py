@@ -76,6 +76,9 @@ class NodeCore:
     async def ready(self) -> bool:
         return True
 
+    def request_failed(self, name: str, version: str, ns: int) -> None:
+        """A malformed request its servicer refused: a stand-in keeps no statistics."""
+
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         self.calls.append({k: v.copy() for k, v in request.inputs.items()})
         self.models.append(request.model_name)

@@ -1,0 +1,88 @@
+"""Triton's failure count on an edge runtime: a request for a model it serves that fails, a
+malformed one included, counts in that model version's statistics (ModelStatistics' fail,
+`nv_inference_request_failure`); one for a model it does not know counts nowhere. The runtime core
+behind a real OIP gRPC server, against the module's registry process."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common import lifecycle, triton_metrics
+from services.common import settings as cfg
+from services.common.oip_servicer import OipServicer
+from services.common.registry_client import RegistryClient
+from services.edge_runtime.cache import DiskCache
+from services.edge_runtime.core import EdgeRuntime
+from services.edge_runtime.settings import PREFIX, RuntimeSettings
+from services.pb.inference import grpc_service_pb2 as pb
+from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+async def served(registry, push_digits, tmp_path):
+    """(stub, runtime, model) with the model's version 1 served once, for a request naming none."""
+    variant = await push_digits("fails")
+    client = RegistryClient(registry, timeout=10)
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path), intra_op_threads=1,
+                       measure_on_load=False)
+    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path))
+    server = lifecycle.GrpcServer("127.0.0.1", 0)
+    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),
+               "inference.GRPCInferenceService")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert await _send(stub, variant.name) == "OK"
+            yield stub, runtime, variant.name
+    finally:
+        await server.stop(0)
+        runtime.close()
+        await client.close()
+
+
+async def _send(stub, model: str, version: str = "", name: str = "input", raw_bytes: int | None = None) -> str:
+    """One ModelInfer of a digits row (`name`: its input's name; `raw_bytes`: that many bytes of it)."""
+    message = pb.ModelInferRequest(model_name=model, model_version=version)
+    message.inputs.add(name=name, datatype="FP32", shape=[1, 64])
+    message.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes()[:raw_bytes])
+    try:
+        await stub.ModelInfer(message, timeout=10)
+        return "OK"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
+async def _failures(stub, runtime: EdgeRuntime, model: str) -> tuple[int, float]:
+    """(ModelStatistics' fail count, nv_inference_request_failure) of the model's version 1."""
+    reply = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version="1"), timeout=5)
+    registry = CollectorRegistry()
+    triton_metrics.register(runtime.stats.select, registry)
+    metric = next(s.value for family in text_string_to_metric_families(generate_latest(registry).decode())
+                  for s in family.samples if s.name == "nv_inference_request_failure"
+                  and (s.labels["model"], s.labels["version"]) == (model, "1"))
+    return reply.model_stats[0].inference_stats.fail.count, metric
+
+
+@pytest.mark.parametrize(("case", "version", "name", "raw_bytes"), [
+    ("malformed: raw bytes short of the shape", "", "input", 16),
+    ("malformed, naming the version", "1", "input", 16),
+    ("an input the model lacks", "", "nope", None),
+])
+async def test_a_failed_request_for_a_served_model_counts_as_a_failure_of_its_version(
+        served, case, version, name, raw_bytes):
+    stub, runtime, model = served
+    assert await _send(stub, model, version, name, raw_bytes) == "INVALID_ARGUMENT"
+    assert await _failures(stub, runtime, model) == (1, 1.0)
+
+
+@pytest.mark.parametrize("raw_bytes", [None, 16])
+async def test_a_failed_request_for_a_model_the_runtime_does_not_know_adds_no_statistics(served, raw_bytes):
+    stub, runtime, model = served
+    assert await _send(stub, "no-such-model", raw_bytes=raw_bytes) in ("NOT_FOUND", "INVALID_ARGUMENT")
+    assert [(s.name, s.fail.count) for s in runtime.stats.select()] == [(model, 0)]
