@@ -1,6 +1,7 @@
 """One root error type with transport-neutral codes; adapters map codes to gRPC/HTTP status."""
 from __future__ import annotations
 
+import asyncio
 import enum
 
 
@@ -34,8 +35,12 @@ HTTP_STATUS = {
 
 
 def outcome_of(exc: BaseException) -> str:
-    """The metrics label of a failed request: its code in lower case, `internal` when unplanned."""
-    return exc.code.value.lower() if isinstance(exc, CneiError) else "internal"
+    """The metrics label of a failed request: its code in lower case, `cancelled` for one its
+    caller gave up on (its handler cancelled: a gRPC cancel, an HTTP client hanging up),
+    `internal` when unplanned."""
+    if isinstance(exc, CneiError):
+        return exc.code.value.lower()
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else "internal"
 
 
 def describe(exc: BaseException) -> str:

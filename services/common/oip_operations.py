@@ -1,8 +1,10 @@
 """The transport-free OIP operations shared by the gRPC and REST adapters, and their metrics."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -65,14 +67,16 @@ def _series(model: str, outcome: str) -> tuple:
 
 
 @contextmanager
-def inference_metrics(model: str):
-    """Count and time one inference by model and outcome (gRPC, fast lane and REST alike).
-    Unknown models are counted under `_unknown` so clients cannot grow the label set."""
+def inference_metrics(model: str, outcome_of_error: Callable[[BaseException], str] = outcome_of):
+    """Count and time one inference by model and outcome (gRPC, fast lane and REST alike; an
+    adapter names the outcomes of its transport's own errors with `outcome_of_error`). A request
+    its caller gave up on (its handler cancelled) is `cancelled`, never `ok`. Unknown models are
+    counted under `_unknown` so clients cannot grow the label set."""
     start, outcome = time.perf_counter(), "ok"
     try:
         yield
-    except Exception as exc:
-        outcome = outcome_of(exc)
+    except (Exception, asyncio.CancelledError) as exc:
+        outcome = outcome_of_error(exc)
         raise
     finally:
         record_inference(model, outcome, time.perf_counter() - start)

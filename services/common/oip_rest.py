@@ -12,7 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from services.common import oip_json
-from services.common.errors import HTTP_STATUS, CneiError, InvalidArgument
+from services.common.errors import HTTP_STATUS, Cancelled, CneiError, InvalidArgument, outcome_of
 from services.common.oip_convert import model_config, platform, stats_to_proto
 from services.common.oip_operations import (EXTENSIONS, InferenceCore, classified, failure_counted,
                                             inference_metrics, refuse_load_overrides, repository_models,
@@ -50,6 +50,34 @@ def _unreadable(request: web.Request, exc: RequestPayloadError) -> web.Response:
     reply = web.json_response({"error": f"request body cannot be read: {message}"}, status=status)
     reply.force_close()
     return reply
+
+
+def _refusal_status(exc: BaseException) -> int | None:
+    """The HTTP status aiohttp's own refusal of a request answers with (what errors_middleware
+    replies); None for any other error."""
+    if isinstance(exc, RequestPayloadError):
+        cause = exc.__cause__
+        return (cause.code or 400) if isinstance(cause, HttpProcessingError) else 400
+    return exc.status if isinstance(exc, web.HTTPException) else None
+
+
+def _outcome(exc: BaseException) -> str:
+    """An inference's metrics outcome over REST: aiohttp's refusals are the client's errors, as
+    their replies say (413, a body too large: resource_exhausted; a body that cannot be read,
+    corrupt gzip or an unknown Content-Encoding, and other 4xx: invalid_argument); any other
+    error as over gRPC (errors.outcome_of)."""
+    status = _refusal_status(exc)
+    if status is None:
+        return outcome_of(exc)
+    return "resource_exhausted" if status == 413 else "invalid_argument" if status < 500 else "internal"
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """An infer request's body; a client that hangs up while sending it cancelled its request."""
+    try:
+        return await request.read()
+    except ConnectionResetError:
+        raise Cancelled("the client closed its connection before its request body was read") from None
 
 
 @web.middleware
@@ -154,9 +182,9 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
 
     async def infer(request):
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        with inference_metrics(name):
+        with inference_metrics(name, _outcome):
             with failure_counted(core, name, version):
-                raw = await request.read()
+                raw = await _read_body(request)
                 length = _header_length(request, len(raw))
                 if len(raw) > OFF_LOOP_BYTES:  # parsing megabytes of JSON would stall every other request
                     decoded = await asyncio.to_thread(_decode_infer, name, version, raw, length, shm)
