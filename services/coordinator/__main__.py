@@ -52,7 +52,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     node_channels = grpc_util.Channels(node_headers, node_tls)
     nodes = NodesView(NodeDirectory(redis), settings.node_refresh_s, channels=node_channels, tls=node_tls)
     await nodes.start()
-    catalog = Catalog(registry, settings.resolve_ttl_s)
+    catalog = Catalog(registry, settings.resolve_ttl_s, settings.registry_timeout_s)
     worker = settings.worker_index
     source = "coordinator" if worker < 0 else f"coordinator-{worker}"
     bus = EventBus(settings.nats_url, source, outbox=settings.outbox_path or None, stream=settings.stream_limits())
@@ -146,6 +146,7 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     await nodes.close()
     await bus.close()
     await redis.aclose()
+    await catalog.close()
     await registry.close()
     telemetry.shutdown()
 
@@ -162,7 +163,7 @@ async def subscribe(bus: EventBus, catalog: Catalog, core: Coordinator, source: 
             routes.forget(model_of(envelope))
 
     async def on_model_event(envelope: events.Envelope) -> None:
-        catalog.forget(model_of(envelope))
+        catalog.apply_event(envelope.type, envelope.payload)
         forget_routes(envelope)
 
     async def on_peer_failover(envelope: events.Envelope) -> None:

@@ -66,7 +66,11 @@ class CoordinatorSettings(RegistryClientSettings, NodeTlsSettings, EventStreamSe
     nats_url: str = field("nats://127.0.0.1:4222", "NATS for events")
     node_refresh_s: float = field(0.1, "how often the live-node view is re-read from Redis")
     forward_timeout_s: float = field(30.0, "deadline of a forwarded ModelInfer when the client sets none")
-    resolve_ttl_s: float = field(2.0, "how long a registry resolution is reused")
+    resolve_ttl_s: float = field(2.0, "how long a registry resolution is reused before it is read again in the "
+                                      "background (served meanwhile; kept while the registry is unreachable)")
+    registry_timeout_s: float = field(
+        2.0, "how long a registry read may take: past it (or when the registry is unreachable) the last known "
+             "variants and deployments are served, and only a model never read fails UNAVAILABLE")
     max_attempts: int = field(4, "nodes tried for one request when a node fails (unavailable, attempt "
                                   "timeout, INTERNAL)")
     fast_lane: bool = field(True, "talk to runtimes over the internal TCP data plane when offered")

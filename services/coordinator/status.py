@@ -196,6 +196,7 @@ async def build_status(core, jobs=None) -> dict:
         "federated": await federated_view(jobs),
         "models": [],
         "models_error": None,
+        "registry": core.catalog.outage.summary(),  # as the catalog's reads find it
     }
     try:
         variants, deployments = await registry_view(core.catalog.registry)
