@@ -18,6 +18,7 @@ from services.common.model_spec import ModelVariant
 from services.common.stats import ModelStats
 from services.common.trace_settings import TraceSettings
 
+UNKNOWN_MODEL = "_unknown"  # the model label of requests for a model this process does not know
 EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "schedule_policy",
               "parameters", "system_shared_memory", "binary_tensor_data", "trace", "logging"]
 
@@ -52,6 +53,7 @@ class InferenceCore(Protocol):
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse: ...
     def statistics(self, name: str, version: str) -> list[ModelStats]: ...
     def request_failed(self, name: str, version: str, ns: int) -> None: ...
+    def knows_model(self, name: str) -> bool: ...
     async def repository_index(self) -> list[ModelVariant]: ...
     async def unloaded_models(self) -> frozenset[str]: ...
     async def load_model(self, name: str) -> None: ...
@@ -67,11 +69,13 @@ def _series(model: str, outcome: str) -> tuple:
 
 
 @contextmanager
-def inference_metrics(model: str, outcome_of_error: Callable[[BaseException], str] = outcome_of):
+def inference_metrics(core: InferenceCore, model: str,
+                      outcome_of_error: Callable[[BaseException], str] = outcome_of):
     """Count and time one inference by model and outcome (gRPC, fast lane and REST alike; an
     adapter names the outcomes of its transport's own errors with `outcome_of_error`). A request
-    its caller gave up on (its handler cancelled) is `cancelled`, never `ok`. Unknown models are
-    counted under `_unknown` so clients cannot grow the label set."""
+    its caller gave up on (its handler cancelled) is `cancelled`, never `ok`. A failed request
+    counts under its model only when `core` knows the model (`knows_model`), and under `_unknown`
+    otherwise, whatever failed (a malformed body included), so clients cannot grow the label set."""
     start, outcome = time.perf_counter(), "ok"
     try:
         yield
@@ -79,7 +83,8 @@ def inference_metrics(model: str, outcome_of_error: Callable[[BaseException], st
         outcome = outcome_of_error(exc)
         raise
     finally:
-        record_inference(model, outcome, time.perf_counter() - start)
+        known = outcome == "ok" or core.knows_model(model)
+        record_inference(model if known else UNKNOWN_MODEL, outcome, time.perf_counter() - start)
 
 
 @contextmanager
@@ -97,7 +102,7 @@ def failure_counted(core: InferenceCore, name: str, version: str):
 
 def record_inference(model: str, outcome: str, seconds: float) -> None:
     """Count one inference and its end-to-end time (also for requests a front door answered)."""
-    count, latency = _series(model if model and outcome != "not_found" else "_unknown", outcome)
+    count, latency = _series(model if model and outcome != "not_found" else UNKNOWN_MODEL, outcome)
     count.inc()
     latency.observe(seconds)
 

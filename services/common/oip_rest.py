@@ -182,7 +182,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
 
     async def infer(request):
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        with inference_metrics(name, _outcome):
+        with inference_metrics(core, name, _outcome):
             with failure_counted(core, name, version):
                 raw = await _read_body(request)
                 length = _header_length(request, len(raw))

@@ -158,7 +158,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer_message(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         """One ModelInfer, message in and out, with metrics (shared by gRPC and the fast lane)."""
-        with inference_metrics(request.model_name):
+        with inference_metrics(self.core, request.model_name):
             with failure_counted(self.core, request.model_name, request.model_version):
                 req = oip.request_from_proto(request, self.shm)
             resp = await classified(self.core, req, await self.core.infer(req, deadline_s))

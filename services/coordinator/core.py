@@ -157,6 +157,11 @@ class Coordinator:
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats_view.select(name, version)
 
+    def knows_model(self, name: str) -> bool:
+        """Whether this process has worked out a version of `name` to serve (its statistics
+        hold one): a name its metrics may carry as a label."""
+        return bool(self.stats.select(name))
+
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None,
                     steps: StepResolver | None = None) -> oip.InferResponse:
         """Serve a client's request, held to the max_batch_size ModelConfig shows (`_check_rows`),

@@ -254,6 +254,11 @@ class EdgeRuntime:
     def statistics(self, name: str, version: str) -> list[ModelStats]:
         return self.stats.select(name, version)
 
+    def knows_model(self, name: str) -> bool:
+        """Whether this runtime has resolved a version of `name` (its statistics hold one): a
+        name its metrics may carry as a label."""
+        return bool(self.stats.select(name))
+
     def request_failed(self, name: str, version: str, ns: int) -> None:
         """A request for the model that failed before its variant was resolved (the registry and
         disk cache without it, malformed): a failure of the version it names or that such

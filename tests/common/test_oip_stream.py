@@ -22,6 +22,10 @@ class DoublingCore:
     def request_failed(self, name: str, version: str, ns: int) -> None:
         """A malformed request its servicer refused: this core keeps no statistics."""
 
+    def knows_model(self, name: str) -> bool:
+        """It serves every model."""
+        return True
+
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         if request.model_name == "broken":
             raise RuntimeError("something nobody planned for")

@@ -79,6 +79,10 @@ class NodeCore:
     def request_failed(self, name: str, version: str, ns: int) -> None:
         """A malformed request its servicer refused: a stand-in keeps no statistics."""
 
+    def knows_model(self, name: str) -> bool:
+        """A model it was asked to run."""
+        return name in self.models
+
     async def infer(self, request: oip.InferRequest, deadline_s: float | None = None) -> oip.InferResponse:
         self.calls.append({k: v.copy() for k, v in request.inputs.items()})
         self.models.append(request.model_name)

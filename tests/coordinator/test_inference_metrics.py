@@ -5,13 +5,15 @@ counted under the outcome their reply says, and a request its client gave up on 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import zlib
 
+import grpc
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
+from services.common import oip
 from services.coordinator.rest import build_app
 from tests.coordinator.mesh import NodeCore, mesh, variant
 
@@ -97,3 +99,58 @@ async def test_a_grpc_client_cancelling_its_call_is_counted_cancelled_not_ok():
         await asyncio.sleep(0.3)
         # the coordinator's request and its call to the node, which it cancelled (one process here)
         assert added(before, counts("m")) == {"cancelled": 2}
+
+
+# --- model labels: only models the process knows ----------------------------------------------
+
+async def send(m, message) -> str:
+    """The status name of one ModelInfer of `message` to the coordinator."""
+    try:
+        await m.stub.ModelInfer(message, timeout=10)
+        return "OK"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
+def labelled(prefix: str) -> list[str]:
+    """Model labels of the inference metrics that start with `prefix`."""
+    return sorted({s.labels["model"] for m in REGISTRY.collect()
+                   if m.name in ("cnei_inference_requests", "cnei_inference_request_duration_seconds")
+                   for s in m.samples if s.labels.get("model", "").startswith(prefix)})
+
+
+@pytest.mark.parametrize(("body", "headers"), [
+    (b"garbage", {}),
+    (b"zz", {"Content-Encoding": "gzip"}),
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}),
+    (b'{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": ["a", "b"]}]}', {}),
+], ids=["not-json", "corrupt-gzip", "header-length-past-the-body", "bad-tensor"])
+async def test_a_malformed_rest_request_for_a_made_up_model_is_counted_under_unknown_not_its_name(
+        rest, body, headers):
+    _, client = rest
+    before = counts("_unknown")
+    for i in range(3):
+        assert (await client.post(f"/v2/models/made-up-rest-{i}/infer", data=body, headers=headers)).status == 400
+    assert labelled("made-up-rest-") == []
+    assert added(before, counts("_unknown")) == {"invalid_argument": 3}
+
+
+async def test_a_malformed_request_for_a_known_model_still_counts_under_its_name(rest):
+    m, client = rest
+    before = counts("m")
+    assert (await client.post(INFER, data=b"garbage")).status == 400
+    message = oip.request_to_proto(oip.InferRequest("m", {"x": np.ones((1, 2), np.float32)}))
+    message.raw_input_contents.append(b"\0" * 4)  # two raw contents for one input
+    assert await send(m, message) == "INVALID_ARGUMENT"
+    assert added(before, counts("m")) == {"invalid_argument": 2}
+
+
+async def test_a_malformed_grpc_request_for_a_made_up_model_is_counted_under_unknown_not_its_name(rest):
+    m, _ = rest
+    before = counts("_unknown")
+    for i in range(3):
+        message = oip.request_to_proto(oip.InferRequest(f"made-up-grpc-{i}", {"x": np.ones((1, 2), np.float32)}))
+        message.raw_input_contents.append(b"\0" * 4)  # two raw contents for one input
+        assert await send(m, message) == "INVALID_ARGUMENT"
+    assert labelled("made-up-grpc-") == []
+    assert added(before, counts("_unknown")) == {"invalid_argument": 3}
