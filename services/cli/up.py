@@ -34,6 +34,7 @@ class MeshSettings:
     coordinator_workers: int = cfg.field(1, "coordinator processes sharing its gRPC port (0: one per CPU)")
     coordinator_front_door: str = cfg.field("auto", "the coordinator's compiled gRPC front door: auto|on|off")
     runtime_base_port: int = cfg.field(50061, "first runtime gRPC port (cloud, then edges)")
+    runtime_http_base_port: int = cfg.field(50081, "first runtime OIP REST v2 port (cloud, then edges)")
     runtime_metrics_base_port: int = cfg.field(9111, "first runtime metrics port")
     registry_metrics_port: int = cfg.field(9101, "registry metrics port")
     trainer_port: int = cfg.field(50071, "federated trainer gRPC port")
@@ -118,6 +119,7 @@ class Mesh:
             self._spawn(node_id, "services.edge_runtime", {
                 "CNEI_RUNTIME_NODE_ID": node_id, "CNEI_RUNTIME_TIER": tier,
                 "CNEI_RUNTIME_REGION": region, "CNEI_RUNTIME_PORT": str(port),
+                "CNEI_RUNTIME_HTTP_PORT": str(self.s.runtime_http_base_port + i),
                 "CNEI_RUNTIME_METRICS_PORT": str(self.s.runtime_metrics_base_port + i),
                 "CNEI_RUNTIME_REGISTRY_TARGET": registry, "CNEI_RUNTIME_REDIS_URL": self.s.redis_url,
                 "CNEI_RUNTIME_NATS_URL": self.s.nats_url,
@@ -171,7 +173,8 @@ class Mesh:
         ports = [self.s.registry_port, self.s.grpc_port, self.s.http_port, self.s.metrics_port,
                  self.s.registry_metrics_port, self.s.trainer_port, self.s.trainer_metrics_port]
         ports += [self.s.runtime_base_port + i for i in range(len(RUNTIMES))]
-        ports += [self.s.runtime_metrics_base_port + i for i in range(len(RUNTIMES))]
+        ports += [base + i for base in (self.s.runtime_http_base_port, self.s.runtime_metrics_base_port)
+                  for i in range(len(RUNTIMES))]
         busy = [p for p in ports if infra.answers("127.0.0.1", p)]
         if busy:
             raise RuntimeError(f"ports {busy} are already in use (is another mesh running?)")
@@ -255,6 +258,8 @@ def run_up() -> int:
         mesh.run_until_stopped(wait_ready(f"127.0.0.1:{settings.grpc_port}"))
         print(f"CNEI mesh up in {time.monotonic() - started:.1f}s: OIP gRPC 127.0.0.1:{settings.grpc_port}, "
               f"REST http://127.0.0.1:{settings.http_port}, metrics :{settings.metrics_port}, "
+              f"runtimes REST http://127.0.0.1:{settings.runtime_http_base_port}-"
+              f"{settings.runtime_http_base_port + len(RUNTIMES) - 1}, "
               f"trainer 127.0.0.1:{settings.trainer_port}; "
               f"logs in {mesh.logs}. Ctrl-C stops it.", flush=True)
         while not mesh.stopping:

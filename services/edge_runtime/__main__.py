@@ -28,6 +28,7 @@ from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.federated import LocalTrainer
 from services.edge_runtime.heartbeat import Heartbeat, check_settings as check_heartbeat
 from services.edge_runtime.heartbeat import redis_client
+from services.edge_runtime.rest import rest_server
 from services.edge_runtime.settings import PREFIX, RuntimeSettings, check as check_settings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
 from services.pb.inference import grpc_service_pb2 as pb
@@ -100,10 +101,11 @@ async def serve(settings: RuntimeSettings) -> None:
     oip_servicer = OipServicer(runtime, SharedMemoryRegions(enabled=settings.shared_memory), tracing)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, oip_servicer,
                "inference.GRPCInferenceService")
+    restricted = restricted_apis.parse(settings.restricted_apis,
+                                       restricted_apis.categories_of(restricted_apis.RUNTIME_API))
+    rest = rest_server(settings, oip_servicer, restricted, tls.server_ssl_context(own_tls) if own_tls else None)
     fast = None
     if settings.fast_lane:  # the data plane takes the inference API's key, if it has one
-        categories = restricted_apis.categories_of(restricted_apis.RUNTIME_API)
-        restricted = restricted_apis.parse(settings.restricted_apis, categories)
         refuse = (lambda headers: restricted_apis.refusal(restricted, "inference", headers)) if restricted else None
         fast = FastServer(fast_handler(oip_servicer, settings.emulated_delay_ms), refuse,
                           tls.server_ssl_context(own_tls) if own_tls else None)
@@ -113,20 +115,23 @@ async def serve(settings: RuntimeSettings) -> None:
     triton_metrics.register(lambda: runtime.stats.select())
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
+    if rest is not None:
+        await rest.start()
     await _preload(runtime, settings.preload)
     heartbeat = Heartbeat(settings, runtime, NodeDirectory(redis), bus)
     if fast is not None:
         fast_port = await fast.start(settings.host, settings.fast_port)
         heartbeat.fast_address = f"{settings.advertise_host or settings.host}:{fast_port}"
     heartbeat.start()
-    log.info("runtime %s (%s, %s) serving on %s", settings.node_id, settings.tier,
-             settings.region, server.address)
+    log.info("runtime %s (%s, %s) serving on %s%s", settings.node_id, settings.tier,
+             settings.region, server.address, f", REST on {rest.address}" if rest else "")
     await stop.wait()
     log.info("runtime %s shutting down", settings.node_id)
     trainer.stop()  # a round in training ends at its next mini-batch, not after its epochs
     await heartbeat.stop()
-    # both lanes at once: each refuses new requests UNAVAILABLE and answers those it holds
-    await asyncio.gather(server.stop(), *([fast.stop()] if fast is not None else []))
+    # every port at once: each refuses new requests (UNAVAILABLE; REST closes its port) and
+    # answers those it holds
+    await asyncio.gather(server.stop(), *(lane.stop() for lane in (fast, rest) if lane is not None))
     await runtime.drain()
     runtime.close()
     oip_servicer.shm.close()

@@ -19,6 +19,9 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     host: str = field("127.0.0.1", "address the OIP gRPC server binds to")
     advertise_host: str = field("", "host other services dial (default: host)")
     port: int = field(50061, "OIP gRPC port of this node")
+    http_port: int = field(0, "OIP REST v2 port of this node (KServe v2 HTTP/JSON and Triton's HTTP API, as the "
+                              "coordinator's REST port; its TLS and restricted APIs those of the gRPC port); "
+                              "0: none")
     fast_lane: bool = field(True, "serve the coordinator's internal TCP data plane too")
     shared_memory: bool = field(True, "serve Triton's system shared memory extension (clients on this host "
                                       "name /dev/shm objects the server then reads and writes)")

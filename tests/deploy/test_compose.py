@@ -225,6 +225,8 @@ def test_cnei_ports_healthchecks_and_volumes_follow_settings(services):
             serving, grpc_port = {s.grpc_port, s.http_port, s.metrics_port}, s.grpc_port
         else:
             serving, grpc_port = {s.port, s.metrics_port}, s.port
+        if isinstance(s, runtime_settings.RuntimeSettings):
+            serving.add(s.http_port)  # every runtime serves OIP REST v2 too (0 would be none)
         assert serving <= published, f"{name}: serves {serving}, publishes {published}"
         assert _health_target(svc) == f"127.0.0.1:{grpc_port}", name
         if isinstance(s, registry_settings.RegistrySettings):

@@ -76,6 +76,11 @@ class RunningMesh:
         index = [r[0] for r in RUNTIMES].index(node_id)
         return f"127.0.0.1:{self.settings.runtime_base_port + index}"
 
+    def runtime_rest(self, node_id: str) -> str:
+        """host:port of the node's OIP REST v2 (tritonclient.http's url)."""
+        index = [r[0] for r in RUNTIMES].index(node_id)
+        return f"127.0.0.1:{self.settings.runtime_http_base_port + index}"
+
 
 @pytest.fixture(scope="session")
 def mesh(nats_server, redis_server, jaeger, tmp_path_factory, digits_models):
@@ -84,7 +89,7 @@ def mesh(nats_server, redis_server, jaeger, tmp_path_factory, digits_models):
         registry_port=infra.free_port(), grpc_port=infra.free_port(), http_port=infra.free_port(),
         metrics_port=infra.free_port(), registry_metrics_port=infra.free_port(),
         trainer_port=infra.free_port(), trainer_metrics_port=infra.free_port(),
-        runtime_base_port=infra.free_ports(len(RUNTIMES)),
+        runtime_base_port=infra.free_ports(len(RUNTIMES)), runtime_http_base_port=infra.free_ports(len(RUNTIMES)),
         runtime_metrics_base_port=infra.free_ports(len(RUNTIMES)),
     )
     mp = pytest.MonkeyPatch()

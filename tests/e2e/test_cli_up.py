@@ -32,14 +32,15 @@ def _alive(pid: int) -> bool:
 def _mesh_env(root: Path) -> dict[str, str]:
     """A private mesh on free ports (its own NATS and Redis, started by `cnei up`), without the demo."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNEI_", "OTEL_"))}
-    runtime, runtime_metrics = infra.free_ports(3), infra.free_ports(3)
+    runtime, runtime_http, runtime_metrics = infra.free_ports(3), infra.free_ports(3), infra.free_ports(3)
     ports = {name: str(infra.free_port()) for name in (
         "REGISTRY_PORT", "GRPC_PORT", "HTTP_PORT", "METRICS_PORT", "REGISTRY_METRICS_PORT", "TRAINER_PORT",
         "TRAINER_METRICS_PORT")}
     return {**env, **{f"CNEI_{k}": v for k, v in ports.items()}, "CNEI_DATA_DIR": str(root), "CNEI_DEMO": "false",
             "CNEI_NATS_URL": f"nats://127.0.0.1:{infra.free_port()}",
             "CNEI_REDIS_URL": f"redis://127.0.0.1:{infra.free_port()}/0",
-            "CNEI_RUNTIME_BASE_PORT": str(runtime), "CNEI_RUNTIME_METRICS_BASE_PORT": str(runtime_metrics)}
+            "CNEI_RUNTIME_BASE_PORT": str(runtime), "CNEI_RUNTIME_HTTP_BASE_PORT": str(runtime_http),
+            "CNEI_RUNTIME_METRICS_BASE_PORT": str(runtime_metrics)}
 
 
 class Up:

@@ -25,6 +25,8 @@
           fieldPath: status.podIP
     - name: CNEI_RUNTIME_PORT
       value: {{ $r.port | quote }}
+    - name: CNEI_RUNTIME_HTTP_PORT
+      value: {{ $r.httpPort | quote }}
     - name: CNEI_RUNTIME_METRICS_PORT
       value: {{ $r.metricsPort | quote }}
     {{- if $r.tls.secretName }}
@@ -76,6 +78,8 @@
   ports:
     - name: grpc
       containerPort: {{ $r.port }}
+    - name: http
+      containerPort: {{ $r.httpPort }}
     - name: metrics
       containerPort: {{ $r.metricsPort }}
   {{- include "cnei.grpcProbes" (dict "ctx" .ctx "port" $r.port "tls" (not (empty $r.tls.secretName))) | trim | nindent 2 }}
@@ -152,6 +156,10 @@ spec:
       port: {{ .ctx.Values.runtime.port }}
       targetPort: grpc
       appProtocol: {{ ternary "https" "kubernetes.io/h2c" (not (empty .ctx.Values.runtime.tls.secretName)) }}
+    - name: http
+      port: {{ .ctx.Values.runtime.httpPort }}
+      targetPort: http
+      appProtocol: {{ ternary "https" "http" (not (empty .ctx.Values.runtime.tls.secretName)) }}
     - name: metrics
       port: {{ .ctx.Values.runtime.metricsPort }}
       targetPort: metrics
