@@ -18,6 +18,7 @@ from services.common.oip_operations import (EXTENSIONS, InferenceCore, classifie
                                             inference_metrics, refuse_load_overrides, repository_models,
                                             statistics, trace_setting)
 from services.common.log_settings import LogSettings
+from services.common.rest_tracing import tracing_middleware
 from services.common.restricted import Key, refusal, rest_category
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.trace_settings import MemoryTraceStore, TraceSettings
@@ -311,7 +312,7 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
             raise InvalidArgument("log settings body must be a JSON object of setting names to values")
         return web.json_response(await logs.update(body))
 
-    middlewares = [errors_middleware]
+    middlewares = [tracing_middleware(tracing), errors_middleware]
     if restricted:
         @web.middleware
         async def restricted_middleware(request, handler):
