@@ -1,9 +1,12 @@
 """Edge runtimes serve OIP REST v2 (KServe v2 HTTP/JSON, Triton's HTTP API) on their own port, as
 the coordinator does: tritonclient.http talks to a runtime directly; the REST port shares the
-gRPC port's settings (shared-memory regions) and restricted APIs, and closes when the runtime stops."""
+gRPC port's settings (shared-memory regions), restricted APIs and TLS, and closes when the runtime
+stops."""
 from __future__ import annotations
 
+import http.client
 import signal
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +20,7 @@ import tritonclient.utils.shared_memory as shm
 
 from services.cli import infra
 from services.cli.up import RUNTIMES
+from services.common import tls
 from services.models.digits import load_all
 from tests.e2e.processes import start_runtime
 
@@ -139,3 +143,27 @@ def test_a_stopped_runtime_closes_its_rest_port_and_exits_cleanly(restricted_nod
     assert proc.wait(timeout=20) == 0
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://{address}/v2/health/live", timeout=2)
+
+
+def _ready_over(address: str, context: ssl.SSLContext | None) -> int:
+    scheme = "https" if context is not None else "http"
+    with urllib.request.urlopen(f"{scheme}://{address}/v2/health/ready", timeout=5, context=context) as reply:
+        return reply.status
+
+
+def test_a_runtimes_rest_port_serves_the_mutual_tls_of_its_grpc_port(mesh, pki, tmp_path_factory):
+    http_port = infra.free_port()
+    proc, _ = start_runtime(mesh, "edge-rest-tls", "site-rest-tls", tmp_path_factory.mktemp("rest-tls"),
+                            CNEI_RUNTIME_HTTP_PORT=str(http_port), CNEI_RUNTIME_TLS_CERT_FILE=pki["cert"],
+                            CNEI_RUNTIME_TLS_KEY_FILE=pki["key"], CNEI_RUNTIME_TLS_CLIENT_CA_FILE=pki["ca"])
+    address = f"127.0.0.1:{http_port}"
+    try:
+        infra.wait_for_port("127.0.0.1", http_port, proc=proc, timeout=30)
+        mutual = tls.ClientTls(pki["ca"], pki["client_cert"], pki["client_key"]).ssl_context()
+        assert _ready_over(address, mutual) == 200
+        for refused in (None, tls.client_ssl_context(pki["ca"]),  # plaintext; no client certificate
+                        tls.client_ssl_context(pki["other_ca"], pki["client_cert"], pki["client_key"])):
+            with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError, ssl.SSLError)):
+                _ready_over(address, refused)
+    finally:
+        infra.stop(proc)
