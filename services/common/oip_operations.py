@@ -95,7 +95,7 @@ def failure_counted(core: InferenceCore, name: str, version: str):
     start = time.perf_counter_ns()
     try:
         yield
-    except Exception:
+    except (Exception, asyncio.CancelledError):  # cancelled: a REST client hanging up mid-body
         core.request_failed(name, version, time.perf_counter_ns() - start)
         raise
 

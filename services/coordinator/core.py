@@ -173,14 +173,16 @@ class Coordinator:
         served: list[ModelStats] = []  # the statistics of the version to serve it, once known
         try:
             return await self._infer_request(request, deadline_s, steps, start, served)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             self._count_failure(request, exc, served, time.perf_counter_ns() - start)
             raise
 
-    def _count_failure(self, request: oip.InferRequest, exc: Exception, served: list[ModelStats], ns: int) -> None:
-        """Triton's request_failure: in the version worked out to serve the request, or, when it
-        failed before that (the registry away, the model unloaded), the version it names or that
-        such requests last went to (`StatsBook.failed`). An unknown model or version counts nowhere."""
+    def _count_failure(self, request: oip.InferRequest, exc: BaseException, served: list[ModelStats],
+                       ns: int) -> None:
+        """Triton's request_failure (a request its client cancelled included): in the version
+        worked out to serve the request, or, when it failed before that (the registry away, the
+        model unloaded), the version it names or that such requests last went to
+        (`StatsBook.failed`). An unknown model or version counts nowhere."""
         stats = served[-1] if served else None
         if stats is None and outcome_of(exc) != "not_found":
             stats = self.stats.failed(request.model_name, request.model_version)

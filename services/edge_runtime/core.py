@@ -272,7 +272,7 @@ class EdgeRuntime:
         precision = str(request.parameters.get("precision", "") or "")
         try:
             variant = await self.resolve(request.model_name, request.model_version, precision)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # cancelled: its client gave up
             if outcome_of(exc) != "not_found":  # an unknown model or version counts nowhere
                 self.request_failed(request.model_name, request.model_version, time.perf_counter_ns() - start)
             raise
@@ -296,7 +296,7 @@ class EdgeRuntime:
             else:
                 result = await self.execution.execute(loaded, request.inputs, outputs, batch)
             run: Run = result.info
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # cancelled: its client gave up
             stats.record(False, time.perf_counter_ns() - start)
             REQUESTS.labels(*labels.values(), outcome_of(exc)).inc()
             raise

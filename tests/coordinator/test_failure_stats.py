@@ -4,6 +4,8 @@
 here counts nowhere. A real coordinator and stand-in runtimes over gRPC (tests/coordinator/mesh.py)."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -99,3 +101,14 @@ async def test_a_failed_request_for_a_model_or_version_never_served_here_adds_no
     served.core.catalog.away = away
     assert await _send(served, model, version) == ("UNAVAILABLE" if away else "NOT_FOUND")
     assert [(s.name, s.version, s.fail.count) for s in served.core.stats.select()] == [("m", "1", 0)]
+
+
+async def test_a_request_its_client_cancels_counts_as_a_failure_of_the_model_version():
+    async with mesh.mesh([mesh.variant()], {}, {"n1": mesh.NodeCore(delay_s=0.3)}) as m:
+        assert await _send(m) == "OK"
+        call = m.call()
+        await asyncio.sleep(0.1)  # at the node
+        call.cancel()
+        await asyncio.sleep(0.3)
+        assert await _failures(m, "m", "1") == (1, 1.0)
+        assert m.core.stats.get("m", "1").success.count == 1

@@ -4,6 +4,8 @@ malformed one included, counts in that model version's statistics (ModelStatisti
 behind a real OIP gRPC server, against the module's registry process."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import replace
 
 import grpc
@@ -22,15 +24,16 @@ from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.pb.inference import grpc_service_pb2 as pb
 from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
+SLOWDOWN = 20_000.0  # a digits row's ~20 us run takes ~0.4 s
 
-@pytest.fixture
-async def served(registry, push_digits, tmp_path):
+
+@contextlib.asynccontextmanager
+async def _serving(registry: str, push_digits, folder, **settings):
     """(stub, runtime, model) with the model's version 1 served once, for a request naming none."""
     variant = await push_digits("fails")
     client = RegistryClient(registry, timeout=10)
-    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path), intra_op_threads=1,
-                       measure_on_load=False)
-    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path))
+    runtime = EdgeRuntime(replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(folder), intra_op_threads=1,
+                                  measure_on_load=False, **settings), client, DiskCache(folder))
     server = lifecycle.GrpcServer("127.0.0.1", 0)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),
                "inference.GRPCInferenceService")
@@ -44,6 +47,19 @@ async def served(registry, push_digits, tmp_path):
         await server.stop(0)
         runtime.close()
         await client.close()
+
+
+@pytest.fixture
+async def served(registry, push_digits, tmp_path):
+    async with _serving(registry, push_digits, tmp_path) as serving:
+        yield serving
+
+
+@pytest.fixture
+async def served_slowly(registry, push_digits, tmp_path):
+    """`served`, each model run taking ~0.4 s off the event loop."""
+    async with _serving(registry, push_digits, tmp_path, inline_max_us=0.0, emulated_slowdown=SLOWDOWN) as serving:
+        yield serving
 
 
 async def _send(stub, model: str, version: str = "", name: str = "input", raw_bytes: int | None = None) -> str:
@@ -86,3 +102,15 @@ async def test_a_failed_request_for_a_model_the_runtime_does_not_know_adds_no_st
     stub, runtime, model = served
     assert await _send(stub, "no-such-model", raw_bytes=raw_bytes) in ("NOT_FOUND", "INVALID_ARGUMENT")
     assert [(s.name, s.fail.count) for s in runtime.stats.select()] == [(model, 0)]
+
+
+async def test_a_request_its_client_cancels_counts_as_a_failure_of_its_version(served_slowly):
+    stub, runtime, model = served_slowly
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    message.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    call = stub.ModelInfer(message, timeout=10)
+    await asyncio.sleep(0.1)  # running
+    call.cancel()
+    await asyncio.sleep(0.2)
+    assert await _failures(stub, runtime, model) == (1, 1.0)
