@@ -58,10 +58,10 @@ class Drain(grpc.aio.ServerInterceptor):
 
     def _counted(self, behaviour, streaming: bool):
         """`behaviour` that leaves the count of calls in flight when it ends."""
-        if streaming:
+        if streaming and inspect.isasyncgenfunction(behaviour):  # else it writes its replies itself
             async def stream(request_or_iterator, context):
                 try:
-                    async for reply in _replies(behaviour, request_or_iterator, context):
+                    async for reply in behaviour(request_or_iterator, context):
                         yield reply
                 finally:
                     self._leave()
@@ -88,15 +88,6 @@ class Drain(grpc.aio.ServerInterceptor):
             if since >= quiet_s:
                 return
             await asyncio.sleep(min(quiet_s - since, left))
-
-
-async def _replies(behaviour, request_or_iterator, context):
-    """A response-streaming handler's replies, whether it yields them or writes them itself."""
-    if inspect.isasyncgenfunction(behaviour):
-        async for reply in behaviour(request_or_iterator, context):
-            yield reply
-    else:
-        await behaviour(request_or_iterator, context)
 
 
 def _refuse(behaviour, streaming: bool):
