@@ -7,7 +7,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from aiohttp import web
 from redis.asyncio import Redis
 
 from services.common import events, grpc_util, lifecycle, telemetry, tls, triton_metrics
@@ -18,6 +17,7 @@ from services.common.errors import CneiError
 from services.common.jobs import JobStore
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
+from services.common.rest_server import RestServer
 from services.common.node_control import NodeControlClients
 from services.common import registry_client
 from services.common import restricted as restricted_apis
@@ -104,15 +104,12 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     await subscribe(bus, catalog, core, source, routes)
     server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(core, shm, tracing, logs),
                "inference.GRPCInferenceService")
-    runner = None
+    rest = None
     if worker <= 0:  # REST and the status page: the only process, or worker 0 of several
-        # handler_cancellation: a client that hangs up cancels its handler, which takes its
-        # request out of the queue (as over gRPC): its work is never run
-        runner = web.AppRunner(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs, restricted),
-                               access_log=None, handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.http_port,
-                          ssl_context=tls.server_ssl_context(public_tls) if public_tls else None).start()
+        rest = RestServer(build_app(core, status_routes(core, JobStore(redis)), shm, tracing, logs, restricted),
+                          settings.host, settings.http_port,
+                          tls.server_ssl_context(public_tls) if public_tls else None)
+        await rest.start()
     if worker < 0:  # several workers: the supervisor serves Triton's metrics over all of them
         triton_metrics.register(lambda: core.stats_view.select())
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
@@ -126,13 +123,15 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
     log.info("%s serving gRPC on %s%s", source, server.address,
-             f", REST on {settings.host}:{settings.http_port}" if runner else "")
+             f", REST on {rest.address}" if rest else "")
     await stop.wait()
     log.info("%s shutting down", source)
     if door is not None:  # first: the door hands what it holds to the coordinator, still serving
         await watching
         await door.stop()
     await server.stop()
+    if rest is not None:  # the requests in flight over REST answered too, before the core closes
+        await rest.stop()
     await core.close()  # the node channels too
     shm.close()
     if door_path is not None:  # registrations end with the server, as in Triton
@@ -141,8 +140,6 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
     await lifecycle.cancel_and_wait(following, sharing)
     if sharing is not None:
         core.stats_view.write()
-    if runner is not None:
-        await runner.cleanup()
     await nodes.close()
     await bus.close()
     await redis.aclose()
