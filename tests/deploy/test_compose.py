@@ -2,6 +2,7 @@
 hardening rules, and the gRPC health helper the compose health checks run."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import json
@@ -505,6 +506,60 @@ def test_requirements_pin_every_dependency_within_pyproject_ranges():
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not pinned in {REQUIREMENTS.name}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} vs {dep}"
+
+
+_OPTIONAL = ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
+
+
+def _services_imports() -> dict[str, str]:
+    """Third-party top-level modules `services/` imports, each with a file importing it; an
+    import inside a `try` that carries on without it (an optional package: NVML) is left out."""
+    found: dict[str, str] = {}
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                    and any(h.type is None or any(getattr(e, "id", "") in _OPTIONAL
+                                                  for e in ([h.type] if not isinstance(h.type, ast.Tuple)
+                                                            else h.type.elts)) for h in t.handlers)
+                    for stmt in t.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"services"}:
+                found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def _dependency_closure() -> set[str]:
+    """pyproject's [project.dependencies] and everything they need, as installed here."""
+    from importlib import metadata
+
+    todo = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    closure: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in closure or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        closure.add(name)
+        todo.extend(Requirement(r) for r in metadata.requires(req.name) or [])
+    return closure
+
+
+def test_every_package_the_services_import_is_a_dependency_the_image_pins():
+    from importlib import metadata
+
+    closure, providers = _dependency_closure(), metadata.packages_distributions()
+    pinned = {canonicalize_name(Requirement(line.split("#", 1)[0]).name)
+              for line in REQUIREMENTS.read_text().splitlines() if line.split("#", 1)[0].strip()}
+    imports = _services_imports()
+    assert {"numpy", "grpc", "onnxruntime"} <= set(imports)  # the scan sees the imports
+    for module, where in sorted(imports.items()):
+        dists = {canonicalize_name(d) for d in providers.get(module, [])}
+        assert dists & closure, f"{where} imports {module} ({sorted(dists)}), not in pyproject's dependencies"
+        assert dists & pinned, f"{where} imports {module} ({sorted(dists)}), not pinned in {REQUIREMENTS.name}"
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
