@@ -1,4 +1,5 @@
-"""Validate an ONNX artifact and read its input/output signature."""
+"""Validate an ONNX artifact and read its input/output signature, holding at most one copy of it
+in memory (the checker's, from the file; the signature is read off the file's wire format)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import onnx
 
 from services.common.errors import InvalidArgument
 from services.common.model_spec import TensorSpec
+from services.registry.onnx_wire import read_graph_signature
 
 _ELEM_TO_OIP = {
     onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.UINT8: "UINT8",
@@ -31,13 +33,12 @@ def _spec(value_info) -> TensorSpec:
 def inspect_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Run the ONNX checker (full check) and return (inputs, outputs); INVALID_ARGUMENT if bad."""
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
+        graph = read_graph_signature(path)
     except Exception as exc:  # noqa: BLE001 - any parse/check failure means a bad artifact
         raise InvalidArgument(f"artifact is not a valid ONNX model: {exc}") from None
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
-    outputs = [_spec(v) for v in model.graph.output]
+    inputs = [_spec(v) for v in graph.inputs if v.name not in graph.initializer_names]
+    outputs = [_spec(v) for v in graph.outputs]
     if not inputs or not outputs:
         raise InvalidArgument("ONNX model must declare graph inputs and outputs")
     return inputs, outputs
