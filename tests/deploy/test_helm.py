@@ -44,6 +44,12 @@ SETTINGS = {
 TELEMETRY_VARS = {f.name.upper() for f in dataclasses.fields(TelemetrySettings)}
 # Settings port fields -> the container port name that must carry them.
 PORT_FIELDS = {"port": "grpc", "grpc_port": "grpc", "http_port": "http", "metrics_port": "metrics"}
+# What checking a pushed ONNX artifact adds to the registry's peak memory, over the artifact's size
+# (tests/registry/test_onnx_inspect.py, PEAK_OVER_ARTIFACT: 2.0-2.05 measured), and what the
+# serving registry itself holds (~80 MiB measured after its imports; with room for its gRPC server,
+# SQLite and NATS buffers).
+REGISTRY_PEAK_OVER_ARTIFACT = 2.25
+REGISTRY_SERVING_BYTES = 256 << 20
 
 VALUE_SETS = {
     "defaults": {},
@@ -52,8 +58,7 @@ VALUE_SETS = {
         "otel": {"endpoint": "http://otel-collector.observability:4317"},
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "CNEI"}}},
-        "registry": {"env": {"CNEI_REGISTRY_MAX_ARTIFACT_BYTES": 536870912},
-                     "restrictedApisSecret": {"name": "cnei-admin"},
+        "registry": {"maxArtifactBytes": 536870912, "restrictedApisSecret": {"name": "cnei-admin"},
                      "tls": {"secretName": "cnei-registry-tls", "caSecretName": "cnei-registry-ca",
                              "clientCaKey": "ca.crt", "clientSecretName": "cnei-registry-client"},
                      "persistence": {"storageClass": "fast-ssd"}},
@@ -666,6 +671,25 @@ def test_the_registry_keeps_its_data_dir_on_a_persistent_volume(rendered):
     else:
         pvc = rendered.get("PersistentVolumeClaim", claim)
         assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def _memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (plain bytes, or with a k/M/G/T or Ki/Mi/Gi/Ti suffix) in bytes."""
+    number, suffix = re.fullmatch(r"(\d+)([kMGT]i?)?", str(quantity)).groups()
+    if not suffix:
+        return int(number)
+    base = 1024 if suffix.endswith("i") else 1000
+    return int(number) * base ** ("kMGT".index(suffix[0]) + 1)
+
+
+def test_the_registry_memory_limit_covers_checking_the_largest_artifact_it_accepts(rendered):
+    """Checking a pushed artifact grows the registry's memory by up to REGISTRY_PEAK_OVER_ARTIFACT ×
+    its size, on top of what the serving registry holds: a limit below that OOM-kills it mid-push."""
+    ((_, container),) = rendered.running("services.registry")
+    largest = _settings(container)[0].max_artifact_bytes
+    assert largest == rendered.values["registry"]["maxArtifactBytes"]
+    limit = _memory_bytes(container["resources"]["limits"]["memory"])
+    assert limit >= REGISTRY_PEAK_OVER_ARTIFACT * largest + REGISTRY_SERVING_BYTES, (limit, largest)
 
 
 def test_nats_is_a_jetstream_cluster_routed_through_its_headless_service(rendered):
