@@ -52,6 +52,9 @@ ONE_SHOTS = {"demo-model"}
 # is enough; everything else a CNEI service dials must be healthy first.
 START_ONLY = {"jaeger"}
 TELEMETRY_VARS = {f.name.upper() for f in dataclasses.fields(TelemetrySettings)}
+# What clients on the host use of the infrastructure (Redis: `cnei status`; Jaeger: its UI); the
+# rest (NATS, Jaeger's OTLP collector) stays inside the compose network.
+INFRASTRUCTURE_HOST_PORTS = {"nats": set(), "redis": {6379}, "jaeger": {16686}}
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +92,22 @@ def _settings_of(name: str, svc: dict):
     return cls, prefix, cfg.load(cls, prefix, env=_env(svc))
 
 
-def _container_ports(svc: dict) -> set[int]:
-    ports = set()
+def _published(svc: dict) -> list[tuple[str, int]]:
+    """(host address, container port) of each port the service publishes on the host; "" for
+    every interface."""
+    published = []
     for spec in svc.get("ports", []):
         if isinstance(spec, dict):
-            ports.add(int(spec["target"]))
+            published.append((spec.get("host_ip", ""), int(spec["target"])))
         else:
-            ports.add(int(str(spec).split("/")[0].rsplit(":", 1)[-1]))
-    return ports
+            parts = str(spec).split("/")[0].split(":")
+            published.append((parts[0] if len(parts) == 3 else "", int(parts[-1])))
+    return published
+
+
+def _container_ports(svc: dict) -> set[int]:
+    """The ports the service offers: published on the host, or exposed to the compose network."""
+    return {port for _, port in _published(svc)} | {int(str(p).split("/")[0]) for p in svc.get("expose", [])}
 
 
 def _depends(svc: dict) -> dict[str, str]:
@@ -168,10 +179,23 @@ def test_every_long_running_service_has_a_healthcheck(services):
         assert check["test"][0] in ("CMD", "CMD-SHELL")
 
 
-def test_every_long_running_service_publishes_ports(services):
+def test_every_long_running_service_publishes_or_exposes_ports(services):
     for name, svc in services.items():
         if name not in ONE_SHOTS:
-            assert _container_ports(svc), f"{name} publishes no ports"
+            assert _container_ports(svc), f"{name} offers no ports"
+
+
+def test_every_published_port_is_bound_to_the_loopback_interface(services):
+    """Clients on the host dial 127.0.0.1; nothing is offered to the host's networks (Redis and
+    NATS take no credentials)."""
+    for name, svc in services.items():
+        for address, port in _published(svc):
+            assert address == "127.0.0.1", f"{name} publishes {port} on {address or 'every interface'}"
+
+
+def test_infrastructure_publishes_only_what_clients_on_the_host_use(services):
+    for name, ports in INFRASTRUCTURE_HOST_PORTS.items():
+        assert {port for _, port in _published(services[name])} == ports, name
 
 
 def test_infrastructure_matches_what_the_services_need(services):
