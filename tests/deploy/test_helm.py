@@ -44,6 +44,9 @@ SETTINGS = {
 TELEMETRY_VARS = {f.name.upper() for f in dataclasses.fields(TelemetrySettings)}
 # Settings port fields -> the container port name that must carry them.
 PORT_FIELDS = {"port": "grpc", "grpc_port": "grpc", "http_port": "http", "metrics_port": "metrics"}
+# A CNEI server on TLS has its certificate in one of these (clients' certificates are in others).
+SERVER_TLS_VARS = {"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_TRAINER_TLS_CERT_FILE",
+                   "CNEI_RUNTIME_TLS_CERT_FILE"}
 # What checking a pushed ONNX artifact adds to the registry's peak memory, over the artifact's size
 # (tests/registry/test_onnx_inspect.py, PEAK_OVER_ARTIFACT: 2.0-2.05 measured), and what the
 # serving registry itself holds (~80 MiB measured after its imports; with room for its gRPC server,
@@ -317,8 +320,7 @@ def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(render
         if "grpc" not in ports:
             continue
         servers += 1
-        on_tls = bool({"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_TRAINER_TLS_CERT_FILE",
-                       "CNEI_RUNTIME_TLS_CERT_FILE"} & set(_env(container)))
+        on_tls = _on_tls(container)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             where = (workload["metadata"]["name"], probe)
             assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
@@ -527,6 +529,30 @@ def test_every_service_selects_one_workload_exposing_its_target_ports(rendered):
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, (service["metadata"]["name"], port)
 
+
+# The app protocol of each named CNEI Service port, when its server is on plaintext and on TLS
+# (metrics are always plain HTTP).
+APP_PROTOCOLS = {"grpc": ("kubernetes.io/h2c", "https"), "http": ("http", "https"), "metrics": ("http", "http")}
+
+
+def _on_tls(container: dict) -> bool:
+    """Whether the CNEI server in `container` serves TLS."""
+    return bool(SERVER_TLS_VARS & set(_env(container)))
+
+
+def test_every_cnei_service_port_names_the_app_protocol_its_server_speaks(rendered):
+    checked = 0
+    for workload, container in rendered.cnei_containers():
+        labels = workload["spec"]["template"]["metadata"]["labels"].items()
+        for service in rendered.of("Service"):
+            if not service["spec"]["selector"].items() <= labels:
+                continue
+            for port in service["spec"]["ports"]:
+                expected = APP_PROTOCOLS[port["name"]][_on_tls(container)]
+                where = (service["metadata"]["name"], port["name"])
+                assert port.get("appProtocol", "http") == expected, where
+                checked += 1
+    assert checked >= 8
 
 def _service_port(rendered: Rendered, host: str, port: int) -> bool:
     return any(s["metadata"]["name"] == host and port in [p["port"] for p in s["spec"]["ports"]]
