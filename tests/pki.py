@@ -36,9 +36,9 @@ def _write(path, cert=None, key=None) -> str:
     return str(path)
 
 
-def make_pki(d: Path) -> dict[str, str]:
-    """In folder `d`: a CA, a server certificate for 127.0.0.1/localhost, one naming only
-    `runtime.test` (for clients that check a server name instead of the address they dial), a
+def make_pki(d: Path, names: tuple[str, ...] = ("runtime.test",)) -> dict[str, str]:
+    """In folder `d`: a CA, a server certificate for 127.0.0.1/localhost, one naming only `names`
+    (`runtime.test`: for clients that check a server name instead of the address they dial), a
     client certificate, and another CA: {name: PEM file}."""
     ca_key, other_key, server_key, client_key, named_key = _key(), _key(), _key(), _key(), _key()
     ca = _cert("cnei test ca", ca_key, "cnei test ca", ca_key, True)
@@ -46,7 +46,7 @@ def make_pki(d: Path) -> dict[str, str]:
     server = _cert("127.0.0.1", server_key, "cnei test ca", ca_key, False,
                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
     client = _cert("a client", client_key, "cnei test ca", ca_key, False)
-    named = _cert("runtime.test", named_key, "cnei test ca", ca_key, False, [x509.DNSName("runtime.test")])
+    named = _cert(names[0], named_key, "cnei test ca", ca_key, False, [x509.DNSName(n) for n in names])
     return {"ca": _write(d / "ca.pem", ca), "other_ca": _write(d / "other.pem", other),
             "cert": _write(d / "server.pem", server), "key": _write(d / "server.key", key=server_key),
             "client_cert": _write(d / "client.pem", client), "client_key": _write(d / "client.key", key=client_key),

@@ -3,10 +3,12 @@ every object checked against the Kubernetes OpenAPI schemas (kubernetes-validate
 then the properties a real cluster relies on, for several sets of values."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,15 +17,19 @@ import kubernetes_validate
 import pytest
 import redis
 import yaml
+from grpc_health.v1 import health_pb2
 
 from services.cli import infra
 from services.common import settings as cfg
+from services.common import tls as cnei_tls
+from services.common.lifecycle import GrpcServer
 from services.common.telemetry import TelemetrySettings
 from services.coordinator import settings as coordinator_settings
 from services.edge_runtime import settings as runtime_settings
 from services.edge_runtime.heartbeat import check_settings as check_heartbeat
 from services.registry import settings as registry_settings
 from services.trainer import settings as trainer_settings
+from tests.pki import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "cnei"
@@ -44,6 +50,8 @@ SETTINGS = {
 TELEMETRY_VARS = {f.name.upper() for f in dataclasses.fields(TelemetrySettings)}
 # Settings port fields -> the container port name that must carry them.
 PORT_FIELDS = {"port": "grpc", "grpc_port": "grpc", "http_port": "http", "metrics_port": "metrics"}
+# The image's gRPC health check (services/cli/healthcheck.py), as a probe's exec command starts it.
+HEALTHCHECK = ["python", "-m", "services.cli.healthcheck"]
 # A CNEI server on TLS has its certificate in one of these (clients' certificates are in others).
 SERVER_TLS_VARS = {"CNEI_COORDINATOR_TLS_CERT_FILE", "CNEI_REGISTRY_TLS_CERT_FILE", "CNEI_TRAINER_TLS_CERT_FILE",
                    "CNEI_RUNTIME_TLS_CERT_FILE"}
@@ -323,8 +331,61 @@ def test_every_cnei_grpc_server_is_probed_through_grpc_health_on_its_port(render
         on_tls = _on_tls(container)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             where = (workload["metadata"]["name"], probe)
-            assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
+            if on_tls and container["args"] == ["services.registry"]:
+                command = container[probe]["exec"]["command"]
+                assert command[:4] == [*HEALTHCHECK, f"127.0.0.1:{ports['grpc']}"], where
+            else:
+                assert container[probe]["tcpSocket" if on_tls else "grpc"] == {"port": ports["grpc"]}, where
     assert servers >= 3
+
+
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_the_registry_on_tls_is_probed_as_its_clients_reach_it_with_files_mounted_in_its_pod():
+    """Its clients' CA and certificate (registry.tls.caSecretName, clientSecretName) and the name
+    they check (the registry Service's), the files under the container's own mounts."""
+    rendered = _render(VALUE_SETS["production"])
+    ((_, registry),) = rendered.running("services.registry")
+    ((_, coordinator),) = rendered.running("services.coordinator")
+    command = registry["readinessProbe"]["exec"]["command"]
+    assert _option(command, "--tls-server-name") == _settings(coordinator)[0].registry_target.rsplit(":", 1)[0]
+    client_env = _env(coordinator)
+    mounts = {m["mountPath"] for m in registry["volumeMounts"]}
+    for option, variable in (("--tls-ca", "CNEI_COORDINATOR_REGISTRY_TLS_CA_FILE"),
+                             ("--tls-cert", "CNEI_COORDINATOR_REGISTRY_TLS_CERT_FILE"),
+                             ("--tls-key", "CNEI_COORDINATOR_REGISTRY_TLS_KEY_FILE")):
+        path = _option(command, option)
+        assert path == client_env[variable]["value"] and str(Path(path).parent) in mounts, option
+    assert all(registry[p]["exec"] == registry["readinessProbe"]["exec"] for p in ("startupProbe", "livenessProbe"))
+
+
+async def _probe(command: list[str]) -> int:
+    proc = await asyncio.create_subprocess_exec(sys.executable, *command[1:], cwd=ROOT,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(proc.wait(), timeout=30)
+
+
+async def test_the_registry_tls_probe_passes_on_a_serving_registry_on_mutual_tls_and_fails_on_one_not_serving(
+        tmp_path):
+    rendered = _render(VALUE_SETS["production"])
+    ((_, registry),) = rendered.running("services.registry")
+    command = registry["readinessProbe"]["exec"]["command"]
+    pki = make_pki(tmp_path, names=(_option(command, "--tls-server-name"),))
+    files = {_option(command, "--tls-ca"): pki["ca"], _option(command, "--tls-cert"): pki["client_cert"],
+             _option(command, "--tls-key"): pki["client_key"]}
+    server_tls = cnei_tls.server_tls("CNEI_REGISTRY_", pki["named_cert"], pki["named_key"], pki["ca"])
+    server = GrpcServer("127.0.0.1", 0, credentials=cnei_tls.grpc_server_credentials(server_tls))
+    await server.start()
+    try:
+        local = [files.get(arg, arg) for arg in command]
+        local[local.index(f"127.0.0.1:{rendered.values['registry']['port']}")] = server.address
+        assert await _probe(local) == 0
+        await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert await _probe(local) == 1
+    finally:
+        await server.stop(0)
 
 
 def test_cnei_env_vars_are_fields_of_the_service_settings_with_valid_values(rendered):
@@ -390,14 +451,15 @@ def _volumes(workload: dict) -> dict[str, dict]:
 
 def _serves_tls(workload: dict, container: dict, prefix: str, secret: str, client_ca: bool) -> None:
     """The container serves TLS from `secret` mounted at /etc/cnei/tls (`client_ca`: and requires
-    client certificates), probed over TCP."""
+    client certificates), probed over TCP or by the image's health check over TLS."""
     env, volumes = _env(container), _volumes(workload)
     assert env[f"{prefix}TLS_CERT_FILE"]["value"] == "/etc/cnei/tls/tls.crt"
     assert env[f"{prefix}TLS_KEY_FILE"]["value"] == "/etc/cnei/tls/tls.key"
     if client_ca:
         assert env[f"{prefix}TLS_CLIENT_CA_FILE"]["value"] == "/etc/cnei/tls/ca.crt"
     assert volumes["tls"]["secret"]["secretName"] == secret
-    assert "tcpSocket" in container["readinessProbe"]
+    probe = container["readinessProbe"]
+    assert "tcpSocket" in probe or probe["exec"]["command"][:3] == HEALTHCHECK
 
 
 def _serves_plaintext(workload: dict, container: dict, prefix: str) -> None:

@@ -136,11 +136,19 @@ nothing when the secret is not set. */}}
 {{- if $entries }}{{ toYaml $entries }}{{ end }}
 {{- end }}
 
-{{/* Startup, liveness and readiness probes on the gRPC health service at `.port`. */}}
+{{/* Startup, liveness and readiness probes on the gRPC health service at `.port`. Kubernetes'
+gRPC probe speaks plaintext: a port on TLS is probed by the image's health check run in the
+container (`.exec`: its arguments after HOST:PORT, the TLS files and the name its clients check)
+or, where the pod holds no CA to check it with, by a TCP connect. */}}
 {{- define "cnei.grpcProbes" -}}
 {{- $p := .ctx.Values.probes }}
-{{- /* Kubernetes' gRPC probe speaks plaintext: a port on TLS is probed by a TCP connect. */}}
-{{- $check := ternary (printf "tcpSocket: {port: %v}" .port) (printf "grpc: {port: %v}" .port) (default false .tls) }}
+{{- $check := printf "grpc: {port: %v}" .port }}
+{{- if and .tls .exec }}
+{{- $command := concat (list "python" "-m" "services.cli.healthcheck" (printf "127.0.0.1:%v" .port)) .exec }}
+{{- $check = printf "exec: {command: %s}" (toJson $command) }}
+{{- else if .tls }}
+{{- $check = printf "tcpSocket: {port: %v}" .port }}
+{{- end }}
 startupProbe:
   {{ $check }}
   {{- toYaml $p.startup | nindent 2 }}
@@ -238,6 +246,18 @@ Call the env one with (dict "ctx" $ "prefix" "CNEI_COORDINATOR_"). */}}
 
 {{- define "cnei.registryCaVolume" -}}
 {{- include "cnei.clientTlsVolume" (dict "tls" .Values.registry.tls "what" "registry") }}
+{{- end }}
+
+{{/* The health check of the registry on TLS, as its clients reach it (cnei.registryCaMount's files,
+the registry Service's name): cnei.grpcProbes' `.exec`. */}}
+{{- define "cnei.registryProbeTls" -}}
+{{- $tls := .Values.registry.tls }}
+{{- $args := list "--timeout" "1" "--tls-ca" "/etc/cnei/registry-ca/ca.crt" }}
+{{- if $tls.clientSecretName }}
+{{- $args = concat $args (list "--tls-cert" "/etc/cnei/registry-client/tls.crt" "--tls-key" "/etc/cnei/registry-client/tls.key") }}
+{{- end }}
+{{- $name := include "cnei.componentName" (dict "ctx" . "component" "registry") }}
+{{- toJson (concat $args (list "--tls-server-name" $name)) }}
 {{- end }}
 
 {{/* The runtimes' clients (coordinator, trainer): cnei.clientTls* for runtime.tls. */}}
