@@ -152,7 +152,9 @@ class Batcher:
         timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
         try:  # cancellation of the caller, or its deadline, cancels the future: never sent
             return await asyncio.wait_for(item.future, timeout)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # its timeout ended it, though the timer may fire a little early (uvloop: ms)
+            if any(p is item for p in self.queue):
+                self._drop([item], "deadline")
             raise DeadlineExceeded(
                 f"request for model '{self.model}' passed its deadline after "
                 f"{(time.monotonic() - item.enqueued) * 1e3:.1f} ms in the batcher") from None
@@ -219,16 +221,18 @@ class Batcher:
         self._last_rows = sum(p.size for p in batch)
         return batch
 
-    def _drop(self, expired: list[Pending]) -> None:
+    def _drop(self, expired: list[Pending], reason: str = "") -> None:
+        """Take `expired` out of the queue, counted under `reason` (default: "deadline" for those
+        past their deadline, "cancelled" for the others)."""
         if not expired:
             return
         gone = {id(p) for p in expired}
         self.queue = [p for p in self.queue if id(p) not in gone]
         now = time.monotonic()
         for p in expired:
-            reason = "deadline" if p.deadline <= now else "cancelled"
-            DROPPED.labels(self.model, reason).inc()
-            p.dequeued(reason)
+            why = reason or ("deadline" if p.deadline <= now else "cancelled")
+            DROPPED.labels(self.model, why).inc()
+            p.dequeued(why)
             if p.future is not None and not p.future.done():
                 p.future.set_exception(DeadlineExceeded(
                     f"request for model '{self.model}' timed out after waiting "

@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+import uvloop
+from prometheus_client import REGISTRY
 
 from services.common.batch_formation import (BatchConfig, BatchRules, Pending, UnsplittableBatch, batch_ready,
                                              candidates, form_batch, is_ready, may_overlap, preferred_batch, signature,
@@ -271,6 +273,35 @@ async def test_a_deadline_passing_during_the_queue_delay_fails_the_request_at_it
         await asyncio.wait_for(batcher.submit({"x": x(1)}, deadline=time.monotonic() + 0.02), PATIENCE_S)
     await asyncio.wait_for(until(lambda: not batcher.queue), PATIENCE_S)
     assert node.batches == []
+
+
+def dropped(reason: str, model: str = "digits") -> float:
+    """cnei_batch_dropped_total of `model` for `reason` so far."""
+    return REGISTRY.get_sample_value("cnei_batch_dropped_total", {"model": model, "reason": reason}) or 0.0
+
+
+async def expire_in_the_queue(count: int) -> list:
+    """`count` requests, one after another, each queued behind a long queue delay with a timeout
+    of 20.1-20.9 ms (uvloop's timers count whole milliseconds): what each caller got."""
+    batcher = Batcher("digits", BatchConfig(max_queue_delay_us=FOREVER_US), FakeNode())
+    results = []
+    try:
+        for i in range(count):
+            deadline = time.monotonic() + 0.0201 + 0.0001 * (i % 9)
+            results += await asyncio.wait_for(asyncio.gather(batcher.submit({"x": x(i)}, deadline=deadline),
+                                                             return_exceptions=True), PATIENCE_S)
+        return results
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_requests_whose_timeout_ends_in_the_queue_are_counted_as_dropped_for_their_deadline_on_either_loop(new_loop):
+    before = dropped("deadline"), dropped("cancelled")
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        results = runner.run(expire_in_the_queue(30))
+    assert all(isinstance(r, DeadlineExceeded) for r in results)
+    assert (dropped("deadline") - before[0], dropped("cancelled") - before[1]) == (30, 0)
 
 
 async def test_a_full_queue_refuses_with_resource_exhausted(make_batcher, node):
