@@ -43,6 +43,7 @@ DROPPED = Counter("cnei_batch_dropped_total", "Requests removed from a queue bef
 
 
 DEFAULT_PRIORITY_LEVEL = 1 << 30  # Triton: 0 means "default level", served after explicit levels
+UINT64_MAX = 2 ** 64 - 1  # the largest priority (Triton's is a uint64)
 
 
 
@@ -75,8 +76,13 @@ def request_deadline(params: dict, deadline_s: float | None, default_s: float) -
 
 
 def priority_level(params: dict) -> int:
-    level = number_param(params, "priority", int)
-    return level if level > 0 else DEFAULT_PRIORITY_LEVEL
+    """The request's queue level: Triton's `priority`, a uint64 (0 or absent: the default level);
+    a negative, fractional or too large number, or a boolean, is the client's error."""
+    raw = params.get("priority")
+    value = raw if isinstance(raw, int) and not isinstance(raw, bool) else number_param(params, "priority", float)
+    if isinstance(raw, bool) or value != int(value) or not 0 <= value <= UINT64_MAX:
+        raise InvalidArgument(f"parameter 'priority' must be an integer from 0 to {UINT64_MAX}, got {raw!r}")
+    return int(value) or DEFAULT_PRIORITY_LEVEL
 
 
 class BatchOutputs(dict):

@@ -192,7 +192,7 @@ def check_batching(b: BatchingSpec, model: str) -> None:
     for name, (low, high) in BATCHING_RANGES.items():
         value = getattr(b, name)
         if not low <= value <= high:
-            why = " (batching values must be positive)" if value < low else ""
+            why = f" ({name} must {'not be negative' if low == 0 else 'be positive'})" if value < low else ""
             raise InvalidArgument(f"deployment field '{model}.batching.{name}' must be from {low} to {high}, "
                                   f"got {value}{why}")
     bad = [size for size in b.preferred_batch_sizes if not 1 <= size <= b.max_batch_size]

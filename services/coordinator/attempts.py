@@ -87,6 +87,7 @@ class Attempts:
         params = request.parameters
         policy = request_policy(params, spec)
         deadline = request_deadline(params, deadline_s, self.settings.forward_timeout_s)
+        priority_level(params)  # a priority that is no uint64 is refused before any node is tried
         check_inputs(variants[0], request.inputs)  # every precision variant shares the interface
         check_outputs(variants[0], request.outputs)
         region = request_region(params)

@@ -2,6 +2,7 @@
 reads them: what is not a finite number, or a negative timeout, is the client's error."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -16,6 +17,23 @@ def test_numbers_are_read_and_absent_ones_take_the_defaults():
     now = time.monotonic()
     assert now + 0.4 < request_deadline({"timeout_us": 500_000}, None, 60.0) <= time.monotonic() + 0.5
     assert now + 59 < request_deadline({}, None, 60.0) <= time.monotonic() + 60
+
+
+@pytest.mark.parametrize(
+    "priority", [-1, 1.7, -0.5, True, 2 ** 64, float(2 ** 64)],
+    ids=["negative", "fraction", "negative-fraction", "boolean", "past-uint64", "past-uint64-float"])
+def test_a_priority_that_is_not_an_unsigned_64_bit_integer_is_invalid_argument_naming_it(priority):
+    with pytest.raises(InvalidArgument, match=rf"parameter 'priority' must be an integer from 0 to {2 ** 64 - 1}, "
+                                              rf"got {re.escape(repr(priority))}$") as refused:
+        priority_level({"priority": priority})
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(("priority", "level"), [(0, DEFAULT_PRIORITY_LEVEL), (None, DEFAULT_PRIORITY_LEVEL),
+                                                 (3, 3), (3.0, 3), (2 ** 64 - 1, 2 ** 64 - 1)],
+                         ids=["zero", "null", "integer", "whole-float", "largest"])
+def test_every_unsigned_64_bit_integer_is_a_priority_level_and_zero_the_default_one(priority, level):
+    assert priority_level({"priority": priority}) == level
 
 
 @pytest.mark.parametrize(

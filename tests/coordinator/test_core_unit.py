@@ -51,9 +51,8 @@ def test_the_request_deadline_is_the_earliest_of_timeout_us_and_the_grpc_deadlin
 @pytest.mark.parametrize(
     ("params", "expected"),
     [({}, DEFAULT_PRIORITY_LEVEL), ({"priority": 0}, DEFAULT_PRIORITY_LEVEL),
-     ({"priority": None}, DEFAULT_PRIORITY_LEVEL), ({"priority": -3}, DEFAULT_PRIORITY_LEVEL),
-     ({"priority": 1}, 1), ({"priority": "7"}, 7)],
-    ids=["unset", "zero-means-default", "null", "negative", "explicit", "string"],
+     ({"priority": None}, DEFAULT_PRIORITY_LEVEL), ({"priority": 1}, 1), ({"priority": "7"}, 7)],
+    ids=["unset", "zero-means-default", "null", "explicit", "string"],
 )
 def test_priority_level_follows_triton_where_zero_means_the_default_level(params, expected):
     assert priority_level(params) == expected
@@ -70,12 +69,15 @@ def _deadline(params: dict) -> float:
 @pytest.mark.parametrize(
     ("read", "params", "message"),
     [(priority_level, {"priority": "high"}, "parameter 'priority' must be a number, got 'high'"),
-     (priority_level, {"priority": "1.5"}, "parameter 'priority' must be a number, got '1.5'"),
+     (priority_level, {"priority": "1.5"}, "parameter 'priority' must be an integer from 0 to 18446744073709551615, "
+                                           "got '1.5'"),
+     (priority_level, {"priority": -3}, "parameter 'priority' must be an integer from 0 to 18446744073709551615, "
+                                        "got -3"),
      (_deadline, {"timeout_us": "soon"}, "parameter 'timeout_us' must be a number, got 'soon'"),
      (_deadline, {"timeout_us": [1]}, r"parameter 'timeout_us' must be a number, got \[1\]")],
-    ids=["priority-word", "priority-fraction", "timeout-word", "timeout-list"],
+    ids=["priority-word", "priority-fraction", "priority-negative", "timeout-word", "timeout-list"],
 )
-def test_a_priority_or_timeout_that_is_not_a_number_is_invalid_argument(read, params, message):
+def test_a_priority_that_is_no_uint64_or_a_timeout_that_is_not_a_number_is_invalid_argument(read, params, message):
     with pytest.raises(InvalidArgument, match=message):
         read(params)
 

@@ -567,6 +567,25 @@ def test_a_bad_request_gets_the_coordinator_s_clear_status_through_the_door(door
     assert message in caught.value.details()
 
 
+@pytest.mark.parametrize("field", [("int64_param", -1), ("double_param", 1.7)], ids=["negative", "fraction"])
+def test_a_priority_that_is_no_uint64_is_invalid_argument_naming_it_through_the_door(door, field):
+    _, address, _ = door
+    request = pb.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(bytes(64 * 4))
+    setattr(request.parameters["priority"], *field)
+    client = triton.InferenceServerClient(address)
+    try:  # the route of the request (its priority is not in the key) is the door's
+        infra.wait_until(lambda: _door_served(client, "digits"), 15, "the door serving digits")
+    finally:
+        client.close()
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"parameter 'priority' must be an integer from 0 to {2 ** 64 - 1}, got {field[1]}" in caught.value.details()
+
+
 def test_one_kind_of_request_is_spread_over_every_node_as_good_as_the_best(steady_door, mesh, tmp_path):
     """Two fresh edge nodes in one region: the route names both (edgeai policy; the cloud and
     other sites stay failover targets), and under concurrent load the door sends requests to both

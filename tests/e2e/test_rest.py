@@ -55,6 +55,16 @@ def test_binary_and_json_tensors_give_the_same_answer(client, images):
             assert ("binary_data_size" in result.get_output("probabilities").get("parameters", {})) == sent_binary
 
 
+@pytest.mark.parametrize("priority", [-1, 1.7], ids=["negative", "fraction"])
+def test_a_priority_that_is_no_uint64_is_a_400_naming_it(client, images, priority):
+    inp = http.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(images[:1], binary_data=False)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("digits", [inp], priority=priority)
+    assert refused.value.status() == "400"
+    assert f"parameter 'priority' must be an integer from 0 to {2 ** 64 - 1}, got {priority}" in refused.value.message()
+
+
 def test_replies_carry_the_request_id_only_when_the_request_has_one(client, images):
     assert "id" not in _infer(client, images, binary_in=True).get_response()  # as Triton writes them
     inp = http.InferInput("input", list(images.shape), "FP32")

@@ -178,7 +178,7 @@ async def test_getting_the_deployment_of_a_model_without_one_is_not_found(client
 @pytest.mark.parametrize(
     ("spec", "message"),
     [("{{not json", "deployment spec is not JSON"),
-     ('{{"model": "{name}", "batching": {{"max_batch_size": 0}}}}', "batching values must be positive"),
+     ('{{"model": "{name}", "batching": {{"max_batch_size": 0}}}}', "max_batch_size must be positive"),
      ('{{"model": "{name}", "sheduler": {{}}}}', "has unknown fields ['sheduler']"),
      ('{{"model": "{name}", "scheduler": {{"policy": "fastest"}}}}', "scheduler policy 'fastest' must be one of"),
      ('{{"model": "{name}", "scheduler": {{"threshold": "high"}}}}', "scheduler.threshold' must be float"),

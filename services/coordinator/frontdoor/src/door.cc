@@ -34,8 +34,8 @@ void InferDoor::Infer(InferCall* call, grpc::ByteBuffer* bytes) {
 // Moves `priority` and the timeout in microseconds (`timeout_us`, or `timeout` as tritonclient
 // and Triton's gRPC protocol name it) off the request onto the call, so requests that differ
 // only in them share a route (and the Route ask never carries them). Values the door does not
-// read (not an integer, a negative timeout) leave the request to the coordinator, which parses
-// them the same way or answers with a clear error.
+// read (not an integer, a negative priority or timeout) leave the request to the coordinator,
+// which parses them the same way or answers with a clear error (INVALID_ARGUMENT).
 bool InferDoor::TakeQueueParameters(InferCall* call) {
   auto* params = call->mutable_request().mutable_parameters();
   auto integer = [](const inference::InferParameter& p, int64_t* out) {
@@ -53,7 +53,7 @@ bool InferDoor::TakeQueueParameters(InferCall* call) {
     return integer(it->second, out) && (!non_negative || *out >= 0);
   };
   int64_t priority = 0, timeout_us = 0, timeout = 0;
-  if (!read("priority", false, &priority) || !read("timeout_us", true, &timeout_us) ||
+  if (!read("priority", true, &priority) || !read("timeout_us", true, &timeout_us) ||
       !read("timeout", true, &timeout)) {
     return false;
   }
