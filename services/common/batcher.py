@@ -85,6 +85,11 @@ def priority_level(params: dict) -> int:
     return int(value) or DEFAULT_PRIORITY_LEVEL
 
 
+def level_words(level: int) -> str:
+    """'priority 3', or 'the default priority' for requests without one."""
+    return "the default priority" if level in (0, DEFAULT_PRIORITY_LEVEL) else f"priority {level}"
+
+
 class BatchOutputs(dict):
     """What `send` may return instead of a plain dict of outputs: `info` (about the batch as a
     whole, e.g. its compute time) then reaches every caller of the batch with its own rows."""
@@ -138,10 +143,11 @@ class Batcher:
             raise self._closed
         now = time.monotonic()  # requests cancelled or expired while a batch is in flight hold no slot
         self._drop(gone(self.queue, now))
-        if len(self.queue) >= self.config.max_queue_size:
-            DROPPED.labels(self.model, "queue_full").inc()
+        if sum(p.priority == priority for p in self.queue) >= self.config.max_queue_size:
+            DROPPED.labels(self.model, "queue_full").inc()  # Triton: each priority level's queue has its own bound
             raise ResourceExhausted(
-                f"queue of model '{self.model}' is full ({self.config.max_queue_size} requests)")
+                f"queue of model '{self.model}' is full ({self.config.max_queue_size} requests) "
+                f"at {level_words(priority)}")
         size = next(iter(inputs.values())).shape[0] if inputs else 1
         item = Pending(inputs, int(size), signature(inputs), priority, deadline,
                        future=asyncio.get_running_loop().create_future(),

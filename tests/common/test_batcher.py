@@ -308,10 +308,25 @@ async def test_a_full_queue_refuses_with_resource_exhausted(make_batcher, node):
     batcher = make_batcher(max_queue_size=2)
     blocker = await hold(batcher, node)
     tasks = await enqueue(batcher, {"inputs": {"x": x(1)}}, {"inputs": {"x": x(2)}})
-    with pytest.raises(ResourceExhausted, match=r"queue of model 'digits' is full \(2 requests\)"):
+    with pytest.raises(ResourceExhausted,
+                       match=r"queue of model 'digits' is full \(2 requests\) at the default priority$"):
         await batcher.submit({"x": x(3)})
     await release(node, blocker, tasks)
     assert node.markers == [[BLOCKER], [1, 2]]
+
+
+async def test_each_priority_level_has_its_own_queue_bound_so_queued_work_never_refuses_a_more_urgent_request(
+        make_batcher, node):
+    batcher = make_batcher(max_queue_size=2)
+    blocker = await hold(batcher, node)
+    low = await enqueue(batcher, *({"inputs": {"x": x(i)}, "priority": 5} for i in (1, 2)))
+    with pytest.raises(ResourceExhausted, match=r"is full \(2 requests\) at priority 5$"):
+        await batcher.submit({"x": x(3)}, priority=5)
+    urgent = await enqueue(batcher, *({"inputs": {"x": x(i)}, "priority": 1} for i in (4, 5)))
+    with pytest.raises(ResourceExhausted, match=r"is full \(2 requests\) at priority 1$"):
+        await batcher.submit({"x": x(6)}, priority=1)
+    await release(node, blocker, low + urgent)
+    assert node.markers == [[BLOCKER], [4, 5, 1, 2]]
 
 
 async def test_requests_of_different_shapes_or_datatypes_are_never_batched_together(make_batcher, node):

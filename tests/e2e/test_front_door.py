@@ -431,6 +431,37 @@ def test_a_full_door_queue_answers_resource_exhausted_and_keeps_what_it_holds(st
         _apply(mesh, None)
 
 
+def test_a_door_queue_full_of_one_priority_level_still_takes_more_urgent_requests(steady_door, mesh):
+    """max_queue_size 2 bounds each priority level (Triton's queue policy per level) and a 1 s
+    queue delay holds them: two rows at priority 5 fill theirs; two at priority 1 still queue and
+    are answered, a third at priority 5 is refused at once with RESOURCE_EXHAUSTED."""
+    _, address, _ = steady_door
+    x, y = load_all()
+    _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_000_000, max_queue_size=2))
+    try:
+        _wait_held(address, 1.0, 15, parameters={"precision": "FP32"})
+        outcomes: dict[int, object] = {}
+
+        def one(i: int, priority: int, after_s: float) -> None:
+            time.sleep(after_s)
+            client = triton.InferenceServerClient(address)
+            try:
+                reply = _infer(client, x[i:i + 1], priority=priority, parameters={"precision": "FP32"})
+                outcomes[i] = int(reply.as_numpy("probabilities")[0].argmax())
+            except triton_utils.InferenceServerException as exc:
+                outcomes[i] = (exc.status(), exc.message())
+            finally:
+                client.close()
+
+        _all_at_once([lambda: one(0, 5, 0.0), lambda: one(1, 5, 0.0), lambda: one(2, 1, 0.2),
+                      lambda: one(3, 1, 0.2), lambda: one(4, 5, 0.4)])
+        assert {i: outcomes[i] for i in range(4)} == {i: int(y[i]) for i in range(4)}
+        status, message = outcomes[4]
+        assert status == "StatusCode.RESOURCE_EXHAUSTED" and message.endswith("is full (2 requests) at priority 5")
+    finally:
+        _apply(mesh, None)
+
+
 @pytest.mark.parametrize(("kwargs", "why"), [
     ({"parameters": {"cnei_note": "x"}}, "parameters the door does not know are the coordinator's"),
     ({"headers": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}},

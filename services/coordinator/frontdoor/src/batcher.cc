@@ -173,13 +173,18 @@ void Batcher::Enqueue(InferCall* call) {
   std::vector<InferCall*> expired, cancelled;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    // a full queue first lets go of what no longer waits (cancelled, expired) and would only
-    // leave it at the next batch
-    if (!failed_ && queue_.size() >= options_.queue_limit) DropLocked(&expired, &cancelled);
+    // Each priority level's queue is bounded on its own (Triton's default_queue_policy): queued
+    // work never refuses a more urgent request. A full level first lets go of what no longer
+    // waits (cancelled, expired) and would only leave it at the next batch.
+    auto at_level = [this, &queued] {
+      return size_t(std::count_if(queue_.begin(), queue_.end(),
+                                  [&queued](const Queued& q) { return q.priority == queued.priority; }));
+    };
+    if (!failed_ && at_level() >= options_.queue_limit) DropLocked(&expired, &cancelled);
     if (failed_) {
       forward = true;
-    } else if (queue_.size() >= options_.queue_limit) {
-      full = queue_.size();
+    } else if (at_level() >= options_.queue_limit) {
+      full = options_.queue_limit;
     } else {
       queue_.push_back(queued);
       share_.Add(queued.rows);
@@ -195,9 +200,11 @@ void Batcher::Enqueue(InferCall* call) {
     Timers::Get().At(timeout_at, [self = shared_from_this(), timeout_at] { self->ExpireQueued(timeout_at); });
   }
   if (full > 0) {
+    const std::string level = queued.priority == InferCall::kDefaultPriority
+                                  ? "the default priority" : "priority " + std::to_string(queued.priority);
     return Refuse(call, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                    "front door queue for model '" + call->request().model_name() +
-                                       "' is full (" + std::to_string(full) + " requests)"));
+                                       "' is full (" + std::to_string(full) + " requests) at " + level));
   }
   Dispatch();
 }
