@@ -239,7 +239,7 @@ class Coordinator:
         # rows a model ran for it: all of them, none for a kept answer, only those the cloud
         # answered again when the edge's answer was kept
         ran = int(response.parameters.get("cnei_escalated", 0)) if EDGE_CACHED in response.parameters \
-            else request.rows or 1
+            else request.rows
         stats.record(True, total, ran, queue_ns=min(sum(queued), total), executed=False,
                      cache_hit=from_cache(response))
         count_served(variants[0].name, "ok", response.parameters)
@@ -266,7 +266,7 @@ class Coordinator:
             response = await self.cache.answer(scope, request, spec.model, stats, run)
         else:
             response = await run()
-        stats.record(True, time.perf_counter_ns() - start, request.rows or 1, executed=False,
+        stats.record(True, time.perf_counter_ns() - start, request.rows, executed=False,
                      cache_hit=from_cache(response))
         return response
 

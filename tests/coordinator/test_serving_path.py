@@ -487,6 +487,16 @@ async def test_an_output_the_model_does_not_have_is_invalid_argument_naming_it()
         assert "tensor 'no_such_output': is not an output of model 'm' (outputs: ['y'])" in details
 
 
+@pytest.mark.parametrize("rows", [0, 1, 3])
+async def test_a_request_counts_as_many_inferences_as_it_has_rows_none_for_zero_rows(rows):
+    """Triton's inference_count counts the batch size: a request of shape [0, 2] adds none."""
+    async with mesh([variant()], {}, {"n1": NodeCore()}) as m:
+        status, reply = await m.infer(x=np.ones((rows, 2), np.float32))
+        assert status == "OK" and reply.outputs["y"].shape[0] == rows
+        stats = m.core.statistics("m", "1")[0]
+        assert (stats.success.count, stats.inference_count) == (1, rows)
+
+
 @pytest.mark.parametrize("value", [-1, "-5000"])
 async def test_a_negative_timeout_is_invalid_argument(value):
     async with mesh([variant()], {}, {"n1": NodeCore()}) as m:
