@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
-from services.common.batcher import QUEUE_TIME
+from services.common.batcher import DROPPED, QUEUE_TIME
 from services.common.errors import AttemptTimedOut, ErrorCode
 from services.common.oip_operations import record_inference
 from services.coordinator.breaker import Verdict, verdict
@@ -17,6 +17,7 @@ from services.coordinator.core import count_served
 from services.coordinator.response_cache import CACHE_EVENTS
 
 if TYPE_CHECKING:
+    from services.common.stats import ModelStats
     from services.coordinator.core import Coordinator
     from services.coordinator.door import Route
 
@@ -51,6 +52,8 @@ class RouteReport:
     cache_miss_ns: int = 0  # lookups that did not, with the inserts of the nodes' answers
     failed_request_ns: list[int] = field(default_factory=list)  # requests the door refused itself
     failed_codes: list[str] = field(default_factory=list)  # their status codes, same order
+    # why the door took each out of its queue unsent (queue_full, deadline, cancelled), "" after a node call
+    failed_dropped: list[str] = field(default_factory=list)
 
 
 def failure_code(failure: str) -> ErrorCode:
@@ -99,11 +102,20 @@ def book_requests(core: Coordinator, route: Route, report: RouteReport) -> None:
         _door_requests(route.model, "ok").inc(answered)
     if report.handed_over:
         _door_requests(route.model, "handed_over").inc(report.handed_over)
-    for ns, code in zip(report.failed_request_ns, report.failed_codes):  # the door's own refusals
+    book_refusals(route, report, stats)
+
+
+def book_refusals(route: Route, report: RouteReport, stats: ModelStats) -> None:
+    """The door's own refusals, booked as the full path books its failures: no node or variant
+    named (count_served), and those it took out of its queue unsent in cnei_batch_dropped_total."""
+    dropped = report.failed_dropped + [""] * (len(report.failed_request_ns) - len(report.failed_dropped))
+    for ns, code, reason in zip(report.failed_request_ns, report.failed_codes, dropped):
         stats.record(False, ns)
         record_inference(route.model, code.lower(), ns / 1e9)
-        count_served(route.stats_key[0], code.lower(), route.response.parameters)
+        count_served(route.stats_key[0], code.lower())
         _door_requests(route.model, code.lower()).inc()
+        if reason:
+            DROPPED.labels(route.model, reason).inc()
 
 
 def book_calls(core: Coordinator, route: Route, report: RouteReport) -> None:

@@ -68,7 +68,7 @@ def reports_from_proto(message: fd.FrontDoorReport) -> list[RouteReport]:
                         [BatchReport(b.rows, b.requests, b.duration_ns, b.compute_ns) for b in r.batches],
                         r.handed_over, r.failure, list(r.queue_ns), list(r.cache_hit_request_ns),
                         list(r.cache_hit_rows), r.cache_hit_ns, r.cache_misses, r.cache_miss_ns,
-                        list(r.failed_request_ns), list(r.failed_code))
+                        list(r.failed_request_ns), list(r.failed_code), list(r.failed_dropped))
             for r in message.routes]
 
 

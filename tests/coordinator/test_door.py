@@ -268,6 +268,33 @@ async def test_what_the_door_served_by_a_route_dropped_meanwhile_and_what_it_ref
     assert (stats.success.count, stats.fail.count, stats.fail.ns, stats.execution_count) == (1, 2, 700_000, 1)
 
 
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_the_doors_refusals_are_booked_as_the_full_path_books_failures_and_its_queue_drops_counted():
+    """Requests the door took out of its queue unsent count in cnei_batch_dropped_total under the
+    full path's reasons; a refusal after its node call does not. None is booked against a node or
+    version in cnei_coordinator_requests_total (the full path books its failures with neither)."""
+    door = routes()
+    route = await door.route(ask())
+    reasons = ("queue_full", "deadline", "cancelled")
+    before = {r: _sample("cnei_batch_dropped_total", model="digits", reason=r) for r in reasons}
+    nodeless = {"model": "digits", "version": "", "precision": "", "node": "", "tier": ""}
+    full_before = _sample("cnei_coordinator_requests_total", **nodeless, outcome="resource_exhausted")
+    door.apply([RouteReport(route.route_id, failed_request_ns=[1, 2, 3, 4, 5],
+                            failed_codes=["RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED",
+                                          "DEADLINE_EXCEEDED", "INVALID_ARGUMENT"],
+                            failed_dropped=["queue_full", "deadline", "cancelled", "", ""])])
+    assert {r: _sample("cnei_batch_dropped_total", model="digits", reason=r) - before[r] for r in reasons} == \
+        {"queue_full": 1, "deadline": 1, "cancelled": 1}
+    assert _sample("cnei_coordinator_requests_total", **nodeless, outcome="resource_exhausted") - full_before == 1
+    booked = [s.labels for m in REGISTRY.collect() if m.name == "cnei_coordinator_requests" for s in m.samples
+              if s.labels.get("model") == "digits" and s.labels.get("outcome") != "ok" and s.value]
+    assert booked and all(labels["node"] == "" and labels["version"] == "" for labels in booked)
+    assert door.core.stats.get("digits", "1").fail.count == 5
+
+
 async def test_a_failed_node_call_opens_the_breaker_and_forgets_the_route():
     door = routes()
     route = await door.route(ask())
@@ -628,9 +655,12 @@ async def test_a_least_loaded_route_carries_each_nodes_heartbeat_for_the_door_to
 def test_reports_convert_with_every_field():
     message = fd.FrontDoorReport(routes=[fd.RouteReport(
         route_id=7, request_ns=[10, 20], request_rows=[1, 2], handed_over=1, failure="UNAVAILABLE: x",
-        batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)], queue_ns=[4, 6])])
+        batches=[fd.Batch(rows=3, requests=2, duration_ns=30, compute_ns=5)], queue_ns=[4, 6],
+        failed_request_ns=[8, 9], failed_code=["DEADLINE_EXCEEDED", "INVALID_ARGUMENT"], failed_dropped=["deadline", ""])])
     assert reports_from_proto(message) == [RouteReport(7, [10, 20], [1, 2], [BatchReport(3, 2, 30, 5)], 1,
-                                                       "UNAVAILABLE: x", [4, 6])]
+                                                       "UNAVAILABLE: x", [4, 6], failed_request_ns=[8, 9],
+                                                       failed_codes=["DEADLINE_EXCEEDED", "INVALID_ARGUMENT"],
+                                                       failed_dropped=["deadline", ""])]
 
 
 def test_the_doors_rows_per_node_from_its_report_are_shown_per_node_as_it_last_said_them():

@@ -400,14 +400,22 @@ def test_a_more_urgent_request_leaves_the_door_s_queue_first(steady_door, mesh):
         _apply(mesh, None)
 
 
+DROPPED_FULL = 'model="digits",reason="queue_full"'
+# the full path books a failure against no version, precision, node or tier
+REFUSED_FULL = 'model="digits",node="",outcome="resource_exhausted",precision="",tier="",version=""'
+
+
 def test_a_full_door_queue_answers_resource_exhausted_and_keeps_what_it_holds(steady_door, mesh):
     """max_queue_size 2 and a 1 s queue delay: of five requests sent together, two wait and are
-    answered, three are refused at once with RESOURCE_EXHAUSTED; nothing is lost."""
-    _, address, _ = steady_door
+    answered, three are refused at once with RESOURCE_EXHAUSTED; nothing is lost. The coordinator
+    counts the three in cnei_batch_dropped_total and against no node."""
+    _, address, metrics_port = steady_door
     x, y = load_all()
     _apply(mesh, BatchingSpec(max_batch_size=64, max_queue_delay_us=1_000_000, max_queue_size=2))
     try:
         _wait_held(address, 1.0, 15, parameters={"precision": "FP32"})
+        before = (_metric(metrics_port, "cnei_batch_dropped_total", DROPPED_FULL),
+                  _metric(metrics_port, "cnei_coordinator_requests_total", REFUSED_FULL))
         answered, refused, other = [], [], []
 
         def one(i: int) -> None:
@@ -427,6 +435,9 @@ def test_a_full_door_queue_answers_resource_exhausted_and_keeps_what_it_holds(st
         assert (len(answered), len(refused)) == (2, 3)
         assert all(y[i] == label for i, _, label in answered)
         assert all(seconds < 0.5 and "is full (2 requests)" in message for _, seconds, message in refused)
+        infra.wait_until(lambda: (_metric(metrics_port, "cnei_batch_dropped_total", DROPPED_FULL) - before[0],
+                                  _metric(metrics_port, "cnei_coordinator_requests_total", REFUSED_FULL) - before[1])
+                         == (3, 3), 5, "the door's report of its refusals booked")
     finally:
         _apply(mesh, None)
 

@@ -204,7 +204,8 @@ void Batcher::Enqueue(InferCall* call) {
                                   ? "the default priority" : "priority " + std::to_string(queued.priority);
     return Refuse(call, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                    "front door queue for model '" + call->request().model_name() +
-                                       "' is full (" + std::to_string(full) + " requests) at " + level));
+                                       "' is full (" + std::to_string(full) + " requests) at " + level),
+                  "queue_full");
   }
   Dispatch();
 }
@@ -308,8 +309,9 @@ std::string Batcher::NodeName() const {
   return "node " + (config_->node_id.empty() ? config_->node_address : config_->node_id);
 }
 
-void Batcher::Refuse(InferCall* call, const grpc::Status& status) {
-  reporter_->Refused(config_->route_id, Nanos(Clock::now() - call->received_at), CodeName(status.error_code()));
+void Batcher::Refuse(InferCall* call, const grpc::Status& status, const char* dropped) {
+  reporter_->Refused(config_->route_id, Nanos(Clock::now() - call->received_at), CodeName(status.error_code()),
+                     dropped);
   call->Fail(status);  // the call may be gone after it
 }
 
@@ -317,9 +319,12 @@ void Batcher::FailDropped(const std::vector<InferCall*>& expired, const std::vec
   for (InferCall* call : expired) {
     Refuse(call, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                               "deadline passed while queued in the front door for model '" +
-                                call->request().model_name() + "'"));
+                                call->request().model_name() + "'"),
+           "deadline");
   }
-  for (InferCall* call : cancelled) Refuse(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
+  for (InferCall* call : cancelled) {
+    Refuse(call, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"), "cancelled");
+  }
 }
 
 void Batcher::Send(std::shared_ptr<Batch> batch) {

@@ -73,8 +73,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   void FailDropped(const std::vector<InferCall*>& expired, const std::vector<InferCall*>& cancelled = {});
   // The route's node as messages name it: "node <id>" (its fast-lane address is internal).
   std::string NodeName() const;
-  // Answers `call` with an error of the door's own, reported so the coordinator counts it.
-  void Refuse(InferCall* call, const grpc::Status& status);
+  // Answers `call` with an error of the door's own, reported so the coordinator counts it;
+  // `dropped`: why it left the queue unsent (cnei_batch_dropped_total's reason), "" once sent.
+  void Refuse(InferCall* call, const grpc::Status& status, const char* dropped = "");
   // Drops cancelled and expired requests, then takes the next batch (formation.h, Take) of
   // `candidates`, formed again when it dropped any.
   std::shared_ptr<Batch> TakeLocked(Candidates* candidates, std::vector<InferCall*>* expired,

@@ -112,12 +112,13 @@ void Reporter::CacheMiss(uint64_t route_id, uint64_t ns) {
   route->set_cache_miss_ns(route->cache_miss_ns() + ns);
 }
 
-void Reporter::Refused(uint64_t route_id, uint64_t total_ns, const std::string& code) {
+void Reporter::Refused(uint64_t route_id, uint64_t total_ns, const std::string& code, const std::string& dropped) {
   std::lock_guard<std::mutex> lock(mu_);
   auto* route = RouteLocked(route_id);
   if (route == nullptr) return;
   route->add_failed_request_ns(total_ns);
   route->add_failed_code(code);
+  route->add_failed_dropped(dropped);
 }
 
 void Reporter::Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,

@@ -53,7 +53,7 @@ class Reporter {
   // A lookup that found nothing, with the insert of the node's answer.
   void CacheMiss(uint64_t route_id, uint64_t ns);
   // A request the door answered with an error of its own (`code`: the status code's name).
-  void Refused(uint64_t route_id, uint64_t total_ns, const std::string& code);
+  void Refused(uint64_t route_id, uint64_t total_ns, const std::string& code, const std::string& dropped);
   // A failed node call: reports at once, then runs `then` (whether or not the report got through).
   void Failed(uint64_t route_id, uint32_t handed_over, const std::string& failure,
               std::function<void()> then);
