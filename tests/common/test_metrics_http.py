@@ -1,14 +1,12 @@
 """The shared metrics server: a registry's text at /metrics, 404 naming /metrics at other paths."""
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from services.cli import infra
 from services.common.metrics_http import start_metrics_server
+from tests.http_reading import get
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +20,15 @@ def metrics_port():
     server.server_close()
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @pytest.mark.parametrize("path", ["/metrics", "/metrics?name[]=cnei_test_things_total"])
 def test_the_registry_is_served_at_slash_metrics(metrics_port, path):
-    status, text = _get(metrics_port, path)
+    status, text = get(metrics_port, path)
     assert status == 200 and "cnei_test_things_total 3.0" in text
 
 
 @pytest.mark.parametrize("path", ["/", "/v2/health/ready", "/favicon.ico", "/metrics/", "/nonexistent"])
 def test_any_other_path_is_404_naming_slash_metrics(metrics_port, path):
-    status, text = _get(metrics_port, path)
+    status, text = get(metrics_port, path)
     assert status == 404 and "/metrics" in text and "cnei_test_things" not in text
 
 

@@ -5,73 +5,32 @@ behind a real OIP gRPC server, against the module's registry process."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from dataclasses import replace
 
-import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common import lifecycle, triton_metrics
-from services.common import settings as cfg
-from services.common.oip_servicer import OipServicer
-from services.common.registry_client import RegistryClient
-from services.edge_runtime.cache import DiskCache
+from services.common import triton_metrics
 from services.edge_runtime.core import EdgeRuntime
-from services.edge_runtime.settings import PREFIX, RuntimeSettings
 from services.pb.inference import grpc_service_pb2 as pb
-from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.edge_runtime.oip_serving import send_row, serving
 
 SLOWDOWN = 20_000.0  # a digits row's ~20 us run takes ~0.4 s
 
 
-@contextlib.asynccontextmanager
-async def _serving(registry: str, push_digits, folder, **settings):
-    """(stub, runtime, model) with the model's version 1 served once, for a request naming none."""
-    variant = await push_digits("fails")
-    client = RegistryClient(registry, timeout=10)
-    runtime = EdgeRuntime(replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(folder), intra_op_threads=1,
-                                  measure_on_load=False, **settings), client, DiskCache(folder))
-    server = lifecycle.GrpcServer("127.0.0.1", 0)
-    server.add(pb_grpc.add_GRPCInferenceServiceServicer_to_server, OipServicer(runtime),
-               "inference.GRPCInferenceService")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            assert await _send(stub, variant.name) == "OK"
-            yield stub, runtime, variant.name
-    finally:
-        await server.stop(0)
-        runtime.close()
-        await client.close()
-
-
 @pytest.fixture
 async def served(registry, push_digits, tmp_path):
-    async with _serving(registry, push_digits, tmp_path) as serving:
-        yield serving
+    async with serving(registry, push_digits, tmp_path, "fails") as running:
+        yield running
 
 
 @pytest.fixture
 async def served_slowly(registry, push_digits, tmp_path):
     """`served`, each model run taking ~0.4 s off the event loop."""
-    async with _serving(registry, push_digits, tmp_path, inline_max_us=0.0, emulated_slowdown=SLOWDOWN) as serving:
-        yield serving
-
-
-async def _send(stub, model: str, version: str = "", name: str = "input", raw_bytes: int | None = None) -> str:
-    """One ModelInfer of a digits row (`name`: its input's name; `raw_bytes`: that many bytes of it)."""
-    message = pb.ModelInferRequest(model_name=model, model_version=version)
-    message.inputs.add(name=name, datatype="FP32", shape=[1, 64])
-    message.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes()[:raw_bytes])
-    try:
-        await stub.ModelInfer(message, timeout=10)
-        return "OK"
-    except grpc.aio.AioRpcError as exc:
-        return exc.code().name
+    async with serving(registry, push_digits, tmp_path, "fails", inline_max_us=0.0,
+                       emulated_slowdown=SLOWDOWN) as running:
+        yield running
 
 
 async def _failures(stub, runtime: EdgeRuntime, model: str) -> tuple[int, float]:
@@ -93,14 +52,14 @@ async def _failures(stub, runtime: EdgeRuntime, model: str) -> tuple[int, float]
 async def test_a_failed_request_for_a_served_model_counts_as_a_failure_of_its_version(
         served, case, version, name, raw_bytes):
     stub, runtime, model = served
-    assert await _send(stub, model, version, name, raw_bytes) == "INVALID_ARGUMENT"
+    assert await send_row(stub, model, version, name, raw_bytes) == "INVALID_ARGUMENT"
     assert await _failures(stub, runtime, model) == (1, 1.0)
 
 
 @pytest.mark.parametrize("raw_bytes", [None, 16])
 async def test_a_failed_request_for_a_model_the_runtime_does_not_know_adds_no_statistics(served, raw_bytes):
     stub, runtime, model = served
-    assert await _send(stub, "no-such-model", raw_bytes=raw_bytes) in ("NOT_FOUND", "INVALID_ARGUMENT")
+    assert await send_row(stub, "no-such-model", raw_bytes=raw_bytes) in ("NOT_FOUND", "INVALID_ARGUMENT")
     assert [(s.name, s.fail.count) for s in runtime.stats.select()] == [(model, 0)]
 
 
