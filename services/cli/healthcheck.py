@@ -1,19 +1,20 @@
 """`python -m services.cli.healthcheck HOST:PORT`: exit 0 when the gRPC health service says SERVING.
 
 Made for container healthchecks: one standard grpc.health.v1 Health/Check call with a short
-deadline, nothing else imported from the services but the TLS files' loader (no settings, no
-telemetry).
+deadline, nothing else imported from the services but the TLS files' loader and its own
+settings (no service settings, no telemetry).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import settings as cfg
 from services.common import tls
+from services.common.client_settings import HEALTHCHECK_PREFIX, HealthcheckSettings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -44,8 +45,7 @@ def check(target: str, service: str = "", timeout: float = 2.0, tls_ca: str = ""
 
 
 # The healthcheck's own variables (a container's env may set them beside its service's settings)
-ENV = ("CNEI_HEALTHCHECK_TLS_CA", "CNEI_HEALTHCHECK_TLS_CERT", "CNEI_HEALTHCHECK_TLS_KEY",
-       "CNEI_HEALTHCHECK_TLS_SERVER_NAME")
+ENV = tuple(variable for variable, _, _ in cfg.describe(HealthcheckSettings, HEALTHCHECK_PREFIX))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="HOST:PORT of a gRPC server with the standard health service")
     parser.add_argument("--service", default="", help="service name to check (default: the server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
-    ca_env, cert_env, key_env, name_env = ENV
-    parser.add_argument("--tls-ca", default=os.environ.get(ca_env, ""),
+    env = cfg.load_at_start(HealthcheckSettings, HEALTHCHECK_PREFIX)
+    parser.add_argument("--tls-ca", default=env.tls_ca,
                         help="a server on TLS: the CA (PEM) to trust (default: $CNEI_HEALTHCHECK_TLS_CA)")
-    parser.add_argument("--tls-cert", default=os.environ.get(cert_env, ""),
+    parser.add_argument("--tls-cert", default=env.tls_cert,
                         help="client certificate (PEM) for mutual TLS (default: $CNEI_HEALTHCHECK_TLS_CERT)")
-    parser.add_argument("--tls-key", default=os.environ.get(key_env, ""),
-                        help="its key (default: $CNEI_HEALTHCHECK_TLS_KEY)")
-    parser.add_argument("--tls-server-name", default=os.environ.get(name_env, ""),
+    parser.add_argument("--tls-key", default=env.tls_key, help="its key (default: $CNEI_HEALTHCHECK_TLS_KEY)")
+    parser.add_argument("--tls-server-name", default=env.tls_server_name,
                         help="the name the server's certificate holds, checked instead of the host dialled "
                              "(default: $CNEI_HEALTHCHECK_TLS_SERVER_NAME)")
     args = parser.parse_args(argv)

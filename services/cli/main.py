@@ -14,9 +14,11 @@ from services.common.errors import CneiError
 
 
 def config(args) -> int:
-    """Every setting of every service: variable, default, meaning."""
+    """Every setting of every service and command-line client: variable, default, meaning."""
     from services.cli import up
+    from services.common import client_settings as client
     from services.common import settings as cfg
+    from services.common import tls
     from services.common.telemetry import TelemetrySettings
     from services.coordinator import settings as coordinator
     from services.edge_runtime import settings as runtime
@@ -28,7 +30,12 @@ def config(args) -> int:
                 ("coordinator", coordinator.CoordinatorSettings, coordinator.PREFIX),
                 ("runtime", runtime.RuntimeSettings, runtime.PREFIX),
                 ("trainer", trainer.TrainerSettings, trainer.PREFIX),
-                ("telemetry (every service)", TelemetrySettings, "")]
+                ("telemetry (every service)", TelemetrySettings, ""),
+                ("cnei commands", client.ClientHeaderSettings, client.HEADERS_PREFIX),
+                *((f"cnei commands: TLS to {server}", client.ClientTlsSettings, f"{env}_")
+                  for env, server in tls.CLIENT_TLS_ENVS),
+                ("healthcheck (python -m services.cli.healthcheck)", client.HealthcheckSettings,
+                 client.HEALTHCHECK_PREFIX)]
     for title, cls, prefix in sections:
         print(title.upper())
         print(table([list(row) for row in cfg.describe(cls, prefix)], ["VARIABLE", "DEFAULT", "MEANING"]))

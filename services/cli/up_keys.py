@@ -36,7 +36,7 @@ def trusted_ca(server_prefix: str, env: str) -> str:
     (`{server_prefix}TLS_CERT_FILE`): ${env}_CA, else the servers' own certificate (self-signed);
     '' when they serve plaintext."""
     own = os.environ.get(f"{server_prefix}TLS_CERT_FILE", "")
-    return (os.environ.get(f"{env}_CA", "") or own) if own else ""
+    return (tls.client_files(env=env)[0] or own) if own else ""
 
 
 def registry_ca() -> str:

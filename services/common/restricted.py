@@ -28,12 +28,12 @@ to call even the open methods; each service's `GRPC_REFLECTION` setting turns re
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 
+from services.common.client_settings import env_headers
 from services.common.grpc_util import drain_upload
 
 CATEGORIES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
@@ -122,7 +122,7 @@ def categories_of(api: Mapping[str, Mapping[str, str]]) -> tuple[str, ...]:
 def client_headers(flags: list[str]) -> list[tuple[str, str]]:
     """A command-line client's headers: its `--header KEY=VALUE` flags, else $CNEI_HEADERS
     (`k=v;k2=v2`), for servers whose APIs are restricted."""
-    return headers(flags or os.environ.get("CNEI_HEADERS", ""))
+    return headers(flags or env_headers())
 
 
 def own_headers(spec: str, categories: tuple[str, ...] = CATEGORIES) -> list[tuple[str, str]]:

@@ -8,7 +8,6 @@ clients when they open a connection; files that change but do not load (half wri
 that is not the certificate's) leave the last good ones in use, logged."""
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from services.common.client_settings import client_tls_files
 from services.common.file_reload import RELOAD_CHECK_S, Reloaded
 
 
@@ -146,6 +146,11 @@ COORDINATOR_ENV = "CNEI_TLS"  # $CNEI_TLS_CA/_CERT/_KEY: a client's files for a 
 REGISTRY_ENV = "CNEI_REGISTRY_TLS"  # $CNEI_REGISTRY_TLS_CA/_CERT/_KEY: for a registry
 TRAINER_ENV = "CNEI_TRAINER_TLS"  # $CNEI_TRAINER_TLS_CA/_CERT/_KEY: for a trainer
 NODE_ENV = "CNEI_NODE_TLS"  # $CNEI_NODE_TLS_CA/_CERT/_KEY: what `cnei up` hands the clients of its runtimes
+# each variable stem, whose server it is (listed by `cnei config`)
+CLIENT_TLS_ENVS = ((COORDINATOR_ENV, "a coordinator (cnei infer, status, control verbs)"),
+                   (REGISTRY_ENV, "a registry (cnei models, deploy; cnei up's pushes)"),
+                   (TRAINER_ENV, "a trainer (cnei train)"),
+                   (NODE_ENV, "runtimes: what cnei up hands the coordinator and trainer it starts"))
 
 
 def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",
@@ -153,8 +158,8 @@ def client_files(ca_file: str = "", cert_file: str = "", key_file: str = "",
     """A command-line client's TLS files (CA, certificate, key): each one given, else
     $<env>_CA / $<env>_CERT / $<env>_KEY (the CA else `default_ca`); an empty CA: plaintext.
     `env`: COORDINATOR_ENV or REGISTRY_ENV (each server its own CA)."""
-    return (ca_file or os.environ.get(f"{env}_CA", "") or default_ca,
-            cert_file or os.environ.get(f"{env}_CERT", ""), key_file or os.environ.get(f"{env}_KEY", ""))
+    from_env = client_tls_files(f"{env}_")
+    return ca_file or from_env.ca or default_ca, cert_file or from_env.cert, key_file or from_env.key
 
 
 def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
