@@ -13,7 +13,7 @@ from services.common import oip
 from services.common.background import Background
 from services.common.batcher import priority_level, request_deadline
 from services.common.deployment import DeploymentSpec
-from services.common.errors import CneiError, outcome_of
+from services.common.errors import CneiError, ErrorCode, outcome_of
 from services.common.model_spec import (FORMED_BATCH, ModelVariant, Tombstone, check_batch_size, check_inputs,
                                         served_max_batch_size, version_key)
 from services.common.oip_operations import Instance
@@ -175,7 +175,9 @@ class EdgeRuntime:
         for precision in sorted(precisions):
             for version in served:
                 try:
-                    variant = await self.registry.resolve(name, version, precision)
+                    variant = await self._resolve_published(name, version, precision)
+                    if variant is None:
+                        continue
                     if await self.sync.ensure_on_disk(variant):
                         log.info("pulled %s (deployed, missed)", variant.key)
                     if version == stable and (name, precision) in loaded:
@@ -184,6 +186,18 @@ class EdgeRuntime:
                     log.warning("resync of %s v%s %s failed: %s", name, version or "latest", precision, exc)
                     reachable = reachable and not unreachable(exc)
         return reachable
+
+    async def _resolve_published(self, name: str, version: str, precision: str) -> ModelVariant | None:
+        """A served version's variant in `precision` for a resync; None (logged at INFO) when the
+        registry has that version not in that precision: a version's precisions are published one
+        after another (its FP32 first), so it is pulled when it is."""
+        try:
+            return await self.registry.resolve(name, version, precision)
+        except CneiError as exc:
+            if exc.code != ErrorCode.NOT_FOUND or not version:
+                raise
+            log.info("resync of %s v%s %s: not published yet, pulled when it is (%s)", name, version, precision, exc)
+            return None
 
     async def load(self, variant: ModelVariant) -> LoadedModel:
         """The variant in memory, loaded first where it is not (`Loader.load`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import uuid
 from collections import Counter
 from dataclasses import replace
@@ -378,3 +379,43 @@ async def test_a_registry_that_stops_answering_costs_a_request_naming_no_version
         runtime.close()
         await registry.close()
         await server.stop(0)
+
+
+async def test_a_resync_meeting_a_new_version_not_yet_published_in_a_cached_precision_logs_it_at_info(
+        registry, tmp_path, caplog):
+    """A new version's FP32 is published before its FP16: a resync then finds the version served
+    lacking the FP16 this node caches, which is expected (pulled when it is published), not a warning."""
+    v1_file, v2_file = write_versions(tmp_path)
+    name = f"publishing-{uuid.uuid4().hex[:8]}"
+    client = RegistryClient(registry, timeout=30)
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path / "cache"), intra_op_threads=1,
+                       measure_on_load=False)
+    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
+    try:
+        await runtime.load(await client.push_file(v1_file, name, "1", "FP16"))
+        await client.put_deployment(DeploymentSpec(model=name))  # stable: the latest version
+        await client.push_file(v2_file, name, "2", "FP32")  # its FP16 still to come
+        with caplog.at_level(logging.INFO, logger="services.edge_runtime"):
+            await runtime.resync()
+        resync = [r for r in caplog.records if r.name.startswith("services.edge_runtime") and name in r.getMessage()]
+        assert not [r.getMessage() for r in resync if r.levelno >= logging.WARNING]
+        assert any(r.levelno == logging.INFO and "v2 FP16" in r.getMessage() for r in resync)
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
+
+
+async def test_a_resync_the_registry_does_not_answer_still_logs_a_warning(tmp_path, caplog):
+    disk = DiskCache(tmp_path)
+    disk.put(_variant(), ARTIFACT)
+    client = RegistryClient("127.0.0.1:1", timeout=0.5)  # nothing listens there: UNAVAILABLE
+    runtime = EdgeRuntime(replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path)), client, disk)
+    try:
+        with caplog.at_level(logging.INFO, logger="services.edge_runtime"):
+            await runtime.resync(attempt=99)  # no retry scheduled
+        assert any(r.levelno == logging.WARNING and "resync of digits" in r.getMessage() for r in caplog.records)
+    finally:
+        await runtime.drain()
+        runtime.close()
+        await client.close()
