@@ -11,6 +11,7 @@ from nats.js.api import StreamConfig
 
 from services.cli import infra
 from services.common import events
+from tests.recorded_spans import spans  # noqa: F401 - a fixture for every test
 
 # A shell runs a command it starts in the background (`make test &`, a CI script's `cmd &`) with
 # Ctrl-C ignored, which every process the tests start would inherit: the tests of what Ctrl-C does

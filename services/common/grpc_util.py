@@ -188,9 +188,16 @@ class _Outgoing:
         return _with_trace(client_call_details, self.headers)
 
 
+# Calls made to check a server is there (a node probed every second) are no trace of their own
+UNTRACED_METHODS = ("/grpc.health.v1.Health/",)
+
+
 class _UnaryUnary(_Outgoing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        with telemetry.child_span(_tracer, _method_name(client_call_details), kind=SpanKind.CLIENT):
+        method = _method_name(client_call_details)
+        if method.startswith(UNTRACED_METHODS):
+            return await continuation(self.details(client_call_details), request)
+        with telemetry.child_span(_tracer, method, kind=SpanKind.CLIENT):
             call = await continuation(self.details(client_call_details), request)
             await call
             return call

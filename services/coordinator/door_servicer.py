@@ -77,11 +77,17 @@ def node_rows_from_proto(message: fd.FrontDoorReport) -> dict[str, tuple[int, in
     return {n.node_id: (n.rows, n.given_back) for n in message.node_rows}
 
 
+async def _untraced(self, request, metadata) -> bool:
+    """The door's asks and reports start no trace of their own (a report every few ms would
+    bury the request traces); one that comes with a trace context is traced in it."""
+    return False
+
+
 class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
     def __init__(self, routes: DoorRoutes):
         self.routes = routes
 
-    @rpc
+    @rpc(sample=_untraced)
     async def Route(self, request, context):
         ask = ask_from_proto(request)
         reply = route_to_proto(await self.routes.route(ask))
@@ -89,7 +95,7 @@ class FrontDoorServicer(fd_grpc.FrontDoorControlServicer):
         reply.full_path_every = await self.routes.trace_every(ask.model_name)
         return reply
 
-    @rpc
+    @rpc(sample=_untraced)
     async def Report(self, request, context):
         unknown = self.routes.apply(reports_from_proto(request))
         self.routes.node_rows(node_rows_from_proto(request))

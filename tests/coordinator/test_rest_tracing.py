@@ -9,10 +9,6 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 
 from services.common import telemetry
 from services.common.trace_settings import MemoryTraceStore, TraceSettings
@@ -23,39 +19,6 @@ INFER = "/v2/models/m/infer"
 GOOD = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
 TRACE_ID, CALLER_SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 SERVER_SPAN = "POST /v2/models/{model}/infer"
-
-
-class Exporting(Sampler):
-    """Root spans are recorded while `on` (a service exporting spans), not otherwise (none)."""
-
-    on = False
-
-    def should_sample(self, *args, **kwargs):
-        return (ALWAYS_ON if self.on else ALWAYS_OFF).should_sample(*args, **kwargs)
-
-    def get_description(self) -> str:
-        return "Exporting"
-
-
-ROOTS = Exporting()
-EXPORTED = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans(monkeypatch):
-    """The spans a service exporting them records, in memory (the process's tracer provider is
-    set once, for every test after it: with `on` off it records nothing, as without an exporter)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider(sampler=ParentBased(ROOTS))
-        provider.add_span_processor(SimpleSpanProcessor(EXPORTED))
-        trace.set_tracer_provider(provider)
-    assert trace.get_tracer_provider().sampler.get_description().startswith("ParentBased{root:Exporting")
-    monkeypatch.setattr(telemetry, "_exporting", True)
-    EXPORTED.clear()
-    ROOTS.on = True
-    yield EXPORTED
-    ROOTS.on = False
-    EXPORTED.clear()
 
 
 @pytest.fixture
