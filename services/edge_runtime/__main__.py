@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind
 from services.common import events, lifecycle, telemetry, tls, triton_metrics
 from services.common import settings as cfg
 from services.common.bus import EventBus
-from services.common.errors import InvalidArgument
+from services.common.errors import CneiError, ErrorCode, InvalidArgument
 from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
@@ -39,11 +39,23 @@ _tracer = trace.get_tracer(__name__)
 
 
 async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
+    """Load the models `specs` name (name or name:version:precision). One the registry does not
+    hold yet (a fresh mesh starts its runtimes before it registers the demo model) is logged at
+    INFO; other failures at WARNING: preload is an optimisation, a request loads what it names."""
     for spec in specs:
         name, _, rest = spec.partition(":")
         version, _, precision = rest.partition(":")
         try:
-            await runtime.load(await runtime.resolve(name, version, precision))
+            variant = await runtime.resolve(name, version, precision)
+        except Exception as exc:  # noqa: BLE001 - preload is an optimisation
+            if isinstance(exc, CneiError) and exc.code == ErrorCode.NOT_FOUND:
+                log.info("not preloading %s: not registered yet, loaded at its first request once pushed (%s)",
+                         spec, exc)
+            else:
+                log.warning("could not preload %s: %s", spec, exc)
+            continue
+        try:
+            await runtime.load(variant)
         except Exception as exc:  # noqa: BLE001 - preload is an optimisation
             log.warning("could not preload %s: %s", spec, exc)
 
