@@ -1,6 +1,9 @@
 """Build ONNX graphs for dense MLPs (FP32, FP16) and quantise them to INT8 with ONNX Runtime."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +64,31 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     """Dynamic INT8 quantisation of the weights (MatMulInteger) with ONNX Runtime's tooling."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    with _without_preprocess_advice():
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+
+
+PREPROCESS_ADVICE = "Please consider to run pre-processing before quantization"
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    """Drops the advice ONNX Runtime's quantiser logs on the root logger at every call: its
+    pre-processing (shape inference, graph optimisation) has nothing to add to these MLPs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(PREPROCESS_ADVICE)
+
+
+@contextmanager
+def _without_preprocess_advice() -> Iterator[None]:
+    """The root logger drops that advice while the block runs (only that line, only then)."""
+    advice = _DropPreprocessAdvice()
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def read_mlp_weights(model: onnx.ModelProto) -> list[tuple[np.ndarray, np.ndarray]]:
