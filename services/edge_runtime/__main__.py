@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind
 from services.common import events, lifecycle, telemetry, tls, triton_metrics
 from services.common import settings as cfg
 from services.common.bus import EventBus
-from services.common.errors import CneiError, ErrorCode, InvalidArgument
+from services.common.errors import InvalidArgument
 from services.common.fastlane import FastServer
 from services.common.nodes import NodeDirectory
 from services.common.oip_servicer import OipServicer
@@ -28,6 +28,7 @@ from services.edge_runtime.core import EdgeRuntime
 from services.edge_runtime.federated import LocalTrainer
 from services.edge_runtime.heartbeat import Heartbeat, check_settings as check_heartbeat
 from services.edge_runtime.heartbeat import redis_client
+from services.edge_runtime.preload import Preload
 from services.edge_runtime.rest import rest_server
 from services.edge_runtime.settings import PREFIX, RuntimeSettings, check as check_settings
 from services.pb.cnei import node_pb2_grpc as npb_grpc
@@ -36,28 +37,6 @@ from services.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("services.edge_runtime")
 _tracer = trace.get_tracer(__name__)
-
-
-async def _preload(runtime: EdgeRuntime, specs: tuple[str, ...]) -> None:
-    """Load the models `specs` name (name or name:version:precision). One the registry does not
-    hold yet (a fresh mesh starts its runtimes before it registers the demo model) is logged at
-    INFO; other failures at WARNING: preload is an optimisation, a request loads what it names."""
-    for spec in specs:
-        name, _, rest = spec.partition(":")
-        version, _, precision = rest.partition(":")
-        try:
-            variant = await runtime.resolve(name, version, precision)
-        except Exception as exc:  # noqa: BLE001 - preload is an optimisation
-            if isinstance(exc, CneiError) and exc.code == ErrorCode.NOT_FOUND:
-                log.info("not preloading %s: not registered yet, loaded at its first request once pushed (%s)",
-                         spec, exc)
-            else:
-                log.warning("could not preload %s: %s", spec, exc)
-            continue
-        try:
-            await runtime.load(variant)
-        except Exception as exc:  # noqa: BLE001 - preload is an optimisation
-            log.warning("could not preload %s: %s", spec, exc)
 
 
 def fast_handler(servicer: OipServicer, emulated_delay_ms: float = 0.0):
@@ -85,8 +64,12 @@ async def serve(settings: RuntimeSettings) -> None:
                    outbox=Outbox(Path(settings.cache_dir) / "outbox.jsonl", max_bytes=settings.outbox_max_bytes),
                    stream=settings.stream_limits())
 
+    preload = Preload(runtime, settings.preload)
+
     async def on_published(envelope: events.Envelope) -> None:
-        await runtime.model_published(envelope.payload.get("name", ""))
+        name = envelope.payload.get("name", "")
+        await runtime.model_published(name)
+        await preload.model_published(name)  # a model named for preload not registered at start loads now
 
     async def on_deployment(envelope: events.Envelope) -> None:
         await runtime.model_deployed(envelope.payload.get("model", ""))
@@ -95,10 +78,14 @@ async def serve(settings: RuntimeSettings) -> None:
         p = envelope.payload
         await runtime.model_deleted(p.get("name", ""), p.get("version", ""), list(p.get("precisions", [])))
 
+    async def on_connect() -> None:
+        await runtime.resync()  # forgets what was deleted while it was away, as at start
+        await preload.retry()  # then loads what was named for preload and pushed meanwhile
+
     await bus.subscribe(events.MODEL_PUBLISHED, on_published)
     await bus.subscribe(events.MODEL_DELETED, on_deleted)
     await bus.subscribe(events.DEPLOYMENT_UPDATED, on_deployment)
-    bus.on_connect.append(runtime.resync)  # forgets what was deleted while it was away, as at start
+    bus.on_connect.append(on_connect)
     await bus.start()
     if not bus.connected:  # no connect resync to forget what was deleted while it was stopped
         runtime.background.spawn(runtime.forget_deleted())
@@ -129,7 +116,7 @@ async def serve(settings: RuntimeSettings) -> None:
     await server.start()
     if rest is not None:
         await rest.start()
-    await _preload(runtime, settings.preload)
+    await preload.start()
     heartbeat = Heartbeat(settings, runtime, NodeDirectory(redis), bus)
     if fast is not None:
         fast_port = await fast.start(settings.host, settings.fast_port)

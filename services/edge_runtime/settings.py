@@ -92,7 +92,8 @@ class RuntimeSettings(RegistryClientSettings, EventStreamSettings):
     gpu_index: int = field(0, "GPU whose NVML power readings are used")
     emulated_slowdown: float = field(1.0, "benchmarks only: make every ORT run this many times slower")
     emulated_delay_ms: float = field(0.0, "benchmarks only: hold every incoming RPC this long")
-    preload: tuple[str, ...] = field((), "models to load at start (name or name:version:precision)")
+    preload: tuple[str, ...] = field((), "models to load at start (name or name:version:precision); one the "
+                                         "registry does not hold yet loads when it announces it (once)")
     shard_index: int = field(0, "federated learning: which shard of the training data this node holds")
     shard_count: int = field(1, "federated learning: how many shards the training data is cut into")
     shard_mode: str = field("iid", "federated learning: iid | label_skew (few labels per node)")
