@@ -22,7 +22,8 @@ async def serve(settings: RegistrySettings) -> None:
     bus = EventBus(settings.nats_url, "registry", outbox=Path(settings.data_dir) / "outbox.jsonl",
                    stream=settings.stream_limits())
     await bus.start()
-    registry = Registry(store, bus.publish, settings.max_artifact_bytes, settings.tombstone_retention_days)
+    registry = Registry(store, bus.publish, settings.max_artifact_bytes, settings.tombstone_retention_days,
+                        settings.concurrent_checks)
     own_tls = tls.server_tls(PREFIX, settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = lifecycle.GrpcServer(settings.host, settings.port,
                                   interceptors=restricted.guard(settings.restricted_apis, restricted.REGISTRY_API),

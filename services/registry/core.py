@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +58,12 @@ def validate_header(header: PushHeader) -> PushHeader:
 
 class Registry:
     def __init__(self, store: RegistryStore, publish: Publisher | None = None,
-                 max_artifact_bytes: int = 1 << 30, tombstone_retention_days: float = 90.0):
+                 max_artifact_bytes: int = 1 << 30, tombstone_retention_days: float = 90.0,
+                 concurrent_checks: int = 1):
         """`tombstone_retention_days`: how long a deleted variant's tombstone is kept (those older
-        are dropped now and with each deletion, and never listed)."""
+        are dropped now and with each deletion, and never listed). `concurrent_checks`: pushes'
+        ONNX checks run at once (each holds up to ~2.25 × its artifact in memory); the pushes
+        beyond wait their turn."""
         self.store = store
         self.catalogue = Catalogue(store)
         self.announce = Announcer(publish)
@@ -68,6 +72,8 @@ class Registry:
         self.max_artifact_bytes = max_artifact_bytes
         self._committing: set[asyncio.Future] = set()  # pushes being catalogued, whatever becomes of their calls
         self.artifacts = ArtifactSender(store, self.catalogue.executor)
+        # its threads bound the checks running, even those whose push was cancelled meanwhile
+        self._onnx_checks = ThreadPoolExecutor(concurrent_checks, thread_name_prefix="onnx-check")
 
     async def close(self) -> None:
         """Wait for the pushes being catalogued (and announced); stop making deltas."""
@@ -75,6 +81,7 @@ class Registry:
             await asyncio.wait(self._committing)
         self.artifacts.close()
         self.catalogue.close()
+        self._onnx_checks.shutdown(wait=False)
 
     async def add_version(self, header: PushHeader, chunks: AsyncIterator[bytes]) -> ModelVariant:
         """Take a push; the variant catalogued (the one stored before when this very artifact was
@@ -89,7 +96,8 @@ class Registry:
             variant = await self.catalogue.quick(self.store.pushed_before, header.name, header.version,
                                                  header.precision, sha, header.metadata)
             if variant is None:
-                inputs, outputs = await asyncio.to_thread(inspect_onnx, temp)
+                inputs, outputs = await asyncio.get_running_loop().run_in_executor(self._onnx_checks,
+                                                                                   inspect_onnx, temp)
                 variant = ModelVariant(
                     name=header.name, version=header.version, precision=header.precision,
                     format=header.format, sha256=sha, size_bytes=size, inputs=inputs, outputs=outputs,

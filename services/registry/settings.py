@@ -18,6 +18,9 @@ class RegistrySettings(EventStreamSettings):
     data_dir: str = field(".cnei/registry", "SQLite catalogue and content-addressed artifacts")
     nats_url: str = field("nats://127.0.0.1:4222", "NATS server for model events")
     max_artifact_bytes: int = field(1 << 30, "largest artifact accepted by PushModel")
+    concurrent_checks: int = field(
+        1, "pushes' ONNX checks run at once, each holding up to ~2.25 × its artifact in memory (size the registry's "
+           "memory for this many × MAX_ARTIFACT_BYTES); further pushes wait their turn, not refused; at least 1")
     tombstone_retention_days: float = field(
         90.0, "days a deleted variant's tombstone is kept (ListDeleted; dropped at once when the variant is pushed "
               "again): a runtime that reconnects later than this after a deletion never hears of it and may keep "
@@ -34,7 +37,11 @@ class RegistrySettings(EventStreamSettings):
 
 
 def check(prefix: str, settings: RegistrySettings) -> None:
-    """Stop (SystemExit naming the variable) before starting on a retention that keeps no tombstone."""
+    """Stop (SystemExit naming the variable) before starting on a retention that keeps no tombstone,
+    or on fewer than one concurrent check (no push would ever be checked)."""
+    if settings.concurrent_checks < 1:
+        raise SystemExit(f"{prefix}CONCURRENT_CHECKS ({settings.concurrent_checks}) must be 1 or more: no push "
+                         "would ever be checked")
     if not settings.tombstone_retention_days > 0:
         raise SystemExit(f"{prefix}TOMBSTONE_RETENTION_DAYS ({settings.tombstone_retention_days}) must be above 0: "
                          "runtimes away during a deletion would never hear of it")

@@ -69,7 +69,7 @@ VALUE_SETS = {
         "otel": {"endpoint": "http://otel-collector.observability:4317"},
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "CNEI"}}},
-        "registry": {"maxArtifactBytes": 536870912, "restrictedApisSecret": {"name": "cnei-admin"},
+        "registry": {"maxArtifactBytes": 536870912, "concurrentChecks": 2, "restrictedApisSecret": {"name": "cnei-admin"},
                      "tls": {"secretName": "cnei-registry-tls", "caSecretName": "cnei-registry-ca",
                              "clientCaKey": "ca.crt", "clientSecretName": "cnei-registry-client"},
                      "persistence": {"storageClass": "fast-ssd"}},
@@ -770,14 +770,18 @@ def _memory_bytes(quantity: str) -> int:
     return int(number) * base ** ("kMGT".index(suffix[0]) + 1)
 
 
-def test_the_registry_memory_limit_covers_checking_the_largest_artifact_it_accepts(rendered):
+def test_the_registry_memory_limit_covers_checking_the_largest_artifact_it_accepts_in_each_concurrent_check(
+        rendered):
     """Checking a pushed artifact grows the registry's memory by up to REGISTRY_PEAK_OVER_ARTIFACT ×
-    its size, on top of what the serving registry holds: a limit below that OOM-kills it mid-push."""
+    its size, on top of what the serving registry holds, and CONCURRENT_CHECKS pushes check at
+    once: a limit below that OOM-kills it mid-push."""
     ((_, container),) = rendered.running("services.registry")
-    largest = _settings(container)[0].max_artifact_bytes
-    assert largest == rendered.values["registry"]["maxArtifactBytes"]
+    settings = _settings(container)[0]
+    largest, checks = settings.max_artifact_bytes, settings.concurrent_checks
+    assert (largest, checks) == (rendered.values["registry"]["maxArtifactBytes"],
+                                 rendered.values["registry"]["concurrentChecks"])
     limit = _memory_bytes(container["resources"]["limits"]["memory"])
-    assert limit >= REGISTRY_PEAK_OVER_ARTIFACT * largest + REGISTRY_SERVING_BYTES, (limit, largest)
+    assert limit >= checks * REGISTRY_PEAK_OVER_ARTIFACT * largest + REGISTRY_SERVING_BYTES, (limit, checks, largest)
 
 
 def test_nats_is_a_jetstream_cluster_routed_through_its_headless_service(rendered):
