@@ -19,7 +19,7 @@ from services.common.oip_operations import (EXTENSIONS, InferenceCore, classifie
                                             statistics, trace_setting)
 from services.common.log_settings import LogSettings
 from services.common.rest_tracing import tracing_middleware
-from services.common.restricted import Key, refusal, rest_category
+from services.common.restricted import Key, refusal, rest_categories
 from services.common.shm import SharedMemoryRegions, cuda_status, refuse_cuda
 from services.common.trace_settings import MemoryTraceStore, TraceSettings
 from services.pb.inference import grpc_service_pb2 as pb
@@ -316,9 +316,9 @@ def build_app(core: InferenceCore, extra_routes: list[web.RouteDef] | None = Non
     if restricted:
         @web.middleware
         async def restricted_middleware(request, handler):
-            reason = refusal(restricted, rest_category(request.path), request.headers)
-            if reason:
-                return web.json_response({"error": reason}, status=403)
+            for category in rest_categories(request.path):
+                if reason := refusal(restricted, category, request.headers):
+                    return web.json_response({"error": reason}, status=403)
             return await handler(request)
         middlewares.append(restricted_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)

@@ -85,11 +85,13 @@ def parse(spec: str, categories: tuple[str, ...] = CATEGORIES) -> dict[str, Key]
     """`spec` -> {category: the header and value it needs}; `categories`: those the server has.
     ValueError naming what is wrong."""
     restricted: dict[str, Key] = {}
-    for group in filter(None, (g.strip() for g in spec.split(";"))):
+    for position, group in enumerate(filter(None, (g.strip() for g in spec.split(";"))), 1):
         names, sep, pair = group.partition(":")
         header, eq, value = pair.partition("=")
         if not sep or not eq or not header.strip() or not value:
-            raise ValueError(f"restricted APIs: '{group}' must read <category>[,<category>...]:<header>=<value>")
+            # the group may hold a mistyped secret: named by its place only
+            raise ValueError(f"restricted APIs: group {position} (of those joined with ';') must read "
+                             "<category>[,<category>...]:<header>=<value>")
         key = Key(header.strip().lower(), value)
         for name in filter(None, (n.strip() for n in names.split(","))):
             if name not in categories:
@@ -145,6 +147,21 @@ def rest_category(path: str) -> str | None:
     if rest[:1] == ["versions"]:
         rest = rest[2:]
     return _REST_MODEL_TAILS.get(rest[0]) if rest else "metadata"
+
+
+# Paths beside the OIP API that show what some of its categories guard: the coordinator's status
+# JSON holds every model's statistics, the models and the nodes (the page at `/` holds no data)
+_REST_BESIDE = {"/api/status": ("metadata", "statistics")}
+
+
+def rest_categories(path: str) -> tuple[str, ...]:
+    """The categories whose keys a REST request of `path` needs: its OIP category, or what a
+    path beside the API shows (none: open)."""
+    beside = _REST_BESIDE.get("/" + path.strip("/"))
+    if beside is not None:
+        return beside
+    category = rest_category(path)
+    return (category,) if category else ()
 
 
 def _exact_bytes(text: str) -> bytes:

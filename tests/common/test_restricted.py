@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.restricted import (GRPC_METHODS, NODE_METHODS, OIP_API, REGISTRY_METHODS, RUNTIME_API,
-                                        TRAINER_METHODS, Key, categories_of, parse, refusal, rest_category)
+                                        TRAINER_METHODS, Key, categories_of, parse, refusal, rest_categories,
+                                        rest_category)
 from services.pb.cnei import node_pb2, registry_pb2, trainer_pb2
 from services.pb.inference import grpc_service_pb2 as pb
 
@@ -28,6 +29,22 @@ def test_a_specification_gives_each_category_its_header_and_value():
 def test_a_bad_specification_says_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
         parse(spec)
+
+
+@pytest.mark.parametrize("spec", ["reg-key=TopSecret123", "metadata:=TopSecret123", "trace:a=1;TopSecret123"])
+def test_a_malformed_group_is_named_by_its_place_never_by_what_may_be_a_secret(spec):
+    with pytest.raises(ValueError) as caught:
+        parse(spec)
+    assert "TopSecret123" not in str(caught.value)
+    assert f"group {spec.count(';') + 1} (of those joined with ';') must read <category>" in str(caught.value)
+
+
+@pytest.mark.parametrize("path, categories", [
+    ("/api/status", ("metadata", "statistics")), ("/api/status/", ("metadata", "statistics")),
+    ("/", ()), ("/metrics", ()), ("/v2/models/digits/stats", ("statistics",)), ("/v2/health/live", ("health",)),
+])
+def test_the_status_json_beside_the_api_needs_the_keys_of_what_it_shows(path, categories):
+    assert rest_categories(path) == categories
 
 
 def test_every_oip_method_has_a_category():

@@ -18,6 +18,7 @@ from services.coordinator.catalog import Catalog
 from services.coordinator.core import Coordinator
 from services.coordinator.latency import LatencyBook
 from services.coordinator.nodes_view import NodesView
+from services.common.restricted import parse
 from services.coordinator.rest import build_app, status_routes
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.stats_share import StatsShare
@@ -182,6 +183,17 @@ async def test_a_failing_registry_becomes_an_error_field_and_nodes_are_still_sho
     assert status["models"] == []
     assert "registry at 127.0.0.1:1 unavailable" in status["models_error"]
     assert len(status["nodes"]) == 2
+
+
+@pytest.mark.parametrize("spec, header", [("statistics:stats-key=s", "stats-key"),
+                                           ("metadata:meta-key=m", "meta-key")])
+async def test_the_status_json_needs_the_key_of_a_restricted_statistics_or_metadata_api(spec, header):
+    core = coordinator(FakeRegistry())  # it shows both: every model's statistics, the models and nodes
+    async with TestClient(TestServer(build_app(core, status_routes(core), restricted=parse(spec)))) as client:
+        refused = await client.get("/api/status")
+        assert refused.status == 403 and f"send header '{header}'" in (await refused.json())["error"]
+        assert (await client.get("/api/status", headers={header: spec[-1]})).status == 200
+        assert (await client.get("/")).status == 200  # the page holds no data: what it polls is restricted
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["registry-up", "registry-down"])
