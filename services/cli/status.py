@@ -13,11 +13,14 @@ from services.cli.models import models_list
 from services.cli.output import table
 
 
-def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
-    """The coordinator's /api/status, or None when it does not answer (HTTP, at least)."""
+def fetch_status(url: str, timeout: float = 3.0, headers: list[tuple[str, str]] | tuple = ()) -> dict | None:
+    """The coordinator's /api/status, or None when it does not answer (HTTP, at least);
+    `headers`: the keys of its restricted APIs (PermissionDenied, its reason, without them)."""
     import http.client
     import urllib.error
     import urllib.request
+
+    from services.common.errors import PermissionDenied
 
     url = url.rstrip("/")
     url = url if "://" in url else f"http://{url}"  # host:port
@@ -27,10 +30,23 @@ def fetch_status(url: str, timeout: float = 3.0) -> dict | None:
     ca, cert, key = tls.client_files()
     context = tls.client_ssl_context(ca, cert, key) if url.startswith("https:") and ca else None  # a coordinator on TLS
     try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers)), timeout=timeout,
+                                    context=context) as reply:
             return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 403:  # restricted: the coordinator answers, and says which header it needs
+            raise PermissionDenied(f"coordinator at {url}: {_error_of(exc)}") from None
+        return None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):  # a gRPC port, say
         return None
+
+
+def _error_of(exc) -> str:
+    """The `error` of an HTTP error's JSON body, else its reason."""
+    try:
+        return str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return str(exc.reason)
 
 
 def _ms(value) -> str:
@@ -76,7 +92,9 @@ def status_text(s: dict) -> str:
 
 
 async def status(args) -> int:
-    snapshot = await asyncio.to_thread(fetch_status, args.url)
+    from services.cli import clients
+
+    snapshot = await asyncio.to_thread(fetch_status, args.url, 3.0, clients.headers(args))
     if snapshot is not None:
         print(status_text(snapshot))
         return 0

@@ -41,6 +41,31 @@ def test_the_status_url_may_be_given_as_host_port_or_with_http(status_server, sc
     assert status.fetch_status(scheme + status_server) == {"path": "/api/status"}
 
 
+class _RestrictedStatus(_Status):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.headers.get("stats-key") == "s":
+            return super().do_GET()
+        body = json.dumps({"error": "the statistics API is restricted: send header 'stats-key' with its value"})
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+
+def test_cnei_status_sends_its_headers_and_a_refusal_names_the_header_it_needs(capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", infra.free_port()), _RestrictedStatus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert status.fetch_status(url, headers=[("stats-key", "s")]) == {"path": "/api/status"}
+        assert cli.main(["status", "--url", url]) == 2
+        err = capsys.readouterr().err
+        assert "PERMISSION_DENIED" in err and "send header 'stats-key'" in err and "not reachable" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_train_start_with_zero_rounds_is_refused(capsys):
     assert cli.main(["train", "start", "--rounds", "0", "--trainer", f"127.0.0.1:{infra.free_port()}"]) == 2
     assert "error (INVALID_ARGUMENT): --rounds must be at least 1, not 0" in capsys.readouterr().err
