@@ -93,13 +93,21 @@ class Coordinator:
         return bool(self.nodes.nodes)
 
     async def model_ready(self, name: str, version: str) -> bool:
+        """Triton's ModelReady: the model (an ensemble: its steps' models too, through nested
+        ensembles) is known, not unloaded, and the mesh has nodes."""
         try:
-            await self.model_variant(name, version)
-            if self.control is not None:
-                await self.control.check(name)
+            await self.model_variant(name, version)  # an ensemble's: its steps', a cycle refused
+            await self._check_in_service(name)
         except CneiError:
             return False
         return bool(self.nodes.nodes)
+
+    async def _check_in_service(self, name: str) -> None:
+        """UNAVAILABLE when `name`, or a model an ensemble of that name runs, was unloaded."""
+        if self.control is not None:
+            await self.control.check(name)
+        for step in (await self.catalog.deployment(name)).ensemble:
+            await self._check_in_service(step.model)
 
     async def model_variant(self, name: str, version: str = "", depth: int = 0) -> ModelVariant:
         """The model's default variant; for an ensemble, what its steps make of it (`depth`: how

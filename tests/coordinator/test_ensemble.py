@@ -16,6 +16,8 @@ from services.common.ensemble_plan import ensemble_interface
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.coordinator import ensemble
+from services.coordinator.repository import UNLOADED_KEY, ModelControl
+from services.pb.inference import grpc_service_pb2 as pb
 from tests.coordinator.mesh import NodeCore, VersionedCatalog, VersionedNode, mesh, variant
 
 SPEC = DeploymentSpec(model="pipe", ensemble=(
@@ -304,3 +306,15 @@ async def test_an_ensemble_request_reads_each_steps_model_once(cached, nested):
         assert {k: n for k, n in catalog.lookups.items() if k[1] == "m"} == {
             ("deployment", "m"): 1, ("all_variants", "m"): 1, ("variants", "m"): 1}
         assert catalog.lookups["deployment", "inner"] == (1 if nested else 0)
+
+
+async def test_an_ensemble_is_not_ready_while_a_model_one_of_its_steps_runs_is_unloaded(own_redis):
+    """Triton: an ensemble whose composing model is not ready is not ready (nested ones too)."""
+    async with mesh([variant()], {"inner": INNER, "outer": OUTER}, {"n1": NodeCore()}) as m:
+        m.core.control = ModelControl(m.core, own_redis, None, ttl_s=0.0)
+
+        async def ready(name: str) -> bool:
+            return (await m.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=10.0)).ready
+        assert [await ready(n) for n in ("m", "inner", "outer")] == [True, True, True]
+        await own_redis.sadd(UNLOADED_KEY, "m")
+        assert [await ready(n) for n in ("m", "inner", "outer")] == [False, False, False]
