@@ -47,15 +47,18 @@ ESCALATION_SHARE = 0.9
 # full path: response cache, placement, attempts)
 Serve = Callable[[oip.InferRequest, list[ModelVariant], DeploymentSpec, float | None], Awaitable[oip.InferResponse]]
 Announce = Callable[..., Awaitable[None]]
+# The models unloaded through the repository API (`repository.ModelControl`), or None without one
+Control = Callable[[], object]
 
 
 class Escalation:
     """Joint inference over `serve`: the edge's nodes first (those `placer` allows), then the
-    joint cloud model as the coordinator's `catalog` (read at each use) resolves it; escalations
-    are noted in `recent`, disagreements announced."""
+    joint cloud model as the coordinator's `catalog` (read at each use) resolves it, unless it
+    was unloaded (`control`); escalations are noted in `recent`, disagreements announced."""
 
     def __init__(self, settings: CoordinatorSettings, catalog: Callable[[], Catalog], nodes: NodesView,
-                 placer: Placer, serve: Serve, recent: deque[dict], background: Background, announce: Announce):
+                 placer: Placer, serve: Serve, recent: deque[dict], background: Background, announce: Announce,
+                 control: Control | None = None):
         self.settings = settings
         self._catalog = catalog
         self.nodes = nodes
@@ -64,10 +67,19 @@ class Escalation:
         self.recent = recent
         self._background = background
         self.announce = announce
+        self._control = control
 
     @property
     def catalog(self) -> Catalog:
         return self._catalog()
+
+    @property
+    def control(self):
+        """The model control in force (read at each use: the coordinator gets its own after it is
+        built): `control` when given, else that of the coordinator whose serving path `serve` is."""
+        if self._control is not None:
+            return self._control()
+        return getattr(getattr(self.serve, "__self__", None), "control", None)
 
     async def joint(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                     mode: str, deadline_s: float | None) -> oip.InferResponse:
@@ -163,9 +175,13 @@ class Escalation:
     async def _cloud(self, request: oip.InferRequest, spec: DeploymentSpec, deadline_s: float | None,
                      reason: str) -> oip.InferResponse:
         """`request` served by the joint cloud model within `deadline_s` (what is left of the
-        request's own budget: its `timeout_us` / `timeout` are not counted again from now)."""
+        request's own budget: its `timeout_us` / `timeout` are not counted again from now).
+        UNAVAILABLE when the cloud model was unloaded: out of service for the whole mesh."""
         j = spec.joint
         model = j.cloud_model or request.model_name
+        control = self.control
+        if control is not None:
+            await control.check(model)
         variants = await self.catalog.variants(model, j.cloud_version)
         cloud_spec = replace(await self.catalog.deployment(model), tiers=("cloud",), cloud_fallback=True)
         params = {k: v for k, v in request.parameters.items()

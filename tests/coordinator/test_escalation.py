@@ -1,0 +1,47 @@
+"""Joint inference's cloud side over real gRPC (tests/coordinator/mesh.py): a cloud model taken
+out of service, a cloud skipped for its distance, the rows counted as escalated, and what the
+reply of a request the cloud answered whole says of the model that answered it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.deployment import DeploymentSpec, JointSpec
+from services.coordinator.repository import UNLOADED_KEY, ModelControl
+from tests.coordinator.mesh import NodeCore, mesh, variant
+from tests.coordinator.test_serving_path import JOINT_MODEL, assert_the_edge_answer_kept, cloud_sure, edge_unsure
+
+BIG = variant("big", outputs=(("p", "FP32", (-1, 2)), ("z", "FP32", (-1, 1))))
+WITH_BIG = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="sync", threshold=0.8, output="p", cloud_model="big"))}
+
+
+def big_mesh(cloud: NodeCore, **joint):
+    specs = {"m": DeploymentSpec(model="m", joint=JointSpec(**{**vars(WITH_BIG["m"].joint), **joint}))}
+    return mesh([JOINT_MODEL, BIG], specs, {"e1": NodeCore(edge_unsure), "c1": cloud},
+                tiers={"e1": "edge", "c1": "cloud"})
+
+
+async def test_sync_joint_keeps_the_edge_answer_when_its_cloud_model_is_unloaded(own_redis):
+    cloud = NodeCore(cloud_sure)
+    async with big_mesh(cloud) as m:
+        m.core.control = ModelControl(m.core, own_redis, None, ttl_s=0.0)
+        await own_redis.sadd(UNLOADED_KEY, "big")
+        status, response = await m.infer()
+        assert_the_edge_answer_kept(status, response, "model 'big' is unloaded")
+        assert cloud.calls == []
+
+
+@pytest.mark.parametrize("route", ["tier-cloud", "no-edge-node"])
+async def test_a_whole_request_for_an_unloaded_cloud_model_is_unavailable_naming_it(own_redis, route):
+    cloud = NodeCore(cloud_sure)
+    async with big_mesh(cloud) as m:
+        m.core.control = ModelControl(m.core, own_redis, None, ttl_s=0.0)
+        await own_redis.sadd(UNLOADED_KEY, "big")
+        if route == "no-edge-node":
+            await m.leave_and_join("c1")
+        status, details = await m.infer(params={"tier": "cloud"} if route == "tier-cloud" else {})
+        assert status == "UNAVAILABLE" and "model 'big' is unloaded" in details, details
+        assert cloud.calls == []
+        await own_redis.srem(UNLOADED_KEY, "big")  # loaded again: served again
+        status, response = await m.infer(params={"tier": "cloud"} if route == "tier-cloud" else {})
+        assert status == "OK" and cloud.models == ["big"], response
