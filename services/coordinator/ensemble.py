@@ -14,8 +14,8 @@ from services.common import oip
 from services.common.batcher import request_deadline
 from services.common.deployment import DeploymentSpec, EnsembleStep
 from services.common.ensemble_plan import EnsemblePlan, ensemble_plan, step_mapping_problem
-from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from services.common.model_spec import ModelVariant, TensorSpec
+from services.common.errors import CneiError, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.common.model_spec import ModelVariant, TensorSpec, check_inputs
 
 DEPTH = "cnei_ensemble_depth"  # request parameter: how deep in nested ensembles a step is
 MAX_DEPTH = 4
@@ -77,49 +77,88 @@ async def run(spec: DeploymentSpec, request: oip.InferRequest, deadline_s: float
     """Run the steps in order, each through `infer` (the coordinator's), inside one deadline;
     with `step_version`, each step's request names the version it resolves (`served.step_version`),
     else the one the step names; with `step_variant`, each step's mapping is checked against that
-    version's tensors first. The answer says where each step ran (`cnei_ensemble`: model@node/
-    precision) and which version of its model answered (`cnei_ensemble_versions`: model:version)."""
+    version's tensors, and the ensemble's inputs against the tensors they feed, before step 0
+    runs. A step's error keeps its code, its message prefixed with the ensemble and step. The
+    answer says where each step ran (`cnei_ensemble`: model@node/precision) and which version of
+    its model answered (`cnei_ensemble_versions`: model:version)."""
     plan, wanted = check_request(spec, request)
     depth = nesting_depth(request.parameters)
     check_depth(spec, depth)
     # the gRPC deadline and `timeout_us` (or `timeout`) bound the ensemble as a whole: each step
     # gets what is left of it
     end = request_deadline(request.parameters, deadline_s, float("inf"))
+    versions_run = [await _checked_version(spec, i, request, step_variant, step_version, maps)
+                    for i, maps in enumerate(plan.maps)]
     tensors = dict(request.inputs)
     served, versions = [], []
     for i, (step, (reads, writes)) in enumerate(zip(spec.ensemble, plan.maps)):
         where = f"ensemble '{spec.model}' step {i} ({step.model})"
-        params: dict = {DEPTH: depth + 1}
-        for name in ("region", "priority"):
-            if name in request.parameters:
-                params[name] = request.parameters[name]
-        if step.precision:
-            params["precision"] = step.precision
-        if step.tier:
-            params["tier"] = step.tier
-        version = step.version if step_version is None else await step_version(step)
-        if step_variant is not None:
-            check_step(where, await step_variant(step.model, version), reads, writes)
-        sub = oip.InferRequest(model_name=step.model, model_version=version, id=request.id,
+        sub = oip.InferRequest(model_name=step.model, model_version=versions_run[i], id=request.id,
                                inputs={m: tensors[t] for m, t in reads},
-                               parameters=params, outputs=[m for m, _ in writes])
+                               parameters=step_parameters(step, request.parameters, depth),
+                               outputs=[m for m, _ in writes])
         left = None if end == float("inf") else end - time.monotonic()
         if left is not None and left <= 0:
             raise DeadlineExceeded(f"deadline passed before {where} could run")
         with _tracer.start_as_current_span("coordinator.ensemble_step") as span:
             span.set_attributes({"cnei.ensemble": spec.model, "cnei.step": i, "cnei.model": step.model})
-            response = await infer(sub, left)
+            try:
+                response = await infer(sub, left)
+            except CneiError as exc:  # the caller sent no request to the step's model: say which step
+                raise CneiError(f"{where}: {exc.message}", exc.code) from exc
         for model_output, tensor in writes:
             if model_output not in response.outputs:
                 raise FailedPrecondition(f"{where}: the model has no output '{model_output}'")
             tensors[tensor] = response.outputs[model_output]
         p = response.parameters
         served.append(f"{step.model}@{p.get('cnei_node', '?')}/{p.get('cnei_precision', '?')}")
-        versions.append(f"{step.model}:{response.model_version or version or '?'}")
+        versions.append(f"{step.model}:{response.model_version or versions_run[i] or '?'}")
     return oip.InferResponse(model_name=spec.model, model_version=VERSION, id=request.id,
                              outputs={t: tensors[t] for t in wanted},
                              parameters={"cnei_ensemble": " -> ".join(served),
                                          "cnei_ensemble_versions": " -> ".join(versions)})
+
+
+def step_parameters(step: EnsembleStep, params: dict, depth: int) -> dict:
+    """A step's request parameters: the caller's placement ones (region, priority), the step's
+    own tier and precision, and its nesting depth."""
+    out: dict = {DEPTH: depth + 1}
+    for name in ("region", "priority"):
+        if name in params:
+            out[name] = params[name]
+    if step.precision:
+        out["precision"] = step.precision
+    if step.tier:
+        out["tier"] = step.tier
+    return out
+
+
+async def _checked_version(spec: DeploymentSpec, i: int, request: oip.InferRequest, step_variant: Variant | None,
+                           step_version: StepVersion | None,
+                           maps: tuple[list[tuple[str, str]], list[tuple[str, str]]]) -> str:
+    """The version step `i` runs; with `step_variant`, its mapping checked against that version's
+    tensors and the ensemble inputs it reads against the model inputs they feed."""
+    step, (reads, writes) = spec.ensemble[i], maps
+    version = step.version if step_version is None else await step_version(step)
+    if step_variant is not None:
+        model = await step_variant(step.model, version)
+        check_step(f"ensemble '{spec.model}' step {i} ({step.model})", model, reads, writes)
+        check_ensemble_inputs(spec, model, reads, request.inputs)
+    return version
+
+
+def check_ensemble_inputs(spec: DeploymentSpec, step_model: ModelVariant, reads: list[tuple[str, str]],
+                          inputs: dict) -> None:
+    """INVALID_ARGUMENT naming the ensemble and its own tensor (not the step model's) when an
+    ensemble input a step reads has another datatype or shape than the model input it feeds
+    (Triton checks an ensemble's inputs against its config); batch sizes are checked apart."""
+    specs = {t.name: t for t in step_model.inputs}
+    fed = [(specs[m], t) for m, t in reads if t in inputs]
+    as_ensemble = ModelVariant(spec.model, VERSION, "", "", 0, [TensorSpec(t, s.datatype, s.shape) for s, t in fed], [])
+    try:
+        check_inputs(as_ensemble, {t: inputs[t] for _, t in fed}, rows=False)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"ensemble '{spec.model}': {exc.message}") from None
 
 
 async def variant(spec: DeploymentSpec, step_variant: Variant, step_version: StepVersion | None = None) -> ModelVariant:

@@ -13,7 +13,8 @@ import pytest
 from services.common import deployment, oip
 from services.common.deployment import DeploymentSpec, EnsembleStep, RolloutSpec
 from services.common.ensemble_plan import ensemble_interface
-from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.common.errors import (CneiError, DeadlineExceeded, ErrorCode, FailedPrecondition, InvalidArgument,
+                                    Unavailable)
 from services.common.model_spec import ModelVariant, TensorSpec
 from services.coordinator import ensemble
 from services.coordinator.repository import UNLOADED_KEY, ModelControl
@@ -318,3 +319,44 @@ async def test_an_ensemble_is_not_ready_while_a_model_one_of_its_steps_runs_is_u
         assert [await ready(n) for n in ("m", "inner", "outer")] == [True, True, True]
         await own_redis.sadd(UNLOADED_KEY, "m")
         assert [await ready(n) for n in ("m", "inner", "outer")] == [False, False, False]
+
+
+@pytest.mark.parametrize(("model", "x", "message"), [
+    ("inner", np.ones((1, 3), np.float32), "ensemble 'inner': tensor 'image': shape [1, 3] but model expects [-1, 2]"),
+    ("inner", np.ones((1, 2), np.int32), "ensemble 'inner': tensor 'image': datatype INT32 but model expects FP32"),
+    ("outer", np.ones((1, 3), np.float32), "ensemble 'outer': tensor 'picture': shape [1, 3]"),
+], ids=["shape", "datatype", "nested"])
+async def test_a_bad_ensemble_input_is_refused_under_the_ensembles_tensor_name_before_any_step_runs(model, x, message):
+    node = NodeCore()
+    async with mesh([variant()], {"inner": INNER, "outer": OUTER}, {"n1": node}) as m:
+        message_sent = oip.request_to_proto(oip.InferRequest(model, {"picture" if model == "outer" else "image": x}))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await m.stub.ModelInfer(message_sent, timeout=10.0)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(message), caught.value.details()
+        assert node.calls == []
+
+
+class FailingStep(Steps):
+    """Steps whose model `head` fails UNAVAILABLE."""
+
+    async def __call__(self, request: oip.InferRequest, deadline_s: float | None) -> oip.InferResponse:
+        if request.model_name == "head":
+            raise Unavailable("no live node can serve model 'head'")
+        return await super().__call__(request, deadline_s)
+
+
+async def test_a_failing_step_keeps_its_code_and_names_the_ensemble_and_the_step():
+    with pytest.raises(CneiError) as caught:
+        await ensemble.run(SPEC, oip.InferRequest("pipe", {"image": np.zeros((1, 3), np.float32)}), None, FailingStep())
+    assert caught.value.code == ErrorCode.UNAVAILABLE
+    assert caught.value.message == "ensemble 'pipe' step 1 (head): no live node can serve model 'head'"
+
+
+async def test_a_failing_step_of_a_nested_ensemble_names_each_ensemble_and_step_over_grpc():
+    async with mesh([variant()], {"inner": INNER, "outer": OUTER}, {"n1": NodeCore(failing=("m",))}) as m:
+        message = oip.request_to_proto(oip.InferRequest("outer", {"picture": np.ones((1, 2), np.float32)}))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await m.stub.ModelInfer(message, timeout=10.0)
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert caught.value.details().startswith("ensemble 'outer' step 0 (inner): ensemble 'inner' step 0 (m): ")
