@@ -40,6 +40,8 @@ DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and c
 # cloud answered its unsure rows again (so the answer as a whole is not a kept one)
 EDGE_CACHED = "cnei_edge_response_cache"
 ESCALATION_ERROR = "cnei_escalation_error"  # response parameter: why sync joint kept the edge answer
+# response parameter: sync joint kept the edge answer of unsure rows without asking the cloud, and why
+ESCALATION_SKIPPED = "cnei_escalation_skipped"
 # Of what the edge left of a sync joint request's deadline, the share the cloud gets: the rest is
 # kept to answer with the edge's rows after a cloud timeout, before the caller's deadline
 ESCALATION_SHARE = 0.9
@@ -124,14 +126,18 @@ class Escalation:
                         probs: np.ndarray, end: float, keep_edge: bool) -> None:
         """Sync joint inference: the rows of `response` the edge was unsure of, answered again by
         the cloud model within what is left of the request's deadline `end` (unless the request is
-        critical, `keep_edge`, or the cloud too far). A cloud that cannot answer in time (down,
+        critical, `keep_edge`, or the cloud too far: `ESCALATION_SKIPPED` says so). A cloud that cannot answer in time (down,
         timed out, too little time left) leaves the edge answer, saying why (`ESCALATION_ERROR`)."""
         critical = str(request.parameters.get("critical", "")).lower() in ("true", "1") or \
             request.parameters.get("critical") is True
         rows = rows_below(probs, spec.joint.threshold)
         response.parameters["cnei_escalated"] = 0
         rtt = self._cloud_rtt()
-        if not len(rows) or keep_edge or prefer_edge(critical, rtt, spec.joint.latency_threshold_ms):
+        if not len(rows) or keep_edge or critical:
+            return
+        if prefer_edge(critical, rtt, spec.joint.latency_threshold_ms):
+            response.parameters[ESCALATION_SKIPPED] = (f"the cloud's round trip, {rtt:.1f} ms, is over "
+                                                       f"latency_threshold_ms {spec.joint.latency_threshold_ms}")
             return
         left = end - time.monotonic()
         if left <= 0:

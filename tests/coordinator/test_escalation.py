@@ -45,3 +45,22 @@ async def test_a_whole_request_for_an_unloaded_cloud_model_is_unavailable_naming
         await own_redis.srem(UNLOADED_KEY, "big")  # loaded again: served again
         status, response = await m.infer(params={"tier": "cloud"} if route == "tier-cloud" else {})
         assert status == "OK" and cloud.models == ["big"], response
+
+
+async def test_sync_joint_says_it_skipped_a_cloud_further_than_its_latency_threshold():
+    cloud = NodeCore(cloud_sure)
+    async with big_mesh(cloud, latency_threshold_ms=100.0) as m:
+        m.view.observe_rtt("c1", 250.0)
+        status, response = await m.infer()
+        assert status == "OK" and response.outputs["p"].tolist() == [[0.5, 0.5]], response  # the edge's
+        p = response.parameters
+        assert p["cnei_escalated"] == 0 and "cnei_escalation_error" not in p and cloud.calls == []
+        assert p["cnei_escalation_skipped"] == "the cloud's round trip, 250.0 ms, is over latency_threshold_ms 100.0"
+
+
+@pytest.mark.parametrize("params", [{"critical": True}, {"tier": "edge"}], ids=["critical", "tier-edge"])
+async def test_sync_joint_kept_at_the_edge_as_the_request_asks_says_nothing_skipped(params):
+    async with big_mesh(NodeCore(cloud_sure), latency_threshold_ms=100.0) as m:
+        m.view.observe_rtt("c1", 250.0)
+        status, response = await m.infer(params=params)
+        assert status == "OK" and "cnei_escalation_skipped" not in response.parameters, response
