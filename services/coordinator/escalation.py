@@ -32,8 +32,10 @@ from services.coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
+# reason: low_confidence (sync's unsure rows), validation (async), tier_cloud / no_edge_node (the
+# whole request answered in the cloud: asked for, or no edge node to answer it with cloud_fallback)
 ESCALATIONS = Counter("cnei_escalations_total", "Rows sent to the cloud model by joint inference",
-                      ["model", "mode"])
+                      ["model", "mode", "reason"])
 DISAGREEMENTS = Counter("cnei_joint_disagreements_total", "Rows where edge and cloud disagreed (async)",
                         ["model"])
 # response parameter: sync joint inference's edge answer came from the response cache, and the
@@ -104,9 +106,11 @@ class Escalation:
             if not spec.cloud_fallback:
                 raise NoLiveNode(request.model_name, self.placer.out_of_use(
                     edge_spec, request_region(params), [v.key for v in variants]))
-            cloud = await self._cloud(request, spec, end - time.monotonic(), reason="no edge node")
+            reason = "tier_cloud" if str(params.get("tier", "") or "") == "cloud" else "no_edge_node"
+            cloud = await self._cloud(request, spec, end - time.monotonic(), reason=reason)
             cloud.outputs = answered_outputs(cloud.outputs, request.outputs or [t.name for t in variants[0].outputs],
                                              request.model_name, cloud.model_name)
+            self._escalated(request, mode, reason, request.rows, cloud)
             cloud.parameters.update({"cnei_joint": mode, "cnei_escalated": request.rows,
                                      "cnei_cloud_node": cloud.parameters.get("cnei_node", "")})
             return cloud
@@ -149,7 +153,7 @@ class Escalation:
             return
         cloud_request = replace(request, inputs={k: v[rows] for k, v in request.inputs.items()})
         try:
-            cloud = await self._cloud(cloud_request, spec, budget, reason="low confidence")
+            cloud = await self._cloud(cloud_request, spec, budget, reason="low_confidence")
         except CneiError as exc:
             if exc.code not in RETRYABLE:
                 raise
@@ -161,11 +165,16 @@ class Escalation:
         if from_cache(response) and not from_cache(cloud):  # the cloud ran rows: no longer a kept answer
             del response.parameters[CACHED]
             response.parameters[EDGE_CACHED] = True
-        ESCALATIONS.labels(request.model_name, "sync").inc(len(rows))
-        self.recent.append({"kind": "escalation", "time": time.time(), "model": request.model_name,
-                            "rows": int(len(rows)), "to": cloud.parameters.get("cnei_node", "")})
+        self._escalated(request, "sync", "low_confidence", len(rows), cloud)
         response.parameters["cnei_escalated"] = int(len(rows))
         response.parameters["cnei_cloud_node"] = cloud.parameters.get("cnei_node", "")
+
+    def _escalated(self, request: oip.InferRequest, mode: str, reason: str, rows: int,
+                   cloud: oip.InferResponse) -> None:
+        """`rows` of the request the cloud answered for its reply: counted and noted, with why."""
+        ESCALATIONS.labels(request.model_name, mode, reason).inc(rows)
+        self.recent.append({"kind": "escalation", "time": time.time(), "model": request.model_name,
+                            "rows": int(rows), "to": cloud.parameters.get("cnei_node", ""), "reason": reason})
 
     def _keep_edge(self, request: oip.InferRequest, response: oip.InferResponse, why: str) -> None:
         """The edge answer stands for rows the cloud could not answer: the response says why."""
@@ -206,13 +215,13 @@ class Escalation:
                         output: str) -> None:
         """Async mode: ask the cloud model too; disagreements become hard-example events."""
         try:
-            cloud = await self._cloud(request, spec, None, reason="async validation")
+            cloud = await self._cloud(request, spec, None, reason="validation")
         except CneiError as exc:
             log.warning("async validation of %s failed: %s", request.model_name, exc.message)
             return
         cloud_probs = cloud.outputs.get(output, next(iter(cloud.outputs.values())))
         rows = disagreements(edge_probs, cloud_probs)
-        ESCALATIONS.labels(request.model_name, "async").inc(len(edge_probs))
+        ESCALATIONS.labels(request.model_name, "async", "validation").inc(len(edge_probs))
         if not len(rows):
             return
         DISAGREEMENTS.labels(request.model_name).inc(len(rows))

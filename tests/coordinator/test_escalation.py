@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.deployment import DeploymentSpec, JointSpec
 from services.coordinator.repository import UNLOADED_KEY, ModelControl
@@ -64,3 +65,23 @@ async def test_sync_joint_kept_at_the_edge_as_the_request_asks_says_nothing_skip
         m.view.observe_rtt("c1", 250.0)
         status, response = await m.infer(params=params)
         assert status == "OK" and "cnei_escalation_skipped" not in response.parameters, response
+
+
+def escalated(reason: str, mode: str = "sync") -> float:
+    return REGISTRY.get_sample_value("cnei_escalations_total",
+                                     {"model": "m", "mode": mode, "reason": reason}) or 0.0
+
+
+@pytest.mark.parametrize(("route", "reason"), [("unsure-rows", "low_confidence"), ("tier-cloud", "tier_cloud"),
+                                               ("no-edge-node", "no_edge_node")])
+async def test_every_row_a_reply_says_the_cloud_answered_is_counted_as_escalated_with_why(route, reason):
+    async with big_mesh(NodeCore(cloud_sure)) as m:
+        if route == "no-edge-node":
+            await m.leave_and_join("c1")
+        before = escalated(reason)
+        status, response = await m.infer(x=np.ones((3, 2), np.float32),
+                                         params={"tier": "cloud"} if route == "tier-cloud" else {})
+        assert status == "OK" and response.parameters["cnei_escalated"] == 3, response
+        assert escalated(reason) - before == 3
+        recent = m.core.recent[-1]
+        assert (recent["kind"], recent["rows"], recent["to"], recent["reason"]) == ("escalation", 3, "c1", reason)
