@@ -213,7 +213,8 @@ class Coordinator:
             if request.model_version not in ("", ensemble.VERSION):
                 raise ModelNotFound(request.model_name, request.model_version)
             served.append(self.stats.get(deployed.model, ensemble.VERSION, by_default=not request.model_version))
-            if steps is None:
+            if steps is None:  # a client's request (a step's carries its step's tier and precision)
+                ensemble.check_parameters(deployed, request.parameters)
                 steps = StepResolver(self.catalog)
                 depth = ensemble.nesting_depth(request.parameters)
                 self._check_rows(request, deployed, await steps.ensemble_variant(deployed, depth))

@@ -12,10 +12,11 @@ from opentelemetry import trace
 
 from services.common import oip
 from services.common.batcher import request_deadline
-from services.common.deployment import DeploymentSpec, EnsembleStep
+from services.common.deployment import JOINT_MODES, PRECISIONS, DeploymentSpec, EnsembleStep
 from services.common.ensemble_plan import EnsemblePlan, ensemble_plan, step_mapping_problem
 from services.common.errors import CneiError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.model_spec import ModelVariant, TensorSpec, check_inputs
+from services.coordinator.precision import policy_from_params
 
 DEPTH = "cnei_ensemble_depth"  # request parameter: how deep in nested ensembles a step is
 MAX_DEPTH = 4
@@ -41,6 +42,28 @@ def check_request(spec: DeploymentSpec, request: oip.InferRequest) -> tuple[Ense
     if bad:
         raise InvalidArgument(f"ensemble '{spec.model}' has outputs {outputs}, not {bad}")
     return plan, wanted
+
+
+STEP_CHOSEN = ("tier", "precision", "accuracy_floor", "latency_budget_ms", "joint")  # steps set these
+
+
+def check_parameters(spec: DeploymentSpec, params: dict) -> None:
+    """INVALID_ARGUMENT for a client's `tier`, precision policy (`precision`, `accuracy_floor`,
+    `latency_budget_ms`) or `joint` on an ensemble: an invalid value refused as on a model, a
+    valid one because an ensemble's steps choose their own (each step's tier and precision, its
+    model's deployment), where it was ignored."""
+    policy = policy_from_params(params)  # INVALID_ARGUMENT for a number that is none
+    checks = {"tier": ("edge", "cloud"), "precision": PRECISIONS, "joint": JOINT_MODES}
+    for name in STEP_CHOSEN:
+        value = params.get(name)
+        if value is None or value == "":
+            continue
+        shown = policy.precision if name == "precision" else str(value)
+        if name in checks and shown not in checks[name]:
+            raise InvalidArgument(f"parameter '{name}' must be one of {list(checks[name])}, got {value!r}")
+        raise InvalidArgument(f"ensemble '{spec.model}' takes no parameter '{name}' (got {value!r}): its steps "
+                              f"choose their own tiers, precisions and joint inference (each step's tier and "
+                              f"precision, its model's deployment)")
 
 
 def nesting_depth(params: dict) -> int:

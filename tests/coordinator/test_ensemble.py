@@ -360,3 +360,29 @@ async def test_a_failing_step_of_a_nested_ensemble_names_each_ensemble_and_step_
             await m.stub.ModelInfer(message, timeout=10.0)
         assert caught.value.code() == grpc.StatusCode.INTERNAL
         assert caught.value.details().startswith("ensemble 'outer' step 0 (inner): ensemble 'inner' step 0 (m): ")
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"joint": "bogus"}, "parameter 'joint' must be one of ['off', 'sync', 'async'], got 'bogus'"),
+    ({"tier": "bogus"}, "parameter 'tier' must be one of ['edge', 'cloud'], got 'bogus'"),
+    ({"precision": "fp64"}, "parameter 'precision' must be one of ['FP32', 'FP16', 'INT8'], got 'fp64'"),
+    ({"latency_budget_ms": "soon"}, "latency_budget_ms"),
+    ({"tier": "cloud"}, "ensemble 'inner' takes no parameter 'tier' (got 'cloud'): its steps choose their own"),
+    ({"precision": "INT8"}, "ensemble 'inner' takes no parameter 'precision' (got 'INT8')"),
+    ({"joint": "sync"}, "ensemble 'inner' takes no parameter 'joint' (got 'sync')"),
+    ({"accuracy_floor": 0.9}, "ensemble 'inner' takes no parameter 'accuracy_floor'"),
+])
+async def test_tier_precision_and_joint_on_an_ensemble_are_refused_naming_the_parameter(params, message):
+    node = NodeCore()
+    async with mesh([variant()], {"inner": INNER}, {"n1": node}) as m:
+        async def infer(parameters: dict) -> tuple[str, str]:
+            sent = oip.InferRequest("inner", {"image": np.ones((1, 2), np.float32)}, parameters=parameters)
+            try:
+                await m.stub.ModelInfer(oip.request_to_proto(sent), timeout=10.0)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name, exc.details()
+            return "OK", ""
+        status, details = await infer(params)
+        assert status == "INVALID_ARGUMENT" and message in details, details
+        assert node.calls == []
+        assert await infer({"region": "r1", "tier": ""}) == ("OK", "")  # empty: unset
