@@ -44,6 +44,9 @@ EDGE_CACHED = "cnei_edge_response_cache"
 ESCALATION_ERROR = "cnei_escalation_error"  # response parameter: why sync joint kept the edge answer
 # response parameter: sync joint kept the edge answer of unsure rows without asking the cloud, and why
 ESCALATION_SKIPPED = "cnei_escalation_skipped"
+# response parameter: the model that answered in the cloud (the joint cloud_model, else the model
+# itself); of a request it answered whole, cnei_version and cnei_precision are this model's
+CLOUD_MODEL = "cnei_cloud_model"
 # Of what the edge left of a sync joint request's deadline, the share the cloud gets: the rest is
 # kept to answer with the edge's rows after a cloud timeout, before the caller's deadline
 ESCALATION_SHARE = 0.9
@@ -111,8 +114,10 @@ class Escalation:
             cloud.outputs = answered_outputs(cloud.outputs, request.outputs or [t.name for t in variants[0].outputs],
                                              request.model_name, cloud.model_name)
             self._escalated(request, mode, reason, request.rows, cloud)
-            cloud.parameters.update({"cnei_joint": mode, "cnei_escalated": request.rows,
+            cloud.parameters.update({"cnei_joint": mode, "cnei_escalated": request.rows, CLOUD_MODEL: cloud.model_name,
                                      "cnei_cloud_node": cloud.parameters.get("cnei_node", "")})
+            # the model and version asked for, as Triton and KServe echo them
+            cloud.model_name, cloud.model_version = request.model_name, variants[0].version
             return cloud
         response = await self.serve(edge_request, variants, edge_spec, end - time.monotonic())
         output = j.output or next(iter(response.outputs), "")
@@ -168,6 +173,7 @@ class Escalation:
         self._escalated(request, "sync", "low_confidence", len(rows), cloud)
         response.parameters["cnei_escalated"] = int(len(rows))
         response.parameters["cnei_cloud_node"] = cloud.parameters.get("cnei_node", "")
+        response.parameters[CLOUD_MODEL] = cloud.model_name
 
     def _escalated(self, request: oip.InferRequest, mode: str, reason: str, rows: int,
                    cloud: oip.InferResponse) -> None:

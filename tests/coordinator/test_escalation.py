@@ -3,6 +3,8 @@ out of service, a cloud skipped for its distance, the rows counted as escalated,
 reply of a request the cloud answered whole says of the model that answered it."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
@@ -12,7 +14,7 @@ from services.coordinator.repository import UNLOADED_KEY, ModelControl
 from tests.coordinator.mesh import NodeCore, mesh, variant
 from tests.coordinator.test_serving_path import JOINT_MODEL, assert_the_edge_answer_kept, cloud_sure, edge_unsure
 
-BIG = variant("big", outputs=(("p", "FP32", (-1, 2)), ("z", "FP32", (-1, 1))))
+BIG = replace(variant("big", outputs=(("p", "FP32", (-1, 2)), ("z", "FP32", (-1, 1)))), version="7")
 WITH_BIG = {"m": DeploymentSpec(model="m", joint=JointSpec(mode="sync", threshold=0.8, output="p", cloud_model="big"))}
 
 
@@ -85,3 +87,28 @@ async def test_every_row_a_reply_says_the_cloud_answered_is_counted_as_escalated
         assert escalated(reason) - before == 3
         recent = m.core.recent[-1]
         assert (recent["kind"], recent["rows"], recent["to"], recent["reason"]) == ("escalation", 3, "c1", reason)
+
+
+@pytest.mark.parametrize("route", ["tier-cloud", "no-edge-node"])
+async def test_a_request_the_cloud_model_answers_whole_is_answered_as_the_model_asked_for_naming_the_cloud_model(
+        route):
+    async with big_mesh(NodeCore(cloud_sure)) as m:
+        if route == "no-edge-node":
+            await m.leave_and_join("c1")
+        status, response = await m.infer(params={"tier": "cloud"} if route == "tier-cloud" else {})
+        assert status == "OK", response
+        p = response.parameters
+        assert (response.model_name, response.model_version) == ("m", "1")  # as Triton and KServe echo it
+        assert (p["cnei_cloud_model"], p["cnei_version"], p["cnei_precision"]) == ("big", "7", "FP32")
+
+
+async def test_escalated_rows_name_the_cloud_model_that_answered_them(joint_mesh_big):
+    status, response = await joint_mesh_big.infer()
+    assert status == "OK" and response.model_name == "m", response
+    assert (response.parameters["cnei_escalated"], response.parameters["cnei_cloud_model"]) == (1, "big")
+
+
+@pytest.fixture
+async def joint_mesh_big():
+    async with big_mesh(NodeCore(cloud_sure)) as m:
+        yield m
