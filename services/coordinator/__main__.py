@@ -29,6 +29,7 @@ from services.coordinator.core import Coordinator
 from services.coordinator.door import DoorRoutes
 from services.coordinator.door_process import DoorProcess, door_binary
 from services.coordinator.door_servicer import FrontDoorServicer
+from services.coordinator.door_tls import DoorTls
 from services.coordinator.nodes_view import NodesView
 from services.coordinator.repository import ModelControl
 from services.coordinator.rest import build_app, status_routes
@@ -114,19 +115,23 @@ async def serve(settings: CoordinatorSettings, door_path: Path | None = None) ->
         triton_metrics.register(lambda: core.stats_view.select())
     telemetry.start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
-    door = watching = None
+    door = watching = copying = None
     if door_path is not None:
+        door_tls = DoorTls(public_tls, door_dir) if public_tls else None  # the door reads checked copies
         door = DoorProcess(door_path, f"{settings.host}:{settings.grpc_port}", server.address, settings.door_report_ms,
                            shm_dir if settings.shared_memory else "", restricted.get("inference"),
-                           settings.response_cache_bytes, public_tls, routes.generation_file, node_headers,
-                           node_tls)
+                           settings.response_cache_bytes, door_tls.files if door_tls else None,
+                           routes.generation_file, node_headers, node_tls)
         door.start()
         watching = asyncio.create_task(door.watch(stop), name="front-door")
+        if door_tls is not None:
+            copying = asyncio.create_task(door_tls.run(stop), name="front-door-tls")
     log.info("%s serving gRPC on %s%s", source, server.address,
              f", REST on {rest.address}" if rest else "")
     await stop.wait()
     log.info("%s shutting down", source)
     if door is not None:  # first: the door hands what it holds to the coordinator, still serving
+        await lifecycle.cancel_and_wait(copying)
         await watching
         await door.stop()
     await server.stop()

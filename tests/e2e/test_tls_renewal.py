@@ -2,7 +2,8 @@
 runtime and a coordinator (its front door on and off) serving mutual TLS, then every file swapped
 for ones of another CA. New connections to the servers get the renewed certificates and only
 clients of the new CA get in (gRPC, the fast lane, REST); the coordinator's own connections to
-the runtime, opened anew once the runtime restarts, present its renewed client certificate. A
+the runtime, opened anew once the runtime restarts, present its renewed client certificate; live
+files that do not load leave the front door on its last good ones. A
 runtime's registry client, likewise, pulls from a registry on mutual TLS after both swap their
 files and the registry restarts (on its last good files while they are half renewed)."""
 from __future__ import annotations
@@ -161,6 +162,40 @@ def test_renewed_certificates_and_cas_are_taken_without_a_restart(mesh, pkis, do
         if coordinator is not None:
             infra.stop(coordinator)
         infra.stop(runtime)
+
+
+HALF_WRITTEN = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUYb\n"  # a write caught halfway
+
+
+@pytest.mark.parametrize("name, broken", [
+    ("server.pem", lambda pki: HALF_WRITTEN),
+    ("server.key", lambda pki: Path(pki["client_key"]).read_bytes()),  # a key that is not the certificate's
+    ("ca.pem", lambda pki: HALF_WRITTEN),
+], ids=["a half-written certificate", "a key not the certificate's", "a half-written client CA"])
+def test_the_front_door_keeps_serving_its_last_good_files_while_the_live_ones_do_not_load(
+        mesh, pkis, name, broken, tmp_path):
+    if not BUILT.is_file():
+        pytest.skip(f"front door not built ({BUILT}): make frontdoor")
+    old, new = pkis
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(live, old)
+    coordinator, address, _, _ = start_coordinator(
+        mesh, export_spans=False, CNEI_COORDINATOR_FRONT_DOOR="on",
+        CNEI_COORDINATOR_TLS_CERT_FILE=str(live / "server.pem"), CNEI_COORDINATOR_TLS_KEY_FILE=str(live / "server.key"),
+        CNEI_COORDINATOR_TLS_CLIENT_CA_FILE=str(live / "ca.pem"))
+    try:
+        infra.wait_until(lambda: _grpc_ready(address, old), 30, "the front door serving TLS")
+        (live / f".{name}.tmp").write_bytes(broken(old))
+        os.replace(live / f".{name}.tmp", live / name)
+        time.sleep(3 * tls.RELOAD_CHECK_S)  # the coordinator, then its door, have looked at the files
+        assert all(_grpc_ready(address, old) for _ in range(3))  # new connections, the old certificate
+
+        _install(live, new)  # good files again: taken within seconds
+        infra.wait_until(lambda: _grpc_ready(address, new), 10, "the front door on the renewed files")
+        assert not _grpc_ready(address, old)
+    finally:
+        infra.stop(coordinator)
 
 
 def _start_registry(mesh, data_dir: Path, port: int, live: Path):

@@ -145,7 +145,8 @@ std::string ReadFile(const std::string& path) {
 
 // The public port's credentials: TLS from the PEM files (client certificates required when a
 // client CA is given), else plaintext. The files are watched: renewed certificates and client CA
-// are taken without a restart; files that do not load leave the last good ones in use.
+// are taken without a restart. gRPC takes whatever the files hold, so the coordinator hands the
+// door checked copies (services/coordinator/door_tls.py: key and chain in one file, replaced whole).
 constexpr unsigned int kTlsRefreshS = 1;
 
 std::shared_ptr<grpc::ServerCredentials> PublicCredentials(const Flags& flags) {
