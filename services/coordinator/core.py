@@ -77,7 +77,7 @@ class Coordinator:
         self.latency = LatencyBook()
         self.recent: deque[dict] = deque(maxlen=100)
         self.escalation = Escalation(settings, lambda: self.catalog, nodes, self.placer, self._infer,
-                                     self.recent, self._background, self.announce)
+                                     self.recent, self._background, self.announce, lambda: self.control)
         self.attempts = Attempts(settings, self.placer, self.breakers, self.node_batchers, self.outstanding,
                                  self.latency, self.recent, self._background, self.announce)
         self.control = None  # repository.ModelControl: models unloaded through the repository API

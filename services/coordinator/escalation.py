@@ -65,7 +65,7 @@ class Escalation:
 
     def __init__(self, settings: CoordinatorSettings, catalog: Callable[[], Catalog], nodes: NodesView,
                  placer: Placer, serve: Serve, recent: deque[dict], background: Background, announce: Announce,
-                 control: Control | None = None):
+                 control: Control):
         self.settings = settings
         self._catalog = catalog
         self.nodes = nodes
@@ -82,11 +82,9 @@ class Escalation:
 
     @property
     def control(self):
-        """The model control in force (read at each use: the coordinator gets its own after it is
-        built): `control` when given, else that of the coordinator whose serving path `serve` is."""
-        if self._control is not None:
-            return self._control()
-        return getattr(getattr(self.serve, "__self__", None), "control", None)
+        """The model control in force, read at each use (the coordinator gets its own after it is
+        built; None: no model is unloaded)."""
+        return self._control()
 
     async def joint(self, request: oip.InferRequest, variants: list[ModelVariant], spec: DeploymentSpec,
                     mode: str, deadline_s: float | None) -> oip.InferResponse:
