@@ -123,10 +123,14 @@ async def test_listing_the_deleted_is_a_restricted_metadata_api(launch_registry,
         await keyed.close()
 
 
-@pytest.mark.parametrize("days", ["0", "-1"])
-def test_a_registry_keeping_no_tombstone_does_not_start(tmp_path, days):
+@pytest.mark.parametrize(("variable", "value"), [
+    ("CNEI_REGISTRY_TOMBSTONE_RETENTION_DAYS", "0"), ("CNEI_REGISTRY_TOMBSTONE_RETENTION_DAYS", "-1"),
+    ("CNEI_REGISTRY_CONCURRENT_CHECKS", "0"), ("CNEI_REGISTRY_CONCURRENT_CHECKS", "-1"),
+], ids=["no-tombstone-kept", "negative-retention", "no-check-at-once", "negative-checks"])
+def test_a_registry_set_to_keep_no_tombstone_or_run_no_check_does_not_start_naming_the_setting(
+        tmp_path, variable, value):
     env = {**os.environ, "CNEI_REGISTRY_DATA_DIR": str(tmp_path / "data"), "CNEI_REGISTRY_PORT": "0",
-           "CNEI_REGISTRY_METRICS_PORT": "0", "CNEI_REGISTRY_TOMBSTONE_RETENTION_DAYS": days}
+           "CNEI_REGISTRY_METRICS_PORT": "0", variable: value}
     out = subprocess.run([sys.executable, "-m", "services.registry"], env=env, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode != 0 and "CNEI_REGISTRY_TOMBSTONE_RETENTION_DAYS" in out.stderr
+    assert out.returncode != 0 and variable in out.stderr
