@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from services.common.grpc_util import drain_upload
+from services.common.grpc_util import refusing, rewrapped
 
 # answered as ever while closing, and not waited for (a health Watch lasts as long as its client)
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -35,7 +35,7 @@ class Drain(grpc.aio.ServerInterceptor):
         self.last_call = time.monotonic()
         if self.closing:
             handler = await continuation(handler_call_details)
-            return None if handler is None else _wrap(handler, _refuse)
+            return refusing(handler, grpc.StatusCode.UNAVAILABLE, REFUSAL)
         self._enter()  # in hand from here: the interceptors after this one may hold it a while
         try:
             handler = await continuation(handler_call_details)
@@ -45,7 +45,7 @@ class Drain(grpc.aio.ServerInterceptor):
         if handler is None:
             self._leave()
             return None
-        return _wrap(handler, self._counted)
+        return rewrapped(handler, self._counted)
 
     def _enter(self) -> None:
         self.inflight += 1
@@ -88,28 +88,3 @@ class Drain(grpc.aio.ServerInterceptor):
             if since >= quiet_s:
                 return
             await asyncio.sleep(min(quiet_s - since, left))
-
-
-def _refuse(behaviour, streaming: bool):
-    if streaming:
-        async def stream(request_or_iterator, context):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL)
-            yield  # an async generator, as a response-streaming handler is
-        return stream
-
-    async def unary(request_or_iterator, context):
-        await drain_upload(request_or_iterator)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL)
-    return unary
-
-
-def _wrap(handler: grpc.RpcMethodHandler, make) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` whose behaviour is `make(its behaviour, streaming)`."""
-    kind = (handler.request_streaming, handler.response_streaming)
-    behaviour = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
-                 (True, False): handler.stream_unary, (True, True): handler.stream_stream}[kind]
-    build = {(True, True): grpc.stream_stream_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (False, False): grpc.unary_unary_rpc_method_handler,
-             }[kind]
-    return build(make(behaviour, handler.response_streaming), handler.request_deserializer,
-                 handler.response_serializer)

@@ -95,6 +95,36 @@ async def drain_upload(requests) -> None:
         pass
 
 
+def rewrapped(handler: grpc.RpcMethodHandler, make) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` whose behaviour is `make(its behaviour, response
+    streaming)`, with its (de)serializers (what a server interceptor hands back instead)."""
+    kind = (handler.request_streaming, handler.response_streaming)
+    behaviour = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
+                 (True, False): handler.stream_unary, (True, True): handler.stream_stream}[kind]
+    build = {(True, True): grpc.stream_stream_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (False, False): grpc.unary_unary_rpc_method_handler,
+             }[kind]
+    return build(make(behaviour, handler.response_streaming), handler.request_deserializer,
+                 handler.response_serializer)
+
+
+def refusing(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler | None:
+    """A handler of the same kind as `handler` that answers `code` with `message` (an upload read
+    first: `drain_upload`); None for no handler (the method is unknown: UNIMPLEMENTED)."""
+    def make(behaviour, streaming: bool):
+        if streaming:
+            async def stream(request_or_iterator, context):
+                await context.abort(code, message)
+                yield  # an async generator, as a response-streaming handler is
+            return stream
+
+        async def unary(request_or_iterator, context):
+            await drain_upload(request_or_iterator)
+            await context.abort(code, message)
+        return unary
+    return None if handler is None else rewrapped(handler, make)
+
+
 def rpc(fn=None, *, sample=None):
     """Decorate a servicer method: server span from W3C metadata, metrics, errors -> status.
     `sample(self, request, metadata) -> bool` (awaited, unary methods only) decides whether a

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.client_settings import env_headers
-from services.common.grpc_util import drain_upload
+from services.common.grpc_util import refusing
 
 CATEGORIES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
               "statistics", "trace", "logging", "node-control")
@@ -225,21 +225,6 @@ class RestrictedApis(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-def _denied(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers PERMISSION_DENIED (an upload read
-    first: grpc_util.drain_upload)."""
-    async def answer(request_or_iterator, context):
-        await drain_upload(request_or_iterator)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-
-    async def answer_streaming(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-        yield  # an async generator, as a response-streaming handler is
-
-    if handler is None:
-        return None
-    make = {(True, True): grpc.stream_stream_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (False, False): grpc.unary_unary_rpc_method_handler,
-            }[(handler.request_streaming, handler.response_streaming)]
-    return make(answer_streaming if handler.response_streaming else answer, handler.request_deserializer,
-                handler.response_serializer)
+def _denied(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler | None:
+    """A handler of the same kind as `handler` that answers PERMISSION_DENIED."""
+    return refusing(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
