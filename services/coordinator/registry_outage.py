@@ -11,6 +11,7 @@ from collections.abc import Callable
 from prometheus_client import Gauge
 
 from services.common.errors import CneiError, ErrorCode, Unavailable
+from services.common.throttle import Throttle
 
 log = logging.getLogger(__name__)
 REMIND_S = 60.0
@@ -51,7 +52,7 @@ class Outage:
         self.clock = clock
         self.since: float | None = None  # when the first read of this outage failed
         self.error = ""
-        self._reminded = 0.0
+        self._lines = Throttle(REMIND_S)  # its first line at once, then a reminder at most every REMIND_S
         UNREACHABLE_SECONDS.set_function(self.seconds)
 
     @property
@@ -66,17 +67,20 @@ class Outage:
         now = self.clock()
         self.error = f"registry {self.target}: {said}"
         if self.since is None:
-            self.since = self._reminded = now
-            log.warning("registry %s unreachable (%s): models read before are served from their last known "
-                        "variants and deployments; models never read fail UNAVAILABLE", self.target, said)
-        elif now - self._reminded >= REMIND_S:
-            self._reminded = now
-            log.warning("registry %s still unreachable after %.0f s (%s)", self.target, now - self.since, said)
+            self.since = now
+        if summary := self._lines.note(now):
+            if summary.first:
+                log.warning("registry %s unreachable (%s): models read before are served from their last known "
+                            "variants and deployments; models never read fail UNAVAILABLE", self.target, said)
+            else:
+                log.warning("registry %s still unreachable after %.0f s (%s)", self.target, now - self.since, said)
 
     def answered(self) -> None:
         """A read was answered: an outage, if there was one, is over."""
         if self.since is not None:
-            log.info("registry %s reachable again after %.1f s", self.target, self.clock() - self.since)
+            now = self.clock()
+            self._lines.end(now)
+            log.info("registry %s reachable again after %.1f s", self.target, now - self.since)
             self.since, self.error = None, ""
 
     def summary(self) -> dict:
