@@ -156,14 +156,9 @@ def rpc(fn=None, *, sample=None):
     async def wrapper(self, request, context):
         start = time.perf_counter()
         parent = _parent_context(context)
-        if sample is not None and telemetry.exporting() and not telemetry.has_span(parent):
-            try:
-                traced = await sample(self, request, dict(context.invocation_metadata() or ()))
-            except Exception:  # noqa: BLE001 - a sampling failure must not fail the request
-                log.warning("%s: trace sampling failed; not traced", method, exc_info=True)
-                traced = False
-            if not traced:
-                parent = telemetry.unsampled_context(parent)
+        if sample is not None and telemetry.exporting():
+            parent = await telemetry.picked_parent(
+                parent, lambda: sample(self, request, dict(context.invocation_metadata() or ())), method)
         with _tracer.start_as_current_span(
             method, context=parent, kind=SpanKind.SERVER,
             record_exception=False, set_status_on_exception=False,

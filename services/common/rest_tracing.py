@@ -3,8 +3,6 @@ trace context (`traceparent`), and for an inference that came without one, in a 
 settings start (one in `trace_rate` of the model, while `trace_level` is on and the count lasts)."""
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -13,7 +11,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.common import telemetry
 from services.common.trace_settings import TraceSettings
 
-log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
 
@@ -34,16 +31,9 @@ async def parent_context(request: web.Request, route: str, tracing: TraceSetting
     not sampled (calls other than inference start no traces of their own: health probes, the
     status page's polls)."""
     parent = telemetry.extract(request.headers)
-    if telemetry.has_span(parent):
-        return parent
     if not (telemetry.exporting() and is_inference(request, route)):
-        return telemetry.unsampled_context(parent)
-    try:
-        traced = await tracing.pick(request.match_info.get("model", ""))
-    except Exception:  # noqa: BLE001 - a sampling failure must not fail the request
-        log.warning("%s: trace sampling failed; not traced", route, exc_info=True)
-        traced = False
-    return parent if traced else telemetry.unsampled_context(parent)
+        return parent if telemetry.has_span(parent) else telemetry.unsampled_context(parent)
+    return await telemetry.picked_parent(parent, lambda: tracing.pick(request.match_info.get("model", "")), route)
 
 
 def tracing_middleware(tracing: TraceSettings):

@@ -6,7 +6,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -22,6 +22,8 @@ from services.common import settings as cfg
 
 _provider: TracerProvider | None = None
 _exporting = False
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,21 @@ def unsampled_context(ctx: otel_context.Context | None = None) -> otel_context.C
     untraced = trace.SpanContext(trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1,
                                  is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
     return trace.set_span_in_context(trace.NonRecordingSpan(untraced), ctx)
+
+
+async def picked_parent(parent: otel_context.Context, pick: Callable[[], Awaitable[bool]],
+                        where: str) -> otel_context.Context:
+    """The context a server span starts in for a call that may start a trace (trace settings):
+    `parent` when it carries a caller's span or `pick()` says to trace, else an unsampled one in
+    it; a `pick` that fails is logged (naming `where`) and traces nothing."""
+    if has_span(parent):
+        return parent
+    try:
+        traced = await pick()
+    except Exception:  # noqa: BLE001 - a sampling failure must not fail the request
+        log.warning("%s: trace sampling failed; not traced", where, exc_info=True)
+        traced = False
+    return parent if traced else unsampled_context(parent)
 
 
 def attach(ctx: otel_context.Context) -> object:
