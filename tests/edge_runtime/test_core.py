@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,13 +185,18 @@ async def test_models_whose_name_and_version_join_alike_both_serve_offline_from_
             await client.close()
 
 
+def _runtime(client: RegistryClient, cache: Path) -> EdgeRuntime:
+    """A runtime of the registry `client`, caching in `cache`: one intra-op thread, nothing measured at load."""
+    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(cache), intra_op_threads=1,
+                       measure_on_load=False)
+    return EdgeRuntime(settings, client, DiskCache(cache))
+
+
 async def test_a_resync_refreshes_the_deployed_versions_not_the_newest(registry, tmp_path):
     v1_file, v2_file = write_versions(tmp_path)
     name = f"pinned-{uuid.uuid4().hex[:8]}"
     client = RegistryClient(registry, timeout=30)
-    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path / "cache"), intra_op_threads=1,
-                       measure_on_load=False)
-    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
+    runtime = _runtime(client, tmp_path / "cache")
     try:
         v1 = await client.push_file(v1_file, name, "1", "FP32")
         await client.put_deployment(DeploymentSpec(model=name, rollout=RolloutSpec(stable="1")))
@@ -388,9 +394,7 @@ async def test_a_resync_meeting_a_new_version_not_yet_published_in_a_cached_prec
     v1_file, v2_file = write_versions(tmp_path)
     name = f"publishing-{uuid.uuid4().hex[:8]}"
     client = RegistryClient(registry, timeout=30)
-    settings = replace(cfg.load(RuntimeSettings, PREFIX), cache_dir=str(tmp_path / "cache"), intra_op_threads=1,
-                       measure_on_load=False)
-    runtime = EdgeRuntime(settings, client, DiskCache(tmp_path / "cache"))
+    runtime = _runtime(client, tmp_path / "cache")
     try:
         await runtime.load(await client.push_file(v1_file, name, "1", "FP16"))
         await client.put_deployment(DeploymentSpec(model=name))  # stable: the latest version
