@@ -191,11 +191,10 @@ class Coordinator:
         worked out to serve the request, or, when it failed before that (the registry away, the
         model unloaded), the version it names or that such requests last went to
         (`StatsBook.failed`). An unknown model or version counts nowhere."""
-        stats = served[-1] if served else None
-        if stats is None and outcome_of(exc) != "not_found":
-            stats = self.stats.failed(request.model_name, request.model_version)
-        if stats is not None:
-            stats.record(False, ns)
+        if served:
+            served[-1].record(False, ns)
+        elif outcome_of(exc) != "not_found":
+            self.request_failed(request.model_name, request.model_version, ns)
 
     def request_failed(self, name: str, version: str, ns: int) -> None:
         """A request for the model an adapter refused before it reached `infer` (malformed)."""
