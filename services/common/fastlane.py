@@ -256,12 +256,19 @@ class FastClient:
         future = loop.create_future()
         self._pending[request_id] = future
         meta = json.dumps({"trace": telemetry.inject(), "timeout": timeout}).encode()
-        writer.write(encode(request_id, REQUEST, meta, payload))
+        frame = encode(request_id, REQUEST, meta, payload)
         timer = loop.call_later(timeout, self._expire, future, timeout)  # cheaper than wait_for
         try:
             try:
+                writer.write(frame)
                 await writer.drain()
-            except (ConnectionError, OSError) as exc:  # the node hung up while the request was going
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                # the node hung up while the request was going; uvloop says so of a transport it
+                # closed before is_closing() turned true with RuntimeError ("the handler is closed")
+                if isinstance(exc, RuntimeError):
+                    writer.close()
+                    if self._writer is writer:
+                        self._writer = None
                 raise Unavailable(f"fast lane {self.host}:{self.port} connection lost: {exc}") from None
             return await future
         finally:

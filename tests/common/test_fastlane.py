@@ -200,3 +200,20 @@ async def test_a_stopping_server_answers_the_requests_it_holds_and_refuses_new_o
     assert await held == b"dleh-5.0peels"
     await stopping
     await client.close()
+
+
+async def test_a_transport_that_refuses_writes_as_closed_is_unavailable_and_the_next_call_connects_anew(server):
+    """uvloop raises RuntimeError ("the handler is closed") writing to a transport it closed
+    before is_closing() turned true (seen when a node is killed under load): the call fails over
+    as for a lost connection, never INTERNAL, and the next one opens a new connection."""
+    client = fastlane.FastClient(server[1])
+    assert await client.call(b"ab", 5.0) == b"ba"
+    closed = client._writer
+
+    def refuse(data):
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+    closed.write = refuse
+    with pytest.raises(Unavailable, match="connection lost: unable to perform operation"):
+        await client.call(b"cd", 5.0)
+    assert await client.call(b"ef", 5.0) == b"fe" and client._writer is not closed
+    await client.close()
